@@ -1,0 +1,221 @@
+//! The operator contract.
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+
+/// A checkpoint barrier. Everything before it on a stream belongs to checkpoint `epoch`;
+/// sinks make their output durable when all their inputs have passed it, and sources commit
+/// the positions they recorded for it once every sink has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Barrier {
+    /// Monotonically increasing checkpoint number.
+    pub epoch: u64,
+}
+
+/// What flows on an edge of the stage graph, in order.
+#[derive(Debug, Clone)]
+pub enum Message {
+    /// A batch of rows.
+    Batch(RecordBatch),
+    /// No event with an event time (UTC ms) at or before this value will follow on this edge,
+    /// except late events, which operators route to a side output.
+    Watermark(i64),
+    /// A checkpoint barrier.
+    Barrier(Barrier),
+    /// The upstream finished; nothing follows.
+    End,
+}
+
+/// A named output of an operator with its schema. Port 0 is the main output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSpec {
+    /// Name of the port (`main`, `dead_letters`, `late_events`, …).
+    pub name: String,
+    /// Schema of every batch emitted on this port.
+    pub schema: SchemaRef,
+}
+
+impl OutputSpec {
+    /// An output spec from its parts.
+    pub fn new(name: impl Into<String>, schema: SchemaRef) -> Self {
+        Self { name: name.into(), schema }
+    }
+}
+
+/// Collects what an operator emits during one call, per output port.
+#[derive(Debug, Default)]
+pub struct Collector {
+    ports: Vec<Vec<RecordBatch>>,
+}
+
+impl Collector {
+    /// A collector for an operator with `ports` outputs.
+    pub fn new(ports: usize) -> Self {
+        Self { ports: vec![Vec::new(); ports] }
+    }
+
+    /// Emits `batch` on output `port` (empty batches are dropped).
+    ///
+    /// # Panics
+    /// If `port` is not one of the operator's declared outputs — a bug in the operator.
+    pub fn emit(&mut self, port: usize, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.ports[port].push(batch);
+        }
+    }
+
+    /// Takes everything emitted so far as `(port, batch)` pairs, in port order.
+    pub fn drain(&mut self) -> impl Iterator<Item = (usize, RecordBatch)> + '_ {
+        self.ports.iter_mut().enumerate().flat_map(|(p, v)| v.drain(..).map(move |b| (p, b)))
+    }
+
+    /// Everything emitted on `port` so far (for tests).
+    pub fn port(&self, port: usize) -> &[RecordBatch] {
+        &self.ports[port]
+    }
+}
+
+/// The class of an error, which decides what the runtime does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Bad configuration or input: report clearly, do not retry.
+    User,
+    /// A dependency failed (disk, network, broker): retry with backoff.
+    External,
+    /// A bug in citystream.
+    Internal,
+}
+
+/// An error raised by an operator while processing.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// An Arrow kernel failed.
+    #[error("arrow: {0}")]
+    Arrow(#[from] ArrowError),
+    /// A batch arrived with a schema the operator was not planned for.
+    #[error("operator `{operator}` received a batch whose schema does not match its plan: {detail}")]
+    SchemaMismatch {
+        /// The operator's kind.
+        operator: &'static str,
+        /// What differs.
+        detail: String,
+    },
+    /// `restore` was called on an operator that keeps no state, or with state of the wrong shape.
+    #[error("operator `{operator}` cannot restore state: {detail}")]
+    State {
+        /// The operator's kind.
+        operator: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl OperatorError {
+    /// How the runtime should treat this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            OperatorError::Arrow(ArrowError::IoError(..)) => ErrorClass::External,
+            OperatorError::Arrow(_) | OperatorError::SchemaMismatch { .. } => ErrorClass::Internal,
+            OperatorError::State { .. } => ErrorClass::User,
+        }
+    }
+}
+
+/// A synchronous stream operator over Arrow batches.
+///
+/// The runtime calls the hooks in stream order from one task, so an operator needs no
+/// locking. Operators never block on I/O; they transform what they are given and emit through
+/// the [`Collector`].
+pub trait Operator: Send {
+    /// The operator's kind, e.g. `decode` (for logs, metrics and errors).
+    fn kind(&self) -> &'static str;
+
+    /// The output ports, main first. Fixed for the life of the operator.
+    fn outputs(&self) -> &[OutputSpec];
+
+    /// Processes one batch of the input.
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError>;
+
+    /// The input watermark advanced to `watermark` (UTC ms). Windowed operators emit what it
+    /// closes. The runtime forwards the watermark downstream after this returns.
+    fn on_watermark(&mut self, _watermark: i64, _out: &mut Collector) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    /// The input ended: emit everything still held.
+    fn on_end(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    /// Whether the operator keeps state between batches. A stateful operator must implement
+    /// [`snapshot`](Self::snapshot) and [`restore`](Self::restore).
+    fn is_stateful(&self) -> bool {
+        false
+    }
+
+    /// The operator's state as a batch (written by the runtime at a checkpoint).
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        Ok(None)
+    }
+
+    /// Restores state written by [`snapshot`](Self::snapshot). The default fails loudly so a
+    /// stateful operator that forgot to implement it never silently starts empty.
+    fn restore(&mut self, _state: RecordBatch) -> Result<(), OperatorError> {
+        Err(OperatorError::State { operator: self.kind(), detail: "this operator keeps no state to restore".into() })
+    }
+}
+
+/// A problem found while planning an operator against its input schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PlanError {
+    /// The config key the problem is about, relative to the stage (e.g. `where[1].column`).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, if known.
+    pub help: Option<String>,
+}
+
+impl PlanError {
+    /// A plan error at `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { key: key.into(), message: message.into(), help: None }
+    }
+
+    /// Adds a help line.
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+/// The configuration of an operator: plans it against an input schema and builds it.
+pub trait OperatorConfig {
+    /// The output ports this operator would have for `input` (main first), or every problem
+    /// found. Runs before any data moves.
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>>;
+
+    /// Builds the operator for `input` (call [`plan`](Self::plan) first).
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>>;
+}
+
+/// What an operator may use from its surroundings when it is built.
+#[derive(Debug, Clone, Default)]
+pub struct BuildContext {
+    /// The stage's name in the pipeline (a label on every metric it registers).
+    pub stage: String,
+    /// The pipeline's metrics registry.
+    pub metrics: crate::Metrics,
+}
+
+/// The closest of `candidates` to `name`, when one is close enough to be a likely typo.
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::levenshtein(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}

@@ -1,0 +1,197 @@
+//! A small metrics registry: counters and gauges with labels, rendered in the Prometheus text
+//! exposition format. Handles are cheap clones of atomics, so the hot path never locks.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A monotonically increasing count.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn inc_by(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Adds 1.
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down (stored as `f64` bits).
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(Arc<AtomicU64>);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Handle {
+    Counter(Counter),
+    Gauge(Gauge),
+}
+
+#[derive(Debug, Default)]
+struct Family {
+    help: &'static str,
+    series: BTreeMap<String, Handle>,
+}
+
+/// The registry. Clone it freely: clones share the same series.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    families: Arc<Mutex<BTreeMap<String, Family>>>,
+}
+
+fn label_text(labels: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let _ = write!(s, "{k}=\"{v}\"");
+    }
+    s
+}
+
+impl Metrics {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn handle(&self, name: &str, help: &'static str, labels: &[(&str, &str)], make: fn() -> Handle) -> Handle {
+        let mut fams = self.families.lock().expect("metrics lock poisoned");
+        let fam = fams.entry(name.to_owned()).or_insert_with(|| Family { help, series: BTreeMap::new() });
+        fam.series.entry(label_text(labels)).or_insert_with(make).clone()
+    }
+
+    /// The counter `name{labels}`, created at 0 on first use.
+    ///
+    /// # Panics
+    /// If `name{labels}` was registered as a gauge — a bug in the caller.
+    pub fn counter(&self, name: &str, help: &'static str, labels: &[(&str, &str)]) -> Counter {
+        match self.handle(name, help, labels, || Handle::Counter(Counter::default())) {
+            Handle::Counter(c) => c,
+            Handle::Gauge(_) => panic!("metric {name} is a gauge, not a counter"),
+        }
+    }
+
+    /// The gauge `name{labels}`, created at 0 on first use.
+    ///
+    /// # Panics
+    /// If `name{labels}` was registered as a counter — a bug in the caller.
+    pub fn gauge(&self, name: &str, help: &'static str, labels: &[(&str, &str)]) -> Gauge {
+        match self.handle(name, help, labels, || Handle::Gauge(Gauge::default())) {
+            Handle::Gauge(g) => g,
+            Handle::Counter(_) => panic!("metric {name} is a counter, not a gauge"),
+        }
+    }
+
+    /// The current value of `name{labels}`, if registered.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let fams = self.families.lock().expect("metrics lock poisoned");
+        fams.get(name)?.series.get(&label_text(labels)).map(|h| match h {
+            Handle::Counter(c) => c.get() as f64,
+            Handle::Gauge(g) => g.get(),
+        })
+    }
+
+    /// The sum of every series of `name`, whatever its labels (0 when absent).
+    pub fn sum(&self, name: &str) -> f64 {
+        let fams = self.families.lock().expect("metrics lock poisoned");
+        fams.get(name).map_or(0.0, |f| {
+            f.series
+                .values()
+                .map(|h| match h {
+                    Handle::Counter(c) => c.get() as f64,
+                    Handle::Gauge(g) => g.get(),
+                })
+                .sum()
+        })
+    }
+
+    /// Every series of `name` as `(labels, value)`, labels in their rendered form.
+    pub fn series(&self, name: &str) -> Vec<(String, f64)> {
+        let fams = self.families.lock().expect("metrics lock poisoned");
+        fams.get(name).map_or_else(Vec::new, |f| {
+            f.series
+                .iter()
+                .map(|(l, h)| {
+                    let v = match h {
+                        Handle::Counter(c) => c.get() as f64,
+                        Handle::Gauge(g) => g.get(),
+                    };
+                    (l.clone(), v)
+                })
+                .collect()
+        })
+    }
+
+    /// Everything, in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let fams = self.families.lock().expect("metrics lock poisoned");
+        let mut out = String::new();
+        for (name, fam) in fams.iter() {
+            let kind = match fam.series.values().next() {
+                Some(Handle::Counter(_)) => "counter",
+                _ => "gauge",
+            };
+            let _ = writeln!(out, "# HELP {name} {}", fam.help);
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, h) in &fam.series {
+                let v = match h {
+                    Handle::Counter(c) => c.get().to_string(),
+                    Handle::Gauge(g) => g.get().to_string(),
+                };
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {v}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_share_series_and_render() {
+        let m = Metrics::new();
+        let a = m.counter("citystream_rows_total", "Rows.", &[("stage", "decode \"x\"")]);
+        let b = m.counter("citystream_rows_total", "Rows.", &[("stage", "decode \"x\"")]);
+        a.inc_by(3);
+        b.inc();
+        m.gauge("citystream_queue_depth", "Queued.", &[]).set(2.5);
+        assert_eq!(m.value("citystream_rows_total", &[("stage", "decode \"x\"")]), Some(4.0));
+        assert_eq!(m.sum("citystream_rows_total"), 4.0);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "# TYPE citystream_rows_total counter\ncitystream_rows_total{stage=\"decode \\\"x\\\"\"} 4\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("citystream_queue_depth 2.5\n"), "{text}");
+    }
+}

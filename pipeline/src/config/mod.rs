@@ -1,0 +1,190 @@
+//! YAML configuration in three steps, as text moves towards a running pipeline:
+//!
+//! 1. [`load`]: text to [`RawPipeline`] with serde (strict: unknown keys are errors with a
+//!    suggestion; every error names file, line, column and key path);
+//! 2. [`plan`](crate::config::plan::plan): [`RawPipeline`] to [`PipelinePlan`] — resolves stream
+//!    references, rejects cycles, and checks the schema flow of every stage before any data
+//!    moves, reporting every problem at once;
+//! 3. the runtime runs a [`PipelinePlan`].
+
+mod env;
+mod load;
+pub mod plan;
+mod tagged;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+
+use citystream_operators::decode::DecodeConfig;
+use citystream_operators::filter::FilterConfig;
+use citystream_operators::project::ProjectConfig;
+use citystream_operators::{Duration, OperatorConfig};
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+pub use env::EnvString;
+pub use load::{ConfigError, ConfigErrors, load_file, load_str};
+pub use plan::{PipelinePlan, SinkNode, SourceNode, StageNode, StreamRef};
+
+use crate::simulator::SimulatorConfig;
+use crate::sink::parquet::ParquetSinkConfig;
+
+/// A whole pipeline as written in YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    /// A name for logs and metrics. Default `citystream`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Sources by name. Each emits one stream per output (e.g. `city.traffic`).
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Operator stages by name.
+    #[serde(default)]
+    pub stages: BTreeMap<String, StageConfig>,
+    /// Sinks by name.
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Runtime settings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+fn default_name() -> String {
+    "citystream".into()
+}
+
+/// Runtime settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Capacity, in messages (batches), of each channel between stages: bounds memory and
+    /// applies backpressure. Default 8.
+    pub channel_capacity: NonZeroUsize,
+    /// How often the status line is printed; `null` for never. Default `5s`.
+    pub status_interval: Option<Duration>,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`;
+    /// absent or `null` for none.
+    pub metrics_addr: Option<EnvString>,
+    /// Time allowed to drain and flush on SIGINT/SIGTERM before giving up. Default `30s`.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            channel_capacity: NonZeroUsize::new(8).expect("non-zero"),
+            status_interval: Some(Duration::from_secs(5)),
+            metrics_addr: None,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A source, tagged by `type` (which must be its first key).
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// `type: simulator`: the embedded city simulator.
+    Simulator(Box<SimulatorConfig>),
+}
+
+impl SourceConfig {
+    /// Every `type` a source can have.
+    pub const TYPES: &'static [&'static str] = &["simulator"];
+}
+
+/// What a stage does, tagged by `type`.
+#[derive(Debug, Clone)]
+pub enum OperatorSpec {
+    /// `type: decode`: JSON to typed rows plus dead letters.
+    Decode(DecodeConfig),
+    /// `type: filter`: keep rows matching every condition.
+    Filter(FilterConfig),
+    /// `type: project`: keep, order and rename columns.
+    Project(ProjectConfig),
+}
+
+impl OperatorSpec {
+    /// Every stage `type`.
+    pub const TYPES: &'static [&'static str] = &["decode", "filter", "project"];
+
+    /// The operator's configuration behind its common interface.
+    pub fn config(&self) -> &dyn OperatorConfig {
+        match self {
+            OperatorSpec::Decode(c) => c,
+            OperatorSpec::Filter(c) => c,
+            OperatorSpec::Project(c) => c,
+        }
+    }
+
+    /// The `type` name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            OperatorSpec::Decode(_) => "decode",
+            OperatorSpec::Filter(_) => "filter",
+            OperatorSpec::Project(_) => "project",
+        }
+    }
+}
+
+/// A stage: `type` first, then `input` and the operator's own keys.
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    /// The streams the stage reads (`node` or `node.port`).
+    pub input: Inputs,
+    /// The operator.
+    pub op: OperatorSpec,
+    /// Where the stage's `type` is written (for errors found while planning).
+    pub location: Location,
+}
+
+/// A sink, tagged by `type`.
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    /// `type: parquet`: zstd Parquet tables on a local file system.
+    Parquet(ParquetSinkConfig),
+}
+
+impl SinkConfig {
+    /// Every `type` a sink can have.
+    pub const TYPES: &'static [&'static str] = &["parquet"];
+}
+
+/// One stream reference or a list of them, each with its location in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inputs(pub Vec<Spanned<String>>);
+
+impl<'de> Deserialize<'de> for Inputs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OneOrMany(Vec<Spanned<String>>, bool);
+        impl<'de> Deserialize<'de> for OneOrMany {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = OneOrMany;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a stream name such as `city.traffic`, or a list of them")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                        Ok(OneOrMany(vec![Spanned::new(v.to_owned(), Location::UNKNOWN, Location::UNKNOWN)], true))
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                        let mut v = Vec::new();
+                        while let Some(item) = seq.next_element::<Spanned<String>>()? {
+                            v.push(item);
+                        }
+                        Ok(OneOrMany(v, false))
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+        let spanned = Spanned::<OneOrMany>::deserialize(d)?;
+        let OneOrMany(mut items, single) = spanned.value;
+        if single {
+            items[0].referenced = spanned.referenced;
+            items[0].defined = spanned.defined;
+        }
+        Ok(Inputs(items))
+    }
+}

@@ -1,0 +1,409 @@
+//! Validation of a [`RawPipeline`] into a [`PipelinePlan`]: names, stream references, cycles,
+//! schema flow, and outputs nobody reads. Every problem is reported, not just the first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use arrow::datatypes::SchemaRef;
+use citystream_operators::{OutputSpec, did_you_mean};
+use citystream_schemas::{EventKind, raw};
+use serde_saphyr::Location;
+
+use super::{ConfigError, ConfigErrors, OperatorSpec, RawPipeline, RuntimeConfig, SinkConfig, SourceConfig};
+
+/// A resolved reference to one output port of a node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamRef {
+    /// Source or stage name.
+    pub node: String,
+    /// Output port index (0 = main).
+    pub port: usize,
+    /// Output port name.
+    pub port_name: String,
+}
+
+impl fmt::Display for StreamRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port == 0 && self.port_name == "main" {
+            f.write_str(&self.node)
+        } else {
+            write!(f, "{}.{}", self.node, self.port_name)
+        }
+    }
+}
+
+/// A planned source.
+#[derive(Debug, Clone)]
+pub struct SourceNode {
+    /// Its name.
+    pub name: String,
+    /// Its configuration.
+    pub config: SourceConfig,
+    /// Its output ports.
+    pub outputs: Vec<OutputSpec>,
+}
+
+/// A planned stage.
+#[derive(Debug, Clone)]
+pub struct StageNode {
+    /// Its name.
+    pub name: String,
+    /// Its operator.
+    pub op: OperatorSpec,
+    /// The streams it reads.
+    pub inputs: Vec<StreamRef>,
+    /// The schema of every input.
+    pub input_schema: SchemaRef,
+    /// Its output ports.
+    pub outputs: Vec<OutputSpec>,
+}
+
+/// A planned sink.
+#[derive(Debug, Clone)]
+pub struct SinkNode {
+    /// Its name.
+    pub name: String,
+    /// Its configuration.
+    pub config: SinkConfig,
+    /// `(table, stream)` pairs, in a stable order. Input `i` of the sink is `inputs[i]`.
+    pub inputs: Vec<(String, StreamRef)>,
+    /// Schema per table.
+    pub tables: BTreeMap<String, SchemaRef>,
+}
+
+/// A validated pipeline, ready to run: stages in topological order.
+#[derive(Debug, Clone)]
+pub struct PipelinePlan {
+    /// The pipeline's name.
+    pub name: String,
+    /// Sources.
+    pub sources: Vec<SourceNode>,
+    /// Stages, each after every stage it reads.
+    pub stages: Vec<StageNode>,
+    /// Sinks.
+    pub sinks: Vec<SinkNode>,
+    /// Runtime settings.
+    pub runtime: RuntimeConfig,
+}
+
+impl PipelinePlan {
+    /// The graph as text, one node per line (for `citystream validate` and snapshot tests).
+    pub fn describe(&self) -> String {
+        let mut s = format!("pipeline {}\n", self.name);
+        for src in &self.sources {
+            let ports: Vec<_> = src.outputs.iter().map(|o| o.name.as_str()).collect();
+            s += &format!("  source {} ({}) -> {}\n", src.name, source_type(&src.config), ports.join(", "));
+        }
+        for st in &self.stages {
+            let ins: Vec<_> = st.inputs.iter().map(ToString::to_string).collect();
+            let outs: Vec<_> =
+                st.outputs.iter().map(|o| format!("{} [{} cols]", o.name, o.schema.fields().len())).collect();
+            s += &format!("  stage {} ({}) <- {} -> {}\n", st.name, st.op.type_name(), ins.join(", "), outs.join(", "));
+        }
+        for sk in &self.sinks {
+            for (table, r) in &sk.inputs {
+                s += &format!("  sink {} table {table} <- {r}\n", sk.name);
+            }
+        }
+        s
+    }
+}
+
+fn source_type(c: &SourceConfig) -> &'static str {
+    match c {
+        SourceConfig::Simulator(_) => "simulator",
+    }
+}
+
+/// The output ports of a source.
+pub fn source_outputs(c: &SourceConfig) -> Vec<OutputSpec> {
+    match c {
+        SourceConfig::Simulator(_) => {
+            EventKind::ALL.iter().map(|k| OutputSpec::new(k.as_str(), raw::schema())).collect()
+        }
+    }
+}
+
+struct Checker<'a> {
+    file: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, at: Location, path: impl Into<String>, message: impl Into<String>, help: Option<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line: at.line() as u32,
+            column: at.column() as u32,
+            path: path.into(),
+            message: message.into(),
+            help,
+        });
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Validates `raw` (parsed from `file`) into a plan, or reports every problem.
+pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> {
+    let mut ck = Checker { file, errors: Vec::new() };
+    let nowhere = Location::UNKNOWN;
+
+    // names
+    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+    let sections = [
+        ("sources", raw.sources.keys().collect::<Vec<_>>()),
+        ("stages", raw.stages.keys().collect()),
+        ("sinks", raw.sinks.keys().collect()),
+    ];
+    for (section, names) in &sections {
+        for name in names {
+            let at = raw.stages.get(*name).filter(|_| *section == "stages").map_or(nowhere, |s| s.location);
+            if !valid_name(name) {
+                ck.error(
+                    at,
+                    format!("{section}.{name}"),
+                    format!("`{name}` is not a valid name"),
+                    Some("names use lower-case letters, digits and `_`, starting with a letter".into()),
+                );
+            }
+            if let Some(prev) = owners.insert(name, section) {
+                ck.error(
+                    at,
+                    format!("{section}.{name}"),
+                    format!("`{name}` is also defined in `{prev}`"),
+                    Some("every source, stage and sink needs its own name".into()),
+                );
+            }
+        }
+    }
+    if raw.sources.is_empty() {
+        ck.error(nowhere, "sources", "at least one source is needed", None);
+    }
+    if raw.sinks.is_empty() {
+        ck.error(nowhere, "sinks", "at least one sink is needed", None);
+    }
+
+    // outputs of every node, filled in topological order
+    let mut ports: BTreeMap<String, Vec<OutputSpec>> = BTreeMap::new();
+    let sources: Vec<SourceNode> = raw
+        .sources
+        .iter()
+        .map(|(name, config)| {
+            let outputs = source_outputs(config);
+            ports.insert(name.clone(), outputs.clone());
+            SourceNode { name: name.clone(), config: config.clone(), outputs }
+        })
+        .collect();
+
+    // topological order of stages (Kahn), reporting cycles
+    let stage_deps: BTreeMap<&str, BTreeSet<&str>> = raw
+        .stages
+        .iter()
+        .map(|(name, st)| {
+            let deps = st
+                .input
+                .0
+                .iter()
+                .filter_map(|i| {
+                    let node = i.value.split('.').next().unwrap_or("");
+                    raw.stages.get_key_value(node).map(|(k, _)| k.as_str())
+                })
+                .collect();
+            (name.as_str(), deps)
+        })
+        .collect();
+    let mut order: Vec<&str> = Vec::new();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    loop {
+        let ready: Vec<&str> = stage_deps
+            .iter()
+            .filter(|(n, d)| !done.contains(*n) && d.iter().all(|x| done.contains(x)))
+            .map(|(n, _)| *n)
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for n in ready {
+            done.insert(n);
+            order.push(n);
+        }
+    }
+    let cyclic: Vec<&str> = stage_deps.keys().filter(|n| !done.contains(*n)).copied().collect();
+    if !cyclic.is_empty() {
+        let at = raw.stages[cyclic[0]].location;
+        ck.error(
+            at,
+            format!("stages.{}", cyclic[0]),
+            format!("stages form a cycle: {}", cyclic.join(" -> ")),
+            Some("a stage cannot read, directly or not, its own output".into()),
+        );
+    }
+
+    let resolve = |ck: &mut Checker<'_>,
+                   ports: &BTreeMap<String, Vec<OutputSpec>>,
+                   text: &str,
+                   at: Location,
+                   path: &str|
+     -> Option<(StreamRef, SchemaRef)> {
+        let (node, port_name) = match text.split_once('.') {
+            Some((n, p)) => (n, Some(p)),
+            None => (text, None),
+        };
+        let Some(outs) = ports.get(node) else {
+            let known = owners.keys().copied().filter(|n| raw.sources.contains_key(*n) || raw.stages.contains_key(*n));
+            let help = did_you_mean(node, known).map(|s| format!("did you mean `{s}`?"));
+            if !raw.stages.contains_key(node) {
+                ck.error(at, path, format!("unknown stream `{text}`: no source or stage is named `{node}`"), help);
+            }
+            return None;
+        };
+        let port = match port_name {
+            None if raw.sources.contains_key(node) => {
+                let names: Vec<_> = outs.iter().map(|o| format!("`{node}.{}`", o.name)).collect();
+                ck.error(
+                    at,
+                    path,
+                    format!("source `{node}` has several outputs; name one"),
+                    Some(format!("one of {}", names.join(", "))),
+                );
+                return None;
+            }
+            None => 0,
+            Some(p) => match outs.iter().position(|o| o.name == p) {
+                Some(i) => i,
+                None => {
+                    let names: Vec<_> = outs.iter().map(|o| o.name.as_str()).collect();
+                    ck.error(
+                        at,
+                        path,
+                        format!("`{node}` has no output `{p}`"),
+                        Some(format!("its outputs are {}", names.join(", "))),
+                    );
+                    return None;
+                }
+            },
+        };
+        Some((StreamRef { node: node.to_owned(), port, port_name: outs[port].name.clone() }, outs[port].schema.clone()))
+    };
+
+    let mut stages = Vec::new();
+    for name in &order {
+        let st = &raw.stages[*name];
+        let mut inputs = Vec::new();
+        let mut schema: Option<SchemaRef> = None;
+        for (i, inp) in st.input.0.iter().enumerate() {
+            let path = if st.input.0.len() == 1 {
+                format!("stages.{name}.input")
+            } else {
+                format!("stages.{name}.input[{i}]")
+            };
+            if let Some((r, s)) = resolve(&mut ck, &ports, &inp.value, inp.referenced, &path) {
+                match &schema {
+                    Some(prev) if prev != &s => {
+                        ck.error(
+                            inp.referenced,
+                            &path,
+                            format!("`{r}` has a different schema from the stage's other inputs"),
+                            Some("all inputs of a stage must carry the same columns".into()),
+                        );
+                    }
+                    _ => schema = Some(s),
+                }
+                inputs.push(r);
+            }
+        }
+        if st.input.0.is_empty() {
+            ck.error(st.location, format!("stages.{name}.input"), "a stage needs at least one input", None);
+        }
+        let Some(input_schema) = schema else { continue };
+        if inputs.len() != st.input.0.len() {
+            continue;
+        }
+        match st.op.config().plan(&input_schema) {
+            Ok(outputs) => {
+                ports.insert((*name).to_owned(), outputs.clone());
+                stages.push(StageNode { name: (*name).to_owned(), op: st.op.clone(), inputs, input_schema, outputs });
+            }
+            Err(errs) => {
+                for e in errs {
+                    ck.error(st.location, format!("stages.{name}.{}", e.key), e.message, e.help);
+                }
+            }
+        }
+    }
+
+    let mut sinks = Vec::new();
+    for (name, cfg) in &raw.sinks {
+        match cfg {
+            SinkConfig::Parquet(p) => {
+                let mut inputs = Vec::new();
+                let mut tables = BTreeMap::new();
+                for (table, refs) in &p.tables {
+                    let first = refs.0.first().map_or(nowhere, |r| r.referenced);
+                    if !valid_name(table) {
+                        ck.error(
+                            first,
+                            format!("sinks.{name}.tables.{table}"),
+                            format!("`{table}` is not a valid table name"),
+                            Some("table names use lower-case letters, digits and `_`".into()),
+                        );
+                    }
+                    for (i, r) in refs.0.iter().enumerate() {
+                        let path = format!("sinks.{name}.tables.{table}[{i}]");
+                        if let Some((sref, schema)) = resolve(&mut ck, &ports, &r.value, r.referenced, &path) {
+                            match tables.get(table) {
+                                Some(prev) if prev != &schema => ck.error(
+                                    r.referenced,
+                                    &path,
+                                    format!("`{sref}` does not have the schema of table `{table}`'s other inputs"),
+                                    Some("route streams of different shapes to different tables".into()),
+                                ),
+                                _ => {
+                                    tables.insert(table.clone(), schema);
+                                }
+                            }
+                            inputs.push((table.clone(), sref));
+                        }
+                    }
+                }
+                if p.tables.is_empty() {
+                    ck.error(nowhere, format!("sinks.{name}.tables"), "a parquet sink needs at least one table", None);
+                }
+                sinks.push(SinkNode { name: name.clone(), config: cfg.clone(), inputs, tables });
+            }
+        }
+    }
+
+    // every stage output must be read by someone: nothing is dropped silently
+    let consumed: BTreeSet<(String, usize)> = stages
+        .iter()
+        .flat_map(|s| s.inputs.iter())
+        .chain(sinks.iter().flat_map(|s| s.inputs.iter().map(|(_, r)| r)))
+        .map(|r| (r.node.clone(), r.port))
+        .collect();
+    for st in &stages {
+        for (p, out) in st.outputs.iter().enumerate() {
+            if !consumed.contains(&(st.name.clone(), p)) {
+                let r = StreamRef { node: st.name.clone(), port: p, port_name: out.name.clone() };
+                ck.error(
+                    raw.stages[&st.name].location,
+                    format!("stages.{}", st.name),
+                    format!("output `{r}` is not read by any stage or sink"),
+                    Some(format!("route `{r}` to a sink table; citystream never drops rows silently")),
+                );
+            }
+        }
+    }
+
+    if ck.errors.is_empty() {
+        Ok(PipelinePlan { name: raw.name, sources, stages, sinks, runtime: raw.runtime })
+    } else {
+        ck.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(ck.errors))
+    }
+}

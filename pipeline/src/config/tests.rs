@@ -1,0 +1,232 @@
+//! Bad configs, each with the exact location and message a user sees.
+
+use super::{load_str, plan::plan};
+
+const GOOD: &str = "\
+sources:
+  city:
+    type: simulator
+    duration: 1h
+stages:
+  traffic:
+    type: decode
+    input: city.traffic
+    kind: traffic
+sinks:
+  lake:
+    type: parquet
+    path: /tmp/x
+    tables:
+      traffic: traffic
+      dead_letters: traffic.dead_letters
+";
+
+/// Loads and plans `text`; returns the single error as `line:col: path: message` (+ help).
+fn error_of(text: &str) -> String {
+    let errs = match load_str(text, "bad.yaml") {
+        Err(e) => e,
+        Ok(raw) => match plan(raw, "bad.yaml") {
+            Err(e) => e,
+            Ok(_) => panic!("config was accepted:\n{text}"),
+        },
+    };
+    errs.0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn the_good_config_plans() {
+    let raw = load_str(GOOD, "good.yaml").unwrap();
+    let p = plan(raw, "good.yaml").unwrap();
+    assert_eq!(
+        p.describe(),
+        "pipeline citystream\n  source city (simulator) -> traffic, camera, environment\n  stage traffic (decode) <- city.traffic -> main [12 cols], dead_letters [9 cols]\n  sink lake table dead_letters <- traffic.dead_letters\n  sink lake table traffic <- traffic\n"
+    );
+}
+
+#[test]
+fn unknown_key_with_suggestion() {
+    let text = GOOD.replace("    duration: 1h\n", "    duraton: 1h\n");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:4:5: sources.city: unknown field `duraton`, expected one of seed, start, duration, speed, batch_rows, traffic_interval, max_out_of_orderness, thumbnail_rate, plate_read_rate, city, faults, ground_truth\n  help: did you mean `duration`?"
+    );
+}
+
+#[test]
+fn unknown_stage_type() {
+    let text = GOOD.replace("type: decode", "type: decoder");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:7:5: stages.traffic: unknown variant `decoder`, expected one of decode, filter, project\n  help: did you mean `decode`?"
+    );
+}
+
+#[test]
+fn type_must_come_first() {
+    let text =
+        GOOD.replace("    type: decode\n    input: city.traffic\n", "    input: city.traffic\n    type: decode\n");
+    assert_eq!(error_of(&text), "bad.yaml:7:5: stages.traffic: the first key of a stage must be `type`, found `input`");
+}
+
+#[test]
+fn unknown_event_kind() {
+    let text = GOOD.replace("kind: traffic", "kind: trafic");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:9:11: stages.traffic.kind: unknown variant `trafic`, expected one of traffic, camera, environment\n  help: did you mean `traffic`?"
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let text = GOOD.replace("duration: 1h", "duration: 1 hour");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:4:15: sources.city.duration: invalid duration `1 hour`: expected an integer followed by ms, s, m, h or d (e.g. `30s`, `5m`)"
+    );
+}
+
+#[test]
+fn compression_level_out_of_range() {
+    let text = GOOD.replace("    path: /tmp/x\n", "    path: /tmp/x\n    compression_level: 40\n");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:14:24: sinks.lake.compression_level: zstd compression level 40 is outside 1..=22"
+    );
+}
+
+#[test]
+fn wrong_type_for_a_number() {
+    let text = GOOD.replace("    duration: 1h\n", "    duration: 1h\n    batch_rows: lots\n");
+    assert_eq!(error_of(&text), "bad.yaml:5:17: sources.city.batch_rows: expected a non-negative integer");
+}
+
+#[test]
+fn unknown_input_stream_with_suggestion() {
+    let text = GOOD.replace("input: city.traffic", "input: cty.traffic");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:8:12: stages.traffic.input: unknown stream `cty.traffic`: no source or stage is named `cty`\n  help: did you mean `city`?"
+    );
+}
+
+#[test]
+fn unknown_output_port() {
+    let text = GOOD.replace("input: city.traffic", "input: city.trafic");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:8:12: stages.traffic.input: `city` has no output `trafic`\n  help: its outputs are traffic, camera, environment"
+    );
+}
+
+#[test]
+fn source_needs_a_port() {
+    let text = GOOD.replace("input: city.traffic", "input: city");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:8:12: stages.traffic.input: source `city` has several outputs; name one\n  help: one of `city.traffic`, `city.camera`, `city.environment`"
+    );
+}
+
+#[test]
+fn dead_letters_must_be_routed() {
+    let text = GOOD.replace("      dead_letters: traffic.dead_letters\n", "");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:7:11: stages.traffic: output `traffic.dead_letters` is not read by any stage or sink\n  help: route `traffic.dead_letters` to a sink table; citystream never drops rows silently"
+    );
+}
+
+#[test]
+fn schema_flow_is_checked_before_running() {
+    let text = GOOD.replace(
+        "sinks:\n",
+        "  slow:\n    type: filter\n    input: traffic\n    where:\n      - {column: sped_kmh, op: lt, value: 20}\nsinks:\n",
+    );
+    let text = text.replace("      traffic: traffic\n", "      traffic: traffic\n      slow: slow\n");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:11:11: stages.slow.where[0].column: no column `sped_kmh` in the input\n  help: did you mean `speed_kmh`?"
+    );
+}
+
+#[test]
+fn decode_needs_raw_input() {
+    let text = GOOD
+        .replace("sinks:\n", "  again:\n    type: decode\n    input: traffic\n    kind: traffic\nsinks:\n")
+        .replace(
+            "      traffic: traffic\n",
+            "      traffic: traffic\n      again: again\n      dl2: again.dead_letters\n",
+        );
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:11:11: stages.again.input: `decode` needs a raw message stream (a source output), but its input carries typed rows\n  help: point `input` at a source output such as `city.traffic`"
+    );
+}
+
+#[test]
+fn cycles_are_reported() {
+    let text = GOOD.replace(
+        "sinks:\n",
+        "  a:\n    type: project\n    input: b\n    columns: [flow]\n  b:\n    type: project\n    input: a\n    columns: [flow]\nsinks:\n",
+    );
+    let e = error_of(&text);
+    assert!(e.starts_with("bad.yaml:11:11: stages.a: stages form a cycle: a -> b"), "{e}");
+}
+
+#[test]
+fn missing_env_var_names_the_place() {
+    let text = GOOD.replace("path: /tmp/x", "path: ${CITYSTREAM_TEST_SURELY_UNSET}/x");
+    assert_eq!(
+        error_of(&text),
+        "bad.yaml:13:11: sinks.lake.path: environment variable `CITYSTREAM_TEST_SURELY_UNSET` is not set (referenced as `${CITYSTREAM_TEST_SURELY_UNSET}`; use `${CITYSTREAM_TEST_SURELY_UNSET:-default}` for a fallback)"
+    );
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let text = GOOD.replace("      traffic: traffic\n", "      traffic: [traffic\n");
+    let e = error_of(&text);
+    assert!(e.starts_with("bad.yaml:16:"), "{e}");
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let text = GOOD
+        .replace("input: city.traffic", "input: nowhere")
+        .replace("dead_letters: traffic.dead_letters", "dead_letters: traffic.dead_lettres");
+    let e = error_of(&text);
+    let lines: Vec<_> = e.lines().filter(|l| l.starts_with("bad.yaml")).collect();
+    assert_eq!(lines.len(), 1, "the stage fails to resolve, so its outputs are not reported again: {e}");
+    let text = GOOD
+        .replace("dead_letters: traffic.dead_letters", "dead_letters: traffic.dead_lettres")
+        .replace("    path: /tmp/x\n", "    path: /tmp/x\n    tables_x: 1\n");
+    assert!(error_of(&text).contains("unknown field `tables_x`"));
+    let text = GOOD.replace("dead_letters: traffic.dead_letters", "dead_letters: [traffic.dead_lettres, nope]");
+    let e = error_of(&text);
+    let lines: Vec<_> = e.lines().filter(|l| l.starts_with("bad.yaml")).collect();
+    assert_eq!(lines.len(), 3, "{e}");
+    // sorted by position in the file
+    assert!(lines[0].starts_with("bad.yaml:7:11: stages.traffic: output `traffic.dead_letters` is not read"), "{e}");
+    assert!(
+        lines[1]
+            .starts_with("bad.yaml:16:22: sinks.lake.tables.dead_letters[0]: `traffic` has no output `dead_lettres`"),
+        "{e}"
+    );
+    assert!(lines[2].starts_with("bad.yaml:16:44: sinks.lake.tables.dead_letters[1]: unknown stream `nope`"), "{e}");
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let raw = super::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            plan(raw, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1);
+}

@@ -1,0 +1,280 @@
+//! The `citystream` command line.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use citystream_operators::Metrics;
+use citystream_pipeline::config::{self, SourceConfig};
+use citystream_pipeline::runtime::{self, RunReport, StopHandle};
+use citystream_pipeline::simulator::{Simulation, SimulatorConfig};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "citystream", version, about = "Smart-city sensor streams: decode, clean, window, predict, store.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until its sources end (or SIGINT/SIGTERM: drain, flush, exit).
+    Run {
+        /// The pipeline config.
+        #[arg(long, short, default_value = "deploy/local.yaml", env = "CITYSTREAM_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config (syntax, references, schema flow) without running it; prints the plan.
+    Validate {
+        /// The pipeline config.
+        file: PathBuf,
+    },
+    /// Run the city simulator alone and write its streams as JSON lines, plus the ground truth.
+    Simulate {
+        /// Take the simulator settings from this pipeline config's first simulator source.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override the simulated span, e.g. `6h`, `2d`.
+        #[arg(long)]
+        duration: Option<citystream_operators::Duration>,
+        /// Output folder: `traffic.jsonl`, `camera.jsonl`, `environment.jsonl` and the ground truth.
+        #[arg(long, default_value = "data/sim")]
+        out: PathBuf,
+    },
+    /// Run SQL over the Parquet tables under a data folder.
+    #[cfg(feature = "sql")]
+    Sql {
+        /// The data folder (the Parquet sink's `path`).
+        #[arg(long, default_value = "data/lake")]
+        data: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: citystream_pipeline::sql::Format,
+        /// Write the result to this Parquet file instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The query.
+        query: String,
+    },
+    /// List the tables under a data folder with their columns and row counts.
+    #[cfg(feature = "sql")]
+    Tables {
+        /// The data folder.
+        #[arg(long, default_value = "data/lake")]
+        data: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // config errors print as a list with locations; others as a chain of causes
+            if let Some(ce) = e.downcast_ref::<config::ConfigErrors>() {
+                eprint!("{ce}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Run { config } => run(&config).await,
+        Command::Validate { file } => {
+            let raw = config::load_file(&file)?;
+            let plan = config::plan::plan(raw, &file.display().to_string())?;
+            print!("{}", plan.describe());
+            println!("ok: {} is valid", file.display());
+            Ok(())
+        }
+        Command::Simulate { config, seed, duration, out } => simulate(config.as_deref(), seed, duration, &out),
+        #[cfg(feature = "sql")]
+        Command::Sql { data, format, out, query } => {
+            use citystream_pipeline::sql;
+            match out {
+                Some(path) => {
+                    let rows = sql::query_to_parquet(&data, &query, &path).await?;
+                    println!("wrote {rows} rows to {}", path.display());
+                }
+                None => print!("{}", sql::render(&sql::query(&data, &query).await?, format)?),
+            }
+            Ok(())
+        }
+        #[cfg(feature = "sql")]
+        Command::Tables { data } => {
+            print!("{}", citystream_pipeline::sql::describe_tables(&data).await?);
+            Ok(())
+        }
+    }
+}
+
+async fn run(path: &Path) -> anyhow::Result<()> {
+    let raw = config::load_file(path)?;
+    let plan = config::plan::plan(raw, &path.display().to_string())?;
+    let metrics = Metrics::new();
+    let (stop, stop_rx) = StopHandle::new();
+    let timeout = plan.runtime.shutdown_timeout;
+    let mut stopping = stop_rx.clone();
+    tokio::spawn(wait_for_signals(stop));
+    if let Some(addr) = &plan.runtime.metrics_addr {
+        let addr = addr
+            .as_str()
+            .parse()
+            .with_context(|| format!("runtime.metrics_addr `{}` is not host:port", addr.as_str()))?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = citystream_pipeline::serve::metrics_endpoint(addr, m).await {
+                tracing::error!("metrics endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    let status = plan
+        .runtime
+        .status_interval
+        .map(|every| tokio::spawn(citystream_pipeline::serve::status_loop(metrics.clone(), every.to_std())));
+    tracing::info!("running pipeline `{}` from {}", plan.name, path.display());
+    let run = runtime::run(plan, metrics.clone(), stop_rx);
+    tokio::pin!(run);
+    let report = tokio::select! {
+        r = &mut run => r?,
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(timeout.to_std()).await;
+        } => return Err(runtime::PipelineError::ShutdownTimeout(timeout).into()),
+    };
+    if let Some(s) = status {
+        s.abort();
+    }
+    print_summary(&report, &metrics);
+    Ok(())
+}
+
+async fn wait_for_signals(stop: StopHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::warn!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: draining and flushing (a second signal exits at once)");
+        stop.stop();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        std::process::exit(130);
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.stop();
+    }
+}
+
+fn print_summary(report: &RunReport, metrics: &Metrics) {
+    let events: u64 = report.source_messages.values().sum();
+    let json_bytes = metrics.sum("citystream_source_bytes_total");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "done in {:.2} s: {events} events in ({:.0} events/s)",
+        report.elapsed_s,
+        events as f64 / report.elapsed_s.max(1e-9)
+    );
+    let mut disk = 0u64;
+    for (sink, tables) in &report.tables {
+        for (table, s) in tables {
+            disk += s.bytes;
+            let _ = writeln!(
+                out,
+                "  {sink}/{table}: {} rows in {} files, {:.1} KiB",
+                s.rows,
+                s.files,
+                s.bytes as f64 / 1024.0
+            );
+        }
+    }
+    let dead = metrics.sum("citystream_dead_letters_total");
+    let _ = writeln!(out, "  dead letters: {dead}");
+    if disk > 0 {
+        let _ = writeln!(
+            out,
+            "  bytes in (JSON) {:.1} MiB, on disk (Parquet) {:.1} MiB: ratio {:.1}x",
+            json_bytes / 1048576.0,
+            disk as f64 / 1048576.0,
+            json_bytes / disk as f64
+        );
+    }
+    for (name, sim) in &report.simulations {
+        let _ = writeln!(out, "  simulator {name}: {}", serde_json::to_string(&sim.kinds).unwrap_or_default());
+    }
+}
+
+fn simulate(
+    config: Option<&Path>,
+    seed: Option<u64>,
+    duration: Option<citystream_operators::Duration>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let mut cfg = match config {
+        Some(path) => {
+            let raw = config::load_file(path)?;
+            raw.sources
+                .into_values()
+                .map(|SourceConfig::Simulator(s)| *s)
+                .next()
+                .with_context(|| format!("{} has no simulator source", path.display()))?
+        }
+        None => SimulatorConfig::default(),
+    };
+    if let Some(s) = seed {
+        cfg.seed = s;
+    }
+    if let Some(d) = duration {
+        cfg.duration = d;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut files = citystream_schemas::EventKind::ALL.map(|k| {
+        let p = out.join(format!("{k}.jsonl"));
+        std::fs::File::create(&p).map(std::io::BufWriter::new).with_context(|| format!("creating {}", p.display()))
+    });
+    for f in &files {
+        if let Err(e) = f {
+            anyhow::bail!("{e:#}");
+        }
+    }
+    let mut sim = Simulation::new(cfg, chrono::Utc::now().timestamp_millis());
+    let mut batch = Vec::new();
+    while sim.step(&mut batch) {
+        for m in batch.drain(..) {
+            let i = citystream_schemas::EventKind::ALL.iter().position(|k| *k == m.kind).expect("kind");
+            let f = files[i].as_mut().expect("checked");
+            f.write_all(&m.payload)?;
+            f.write_all(b"\n")?;
+        }
+    }
+    for f in files.iter_mut() {
+        f.as_mut().expect("checked").flush()?;
+    }
+    sim.write_ground_truth(out)?;
+    println!("{}", serde_json::to_string_pretty(&sim.report())?);
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! The runtime: turns a [`PipelinePlan`] into tokio tasks joined by bounded channels.
+//!
+//! Every source, stage and sink is one task. Each stage and sink owns one receiver; every edge
+//! into it is a clone of its sender tagged with the input's index, so the task knows which
+//! upstream each [`Message`] came from (for watermark minimums, barrier alignment and end of
+//! data). Channels hold at most `runtime.channel_capacity` messages: a slow sink slows its
+//! stages, which slow the sources (backpressure, bounded memory).
+//!
+//! Operators are synchronous; their calls run through `block_in_place` on the multi-threaded
+//! runtime so CPU-heavy work never stalls the I/O tasks.
+
+mod sinks;
+mod sources;
+mod stage;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use citystream_operators::{BuildContext, Message, Metrics, OperatorError};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::config::{PipelinePlan, SourceConfig};
+use crate::simulator::SimReport;
+use crate::sink::parquet::{ParquetSinkError, TableStats};
+
+/// A message and the index of the input it arrived on.
+#[derive(Debug)]
+pub(crate) struct Envelope {
+    input: usize,
+    msg: Message,
+}
+
+/// One edge into a task.
+#[derive(Debug, Clone)]
+pub(crate) struct Edge {
+    tx: mpsc::Sender<Envelope>,
+    input: usize,
+}
+
+/// The subscribers of each output port of a node.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outputs {
+    ports: Vec<Vec<Edge>>,
+}
+
+impl Outputs {
+    /// Whether anybody reads `port`.
+    pub(crate) fn is_connected(&self, port: usize) -> bool {
+        !self.ports[port].is_empty()
+    }
+
+    /// Sends `msg` to every subscriber of `port`.
+    pub(crate) async fn send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
+        for e in &self.ports[port] {
+            e.tx.send(Envelope { input: e.input, msg: msg.clone() }).await.map_err(|_| PipelineError::Disconnected)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` on every port.
+    pub(crate) async fn broadcast(&self, msg: Message) -> Result<(), PipelineError> {
+        for p in 0..self.ports.len() {
+            self.send(p, msg.clone()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// An operator failed.
+    #[error("stage `{stage}`: {source}")]
+    Operator {
+        /// The stage.
+        stage: String,
+        /// The error.
+        source: OperatorError,
+    },
+    /// A stage could not be built from its plan.
+    #[error("stage `{stage}` cannot be built: {message}")]
+    Build {
+        /// The stage.
+        stage: String,
+        /// Why.
+        message: String,
+    },
+    /// A Parquet sink failed.
+    #[error("sink `{sink}`: {source}")]
+    Parquet {
+        /// The sink.
+        sink: String,
+        /// The error.
+        source: ParquetSinkError,
+    },
+    /// A source failed.
+    #[error("source `{source_name}`: {message}")]
+    Source {
+        /// The source.
+        source_name: String,
+        /// Why.
+        message: String,
+    },
+    /// A downstream task ended early (after an error elsewhere).
+    #[error("a downstream task ended early")]
+    Disconnected,
+    /// A task panicked or was cancelled.
+    #[error("task failed: {0}")]
+    Task(String),
+    /// Draining took longer than `runtime.shutdown_timeout`.
+    #[error("shutdown did not finish within {0}")]
+    ShutdownTimeout(citystream_operators::Duration),
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    /// Wall-clock seconds from start to the last flush.
+    pub elapsed_s: f64,
+    /// Messages each source emitted.
+    pub source_messages: BTreeMap<String, u64>,
+    /// The simulator's account, per simulator source.
+    pub simulations: BTreeMap<String, SimReport>,
+    /// Totals per sink and table.
+    pub tables: BTreeMap<String, BTreeMap<String, TableStats>>,
+}
+
+enum Finished {
+    Source { name: String, messages: u64, sim: Option<SimReport> },
+    Stage,
+    Sink { name: String, tables: BTreeMap<String, TableStats> },
+}
+
+/// Asks a running pipeline to stop: sources stop reading, everything in flight drains and is
+/// flushed, then [`run`] returns.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<watch::Sender<bool>>);
+
+impl StopHandle {
+    /// A handle and the receiver sources watch.
+    pub fn new() -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Self(Arc::new(tx)), rx)
+    }
+
+    /// Requests a graceful stop.
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// Runs `plan` to completion (sources exhausted, or stopped through `stop`).
+pub async fn run(
+    plan: PipelinePlan,
+    metrics: Metrics,
+    stop: watch::Receiver<bool>,
+) -> Result<RunReport, PipelineError> {
+    let started = Instant::now();
+    let cap = plan.runtime.channel_capacity.get();
+    let mut subscribers: BTreeMap<(String, usize), Vec<Edge>> = BTreeMap::new();
+    let mut queues: Vec<(String, mpsc::WeakSender<Envelope>)> = Vec::new();
+
+    let mut stage_rx = Vec::new();
+    for st in &plan.stages {
+        let (tx, rx) = mpsc::channel(cap);
+        for (i, r) in st.inputs.iter().enumerate() {
+            subscribers.entry((r.node.clone(), r.port)).or_default().push(Edge { tx: tx.clone(), input: i });
+        }
+        queues.push((st.name.clone(), tx.downgrade()));
+        stage_rx.push(rx);
+    }
+    let mut sink_rx = Vec::new();
+    for sk in &plan.sinks {
+        let (tx, rx) = mpsc::channel(cap);
+        for (i, (_, r)) in sk.inputs.iter().enumerate() {
+            subscribers.entry((r.node.clone(), r.port)).or_default().push(Edge { tx: tx.clone(), input: i });
+        }
+        queues.push((sk.name.clone(), tx.downgrade()));
+        sink_rx.push(rx);
+    }
+    let outputs_of = |node: &str, n: usize, subs: &mut BTreeMap<(String, usize), Vec<Edge>>| Outputs {
+        ports: (0..n).map(|p| subs.remove(&(node.to_owned(), p)).unwrap_or_default()).collect(),
+    };
+
+    let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
+    for (st, rx) in plan.stages.iter().zip(stage_rx) {
+        let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone() };
+        let op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
+            stage: st.name.clone(),
+            message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
+        })?;
+        let outputs = outputs_of(&st.name, st.outputs.len(), &mut subscribers);
+        let task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
+        tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
+    }
+    for (sk, rx) in plan.sinks.iter().zip(sink_rx) {
+        let sink = sinks::SinkTask::try_new(sk, &metrics)?;
+        let name = sk.name.clone();
+        tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
+    }
+    for src in &plan.sources {
+        let outputs = outputs_of(&src.name, src.outputs.len(), &mut subscribers);
+        let name = src.name.clone();
+        let stop = stop.clone();
+        let metrics = metrics.clone();
+        match &src.config {
+            SourceConfig::Simulator(cfg) => {
+                let cfg = (**cfg).clone();
+                tasks.spawn(async move {
+                    let (messages, sim) = sources::run_simulator(&name, cfg, outputs, stop, &metrics).await?;
+                    Ok(Finished::Source { name, messages, sim: Some(sim) })
+                });
+            }
+        }
+    }
+    debug_assert!(subscribers.is_empty(), "every edge has a producer");
+
+    let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
+    let mut report = RunReport::default();
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(Finished::Source { name, messages, sim })) => {
+                report.source_messages.insert(name.clone(), messages);
+                if let Some(s) = sim {
+                    report.simulations.insert(name, s);
+                }
+            }
+            Ok(Ok(Finished::Stage)) => {}
+            Ok(Ok(Finished::Sink { name, tables })) => {
+                report.tables.insert(name, tables);
+            }
+            Ok(Err(e)) => {
+                // keep the root cause, not the `Disconnected` errors it causes downstream
+                if first_error.is_none() || matches!(first_error, Some(PipelineError::Disconnected)) {
+                    first_error = Some(e);
+                }
+                tasks.abort_all();
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                first_error.get_or_insert(PipelineError::Task(e.to_string()));
+                tasks.abort_all();
+            }
+        }
+    }
+    monitor.abort();
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// Publishes the depth of every task's input queue as a gauge, once a second.
+async fn monitor_queues(queues: Vec<(String, mpsc::WeakSender<Envelope>)>, metrics: Metrics) {
+    let gauges: Vec<_> = queues
+        .iter()
+        .map(|(name, _)| {
+            metrics.gauge(
+                "citystream_queue_depth",
+                "Messages waiting in a task's input queue.",
+                &[("task", name.as_str())],
+            )
+        })
+        .collect();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        for ((_, weak), g) in queues.iter().zip(&gauges) {
+            if let Some(tx) = weak.upgrade() {
+                g.set((tx.max_capacity() - tx.capacity()) as f64);
+            }
+        }
+    }
+}
+
+/// Runs a synchronous, CPU-bound closure without stalling the async worker threads.
+pub(crate) fn cpu<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// CPU time consumed by the calling thread, nanoseconds.
+pub(crate) fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is always valid.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc == 0 { ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 } else { 0 }
+}

@@ -1,0 +1,124 @@
+//! Source tasks.
+
+use std::time::{Duration, Instant};
+
+use citystream_operators::{Message, Metrics};
+use citystream_schemas::EventKind;
+use citystream_schemas::raw::RawBatchBuilder;
+use tokio::sync::watch;
+
+use super::{Outputs, PipelineError, cpu};
+use crate::simulator::{SimMessage, SimReport, Simulation, SimulatorConfig, Speed};
+
+fn port(kind: EventKind) -> usize {
+    EventKind::ALL.iter().position(|k| *k == kind).expect("every kind has a port")
+}
+
+/// Runs the embedded simulator as a source: one raw stream per event kind, in arrival order,
+/// with watermarks trailing the simulated clock by `max_out_of_orderness`.
+pub(crate) async fn run_simulator(
+    name: &str,
+    cfg: SimulatorConfig,
+    outputs: Outputs,
+    mut stop: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> Result<(u64, SimReport), PipelineError> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let ground_truth = cfg.ground_truth.clone();
+    let batch_rows = cfg.batch_rows.max(1);
+    let speed = cfg.speed;
+    let lag = cfg.max_out_of_orderness.as_millis_i64();
+    let mut sim = Simulation::new(cfg, now_ms);
+    let names: Vec<String> = EventKind::ALL.iter().map(|k| format!("{name}.{k}")).collect();
+    let events = EventKind::ALL.map(|k| {
+        metrics.counter(
+            "citystream_source_events_total",
+            "Messages read by a source.",
+            &[("source", name), ("stream", k.as_str())],
+        )
+    });
+    let bytes = EventKind::ALL.map(|k| {
+        metrics.counter(
+            "citystream_source_bytes_total",
+            "Payload bytes read by a source.",
+            &[("source", name), ("stream", k.as_str())],
+        )
+    });
+    let sim_clock = metrics.gauge("citystream_simulator_time_ms", "The simulated clock.", &[("source", name)]);
+    let mut builders: Vec<RawBatchBuilder> =
+        EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * 200)).collect();
+    let mut offsets = [0i64; 3];
+    let mut total = 0u64;
+    let wall0 = Instant::now();
+    let sim0 = sim.start_ms();
+    let mut pending: Vec<SimMessage> = Vec::new();
+    let mut last_wm = i64::MIN;
+    loop {
+        if *stop.borrow() {
+            tracing::info!(source = name, "stop requested: draining");
+            break;
+        }
+        // generate until a batch is full (or, when paced, one step at a time)
+        let more = cpu(|| {
+            let mut more = true;
+            while more && builders.iter().all(|b| b.len() < batch_rows) {
+                pending.clear();
+                more = sim.step(&mut pending);
+                for m in pending.drain(..) {
+                    let p = port(m.kind);
+                    if !outputs.is_connected(p) {
+                        continue;
+                    }
+                    builders[p].append(&names[p], 0, offsets[p], m.arrival_ms, &m.payload);
+                    offsets[p] += 1;
+                    events[p].inc();
+                    bytes[p].inc_by(m.payload.len() as u64);
+                }
+                if matches!(speed, Speed::Factor(_)) {
+                    break;
+                }
+            }
+            more
+        });
+        for (p, b) in builders.iter_mut().enumerate() {
+            if (b.len() >= batch_rows || !more || matches!(speed, Speed::Factor(_))) && !b.is_empty() {
+                total += b.len() as u64;
+                outputs.send(p, Message::Batch(b.finish())).await?;
+            }
+        }
+        sim_clock.set(sim.now_ms() as f64);
+        let wm = sim.now_ms() - lag;
+        if wm > last_wm && more {
+            last_wm = wm;
+            outputs.broadcast(Message::Watermark(wm)).await?;
+        }
+        if !more {
+            break;
+        }
+        if let Speed::Factor(f) = speed {
+            let due = Duration::from_secs_f64(((sim.now_ms() - sim0) as f64 / 1000.0 / f).max(0.0));
+            let wait = due.saturating_sub(wall0.elapsed());
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+    for (p, b) in builders.iter_mut().enumerate() {
+        if !b.is_empty() {
+            total += b.len() as u64;
+            outputs.send(p, Message::Batch(b.finish())).await?;
+        }
+    }
+    outputs.broadcast(Message::End).await?;
+    if let Some(dir) = ground_truth {
+        let dir = std::path::PathBuf::from(dir.as_str());
+        sim.write_ground_truth(&dir).map_err(|e| PipelineError::Source {
+            source_name: name.to_owned(),
+            message: format!("cannot write the ground truth to {}: {e}", dir.display()),
+        })?;
+    }
+    Ok((total, sim.report()))
+}

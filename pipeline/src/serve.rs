@@ -1,0 +1,71 @@
+//! The Prometheus endpoint and the periodic status line.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use citystream_operators::Metrics;
+
+/// Serves `GET /metrics` (Prometheus text format) on `addr` until the task is dropped.
+pub async fn metrics_endpoint(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    axum::serve(listener, app).await
+}
+
+/// Totals the status line is computed from.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    events_in: f64,
+    rows_out: f64,
+    dead: f64,
+}
+
+fn totals(m: &Metrics) -> Totals {
+    Totals {
+        events_in: m.sum("citystream_source_events_total"),
+        rows_out: m.sum("citystream_sink_rows_total"),
+        dead: m.sum("citystream_dead_letters_total"),
+    }
+}
+
+/// One status line: rates since the previous line, totals, and queue depths.
+pub fn status_line(m: &Metrics, prev: &mut (Instant, f64, f64)) -> String {
+    let t = totals(m);
+    let now = Instant::now();
+    let dt = now.duration_since(prev.0).as_secs_f64().max(1e-9);
+    let rate_in = (t.events_in - prev.1) / dt;
+    let rate_out = (t.rows_out - prev.2) / dt;
+    *prev = (now, t.events_in, t.rows_out);
+    let mut s = format!(
+        "in {:.0} ev/s, out {:.0} rows/s | total in {} out {} dead letters {}",
+        rate_in, rate_out, t.events_in as u64, t.rows_out as u64, t.dead as u64
+    );
+    let queues = m.series("citystream_queue_depth");
+    if !queues.is_empty() {
+        s.push_str(" | queues");
+        for (labels, v) in queues {
+            let task = labels.trim_start_matches("task=\"").trim_end_matches('"');
+            let _ = write!(s, " {task}={v:.0}");
+        }
+    }
+    s
+}
+
+/// Prints a status line every `every` until the task is dropped.
+pub async fn status_loop(metrics: Metrics, every: Duration) {
+    let mut prev = (Instant::now(), 0.0, 0.0);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        eprintln!("[citystream] {}", status_line(&metrics, &mut prev));
+    }
+}

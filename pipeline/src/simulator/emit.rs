@@ -1,0 +1,436 @@
+//! Turning the city's state into device messages: loop detectors, cameras and stations, each
+//! with its own reporting schedule, measurement noise and wire format.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use citystream_schemas::EventKind;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::city::{City, EFFECTIVE_LENGTH_M, STEP_S};
+use super::{SimulatorConfig, rfc3339};
+
+/// (kind, key, payload, event time ms) of a freshly generated reading.
+pub(super) type Generated = (EventKind, String, Vec<u8>, i64);
+
+struct Camera {
+    id: String,
+    segment: usize,
+    zone_id: String,
+    phase_s: i64,
+    pedestrians: bool,
+    next_track: u64,
+}
+
+struct Station {
+    id: String,
+    segment: usize,
+    phase_s: i64,
+}
+
+/// Where the devices are, and their counters.
+pub(super) struct Sites {
+    cameras: Vec<Camera>,
+    stations: Vec<Station>,
+    /// Registered vehicles whose plates cameras read (the same vehicle passes several cameras).
+    plates: Vec<String>,
+    seq: [u64; 3],
+}
+
+impl Sites {
+    pub(super) fn new(cfg: &SimulatorConfig, city: &City, rng: &mut ChaCha8Rng) -> Self {
+        let n = city.segments.len();
+        let cameras = (0..cfg.city.cameras)
+            .map(|j| {
+                let segment = j * n / cfg.city.cameras.max(1);
+                Camera {
+                    id: format!("cam-{j:03}"),
+                    segment,
+                    zone_id: city.segments[segment].zone_id.clone(),
+                    phase_s: rng.random_range(0..60),
+                    pedestrians: j % 2 == 0,
+                    next_track: 0,
+                }
+            })
+            .collect();
+        let stations = (0..cfg.city.stations)
+            .map(|j| Station {
+                id: format!("env-{j:02}"),
+                segment: j * n / cfg.city.stations.max(1),
+                phase_s: rng.random_range(0..60),
+            })
+            .collect();
+        let letters = b"ABCDEFGHJKLMNPRSTUVWXYZ";
+        let plates = (0..5000)
+            .map(|_| {
+                let l = |rng: &mut ChaCha8Rng| letters[rng.random_range(0..letters.len())] as char;
+                format!("{}{}-{}{}-{:04}", l(rng), l(rng), l(rng), l(rng), rng.random_range(1..10_000))
+            })
+            .collect();
+        Sites { cameras, stations, plates, seq: [0; 3] }
+    }
+
+    fn event_id(&mut self, kind: EventKind) -> String {
+        let (i, prefix) = match kind {
+            EventKind::Traffic => (0, "tr"),
+            EventKind::Camera => (1, "cm"),
+            EventKind::Environment => (2, "ev"),
+        };
+        self.seq[i] += 1;
+        format!("{prefix}-{:08x}", self.seq[i])
+    }
+
+    pub(super) fn write_csv(&self, dir: &Path) -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("cameras.csv"))?);
+        writeln!(f, "camera_id,segment_index,zone_id")?;
+        for c in &self.cameras {
+            writeln!(f, "{},{},{}", c.id, c.segment, c.zone_id)?;
+        }
+        f.flush()?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("stations.csv"))?);
+        writeln!(f, "station_id,segment_index")?;
+        for s in &self.stations {
+            writeln!(f, "{},{}", s.id, s.segment)?;
+        }
+        f.flush()
+    }
+}
+
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A Poisson draw with mean `lambda` (Knuth below 30, a rounded normal above).
+fn poisson(rng: &mut ChaCha8Rng, lambda: f64) -> u32 {
+    if lambda <= 0.0 {
+        return 0;
+    }
+    if lambda > 30.0 {
+        return (lambda + lambda.sqrt() * normal(rng)).round().max(0.0) as u32;
+    }
+    let l = (-lambda).exp();
+    let (mut k, mut p) = (0u32, 1.0);
+    loop {
+        p *= rng.random::<f64>();
+        if p <= l {
+            return k;
+        }
+        k += 1;
+    }
+}
+
+/// Seconds `s` in `[t, t + STEP_S)` at which a device with `phase` and `period` reports.
+fn report_times(t_ms: i64, phase_s: i64, period_s: i64) -> impl Iterator<Item = i64> {
+    let t0 = t_ms / 1000;
+    (t0..t0 + STEP_S).filter(move |s| (s - phase_s).rem_euclid(period_s) == 0).map(|s| s * 1000)
+}
+
+/// Generates every reading whose event time falls in the step starting at `t_ms`.
+pub(super) fn generate(
+    cfg: &SimulatorConfig,
+    city: &City,
+    sites: &mut Sites,
+    rng: &mut ChaCha8Rng,
+    t_ms: i64,
+    out: &mut Vec<Generated>,
+) {
+    traffic(cfg, city, sites, rng, t_ms, out);
+    cameras(cfg, city, sites, rng, t_ms, out);
+    stations(city, sites, rng, t_ms, out);
+}
+
+fn traffic(
+    cfg: &SimulatorConfig,
+    city: &City,
+    sites: &mut Sites,
+    rng: &mut ChaCha8Rng,
+    t_ms: i64,
+    out: &mut Vec<Generated>,
+) {
+    let interval_s = (cfg.traffic_interval.as_millis() / 1000).max(1) as i64;
+    for (i, seg) in city.segments.iter().enumerate() {
+        let lanes = seg.lanes as usize;
+        for lane in 1..=lanes {
+            let phase = ((i * 7 + lane * 13) as i64) % interval_s;
+            for ts in report_times(t_ms, phase, interval_s) {
+                // the nearside lane carries more trucks and slower traffic
+                let share = 1.0 + 0.15 * ((lanes as f64 + 1.0) / 2.0 - lane as f64) / lanes as f64;
+                let q = city.outflow[i] * share;
+                let flow = poisson(rng, q * interval_s as f64 / 3600.0);
+                let k = city.density[i] * share;
+                let occupancy = (k * EFFECTIVE_LENGTH_M / 1000.0 * (1.0 + 0.05 * normal(rng))).clamp(0.0, 1.0);
+                let speed = (flow > 0).then(|| {
+                    // the median lane runs at the segment's speed, nearside slower, offside faster
+                    let v = city.speed(i, ts) * (1.0 + 0.04 * normal(rng))
+                        + 2.0 * (lane as f64 - (lanes as f64 + 1.0) / 2.0);
+                    v.clamp(1.0, 250.0)
+                });
+                let sensor_id = format!("det-{}-{lane}", seg.segment_id);
+                let event_id = sites.event_id(EventKind::Traffic);
+                let mut p = Vec::with_capacity(240);
+                let _ = write!(
+                    p,
+                    r#"{{"event_id":"{event_id}","ts":"{}","schema_version":1,"sensor_id":"{sensor_id}","segment_id":"{}","lane":{lane},"interval_s":{interval_s},"flow":{flow},"occupancy":{occupancy:.4},"speed_kmh":"#,
+                    rfc3339(ts),
+                    seg.segment_id
+                );
+                match speed {
+                    Some(v) => {
+                        let _ = write!(p, "{v:.1}}}");
+                    }
+                    None => p.extend_from_slice(b"null}"),
+                }
+                out.push((EventKind::Traffic, sensor_id, p, ts));
+            }
+        }
+    }
+}
+
+/// A synthetic JPEG-like thumbnail: a fixed header, then rows of a small palette with noise,
+/// so it compresses like real image payloads do (somewhat, and better with a dictionary).
+fn thumbnail(rng: &mut ChaCha8Rng, class: &str) -> Vec<u8> {
+    let mut img = Vec::with_capacity(1600);
+    img.extend_from_slice(b"\xFF\xD8\xFF\xE0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00");
+    img.extend_from_slice(b"\xFF\xDB\x00\x43\x00");
+    img.extend((0..64u8).map(|i| 2 + i / 4));
+    img.extend_from_slice(class.as_bytes());
+    let rows = rng.random_range(12..24);
+    let base: u8 = rng.random();
+    for _ in 0..rows {
+        let run = rng.random_range(24..64);
+        for x in 0..run {
+            let noise: u8 = if rng.random::<f64>() < 0.3 { rng.random() } else { 0 };
+            img.push(base.wrapping_add((x / 8) as u8).wrapping_add(noise));
+        }
+    }
+    img.extend_from_slice(b"\xFF\xD9");
+    img
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn camera_event(
+    p: &mut Vec<u8>,
+    event_id: &str,
+    ts: i64,
+    cam: &Camera,
+    kind: &str,
+    class: &str,
+    count: u32,
+    track: Option<&str>,
+    plate: Option<&str>,
+    confidence: f64,
+    thumb: Option<&str>,
+) {
+    let opt = |v: Option<&str>| v.map_or("null".to_owned(), |s| format!("\"{s}\""));
+    let _ = write!(
+        p,
+        r#"{{"event_id":"{event_id}","ts":{ts},"schema_version":1,"camera_id":"{}","zone_id":"{}","kind":"{kind}","object_class":"{class}","count":{count},"track_id":{},"plate":{},"confidence":{confidence:.3},"thumbnail":{}}}"#,
+        cam.id,
+        cam.zone_id,
+        opt(track),
+        opt(plate),
+        opt(thumb)
+    );
+}
+
+fn cameras(
+    cfg: &SimulatorConfig,
+    city: &City,
+    sites: &mut Sites,
+    rng: &mut ChaCha8Rng,
+    t_ms: i64,
+    out: &mut Vec<Generated>,
+) {
+    const CLASSES: [(&str, f64); 4] = [("car", 0.82), ("truck", 0.08), ("bus", 0.03), ("bicycle", 0.07)];
+    let hour = t_ms.rem_euclid(86_400_000) as f64 / 3_600_000.0;
+    for c in 0..sites.cameras.len() {
+        let (seg, phase, pedestrians) = {
+            let cam = &sites.cameras[c];
+            (cam.segment, cam.phase_s, cam.pedestrians)
+        };
+        let lanes = city.segments[seg].lanes as f64;
+        let veh_per_s = city.outflow[seg] * lanes / 3600.0;
+        // counts per class every minute
+        for ts in report_times(t_ms, phase, 60) {
+            let mut classes: Vec<(&str, f64)> = CLASSES.iter().map(|(k, s)| (*k, veh_per_s * 60.0 * s)).collect();
+            if pedestrians {
+                classes.push(("pedestrian", 6.0 * super::city::daily_profile(hour, false)));
+            }
+            for (class, mean) in classes {
+                let count = poisson(rng, mean);
+                if count == 0 {
+                    continue;
+                }
+                let thumb = (rng.random::<f64>() < cfg.thumbnail_rate).then(|| base64(&thumbnail(rng, class)));
+                let id = sites.event_id(EventKind::Camera);
+                let conf = 0.6 + 0.39 * rng.random::<f64>();
+                let mut p = Vec::with_capacity(300);
+                camera_event(
+                    &mut p,
+                    &id,
+                    ts,
+                    &sites.cameras[c],
+                    "detection",
+                    class,
+                    count,
+                    None,
+                    None,
+                    conf,
+                    thumb.as_deref(),
+                );
+                out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+            }
+        }
+        // line crossings every five minutes
+        for ts in report_times(t_ms, phase, 300) {
+            let count = poisson(rng, veh_per_s * 300.0);
+            let id = sites.event_id(EventKind::Camera);
+            let mut p = Vec::with_capacity(300);
+            camera_event(&mut p, &id, ts, &sites.cameras[c], "line_crossing", "car", count, None, None, 0.95, None);
+            out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+        }
+        // plate reads of passing vehicles
+        let reads = poisson(rng, veh_per_s * STEP_S as f64 * cfg.plate_read_rate);
+        for _ in 0..reads {
+            let ts = t_ms + rng.random_range(0..STEP_S * 1000);
+            let plate = sites.plates[rng.random_range(0..sites.plates.len())].clone();
+            let class = if rng.random::<f64>() < 0.9 { "car" } else { "truck" };
+            let cam = &mut sites.cameras[c];
+            cam.next_track += 1;
+            let track = format!("trk-{}-{}", cam.id, cam.next_track);
+            let id = sites.event_id(EventKind::Camera);
+            let conf = 0.7 + 0.29 * rng.random::<f64>();
+            let mut p = Vec::with_capacity(300);
+            camera_event(
+                &mut p,
+                &id,
+                ts,
+                &sites.cameras[c],
+                "plate_read",
+                class,
+                1,
+                Some(&track),
+                Some(&plate),
+                conf,
+                None,
+            );
+            out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+        }
+        // stalled vehicles: seen during incidents on the camera's segment, rarely a false one
+        let incident = city.incident_at(seg, t_ms).is_some();
+        let stalled = if incident {
+            rng.random::<f64>() < STEP_S as f64 / 30.0
+        } else {
+            rng.random::<f64>() < STEP_S as f64 / 86_400.0
+        };
+        if stalled {
+            let ts = t_ms + rng.random_range(0..STEP_S * 1000);
+            let id = sites.event_id(EventKind::Camera);
+            let conf = if incident { 0.75 + 0.2 * rng.random::<f64>() } else { 0.5 + 0.2 * rng.random::<f64>() };
+            let thumb = base64(&thumbnail(rng, "stalled"));
+            let mut p = Vec::with_capacity(1600);
+            camera_event(
+                &mut p,
+                &id,
+                ts,
+                &sites.cameras[c],
+                "stalled_vehicle",
+                "car",
+                1,
+                None,
+                None,
+                conf,
+                Some(&thumb),
+            );
+            out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+        }
+    }
+}
+
+fn stations(city: &City, sites: &mut Sites, rng: &mut ChaCha8Rng, t_ms: i64, out: &mut Vec<Generated>) {
+    let hour = t_ms.rem_euclid(86_400_000) as f64 / 3_600_000.0;
+    let rain = city.weather.rain_mm_h;
+    let daylight = (std::f64::consts::PI * (hour - 6.0) / 14.0).sin().max(0.0);
+    for s in 0..sites.stations.len() {
+        let (seg, phase) = (sites.stations[s].segment, sites.stations[s].phase_s);
+        for ts in report_times(t_ms, phase, 60) {
+            let traffic = (city.outflow[seg] / city.segments[seg].capacity_vphpl).clamp(0.0, 1.2);
+            let congestion = (city.density[seg] / 60.0).min(1.5);
+            let washout = if rain > 0.0 { 0.6 } else { 1.0 };
+            let pm25 = ((8.0 + 14.0 * traffic + 10.0 * congestion) * washout + 1.5 * normal(rng)).max(0.5);
+            let pm10 = (pm25 * 1.6 + 2.0 * normal(rng)).max(pm25);
+            let no2 = (12.0 + 38.0 * traffic + 25.0 * congestion + 3.0 * normal(rng)).max(0.5);
+            let o3 = (25.0 + 55.0 * daylight - 0.3 * no2 + 4.0 * normal(rng)).max(0.5);
+            let vph = city.outflow[seg] * city.segments[seg].lanes as f64;
+            let noise = (38.0 + 10.0 * (1.0 + vph).log10() + 1.5 * normal(rng)).clamp(20.0, 120.0);
+            let temp = 7.0 + 6.0 * (std::f64::consts::TAU * (hour - 9.0) / 24.0).sin()
+                - if rain > 0.0 { 2.0 } else { 0.0 }
+                + 0.3 * normal(rng);
+            let humidity = (68.0 - 15.0 * daylight + 4.0 * rain + 2.0 * normal(rng)).clamp(5.0, 100.0);
+            let values = [pm25, pm10, no2, o3, noise, temp, humidity, rain];
+            let names = ["pm25", "pm10", "no2", "o3", "noise_db", "temp_c", "humidity", "rain_mm_h"];
+            let id = sites.event_id(EventKind::Environment);
+            let station = sites.stations[s].id.clone();
+            let mut p = Vec::with_capacity(260);
+            let _ = write!(p, r#"{{"event_id":"{id}","ts":{ts},"schema_version":1,"station_id":"{station}""#);
+            // each sensor of a station drops out now and then; the thermometer never does
+            for (k, (name, v)) in names.iter().zip(values).enumerate() {
+                if k != 5 && rng.random::<f64>() < 0.01 {
+                    let _ = write!(p, r#","{name}":null"#);
+                } else {
+                    let _ = write!(p, r#","{name}":{v:.2}"#);
+                }
+            }
+            p.push(b'}');
+            out.push((EventKind::Environment, station, p, ts));
+        }
+    }
+}
+
+/// The raw plate in a camera payload, if it carries one (for the privacy ground truth).
+pub(super) fn plate_in(payload: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let start = text.find(r#""plate":""#)? + 9;
+    let end = text[start..].find('"')? + start;
+    Some(text[start..end].to_owned())
+}
+
+/// The same reading with a new event id, as a redundant gateway re-sends it.
+pub(super) fn with_new_event_id(payload: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(payload);
+    text.replacen(r#"{"event_id":""#, r#"{"event_id":"gw2-"#, 1).into_bytes()
+}
+
+/// A corrupted copy of a valid payload that the decoder must reject, one of six kinds of damage.
+pub(super) fn corrupt(payload: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let text = String::from_utf8_lossy(payload).into_owned();
+    // index of the `"ts"` key right after the event id
+    let id_end = text.find(r#"","ts":"#).map(|i| i + 2);
+    match rng.random_range(0..6) {
+        0 => payload[..rng.random_range(1..payload.len() - 1)].to_vec(),
+        1 => text.replacen(r#""schema_version":1"#, r#""schema_version":2"#, 1).into_bytes(),
+        2 => match id_end {
+            Some(end) => format!("{{{}", &text[end..]).into_bytes(),
+            None => b"{}".to_vec(),
+        },
+        3 => text
+            .replacen(r#"{"event_id":"#, r#"{"event_id":["#, 1)
+            .replacen(r#"","ts":"#, r#""],"ts":"#, 1)
+            .into_bytes(),
+        4 => {
+            let start = text.find(r#""ts":"#).expect("every payload has ts") + 5;
+            let end = text.find(r#","schema_version""#).expect("every payload has schema_version");
+            format!("{}\"yesterday\"{}", &text[..start], &text[end..]).into_bytes()
+        }
+        _ => (0..rng.random_range(8..64)).map(|_| rng.random::<u8>()).collect(),
+    }
+}

@@ -1,0 +1,3 @@
+//! Sinks: where tables leave the pipeline.
+
+pub mod parquet;

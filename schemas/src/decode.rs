@@ -1,0 +1,270 @@
+//! Batch-wise decoding of raw JSON messages into typed Arrow batches and dead letters.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, AsArray, BinaryArray, Int32Array, Int32Builder, Int64Array, Int64Builder, RecordBatch, StringArray,
+    StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
+};
+use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
+use serde::Deserialize;
+
+use crate::dead_letter::{DeadLetterBuilder, Position};
+use crate::kind::{EventKind, SCHEMA_VERSION};
+use crate::reason::{Reason, ReasonCode};
+use crate::wire::{self, Contract};
+
+/// Tunables of decoding and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOptions {
+    /// Reject events whose `ts` is more than this many milliseconds *after* processing time
+    /// (`None`: no bound). Default: 5 minutes, for clock skew between devices.
+    pub max_future_ms: Option<i64>,
+    /// Reject events whose `ts` is more than this many milliseconds *before* processing time
+    /// (`None`: no bound). Default: 7 days, for gateways that buffer while offline.
+    pub max_past_ms: Option<i64>,
+    /// Keep at most this many bytes of a rejected payload in `dead_letters.payload`.
+    /// The original length is always kept in `payload_bytes`. Default: 4096.
+    pub dead_letter_payload_max_bytes: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            max_future_ms: Some(5 * 60 * 1000),
+            max_past_ms: Some(7 * 24 * 3600 * 1000),
+            dead_letter_payload_max_bytes: 4096,
+        }
+    }
+}
+
+/// A raw batch that does not have the raw schema: a bug in a source, never bad data.
+#[derive(Debug, thiserror::Error)]
+#[error("raw batch column `{column}` is missing or not of type {expected}")]
+pub struct SchemaError {
+    /// The offending column.
+    pub column: &'static str,
+    /// The Arrow type it must have.
+    pub expected: &'static str,
+}
+
+/// What one raw batch decoded to.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The accepted events, in input order, with the kind's schema.
+    pub valid: RecordBatch,
+    /// The rejected events, in input order, with the dead-letter schema.
+    pub dead_letters: RecordBatch,
+}
+
+/// Decodes raw batches of one [`EventKind`].
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    kind: EventKind,
+    options: DecodeOptions,
+}
+
+struct RawColumns<'a> {
+    source: &'a StringArray,
+    partition: &'a Int32Array,
+    offset: &'a Int64Array,
+    received_at: &'a TimestampMillisecondArray,
+    payload: &'a BinaryArray,
+}
+
+fn column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+    expected: &'static str,
+    cast: impl Fn(&'a ArrayRef) -> Option<&'a T>,
+) -> Result<&'a T, SchemaError> {
+    batch.column_by_name(name).and_then(cast).ok_or(SchemaError { column: name, expected })
+}
+
+impl<'a> RawColumns<'a> {
+    fn try_new(b: &'a RecordBatch) -> Result<Self, SchemaError> {
+        use crate::raw::*;
+        Ok(Self {
+            source: column(b, SOURCE, "Utf8", |a| a.as_string_opt::<i32>())?,
+            partition: column(b, PARTITION, "Int32", |a| a.as_primitive_opt::<Int32Type>())?,
+            offset: column(b, OFFSET, "Int64", |a| a.as_primitive_opt::<Int64Type>())?,
+            received_at: column(b, RECEIVED_AT, "Timestamp(ms)", |a| a.as_primitive_opt::<TimestampMillisecondType>())?,
+            payload: column(b, PAYLOAD, "Binary", |a| a.as_binary_opt::<i32>())?,
+        })
+    }
+}
+
+/// Columns common to every kind.
+struct CommonBuilders {
+    event_id: StringBuilder,
+    ts: TimestampMillisecondBuilder,
+    version: Int32Builder,
+    partition: Int32Builder,
+    offset: Int64Builder,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    schema_version: Option<i64>,
+}
+
+fn json_reason(kind: EventKind, e: &serde_json::Error, payload: &[u8]) -> Reason {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            Reason::new(ReasonCode::BadJson, format!("malformed JSON: {e}"))
+        }
+        Category::Data => {
+            // A newer producer may send a version whose fields differ: name the version, which
+            // is the real cause, rather than the first field that no longer matches.
+            if let Ok(VersionOnly { schema_version: Some(v) }) = serde_json::from_slice::<VersionOnly>(payload)
+                && v != SCHEMA_VERSION
+            {
+                return unknown_version(v);
+            }
+            let msg = e.to_string();
+            let msg =
+                msg.replace(&format!("struct {}Wire", capitalized(kind)), &format!("a JSON object (a {kind} event)"));
+            let code = if msg.starts_with("missing field") { ReasonCode::MissingField } else { ReasonCode::WrongType };
+            Reason::new(code, msg)
+        }
+    }
+}
+
+/// Parses one payload. Only a JSON object is an event: serde would otherwise also accept an
+/// array, filling the fields by position.
+fn parse<C: Contract>(kind: EventKind, payload: &[u8]) -> Result<C::Wire<'_>, Reason> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+            Ok(_) => Reason::new(
+                ReasonCode::WrongType,
+                format!("payload is valid JSON but not an object (a {kind} event is a JSON object)"),
+            ),
+            Err(e) => Reason::new(ReasonCode::BadJson, format!("malformed JSON: {e}")),
+        });
+    }
+    serde_json::from_slice::<C::Wire<'_>>(payload).map_err(|e| json_reason(kind, &e, payload))
+}
+
+fn capitalized(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Traffic => "Traffic",
+        EventKind::Camera => "Camera",
+        EventKind::Environment => "Environment",
+    }
+}
+
+fn unknown_version(v: i64) -> Reason {
+    Reason::new(
+        ReasonCode::UnknownSchemaVersion,
+        format!("schema_version {v} is not supported (supported: {SCHEMA_VERSION})"),
+    )
+}
+
+impl Decoder {
+    /// A decoder for `kind` with `options`.
+    pub fn new(kind: EventKind, options: DecodeOptions) -> Self {
+        Self { kind, options }
+    }
+
+    /// The kind this decoder accepts.
+    pub fn kind(&self) -> EventKind {
+        self.kind
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &DecodeOptions {
+        &self.options
+    }
+
+    /// Replaces the options (live tuning).
+    pub fn set_options(&mut self, options: DecodeOptions) {
+        self.options = options;
+    }
+
+    /// Decodes one raw batch (see [`crate::raw`]). Every input row ends up in exactly one of
+    /// the two outputs.
+    pub fn decode(&self, raw: &RecordBatch) -> Result<Decoded, SchemaError> {
+        match self.kind {
+            EventKind::Traffic => self.decode_with::<wire::Traffic>(raw),
+            EventKind::Camera => self.decode_with::<wire::Camera>(raw),
+            EventKind::Environment => self.decode_with::<wire::Environment>(raw),
+        }
+    }
+
+    fn check_common(&self, c: &wire::Common<'_>, received_at: i64) -> Result<i64, Reason> {
+        wire::check_id("event_id", c.event_id)?;
+        if c.schema_version != SCHEMA_VERSION {
+            return Err(unknown_version(c.schema_version));
+        }
+        let ts = c.ts.to_millis()?;
+        let skew = ts.saturating_sub(received_at);
+        if let Some(max) = self.options.max_future_ms
+            && skew > max
+        {
+            return Err(Reason::new(
+                ReasonCode::TimestampOutOfBounds,
+                format!("ts is {} s after processing time (bound {} s)", skew / 1000, max / 1000),
+            ));
+        }
+        if let Some(max) = self.options.max_past_ms
+            && -skew > max
+        {
+            return Err(Reason::new(
+                ReasonCode::TimestampOutOfBounds,
+                format!("ts is {} s before processing time (bound {} s)", -skew / 1000, max / 1000),
+            ));
+        }
+        Ok(ts)
+    }
+
+    fn decode_with<C: Contract>(&self, raw: &RecordBatch) -> Result<Decoded, SchemaError> {
+        let cols = RawColumns::try_new(raw)?;
+        let n = raw.num_rows();
+        let mut contract = C::default();
+        let mut common = CommonBuilders {
+            event_id: StringBuilder::with_capacity(n, n * 24),
+            ts: TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC"),
+            version: Int32Builder::with_capacity(n),
+            partition: Int32Builder::with_capacity(n),
+            offset: Int64Builder::with_capacity(n),
+        };
+        let mut dead = DeadLetterBuilder::new(self.options.dead_letter_payload_max_bytes);
+        for i in 0..n {
+            let payload = cols.payload.value(i);
+            let received_at = cols.received_at.value(i);
+            let outcome = match parse::<C>(self.kind, payload) {
+                Err(reason) => Err(reason),
+                Ok(w) => {
+                    let c = C::common(&w);
+                    self.check_common(&c, received_at).and_then(|ts| contract.accept(&w).map(|()| ts)).map(|ts| {
+                        common.event_id.append_value(c.event_id);
+                        common.ts.append_value(ts);
+                        common.version.append_value(SCHEMA_VERSION as i32);
+                        common.partition.append_value(cols.partition.value(i));
+                        common.offset.append_value(cols.offset.value(i));
+                    })
+                }
+            };
+            if let Err(reason) = outcome {
+                let pos = Position {
+                    source: cols.source.value(i),
+                    partition: cols.partition.value(i),
+                    offset: cols.offset.value(i),
+                    received_at_ms: received_at,
+                };
+                dead.append(pos, self.kind.as_str(), &reason, payload);
+            }
+        }
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(common.event_id.finish()), Arc::new(common.ts.finish()), Arc::new(common.version.finish())];
+        columns.extend(contract.finish());
+        columns.push(Arc::new(common.partition.finish()));
+        columns.push(Arc::new(common.offset.finish()));
+        let valid = RecordBatch::try_new(self.kind.schema(), columns)
+            .expect("decoded columns match the kind's schema by construction");
+        debug_assert_eq!(valid.num_rows() + dead.len(), n);
+        Ok(Decoded { valid, dead_letters: dead.finish() })
+    }
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what the tests need, then runs them.
+#   1. Python tools (pyarrow, DuckDB) into .venv
+#   2. builds everything (one dev profile for tests, binaries and the demo)
+#   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB
+#   4. runs every Rust test (unit, property, integration, config, doc)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+echo "== python tools"
+scripts/setup-python.sh
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+echo "== main job on the embedded default, read back with pyarrow and DuckDB"
+data="$(mktemp -d)"
+trap 'rm -rf "$data"' EXIT
+CITYSTREAM_DATA="$data" CITYSTREAM_METRICS_ADDR=127.0.0.1:0 \
+  timeout 600 "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml
+.venv/bin/python tests/python/check_lake.py "$data"
+
+echo "== rust tests"
+# a hung test fails the run instead of stalling CI
+log="$data/cargo-test.log"
+status=0
+timeout 2400 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+# one closing line for the whole suite
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+     END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
