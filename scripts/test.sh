@@ -3,15 +3,20 @@
 #   1. Python tools (pyarrow, DuckDB) into .venv
 #   2. builds everything (one dev profile for tests, binaries and the demo)
 #   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB
-#   4. runs every Rust test (unit, property, integration, config, doc)
+#   4. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
+#      127.0.0.1:19092 and runs every Rust test (unit, property, integration, config, Kafka)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-echo "== python tools"
+echo "== tools"
 scripts/setup-python.sh
+# the Kafka broker runs on Java 17+ and is fetched with Maven (both come with the usual image)
+if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven
+fi
 
 echo "== build"
 cargo build --workspace --all-targets --locked
@@ -22,6 +27,13 @@ trap 'rm -rf "$data"' EXIT
 CITYSTREAM_DATA="$data" CITYSTREAM_METRICS_ADDR=127.0.0.1:0 \
   timeout 600 "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml
 .venv/bin/python tests/python/check_lake.py "$data"
+
+echo "== kafka broker"
+export KAFKA_PORT="${KAFKA_PORT:-19092}" KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
+export KAFKA_RUN_DIR="$data/kafka"
+export CITYSTREAM_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+trap 'deploy/kafka/stop.sh --dir "$KAFKA_RUN_DIR" >/dev/null 2>&1 || true; rm -rf "$data"' EXIT
+deploy/kafka/start.sh --fresh
 
 echo "== rust tests"
 # a hung test fails the run instead of stalling CI

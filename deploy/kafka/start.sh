@@ -138,9 +138,11 @@ delete.topic.enable=true
 num.partitions=3
 group.initial.rebalance.delay.ms=0
 
-# Small segments and bounded retention (per partition) so test data does not pile up.
+# Small segments and retention bounded by size only (per partition), so test data does not pile up.
+# No time-based retention: simulated events carry their (possibly months-old) event time as the
+# message timestamp, and time retention would delete them while they are being consumed.
 log.segment.bytes=16777216
-log.retention.ms=3600000
+log.retention.ms=-1
 log.retention.bytes=268435456
 log.retention.check.interval.ms=60000
 

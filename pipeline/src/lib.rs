@@ -6,6 +6,7 @@
 //! - [`runtime`]: runs a plan as tokio tasks joined by bounded channels ([`runtime::run`]);
 //! - [`simulator`]: the embedded, seeded city simulator (a source and `citystream simulate`);
 //! - [`sink`]: the zstd Parquet sink;
+//! - [`kafka`] (feature `kafka`): the Kafka source and sink;
 //! - [`sql`] (feature `sql`): DataFusion SQL over the Parquet tables;
 //! - [`serve`]: the Prometheus endpoint and the status line.
 //!
@@ -14,6 +15,8 @@
 #![deny(missing_docs)]
 
 pub mod config;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod runtime;
 pub mod serve;
 pub mod simulator;

@@ -44,6 +44,15 @@ enum Command {
         /// Output folder: `traffic.jsonl`, `camera.jsonl`, `environment.jsonl` and the ground truth.
         #[arg(long, default_value = "data/sim")]
         out: PathBuf,
+        /// Produce into Kafka at these brokers instead (topics `city.traffic`, `city.camera`,
+        /// `city.environment`, keyed by device id); the ground truth still goes to `--out`.
+        #[cfg(feature = "kafka")]
+        #[arg(long)]
+        kafka: Option<String>,
+        /// With `--kafka`: messages per second (default: as fast as possible).
+        #[cfg(feature = "kafka")]
+        #[arg(long)]
+        rate: Option<std::num::NonZeroU32>,
     },
     /// Run SQL over the Parquet tables under a data folder.
     #[cfg(feature = "sql")]
@@ -106,6 +115,32 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             println!("ok: {} is valid", file.display());
             Ok(())
         }
+        #[cfg(feature = "kafka")]
+        Command::Simulate { config, seed, duration, out, kafka: Some(brokers), rate } => {
+            let cfg = simulator_config(config.as_deref(), seed, duration)?;
+            let t0 = std::time::Instant::now();
+            let (report, produced) = citystream_pipeline::kafka::produce::simulate_into(
+                &brokers,
+                cfg.clone(),
+                &citystream_pipeline::kafka::KafkaTopics::default(),
+                rate,
+            )
+            .await?;
+            let secs = t0.elapsed().as_secs_f64();
+            // the same seed regenerates the ground truth deterministically
+            let mut sim = Simulation::new(cfg, chrono::Utc::now().timestamp_millis());
+            let mut sink = Vec::new();
+            while sim.step(&mut sink) {
+                sink.clear();
+            }
+            sim.write_ground_truth(&out)?;
+            eprintln!("produced {produced} messages to {brokers} in {secs:.1} s ({:.0}/s)", produced as f64 / secs);
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        #[cfg(feature = "kafka")]
+        Command::Simulate { config, seed, duration, out, .. } => simulate(config.as_deref(), seed, duration, &out),
+        #[cfg(not(feature = "kafka"))]
         Command::Simulate { config, seed, duration, out } => simulate(config.as_deref(), seed, duration, &out),
         #[cfg(feature = "sql")]
         Command::Sql { data, format, out, query } => {
@@ -228,19 +263,21 @@ fn print_summary(report: &RunReport, metrics: &Metrics) {
     }
 }
 
-fn simulate(
+fn simulator_config(
     config: Option<&Path>,
     seed: Option<u64>,
     duration: Option<citystream_operators::Duration>,
-    out: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SimulatorConfig> {
     let mut cfg = match config {
         Some(path) => {
             let raw = config::load_file(path)?;
             raw.sources
                 .into_values()
-                .map(|SourceConfig::Simulator(s)| *s)
-                .next()
+                .find_map(|s| match s {
+                    SourceConfig::Simulator(s) => Some(*s),
+                    #[allow(unreachable_patterns)]
+                    _ => None,
+                })
                 .with_context(|| format!("{} has no simulator source", path.display()))?
         }
         None => SimulatorConfig::default(),
@@ -251,6 +288,16 @@ fn simulate(
     if let Some(d) = duration {
         cfg.duration = d;
     }
+    Ok(cfg)
+}
+
+fn simulate(
+    config: Option<&Path>,
+    seed: Option<u64>,
+    duration: Option<citystream_operators::Duration>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let cfg = simulator_config(config, seed, duration)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut files = citystream_schemas::EventKind::ALL.map(|k| {
         let p = out.join(format!("{k}.jsonl"));

@@ -2,6 +2,8 @@
 //! duplicates, late and malformed events) → decode → zstd Parquet, checked with DataFusion SQL
 //! against what the simulator says it emitted.
 
+mod common;
+
 use std::time::Duration;
 
 use arrow::array::{AsArray, RecordBatch};
@@ -151,21 +153,6 @@ async fn stop_drains_and_flushes_everything_read() {
         }
     }
     assert_eq!(stored as u64, read, "every message read before the stop is on disk");
-    let leftovers = walk(&lake).into_iter().filter(|p| p.ends_with(".tmp")).count();
+    let leftovers = common::walk(&lake).into_iter().filter(|p| p.ends_with(".tmp")).count();
     assert_eq!(leftovers, 0, "no temporary files are left behind");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
 }

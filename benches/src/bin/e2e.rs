@@ -4,6 +4,12 @@
 //! pipeline's share can be read as a difference.
 //!
 //! Run: `cargo run --release -p citystream-benches --bin e2e -- --days 1 --repeat 3`
+//!
+//! Kafka mode (feature `kafka`, a broker from `deploy/kafka/start.sh`): produces the simulated
+//! days into fresh topics once, then per run consumes them with the pipeline
+//! (Kafka → decode → Parquet) and, beside it, the ceiling: the same consumer settings only
+//! decoding, no sink.
+//! `cargo run --release -p citystream-benches --features kafka --bin e2e -- --kafka 127.0.0.1:9092`
 
 use std::time::Instant;
 
@@ -28,6 +34,10 @@ struct Args {
     /// Pipeline config to run (its `sinks.*.path` is replaced by a temporary folder).
     #[arg(long, default_value = "deploy/local.yaml")]
     config: std::path::PathBuf,
+    /// Kafka mode: brokers to produce to and consume from.
+    #[cfg(feature = "kafka")]
+    #[arg(long)]
+    kafka: Option<String>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,6 +48,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    #[cfg(feature = "kafka")]
+    if let Some(brokers) = &args.kafka {
+        return kafka::run(&rt, brokers, args.days, args.repeat);
+    }
     let mut rates = Vec::new();
     let mut cpu_per_m = Vec::new();
     let mut events = 0u64;
@@ -94,4 +108,137 @@ fn main() -> anyhow::Result<()> {
         args.repeat
     );
     Ok(())
+}
+
+#[cfg(feature = "kafka")]
+mod kafka {
+    use std::time::{Duration, Instant};
+
+    use citystream_benches::usage;
+    use citystream_operators::Metrics;
+    use citystream_pipeline::config::{self, plan::plan};
+    use citystream_pipeline::kafka::KafkaTopics;
+    use citystream_pipeline::runtime::{self, StopHandle};
+    use citystream_pipeline::simulator::SimulatorConfig;
+    use citystream_schemas::raw::RawBatchBuilder;
+    use citystream_schemas::{DecodeOptions, Decoder, EventKind};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    /// Consumes every topic to the end, decoding in batches of 8192: the ceiling.
+    async fn ceiling(brokers: &str, topics: &KafkaTopics, group: &str, expected: u64) -> anyhow::Result<u64> {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let names: Vec<&str> =
+            [&topics.traffic, &topics.camera, &topics.environment].iter().filter_map(|t| t.as_deref()).collect();
+        consumer.subscribe(&names)?;
+        let decoders: Vec<Decoder> = EventKind::ALL
+            .iter()
+            .map(|k| Decoder::new(*k, DecodeOptions { max_past_ms: None, max_future_ms: None, ..Default::default() }))
+            .collect();
+        let mut builders: Vec<RawBatchBuilder> =
+            EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(8192, 8192 * 256)).collect();
+        let mut n = 0u64;
+        while n < expected {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
+            let port = names.iter().position(|t| *t == m.topic()).unwrap_or(0);
+            builders[port].append(m.topic(), m.partition(), m.offset(), 0, m.payload().unwrap_or_default());
+            n += 1;
+            if builders[port].len() >= 8192 {
+                decoders[port].decode(&builders[port].finish())?;
+            }
+        }
+        for (b, d) in builders.iter_mut().zip(&decoders) {
+            d.decode(&b.finish())?;
+        }
+        Ok(n)
+    }
+
+    pub fn run(rt: &tokio::runtime::Runtime, brokers: &str, days: u64, repeat: usize) -> anyhow::Result<()> {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let prefix = format!("bench-{stamp}");
+        let topics = KafkaTopics {
+            traffic: Some(format!("{prefix}.traffic")),
+            camera: Some(format!("{prefix}.camera")),
+            environment: Some(format!("{prefix}.environment")),
+        };
+        rt.block_on(async {
+            use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+            let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+            let names =
+                [topics.traffic.clone().unwrap(), topics.camera.clone().unwrap(), topics.environment.clone().unwrap()];
+            let new: Vec<NewTopic> = names
+                .iter()
+                .map(|n| NewTopic::new(n, 3, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
+                .collect();
+            for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+                r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+            }
+            anyhow::Ok(())
+        })?;
+        let cfg = SimulatorConfig {
+            duration: citystream_operators::Duration::from_secs(days * 86_400),
+            ..SimulatorConfig::default()
+        };
+        let t0 = Instant::now();
+        let (_, produced) =
+            rt.block_on(citystream_pipeline::kafka::produce::simulate_into(brokers, cfg, &topics, None))?;
+        eprintln!("produced {produced} messages in {:.1} s", t0.elapsed().as_secs_f64());
+        let (mut pipe_rate, mut pipe_cpu, mut ceil_rate, mut ceil_cpu) = (vec![], vec![], vec![], vec![]);
+        for run in 0..repeat {
+            let dir = tempfile::tempdir()?;
+            let yaml = format!(
+                "sources:\n  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\nstages:\n  traffic: {{type: decode, input: kafka.traffic, kind: traffic, max_past: null, max_future: null}}\n  camera: {{type: decode, input: kafka.camera, kind: camera, max_past: null, max_future: null}}\n  environment: {{type: decode, input: kafka.environment, kind: environment, max_past: null, max_future: null}}\nsinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters]}}\nruntime: {{status_interval: null}}\n",
+                t = topics.traffic.as_ref().unwrap(),
+                c = topics.camera.as_ref().unwrap(),
+                e = topics.environment.as_ref().unwrap(),
+                d = dir.path().display()
+            );
+            let p = plan(config::load_str(&yaml, "bench")?, "bench")?;
+            let before = usage();
+            let t0 = Instant::now();
+            let (_stop, rx) = StopHandle::new();
+            let report = rt.block_on(runtime::run(p, Metrics::new(), rx))?;
+            // the idle wait at the end is not work: take it off the wall time
+            let secs = t0.elapsed().as_secs_f64() - 2.0;
+            let n: u64 = report.source_messages.values().sum();
+            let cpu = usage().cpu_s - before.cpu_s;
+            pipe_rate.push(n as f64 / secs);
+            pipe_cpu.push(cpu / n as f64 * 1e6);
+            let before = usage();
+            let t0 = Instant::now();
+            let m = rt.block_on(ceiling(brokers, &topics, &format!("{prefix}-c{run}"), produced))?;
+            let secs_c = t0.elapsed().as_secs_f64();
+            let cpu_c = usage().cpu_s - before.cpu_s;
+            ceil_rate.push(m as f64 / secs_c);
+            ceil_cpu.push(cpu_c / m as f64 * 1e6);
+            eprintln!(
+                "run {run}: pipeline {:.0} ev/s {:.2} CPU-s/M; ceiling {:.0} ev/s {:.2} CPU-s/M",
+                n as f64 / secs,
+                cpu / n as f64 * 1e6,
+                m as f64 / secs_c,
+                cpu_c / m as f64 * 1e6
+            );
+        }
+        let (pr, pc, cr, cc) = (median(pipe_rate), median(pipe_cpu), median(ceil_rate), median(ceil_cpu));
+        println!("kafka pipeline: median {pr:.0} events/s, {pc:.2} CPU-s per million events");
+        println!("kafka ceiling (consume + decode only): median {cr:.0} events/s, {cc:.2} CPU-s per million events");
+        println!(
+            "pipeline/ceiling: {:.2}x throughput, {:.2}x CPU per event; peak RSS {:.0} MiB ({repeat} runs)",
+            pr / cr,
+            pc / cc,
+            usage().peak_rss_mib
+        );
+        Ok(())
+    }
 }

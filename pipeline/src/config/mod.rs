@@ -86,11 +86,14 @@ impl Default for RuntimeConfig {
 pub enum SourceConfig {
     /// `type: simulator`: the embedded city simulator.
     Simulator(Box<SimulatorConfig>),
+    /// `type: kafka`: a consumer group on one topic per event kind.
+    #[cfg(feature = "kafka")]
+    Kafka(Box<crate::kafka::KafkaSourceConfig>),
 }
 
 impl SourceConfig {
     /// Every `type` a source can have.
-    pub const TYPES: &'static [&'static str] = &["simulator"];
+    pub const TYPES: &'static [&'static str] = &["simulator", "kafka"];
 }
 
 /// What a stage does, tagged by `type`.
@@ -143,11 +146,14 @@ pub struct StageConfig {
 pub enum SinkConfig {
     /// `type: parquet`: zstd Parquet tables on a local file system.
     Parquet(ParquetSinkConfig),
+    /// `type: kafka`: rows as JSON messages.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::kafka::KafkaSinkConfig),
 }
 
 impl SinkConfig {
     /// Every `type` a sink can have.
-    pub const TYPES: &'static [&'static str] = &["parquet"];
+    pub const TYPES: &'static [&'static str] = &["parquet", "kafka"];
 }
 
 /// One stream reference or a list of them, each with its location in the file.

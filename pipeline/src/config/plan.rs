@@ -69,6 +69,8 @@ pub struct SinkNode {
     pub inputs: Vec<(String, StreamRef)>,
     /// Schema per table.
     pub tables: BTreeMap<String, SchemaRef>,
+    /// The source stream each input's rows come from (file-name prefix), aligned with `inputs`.
+    pub origins: Vec<String>,
 }
 
 /// A validated pipeline, ready to run: stages in topological order.
@@ -112,6 +114,29 @@ impl PipelinePlan {
 fn source_type(c: &SourceConfig) -> &'static str {
     match c {
         SourceConfig::Simulator(_) => "simulator",
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(_) => "kafka",
+    }
+}
+
+/// The name of the stream a source port reads: the Kafka topic, or `source.port`.
+pub fn origin_name(sources: &[SourceNode], node: &str, port: usize) -> Option<String> {
+    let src = sources.iter().find(|s| s.name == node)?;
+    match &src.config {
+        SourceConfig::Simulator(_) => Some(format!("{node}.{}", src.outputs[port].name)),
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(k) => k.topic(EventKind::ALL[port]).map(str::to_owned),
+    }
+}
+
+/// The source stream the rows of `r` come from, following single-input stages upstream.
+fn origin_of(sources: &[SourceNode], stages: &[StageNode], r: &StreamRef) -> String {
+    if let Some(o) = origin_name(sources, &r.node, r.port) {
+        return o;
+    }
+    match stages.iter().find(|s| s.name == r.node) {
+        Some(st) if st.inputs.len() == 1 => origin_of(sources, stages, &st.inputs[0]),
+        _ => r.node.clone(),
     }
 }
 
@@ -121,6 +146,8 @@ pub fn source_outputs(c: &SourceConfig) -> Vec<OutputSpec> {
         SourceConfig::Simulator(_) => {
             EventKind::ALL.iter().map(|k| OutputSpec::new(k.as_str(), raw::schema())).collect()
         }
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(_) => EventKind::ALL.iter().map(|k| OutputSpec::new(k.as_str(), raw::schema())).collect(),
     }
 }
 
@@ -339,44 +366,75 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
 
     let mut sinks = Vec::new();
     for (name, cfg) in &raw.sinks {
-        match cfg {
+        // (table or topic, its inputs, its key column)
+        let routes: Vec<(&String, &super::Inputs, Option<&str>)> = match cfg {
             SinkConfig::Parquet(p) => {
-                let mut inputs = Vec::new();
-                let mut tables = BTreeMap::new();
-                for (table, refs) in &p.tables {
-                    let first = refs.0.first().map_or(nowhere, |r| r.referenced);
-                    if !valid_name(table) {
-                        ck.error(
-                            first,
-                            format!("sinks.{name}.tables.{table}"),
-                            format!("`{table}` is not a valid table name"),
-                            Some("table names use lower-case letters, digits and `_`".into()),
-                        );
-                    }
-                    for (i, r) in refs.0.iter().enumerate() {
-                        let path = format!("sinks.{name}.tables.{table}[{i}]");
-                        if let Some((sref, schema)) = resolve(&mut ck, &ports, &r.value, r.referenced, &path) {
-                            match tables.get(table) {
-                                Some(prev) if prev != &schema => ck.error(
-                                    r.referenced,
-                                    &path,
-                                    format!("`{sref}` does not have the schema of table `{table}`'s other inputs"),
-                                    Some("route streams of different shapes to different tables".into()),
-                                ),
-                                _ => {
-                                    tables.insert(table.clone(), schema);
-                                }
-                            }
-                            inputs.push((table.clone(), sref));
-                        }
-                    }
-                }
                 if p.tables.is_empty() {
                     ck.error(nowhere, format!("sinks.{name}.tables"), "a parquet sink needs at least one table", None);
                 }
-                sinks.push(SinkNode { name: name.clone(), config: cfg.clone(), inputs, tables });
+                p.tables.iter().map(|(t, i)| (t, i, None)).collect()
+            }
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(k) => {
+                if k.topics.is_empty() {
+                    ck.error(nowhere, format!("sinks.{name}.topics"), "a kafka sink needs at least one topic", None);
+                }
+                k.topics.iter().map(|(t, r)| (t, &r.input, r.key.as_deref())).collect()
+            }
+        };
+        let section = match cfg {
+            SinkConfig::Parquet(_) => "tables",
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(_) => "topics",
+        };
+        let mut inputs = Vec::new();
+        let mut tables = BTreeMap::new();
+        for (table, refs, key) in routes {
+            let first = refs.0.first().map_or(nowhere, |r| r.referenced);
+            if section == "tables" && !valid_name(table) {
+                ck.error(
+                    first,
+                    format!("sinks.{name}.tables.{table}"),
+                    format!("`{table}` is not a valid table name"),
+                    Some("table names use lower-case letters, digits and `_`".into()),
+                );
+            }
+            for (i, r) in refs.0.iter().enumerate() {
+                let path = if section == "tables" {
+                    format!("sinks.{name}.tables.{table}[{i}]")
+                } else {
+                    format!("sinks.{name}.topics.{table}.input[{i}]")
+                };
+                if let Some((sref, schema)) = resolve(&mut ck, &ports, &r.value, r.referenced, &path) {
+                    if let Some(k) = key
+                        && schema.index_of(k).is_err()
+                    {
+                        let help = did_you_mean(k, schema.fields().iter().map(|f| f.name().as_str()))
+                            .map(|s| format!("did you mean `{s}`?"));
+                        ck.error(
+                            r.referenced,
+                            format!("sinks.{name}.topics.{table}.key"),
+                            format!("`{sref}` has no column `{k}` to key messages by"),
+                            help,
+                        );
+                    }
+                    match tables.get(table) {
+                        Some(prev) if prev != &schema => ck.error(
+                            r.referenced,
+                            &path,
+                            format!("`{sref}` does not have the schema of `{table}`'s other inputs"),
+                            Some("route streams of different shapes to different tables".into()),
+                        ),
+                        _ => {
+                            tables.insert(table.clone(), schema);
+                        }
+                    }
+                    inputs.push((table.clone(), sref));
+                }
             }
         }
+        let origins = inputs.iter().map(|(_, r)| origin_of(&sources, &stages, r)).collect();
+        sinks.push(SinkNode { name: name.clone(), config: cfg.clone(), inputs, tables, origins });
     }
 
     // every stage output must be read by someone: nothing is dropped silently

@@ -89,11 +89,15 @@ macro_rules! tagged {
 
 tagged!(SourceConfig, "source", |map, tag| match tag.value.as_str() {
     "simulator" => Ok(SourceConfig::Simulator(Box::new(rest(&mut map, None)?))),
+    #[cfg(feature = "kafka")]
+    "kafka" => Ok(SourceConfig::Kafka(Box::new(rest(&mut map, None)?))),
     other => Err(de::Error::unknown_variant(other, SourceConfig::TYPES)),
 });
 
 tagged!(SinkConfig, "sink", |map, tag| match tag.value.as_str() {
     "parquet" => Ok(SinkConfig::Parquet(rest(&mut map, None)?)),
+    #[cfg(feature = "kafka")]
+    "kafka" => Ok(SinkConfig::Kafka(rest(&mut map, None)?)),
     other => Err(de::Error::unknown_variant(other, SinkConfig::TYPES)),
 });
 

@@ -9,9 +9,12 @@
 //! Operators are synchronous; their calls run through `block_in_place` on the multi-threaded
 //! runtime so CPU-heavy work never stalls the I/O tasks.
 
+mod checkpoint;
 mod sinks;
 mod sources;
 mod stage;
+
+pub use checkpoint::CheckpointAcks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,6 +97,14 @@ pub enum PipelineError {
         sink: String,
         /// The error.
         source: ParquetSinkError,
+    },
+    /// A Kafka sink failed.
+    #[error("sink `{sink}`: {message}")]
+    KafkaSink {
+        /// The sink.
+        sink: String,
+        /// Why.
+        message: String,
     },
     /// A source failed.
     #[error("source `{source_name}`: {message}")]
@@ -184,6 +195,16 @@ pub async fn run(
         ports: (0..n).map(|p| subs.remove(&(node.to_owned(), p)).unwrap_or_default()).collect(),
     };
 
+    let (sink_acks, acks) = CheckpointAcks::new(plan.sinks.len());
+    let parquet_roots: Vec<std::path::PathBuf> = plan
+        .sinks
+        .iter()
+        .filter_map(|s| match &s.config {
+            crate::config::SinkConfig::Parquet(p) => Some(std::path::PathBuf::from(p.path.as_str())),
+            #[cfg(feature = "kafka")]
+            crate::config::SinkConfig::Kafka(_) => None,
+        })
+        .collect();
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone() };
@@ -195,8 +216,8 @@ pub async fn run(
         let task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
-    for (sk, rx) in plan.sinks.iter().zip(sink_rx) {
-        let sink = sinks::SinkTask::try_new(sk, &metrics)?;
+    for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
+        let sink = sinks::SinkTask::try_new(sk, ack, &metrics)?;
         let name = sk.name.clone();
         tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }
@@ -213,9 +234,21 @@ pub async fn run(
                     Ok(Finished::Source { name, messages, sim: Some(sim) })
                 });
             }
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(cfg) => {
+                let cfg = (**cfg).clone();
+                let acks = acks.clone();
+                let roots = parquet_roots.clone();
+                tasks.spawn(async move {
+                    let messages =
+                        crate::kafka::run_kafka_source(&name, cfg, outputs, acks, roots, stop, &metrics).await?;
+                    Ok(Finished::Source { name, messages, sim: None })
+                });
+            }
         }
     }
     debug_assert!(subscribers.is_empty(), "every edge has a producer");
+    drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
     let mut report = RunReport::default();

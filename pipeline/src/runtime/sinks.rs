@@ -1,10 +1,11 @@
-//! Sink tasks.
+//! Sink tasks: write batches, make everything before a barrier durable and acknowledge it.
 
 use std::collections::BTreeMap;
 
 use citystream_operators::{Message, Metrics};
 use tokio::sync::mpsc;
 
+use super::checkpoint::SinkAck;
 use super::{Envelope, PipelineError, cpu};
 use crate::config::{SinkConfig, SinkNode};
 use crate::sink::parquet::{ParquetWriter, TableStats};
@@ -13,23 +14,80 @@ use crate::sink::parquet::{ParquetWriter, TableStats};
 /// events within the out-of-orderness bound still land in the same file.
 const HOUR_GRACE_MS: i64 = 10 * 60_000;
 
+enum Writer {
+    Parquet(Box<ParquetWriter>),
+    #[cfg(feature = "kafka")]
+    Kafka {
+        writer: crate::kafka::KafkaWriter,
+        /// Key column per topic.
+        keys: BTreeMap<String, Option<String>>,
+    },
+}
+
 pub(crate) struct SinkTask {
     name: String,
-    /// Table of each input.
+    /// Table (or topic) of each input.
     tables: Vec<String>,
-    writer: ParquetWriter,
+    /// Source stream of each input.
+    origins: Vec<String>,
+    writer: Writer,
+    ack: SinkAck,
 }
 
 impl SinkTask {
-    pub(crate) fn try_new(node: &SinkNode, metrics: &Metrics) -> Result<Self, PipelineError> {
-        let SinkConfig::Parquet(cfg) = &node.config;
-        let writer = ParquetWriter::try_new(&node.name, cfg, &node.tables, metrics)
-            .map_err(|source| PipelineError::Parquet { sink: node.name.clone(), source })?;
-        Ok(Self { name: node.name.clone(), tables: node.inputs.iter().map(|(t, _)| t.clone()).collect(), writer })
+    pub(crate) fn try_new(node: &SinkNode, ack: SinkAck, metrics: &Metrics) -> Result<Self, PipelineError> {
+        let writer = match &node.config {
+            SinkConfig::Parquet(cfg) => Writer::Parquet(Box::new(
+                ParquetWriter::try_new(&node.name, cfg, &node.tables, metrics)
+                    .map_err(|source| PipelineError::Parquet { sink: node.name.clone(), source })?,
+            )),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(cfg) => Writer::Kafka {
+                writer: crate::kafka::KafkaWriter::try_new(&node.name, cfg, metrics)
+                    .map_err(|e| PipelineError::KafkaSink { sink: node.name.clone(), message: e.to_string() })?,
+                keys: cfg.topics.iter().map(|(t, r)| (t.clone(), r.key.clone())).collect(),
+            },
+        };
+        Ok(Self {
+            name: node.name.clone(),
+            tables: node.inputs.iter().map(|(t, _)| t.clone()).collect(),
+            origins: node.origins.clone(),
+            writer,
+            ack,
+        })
     }
 
-    fn err(&self) -> impl FnOnce(crate::sink::parquet::ParquetSinkError) -> PipelineError + '_ {
-        |source| PipelineError::Parquet { sink: self.name.clone(), source }
+    async fn write(&mut self, input: usize, batch: &arrow::array::RecordBatch) -> Result<(), PipelineError> {
+        let table = &self.tables[input];
+        match &mut self.writer {
+            Writer::Parquet(w) => {
+                let origin = &self.origins[input];
+                cpu(|| w.write(table, origin, batch))
+                    .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })
+            }
+            #[cfg(feature = "kafka")]
+            Writer::Kafka { writer, keys } => {
+                let key = keys.get(table).cloned().flatten();
+                writer
+                    .write(table, key.as_deref(), batch)
+                    .await
+                    .map_err(|e| PipelineError::KafkaSink { sink: self.name.clone(), message: e.to_string() })
+            }
+        }
+    }
+
+    /// Makes everything written so far durable.
+    async fn flush(&mut self) -> Result<(), PipelineError> {
+        match &mut self.writer {
+            Writer::Parquet(w) => {
+                cpu(|| w.flush()).map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })
+            }
+            #[cfg(feature = "kafka")]
+            Writer::Kafka { writer, .. } => writer
+                .flush()
+                .await
+                .map_err(|e| PipelineError::KafkaSink { sink: self.name.clone(), message: e.to_string() }),
+        }
     }
 
     pub(crate) async fn run(
@@ -45,19 +103,16 @@ impl SinkTask {
                 return Err(PipelineError::Disconnected);
             };
             match msg {
-                Message::Batch(b) => {
-                    let table = &self.tables[input];
-                    let writer = &mut self.writer;
-                    cpu(|| writer.write(table, &b))
-                        .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })?;
-                }
+                Message::Batch(b) => self.write(input, &b).await?,
                 Message::Watermark(wm) => {
                     let before = watermarks.iter().copied().min().unwrap_or(i64::MIN);
                     watermarks[input] = watermarks[input].max(wm);
                     let after = watermarks.iter().copied().min().unwrap_or(i64::MIN);
-                    if after > before {
-                        let writer = &mut self.writer;
-                        cpu(|| writer.on_watermark(after, HOUR_GRACE_MS)).map_err(self.err())?;
+                    if after > before
+                        && let Writer::Parquet(w) = &mut self.writer
+                    {
+                        cpu(|| w.on_watermark(after, HOUR_GRACE_MS))
+                            .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })?;
                     }
                 }
                 Message::Barrier(b) => {
@@ -65,17 +120,20 @@ impl SinkTask {
                     *seen += 1;
                     if *seen == n {
                         barriers.remove(&b.epoch);
-                        let writer = &mut self.writer;
-                        cpu(|| writer.flush()).map_err(self.err())?;
+                        self.flush().await?;
+                        self.ack.ack(b.epoch);
                     }
                 }
                 Message::End => {
                     ended[input] = true;
                     watermarks[input] = i64::MAX;
                     if ended.iter().all(|e| *e) {
-                        let writer = &mut self.writer;
-                        cpu(|| writer.flush()).map_err(self.err())?;
-                        return Ok(self.writer.stats());
+                        self.flush().await?;
+                        return Ok(match &self.writer {
+                            Writer::Parquet(w) => w.stats(),
+                            #[cfg(feature = "kafka")]
+                            Writer::Kafka { .. } => BTreeMap::new(),
+                        });
                     }
                 }
             }

@@ -1,9 +1,16 @@
 //! The Parquet sink: one Hive-partitioned table per configured name
 //! (`TABLE/date=YYYY-MM-DD/hour=HH/part-….parquet`), zstd-compressed, with page statistics.
 //!
-//! Files are written under a hidden temporary name (`.part-….parquet.tmp`, which DataFusion,
+//! Files are written under a hidden temporary name (`.….parquet.tmp`, which DataFusion,
 //! pyarrow and DuckDB all skip), then closed, fsynced, renamed and the directory fsynced: a
 //! reader never sees a partial file, and a file that exists is durable.
+//!
+//! Rows that carry their source position (`src_partition`, `src_offset`) are written per
+//! source partition, and each file is named after what it holds:
+//! `{origin}-p{partition}-o{first offset}-{last offset}.parquet`. Files are closed at every
+//! checkpoint barrier, so after a crash every file with offsets at or beyond a partition's
+//! committed offset is one the replay will write again: [`remove_uncommitted`] deletes those
+//! before the partition is consumed, and the output ends identical to an uninterrupted run.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
-use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
+use arrow::datatypes::{Int32Type, Int64Type, SchemaRef, TimestampMillisecondType};
 use citystream_operators::{Counter, Metrics};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -107,15 +114,24 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 struct OpenFile {
     tmp: PathBuf,
-    dest: PathBuf,
+    dir: PathBuf,
+    /// `Some((origin, partition, first offset))` for position-named files.
+    position: Option<(String, i32, i64)>,
+    last_offset: i64,
+    seq_name: String,
     writer: ArrowWriter<File>,
 }
+
+/// Key of an open file: hour, origin, source partition (`-1` for rows without a position).
+type FileKey = (i64, String, i32);
 
 struct Table {
     name: String,
     schema: SchemaRef,
     time_column: usize,
-    open: BTreeMap<i64, OpenFile>,
+    /// `(src_partition, src_offset)` columns, when the table carries source positions.
+    position_columns: Option<(usize, usize)>,
+    open: BTreeMap<FileKey, OpenFile>,
     seq: u64,
     rows: Counter,
     files: Counter,
@@ -171,12 +187,17 @@ impl ParquetWriter {
                 .or_else(|_| schema.index_of("received_at"))
                 .map_err(|_| ParquetSinkError::NoTimeColumn { table: name.clone() })?;
             let labels = [("sink", sink), ("table", name.as_str())];
+            let position_columns = match (schema.index_of("src_partition"), schema.index_of("src_offset")) {
+                (Ok(p), Ok(o)) => Some((p, o)),
+                _ => None,
+            };
             out.insert(
                 name.clone(),
                 Table {
                     name: name.clone(),
                     schema: schema.clone(),
                     time_column,
+                    position_columns,
                     open: BTreeMap::new(),
                     seq: 0,
                     rows: metrics.counter("citystream_sink_rows_total", "Rows written to a sink table.", &labels),
@@ -197,33 +218,36 @@ impl ParquetWriter {
         })
     }
 
-    /// Appends `batch` to `table`, split by the hour of its time column.
-    pub fn write(&mut self, table: &str, batch: &RecordBatch) -> Result<(), ParquetSinkError> {
+    /// Appends `batch` to `table`, split by the hour of its time column and by source partition.
+    /// `origin` names the source stream the rows came from (the file-name prefix).
+    pub fn write(&mut self, table: &str, origin: &str, batch: &RecordBatch) -> Result<(), ParquetSinkError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         let t = self.tables.get_mut(table).ok_or_else(|| ParquetSinkError::UnknownTable(table.to_owned()))?;
         let times = batch.column(t.time_column).as_primitive::<TimestampMillisecondType>();
-        let hours: Vec<i64> = times.values().iter().map(|ms| ms.div_euclid(3_600_000)).collect();
-        let first = hours[0];
-        let mut parts: Vec<(i64, RecordBatch)> = Vec::new();
-        if hours.iter().all(|h| *h == first) {
+        debug_assert_eq!(times.null_count(), 0);
+        let partitions = t.position_columns.map(|(p, _)| batch.column(p).as_primitive::<Int32Type>().values().clone());
+        let key = |i: usize| (times.value(i).div_euclid(3_600_000), partitions.as_ref().map_or(-1, |p| p[i]));
+        let first = key(0);
+        let mut parts: Vec<((i64, i32), RecordBatch)> = Vec::new();
+        if (1..batch.num_rows()).all(|i| key(i) == first) {
             parts.push((first, batch.clone()));
         } else {
-            let mut groups: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
-            for (i, h) in hours.iter().enumerate() {
-                groups.entry(*h).or_default().push(i as u32);
+            let mut groups: BTreeMap<(i64, i32), Vec<u32>> = BTreeMap::new();
+            for i in 0..batch.num_rows() {
+                groups.entry(key(i)).or_default().push(i as u32);
             }
-            for (h, idx) in groups {
-                parts.push((h, take_record_batch(batch, &UInt32Array::from(idx))?));
+            for (k, idx) in groups {
+                parts.push((k, take_record_batch(batch, &UInt32Array::from(idx))?));
             }
         }
-        debug_assert_eq!(times.null_count(), 0);
-        for (hour, part) in parts {
-            Self::write_part(&self.root, &self.props, &self.run_id, t, hour, &part)?;
-            let f = t.open.get(&hour).expect("just written");
+        for ((hour, partition), part) in parts {
+            let k: FileKey = (hour, origin.to_owned(), partition);
+            Self::write_part(&self.root, &self.props, &self.run_id, t, &k, &part)?;
+            let f = t.open.get(&k).expect("just written");
             if f.writer.bytes_written() + f.writer.in_progress_size() >= self.target_bytes as usize {
-                Self::close(t, hour)?;
+                Self::close(t, &k)?;
             }
         }
         self.enforce_open_limit()
@@ -234,35 +258,53 @@ impl ParquetWriter {
         props: &WriterProperties,
         run_id: &str,
         t: &mut Table,
-        hour: i64,
+        key: &FileKey,
         part: &RecordBatch,
     ) -> Result<(), ParquetSinkError> {
-        if !t.open.contains_key(&hour) {
-            let dir = root.join(&t.name).join(hour_dir(hour));
+        let offsets = t.position_columns.map(|(_, o)| part.column(o).as_primitive::<Int64Type>());
+        if !t.open.contains_key(key) {
+            let (hour, origin, partition) = key;
+            let dir = root.join(&t.name).join(hour_dir(*hour));
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
             t.seq += 1;
-            let name = format!("part-{run_id}-{:06}.parquet", t.seq);
-            let tmp = dir.join(format!(".{name}.tmp"));
+            let seq_name = format!("part-{run_id}-{:06}", t.seq);
+            let (tmp, position) = match offsets {
+                Some(o) => {
+                    let first = arrow::compute::min(o).unwrap_or(0);
+                    (
+                        dir.join(format!(".{origin}-p{partition}-o{first:012}.parquet.tmp")),
+                        Some((origin.clone(), *partition, first)),
+                    )
+                }
+                None => (dir.join(format!(".{seq_name}.parquet.tmp")), None),
+            };
             let file = File::create(&tmp).map_err(io("create", &tmp))?;
             let writer = ArrowWriter::try_new(file, t.schema.clone(), Some(props.clone()))?;
-            t.open.insert(hour, OpenFile { tmp, dest: dir.join(name), writer });
+            t.open.insert(key.clone(), OpenFile { tmp, dir, position, last_offset: -1, seq_name, writer });
         }
-        let f = t.open.get_mut(&hour).expect("inserted above");
+        let f = t.open.get_mut(key).expect("inserted above");
         f.writer.write(part)?;
+        if let Some(o) = offsets {
+            f.last_offset = f.last_offset.max(arrow::compute::max(o).unwrap_or(-1));
+        }
         t.rows.inc_by(part.num_rows() as u64);
         Ok(())
     }
 
-    fn close(t: &mut Table, hour: i64) -> Result<(), ParquetSinkError> {
-        let Some(mut f) = t.open.remove(&hour) else { return Ok(()) };
+    fn close(t: &mut Table, key: &FileKey) -> Result<(), ParquetSinkError> {
+        let Some(mut f) = t.open.remove(key) else { return Ok(()) };
         f.writer.finish()?;
         f.writer.inner().sync_all().map_err(io("fsync", &f.tmp))?;
         let bytes = f.writer.bytes_written() as u64;
         drop(f.writer);
-        std::fs::rename(&f.tmp, &f.dest).map_err(io("rename", &f.tmp))?;
-        if let Some(dir) = f.dest.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))?;
-        }
+        let dest = match &f.position {
+            Some((origin, partition, first)) => {
+                f.dir.join(format!("{origin}-p{partition}-o{first:012}-{:012}.parquet", f.last_offset))
+            }
+            None => f.dir.join(format!("{}.parquet", f.seq_name)),
+        };
+        std::fs::rename(&f.tmp, &dest).map_err(io("rename", &f.tmp))?;
+        File::open(&f.dir).and_then(|d| d.sync_all()).map_err(io("fsync", &f.dir))?;
         t.files.inc();
         t.bytes.inc_by(bytes);
         Ok(())
@@ -274,9 +316,10 @@ impl ParquetWriter {
             if open <= self.max_open {
                 return Ok(());
             }
-            let oldest = self.tables.values().filter_map(|t| t.open.keys().next().map(|h| (*h, t.name.clone()))).min();
-            let Some((hour, table)) = oldest else { return Ok(()) };
-            Self::close(self.tables.get_mut(&table).expect("exists"), hour)?;
+            let oldest =
+                self.tables.values().filter_map(|t| t.open.keys().next().map(|k| (k.clone(), t.name.clone()))).min();
+            let Some((key, table)) = oldest else { return Ok(()) };
+            Self::close(self.tables.get_mut(&table).expect("exists"), &key)?;
         }
     }
 
@@ -284,10 +327,10 @@ impl ParquetWriter {
     /// are expected there, except late ones, which open a new file.
     pub fn on_watermark(&mut self, watermark: i64, grace_ms: i64) -> Result<(), ParquetSinkError> {
         for t in self.tables.values_mut() {
-            let done: Vec<i64> =
-                t.open.keys().copied().filter(|h| (h + 1) * 3_600_000 + grace_ms < watermark).collect();
-            for h in done {
-                Self::close(t, h)?;
+            let done: Vec<FileKey> =
+                t.open.keys().filter(|k| (k.0 + 1) * 3_600_000 + grace_ms < watermark).cloned().collect();
+            for k in done {
+                Self::close(t, &k)?;
             }
         }
         Ok(())
@@ -296,9 +339,9 @@ impl ParquetWriter {
     /// Closes every open file: everything written so far is durable when this returns.
     pub fn flush(&mut self) -> Result<(), ParquetSinkError> {
         for t in self.tables.values_mut() {
-            let hours: Vec<i64> = t.open.keys().copied().collect();
-            for h in hours {
-                Self::close(t, h)?;
+            let keys: Vec<FileKey> = t.open.keys().cloned().collect();
+            for k in keys {
+                Self::close(t, &k)?;
             }
         }
         Ok(())
@@ -311,6 +354,47 @@ impl ParquetWriter {
             .map(|(n, t)| (n.clone(), TableStats { rows: t.rows.get(), files: t.files.get(), bytes: t.bytes.get() }))
             .collect()
     }
+}
+
+/// Parses `{origin}-p{partition}-o{first}-{last}.parquet` (or the temporary
+/// `.{origin}-p{partition}-o{first}.parquet.tmp`) into `(origin, partition, first)`.
+fn parse_position_name(name: &str) -> Option<(&str, i32, i64)> {
+    let stem = name
+        .strip_suffix(".parquet")
+        .or_else(|| name.strip_prefix('.').and_then(|n| n.strip_suffix(".parquet.tmp")))?;
+    let (head, rest) = stem.rsplit_once("-o").map(|(h, r)| (h, r.split('-').next().unwrap_or(r)))?;
+    let (origin, partition) = head.rsplit_once("-p")?;
+    Some((origin, partition.parse().ok()?, rest.parse().ok()?))
+}
+
+/// Deletes, under a sink's `root`, every file of `origin`'s `partition` whose first offset is at
+/// or beyond `committed` (and every temporary file of it): rows the source will deliver again.
+/// Returns how many files were removed.
+pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: i64) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = e.file_name();
+            let Some((o, p, first)) =
+                parse_position_name(&name.to_string_lossy()).map(|(o, p, f)| (o.to_owned(), p, f))
+            else {
+                continue;
+            };
+            let tmp = name.to_string_lossy().ends_with(".tmp");
+            if o == origin && p == partition && (tmp || first >= committed) {
+                std::fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -360,7 +444,7 @@ mod tests {
         let m = Metrics::new();
         let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &m).unwrap();
         let h = 1_772_409_600_000; // 2026-03-02T00:00Z
-        w.write("t", &batch(&[h + 1, h + 3_600_000 + 5, h + 2])).unwrap();
+        w.write("t", "sim.x", &batch(&[h + 1, h + 3_600_000 + 5, h + 2])).unwrap();
         let before = files(dir.path());
         assert_eq!(before.len(), 2);
         assert!(before.iter().all(|f| f.ends_with(".parquet.tmp") && f.contains("/.part-")), "{before:?}");
@@ -389,11 +473,60 @@ mod tests {
         let tables = BTreeMap::from([("t".to_owned(), schema())]);
         let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
         let h = 1_772_409_600_000;
-        w.write("t", &batch(&[h, h + 3_600_000])).unwrap();
+        w.write("t", "sim.x", &batch(&[h, h + 3_600_000])).unwrap();
         w.on_watermark(h + 3_600_000 + 5 * 60_000, 60_000).unwrap();
         let fs = files(dir.path());
         assert!(fs.iter().any(|f| f.contains("hour=00/part-") && f.ends_with(".parquet")), "{fs:?}");
         assert!(fs.iter().any(|f| f.contains("hour=01/.part-")), "{fs:?}");
+    }
+
+    fn positioned(ts: &[i64], partitions: &[i32], offsets: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", citystream_schemas::timestamp_type(), false),
+            Field::new("src_partition", DataType::Int32, false),
+            Field::new("src_offset", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampMillisecondArray::from(ts.to_vec()).with_timezone("UTC")),
+                Arc::new(Int32Array::from(partitions.to_vec())),
+                Arc::new(arrow::array::Int64Array::from(offsets.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn files_are_named_by_partition_and_offsets_and_uncommitted_ones_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", dir.path().display())).unwrap();
+        let h = 1_772_409_600_000;
+        let b = positioned(&[h, h, h, h], &[0, 1, 0, 1], &[10, 20, 11, 21]);
+        let tables = BTreeMap::from([("t".to_owned(), b.schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
+        w.write("t", "city.traffic", &b).unwrap();
+        w.flush().unwrap();
+        w.write("t", "city.traffic", &positioned(&[h, h], &[0, 0], &[12, 13])).unwrap();
+        w.flush().unwrap();
+        w.write("t", "city.traffic", &positioned(&[h], &[0], &[14])).unwrap();
+        let fs = files(dir.path());
+        assert_eq!(
+            fs,
+            [
+                "t/date=2026-03-02/hour=00/.city.traffic-p0-o000000000014.parquet.tmp",
+                "t/date=2026-03-02/hour=00/city.traffic-p0-o000000000010-000000000011.parquet",
+                "t/date=2026-03-02/hour=00/city.traffic-p0-o000000000012-000000000013.parquet",
+                "t/date=2026-03-02/hour=00/city.traffic-p1-o000000000020-000000000021.parquet",
+            ]
+        );
+        // partition 0 committed up to offset 12: the file starting at 12 and the open one go
+        assert_eq!(remove_uncommitted(dir.path(), "city.traffic", 0, 12).unwrap(), 2);
+        assert_eq!(remove_uncommitted(dir.path(), "city.camera", 1, 0).unwrap(), 0, "other origins are kept");
+        let fs = files(dir.path());
+        assert_eq!(fs.len(), 2);
+        assert!(fs[0].ends_with("p0-o000000000010-000000000011.parquet") && fs[1].contains("-p1-"), "{fs:?}");
     }
 
     #[test]

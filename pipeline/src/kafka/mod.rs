@@ -1,0 +1,191 @@
+//! Kafka in and out (feature `kafka`): a consumer-group source that commits offsets only after
+//! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
+//! zstd producer, and the producer the simulator uses to feed topics.
+
+mod sink;
+mod source;
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+
+use citystream_operators::Duration;
+use citystream_schemas::EventKind;
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+pub use sink::{KafkaSinkConfig, KafkaWriter, TopicRoute};
+pub(crate) use source::run_kafka_source;
+
+use crate::config::EnvString;
+
+/// Topic per event kind; `null` leaves a kind out.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaTopics {
+    /// Default `city.traffic`.
+    pub traffic: Option<String>,
+    /// Default `city.camera`.
+    pub camera: Option<String>,
+    /// Default `city.environment`.
+    pub environment: Option<String>,
+}
+
+impl Default for KafkaTopics {
+    fn default() -> Self {
+        Self {
+            traffic: Some(EventKind::Traffic.default_topic().into()),
+            camera: Some(EventKind::Camera.default_topic().into()),
+            environment: Some(EventKind::Environment.default_topic().into()),
+        }
+    }
+}
+
+fn d_group() -> EnvString {
+    EnvString::literal("citystream")
+}
+fn d_batch_rows() -> NonZeroUsize {
+    NonZeroUsize::new(8192).expect("non-zero")
+}
+fn d_batch_wait() -> Duration {
+    Duration::from_millis(100)
+}
+fn d_checkpoint() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_ooo() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// YAML of a `kafka` source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: EnvString,
+    /// Consumer group. Default `citystream`.
+    #[serde(default = "d_group")]
+    pub group_id: EnvString,
+    /// Topic per event kind.
+    #[serde(default)]
+    pub topics: KafkaTopics,
+    /// Largest raw batch handed on, rows. Default 8192.
+    #[serde(default = "d_batch_rows")]
+    pub batch_rows: NonZeroUsize,
+    /// A partial batch is handed on after this long. Default `100ms`.
+    #[serde(default = "d_batch_wait")]
+    pub batch_wait: Duration,
+    /// How often a checkpoint barrier is sent; offsets are committed once every sink made
+    /// the data before it durable. Default `5s`.
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint_interval: Duration,
+    /// Watermark lag behind the newest message timestamp. Default `2m`.
+    #[serde(default = "d_ooo")]
+    pub max_out_of_orderness: Duration,
+    /// End the source after no message arrived for this long (bounded runs and tests);
+    /// absent: run until stopped.
+    #[serde(default)]
+    pub stop_when_idle: Option<Duration>,
+    /// Any librdkafka consumer property (`security.protocol`, `sasl.*`, `ssl.*`, …); use
+    /// `${VAR}` for secrets.
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
+}
+
+impl KafkaSourceConfig {
+    /// The topic of `kind`, if consumed.
+    pub fn topic(&self, kind: EventKind) -> Option<&str> {
+        match kind {
+            EventKind::Traffic => self.topics.traffic.as_deref(),
+            EventKind::Camera => self.topics.camera.as_deref(),
+            EventKind::Environment => self.topics.environment.as_deref(),
+        }
+    }
+}
+
+/// A client config with `bootstrap.servers` and the pass-through properties.
+pub(crate) fn client_config(brokers: &EnvString, properties: &BTreeMap<String, EnvString>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers.as_str());
+    for (k, v) in properties {
+        c.set(k, v.as_str());
+    }
+    c
+}
+
+/// Produces simulator messages into their kind's topic, keyed by device id, with the event
+/// time as the message timestamp. Used by `citystream simulate --kafka` and the tests.
+pub mod produce {
+    use std::time::Duration as StdDuration;
+
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    use crate::simulator::{SimReport, Simulation, SimulatorConfig};
+
+    /// Runs the simulator into Kafka. `rate` paces messages per second (`None`: as fast as
+    /// possible). Returns the simulator's account and the number of messages produced.
+    pub async fn simulate_into(
+        brokers: &str,
+        cfg: SimulatorConfig,
+        topics: &crate::kafka::KafkaTopics,
+        rate: Option<std::num::NonZeroU32>,
+    ) -> anyhow::Result<(SimReport, u64)> {
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("compression.type", "zstd")
+            .set("linger.ms", "20")
+            .set("batch.size", "1000000")
+            .set("message.timeout.ms", "120000")
+            .create()?;
+        let limiter = rate.map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r)));
+        let mut sim = Simulation::new(cfg, chrono::Utc::now().timestamp_millis());
+        let mut step = Vec::new();
+        let mut inflight = Vec::with_capacity(4096);
+        let mut produced = 0u64;
+        let ts_of = |payload: &[u8], fallback: i64| -> i64 {
+            // the event time is the message timestamp when the payload has one we can read
+            serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| match &v["ts"] {
+                    serde_json::Value::Number(n) => n.as_i64(),
+                    serde_json::Value::String(s) => {
+                        chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+                    }
+                    _ => None,
+                })
+                .unwrap_or(fallback)
+        };
+        while sim.step(&mut step) {
+            for m in step.drain(..) {
+                let Some(topic) = topics_for(topics, m.kind) else { continue };
+                if let Some(l) = &limiter {
+                    l.until_ready().await;
+                }
+                let ts = ts_of(&m.payload, m.arrival_ms);
+                let record = FutureRecord::to(topic).key(m.key.as_bytes()).payload(&m.payload).timestamp(ts);
+                let fut =
+                    producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+                inflight.push(fut);
+                produced += 1;
+                if inflight.len() >= 4096 {
+                    for f in inflight.drain(..) {
+                        f.await?.map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+                    }
+                }
+            }
+        }
+        for f in inflight.drain(..) {
+            f.await?.map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+        }
+        rdkafka::producer::Producer::flush(&producer, StdDuration::from_secs(60))?;
+        Ok((sim.report(), produced))
+    }
+
+    fn topics_for(t: &crate::kafka::KafkaTopics, kind: citystream_schemas::EventKind) -> Option<&str> {
+        match kind {
+            citystream_schemas::EventKind::Traffic => t.traffic.as_deref(),
+            citystream_schemas::EventKind::Camera => t.camera.as_deref(),
+            citystream_schemas::EventKind::Environment => t.environment.as_deref(),
+        }
+    }
+}

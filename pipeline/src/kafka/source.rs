@@ -1,0 +1,415 @@
+//! The Kafka source.
+//!
+//! Delivery: offsets are committed only after every sink has made durable everything read
+//! before a checkpoint barrier. Sinks name files after the source positions they hold, and when
+//! a partition is assigned, files at or beyond its committed offset — written after the last
+//! commit by a run that then died — are removed before consumption starts, so the replay does
+//! not duplicate them. On revocation, everything read from the partitions that go is flushed,
+//! made durable and committed before the callback returns.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use citystream_operators::{Barrier, Gauge, Message, Metrics};
+use citystream_schemas::EventKind;
+use citystream_schemas::raw::RawBatchBuilder;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::{KafkaSourceConfig, client_config};
+use crate::runtime::{CheckpointAcks, Outputs, PipelineError};
+
+/// Next offset to read per (topic, partition).
+type Positions = BTreeMap<(String, i32), i64>;
+
+/// What the consumer thread and the rebalance callbacks share.
+struct Shared {
+    name: String,
+    /// Topic → output port.
+    ports: BTreeMap<String, usize>,
+    builders: Vec<RawBatchBuilder>,
+    /// Next offset to read per (topic, partition), for everything handed downstream.
+    next: BTreeMap<(String, i32), i64>,
+    /// Newest message timestamp per (topic, partition).
+    max_ts: BTreeMap<(String, i32), i64>,
+    epoch: u64,
+    outputs: Arc<Outputs>,
+    acks: CheckpointAcks,
+    /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
+    sink_roots: Vec<PathBuf>,
+    lag: BTreeMap<(String, i32), Gauge>,
+    metrics: Metrics,
+    error: Option<String>,
+    /// Set once the final checkpoint is committed: the revocation on leaving needs no flush.
+    closing: bool,
+    /// When partitions were last assigned (idleness counts from there at the earliest).
+    assigned_at: Option<Instant>,
+    /// Bumped at every assignment: positions remembered before it may refer to files that the
+    /// assignment removed, so they are never committed after it.
+    generation: u64,
+}
+
+impl Shared {
+    fn take_batches(&mut self) -> Vec<(usize, arrow::array::RecordBatch)> {
+        self.builders.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()).map(|(p, b)| (p, b.finish())).collect()
+    }
+}
+
+struct Ctx {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let mut s = self.shared.lock().expect("source state");
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                let key = (topic.clone(), *p);
+                let metrics = s.metrics.clone();
+                let source = s.name.clone();
+                let g = s.lag.entry(key).or_insert_with(|| {
+                    metrics.gauge(
+                        "citystream_kafka_consumer_lag",
+                        "Messages between a partition's end and the committed offset.",
+                        &[
+                            ("source", source.as_str()),
+                            ("topic", topic.as_str()),
+                            ("partition", p.to_string().as_str()),
+                        ],
+                    )
+                });
+                g.set(part.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+/// Hands on what was read, sends a barrier, waits until every sink made it durable, and
+/// returns the positions to commit. Runs from async code or, blocking, from a callback.
+async fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, BTreeMap<(String, i32), i64>)> {
+    let (batches, epoch, positions, outputs, mut acks) = {
+        let mut s = shared.lock().expect("source state");
+        s.epoch += 1;
+        (s.take_batches(), s.epoch, s.next.clone(), s.outputs.clone(), s.acks.clone())
+    };
+    for (p, b) in batches {
+        outputs.send(p, Message::Batch(b)).await.ok()?;
+    }
+    outputs.broadcast(Message::Barrier(Barrier { epoch })).await.ok()?;
+    acks.wait(epoch).await.then_some((epoch, positions))
+}
+
+/// Commits `positions`, restricted to `owned` (never a partition another member now owns).
+fn commit<C: Consumer<Ctx>>(
+    consumer: &C,
+    positions: &BTreeMap<(String, i32), i64>,
+    owned: &TopicPartitionList,
+) -> Result<(), String> {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, p), next) in positions {
+        if owned.find_partition(topic, *p).is_some() {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next)).map_err(|e| e.to_string())?;
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| format!("committing offsets: {e}"))
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else { return };
+        if list.count() == 0 || self.shared.lock().expect("source state").closing {
+            return;
+        }
+        // Flush and commit what we own before the partitions go. This callback runs inside
+        // the source task's poll, so it blocks that worker while the stages and sinks, on the
+        // other workers, drain the barrier.
+        let shared = self.shared.clone();
+        let done = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(checkpoint(&shared)));
+        let mut s = self.shared.lock().expect("source state");
+        match done {
+            Some((_, positions)) => match commit(consumer, &positions, list) {
+                Ok(()) => tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed"),
+                // the broker is unreachable (the group may have expired): the next owner starts
+                // from the last commit and removes what was written after it, so nothing is lost
+                Err(e) => tracing::warn!(
+                    source = s.name,
+                    "revoked: flushed, but {e}; the next owner replays from the last commit"
+                ),
+            },
+            None => {
+                s.error.get_or_insert("a sink went away during a revocation checkpoint".into());
+            }
+        }
+        for e in list.elements() {
+            let key = (e.topic().to_owned(), e.partition());
+            s.next.remove(&key);
+            s.max_ts.remove(&key);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(list) = rebalance else { return };
+        let committed = match consumer.committed_offsets((*list).clone(), Duration::from_secs(30)) {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared
+                    .lock()
+                    .expect("source state")
+                    .error
+                    .get_or_insert(format!("reading committed offsets: {e}"));
+                return;
+            }
+        };
+        let mut s = self.shared.lock().expect("source state");
+        s.assigned_at = Some(Instant::now());
+        s.generation += 1;
+        for e in committed.elements() {
+            let from = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1, // nothing committed: everything written for this partition is uncommitted
+            };
+            for root in &s.sink_roots {
+                match crate::sink::parquet::remove_uncommitted(root, e.topic(), e.partition(), from) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        committed = from,
+                        removed = n,
+                        "removed files written after the last commit"
+                    ),
+                    Err(err) => tracing::error!("removing uncommitted files under {}: {err}", root.display()),
+                }
+            }
+        }
+        tracing::info!(source = s.name, partitions = list.count(), "assigned");
+    }
+}
+
+/// Runs the Kafka source until stopped (or idle for `stop_when_idle`).
+pub(crate) async fn run_kafka_source(
+    name: &str,
+    cfg: KafkaSourceConfig,
+    outputs: Outputs,
+    acks: CheckpointAcks,
+    sink_roots: Vec<PathBuf>,
+    mut stop: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> Result<u64, PipelineError> {
+    let err = |message: String| PipelineError::Source { source_name: name.to_owned(), message };
+    let ports: BTreeMap<String, usize> =
+        EventKind::ALL.iter().enumerate().filter_map(|(p, k)| cfg.topic(*k).map(|t| (t.to_owned(), p))).collect();
+    let batch_rows = cfg.batch_rows.get();
+    let outputs = Arc::new(outputs);
+    let shared = Arc::new(Mutex::new(Shared {
+        name: name.to_owned(),
+        ports: ports.clone(),
+        builders: EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * 256)).collect(),
+        next: BTreeMap::new(),
+        max_ts: BTreeMap::new(),
+        epoch: 0,
+        outputs: outputs.clone(),
+        acks: acks.clone(),
+        sink_roots,
+        lag: BTreeMap::new(),
+        metrics: metrics.clone(),
+        error: None,
+        closing: false,
+        assigned_at: None,
+        generation: 0,
+    }));
+    let mut cc = client_config(&cfg.brokers, &cfg.properties);
+    cc.set("group.id", cfg.group_id.as_str())
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000");
+    for (k, v) in &cfg.properties {
+        cc.set(k, v.as_str());
+    }
+    let consumer: StreamConsumer<Ctx> = cc
+        .create_with_context(Ctx { shared: shared.clone() })
+        .map_err(|e| err(format!("creating the consumer: {e}")))?;
+    let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?;
+    tracing::info!(source = name, ?topics, group = cfg.group_id.as_str(), "consuming");
+
+    let events: Vec<_> = EventKind::ALL
+        .iter()
+        .map(|k| {
+            metrics.counter(
+                "citystream_source_events_total",
+                "Messages read by a source.",
+                &[("source", name), ("stream", k.as_str())],
+            )
+        })
+        .collect();
+    let bytes: Vec<_> = EventKind::ALL
+        .iter()
+        .map(|k| {
+            metrics.counter(
+                "citystream_source_bytes_total",
+                "Payload bytes read by a source.",
+                &[("source", name), ("stream", k.as_str())],
+            )
+        })
+        .collect();
+    let lag_ms = cfg.max_out_of_orderness.as_millis_i64();
+    let mut total = 0u64;
+    let mut last_message = Instant::now();
+    let mut last_wm = i64::MIN;
+    let mut batch_tick = tokio::time::interval(cfg.batch_wait.to_std().max(Duration::from_millis(1)));
+    let mut checkpoint_tick = tokio::time::interval(cfg.checkpoint_interval.to_std().max(Duration::from_millis(10)));
+    checkpoint_tick.tick().await;
+    // (epoch, generation, positions) of the newest checkpoint not yet committed
+    let mut pending_commit: Option<(u64, u64, Positions)> = None;
+
+    loop {
+        if let Some(e) = shared.lock().expect("source state").error.take() {
+            return Err(err(e));
+        }
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                if *stop.borrow() { break; }
+            }
+            _ = checkpoint_tick.tick() => {
+                // commit the previous checkpoint if every sink acknowledged it, then start the next
+                let generation = shared.lock().expect("source state").generation;
+                if let Some((epoch, gen_at, positions)) = pending_commit.take() {
+                    if gen_at != generation {
+                        // a rebalance happened since: its own checkpoint covered these rows
+                    } else if acks.acked() >= epoch {
+                        if let Err(e) = owned(&consumer).and_then(|o| commit(&consumer, &positions, &o).map_err(err)) {
+                            // an unreachable broker: keep the positions and try again next tick
+                            tracing::warn!(source = name, "{e}; retrying at the next checkpoint");
+                            pending_commit = Some((epoch, gen_at, positions));
+                        }
+                    } else {
+                        pending_commit = Some((epoch, gen_at, positions));
+                    }
+                }
+                if pending_commit.is_none() {
+                    let (batches, epoch, positions, generation) = {
+                        let mut s = shared.lock().expect("source state");
+                        s.epoch += 1;
+                        (s.take_batches(), s.epoch, s.next.clone(), s.generation)
+                    };
+                    let had_data = !batches.is_empty();
+                    for (p, b) in batches {
+                        outputs.send(p, Message::Batch(b)).await?;
+                    }
+                    outputs.broadcast(Message::Barrier(Barrier { epoch })).await?;
+                    pending_commit = Some((epoch, generation, positions));
+                    if had_data {
+                        // time spent waiting on a busy pipeline is not idleness
+                        last_message = Instant::now();
+                    }
+                }
+                if let Some(idle) = cfg.stop_when_idle {
+                    let assigned_at = shared.lock().expect("source state").assigned_at;
+                    let quiet_since = assigned_at.map(|a| a.max(last_message));
+                    if quiet_since.is_some_and(|q| q.elapsed() >= idle.to_std()) {
+                        tracing::info!(source = name, "no message for {idle}: ending");
+                        break;
+                    }
+                }
+            }
+            _ = batch_tick.tick() => {
+                let (batches, wm) = {
+                    let mut s = shared.lock().expect("source state");
+                    (s.take_batches(), s.max_ts.values().copied().min())
+                };
+                if !batches.is_empty() {
+                    for (p, b) in batches {
+                        outputs.send(p, Message::Batch(b)).await?;
+                    }
+                    last_message = Instant::now();
+                }
+                if let Some(ts) = wm {
+                    let wm = ts - lag_ms;
+                    if wm > last_wm {
+                        last_wm = wm;
+                        outputs.broadcast(Message::Watermark(wm)).await?;
+                    }
+                }
+            }
+            msg = consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // transient broker errors: librdkafka reconnects by itself
+                        tracing::warn!(source = name, "kafka: {e}");
+                        continue;
+                    }
+                };
+                last_message = Instant::now();
+                let full = {
+                    let mut s = shared.lock().expect("source state");
+                    let topic = msg.topic();
+                    let Some(&port) = s.ports.get(topic) else { continue };
+                    let payload = msg.payload().unwrap_or_default();
+                    let now = chrono::Utc::now().timestamp_millis();
+                    s.builders[port].append(topic, msg.partition(), msg.offset(), now, payload);
+                    events[port].inc();
+                    bytes[port].inc_by(payload.len() as u64);
+                    total += 1;
+                    let key = (topic.to_owned(), msg.partition());
+                    s.next.insert(key.clone(), msg.offset() + 1);
+                    if let Some(ts) = msg.timestamp().to_millis() {
+                        let e = s.max_ts.entry(key).or_insert(ts);
+                        *e = (*e).max(ts);
+                    }
+                    (s.builders[port].len() >= batch_rows).then(|| (port, s.builders[port].finish()))
+                };
+                if let Some((port, b)) = full {
+                    outputs.send(port, Message::Batch(b)).await?;
+                    last_message = Instant::now();
+                }
+            }
+        }
+    }
+    // final checkpoint: hand on the rest, wait until it is durable, commit, then end
+    let Some((_, positions)) = checkpoint(&shared).await else { return Err(PipelineError::Disconnected) };
+    // the data is durable; commit, retrying while the broker is unreachable (bounded)
+    let mut attempt = 0;
+    loop {
+        match owned(&consumer).and_then(|o| commit(&consumer, &positions, &o).map_err(err)) {
+            Ok(()) => break,
+            Err(e) if attempt < 30 => {
+                attempt += 1;
+                tracing::warn!(source = name, "final commit: {e}; retrying in 2 s ({attempt}/30)");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    shared.lock().expect("source state").closing = true;
+    outputs.broadcast(Message::End).await?;
+    // leave the group promptly, bounded: librdkafka's destroy can hang (known race)
+    let unsubscribe = tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+    });
+    if tokio::time::timeout(Duration::from_secs(10), unsubscribe).await.is_err() {
+        tracing::warn!(source = name, "closing the consumer took longer than 10 s; leaving it behind");
+    }
+    Ok(total)
+}
+
+fn owned(c: &StreamConsumer<Ctx>) -> Result<TopicPartitionList, PipelineError> {
+    c.assignment().map_err(|e| PipelineError::Source {
+        source_name: "kafka".into(),
+        message: format!("reading the assignment: {e}"),
+    })
+}

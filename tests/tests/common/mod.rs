@@ -1,0 +1,225 @@
+//! Helpers shared by the Kafka integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::datatypes::{DataType, Int32Type, Int64Type};
+use citystream_operators::Metrics;
+use citystream_pipeline::config::{self, plan::plan};
+use citystream_pipeline::kafka::KafkaTopics;
+use citystream_pipeline::kafka::produce::simulate_into;
+use citystream_pipeline::runtime::{self, StopHandle};
+use citystream_pipeline::simulator::{SimReport, SimulatorConfig};
+use citystream_pipeline::sql;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+
+pub fn brokers() -> String {
+    std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{:x}-{}", nanos % 0xffff_ffff, std::process::id())
+}
+
+/// Creates the three topics of a test with `partitions` each.
+pub async fn create_topics(prefix: &str, partitions: i32) -> KafkaTopics {
+    let topics = KafkaTopics {
+        traffic: Some(format!("{prefix}.traffic")),
+        camera: Some(format!("{prefix}.camera")),
+        environment: Some(format!("{prefix}.environment")),
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let names = [topics.traffic.clone().unwrap(), topics.camera.clone().unwrap(), topics.environment.clone().unwrap()];
+    // messages carry simulated event times as timestamps: never let time retention delete them
+    let new: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
+        .collect();
+    let res = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&new, &AdminOptions::new()))
+        .await
+        .unwrap_or_else(|_| panic!("no Kafka broker answered at {} within 30 s: start one with deploy/kafka/start.sh (scripts/test.sh does)", brokers()))
+        .expect("create topics");
+    for r in res {
+        r.expect("topic created");
+    }
+    topics
+}
+
+pub async fn produce(topics: &KafkaTopics, hours: u64, seed: u64) -> SimReport {
+    let cfg = SimulatorConfig {
+        seed,
+        duration: citystream_operators::Duration::from_secs(hours * 3600),
+        ..SimulatorConfig::default()
+    };
+    let (report, _) = simulate_into(&brokers(), cfg, topics, None).await.expect("produce");
+    report
+}
+
+pub fn yaml(topics: &KafkaTopics, group: &str, data: &Path, idle: &str) -> String {
+    format!(
+        "\
+name: kafka-test
+sources:
+  kafka:
+    type: kafka
+    brokers: {brokers}
+    group_id: {group}
+    topics: {{traffic: {t}, camera: {c}, environment: {e}}}
+    batch_rows: 4096
+    checkpoint_interval: 1s
+    stop_when_idle: {idle}
+    properties:
+      session.timeout.ms: \"10000\"
+      heartbeat.interval.ms: \"1000\"
+stages:
+  traffic: {{type: decode, input: kafka.traffic, kind: traffic, max_past: null, max_future: null}}
+  camera: {{type: decode, input: kafka.camera, kind: camera, max_past: null, max_future: null}}
+  environment: {{type: decode, input: kafka.environment, kind: environment, max_past: null, max_future: null}}
+sinks:
+  lake:
+    type: parquet
+    path: {data}
+    tables:
+      traffic: traffic
+      camera: camera
+      environment: environment
+      dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters]
+runtime:
+  status_interval: null
+",
+        brokers = brokers(),
+        t = topics.traffic.as_ref().unwrap(),
+        c = topics.camera.as_ref().unwrap(),
+        e = topics.environment.as_ref().unwrap(),
+        data = data.display()
+    )
+}
+
+pub async fn run_in_process(yaml: &str) -> citystream_pipeline::RunReport {
+    let p = plan(config::load_str(yaml, "kafka.yaml").unwrap(), "kafka.yaml").unwrap();
+    let (_stop, rx) = StopHandle::new();
+    tokio::time::timeout(Duration::from_secs(600), runtime::run(p, Metrics::new(), rx))
+        .await
+        .expect("the pipeline finished within 10 minutes")
+        .expect("the pipeline ran without error")
+}
+
+/// Per table, the sorted `(src_partition, src_offset)` of every stored row: the row content
+/// is a function of the position, so equal positions mean equal rows.
+pub async fn positions(lake: &Path) -> BTreeMap<String, Vec<(i32, i64)>> {
+    let (ctx, names) = if lake.exists() { sql::context(lake).await.unwrap() } else { Default::default() };
+    let mut out = BTreeMap::new();
+    for table in ["traffic", "camera", "environment", "dead_letters"] {
+        let mut v = Vec::new();
+        if names.iter().any(|n| n == table) {
+            let q = if table == "dead_letters" {
+                "SELECT src_partition + 1000 * (CASE WHEN source LIKE '%traffic' THEN 0 WHEN source LIKE '%camera' THEN 1 ELSE 2 END), src_offset FROM dead_letters".to_owned()
+            } else {
+                format!("SELECT src_partition, src_offset FROM {table}")
+            };
+            for b in ctx.sql(&q).await.unwrap().collect().await.unwrap() {
+                let p = arrow::compute::cast(b.column(0), &DataType::Int32).unwrap();
+                let p = p.as_primitive::<Int32Type>();
+                let o = b.column(1).as_primitive::<Int64Type>();
+                v.extend(p.values().iter().copied().zip(o.values().iter().copied()));
+            }
+        }
+        v.sort_unstable();
+        out.insert(table.to_owned(), v);
+    }
+    out
+}
+
+pub fn assert_complete(pos: &BTreeMap<String, Vec<(i32, i64)>>, report: &SimReport) {
+    for kind in citystream_schemas::EventKind::ALL {
+        let v = &pos[kind.as_str()];
+        let mut dedup = v.clone();
+        dedup.dedup();
+        assert_eq!(dedup.len(), v.len(), "{kind}: no row is stored twice");
+        assert_eq!(v.len() as u64, report.counts(kind).valid, "{kind}: every valid event is stored");
+    }
+    let malformed: u64 = report.kinds.values().map(|c| c.malformed).sum();
+    assert_eq!(pos["dead_letters"].len() as u64, malformed, "dead letters equal malformed events");
+}
+
+pub fn citystream_bin() -> PathBuf {
+    // target/debug/deps/kafka-… → target/debug/citystream (built by `cargo build --workspace`)
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("citystream");
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)", bin.display());
+    bin
+}
+
+pub fn spawn(config: &Path, log: &Path) -> Child {
+    Command::new(citystream_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start citystream")
+}
+
+pub fn wait_for_rows(lake: &Path, at_least: usize, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let n = walk(lake).iter().filter(|p| p.ends_with(".parquet")).count();
+        if n >= at_least || t0.elapsed() > limit {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration, log: &Path) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "citystream failed: {status}\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("citystream did not finish within {limit:?}\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Runs a broker control script of `deploy/kafka/` on the broker `scripts/test.sh` started
+/// (`KAFKA_RUN_DIR`, `KAFKA_PORT`, `KAFKA_CONTROLLER_PORT` from the environment).
+pub fn broker_script(script: &str) {
+    let dir = std::env::var("KAFKA_RUN_DIR")
+        .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it); this test stops and restarts that broker");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kafka").join(script);
+    let status =
+        Command::new(&path).args(["--dir", &dir]).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(status.success(), "{script} failed: {status}");
+}

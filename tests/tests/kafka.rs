@@ -1,0 +1,90 @@
+//! Kafka in and out against the real Apache Kafka broker that `scripts/test.sh` starts
+//! (`deploy/kafka/start.sh`), at `CITYSTREAM_KAFKA_BROKERS` (default `127.0.0.1:9092`).
+//!
+//! Each test uses its own topics and consumer group, so they can run side by side.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_through_kafka_to_parquet_exactly_once() {
+    let topics = create_topics(&unique("t1"), 3).await;
+    let report = produce(&topics, 26, 101).await;
+    let total: u64 = report.kinds.values().map(|c| c.valid + c.malformed).sum();
+    assert!(total >= 300_000, "at least 300k events through Kafka, got {total}");
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_in_process(&yaml(&topics, &unique("g1"), &dir.path().join("lake"), "3s")).await;
+    assert_eq!(run.source_messages["kafka"], total, "every message was consumed once");
+    let pos = positions(&dir.path().join("lake")).await;
+    assert_complete(&pos, &report);
+    // files are named after their source positions
+    let names = walk(&dir.path().join("lake"));
+    assert!(
+        names.iter().all(|n| n.contains(".traffic-p") || n.contains(".camera-p") || n.contains(".environment-p")),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_gives_the_same_output() {
+    let topics = create_topics(&unique("t2"), 3).await;
+    let report = produce(&topics, 26, 202).await;
+    // the reference: an uninterrupted run
+    let reference = tempfile::tempdir().unwrap();
+    run_in_process(&yaml(&topics, &unique("g2ref"), &reference.path().join("lake"), "3s")).await;
+    let expected = positions(&reference.path().join("lake")).await;
+    assert_complete(&expected, &report);
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = dir.path().join("pipeline.yaml");
+    std::fs::write(&cfg, yaml(&topics, &unique("g2"), &lake, "5s").replace("batch_rows: 4096", "batch_rows: 512"))
+        .unwrap();
+    let log = dir.path().join("run1.log");
+    let mut first = spawn(&cfg, &log);
+    wait_for_rows(&lake, 6, Duration::from_secs(60));
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    let at_kill: usize = positions(&lake).await.values().map(Vec::len).sum();
+    let total: usize = expected.values().map(Vec::len).sum();
+    assert!(at_kill > 0 && at_kill < total, "killed mid-stream: {at_kill} of {total} rows were on disk");
+    let log2 = dir.path().join("run2.log");
+    let mut second = spawn(&cfg, &log2);
+    wait_exit(&mut second, Duration::from_secs(300), &log2);
+    let got = positions(&lake).await;
+    for (table, rows) in &expected {
+        assert_eq!(got[table].len(), rows.len(), "{table}: row count after kill and restart");
+        assert!(got[table] == *rows, "{table}: the same rows as the uninterrupted run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_partitions_and_one_takes_over() {
+    let topics = create_topics(&unique("t3"), 3).await;
+    let report = produce(&topics, 26, 303).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = dir.path().join("pipeline.yaml");
+    std::fs::write(&cfg, yaml(&topics, &unique("g3"), &lake, "8s").replace("batch_rows: 4096", "batch_rows: 256"))
+        .unwrap();
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut a = spawn(&cfg, &log_a);
+    let mut b = spawn(&cfg, &log_b);
+    wait_for_rows(&lake, 10, Duration::from_secs(60));
+    // stop one instance gracefully (SIGTERM): it flushes, commits and leaves the group
+    // SAFETY: kill(2) on a child we spawned.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    wait_exit(&mut a, Duration::from_secs(120), &log_a);
+    wait_exit(&mut b, Duration::from_secs(300), &log_b);
+    let a_log = std::fs::read_to_string(&log_a).unwrap();
+    let b_log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(a_log.contains("assigned") && b_log.contains("assigned"), "both instances joined the group");
+    let got = positions(&lake).await;
+    if std::env::var("CITYSTREAM_TEST_LOGS").is_ok() {
+        eprintln!("=== a\n{a_log}\n=== b\n{b_log}");
+    }
+    assert_complete(&got, &report);
+}
