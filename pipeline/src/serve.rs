@@ -48,6 +48,10 @@ pub fn status_line(m: &Metrics, prev: &mut (Instant, f64, f64)) -> String {
         "in {:.0} ev/s, out {:.0} rows/s | total in {} out {} dead letters {}",
         rate_in, rate_out, t.events_in as u64, t.rows_out as u64, t.dead as u64
     );
+    let lag = m.series("citystream_kafka_consumer_lag");
+    if !lag.is_empty() {
+        let _ = write!(s, " | kafka lag {:.0}", lag.iter().map(|(_, v)| v).sum::<f64>());
+    }
     let queues = m.series("citystream_queue_depth");
     if !queues.is_empty() {
         s.push_str(" | queues");
@@ -67,5 +71,49 @@ pub async fn status_loop(metrics: Metrics, every: Duration) {
     loop {
         tick.tick().await;
         eprintln!("[citystream] {}", status_line(&metrics, &mut prev));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_reports_rates_totals_lag_and_queues() {
+        let m = Metrics::new();
+        m.counter("citystream_source_events_total", "", &[("source", "k")]).inc_by(100);
+        m.counter("citystream_sink_rows_total", "", &[("table", "t")]).inc_by(90);
+        m.counter("citystream_dead_letters_total", "", &[("reason", "bad_json")]).inc_by(10);
+        m.gauge("citystream_kafka_consumer_lag", "", &[("partition", "0")]).set(7.0);
+        m.gauge("citystream_kafka_consumer_lag", "", &[("partition", "1")]).set(5.0);
+        m.gauge("citystream_queue_depth", "", &[("task", "traffic")]).set(3.0);
+        let mut prev = (Instant::now() - Duration::from_secs(2), 0.0, 0.0);
+        let line = status_line(&m, &mut prev);
+        assert!(line.contains("| total in 100 out 90 dead letters 10 | kafka lag 12 | queues traffic=3"), "{line}");
+        assert!(line.starts_with("in ") && line.contains(" ev/s, out "), "{line}");
+    }
+
+    #[tokio::test]
+    async fn metrics_endpoint_serves_prometheus_text() {
+        let m = Metrics::new();
+        m.counter("citystream_source_events_total", "Messages read.", &[("source", "x")]).inc_by(3);
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let server = tokio::spawn(metrics_endpoint(addr, m));
+        let mut body = String::new();
+        for _ in 0..50 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+                s.read_to_string(&mut body).await.unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.abort();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("text/plain; version=0.0.4"), "{body}");
+        assert!(body.contains("citystream_source_events_total{source=\"x\"} 3"), "{body}");
     }
 }

@@ -82,6 +82,11 @@ async fn two_instances_split_partitions_and_one_takes_over() {
     let a_log = std::fs::read_to_string(&log_a).unwrap();
     let b_log = std::fs::read_to_string(&log_b).unwrap();
     assert!(a_log.contains("assigned") && b_log.contains("assigned"), "both instances joined the group");
+    // the rebalances flushed and committed before partitions moved
+    assert!(
+        a_log.contains("revoked: flushed and committed") || b_log.contains("revoked: flushed and committed"),
+        "a revocation flushed and committed:\n{a_log}\n{b_log}"
+    );
     let got = positions(&lake).await;
     if std::env::var("CITYSTREAM_TEST_LOGS").is_ok() {
         eprintln!("=== a\n{a_log}\n=== b\n{b_log}");

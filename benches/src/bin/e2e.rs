@@ -137,6 +137,8 @@ mod kafka {
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
+            // the same prefetch bound as the pipeline's source
+            .set("queued.max.messages.kbytes", "16384")
             .create()?;
         let names: Vec<&str> =
             [&topics.traffic, &topics.camera, &topics.environment].iter().filter_map(|t| t.as_deref()).collect();

@@ -233,7 +233,9 @@ pub(crate) async fn run_kafka_source(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000");
+        .set("statistics.interval.ms", "1000")
+        // librdkafka prefetches up to 64 MiB per partition by default: bound memory
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &cfg.properties {
         cc.set(k, v.as_str());
     }
