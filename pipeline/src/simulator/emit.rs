@@ -431,6 +431,10 @@ pub(super) fn corrupt(payload: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
             let end = text.find(r#","schema_version""#).expect("every payload has schema_version");
             format!("{}\"yesterday\"{}", &text[..start], &text[end..]).into_bytes()
         }
-        _ => (0..rng.random_range(8..64)).map(|_| rng.random::<u8>()).collect(),
+        // random bytes, but never a newline, so JSON-lines output keeps one message per line
+        _ => (0..rng.random_range(8..64))
+            .map(|_| rng.random::<u8>())
+            .map(|b| if b == b'\n' { b' ' } else { b })
+            .collect(),
     }
 }

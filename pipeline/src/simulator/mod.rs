@@ -520,6 +520,7 @@ mod tests {
     fn arrivals_are_ordered_and_counts_match_what_decodes() {
         let (msgs, report) = run(small(11, 6));
         assert!(msgs.windows(2).all(|w| w[0].arrival_ms <= w[1].arrival_ms));
+        assert!(msgs.iter().all(|m| !m.payload.contains(&b'\n')), "one message per JSON line, malformed ones too");
         for kind in EventKind::ALL {
             let mut b = RawBatchBuilder::with_capacity(1024, 1 << 20);
             for (i, m) in msgs.iter().filter(|m| m.kind == kind).enumerate() {
