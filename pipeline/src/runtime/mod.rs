@@ -9,6 +9,7 @@
 //! Operators are synchronous; their calls run through `block_in_place` on the multi-threaded
 //! runtime so CPU-heavy work never stalls the I/O tasks.
 
+mod align;
 mod checkpoint;
 mod sinks;
 mod sources;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use citystream_operators::{Message, Metrics};
 use tokio::sync::mpsc;
 
+use super::align::{Aligner, Next};
 use super::checkpoint::SinkAck;
 use super::{Envelope, PipelineError, cpu};
 use crate::config::{SinkConfig, SinkNode};
@@ -94,17 +95,12 @@ impl SinkTask {
         mut self,
         mut rx: mpsc::Receiver<Envelope>,
     ) -> Result<BTreeMap<String, TableStats>, PipelineError> {
-        let n = self.tables.len();
-        let mut watermarks = vec![i64::MIN; n];
-        let mut ended = vec![false; n];
-        let mut barriers: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut watermarks = vec![i64::MIN; self.tables.len()];
+        let mut inputs = Aligner::new(self.tables.len());
         loop {
-            let Some(Envelope { input, msg }) = rx.recv().await else {
-                return Err(PipelineError::Disconnected);
-            };
-            match msg {
-                Message::Batch(b) => self.write(input, &b).await?,
-                Message::Watermark(wm) => {
+            match inputs.next(&mut rx).await? {
+                Next::Message(input, Message::Batch(b)) => self.write(input, &b).await?,
+                Next::Message(input, Message::Watermark(wm)) => {
                     let before = watermarks.iter().copied().min().unwrap_or(i64::MIN);
                     watermarks[input] = watermarks[input].max(wm);
                     let after = watermarks.iter().copied().min().unwrap_or(i64::MIN);
@@ -115,26 +111,20 @@ impl SinkTask {
                             .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })?;
                     }
                 }
-                Message::Barrier(b) => {
-                    let seen = barriers.entry(b.epoch).or_insert(0);
-                    *seen += 1;
-                    if *seen == n {
-                        barriers.remove(&b.epoch);
-                        self.flush().await?;
-                        self.ack.ack(b.epoch);
-                    }
+                Next::Message(input, Message::End) => watermarks[input] = i64::MAX,
+                Next::Message(_, Message::Barrier(_)) => unreachable!("the aligner reports barriers as `Aligned`"),
+                Next::Aligned(b) => {
+                    // everything before the barrier, and nothing after it, is made durable
+                    self.flush().await?;
+                    self.ack.ack(b.epoch);
                 }
-                Message::End => {
-                    ended[input] = true;
-                    watermarks[input] = i64::MAX;
-                    if ended.iter().all(|e| *e) {
-                        self.flush().await?;
-                        return Ok(match &self.writer {
-                            Writer::Parquet(w) => w.stats(),
-                            #[cfg(feature = "kafka")]
-                            Writer::Kafka { .. } => BTreeMap::new(),
-                        });
-                    }
+                Next::Ended => {
+                    self.flush().await?;
+                    return Ok(match &self.writer {
+                        Writer::Parquet(w) => w.stats(),
+                        #[cfg(feature = "kafka")]
+                        Writer::Kafka { .. } => BTreeMap::new(),
+                    });
                 }
             }
         }

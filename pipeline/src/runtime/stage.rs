@@ -3,6 +3,7 @@
 use citystream_operators::{Collector, Counter, Message, Metrics, Operator};
 use tokio::sync::mpsc;
 
+use super::align::{Aligner, Next};
 use super::{Envelope, Outputs, PipelineError, cpu, thread_cpu_ns};
 
 /// Drives an [`Operator`]: merges its inputs, tracks their watermarks, aligns barriers and
@@ -76,42 +77,30 @@ impl StageTask {
         let mut out = Collector::new(self.op.outputs().len());
         let mut watermarks = vec![i64::MIN; self.inputs];
         let mut current_wm = i64::MIN;
-        let mut ended = vec![false; self.inputs];
-        let mut barriers: std::collections::BTreeMap<u64, usize> = Default::default();
+        let mut inputs = Aligner::new(self.inputs);
         loop {
-            let Some(Envelope { input, msg }) = rx.recv().await else {
-                // every upstream dropped its sender without `End`: an upstream failed
-                return Err(PipelineError::Disconnected);
-            };
-            match msg {
-                Message::Batch(batch) => {
+            match inputs.next(&mut rx).await? {
+                Next::Message(_, Message::Batch(batch)) => {
                     self.rows_in.inc_by(batch.num_rows() as u64);
                     self.batches_in.inc();
                     self.call(|op, out| op.process_batch(batch, out), &mut out)?;
                     self.emit(&mut out).await?;
                 }
-                Message::Watermark(wm) => {
+                Next::Message(input, Message::Watermark(wm)) => {
                     watermarks[input] = watermarks[input].max(wm);
                     self.advance_watermark(&watermarks, &mut current_wm, &mut out).await?;
                 }
-                Message::Barrier(b) => {
-                    let seen = barriers.entry(b.epoch).or_insert(0);
-                    *seen += 1;
-                    if *seen == self.inputs {
-                        barriers.remove(&b.epoch);
-                        self.outputs.broadcast(Message::Barrier(b)).await?;
-                    }
-                }
-                Message::End => {
-                    ended[input] = true;
+                Next::Message(input, Message::End) => {
                     watermarks[input] = i64::MAX;
-                    if ended.iter().all(|e| *e) {
-                        self.call(|op, out| op.on_end(out), &mut out)?;
-                        self.emit(&mut out).await?;
-                        self.outputs.broadcast(Message::End).await?;
-                        return Ok(());
-                    }
                     self.advance_watermark(&watermarks, &mut current_wm, &mut out).await?;
+                }
+                Next::Message(_, Message::Barrier(_)) => unreachable!("the aligner reports barriers as `Aligned`"),
+                Next::Aligned(b) => self.outputs.broadcast(Message::Barrier(b)).await?,
+                Next::Ended => {
+                    self.call(|op, out| op.on_end(out), &mut out)?;
+                    self.emit(&mut out).await?;
+                    self.outputs.broadcast(Message::End).await?;
+                    return Ok(());
                 }
             }
         }
