@@ -93,3 +93,57 @@ async fn two_instances_split_partitions_and_one_takes_over() {
     }
     assert_complete(&got, &report);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_delivers_every_row_as_keyed_json() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let prefix = unique("t5");
+    let topics = create_topics(&prefix, 3).await;
+    let out_topic = topics.environment.clone().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // the simulator's environment stream, decoded, produced to Kafka keyed by station
+    let text = format!(
+        "\
+sources:
+  city: {{type: simulator, seed: 5, duration: 6h, faults: {{malformed_rate: 0.0}}}}
+stages:
+  environment: {{type: decode, input: city.environment, kind: environment}}
+sinks:
+  out:
+    type: kafka
+    brokers: {brokers}
+    topics:
+      {out_topic}: {{input: environment, key: station_id}}
+  lake:
+    type: parquet
+    path: {lake}
+    tables: {{dead_letters: environment.dead_letters}}
+runtime: {{status_interval: null}}
+",
+        brokers = brokers(),
+        lake = dir.path().join("lake").display()
+    );
+    let report = run_in_process(&text).await;
+    let expected = report.simulations["city"].counts(citystream_schemas::EventKind::Environment).valid;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("g5"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[out_topic.as_str()]).unwrap();
+    let mut seen = 0u64;
+    while seen < expected {
+        let m =
+            tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("every row arrives").unwrap();
+        let row: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let station = row["station_id"].as_str().unwrap();
+        assert_eq!(m.key(), Some(station.as_bytes()), "keyed by the station");
+        assert!(row["event_id"].is_string() && row["ts"].is_string(), "{row}");
+        seen += 1;
+    }
+    // and no more than that
+    assert!(tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await.is_err(), "no extra messages");
+    assert_eq!(seen, expected);
+}
