@@ -73,6 +73,13 @@ async fn two_instances_split_partitions_and_one_takes_over() {
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let mut a = spawn(&cfg, &log_a);
     let mut b = spawn(&cfg, &log_b);
+    // both must be members with partitions before one leaves
+    let t0 = std::time::Instant::now();
+    let joined = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default().contains("assigned");
+    while !(joined(&log_a) && joined(&log_b)) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "both instances got partitions within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_for_rows(&lake, 10, Duration::from_secs(60));
     // stop one instance gracefully (SIGTERM): it flushes, commits and leaves the group
     // SAFETY: kill(2) on a child we spawned.
