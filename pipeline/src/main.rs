@@ -92,7 +92,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command)) {
+    let result = rt.block_on(dispatch(cli.command));
+    // do not wait for blocking work left behind (e.g. a Kafka client whose close hangs): the
+    // bounds applied inside the run would be undone by an unbounded wait here
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // config errors print as a list with locations; others as a chain of causes

@@ -129,14 +129,15 @@ pub fn origin_name(sources: &[SourceNode], node: &str, port: usize) -> Option<St
     }
 }
 
-/// The source stream the rows of `r` come from, following single-input stages upstream.
-fn origin_of(sources: &[SourceNode], stages: &[StageNode], r: &StreamRef) -> String {
+/// The source stream the rows of `r` come from, following single-input stages upstream;
+/// `None` when a stage merges several inputs.
+fn origin_of(sources: &[SourceNode], stages: &[StageNode], r: &StreamRef) -> Option<String> {
     if let Some(o) = origin_name(sources, &r.node, r.port) {
-        return o;
+        return Some(o);
     }
     match stages.iter().find(|s| s.name == r.node) {
         Some(st) if st.inputs.len() == 1 => origin_of(sources, stages, &st.inputs[0]),
-        _ => r.node.clone(),
+        _ => None,
     }
 }
 
@@ -226,6 +227,22 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
             SourceNode { name: name.clone(), config: config.clone(), outputs }
         })
         .collect();
+
+    #[cfg(feature = "kafka")]
+    let has_kafka = sources.iter().any(|s| matches!(s.config, SourceConfig::Kafka(_)));
+    #[cfg(not(feature = "kafka"))]
+    let has_kafka = false;
+
+    // Checkpoints and offset commits are per pipeline: a Kafka source's barriers and sink
+    // acknowledgements would interleave with another source's, committing too early.
+    if sources.len() > 1 && has_kafka {
+        ck.error(
+            nowhere,
+            "sources",
+            format!("a pipeline with a kafka source must have exactly one source (it has {})", sources.len()),
+            Some("run one pipeline per source; a kafka source can read several topics".into()),
+        );
+    }
 
     // topological order of stages (Kahn), reporting cycles
     let stage_deps: BTreeMap<&str, BTreeSet<&str>> = raw
@@ -433,7 +450,22 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
                 }
             }
         }
-        let origins = inputs.iter().map(|(_, r)| origin_of(&sources, &stages, r)).collect();
+        let mut origins = Vec::new();
+        for (table, r) in &inputs {
+            let origin = origin_of(&sources, &stages, r);
+            let positioned = tables.get(table).is_some_and(|s: &SchemaRef| s.index_of("src_partition").is_ok());
+            if origin.is_none() && positioned && has_kafka {
+                // files are named after the topic and offsets they hold, which is how a restart
+                // finds what was written after the last commit; merged streams have no one topic
+                ck.error(
+                    nowhere,
+                    format!("sinks.{name}.tables.{table}"),
+                    format!("`{r}` merges several source streams, so its rows cannot be filed by topic and offset"),
+                    Some("route each topic's rows to the table through single-input stages".into()),
+                );
+            }
+            origins.push(origin.unwrap_or_else(|| r.node.clone()));
+        }
         sinks.push(SinkNode { name: name.clone(), config: cfg.clone(), inputs, tables, origins });
     }
 

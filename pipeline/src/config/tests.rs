@@ -230,3 +230,20 @@ fn every_shipped_config_is_valid() {
     }
     assert!(seen >= 1);
 }
+
+#[cfg(feature = "kafka")]
+#[test]
+fn kafka_pipelines_have_one_source_and_file_rows_by_topic() {
+    let kafka = "  bus:\n    type: kafka\n    brokers: x:1\n    group_id: g\n    topics: {traffic: t, camera: c}\n";
+    let text = GOOD.replace("sources:\n", &format!("sources:\n{kafka}"));
+    let e = error_of(&text);
+    assert!(e.contains("sources: a pipeline with a kafka source must have exactly one source (it has 2)"), "{e}");
+
+    // a stage merging two topics cannot feed a table filed by topic and offset
+    let text = GOOD
+        .replace("  city:\n    type: simulator\n    duration: 1h\n", kafka)
+        .replace("input: city.traffic", "input: [bus.traffic, bus.camera]")
+        .replace("kind: traffic", "kind: traffic\n");
+    let e = error_of(&text);
+    assert!(e.contains("`traffic` merges several source streams"), "{e}");
+}

@@ -63,6 +63,28 @@ struct Ctx {
     shared: Arc<Mutex<Shared>>,
 }
 
+impl Ctx {
+    /// Records a fatal error from a callback; the source stops at its next step and no later
+    /// revocation flushes or commits anything.
+    fn fail(&self, message: String) {
+        let mut s = self.shared.lock().expect("source state");
+        s.closing = true;
+        s.error.get_or_insert(message);
+    }
+}
+
+/// Marks the source as closing when it exits, however it exits: dropping the consumer after an
+/// error triggers a revocation, which must not flush and commit rows the error left unsettled.
+struct CloseGuard(Arc<Mutex<Shared>>);
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.closing = true;
+        }
+    }
+}
+
 impl ClientContext for Ctx {
     fn stats(&self, stats: Statistics) {
         let mut s = self.shared.lock().expect("source state");
@@ -121,13 +143,26 @@ fn commit<C: Consumer<Ctx>>(
     if tpl.count() == 0 {
         return Ok(());
     }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| format!("committing offsets: {e}"))
+    crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| format!("committing offsets: {e}"))
 }
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
         if list.count() == 0 || self.shared.lock().expect("source state").closing {
+            return;
+        }
+        if consumer.assignment_lost() {
+            // the group moved on without us (session timeout): another member may already be
+            // writing these partitions, so flushing or committing now could duplicate rows.
+            // Stop; a restart rejoins and replays from the last commit.
+            let mut s = self.shared.lock().expect("source state");
+            s.closing = true;
+            s.error.get_or_insert(
+                "the consumer group revoked our partitions after a session timeout (assignment lost); \
+                 stopping so the replay from the last commit stays exactly-once"
+                    .into(),
+            );
             return;
         }
         // Flush and commit what we own before the partitions go. This callback runs inside
@@ -170,25 +205,50 @@ impl ConsumerContext for Ctx {
                 return;
             }
         };
+        // where each partition's committed data ends; with nothing committed (a new group, or
+        // a first run that died before its first commit) replay starts at the partition's low
+        // watermark, so only files from there on will be written again
+        let mut starts = Vec::new();
+        for e in committed.elements() {
+            if let Err(err) = e.error() {
+                self.fail(format!("reading the committed offset of {}/{}: {err}", e.topic(), e.partition()));
+                return;
+            }
+            let from = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => match consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(30)) {
+                    Ok((low, _)) => low,
+                    Err(err) => {
+                        self.fail(format!("reading the low watermark of {}/{}: {err}", e.topic(), e.partition()));
+                        return;
+                    }
+                },
+            };
+            starts.push((e.topic().to_owned(), e.partition(), from));
+        }
         let mut s = self.shared.lock().expect("source state");
         s.assigned_at = Some(Instant::now());
         s.generation += 1;
-        for e in committed.elements() {
-            let from = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => -1, // nothing committed: everything written for this partition is uncommitted
-            };
-            for root in &s.sink_roots {
-                match crate::sink::parquet::remove_uncommitted(root, e.topic(), e.partition(), from) {
+        for (topic, partition, from) in starts {
+            for root in s.sink_roots.clone() {
+                match crate::sink::parquet::remove_uncommitted(&root, &topic, partition, from) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(
-                        topic = e.topic(),
-                        partition = e.partition(),
+                        topic,
+                        partition,
                         committed = from,
                         removed = n,
                         "removed files written after the last commit"
                     ),
-                    Err(err) => tracing::error!("removing uncommitted files under {}: {err}", root.display()),
+                    Err(err) => {
+                        // consuming now would duplicate the rows of the files left behind
+                        s.closing = true;
+                        s.error.get_or_insert(format!(
+                            "cannot remove files written after the last commit of {topic}/{partition} under {}: {err}",
+                            root.display()
+                        ));
+                        return;
+                    }
                 }
             }
         }
@@ -242,6 +302,8 @@ pub(crate) async fn run_kafka_source(
     let consumer: StreamConsumer<Ctx> = cc
         .create_with_context(Ctx { shared: shared.clone() })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
+    // declared after the consumer, so it is dropped (and marks closing) before the consumer is
+    let _close_guard = CloseGuard(shared.clone());
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?;
     tracing::info!(source = name, ?topics, group = cfg.group_id.as_str(), "consuming");
@@ -275,6 +337,7 @@ pub(crate) async fn run_kafka_source(
     checkpoint_tick.tick().await;
     // (epoch, generation, positions) of the newest checkpoint not yet committed
     let mut pending_commit: Option<(u64, u64, Positions)> = None;
+    let mut stop_open = true;
 
     loop {
         if let Some(e) = shared.lock().expect("source state").error.take() {
@@ -282,8 +345,13 @@ pub(crate) async fn run_kafka_source(
         }
         tokio::select! {
             biased;
-            _ = stop.changed() => {
-                if *stop.borrow() { break; }
+            changed = stop.changed(), if stop_open => {
+                match changed {
+                    Ok(()) if *stop.borrow() => break,
+                    Ok(()) => {}
+                    // nobody can ask us to stop any more: keep consuming
+                    Err(_) => stop_open = false,
+                }
             }
             _ = checkpoint_tick.tick() => {
                 // commit the previous checkpoint if every sink acknowledged it, then start the next
@@ -358,6 +426,10 @@ pub(crate) async fn run_kafka_source(
                 last_message = Instant::now();
                 let full = {
                     let mut s = shared.lock().expect("source state");
+                    if let Some(e) = s.error.take() {
+                        // a callback inside this poll failed (e.g. cleanup on assignment)
+                        return Err(err(e));
+                    }
                     let topic = msg.topic();
                     let Some(&port) = s.ports.get(topic) else { continue };
                     let payload = msg.payload().unwrap_or_default();

@@ -53,6 +53,8 @@ pub(crate) async fn run_simulator(
     let sim0 = sim.start_ms();
     let mut pending: Vec<SimMessage> = Vec::new();
     let mut last_wm = i64::MIN;
+    // false once every StopHandle is gone (then `changed` would return at once, forever)
+    let mut stop_open = true;
     loop {
         if *stop.borrow() {
             tracing::info!(source = name, "stop requested: draining");
@@ -99,9 +101,13 @@ pub(crate) async fn run_simulator(
             let due = Duration::from_secs_f64(((sim.now_ms() - sim0) as f64 / 1000.0 / f).max(0.0));
             let wait = due.saturating_sub(wall0.elapsed());
             if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => {}
+                if stop_open {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        changed = stop.changed() => stop_open = changed.is_ok(),
+                    }
+                } else {
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

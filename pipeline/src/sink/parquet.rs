@@ -286,6 +286,10 @@ impl ParquetWriter {
         f.writer.write(part)?;
         if let Some(o) = offsets {
             f.last_offset = f.last_offset.max(arrow::compute::max(o).unwrap_or(-1));
+            // later parts may hold older offsets (out-of-order hours): the name covers them all
+            if let (Some((_, _, first)), Some(min)) = (f.position.as_mut(), arrow::compute::min(o)) {
+                *first = (*first).min(min);
+            }
         }
         t.rows.inc_by(part.num_rows() as u64);
         Ok(())
@@ -303,6 +307,14 @@ impl ParquetWriter {
             }
             None => f.dir.join(format!("{}.parquet", f.seq_name)),
         };
+        // never replace a finished file: two writers claiming one offset range is a bug upstream
+        if dest.exists() {
+            return Err(ParquetSinkError::Io {
+                action: "rename onto",
+                path: dest.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file with this offset range exists"),
+            });
+        }
         std::fs::rename(&f.tmp, &dest).map_err(io("rename", &f.tmp))?;
         File::open(&f.dir).and_then(|d| d.sync_all()).map_err(io("fsync", &f.dir))?;
         t.files.inc();
@@ -372,29 +384,57 @@ fn parse_position_name(name: &str) -> Option<(&str, i32, i64)> {
 /// Returns how many files were removed.
 pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: i64) -> std::io::Result<usize> {
     let mut removed = 0;
+    let mut first_error: Option<std::io::Error> = None;
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                first_error.get_or_insert(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())));
+                continue;
+            }
+        };
+        let mut removed_here = false;
+        for e in rd {
+            let e = match e {
+                Ok(e) => e,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
             let path = e.path();
-            if path.is_dir() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(path);
                 continue;
             }
             let name = e.file_name();
-            let Some((o, p, first)) =
-                parse_position_name(&name.to_string_lossy()).map(|(o, p, f)| (o.to_owned(), p, f))
-            else {
-                continue;
-            };
-            let tmp = name.to_string_lossy().ends_with(".tmp");
+            let name = name.to_string_lossy();
+            let Some((o, p, first)) = parse_position_name(&name) else { continue };
+            let tmp = name.ends_with(".tmp");
             if o == origin && p == partition && (tmp || first >= committed) {
-                std::fs::remove_file(&path)?;
-                removed += 1;
+                // keep going after a failure: remove everything we can, then report
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        removed += 1;
+                        removed_here = true;
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                    }
+                }
             }
         }
+        // make the removals durable before the replay writes their rows again
+        if removed_here && let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(removed)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
 }
 
 #[cfg(test)]
@@ -527,6 +567,26 @@ mod tests {
         let fs = files(dir.path());
         assert_eq!(fs.len(), 2);
         assert!(fs[0].ends_with("p0-o000000000010-000000000011.parquet") && fs[1].contains("-p1-"), "{fs:?}");
+    }
+
+    #[test]
+    fn a_file_is_named_after_the_lowest_offset_of_all_its_parts_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", dir.path().display())).unwrap();
+        let h = 1_772_409_600_000;
+        let b = positioned(&[h, h], &[0, 0], &[30, 31]);
+        let tables = BTreeMap::from([("t".to_owned(), b.schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
+        w.write("t", "city.traffic", &b).unwrap();
+        // an older offset of the same hour arrives later (it was held in another hour's batch)
+        w.write("t", "city.traffic", &positioned(&[h], &[0], &[25])).unwrap();
+        w.flush().unwrap();
+        assert_eq!(files(dir.path()), ["t/date=2026-03-02/hour=00/city.traffic-p0-o000000000025-000000000031.parquet"]);
+        // the same range again (a replay that skipped cleanup) is refused, not overwritten
+        w.write("t", "city.traffic", &positioned(&[h, h], &[0, 0], &[25, 31])).unwrap();
+        let e = w.flush().unwrap_err();
+        assert!(e.to_string().contains("rename onto"), "{e}");
     }
 
     #[test]
