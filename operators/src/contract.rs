@@ -148,6 +148,13 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// Applies new values of live-tunable parameters, between two calls, keeping all state.
+    /// `config` is the operator's own configuration type (the runtime checked beforehand that
+    /// only tunable parameters changed). The default accepts nothing.
+    fn retune(&mut self, _config: &dyn std::any::Any) -> Result<(), String> {
+        Err(format!("`{}` has no parameters that can change while running", self.kind()))
+    }
+
     /// Whether the operator keeps state between batches. A stateful operator must implement
     /// [`snapshot`](Self::snapshot) and [`restore`](Self::restore).
     fn is_stateful(&self) -> bool {

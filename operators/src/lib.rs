@@ -13,19 +13,29 @@
 //! - [`Metrics`]: a small registry of counters and gauges rendered in the Prometheus text format.
 //!
 //! Built-in operators: [`decode::Decode`] (JSON to Arrow with dead letters),
-//! [`filter::Filter`] and [`project::Project`].
+//! [`filter::Filter`], [`project::Project`], [`dedup::Dedup`] (exact and content duplicates),
+//! [`compress::Compress`] (swinging door / deadband with an error bound),
+//! [`zstd_column::ZstdColumn`] (zstd payloads, optionally with a dictionary),
+//! [`admit::Admit`] (rate limits per stream and key) and [`window::Window`] (event-time
+//! windows and aggregates).
 //!
 //! This crate depends on Arrow and the event schemas only — no Kafka, Parquet, ONNX or
 //! DataFusion — so its tests build and run fast, without an async runtime.
 
 #![deny(missing_docs)]
 
+pub mod admit;
+mod common;
+pub mod compress;
 mod contract;
 pub mod decode;
+pub mod dedup;
 pub mod duration;
 pub mod filter;
 mod metrics;
 pub mod project;
+pub mod window;
+pub mod zstd_column;
 #[cfg(test)]
 mod test_util;
 

@@ -24,7 +24,7 @@ mod reason;
 mod wire;
 
 pub use decode::{DecodeOptions, Decoded, Decoder, SchemaError};
-pub use kind::{CAMERA_KINDS, EventKind, OBJECT_CLASSES, SCHEMA_VERSION};
+pub use kind::{CAMERA_KINDS, EventKind, OBJECT_CLASSES, SCHEMA_VERSION, columns};
 pub use reason::{Reason, ReasonCode};
 
 /// The Arrow type of every event-time column: UTC timestamps in milliseconds.

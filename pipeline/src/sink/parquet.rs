@@ -98,7 +98,7 @@ pub enum ParquetSinkError {
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
     /// A batch has no usable time column.
-    #[error("table `{table}` has no `ts` or `received_at` timestamp column to partition by")]
+    #[error("table `{table}` has no `ts`, `received_at` or `window_start` timestamp column to partition by")]
     NoTimeColumn {
         /// The table.
         table: String,
@@ -185,6 +185,7 @@ impl ParquetWriter {
             let time_column = schema
                 .index_of("ts")
                 .or_else(|_| schema.index_of("received_at"))
+                .or_else(|_| schema.index_of("window_start"))
                 .map_err(|_| ParquetSinkError::NoTimeColumn { table: name.clone() })?;
             let labels = [("sink", sink), ("table", name.as_str())];
             let position_columns = match (schema.index_of("src_partition"), schema.index_of("src_offset")) {

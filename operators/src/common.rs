@@ -1,0 +1,92 @@
+//! Helpers shared by the keyed, event-time operators: column lookup with helpful plan errors,
+//! key encoding with Arrow's row format, and event-time columns.
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::error::ArrowError;
+use arrow::row::{RowConverter, Rows, SortField};
+
+use crate::{PlanError, did_you_mean};
+
+/// The index of `name` in `schema`, or a plan error at `key` with a suggestion.
+pub(crate) fn column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
+    schema.index_of(name).map_err(|_| {
+        let e = PlanError::new(key, format!("the input has no column `{name}`"));
+        match did_you_mean(name, schema.fields().iter().map(|f| f.name().as_str())) {
+            Some(s) => e.with_help(format!("did you mean `{s}`?")),
+            None => e.with_help(format!(
+                "columns: {}",
+                schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    })
+}
+
+/// A numeric column (integers or floats) usable as a measurement.
+pub(crate) fn numeric_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
+    let i = column(schema, name, key)?;
+    if schema.field(i).data_type().is_numeric() {
+        Ok(i)
+    } else {
+        Err(PlanError::new(key, format!("column `{name}` is {}, not a number", schema.field(i).data_type())))
+    }
+}
+
+/// An event-time column: a millisecond timestamp.
+pub(crate) fn time_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
+    let i = column(schema, name, key)?;
+    match schema.field(i).data_type() {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => Ok(i),
+        other => Err(PlanError::new(key, format!("column `{name}` is {other}, not a millisecond timestamp"))),
+    }
+}
+
+/// The event times of a batch (nulls read as `i64::MIN`, i.e. always late).
+pub(crate) fn times(batch: &RecordBatch, column: usize) -> Vec<i64> {
+    let a = batch.column(column).as_primitive::<TimestampMillisecondType>();
+    if a.null_count() == 0 {
+        a.values().to_vec()
+    } else {
+        a.iter().map(|v| v.unwrap_or(i64::MIN)).collect()
+    }
+}
+
+/// A numeric column as `f64` values with its validity (casting once per batch).
+pub(crate) fn as_f64(col: &ArrayRef) -> Result<(Vec<f64>, Option<arrow::buffer::NullBuffer>), ArrowError> {
+    let c = cast(col, &DataType::Float64)?;
+    let a = c.as_primitive::<Float64Type>();
+    Ok((a.values().to_vec(), a.nulls().cloned()))
+}
+
+/// Encodes key columns into Arrow's row format: equal keys give equal bytes.
+pub(crate) struct KeyEncoder {
+    pub(crate) columns: Vec<usize>,
+    pub(crate) converter: RowConverter,
+}
+
+impl std::fmt::Debug for KeyEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEncoder").field("columns", &self.columns).finish()
+    }
+}
+
+impl KeyEncoder {
+    /// An encoder over `columns` of `schema`.
+    pub(crate) fn new(schema: &SchemaRef, columns: Vec<usize>) -> Result<Self, ArrowError> {
+        let fields = columns.iter().map(|&i| SortField::new(schema.field(i).data_type().clone())).collect();
+        Ok(Self { columns, converter: RowConverter::new(fields)? })
+    }
+
+    /// The encoded keys of every row of `batch`.
+    pub(crate) fn encode(&self, batch: &RecordBatch) -> Result<Rows, ArrowError> {
+        let cols: Vec<ArrayRef> = self.columns.iter().map(|&i| batch.column(i).clone()).collect();
+        self.converter.convert_columns(&cols)
+    }
+}
+
+/// A 128-bit hash of `bytes`: collisions are negligible (below 1e-20 for a billion keys), so
+/// operators may treat equal hashes as equal keys and store 16 bytes per key.
+pub(crate) fn hash128(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}

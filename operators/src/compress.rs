@@ -1,0 +1,420 @@
+//! `compress`: lossy compression of numeric sensor series with a guaranteed error bound.
+//!
+//! Per series (the `key` columns, e.g. a station), rows are taken in event-time order (they are
+//! held until the watermark passes them) and a row is dropped only when **linear interpolation
+//! between the kept rows before and after it reconstructs every configured field within its
+//! tolerance**. The tolerance of a reading `v` is `max(abs, rel * |v|)`.
+//!
+//! Methods, per field:
+//! - `swinging_door`: keeps the set of slopes from the last kept point that pass within
+//!   tolerance of every dropped point (the "door"); the next kept point is chosen so its slope
+//!   lies in that set, so every dropped point is within tolerance of the line. This is the
+//!   swinging-door trending algorithm in its exact form (feasible-slope intersection).
+//! - `deadband`: a reading is dropped while it and the next one stay within half the tolerance
+//!   of the last kept value; any line between two such values is then within the tolerance of
+//!   every dropped reading.
+//!
+//! Fields are decided jointly: a row is dropped only if every field allows it, and every field
+//! restarts from the same kept row, so the bound holds for each field independently. A null in
+//! any configured field keeps the row (there is nothing to interpolate). A jump larger than the
+//! tolerance — an incident's sudden drop in speed — is therefore always kept, with the row
+//! before it. `max_gap` also keeps the row before a silence longer than it, so outages are not
+//! bridged by a line.
+//!
+//! Columns not listed in `fields` are carried on kept rows only: compress a copy for storage,
+//! and aggregate (counts, flows) from the uncompressed stream. A row at or before its series'
+//! last processed time (beyond the watermark) goes to `late_events`.
+
+use std::collections::HashMap;
+
+use arrow::array::RecordBatch;
+use arrow::compute::interleave_record_batch;
+use arrow::datatypes::SchemaRef;
+use arrow::row::OwnedRow;
+use serde::Deserialize;
+
+use crate::common::{KeyEncoder, as_f64, column, numeric_column, time_column, times};
+use crate::{
+    BuildContext, Collector, Counter, Duration, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
+};
+
+/// A compression method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Swinging door trending.
+    SwingingDoor,
+    /// Deadband (half the tolerance around the last kept value).
+    Deadband,
+}
+
+/// The tolerance of one field.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldTolerance {
+    /// The method. Default `swinging_door`.
+    #[serde(default = "d_method")]
+    pub method: Method,
+    /// Absolute tolerance, in the field's unit.
+    #[serde(default)]
+    pub abs: f64,
+    /// Relative tolerance, a fraction of the reading's magnitude.
+    #[serde(default)]
+    pub rel: f64,
+}
+
+fn d_method() -> Method {
+    Method::SwingingDoor
+}
+fn d_time() -> String {
+    "ts".into()
+}
+
+impl FieldTolerance {
+    fn of(&self, v: f64) -> f64 {
+        self.abs.max(self.rel * v.abs())
+    }
+}
+
+/// YAML of a `compress` stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressConfig {
+    /// The series key (e.g. `[station_id]`).
+    pub key: Vec<String>,
+    /// Fields and their tolerances. Tolerances are live-tunable.
+    pub fields: std::collections::BTreeMap<String, FieldTolerance>,
+    /// Keep the row before a silence longer than this. Default `15m`.
+    #[serde(default = "d_gap")]
+    pub max_gap: Duration,
+    /// The event-time column. Default `ts`.
+    #[serde(default = "d_time")]
+    pub time_column: String,
+}
+
+fn d_gap() -> Duration {
+    Duration::from_secs(900)
+}
+
+impl CompressConfig {
+    /// Tolerances and `max_gap` change live; the key and the set of fields do not.
+    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+        if new.key != self.key || new.time_column != self.time_column || !new.fields.keys().eq(self.fields.keys()) {
+            return Err("the key, time column and set of fields of a compress stage need a restart; \
+                        tolerances, methods and max_gap change live"
+                .into());
+        }
+        Ok(())
+    }
+
+    fn check(&self, input: &SchemaRef) -> Result<(usize, Vec<usize>, Vec<(usize, FieldTolerance)>), Vec<PlanError>> {
+        let mut errs = Vec::new();
+        let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
+        let mut keys = Vec::new();
+        for (i, k) in self.key.iter().enumerate() {
+            match column(input, k, &format!("key[{i}]")) {
+                Ok(c) => keys.push(c),
+                Err(e) => errs.push(e),
+            }
+        }
+        if self.fields.is_empty() {
+            errs.push(PlanError::new("fields", "list at least one field with its tolerance"));
+        }
+        let mut fields = Vec::new();
+        for (name, tol) in &self.fields {
+            let key = format!("fields.{name}");
+            match numeric_column(input, name, &key) {
+                Ok(c) => fields.push((c, *tol)),
+                Err(e) => errs.push(e),
+            }
+            if !(tol.abs >= 0.0 && tol.rel >= 0.0 && tol.abs.is_finite() && tol.rel.is_finite()) {
+                errs.push(PlanError::new(&key, "tolerances must be finite and non-negative"));
+            }
+            if tol.abs == 0.0 && tol.rel == 0.0 {
+                errs.push(
+                    PlanError::new(&key, format!("`{name}` has no tolerance: every reading would be kept"))
+                        .with_help("set `abs` and/or `rel`"),
+                );
+            }
+        }
+        match (time, errs.is_empty()) {
+            (Some(t), true) => Ok((t, keys, fields)),
+            _ => Err(errs),
+        }
+    }
+}
+
+impl OperatorConfig for CompressConfig {
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
+        self.check(input)?;
+        Ok(vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())])
+    }
+
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
+        let (time, keys, fields) = self.check(input)?;
+        let keys = KeyEncoder::new(input, keys).map_err(|e| vec![PlanError::new("key", e.to_string())])?;
+        let l = [("stage", ctx.stage.as_str())];
+        Ok(Box::new(Compress {
+            outputs: vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())],
+            schema: input.clone(),
+            time,
+            keys,
+            fields,
+            max_gap: self.max_gap.as_millis_i64(),
+            watermark: i64::MIN,
+            arena: Vec::new(),
+            pending: Vec::new(),
+            series: HashMap::new(),
+            states: Vec::new(),
+            rows_in: ctx.metrics.counter("citystream_compress_rows_in_total", "Rows into a compress stage.", &l),
+            rows_kept: ctx.metrics.counter("citystream_compress_rows_kept_total", "Rows a compress stage kept.", &l),
+            late: ctx.metrics.counter("citystream_compress_late_rows_total", "Rows behind their series' time.", &l),
+        }))
+    }
+}
+
+/// A row held by the operator: (arena batch, row).
+type RowRef = (usize, usize);
+
+#[derive(Debug, Clone)]
+struct Point {
+    t: i64,
+    /// per field; `None` for null
+    v: Vec<Option<f64>>,
+    at: RowRef,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Series {
+    anchor: Option<Point>,
+    candidate: Option<Point>,
+    /// per field: for swinging door the feasible slopes (lo, hi) from the anchor over the
+    /// dropped points; for deadband (half-band, unused)
+    door: Vec<(f64, f64)>,
+}
+
+/// The `compress` operator (see the module docs).
+pub struct Compress {
+    outputs: Vec<OutputSpec>,
+    schema: SchemaRef,
+    time: usize,
+    keys: KeyEncoder,
+    fields: Vec<(usize, FieldTolerance)>,
+    max_gap: i64,
+    watermark: i64,
+    /// batches referenced by held rows and candidates
+    arena: Vec<RecordBatch>,
+    /// rows waiting for the watermark: (series, point)
+    pending: Vec<(usize, Point)>,
+    series: HashMap<OwnedRow, usize>,
+    states: Vec<Series>,
+    rows_in: Counter,
+    rows_kept: Counter,
+    late: Counter,
+}
+
+impl std::fmt::Debug for Compress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compress").field("fields", &self.fields.len()).finish_non_exhaustive()
+    }
+}
+
+const OPEN: (f64, f64) = (f64::NEG_INFINITY, f64::INFINITY);
+
+impl Compress {
+    /// Decides `p` for its series; pushes rows to keep / late.
+    fn step(&mut self, s: usize, p: Point, kept: &mut Vec<RowRef>, late: &mut Vec<RowRef>) {
+        let fields = &self.fields;
+        let st = &mut self.states[s];
+        let Some(a) = &st.anchor else {
+            kept.push(p.at);
+            st.door = vec![OPEN; fields.len()];
+            st.anchor = Some(p);
+            return;
+        };
+        let last_t = st.candidate.as_ref().map_or(a.t, |c| c.t);
+        if p.t <= last_t {
+            late.push(p.at);
+            return;
+        }
+        let Some(c) = st.candidate.take() else {
+            st.candidate = Some(p);
+            return;
+        };
+        let mut door = st.door.clone();
+        let mut droppable = p.t - c.t <= self.max_gap;
+        for (f, (_, tol)) in fields.iter().enumerate() {
+            if !droppable {
+                break;
+            }
+            let (Some(av), Some(cv), Some(pv)) = (a.v[f], c.v[f], p.v[f]) else {
+                droppable = false;
+                break;
+            };
+            let tc = tol.of(cv);
+            match tol.method {
+                Method::SwingingDoor => {
+                    let dt_c = (c.t - a.t) as f64;
+                    let (lo, hi) = door[f];
+                    let lo = lo.max((cv - tc - av) / dt_c);
+                    let hi = hi.min((cv + tc - av) / dt_c);
+                    let slope = (pv - av) / (p.t - a.t) as f64;
+                    droppable = lo <= slope && slope <= hi;
+                    door[f] = (lo, hi);
+                }
+                Method::Deadband => {
+                    // door.1 is the narrowest half-band over the dropped readings
+                    let half = door[f].1.min(tc / 2.0);
+                    droppable = (cv - av).abs() <= tc / 2.0 && (pv - av).abs() <= half;
+                    door[f] = (f64::NEG_INFINITY, half);
+                }
+            }
+        }
+        if droppable {
+            st.door = door;
+        } else {
+            kept.push(c.at);
+            st.door = vec![OPEN; fields.len()];
+            st.anchor = Some(c);
+        }
+        st.candidate = Some(p);
+    }
+
+    /// Processes held rows up to `wm` in event-time order per series and emits what is kept.
+    fn release(&mut self, wm: i64, flush: bool, out: &mut Collector) -> Result<(), OperatorError> {
+        let (mut ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(_, p)| p.t <= wm);
+        self.pending = rest;
+        ready.sort_by_key(|(s, p)| (*s, p.t));
+        let mut kept = Vec::new();
+        let mut late = Vec::new();
+        for (s, p) in ready {
+            self.step(s, p, &mut kept, &mut late);
+        }
+        if flush {
+            for st in &mut self.states {
+                if let Some(c) = st.candidate.take() {
+                    kept.push(c.at);
+                    st.anchor = Some(c);
+                    st.door = vec![OPEN; self.fields.len()];
+                }
+            }
+        }
+        let refs: Vec<&RecordBatch> = self.arena.iter().collect();
+        if !kept.is_empty() {
+            kept.sort_unstable();
+            self.rows_kept.inc_by(kept.len() as u64);
+            out.emit(0, interleave_record_batch(&refs, &kept)?);
+        }
+        if !late.is_empty() {
+            self.late.inc_by(late.len() as u64);
+            out.emit(1, interleave_record_batch(&refs, &late)?);
+        }
+        // compact: keep only the rows still referenced, in one batch
+        let mut live: Vec<RowRef> = self.pending.iter().map(|(_, p)| p.at).collect();
+        live.extend(self.states.iter().filter_map(|s| s.candidate.as_ref().map(|c| c.at)));
+        let compacted = if live.is_empty() { None } else { Some(interleave_record_batch(&refs, &live)?) };
+        let mut k = 0;
+        for (_, p) in &mut self.pending {
+            p.at = (0, k);
+            k += 1;
+        }
+        for st in &mut self.states {
+            if let Some(c) = &mut st.candidate {
+                c.at = (0, k);
+                k += 1;
+            }
+            // anchors are only read for their values
+            if let Some(a) = &mut st.anchor {
+                a.at = (usize::MAX, 0);
+            }
+        }
+        self.arena = compacted.into_iter().collect();
+        Ok(())
+    }
+}
+
+impl Operator for Compress {
+    fn kind(&self) -> &'static str {
+        "compress"
+    }
+
+    fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, _out: &mut Collector) -> Result<(), OperatorError> {
+        if batch.schema().fields() != self.schema.fields() {
+            return Err(OperatorError::SchemaMismatch { operator: "compress", detail: "unexpected columns".into() });
+        }
+        let n = batch.num_rows();
+        self.rows_in.inc_by(n as u64);
+        let ts = times(&batch, self.time);
+        let keys = self.keys.encode(&batch)?;
+        let values = self.fields.iter().map(|(c, _)| as_f64(batch.column(*c))).collect::<Result<Vec<_>, _>>()?;
+        let b = self.arena.len();
+        for i in 0..n {
+            let row = keys.row(i);
+            let s = match self.series.get(&row.owned()) {
+                Some(s) => *s,
+                None => {
+                    let s = self.states.len();
+                    self.series.insert(row.owned(), s);
+                    self.states.push(Series::default());
+                    s
+                }
+            };
+            let v = values.iter().map(|(v, nulls)| nulls.as_ref().is_none_or(|nb| nb.is_valid(i)).then(|| v[i])).collect();
+            self.pending.push((s, Point { t: ts[i], v, at: (b, i) }));
+        }
+        self.arena.push(batch);
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        self.watermark = self.watermark.max(watermark);
+        self.release(self.watermark, false, out)
+    }
+
+    fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        self.release(i64::MAX, true, out)
+    }
+
+    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
+        let new = new.downcast_ref::<CompressConfig>().ok_or("not a compress config")?;
+        // fields are in the same (sorted) order: the set of names did not change
+        for ((_, tol), (_, new_tol)) in self.fields.iter_mut().zip(&new.fields) {
+            *tol = *new_tol;
+        }
+        self.max_gap = new.max_gap.as_millis_i64();
+        // doors opened under the old tolerances restart at the next kept row
+        Ok(())
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        // the rows still held (waiting for the watermark, and each series' undecided row); a
+        // restore holds them again. Anchors are not kept: after a restore each series keeps its
+        // first row again, which costs one row per series and keeps the bound.
+        let refs: Vec<&RecordBatch> = self.arena.iter().collect();
+        let mut live: Vec<RowRef> = self.pending.iter().map(|(_, p)| p.at).collect();
+        live.extend(self.states.iter().filter_map(|s| s.candidate.as_ref().map(|c| c.at)));
+        if live.is_empty() {
+            return Ok(Some(RecordBatch::new_empty(self.schema.clone())));
+        }
+        Ok(Some(interleave_record_batch(&refs, &live)?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        if state.schema().fields() != self.schema.fields() {
+            return Err(OperatorError::State { operator: "compress", detail: "the snapshot has other columns".into() });
+        }
+        self.arena.clear();
+        self.pending.clear();
+        self.states.iter_mut().for_each(|s| *s = Series::default());
+        let mut out = Collector::new(2);
+        self.process_batch(state, &mut out)
+    }
+}

@@ -1,0 +1,402 @@
+//! `dedup`: removes duplicate events within an event-time horizon.
+//!
+//! - **Exact**: a row whose `id_column` (default `event_id`) was already seen.
+//! - **Content**: a row equal, on the content columns, to one already seen — the same reading
+//!   re-sent by a redundant gateway under a new `event_id`. By default the content columns
+//!   are every column except the id and the source position (`src_partition`, `src_offset`):
+//!   same device, same `ts`, same values.
+//!
+//! The first arrival is kept. Keys are 128-bit hashes (xxh3) of the id bytes or of the row in
+//! Arrow's row format, so a false match between distinct events has probability below 1e-20
+//! even for a billion keys held at once. A key is kept while its event time is within
+//! `horizon` of the watermark, then evicted; a row older than that can no longer be checked and
+//! goes to the `late_events` output instead of passing unchecked. State is about 16 bytes of
+//! key, 8 of event time and hash-table overhead per key per mode (see [`Dedup::state_bytes`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch, UInt8Array, UInt64Array};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt8Type, UInt64Type};
+use serde::Deserialize;
+
+use crate::common::{KeyEncoder, column, hash128, time_column, times};
+use crate::{
+    BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
+};
+
+/// Which columns make two readings "the same content".
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ContentSpec {
+    /// `auto` (every column but the id and the source position) or `off`.
+    Named(String),
+    /// These columns.
+    Columns(Vec<String>),
+}
+
+impl Default for ContentSpec {
+    fn default() -> Self {
+        ContentSpec::Named("auto".into())
+    }
+}
+
+fn d_id() -> Option<String> {
+    Some("event_id".into())
+}
+fn d_time() -> String {
+    "ts".into()
+}
+
+/// YAML of a `dedup` stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// How long (event time, behind the watermark) a key is remembered. Live-tunable.
+    pub horizon: Duration,
+    /// The event id column for exact deduplication; `null` to turn it off. Default `event_id`.
+    #[serde(default = "d_id")]
+    pub id_column: Option<String>,
+    /// Content deduplication: `auto` (default), `off`, or a list of columns.
+    #[serde(default)]
+    pub content: ContentSpec,
+    /// The event-time column. Default `ts`.
+    #[serde(default = "d_time")]
+    pub time_column: String,
+}
+
+impl DedupConfig {
+    /// Only `horizon` can change live.
+    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+        let mut masked = new.clone();
+        masked.horizon = self.horizon;
+        if &masked == self {
+            Ok(())
+        } else {
+            Err("only `horizon` of a dedup can change live; the key columns shape its state".into())
+        }
+    }
+
+    fn check(&self, input: &SchemaRef) -> Result<(usize, Option<usize>, Option<Vec<usize>>), Vec<PlanError>> {
+        let mut errs = Vec::new();
+        let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
+        let id = match &self.id_column {
+            None => None,
+            Some(c) => match column(input, c, "id_column") {
+                Ok(i) if matches!(input.field(i).data_type(), DataType::Utf8) => Some(i),
+                Ok(i) => {
+                    errs.push(PlanError::new("id_column", format!("`{c}` is {}, not text", input.field(i).data_type())));
+                    None
+                }
+                Err(e) => {
+                    errs.push(e);
+                    None
+                }
+            },
+        };
+        let content = match &self.content {
+            ContentSpec::Named(n) if n == "off" => None,
+            ContentSpec::Named(n) if n == "auto" => Some(
+                input
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| {
+                        Some(f.name()) != self.id_column.as_ref()
+                            && f.name() != citystream_schemas::columns::SRC_PARTITION
+                            && f.name() != citystream_schemas::columns::SRC_OFFSET
+                    })
+                    .map(|(i, _)| i)
+                    .collect(),
+            ),
+            ContentSpec::Named(n) => {
+                errs.push(
+                    PlanError::new("content", format!("`{n}` is not a content mode"))
+                        .with_help("use `auto`, `off`, or a list of columns"),
+                );
+                None
+            }
+            ContentSpec::Columns(cols) => {
+                let mut v = Vec::new();
+                for (i, c) in cols.iter().enumerate() {
+                    match column(input, c, &format!("content[{i}]")) {
+                        Ok(c) => v.push(c),
+                        Err(e) => errs.push(e),
+                    }
+                }
+                Some(v)
+            }
+        };
+        if id.is_none() && content.is_none() && errs.is_empty() {
+            errs.push(PlanError::new("content", "both exact (`id_column`) and content deduplication are off"));
+        }
+        match (time, errs.is_empty()) {
+            (Some(t), true) => Ok((t, id, content)),
+            _ => Err(errs),
+        }
+    }
+}
+
+impl OperatorConfig for DedupConfig {
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
+        self.check(input)?;
+        Ok(vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())])
+    }
+
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
+        let (time, id, content) = self.check(input)?;
+        let content = content
+            .map(|c| KeyEncoder::new(input, c))
+            .transpose()
+            .map_err(|e| vec![PlanError::new("content", e.to_string())])?;
+        let l = |mode: &'static str| [("stage", ctx.stage.as_str()), ("mode", mode)];
+        let m = &ctx.metrics;
+        let st = [("stage", ctx.stage.as_str())];
+        Ok(Box::new(Dedup {
+            outputs: vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())],
+            time,
+            id,
+            content,
+            horizon: self.horizon.as_millis_i64(),
+            watermark: i64::MIN,
+            seen: [KeySet::default(), KeySet::default()],
+            removed: [
+                m.counter("citystream_dedup_removed_total", "Duplicates removed, per mode.", &l("exact")),
+                m.counter("citystream_dedup_removed_total", "Duplicates removed, per mode.", &l("content")),
+            ],
+            late: m.counter("citystream_dedup_late_rows_total", "Rows older than the horizon (sent to late_events).", &st),
+            keys: m.gauge("citystream_dedup_state_keys", "Keys remembered.", &st),
+            bytes: m.gauge("citystream_dedup_state_bytes", "Bytes of dedup state (accounted).", &st),
+        }))
+    }
+}
+
+/// A hasher for keys that are already uniform hashes.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+/// Remembered keys with their event time, evicted by minute bucket.
+#[derive(Default)]
+struct KeySet {
+    map: HashMap<u128, i64, BuildHasherDefault<PassThrough>>,
+    buckets: BTreeMap<i64, Vec<u128>>,
+}
+
+const BUCKET_MS: i64 = 60_000;
+
+impl KeySet {
+    /// Inserts `key` unless present; true if it was new.
+    fn insert(&mut self, key: u128, ts: i64) -> bool {
+        match self.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(ts);
+                self.buckets.entry(ts.div_euclid(BUCKET_MS)).or_default().push(key);
+                true
+            }
+        }
+    }
+
+    fn contains(&self, key: u128) -> bool {
+        self.map.contains_key(&key)
+    }
+
+    /// Forgets keys whose event time is before `cutoff` (whole buckets only, so a key is kept
+    /// up to one bucket longer than needed — never shorter).
+    fn evict_before(&mut self, cutoff: i64) {
+        let keep_from = cutoff.div_euclid(BUCKET_MS);
+        let old: Vec<i64> = self.buckets.range(..keep_from).map(|(b, _)| *b).collect();
+        for b in old {
+            for k in self.buckets.remove(&b).expect("listed") {
+                self.map.remove(&k);
+            }
+        }
+    }
+
+    /// Accounted bytes: hash-table slots (16-byte key, 8-byte time, 1 control byte) at the
+    /// table's bucket count, plus 16 bytes per key in the eviction buckets.
+    fn bytes(&self) -> usize {
+        let slots = (self.map.capacity() * 8).div_ceil(7).next_power_of_two();
+        slots * 25 + self.buckets.values().map(|v| v.capacity() * 16 + 48).sum::<usize>()
+    }
+}
+
+/// The `dedup` operator (see the module docs).
+pub struct Dedup {
+    outputs: Vec<OutputSpec>,
+    time: usize,
+    id: Option<usize>,
+    content: Option<KeyEncoder>,
+    horizon: i64,
+    watermark: i64,
+    /// [exact, content]
+    seen: [KeySet; 2],
+    removed: [Counter; 2],
+    late: Counter,
+    keys: Gauge,
+    bytes: Gauge,
+}
+
+impl Dedup {
+    /// Keys remembered, over both modes.
+    pub fn state_keys(&self) -> usize {
+        self.seen.iter().map(|s| s.map.len()).sum()
+    }
+
+    /// Accounted bytes of state, over both modes.
+    pub fn state_bytes(&self) -> usize {
+        self.seen.iter().map(KeySet::bytes).sum()
+    }
+
+    fn cutoff(&self) -> i64 {
+        self.watermark.saturating_sub(self.horizon)
+    }
+}
+
+impl Operator for Dedup {
+    fn kind(&self) -> &'static str {
+        "dedup"
+    }
+
+    fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+        let n = batch.num_rows();
+        let ts = times(&batch, self.time);
+        let ids = self.id.map(|c| batch.column(c).as_string::<i32>().clone());
+        let rows = self.content.as_ref().map(|e| e.encode(&batch)).transpose()?;
+        let cutoff = self.cutoff();
+        let mut keep = Vec::with_capacity(n);
+        let mut late = Vec::with_capacity(n);
+        let mut removed = [0u64; 2];
+        for i in 0..n {
+            if ts[i] < cutoff {
+                keep.push(false);
+                late.push(true);
+                continue;
+            }
+            late.push(false);
+            let id = ids.as_ref().filter(|a| a.is_valid(i)).map(|a| hash128(a.value(i).as_bytes()));
+            let content = rows.as_ref().map(|r| hash128(r.row(i).as_ref()));
+            if id.is_some_and(|k| self.seen[0].contains(k)) {
+                removed[0] += 1;
+                keep.push(false);
+            } else if content.is_some_and(|k| self.seen[1].contains(k)) {
+                removed[1] += 1;
+                keep.push(false);
+                // remember the gateway's id too, so its own exact re-sends are caught
+                if let Some(k) = id {
+                    self.seen[0].insert(k, ts[i]);
+                }
+            } else {
+                keep.push(true);
+                if let Some(k) = id {
+                    self.seen[0].insert(k, ts[i]);
+                }
+                if let Some(k) = content {
+                    self.seen[1].insert(k, ts[i]);
+                }
+            }
+        }
+        self.removed[0].inc_by(removed[0]);
+        self.removed[1].inc_by(removed[1]);
+        let late_n = late.iter().filter(|l| **l).count();
+        if late_n > 0 {
+            self.late.inc_by(late_n as u64);
+            out.emit(1, filter_record_batch(&batch, &BooleanArray::from(late))?);
+        }
+        if keep.iter().all(|k| *k) {
+            out.emit(0, batch);
+        } else {
+            out.emit(0, filter_record_batch(&batch, &BooleanArray::from(keep))?);
+        }
+        self.keys.set(self.state_keys() as f64);
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, _out: &mut Collector) -> Result<(), OperatorError> {
+        self.watermark = self.watermark.max(watermark);
+        let cutoff = self.cutoff();
+        self.seen.iter_mut().for_each(|s| s.evict_before(cutoff));
+        self.keys.set(self.state_keys() as f64);
+        self.bytes.set(self.state_bytes() as f64);
+        Ok(())
+    }
+
+    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
+        let new = new.downcast_ref::<DedupConfig>().ok_or("not a dedup config")?;
+        // a longer horizon applies to keys still held; a shorter one evicts at the next watermark
+        self.horizon = new.horizon.as_millis_i64();
+        Ok(())
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut mode = Vec::new();
+        let (mut hi, mut lo, mut t) = (Vec::new(), Vec::new(), Vec::new());
+        for (m, s) in self.seen.iter().enumerate() {
+            for (k, ts) in &s.map {
+                mode.push(m as u8);
+                hi.push((k >> 64) as u64);
+                lo.push(*k as u64);
+                t.push(*ts);
+            }
+        }
+        let schema = Arc::new(Schema::new_with_metadata(
+            vec![
+                Field::new("mode", DataType::UInt8, false),
+                Field::new("key_hi", DataType::UInt64, false),
+                Field::new("key_lo", DataType::UInt64, false),
+                Field::new("ts", DataType::Int64, false),
+            ],
+            [("watermark".to_owned(), self.watermark.to_string())].into(),
+        ));
+        Ok(Some(RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(UInt8Array::from(mode)),
+                Arc::new(UInt64Array::from(hi)),
+                Arc::new(UInt64Array::from(lo)),
+                Arc::new(Int64Array::from(t)),
+            ],
+        )?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        if state.num_columns() != 4 {
+            return Err(OperatorError::State { operator: "dedup", detail: "not a dedup snapshot".into() });
+        }
+        self.watermark = state.schema().metadata().get("watermark").and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
+        self.seen = [KeySet::default(), KeySet::default()];
+        let mode = state.column(0).as_primitive::<UInt8Type>();
+        let hi = state.column(1).as_primitive::<UInt64Type>();
+        let lo = state.column(2).as_primitive::<UInt64Type>();
+        let ts = state.column(3).as_primitive::<Int64Type>();
+        for i in 0..state.num_rows() {
+            let k = (u128::from(hi.value(i)) << 64) | u128::from(lo.value(i));
+            self.seen[usize::from(mode.value(i).min(1))].insert(k, ts.value(i));
+        }
+        Ok(())
+    }
+}
