@@ -33,10 +33,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 
-use crate::common::{KeyEncoder, column, hash128, time_column, times};
-use crate::{
-    BuildContext, Collector, Counter, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
-};
+use crate::common::{KeyEncoder, column, hash128, json_lines, time_column, times};
+use crate::{BuildContext, Collector, Counter, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError};
 
 /// A rate: `N/s`, `N/m` or `N/h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,10 +294,22 @@ impl OperatorConfig for AdmitConfig {
             clock,
             max_payload: self.max_payload_bytes,
             over: [
-                m.counter("citystream_admit_over_limit_total", "Rows over a rate limit, per limit and policy.", &l("stream")),
-                m.counter("citystream_admit_over_limit_total", "Rows over a rate limit, per limit and policy.", &l("key")),
+                m.counter(
+                    "citystream_admit_over_limit_total",
+                    "Rows over a rate limit, per limit and policy.",
+                    &l("stream"),
+                ),
+                m.counter(
+                    "citystream_admit_over_limit_total",
+                    "Rows over a rate limit, per limit and policy.",
+                    &l("key"),
+                ),
             ],
-            admitted: m.counter("citystream_admit_rows_total", "Rows admitted within limits.", &[("stage", ctx.stage.as_str())]),
+            admitted: m.counter(
+                "citystream_admit_rows_total",
+                "Rows admitted within limits.",
+                &[("stage", ctx.stage.as_str())],
+            ),
             delayed_ns: m.counter(
                 "citystream_admit_delay_nanoseconds_total",
                 "Time spent holding rows under the delay policy.",
@@ -437,13 +447,14 @@ impl Operator for Admit {
                     return Ok(());
                 }
                 out.emit(0, filter_record_batch(&batch, &BooleanArray::from(ok.clone()))?);
-                let dropped = filter_record_batch(&batch, &BooleanArray::from(ok.iter().map(|o| !o).collect::<Vec<_>>()))?;
-                let mut json = arrow::json::LineDelimitedWriter::new(Vec::new());
-                json.write(&dropped)?;
-                json.finish()?;
-                let text = json.into_inner();
-                let partition = batch.column_by_name("src_partition").map(|c| c.as_primitive::<arrow::datatypes::Int32Type>().clone());
-                let offset = batch.column_by_name("src_offset").map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().clone());
+                let dropped =
+                    filter_record_batch(&batch, &BooleanArray::from(ok.iter().map(|o| !o).collect::<Vec<_>>()))?;
+                let text = json_lines(&dropped)?;
+                let partition = batch
+                    .column_by_name("src_partition")
+                    .map(|c| c.as_primitive::<arrow::datatypes::Int32Type>().clone());
+                let offset =
+                    batch.column_by_name("src_offset").map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().clone());
                 let mut dl = DeadLetterBuilder::new(self.max_payload);
                 let now = chrono_ms();
                 for ((i, w), line) in reasons.iter().zip(text.split(|b| *b == b'\n')) {
@@ -499,4 +510,3 @@ impl Operator for Admit {
 fn chrono_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
-

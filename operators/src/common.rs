@@ -45,11 +45,7 @@ pub(crate) fn time_column(schema: &SchemaRef, name: &str, key: &str) -> Result<u
 /// The event times of a batch (nulls read as `i64::MIN`, i.e. always late).
 pub(crate) fn times(batch: &RecordBatch, column: usize) -> Vec<i64> {
     let a = batch.column(column).as_primitive::<TimestampMillisecondType>();
-    if a.null_count() == 0 {
-        a.values().to_vec()
-    } else {
-        a.iter().map(|v| v.unwrap_or(i64::MIN)).collect()
-    }
+    if a.null_count() == 0 { a.values().to_vec() } else { a.iter().map(|v| v.unwrap_or(i64::MIN)).collect() }
 }
 
 /// A numeric column as `f64` values with its validity (casting once per batch).
@@ -89,4 +85,32 @@ impl KeyEncoder {
 /// operators may treat equal hashes as equal keys and store 16 bytes per key.
 pub(crate) fn hash128(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// The rows of `batch` as JSON lines. Timestamps are written in RFC 3339 with `+00:00`
+/// (Arrow's JSON writer only knows offset time zones without the tz database).
+pub(crate) fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+    use arrow::array::TimestampMillisecondArray;
+    use arrow::datatypes::{Field, Schema};
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut cols = Vec::with_capacity(batch.num_columns());
+    for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+        match f.data_type() {
+            DataType::Timestamp(TimeUnit::Millisecond, Some(_)) => {
+                let a = c.as_primitive::<TimestampMillisecondType>().clone();
+                let a: TimestampMillisecondArray = a.with_timezone("+00:00");
+                fields.push(Field::new(f.name(), a.data_type().clone(), f.is_nullable()));
+                cols.push(std::sync::Arc::new(a) as ArrayRef);
+            }
+            _ => {
+                fields.push(f.as_ref().clone());
+                cols.push(c.clone());
+            }
+        }
+    }
+    let b = RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), cols)?;
+    let mut w = arrow::json::LineDelimitedWriter::new(Vec::new());
+    w.write(&b)?;
+    w.finish()?;
+    Ok(w.into_inner())
 }

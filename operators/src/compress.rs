@@ -282,7 +282,8 @@ impl Compress {
 
     /// Processes held rows up to `wm` in event-time order per series and emits what is kept.
     fn release(&mut self, wm: i64, flush: bool, out: &mut Collector) -> Result<(), OperatorError> {
-        let (mut ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(_, p)| p.t <= wm);
+        let (mut ready, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|(_, p)| p.t <= wm);
         self.pending = rest;
         ready.sort_by_key(|(s, p)| (*s, p.t));
         let mut kept = Vec::new();
@@ -363,7 +364,8 @@ impl Operator for Compress {
                     s
                 }
             };
-            let v = values.iter().map(|(v, nulls)| nulls.as_ref().is_none_or(|nb| nb.is_valid(i)).then(|| v[i])).collect();
+            let v =
+                values.iter().map(|(v, nulls)| nulls.as_ref().is_none_or(|nb| nb.is_valid(i)).then(|| v[i])).collect();
             self.pending.push((s, Point { t: ts[i], v, at: (b, i) }));
         }
         self.arena.push(batch);

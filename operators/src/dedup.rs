@@ -87,7 +87,10 @@ impl DedupConfig {
             Some(c) => match column(input, c, "id_column") {
                 Ok(i) if matches!(input.field(i).data_type(), DataType::Utf8) => Some(i),
                 Ok(i) => {
-                    errs.push(PlanError::new("id_column", format!("`{c}` is {}, not text", input.field(i).data_type())));
+                    errs.push(PlanError::new(
+                        "id_column",
+                        format!("`{c}` is {}, not text", input.field(i).data_type()),
+                    ));
                     None
                 }
                 Err(e) => {
@@ -166,7 +169,11 @@ impl OperatorConfig for DedupConfig {
                 m.counter("citystream_dedup_removed_total", "Duplicates removed, per mode.", &l("exact")),
                 m.counter("citystream_dedup_removed_total", "Duplicates removed, per mode.", &l("content")),
             ],
-            late: m.counter("citystream_dedup_late_rows_total", "Rows older than the horizon (sent to late_events).", &st),
+            late: m.counter(
+                "citystream_dedup_late_rows_total",
+                "Rows older than the horizon (sent to late_events).",
+                &st,
+            ),
             keys: m.gauge("citystream_dedup_state_keys", "Keys remembered.", &st),
             bytes: m.gauge("citystream_dedup_state_bytes", "Bytes of dedup state (accounted).", &st),
         }))

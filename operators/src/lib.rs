@@ -34,10 +34,10 @@ pub mod duration;
 pub mod filter;
 mod metrics;
 pub mod project;
-pub mod window;
-pub mod zstd_column;
 #[cfg(test)]
 mod test_util;
+pub mod window;
+pub mod zstd_column;
 
 pub use arrow::array::RecordBatch;
 pub use contract::{

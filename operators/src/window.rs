@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, ListArray, RecordBatch,
-    TimestampMillisecondArray, UInt32Array,
+    ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, ListArray, RecordBatch, TimestampMillisecondArray,
+    UInt32Array,
 };
 use arrow::buffer::NullBuffer;
 use arrow::compute::take_record_batch;
@@ -187,7 +187,9 @@ impl WindowConfig {
                 (Some(c), _) => numeric_column(input, c, &key("column")).map_err(|e| errs.push(e)).ok(),
             };
             let weight = match (&a.weight, a.func) {
-                (Some(w), AggFn::WeightedMean) => numeric_column(input, w, &key("weight")).map_err(|e| errs.push(e)).ok(),
+                (Some(w), AggFn::WeightedMean) => {
+                    numeric_column(input, w, &key("weight")).map_err(|e| errs.push(e)).ok()
+                }
                 (None, AggFn::WeightedMean) => {
                     errs.push(PlanError::new(key("weight"), "`weighted_mean` needs a `weight` column"));
                     None
@@ -239,10 +241,8 @@ impl WindowConfig {
             aggs.push((a.func, col, weight, param));
         }
         let (Some(time), true) = (time, errs.is_empty()) else { return Err(errs) };
-        let outputs = vec![
-            OutputSpec::new("main", Arc::new(Schema::new(fields))),
-            OutputSpec::new("late_events", input.clone()),
-        ];
+        let outputs =
+            vec![OutputSpec::new("main", Arc::new(Schema::new(fields))), OutputSpec::new("late_events", input.clone())];
         Ok(Plan { time, keys, aggs, outputs })
     }
 }
@@ -281,7 +281,11 @@ impl OperatorConfig for WindowConfig {
             group_keys: Vec::new(),
             windows: BTreeMap::new(),
             watermark: i64::MIN,
-            late: ctx.metrics.counter("citystream_window_late_rows_total", "Rows that arrived after their windows closed.", &l),
+            late: ctx.metrics.counter(
+                "citystream_window_late_rows_total",
+                "Rows that arrived after their windows closed.",
+                &l,
+            ),
             emitted: ctx.metrics.counter("citystream_window_rows_emitted_total", "Window rows emitted.", &l),
             open: ctx.metrics.gauge("citystream_window_open_windows", "Windows held open.", &l),
             state_bytes: ctx.metrics.gauge("citystream_window_state_bytes", "Bytes of window state held.", &l),
@@ -478,9 +482,7 @@ impl Operator for Window {
         let ts = times(&batch, self.plan.time);
         // group id per row
         let gids: Vec<u32> = if self.plan.keys.is_empty() {
-            if self.group_keys.is_empty() {
-                self.group_keys.push(self.keys.converter.empty_rows(0, 0).row(0).owned());
-            }
+            // one city-wide group, which has no key to keep
             vec![0; batch.num_rows()]
         } else {
             let rows = self.keys.encode(&batch)?;
@@ -636,7 +638,7 @@ impl Operator for Window {
         for (start, w) in &self.windows {
             for (slot, g) in w.groups.iter().enumerate() {
                 starts.push(*start);
-                keys.push(self.group_keys[*g as usize].as_ref());
+                keys.push(if self.plan.keys.is_empty() { &[] } else { self.group_keys[*g as usize].as_ref() });
                 for (a, acc) in w.accs.iter().enumerate() {
                     let (x, y, l) = match acc {
                         Acc::Count(c) => (c[slot] as f64, 0.0, None),
@@ -651,12 +653,9 @@ impl Operator for Window {
                 }
             }
         }
-        let mut fields = vec![
-            Field::new("window_start", DataType::Int64, false),
-            Field::new("key", DataType::Binary, false),
-        ];
-        let mut cols: Vec<ArrayRef> =
-            vec![Arc::new(Int64Array::from(starts)), Arc::new(BinaryArray::from(keys))];
+        let mut fields =
+            vec![Field::new("window_start", DataType::Int64, false), Field::new("key", DataType::Binary, false)];
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(starts)), Arc::new(BinaryArray::from(keys))];
         for (a, ((x, y), l)) in nums.into_iter().zip(lists).enumerate() {
             fields.push(Field::new(format!("a{a}_x"), DataType::Float64, false));
             fields.push(Field::new(format!("a{a}_y"), DataType::Float64, false));
@@ -686,14 +685,18 @@ impl Operator for Window {
         self.windows.clear();
         let parser = self.keys.converter.parser();
         for r in 0..state.num_rows() {
-            let key = parser.parse(keys.value(r)).owned();
-            let g = match self.group_of.get(&key) {
-                Some(g) => *g,
-                None => {
-                    let g = self.group_keys.len() as u32;
-                    self.group_keys.push(key.clone());
-                    self.group_of.insert(key, g);
-                    g
+            let g = if self.plan.keys.is_empty() {
+                0
+            } else {
+                let key = parser.parse(keys.value(r)).owned();
+                match self.group_of.get(&key) {
+                    Some(g) => *g,
+                    None => {
+                        let g = self.group_keys.len() as u32;
+                        self.group_keys.push(key.clone());
+                        self.group_of.insert(key, g);
+                        g
+                    }
                 }
             };
             let aggs = &self.plan.aggs;

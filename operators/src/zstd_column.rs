@@ -37,7 +37,10 @@ impl ZstdConfig {
         if let Some(c) = c
             && input.field(c).data_type() != &DataType::Binary
         {
-            errs.push(PlanError::new("column", format!("`{}` is {}, not binary", self.column, input.field(c).data_type())));
+            errs.push(PlanError::new(
+                "column",
+                format!("`{}` is {}, not binary", self.column, input.field(c).data_type()),
+            ));
         }
         if !(1..=22).contains(&self.level) {
             errs.push(PlanError::new("level", format!("zstd level {} is outside 1..=22", self.level)));
@@ -75,7 +78,9 @@ impl OperatorConfig for ZstdConfig {
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
         let (col, schema) = self.check(input)?;
         let dict = match &self.dictionary {
-            Some(p) => std::fs::read(p).map_err(|e| vec![PlanError::new("dictionary", format!("reading `{p}`: {e}"))])?,
+            Some(p) => {
+                std::fs::read(p).map_err(|e| vec![PlanError::new("dictionary", format!("reading `{p}`: {e}"))])?
+            }
             None => Vec::new(),
         };
         let compressor = zstd::bulk::Compressor::with_dictionary(self.level, &dict)

@@ -1,0 +1,121 @@
+mod util;
+
+use citystream_operators::compress::CompressConfig;
+use proptest::prelude::*;
+use util::*;
+
+fn cfg(method: &str, abs: f64, rel: f64) -> CompressConfig {
+    yaml(&format!("key: [sensor_id]\nfields:\n  value: {{method: {method}, abs: {abs}, rel: {rel}}}\nmax_gap: 1h\n"))
+}
+
+/// Reconstructs every input reading from the kept ones of its series by linear interpolation
+/// and returns the worst (error / tolerance) ratio.
+fn worst_ratio(input: &[Reading], kept: &[Reading], abs: f64, rel: f64) -> f64 {
+    let mut worst: f64 = 0.0;
+    for r in input {
+        let mut series: Vec<&Reading> = kept.iter().filter(|k| k.sensor == r.sensor).collect();
+        series.sort_by_key(|k| k.ts);
+        let v = r.value.unwrap();
+        let tol = abs.max(rel * v.abs());
+        let after = series.iter().position(|k| k.ts >= r.ts).expect("a kept reading at or after every reading");
+        let b = series[after];
+        let rec = if b.ts == r.ts {
+            b.value.unwrap()
+        } else {
+            let a = series[after.checked_sub(1).expect("a kept reading before")];
+            let (av, bv) = (a.value.unwrap(), b.value.unwrap());
+            av + (bv - av) * (r.ts - a.ts) as f64 / (b.ts - a.ts) as f64
+        };
+        worst = worst.max((rec - v).abs() / tol);
+    }
+    worst
+}
+
+#[test]
+fn a_sudden_change_is_never_smoothed_away() {
+    // a flat speed, then an incident's drop: the last reading before it and the first after
+    // are both kept
+    let rows: Vec<Reading> =
+        (0..60).map(|i| r(&i.to_string(), "s", i * 10_000, if i < 30 { 80.0 } else { 15.0 })).collect();
+    for method in ["swinging_door", "deadband"] {
+        let out = run(build(&cfg(method, 2.0, 0.0)).as_mut(), &[rows.clone()], 0);
+        let kept: Vec<i64> = out.readings(0).iter().map(|r| r.ts).collect();
+        assert!(kept.contains(&290_000) && kept.contains(&300_000), "{method}: {kept:?}");
+        assert!(kept.len() <= 6, "{method}: flat stretches compress: {kept:?}");
+    }
+}
+
+#[test]
+fn a_smooth_ramp_compresses_far_more_with_the_swinging_door() {
+    let rows: Vec<Reading> =
+        (0..1000).map(|i| r(&i.to_string(), "s", i * 1000, i as f64 * 0.1 + (i % 3) as f64 * 0.01)).collect();
+    let sdt = run(build(&cfg("swinging_door", 0.05, 0.0)).as_mut(), &[rows.clone()], 0).rows(0);
+    let db = run(build(&cfg("deadband", 0.05, 0.0)).as_mut(), &[rows.clone()], 0).rows(0);
+    assert!(sdt * 20 < rows.len(), "swinging door keeps {sdt} of {}", rows.len());
+    assert!(db > sdt * 5, "deadband cannot follow a slope: {db} vs {sdt}");
+}
+
+#[test]
+fn nulls_are_kept() {
+    let mut rows: Vec<Reading> = (0..10).map(|i| r(&i.to_string(), "s", i * 1000, 1.0)).collect();
+    rows[5].value = None;
+    let out = run(build(&cfg("swinging_door", 1.0, 0.0)).as_mut(), &[rows], 0);
+    assert!(out.readings(0).iter().any(|r| r.value.is_none()));
+}
+
+#[test]
+fn a_zero_tolerance_is_a_plan_error() {
+    let c = cfg("deadband", 0.0, 0.0);
+    let e = citystream_operators::OperatorConfig::plan(&c, &schema()).unwrap_err();
+    assert!(format!("{e:?}").contains("has no tolerance"), "{e:?}");
+}
+
+fn series() -> impl Strategy<Value = Vec<Reading>> {
+    // random walks with occasional jumps, two sensors, irregular spacing, delivered in a
+    // shuffled order within the watermark bound
+    proptest::collection::vec((0..2u8, 1..30_000i64, -5.0..5.0f64, proptest::bool::weighted(0.05)), 2..200).prop_map(
+        |steps| {
+            let mut t = [0i64; 2];
+            let mut v = [50.0f64; 2];
+            steps
+                .into_iter()
+                .enumerate()
+                .map(|(i, (s, dt, dv, jump))| {
+                    let s = s as usize;
+                    t[s] += dt;
+                    v[s] += if jump { dv * 20.0 } else { dv };
+                    Reading {
+                        id: i.to_string(),
+                        sensor: format!("s{s}"),
+                        ts: t[s],
+                        value: Some((v[s] * 1000.0).round() / 1000.0),
+                        flow: 1,
+                    }
+                })
+                .collect()
+        },
+    )
+}
+
+proptest! {
+    #[test]
+    fn interpolating_kept_rows_reconstructs_every_reading_within_tolerance(
+        rows in series(),
+        abs in 0.01..5.0f64,
+        rel in prop_oneof![Just(0.0), 0.001..0.1f64],
+        deadband in any::<bool>(),
+        split in 1usize..50,
+        shuffle_seed in any::<u64>(),
+    ) {
+        let method = if deadband { "deadband" } else { "swinging_door" };
+        // deliver out of order within 60 s; the watermark trails by 60 s
+        let mut delivered = rows.clone();
+        delivered.sort_by_key(|r| r.ts + ((r.ts as u64 ^ shuffle_seed) % 60_000) as i64);
+        let batches: Vec<Vec<Reading>> = delivered.chunks(split).map(<[Reading]>::to_vec).collect();
+        let out = run(build(&cfg(method, abs, rel)).as_mut(), &batches, 60_000);
+        prop_assert_eq!(out.rows(1), 0, "nothing was late");
+        let kept = out.readings(0);
+        let worst = worst_ratio(&rows, &kept, abs, rel);
+        prop_assert!(worst <= 1.0 + 1e-9, "{method}: worst error {worst} x tolerance");
+    }
+}
