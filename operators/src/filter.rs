@@ -150,6 +150,21 @@ impl FilterConfig {
     }
 }
 
+impl FilterConfig {
+    /// Values (thresholds) change live; the columns and comparisons do not.
+    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+        let same_shape = self.conditions.len() == new.conditions.len()
+            && self.conditions.iter().zip(&new.conditions).all(|(a, b)| a.column == b.column && a.op == b.op);
+        if same_shape {
+            Ok(())
+        } else {
+            Err("the values of a filter's conditions change live; adding, removing or changing the column or \
+                 comparison of a condition needs a restart"
+                .into())
+        }
+    }
+}
+
 impl OperatorConfig for FilterConfig {
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.compile(input)?;
@@ -158,13 +173,14 @@ impl OperatorConfig for FilterConfig {
 
     fn build(&self, input: &SchemaRef, _ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
         let conditions = self.compile(input)?;
-        Ok(Box::new(Filter { conditions, outputs: vec![OutputSpec::new("main", input.clone())] }))
+        Ok(Box::new(Filter { conditions, input: input.clone(), outputs: vec![OutputSpec::new("main", input.clone())] }))
     }
 }
 
 /// The `filter` operator.
 pub struct Filter {
     conditions: Vec<Compiled>,
+    input: SchemaRef,
     outputs: Vec<OutputSpec>,
 }
 
@@ -187,6 +203,14 @@ impl Operator for Filter {
 
     fn outputs(&self) -> &[OutputSpec] {
         &self.outputs
+    }
+
+    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
+        let new = config.downcast_ref::<FilterConfig>().ok_or("not a filter config")?;
+        self.conditions = new
+            .compile(&self.input)
+            .map_err(|errs| errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "))?;
+        Ok(())
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {

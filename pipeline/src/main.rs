@@ -167,6 +167,51 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
+/// Re-reads the configuration on SIGHUP or when the file changes (checked every 2 s) and hands
+/// valid plans to the runtime, which applies what can change live. A file that does not load
+/// or plan is reported with every error and changes nothing.
+async fn watch_config(path: std::path::PathBuf, tx: tokio::sync::mpsc::Sender<config::PipelinePlan>, metrics: Metrics) {
+    let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = hangup => tracing::info!("SIGHUP: reloading {}", path.display()),
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now == last {
+                    continue;
+                }
+                tracing::info!("{} changed: reloading", path.display());
+            }
+        }
+        last = stamp(&path);
+        let planned = config::load_file(&path).and_then(|raw| config::plan::plan(raw, &path.display().to_string()));
+        match planned {
+            Ok(plan) => {
+                if tx.send(plan).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                runtime::reload::count_invalid(&metrics);
+                tracing::error!("the new configuration is invalid; the running one stays:\n{e}");
+            }
+        }
+    }
+}
+
 async fn run(path: &Path) -> anyhow::Result<()> {
     let raw = config::load_file(path)?;
     let plan = config::plan::plan(raw, &path.display().to_string())?;
@@ -192,7 +237,9 @@ async fn run(path: &Path) -> anyhow::Result<()> {
         .status_interval
         .map(|every| tokio::spawn(citystream_pipeline::serve::status_loop(metrics.clone(), every.to_std())));
     tracing::info!("running pipeline `{}` from {}", plan.name, path.display());
-    let run = runtime::run(plan, metrics.clone(), stop_rx);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    let watcher = tokio::spawn(watch_config(path.to_owned(), reload_tx, metrics.clone()));
+    let run = runtime::run_with_reload(plan, metrics.clone(), stop_rx, Some(reload_rx));
     tokio::pin!(run);
     let report = tokio::select! {
         r = &mut run => r?,
@@ -201,6 +248,7 @@ async fn run(path: &Path) -> anyhow::Result<()> {
             tokio::time::sleep(timeout.to_std()).await;
         } => return Err(runtime::PipelineError::ShutdownTimeout(timeout).into()),
     };
+    watcher.abort();
     if let Some(s) = status {
         s.abort();
     }

@@ -17,9 +17,14 @@ mod tests;
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 
+use citystream_operators::admit::AdmitConfig;
+use citystream_operators::compress::CompressConfig;
 use citystream_operators::decode::DecodeConfig;
+use citystream_operators::dedup::DedupConfig;
 use citystream_operators::filter::FilterConfig;
 use citystream_operators::project::ProjectConfig;
+use citystream_operators::window::WindowConfig;
+use citystream_operators::zstd_column::ZstdConfig;
 use citystream_operators::{Duration, OperatorConfig};
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
@@ -97,7 +102,7 @@ impl SourceConfig {
 }
 
 /// What a stage does, tagged by `type`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum OperatorSpec {
     /// `type: decode`: JSON to typed rows plus dead letters.
     Decode(DecodeConfig),
@@ -105,11 +110,22 @@ pub enum OperatorSpec {
     Filter(FilterConfig),
     /// `type: project`: keep, order and rename columns.
     Project(ProjectConfig),
+    /// `type: dedup`: drop exact and content duplicates within a horizon.
+    Dedup(DedupConfig),
+    /// `type: window`: event-time windows and aggregates per key.
+    Window(WindowConfig),
+    /// `type: compress`: swinging-door / deadband compression with an error bound.
+    Compress(CompressConfig),
+    /// `type: admit`: rate limits per stream and per key.
+    Admit(AdmitConfig),
+    /// `type: zstd`: zstd-compress a binary column.
+    Zstd(ZstdConfig),
 }
 
 impl OperatorSpec {
     /// Every stage `type`.
-    pub const TYPES: &'static [&'static str] = &["decode", "filter", "project"];
+    pub const TYPES: &'static [&'static str] =
+        &["decode", "filter", "project", "dedup", "window", "compress", "admit", "zstd"];
 
     /// The operator's configuration behind its common interface.
     pub fn config(&self) -> &dyn OperatorConfig {
@@ -117,6 +133,25 @@ impl OperatorSpec {
             OperatorSpec::Decode(c) => c,
             OperatorSpec::Filter(c) => c,
             OperatorSpec::Project(c) => c,
+            OperatorSpec::Dedup(c) => c,
+            OperatorSpec::Window(c) => c,
+            OperatorSpec::Compress(c) => c,
+            OperatorSpec::Admit(c) => c,
+            OperatorSpec::Zstd(c) => c,
+        }
+    }
+
+    /// The configuration as `Any`, for [`Operator::retune`](citystream_operators::Operator::retune).
+    pub fn as_any(&self) -> &dyn std::any::Any {
+        match self {
+            OperatorSpec::Decode(c) => c,
+            OperatorSpec::Filter(c) => c,
+            OperatorSpec::Project(c) => c,
+            OperatorSpec::Dedup(c) => c,
+            OperatorSpec::Window(c) => c,
+            OperatorSpec::Compress(c) => c,
+            OperatorSpec::Admit(c) => c,
+            OperatorSpec::Zstd(c) => c,
         }
     }
 
@@ -126,7 +161,33 @@ impl OperatorSpec {
             OperatorSpec::Decode(_) => "decode",
             OperatorSpec::Filter(_) => "filter",
             OperatorSpec::Project(_) => "project",
+            OperatorSpec::Dedup(_) => "dedup",
+            OperatorSpec::Window(_) => "window",
+            OperatorSpec::Compress(_) => "compress",
+            OperatorSpec::Admit(_) => "admit",
+            OperatorSpec::Zstd(_) => "zstd",
         }
+    }
+
+    /// Whether a running stage configured as `self` can switch to `new` without a restart:
+    /// `Ok(true)` if something changed and can be applied live, `Ok(false)` if nothing changed,
+    /// and the reason otherwise.
+    pub fn live_change(&self, new: &OperatorSpec) -> Result<bool, String> {
+        if self == new {
+            return Ok(false);
+        }
+        match (self, new) {
+            (OperatorSpec::Filter(a), OperatorSpec::Filter(b)) => a.live_change(b),
+            (OperatorSpec::Dedup(a), OperatorSpec::Dedup(b)) => a.live_change(b),
+            (OperatorSpec::Window(a), OperatorSpec::Window(b)) => a.live_change(b),
+            (OperatorSpec::Compress(a), OperatorSpec::Compress(b)) => a.live_change(b),
+            (OperatorSpec::Admit(a), OperatorSpec::Admit(b)) => a.live_change(b),
+            (a, b) if a.type_name() != b.type_name() => {
+                Err(format!("the type changed from `{}` to `{}`", a.type_name(), b.type_name()))
+            }
+            (a, _) => Err(format!("a `{}` stage has no parameters that can change while running", a.type_name())),
+        }
+        .map(|()| true)
     }
 }
 

@@ -107,6 +107,11 @@ tagged!(StageConfig, "stage", |map, tag| {
         "decode" => OperatorSpec::Decode(rest(&mut map, Some(&mut input))?),
         "filter" => OperatorSpec::Filter(rest(&mut map, Some(&mut input))?),
         "project" => OperatorSpec::Project(rest(&mut map, Some(&mut input))?),
+        "dedup" => OperatorSpec::Dedup(rest(&mut map, Some(&mut input))?),
+        "window" => OperatorSpec::Window(rest(&mut map, Some(&mut input))?),
+        "compress" => OperatorSpec::Compress(rest(&mut map, Some(&mut input))?),
+        "admit" => OperatorSpec::Admit(rest(&mut map, Some(&mut input))?),
+        "zstd" => OperatorSpec::Zstd(rest(&mut map, Some(&mut input))?),
         other => return Err(de::Error::unknown_variant(other, OperatorSpec::TYPES)),
     };
     let input = input.ok_or_else(|| de::Error::missing_field("input"))?;

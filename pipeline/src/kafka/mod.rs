@@ -52,6 +52,10 @@ fn d_batch_wait() -> Duration {
 fn d_checkpoint() -> Duration {
     Duration::from_secs(5)
 }
+fn d_idle() -> Duration {
+    Duration::from_secs(30)
+}
+
 fn d_ooo() -> Duration {
     Duration::from_secs(120)
 }
@@ -81,6 +85,11 @@ pub struct KafkaSourceConfig {
     /// Watermark lag behind the newest message timestamp. Default `2m`.
     #[serde(default = "d_ooo")]
     pub max_out_of_orderness: Duration,
+    /// A partition with no message for this long stops holding the watermark back (one
+    /// silent sensor or empty partition must not stall the city); it counts again with its
+    /// next message. Default `30s`.
+    #[serde(default = "d_idle")]
+    pub idle_partition_timeout: Duration,
     /// End the source after no message arrived for this long (bounded runs and tests);
     /// absent: run until stopped.
     #[serde(default)]

@@ -34,8 +34,8 @@ struct Shared {
     builders: Vec<RawBatchBuilder>,
     /// Next offset to read per (topic, partition), for everything handed downstream.
     next: BTreeMap<(String, i32), i64>,
-    /// Newest message timestamp per (topic, partition).
-    max_ts: BTreeMap<(String, i32), i64>,
+    /// Newest message timestamp per (topic, partition), and when it last had a message.
+    max_ts: BTreeMap<(String, i32), (i64, Instant)>,
     epoch: u64,
     outputs: Arc<Outputs>,
     acks: CheckpointAcks,
@@ -329,6 +329,7 @@ pub(crate) async fn run_kafka_source(
         })
         .collect();
     let lag_ms = cfg.max_out_of_orderness.as_millis_i64();
+    let idle_after = cfg.idle_partition_timeout.to_std();
     let mut total = 0u64;
     let mut last_message = Instant::now();
     let mut last_wm = i64::MIN;
@@ -398,7 +399,9 @@ pub(crate) async fn run_kafka_source(
             _ = batch_tick.tick() => {
                 let (batches, wm) = {
                     let mut s = shared.lock().expect("source state");
-                    (s.take_batches(), s.max_ts.values().copied().min())
+                    // the slowest partition that is not idle holds the watermark
+                    let wm = s.max_ts.values().filter(|(_, seen)| seen.elapsed() < idle_after).map(|(ts, _)| *ts).min();
+                    (s.take_batches(), wm)
                 };
                 if !batches.is_empty() {
                     for (p, b) in batches {
@@ -441,8 +444,8 @@ pub(crate) async fn run_kafka_source(
                     let key = (topic.to_owned(), msg.partition());
                     s.next.insert(key.clone(), msg.offset() + 1);
                     if let Some(ts) = msg.timestamp().to_millis() {
-                        let e = s.max_ts.entry(key).or_insert(ts);
-                        *e = (*e).max(ts);
+                        let e = s.max_ts.entry(key).or_insert((ts, Instant::now()));
+                        *e = (e.0.max(ts), Instant::now());
                     }
                     (s.builders[port].len() >= batch_rows).then(|| (port, s.builders[port].finish()))
                 };

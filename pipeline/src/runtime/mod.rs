@@ -11,6 +11,7 @@
 
 mod align;
 mod checkpoint;
+pub mod reload;
 mod sinks;
 mod sources;
 mod stage;
@@ -169,6 +170,17 @@ pub async fn run(
     metrics: Metrics,
     stop: watch::Receiver<bool>,
 ) -> Result<RunReport, PipelineError> {
+    run_with_reload(plan, metrics, stop, None).await
+}
+
+/// Like [`run`], and applies new configurations sent on `reload` live where they only change
+/// tunable parameters (see [`reload`]).
+pub async fn run_with_reload(
+    plan: PipelinePlan,
+    metrics: Metrics,
+    stop: watch::Receiver<bool>,
+    reload: Option<mpsc::Receiver<PipelinePlan>>,
+) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
     let cap = plan.runtime.channel_capacity.get();
     let mut subscribers: BTreeMap<(String, usize), Vec<Edge>> = BTreeMap::new();
@@ -207,6 +219,7 @@ pub async fn run(
         })
         .collect();
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
+    let mut retune_senders = BTreeMap::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone() };
         let op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
@@ -214,7 +227,12 @@ pub async fn run(
             message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
         })?;
         let outputs = outputs_of(&st.name, st.outputs.len(), &mut subscribers);
-        let task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
+        let mut task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
+        if reload.is_some() {
+            let (tx, rx) = watch::channel(None);
+            retune_senders.insert(st.name.clone(), tx);
+            task = task.with_retune(rx);
+        }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
@@ -252,6 +270,7 @@ pub async fn run(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
+    let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
     let mut report = RunReport::default();
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
@@ -281,6 +300,9 @@ pub async fn run(
         }
     }
     monitor.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     report.elapsed_s = started.elapsed().as_secs_f64();
     match first_error {
         Some(e) => Err(e),

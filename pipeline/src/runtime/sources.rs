@@ -91,6 +91,14 @@ pub(crate) async fn run_simulator(
         sim_clock.set(sim.now_ms() as f64);
         let wm = sim.now_ms() - lag;
         if wm > last_wm && more {
+            // a watermark promises that nothing at or before it follows: hand on every row
+            // read so far first, including partly filled batches of the quieter streams
+            for (p, b) in builders.iter_mut().enumerate() {
+                if !b.is_empty() {
+                    total += b.len() as u64;
+                    outputs.send(p, Message::Batch(b.finish())).await?;
+                }
+            }
             last_wm = wm;
             outputs.broadcast(Message::Watermark(wm)).await?;
         }

@@ -1,10 +1,19 @@
 //! The task that drives one operator.
 
+use std::sync::Arc;
+
 use citystream_operators::{Collector, Counter, Message, Metrics, Operator};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::OperatorSpec;
 
 use super::align::{Aligner, Next};
 use super::{Envelope, Outputs, PipelineError, cpu, thread_cpu_ns};
+
+enum Either {
+    Next(Next),
+    Retune(Option<Arc<OperatorSpec>>),
+}
 
 /// Drives an [`Operator`]: merges its inputs, tracks their watermarks, aligns barriers and
 /// ends when every input has ended.
@@ -17,6 +26,9 @@ pub(crate) struct StageTask {
     batches_in: Counter,
     rows_out: Vec<Counter>,
     cpu_ns: Counter,
+    /// New configurations to apply live (see [`super::reload`]).
+    retune: Option<watch::Receiver<Option<Arc<OperatorSpec>>>>,
+    retunes: [Counter; 2],
 }
 
 impl StageTask {
@@ -41,11 +53,68 @@ impl StageTask {
                 "Thread CPU time spent in a stage's operator.",
                 &l,
             ),
+            retunes: [
+                metrics.counter(
+                    "citystream_stage_retunes_total",
+                    "Live parameter changes applied to a stage, per outcome.",
+                    &[("stage", name.as_str()), ("outcome", "applied")],
+                ),
+                metrics.counter(
+                    "citystream_stage_retunes_total",
+                    "Live parameter changes applied to a stage, per outcome.",
+                    &[("stage", name.as_str()), ("outcome", "failed")],
+                ),
+            ],
             rows_out,
             name,
             op,
             inputs,
             outputs,
+            retune: None,
+        }
+    }
+
+    /// Lets the stage take new tunable parameters from `rx` between messages.
+    pub(crate) fn with_retune(mut self, rx: watch::Receiver<Option<Arc<OperatorSpec>>>) -> Self {
+        self.retune = Some(rx);
+        self
+    }
+
+    /// Applies a new configuration between two messages: nothing in flight is lost or repeated.
+    fn apply_retune(&mut self, spec: &OperatorSpec) {
+        match self.op.retune(spec.as_any()) {
+            Ok(()) => {
+                self.retunes[0].inc();
+                tracing::info!(stage = self.name, "applied new parameters live");
+            }
+            Err(e) => {
+                self.retunes[1].inc();
+                tracing::error!(stage = self.name, "could not apply new parameters, keeping the old ones: {e}");
+            }
+        }
+    }
+
+    /// The next input, or a new configuration if one arrived first.
+    async fn next_input(
+        retune: &mut Option<watch::Receiver<Option<Arc<OperatorSpec>>>>,
+        inputs: &mut Aligner,
+        rx: &mut mpsc::Receiver<Envelope>,
+    ) -> Result<Either, PipelineError> {
+        match retune {
+            Some(r) => tokio::select! {
+                biased;
+                changed = r.changed() => match changed {
+                    Ok(()) => Ok(Either::Retune(r.borrow_and_update().clone())),
+                    Err(_) => {
+                        // the reloader is gone: no more changes can come
+                        *retune = None;
+                        Ok(Either::Retune(None))
+                    }
+                },
+                // cancel-safe: the aligner only awaits `recv`
+                next = inputs.next(rx) => next.map(Either::Next),
+            },
+            None => inputs.next(rx).await.map(Either::Next),
         }
     }
 
@@ -79,7 +148,15 @@ impl StageTask {
         let mut current_wm = i64::MIN;
         let mut inputs = Aligner::new(self.inputs);
         loop {
-            match inputs.next(&mut rx).await? {
+            let next = match Self::next_input(&mut self.retune, &mut inputs, &mut rx).await? {
+                Either::Next(n) => n,
+                Either::Retune(Some(spec)) => {
+                    self.apply_retune(&spec);
+                    continue;
+                }
+                Either::Retune(None) => continue,
+            };
+            match next {
                 Next::Message(_, Message::Batch(batch)) => {
                     self.rows_in.inc_by(batch.num_rows() as u64);
                     self.batches_in.inc();
