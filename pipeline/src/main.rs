@@ -54,6 +54,28 @@ enum Command {
         #[arg(long)]
         rate: Option<std::num::NonZeroU32>,
     },
+    /// Train a zstd dictionary for camera thumbnails on simulator output, and measure it on
+    /// held-out thumbnails against plain zstd.
+    TrainDict {
+        /// Take the simulator settings from this pipeline config's first simulator source.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Simulated span to sample, e.g. `6h`.
+        #[arg(long, default_value = "6h")]
+        duration: citystream_operators::Duration,
+        /// Largest dictionary size in bytes.
+        #[arg(long, default_value_t = 65536)]
+        max_bytes: usize,
+        /// zstd level for the comparison.
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        /// Where to write the dictionary.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run SQL over the Parquet tables under a data folder.
     #[cfg(feature = "sql")]
     Sql {
@@ -147,6 +169,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
         Command::Simulate { config, seed, duration, out, .. } => simulate(config.as_deref(), seed, duration, &out),
         #[cfg(not(feature = "kafka"))]
         Command::Simulate { config, seed, duration, out } => simulate(config.as_deref(), seed, duration, &out),
+        Command::TrainDict { config, seed, duration, max_bytes, level, out } => {
+            train_dict(config.as_deref(), seed, duration, max_bytes, level, &out)
+        }
         #[cfg(feature = "sql")]
         Command::Sql { data, format, out, query } => {
             use citystream_pipeline::sql;
@@ -291,9 +316,19 @@ fn print_summary(report: &RunReport, metrics: &Metrics) {
     for (sink, tables) in &report.tables {
         for (table, s) in tables {
             disk += s.bytes;
+            let input = report.table_inputs.get(sink).and_then(|t| t.get(table)).filter(|i| i.bytes > 0);
+            let account = match input {
+                Some(i) if s.bytes > 0 => format!(
+                    " <- {} events, {:.1} MiB JSON: {:.1}x",
+                    i.events,
+                    i.bytes as f64 / 1048576.0,
+                    i.bytes as f64 / s.bytes as f64
+                ),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  {sink}/{table}: {} rows in {} files, {:.1} KiB",
+                "  {sink}/{table}: {} rows in {} files, {:.1} KiB{account}",
                 s.rows,
                 s.files,
                 s.bytes as f64 / 1024.0
@@ -314,6 +349,82 @@ fn print_summary(report: &RunReport, metrics: &Metrics) {
     for (name, sim) in &report.simulations {
         let _ = writeln!(out, "  simulator {name}: {}", serde_json::to_string(&sim.kinds).unwrap_or_default());
     }
+}
+
+/// Thumbnails the simulator's cameras emit, decoded as the pipeline decodes them.
+fn simulated_thumbnails(cfg: SimulatorConfig) -> anyhow::Result<Vec<Vec<u8>>> {
+    use arrow::array::{Array, AsArray};
+    use citystream_operators::{BuildContext, Collector, OperatorConfig};
+    let decode: citystream_operators::decode::DecodeConfig =
+        serde_saphyr::from_str("kind: camera\nmax_past: null\nmax_future: null\n")?;
+    let mut op = decode
+        .build(&citystream_schemas::raw::schema(), &BuildContext::default())
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut sim = Simulation::new(cfg, chrono::Utc::now().timestamp_millis());
+    let mut msgs = Vec::new();
+    let mut raw = citystream_schemas::raw::RawBatchBuilder::with_capacity(4096, 1 << 20);
+    let mut out = Collector::new(op.outputs().len());
+    let mut offset = 0;
+    let mut thumbs = Vec::new();
+    let mut more = true;
+    while more {
+        more = sim.step(&mut msgs);
+        for m in msgs.drain(..).filter(|m| m.kind == citystream_schemas::EventKind::Camera) {
+            raw.append("sim.camera", 0, offset, m.arrival_ms, &m.payload);
+            offset += 1;
+        }
+        if raw.len() >= 4096 || (!more && !raw.is_empty()) {
+            op.process_batch(raw.finish(), &mut out)?;
+            for (port, b) in out.drain() {
+                if port != 0 {
+                    continue;
+                }
+                let col = b.column_by_name("thumbnail").context("camera rows have a thumbnail column")?;
+                let bin = col.as_binary::<i32>();
+                thumbs.extend((0..bin.len()).filter(|i| bin.is_valid(*i)).map(|i| bin.value(i).to_vec()));
+            }
+        }
+    }
+    Ok(thumbs)
+}
+
+fn train_dict(
+    config: Option<&Path>,
+    seed: Option<u64>,
+    duration: citystream_operators::Duration,
+    max_bytes: usize,
+    level: i32,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let cfg = simulator_config(config, seed, Some(duration))?;
+    let thumbs = simulated_thumbnails(cfg)?;
+    anyhow::ensure!(thumbs.len() >= 100, "only {} thumbnails in {duration}: simulate longer", thumbs.len());
+    // train on every 5th thumbnail but one; measure on the rest it never saw
+    let (train, test): (Vec<_>, Vec<_>) = thumbs.into_iter().enumerate().partition(|(i, _)| i % 5 != 4);
+    let train: Vec<Vec<u8>> = train.into_iter().map(|(_, t)| t).collect();
+    let test: Vec<Vec<u8>> = test.into_iter().map(|(_, t)| t).collect();
+    let dict = citystream_operators::zstd_column::train_dictionary(&train, max_bytes)?;
+    std::fs::write(out, &dict).with_context(|| format!("writing {}", out.display()))?;
+    let raw: usize = test.iter().map(Vec::len).sum();
+    let mut plain = zstd::bulk::Compressor::new(level)?;
+    let mut with_dict = zstd::bulk::Compressor::with_dictionary(level, &dict)?;
+    let (mut p, mut d) = (0usize, 0usize);
+    for t in &test {
+        p += plain.compress(t)?.len();
+        d += with_dict.compress(t)?.len();
+    }
+    println!(
+        "dictionary: {} bytes from {} thumbnails -> {}\nheld-out {} thumbnails, {raw} bytes: plain zstd-{level} {p} bytes \
+         ({:.2}x), with dictionary {d} bytes ({:.2}x): {:.2}x smaller",
+        dict.len(),
+        train.len(),
+        out.display(),
+        test.len(),
+        raw as f64 / p as f64,
+        raw as f64 / d as f64,
+        p as f64 / d as f64
+    );
+    Ok(())
 }
 
 fn simulator_config(

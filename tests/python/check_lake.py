@@ -41,22 +41,47 @@ def main(data: str) -> int:
     check("no temporary files", not tmp, f"{len(tmp)} left")
 
     con = duckdb.connect()
+
+    def q(sql: str):
+        return con.execute(sql).fetchone()
+
+    def src(table: str) -> str:
+        return f"read_parquet('{lake}/{table}/**/*.parquet', hive_partitioning = true)"
+
     for kind, counts in sorted(truth["kinds"].items()):
         table = ds.dataset(os.path.join(lake, kind), format="parquet", partitioning="hive")
         n_arrow = table.count_rows()
-        n_duck = con.execute(
-            f"SELECT count(*) FROM read_parquet('{lake}/{kind}/**/*.parquet', hive_partitioning = true)"
-        ).fetchone()[0]
-        check(f"{kind} rows", n_arrow == n_duck == counts["valid"], f"pyarrow {n_arrow}, duckdb {n_duck}, simulator valid {counts['valid']}")
+        n_duck = q(f"SELECT count(*) FROM {src(kind)}")[0]
+        late = q(f"SELECT count(*) FROM {src(kind + '_late')}")[0] if os.path.isdir(f"{lake}/{kind}_late") else 0
+        unique = counts["valid"] - counts["duplicates"] - counts["resent"]
+        # deduplicated; traffic and environment are also compressed (fewer rows, within tolerance)
+        ok = n_arrow == n_duck and 0 < n_arrow <= unique and (kind == "camera") <= (n_arrow + late >= unique)
+        check(f"{kind} rows", ok, f"pyarrow {n_arrow}, duckdb {n_duck}, late {late}, simulator unique readings {unique}")
+        ids, distinct = q(f"SELECT count(*), count(DISTINCT event_id) FROM {src(kind)}")
+        check(f"{kind} deduplicated", ids == distinct, f"{ids} rows, {distinct} distinct event ids")
+    w_readings, w_rows, segs = q(f"SELECT sum(readings), count(*), count(DISTINCT segment_id) FROM {src('traffic_windows')}")
+    t = truth["kinds"]["traffic"]
+    t_unique = t["valid"] - t["duplicates"] - t["resent"]
+    check(
+        "traffic windows",
+        w_rows == segs * 288 and t_unique - t["late"] - t["out_of_order"] <= w_readings <= t_unique,
+        f"{w_rows} windows over {segs} segments, {w_readings} readings of {t_unique} unique",
+    )
+    p85_ok = q(f"SELECT count(*) FILTER (WHERE p85_speed_kmh < p50_speed_kmh) FROM {src('traffic_windows')}")[0]
+    check("p85 >= p50 speed", p85_ok == 0, f"{p85_ok} windows with p85 below p50")
+    env = q(f"SELECT count(*) FROM {src('environment_windows')}")[0]
+    check("environment windows", env == 6 * 24, f"{env} station-hours")
     malformed = sum(c["malformed"] for c in truth["kinds"].values())
-    dl, no_reason = con.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE reason IS NULL OR reason = '') "
-        f"FROM read_parquet('{lake}/dead_letters/**/*.parquet', hive_partitioning = true)"
-    ).fetchone()
-    check("dead letters", dl == malformed and no_reason == 0, f"duckdb {dl}, simulator malformed {malformed}, without reason {no_reason}")
-    hours = con.execute(
-        f"SELECT count(DISTINCT hour) FROM read_parquet('{lake}/traffic/**/*.parquet', hive_partitioning = true)"
-    ).fetchone()[0]
+    dl, no_reason, decode_rejects = q(
+        f"SELECT count(*), count(*) FILTER (WHERE reason IS NULL OR reason = ''), "
+        f"count(*) FILTER (WHERE reason_code <> 'rate_limited') FROM {src('dead_letters')}"
+    )
+    check(
+        "dead letters",
+        decode_rejects == malformed and no_reason == 0,
+        f"duckdb {dl} ({decode_rejects} rejected by decode), simulator malformed {malformed}, without reason {no_reason}",
+    )
+    hours = q(f"SELECT count(DISTINCT hour) FROM {src('traffic')}")[0]
     check("hive partitions", hours == 24, f"{hours} hour partitions in traffic")
     print(f"lake check: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1

@@ -138,6 +138,98 @@ pub struct RunReport {
     pub simulations: BTreeMap<String, SimReport>,
     /// Totals per sink and table.
     pub tables: BTreeMap<String, BTreeMap<String, TableStats>>,
+    /// Per sink and table: the events and JSON bytes read from the source streams its rows
+    /// come from (the denominator of its compression ratio).
+    pub table_inputs: BTreeMap<String, BTreeMap<String, StreamTotals>>,
+}
+
+/// Events and payload bytes read from source streams.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamTotals {
+    /// Messages read.
+    pub events: u64,
+    /// Payload (JSON) bytes read.
+    pub bytes: u64,
+}
+
+/// `(sink, table)` → the `(source, stream)` counters its rows come from.
+type TableSources = Vec<((String, String), Vec<(String, String)>)>;
+
+fn table_sources(plan: &PipelinePlan) -> TableSources {
+    let mut by_origin: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for src in &plan.sources {
+        for (p, out) in src.outputs.iter().enumerate() {
+            if let Some(o) = crate::config::plan::origin_name(&plan.sources, &src.name, p) {
+                by_origin.insert(o, (src.name.clone(), out.name.clone()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for sk in &plan.sinks {
+        let mut per_table: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for ((table, _), origin) in sk.inputs.iter().zip(&sk.origins) {
+            if let Some(s) = by_origin.get(origin) {
+                let v = per_table.entry(table.clone()).or_default();
+                if !v.contains(s) {
+                    v.push(s.clone());
+                }
+            }
+        }
+        out.extend(per_table.into_iter().map(|(t, v)| ((sk.name.clone(), t), v)));
+    }
+    out
+}
+
+fn stream_totals(metrics: &Metrics, streams: &[(String, String)]) -> StreamTotals {
+    let mut t = StreamTotals::default();
+    for (source, stream) in streams {
+        let l = [("source", source.as_str()), ("stream", stream.as_str())];
+        t.events += metrics.value("citystream_source_events_total", &l).unwrap_or(0.0) as u64;
+        t.bytes += metrics.value("citystream_source_bytes_total", &l).unwrap_or(0.0) as u64;
+    }
+    t
+}
+
+/// Publishes, per table, the JSON bytes its source streams carried and the ratio to the
+/// bytes committed to disk, once a second.
+async fn account_tables(tables: TableSources, metrics: Metrics) {
+    let gauges: Vec<_> = tables
+        .iter()
+        .map(|((sink, table), _)| {
+            let l = [("sink", sink.as_str()), ("table", table.as_str())];
+            (
+                metrics.gauge(
+                    "citystream_table_input_bytes",
+                    "JSON bytes of the source streams a table is built from.",
+                    &l,
+                ),
+                metrics.gauge(
+                    "citystream_table_input_events",
+                    "Events of the source streams a table is built from.",
+                    &l,
+                ),
+                metrics.gauge(
+                    "citystream_table_compression_ratio",
+                    "Input JSON bytes per byte committed to the table.",
+                    &l,
+                ),
+            )
+        })
+        .collect();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for (((sink, table), streams), (bytes, events, ratio)) in tables.iter().zip(&gauges) {
+            let t = stream_totals(&metrics, streams);
+            bytes.set(t.bytes as f64);
+            events.set(t.events as f64);
+            let disk =
+                metrics.value("citystream_sink_bytes_total", &[("sink", sink.as_str()), ("table", table.as_str())]);
+            if let Some(d) = disk.filter(|d| *d > 0.0) {
+                ratio.set(t.bytes as f64 / d);
+            }
+        }
+    }
 }
 
 enum Finished {
@@ -270,6 +362,8 @@ pub async fn run_with_reload(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
+    let sources_of_tables = table_sources(&plan);
+    let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
     let mut report = RunReport::default();
     let mut first_error = None;
@@ -300,6 +394,10 @@ pub async fn run_with_reload(
         }
     }
     monitor.abort();
+    accountant.abort();
+    for ((sink, table), streams) in &sources_of_tables {
+        report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
+    }
     if let Some(r) = reloader {
         r.abort();
     }
