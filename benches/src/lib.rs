@@ -39,3 +39,34 @@ pub fn usage() -> Usage {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Usage { cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime), peak_rss_mib: ru.ru_maxrss as f64 / 1024.0 }
 }
+
+/// Decoded typed batches of `kind` from a simulator run with the default faults (duplicates,
+/// re-sends, out-of-order), `rows` rows each, in arrival order, with the watermark each batch
+/// may be followed by (the newest simulated time minus two minutes).
+pub fn sample_batches(kind: EventKind, batches: usize, rows: usize) -> Vec<(arrow::array::RecordBatch, i64)> {
+    use citystream_schemas::raw::RawBatchBuilder;
+    use citystream_schemas::{DecodeOptions, Decoder};
+    let cfg = SimulatorConfig {
+        seed: 7,
+        duration: citystream_operators::Duration::from_secs(30 * 86_400),
+        ..SimulatorConfig::default()
+    };
+    let mut sim = Simulation::new(cfg, 0);
+    let decoder =
+        Decoder::new(kind, DecodeOptions { max_past_ms: None, max_future_ms: None, ..DecodeOptions::default() });
+    let mut out = Vec::with_capacity(batches);
+    let mut step = Vec::new();
+    let mut b = RawBatchBuilder::with_capacity(rows, rows * 256);
+    let mut offset = 0;
+    while out.len() < batches && sim.step(&mut step) {
+        for m in step.drain(..).filter(|m| m.kind == kind) {
+            b.append("bench", 0, offset, m.arrival_ms, &m.payload);
+            offset += 1;
+        }
+        if b.len() >= rows {
+            let decoded = decoder.decode(&b.finish()).expect("decodes");
+            out.push((decoded.valid, sim.now_ms() - 120_000));
+        }
+    }
+    out
+}

@@ -96,6 +96,9 @@ fn d_gap() -> Duration {
     Duration::from_secs(900)
 }
 
+/// (time column, key columns, (field column, tolerance))
+type Checked = (usize, Vec<usize>, Vec<(usize, FieldTolerance)>);
+
 impl CompressConfig {
     /// Tolerances and `max_gap` change live; the key and the set of fields do not.
     pub fn live_change(&self, new: &Self) -> Result<(), String> {
@@ -107,7 +110,7 @@ impl CompressConfig {
         Ok(())
     }
 
-    fn check(&self, input: &SchemaRef) -> Result<(usize, Vec<usize>, Vec<(usize, FieldTolerance)>), Vec<PlanError>> {
+    fn check(&self, input: &SchemaRef) -> Result<Checked, Vec<PlanError>> {
         let mut errs = Vec::new();
         let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
         let mut keys = Vec::new();

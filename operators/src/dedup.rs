@@ -67,6 +67,9 @@ pub struct DedupConfig {
     pub time_column: String,
 }
 
+/// (time column, id column, content columns)
+type Checked = (usize, Option<usize>, Option<Vec<usize>>);
+
 impl DedupConfig {
     /// Only `horizon` can change live.
     pub fn live_change(&self, new: &Self) -> Result<(), String> {
@@ -79,7 +82,7 @@ impl DedupConfig {
         }
     }
 
-    fn check(&self, input: &SchemaRef) -> Result<(usize, Option<usize>, Option<Vec<usize>>), Vec<PlanError>> {
+    fn check(&self, input: &SchemaRef) -> Result<Checked, Vec<PlanError>> {
         let mut errs = Vec::new();
         let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
         let id = match &self.id_column {
@@ -234,6 +237,10 @@ impl KeySet {
                 self.map.remove(&k);
             }
         }
+        // give memory back after a burst (a table keeps its peak size otherwise)
+        if self.map.capacity() > 1024 && self.map.len() * 4 < self.map.capacity() {
+            self.map.shrink_to(self.map.len() * 2);
+        }
     }
 
     /// Accounted bytes: hash-table slots (16-byte key, 8-byte time, 1 control byte) at the
@@ -294,8 +301,8 @@ impl Operator for Dedup {
         let mut keep = Vec::with_capacity(n);
         let mut late = Vec::with_capacity(n);
         let mut removed = [0u64; 2];
-        for i in 0..n {
-            if ts[i] < cutoff {
+        for (i, &t) in ts.iter().enumerate() {
+            if t < cutoff {
                 keep.push(false);
                 late.push(true);
                 continue;
@@ -311,15 +318,15 @@ impl Operator for Dedup {
                 keep.push(false);
                 // remember the gateway's id too, so its own exact re-sends are caught
                 if let Some(k) = id {
-                    self.seen[0].insert(k, ts[i]);
+                    self.seen[0].insert(k, t);
                 }
             } else {
                 keep.push(true);
                 if let Some(k) = id {
-                    self.seen[0].insert(k, ts[i]);
+                    self.seen[0].insert(k, t);
                 }
                 if let Some(k) = content {
-                    self.seen[1].insert(k, ts[i]);
+                    self.seen[1].insert(k, t);
                 }
             }
         }

@@ -150,7 +150,7 @@ impl WindowConfig {
             errs.push(PlanError::new("size", "a window needs a positive size"));
         }
         if let Some(s) = self.slide
-            && (s.as_millis() == 0 || self.size.as_millis() % s.as_millis() != 0)
+            && (s.as_millis() == 0 || !self.size.as_millis().is_multiple_of(s.as_millis()))
         {
             errs.push(
                 PlanError::new("slide", format!("slide {s} must be positive and divide the window size {}", self.size))

@@ -38,7 +38,7 @@ fn a_sudden_change_is_never_smoothed_away() {
     let rows: Vec<Reading> =
         (0..60).map(|i| r(&i.to_string(), "s", i * 10_000, if i < 30 { 80.0 } else { 15.0 })).collect();
     for method in ["swinging_door", "deadband"] {
-        let out = run(build(&cfg(method, 2.0, 0.0)).as_mut(), &[rows.clone()], 0);
+        let out = run(build(&cfg(method, 2.0, 0.0)).as_mut(), std::slice::from_ref(&rows), 0);
         let kept: Vec<i64> = out.readings(0).iter().map(|r| r.ts).collect();
         assert!(kept.contains(&290_000) && kept.contains(&300_000), "{method}: {kept:?}");
         assert!(kept.len() <= 6, "{method}: flat stretches compress: {kept:?}");
@@ -49,8 +49,8 @@ fn a_sudden_change_is_never_smoothed_away() {
 fn a_smooth_ramp_compresses_far_more_with_the_swinging_door() {
     let rows: Vec<Reading> =
         (0..1000).map(|i| r(&i.to_string(), "s", i * 1000, i as f64 * 0.1 + (i % 3) as f64 * 0.01)).collect();
-    let sdt = run(build(&cfg("swinging_door", 0.05, 0.0)).as_mut(), &[rows.clone()], 0).rows(0);
-    let db = run(build(&cfg("deadband", 0.05, 0.0)).as_mut(), &[rows.clone()], 0).rows(0);
+    let sdt = run(build(&cfg("swinging_door", 0.05, 0.0)).as_mut(), std::slice::from_ref(&rows), 0).rows(0);
+    let db = run(build(&cfg("deadband", 0.05, 0.0)).as_mut(), std::slice::from_ref(&rows), 0).rows(0);
     assert!(sdt * 20 < rows.len(), "swinging door keeps {sdt} of {}", rows.len());
     assert!(db > sdt * 5, "deadband cannot follow a slope: {db} vs {sdt}");
 }

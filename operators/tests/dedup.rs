@@ -113,7 +113,7 @@ proptest! {
         let batches: Vec<Vec<Reading>> = rows.chunks(split).map(<[Reading]>::to_vec).collect();
         let once = run(build(&cfg("1h")).as_mut(), &batches, 0).readings(0);
         prop_assert_eq!(&once, &naive(&rows));
-        let twice = run(build(&cfg("1h")).as_mut(), &[once.clone()], 0).readings(0);
+        let twice = run(build(&cfg("1h")).as_mut(), std::slice::from_ref(&once), 0).readings(0);
         prop_assert_eq!(twice, once);
     }
 }

@@ -97,7 +97,7 @@ fn snapshot_and_restore_give_the_uninterrupted_result() {
     let rows: Vec<Reading> = (0..200)
         .map(|i| rw(["a", "b", "c"][i % 3], (i as i64 * 7_919) % 300_000, Some((i % 17) as f64), (i % 5) as i32))
         .collect();
-    let whole = run(build(&cfg).as_mut(), &[rows.clone()], 1_000_000);
+    let whole = run(build(&cfg).as_mut(), std::slice::from_ref(&rows), 1_000_000);
     let mut first = build(&cfg);
     let mut c = Collector::new(2);
     first.process_batch(batch(&rows[..90]), &mut c).unwrap();

@@ -301,6 +301,7 @@ pub async fn run_with_reload(
     };
 
     let (sink_acks, acks) = CheckpointAcks::new(plan.sinks.len());
+    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
     let parquet_roots: Vec<std::path::PathBuf> = plan
         .sinks
         .iter()
