@@ -42,6 +42,101 @@ pub struct DecodeConfig {
     /// Keep at most this many bytes of a rejected payload. Default 4096.
     #[serde(default = "default_payload_max")]
     pub dead_letter_payload_max_bytes: usize,
+    /// Camera events: replace plates and track ids by keyed pseudonyms. Absent: identifiers
+    /// are dropped (the pseudonym columns stay null).
+    #[serde(default)]
+    pub pseudonymize: Option<PseudonymizeConfig>,
+    /// Camera events: object classes whose thumbnails are dropped at ingest. Default
+    /// `[pedestrian]`.
+    #[serde(default = "default_drop_thumbnails")]
+    pub drop_thumbnails_of: Vec<String>,
+}
+
+fn default_drop_thumbnails() -> Vec<String> {
+    vec!["pedestrian".into()]
+}
+
+fn default_rotate() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+/// Where the pseudonymization secret comes from — never the config file itself — and how
+/// often the pseudonym key rotates.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PseudonymizeConfig {
+    /// An environment variable holding the secret (at least 32 bytes).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// A file holding the secret (at least 32 bytes; keep it readable by the pipeline only).
+    #[serde(default)]
+    pub secret_file: Option<crate::EnvString>,
+    /// Create `secret_file` with 32 random bytes (mode 0600) if it does not exist. For
+    /// single-machine set-ups; a fleet shares one provisioned secret. Default false.
+    #[serde(default)]
+    pub create_secret_file: bool,
+    /// Event-time period after which pseudonyms change (vehicles cannot be linked across
+    /// periods). Default `1d`.
+    #[serde(default = "default_rotate")]
+    pub rotate: Duration,
+}
+
+impl PseudonymizeConfig {
+    /// Reads the secret. A missing secret is an error, never a fallback.
+    pub fn load_secret(&self) -> Result<Vec<u8>, PlanError> {
+        match (&self.secret_env, &self.secret_file) {
+            (Some(var), None) => std::env::var(var).map(String::into_bytes).map_err(|_| {
+                PlanError::new("pseudonymize.secret_env", format!("the environment variable `{var}` is not set"))
+                    .with_help("export it with a secret of at least 32 bytes, e.g. `openssl rand -base64 48`")
+            }),
+            (None, Some(path)) => {
+                let path = path.as_str();
+                let p = std::path::Path::new(path);
+                if !p.exists() && self.create_secret_file {
+                    create_secret(p).map_err(|e| {
+                        PlanError::new("pseudonymize.secret_file", format!("cannot create `{path}`: {e}"))
+                    })?;
+                }
+                std::fs::read(p).map_err(|e| {
+                    PlanError::new("pseudonymize.secret_file", format!("cannot read the secret file `{path}`: {e}"))
+                        .with_help("provision it, or set `create_secret_file: true` on a single machine")
+                })
+            }
+            _ => Err(PlanError::new("pseudonymize", "give exactly one of `secret_env` and `secret_file`")),
+        }
+    }
+
+    fn pseudonymizer(&self) -> Result<citystream_schemas::privacy::Pseudonymizer, PlanError> {
+        let secret = self.load_secret()?;
+        citystream_schemas::privacy::Pseudonymizer::new(secret, self.rotate.as_millis_i64())
+            .map_err(|e| PlanError::new("pseudonymize", e.to_string()))
+    }
+}
+
+fn create_secret(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact_into(&mut secret)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(&secret)?;
+    f.sync_all()
+}
+
+trait ReadExact {
+    fn read_exact_into(&mut self, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+impl ReadExact for std::fs::File {
+    fn read_exact_into(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        std::io::Read::read_exact(self, buf)
+    }
 }
 
 impl DecodeConfig {
@@ -52,15 +147,21 @@ impl DecodeConfig {
             max_future: default_max_future(),
             max_past: default_max_past(),
             dead_letter_payload_max_bytes: default_payload_max(),
+            pseudonymize: None,
+            drop_thumbnails_of: default_drop_thumbnails(),
         }
     }
 
-    fn options(&self) -> DecodeOptions {
-        DecodeOptions {
+    fn options(&self) -> Result<DecodeOptions, PlanError> {
+        Ok(DecodeOptions {
             max_future_ms: self.max_future.map(Duration::as_millis_i64),
             max_past_ms: self.max_past.map(Duration::as_millis_i64),
             dead_letter_payload_max_bytes: self.dead_letter_payload_max_bytes,
-        }
+            privacy: citystream_schemas::privacy::Privacy {
+                pseudonymizer: self.pseudonymize.as_ref().map(PseudonymizeConfig::pseudonymizer).transpose()?,
+                drop_thumbnail_classes: self.drop_thumbnails_of.clone(),
+            },
+        })
     }
 }
 
@@ -78,6 +179,26 @@ impl OperatorConfig for DecodeConfig {
         if self.dead_letter_payload_max_bytes == 0 {
             return Err(vec![PlanError::new("dead_letter_payload_max_bytes", "must be at least 1")]);
         }
+        if let Some(p) = &self.pseudonymize {
+            if self.kind != EventKind::Camera {
+                return Err(vec![PlanError::new("pseudonymize", "only camera events carry identifiers")]);
+            }
+            // a missing or short secret is a startup error (a file still to be created is
+            // created when the stage is built, not while a config is only checked)
+            let to_create = p.create_secret_file
+                && p.secret_file.as_ref().is_some_and(|f| !std::path::Path::new(f.as_str()).exists());
+            if !to_create {
+                p.pseudonymizer().map_err(|e| vec![e])?;
+            }
+        }
+        for (i, c) in self.drop_thumbnails_of.iter().enumerate() {
+            if !citystream_schemas::OBJECT_CLASSES.contains(&c.as_str()) {
+                return Err(vec![PlanError::new(
+                    format!("drop_thumbnails_of[{i}]"),
+                    format!("`{c}` is not an object class ({})", citystream_schemas::OBJECT_CLASSES.join(", ")),
+                )]);
+            }
+        }
         Ok(vec![OutputSpec::new("main", self.kind.schema()), OutputSpec::new("dead_letters", dead_letter::schema())])
     }
 
@@ -93,7 +214,7 @@ impl OperatorConfig for DecodeConfig {
             )
         });
         Ok(Box::new(Decode {
-            decoder: Decoder::new(self.kind, self.options()),
+            decoder: Decoder::new(self.kind, self.options().map_err(|e| vec![e])?),
             outputs,
             accepted: ctx.metrics.counter("citystream_events_valid_total", "Events decoded and valid.", &labels),
             bytes_in: ctx.metrics.counter("citystream_input_bytes_total", "JSON payload bytes received.", &labels),
@@ -113,8 +234,9 @@ pub struct Decode {
 
 impl Decode {
     /// Replaces the decoding options (live tuning).
-    pub fn set_options(&mut self, config: &DecodeConfig) {
-        self.decoder.set_options(config.options());
+    pub fn set_options(&mut self, config: &DecodeConfig) -> Result<(), PlanError> {
+        self.decoder.set_options(config.options()?);
+        Ok(())
     }
 }
 

@@ -31,6 +31,7 @@ mod contract;
 pub mod decode;
 pub mod dedup;
 pub mod duration;
+mod env;
 pub mod filter;
 mod metrics;
 pub mod project;
@@ -45,4 +46,5 @@ pub use contract::{
     PlanError, did_you_mean,
 };
 pub use duration::Duration;
+pub use env::EnvString;
 pub use metrics::{Counter, Gauge, Metrics};

@@ -27,7 +27,7 @@ pub struct ZstdConfig {
     pub level: i32,
     /// A dictionary file from `citystream train-dict`.
     #[serde(default)]
-    pub dictionary: Option<String>,
+    pub dictionary: Option<crate::EnvString>,
 }
 
 impl ZstdConfig {
@@ -46,10 +46,10 @@ impl ZstdConfig {
             errs.push(PlanError::new("level", format!("zstd level {} is outside 1..=22", self.level)));
         }
         if let Some(d) = &self.dictionary
-            && !std::path::Path::new(d).is_file()
+            && !std::path::Path::new(d.as_str()).is_file()
         {
             errs.push(
-                PlanError::new("dictionary", format!("no dictionary file at `{d}`"))
+                PlanError::new("dictionary", format!("no dictionary file at `{}`", d.as_str()))
                     .with_help("train one with `citystream train-dict --out <file>`"),
             );
         }
@@ -78,9 +78,8 @@ impl OperatorConfig for ZstdConfig {
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
         let (col, schema) = self.check(input)?;
         let dict = match &self.dictionary {
-            Some(p) => {
-                std::fs::read(p).map_err(|e| vec![PlanError::new("dictionary", format!("reading `{p}`: {e}"))])?
-            }
+            Some(p) => std::fs::read(p.as_str())
+                .map_err(|e| vec![PlanError::new("dictionary", format!("reading `{}`: {e}", p.as_str()))])?,
             None => Vec::new(),
         };
         let compressor = zstd::bulk::Compressor::with_dictionary(self.level, &dict)

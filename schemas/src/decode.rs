@@ -26,6 +26,9 @@ pub struct DecodeOptions {
     /// Keep at most this many bytes of a rejected payload in `dead_letters.payload`.
     /// The original length is always kept in `payload_bytes`. Default: 4096.
     pub dead_letter_payload_max_bytes: usize,
+    /// Pseudonyms and dropped images (camera events). Default: identifiers dropped (no
+    /// pseudonymizer), pedestrian thumbnails dropped.
+    pub privacy: crate::privacy::Privacy,
 }
 
 impl Default for DecodeOptions {
@@ -34,6 +37,7 @@ impl Default for DecodeOptions {
             max_future_ms: Some(5 * 60 * 1000),
             max_past_ms: Some(7 * 24 * 3600 * 1000),
             dead_letter_payload_max_bytes: 4096,
+            privacy: crate::privacy::Privacy { pseudonymizer: None, drop_thumbnail_classes: vec!["pedestrian".into()] },
         }
     }
 }
@@ -231,6 +235,7 @@ impl Decoder {
             offset: Int64Builder::with_capacity(n),
         };
         let mut dead = DeadLetterBuilder::new(self.options.dead_letter_payload_max_bytes);
+        let mut privacy = self.options.privacy.clone();
         for i in 0..n {
             let payload = cols.payload.value(i);
             let received_at = cols.received_at.value(i);
@@ -238,7 +243,10 @@ impl Decoder {
                 Err(reason) => Err(reason),
                 Ok(w) => {
                     let c = C::common(&w);
-                    self.check_common(&c, received_at).and_then(|ts| contract.accept(&w).map(|()| ts)).map(|ts| {
+                    let accepted = self.check_common(&c, received_at).and_then(|ts| {
+                        contract.accept(&w, &mut wire::Accept { ts, privacy: &mut privacy }).map(|()| ts)
+                    });
+                    accepted.map(|ts| {
                         common.event_id.append_value(c.event_id);
                         common.ts.append_value(ts);
                         common.version.append_value(SCHEMA_VERSION as i32);
@@ -254,7 +262,9 @@ impl Decoder {
                     offset: cols.offset.value(i),
                     received_at_ms: received_at,
                 };
-                dead.append(pos, self.kind.as_str(), &reason, payload);
+                // identifiers in rejected payloads are redacted before they can reach a table
+                let payload = crate::privacy::redact_identifiers(payload);
+                dead.append(pos, self.kind.as_str(), &reason, &payload);
             }
         }
         let mut columns: Vec<ArrayRef> =

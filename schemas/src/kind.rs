@@ -77,7 +77,8 @@ static CAMERA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("kind", DataType::Utf8, false),
         Field::new("object_class", DataType::Utf8, false),
         Field::new("count", DataType::Int32, false),
-        Field::new("track_id", DataType::Utf8, true),
+        Field::new("track_pseudonym", DataType::Utf8, true),
+        Field::new("plate_pseudonym", DataType::Utf8, true),
         Field::new("confidence", DataType::Float32, false),
         Field::new("thumbnail", DataType::Binary, true),
     ]);

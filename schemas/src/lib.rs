@@ -19,6 +19,7 @@
 pub mod dead_letter;
 mod decode;
 mod kind;
+pub mod privacy;
 pub mod raw;
 mod reason;
 mod wire;

@@ -69,11 +69,19 @@ pub(crate) struct Common<'a> {
 }
 
 /// One event contract: its wire struct, its validation rules and its Arrow builders.
+/// What a contract may use while accepting one event.
+pub(crate) struct Accept<'a> {
+    /// The event's time (UTC ms), already validated.
+    pub ts: i64,
+    /// Identifier and image rules.
+    pub privacy: &'a mut crate::privacy::Privacy,
+}
+
 pub(crate) trait Contract: Default {
     type Wire<'a>: Deserialize<'a>;
     fn common<'b>(w: &'b Self::Wire<'_>) -> Common<'b>;
     /// Validates the kind-specific fields, then appends them (never a partial row).
-    fn accept(&mut self, w: &Self::Wire<'_>) -> Result<(), Reason>;
+    fn accept(&mut self, w: &Self::Wire<'_>, ctx: &mut Accept<'_>) -> Result<(), Reason>;
     /// The kind-specific columns, in schema order.
     fn finish(&mut self) -> Vec<ArrayRef>;
 }
@@ -170,7 +178,7 @@ impl Contract for Traffic {
     fn common<'b>(w: &'b TrafficWire<'_>) -> Common<'b> {
         Common { event_id: &w.event_id, ts: &w.ts, schema_version: w.schema_version }
     }
-    fn accept(&mut self, w: &TrafficWire<'_>) -> Result<(), Reason> {
+    fn accept(&mut self, w: &TrafficWire<'_>, _ctx: &mut Accept<'_>) -> Result<(), Reason> {
         check_id("sensor_id", &w.sensor_id)?;
         check_id("segment_id", &w.segment_id)?;
         let lane = check_i("lane", w.lane, 1, 16)?;
@@ -232,8 +240,9 @@ pub(crate) struct CameraWire<'a> {
     count: i64,
     #[serde(borrow)]
     track_id: Option<Cow<'a, str>>,
-    // `plate` is personal data: it is deliberately not part of the wire struct, so serde skips
-    // it without ever copying it out of the payload.
+    /// Personal data: borrowed from the payload, hashed into a pseudonym, never copied.
+    #[serde(borrow, default)]
+    plate: Option<Cow<'a, str>>,
     confidence: f64,
     #[serde(borrow)]
     thumbnail: Option<Cow<'a, str>>,
@@ -247,7 +256,8 @@ pub(crate) struct Camera {
     kind: StringBuilder,
     object_class: StringBuilder,
     count: Int32Builder,
-    track_id: StringBuilder,
+    track_pseudonym: StringBuilder,
+    plate_pseudonym: StringBuilder,
     confidence: Float32Builder,
     thumbnail: BinaryBuilder,
     scratch: Vec<u8>,
@@ -260,7 +270,7 @@ impl Contract for Camera {
     fn common<'b>(w: &'b CameraWire<'_>) -> Common<'b> {
         Common { event_id: &w.event_id, ts: &w.ts, schema_version: w.schema_version }
     }
-    fn accept(&mut self, w: &CameraWire<'_>) -> Result<(), Reason> {
+    fn accept(&mut self, w: &CameraWire<'_>, ctx: &mut Accept<'_>) -> Result<(), Reason> {
         check_id("camera_id", &w.camera_id)?;
         check_id("zone_id", &w.zone_id)?;
         one_of("kind", &w.kind, &CAMERA_KINDS)?;
@@ -269,9 +279,16 @@ impl Contract for Camera {
         if let Some(t) = &w.track_id {
             check_id("track_id", t)?;
         }
+        if let Some(p) = &w.plate
+            && (p.is_empty() || p.len() > 32)
+        {
+            // the reason never quotes the value
+            return Err(Reason::new(ReasonCode::OutOfRange, format!("plate is {} bytes (1 to 32)", p.len())));
+        }
+        let drop_thumbnail = ctx.privacy.drop_thumbnail_classes.iter().any(|c| c.as_str() == w.object_class);
         let confidence = check_f("confidence", w.confidence, 0.0, 1.0)?;
         self.scratch.clear();
-        if let Some(b64) = &w.thumbnail {
+        if let Some(b64) = w.thumbnail.as_ref().filter(|_| !drop_thumbnail) {
             base64::engine::general_purpose::STANDARD
                 .decode_vec(b64.as_bytes(), &mut self.scratch)
                 .map_err(|e| Reason::new(ReasonCode::BadBase64, format!("thumbnail is not valid base64: {e}")))?;
@@ -287,9 +304,18 @@ impl Contract for Camera {
         self.kind.append_value(&w.kind);
         self.object_class.append_value(&w.object_class);
         self.count.append_value(count);
-        self.track_id.append_option(w.track_id.as_deref());
+        match ctx.privacy.pseudonymizer.as_mut() {
+            Some(p) => {
+                self.track_pseudonym.append_option(w.track_id.as_deref().map(|t| p.pseudonym(t, ctx.ts)));
+                self.plate_pseudonym.append_option(w.plate.as_deref().map(|v| p.pseudonym(v, ctx.ts)));
+            }
+            None => {
+                self.track_pseudonym.append_null();
+                self.plate_pseudonym.append_null();
+            }
+        }
         self.confidence.append_value(confidence);
-        if w.thumbnail.is_some() {
+        if w.thumbnail.is_some() && !drop_thumbnail {
             self.thumbnail.append_value(&self.scratch);
         } else {
             self.thumbnail.append_null();
@@ -303,7 +329,8 @@ impl Contract for Camera {
             Arc::new(self.kind.finish()),
             Arc::new(self.object_class.finish()),
             Arc::new(self.count.finish()),
-            Arc::new(self.track_id.finish()),
+            Arc::new(self.track_pseudonym.finish()),
+            Arc::new(self.plate_pseudonym.finish()),
             Arc::new(self.confidence.finish()),
             Arc::new(self.thumbnail.finish()),
         ]
@@ -364,7 +391,7 @@ impl Contract for Environment {
     fn common<'b>(w: &'b EnvironmentWire<'_>) -> Common<'b> {
         Common { event_id: &w.event_id, ts: &w.ts, schema_version: w.schema_version }
     }
-    fn accept(&mut self, w: &EnvironmentWire<'_>) -> Result<(), Reason> {
+    fn accept(&mut self, w: &EnvironmentWire<'_>, _ctx: &mut Accept<'_>) -> Result<(), Reason> {
         check_id("station_id", &w.station_id)?;
         let raw = [w.pm25, w.pm10, w.no2, w.o3, w.noise_db, w.temp_c, w.humidity, w.rain_mm_h];
         if raw.iter().all(Option::is_none) {

@@ -7,7 +7,6 @@
 //!    moves, reporting every problem at once;
 //! 3. the runtime runs a [`PipelinePlan`].
 
-mod env;
 mod load;
 pub mod plan;
 mod tagged;
@@ -29,7 +28,7 @@ use citystream_operators::{Duration, OperatorConfig};
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
-pub use env::EnvString;
+pub use citystream_operators::EnvString;
 pub use load::{ConfigError, ConfigErrors, load_file, load_str};
 pub use plan::{PipelinePlan, SinkNode, SourceNode, StageNode, StreamRef};
 

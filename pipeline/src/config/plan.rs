@@ -423,6 +423,15 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
                     format!("sinks.{name}.topics.{table}.input[{i}]")
                 };
                 if let Some((sref, schema)) = resolve(&mut ck, &ports, &r.value, r.referenced, &path) {
+                    if sources.iter().any(|s| s.name == sref.node) && sref.port_name == EventKind::Camera.as_str() {
+                        // raw camera payloads carry plates and track ids; only `decode` may read them
+                        ck.error(
+                            r.referenced,
+                            &path,
+                            format!("`{sref}` is raw camera messages, which carry plates: they never reach a sink"),
+                            Some("decode them first (`type: decode, kind: camera`), which pseudonymizes or drops identifiers".into()),
+                        );
+                    }
                     if let Some(k) = key
                         && schema.index_of(k).is_err()
                     {

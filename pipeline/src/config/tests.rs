@@ -247,3 +247,26 @@ fn kafka_pipelines_have_one_source_and_file_rows_by_topic() {
     let e = error_of(&text);
     assert!(e.contains("`traffic` merges several source streams"), "{e}");
 }
+
+#[test]
+fn raw_camera_messages_never_reach_a_sink() {
+    let text = GOOD.replace("      traffic: traffic\n", "      traffic: traffic\n      raw_cam: city.camera\n");
+    let e = error_of(&text);
+    assert!(e.contains("`city.camera` is raw camera messages, which carry plates: they never reach a sink"), "{e}");
+}
+
+#[test]
+fn a_missing_pseudonym_secret_is_a_startup_error() {
+    let text = GOOD.replace(
+        "    kind: traffic\n",
+        "    kind: traffic\n  cam:\n    type: decode\n    input: city.camera\n    kind: camera\n    pseudonymize: {secret_env: CITYSTREAM_TEST_NO_SUCH_SECRET}\n",
+    )
+    .replace("      traffic: traffic\n", "      traffic: traffic\n      camera: cam\n      cam_dl: cam.dead_letters\n");
+    let e = error_of(&text);
+    assert!(
+        e.contains(
+            "stages.cam.pseudonymize.secret_env: the environment variable `CITYSTREAM_TEST_NO_SUCH_SECRET` is not set"
+        ),
+        "{e}"
+    );
+}

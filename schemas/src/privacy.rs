@@ -1,0 +1,199 @@
+//! Identifiers at ingest: keyed pseudonyms for plates and track ids, thumbnails dropped for
+//! sensitive object classes, and redaction of identifiers in rejected payloads.
+//!
+//! A pseudonym is `HMAC-SHA256(K_p, value)`, truncated to 128 bits and written in unpadded
+//! base64url (22 characters), where `K_p = HMAC-SHA256(secret, "citystream/pseudonym/v1/" + p)`
+//! and `p` is the event-time period (`floor(ts / period)`, one day by default). Within a period
+//! the same plate gives the same pseudonym (counts, travel times); across periods the keys are
+//! unrelated, so a vehicle cannot be linked from one day to the next without the secret. The
+//! raw value is hashed where the JSON parser left it in the payload and is never copied into a
+//! batch.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The shortest secret accepted, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Keyed, rotating pseudonyms (see the module docs).
+#[derive(Clone)]
+pub struct Pseudonymizer {
+    secret: Vec<u8>,
+    period_ms: i64,
+    /// Period keys already derived.
+    keys: HashMap<i64, HmacSha256>,
+}
+
+impl std::fmt::Debug for Pseudonymizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never the secret
+        f.debug_struct("Pseudonymizer").field("period_ms", &self.period_ms).finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Pseudonymizer {
+    fn eq(&self, other: &Self) -> bool {
+        self.period_ms == other.period_ms && self.secret == other.secret
+    }
+}
+
+/// Why a secret was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Too short to resist guessing.
+    #[error("the pseudonymization secret is {0} bytes; at least {MIN_SECRET_BYTES} are needed")]
+    TooShort(usize),
+    /// A rotation period of zero.
+    #[error("the rotation period must be positive")]
+    BadPeriod,
+}
+
+impl Pseudonymizer {
+    /// A pseudonymizer with `secret` rotating every `period_ms` of event time.
+    pub fn new(secret: Vec<u8>, period_ms: i64) -> Result<Self, SecretError> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(SecretError::TooShort(secret.len()));
+        }
+        if period_ms <= 0 {
+            return Err(SecretError::BadPeriod);
+        }
+        Ok(Self { secret, period_ms, keys: HashMap::new() })
+    }
+
+    /// The pseudonym of `value` for an event at `ts_ms`.
+    pub fn pseudonym(&mut self, value: &str, ts_ms: i64) -> String {
+        let period = ts_ms.div_euclid(self.period_ms);
+        let secret = &self.secret;
+        let key = self.keys.entry(period).or_insert_with(|| {
+            let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+            m.update(format!("citystream/pseudonym/v1/{period}").as_bytes());
+            let k = m.finalize().into_bytes();
+            HmacSha256::new_from_slice(&k).expect("HMAC takes keys of any length")
+        });
+        let mut m = key.clone();
+        m.update(value.as_bytes());
+        let digest = m.finalize().into_bytes();
+        if self.keys.len() > 16 {
+            // events span few periods at a time; forget old ones
+            let keep = period - 8;
+            self.keys.retain(|p, _| *p >= keep);
+        }
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
+    }
+}
+
+/// What the camera decoder does with identifiers and images.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Privacy {
+    /// Pseudonymize plates and track ids; `None` drops them (the columns stay null).
+    pub pseudonymizer: Option<Pseudonymizer>,
+    /// Object classes whose thumbnails are dropped at ingest (e.g. `pedestrian`).
+    pub drop_thumbnail_classes: Vec<String>,
+}
+
+/// JSON keys whose values are personal identifiers.
+pub const IDENTIFIER_KEYS: [&str; 2] = ["plate", "track_id"];
+
+/// `payload` with the values of [`IDENTIFIER_KEYS`] replaced by `"<redacted>"`, for dead
+/// letters. Works on malformed JSON too: after a key it redacts a string up to its closing
+/// quote, any other token up to the next `,` or `}`; with no end in sight it cuts the payload
+/// there.
+pub fn redact_identifiers(payload: &[u8]) -> Cow<'_, [u8]> {
+    let has = |k: &str| {
+        payload.windows(k.len() + 2).any(|w| w[0] == b'"' && &w[1..=k.len()] == k.as_bytes() && w[k.len() + 1] == b'"')
+    };
+    if !IDENTIFIER_KEYS.iter().any(|k| has(k)) {
+        return Cow::Borrowed(payload);
+    }
+    let mut out = Vec::with_capacity(payload.len());
+    let mut i = 0;
+    'scan: while i < payload.len() {
+        for k in IDENTIFIER_KEYS {
+            let pat_len = k.len() + 2;
+            if payload[i] == b'"'
+                && payload.len() >= i + pat_len
+                && &payload[i + 1..i + 1 + k.len()] == k.as_bytes()
+                && payload[i + pat_len - 1] == b'"'
+            {
+                out.extend_from_slice(&payload[i..i + pat_len]);
+                let mut j = i + pat_len;
+                while j < payload.len() && (payload[j].is_ascii_whitespace() || payload[j] == b':') {
+                    out.push(payload[j]);
+                    j += 1;
+                }
+                if j >= payload.len() {
+                    break 'scan;
+                }
+                if payload[j] == b'"' {
+                    // a string: find its unescaped closing quote
+                    let mut e = j + 1;
+                    while e < payload.len() && payload[e] != b'"' {
+                        e += if payload[e] == b'\\' { 2 } else { 1 };
+                    }
+                    if e >= payload.len() {
+                        out.extend_from_slice(b"\"<redacted>");
+                        break 'scan;
+                    }
+                    out.extend_from_slice(b"\"<redacted>\"");
+                    i = e + 1;
+                } else if payload[j..].starts_with(b"null") {
+                    out.extend_from_slice(b"null");
+                    i = j + 4;
+                } else {
+                    let e = payload[j..].iter().position(|b| *b == b',' || *b == b'}').map(|p| j + p);
+                    out.extend_from_slice(b"\"<redacted>\"");
+                    match e {
+                        Some(e) => i = e,
+                        None => break 'scan,
+                    }
+                }
+                continue 'scan;
+            }
+        }
+        out.push(payload[i]);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudonyms_are_stable_within_a_period_and_unlinkable_across() {
+        let mut p = Pseudonymizer::new(vec![7; 32], 86_400_000).unwrap();
+        let day = 86_400_000;
+        let a = p.pseudonym("AB-CD-1234", 10);
+        assert_eq!(a, p.pseudonym("AB-CD-1234", day - 1), "same day, same pseudonym");
+        assert_ne!(a, p.pseudonym("AB-CD-1234", day), "next day, another");
+        assert_ne!(a, p.pseudonym("AB-CD-1235", 10));
+        assert_eq!(a.len(), 22);
+        assert!(!a.contains("AB"));
+        let mut other = Pseudonymizer::new(vec![8; 32], 86_400_000).unwrap();
+        assert_ne!(a, other.pseudonym("AB-CD-1234", 10), "another secret, another pseudonym");
+        assert!(matches!(Pseudonymizer::new(vec![1; 16], 1), Err(SecretError::TooShort(16))));
+        assert!(!format!("{p:?}").contains('7'), "Debug never shows the secret");
+    }
+
+    #[test]
+    fn redaction_removes_identifier_values_even_from_broken_json() {
+        let r = |s: &str| String::from_utf8(redact_identifiers(s.as_bytes()).into_owned()).unwrap();
+        assert_eq!(
+            r(r#"{"plate":"AB-1","track_id": "t-9","count":1}"#),
+            r#"{"plate":"<redacted>","track_id": "<redacted>","count":1}"#
+        );
+        assert_eq!(r(r#"{"plate":"AB\"1","x":2}"#), r#"{"plate":"<redacted>","x":2}"#);
+        assert_eq!(r(r#"{"plate":12345,"x":2}"#), r#"{"plate":"<redacted>","x":2}"#);
+        assert_eq!(r(r#"{"plate":null}"#), r#"{"plate":null}"#);
+        assert_eq!(r(r#"{"x":1,"plate":"AB-CD-12"#), r#"{"x":1,"plate":"<redacted>"#);
+        assert_eq!(r(r#"{"x":1}"#), r#"{"x":1}"#);
+        assert!(matches!(redact_identifiers(b"{\"x\":1}"), Cow::Borrowed(_)));
+    }
+}
