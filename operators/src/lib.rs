@@ -30,6 +30,7 @@ pub mod compress;
 mod contract;
 pub mod decode;
 pub mod dedup;
+pub mod dp;
 pub mod duration;
 mod env;
 pub mod filter;

@@ -109,6 +109,14 @@ def main(data: str) -> int:
     check("plate reads pseudonymized", pseud[0] > 0 and pseud[0] == pseud[1], f"{pseud[1]} pseudonyms for {pseud[0]} plate reads")
     ped = q(f"SELECT count(thumbnail) FROM {src('camera')} WHERE object_class = 'pedestrian'")[0]
     check("no pedestrian thumbnail", ped == 0, f"{ped} stored")
+    for table, partitions in [("dp_zone_vehicles", 6), ("dp_segment_speed", 24), ("dp_zone_pedestrians", 6)]:
+        n, bad = q(
+            f"SELECT count(*), count(*) FILTER (WHERE epsilon <= 0 OR noise_scale <= 0 OR error_bound_95 <= 0 "
+            f"OR mechanism NOT IN ('discrete_laplace', 'discrete_gaussian')) FROM {src(table)}"
+        )
+        check(f"{table} released", n == partitions * 24 and bad == 0, f"{n} rows ({partitions} partitions x 24 h), {bad} without their account")
+    budget = json.load(open(os.path.join(data, "privacy", "zone_vehicles.json")))
+    check("privacy budget persisted", abs(budget["epsilon"] - 12.0) < 1e-9 and budget["releases"] == 24, str(budget))
     print(f"lake check: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

@@ -62,7 +62,7 @@ fn every_value(root: &Path, each: &mut dyn FnMut(&[u8])) -> usize {
                 for col in batch.columns() {
                     match col.data_type() {
                         DataType::Utf8 => col.as_string::<i32>().iter().flatten().for_each(|v| each(v.as_bytes())),
-                        DataType::Binary => col.as_binary::<i32>().iter().flatten().for_each(|v| each(v)),
+                        DataType::Binary => col.as_binary::<i32>().iter().flatten().for_each(&mut *each),
                         _ => {}
                     }
                 }

@@ -20,6 +20,7 @@ use citystream_operators::admit::AdmitConfig;
 use citystream_operators::compress::CompressConfig;
 use citystream_operators::decode::DecodeConfig;
 use citystream_operators::dedup::DedupConfig;
+use citystream_operators::dp::DpConfig;
 use citystream_operators::filter::FilterConfig;
 use citystream_operators::project::ProjectConfig;
 use citystream_operators::window::WindowConfig;
@@ -119,12 +120,14 @@ pub enum OperatorSpec {
     Admit(AdmitConfig),
     /// `type: zstd`: zstd-compress a binary column.
     Zstd(ZstdConfig),
+    /// `type: dp_aggregate`: differentially private counts, sums and means per window.
+    DpAggregate(Box<DpConfig>),
 }
 
 impl OperatorSpec {
     /// Every stage `type`.
     pub const TYPES: &'static [&'static str] =
-        &["decode", "filter", "project", "dedup", "window", "compress", "admit", "zstd"];
+        &["decode", "filter", "project", "dedup", "window", "compress", "admit", "zstd", "dp_aggregate"];
 
     /// The operator's configuration behind its common interface.
     pub fn config(&self) -> &dyn OperatorConfig {
@@ -137,6 +140,7 @@ impl OperatorSpec {
             OperatorSpec::Compress(c) => c,
             OperatorSpec::Admit(c) => c,
             OperatorSpec::Zstd(c) => c,
+            OperatorSpec::DpAggregate(c) => c.as_ref(),
         }
     }
 
@@ -151,6 +155,7 @@ impl OperatorSpec {
             OperatorSpec::Compress(c) => c,
             OperatorSpec::Admit(c) => c,
             OperatorSpec::Zstd(c) => c,
+            OperatorSpec::DpAggregate(c) => c.as_ref(),
         }
     }
 
@@ -165,6 +170,7 @@ impl OperatorSpec {
             OperatorSpec::Compress(_) => "compress",
             OperatorSpec::Admit(_) => "admit",
             OperatorSpec::Zstd(_) => "zstd",
+            OperatorSpec::DpAggregate(_) => "dp_aggregate",
         }
     }
 

@@ -112,6 +112,7 @@ tagged!(StageConfig, "stage", |map, tag| {
         "compress" => OperatorSpec::Compress(rest(&mut map, Some(&mut input))?),
         "admit" => OperatorSpec::Admit(rest(&mut map, Some(&mut input))?),
         "zstd" => OperatorSpec::Zstd(rest(&mut map, Some(&mut input))?),
+        "dp_aggregate" => OperatorSpec::DpAggregate(Box::new(rest(&mut map, Some(&mut input))?)),
         other => return Err(de::Error::unknown_variant(other, OperatorSpec::TYPES)),
     };
     let input = input.ok_or_else(|| de::Error::missing_field("input"))?;

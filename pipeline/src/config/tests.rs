@@ -57,7 +57,7 @@ fn unknown_stage_type() {
     let text = GOOD.replace("type: decode", "type: decoder");
     assert_eq!(
         error_of(&text),
-        "bad.yaml:7:5: stages.traffic: unknown variant `decoder`, expected one of decode, filter, project, dedup, window, compress, admit, zstd\n  help: did you mean `decode`?"
+        "bad.yaml:7:5: stages.traffic: unknown variant `decoder`, expected one of decode, filter, project, dedup, window, compress, admit, zstd, dp_aggregate\n  help: did you mean `decode`?"
     );
 }
 

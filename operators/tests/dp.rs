@@ -1,0 +1,145 @@
+mod util;
+
+use std::collections::{HashMap, HashSet};
+
+use arrow::array::AsArray;
+use arrow::datatypes::Float64Type;
+use citystream_operators::dp::{DpConfig, bound_contributions};
+use citystream_operators::{Collector, Metrics};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use util::*;
+
+fn cfg(dir: &std::path::Path, extra: &str) -> DpConfig {
+    yaml(&format!(
+        "release: r\nprivacy_unit: sensor_id\npartition: event_id\naggregate: count\nwindow: 1h\nmechanism: laplace\n\
+         epsilon: 1.0\nbudget: {{epsilon: 3.0}}\nbudget_dir: {}\ninsecure_seed: 7\n{extra}",
+        dir.display()
+    ))
+}
+
+proptest! {
+    /// Whatever the input, each unit keeps at most L0 partitions and L∞ rows per partition,
+    /// and every kept row was in the input.
+    #[test]
+    fn contribution_bounding_holds(
+        rows in proptest::collection::vec((0..5u8, 0..6u8, 0..100u8), 0..300),
+        l0 in 1usize..4,
+        linf in 1usize..4,
+        seed in any::<u64>(),
+    ) {
+        let input: Vec<(String, String, f64)> = rows.iter().map(|(u, p, v)| (format!("u{u}"), format!("p{p}"), f64::from(*v))).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (kept, cut) = bound_contributions(input.clone(), l0, linf, &mut rng);
+        prop_assert_eq!(kept.len() + cut, input.len());
+        let mut parts: HashMap<&str, HashSet<&str>> = HashMap::new();
+        let mut per: HashMap<(&str, &str), usize> = HashMap::new();
+        for (u, p, _) in &kept {
+            parts.entry(u).or_default().insert(p);
+            *per.entry((u, p)).or_default() += 1;
+        }
+        prop_assert!(parts.values().all(|s| s.len() <= l0));
+        prop_assert!(per.values().all(|n| *n <= linf));
+        // nothing invented: every kept row is an input row (as a multiset)
+        let mut pool: HashMap<(String, String, u64), i64> = HashMap::new();
+        for (u, p, v) in &input { *pool.entry((u.clone(), p.clone(), v.to_bits())).or_default() += 1; }
+        for (u, p, v) in &kept { *pool.entry((u.clone(), p.clone(), v.to_bits())).or_default() -= 1; }
+        prop_assert!(pool.values().all(|n| *n >= 0));
+        // and the bound keeps as much as it may: a unit with few rows keeps them all
+        for (u, s) in &parts {
+            let distinct: HashSet<&str> = input.iter().filter(|(x, _, _)| x == u).map(|(_, p, _)| p.as_str()).collect();
+            prop_assert_eq!(s.len(), distinct.len().min(l0));
+        }
+    }
+}
+
+#[test]
+fn bounding_samples_fairly_not_the_first_rows() {
+    // one unit, ten partitions, L0 = 1: over many draws every partition is chosen
+    let mut chosen = HashSet::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..200 {
+        let rows: Vec<_> = (0..10).map(|p| ("u".to_owned(), format!("p{p}"), 1.0)).collect();
+        let (kept, _) = bound_contributions(rows, 1, 1, &mut rng);
+        chosen.insert(kept[0].1.clone());
+    }
+    assert_eq!(chosen.len(), 10, "{chosen:?}");
+}
+
+#[test]
+fn public_partitions_are_all_released_with_their_account_and_the_budget_stops_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Metrics::new();
+    let c = cfg(dir.path(), "partitions: {public: [a, b, c]}\n");
+    let mut op = build_with(&c, &m);
+    // 3 hourly windows with rows in partition `a` only; budget ε = 3 allows 3 releases of ε = 1
+    let mut batches = Vec::new();
+    for h in 0..4 {
+        batches.push((0..50).map(|i| r("a", &format!("s{i}"), h * 3_600_000 + i, 1.0)).collect::<Vec<_>>());
+    }
+    let out = run(op.as_mut(), &batches, 0);
+    let rows: usize = out.rows(0);
+    assert_eq!(rows, 9, "3 partitions in each of 3 windows; the 4th window is refused");
+    let b = &out.ports[0][0];
+    let parts = b.column_by_name("event_id").unwrap().as_string::<i32>();
+    assert_eq!(
+        (0..3).map(|i| parts.value(i)).collect::<Vec<_>>(),
+        ["a", "b", "c"],
+        "empty partitions are released too"
+    );
+    let v = b.column_by_name("value").unwrap().as_primitive::<Float64Type>();
+    assert!((v.value(0) - 50.0).abs() < 20.0, "noisy count near 50: {}", v.value(0));
+    assert_eq!(b.column_by_name("mechanism").unwrap().as_string::<i32>().value(0), "discrete_laplace");
+    let scale = b.column_by_name("noise_scale").unwrap().as_primitive::<Float64Type>().value(0);
+    assert!((scale - 1.0).abs() < 1e-5, "L0·L∞/ε = 1: {scale}");
+    let bound = b.column_by_name("error_bound_95").unwrap().as_primitive::<Float64Type>().value(0);
+    assert!((bound - 20f64.ln()).abs() < 1e-4);
+    assert!(
+        m.render().contains("citystream_dp_releases_refused_total{stage=\"test\",release=\"r\"} 1"),
+        "{}",
+        m.render()
+    );
+    // the spent budget survives a restart: a new operator refuses at once
+    let mut again = build_with(&c, &Metrics::new());
+    let out = run(again.as_mut(), &[batches[0].clone()], 0);
+    assert_eq!(out.rows(0), 0);
+}
+
+#[test]
+fn private_partitions_need_a_noisy_count_above_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path(), "partitions: {private: true}\ndelta: 1.0e-6\n");
+    let mut op = build(&c);
+    // partition `big` has 100 units, each of `rare-*` one unit
+    let mut rows: Vec<_> = (0..100).map(|i| r("big", &format!("s{i}"), i, 1.0)).collect();
+    rows.extend((0..20).map(|i| r(&format!("rare-{i}"), &format!("t{i}"), i, 1.0)));
+    let out = run(op.as_mut(), &[rows], 0);
+    let released: Vec<String> = out.ports[0]
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("event_id")
+                .unwrap()
+                .as_string::<i32>()
+                .iter()
+                .map(|s| s.unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(released, ["big"], "τ = 1 + ln(1/(2δ)) ≈ 14.1: single-unit partitions are never released");
+}
+
+#[test]
+fn plan_errors_explain_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c: DpConfig = yaml(&format!(
+        "release: r\nprivacy_unit: sensor_id\npartition: event_id\naggregate: mean\nwindow: 1h\nmechanism: gaussian\nepsilon: 5\n\
+         budget: {{epsilon: 1}}\nbudget_dir: {}\npartitions: {{private: true}}\n",
+        dir.path().display()
+    ));
+    let e = format!("{:?}", citystream_operators::OperatorConfig::plan(&c, &schema()).unwrap_err());
+    assert!(e.contains("need a `column`"), "{e}");
+    assert!(e.contains("finite `bounds"), "{e}");
+    assert!(e.contains("exceeds the period's budget"), "{e}");
+    assert!(e.contains("Laplace counts only"), "{e}");
+    let _ = Collector::new(1);
+}
