@@ -76,6 +76,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Merge small Parquet files of each partition into larger ones, atomically (readers never
+    /// see a row twice or miss one; offset-range names are kept for Kafka recovery).
+    Compact {
+        /// The data folder (the Parquet sink's `path`).
+        #[arg(long)]
+        data: PathBuf,
+        /// Target size of merged files, MiB.
+        #[arg(long, default_value_t = 128)]
+        target_mb: u64,
+        /// Leave files younger than this alone (a running sink may be closing them).
+        #[arg(long, default_value = "5m")]
+        min_age: citystream_operators::Duration,
+    },
     /// Run SQL over the Parquet tables under a data folder.
     #[cfg(feature = "sql")]
     Sql {
@@ -169,6 +182,27 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
         Command::Simulate { config, seed, duration, out, .. } => simulate(config.as_deref(), seed, duration, &out),
         #[cfg(not(feature = "kafka"))]
         Command::Simulate { config, seed, duration, out } => simulate(config.as_deref(), seed, duration, &out),
+        Command::Compact { data, target_mb, min_age } => {
+            let opts = citystream_pipeline::sink::compact::CompactOptions {
+                target_bytes: target_mb << 20,
+                min_age: min_age.to_std(),
+                ..Default::default()
+            };
+            let t0 = std::time::Instant::now();
+            let r = tokio::task::spawn_blocking(move || citystream_pipeline::sink::compact::compact(&data, &opts))
+                .await??;
+            println!(
+                "compacted {} partitions in {:.1} s: {} files ({:.1} MiB) -> {} files ({:.1} MiB), {} rows",
+                r.partitions,
+                t0.elapsed().as_secs_f64(),
+                r.files_in,
+                r.bytes_in as f64 / 1048576.0,
+                r.files_out,
+                r.bytes_out as f64 / 1048576.0,
+                r.rows
+            );
+            Ok(())
+        }
         Command::TrainDict { config, seed, duration, max_bytes, level, out } => {
             train_dict(config.as_deref(), seed, duration, max_bytes, level, &out)
         }

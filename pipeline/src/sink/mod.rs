@@ -1,3 +1,4 @@
 //! Sinks: where tables leave the pipeline.
 
+pub mod compact;
 pub mod parquet;

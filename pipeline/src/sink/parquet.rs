@@ -371,7 +371,7 @@ impl ParquetWriter {
 
 /// Parses `{origin}-p{partition}-o{first}-{last}.parquet` (or the temporary
 /// `.{origin}-p{partition}-o{first}.parquet.tmp`) into `(origin, partition, first)`.
-fn parse_position_name(name: &str) -> Option<(&str, i32, i64)> {
+pub(crate) fn parse_position_name(name: &str) -> Option<(&str, i32, i64)> {
     let stem = name
         .strip_suffix(".parquet")
         .or_else(|| name.strip_prefix('.').and_then(|n| n.strip_suffix(".parquet.tmp")))?;
