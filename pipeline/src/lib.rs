@@ -8,13 +8,15 @@
 //! - [`sink`]: the zstd Parquet sink;
 //! - [`kafka`] (feature `kafka`): the Kafka source and sink;
 //! - [`sql`] (feature `sql`): DataFusion SQL over the Parquet tables;
-//! - [`serve`]: the Prometheus endpoint and the status line.
+//! - [`serve`]: the Prometheus endpoint and the status line;
+//! - [`energy`]: the energy and carbon account per task.
 //!
 //! The `citystream` binary (`src/main.rs`) is a thin CLI over these.
 
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod energy;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod runtime;

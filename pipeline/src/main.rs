@@ -89,6 +89,19 @@ enum Command {
         #[arg(long, default_value = "5m")]
         min_age: citystream_operators::Duration,
     },
+    /// Reports from the tables: `energy` prints joules and CO2e per task and per million
+    /// events, and draws them as SVG.
+    #[cfg(feature = "sql")]
+    Report {
+        /// What to report: `energy`.
+        what: String,
+        /// The data folder (the energy table's `path`).
+        #[arg(long)]
+        data: PathBuf,
+        /// Also draw a bar chart of joules per task to this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
     /// Run SQL over the Parquet tables under a data folder.
     #[cfg(feature = "sql")]
     Sql {
@@ -205,6 +218,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
         }
         Command::TrainDict { config, seed, duration, max_bytes, level, out } => {
             train_dict(config.as_deref(), seed, duration, max_bytes, level, &out)
+        }
+        #[cfg(feature = "sql")]
+        Command::Report { what, data, svg } => {
+            anyhow::ensure!(what == "energy", "unknown report `{what}` (known: energy)");
+            report_energy(&data, svg.as_deref()).await
         }
         #[cfg(feature = "sql")]
         Command::Sql { data, format, out, query } => {
@@ -383,6 +401,75 @@ fn print_summary(report: &RunReport, metrics: &Metrics) {
     for (name, sim) in &report.simulations {
         let _ = writeln!(out, "  simulator {name}: {}", serde_json::to_string(&sim.kinds).unwrap_or_default());
     }
+}
+
+#[cfg(feature = "sql")]
+async fn report_energy(data: &Path, svg: Option<&Path>) -> anyhow::Result<()> {
+    use arrow::array::{AsArray, Float64Array};
+    use arrow::datatypes::Int64Type;
+    let q = "SELECT stage, SUM(cpu_s) AS cpu_s, SUM(joules) AS joules, SUM(gco2e) AS gco2e, \
+             SUM(events_in)::BIGINT AS events_in, SUM(events_out)::BIGINT AS events_out, MIN(source) AS source \
+             FROM energy GROUP BY stage ORDER BY joules DESC";
+    let batches = citystream_pipeline::sql::query(data, q).await.context("reading the energy table")?;
+    let mut rows = Vec::new();
+    for b in &batches {
+        let f = |i: usize| b.column(i).as_any().downcast_ref::<Float64Array>().expect("float").clone();
+        let (cpu, j, g) = (f(1), f(2), f(3));
+        let (ein, eout) = (b.column(4).as_primitive::<Int64Type>(), b.column(5).as_primitive::<Int64Type>());
+        // DataFusion may hand back string views
+        let text = |i: usize| arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8);
+        let (names, sources) = (text(0)?, text(6)?);
+        for i in 0..b.num_rows() {
+            rows.push((
+                names.as_string::<i32>().value(i).to_owned(),
+                cpu.value(i),
+                j.value(i),
+                g.value(i),
+                ein.value(i),
+                eout.value(i),
+                sources.as_string::<i32>().value(i).to_owned(),
+            ));
+        }
+    }
+    anyhow::ensure!(!rows.is_empty(), "the energy table is empty");
+    // the pipeline's events: what the sources handed on (tasks with no input)
+    let events: i64 = rows.iter().filter(|r| r.4 == 0).map(|r| r.5).sum::<i64>().max(1);
+    println!(
+        "{:<28} {:>10} {:>12} {:>12} {:>14} {:>7}",
+        "task", "cpu_s", "joules", "gCO2e", "J per M events", "source"
+    );
+    for (stage, cpu, j, g, _, _, source) in &rows {
+        println!("{stage:<28} {cpu:>10.3} {j:>12.3} {g:>12.5} {:>14.2} {source:>7}", j / events as f64 * 1e6);
+    }
+    let (tj, tg, tc): (f64, f64, f64) = rows.iter().fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.2, a.1 + r.3, a.2 + r.1));
+    println!(
+        "total: {tc:.3} CPU-s, {tj:.3} J, {tg:.5} gCO2e for {events} events: {:.2} J and {:.4} gCO2e per million events",
+        tj / events as f64 * 1e6,
+        tg / events as f64 * 1e6
+    );
+    if let Some(path) = svg {
+        let max = rows.iter().map(|r| r.2).fold(0.0, f64::max).max(1e-9);
+        let mut out = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <text x=\"10\" y=\"18\" font-size=\"14\">Energy per task: {tj:.1} J, {tg:.4} gCO2e for {events} events</text>\n",
+            40 + rows.len() * 22
+        );
+        for (i, (stage, _, j, ..)) in rows.iter().enumerate() {
+            let y = 30 + i * 22;
+            let w = (j / max * 480.0).max(1.0);
+            out += &format!(
+                "<text x=\"10\" y=\"{}\">{stage}</text><rect x=\"200\" y=\"{y}\" width=\"{w:.1}\" height=\"16\" fill=\"#2e7d32\"/>\
+                 <text x=\"{:.1}\" y=\"{}\">{j:.2} J</text>\n",
+                y + 12,
+                205.0 + w,
+                y + 12
+            );
+        }
+        out += "</svg>\n";
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+        println!("chart: {}", path.display());
+    }
+    Ok(())
 }
 
 /// Thumbnails the simulator's cameras emit, decoded as the pipeline decodes them.

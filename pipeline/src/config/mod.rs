@@ -73,6 +73,8 @@ pub struct RuntimeConfig {
     pub metrics_addr: Option<EnvString>,
     /// Time allowed to drain and flush on SIGINT/SIGTERM before giving up. Default `30s`.
     pub shutdown_timeout: Duration,
+    /// The energy and carbon account (an `energy` table); absent for none.
+    pub energy: Option<crate::energy::EnergyConfig>,
 }
 
 impl Default for RuntimeConfig {
@@ -82,6 +84,7 @@ impl Default for RuntimeConfig {
             status_interval: Some(Duration::from_secs(5)),
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(30),
+            energy: None,
         }
     }
 }

@@ -363,6 +363,24 @@ pub async fn run_with_reload(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
+    let energy = plan.runtime.energy.clone().map(|cfg| {
+        let mut tasks: Vec<(String, Vec<(String, String)>)> = Vec::new();
+        for s in &plan.sources {
+            let outs =
+                s.outputs.iter().map(|o| ("citystream_source_events_total".to_owned(), o.name.clone())).collect();
+            tasks.push((s.name.clone(), outs));
+        }
+        for st in &plan.stages {
+            let outs =
+                st.outputs.iter().map(|o| ("citystream_stage_rows_out_total".to_owned(), o.name.clone())).collect();
+            tasks.push((st.name.clone(), outs));
+        }
+        for sk in &plan.sinks {
+            tasks.push((sk.name.clone(), Vec::new()));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (tx, tokio::spawn(crate::energy::run(cfg, metrics.clone(), tasks, rx)))
+    });
     let sources_of_tables = table_sources(&plan);
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
@@ -396,6 +414,15 @@ pub async fn run_with_reload(
     }
     monitor.abort();
     accountant.abort();
+    if let Some((done, task)) = energy {
+        let _ = done.send(());
+        match tokio::time::timeout(std::time::Duration::from_secs(10), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!("energy account: {e}"),
+            Ok(Err(e)) => tracing::error!("energy account task: {e}"),
+            Err(_) => tracing::error!("energy account: the last interval took longer than 10 s"),
+        }
+    }
     for ((sink, table), streams) in &sources_of_tables {
         report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
     }
@@ -438,6 +465,16 @@ pub(crate) fn cpu<T>(f: impl FnOnce() -> T) -> T {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+/// Like [`cpu`], and adds the thread CPU time `f` used to `counter`.
+pub(crate) fn cpu_metered<T>(counter: &citystream_operators::Counter, f: impl FnOnce() -> T) -> T {
+    cpu(|| {
+        let t0 = thread_cpu_ns();
+        let r = f();
+        counter.inc_by(thread_cpu_ns().saturating_sub(t0));
+        r
+    })
 }
 
 /// CPU time consumed by the calling thread, nanoseconds.

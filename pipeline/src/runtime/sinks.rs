@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::align::{Aligner, Next};
 use super::checkpoint::SinkAck;
-use super::{Envelope, PipelineError, cpu};
+use super::{Envelope, PipelineError, cpu_metered};
 use crate::config::{SinkConfig, SinkNode};
 use crate::sink::parquet::{ParquetWriter, TableStats};
 
@@ -31,6 +31,8 @@ pub(crate) struct SinkTask {
     tables: Vec<String>,
     /// Source stream of each input.
     origins: Vec<String>,
+    cpu_ns: citystream_operators::Counter,
+    rows_in: citystream_operators::Counter,
     writer: Writer,
     ack: SinkAck,
 }
@@ -53,6 +55,16 @@ impl SinkTask {
             name: node.name.clone(),
             tables: node.inputs.iter().map(|(t, _)| t.clone()).collect(),
             origins: node.origins.clone(),
+            cpu_ns: metrics.counter(
+                "citystream_stage_cpu_nanoseconds_total",
+                "Thread CPU time spent in a stage's operator.",
+                &[("stage", node.name.as_str())],
+            ),
+            rows_in: metrics.counter(
+                "citystream_stage_rows_in_total",
+                "Rows received by a stage.",
+                &[("stage", node.name.as_str())],
+            ),
             writer,
             ack,
         })
@@ -63,7 +75,7 @@ impl SinkTask {
         match &mut self.writer {
             Writer::Parquet(w) => {
                 let origin = &self.origins[input];
-                cpu(|| w.write(table, origin, batch))
+                cpu_metered(&self.cpu_ns, || w.write(table, origin, batch))
                     .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })
             }
             #[cfg(feature = "kafka")]
@@ -80,9 +92,8 @@ impl SinkTask {
     /// Makes everything written so far durable.
     async fn flush(&mut self) -> Result<(), PipelineError> {
         match &mut self.writer {
-            Writer::Parquet(w) => {
-                cpu(|| w.flush()).map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })
-            }
+            Writer::Parquet(w) => cpu_metered(&self.cpu_ns, || w.flush())
+                .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source }),
             #[cfg(feature = "kafka")]
             Writer::Kafka { writer, .. } => writer
                 .flush()
@@ -99,7 +110,10 @@ impl SinkTask {
         let mut inputs = Aligner::new(self.tables.len());
         loop {
             match inputs.next(&mut rx).await? {
-                Next::Message(input, Message::Batch(b)) => self.write(input, &b).await?,
+                Next::Message(input, Message::Batch(b)) => {
+                    self.rows_in.inc_by(b.num_rows() as u64);
+                    self.write(input, &b).await?
+                }
                 Next::Message(input, Message::Watermark(wm)) => {
                     let before = watermarks.iter().copied().min().unwrap_or(i64::MIN);
                     watermarks[input] = watermarks[input].max(wm);
@@ -107,7 +121,7 @@ impl SinkTask {
                     if after > before
                         && let Writer::Parquet(w) = &mut self.writer
                     {
-                        cpu(|| w.on_watermark(after, HOUR_GRACE_MS))
+                        cpu_metered(&self.cpu_ns, || w.on_watermark(after, HOUR_GRACE_MS))
                             .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })?;
                     }
                 }

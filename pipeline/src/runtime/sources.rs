@@ -7,7 +7,7 @@ use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
 use tokio::sync::watch;
 
-use super::{Outputs, PipelineError, cpu};
+use super::{Outputs, PipelineError, cpu_metered};
 use crate::simulator::{SimMessage, SimReport, Simulation, SimulatorConfig, Speed};
 
 fn port(kind: EventKind) -> usize {
@@ -44,6 +44,11 @@ pub(crate) async fn run_simulator(
             &[("source", name), ("stream", k.as_str())],
         )
     });
+    let cpu_ns = metrics.counter(
+        "citystream_stage_cpu_nanoseconds_total",
+        "Thread CPU time spent in a stage's operator.",
+        &[("stage", name)],
+    );
     let sim_clock = metrics.gauge("citystream_simulator_time_ms", "The simulated clock.", &[("source", name)]);
     let mut builders: Vec<RawBatchBuilder> =
         EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * 200)).collect();
@@ -61,7 +66,7 @@ pub(crate) async fn run_simulator(
             break;
         }
         // generate until a batch is full (or, when paced, one step at a time)
-        let more = cpu(|| {
+        let more = cpu_metered(&cpu_ns, || {
             let mut more = true;
             while more && builders.iter().all(|b| b.len() < batch_rows) {
                 pending.clear();

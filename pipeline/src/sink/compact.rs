@@ -130,6 +130,9 @@ pub fn compact(root: &Path, opts: &CompactOptions) -> std::io::Result<CompactRep
 /// A merge group's member: name, first offset (or 0), size.
 type Member = (String, i64, u64);
 
+/// Files merged together: positioned ones by (origin, partition), the rest under `None`.
+type GroupKey = Option<(String, i32)>;
+
 fn compact_partition(
     root: &Path,
     dir: &Path,
@@ -140,7 +143,7 @@ fn compact_partition(
     let now = SystemTime::now();
     let mut listed = BTreeSet::new();
     // group key: Some((origin, partition)) for positioned files, None for the rest
-    let mut groups: BTreeMap<Option<(String, i32)>, Vec<Member>> = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, Vec<Member>> = BTreeMap::new();
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || !name.ends_with(".parquet") {
@@ -157,7 +160,7 @@ fn compact_partition(
         groups.entry(key).or_default().push((name, first, md.len()));
     }
     // contiguous runs up to the target size, in offset order
-    let mut merges: Vec<(Option<(String, i32)>, Vec<Member>)> = Vec::new();
+    let mut merges: Vec<(GroupKey, Vec<Member>)> = Vec::new();
     for (key, mut members) in groups {
         members.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
         let mut run: Vec<Member> = Vec::new();

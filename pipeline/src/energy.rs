@@ -1,0 +1,402 @@
+//! The energy and carbon account: per task (source, stage, sink) and interval, the thread CPU
+//! time it used, the rows it took in and handed on, the joules that CPU time cost and the
+//! grams of CO2-equivalent at the grid's intensity — written to an `energy` Parquet table and
+//! published as metrics.
+//!
+//! Joules come from Intel RAPL (`/sys/class/powercap/intel-rapl:*/energy_uj`) when the machine
+//! exposes it: the package energy of the interval is shared among tasks by their CPU time over
+//! the machine's busy CPU time (`/proc/stat`). Otherwise from a documented model:
+//! `cpu_s × watts_per_busy_core`, plus `idle_watts × interval` shared by CPU time. Each row says
+//! which (`source`). GPU time is absent until a GPU provider runs (never invented).
+//! Carbon intensity (gCO2e/kWh) is a constant or an hourly series from a CSV file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use citystream_operators::{Duration, EnvString, Metrics};
+use serde::Deserialize;
+
+fn d_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_watts() -> f64 {
+    15.0
+}
+fn d_intensity() -> f64 {
+    350.0
+}
+
+/// `runtime.energy` in YAML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnergyConfig {
+    /// Where the `energy` table is written (a Parquet root, e.g. the lake's path).
+    pub path: EnvString,
+    /// Accounting interval. Default `1m`.
+    #[serde(default = "d_interval")]
+    pub interval: Duration,
+    /// Model: watts drawn per fully busy core. Default 15 W (a server core under load, package
+    /// share; see docs/ARCHITECTURE.md).
+    #[serde(default = "d_watts")]
+    pub watts_per_busy_core: f64,
+    /// Model: baseline watts attributed to the pipeline while it runs, shared by CPU time.
+    /// Default 0.
+    #[serde(default)]
+    pub idle_watts: f64,
+    /// Use RAPL when readable. Default true.
+    #[serde(default = "d_true")]
+    pub rapl: bool,
+    /// Grid carbon intensity, gCO2e per kWh, when no series is given. Default 350.
+    #[serde(default = "d_intensity")]
+    pub carbon_g_per_kwh: f64,
+    /// An hourly intensity series: CSV lines `2026-03-02T08:00:00Z,412` (hour start, g/kWh).
+    #[serde(default)]
+    pub carbon_file: Option<EnvString>,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+/// Counters of one task at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Thread CPU nanoseconds so far.
+    pub cpu_ns: u64,
+    /// Rows taken in so far.
+    pub rows_in: u64,
+    /// Rows handed on so far.
+    pub rows_out: u64,
+}
+
+/// Where the joules of an interval come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Power {
+    /// The model: watts per busy core, idle watts, over `seconds`.
+    Model {
+        /// W per busy core.
+        watts_per_busy_core: f64,
+        /// Baseline W.
+        idle_watts: f64,
+        /// Interval length.
+        seconds: f64,
+    },
+    /// RAPL: the package joules of the interval and the machine's busy CPU seconds.
+    Rapl {
+        /// Package energy of the interval.
+        joules: f64,
+        /// Busy CPU seconds of the whole machine in the interval.
+        machine_busy_s: f64,
+    },
+}
+
+/// One row of the `energy` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnergyRow {
+    /// Interval start (UTC ms).
+    pub ts: i64,
+    /// The task.
+    pub stage: String,
+    /// Thread CPU seconds.
+    pub cpu_s: f64,
+    /// Joules.
+    pub joules: f64,
+    /// Grams CO2e.
+    pub gco2e: f64,
+    /// Rows in.
+    pub events_in: i64,
+    /// Rows out.
+    pub events_out: i64,
+    /// `rapl` or `model`.
+    pub source: &'static str,
+    /// Grid intensity used.
+    pub g_per_kwh: f64,
+}
+
+/// The rows of one interval from counter samples at its start and end.
+pub fn account(
+    ts: i64,
+    before: &BTreeMap<String, Sample>,
+    after: &BTreeMap<String, Sample>,
+    power: Power,
+    g_per_kwh: f64,
+) -> Vec<EnergyRow> {
+    let deltas: Vec<(&String, f64, i64, i64)> = after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).copied().unwrap_or_default();
+            (
+                k,
+                a.cpu_ns.saturating_sub(b.cpu_ns) as f64 / 1e9,
+                a.rows_in.saturating_sub(b.rows_in) as i64,
+                a.rows_out.saturating_sub(b.rows_out) as i64,
+            )
+        })
+        .collect();
+    let total_cpu: f64 = deltas.iter().map(|d| d.1).sum();
+    deltas
+        .into_iter()
+        .map(|(stage, cpu_s, events_in, events_out)| {
+            let share = if total_cpu > 0.0 { cpu_s / total_cpu } else { 0.0 };
+            let (joules, source) = match power {
+                Power::Model { watts_per_busy_core, idle_watts, seconds } => {
+                    (cpu_s * watts_per_busy_core + idle_watts * seconds * share, "model")
+                }
+                Power::Rapl { joules, machine_busy_s } => {
+                    let part = if machine_busy_s > 0.0 { (cpu_s / machine_busy_s).min(1.0) } else { 0.0 };
+                    (joules * part, "rapl")
+                }
+            };
+            EnergyRow {
+                ts,
+                stage: stage.clone(),
+                cpu_s,
+                joules,
+                gco2e: joules / 3.6e6 * g_per_kwh,
+                events_in,
+                events_out,
+                source,
+                g_per_kwh,
+            }
+        })
+        .collect()
+}
+
+/// Hourly carbon intensity.
+#[derive(Debug, Clone, Default)]
+pub struct Intensity {
+    constant: f64,
+    hourly: BTreeMap<i64, f64>,
+}
+
+impl Intensity {
+    /// From the config (reads the series file).
+    pub fn from_config(cfg: &EnergyConfig) -> Result<Self, String> {
+        let mut hourly = BTreeMap::new();
+        if let Some(f) = &cfg.carbon_file {
+            let text = std::fs::read_to_string(f.as_str()).map_err(|e| format!("{}: {e}", f.as_str()))?;
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
+                let (t, v) =
+                    line.split_once(',').ok_or(format!("{}:{}: expected `hour,g_per_kwh`", f.as_str(), i + 1))?;
+                let t = chrono::DateTime::parse_from_rfc3339(t.trim())
+                    .map_err(|e| format!("{}:{}: {e}", f.as_str(), i + 1))?
+                    .timestamp_millis();
+                let v: f64 = v.trim().parse().map_err(|e| format!("{}:{}: {e}", f.as_str(), i + 1))?;
+                hourly.insert(t.div_euclid(3_600_000), v);
+            }
+        }
+        Ok(Self { constant: cfg.carbon_g_per_kwh, hourly })
+    }
+
+    /// The intensity at `ts_ms`: the series' hour, else the constant.
+    pub fn at(&self, ts_ms: i64) -> f64 {
+        self.hourly.get(&ts_ms.div_euclid(3_600_000)).copied().unwrap_or(self.constant)
+    }
+}
+
+/// Package energy counters, in µJ, when readable.
+fn rapl_uj() -> Option<u64> {
+    let mut total = 0u64;
+    let mut any = false;
+    for e in std::fs::read_dir("/sys/class/powercap").ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("intel-rapl:") && name.matches(':').count() == 1 {
+            total += std::fs::read_to_string(e.path().join("energy_uj")).ok()?.trim().parse::<u64>().ok()?;
+            any = true;
+        }
+    }
+    any.then_some(total)
+}
+
+/// Busy CPU seconds of the machine so far (`/proc/stat`: all but idle and iowait).
+fn machine_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let busy: u64 = v.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(busy as f64 / hz)
+}
+
+/// The `energy` table's schema.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("ts", citystream_schemas::timestamp_type(), false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("cpu_s", DataType::Float64, false),
+        Field::new("gpu_s", DataType::Float64, true),
+        Field::new("joules", DataType::Float64, false),
+        Field::new("gco2e", DataType::Float64, false),
+        Field::new("events_in", DataType::Int64, false),
+        Field::new("events_out", DataType::Int64, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("g_per_kwh", DataType::Float64, false),
+    ]))
+}
+
+fn to_batch(rows: &[EnergyRow]) -> RecordBatch {
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts)).with_timezone("UTC")),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.stage.as_str()))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.cpu_s))),
+        Arc::new(Float64Array::from(vec![None::<f64>; rows.len()])),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.joules))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.gco2e))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.events_in))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.events_out))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.g_per_kwh))),
+    ];
+    RecordBatch::try_new(schema(), cols).expect("columns match the energy schema")
+}
+
+/// Reads every task's counters from the registry.
+fn samples(metrics: &Metrics, tasks: &[(String, Vec<(String, String)>)]) -> BTreeMap<String, Sample> {
+    tasks
+        .iter()
+        .map(|(task, outs)| {
+            let l = [("stage", task.as_str())];
+            let cpu_ns = metrics.value("citystream_stage_cpu_nanoseconds_total", &l).unwrap_or(0.0) as u64;
+            let rows_in = metrics.value("citystream_stage_rows_in_total", &l).unwrap_or(0.0) as u64;
+            let rows_out: f64 = outs
+                .iter()
+                .map(|(name, label)| {
+                    metrics
+                        .value(name, &[("stage", task.as_str()), ("output", label.as_str())])
+                        .or_else(|| metrics.value(name, &[("source", task.as_str()), ("stream", label.as_str())]))
+                        .unwrap_or(0.0)
+                })
+                .sum();
+            (task.clone(), Sample { cpu_ns, rows_in, rows_out: rows_out as u64 })
+        })
+        .collect()
+}
+
+/// Runs the account until `done` fires, then accounts the last partial interval and returns.
+pub(crate) async fn run(
+    cfg: EnergyConfig,
+    metrics: Metrics,
+    tasks: Vec<(String, Vec<(String, String)>)>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), String> {
+    let intensity = Intensity::from_config(&cfg)?;
+    let root = PathBuf::from(cfg.path.as_str());
+    let sink_cfg: crate::sink::parquet::ParquetSinkConfig =
+        serde_saphyr::from_str(&format!("path: {}\ntables: {{energy: x}}\n", root.display()))
+            .map_err(|e| e.to_string())?;
+    let tables = BTreeMap::from([("energy".to_owned(), schema())]);
+    let mut writer = crate::sink::parquet::ParquetWriter::try_new("energy", &sink_cfg, &tables, &metrics)
+        .map_err(|e| e.to_string())?;
+    let joules_total = |stage: &str, source: &str| {
+        metrics.counter(
+            "citystream_energy_millijoules_total",
+            "Energy attributed to a task (mJ).",
+            &[("stage", stage), ("source", source)],
+        )
+    };
+    let mut before = samples(&metrics, &tasks);
+    let mut rapl_before = if cfg.rapl { rapl_uj() } else { None };
+    let mut busy_before = machine_busy_s();
+    let mut t0 = Instant::now();
+    let mut start_ms = chrono::Utc::now().timestamp_millis();
+    let mut tick = tokio::time::interval(cfg.interval.to_std().max(std::time::Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = &mut done => true,
+        };
+        let after = samples(&metrics, &tasks);
+        let rapl_after = if cfg.rapl { rapl_uj() } else { None };
+        let busy_after = machine_busy_s();
+        let power = match (rapl_before, rapl_after, busy_before, busy_after) {
+            (Some(a), Some(b), Some(x), Some(y)) if b >= a => {
+                Power::Rapl { joules: (b - a) as f64 / 1e6, machine_busy_s: y - x }
+            }
+            _ => Power::Model {
+                watts_per_busy_core: cfg.watts_per_busy_core,
+                idle_watts: cfg.idle_watts,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+        };
+        let rows = account(start_ms, &before, &after, power, intensity.at(start_ms));
+        for r in &rows {
+            joules_total(&r.stage, r.source).inc_by((r.joules * 1000.0) as u64);
+        }
+        if !rows.is_empty() {
+            let batch = to_batch(&rows);
+            crate::runtime::cpu(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))
+                .map_err(|e| e.to_string())?;
+        }
+        before = after;
+        rapl_before = rapl_after;
+        busy_before = busy_after;
+        t0 = Instant::now();
+        start_ms = chrono::Utc::now().timestamp_millis();
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(cpu_ms: u64, rin: u64, rout: u64) -> Sample {
+        Sample { cpu_ns: cpu_ms * 1_000_000, rows_in: rin, rows_out: rout }
+    }
+
+    #[test]
+    fn the_model_charges_cpu_time_and_shares_idle_power_by_cpu() {
+        let before = BTreeMap::from([("decode".to_owned(), s(1000, 10, 10)), ("sink".to_owned(), s(0, 0, 0))]);
+        let after = BTreeMap::from([("decode".to_owned(), s(4000, 1010, 1000)), ("sink".to_owned(), s(1000, 1000, 0))]);
+        let rows = account(
+            0,
+            &before,
+            &after,
+            Power::Model { watts_per_busy_core: 10.0, idle_watts: 4.0, seconds: 60.0 },
+            300.0,
+        );
+        // decode: 3 CPU-s × 10 W + 4 W × 60 s × 3/4 = 30 + 180 = 210 J
+        assert_eq!(rows[0].stage, "decode");
+        assert!((rows[0].cpu_s - 3.0).abs() < 1e-12 && (rows[0].joules - 210.0).abs() < 1e-9);
+        assert_eq!((rows[0].events_in, rows[0].events_out), (1000, 990));
+        // 210 J = 210 / 3.6e6 kWh at 300 g/kWh
+        assert!((rows[0].gco2e - 210.0 / 3.6e6 * 300.0).abs() < 1e-12);
+        // sink: 1 × 10 + 240 × 1/4 = 70 J
+        assert!((rows[1].joules - 70.0).abs() < 1e-9);
+        assert_eq!(rows[1].source, "model");
+    }
+
+    #[test]
+    fn rapl_energy_is_shared_by_cpu_time_over_the_machine_busy_time() {
+        let before = BTreeMap::from([("a".to_owned(), s(0, 0, 0))]);
+        let after = BTreeMap::from([("a".to_owned(), s(2000, 0, 0))]);
+        let rows = account(0, &before, &after, Power::Rapl { joules: 100.0, machine_busy_s: 8.0 }, 100.0);
+        assert!((rows[0].joules - 25.0).abs() < 1e-9);
+        assert_eq!(rows[0].source, "rapl");
+    }
+
+    #[test]
+    fn an_hourly_series_overrides_the_constant() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("grid.csv");
+        std::fs::write(&f, "# hour,g\n2026-03-02T08:00:00Z,412\n2026-03-02T09:00:00Z,120\n").unwrap();
+        let cfg: EnergyConfig =
+            serde_saphyr::from_str(&format!("path: /tmp/x\ncarbon_file: {}\ncarbon_g_per_kwh: 300\n", f.display()))
+                .unwrap();
+        let i = Intensity::from_config(&cfg).unwrap();
+        let h8 = 1_772_438_400_000; // 2026-03-02T08:00Z
+        assert_eq!(i.at(h8 + 10), 412.0);
+        assert_eq!(i.at(h8 + 3_600_000 + 5), 120.0);
+        assert_eq!(i.at(h8 - 1), 300.0);
+        std::fs::write(&f, "yesterday,12\n").unwrap();
+        assert!(Intensity::from_config(&cfg).unwrap_err().contains("grid.csv:1"));
+    }
+}
