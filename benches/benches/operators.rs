@@ -124,6 +124,29 @@ fn operators(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    let camera = sample_batches(EventKind::Camera, 4, 8192);
+    let thumbs: u64 = camera
+        .iter()
+        .map(|(b, _)| {
+            use arrow::array::Array;
+            b.column_by_name("thumbnail").unwrap().len() as u64
+                - b.column_by_name("thumbnail").unwrap().null_count() as u64
+        })
+        .sum();
+    g.throughput(Throughput::Elements(thumbs));
+    g.bench_function("zstd/camera_thumbnails_level3", |b| {
+        b.iter_batched(
+            || {
+                build::<citystream_operators::zstd_column::ZstdConfig>(
+                    "column: thumbnail\nlevel: 3\n",
+                    &camera,
+                    &Metrics::new(),
+                )
+            },
+            |mut op| run(op.as_mut(), &camera),
+            BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 

@@ -10,7 +10,14 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use util::*;
 
+fn allow_seed() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: set once, before any test of this binary reads it (every config goes through here)
+    ONCE.call_once(|| unsafe { std::env::set_var(citystream_operators::dp::INSECURE_SEED_ENV, "1") });
+}
+
 fn cfg(dir: &std::path::Path, extra: &str) -> DpConfig {
+    allow_seed();
     yaml(&format!(
         "release: r\nprivacy_unit: sensor_id\npartition: event_id\naggregate: count\nwindow: 1h\nmechanism: laplace\n\
          epsilon: 1.0\nbudget: {{epsilon: 3.0}}\nbudget_dir: {}\ninsecure_seed: 7\n{extra}",

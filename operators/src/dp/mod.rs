@@ -42,6 +42,9 @@ use crate::{
 };
 use accountant::{Accountant, BudgetError, Cost, zcdp_rho_for};
 
+/// Set to `1` to allow `insecure_seed` (tests only).
+pub const INSECURE_SEED_ENV: &str = "CITYSTREAM_ALLOW_INSECURE_DP_SEED";
+
 /// The aggregate released.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -148,7 +151,8 @@ pub struct DpConfig {
     /// The event-time column. Default `ts`.
     #[serde(default = "d_time")]
     pub time_column: String,
-    /// A fixed noise seed — for tests only; absent, noise comes from the OS's secure source.
+    /// A fixed noise seed — for tests only (refused unless `CITYSTREAM_ALLOW_INSECURE_DP_SEED=1`);
+    /// absent, noise comes from the OS's secure source.
     #[serde(default)]
     pub insecure_seed: Option<u64>,
 }
@@ -224,8 +228,11 @@ impl DpConfig {
             ),
             _ => {}
         }
-        if self.insecure_seed.is_some() {
-            // allowed, but loudly: the noise is then predictable
+        if self.insecure_seed.is_some() && std::env::var(INSECURE_SEED_ENV).as_deref() != Ok("1") {
+            errs.push(
+                PlanError::new("insecure_seed", "a fixed noise seed makes the noise predictable and is for tests only")
+                    .with_help(format!("remove it; tests set {INSECURE_SEED_ENV}=1 to allow it")),
+            );
         }
         let (Some(time), Some(unit), Some(partition), true) = (time, unit, partition, errs.is_empty()) else {
             return Err(errs);

@@ -270,3 +270,18 @@ fn a_missing_pseudonym_secret_is_a_startup_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_fixed_dp_noise_seed_is_refused_outside_tests() {
+    // (this test binary never sets CITYSTREAM_ALLOW_INSECURE_DP_SEED)
+    let text = GOOD.replace(
+        "    kind: traffic\n",
+        "    kind: traffic\n  dp:\n    type: dp_aggregate\n    input: traffic\n    release: r\n    privacy_unit: event_id\n    partition: segment_id\n    aggregate: count\n    window: 1h\n    mechanism: laplace\n    epsilon: 1\n    budget: {epsilon: 10}\n    budget_dir: /tmp/b\n    partitions: {public: [a]}\n    insecure_seed: 3\n",
+    )
+    .replace("      traffic: traffic\n", "      traffic: traffic\n      dp: dp\n      dp_late: dp.late_events\n");
+    let e = error_of(&text);
+    assert!(
+        e.contains("stages.dp.insecure_seed: a fixed noise seed makes the noise predictable and is for tests only"),
+        "{e}"
+    );
+}
