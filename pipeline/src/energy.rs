@@ -400,3 +400,198 @@ mod tests {
         assert!(Intensity::from_config(&cfg).unwrap_err().contains("grid.csv:1"));
     }
 }
+
+/// `runtime.carbon_policy` in YAML: deferrable work waits for low-carbon hours.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarbonPolicyConfig {
+    /// Grid intensity (gCO2e/kWh) above which deferrable work waits.
+    pub high_g_per_kwh: f64,
+    /// How often the policy is checked. Default `1m`.
+    #[serde(default = "d_interval")]
+    pub check_every: Duration,
+    /// Parquet compaction as deferrable work; absent: the pipeline never compacts by itself.
+    #[serde(default)]
+    pub compaction: Option<CompactionPolicyConfig>,
+}
+
+/// When compaction runs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionPolicyConfig {
+    /// Compaction is due this long after the last one. Default `1h`.
+    #[serde(default = "d_hour")]
+    pub every: Duration,
+    /// A due compaction waits at most this long for a low-carbon hour, then runs anyway.
+    /// Default `6h`.
+    #[serde(default = "d_six_hours")]
+    pub max_delay: Duration,
+    /// Files younger than this are left alone. Default `10m`.
+    #[serde(default = "d_ten_minutes")]
+    pub min_age: Duration,
+    /// Target size of merged files, MiB. Default 128.
+    #[serde(default = "d_target_mb")]
+    pub target_mb: u64,
+}
+
+fn d_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_six_hours() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+fn d_ten_minutes() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_target_mb() -> u64 {
+    128
+}
+
+/// What the policy decided at one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing is due.
+    Idle,
+    /// Compaction is due and the grid is clean enough: run it.
+    Run,
+    /// Compaction is due but the grid is dirty: wait.
+    Defer,
+    /// Compaction waited `max_delay`: run it whatever the grid.
+    Forced,
+}
+
+/// The carbon-aware scheduler of deferrable work (a pure state machine; the runtime feeds it
+/// the clock and the intensity).
+#[derive(Debug, Clone)]
+pub struct CarbonScheduler {
+    high: f64,
+    every_ms: i64,
+    max_delay_ms: i64,
+    last_run_ms: i64,
+    high_mode: Option<bool>,
+}
+
+impl CarbonScheduler {
+    /// A scheduler whose first compaction is due `every` after `start_ms`.
+    pub fn new(cfg: &CarbonPolicyConfig, c: &CompactionPolicyConfig, start_ms: i64) -> Self {
+        Self {
+            high: cfg.high_g_per_kwh,
+            every_ms: c.every.as_millis_i64(),
+            max_delay_ms: c.max_delay.as_millis_i64(),
+            last_run_ms: start_ms,
+            high_mode: None,
+        }
+    }
+
+    /// Whether the grid is in the high-carbon mode now, and whether that changed.
+    pub fn mode(&mut self, g_per_kwh: f64) -> (bool, bool) {
+        let high = g_per_kwh > self.high;
+        let changed = self.high_mode != Some(high);
+        self.high_mode = Some(high);
+        (high, changed)
+    }
+
+    /// The decision at `now_ms` with the grid at `g_per_kwh`.
+    pub fn decide(&mut self, now_ms: i64, g_per_kwh: f64) -> Decision {
+        let due_since = self.last_run_ms + self.every_ms;
+        if now_ms < due_since {
+            return Decision::Idle;
+        }
+        let d = if g_per_kwh <= self.high {
+            Decision::Run
+        } else if now_ms - due_since >= self.max_delay_ms {
+            Decision::Forced
+        } else {
+            Decision::Defer
+        };
+        if d != Decision::Defer {
+            self.last_run_ms = now_ms;
+        }
+        d
+    }
+}
+
+/// Runs the carbon policy until the pipeline ends: compacts the Parquet roots when due and
+/// the grid allows, logging and counting every switch and action.
+pub(crate) async fn run_policy(cfg: CarbonPolicyConfig, intensity: Intensity, roots: Vec<PathBuf>, metrics: Metrics) {
+    let Some(c) = cfg.compaction.clone() else { return };
+    let mut sched = CarbonScheduler::new(&cfg, &c, chrono::Utc::now().timestamp_millis());
+    let action = |a: &str| {
+        metrics.counter(
+            "citystream_policy_actions_total",
+            "Actions of the carbon-aware policy.",
+            &[("policy", "compaction"), ("action", a)],
+        )
+    };
+    let mode = metrics.gauge("citystream_carbon_high_mode", "1 while the grid is above the policy's threshold.", &[]);
+    let mut tick = tokio::time::interval(cfg.check_every.to_std().max(std::time::Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        let now = chrono::Utc::now().timestamp_millis();
+        let g = intensity.at(now);
+        let (high, changed) = sched.mode(g);
+        mode.set(if high { 1.0 } else { 0.0 });
+        if changed {
+            tracing::info!(
+                g_per_kwh = g,
+                high,
+                "carbon policy: grid is {}",
+                if high { "above the threshold: deferring" } else { "clean enough" }
+            );
+        }
+        let d = sched.decide(now, g);
+        match d {
+            Decision::Idle => {}
+            Decision::Defer => {
+                action("defer").inc();
+            }
+            Decision::Run | Decision::Forced => {
+                action(if d == Decision::Run { "run" } else { "forced" }).inc();
+                let opts = crate::sink::compact::CompactOptions {
+                    target_bytes: c.target_mb << 20,
+                    min_age: c.min_age.to_std(),
+                    ..Default::default()
+                };
+                for root in &roots {
+                    let (root, opts) = (root.clone(), opts.clone());
+                    match tokio::task::spawn_blocking(move || crate::sink::compact::compact(&root, &opts)).await {
+                        Ok(Ok(r)) => tracing::info!(
+                            ?d,
+                            partitions = r.partitions,
+                            files_in = r.files_in,
+                            files_out = r.files_out,
+                            "carbon policy: compacted"
+                        ),
+                        Ok(Err(e)) => tracing::error!("carbon policy: compaction failed: {e}"),
+                        Err(e) => tracing::error!("carbon policy: compaction task: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn compaction_waits_for_a_clean_hour_but_never_longer_than_max_delay() {
+        let cfg: CarbonPolicyConfig =
+            serde_saphyr::from_str("high_g_per_kwh: 300\ncompaction: {every: 1h, max_delay: 3h}\n").unwrap();
+        let mut s = CarbonScheduler::new(&cfg, cfg.compaction.as_ref().unwrap(), 0);
+        let h = 3_600_000;
+        // a scripted grid, one check per hour (fake clock)
+        let grid = [500.0, 500.0, 200.0, 450.0, 450.0, 450.0, 450.0, 450.0, 100.0];
+        let decisions: Vec<Decision> = grid.iter().enumerate().map(|(i, g)| s.decide(i as i64 * h, *g)).collect();
+        use Decision::*;
+        assert_eq!(
+            decisions,
+            [Idle, Defer, Run, Defer, Defer, Defer, Forced, Defer, Run],
+            "due at 1 h (dirty: wait), clean at 2 h (run); due at 3 h, dirty until 6 h = 3 h late (forced); due at 7 h, clean at 8 h"
+        );
+        assert_eq!(s.mode(500.0), (true, true));
+        assert_eq!(s.mode(600.0), (true, false));
+        assert_eq!(s.mode(100.0), (false, true));
+    }
+}

@@ -75,6 +75,9 @@ pub struct RuntimeConfig {
     pub shutdown_timeout: Duration,
     /// The energy and carbon account (an `energy` table); absent for none.
     pub energy: Option<crate::energy::EnergyConfig>,
+    /// Carbon-aware scheduling of deferrable work (needs `energy` for the grid intensity);
+    /// absent for none.
+    pub carbon_policy: Option<crate::energy::CarbonPolicyConfig>,
 }
 
 impl Default for RuntimeConfig {
@@ -85,6 +88,7 @@ impl Default for RuntimeConfig {
             metrics_addr: None,
             shutdown_timeout: Duration::from_secs(30),
             energy: None,
+            carbon_policy: None,
         }
     }
 }

@@ -381,6 +381,20 @@ pub async fn run_with_reload(
         let (tx, rx) = tokio::sync::oneshot::channel();
         (tx, tokio::spawn(crate::energy::run(cfg, metrics.clone(), tasks, rx)))
     });
+    let policy = match (&plan.runtime.carbon_policy, &plan.runtime.energy) {
+        (Some(p), Some(e)) => {
+            let intensity = crate::energy::Intensity::from_config(e)
+                .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?;
+            Some(tokio::spawn(crate::energy::run_policy(p.clone(), intensity, parquet_roots.clone(), metrics.clone())))
+        }
+        (Some(_), None) => {
+            return Err(PipelineError::Build {
+                stage: "runtime.carbon_policy".into(),
+                message: "the carbon policy needs `runtime.energy` for the grid intensity".into(),
+            });
+        }
+        _ => None,
+    };
     let sources_of_tables = table_sources(&plan);
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
@@ -414,6 +428,9 @@ pub async fn run_with_reload(
     }
     monitor.abort();
     accountant.abort();
+    if let Some(p) = policy {
+        p.abort();
+    }
     if let Some((done, task)) = energy {
         let _ = done.send(());
         match tokio::time::timeout(std::time::Duration::from_secs(10), task).await {
