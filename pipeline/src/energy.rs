@@ -513,7 +513,13 @@ impl CarbonScheduler {
 
 /// Runs the carbon policy until the pipeline ends: compacts the Parquet roots when due and
 /// the grid allows, logging and counting every switch and action.
-pub(crate) async fn run_policy(cfg: CarbonPolicyConfig, intensity: Intensity, roots: Vec<PathBuf>, metrics: Metrics) {
+pub(crate) async fn run_policy(
+    cfg: CarbonPolicyConfig,
+    intensity: Intensity,
+    roots: Vec<PathBuf>,
+    positioned: crate::sink::compact::Positioned,
+    metrics: Metrics,
+) {
     let Some(c) = cfg.compaction.clone() else { return };
     let mut sched = CarbonScheduler::new(&cfg, &c, chrono::Utc::now().timestamp_millis());
     let action = |a: &str| {
@@ -550,6 +556,7 @@ pub(crate) async fn run_policy(cfg: CarbonPolicyConfig, intensity: Intensity, ro
                 let opts = crate::sink::compact::CompactOptions {
                     target_bytes: c.target_mb << 20,
                     min_age: c.min_age.to_std(),
+                    positioned: positioned.clone(),
                     ..Default::default()
                 };
                 for root in &roots {

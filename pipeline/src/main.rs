@@ -88,6 +88,11 @@ enum Command {
         /// Leave files younger than this alone (a running sink may be closing them).
         #[arg(long, default_value = "5m")]
         min_age: citystream_operators::Duration,
+        /// Also merge files named after Kafka offsets. Only when every file is committed: the
+        /// pipeline stopped cleanly (or its source is the simulator). A running Kafka pipeline
+        /// compacts these itself (`runtime.carbon_policy`), knowing its commits.
+        #[arg(long)]
+        all_committed: bool,
     },
     /// Reports from the tables: `energy` prints joules and CO2e per task and per million
     /// events, and draws them as SVG.
@@ -195,10 +200,12 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
         Command::Simulate { config, seed, duration, out, .. } => simulate(config.as_deref(), seed, duration, &out),
         #[cfg(not(feature = "kafka"))]
         Command::Simulate { config, seed, duration, out } => simulate(config.as_deref(), seed, duration, &out),
-        Command::Compact { data, target_mb, min_age } => {
-            let opts = citystream_pipeline::sink::compact::CompactOptions {
+        Command::Compact { data, target_mb, min_age, all_committed } => {
+            use citystream_pipeline::sink::compact::{CompactOptions, Positioned};
+            let opts = CompactOptions {
                 target_bytes: target_mb << 20,
                 min_age: min_age.to_std(),
+                positioned: if all_committed { Positioned::All } else { Positioned::Skip },
                 ..Default::default()
             };
             let t0 = std::time::Instant::now();

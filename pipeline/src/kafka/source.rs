@@ -61,6 +61,8 @@ impl Shared {
 
 struct Ctx {
     shared: Arc<Mutex<Shared>>,
+    /// Offsets committed so far, shared with compaction.
+    commits: crate::sink::compact::CommitLog,
 }
 
 impl Ctx {
@@ -134,6 +136,7 @@ fn commit<C: Consumer<Ctx>>(
     positions: &BTreeMap<(String, i32), i64>,
     owned: &TopicPartitionList,
 ) -> Result<(), String> {
+    let log = consumer.context().commits.clone();
     let mut tpl = TopicPartitionList::new();
     for ((topic, p), next) in positions {
         if owned.find_partition(topic, *p).is_some() {
@@ -143,7 +146,15 @@ fn commit<C: Consumer<Ctx>>(
     if tpl.count() == 0 {
         return Ok(());
     }
-    crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| format!("committing offsets: {e}"))
+    crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| format!("committing offsets: {e}"))?;
+    // what compaction may now merge
+    let mut l = log.lock().expect("commit log");
+    for e in tpl.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            l.insert((e.topic().to_owned(), e.partition()), o);
+        }
+    }
+    Ok(())
 }
 
 impl ConsumerContext for Ctx {
@@ -263,6 +274,7 @@ pub(crate) async fn run_kafka_source(
     outputs: Outputs,
     acks: CheckpointAcks,
     sink_roots: Vec<PathBuf>,
+    commits: crate::sink::compact::CommitLog,
     mut stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<u64, PipelineError> {
@@ -300,7 +312,7 @@ pub(crate) async fn run_kafka_source(
         cc.set(k, v.as_str());
     }
     let consumer: StreamConsumer<Ctx> = cc
-        .create_with_context(Ctx { shared: shared.clone() })
+        .create_with_context(Ctx { shared: shared.clone(), commits })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     // declared after the consumer, so it is dropped (and marks closing) before the consumer is
     let _close_guard = CloseGuard(shared.clone());

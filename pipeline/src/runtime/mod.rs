@@ -311,6 +311,18 @@ pub async fn run_with_reload(
             crate::config::SinkConfig::Kafka(_) => None,
         })
         .collect();
+    // offsets committed by a Kafka source: compaction merges only files wholly before them
+    let commit_log: crate::sink::compact::CommitLog = Default::default();
+    #[cfg(feature = "kafka")]
+    let has_kafka = plan.sources.iter().any(|s| matches!(s.config, SourceConfig::Kafka(_)));
+    #[cfg(not(feature = "kafka"))]
+    let has_kafka = false;
+    let positioned = if has_kafka {
+        crate::sink::compact::Positioned::Committed(commit_log.clone())
+    } else {
+        // the simulator has no commits: a run is all or nothing
+        crate::sink::compact::Positioned::All
+    };
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     let mut retune_senders = BTreeMap::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
@@ -351,9 +363,11 @@ pub async fn run_with_reload(
                 let cfg = (**cfg).clone();
                 let acks = acks.clone();
                 let roots = parquet_roots.clone();
+                let commits = commit_log.clone();
                 tasks.spawn(async move {
                     let messages =
-                        crate::kafka::run_kafka_source(&name, cfg, outputs, acks, roots, stop, &metrics).await?;
+                        crate::kafka::run_kafka_source(&name, cfg, outputs, acks, roots, commits, stop, &metrics)
+                            .await?;
                     Ok(Finished::Source { name, messages, sim: None })
                 });
             }
@@ -385,7 +399,13 @@ pub async fn run_with_reload(
         (Some(p), Some(e)) => {
             let intensity = crate::energy::Intensity::from_config(e)
                 .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?;
-            Some(tokio::spawn(crate::energy::run_policy(p.clone(), intensity, parquet_roots.clone(), metrics.clone())))
+            Some(tokio::spawn(crate::energy::run_policy(
+                p.clone(),
+                intensity,
+                parquet_roots.clone(),
+                positioned.clone(),
+                metrics.clone(),
+            )))
         }
         (Some(_), None) => {
             return Err(PipelineError::Build {

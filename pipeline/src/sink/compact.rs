@@ -33,6 +33,24 @@ use serde::{Deserialize, Serialize};
 
 use super::parquet::parse_position_name;
 
+/// Committed offsets per (topic, partition): the next offset to read, as last committed.
+pub type CommitLog = std::sync::Arc<std::sync::Mutex<BTreeMap<(String, i32), i64>>>;
+
+/// Which files named after source positions may be merged. A merged file is named after the
+/// whole range, so merging a file beyond the committed offset with one before it would hide
+/// it from the cleanup after a crash (and duplicate its rows on the replay).
+#[derive(Debug, Clone, Default)]
+pub enum Positioned {
+    /// None of them (the safe default when nothing is known about commits).
+    #[default]
+    Skip,
+    /// All of them: the caller knows every file is committed (e.g. the pipeline stopped
+    /// cleanly, or its source has no commits).
+    All,
+    /// Those wholly before the committed offset of their topic and partition.
+    Committed(CommitLog),
+}
+
 /// What to compact.
 #[derive(Debug, Clone)]
 pub struct CompactOptions {
@@ -42,12 +60,19 @@ pub struct CompactOptions {
     pub min_age: Duration,
     /// zstd level of merged files.
     pub zstd_level: i32,
+    /// Which position-named files may be merged.
+    pub positioned: Positioned,
 }
 
 impl Default for CompactOptions {
     fn default() -> Self {
-        Self { target_bytes: 128 << 20, min_age: Duration::from_secs(300), zstd_level: 3 }
+        Self { target_bytes: 128 << 20, min_age: Duration::from_secs(300), zstd_level: 3, positioned: Positioned::Skip }
     }
+}
+
+/// The last offset in a position-named file's name.
+fn last_offset(name: &str) -> Option<i64> {
+    name.strip_suffix(".parquet")?.rsplit('-').next()?.parse().ok()
 }
 
 /// What a compaction did.
@@ -157,6 +182,19 @@ fn compact_partition(
         }
         let key = parse_position_name(&name).map(|(o, p, _)| (o.to_owned(), p));
         let first = parse_position_name(&name).map_or(0, |(_, _, f)| f);
+        if let Some((origin, partition)) = &key {
+            let allowed = match &opts.positioned {
+                Positioned::Skip => false,
+                Positioned::All => true,
+                Positioned::Committed(log) => {
+                    let committed = log.lock().expect("commit log").get(&(origin.clone(), *partition)).copied();
+                    matches!((committed, last_offset(&name)), (Some(c), Some(last)) if last < c)
+                }
+            };
+            if !allowed {
+                continue;
+            }
+        }
         groups.entry(key).or_default().push((name, first, md.len()));
     }
     // contiguous runs up to the target size, in offset order
@@ -390,7 +428,12 @@ mod tests {
                 (reads, retries)
             })
         };
-        let opts = CompactOptions { target_bytes: 1 << 20, min_age: Duration::ZERO, zstd_level: 3 };
+        let opts = CompactOptions {
+            target_bytes: 1 << 20,
+            min_age: Duration::ZERO,
+            zstd_level: 3,
+            positioned: Positioned::All,
+        };
         let report = compact(&root, &opts).unwrap();
         stop.store(true, Ordering::Relaxed);
         let (reads, retries) = reader.join().unwrap();
@@ -406,6 +449,43 @@ mod tests {
         assert!(!root.join(".compact").exists(), "no staging left");
         // nothing left to do the second time
         assert_eq!(compact(&root, &opts).unwrap().partitions, 0);
+    }
+
+    #[test]
+    fn only_files_wholly_before_the_committed_offset_are_merged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("lake");
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", root.display())).unwrap();
+        let h = 1_772_409_600_000;
+        let tables = BTreeMap::from([("t".to_owned(), batch(h, 0..1).schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
+        for i in 0..6 {
+            w.write("t", "city.traffic", &batch(h, i * 10..i * 10 + 10)).unwrap();
+            w.flush().unwrap();
+        }
+        let dir = root.join("t/date=2026-03-02/hour=00");
+        let base = CompactOptions { target_bytes: 1 << 20, min_age: Duration::ZERO, ..Default::default() };
+        // nothing known about commits: position-named files are left alone
+        assert_eq!(compact(&root, &base).unwrap().files_in, 0);
+        // committed up to offset 30: files 0-9, 10-19, 20-29 merge; 30.. stay as they are
+        let log: CommitLog = Default::default();
+        log.lock().unwrap().insert(("city.traffic".into(), 0), 30);
+        let r = compact(&root, &CompactOptions { positioned: Positioned::Committed(log), ..base }).unwrap();
+        assert_eq!((r.files_in, r.files_out), (3, 1));
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "city.traffic-p0-o000000000000-000000000029.parquet",
+                "city.traffic-p0-o000000000030-000000000039.parquet",
+                "city.traffic-p0-o000000000040-000000000049.parquet",
+                "city.traffic-p0-o000000000050-000000000059.parquet",
+            ]
+        );
+        assert_eq!(rows_and_offsets(&dir).1, (0..60).collect::<Vec<_>>());
     }
 
     #[test]
