@@ -267,17 +267,25 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// What the source shares with the sinks' files for exactly-once recovery.
+pub(crate) struct Recovery {
+    /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
+    pub(crate) sink_roots: Vec<PathBuf>,
+    /// Offsets committed so far, shared with compaction.
+    pub(crate) commits: crate::sink::compact::CommitLog,
+}
+
 /// Runs the Kafka source until stopped (or idle for `stop_when_idle`).
 pub(crate) async fn run_kafka_source(
     name: &str,
     cfg: KafkaSourceConfig,
     outputs: Outputs,
     acks: CheckpointAcks,
-    sink_roots: Vec<PathBuf>,
-    commits: crate::sink::compact::CommitLog,
+    recovery: Recovery,
     mut stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<u64, PipelineError> {
+    let Recovery { sink_roots, commits } = recovery;
     let err = |message: String| PipelineError::Source { source_name: name.to_owned(), message };
     let ports: BTreeMap<String, usize> =
         EventKind::ALL.iter().enumerate().filter_map(|(p, k)| cfg.topic(*k).map(|t| (t.to_owned(), p))).collect();

@@ -365,9 +365,16 @@ pub async fn run_with_reload(
                 let roots = parquet_roots.clone();
                 let commits = commit_log.clone();
                 tasks.spawn(async move {
-                    let messages =
-                        crate::kafka::run_kafka_source(&name, cfg, outputs, acks, roots, commits, stop, &metrics)
-                            .await?;
+                    let messages = crate::kafka::run_kafka_source(
+                        &name,
+                        cfg,
+                        outputs,
+                        acks,
+                        crate::kafka::Recovery { sink_roots: roots, commits },
+                        stop,
+                        &metrics,
+                    )
+                    .await?;
                     Ok(Finished::Source { name, messages, sim: None })
                 });
             }
