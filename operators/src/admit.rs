@@ -33,7 +33,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 
-use crate::common::{KeyEncoder, column, hash128, json_lines, time_column, times};
+use crate::common::{KeyEncoder, column, hash128, time_column, times};
 use crate::{BuildContext, Collector, Counter, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError};
 
 /// A rate: `N/s`, `N/m` or `N/h`.
@@ -449,7 +449,10 @@ impl Operator for Admit {
                 out.emit(0, filter_record_batch(&batch, &BooleanArray::from(ok.clone()))?);
                 let dropped =
                     filter_record_batch(&batch, &BooleanArray::from(ok.iter().map(|o| !o).collect::<Vec<_>>()))?;
-                let text = json_lines(&dropped)?;
+                let mut json = arrow::json::LineDelimitedWriter::new(Vec::new());
+                json.write(&dropped)?;
+                json.finish()?;
+                let text = json.into_inner();
                 let partition = batch
                     .column_by_name("src_partition")
                     .map(|c| c.as_primitive::<arrow::datatypes::Int32Type>().clone());

@@ -87,30 +87,3 @@ pub(crate) fn hash128(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
 
-/// The rows of `batch` as JSON lines. Timestamps are written in RFC 3339 with `+00:00`
-/// (Arrow's JSON writer only knows offset time zones without the tz database).
-pub(crate) fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
-    use arrow::array::TimestampMillisecondArray;
-    use arrow::datatypes::{Field, Schema};
-    let mut fields = Vec::with_capacity(batch.num_columns());
-    let mut cols = Vec::with_capacity(batch.num_columns());
-    for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
-        match f.data_type() {
-            DataType::Timestamp(TimeUnit::Millisecond, Some(_)) => {
-                let a = c.as_primitive::<TimestampMillisecondType>().clone();
-                let a: TimestampMillisecondArray = a.with_timezone("+00:00");
-                fields.push(Field::new(f.name(), a.data_type().clone(), f.is_nullable()));
-                cols.push(std::sync::Arc::new(a) as ArrayRef);
-            }
-            _ => {
-                fields.push(f.as_ref().clone());
-                cols.push(c.clone());
-            }
-        }
-    }
-    let b = RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), cols)?;
-    let mut w = arrow::json::LineDelimitedWriter::new(Vec::new());
-    w.write(&b)?;
-    w.finish()?;
-    Ok(w.into_inner())
-}
