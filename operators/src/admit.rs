@@ -16,7 +16,6 @@
 //! Per-key state is one GCRA cell (8 bytes) plus the 16-byte key per active key; keys idle for
 //! longer than their replenish period are forgotten at each watermark.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -33,7 +32,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 
-use crate::common::{KeyEncoder, column, hash128, time_column, times};
+use crate::common::{HashedKeys, KeyEncoder, columns, hash128, time_column, times};
 use crate::{BuildContext, Collector, Counter, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError};
 
 /// A rate: `N/s`, `N/m` or `N/h`.
@@ -192,12 +191,7 @@ impl AdmitConfig {
             if k.key.is_empty() {
                 errs.push(PlanError::new("per_key.key", "name at least one key column"));
             }
-            for (i, name) in k.key.iter().enumerate() {
-                match column(input, name, &format!("per_key.key[{i}]")) {
-                    Ok(c) => keys.push(c),
-                    Err(e) => errs.push(e),
-                }
-            }
+            keys = columns(input, &k.key, "per_key.key", &mut errs);
         }
         if self.per_stream.is_none() && self.per_key.is_none() {
             errs.push(
@@ -234,27 +228,9 @@ impl AdmitConfig {
     }
 }
 
-/// A hasher for keys that are already uniform hashes.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
-}
-
 type Mw = governor::middleware::NoOpMiddleware<governor::nanos::Nanos>;
 type Direct = RateLimiter<NotKeyed, InMemoryState, FakeRelativeClock, Mw>;
-type Keyed = RateLimiter<u128, HashMapStateStore<u128, BuildHasherDefault<PassThrough>>, FakeRelativeClock, Mw>;
+type Keyed = RateLimiter<u128, HashMapStateStore<u128, HashedKeys>, FakeRelativeClock, Mw>;
 
 impl OperatorConfig for AdmitConfig {
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {

@@ -23,6 +23,37 @@ pub(crate) fn column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize,
     })
 }
 
+/// The indices of the columns `names` (config key `{key}[i]` each); problems go to `errs`.
+pub(crate) fn columns(schema: &SchemaRef, names: &[String], key: &str, errs: &mut Vec<PlanError>) -> Vec<usize> {
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| column(schema, n, &format!("{key}[{i}]")).map_err(|e| errs.push(e)).ok())
+        .collect()
+}
+
+/// A hasher for keys that are already uniform hashes (the 128-bit keys from [`hash128`]):
+/// hash maps of them skip rehashing.
+#[derive(Default)]
+pub(crate) struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+/// The hasher builder of maps keyed by [`hash128`] values.
+pub(crate) type HashedKeys = std::hash::BuildHasherDefault<PassThrough>;
+
 /// A numeric column (integers or floats) usable as a measurement.
 pub(crate) fn numeric_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
     let i = column(schema, name, key)?;
@@ -86,4 +117,3 @@ impl KeyEncoder {
 pub(crate) fn hash128(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
-

@@ -30,10 +30,9 @@ use std::collections::HashMap;
 use arrow::array::RecordBatch;
 use arrow::compute::interleave_record_batch;
 use arrow::datatypes::SchemaRef;
-use arrow::row::OwnedRow;
 use serde::Deserialize;
 
-use crate::common::{KeyEncoder, as_f64, column, numeric_column, time_column, times};
+use crate::common::{KeyEncoder, as_f64, columns, numeric_column, time_column, times};
 use crate::{
     BuildContext, Collector, Counter, Duration, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -113,13 +112,7 @@ impl CompressConfig {
     fn check(&self, input: &SchemaRef) -> Result<Checked, Vec<PlanError>> {
         let mut errs = Vec::new();
         let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
-        let mut keys = Vec::new();
-        for (i, k) in self.key.iter().enumerate() {
-            match column(input, k, &format!("key[{i}]")) {
-                Ok(c) => keys.push(c),
-                Err(e) => errs.push(e),
-            }
-        }
+        let keys = columns(input, &self.key, "key", &mut errs);
         if self.fields.is_empty() {
             errs.push(PlanError::new("fields", "list at least one field with its tolerance"));
         }
@@ -209,7 +202,8 @@ pub struct Compress {
     arena: Vec<RecordBatch>,
     /// rows waiting for the watermark: (series, point)
     pending: Vec<(usize, Point)>,
-    series: HashMap<OwnedRow, usize>,
+    /// encoded key bytes -> series (looked up by borrowed bytes: no allocation per row)
+    series: HashMap<Box<[u8]>, usize>,
     states: Vec<Series>,
     rows_in: Counter,
     rows_kept: Counter,
@@ -358,11 +352,11 @@ impl Operator for Compress {
         let b = self.arena.len();
         for i in 0..n {
             let row = keys.row(i);
-            let s = match self.series.get(&row.owned()) {
+            let s = match self.series.get(row.as_ref()) {
                 Some(s) => *s,
                 None => {
                     let s = self.states.len();
-                    self.series.insert(row.owned(), s);
+                    self.series.insert(row.as_ref().into(), s);
                     self.states.push(Series::default());
                     s
                 }

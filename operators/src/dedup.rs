@@ -14,7 +14,6 @@
 //! key, 8 of event time and hash-table overhead per key per mode (see [`Dedup::state_bytes`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch, UInt8Array, UInt64Array};
@@ -22,7 +21,7 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt8Type, UInt64Type};
 use serde::Deserialize;
 
-use crate::common::{KeyEncoder, column, hash128, time_column, times};
+use crate::common::{HashedKeys, KeyEncoder, column, columns, hash128, time_column, times};
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -124,16 +123,7 @@ impl DedupConfig {
                 );
                 None
             }
-            ContentSpec::Columns(cols) => {
-                let mut v = Vec::new();
-                for (i, c) in cols.iter().enumerate() {
-                    match column(input, c, &format!("content[{i}]")) {
-                        Ok(c) => v.push(c),
-                        Err(e) => errs.push(e),
-                    }
-                }
-                Some(v)
-            }
+            ContentSpec::Columns(cols) => Some(columns(input, cols, "content", &mut errs)),
         };
         if id.is_none() && content.is_none() && errs.is_empty() {
             errs.push(PlanError::new("content", "both exact (`id_column`) and content deduplication are off"));
@@ -183,28 +173,10 @@ impl OperatorConfig for DedupConfig {
     }
 }
 
-/// A hasher for keys that are already uniform hashes.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
-}
-
 /// Remembered keys with their event time, evicted by minute bucket.
 #[derive(Default)]
 struct KeySet {
-    map: HashMap<u128, i64, BuildHasherDefault<PassThrough>>,
+    map: HashMap<u128, i64, HashedKeys>,
     buckets: BTreeMap<i64, Vec<u128>>,
 }
 

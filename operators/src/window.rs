@@ -28,7 +28,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, SchemaRe
 use arrow::row::OwnedRow;
 use serde::Deserialize;
 
-use crate::common::{KeyEncoder, as_f64, column, numeric_column, time_column, times};
+use crate::common::{KeyEncoder, as_f64, columns, numeric_column, time_column, times};
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -157,13 +157,7 @@ impl WindowConfig {
                     .with_help("e.g. size: 15m with slide: 5m"),
             );
         }
-        let mut keys = Vec::new();
-        for (i, k) in self.key.iter().enumerate() {
-            match column(input, k, &format!("key[{i}]")) {
-                Ok(c) => keys.push(c),
-                Err(e) => errs.push(e),
-            }
-        }
+        let keys = columns(input, &self.key, "key", &mut errs);
         if self.aggregates.is_empty() {
             errs.push(PlanError::new("aggregates", "a window needs at least one aggregate"));
         }
@@ -364,7 +358,8 @@ pub struct Window {
     slide: i64,
     lateness: i64,
     keys: KeyEncoder,
-    group_of: HashMap<OwnedRow, u32>,
+    /// encoded key bytes -> group id (looked up by borrowed bytes: no allocation per row)
+    group_of: HashMap<Box<[u8]>, u32>,
     group_keys: Vec<OwnedRow>,
     windows: BTreeMap<i64, WindowState>,
     watermark: i64,
@@ -384,6 +379,17 @@ impl Window {
     /// Changes the allowed lateness (live tuning). Windows already emitted stay emitted.
     pub fn set_allowed_lateness(&mut self, lateness: Duration) {
         self.lateness = lateness.as_millis_i64();
+    }
+
+    /// The group id of an encoded key, registering a new group on first sight.
+    fn group_id(&mut self, row: arrow::row::Row<'_>) -> u32 {
+        if let Some(g) = self.group_of.get(row.as_ref()) {
+            return *g;
+        }
+        let g = self.group_keys.len() as u32;
+        self.group_keys.push(row.owned());
+        self.group_of.insert(row.as_ref().into(), g);
+        g
     }
 
     /// Whether the window starting at `start` is still open at the current watermark.
@@ -486,17 +492,7 @@ impl Operator for Window {
             vec![0; batch.num_rows()]
         } else {
             let rows = self.keys.encode(&batch)?;
-            rows.iter()
-                .map(|r| match self.group_of.get(&r.owned()) {
-                    Some(g) => *g,
-                    None => {
-                        let g = self.group_keys.len() as u32;
-                        self.group_keys.push(r.owned());
-                        self.group_of.insert(r.owned(), g);
-                        g
-                    }
-                })
-                .collect()
+            rows.iter().map(|r| self.group_id(r)).collect()
         };
         // rows per open window they belong to; late rows aside
         let per_window = (self.size / self.slide) as usize;
@@ -685,20 +681,7 @@ impl Operator for Window {
         self.windows.clear();
         let parser = self.keys.converter.parser();
         for r in 0..state.num_rows() {
-            let g = if self.plan.keys.is_empty() {
-                0
-            } else {
-                let key = parser.parse(keys.value(r)).owned();
-                match self.group_of.get(&key) {
-                    Some(g) => *g,
-                    None => {
-                        let g = self.group_keys.len() as u32;
-                        self.group_keys.push(key.clone());
-                        self.group_of.insert(key, g);
-                        g
-                    }
-                }
-            };
+            let g = if self.plan.keys.is_empty() { 0 } else { self.group_id(parser.parse(keys.value(r))) };
             let aggs = &self.plan.aggs;
             let w = self.windows.entry(starts.value(r)).or_insert_with(|| WindowState {
                 slots: HashMap::new(),
