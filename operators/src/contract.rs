@@ -198,8 +198,9 @@ impl PlanError {
     }
 }
 
-/// The configuration of an operator: plans it against an input schema and builds it.
-pub trait OperatorConfig {
+/// The configuration of an operator: plans it against an input schema and builds it. It is
+/// `Any` so that [`Operator::retune`] can take it back as its concrete type.
+pub trait OperatorConfig: std::any::Any {
     /// The output ports this operator would have for `input` (main first), or every problem
     /// found. Runs before any data moves.
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>>;

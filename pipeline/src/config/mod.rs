@@ -153,17 +153,7 @@ impl OperatorSpec {
 
     /// The configuration as `Any`, for [`Operator::retune`](citystream_operators::Operator::retune).
     pub fn as_any(&self) -> &dyn std::any::Any {
-        match self {
-            OperatorSpec::Decode(c) => c,
-            OperatorSpec::Filter(c) => c,
-            OperatorSpec::Project(c) => c,
-            OperatorSpec::Dedup(c) => c,
-            OperatorSpec::Window(c) => c,
-            OperatorSpec::Compress(c) => c,
-            OperatorSpec::Admit(c) => c,
-            OperatorSpec::Zstd(c) => c,
-            OperatorSpec::DpAggregate(c) => c.as_ref(),
-        }
+        self.config()
     }
 
     /// The `type` name.

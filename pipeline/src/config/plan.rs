@@ -111,6 +111,11 @@ impl PipelinePlan {
     }
 }
 
+/// Whether any of `sources` reads Kafka (offset commits, file cleanup on assignment).
+pub(crate) fn any_kafka(sources: &[SourceNode]) -> bool {
+    sources.iter().any(|s| source_type(&s.config) == "kafka")
+}
+
 fn source_type(c: &SourceConfig) -> &'static str {
     match c {
         SourceConfig::Simulator(_) => "simulator",
@@ -228,10 +233,7 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         })
         .collect();
 
-    #[cfg(feature = "kafka")]
-    let has_kafka = sources.iter().any(|s| matches!(s.config, SourceConfig::Kafka(_)));
-    #[cfg(not(feature = "kafka"))]
-    let has_kafka = false;
+    let has_kafka = any_kafka(&sources);
 
     // Checkpoints and offset commits are per pipeline: a Kafka source's barriers and sink
     // acknowledgements would interleave with another source's, committing too early.

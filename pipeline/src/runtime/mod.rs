@@ -313,11 +313,7 @@ pub async fn run_with_reload(
         .collect();
     // offsets committed by a Kafka source: compaction merges only files wholly before them
     let commit_log: crate::sink::compact::CommitLog = Default::default();
-    #[cfg(feature = "kafka")]
-    let has_kafka = plan.sources.iter().any(|s| matches!(s.config, SourceConfig::Kafka(_)));
-    #[cfg(not(feature = "kafka"))]
-    let has_kafka = false;
-    let positioned = if has_kafka {
+    let positioned = if crate::config::plan::any_kafka(&plan.sources) {
         crate::sink::compact::Positioned::Committed(commit_log.clone())
     } else {
         // the simulator has no commits: a run is all or nothing
