@@ -14,6 +14,19 @@ fn port(kind: EventKind) -> usize {
     EventKind::ALL.iter().position(|k| *k == kind).expect("every kind has a port")
 }
 
+/// Hands on every batch being built that holds at least `min_rows` rows (≥ 1); returns the
+/// rows sent.
+async fn hand_on(builders: &mut [RawBatchBuilder], outputs: &Outputs, min_rows: usize) -> Result<u64, PipelineError> {
+    let mut sent = 0;
+    for (p, b) in builders.iter_mut().enumerate() {
+        if b.len() >= min_rows.max(1) {
+            sent += b.len() as u64;
+            outputs.send(p, Message::Batch(b.finish())).await?;
+        }
+    }
+    Ok(sent)
+}
+
 /// Runs the embedded simulator as a source: one raw stream per event kind, in arrival order,
 /// with watermarks trailing the simulated clock by `max_out_of_orderness`.
 pub(crate) async fn run_simulator(
@@ -87,23 +100,14 @@ pub(crate) async fn run_simulator(
             }
             more
         });
-        for (p, b) in builders.iter_mut().enumerate() {
-            if (b.len() >= batch_rows || !more || matches!(speed, Speed::Factor(_))) && !b.is_empty() {
-                total += b.len() as u64;
-                outputs.send(p, Message::Batch(b.finish())).await?;
-            }
-        }
+        let min_rows = if !more || matches!(speed, Speed::Factor(_)) { 1 } else { batch_rows };
+        total += hand_on(&mut builders, &outputs, min_rows).await?;
         sim_clock.set(sim.now_ms() as f64);
         let wm = sim.now_ms() - lag;
         if wm > last_wm && more {
             // a watermark promises that nothing at or before it follows: hand on every row
             // read so far first, including partly filled batches of the quieter streams
-            for (p, b) in builders.iter_mut().enumerate() {
-                if !b.is_empty() {
-                    total += b.len() as u64;
-                    outputs.send(p, Message::Batch(b.finish())).await?;
-                }
-            }
+            total += hand_on(&mut builders, &outputs, 1).await?;
             last_wm = wm;
             outputs.broadcast(Message::Watermark(wm)).await?;
         }
@@ -125,12 +129,7 @@ pub(crate) async fn run_simulator(
             }
         }
     }
-    for (p, b) in builders.iter_mut().enumerate() {
-        if !b.is_empty() {
-            total += b.len() as u64;
-            outputs.send(p, Message::Batch(b.finish())).await?;
-        }
-    }
+    total += hand_on(&mut builders, &outputs, 1).await?;
     outputs.broadcast(Message::End).await?;
     if let Some(dir) = ground_truth {
         let dir = std::path::PathBuf::from(dir.as_str());

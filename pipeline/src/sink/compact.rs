@@ -234,11 +234,7 @@ fn compact_partition(
         let name = match key {
             Some((origin, partition)) => {
                 let first = run.iter().map(|m| m.1).min().unwrap_or(0);
-                let last = run
-                    .iter()
-                    .filter_map(|m| m.0.strip_suffix(".parquet")?.rsplit('-').next()?.parse::<i64>().ok())
-                    .max()
-                    .unwrap_or(first);
+                let last = run.iter().filter_map(|m| last_offset(&m.0)).max().unwrap_or(first);
                 format!("{origin}-p{partition}-o{first:012}-{last:012}.parquet")
             }
             None => format!("compacted-{:06}-{}.parquet", i, run[0].0.trim_end_matches(".parquet")),
@@ -338,29 +334,16 @@ fn recover(work: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::parquet::tests::{files, positioned};
     use crate::sink::parquet::{ParquetSinkConfig, ParquetWriter};
-    use arrow::array::{Int32Array, Int64Array, RecordBatch, TimestampMillisecondArray};
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::array::{Int64Array, RecordBatch};
     use citystream_operators::Metrics;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     fn batch(h: i64, offsets: std::ops::Range<i64>) -> RecordBatch {
-        let n = offsets.end - offsets.start;
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("ts", citystream_schemas::timestamp_type(), false),
-            Field::new("src_partition", DataType::Int32, false),
-            Field::new("src_offset", DataType::Int64, false),
-        ]));
-        RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(TimestampMillisecondArray::from(vec![h; n as usize]).with_timezone("UTC")),
-                Arc::new(Int32Array::from(vec![0; n as usize])),
-                Arc::new(Int64Array::from_iter_values(offsets)),
-            ],
-        )
-        .unwrap()
+        let o: Vec<i64> = offsets.collect();
+        positioned(&vec![h; o.len()], &vec![0; o.len()], &o)
     }
 
     /// Files and sorted offsets of a partition, as a reader that lists then opens by path sees
@@ -408,8 +391,8 @@ mod tests {
             w.flush().unwrap();
         }
         let dir = root.join("t/date=2026-03-02/hour=00");
-        let (files, before) = rows_and_offsets(&dir);
-        assert_eq!((files, before.len()), (40, 400));
+        let (count, before) = rows_and_offsets(&dir);
+        assert_eq!((count, before.len()), (40, 400));
         // a reader lists and reads the partition over and over while it is compacted
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -439,11 +422,9 @@ mod tests {
         let (reads, retries) = reader.join().unwrap();
         assert!(reads > 0, "{reads} complete reads, {retries} retried");
         assert_eq!((report.partitions, report.files_in, report.files_out, report.rows), (1, 40, 1, 400));
-        let (files, after) = rows_and_offsets(&dir);
-        assert_eq!((files, after), (1, before));
-        let names: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, ["city.traffic-p0-o000000000000-000000000399.parquet"]);
+        let (count, after) = rows_and_offsets(&dir);
+        assert_eq!((count, after), (1, before));
+        assert_eq!(files(&dir), ["city.traffic-p0-o000000000000-000000000399.parquet"]);
         // the Kafka cleanup still works on merged names
         assert_eq!(crate::sink::parquet::remove_uncommitted(&root, "city.traffic", 0, 400).unwrap(), 0);
         assert!(!root.join(".compact").exists(), "no staging left");
@@ -473,11 +454,8 @@ mod tests {
         log.lock().unwrap().insert(("city.traffic".into(), 0), 30);
         let r = compact(&root, &CompactOptions { positioned: Positioned::Committed(log), ..base }).unwrap();
         assert_eq!((r.files_in, r.files_out), (3, 1));
-        let mut names: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
         assert_eq!(
-            names,
+            files(&dir),
             [
                 "city.traffic-p0-o000000000000-000000000029.parquet",
                 "city.traffic-p0-o000000000030-000000000039.parquet",
@@ -509,10 +487,7 @@ mod tests {
         let jpath = tmp.path().join(".compact/t~x.journal");
         std::fs::write(&jpath, serde_json::to_vec(&j).unwrap()).unwrap();
         recover(&tmp.path().join(".compact")).unwrap();
-        let mut names: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        assert_eq!(names, ["late.parquet", "m.parquet"]);
+        assert_eq!(files(&dir), ["late.parquet", "m.parquet"]);
         assert!(!staging.exists() && !jpath.exists());
     }
 }

@@ -439,7 +439,7 @@ pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use arrow::array::{Int32Array, TimestampMillisecondArray};
     use arrow::datatypes::{DataType, Field, Schema};
@@ -463,7 +463,8 @@ mod tests {
         .unwrap()
     }
 
-    fn files(root: &Path) -> Vec<String> {
+    /// Every file under `root`, relative to it, sorted.
+    pub(crate) fn files(root: &Path) -> Vec<String> {
         let mut out = Vec::new();
         let mut stack = vec![root.to_owned()];
         while let Some(d) = stack.pop() {
@@ -521,7 +522,8 @@ mod tests {
         assert!(fs.iter().any(|f| f.contains("hour=01/.part-")), "{fs:?}");
     }
 
-    fn positioned(ts: &[i64], partitions: &[i32], offsets: &[i64]) -> RecordBatch {
+    /// A batch with `ts`, `src_partition` and `src_offset` columns.
+    pub(crate) fn positioned(ts: &[i64], partitions: &[i32], offsets: &[i64]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("ts", citystream_schemas::timestamp_type(), false),
             Field::new("src_partition", DataType::Int32, false),
