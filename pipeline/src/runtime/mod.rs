@@ -301,7 +301,6 @@ pub async fn run_with_reload(
     };
 
     let (sink_acks, acks) = CheckpointAcks::new(plan.sinks.len());
-    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
     let parquet_roots: Vec<std::path::PathBuf> = plan
         .sinks
         .iter()
@@ -313,12 +312,6 @@ pub async fn run_with_reload(
         .collect();
     // offsets committed by a Kafka source: compaction merges only files wholly before them
     let commit_log: crate::sink::compact::CommitLog = Default::default();
-    let positioned = if crate::config::plan::any_kafka(&plan.sources) {
-        crate::sink::compact::Positioned::Committed(commit_log.clone())
-    } else {
-        // the simulator has no commits: a run is all or nothing
-        crate::sink::compact::Positioned::All
-    };
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     let mut retune_senders = BTreeMap::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
@@ -402,11 +395,17 @@ pub async fn run_with_reload(
         (Some(p), Some(e)) => {
             let intensity = crate::energy::Intensity::from_config(e)
                 .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?;
+            let positioned = if crate::config::plan::any_kafka(&plan.sources) {
+                crate::sink::compact::Positioned::Committed(commit_log.clone())
+            } else {
+                // the simulator has no commits: a run is all or nothing
+                crate::sink::compact::Positioned::All
+            };
             Some(tokio::spawn(crate::energy::run_policy(
                 p.clone(),
                 intensity,
                 parquet_roots.clone(),
-                positioned.clone(),
+                positioned,
                 metrics.clone(),
             )))
         }
