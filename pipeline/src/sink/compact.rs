@@ -377,20 +377,27 @@ mod tests {
         try_rows_and_offsets(dir).expect("no compaction running")
     }
 
-    #[test]
-    fn merges_small_files_keeping_offset_names_and_readers_never_see_a_row_twice_or_miss_one() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("lake");
+    /// A lake under `base` whose one partition holds `n` committed files of 10 offsets each
+    /// (city.traffic, partition 0, offsets 0..10n); returns the lake's root and the partition.
+    fn lake_of_small_files(base: &Path, n: i64) -> (PathBuf, PathBuf) {
+        let root = base.join("lake");
         let cfg: ParquetSinkConfig =
             serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", root.display())).unwrap();
         let h = 1_772_409_600_000;
         let tables = BTreeMap::from([("t".to_owned(), batch(h, 0..1).schema())]);
         let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
-        for i in 0..40 {
+        for i in 0..n {
             w.write("t", "city.traffic", &batch(h, i * 10..i * 10 + 10)).unwrap();
             w.flush().unwrap();
         }
         let dir = root.join("t/date=2026-03-02/hour=00");
+        (root, dir)
+    }
+
+    #[test]
+    fn merges_small_files_keeping_offset_names_and_readers_never_see_a_row_twice_or_miss_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, dir) = lake_of_small_files(tmp.path(), 40);
         let (count, before) = rows_and_offsets(&dir);
         assert_eq!((count, before.len()), (40, 400));
         // a reader lists and reads the partition over and over while it is compacted
@@ -435,17 +442,7 @@ mod tests {
     #[test]
     fn only_files_wholly_before_the_committed_offset_are_merged() {
         let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("lake");
-        let cfg: ParquetSinkConfig =
-            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", root.display())).unwrap();
-        let h = 1_772_409_600_000;
-        let tables = BTreeMap::from([("t".to_owned(), batch(h, 0..1).schema())]);
-        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
-        for i in 0..6 {
-            w.write("t", "city.traffic", &batch(h, i * 10..i * 10 + 10)).unwrap();
-            w.flush().unwrap();
-        }
-        let dir = root.join("t/date=2026-03-02/hour=00");
+        let (root, dir) = lake_of_small_files(tmp.path(), 6);
         let base = CompactOptions { target_bytes: 1 << 20, min_age: Duration::ZERO, ..Default::default() };
         // nothing known about commits: position-named files are left alone
         assert_eq!(compact(&root, &base).unwrap().files_in, 0);
