@@ -25,7 +25,8 @@
 #![deny(missing_docs)]
 
 pub mod admit;
-mod common;
+pub mod alert;
+pub mod common;
 pub mod compress;
 mod contract;
 pub mod decode;

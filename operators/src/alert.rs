@@ -1,0 +1,594 @@
+//! `alert`: an alert rule over a stream of values per location, emitting alert lifecycle events.
+//!
+//! Per location a rule moves through idle → pending → open → resolved:
+//! - **hysteresis**: a value at or beyond `raise` (the location's own threshold from
+//!   `thresholds` when there is one) starts a pending alert; it stays pending (and later open)
+//!   while the value stays at or beyond `clear`; `below: true` flips the comparisons (a speed
+//!   below a limit);
+//! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time);
+//! - **suppression**: one open alert per location and rule; while open, a new peak is an
+//!   `update` of the same alert (at most one per `update_every`), never a new alert;
+//! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;
+//! - **storm limit**: with `storm.max_open`, once that many alerts are open, further locations
+//!   join one summarized alert (location `*`, with the count and the member list) instead of
+//!   opening their own; it resolves when its last member clears;
+//! - **active hours**: with `active_hours: [from, to]` (UTC hours, may wrap midnight), rows
+//!   outside them count as clear (noise at night);
+//! - **staleness**: a location silent for `stale_after` behind the watermark is resolved.
+//!
+//! Every event carries the triggering value, the threshold, the peak and the `evidence` columns
+//! of the row that caused it (model name and checksum, for instance) as JSON, and the processing
+//! time it was emitted at, for latency accounting.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use serde::Deserialize;
+
+use crate::common::{as_f64, column, columns, time_column};
+use crate::{
+    BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
+};
+
+/// How urgent an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// For the record.
+    Info,
+    /// Look at it.
+    Warning,
+    /// Act now.
+    Critical,
+}
+
+impl Severity {
+    /// The name written to the output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// The storm limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StormConfig {
+    /// Most alerts of this rule open at once; more locations join one summarized alert.
+    pub max_open: usize,
+}
+
+fn d_update_every() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_stale() -> Duration {
+    Duration::from_secs(900)
+}
+fn d_location() -> String {
+    "segment_id".into()
+}
+fn d_time() -> String {
+    "window_end".into()
+}
+
+/// YAML of an `alert` stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The rule's name (unique in the pipeline): part of every alert id.
+    pub rule: String,
+    /// What the alert is about: `incident`, `congestion`, `air_quality`, `noise`, `stalled_vehicle`, ...
+    pub alert_type: String,
+    /// Its severity.
+    pub severity: Severity,
+    /// The value column (numeric, or boolean read as 1/0).
+    pub value: String,
+    /// The location column. Default `segment_id`.
+    #[serde(default = "d_location")]
+    pub location: String,
+    /// The event-time column. Default `window_end`.
+    #[serde(default = "d_time")]
+    pub time: String,
+    /// The raise level.
+    pub raise: f64,
+    /// The clear level (hysteresis). Default: `raise`.
+    #[serde(default)]
+    pub clear: Option<f64>,
+    /// Alert when the value is at or below the levels instead of at or above.
+    #[serde(default)]
+    pub below: bool,
+    /// How long the value must hold before the alert opens. Default `0s`.
+    #[serde(default)]
+    pub min_duration: Duration,
+    /// After an alert resolves, how long its location stays quiet. Default `0s`.
+    #[serde(default)]
+    pub cooldown: Duration,
+    /// Least time between two updates of an open alert. Default `5m`.
+    #[serde(default = "d_update_every")]
+    pub update_every: Duration,
+    /// A location silent this long behind the watermark is resolved. Default `15m`.
+    #[serde(default = "d_stale")]
+    pub stale_after: Duration,
+    /// The storm limit.
+    #[serde(default)]
+    pub storm: Option<StormConfig>,
+    /// `[from, to]` UTC hours in which the rule applies (`[22, 6]`: at night).
+    #[serde(default)]
+    pub active_hours: Option<[u8; 2]>,
+    /// Per-location raise levels (calibrated from operator feedback), overriding `raise`.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f64>,
+    /// Columns copied into each event's evidence.
+    #[serde(default)]
+    pub evidence: Vec<String>,
+}
+
+/// The schema of alert events (every `alert` stage emits it, so they share one table).
+pub fn alert_schema() -> SchemaRef {
+    static S: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts(), false),
+            Field::new("alert_id", DataType::Utf8, false),
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("alert_type", DataType::Utf8, false),
+            Field::new("severity", DataType::Utf8, false),
+            Field::new("location", DataType::Utf8, false),
+            Field::new("status", DataType::Utf8, false),
+            Field::new("opened_at", ts(), false),
+            Field::new("value", DataType::Float64, true),
+            Field::new("threshold", DataType::Float64, false),
+            Field::new("peak", DataType::Float64, true),
+            Field::new("locations", DataType::Int32, false),
+            Field::new("evidence", DataType::Utf8, false),
+            Field::new("emitted_at", ts(), false),
+        ]))
+    });
+    S.clone()
+}
+
+struct Cols {
+    value: usize,
+    location: usize,
+    time: usize,
+    evidence: Vec<usize>,
+}
+
+impl AlertConfig {
+    fn check(&self, input: &SchemaRef) -> Result<Cols, Vec<PlanError>> {
+        let mut errs = Vec::new();
+        let value = column(input, &self.value, "value").map_err(|e| errs.push(e)).ok();
+        if let Some(v) = value {
+            let t = input.field(v).data_type();
+            if !(t.is_numeric() || t == &DataType::Boolean) {
+                errs.push(PlanError::new("value", format!("`{}` is {t}, not a number or a boolean", self.value)));
+            }
+        }
+        let location = column(input, &self.location, "location").map_err(|e| errs.push(e)).ok();
+        if let Some(l) = location
+            && input.field(l).data_type() != &DataType::Utf8
+        {
+            errs.push(PlanError::new("location", format!("`{}` is not a string column", self.location)));
+        }
+        let time = time_column(input, &self.time, "time").map_err(|e| errs.push(e)).ok();
+        let evidence = columns(input, &self.evidence, "evidence", &mut errs);
+        if self.rule.is_empty() || self.rule.contains(char::is_whitespace) {
+            errs.push(PlanError::new("rule", "a rule needs a name without spaces (it is part of every alert id)"));
+        }
+        let clear = self.clear.unwrap_or(self.raise);
+        if !self.raise.is_finite() || !clear.is_finite() {
+            errs.push(PlanError::new("raise", "raise and clear must be numbers"));
+        } else if (!self.below && clear > self.raise) || (self.below && clear < self.raise) {
+            errs.push(PlanError::new("clear", format!("clear {clear} is beyond raise {}", self.raise)).with_help(
+                if self.below { "with `below: true` clear must be >= raise" } else { "clear must be <= raise" },
+            ));
+        }
+        if let Some(s) = &self.storm
+            && s.max_open == 0
+        {
+            errs.push(PlanError::new("storm.max_open", "must be at least 1"));
+        }
+        if let Some([a, b]) = self.active_hours
+            && (a > 23 || b > 24)
+        {
+            errs.push(PlanError::new("active_hours", "hours are 0..=23 (from) and 0..=24 (to)"));
+        }
+        let (Some(value), Some(location), Some(time), true) = (value, location, time, errs.is_empty()) else {
+            return Err(errs);
+        };
+        Ok(Cols { value, location, time, evidence })
+    }
+
+    /// Live tuning: levels, durations, the storm limit, active hours, per-location thresholds
+    /// and severity may change; the columns and the rule's identity may not.
+    pub fn live_change(&self, new: &AlertConfig) -> Result<(), String> {
+        let same = |c: &AlertConfig| {
+            (
+                c.rule.clone(),
+                c.alert_type.clone(),
+                c.value.clone(),
+                c.location.clone(),
+                c.time.clone(),
+                c.evidence.clone(),
+                c.below,
+            )
+        };
+        if same(self) == same(new) {
+            Ok(())
+        } else {
+            Err("an alert rule's name, type, columns and direction cannot change while running".into())
+        }
+    }
+
+    fn raise_at(&self, location: &str) -> f64 {
+        self.thresholds.get(location).copied().unwrap_or(self.raise)
+    }
+}
+
+impl OperatorConfig for AlertConfig {
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
+        self.check(input)?;
+        Ok(vec![OutputSpec::new("main", alert_schema())])
+    }
+
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
+        let cols = self.check(input)?;
+        let l =
+            |status: &'static str| [("stage", ctx.stage.as_str()), ("rule", self.rule.as_str()), ("status", status)];
+        let events =
+            |s: &'static str| ctx.metrics.counter("citystream_alert_events_total", "Alert lifecycle events.", &l(s));
+        Ok(Box::new(AlertRule {
+            cfg: self.clone(),
+            cols,
+            outputs: vec![OutputSpec::new("main", alert_schema())],
+            states: HashMap::new(),
+            open: 0,
+            storm: None,
+            out: Events::default(),
+            opened: events("open"),
+            updated: events("update"),
+            resolved: events("resolved"),
+            open_gauge: ctx.metrics.gauge(
+                "citystream_alerts_open",
+                "Alerts open now (a storm summary counts once).",
+                &[("stage", ctx.stage.as_str()), ("rule", self.rule.as_str())],
+            ),
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Idle,
+    Pending {
+        since: i64,
+        peak: f64,
+    },
+    Open {
+        id: String,
+        opened_at: i64,
+        peak: f64,
+        last_emit: i64,
+    },
+    /// In the storm summary instead of an alert of its own.
+    Storm {
+        peak: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct LocState {
+    phase: Phase,
+    quiet_until: i64,
+    last_t: i64,
+}
+
+#[derive(Debug)]
+struct StormAlert {
+    id: String,
+    opened_at: i64,
+    members: BTreeSet<String>,
+    last_emit: i64,
+    reported: usize,
+}
+
+#[derive(Default)]
+struct Events {
+    ts: Vec<i64>,
+    id: Vec<String>,
+    location: Vec<String>,
+    status: Vec<&'static str>,
+    opened_at: Vec<i64>,
+    value: Vec<Option<f64>>,
+    threshold: Vec<f64>,
+    peak: Vec<Option<f64>>,
+    locations: Vec<i32>,
+    evidence: Vec<String>,
+}
+
+/// The `alert` operator.
+pub struct AlertRule {
+    cfg: AlertConfig,
+    cols: Cols,
+    outputs: Vec<OutputSpec>,
+    states: HashMap<String, LocState>,
+    open: usize,
+    storm: Option<StormAlert>,
+    out: Events,
+    opened: Counter,
+    updated: Counter,
+    resolved: Counter,
+    open_gauge: Gauge,
+}
+
+impl std::fmt::Debug for AlertRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertRule").field("rule", &self.cfg.rule).field("open", &self.open).finish_non_exhaustive()
+    }
+}
+
+/// Whether hour-of-day `h` (UTC) lies in `[from, to)`, wrapping midnight.
+fn in_hours(h: u8, [from, to]: [u8; 2]) -> bool {
+    if from <= to { h >= from && h < to } else { h >= from || h < to }
+}
+
+impl AlertRule {
+    /// `v` at or beyond `level` in the rule's direction.
+    fn beyond(&self, v: f64, level: f64) -> bool {
+        if self.cfg.below { v <= level } else { v >= level }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        ts: i64,
+        id: &str,
+        location: &str,
+        status: &'static str,
+        opened_at: i64,
+        value: Option<f64>,
+        threshold: f64,
+        peak: Option<f64>,
+        locations: i32,
+        evidence: String,
+    ) {
+        match status {
+            "open" => self.opened.inc(),
+            "update" => self.updated.inc(),
+            _ => self.resolved.inc(),
+        }
+        let e = &mut self.out;
+        e.ts.push(ts);
+        e.id.push(id.to_owned());
+        e.location.push(location.to_owned());
+        e.status.push(status);
+        e.opened_at.push(opened_at);
+        e.value.push(value);
+        e.threshold.push(threshold);
+        e.peak.push(peak);
+        e.locations.push(locations);
+        e.evidence.push(evidence);
+    }
+
+    fn storm_evidence(&self, s: &StormAlert) -> String {
+        serde_json::json!({"storm": true, "members": s.members.iter().collect::<Vec<_>>()}).to_string()
+    }
+
+    fn storm_join(&mut self, location: &str, t: i64) {
+        let rule = self.cfg.rule.clone();
+        let s = self.storm.get_or_insert_with(|| StormAlert {
+            id: format!("{rule}:*:{t}"),
+            opened_at: t,
+            members: BTreeSet::new(),
+            last_emit: i64::MIN,
+            reported: 0,
+        });
+        s.members.insert(location.to_owned());
+        let (first, due) = (s.reported == 0, t.saturating_sub(s.last_emit) >= self.cfg.update_every.as_millis_i64());
+        if first || due {
+            let s = self.storm.as_mut().expect("just inserted");
+            s.last_emit = t;
+            s.reported = s.members.len();
+            let (id, opened_at, n) = (s.id.clone(), s.opened_at, s.members.len() as i32);
+            let ev = self.storm_evidence(self.storm.as_ref().expect("present"));
+            self.emit(t, &id, "*", if first { "open" } else { "update" }, opened_at, None, self.cfg.raise, None, n, ev);
+        }
+    }
+
+    fn storm_leave(&mut self, location: &str, t: i64) {
+        let Some(s) = self.storm.as_mut() else { return };
+        s.members.remove(location);
+        if s.members.is_empty() {
+            let s = self.storm.take().expect("present");
+            let ev = serde_json::json!({"storm": true, "members": []}).to_string();
+            self.emit(t, &s.id, "*", "resolved", s.opened_at, None, self.cfg.raise, None, 0, ev);
+        }
+    }
+
+    /// One row: value `v` (None: no reading) at `t` for `loc`.
+    fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
+        let raise = self.cfg.raise_at(loc);
+        // a location's own (calibrated) raise level may sit beyond the shared clear level
+        let clear = self.cfg.clear.unwrap_or(raise);
+        let clear = if self.cfg.below { clear.max(raise) } else { clear.min(raise) };
+        let hours_ok =
+            self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
+        let Some(v) = v else { return };
+        let holds = hours_ok && self.beyond(v, clear);
+        let raises = hours_ok && self.beyond(v, raise);
+        let better = |a: f64, b: f64| if self.cfg.below { a.min(b) } else { a.max(b) };
+        let mut st =
+            self.states.remove(loc).unwrap_or(LocState { phase: Phase::Idle, quiet_until: i64::MIN, last_t: t });
+        st.last_t = st.last_t.max(t);
+        // a value that raises starts a pending alert, which may open on this very row
+        let phase = match st.phase {
+            Phase::Idle if raises => Phase::Pending { since: t, peak: v },
+            p => p,
+        };
+        st.phase = match phase {
+            Phase::Idle => Phase::Idle,
+            Phase::Pending { .. } if !holds => Phase::Idle,
+            Phase::Pending { since, peak } => {
+                let peak = better(peak, v);
+                if t - since >= self.cfg.min_duration.as_millis_i64() && t >= st.quiet_until {
+                    if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
+                        self.storm_join(loc, t);
+                        Phase::Storm { peak }
+                    } else {
+                        let id = format!("{}:{loc}:{t}", self.cfg.rule);
+                        self.open += 1;
+                        self.emit(t, &id, loc, "open", t, Some(v), raise, Some(peak), 1, evidence());
+                        Phase::Open { id, opened_at: t, peak, last_emit: t }
+                    }
+                } else {
+                    Phase::Pending { since, peak }
+                }
+            }
+            Phase::Open { id, opened_at, .. } if !holds => {
+                self.open -= 1;
+                st.quiet_until = t + self.cfg.cooldown.as_millis_i64();
+                self.emit(t, &id, loc, "resolved", opened_at, Some(v), raise, None, 1, evidence());
+                Phase::Idle
+            }
+            Phase::Open { id, opened_at, peak, last_emit } => {
+                let new_peak = better(peak, v);
+                if new_peak != peak && t - last_emit >= self.cfg.update_every.as_millis_i64() {
+                    self.emit(t, &id, loc, "update", opened_at, Some(v), raise, Some(new_peak), 1, evidence());
+                    Phase::Open { id, opened_at, peak: new_peak, last_emit: t }
+                } else {
+                    Phase::Open { id, opened_at, peak: new_peak, last_emit }
+                }
+            }
+            Phase::Storm { .. } if !holds => {
+                st.quiet_until = t + self.cfg.cooldown.as_millis_i64();
+                self.storm_leave(loc, t);
+                Phase::Idle
+            }
+            Phase::Storm { peak } => Phase::Storm { peak: better(peak, v) },
+        };
+        self.states.insert(loc.to_owned(), st);
+    }
+
+    fn finish(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        self.open_gauge.set((self.open + usize::from(self.storm.is_some())) as f64);
+        if self.out.ts.is_empty() {
+            return Ok(());
+        }
+        let e = std::mem::take(&mut self.out);
+        let n = e.ts.len();
+        let now = chrono_now_ms();
+        let ts = |v: Vec<i64>| -> ArrayRef { Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC")) };
+        let repeat = |s: &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(std::iter::repeat_n(s, n))) };
+        let cols: Vec<ArrayRef> = vec![
+            ts(e.ts),
+            Arc::new(StringArray::from(e.id)),
+            repeat(&self.cfg.rule),
+            repeat(&self.cfg.alert_type),
+            repeat(self.cfg.severity.name()),
+            Arc::new(StringArray::from(e.location)),
+            Arc::new(StringArray::from(e.status)),
+            ts(e.opened_at),
+            Arc::new(Float64Array::from(e.value)),
+            Arc::new(Float64Array::from(e.threshold)),
+            Arc::new(Float64Array::from(e.peak)),
+            Arc::new(Int32Array::from(e.locations)),
+            Arc::new(StringArray::from(e.evidence)),
+            ts(vec![now; n]),
+        ];
+        out.emit(0, RecordBatch::try_new(self.outputs[0].schema.clone(), cols)?);
+        Ok(())
+    }
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// JSON of the evidence columns of row `i` (values as displayed by Arrow), plus the value.
+fn evidence_json(batch: &RecordBatch, cols: &[usize], i: usize, value: Option<f64>, raise: f64) -> String {
+    let mut m = serde_json::Map::new();
+    m.insert("value".into(), value.map_or(serde_json::Value::Null, serde_json::Value::from));
+    m.insert("threshold".into(), raise.into());
+    let opts = FormatOptions::default();
+    for &c in cols {
+        let name = batch.schema().field(c).name().clone();
+        let v = match ArrayFormatter::try_new(batch.column(c).as_ref(), &opts) {
+            Ok(f) if batch.column(c).is_valid(i) => serde_json::Value::from(f.value(i).to_string()),
+            _ => serde_json::Value::Null,
+        };
+        m.insert(name, v);
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+impl Operator for AlertRule {
+    fn kind(&self) -> &'static str {
+        "alert"
+    }
+
+    fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+        let col = batch.column(self.cols.value);
+        let (values, nulls) = if col.data_type() == &DataType::Boolean {
+            let b = col.as_boolean();
+            ((0..b.len()).map(|i| if b.value(i) { 1.0 } else { 0.0 }).collect(), b.nulls().cloned())
+        } else {
+            as_f64(col)?
+        };
+        let locs = batch.column(self.cols.location).as_string::<i32>();
+        let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
+        let ev_cols = self.cols.evidence.clone();
+        for (i, &value) in values.iter().enumerate() {
+            if locs.is_null(i) || times.is_null(i) {
+                continue;
+            }
+            let v = nulls.as_ref().is_none_or(|n| n.is_valid(i)).then_some(value);
+            let loc = locs.value(i);
+            let raise = self.cfg.raise_at(loc);
+            self.step(loc, times.value(i), v, || evidence_json(&batch, &ev_cols, i, v, raise));
+        }
+        self.finish(out)
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        let stale = self.cfg.stale_after.as_millis_i64();
+        let gone: Vec<String> = self
+            .states
+            .iter()
+            .filter(|(_, s)| watermark - s.last_t > stale && !matches!(s.phase, Phase::Idle))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for loc in gone {
+            let st = self.states.remove(&loc).expect("listed");
+            let ev = serde_json::json!({"stale": true, "last_seen": st.last_t}).to_string();
+            match st.phase {
+                Phase::Open { id, opened_at, .. } => {
+                    self.open -= 1;
+                    let raise = self.cfg.raise_at(&loc);
+                    self.emit(watermark, &id, &loc, "resolved", opened_at, None, raise, None, 1, ev);
+                }
+                Phase::Storm { .. } => self.storm_leave(&loc, watermark),
+                _ => {}
+            }
+        }
+        self.finish(out)
+    }
+
+    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
+        let c = config.downcast_ref::<AlertConfig>().ok_or("not an alert config")?;
+        self.cfg.live_change(c)?;
+        self.cfg = c.clone();
+        Ok(())
+    }
+}

@@ -1,0 +1,214 @@
+//! Alert rules on crafted streams: hysteresis, minimum duration, one alert per location with
+//! updates, cooldown, the storm limit, active hours, staleness and live retuning.
+
+use std::sync::Arc;
+
+use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Schema, SchemaRef, TimeUnit};
+use citystream_operators::alert::AlertConfig;
+use citystream_operators::{BuildContext, Collector, Metrics, Operator, OperatorConfig};
+
+const MIN: i64 = 60_000;
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new("score", DataType::Float64, true),
+        Field::new("model", DataType::Utf8, false),
+    ]))
+}
+
+fn batch(rows: &[(&str, i64, Option<f64>)]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1 * MIN)).with_timezone("UTC")),
+            Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "incident_fp32"))),
+        ],
+    )
+    .unwrap()
+}
+
+fn rule(extra: &str) -> (Box<dyn Operator>, Metrics) {
+    let yaml = format!(
+        "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: score\nevidence: [model]\n{extra}"
+    );
+    let cfg: AlertConfig = serde_saphyr::from_str(&yaml).unwrap();
+    let m = Metrics::new();
+    (cfg.build(&schema(), &BuildContext { stage: "a".into(), metrics: m.clone() }).unwrap(), m)
+}
+
+/// (location, status, minute, locations) of every event, in order.
+type Ev = (String, String, i64, i32);
+
+fn events(out: &mut Collector) -> Vec<Ev> {
+    let mut v = Vec::new();
+    for (_, b) in out.drain() {
+        let loc = b.column_by_name("location").unwrap().as_string::<i32>();
+        let st = b.column_by_name("status").unwrap().as_string::<i32>();
+        let ts = b.column_by_name("ts").unwrap().as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let n = b.column_by_name("locations").unwrap().as_primitive::<Int32Type>();
+        for i in 0..b.num_rows() {
+            v.push((loc.value(i).to_owned(), st.value(i).to_owned(), ts.value(i) / MIN, n.value(i)));
+        }
+    }
+    v
+}
+
+fn run(op: &mut Box<dyn Operator>, rows: &[(&str, i64, Option<f64>)]) -> Vec<Ev> {
+    let mut out = Collector::new(1);
+    op.process_batch(batch(rows), &mut out).unwrap();
+    events(&mut out)
+}
+
+fn ev(loc: &str, status: &str, minute: i64) -> Ev {
+    (loc.into(), status.into(), minute, 1)
+}
+
+/// One location's values, a row per minute from minute 0.
+fn series<'a>(loc: &'a str, values: &[f64]) -> Vec<(&'a str, i64, Option<f64>)> {
+    values.iter().enumerate().map(|(i, v)| (loc, i as i64, Some(*v))).collect()
+}
+
+#[test]
+fn hysteresis_keeps_an_alert_open_between_the_clear_and_raise_levels() {
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\n");
+    // 0.95 opens; 0.7 (between the levels) keeps it; 0.4 resolves; 0.8 alone does not reopen
+    let e = run(&mut op, &series("s1", &[0.2, 0.95, 0.7, 0.6, 0.4, 0.8, 0.2]));
+    assert_eq!(e, vec![ev("s1", "open", 1), ev("s1", "resolved", 4)]);
+}
+
+#[test]
+fn a_short_spike_does_not_open_an_alert_with_a_minimum_duration() {
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 3m\n");
+    let e = run(&mut op, &series("s1", &[0.95, 0.95, 0.3, 0.95, 0.92, 0.6, 0.91, 0.95, 0.2]));
+    // minutes 0-1 are too short; from minute 3 it holds above clear through minute 6: open at 6
+    assert_eq!(e, vec![ev("s1", "open", 6), ev("s1", "resolved", 8)]);
+}
+
+#[test]
+fn one_open_alert_per_location_with_throttled_updates_on_new_peaks() {
+    let (mut op, m) = rule("raise: 0.9\nclear: 0.5\nupdate_every: 2m\n");
+    let e = run(&mut op, &series("s1", &[0.91, 0.92, 0.93, 0.94, 0.94, 0.99, 0.95, 0.1]));
+    // new peaks at 1 (too soon), 2 (2 min after the open: update), 3 (too soon), 5 (update)
+    assert_eq!(e, vec![ev("s1", "open", 0), ev("s1", "update", 2), ev("s1", "update", 5), ev("s1", "resolved", 7)]);
+    assert_eq!(m.value("citystream_alerts_open", &[("stage", "a"), ("rule", "incident_model")]), Some(0.0));
+    // two locations are two alerts
+    let e = run(&mut op, &[("s1", 20, Some(0.95)), ("s2", 20, Some(0.97))]);
+    assert_eq!(e, vec![ev("s1", "open", 20), ev("s2", "open", 20)]);
+}
+
+#[test]
+fn cooldown_keeps_a_location_quiet_after_it_resolves() {
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\ncooldown: 5m\n");
+    let e = run(&mut op, &series("s1", &[0.95, 0.1, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.1]));
+    // resolved at 1: quiet until 6; the value held from 2, so it opens at 6
+    assert_eq!(e, vec![ev("s1", "open", 0), ev("s1", "resolved", 1), ev("s1", "open", 6), ev("s1", "resolved", 8)]);
+}
+
+#[test]
+fn a_city_wide_burst_becomes_one_summarized_alert() {
+    let (mut op, m) = rule("raise: 0.9\nclear: 0.5\nstorm: {max_open: 3}\n");
+    let locs: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    let burst: Vec<(&str, i64, Option<f64>)> = locs.iter().map(|l| (l.as_str(), 10, Some(0.99))).collect();
+    let e = run(&mut op, &burst);
+    let opens: Vec<&Ev> = e.iter().filter(|e| e.1 == "open").collect();
+    assert_eq!(opens.len(), 4, "3 alerts of their own and one storm summary: {e:?}");
+    assert_eq!(opens[3], &("*".to_string(), "open".to_string(), 10, 1));
+    // the summary grows by updates (throttled), not by new alerts
+    let more: Vec<(&str, i64, Option<f64>)> = locs.iter().map(|l| (l.as_str(), 20, Some(0.99))).collect();
+    let e = run(&mut op, &more);
+    assert!(e.is_empty(), "nothing new while the storm holds: {e:?}");
+    assert_eq!(m.value("citystream_alerts_open", &[("stage", "a"), ("rule", "incident_model")]), Some(4.0));
+    // the storm clears: the 3 own alerts resolve and the summary resolves once its last member does
+    let calm: Vec<(&str, i64, Option<f64>)> = locs.iter().map(|l| (l.as_str(), 30, Some(0.1))).collect();
+    let e = run(&mut op, &calm);
+    assert_eq!(e.iter().filter(|e| e.1 == "resolved").count(), 4);
+    assert_eq!(e.last().unwrap(), &("*".to_string(), "resolved".to_string(), 30, 0));
+}
+
+#[test]
+fn the_storm_summary_lists_its_members_and_is_updated_as_it_grows() {
+    let (mut op, _) = rule("raise: 0.9\nstorm: {max_open: 1}\nupdate_every: 1m\n");
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&[("a", 0, Some(1.0)), ("b", 0, Some(1.0))]), &mut out).unwrap();
+    op.process_batch(batch(&[("c", 2, Some(1.0))]), &mut out).unwrap();
+    let b: Vec<RecordBatch> = out.drain().map(|(_, b)| b).collect();
+    let last = b.last().unwrap();
+    assert_eq!(last.column_by_name("status").unwrap().as_string::<i32>().value(0), "update");
+    assert_eq!(last.column_by_name("locations").unwrap().as_primitive::<Int32Type>().value(0), 2);
+    let ev: serde_json::Value =
+        serde_json::from_str(last.column_by_name("evidence").unwrap().as_string::<i32>().value(0)).unwrap();
+    assert_eq!(ev["members"], serde_json::json!(["b", "c"]));
+}
+
+#[test]
+fn below_rules_alert_on_low_values_and_active_hours_limit_them() {
+    // congestion: predicted speed at or below 20 km/h, cleared above 30
+    let (mut op, _) = rule("raise: 20\nclear: 30\nbelow: true\n");
+    let e = run(&mut op, &series("s1", &[50.0, 18.0, 25.0, 35.0]));
+    assert_eq!(e, vec![ev("s1", "open", 1), ev("s1", "resolved", 3)]);
+    // noise at night only: 22:00-06:00 UTC; minute 0 is 00:00 (night), 8 h later is day
+    let (mut op, _) = rule("raise: 55\nactive_hours: [22, 6]\n");
+    let e =
+        run(&mut op, &[("n", 0, Some(60.0)), ("n", 1, Some(40.0)), ("n", 480, Some(70.0)), ("n", 1320, Some(70.0))]);
+    assert_eq!(e, vec![ev("n", "open", 0), ev("n", "resolved", 1), ev("n", "open", 1320)]);
+}
+
+#[test]
+fn per_location_thresholds_override_the_rule_and_evidence_names_the_model() {
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nthresholds: {s2: 0.97}\n");
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&[("s1", 0, Some(0.95)), ("s2", 0, Some(0.95)), ("s2", 1, Some(0.98))]), &mut out).unwrap();
+    let b: Vec<RecordBatch> = out.drain().map(|(_, b)| b).collect();
+    let b = &b[0];
+    let locs: Vec<&str> = b.column_by_name("location").unwrap().as_string::<i32>().iter().map(Option::unwrap).collect();
+    assert_eq!(locs, vec!["s1", "s2"], "s2 waits for its own level 0.97");
+    let thr = b.column_by_name("threshold").unwrap().as_primitive::<Float64Type>();
+    assert_eq!((thr.value(0), thr.value(1)), (0.9, 0.97));
+    let ev: serde_json::Value =
+        serde_json::from_str(b.column_by_name("evidence").unwrap().as_string::<i32>().value(1)).unwrap();
+    assert_eq!(ev["model"], "incident_fp32");
+    assert_eq!(ev["value"], 0.98);
+    let ids = b.column_by_name("alert_id").unwrap().as_string::<i32>();
+    assert_eq!(ids.value(0), "incident_model:s1:0");
+}
+
+#[test]
+fn a_silent_location_is_resolved_as_stale_and_nulls_change_nothing() {
+    let (mut op, _) = rule("raise: 0.9\nstale_after: 10m\n");
+    let e = run(&mut op, &[("s1", 0, Some(0.95)), ("s1", 1, None)]);
+    assert_eq!(e, vec![ev("s1", "open", 0)]);
+    let mut out = Collector::new(1);
+    op.on_watermark(5 * MIN, &mut out).unwrap();
+    assert!(events(&mut out).is_empty());
+    op.on_watermark(12 * MIN, &mut out).unwrap();
+    assert_eq!(events(&mut out), vec![ev("s1", "resolved", 12)]);
+}
+
+#[test]
+fn thresholds_retune_live_but_the_columns_do_not() {
+    let base = "rule: r\nalert_type: incident\nseverity: critical\nvalue: score\nraise: 0.9\n";
+    let cfg: AlertConfig = serde_saphyr::from_str(base).unwrap();
+    let mut op = cfg.build(&schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new() }).unwrap();
+    let tuned: AlertConfig = serde_saphyr::from_str(&format!("{base}thresholds: {{s1: 0.99}}\n")).unwrap();
+    op.retune(&tuned).unwrap();
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&[("s1", 0, Some(0.95))]), &mut out).unwrap();
+    assert!(events(&mut out).is_empty(), "the tuned level holds");
+    let moved: AlertConfig = serde_saphyr::from_str(&base.replace("value: score", "value: other")).unwrap();
+    assert!(cfg.live_change(&moved).is_err());
+}
+
+#[test]
+fn plan_errors_name_the_key() {
+    let cfg: AlertConfig =
+        serde_saphyr::from_str("rule: r\nalert_type: x\nseverity: info\nvalue: scor\nraise: 0.5\nclear: 0.9\n")
+            .unwrap();
+    let errs = cfg.plan(&schema()).unwrap_err();
+    assert!(errs.iter().any(|e| e.key == "value" && e.help.as_deref() == Some("did you mean `score`?")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.key == "clear"), "{errs:?}");
+}
