@@ -42,7 +42,10 @@ impl SinkTask {
         let writer = match &node.config {
             SinkConfig::Parquet(cfg) => Writer::Parquet(Box::new(
                 ParquetWriter::try_new(&node.name, cfg, &node.tables, metrics)
-                    .map_err(|source| PipelineError::Parquet { sink: node.name.clone(), source })?,
+                    .map_err(|source| PipelineError::Parquet { sink: node.name.clone(), source })?
+                    .with_merged_tables(
+                        node.tables.keys().filter(|t| node.inputs.iter().filter(|(n, _)| n == *t).count() > 1).cloned(),
+                    ),
             )),
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(cfg) => Writer::Kafka {

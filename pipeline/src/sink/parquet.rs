@@ -98,7 +98,9 @@ pub enum ParquetSinkError {
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
     /// A batch has no usable time column.
-    #[error("table `{table}` has no `ts`, `received_at` or `window_start` timestamp column to partition by")]
+    #[error(
+        "table `{table}` has no `ts`, `received_at`, `window_start` or `window_end` timestamp column to partition by"
+    )]
     NoTimeColumn {
         /// The table.
         table: String,
@@ -133,6 +135,9 @@ struct Table {
     position_columns: Option<(usize, usize)>,
     open: BTreeMap<FileKey, OpenFile>,
     seq: u64,
+    /// Several streams feed the table (late events of several stages): one source position
+    /// may legitimately come twice, so a second file with the same offset range gets a suffix.
+    merged: bool,
     rows: Counter,
     files: Counter,
     bytes: Counter,
@@ -165,6 +170,16 @@ fn hour_dir(hour: i64) -> String {
 }
 
 impl ParquetWriter {
+    /// Marks `tables` as fed by several streams (see [`Table::merged`]).
+    pub fn with_merged_tables(mut self, tables: impl IntoIterator<Item = String>) -> Self {
+        for t in tables {
+            if let Some(t) = self.tables.get_mut(&t) {
+                t.merged = true;
+            }
+        }
+        self
+    }
+
     /// A writer for `tables` (name to schema) under the sink's `path`.
     pub fn try_new(
         sink: &str,
@@ -186,6 +201,7 @@ impl ParquetWriter {
                 .index_of("ts")
                 .or_else(|_| schema.index_of("received_at"))
                 .or_else(|_| schema.index_of("window_start"))
+                .or_else(|_| schema.index_of("window_end"))
                 .map_err(|_| ParquetSinkError::NoTimeColumn { table: name.clone() })?;
             let labels = [("sink", sink), ("table", name.as_str())];
             let position_columns = match (schema.index_of("src_partition"), schema.index_of("src_offset")) {
@@ -201,6 +217,7 @@ impl ParquetWriter {
                     position_columns,
                     open: BTreeMap::new(),
                     seq: 0,
+                    merged: false,
                     rows: metrics.counter("citystream_sink_rows_total", "Rows written to a sink table.", &labels),
                     files: metrics.counter("citystream_sink_files_total", "Files committed to a sink table.", &labels),
                     bytes: metrics.counter("citystream_sink_bytes_total", "Bytes committed to a sink table.", &labels),
@@ -308,7 +325,19 @@ impl ParquetWriter {
             }
             None => f.dir.join(format!("{}.parquet", f.seq_name)),
         };
-        // never replace a finished file: two writers claiming one offset range is a bug upstream
+        // Never replace a finished file. In a table fed by several streams the same rows may
+        // come from two of them (an event late for two windows): the second file is suffixed,
+        // which the position parser ignores. Elsewhere two files claiming one offset range is
+        // a bug upstream.
+        let mut dest = dest;
+        if t.merged && f.position.is_some() {
+            let stem = dest.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            let mut k = 1;
+            while dest.exists() {
+                dest = f.dir.join(format!("{stem}-{k}.parquet"));
+                k += 1;
+            }
+        }
         if dest.exists() {
             return Err(ParquetSinkError::Io {
                 action: "rename onto",
@@ -590,6 +619,31 @@ pub(crate) mod tests {
         w.write("t", "city.traffic", &positioned(&[h, h], &[0, 0], &[25, 31])).unwrap();
         let e = w.flush().unwrap_err();
         assert!(e.to_string().contains("rename onto"), "{e}");
+    }
+
+    #[test]
+    fn a_table_fed_by_several_streams_suffixes_a_repeated_offset_range() {
+        // the same late event reaches `traffic_late` from two windows, in two files
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", dir.path().display())).unwrap();
+        let h = 1_772_409_600_000;
+        let b = positioned(&[h, h], &[0, 0], &[25, 31]);
+        let tables = BTreeMap::from([("t".to_owned(), b.schema())]);
+        let mut w =
+            ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap().with_merged_tables(["t".into()]);
+        for _ in 0..3 {
+            w.write("t", "city.traffic", &b).unwrap();
+            w.flush().unwrap();
+        }
+        let fs = files(dir.path());
+        let stem = "t/date=2026-03-02/hour=00/city.traffic-p0-o000000000025-000000000031";
+        assert_eq!(fs, [format!("{stem}-1.parquet"), format!("{stem}-2.parquet"), format!("{stem}.parquet")]);
+        // the suffix does not hide a file from recovery
+        assert_eq!(
+            parse_position_name("city.traffic-p0-o000000000025-000000000031-2.parquet"),
+            Some(("city.traffic", 0, 25))
+        );
     }
 
     #[test]
