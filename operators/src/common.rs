@@ -10,7 +10,7 @@ use arrow::row::{RowConverter, Rows, SortField};
 use crate::{PlanError, did_you_mean};
 
 /// The index of `name` in `schema`, or a plan error at `key` with a suggestion.
-pub(crate) fn column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
+pub fn column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
     schema.index_of(name).map_err(|_| {
         let e = PlanError::new(key, format!("the input has no column `{name}`"));
         match did_you_mean(name, schema.fields().iter().map(|f| f.name().as_str())) {
@@ -24,7 +24,7 @@ pub(crate) fn column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize,
 }
 
 /// The indices of the columns `names` (config key `{key}[i]` each); problems go to `errs`.
-pub(crate) fn columns(schema: &SchemaRef, names: &[String], key: &str, errs: &mut Vec<PlanError>) -> Vec<usize> {
+pub fn columns(schema: &SchemaRef, names: &[String], key: &str, errs: &mut Vec<PlanError>) -> Vec<usize> {
     names
         .iter()
         .enumerate()
@@ -55,7 +55,7 @@ impl std::hash::Hasher for PassThrough {
 pub(crate) type HashedKeys = std::hash::BuildHasherDefault<PassThrough>;
 
 /// A numeric column (integers or floats) usable as a measurement.
-pub(crate) fn numeric_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
+pub fn numeric_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
     let i = column(schema, name, key)?;
     if schema.field(i).data_type().is_numeric() {
         Ok(i)
@@ -65,7 +65,7 @@ pub(crate) fn numeric_column(schema: &SchemaRef, name: &str, key: &str) -> Resul
 }
 
 /// An event-time column: a millisecond timestamp.
-pub(crate) fn time_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
+pub fn time_column(schema: &SchemaRef, name: &str, key: &str) -> Result<usize, PlanError> {
     let i = column(schema, name, key)?;
     match schema.field(i).data_type() {
         DataType::Timestamp(TimeUnit::Millisecond, _) => Ok(i),
@@ -74,13 +74,13 @@ pub(crate) fn time_column(schema: &SchemaRef, name: &str, key: &str) -> Result<u
 }
 
 /// The event times of a batch (nulls read as `i64::MIN`, i.e. always late).
-pub(crate) fn times(batch: &RecordBatch, column: usize) -> Vec<i64> {
+pub fn times(batch: &RecordBatch, column: usize) -> Vec<i64> {
     let a = batch.column(column).as_primitive::<TimestampMillisecondType>();
     if a.null_count() == 0 { a.values().to_vec() } else { a.iter().map(|v| v.unwrap_or(i64::MIN)).collect() }
 }
 
 /// A numeric column as `f64` values with its validity (casting once per batch).
-pub(crate) fn as_f64(col: &ArrayRef) -> Result<(Vec<f64>, Option<arrow::buffer::NullBuffer>), ArrowError> {
+pub fn as_f64(col: &ArrayRef) -> Result<(Vec<f64>, Option<arrow::buffer::NullBuffer>), ArrowError> {
     let c = cast(col, &DataType::Float64)?;
     let a = c.as_primitive::<Float64Type>();
     Ok((a.values().to_vec(), a.nulls().cloned()))

@@ -410,7 +410,8 @@ pub struct CarbonPolicyConfig {
     /// How often the policy is checked. Default `1m`.
     #[serde(default = "d_interval")]
     pub check_every: Duration,
-    /// Parquet compaction as deferrable work; absent: the pipeline never compacts by itself.
+    /// Parquet compaction as deferrable work; absent: the pipeline never compacts by itself
+    /// (the policy still tracks the grid's mode for the stages that switch models).
     #[serde(default)]
     pub compaction: Option<CompactionPolicyConfig>,
 }
@@ -520,8 +521,11 @@ pub(crate) async fn run_policy(
     positioned: crate::sink::compact::Positioned,
     metrics: Metrics,
 ) {
-    let Some(c) = cfg.compaction.clone() else { return };
-    let mut sched = CarbonScheduler::new(&cfg, &c, chrono::Utc::now().timestamp_millis());
+    // without compaction the policy still publishes the grid's mode, which stages read
+    // (an `infer` stage's `carbon` model switch)
+    let compaction = cfg.compaction.clone();
+    let for_sched = compaction.clone().unwrap_or_else(|| serde_saphyr::from_str("{}").expect("defaults deserialize"));
+    let mut sched = CarbonScheduler::new(&cfg, &for_sched, chrono::Utc::now().timestamp_millis());
     let action = |a: &str| {
         metrics.counter(
             "citystream_policy_actions_total",
@@ -545,6 +549,7 @@ pub(crate) async fn run_policy(
                 if high { "above the threshold: deferring" } else { "clean enough" }
             );
         }
+        let Some(c) = &compaction else { continue };
         let d = sched.decide(now, g);
         match d {
             Decision::Idle => {}

@@ -117,6 +117,43 @@ def main(data: str) -> int:
         check(f"{table} released", n == partitions * 24 and bad == 0, f"{n} rows ({partitions} partitions x 24 h), {bad} without their account")
     budget = json.load(open(os.path.join(data, "privacy", "zone_vehicles.json")))
     check("privacy budget persisted", abs(budget["epsilon"] - 12.0) < 1e-9 and budget["releases"] == 24, str(budget))
+
+    # models: one prediction, shadow prediction, incident score and California #7 state per
+    # segment-minute, each stamped with the checksum the model card states
+    minutes = q(f"SELECT count(*) FROM {src('traffic_minutes')}")[0]
+    check("minute windows", minutes >= 24 * 1430, f"{minutes} segment-minutes (24 segments x 1440)")
+    cards = open(os.path.join(os.path.dirname(__file__), "..", "..", "models", "congestion.md")).read() + \
+        open(os.path.join(os.path.dirname(__file__), "..", "..", "models", "incident.md")).read()
+    for table, model in [("predictions", "congestion_fp32"), ("predictions_shadow", "congestion_int8"),
+                         ("incident_scores", "incident_fp32")]:
+        n, shas, names = q(f"SELECT count(*), count(DISTINCT model_sha256), min(model_sha256) FROM {src(table)}")
+        check(f"{table}", n == minutes and shas == 1 and names in cards, f"{n} rows, model checksum in its card: {names in cards}")
+    bad = q(f"SELECT count(*) FILTER (WHERE NOT (speed_15m_kmh BETWEEN 0 AND 150) OR isnan(speed_60m_kmh)) FROM {src('predictions')}")[0]
+    check("predicted speeds plausible", bad == 0, f"{bad} outside 0..150 km/h")
+    n = q(f"SELECT count(*) FROM {src('california7')}")[0]
+    check("california7 states", n == minutes, f"{n} rows")
+
+    # alerts: lifecycle invariants, and the incident rules against the injected incidents
+    dup_open, orphan = q(
+        f"WITH a AS (SELECT * FROM {src('alerts')}) SELECT "
+        "(SELECT count(*) FROM (SELECT alert_id FROM a WHERE status = 'open' GROUP BY alert_id HAVING count(*) > 1)), "
+        "(SELECT count(*) FROM a r WHERE status <> 'open' AND NOT EXISTS "
+        " (SELECT 1 FROM a o WHERE o.status = 'open' AND o.alert_id = r.alert_id))"
+    )
+    check("alerts open once and change only after opening", dup_open == 0 and orphan == 0, f"{dup_open} opened twice, {orphan} orphan events")
+    overlap = q(
+        f"WITH o AS (SELECT rule, location, alert_id, ts AS opened, "
+        f"  (SELECT min(r.ts) FROM {src('alerts')} r WHERE r.alert_id = a.alert_id AND r.status = 'resolved') AS closed "
+        f"  FROM {src('alerts')} a WHERE status = 'open') "
+        "SELECT count(*) FROM o x JOIN o y ON x.rule = y.rule AND x.location = y.location AND x.alert_id < y.alert_id "
+        "AND y.opened < coalesce(x.closed, TIMESTAMPTZ '9999-01-01') AND x.opened < coalesce(y.closed, TIMESTAMPTZ '9999-01-01')"
+    )[0]
+    check("one open alert per rule and location", overlap == 0, f"{overlap} overlapping pairs")
+    import alert_report
+
+    rep = alert_report.main(data)
+    inc = rep.get("incident_model", {})
+    check("incident alerts find injected incidents", inc.get("detected", 0) >= 1, str(inc))
     print(f"lake check: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

@@ -5,6 +5,12 @@
 //!
 //! Run: `cargo run --release -p citystream-benches --bin e2e -- --days 1 --repeat 3`
 //!
+//! `--models int8` (or `small`) runs the pipeline with the int8 (or small) model variants in
+//! place of fp32 and prints, beside CPU-seconds, the joules per million events of the energy
+//! account (table `energy`: RAPL when readable, else the configured watts-per-core model) and
+//! of the inference stages alone:
+//! `cargo run --release -p citystream-benches --bin e2e -- --days 1 --repeat 3 --models int8`
+//!
 //! Kafka mode (feature `kafka`, a broker from `deploy/kafka/start.sh`): produces the simulated
 //! days into fresh topics once, then per run consumes them with the pipeline
 //! (Kafka → decode → Parquet) and, beside it, the ceiling: the same consumer settings only
@@ -34,6 +40,9 @@ struct Args {
     /// Pipeline config to run (its `sinks.*.path` is replaced by a temporary folder).
     #[arg(long, default_value = "deploy/local.yaml")]
     config: std::path::PathBuf,
+    /// Model variant in the pipeline: `fp32` (as configured), `int8` or `small`.
+    #[arg(long, default_value = "fp32")]
+    models: String,
     /// Kafka mode: brokers to produce to and consume from.
     #[cfg(feature = "kafka")]
     #[arg(long)]
@@ -55,6 +64,8 @@ fn main() -> anyhow::Result<()> {
     let mut rates = Vec::new();
     let mut cpu_per_m = Vec::new();
     let mut events = 0u64;
+    let mut joules_per_m = Vec::new();
+    let mut infer_joules_per_m = Vec::new();
     for run in 0..args.repeat {
         let before = usage();
         let t0 = Instant::now();
@@ -80,6 +91,15 @@ fn main() -> anyhow::Result<()> {
                 std::env::set_var("CITYSTREAM_METRICS_ADDR", "127.0.0.1:0");
             }
             let text = text.replace("duration: 1d", &format!("duration: {}d", args.days));
+            let text = match args.models.as_str() {
+                "fp32" => text,
+                "int8" => text
+                    .replace("congestion_fp32.onnx", "congestion_int8.onnx")
+                    .replace("incident_fp32.onnx", "incident_int8.onnx"),
+                // there is no small incident model: the incident detector stays fp32
+                "small" => text.replace("congestion_fp32.onnx", "congestion_small.onnx"),
+                other => anyhow::bail!("--models {other}: expected fp32, int8 or small"),
+            };
             let mut raw = config::load_str(&text, &args.config.display().to_string())?;
             raw.runtime.status_interval = None;
             raw.runtime.metrics_addr = None;
@@ -87,6 +107,10 @@ fn main() -> anyhow::Result<()> {
             let (_stop, rx) = StopHandle::new();
             let report = rt.block_on(runtime::run(p, Metrics::new(), rx))?;
             events = report.source_messages.values().sum();
+            if let Some((all, infer)) = energy_joules(&dir.path().join("lake/energy"))? {
+                joules_per_m.push(all / events as f64 * 1e6);
+                infer_joules_per_m.push(infer / events as f64 * 1e6);
+            }
         }
         let secs = t0.elapsed().as_secs_f64();
         let after = usage();
@@ -99,7 +123,8 @@ fn main() -> anyhow::Result<()> {
             cpu / events as f64 * 1e6
         );
     }
-    let mode = if args.generate_only { "simulator only" } else { "pipeline" };
+    let mode =
+        if args.generate_only { "simulator only".to_owned() } else { format!("pipeline ({} models)", args.models) };
     println!(
         "{mode}: {events} events/run, median {:.0} events/s, median {:.2} CPU-s per million events, peak RSS {:.0} MiB ({} runs)",
         median(rates),
@@ -107,7 +132,49 @@ fn main() -> anyhow::Result<()> {
         usage().peak_rss_mib,
         args.repeat
     );
+    if !joules_per_m.is_empty() {
+        println!(
+            "energy: median {:.1} J per million events (all tasks), {:.1} J per million events in the inference stages",
+            median(joules_per_m),
+            median(infer_joules_per_m)
+        );
+    }
     Ok(())
+}
+
+/// Total joules in the `energy` table under `dir`, and those of the `infer` stages
+/// (`congestion`, `incident_scores`); `None` when the run wrote no energy table.
+fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Float64Type;
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let (mut all, mut infer) = (0.0, 0.0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(std::fs::File::open(&p)?, 8192)?;
+                for b in reader {
+                    let b = b?;
+                    let stage = b.column_by_name("stage").expect("energy has stage").as_string::<i32>();
+                    let joules = b.column_by_name("joules").expect("energy has joules").as_primitive::<Float64Type>();
+                    for i in 0..b.num_rows() {
+                        all += joules.value(i);
+                        if matches!(stage.value(i), "congestion" | "incident_scores") {
+                            infer += joules.value(i);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some((all, infer)))
 }
 
 #[cfg(feature = "kafka")]

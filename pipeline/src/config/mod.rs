@@ -16,7 +16,9 @@ mod tests;
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 
+use citystream_models::{California7Config, FeaturesConfig, InferConfig};
 use citystream_operators::admit::AdmitConfig;
+use citystream_operators::alert::AlertConfig;
 use citystream_operators::compress::CompressConfig;
 use citystream_operators::decode::DecodeConfig;
 use citystream_operators::dedup::DedupConfig;
@@ -129,12 +131,32 @@ pub enum OperatorSpec {
     Zstd(ZstdConfig),
     /// `type: dp_aggregate`: differentially private counts, sums and means per window.
     DpAggregate(Box<DpConfig>),
+    /// `type: features`: model input rows from one-minute traffic windows and the road graph.
+    Features(FeaturesConfig),
+    /// `type: infer`: an ONNX model over feature rows (ONNX Runtime).
+    Infer(Box<InferConfig>),
+    /// `type: california7`: the model-free California #7 incident detector.
+    California7(California7Config),
+    /// `type: alert`: an alert rule (hysteresis, duration, suppression, storm limit).
+    Alert(Box<AlertConfig>),
 }
 
 impl OperatorSpec {
     /// Every stage `type`.
-    pub const TYPES: &'static [&'static str] =
-        &["decode", "filter", "project", "dedup", "window", "compress", "admit", "zstd", "dp_aggregate"];
+    pub const TYPES: &'static [&'static str] = &[
+        "decode",
+        "filter",
+        "project",
+        "dedup",
+        "window",
+        "compress",
+        "admit",
+        "zstd",
+        "dp_aggregate",
+        "features",
+        "infer",
+        "california7",
+    ];
 
     /// The operator's configuration behind its common interface.
     pub fn config(&self) -> &dyn OperatorConfig {
@@ -148,6 +170,10 @@ impl OperatorSpec {
             OperatorSpec::Admit(c) => c,
             OperatorSpec::Zstd(c) => c,
             OperatorSpec::DpAggregate(c) => c.as_ref(),
+            OperatorSpec::Features(c) => c,
+            OperatorSpec::Infer(c) => c.as_ref(),
+            OperatorSpec::California7(c) => c,
+            OperatorSpec::Alert(c) => c.as_ref(),
         }
     }
 
@@ -168,6 +194,10 @@ impl OperatorSpec {
             OperatorSpec::Admit(_) => "admit",
             OperatorSpec::Zstd(_) => "zstd",
             OperatorSpec::DpAggregate(_) => "dp_aggregate",
+            OperatorSpec::Features(_) => "features",
+            OperatorSpec::Infer(_) => "infer",
+            OperatorSpec::California7(_) => "california7",
+            OperatorSpec::Alert(_) => "alert",
         }
     }
 
@@ -184,6 +214,8 @@ impl OperatorSpec {
             (OperatorSpec::Window(a), OperatorSpec::Window(b)) => a.live_change(b),
             (OperatorSpec::Compress(a), OperatorSpec::Compress(b)) => a.live_change(b),
             (OperatorSpec::Admit(a), OperatorSpec::Admit(b)) => a.live_change(b),
+            (OperatorSpec::Infer(a), OperatorSpec::Infer(b)) => a.live_change(b),
+            (OperatorSpec::Alert(a), OperatorSpec::Alert(b)) => a.live_change(b),
             (a, b) if a.type_name() != b.type_name() => {
                 Err(format!("the type changed from `{}` to `{}`", a.type_name(), b.type_name()))
             }

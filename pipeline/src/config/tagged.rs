@@ -113,6 +113,10 @@ tagged!(StageConfig, "stage", |map, tag| {
         "admit" => OperatorSpec::Admit(rest(&mut map, Some(&mut input))?),
         "zstd" => OperatorSpec::Zstd(rest(&mut map, Some(&mut input))?),
         "dp_aggregate" => OperatorSpec::DpAggregate(Box::new(rest(&mut map, Some(&mut input))?)),
+        "features" => OperatorSpec::Features(rest(&mut map, Some(&mut input))?),
+        "infer" => OperatorSpec::Infer(Box::new(rest(&mut map, Some(&mut input))?)),
+        "california7" => OperatorSpec::California7(rest(&mut map, Some(&mut input))?),
+        "alert" => OperatorSpec::Alert(Box::new(rest(&mut map, Some(&mut input))?)),
         other => return Err(de::Error::unknown_variant(other, OperatorSpec::TYPES)),
     };
     let input = input.ok_or_else(|| de::Error::missing_field("input"))?;

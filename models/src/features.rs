@@ -1,0 +1,472 @@
+//! `features`: the model input rows, from one-minute traffic windows per segment and the road
+//! graph. The definition is `models/train/features.py` (the training code); this operator
+//! computes the same values in a stream, and `tests/tests/models.rs` compares the two on the
+//! same input. [`FEATURES`] is the column order of the model input.
+//!
+//! Per segment it keeps the last [`HISTORY_MINUTES`] minutes of speed, vehicles and occupancy.
+//! Rows wait until the watermark passes their minute, so every neighbour's row for that minute
+//! is there (the window stage emits a minute's rows before it forwards the watermark that
+//! closes it); then one feature row per input row is emitted, as a
+//! `FixedSizeList<Float32, 20>` column whose values buffer is the row-major model input.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::buffer::ScalarBuffer;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
+use citystream_operators::common::{as_f64, column, numeric_column, time_column};
+use citystream_operators::{
+    BuildContext, Collector, Counter, EnvString, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
+};
+use serde::Deserialize;
+
+/// The features, in model-input order (see `models/train/features.py` for each definition).
+pub const FEATURES: [&str; 20] = [
+    "speed_1m",
+    "speed_5m",
+    "speed_15m",
+    "speed_lag15",
+    "speed_lag30",
+    "speed_60m",
+    "flow_5m_vph",
+    "occ_1m",
+    "occ_5m",
+    "up_speed_5m",
+    "down_speed_5m",
+    "up_occ_1m",
+    "down_occ_1m",
+    "occ_diff_1m",
+    "occ_rdiff_1m",
+    "speed_drop_5m",
+    "free_speed_kmh",
+    "tod_sin",
+    "tod_cos",
+    "weekend",
+];
+/// The longest look-back of any feature, minutes.
+pub const HISTORY_MINUTES: i64 = 60;
+const MINUTE_MS: i64 = 60_000;
+
+fn d_time() -> String {
+    "window_end".into()
+}
+fn d_segment() -> String {
+    "segment_id".into()
+}
+fn d_vehicles() -> String {
+    "vehicles".into()
+}
+fn d_speed() -> String {
+    "mean_speed_kmh".into()
+}
+fn d_occupancy() -> String {
+    "mean_occupancy".into()
+}
+fn d_output() -> String {
+    "features".into()
+}
+
+/// YAML of a `features` stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// The road graph CSV (`segment_id,upstream,downstream,...,free_speed_kmh,...`), as the
+    /// simulator's ground truth writes it.
+    pub road_graph: EnvString,
+    /// The minute's end (millisecond timestamp). Default `window_end`.
+    #[serde(default = "d_time")]
+    pub time: String,
+    /// Default `segment_id`.
+    #[serde(default = "d_segment")]
+    pub segment: String,
+    /// Vehicles counted in the minute. Default `vehicles`.
+    #[serde(default = "d_vehicles")]
+    pub vehicles: String,
+    /// Mean speed, km/h (null when no vehicle passed). Default `mean_speed_kmh`.
+    #[serde(default = "d_speed")]
+    pub speed: String,
+    /// Mean occupancy, 0..1. Default `mean_occupancy`.
+    #[serde(default = "d_occupancy")]
+    pub occupancy: String,
+    /// Name of the output column. Default `features`.
+    #[serde(default = "d_output")]
+    pub output: String,
+}
+
+/// One segment of the road graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoadSegment {
+    /// Its id.
+    pub segment_id: String,
+    /// Index of the upstream segment in the graph.
+    pub upstream: Option<usize>,
+    /// Index of the downstream segment in the graph.
+    pub downstream: Option<usize>,
+    /// Free-flow speed, km/h.
+    pub free_speed_kmh: f64,
+}
+
+/// The road graph: segments sorted by id, neighbours as indices.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoadGraph {
+    /// Segments, sorted by id.
+    pub segments: Vec<RoadSegment>,
+    index: HashMap<String, usize>,
+}
+
+impl RoadGraph {
+    /// Reads the CSV at `path` (header names the columns; `upstream`/`downstream` may be empty).
+    pub fn read(path: &Path) -> Result<RoadGraph, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut lines = text.lines();
+        let header: Vec<&str> =
+            lines.next().ok_or_else(|| format!("{} is empty", path.display()))?.split(',').collect();
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| format!("{} has no column `{name}`", path.display()))
+        };
+        let (ci, cu, cd, cf) = (col("segment_id")?, col("upstream")?, col("downstream")?, col("free_speed_kmh")?);
+        let mut raw = Vec::new();
+        for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split(',').collect();
+            let get = |c: usize| {
+                f.get(c).map(|s| s.trim()).ok_or_else(|| format!("{}:{}: too few fields", path.display(), n + 2))
+            };
+            let free: f64 =
+                get(cf)?.parse().map_err(|e| format!("{}:{}: free_speed_kmh: {e}", path.display(), n + 2))?;
+            raw.push((get(ci)?.to_owned(), get(cu)?.to_owned(), get(cd)?.to_owned(), free));
+        }
+        raw.sort_by(|a, b| a.0.cmp(&b.0));
+        let index: HashMap<String, usize> = raw.iter().enumerate().map(|(i, r)| (r.0.clone(), i)).collect();
+        if index.len() != raw.len() {
+            return Err(format!("{}: a segment_id appears twice", path.display()));
+        }
+        let segments = raw
+            .into_iter()
+            .map(|(id, up, down, free)| RoadSegment {
+                upstream: index.get(&up).copied(),
+                downstream: index.get(&down).copied(),
+                segment_id: id,
+                free_speed_kmh: free,
+            })
+            .collect();
+        Ok(RoadGraph { segments, index })
+    }
+
+    /// The index of `segment_id`.
+    pub fn index_of(&self, segment_id: &str) -> Option<usize> {
+        self.index.get(segment_id).copied()
+    }
+}
+
+struct Cols {
+    time: usize,
+    segment: usize,
+    vehicles: usize,
+    speed: usize,
+    occupancy: usize,
+}
+
+impl FeaturesConfig {
+    fn check(&self, input: &SchemaRef) -> Result<(Cols, SchemaRef), Vec<PlanError>> {
+        let mut errs = Vec::new();
+        let mut ok = |r: Result<usize, PlanError>| r.map_err(|e| errs.push(e)).ok();
+        let time = ok(time_column(input, &self.time, "time"));
+        let segment = ok(column(input, &self.segment, "segment"));
+        let vehicles = ok(numeric_column(input, &self.vehicles, "vehicles"));
+        let speed = ok(numeric_column(input, &self.speed, "speed"));
+        let occupancy = ok(numeric_column(input, &self.occupancy, "occupancy"));
+        if let Some(s) = segment
+            && input.field(s).data_type() != &DataType::Utf8
+        {
+            errs.push(PlanError::new(
+                "segment",
+                format!("`{}` is {}, not a string", self.segment, input.field(s).data_type()),
+            ));
+        }
+        if !Path::new(self.road_graph.as_str()).is_file() {
+            errs.push(
+                PlanError::new("road_graph", format!("no road graph at `{}`", self.road_graph.as_str()))
+                    .with_help("`citystream simulate --out DIR` writes the simulated city's graph to DIR/ground_truth/road_graph.csv"),
+            );
+        }
+        let (Some(time), Some(segment), Some(vehicles), Some(speed), Some(occupancy), true) =
+            (time, segment, vehicles, speed, occupancy, errs.is_empty())
+        else {
+            return Err(errs);
+        };
+        Ok((Cols { time, segment, vehicles, speed, occupancy }, features_schema(input, segment, time, &self.output)))
+    }
+}
+
+/// The output schema: segment, time, and the feature list column (names in its metadata).
+pub fn features_schema(input: &SchemaRef, segment: usize, time: usize, output: &str) -> SchemaRef {
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let list = Field::new(output, DataType::FixedSizeList(item, FEATURES.len() as i32), false)
+        .with_metadata([("features".to_string(), serde_json::to_string(&FEATURES).expect("names serialize"))].into());
+    Arc::new(Schema::new(vec![
+        input.field(segment).as_ref().clone().with_nullable(false),
+        input.field(time).as_ref().clone().with_nullable(false),
+        list,
+    ]))
+}
+
+impl OperatorConfig for FeaturesConfig {
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
+        let (_, schema) = self.check(input)?;
+        Ok(vec![OutputSpec::new("main", schema), OutputSpec::new("unmatched", input.clone())])
+    }
+
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
+        let (cols, schema) = self.check(input)?;
+        let graph =
+            RoadGraph::read(Path::new(self.road_graph.as_str())).map_err(|e| vec![PlanError::new("road_graph", e)])?;
+        let l = [("stage", ctx.stage.as_str())];
+        Ok(Box::new(FeatureBuilder::new(
+            graph,
+            cols,
+            vec![OutputSpec::new("main", schema), OutputSpec::new("unmatched", input.clone())],
+            ctx.metrics.counter("citystream_features_rows_total", "Feature rows emitted.", &l),
+            ctx.metrics.counter("citystream_features_unmatched_total", "Rows of segments not in the road graph.", &l),
+            ctx.metrics.gauge("citystream_features_pending_rows", "Rows waiting for the watermark.", &l),
+        )))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Minute {
+    t: i64,
+    speed: f64,
+    veh: f64,
+    occ: f64,
+}
+
+/// The `features` operator.
+pub struct FeatureBuilder {
+    graph: RoadGraph,
+    cols: Cols,
+    outputs: Vec<OutputSpec>,
+    /// per segment: minutes in time order (at most one per minute)
+    history: Vec<VecDeque<Minute>>,
+    /// minute -> segments with a row for it, not yet emitted
+    pending: BTreeMap<i64, Vec<usize>>,
+    pending_rows: usize,
+    rows: Counter,
+    unmatched: Counter,
+    pending_gauge: Gauge,
+}
+
+impl std::fmt::Debug for FeatureBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeatureBuilder").field("segments", &self.graph.segments.len()).finish_non_exhaustive()
+    }
+}
+
+/// Mean of the values of minutes `t-hi ..= t-lo` of `h` that are present and not NaN (as in
+/// the Python definition), or `None` when there is none.
+fn window_mean(h: &VecDeque<Minute>, t: i64, lo: i64, hi: i64, value: impl Fn(&Minute) -> f64) -> Option<f64> {
+    let (from, to) = (t - hi * MINUTE_MS, t - lo * MINUTE_MS);
+    let (mut sum, mut n) = (0.0, 0u32);
+    for m in h.iter().filter(|m| m.t >= from && m.t <= to) {
+        let v = value(m);
+        if !v.is_nan() {
+            sum += v;
+            n += 1;
+        }
+    }
+    (n > 0).then(|| sum / f64::from(n))
+}
+
+fn at(h: &VecDeque<Minute>, t: i64) -> Option<&Minute> {
+    h.iter().rev().find(|m| m.t == t)
+}
+
+impl FeatureBuilder {
+    fn new(
+        graph: RoadGraph,
+        cols: Cols,
+        outputs: Vec<OutputSpec>,
+        rows: Counter,
+        unmatched: Counter,
+        pending_gauge: Gauge,
+    ) -> Self {
+        let n = graph.segments.len();
+        FeatureBuilder {
+            graph,
+            cols,
+            outputs,
+            history: vec![VecDeque::new(); n],
+            pending: BTreeMap::new(),
+            pending_rows: 0,
+            rows,
+            unmatched,
+            pending_gauge,
+        }
+    }
+
+    /// The feature row of segment `s` at minute `t` (its own row for `t` is in the history).
+    fn row(&self, s: usize, t: i64, out: &mut Vec<f32>) {
+        let seg = &self.graph.segments[s];
+        let h = &self.history[s];
+        let own = at(h, t).copied().expect("a pending row is in the history");
+        let speed = |m: &Minute| m.speed;
+        let speed_5m = window_mean(h, t, 0, 4, speed).unwrap_or(f64::NAN);
+        let speed_15m = window_mean(h, t, 0, 14, speed).unwrap_or(f64::NAN);
+        let lag15 = window_mean(h, t, 15, 19, speed).unwrap_or(speed_5m);
+        let lag30 = window_mean(h, t, 30, 34, speed).unwrap_or(speed_5m);
+        let speed_60m = window_mean(h, t, 0, 59, speed).unwrap_or(f64::NAN);
+        let flow = window_mean(h, t, 0, 4, |m| m.veh).unwrap_or(f64::NAN) * 60.0;
+        let occ_5m = window_mean(h, t, 0, 4, |m| m.occ).unwrap_or(f64::NAN);
+        let neighbour_speed =
+            |n: Option<usize>| n.and_then(|n| window_mean(&self.history[n], t, 0, 4, speed)).unwrap_or(speed_5m);
+        let neighbour_occ = |n: Option<usize>| {
+            n.and_then(|n| at(&self.history[n], t)).map(|m| m.occ).filter(|v| !v.is_nan()).unwrap_or(own.occ)
+        };
+        let up_speed = neighbour_speed(seg.upstream);
+        let down_speed = neighbour_speed(seg.downstream);
+        let up_occ = neighbour_occ(seg.upstream);
+        let down_occ = neighbour_occ(seg.downstream);
+        let occ_diff = own.occ - down_occ;
+        let occ_rdiff = occ_diff / own.occ.max(0.01);
+        let drop = window_mean(h, t, 5, 9, speed).unwrap_or(speed_5m) - speed_5m;
+        let minute_of_day = (t.div_euclid(MINUTE_MS)).rem_euclid(1440);
+        let angle = 2.0 * std::f64::consts::PI * minute_of_day as f64 / 1440.0;
+        let weekday = (t.div_euclid(86_400_000) + 3).rem_euclid(7);
+        let weekend = if weekday >= 5 { 1.0 } else { 0.0 };
+        let values = [
+            own.speed,
+            speed_5m,
+            speed_15m,
+            lag15,
+            lag30,
+            speed_60m,
+            flow,
+            own.occ,
+            occ_5m,
+            up_speed,
+            down_speed,
+            up_occ,
+            down_occ,
+            occ_diff,
+            occ_rdiff,
+            drop,
+            seg.free_speed_kmh,
+            angle.sin(),
+            angle.cos(),
+            weekend,
+        ];
+        out.extend(values.iter().map(|&v| v as f32));
+    }
+
+    fn emit_through(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        let ready: Vec<i64> = self.pending.range(..=watermark).map(|(t, _)| *t).collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut segs = Vec::new();
+        let mut ts = Vec::new();
+        let mut values = Vec::new();
+        for t in ready {
+            let mut list = self.pending.remove(&t).unwrap_or_default();
+            list.sort_unstable();
+            list.dedup();
+            for s in list {
+                self.row(s, t, &mut values);
+                segs.push(self.graph.segments[s].segment_id.as_str());
+                ts.push(t);
+            }
+        }
+        self.pending_rows = self.pending.values().map(Vec::len).sum();
+        self.pending_gauge.set(self.pending_rows as f64);
+        // Forget what no pending or future minute can look back to. Rows of minutes up to the
+        // upstream window's lateness behind the watermark may still come, so the history reaches
+        // a further HISTORY_MINUTES back (a row later than that gets a partial history).
+        let oldest_needed = self.pending.keys().next().copied().unwrap_or(watermark).min(watermark)
+            - (2 * HISTORY_MINUTES - 1) * MINUTE_MS;
+        for h in &mut self.history {
+            while h.front().is_some_and(|m| m.t < oldest_needed) {
+                h.pop_front();
+            }
+        }
+        let schema = self.outputs[0].schema.clone();
+        let time_type = schema.field(1).data_type().clone();
+        let DataType::FixedSizeList(item, width) = schema.field(2).data_type().clone() else {
+            unreachable!("the planned schema has the list column third")
+        };
+        let n = segs.len();
+        let time: ArrayRef = Arc::new(TimestampMillisecondArray::from(ts).with_data_type(time_type));
+        let list = FixedSizeListArray::try_new(
+            item,
+            width,
+            Arc::new(Float32Array::new(ScalarBuffer::from(values), None)),
+            None,
+        )?;
+        self.rows.inc_by(n as u64);
+        out.emit(0, RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(segs)), time, Arc::new(list)])?);
+        Ok(())
+    }
+}
+
+impl Operator for FeatureBuilder {
+    fn kind(&self) -> &'static str {
+        "features"
+    }
+
+    fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+        let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
+        let segs = batch.column(self.cols.segment).as_string::<i32>();
+        let (veh, veh_nulls) = as_f64(batch.column(self.cols.vehicles))?;
+        let (speed, speed_nulls) = as_f64(batch.column(self.cols.speed))?;
+        let (occ, occ_nulls) = as_f64(batch.column(self.cols.occupancy))?;
+        let present =
+            |nulls: &Option<arrow::buffer::NullBuffer>, i: usize| nulls.as_ref().is_none_or(|n| n.is_valid(i));
+        let mut unmatched = Vec::new();
+        for i in 0..batch.num_rows() {
+            let (Some(s), true) = (self.graph.index_of(segs.value(i)), times.is_valid(i)) else {
+                unmatched.push(i as u32);
+                continue;
+            };
+            let t = times.value(i);
+            let m = Minute {
+                t,
+                speed: if present(&speed_nulls, i) { speed[i] } else { self.graph.segments[s].free_speed_kmh },
+                veh: if present(&veh_nulls, i) { veh[i] } else { f64::NAN },
+                occ: if present(&occ_nulls, i) { occ[i] } else { f64::NAN },
+            };
+            let h = &mut self.history[s];
+            // keep minutes in order; a second row for the same minute replaces the first
+            match h.iter().rposition(|x| x.t <= t) {
+                Some(p) if h[p].t == t => h[p] = m,
+                Some(p) => h.insert(p + 1, m),
+                None => h.push_front(m),
+            }
+            self.pending.entry(t).or_default().push(s);
+            self.pending_rows += 1;
+        }
+        self.pending_gauge.set(self.pending_rows as f64);
+        if !unmatched.is_empty() {
+            self.unmatched.inc_by(unmatched.len() as u64);
+            let idx = arrow::array::UInt32Array::from(unmatched);
+            out.emit(1, arrow::compute::take_record_batch(&batch, &idx)?);
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        self.emit_through(watermark, out)
+    }
+
+    fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        self.emit_through(i64::MAX, out)
+    }
+}

@@ -1,0 +1,300 @@
+//! ONNX Runtime through `ort`: finding and loading the shared library once per process, and
+//! loading a model file into a checked, ready-to-run [`Model`].
+//!
+//! The library is the one in the PyPI `onnxruntime` wheel (`load-dynamic`): nothing is
+//! downloaded at build or run time. It is found, in order, at the path a stage configures, at
+//! `ORT_DYLIB_PATH`, or in a `.venv` (from `scripts/setup-python.sh`) in the working directory,
+//! an ancestor of it, or an ancestor of the executable.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::{TensorRef, ValueType};
+use sha2::{Digest, Sha256};
+
+static ENV: OnceLock<Environment> = OnceLock::new();
+static INIT: Mutex<()> = Mutex::new(());
+
+/// Where the ONNX Runtime library is looked for, in order (see the module docs).
+pub fn library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = configured {
+        out.push(p.to_path_buf());
+        return out;
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        out.push(PathBuf::from(p));
+        return out;
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let lib = root.join(".venv").join("lib");
+        let Ok(pythons) = std::fs::read_dir(&lib) else { continue };
+        let mut found: Vec<PathBuf> = pythons
+            .flatten()
+            .filter_map(|e| {
+                let capi = e.path().join("site-packages/onnxruntime/capi");
+                let files = std::fs::read_dir(&capi).ok()?;
+                files
+                    .flatten()
+                    .map(|f| f.path())
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so."))
+                    })
+                    .max()
+            })
+            .collect();
+        found.sort();
+        out.extend(found);
+    }
+    out
+}
+
+/// The process's ONNX Runtime environment, loading the library on first use. Later calls
+/// reuse it (a different configured path is then ignored, with a warning).
+pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
+    if let Some(env) = ENV.get() {
+        return Ok(env);
+    }
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(env) = ENV.get() {
+        return Ok(env);
+    }
+    let candidates = library_candidates(configured);
+    let Some(lib) = candidates.iter().find(|p| p.is_file()) else {
+        return Err(format!(
+            "no ONNX Runtime library found (looked at {}); install it with `scripts/setup-python.sh` \
+             (the onnxruntime wheel in .venv), or set ORT_DYLIB_PATH to libonnxruntime.so",
+            if candidates.is_empty() {
+                "ORT_DYLIB_PATH and .venv folders".to_string()
+            } else {
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            }
+        ));
+    };
+    let builder = ort::init_from(lib).map_err(|e| format!("loading ONNX Runtime from {}: {e}", lib.display()))?;
+    let env = builder
+        .with_name("citystream")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| format!("starting ONNX Runtime from {}: {e}", lib.display()))?;
+    tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
+    Ok(ENV.get_or_init(|| env))
+}
+
+/// An execution provider a stage may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// NVIDIA CUDA (needs the build feature `cuda` and the onnxruntime-gpu libraries).
+    Cuda,
+    /// The CPU provider (always available).
+    Cpu,
+}
+
+impl Provider {
+    /// The YAML name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Providers in order of preference; the first that registers is used.
+    pub providers: Vec<Provider>,
+    /// Threads inside one operator (`intra_op`).
+    pub intra_threads: usize,
+    /// Width of the input (features per row).
+    pub input_width: usize,
+    /// Output tensors to read and how many columns each must have.
+    pub outputs: Vec<(String, usize)>,
+    /// The library path, if configured.
+    pub library: Option<PathBuf>,
+}
+
+/// A loaded, checked model.
+pub struct Model {
+    /// Display name (file stem unless configured).
+    pub name: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The provider that runs it.
+    pub provider: Provider,
+    session: Session,
+    input: String,
+    outputs: Vec<(String, usize)>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn session(env: &Environment, bytes: &[u8], provider: Provider, threads: usize) -> ort::Result<Session> {
+    let mut b = Session::builder(env)?.with_intra_threads(threads)?.with_inter_threads(1)?;
+    if provider == Provider::Cuda {
+        #[cfg(feature = "cuda")]
+        {
+            b = b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            return Err(ort::Error::new("this build has no CUDA support (cargo feature `cuda`)"));
+        }
+    }
+    b.commit_from_memory(bytes)
+}
+
+impl Model {
+    /// Loads `path` with the first provider of `opts.providers` that works, logging each
+    /// fallback, then checks its input and outputs against `opts` and runs one probe row.
+    pub fn load(path: &Path, name: Option<&str>, opts: &LoadOptions) -> Result<Model, String> {
+        let env = environment(opts.library.as_deref())?;
+        let bytes = std::fs::read(path).map_err(|e| format!("reading model {}: {e}", path.display()))?;
+        let sha256 = sha256_hex(&bytes);
+        let name = name
+            .map(str::to_owned)
+            .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_owned());
+        let mut failures = Vec::new();
+        let mut chosen = None;
+        for &p in &opts.providers {
+            match session(env, &bytes, p, opts.intra_threads.max(1)) {
+                Ok(s) => {
+                    chosen = Some((p, s));
+                    break;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if p == Provider::Cpu {
+                        return Err(format!("model {}: {msg}", path.display()));
+                    }
+                    tracing::warn!(model = %name, provider = p.name(), error = %msg, "execution provider unavailable, trying the next one");
+                    failures.push(format!("{}: {msg}", p.name()));
+                }
+            }
+        }
+        let Some((provider, session)) = chosen else {
+            return Err(format!(
+                "model {}: no configured execution provider works ({})",
+                path.display(),
+                failures.join("; ")
+            ));
+        };
+        if !failures.is_empty() {
+            tracing::warn!(model = %name, provider = provider.name(), "model runs on a fallback provider");
+        }
+        let mut model = Model {
+            name,
+            sha256,
+            path: path.to_path_buf(),
+            provider,
+            session,
+            input: String::new(),
+            outputs: Vec::new(),
+        };
+        model.check(opts)?;
+        let probe = vec![0f32; opts.input_width];
+        let out = model.run(&probe, 1)?;
+        if out.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(format!("model {}: a probe row of zeros gives non-finite outputs", path.display()));
+        }
+        Ok(model)
+    }
+
+    fn check(&mut self, opts: &LoadOptions) -> Result<(), String> {
+        let p = self.path.display().to_string();
+        let inputs = self.session.inputs();
+        if inputs.len() != 1 {
+            return Err(format!("model {p}: has {} inputs; a citystream model has exactly one", inputs.len()));
+        }
+        let input = &inputs[0];
+        match input.dtype() {
+            ValueType::Tensor { ty, shape, .. } => {
+                if *ty != ort::value::TensorElementType::Float32 {
+                    return Err(format!("model {p}: input `{}` is {ty}, not float32", input.name()));
+                }
+                let dims: Vec<i64> = shape.iter().copied().collect();
+                if dims.len() != 2 || dims[1] != opts.input_width as i64 {
+                    return Err(format!(
+                        "model {p}: input `{}` has shape {dims:?}; the stage feeds [batch, {}]",
+                        input.name(),
+                        opts.input_width
+                    ));
+                }
+            }
+            other => return Err(format!("model {p}: input `{}` is {other:?}, not a tensor", input.name())),
+        }
+        self.input = input.name().to_owned();
+        for (name, width) in &opts.outputs {
+            let Some(o) = self.session.outputs().iter().find(|o| o.name() == name) else {
+                let have: Vec<&str> = self.session.outputs().iter().map(|o| o.name()).collect();
+                return Err(format!("model {p}: no output `{name}` (outputs: {})", have.join(", ")));
+            };
+            match o.dtype() {
+                ValueType::Tensor { ty, shape, .. }
+                    if *ty == ort::value::TensorElementType::Float32
+                        && shape.len() == 2
+                        && (shape[1] == *width as i64 || shape[1] < 0) => {}
+                ValueType::Tensor { ty, shape, .. } => {
+                    return Err(format!(
+                        "model {p}: output `{name}` is {ty} {:?}; the stage maps it to {width} float32 column(s)",
+                        shape.iter().collect::<Vec<_>>()
+                    ));
+                }
+                other => return Err(format!("model {p}: output `{name}` is {other:?}, not a tensor")),
+            }
+        }
+        self.outputs = opts.outputs.clone();
+        Ok(())
+    }
+
+    /// The column count of each configured output.
+    pub fn output_widths(&self) -> Vec<usize> {
+        self.outputs.iter().map(|o| o.1).collect()
+    }
+
+    /// Runs `rows` rows of row-major features (`rows * width` values, borrowed: no copy) and
+    /// returns each configured output as row-major values.
+    pub fn run(&mut self, features: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, String> {
+        let width = features.len().checked_div(rows).unwrap_or(0);
+        let tensor = TensorRef::from_array_view(([rows, width], features)).map_err(|e| e.to_string())?;
+        let outs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => tensor])
+            .map_err(|e| format!("model {}: {e}", self.name))?;
+        let mut result = Vec::with_capacity(self.outputs.len());
+        for (name, w) in &self.outputs {
+            let (shape, data) = outs[name.as_str()].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+            if shape.len() != 2 || shape[0] != rows as i64 || shape[1] != *w as i64 {
+                return Err(format!("model {}: output `{name}` came back with shape {shape:?}", self.name));
+            }
+            result.push(data.to_vec());
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,441 @@
+//! The committed models through ONNX Runtime (the PyPI wheel's library, found in `.venv` or
+//! at `ORT_DYLIB_PATH`): outputs against Python's onnxruntime on fixed inputs, checksums
+//! against the model cards, metrics against the cards on the committed evaluation sample, and
+//! the `infer` stage's micro-batching, hot swap, shadow mode and bad-file handling.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    Array, AsArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::buffer::ScalarBuffer;
+use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, TimeUnit};
+use citystream_models::onnx::{LoadOptions, Model, Provider, sha256_hex};
+use citystream_models::{FEATURES, InferConfig};
+use citystream_operators::{BuildContext, Collector, Metrics, Operator, OperatorConfig};
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn opts(output: &str, width: usize) -> LoadOptions {
+    LoadOptions {
+        providers: vec![Provider::Cpu],
+        intra_threads: 1,
+        input_width: FEATURES.len(),
+        outputs: vec![(output.to_owned(), width)],
+        library: None,
+    }
+}
+
+struct Fixture {
+    model: PathBuf,
+    output: String,
+    inputs: Vec<Vec<f32>>,
+    outputs: Vec<Vec<f32>>,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(models_dir().join("testdata")).unwrap() {
+        let p = e.unwrap().path();
+        if !p.to_string_lossy().ends_with(".io.json") {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let rows = |k: &str| -> Vec<Vec<f32>> {
+            v[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                .collect()
+        };
+        out.push(Fixture {
+            model: models_dir().join(v["model"].as_str().unwrap()),
+            output: v["output"].as_str().unwrap().to_owned(),
+            inputs: rows("inputs"),
+            outputs: rows("outputs"),
+        });
+    }
+    out.sort_by(|a, b| a.model.cmp(&b.model));
+    out
+}
+
+#[test]
+fn every_committed_model_matches_python_onnxruntime_on_fixed_inputs() {
+    let fx = fixtures();
+    let committed: Vec<_> = std::fs::read_dir(models_dir().join("onnx"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .collect();
+    assert!(!committed.is_empty());
+    for m in &committed {
+        assert!(fx.iter().any(|f| &f.model == m), "{} has no fixture in models/testdata", m.display());
+    }
+    for f in fx {
+        let width = f.outputs[0].len();
+        let mut model = Model::load(&f.model, None, &opts(&f.output, width)).unwrap();
+        let flat: Vec<f32> = f.inputs.iter().flatten().copied().collect();
+        let got = model.run(&flat, f.inputs.len()).unwrap().remove(0);
+        let want: Vec<f32> = f.outputs.iter().flatten().copied().collect();
+        assert_eq!(got.len(), want.len());
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{}: largest difference {worst}", f.model.display());
+    }
+}
+
+/// `sha256` of each committed model as its card states it (lines `| file | sha256 | ...`).
+fn card_checksums() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for card in ["congestion.md", "incident.md"] {
+        let text = std::fs::read_to_string(models_dir().join(card)).unwrap();
+        for line in text.lines() {
+            let cells: Vec<&str> = line.split('|').map(|c| c.trim().trim_matches('`')).collect();
+            if cells.len() > 3 && cells[1].starts_with("onnx/") && cells[2].len() == 64 {
+                out.push((cells[1].to_owned(), cells[2].to_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn each_model_file_has_the_checksum_its_card_states() {
+    let cards = card_checksums();
+    for e in std::fs::read_dir(models_dir().join("onnx")).unwrap() {
+        let p = e.unwrap().path();
+        let rel = format!("onnx/{}", p.file_name().unwrap().to_string_lossy());
+        let want = cards.iter().find(|(f, _)| *f == rel).unwrap_or_else(|| panic!("no card lists {rel}"));
+        assert_eq!(sha256_hex(&std::fs::read(&p).unwrap()), want.1, "{rel}");
+    }
+}
+
+fn eval_sample() -> (Vec<f32>, Vec<[f64; 3]>, Vec<f64>) {
+    let text = std::fs::read_to_string(models_dir().join("testdata/eval_sample.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(&header[..FEATURES.len()], &FEATURES[..], "the sample's feature columns are the model's");
+    let (mut x, mut y, mut label) = (Vec::new(), Vec::new(), Vec::new());
+    for l in lines {
+        let v: Vec<f64> = l.split(',').map(|c| c.parse().unwrap()).collect();
+        x.extend(v[..FEATURES.len()].iter().map(|&a| a as f32));
+        y.push([v[20], v[21], v[22]]);
+        label.push(v[23]);
+    }
+    (x, y, label)
+}
+
+#[test]
+fn models_reach_the_metrics_their_cards_report_on_the_evaluation_sample() {
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models_dir().join("metrics.json")).unwrap()).unwrap();
+    let (x, y, label) = eval_sample();
+    let n = y.len();
+    for (name, m) in metrics["congestion"]["models"].as_object().unwrap() {
+        let mut model =
+            Model::load(&models_dir().join(m["file"].as_str().unwrap()), None, &opts("speed_kmh", 3)).unwrap();
+        let out = model.run(&x, n).unwrap().remove(0);
+        for h in 0..3 {
+            let mae = (0..n).map(|i| (f64::from(out[i * 3 + h]) - y[i][h]).abs()).sum::<f64>() / n as f64;
+            let card = m["eval_sample_mae"][h].as_f64().unwrap();
+            assert!((mae - card).abs() < 1e-3, "{name} horizon {h}: MAE {mae} vs card {card}");
+        }
+    }
+    for (name, m) in metrics["incident"]["models"].as_object().unwrap() {
+        let mut model =
+            Model::load(&models_dir().join(m["file"].as_str().unwrap()), None, &opts("incident_prob", 1)).unwrap();
+        let p = model.run(&x, n).unwrap().remove(0);
+        let ll = (0..n)
+            .map(|i| {
+                let q = f64::from(p[i]).clamp(1e-7, 1.0 - 1e-7);
+                -(label[i] * q.ln() + (1.0 - label[i]) * (1.0 - q).ln())
+            })
+            .sum::<f64>()
+            / n as f64;
+        let card = m["eval_sample_log_loss"].as_f64().unwrap();
+        assert!((ll - card).abs() < 1e-3, "{name}: log loss {ll} vs card {card}");
+        let thr = m["threshold"].as_f64().unwrap();
+        let alarms = p.iter().filter(|&&q| f64::from(q) >= thr).count() as i64;
+        assert!((alarms - m["eval_sample_alarms"].as_i64().unwrap()).abs() <= 1, "{name}: {alarms} alarms");
+    }
+}
+
+#[test]
+fn a_bad_model_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let e = Model::load(&junk, None, &opts("speed_kmh", 3)).unwrap_err();
+    assert!(e.contains("junk.onnx"), "{e}");
+    let e = Model::load(&dir.path().join("missing.onnx"), None, &opts("speed_kmh", 3)).unwrap_err();
+    assert!(e.contains("reading model"), "{e}");
+    // a real model with the wrong mapping
+    let good = models_dir().join("onnx/congestion_fp32.onnx");
+    let e = Model::load(&good, None, &opts("speed", 3)).unwrap_err();
+    assert!(e.contains("no output `speed`") && e.contains("speed_kmh"), "{e}");
+    let e = Model::load(&good, None, &opts("speed_kmh", 2)).unwrap_err();
+    assert!(e.contains("maps it to 2"), "{e}");
+    let e = Model::load(&good, None, &LoadOptions { input_width: 19, ..opts("speed_kmh", 3) }).unwrap_err();
+    assert!(e.contains("[batch, 19]"), "{e}");
+}
+
+#[test]
+fn cuda_first_falls_back_to_cpu_with_the_reason_logged() {
+    // no GPU here (and no `cuda` feature in the default build): the CPU provider serves
+    let good = models_dir().join("onnx/congestion_fp32.onnx");
+    let m = Model::load(
+        &good,
+        None,
+        &LoadOptions { providers: vec![Provider::Cuda, Provider::Cpu], ..opts("speed_kmh", 3) },
+    )
+    .unwrap();
+    assert_eq!(m.provider, Provider::Cpu);
+    let e =
+        Model::load(&good, None, &LoadOptions { providers: vec![Provider::Cuda], ..opts("speed_kmh", 3) }).unwrap_err();
+    assert!(e.contains("no configured execution provider works") && e.contains("cuda"), "{e}");
+}
+
+// ------------------------------------------------------------------ the infer stage
+
+fn features_schema() -> SchemaRef {
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new("features", DataType::FixedSizeList(item, FEATURES.len() as i32), false),
+    ]))
+}
+
+fn features_batch(rows: &[Vec<f32>], t0: i64) -> RecordBatch {
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let values: Vec<f32> = rows.iter().flatten().copied().collect();
+    RecordBatch::try_new(
+        features_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values((0..rows.len()).map(|i| format!("seg-{i:03}")))),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values((0..rows.len()).map(|i| t0 + i as i64))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(
+                FixedSizeListArray::try_new(
+                    item,
+                    FEATURES.len() as i32,
+                    Arc::new(Float32Array::new(ScalarBuffer::from(values), None)),
+                    None,
+                )
+                .unwrap(),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+fn infer_config(model: &Path, extra: &str) -> InferConfig {
+    let yaml = format!(
+        "model: {}\nfeatures: features\noutputs: {{speed_kmh: [s15, s30, s60]}}\nkeep: [segment_id, window_end]\n{extra}",
+        model.display()
+    );
+    serde_saphyr::from_str(&yaml).unwrap()
+}
+
+fn congestion_rows() -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let f = fixtures().into_iter().find(|f| f.model.ends_with("congestion_fp32.onnx")).unwrap();
+    (f.inputs, f.outputs)
+}
+
+fn col(b: &RecordBatch, name: &str) -> Vec<f32> {
+    b.column_by_name(name).unwrap().as_primitive::<Float32Type>().values().to_vec()
+}
+
+fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
+    b.column_by_name(name).unwrap().as_string::<i32>().iter().map(|s| s.unwrap().to_owned()).collect()
+}
+
+#[test]
+fn infer_micro_batches_up_to_max_rows_and_flushes_at_each_watermark() {
+    let model = models_dir().join("onnx/congestion_fp32.onnx");
+    let cfg = infer_config(&model, "batch: {max_rows: 16, max_delay: 1h}\nreload_poll: 0s\n");
+    let metrics = Metrics::new();
+    let mut op = cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone() }).unwrap();
+    let (inputs, want) = congestion_rows();
+    let mut out = Collector::new(op.outputs().len());
+    // 10 rows: below max_rows and max_delay, so they wait
+    op.process_batch(features_batch(&inputs[..10], 0), &mut out).unwrap();
+    assert!(out.port(0).is_empty());
+    // 30 more: 40 buffered >= 16, run as 16 + 16 + 8
+    op.process_batch(features_batch(&inputs[10..40], 100), &mut out).unwrap();
+    let sizes: Vec<usize> = out.port(0).iter().map(RecordBatch::num_rows).collect();
+    assert_eq!(sizes, vec![16, 16, 8]);
+    // a watermark runs what is left, however little
+    op.process_batch(features_batch(&inputs[40..43], 200), &mut out).unwrap();
+    assert_eq!(out.port(0).len(), 3);
+    op.on_watermark(1_000, &mut out).unwrap();
+    assert_eq!(out.port(0).len(), 4);
+    assert_eq!(metrics.value("citystream_infer_runs_total", &[("stage", "c")]), Some(4.0));
+    let all: Vec<RecordBatch> = out.drain().filter(|(p, _)| *p == 0).map(|(_, b)| b).collect();
+    let all = arrow::compute::concat_batches(&all[0].schema(), &all).unwrap();
+    assert_eq!(all.num_rows(), 43);
+    let s30 = col(&all, "s30");
+    for (i, w) in want[..43].iter().enumerate() {
+        assert!((s30[i] - w[1]).abs() <= 1e-5 * w[1].abs().max(1.0), "row {i}");
+    }
+    let sha = sha256_hex(&std::fs::read(&model).unwrap());
+    assert!(strings(&all, "model_sha256").iter().all(|s| *s == sha));
+    assert!(strings(&all, "model").iter().all(|s| s == "congestion_fp32"));
+}
+
+#[test]
+fn infer_reads_scalar_feature_columns_too() {
+    let model = models_dir().join("onnx/congestion_fp32.onnx");
+    let (inputs, want) = congestion_rows();
+    let fields: Vec<Field> = FEATURES.iter().map(|f| Field::new(*f, DataType::Float64, false)).collect();
+    let schema = Arc::new(Schema::new(fields));
+    let cols: Vec<Arc<dyn Array>> = (0..FEATURES.len())
+        .map(|j| Arc::new(arrow::array::Float64Array::from_iter_values(inputs.iter().map(|r| f64::from(r[j])))) as _)
+        .collect();
+    let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
+    let names = FEATURES.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
+    let yaml = format!(
+        "model: {}\nfeatures: [{names}]\noutputs: {{speed_kmh: [a, b, c]}}\nreload_poll: 0s\n",
+        model.display()
+    );
+    let cfg: InferConfig = serde_saphyr::from_str(&yaml).unwrap();
+    let mut op = cfg.build(&schema, &BuildContext { stage: "c".into(), metrics: Metrics::new() }).unwrap();
+    let mut out = Collector::new(1);
+    op.process_batch(batch, &mut out).unwrap();
+    op.on_end(&mut out).unwrap();
+    let b = &out.port(0)[0];
+    let a = col(b, "a");
+    for (i, w) in want.iter().enumerate() {
+        assert!((a[i] - w[0]).abs() <= 1e-5 * w[0].abs().max(1.0));
+    }
+}
+
+#[test]
+fn infer_plan_errors_name_the_key() {
+    let model = models_dir().join("onnx/congestion_fp32.onnx");
+    let cfg = infer_config(&model, "");
+    let bad = InferConfig { features: citystream_models::infer::FeatureInput::List("feature".into()), ..cfg.clone() };
+    let errs = bad.plan(&features_schema()).unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.key == "features" && e.help.as_deref() == Some("did you mean `features`?")),
+        "{errs:?}"
+    );
+    let bad = infer_config(Path::new("/nonexistent/m.onnx"), "");
+    let errs = bad.plan(&features_schema()).unwrap_err();
+    assert!(errs.iter().any(|e| e.key == "model"), "{errs:?}");
+    // a model whose output is not what the YAML maps: a build error at `model`
+    let bad: InferConfig = serde_saphyr::from_str(&format!(
+        "model: {}\nfeatures: features\noutputs: {{speed_kmh: [only_one]}}\nreload_poll: 0s\n",
+        model.display()
+    ))
+    .unwrap();
+    let Err(errs) = bad.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: Metrics::new() }) else {
+        panic!("a model that does not fit the mapping was accepted")
+    };
+    assert!(errs.iter().any(|e| e.key == "model" && e.message.contains("maps it to 1")), "{errs:?}");
+}
+
+fn wait_for(mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < until, "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn replacing_the_model_file_swaps_it_and_a_bad_file_is_rejected_while_the_old_one_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.onnx");
+    let fp32 = models_dir().join("onnx/congestion_fp32.onnx");
+    let small = models_dir().join("onnx/congestion_small.onnx");
+    std::fs::copy(&fp32, &live).unwrap();
+    let cfg = infer_config(&live, "reload_poll: 50ms\nbatch: {max_rows: 64, max_delay: 0s}\n");
+    let cfg = InferConfig {
+        shadow: Some(citystream_models::infer::ShadowConfig {
+            model: citystream_operators::EnvString::literal(
+                models_dir().join("onnx/congestion_int8.onnx").display().to_string(),
+            ),
+            name: Some("candidate".into()),
+        }),
+        ..cfg
+    };
+    let metrics = Metrics::new();
+    let mut op = cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone() }).unwrap();
+    assert_eq!(op.outputs().len(), 2, "main and shadow");
+    let (inputs, _) = congestion_rows();
+    let run = |op: &mut Box<dyn Operator>| {
+        let mut out = Collector::new(2);
+        op.process_batch(features_batch(&inputs[..8], 0), &mut out).unwrap();
+        op.on_watermark(10, &mut out).unwrap();
+        let main = out.port(0).to_vec();
+        let shadow = out.port(1).to_vec();
+        (main, shadow)
+    };
+    let (main, shadow) = run(&mut op);
+    let sha_fp32 = sha256_hex(&std::fs::read(&fp32).unwrap());
+    assert_eq!(strings(&main[0], "model_sha256")[0], sha_fp32);
+    assert_eq!(strings(&shadow[0], "model")[0], "candidate");
+    assert_eq!(shadow[0].num_rows(), 8, "the shadow predicts the same rows");
+    assert_ne!(col(&main[0], "s15"), col(&shadow[0], "s15"), "int8 differs from fp32 a little");
+
+    // a new model, written beside and renamed into place (as a deploy would)
+    let tmp = dir.path().join("live.onnx.tmp");
+    std::fs::copy(&small, &tmp).unwrap();
+    std::fs::rename(&tmp, &live).unwrap();
+    let sha_small = sha256_hex(&std::fs::read(&small).unwrap());
+    wait_for(|| {
+        let (m, _) = run(&mut op);
+        strings(&m[0], "model_sha256")[0] == sha_small
+    });
+    assert_eq!(metrics.value("citystream_model_swaps_total", &[("stage", "c"), ("role", "live")]), Some(1.0));
+
+    // a broken file: rejected, the small model keeps serving
+    std::fs::write(&tmp, b"garbage").unwrap();
+    std::fs::rename(&tmp, &live).unwrap();
+    wait_for(|| {
+        metrics.value("citystream_model_swaps_rejected_total", &[("stage", "c"), ("role", "live")]) == Some(1.0)
+    });
+    let (m, _) = run(&mut op);
+    assert_eq!(strings(&m[0], "model_sha256")[0], sha_small);
+    let info = metrics.render();
+    assert!(info.contains(&format!("sha256=\"{sha_small}\"")), "{info}");
+}
+
+#[test]
+fn a_high_carbon_grid_switches_to_the_cheaper_model_and_back() {
+    let fp32 = models_dir().join("onnx/congestion_fp32.onnx");
+    let int8 = models_dir().join("onnx/congestion_int8.onnx");
+    let cfg = infer_config(
+        &fp32,
+        &format!(
+            "reload_poll: 0s\nbatch: {{max_rows: 4, max_delay: 1h}}\ncarbon: {{model: {}, max_rows: 16}}\n",
+            int8.display()
+        ),
+    );
+    let metrics = Metrics::new();
+    let mut op = cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone() }).unwrap();
+    let (inputs, _) = congestion_rows();
+    let step = |op: &mut Box<dyn Operator>| {
+        let mut out = Collector::new(1);
+        op.process_batch(features_batch(&inputs[..12], 0), &mut out).unwrap();
+        op.on_watermark(10, &mut out).unwrap();
+        let b = out.port(0).to_vec();
+        (strings(&b[0], "model")[0].clone(), b.iter().map(RecordBatch::num_rows).collect::<Vec<_>>())
+    };
+    // no policy running: the live model, batches of 4
+    assert_eq!(step(&mut op), ("congestion_fp32".to_string(), vec![4, 4, 4]));
+    // the carbon policy's gauge (runtime.carbon_policy) says the grid is high: int8, batches of 16
+    let mode = metrics.gauge("citystream_carbon_high_mode", "1 while the grid is above the policy's threshold.", &[]);
+    mode.set(1.0);
+    assert_eq!(step(&mut op), ("congestion_int8".to_string(), vec![12]));
+    mode.set(0.0);
+    assert_eq!(step(&mut op), ("congestion_fp32".to_string(), vec![4, 4, 4]));
+    let action = |a: &str| metrics.value("citystream_policy_actions_total", &[("policy", "model"), ("action", a)]);
+    assert_eq!((action("low_carbon_model"), action("full_model")), (Some(1.0), Some(1.0)));
+}

@@ -1,0 +1,439 @@
+"""Trains the congestion forecaster and the incident detector, exports ONNX (fp32, int8, small),
+evaluates them and the baselines on held-out days, and writes the model cards and test fixtures.
+
+    python models/train/generate.py      # the data (about 2 minutes with a debug build)
+    python models/train/train.py         # models/onnx/*.onnx, models/*.md, models/testdata/*
+
+Everything is seeded; the same data gives the same models byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import json
+import pathlib
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import features as F
+
+HERE = pathlib.Path(__file__).resolve().parent
+MODELS = HERE.parent
+HORIZONS = [15, 30, 60]
+OPSET = 17
+# the false alarm rate (share of incident-free segment-minutes with an alarm) both detectors
+# are calibrated to on the training days
+TARGET_FAR = 0.002
+CLEARING_MS = 10 * 60_000  # after an incident ends its queue may still be there: no false alarm
+
+
+# ---------------------------------------------------------------- data
+
+def load(run_dir):
+    m = F.read_minutes(run_dir / "lake" / "traffic_minutes")
+    graph = F.read_graph(run_dir / "ground_truth" / "road_graph.csv")
+    x, g = F.features(m["window_end_ms"], m["segment_id"], m["vehicles"], m["speed"], m["occupancy"], graph)
+    y = F.speed_targets(g, HORIZONS)
+    incidents = read_incidents(run_dir / "ground_truth" / "incidents.csv")
+    t = np.asarray(m["window_end_ms"], dtype=np.int64)
+    seg = np.array(m["segment_id"])
+    label = np.zeros(len(t), dtype=np.float32)
+    grace = np.zeros(len(t), dtype=bool)  # incident or its clearing: neither a hit nor a false alarm
+    for inc in incidents:
+        on = seg == inc["segment_id"]
+        active = on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
+        label[active] = 1.0
+        grace |= on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"] + CLEARING_MS)
+    return {"x": x, "y": y, "label": label, "grace": grace, "t": t, "seg": seg, "incidents": incidents,
+            "graph": graph, "days": (t.max() - t.min()) / 86_400_000}
+
+
+def read_incidents(path):
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            ms = lambda s: int(dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() * 1000)  # noqa: E731
+            out.append({"id": r["incident_id"], "segment_id": r["segment_id"], "start_ms": ms(r["start"]),
+                        "end_ms": ms(r["end"]), "capacity_factor": float(r["capacity_factor"])})
+    return out
+
+
+# ---------------------------------------------------------------- a small MLP in numpy
+
+class MLP:
+    def __init__(self, sizes, rng):
+        self.w = [rng.normal(0, np.sqrt(2.0 / a), (a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
+        self.b = [np.zeros(b) for b in sizes[1:]]
+
+    def forward(self, x):
+        hs = [x]
+        for i, (w, b) in enumerate(zip(self.w, self.b)):
+            x = x @ w + b
+            if i < len(self.w) - 1:
+                x = np.maximum(x, 0.0)
+            hs.append(x)
+        return hs
+
+    def backward(self, hs, grad):
+        gw, gb = [], []
+        for i in reversed(range(len(self.w))):
+            gw.append(hs[i].T @ grad)
+            gb.append(grad.sum(axis=0))
+            if i > 0:
+                grad = (grad @ self.w[i].T) * (hs[i] > 0)
+        return gw[::-1], gb[::-1]
+
+
+def fit(model, x, target, loss, rng, epochs=8, batch=512, lr=2e-3, weights=None):
+    params = model.w + model.b
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    step = 0
+    for epoch in range(epochs):
+        order = rng.permutation(len(x))
+        total = 0.0
+        for k in range(0, len(x), batch):
+            idx = order[k:k + batch]
+            hs = model.forward(x[idx])
+            wt = None if weights is None else weights[idx][:, None]
+            value, grad = loss(hs[-1], target[idx], wt)
+            total += value * len(idx)
+            gw, gb = model.backward(hs, grad)
+            step += 1
+            rate = lr * (0.5 ** (epoch // 3))
+            for p, g, mm, vv in zip(params, gw + gb, m, v):
+                mm *= 0.9
+                mm += 0.1 * g
+                vv *= 0.999
+                vv += 0.001 * g * g
+                p -= rate * (mm / (1 - 0.9 ** step)) / (np.sqrt(vv / (1 - 0.999 ** step)) + 1e-8)
+        print(f"    epoch {epoch + 1}/{epochs}: loss {total / len(x):.5f}", flush=True)
+
+
+def mse(out, y, _w):
+    d = out - y
+    return float((d * d).mean()), 2.0 * d / d.size
+
+
+def huber(out, y, _w, delta=1.0):
+    """Huber loss on standardized residuals: quadratic near zero, linear in the tails, so the
+    many calm minutes and the few congested ones both count (MSE alone trades MAE for RMSE)."""
+    d = out - y
+    a = np.abs(d)
+    value = float(np.where(a <= delta, 0.5 * d * d, delta * (a - 0.5 * delta)).mean())
+    return value, np.clip(d, -delta, delta) / d.size
+
+
+def bce(out, y, w):
+    p = 1.0 / (1.0 + np.exp(-out))
+    w = np.ones_like(y) if w is None else w
+    eps = 1e-7
+    value = float(-(w * (y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))).sum() / w.sum())
+    return value, w * (p - y) / w.sum()
+
+
+# ---------------------------------------------------------------- ONNX export
+
+def export(path, name, model, mu, sd, kind, out_scale=None, meta=None):
+    """features [N, 20] -> standardize -> MLP -> speed_kmh [N, 3] (residual on speed_5m, at least
+    0) or incident_prob [N, 1]."""
+    nf = len(F.FEATURES)
+    init = [numpy_helper.from_array(mu.astype(np.float32), "mu"), numpy_helper.from_array(sd.astype(np.float32), "sd")]
+    nodes = [helper.make_node("Sub", ["features", "mu"], ["centered"]),
+             helper.make_node("Div", ["centered", "sd"], ["h0"])]
+    h = "h0"
+    for i, (w, b) in enumerate(zip(model.w, model.b)):
+        init += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"), numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        h = f"a{i}"
+        if i < len(model.w) - 1:
+            nodes.append(helper.make_node("Relu", [h], [f"r{i}"]))
+            h = f"r{i}"
+    if kind == "congestion":
+        r_mu, r_sd = out_scale
+        init += [numpy_helper.from_array(r_sd.astype(np.float32), "r_sd"), numpy_helper.from_array(r_mu.astype(np.float32), "r_mu"),
+                 numpy_helper.from_array(np.array([1], dtype=np.int64), "speed_5m_index")]
+        nodes += [helper.make_node("Mul", [h, "r_sd"], ["scaled"]), helper.make_node("Add", ["scaled", "r_mu"], ["residual"]),
+                  helper.make_node("Gather", ["features", "speed_5m_index"], ["speed_now"], axis=1),
+                  helper.make_node("Add", ["residual", "speed_now"], ["speed_raw"]),
+                  # a speed is never negative (a deep queue's residual can overshoot)
+                  helper.make_node("Relu", ["speed_raw"], ["speed_kmh"])]
+        out = helper.make_tensor_value_info("speed_kmh", TensorProto.FLOAT, ["batch", len(HORIZONS)])
+    else:
+        nodes.append(helper.make_node("Sigmoid", [h], ["incident_prob"]))
+        out = helper.make_tensor_value_info("incident_prob", TensorProto.FLOAT, ["batch", 1])
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", nf])],
+                              [out], init)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="citystream-train")
+    m.ir_version = 8
+    props = {"features": json.dumps(F.FEATURES), "name": name, **(meta or {})}
+    helper.set_model_props(m, props)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def quantize(src, dst):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def sha256(path):
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def session(path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, x):
+    return sess.run(None, {"features": x.astype(np.float32)})[0]
+
+
+def latency(sess, x):
+    """median microseconds per call at batch 1, 64, 1024"""
+    out = {}
+    for n in (1, 64, 1024):
+        xb = np.ascontiguousarray(x[:n])
+        for _ in range(20):
+            run(sess, xb)
+        ts = []
+        for _ in range(200 if n < 1024 else 50):
+            t0 = time.perf_counter()
+            run(sess, xb)
+            ts.append(time.perf_counter() - t0)
+        out[str(n)] = round(float(np.median(ts)) * 1e6, 1)
+    return out
+
+
+# ---------------------------------------------------------------- metrics
+
+def regression_metrics(pred, y):
+    out = {}
+    for k, h in enumerate(HORIZONS):
+        d = pred[:, k] - y[:, k]
+        out[f"+{h}m"] = {"mae": round(float(np.abs(d).mean()), 3), "rmse": round(float(np.sqrt((d * d).mean())), 3),
+                         "mape": round(float((np.abs(d) / np.maximum(y[:, k], 1.0)).mean() * 100), 2)}
+    return out
+
+
+def historical_average(train, test):
+    """mean target per segment, weekend flag and 15-minute slot of the target time, from training days"""
+    def keys(d, h):
+        t = d["t"] + h * 60_000
+        slot = (t // 900_000) % 96
+        weekend = ((t // 86_400_000) + 3) % 7 >= 5
+        return np.char.add(np.char.add(d["seg"].astype(str), "|"), (slot * 2 + weekend).astype(str))
+
+    pred = np.zeros((len(test["x"]), len(HORIZONS)))
+    for k, h in enumerate(HORIZONS):
+        ok = ~np.isnan(train["y"][:, k])
+        kk = keys(train, h)[ok]
+        vals = train["y"][ok, k]
+        uniq, inv = np.unique(kk, return_inverse=True)
+        means = np.bincount(inv, vals) / np.bincount(inv)
+        table = dict(zip(uniq, means))
+        fallback = float(vals.mean())
+        pred[:, k] = [table.get(key, fallback) for key in keys(test, h)]
+    return pred
+
+
+def california7(d, t1, t2, t3):
+    """Alarms (bool per row) of the California algorithm #7 on 1-minute occupancies, per segment
+    in time order; a missing minute starts a segment over. Mirrors models/src/california.rs
+    (vectorized over segments: one step per minute)."""
+    x = d["x"]
+    occ = x[:, F.FEATURES.index("occ_1m")].astype(np.float64)
+    docc = x[:, F.FEATURES.index("down_occ_1m")].astype(np.float64)
+    segs, seg_idx = np.unique(d["seg"], return_inverse=True)
+    t0 = d["t"].min()
+    col = (d["t"] - t0) // 60_000
+    shape = (len(segs), int(col.max()) + 1)
+    grid_occ, grid_docc = np.full(shape, np.nan), np.full(shape, np.nan)
+    grid_occ[seg_idx, col], grid_docc[seg_idx, col] = occ, docc
+    state = np.zeros(len(segs), dtype=np.int8)
+    alarm_grid = np.zeros(shape, dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for m in range(shape[1]):
+            o, dn = grid_occ[:, m], grid_docc[:, m]
+            present = ~np.isnan(o)
+            occdf = o - dn
+            occrdf = np.where(o > 0, occdf / np.where(o > 0, o, 1.0), 0.0)
+            start = (occdf >= t1) & (occrdf >= t2) & (dn < t3)
+            keep = occrdf >= t2
+            nxt = np.where(state == 0, np.where(start, 1, 0), np.where(keep, 2, 0))
+            state = np.where(present, nxt, 0).astype(np.int8)
+            alarm_grid[:, m] = state == 2
+    return alarm_grid[seg_idx, col]
+
+
+def detection_metrics(d, alarm):
+    """detection rate, false alarm rate (alarmed share of incident-free segment-minutes), false
+    alarms per day (alarm onsets outside incidents) and mean time to detect (minutes)"""
+    ttd, detected = [], 0
+    for inc in d["incidents"]:
+        on = (d["seg"] == inc["segment_id"]) & (d["t"] > inc["start_ms"]) & (d["t"] - 60_000 < inc["end_ms"]) & alarm
+        if on.any():
+            detected += 1
+            ttd.append((d["t"][on].min() - inc["start_ms"]) / 60_000)
+    free = ~d["grace"]
+    far = float(alarm[free].mean())
+    order = np.lexsort((d["t"], d["seg"]))
+    a, s, fr = alarm[order], d["seg"][order], free[order]
+    onset = a & ~np.concatenate([[False], a[:-1] & (s[1:] == s[:-1])])
+    n = max(len(d["incidents"]), 1)
+    return {"incidents": len(d["incidents"]), "detection_rate": round(detected / n, 3),
+            "false_alarm_rate": round(far, 5), "false_alarms_per_day": round(float((onset & fr).sum()) / d["days"], 2),
+            "mean_time_to_detect_min": round(float(np.mean(ttd)), 2) if ttd else None}
+
+
+def calibrate_threshold(scores, d):
+    """lowest threshold whose false alarm rate on incident-free training minutes is <= TARGET_FAR"""
+    free = np.sort(scores[~d["grace"]])
+    return float(free[int(np.ceil(len(free) * (1 - TARGET_FAR)))])
+
+
+def calibrate_california(d):
+    best = None
+    for t1 in (0.01, 0.02, 0.04, 0.08):
+        for t2 in (0.1, 0.2, 0.3, 0.4, 0.5):
+            for t3 in (0.1, 0.2, 0.3, 0.5, 1.0):
+                m = detection_metrics(d, california7(d, t1, t2, t3))
+                if m["false_alarm_rate"] <= TARGET_FAR:
+                    key = (m["detection_rate"], -(m["mean_time_to_detect_min"] or 1e9))
+                    if best is None or key > best[0]:
+                        best = (key, (t1, t2, t3), m)
+    return best[1]
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(HERE / "data"))
+    args = ap.parse_args()
+    data = pathlib.Path(args.data)
+    rng = np.random.default_rng(7)
+    print("== loading", flush=True)
+    train, test = load(data / "train"), load(data / "test")
+    print(f"   train rows {len(train['x'])}, incidents {len(train['incidents'])}; "
+          f"test rows {len(test['x'])}, incidents {len(test['incidents'])}", flush=True)
+    onnx_dir = MODELS / "onnx"
+    onnx_dir.mkdir(exist_ok=True)
+    mu = train["x"].mean(axis=0).astype(np.float64)
+    sd = train["x"].std(axis=0).astype(np.float64)
+    sd[sd < 1e-6] = 1.0
+    xs = lambda d: (d["x"].astype(np.float64) - mu) / sd  # noqa: E731
+    results = {}
+
+    # ---- congestion
+    ok = ~np.isnan(train["y"]).any(axis=1)
+    speed_now = train["x"][:, 1:2].astype(np.float64)
+    resid = train["y"][ok] - speed_now[ok]
+    r_mu, r_sd = resid.mean(axis=0), resid.std(axis=0)
+    variants = {"congestion_fp32": [len(F.FEATURES), 64, 64, 3], "congestion_small": [len(F.FEATURES), 16, 3]}
+    test_ok = ~np.isnan(test["y"]).any(axis=1)
+    for name, sizes in variants.items():
+        print(f"== {name} {sizes}", flush=True)
+        net = MLP(sizes, np.random.default_rng(11))
+        fit(net, xs(train)[ok], (resid - r_mu) / r_sd, huber, rng, epochs=10)
+        export(onnx_dir / f"{name}.onnx", name, net, mu, sd, "congestion", (r_mu, r_sd),
+               {"horizons_min": json.dumps(HORIZONS), "output": "speed_kmh: mean speed (km/h) over the 5 minutes ending at +15, +30, +60 min"})
+    quantize(onnx_dir / "congestion_fp32.onnx", onnx_dir / "congestion_int8.onnx")
+    hist = historical_average(train, test)
+    persistence = np.repeat(test["x"][:, 1:2], len(HORIZONS), axis=1)
+    # congested: the segment is below 70% of its free speed now or at the horizon
+    free = test["x"][:, F.FEATURES.index("free_speed_kmh")][:, None]
+    congested = test_ok & ((test["x"][:, 1:2] < 0.7 * free) | (test["y"] < 0.7 * free)).any(axis=1)
+    results["congestion"] = {
+        "baselines": {"persistence": regression_metrics(persistence[test_ok], test["y"][test_ok]),
+                      "historical_average": regression_metrics(hist[test_ok], test["y"][test_ok])},
+        "baselines_congested": {"persistence": regression_metrics(persistence[congested], test["y"][congested]),
+                                "historical_average": regression_metrics(hist[congested], test["y"][congested])},
+        "congested_share": round(float(congested.sum() / test_ok.sum()), 4),
+        "models": {}}
+    for name in ("congestion_fp32", "congestion_int8", "congestion_small"):
+        path = onnx_dir / f"{name}.onnx"
+        sess = session(path)
+        pred = run(sess, test["x"])
+        results["congestion"]["models"][name] = {
+            "file": f"onnx/{name}.onnx", "sha256": sha256(path), "bytes": path.stat().st_size,
+            "held_out": regression_metrics(pred[test_ok], test["y"][test_ok]),
+            "held_out_congested": regression_metrics(pred[congested], test["y"][congested]),
+            "latency_us": latency(sess, test["x"])}
+
+    # ---- incidents
+    print("== incident detector", flush=True)
+    label = train["label"][:, None].astype(np.float64)
+    pos = float(label.mean())
+    weights = np.where(train["label"] > 0, 0.5 / pos, 0.5 / (1 - pos))
+    net = MLP([len(F.FEATURES), 32, 16, 1], np.random.default_rng(13))
+    fit(net, xs(train), label, bce, rng, weights=weights)
+    export(onnx_dir / "incident_fp32.onnx", "incident_fp32", net, mu, sd, "incident",
+           meta={"output": "incident_prob: probability that an incident blocks the segment now"})
+    quantize(onnx_dir / "incident_fp32.onnx", onnx_dir / "incident_int8.onnx")
+    t1, t2, t3 = calibrate_california(train)
+    results["incident"] = {"positives_share_train": round(pos, 4), "target_false_alarm_rate": TARGET_FAR,
+                           "baselines": {"california7": {"thresholds": {"t1_occdf": t1, "t2_occrdf": t2, "t3_docc": t3},
+                                                         "held_out": detection_metrics(test, california7(test, t1, t2, t3))}},
+                           "models": {}}
+    for name in ("incident_fp32", "incident_int8"):
+        path = onnx_dir / f"{name}.onnx"
+        sess = session(path)
+        thr = calibrate_threshold(run(sess, train["x"])[:, 0], train)
+        score = run(sess, test["x"])[:, 0]
+        results["incident"]["models"][name] = {
+            "file": f"onnx/{name}.onnx", "sha256": sha256(path), "bytes": path.stat().st_size, "threshold": round(thr, 4),
+            "held_out": detection_metrics(test, score >= thr), "latency_us": latency(sess, test["x"])}
+
+    # ---- fixtures: fixed inputs with ONNX Runtime's outputs, and the small evaluation sample
+    td = MODELS / "testdata"
+    td.mkdir(exist_ok=True)
+    pick = np.random.default_rng(3).choice(np.flatnonzero(test_ok), 400, replace=False)
+    inc_rows = np.flatnonzero(test["label"] > 0)
+    pick = np.concatenate([pick, np.random.default_rng(4).choice(inc_rows, 112, replace=False)])
+    sample = {"features": test["x"][pick], "y": test["y"][pick], "label": test["label"][pick]}
+    with open(td / "eval_sample.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*F.FEATURES, *[f"speed_+{h}m" for h in HORIZONS], "incident"])
+        for xr, yr, lr in zip(sample["features"], sample["y"], sample["label"]):
+            w.writerow([*(repr(float(v)) for v in xr), *(repr(float(v)) for v in yr), int(lr)])
+    edge = np.zeros((4, len(F.FEATURES)), dtype=np.float32)
+    edge[1] = 1.0
+    edge[2] = test["x"].max(axis=0) * 2
+    edge[3] = test["x"].min(axis=0)
+    fixed = np.concatenate([test["x"][pick[:60]], edge]).astype(np.float32)
+    for group, names in (("congestion", ("congestion_fp32", "congestion_int8", "congestion_small")),
+                         ("incident", ("incident_fp32", "incident_int8"))):
+        for name in names:
+            sess = session(onnx_dir / f"{name}.onnx")
+            out = run(sess, fixed)
+            json.dump({"model": f"onnx/{name}.onnx", "output": sess.get_outputs()[0].name, "inputs": fixed.tolist(),
+                       "outputs": out.tolist()}, open(td / f"{name}.io.json", "w"))
+            s_out = run(sess, sample["features"])
+            entry = results[group]["models"][name]
+            if group == "congestion":
+                entry["eval_sample_mae"] = [round(float(np.abs(s_out[:, k] - sample["y"][:, k]).mean()), 4) for k in range(len(HORIZONS))]
+            else:
+                p = np.clip(s_out[:, 0].astype(np.float64), 1e-7, 1 - 1e-7)
+                entry["eval_sample_log_loss"] = round(float(-(sample["label"] * np.log(p) + (1 - sample["label"]) * np.log(1 - p)).mean()), 4)
+                entry["eval_sample_alarms"] = int((s_out[:, 0] >= entry["threshold"]).sum())
+    (MODELS / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    import cards
+
+    cards.main()
+
+
+if __name__ == "__main__":
+    main()

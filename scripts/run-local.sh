@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (deploy/local.yaml: simulated city, no Kafka), on a fresh
+# machine: installs the Python tools (.venv, which carries ONNX Runtime's library for the models),
+# builds, and runs. Output in $CITYSTREAM_DATA (default data/): lake/, ground_truth/, privacy/.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup-python.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
+exec cargo run --locked -p citystream-pipeline --bin citystream -- run --config deploy/local.yaml "$@"

@@ -1,0 +1,193 @@
+//! The models in the stream, end to end: the simulator through decode, dedup and one-minute
+//! windows into the `features`, `infer` and `california7` stages, then the Python training
+//! code recomputes the features and the California #7 alarms from the same window rows and
+//! compares (`models/train/compare.py`, run with the project's `.venv`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use arrow::array::AsArray;
+use citystream_operators::Metrics;
+use citystream_pipeline::config::{self, plan::plan};
+use citystream_pipeline::runtime::{self, StopHandle};
+use citystream_pipeline::sql;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("CITYSTREAM_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"));
+    assert!(p.exists(), "no Python at {} (run scripts/setup-python.sh, or set CITYSTREAM_PYTHON)", p.display());
+    p
+}
+
+const T: (f64, f64, f64) = (0.01, 0.1, 0.3); // models/incident.md
+
+fn yaml(data: &Path) -> String {
+    let r = root();
+    format!(
+        "\
+name: models
+sources:
+  city:
+    type: simulator
+    seed: 5
+    start: 2026-03-06T04:00:00Z
+    duration: 10h
+    city: {{segments: 24, segments_per_corridor: 8, incidents_per_day: 24}}
+    faults: {{duplicate_rate: 0.01, out_of_order_rate: 0.02, late_rate: 0.002, malformed_rate: 0.003}}
+    ground_truth: {data}/truth
+stages:
+  traffic: {{type: decode, input: city.traffic, kind: traffic}}
+  unique: {{type: dedup, input: traffic, horizon: 10m}}
+  traffic_minutes:
+    type: window
+    input: unique
+    key: [segment_id]
+    size: 1m
+    allowed_lateness: 1m
+    aggregates:
+      - {{fn: count, as: readings}}
+      - {{fn: sum, column: flow, as: vehicles}}
+      - {{fn: mean, column: speed_kmh, as: mean_speed_kmh}}
+      - {{fn: mean, column: occupancy, as: mean_occupancy}}
+  features: {{type: features, input: traffic_minutes, road_graph: {graph}}}
+  congestion:
+    type: infer
+    input: features
+    model: {r}/models/onnx/congestion_fp32.onnx
+    features: features
+    outputs: {{speed_kmh: [speed_15m_kmh, speed_30m_kmh, speed_60m_kmh]}}
+    keep: [segment_id, window_end]
+    providers: [cuda, cpu]
+    shadow: {{model: {r}/models/onnx/congestion_int8.onnx}}
+  incidents:
+    type: infer
+    input: features
+    model: {r}/models/onnx/incident_fp32.onnx
+    features: features
+    outputs: {{incident_prob: [incident_prob]}}
+    keep: [segment_id, window_end]
+  california: {{type: california7, input: features, t1: {t1}, t2: {t2}, t3: {t3}}}
+sinks:
+  lake:
+    type: parquet
+    path: {data}/lake
+    tables:
+      traffic_minutes: traffic_minutes
+      features: features
+      predictions: congestion
+      predictions_shadow: congestion.shadow
+      incident_scores: incidents
+      california7: california
+      unmatched: features.unmatched
+      dead_letters: traffic.dead_letters
+      late: [unique.late_events, traffic_minutes.late_events]
+runtime: {{status_interval: null}}
+",
+        data = data.display(),
+        graph = graph(data).display(),
+        r = r.display(),
+        t1 = T.0,
+        t2 = T.1,
+        t3 = T.2,
+    )
+}
+
+/// The simulated city's road graph, written by `citystream simulate` for the same city.
+fn graph(data: &Path) -> PathBuf {
+    data.join("graph/road_graph.csv")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_features_and_california7_match_the_python_training_code() {
+    let dir = tempfile::tempdir().unwrap();
+    // the graph first (the simulator writes its ground truth at the end of a run)
+    let gdir = dir.path().join("graph");
+    let sim =
+        config::load_str(&yaml(dir.path()).replace(&graph(dir.path()).display().to_string(), "/dev/null"), "m.yaml")
+            .unwrap();
+    let citystream_pipeline::config::SourceConfig::Simulator(s) = sim.sources.values().next().unwrap().clone() else {
+        panic!("a simulator source")
+    };
+    let city = citystream_pipeline::simulator::Simulation::new(*s, 0);
+    city.write_ground_truth(&gdir).unwrap();
+
+    let text = yaml(dir.path());
+    let p = plan(config::load_str(&text, "models.yaml").unwrap(), "models.yaml").unwrap();
+    let (_stop, rx) = StopHandle::new();
+    let metrics = Metrics::new();
+    runtime::run(p, metrics.clone(), rx).await.unwrap();
+    let lake = dir.path().join("lake");
+
+    let count = |t: &'static str| {
+        let lake = lake.clone();
+        async move {
+            let r = sql::query(&lake, &format!("SELECT COUNT(*) FROM {t}")).await.unwrap();
+            r[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0)
+        }
+    };
+    let minutes = count("traffic_minutes").await;
+    assert!(minutes > 24 * 500, "{minutes} minute rows");
+    for t in ["features", "predictions", "predictions_shadow", "incident_scores", "california7"] {
+        assert_eq!(count(t).await, minutes, "{t}: one row per segment-minute");
+    }
+    assert!(!lake.join("unmatched").exists(), "every segment is in the road graph");
+
+    // predictions are plausible speeds, stamped with the model and its checksum
+    let r = sql::query(
+        &lake,
+        "SELECT MIN(speed_30m_kmh), MAX(speed_30m_kmh), COUNT(DISTINCT model_sha256), MIN(model) = 'congestion_fp32' AND MAX(model) = 'congestion_fp32' FROM predictions",
+    )
+    .await
+    .unwrap();
+    let f = |i: usize| r[0].column(i).as_primitive::<arrow::datatypes::Float32Type>().value(0);
+    assert!(f(0) >= 0.0 && f(1) < 140.0, "speeds {}..{}", f(0), f(1));
+    assert_eq!(r[0].column(2).as_primitive::<arrow::datatypes::Int64Type>().value(0), 1);
+    assert!(r[0].column(3).as_boolean().value(0), "every row names the model");
+    // the incident model scores incident minutes far above the others
+    let r = sql::query(
+        &lake,
+        "SELECT AVG(incident_prob) FROM incident_scores s WHERE EXISTS (SELECT 1 FROM california7 c WHERE c.segment_id = s.segment_id AND c.window_end = s.window_end AND c.incident)",
+    )
+    .await
+    .unwrap();
+    let on_alarm = r[0].column(0).as_primitive::<arrow::datatypes::Float64Type>().value(0);
+    let r = sql::query(&lake, "SELECT AVG(incident_prob) FROM incident_scores").await.unwrap();
+    let overall = r[0].column(0).as_primitive::<arrow::datatypes::Float64Type>().value(0);
+    assert!(on_alarm > 3.0 * overall, "mean score where California #7 fires {on_alarm} vs overall {overall}");
+
+    let out = Command::new(python())
+        .arg(root().join("models/train/compare.py"))
+        .arg(&lake)
+        .arg(graph(dir.path()))
+        .args([T.0.to_string(), T.1.to_string(), T.2.to_string()])
+        .current_dir(root().join("models/train"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Python disagrees with the stream:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["rows"].as_i64().unwrap(), minutes);
+    assert!(report["california7_alarm_minutes"].as_i64().unwrap() > 0, "{report}");
+}
+
+#[test]
+fn the_committed_road_graph_is_the_embedded_defaults_city() {
+    let cfg = config::load_file(&root().join("deploy/local.yaml")).unwrap();
+    let citystream_pipeline::config::SourceConfig::Simulator(s) = cfg.sources.values().next().unwrap().clone() else {
+        panic!("a simulator source")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    citystream_pipeline::simulator::Simulation::new(*s, 0).write_ground_truth(dir.path()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("road_graph.csv")).unwrap(),
+        std::fs::read_to_string(root().join("deploy/road_graph.csv")).unwrap(),
+        "deploy/road_graph.csv is stale: `citystream simulate -c deploy/local.yaml --duration 1m --out DIR` writes the current one"
+    );
+}
