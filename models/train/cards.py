@@ -39,25 +39,46 @@ FEATURE_DOC = {
 }
 
 DATA = """## Data
-The project's simulator (`pipeline/src/simulator`): 24 road segments in 3 corridors of 8, a
+Two sources, both in the pipeline's one-minute window format (`traffic_minutes`); the models
+train on both together and each is evaluated on its own held-out part.
+
+**Eclipse SUMO** (`models/train/sumo_corridor.py`, PyPI `eclipse-sumo`): a microscopic
+simulation of a 4 km, 3-lane corridor of 8 segments with one induction loop per lane and
+segment (30 s periods), a morning demand profile scaled per scenario, and 2 lane closures per
+scenario (1 or 2 of 3 lanes for 10-30 min; vehicles merge past them). 16 scenarios of 6 h from
+05:00 UTC on consecutive days of May 2026: 1-12 train, 13-16 held out.
+
+**The project's simulator** (`pipeline/src/simulator`): 24 road segments in 3 corridors of 8, a
 cell-transmission traffic model (queues form and spread upstream), weekday and weekend demand
 profiles, rain that lowers capacity, and 12 injected incidents per day (a segment's capacity cut
 to 30-70% for 10-40 minutes). Loop detectors report every 30 s per lane with duplicates,
 re-sends, out-of-order and malformed messages, which the pipeline decodes, deduplicates and
-windows into one-minute rows per segment (`models/train/sim.yaml`).
-- training: 21 days from Monday 2026-03-02, seed 1; held out: 7 days from Monday 2026-04-06,
-  seed 2 (other incidents, other noise, another draw of segment lengths).
-- `python models/train/generate.py && python models/train/train.py` regenerate data, models,
-  metrics, fixtures and these cards from scratch (seeded).
+windows into one-minute rows per segment (`models/train/sim.yaml`). Training: 21 days from
+Monday 2026-03-02, seed 1; held out: 7 days from Monday 2026-04-06, seed 2 (other incidents,
+other noise, another draw of segment lengths).
+
+`generate.py`, `sumo_corridor.py` and `train.py` regenerate data, models, metrics, fixtures and
+these cards from scratch (seeded).
 """
 
 FEATURES_MD = "## Features (input `features`, float32 `[batch, 20]`, in this order)\n" + "\n".join(
     f"{i}. `{n}` ({FEATURE_DOC[n][0]}): {FEATURE_DOC[n][1]}" for i, n in enumerate(F.FEATURES)
 ) + "\n\nDefinition: `models/train/features.py`; the `features` stage (`models/src/features.rs`) computes the same rows in the stream (tested against the Python code).\n"
 
+SOURCES = {"simulator": "the project's simulator, 7 days (seed 2)",
+           "sumo": "Eclipse SUMO, 4 scenarios of 6 h (seeds 13-16)"}
+
 
 def row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def regression_table(block):
+    out = [row(["predictor", "horizon", "MAE km/h", "RMSE km/h", "MAPE %"]), row(["---"] * 5)]
+    for name, hs in block.items():
+        for hz, v in hs.items():
+            out.append(row([name, hz, v["mae"], v["rmse"], v["mape"]]))
+    return out
 
 
 def congestion(m):
@@ -66,7 +87,8 @@ def congestion(m):
            "Predicts each segment's mean speed (km/h, the mean over the 5 minutes ending at the horizon) "
            "at +15, +30 and +60 minutes, once per segment and minute. Output `speed_kmh`, float32 "
            "`[batch, 3]`. A multilayer perceptron on standardized features that predicts the change "
-           "from `speed_5m`, trained with a Huber loss; the standardization, the residual and a floor at 0 km/h are inside the ONNX graph.", "",
+           "from `speed_5m`, trained with a Huber loss; the standardization, the residual and a floor "
+           "at 0 km/h are inside the ONNX graph.", "",
            "## Files", "", row(["file", "sha256", "bytes", "layers", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
            row(["---"] * 5)]
     layers = {"congestion_fp32": "20-64-64-3 fp32", "congestion_int8": "20-64-64-3, int8 weights (dynamic quantization)",
@@ -74,31 +96,25 @@ def congestion(m):
     for name, e in c["models"].items():
         lat = e["latency_us"]
         out.append(row([f"`{e['file']}`", f"`{e['sha256']}`", e["bytes"], layers[name], f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
-    out += ["", DATA, FEATURES_MD, "## Held-out metrics (7 days, every segment-minute with a target)", "",
-            row(["predictor", "horizon", "MAE km/h", "RMSE km/h", "MAPE %"]), row(["---"] * 5)]
-    preds = {**{f"baseline: {k}": v for k, v in c["baselines"].items()}, **{k: v["held_out"] for k, v in c["models"].items()}}
-    for name, hs in preds.items():
-        for h, v in hs.items():
-            out.append(row([name, h, v["mae"], v["rmse"], v["mape"]]))
-    out += ["", f"### Congested minutes ({c['congested_share'] * 100:.1f}% of rows: below 70% of free speed now or at the horizon)", "",
-            row(["predictor", "horizon", "MAE km/h", "RMSE km/h", "MAPE %"]), row(["---"] * 5)]
-    preds = {**{f"baseline: {k}": v for k, v in c["baselines_congested"].items()},
-             **{k: v["held_out_congested"] for k, v in c["models"].items()}}
-    for name, hs in preds.items():
-        for h, v in hs.items():
-            out.append(row([name, h, v["mae"], v["rmse"], v["mape"]]))
-    out += ["", "## Evaluation sample", "",
-            "`models/testdata/eval_sample.csv`: 512 held-out rows (400 at random, 112 during incidents). "
+    out += ["", DATA, FEATURES_MD]
+    for src, h in c["held_out"].items():
+        out += [f"## Held-out metrics: {SOURCES[src]}", "", f"{h['rows']} segment-minutes with a target.", ""]
+        out += regression_table(h["all"])
+        out += ["", f"Congested minutes only ({h['congested_share'] * 100:.1f}%: below 70% of free speed now or at the horizon):", ""]
+        out += regression_table(h["congested"])
+        out.append("")
+    out += ["## Evaluation sample", "",
+            "`models/testdata/eval_sample.csv`: 512 held-out simulator rows (400 at random, 112 during incidents). "
             "MAE (km/h) at +15 / +30 / +60 on it, which the Rust tests reproduce:", ""]
     for name, e in c["models"].items():
         out.append(f"- `{name}`: " + " / ".join(str(v) for v in e["eval_sample_mae"]))
     out += ["", "## Limits", "",
-            "- Trained on simulated traffic only; a real city needs retraining on its own detectors.",
-            "- No weather input: rain lowers capacity in the simulator, but the features stage reads "
+            "- Trained on simulated traffic only (two simulators); a real city needs retraining on its own detectors.",
+            "- No weather input: rain lowers capacity in the project's simulator, but the features stage reads "
             "traffic only (a stage has one input schema), so rain shows only through speeds.",
             "- Segments of one road graph; a segment without neighbours uses its own values.",
-            "- Speeds at +60 min are mostly the daily profile: the model beats persistence there but "
-            "not by much over the historical average.", ""]
+            "- In congested minutes at +30 and +60 min the model is about as good as the historical "
+            "average: what a queue does half an hour ahead is mostly the daily profile.", ""]
     return "\n".join(out)
 
 
@@ -108,40 +124,43 @@ def incident(m):
            "Scores the probability that an incident (a stopped vehicle or closed lane) blocks a segment "
            "in the current minute. Output `incident_prob`, float32 `[batch, 1]`. A multilayer perceptron "
            "(20-32-16-1, sigmoid) trained with class-balanced cross-entropy; an alarm is `incident_prob >= "
-           "threshold`, the threshold set on the training days for a false alarm rate of "
+           "threshold`, the threshold set on the training data for a false alarm rate of "
            f"{c['target_false_alarm_rate']} (share of incident-free segment-minutes).", "",
            "## Files", "", row(["file", "sha256", "bytes", "threshold", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
            row(["---"] * 5)]
     for name, e in c["models"].items():
         lat = e["latency_us"]
         out.append(row([f"`{e['file']}`", f"`{e['sha256']}`", e["bytes"], e["threshold"], f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
+    t = c["california7_thresholds"]
     out += ["", DATA, FEATURES_MD,
-            "## Held-out metrics (7 days)", "",
+            "## Held-out metrics", "",
             "Detection rate: share of incidents with an alarm on their segment while they last. False alarm "
             "rate: share of incident-free segment-minutes (excluding 10 minutes after an incident, while its "
             "queue clears) with an alarm. False alarms per day: alarm onsets there. Time to detect: first "
             "alarm minus the incident's start, minutes (the one-minute windows close on the minute, so "
-            "it includes up to a minute of windowing).", "",
-            row(["detector", "incidents", "detection rate", "false alarm rate", "false alarms/day", "mean time to detect (min)"]),
-            row(["---"] * 6)]
-    b = c["baselines"]["california7"]
-    rows = {f"California #7 (t1={b['thresholds']['t1_occdf']}, t2={b['thresholds']['t2_occrdf']}, t3={b['thresholds']['t3_docc']})": b["held_out"],
-            **{k: v["held_out"] for k, v in c["models"].items()}}
-    for name, v in rows.items():
-        out.append(row([name, v["incidents"], v["detection_rate"], v["false_alarm_rate"], v["false_alarms_per_day"], v["mean_time_to_detect_min"]]))
-    out += ["", "California #7 thresholds were calibrated on the training days for the same false alarm rate "
-            "(best detection rate on a grid); the `california7` stage (`models/src/california.rs`) runs them.", "",
-            "## Evaluation sample", "",
-            "`models/testdata/eval_sample.csv` (512 held-out rows, 112 of them during incidents): log loss "
+            "it includes up to a minute of windowing). California #7 runs with thresholds "
+            f"t1={t['t1_occdf']}, t2={t['t2_occrdf']}, t3={t['t3_docc']}, calibrated on the training data "
+            "for the same false alarm rate (best detection rate on a grid); the `california7` stage "
+            "(`models/src/california.rs`) runs them.", ""]
+    for src, dets in c["held_out"].items():
+        out += [f"### {SOURCES[src]}", "",
+                row(["detector", "incidents", "detection rate", "false alarm rate", "false alarms/day", "mean time to detect (min)"]),
+                row(["---"] * 6)]
+        for name, v in dets.items():
+            out.append(row([name, v["incidents"], v["detection_rate"], v["false_alarm_rate"], v["false_alarms_per_day"], v["mean_time_to_detect_min"]]))
+        out.append("")
+    out += ["## Evaluation sample", "",
+            "`models/testdata/eval_sample.csv` (512 held-out simulator rows, 112 of them during incidents): log loss "
             "and alarms at the threshold, which the Rust tests reproduce:", ""]
     for name, e in c["models"].items():
         out.append(f"- `{name}`: log loss {e['eval_sample_log_loss']}, {e['eval_sample_alarms']} alarms")
     out += ["", "## Limits", "",
-            "- Simulated incidents only, all of them capacity drops at a segment's downstream end.",
+            "- Simulated incidents only: capacity drops (project simulator) and lane closures (SUMO).",
             "- No camera input yet: stalled-vehicle detections are a separate stream with its own schema, "
-            "and the features stage reads traffic only.",
+            "and the features stage reads traffic only (the `stalled_vehicle` alert rule covers them).",
             "- A segment at the end of a corridor has no downstream neighbour, so its occupancy "
-            "difference is 0 and California #7 never fires there.", ""]
+            "difference is 0 and California #7 never fires there.",
+            "- Mild incidents at low demand leave no trace in the detectors: no detector here finds them.", ""]
     return "\n".join(out)
 
 

@@ -1,7 +1,8 @@
 """Trains the congestion forecaster and the incident detector, exports ONNX (fp32, int8, small),
 evaluates them and the baselines on held-out days, and writes the model cards and test fixtures.
 
-    python models/train/generate.py      # the data (about 2 minutes with a debug build)
+    python models/train/generate.py      # the simulator's data (about 2 minutes with a debug build)
+    python models/train/sumo_corridor.py # the SUMO scenarios (about 9 minutes; requirements-sumo.txt)
     python models/train/train.py         # models/onnx/*.onnx, models/*.md, models/testdata/*
 
 Everything is seeded; the same data gives the same models byte for byte.
@@ -50,8 +51,25 @@ def load(run_dir):
         active = on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
         label[active] = 1.0
         grace |= on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"] + CLEARING_MS)
+    report = json.loads((run_dir / "ground_truth" / "report.json").read_text())
     return {"x": x, "y": y, "label": label, "grace": grace, "t": t, "seg": seg, "incidents": incidents,
-            "graph": graph, "days": (t.max() - t.min()) / 86_400_000}
+            "graph": graph, "days": (report["end_ms"] - report["start_ms"]) / 86_400_000}
+
+
+def combine(parts):
+    """one data set from several runs (different days: their rows never overlap in time)"""
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "label", "grace", "t", "seg")}
+    out["incidents"] = [i for p in parts for i in p["incidents"]]
+    out["graph"] = {k: v for p in parts for k, v in p["graph"].items()}
+    out["days"] = sum(p["days"] for p in parts)
+    out["bounds"] = np.cumsum([0] + [len(p["x"]) for p in parts])
+    return out
+
+
+def sumo_runs(data):
+    """SUMO scenarios (sumo_corridor.py): 1-12 train, 13-16 held out; none if not generated"""
+    runs = sorted((data / "sumo").glob("s[0-9][0-9]"))
+    return [load(r) for r in runs if int(r.name[1:]) <= 12], [load(r) for r in runs if int(r.name[1:]) > 12]
 
 
 def read_incidents(path):
@@ -252,6 +270,10 @@ def california7(d, t1, t2, t3):
     """Alarms (bool per row) of the California algorithm #7 on 1-minute occupancies, per segment
     in time order; a missing minute starts a segment over. Mirrors models/src/california.rs
     (vectorized over segments: one step per minute)."""
+    if "bounds" in d:  # a combined set: each run on its own (a day apart, never adjacent)
+        b = d["bounds"]
+        return np.concatenate([california7({k: d[k][lo:hi] for k in ("x", "seg", "t")}, t1, t2, t3)
+                               for lo, hi in zip(b[:-1], b[1:])])
     x = d["x"]
     occ = x[:, F.FEATURES.index("occ_1m")].astype(np.float64)
     docc = x[:, F.FEATURES.index("down_occ_1m")].astype(np.float64)
@@ -325,9 +347,15 @@ def main():
     data = pathlib.Path(args.data)
     rng = np.random.default_rng(7)
     print("== loading", flush=True)
-    train, test = load(data / "train"), load(data / "test")
-    print(f"   train rows {len(train['x'])}, incidents {len(train['incidents'])}; "
-          f"test rows {len(test['x'])}, incidents {len(test['incidents'])}", flush=True)
+    sim_train, test = load(data / "train"), load(data / "test")
+    sumo_train, sumo_test = sumo_runs(data)
+    if not sumo_train or not sumo_test:
+        raise SystemExit("no SUMO scenarios in data/sumo: run sumo_corridor.py first (requirements-sumo.txt)")
+    train = combine([sim_train, *sumo_train])
+    # held out, reported separately: the simulator's 7 days and 4 SUMO scenarios
+    tests = {"simulator": test, "sumo": combine(sumo_test)}
+    for name, d in [("train", train), *tests.items()]:
+        print(f"   {name}: {len(d['x'])} rows, {len(d['incidents'])} incidents, {d['days']:.2f} days", flush=True)
     onnx_dir = MODELS / "onnx"
     onnx_dir.mkdir(exist_ok=True)
     mu = train["x"].mean(axis=0).astype(np.float64)
@@ -350,27 +378,26 @@ def main():
         export(onnx_dir / f"{name}.onnx", name, net, mu, sd, "congestion", (r_mu, r_sd),
                {"horizons_min": json.dumps(HORIZONS), "output": "speed_kmh: mean speed (km/h) over the 5 minutes ending at +15, +30, +60 min"})
     quantize(onnx_dir / "congestion_fp32.onnx", onnx_dir / "congestion_int8.onnx")
-    hist = historical_average(train, test)
-    persistence = np.repeat(test["x"][:, 1:2], len(HORIZONS), axis=1)
-    # congested: the segment is below 70% of its free speed now or at the horizon
-    free = test["x"][:, F.FEATURES.index("free_speed_kmh")][:, None]
-    congested = test_ok & ((test["x"][:, 1:2] < 0.7 * free) | (test["y"] < 0.7 * free)).any(axis=1)
-    results["congestion"] = {
-        "baselines": {"persistence": regression_metrics(persistence[test_ok], test["y"][test_ok]),
-                      "historical_average": regression_metrics(hist[test_ok], test["y"][test_ok])},
-        "baselines_congested": {"persistence": regression_metrics(persistence[congested], test["y"][congested]),
-                                "historical_average": regression_metrics(hist[congested], test["y"][congested])},
-        "congested_share": round(float(congested.sum() / test_ok.sum()), 4),
-        "models": {}}
-    for name in ("congestion_fp32", "congestion_int8", "congestion_small"):
+    results["congestion"] = {"held_out": {}, "models": {}}
+    names = ("congestion_fp32", "congestion_int8", "congestion_small")
+    for src, d in tests.items():
+        d_ok = ~np.isnan(d["y"]).any(axis=1)
+        hist = historical_average(train, d)
+        persistence = np.repeat(d["x"][:, 1:2], len(HORIZONS), axis=1)
+        # congested: the segment is below 70% of its free speed now or at the horizon
+        free = d["x"][:, F.FEATURES.index("free_speed_kmh")][:, None]
+        congested = d_ok & ((d["x"][:, 1:2] < 0.7 * free) | (d["y"] < 0.7 * free)).any(axis=1)
+        preds = {"baseline: persistence": persistence, "baseline: historical average": hist,
+                 **{n: run(session(onnx_dir / f"{n}.onnx"), d["x"]) for n in names}}
+        results["congestion"]["held_out"][src] = {
+            "rows": int(d_ok.sum()), "days": round(d["days"], 2), "congested_share": round(float(congested.sum() / d_ok.sum()), 4),
+            "all": {k: regression_metrics(v[d_ok], d["y"][d_ok]) for k, v in preds.items()},
+            "congested": {k: regression_metrics(v[congested], d["y"][congested]) for k, v in preds.items()}}
+    for name in names:
         path = onnx_dir / f"{name}.onnx"
-        sess = session(path)
-        pred = run(sess, test["x"])
         results["congestion"]["models"][name] = {
             "file": f"onnx/{name}.onnx", "sha256": sha256(path), "bytes": path.stat().st_size,
-            "held_out": regression_metrics(pred[test_ok], test["y"][test_ok]),
-            "held_out_congested": regression_metrics(pred[congested], test["y"][congested]),
-            "latency_us": latency(sess, test["x"])}
+            "latency_us": latency(session(path), test["x"])}
 
     # ---- incidents
     print("== incident detector", flush=True)
@@ -384,17 +411,18 @@ def main():
     quantize(onnx_dir / "incident_fp32.onnx", onnx_dir / "incident_int8.onnx")
     t1, t2, t3 = calibrate_california(train)
     results["incident"] = {"positives_share_train": round(pos, 4), "target_false_alarm_rate": TARGET_FAR,
-                           "baselines": {"california7": {"thresholds": {"t1_occdf": t1, "t2_occrdf": t2, "t3_docc": t3},
-                                                         "held_out": detection_metrics(test, california7(test, t1, t2, t3))}},
+                           "california7_thresholds": {"t1_occdf": t1, "t2_occrdf": t2, "t3_docc": t3},
+                           "held_out": {src: {"California #7": detection_metrics(d, california7(d, t1, t2, t3))} for src, d in tests.items()},
                            "models": {}}
     for name in ("incident_fp32", "incident_int8"):
         path = onnx_dir / f"{name}.onnx"
         sess = session(path)
         thr = calibrate_threshold(run(sess, train["x"])[:, 0], train)
-        score = run(sess, test["x"])[:, 0]
+        for src, d in tests.items():
+            results["incident"]["held_out"][src][name] = detection_metrics(d, run(sess, d["x"])[:, 0] >= thr)
         results["incident"]["models"][name] = {
             "file": f"onnx/{name}.onnx", "sha256": sha256(path), "bytes": path.stat().st_size, "threshold": round(thr, 4),
-            "held_out": detection_metrics(test, score >= thr), "latency_us": latency(sess, test["x"])}
+            "latency_us": latency(sess, test["x"])}
 
     # ---- fixtures: fixed inputs with ONNX Runtime's outputs, and the small evaluation sample
     td = MODELS / "testdata"

@@ -156,6 +156,7 @@ impl OperatorSpec {
         "features",
         "infer",
         "california7",
+        "alert",
     ];
 
     /// The operator's configuration behind its common interface.
