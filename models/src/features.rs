@@ -6,8 +6,10 @@
 //! Per segment it keeps the last [`HISTORY_MINUTES`] minutes of speed, vehicles and occupancy.
 //! Rows wait until the watermark passes their minute, so every neighbour's row for that minute
 //! is there (the window stage emits a minute's rows before it forwards the watermark that
-//! closes it); then one feature row per input row is emitted, as a
-//! `FixedSizeList<Float32, 20>` column whose values buffer is the row-major model input.
+//! closes it); then one feature row per (segment, minute) is emitted, as a
+//! `FixedSizeList<Float32, 20>` column whose values buffer is the row-major model input. A row
+//! for a (segment, minute) the stage has already emitted, or older than one, or for a segment
+//! missing from the road graph, goes to port `unmatched` instead.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -257,6 +259,9 @@ pub struct FeatureBuilder {
     /// minute -> segments with a row for it, not yet emitted
     pending: BTreeMap<i64, Vec<usize>>,
     pending_rows: usize,
+    /// per segment: the last minute emitted (rows of minutes up to the window's lateness behind
+    /// the watermark still arrive, so this is per segment, not the watermark)
+    emitted: Vec<i64>,
     rows: Counter,
     unmatched: Counter,
     pending_gauge: Gauge,
@@ -304,6 +309,7 @@ impl FeatureBuilder {
             history: vec![VecDeque::new(); n],
             pending: BTreeMap::new(),
             pending_rows: 0,
+            emitted: vec![i64::MIN; n],
             rows,
             unmatched,
             pending_gauge,
@@ -378,6 +384,7 @@ impl FeatureBuilder {
             list.dedup();
             for s in list {
                 self.row(s, t, &mut values);
+                self.emitted[s] = self.emitted[s].max(t);
                 segs.push(self.graph.segments[s].segment_id.as_str());
                 ts.push(t);
             }
@@ -437,9 +444,19 @@ impl Operator for FeatureBuilder {
                 continue;
             };
             let t = times.value(i);
+            if t <= self.emitted[s] {
+                // its minute was emitted already: one feature row per (segment, minute)
+                unmatched.push(i as u32);
+                continue;
+            }
             let m = Minute {
                 t,
-                speed: if present(&speed_nulls, i) { speed[i] } else { self.graph.segments[s].free_speed_kmh },
+                // no vehicle passed: the speed of an empty road (as the Python code does for null and NaN)
+                speed: if present(&speed_nulls, i) && !speed[i].is_nan() {
+                    speed[i]
+                } else {
+                    self.graph.segments[s].free_speed_kmh
+                },
                 veh: if present(&veh_nulls, i) { veh[i] } else { f64::NAN },
                 occ: if present(&occ_nulls, i) { occ[i] } else { f64::NAN },
             };
@@ -468,5 +485,79 @@ impl Operator for FeatureBuilder {
 
     fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
         self.emit_through(i64::MAX, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Float64Array;
+    use arrow::datatypes::TimeUnit;
+    use citystream_operators::Metrics;
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+            Field::new("segment_id", DataType::Utf8, false),
+            Field::new("vehicles", DataType::Float64, true),
+            Field::new("mean_speed_kmh", DataType::Float64, true),
+            Field::new("mean_occupancy", DataType::Float64, true),
+        ]))
+    }
+
+    fn rows(r: &[(i64, &str, f64, Option<f64>, f64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            input(),
+            vec![
+                Arc::new(
+                    TimestampMillisecondArray::from_iter_values(r.iter().map(|x| x.0 * MINUTE_MS)).with_timezone("UTC"),
+                ),
+                Arc::new(StringArray::from_iter_values(r.iter().map(|x| x.1))),
+                Arc::new(Float64Array::from_iter_values(r.iter().map(|x| x.2))),
+                Arc::new(Float64Array::from(r.iter().map(|x| x.3).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from_iter_values(r.iter().map(|x| x.4))),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_minute_is_emitted_once_with_its_neighbours_and_later_rows_for_it_are_unmatched() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join("g.csv");
+        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
+        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
+        let mut op = cfg.build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new() }).unwrap();
+        let mut out = Collector::new(2);
+        // b had no vehicle (null speed) and a NaN one: both read as the free speed
+        op.process_batch(
+            rows(&[(1, "a", 10.0, Some(60.0), 0.3), (1, "b", 0.0, None, 0.1), (1, "x", 1.0, Some(1.0), 0.1)]),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.port(1)[0].num_rows(), 1, "segment x is not in the graph");
+        assert!(out.port(0).is_empty(), "waits for the watermark");
+        op.on_watermark(MINUTE_MS, &mut out).unwrap();
+        let b = &out.port(0)[0];
+        assert_eq!(b.num_rows(), 2);
+        let f =
+            b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+        let w = FEATURES.len();
+        let at = |row: usize, name: &str| f[row * w + FEATURES.iter().position(|n| *n == name).unwrap()];
+        assert_eq!((at(0, "speed_1m"), at(1, "speed_1m")), (60.0, 50.0));
+        assert_eq!(at(0, "down_speed_5m"), 50.0, "a's downstream is b");
+        assert!((at(0, "occ_diff_1m") - 0.2).abs() < 1e-6);
+        assert_eq!(at(1, "occ_diff_1m"), 0.0, "b has no downstream: its own occupancy");
+        assert_eq!(at(0, "flow_5m_vph"), 600.0);
+        // a second row for minute 1 after it was emitted: not a second feature row
+        let mut out = Collector::new(2);
+        op.process_batch(rows(&[(1, "a", 12.0, Some(f64::NAN), 0.3), (2, "b", 1.0, Some(f64::NAN), 0.1)]), &mut out)
+            .unwrap();
+        assert_eq!(out.port(1)[0].num_rows(), 1);
+        op.on_end(&mut out).unwrap();
+        let b = &out.port(0)[0];
+        assert_eq!(b.num_rows(), 1);
+        let v = b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().value(0);
+        assert_eq!(v, 50.0, "a NaN speed reads as the free speed");
     }
 }

@@ -2,11 +2,13 @@
 //! an optional shadow model.
 //!
 //! - **Input**: one `FixedSizeList<Float32, F>` column (its values buffer is handed to ONNX
-//!   Runtime as the `[rows, F]` tensor without a copy) or a list of numeric columns (copied
-//!   into a row-major buffer).
+//!   Runtime as the `[rows, F]` tensor without a copy when a micro-batch is one input batch;
+//!   several buffered batches are concatenated once) or a list of numeric columns (copied into
+//!   a row-major buffer).
 //! - **Micro-batching**: rows are gathered until `batch.max_rows` or `batch.max_delay`
-//!   (processing time) and always run before a watermark is forwarded, so no prediction is
-//!   ever behind the watermark downstream.
+//!   (processing time, checked when a batch or a watermark arrives: the stage has no timer of
+//!   its own) and always run before a watermark is forwarded, so no prediction is ever behind
+//!   the watermark downstream.
 //! - **Outputs**: the `keep` columns, each model output mapped to named `Float32` columns, and
 //!   `model` / `model_sha256` stamped on every row. Port `shadow` (when configured) carries the
 //!   candidate model's predictions for the same rows, stamped with its own name and checksum.
@@ -191,6 +193,11 @@ impl InferConfig {
             }
         };
         let keep = citystream_operators::common::columns(input, &self.keep, "keep", &mut errs);
+        for (k, name) in self.keep.iter().enumerate() {
+            if name == "model" || name == "model_sha256" || self.keep[..k].contains(name) {
+                errs.push(PlanError::new(format!("keep[{k}]"), format!("column `{name}` appears twice in the output")));
+            }
+        }
         if self.outputs.is_empty() {
             errs.push(PlanError::new(
                 "outputs",
@@ -435,8 +442,11 @@ impl Slot {
     }
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+/// What tells a replaced file: modification time, size and inode (a rename into place changes
+/// the inode even when a copy kept the time and the size).
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -445,7 +455,7 @@ fn watch(
     name: Option<String>,
     opts: LoadOptions,
     poll: StdDuration,
-    mut stamp: Option<(SystemTime, u64)>,
+    mut stamp: Option<(SystemTime, u64, u64)>,
     slot: Weak<Mutex<Option<Model>>>,
     rejected: Counter,
     stage: String,
@@ -523,7 +533,7 @@ fn features<'a>(r: &Resolved, batch: &'a RecordBatch, scratch: &'a mut Vec<f32>)
         if values.null_count() > 0 {
             return Err(ext("a feature value is null".into()));
         }
-        // a FixedSizeList's values start at offset * width (a sliced array keeps the full buffer)
+        // arrow slices a FixedSizeList's values with it (offset() is 0); kept general
         let start = list.offset() * r.width;
         return Ok(&values.values()[start..start + n * r.width]);
     }

@@ -49,7 +49,7 @@ pub fn library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
                     .filter(|p| {
                         p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so."))
                     })
-                    .max()
+                    .max_by_key(|p| version_key(p))
             })
             .collect();
         found.sort();
@@ -58,10 +58,23 @@ pub fn library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
     out
 }
 
+/// `libonnxruntime.so.1.31.1` -> `[1, 31, 1]`, so versions compare as numbers.
+fn version_key(p: &Path) -> Vec<u64> {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    name.trim_start_matches("libonnxruntime.so.").split('.').map(|v| v.parse().unwrap_or(0)).collect()
+}
+
+static LOADED_FROM: OnceLock<PathBuf> = OnceLock::new();
+
 /// The process's ONNX Runtime environment, loading the library on first use. Later calls
 /// reuse it (a different configured path is then ignored, with a warning).
 pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
     if let Some(env) = ENV.get() {
+        if let (Some(want), Some(have)) = (configured, LOADED_FROM.get())
+            && want != have
+        {
+            tracing::warn!(configured = %want.display(), loaded = %have.display(), "ONNX Runtime is loaded once per process; the configured library is ignored");
+        }
         return Ok(env);
     }
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
@@ -87,6 +100,7 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, St
         .build()
         .map_err(|e| format!("starting ONNX Runtime from {}: {e}", lib.display()))?;
     tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
+    let _ = LOADED_FROM.set(lib.clone());
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -239,9 +253,9 @@ impl Model {
                     return Err(format!("model {p}: input `{}` is {ty}, not float32", input.name()));
                 }
                 let dims: Vec<i64> = shape.iter().copied().collect();
-                if dims.len() != 2 || dims[1] != opts.input_width as i64 {
+                if dims.len() != 2 || dims[0] >= 0 || dims[1] != opts.input_width as i64 {
                     return Err(format!(
-                        "model {p}: input `{}` has shape {dims:?}; the stage feeds [batch, {}]",
+                        "model {p}: input `{}` has shape {dims:?}; the stage feeds [batch, {}] (a dynamic batch dimension)",
                         input.name(),
                         opts.input_width
                     ));
@@ -259,6 +273,7 @@ impl Model {
                 ValueType::Tensor { ty, shape, .. }
                     if *ty == ort::value::TensorElementType::Float32
                         && shape.len() == 2
+                        && shape[0] < 0
                         && (shape[1] == *width as i64 || shape[1] < 0) => {}
                 ValueType::Tensor { ty, shape, .. } => {
                     return Err(format!(

@@ -237,6 +237,8 @@ def latency(sess, x):
 # ---------------------------------------------------------------- metrics
 
 def regression_metrics(pred, y):
+    if len(y) == 0:
+        return {f"+{h}m": {"mae": None, "rmse": None, "mape": None} for h in HORIZONS}
     out = {}
     for k, h in enumerate(HORIZONS):
         d = pred[:, k] - y[:, k]

@@ -197,9 +197,9 @@ impl AlertConfig {
             errs.push(PlanError::new("storm.max_open", "must be at least 1"));
         }
         if let Some([a, b]) = self.active_hours
-            && (a > 23 || b > 24)
+            && (a > 23 || b > 24 || a == b)
         {
-            errs.push(PlanError::new("active_hours", "hours are 0..=23 (from) and 0..=24 (to)"));
+            errs.push(PlanError::new("active_hours", "hours are 0..=23 (from) and 0..=24 (to), and differ"));
         }
         let (Some(value), Some(location), Some(time), true) = (value, location, time, errs.is_empty()) else {
             return Err(errs);
@@ -276,6 +276,8 @@ enum Phase {
         id: String,
         opened_at: i64,
         peak: f64,
+        /// the peak the last event reported
+        reported: f64,
         last_emit: i64,
     },
     /// In the storm summary instead of an alert of its own.
@@ -421,7 +423,7 @@ impl AlertRule {
         let clear = if self.cfg.below { clear.max(raise) } else { clear.min(raise) };
         let hours_ok =
             self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
-        let Some(v) = v else { return };
+        let Some(v) = v.filter(|v| !v.is_nan()) else { return };
         let holds = hours_ok && self.beyond(v, clear);
         let raises = hours_ok && self.beyond(v, raise);
         let better = |a: f64, b: f64| if self.cfg.below { a.min(b) } else { a.max(b) };
@@ -446,25 +448,27 @@ impl AlertRule {
                         let id = format!("{}:{loc}:{t}", self.cfg.rule);
                         self.open += 1;
                         self.emit(t, &id, loc, "open", t, Some(v), raise, Some(peak), 1, evidence());
-                        Phase::Open { id, opened_at: t, peak, last_emit: t }
+                        Phase::Open { id, opened_at: t, peak, reported: peak, last_emit: t }
                     }
                 } else {
                     Phase::Pending { since, peak }
                 }
             }
-            Phase::Open { id, opened_at, .. } if !holds => {
+            Phase::Open { id, opened_at, peak, .. } if !holds => {
                 self.open -= 1;
                 st.quiet_until = t + self.cfg.cooldown.as_millis_i64();
-                self.emit(t, &id, loc, "resolved", opened_at, Some(v), raise, None, 1, evidence());
+                self.emit(t, &id, loc, "resolved", opened_at, Some(v), raise, Some(peak), 1, evidence());
                 Phase::Idle
             }
-            Phase::Open { id, opened_at, peak, last_emit } => {
-                let new_peak = better(peak, v);
-                if new_peak != peak && t - last_emit >= self.cfg.update_every.as_millis_i64() {
-                    self.emit(t, &id, loc, "update", opened_at, Some(v), raise, Some(new_peak), 1, evidence());
-                    Phase::Open { id, opened_at, peak: new_peak, last_emit: t }
+            Phase::Open { id, opened_at, peak, reported, last_emit } => {
+                // a peak reached within `update_every` of the last event is reported once the
+                // throttle allows, even if the value has come down since
+                let peak = better(peak, v);
+                if peak != reported && t - last_emit >= self.cfg.update_every.as_millis_i64() {
+                    self.emit(t, &id, loc, "update", opened_at, Some(v), raise, Some(peak), 1, evidence());
+                    Phase::Open { id, opened_at, peak, reported: peak, last_emit: t }
                 } else {
-                    Phase::Open { id, opened_at, peak: new_peak, last_emit }
+                    Phase::Open { id, opened_at, peak, reported, last_emit }
                 }
             }
             Phase::Storm { .. } if !holds => {
@@ -563,6 +567,7 @@ impl Operator for AlertRule {
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         let stale = self.cfg.stale_after.as_millis_i64();
+        let cooldown = self.cfg.cooldown.as_millis_i64();
         let gone: Vec<String> = self
             .states
             .iter()
@@ -570,18 +575,25 @@ impl Operator for AlertRule {
             .map(|(k, _)| k.clone())
             .collect();
         for loc in gone {
-            let st = self.states.remove(&loc).expect("listed");
-            let ev = serde_json::json!({"stale": true, "last_seen": st.last_t}).to_string();
-            match st.phase {
-                Phase::Open { id, opened_at, .. } => {
+            let st = self.states.get_mut(&loc).expect("listed");
+            let (phase, last_t) = (std::mem::replace(&mut st.phase, Phase::Idle), st.last_t);
+            if matches!(phase, Phase::Open { .. } | Phase::Storm { .. }) {
+                // a stale resolve is a resolve: the cooldown applies
+                st.quiet_until = watermark + cooldown;
+            }
+            let ev = serde_json::json!({"stale": true, "last_seen": last_t}).to_string();
+            match phase {
+                Phase::Open { id, opened_at, peak, .. } => {
                     self.open -= 1;
                     let raise = self.cfg.raise_at(&loc);
-                    self.emit(watermark, &id, &loc, "resolved", opened_at, None, raise, None, 1, ev);
+                    self.emit(watermark, &id, &loc, "resolved", opened_at, None, raise, Some(peak), 1, ev);
                 }
                 Phase::Storm { .. } => self.storm_leave(&loc, watermark),
                 _ => {}
             }
         }
+        // forget idle locations whose cooldown is over: the map holds active locations only
+        self.states.retain(|_, s| !matches!(s.phase, Phase::Idle) || s.quiet_until > watermark);
         self.finish(out)
     }
 

@@ -91,6 +91,12 @@ fn main() -> anyhow::Result<()> {
                 std::env::set_var("CITYSTREAM_METRICS_ADDR", "127.0.0.1:0");
             }
             let text = text.replace("duration: 1d", &format!("duration: {}d", args.days));
+            // no shadow model: each variant runs alone, so the comparison is of one model
+            let text: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("shadow:") && !l.contains("congestion.shadow"))
+                .map(|l| format!("{l}\n"))
+                .collect();
             let text = match args.models.as_str() {
                 "fp32" => text,
                 "int8" => text
