@@ -25,7 +25,7 @@ echo "== main job on the embedded default, read back with pyarrow and DuckDB"
 data="$(mktemp -d)"
 trap 'rm -rf "$data"' EXIT
 # stdout and stderr are kept (and shown) so the privacy check can scan every log line
-CITYSTREAM_DATA="$data" CITYSTREAM_METRICS_ADDR=127.0.0.1:0 \
+CITYSTREAM_DATA="$data" CITYSTREAM_METRICS_ADDR=127.0.0.1:0 CITYSTREAM_CONTROL_ADDR=127.0.0.1:0 \
   timeout 600 "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml 2>&1 | tee "$data/run.log"
 test "${PIPESTATUS[0]}" -eq 0
 .venv/bin/python tests/python/check_lake.py "$data"

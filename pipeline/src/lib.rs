@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod control;
 pub mod energy;
 #[cfg(feature = "kafka")]
 pub mod kafka;

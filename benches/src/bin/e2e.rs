@@ -89,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             unsafe {
                 std::env::set_var("CITYSTREAM_DATA", dir.path());
                 std::env::set_var("CITYSTREAM_METRICS_ADDR", "127.0.0.1:0");
+                std::env::set_var("CITYSTREAM_CONTROL_ADDR", "127.0.0.1:0");
             }
             let text = text.replace("duration: 1d", &format!("duration: {}d", args.days));
             // no shadow model: each variant runs alone, so the comparison is of one model

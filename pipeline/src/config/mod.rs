@@ -245,11 +245,13 @@ pub enum SinkConfig {
     /// `type: kafka`: rows as JSON messages.
     #[cfg(feature = "kafka")]
     Kafka(crate::kafka::KafkaSinkConfig),
+    /// `type: control_center`: the alert book, served over HTTP to control centers.
+    ControlCenter(crate::control::ControlConfig),
 }
 
 impl SinkConfig {
     /// Every `type` a sink can have.
-    pub const TYPES: &'static [&'static str] = &["parquet", "kafka"];
+    pub const TYPES: &'static [&'static str] = &["parquet", "kafka", "control_center"];
 }
 
 /// One stream reference or a list of them, each with its location in the file.

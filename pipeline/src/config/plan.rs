@@ -384,6 +384,7 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
     }
 
     let mut sinks = Vec::new();
+    let alerts_table = String::from("alerts");
     for (name, cfg) in &raw.sinks {
         // (table or topic, its inputs, its key column)
         let routes: Vec<(&String, &super::Inputs, Option<&str>)> = match cfg {
@@ -400,11 +401,13 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
                 }
                 k.topics.iter().map(|(t, r)| (t, &r.input, r.key.as_deref())).collect()
             }
+            SinkConfig::ControlCenter(c) => vec![(&alerts_table, &c.alerts, None)],
         };
         let section = match cfg {
             SinkConfig::Parquet(_) => "tables",
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(_) => "topics",
+            SinkConfig::ControlCenter(_) => "alerts",
         };
         let mut inputs = Vec::new();
         let mut tables = BTreeMap::new();
@@ -421,6 +424,8 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
             for (i, r) in refs.0.iter().enumerate() {
                 let path = if section == "tables" {
                     format!("sinks.{name}.tables.{table}[{i}]")
+                } else if section == "alerts" {
+                    format!("sinks.{name}.alerts[{i}]")
                 } else {
                     format!("sinks.{name}.topics.{table}.input[{i}]")
                 };
@@ -444,6 +449,14 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
                             format!("sinks.{name}.topics.{table}.key"),
                             format!("`{sref}` has no column `{k}` to key messages by"),
                             help,
+                        );
+                    }
+                    if section == "alerts" && schema != citystream_operators::alert::alert_schema() {
+                        ck.error(
+                            r.referenced,
+                            &path,
+                            format!("`{sref}` is not an alert stream"),
+                            Some("a control center reads the outputs of `type: alert` stages".into()),
                         );
                     }
                     match tables.get(table) {

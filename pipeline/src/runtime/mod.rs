@@ -100,6 +100,14 @@ pub enum PipelineError {
         /// The error.
         source: ParquetSinkError,
     },
+    /// The control center failed.
+    #[error("sink `{sink}`: {message}")]
+    ControlSink {
+        /// The sink.
+        sink: String,
+        /// Why.
+        message: String,
+    },
     /// A Kafka sink failed.
     #[error("sink `{sink}`: {message}")]
     KafkaSink {
@@ -308,6 +316,7 @@ pub async fn run_with_reload(
             crate::config::SinkConfig::Parquet(p) => Some(std::path::PathBuf::from(p.path.as_str())),
             #[cfg(feature = "kafka")]
             crate::config::SinkConfig::Kafka(_) => None,
+            crate::config::SinkConfig::ControlCenter(_) => None,
         })
         .collect();
     // offsets committed by a Kafka source: compaction merges only files wholly before them

@@ -17,6 +17,7 @@ const HOUR_GRACE_MS: i64 = 10 * 60_000;
 
 enum Writer {
     Parquet(Box<ParquetWriter>),
+    Control(Box<crate::control::ControlCenter>),
     #[cfg(feature = "kafka")]
     Kafka {
         writer: crate::kafka::KafkaWriter,
@@ -46,6 +47,10 @@ impl SinkTask {
                     .with_merged_tables(
                         node.tables.keys().filter(|t| node.inputs.iter().filter(|(n, _)| n == *t).count() > 1).cloned(),
                     ),
+            )),
+            SinkConfig::ControlCenter(cfg) => Writer::Control(Box::new(
+                crate::control::ControlCenter::start(&node.name, cfg, metrics)
+                    .map_err(|message| PipelineError::Build { stage: node.name.clone(), message })?,
             )),
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(cfg) => Writer::Kafka {
@@ -81,6 +86,8 @@ impl SinkTask {
                 cpu_metered(&self.cpu_ns, || w.write(table, origin, batch))
                     .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source })
             }
+            Writer::Control(c) => cpu_metered(&self.cpu_ns, || c.apply(batch))
+                .map_err(|message| PipelineError::ControlSink { sink: self.name.clone(), message }),
             #[cfg(feature = "kafka")]
             Writer::Kafka { writer, keys } => {
                 let key = keys.get(table).cloned().flatten();
@@ -97,6 +104,8 @@ impl SinkTask {
         match &mut self.writer {
             Writer::Parquet(w) => cpu_metered(&self.cpu_ns, || w.flush())
                 .map_err(|source| PipelineError::Parquet { sink: self.name.clone(), source }),
+            // the book is in memory; decisions are stored when they are made
+            Writer::Control(_) => Ok(()),
             #[cfg(feature = "kafka")]
             Writer::Kafka { writer, .. } => writer
                 .flush()
@@ -139,6 +148,7 @@ impl SinkTask {
                     self.flush().await?;
                     return Ok(match &self.writer {
                         Writer::Parquet(w) => w.stats(),
+                        Writer::Control(_) => BTreeMap::new(),
                         #[cfg(feature = "kafka")]
                         Writer::Kafka { .. } => BTreeMap::new(),
                     });

@@ -1,0 +1,654 @@
+//! The control-center service: a sink (`type: control_center`) that keeps the book of alerts
+//! from the `alert` stages and serves it over HTTP to the people who act on them.
+//!
+//! - `GET /` the page (live alert list, a map drawn from the road graph, details, buttons);
+//! - `GET /api/alerts?state=&alert_type=&location=&limit=` alerts, newest first;
+//! - `GET /api/alerts/{id}`; `GET /api/map` (segments with coordinates); `GET /api/health`
+//!   (per-stage rows in, dead letters, queue depths);
+//! - `GET /api/stream` Server-Sent Events: every alert change and every operator decision;
+//! - `POST /api/alerts/{id}/{acknowledge|resolve|false_alarm}` with
+//!   `{"operator": "...", "comment": "..."}`: lifecycle open → acknowledged → resolved, or
+//!   false alarm; each decision is a row of the `feedback` table (and an SSE event).
+//!
+//! Every `/api` request needs a bearer token (`Authorization: Bearer …`; the event stream also
+//! takes `?token=`, as browsers' EventSource cannot set headers). Tokens come from a file or an
+//! environment variable, never the YAML: one `role token` pair per line (or `;`-separated),
+//! role `viewer` (read) or `operator` (read and decide). Requests are rate-limited per token
+//! (and per client address for failed authentication) with `governor`; bad input is a 4xx with
+//! a JSON `{"error": ...}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{
+    DataType, Field, Float64Type, Int32Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use citystream_operators::Metrics;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::config::{EnvString, Inputs};
+use crate::sink::parquet::{ParquetSinkConfig, ParquetWriter};
+
+fn d_rate() -> u32 {
+    120
+}
+
+/// YAML of a `control_center` sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Listen address, e.g. `127.0.0.1:8088` (port 0: any free port, logged).
+    pub addr: EnvString,
+    /// The alert streams (outputs of `alert` stages).
+    pub alerts: Inputs,
+    /// A file of `role token` lines (roles `viewer`, `operator`).
+    #[serde(default)]
+    pub tokens_file: Option<EnvString>,
+    /// Single machines: create `tokens_file` with one viewer and one operator token (random,
+    /// mode 0600) when it does not exist.
+    #[serde(default)]
+    pub create_tokens_file: bool,
+    /// The name of an environment variable holding `role token` pairs separated by `;`.
+    #[serde(default)]
+    pub tokens_env: Option<String>,
+    /// Root of the `feedback` Parquet table (operator decisions). Default: none (not stored).
+    #[serde(default)]
+    pub feedback_path: Option<EnvString>,
+    /// The road graph CSV for the map.
+    #[serde(default)]
+    pub road_graph: Option<EnvString>,
+    /// Requests per minute per token. Default 120.
+    #[serde(default = "d_rate")]
+    pub requests_per_minute: u32,
+}
+
+/// A role a token grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Reads alerts, the map, health and the stream.
+    Viewer,
+    /// Also acknowledges, resolves and marks false alarms.
+    Operator,
+}
+
+/// Parses `role token` pairs (one per line or `;`-separated; `#` starts a comment).
+pub fn parse_tokens(text: &str) -> Result<HashMap<String, Role>, String> {
+    let mut out = HashMap::new();
+    for (n, entry) in text.split(['\n', ';']).enumerate() {
+        let entry = entry.split('#').next().unwrap_or("").trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let mut parts = entry.split_whitespace();
+        let (Some(role), Some(token), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("token entry {}: expected `role token`", n + 1));
+        };
+        let role = match role {
+            "viewer" => Role::Viewer,
+            "operator" => Role::Operator,
+            other => return Err(format!("token entry {}: unknown role `{other}` (viewer or operator)", n + 1)),
+        };
+        if token.len() < 16 {
+            return Err(format!("token entry {}: tokens need at least 16 characters", n + 1));
+        }
+        out.insert(token.to_owned(), role);
+    }
+    if out.is_empty() {
+        return Err("no tokens: the control center would refuse every request".into());
+    }
+    Ok(out)
+}
+
+impl ControlConfig {
+    /// Loads the tokens from the file or the environment.
+    pub fn tokens(&self) -> Result<HashMap<String, Role>, String> {
+        match (&self.tokens_file, &self.tokens_env) {
+            (Some(f), None) if self.create_tokens_file && !std::path::Path::new(f.as_str()).exists() => {
+                create_tokens_file(f.as_str())?;
+                tracing::info!(file = f.as_str(), "control center: created a viewer and an operator token");
+                parse_tokens(&std::fs::read_to_string(f.as_str()).map_err(|e| e.to_string())?)
+            }
+            (Some(f), None) => std::fs::read_to_string(f.as_str())
+                .map_err(|e| format!("reading tokens_file `{}`: {e}", f.as_str()))
+                .and_then(|t| parse_tokens(&t)),
+            (None, Some(v)) => std::env::var(v)
+                .map_err(|_| format!("tokens_env: the environment variable `{v}` is not set"))
+                .and_then(|t| parse_tokens(&t)),
+            _ => Err("set exactly one of `tokens_file` and `tokens_env` (tokens never go in the YAML)".into()),
+        }
+    }
+}
+
+fn create_tokens_file(path: &str) -> Result<(), String> {
+    use base64::Engine;
+    use rand::Rng;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = || base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::rng().random::<[u8; 24]>());
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating tokens_file `{path}`: {e}"))?;
+    writeln!(
+        f,
+        "# citystream control-center tokens: `role token` per line (viewer, operator)\nviewer {}\noperator {}",
+        token(),
+        token()
+    )
+    .and_then(|()| f.sync_all())
+    .map_err(|e| format!("writing tokens_file `{path}`: {e}"))
+}
+
+/// One operator decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    /// When (processing time, ms).
+    pub ts: i64,
+    /// `acknowledged`, `resolved` or `false_alarm`.
+    pub decision: String,
+    /// Who.
+    pub operator: String,
+    /// Why.
+    pub comment: String,
+}
+
+/// An alert as the control center shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertView {
+    /// Its id.
+    pub alert_id: String,
+    /// The rule that raised it.
+    pub rule: String,
+    /// Its type.
+    pub alert_type: String,
+    /// Its severity.
+    pub severity: String,
+    /// Where.
+    pub location: String,
+    /// Lifecycle: `open`, `acknowledged`, `resolved` or `false_alarm`.
+    pub state: String,
+    /// Whether the rule still holds it open.
+    pub active: bool,
+    /// When it opened (event time, ms).
+    pub opened_at: i64,
+    /// The last change (event time, ms).
+    pub updated_at: i64,
+    /// When the pipeline emitted its first event (processing time, ms).
+    pub emitted_at: i64,
+    /// The latest value, threshold and peak.
+    pub value: Option<f64>,
+    /// The raise level.
+    pub threshold: f64,
+    /// The peak.
+    pub peak: Option<f64>,
+    /// Locations in a storm summary.
+    pub locations: i32,
+    /// What fired it.
+    pub evidence: serde_json::Value,
+    /// Operator decisions, oldest first.
+    pub decisions: Vec<Decision>,
+}
+
+/// The feedback table's schema.
+pub fn feedback_schema() -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("ts", ts(), false),
+        Field::new("alert_id", DataType::Utf8, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("alert_type", DataType::Utf8, false),
+        Field::new("location", DataType::Utf8, false),
+        Field::new("decision", DataType::Utf8, false),
+        Field::new("operator", DataType::Utf8, false),
+        Field::new("comment", DataType::Utf8, false),
+        Field::new("opened_at", ts(), false),
+        Field::new("value", DataType::Float64, true),
+        Field::new("threshold", DataType::Float64, false),
+    ]))
+}
+
+struct Book {
+    alerts: HashMap<String, AlertView>,
+    feedback: Option<ParquetWriter>,
+}
+
+/// The running control center: apply alert batches to it; it serves them.
+pub struct ControlCenter {
+    book: Arc<Mutex<Book>>,
+    events: broadcast::Sender<String>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ControlCenter {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    book: Arc<Mutex<Book>>,
+    events: broadcast::Sender<String>,
+    tokens: Arc<HashMap<String, Role>>,
+    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    map: Arc<serde_json::Value>,
+    metrics: Metrics,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn read_map(path: &str) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading road_graph `{path}`: {e}"))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = |n: &str| header.iter().position(|h| *h == n).ok_or(format!("`{path}` has no column `{n}`"));
+    let (id, lat, lon, down) = (col("segment_id")?, col("lat")?, col("lon")?, col("downstream")?);
+    let segs: Vec<serde_json::Value> = lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            serde_json::json!({
+                "id": f.get(id).copied().unwrap_or(""),
+                "lat": f.get(lat).and_then(|v| v.parse::<f64>().ok()),
+                "lon": f.get(lon).and_then(|v| v.parse::<f64>().ok()),
+                "downstream": f.get(down).copied().filter(|s| !s.is_empty()),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "segments": segs }))
+}
+
+impl ControlCenter {
+    /// Binds the address, loads tokens and the map, and starts serving.
+    pub fn start(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<ControlCenter, String> {
+        let tokens = cfg.tokens()?;
+        let map = match &cfg.road_graph {
+            Some(p) => read_map(p.as_str())?,
+            None => serde_json::json!({ "segments": [] }),
+        };
+        let feedback = match &cfg.feedback_path {
+            Some(p) => {
+                let pc: ParquetSinkConfig = serde_saphyr::from_str(&format!(
+                    "path: {}\ntables: {{feedback: x}}\n",
+                    serde_json::to_string(p.as_str()).map_err(|e| e.to_string())?
+                ))
+                .map_err(|e| format!("feedback_path: {e}"))?;
+                let tables = BTreeMap::from([("feedback".to_owned(), feedback_schema())]);
+                Some(ParquetWriter::try_new(name, &pc, &tables, metrics).map_err(|e| format!("feedback table: {e}"))?)
+            }
+            None => None,
+        };
+        let per_minute = NonZeroU32::new(cfg.requests_per_minute).ok_or("requests_per_minute must be at least 1")?;
+        let listener = std::net::TcpListener::bind(cfg.addr.as_str())
+            .map_err(|e| format!("control center: cannot listen on {}: {e}", cfg.addr.as_str()))?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let (events, _) = broadcast::channel(1024);
+        let book = Arc::new(Mutex::new(Book { alerts: HashMap::new(), feedback }));
+        let app = App {
+            book: book.clone(),
+            events: events.clone(),
+            tokens: Arc::new(tokens),
+            limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
+            map: Arc::new(map),
+            metrics: metrics.clone(),
+        };
+        let router = axum::Router::new()
+            .route("/", get(|| async { Html(include_str!("control/page.html")) }))
+            .route("/api/alerts", get(list))
+            .route("/api/alerts/{id}", get(one))
+            .route("/api/alerts/{id}/{action}", post(decide))
+            .route("/api/map", get(map_route))
+            .route("/api/health", get(health))
+            .route("/api/stream", get(stream))
+            .with_state(app);
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
+                tracing::error!("control center stopped: {e}");
+            }
+        });
+        tracing::info!(%addr, "control center listening");
+        Ok(ControlCenter { book, events, addr, server })
+    }
+
+    /// Applies alert events (the `alert` stages' schema) to the book and streams them.
+    pub fn apply(&self, batch: &RecordBatch) -> Result<(), String> {
+        let s = |n: &str| batch.column_by_name(n).map(|c| c.as_string::<i32>()).ok_or(format!("no column `{n}`"));
+        let t = |n: &str| {
+            batch
+                .column_by_name(n)
+                .map(|c| c.as_primitive::<TimestampMillisecondType>())
+                .ok_or(format!("no column `{n}`"))
+        };
+        let f = |n: &str| {
+            batch.column_by_name(n).map(|c| c.as_primitive::<Float64Type>()).ok_or(format!("no column `{n}`"))
+        };
+        let (id, rule, ty, sev, loc, status, ev) = (
+            s("alert_id")?,
+            s("rule")?,
+            s("alert_type")?,
+            s("severity")?,
+            s("location")?,
+            s("status")?,
+            s("evidence")?,
+        );
+        let (ts, opened, emitted) = (t("ts")?, t("opened_at")?, t("emitted_at")?);
+        let (value, thr, peak) = (f("value")?, f("threshold")?, f("peak")?);
+        let n_locs =
+            batch.column_by_name("locations").map(|c| c.as_primitive::<Int32Type>()).ok_or("no column `locations`")?;
+        let opt = |a: &Float64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..batch.num_rows() {
+            let key = id.value(i).to_owned();
+            let status = status.value(i);
+            let a = book.alerts.entry(key.clone()).or_insert_with(|| AlertView {
+                alert_id: key.clone(),
+                rule: rule.value(i).to_owned(),
+                alert_type: ty.value(i).to_owned(),
+                severity: sev.value(i).to_owned(),
+                location: loc.value(i).to_owned(),
+                state: "open".into(),
+                active: true,
+                opened_at: opened.value(i),
+                updated_at: ts.value(i),
+                emitted_at: emitted.value(i),
+                value: None,
+                threshold: thr.value(i),
+                peak: None,
+                locations: 1,
+                evidence: serde_json::Value::Null,
+                decisions: Vec::new(),
+            });
+            a.updated_at = ts.value(i);
+            a.value = opt(value, i).or(a.value);
+            a.peak = opt(peak, i).or(a.peak);
+            a.locations = n_locs.value(i);
+            a.evidence = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
+            if status == "resolved" {
+                a.active = false;
+                if a.state == "open" || a.state == "acknowledged" {
+                    a.state = "resolved".into();
+                }
+            }
+            let msg = serde_json::json!({"kind": "alert", "status": status, "alert": &*a}).to_string();
+            let _ = self.events.send(msg);
+        }
+        Ok(())
+    }
+
+    /// The alerts now in the book (for tests and the final report).
+    pub fn alerts(&self) -> Vec<AlertView> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner()).alerts.values().cloned().collect()
+    }
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, axum::Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// Checks the bearer token (or `?token=` where `query_token` is allowed), the role and the rate.
+fn authorize(
+    app: &App,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    peer: SocketAddr,
+    need: Role,
+) -> Result<Role, Box<Response>> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let token = bearer.or(query_token);
+    let Some(role) = token.and_then(|t| app.tokens.get(t)).copied() else {
+        // failed attempts are limited per client address, so guessing is slow
+        if app.limiter.check_key(&format!("ip:{}", peer.ip())).is_err() {
+            return Err(Box::new(error(StatusCode::TOO_MANY_REQUESTS, "too many requests")));
+        }
+        return Err(Box::new(error(StatusCode::UNAUTHORIZED, "a valid bearer token is required")));
+    };
+    if app.limiter.check_key(&format!("token:{}", token.unwrap_or_default())).is_err() {
+        return Err(Box::new(error(StatusCode::TOO_MANY_REQUESTS, "too many requests")));
+    }
+    if need == Role::Operator && role != Role::Operator {
+        return Err(Box::new(error(StatusCode::FORBIDDEN, "this token is read-only (role viewer)")));
+    }
+    Ok(role)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    alert_type: Option<String>,
+    location: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "query parameters: state, alert_type, location, limit (a number)");
+    };
+    if let Some(s) = &q.state
+        && !["open", "acknowledged", "resolved", "false_alarm"].contains(&s.as_str())
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("state `{s}`: one of open, acknowledged, resolved, false_alarm"),
+        );
+    }
+    let limit = q.limit.unwrap_or(200).min(5000);
+    let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<&AlertView> = book
+        .alerts
+        .values()
+        .filter(|a| q.state.as_ref().is_none_or(|s| &a.state == s))
+        .filter(|a| q.alert_type.as_ref().is_none_or(|s| &a.alert_type == s))
+        .filter(|a| q.location.as_ref().is_none_or(|s| &a.location == s))
+        .collect();
+    v.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then_with(|| a.alert_id.cmp(&b.alert_id)));
+    v.truncate(limit);
+    axum::Json(serde_json::json!({ "alerts": v })).into_response()
+}
+
+async fn one(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    match book.alerts.get(&id) {
+        Some(a) => axum::Json(a).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no alert `{id}`")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    operator: String,
+    #[serde(default)]
+    comment: String,
+}
+
+async fn decide(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Operator) {
+        return *r;
+    }
+    let new_state = match action.as_str() {
+        "acknowledge" => "acknowledged",
+        "resolve" => "resolved",
+        "false_alarm" => "false_alarm",
+        other => {
+            return error(StatusCode::NOT_FOUND, format!("no action `{other}` (acknowledge, resolve, false_alarm)"));
+        }
+    };
+    let body: DecisionBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body: {e} (expected {{\"operator\": \"...\", \"comment\": \"...\"}})"),
+            );
+        }
+    };
+    if body.operator.is_empty()
+        || body.operator.len() > 64
+        || !body.operator.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c))
+    {
+        return error(StatusCode::BAD_REQUEST, "operator: 1 to 64 characters of letters, digits and . _ @ -");
+    }
+    if body.comment.chars().count() > 1000 {
+        return error(StatusCode::BAD_REQUEST, "comment: at most 1000 characters");
+    }
+    let mut book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(a) = book.alerts.get_mut(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no alert `{id}`"));
+    };
+    let allowed = match new_state {
+        "acknowledged" => a.state == "open",
+        "resolved" => a.state == "open" || a.state == "acknowledged",
+        _ => a.state != "false_alarm",
+    };
+    if !allowed {
+        return error(StatusCode::CONFLICT, format!("alert `{id}` is {}: it cannot become {new_state}", a.state));
+    }
+    let ts = now_ms();
+    a.state = new_state.to_owned();
+    a.decisions.push(Decision {
+        ts,
+        decision: new_state.into(),
+        operator: body.operator.clone(),
+        comment: body.comment.clone(),
+    });
+    let view = a.clone();
+    if let Some(w) = book.feedback.as_mut() {
+        let row = feedback_row(ts, &view, new_state, &body.operator, &body.comment);
+        if let Err(e) = w.write("feedback", "control_center", &row).and_then(|()| w.flush()) {
+            tracing::error!("feedback table: {e}");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
+        }
+    }
+    drop(book);
+    app.metrics
+        .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
+        .inc();
+    let _ = app.events.send(serde_json::json!({"kind": "decision", "alert": &view}).to_string());
+    axum::Json(view).into_response()
+}
+
+fn feedback_row(ts: i64, a: &AlertView, decision: &str, operator: &str, comment: &str) -> RecordBatch {
+    let t = |v: i64| Arc::new(TimestampMillisecondArray::from(vec![v]).with_timezone("UTC")) as Arc<dyn Array>;
+    let s = |v: &str| Arc::new(StringArray::from(vec![v])) as Arc<dyn Array>;
+    RecordBatch::try_new(
+        feedback_schema(),
+        vec![
+            t(ts),
+            s(&a.alert_id),
+            s(&a.rule),
+            s(&a.alert_type),
+            s(&a.location),
+            s(decision),
+            s(operator),
+            s(comment),
+            t(a.opened_at),
+            Arc::new(Float64Array::from(vec![a.value])),
+            Arc::new(Float64Array::from(vec![a.threshold])),
+        ],
+    )
+    .expect("columns match the feedback schema")
+}
+
+async fn map_route(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    axum::Json(app.map.as_ref().clone()).into_response()
+}
+
+async fn health(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let m = &app.metrics;
+    axum::Json(serde_json::json!({
+        "rows_in": m.series("citystream_stage_rows_in_total"),
+        "dead_letters": m.sum("citystream_dead_letters_total"),
+        "queue_depth": m.series("citystream_channel_depth"),
+        "alerts_open": m.series("citystream_alerts_open"),
+        "carbon_high_mode": m.value("citystream_carbon_high_mode", &[]),
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    token: Option<String>,
+}
+
+async fn stream(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, q.token.as_deref(), peer, Role::Viewer) {
+        return *r;
+    }
+    let rx = app.events.subscribe();
+    let s = futures_util::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Ok(msg) => Some((Ok::<Event, std::convert::Infallible>(Event::default().data(msg)), rx)),
+            // a slow client misses events; it reloads the list on `lagged`
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                Some((Ok(Event::default().event("lagged").data(n.to_string())), rx))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    Sse::new(s).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The feedback table's root, if configured (for `compact` and reports).
+pub fn feedback_root(cfg: &ControlConfig) -> Option<PathBuf> {
+    cfg.feedback_path.as_ref().map(|p| PathBuf::from(p.as_str()))
+}

@@ -1,0 +1,239 @@
+//! The control-center service over real HTTP: alert events made by a real `alert` rule, bearer
+//! tokens and roles, input validation, the lifecycle with its conflicts, the feedback table, the
+//! live event stream, rate limits and the page.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use citystream_operators::alert::AlertConfig;
+use citystream_operators::{BuildContext, Collector, Metrics, OperatorConfig};
+use citystream_pipeline::control::{ControlCenter, ControlConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const VIEWER: &str = "viewer-token-0123456789";
+const OPERATOR: &str = "operator-token-0123456789";
+
+fn scores_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new("incident_prob", DataType::Float64, false),
+        Field::new("model", DataType::Utf8, false),
+    ]))
+}
+
+/// Alert events from a real incident rule fed with scores.
+fn alert_events(rows: &[(&str, i64, f64)]) -> RecordBatch {
+    let cfg: AlertConfig = serde_saphyr::from_str(
+        "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: incident_prob\nraise: 0.9\nclear: 0.5\nevidence: [model]\n",
+    )
+    .unwrap();
+    let mut op = cfg.build(&scores_schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new() }).unwrap();
+    let batch = RecordBatch::try_new(
+        scores_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1 * 60_000)).with_timezone("UTC"),
+            ),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "incident_fp32"))),
+        ],
+    )
+    .unwrap();
+    let mut out = Collector::new(1);
+    op.process_batch(batch, &mut out).unwrap();
+    let b: Vec<RecordBatch> = out.drain().map(|(_, b)| b).collect();
+    arrow::compute::concat_batches(&b[0].schema(), &b).unwrap()
+}
+
+fn config(feedback: &std::path::Path, env: &str, rate: u32) -> ControlConfig {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    serde_saphyr::from_str(&format!(
+        "addr: 127.0.0.1:0\nalerts: [x]\ntokens_env: {env}\nfeedback_path: {}\nroad_graph: {}\nrequests_per_minute: {rate}\n",
+        feedback.display(),
+        root.join("deploy/road_graph.csv").display()
+    ))
+    .unwrap()
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+async fn http(c: &ControlCenter, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: set before the service reads it; this test binary's tests use distinct variables
+    unsafe { std::env::set_var("CC_TOKENS_A", format!("viewer {VIEWER}; operator {OPERATOR}")) };
+    let c = ControlCenter::start("control", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
+    c.apply(&alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95)])).unwrap();
+
+    // authentication and roles
+    assert_eq!(http(&c, "GET", "/api/alerts", None, None).await.0, 401);
+    assert_eq!(http(&c, "GET", "/api/alerts", Some("not-a-token-at-all-xx"), None).await.0, 401);
+    let (code, body) = http(&c, "GET", "/api/alerts?state=open", Some(VIEWER), None).await;
+    assert_eq!(code, 200, "{body}");
+    let list = json(&body);
+    assert_eq!(list["alerts"].as_array().unwrap().len(), 2);
+    let id = "incident_model:seg-00-03:600000";
+    assert!(
+        list["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alert_id"] == id && a["evidence"]["model"] == "incident_fp32")
+    );
+    let ack = format!("/api/alerts/{id}/acknowledge");
+    let good = r#"{"operator": "op.anna", "comment": "crew dispatched"}"#;
+    let (code, body) = http(&c, "POST", &ack, Some(VIEWER), Some(good)).await;
+    assert_eq!((code, json(&body)["error"].as_str().unwrap().contains("read-only")), (403, true));
+
+    // input validation
+    assert_eq!(http(&c, "GET", "/api/alerts?state=bogus", Some(VIEWER), None).await.0, 400);
+    assert_eq!(http(&c, "GET", "/api/alerts?limit=many", Some(VIEWER), None).await.0, 400);
+    for bad in
+        [r#"{"comment": "no operator"}"#, r#"{"operator": "a b"}"#, "not json", r#"{"operator": "x", "extra": 1}"#]
+    {
+        let (code, body) = http(&c, "POST", &ack, Some(OPERATOR), Some(bad)).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert!(json(&body)["error"].is_string());
+    }
+    let long = format!(r#"{{"operator": "x", "comment": "{}"}}"#, "c".repeat(1001));
+    assert_eq!(http(&c, "POST", &ack, Some(OPERATOR), Some(&long)).await.0, 400);
+    assert_eq!(http(&c, "POST", "/api/alerts/nope/acknowledge", Some(OPERATOR), Some(good)).await.0, 404);
+    assert_eq!(http(&c, "POST", &format!("/api/alerts/{id}/delete"), Some(OPERATOR), Some(good)).await.0, 404);
+
+    // the lifecycle: open -> acknowledged -> resolved -> false alarm, with conflicts refused
+    let (code, body) = http(&c, "POST", &ack, Some(OPERATOR), Some(good)).await;
+    assert_eq!((code, json(&body)["state"].as_str().unwrap()), (200, "acknowledged"), "{body}");
+    assert_eq!(http(&c, "POST", &ack, Some(OPERATOR), Some(good)).await.0, 409);
+    let resolve = format!("/api/alerts/{id}/resolve");
+    assert_eq!(http(&c, "POST", &resolve, Some(OPERATOR), Some(r#"{"operator": "op.anna"}"#)).await.0, 200);
+    let fa = format!("/api/alerts/{id}/false_alarm");
+    let (code, body) =
+        http(&c, "POST", &fa, Some(OPERATOR), Some(r#"{"operator": "op.ben", "comment": "a parked truck"}"#)).await;
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["decisions"].as_array().unwrap().len(), 3);
+    assert_eq!(http(&c, "POST", &fa, Some(OPERATOR), Some(good)).await.0, 409);
+    let (_, body) = http(&c, "GET", "/api/alerts?state=false_alarm", Some(VIEWER), None).await;
+    assert_eq!(json(&body)["alerts"][0]["alert_id"], id);
+
+    // the rule resolving it does not undo the operator's false alarm
+    c.apply(&alert_events(&[("seg-00-03", 10, 0.97), ("seg-00-03", 12, 0.1)])).unwrap();
+    let (_, body) = http(&c, "GET", &format!("/api/alerts/{id}"), Some(VIEWER), None).await;
+    assert_eq!(
+        (json(&body)["state"].as_str().unwrap(), json(&body)["active"].as_bool().unwrap()),
+        ("false_alarm", false)
+    );
+
+    // every decision is a row of the feedback table
+    let mut rows = Vec::new();
+    let mut stack = vec![dir.path().join("feedback")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
+                    std::fs::File::open(&p).unwrap(),
+                    64,
+                )
+                .unwrap()
+                {
+                    let b = b.unwrap();
+                    let dec = b.column_by_name("decision").unwrap().as_string::<i32>();
+                    let op = b.column_by_name("operator").unwrap().as_string::<i32>();
+                    rows.extend((0..b.num_rows()).map(|i| (dec.value(i).to_owned(), op.value(i).to_owned())));
+                }
+            }
+        }
+    }
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("acknowledged".into(), "op.anna".into()),
+            ("false_alarm".into(), "op.ben".into()),
+            ("resolved".into(), "op.anna".into())
+        ] as [(String, String); 3]
+    );
+
+    // the map, health and the page
+    let (code, body) = http(&c, "GET", "/api/map", Some(VIEWER), None).await;
+    assert_eq!((code, json(&body)["segments"].as_array().unwrap().len()), (200, 24));
+    assert_eq!(http(&c, "GET", "/api/health", Some(VIEWER), None).await.0, 200);
+    let (code, page) = http(&c, "GET", "/", None, None).await;
+    assert!(code == 200 && page.contains("citystream control center") && page.contains("EventSource"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_pushes_new_alerts_and_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: as above, a variable of this test only
+    unsafe { std::env::set_var("CC_TOKENS_B", format!("viewer {VIEWER}")) };
+    let c = ControlCenter::start("control", &config(dir.path(), "CC_TOKENS_B", 1000), &Metrics::new()).unwrap();
+    assert_eq!(http(&c, "GET", "/api/stream", None, None).await.0, 401);
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    s.write_all(format!("GET /api/stream?token={VIEWER} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains("text/event-stream"), "{got}");
+    c.apply(&alert_events(&[("seg-02-05", 30, 0.99)])).unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !got.contains("incident_model:seg-02-05:1800000") {
+        let n = tokio::time::timeout_at(until, s.read(&mut buf)).await.expect("an event within 10 s").unwrap();
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("data: {"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_rate_limit_are_refused_and_tokens_never_come_from_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: as above
+    unsafe { std::env::set_var("CC_TOKENS_C", format!("viewer {VIEWER}")) };
+    let c = ControlCenter::start("control", &config(dir.path(), "CC_TOKENS_C", 3), &Metrics::new()).unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(http(&c, "GET", "/api/alerts", Some(VIEWER), None).await.0);
+    }
+    assert_eq!(codes, [200, 200, 200, 429, 429]);
+    // guessing tokens is limited per client address too
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        codes.push(http(&c, "GET", "/api/alerts", Some(&format!("guess-{i}-0000000000000")), None).await.0);
+    }
+    assert_eq!(codes, [401, 401, 401, 429, 429]);
+    // no token source, or both, is a startup error
+    let mut cfg = config(dir.path(), "CC_TOKENS_C", 3);
+    cfg.tokens_env = None;
+    let e = ControlCenter::start("control", &cfg, &Metrics::new()).err().unwrap();
+    assert!(e.contains("never go in the YAML"), "{e}");
+    let e = citystream_pipeline::control::parse_tokens("admin short").unwrap_err();
+    assert!(e.contains("unknown role"), "{e}");
+}
