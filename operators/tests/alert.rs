@@ -233,3 +233,31 @@ fn plan_errors_name_the_key() {
     assert!(errs.iter().any(|e| e.key == "value" && e.help.as_deref() == Some("did you mean `score`?")), "{errs:?}");
     assert!(errs.iter().any(|e| e.key == "clear"), "{errs:?}");
 }
+
+#[test]
+fn calibration_follows_a_simulated_operator_toward_the_precision_target() {
+    use citystream_operators::alert::{CalibrationSpec, Judged, calibrate};
+    let spec: CalibrationSpec = serde_saphyr::from_str("target_precision: 0.8\n").unwrap();
+    // an operator who rejects every alert below 0.95 (45% of them) at a 0.90 threshold
+    let judged: Vec<Judged> =
+        (0..20).map(|i| 0.90 + 0.005 * f64::from(i)).map(|v| Judged { value: v, true_alarm: v >= 0.95 }).collect();
+    let p = calibrate(0.90, false, &judged, &spec).unwrap();
+    assert!(p.precision < 0.6 && p.new > 0.90, "{p:?}");
+    assert!(p.new <= 0.90 * 1.05 + 1e-12, "bounded by max_step: {p:?}");
+    // calibrating again from the new level keeps moving the same way, up to where the target holds
+    let mut t = 0.90;
+    for _ in 0..10 {
+        if let Some(p) = calibrate(t, false, &judged, &spec) {
+            t = p.new;
+        }
+    }
+    assert!((0.935..=0.95).contains(&t), "settles where 80% of what is beyond it is confirmed: {t}");
+    // an operator who confirms everything: a little more sensitive
+    let all: Vec<Judged> = (0..10).map(|i| Judged { value: 0.9 + 0.01 * f64::from(i), true_alarm: true }).collect();
+    assert!(calibrate(0.90, false, &all, &spec).unwrap().new < 0.90);
+    // too little feedback: nothing changes; a below rule (speeds) moves down to be stricter
+    assert_eq!(calibrate(0.90, false, &judged[..3], &spec), None);
+    let slow: Vec<Judged> = (0..10).map(|i| Judged { value: 10.0 + f64::from(i), true_alarm: i < 4 }).collect();
+    let p = calibrate(20.0, true, &slow, &spec).unwrap();
+    assert!(p.new < 20.0 && p.new >= 19.0, "{p:?}");
+}

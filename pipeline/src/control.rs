@@ -6,6 +6,8 @@
 //! - `GET /api/alerts/{id}`; `GET /api/map` (segments with coordinates); `GET /api/health`
 //!   (per-stage rows in, dead letters, queue depths);
 //! - `GET /api/stream` Server-Sent Events: every alert change and every operator decision;
+//! - `GET /api/calibration?target_precision=0.8`: per rule and location, a bounded threshold
+//!   proposal from the operators' verdicts (`alert::calibrate`), logged;
 //! - `POST /api/alerts/{id}/{acknowledge|resolve|false_alarm}` with
 //!   `{"operator": "...", "comment": "..."}`: lifecycle open → acknowledged → resolved, or
 //!   false alarm; each decision is a row of the `feedback` table (and an SSE event).
@@ -322,6 +324,7 @@ impl ControlCenter {
             .route("/api/map", get(map_route))
             .route("/api/health", get(health))
             .route("/api/stream", get(stream))
+            .route("/api/calibration", get(calibration))
             .with_state(app);
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
@@ -646,6 +649,66 @@ async fn stream(
         }
     });
     Sse::new(s).keep_alive(KeepAlive::default()).into_response()
+}
+
+type Group = (i64, f64, i32, Vec<citystream_operators::alert::Judged>);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CalibrationQuery {
+    target_precision: f64,
+    max_step: Option<f64>,
+    min_judged: Option<usize>,
+}
+
+/// Proposed per-location thresholds from the operators' verdicts, per rule, as the YAML
+/// `thresholds` map of each `alert` stage takes them (applied by editing the config, which the
+/// running pipeline reloads live; the old values stay in the proposal, so it is reversible).
+async fn calibration(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<CalibrationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "query: target_precision (0..1), optional max_step and min_judged");
+    };
+    if !(0.0..=1.0).contains(&q.target_precision) || q.max_step.is_some_and(|s| !(0.0..=0.5).contains(&s)) {
+        return error(StatusCode::BAD_REQUEST, "target_precision is in 0..1 and max_step in 0..0.5");
+    }
+    let spec = citystream_operators::alert::CalibrationSpec {
+        target_precision: q.target_precision,
+        max_step: q.max_step.unwrap_or(0.05),
+        min_judged: q.min_judged.unwrap_or(5),
+        slack: 0.1,
+    };
+    // (rule, location) -> (time of the latest alert, its threshold, below-rule votes, judged alerts)
+    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+    {
+        let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+        for a in book.alerts.values().filter(|a| a.location != "*") {
+            let Some(last) = a.decisions.last() else { continue };
+            let Some(v) = a.peak.or(a.value) else { continue };
+            let g =
+                groups.entry((a.rule.clone(), a.location.clone())).or_insert((i64::MIN, a.threshold, 0, Vec::new()));
+            if a.updated_at > g.0 {
+                (g.0, g.1) = (a.updated_at, a.threshold);
+            }
+            g.2 += if v < a.threshold { 1 } else { -1 };
+            g.3.push(citystream_operators::alert::Judged { value: v, true_alarm: last.decision != "false_alarm" });
+        }
+    }
+    let mut rules: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+    for ((rule, loc), (_, current, below, judged)) in groups {
+        if let Some(p) = citystream_operators::alert::calibrate(current, below > 0, &judged, &spec) {
+            tracing::info!(rule = %rule, location = %loc, old = p.old, new = p.new, precision = p.precision, judged = p.judged, "calibration proposal");
+            rules.entry(rule).or_default().insert(loc, serde_json::to_value(p).unwrap_or_default());
+        }
+    }
+    axum::Json(serde_json::json!({ "target_precision": q.target_precision, "rules": rules })).into_response()
 }
 
 /// The feedback table's root, if configured (for `compact` and reports).

@@ -181,6 +181,16 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
         ] as [(String, String); 3]
     );
 
+    // calibration: the operator rejected the only judged alert at seg-00-03 (one is too little
+    // feedback by default); with min_judged 1 the proposal raises its threshold, bounded
+    let (code, body) = http(&c, "GET", "/api/calibration?target_precision=0.8", Some(VIEWER), None).await;
+    assert_eq!((code, json(&body)["rules"].as_object().unwrap().len()), (200, 0), "{body}");
+    let (code, body) = http(&c, "GET", "/api/calibration?target_precision=0.8&min_judged=1", Some(VIEWER), None).await;
+    let p = &json(&body)["rules"]["incident_model"]["seg-00-03"];
+    assert_eq!(code, 200, "{body}");
+    assert!(p["new"].as_f64().unwrap() > 0.9 && p["new"].as_f64().unwrap() <= 0.945 + 1e-9, "{body}");
+    assert_eq!(http(&c, "GET", "/api/calibration?target_precision=2", Some(VIEWER), None).await.0, 400);
+
     // the map, health and the page
     let (code, body) = http(&c, "GET", "/api/map", Some(VIEWER), None).await;
     assert_eq!((code, json(&body)["segments"].as_array().unwrap().len()), (200, 24));
