@@ -110,6 +110,10 @@ pub struct RoadSegment {
     pub downstream: Option<usize>,
     /// Free-flow speed, km/h.
     pub free_speed_kmh: f64,
+    /// Latitude and longitude of the segment (for maps), where the file has them.
+    pub lat: Option<f64>,
+    /// See `lat`.
+    pub lon: Option<f64>,
 }
 
 /// The road graph: segments sorted by id, neighbours as indices.
@@ -117,6 +121,8 @@ pub struct RoadSegment {
 pub struct RoadGraph {
     /// Segments, sorted by id.
     pub segments: Vec<RoadSegment>,
+    /// Whether the file has `lat` and `lon` columns.
+    pub has_coordinates: bool,
     index: HashMap<String, usize>,
 }
 
@@ -134,6 +140,7 @@ impl RoadGraph {
                 .ok_or_else(|| format!("{} has no column `{name}`", path.display()))
         };
         let (ci, cu, cd, cf) = (col("segment_id")?, col("upstream")?, col("downstream")?, col("free_speed_kmh")?);
+        let (clat, clon) = (col("lat").ok(), col("lon").ok());
         let mut raw = Vec::new();
         for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let f: Vec<&str> = line.split(',').collect();
@@ -142,7 +149,8 @@ impl RoadGraph {
             };
             let free: f64 =
                 get(cf)?.parse().map_err(|e| format!("{}:{}: free_speed_kmh: {e}", path.display(), n + 2))?;
-            raw.push((get(ci)?.to_owned(), get(cu)?.to_owned(), get(cd)?.to_owned(), free));
+            let coord = |c: Option<usize>| c.and_then(|c| f.get(c)).and_then(|v| v.trim().parse::<f64>().ok());
+            raw.push((get(ci)?.to_owned(), get(cu)?.to_owned(), get(cd)?.to_owned(), free, coord(clat), coord(clon)));
         }
         raw.sort_by(|a, b| a.0.cmp(&b.0));
         let index: HashMap<String, usize> = raw.iter().enumerate().map(|(i, r)| (r.0.clone(), i)).collect();
@@ -151,14 +159,16 @@ impl RoadGraph {
         }
         let segments = raw
             .into_iter()
-            .map(|(id, up, down, free)| RoadSegment {
+            .map(|(id, up, down, free, lat, lon)| RoadSegment {
                 upstream: index.get(&up).copied(),
                 downstream: index.get(&down).copied(),
                 segment_id: id,
                 free_speed_kmh: free,
+                lat,
+                lon,
             })
             .collect();
-        Ok(RoadGraph { segments, index })
+        Ok(RoadGraph { segments, has_coordinates: clat.is_some() && clon.is_some(), index })
     }
 
     /// The index of `segment_id`.

@@ -290,46 +290,22 @@ impl OperatorConfig for InferConfig {
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
         let r = self.check(input)?;
         let opts = self.load_options(r.width);
-        let live = Slot::start(
-            PathBuf::from(self.model.as_str()),
-            self.name.clone(),
-            opts.clone(),
-            self.reload_poll.to_std(),
-            &ctx.metrics,
-            &ctx.stage,
-            "live",
-        )
-        .map_err(|e| vec![PlanError::new("model", e)])?;
-        let shadow = match &self.shadow {
-            Some(s) => Some(
-                Slot::start(
-                    PathBuf::from(s.model.as_str()),
-                    s.name.clone(),
-                    opts,
-                    self.reload_poll.to_std(),
-                    &ctx.metrics,
-                    &ctx.stage,
-                    "shadow",
-                )
-                .map_err(|e| vec![PlanError::new("shadow.model", e)])?,
-            ),
-            None => None,
+        // the live, shadow and carbon models load and hot-swap the same way
+        let start = |model: &EnvString, name: &Option<String>, role: &'static str, key: &str| {
+            Slot::start(
+                PathBuf::from(model.as_str()),
+                name.clone(),
+                opts.clone(),
+                self.reload_poll.to_std(),
+                &ctx.metrics,
+                &ctx.stage,
+                role,
+            )
+            .map_err(|e| vec![PlanError::new(key, e)])
         };
-        let carbon = match &self.carbon {
-            Some(c) => Some(
-                Slot::start(
-                    PathBuf::from(c.model.as_str()),
-                    c.name.clone(),
-                    self.load_options(r.width),
-                    self.reload_poll.to_std(),
-                    &ctx.metrics,
-                    &ctx.stage,
-                    "carbon",
-                )
-                .map_err(|e| vec![PlanError::new("carbon.model", e)])?,
-            ),
-            None => None,
-        };
+        let live = start(&self.model, &self.name, "live", "model")?;
+        let shadow = self.shadow.as_ref().map(|s| start(&s.model, &s.name, "shadow", "shadow.model")).transpose()?;
+        let carbon = self.carbon.as_ref().map(|c| start(&c.model, &c.name, "carbon", "carbon.model")).transpose()?;
         let mut outputs = vec![OutputSpec::new("main", r.schema.clone())];
         if shadow.is_some() {
             outputs.push(OutputSpec::new("shadow", r.schema.clone()));

@@ -435,7 +435,7 @@ impl Operator for Admit {
                 let offset =
                     batch.column_by_name("src_offset").map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().clone());
                 let mut dl = DeadLetterBuilder::new(self.max_payload);
-                let now = chrono_ms();
+                let now = crate::common::wall_clock_ms();
                 for ((i, w), line) in reasons.iter().zip(text.split(|b| *b == b'\n')) {
                     let pos = Position {
                         source: &self.stage,
@@ -484,8 +484,4 @@ impl Operator for Admit {
         // one extra burst per key
         false
     }
-}
-
-fn chrono_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

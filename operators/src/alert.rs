@@ -26,7 +26,7 @@ use std::sync::{Arc, LazyLock};
 use arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde::Deserialize;
 
@@ -134,7 +134,7 @@ pub struct AlertConfig {
 /// The schema of alert events (every `alert` stage emits it, so they share one table).
 pub fn alert_schema() -> SchemaRef {
     static S: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+        let ts = citystream_schemas::timestamp_type;
         Arc::new(Schema::new(vec![
             Field::new("ts", ts(), false),
             Field::new("alert_id", DataType::Utf8, false),
@@ -488,7 +488,7 @@ impl AlertRule {
         }
         let e = std::mem::take(&mut self.out);
         let n = e.ts.len();
-        let now = chrono_now_ms();
+        let now = crate::common::wall_clock_ms();
         let ts = |v: Vec<i64>| -> ArrayRef { Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC")) };
         let repeat = |s: &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(std::iter::repeat_n(s, n))) };
         let cols: Vec<ArrayRef> = vec![
@@ -510,10 +510,6 @@ impl AlertRule {
         out.emit(0, RecordBatch::try_new(self.outputs[0].schema.clone(), cols)?);
         Ok(())
     }
-}
-
-fn chrono_now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// JSON of the evidence columns of row `i` (values as displayed by Arrow), plus the value.

@@ -79,6 +79,11 @@ pub fn times(batch: &RecordBatch, column: usize) -> Vec<i64> {
     if a.null_count() == 0 { a.values().to_vec() } else { a.iter().map(|v| v.unwrap_or(i64::MIN)).collect() }
 }
 
+/// Wall-clock time, UTC milliseconds (processing time, as opposed to event time).
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A numeric column as `f64` values with its validity (casting once per batch).
 pub fn as_f64(col: &ArrayRef) -> Result<(Vec<f64>, Option<arrow::buffer::NullBuffer>), ArrowError> {
     let c = cast(col, &DataType::Float64)?;

@@ -22,13 +22,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{
-    DataType, Field, Float64Type, Int32Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
-};
+use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Schema, SchemaRef, TimestampMillisecondType};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -209,7 +206,7 @@ pub struct AlertView {
 
 /// The feedback table's schema.
 pub fn feedback_schema() -> SchemaRef {
-    let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let ts = citystream_schemas::timestamp_type;
     Arc::new(Schema::new(vec![
         Field::new("ts", ts(), false),
         Field::new("alert_id", DataType::Utf8, false),
@@ -255,25 +252,21 @@ struct App {
     metrics: Metrics,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
+/// The map the page draws: the road graph the `features` stage reads, with coordinates.
 fn read_map(path: &str) -> Result<serde_json::Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading road_graph `{path}`: {e}"))?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
-    let col = |n: &str| header.iter().position(|h| *h == n).ok_or(format!("`{path}` has no column `{n}`"));
-    let (id, lat, lon, down) = (col("segment_id")?, col("lat")?, col("lon")?, col("downstream")?);
-    let segs: Vec<serde_json::Value> = lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
+    let g = citystream_models::RoadGraph::read(std::path::Path::new(path)).map_err(|e| format!("road_graph: {e}"))?;
+    if !g.has_coordinates {
+        return Err(format!("road_graph: `{path}` has no `lat` and `lon` columns for the map"));
+    }
+    let segs: Vec<serde_json::Value> = g
+        .segments
+        .iter()
+        .map(|s| {
             serde_json::json!({
-                "id": f.get(id).copied().unwrap_or(""),
-                "lat": f.get(lat).and_then(|v| v.parse::<f64>().ok()),
-                "lon": f.get(lon).and_then(|v| v.parse::<f64>().ok()),
-                "downstream": f.get(down).copied().filter(|s| !s.is_empty()),
+                "id": s.segment_id,
+                "lat": s.lat,
+                "lon": s.lon,
+                "downstream": s.downstream.map(|d| g.segments[d].segment_id.as_str()),
             })
         })
         .collect();
@@ -398,11 +391,6 @@ impl ControlCenter {
             let _ = self.events.send(msg);
         }
         Ok(())
-    }
-
-    /// The alerts now in the book (for tests and the final report).
-    pub fn alerts(&self) -> Vec<AlertView> {
-        self.book.lock().unwrap_or_else(|e| e.into_inner()).alerts.values().cloned().collect()
     }
 }
 
@@ -555,7 +543,7 @@ async fn decide(
     if !allowed {
         return error(StatusCode::CONFLICT, format!("alert `{id}` is {}: it cannot become {new_state}", a.state));
     }
-    let ts = now_ms();
+    let ts = citystream_operators::common::wall_clock_ms();
     a.state = new_state.to_owned();
     a.decisions.push(Decision {
         ts,
@@ -709,9 +697,4 @@ async fn calibration(
         }
     }
     axum::Json(serde_json::json!({ "target_precision": q.target_precision, "rules": rules })).into_response()
-}
-
-/// The feedback table's root, if configured (for `compact` and reports).
-pub fn feedback_root(cfg: &ControlConfig) -> Option<PathBuf> {
-    cfg.feedback_path.as_ref().map(|p| PathBuf::from(p.as_str()))
 }
