@@ -29,7 +29,8 @@ fn build<C: OperatorConfig + serde::de::DeserializeOwned>(
     m: &Metrics,
 ) -> Box<dyn Operator> {
     let cfg: C = serde_saphyr::from_str(yaml).unwrap();
-    cfg.build(&batches[0].0.schema(), &BuildContext { stage: "bench".into(), metrics: m.clone() }).unwrap()
+    cfg.build(&batches[0].0.schema(), &BuildContext { stage: "bench".into(), metrics: m.clone(), ..Default::default() })
+        .unwrap()
 }
 
 fn operators(c: &mut Criterion) {

@@ -537,7 +537,9 @@ mod tests {
         let g = dir.path().join("g.csv");
         std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
         let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
-        let mut op = cfg.build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new() }).unwrap();
+        let mut op = cfg
+            .build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() })
+            .unwrap();
         let mut out = Collector::new(2);
         // b had no vehicle (null speed) and a NaN one: both read as the free speed
         op.process_batch(

@@ -260,7 +260,9 @@ fn infer_micro_batches_up_to_max_rows_and_flushes_at_each_watermark() {
     let model = models_dir().join("onnx/congestion_fp32.onnx");
     let cfg = infer_config(&model, "batch: {max_rows: 16, max_delay: 1h}\nreload_poll: 0s\n");
     let metrics = Metrics::new();
-    let mut op = cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone() }).unwrap();
+    let mut op = cfg
+        .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
+        .unwrap();
     let (inputs, want) = congestion_rows();
     let mut out = Collector::new(op.outputs().len());
     // 10 rows: below max_rows and max_delay, so they wait
@@ -304,7 +306,8 @@ fn infer_reads_scalar_feature_columns_too() {
         model.display()
     );
     let cfg: InferConfig = serde_saphyr::from_str(&yaml).unwrap();
-    let mut op = cfg.build(&schema, &BuildContext { stage: "c".into(), metrics: Metrics::new() }).unwrap();
+    let mut op =
+        cfg.build(&schema, &BuildContext { stage: "c".into(), metrics: Metrics::new(), ..Default::default() }).unwrap();
     let mut out = Collector::new(1);
     op.process_batch(batch, &mut out).unwrap();
     op.on_end(&mut out).unwrap();
@@ -334,7 +337,9 @@ fn infer_plan_errors_name_the_key() {
         model.display()
     ))
     .unwrap();
-    let Err(errs) = bad.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: Metrics::new() }) else {
+    let Err(errs) = bad
+        .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: Metrics::new(), ..Default::default() })
+    else {
         panic!("a model that does not fit the mapping was accepted")
     };
     assert!(errs.iter().any(|e| e.key == "model" && e.message.contains("maps it to 1")), "{errs:?}");
@@ -366,7 +371,9 @@ fn replacing_the_model_file_swaps_it_and_a_bad_file_is_rejected_while_the_old_on
         ..cfg
     };
     let metrics = Metrics::new();
-    let mut op = cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone() }).unwrap();
+    let mut op = cfg
+        .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
+        .unwrap();
     assert_eq!(op.outputs().len(), 2, "main and shadow");
     let (inputs, _) = congestion_rows();
     let run = |op: &mut Box<dyn Operator>| {
@@ -419,7 +426,9 @@ fn a_high_carbon_grid_switches_to_the_cheaper_model_and_back() {
         ),
     );
     let metrics = Metrics::new();
-    let mut op = cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone() }).unwrap();
+    let mut op = cfg
+        .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
+        .unwrap();
     let (inputs, _) = congestion_rows();
     let step = |op: &mut Box<dyn Operator>| {
         let mut out = Collector::new(1);

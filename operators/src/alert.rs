@@ -16,12 +16,17 @@
 //!   outside them count as clear (noise at night);
 //! - **staleness**: a location silent for `stale_after` behind the watermark is resolved.
 //!
+//! A location's raise level is, first, the live level on the pipeline's [`ThresholdBoard`]
+//! (set by calibration in the control center, without a config edit), then its entry in
+//! `thresholds`, then `raise`.
+//!
 //! Every event carries the triggering value, the threshold, the peak and the `evidence` columns
 //! of the row that caused it (model name and checksum, for instance) as JSON, and the processing
 //! time it was emitted at, for latency accounting.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
@@ -77,6 +82,55 @@ fn d_location() -> String {
 }
 fn d_time() -> String {
     "window_end".into()
+}
+
+/// Live per-location raise levels, per rule, shared by one pipeline's `alert` stages and its
+/// control center: calibration writes them, the rules read them (a version number tells a
+/// rule when to copy its part again, so a batch costs one atomic load).
+#[derive(Debug, Clone, Default)]
+pub struct ThresholdBoard {
+    levels: Arc<RwLock<BTreeMap<String, BTreeMap<String, f64>>>>,
+    version: Arc<AtomicU64>,
+}
+
+impl ThresholdBoard {
+    /// Sets (`Some`) or removes (`None`) the live raise level of `rule` at `location`.
+    pub fn set(&self, rule: &str, location: &str, level: Option<f64>) {
+        let mut m = self.levels.write().unwrap_or_else(|e| e.into_inner());
+        match level {
+            Some(v) => {
+                m.entry(rule.to_owned()).or_default().insert(location.to_owned(), v);
+            }
+            None => {
+                if let Some(r) = m.get_mut(rule) {
+                    r.remove(location);
+                    if r.is_empty() {
+                        m.remove(rule);
+                    }
+                }
+            }
+        }
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// The live level of `rule` at `location`, if one is set.
+    pub fn get(&self, rule: &str, location: &str) -> Option<f64> {
+        self.levels.read().unwrap_or_else(|e| e.into_inner()).get(rule).and_then(|r| r.get(location)).copied()
+    }
+
+    /// Every live level: rule → location → level.
+    pub fn all(&self) -> BTreeMap<String, BTreeMap<String, f64>> {
+        self.levels.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes with every `set`.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn rule(&self, rule: &str) -> BTreeMap<String, f64> {
+        self.levels.read().unwrap_or_else(|e| e.into_inner()).get(rule).cloned().unwrap_or_default()
+    }
 }
 
 /// YAML of an `alert` stage.
@@ -228,7 +282,7 @@ impl AlertConfig {
         }
     }
 
-    fn raise_at(&self, location: &str) -> f64 {
+    fn configured_raise(&self, location: &str) -> f64 {
         self.thresholds.get(location).copied().unwrap_or(self.raise)
     }
 }
@@ -261,6 +315,9 @@ impl OperatorConfig for AlertConfig {
                 "Alerts open now (a storm summary counts once).",
                 &[("stage", ctx.stage.as_str()), ("rule", self.rule.as_str())],
             ),
+            board: ctx.thresholds.clone(),
+            board_version: u64::MAX,
+            live: BTreeMap::new(),
         }))
     }
 }
@@ -329,6 +386,10 @@ pub struct AlertRule {
     updated: Counter,
     resolved: Counter,
     open_gauge: Gauge,
+    board: ThresholdBoard,
+    board_version: u64,
+    /// This rule's live levels from the board, copied when its version moves.
+    live: BTreeMap<String, f64>,
 }
 
 impl std::fmt::Debug for AlertRule {
@@ -343,6 +404,19 @@ fn in_hours(h: u8, [from, to]: [u8; 2]) -> bool {
 }
 
 impl AlertRule {
+    /// The raise level at `location`: live (calibrated) level, else configured.
+    fn raise_at(&self, location: &str) -> f64 {
+        self.live.get(location).copied().unwrap_or_else(|| self.cfg.configured_raise(location))
+    }
+
+    fn refresh_levels(&mut self) {
+        let v = self.board.version();
+        if v != self.board_version {
+            self.board_version = v;
+            self.live = self.board.rule(&self.cfg.rule);
+        }
+    }
+
     /// `v` at or beyond `level` in the rule's direction.
     fn beyond(&self, v: f64, level: f64) -> bool {
         if self.cfg.below { v <= level } else { v >= level }
@@ -417,7 +491,7 @@ impl AlertRule {
 
     /// One row: value `v` (None: no reading) at `t` for `loc`.
     fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
-        let raise = self.cfg.raise_at(loc);
+        let raise = self.raise_at(loc);
         // a location's own (calibrated) raise level may sit beyond the shared clear level
         let clear = self.cfg.clear.unwrap_or(raise);
         let clear = if self.cfg.below { clear.max(raise) } else { clear.min(raise) };
@@ -539,6 +613,7 @@ impl Operator for AlertRule {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+        self.refresh_levels();
         let col = batch.column(self.cols.value);
         let (values, nulls) = if col.data_type() == &DataType::Boolean {
             let b = col.as_boolean();
@@ -555,13 +630,14 @@ impl Operator for AlertRule {
             }
             let v = nulls.as_ref().is_none_or(|n| n.is_valid(i)).then_some(value);
             let loc = locs.value(i);
-            let raise = self.cfg.raise_at(loc);
+            let raise = self.raise_at(loc);
             self.step(loc, times.value(i), v, || evidence_json(&batch, &ev_cols, i, v, raise));
         }
         self.finish(out)
     }
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        self.refresh_levels();
         let stale = self.cfg.stale_after.as_millis_i64();
         let cooldown = self.cfg.cooldown.as_millis_i64();
         let gone: Vec<String> = self
@@ -581,7 +657,7 @@ impl Operator for AlertRule {
             match phase {
                 Phase::Open { id, opened_at, peak, .. } => {
                     self.open -= 1;
-                    let raise = self.cfg.raise_at(&loc);
+                    let raise = self.raise_at(&loc);
                     self.emit(watermark, &id, &loc, "resolved", opened_at, None, raise, Some(peak), 1, ev);
                 }
                 Phase::Storm { .. } => self.storm_leave(&loc, watermark),

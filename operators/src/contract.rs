@@ -216,6 +216,8 @@ pub struct BuildContext {
     pub stage: String,
     /// The pipeline's metrics registry.
     pub metrics: crate::Metrics,
+    /// Live alert thresholds (calibration), shared with the control center.
+    pub thresholds: crate::alert::ThresholdBoard,
 }
 
 /// The closest of `candidates` to `name`, when one is close enough to be a likely typo.

@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn routes_valid_and_invalid_and_counts_reasons() {
         let metrics = Metrics::new();
-        let ctx = BuildContext { stage: "decode_env".into(), metrics: metrics.clone() };
+        let ctx = BuildContext { stage: "decode_env".into(), metrics: metrics.clone(), ..Default::default() };
         let cfg = DecodeConfig::new(EventKind::Environment);
         let mut op = cfg.build(&raw::schema(), &ctx).unwrap();
         let mut b = raw::RawBatchBuilder::with_capacity(3, 256);

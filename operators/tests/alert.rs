@@ -38,7 +38,7 @@ fn rule(extra: &str) -> (Box<dyn Operator>, Metrics) {
     );
     let cfg: AlertConfig = serde_saphyr::from_str(&yaml).unwrap();
     let m = Metrics::new();
-    (cfg.build(&schema(), &BuildContext { stage: "a".into(), metrics: m.clone() }).unwrap(), m)
+    (cfg.build(&schema(), &BuildContext { stage: "a".into(), metrics: m.clone(), ..Default::default() }).unwrap(), m)
 }
 
 /// (location, status, minute, locations) of every event, in order.
@@ -214,7 +214,9 @@ fn a_silent_location_is_resolved_as_stale_and_nulls_change_nothing() {
 fn thresholds_retune_live_but_the_columns_do_not() {
     let base = "rule: r\nalert_type: incident\nseverity: critical\nvalue: score\nraise: 0.9\n";
     let cfg: AlertConfig = serde_saphyr::from_str(base).unwrap();
-    let mut op = cfg.build(&schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new() }).unwrap();
+    let mut op = cfg
+        .build(&schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new(), ..Default::default() })
+        .unwrap();
     let tuned: AlertConfig = serde_saphyr::from_str(&format!("{base}thresholds: {{s1: 0.99}}\n")).unwrap();
     op.retune(&tuned).unwrap();
     let mut out = Collector::new(1);
@@ -260,4 +262,38 @@ fn calibration_follows_a_simulated_operator_toward_the_precision_target() {
     let slow: Vec<Judged> = (0..10).map(|i| Judged { value: 10.0 + f64::from(i), true_alarm: i < 4 }).collect();
     let p = calibrate(20.0, true, &slow, &spec).unwrap();
     assert!(p.new < 20.0 && p.new >= 19.0, "{p:?}");
+}
+
+#[test]
+fn a_live_level_on_the_threshold_board_overrides_the_configured_one_and_can_be_removed() {
+    let cfg: AlertConfig = serde_saphyr::from_str(
+        "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: score\nraise: 0.9\nclear: 0.5\nthresholds: {s2: 0.8}\n",
+    )
+    .unwrap();
+    let board = citystream_operators::alert::ThresholdBoard::default();
+    let ctx = BuildContext { stage: "a".into(), metrics: Metrics::new(), thresholds: board.clone() };
+    let mut op = cfg.build(&schema(), &ctx).unwrap();
+    // 0.92 opens at s1 under the configured 0.9
+    assert_eq!(
+        run(&mut op, &[("s1", 0, Some(0.92)), ("s1", 1, Some(0.2))]),
+        [ev("s1", "open", 0), ev("s1", "resolved", 1)]
+    );
+    // calibration raises s1 to 0.95 and lowers s2 (configured 0.8) to 0.7; another rule's level is not read
+    board.set("incident_model", "s1", Some(0.95));
+    board.set("incident_model", "s2", Some(0.7));
+    board.set("other_rule", "s3", Some(0.1));
+    let e = run(&mut op, &[("s1", 5, Some(0.92)), ("s2", 5, Some(0.75)), ("s3", 5, Some(0.5))]);
+    assert_eq!(e, [ev("s2", "open", 5)]);
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&[("s1", 6, Some(0.96))]), &mut out).unwrap();
+    let b: Vec<RecordBatch> = out.drain().map(|(_, b)| b).collect();
+    // the event reports the level it was raised against
+    assert_eq!(b[0].column_by_name("threshold").unwrap().as_primitive::<Float64Type>().value(0), 0.95);
+    // reverting removes the live level: the configured one applies again
+    board.set("incident_model", "s1", None);
+    assert_eq!(board.get("incident_model", "s1"), None);
+    assert_eq!(
+        run(&mut op, &[("s1", 7, Some(0.2)), ("s1", 20, Some(0.91))]),
+        [ev("s1", "resolved", 7), ev("s1", "open", 20)]
+    );
 }

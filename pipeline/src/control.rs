@@ -8,9 +8,16 @@
 //! - `GET /api/stream` Server-Sent Events: every alert change and every operator decision;
 //! - `GET /api/calibration?target_precision=0.8`: per rule and location, a bounded threshold
 //!   proposal from the operators' verdicts (`alert::calibrate`), logged;
+//! - `POST /api/calibration/apply` `{"operator", "target_precision"}`: applies the proposals
+//!   live to the pipeline's [`ThresholdBoard`] (no config edit), as one numbered change kept
+//!   in `calibration_file`; `POST /api/calibration/{n}/revert` puts the old levels back;
+//!   `GET /api/calibration/history` lists the live levels and every change;
 //! - `POST /api/alerts/{id}/{acknowledge|resolve|false_alarm}` with
 //!   `{"operator": "...", "comment": "..."}`: lifecycle open → acknowledged → resolved, or
-//!   false alarm; each decision is a row of the `feedback` table (and an SSE event).
+//!   false alarm. Each decision is stored before the answer: a row of the `feedback` table
+//!   and a lifecycle event (status `acknowledged`, `resolved` or `false_alarm`) in the
+//!   `alerts` table under `feedback_path`, and with `kafka:` a message on each of its topics
+//!   (`alerts_topic`, keyed by location, and `feedback_topic`); then an SSE event.
 //!
 //! Every `/api` request needs a bearer token (`Authorization: Bearer …`; the event stream also
 //! takes `?token=`, as browsers' EventSource cannot set headers). Tokens come from a file or an
@@ -35,6 +42,8 @@ use citystream_operators::Metrics;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+
+use citystream_operators::alert::ThresholdBoard;
 
 use crate::config::{EnvString, Inputs};
 use crate::sink::parquet::{ParquetSinkConfig, ParquetWriter};
@@ -70,6 +79,30 @@ pub struct ControlConfig {
     /// Requests per minute per token. Default 120.
     #[serde(default = "d_rate")]
     pub requests_per_minute: u32,
+    /// A JSON file keeping the live calibrated levels and their history across restarts
+    /// (written atomically). Default: none (calibration lasts as long as the process).
+    #[serde(default)]
+    pub calibration_file: Option<EnvString>,
+    /// Publish every decision to Kafka as well (needs the `kafka` feature).
+    #[serde(default)]
+    pub kafka: Option<ControlKafka>,
+}
+
+/// Where the control center publishes decisions on Kafka.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlKafka {
+    /// `bootstrap.servers`.
+    pub brokers: EnvString,
+    /// Lifecycle events in the alert schema, keyed by location (e.g. `city.alerts`).
+    #[serde(default)]
+    pub alerts_topic: Option<String>,
+    /// Feedback rows, keyed by location (e.g. `city.feedback`).
+    #[serde(default)]
+    pub feedback_topic: Option<String>,
+    /// Any librdkafka producer property.
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
 }
 
 /// A role a token grants.
@@ -224,13 +257,152 @@ pub fn feedback_schema() -> SchemaRef {
 
 struct Book {
     alerts: HashMap<String, AlertView>,
+    /// Tables `feedback` and `alerts` (decision events) under `feedback_path`.
     feedback: Option<ParquetWriter>,
+    calibration: Calibrations,
+}
+
+/// One level a calibration changed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LevelChange {
+    /// The rule.
+    pub rule: String,
+    /// The location.
+    pub location: String,
+    /// The level before (the configured one when there was no live level).
+    pub old: f64,
+    /// The level after.
+    pub new: f64,
+    /// Share of judged alerts beyond the new level that operators confirmed.
+    pub precision: f64,
+    /// Alerts judged.
+    pub judged: usize,
+    /// Whether a live level was set before (a revert removes it again when not).
+    pub had_live: bool,
+}
+
+/// One applied calibration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CalibrationChange {
+    /// Its number.
+    pub id: u64,
+    /// When (processing time, ms).
+    pub ts: i64,
+    /// Who applied it.
+    pub operator: String,
+    /// The precision it aimed at.
+    pub target_precision: f64,
+    /// What it changed.
+    pub changes: Vec<LevelChange>,
+    /// When and by whom it was reverted.
+    pub reverted: Option<(i64, String)>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Calibrations {
+    history: Vec<CalibrationChange>,
+    #[serde(skip)]
+    file: Option<std::path::PathBuf>,
+}
+
+impl Calibrations {
+    fn load(path: &std::path::Path, board: &ThresholdBoard) -> Result<Self, String> {
+        let mut c = match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice::<Calibrations>(&b)
+                .map_err(|e| format!("calibration_file `{}`: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Calibrations::default(),
+            Err(e) => return Err(format!("calibration_file `{}`: {e}", path.display())),
+        };
+        // replay: the live levels are what the applied, unreverted changes left
+        for ch in &c.history {
+            for l in &ch.changes {
+                board.set(&l.rule, &l.location, Some(l.new));
+            }
+            if ch.reverted.is_some() {
+                for l in ch.changes.iter().rev() {
+                    board.set(&l.rule, &l.location, l.had_live.then_some(l.old));
+                }
+            }
+        }
+        c.file = Some(path.to_owned());
+        Ok(c)
+    }
+
+    /// Writes the history (write, fsync, rename).
+    fn save(&self) -> Result<(), String> {
+        let Some(path) = &self.file else { return Ok(()) };
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })()
+        .map_err(|e| format!("calibration_file `{}`: {e}", path.display()))
+    }
+}
+
+#[cfg(feature = "kafka")]
+struct Publisher {
+    writer: tokio::sync::Mutex<crate::kafka::KafkaWriter>,
+    alerts_topic: Option<String>,
+    feedback_topic: Option<String>,
+}
+
+#[cfg(feature = "kafka")]
+impl Publisher {
+    async fn publish(&self, event: &RecordBatch, feedback: &RecordBatch) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        if let Some(t) = &self.alerts_topic {
+            w.write(t, Some("location"), event).await.map_err(|e| e.to_string())?;
+        }
+        if let Some(t) = &self.feedback_topic {
+            w.write(t, Some("location"), feedback).await.map_err(|e| e.to_string())?;
+        }
+        w.flush().await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(not(feature = "kafka"))]
+struct Publisher;
+
+#[cfg(not(feature = "kafka"))]
+impl Publisher {
+    async fn publish(&self, _: &RecordBatch, _: &RecordBatch) -> Result<(), String> {
+        Err("built without the `kafka` feature".into())
+    }
+}
+
+fn publisher(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<Option<Publisher>, String> {
+    let Some(k) = &cfg.kafka else { return Ok(None) };
+    if k.alerts_topic.is_none() && k.feedback_topic.is_none() {
+        return Err("kafka: set `alerts_topic`, `feedback_topic` or both".into());
+    }
+    #[cfg(feature = "kafka")]
+    {
+        let topics: Vec<&str> = k.alerts_topic.iter().chain(&k.feedback_topic).map(String::as_str).collect();
+        let writer = crate::kafka::KafkaWriter::for_topics(name, &k.brokers, &k.properties, &topics, metrics)
+            .map_err(|e| format!("kafka: {e}"))?;
+        Ok(Some(Publisher {
+            writer: tokio::sync::Mutex::new(writer),
+            alerts_topic: k.alerts_topic.clone(),
+            feedback_topic: k.feedback_topic.clone(),
+        }))
+    }
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = (name, metrics);
+        Err("kafka: this build has no Kafka support (feature `kafka`)".into())
+    }
 }
 
 /// The running control center: apply alert batches to it; it serves them.
 pub struct ControlCenter {
     book: Arc<Mutex<Book>>,
     events: broadcast::Sender<String>,
+    board: ThresholdBoard,
     /// Where it listens.
     pub addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
@@ -250,6 +422,8 @@ struct App {
     limiter: Arc<DefaultKeyedRateLimiter<String>>,
     map: Arc<serde_json::Value>,
     metrics: Metrics,
+    board: ThresholdBoard,
+    publisher: Option<Arc<Publisher>>,
 }
 
 /// The map the page draws: the road graph the `features` stage reads, with coordinates.
@@ -274,8 +448,19 @@ fn read_map(path: &str) -> Result<serde_json::Value, String> {
 }
 
 impl ControlCenter {
-    /// Binds the address, loads tokens and the map, and starts serving.
+    /// Binds the address, loads tokens and the map, and starts serving (with a board of live
+    /// thresholds of its own; a pipeline shares its board through [`start_with`](Self::start_with)).
     pub fn start(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<ControlCenter, String> {
+        Self::start_with(name, cfg, metrics, &ThresholdBoard::default())
+    }
+
+    /// As [`start`](Self::start), calibrating the alert rules that read `board`.
+    pub fn start_with(
+        name: &str,
+        cfg: &ControlConfig,
+        metrics: &Metrics,
+        board: &ThresholdBoard,
+    ) -> Result<ControlCenter, String> {
         let tokens = cfg.tokens()?;
         let map = match &cfg.road_graph {
             Some(p) => read_map(p.as_str())?,
@@ -284,11 +469,14 @@ impl ControlCenter {
         let feedback = match &cfg.feedback_path {
             Some(p) => {
                 let pc: ParquetSinkConfig = serde_saphyr::from_str(&format!(
-                    "path: {}\ntables: {{feedback: x}}\n",
+                    "path: {}\ntables: {{feedback: decisions, alerts: decisions}}\n",
                     serde_json::to_string(p.as_str()).map_err(|e| e.to_string())?
                 ))
                 .map_err(|e| format!("feedback_path: {e}"))?;
-                let tables = BTreeMap::from([("feedback".to_owned(), feedback_schema())]);
+                let tables = BTreeMap::from([
+                    ("feedback".to_owned(), feedback_schema()),
+                    ("alerts".to_owned(), citystream_operators::alert::alert_schema()),
+                ]);
                 Some(ParquetWriter::try_new(name, &pc, &tables, metrics).map_err(|e| format!("feedback table: {e}"))?)
             }
             None => None,
@@ -299,8 +487,13 @@ impl ControlCenter {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let calibrations = match &cfg.calibration_file {
+            Some(p) => Calibrations::load(std::path::Path::new(p.as_str()), board)?,
+            None => Calibrations::default(),
+        };
+        let publisher = publisher(name, cfg, metrics)?.map(Arc::new);
         let (events, _) = broadcast::channel(1024);
-        let book = Arc::new(Mutex::new(Book { alerts: HashMap::new(), feedback }));
+        let book = Arc::new(Mutex::new(Book { alerts: HashMap::new(), feedback, calibration: calibrations }));
         let app = App {
             book: book.clone(),
             events: events.clone(),
@@ -308,6 +501,8 @@ impl ControlCenter {
             limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
             map: Arc::new(map),
             metrics: metrics.clone(),
+            board: board.clone(),
+            publisher,
         };
         let router = axum::Router::new()
             .route("/", get(|| async { Html(include_str!("control/page.html")) }))
@@ -318,6 +513,9 @@ impl ControlCenter {
             .route("/api/health", get(health))
             .route("/api/stream", get(stream))
             .route("/api/calibration", get(calibration))
+            .route("/api/calibration/history", get(calibration_history))
+            .route("/api/calibration/apply", post(calibration_apply))
+            .route("/api/calibration/{n}/revert", post(calibration_revert))
             .with_state(app);
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
@@ -325,7 +523,12 @@ impl ControlCenter {
             }
         });
         tracing::info!(%addr, "control center listening");
-        Ok(ControlCenter { book, events, addr, server })
+        Ok(ControlCenter { book, events, board: board.clone(), addr, server })
+    }
+
+    /// The live thresholds it calibrates.
+    pub fn thresholds(&self) -> &ThresholdBoard {
+        &self.board
     }
 
     /// Applies alert events (the `alert` stages' schema) to the book and streams them.
@@ -522,18 +725,43 @@ async fn decide(
             );
         }
     };
-    if body.operator.is_empty()
-        || body.operator.len() > 64
-        || !body.operator.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c))
-    {
-        return error(StatusCode::BAD_REQUEST, "operator: 1 to 64 characters of letters, digits and . _ @ -");
+    if let Err(r) = check_operator(&body.operator) {
+        return *r;
     }
     if body.comment.chars().count() > 1000 {
         return error(StatusCode::BAD_REQUEST, "comment: at most 1000 characters");
     }
-    let mut book = app.book.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(a) = book.alerts.get_mut(&id) else {
-        return error(StatusCode::NOT_FOUND, format!("no alert `{id}`"));
+    let (view, row, event) = match record_decision(&app, &id, new_state, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    if let Some(p) = &app.publisher
+        && let Err(e) = p.publish(&event, &row).await
+    {
+        tracing::error!(alert = %view.alert_id, "publishing a decision to Kafka: {e}");
+        return error(
+            StatusCode::BAD_GATEWAY,
+            format!("the decision is recorded but could not be published to Kafka: {e}"),
+        );
+    }
+    app.metrics
+        .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
+        .inc();
+    let _ = app.events.send(serde_json::json!({"kind": "decision", "alert": &view}).to_string());
+    axum::Json(view).into_response()
+}
+
+/// Checks and records a decision in the book and the lake (synchronously, under the lock).
+fn record_decision(
+    app: &App,
+    id: &str,
+    new_state: &str,
+    body: &DecisionBody,
+) -> Result<(AlertView, RecordBatch, RecordBatch), Box<Response>> {
+    let mut guard = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    let book = &mut *guard;
+    let Some(a) = book.alerts.get_mut(id) else {
+        return Err(Box::new(error(StatusCode::NOT_FOUND, format!("no alert `{id}`"))));
     };
     let allowed = match new_state {
         "acknowledged" => a.state == "open",
@@ -541,30 +769,60 @@ async fn decide(
         _ => a.state != "false_alarm",
     };
     if !allowed {
-        return error(StatusCode::CONFLICT, format!("alert `{id}` is {}: it cannot become {new_state}", a.state));
+        let msg = format!("alert `{id}` is {}: it cannot become {new_state}", a.state);
+        return Err(Box::new(error(StatusCode::CONFLICT, msg)));
     }
     let ts = citystream_operators::common::wall_clock_ms();
-    a.state = new_state.to_owned();
-    a.decisions.push(Decision {
+    let mut view = a.clone();
+    view.state = new_state.to_owned();
+    view.decisions.push(Decision {
         ts,
         decision: new_state.into(),
         operator: body.operator.clone(),
         comment: body.comment.clone(),
     });
-    let view = a.clone();
+    let row = feedback_row(ts, &view, new_state, &body.operator, &body.comment);
+    let event = decision_event(ts, &view, new_state, &body.operator, &body.comment);
+    // stored first: a decision the lake does not hold is not made
     if let Some(w) = book.feedback.as_mut() {
-        let row = feedback_row(ts, &view, new_state, &body.operator, &body.comment);
-        if let Err(e) = w.write("feedback", "control_center", &row).and_then(|()| w.flush()) {
+        let stored = w
+            .write("feedback", "control_center", &row)
+            .and_then(|()| w.write("alerts", "control_center", &event))
+            .and_then(|()| w.flush());
+        if let Err(e) = stored {
             tracing::error!("feedback table: {e}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
+            return Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored")));
         }
     }
-    drop(book);
-    app.metrics
-        .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
-        .inc();
-    let _ = app.events.send(serde_json::json!({"kind": "decision", "alert": &view}).to_string());
-    axum::Json(view).into_response()
+    *a = view.clone();
+    Ok((view, row, event))
+}
+
+/// A decision as a lifecycle event in the alert schema (status = the decision).
+fn decision_event(ts: i64, a: &AlertView, decision: &str, operator: &str, comment: &str) -> RecordBatch {
+    let t = |v: i64| Arc::new(TimestampMillisecondArray::from(vec![v]).with_timezone("UTC")) as Arc<dyn Array>;
+    let s = |v: &str| Arc::new(StringArray::from(vec![v])) as Arc<dyn Array>;
+    let evidence = serde_json::json!({"decision": decision, "operator": operator, "comment": comment}).to_string();
+    RecordBatch::try_new(
+        citystream_operators::alert::alert_schema(),
+        vec![
+            t(ts),
+            s(&a.alert_id),
+            s(&a.rule),
+            s(&a.alert_type),
+            s(&a.severity),
+            s(&a.location),
+            s(decision),
+            t(a.opened_at),
+            Arc::new(Float64Array::from(vec![a.value])),
+            Arc::new(Float64Array::from(vec![a.threshold])),
+            Arc::new(Float64Array::from(vec![a.peak])),
+            Arc::new(arrow::array::Int32Array::from(vec![a.locations])),
+            s(&evidence),
+            t(ts),
+        ],
+    )
+    .expect("columns match the alert schema")
 }
 
 fn feedback_row(ts: i64, a: &AlertView, decision: &str, operator: &str, comment: &str) -> RecordBatch {
@@ -649,9 +907,50 @@ struct CalibrationQuery {
     min_judged: Option<usize>,
 }
 
-/// Proposed per-location thresholds from the operators' verdicts, per rule, as the YAML
-/// `thresholds` map of each `alert` stage takes them (applied by editing the config, which the
-/// running pipeline reloads live; the old values stay in the proposal, so it is reversible).
+impl CalibrationQuery {
+    fn spec(&self) -> Result<citystream_operators::alert::CalibrationSpec, Box<Response>> {
+        if !(0.0..=1.0).contains(&self.target_precision) || self.max_step.is_some_and(|s| !(0.0..=0.5).contains(&s)) {
+            return Err(Box::new(error(StatusCode::BAD_REQUEST, "target_precision is in 0..1 and max_step in 0..0.5")));
+        }
+        Ok(citystream_operators::alert::CalibrationSpec {
+            target_precision: self.target_precision,
+            max_step: self.max_step.unwrap_or(0.05),
+            min_judged: self.min_judged.unwrap_or(5),
+            slack: 0.1,
+        })
+    }
+}
+
+/// Per rule and location, the proposal from the judged alerts; the current level is the live
+/// one when calibration set it, else the threshold of the latest alert.
+fn proposals(
+    book: &Book,
+    board: &ThresholdBoard,
+    spec: &citystream_operators::alert::CalibrationSpec,
+) -> Vec<(String, String, citystream_operators::alert::Proposal)> {
+    // (rule, location) -> (time of the latest alert, its threshold, below-rule votes, judged alerts)
+    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+    for a in book.alerts.values().filter(|a| a.location != "*") {
+        let Some(last) = a.decisions.last() else { continue };
+        let Some(v) = a.peak.or(a.value) else { continue };
+        let g = groups.entry((a.rule.clone(), a.location.clone())).or_insert((i64::MIN, a.threshold, 0, Vec::new()));
+        if a.updated_at > g.0 {
+            (g.0, g.1) = (a.updated_at, a.threshold);
+        }
+        g.2 += if v < a.threshold { 1 } else { -1 };
+        g.3.push(citystream_operators::alert::Judged { value: v, true_alarm: last.decision != "false_alarm" });
+    }
+    groups
+        .into_iter()
+        .filter_map(|((rule, loc), (_, latest, below, judged))| {
+            let current = board.get(&rule, &loc).unwrap_or(latest);
+            citystream_operators::alert::calibrate(current, below > 0, &judged, spec).map(|p| (rule, loc, p))
+        })
+        .collect()
+}
+
+/// Proposed per-location thresholds from the operators' verdicts, per rule (nothing changes:
+/// `POST /api/calibration/apply` applies them).
 async fn calibration(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -664,37 +963,179 @@ async fn calibration(
     let Ok(Query(q)) = q else {
         return error(StatusCode::BAD_REQUEST, "query: target_precision (0..1), optional max_step and min_judged");
     };
-    if !(0.0..=1.0).contains(&q.target_precision) || q.max_step.is_some_and(|s| !(0.0..=0.5).contains(&s)) {
-        return error(StatusCode::BAD_REQUEST, "target_precision is in 0..1 and max_step in 0..0.5");
-    }
-    let spec = citystream_operators::alert::CalibrationSpec {
-        target_precision: q.target_precision,
-        max_step: q.max_step.unwrap_or(0.05),
-        min_judged: q.min_judged.unwrap_or(5),
-        slack: 0.1,
+    let spec = match q.spec() {
+        Ok(s) => s,
+        Err(r) => return *r,
     };
-    // (rule, location) -> (time of the latest alert, its threshold, below-rule votes, judged alerts)
-    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
-    {
-        let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
-        for a in book.alerts.values().filter(|a| a.location != "*") {
-            let Some(last) = a.decisions.last() else { continue };
-            let Some(v) = a.peak.or(a.value) else { continue };
-            let g =
-                groups.entry((a.rule.clone(), a.location.clone())).or_insert((i64::MIN, a.threshold, 0, Vec::new()));
-            if a.updated_at > g.0 {
-                (g.0, g.1) = (a.updated_at, a.threshold);
-            }
-            g.2 += if v < a.threshold { 1 } else { -1 };
-            g.3.push(citystream_operators::alert::Judged { value: v, true_alarm: last.decision != "false_alarm" });
-        }
-    }
+    let props = proposals(&app.book.lock().unwrap_or_else(|e| e.into_inner()), &app.board, &spec);
     let mut rules: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
-    for ((rule, loc), (_, current, below, judged)) in groups {
-        if let Some(p) = citystream_operators::alert::calibrate(current, below > 0, &judged, &spec) {
-            tracing::info!(rule = %rule, location = %loc, old = p.old, new = p.new, precision = p.precision, judged = p.judged, "calibration proposal");
-            rules.entry(rule).or_default().insert(loc, serde_json::to_value(p).unwrap_or_default());
-        }
+    for (rule, loc, p) in props {
+        tracing::info!(rule = %rule, location = %loc, old = p.old, new = p.new, precision = p.precision, judged = p.judged, "calibration proposal");
+        rules.entry(rule).or_default().insert(loc, serde_json::to_value(p).unwrap_or_default());
     }
     axum::Json(serde_json::json!({ "target_precision": q.target_precision, "rules": rules })).into_response()
+}
+
+async fn calibration_history(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    axum::Json(serde_json::json!({ "live": app.board.all(), "changes": book.calibration.history })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    operator: String,
+    target_precision: f64,
+    max_step: Option<f64>,
+    min_judged: Option<usize>,
+}
+
+fn check_operator(op: &str) -> Result<(), Box<Response>> {
+    if op.is_empty() || op.len() > 64 || !op.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c)) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "operator: 1 to 64 characters of letters, digits and . _ @ -",
+        )));
+    }
+    Ok(())
+}
+
+fn calibration_changed(app: &App, kind: &str, change: &CalibrationChange) {
+    app.metrics
+        .counter("citystream_calibration_changes_total", "Calibrations applied or reverted.", &[("kind", kind)])
+        .inc();
+    let _ = app.events.send(serde_json::json!({"kind": "calibration", "action": kind, "change": change}).to_string());
+}
+
+/// Applies the current proposals live, as one change that can be reverted.
+async fn calibration_apply(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Operator) {
+        return *r;
+    }
+    let b: ApplyBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body: {e} (expected {{\"operator\": \"...\", \"target_precision\": 0.8}})"),
+            );
+        }
+    };
+    if let Err(r) = check_operator(&b.operator) {
+        return *r;
+    }
+    let q = CalibrationQuery { target_precision: b.target_precision, max_step: b.max_step, min_judged: b.min_judged };
+    let spec = match q.spec() {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let mut book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    let props = proposals(&book, &app.board, &spec);
+    if props.is_empty() {
+        return error(StatusCode::CONFLICT, "nothing to change: no location has enough judged alerts off the target");
+    }
+    let changes: Vec<LevelChange> = props
+        .into_iter()
+        .map(|(rule, location, p)| LevelChange {
+            had_live: app.board.get(&rule, &location).is_some(),
+            rule,
+            location,
+            old: p.old,
+            new: p.new,
+            precision: p.precision,
+            judged: p.judged,
+        })
+        .collect();
+    for l in &changes {
+        app.board.set(&l.rule, &l.location, Some(l.new));
+        tracing::info!(rule = %l.rule, location = %l.location, old = l.old, new = l.new, operator = %b.operator, "calibration applied");
+    }
+    let change = CalibrationChange {
+        id: book.calibration.history.last().map_or(1, |c| c.id + 1),
+        ts: citystream_operators::common::wall_clock_ms(),
+        operator: b.operator,
+        target_precision: b.target_precision,
+        changes,
+        reverted: None,
+    };
+    book.calibration.history.push(change.clone());
+    if let Err(e) = book.calibration.save() {
+        tracing::error!("{e}");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "applied, but the calibration file could not be written");
+    }
+    drop(book);
+    calibration_changed(&app, "applied", &change);
+    axum::Json(change).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevertBody {
+    operator: String,
+}
+
+/// Puts back the levels a change replaced (in reverse order, so nested changes unwind).
+async fn calibration_revert(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(n): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers, None, peer, Role::Operator) {
+        return *r;
+    }
+    let b: RevertBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e} (expected {{\"operator\": \"...\"}})")),
+    };
+    if let Err(r) = check_operator(&b.operator) {
+        return *r;
+    }
+    let Ok(n) = n.parse::<u64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("`{n}` is not a change number"));
+    };
+    let mut book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(i) = book.calibration.history.iter().position(|c| c.id == n) else {
+        return error(StatusCode::NOT_FOUND, format!("no calibration change {n}"));
+    };
+    if book.calibration.history[i].reverted.is_some() {
+        return error(StatusCode::CONFLICT, format!("calibration change {n} is already reverted"));
+    }
+    // a later change of the same level would be undone silently: refuse, revert that first
+    let later = book.calibration.history[i + 1..].iter().filter(|c| c.reverted.is_none()).find(|c| {
+        c.changes
+            .iter()
+            .any(|l| book.calibration.history[i].changes.iter().any(|m| m.rule == l.rule && m.location == l.location))
+    });
+    if let Some(c) = later {
+        return error(StatusCode::CONFLICT, format!("change {} moved the same levels later: revert it first", c.id));
+    }
+    let ts = citystream_operators::common::wall_clock_ms();
+    let change = &mut book.calibration.history[i];
+    for l in change.changes.iter().rev() {
+        app.board.set(&l.rule, &l.location, l.had_live.then_some(l.old));
+        tracing::info!(rule = %l.rule, location = %l.location, from = l.new, to = l.old, operator = %b.operator, "calibration reverted");
+    }
+    change.reverted = Some((ts, b.operator));
+    let change = change.clone();
+    if let Err(e) = book.calibration.save() {
+        tracing::error!("{e}");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "reverted, but the calibration file could not be written");
+    }
+    drop(book);
+    calibration_changed(&app, "reverted", &change);
+    axum::Json(change).into_response()
 }

@@ -31,7 +31,9 @@ fn alert_events(rows: &[(&str, i64, f64)]) -> RecordBatch {
         "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: incident_prob\nraise: 0.9\nclear: 0.5\nevidence: [model]\n",
     )
     .unwrap();
-    let mut op = cfg.build(&scores_schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new() }).unwrap();
+    let mut op = cfg
+        .build(&scores_schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new(), ..Default::default() })
+        .unwrap();
     let batch = RecordBatch::try_new(
         scores_schema(),
         vec![
@@ -53,9 +55,10 @@ fn alert_events(rows: &[(&str, i64, f64)]) -> RecordBatch {
 fn config(feedback: &std::path::Path, env: &str, rate: u32) -> ControlConfig {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     serde_saphyr::from_str(&format!(
-        "addr: 127.0.0.1:0\nalerts: [x]\ntokens_env: {env}\nfeedback_path: {}\nroad_graph: {}\nrequests_per_minute: {rate}\n",
+        "addr: 127.0.0.1:0\nalerts: [x]\ntokens_env: {env}\nfeedback_path: {}\nroad_graph: {}\nrequests_per_minute: {rate}\ncalibration_file: {}\n",
         feedback.display(),
-        root.join("deploy/road_graph.csv").display()
+        root.join("deploy/road_graph.csv").display(),
+        feedback.join("calibration.json").display()
     ))
     .unwrap()
 }
@@ -148,37 +151,19 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
         ("false_alarm", false)
     );
 
-    // every decision is a row of the feedback table
-    let mut rows = Vec::new();
-    let mut stack = vec![dir.path().join("feedback")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
-                    std::fs::File::open(&p).unwrap(),
-                    64,
-                )
-                .unwrap()
-                {
-                    let b = b.unwrap();
-                    let dec = b.column_by_name("decision").unwrap().as_string::<i32>();
-                    let op = b.column_by_name("operator").unwrap().as_string::<i32>();
-                    rows.extend((0..b.num_rows()).map(|i| (dec.value(i).to_owned(), op.value(i).to_owned())));
-                }
-            }
-        }
-    }
+    // every decision is a row of the feedback table, and a lifecycle event in the alerts table
+    let mut rows = string_columns(&dir.path().join("feedback"), &["decision", "operator"]);
+    let mut events = string_columns(&dir.path().join("alerts"), &["status", "alert_id", "evidence"]);
+    events.sort();
+    assert_eq!(
+        events.iter().map(|e| (e[0].as_str(), e[1].as_str())).collect::<Vec<_>>(),
+        [("acknowledged", id), ("false_alarm", id), ("resolved", id)]
+    );
+    assert_eq!(json(&events[1][2])["comment"], "a parked truck");
     rows.sort();
     assert_eq!(
         rows,
-        [
-            ("acknowledged".into(), "op.anna".into()),
-            ("false_alarm".into(), "op.ben".into()),
-            ("resolved".into(), "op.anna".into())
-        ] as [(String, String); 3]
+        [["acknowledged", "op.anna"], ["false_alarm", "op.ben"], ["resolved", "op.anna"]].map(|r| r.map(String::from))
     );
 
     // calibration: the operator rejected the only judged alert at seg-00-03 (one is too little
@@ -190,6 +175,36 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     assert_eq!(code, 200, "{body}");
     assert!(p["new"].as_f64().unwrap() > 0.9 && p["new"].as_f64().unwrap() <= 0.945 + 1e-9, "{body}");
     assert_eq!(http(&c, "GET", "/api/calibration?target_precision=2", Some(VIEWER), None).await.0, 400);
+    let proposed = p["new"].as_f64().unwrap();
+
+    // applying it moves the live level the rules read, without a config edit; reverting undoes it
+    let apply = r#"{"operator": "op.anna", "target_precision": 0.8, "min_judged": 1}"#;
+    assert_eq!(http(&c, "POST", "/api/calibration/apply", Some(VIEWER), Some(apply)).await.0, 403);
+    assert_eq!(http(&c, "POST", "/api/calibration/apply", Some(OPERATOR), Some(r#"{"operator": "x"}"#)).await.0, 400);
+    let tight = r#"{"operator": "op.anna", "target_precision": 0.8}"#;
+    assert_eq!(http(&c, "POST", "/api/calibration/apply", Some(OPERATOR), Some(tight)).await.0, 409);
+    let (code, body) = http(&c, "POST", "/api/calibration/apply", Some(OPERATOR), Some(apply)).await;
+    assert_eq!(code, 200, "{body}");
+    let change = json(&body);
+    assert_eq!((change["id"].as_u64(), change["changes"][0]["old"].as_f64()), (Some(1), Some(0.9)));
+    // (JSON numbers are compared to a tolerance: serde_json's parse may be an ulp off)
+    let near = |v: Option<f64>| v.is_some_and(|v| (v - proposed).abs() < 1e-12);
+    assert!(near(c.thresholds().get("incident_model", "seg-00-03")));
+    let (_, body) = http(&c, "GET", "/api/calibration/history", Some(VIEWER), None).await;
+    assert!(near(json(&body)["live"]["incident_model"]["seg-00-03"].as_f64()), "{body}");
+    // the live level survives a restart through the calibration file
+    let again = ControlCenter::start("control2", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
+    assert!(near(again.thresholds().get("incident_model", "seg-00-03")));
+    drop(again);
+    let revert = r#"{"operator": "op.ben"}"#;
+    assert_eq!(http(&c, "POST", "/api/calibration/7/revert", Some(OPERATOR), Some(revert)).await.0, 404);
+    assert_eq!(http(&c, "POST", "/api/calibration/x/revert", Some(OPERATOR), Some(revert)).await.0, 400);
+    let (code, body) = http(&c, "POST", "/api/calibration/1/revert", Some(OPERATOR), Some(revert)).await;
+    assert_eq!((code, json(&body)["reverted"][1].as_str()), (200, Some("op.ben")), "{body}");
+    assert_eq!(c.thresholds().get("incident_model", "seg-00-03"), None);
+    assert_eq!(http(&c, "POST", "/api/calibration/1/revert", Some(OPERATOR), Some(revert)).await.0, 409);
+    let again = ControlCenter::start("control3", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
+    assert_eq!(again.thresholds().get("incident_model", "seg-00-03"), None);
 
     // the map, health and the page
     let (code, body) = http(&c, "GET", "/api/map", Some(VIEWER), None).await;
@@ -246,4 +261,26 @@ async fn requests_beyond_the_rate_limit_are_refused_and_tokens_never_come_from_y
     assert!(e.contains("never go in the YAML"), "{e}");
     let e = citystream_pipeline::control::parse_tokens("admin short").unwrap_err();
     assert!(e.contains("unknown role"), "{e}");
+}
+
+/// The named string columns of every Parquet file under `dir`, row by row.
+fn string_columns(dir: &std::path::Path, names: &[&str]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                let file = std::fs::File::open(&p).unwrap();
+                for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 64).unwrap() {
+                    let b = b.unwrap();
+                    let cols: Vec<_> = names.iter().map(|n| b.column_by_name(n).unwrap().as_string::<i32>()).collect();
+                    rows.extend((0..b.num_rows()).map(|i| cols.iter().map(|c| c.value(i).to_owned()).collect()));
+                }
+            }
+        }
+    }
+    rows
 }

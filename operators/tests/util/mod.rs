@@ -69,7 +69,7 @@ pub fn build(cfg: &dyn OperatorConfig) -> Box<dyn Operator> {
 }
 
 pub fn build_with(cfg: &dyn OperatorConfig, metrics: &Metrics) -> Box<dyn Operator> {
-    let ctx = BuildContext { stage: "test".into(), metrics: metrics.clone() };
+    let ctx = BuildContext { stage: "test".into(), metrics: metrics.clone(), ..Default::default() };
     cfg.build(&schema(), &ctx).unwrap_or_else(|e| panic!("{e:?}"))
 }
 

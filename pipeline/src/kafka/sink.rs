@@ -76,18 +76,29 @@ pub struct KafkaWriter {
 impl KafkaWriter {
     /// A producer for `cfg`.
     pub fn try_new(sink: &str, cfg: &KafkaSinkConfig, metrics: &Metrics) -> Result<Self, KafkaSinkError> {
-        let mut cc = client_config(&cfg.brokers, &cfg.properties);
+        let topics: Vec<&str> = cfg.topics.keys().map(String::as_str).collect();
+        Self::for_topics(sink, &cfg.brokers, &cfg.properties, &topics, metrics)
+    }
+
+    /// A producer to `topics` on `brokers`.
+    pub fn for_topics(
+        sink: &str,
+        brokers: &EnvString,
+        properties: &BTreeMap<String, EnvString>,
+        topics: &[&str],
+        metrics: &Metrics,
+    ) -> Result<Self, KafkaSinkError> {
+        let mut cc = client_config(brokers, properties);
         for (k, v) in [("enable.idempotence", "true"), ("compression.type", "zstd"), ("linger.ms", "10")] {
-            if !cfg.properties.contains_key(k) {
+            if !properties.contains_key(k) {
                 cc.set(k, v);
             }
         }
-        let sent = cfg
-            .topics
-            .keys()
-            .map(|t| {
+        let sent = topics
+            .iter()
+            .map(|&t| {
                 (
-                    t.clone(),
+                    t.to_owned(),
                     metrics.counter(
                         "citystream_kafka_sink_messages_total",
                         "Messages acknowledged by the broker.",

@@ -323,8 +323,10 @@ pub async fn run_with_reload(
     let commit_log: crate::sink::compact::CommitLog = Default::default();
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     let mut retune_senders = BTreeMap::new();
+    // live alert levels: the control center calibrates, the alert rules read
+    let thresholds = citystream_operators::alert::ThresholdBoard::default();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
-        let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone() };
+        let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone(), thresholds: thresholds.clone() };
         let op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
             stage: st.name.clone(),
             message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
@@ -339,7 +341,7 @@ pub async fn run_with_reload(
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
-        let sink = sinks::SinkTask::try_new(sk, ack, &metrics)?;
+        let sink = sinks::SinkTask::try_new(sk, ack, &metrics, &thresholds)?;
         let name = sk.name.clone();
         tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }

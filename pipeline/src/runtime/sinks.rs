@@ -39,7 +39,12 @@ pub(crate) struct SinkTask {
 }
 
 impl SinkTask {
-    pub(crate) fn try_new(node: &SinkNode, ack: SinkAck, metrics: &Metrics) -> Result<Self, PipelineError> {
+    pub(crate) fn try_new(
+        node: &SinkNode,
+        ack: SinkAck,
+        metrics: &Metrics,
+        thresholds: &citystream_operators::alert::ThresholdBoard,
+    ) -> Result<Self, PipelineError> {
         let writer = match &node.config {
             SinkConfig::Parquet(cfg) => Writer::Parquet(Box::new(
                 ParquetWriter::try_new(&node.name, cfg, &node.tables, metrics)
@@ -49,7 +54,7 @@ impl SinkTask {
                     ),
             )),
             SinkConfig::ControlCenter(cfg) => Writer::Control(Box::new(
-                crate::control::ControlCenter::start(&node.name, cfg, metrics)
+                crate::control::ControlCenter::start_with(&node.name, cfg, metrics, thresholds)
                     .map_err(|message| PipelineError::Build { stage: node.name.clone(), message })?,
             )),
             #[cfg(feature = "kafka")]

@@ -28,6 +28,9 @@ use serde::Deserialize;
 
 use crate::config::{EnvString, Inputs};
 
+/// Writers made by this process (part of each writer's file names).
+static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// zstd level, 1 (fastest) to 22 (smallest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Level(pub i32);
@@ -231,7 +234,14 @@ impl ParquetWriter {
             props,
             target_bytes: cfg.target_file_mb.get() * 1024 * 1024,
             max_open: cfg.max_open_files.get(),
-            run_id: format!("{:x}-{:x}", nanos / 1_000_000, std::process::id()),
+            // writers of one process may share a table (the control center's decision events
+            // land in `alerts` too): a process-wide counter keeps their file names apart
+            run_id: format!(
+                "{:x}-{:x}-{}",
+                nanos / 1_000_000,
+                std::process::id(),
+                WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
             tables: out,
         })
     }
