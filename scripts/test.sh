@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need, then runs them.
-#   1. Python tools (pyarrow, DuckDB) into .venv
+#   1. Python tools (pyarrow, DuckDB) into .venv; Chromium (apt) and playwright-core (npm)
 #   2. builds everything (one dev profile for tests, binaries and the demo)
-#   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB
+#   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB;
+#      then the control-center page in headless Chromium (Debian's chromium, playwright-core)
 #   4. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
 #      127.0.0.1:19092 and runs every Rust test (unit, property, integration, config, Kafka)
 set -euo pipefail
@@ -13,6 +14,11 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 echo "== tools"
 scripts/setup-python.sh
+# the control-center page is tested in Debian's Chromium, driven by playwright-core (npm)
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 # the Kafka broker runs on Java 17+ and is fetched with Maven (both come with the usual image)
 if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
   apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven
@@ -29,6 +35,9 @@ CITYSTREAM_DATA="$data" CITYSTREAM_METRICS_ADDR=127.0.0.1:0 CITYSTREAM_CONTROL_A
   timeout 600 "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml 2>&1 | tee "$data/run.log"
 test "${PIPESTATUS[0]}" -eq 0
 .venv/bin/python tests/python/check_lake.py "$data"
+
+echo "== control-center page in headless Chromium: an injected incident's alert, acknowledged by a click"
+CHROMIUM="$(command -v chromium)" timeout 600 node tests/browser/control_center.mjs
 
 echo "== kafka broker"
 export KAFKA_PORT="${KAFKA_PORT:-19092}" KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"

@@ -42,6 +42,13 @@ pub(crate) async fn run_simulator(
     let speed = cfg.speed;
     let lag = cfg.max_out_of_orderness.as_millis_i64();
     let mut sim = Simulation::new(cfg, now_ms);
+    if let Some(dir) = &ground_truth {
+        let dir = std::path::PathBuf::from(dir.as_str());
+        sim.write_plan(&dir).map_err(|e| PipelineError::Source {
+            source_name: name.to_owned(),
+            message: format!("cannot write the ground truth to {}: {e}", dir.display()),
+        })?;
+    }
     let names: Vec<String> = EventKind::ALL.iter().map(|k| format!("{name}.{k}")).collect();
     let events = EventKind::ALL.map(|k| {
         metrics.counter(

@@ -425,9 +425,22 @@ impl Simulation {
         }
     }
 
-    /// Writes the ground truth into `dir`: `road_graph.csv`, `incidents.csv`, `cameras.csv`,
-    /// `stations.csv`, `plates.txt` (raw plates: for privacy tests only) and `report.json`.
+    /// Writes the ground truth into `dir`: the plan ([`write_plan`](Self::write_plan)), then
+    /// `plates.txt` (raw plates: for privacy tests only) and `report.json`.
     pub fn write_ground_truth(&self, dir: &Path) -> std::io::Result<()> {
+        self.write_plan(dir)?;
+        std::fs::write(dir.join("plates.txt"), self.plates.iter().map(|p| format!("{p}\n")).collect::<String>())?;
+        std::fs::write(
+            dir.join("report.json"),
+            serde_json::to_vec_pretty(&self.report()).map_err(std::io::Error::other)?,
+        )?;
+        Ok(())
+    }
+
+    /// Writes what is known before the first event: `road_graph.csv`, `incidents.csv` (the
+    /// injected incidents), `cameras.csv` and `stations.csv` (so a live test can score alerts
+    /// while the simulation runs).
+    pub fn write_plan(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("road_graph.csv"))?);
         writeln!(
@@ -466,13 +479,7 @@ impl Simulation {
             )?;
         }
         f.flush()?;
-        self.sites.write_csv(dir)?;
-        std::fs::write(dir.join("plates.txt"), self.plates.iter().map(|p| format!("{p}\n")).collect::<String>())?;
-        std::fs::write(
-            dir.join("report.json"),
-            serde_json::to_vec_pretty(&self.report()).map_err(std::io::Error::other)?,
-        )?;
-        Ok(())
+        self.sites.write_csv(dir)
     }
 }
 
