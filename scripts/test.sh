@@ -35,6 +35,8 @@ CITYSTREAM_DATA="$data" CITYSTREAM_METRICS_ADDR=127.0.0.1:0 CITYSTREAM_CONTROL_A
   timeout 600 "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml 2>&1 | tee "$data/run.log"
 test "${PIPESTATUS[0]}" -eq 0
 .venv/bin/python tests/python/check_lake.py "$data"
+# operators' verdicts become incident labels for retraining (models/train/feedback.py)
+.venv/bin/python tests/python/check_feedback_labels.py "$data"
 
 echo "== control-center page in headless Chromium: an injected incident's alert, acknowledged by a click"
 CHROMIUM="$(command -v chromium)" timeout 600 node tests/browser/control_center.mjs

@@ -4,6 +4,7 @@ evaluates them and the baselines on held-out days, and writes the model cards an
     python models/train/generate.py      # the simulator's data (about 2 minutes with a debug build)
     python models/train/sumo_corridor.py # the SUMO scenarios (about 9 minutes; requirements-sumo.txt)
     python models/train/train.py         # models/onnx/*.onnx, models/*.md, models/testdata/*
+    python models/train/train.py --feedback-lake data/lake   # plus operator labels (feedback.py)
 
 Everything is seeded; the same data gives the same models byte for byte.
 """
@@ -23,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import features as F
+import feedback as FB
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODELS = HERE.parent
@@ -345,6 +347,11 @@ def calibrate_california(d):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(HERE / "data"))
+    ap.add_argument("--feedback-lake", action="append", default=[],
+                    help="a pipeline's lake dir: its operators' verdicts on incident alerts become "
+                         "incident labels (feedback.py); repeatable")
+    ap.add_argument("--feedback-weight", type=float, default=3.0,
+                    help="weight of an operator-labelled row relative to a simulated one")
     args = ap.parse_args()
     data = pathlib.Path(args.data)
     rng = np.random.default_rng(7)
@@ -406,8 +413,18 @@ def main():
     label = train["label"][:, None].astype(np.float64)
     pos = float(label.mean())
     weights = np.where(train["label"] > 0, 0.5 / pos, 0.5 / (1 - pos))
+    x_inc = xs(train)
+    # operators' verdicts from running pipelines: confirmed incidents and rejected alarms
+    fed = [FB.operator_labels(p) for p in args.feedback_lake]
+    fed = [f for f in fed if len(f["label"])]
+    if fed:
+        fx = np.concatenate([(f["x"].astype(np.float64) - mu) / sd for f in fed])
+        fy = np.concatenate([f["label"] for f in fed]).astype(np.float64)[:, None]
+        fw = np.where(fy[:, 0] > 0, 0.5 / pos, 0.5 / (1 - pos)) * args.feedback_weight
+        print(f"   operator labels: {len(fy)} rows ({int(fy.sum())} positive) from {len(fed)} lake(s)", flush=True)
+        x_inc, label, weights = np.concatenate([x_inc, fx]), np.concatenate([label, fy]), np.concatenate([weights, fw])
     net = MLP([len(F.FEATURES), 32, 16, 1], np.random.default_rng(13))
-    fit(net, xs(train), label, bce, rng, weights=weights)
+    fit(net, x_inc, label, bce, rng, weights=weights)
     export(onnx_dir / "incident_fp32.onnx", "incident_fp32", net, mu, sd, "incident",
            meta={"output": "incident_prob: probability that an incident blocks the segment now"})
     quantize(onnx_dir / "incident_fp32.onnx", onnx_dir / "incident_int8.onnx")
