@@ -16,6 +16,7 @@
 //!   in the background and the operator switches to it between two batches. A file that fails
 //!   to load or check is rejected with a logged reason and the old model keeps serving.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration as StdDuration, Instant, SystemTime};
@@ -88,21 +89,77 @@ pub struct ShadowConfig {
     pub name: Option<String>,
 }
 
-/// A cheaper model for high-carbon hours: while `runtime.carbon_policy` reports the grid above
-/// its threshold (the `citystream_carbon_high_mode` gauge), the stage runs this model instead
-/// of the live one, in batches of up to `max_rows`. A stage without it is never switched: leave
-/// it off the stages whose quality is the floor (the incident detector that alerts read).
+/// High-carbon operation: while `runtime.carbon_policy` reports the high mode (the grid above
+/// its threshold, or the pipeline above its energy budget: the `citystream_carbon_high_mode`
+/// gauge), the stage runs `model` instead of the live one, in batches of up to `max_rows`, and
+/// with `calm` predicts segments with no recent risk less often. A stage without it is never
+/// switched: leave it off the stages whose quality is the floor (the incident detector that
+/// alerts read); `runtime.carbon_policy.alert_floor` bounds `calm.every` on stages alerts read.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CarbonConfig {
-    /// The cheaper ONNX file (same input and outputs), e.g. the int8 variant.
-    pub model: EnvString,
+    /// The cheaper ONNX file (same input and outputs), e.g. the small variant. Default: none
+    /// (the live model keeps serving).
+    #[serde(default)]
+    pub model: Option<EnvString>,
     /// Its name in the output. Default: the file stem.
     #[serde(default)]
     pub name: Option<String>,
     /// Micro-batch rows while the grid is high (wider batches, fewer runs). Default: `batch.max_rows`.
     #[serde(default)]
     pub max_rows: Option<usize>,
+    /// A lower prediction rate for calm keys in the high mode.
+    #[serde(default)]
+    pub calm: Option<CalmConfig>,
+}
+
+fn d_calm_key() -> String {
+    "segment_id".into()
+}
+fn d_calm_time() -> String {
+    "window_end".into()
+}
+
+/// Which keys are calm and how often they are predicted in the high mode. A key is calm while
+/// its latest prediction in `column` is beyond the level (`above` or `below`); its rows are then
+/// run once per `every` of event time and the rest skipped (counted, never emitted). A key whose
+/// prediction shows risk is predicted every row again from its next run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalmConfig {
+    /// An output column of the model, e.g. `speed_15m_kmh`.
+    pub column: String,
+    /// Calm while the prediction is above this (e.g. a speed in km/h).
+    #[serde(default)]
+    pub above: Option<f64>,
+    /// Calm while the prediction is below this (e.g. a probability).
+    #[serde(default)]
+    pub below: Option<f64>,
+    /// How often a calm key is still predicted (event time), e.g. `5m`.
+    pub every: Duration,
+    /// The key column. Default `segment_id`.
+    #[serde(default = "d_calm_key")]
+    pub key: String,
+    /// The event-time column. Default `window_end`.
+    #[serde(default = "d_calm_time")]
+    pub time: String,
+}
+
+impl CalmConfig {
+    fn is_calm(&self, v: f32) -> bool {
+        let v = f64::from(v);
+        self.above.is_some_and(|a| v > a) || self.below.is_some_and(|b| v < b)
+    }
+}
+
+/// The calm keys of a stage.
+struct Calm {
+    cfg: CalmConfig,
+    key: usize,
+    time: usize,
+    /// key -> (event time of its latest prediction, whether that prediction was calm)
+    state: HashMap<String, (i64, bool)>,
+    skipped: Counter,
 }
 
 /// YAML of an `infer` stage.
@@ -233,11 +290,19 @@ impl InferConfig {
             errs.push(PlanError::new("shadow.model", format!("no model file at `{}`", s.model.as_str())));
         }
         if let Some(c) = &self.carbon {
-            if !Path::new(c.model.as_str()).is_file() {
-                errs.push(PlanError::new("carbon.model", format!("no model file at `{}`", c.model.as_str())));
+            if let Some(m) = &c.model
+                && !Path::new(m.as_str()).is_file()
+            {
+                errs.push(PlanError::new("carbon.model", format!("no model file at `{}`", m.as_str())));
             }
             if c.max_rows == Some(0) {
                 errs.push(PlanError::new("carbon.max_rows", "must be at least 1"));
+            }
+            if c.model.is_none() && c.calm.is_none() && c.max_rows.is_none() {
+                errs.push(PlanError::new("carbon", "set `model`, `max_rows`, `calm` or several"));
+            }
+            if let Some(calm) = &c.calm {
+                errs.extend(self.check_calm(calm, input));
             }
         }
         if self.batch.max_rows == 0 {
@@ -253,6 +318,37 @@ impl InferConfig {
             return Err(errs);
         }
         Ok(Resolved { input: idx, list, width, keep, schema: Arc::new(Schema::new(fields)) })
+    }
+
+    fn check_calm(&self, calm: &CalmConfig, input: &SchemaRef) -> Vec<PlanError> {
+        let mut errs = Vec::new();
+        if !self.outputs.values().flatten().any(|c| c == &calm.column) {
+            let names: Vec<&str> = self.outputs.values().flatten().map(String::as_str).collect();
+            errs.push(PlanError::new(
+                "carbon.calm.column",
+                format!("`{}` is not an output column ({})", calm.column, names.join(", ")),
+            ));
+        }
+        if calm.above.is_some() == calm.below.is_some() {
+            errs.push(PlanError::new("carbon.calm", "set exactly one of `above` and `below`"));
+        }
+        if calm.every.as_millis_i64() <= 0 {
+            errs.push(PlanError::new("carbon.calm.every", "must be positive"));
+        }
+        match input.index_of(&calm.key).map(|i| input.field(i).data_type().clone()) {
+            Ok(DataType::Utf8) => {}
+            Ok(t) => errs.push(PlanError::new("carbon.calm.key", format!("`{}` is {t}, not a string", calm.key))),
+            Err(_) => errs.push(PlanError::new("carbon.calm.key", format!("no input column `{}`", calm.key))),
+        }
+        match input.index_of(&calm.time).map(|i| input.field(i).data_type().clone()) {
+            Ok(DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _)) => {}
+            Ok(t) => errs.push(PlanError::new(
+                "carbon.calm.time",
+                format!("`{}` is {t}, not a millisecond timestamp", calm.time),
+            )),
+            Err(_) => errs.push(PlanError::new("carbon.calm.time", format!("no input column `{}`", calm.time))),
+        }
+        errs
     }
 
     fn load_options(&self, width: usize) -> LoadOptions {
@@ -305,7 +401,22 @@ impl OperatorConfig for InferConfig {
         };
         let live = start(&self.model, &self.name, "live", "model")?;
         let shadow = self.shadow.as_ref().map(|s| start(&s.model, &s.name, "shadow", "shadow.model")).transpose()?;
-        let carbon = self.carbon.as_ref().map(|c| start(&c.model, &c.name, "carbon", "carbon.model")).transpose()?;
+        let carbon = self
+            .carbon
+            .as_ref()
+            .and_then(|c| c.model.as_ref().map(|m| start(m, &c.name, "carbon", "carbon.model")))
+            .transpose()?;
+        let calm = self.carbon.as_ref().and_then(|c| c.calm.clone()).map(|cfg| Calm {
+            key: input.index_of(&cfg.key).expect("checked"),
+            time: input.index_of(&cfg.time).expect("checked"),
+            cfg,
+            state: HashMap::new(),
+            skipped: ctx.metrics.counter(
+                "citystream_infer_rows_skipped_total",
+                "Rows of calm keys not predicted in the high-carbon mode.",
+                &[("stage", ctx.stage.as_str())],
+            ),
+        });
         let mut outputs = vec![OutputSpec::new("main", r.schema.clone())];
         if shadow.is_some() {
             outputs.push(OutputSpec::new("shadow", r.schema.clone()));
@@ -317,6 +428,8 @@ impl OperatorConfig for InferConfig {
             live,
             shadow,
             carbon,
+            carbon_on: self.carbon.is_some(),
+            calm,
             carbon_max_rows: self.carbon.as_ref().and_then(|c| c.max_rows),
             high_mode: false,
             metrics: ctx.metrics.clone(),
@@ -471,6 +584,9 @@ pub struct Infer {
     live: Slot,
     shadow: Option<Slot>,
     carbon: Option<Slot>,
+    /// Whether the stage follows the carbon policy at all.
+    carbon_on: bool,
+    calm: Option<Calm>,
     carbon_max_rows: Option<usize>,
     high_mode: bool,
     metrics: Metrics,
@@ -527,6 +643,57 @@ fn features<'a>(r: &Resolved, batch: &'a RecordBatch, scratch: &'a mut Vec<f32>)
     Ok(scratch)
 }
 
+impl Calm {
+    /// The rows to run in the high mode: all rows of keys at risk (or unseen), and a calm
+    /// key's rows once per `every` after its latest prediction.
+    fn thin(&self, batch: &RecordBatch) -> Result<RecordBatch, OperatorError> {
+        let keys = batch.column(self.key).as_string::<i32>();
+        let times = batch.column(self.time).as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let every = self.cfg.every.as_millis_i64();
+        // rows kept in this batch move a calm key's clock too
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        let keep: arrow::array::BooleanArray = (0..batch.num_rows())
+            .map(|i| {
+                if keys.is_null(i) || times.is_null(i) {
+                    return Some(true);
+                }
+                let (k, t) = (keys.value(i), times.value(i));
+                let Some(&(seen, calm)) = self.state.get(k) else { return Some(true) };
+                let prev = last.get(k).copied().unwrap_or(seen);
+                let run = !calm || t.saturating_sub(prev) >= every;
+                if run && calm {
+                    last.insert(k, t);
+                }
+                Some(run)
+            })
+            .collect();
+        let skipped = keep.false_count();
+        self.skipped.inc_by(skipped as u64);
+        if skipped == 0 {
+            return Ok(batch.clone());
+        }
+        Ok(arrow::compute::filter_record_batch(batch, &keep)?)
+    }
+
+    /// Records each key's latest prediction and whether it was calm.
+    fn observe(&mut self, input: &RecordBatch, output: &RecordBatch) {
+        let Some(col) = output.column_by_name(&self.cfg.column) else { return };
+        let values = col.as_primitive::<Float32Type>();
+        let keys = input.column(self.key).as_string::<i32>();
+        let times = input.column(self.time).as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        for i in 0..input.num_rows() {
+            if keys.is_null(i) || times.is_null(i) {
+                continue;
+            }
+            let calm = !values.value(i).is_nan() && self.cfg.is_calm(values.value(i));
+            let e = self.state.entry(keys.value(i).to_owned()).or_insert((i64::MIN, calm));
+            if times.value(i) >= e.0 {
+                *e = (times.value(i), calm);
+            }
+        }
+    }
+}
+
 impl Infer {
     fn stamp(
         schema: &SchemaRef,
@@ -554,23 +721,29 @@ impl Infer {
 
     /// Whether the carbon policy reports a high-carbon grid (logged and counted on change).
     fn check_carbon(&mut self) -> bool {
-        if self.carbon.is_none() {
+        if !self.carbon_on {
             return false;
         }
         let high = self.metrics.value("citystream_carbon_high_mode", &[]) == Some(1.0);
         if high != self.high_mode {
             self.high_mode = high;
-            let to = if high {
-                self.carbon.as_ref().map(|c| c.model.name.clone())
-            } else {
-                Some(self.live.model.name.clone())
+            let to = match (&self.carbon, high) {
+                (Some(c), true) => c.model.name.clone(),
+                _ => self.live.model.name.clone(),
             };
-            tracing::info!(stage = %self.stage, model = ?to, high, "carbon policy: switching the model");
+            let thin = self.calm.as_ref().filter(|_| high).map(|c| c.cfg.every.to_string());
+            tracing::info!(stage = %self.stage, model = %to, high, calm_every = ?thin, max_rows = self.max_rows(), "carbon policy: {} mode", if high { "high-carbon" } else { "normal" });
+            let action = match (self.carbon.is_some(), high) {
+                (true, true) => "low_carbon_model",
+                (true, false) => "full_model",
+                (false, true) => "high_carbon_mode",
+                (false, false) => "normal_mode",
+            };
             self.metrics
                 .counter(
                     "citystream_policy_actions_total",
                     "Actions of the carbon-aware policy.",
-                    &[("policy", "model"), ("action", if high { "low_carbon_model" } else { "full_model" })],
+                    &[("policy", "model"), ("action", action)],
                 )
                 .inc();
         }
@@ -594,9 +767,15 @@ impl Infer {
             return Ok(());
         }
         let input = self.buffered[0].schema();
-        let all = concat_batches(&input, &std::mem::take(&mut self.buffered))?;
+        let mut all = concat_batches(&input, &std::mem::take(&mut self.buffered))?;
         self.buffered_rows = 0;
         self.first_at = None;
+        if high && let Some(calm) = &self.calm {
+            all = calm.thin(&all)?;
+            if all.num_rows() == 0 {
+                return Ok(());
+            }
+        }
         let widths: Vec<usize> = self.live.model.output_widths();
         let mut start = 0;
         let max_rows = self.max_rows();
@@ -616,7 +795,11 @@ impl Infer {
             self.rows.inc_by(len as u64);
             self.runs.inc();
             self.last_batch.set(len as f64);
-            out.emit(0, Self::stamp(&self.outputs[0].schema, &chunk, &self.r.keep, model, outs, &widths)?);
+            let stamped = Self::stamp(&self.outputs[0].schema, &chunk, &self.r.keep, model, outs, &widths)?;
+            if let Some(calm) = &mut self.calm {
+                calm.observe(&chunk, &stamped);
+            }
+            out.emit(0, stamped);
             if let Some(s) = &mut self.shadow {
                 match s.model.run(feats, len) {
                     Ok(o) => {

@@ -448,3 +448,49 @@ fn a_high_carbon_grid_switches_to_the_cheaper_model_and_back() {
     let action = |a: &str| metrics.value("citystream_policy_actions_total", &[("policy", "model"), ("action", a)]);
     assert_eq!((action("low_carbon_model"), action("full_model")), (Some(1.0), Some(1.0)));
 }
+
+#[test]
+fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones_every_minute() {
+    let fp32 = models_dir().join("onnx/congestion_fp32.onnx");
+    let (inputs, outputs) = congestion_rows();
+    // calm: a predicted +15 min speed above the median of the fixture rows
+    let mut s15: Vec<f32> = outputs.iter().map(|o| o[0]).collect();
+    s15.sort_by(f32::total_cmp);
+    let level = f64::from(s15[s15.len() / 2]);
+    let calm: Vec<bool> = outputs.iter().map(|o| f64::from(o[0]) > level).collect();
+    let (n, n_calm) = (inputs.len(), calm.iter().filter(|c| **c).count());
+    assert!(n_calm > 0 && n_calm < n, "both kinds of segment in the fixture");
+    let cfg = infer_config(
+        &fp32,
+        &format!(
+            "reload_poll: 0s\nbatch: {{max_rows: 1024, max_delay: 1h}}\ncarbon: {{calm: {{column: s15, above: {level}, every: 5m}}}}\n"
+        ),
+    );
+    let metrics = Metrics::new();
+    let mut op = cfg
+        .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
+        .unwrap();
+    // one row per segment per minute; the rows of a minute are the fixture rows, seg-000.. in order
+    let mut minute = |op: &mut Box<dyn Operator>, m: i64| {
+        let mut out = Collector::new(1);
+        op.process_batch(features_batch(&inputs, m * 60_000), &mut out).unwrap();
+        op.on_watermark(m * 60_000 + 1, &mut out).unwrap();
+        out.port(0).iter().flat_map(|b| strings(b, "segment_id")).collect::<Vec<_>>()
+    };
+    let all: Vec<String> = (0..n).map(|i| format!("seg-{i:03}")).collect();
+    let risky: Vec<String> = (0..n).filter(|i| !calm[*i]).map(|i| format!("seg-{i:03}")).collect();
+    assert_eq!(minute(&mut op, 0), all, "normal mode: every row");
+    let mode = metrics.gauge("citystream_carbon_high_mode", "1 while the grid is above the policy's threshold.", &[]);
+    mode.set(1.0);
+    for m in 1..=9 {
+        // a calm segment's latest prediction was at minute 0: next at 5, then at 10
+        let expect = if m == 5 { &all } else { &risky };
+        assert_eq!(&minute(&mut op, m), expect, "high mode, minute {m}");
+    }
+    let skipped = metrics.value("citystream_infer_rows_skipped_total", &[("stage", "c")]);
+    assert_eq!(skipped, Some((8 * n_calm) as f64));
+    mode.set(0.0);
+    assert_eq!(minute(&mut op, 10), all, "back to normal: every row");
+    let action = |a: &str| metrics.value("citystream_policy_actions_total", &[("policy", "model"), ("action", a)]);
+    assert_eq!((action("high_carbon_mode"), action("normal_mode")), (Some(1.0), Some(1.0)));
+}

@@ -299,6 +299,11 @@ pub(crate) async fn run(
             &[("stage", stage), ("source", source)],
         )
     };
+    let watts = metrics.gauge(
+        "citystream_energy_watts",
+        "The pipeline's mean power over the latest accounting interval (W).",
+        &[],
+    );
     let mut before = samples(&metrics, &tasks);
     let mut rapl_before = if cfg.rapl { rapl_uj() } else { None };
     let mut busy_before = machine_busy_s();
@@ -324,9 +329,13 @@ pub(crate) async fn run(
                 seconds: t0.elapsed().as_secs_f64(),
             },
         };
+        let seconds = t0.elapsed().as_secs_f64();
         let rows = account(start_ms, &before, &after, power, intensity.at(start_ms));
         for r in &rows {
             joules_total(&r.stage, r.source).inc_by((r.joules * 1000.0) as u64);
+        }
+        if seconds > 0.0 {
+            watts.set(rows.iter().map(|r| r.joules).sum::<f64>() / seconds);
         }
         if !rows.is_empty() {
             let batch = to_batch(&rows);
@@ -414,6 +423,19 @@ pub struct CarbonPolicyConfig {
     /// (the policy still tracks the grid's mode for the stages that switch models).
     #[serde(default)]
     pub compaction: Option<CompactionPolicyConfig>,
+    /// The high mode also holds while the pipeline draws more than this (watts, from the
+    /// energy account's latest interval). Default: none (the grid alone decides).
+    #[serde(default)]
+    pub energy_budget_watts: Option<f64>,
+    /// Alerting is never degraded below this: a stage that alert rules read may predict a calm
+    /// segment at most this far apart in the high mode (`infer` `carbon.calm.every`). Default `5m`.
+    #[serde(default = "d_alert_floor")]
+    pub alert_floor: Duration,
+}
+
+/// The default alert floor (5 minutes).
+pub fn d_alert_floor() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// When compaction runs.
@@ -466,6 +488,7 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 pub struct CarbonScheduler {
     high: f64,
+    budget_watts: Option<f64>,
     every_ms: i64,
     max_delay_ms: i64,
     last_run_ms: i64,
@@ -477,6 +500,7 @@ impl CarbonScheduler {
     pub fn new(cfg: &CarbonPolicyConfig, c: &CompactionPolicyConfig, start_ms: i64) -> Self {
         Self {
             high: cfg.high_g_per_kwh,
+            budget_watts: cfg.energy_budget_watts,
             every_ms: c.every.as_millis_i64(),
             max_delay_ms: c.max_delay.as_millis_i64(),
             last_run_ms: start_ms,
@@ -484,21 +508,26 @@ impl CarbonScheduler {
         }
     }
 
-    /// Whether the grid is in the high-carbon mode now, and whether that changed.
-    pub fn mode(&mut self, g_per_kwh: f64) -> (bool, bool) {
-        let high = g_per_kwh > self.high;
+    /// Whether the pipeline is in the high mode now (the grid above the threshold, or the
+    /// pipeline's power above the budget), and whether that changed.
+    pub fn mode(&mut self, g_per_kwh: f64, watts: Option<f64>) -> (bool, bool) {
+        let high = self.is_high(g_per_kwh, watts);
         let changed = self.high_mode != Some(high);
         self.high_mode = Some(high);
         (high, changed)
     }
 
-    /// The decision at `now_ms` with the grid at `g_per_kwh`.
-    pub fn decide(&mut self, now_ms: i64, g_per_kwh: f64) -> Decision {
+    fn is_high(&self, g_per_kwh: f64, watts: Option<f64>) -> bool {
+        g_per_kwh > self.high || matches!((watts, self.budget_watts), (Some(w), Some(b)) if w > b)
+    }
+
+    /// The decision at `now_ms` with the grid at `g_per_kwh` and the pipeline drawing `watts`.
+    pub fn decide(&mut self, now_ms: i64, g_per_kwh: f64, watts: Option<f64>) -> Decision {
         let due_since = self.last_run_ms + self.every_ms;
         if now_ms < due_since {
             return Decision::Idle;
         }
-        let d = if g_per_kwh <= self.high {
+        let d = if !self.is_high(g_per_kwh, watts) {
             Decision::Run
         } else if now_ms - due_since >= self.max_delay_ms {
             Decision::Forced
@@ -533,24 +562,36 @@ pub(crate) async fn run_policy(
             &[("policy", "compaction"), ("action", a)],
         )
     };
-    let mode = metrics.gauge("citystream_carbon_high_mode", "1 while the grid is above the policy's threshold.", &[]);
+    let mode = metrics.gauge(
+        "citystream_carbon_high_mode",
+        "1 while the grid is above the policy's threshold or the pipeline above its energy budget.",
+        &[],
+    );
+    let intensity_gauge = metrics.gauge("citystream_carbon_g_per_kwh", "The grid's carbon intensity now.", &[]);
+    let switches = |to: &str| {
+        metrics.counter("citystream_carbon_mode_switches_total", "Switches of the carbon policy's mode.", &[("to", to)])
+    };
     let mut tick = tokio::time::interval(cfg.check_every.to_std().max(std::time::Duration::from_millis(100)));
     loop {
         tick.tick().await;
         let now = chrono::Utc::now().timestamp_millis();
         let g = intensity.at(now);
-        let (high, changed) = sched.mode(g);
+        let watts = metrics.value("citystream_energy_watts", &[]);
+        let (high, changed) = sched.mode(g, watts);
         mode.set(if high { 1.0 } else { 0.0 });
+        intensity_gauge.set(g);
         if changed {
+            switches(if high { "high" } else { "normal" }).inc();
             tracing::info!(
                 g_per_kwh = g,
+                watts,
                 high,
-                "carbon policy: grid is {}",
-                if high { "above the threshold: deferring" } else { "clean enough" }
+                "carbon policy: {}",
+                if high { "high mode (grid or energy budget): deferring, cheaper inference" } else { "normal mode" }
             );
         }
         let Some(c) = &compaction else { continue };
-        let d = sched.decide(now, g);
+        let d = sched.decide(now, g, watts);
         match d {
             Decision::Idle => {}
             Decision::Defer => {
@@ -595,15 +636,32 @@ mod policy_tests {
         let h = 3_600_000;
         // a scripted grid, one check per hour (fake clock)
         let grid = [500.0, 500.0, 200.0, 450.0, 450.0, 450.0, 450.0, 450.0, 100.0];
-        let decisions: Vec<Decision> = grid.iter().enumerate().map(|(i, g)| s.decide(i as i64 * h, *g)).collect();
+        let decisions: Vec<Decision> = grid.iter().enumerate().map(|(i, g)| s.decide(i as i64 * h, *g, None)).collect();
         use Decision::*;
         assert_eq!(
             decisions,
             [Idle, Defer, Run, Defer, Defer, Defer, Forced, Defer, Run],
             "due at 1 h (dirty: wait), clean at 2 h (run); due at 3 h, dirty until 6 h = 3 h late (forced); due at 7 h, clean at 8 h"
         );
-        assert_eq!(s.mode(500.0), (true, true));
-        assert_eq!(s.mode(600.0), (true, false));
-        assert_eq!(s.mode(100.0), (false, true));
+        assert_eq!(s.mode(500.0, None), (true, true));
+        assert_eq!(s.mode(600.0, None), (true, false));
+        assert_eq!(s.mode(100.0, None), (false, true));
+    }
+
+    #[test]
+    fn an_energy_budget_also_sets_the_high_mode_and_defers_compaction() {
+        let cfg: CarbonPolicyConfig = serde_saphyr::from_str(
+            "high_g_per_kwh: 300\nenergy_budget_watts: 40\ncompaction: {every: 1h, max_delay: 3h}\n",
+        )
+        .unwrap();
+        let mut s = CarbonScheduler::new(&cfg, cfg.compaction.as_ref().unwrap(), 0);
+        // a clean grid throughout; the pipeline's power (fake clock, one check per hour)
+        let watts = [10.0, 55.0, 55.0, 30.0, 80.0];
+        let modes: Vec<(bool, bool)> = watts.iter().map(|w| s.mode(100.0, Some(*w))).collect();
+        assert_eq!(modes, [(false, true), (true, true), (true, false), (false, true), (true, true)]);
+        assert_eq!(s.mode(100.0, None), (false, true), "no reading yet: the grid decides");
+        let h = 3_600_000;
+        let d: Vec<Decision> = watts.iter().enumerate().map(|(i, w)| s.decide(i as i64 * h, 100.0, Some(*w))).collect();
+        assert_eq!(d, [Decision::Idle, Decision::Defer, Decision::Defer, Decision::Run, Decision::Defer]);
     }
 }

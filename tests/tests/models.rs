@@ -191,3 +191,34 @@ fn the_committed_road_graph_is_the_embedded_defaults_city() {
         "deploy/road_graph.csv is stale: `citystream simulate -c deploy/local.yaml --duration 1m --out DIR` writes the current one"
     );
 }
+
+#[test]
+fn alerting_is_the_floor_a_stage_alerts_read_may_thin_calm_segments_only_down_to_the_alert_floor() {
+    let r = root();
+    let local = std::fs::read_to_string(r.join("deploy/local.yaml"))
+        .unwrap()
+        .replace("models/onnx/", &format!("{}/models/onnx/", r.display()))
+        .replace("deploy/road_graph.csv", &format!("{}/deploy/road_graph.csv", r.display()));
+    let with = |every: &str, floor: Option<&str>| {
+        let mut y = local.replace(
+            "    shadow: {model: ",
+            &format!(
+                "    carbon: {{calm: {{column: speed_30m_kmh, above: 40, every: {every}}}}}\n    shadow: {{model: "
+            ),
+        );
+        if let Some(f) = floor {
+            y = y.replace(
+                "  shutdown_timeout: 30s\n",
+                &format!("  shutdown_timeout: 30s\n  carbon_policy: {{high_g_per_kwh: 300, alert_floor: {f}}}\n"),
+            );
+        }
+        plan(config::load_str(&y, "local.yaml").unwrap(), "local.yaml")
+    };
+    // congestion_alerts reads the congestion stage: 10 minutes between predictions is past the 5 minute floor
+    let err = with("10m", None).err().expect("refused").to_string();
+    assert!(err.contains("stages.congestion.carbon.calm.every") && err.contains("alert floor"), "{err}");
+    assert!(with("5m", None).is_ok());
+    assert!(with("10m", Some("15m")).is_ok(), "a deliberately raised floor");
+    let err = with("10m", Some("2m")).err().expect("refused").to_string();
+    assert!(err.contains("alert floor (2m)"), "{err}");
+}

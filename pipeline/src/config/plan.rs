@@ -514,6 +514,28 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         }
     }
 
+    // alerting is the floor of carbon-aware operation: a stage whose predictions an `alert`
+    // stage reads may thin calm keys to at most one prediction per `alert_floor`
+    let floor = raw.runtime.carbon_policy.as_ref().map_or(crate::energy::d_alert_floor(), |p| p.alert_floor);
+    for st in &stages {
+        let OperatorSpec::Infer(cfg) = &st.op else { continue };
+        let Some(calm) = cfg.carbon.as_ref().and_then(|c| c.calm.as_ref()) else { continue };
+        let alerted = stages.iter().any(|a| {
+            matches!(a.op, OperatorSpec::Alert(_)) && a.inputs.iter().any(|r| r.node == st.name && r.port == 0)
+        });
+        if alerted && calm.every.as_millis_i64() > floor.as_millis_i64() {
+            ck.error(
+                raw.stages[&st.name].location,
+                format!("stages.{}.carbon.calm.every", st.name),
+                format!(
+                    "`{}` is longer than the alert floor ({}): alert rules read this stage's predictions",
+                    calm.every, floor
+                ),
+                Some("shorten `every`, or raise `runtime.carbon_policy.alert_floor` deliberately".into()),
+            );
+        }
+    }
+
     if ck.errors.is_empty() {
         Ok(PipelinePlan { name: raw.name, sources, stages, sinks, runtime: raw.runtime })
     } else {
