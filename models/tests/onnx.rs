@@ -471,7 +471,7 @@ fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones
         .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
         .unwrap();
     // one row per segment per minute; the rows of a minute are the fixture rows, seg-000.. in order
-    let mut minute = |op: &mut Box<dyn Operator>, m: i64| {
+    let minute = |op: &mut Box<dyn Operator>, m: i64| {
         let mut out = Collector::new(1);
         op.process_batch(features_batch(&inputs, m * 60_000), &mut out).unwrap();
         op.on_watermark(m * 60_000 + 1, &mut out).unwrap();

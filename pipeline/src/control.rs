@@ -865,6 +865,11 @@ async fn health(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAdd
         "queue_depth": m.series("citystream_channel_depth"),
         "alerts_open": m.series("citystream_alerts_open"),
         "carbon_high_mode": m.value("citystream_carbon_high_mode", &[]),
+        "carbon_g_per_kwh": m.value("citystream_carbon_g_per_kwh", &[]),
+        "energy_watts": m.value("citystream_energy_watts", &[]),
+        "carbon_switches": m.series("citystream_carbon_mode_switches_total"),
+        "policy_actions": m.series("citystream_policy_actions_total"),
+        "predictions_skipped": m.sum("citystream_infer_rows_skipped_total"),
     }))
     .into_response()
 }

@@ -8,7 +8,9 @@
 //! the machine's busy CPU time (`/proc/stat`). Otherwise from a documented model:
 //! `cpu_s × watts_per_busy_core`, plus `idle_watts × interval` shared by CPU time. Each row says
 //! which (`source`). GPU time is absent until a GPU provider runs (never invented).
-//! Carbon intensity (gCO2e/kWh) is a constant or an hourly series from a CSV file.
+//! Carbon intensity (gCO2e/kWh) is a constant, an hourly series from a CSV file, or read live
+//! from a Kafka topic (`carbon_topic`: JSON `{"hour": "2026-03-02T08:00:00Z", "g_per_kwh": 412}`
+//! for an hour of a forecast or measured series, or `{"g_per_kwh": 412}` for "from now on").
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -56,6 +58,23 @@ pub struct EnergyConfig {
     /// An hourly intensity series: CSV lines `2026-03-02T08:00:00Z,412` (hour start, g/kWh).
     #[serde(default)]
     pub carbon_file: Option<EnvString>,
+    /// A Kafka topic of intensity messages, read from its start and then live (overrides the
+    /// file for the hours it names).
+    #[serde(default)]
+    pub carbon_topic: Option<CarbonTopicConfig>,
+}
+
+/// Where live grid intensity comes from on Kafka.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarbonTopicConfig {
+    /// `bootstrap.servers`.
+    pub brokers: EnvString,
+    /// The topic, e.g. `city.grid_intensity`.
+    pub topic: String,
+    /// Any librdkafka consumer property.
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
 }
 
 fn d_true() -> bool {
@@ -166,11 +185,13 @@ pub fn account(
         .collect()
 }
 
-/// Hourly carbon intensity.
+/// Carbon intensity: per hour where a series names it, else the latest live value, else the
+/// constant. Clones share the series (a Kafka reader updates every holder).
 #[derive(Debug, Clone, Default)]
 pub struct Intensity {
     constant: f64,
-    hourly: BTreeMap<i64, f64>,
+    hourly: Arc<std::sync::RwLock<BTreeMap<i64, f64>>>,
+    latest: Arc<std::sync::RwLock<Option<f64>>>,
 }
 
 impl Intensity {
@@ -189,12 +210,87 @@ impl Intensity {
                 hourly.insert(t.div_euclid(3_600_000), v);
             }
         }
-        Ok(Self { constant: cfg.carbon_g_per_kwh, hourly })
+        Ok(Self {
+            constant: cfg.carbon_g_per_kwh,
+            hourly: Arc::new(std::sync::RwLock::new(hourly)),
+            latest: Default::default(),
+        })
     }
 
-    /// The intensity at `ts_ms`: the series' hour, else the constant.
+    /// The intensity at `ts_ms`: the series' hour, else the latest live value, else the constant.
     pub fn at(&self, ts_ms: i64) -> f64 {
-        self.hourly.get(&ts_ms.div_euclid(3_600_000)).copied().unwrap_or(self.constant)
+        let hourly = self.hourly.read().unwrap_or_else(|e| e.into_inner());
+        hourly
+            .get(&ts_ms.div_euclid(3_600_000))
+            .copied()
+            .or(*self.latest.read().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or(self.constant)
+    }
+
+    /// Applies one intensity message (JSON `{"hour": RFC 3339, "g_per_kwh": n}` or
+    /// `{"g_per_kwh": n}`).
+    pub fn apply_message(&self, payload: &[u8]) -> Result<(), String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Msg {
+            #[serde(default)]
+            hour: Option<String>,
+            g_per_kwh: f64,
+        }
+        let m: Msg = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        if !m.g_per_kwh.is_finite() || m.g_per_kwh < 0.0 {
+            return Err(format!("g_per_kwh {} is not a non-negative number", m.g_per_kwh));
+        }
+        match m.hour {
+            Some(h) => {
+                let t = chrono::DateTime::parse_from_rfc3339(&h).map_err(|e| format!("hour `{h}`: {e}"))?;
+                self.hourly
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(t.timestamp_millis().div_euclid(3_600_000), m.g_per_kwh);
+            }
+            None => *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(m.g_per_kwh),
+        }
+        Ok(())
+    }
+
+    /// Reads `cfg`'s topic from its start and then live into this intensity until the task is
+    /// aborted; bad messages are logged and counted, never applied.
+    #[cfg(feature = "kafka")]
+    pub fn follow(&self, cfg: &CarbonTopicConfig, metrics: &Metrics) -> Result<tokio::task::JoinHandle<()>, String> {
+        use rdkafka::Message;
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        let mut cc = crate::kafka::client_config(&cfg.brokers, &cfg.properties);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        // a private group: every process reads the whole series, and commits nothing
+        cc.set("group.id", format!("citystream-carbon-{}-{nanos:x}", std::process::id()));
+        cc.set("auto.offset.reset", "earliest");
+        cc.set("enable.auto.commit", "false");
+        let consumer: StreamConsumer = cc.create().map_err(|e| format!("carbon_topic: {e}"))?;
+        consumer.subscribe(&[cfg.topic.as_str()]).map_err(|e| format!("carbon_topic: {e}"))?;
+        let this = self.clone();
+        let outcome = |o: &str| {
+            metrics.counter("citystream_carbon_messages_total", "Grid intensity messages read.", &[("outcome", o)])
+        };
+        let (ok, bad) = (outcome("applied"), outcome("invalid"));
+        let topic = cfg.topic.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => match this.apply_message(m.payload().unwrap_or_default()) {
+                        Ok(()) => ok.inc(),
+                        Err(e) => {
+                            bad.inc();
+                            tracing::warn!(topic = %topic, offset = m.offset(), "carbon intensity message ignored: {e}");
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(topic = %topic, "carbon intensity topic: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }))
     }
 }
 
@@ -280,11 +376,11 @@ fn samples(metrics: &Metrics, tasks: &[(String, Vec<(String, String)>)]) -> BTre
 /// Runs the account until `done` fires, then accounts the last partial interval and returns.
 pub(crate) async fn run(
     cfg: EnergyConfig,
+    intensity: Intensity,
     metrics: Metrics,
     tasks: Vec<(String, Vec<(String, String)>)>,
     mut done: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
-    let intensity = Intensity::from_config(&cfg)?;
     let root = PathBuf::from(cfg.path.as_str());
     let sink_cfg: crate::sink::parquet::ParquetSinkConfig =
         serde_saphyr::from_str(&format!("path: {}\ntables: {{energy: x}}\n", root.display()))
@@ -407,6 +503,25 @@ mod tests {
         assert_eq!(i.at(h8 - 1), 300.0);
         std::fs::write(&f, "yesterday,12\n").unwrap();
         assert!(Intensity::from_config(&cfg).unwrap_err().contains("grid.csv:1"));
+    }
+
+    #[test]
+    fn intensity_messages_set_an_hour_or_the_value_from_now_on_and_bad_ones_change_nothing() {
+        let cfg: EnergyConfig = serde_saphyr::from_str("path: /tmp/x\ncarbon_g_per_kwh: 300\n").unwrap();
+        let i = Intensity::from_config(&cfg).unwrap();
+        let shared = i.clone();
+        let h8 = 1_772_438_400_000; // 2026-03-02T08:00:00Z
+        assert_eq!(i.at(h8), 300.0);
+        i.apply_message(br#"{"hour": "2026-03-02T08:00:00Z", "g_per_kwh": 512}"#).unwrap();
+        assert_eq!((shared.at(h8 + 59 * 60_000), shared.at(h8 + 3_600_000)), (512.0, 300.0), "clones share");
+        i.apply_message(br#"{"g_per_kwh": 120.5}"#).unwrap();
+        assert_eq!((i.at(h8), i.at(h8 + 3_600_000)), (512.0, 120.5), "the series' hour, else the latest");
+        for bad in
+            [&br#"{"g_per_kwh": -1}"#[..], br#"{"hour": "8 o'clock", "g_per_kwh": 1}"#, b"412", br#"{"gco2": 1}"#]
+        {
+            assert!(i.apply_message(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!((i.at(h8), i.at(h8 + 3_600_000)), (512.0, 120.5));
     }
 }
 

@@ -154,3 +154,52 @@ runtime: {{status_interval: null}}
     assert!(tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await.is_err(), "no extra messages");
     assert_eq!(seen, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grid_intensity_is_read_live_from_a_kafka_topic() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = format!("{}.grid", unique("carbon"));
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    for r in admin
+        .create_topics(&[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let send = |payload: String| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            producer.send(FutureRecord::<(), _>::to(&topic).payload(&payload), Duration::from_secs(10)).await.unwrap();
+        }
+    };
+    // one message before the reader starts (it reads from the start), a bad one, then live ones
+    send(r#"{"hour": "2026-03-02T08:00:00Z", "g_per_kwh": 512}"#.into()).await;
+    send("not json".into()).await;
+    let cfg: citystream_pipeline::energy::EnergyConfig = serde_saphyr::from_str(&format!(
+        "path: /tmp/unused\ncarbon_g_per_kwh: 300\ncarbon_topic: {{brokers: {}, topic: {topic}}}\n",
+        brokers()
+    ))
+    .unwrap();
+    let metrics = citystream_operators::Metrics::new();
+    let intensity = citystream_pipeline::energy::Intensity::from_config(&cfg).unwrap();
+    let reader = intensity.follow(cfg.carbon_topic.as_ref().unwrap(), &metrics).unwrap();
+    let h8 = 1_772_438_400_000;
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{what} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until("the series' hour", &|| intensity.at(h8) == 512.0);
+    send(r#"{"g_per_kwh": 95}"#.into()).await;
+    until("the live value", &|| intensity.at(h8 + 3_600_000) == 95.0);
+    assert_eq!(intensity.at(h8), 512.0, "an hour of the series outranks the live value");
+    let count = |o: &str| metrics.value("citystream_carbon_messages_total", &[("outcome", o)]);
+    assert_eq!((count("applied"), count("invalid")), (Some(2.0), Some(1.0)));
+    reader.abort();
+}

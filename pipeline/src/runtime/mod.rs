@@ -246,6 +246,16 @@ enum Finished {
     Sink { name: String, tables: BTreeMap<String, TableStats> },
 }
 
+/// Aborts a background task when dropped (the run's end ends it).
+#[allow(dead_code)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Asks a running pipeline to stop: sources stop reading, everything in flight drains and is
 /// flushed, then [`run`] returns.
 #[derive(Debug, Clone)]
@@ -384,7 +394,30 @@ pub async fn run_with_reload(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
-    let energy = plan.runtime.energy.clone().map(|cfg| {
+    // one grid intensity for the account and the policy (a Kafka topic updates both)
+    let intensity = match &plan.runtime.energy {
+        Some(e) => Some(
+            crate::energy::Intensity::from_config(e)
+                .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?,
+        ),
+        None => None,
+    };
+    let _intensity_reader = match (&intensity, plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref())) {
+        #[cfg(feature = "kafka")]
+        (Some(i), Some(t)) => Some(AbortOnDrop(
+            i.follow(t, &metrics)
+                .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?,
+        )),
+        #[cfg(not(feature = "kafka"))]
+        (Some(_), Some(_)) => {
+            return Err(PipelineError::Build {
+                stage: "runtime.energy.carbon_topic".into(),
+                message: "this build has no Kafka support (feature `kafka`)".into(),
+            });
+        }
+        _ => None,
+    };
+    let energy = plan.runtime.energy.clone().zip(intensity.clone()).map(|(cfg, intensity)| {
         let mut tasks: Vec<(String, Vec<(String, String)>)> = Vec::new();
         for s in &plan.sources {
             let outs =
@@ -400,12 +433,11 @@ pub async fn run_with_reload(
             tasks.push((sk.name.clone(), Vec::new()));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (tx, tokio::spawn(crate::energy::run(cfg, metrics.clone(), tasks, rx)))
+        (tx, tokio::spawn(crate::energy::run(cfg, intensity, metrics.clone(), tasks, rx)))
     });
-    let policy = match (&plan.runtime.carbon_policy, &plan.runtime.energy) {
-        (Some(p), Some(e)) => {
-            let intensity = crate::energy::Intensity::from_config(e)
-                .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?;
+    let policy = match (&plan.runtime.carbon_policy, &intensity) {
+        (Some(p), Some(intensity)) => {
+            let intensity = intensity.clone();
             let positioned = if crate::config::plan::any_kafka(&plan.sources) {
                 crate::sink::compact::Positioned::Committed(commit_log.clone())
             } else {
