@@ -76,6 +76,9 @@ pub struct ControlConfig {
     /// The road graph CSV for the map.
     #[serde(default)]
     pub road_graph: Option<EnvString>,
+    /// Where alerts at cameras and stations go on the map: CSV `location,segment_id`.
+    #[serde(default)]
+    pub sites: Option<EnvString>,
     /// Requests per minute per token. Default 120.
     #[serde(default = "d_rate")]
     pub requests_per_minute: u32,
@@ -426,6 +429,19 @@ struct App {
     publisher: Option<Arc<Publisher>>,
 }
 
+/// `location,segment_id` rows: the segment a camera or station watches.
+fn read_sites(path: &str) -> Result<BTreeMap<String, String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("sites `{path}`: {e}"))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
+        let (loc, seg) = line
+            .split_once(',')
+            .ok_or_else(|| format!("sites `{path}` line {}: expected `location,segment_id`", i + 1))?;
+        out.insert(loc.trim().to_owned(), seg.trim().to_owned());
+    }
+    Ok(out)
+}
+
 /// The map the page draws: the road graph the `features` stage reads, with coordinates.
 fn read_map(path: &str) -> Result<serde_json::Value, String> {
     let g = citystream_models::RoadGraph::read(std::path::Path::new(path)).map_err(|e| format!("road_graph: {e}"))?;
@@ -462,10 +478,19 @@ impl ControlCenter {
         board: &ThresholdBoard,
     ) -> Result<ControlCenter, String> {
         let tokens = cfg.tokens()?;
-        let map = match &cfg.road_graph {
+        let mut map = match &cfg.road_graph {
             Some(p) => read_map(p.as_str())?,
             None => serde_json::json!({ "segments": [] }),
         };
+        if let Some(p) = &cfg.sites {
+            let sites = read_sites(p.as_str())?;
+            let known: std::collections::HashSet<&str> =
+                map["segments"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_str()).collect();
+            if let Some((loc, seg)) = sites.iter().find(|(_, seg)| !known.contains(seg.as_str())) {
+                return Err(format!("sites: `{loc}` is on `{seg}`, which the road graph does not have"));
+            }
+            map["sites"] = serde_json::to_value(sites).map_err(|e| e.to_string())?;
+        }
         let feedback = match &cfg.feedback_path {
             Some(p) => {
                 let pc: ParquetSinkConfig = serde_saphyr::from_str(&format!(
@@ -859,8 +884,11 @@ async fn health(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAdd
         return *r;
     }
     let m = &app.metrics;
+    let lag = m.series("citystream_kafka_consumer_lag");
     axum::Json(serde_json::json!({
         "rows_in": m.series("citystream_stage_rows_in_total"),
+        // summed over partitions; absent without a Kafka source
+        "kafka_lag": (!lag.is_empty()).then(|| lag.iter().map(|(_, v)| v).sum::<f64>()),
         "dead_letters": m.sum("citystream_dead_letters_total"),
         "queue_depth": m.series("citystream_channel_depth"),
         "alerts_open": m.series("citystream_alerts_open"),

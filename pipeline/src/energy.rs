@@ -395,11 +395,8 @@ pub(crate) async fn run(
             &[("stage", stage), ("source", source)],
         )
     };
-    let watts = metrics.gauge(
-        "citystream_energy_watts",
-        "The pipeline's mean power over the latest accounting interval (W).",
-        &[],
-    );
+    // registered with its first reading, so no reader mistakes "not yet measured" for 0 W
+    let mut watts: Option<citystream_operators::Gauge> = None;
     let mut before = samples(&metrics, &tasks);
     let mut rapl_before = if cfg.rapl { rapl_uj() } else { None };
     let mut busy_before = machine_busy_s();
@@ -431,7 +428,15 @@ pub(crate) async fn run(
             joules_total(&r.stage, r.source).inc_by((r.joules * 1000.0) as u64);
         }
         if seconds > 0.0 {
-            watts.set(rows.iter().map(|r| r.joules).sum::<f64>() / seconds);
+            watts
+                .get_or_insert_with(|| {
+                    metrics.gauge(
+                        "citystream_energy_watts",
+                        "The pipeline's mean power over the latest accounting interval (W).",
+                        &[],
+                    )
+                })
+                .set(rows.iter().map(|r| r.joules).sum::<f64>() / seconds);
         }
         if !rows.is_empty() {
             let batch = to_batch(&rows);

@@ -110,6 +110,9 @@ try {
   const id = found.alert_id;
   const li = page.locator(`li[data-id="${id}"]`);
   const latencyMs = await page.evaluate((id) => window.__seen[id] ?? null, id);
+  // its segment is coloured on the map (a camera's alert on the segment the camera watches)
+  const seg = found.alert_type === "stalled_vehicle" ? cameraSegment[found.location] : found.location;
+  await until(`segment ${seg} coloured on the map`, async () => (await page.getAttribute(`#map circle[data-seg="${seg}"]`, "r")) === "14", 5_000);
   await li.click();
   const ack = page.locator('#detail button[data-act="acknowledge"]');
   await ack.waitFor({ state: "visible", timeout: 10_000 });
@@ -120,6 +123,14 @@ try {
   await until("the acknowledged state on the page", async () => (await page.textContent(sel)) === "acknowledged", 15_000);
   await until("the decision in the details", async () => (await page.textContent("#decisions")).includes("acknowledged by op.browser"), 5_000);
   await page.screenshot({ path: path.join(artifacts, "control_center.png") });
+
+  // pipeline health: per-stage rates (from two polls), queue depth, dead letters
+  await page.click("#health summary");
+  await until("per-stage rates in the health panel", async () => {
+    const rows = await page.$$eval("#healthTable tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
+    return rows.some((r) => r[0] === "congestion" && /^\d+$/.test(r[1]));
+  }, 20_000);
+  if (!/dead letters \d+/.test(await page.textContent("#healthLine"))) fail("the health line shows the dead letters");
 
   // the calibration panel reads the history (nothing applied yet)
   await until("the calibration panel", async () => /configured thresholds apply|#\d/.test(await page.textContent("#calibBody")), 10_000);

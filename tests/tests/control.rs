@@ -55,9 +55,10 @@ fn alert_events(rows: &[(&str, i64, f64)]) -> RecordBatch {
 fn config(feedback: &std::path::Path, env: &str, rate: u32) -> ControlConfig {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     serde_saphyr::from_str(&format!(
-        "addr: 127.0.0.1:0\nalerts: [x]\ntokens_env: {env}\nfeedback_path: {}\nroad_graph: {}\nrequests_per_minute: {rate}\ncalibration_file: {}\n",
+        "addr: 127.0.0.1:0\nalerts: [x]\ntokens_env: {env}\nfeedback_path: {}\nroad_graph: {}\nsites: {}\nrequests_per_minute: {rate}\ncalibration_file: {}\n",
         feedback.display(),
         root.join("deploy/road_graph.csv").display(),
+        root.join("deploy/sites.csv").display(),
         feedback.join("calibration.json").display()
     ))
     .unwrap()
@@ -209,6 +210,7 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     // the map, health and the page
     let (code, body) = http(&c, "GET", "/api/map", Some(VIEWER), None).await;
     assert_eq!((code, json(&body)["segments"].as_array().unwrap().len()), (200, 24));
+    assert_eq!(json(&body)["sites"]["cam-000"], "seg-00-00", "cameras and stations are placed on their segment");
     assert_eq!(http(&c, "GET", "/api/health", Some(VIEWER), None).await.0, 200);
     let (code, page) = http(&c, "GET", "/", None, None).await;
     assert!(code == 200 && page.contains("citystream control center") && page.contains("EventSource"));

@@ -190,6 +190,25 @@ fn the_committed_road_graph_is_the_embedded_defaults_city() {
         std::fs::read_to_string(root().join("deploy/road_graph.csv")).unwrap(),
         "deploy/road_graph.csv is stale: `citystream simulate -c deploy/local.yaml --duration 1m --out DIR` writes the current one"
     );
+    // deploy/sites.csv: the segment of each camera and station (cameras.csv, stations.csv)
+    let segments: Vec<String> = std::fs::read_to_string(dir.path().join("road_graph.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_owned())
+        .collect();
+    let mut sites = String::from("location,segment_id\n");
+    for f in ["cameras.csv", "stations.csv"] {
+        for l in std::fs::read_to_string(dir.path().join(f)).unwrap().lines().skip(1) {
+            let c: Vec<&str> = l.split(',').collect();
+            sites.push_str(&format!("{},{}\n", c[0], segments[c[1].parse::<usize>().unwrap()]));
+        }
+    }
+    assert_eq!(
+        sites,
+        std::fs::read_to_string(root().join("deploy/sites.csv")).unwrap(),
+        "deploy/sites.csv is stale: cameras.csv and stations.csv of the ground truth give the current one"
+    );
 }
 
 #[test]
