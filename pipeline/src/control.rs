@@ -70,7 +70,10 @@ pub struct ControlConfig {
     /// The name of an environment variable holding `role token` pairs separated by `;`.
     #[serde(default)]
     pub tokens_env: Option<String>,
-    /// Root of the `feedback` Parquet table (operator decisions). Default: none (not stored).
+    /// Root of the `feedback` Parquet table (operator decisions) and of the decision events
+    /// in its `alerts` table. Default: none (not stored). At start the book is rebuilt from
+    /// that `alerts` table (the rule events the lake sink wrote there, then the decisions), so
+    /// a restart keeps what operators saw and decided.
     #[serde(default)]
     pub feedback_path: Option<EnvString>,
     /// The road graph CSV for the map.
@@ -547,8 +550,90 @@ impl ControlCenter {
                 tracing::error!("control center stopped: {e}");
             }
         });
+        let center = ControlCenter { book, events, board: board.clone(), addr, server };
+        if let Some(p) = &cfg.feedback_path {
+            let (alerts, decisions) = center.restore(&std::path::Path::new(p.as_str()).join("alerts"))?;
+            if alerts > 0 {
+                tracing::info!(alerts, decisions, "control center: alert book restored from the lake");
+            }
+        }
         tracing::info!(%addr, "control center listening");
-        Ok(ControlCenter { book, events, board: board.clone(), addr, server })
+        Ok(center)
+    }
+
+    /// Rebuilds the book from an `alerts` table: rule events in event-time order, then the
+    /// operators' decisions in the order they were made. Returns (alerts, decisions).
+    fn restore(&self, table: &std::path::Path) -> Result<(usize, usize), String> {
+        let mut files = Vec::new();
+        let mut dirs = vec![table.to_owned()];
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else { continue };
+            for e in entries.flatten() {
+                let p = e.path();
+                let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if !hidden && p.extension().is_some_and(|x| x == "parquet") {
+                    files.push(p);
+                }
+            }
+        }
+        let schema = citystream_operators::alert::alert_schema();
+        let mut batches = Vec::new();
+        for f in &files {
+            let file = std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.build())
+                .map_err(|e| format!("{}: {e}", f.display()))?;
+            for b in reader {
+                let b = b.map_err(|e| format!("{}: {e}", f.display()))?;
+                // the columns by name, in the alert schema's order (partition columns aside)
+                let cols = schema
+                    .fields()
+                    .iter()
+                    .map(|fld| {
+                        b.column_by_name(fld.name())
+                            .cloned()
+                            .ok_or_else(|| format!("{}: no column `{}`", f.display(), fld.name()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                batches.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?);
+            }
+        }
+        if batches.is_empty() {
+            return Ok((0, 0));
+        }
+        let all = arrow::compute::concat_batches(&schema, &batches).map_err(|e| e.to_string())?;
+        // a decision event's evidence names its decision and operator
+        let ev = all.column_by_name("evidence").expect("alert schema").as_string::<i32>();
+        let decision_of = |i: usize| {
+            serde_json::from_str::<serde_json::Value>(ev.value(i))
+                .ok()
+                .filter(|v| v.get("decision").is_some() && v.get("operator").is_some())
+        };
+        let ts = all.column_by_name("ts").expect("alert schema").as_primitive::<TimestampMillisecondType>();
+        let (mut rules, mut decided): (Vec<usize>, Vec<usize>) =
+            (0..all.num_rows()).partition(|&i| decision_of(i).is_none());
+        rules.sort_by_key(|&i| ts.value(i));
+        decided.sort_by_key(|&i| ts.value(i));
+        let idx = arrow::array::UInt32Array::from_iter_values(rules.iter().map(|&i| i as u32));
+        self.apply(&arrow::compute::take_record_batch(&all, &idx).map_err(|e| e.to_string())?)?;
+        let ids = all.column_by_name("alert_id").expect("alert schema").as_string::<i32>();
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for i in decided {
+            let (Some(d), Some(a)) = (decision_of(i), book.alerts.get_mut(ids.value(i))) else { continue };
+            let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+            a.state = text("decision");
+            a.decisions.push(Decision {
+                ts: ts.value(i),
+                decision: text("decision"),
+                operator: text("operator"),
+                comment: text("comment"),
+            });
+            n += 1;
+        }
+        Ok((book.alerts.len(), n))
     }
 
     /// The live thresholds it calibrates.

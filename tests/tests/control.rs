@@ -207,6 +207,35 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     let again = ControlCenter::start("control3", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
     assert_eq!(again.thresholds().get("incident_model", "seg-00-03"), None);
 
+    // a restart rebuilds the book from the lake: here only the decision events were stored
+    // (the lake sink writes the rule events); with the rule events there too, the alert and
+    // its decisions come back as operators left them
+    let (_, restored) = http(&again, "GET", "/api/alerts", Some(VIEWER), None).await;
+    assert_eq!(
+        json(&restored)["alerts"].as_array().unwrap().len(),
+        0,
+        "decisions without their alert are not invented"
+    );
+    drop(again);
+    let lake_sink =
+        format!("path: {}\ntables: {{alerts: a}}\n", serde_json::to_string(dir.path().to_str().unwrap()).unwrap());
+    let pc: citystream_pipeline::sink::parquet::ParquetSinkConfig = serde_saphyr::from_str(&lake_sink).unwrap();
+    let tables = std::collections::BTreeMap::from([("alerts".to_owned(), citystream_operators::alert::alert_schema())]);
+    let mut w =
+        citystream_pipeline::sink::parquet::ParquetWriter::try_new("lake", &pc, &tables, &Metrics::new()).unwrap();
+    w.write("alerts", "a", &alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95), ("seg-00-03", 12, 0.1)]))
+        .unwrap();
+    w.flush().unwrap();
+    drop(w);
+    let again = ControlCenter::start("control4", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
+    let (_, body) = http(&again, "GET", &format!("/api/alerts/{id}"), Some(VIEWER), None).await;
+    let a = json(&body);
+    assert_eq!((a["state"].as_str(), a["active"].as_bool()), (Some("false_alarm"), Some(false)), "{body}");
+    let who: Vec<&str> = a["decisions"].as_array().unwrap().iter().map(|d| d["operator"].as_str().unwrap()).collect();
+    assert_eq!(who, ["op.anna", "op.anna", "op.ben"]);
+    let (_, body) = http(&again, "GET", "/api/alerts?state=open", Some(VIEWER), None).await;
+    assert_eq!(json(&body)["alerts"][0]["location"], "seg-01-02");
+
     // the map, health and the page
     let (code, body) = http(&c, "GET", "/api/map", Some(VIEWER), None).await;
     assert_eq!((code, json(&body)["segments"].as_array().unwrap().len()), (200, 24));
