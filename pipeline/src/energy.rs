@@ -543,6 +543,10 @@ pub struct CarbonPolicyConfig {
     /// (the policy still tracks the grid's mode for the stages that switch models).
     #[serde(default)]
     pub compaction: Option<CompactionPolicyConfig>,
+    /// Training exports (settled partitions of lake tables copied for `models/train`) as
+    /// deferrable work. Default: none.
+    #[serde(default)]
+    pub training_export: Option<ExportPolicyConfig>,
     /// The high mode also holds while the pipeline draws more than this (watts, from the
     /// energy account's latest interval). Default: none (the grid alone decides).
     #[serde(default)]
@@ -575,6 +579,36 @@ pub struct CompactionPolicyConfig {
     /// Target size of merged files, MiB. Default 128.
     #[serde(default = "d_target_mb")]
     pub target_mb: u64,
+}
+
+/// When and what the training export copies (`sink::export`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportPolicyConfig {
+    /// Where the export tree goes (read by `models/train/feedback.py` and `train.py --feedback-lake`).
+    pub to: EnvString,
+    /// The lake tables exported. Default `[traffic_minutes, feedback, alerts]`.
+    #[serde(default = "d_export_tables")]
+    pub tables: Vec<String>,
+    /// An export is due this long after the last one. Default `1d`.
+    #[serde(default = "d_day")]
+    pub every: Duration,
+    /// A due export waits at most this long for a low-carbon hour. Default `12h`.
+    #[serde(default = "d_twelve_hours")]
+    pub max_delay: Duration,
+    /// Partitions with a file younger than this wait for a later run. Default `10m`.
+    #[serde(default = "d_ten_minutes")]
+    pub min_age: Duration,
+}
+
+fn d_export_tables() -> Vec<String> {
+    ["traffic_minutes", "feedback", "alerts"].map(String::from).to_vec()
+}
+fn d_day() -> Duration {
+    Duration::from_secs(86_400)
+}
+fn d_twelve_hours() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 
 fn d_hour() -> Duration {
@@ -618,11 +652,16 @@ pub struct CarbonScheduler {
 impl CarbonScheduler {
     /// A scheduler whose first compaction is due `every` after `start_ms`.
     pub fn new(cfg: &CarbonPolicyConfig, c: &CompactionPolicyConfig, start_ms: i64) -> Self {
+        Self::periodic(cfg, c.every, c.max_delay, start_ms)
+    }
+
+    /// A scheduler of any deferrable job due every `every`, waiting at most `max_delay`.
+    pub fn periodic(cfg: &CarbonPolicyConfig, every: Duration, max_delay: Duration, start_ms: i64) -> Self {
         Self {
             high: cfg.high_g_per_kwh,
             budget_watts: cfg.energy_budget_watts,
-            every_ms: c.every.as_millis_i64(),
-            max_delay_ms: c.max_delay.as_millis_i64(),
+            every_ms: every.as_millis_i64(),
+            max_delay_ms: max_delay.as_millis_i64(),
             last_run_ms: start_ms,
             high_mode: None,
         }
@@ -691,6 +730,17 @@ pub(crate) async fn run_policy(
     let switches = |to: &str| {
         metrics.counter("citystream_carbon_mode_switches_total", "Switches of the carbon policy's mode.", &[("to", to)])
     };
+    let export = cfg.training_export.clone();
+    let mut export_sched = export
+        .as_ref()
+        .map(|e| CarbonScheduler::periodic(&cfg, e.every, e.max_delay, chrono::Utc::now().timestamp_millis()));
+    let export_action = |a: &str| {
+        metrics.counter(
+            "citystream_policy_actions_total",
+            "Actions of the carbon-aware policy.",
+            &[("policy", "training_export"), ("action", a)],
+        )
+    };
     let mut tick = tokio::time::interval(cfg.check_every.to_std().max(std::time::Duration::from_millis(100)));
     loop {
         tick.tick().await;
@@ -709,6 +759,32 @@ pub(crate) async fn run_policy(
                 "carbon policy: {}",
                 if high { "high mode (grid or energy budget): deferring, cheaper inference" } else { "normal mode" }
             );
+        }
+        if let (Some(e), Some(s)) = (&export, export_sched.as_mut()) {
+            let d = s.decide(now, g, watts);
+            match d {
+                Decision::Idle => {}
+                Decision::Defer => export_action("defer").inc(),
+                Decision::Run | Decision::Forced => {
+                    export_action(if d == Decision::Run { "run" } else { "forced" }).inc();
+                    for root in &roots {
+                        let (root, e) = (root.clone(), e.clone());
+                        let to = PathBuf::from(e.to.as_str());
+                        let job = move || crate::sink::export::export(&root, &e.tables, &to, e.min_age.to_std());
+                        match tokio::task::spawn_blocking(job).await {
+                            Ok(Ok(r)) => tracing::info!(
+                                ?d,
+                                partitions = r.partitions,
+                                rows = r.rows,
+                                skipped = r.skipped,
+                                "carbon policy: training export"
+                            ),
+                            Ok(Err(e)) => tracing::error!("carbon policy: training export failed: {e}"),
+                            Err(e) => tracing::error!("carbon policy: training export task: {e}"),
+                        }
+                    }
+                }
+            }
         }
         let Some(c) = &compaction else { continue };
         let d = sched.decide(now, g, watts);

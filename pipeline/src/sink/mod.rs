@@ -1,4 +1,5 @@
 //! Sinks: where tables leave the pipeline.
 
 pub mod compact;
+pub mod export;
 pub mod parquet;
