@@ -90,6 +90,10 @@ pub struct Sample {
     pub rows_in: u64,
     /// Rows handed on so far.
     pub rows_out: u64,
+    /// Bytes taken in so far (payload bytes for a source, Arrow bytes for stages and sinks).
+    pub bytes_in: u64,
+    /// Bytes handed on so far.
+    pub bytes_out: u64,
 }
 
 /// Where the joules of an interval come from.
@@ -130,6 +134,10 @@ pub struct EnergyRow {
     pub events_in: i64,
     /// Rows out.
     pub events_out: i64,
+    /// Bytes in.
+    pub bytes_in: i64,
+    /// Bytes out.
+    pub bytes_out: i64,
     /// `rapl` or `model`.
     pub source: &'static str,
     /// Grid intensity used.
@@ -144,22 +152,24 @@ pub fn account(
     power: Power,
     g_per_kwh: f64,
 ) -> Vec<EnergyRow> {
-    let deltas: Vec<(&String, f64, i64, i64)> = after
+    let deltas: Vec<(&String, f64, Sample)> = after
         .iter()
         .map(|(k, a)| {
             let b = before.get(k).copied().unwrap_or_default();
-            (
-                k,
-                a.cpu_ns.saturating_sub(b.cpu_ns) as f64 / 1e9,
-                a.rows_in.saturating_sub(b.rows_in) as i64,
-                a.rows_out.saturating_sub(b.rows_out) as i64,
-            )
+            let d = Sample {
+                cpu_ns: 0,
+                rows_in: a.rows_in.saturating_sub(b.rows_in),
+                rows_out: a.rows_out.saturating_sub(b.rows_out),
+                bytes_in: a.bytes_in.saturating_sub(b.bytes_in),
+                bytes_out: a.bytes_out.saturating_sub(b.bytes_out),
+            };
+            (k, a.cpu_ns.saturating_sub(b.cpu_ns) as f64 / 1e9, d)
         })
         .collect();
     let total_cpu: f64 = deltas.iter().map(|d| d.1).sum();
     deltas
         .into_iter()
-        .map(|(stage, cpu_s, events_in, events_out)| {
+        .map(|(stage, cpu_s, d)| {
             let share = if total_cpu > 0.0 { cpu_s / total_cpu } else { 0.0 };
             let (joules, source) = match power {
                 Power::Model { watts_per_busy_core, idle_watts, seconds } => {
@@ -176,8 +186,10 @@ pub fn account(
                 cpu_s,
                 joules,
                 gco2e: joules / 3.6e6 * g_per_kwh,
-                events_in,
-                events_out,
+                events_in: d.rows_in as i64,
+                events_out: d.rows_out as i64,
+                bytes_in: d.bytes_in as i64,
+                bytes_out: d.bytes_out as i64,
                 source,
                 g_per_kwh,
             }
@@ -330,6 +342,8 @@ pub fn schema() -> SchemaRef {
         Field::new("gco2e", DataType::Float64, false),
         Field::new("events_in", DataType::Int64, false),
         Field::new("events_out", DataType::Int64, false),
+        Field::new("bytes_in", DataType::Int64, false),
+        Field::new("bytes_out", DataType::Int64, false),
         Field::new("source", DataType::Utf8, false),
         Field::new("g_per_kwh", DataType::Float64, false),
     ]))
@@ -345,6 +359,8 @@ fn to_batch(rows: &[EnergyRow]) -> RecordBatch {
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.gco2e))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.events_in))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.events_out))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.bytes_in))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.bytes_out))),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.g_per_kwh))),
     ];
@@ -358,17 +374,31 @@ fn samples(metrics: &Metrics, tasks: &[(String, Vec<(String, String)>)]) -> BTre
         .map(|(task, outs)| {
             let l = [("stage", task.as_str())];
             let cpu_ns = metrics.value("citystream_stage_cpu_nanoseconds_total", &l).unwrap_or(0.0) as u64;
-            let rows_in = metrics.value("citystream_stage_rows_in_total", &l).unwrap_or(0.0) as u64;
-            let rows_out: f64 = outs
-                .iter()
-                .map(|(name, label)| {
-                    metrics
-                        .value(name, &[("stage", task.as_str()), ("output", label.as_str())])
-                        .or_else(|| metrics.value(name, &[("source", task.as_str()), ("stream", label.as_str())]))
-                        .unwrap_or(0.0)
-                })
-                .sum();
-            (task.clone(), Sample { cpu_ns, rows_in, rows_out: rows_out as u64 })
+            // per output port (stages) or stream (sources, whose bytes are the payloads read)
+            let out = |name: &str, label: &str| {
+                metrics
+                    .value(name, &[("stage", task.as_str()), ("output", label)])
+                    .or_else(|| metrics.value(name, &[("source", task.as_str()), ("stream", label)]))
+                    .unwrap_or(0.0)
+            };
+            let bytes_metric = |rows: &str| match rows {
+                "citystream_source_events_total" => "citystream_source_bytes_total",
+                _ => "citystream_stage_bytes_out_total",
+            };
+            let rows_out: f64 = outs.iter().map(|(name, label)| out(name, label)).sum();
+            let bytes_out: f64 = outs.iter().map(|(name, label)| out(bytes_metric(name), label)).sum();
+            // a source takes nothing in from the pipeline (`citystream report energy` counts the
+            // events of tasks with no input)
+            let rows_in = metrics.value("citystream_stage_rows_in_total", &l).unwrap_or(0.0);
+            let bytes_in = metrics.value("citystream_stage_bytes_in_total", &l).unwrap_or(0.0);
+            let s = Sample {
+                cpu_ns,
+                rows_in: rows_in as u64,
+                rows_out: rows_out as u64,
+                bytes_in: bytes_in as u64,
+                bytes_out: bytes_out as u64,
+            };
+            (task.clone(), s)
         })
         .collect()
 }
@@ -459,7 +489,7 @@ mod tests {
     use super::*;
 
     fn s(cpu_ms: u64, rin: u64, rout: u64) -> Sample {
-        Sample { cpu_ns: cpu_ms * 1_000_000, rows_in: rin, rows_out: rout }
+        Sample { cpu_ns: cpu_ms * 1_000_000, rows_in: rin, rows_out: rout, bytes_in: rin * 100, bytes_out: rout * 40 }
     }
 
     #[test]
@@ -477,6 +507,7 @@ mod tests {
         assert_eq!(rows[0].stage, "decode");
         assert!((rows[0].cpu_s - 3.0).abs() < 1e-12 && (rows[0].joules - 210.0).abs() < 1e-9);
         assert_eq!((rows[0].events_in, rows[0].events_out), (1000, 990));
+        assert_eq!((rows[0].bytes_in, rows[0].bytes_out), (100_000, 39_600), "bytes are interval deltas too");
         // 210 J = 210 / 3.6e6 kWh at 300 g/kWh
         assert!((rows[0].gco2e - 210.0 / 3.6e6 * 300.0).abs() < 1e-12);
         // sink: 1 × 10 + 240 × 1/4 = 70 J

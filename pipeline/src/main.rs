@@ -415,7 +415,8 @@ async fn report_energy(data: &Path, svg: Option<&Path>) -> anyhow::Result<()> {
     use arrow::array::{AsArray, Float64Array};
     use arrow::datatypes::Int64Type;
     let q = "SELECT stage, SUM(cpu_s) AS cpu_s, SUM(joules) AS joules, SUM(gco2e) AS gco2e, \
-             SUM(events_in)::BIGINT AS events_in, SUM(events_out)::BIGINT AS events_out, MIN(source) AS source \
+             SUM(events_in)::BIGINT AS events_in, SUM(events_out)::BIGINT AS events_out, MIN(source) AS source, \
+             SUM(bytes_in)::BIGINT AS bytes_in, SUM(bytes_out)::BIGINT AS bytes_out \
              FROM energy GROUP BY stage ORDER BY joules DESC";
     let batches = citystream_pipeline::sql::query(data, q).await.context("reading the energy table")?;
     let mut rows = Vec::new();
@@ -426,6 +427,7 @@ async fn report_energy(data: &Path, svg: Option<&Path>) -> anyhow::Result<()> {
         // DataFusion may hand back string views
         let text = |i: usize| arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8);
         let (names, sources) = (text(0)?, text(6)?);
+        let (bin, bout) = (b.column(7).as_primitive::<Int64Type>(), b.column(8).as_primitive::<Int64Type>());
         for i in 0..b.num_rows() {
             rows.push((
                 names.as_string::<i32>().value(i).to_owned(),
@@ -435,6 +437,7 @@ async fn report_energy(data: &Path, svg: Option<&Path>) -> anyhow::Result<()> {
                 ein.value(i),
                 eout.value(i),
                 sources.as_string::<i32>().value(i).to_owned(),
+                (bin.value(i), bout.value(i)),
             ));
         }
     }
@@ -442,11 +445,17 @@ async fn report_energy(data: &Path, svg: Option<&Path>) -> anyhow::Result<()> {
     // the pipeline's events: what the sources handed on (tasks with no input)
     let events: i64 = rows.iter().filter(|r| r.4 == 0).map(|r| r.5).sum::<i64>().max(1);
     println!(
-        "{:<28} {:>10} {:>12} {:>12} {:>14} {:>7}",
-        "task", "cpu_s", "joules", "gCO2e", "J per M events", "source"
+        "{:<28} {:>10} {:>12} {:>12} {:>14} {:>7} {:>9} {:>9}",
+        "task", "cpu_s", "joules", "gCO2e", "J per M events", "source", "MiB in", "MiB out"
     );
-    for (stage, cpu, j, g, _, _, source) in &rows {
-        println!("{stage:<28} {cpu:>10.3} {j:>12.3} {g:>12.5} {:>14.2} {source:>7}", j / events as f64 * 1e6);
+    let mib = |b: i64| b as f64 / (1u64 << 20) as f64;
+    for (stage, cpu, j, g, _, _, source, (bin, bout)) in &rows {
+        println!(
+            "{stage:<28} {cpu:>10.3} {j:>12.3} {g:>12.5} {:>14.2} {source:>7} {:>9.1} {:>9.1}",
+            j / events as f64 * 1e6,
+            mib(*bin),
+            mib(*bout)
+        );
     }
     let (tj, tg, tc): (f64, f64, f64) = rows.iter().fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.2, a.1 + r.3, a.2 + r.1));
     println!(

@@ -154,6 +154,19 @@ def main(data: str) -> int:
     rep = alert_report.main(data)
     inc = rep.get("incident_model", {})
     check("incident alerts find injected incidents", inc.get("detected", 0) >= 1, str(inc))
+    # the energy account: per task, CPU, joules, rows and bytes in and out
+    e = dict(
+        (r[0], r[1:])
+        for r in con.execute(
+            f"SELECT stage, sum(cpu_s), sum(joules), sum(events_in), sum(bytes_in), sum(bytes_out) FROM {src('energy')} GROUP BY stage"
+        ).fetchall()
+    )
+    city, traffic = e.get("city"), e.get("traffic")
+    check(
+        "energy account with bytes",
+        city is not None and traffic is not None and city[4] > 0 and traffic[2] > 0 and traffic[3] > traffic[2] and traffic[4] > 0,
+        f"city {city}, traffic {traffic} (cpu_s, joules, events_in, bytes_in, bytes_out)",
+    )
     print(f"lake check: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

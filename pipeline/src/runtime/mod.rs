@@ -246,6 +246,15 @@ enum Finished {
     Sink { name: String, tables: BTreeMap<String, TableStats> },
 }
 
+/// The Arrow bytes a batch holds (its slices of the buffers; the whole buffers where the
+/// layout does not allow slicing the count).
+pub(crate) fn batch_bytes(b: &arrow::array::RecordBatch) -> u64 {
+    b.columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()) as u64)
+        .sum()
+}
+
 /// Aborts a background task when dropped (the run's end ends it).
 #[allow(dead_code)]
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

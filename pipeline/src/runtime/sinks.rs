@@ -34,6 +34,7 @@ pub(crate) struct SinkTask {
     origins: Vec<String>,
     cpu_ns: citystream_operators::Counter,
     rows_in: citystream_operators::Counter,
+    bytes_in: citystream_operators::Counter,
     writer: Writer,
     ack: SinkAck,
 }
@@ -76,6 +77,11 @@ impl SinkTask {
             rows_in: metrics.counter(
                 "citystream_stage_rows_in_total",
                 "Rows received by a stage.",
+                &[("stage", node.name.as_str())],
+            ),
+            bytes_in: metrics.counter(
+                "citystream_stage_bytes_in_total",
+                "Arrow bytes received by a stage.",
                 &[("stage", node.name.as_str())],
             ),
             writer,
@@ -129,6 +135,7 @@ impl SinkTask {
             match inputs.next(&mut rx).await? {
                 Next::Message(input, Message::Batch(b)) => {
                     self.rows_in.inc_by(b.num_rows() as u64);
+                    self.bytes_in.inc_by(super::batch_bytes(&b));
                     self.write(input, &b).await?
                 }
                 Next::Message(input, Message::Watermark(wm)) => {

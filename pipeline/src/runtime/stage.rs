@@ -23,8 +23,10 @@ pub(crate) struct StageTask {
     inputs: usize,
     outputs: Outputs,
     rows_in: Counter,
+    bytes_in: Counter,
     batches_in: Counter,
     rows_out: Vec<Counter>,
+    bytes_out: Vec<Counter>,
     cpu_ns: Counter,
     /// New configurations to apply live (see [`super::reload`]).
     retune: Option<watch::Receiver<Option<Arc<OperatorSpec>>>>,
@@ -45,8 +47,20 @@ impl StageTask {
                 )
             })
             .collect();
+        let bytes_out = op
+            .outputs()
+            .iter()
+            .map(|o| {
+                metrics.counter(
+                    "citystream_stage_bytes_out_total",
+                    "Arrow bytes emitted by a stage, per output.",
+                    &[("stage", name.as_str()), ("output", o.name.as_str())],
+                )
+            })
+            .collect();
         Self {
             rows_in: metrics.counter("citystream_stage_rows_in_total", "Rows received by a stage.", &l),
+            bytes_in: metrics.counter("citystream_stage_bytes_in_total", "Arrow bytes received by a stage.", &l),
             batches_in: metrics.counter("citystream_stage_batches_in_total", "Batches received by a stage.", &l),
             cpu_ns: metrics.counter(
                 "citystream_stage_cpu_nanoseconds_total",
@@ -66,6 +80,7 @@ impl StageTask {
                 ),
             ],
             rows_out,
+            bytes_out,
             name,
             op,
             inputs,
@@ -122,6 +137,7 @@ impl StageTask {
         let drained: Vec<_> = out.drain().collect();
         for (port, batch) in drained {
             self.rows_out[port].inc_by(batch.num_rows() as u64);
+            self.bytes_out[port].inc_by(super::batch_bytes(&batch));
             self.outputs.send(port, Message::Batch(batch)).await?;
         }
         Ok(())
@@ -159,6 +175,7 @@ impl StageTask {
             match next {
                 Next::Message(_, Message::Batch(batch)) => {
                     self.rows_in.inc_by(batch.num_rows() as u64);
+                    self.bytes_in.inc_by(super::batch_bytes(&batch));
                     self.batches_in.inc();
                     self.call(|op, out| op.process_batch(batch, out), &mut out)?;
                     self.emit(&mut out).await?;
