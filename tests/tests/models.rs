@@ -234,10 +234,10 @@ fn alerting_is_the_floor_a_stage_alerts_read_may_thin_calm_segments_only_down_to
         plan(config::load_str(&y, "local.yaml").unwrap(), "local.yaml")
     };
     // congestion_alerts reads the congestion stage: 10 minutes between predictions is past the 5 minute floor
-    let err = with("10m", None).err().expect("refused").to_string();
+    let err = with("10m", None).expect_err("refused").to_string();
     assert!(err.contains("stages.congestion.carbon.calm.every") && err.contains("alert floor"), "{err}");
     assert!(with("5m", None).is_ok());
     assert!(with("10m", Some("15m")).is_ok(), "a deliberately raised floor");
-    let err = with("10m", Some("2m")).err().expect("refused").to_string();
+    let err = with("10m", Some("2m")).expect_err("refused").to_string();
     assert!(err.contains("alert floor (2m)"), "{err}");
 }

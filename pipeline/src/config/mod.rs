@@ -246,7 +246,7 @@ pub enum SinkConfig {
     #[cfg(feature = "kafka")]
     Kafka(crate::kafka::KafkaSinkConfig),
     /// `type: control_center`: the alert book, served over HTTP to control centers.
-    ControlCenter(crate::control::ControlConfig),
+    ControlCenter(Box<crate::control::ControlConfig>),
 }
 
 impl SinkConfig {

@@ -96,7 +96,7 @@ tagged!(SourceConfig, "source", |map, tag| match tag.value.as_str() {
 
 tagged!(SinkConfig, "sink", |map, tag| match tag.value.as_str() {
     "parquet" => Ok(SinkConfig::Parquet(rest(&mut map, None)?)),
-    "control_center" => Ok(SinkConfig::ControlCenter(rest(&mut map, None)?)),
+    "control_center" => Ok(SinkConfig::ControlCenter(Box::new(rest(&mut map, None)?))),
     #[cfg(feature = "kafka")]
     "kafka" => Ok(SinkConfig::Kafka(rest(&mut map, None)?)),
     other => Err(de::Error::unknown_variant(other, SinkConfig::TYPES)),
