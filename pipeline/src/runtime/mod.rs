@@ -411,21 +411,22 @@ pub async fn run_with_reload(
         ),
         None => None,
     };
-    let _intensity_reader = match (&intensity, plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref())) {
-        #[cfg(feature = "kafka")]
-        (Some(i), Some(t)) => Some(AbortOnDrop(
-            i.follow(t, &metrics)
-                .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?,
-        )),
-        #[cfg(not(feature = "kafka"))]
-        (Some(_), Some(_)) => {
-            return Err(PipelineError::Build {
-                stage: "runtime.energy.carbon_topic".into(),
-                message: "this build has no Kafka support (feature `kafka`)".into(),
-            });
-        }
-        _ => None,
-    };
+    let _intensity_reader: Option<AbortOnDrop> =
+        match (&intensity, plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref())) {
+            #[cfg(feature = "kafka")]
+            (Some(i), Some(t)) => Some(AbortOnDrop(
+                i.follow(t, &metrics)
+                    .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?,
+            )),
+            #[cfg(not(feature = "kafka"))]
+            (Some(_), Some(_)) => {
+                return Err(PipelineError::Build {
+                    stage: "runtime.energy.carbon_topic".into(),
+                    message: "this build has no Kafka support (feature `kafka`)".into(),
+                });
+            }
+            _ => None,
+        };
     let energy = plan.runtime.energy.clone().zip(intensity.clone()).map(|(cfg, intensity)| {
         let mut tasks: Vec<(String, Vec<(String, String)>)> = Vec::new();
         for s in &plan.sources {
