@@ -40,6 +40,9 @@ struct Args {
     /// Pipeline config to run (its `sinks.*.path` is replaced by a temporary folder).
     #[arg(long, default_value = "deploy/local.yaml")]
     config: std::path::PathBuf,
+    /// Print thread CPU-seconds per million events for every task (median over runs).
+    #[arg(long)]
+    per_stage: bool,
     /// Model variant in the pipeline: `fp32` (as configured), `int8` or `small`.
     #[arg(long, default_value = "fp32")]
     models: String,
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     let mut cpu_per_m = Vec::new();
     let mut events = 0u64;
     let mut joules_per_m = Vec::new();
+    let mut per_stage: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut infer_joules_per_m = Vec::new();
     for run in 0..args.repeat {
         let before = usage();
@@ -112,8 +116,13 @@ fn main() -> anyhow::Result<()> {
             raw.runtime.metrics_addr = None;
             let p = plan(raw, "bench")?;
             let (_stop, rx) = StopHandle::new();
-            let report = rt.block_on(runtime::run(p, Metrics::new(), rx))?;
+            let metrics = Metrics::new();
+            let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
             events = report.source_messages.values().sum();
+            // thread CPU per task (stages, sinks, the simulator), for the per-stage profile
+            for (labels, ns) in metrics.series("citystream_stage_cpu_nanoseconds_total") {
+                per_stage.entry(labels).or_default().push(ns / 1e9 / events as f64 * 1e6);
+            }
             if let Some((all, infer)) = energy_joules(&dir.path().join("lake/energy"))? {
                 joules_per_m.push(all / events as f64 * 1e6);
                 infer_joules_per_m.push(infer / events as f64 * 1e6);
@@ -145,6 +154,17 @@ fn main() -> anyhow::Result<()> {
             median(joules_per_m),
             median(infer_joules_per_m)
         );
+    }
+    if args.per_stage && !per_stage.is_empty() {
+        let mut rows: Vec<(String, f64)> = per_stage.into_iter().map(|(k, v)| (k, median(v))).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        println!(
+            "thread CPU-s per million events by task (medians; {total:.2} in all, the rest is runtime and idle spinning):"
+        );
+        for (k, v) in rows {
+            println!("  {k:<48} {v:>6.2}  {:>5.1}%", v / total * 100.0);
+        }
     }
     Ok(())
 }
