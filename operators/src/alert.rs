@@ -204,6 +204,8 @@ pub fn alert_schema() -> SchemaRef {
             Field::new("locations", DataType::Int32, false),
             Field::new("evidence", DataType::Utf8, false),
             Field::new("emitted_at", ts(), false),
+            // `rule` for the rules' events; the control center writes `operator` decisions
+            Field::new("actor", DataType::Utf8, false),
         ]))
     });
     S.clone()
@@ -580,6 +582,7 @@ impl AlertRule {
             Arc::new(Int32Array::from(e.locations)),
             Arc::new(StringArray::from(e.evidence)),
             ts(vec![now; n]),
+            repeat("rule"),
         ];
         out.emit(0, RecordBatch::try_new(self.outputs[0].schema.clone(), cols)?);
         Ok(())

@@ -264,8 +264,28 @@ pub fn feedback_schema() -> SchemaRef {
 struct Book {
     alerts: HashMap<String, AlertView>,
     /// Tables `feedback` and `alerts` (decision events) under `feedback_path`.
-    feedback: Option<ParquetWriter>,
+    feedback: Option<DecisionLake>,
     calibration: Calibrations,
+}
+
+/// Where decisions are stored: a fresh writer per decision, so a failed one leaves no rows
+/// buffered for the next decision to flush.
+struct DecisionLake {
+    name: String,
+    cfg: ParquetSinkConfig,
+    tables: BTreeMap<String, SchemaRef>,
+    metrics: Metrics,
+}
+
+impl DecisionLake {
+    fn store(&self, feedback: &RecordBatch, event: &RecordBatch) -> Result<(), String> {
+        let mut w =
+            ParquetWriter::try_new(&self.name, &self.cfg, &self.tables, &self.metrics).map_err(|e| e.to_string())?;
+        w.write("feedback", "control_center", feedback)
+            .and_then(|()| w.write("alerts", "control_center", event))
+            .and_then(|()| w.flush())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// One level a calibration changed.
@@ -279,7 +299,7 @@ pub struct LevelChange {
     pub old: f64,
     /// The level after.
     pub new: f64,
-    /// Share of judged alerts beyond the new level that operators confirmed.
+    /// The precision the proposal reported (`alert::Proposal::precision`).
     pub precision: f64,
     /// Alerts judged.
     pub judged: usize,
@@ -319,14 +339,24 @@ impl Calibrations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Calibrations::default(),
             Err(e) => return Err(format!("calibration_file `{}`: {e}", path.display())),
         };
-        // replay: the live levels are what the applied, unreverted changes left
+        // replay applies and reverts in the order they happened: the live levels are what
+        // they left (a revert may come long after later changes were applied and reverted)
+        let mut steps: Vec<(i64, u64, bool, &CalibrationChange)> = Vec::new();
         for ch in &c.history {
-            for l in &ch.changes {
-                board.set(&l.rule, &l.location, Some(l.new));
+            steps.push((ch.ts, ch.id, false, ch));
+            if let Some((at, _)) = &ch.reverted {
+                steps.push((*at, ch.id, true, ch));
             }
-            if ch.reverted.is_some() {
+        }
+        steps.sort_by_key(|(ts, id, revert, _)| (*ts, *revert, *id));
+        for (_, _, revert, ch) in steps {
+            if revert {
                 for l in ch.changes.iter().rev() {
                     board.set(&l.rule, &l.location, l.had_live.then_some(l.old));
+                }
+            } else {
+                for l in &ch.changes {
+                    board.set(&l.rule, &l.location, Some(l.new));
                 }
             }
         }
@@ -344,30 +374,48 @@ impl Calibrations {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&body)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, path)
+            std::fs::rename(&tmp, path)?;
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
         })()
         .map_err(|e| format!("calibration_file `{}`: {e}", path.display()))
     }
 }
 
+/// Publishes decisions to Kafka in the order they were made; a decision the broker did not
+/// take stays queued (an outbox in memory) and goes first with the next one.
 #[cfg(feature = "kafka")]
 struct Publisher {
-    writer: tokio::sync::Mutex<crate::kafka::KafkaWriter>,
+    writer: tokio::sync::Mutex<(crate::kafka::KafkaWriter, std::collections::VecDeque<(RecordBatch, RecordBatch)>)>,
     alerts_topic: Option<String>,
     feedback_topic: Option<String>,
 }
 
 #[cfg(feature = "kafka")]
 impl Publisher {
+    /// Queues the decision and publishes everything queued; `Err` says how many still wait.
     async fn publish(&self, event: &RecordBatch, feedback: &RecordBatch) -> Result<(), String> {
-        let mut w = self.writer.lock().await;
-        if let Some(t) = &self.alerts_topic {
-            w.write(t, Some("location"), event).await.map_err(|e| e.to_string())?;
+        let mut guard = self.writer.lock().await;
+        let (w, queue) = &mut *guard;
+        queue.push_back((event.clone(), feedback.clone()));
+        while let Some((event, feedback)) = queue.front() {
+            let sent = async {
+                if let Some(t) = &self.alerts_topic {
+                    w.write(t, Some("location"), event).await?;
+                }
+                if let Some(t) = &self.feedback_topic {
+                    w.write(t, Some("location"), feedback).await?;
+                }
+                w.flush().await
+            }
+            .await;
+            if let Err(e) = sent {
+                tracing::error!("publishing a decision to Kafka: {e}");
+                return Err(format!("{} decision(s) wait to be published", queue.len()));
+            }
+            queue.pop_front();
         }
-        if let Some(t) = &self.feedback_topic {
-            w.write(t, Some("location"), feedback).await.map_err(|e| e.to_string())?;
-        }
-        w.flush().await.map_err(|e| e.to_string())
+        Ok(())
     }
 }
 
@@ -392,7 +440,7 @@ fn publisher(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<Optio
         let writer = crate::kafka::KafkaWriter::for_topics(name, &k.brokers, &k.properties, &topics, metrics)
             .map_err(|e| format!("kafka: {e}"))?;
         Ok(Some(Publisher {
-            writer: tokio::sync::Mutex::new(writer),
+            writer: tokio::sync::Mutex::new((writer, Default::default())),
             alerts_topic: k.alerts_topic.clone(),
             feedback_topic: k.feedback_topic.clone(),
         }))
@@ -505,7 +553,9 @@ impl ControlCenter {
                     ("feedback".to_owned(), feedback_schema()),
                     ("alerts".to_owned(), citystream_operators::alert::alert_schema()),
                 ]);
-                Some(ParquetWriter::try_new(name, &pc, &tables, metrics).map_err(|e| format!("feedback table: {e}"))?)
+                // fail at start, not at the first decision
+                ParquetWriter::try_new(name, &pc, &tables, metrics).map_err(|e| format!("feedback table: {e}"))?;
+                Some(DecisionLake { name: name.to_owned(), cfg: pc, tables, metrics: metrics.clone() })
             }
             None => None,
         };
@@ -545,24 +595,25 @@ impl ControlCenter {
             .route("/api/calibration/apply", post(calibration_apply))
             .route("/api/calibration/{n}/revert", post(calibration_revert))
             .with_state(app);
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
-                tracing::error!("control center stopped: {e}");
-            }
-        });
-        let center = ControlCenter { book, events, board: board.clone(), addr, server };
+        // the book is restored before the first request is served
+        let mut center = ControlCenter { book, events, board: board.clone(), addr, server: tokio::spawn(async {}) };
         if let Some(p) = &cfg.feedback_path {
             let (alerts, decisions) = center.restore(&std::path::Path::new(p.as_str()).join("alerts"))?;
             if alerts > 0 {
                 tracing::info!(alerts, decisions, "control center: alert book restored from the lake");
             }
         }
+        center.server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
+                tracing::error!("control center stopped: {e}");
+            }
+        });
         tracing::info!(%addr, "control center listening");
         Ok(center)
     }
 
-    /// Rebuilds the book from an `alerts` table: rule events in event-time order, then the
-    /// operators' decisions in the order they were made. Returns (alerts, decisions).
+    /// Rebuilds the book from an `alerts` table: rule events (`actor` `rule`) and operators'
+    /// decisions (`actor` `operator`) in the order they were emitted. Returns (alerts, decisions).
     fn restore(&self, table: &std::path::Path) -> Result<(usize, usize), String> {
         let mut files = Vec::new();
         let mut dirs = vec![table.to_owned()];
@@ -591,10 +642,14 @@ impl ControlCenter {
                 let cols = schema
                     .fields()
                     .iter()
-                    .map(|fld| {
-                        b.column_by_name(fld.name())
-                            .cloned()
-                            .ok_or_else(|| format!("{}: no column `{}`", f.display(), fld.name()))
+                    .map(|fld| match b.column_by_name(fld.name()) {
+                        Some(c) => Ok(c.clone()),
+                        // files written before the `actor` column held rule events only
+                        None if fld.name() == "actor" => {
+                            Ok(Arc::new(StringArray::from_iter_values(std::iter::repeat_n("rule", b.num_rows())))
+                                as Arc<dyn Array>)
+                        }
+                        None => Err(format!("{}: no column `{}`", f.display(), fld.name())),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 batches.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?);
@@ -604,25 +659,25 @@ impl ControlCenter {
             return Ok((0, 0));
         }
         let all = arrow::compute::concat_batches(&schema, &batches).map_err(|e| e.to_string())?;
-        // a decision event's evidence names its decision and operator
+        let actor = all.column_by_name("actor").expect("alert schema").as_string::<i32>();
         let ev = all.column_by_name("evidence").expect("alert schema").as_string::<i32>();
-        let decision_of = |i: usize| {
-            serde_json::from_str::<serde_json::Value>(ev.value(i))
-                .ok()
-                .filter(|v| v.get("decision").is_some() && v.get("operator").is_some())
-        };
         let ts = all.column_by_name("ts").expect("alert schema").as_primitive::<TimestampMillisecondType>();
-        let (mut rules, mut decided): (Vec<usize>, Vec<usize>) =
-            (0..all.num_rows()).partition(|&i| decision_of(i).is_none());
-        rules.sort_by_key(|&i| ts.value(i));
-        decided.sort_by_key(|&i| ts.value(i));
-        let idx = arrow::array::UInt32Array::from_iter_values(rules.iter().map(|&i| i as u32));
-        self.apply(&arrow::compute::take_record_batch(&all, &idx).map_err(|e| e.to_string())?)?;
+        let emitted =
+            all.column_by_name("emitted_at").expect("alert schema").as_primitive::<TimestampMillisecondType>();
         let ids = all.column_by_name("alert_id").expect("alert schema").as_string::<i32>();
-        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        // rule events and decisions in one processing-time order, replayed through the same
+        // transitions as when they happened (a decision's `ts` is when it was made)
+        let mut order: Vec<usize> = (0..all.num_rows()).collect();
+        order.sort_by_key(|&i| (emitted.value(i), ts.value(i), i));
         let mut n = 0;
-        for i in decided {
-            let (Some(d), Some(a)) = (decision_of(i), book.alerts.get_mut(ids.value(i))) else { continue };
+        for i in order {
+            if actor.value(i) != "operator" {
+                self.apply(&all.slice(i, 1))?;
+                continue;
+            }
+            let Ok(d) = serde_json::from_str::<serde_json::Value>(ev.value(i)) else { continue };
+            let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(a) = book.alerts.get_mut(ids.value(i)) else { continue };
             let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
             a.state = text("decision");
             a.decisions.push(Decision {
@@ -633,6 +688,7 @@ impl ControlCenter {
             });
             n += 1;
         }
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
         Ok((book.alerts.len(), n))
     }
 
@@ -689,6 +745,14 @@ impl ControlCenter {
                 evidence: serde_json::Value::Null,
                 decisions: Vec::new(),
             });
+            // the same id opened again (a re-run of a deterministic simulation, say) after the
+            // earlier alert finished: a new alert, not the old one's state
+            if status == "open" && !a.active {
+                (a.state, a.active, a.opened_at, a.emitted_at) =
+                    ("open".into(), true, opened.value(i), emitted.value(i));
+                a.decisions.clear();
+                (a.value, a.peak) = (None, None);
+            }
             a.updated_at = ts.value(i);
             a.value = opt(value, i).or(a.value);
             a.peak = opt(peak, i).or(a.peak);
@@ -845,19 +909,21 @@ async fn decide(
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Some(p) = &app.publisher
-        && let Err(e) = p.publish(&event, &row).await
-    {
-        tracing::error!(alert = %view.alert_id, "publishing a decision to Kafka: {e}");
-        return error(
-            StatusCode::BAD_GATEWAY,
-            format!("the decision is recorded but could not be published to Kafka: {e}"),
-        );
-    }
+    // the decision is made (stored, in the book): tell every page, then publish
     app.metrics
         .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
         .inc();
     let _ = app.events.send(serde_json::json!({"kind": "decision", "alert": &view}).to_string());
+    if let Some(p) = &app.publisher
+        && let Err(e) = p.publish(&event, &row).await
+    {
+        app.metrics
+            .counter("citystream_control_publish_failures_total", "Decisions the broker did not take at once.", &[])
+            .inc();
+        tracing::warn!(alert = %view.alert_id, "decision stored, Kafka publish pending: {e}");
+        // recorded and shown; the outbox sends it with the next decision
+        return ([("x-citystream-kafka", "pending")], axum::Json(view)).into_response();
+    }
     axum::Json(view).into_response()
 }
 
@@ -894,15 +960,11 @@ fn record_decision(
     let row = feedback_row(ts, &view, new_state, &body.operator, &body.comment);
     let event = decision_event(ts, &view, new_state, &body.operator, &body.comment);
     // stored first: a decision the lake does not hold is not made
-    if let Some(w) = book.feedback.as_mut() {
-        let stored = w
-            .write("feedback", "control_center", &row)
-            .and_then(|()| w.write("alerts", "control_center", &event))
-            .and_then(|()| w.flush());
-        if let Err(e) = stored {
-            tracing::error!("feedback table: {e}");
-            return Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored")));
-        }
+    if let Some(lake) = &book.feedback
+        && let Err(e) = lake.store(&row, &event)
+    {
+        tracing::error!("feedback table: {e}");
+        return Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored")));
     }
     *a = view.clone();
     Ok((view, row, event))
@@ -930,6 +992,7 @@ fn decision_event(ts: i64, a: &AlertView, decision: &str, operator: &str, commen
             Arc::new(arrow::array::Int32Array::from(vec![a.locations])),
             s(&evidence),
             t(ts),
+            s("operator"),
         ],
     )
     .expect("columns match the alert schema")
@@ -1048,8 +1111,11 @@ fn proposals(
 ) -> Vec<(String, String, citystream_operators::alert::Proposal)> {
     // (rule, location) -> (time of the latest alert, its threshold, below-rule votes, judged alerts)
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+    let mut newest_verdict: BTreeMap<(String, String), i64> = BTreeMap::new();
     for a in book.alerts.values().filter(|a| a.location != "*") {
         let Some(last) = a.decisions.last() else { continue };
+        let v = newest_verdict.entry((a.rule.clone(), a.location.clone())).or_insert(i64::MIN);
+        *v = (*v).max(last.ts);
         let Some(v) = a.peak.or(a.value) else { continue };
         let g = groups.entry((a.rule.clone(), a.location.clone())).or_insert((i64::MIN, a.threshold, 0, Vec::new()));
         if a.updated_at > g.0 {
@@ -1058,8 +1124,20 @@ fn proposals(
         g.2 += if v < a.threshold { 1 } else { -1 };
         g.3.push(citystream_operators::alert::Judged { value: v, true_alarm: last.decision != "false_alarm" });
     }
+    // a level an applied change moved is proposed again only after new verdicts: without them
+    // the same evidence would move it another step at every apply
+    let mut moved: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for ch in book.calibration.history.iter().filter(|c| c.reverted.is_none()) {
+        for l in &ch.changes {
+            let m = moved.entry((l.rule.as_str(), l.location.as_str())).or_insert(i64::MIN);
+            *m = (*m).max(ch.ts);
+        }
+    }
     groups
         .into_iter()
+        .filter(|((rule, loc), _)| {
+            moved.get(&(rule.as_str(), loc.as_str())).is_none_or(|m| newest_verdict[&(rule.clone(), loc.clone())] > *m)
+        })
         .filter_map(|((rule, loc), (_, latest, below, judged))| {
             let current = board.get(&rule, &loc).unwrap_or(latest);
             citystream_operators::alert::calibrate(current, below > 0, &judged, spec).map(|p| (rule, loc, p))
@@ -1256,4 +1334,50 @@ async fn calibration_revert(
     drop(book);
     calibration_changed(&app, "reverted", &change);
     axum::Json(change).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_history_replays_applies_and_reverts_in_the_order_they_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calibration.json");
+        let level = |old: f64, new: f64, had_live: bool| LevelChange {
+            rule: "r".into(),
+            location: "a".into(),
+            old,
+            new,
+            precision: 0.5,
+            judged: 5,
+            had_live,
+        };
+        let change = |id: u64, ts: i64, l: LevelChange, reverted: Option<i64>| CalibrationChange {
+            id,
+            ts,
+            operator: "op".into(),
+            target_precision: 0.8,
+            changes: vec![l],
+            reverted: reverted.map(|t| (t, "op".to_owned())),
+        };
+        // 1 sets 0.93 (no live level before), 2 moves it to 0.96; 2 is reverted, then 1
+        let mut c = Calibrations {
+            history: vec![
+                change(1, 10, level(0.90, 0.93, false), Some(40)),
+                change(2, 20, level(0.93, 0.96, true), Some(30)),
+            ],
+            file: Some(path.clone()),
+        };
+        c.save().unwrap();
+        let board = ThresholdBoard::default();
+        Calibrations::load(&path, &board).unwrap();
+        assert_eq!(board.get("r", "a"), None, "both reverted: the configured level applies");
+        // only 2 reverted: 1's level stands
+        c.history[0].reverted = None;
+        c.save().unwrap();
+        let board = ThresholdBoard::default();
+        Calibrations::load(&path, &board).unwrap();
+        assert_eq!(board.get("r", "a"), Some(0.93));
+    }
 }

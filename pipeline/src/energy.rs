@@ -707,8 +707,15 @@ impl CarbonScheduler {
         (high, changed)
     }
 
+    /// Above the budget enters the high mode; only below 90% of it leaves it again (the high
+    /// mode lowers the power, which must not flip the mode back at the next check).
     fn is_high(&self, g_per_kwh: f64, watts: Option<f64>) -> bool {
-        g_per_kwh > self.high || matches!((watts, self.budget_watts), (Some(w), Some(b)) if w > b)
+        let over = match (watts, self.budget_watts) {
+            (Some(w), Some(b)) if self.high_mode == Some(true) => w > 0.9 * b,
+            (Some(w), Some(b)) => w > b,
+            _ => false,
+        };
+        g_per_kwh > self.high || over
     }
 
     /// The decision at `now_ms` with the grid at `g_per_kwh` and the pipeline drawing `watts`.
@@ -764,7 +771,11 @@ pub(crate) async fn run_policy(
     let export = cfg.training_export.clone();
     let mut export_sched = export
         .as_ref()
-        .map(|e| CarbonScheduler::periodic(&cfg, e.every, e.max_delay, chrono::Utc::now().timestamp_millis()));
+        // due at start (the manifest makes it incremental): a daily restart must not starve it
+        .map(|e| {
+            let now = chrono::Utc::now().timestamp_millis();
+            CarbonScheduler::periodic(&cfg, e.every, e.max_delay, now - e.every.as_millis_i64())
+        });
     let export_action = |a: &str| {
         metrics.counter(
             "citystream_policy_actions_total",
@@ -886,7 +897,11 @@ mod policy_tests {
         let watts = [10.0, 55.0, 55.0, 30.0, 80.0];
         let modes: Vec<(bool, bool)> = watts.iter().map(|w| s.mode(100.0, Some(*w))).collect();
         assert_eq!(modes, [(false, true), (true, true), (true, false), (false, true), (true, true)]);
-        assert_eq!(s.mode(100.0, None), (false, true), "no reading yet: the grid decides");
+        // hysteresis: in the high mode, 38 W (under the budget, above 90% of it) keeps it
+        assert_eq!(s.mode(100.0, Some(38.0)), (true, false));
+        assert_eq!(s.mode(100.0, Some(35.0)), (false, true));
+        assert_eq!(s.mode(100.0, Some(38.0)), (false, false), "entering needs the budget itself");
+        assert_eq!(s.mode(100.0, None), (false, false), "no reading: the grid decides");
         let h = 3_600_000;
         let d: Vec<Decision> = watts.iter().enumerate().map(|(i, w)| s.decide(i as i64 * h, 100.0, Some(*w))).collect();
         assert_eq!(d, [Decision::Idle, Decision::Defer, Decision::Defer, Decision::Run, Decision::Defer]);

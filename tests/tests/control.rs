@@ -92,7 +92,8 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     // SAFETY: set before the service reads it; this test binary's tests use distinct variables
     unsafe { std::env::set_var("CC_TOKENS_A", format!("viewer {VIEWER}; operator {OPERATOR}")) };
     let c = ControlCenter::start("control", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
-    c.apply(&alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95)])).unwrap();
+    let first = alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95)]);
+    c.apply(&first).unwrap();
 
     // authentication and roles
     assert_eq!(http(&c, "GET", "/api/alerts", None, None).await.0, 401);
@@ -145,7 +146,8 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     assert_eq!(json(&body)["alerts"][0]["alert_id"], id);
 
     // the rule resolving it does not undo the operator's false alarm
-    c.apply(&alert_events(&[("seg-00-03", 10, 0.97), ("seg-00-03", 12, 0.1)])).unwrap();
+    let second = alert_events(&[("seg-00-03", 10, 0.97), ("seg-00-03", 12, 0.1)]);
+    c.apply(&second).unwrap();
     let (_, body) = http(&c, "GET", &format!("/api/alerts/{id}"), Some(VIEWER), None).await;
     assert_eq!(
         (json(&body)["state"].as_str().unwrap(), json(&body)["active"].as_bool().unwrap()),
@@ -154,7 +156,8 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
 
     // every decision is a row of the feedback table, and a lifecycle event in the alerts table
     let mut rows = string_columns(&dir.path().join("feedback"), &["decision", "operator"]);
-    let mut events = string_columns(&dir.path().join("alerts"), &["status", "alert_id", "evidence"]);
+    let mut events = string_columns(&dir.path().join("alerts"), &["status", "alert_id", "evidence", "actor"]);
+    assert!(events.iter().all(|e| e[3] == "operator"), "decision events say who made them");
     events.sort();
     assert_eq!(
         events.iter().map(|e| (e[0].as_str(), e[1].as_str())).collect::<Vec<_>>(),
@@ -193,6 +196,8 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     assert!(near(c.thresholds().get("incident_model", "seg-00-03")));
     let (_, body) = http(&c, "GET", "/api/calibration/history", Some(VIEWER), None).await;
     assert!(near(json(&body)["live"]["incident_model"]["seg-00-03"].as_f64()), "{body}");
+    // without new verdicts the same evidence does not move the level again
+    assert_eq!(http(&c, "POST", "/api/calibration/apply", Some(OPERATOR), Some(apply)).await.0, 409);
     // the live level survives a restart through the calibration file
     let again = ControlCenter::start("control2", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
     assert!(near(again.thresholds().get("incident_model", "seg-00-03")));
@@ -223,8 +228,9 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     let tables = std::collections::BTreeMap::from([("alerts".to_owned(), citystream_operators::alert::alert_schema())]);
     let mut w =
         citystream_pipeline::sink::parquet::ParquetWriter::try_new("lake", &pc, &tables, &Metrics::new()).unwrap();
-    w.write("alerts", "a", &alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95), ("seg-00-03", 12, 0.1)]))
-        .unwrap();
+    // the rule events as the lake sink wrote them while the test ran (before and after the decisions)
+    w.write("alerts", "a", &second).unwrap();
+    w.write("alerts", "a", &first).unwrap();
     w.flush().unwrap();
     drop(w);
     let again = ControlCenter::start("control4", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();

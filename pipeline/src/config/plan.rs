@@ -514,25 +514,42 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         }
     }
 
-    // alerting is the floor of carbon-aware operation: a stage whose predictions an `alert`
-    // stage reads may thin calm keys to at most one prediction per `alert_floor`
+    // alerting is the floor of carbon-aware operation: a stage whose predictions reach an
+    // `alert` stage (directly or through other stages) may thin calm keys to at most one
+    // prediction per `alert_floor`, and never beyond a reading rule's `stale_after`
     let floor = raw.runtime.carbon_policy.as_ref().map_or(crate::energy::d_alert_floor(), |p| p.alert_floor);
     for st in &stages {
         let OperatorSpec::Infer(cfg) = &st.op else { continue };
         let Some(calm) = cfg.carbon.as_ref().and_then(|c| c.calm.as_ref()) else { continue };
-        let alerted = stages.iter().any(|a| {
-            matches!(a.op, OperatorSpec::Alert(_)) && a.inputs.iter().any(|r| r.node == st.name && r.port == 0)
-        });
-        if alerted && calm.every.as_millis_i64() > floor.as_millis_i64() {
-            ck.error(
-                raw.stages[&st.name].location,
-                format!("stages.{}.carbon.calm.every", st.name),
-                format!(
-                    "`{}` is longer than the alert floor ({}): alert rules read this stage's predictions",
-                    calm.every, floor
-                ),
-                Some("shorten `every`, or raise `runtime.carbon_policy.alert_floor` deliberately".into()),
-            );
+        let mut reached: BTreeSet<&str> = BTreeSet::new();
+        let mut frontier = vec![(st.name.as_str(), Some(0usize))];
+        while let Some((node, port)) = frontier.pop() {
+            for next in &stages {
+                let reads = next.inputs.iter().any(|r| r.node == node && port.is_none_or(|p| r.port == p));
+                if reads && reached.insert(next.name.as_str()) {
+                    frontier.push((next.name.as_str(), None));
+                }
+            }
+        }
+        let every = calm.every.as_millis_i64();
+        for a in stages.iter().filter(|a| reached.contains(a.name.as_str())) {
+            let OperatorSpec::Alert(rule) = &a.op else { continue };
+            let (limit, what) = if rule.stale_after.as_millis_i64() < floor.as_millis_i64() {
+                (rule.stale_after, format!("`stale_after` of alert stage `{}`", a.name))
+            } else {
+                (floor, "the alert floor".to_owned())
+            };
+            if every > limit.as_millis_i64() {
+                ck.error(
+                    raw.stages[&st.name].location,
+                    format!("stages.{}.carbon.calm.every", st.name),
+                    format!(
+                        "`{}` is longer than {what} ({limit}): alert stage `{}` reads this stage's predictions",
+                        calm.every, a.name
+                    ),
+                    Some("shorten `every`, or raise `runtime.carbon_policy.alert_floor` deliberately".into()),
+                );
+            }
         }
     }
 

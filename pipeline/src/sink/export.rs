@@ -114,7 +114,11 @@ pub fn export(root: &Path, tables: &[String], to: &Path, min_age: Duration) -> s
                 Ok(None) => {}
                 // a file compacted away between the listing and the read: next run
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.skipped += 1,
-                Err(e) => return Err(e),
+                // one bad partition (files of different schemas, say) must not stop the rest
+                Err(e) => {
+                    tracing::warn!(partition = %key, "training export skipped a partition: {e}");
+                    report.skipped += 1;
+                }
             }
         }
     }
