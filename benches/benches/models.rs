@@ -53,6 +53,10 @@ const MODELS: [&str; 5] = ["congestion_fp32", "congestion_int8", "congestion_sma
 const BATCHES: [usize; 3] = [1, 64, 1024];
 
 fn percentiles() {
+    // NVML (the energy account's GPU busy time): per device, the share of the last sample
+    // period a kernel ran; `None` where there is no NVIDIA driver (deploy/gpu/check.sh reads it)
+    let nvml = citystream_pipeline::gpu::Nvml::open();
+    println!("nvml: {:?}", nvml.as_ref().map(|n| n.busy_percent()));
     for name in MODELS {
         let mut m = load(name);
         for n in BATCHES {
@@ -77,6 +81,9 @@ fn percentiles() {
                 t[t.len() * 99 / 100],
                 (iters * n) as f64 / total
             );
+            if let Some(g) = &nvml {
+                println!("nvml busy after {name} batch {n}: {:?}", g.busy_percent());
+            }
         }
     }
 }

@@ -60,13 +60,16 @@ cd "$root/benches"
 for p in cpu cuda; do
   echo "== $p"
   # a filter that matches no criterion bench: only the fixed latency loop runs
-  CITYSTREAM_BENCH_PROVIDER=$p "$bench" --bench latency-only 2>&1 | tee "$out/$p.log" | grep '^latency' || true
+  CITYSTREAM_BENCH_PROVIDER=$p "$bench" --bench latency-only 2>&1 | tee "$out/$p.log" | grep -E '^(latency|nvml)' || true
 done
 echo "== speedup of cuda over cpu (rows/s)"
 awk '/^latency/ { key = $2 " batch " $5; sub(":", "", key); rate = $(NF-1);
        if (FILENAME ~ /cpu.log$/) cpu[key] = rate; else gpu[key] = rate }
      END { for (k in cpu) if (k in gpu) printf "%-32s cpu %12.0f  cuda %12.0f  x%.2f\n", k, cpu[k], gpu[k], gpu[k] / cpu[k] }' \
   "$out/cpu.log" "$out/cuda.log" | sort
+if grep -q '^nvml: None' "$out/cuda.log"; then
+  echo "gpu check: NVML (libnvidia-ml.so.1) did not load: the energy account will have no GPU time"
+fi
 if ! grep -q '(cuda)' "$out/cuda.log"; then
   echo "gpu check: the CUDA provider did not serve (see $out/cuda.log)"
   exit 1

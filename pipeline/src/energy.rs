@@ -7,7 +7,9 @@
 //! exposes it: the package energy of the interval is shared among tasks by their CPU time over
 //! the machine's busy CPU time (`/proc/stat`). Otherwise from a documented model:
 //! `cpu_s × watts_per_busy_core`, plus `idle_watts × interval` shared by CPU time. Each row says
-//! which (`source`). GPU time is absent until a GPU provider runs (never invented).
+//! which (`source`). GPU time (`gpu_s`) is the NVML busy time of the device shared among the
+//! `infer` stages on the CUDA provider (`crate::gpu`); absent without NVML or such a stage,
+//! never invented.
 //! Carbon intensity (gCO2e/kWh) is a constant, an hourly series from a CSV file, or read live
 //! from a Kafka topic (`carbon_topic`: JSON `{"hour": "2026-03-02T08:00:00Z", "g_per_kwh": 412}`
 //! for an hour of a forecast or measured series, or `{"g_per_kwh": 412}` for "from now on").
@@ -126,6 +128,9 @@ pub struct EnergyRow {
     pub stage: String,
     /// Thread CPU seconds.
     pub cpu_s: f64,
+    /// GPU busy seconds (NVML) of an `infer` stage on the CUDA provider; `None` elsewhere and
+    /// without NVML.
+    pub gpu_s: Option<f64>,
     /// Joules.
     pub joules: f64,
     /// Grams CO2e.
@@ -144,13 +149,15 @@ pub struct EnergyRow {
     pub g_per_kwh: f64,
 }
 
-/// The rows of one interval from counter samples at its start and end.
+/// The rows of one interval from counter samples at its start and end; `gpu_s` holds the GPU
+/// busy seconds of the tasks that had any.
 pub fn account(
     ts: i64,
     before: &BTreeMap<String, Sample>,
     after: &BTreeMap<String, Sample>,
     power: Power,
     g_per_kwh: f64,
+    gpu_s: &BTreeMap<String, f64>,
 ) -> Vec<EnergyRow> {
     let deltas: Vec<(&String, f64, Sample)> = after
         .iter()
@@ -184,6 +191,7 @@ pub fn account(
                 ts,
                 stage: stage.clone(),
                 cpu_s,
+                gpu_s: gpu_s.get(stage).copied(),
                 joules,
                 gco2e: joules / 3.6e6 * g_per_kwh,
                 events_in: d.rows_in as i64,
@@ -354,7 +362,7 @@ fn to_batch(rows: &[EnergyRow]) -> RecordBatch {
         Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts)).with_timezone("UTC")),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.stage.as_str()))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.cpu_s))),
-        Arc::new(Float64Array::from(vec![None::<f64>; rows.len()])),
+        Arc::new(Float64Array::from(rows.iter().map(|r| r.gpu_s).collect::<Vec<_>>())),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.joules))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.gco2e))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.events_in))),
@@ -427,6 +435,13 @@ pub(crate) async fn run(
     };
     // registered with its first reading, so no reader mistakes "not yet measured" for 0 W
     let mut watts: Option<citystream_operators::Gauge> = None;
+    // GPU busy time where NVML is there (sampled each second), else nothing
+    let gpu_sampler = crate::gpu::Nvml::open().map(|n| {
+        tracing::info!(nvml = ?n, "energy: GPU busy time from NVML");
+        n.sample(metrics.clone())
+    });
+    let gpu_busy = |m: &Metrics| m.sum("citystream_gpu_busy_microseconds_total") / 1e6;
+    let mut gpu_before = gpu_busy(&metrics);
     let mut before = samples(&metrics, &tasks);
     let mut rapl_before = if cfg.rapl { rapl_uj() } else { None };
     let mut busy_before = machine_busy_s();
@@ -453,7 +468,15 @@ pub(crate) async fn run(
             },
         };
         let seconds = t0.elapsed().as_secs_f64();
-        let rows = account(start_ms, &before, &after, power, intensity.at(start_ms));
+        let gpu_after = gpu_busy(&metrics);
+        let gpu_s: BTreeMap<String, f64> = if gpu_sampler.is_some() {
+            let busy = (gpu_after - gpu_before).max(0.0);
+            crate::gpu::cuda_shares(&metrics).into_iter().map(|(stage, share)| (stage, busy * share)).collect()
+        } else {
+            BTreeMap::new()
+        };
+        gpu_before = gpu_after;
+        let rows = account(start_ms, &before, &after, power, intensity.at(start_ms), &gpu_s);
         for r in &rows {
             joules_total(&r.stage, r.source).inc_by((r.joules * 1000.0) as u64);
         }
@@ -479,6 +502,9 @@ pub(crate) async fn run(
         t0 = Instant::now();
         start_ms = chrono::Utc::now().timestamp_millis();
         if last {
+            if let Some(g) = &gpu_sampler {
+                g.abort();
+            }
             return Ok(());
         }
     }
@@ -502,12 +528,14 @@ mod tests {
             &after,
             Power::Model { watts_per_busy_core: 10.0, idle_watts: 4.0, seconds: 60.0 },
             300.0,
+            &BTreeMap::from([("decode".to_owned(), 1.5)]),
         );
         // decode: 3 CPU-s × 10 W + 4 W × 60 s × 3/4 = 30 + 180 = 210 J
         assert_eq!(rows[0].stage, "decode");
         assert!((rows[0].cpu_s - 3.0).abs() < 1e-12 && (rows[0].joules - 210.0).abs() < 1e-9);
         assert_eq!((rows[0].events_in, rows[0].events_out), (1000, 990));
         assert_eq!((rows[0].bytes_in, rows[0].bytes_out), (100_000, 39_600), "bytes are interval deltas too");
+        assert_eq!((rows[0].gpu_s, rows[1].gpu_s), (Some(1.5), None), "GPU time only where measured");
         // 210 J = 210 / 3.6e6 kWh at 300 g/kWh
         assert!((rows[0].gco2e - 210.0 / 3.6e6 * 300.0).abs() < 1e-12);
         // sink: 1 × 10 + 240 × 1/4 = 70 J
@@ -519,7 +547,8 @@ mod tests {
     fn rapl_energy_is_shared_by_cpu_time_over_the_machine_busy_time() {
         let before = BTreeMap::from([("a".to_owned(), s(0, 0, 0))]);
         let after = BTreeMap::from([("a".to_owned(), s(2000, 0, 0))]);
-        let rows = account(0, &before, &after, Power::Rapl { joules: 100.0, machine_busy_s: 8.0 }, 100.0);
+        let rows =
+            account(0, &before, &after, Power::Rapl { joules: 100.0, machine_busy_s: 8.0 }, 100.0, &BTreeMap::new());
         assert!((rows[0].joules - 25.0).abs() < 1e-9);
         assert_eq!(rows[0].source, "rapl");
     }

@@ -18,6 +18,7 @@
 pub mod config;
 pub mod control;
 pub mod energy;
+pub mod gpu;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod runtime;
