@@ -812,6 +812,7 @@ pub(crate) async fn run_policy(
             &[("policy", "training_export"), ("action", a)],
         )
     };
+    let mut export_job: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(cfg.check_every.to_std().max(std::time::Duration::from_millis(100)));
     loop {
         tick.tick().await;
@@ -836,24 +837,28 @@ pub(crate) async fn run_policy(
             match d {
                 Decision::Idle => {}
                 Decision::Defer => export_action("defer").inc(),
+                Decision::Run | Decision::Forced if export_job.as_ref().is_some_and(|j| !j.is_finished()) => {
+                    export_action("still_running").inc();
+                }
                 Decision::Run | Decision::Forced => {
                     export_action(if d == Decision::Run { "run" } else { "forced" }).inc();
-                    for root in &roots {
-                        let (root, e) = (root.clone(), e.clone());
+                    // off the policy loop: the mode keeps being checked while a long export runs
+                    let (roots, e) = (roots.clone(), e.clone());
+                    export_job = Some(tokio::task::spawn_blocking(move || {
                         let to = PathBuf::from(e.to.as_str());
-                        let job = move || crate::sink::export::export(&root, &e.tables, &to, e.min_age.to_std());
-                        match tokio::task::spawn_blocking(job).await {
-                            Ok(Ok(r)) => tracing::info!(
-                                ?d,
-                                partitions = r.partitions,
-                                rows = r.rows,
-                                skipped = r.skipped,
-                                "carbon policy: training export"
-                            ),
-                            Ok(Err(e)) => tracing::error!("carbon policy: training export failed: {e}"),
-                            Err(e) => tracing::error!("carbon policy: training export task: {e}"),
+                        for root in &roots {
+                            match crate::sink::export::export(root, &e.tables, &to, e.min_age.to_std()) {
+                                Ok(r) => tracing::info!(
+                                    ?d,
+                                    partitions = r.partitions,
+                                    rows = r.rows,
+                                    skipped = r.skipped,
+                                    "carbon policy: training export"
+                                ),
+                                Err(e) => tracing::error!("carbon policy: training export failed: {e}"),
+                            }
                         }
-                    }
+                    }));
                 }
             }
         }

@@ -54,6 +54,20 @@ enum Command {
         #[arg(long)]
         rate: Option<std::num::NonZeroU32>,
     },
+    /// Create the Kafka topics a pipeline reads and writes (sources, Kafka sinks, the control
+    /// center's decision topics, the grid-intensity topic) where they do not exist yet.
+    #[cfg(feature = "kafka")]
+    Topics {
+        /// The pipeline config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Partitions of each new topic.
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Replication factor of each new topic.
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+    },
     /// Train a zstd dictionary for camera thumbnails on simulator output, and measure it on
     /// held-out thumbnails against plain zstd.
     TrainDict {
@@ -166,6 +180,24 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
+        #[cfg(feature = "kafka")]
+        Command::Topics { config: file, partitions, replication } => {
+            let raw = config::load_file(&file)?;
+            let plan = config::plan::plan(raw, &file.display().to_string())?;
+            let all = citystream_pipeline::kafka::topics_of(&plan);
+            anyhow::ensure!(!all.is_empty(), "{} uses no Kafka topic", file.display());
+            for (brokers, topics) in all {
+                let (created, existing) =
+                    citystream_pipeline::kafka::ensure_topics(&brokers, &topics, partitions, replication).await?;
+                for t in &created {
+                    println!("created {t} on {brokers} ({partitions} partitions)");
+                }
+                for t in &existing {
+                    println!("exists  {t} on {brokers}");
+                }
+            }
+            Ok(())
+        }
         Command::Validate { file } => {
             let raw = config::load_file(&file)?;
             let plan = config::plan::plan(raw, &file.display().to_string())?;

@@ -67,7 +67,7 @@ sources:
     type: kafka
     brokers: {brokers}
     group_id: {prefix}-pipeline
-    topics: {{camera: {camera}}}
+    topics: {{traffic: null, camera: {camera}, environment: null}}
     batch_wait: 100ms
     checkpoint_interval: 5s
     max_out_of_orderness: 10s

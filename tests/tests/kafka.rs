@@ -203,3 +203,29 @@ async fn grid_intensity_is_read_live_from_a_kafka_topic() {
     assert_eq!((count("applied"), count("invalid")), (Some(2.0), Some(1.0)));
     reader.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topics_a_config_uses_are_created_once() {
+    let p = unique("topics");
+    let yaml = format!(
+        "name: t\nsources:\n  k: {{type: kafka, brokers: {b}, topics: {{traffic: {p}.in, camera: null, environment: null}}, stop_when_idle: 1s}}\n\
+         stages:\n  traffic: {{type: decode, input: k.traffic, kind: traffic}}\n\
+         sinks:\n  out: {{type: kafka, brokers: {b}, topics: {{{p}.out: {{input: traffic}}, {p}.dead: {{input: traffic.dead_letters}}}}}}\n",
+        b = brokers()
+    );
+    let plan = citystream_pipeline::config::plan::plan(
+        citystream_pipeline::config::load_str(&yaml, "t.yaml").unwrap(),
+        "t.yaml",
+    )
+    .unwrap();
+    let all = citystream_pipeline::kafka::topics_of(&plan);
+    let topics = &all[&brokers()];
+    assert_eq!(
+        topics.iter().cloned().collect::<Vec<_>>(),
+        [format!("{p}.dead"), format!("{p}.in"), format!("{p}.out")]
+    );
+    let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, 2, 1).await.unwrap();
+    assert_eq!((created.len(), existing.len()), (3, 0));
+    let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, 2, 1).await.unwrap();
+    assert_eq!((created.len(), existing.len()), (0, 3), "a second run changes nothing");
+}

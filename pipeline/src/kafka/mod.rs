@@ -198,3 +198,67 @@ pub mod produce {
         }
     }
 }
+
+/// Every Kafka topic a pipeline reads or writes, per broker list: its sources' topics, its
+/// Kafka sinks' topics, the control center's decision topics and the grid-intensity topic.
+pub fn topics_of(plan: &crate::config::plan::PipelinePlan) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let mut add = |brokers: &EnvString, topic: &str| {
+        out.entry(brokers.as_str().to_owned()).or_default().insert(topic.to_owned());
+    };
+    for s in &plan.sources {
+        if let crate::config::SourceConfig::Kafka(k) = &s.config {
+            for kind in EventKind::ALL {
+                if let Some(t) = k.topic(kind) {
+                    add(&k.brokers, t);
+                }
+            }
+        }
+    }
+    for s in &plan.sinks {
+        match &s.config {
+            crate::config::SinkConfig::Kafka(k) => k.topics.keys().for_each(|t| add(&k.brokers, t)),
+            crate::config::SinkConfig::ControlCenter(c) => {
+                if let Some(k) = &c.kafka {
+                    k.alerts_topic.iter().chain(&k.feedback_topic).for_each(|t| add(&k.brokers, t));
+                }
+            }
+            crate::config::SinkConfig::Parquet(_) => {}
+        }
+    }
+    if let Some(t) = plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref()) {
+        add(&t.brokers, &t.topic);
+    }
+    out
+}
+
+/// Creates those of `topics` that do not exist on `brokers` (`partitions` each, replication 1
+/// unless `replication` says otherwise). Returns (created, already there).
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &std::collections::BTreeSet<String>,
+    partitions: i32,
+    replication: i32,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let meta = admin.inner().fetch_metadata(None, std::time::Duration::from_secs(15))?;
+    let existing: std::collections::BTreeSet<&str> = meta.topics().iter().map(|t| t.name()).collect();
+    let (have, missing): (Vec<&String>, Vec<&String>) = topics.iter().partition(|t| existing.contains(t.as_str()));
+    let new: Vec<NewTopic> =
+        missing.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
+    let mut created = Vec::new();
+    if !new.is_empty() {
+        for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+            match r {
+                Ok(t) => created.push(t),
+                Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    tracing::info!(topic = %t, "created meanwhile by someone else");
+                }
+                Err((t, e)) => anyhow::bail!("creating topic {t}: {e}"),
+            }
+        }
+    }
+    Ok((created, have.into_iter().cloned().collect()))
+}
