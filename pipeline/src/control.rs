@@ -364,21 +364,11 @@ impl Calibrations {
         Ok(c)
     }
 
-    /// Writes the history (write, fsync, rename).
+    /// Writes the history (write, fsync, rename, fsync of the directory).
     fn save(&self) -> Result<(), String> {
         let Some(path) = &self.file else { return Ok(()) };
-        let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            std::fs::File::open(dir)?.sync_all()
-        })()
-        .map_err(|e| format!("calibration_file `{}`: {e}", path.display()))
+        crate::sink::write_atomic(path, &body).map_err(|e| format!("calibration_file `{}`: {e}", path.display()))
     }
 }
 
@@ -615,20 +605,7 @@ impl ControlCenter {
     /// Rebuilds the book from an `alerts` table: rule events (`actor` `rule`) and operators'
     /// decisions (`actor` `operator`) in the order they were emitted. Returns (alerts, decisions).
     fn restore(&self, table: &std::path::Path) -> Result<(usize, usize), String> {
-        let mut files = Vec::new();
-        let mut dirs = vec![table.to_owned()];
-        while let Some(d) = dirs.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else { continue };
-            for e in entries.flatten() {
-                let p = e.path();
-                let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-                if p.is_dir() {
-                    dirs.push(p);
-                } else if !hidden && p.extension().is_some_and(|x| x == "parquet") {
-                    files.push(p);
-                }
-            }
-        }
+        let files: Vec<std::path::PathBuf> = crate::sink::parquet_files_by_dir(table).into_values().flatten().collect();
         let schema = citystream_operators::alert::alert_schema();
         let mut batches = Vec::new();
         for f in &files {
@@ -970,10 +947,19 @@ fn record_decision(
     Ok((view, row, event))
 }
 
+/// A one-row UTC timestamp column.
+fn one_time(v: i64) -> Arc<dyn Array> {
+    Arc::new(TimestampMillisecondArray::from(vec![v]).with_timezone("UTC"))
+}
+
+/// A one-row string column.
+fn one_str(v: &str) -> Arc<dyn Array> {
+    Arc::new(StringArray::from(vec![v]))
+}
+
 /// A decision as a lifecycle event in the alert schema (status = the decision).
 fn decision_event(ts: i64, a: &AlertView, decision: &str, operator: &str, comment: &str) -> RecordBatch {
-    let t = |v: i64| Arc::new(TimestampMillisecondArray::from(vec![v]).with_timezone("UTC")) as Arc<dyn Array>;
-    let s = |v: &str| Arc::new(StringArray::from(vec![v])) as Arc<dyn Array>;
+    let (t, s) = (one_time, one_str);
     let evidence = serde_json::json!({"decision": decision, "operator": operator, "comment": comment}).to_string();
     RecordBatch::try_new(
         citystream_operators::alert::alert_schema(),
@@ -999,8 +985,7 @@ fn decision_event(ts: i64, a: &AlertView, decision: &str, operator: &str, commen
 }
 
 fn feedback_row(ts: i64, a: &AlertView, decision: &str, operator: &str, comment: &str) -> RecordBatch {
-    let t = |v: i64| Arc::new(TimestampMillisecondArray::from(vec![v]).with_timezone("UTC")) as Arc<dyn Array>;
-    let s = |v: &str| Arc::new(StringArray::from(vec![v])) as Arc<dyn Array>;
+    let (t, s) = (one_time, one_str);
     RecordBatch::try_new(
         feedback_schema(),
         vec![

@@ -436,9 +436,10 @@ pub(crate) async fn run(
     // registered with its first reading, so no reader mistakes "not yet measured" for 0 W
     let mut watts: Option<citystream_operators::Gauge> = None;
     // GPU busy time where NVML is there (sampled each second), else nothing
+    // (ended with the account, whichever way it returns)
     let gpu_sampler = crate::gpu::Nvml::open().map(|n| {
         tracing::info!(nvml = ?n, "energy: GPU busy time from NVML");
-        n.sample(metrics.clone())
+        crate::runtime::AbortOnDrop(n.sample(metrics.clone()))
     });
     let gpu_busy = |m: &Metrics| m.sum("citystream_gpu_busy_microseconds_total") / 1e6;
     let mut gpu_before = gpu_busy(&metrics);
@@ -502,9 +503,6 @@ pub(crate) async fn run(
         t0 = Instant::now();
         start_ms = chrono::Utc::now().timestamp_millis();
         if last {
-            if let Some(g) = &gpu_sampler {
-                g.abort();
-            }
             return Ok(());
         }
     }

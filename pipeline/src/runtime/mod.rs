@@ -257,7 +257,7 @@ pub(crate) fn batch_bytes(b: &arrow::array::RecordBatch) -> u64 {
 
 /// Aborts a background task when dropped (the run's end ends it).
 #[allow(dead_code)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -40,41 +40,6 @@ fn io(what: &str, p: &Path, e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("{what} {}: {e}", p.display()))
 }
 
-/// Directories under `dir` holding Parquet files (not hidden ones), with their files.
-fn partitions(dir: &Path) -> BTreeMap<PathBuf, Vec<PathBuf>> {
-    let mut out: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let p = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.starts_with('_') {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else if name.ends_with(".parquet") {
-                out.entry(d.clone()).or_default().push(p);
-            }
-        }
-    }
-    for files in out.values_mut() {
-        files.sort();
-    }
-    out
-}
-
-fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
-    let mut f = File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
-}
-
 /// Exports the settled partitions of `tables` under the lake `root` into `to`.
 pub fn export(root: &Path, tables: &[String], to: &Path, min_age: Duration) -> std::io::Result<ExportReport> {
     std::fs::create_dir_all(to).map_err(|e| io("creating", to, e))?;
@@ -88,7 +53,7 @@ pub fn export(root: &Path, tables: &[String], to: &Path, min_age: Duration) -> s
     let now = SystemTime::now();
     for table in tables {
         let src = root.join(table);
-        for (dir, files) in partitions(&src) {
+        for (dir, files) in super::parquet_files_by_dir(&src) {
             let rel = dir.strip_prefix(root).expect("under the root").to_owned();
             let key = rel.to_string_lossy().into_owned();
             let young = files.iter().any(|f| {
@@ -104,7 +69,7 @@ pub fn export(root: &Path, tables: &[String], to: &Path, min_age: Duration) -> s
             match export_partition(&files, &to.join(&rel), manifest.get(&key).copied()) {
                 Ok(Some(rows)) => {
                     manifest.insert(key, rows);
-                    write_atomic(
+                    super::write_atomic(
                         &manifest_path,
                         &serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?,
                     )?;
