@@ -234,6 +234,53 @@ impl Operator for California7 {
         out.emit(0, RecordBatch::try_new(self.outputs[0].schema.clone(), cols)?);
         Ok(())
     }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    /// Each segment's state and the minute of its last row.
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut rows: Vec<(&String, &(State, i64))> = self.states.iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(Some(RecordBatch::try_new(
+            state_schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.0.name()))),
+                Arc::new(arrow::array::Int64Array::from_iter_values(rows.iter().map(|r| r.1.1))),
+            ],
+        )?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        let bad = |detail: String| OperatorError::State { operator: "california7", detail };
+        if state.schema() != state_schema() {
+            return Err(bad(format!("unexpected state schema {:?}", state.schema())));
+        }
+        let (keys, names) = (state.column(0).as_string::<i32>(), state.column(1).as_string::<i32>());
+        let t = state.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+        self.states.clear();
+        for i in 0..state.num_rows() {
+            let s = match names.value(i) {
+                "free" => State::Free,
+                "tentative" => State::Tentative,
+                "incident" => State::Incident,
+                other => return Err(bad(format!("unknown state `{other}`"))),
+            };
+            self.states.insert(keys.value(i).to_owned(), (s, t.value(i)));
+        }
+        self.open.set(self.states.values().filter(|s| s.0 == State::Incident).count() as f64);
+        Ok(())
+    }
+}
+
+fn state_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("t", DataType::Int64, false),
+    ]))
 }
 
 #[cfg(test)]

@@ -496,6 +496,102 @@ impl Operator for FeatureBuilder {
     fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
         self.emit_through(i64::MAX, out)
     }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    /// One row per history minute (`kind` 0), per pending (segment, minute) (1) and per
+    /// segment's last emitted minute (2), by segment id.
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let (mut seg, mut kind, mut t, mut speed, mut veh, mut occ) =
+            (Vec::new(), Vec::<u8>::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut push = |s: usize, k: u8, time: i64, m: Option<&Minute>| {
+            seg.push(self.graph.segments[s].segment_id.clone());
+            kind.push(k);
+            t.push(time);
+            speed.push(m.map(|m| m.speed));
+            veh.push(m.map(|m| m.veh));
+            occ.push(m.map(|m| m.occ));
+        };
+        for (s, h) in self.history.iter().enumerate() {
+            for m in h {
+                push(s, 0, m.t, Some(m));
+            }
+            if self.emitted[s] != i64::MIN {
+                push(s, 2, self.emitted[s], None);
+            }
+        }
+        for (&minute, segs) in &self.pending {
+            for &s in segs {
+                push(s, 1, minute, None);
+            }
+        }
+        Ok(Some(RecordBatch::try_new(
+            state_schema(),
+            vec![
+                Arc::new(StringArray::from(seg)),
+                Arc::new(arrow::array::UInt8Array::from(kind)),
+                Arc::new(arrow::array::Int64Array::from(t)),
+                Arc::new(arrow::array::Float64Array::from(speed)),
+                Arc::new(arrow::array::Float64Array::from(veh)),
+                Arc::new(arrow::array::Float64Array::from(occ)),
+            ],
+        )?))
+    }
+
+    /// Restores a snapshot; rows of segments no longer in the road graph are dropped (their
+    /// features can no longer be computed).
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        if state.schema() != state_schema() {
+            return Err(OperatorError::State {
+                operator: "features",
+                detail: format!("unexpected state schema {:?}", state.schema()),
+            });
+        }
+        let seg = state.column(0).as_string::<i32>();
+        let kind = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
+        let t = state.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+        let f = |c: usize| state.column(c).as_primitive::<arrow::datatypes::Float64Type>().clone();
+        let (speed, veh, occ) = (f(3), f(4), f(5));
+        let n = self.graph.segments.len();
+        self.history = vec![VecDeque::new(); n];
+        self.pending.clear();
+        self.pending_rows = 0;
+        self.emitted = vec![i64::MIN; n];
+        for i in 0..state.num_rows() {
+            let Some(s) = self.graph.index_of(seg.value(i)) else { continue };
+            match kind.value(i) {
+                0 => self.history[s].push_back(Minute {
+                    t: t.value(i),
+                    speed: speed.value(i),
+                    veh: veh.value(i),
+                    occ: occ.value(i),
+                }),
+                1 => {
+                    self.pending.entry(t.value(i)).or_default().push(s);
+                    self.pending_rows += 1;
+                }
+                2 => self.emitted[s] = t.value(i),
+                k => {
+                    return Err(OperatorError::State { operator: "features", detail: format!("unknown row kind {k}") });
+                }
+            }
+        }
+        self.pending_gauge.set(self.pending_rows as f64);
+        Ok(())
+    }
+}
+
+fn state_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("kind", DataType::UInt8, false),
+        Field::new("t", DataType::Int64, false),
+        Field::new("speed", DataType::Float64, true),
+        Field::new("veh", DataType::Float64, true),
+        Field::new("occ", DataType::Float64, true),
+    ]))
 }
 
 #[cfg(test)]
@@ -571,5 +667,41 @@ mod tests {
         assert_eq!(b.num_rows(), 1);
         let v = b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().value(0);
         assert_eq!(v, 50.0, "a NaN speed reads as the free speed");
+    }
+
+    #[test]
+    fn a_restored_snapshot_gives_the_uninterrupted_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join("g.csv");
+        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
+        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
+        let build = || {
+            cfg.build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() })
+                .unwrap()
+        };
+        // 40 minutes of both segments; the watermark trails by two minutes
+        let minute =
+            |m: i64| rows(&[(m, "a", 5.0 + m as f64, Some(60.0 - m as f64), 0.3), (m, "b", 3.0, Some(40.0), 0.1)]);
+        let run = |op: &mut Box<dyn Operator>, from: i64, to: i64, out: &mut Collector| {
+            for m in from..to {
+                op.process_batch(minute(m), out).unwrap();
+                op.on_watermark((m - 2) * MINUTE_MS, out).unwrap();
+            }
+        };
+        let mut whole = build();
+        let mut expected = Collector::new(2);
+        run(&mut whole, 1, 41, &mut expected);
+        whole.on_end(&mut expected).unwrap();
+        let mut first = build();
+        let mut got = Collector::new(2);
+        run(&mut first, 1, 21, &mut got);
+        let state = first.snapshot().unwrap().unwrap();
+        assert!(state.num_rows() > 40, "history, pending minutes and emitted marks");
+        let mut second = build();
+        second.restore(state).unwrap();
+        run(&mut second, 21, 41, &mut got);
+        second.on_end(&mut got).unwrap();
+        let cat = |c: &Collector| arrow::compute::concat_batches(&c.port(0)[0].schema(), c.port(0)).unwrap();
+        assert_eq!(cat(&got), cat(&expected));
     }
 }

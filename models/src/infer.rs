@@ -152,6 +152,14 @@ impl CalmConfig {
     }
 }
 
+fn calm_state_schema() -> SchemaRef {
+    Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("key", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("t", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("calm", arrow::datatypes::DataType::Boolean, false),
+    ]))
+}
+
 /// The calm keys of a stage.
 struct Calm {
     cfg: CalmConfig,
@@ -844,6 +852,47 @@ impl Operator for Infer {
 
     fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
         self.flush(out)
+    }
+
+    /// The micro-batch is work in progress, not state: it runs before the barrier passes.
+    fn on_checkpoint(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        self.flush(out)
+    }
+
+    /// With `carbon.calm`, each key's latest prediction time and calmness is state.
+    fn is_stateful(&self) -> bool {
+        self.calm.is_some()
+    }
+
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let Some(calm) = &self.calm else { return Ok(None) };
+        let mut keys: Vec<(&String, &(i64, bool))> = calm.state.iter().collect();
+        keys.sort_unstable();
+        Ok(Some(RecordBatch::try_new(
+            calm_state_schema(),
+            vec![
+                Arc::new(arrow::array::StringArray::from_iter_values(keys.iter().map(|k| k.0.as_str()))),
+                Arc::new(arrow::array::Int64Array::from_iter_values(keys.iter().map(|k| k.1.0))),
+                Arc::new(arrow::array::BooleanArray::from(keys.iter().map(|k| k.1.1).collect::<Vec<_>>())),
+            ],
+        )?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        let Some(calm) = &mut self.calm else {
+            return Err(OperatorError::State { operator: "infer", detail: "this stage has no `carbon.calm`".into() });
+        };
+        if state.schema() != calm_state_schema() {
+            return Err(OperatorError::State {
+                operator: "infer",
+                detail: format!("unexpected state schema {:?}", state.schema()),
+            });
+        }
+        let keys = state.column(0).as_string::<i32>();
+        let t = state.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        let c = state.column(2).as_boolean();
+        calm.state = (0..state.num_rows()).map(|i| (keys.value(i).to_owned(), (t.value(i), c.value(i)))).collect();
+        Ok(())
     }
 
     fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {

@@ -672,11 +672,192 @@ impl Operator for AlertRule {
         self.finish(out)
     }
 
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    /// One row per location (phase `0` idle in cooldown, `1` pending, `2` open, `3` in the
+    /// storm summary) and, while a storm summary is open, one row without a location (`9`).
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut r = StateRows::default();
+        let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
+        locs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (loc, st) in locs {
+            let (phase, id, since, peak, reported, last_emit) = match &st.phase {
+                Phase::Idle => (0, None, None, None, None, None),
+                Phase::Pending { since, peak } => (1, None, Some(*since), Some(*peak), None, None),
+                Phase::Open { id, opened_at, peak, reported, last_emit } => {
+                    (2, Some(id.clone()), Some(*opened_at), Some(*peak), Some(*reported), Some(*last_emit))
+                }
+                Phase::Storm { peak } => (3, None, None, Some(*peak), None, None),
+            };
+            r.push(Some(loc.clone()), phase, st.quiet_until, st.last_t, id, since, peak, reported, last_emit);
+        }
+        if let Some(s) = &self.storm {
+            r.push(
+                None,
+                9,
+                0,
+                0,
+                Some(s.id.clone()),
+                Some(s.opened_at),
+                None,
+                Some(s.reported as f64),
+                Some(s.last_emit),
+            );
+        }
+        Ok(Some(r.finish()?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        let bad = |detail: String| OperatorError::State { operator: "alert", detail };
+        if state.schema() != alert_state_schema() {
+            return Err(bad(format!("unexpected state schema {:?}", state.schema())));
+        }
+        let loc = state.column(0).as_string::<i32>();
+        let phase = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
+        let i64s = |c: usize| state.column(c).as_primitive::<arrow::datatypes::Int64Type>().clone();
+        let f64s = |c: usize| state.column(c).as_primitive::<arrow::datatypes::Float64Type>().clone();
+        let (quiet, last_t, since, last_emit) = (i64s(2), i64s(3), i64s(5), i64s(8));
+        let (peak, reported) = (f64s(6), f64s(7));
+        let id = state.column(4).as_string::<i32>();
+        let opt_i = |a: &arrow::array::Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+        let opt_f = |a: &Float64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+        let missing = |what: &str, i: usize| bad(format!("row {i}: phase {} without {what}", phase.value(i)));
+        self.states.clear();
+        self.storm = None;
+        self.open = 0;
+        let mut members = BTreeSet::new();
+        for i in 0..state.num_rows() {
+            let p = match phase.value(i) {
+                0 => Phase::Idle,
+                1 => Phase::Pending {
+                    since: opt_i(&since, i).ok_or_else(|| missing("since", i))?,
+                    peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
+                },
+                2 => {
+                    self.open += 1;
+                    Phase::Open {
+                        id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
+                        opened_at: opt_i(&since, i).ok_or_else(|| missing("opened_at", i))?,
+                        peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
+                        reported: opt_f(&reported, i).ok_or_else(|| missing("reported", i))?,
+                        last_emit: opt_i(&last_emit, i).ok_or_else(|| missing("last_emit", i))?,
+                    }
+                }
+                3 => {
+                    members.insert(loc.value(i).to_owned());
+                    Phase::Storm { peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))? }
+                }
+                9 => {
+                    self.storm = Some(StormAlert {
+                        id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
+                        opened_at: opt_i(&since, i).ok_or_else(|| missing("opened_at", i))?,
+                        members: BTreeSet::new(),
+                        last_emit: opt_i(&last_emit, i).ok_or_else(|| missing("last_emit", i))?,
+                        reported: opt_f(&reported, i).ok_or_else(|| missing("reported", i))? as usize,
+                    });
+                    continue;
+                }
+                p => return Err(bad(format!("row {i}: unknown phase {p}"))),
+            };
+            if loc.is_null(i) {
+                return Err(missing("location", i));
+            }
+            self.states.insert(
+                loc.value(i).to_owned(),
+                LocState { phase: p, quiet_until: quiet.value(i), last_t: last_t.value(i) },
+            );
+        }
+        match (&mut self.storm, members.is_empty()) {
+            (Some(s), _) => s.members = members,
+            (None, false) => return Err(bad("locations in a storm summary, but no summary".into())),
+            (None, true) => {}
+        }
+        self.open_gauge.set((self.open + usize::from(self.storm.is_some())) as f64);
+        Ok(())
+    }
+
     fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
         let c = config.downcast_ref::<AlertConfig>().ok_or("not an alert config")?;
         self.cfg.live_change(c)?;
         self.cfg = c.clone();
         Ok(())
+    }
+}
+
+fn alert_state_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("location", DataType::Utf8, true),
+            Field::new("phase", DataType::UInt8, false),
+            Field::new("quiet_until", DataType::Int64, false),
+            Field::new("last_t", DataType::Int64, false),
+            Field::new("id", DataType::Utf8, true),
+            Field::new("since", DataType::Int64, true),
+            Field::new("peak", DataType::Float64, true),
+            Field::new("reported", DataType::Float64, true),
+            Field::new("last_emit", DataType::Int64, true),
+        ]))
+    });
+    SCHEMA.clone()
+}
+
+/// Columns of an alert rule's snapshot.
+#[derive(Default)]
+struct StateRows {
+    loc: Vec<Option<String>>,
+    phase: Vec<u8>,
+    quiet: Vec<i64>,
+    last_t: Vec<i64>,
+    id: Vec<Option<String>>,
+    since: Vec<Option<i64>>,
+    peak: Vec<Option<f64>>,
+    reported: Vec<Option<f64>>,
+    last_emit: Vec<Option<i64>>,
+}
+
+impl StateRows {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        loc: Option<String>,
+        phase: u8,
+        quiet: i64,
+        last_t: i64,
+        id: Option<String>,
+        since: Option<i64>,
+        peak: Option<f64>,
+        reported: Option<f64>,
+        last_emit: Option<i64>,
+    ) {
+        self.loc.push(loc);
+        self.phase.push(phase);
+        self.quiet.push(quiet);
+        self.last_t.push(last_t);
+        self.id.push(id);
+        self.since.push(since);
+        self.peak.push(peak);
+        self.reported.push(reported);
+        self.last_emit.push(last_emit);
+    }
+
+    fn finish(self) -> Result<RecordBatch, arrow::error::ArrowError> {
+        use arrow::array::{Int64Array, UInt8Array};
+        RecordBatch::try_new(
+            alert_state_schema(),
+            vec![
+                Arc::new(StringArray::from(self.loc)),
+                Arc::new(UInt8Array::from(self.phase)),
+                Arc::new(Int64Array::from(self.quiet)),
+                Arc::new(Int64Array::from(self.last_t)),
+                Arc::new(StringArray::from(self.id)),
+                Arc::new(Int64Array::from(self.since)),
+                Arc::new(Float64Array::from(self.peak)),
+                Arc::new(Float64Array::from(self.reported)),
+                Arc::new(Int64Array::from(self.last_emit)),
+            ],
+        )
     }
 }
 

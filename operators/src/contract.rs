@@ -143,6 +143,13 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// A checkpoint barrier is about to pass: emit what is held only to batch work (an
+    /// inference micro-batch), so that the snapshot taken next holds real state only. Rows
+    /// emitted here still belong to the checkpoint. The default holds nothing.
+    fn on_checkpoint(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
     /// The input ended: emit everything still held.
     fn on_end(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
         Ok(())

@@ -297,3 +297,42 @@ fn a_live_level_on_the_threshold_board_overrides_the_configured_one_and_can_be_r
         [ev("s1", "resolved", 7), ev("s1", "open", 20)]
     );
 }
+
+#[test]
+fn a_rule_restored_from_its_snapshot_continues_as_if_never_stopped() {
+    // pending, open (with throttled updates), cooldown and a storm summary, across 6 locations
+    let cfg = "raise: 0.9\nclear: 0.5\nmin_duration: 1m\ncooldown: 3m\nupdate_every: 2m\nstorm: {max_open: 2}\n";
+    let mut rows = Vec::new();
+    let mut x = 7u64;
+    for minute in 0..60i64 {
+        for l in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let v = ((x >> 33) % 100) as f64 / 100.0;
+            rows.push((l, minute, Some(if minute % 20 < 10 { 0.5 + v / 2.0 } else { v / 2.0 })));
+        }
+    }
+    let (mut whole, _) = rule(cfg);
+    let mut expected = Vec::new();
+    for chunk in rows.chunks(6) {
+        expected.extend(run(&mut whole, chunk));
+    }
+    assert!(expected.iter().any(|e| e.0 == "*"), "the stream has a storm summary: {expected:?}");
+    for cut in [6, 30, 66, 120, 186, 270] {
+        let (mut first, _) = rule(cfg);
+        let mut got = Vec::new();
+        for chunk in rows[..cut].chunks(6) {
+            got.extend(run(&mut first, chunk));
+        }
+        let state = first.snapshot().unwrap().unwrap();
+        let (mut second, _) = rule(cfg);
+        second.restore(state).unwrap();
+        for chunk in rows[cut..].chunks(6) {
+            got.extend(run(&mut second, chunk));
+        }
+        assert_eq!(got, expected, "cut after row {cut}");
+    }
+    // a snapshot of another shape is refused clearly
+    let (mut op, _) = rule(cfg);
+    let e = op.restore(batch(&[("s1", 0, Some(0.1))])).unwrap_err();
+    assert!(e.to_string().contains("unexpected state schema"), "{e}");
+}

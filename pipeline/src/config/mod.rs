@@ -80,6 +80,10 @@ pub struct RuntimeConfig {
     /// Carbon-aware scheduling of deferrable work (needs `energy` for the grid intensity);
     /// absent for none.
     pub carbon_policy: Option<crate::energy::CarbonPolicyConfig>,
+    /// Where stateful stages write their state at every checkpoint, so that a pipeline with a
+    /// Kafka source resumes windows, deduplication, features and alert rules exactly where its
+    /// last checkpoint left them (see `runtime::state`); absent for none.
+    pub state_dir: Option<EnvString>,
 }
 
 impl Default for RuntimeConfig {
@@ -91,6 +95,7 @@ impl Default for RuntimeConfig {
             shutdown_timeout: Duration::from_secs(30),
             energy: None,
             carbon_policy: None,
+            state_dir: None,
         }
     }
 }

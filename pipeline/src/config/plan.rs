@@ -246,6 +246,15 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         );
     }
 
+    if raw.runtime.state_dir.is_some() && !has_kafka {
+        ck.error(
+            nowhere,
+            "runtime.state_dir",
+            "state checkpoints need a kafka source: only a kafka source can resume from a checkpoint",
+            Some("remove `state_dir`; a simulator run is all or nothing".into()),
+        );
+    }
+
     // topological order of stages (Kahn), reporting cycles
     let stage_deps: BTreeMap<&str, BTreeSet<&str>> = raw
         .stages

@@ -291,3 +291,11 @@ fn a_fixed_dp_noise_seed_is_refused_outside_tests() {
         "{e}"
     );
 }
+
+#[test]
+fn state_checkpoints_need_a_kafka_source() {
+    let text = format!("{GOOD}runtime:\n  state_dir: /tmp/state\n");
+    let e = error_of(&text);
+    assert!(e.contains("runtime.state_dir: state checkpoints need a kafka source"), "{e}");
+    assert!(e.contains("help: remove `state_dir`"), "{e}");
+}

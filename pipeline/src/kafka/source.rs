@@ -5,7 +5,9 @@
 //! a partition is assigned, files at or beyond its committed offset — written after the last
 //! commit by a run that then died — are removed before consumption starts, so the replay does
 //! not duplicate them. On revocation, everything read from the partitions that go is flushed,
-//! made durable and committed before the callback returns.
+//! made durable and committed before the callback returns. With operator state checkpoints
+//! (`runtime.state_dir`) the state manifest is written before each commit, and a partition
+//! resumes at the manifest's offset when that is further than the committed one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,6 +65,8 @@ struct Ctx {
     shared: Arc<Mutex<Shared>>,
     /// Offsets committed so far, shared with compaction.
     commits: crate::sink::compact::CommitLog,
+    /// Operator state checkpoints: their manifest is written before offsets are committed.
+    state: Option<crate::runtime::StateStore>,
 }
 
 impl Ctx {
@@ -130,35 +134,46 @@ async fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, BTreeMap<(Strin
     acks.wait(epoch).await.then_some((epoch, positions))
 }
 
-/// Commits `positions`, restricted to `owned` (never a partition another member now owns).
+/// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
+/// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
+/// owns).
 fn commit<C: Consumer<Ctx>>(
     consumer: &C,
+    epoch: u64,
     positions: &BTreeMap<(String, i32), i64>,
     owned: &TopicPartitionList,
 ) -> Result<(), String> {
     let log = consumer.context().commits.clone();
+    if let Some(state) = &consumer.context().state {
+        crate::runtime::cpu(|| state.commit(epoch, positions))?;
+    }
     let mut tpl = TopicPartitionList::new();
     for ((topic, p), next) in positions {
         if owned.find_partition(topic, *p).is_some() {
             tpl.add_partition_offset(topic, *p, Offset::Offset(*next)).map_err(|e| e.to_string())?;
         }
     }
-    if tpl.count() == 0 {
-        return Ok(());
+    if tpl.count() > 0 {
+        crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync))
+            .map_err(|e| format!("committing offsets: {e}"))?;
     }
-    crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| format!("committing offsets: {e}"))?;
     // what compaction may now merge
     let mut l = log.lock().expect("commit log");
     for e in tpl.elements() {
         if let Offset::Offset(o) = e.offset() {
-            l.insert((e.topic().to_owned(), e.partition()), o);
+            l.offsets.insert((e.topic().to_owned(), e.partition()), o);
         }
     }
+    l.epoch = l.epoch.max(epoch);
     Ok(())
 }
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            self.assign(consumer, list);
+            return;
+        }
         let Rebalance::Revoke(list) = rebalance else { return };
         if list.count() == 0 || self.shared.lock().expect("source state").closing {
             return;
@@ -183,7 +198,7 @@ impl ConsumerContext for Ctx {
         let done = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(checkpoint(&shared)));
         let mut s = self.shared.lock().expect("source state");
         match done {
-            Some((_, positions)) => match commit(consumer, &positions, list) {
+            Some((epoch, positions)) => match commit(consumer, epoch, &positions, list) {
                 Ok(()) => tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed"),
                 // the broker is unreachable (the group may have expired): the next owner starts
                 // from the last commit and removes what was written after it, so nothing is lost
@@ -202,10 +217,14 @@ impl ConsumerContext for Ctx {
             s.max_ts.remove(&key);
         }
     }
+}
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(list) = rebalance else { return };
-        let committed = match consumer.committed_offsets((*list).clone(), Duration::from_secs(30)) {
+impl Ctx {
+    /// Before partitions are assigned: decides where each starts — its committed offset, or
+    /// the state manifest's when that is further (a crash between the manifest and the
+    /// commit) — sets it in the assignment, and removes the files written from there on.
+    fn assign(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
+        let committed = match consumer.committed_offsets(list.clone(), Duration::from_secs(30)) {
             Ok(c) => c,
             Err(e) => {
                 self.shared
@@ -219,6 +238,7 @@ impl ConsumerContext for Ctx {
         // where each partition's committed data ends; with nothing committed (a new group, or
         // a first run that died before its first commit) replay starts at the partition's low
         // watermark, so only files from there on will be written again
+        let manifest = self.state.as_ref().map(|s| s.positions()).unwrap_or_default();
         let mut starts = Vec::new();
         for e in committed.elements() {
             if let Err(err) = e.error() {
@@ -235,7 +255,40 @@ impl ConsumerContext for Ctx {
                     }
                 },
             };
+            let from = match manifest.get(&(e.topic().to_owned(), e.partition())) {
+                Some(&m) if m > from => {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        committed = from,
+                        checkpoint = m,
+                        "resuming at the state checkpoint, past the committed offset"
+                    );
+                    m
+                }
+                Some(&m) if m < from => {
+                    // another consumer moved the partition on: our state has not seen those rows
+                    tracing::warn!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        committed = from,
+                        checkpoint = m,
+                        "the committed offset is past the state checkpoint (another member of the group \
+                         consumed it): the operator state lacks those rows"
+                    );
+                    from
+                }
+                _ => from,
+            };
             starts.push((e.topic().to_owned(), e.partition(), from));
+        }
+        for (topic, partition, from) in &starts {
+            if let Some(mut e) = list.find_partition(topic, *partition)
+                && let Err(err) = e.set_offset(Offset::Offset(*from))
+            {
+                self.fail(format!("setting the start of {topic}/{partition}: {err}"));
+                return;
+            }
         }
         let mut s = self.shared.lock().expect("source state");
         s.assigned_at = Some(Instant::now());
@@ -269,6 +322,8 @@ impl ConsumerContext for Ctx {
 
 /// What the source shares with the sinks' files for exactly-once recovery.
 pub(crate) struct Recovery {
+    /// Operator state checkpoints, when configured.
+    pub(crate) state: Option<crate::runtime::StateStore>,
     /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
     pub(crate) sink_roots: Vec<PathBuf>,
     /// Offsets committed so far, shared with compaction.
@@ -285,7 +340,7 @@ pub(crate) async fn run_kafka_source(
     mut stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<u64, PipelineError> {
-    let Recovery { sink_roots, commits } = recovery;
+    let Recovery { sink_roots, commits, state } = recovery;
     let err = |message: String| PipelineError::Source { source_name: name.to_owned(), message };
     let ports: BTreeMap<String, usize> =
         EventKind::ALL.iter().enumerate().filter_map(|(p, k)| cfg.topic(*k).map(|t| (t.to_owned(), p))).collect();
@@ -297,7 +352,8 @@ pub(crate) async fn run_kafka_source(
         builders: EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * 256)).collect(),
         next: BTreeMap::new(),
         max_ts: BTreeMap::new(),
-        epoch: 0,
+        // epochs go on from the restored checkpoint: derived files are named after them
+        epoch: state.as_ref().map_or(0, |s| s.epoch()),
         outputs: outputs.clone(),
         acks: acks.clone(),
         sink_roots,
@@ -320,7 +376,7 @@ pub(crate) async fn run_kafka_source(
         cc.set(k, v.as_str());
     }
     let consumer: StreamConsumer<Ctx> = cc
-        .create_with_context(Ctx { shared: shared.clone(), commits })
+        .create_with_context(Ctx { shared: shared.clone(), commits, state })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     // declared after the consumer, so it is dropped (and marks closing) before the consumer is
     let _close_guard = CloseGuard(shared.clone());
@@ -381,7 +437,7 @@ pub(crate) async fn run_kafka_source(
                     if gen_at != generation {
                         // a rebalance happened since: its own checkpoint covered these rows
                     } else if acks.acked() >= epoch {
-                        if let Err(e) = owned(&consumer).and_then(|o| commit(&consumer, &positions, &o).map_err(err)) {
+                        if let Err(e) = owned(&consumer).and_then(|o| commit(&consumer, epoch, &positions, &o).map_err(err)) {
                             // an unreachable broker: keep the positions and try again next tick
                             tracing::warn!(source = name, "{e}; retrying at the next checkpoint");
                             pending_commit = Some((epoch, gen_at, positions));
@@ -477,11 +533,11 @@ pub(crate) async fn run_kafka_source(
         }
     }
     // final checkpoint: hand on the rest, wait until it is durable, commit, then end
-    let Some((_, positions)) = checkpoint(&shared).await else { return Err(PipelineError::Disconnected) };
+    let Some((epoch, positions)) = checkpoint(&shared).await else { return Err(PipelineError::Disconnected) };
     // the data is durable; commit, retrying while the broker is unreachable (bounded)
     let mut attempt = 0;
     loop {
-        match owned(&consumer).and_then(|o| commit(&consumer, &positions, &o).map_err(err)) {
+        match owned(&consumer).and_then(|o| commit(&consumer, epoch, &positions, &o).map_err(err)) {
             Ok(()) => break,
             Err(e) if attempt < 30 => {
                 attempt += 1;

@@ -15,8 +15,10 @@ pub mod reload;
 mod sinks;
 mod sources;
 mod stage;
+mod state;
 
 pub use checkpoint::CheckpointAcks;
+pub use state::StateStore;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -121,6 +123,14 @@ pub enum PipelineError {
     Source {
         /// The source.
         source_name: String,
+        /// Why.
+        message: String,
+    },
+    /// Operator state could not be written or restored.
+    #[error("state of `{stage}`: {message}")]
+    State {
+        /// The stage (or `runtime.state_dir`).
+        stage: String,
         /// Why.
         message: String,
     },
@@ -328,6 +338,13 @@ pub async fn run_with_reload(
     };
 
     let (sink_acks, acks) = CheckpointAcks::new(plan.sinks.len());
+    let state = match &plan.runtime.state_dir {
+        Some(dir) => Some(
+            StateStore::open(std::path::Path::new(dir.as_str()))
+                .map_err(|message| PipelineError::State { stage: "runtime.state_dir".into(), message })?,
+        ),
+        None => None,
+    };
     let parquet_roots: Vec<std::path::PathBuf> = plan
         .sinks
         .iter()
@@ -338,20 +355,52 @@ pub async fn run_with_reload(
             crate::config::SinkConfig::ControlCenter(_) => None,
         })
         .collect();
+    if let Some(state) = &state {
+        // derived tables' files of epochs after the restored one: the replay writes them again
+        for root in &parquet_roots {
+            let n = crate::sink::parquet::remove_after_epoch(root, state.lineage(), state.restored_epoch()).map_err(
+                |e| PipelineError::State {
+                    stage: "runtime.state_dir".into(),
+                    message: format!("removing files written after checkpoint {}: {e}", state.restored_epoch()),
+                },
+            )?;
+            if n > 0 {
+                tracing::info!(root = %root.display(), removed = n, epoch = state.restored_epoch(), "removed derived files written after the restored checkpoint");
+            }
+        }
+    }
     // offsets committed by a Kafka source: compaction merges only files wholly before them
     let commit_log: crate::sink::compact::CommitLog = Default::default();
+    if let Some(state) = &state {
+        commit_log.lock().expect("commit log").epoch = state.restored_epoch();
+    }
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     let mut retune_senders = BTreeMap::new();
     // live alert levels: the control center calibrates, the alert rules read
     let thresholds = citystream_operators::alert::ThresholdBoard::default();
+    let mut stateful: Vec<&str> = Vec::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone(), thresholds: thresholds.clone() };
-        let op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
+        let mut op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
             stage: st.name.clone(),
             message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
         })?;
+        if let Some(state) = &state
+            && let Some(batch) =
+                state.load(&st.name).map_err(|message| PipelineError::State { stage: st.name.clone(), message })?
+        {
+            let rows = batch.num_rows();
+            op.restore(batch).map_err(|source| PipelineError::Operator { stage: st.name.clone(), source })?;
+            tracing::info!(stage = st.name, rows, epoch = state.restored_epoch(), "restored state");
+        }
         let outputs = outputs_of(&st.name, st.outputs.len(), &mut subscribers);
+        if op.is_stateful() {
+            stateful.push(st.name.as_str());
+        }
         let mut task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
+        if let Some(state) = &state {
+            task = task.with_state(state.clone(), &metrics);
+        }
         if reload.is_some() {
             let (tx, rx) = watch::channel(None);
             retune_senders.insert(st.name.clone(), tx);
@@ -359,8 +408,15 @@ pub async fn run_with_reload(
         }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
+    if state.is_none() && crate::config::plan::any_kafka(&plan.sources) && !stateful.is_empty() {
+        tracing::warn!(
+            ?stateful,
+            "no `runtime.state_dir`: after a crash these stages restart empty, and tables derived from them may miss \
+             or repeat rows"
+        );
+    }
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
-        let sink = sinks::SinkTask::try_new(sk, ack, &metrics, &thresholds)?;
+        let sink = sinks::SinkTask::try_new(sk, ack, &metrics, &thresholds, state.as_ref())?;
         let name = sk.name.clone();
         tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }
@@ -383,13 +439,14 @@ pub async fn run_with_reload(
                 let acks = acks.clone();
                 let roots = parquet_roots.clone();
                 let commits = commit_log.clone();
+                let state = state.clone();
                 tasks.spawn(async move {
                     let messages = crate::kafka::run_kafka_source(
                         &name,
                         cfg,
                         outputs,
                         acks,
-                        crate::kafka::Recovery { sink_roots: roots, commits },
+                        crate::kafka::Recovery { sink_roots: roots, commits, state },
                         stop,
                         &metrics,
                     )

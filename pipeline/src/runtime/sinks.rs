@@ -45,15 +45,21 @@ impl SinkTask {
         ack: SinkAck,
         metrics: &Metrics,
         thresholds: &citystream_operators::alert::ThresholdBoard,
+        state: Option<&super::StateStore>,
     ) -> Result<Self, PipelineError> {
         let writer = match &node.config {
-            SinkConfig::Parquet(cfg) => Writer::Parquet(Box::new(
-                ParquetWriter::try_new(&node.name, cfg, &node.tables, metrics)
+            SinkConfig::Parquet(cfg) => {
+                let mut w = ParquetWriter::try_new(&node.name, cfg, &node.tables, metrics)
                     .map_err(|source| PipelineError::Parquet { sink: node.name.clone(), source })?
                     .with_merged_tables(
                         node.tables.keys().filter(|t| node.inputs.iter().filter(|(n, _)| n == *t).count() > 1).cloned(),
-                    ),
-            )),
+                    );
+                if let Some(s) = state {
+                    // rows before the first barrier belong to the epoch after the restored one
+                    w = w.with_epochs(s.lineage(), s.restored_epoch() + 1);
+                }
+                Writer::Parquet(Box::new(w))
+            }
             SinkConfig::ControlCenter(cfg) => Writer::Control(Box::new(
                 crate::control::ControlCenter::start_with(&node.name, cfg, metrics, thresholds)
                     .map_err(|message| PipelineError::Build { stage: node.name.clone(), message })?,
@@ -154,6 +160,9 @@ impl SinkTask {
                 Next::Aligned(b) => {
                     // everything before the barrier, and nothing after it, is made durable
                     self.flush().await?;
+                    if let Writer::Parquet(w) = &mut self.writer {
+                        w.set_epoch(b.epoch + 1);
+                    }
                     self.ack.ack(b.epoch);
                 }
                 Next::Ended => {

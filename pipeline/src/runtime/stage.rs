@@ -31,6 +31,8 @@ pub(crate) struct StageTask {
     /// New configurations to apply live (see [`super::reload`]).
     retune: Option<watch::Receiver<Option<Arc<OperatorSpec>>>>,
     retunes: [Counter; 2],
+    /// Where the operator's state goes at each checkpoint (stateful operators only).
+    state: Option<(super::StateStore, citystream_operators::Gauge)>,
 }
 
 impl StageTask {
@@ -86,7 +88,42 @@ impl StageTask {
             inputs,
             outputs,
             retune: None,
+            state: None,
         }
+    }
+
+    /// Writes the operator's state to `store` at every checkpoint barrier.
+    pub(crate) fn with_state(mut self, store: super::StateStore, metrics: &Metrics) -> Self {
+        if self.op.is_stateful() {
+            let g = metrics.gauge(
+                "citystream_state_bytes",
+                "Bytes of a stage's state written at the last checkpoint.",
+                &[("stage", self.name.as_str())],
+            );
+            self.state = Some((store, g));
+        }
+        self
+    }
+
+    /// A checkpoint barrier passes: what the operator holds only to batch work goes out
+    /// first, then its state is written, all before the barrier is forwarded — so once the
+    /// sinks acknowledge the epoch, the state is durable.
+    async fn checkpoint(&mut self, epoch: u64, out: &mut Collector) -> Result<(), PipelineError> {
+        self.call(|op, out| op.on_checkpoint(out), out)?;
+        self.emit(out).await?;
+        if let Some((store, bytes)) = &self.state {
+            let op = &self.op;
+            let written = cpu(|| -> Result<u64, PipelineError> {
+                match op.snapshot().map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })? {
+                    Some(b) => store
+                        .save(epoch, &self.name, &b)
+                        .map_err(|message| PipelineError::State { stage: self.name.clone(), message }),
+                    None => Ok(0),
+                }
+            })?;
+            bytes.set(written as f64);
+        }
+        Ok(())
     }
 
     /// Lets the stage take new tunable parameters from `rx` between messages.
@@ -189,7 +226,10 @@ impl StageTask {
                     self.advance_watermark(&watermarks, &mut current_wm, &mut out).await?;
                 }
                 Next::Message(_, Message::Barrier(_)) => unreachable!("the aligner reports barriers as `Aligned`"),
-                Next::Aligned(b) => self.outputs.broadcast(Message::Barrier(b)).await?,
+                Next::Aligned(b) => {
+                    self.checkpoint(b.epoch, &mut out).await?;
+                    self.outputs.broadcast(Message::Barrier(b)).await?
+                }
                 Next::Ended => {
                     self.call(|op, out| op.on_end(out), &mut out)?;
                     self.emit(&mut out).await?;

@@ -33,8 +33,18 @@ use serde::{Deserialize, Serialize};
 
 use super::parquet::parse_position_name;
 
-/// Committed offsets per (topic, partition): the next offset to read, as last committed.
-pub type CommitLog = std::sync::Arc<std::sync::Mutex<BTreeMap<(String, i32), i64>>>;
+/// What a Kafka source has committed so far.
+#[derive(Debug, Default)]
+pub struct Commits {
+    /// Per (topic, partition): the next offset to read, as last committed.
+    pub offsets: BTreeMap<(String, i32), i64>,
+    /// The newest committed checkpoint epoch: files of derived tables named after an epoch
+    /// (with operator state checkpoints) may be merged up to it.
+    pub epoch: u64,
+}
+
+/// Shared record of commits (the source writes, compaction reads).
+pub type CommitLog = std::sync::Arc<std::sync::Mutex<Commits>>;
 
 /// Which files named after source positions may be merged. A merged file is named after the
 /// whole range, so merging a file beyond the committed offset with one before it would hide
@@ -187,9 +197,21 @@ fn compact_partition(
                 Positioned::Skip => false,
                 Positioned::All => true,
                 Positioned::Committed(log) => {
-                    let committed = log.lock().expect("commit log").get(&(origin.clone(), *partition)).copied();
+                    let committed = log.lock().expect("commit log").offsets.get(&(origin.clone(), *partition)).copied();
                     matches!((committed, last_offset(&name)), (Some(c), Some(last)) if last < c)
                 }
+            };
+            if !allowed {
+                continue;
+            }
+        }
+        // a derived table's file of a checkpoint not yet committed may be removed by a
+        // recovery: never hide it in a merged file
+        if let Some((_, epoch)) = super::parquet::parse_epoch_name(&name) {
+            let allowed = match &opts.positioned {
+                Positioned::Skip => false,
+                Positioned::All => true,
+                Positioned::Committed(log) => epoch <= log.lock().expect("commit log").epoch,
             };
             if !allowed {
                 continue;
@@ -448,7 +470,7 @@ mod tests {
         assert_eq!(compact(&root, &base).unwrap().files_in, 0);
         // committed up to offset 30: files 0-9, 10-19, 20-29 merge; 30.. stay as they are
         let log: CommitLog = Default::default();
-        log.lock().unwrap().insert(("city.traffic".into(), 0), 30);
+        log.lock().unwrap().offsets.insert(("city.traffic".into(), 0), 30);
         let r = compact(&root, &CompactOptions { positioned: Positioned::Committed(log), ..base }).unwrap();
         assert_eq!((r.files_in, r.files_out), (3, 1));
         assert_eq!(

@@ -165,6 +165,9 @@ pub struct ParquetWriter {
     max_open: usize,
     run_id: String,
     tables: BTreeMap<String, Table>,
+    /// `(lineage, epoch)` with operator state checkpoints: files without source positions are
+    /// named after the checkpoint epoch their rows belong to (see `runtime::state`).
+    epochs: Option<(String, u64)>,
 }
 
 fn hour_dir(hour: i64) -> String {
@@ -243,7 +246,23 @@ impl ParquetWriter {
                 WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
             tables: out,
+            epochs: None,
         })
+    }
+
+    /// Names files without source positions after the checkpoint epoch their rows belong to,
+    /// starting at `epoch`, in state lineage `lineage`.
+    pub fn with_epochs(mut self, lineage: &str, epoch: u64) -> Self {
+        self.epochs = Some((lineage.to_owned(), epoch));
+        self
+    }
+
+    /// Rows written from now on belong to checkpoint `epoch` (call after [`flush`](Self::flush)
+    /// at a barrier).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        if let Some((_, e)) = self.epochs.as_mut() {
+            *e = epoch;
+        }
     }
 
     /// Appends `batch` to `table`, split by the hour of its time column and by source partition.
@@ -272,7 +291,7 @@ impl ParquetWriter {
         }
         for ((hour, partition), part) in parts {
             let k: FileKey = (hour, origin.to_owned(), partition);
-            Self::write_part(&self.root, &self.props, &self.run_id, t, &k, &part)?;
+            Self::write_part(&self.root, &self.props, &self.run_id, self.epochs.as_ref(), t, &k, &part)?;
             let f = t.open.get(&k).expect("just written");
             if f.writer.bytes_written() + f.writer.in_progress_size() >= self.target_bytes as usize {
                 Self::close(t, &k)?;
@@ -285,6 +304,7 @@ impl ParquetWriter {
         root: &Path,
         props: &WriterProperties,
         run_id: &str,
+        epochs: Option<&(String, u64)>,
         t: &mut Table,
         key: &FileKey,
         part: &RecordBatch,
@@ -295,7 +315,10 @@ impl ParquetWriter {
             let dir = root.join(&t.name).join(hour_dir(*hour));
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
             t.seq += 1;
-            let seq_name = format!("part-{run_id}-{:06}", t.seq);
+            let seq_name = match epochs {
+                Some((lineage, epoch)) => format!("part-{lineage}-e{epoch:012}-{run_id}-{:06}", t.seq),
+                None => format!("part-{run_id}-{:06}", t.seq),
+            };
             let (tmp, position) = match offsets {
                 Some(o) => {
                     let first = arrow::compute::min(o).unwrap_or(0);
@@ -419,10 +442,22 @@ pub(crate) fn parse_position_name(name: &str) -> Option<(&str, i32, i64)> {
     Some((origin, partition.parse().ok()?, rest.parse().ok()?))
 }
 
-/// Deletes, under a sink's `root`, every file of `origin`'s `partition` whose first offset is at
-/// or beyond `committed` (and every temporary file of it): rows the source will deliver again.
-/// Returns how many files were removed.
-pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: i64) -> std::io::Result<usize> {
+/// Parses `part-{lineage}-e{epoch}-….parquet` (or its hidden temporary name) into
+/// `(lineage, epoch)`.
+pub(crate) fn parse_epoch_name(name: &str) -> Option<(&str, u64)> {
+    let stem = name
+        .strip_suffix(".parquet")
+        .or_else(|| name.strip_prefix('.').and_then(|n| n.strip_suffix(".parquet.tmp")))?;
+    let (lineage, rest) = stem.strip_prefix("part-")?.split_once("-e")?;
+    let epoch = rest.get(..12)?;
+    (rest.as_bytes().get(12) == Some(&b'-') && lineage.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(())
+        .and_then(|()| Some((lineage, epoch.parse().ok()?)))
+}
+
+/// Removes every file under `root` whose name `remove` picks, and fsyncs each directory it
+/// removed something from. Errors are collected: every file is visited.
+fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bool) -> std::io::Result<usize> {
     let mut removed = 0;
     let mut first_error: Option<std::io::Error> = None;
     let mut stack = vec![root.to_owned()];
@@ -449,20 +484,17 @@ pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: 
                 stack.push(path);
                 continue;
             }
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let Some((o, p, first)) = parse_position_name(&name) else { continue };
-            let tmp = name.ends_with(".tmp");
-            if o == origin && p == partition && (tmp || first >= committed) {
-                // keep going after a failure: remove everything we can, then report
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {
-                        removed += 1;
-                        removed_here = true;
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
-                    }
+            if !remove(&e.file_name().to_string_lossy()) {
+                continue;
+            }
+            // keep going after a failure: remove everything we can, then report
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    removed += 1;
+                    removed_here = true;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
                 }
             }
         }
@@ -475,6 +507,24 @@ pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: 
         Some(e) => Err(e),
         None => Ok(removed),
     }
+}
+
+/// Deletes, under a sink's `root`, the files of state lineage `lineage` written for epochs after
+/// `epoch` (their rows come again when the stages replay from the state of `epoch`). Returns
+/// how many files were removed.
+pub fn remove_after_epoch(root: &Path, lineage: &str, epoch: u64) -> std::io::Result<usize> {
+    remove_files_where(root, |name| parse_epoch_name(name).is_some_and(|(l, e)| l == lineage && e > epoch))
+}
+
+/// Deletes, under a sink's `root`, every file of `origin`'s `partition` whose first offset is at
+/// or beyond `committed` (and every temporary file of it): rows the source will deliver again.
+/// Returns how many files were removed.
+pub fn remove_uncommitted(root: &Path, origin: &str, partition: i32, committed: i64) -> std::io::Result<usize> {
+    remove_files_where(root, |name| {
+        parse_position_name(name).is_some_and(|(o, p, first)| {
+            o == origin && p == partition && (name.ends_with(".tmp") || first >= committed)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -654,6 +704,43 @@ pub(crate) mod tests {
             parse_position_name("city.traffic-p0-o000000000025-000000000031-2.parquet"),
             Some(("city.traffic", 0, 25))
         );
+    }
+
+    #[test]
+    fn files_without_positions_carry_their_epoch_and_later_epochs_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", dir.path().display())).unwrap();
+        let tables = BTreeMap::from([("t".to_owned(), schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap().with_epochs("ab12", 3);
+        w.write("t", "x", &batch(&[1_000])).unwrap();
+        w.flush().unwrap();
+        w.set_epoch(4);
+        w.write("t", "x", &batch(&[2_000])).unwrap();
+        w.flush().unwrap();
+        w.set_epoch(5);
+        w.write("t", "x", &batch(&[3_000])).unwrap(); // open at the crash: a temporary file
+        let mut other = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap().with_epochs("cd34", 9);
+        other.write("t", "x", &batch(&[4_000])).unwrap();
+        other.flush().unwrap();
+        let names = files(dir.path());
+        let base = |n: &str| n.rsplit('/').next().unwrap().to_owned();
+        let epochs: Vec<_> = names
+            .iter()
+            .map(|n| base(n))
+            .filter_map(|n| parse_epoch_name(&n).map(|(l, e)| (l.to_owned(), e)))
+            .collect();
+        let want = [("ab12", 5), ("ab12", 3), ("ab12", 4), ("cd34", 9)].map(|(l, e)| (l.to_owned(), e));
+        assert_eq!(epochs, want, "{names:?}");
+        // recovery to epoch 3 of lineage ab12: epoch 4 and the open file go, the other lineage stays
+        assert_eq!(remove_after_epoch(dir.path(), "ab12", 3).unwrap(), 2);
+        let left: Vec<_> = files(dir.path())
+            .iter()
+            .map(|n| base(n))
+            .filter_map(|n| parse_epoch_name(&n).map(|(l, e)| (l.to_owned(), e)))
+            .collect();
+        assert_eq!(left, [("ab12".to_owned(), 3), ("cd34".to_owned(), 9)]);
+        assert_eq!(parse_epoch_name("part-18c-1f-000001.parquet"), None, "files of runs without state");
     }
 
     #[test]
