@@ -150,3 +150,66 @@ fn plan_errors_explain_what_is_missing() {
     assert!(e.contains("Laplace counts only"), "{e}");
     let _ = Collector::new(1);
 }
+
+#[test]
+fn deferred_releases_wait_for_a_clean_grid_or_max_delay_and_survive_a_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path(), "partitions: {public: [a]}\ndefer: {max_delay: 3h}\n");
+    let c = DpConfig { budget: yaml("{epsilon: 100.0}"), ..c };
+    let m = Metrics::new();
+    let mut op = build_with(&c, &m);
+    const H: i64 = 3_600_000;
+    let hour = |h: i64| util::batch(&(0..10).map(|i| r("a", &format!("s{i}"), h * H + i, 1.0)).collect::<Vec<_>>());
+    let released = |out: &mut Collector| -> Vec<i64> {
+        let mut v = Vec::new();
+        for (p, b) in out.drain() {
+            if p == 0 {
+                let s = b.column_by_name("window_start").unwrap();
+                let s = s.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+                v.extend(s.values().iter().map(|s| s / H));
+            }
+        }
+        v
+    };
+    let metric = |m: &Metrics, action: &str| {
+        m.value("citystream_policy_actions_total", &[("policy", "dp_release"), ("action", action)]).unwrap_or(0.0)
+    };
+    let mut out = Collector::new(2);
+    // before the policy has spoken, closed windows are held too
+    op.process_batch(hour(0), &mut out).unwrap();
+    op.on_watermark(H, &mut out).unwrap();
+    assert_eq!(released(&mut out), Vec::<i64>::new());
+    // the high mode: hours 0..5 close, only those 3 h behind the watermark are released
+    let mode = m.gauge(citystream_operators::dp::CARBON_HIGH_MODE_GAUGE, "mode", &[]);
+    mode.set(1.0);
+    for h in 1..6 {
+        op.process_batch(hour(h), &mut out).unwrap();
+        op.on_watermark((h + 1) * H, &mut out).unwrap();
+    }
+    assert_eq!(released(&mut out), vec![0, 1, 2], "forced after max_delay");
+    assert_eq!(m.value("citystream_dp_windows_held", &[("stage", "test"), ("release", "r")]), Some(3.0));
+    assert_eq!((metric(&m, "deferred"), metric(&m, "released")), (6.0, 3.0));
+    // a checkpoint now: the held windows are state
+    let state = op.snapshot().unwrap().unwrap();
+    let m2 = Metrics::new();
+    let mode2 = m2.gauge(citystream_operators::dp::CARBON_HIGH_MODE_GAUGE, "mode", &[]);
+    mode2.set(1.0);
+    let mut restored = build_with(&c, &m2);
+    restored.restore(state).unwrap();
+    restored.on_watermark(6 * H, &mut out).unwrap();
+    assert_eq!(released(&mut out), Vec::<i64>::new(), "still held after the restore");
+    // the grid is clean again: everything closed goes out at the next watermark
+    mode2.set(0.0);
+    restored.process_batch(hour(6), &mut out).unwrap();
+    restored.on_watermark(7 * H, &mut out).unwrap();
+    assert_eq!(released(&mut out), vec![3, 4, 5, 6]);
+    assert_eq!(m2.value("citystream_dp_windows_held", &[("stage", "test"), ("release", "r")]), Some(0.0));
+    assert_eq!(metric(&m2, "released"), 3.0, "three of them had been deferred");
+    // the end of the input releases what is held, whatever the mode
+    mode2.set(1.0);
+    restored.process_batch(hour(7), &mut out).unwrap();
+    restored.on_watermark(8 * H, &mut out).unwrap();
+    assert_eq!(released(&mut out), Vec::<i64>::new());
+    restored.on_end(&mut out).unwrap();
+    assert_eq!(released(&mut out), vec![7]);
+}

@@ -155,7 +155,25 @@ pub struct DpConfig {
     /// absent, noise comes from the OS's secure source.
     #[serde(default)]
     pub insecure_seed: Option<u64>,
+    /// Carbon-aware releases: while the carbon policy is in its high mode
+    /// (`runtime.carbon_policy`), closed windows are held — with the rest of the stage's
+    /// state, in checkpoints — and released together once the grid is clean again, or once a
+    /// window ended `max_delay` before the watermark. Absent: every window is released as soon
+    /// as the watermark closes it.
+    #[serde(default)]
+    pub defer: Option<DeferConfig>,
 }
+
+/// `dp_aggregate.defer`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeferConfig {
+    /// The longest a closed window is held, in event time behind the watermark.
+    pub max_delay: Duration,
+}
+
+/// The metrics gauge the carbon policy sets to 1 in its high mode.
+pub const CARBON_HIGH_MODE_GAUGE: &str = "citystream_carbon_high_mode";
 
 struct Planned {
     time: usize,
@@ -311,6 +329,21 @@ impl OperatorConfig for DpConfig {
             ),
             late: m.counter("citystream_dp_late_rows_total", "Rows after their window was released.", &l),
             spent: m.gauge("citystream_dp_epsilon_spent", "ε spent in the current period.", &l),
+            held: m.gauge("citystream_dp_windows_held", "Closed windows held for a low-carbon hour.", &l),
+            deferred: m.counter(
+                "citystream_policy_actions_total",
+                "Actions of the carbon-aware policy.",
+                &[("policy", "dp_release"), ("action", "deferred")],
+            ),
+            released_late: m.counter(
+                "citystream_policy_actions_total",
+                "Actions of the carbon-aware policy.",
+                &[("policy", "dp_release"), ("action", "released")],
+            ),
+            metrics: m.clone(),
+            holding: false,
+            deferred_upto: None,
+            stage: ctx.stage.clone(),
         }))
     }
 }
@@ -371,6 +404,15 @@ pub struct DpAggregateOp {
     unlisted: Counter,
     late: Counter,
     spent: crate::Gauge,
+    held: crate::Gauge,
+    deferred: Counter,
+    released_late: Counter,
+    metrics: crate::Metrics,
+    /// Whether closed windows are being held (the policy's high mode, with `defer`).
+    holding: bool,
+    /// The latest window start counted as deferred.
+    deferred_upto: Option<i64>,
+    stage: String,
 }
 
 impl std::fmt::Debug for DpAggregateOp {
@@ -539,13 +581,46 @@ impl DpAggregateOp {
         Ok(())
     }
 
-    fn close_until(&mut self, wm: i64, out: &mut Collector) -> Result<(), OperatorError> {
+    /// Releases the windows `wm` closes (those the carbon policy holds stay, unless `all`).
+    fn close_until(&mut self, wm: i64, all: bool, out: &mut Collector) -> Result<(), OperatorError> {
         let size = self.cfg.window.as_millis_i64();
-        let ready: Vec<i64> = self.windows.keys().copied().take_while(|s| s.saturating_add(size) <= wm).collect();
+        // until the policy has published its mode (at start), windows are held too
+        let hold = match &self.cfg.defer {
+            Some(_) => !all && self.metrics.value(CARBON_HIGH_MODE_GAUGE, &[]) != Some(0.0),
+            None => false,
+        };
+        // held windows are released once the grid is clean, or when they are `max_delay` old
+        let until = match (&self.cfg.defer, hold) {
+            (Some(d), true) => wm.saturating_sub(d.max_delay.as_millis_i64()),
+            _ => wm,
+        };
+        let ready: Vec<i64> = self.windows.keys().copied().take_while(|s| s.saturating_add(size) <= until).collect();
+        let held_now: Vec<i64> =
+            self.windows.keys().copied().skip(ready.len()).take_while(|s| s.saturating_add(size) <= wm).collect();
+        if hold != self.holding {
+            self.holding = hold;
+            tracing::info!(
+                stage = %self.stage,
+                release = %self.cfg.release,
+                held = held_now.len(),
+                "carbon policy: {}",
+                if hold { "holding DP releases for a cleaner grid" } else { "releasing held DP windows" }
+            );
+        }
+        for &s in &held_now {
+            if self.deferred_upto.is_none_or(|d| s > d) {
+                self.deferred.inc();
+                self.deferred_upto = Some(s);
+            }
+        }
         for start in ready {
+            if self.deferred_upto.is_some_and(|d| start <= d) {
+                self.released_late.inc();
+            }
             let rows = self.windows.remove(&start).expect("listed");
             self.release(start, rows, out)?;
         }
+        self.held.set(held_now.len() as f64);
         Ok(())
     }
 }
@@ -597,11 +672,12 @@ impl Operator for DpAggregateOp {
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         self.watermark = self.watermark.max(watermark);
-        self.close_until(self.watermark, out)
+        self.close_until(self.watermark, false, out)
     }
 
     fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
-        self.close_until(i64::MAX, out)
+        // the input ended: nothing held stays behind
+        self.close_until(i64::MAX, true, out)
     }
 
     fn is_stateful(&self) -> bool {

@@ -528,8 +528,30 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
     // prediction per `alert_floor`, and never beyond a reading rule's `stale_after`
     let floor = raw.runtime.carbon_policy.as_ref().map_or(crate::energy::d_alert_floor(), |p| p.alert_floor);
     for st in &stages {
-        let OperatorSpec::Infer(cfg) = &st.op else { continue };
-        let Some(calm) = cfg.carbon.as_ref().and_then(|c| c.calm.as_ref()) else { continue };
+        // what the high mode may delay, and the key it is set at
+        let (delay, key, fix) = match &st.op {
+            OperatorSpec::Infer(cfg) => match cfg.carbon.as_ref().and_then(|c| c.calm.as_ref()) {
+                Some(calm) => (calm.every, "carbon.calm.every", "shorten `every`"),
+                None => continue,
+            },
+            OperatorSpec::DpAggregate(cfg) => {
+                match &cfg.defer {
+                    Some(d) => {
+                        if raw.runtime.carbon_policy.is_none() {
+                            ck.error(
+                            raw.stages[&st.name].location,
+                            format!("stages.{}.defer", st.name),
+                            "deferred releases follow the carbon policy, and there is none",
+                            Some("add `runtime.carbon_policy` (and `runtime.energy` for the grid), or remove `defer`".into()),
+                        );
+                        }
+                        (d.max_delay, "defer.max_delay", "shorten `max_delay`")
+                    }
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
         let mut reached: BTreeSet<&str> = BTreeSet::new();
         let mut frontier = vec![(st.name.as_str(), Some(0usize))];
         while let Some((node, port)) = frontier.pop() {
@@ -540,7 +562,7 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
                 }
             }
         }
-        let every = calm.every.as_millis_i64();
+        let every = delay.as_millis_i64();
         for a in stages.iter().filter(|a| reached.contains(a.name.as_str())) {
             let OperatorSpec::Alert(rule) = &a.op else { continue };
             let (limit, what) = if rule.stale_after.as_millis_i64() < floor.as_millis_i64() {
@@ -551,12 +573,12 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
             if every > limit.as_millis_i64() {
                 ck.error(
                     raw.stages[&st.name].location,
-                    format!("stages.{}.carbon.calm.every", st.name),
+                    format!("stages.{}.{key}", st.name),
                     format!(
-                        "`{}` is longer than {what} ({limit}): alert stage `{}` reads this stage's predictions",
-                        calm.every, a.name
+                        "`{delay}` is longer than {what} ({limit}): alert stage `{}` reads this stage's output",
+                        a.name
                     ),
-                    Some("shorten `every`, or raise `runtime.carbon_policy.alert_floor` deliberately".into()),
+                    Some(format!("{fix}, or raise `runtime.carbon_policy.alert_floor` deliberately")),
                 );
             }
         }

@@ -299,3 +299,50 @@ fn state_checkpoints_need_a_kafka_source() {
     assert!(e.contains("runtime.state_dir: state checkpoints need a kafka source"), "{e}");
     assert!(e.contains("help: remove `state_dir`"), "{e}");
 }
+
+/// A Kafka pipeline with a DP release that may be deferred.
+fn deferred_dp(defer: &str, policy: &str) -> String {
+    format!(
+        "\
+sources:
+  k: {{type: kafka, brokers: 127.0.0.1:1, group_id: g, topics: {{traffic: t, camera: null, environment: null}}}}
+stages:
+  traffic: {{type: decode, input: k.traffic, kind: traffic}}
+  dp:
+    type: dp_aggregate
+    input: traffic
+    release: r
+    privacy_unit: event_id
+    partition: segment_id
+    aggregate: count
+    window: 1h
+    mechanism: laplace
+    epsilon: 1.0
+    budget: {{epsilon: 10}}
+    budget_dir: /tmp/b
+    partitions: {{public: [a]}}
+    {defer}
+  hot: {{type: filter, input: dp, where: [{{column: value, op: gt, value: 100}}]}}
+  alarm: {{type: alert, input: hot, rule: r, alert_type: crowd, severity: warning, value: value, raise: 1, location: segment_id}}
+sinks:
+  lake: {{type: parquet, path: /tmp/x, tables: {{t: traffic, d: traffic.dead_letters, dp: dp, late: dp.late_events, a: alarm}}}}
+runtime:
+  energy: {{path: /tmp/x, carbon_g_per_kwh: 300}}
+{policy}"
+    )
+}
+
+#[test]
+fn deferred_dp_releases_need_the_carbon_policy_and_respect_the_alert_floor() {
+    let policy = "  carbon_policy: {high_g_per_kwh: 200}\n";
+    let raw = load_str(&deferred_dp("defer: {max_delay: 5m}", policy), "ok.yaml").unwrap();
+    plan(raw, "ok.yaml").unwrap();
+    let e = error_of(&deferred_dp("defer: {max_delay: 6h}", ""));
+    assert!(e.contains("stages.dp.defer: deferred releases follow the carbon policy, and there is none"), "{e}");
+    // an alert rule reads the release (through a filter): 6 h would delay it past the floor
+    let e = error_of(&deferred_dp("defer: {max_delay: 6h}", policy));
+    assert!(
+        e.contains("stages.dp.defer.max_delay: `6h` is longer than the alert floor (5m): alert stage `alarm` reads"),
+        "{e}"
+    );
+}

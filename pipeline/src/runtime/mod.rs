@@ -385,13 +385,15 @@ pub async fn run_with_reload(
             stage: st.name.clone(),
             message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
         })?;
+        let mut restored_wm = None;
         if let Some(state) = &state
-            && let Some(batch) =
+            && let Some((batch, wm)) =
                 state.load(&st.name).map_err(|message| PipelineError::State { stage: st.name.clone(), message })?
         {
             let rows = batch.num_rows();
             op.restore(batch).map_err(|source| PipelineError::Operator { stage: st.name.clone(), source })?;
-            tracing::info!(stage = st.name, rows, epoch = state.restored_epoch(), "restored state");
+            tracing::info!(stage = st.name, rows, epoch = state.restored_epoch(), watermark = wm, "restored state");
+            restored_wm = Some(wm);
         }
         let outputs = outputs_of(&st.name, st.outputs.len(), &mut subscribers);
         if op.is_stateful() {
@@ -400,6 +402,9 @@ pub async fn run_with_reload(
         let mut task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
         if let Some(state) = &state {
             task = task.with_state(state.clone(), &metrics);
+        }
+        if let Some(wm) = restored_wm {
+            task = task.with_restored_watermark(wm);
         }
         if reload.is_some() {
             let (tx, rx) = watch::channel(None);

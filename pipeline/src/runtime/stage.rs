@@ -33,6 +33,8 @@ pub(crate) struct StageTask {
     retunes: [Counter; 2],
     /// Where the operator's state goes at each checkpoint (stateful operators only).
     state: Option<(super::StateStore, citystream_operators::Gauge)>,
+    /// The input watermark of the restored state.
+    restored_watermark: Option<i64>,
 }
 
 impl StageTask {
@@ -89,7 +91,14 @@ impl StageTask {
             outputs,
             retune: None,
             state: None,
+            restored_watermark: None,
         }
+    }
+
+    /// The operator's state was restored from a checkpoint taken at input watermark `wm`.
+    pub(crate) fn with_restored_watermark(mut self, wm: i64) -> Self {
+        self.restored_watermark = Some(wm);
+        self
     }
 
     /// Writes the operator's state to `store` at every checkpoint barrier.
@@ -108,7 +117,7 @@ impl StageTask {
     /// A checkpoint barrier passes: what the operator holds only to batch work goes out
     /// first, then its state is written, all before the barrier is forwarded — so once the
     /// sinks acknowledge the epoch, the state is durable.
-    async fn checkpoint(&mut self, epoch: u64, out: &mut Collector) -> Result<(), PipelineError> {
+    async fn checkpoint(&mut self, epoch: u64, watermark: i64, out: &mut Collector) -> Result<(), PipelineError> {
         self.call(|op, out| op.on_checkpoint(out), out)?;
         self.emit(out).await?;
         if let Some((store, bytes)) = &self.state {
@@ -116,7 +125,7 @@ impl StageTask {
             let written = cpu(|| -> Result<u64, PipelineError> {
                 match op.snapshot().map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })? {
                     Some(b) => store
-                        .save(epoch, &self.name, &b)
+                        .save(epoch, &self.name, &b, watermark)
                         .map_err(|message| PipelineError::State { stage: self.name.clone(), message }),
                     None => Ok(0),
                 }
@@ -199,6 +208,13 @@ impl StageTask {
         let mut out = Collector::new(self.op.outputs().len());
         let mut watermarks = vec![i64::MIN; self.inputs];
         let mut current_wm = i64::MIN;
+        if let Some(wm) = self.restored_watermark.filter(|w| *w != i64::MIN) {
+            // the restored state was taken at this watermark: what it closes was emitted before
+            // the checkpoint, and rows behind it are late, as they were before the crash
+            current_wm = wm;
+            self.call(|op, out| op.on_watermark(wm, out), &mut out)?;
+            self.emit(&mut out).await?;
+        }
         let mut inputs = Aligner::new(self.inputs);
         loop {
             let next = match Self::next_input(&mut self.retune, &mut inputs, &mut rx).await? {
@@ -227,7 +243,7 @@ impl StageTask {
                 }
                 Next::Message(_, Message::Barrier(_)) => unreachable!("the aligner reports barriers as `Aligned`"),
                 Next::Aligned(b) => {
-                    self.checkpoint(b.epoch, &mut out).await?;
+                    self.checkpoint(b.epoch, current_wm, &mut out).await?;
                     self.outputs.broadcast(Message::Barrier(b)).await?
                 }
                 Next::Ended => {

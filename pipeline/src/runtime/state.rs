@@ -1,7 +1,8 @@
 //! Operator state at checkpoints (`runtime.state_dir`).
 //!
 //! At every checkpoint barrier each stateful stage writes its [`snapshot`] as an Arrow IPC file
-//! `chk-{epoch}/{stage}.arrow` (write, fsync, rename) before it forwards the barrier, so once
+//! `chk-{epoch}/{stage}.arrow` (write, fsync, rename), with its input watermark in the file's
+//! metadata, before it forwards the barrier, so once
 //! every sink has acknowledged an epoch, every stage's state for it is on disk. The Kafka
 //! source then writes the manifest `CHECKPOINT.json` (epoch and the next offset of every
 //! partition, atomically replaced) and only then commits the offsets to Kafka. The manifest is
@@ -23,6 +24,8 @@ use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 const MANIFEST: &str = "CHECKPOINT.json";
+/// Custom metadata key of a state file: the stage's input watermark at the checkpoint.
+const WATERMARK: &str = "citystream.watermark";
 
 /// One partition's next offset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,8 +131,9 @@ impl StateStore {
         self.0.dir.join(format!("chk-{epoch:012}"))
     }
 
-    /// `stage`'s state as of the restored epoch, if it wrote one.
-    pub fn load(&self, stage: &str) -> Result<Option<RecordBatch>, String> {
+    /// `stage`'s state as of the restored epoch, if it wrote one, with the stage's input
+    /// watermark at that checkpoint.
+    pub fn load(&self, stage: &str) -> Result<Option<(RecordBatch, i64)>, String> {
         if self.0.restored == 0 {
             return Ok(None);
         }
@@ -142,18 +146,27 @@ impl StateStore {
         let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)
             .map_err(|e| err("reading the state of", &path, e))?;
         let schema = reader.schema();
+        let watermark = reader
+            .custom_metadata()
+            .get(WATERMARK)
+            .and_then(|w| w.parse::<i64>().ok())
+            .ok_or_else(|| err("reading the state of", &path, "no watermark in the file"))?;
         let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| err("reading the state of", &path, e))?;
-        arrow::compute::concat_batches(&schema, &batches).map(Some).map_err(|e| err("reading the state of", &path, e))
+        let batch =
+            arrow::compute::concat_batches(&schema, &batches).map_err(|e| err("reading the state of", &path, e))?;
+        Ok(Some((batch, watermark)))
     }
 
-    /// Writes `stage`'s state for `epoch` durably. Returns the bytes written.
-    pub fn save(&self, epoch: u64, stage: &str, state: &RecordBatch) -> Result<u64, String> {
+    /// Writes `stage`'s state for `epoch` durably, with the stage's input watermark at the
+    /// barrier. Returns the bytes written.
+    pub fn save(&self, epoch: u64, stage: &str, state: &RecordBatch, watermark: i64) -> Result<u64, String> {
         let dir = self.epoch_dir(epoch);
         std::fs::create_dir_all(&dir).map_err(|e| err("creating", &dir, e))?;
         let mut body = Vec::new();
         {
             let mut w = arrow::ipc::writer::FileWriter::try_new(&mut body, &state.schema())
                 .map_err(|e| err("encoding the state for", &dir, e))?;
+            w.write_metadata(WATERMARK, watermark.to_string());
             w.write(state).map_err(|e| err("encoding the state for", &dir, e))?;
             w.finish().map_err(|e| err("encoding the state for", &dir, e))?;
         }
@@ -234,22 +247,22 @@ mod tests {
         assert_eq!((s.restored_epoch(), s.epoch()), (0, 0));
         let lineage = s.lineage().to_owned();
         assert_eq!(lineage.len(), 16);
-        s.save(1, "a/b c", &batch(&[1, 2])).unwrap();
+        s.save(1, "a/b c", &batch(&[1, 2]), 42).unwrap();
         s.commit(1, &BTreeMap::from([(("t".into(), 0), 10)])).unwrap();
-        s.save(2, "a/b c", &batch(&[3])).unwrap();
+        s.save(2, "a/b c", &batch(&[3]), 43).unwrap();
         // epoch 2 is written but never committed (a crash before every sink acknowledged it)
         let r = StateStore::open(dir.path()).unwrap();
         assert_eq!((r.restored_epoch(), r.lineage()), (1, lineage.as_str()));
-        assert_eq!(r.load("a/b c").unwrap().unwrap(), batch(&[1, 2]));
+        assert_eq!(r.load("a/b c").unwrap().unwrap(), (batch(&[1, 2]), 42));
         assert_eq!(r.load("other").unwrap(), None);
         assert_eq!(r.positions(), BTreeMap::from([(("t".into(), 0), 10)]));
         // positions merge: a partition not in this commit keeps its last position
-        r.save(2, "a/b c", &batch(&[4])).unwrap();
+        r.save(2, "a/b c", &batch(&[4]), i64::MIN).unwrap();
         r.commit(2, &BTreeMap::from([(("t".into(), 1), 5)])).unwrap();
         assert_eq!(r.positions(), BTreeMap::from([(("t".into(), 0), 10), (("t".into(), 1), 5)]));
         assert!(!dir.path().join("chk-000000000001").exists(), "the older epoch is removed");
         let r2 = StateStore::open(dir.path()).unwrap();
-        assert_eq!(r2.load("a/b c").unwrap().unwrap(), batch(&[4]));
+        assert_eq!(r2.load("a/b c").unwrap().unwrap(), (batch(&[4]), i64::MIN));
         // an old epoch never moves the manifest back
         r2.commit(1, &BTreeMap::new()).unwrap();
         assert_eq!(r2.epoch(), 2);
