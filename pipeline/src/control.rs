@@ -1023,7 +1023,7 @@ async fn health(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAdd
         // summed over partitions; absent without a Kafka source
         "kafka_lag": (!lag.is_empty()).then(|| lag.iter().map(|(_, v)| v).sum::<f64>()),
         "dead_letters": m.sum("citystream_dead_letters_total"),
-        "queue_depth": m.series("citystream_channel_depth"),
+        "queue_depth": m.series("citystream_queue_depth"),
         "alerts_open": m.series("citystream_alerts_open"),
         "carbon_high_mode": m.value("citystream_carbon_high_mode", &[]),
         "carbon_g_per_kwh": m.value("citystream_carbon_g_per_kwh", &[]),
@@ -1031,6 +1031,8 @@ async fn health(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAdd
         "carbon_switches": m.series("citystream_carbon_mode_switches_total"),
         "policy_actions": m.series("citystream_policy_actions_total"),
         "predictions_skipped": m.sum("citystream_infer_rows_skipped_total"),
+        // closed DP windows waiting for a cleaner grid (`dp_aggregate.defer`)
+        "dp_windows_held": m.sum("citystream_dp_windows_held"),
     }))
     .into_response()
 }

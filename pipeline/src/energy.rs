@@ -15,7 +15,7 @@
 //! for an hour of a forecast or measured series, or `{"g_per_kwh": 412}` for "from now on").
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -798,10 +798,14 @@ pub(crate) async fn run_policy(
     let export = cfg.training_export.clone();
     let mut export_sched = export
         .as_ref()
-        // due at start (the manifest makes it incremental): a daily restart must not starve it
+        // due `every` after the last recorded run; without a record, at once (the manifest
+        // makes a repeated export incremental)
         .map(|e| {
             let now = chrono::Utc::now().timestamp_millis();
-            CarbonScheduler::periodic(&cfg, e.every, e.max_delay, now - e.every.as_millis_i64())
+            let last = crate::sink::export::last_run(Path::new(e.to.as_str()))
+                .filter(|t| *t <= now)
+                .unwrap_or(now - e.every.as_millis_i64());
+            CarbonScheduler::periodic(&cfg, e.every, e.max_delay, last)
         });
     let export_action = |a: &str| {
         metrics.counter(
@@ -844,6 +848,7 @@ pub(crate) async fn run_policy(
                     let (roots, e) = (roots.clone(), e.clone());
                     export_job = Some(tokio::task::spawn_blocking(move || {
                         let to = PathBuf::from(e.to.as_str());
+                        let mut ok = true;
                         for root in &roots {
                             match crate::sink::export::export(root, &e.tables, &to, e.min_age.to_std()) {
                                 Ok(r) => tracing::info!(
@@ -853,8 +858,16 @@ pub(crate) async fn run_policy(
                                     skipped = r.skipped,
                                     "carbon policy: training export"
                                 ),
-                                Err(e) => tracing::error!("carbon policy: training export failed: {e}"),
+                                Err(e) => {
+                                    ok = false;
+                                    tracing::error!("carbon policy: training export failed: {e}");
+                                }
                             }
+                        }
+                        if ok
+                            && let Err(e) = crate::sink::export::record_run(&to, chrono::Utc::now().timestamp_millis())
+                        {
+                            tracing::warn!("carbon policy: recording the training export's run: {e}");
                         }
                     }));
                 }

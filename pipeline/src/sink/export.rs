@@ -40,6 +40,19 @@ fn io(what: &str, p: &Path, e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("{what} {}: {e}", p.display()))
 }
 
+/// When the last export run into `to` finished (UTC ms), as recorded by [`record_run`].
+pub fn last_run(to: &Path) -> Option<i64> {
+    let body = std::fs::read(to.join("last_run.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&body).ok()?["finished_ms"].as_i64()
+}
+
+/// Records that an export run into `to` finished at `at_ms`, so that the schedule survives
+/// restarts.
+pub fn record_run(to: &Path, at_ms: i64) -> std::io::Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| io("creating", to, e))?;
+    super::write_atomic(&to.join("last_run.json"), serde_json::json!({ "finished_ms": at_ms }).to_string().as_bytes())
+}
+
 /// Exports the settled partitions of `tables` under the lake `root` into `to`.
 pub fn export(root: &Path, tables: &[String], to: &Path, min_age: Duration) -> std::io::Result<ExportReport> {
     std::fs::create_dir_all(to).map_err(|e| io("creating", to, e))?;
@@ -191,5 +204,15 @@ mod tests {
         let files: Vec<_> =
             std::fs::read_dir(out0.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(files, ["export.parquet"], "one export file per partition, no temporary left");
+    }
+
+    #[test]
+    fn the_last_run_is_recorded_for_the_next_start() {
+        let to = tempfile::tempdir().unwrap();
+        assert_eq!(last_run(to.path()), None);
+        record_run(to.path(), 1_700_000_000_000).unwrap();
+        assert_eq!(last_run(to.path()), Some(1_700_000_000_000));
+        std::fs::write(to.path().join("last_run.json"), b"{").unwrap();
+        assert_eq!(last_run(to.path()), None, "unreadable: treated as never (the export is incremental)");
     }
 }
