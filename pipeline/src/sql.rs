@@ -1,8 +1,8 @@
 //! DataFusion SQL over the Parquet tables a sink wrote.
 //!
 //! Every folder directly under the data root is a table. Hive partition folders
-//! (`date=…/hour=…`) become the `date` and `hour` columns (text), so queries that filter on
-//! them read only the matching files.
+//! (`date=…/hour=…`, or `date=…` for a sink's `daily` tables) become the `date` and `hour`
+//! columns (text), so queries that filter on them read only the matching files.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -67,8 +67,18 @@ pub async fn context(data: &Path) -> Result<(SessionContext, Vec<String>), SqlEr
         let path = e.path();
         let mut options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         if has_partition_dir(&path, "date=") {
-            options = options
-                .with_table_partition_cols(vec![("date".into(), DataType::Utf8), ("hour".into(), DataType::Utf8)]);
+            // daily tables (a Parquet sink's `daily`) have no `hour=` level
+            let hourly = std::fs::read_dir(&path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|d| d.file_name().to_string_lossy().starts_with("date="))
+                .any(|d| has_partition_dir(&d.path(), "hour="));
+            let mut cols = vec![("date".into(), DataType::Utf8)];
+            if hourly {
+                cols.push(("hour".into(), DataType::Utf8));
+            }
+            options = options.with_table_partition_cols(cols);
         }
         let url = format!(
             "{}/",

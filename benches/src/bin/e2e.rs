@@ -101,7 +101,8 @@ fn main() -> anyhow::Result<()> {
                 .lines()
                 .filter(|l| !l.trim_start().starts_with("shadow:") && !l.contains("congestion.shadow"))
                 .map(|l| format!("{l}\n"))
-                .collect();
+                .collect::<String>()
+                .replace(" predictions_shadow,", "");
             let text = match args.models.as_str() {
                 "fp32" => text,
                 "int8" => text

@@ -401,6 +401,35 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
                 if p.tables.is_empty() {
                     ck.error(nowhere, format!("sinks.{name}.tables"), "a parquet sink needs at least one table", None);
                 }
+                for (i, d) in p.daily.iter().enumerate() {
+                    if !p.tables.contains_key(d) {
+                        let help = did_you_mean(d, p.tables.keys().map(String::as_str)).map_or_else(
+                            || format!("its tables: {}", p.tables.keys().cloned().collect::<Vec<_>>().join(", ")),
+                            |s| format!("did you mean `{s}`?"),
+                        );
+                        ck.error(
+                            nowhere,
+                            format!("sinks.{name}.daily[{i}]"),
+                            format!("no table `{d}` in this sink"),
+                            Some(help),
+                        );
+                    }
+                }
+                // the control center writes its decisions hourly into `alerts` and `feedback`
+                for (other, c) in &raw.sinks {
+                    let SinkConfig::ControlCenter(c) = c else { continue };
+                    if c.feedback_path.as_ref().map(|f| f.as_str()) != Some(p.path.as_str()) {
+                        continue;
+                    }
+                    for t in p.daily.iter().filter(|t| *t == "alerts" || *t == "feedback") {
+                        ck.error(
+                            nowhere,
+                            format!("sinks.{name}.daily"),
+                            format!("`{t}` is shared with control center `{other}`, which partitions it by hour"),
+                            Some(format!("keep `{t}` hourly")),
+                        );
+                    }
+                }
                 p.tables.iter().map(|(t, i)| (t, i, None)).collect()
             }
             #[cfg(feature = "kafka")]

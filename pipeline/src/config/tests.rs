@@ -346,3 +346,14 @@ fn deferred_dp_releases_need_the_carbon_policy_and_respect_the_alert_floor() {
         "{e}"
     );
 }
+
+#[test]
+fn daily_tables_must_be_tables_of_the_sink() {
+    let text = GOOD.replace(
+        "      dead_letters: traffic.dead_letters\n",
+        "      dead_letters: traffic.dead_letters\n    daily: [dead_leters]\n",
+    );
+    let e = error_of(&text);
+    assert!(e.contains("sinks.lake.daily[0]: no table `dead_leters` in this sink"), "{e}");
+    assert!(e.contains("did you mean `dead_letters`?"), "{e}");
+}

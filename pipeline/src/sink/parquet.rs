@@ -79,7 +79,15 @@ pub struct ParquetSinkConfig {
     pub max_open_files: NonZeroUsize,
     /// Tables: name to the streams written into it.
     pub tables: BTreeMap<String, Inputs>,
+    /// Tables partitioned by day (`date=…/`) instead of by hour (`date=…/hour=…/`): for small
+    /// tables, 24 times fewer files and directories, which is most of what a small table costs
+    /// to write. A table keeps its layout for life (readers expect one).
+    #[serde(default)]
+    pub daily: Vec<String>,
 }
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// Errors of the Parquet sink (all external: disk or encoder).
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +135,8 @@ struct OpenFile {
     writer: ArrowWriter<File>,
 }
 
-/// Key of an open file: hour, origin, source partition (`-1` for rows without a position).
+/// Key of an open file: hour (or day, for daily tables), origin, source partition (`-1` for rows
+/// without a position).
 type FileKey = (i64, String, i32);
 
 struct Table {
@@ -141,6 +150,8 @@ struct Table {
     /// Several streams feed the table (late events of several stages): one source position
     /// may legitimately come twice, so a second file with the same offset range gets a suffix.
     merged: bool,
+    /// The partition span: an hour, or a day for `daily` tables.
+    span_ms: i64,
     rows: Counter,
     files: Counter,
     bytes: Counter,
@@ -170,9 +181,14 @@ pub struct ParquetWriter {
     epochs: Option<(String, u64)>,
 }
 
-fn hour_dir(hour: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(hour * 3_600_000).unwrap_or_default();
-    t.format("date=%Y-%m-%d/hour=%H").to_string()
+/// The directory of partition `bucket` (hours or days since the epoch, by `span_ms`).
+fn partition_dir(bucket: i64, span_ms: i64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(bucket * span_ms).unwrap_or_default();
+    if span_ms == DAY_MS {
+        t.format("date=%Y-%m-%d").to_string()
+    } else {
+        t.format("date=%Y-%m-%d/hour=%H").to_string()
+    }
 }
 
 impl ParquetWriter {
@@ -224,6 +240,7 @@ impl ParquetWriter {
                     open: BTreeMap::new(),
                     seq: 0,
                     merged: false,
+                    span_ms: if cfg.daily.contains(name) { DAY_MS } else { HOUR_MS },
                     rows: metrics.counter("citystream_sink_rows_total", "Rows written to a sink table.", &labels),
                     files: metrics.counter("citystream_sink_files_total", "Files committed to a sink table.", &labels),
                     bytes: metrics.counter("citystream_sink_bytes_total", "Bytes committed to a sink table.", &labels),
@@ -275,7 +292,8 @@ impl ParquetWriter {
         let times = batch.column(t.time_column).as_primitive::<TimestampMillisecondType>();
         debug_assert_eq!(times.null_count(), 0);
         let partitions = t.position_columns.map(|(p, _)| batch.column(p).as_primitive::<Int32Type>().values().clone());
-        let key = |i: usize| (times.value(i).div_euclid(3_600_000), partitions.as_ref().map_or(-1, |p| p[i]));
+        let span = t.span_ms;
+        let key = |i: usize| (times.value(i).div_euclid(span), partitions.as_ref().map_or(-1, |p| p[i]));
         let first = key(0);
         let mut parts: Vec<((i64, i32), RecordBatch)> = Vec::new();
         if (1..batch.num_rows()).all(|i| key(i) == first) {
@@ -312,7 +330,7 @@ impl ParquetWriter {
         let offsets = t.position_columns.map(|(_, o)| part.column(o).as_primitive::<Int64Type>());
         if !t.open.contains_key(key) {
             let (hour, origin, partition) = key;
-            let dir = root.join(&t.name).join(hour_dir(*hour));
+            let dir = root.join(&t.name).join(partition_dir(*hour, t.span_ms));
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
             t.seq += 1;
             let seq_name = match epochs {
@@ -403,7 +421,7 @@ impl ParquetWriter {
     pub fn on_watermark(&mut self, watermark: i64, grace_ms: i64) -> Result<(), ParquetSinkError> {
         for t in self.tables.values_mut() {
             let done: Vec<FileKey> =
-                t.open.keys().filter(|k| (k.0 + 1) * 3_600_000 + grace_ms < watermark).cloned().collect();
+                t.open.keys().filter(|k| (k.0 + 1) * t.span_ms + grace_ms < watermark).cloned().collect();
             for k in done {
                 Self::close(t, &k)?;
             }
@@ -594,6 +612,28 @@ pub(crate) mod tests {
         assert_eq!(md.file_metadata().num_rows(), 2);
         assert!(matches!(md.row_group(0).column(0).compression(), Compression::ZSTD(_)));
         assert!(md.row_group(0).column(1).statistics().is_some());
+    }
+
+    #[test]
+    fn daily_tables_keep_a_day_in_one_partition_and_close_it_after_the_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x, h: z}}\ndaily: [t]\n", dir.path().display()))
+                .unwrap();
+        let tables = BTreeMap::from([("t".to_owned(), schema()), ("h".to_owned(), schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
+        let d = 1_772_409_600_000; // 2026-03-02T00:00Z
+        let rows: Vec<i64> = (0..24).map(|h| d + h * HOUR_MS + 7).collect();
+        w.write("t", "sim.x", &batch(&rows)).unwrap();
+        w.write("h", "sim.x", &batch(&rows)).unwrap();
+        // the hourly table's finished hours close as the watermark passes them; the day stays open
+        w.on_watermark(d + 20 * HOUR_MS, 10 * 60_000).unwrap();
+        let closed = |p: &str| files(dir.path()).iter().filter(|f| f.starts_with(p) && f.ends_with(".parquet")).count();
+        assert_eq!((closed("t/"), closed("h/")), (0, 19));
+        w.on_watermark(d + DAY_MS + 11 * 60_000, 10 * 60_000).unwrap();
+        assert_eq!((closed("t/"), closed("h/")), (1, 24));
+        let daily: Vec<String> = files(dir.path()).into_iter().filter(|f| f.starts_with("t/")).collect();
+        assert!(daily[0].starts_with("t/date=2026-03-02/part-"), "{daily:?}");
     }
 
     #[test]
