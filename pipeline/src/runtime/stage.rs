@@ -122,7 +122,8 @@ impl StageTask {
         self.emit(out).await?;
         if let Some((store, bytes)) = &self.state {
             let op = &self.op;
-            let written = cpu(|| -> Result<u64, PipelineError> {
+            // the snapshot is the stage's work too: it counts in its CPU time (and energy)
+            let written = super::cpu_metered(&self.cpu_ns, || -> Result<u64, PipelineError> {
                 match op.snapshot().map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })? {
                     Some(b) => store
                         .save(epoch, &self.name, &b, watermark)
