@@ -246,6 +246,29 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         );
     }
 
+    // a Kafka source reads exactly the kinds its `topics` names: reading another is a mistake
+    #[cfg(feature = "kafka")]
+    for (name, src) in &raw.sources {
+        let SourceConfig::Kafka(k) = src else { continue };
+        if EventKind::ALL.iter().all(|kind| k.topic(*kind).is_none()) {
+            ck.error(nowhere, format!("sources.{name}.topics"), "a kafka source needs at least one topic", None);
+        }
+        for (stage, st) in &raw.stages {
+            for r in &st.input.0 {
+                let Some((node, port)) = r.value.split_once('.') else { continue };
+                let kind = EventKind::ALL.iter().find(|k| k.as_str() == port);
+                if node == name && kind.is_some_and(|kd| k.topic(*kd).is_none()) {
+                    ck.error(
+                        r.referenced,
+                        format!("stages.{stage}.input"),
+                        format!("`{}` has no topic: source `{name}` reads only the kinds its `topics` names", r.value),
+                        Some(format!("add `{port}: <topic>` to `sources.{name}.topics`")),
+                    );
+                }
+            }
+        }
+    }
+
     if raw.runtime.state_dir.is_some() && !has_kafka {
         ck.error(
             nowhere,

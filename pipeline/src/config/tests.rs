@@ -357,3 +357,29 @@ fn daily_tables_must_be_tables_of_the_sink() {
     assert!(e.contains("sinks.lake.daily[0]: no table `dead_leters` in this sink"), "{e}");
     assert!(e.contains("did you mean `dead_letters`?"), "{e}");
 }
+
+#[test]
+fn a_kafka_source_reads_only_the_topics_it_names() {
+    let text = "\
+sources:
+  k: {type: kafka, brokers: 127.0.0.1:1, topics: {traffic: t}}
+stages:
+  traffic: {type: decode, input: k.traffic, kind: traffic}
+  camera: {type: decode, input: k.camera, kind: camera}
+sinks:
+  lake: {type: parquet, path: /tmp/x, tables: {t: traffic, c: camera, d: [traffic.dead_letters, camera.dead_letters]}}
+";
+    let e = error_of(text);
+    assert!(
+        e.contains("stages.camera.input: `k.camera` has no topic: source `k` reads only the kinds its `topics` names"),
+        "{e}"
+    );
+    assert!(e.contains("help: add `camera: <topic>` to `sources.k.topics`"), "{e}");
+    // without `topics`, the three default topics
+    let raw = load_str(&text.replace(", topics: {traffic: t}", ""), "ok.yaml").unwrap();
+    let p = plan(raw, "ok.yaml").unwrap();
+    let crate::config::SourceConfig::Kafka(k) = &p.sources[0].config else { panic!("a kafka source") };
+    assert_eq!(k.topics, crate::kafka::KafkaTopics::default());
+    let e = error_of(&text.replace("topics: {traffic: t}", "topics: {}"));
+    assert!(e.contains("sources.k.topics: a kafka source needs at least one topic"), "{e}");
+}

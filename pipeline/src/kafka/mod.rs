@@ -18,15 +18,20 @@ pub(crate) use source::{Recovery, run_kafka_source};
 
 use crate::config::EnvString;
 
-/// Topic per event kind; `null` leaves a kind out.
+/// Topic per event kind. Without `topics` a source reads `city.traffic`, `city.camera` and
+/// `city.environment`; with it, exactly the kinds it names (a kind left out, or `null`, is not
+/// read).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct KafkaTopics {
-    /// Default `city.traffic`.
+    /// The traffic topic.
+    #[serde(default)]
     pub traffic: Option<String>,
-    /// Default `city.camera`.
+    /// The camera topic.
+    #[serde(default)]
     pub camera: Option<String>,
-    /// Default `city.environment`.
+    /// The environment topic.
+    #[serde(default)]
     pub environment: Option<String>,
 }
 
@@ -69,7 +74,7 @@ pub struct KafkaSourceConfig {
     /// Consumer group. Default `citystream`.
     #[serde(default = "d_group")]
     pub group_id: EnvString,
-    /// Topic per event kind.
+    /// Topic per event kind. Default: `city.traffic`, `city.camera`, `city.environment`.
     #[serde(default)]
     pub topics: KafkaTopics,
     /// Largest raw batch handed on, rows. Default 8192.
