@@ -427,3 +427,39 @@ async fn report_traffic_messages(topics: &citystream_pipeline::kafka::KafkaTopic
     let (low, high) = c.fetch_watermarks(topics.traffic.as_deref().unwrap(), 0, Duration::from_secs(10)).unwrap();
     high - low
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_manifest_ahead_of_the_committed_offsets_decides_where_reading_starts() {
+    // a crash between writing the manifest and committing to Kafka leaves the manifest ahead:
+    // the source must start at the manifest's offsets, not at Kafka's
+    let topics = create_topics(&unique("t8"), 1).await;
+    let report = produce(&topics, 2, 808).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let t = topics.traffic.as_deref().unwrap();
+    let manifest = serde_json::json!({
+        "lineage": "00c0ffee00c0ffee",
+        "epoch": 7,
+        "positions": [{"topic": t, "partition": 0, "next": 1000}],
+    });
+    std::fs::write(state.join("CHECKPOINT.json"), manifest.to_string()).unwrap();
+    let lake = dir.path().join("lake");
+    let text = yaml(&topics, &unique("g8"), &lake, "3s").replace(
+        "runtime:\n  status_interval: null\n",
+        &format!("runtime:\n  status_interval: null\n  state_dir: {}\n", state.display()),
+    );
+    run_in_process(&text).await;
+    let pos = positions(&lake).await;
+    let traffic = &pos["traffic"];
+    let valid = report.counts(citystream_schemas::EventKind::Traffic).valid as usize;
+    assert!(traffic.iter().all(|(_, o)| *o >= 1000), "nothing before the manifest's offset was read again");
+    assert!(traffic.len() < valid && !traffic.is_empty(), "{} of {valid} traffic rows", traffic.len());
+    // the other kinds had no position in the manifest: read from the start
+    assert_eq!(pos["environment"].len() as u64, report.counts(citystream_schemas::EventKind::Environment).valid);
+    // the manifest moved on, with the epochs continuing after 7
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("CHECKPOINT.json")).unwrap()).unwrap();
+    assert_eq!(after["lineage"], "00c0ffee00c0ffee");
+    assert!(after["epoch"].as_u64().unwrap() > 7, "{after}");
+}
