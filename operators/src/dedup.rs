@@ -370,7 +370,8 @@ impl Operator for Dedup {
     }
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
-        if state.num_columns() != 4 {
+        let names: Vec<&str> = state.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+        if names != ["mode", "key_hi", "key_lo", "ts"] {
             return Err(OperatorError::State { operator: "dedup", detail: "not a dedup snapshot".into() });
         }
         self.watermark = state.schema().metadata().get("watermark").and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);

@@ -213,3 +213,24 @@ fn deferred_releases_wait_for_a_clean_grid_or_max_delay_and_survive_a_restore() 
     restored.on_end(&mut out).unwrap();
     assert_eq!(released(&mut out), vec![7]);
 }
+
+#[test]
+fn held_windows_go_out_at_a_checkpoint_once_the_grid_is_clean_even_without_a_new_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path(), "partitions: {public: [a]}\ndefer: {max_delay: 6h}\n");
+    let c = DpConfig { budget: yaml("{epsilon: 100.0}"), ..c };
+    let m = Metrics::new();
+    let mode = m.gauge(citystream_operators::dp::CARBON_HIGH_MODE_GAUGE, "mode", &[]);
+    mode.set(1.0);
+    let mut op = build_with(&c, &m);
+    const H: i64 = 3_600_000;
+    let mut out = Collector::new(2);
+    op.process_batch(util::batch(&[r("a", "s1", 5, 1.0)]), &mut out).unwrap();
+    op.on_watermark(H, &mut out).unwrap();
+    op.on_checkpoint(&mut out).unwrap();
+    assert_eq!(out.port(0).len(), 0, "held in the high mode");
+    // the partitions go idle (no watermark moves); the grid turns clean; a checkpoint passes
+    mode.set(0.0);
+    op.on_checkpoint(&mut out).unwrap();
+    assert_eq!(out.port(0).iter().map(|b| b.num_rows()).sum::<usize>(), 1, "released at the checkpoint");
+}

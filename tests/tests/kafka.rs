@@ -362,6 +362,17 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
     let reference = work.path().join("reference");
     run_in_process(&stateful_yaml(topic, &unique("g7ref"), &reference, &graph)).await;
     let expected = derived_tables(&reference.join("lake")).await;
+    // a stop keeps what the stages hold in the last checkpoint instead of flushing it
+    let held: usize = std::fs::read_dir(reference.join("state"))
+        .unwrap()
+        .flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with("chk-"))
+        .map(|d| {
+            let f = std::fs::File::open(d.path().join("traffic_minutes.arrow")).unwrap();
+            arrow::ipc::reader::FileReader::try_new(f, None).unwrap().map(|b| b.unwrap().num_rows()).sum::<usize>()
+        })
+        .sum();
+    assert!(held > 0, "the open windows are in the last checkpoint");
     assert!(expected["alerts"].lines().count() > 4, "the stream raises alerts:\n{}", expected["alerts"]);
     assert!(expected["california"].contains("incident"), "California #7 declares incidents");
     let late = &expected["traffic_late"];

@@ -675,6 +675,15 @@ impl Operator for DpAggregateOp {
         self.close_until(self.watermark, false, out)
     }
 
+    /// At every checkpoint a deferring stage looks at the grid again: held windows go out in a
+    /// clean interval even while no watermark moves (idle partitions).
+    fn on_checkpoint(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        if self.cfg.defer.is_some() && self.watermark != i64::MIN {
+            self.close_until(self.watermark, false, out)?;
+        }
+        Ok(())
+    }
+
     fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
         // the input ended: nothing held stays behind
         self.close_until(i64::MAX, true, out)
@@ -713,7 +722,8 @@ impl Operator for DpAggregateOp {
     }
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
-        if state.num_columns() != 4 {
+        let names: Vec<&str> = state.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+        if names != ["window_start", "unit", "partition", "value"] {
             return Err(OperatorError::State {
                 operator: "dp_aggregate",
                 detail: "not a dp_aggregate snapshot".into(),

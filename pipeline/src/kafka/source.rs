@@ -198,15 +198,32 @@ impl ConsumerContext for Ctx {
         let done = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(checkpoint(&shared)));
         let mut s = self.shared.lock().expect("source state");
         match done {
-            Some((epoch, positions)) => match commit(consumer, epoch, &positions, list) {
-                Ok(()) => tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed"),
-                // the broker is unreachable (the group may have expired): the next owner starts
-                // from the last commit and removes what was written after it, so nothing is lost
-                Err(e) => tracing::warn!(
-                    source = s.name,
-                    "revoked: flushed, but {e}; the next owner replays from the last commit"
-                ),
-            },
+            Some((epoch, positions)) => {
+                // the state manifest first, on its own: if it cannot be written, the operators'
+                // state in memory is ahead of every durable record, so this process must stop
+                // (a restart resumes from the last manifest) rather than go on with it
+                let manifest = match &self.state {
+                    Some(st) => crate::runtime::cpu(|| st.commit(epoch, &positions)),
+                    None => Ok(()),
+                };
+                match manifest
+                    .and_then(|()| commit(consumer, epoch, &positions, list).map_err(|e| format!("kafka: {e}")))
+                {
+                    Ok(()) => {
+                        tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed")
+                    }
+                    // the broker is unreachable (the group may have expired): the next owner starts
+                    // from the last commit and removes what was written after it, so nothing is lost
+                    Err(e) if e.starts_with("kafka: ") => tracing::warn!(
+                        source = s.name,
+                        "revoked: flushed, but {e}; the next owner replays from the last commit"
+                    ),
+                    Err(e) => {
+                        s.closing = true;
+                        s.error.get_or_insert(format!("writing the state manifest at a revocation: {e}"));
+                    }
+                }
+            }
             None => {
                 s.error.get_or_insert("a sink went away during a revocation checkpoint".into());
             }

@@ -387,8 +387,10 @@ pub async fn run_with_reload(
         })?;
         let mut restored_wm = None;
         if let Some(state) = &state
-            && let Some((batch, wm)) =
-                state.load(&st.name).map_err(|message| PipelineError::State { stage: st.name.clone(), message })?
+            && op.is_stateful()
+            && let Some((batch, wm)) = state
+                .load(&st.name, op.kind())
+                .map_err(|message| PipelineError::State { stage: st.name.clone(), message })?
         {
             let rows = batch.num_rows();
             op.restore(batch).map_err(|source| PipelineError::Operator { stage: st.name.clone(), source })?;
@@ -421,7 +423,9 @@ pub async fn run_with_reload(
         );
     }
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
-        let sink = sinks::SinkTask::try_new(sk, ack, &metrics, &thresholds, state.as_ref())?;
+        let holding: Vec<String> =
+            sk.inputs.iter().filter(|(_, r)| holds_rows_upstream(&plan, &r.node)).map(|(t, _)| t.clone()).collect();
+        let sink = sinks::SinkTask::try_new(sk, ack, &metrics, &thresholds, state.as_ref(), &holding)?;
         let name = sk.name.clone();
         tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }
@@ -590,6 +594,14 @@ pub async fn run_with_reload(
     }
 }
 
+/// Whether rows reaching `node` pass through a stage that holds rows and emits them after newer
+/// ones (`compress`), so their source positions come out of order.
+fn holds_rows_upstream(plan: &PipelinePlan, node: &str) -> bool {
+    let Some(st) = plan.stages.iter().find(|s| s.name == node) else { return false };
+    matches!(st.op, crate::config::OperatorSpec::Compress(_))
+        || st.inputs.iter().any(|r| holds_rows_upstream(plan, &r.node))
+}
+
 /// Publishes the depth of every task's input queue as a gauge, once a second.
 async fn monitor_queues(queues: Vec<(String, mpsc::WeakSender<Envelope>)>, metrics: Metrics) {
     let gauges: Vec<_> = queues
@@ -637,4 +649,23 @@ pub(crate) fn thread_cpu_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is always valid.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if rc == 0 { ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tables_behind_compress_are_found() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let repo = root.display().to_string();
+        let text = std::fs::read_to_string(root.join("deploy/local.yaml"))
+            .unwrap()
+            .replace("deploy/road_graph.csv", &format!("{repo}/deploy/road_graph.csv"))
+            .replace("models/onnx/", &format!("{repo}/models/onnx/"));
+        let raw = crate::config::load_str(&text, "local.yaml").unwrap();
+        let plan = crate::config::plan::plan(raw, "local.yaml").unwrap();
+        // traffic_stored compresses traffic_unique, which dedups traffic
+        assert!(super::holds_rows_upstream(&plan, "traffic_stored"));
+        assert!(!super::holds_rows_upstream(&plan, "traffic_unique"));
+        assert!(!super::holds_rows_upstream(&plan, "city"), "a source holds nothing");
+    }
 }

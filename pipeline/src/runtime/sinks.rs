@@ -46,6 +46,7 @@ impl SinkTask {
         metrics: &Metrics,
         thresholds: &citystream_operators::alert::ThresholdBoard,
         state: Option<&super::StateStore>,
+        holding: &[String],
     ) -> Result<Self, PipelineError> {
         let writer = match &node.config {
             SinkConfig::Parquet(cfg) => {
@@ -57,6 +58,9 @@ impl SinkTask {
                 if let Some(s) = state {
                     // rows before the first barrier belong to the epoch after the restored one
                     w = w.with_epochs(s.lineage(), s.restored_epoch() + 1);
+                    // rows a stage held (compress) come out after newer rows: their offsets no
+                    // longer say which checkpoint wrote them, so such tables are named by epoch
+                    w = w.without_positions(holding.iter().cloned());
                 }
                 Writer::Parquet(Box::new(w))
             }

@@ -35,6 +35,9 @@ pub(crate) struct StageTask {
     state: Option<(super::StateStore, citystream_operators::Gauge)>,
     /// The input watermark of the restored state.
     restored_watermark: Option<i64>,
+    /// With operator state checkpoints the end of the input keeps what the operator holds
+    /// (in the last checkpoint) instead of emitting it.
+    keep_state_at_end: bool,
 }
 
 impl StageTask {
@@ -92,6 +95,7 @@ impl StageTask {
             retune: None,
             state: None,
             restored_watermark: None,
+            keep_state_at_end: false,
         }
     }
 
@@ -103,6 +107,7 @@ impl StageTask {
 
     /// Writes the operator's state to `store` at every checkpoint barrier.
     pub(crate) fn with_state(mut self, store: super::StateStore, metrics: &Metrics) -> Self {
+        self.keep_state_at_end = true;
         if self.op.is_stateful() {
             let g = metrics.gauge(
                 "citystream_state_bytes",
@@ -126,7 +131,7 @@ impl StageTask {
             let written = super::cpu_metered(&self.cpu_ns, || -> Result<u64, PipelineError> {
                 match op.snapshot().map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })? {
                     Some(b) => store
-                        .save(epoch, &self.name, &b, watermark)
+                        .save(epoch, &self.name, op.kind(), &b, watermark)
                         .map_err(|message| PipelineError::State { stage: self.name.clone(), message }),
                     None => Ok(0),
                 }
@@ -246,6 +251,12 @@ impl StageTask {
                 Next::Aligned(b) => {
                     self.checkpoint(b.epoch, current_wm, &mut out).await?;
                     self.outputs.broadcast(Message::Barrier(b)).await?
+                }
+                Next::Ended if self.keep_state_at_end => {
+                    // the source's last checkpoint holds this state: the next start resumes it
+                    // (emitting it now would write output that no checkpoint accounts for)
+                    self.outputs.broadcast(Message::End).await?;
+                    return Ok(());
                 }
                 Next::Ended => {
                     self.call(|op, out| op.on_end(out), &mut out)?;

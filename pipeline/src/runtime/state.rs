@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 const MANIFEST: &str = "CHECKPOINT.json";
 /// Custom metadata key of a state file: the stage's input watermark at the checkpoint.
 const WATERMARK: &str = "citystream.watermark";
+/// Custom metadata key of a state file: the kind of operator that wrote it.
+const KIND: &str = "citystream.operator";
 
 /// One partition's next offset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,8 +134,9 @@ impl StateStore {
     }
 
     /// `stage`'s state as of the restored epoch, if it wrote one, with the stage's input
-    /// watermark at that checkpoint.
-    pub fn load(&self, stage: &str) -> Result<Option<(RecordBatch, i64)>, String> {
+    /// watermark at that checkpoint. `kind` is the stage's operator now: state another kind of
+    /// operator wrote (the config gave the name to another stage) is refused.
+    pub fn load(&self, stage: &str, kind: &str) -> Result<Option<(RecordBatch, i64)>, String> {
         if self.0.restored == 0 {
             return Ok(None);
         }
@@ -151,6 +154,20 @@ impl StateStore {
             .get(WATERMARK)
             .and_then(|w| w.parse::<i64>().ok())
             .ok_or_else(|| err("reading the state of", &path, "no watermark in the file"))?;
+        match reader.custom_metadata().get(KIND) {
+            Some(k) if k == kind => {}
+            k => {
+                return Err(err(
+                    "restoring",
+                    &path,
+                    format!(
+                        "it was written by a `{}` operator and stage `{stage}` is `{kind}` now; give the new stage \
+                         another name, or remove the state directory to start from empty state",
+                        k.map_or("?", |k| k.as_str())
+                    ),
+                ));
+            }
+        }
         let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| err("reading the state of", &path, e))?;
         let batch =
             arrow::compute::concat_batches(&schema, &batches).map_err(|e| err("reading the state of", &path, e))?;
@@ -159,7 +176,14 @@ impl StateStore {
 
     /// Writes `stage`'s state for `epoch` durably, with the stage's input watermark at the
     /// barrier. Returns the bytes written.
-    pub fn save(&self, epoch: u64, stage: &str, state: &RecordBatch, watermark: i64) -> Result<u64, String> {
+    pub fn save(
+        &self,
+        epoch: u64,
+        stage: &str,
+        kind: &str,
+        state: &RecordBatch,
+        watermark: i64,
+    ) -> Result<u64, String> {
         let dir = self.epoch_dir(epoch);
         std::fs::create_dir_all(&dir).map_err(|e| err("creating", &dir, e))?;
         let mut body = Vec::new();
@@ -167,6 +191,7 @@ impl StateStore {
             let mut w = arrow::ipc::writer::FileWriter::try_new(&mut body, &state.schema())
                 .map_err(|e| err("encoding the state for", &dir, e))?;
             w.write_metadata(WATERMARK, watermark.to_string());
+            w.write_metadata(KIND, kind);
             w.write(state).map_err(|e| err("encoding the state for", &dir, e))?;
             w.finish().map_err(|e| err("encoding the state for", &dir, e))?;
         }
@@ -247,22 +272,24 @@ mod tests {
         assert_eq!((s.restored_epoch(), s.epoch()), (0, 0));
         let lineage = s.lineage().to_owned();
         assert_eq!(lineage.len(), 16);
-        s.save(1, "a/b c", &batch(&[1, 2]), 42).unwrap();
+        s.save(1, "a/b c", "window", &batch(&[1, 2]), 42).unwrap();
         s.commit(1, &BTreeMap::from([(("t".into(), 0), 10)])).unwrap();
-        s.save(2, "a/b c", &batch(&[3]), 43).unwrap();
+        s.save(2, "a/b c", "window", &batch(&[3]), 43).unwrap();
         // epoch 2 is written but never committed (a crash before every sink acknowledged it)
         let r = StateStore::open(dir.path()).unwrap();
         assert_eq!((r.restored_epoch(), r.lineage()), (1, lineage.as_str()));
-        assert_eq!(r.load("a/b c").unwrap().unwrap(), (batch(&[1, 2]), 42));
-        assert_eq!(r.load("other").unwrap(), None);
+        assert_eq!(r.load("a/b c", "window").unwrap().unwrap(), (batch(&[1, 2]), 42));
+        assert_eq!(r.load("other", "window").unwrap(), None);
+        let e = r.load("a/b c", "dedup").unwrap_err();
+        assert!(e.contains("written by a `window` operator") && e.contains("`dedup` now"), "{e}");
         assert_eq!(r.positions(), BTreeMap::from([(("t".into(), 0), 10)]));
         // positions merge: a partition not in this commit keeps its last position
-        r.save(2, "a/b c", &batch(&[4]), i64::MIN).unwrap();
+        r.save(2, "a/b c", "window", &batch(&[4]), i64::MIN).unwrap();
         r.commit(2, &BTreeMap::from([(("t".into(), 1), 5)])).unwrap();
         assert_eq!(r.positions(), BTreeMap::from([(("t".into(), 0), 10), (("t".into(), 1), 5)]));
         assert!(!dir.path().join("chk-000000000001").exists(), "the older epoch is removed");
         let r2 = StateStore::open(dir.path()).unwrap();
-        assert_eq!(r2.load("a/b c").unwrap().unwrap(), (batch(&[4]), i64::MIN));
+        assert_eq!(r2.load("a/b c", "window").unwrap().unwrap(), (batch(&[4]), i64::MIN));
         // an old epoch never moves the manifest back
         r2.commit(1, &BTreeMap::new()).unwrap();
         assert_eq!(r2.epoch(), 2);

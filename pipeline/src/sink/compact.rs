@@ -146,8 +146,14 @@ pub fn compact(root: &Path, opts: &CompactOptions) -> std::io::Result<CompactRep
             continue;
         }
         for date in std::fs::read_dir(table.path())?.flatten().filter(|d| d.path().is_dir()) {
+            // an hourly table's partitions are `date=…/hour=…`, a daily table's `date=…`
+            let mut hourly = false;
             for hour in std::fs::read_dir(date.path())?.flatten().filter(|d| d.path().is_dir()) {
                 parts.push(hour.path());
+                hourly = true;
+            }
+            if !hourly {
+                parts.push(date.path());
             }
         }
     }
@@ -414,6 +420,32 @@ mod tests {
         }
         let dir = root.join("t/date=2026-03-02/hour=00");
         (root, dir)
+    }
+
+    #[test]
+    fn daily_partitions_are_compacted_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("lake");
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\ndaily: [t]\n", root.display())).unwrap();
+        let h = 1_772_409_600_000;
+        let tables = BTreeMap::from([("t".to_owned(), batch(h, 0..1).schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
+        for i in 0..5 {
+            w.write("t", "city.traffic", &batch(h, i * 10..i * 10 + 10)).unwrap();
+            w.flush().unwrap();
+        }
+        let dir = root.join("t/date=2026-03-02");
+        assert_eq!(files(&dir).len(), 5);
+        let opts = CompactOptions {
+            target_bytes: 1 << 20,
+            min_age: Duration::ZERO,
+            zstd_level: 3,
+            positioned: Positioned::All,
+        };
+        let r = compact(&root, &opts).unwrap();
+        assert_eq!((r.partitions, r.files_in, r.files_out, r.rows), (1, 5, 1, 50));
+        assert_eq!(files(&dir), ["city.traffic-p0-o000000000000-000000000049.parquet"]);
     }
 
     #[test]

@@ -116,6 +116,21 @@ pub enum ParquetSinkError {
         /// The table.
         table: String,
     },
+    /// A table on disk has the other partition layout (hourly vs `daily`).
+    #[error(
+        "table `{table}` under {root} is partitioned by {found}, but the sink is configured to partition it by \
+         {configured}: readers expect one layout per table (write to a new table, or move the old one away)"
+    )]
+    Layout {
+        /// The table.
+        table: String,
+        /// The sink's root.
+        root: PathBuf,
+        /// The layout on disk.
+        found: &'static str,
+        /// The configured layout.
+        configured: &'static str,
+    },
     /// A batch arrived for a table the sink does not have.
     #[error("no table `{0}` in this sink")]
     UnknownTable(String),
@@ -181,6 +196,26 @@ pub struct ParquetWriter {
     epochs: Option<(String, u64)>,
 }
 
+/// Whether the table at `dir` is laid out by day (`Some(true)`: Parquet files directly in
+/// `date=…`), by hour (`Some(false)`: `date=…/hour=…`), or has no partitions yet (`None`).
+fn layout_on_disk(dir: &Path) -> Option<bool> {
+    for date in std::fs::read_dir(dir).ok()?.flatten() {
+        if !date.file_name().to_string_lossy().starts_with("date=") {
+            continue;
+        }
+        for e in std::fs::read_dir(date.path()).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("hour=") {
+                return Some(false);
+            }
+            if n.ends_with(".parquet") {
+                return Some(true);
+            }
+        }
+    }
+    None
+}
+
 /// The directory of partition `bucket` (hours or days since the epoch, by `span_ms`).
 fn partition_dir(bucket: i64, span_ms: i64) -> String {
     let t = chrono::DateTime::from_timestamp_millis(bucket * span_ms).unwrap_or_default();
@@ -218,6 +253,20 @@ impl ParquetWriter {
             .set_created_by(format!("citystream {}", env!("CARGO_PKG_VERSION")))
             .build();
         let mut out = BTreeMap::new();
+        for name in tables.keys() {
+            let daily = cfg.daily.contains(name);
+            if let Some(found) = layout_on_disk(&root.join(name))
+                && found != daily
+            {
+                let l = |d: bool| if d { "day" } else { "hour" };
+                return Err(ParquetSinkError::Layout {
+                    table: name.clone(),
+                    root: root.clone(),
+                    found: l(found),
+                    configured: l(daily),
+                });
+            }
+        }
         for (name, schema) in tables {
             let time_column = schema
                 .index_of("ts")
@@ -271,6 +320,17 @@ impl ParquetWriter {
     /// starting at `epoch`, in state lineage `lineage`.
     pub fn with_epochs(mut self, lineage: &str, epoch: u64) -> Self {
         self.epochs = Some((lineage.to_owned(), epoch));
+        self
+    }
+
+    /// Names the files of `tables` after their epoch even where the rows carry source
+    /// positions (with [`with_epochs`](Self::with_epochs)).
+    pub fn without_positions(mut self, tables: impl IntoIterator<Item = String>) -> Self {
+        for t in tables {
+            if let Some(t) = self.tables.get_mut(&t) {
+                t.position_columns = None;
+            }
+        }
         self
     }
 
@@ -409,9 +469,13 @@ impl ParquetWriter {
             if open <= self.max_open {
                 return Ok(());
             }
-            let oldest =
-                self.tables.values().filter_map(|t| t.open.keys().next().map(|k| (k.clone(), t.name.clone()))).min();
-            let Some((key, table)) = oldest else { return Ok(()) };
+            // by the time a partition starts (days and hours compared as times)
+            let oldest = self
+                .tables
+                .values()
+                .filter_map(|t| t.open.keys().next().map(|k| (k.0 * t.span_ms, k.clone(), t.name.clone())))
+                .min();
+            let Some((_, key, table)) = oldest else { return Ok(()) };
             Self::close(self.tables.get_mut(&table).expect("exists"), &key)?;
         }
     }
@@ -634,6 +698,12 @@ pub(crate) mod tests {
         assert_eq!((closed("t/"), closed("h/")), (1, 24));
         let daily: Vec<String> = files(dir.path()).into_iter().filter(|f| f.starts_with("t/")).collect();
         assert!(daily[0].starts_with("t/date=2026-03-02/part-"), "{daily:?}");
+        // a table keeps its layout: switching either way is refused with a clear error
+        let swapped: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x, h: z}}\ndaily: [h]\n", dir.path().display()))
+                .unwrap();
+        let e = ParquetWriter::try_new("lake", &swapped, &tables, &Metrics::new()).err().unwrap().to_string();
+        assert!(e.contains("table `h`") && e.contains("partitioned by hour") && e.contains("by day"), "{e}");
     }
 
     #[test]
