@@ -494,3 +494,50 @@ fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones
     let action = |a: &str| metrics.value("citystream_policy_actions_total", &[("policy", "model"), ("action", a)]);
     assert_eq!((action("high_carbon_mode"), action("normal_mode")), (Some(1.0), Some(1.0)));
 }
+
+#[test]
+fn calm_clocks_survive_a_snapshot_and_restore() {
+    let fp32 = models_dir().join("onnx/congestion_fp32.onnx");
+    let (inputs, outputs) = congestion_rows();
+    let mut s15: Vec<f32> = outputs.iter().map(|o| o[0]).collect();
+    s15.sort_by(f32::total_cmp);
+    let level = f64::from(s15[s15.len() / 2]);
+    let calm: Vec<bool> = outputs.iter().map(|o| f64::from(o[0]) > level).collect();
+    let n = inputs.len();
+    let cfg = infer_config(
+        &fp32,
+        &format!(
+            "reload_poll: 0s\nbatch: {{max_rows: 1024, max_delay: 1h}}\ncarbon: {{calm: {{column: s15, above: {level}, every: 5m}}}}\n"
+        ),
+    );
+    let metrics = Metrics::new();
+    let build = || {
+        cfg.build(
+            &features_schema(),
+            &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() },
+        )
+        .unwrap()
+    };
+    let minute = |op: &mut Box<dyn Operator>, m: i64| {
+        let mut out = Collector::new(1);
+        op.process_batch(features_batch(&inputs, m * 60_000), &mut out).unwrap();
+        op.on_checkpoint(&mut out).unwrap();
+        out.port(0).iter().flat_map(|b| strings(b, "segment_id")).collect::<Vec<_>>()
+    };
+    let all: Vec<String> = (0..n).map(|i| format!("seg-{i:03}")).collect();
+    let risky: Vec<String> = (0..n).filter(|i| !calm[*i]).map(|i| format!("seg-{i:03}")).collect();
+    let mut first = build();
+    assert!(first.is_stateful());
+    assert_eq!(minute(&mut first, 0), all, "on_checkpoint runs the micro-batch");
+    metrics.gauge("citystream_carbon_high_mode", "mode", &[]).set(1.0);
+    for m in 1..=3 {
+        assert_eq!(minute(&mut first, m), risky);
+    }
+    let state = first.snapshot().unwrap().unwrap();
+    assert_eq!(state.num_rows(), n, "one clock per segment");
+    let mut second = build();
+    second.restore(state).unwrap();
+    // the calm segments' clocks still say minute 0: their next prediction is at minute 5
+    assert_eq!(minute(&mut second, 4), risky, "a fresh operator would predict every segment here");
+    assert_eq!(minute(&mut second, 5), all);
+}
