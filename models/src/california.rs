@@ -255,9 +255,7 @@ impl Operator for California7 {
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
         let bad = |detail: String| OperatorError::State { operator: "california7", detail };
-        if state.schema() != state_schema() {
-            return Err(bad(format!("unexpected state schema {:?}", state.schema())));
-        }
+        citystream_operators::common::check_state_schema("california7", &state, &state_schema())?;
         let (keys, names) = (state.column(0).as_string::<i32>(), state.column(1).as_string::<i32>());
         let t = state.column(2).as_primitive::<arrow::datatypes::Int64Type>();
         self.states.clear();

@@ -543,12 +543,7 @@ impl Operator for FeatureBuilder {
     /// Restores a snapshot; rows of segments no longer in the road graph are dropped (their
     /// features can no longer be computed).
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
-        if state.schema() != state_schema() {
-            return Err(OperatorError::State {
-                operator: "features",
-                detail: format!("unexpected state schema {:?}", state.schema()),
-            });
-        }
+        citystream_operators::common::check_state_schema("features", &state, &state_schema())?;
         let seg = state.column(0).as_string::<i32>();
         let kind = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
         let t = state.column(2).as_primitive::<arrow::datatypes::Int64Type>();

@@ -882,12 +882,7 @@ impl Operator for Infer {
         let Some(calm) = &mut self.calm else {
             return Err(OperatorError::State { operator: "infer", detail: "this stage has no `carbon.calm`".into() });
         };
-        if state.schema() != calm_state_schema() {
-            return Err(OperatorError::State {
-                operator: "infer",
-                detail: format!("unexpected state schema {:?}", state.schema()),
-            });
-        }
+        citystream_operators::common::check_state_schema("infer", &state, &calm_state_schema())?;
         let keys = state.column(0).as_string::<i32>();
         let t = state.column(1).as_primitive::<arrow::datatypes::Int64Type>();
         let c = state.column(2).as_boolean();

@@ -449,11 +449,21 @@ fn a_high_carbon_grid_switches_to_the_cheaper_model_and_back() {
     assert_eq!((action("low_carbon_model"), action("full_model")), (Some(1.0), Some(1.0)));
 }
 
-#[test]
-fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones_every_minute() {
+/// The fp32 congestion model with `carbon.calm` at the median predicted +15 min speed of the
+/// fixture rows (one row per segment, `seg-000`.. in order, every 5 minutes for calm ones).
+struct CalmFixture {
+    inputs: Vec<Vec<f32>>,
+    cfg: InferConfig,
+    /// Every segment.
+    all: Vec<String>,
+    /// The segments whose prediction is not calm.
+    risky: Vec<String>,
+    n_calm: usize,
+}
+
+fn calm_fixture() -> CalmFixture {
     let fp32 = models_dir().join("onnx/congestion_fp32.onnx");
     let (inputs, outputs) = congestion_rows();
-    // calm: a predicted +15 min speed above the median of the fixture rows
     let mut s15: Vec<f32> = outputs.iter().map(|o| o[0]).collect();
     s15.sort_by(f32::total_cmp);
     let level = f64::from(s15[s15.len() / 2]);
@@ -466,6 +476,18 @@ fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones
             "reload_poll: 0s\nbatch: {{max_rows: 1024, max_delay: 1h}}\ncarbon: {{calm: {{column: s15, above: {level}, every: 5m}}}}\n"
         ),
     );
+    CalmFixture {
+        inputs,
+        cfg,
+        all: (0..n).map(|i| format!("seg-{i:03}")).collect(),
+        risky: (0..n).filter(|i| !calm[*i]).map(|i| format!("seg-{i:03}")).collect(),
+        n_calm,
+    }
+}
+
+#[test]
+fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones_every_minute() {
+    let CalmFixture { inputs, cfg, all, risky, n_calm } = calm_fixture();
     let metrics = Metrics::new();
     let mut op = cfg
         .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
@@ -477,8 +499,6 @@ fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones
         op.on_watermark(m * 60_000 + 1, &mut out).unwrap();
         out.port(0).iter().flat_map(|b| strings(b, "segment_id")).collect::<Vec<_>>()
     };
-    let all: Vec<String> = (0..n).map(|i| format!("seg-{i:03}")).collect();
-    let risky: Vec<String> = (0..n).filter(|i| !calm[*i]).map(|i| format!("seg-{i:03}")).collect();
     assert_eq!(minute(&mut op, 0), all, "normal mode: every row");
     let mode = metrics.gauge("citystream_carbon_high_mode", "1 while the grid is above the policy's threshold.", &[]);
     mode.set(1.0);
@@ -497,19 +517,8 @@ fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones
 
 #[test]
 fn calm_clocks_survive_a_snapshot_and_restore() {
-    let fp32 = models_dir().join("onnx/congestion_fp32.onnx");
-    let (inputs, outputs) = congestion_rows();
-    let mut s15: Vec<f32> = outputs.iter().map(|o| o[0]).collect();
-    s15.sort_by(f32::total_cmp);
-    let level = f64::from(s15[s15.len() / 2]);
-    let calm: Vec<bool> = outputs.iter().map(|o| f64::from(o[0]) > level).collect();
+    let CalmFixture { inputs, cfg, all, risky, .. } = calm_fixture();
     let n = inputs.len();
-    let cfg = infer_config(
-        &fp32,
-        &format!(
-            "reload_poll: 0s\nbatch: {{max_rows: 1024, max_delay: 1h}}\ncarbon: {{calm: {{column: s15, above: {level}, every: 5m}}}}\n"
-        ),
-    );
     let metrics = Metrics::new();
     let build = || {
         cfg.build(
@@ -524,8 +533,6 @@ fn calm_clocks_survive_a_snapshot_and_restore() {
         op.on_checkpoint(&mut out).unwrap();
         out.port(0).iter().flat_map(|b| strings(b, "segment_id")).collect::<Vec<_>>()
     };
-    let all: Vec<String> = (0..n).map(|i| format!("seg-{i:03}")).collect();
-    let risky: Vec<String> = (0..n).filter(|i| !calm[*i]).map(|i| format!("seg-{i:03}")).collect();
     let mut first = build();
     assert!(first.is_stateful());
     assert_eq!(minute(&mut first, 0), all, "on_checkpoint runs the micro-batch");

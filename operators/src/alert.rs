@@ -711,9 +711,7 @@ impl Operator for AlertRule {
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
         let bad = |detail: String| OperatorError::State { operator: "alert", detail };
-        if state.schema() != alert_state_schema() {
-            return Err(bad(format!("unexpected state schema {:?}", state.schema())));
-        }
+        crate::common::check_state_schema("alert", &state, &alert_state_schema())?;
         let loc = state.column(0).as_string::<i32>();
         let phase = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
         let i64s = |c: usize| state.column(c).as_primitive::<arrow::datatypes::Int64Type>().clone();

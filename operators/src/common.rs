@@ -79,6 +79,20 @@ pub fn times(batch: &RecordBatch, column: usize) -> Vec<i64> {
     if a.null_count() == 0 { a.values().to_vec() } else { a.iter().map(|v| v.unwrap_or(i64::MIN)).collect() }
 }
 
+/// Checks that `state`, handed to [`restore`](crate::Operator::restore), has the schema that
+/// `operator` writes in its snapshots.
+pub fn check_state_schema(
+    operator: &'static str,
+    state: &RecordBatch,
+    expected: &SchemaRef,
+) -> Result<(), crate::OperatorError> {
+    if state.schema() == *expected {
+        Ok(())
+    } else {
+        Err(crate::OperatorError::State { operator, detail: format!("unexpected state schema {:?}", state.schema()) })
+    }
+}
+
 /// Wall-clock time, UTC milliseconds (processing time, as opposed to event time).
 pub fn wall_clock_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

@@ -68,12 +68,7 @@ pub async fn context(data: &Path) -> Result<(SessionContext, Vec<String>), SqlEr
         let mut options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         if has_partition_dir(&path, "date=") {
             // daily tables (a Parquet sink's `daily`) have no `hour=` level
-            let hourly = std::fs::read_dir(&path)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|d| d.file_name().to_string_lossy().starts_with("date="))
-                .any(|d| has_partition_dir(&d.path(), "hour="));
+            let hourly = crate::sink::parquet::layout_on_disk(&path) == Some(false);
             let mut cols = vec![("date".into(), DataType::Utf8)];
             if hourly {
                 cols.push(("hour".into(), DataType::Utf8));

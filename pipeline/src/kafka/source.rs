@@ -77,166 +77,7 @@ impl Ctx {
         s.closing = true;
         s.error.get_or_insert(message);
     }
-}
 
-/// Marks the source as closing when it exits, however it exits: dropping the consumer after an
-/// error triggers a revocation, which must not flush and commit rows the error left unsettled.
-struct CloseGuard(Arc<Mutex<Shared>>);
-
-impl Drop for CloseGuard {
-    fn drop(&mut self) {
-        if let Ok(mut s) = self.0.lock() {
-            s.closing = true;
-        }
-    }
-}
-
-impl ClientContext for Ctx {
-    fn stats(&self, stats: Statistics) {
-        let mut s = self.shared.lock().expect("source state");
-        for (topic, t) in &stats.topics {
-            for (p, part) in &t.partitions {
-                if *p < 0 || part.consumer_lag < 0 {
-                    continue;
-                }
-                let key = (topic.clone(), *p);
-                let metrics = s.metrics.clone();
-                let source = s.name.clone();
-                let g = s.lag.entry(key).or_insert_with(|| {
-                    metrics.gauge(
-                        "citystream_kafka_consumer_lag",
-                        "Messages between a partition's end and the committed offset.",
-                        &[
-                            ("source", source.as_str()),
-                            ("topic", topic.as_str()),
-                            ("partition", p.to_string().as_str()),
-                        ],
-                    )
-                });
-                g.set(part.consumer_lag as f64);
-            }
-        }
-    }
-}
-
-/// Hands on what was read, sends a barrier, waits until every sink made it durable, and
-/// returns the positions to commit. Runs from async code or, blocking, from a callback.
-async fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, BTreeMap<(String, i32), i64>)> {
-    let (batches, epoch, positions, outputs, mut acks) = {
-        let mut s = shared.lock().expect("source state");
-        s.epoch += 1;
-        (s.take_batches(), s.epoch, s.next.clone(), s.outputs.clone(), s.acks.clone())
-    };
-    for (p, b) in batches {
-        outputs.send(p, Message::Batch(b)).await.ok()?;
-    }
-    outputs.broadcast(Message::Barrier(Barrier { epoch })).await.ok()?;
-    acks.wait(epoch).await.then_some((epoch, positions))
-}
-
-/// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
-/// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
-/// owns).
-fn commit<C: Consumer<Ctx>>(
-    consumer: &C,
-    epoch: u64,
-    positions: &BTreeMap<(String, i32), i64>,
-    owned: &TopicPartitionList,
-) -> Result<(), String> {
-    let log = consumer.context().commits.clone();
-    if let Some(state) = &consumer.context().state {
-        crate::runtime::cpu(|| state.commit(epoch, positions))?;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, p), next) in positions {
-        if owned.find_partition(topic, *p).is_some() {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*next)).map_err(|e| e.to_string())?;
-        }
-    }
-    if tpl.count() > 0 {
-        crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync))
-            .map_err(|e| format!("committing offsets: {e}"))?;
-    }
-    // what compaction may now merge
-    let mut l = log.lock().expect("commit log");
-    for e in tpl.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            l.offsets.insert((e.topic().to_owned(), e.partition()), o);
-        }
-    }
-    l.epoch = l.epoch.max(epoch);
-    Ok(())
-}
-
-impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(list) = rebalance {
-            self.assign(consumer, list);
-            return;
-        }
-        let Rebalance::Revoke(list) = rebalance else { return };
-        if list.count() == 0 || self.shared.lock().expect("source state").closing {
-            return;
-        }
-        if consumer.assignment_lost() {
-            // the group moved on without us (session timeout): another member may already be
-            // writing these partitions, so flushing or committing now could duplicate rows.
-            // Stop; a restart rejoins and replays from the last commit.
-            let mut s = self.shared.lock().expect("source state");
-            s.closing = true;
-            s.error.get_or_insert(
-                "the consumer group revoked our partitions after a session timeout (assignment lost); \
-                 stopping so the replay from the last commit stays exactly-once"
-                    .into(),
-            );
-            return;
-        }
-        // Flush and commit what we own before the partitions go. This callback runs inside
-        // the source task's poll, so it blocks that worker while the stages and sinks, on the
-        // other workers, drain the barrier.
-        let shared = self.shared.clone();
-        let done = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(checkpoint(&shared)));
-        let mut s = self.shared.lock().expect("source state");
-        match done {
-            Some((epoch, positions)) => {
-                // the state manifest first, on its own: if it cannot be written, the operators'
-                // state in memory is ahead of every durable record, so this process must stop
-                // (a restart resumes from the last manifest) rather than go on with it
-                let manifest = match &self.state {
-                    Some(st) => crate::runtime::cpu(|| st.commit(epoch, &positions)),
-                    None => Ok(()),
-                };
-                match manifest
-                    .and_then(|()| commit(consumer, epoch, &positions, list).map_err(|e| format!("kafka: {e}")))
-                {
-                    Ok(()) => {
-                        tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed")
-                    }
-                    // the broker is unreachable (the group may have expired): the next owner starts
-                    // from the last commit and removes what was written after it, so nothing is lost
-                    Err(e) if e.starts_with("kafka: ") => tracing::warn!(
-                        source = s.name,
-                        "revoked: flushed, but {e}; the next owner replays from the last commit"
-                    ),
-                    Err(e) => {
-                        s.closing = true;
-                        s.error.get_or_insert(format!("writing the state manifest at a revocation: {e}"));
-                    }
-                }
-            }
-            None => {
-                s.error.get_or_insert("a sink went away during a revocation checkpoint".into());
-            }
-        }
-        for e in list.elements() {
-            let key = (e.topic().to_owned(), e.partition());
-            s.next.remove(&key);
-            s.max_ts.remove(&key);
-        }
-    }
-}
-
-impl Ctx {
     /// Before partitions are assigned: decides where each starts — its committed offset, or
     /// the state manifest's when that is further (a crash between the manifest and the
     /// commit) — sets it in the assignment, and removes the files written from there on.
@@ -334,6 +175,169 @@ impl Ctx {
             }
         }
         tracing::info!(source = s.name, partitions = list.count(), "assigned");
+    }
+}
+
+/// Marks the source as closing when it exits, however it exits: dropping the consumer after an
+/// error triggers a revocation, which must not flush and commit rows the error left unsettled.
+struct CloseGuard(Arc<Mutex<Shared>>);
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.closing = true;
+        }
+    }
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let mut s = self.shared.lock().expect("source state");
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                let key = (topic.clone(), *p);
+                let metrics = s.metrics.clone();
+                let source = s.name.clone();
+                let g = s.lag.entry(key).or_insert_with(|| {
+                    metrics.gauge(
+                        "citystream_kafka_consumer_lag",
+                        "Messages between a partition's end and the committed offset.",
+                        &[
+                            ("source", source.as_str()),
+                            ("topic", topic.as_str()),
+                            ("partition", p.to_string().as_str()),
+                        ],
+                    )
+                });
+                g.set(part.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+/// Hands on what was read, sends a barrier, waits until every sink made it durable, and
+/// returns the positions to commit. Runs from async code or, blocking, from a callback.
+async fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, BTreeMap<(String, i32), i64>)> {
+    let (batches, epoch, positions, outputs, mut acks) = {
+        let mut s = shared.lock().expect("source state");
+        s.epoch += 1;
+        (s.take_batches(), s.epoch, s.next.clone(), s.outputs.clone(), s.acks.clone())
+    };
+    for (p, b) in batches {
+        outputs.send(p, Message::Batch(b)).await.ok()?;
+    }
+    outputs.broadcast(Message::Barrier(Barrier { epoch })).await.ok()?;
+    acks.wait(epoch).await.then_some((epoch, positions))
+}
+
+/// Why a checkpoint could not be committed.
+#[derive(Debug, thiserror::Error)]
+enum CommitError {
+    /// The state manifest could not be written: the operators' state in memory is ahead of
+    /// every durable record.
+    #[error("writing the state manifest: {0}")]
+    Manifest(String),
+    /// The broker did not take the offsets (the manifest, if any, is written).
+    #[error("{0}")]
+    Kafka(String),
+}
+
+/// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
+/// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
+/// owns).
+fn commit<C: Consumer<Ctx>>(
+    consumer: &C,
+    epoch: u64,
+    positions: &BTreeMap<(String, i32), i64>,
+    owned: &TopicPartitionList,
+) -> Result<(), CommitError> {
+    let log = consumer.context().commits.clone();
+    if let Some(state) = &consumer.context().state {
+        crate::runtime::cpu(|| state.commit(epoch, positions)).map_err(CommitError::Manifest)?;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, p), next) in positions {
+        if owned.find_partition(topic, *p).is_some() {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
+                .map_err(|e| CommitError::Kafka(e.to_string()))?;
+        }
+    }
+    if tpl.count() > 0 {
+        crate::runtime::cpu(|| consumer.commit(&tpl, CommitMode::Sync))
+            .map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
+    }
+    // what compaction may now merge
+    let mut l = log.lock().expect("commit log");
+    for e in tpl.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            l.offsets.insert((e.topic().to_owned(), e.partition()), o);
+        }
+    }
+    l.epoch = l.epoch.max(epoch);
+    Ok(())
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            self.assign(consumer, list);
+            return;
+        }
+        let Rebalance::Revoke(list) = rebalance else { return };
+        if list.count() == 0 || self.shared.lock().expect("source state").closing {
+            return;
+        }
+        if consumer.assignment_lost() {
+            // the group moved on without us (session timeout): another member may already be
+            // writing these partitions, so flushing or committing now could duplicate rows.
+            // Stop; a restart rejoins and replays from the last commit.
+            let mut s = self.shared.lock().expect("source state");
+            s.closing = true;
+            s.error.get_or_insert(
+                "the consumer group revoked our partitions after a session timeout (assignment lost); \
+                 stopping so the replay from the last commit stays exactly-once"
+                    .into(),
+            );
+            return;
+        }
+        // Flush and commit what we own before the partitions go. This callback runs inside
+        // the source task's poll, so it blocks that worker while the stages and sinks, on the
+        // other workers, drain the barrier.
+        let shared = self.shared.clone();
+        let done = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(checkpoint(&shared)));
+        let mut s = self.shared.lock().expect("source state");
+        match done {
+            Some((epoch, positions)) => {
+                match commit(consumer, epoch, &positions, list) {
+                    Ok(()) => {
+                        tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed")
+                    }
+                    // the broker is unreachable (the group may have expired): the next owner starts
+                    // from the last commit and removes what was written after it, so nothing is lost
+                    Err(e @ CommitError::Kafka(_)) => tracing::warn!(
+                        source = s.name,
+                        "revoked: flushed, but {e}; the next owner replays from the last commit"
+                    ),
+                    // the state in memory is ahead of every durable record: this process must
+                    // stop (a restart resumes from the last manifest) rather than go on with it
+                    Err(e @ CommitError::Manifest(_)) => {
+                        s.closing = true;
+                        s.error.get_or_insert(format!("at a revocation: {e}"));
+                    }
+                }
+            }
+            None => {
+                s.error.get_or_insert("a sink went away during a revocation checkpoint".into());
+            }
+        }
+        for e in list.elements() {
+            let key = (e.topic().to_owned(), e.partition());
+            s.next.remove(&key);
+            s.max_ts.remove(&key);
+        }
     }
 }
 
@@ -454,7 +458,7 @@ pub(crate) async fn run_kafka_source(
                     if gen_at != generation {
                         // a rebalance happened since: its own checkpoint covered these rows
                     } else if acks.acked() >= epoch {
-                        if let Err(e) = owned(&consumer).and_then(|o| commit(&consumer, epoch, &positions, &o).map_err(err)) {
+                        if let Err(e) = owned(&consumer).and_then(|o| commit(&consumer, epoch, &positions, &o).map_err(|e| err(e.to_string()))) {
                             // an unreachable broker: keep the positions and try again next tick
                             tracing::warn!(source = name, "{e}; retrying at the next checkpoint");
                             pending_commit = Some((epoch, gen_at, positions));
@@ -554,7 +558,7 @@ pub(crate) async fn run_kafka_source(
     // the data is durable; commit, retrying while the broker is unreachable (bounded)
     let mut attempt = 0;
     loop {
-        match owned(&consumer).and_then(|o| commit(&consumer, epoch, &positions, &o).map_err(err)) {
+        match owned(&consumer).and_then(|o| commit(&consumer, epoch, &positions, &o).map_err(|e| err(e.to_string()))) {
             Ok(()) => break,
             Err(e) if attempt < 30 => {
                 attempt += 1;

@@ -198,7 +198,7 @@ pub struct ParquetWriter {
 
 /// Whether the table at `dir` is laid out by day (`Some(true)`: Parquet files directly in
 /// `date=…`), by hour (`Some(false)`: `date=…/hour=…`), or has no partitions yet (`None`).
-fn layout_on_disk(dir: &Path) -> Option<bool> {
+pub(crate) fn layout_on_disk(dir: &Path) -> Option<bool> {
     for date in std::fs::read_dir(dir).ok()?.flatten() {
         if !date.file_name().to_string_lossy().starts_with("date=") {
             continue;
