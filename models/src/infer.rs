@@ -8,7 +8,8 @@
 //! - **Micro-batching**: rows are gathered until `batch.max_rows` or `batch.max_delay`
 //!   (processing time, checked when a batch or a watermark arrives: the stage has no timer of
 //!   its own) and always run before a watermark is forwarded, so no prediction is ever behind
-//!   the watermark downstream.
+//!   the watermark downstream. One model run never mixes rows of two event times, so a row's
+//!   score does not depend on how the input was batched (see [`Infer::runs_of`]).
 //! - **Outputs**: the `keep` columns, each model output mapped to named `Float32` columns, and
 //!   `model` / `model_sha256` stamped on every row. Port `shadow` (when configured) carries the
 //!   candidate model's predictions for the same rows, stamped with its own name and checksum.
@@ -762,6 +763,33 @@ impl Infer {
         if self.high_mode { self.carbon_max_rows.unwrap_or(self.batch.max_rows) } else { self.batch.max_rows }
     }
 
+    /// The model runs of a micro-batch, as (first row, rows): at most `max_rows` each, and never
+    /// rows of two event times (the input's first timestamp column) in one run. A model whose
+    /// results depend on the batch (int8 with dynamic quantization takes its scale from the
+    /// batch's values) then scores a row the same whether the rows arrived live, minute by
+    /// minute, or as a backlog of many minutes at once.
+    fn runs_of(&self, all: &RecordBatch) -> Vec<(usize, usize)> {
+        let max_rows = self.max_rows().max(1);
+        let n = all.num_rows();
+        let times = all
+            .columns()
+            .iter()
+            .find(|c| matches!(c.data_type(), DataType::Timestamp(..)))
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>());
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let mut end = (start + max_rows).min(n);
+            if let Some(t) = times {
+                let first = t.is_valid(start).then(|| t.value(start));
+                end = (start + 1..end).find(|&i| (t.is_valid(i).then(|| t.value(i))) != first).unwrap_or(end);
+            }
+            runs.push((start, end - start));
+            start = end;
+        }
+        runs
+    }
+
     fn flush(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
         self.live.poll();
         if let Some(s) = &mut self.shadow {
@@ -785,12 +813,8 @@ impl Infer {
             }
         }
         let widths: Vec<usize> = self.live.model.output_widths();
-        let mut start = 0;
-        let max_rows = self.max_rows();
-        while start < all.num_rows() {
-            let len = max_rows.min(all.num_rows() - start);
+        for (start, len) in self.runs_of(&all) {
             let chunk = all.slice(start, len);
-            start += len;
             let mut scratch = Vec::new();
             let t0 = Instant::now();
             let feats = features(&self.r, &chunk, &mut scratch)?;

@@ -13,9 +13,15 @@
 //! - `delay`: held until the limit allows it (processing time only; the wait backpressures
 //!   the upstream, nothing is dropped).
 //!
-//! Per-key state is one GCRA cell (8 bytes) plus the 16-byte key per active key; keys idle for
-//! longer than their replenish period are forgotten at each watermark.
+//! Per key the limit is GCRA (the generic cell rate algorithm) with one "theoretical arrival
+//! time" per active key, on the key's own event times: a row is judged by its `ts` against the
+//! key's earlier rows only, so the same rows of a key give the same verdicts however the
+//! partitions of a stream were interleaved (a backlog, a restart: the cells are snapshotted).
+//! A key whose bucket is full again by the watermark is forgotten (no later row could tell).
+//! The stream-wide limit sees every key, so its verdicts follow the arrival order. Per-key
+//! state: a 16-byte key and a 16-byte time per active key.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,7 +33,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use citystream_schemas::dead_letter::{DeadLetterBuilder, Position};
 use citystream_schemas::{Reason, ReasonCode};
 use governor::clock::FakeRelativeClock;
-use governor::state::keyed::HashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
@@ -230,7 +235,45 @@ impl AdmitConfig {
 
 type Mw = governor::middleware::NoOpMiddleware<governor::nanos::Nanos>;
 type Direct = RateLimiter<NotKeyed, InMemoryState, FakeRelativeClock, Mw>;
-type Keyed = RateLimiter<u128, HashMapStateStore<u128, HashedKeys>, FakeRelativeClock, Mw>;
+
+/// GCRA per key on a clock the caller gives with each check (event time: the row's own).
+#[derive(Debug, Clone)]
+struct KeyedGcra {
+    /// Time between conforming rows, ns.
+    interval: i128,
+    /// How far ahead of its time a key's next row may come (burst − 1 intervals), ns.
+    tolerance: i128,
+    /// Theoretical arrival time per key, ns.
+    tat: HashMap<u128, i128, HashedKeys>,
+}
+
+impl KeyedGcra {
+    fn new(limit: Limit) -> Self {
+        let interval = i128::from(limit.rate.per_ms) * 1_000_000 / i128::from(limit.rate.n.max(1));
+        let burst = i128::from(limit.burst.unwrap_or(limit.rate.n).max(1));
+        Self { interval: interval.max(1), tolerance: (burst - 1) * interval.max(1), tat: HashMap::default() }
+    }
+
+    /// Whether a row of `key` at `t_ms` conforms; a conforming row takes its place.
+    fn check(&mut self, key: u128, t_ms: i64) -> bool {
+        let t = i128::from(t_ms) * 1_000_000;
+        let tat = self.tat.get(&key).copied().unwrap_or(t);
+        if t < tat - self.tolerance {
+            return false;
+        }
+        self.tat.insert(key, tat.max(t) + self.interval);
+        true
+    }
+
+    /// Forgets keys whose bucket is full at `t_ms`: for any later row they read as absent.
+    fn forget_full(&mut self, t_ms: i64) {
+        let t = i128::from(t_ms) * 1_000_000;
+        self.tat.retain(|_, tat| *tat > t);
+        if self.tat.capacity() > 4 * self.tat.len().max(1024) {
+            self.tat.shrink_to_fit();
+        }
+    }
+}
 
 impl OperatorConfig for AdmitConfig {
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
@@ -265,8 +308,13 @@ impl OperatorConfig for AdmitConfig {
             stream: self.per_stream.map(|l| (l, Direct::direct_with_clock(l.quota(), clock.clone()))),
             keyed: self.per_key.as_ref().map(|k| {
                 let lim = Limit { rate: k.rate, burst: k.burst };
-                (lim, Keyed::hashmap_with_clock_and_hasher(lim.quota(), clock.clone(), Default::default()))
+                (lim, KeyedGcra::new(lim))
             }),
+            keys_gauge: m.gauge(
+                "citystream_admit_keys",
+                "Keys an admit stage holds a rate cell for.",
+                &[("stage", ctx.stage.as_str())],
+            ),
             clock,
             max_payload: self.max_payload_bytes,
             over: [
@@ -310,7 +358,8 @@ pub struct Admit {
     epoch_ms: Option<i64>,
     clock: FakeRelativeClock,
     stream: Option<(Limit, Direct)>,
-    keyed: Option<(Limit, Keyed)>,
+    keyed: Option<(Limit, KeyedGcra)>,
+    keys_gauge: crate::Gauge,
     max_payload: usize,
     over: [Counter; 2],
     admitted: Counter,
@@ -342,10 +391,19 @@ impl Admit {
         }
     }
 
-    /// Which limit row `key` exceeds now, if any (0 = stream, 1 = key).
-    fn over_limit(&self, key: Option<u128>) -> Option<usize> {
-        if let (Some((_, k)), Some(key)) = (&self.keyed, key)
-            && k.check_key(&key).is_err()
+    /// The per-key clock for a row at event time `event_ms`.
+    fn key_time(&self, event_ms: i64) -> i64 {
+        match self.clock_kind {
+            ClockKind::EventTime => event_ms,
+            ClockKind::ProcessingTime => self.started.elapsed().as_millis() as i64,
+        }
+    }
+
+    /// Which limit a row of `key` at `event_ms` exceeds now, if any (0 = stream, 1 = key).
+    fn over_limit(&mut self, key: Option<u128>, event_ms: i64) -> Option<usize> {
+        let t = self.key_time(event_ms);
+        if let (Some((_, k)), Some(key)) = (&mut self.keyed, key)
+            && !k.check(key, t)
         {
             return Some(1);
         }
@@ -389,13 +447,13 @@ impl Operator for Admit {
         for i in 0..n {
             self.tick(ts[i]);
             let key = keys.as_ref().map(|k| k[i]);
-            let mut over = self.over_limit(key);
+            let mut over = self.over_limit(key, ts[i]);
             if self.policy == Policy::Delay {
                 let t0 = Instant::now();
                 while over.is_some() {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                     self.tick(ts[i]);
-                    over = self.over_limit(key);
+                    over = self.over_limit(key, ts[i]);
                 }
                 self.delayed_ns.inc_by(t0.elapsed().as_nanos() as u64);
             }
@@ -435,13 +493,14 @@ impl Operator for Admit {
                 let offset =
                     batch.column_by_name("src_offset").map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().clone());
                 let mut dl = DeadLetterBuilder::new(self.max_payload);
-                let now = crate::common::wall_clock_ms();
                 for ((i, w), line) in reasons.iter().zip(text.split(|b| *b == b'\n')) {
+                    // a decoded row no longer knows when it arrived: its event time stands in
+                    // (the same on every replay, unlike the wall clock)
                     let pos = Position {
                         source: &self.stage,
                         partition: partition.as_ref().map_or(-1, |p| p.value(*i)),
                         offset: offset.as_ref().map_or(-1, |o| o.value(*i)),
-                        received_at_ms: now,
+                        received_at_ms: ts[*i],
                     };
                     let reason = Reason::new(ReasonCode::RateLimited, format!("over {}", self.limit_text(*w)));
                     dl.append(pos, "admit", &reason, line);
@@ -452,10 +511,15 @@ impl Operator for Admit {
         Ok(())
     }
 
-    fn on_watermark(&mut self, _watermark: i64, _out: &mut Collector) -> Result<(), OperatorError> {
-        if let Some((_, k)) = &self.keyed {
-            k.retain_recent();
-            k.shrink_to_fit();
+    fn on_watermark(&mut self, watermark: i64, _out: &mut Collector) -> Result<(), OperatorError> {
+        if let Some((_, k)) = &mut self.keyed {
+            // later rows come after the watermark (event time) or now (processing time)
+            let now = match self.clock_kind {
+                ClockKind::EventTime => watermark,
+                ClockKind::ProcessingTime => self.started.elapsed().as_millis() as i64,
+            };
+            k.forget_full(now);
+            self.keys_gauge.set(k.tat.len() as f64);
         }
         Ok(())
     }
@@ -473,15 +537,47 @@ impl Operator for Admit {
             let nl = Limit { rate: nk.rate, burst: nk.burst };
             if *l != nl {
                 *l = nl;
-                *k = Keyed::hashmap_with_clock_and_hasher(nl.quota(), self.clock.clone(), Default::default());
+                *k = KeyedGcra::new(nl);
             }
         }
         Ok(())
     }
 
+    /// Per-key cells on event time are state: a restore gives the same verdicts as an
+    /// uninterrupted run. (The stream-wide limit and the processing-time clock restart full.)
     fn is_stateful(&self) -> bool {
-        // limiter cells are soft state: after a restart limits start full, which admits at most
-        // one extra burst per key
-        false
+        self.keyed.is_some() && self.clock_kind == ClockKind::EventTime
     }
+
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let Some((_, k)) = &self.keyed else { return Ok(None) };
+        let mut cells: Vec<(&u128, &i128)> = k.tat.iter().collect();
+        cells.sort_unstable();
+        let keys = arrow::array::FixedSizeBinaryArray::try_from_iter(cells.iter().map(|(key, _)| key.to_le_bytes()))
+            .unwrap_or_else(|_| arrow::array::FixedSizeBinaryArray::new_null(16, 0));
+        let tats = arrow::array::FixedSizeBinaryArray::try_from_iter(cells.iter().map(|(_, t)| t.to_le_bytes()))
+            .unwrap_or_else(|_| arrow::array::FixedSizeBinaryArray::new_null(16, 0));
+        Ok(Some(RecordBatch::try_new(admit_state_schema(), vec![Arc::new(keys), Arc::new(tats)])?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        crate::common::check_state_schema("admit", &state, &admit_state_schema())?;
+        let Some((_, k)) = &mut self.keyed else { return Ok(()) };
+        let bad = || OperatorError::State { operator: "admit", detail: "a cell is not 16 bytes".into() };
+        let (keys, tats) = (state.column(0).as_fixed_size_binary(), state.column(1).as_fixed_size_binary());
+        k.tat.clear();
+        for i in 0..state.num_rows() {
+            let key = u128::from_le_bytes(keys.value(i).try_into().map_err(|_| bad())?);
+            let tat = i128::from_le_bytes(tats.value(i).try_into().map_err(|_| bad())?);
+            k.tat.insert(key, tat);
+        }
+        Ok(())
+    }
+}
+
+fn admit_state_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::FixedSizeBinary(16), false),
+        Field::new("tat_ns", DataType::FixedSizeBinary(16), false),
+    ]))
 }

@@ -14,7 +14,14 @@
 //!   opening their own; it resolves when its last member clears;
 //! - **active hours**: with `active_hours: [from, to]` (UTC hours, may wrap midnight), rows
 //!   outside them count as clear (noise at night);
-//! - **staleness**: a location silent for `stale_after` behind the watermark is resolved.
+//! - **staleness**: a location silent for `stale_after` is resolved, at its last row's time
+//!   plus `stale_after` (found when the watermark passes that time, or when the location's next
+//!   row comes first).
+//!
+//! Rows are taken per location in the order they arrive. For rows derived by windows (the
+//! model scores) that order is fixed by event time, so the events are the same however the
+//! input was read; the storm summary, which joins locations, sees locations in arrival order,
+//! which across the partitions of a raw event stream can differ between runs.
 //!
 //! A location's raise level is, first, the live level on the pipeline's [`ThresholdBoard`]
 //! (set by calibration in the control center, without a config edit), then its entry in
@@ -491,6 +498,31 @@ impl AlertRule {
         }
     }
 
+    /// Resolves `loc`, silent for `stale_after`, at the moment it went stale (its last row
+    /// plus `stale_after`): an event time that does not depend on when the watermark moved or
+    /// whether a newer row arrived first.
+    fn resolve_stale(&mut self, loc: &str) {
+        let stale = self.cfg.stale_after.as_millis_i64();
+        let cooldown = self.cfg.cooldown.as_millis_i64();
+        let Some(st) = self.states.get_mut(loc) else { return };
+        let (phase, last_t) = (std::mem::replace(&mut st.phase, Phase::Idle), st.last_t);
+        let at = last_t.saturating_add(stale);
+        if matches!(phase, Phase::Open { .. } | Phase::Storm { .. }) {
+            // a stale resolve is a resolve: the cooldown applies
+            st.quiet_until = at.saturating_add(cooldown);
+        }
+        let ev = serde_json::json!({"stale": true, "last_seen": last_t}).to_string();
+        match phase {
+            Phase::Open { id, opened_at, peak, .. } => {
+                self.open -= 1;
+                let raise = self.raise_at(loc);
+                self.emit(at, &id, loc, "resolved", opened_at, None, raise, Some(peak), 1, ev);
+            }
+            Phase::Storm { .. } => self.storm_leave(loc, at),
+            _ => {}
+        }
+    }
+
     /// One row: value `v` (None: no reading) at `t` for `loc`.
     fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
         let raise = self.raise_at(loc);
@@ -500,6 +532,12 @@ impl AlertRule {
         let hours_ok =
             self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
         let Some(v) = v.filter(|v| !v.is_nan()) else { return };
+        // a row after a silence longer than `stale_after`: the location went stale first
+        if self.states.get(loc).is_some_and(|s| {
+            t.saturating_sub(s.last_t) > self.cfg.stale_after.as_millis_i64() && !matches!(s.phase, Phase::Idle)
+        }) {
+            self.resolve_stale(loc);
+        }
         let holds = hours_ok && self.beyond(v, clear);
         let raises = hours_ok && self.beyond(v, raise);
         let better = |a: f64, b: f64| if self.cfg.below { a.min(b) } else { a.max(b) };
@@ -642,30 +680,16 @@ impl Operator for AlertRule {
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         self.refresh_levels();
         let stale = self.cfg.stale_after.as_millis_i64();
-        let cooldown = self.cfg.cooldown.as_millis_i64();
-        let gone: Vec<String> = self
+        let mut gone: Vec<(i64, String)> = self
             .states
             .iter()
-            .filter(|(_, s)| watermark - s.last_t > stale && !matches!(s.phase, Phase::Idle))
-            .map(|(k, _)| k.clone())
+            .filter(|(_, s)| watermark.saturating_sub(s.last_t) > stale && !matches!(s.phase, Phase::Idle))
+            .map(|(k, s)| (s.last_t, k.clone()))
             .collect();
-        for loc in gone {
-            let st = self.states.get_mut(&loc).expect("listed");
-            let (phase, last_t) = (std::mem::replace(&mut st.phase, Phase::Idle), st.last_t);
-            if matches!(phase, Phase::Open { .. } | Phase::Storm { .. }) {
-                // a stale resolve is a resolve: the cooldown applies
-                st.quiet_until = watermark + cooldown;
-            }
-            let ev = serde_json::json!({"stale": true, "last_seen": last_t}).to_string();
-            match phase {
-                Phase::Open { id, opened_at, peak, .. } => {
-                    self.open -= 1;
-                    let raise = self.raise_at(&loc);
-                    self.emit(watermark, &id, &loc, "resolved", opened_at, None, raise, Some(peak), 1, ev);
-                }
-                Phase::Storm { .. } => self.storm_leave(&loc, watermark),
-                _ => {}
-            }
+        // in the order they went stale: the storm summary's membership follows it
+        gone.sort_unstable();
+        for (_, loc) in gone {
+            self.resolve_stale(&loc);
         }
         // forget idle locations whose cooldown is over: the map holds active locations only
         self.states.retain(|_, s| !matches!(s.phase, Phase::Idle) || s.quiet_until > watermark);

@@ -26,10 +26,13 @@
 //! last processed time (beyond the watermark) goes to `late_events`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Int64Array, ListArray, RecordBatch, StructArray, UInt8Array,
+};
 use arrow::compute::interleave_record_batch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, UInt8Type};
 use serde::Deserialize;
 
 use crate::common::{KeyEncoder, as_f64, columns, numeric_column, time_column, times};
@@ -219,6 +222,19 @@ impl std::fmt::Debug for Compress {
 const OPEN: (f64, f64) = (f64::NEG_INFINITY, f64::INFINITY);
 
 impl Compress {
+    fn snapshot_schema(&self) -> SchemaRef {
+        let floats = |name: &str| Field::new_list(name, Field::new_list_field(DataType::Float64, true), true);
+        Arc::new(Schema::new(vec![
+            Field::new("kind", DataType::UInt8, false),
+            Field::new("row", DataType::Struct(self.schema.fields().clone()), true),
+            Field::new("series", DataType::Binary, true),
+            Field::new("anchor_t", DataType::Int64, true),
+            floats("anchor_v"),
+            floats("door_lo"),
+            floats("door_hi"),
+        ]))
+    }
+
     /// Decides `p` for its series; pushes rows to keep / late.
     fn step(&mut self, s: usize, p: Point, kept: &mut Vec<RowRef>, late: &mut Vec<RowRef>) {
         let fields = &self.fields;
@@ -288,13 +304,15 @@ impl Compress {
         for (s, p) in ready {
             self.step(s, p, &mut kept, &mut late);
         }
-        if flush {
-            for st in &mut self.states {
-                if let Some(c) = st.candidate.take() {
-                    kept.push(c.at);
-                    st.anchor = Some(c);
-                    st.door = vec![OPEN; self.fields.len()];
-                }
+        for st in &mut self.states {
+            // at the end everything undecided is kept; before that, an undecided row more than
+            // `max_gap` behind the watermark is kept whatever comes next (the gap to any later
+            // row exceeds `max_gap`): decided now, it does not hold the output watermark back
+            if st.candidate.as_ref().is_some_and(|c| flush || wm.saturating_sub(c.t) > self.max_gap) {
+                let c = st.candidate.take().expect("checked");
+                kept.push(c.at);
+                st.anchor = Some(c);
+                st.door = vec![OPEN; self.fields.len()];
             }
         }
         let refs: Vec<&RecordBatch> = self.arena.iter().collect();
@@ -393,27 +411,131 @@ impl Operator for Compress {
         true
     }
 
+    /// One row per held input row (`kind` 0: waiting for the watermark, 1: a series' undecided
+    /// row) with the row itself in `row`, and one per series with a kept row (`kind` 2: its key,
+    /// the last kept point and the door), so a restore continues every series exactly.
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
-        // the rows still held (waiting for the watermark, and each series' undecided row); a
-        // restore holds them again. Anchors are not kept: after a restore each series keeps its
-        // first row again, which costs one row per series and keeps the bound.
         let refs: Vec<&RecordBatch> = self.arena.iter().collect();
-        let mut live: Vec<RowRef> = self.pending.iter().map(|(_, p)| p.at).collect();
-        live.extend(self.states.iter().filter_map(|s| s.candidate.as_ref().map(|c| c.at)));
-        if live.is_empty() {
-            return Ok(Some(RecordBatch::new_empty(self.schema.clone())));
+        let mut held: Vec<RowRef> = self.pending.iter().map(|(_, p)| p.at).collect();
+        let mut kinds: Vec<u8> = vec![0; held.len()];
+        for st in &self.states {
+            if let Some(c) = &st.candidate {
+                held.push(c.at);
+                kinds.push(1);
+            }
         }
-        Ok(Some(interleave_record_batch(&refs, &live)?))
+        let rows = if held.is_empty() {
+            RecordBatch::new_empty(self.schema.clone())
+        } else {
+            interleave_record_batch(&refs, &held)?
+        };
+        let mut keys: Vec<Option<&[u8]>> = vec![None; held.len()];
+        let n_fields = self.fields.len();
+        let mut anchor_t: Vec<Option<i64>> = vec![None; held.len()];
+        let mut anchor_v: Vec<Option<Vec<Option<f64>>>> = vec![None; held.len()];
+        let mut lo: Vec<Option<Vec<Option<f64>>>> = vec![None; held.len()];
+        let mut hi: Vec<Option<Vec<Option<f64>>>> = vec![None; held.len()];
+        let mut by_series: Vec<(&[u8], usize)> = self.series.iter().map(|(k, s)| (k.as_ref(), *s)).collect();
+        by_series.sort_unstable();
+        for (key, s) in by_series {
+            let st = &self.states[s];
+            let Some(a) = &st.anchor else { continue };
+            kinds.push(2);
+            keys.push(Some(key));
+            anchor_t.push(Some(a.t));
+            anchor_v.push(Some(a.v.clone()));
+            let door = if st.door.len() == n_fields { st.door.clone() } else { vec![OPEN; n_fields] };
+            lo.push(Some(door.iter().map(|d| Some(d.0)).collect()));
+            hi.push(Some(door.iter().map(|d| Some(d.1)).collect()));
+        }
+        // the held rows, padded with nulls for the series rows
+        let pad = kinds.len() - rows.num_rows();
+        let row_col: ArrayRef = if pad == 0 {
+            Arc::new(StructArray::from(rows))
+        } else {
+            let fill = RecordBatch::new_empty(self.schema.clone());
+            let nulls = arrow::array::new_null_array(&DataType::Struct(self.schema.fields().clone()), pad);
+            let held = StructArray::from(if rows.num_rows() == 0 { fill } else { rows });
+            arrow::compute::concat(&[&held, nulls.as_ref()])?
+        };
+        let list = |v: Vec<Option<Vec<Option<f64>>>>| -> ArrayRef {
+            Arc::new(ListArray::from_iter_primitive::<Float64Type, _, _>(v))
+        };
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt8Array::from(kinds)),
+            row_col,
+            Arc::new(BinaryArray::from(keys)),
+            Arc::new(Int64Array::from(anchor_t)),
+            list(anchor_v),
+            list(lo),
+            list(hi),
+        ];
+        Ok(Some(RecordBatch::try_new(self.snapshot_schema(), cols)?))
     }
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
-        if state.schema().fields() != self.schema.fields() {
-            return Err(OperatorError::State { operator: "compress", detail: "the snapshot has other columns".into() });
-        }
+        let bad = |detail: &str| OperatorError::State { operator: "compress", detail: detail.into() };
+        crate::common::check_state_schema("compress", &state, &self.snapshot_schema())?;
         self.arena.clear();
         self.pending.clear();
-        self.states.iter_mut().for_each(|s| *s = Series::default());
+        self.series.clear();
+        self.states.clear();
+        let kinds = state.column(0).as_primitive::<UInt8Type>();
+        let keys = state.column(2).as_binary::<i32>();
+        let anchor_t = state.column(3).as_primitive::<Int64Type>();
+        let floats = |c: usize, i: usize| -> Vec<Option<f64>> {
+            state.column(c).as_list::<i32>().value(i).as_primitive::<Float64Type>().iter().collect()
+        };
+        // series first: their kept point and door
+        for i in (0..state.num_rows()).filter(|&i| kinds.value(i) == 2) {
+            if keys.is_null(i) || anchor_t.is_null(i) {
+                return Err(bad("a series row without its key or kept point"));
+            }
+            let door: Vec<(f64, f64)> = floats(5, i)
+                .into_iter()
+                .zip(floats(6, i))
+                .map(|(l, h)| (l.unwrap_or(OPEN.0), h.unwrap_or(OPEN.1)))
+                .collect();
+            let anchor = Point { t: anchor_t.value(i), v: floats(4, i), at: (usize::MAX, 0) };
+            if anchor.v.len() != self.fields.len() || door.len() != self.fields.len() {
+                return Err(bad("the snapshot has another number of fields"));
+            }
+            let s = self.states.len();
+            self.series.insert(keys.value(i).into(), s);
+            self.states.push(Series { anchor: Some(anchor), candidate: None, door });
+        }
+        // then the held rows: waiting ones as input, undecided ones back in their series
+        // (the series rows are nulls in `row`: pick the held rows before making them a batch)
+        let rows = state.column(1);
+        let pick = |k: u8| -> Result<RecordBatch, OperatorError> {
+            let mask: arrow::array::BooleanArray = kinds.iter().map(|x| Some(x == Some(k))).collect();
+            let held = arrow::compute::filter(rows, &mask)?;
+            let held = held.as_struct();
+            Ok(RecordBatch::try_new(self.schema.clone(), held.columns().to_vec())?)
+        };
+        let candidates = pick(1)?;
+        if candidates.num_rows() > 0 {
+            let ts = times(&candidates, self.time);
+            let enc = self.keys.encode(&candidates)?;
+            let values =
+                self.fields.iter().map(|(c, _)| as_f64(candidates.column(*c))).collect::<Result<Vec<_>, _>>()?;
+            let b = self.arena.len();
+            for (i, &t) in ts.iter().enumerate() {
+                let s =
+                    *self.series.get(enc.row(i).as_ref()).ok_or_else(|| bad("an undecided row without its series"))?;
+                let v = values.iter().map(|(v, n)| n.as_ref().is_none_or(|nb| nb.is_valid(i)).then(|| v[i])).collect();
+                self.states[s].candidate = Some(Point { t, v, at: (b, i) });
+            }
+            self.arena.push(candidates);
+        }
         let mut out = Collector::new(2);
-        self.process_batch(state, &mut out)
+        self.process_batch(pick(0)?, &mut out)
+    }
+
+    /// Rows held for the watermark come out before it is forwarded; a series' undecided row
+    /// may come out later, so the output watermark stays behind the oldest one.
+    fn output_watermark(&self, input: i64) -> i64 {
+        let oldest = self.states.iter().filter_map(|s| s.candidate.as_ref().map(|c| c.t)).min();
+        oldest.map_or(input, |t| input.min(t.saturating_sub(1)))
     }
 }

@@ -150,6 +150,15 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// The watermark the operator's outputs honour once [`on_watermark`](Self::on_watermark)
+    /// handled `input`: no row it emits later has an event time at or before it. The runtime
+    /// forwards this (never lower than what it forwarded before). An operator that emits rows
+    /// behind its input watermark — a window emitted `allowed_lateness` after its end, a row
+    /// held back — lowers it. The default is the input watermark.
+    fn output_watermark(&self, input: i64) -> i64 {
+        input
+    }
+
     /// The input ended: emit everything still held.
     fn on_end(&mut self, _out: &mut Collector) -> Result<(), OperatorError> {
         Ok(())
@@ -225,6 +234,9 @@ pub struct BuildContext {
     pub metrics: crate::Metrics,
     /// Live alert thresholds (calibration), shared with the control center.
     pub thresholds: crate::alert::ThresholdBoard,
+    /// The event-time clock of the source stream the stage reads, when it reads one directly
+    /// (a `decode` stage): see [`crate::event_time`].
+    pub event_clock: Option<crate::event_time::EventClock>,
 }
 
 /// The closest of `candidates` to `name`, when one is close enough to be a likely typo.

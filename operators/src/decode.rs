@@ -1,11 +1,21 @@
 //! `decode`: raw JSON messages of one event kind to typed Arrow rows, with every rejected
 //! message routed to the `dead_letters` side output with its reason.
+//!
+//! Decode is also where event time enters the pipeline. Per source partition it keeps the
+//! newest valid event time; an event at or before its own partition's watermark (that time
+//! minus the source's `max_out_of_orderness`) goes to `late_events`, decided in the order of
+//! the partition's own events, so the same topic gives the same late rows however its
+//! partitions were interleaved (a backlog, a restart, a paced live run). The partitions'
+//! watermarks are published to the source's [`EventClock`](crate::event_time::EventClock),
+//! from which the source derives the stream's watermark. Every row a later stage receives is
+//! therefore ahead of the watermark it has seen.
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use citystream_schemas::{DecodeOptions, Decoder, EventKind, ReasonCode, dead_letter, raw};
 use serde::Deserialize;
 
+use crate::event_time::{EventClock, PartitionTime};
 use crate::{
     BuildContext, Collector, Counter, Duration, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -14,6 +24,8 @@ use crate::{
 pub const MAIN: usize = 0;
 /// Output port of the rejected events.
 pub const DEAD_LETTERS: usize = 1;
+/// Output port of the events behind their partition's watermark.
+pub const LATE_EVENTS: usize = 2;
 
 fn default_max_future() -> Option<Duration> {
     Some(Duration::from_secs(300))
@@ -31,12 +43,14 @@ fn default_payload_max() -> usize {
 pub struct DecodeConfig {
     /// The event kind to decode: `traffic`, `camera` or `environment`.
     pub kind: EventKind,
-    /// Reject events whose `ts` is further than this after processing time; `null` for no
+    /// Reject events whose `ts` is further than this after the message's arrival time (for
+    /// Kafka, when it reached the broker, or our clock if that is earlier); `null` for no
     /// bound. Default `5m`.
     #[serde(default = "default_max_future")]
     pub max_future: Option<Duration>,
-    /// Reject events whose `ts` is further than this before processing time; `null` for no
-    /// bound. Default `7d`.
+    /// Reject events whose `ts` is further than this before the message's arrival time; `null`
+    /// for no bound (replaying an archive whose messages arrived long after their events).
+    /// Default `7d`.
     #[serde(default = "default_max_past")]
     pub max_past: Option<Duration>,
     /// Keep at most this many bytes of a rejected payload. Default 4096.
@@ -84,58 +98,18 @@ pub struct PseudonymizeConfig {
 impl PseudonymizeConfig {
     /// Reads the secret. A missing secret is an error, never a fallback.
     pub fn load_secret(&self) -> Result<Vec<u8>, PlanError> {
-        match (&self.secret_env, &self.secret_file) {
-            (Some(var), None) => std::env::var(var).map(String::into_bytes).map_err(|_| {
-                PlanError::new("pseudonymize.secret_env", format!("the environment variable `{var}` is not set"))
-                    .with_help("export it with a secret of at least 32 bytes, e.g. `openssl rand -base64 48`")
-            }),
-            (None, Some(path)) => {
-                let path = path.as_str();
-                let p = std::path::Path::new(path);
-                if !p.exists() && self.create_secret_file {
-                    create_secret(p).map_err(|e| {
-                        PlanError::new("pseudonymize.secret_file", format!("cannot create `{path}`: {e}"))
-                    })?;
-                }
-                std::fs::read(p).map_err(|e| {
-                    PlanError::new("pseudonymize.secret_file", format!("cannot read the secret file `{path}`: {e}"))
-                        .with_help("provision it, or set `create_secret_file: true` on a single machine")
-                })
-            }
-            _ => Err(PlanError::new("pseudonymize", "give exactly one of `secret_env` and `secret_file`")),
-        }
+        crate::secret::load_secret(
+            self.secret_env.as_deref(),
+            self.secret_file.as_ref(),
+            self.create_secret_file,
+            "pseudonymize",
+        )
     }
 
     fn pseudonymizer(&self) -> Result<citystream_schemas::privacy::Pseudonymizer, PlanError> {
         let secret = self.load_secret()?;
         citystream_schemas::privacy::Pseudonymizer::new(secret, self.rotate.as_millis_i64())
             .map_err(|e| PlanError::new("pseudonymize", e.to_string()))
-    }
-}
-
-fn create_secret(path: &std::path::Path) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut secret = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact_into(&mut secret)?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(&secret)?;
-    f.sync_all()
-}
-
-trait ReadExact {
-    fn read_exact_into(&mut self, buf: &mut [u8]) -> std::io::Result<()>;
-}
-
-impl ReadExact for std::fs::File {
-    fn read_exact_into(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
-        std::io::Read::read_exact(self, buf)
     }
 }
 
@@ -199,7 +173,11 @@ impl OperatorConfig for DecodeConfig {
                 )]);
             }
         }
-        Ok(vec![OutputSpec::new("main", self.kind.schema()), OutputSpec::new("dead_letters", dead_letter::schema())])
+        Ok(vec![
+            OutputSpec::new("main", self.kind.schema()),
+            OutputSpec::new("dead_letters", dead_letter::schema()),
+            OutputSpec::new("late_events", self.kind.schema()),
+        ])
     }
 
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
@@ -215,9 +193,17 @@ impl OperatorConfig for DecodeConfig {
         });
         Ok(Box::new(Decode {
             decoder: Decoder::new(self.kind, self.options().map_err(|e| vec![e])?),
+            clock: ctx.event_clock.clone(),
+            time: PartitionTime::default(),
+            watermark: i64::MIN,
             outputs,
             accepted: ctx.metrics.counter("citystream_events_valid_total", "Events decoded and valid.", &labels),
             bytes_in: ctx.metrics.counter("citystream_input_bytes_total", "JSON payload bytes received.", &labels),
+            late: ctx.metrics.counter(
+                "citystream_decode_late_rows_total",
+                "Events behind their partition's watermark.",
+                &labels,
+            ),
             rejected,
         }))
     }
@@ -226,9 +212,15 @@ impl OperatorConfig for DecodeConfig {
 /// The `decode` operator.
 pub struct Decode {
     decoder: Decoder,
+    /// The event clock of the source stream read (absent: lateness only against the watermark).
+    clock: Option<EventClock>,
+    time: PartitionTime,
+    /// The input watermark.
+    watermark: i64,
     outputs: Vec<OutputSpec>,
     accepted: Counter,
     bytes_in: Counter,
+    late: Counter,
     rejected: [Counter; ReasonCode::ALL.len()],
 }
 
@@ -238,6 +230,39 @@ impl Decode {
         self.decoder.set_options(config.options()?);
         Ok(())
     }
+
+    /// Splits decoded rows into those on time and those behind their partition's watermark,
+    /// and publishes the partitions' new watermarks.
+    fn split_late(&mut self, valid: RecordBatch) -> Result<(RecordBatch, Option<RecordBatch>), OperatorError> {
+        let lag = self.clock.as_ref().map_or(i64::MAX, EventClock::lag_ms);
+        let ts = valid.column(1).as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let part = valid
+            .column_by_name(citystream_schemas::columns::SRC_PARTITION)
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int32Type>())
+            .ok_or_else(|| OperatorError::SchemaMismatch { operator: "decode", detail: "no src_partition".into() })?;
+        let on_time: arrow::array::BooleanArray = (0..valid.num_rows())
+            .map(|i| Some(self.time.admit(part.value(i), ts.value(i), lag, self.watermark)))
+            .collect();
+        let changes = self.time.take_changes();
+        if let Some(c) = &self.clock
+            && !changes.is_empty()
+        {
+            c.publish(changes);
+        }
+        if on_time.true_count() == valid.num_rows() {
+            return Ok((valid, None));
+        }
+        let late = arrow::compute::filter_record_batch(&valid, &arrow::compute::not(&on_time)?)?;
+        Ok((arrow::compute::filter_record_batch(&valid, &on_time)?, Some(late)))
+    }
+}
+
+fn decode_state_schema() -> arrow::datatypes::SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema};
+    std::sync::Arc::new(Schema::new(vec![
+        Field::new("partition", DataType::Int32, false),
+        Field::new("newest_ts", DataType::Int64, false),
+    ]))
 }
 
 impl Operator for Decode {
@@ -267,8 +292,46 @@ impl Operator for Decode {
                 }
             }
         }
-        out.emit(MAIN, decoded.valid);
+        let (on_time, late) = self.split_late(decoded.valid)?;
+        if let Some(late) = late {
+            self.late.inc_by(late.num_rows() as u64);
+            out.emit(LATE_EVENTS, late);
+        }
+        out.emit(MAIN, on_time);
         out.emit(DEAD_LETTERS, decoded.dead_letters);
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, _out: &mut Collector) -> Result<(), OperatorError> {
+        self.watermark = self.watermark.max(watermark);
+        Ok(())
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    /// The newest event time per partition: after a restore, the same events are late.
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let (p, t): (Vec<i32>, Vec<i64>) = self.time.newest().iter().map(|(p, t)| (*p, *t)).unzip();
+        Ok(Some(RecordBatch::try_new(
+            decode_state_schema(),
+            vec![
+                std::sync::Arc::new(arrow::array::Int32Array::from(p)),
+                std::sync::Arc::new(arrow::array::Int64Array::from(t)),
+            ],
+        )?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        crate::common::check_state_schema("decode", &state, &decode_state_schema())?;
+        let p = state.column(0).as_primitive::<arrow::datatypes::Int32Type>();
+        let t = state.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        let lag = self.clock.as_ref().map_or(0, EventClock::lag_ms);
+        self.time.restore(p.values().iter().copied().zip(t.values().iter().copied()), lag);
+        if let Some(c) = &self.clock {
+            c.publish(self.time.take_changes());
+        }
         Ok(())
     }
 }
@@ -303,6 +366,88 @@ mod tests {
         assert_eq!(metrics.value("citystream_dead_letters_total", &l("bad_json")), Some(1.0));
         assert_eq!(metrics.value("citystream_dead_letters_total", &l("out_of_range")), Some(1.0));
         assert_eq!(metrics.sum("citystream_events_valid_total"), 1.0);
+    }
+
+    /// Traffic payloads at `ts` (seconds) on `partition`, as a raw batch.
+    fn traffic(rows: &[(i32, i64)]) -> RecordBatch {
+        let mut b = raw::RawBatchBuilder::with_capacity(rows.len(), 256 * rows.len());
+        for (i, (p, ts)) in rows.iter().enumerate() {
+            let json = format!(
+                r#"{{"event_id":"e{i}","ts":{},"schema_version":1,"sensor_id":"d{p}","segment_id":"s","lane":1,"interval_s":30,"flow":1,"occupancy":0.1,"speed_kmh":50}}"#,
+                ts * 1000
+            );
+            b.append("t", *p, i as i64, ts * 1000, json.as_bytes());
+        }
+        b.finish()
+    }
+
+    fn late_ids(batches: &[RecordBatch]) -> Vec<String> {
+        let clock = crate::event_time::EventClock::new(120_000);
+        let ctx = BuildContext { stage: "d".into(), event_clock: Some(clock.clone()), ..Default::default() };
+        let mut op = DecodeConfig { max_past: None, max_future: None, ..DecodeConfig::new(EventKind::Traffic) }
+            .build(&raw::schema(), &ctx)
+            .unwrap();
+        let mut out = Collector::new(3);
+        for b in batches {
+            op.process_batch(b.clone(), &mut out).unwrap();
+        }
+        let mut ids: Vec<String> = out
+            .port(LATE_EVENTS)
+            .iter()
+            .flat_map(|b| b.column(0).as_string::<i32>().iter().map(|s| s.unwrap().to_owned()).collect::<Vec<_>>())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn late_is_decided_per_partition_whatever_the_interleaving() {
+        // partition 0 runs an hour ahead of partition 1; each has one event 3 minutes behind
+        // its own newest (late) and one 1 minute behind (on time)
+        let p0 = [(0, 3600), (0, 3700), (0, 3520), (0, 3640)];
+        let p1 = [(1, 0), (1, 100), (1, -80), (1, 40)];
+        let ids = |rows: &[(i32, i64)]| -> Vec<String> {
+            // event ids are per position in the batch: name them by (partition, ts) instead
+            let b = traffic(rows);
+            let late = late_ids(&[b]);
+            let mut named: Vec<String> = late
+                .iter()
+                .map(|id| {
+                    let i: usize = id[1..].parse().unwrap();
+                    format!("{}@{}", rows[i].0, rows[i].1)
+                })
+                .collect();
+            named.sort();
+            named
+        };
+        let one_then_other: Vec<(i32, i64)> = p0.iter().chain(p1.iter()).copied().collect();
+        let other_then_one: Vec<(i32, i64)> = p1.iter().chain(p0.iter()).copied().collect();
+        let alternating: Vec<(i32, i64)> = p0.iter().zip(p1.iter()).flat_map(|(a, b)| [*a, *b]).collect();
+        let expected = vec!["0@3520".to_owned(), "1@-80".to_owned()];
+        assert_eq!(ids(&one_then_other), expected);
+        assert_eq!(ids(&other_then_one), expected);
+        assert_eq!(ids(&alternating), expected);
+    }
+
+    #[test]
+    fn the_partitions_watermarks_reach_the_clock_and_survive_a_restore() {
+        let clock = crate::event_time::EventClock::new(120_000);
+        let ctx = BuildContext { stage: "d".into(), event_clock: Some(clock.clone()), ..Default::default() };
+        let cfg = DecodeConfig { max_past: None, max_future: None, ..DecodeConfig::new(EventKind::Traffic) };
+        let mut op = cfg.build(&raw::schema(), &ctx).unwrap();
+        let mut out = Collector::new(3);
+        op.process_batch(traffic(&[(0, 1000), (2, 500)]), &mut out).unwrap();
+        assert_eq!(clock.watermark(0), Some(1_000_000 - 120_000));
+        assert_eq!(clock.watermark(2), Some(500_000 - 120_000));
+        let state = op.snapshot().unwrap().unwrap();
+        let clock2 = crate::event_time::EventClock::new(120_000);
+        let ctx2 = BuildContext { event_clock: Some(clock2.clone()), ..ctx };
+        let mut op2 = cfg.build(&raw::schema(), &ctx2).unwrap();
+        op2.restore(state).unwrap();
+        assert_eq!(clock2.watermarks(), clock.watermarks(), "a restored stage publishes its partitions at once");
+        let mut out2 = Collector::new(3);
+        op2.process_batch(traffic(&[(0, 800)]), &mut out2).unwrap();
+        assert_eq!(out2.port(LATE_EVENTS).iter().map(RecordBatch::num_rows).sum::<usize>(), 1, "still late");
     }
 
     #[test]

@@ -34,9 +34,12 @@ pub mod dedup;
 pub mod dp;
 pub mod duration;
 mod env;
+pub mod event_time;
+pub mod exact_sum;
 pub mod filter;
 mod metrics;
 pub mod project;
+pub mod secret;
 #[cfg(test)]
 mod test_util;
 pub mod window;

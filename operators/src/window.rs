@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, ListArray, RecordBatch, TimestampMillisecondArray,
-    UInt32Array,
+    Array, ArrayRef, AsArray, BinaryArray, FixedSizeBinaryArray, Float64Array, Int64Array, ListArray, RecordBatch,
+    TimestampMillisecondArray, UInt32Array,
 };
 use arrow::buffer::NullBuffer;
 use arrow::compute::take_record_batch;
@@ -29,6 +29,7 @@ use arrow::row::OwnedRow;
 use serde::Deserialize;
 
 use crate::common::{KeyEncoder, as_f64, columns, numeric_column, time_column, times};
+use crate::exact_sum::ExactSum;
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -294,12 +295,12 @@ enum Acc {
     /// count / count_above
     Count(Vec<i64>),
     /// sum, mean, rate_per_hour: (sum, n)
-    Sum(Vec<f64>, Vec<u64>),
+    Sum(Vec<ExactSum>, Vec<u64>),
     Min(Vec<f64>),
     Max(Vec<f64>),
     Values(Vec<Vec<f32>>),
     /// (sum of w*v, sum of w)
-    Weighted(Vec<f64>, Vec<f64>),
+    Weighted(Vec<ExactSum>, Vec<ExactSum>),
 }
 
 impl Acc {
@@ -318,15 +319,15 @@ impl Acc {
         match self {
             Acc::Count(c) => c.push(0),
             Acc::Sum(s, n) => {
-                s.push(0.0);
+                s.push(ExactSum::default());
                 n.push(0);
             }
             Acc::Min(m) => m.push(f64::INFINITY),
             Acc::Max(m) => m.push(f64::NEG_INFINITY),
             Acc::Values(v) => v.push(Vec::new()),
             Acc::Weighted(a, b) => {
-                a.push(0.0);
-                b.push(0.0);
+                a.push(ExactSum::default());
+                b.push(ExactSum::default());
             }
         }
     }
@@ -334,10 +335,10 @@ impl Acc {
     fn bytes(&self) -> usize {
         match self {
             Acc::Count(c) => c.capacity() * 8,
-            Acc::Sum(s, n) => s.capacity() * 8 + n.capacity() * 8,
+            Acc::Sum(s, n) => s.capacity() * 32 + n.capacity() * 8,
             Acc::Min(m) | Acc::Max(m) => m.capacity() * 8,
             Acc::Values(v) => v.iter().map(|x| x.capacity() * 4 + 24).sum(),
-            Acc::Weighted(a, b) => (a.capacity() + b.capacity()) * 8,
+            Acc::Weighted(a, b) => (a.capacity() + b.capacity()) * 32,
         }
     }
 }
@@ -429,30 +430,38 @@ impl Window {
             Arc::new(TimestampMillisecondArray::from(vec![start; n]).with_timezone("UTC")),
             Arc::new(TimestampMillisecondArray::from(vec![start + self.size; n]).with_timezone("UTC")),
         ];
+        // rows in key order: the output does not depend on the order keys first arrived in
+        let mut slots: Vec<usize> = (0..n).collect();
+        slots.sort_by(|&a, &b| {
+            self.group_keys[w.groups[a] as usize].as_ref().cmp(self.group_keys[w.groups[b] as usize].as_ref())
+        });
         if !self.plan.keys.is_empty() {
-            let rows = w.groups.iter().map(|g| self.group_keys[*g as usize].row());
+            let rows = slots.iter().map(|&i| self.group_keys[w.groups[i] as usize].row());
             cols.extend(self.keys.converter.convert_rows(rows)?);
         }
         let hours = self.size as f64 / 3_600_000.0;
         for ((f, _, _, q), acc) in self.plan.aggs.iter().zip(&w.accs) {
             let col: ArrayRef = match (f, acc) {
-                (_, Acc::Count(c)) => Arc::new(Int64Array::from(c.clone())),
+                (_, Acc::Count(c)) => Arc::new(slots.iter().map(|&i| c[i]).collect::<Int64Array>()),
                 (AggFn::Sum, Acc::Sum(s, k)) => {
-                    Arc::new(s.iter().zip(k).map(|(s, k)| (*k > 0).then_some(*s)).collect::<Float64Array>())
+                    Arc::new(slots.iter().map(|&i| (k[i] > 0).then(|| s[i].value())).collect::<Float64Array>())
                 }
                 (AggFn::RatePerHour, Acc::Sum(s, k)) => {
-                    Arc::new(s.iter().zip(k).map(|(s, k)| (*k > 0).then_some(*s / hours)).collect::<Float64Array>())
+                    Arc::new(slots.iter().map(|&i| (k[i] > 0).then(|| s[i].value() / hours)).collect::<Float64Array>())
                 }
-                (_, Acc::Sum(s, k)) => {
-                    Arc::new(s.iter().zip(k).map(|(s, k)| (*k > 0).then(|| *s / *k as f64)).collect::<Float64Array>())
-                }
+                (_, Acc::Sum(s, k)) => Arc::new(
+                    slots.iter().map(|&i| (k[i] > 0).then(|| s[i].value() / k[i] as f64)).collect::<Float64Array>(),
+                ),
                 (_, Acc::Min(m)) | (_, Acc::Max(m)) => {
-                    Arc::new(m.iter().map(|v| v.is_finite().then_some(*v)).collect::<Float64Array>())
+                    Arc::new(slots.iter().map(|&i| m[i].is_finite().then_some(m[i])).collect::<Float64Array>())
                 }
-                (_, Acc::Values(v)) => Arc::new(v.iter().map(|vals| quantile(vals, *q)).collect::<Float64Array>()),
-                (_, Acc::Weighted(a, b)) => {
-                    Arc::new(a.iter().zip(b).map(|(a, b)| (*b > 0.0).then(|| a / b)).collect::<Float64Array>())
-                }
+                (_, Acc::Values(v)) => Arc::new(slots.iter().map(|&i| quantile(&v[i], *q)).collect::<Float64Array>()),
+                (_, Acc::Weighted(a, b)) => Arc::new(
+                    slots
+                        .iter()
+                        .map(|&i| (b[i].value() > 0.0).then(|| a[i].value() / b[i].value()))
+                        .collect::<Float64Array>(),
+                ),
             };
             cols.push(col);
         }
@@ -561,7 +570,7 @@ impl Operator for Window {
                     (Acc::Sum(sum, k), Some((v, n))) => {
                         for (&i, &s) in rows.iter().zip(&slots) {
                             if valid(n, i as usize) {
-                                sum[s] += v[i as usize];
+                                sum[s].add(v[i as usize]);
                                 k[s] += 1;
                             }
                         }
@@ -592,8 +601,8 @@ impl Operator for Window {
                         for (&i, &s) in rows.iter().zip(&slots) {
                             let i = i as usize;
                             if valid(n, i) && valid(wn, i) && wv[i] > 0.0 {
-                                a[s] += wv[i] * v[i];
-                                b[s] += wv[i];
+                                a[s].add(wv[i] * v[i]);
+                                b[s].add(wv[i]);
                             }
                         }
                     }
@@ -608,6 +617,12 @@ impl Operator for Window {
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         self.watermark = self.watermark.max(watermark);
         self.emit_until(self.watermark, out)
+    }
+
+    /// Windows come out `allowed_lateness` after their end: the output's event time
+    /// (`window_end`) trails the input watermark by that much.
+    fn output_watermark(&self, input: i64) -> i64 {
+        input.saturating_sub(self.lateness)
     }
 
     fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
@@ -625,40 +640,35 @@ impl Operator for Window {
     }
 
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
-        // one row per (window, group): start, encoded key, then two numbers and a value list per
-        // aggregate (enough to rebuild every accumulator exactly)
+        // one row per (window, group): start, encoded key, then per aggregate two numbers, two
+        // exact sums and a value list (enough to rebuild every accumulator exactly)
+        let n_aggs = self.plan.aggs.len();
         let mut starts = Vec::new();
         let mut keys: Vec<&[u8]> = Vec::new();
-        let mut nums: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); self.plan.aggs.len()];
-        let mut lists: Vec<Vec<Option<Vec<Option<f32>>>>> = vec![Vec::new(); self.plan.aggs.len()];
+        let mut cells: Vec<SnapshotCells> = (0..n_aggs).map(|_| SnapshotCells::default()).collect();
         for (start, w) in &self.windows {
             for (slot, g) in w.groups.iter().enumerate() {
                 starts.push(*start);
                 keys.push(if self.plan.keys.is_empty() { &[] } else { self.group_keys[*g as usize].as_ref() });
-                for (a, acc) in w.accs.iter().enumerate() {
-                    let (x, y, l) = match acc {
-                        Acc::Count(c) => (c[slot] as f64, 0.0, None),
-                        Acc::Sum(s, k) => (s[slot], k[slot] as f64, None),
-                        Acc::Min(m) | Acc::Max(m) => (m[slot], 0.0, None),
-                        Acc::Values(v) => (0.0, 0.0, Some(v[slot].iter().map(|x| Some(*x)).collect())),
-                        Acc::Weighted(p, q) => (p[slot], q[slot], None),
-                    };
-                    nums[a].0.push(x);
-                    nums[a].1.push(y);
-                    lists[a].push(l);
+                for (acc, c) in w.accs.iter().zip(&mut cells) {
+                    c.push(acc, slot);
                 }
             }
         }
         let mut fields =
             vec![Field::new("window_start", DataType::Int64, false), Field::new("key", DataType::Binary, false)];
         let mut cols: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(starts)), Arc::new(BinaryArray::from(keys))];
-        for (a, ((x, y), l)) in nums.into_iter().zip(lists).enumerate() {
-            fields.push(Field::new(format!("a{a}_x"), DataType::Float64, false));
-            fields.push(Field::new(format!("a{a}_y"), DataType::Float64, false));
+        for (a, c) in cells.into_iter().enumerate() {
+            fields.push(Field::new(format!("a{a}_x"), DataType::Float64, true));
+            fields.push(Field::new(format!("a{a}_y"), DataType::Float64, true));
+            fields.push(Field::new(format!("a{a}_exact_x"), DataType::FixedSizeBinary(16), true));
+            fields.push(Field::new(format!("a{a}_exact_y"), DataType::FixedSizeBinary(16), true));
             fields.push(Field::new_list(format!("a{a}_values"), Field::new_list_field(DataType::Float32, true), true));
-            cols.push(Arc::new(Float64Array::from(x)));
-            cols.push(Arc::new(Float64Array::from(y)));
-            cols.push(Arc::new(ListArray::from_iter_primitive::<Float32Type, _, _>(l)));
+            cols.push(Arc::new(Float64Array::from(c.x)));
+            cols.push(Arc::new(Float64Array::from(c.y)));
+            cols.push(Arc::new(FixedSizeBinaryArray::try_from_sparse_iter_with_size(c.exact_x.into_iter(), 16)?));
+            cols.push(Arc::new(FixedSizeBinaryArray::try_from_sparse_iter_with_size(c.exact_y.into_iter(), 16)?));
+            cols.push(Arc::new(ListArray::from_iter_primitive::<Float32Type, _, _>(c.values)));
         }
         let mut md = std::collections::HashMap::new();
         md.insert("watermark".to_owned(), self.watermark.to_string());
@@ -668,7 +678,7 @@ impl Operator for Window {
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
         let bad = |detail: String| OperatorError::State { operator: "window", detail };
-        if state.num_columns() != 2 + 3 * self.plan.aggs.len() {
+        if state.num_columns() != 2 + SNAPSHOT_COLUMNS * self.plan.aggs.len() {
             return Err(bad(format!(
                 "the snapshot has {} columns; this window has {} aggregates",
                 state.num_columns(),
@@ -680,6 +690,19 @@ impl Operator for Window {
         let keys = state.column(1).as_binary::<i32>();
         self.windows.clear();
         let parser = self.keys.converter.parser();
+        let f64_at = |c: usize, r: usize| {
+            let a = state.column(c).as_primitive::<arrow::datatypes::Float64Type>();
+            a.is_valid(r).then(|| a.value(r))
+        };
+        let exact_at = |c: usize, r: usize, float: Option<f64>| -> Result<ExactSum, OperatorError> {
+            let a = state.column(c).as_fixed_size_binary();
+            let bytes: [u8; 16] = if a.is_valid(r) {
+                a.value(r).try_into().map_err(|_| bad("an exact sum is not 16 bytes".into()))?
+            } else {
+                [0; 16]
+            };
+            Ok(ExactSum::from_parts(bytes, float))
+        };
         for r in 0..state.num_rows() {
             let g = if self.plan.keys.is_empty() { 0 } else { self.group_id(parser.parse(keys.value(r))) };
             let aggs = &self.plan.aggs;
@@ -693,27 +716,64 @@ impl Operator for Window {
             w.groups.push(g);
             for (a, acc) in w.accs.iter_mut().enumerate() {
                 acc.push_slot();
-                let x = state.column(2 + 3 * a).as_primitive::<arrow::datatypes::Float64Type>().value(r);
-                let y = state.column(3 + 3 * a).as_primitive::<arrow::datatypes::Float64Type>().value(r);
+                let base = 2 + SNAPSHOT_COLUMNS * a;
+                let (x, y) = (f64_at(base, r), f64_at(base + 1, r));
                 match acc {
-                    Acc::Count(c) => c[slot] = x as i64,
+                    Acc::Count(c) => c[slot] = x.unwrap_or(0.0) as i64,
                     Acc::Sum(s, k) => {
-                        s[slot] = x;
-                        k[slot] = y as u64;
+                        s[slot] = exact_at(base + 2, r, x)?;
+                        k[slot] = y.unwrap_or(0.0) as u64;
                     }
-                    Acc::Min(m) | Acc::Max(m) => m[slot] = x,
+                    Acc::Min(m) => m[slot] = x.unwrap_or(f64::INFINITY),
+                    Acc::Max(m) => m[slot] = x.unwrap_or(f64::NEG_INFINITY),
                     Acc::Values(v) => {
-                        let l = state.column(4 + 3 * a).as_list::<i32>();
+                        let l = state.column(base + 4).as_list::<i32>();
                         let vals = l.value(r);
                         v[slot] = vals.as_primitive::<Float32Type>().values().to_vec();
                     }
                     Acc::Weighted(p, q) => {
-                        p[slot] = x;
-                        q[slot] = y;
+                        p[slot] = exact_at(base + 2, r, x)?;
+                        q[slot] = exact_at(base + 3, r, y)?;
                     }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Snapshot columns per aggregate: x, y, exact x, exact y, values.
+const SNAPSHOT_COLUMNS: usize = 5;
+
+/// One aggregate's snapshot columns being built.
+#[derive(Default)]
+struct SnapshotCells {
+    x: Vec<Option<f64>>,
+    y: Vec<Option<f64>>,
+    exact_x: Vec<Option<[u8; 16]>>,
+    exact_y: Vec<Option<[u8; 16]>>,
+    values: Vec<Option<Vec<Option<f32>>>>,
+}
+
+impl SnapshotCells {
+    fn push(&mut self, acc: &Acc, slot: usize) {
+        let (x, y, ex, ey, l) = match acc {
+            Acc::Count(c) => (Some(c[slot] as f64), None, None, None, None),
+            Acc::Sum(s, k) => {
+                let (fixed, float) = s[slot].to_parts();
+                (float, Some(k[slot] as f64), Some(fixed), None, None)
+            }
+            Acc::Min(m) | Acc::Max(m) => (Some(m[slot]), None, None, None, None),
+            Acc::Values(v) => (None, None, None, None, Some(v[slot].iter().map(|x| Some(*x)).collect())),
+            Acc::Weighted(p, q) => {
+                let ((fp, xp), (fq, xq)) = (p[slot].to_parts(), q[slot].to_parts());
+                (xp, xq, Some(fp), Some(fq), None)
+            }
+        };
+        self.x.push(x);
+        self.y.push(y);
+        self.exact_x.push(ex);
+        self.exact_y.push(ey);
+        self.values.push(l);
     }
 }

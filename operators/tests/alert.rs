@@ -196,7 +196,8 @@ fn a_silent_location_is_resolved_as_stale_and_nulls_change_nothing() {
     op.on_watermark(5 * MIN, &mut out).unwrap();
     assert!(events(&mut out).is_empty());
     op.on_watermark(12 * MIN, &mut out).unwrap();
-    assert_eq!(events(&mut out), vec![ev("s1", "resolved", 12)]);
+    // resolved when it went stale (its last row plus `stale_after`), not when that was noticed
+    assert_eq!(events(&mut out), vec![ev("s1", "resolved", 10)]);
     // a stale resolve starts the cooldown too (none configured here: it may reopen at once)
     let e = run(&mut op, &[("s1", 13, Some(0.95))]);
     assert_eq!(e, vec![ev("s1", "open", 13)]);
@@ -208,6 +209,25 @@ fn a_silent_location_is_resolved_as_stale_and_nulls_change_nothing() {
         "quiet after a stale resolve"
     );
     assert_eq!(run(&mut op, &[("s1", 43, Some(0.95))]), vec![ev("s1", "open", 43)]);
+}
+
+#[test]
+fn staleness_does_not_depend_on_whether_the_watermark_or_the_next_row_comes_first() {
+    // a location silent for longer than `stale_after`, then a new row: whether a watermark
+    // past the stale moment arrived between the two or not, the events are the same
+    let cfg = "raise: 0.9\nstale_after: 10m\ncooldown: 5m\n";
+    let (mut a, _) = rule(cfg);
+    let mut e1 = run(&mut a, &[("s1", 0, Some(0.95))]);
+    let mut out = Collector::new(1);
+    a.on_watermark(20 * MIN, &mut out).unwrap();
+    e1.extend(events(&mut out));
+    e1.extend(run(&mut a, &[("s1", 21, Some(0.95))]));
+    let (mut b, _) = rule(cfg);
+    let mut e2 = run(&mut b, &[("s1", 0, Some(0.95)), ("s1", 21, Some(0.95))]);
+    b.on_watermark(20 * MIN, &mut out).unwrap();
+    e2.extend(events(&mut out));
+    assert_eq!(e1, e2);
+    assert_eq!(e1, vec![ev("s1", "open", 0), ev("s1", "resolved", 10), ev("s1", "open", 21)]);
 }
 
 #[test]
@@ -271,7 +291,8 @@ fn a_live_level_on_the_threshold_board_overrides_the_configured_one_and_can_be_r
     )
     .unwrap();
     let board = citystream_operators::alert::ThresholdBoard::default();
-    let ctx = BuildContext { stage: "a".into(), metrics: Metrics::new(), thresholds: board.clone() };
+    let ctx =
+        BuildContext { stage: "a".into(), metrics: Metrics::new(), thresholds: board.clone(), ..Default::default() };
     let mut op = cfg.build(&schema(), &ctx).unwrap();
     // 0.92 opens at s1 under the configured 0.9
     assert_eq!(

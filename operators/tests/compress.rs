@@ -119,3 +119,68 @@ proptest! {
         prop_assert!(worst <= 1.0 + 1e-9, "{method}: worst error {worst} x tolerance");
     }
 }
+
+/// Feeds `batches` (a watermark `lag` behind the newest ts after each), snapshotting and
+/// restoring into a fresh operator after batch `cut`; returns the kept readings, sorted.
+fn run_restored(cfg: &CompressConfig, batches: &[Vec<Reading>], lag: i64, cut: usize) -> Vec<(String, i64)> {
+    use citystream_operators::Collector;
+    let mut op = build(cfg);
+    let mut c = Collector::new(2);
+    let mut max_ts = i64::MIN;
+    for (i, b) in batches.iter().enumerate() {
+        if i == cut {
+            let state = op.snapshot().unwrap().unwrap();
+            op = build(cfg);
+            op.restore(state).unwrap();
+            if max_ts != i64::MIN {
+                op.on_watermark(max_ts - lag, &mut c).unwrap();
+            }
+        }
+        if b.is_empty() {
+            continue;
+        }
+        op.process_batch(batch(b), &mut c).unwrap();
+        max_ts = max_ts.max(b.iter().map(|r| r.ts).max().unwrap());
+        op.on_watermark(max_ts - lag, &mut c).unwrap();
+    }
+    op.on_end(&mut c).unwrap();
+    let mut kept: Vec<(String, i64)> = c.port(0).iter().flat_map(readings).map(|r| (r.sensor, r.ts)).collect();
+    kept.sort();
+    kept
+}
+
+proptest! {
+    #[test]
+    fn a_restore_anywhere_and_any_batching_keep_the_same_rows(
+        rows in series(),
+        split_a in 1usize..50,
+        split_b in 1usize..50,
+        cut in 0usize..20,
+        shuffle_seed in any::<u64>(),
+    ) {
+        let c = cfg("swinging_door", 0.5, 0.0);
+        let mut delivered = rows.clone();
+        delivered.sort_by_key(|r| r.ts + ((r.ts as u64 ^ shuffle_seed) % 60_000) as i64);
+        let a: Vec<Vec<Reading>> = delivered.chunks(split_a).map(<[Reading]>::to_vec).collect();
+        let b: Vec<Vec<Reading>> = delivered.chunks(split_b).map(<[Reading]>::to_vec).collect();
+        let reference = run_restored(&c, &a, 60_000, usize::MAX);
+        prop_assert_eq!(&run_restored(&c, &b, 60_000, usize::MAX), &reference, "another batching");
+        prop_assert_eq!(&run_restored(&c, &a, 60_000, cut.min(a.len())), &reference, "restored after batch {}", cut);
+    }
+}
+
+#[test]
+fn a_series_silent_past_max_gap_releases_its_undecided_row_and_the_output_watermark() {
+    // two readings, then silence: the second is undecided until the next reading, unless the
+    // silence exceeds max_gap (then it is kept whatever comes)
+    let c: CompressConfig = yaml("key: [sensor_id]\nfields:\n  value: {abs: 1.0}\nmax_gap: 10m\n");
+    let mut op = build(&c);
+    let mut out = citystream_operators::Collector::new(2);
+    op.process_batch(batch(&[r("a", "s", 0, 1.0), r("b", "s", 60_000, 1.0)]), &mut out).unwrap();
+    op.on_watermark(120_000, &mut out).unwrap();
+    assert_eq!(out.port(0).iter().map(|b| b.num_rows()).sum::<usize>(), 1, "the first is kept, the second undecided");
+    assert_eq!(op.output_watermark(120_000), 59_999, "held back by the undecided row");
+    op.on_watermark(60_000 + 10 * 60_000 + 1, &mut out).unwrap();
+    assert_eq!(out.port(0).iter().map(|b| b.num_rows()).sum::<usize>(), 2, "kept once max_gap passed");
+    assert_eq!(op.output_watermark(700_001), 700_001);
+}

@@ -17,11 +17,14 @@ use crate::wire::{self, Contract};
 /// Tunables of decoding and validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeOptions {
-    /// Reject events whose `ts` is more than this many milliseconds *after* processing time
-    /// (`None`: no bound). Default: 5 minutes, for clock skew between devices.
+    /// Reject events whose `ts` is more than this many milliseconds *after* the message's
+    /// arrival time (`received_at`: for Kafka, when the message reached the broker unless that
+    /// is ahead of our clock; `None`: no bound). Default: 5 minutes, for clock skew between
+    /// devices.
     pub max_future_ms: Option<i64>,
-    /// Reject events whose `ts` is more than this many milliseconds *before* processing time
-    /// (`None`: no bound). Default: 7 days, for gateways that buffer while offline.
+    /// Reject events whose `ts` is more than this many milliseconds *before* the message's
+    /// arrival time (`None`: no bound). Default: 7 days, for gateways that buffer while
+    /// offline.
     pub max_past_ms: Option<i64>,
     /// Keep at most this many bytes of a rejected payload in `dead_letters.payload`.
     /// The original length is always kept in `payload_bytes`. Default: 4096.
@@ -209,7 +212,7 @@ impl Decoder {
         {
             return Err(Reason::new(
                 ReasonCode::TimestampOutOfBounds,
-                format!("ts is {} s after processing time (bound {} s)", skew / 1000, max / 1000),
+                format!("ts is {} s after the message's arrival time (bound {} s)", skew / 1000, max / 1000),
             ));
         }
         if let Some(max) = self.options.max_past_ms
@@ -217,7 +220,7 @@ impl Decoder {
         {
             return Err(Reason::new(
                 ReasonCode::TimestampOutOfBounds,
-                format!("ts is {} s before processing time (bound {} s)", -skew / 1000, max / 1000),
+                format!("ts is {} s before the message's arrival time (bound {} s)", -skew / 1000, max / 1000),
             ));
         }
         Ok(ts)

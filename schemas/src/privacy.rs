@@ -88,6 +88,39 @@ impl Pseudonymizer {
     }
 }
 
+/// `HMAC-SHA256(secret, domain ‖ message)`, fed in pieces: a keyed digest for uses other than
+/// pseudonyms (the seed of a differentially private release's noise, for instance). `domain`
+/// separates the uses, so one secret can never give the same digest to two of them.
+#[derive(Clone)]
+pub struct KeyedDigest(HmacSha256);
+
+impl KeyedDigest {
+    /// A digest under `secret` for `domain` (e.g. `citystream/dp-noise/v1`).
+    pub fn new(secret: &[u8], domain: &str) -> Self {
+        let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+        m.update(&(domain.len() as u64).to_le_bytes());
+        m.update(domain.as_bytes());
+        Self(m)
+    }
+
+    /// Adds `bytes`, length-prefixed (so pieces cannot run into each other).
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// The 32-byte digest.
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into_bytes().into()
+    }
+}
+
+impl std::fmt::Debug for KeyedDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyedDigest")
+    }
+}
+
 /// What the camera decoder does with identifiers and images.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Privacy {
@@ -180,6 +213,20 @@ mod tests {
         assert_ne!(a, other.pseudonym("AB-CD-1234", 10), "another secret, another pseudonym");
         assert!(matches!(Pseudonymizer::new(vec![1; 16], 1), Err(SecretError::TooShort(16))));
         assert!(!format!("{p:?}").contains('7'), "Debug never shows the secret");
+    }
+
+    #[test]
+    fn keyed_digests_depend_on_key_domain_and_piece_boundaries() {
+        let d = |key: &[u8], domain: &str, parts: &[&[u8]]| {
+            let mut h = KeyedDigest::new(key, domain);
+            parts.iter().for_each(|p| h.update(p));
+            h.finish()
+        };
+        let a = d(&[1; 32], "x", &[b"ab", b"c"]);
+        assert_eq!(a, d(&[1; 32], "x", &[b"ab", b"c"]));
+        assert_ne!(a, d(&[2; 32], "x", &[b"ab", b"c"]));
+        assert_ne!(a, d(&[1; 32], "y", &[b"ab", b"c"]));
+        assert_ne!(a, d(&[1; 32], "x", &[b"a", b"bc"]), "pieces are length-prefixed");
     }
 
     #[test]

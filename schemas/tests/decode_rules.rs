@@ -166,11 +166,11 @@ fn bad_timestamps() {
     let (code, reason) = reject(EventKind::Traffic, &traffic(r#"{"ts": "2026-03-02T09:00:00Z"}"#));
     assert_eq!(
         (code.as_str(), reason.as_str()),
-        ("timestamp_out_of_bounds", "ts is 3600 s after processing time (bound 300 s)")
+        ("timestamp_out_of_bounds", "ts is 3600 s after the message's arrival time (bound 300 s)")
     );
     let (code, reason) = reject(EventKind::Traffic, &traffic(r#"{"ts": "2026-02-01T08:00:00Z"}"#));
     assert_eq!(code, "timestamp_out_of_bounds");
-    assert_eq!(reason, "ts is 2505600 s before processing time (bound 604800 s)");
+    assert_eq!(reason, "ts is 2505600 s before the message's arrival time (bound 604800 s)");
 }
 
 #[test]

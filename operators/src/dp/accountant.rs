@@ -41,7 +41,7 @@ pub enum Cost {
 }
 
 /// Spent budget of one period, as persisted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Spent {
     /// The event-time period (`floor(window_start / period)`).
     pub period: i64,
@@ -51,6 +51,11 @@ pub struct Spent {
     pub rho: f64,
     /// Releases made.
     pub releases: u64,
+    /// Releases charged in this period whose noise is a function of their content (a keyed
+    /// digest of it): releasing the same content again gives the same values and costs
+    /// nothing more (a replay after a restore).
+    #[serde(default)]
+    pub released: Vec<String>,
 }
 
 impl Spent {
@@ -117,13 +122,31 @@ impl Accountant {
     /// What has been spent in the period of `ts_ms`.
     pub fn spent_at(&self, ts_ms: i64) -> Spent {
         let period = ts_ms.div_euclid(self.period_ms);
-        if self.spent.period == period { self.spent } else { Spent { period, ..Spent::default() } }
+        if self.spent.period == period { self.spent.clone() } else { Spent { period, ..Spent::default() } }
     }
 
     /// Charges `cost` for a release at event time `ts_ms` and persists the new total (written,
     /// fsynced and renamed into place) before returning: call it before emitting the release.
     pub fn charge(&mut self, ts_ms: i64, cost: Cost) -> Result<Spent, BudgetError> {
+        self.charge_release(ts_ms, None, cost).map(|(s, _)| s)
+    }
+
+    /// Like [`charge`](Self::charge) for a release whose values are a function of `content`
+    /// (an id of the window and a keyed digest of its rows): one already charged in this
+    /// period is not charged again. Returns the spent budget and whether this call charged.
+    pub fn charge_release(
+        &mut self,
+        ts_ms: i64,
+        content: Option<&str>,
+        cost: Cost,
+    ) -> Result<(Spent, bool), BudgetError> {
         let mut next = self.spent_at(ts_ms);
+        if let Some(id) = content {
+            if next.released.iter().any(|r| r == id) {
+                return Ok((next, false));
+            }
+            next.released.push(id.to_owned());
+        }
         match cost {
             Cost::Pure { epsilon } => next.epsilon += epsilon,
             Cost::Zcdp { rho } => next.rho += rho,
@@ -140,8 +163,8 @@ impl Accountant {
             });
         }
         self.persist(&next)?;
-        self.spent = next;
-        Ok(next)
+        self.spent = next.clone();
+        Ok((next, true))
     }
 
     fn persist(&self, s: &Spent) -> Result<(), BudgetError> {
@@ -192,6 +215,25 @@ mod tests {
         assert!(matches!(b.charge(5000, Cost::Pure { epsilon: 0.25 }), Err(BudgetError::Exhausted { .. })));
         // the next day starts afresh
         assert_eq!(b.charge(day + 1, Cost::Pure { epsilon: 0.25 }).unwrap().releases, 1);
+    }
+
+    #[test]
+    fn the_same_release_replayed_is_charged_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.json");
+        let mut a = Accountant::open(&path, 1.0, 1e-6, 86_400_000).unwrap();
+        let cost = Cost::Pure { epsilon: 0.25 };
+        assert!(a.charge_release(0, Some("0:aa"), cost).unwrap().1);
+        // after a restart, the replay of the same window with the same content
+        let mut b = Accountant::open(&path, 1.0, 1e-6, 86_400_000).unwrap();
+        let (spent, charged) = b.charge_release(0, Some("0:aa"), cost).unwrap();
+        assert!(!charged && (spent.epsilon - 0.25).abs() < 1e-12 && spent.releases == 1);
+        // other content in the same window is another release
+        assert!(b.charge_release(0, Some("0:bb"), cost).unwrap().1);
+        assert!((b.spent_at(0).epsilon - 0.5).abs() < 1e-12);
+        // without a content id, every call charges
+        assert!(b.charge_release(0, None, cost).unwrap().1);
+        assert!((b.spent_at(0).epsilon - 0.75).abs() < 1e-12);
     }
 
     #[test]

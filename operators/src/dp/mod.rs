@@ -18,6 +18,14 @@
 //! Each window release is charged to the release's [`Accountant`] — persisted before the rows
 //! are emitted — and once the period's budget is spent, releases stop with an error log and the
 //! metric `citystream_dp_releases_refused_total`, never silently.
+//!
+//! With `noise_key`, the random draws of a window (contribution bounding and noise) come from
+//! ChaCha20 seeded with `HMAC-SHA256(key, release ‖ window ‖ the window's rows in a canonical
+//! order)`: the same rows give the same release, whatever order they arrived in — a backlog
+//! replay, a restore after a crash — and the accountant charges a replayed release once. Other
+//! rows give unrelated noise, as fresh noise would be to anyone without the key. The key is as
+//! sensitive as the pseudonymization secret: with it, guesses about the data can be checked
+//! against a release. Without `noise_key`, each release draws from the operating system.
 
 pub mod accountant;
 pub mod noise;
@@ -33,6 +41,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
 use serde::Deserialize;
 
 use crate::common::{as_f64, column, numeric_column, time_column, times};
@@ -162,6 +171,11 @@ pub struct DpConfig {
     /// as the watermark closes it.
     #[serde(default)]
     pub defer: Option<DeferConfig>,
+    /// The key that makes each window's noise a function of its rows (see the module docs);
+    /// absent: fresh randomness per release, so a replay releases other values and is charged
+    /// again.
+    #[serde(default)]
+    pub noise_key: Option<crate::secret::SecretConfig>,
 }
 
 /// `dp_aggregate.defer`.
@@ -246,6 +260,15 @@ impl DpConfig {
             ),
             _ => {}
         }
+        if let Some(k) = &self.noise_key {
+            if self.insecure_seed.is_some() {
+                errs.push(PlanError::new("noise_key", "give `noise_key` or `insecure_seed`, not both"));
+            } else if !k.to_be_created()
+                && let Err(e) = k.load("noise_key")
+            {
+                errs.push(e);
+            }
+        }
         if self.insecure_seed.is_some() && std::env::var(INSECURE_SEED_ENV).as_deref() != Ok("1") {
             errs.push(
                 PlanError::new("insecure_seed", "a fixed noise seed makes the noise predictable and is for tests only")
@@ -306,6 +329,7 @@ impl OperatorConfig for DpConfig {
             }
             None => StdRng::from_os_rng(),
         };
+        let noise_key = self.noise_key.as_ref().map(|k| k.load("noise_key")).transpose().map_err(|e| vec![e])?;
         let l = [("stage", ctx.stage.as_str()), ("release", self.release.as_str())];
         let m = &ctx.metrics;
         Ok(Box::new(DpAggregateOp {
@@ -313,6 +337,7 @@ impl OperatorConfig for DpConfig {
             planned,
             accountant,
             rng,
+            noise_key,
             windows: BTreeMap::new(),
             watermark: i64::MIN,
             released: m.counter("citystream_dp_releases_total", "Window releases made.", &l),
@@ -395,7 +420,9 @@ pub struct DpAggregateOp {
     cfg: DpConfig,
     planned: Planned,
     accountant: Accountant,
+    /// Randomness without a `noise_key` (the OS's, or a test seed).
     rng: StdRng,
+    noise_key: Option<Vec<u8>>,
     windows: BTreeMap<i64, Vec<Row>>,
     watermark: i64,
     released: Counter,
@@ -454,7 +481,7 @@ impl Noise {
         }
     }
 
-    fn draw(&self, rng: &mut StdRng) -> i64 {
+    fn draw(&self, rng: &mut ChaCha20Rng) -> i64 {
         match self.mechanism {
             Mechanism::Laplace => noise::discrete_laplace_rational(rng, self.a, self.b),
             Mechanism::Gaussian => noise::discrete_gaussian(rng, self.a, self.b),
@@ -463,11 +490,30 @@ impl Noise {
 }
 
 impl DpAggregateOp {
+    /// The generator of one window's draws and, with a `noise_key`, the id of its content.
+    fn window_rng(&mut self, start: i64, rows: &[(String, String, f64)]) -> (ChaCha20Rng, Option<String>) {
+        let Some(key) = &self.noise_key else { return (ChaCha20Rng::from_rng(&mut self.rng), None) };
+        let mut h = citystream_schemas::privacy::KeyedDigest::new(key, "citystream/dp-release/v1");
+        h.update(self.cfg.release.as_bytes());
+        h.update(&start.to_le_bytes());
+        for (u, p, v) in rows {
+            h.update(u.as_bytes());
+            h.update(p.as_bytes());
+            h.update(&v.to_bits().to_le_bytes());
+        }
+        let seed = h.finish();
+        let id = seed[..16].iter().map(|b| format!("{b:02x}")).collect::<String>();
+        (ChaCha20Rng::from_seed(seed), Some(format!("{start}:{id}")))
+    }
+
     fn release(&mut self, start: i64, rows: Vec<Row>, out: &mut Collector) -> Result<(), OperatorError> {
+        let mut raw: Vec<(String, String, f64)> = rows.into_iter().map(|r| (r.unit, r.partition, r.value)).collect();
+        // a canonical order: what is drawn must not depend on the order rows arrived in
+        raw.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)).then(a.2.total_cmp(&b.2)));
+        let (mut rng, content) = self.window_rng(start, &raw);
         let cfg = &self.cfg;
         let (l0, linf) = (cfg.max_partitions, cfg.max_contributions);
-        let raw: Vec<(String, String, f64)> = rows.into_iter().map(|r| (r.unit, r.partition, r.value)).collect();
-        let (kept, cut) = bound_contributions(raw, l0, linf, &mut self.rng);
+        let (kept, cut) = bound_contributions(raw, l0, linf, &mut rng);
         self.bounded_out.inc_by(cut as u64);
         let g = cfg.granularity();
         let [lo, hi] = cfg.bounds.unwrap_or([0.0, 1.0]);
@@ -476,9 +522,11 @@ impl DpAggregateOp {
         let mut count: BTreeMap<String, i64> = BTreeMap::new();
         let mut sum: BTreeMap<String, i64> = BTreeMap::new();
         for (_, p, v) in &kept {
-            *count.entry(p.clone()).or_default() += 1;
+            let c = count.entry(p.clone()).or_default();
+            *c = c.saturating_add(1);
             let k = (v.clamp(lo, hi) / g).round() as i64;
-            *sum.entry(p.clone()).or_default() += k;
+            let e = sum.entry(p.clone()).or_default();
+            *e = e.saturating_add(k);
         }
         let partitions: Vec<String> = match &cfg.partitions.public {
             Some(list) => {
@@ -503,8 +551,8 @@ impl DpAggregateOp {
             _ => unreachable!("both halves use one mechanism"),
         };
         // charge (and persist) before anything is emitted
-        match self.accountant.charge(start, cost) {
-            Ok(spent) => {
+        match self.accountant.charge_release(start, content.as_deref(), cost) {
+            Ok((spent, _)) => {
                 self.spent.set(spent.epsilon_at(self.accountant.delta));
                 self.released.inc();
             }
@@ -532,12 +580,12 @@ impl DpAggregateOp {
         for p in partitions {
             let c = *count.get(&p).unwrap_or(&0);
             let s = *sum.get(&p).unwrap_or(&0);
-            let noisy_c = c + count_noise.draw(&mut self.rng);
+            let noisy_c = c.saturating_add(count_noise.draw(&mut rng));
             let (value, bound) = match cfg.aggregate {
                 DpAggregate::Count => (noisy_c as f64, count_noise.bound95),
-                DpAggregate::Sum => ((s + sum_noise.draw(&mut self.rng)) as f64 * g, sum_noise.bound95 * g),
+                DpAggregate::Sum => (s.saturating_add(sum_noise.draw(&mut rng)) as f64 * g, sum_noise.bound95 * g),
                 DpAggregate::Mean => {
-                    let noisy_s = (s + sum_noise.draw(&mut self.rng)) as f64 * g;
+                    let noisy_s = s.saturating_add(sum_noise.draw(&mut rng)) as f64 * g;
                     let n = (noisy_c as f64).max(1.0);
                     let mean = (noisy_s / n).clamp(lo, hi);
                     (mean, ((sum_noise.bound95 * g + mean.abs() * count_noise.bound95) / n).min(hi - lo))
@@ -673,6 +721,16 @@ impl Operator for DpAggregateOp {
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         self.watermark = self.watermark.max(watermark);
         self.close_until(self.watermark, false, out)
+    }
+
+    /// Held windows come out later with their own `window_end`: the output watermark stays
+    /// behind the earliest window still held.
+    fn output_watermark(&self, input: i64) -> i64 {
+        let size = self.cfg.window.as_millis_i64();
+        match self.windows.keys().next() {
+            Some(start) => input.min(start.saturating_add(size).saturating_sub(1)),
+            None => input,
+        }
     }
 
     /// At every checkpoint a deferring stage looks at the grid again: held windows go out in a
