@@ -41,6 +41,11 @@ enum Command {
         /// Override the simulated span, e.g. `6h`, `2d`.
         #[arg(long)]
         duration: Option<citystream_operators::Duration>,
+        /// First simulated instant: RFC 3339 text or `now`. Default: the config's start, or with
+        /// `--kafka` the span that ends at the current minute (so the events are recent and none
+        /// lies in the future: the shipped configs accept them on any date).
+        #[arg(long)]
+        start: Option<String>,
         /// Output folder: `traffic.jsonl`, `camera.jsonl`, `environment.jsonl` and the ground truth.
         #[arg(long, default_value = "data/sim")]
         out: PathBuf,
@@ -206,8 +211,19 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "kafka")]
-        Command::Simulate { config, seed, duration, out, kafka: Some(brokers), rate } => {
-            let cfg = simulator_config(config.as_deref(), seed, duration)?;
+        Command::Simulate { config, seed, duration, start, out, kafka: Some(brokers), rate } => {
+            let mut cfg = simulator_config(config.as_deref(), seed, duration, start.as_deref())?;
+            if start.is_none() {
+                // the span that ends now: recent events, none in the future
+                let now = chrono::Utc::now().timestamp_millis();
+                let end = now - now.rem_euclid(60_000);
+                cfg.start = citystream_pipeline::simulator::StartTime(Some(end - cfg.duration.as_millis_i64()));
+            }
+            eprintln!(
+                "simulating {} to {} into Kafka at {brokers}",
+                citystream_pipeline::simulator::rfc3339(cfg.start.0.unwrap_or_default()),
+                citystream_pipeline::simulator::rfc3339(cfg.start.0.unwrap_or_default() + cfg.duration.as_millis_i64())
+            );
             let t0 = std::time::Instant::now();
             let (report, produced) = citystream_pipeline::kafka::produce::simulate_into(
                 &brokers,
@@ -229,9 +245,13 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "kafka")]
-        Command::Simulate { config, seed, duration, out, .. } => simulate(config.as_deref(), seed, duration, &out),
+        Command::Simulate { config, seed, duration, start, out, .. } => {
+            simulate(simulator_config(config.as_deref(), seed, duration, start.as_deref())?, &out)
+        }
         #[cfg(not(feature = "kafka"))]
-        Command::Simulate { config, seed, duration, out } => simulate(config.as_deref(), seed, duration, &out),
+        Command::Simulate { config, seed, duration, start, out } => {
+            simulate(simulator_config(config.as_deref(), seed, duration, start.as_deref())?, &out)
+        }
         Command::Compact { data, target_mb, min_age, all_committed } => {
             use citystream_pipeline::sink::compact::{CompactOptions, Positioned};
             let opts = CompactOptions {
@@ -565,7 +585,7 @@ fn train_dict(
     level: i32,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let cfg = simulator_config(config, seed, Some(duration))?;
+    let cfg = simulator_config(config, seed, Some(duration), None)?;
     let thumbs = simulated_thumbnails(cfg)?;
     anyhow::ensure!(thumbs.len() >= 100, "only {} thumbnails in {duration}: simulate longer", thumbs.len());
     // train on every 5th thumbnail but one; measure on the rest it never saw
@@ -600,6 +620,7 @@ fn simulator_config(
     config: Option<&Path>,
     seed: Option<u64>,
     duration: Option<citystream_operators::Duration>,
+    start: Option<&str>,
 ) -> anyhow::Result<SimulatorConfig> {
     let mut cfg = match config {
         Some(path) => {
@@ -621,16 +642,13 @@ fn simulator_config(
     if let Some(d) = duration {
         cfg.duration = d;
     }
+    if let Some(s) = start {
+        cfg.start = citystream_pipeline::simulator::StartTime::parse(s).map_err(anyhow::Error::msg)?;
+    }
     Ok(cfg)
 }
 
-fn simulate(
-    config: Option<&Path>,
-    seed: Option<u64>,
-    duration: Option<citystream_operators::Duration>,
-    out: &Path,
-) -> anyhow::Result<()> {
-    let cfg = simulator_config(config, seed, duration)?;
+fn simulate(cfg: SimulatorConfig, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut files = citystream_schemas::EventKind::ALL.map(|k| {
         let p = out.join(format!("{k}.jsonl"));

@@ -48,6 +48,17 @@ pub fn status_line(m: &Metrics, prev: &mut (Instant, f64, f64)) -> String {
         "in {:.0} ev/s, out {:.0} rows/s | total in {} out {} dead letters {}",
         rate_in, rate_out, t.events_in as u64, t.rows_out as u64, t.dead as u64
     );
+    // the share of each stage's input it routed late: a spike shows at once
+    let late: Vec<(String, f64)> =
+        m.series("citystream_late_events_total").into_iter().filter(|(_, v)| *v > 0.0).collect();
+    if !late.is_empty() {
+        s.push_str(" | late");
+        for (labels, v) in late {
+            let stage = labels.trim_start_matches("stage=\"").trim_end_matches('"');
+            let rows = m.value("citystream_stage_rows_in_total", &[("stage", stage)]).unwrap_or(0.0).max(1.0);
+            let _ = write!(s, " {stage}={:.2}%", 100.0 * v / rows);
+        }
+    }
     let lag = m.series("citystream_kafka_consumer_lag");
     if !lag.is_empty() {
         let _ = write!(s, " | kafka lag {:.0}", lag.iter().map(|(_, v)| v).sum::<f64>());
@@ -87,9 +98,17 @@ mod tests {
         m.gauge("citystream_kafka_consumer_lag", "", &[("partition", "0")]).set(7.0);
         m.gauge("citystream_kafka_consumer_lag", "", &[("partition", "1")]).set(5.0);
         m.gauge("citystream_queue_depth", "", &[("task", "traffic")]).set(3.0);
+        m.counter("citystream_stage_rows_in_total", "", &[("stage", "traffic")]).inc_by(400);
+        m.counter("citystream_late_events_total", "", &[("stage", "traffic")]).inc_by(3);
+        m.counter("citystream_late_events_total", "", &[("stage", "windows")]);
         let mut prev = (Instant::now() - Duration::from_secs(2), 0.0, 0.0);
         let line = status_line(&m, &mut prev);
-        assert!(line.contains("| total in 100 out 90 dead letters 10 | kafka lag 12 | queues traffic=3"), "{line}");
+        assert!(
+            line.contains(
+                "| total in 100 out 90 dead letters 10 | late traffic=0.75% | kafka lag 12 | queues traffic=3"
+            ),
+            "{line}"
+        );
         assert!(line.starts_with("in ") && line.contains(" ev/s, out "), "{line}");
     }
 

@@ -19,6 +19,7 @@ sinks:
     tables:
       traffic: traffic
       dead_letters: traffic.dead_letters
+      late: traffic.late_events
 ";
 
 /// Loads and plans `text`; returns the single error as `line:col: path: message` (+ help).
@@ -39,7 +40,7 @@ fn the_good_config_plans() {
     let p = plan(raw, "good.yaml").unwrap();
     assert_eq!(
         p.describe(),
-        "pipeline citystream\n  source city (simulator) -> traffic, camera, environment\n  stage traffic (decode) <- city.traffic -> main [12 cols], dead_letters [9 cols]\n  sink lake table dead_letters <- traffic.dead_letters\n  sink lake table traffic <- traffic\n"
+        "pipeline citystream\n  source city (simulator) -> traffic, camera, environment\n  stage traffic (decode) <- city.traffic -> main [12 cols], dead_letters [9 cols], late_events [12 cols]\n  sink lake table dead_letters <- traffic.dead_letters\n  sink lake table late <- traffic.late_events\n  sink lake table traffic <- traffic\n"
     );
 }
 
@@ -325,7 +326,7 @@ stages:
   hot: {{type: filter, input: dp, where: [{{column: value, op: gt, value: 100}}]}}
   alarm: {{type: alert, input: hot, rule: r, alert_type: crowd, severity: warning, value: value, raise: 1, location: segment_id}}
 sinks:
-  lake: {{type: parquet, path: /tmp/x, tables: {{t: traffic, d: traffic.dead_letters, dp: dp, late: dp.late_events, a: alarm}}}}
+  lake: {{type: parquet, path: /tmp/x, tables: {{t: traffic, d: traffic.dead_letters, dp: dp, late: [traffic.late_events, dp.late_events], a: alarm}}}}
 runtime:
   energy: {{path: /tmp/x, carbon_g_per_kwh: 300}}
 {policy}"
@@ -349,10 +350,8 @@ fn deferred_dp_releases_need_the_carbon_policy_and_respect_the_alert_floor() {
 
 #[test]
 fn daily_tables_must_be_tables_of_the_sink() {
-    let text = GOOD.replace(
-        "      dead_letters: traffic.dead_letters\n",
-        "      dead_letters: traffic.dead_letters\n    daily: [dead_leters]\n",
-    );
+    let text = GOOD
+        .replace("      late: traffic.late_events\n", "      late: traffic.late_events\n    daily: [dead_leters]\n");
     let e = error_of(&text);
     assert!(e.contains("sinks.lake.daily[0]: no table `dead_leters` in this sink"), "{e}");
     assert!(e.contains("did you mean `dead_letters`?"), "{e}");
@@ -367,7 +366,7 @@ stages:
   traffic: {type: decode, input: k.traffic, kind: traffic}
   camera: {type: decode, input: k.camera, kind: camera}
 sinks:
-  lake: {type: parquet, path: /tmp/x, tables: {t: traffic, c: camera, d: [traffic.dead_letters, camera.dead_letters]}}
+  lake: {type: parquet, path: /tmp/x, tables: {t: traffic, c: camera, d: [traffic.dead_letters, camera.dead_letters], tl: traffic.late_events, cl: camera.late_events}}
 ";
     let e = error_of(text);
     assert!(

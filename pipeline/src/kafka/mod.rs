@@ -64,6 +64,9 @@ fn d_idle() -> Duration {
 fn d_ooo() -> Duration {
     Duration::from_secs(120)
 }
+fn d_drift() -> Option<Duration> {
+    Some(Duration::from_secs(600))
+}
 
 /// YAML of a `kafka` source.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,14 +90,22 @@ pub struct KafkaSourceConfig {
     /// the data before it durable. Default `5s`.
     #[serde(default = "d_checkpoint")]
     pub checkpoint_interval: Duration,
-    /// Watermark lag behind the newest message timestamp. Default `2m`.
+    /// How far behind the newest event of its partition an event may arrive and still be on
+    /// time; a partition's watermark trails its newest event time (from the payload's `ts`,
+    /// read by `decode`) by this much. Default `2m`.
     #[serde(default = "d_ooo")]
     pub max_out_of_orderness: Duration,
-    /// A partition with no message for this long stops holding the watermark back (one
-    /// silent sensor or empty partition must not stall the city); it counts again with its
-    /// next message. Default `30s`.
+    /// A partition that is caught up with its log end and has had no message for this long
+    /// stops holding the watermark back (one silent sensor or empty partition must not stall
+    /// the city); it counts again with its next message. A partition with messages left to
+    /// read always holds it. Default `30s`.
     #[serde(default = "d_idle")]
     pub idle_partition_timeout: Duration,
+    /// Watermark alignment: while catching up, a partition whose event time runs further ahead
+    /// of the slowest one is paused until the slowest is within half of this, so windows and
+    /// deduplication hold a bounded span of event time; `null` turns it off. Default `10m`.
+    #[serde(default = "d_drift")]
+    pub max_drift: Option<Duration>,
     /// End the source after no message arrived for this long (bounded runs and tests);
     /// absent: run until stopped.
     #[serde(default)]
@@ -156,19 +167,8 @@ pub mod produce {
         let mut step = Vec::new();
         let mut inflight = Vec::with_capacity(4096);
         let mut produced = 0u64;
-        let ts_of = |payload: &[u8], fallback: i64| -> i64 {
-            // the event time is the message timestamp when the payload has one we can read
-            serde_json::from_slice::<serde_json::Value>(payload)
-                .ok()
-                .and_then(|v| match &v["ts"] {
-                    serde_json::Value::Number(n) => n.as_i64(),
-                    serde_json::Value::String(s) => {
-                        chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
-                    }
-                    _ => None,
-                })
-                .unwrap_or(fallback)
-        };
+        // the event time is the message timestamp when the payload has one we can read
+        let ts_of = |payload: &[u8], fallback: i64| -> i64 { event_time(payload).unwrap_or(fallback) };
         while sim.step(&mut step) {
             for m in step.drain(..) {
                 let Some(topic) = topics_for(topics, m.kind) else { continue };
@@ -193,6 +193,15 @@ pub mod produce {
         }
         rdkafka::producer::Producer::flush(&producer, StdDuration::from_secs(60))?;
         Ok((sim.report(), produced))
+    }
+
+    /// The `ts` of a JSON event (UTC ms, or RFC 3339 text), if it has a readable one.
+    pub fn event_time(payload: &[u8]) -> Option<i64> {
+        serde_json::from_slice::<serde_json::Value>(payload).ok().and_then(|v| match &v["ts"] {
+            serde_json::Value::Number(n) => n.as_i64(),
+            serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis()),
+            _ => None,
+        })
     }
 
     fn topics_for(t: &crate::kafka::KafkaTopics, kind: citystream_schemas::EventKind) -> Option<&str> {

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use citystream_operators::event_time::EventClock;
 use citystream_operators::{BuildContext, Message, Metrics, OperatorError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -70,6 +71,24 @@ impl Outputs {
     pub(crate) async fn broadcast(&self, msg: Message) -> Result<(), PipelineError> {
         for p in 0..self.ports.len() {
             self.send(p, msg.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// [`send`](Self::send) from a thread outside the async runtime (a source's own thread):
+    /// blocks while the channel is full.
+    pub(crate) fn blocking_send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
+        for e in &self.ports[port] {
+            e.tx.blocking_send(Envelope { input: e.input, msg: msg.clone() })
+                .map_err(|_| PipelineError::Disconnected)?;
+        }
+        Ok(())
+    }
+
+    /// [`broadcast`](Self::broadcast) from a thread outside the async runtime.
+    pub(crate) fn blocking_broadcast(&self, msg: Message) -> Result<(), PipelineError> {
+        for p in 0..self.ports.len() {
+            self.blocking_send(p, msg.clone())?;
         }
         Ok(())
     }
@@ -378,9 +397,19 @@ pub async fn run_with_reload(
     let mut retune_senders = BTreeMap::new();
     // live alert levels: the control center calibrates, the alert rules read
     let thresholds = citystream_operators::alert::ThresholdBoard::default();
+    let clocks = event_clocks(&plan);
     let mut stateful: Vec<&str> = Vec::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
-        let ctx = BuildContext { stage: st.name.clone(), metrics: metrics.clone(), thresholds: thresholds.clone() };
+        let event_clock = match (&st.op, st.inputs.as_slice()) {
+            (crate::config::OperatorSpec::Decode(_), [r]) => clocks.get(&(r.node.clone(), r.port)).cloned(),
+            _ => None,
+        };
+        let ctx = BuildContext {
+            stage: st.name.clone(),
+            metrics: metrics.clone(),
+            thresholds: thresholds.clone(),
+            event_clock,
+        };
         let mut op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
             stage: st.name.clone(),
             message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
@@ -434,11 +463,14 @@ pub async fn run_with_reload(
         let name = src.name.clone();
         let stop = stop.clone();
         let metrics = metrics.clone();
+        let port_clocks: Vec<Option<EventClock>> =
+            (0..src.outputs.len()).map(|p| clocks.get(&(src.name.clone(), p)).cloned()).collect();
         match &src.config {
             SourceConfig::Simulator(cfg) => {
                 let cfg = (**cfg).clone();
                 tasks.spawn(async move {
-                    let (messages, sim) = sources::run_simulator(&name, cfg, outputs, stop, &metrics).await?;
+                    let (messages, sim) =
+                        sources::run_simulator(&name, cfg, outputs, port_clocks, stop, &metrics).await?;
                     Ok(Finished::Source { name, messages, sim: Some(sim) })
                 });
             }
@@ -456,6 +488,7 @@ pub async fn run_with_reload(
                         outputs,
                         acks,
                         crate::kafka::Recovery { sink_roots: roots, commits, state },
+                        port_clocks,
                         stop,
                         &metrics,
                     )
@@ -592,6 +625,23 @@ pub async fn run_with_reload(
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// One event-time clock per source output that a `decode` stage reads (see
+/// [`citystream_operators::event_time`]), keyed by (source, port).
+fn event_clocks(plan: &PipelinePlan) -> BTreeMap<(String, usize), EventClock> {
+    let mut clocks = BTreeMap::new();
+    for st in &plan.stages {
+        let (crate::config::OperatorSpec::Decode(_), [r]) = (&st.op, st.inputs.as_slice()) else { continue };
+        let Some(src) = plan.sources.iter().find(|s| s.name == r.node) else { continue };
+        let lag = match &src.config {
+            SourceConfig::Simulator(c) => c.max_out_of_orderness,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => c.max_out_of_orderness,
+        };
+        clocks.entry((r.node.clone(), r.port)).or_insert_with(|| EventClock::new(lag.as_millis_i64()));
+    }
+    clocks
 }
 
 /// Whether rows reaching `node` pass through a stage that holds rows and emits them after newer

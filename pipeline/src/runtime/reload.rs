@@ -162,7 +162,7 @@ sinks:
   lake:
     type: parquet
     path: /tmp/x
-    tables: {t: slow, d: traffic.dead_letters, w: w, l: w.late_events}
+    tables: {t: slow, d: traffic.dead_letters, w: w, l: [traffic.late_events, w.late_events]}
 ";
 
     fn p(text: &str) -> PipelinePlan {

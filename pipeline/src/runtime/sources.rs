@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use citystream_operators::event_time::EventClock;
 use citystream_operators::{Message, Metrics};
 use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
@@ -27,12 +28,14 @@ async fn hand_on(builders: &mut [RawBatchBuilder], outputs: &Outputs, min_rows: 
     Ok(sent)
 }
 
-/// Runs the embedded simulator as a source: one raw stream per event kind, in arrival order,
-/// with watermarks trailing the simulated clock by `max_out_of_orderness`.
+/// Runs the embedded simulator as a source: one raw stream per event kind (one partition, 0),
+/// in arrival order. Each stream's watermark is its partition's on the stream's event clock:
+/// the newest event time its `decode` stage has seen, minus `max_out_of_orderness`.
 pub(crate) async fn run_simulator(
     name: &str,
     cfg: SimulatorConfig,
     outputs: Outputs,
+    clocks: Vec<Option<EventClock>>,
     mut stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<(u64, SimReport), PipelineError> {
@@ -40,7 +43,6 @@ pub(crate) async fn run_simulator(
     let ground_truth = cfg.ground_truth.clone();
     let batch_rows = cfg.batch_rows.max(1);
     let speed = cfg.speed;
-    let lag = cfg.max_out_of_orderness.as_millis_i64();
     let mut sim = Simulation::new(cfg, now_ms);
     if let Some(dir) = &ground_truth {
         let dir = std::path::PathBuf::from(dir.as_str());
@@ -77,7 +79,7 @@ pub(crate) async fn run_simulator(
     let wall0 = Instant::now();
     let sim0 = sim.start_ms();
     let mut pending: Vec<SimMessage> = Vec::new();
-    let mut last_wm = i64::MIN;
+    let mut last_wm = vec![i64::MIN; clocks.len()];
     // false once every StopHandle is gone (then `changed` would return at once, forever)
     let mut stop_open = true;
     loop {
@@ -110,13 +112,21 @@ pub(crate) async fn run_simulator(
         let min_rows = if !more || matches!(speed, Speed::Factor(_)) { 1 } else { batch_rows };
         total += hand_on(&mut builders, &outputs, min_rows).await?;
         sim_clock.set(sim.now_ms() as f64);
-        let wm = sim.now_ms() - lag;
-        if wm > last_wm && more {
-            // a watermark promises that nothing at or before it follows: hand on every row
-            // read so far first, including partly filled batches of the quieter streams
+        let moved: Vec<(usize, i64)> = clocks
+            .iter()
+            .enumerate()
+            .filter_map(|(p, c)| {
+                c.as_ref().and_then(|c| c.watermark(0)).filter(|wm| *wm > last_wm[p]).map(|wm| (p, wm))
+            })
+            .collect();
+        if !moved.is_empty() && more {
+            // hand on every row read so far first, including partly filled batches of the
+            // quieter streams, so their events are not held back behind the watermark
             total += hand_on(&mut builders, &outputs, 1).await?;
-            last_wm = wm;
-            outputs.broadcast(Message::Watermark(wm)).await?;
+            for (p, wm) in moved {
+                last_wm[p] = wm;
+                outputs.send(p, Message::Watermark(wm)).await?;
+            }
         }
         if !more {
             break;

@@ -27,6 +27,8 @@ pub(crate) struct StageTask {
     batches_in: Counter,
     rows_out: Vec<Counter>,
     bytes_out: Vec<Counter>,
+    /// Rows routed to a `late_events` port (one counter per port, `None` for other ports).
+    late: Vec<Option<Counter>>,
     cpu_ns: Counter,
     /// New configurations to apply live (see [`super::reload`]).
     retune: Option<watch::Receiver<Option<Arc<OperatorSpec>>>>,
@@ -65,7 +67,21 @@ impl StageTask {
                 )
             })
             .collect();
+        let late = op
+            .outputs()
+            .iter()
+            .map(|o| {
+                (o.name == "late_events").then(|| {
+                    metrics.counter(
+                        "citystream_late_events_total",
+                        "Rows a stage routed late (behind the watermark it must honour).",
+                        &[("stage", name.as_str())],
+                    )
+                })
+            })
+            .collect();
         Self {
+            late,
             rows_in: metrics.counter("citystream_stage_rows_in_total", "Rows received by a stage.", &l),
             bytes_in: metrics.counter("citystream_stage_bytes_in_total", "Arrow bytes received by a stage.", &l),
             batches_in: metrics.counter("citystream_stage_batches_in_total", "Batches received by a stage.", &l),
@@ -189,6 +205,9 @@ impl StageTask {
         let drained: Vec<_> = out.drain().collect();
         for (port, batch) in drained {
             self.rows_out[port].inc_by(batch.num_rows() as u64);
+            if let Some(late) = &self.late[port] {
+                late.inc_by(batch.num_rows() as u64);
+            }
             self.bytes_out[port].inc_by(super::batch_bytes(&batch));
             self.outputs.send(port, Message::Batch(batch)).await?;
         }
@@ -214,12 +233,15 @@ impl StageTask {
         let mut out = Collector::new(self.op.outputs().len());
         let mut watermarks = vec![i64::MIN; self.inputs];
         let mut current_wm = i64::MIN;
+        let mut forwarded = i64::MIN;
         if let Some(wm) = self.restored_watermark.filter(|w| *w != i64::MIN) {
             // the restored state was taken at this watermark: what it closes was emitted before
             // the checkpoint, and rows behind it are late, as they were before the crash
             current_wm = wm;
             self.call(|op, out| op.on_watermark(wm, out), &mut out)?;
             self.emit(&mut out).await?;
+            // downstream stages restored their own watermark: nothing to forward
+            forwarded = self.op.output_watermark(wm);
         }
         let mut inputs = Aligner::new(self.inputs);
         loop {
@@ -241,15 +263,17 @@ impl StageTask {
                 }
                 Next::Message(input, Message::Watermark(wm)) => {
                     watermarks[input] = watermarks[input].max(wm);
-                    self.advance_watermark(&watermarks, &mut current_wm, &mut out).await?;
+                    self.advance_watermark(&watermarks, &mut current_wm, &mut forwarded, &mut out).await?;
                 }
                 Next::Message(input, Message::End) => {
                     watermarks[input] = i64::MAX;
-                    self.advance_watermark(&watermarks, &mut current_wm, &mut out).await?;
+                    self.advance_watermark(&watermarks, &mut current_wm, &mut forwarded, &mut out).await?;
                 }
                 Next::Message(_, Message::Barrier(_)) => unreachable!("the aligner reports barriers as `Aligned`"),
                 Next::Aligned(b) => {
                     self.checkpoint(b.epoch, current_wm, &mut out).await?;
+                    // what the checkpoint flushed may let the output watermark move on
+                    self.forward_watermark(current_wm, &mut forwarded).await?;
                     self.outputs.broadcast(Message::Barrier(b)).await?
                 }
                 Next::Ended if self.keep_state_at_end => {
@@ -272,6 +296,7 @@ impl StageTask {
         &mut self,
         watermarks: &[i64],
         current: &mut i64,
+        forwarded: &mut i64,
         out: &mut Collector,
     ) -> Result<(), PipelineError> {
         let min = watermarks.iter().copied().min().unwrap_or(i64::MIN);
@@ -279,7 +304,21 @@ impl StageTask {
             *current = min;
             self.call(|op, out| op.on_watermark(min, out), out)?;
             self.emit(out).await?;
-            self.outputs.broadcast(Message::Watermark(min)).await?;
+            self.forward_watermark(min, forwarded).await?;
+        }
+        Ok(())
+    }
+
+    /// Forwards the watermark the operator's output honours for input watermark `input`, if
+    /// it moved on.
+    async fn forward_watermark(&mut self, input: i64, forwarded: &mut i64) -> Result<(), PipelineError> {
+        if input == i64::MIN {
+            return Ok(());
+        }
+        let wm = self.op.output_watermark(input);
+        if wm > *forwarded {
+            *forwarded = wm;
+            self.outputs.broadcast(Message::Watermark(wm)).await?;
         }
         Ok(())
     }

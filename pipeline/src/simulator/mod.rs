@@ -108,15 +108,22 @@ impl FaultConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartTime(pub Option<i64>);
 
-impl<'de> Deserialize<'de> for StartTime {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+impl StartTime {
+    /// RFC 3339 text, or `now`.
+    pub fn parse(s: &str) -> Result<Self, String> {
         if s == "now" {
             return Ok(StartTime(None));
         }
-        chrono::DateTime::parse_from_rfc3339(&s).map(|t| StartTime(Some(t.timestamp_millis()))).map_err(|e| {
-            serde::de::Error::custom(format!("invalid start `{s}`: expected RFC 3339 text or `now` ({e})"))
-        })
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| StartTime(Some(t.timestamp_millis())))
+            .map_err(|e| format!("invalid start `{s}`: expected RFC 3339 text or `now` ({e})"))
+    }
+}
+
+impl<'de> Deserialize<'de> for StartTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        StartTime::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
