@@ -103,7 +103,7 @@ sinks:
     tables:
       alerts: stalled_alerts
       dead_letters: camera.dead_letters
-      late: camera_unique.late_events
+      late: [camera.late_events, camera_unique.late_events]
 runtime:
   status_interval: null
 ",

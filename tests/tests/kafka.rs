@@ -125,14 +125,15 @@ sinks:
   lake:
     type: parquet
     path: {lake}
-    tables: {{dead_letters: environment.dead_letters}}
+    tables: {{dead_letters: environment.dead_letters, late: environment.late_events}}
 runtime: {{status_interval: null}}
 ",
         brokers = brokers(),
         lake = dir.path().join("lake").display()
     );
     let report = run_in_process(&text).await;
-    let expected = report.simulations["city"].counts(citystream_schemas::EventKind::Environment).valid;
+    let late = report.tables["lake"].get("late").map_or(0, |t| t.rows);
+    let expected = report.simulations["city"].counts(citystream_schemas::EventKind::Environment).valid - late;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique("g5"))
@@ -210,7 +211,7 @@ async fn the_topics_a_config_uses_are_created_once() {
     let yaml = format!(
         "name: t\nsources:\n  k: {{type: kafka, brokers: {b}, topics: {{traffic: {p}.in, camera: null, environment: null}}, stop_when_idle: 1s}}\n\
          stages:\n  traffic: {{type: decode, input: k.traffic, kind: traffic}}\n\
-         sinks:\n  out: {{type: kafka, brokers: {b}, topics: {{{p}.out: {{input: traffic}}, {p}.dead: {{input: traffic.dead_letters}}}}}}\n",
+         sinks:\n  out: {{type: kafka, brokers: {b}, topics: {{{p}.out: {{input: traffic}}, {p}.dead: {{input: traffic.dead_letters}}, {p}.late: {{input: traffic.late_events}}}}}}\n",
         b = brokers()
     );
     let plan = citystream_pipeline::config::plan::plan(
@@ -222,12 +223,12 @@ async fn the_topics_a_config_uses_are_created_once() {
     let topics = &all[&brokers()];
     assert_eq!(
         topics.iter().cloned().collect::<Vec<_>>(),
-        [format!("{p}.dead"), format!("{p}.in"), format!("{p}.out")]
+        [format!("{p}.dead"), format!("{p}.in"), format!("{p}.late"), format!("{p}.out")]
     );
     let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, 2, 1).await.unwrap();
-    assert_eq!((created.len(), existing.len()), (3, 0));
+    assert_eq!((created.len(), existing.len()), (4, 0));
     let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, 2, 1).await.unwrap();
-    assert_eq!((created.len(), existing.len()), (0, 3), "a second run changes nothing");
+    assert_eq!((created.len(), existing.len()), (0, 4), "a second run changes nothing");
 }
 
 /// A pipeline whose tables come from stateful stages: one-minute windows, features (an hour of
@@ -293,7 +294,7 @@ sinks:
       traffic: traffic
       dead_letters: traffic.dead_letters
       traffic_minutes: traffic_minutes
-      traffic_late: traffic_minutes.late_events
+      traffic_late: [traffic.late_events, traffic_minutes.late_events]
       unmatched: features.unmatched
       incident_scores: incident_scores
       california: california

@@ -83,7 +83,7 @@ sinks:
       california7: california
       unmatched: features.unmatched
       dead_letters: traffic.dead_letters
-      late: [unique.late_events, traffic_minutes.late_events]
+      late: [traffic.late_events, unique.late_events, traffic_minutes.late_events]
 runtime: {{status_interval: null}}
 ",
         data = data.display(),

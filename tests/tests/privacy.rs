@@ -35,7 +35,7 @@ sinks:
   lake:
     type: parquet
     path: {data}/lake
-    tables: {{camera: camera, dead_letters: camera.dead_letters}}
+    tables: {{camera: camera, dead_letters: camera.dead_letters, camera_late: camera.late_events}}
 runtime: {{status_interval: null}}
 ",
         data = data.display(),
@@ -77,6 +77,8 @@ async fn no_raw_plate_reaches_any_output_file() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("pseudonym.key");
     std::fs::write(&secret, [42u8; 32]).unwrap();
+    // a secret file readable by others is refused: provision it as an operator would
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let text = yaml(dir.path(), &secret);
     let p = plan(config::load_str(&text, "privacy.yaml").unwrap(), "privacy.yaml").unwrap();
     let (_stop, rx) = StopHandle::new();

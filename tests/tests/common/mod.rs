@@ -1,6 +1,8 @@
 //! Helpers shared by the Kafka integration tests.
 #![allow(dead_code)]
 
+pub mod tables;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -91,6 +93,9 @@ sinks:
       camera: camera
       environment: environment
       dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters]
+      traffic_late: traffic.late_events
+      camera_late: camera.late_events
+      environment_late: environment.late_events
 runtime:
   status_interval: null
 ",
@@ -112,17 +117,19 @@ pub async fn run_in_process(yaml: &str) -> citystream_pipeline::RunReport {
 }
 
 /// Per table, the sorted `(src_partition, src_offset)` of every stored row: the row content
-/// is a function of the position, so equal positions mean equal rows.
+/// is a function of the position, so equal positions mean equal rows. An event kind's rows are
+/// those of its table and of its `_late` table (events behind their partition's watermark).
 pub async fn positions(lake: &Path) -> BTreeMap<String, Vec<(i32, i64)>> {
     let (ctx, names) = if lake.exists() { sql::context(lake).await.unwrap() } else { Default::default() };
     let mut out = BTreeMap::new();
     for table in ["traffic", "camera", "environment", "dead_letters"] {
         let mut v = Vec::new();
-        if names.iter().any(|n| n == table) {
-            let q = if table == "dead_letters" {
+        let late = format!("{table}_late");
+        for t in [table, late.as_str()].into_iter().filter(|t| names.iter().any(|n| n == t)) {
+            let q = if t == "dead_letters" {
                 "SELECT src_partition + 1000 * (CASE WHEN source LIKE '%traffic' THEN 0 WHEN source LIKE '%camera' THEN 1 ELSE 2 END), src_offset FROM dead_letters".to_owned()
             } else {
-                format!("SELECT src_partition, src_offset FROM {table}")
+                format!("SELECT src_partition, src_offset FROM {t}")
             };
             for b in ctx.sql(&q).await.unwrap().collect().await.unwrap() {
                 let p = arrow::compute::cast(b.column(0), &DataType::Int32).unwrap();
@@ -161,7 +168,7 @@ pub fn spawn(config: &Path, log: &Path) -> Child {
     Command::new(citystream_bin())
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", std::env::var("CITYSTREAM_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()

@@ -1,0 +1,76 @@
+//! Whole tables of a lake, row by row, for comparing the output of two runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use citystream_pipeline::sql;
+
+/// What to compare.
+#[derive(Debug, Clone, Default)]
+pub struct Compare<'a> {
+    /// Tables left out (e.g. `energy`: wall-clock measurements).
+    pub skip_tables: &'a [&'a str],
+    /// Columns left out of every table (e.g. `emitted_at`, the wall clock of an alert).
+    pub skip_columns: &'a [&'a str],
+    /// Rows whose event time (`window_end`, else `ts`, else `window_start`) is after this are
+    /// left out (UTC ms): what a stop left open in the last checkpoint depends on when the
+    /// input went idle.
+    pub until_ms: Option<i64>,
+}
+
+/// Every table of `lake` as sorted lines of text, one per row.
+pub async fn table_rows(lake: &Path, c: &Compare<'_>) -> BTreeMap<String, Vec<String>> {
+    let (ctx, names) = sql::context(lake).await.unwrap();
+    let mut out = BTreeMap::new();
+    for name in names.iter().filter(|n| !c.skip_tables.contains(&n.as_str())) {
+        let df = ctx.table(name.as_str()).await.unwrap();
+        let schema = df.schema().clone();
+        let time =
+            ["window_end", "ts", "window_start"].into_iter().find(|t| schema.has_column_with_unqualified_name(t));
+        let cols: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| !c.skip_columns.contains(&n.as_str()))
+            .map(|n| format!("\"{n}\""))
+            .collect();
+        let filter = match (time, c.until_ms) {
+            (Some(t), Some(ms)) => format!(" WHERE \"{t}\" <= to_timestamp_millis({ms})"),
+            _ => String::new(),
+        };
+        let q = format!("SELECT {} FROM \"{name}\"{filter}", cols.join(", "));
+        let batches = ctx.sql(&q).await.unwrap_or_else(|e| panic!("{q}: {e}")).collect().await.unwrap();
+        let opts = FormatOptions::default().with_null("∅");
+        let mut rows = Vec::new();
+        for b in &batches {
+            let fmts: Vec<ArrayFormatter> =
+                b.columns().iter().map(|a| ArrayFormatter::try_new(a.as_ref(), &opts).unwrap()).collect();
+            for r in 0..b.num_rows() {
+                rows.push(fmts.iter().map(|f| f.value(r).to_string()).collect::<Vec<_>>().join(" | "));
+            }
+        }
+        rows.sort_unstable();
+        out.insert(name.clone(), rows);
+    }
+    out
+}
+
+/// Asserts that `got` has exactly the tables and rows of `expected`, showing the first rows
+/// that differ.
+pub fn assert_same_tables(what: &str, got: &BTreeMap<String, Vec<String>>, expected: &BTreeMap<String, Vec<String>>) {
+    let names = |m: &BTreeMap<String, Vec<String>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(got), names(expected), "{what}: the same tables");
+    for (table, rows) in expected {
+        let g = &got[table];
+        if g != rows {
+            let only_got: Vec<&String> = g.iter().filter(|r| rows.binary_search(r).is_err()).take(5).collect();
+            let only_exp: Vec<&String> = rows.iter().filter(|r| g.binary_search(r).is_err()).take(5).collect();
+            panic!(
+                "{what}: table `{table}` differs ({} rows vs {} expected)\n only in this run: {only_got:#?}\n only in the reference: {only_exp:#?}",
+                g.len(),
+                rows.len()
+            );
+        }
+    }
+}
