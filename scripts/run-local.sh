@@ -7,4 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup-python.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
-exec cargo run --locked -p citystream-pipeline --bin citystream -- run --config deploy/local.yaml "$@"
+# the very build scripts/test.sh makes (same target dir, same command, same features): running
+# one after the other never rebuilds
+cargo build --workspace --all-targets --locked
+exec "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml "$@"

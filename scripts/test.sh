@@ -4,7 +4,8 @@
 #   2. builds everything (one dev profile for tests, binaries and the demo)
 #   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB;
 #      then the control-center page in headless Chromium (Debian's chromium, playwright-core)
-#   4. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
+#   4. runs the README's Kafka quick start as written (scripts/test-quickstart.sh, own broker)
+#   5. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
 #      127.0.0.1:19092 and runs every Rust test (unit, property, integration, config, Kafka)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -42,6 +43,9 @@ test "${PIPESTATUS[0]}" -eq 0
 
 echo "== control-center page in headless Chromium: an injected incident's alert, acknowledged by a click"
 CHROMIUM="$(command -v chromium)" timeout 600 node tests/browser/control_center.mjs
+
+echo "== the README's Kafka quick start, as written, on a broker of its own (127.0.0.1:9092)"
+timeout 900 scripts/test-quickstart.sh
 
 echo "== kafka broker"
 export KAFKA_PORT="${KAFKA_PORT:-19092}" KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"

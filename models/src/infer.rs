@@ -623,6 +623,30 @@ fn ext(e: String) -> OperatorError {
 
 /// Row-major features of `batch`: borrowed from the list column when its layout allows,
 /// otherwise copied into `scratch`.
+/// Which rows of `batch` have a null feature (`None`: none has).
+fn null_features(r: &Resolved, batch: &RecordBatch) -> Option<arrow::array::BooleanArray> {
+    let cols: Vec<&ArrayRef> = r.input.iter().map(|&c| batch.column(c)).collect();
+    let list_values_null = r.list && {
+        let list = batch.column(r.input[0]).as_fixed_size_list();
+        list.values().null_count() > 0
+    };
+    if cols.iter().all(|c| c.null_count() == 0) && !list_values_null {
+        return None;
+    }
+    let mask: arrow::array::BooleanArray = (0..batch.num_rows())
+        .map(|i| {
+            let null = if r.list {
+                let list = batch.column(r.input[0]).as_fixed_size_list();
+                list.is_null(i) || list.value(i).null_count() > 0
+            } else {
+                cols.iter().any(|c| c.is_null(i))
+            };
+            Some(null)
+        })
+        .collect();
+    (mask.true_count() > 0).then_some(mask)
+}
+
 fn features<'a>(r: &Resolved, batch: &'a RecordBatch, scratch: &'a mut Vec<f32>) -> Result<&'a [f32], OperatorError> {
     let n = batch.num_rows();
     if r.list {
@@ -861,13 +885,28 @@ impl Operator for Infer {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        self.buffered_rows += batch.num_rows();
-        self.buffered.push(batch);
-        let first = *self.first_at.get_or_insert_with(Instant::now);
-        if self.buffered_rows >= self.max_rows() || first.elapsed() >= self.batch.max_delay.to_std() {
-            self.flush(out)?;
+        // a row with a null feature cannot be scored: refused (recorded by the runtime), the
+        // others go on
+        let nulls = null_features(&self.r, &batch);
+        let (batch, refused) = match nulls {
+            Some(mask) => {
+                let refused = arrow::compute::filter_record_batch(&batch, &mask)?;
+                (arrow::compute::filter_record_batch(&batch, &arrow::compute::not(&mask)?)?, Some(refused))
+            }
+            None => (batch, None),
+        };
+        if batch.num_rows() > 0 {
+            self.buffered_rows += batch.num_rows();
+            self.buffered.push(batch);
+            let first = *self.first_at.get_or_insert_with(Instant::now);
+            if self.buffered_rows >= self.max_rows() || first.elapsed() >= self.batch.max_delay.to_std() {
+                self.flush(out)?;
+            }
         }
-        Ok(())
+        match refused {
+            Some(rows) => Err(OperatorError::Rejected { operator: "infer", detail: "a feature is null".into(), rows }),
+            None => Ok(()),
+        }
     }
 
     fn on_watermark(&mut self, _watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {

@@ -217,8 +217,8 @@ fn features_batch(rows: &[Vec<f32>], t0: i64) -> RecordBatch {
         vec![
             Arc::new(StringArray::from_iter_values((0..rows.len()).map(|i| format!("seg-{i:03}")))),
             Arc::new(
-                TimestampMillisecondArray::from_iter_values((0..rows.len()).map(|i| t0 + i as i64))
-                    .with_timezone("UTC"),
+                // one minute's rows, as the features stage emits them
+                TimestampMillisecondArray::from_iter_values((0..rows.len()).map(|_| t0)).with_timezone("UTC"),
             ),
             Arc::new(
                 FixedSizeListArray::try_new(
@@ -268,8 +268,8 @@ fn infer_micro_batches_up_to_max_rows_and_flushes_at_each_watermark() {
     // 10 rows: below max_rows and max_delay, so they wait
     op.process_batch(features_batch(&inputs[..10], 0), &mut out).unwrap();
     assert!(out.port(0).is_empty());
-    // 30 more: 40 buffered >= 16, run as 16 + 16 + 8
-    op.process_batch(features_batch(&inputs[10..40], 100), &mut out).unwrap();
+    // 30 more of the same minute: 40 buffered >= 16, run as 16 + 16 + 8
+    op.process_batch(features_batch(&inputs[10..40], 0), &mut out).unwrap();
     let sizes: Vec<usize> = out.port(0).iter().map(RecordBatch::num_rows).collect();
     assert_eq!(sizes, vec![16, 16, 8]);
     // a watermark runs what is left, however little
@@ -288,6 +288,13 @@ fn infer_micro_batches_up_to_max_rows_and_flushes_at_each_watermark() {
     let sha = sha256_hex(&std::fs::read(&model).unwrap());
     assert!(strings(&all, "model_sha256").iter().all(|s| *s == sha));
     assert!(strings(&all, "model").iter().all(|s| s == "congestion_fp32"));
+    // one model run never mixes two minutes (an int8 model's dynamic quantization depends on
+    // the batch): 5 rows of one minute and 7 of the next run as 5 + 7, not as one run of 12
+    op.process_batch(features_batch(&inputs[..5], 60_000), &mut out).unwrap();
+    op.process_batch(features_batch(&inputs[5..12], 120_000), &mut out).unwrap();
+    op.on_watermark(200_000, &mut out).unwrap();
+    let sizes: Vec<usize> = out.port(0).iter().map(RecordBatch::num_rows).collect();
+    assert_eq!(sizes, vec![5, 7]);
 }
 
 #[test]

@@ -74,16 +74,23 @@ impl Collector {
     pub fn port(&self, port: usize) -> &[RecordBatch] {
         &self.ports[port]
     }
+
+    /// Forgets everything emitted so far (what a call that failed half-way had emitted).
+    pub fn clear(&mut self) {
+        self.ports.iter_mut().for_each(Vec::clear);
+    }
 }
 
 /// The class of an error, which decides what the runtime does with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Bad configuration or input: report clearly, do not retry.
+    /// Bad input the operator refused: the runtime records the batch in `operator_errors`
+    /// and goes on.
     User,
-    /// A dependency failed (disk, network, broker): retry with backoff.
+    /// A dependency failed (disk, network, broker): the pipeline stops, and a restart retries
+    /// from the last checkpoint.
     External,
-    /// A bug in citystream.
+    /// A bug in citystream: the pipeline stops.
     Internal,
 }
 
@@ -109,6 +116,17 @@ pub enum OperatorError {
         /// Why.
         detail: String,
     },
+    /// The operator refused some rows of the batch it was given (and handled the others): the
+    /// runtime records `rows` in `operator_errors` with `detail` and goes on.
+    #[error("operator `{operator}` refused {} rows: {detail}", rows.num_rows())]
+    Rejected {
+        /// The operator's kind.
+        operator: &'static str,
+        /// Why, without the values (the rows themselves are recorded).
+        detail: String,
+        /// The refused rows, with the operator's input schema.
+        rows: RecordBatch,
+    },
 }
 
 impl OperatorError {
@@ -117,7 +135,9 @@ impl OperatorError {
         match self {
             OperatorError::Arrow(ArrowError::IoError(..)) => ErrorClass::External,
             OperatorError::Arrow(_) | OperatorError::SchemaMismatch { .. } => ErrorClass::Internal,
-            OperatorError::State { .. } => ErrorClass::User,
+            // a state file of another shape, an unreadable budget: the pipeline cannot go on
+            OperatorError::State { .. } => ErrorClass::External,
+            OperatorError::Rejected { .. } => ErrorClass::User,
         }
     }
 }
@@ -157,6 +177,14 @@ pub trait Operator: Send {
     /// held back — lowers it. The default is the input watermark.
     fn output_watermark(&self, input: i64) -> i64 {
         input
+    }
+
+    /// Whether the operator can go on with the next batch after it panicked on one (the
+    /// runtime then records the batch in `operator_errors`). An operator whose state could be
+    /// left half-changed in a way that matters (a privacy budget) says no, and the pipeline
+    /// stops instead. Default: yes.
+    fn recovers_from_panic(&self) -> bool {
+        true
     }
 
     /// The input ended: emit everything still held.

@@ -404,8 +404,8 @@ mod tests {
     fn late_is_decided_per_partition_whatever_the_interleaving() {
         // partition 0 runs an hour ahead of partition 1; each has one event 3 minutes behind
         // its own newest (late) and one 1 minute behind (on time)
-        let p0 = [(0, 3600), (0, 3700), (0, 3520), (0, 3640)];
-        let p1 = [(1, 0), (1, 100), (1, -80), (1, 40)];
+        let p0 = [(0, 4600), (0, 4700), (0, 4520), (0, 4640)];
+        let p1 = [(1, 1000), (1, 1100), (1, 920), (1, 1040)];
         let ids = |rows: &[(i32, i64)]| -> Vec<String> {
             // event ids are per position in the batch: name them by (partition, ts) instead
             let b = traffic(rows);
@@ -423,7 +423,7 @@ mod tests {
         let one_then_other: Vec<(i32, i64)> = p0.iter().chain(p1.iter()).copied().collect();
         let other_then_one: Vec<(i32, i64)> = p1.iter().chain(p0.iter()).copied().collect();
         let alternating: Vec<(i32, i64)> = p0.iter().zip(p1.iter()).flat_map(|(a, b)| [*a, *b]).collect();
-        let expected = vec!["0@3520".to_owned(), "1@-80".to_owned()];
+        let expected = vec!["0@4520".to_owned(), "1@920".to_owned()];
         assert_eq!(ids(&one_then_other), expected);
         assert_eq!(ids(&other_then_one), expected);
         assert_eq!(ids(&alternating), expected);

@@ -14,6 +14,11 @@ use crate::kind::{EventKind, SCHEMA_VERSION};
 use crate::reason::{Reason, ReasonCode};
 use crate::wire::{self, Contract};
 
+/// The latest event time accepted, 9999-12-31T23:59:59.999Z (UTC ms); the earliest is the
+/// epoch. Every later stage computes with event times (window bounds, durations, partitions by
+/// hour) and never has to meet one it cannot represent.
+pub const MAX_TS_MS: i64 = 253_402_300_799_999;
+
 /// Tunables of decoding and validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeOptions {
@@ -133,9 +138,90 @@ fn json_reason(kind: EventKind, e: &serde_json::Error, payload: &[u8]) -> Reason
             let msg =
                 msg.replace(&format!("struct {}Wire", capitalized(kind)), &format!("a JSON object (a {kind} event)"));
             let code = if msg.starts_with("missing field") { ReasonCode::MissingField } else { ReasonCode::WrongType };
-            Reason::new(code, msg)
+            // serde quotes the offending value (a plate sent as a number, say): a reason names
+            // the field and the rule, never the value
+            let msg = without_values(&msg);
+            match field_before(payload, e.line(), e.column()).filter(|_| code == ReasonCode::WrongType) {
+                Some(field) => Reason::new(code, format!("`{field}`: {msg}")),
+                None => Reason::new(code, msg),
+            }
         }
     }
+}
+
+/// `msg` without the values serde quotes in it (`` `…` `` and `"…"`), except the name in
+/// "missing field `x`" and the list after "expected one of", which are our contract's words.
+fn without_values(msg: &str) -> String {
+    // our contract's own words: a missing field's name, the accepted values of an enum
+    let keep_next = |before: &str| before.ends_with("missing field ") || before.contains("expected one of ");
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if (c == '`' || c == '"') && keep_next(&msg[..i]) {
+            // copied through to the closing quote
+            out.push(c);
+            for (_, d) in chars.by_ref() {
+                out.push(d);
+                if d == c {
+                    break;
+                }
+            }
+            continue;
+        }
+        if c == '`' || c == '"' {
+            // skip to the closing quote (a backslash escapes inside double quotes)
+            while let Some((_, d)) = chars.next() {
+                if d == '\\' && c == '"' {
+                    chars.next();
+                } else if d == c {
+                    break;
+                }
+            }
+            // "integer `5`, expected" -> "integer, expected"
+            while out.ends_with(' ') {
+                out.pop();
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The JSON key whose value is at `line`:`column` (1-based, as serde_json reports errors), if
+/// it looks like a field name.
+fn field_before(payload: &[u8], line: usize, column: usize) -> Option<String> {
+    let mut offset = 0;
+    for (n, l) in payload.split(|b| *b == b'\n').enumerate() {
+        if n + 1 == line {
+            offset += column.min(l.len());
+            break;
+        }
+        offset += l.len() + 1;
+    }
+    let text = &payload[..offset.min(payload.len())];
+    // the last string followed by a colon is the key of the value being read
+    let (mut key, mut i, mut last) = (None, 0, None::<(usize, usize)>);
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                last = Some((start, i.min(text.len())));
+            }
+            b':' => key = last.take(),
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => last = None,
+        }
+        i += 1;
+    }
+    let (a, b) = key?;
+    let name = std::str::from_utf8(&text[a..b]).ok()?;
+    (name.len() <= 64 && !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'))
+        .then(|| name.to_owned())
 }
 
 /// Parses one payload. Only a JSON object is an event: serde would otherwise also accept an
@@ -206,7 +292,14 @@ impl Decoder {
             return Err(unknown_version(c.schema_version));
         }
         let ts = c.ts.to_millis()?;
-        let skew = ts.saturating_sub(received_at);
+        if !(0..=MAX_TS_MS).contains(&ts) {
+            return Err(Reason::new(
+                ReasonCode::TimestampOutOfBounds,
+                "ts is outside the supported range (1970-01-01 to 9999-12-31)".to_owned(),
+            ));
+        }
+        // in i128: `received_at` is anything a source put there
+        let skew = i64::try_from(i128::from(ts) - i128::from(received_at)).unwrap_or(i64::MAX);
         if let Some(max) = self.options.max_future_ms
             && skew > max
         {
@@ -216,11 +309,15 @@ impl Decoder {
             ));
         }
         if let Some(max) = self.options.max_past_ms
-            && -skew > max
+            && skew.saturating_neg() > max
         {
             return Err(Reason::new(
                 ReasonCode::TimestampOutOfBounds,
-                format!("ts is {} s before the message's arrival time (bound {} s)", -skew / 1000, max / 1000),
+                format!(
+                    "ts is {} s before the message's arrival time (bound {} s)",
+                    skew.saturating_neg() / 1000,
+                    max / 1000
+                ),
             ));
         }
         Ok(ts)

@@ -27,11 +27,14 @@ pub enum ReasonCode {
     BadBase64,
     /// The message was refused by admission control (rate limits).
     RateLimited,
+    /// A stage failed on the batch this row was in (a panic, or a batch it refused); the row
+    /// is kept in `operator_errors` and the pipeline went on.
+    OperatorError,
 }
 
 impl ReasonCode {
     /// Every code, in a stable order (used for metrics labels and docs).
-    pub const ALL: [ReasonCode; 11] = [
+    pub const ALL: [ReasonCode; 12] = [
         ReasonCode::BadJson,
         ReasonCode::MissingField,
         ReasonCode::WrongType,
@@ -43,6 +46,7 @@ impl ReasonCode {
         ReasonCode::NoMeasurement,
         ReasonCode::BadBase64,
         ReasonCode::RateLimited,
+        ReasonCode::OperatorError,
     ];
 
     /// The snake_case name stored in the `reason_code` column.
@@ -59,6 +63,7 @@ impl ReasonCode {
             ReasonCode::NoMeasurement => "no_measurement",
             ReasonCode::BadBase64 => "bad_base64",
             ReasonCode::RateLimited => "rate_limited",
+            ReasonCode::OperatorError => "operator_error",
         }
     }
 }

@@ -139,11 +139,52 @@ fn missing_field_is_named() {
 fn wrong_type_is_named_with_position() {
     let (code, reason) = reject(EventKind::Traffic, &traffic(r#"{"flow": "twelve"}"#));
     assert_eq!(code, "wrong_type");
-    assert!(reason.starts_with("invalid type: string \"twelve\", expected i64 at line 1 column"), "{reason}");
+    // the field and the rule, never the value
+    assert!(reason.starts_with("`flow`: invalid type: string, expected i64 at line 1 column"), "{reason}");
     let (code, _) = reject(EventKind::Traffic, &traffic(r#"{"lane": null}"#));
     assert_eq!(code, "wrong_type");
     let (code, _) = reject(EventKind::Traffic, &traffic(r#"{"ts": 1.5}"#));
     assert_eq!(code, "wrong_type");
+}
+
+#[test]
+fn a_plate_of_the_wrong_type_never_reaches_the_reason() {
+    for (patch, value) in [
+        (r#"{"plate": 4711080815}"#, "4711080815"),
+        (r#"{"plate": 47.1108}"#, "47.1108"),
+        (r#"{"track_id": ["TR-99-SECRET"]}"#, "TR-99-SECRET"),
+        (r#"{"plate": {"nr": "AB-SECRET-1"}}"#, "AB-SECRET-1"),
+        (r#"{"plate": true}"#, "true"),
+    ] {
+        let (code, reason) = reject(EventKind::Camera, &camera(patch));
+        assert_eq!(code, "wrong_type", "{patch}");
+        assert!(!reason.contains(value), "{patch}: the value leaked into the reason: {reason}");
+        if !patch.contains('{') || patch.matches('{').count() == 1 {
+            assert!(reason.starts_with("`plate`") || reason.starts_with("`track_id`"), "names the field: {reason}");
+        }
+    }
+    // and never into the stored payload either
+    let d = decode(EventKind::Camera, &[&camera(r#"{"plate": 4711080815}"#)]);
+    let payload = d.dead_letters.column_by_name("payload").unwrap().as_binary::<i32>().value(0);
+    assert!(!String::from_utf8_lossy(payload).contains("4711080815"));
+}
+
+#[test]
+fn extreme_timestamps_are_dead_letters_not_overflows() {
+    for ts in [i64::MIN, -1, i64::MAX, 253_402_300_800_000] {
+        let (code, reason) = reject(EventKind::Traffic, &traffic(&format!(r#"{{"ts": {ts}}}"#)));
+        assert_eq!(code, "timestamp_out_of_bounds", "{ts}");
+        assert!(reason.contains("supported range"), "{reason}");
+    }
+    // and with the clock bounds off, the same
+    let opts = DecodeOptions { max_future_ms: None, max_past_ms: None, ..DecodeOptions::default() };
+    let d = Decoder::new(EventKind::Traffic, opts)
+        .decode(&raw(&[
+            &traffic(&format!(r#"{{"ts": {}}}"#, i64::MIN)),
+            &traffic(r#"{"ts": "+262143-01-01T00:00:00Z"}"#),
+        ]))
+        .unwrap();
+    assert_eq!((d.valid.num_rows(), d.dead_letters.num_rows()), (0, 2));
 }
 
 #[test]

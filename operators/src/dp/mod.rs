@@ -723,6 +723,12 @@ impl Operator for DpAggregateOp {
         self.close_until(self.watermark, false, out)
     }
 
+    /// A panic half-way through a release could leave the budget and the emitted rows apart:
+    /// the pipeline stops and restarts from its checkpoint instead.
+    fn recovers_from_panic(&self) -> bool {
+        false
+    }
+
     /// Held windows come out later with their own `window_end`: the output watermark stays
     /// behind the earliest window still held.
     fn output_watermark(&self, input: i64) -> i64 {

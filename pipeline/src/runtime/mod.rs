@@ -11,6 +11,7 @@
 
 mod align;
 mod checkpoint;
+pub mod errors;
 pub mod reload;
 mod sinks;
 mod sources;
@@ -398,6 +399,14 @@ pub async fn run_with_reload(
     // live alert levels: the control center calibrates, the alert rules read
     let thresholds = citystream_operators::alert::ThresholdBoard::default();
     let clocks = event_clocks(&plan);
+    // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
+    let operator_errors = match parquet_roots.first() {
+        Some(root) => Some(
+            errors::OperatorErrors::try_new(root, state.as_ref().map(StateStore::lineage), &metrics)
+                .map_err(|message| PipelineError::Build { stage: errors::TABLE.into(), message })?,
+        ),
+        None => None,
+    };
     let mut stateful: Vec<&str> = Vec::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let event_clock = match (&st.op, st.inputs.as_slice()) {
@@ -431,6 +440,9 @@ pub async fn run_with_reload(
             stateful.push(st.name.as_str());
         }
         let mut task = stage::StageTask::new(st.name.clone(), op, st.inputs.len(), outputs, &metrics);
+        if let Some(e) = &operator_errors {
+            task = task.with_errors(e.clone());
+        }
         if let Some(state) = &state {
             task = task.with_state(state.clone(), &metrics);
         }

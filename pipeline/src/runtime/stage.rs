@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use citystream_operators::{Collector, Counter, Message, Metrics, Operator};
 use tokio::sync::{mpsc, watch};
 
@@ -40,6 +41,10 @@ pub(crate) struct StageTask {
     /// With operator state checkpoints the end of the input keeps what the operator holds
     /// (in the last checkpoint) instead of emitting it.
     keep_state_at_end: bool,
+    /// Where batches the operator fails on are recorded (none: a failure stops the pipeline).
+    errors: Option<super::errors::OperatorErrors>,
+    /// The checkpoint epoch the rows being processed belong to.
+    epoch: u64,
 }
 
 impl StageTask {
@@ -112,7 +117,15 @@ impl StageTask {
             state: None,
             restored_watermark: None,
             keep_state_at_end: false,
+            errors: None,
+            epoch: 1,
         }
+    }
+
+    /// Records batches the operator fails on in `errors` and goes on (see [`super::errors`]).
+    pub(crate) fn with_errors(mut self, errors: super::errors::OperatorErrors) -> Self {
+        self.errors = Some(errors);
+        self
     }
 
     /// The operator's state was restored from a checkpoint taken at input watermark `wm`.
@@ -124,6 +137,7 @@ impl StageTask {
     /// Writes the operator's state to `store` at every checkpoint barrier.
     pub(crate) fn with_state(mut self, store: super::StateStore, metrics: &Metrics) -> Self {
         self.keep_state_at_end = true;
+        self.epoch = store.restored_epoch() + 1;
         if self.op.is_stateful() {
             let g = metrics.gauge(
                 "citystream_state_bytes",
@@ -214,6 +228,50 @@ impl StageTask {
         Ok(())
     }
 
+    /// Runs the operator on one batch. A panic, or rows the operator refuses as bad input
+    /// (`ErrorClass::User`), are recorded in `operator_errors` and the stage goes on; other
+    /// errors, a panic of an operator that cannot go on, or one without an `operator_errors`
+    /// table, stop the pipeline.
+    fn process(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), PipelineError> {
+        let op = &mut self.op;
+        let input = batch.clone();
+        let (res, spent) = cpu(|| {
+            let t0 = thread_cpu_ns();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.process_batch(batch, out)));
+            (r, thread_cpu_ns().saturating_sub(t0))
+        });
+        self.cpu_ns.inc_by(spent);
+        let failed = |source| PipelineError::Operator { stage: self.name.clone(), source };
+        let (rows, what) = match res {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(citystream_operators::OperatorError::Rejected { rows, detail, .. })) => (rows, detail),
+            Ok(Err(e)) if e.class() == citystream_operators::ErrorClass::User => {
+                out.clear();
+                (input, e.to_string())
+            }
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(panic) => {
+                let message = super::errors::panic_message(panic.as_ref());
+                out.clear();
+                if !self.op.recovers_from_panic() || self.errors.is_none() {
+                    return Err(PipelineError::Task(format!("stage `{}` panicked: {message}", self.name)));
+                }
+                (input, format!("panicked: {message}"))
+            }
+        };
+        let Some(errors) = &self.errors else {
+            return Err(PipelineError::Task(format!("stage `{}` refused {} rows: {what}", self.name, rows.num_rows())));
+        };
+        tracing::error!(
+            stage = self.name,
+            rows = rows.num_rows(),
+            "{what}: the rows go to `operator_errors`, the stage goes on"
+        );
+        errors
+            .record(&self.name, self.op.kind(), self.epoch, &rows, &what)
+            .map_err(|message| PipelineError::State { stage: self.name.clone(), message })
+    }
+
     fn call(
         &mut self,
         f: impl FnOnce(&mut dyn Operator, &mut Collector) -> Result<(), citystream_operators::OperatorError>,
@@ -258,7 +316,7 @@ impl StageTask {
                     self.rows_in.inc_by(batch.num_rows() as u64);
                     self.bytes_in.inc_by(super::batch_bytes(&batch));
                     self.batches_in.inc();
-                    self.call(|op, out| op.process_batch(batch, out), &mut out)?;
+                    self.process(batch, &mut out)?;
                     self.emit(&mut out).await?;
                 }
                 Next::Message(input, Message::Watermark(wm)) => {
@@ -271,6 +329,7 @@ impl StageTask {
                 }
                 Next::Message(_, Message::Barrier(_)) => unreachable!("the aligner reports barriers as `Aligned`"),
                 Next::Aligned(b) => {
+                    self.epoch = b.epoch + 1;
                     self.checkpoint(b.epoch, current_wm, &mut out).await?;
                     // what the checkpoint flushed may let the output watermark move on
                     self.forward_watermark(current_wm, &mut forwarded).await?;
@@ -321,5 +380,76 @@ impl StageTask {
             self.outputs.broadcast(Message::Watermark(wm)).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{AsArray, Int64Array};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use citystream_operators::{OperatorError, OutputSpec};
+
+    use super::super::{Edge, Envelope, Outputs};
+    use super::*;
+
+    /// Passes batches on; panics on a batch holding the value 13, refuses rows holding 7.
+    struct Fragile(Vec<OutputSpec>);
+
+    impl Operator for Fragile {
+        fn kind(&self) -> &'static str {
+            "fragile"
+        }
+        fn outputs(&self) -> &[OutputSpec] {
+            &self.0
+        }
+        fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+            let v = batch.column(0).as_primitive::<Int64Type>();
+            assert!(!v.values().contains(&13), "unlucky number");
+            let seven: arrow::array::BooleanArray = v.iter().map(|x| Some(x == Some(7))).collect();
+            out.emit(0, arrow::compute::filter_record_batch(&batch, &arrow::compute::not(&seven)?)?);
+            if seven.true_count() > 0 {
+                let rows = arrow::compute::filter_record_batch(&batch, &seven)?;
+                return Err(OperatorError::Rejected { operator: "fragile", detail: "seven".into(), rows });
+            }
+            Ok(())
+        }
+    }
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_or_refused_rows_are_recorded_and_the_stage_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let errors = super::super::errors::OperatorErrors::try_new(dir.path(), None, &metrics).unwrap();
+        let op = Fragile(vec![OutputSpec::new("main", batch(&[]).schema())]);
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let outputs = Outputs { ports: vec![vec![Edge { tx: out_tx, input: 0 }]] };
+        let task = StageTask::new("fragile".into(), Box::new(op), 1, outputs, &metrics).with_errors(errors);
+        let (tx, rx) = mpsc::channel(16);
+        for b in [batch(&[1, 2]), batch(&[3, 13, 4]), batch(&[5, 7, 6])] {
+            tx.send(Envelope { input: 0, msg: Message::Batch(b) }).await.unwrap();
+        }
+        tx.send(Envelope { input: 0, msg: Message::End }).await.unwrap();
+        task.run(rx).await.expect("the stage went on");
+        let mut passed = Vec::new();
+        while let Some(e) = out_rx.recv().await {
+            if let Message::Batch(b) = e.msg {
+                passed.extend(b.column(0).as_primitive::<Int64Type>().values().iter().copied());
+            }
+        }
+        assert_eq!(passed, [1, 2, 5, 6], "the panicking batch is out, the refused row too, the rest went on");
+        assert_eq!(metrics.value("citystream_operator_errors_total", &[("stage", "fragile")]), Some(4.0));
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("operator_errors"))
+            .unwrap()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten().collect::<Vec<_>>())
+            .collect();
+        assert!(!files.is_empty(), "the rows are on disk");
     }
 }
