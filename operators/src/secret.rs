@@ -75,7 +75,7 @@ pub fn load_secret(env: Option<&str>, file: Option<&EnvString>, create: bool, ke
 
 /// Refuses a secret file that others can read or a directory that others can write.
 #[cfg(unix)]
-fn check_permissions(path: &std::path::Path) -> Result<(), String> {
+pub fn check_permissions(path: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read the secret file `{}`: {e}", path.display()))?;
     if meta.mode() & 0o077 != 0 {
@@ -102,8 +102,9 @@ fn check_permissions(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a secret file that others can read or a directory that others can write.
 #[cfg(not(unix))]
-fn check_permissions(_: &std::path::Path) -> Result<(), String> {
+pub fn check_permissions(_: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 

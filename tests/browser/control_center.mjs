@@ -39,7 +39,8 @@ fs.writeFileSync(config, yaml);
 // tokens are the operator's to make; the page is given one like a person would paste it
 fs.mkdirSync(path.join(data, "secrets"), { recursive: true });
 const operatorToken = "browser-operator-" + Math.random().toString(36).slice(2, 14);
-fs.writeFileSync(path.join(data, "secrets/control_tokens"), `operator ${operatorToken}\n`, { mode: 0o600 });
+// a token names who acts: decisions are recorded under that name
+fs.writeFileSync(path.join(data, "secrets/control_tokens"), `operator op.browser ${operatorToken}\n`, { mode: 0o600 });
 
 const proc = spawn(bin, ["run", "--config", config], {
   cwd: root,
@@ -76,11 +77,23 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   const consoleErrors = [];
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
-  await page.goto(base);
+  // the page runs under a strict Content-Security-Policy: anything it blocks is a failure
+  page.on("console", (m) => { if (/Content.Security.Policy/i.test(m.text())) consoleErrors.push(m.text()); });
+  const response = await page.goto(base);
+  const headers = response.headers();
+  if (!/script-src 'sha256-/.test(headers["content-security-policy"] || "") || headers["x-frame-options"] !== "DENY")
+    fail(`the page's security headers are missing: ${JSON.stringify(headers)}`);
   await page.fill("#token", operatorToken);
-  await page.fill("#operator", "op.browser");
   await page.click("#connect");
   await until("the page going live", async () => /^(live|connected)$/.test(await page.textContent("#status")), 30_000);
+  // the test's own observer of when each streamed alert first shows in the list (the page has
+  // no hook for tests); those loaded with the list are not timed
+  await page.evaluate(() => {
+    window.__testSeen = Object.fromEntries([...document.querySelectorAll("#list li")].map((li) => [li.dataset.id, null]));
+    new MutationObserver(() => {
+      for (const li of document.querySelectorAll("#list li")) if (!(li.dataset.id in window.__testSeen)) window.__testSeen[li.dataset.id] = Date.now();
+    }).observe(document.getElementById("list"), { childList: true, subtree: true });
+  });
   const circles = await page.locator("#map circle").count();
   if (circles !== 24) fail(`the map should draw the 24 segments of the road graph, not ${circles} (status: ${await page.textContent("#status")})`);
 
@@ -109,7 +122,7 @@ try {
   }, 240_000);
   const id = found.alert_id;
   const li = page.locator(`li[data-id="${id}"]`);
-  const latencyMs = await page.evaluate((id) => window.__seen[id] ?? null, id);
+  const latencyMs = await page.evaluate((id) => window.__testSeen[id] ?? null, id);
   // its segment is coloured on the map (a camera's alert on the segment the camera watches)
   const seg = found.alert_type === "stalled_vehicle" ? cameraSegment[found.location] : found.location;
   await until(`segment ${seg} coloured on the map`, async () => (await page.getAttribute(`#map circle[data-seg="${seg}"]`, "r")) === "14", 5_000);

@@ -14,7 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const VIEWER: &str = "viewer-token-0123456789";
+/// op.anna's token
 const OPERATOR: &str = "operator-token-0123456789";
+/// op.ben's token
+const BEN: &str = "operator-token-ben-0123456789";
 
 fn scores_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -90,7 +93,12 @@ fn json(s: &str) -> serde_json::Value {
 async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     // SAFETY: set before the service reads it; this test binary's tests use distinct variables
-    unsafe { std::env::set_var("CC_TOKENS_A", format!("viewer {VIEWER}; operator {OPERATOR}")) };
+    unsafe {
+        std::env::set_var(
+            "CC_TOKENS_A",
+            format!("viewer vic {VIEWER}; operator op.anna {OPERATOR}; operator op.ben {BEN}"),
+        )
+    };
     let c = ControlCenter::start("control", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
     let first = alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95)]);
     c.apply(&first).unwrap();
@@ -111,21 +119,20 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
             .any(|a| a["alert_id"] == id && a["evidence"]["model"] == "incident_fp32")
     );
     let ack = format!("/api/alerts/{id}/acknowledge");
-    let good = r#"{"operator": "op.anna", "comment": "crew dispatched"}"#;
+    let good = r#"{"comment": "crew dispatched"}"#;
     let (code, body) = http(&c, "POST", &ack, Some(VIEWER), Some(good)).await;
     assert_eq!((code, json(&body)["error"].as_str().unwrap().contains("read-only")), (403, true));
 
     // input validation
     assert_eq!(http(&c, "GET", "/api/alerts?state=bogus", Some(VIEWER), None).await.0, 400);
     assert_eq!(http(&c, "GET", "/api/alerts?limit=many", Some(VIEWER), None).await.0, 400);
-    for bad in
-        [r#"{"comment": "no operator"}"#, r#"{"operator": "a b"}"#, "not json", r#"{"operator": "x", "extra": 1}"#]
-    {
+    // the decision is made under the token's name: a body naming someone else is refused
+    for bad in [r#"{"operator": "op.ben"}"#, r#"{"operator": "a b"}"#, "not json", r#"{"comment": "x", "extra": 1}"#] {
         let (code, body) = http(&c, "POST", &ack, Some(OPERATOR), Some(bad)).await;
         assert_eq!(code, 400, "{bad}: {body}");
         assert!(json(&body)["error"].is_string());
     }
-    let long = format!(r#"{{"operator": "x", "comment": "{}"}}"#, "c".repeat(1001));
+    let long = format!(r#"{{"comment": "{}"}}"#, "c".repeat(1001));
     assert_eq!(http(&c, "POST", &ack, Some(OPERATOR), Some(&long)).await.0, 400);
     assert_eq!(http(&c, "POST", "/api/alerts/nope/acknowledge", Some(OPERATOR), Some(good)).await.0, 404);
     assert_eq!(http(&c, "POST", &format!("/api/alerts/{id}/delete"), Some(OPERATOR), Some(good)).await.0, 404);
@@ -137,8 +144,7 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     let resolve = format!("/api/alerts/{id}/resolve");
     assert_eq!(http(&c, "POST", &resolve, Some(OPERATOR), Some(r#"{"operator": "op.anna"}"#)).await.0, 200);
     let fa = format!("/api/alerts/{id}/false_alarm");
-    let (code, body) =
-        http(&c, "POST", &fa, Some(OPERATOR), Some(r#"{"operator": "op.ben", "comment": "a parked truck"}"#)).await;
+    let (code, body) = http(&c, "POST", &fa, Some(BEN), Some(r#"{"comment": "a parked truck"}"#)).await;
     assert_eq!(code, 200);
     assert_eq!(json(&body)["decisions"].as_array().unwrap().len(), 3);
     assert_eq!(http(&c, "POST", &fa, Some(OPERATOR), Some(good)).await.0, 409);
@@ -202,13 +208,13 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     let again = ControlCenter::start("control2", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
     assert!(near(again.thresholds().get("incident_model", "seg-00-03")));
     drop(again);
-    let revert = r#"{"operator": "op.ben"}"#;
-    assert_eq!(http(&c, "POST", "/api/calibration/7/revert", Some(OPERATOR), Some(revert)).await.0, 404);
-    assert_eq!(http(&c, "POST", "/api/calibration/x/revert", Some(OPERATOR), Some(revert)).await.0, 400);
-    let (code, body) = http(&c, "POST", "/api/calibration/1/revert", Some(OPERATOR), Some(revert)).await;
+    let revert = "{}";
+    assert_eq!(http(&c, "POST", "/api/calibration/7/revert", Some(BEN), Some(revert)).await.0, 404);
+    assert_eq!(http(&c, "POST", "/api/calibration/x/revert", Some(BEN), Some(revert)).await.0, 400);
+    let (code, body) = http(&c, "POST", "/api/calibration/1/revert", Some(BEN), Some(revert)).await;
     assert_eq!((code, json(&body)["reverted"][1].as_str()), (200, Some("op.ben")), "{body}");
     assert_eq!(c.thresholds().get("incident_model", "seg-00-03"), None);
-    assert_eq!(http(&c, "POST", "/api/calibration/1/revert", Some(OPERATOR), Some(revert)).await.0, 409);
+    assert_eq!(http(&c, "POST", "/api/calibration/1/revert", Some(BEN), Some(revert)).await.0, 409);
     let again = ControlCenter::start("control3", &config(dir.path(), "CC_TOKENS_A", 1000), &Metrics::new()).unwrap();
     assert_eq!(again.thresholds().get("incident_model", "seg-00-03"), None);
 
@@ -249,6 +255,7 @@ async fn operators_act_on_alerts_over_an_authenticated_api_and_their_feedback_is
     assert_eq!(http(&c, "GET", "/api/health", Some(VIEWER), None).await.0, 200);
     let (code, page) = http(&c, "GET", "/", None, None).await;
     assert!(code == 200 && page.contains("citystream control center") && page.contains("EventSource"));
+    assert!(!page.contains("__seen"), "no test hook in the page");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,4 +344,97 @@ async fn health_reports_queues_per_task_and_held_dp_releases() {
     let h = json(&body);
     assert_eq!(h["queue_depth"], serde_json::json!([["task=\"traffic\"", 3.0]]), "{body}");
     assert_eq!((h["dp_windows_held"].as_f64(), h["carbon_high_mode"].as_f64()), (Some(2.0), Some(1.0)), "{body}");
+}
+
+/// The raw response head of a request (status line and headers).
+async fn head(c: &ControlCenter, path: &str) -> String {
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.split_once("\r\n\r\n").map(|(h, _)| h.to_lowercase()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_api_send_security_headers_and_event_streams_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: as above, a variable of this test only
+    unsafe { std::env::set_var("CC_TOKENS_S", format!("viewer vic {VIEWER}")) };
+    let mut cfg = config(dir.path(), "CC_TOKENS_S", 1000);
+    cfg.max_streams = 2;
+    let c = ControlCenter::start("control", &cfg, &Metrics::new()).unwrap();
+    for path in ["/", "/api/alerts"] {
+        let h = head(&c, path).await;
+        assert!(h.contains("content-security-policy: default-src 'none'; script-src 'sha256-"), "{path}: {h}");
+        assert!(h.contains("x-frame-options: deny") && h.contains("x-content-type-options: nosniff"), "{path}: {h}");
+    }
+    assert!(head(&c, "/").await.contains("content-type: text/html"));
+    // two streams open, a third is refused until one closes
+    let open = || async {
+        let mut s = TcpStream::connect(c.addr).await.unwrap();
+        s.write_all(format!("GET /api/stream?token={VIEWER} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        (String::from_utf8_lossy(&buf[..n]).to_string(), s)
+    };
+    let (a, _sa) = open().await;
+    let (b, sb) = open().await;
+    assert!(a.starts_with("HTTP/1.1 200") && b.starts_with("HTTP/1.1 200"), "{a}\n{b}");
+    let (third, _) = open().await;
+    assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+    drop(sb);
+    let t0 = std::time::Instant::now();
+    loop {
+        let (again, s) = open().await;
+        if again.starts_with("HTTP/1.1 200") {
+            drop(s);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "a closed stream frees its place: {again}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_away_a_decision_waits_a_bounded_time_and_the_next_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: as above, a variable of this test only
+    unsafe { std::env::set_var("CC_TOKENS_K", format!("operator op.anna {OPERATOR}")) };
+    let mut cfg = config(dir.path(), "CC_TOKENS_K", 1000);
+    // nothing listens on port 1
+    cfg.kafka = Some(
+        serde_saphyr::from_str(
+            "brokers: 127.0.0.1:1\nalerts_topic: a\nfeedback_topic: f\npublish_timeout: 1s\nproperties: {message.timeout.ms: \"60000\"}\n",
+        )
+        .unwrap(),
+    );
+    let c = ControlCenter::start("control", &cfg, &Metrics::new()).unwrap();
+    c.apply(&alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95)])).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    let body = r#"{"comment": "x"}"#;
+    let req = format!(
+        "POST /api/alerts/incident_model:seg-00-03:600000/acknowledge HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_lowercase();
+    let waited = t0.elapsed();
+    assert!(text.starts_with("http/1.1 200") && text.contains("x-citystream-kafka: pending"), "{text}");
+    assert!(waited < Duration::from_secs(4), "the answer waited {waited:?}, not the broker's 60 s");
+    // stored and in the book, but not published: the next decision is refused clearly
+    let (code, body) = http(
+        &c,
+        "POST",
+        "/api/alerts/incident_model:seg-01-02:660000/acknowledge",
+        Some(OPERATOR),
+        Some(r#"{"comment": "y"}"#),
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("Kafka is unreachable"), "{body}");
+    assert_eq!(string_columns(&dir.path().join("feedback"), &["decision"]).len(), 1, "the first one is stored");
 }
