@@ -36,13 +36,36 @@ use serde::Deserialize;
 use crate::onnx::{LoadOptions, Model, Provider};
 
 /// The feature input: one list column or several scalar columns.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FeatureInput {
     /// A `FixedSizeList<Float32>` column: zero-copy.
     List(String),
     /// Numeric columns, in model-input order.
     Columns(Vec<String>),
+}
+
+/// A column name or a list of them; anything else is refused naming both forms.
+impl<'de> Deserialize<'de> for FeatureInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FeatureInput;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the name of a list column, or a list of numeric column names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FeatureInput, E> {
+                Ok(FeatureInput::List(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<FeatureInput, A::Error> {
+                let mut cols = Vec::new();
+                while let Some(c) = seq.next_element::<String>()? {
+                    cols.push(c);
+                }
+                Ok(FeatureInput::Columns(cols))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn d_max_rows() -> usize {

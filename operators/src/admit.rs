@@ -37,7 +37,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 
-use crate::common::{HashedKeys, KeyEncoder, columns, hash128, time_column, times};
+use crate::common::{HashedKeys, KeyEncoder, KeyHash, columns, time_column, times};
 use crate::{BuildContext, Collector, Counter, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError};
 
 /// A rate: `N/s`, `N/m` or `N/h`.
@@ -300,6 +300,7 @@ impl OperatorConfig for AdmitConfig {
             outputs,
             time,
             encoder,
+            hasher: KeyHash::random(),
             policy: self.policy,
             clock_kind: self.clock,
             started: Instant::now(),
@@ -349,6 +350,8 @@ pub struct Admit {
     outputs: Vec<OutputSpec>,
     time: usize,
     encoder: Option<KeyEncoder>,
+    /// hashes per-key cells' keys (random per operator, kept in the snapshot)
+    hasher: KeyHash,
     policy: Policy,
     clock_kind: ClockKind,
     started: Instant,
@@ -438,7 +441,7 @@ impl Operator for Admit {
         let keys: Option<Vec<u128>> = match &self.encoder {
             Some(e) => {
                 let rows = e.encode(&batch)?;
-                Some((0..n).map(|i| hash128(rows.row(i).as_ref())).collect())
+                Some((0..n).map(|i| self.hasher.hash(rows.row(i).as_ref())).collect())
             }
             None => None,
         };
@@ -557,11 +560,18 @@ impl Operator for Admit {
             .unwrap_or_else(|_| arrow::array::FixedSizeBinaryArray::new_null(16, 0));
         let tats = arrow::array::FixedSizeBinaryArray::try_from_iter(cells.iter().map(|(_, t)| t.to_le_bytes()))
             .unwrap_or_else(|_| arrow::array::FixedSizeBinaryArray::new_null(16, 0));
-        Ok(Some(RecordBatch::try_new(admit_state_schema(), vec![Arc::new(keys), Arc::new(tats)])?))
+        let schema = Arc::new(admit_state_schema().as_ref().clone().with_metadata([self.hasher.metadata()].into()));
+        Ok(Some(RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(tats)])?))
     }
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
-        crate::common::check_state_schema("admit", &state, &admit_state_schema())?;
+        if state.schema_ref().fields() != admit_state_schema().fields() {
+            return Err(OperatorError::State {
+                operator: "admit",
+                detail: format!("unexpected state schema {:?}", state.schema()),
+            });
+        }
+        self.hasher = KeyHash::from_snapshot("admit", &state)?;
         let Some((_, k)) = &mut self.keyed else { return Ok(()) };
         let bad = || OperatorError::State { operator: "admit", detail: "a cell is not 16 bytes".into() };
         let (keys, tats) = (state.column(0).as_fixed_size_binary(), state.column(1).as_fixed_size_binary());

@@ -131,8 +131,54 @@ impl KeyEncoder {
     }
 }
 
-/// A 128-bit hash of `bytes`: collisions are negligible (below 1e-20 for a billion keys), so
-/// operators may treat equal hashes as equal keys and store 16 bytes per key.
-pub(crate) fn hash128(bytes: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(bytes)
+/// The key of a state map: a keyed 128-bit hash (SipHash-1-3) of a key's bytes. Collisions
+/// are negligible (below 1e-20 for a billion keys held at once), so operators treat equal
+/// hashes as equal keys and store 16 bytes per key; and since the hash key is random per
+/// operator and never leaves its state files, a producer cannot choose keys that collide —
+/// neither to make a distinct event read as a duplicate nor to degrade the hash table. The
+/// hash key is part of the operator's snapshot (metadata [`KeyHash::METADATA`]): a restored
+/// operator must hash as the one that wrote the state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyHash {
+    k0: u64,
+    k1: u64,
+}
+
+impl std::fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHash(..)")
+    }
+}
+
+impl KeyHash {
+    /// The snapshot metadata entry that holds the hash key (32 hex digits).
+    pub(crate) const METADATA: &'static str = "hash_key";
+
+    /// A fresh random hash key (from the operating system's generator).
+    pub(crate) fn random() -> Self {
+        Self { k0: rand::random(), k1: rand::random() }
+    }
+
+    /// The 128-bit hash of `bytes`.
+    pub(crate) fn hash(&self, bytes: &[u8]) -> u128 {
+        siphasher::sip128::SipHasher13::new_with_keys(self.k0, self.k1).hash(bytes).as_u128()
+    }
+
+    /// The metadata entry to store with a snapshot.
+    pub(crate) fn metadata(&self) -> (String, String) {
+        (Self::METADATA.to_owned(), format!("{:016x}{:016x}", self.k0, self.k1))
+    }
+
+    /// The hash key a snapshot was written with.
+    pub(crate) fn from_snapshot(operator: &'static str, state: &RecordBatch) -> Result<Self, crate::OperatorError> {
+        let bad = |detail: &str| crate::OperatorError::State { operator, detail: detail.to_owned() };
+        let hex =
+            state.schema_ref().metadata().get(Self::METADATA).ok_or_else(|| bad("the snapshot has no hash key"))?;
+        if hex.len() != 32 || !hex.is_ascii() {
+            return Err(bad("the snapshot's hash key is not 32 hex digits"));
+        }
+        let part =
+            |s: &str| u64::from_str_radix(s, 16).map_err(|_| bad("the snapshot's hash key is not 32 hex digits"));
+        Ok(Self { k0: part(&hex[..16])?, k1: part(&hex[16..])? })
+    }
 }

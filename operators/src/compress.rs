@@ -18,8 +18,11 @@
 //! restarts from the same kept row, so the bound holds for each field independently. A null in
 //! any configured field keeps the row (there is nothing to interpolate). A jump larger than the
 //! tolerance — an incident's sudden drop in speed — is therefore always kept, with the row
-//! before it. `max_gap` also keeps the row before a silence longer than it, so outages are not
-//! bridged by a line.
+//! before it. `max_gap` also keeps the rows on both sides of a silence longer than it, so
+//! outages are not bridged by a line: after such a silence a series starts again as if new,
+//! which lets the operator forget a series once the watermark is `max_gap` past its last row
+//! (its memory follows the series that spoke within `max_gap`, not every key ever seen;
+//! metric `citystream_compress_series`).
 //!
 //! Columns not listed in `fields` are carried on kept rows only: compress a copy for storage,
 //! and aggregate (counts, flows) from the uncompressed stream. A row at or before its series'
@@ -168,6 +171,7 @@ impl OperatorConfig for CompressConfig {
             rows_in: ctx.metrics.counter("citystream_compress_rows_in_total", "Rows into a compress stage.", &l),
             rows_kept: ctx.metrics.counter("citystream_compress_rows_kept_total", "Rows a compress stage kept.", &l),
             late: ctx.metrics.counter("citystream_compress_late_rows_total", "Rows behind their series' time.", &l),
+            series_gauge: ctx.metrics.gauge("citystream_compress_series", "Series a compress stage holds.", &l),
         }))
     }
 }
@@ -211,6 +215,7 @@ pub struct Compress {
     rows_in: Counter,
     rows_kept: Counter,
     late: Counter,
+    series_gauge: crate::Gauge,
 }
 
 impl std::fmt::Debug for Compress {
@@ -250,12 +255,29 @@ impl Compress {
             late.push(p.at);
             return;
         }
+        if st.candidate.is_none() && p.t.saturating_sub(a.t) > self.max_gap {
+            // after a silence longer than max_gap the series starts again: the row is kept,
+            // as it would be for a series the operator had forgotten (`forget_silent`)
+            kept.push(p.at);
+            st.door = vec![OPEN; fields.len()];
+            st.anchor = Some(p);
+            return;
+        }
         let Some(c) = st.candidate.take() else {
             st.candidate = Some(p);
             return;
         };
+        if p.t.saturating_sub(c.t) > self.max_gap {
+            // a silence longer than max_gap after the undecided row: it is kept, and the
+            // series starts again at `p`, exactly as when the watermark passed `c` first
+            kept.push(c.at);
+            kept.push(p.at);
+            st.door = vec![OPEN; fields.len()];
+            st.anchor = Some(p);
+            return;
+        }
         let mut door = st.door.clone();
-        let mut droppable = p.t - c.t <= self.max_gap;
+        let mut droppable = true;
         for (f, (_, tol)) in fields.iter().enumerate() {
             if !droppable {
                 break;
@@ -345,7 +367,47 @@ impl Compress {
             }
         }
         self.arena = compacted.into_iter().collect();
+        self.forget_silent(wm);
+        self.series_gauge.set(self.states.len() as f64);
         Ok(())
+    }
+
+    /// Forgets the series with nothing undecided or waiting whose last kept row is more than
+    /// `max_gap` behind the watermark: every later row of theirs is more than `max_gap` after
+    /// it (rows reaching this stage are ahead of the watermark), and `step` treats such a row
+    /// exactly as the first row of a new series, so forgetting changes no output. Compacts
+    /// when at least a quarter of the series (and 1024) can go, so the cost is amortized.
+    fn forget_silent(&mut self, wm: i64) {
+        let mut waiting = vec![false; self.states.len()];
+        for (s, _) in &self.pending {
+            waiting[*s] = true;
+        }
+        let silent = |s: usize, st: &Series| {
+            !waiting[s]
+                && st.candidate.is_none()
+                && st.anchor.as_ref().is_none_or(|a| wm.saturating_sub(a.t) > self.max_gap)
+        };
+        let n = self.states.iter().enumerate().filter(|(s, st)| silent(*s, st)).count();
+        if n == 0 || n < 1024.max(self.states.len() / 4) {
+            return;
+        }
+        let mut remap = vec![usize::MAX; self.states.len()];
+        let mut kept = Vec::with_capacity(self.states.len() - n);
+        for (s, st) in std::mem::take(&mut self.states).into_iter().enumerate() {
+            if !silent(s, &st) {
+                remap[s] = kept.len();
+                kept.push(st);
+            }
+        }
+        self.states = kept;
+        self.series.retain(|_, s| {
+            *s = remap[*s];
+            *s != usize::MAX
+        });
+        self.series.shrink_to_fit();
+        for (s, _) in &mut self.pending {
+            *s = remap[*s];
+        }
     }
 }
 

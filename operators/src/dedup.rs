@@ -6,9 +6,10 @@
 //!   are every column except the id and the source position (`src_partition`, `src_offset`):
 //!   same device, same `ts`, same values.
 //!
-//! The first arrival is kept. Keys are 128-bit hashes (xxh3) of the id bytes or of the row in
-//! Arrow's row format, so a false match between distinct events has probability below 1e-20
-//! even for a billion keys held at once. A key is kept while its event time is within
+//! The first arrival is kept. Keys are keyed 128-bit hashes (SipHash-1-3, a random hash key per
+//! operator kept in its snapshot) of the id bytes or of the row in Arrow's row format, so a
+//! false match between distinct events has probability below 1e-20 even for a billion keys
+//! held at once, and a producer cannot craft ids that collide. A key is kept while its event time is within
 //! `horizon` of the watermark, then evicted; a row older than that can no longer be checked and
 //! goes to the `late_events` output instead of passing unchecked. State is about 16 bytes of
 //! key, 8 of event time and hash-table overhead per key per mode (see [`Dedup::state_bytes`]).
@@ -21,19 +22,46 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt8Type, UInt64Type};
 use serde::Deserialize;
 
-use crate::common::{HashedKeys, KeyEncoder, column, columns, hash128, time_column, times};
+use crate::common::{HashedKeys, KeyEncoder, KeyHash, column, columns, time_column, times};
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
 
 /// Which columns make two readings "the same content".
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ContentSpec {
     /// `auto` (every column but the id and the source position) or `off`.
     Named(String),
     /// These columns.
     Columns(Vec<String>),
+}
+
+/// `auto`, `off` (YAML may read an unquoted `off` as the boolean false: accepted, as is
+/// `false`), or a list of column names; anything else is refused naming these forms.
+impl<'de> Deserialize<'de> for ContentSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ContentSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`auto`, `off`, or a list of column names")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<ContentSpec, E> {
+                Ok(ContentSpec::Named(if v { "auto" } else { "off" }.into()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ContentSpec, E> {
+                Ok(ContentSpec::Named(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ContentSpec, A::Error> {
+                let mut cols = Vec::new();
+                while let Some(c) = seq.next_element::<String>()? {
+                    cols.push(c);
+                }
+                Ok(ContentSpec::Columns(cols))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl Default for ContentSpec {
@@ -157,6 +185,7 @@ impl OperatorConfig for DedupConfig {
             content,
             horizon: self.horizon.as_millis_i64(),
             watermark: i64::MIN,
+            hasher: KeyHash::random(),
             seen: [KeySet::default(), KeySet::default()],
             removed: [
                 m.counter("citystream_dedup_removed_total", "Duplicates removed, per mode.", &l("exact")),
@@ -231,6 +260,7 @@ pub struct Dedup {
     content: Option<KeyEncoder>,
     horizon: i64,
     watermark: i64,
+    hasher: KeyHash,
     /// [exact, content]
     seen: [KeySet; 2],
     removed: [Counter; 2],
@@ -280,8 +310,8 @@ impl Operator for Dedup {
                 continue;
             }
             late.push(false);
-            let id = ids.as_ref().filter(|a| a.is_valid(i)).map(|a| hash128(a.value(i).as_bytes()));
-            let content = rows.as_ref().map(|r| hash128(r.row(i).as_ref()));
+            let id = ids.as_ref().filter(|a| a.is_valid(i)).map(|a| self.hasher.hash(a.value(i).as_bytes()));
+            let content = rows.as_ref().map(|r| self.hasher.hash(r.row(i).as_ref()));
             if id.is_some_and(|k| self.seen[0].contains(k)) {
                 removed[0] += 1;
                 keep.push(false);
@@ -356,7 +386,7 @@ impl Operator for Dedup {
                 Field::new("key_lo", DataType::UInt64, false),
                 Field::new("ts", DataType::Int64, false),
             ],
-            [("watermark".to_owned(), self.watermark.to_string())].into(),
+            [("watermark".to_owned(), self.watermark.to_string()), self.hasher.metadata()].into(),
         ));
         Ok(Some(RecordBatch::try_new(
             schema,
@@ -374,6 +404,7 @@ impl Operator for Dedup {
         if names != ["mode", "key_hi", "key_lo", "ts"] {
             return Err(OperatorError::State { operator: "dedup", detail: "not a dedup snapshot".into() });
         }
+        self.hasher = KeyHash::from_snapshot("dedup", &state)?;
         self.watermark = state.schema().metadata().get("watermark").and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
         self.seen = [KeySet::default(), KeySet::default()];
         let mode = state.column(0).as_primitive::<UInt8Type>();

@@ -12,8 +12,7 @@ use serde::Deserialize;
 use crate::{BuildContext, Collector, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError, did_you_mean};
 
 /// A literal in a condition.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Literal {
     /// `true` / `false`.
     Bool(bool),
@@ -25,6 +24,43 @@ pub enum Literal {
     Text(String),
     /// A list, for `in`.
     List(Vec<Literal>),
+}
+
+/// A boolean, an integer, a number, text or a list of these; anything else is refused naming
+/// these forms.
+impl<'de> Deserialize<'de> for Literal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Literal;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a boolean, an integer, a number, text, or a list of these")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Literal, E> {
+                Ok(Literal::Bool(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Literal, E> {
+                Ok(Literal::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Literal, E> {
+                i64::try_from(v).map(Literal::Int).map_err(|_| E::custom("an integer beyond the 64-bit signed range"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Literal, E> {
+                Ok(Literal::Float(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Literal, E> {
+                Ok(Literal::Text(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Literal, A::Error> {
+                let mut items = Vec::new();
+                while let Some(l) = seq.next_element::<Literal>()? {
+                    items.push(l);
+                }
+                Ok(Literal::List(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A comparison operator.

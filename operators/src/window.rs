@@ -418,9 +418,49 @@ impl Window {
             self.emitted.inc_by(batch.num_rows() as u64);
             out.emit(0, batch);
         }
+        self.forget_unused_keys();
         self.open.set(self.windows.len() as f64);
         self.state_bytes.set(self.state_bytes() as f64);
         Ok(())
+    }
+
+    /// Forgets the keys no open window holds, so a stream of ever new keys (a flood of
+    /// invented segment ids) cannot grow the key table without bound. Runs when at least half
+    /// the keys (and 1024) are unused, so its cost is amortized over the rows that made them.
+    /// Group ids are internal: output is in key order, and snapshots store the keys.
+    fn forget_unused_keys(&mut self) {
+        if self.group_keys.len() < 1024 {
+            // (a window without key columns has one group and registers no key)
+            return;
+        }
+        let mut used = vec![false; self.group_keys.len()];
+        for w in self.windows.values() {
+            for g in &w.groups {
+                used[*g as usize] = true;
+            }
+        }
+        let unused = used.iter().filter(|u| !**u).count();
+        if unused < 1024.max(self.group_keys.len() / 2) {
+            return;
+        }
+        let mut remap = vec![u32::MAX; self.group_keys.len()];
+        let mut kept = Vec::with_capacity(self.group_keys.len() - unused);
+        for (g, key) in std::mem::take(&mut self.group_keys).into_iter().enumerate() {
+            if used[g] {
+                remap[g] = kept.len() as u32;
+                kept.push(key);
+            }
+        }
+        self.group_keys = kept;
+        self.group_of.retain(|_, g| {
+            *g = remap[*g as usize];
+            *g != u32::MAX
+        });
+        self.group_of.shrink_to_fit();
+        for w in self.windows.values_mut() {
+            w.groups.iter_mut().for_each(|g| *g = remap[*g as usize]);
+            w.slots = w.groups.iter().enumerate().map(|(slot, g)| (*g, slot as u32)).collect();
+        }
     }
 
     fn render(&self, start: i64, w: &WindowState) -> Result<RecordBatch, OperatorError> {

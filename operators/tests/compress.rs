@@ -184,3 +184,46 @@ fn a_series_silent_past_max_gap_releases_its_undecided_row_and_the_output_waterm
     assert_eq!(out.port(0).iter().map(|b| b.num_rows()).sum::<usize>(), 2, "kept once max_gap passed");
     assert_eq!(op.output_watermark(700_001), 700_001);
 }
+
+#[test]
+fn silent_series_are_forgotten_without_changing_what_is_kept() {
+    // 12 hours; each hour 2000 sensors speak 3 times then fall silent (max_gap 10m), and the
+    // sensors of hour h speak again in hour h + 6: the operator must forget them in between
+    // and keep exactly the rows it keeps when it never gets a chance to forget (one batch,
+    // one watermark at the end)
+    let c: CompressConfig = yaml("key: [sensor_id]\nfields:\n  value: {abs: 1.0}\nmax_gap: 10m\n");
+    let mut rows = Vec::new();
+    for h in 0..12i64 {
+        for k in 0..2000 {
+            for j in 0..3i64 {
+                let sensor = format!("g{}-{k}", h % 2 * 100 + h / 2 % 3);
+                let v = 50.0 + ((k as i64 * 7 + j * 13 + h) % 5) as f64 * 0.4;
+                rows.push(r(&format!("{h}-{k}-{j}"), &sensor, h * 3_600_000 + j * 60_000 + k as i64, v));
+            }
+        }
+    }
+    rows.sort_by_key(|r| r.ts);
+    let metrics = citystream_operators::Metrics::new();
+    let batches: Vec<Vec<Reading>> = rows.chunks(500).map(<[Reading]>::to_vec).collect();
+    let mut op = build_with(&c, &metrics);
+    let mut held = Vec::new();
+    let mut coll = citystream_operators::Collector::new(2);
+    for b in &batches {
+        op.process_batch(batch(b), &mut coll).unwrap();
+        op.on_watermark(b.last().unwrap().ts - 1, &mut coll).unwrap();
+        held.push(metrics.value("citystream_compress_series", &[("stage", "test")]).unwrap_or(0.0));
+    }
+    op.on_end(&mut coll).unwrap();
+    let mut forgetting: Vec<(String, i64)> =
+        coll.drain().filter(|(p, _)| *p == 0).flat_map(|(_, b)| readings(&b)).map(|r| (r.id, r.ts)).collect();
+    forgetting.sort();
+    let everything = run(build(&c).as_mut(), &[rows.clone()], i64::MAX / 4);
+    let mut reference: Vec<(String, i64)> = everything.readings(0).into_iter().map(|r| (r.id, r.ts)).collect();
+    reference.sort();
+    assert_eq!(everything.rows(1), 0);
+    assert_eq!(forgetting, reference, "forgetting silent series changed what is kept");
+    // 12 hours of 2000 sensors each, 6 distinct groups: never more than the groups of two hours
+    let peak = held.iter().copied().fold(0.0, f64::max);
+    assert!(peak <= 2.0 * 2000.0 + 1.0, "series held peaked at {peak}");
+    assert!(held.last().copied().unwrap_or(0.0) <= 2000.0, "{held:?}");
+}

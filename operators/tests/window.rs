@@ -160,6 +160,18 @@ proptest! {
     }
 }
 
+#[test]
+fn keys_forgotten_between_their_windows_give_the_same_rows() {
+    // 2,500 keys, each back every 225 s: a key's window has closed (and the key is forgotten)
+    // before it comes back; one batch with no watermark until the end forgets nothing
+    let rows: Vec<Reading> =
+        (0..20_000i64).map(|i| rw(&format!("s{}", (i * 7) % 2_500), i * 90, Some((i % 13) as f64), 1)).collect();
+    let live: Vec<Vec<Reading>> = rows.chunks(100).map(<[Reading]>::to_vec).collect();
+    let once = rendered(std::slice::from_ref(&rows));
+    assert_eq!(once.len(), 20_000, "every row its own key and minute");
+    assert_eq!(rendered(&live), once);
+}
+
 /// The window rows (every column as text) of `batches` run with a watermark after each.
 fn rendered(batches: &[Vec<Reading>]) -> Vec<String> {
     let cfg: WindowConfig = yaml(CFG);

@@ -205,13 +205,25 @@ pub fn account(
         .collect()
 }
 
+/// Hours of intensity kept (two years): beyond it the earliest hours are forgotten, so a topic
+/// that keeps publishing (or names hours far apart) cannot grow the process without bound.
+pub const MAX_HOURS: usize = 2 * 366 * 24;
+
 /// Carbon intensity: per hour where a series names it, else the latest live value, else the
-/// constant. Clones share the series (a Kafka reader updates every holder).
+/// constant. Clones share the series (a Kafka reader updates every holder). At most
+/// [`MAX_HOURS`] hours are held.
 #[derive(Debug, Clone, Default)]
 pub struct Intensity {
     constant: f64,
     hourly: Arc<std::sync::RwLock<BTreeMap<i64, f64>>>,
     latest: Arc<std::sync::RwLock<Option<f64>>>,
+}
+
+/// Keeps the latest [`MAX_HOURS`] hours of `hourly`.
+fn forget_earliest(hourly: &mut BTreeMap<i64, f64>) {
+    while hourly.len() > MAX_HOURS {
+        hourly.pop_first();
+    }
 }
 
 impl Intensity {
@@ -229,6 +241,7 @@ impl Intensity {
                 let v: f64 = v.trim().parse().map_err(|e| format!("{}:{}: {e}", f.as_str(), i + 1))?;
                 hourly.insert(t.div_euclid(3_600_000), v);
             }
+            forget_earliest(&mut hourly);
         }
         Ok(Self {
             constant: cfg.carbon_g_per_kwh,
@@ -264,14 +277,18 @@ impl Intensity {
         match m.hour {
             Some(h) => {
                 let t = chrono::DateTime::parse_from_rfc3339(&h).map_err(|e| format!("hour `{h}`: {e}"))?;
-                self.hourly
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(t.timestamp_millis().div_euclid(3_600_000), m.g_per_kwh);
+                let mut hourly = self.hourly.write().unwrap_or_else(|e| e.into_inner());
+                hourly.insert(t.timestamp_millis().div_euclid(3_600_000), m.g_per_kwh);
+                forget_earliest(&mut hourly);
             }
             None => *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(m.g_per_kwh),
         }
         Ok(())
+    }
+
+    /// Hours of the series held.
+    pub fn hours(&self) -> usize {
+        self.hourly.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Reads `cfg`'s topic from its start and then live into this intensity until the task is
@@ -585,6 +602,23 @@ mod tests {
             assert!(i.apply_message(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!((i.at(h8), i.at(h8 + 3_600_000)), (512.0, 120.5));
+    }
+
+    #[test]
+    fn the_hourly_series_keeps_its_latest_hours_only() {
+        let cfg: EnergyConfig = serde_saphyr::from_str("path: /tmp/x\ncarbon_g_per_kwh: 300\n").unwrap();
+        let i = Intensity::from_config(&cfg).unwrap();
+        let h0 = chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z").unwrap();
+        let n = MAX_HOURS + 500;
+        for h in 0..n {
+            let hour = (h0 + chrono::Duration::hours(h as i64)).to_rfc3339();
+            i.apply_message(format!(r#"{{"hour": "{hour}", "g_per_kwh": {h}}}"#).as_bytes()).unwrap();
+        }
+        assert_eq!(i.hours(), MAX_HOURS);
+        let ms = |h: usize| h0.timestamp_millis() + h as i64 * 3_600_000;
+        assert_eq!(i.at(ms(n - 1)), (n - 1) as f64, "the latest hour is kept");
+        assert_eq!(i.at(ms(499)), 300.0, "the earliest hours are forgotten");
+        assert_eq!(i.at(ms(500)), 500.0);
     }
 }
 

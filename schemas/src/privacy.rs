@@ -133,21 +133,94 @@ pub struct Privacy {
 /// JSON keys whose values are personal identifiers.
 pub const IDENTIFIER_KEYS: [&str; 2] = ["plate", "track_id"];
 
-/// `payload` with the values of [`IDENTIFIER_KEYS`] replaced by `"<redacted>"`, for dead
-/// letters. Works on malformed JSON too: after a key it redacts a string up to its closing
-/// quote, any other token up to the next `,` or `}`; with no end in sight it cuts the payload
-/// there.
+/// JSON keys whose values a dead letter never keeps: the identifiers, and camera images
+/// (which may show a face or a plate).
+const PERSONAL_KEYS: [&str; 3] = ["plate", "track_id", "thumbnail"];
+
+/// What replaces a personal value in a dead letter.
+const REDACTED: &str = "<redacted>";
+
+/// What a dead letter keeps of a payload that is not JSON and may hide an identifier where
+/// no scan can find it (an escaped key, a list after an identifier key).
+pub const WITHHELD: &[u8] = b"<withheld: not JSON, may hold an identifier>";
+
+fn is_personal(key: &str) -> bool {
+    PERSONAL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+}
+
+/// `payload` as a dead letter may keep it: the values of [`IDENTIFIER_KEYS`] and of
+/// `thumbnail` replaced by `"<redacted>"`, at any depth, whatever their case or escaping.
+///
+/// JSON that mentions such a key (in any case) or has an escape is parsed and written again
+/// (keys sorted, spacing removed, a repeated key once); other JSON is kept as it came. A payload that is not JSON is scanned for quoted
+/// identifier keys: a string or scalar after one is redacted up to its end; a list or object
+/// after one, a backslash escape anywhere, or an identifier key in another spelling means the
+/// scan cannot be sure, and the payload is withheld ([`WITHHELD`]).
 pub fn redact_identifiers(payload: &[u8]) -> Cow<'_, [u8]> {
-    let has = |k: &str| {
-        payload.windows(k.len() + 2).any(|w| w[0] == b'"' && &w[1..=k.len()] == k.as_bytes() && w[k.len() + 1] == b'"')
+    // a payload that names no personal key in any case and has no escape cannot hold one
+    let lower = payload.to_ascii_lowercase();
+    let suspicious =
+        payload.contains(&b'\\') || PERSONAL_KEYS.iter().any(|k| lower.windows(k.len()).any(|w| w == k.as_bytes()));
+    if !suspicious {
+        return Cow::Borrowed(payload);
+    }
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        // written again even where nothing was redacted: a repeated key keeps its last value
+        // only, so an earlier one (`{"plate":"AB-1","plate":null}`) must not survive as sent
+        Ok(mut value) => {
+            redact_value(&mut value);
+            Cow::Owned(serde_json::to_vec(&value).unwrap_or_else(|_| WITHHELD.to_vec()))
+        }
+        Err(_) => redact_text(payload),
+    }
+}
+
+/// Redacts personal values in place, at any depth.
+fn redact_value(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if !is_personal(k) {
+                    redact_value(v);
+                } else if !v.is_null() {
+                    *v = Value::String(REDACTED.into());
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_value),
+        _ => {}
+    }
+}
+
+/// Redaction of a payload that is not JSON (see [`redact_identifiers`]).
+fn redact_text(payload: &[u8]) -> Cow<'_, [u8]> {
+    let lower = payload.to_ascii_lowercase();
+    let mentions = |k: &str| lower.windows(k.len()).filter(|w| *w == k.as_bytes()).count();
+    let quoted = |k: &str| {
+        payload
+            .windows(k.len() + 2)
+            .filter(|w| w[0] == b'"' && &w[1..=k.len()] == k.as_bytes() && w[k.len() + 1] == b'"')
+            .count()
     };
-    if !IDENTIFIER_KEYS.iter().any(|k| has(k)) {
+    let mut any = false;
+    for k in PERSONAL_KEYS {
+        let m = mentions(k);
+        if m != quoted(k) {
+            return Cow::Borrowed(WITHHELD);
+        }
+        any |= m > 0;
+    }
+    if payload.contains(&b'\\') {
+        return Cow::Borrowed(WITHHELD);
+    }
+    if !any {
         return Cow::Borrowed(payload);
     }
     let mut out = Vec::with_capacity(payload.len());
     let mut i = 0;
     'scan: while i < payload.len() {
-        for k in IDENTIFIER_KEYS {
+        for k in PERSONAL_KEYS {
             let pat_len = k.len() + 2;
             if payload[i] == b'"'
                 && payload.len() >= i + pat_len
@@ -163,27 +236,31 @@ pub fn redact_identifiers(payload: &[u8]) -> Cow<'_, [u8]> {
                 if j >= payload.len() {
                     break 'scan;
                 }
-                if payload[j] == b'"' {
-                    // a string: find its unescaped closing quote
-                    let mut e = j + 1;
-                    while e < payload.len() && payload[e] != b'"' {
-                        e += if payload[e] == b'\\' { 2 } else { 1 };
+                match payload[j] {
+                    b'"' => {
+                        // a string (no escapes, checked above): up to its closing quote
+                        match payload[j + 1..].iter().position(|b| *b == b'"') {
+                            Some(e) => {
+                                out.extend_from_slice(b"\"<redacted>\"");
+                                i = j + 1 + e + 1;
+                            }
+                            None => {
+                                out.extend_from_slice(b"\"<redacted>");
+                                break 'scan;
+                            }
+                        }
                     }
-                    if e >= payload.len() {
-                        out.extend_from_slice(b"\"<redacted>");
-                        break 'scan;
+                    b'[' | b'{' => return Cow::Borrowed(WITHHELD),
+                    _ if payload[j..].starts_with(b"null") => {
+                        out.extend_from_slice(b"null");
+                        i = j + 4;
                     }
-                    out.extend_from_slice(b"\"<redacted>\"");
-                    i = e + 1;
-                } else if payload[j..].starts_with(b"null") {
-                    out.extend_from_slice(b"null");
-                    i = j + 4;
-                } else {
-                    let e = payload[j..].iter().position(|b| *b == b',' || *b == b'}').map(|p| j + p);
-                    out.extend_from_slice(b"\"<redacted>\"");
-                    match e {
-                        Some(e) => i = e,
-                        None => break 'scan,
+                    _ => {
+                        out.extend_from_slice(b"\"<redacted>\"");
+                        match payload[j..].iter().position(|b| matches!(b, b',' | b'}' | b']' | b'"')) {
+                            Some(e) => i = j + e,
+                            None => break 'scan,
+                        }
                     }
                 }
                 continue 'scan;
@@ -232,15 +309,32 @@ mod tests {
     #[test]
     fn redaction_removes_identifier_values_even_from_broken_json() {
         let r = |s: &str| String::from_utf8(redact_identifiers(s.as_bytes()).into_owned()).unwrap();
+        // JSON: parsed, redacted at any depth and in any spelling, written again
         assert_eq!(
             r(r#"{"plate":"AB-1","track_id": "t-9","count":1}"#),
-            r#"{"plate":"<redacted>","track_id": "<redacted>","count":1}"#
+            r#"{"count":1,"plate":"<redacted>","track_id":"<redacted>"}"#
         );
         assert_eq!(r(r#"{"plate":"AB\"1","x":2}"#), r#"{"plate":"<redacted>","x":2}"#);
         assert_eq!(r(r#"{"plate":12345,"x":2}"#), r#"{"plate":"<redacted>","x":2}"#);
+        assert_eq!(r(r#"{"pl\u0061te":"AB-1"}"#), r#"{"plate":"<redacted>"}"#);
+        assert_eq!(r(r#"{"Plate":["AB-1","CD-2"]}"#), r#"{"Plate":"<redacted>"}"#);
+        assert_eq!(r(r#"[{"x":{"plate":"AB-1"}}]"#), r#"[{"x":{"plate":"<redacted>"}}]"#);
+        assert_eq!(r(r#"{"plate":"A","plate":"B"}"#), r#"{"plate":"<redacted>"}"#);
+        assert_eq!(r(r#"{"plate":"AB-1","plate":null}"#), r#"{"plate":null}"#);
+        assert_eq!(r(r#"{"x":{"plate":"AB-1"},"x":1}"#), r#"{"x":1}"#);
+        assert_eq!(r(r#"{"thumbnail":"aGVsbG8="}"#), r#"{"thumbnail":"<redacted>"}"#);
         assert_eq!(r(r#"{"plate":null}"#), r#"{"plate":null}"#);
+        assert!(matches!(redact_identifiers(b"{\"x\": 1}"), Cow::Borrowed(b"{\"x\": 1}")));
+        // not JSON: scanned where the scan can be sure, withheld where it cannot
         assert_eq!(r(r#"{"x":1,"plate":"AB-CD-12"#), r#"{"x":1,"plate":"<redacted>"#);
-        assert_eq!(r(r#"{"x":1}"#), r#"{"x":1}"#);
-        assert!(matches!(redact_identifiers(b"{\"x\":1}"), Cow::Borrowed(_)));
+        assert_eq!(r(r#"{"plate":12345,"x":2"#), r#"{"plate":"<redacted>","x":2"#);
+        assert_eq!(r(r#"{"plate":"AB","x":"#), r#"{"plate":"<redacted>","x":"#);
+        assert_eq!(r(r#"{"x":1"#), r#"{"x":1"#);
+        let withheld = std::str::from_utf8(WITHHELD).unwrap();
+        assert_eq!(r(r#"{"pl\u0061te":"AB-1""#), withheld);
+        assert_eq!(r(r#"{"plate":"AB\"1""#), withheld);
+        assert_eq!(r(r#"{"plate":["AB","CD"]"#), withheld);
+        assert_eq!(r(r#"{"PLATE":"AB""#), withheld);
+        assert_eq!(r(r#"{plate:"AB""#), withheld);
     }
 }

@@ -382,3 +382,29 @@ sinks:
     let e = error_of(&text.replace("topics: {traffic: t}", "topics: {}"));
     assert!(e.contains("sources.k.topics: a kafka source needs at least one topic"), "{e}");
 }
+
+/// `GOOD` with a dedup stage after decode whose `content` line is `content`.
+fn with_dedup(content: &str) -> String {
+    GOOD.replace(
+        "sinks:\n",
+        &format!("  dd:\n    type: dedup\n    input: traffic\n    horizon: 10m\n    {content}\nsinks:\n"),
+    )
+    .replace("      traffic: traffic\n", "      traffic: dd\n      dd_late: dd.late_events\n")
+}
+
+#[test]
+fn documented_content_modes_parse_even_where_yaml_reads_a_boolean() {
+    for content in ["content: off", "content: \"off\"", "content: false", "content: auto", "content: [speed_kmh]"] {
+        let text = with_dedup(content);
+        let raw = load_str(&text, "good.yaml").unwrap_or_else(|e| panic!("{content}: {e:?}"));
+        plan(raw, "good.yaml").unwrap_or_else(|e| panic!("{content}: {e:?}"));
+    }
+}
+
+#[test]
+fn a_content_mode_of_the_wrong_form_names_the_accepted_forms() {
+    let err = error_of(&with_dedup("content: 3"));
+    assert!(err.contains("stages.dd.content") && err.contains("`auto`, `off`, or a list of column names"), "{err}");
+    let err = error_of(&with_dedup("content: sometimes"));
+    assert!(err.contains("`sometimes` is not a content mode") && err.contains("use `auto`, `off`"), "{err}");
+}

@@ -1,18 +1,24 @@
-//! Barrier alignment for tasks with several inputs.
+//! A task's inputs, merged with barrier alignment.
 //!
-//! Once an input has delivered barrier *e*, whatever it sends next belongs after the
-//! checkpoint; it is held back until every input still running has delivered *e*. Only then
-//! does the task act on the barrier (a sink makes its output durable, a stage forwards it), and
-//! then it takes up the held-back messages in order. Without this, rows read after a checkpoint
-//! could be written into files that the checkpoint commits, and a replay after a crash would
-//! write them twice.
+//! Every input of a task has a channel of its own (`runtime.channel_capacity` messages). Once
+//! an input has delivered barrier *e*, whatever it sends next belongs after the checkpoint: the
+//! task stops reading that input until every input still running has delivered *e*. Only then
+//! does it act on the barrier (a sink makes its output durable, a stage forwards it) and read
+//! the blocked inputs again. Without alignment, rows read after a checkpoint could be written
+//! into files that the checkpoint commits, and a replay after a crash would write them twice.
+//!
+//! A blocked input is not read, so what its sender produces meanwhile waits in the bounded
+//! channel and then in the sender (backpressure), never in memory of this task: alignment holds
+//! at most `channel_capacity` messages per input. This cannot deadlock: a task sends a barrier
+//! on all its outputs before anything that follows it, so every input's barrier is on its way
+//! before any sender waits on a blocked input.
 
-use std::collections::VecDeque;
+use std::task::Poll;
 
 use citystream_operators::{Barrier, Message};
 use tokio::sync::mpsc;
 
-use super::{Envelope, PipelineError};
+use super::PipelineError;
 
 /// What the task should do next.
 #[derive(Debug)]
@@ -25,25 +31,28 @@ pub(crate) enum Next {
     Ended,
 }
 
-/// Merges a task's inputs with barrier alignment.
+/// A task's input channels, read with barrier alignment.
 pub(crate) struct Aligner {
+    inputs: Vec<mpsc::Receiver<Message>>,
     blocked: Vec<bool>,
     ended: Vec<bool>,
-    /// Held back from blocked inputs, in arrival order.
-    held: VecDeque<Envelope>,
-    /// Released after an alignment, handled before anything new.
-    replay: VecDeque<Envelope>,
     barrier: Option<Barrier>,
+    /// An input whose end completed an alignment: reported right after the barrier.
+    end_after_barrier: Option<usize>,
+    /// The input read first at the next poll (rotates, so no input starves the others).
+    start: usize,
 }
 
 impl Aligner {
-    pub(crate) fn new(inputs: usize) -> Self {
+    pub(crate) fn new(inputs: Vec<mpsc::Receiver<Message>>) -> Self {
+        let n = inputs.len();
         Self {
-            blocked: vec![false; inputs],
-            ended: vec![false; inputs],
-            held: VecDeque::new(),
-            replay: VecDeque::new(),
+            inputs,
+            blocked: vec![false; n],
+            ended: vec![false; n],
             barrier: None,
+            end_after_barrier: None,
+            start: 0,
         }
     }
 
@@ -52,63 +61,79 @@ impl Aligner {
     }
 
     fn release(&mut self) -> Barrier {
-        let b = self.barrier.take().expect("a barrier is pending");
         self.blocked.iter_mut().for_each(|x| *x = false);
-        // what was held back comes first, then anything still queued for replay
-        let mut next = std::mem::take(&mut self.held);
-        next.extend(self.replay.drain(..));
-        self.replay = next;
-        b
+        self.barrier.take().expect("a barrier is pending")
     }
 
-    /// The next thing to handle; `Err(Disconnected)` when every sender went away without `End`.
-    pub(crate) async fn next(&mut self, rx: &mut mpsc::Receiver<Envelope>) -> Result<Next, PipelineError> {
-        loop {
-            let env = match self.replay.pop_front() {
-                Some(e) => e,
-                None if self.ended.iter().all(|e| *e) => return Ok(Next::Ended),
-                None => rx.recv().await.ok_or(PipelineError::Disconnected)?,
-            };
-            if self.blocked[env.input] {
-                self.held.push_back(env);
-                continue;
+    /// The next message of an input that is neither blocked nor ended, taking inputs in turn.
+    /// Cancel-safe: a message is taken from its channel only in the poll that returns it.
+    async fn recv(&mut self) -> Result<(usize, Message), PipelineError> {
+        std::future::poll_fn(|cx| {
+            let n = self.inputs.len();
+            for k in 0..n {
+                let i = (self.start + k) % n;
+                if self.blocked[i] || self.ended[i] {
+                    continue;
+                }
+                match self.inputs[i].poll_recv(cx) {
+                    Poll::Ready(Some(msg)) => {
+                        self.start = (i + 1) % n;
+                        return Poll::Ready(Ok((i, msg)));
+                    }
+                    // the sender went away without `End`: its task failed
+                    Poll::Ready(None) => return Poll::Ready(Err(PipelineError::Disconnected)),
+                    Poll::Pending => {}
+                }
             }
-            match env.msg {
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next thing to handle; `Err(Disconnected)` when an input's sender went away without
+    /// `End`. Cancel-safe (the only await is [`recv`](Self::recv)).
+    pub(crate) async fn next(&mut self) -> Result<Next, PipelineError> {
+        if let Some(i) = self.end_after_barrier.take() {
+            return Ok(Next::Message(i, Message::End));
+        }
+        loop {
+            if self.ended.iter().all(|e| *e) {
+                return Ok(Next::Ended);
+            }
+            let (input, msg) = self.recv().await?;
+            match msg {
                 Message::Barrier(b) => {
                     self.barrier = Some(b);
-                    self.blocked[env.input] = true;
+                    self.blocked[input] = true;
                     if self.aligned() {
                         return Ok(Next::Aligned(self.release()));
                     }
                 }
-                Message::End if !self.ended[env.input] && self.barrier.is_some() => {
-                    // the last input the pending barrier waited for ended instead: the barrier
-                    // is aligned now, and the end is reported right after it
-                    self.ended[env.input] = true;
-                    if self.aligned() {
-                        let b = self.release();
-                        self.replay.push_back(env);
-                        return Ok(Next::Aligned(b));
-                    }
-                    return Ok(Next::Message(env.input, Message::End));
-                }
                 Message::End => {
-                    self.ended[env.input] = true;
-                    return Ok(Next::Message(env.input, Message::End));
+                    self.ended[input] = true;
+                    if self.barrier.is_some() && self.aligned() {
+                        // the last input the pending barrier waited for ended instead: the
+                        // barrier is aligned now, and the end is reported right after it
+                        self.end_after_barrier = Some(input);
+                        return Ok(Next::Aligned(self.release()));
+                    }
+                    return Ok(Next::Message(input, Message::End));
                 }
-                msg => return Ok(Next::Message(env.input, msg)),
+                msg => return Ok(Next::Message(input, msg)),
             }
         }
+    }
+
+    /// Messages waiting in the input channels (for the queue-depth gauge).
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.inputs.iter().map(mpsc::Receiver::len).sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(input: usize, msg: Message) -> Envelope {
-        Envelope { input, msg }
-    }
 
     fn label(n: &Next) -> String {
         match n {
@@ -120,42 +145,96 @@ mod tests {
         }
     }
 
+    fn channels(n: usize, cap: usize) -> (Vec<mpsc::Sender<Message>>, Aligner) {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(cap)).unzip();
+        (tx, Aligner::new(rx))
+    }
+
+    fn b(e: u64) -> Message {
+        Message::Barrier(Barrier { epoch: e })
+    }
+
     #[tokio::test]
     async fn holds_back_what_follows_a_barrier_until_all_inputs_deliver_it() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let b = |e| Message::Barrier(Barrier { epoch: e });
-        for e in [
-            env(0, Message::Watermark(1)),
-            env(0, b(1)),
-            env(0, Message::Watermark(2)), // after the checkpoint on input 0: held back
-            env(1, Message::Watermark(10)),
-            env(1, b(1)),
-            env(1, Message::Watermark(11)),
-            env(0, Message::End),
-            env(1, Message::End),
+        let (tx, mut a) = channels(2, 16);
+        for (i, m) in [
+            (0, Message::Watermark(1)),
+            (0, b(1)),
+            (0, Message::Watermark(2)), // after the checkpoint on input 0: not read before it
+            (1, Message::Watermark(10)),
+            (1, b(1)),
+            (1, Message::Watermark(11)),
+            (0, Message::End),
+            (1, Message::End),
         ] {
-            tx.send(e).await.unwrap();
+            tx[i].send(m).await.unwrap();
         }
-        let mut a = Aligner::new(2);
         let mut seen = Vec::new();
         loop {
-            let n = a.next(&mut rx).await.unwrap();
+            let n = a.next().await.unwrap();
             let done = matches!(n, Next::Ended);
             seen.push(label(&n));
             if done {
                 break;
             }
         }
-        assert_eq!(seen, ["0:wm1", "1:wm10", "barrier1", "0:wm2", "1:wm11", "0:end", "1:end", "ended"]);
+        let barrier = seen.iter().position(|s| s == "barrier1").unwrap();
+        assert_eq!(seen[..barrier], ["0:wm1", "1:wm10"], "{seen:?}");
+        let mut after = seen[barrier + 1..].to_vec();
+        after.sort();
+        assert_eq!(after, ["0:end", "0:wm2", "1:end", "1:wm11", "ended"], "{seen:?}");
     }
 
     #[tokio::test]
     async fn an_ended_input_does_not_hold_a_barrier_back() {
-        let (tx, mut rx) = mpsc::channel(16);
-        tx.send(env(1, Message::End)).await.unwrap();
-        tx.send(env(0, Message::Barrier(Barrier { epoch: 3 }))).await.unwrap();
-        let mut a = Aligner::new(2);
-        assert_eq!(label(&a.next(&mut rx).await.unwrap()), "1:end");
-        assert_eq!(label(&a.next(&mut rx).await.unwrap()), "barrier3");
+        let (tx, mut a) = channels(2, 16);
+        tx[1].send(Message::End).await.unwrap();
+        tx[0].send(b(3)).await.unwrap();
+        let mut seen = vec![label(&a.next().await.unwrap()), label(&a.next().await.unwrap())];
+        seen.sort();
+        assert_eq!(seen, ["1:end", "barrier3"]);
+    }
+
+    #[tokio::test]
+    async fn an_end_completing_an_alignment_comes_right_after_the_barrier() {
+        let (tx, mut a) = channels(2, 16);
+        tx[0].send(b(4)).await.unwrap();
+        tx[0].send(Message::Watermark(9)).await.unwrap();
+        tx[1].send(Message::End).await.unwrap();
+        tx[0].send(Message::End).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.push(label(&a.next().await.unwrap()));
+        }
+        assert_eq!(seen, ["barrier4", "1:end", "0:wm9", "0:end", "ended"]);
+    }
+
+    #[tokio::test]
+    async fn a_blocked_input_pushes_back_on_its_sender_instead_of_filling_memory() {
+        // input 0 delivered the barrier and keeps sending; input 1 is slow to deliver it
+        let (tx, mut a) = channels(2, 4);
+        tx[0].send(b(1)).await.unwrap();
+        tx[1].send(Message::Watermark(1)).await.unwrap();
+        assert_eq!(label(&a.next().await.unwrap()), "1:wm1");
+        let mut sent = 0;
+        while tx[0].try_send(Message::Watermark(100 + sent)).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, 4, "the blocked input's channel holds its capacity and no more");
+        let fast = tx[0].clone();
+        let extra = tokio::spawn(async move { fast.send(Message::Watermark(999)).await });
+        tokio::task::yield_now().await;
+        assert!(!extra.is_finished(), "the sender waits");
+        assert_eq!(a.queued(), 4);
+        tx[1].send(b(1)).await.unwrap();
+        assert_eq!(label(&a.next().await.unwrap()), "barrier1");
+        let mut wms = Vec::new();
+        for _ in 0..5 {
+            if let Next::Message(0, Message::Watermark(w)) = a.next().await.unwrap() {
+                wms.push(w);
+            }
+        }
+        extra.await.unwrap().unwrap();
+        assert_eq!(wms, [100, 101, 102, 103, 999], "in order, after the barrier");
     }
 }

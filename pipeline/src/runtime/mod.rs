@@ -34,18 +34,10 @@ use crate::config::{PipelinePlan, SourceConfig};
 use crate::simulator::SimReport;
 use crate::sink::parquet::{ParquetSinkError, TableStats};
 
-/// A message and the index of the input it arrived on.
-#[derive(Debug)]
-pub(crate) struct Envelope {
-    input: usize,
-    msg: Message,
-}
-
-/// One edge into a task.
+/// One edge into a task: the channel of one of its inputs.
 #[derive(Debug, Clone)]
 pub(crate) struct Edge {
-    tx: mpsc::Sender<Envelope>,
-    input: usize,
+    tx: mpsc::Sender<Message>,
 }
 
 /// The subscribers of each output port of a node.
@@ -63,7 +55,7 @@ impl Outputs {
     /// Sends `msg` to every subscriber of `port`.
     pub(crate) async fn send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
         for e in &self.ports[port] {
-            e.tx.send(Envelope { input: e.input, msg: msg.clone() }).await.map_err(|_| PipelineError::Disconnected)?;
+            e.tx.send(msg.clone()).await.map_err(|_| PipelineError::Disconnected)?;
         }
         Ok(())
     }
@@ -80,8 +72,7 @@ impl Outputs {
     /// blocks while the channel is full.
     pub(crate) fn blocking_send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
         for e in &self.ports[port] {
-            e.tx.blocking_send(Envelope { input: e.input, msg: msg.clone() })
-                .map_err(|_| PipelineError::Disconnected)?;
+            e.tx.blocking_send(msg.clone()).map_err(|_| PipelineError::Disconnected)?;
         }
         Ok(())
     }
@@ -333,26 +324,23 @@ pub async fn run_with_reload(
     let started = Instant::now();
     let cap = plan.runtime.channel_capacity.get();
     let mut subscribers: BTreeMap<(String, usize), Vec<Edge>> = BTreeMap::new();
-    let mut queues: Vec<(String, mpsc::WeakSender<Envelope>)> = Vec::new();
-
-    let mut stage_rx = Vec::new();
-    for st in &plan.stages {
-        let (tx, rx) = mpsc::channel(cap);
-        for (i, r) in st.inputs.iter().enumerate() {
-            subscribers.entry((r.node.clone(), r.port)).or_default().push(Edge { tx: tx.clone(), input: i });
+    let mut queues: Vec<(String, Vec<mpsc::WeakSender<Message>>)> = Vec::new();
+    // one bounded channel per input of every task (see `align`)
+    let mut connect = |task: &str, inputs: &mut dyn Iterator<Item = &crate::config::StreamRef>| {
+        let mut rxs = Vec::new();
+        let mut weak = Vec::new();
+        for r in inputs {
+            let (tx, rx) = mpsc::channel(cap);
+            weak.push(tx.downgrade());
+            subscribers.entry((r.node.clone(), r.port)).or_default().push(Edge { tx });
+            rxs.push(rx);
         }
-        queues.push((st.name.clone(), tx.downgrade()));
-        stage_rx.push(rx);
-    }
-    let mut sink_rx = Vec::new();
-    for sk in &plan.sinks {
-        let (tx, rx) = mpsc::channel(cap);
-        for (i, (_, r)) in sk.inputs.iter().enumerate() {
-            subscribers.entry((r.node.clone(), r.port)).or_default().push(Edge { tx: tx.clone(), input: i });
-        }
-        queues.push((sk.name.clone(), tx.downgrade()));
-        sink_rx.push(rx);
-    }
+        queues.push((task.to_owned(), weak));
+        rxs
+    };
+    let stage_rx: Vec<_> = plan.stages.iter().map(|st| connect(&st.name, &mut st.inputs.iter())).collect();
+    let sink_rx: Vec<_> =
+        plan.sinks.iter().map(|sk| connect(&sk.name, &mut sk.inputs.iter().map(|(_, r)| r))).collect();
     let outputs_of = |node: &str, n: usize, subs: &mut BTreeMap<(String, usize), Vec<Edge>>| Outputs {
         ports: (0..n).map(|p| subs.remove(&(node.to_owned(), p)).unwrap_or_default()).collect(),
     };
@@ -665,7 +653,7 @@ fn holds_rows_upstream(plan: &PipelinePlan, node: &str) -> bool {
 }
 
 /// Publishes the depth of every task's input queue as a gauge, once a second.
-async fn monitor_queues(queues: Vec<(String, mpsc::WeakSender<Envelope>)>, metrics: Metrics) {
+async fn monitor_queues(queues: Vec<(String, Vec<mpsc::WeakSender<Message>>)>, metrics: Metrics) {
     let gauges: Vec<_> = queues
         .iter()
         .map(|(name, _)| {
@@ -680,9 +668,9 @@ async fn monitor_queues(queues: Vec<(String, mpsc::WeakSender<Envelope>)>, metri
     loop {
         tick.tick().await;
         for ((_, weak), g) in queues.iter().zip(&gauges) {
-            if let Some(tx) = weak.upgrade() {
-                g.set((tx.max_capacity() - tx.capacity()) as f64);
-            }
+            let depth: usize =
+                weak.iter().filter_map(mpsc::WeakSender::upgrade).map(|tx| tx.max_capacity() - tx.capacity()).sum();
+            g.set(depth as f64);
         }
     }
 }

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::align::{Aligner, Next};
 use super::checkpoint::SinkAck;
-use super::{Envelope, PipelineError, cpu_metered};
+use super::{PipelineError, cpu_metered};
 use crate::config::{SinkConfig, SinkNode};
 use crate::sink::parquet::{ParquetWriter, TableStats};
 
@@ -137,12 +137,12 @@ impl SinkTask {
 
     pub(crate) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Envelope>,
+        inputs: Vec<mpsc::Receiver<Message>>,
     ) -> Result<BTreeMap<String, TableStats>, PipelineError> {
         let mut watermarks = vec![i64::MIN; self.tables.len()];
-        let mut inputs = Aligner::new(self.tables.len());
+        let mut inputs = Aligner::new(inputs);
         loop {
-            match inputs.next(&mut rx).await? {
+            match inputs.next().await? {
                 Next::Message(input, Message::Batch(b)) => {
                     self.rows_in.inc_by(b.num_rows() as u64);
                     self.bytes_in.inc_by(super::batch_bytes(&b));

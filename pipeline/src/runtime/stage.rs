@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::OperatorSpec;
 
 use super::align::{Aligner, Next};
-use super::{Envelope, Outputs, PipelineError, cpu, thread_cpu_ns};
+use super::{Outputs, PipelineError, cpu, thread_cpu_ns};
 
 enum Either {
     Next(Next),
@@ -195,7 +195,6 @@ impl StageTask {
     async fn next_input(
         retune: &mut Option<watch::Receiver<Option<Arc<OperatorSpec>>>>,
         inputs: &mut Aligner,
-        rx: &mut mpsc::Receiver<Envelope>,
     ) -> Result<Either, PipelineError> {
         match retune {
             Some(r) => tokio::select! {
@@ -208,10 +207,10 @@ impl StageTask {
                         Ok(Either::Retune(None))
                     }
                 },
-                // cancel-safe: the aligner only awaits `recv`
-                next = inputs.next(rx) => next.map(Either::Next),
+                // cancel-safe: the aligner takes a message only in the poll that returns it
+                next = inputs.next() => next.map(Either::Next),
             },
-            None => inputs.next(rx).await.map(Either::Next),
+            None => inputs.next().await.map(Either::Next),
         }
     }
 
@@ -287,7 +286,7 @@ impl StageTask {
         res.map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })
     }
 
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Envelope>) -> Result<(), PipelineError> {
+    pub(crate) async fn run(mut self, inputs: Vec<mpsc::Receiver<Message>>) -> Result<(), PipelineError> {
         let mut out = Collector::new(self.op.outputs().len());
         let mut watermarks = vec![i64::MIN; self.inputs];
         let mut current_wm = i64::MIN;
@@ -301,9 +300,9 @@ impl StageTask {
             // downstream stages restored their own watermark: nothing to forward
             forwarded = self.op.output_watermark(wm);
         }
-        let mut inputs = Aligner::new(self.inputs);
+        let mut inputs = Aligner::new(inputs);
         loop {
-            let next = match Self::next_input(&mut self.retune, &mut inputs, &mut rx).await? {
+            let next = match Self::next_input(&mut self.retune, &mut inputs).await? {
                 Either::Next(n) => n,
                 Either::Retune(Some(spec)) => {
                     self.apply_retune(&spec);
@@ -391,7 +390,7 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
     use citystream_operators::{OperatorError, OutputSpec};
 
-    use super::super::{Edge, Envelope, Outputs};
+    use super::super::{Edge, Outputs};
     use super::*;
 
     /// Passes batches on; panics on a batch holding the value 13, refuses rows holding 7.
@@ -429,17 +428,17 @@ mod tests {
         let errors = super::super::errors::OperatorErrors::try_new(dir.path(), None, &metrics).unwrap();
         let op = Fragile(vec![OutputSpec::new("main", batch(&[]).schema())]);
         let (out_tx, mut out_rx) = mpsc::channel(16);
-        let outputs = Outputs { ports: vec![vec![Edge { tx: out_tx, input: 0 }]] };
+        let outputs = Outputs { ports: vec![vec![Edge { tx: out_tx }]] };
         let task = StageTask::new("fragile".into(), Box::new(op), 1, outputs, &metrics).with_errors(errors);
         let (tx, rx) = mpsc::channel(16);
         for b in [batch(&[1, 2]), batch(&[3, 13, 4]), batch(&[5, 7, 6])] {
-            tx.send(Envelope { input: 0, msg: Message::Batch(b) }).await.unwrap();
+            tx.send(Message::Batch(b)).await.unwrap();
         }
-        tx.send(Envelope { input: 0, msg: Message::End }).await.unwrap();
-        task.run(rx).await.expect("the stage went on");
+        tx.send(Message::End).await.unwrap();
+        task.run(vec![rx]).await.expect("the stage went on");
         let mut passed = Vec::new();
         while let Some(e) = out_rx.recv().await {
-            if let Message::Batch(b) = e.msg {
+            if let Message::Batch(b) = e {
                 passed.extend(b.column(0).as_primitive::<Int64Type>().values().iter().copied());
             }
         }
