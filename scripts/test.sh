@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need, then runs them.
 #   1. Python tools (pyarrow, DuckDB) into .venv; Chromium (apt) and playwright-core (npm)
-#   2. builds everything (one dev profile for tests, binaries and the demo)
+#   2. checks style (rustfmt, clippy -D warnings), then builds everything (one dev profile for
+#      tests, binaries and the demo)
 #   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB;
 #      then the control-center page in headless Chromium (Debian's chromium, playwright-core)
 #   4. runs the README's Kafka quick start as written (scripts/test-quickstart.sh, own broker)
@@ -24,6 +25,10 @@ fi
 if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
   apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven
 fi
+
+echo "== style"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== build"
 cargo build --workspace --all-targets --locked

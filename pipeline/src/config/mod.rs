@@ -9,6 +9,7 @@
 
 mod load;
 pub mod plan;
+mod registry;
 mod tagged;
 #[cfg(test)]
 mod tests;
@@ -16,24 +17,14 @@ mod tests;
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 
-use citystream_models::{California7Config, FeaturesConfig, InferConfig};
-use citystream_operators::admit::AdmitConfig;
-use citystream_operators::alert::AlertConfig;
-use citystream_operators::compress::CompressConfig;
-use citystream_operators::decode::DecodeConfig;
-use citystream_operators::dedup::DedupConfig;
-use citystream_operators::dp::DpConfig;
-use citystream_operators::filter::FilterConfig;
-use citystream_operators::project::ProjectConfig;
-use citystream_operators::window::WindowConfig;
-use citystream_operators::zstd_column::ZstdConfig;
-use citystream_operators::{Duration, OperatorConfig};
+use citystream_operators::Duration;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 pub use citystream_operators::EnvString;
 pub use load::{ConfigError, ConfigErrors, load_file, load_str};
 pub use plan::{PipelinePlan, SinkNode, SourceNode, StageNode, StreamRef};
+pub use registry::OperatorSpec;
 
 use crate::simulator::SimulatorConfig;
 use crate::sink::parquet::ParquetSinkConfig;
@@ -113,122 +104,6 @@ pub enum SourceConfig {
 impl SourceConfig {
     /// Every `type` a source can have.
     pub const TYPES: &'static [&'static str] = &["simulator", "kafka"];
-}
-
-/// What a stage does, tagged by `type`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OperatorSpec {
-    /// `type: decode`: JSON to typed rows plus dead letters.
-    Decode(DecodeConfig),
-    /// `type: filter`: keep rows matching every condition.
-    Filter(FilterConfig),
-    /// `type: project`: keep, order and rename columns.
-    Project(ProjectConfig),
-    /// `type: dedup`: drop exact and content duplicates within a horizon.
-    Dedup(DedupConfig),
-    /// `type: window`: event-time windows and aggregates per key.
-    Window(WindowConfig),
-    /// `type: compress`: swinging-door / deadband compression with an error bound.
-    Compress(CompressConfig),
-    /// `type: admit`: rate limits per stream and per key.
-    Admit(AdmitConfig),
-    /// `type: zstd`: zstd-compress a binary column.
-    Zstd(ZstdConfig),
-    /// `type: dp_aggregate`: differentially private counts, sums and means per window.
-    DpAggregate(Box<DpConfig>),
-    /// `type: features`: model input rows from one-minute traffic windows and the road graph.
-    Features(FeaturesConfig),
-    /// `type: infer`: an ONNX model over feature rows (ONNX Runtime).
-    Infer(Box<InferConfig>),
-    /// `type: california7`: the model-free California #7 incident detector.
-    California7(California7Config),
-    /// `type: alert`: an alert rule (hysteresis, duration, suppression, storm limit).
-    Alert(Box<AlertConfig>),
-}
-
-impl OperatorSpec {
-    /// Every stage `type`.
-    pub const TYPES: &'static [&'static str] = &[
-        "decode",
-        "filter",
-        "project",
-        "dedup",
-        "window",
-        "compress",
-        "admit",
-        "zstd",
-        "dp_aggregate",
-        "features",
-        "infer",
-        "california7",
-        "alert",
-    ];
-
-    /// The operator's configuration behind its common interface.
-    pub fn config(&self) -> &dyn OperatorConfig {
-        match self {
-            OperatorSpec::Decode(c) => c,
-            OperatorSpec::Filter(c) => c,
-            OperatorSpec::Project(c) => c,
-            OperatorSpec::Dedup(c) => c,
-            OperatorSpec::Window(c) => c,
-            OperatorSpec::Compress(c) => c,
-            OperatorSpec::Admit(c) => c,
-            OperatorSpec::Zstd(c) => c,
-            OperatorSpec::DpAggregate(c) => c.as_ref(),
-            OperatorSpec::Features(c) => c,
-            OperatorSpec::Infer(c) => c.as_ref(),
-            OperatorSpec::California7(c) => c,
-            OperatorSpec::Alert(c) => c.as_ref(),
-        }
-    }
-
-    /// The configuration as `Any`, for [`Operator::retune`](citystream_operators::Operator::retune).
-    pub fn as_any(&self) -> &dyn std::any::Any {
-        self.config()
-    }
-
-    /// The `type` name.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            OperatorSpec::Decode(_) => "decode",
-            OperatorSpec::Filter(_) => "filter",
-            OperatorSpec::Project(_) => "project",
-            OperatorSpec::Dedup(_) => "dedup",
-            OperatorSpec::Window(_) => "window",
-            OperatorSpec::Compress(_) => "compress",
-            OperatorSpec::Admit(_) => "admit",
-            OperatorSpec::Zstd(_) => "zstd",
-            OperatorSpec::DpAggregate(_) => "dp_aggregate",
-            OperatorSpec::Features(_) => "features",
-            OperatorSpec::Infer(_) => "infer",
-            OperatorSpec::California7(_) => "california7",
-            OperatorSpec::Alert(_) => "alert",
-        }
-    }
-
-    /// Whether a running stage configured as `self` can switch to `new` without a restart:
-    /// `Ok(true)` if something changed and can be applied live, `Ok(false)` if nothing changed,
-    /// and the reason otherwise.
-    pub fn live_change(&self, new: &OperatorSpec) -> Result<bool, String> {
-        if self == new {
-            return Ok(false);
-        }
-        match (self, new) {
-            (OperatorSpec::Filter(a), OperatorSpec::Filter(b)) => a.live_change(b),
-            (OperatorSpec::Dedup(a), OperatorSpec::Dedup(b)) => a.live_change(b),
-            (OperatorSpec::Window(a), OperatorSpec::Window(b)) => a.live_change(b),
-            (OperatorSpec::Compress(a), OperatorSpec::Compress(b)) => a.live_change(b),
-            (OperatorSpec::Admit(a), OperatorSpec::Admit(b)) => a.live_change(b),
-            (OperatorSpec::Infer(a), OperatorSpec::Infer(b)) => a.live_change(b),
-            (OperatorSpec::Alert(a), OperatorSpec::Alert(b)) => a.live_change(b),
-            (a, b) if a.type_name() != b.type_name() => {
-                Err(format!("the type changed from `{}` to `{}`", a.type_name(), b.type_name()))
-            }
-            (a, _) => Err(format!("a `{}` stage has no parameters that can change while running", a.type_name())),
-        }
-        .map(|()| true)
-    }
 }
 
 /// A stage: `type` first, then `input` and the operator's own keys.

@@ -47,7 +47,7 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Rest<'_, A> {
     }
 }
 
-fn rest<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
+pub(super) fn rest<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
     map: &mut A,
     input: Option<&mut Option<Inputs>>,
 ) -> Result<T, A::Error> {
@@ -104,22 +104,7 @@ tagged!(SinkConfig, "sink", |map, tag| match tag.value.as_str() {
 
 tagged!(StageConfig, "stage", |map, tag| {
     let mut input = None;
-    let op = match tag.value.as_str() {
-        "decode" => OperatorSpec::Decode(rest(&mut map, Some(&mut input))?),
-        "filter" => OperatorSpec::Filter(rest(&mut map, Some(&mut input))?),
-        "project" => OperatorSpec::Project(rest(&mut map, Some(&mut input))?),
-        "dedup" => OperatorSpec::Dedup(rest(&mut map, Some(&mut input))?),
-        "window" => OperatorSpec::Window(rest(&mut map, Some(&mut input))?),
-        "compress" => OperatorSpec::Compress(rest(&mut map, Some(&mut input))?),
-        "admit" => OperatorSpec::Admit(rest(&mut map, Some(&mut input))?),
-        "zstd" => OperatorSpec::Zstd(rest(&mut map, Some(&mut input))?),
-        "dp_aggregate" => OperatorSpec::DpAggregate(Box::new(rest(&mut map, Some(&mut input))?)),
-        "features" => OperatorSpec::Features(rest(&mut map, Some(&mut input))?),
-        "infer" => OperatorSpec::Infer(Box::new(rest(&mut map, Some(&mut input))?)),
-        "california7" => OperatorSpec::California7(rest(&mut map, Some(&mut input))?),
-        "alert" => OperatorSpec::Alert(Box::new(rest(&mut map, Some(&mut input))?)),
-        other => return Err(de::Error::unknown_variant(other, OperatorSpec::TYPES)),
-    };
+    let op = OperatorSpec::parse(tag.value.as_str(), &mut map, &mut input)?;
     let input = input.ok_or_else(|| de::Error::missing_field("input"))?;
     Ok(StageConfig { input, op, location: tag.referenced })
 });

@@ -408,3 +408,23 @@ fn a_content_mode_of_the_wrong_form_names_the_accepted_forms() {
     let err = error_of(&with_dedup("content: sometimes"));
     assert!(err.contains("`sometimes` is not a content mode") && err.contains("use `auto`, `off`"), "{err}");
 }
+
+/// The operator registry's contract: every registered `type` is parsed (a stage of that type
+/// reaches its own config, which refuses a key it does not know, naming the stage) and has a
+/// row in the README's table of stage types.
+#[test]
+fn every_registered_type_parses_refuses_and_is_documented() {
+    let readme = include_str!("../../../README.md");
+    let mut seen = std::collections::BTreeSet::new();
+    for (t, summary) in super::OperatorSpec::SUMMARIES {
+        assert!(seen.insert(*t), "`{t}` is registered twice");
+        assert!(!summary.is_empty());
+        let text = GOOD.replace(
+            "sinks:\n",
+            &format!("  probe:\n    type: {t}\n    input: traffic\n    no_such_option_anywhere: 1\nsinks:\n"),
+        );
+        let err = error_of(&text);
+        assert!(err.contains("stages.probe") && err.contains("no_such_option_anywhere"), "{t}: {err}");
+        assert!(readme.contains(&format!("| `{t}` |")), "`{t}` has no row in the README's table of stage types");
+    }
+}

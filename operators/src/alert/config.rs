@@ -1,0 +1,249 @@
+//! YAML of an `alert` stage, the `alerts` table schema, and planning a rule.
+
+use std::collections::{BTreeMap, HashMap};
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use serde::Deserialize;
+
+use crate::common::{column, columns, time_column};
+use crate::{BuildContext, Duration, Operator, OperatorConfig, OutputSpec, PlanError};
+
+use super::rule::{AlertRule, Events};
+
+/// How urgent an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// For the record.
+    Info,
+    /// Look at it.
+    Warning,
+    /// Act now.
+    Critical,
+}
+
+impl Severity {
+    /// The name written to the output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// The storm limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StormConfig {
+    /// Most alerts of this rule open at once; more locations join one summarized alert.
+    pub max_open: usize,
+}
+
+fn d_update_every() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_stale() -> Duration {
+    Duration::from_secs(900)
+}
+fn d_location() -> String {
+    "segment_id".into()
+}
+fn d_time() -> String {
+    "window_end".into()
+}
+
+/// YAML of an `alert` stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The rule's name (unique in the pipeline): part of every alert id.
+    pub rule: String,
+    /// What the alert is about: `incident`, `congestion`, `air_quality`, `noise`, `stalled_vehicle`, ...
+    pub alert_type: String,
+    /// Its severity.
+    pub severity: Severity,
+    /// The value column (numeric, or boolean read as 1/0).
+    pub value: String,
+    /// The location column. Default `segment_id`.
+    #[serde(default = "d_location")]
+    pub location: String,
+    /// The event-time column. Default `window_end`.
+    #[serde(default = "d_time")]
+    pub time: String,
+    /// The raise level.
+    pub raise: f64,
+    /// The clear level (hysteresis). Default: `raise`.
+    #[serde(default)]
+    pub clear: Option<f64>,
+    /// Alert when the value is at or below the levels instead of at or above.
+    #[serde(default)]
+    pub below: bool,
+    /// How long the value must hold before the alert opens. Default `0s`.
+    #[serde(default)]
+    pub min_duration: Duration,
+    /// After an alert resolves, how long its location stays quiet. Default `0s`.
+    #[serde(default)]
+    pub cooldown: Duration,
+    /// Least time between two updates of an open alert. Default `5m`.
+    #[serde(default = "d_update_every")]
+    pub update_every: Duration,
+    /// A location silent this long behind the watermark is resolved. Default `15m`.
+    #[serde(default = "d_stale")]
+    pub stale_after: Duration,
+    /// The storm limit.
+    #[serde(default)]
+    pub storm: Option<StormConfig>,
+    /// `[from, to]` UTC hours in which the rule applies (`[22, 6]`: at night).
+    #[serde(default)]
+    pub active_hours: Option<[u8; 2]>,
+    /// Per-location raise levels (calibrated from operator feedback), overriding `raise`.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f64>,
+    /// Columns copied into each event's evidence.
+    #[serde(default)]
+    pub evidence: Vec<String>,
+}
+
+/// The schema of alert events (every `alert` stage emits it, so they share one table).
+pub fn alert_schema() -> SchemaRef {
+    static S: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let ts = citystream_schemas::timestamp_type;
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts(), false),
+            Field::new("alert_id", DataType::Utf8, false),
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("alert_type", DataType::Utf8, false),
+            Field::new("severity", DataType::Utf8, false),
+            Field::new("location", DataType::Utf8, false),
+            Field::new("status", DataType::Utf8, false),
+            Field::new("opened_at", ts(), false),
+            Field::new("value", DataType::Float64, true),
+            Field::new("threshold", DataType::Float64, false),
+            Field::new("peak", DataType::Float64, true),
+            Field::new("locations", DataType::Int32, false),
+            Field::new("evidence", DataType::Utf8, false),
+            Field::new("emitted_at", ts(), false),
+            // `rule` for the rules' events; the control center writes `operator` decisions
+            Field::new("actor", DataType::Utf8, false),
+        ]))
+    });
+    S.clone()
+}
+
+pub(super) struct Cols {
+    pub(super) value: usize,
+    pub(super) location: usize,
+    pub(super) time: usize,
+    pub(super) evidence: Vec<usize>,
+}
+
+impl AlertConfig {
+    fn check(&self, input: &SchemaRef) -> Result<Cols, Vec<PlanError>> {
+        let mut errs = Vec::new();
+        let value = column(input, &self.value, "value").map_err(|e| errs.push(e)).ok();
+        if let Some(v) = value {
+            let t = input.field(v).data_type();
+            if !(t.is_numeric() || t == &DataType::Boolean) {
+                errs.push(PlanError::new("value", format!("`{}` is {t}, not a number or a boolean", self.value)));
+            }
+        }
+        let location = column(input, &self.location, "location").map_err(|e| errs.push(e)).ok();
+        if let Some(l) = location
+            && input.field(l).data_type() != &DataType::Utf8
+        {
+            errs.push(PlanError::new("location", format!("`{}` is not a string column", self.location)));
+        }
+        let time = time_column(input, &self.time, "time").map_err(|e| errs.push(e)).ok();
+        let evidence = columns(input, &self.evidence, "evidence", &mut errs);
+        if self.rule.is_empty() || self.rule.contains(char::is_whitespace) {
+            errs.push(PlanError::new("rule", "a rule needs a name without spaces (it is part of every alert id)"));
+        }
+        let clear = self.clear.unwrap_or(self.raise);
+        if !self.raise.is_finite() || !clear.is_finite() {
+            errs.push(PlanError::new("raise", "raise and clear must be numbers"));
+        } else if (!self.below && clear > self.raise) || (self.below && clear < self.raise) {
+            errs.push(PlanError::new("clear", format!("clear {clear} is beyond raise {}", self.raise)).with_help(
+                if self.below { "with `below: true` clear must be >= raise" } else { "clear must be <= raise" },
+            ));
+        }
+        if let Some(s) = &self.storm
+            && s.max_open == 0
+        {
+            errs.push(PlanError::new("storm.max_open", "must be at least 1"));
+        }
+        if let Some([a, b]) = self.active_hours
+            && (a > 23 || b > 24 || a == b)
+        {
+            errs.push(PlanError::new("active_hours", "hours are 0..=23 (from) and 0..=24 (to), and differ"));
+        }
+        let (Some(value), Some(location), Some(time), true) = (value, location, time, errs.is_empty()) else {
+            return Err(errs);
+        };
+        Ok(Cols { value, location, time, evidence })
+    }
+
+    /// Live tuning: levels, durations, the storm limit, active hours, per-location thresholds
+    /// and severity may change; the columns and the rule's identity may not.
+    pub fn live_change(&self, new: &AlertConfig) -> Result<(), String> {
+        let same = |c: &AlertConfig| {
+            (
+                c.rule.clone(),
+                c.alert_type.clone(),
+                c.value.clone(),
+                c.location.clone(),
+                c.time.clone(),
+                c.evidence.clone(),
+                c.below,
+            )
+        };
+        if same(self) == same(new) {
+            Ok(())
+        } else {
+            Err("an alert rule's name, type, columns and direction cannot change while running".into())
+        }
+    }
+
+    pub(super) fn configured_raise(&self, location: &str) -> f64 {
+        self.thresholds.get(location).copied().unwrap_or(self.raise)
+    }
+}
+
+impl OperatorConfig for AlertConfig {
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
+        self.check(input)?;
+        Ok(vec![OutputSpec::new("main", alert_schema())])
+    }
+
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
+        let cols = self.check(input)?;
+        let l =
+            |status: &'static str| [("stage", ctx.stage.as_str()), ("rule", self.rule.as_str()), ("status", status)];
+        let events =
+            |s: &'static str| ctx.metrics.counter("citystream_alert_events_total", "Alert lifecycle events.", &l(s));
+        Ok(Box::new(AlertRule {
+            cfg: self.clone(),
+            cols,
+            outputs: vec![OutputSpec::new("main", alert_schema())],
+            states: HashMap::new(),
+            open: 0,
+            storm: None,
+            out: Events::default(),
+            opened: events("open"),
+            updated: events("update"),
+            resolved: events("resolved"),
+            open_gauge: ctx.metrics.gauge(
+                "citystream_alerts_open",
+                "Alerts open now (a storm summary counts once).",
+                &[("stage", ctx.stage.as_str()), ("rule", self.rule.as_str())],
+            ),
+            board: ctx.thresholds.clone(),
+            board_version: u64::MAX,
+            live: BTreeMap::new(),
+        }))
+    }
+}

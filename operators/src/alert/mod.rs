@@ -1,0 +1,47 @@
+//! `alert`: an alert rule over a stream of values per location, emitting alert lifecycle events.
+//!
+//! Per location a rule moves through idle → pending → open → resolved:
+//! - **hysteresis**: a value at or beyond `raise` (the location's own threshold from
+//!   `thresholds` when there is one) starts a pending alert; it stays pending (and later open)
+//!   while the value stays at or beyond `clear`; `below: true` flips the comparisons (a speed
+//!   below a limit);
+//! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time);
+//! - **suppression**: one open alert per location and rule; while open, a new peak is an
+//!   `update` of the same alert (at most one per `update_every`), never a new alert;
+//! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;
+//! - **storm limit**: with `storm.max_open`, once that many alerts are open, further locations
+//!   join one summarized alert (location `*`, with the count and the member list) instead of
+//!   opening their own; it resolves when its last member clears;
+//! - **active hours**: with `active_hours: [from, to]` (UTC hours, may wrap midnight), rows
+//!   outside them count as clear (noise at night);
+//! - **staleness**: a location silent for `stale_after` is resolved, at its last row's time
+//!   plus `stale_after` (found when the watermark passes that time, or when the location's next
+//!   row comes first).
+//!
+//! Rows are taken per location in the order they arrive. For rows derived by windows (the
+//! model scores) that order is fixed by event time, so the events are the same however the
+//! input was read; the storm summary, which joins locations, sees locations in arrival order,
+//! which across the partitions of a raw event stream can differ between runs.
+//!
+//! A location's raise level is, first, the live level on the pipeline's [`ThresholdBoard`]
+//! (set by calibration in the control center, without a config edit), then its entry in
+//! `thresholds`, then `raise`.
+//!
+//! Every event carries the triggering value, the threshold, the peak and the `evidence` columns
+//! of the row that caused it (model name and checksum, for instance) as JSON, and the processing
+//!
+//! One file per job: [`config`] (the YAML, the `alerts` table schema, planning),
+//! [`board`] (live per-location thresholds), [`rule`] (the per-location state machine, the
+//! operator), [`state`] (its snapshot), [`calibration`] (threshold proposals from operators'
+//! verdicts).
+
+mod board;
+mod calibration;
+mod config;
+mod rule;
+mod state;
+
+pub use board::ThresholdBoard;
+pub use calibration::{CalibrationSpec, Judged, Proposal, calibrate};
+pub use config::{AlertConfig, Severity, StormConfig, alert_schema};
+pub use rule::AlertRule;

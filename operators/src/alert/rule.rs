@@ -1,0 +1,495 @@
+//! The alert rule: per location idle → pending → open → resolved, with hysteresis, minimum
+//! duration, suppression, cooldown, storm limit, active hours and staleness.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::datatypes::{DataType, TimestampMillisecondType};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+
+use crate::common::as_f64;
+use crate::{Collector, Counter, Gauge, Operator, OperatorError, OutputSpec};
+
+use super::board::ThresholdBoard;
+use super::config::{AlertConfig, Cols};
+use super::state::{StateRows, alert_state_schema};
+#[derive(Debug, Clone)]
+pub(super) enum Phase {
+    Idle,
+    Pending {
+        since: i64,
+        peak: f64,
+    },
+    Open {
+        id: String,
+        opened_at: i64,
+        peak: f64,
+        /// the peak the last event reported
+        reported: f64,
+        last_emit: i64,
+    },
+    /// In the storm summary instead of an alert of its own.
+    Storm {
+        peak: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct LocState {
+    pub(super) phase: Phase,
+    pub(super) quiet_until: i64,
+    pub(super) last_t: i64,
+}
+
+#[derive(Debug)]
+pub(super) struct StormAlert {
+    pub(super) id: String,
+    pub(super) opened_at: i64,
+    pub(super) members: BTreeSet<String>,
+    pub(super) last_emit: i64,
+    pub(super) reported: usize,
+}
+
+#[derive(Default)]
+pub(super) struct Events {
+    pub(super) ts: Vec<i64>,
+    pub(super) id: Vec<String>,
+    pub(super) location: Vec<String>,
+    pub(super) status: Vec<&'static str>,
+    pub(super) opened_at: Vec<i64>,
+    pub(super) value: Vec<Option<f64>>,
+    pub(super) threshold: Vec<f64>,
+    pub(super) peak: Vec<Option<f64>>,
+    pub(super) locations: Vec<i32>,
+    pub(super) evidence: Vec<String>,
+}
+
+/// The `alert` operator.
+pub struct AlertRule {
+    pub(super) cfg: AlertConfig,
+    pub(super) cols: Cols,
+    pub(super) outputs: Vec<OutputSpec>,
+    pub(super) states: HashMap<String, LocState>,
+    pub(super) open: usize,
+    pub(super) storm: Option<StormAlert>,
+    pub(super) out: Events,
+    pub(super) opened: Counter,
+    pub(super) updated: Counter,
+    pub(super) resolved: Counter,
+    pub(super) open_gauge: Gauge,
+    pub(super) board: ThresholdBoard,
+    pub(super) board_version: u64,
+    /// This rule's live levels from the board, copied when its version moves.
+    pub(super) live: BTreeMap<String, f64>,
+}
+
+impl std::fmt::Debug for AlertRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertRule").field("rule", &self.cfg.rule).field("open", &self.open).finish_non_exhaustive()
+    }
+}
+
+/// Whether hour-of-day `h` (UTC) lies in `[from, to)`, wrapping midnight.
+pub(super) fn in_hours(h: u8, [from, to]: [u8; 2]) -> bool {
+    if from <= to { h >= from && h < to } else { h >= from || h < to }
+}
+
+impl AlertRule {
+    /// The raise level at `location`: live (calibrated) level, else configured.
+    fn raise_at(&self, location: &str) -> f64 {
+        self.live.get(location).copied().unwrap_or_else(|| self.cfg.configured_raise(location))
+    }
+
+    fn refresh_levels(&mut self) {
+        let v = self.board.version();
+        if v != self.board_version {
+            self.board_version = v;
+            self.live = self.board.rule(&self.cfg.rule);
+        }
+    }
+
+    /// `v` at or beyond `level` in the rule's direction.
+    fn beyond(&self, v: f64, level: f64) -> bool {
+        if self.cfg.below { v <= level } else { v >= level }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        ts: i64,
+        id: &str,
+        location: &str,
+        status: &'static str,
+        opened_at: i64,
+        value: Option<f64>,
+        threshold: f64,
+        peak: Option<f64>,
+        locations: i32,
+        evidence: String,
+    ) {
+        match status {
+            "open" => self.opened.inc(),
+            "update" => self.updated.inc(),
+            _ => self.resolved.inc(),
+        }
+        let e = &mut self.out;
+        e.ts.push(ts);
+        e.id.push(id.to_owned());
+        e.location.push(location.to_owned());
+        e.status.push(status);
+        e.opened_at.push(opened_at);
+        e.value.push(value);
+        e.threshold.push(threshold);
+        e.peak.push(peak);
+        e.locations.push(locations);
+        e.evidence.push(evidence);
+    }
+
+    fn storm_evidence(&self, s: &StormAlert) -> String {
+        serde_json::json!({"storm": true, "members": s.members.iter().collect::<Vec<_>>()}).to_string()
+    }
+
+    fn storm_join(&mut self, location: &str, t: i64) {
+        let rule = self.cfg.rule.clone();
+        let s = self.storm.get_or_insert_with(|| StormAlert {
+            id: format!("{rule}:*:{t}"),
+            opened_at: t,
+            members: BTreeSet::new(),
+            last_emit: i64::MIN,
+            reported: 0,
+        });
+        s.members.insert(location.to_owned());
+        let (first, due) = (s.reported == 0, t.saturating_sub(s.last_emit) >= self.cfg.update_every.as_millis_i64());
+        if first || due {
+            let s = self.storm.as_mut().expect("just inserted");
+            s.last_emit = t;
+            s.reported = s.members.len();
+            let (id, opened_at, n) = (s.id.clone(), s.opened_at, s.members.len() as i32);
+            let ev = self.storm_evidence(self.storm.as_ref().expect("present"));
+            self.emit(t, &id, "*", if first { "open" } else { "update" }, opened_at, None, self.cfg.raise, None, n, ev);
+        }
+    }
+
+    fn storm_leave(&mut self, location: &str, t: i64) {
+        let Some(s) = self.storm.as_mut() else { return };
+        s.members.remove(location);
+        if s.members.is_empty() {
+            let s = self.storm.take().expect("present");
+            let ev = serde_json::json!({"storm": true, "members": []}).to_string();
+            self.emit(t, &s.id, "*", "resolved", s.opened_at, None, self.cfg.raise, None, 0, ev);
+        }
+    }
+
+    /// Resolves `loc`, silent for `stale_after`, at the moment it went stale (its last row
+    /// plus `stale_after`): an event time that does not depend on when the watermark moved or
+    /// whether a newer row arrived first.
+    fn resolve_stale(&mut self, loc: &str) {
+        let stale = self.cfg.stale_after.as_millis_i64();
+        let cooldown = self.cfg.cooldown.as_millis_i64();
+        let Some(st) = self.states.get_mut(loc) else { return };
+        let (phase, last_t) = (std::mem::replace(&mut st.phase, Phase::Idle), st.last_t);
+        let at = last_t.saturating_add(stale);
+        if matches!(phase, Phase::Open { .. } | Phase::Storm { .. }) {
+            // a stale resolve is a resolve: the cooldown applies
+            st.quiet_until = at.saturating_add(cooldown);
+        }
+        let ev = serde_json::json!({"stale": true, "last_seen": last_t}).to_string();
+        match phase {
+            Phase::Open { id, opened_at, peak, .. } => {
+                self.open -= 1;
+                let raise = self.raise_at(loc);
+                self.emit(at, &id, loc, "resolved", opened_at, None, raise, Some(peak), 1, ev);
+            }
+            Phase::Storm { .. } => self.storm_leave(loc, at),
+            _ => {}
+        }
+    }
+
+    /// One row: value `v` (None: no reading) at `t` for `loc`.
+    fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
+        let raise = self.raise_at(loc);
+        // a location's own (calibrated) raise level may sit beyond the shared clear level
+        let clear = self.cfg.clear.unwrap_or(raise);
+        let clear = if self.cfg.below { clear.max(raise) } else { clear.min(raise) };
+        let hours_ok =
+            self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
+        let Some(v) = v.filter(|v| !v.is_nan()) else { return };
+        // a row after a silence longer than `stale_after`: the location went stale first
+        if self.states.get(loc).is_some_and(|s| {
+            t.saturating_sub(s.last_t) > self.cfg.stale_after.as_millis_i64() && !matches!(s.phase, Phase::Idle)
+        }) {
+            self.resolve_stale(loc);
+        }
+        let holds = hours_ok && self.beyond(v, clear);
+        let raises = hours_ok && self.beyond(v, raise);
+        let better = |a: f64, b: f64| if self.cfg.below { a.min(b) } else { a.max(b) };
+        let mut st =
+            self.states.remove(loc).unwrap_or(LocState { phase: Phase::Idle, quiet_until: i64::MIN, last_t: t });
+        st.last_t = st.last_t.max(t);
+        // a value that raises starts a pending alert, which may open on this very row
+        let phase = match st.phase {
+            Phase::Idle if raises => Phase::Pending { since: t, peak: v },
+            p => p,
+        };
+        st.phase = match phase {
+            Phase::Idle => Phase::Idle,
+            Phase::Pending { .. } if !holds => Phase::Idle,
+            Phase::Pending { since, peak } => {
+                let peak = better(peak, v);
+                if t - since >= self.cfg.min_duration.as_millis_i64() && t >= st.quiet_until {
+                    if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
+                        self.storm_join(loc, t);
+                        Phase::Storm { peak }
+                    } else {
+                        let id = format!("{}:{loc}:{t}", self.cfg.rule);
+                        self.open += 1;
+                        self.emit(t, &id, loc, "open", t, Some(v), raise, Some(peak), 1, evidence());
+                        Phase::Open { id, opened_at: t, peak, reported: peak, last_emit: t }
+                    }
+                } else {
+                    Phase::Pending { since, peak }
+                }
+            }
+            Phase::Open { id, opened_at, peak, .. } if !holds => {
+                self.open -= 1;
+                st.quiet_until = t + self.cfg.cooldown.as_millis_i64();
+                self.emit(t, &id, loc, "resolved", opened_at, Some(v), raise, Some(peak), 1, evidence());
+                Phase::Idle
+            }
+            Phase::Open { id, opened_at, peak, reported, last_emit } => {
+                // a peak reached within `update_every` of the last event is reported once the
+                // throttle allows, even if the value has come down since
+                let peak = better(peak, v);
+                if peak != reported && t - last_emit >= self.cfg.update_every.as_millis_i64() {
+                    self.emit(t, &id, loc, "update", opened_at, Some(v), raise, Some(peak), 1, evidence());
+                    Phase::Open { id, opened_at, peak, reported: peak, last_emit: t }
+                } else {
+                    Phase::Open { id, opened_at, peak, reported, last_emit }
+                }
+            }
+            Phase::Storm { .. } if !holds => {
+                st.quiet_until = t + self.cfg.cooldown.as_millis_i64();
+                self.storm_leave(loc, t);
+                Phase::Idle
+            }
+            Phase::Storm { peak } => Phase::Storm { peak: better(peak, v) },
+        };
+        self.states.insert(loc.to_owned(), st);
+    }
+
+    fn finish(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        self.open_gauge.set((self.open + usize::from(self.storm.is_some())) as f64);
+        if self.out.ts.is_empty() {
+            return Ok(());
+        }
+        let e = std::mem::take(&mut self.out);
+        let n = e.ts.len();
+        let now = crate::common::wall_clock_ms();
+        let ts = |v: Vec<i64>| -> ArrayRef { Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC")) };
+        let repeat = |s: &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(std::iter::repeat_n(s, n))) };
+        let cols: Vec<ArrayRef> = vec![
+            ts(e.ts),
+            Arc::new(StringArray::from(e.id)),
+            repeat(&self.cfg.rule),
+            repeat(&self.cfg.alert_type),
+            repeat(self.cfg.severity.name()),
+            Arc::new(StringArray::from(e.location)),
+            Arc::new(StringArray::from(e.status)),
+            ts(e.opened_at),
+            Arc::new(Float64Array::from(e.value)),
+            Arc::new(Float64Array::from(e.threshold)),
+            Arc::new(Float64Array::from(e.peak)),
+            Arc::new(Int32Array::from(e.locations)),
+            Arc::new(StringArray::from(e.evidence)),
+            ts(vec![now; n]),
+            repeat("rule"),
+        ];
+        out.emit(0, RecordBatch::try_new(self.outputs[0].schema.clone(), cols)?);
+        Ok(())
+    }
+}
+
+/// JSON of the evidence columns of row `i` (values as displayed by Arrow), plus the value.
+pub(super) fn evidence_json(batch: &RecordBatch, cols: &[usize], i: usize, value: Option<f64>, raise: f64) -> String {
+    let mut m = serde_json::Map::new();
+    m.insert("value".into(), value.map_or(serde_json::Value::Null, serde_json::Value::from));
+    m.insert("threshold".into(), raise.into());
+    let opts = FormatOptions::default();
+    for &c in cols {
+        let name = batch.schema().field(c).name().clone();
+        let v = match ArrayFormatter::try_new(batch.column(c).as_ref(), &opts) {
+            Ok(f) if batch.column(c).is_valid(i) => serde_json::Value::from(f.value(i).to_string()),
+            _ => serde_json::Value::Null,
+        };
+        m.insert(name, v);
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+impl Operator for AlertRule {
+    fn kind(&self) -> &'static str {
+        "alert"
+    }
+
+    fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+        self.refresh_levels();
+        let col = batch.column(self.cols.value);
+        let (values, nulls) = if col.data_type() == &DataType::Boolean {
+            let b = col.as_boolean();
+            ((0..b.len()).map(|i| if b.value(i) { 1.0 } else { 0.0 }).collect(), b.nulls().cloned())
+        } else {
+            as_f64(col)?
+        };
+        let locs = batch.column(self.cols.location).as_string::<i32>();
+        let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
+        let ev_cols = self.cols.evidence.clone();
+        for (i, &value) in values.iter().enumerate() {
+            if locs.is_null(i) || times.is_null(i) {
+                continue;
+            }
+            let v = nulls.as_ref().is_none_or(|n| n.is_valid(i)).then_some(value);
+            let loc = locs.value(i);
+            let raise = self.raise_at(loc);
+            self.step(loc, times.value(i), v, || evidence_json(&batch, &ev_cols, i, v, raise));
+        }
+        self.finish(out)
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        self.refresh_levels();
+        let stale = self.cfg.stale_after.as_millis_i64();
+        let mut gone: Vec<(i64, String)> = self
+            .states
+            .iter()
+            .filter(|(_, s)| watermark.saturating_sub(s.last_t) > stale && !matches!(s.phase, Phase::Idle))
+            .map(|(k, s)| (s.last_t, k.clone()))
+            .collect();
+        // in the order they went stale: the storm summary's membership follows it
+        gone.sort_unstable();
+        for (_, loc) in gone {
+            self.resolve_stale(&loc);
+        }
+        // forget idle locations whose cooldown is over: the map holds active locations only
+        self.states.retain(|_, s| !matches!(s.phase, Phase::Idle) || s.quiet_until > watermark);
+        self.finish(out)
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    /// One row per location (phase `0` idle in cooldown, `1` pending, `2` open, `3` in the
+    /// storm summary) and, while a storm summary is open, one row without a location (`9`).
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut r = StateRows::default();
+        let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
+        locs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (loc, st) in locs {
+            let (phase, id, since, peak, reported, last_emit) = match &st.phase {
+                Phase::Idle => (0, None, None, None, None, None),
+                Phase::Pending { since, peak } => (1, None, Some(*since), Some(*peak), None, None),
+                Phase::Open { id, opened_at, peak, reported, last_emit } => {
+                    (2, Some(id.clone()), Some(*opened_at), Some(*peak), Some(*reported), Some(*last_emit))
+                }
+                Phase::Storm { peak } => (3, None, None, Some(*peak), None, None),
+            };
+            r.push(Some(loc.clone()), phase, st.quiet_until, st.last_t, id, since, peak, reported, last_emit);
+        }
+        if let Some(s) = &self.storm {
+            r.push(
+                None,
+                9,
+                0,
+                0,
+                Some(s.id.clone()),
+                Some(s.opened_at),
+                None,
+                Some(s.reported as f64),
+                Some(s.last_emit),
+            );
+        }
+        Ok(Some(r.finish()?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        let bad = |detail: String| OperatorError::State { operator: "alert", detail };
+        crate::common::check_state_schema("alert", &state, &alert_state_schema())?;
+        let loc = state.column(0).as_string::<i32>();
+        let phase = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
+        let i64s = |c: usize| state.column(c).as_primitive::<arrow::datatypes::Int64Type>().clone();
+        let f64s = |c: usize| state.column(c).as_primitive::<arrow::datatypes::Float64Type>().clone();
+        let (quiet, last_t, since, last_emit) = (i64s(2), i64s(3), i64s(5), i64s(8));
+        let (peak, reported) = (f64s(6), f64s(7));
+        let id = state.column(4).as_string::<i32>();
+        let opt_i = |a: &arrow::array::Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+        let opt_f = |a: &Float64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+        let missing = |what: &str, i: usize| bad(format!("row {i}: phase {} without {what}", phase.value(i)));
+        self.states.clear();
+        self.storm = None;
+        self.open = 0;
+        let mut members = BTreeSet::new();
+        for i in 0..state.num_rows() {
+            let p = match phase.value(i) {
+                0 => Phase::Idle,
+                1 => Phase::Pending {
+                    since: opt_i(&since, i).ok_or_else(|| missing("since", i))?,
+                    peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
+                },
+                2 => {
+                    self.open += 1;
+                    Phase::Open {
+                        id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
+                        opened_at: opt_i(&since, i).ok_or_else(|| missing("opened_at", i))?,
+                        peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
+                        reported: opt_f(&reported, i).ok_or_else(|| missing("reported", i))?,
+                        last_emit: opt_i(&last_emit, i).ok_or_else(|| missing("last_emit", i))?,
+                    }
+                }
+                3 => {
+                    members.insert(loc.value(i).to_owned());
+                    Phase::Storm { peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))? }
+                }
+                9 => {
+                    self.storm = Some(StormAlert {
+                        id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
+                        opened_at: opt_i(&since, i).ok_or_else(|| missing("opened_at", i))?,
+                        members: BTreeSet::new(),
+                        last_emit: opt_i(&last_emit, i).ok_or_else(|| missing("last_emit", i))?,
+                        reported: opt_f(&reported, i).ok_or_else(|| missing("reported", i))? as usize,
+                    });
+                    continue;
+                }
+                p => return Err(bad(format!("row {i}: unknown phase {p}"))),
+            };
+            if loc.is_null(i) {
+                return Err(missing("location", i));
+            }
+            self.states.insert(
+                loc.value(i).to_owned(),
+                LocState { phase: p, quiet_until: quiet.value(i), last_t: last_t.value(i) },
+            );
+        }
+        match (&mut self.storm, members.is_empty()) {
+            (Some(s), _) => s.members = members,
+            (None, false) => return Err(bad("locations in a storm summary, but no summary".into())),
+            (None, true) => {}
+        }
+        self.open_gauge.set((self.open + usize::from(self.storm.is_some())) as f64);
+        Ok(())
+    }
+
+    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
+        let c = config.downcast_ref::<AlertConfig>().ok_or("not an alert config")?;
+        self.cfg.live_change(c)?;
+        self.cfg = c.clone();
+        Ok(())
+    }
+}
