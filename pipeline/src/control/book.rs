@@ -65,8 +65,31 @@ pub struct AlertView {
 
 impl AlertView {
     fn finished(&self) -> bool {
-        !self.active && (self.state == "resolved" || self.state == "false_alarm")
+        finished(self.active, &self.state)
     }
+}
+
+/// Whether an alert is finished: no longer held by its rule, and resolved or a false alarm.
+fn finished(active: bool, state: &str) -> bool {
+    !active && (state == "resolved" || state == "false_alarm")
+}
+
+/// The lifecycle step of one rule event (shared by [`Book::apply`] and the first pass of
+/// [`Book::restore`]): `open` after the alert finished starts it again (returns true);
+/// `resolved` ends the rule's hold, and an open or acknowledged alert becomes resolved.
+fn step_lifecycle(active: &mut bool, state: &mut String, status: &str) -> bool {
+    let reopened = status == "open" && !*active;
+    if reopened {
+        *active = true;
+        *state = "open".into();
+    }
+    if status == "resolved" {
+        *active = false;
+        if state == "open" || state == "acknowledged" {
+            *state = "resolved".into();
+        }
+    }
+    reopened
 }
 
 /// The alerts, bounded (see the module docs).
@@ -137,9 +160,8 @@ impl Book {
             });
             // the same id opened again (a re-run of a deterministic simulation, say) after the
             // earlier alert finished: a new alert, not the old one's state
-            if status == "open" && !a.active {
-                (a.state, a.active, a.opened_at, a.emitted_at) =
-                    ("open".into(), true, opened.value(i), emitted.value(i));
+            if step_lifecycle(&mut a.active, &mut a.state, status) {
+                (a.opened_at, a.emitted_at) = (opened.value(i), emitted.value(i));
                 a.decisions.clear();
                 (a.value, a.peak) = (None, None);
             }
@@ -148,12 +170,6 @@ impl Book {
             a.peak = opt(peak, i).or(a.peak);
             a.locations = n_locs.value(i);
             a.evidence = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
-            if status == "resolved" {
-                a.active = false;
-                if a.state == "open" || a.state == "acknowledged" {
-                    a.state = "resolved".into();
-                }
-            }
             self.newest = self.newest.max(a.updated_at);
             messages.push(serde_json::json!({"kind": "alert", "status": status, "alert": &*a}).to_string());
         }
@@ -194,38 +210,85 @@ impl Book {
     }
 
     /// Rebuilds the book from an `alerts` table: rule events (`actor` `rule`) and operators'
-    /// decisions (`actor` `operator`) in the order they were emitted, then keeps what the
-    /// retention keeps. Returns (alerts, decisions). (Every partition is read: rule events are
-    /// partitioned by event time and decisions by when they were made, so after a backlog a
-    /// recent decision can refer to an old alert; the table is small, a few rows per alert.)
+    /// decisions (`actor` `operator`) in the order they were emitted. Returns (alerts,
+    /// decisions).
+    ///
+    /// Loads only what the retention keeps, in two passes. The first reads ids, times,
+    /// statuses and verdicts (no evidence, values or names), replays the lifecycle and finds
+    /// the alerts the retention would drop; the second reads the whole rows of the others
+    /// only and replays them through [`apply`](Self::apply). Every partition is read: rule
+    /// events are partitioned by event time and decisions by when they were made, so after a
+    /// backlog a recent decision can refer to an old alert.
     pub(crate) fn restore(&mut self, table: &std::path::Path) -> Result<(usize, usize), String> {
         let files: Vec<std::path::PathBuf> = crate::sink::parquet_files_by_dir(table).into_values().flatten().collect();
-        let schema = citystream_operators::alert::alert_schema();
-        let mut batches = Vec::new();
-        for f in &files {
-            let file = std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.build())
-                .map_err(|e| format!("{}: {e}", f.display()))?;
-            for b in reader {
-                let b = b.map_err(|e| format!("{}: {e}", f.display()))?;
-                // the columns by name, in the alert schema's order (partition columns aside)
-                let cols = schema
-                    .fields()
-                    .iter()
-                    .map(|fld| match b.column_by_name(fld.name()) {
-                        Some(c) => Ok(c.clone()),
-                        // files written before the `actor` column held rule events only
-                        None if fld.name() == "actor" => {
-                            Ok(Arc::new(StringArray::from_iter_values(std::iter::repeat_n("rule", b.num_rows())))
-                                as Arc<dyn Array>)
-                        }
-                        None => Err(format!("{}: no column `{}`", f.display(), fld.name())),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                batches.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?);
+        // pass 1: per alert, the lifecycle only
+        let mut rows: Vec<(i64, i64, String, Option<String>, String)> = Vec::new(); // emitted, ts, id, verdict, status
+        read_alert_rows(&files, Some(&["alert_id", "status", "ts", "emitted_at", "actor", "evidence"]), |b| {
+            let (ids, status, actor, ev) = (
+                b.column(0).as_string::<i32>(),
+                b.column(1).as_string::<i32>(),
+                b.column(4).as_string::<i32>(),
+                b.column(5).as_string::<i32>(),
+            );
+            let (ts, emitted) = (
+                b.column(2).as_primitive::<TimestampMillisecondType>(),
+                b.column(3).as_primitive::<TimestampMillisecondType>(),
+            );
+            for i in 0..b.num_rows() {
+                let verdict = (actor.value(i) == "operator").then(|| {
+                    serde_json::from_str::<serde_json::Value>(ev.value(i))
+                        .ok()
+                        .and_then(|d| d["decision"].as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                });
+                rows.push((
+                    emitted.value(i),
+                    ts.value(i),
+                    ids.value(i).to_owned(),
+                    verdict,
+                    status.value(i).to_owned(),
+                ));
+            }
+            Ok(())
+        })?;
+        if rows.is_empty() {
+            return Ok((0, 0));
+        }
+        // (a stable sort: equal times keep the order the files were read in, as in pass 2)
+        rows.sort_by_key(|r| (r.0, r.1));
+        let mut life: HashMap<String, (bool, String, i64)> = HashMap::new(); // active, state, updated_at
+        let mut newest = i64::MIN;
+        for (_, ts, id, verdict, status) in rows {
+            match verdict {
+                None => {
+                    let l = life.entry(id).or_insert_with(|| (true, "open".into(), ts));
+                    step_lifecycle(&mut l.0, &mut l.1, &status);
+                    l.2 = ts;
+                    newest = newest.max(ts);
+                }
+                Some(v) => {
+                    if let Some(l) = life.get_mut(&id) {
+                        l.1 = v;
+                    }
+                }
             }
         }
+        let horizon = newest.saturating_sub(self.retention_ms);
+        let keep: std::collections::HashSet<String> =
+            life.into_iter().filter(|(_, (a, s, t))| !(finished(*a, s) && *t < horizon)).map(|(id, _)| id).collect();
+        // pass 2: the whole rows of the alerts kept
+        let schema = citystream_operators::alert::alert_schema();
+        let mut batches = Vec::new();
+        read_alert_rows(&files, None, |b| {
+            let ids = b.column_by_name("alert_id").expect("alert schema").as_string::<i32>();
+            let mask: arrow::array::BooleanArray =
+                ids.iter().map(|id| Some(id.is_some_and(|id| keep.contains(id)))).collect();
+            let kept = arrow::compute::filter_record_batch(&b, &mask).map_err(|e| e.to_string())?;
+            if kept.num_rows() > 0 {
+                batches.push(kept);
+            }
+            Ok(())
+        })?;
         if batches.is_empty() {
             return Ok((0, 0));
         }
@@ -261,6 +324,47 @@ impl Book {
         self.evict();
         Ok((self.alerts.len(), n))
     }
+}
+
+/// Reads every file of an `alerts` table batch by batch, in the alert schema's column order
+/// (`columns`: only these, in this order), and hands each batch to `each`. Files written before
+/// the `actor` column held rule events only.
+fn read_alert_rows(
+    files: &[std::path::PathBuf],
+    columns: Option<&[&str]>,
+    mut each: impl FnMut(RecordBatch) -> Result<(), String>,
+) -> Result<(), String> {
+    let schema = citystream_operators::alert::alert_schema();
+    let names: Vec<&str> = match columns {
+        Some(c) => c.to_vec(),
+        None => schema.fields().iter().map(|f| f.name().as_str()).collect(),
+    };
+    let out_schema = Arc::new(arrow::datatypes::Schema::new(
+        names.iter().map(|n| schema.field_with_name(n).expect("an alert column").clone()).collect::<Vec<_>>(),
+    ));
+    for f in files {
+        let file = std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| format!("{}: {e}", f.display()))?;
+        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), names.iter().copied());
+        let reader = builder.with_projection(mask).build().map_err(|e| format!("{}: {e}", f.display()))?;
+        for b in reader {
+            let b = b.map_err(|e| format!("{}: {e}", f.display()))?;
+            let cols = names
+                .iter()
+                .map(|name| match b.column_by_name(name) {
+                    Some(c) => Ok(c.clone()),
+                    None if *name == "actor" => {
+                        Ok(Arc::new(StringArray::from_iter_values(std::iter::repeat_n("rule", b.num_rows())))
+                            as Arc<dyn Array>)
+                    }
+                    None => Err(format!("{}: no column `{name}`", f.display())),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            each(RecordBatch::try_new(out_schema.clone(), cols).map_err(|e| e.to_string())?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -311,5 +415,44 @@ mod tests {
         book.apply(&events(&[("f", "open", 33 * h)])).unwrap();
         assert_eq!(book.alerts.len(), 3 + 1, "all open but d");
         assert!(!book.alerts.contains_key("d"));
+    }
+
+    #[test]
+    fn a_restore_loads_what_the_retention_keeps_and_replays_it_as_it_happened() {
+        let h = 3_600_000;
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("alerts");
+        std::fs::create_dir_all(&table).unwrap();
+        let write = |name: &str, batch: &RecordBatch| {
+            let f = std::fs::File::create(table.join(name)).unwrap();
+            let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+            w.write(batch).unwrap();
+            w.close().unwrap();
+        };
+        // a: finished long ago; b: open, however old; c: recent; d: resolved, then reopened
+        write(
+            "1.parquet",
+            &events(&[("a", "open", 0), ("a", "resolved", h), ("b", "open", 2 * h), ("d", "open", 2 * h)]),
+        );
+        write("2.parquet", &events(&[("d", "resolved", 3 * h), ("c", "open", 30 * h), ("d", "open", 31 * h)]));
+        let mut book = Book::new(24 * h, 100);
+        let (alerts, _) = book.restore(&table).unwrap();
+        let mut ids: Vec<&str> = book.alerts.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["b", "c", "d"], "a left with the retention");
+        assert_eq!(alerts, 3);
+        let d = &book.alerts["d"];
+        assert!(d.active && d.state == "open" && d.opened_at == 31 * h, "{d:?}");
+        // the same as replaying everything and evicting
+        let mut full = Book::new(24 * h, 100);
+        full.apply(&events(&[("a", "open", 0), ("a", "resolved", h), ("b", "open", 2 * h), ("d", "open", 2 * h)]))
+            .unwrap();
+        full.apply(&events(&[("d", "resolved", 3 * h), ("c", "open", 30 * h), ("d", "open", 31 * h)])).unwrap();
+        full.evict();
+        let mut want: Vec<String> = full.alerts.values().map(|a| format!("{a:?}")).collect();
+        let mut got: Vec<String> = book.alerts.values().map(|a| format!("{a:?}")).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
     }
 }
