@@ -21,6 +21,7 @@ pub mod energy;
 pub mod gpu;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod primitives;
 pub mod runtime;
 pub mod serve;
 pub mod simulator;

@@ -189,7 +189,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
         Command::Topics { config: file, partitions, replication } => {
             let raw = config::load_file(&file)?;
             let plan = config::plan::plan(raw, &file.display().to_string())?;
-            let all = citystream_pipeline::kafka::topics_of(&plan);
+            let all = plan.kafka_topics();
             anyhow::ensure!(!all.is_empty(), "{} uses no Kafka topic", file.display());
             for (brokers, topics) in all {
                 let (created, existing) =

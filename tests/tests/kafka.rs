@@ -219,7 +219,7 @@ async fn the_topics_a_config_uses_are_created_once() {
         "t.yaml",
     )
     .unwrap();
-    let all = citystream_pipeline::kafka::topics_of(&plan);
+    let all = plan.kafka_topics();
     let topics = &all[&brokers()];
     assert_eq!(
         topics.iter().cloned().collect::<Vec<_>>(),

@@ -89,6 +89,42 @@ pub struct PipelinePlan {
 }
 
 impl PipelinePlan {
+    /// Every Kafka topic a pipeline reads or writes, per broker list: its sources' topics, its
+    /// Kafka sinks' topics, the control center's decision topics and the grid-intensity topic.
+    #[cfg(feature = "kafka")]
+    pub fn kafka_topics(&self) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+        let plan = self;
+        let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            std::collections::BTreeMap::new();
+        let mut add = |brokers: &crate::primitives::EnvString, topic: &str| {
+            out.entry(brokers.as_str().to_owned()).or_default().insert(topic.to_owned());
+        };
+        for s in &plan.sources {
+            if let SourceConfig::Kafka(k) = &s.config {
+                for kind in citystream_schemas::EventKind::ALL {
+                    if let Some(t) = k.topic(kind) {
+                        add(&k.brokers, t);
+                    }
+                }
+            }
+        }
+        for s in &plan.sinks {
+            match &s.config {
+                SinkConfig::Kafka(k) => k.topics.keys().for_each(|t| add(&k.brokers, t)),
+                SinkConfig::ControlCenter(c) => {
+                    if let Some(k) = &c.kafka {
+                        k.alerts_topic.iter().chain(&k.feedback_topic).for_each(|t| add(&k.brokers, t));
+                    }
+                }
+                SinkConfig::Parquet(_) => {}
+            }
+        }
+        if let Some(t) = plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref()) {
+            add(&t.brokers, &t.topic);
+        }
+        out
+    }
+
     /// The graph as text, one node per line (for `citystream validate` and snapshot tests).
     pub fn describe(&self) -> String {
         let mut s = format!("pipeline {}\n", self.name);

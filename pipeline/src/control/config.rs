@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use citystream_operators::Duration;
 use serde::Deserialize;
 
-use crate::config::{EnvString, Inputs};
+use crate::primitives::{EnvString, Inputs};
 
 fn d_rate() -> u32 {
     120

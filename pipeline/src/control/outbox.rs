@@ -7,6 +7,7 @@
 //! a decision that cannot reach the other control rooms is not made). Delivery is at least
 //! once: a send that timed out may still arrive, and then arrives again with the retry.
 
+#[cfg(feature = "kafka")]
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ use citystream_operators::Metrics;
 use super::config::ControlConfig;
 
 /// The most decisions the outbox holds.
+#[cfg(feature = "kafka")]
 pub(crate) const MAX_PENDING: usize = 10_000;
 
 /// Publishes decisions (see the module docs).

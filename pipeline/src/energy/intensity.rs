@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
+#[cfg(feature = "kafka")]
 use citystream_operators::Metrics;
 use serde::Deserialize;
 
-use super::config::{CarbonTopicConfig, EnergyConfig};
+#[cfg(feature = "kafka")]
+use super::config::CarbonTopicConfig;
+use super::config::EnergyConfig;
 
 /// Hours of intensity kept (two years): beyond it the earliest hours are forgotten, so a topic
 /// that keeps publishing (or names hours far apart) cannot grow the process without bound.

@@ -16,7 +16,7 @@ use serde::Deserialize;
 pub use sink::{KafkaSinkConfig, KafkaWriter, TopicRoute};
 pub(crate) use source::{Recovery, run_kafka_source};
 
-use crate::config::EnvString;
+use crate::primitives::EnvString;
 
 /// Topic per event kind. Without `topics` a source reads `city.traffic`, `city.camera` and
 /// `city.environment`; with it, exactly the kinds it names (a kind left out, or `null`, is not
@@ -211,39 +211,6 @@ pub mod produce {
             citystream_schemas::EventKind::Environment => t.environment.as_deref(),
         }
     }
-}
-
-/// Every Kafka topic a pipeline reads or writes, per broker list: its sources' topics, its
-/// Kafka sinks' topics, the control center's decision topics and the grid-intensity topic.
-pub fn topics_of(plan: &crate::config::plan::PipelinePlan) -> BTreeMap<String, std::collections::BTreeSet<String>> {
-    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
-    let mut add = |brokers: &EnvString, topic: &str| {
-        out.entry(brokers.as_str().to_owned()).or_default().insert(topic.to_owned());
-    };
-    for s in &plan.sources {
-        if let crate::config::SourceConfig::Kafka(k) = &s.config {
-            for kind in EventKind::ALL {
-                if let Some(t) = k.topic(kind) {
-                    add(&k.brokers, t);
-                }
-            }
-        }
-    }
-    for s in &plan.sinks {
-        match &s.config {
-            crate::config::SinkConfig::Kafka(k) => k.topics.keys().for_each(|t| add(&k.brokers, t)),
-            crate::config::SinkConfig::ControlCenter(c) => {
-                if let Some(k) = &c.kafka {
-                    k.alerts_topic.iter().chain(&k.feedback_topic).for_each(|t| add(&k.brokers, t));
-                }
-            }
-            crate::config::SinkConfig::Parquet(_) => {}
-        }
-    }
-    if let Some(t) = plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref()) {
-        add(&t.brokers, &t.topic);
-    }
-    out
 }
 
 /// Creates those of `topics` that do not exist on `brokers` (`partitions` each, replication 1

@@ -12,7 +12,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Deserialize;
 
 use super::client_config;
-use crate::config::{EnvString, Inputs};
+use crate::primitives::{EnvString, Inputs};
 
 /// Where one topic's rows come from.
 #[derive(Debug, Clone, Deserialize)]

@@ -197,7 +197,7 @@ pub struct SimulatorConfig {
     pub faults: FaultConfig,
     /// Folder for the ground truth (road graph, incidents, emitted counts); none if absent.
     #[serde(default)]
-    pub ground_truth: Option<crate::config::EnvString>,
+    pub ground_truth: Option<crate::primitives::EnvString>,
 }
 
 impl Default for SimulatorConfig {

@@ -26,7 +26,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use serde::Deserialize;
 
-use crate::config::{EnvString, Inputs};
+use crate::primitives::{EnvString, Inputs};
 
 /// Writers made by this process (part of each writer's file names).
 static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
