@@ -28,6 +28,7 @@ pub mod simulator;
 pub mod sink;
 #[cfg(feature = "sql")]
 pub mod sql;
+pub mod task;
 
 use citystream_operators::Metrics;
 
@@ -43,4 +44,77 @@ pub async fn run_file(
     let raw = config::load_file(path)?;
     let plan = config::plan::plan(raw, &file)?;
     Ok(runtime::run(plan, metrics, stop).await?)
+}
+
+#[cfg(test)]
+mod layering {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The top-level modules each module's files name (`crate::x`), read from the sources.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let rel = p.strip_prefix(&src).unwrap();
+                let first = rel.components().next().unwrap().as_os_str().to_string_lossy().into_owned();
+                let module = first.trim_end_matches(".rs").to_owned();
+                if matches!(module.as_str(), "lib" | "main") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).unwrap();
+                let deps = out.entry(module.clone()).or_default();
+                for (i, _) in text.match_indices("crate::") {
+                    let name: String =
+                        text[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    if name != module && (src.join(&name).is_dir() || src.join(format!("{name}.rs")).exists()) {
+                        deps.insert(name);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Dependencies between the pipeline's modules point one way: no module reaches itself
+    /// through others (the planner imports the connectors, never the reverse; connectors take
+    /// shared config from `primitives` and the runtime's handles from `task`).
+    #[test]
+    fn module_imports_have_no_loops() {
+        let graph = imports();
+        fn visit<'a>(
+            m: &'a str,
+            graph: &'a BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<&'a str>,
+            done: &mut BTreeSet<&'a str>,
+        ) {
+            if let Some(i) = path.iter().position(|p| *p == m) {
+                panic!("import loop: {} -> {m}", path[i..].join(" -> "));
+            }
+            if !done.insert(m) {
+                return;
+            }
+            path.push(m);
+            for d in graph.get(m).into_iter().flatten() {
+                visit(d, graph, path, done);
+            }
+            path.pop();
+        }
+        let mut done = BTreeSet::new();
+        for m in graph.keys() {
+            visit(m, &graph, &mut Vec::new(), &mut done);
+        }
+        assert!(graph["primitives"].is_empty(), "primitives is a leaf: {:?}", graph["primitives"]);
+        for connector in ["kafka", "sink", "simulator", "control", "energy"] {
+            let deps = &graph[connector];
+            assert!(!deps.contains("config") && !deps.contains("runtime"), "{connector} imports {deps:?}");
+        }
+    }
 }

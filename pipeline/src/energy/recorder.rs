@@ -77,7 +77,7 @@ pub(crate) async fn run(
     // (ended with the account, whichever way it returns)
     let gpu_sampler = crate::gpu::Nvml::open().map(|n| {
         tracing::info!(nvml = ?n, "energy: GPU busy time from NVML");
-        crate::runtime::AbortOnDrop(n.sample(metrics.clone()))
+        crate::task::AbortOnDrop(n.sample(metrics.clone()))
     });
     let gpu_busy = |m: &Metrics| m.sum("citystream_gpu_busy_microseconds_total") / 1e6;
     let mut gpu_before = gpu_busy(&metrics);
@@ -132,7 +132,7 @@ pub(crate) async fn run(
         }
         if !rows.is_empty() {
             let batch = to_batch(&rows);
-            crate::runtime::cpu(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))
+            crate::task::cpu(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))
                 .map_err(|e| e.to_string())?;
         }
         before = after;

@@ -35,7 +35,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{KafkaSourceConfig, client_config};
-use crate::runtime::{CheckpointAcks, Outputs, PipelineError};
+use crate::task::{CheckpointAcks, Outputs, PipelineError};
 
 /// A topic partition.
 type Tp = (String, i32);
@@ -100,7 +100,7 @@ struct Ctx {
     /// Offsets committed so far, shared with compaction.
     commits: crate::sink::compact::CommitLog,
     /// Operator state checkpoints: their manifest is written before offsets are committed.
-    state: Option<crate::runtime::StateStore>,
+    state: Option<crate::task::StateStore>,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -392,7 +392,7 @@ impl ConsumerContext for Ctx {
 /// What the source shares with the sinks' files for exactly-once recovery.
 pub(crate) struct Recovery {
     /// Operator state checkpoints, when configured.
-    pub(crate) state: Option<crate::runtime::StateStore>,
+    pub(crate) state: Option<crate::task::StateStore>,
     /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
     pub(crate) sink_roots: Vec<PathBuf>,
     /// Offsets committed so far, shared with compaction.

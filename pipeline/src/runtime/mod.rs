@@ -1,162 +1,37 @@
 //! The runtime: turns a [`PipelinePlan`] into tokio tasks joined by bounded channels.
 //!
-//! Every source, stage and sink is one task. Each stage and sink owns one receiver; every edge
-//! into it is a clone of its sender tagged with the input's index, so the task knows which
-//! upstream each [`Message`] came from (for watermark minimums, barrier alignment and end of
-//! data). Channels hold at most `runtime.channel_capacity` messages: a slow sink slows its
-//! stages, which slow the sources (backpressure, bounded memory).
+//! Every source, stage and sink is one task. Each stage and sink owns one bounded receiver per
+//! input, so the task knows which upstream each [`Message`] came from (for watermark minimums,
+//! barrier alignment and end of data). Channels hold at most `runtime.channel_capacity`
+//! messages: a slow sink slows its stages, which slow the sources (backpressure, bounded
+//! memory). What sources, sinks and services are handed by the runtime lives in
+//! [`crate::task`].
 //!
 //! Operators are synchronous; their calls run through `block_in_place` on the multi-threaded
 //! runtime so CPU-heavy work never stalls the I/O tasks.
 
 mod align;
-mod checkpoint;
 pub mod errors;
 pub mod reload;
 mod sinks;
 mod sources;
 mod stage;
-mod state;
 
-pub use checkpoint::CheckpointAcks;
-pub use state::StateStore;
+pub(crate) use crate::task::{AbortOnDrop, Edge, Outputs, cpu, cpu_metered, thread_cpu_ns};
+pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use citystream_operators::event_time::EventClock;
-use citystream_operators::{BuildContext, Message, Metrics, OperatorError};
+use citystream_operators::{BuildContext, Message, Metrics};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{PipelinePlan, SourceConfig};
 use crate::simulator::SimReport;
-use crate::sink::parquet::{ParquetSinkError, TableStats};
-
-/// One edge into a task: the channel of one of its inputs.
-#[derive(Debug, Clone)]
-pub(crate) struct Edge {
-    tx: mpsc::Sender<Message>,
-}
-
-/// The subscribers of each output port of a node.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Outputs {
-    ports: Vec<Vec<Edge>>,
-}
-
-impl Outputs {
-    /// Whether anybody reads `port`.
-    pub(crate) fn is_connected(&self, port: usize) -> bool {
-        !self.ports[port].is_empty()
-    }
-
-    /// Sends `msg` to every subscriber of `port`.
-    pub(crate) async fn send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
-        for e in &self.ports[port] {
-            e.tx.send(msg.clone()).await.map_err(|_| PipelineError::Disconnected)?;
-        }
-        Ok(())
-    }
-
-    /// Sends `msg` on every port.
-    pub(crate) async fn broadcast(&self, msg: Message) -> Result<(), PipelineError> {
-        for p in 0..self.ports.len() {
-            self.send(p, msg.clone()).await?;
-        }
-        Ok(())
-    }
-
-    /// [`send`](Self::send) from a thread outside the async runtime (a source's own thread):
-    /// blocks while the channel is full.
-    #[cfg(feature = "kafka")]
-    pub(crate) fn blocking_send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
-        for e in &self.ports[port] {
-            e.tx.blocking_send(msg.clone()).map_err(|_| PipelineError::Disconnected)?;
-        }
-        Ok(())
-    }
-
-    /// [`broadcast`](Self::broadcast) from a thread outside the async runtime.
-    #[cfg(feature = "kafka")]
-    pub(crate) fn blocking_broadcast(&self, msg: Message) -> Result<(), PipelineError> {
-        for p in 0..self.ports.len() {
-            self.blocking_send(p, msg.clone())?;
-        }
-        Ok(())
-    }
-}
-
-/// Why a pipeline stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    /// An operator failed.
-    #[error("stage `{stage}`: {source}")]
-    Operator {
-        /// The stage.
-        stage: String,
-        /// The error.
-        source: OperatorError,
-    },
-    /// A stage could not be built from its plan.
-    #[error("stage `{stage}` cannot be built: {message}")]
-    Build {
-        /// The stage.
-        stage: String,
-        /// Why.
-        message: String,
-    },
-    /// A Parquet sink failed.
-    #[error("sink `{sink}`: {source}")]
-    Parquet {
-        /// The sink.
-        sink: String,
-        /// The error.
-        source: ParquetSinkError,
-    },
-    /// The control center failed.
-    #[error("sink `{sink}`: {message}")]
-    ControlSink {
-        /// The sink.
-        sink: String,
-        /// Why.
-        message: String,
-    },
-    /// A Kafka sink failed.
-    #[error("sink `{sink}`: {message}")]
-    KafkaSink {
-        /// The sink.
-        sink: String,
-        /// Why.
-        message: String,
-    },
-    /// A source failed.
-    #[error("source `{source_name}`: {message}")]
-    Source {
-        /// The source.
-        source_name: String,
-        /// Why.
-        message: String,
-    },
-    /// Operator state could not be written or restored.
-    #[error("state of `{stage}`: {message}")]
-    State {
-        /// The stage (or `runtime.state_dir`).
-        stage: String,
-        /// Why.
-        message: String,
-    },
-    /// A downstream task ended early (after an error elsewhere).
-    #[error("a downstream task ended early")]
-    Disconnected,
-    /// A task panicked or was cancelled.
-    #[error("task failed: {0}")]
-    Task(String),
-    /// Draining took longer than `runtime.shutdown_timeout`.
-    #[error("shutdown did not finish within {0}")]
-    ShutdownTimeout(citystream_operators::Duration),
-}
+use crate::sink::parquet::TableStats;
 
 /// What a finished run did.
 #[derive(Debug, Clone, Default)]
@@ -276,16 +151,6 @@ pub(crate) fn batch_bytes(b: &arrow::array::RecordBatch) -> u64 {
         .iter()
         .map(|c| c.to_data().get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()) as u64)
         .sum()
-}
-
-/// Aborts a background task when dropped (the run's end ends it).
-#[allow(dead_code)]
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Asks a running pipeline to stop: sources stop reading, everything in flight drains and is
@@ -675,32 +540,6 @@ async fn monitor_queues(queues: Vec<(String, Vec<mpsc::WeakSender<Message>>)>, m
             g.set(depth as f64);
         }
     }
-}
-
-/// Runs a synchronous, CPU-bound closure without stalling the async worker threads.
-pub(crate) fn cpu<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// Like [`cpu`], and adds the thread CPU time `f` used to `counter`.
-pub(crate) fn cpu_metered<T>(counter: &citystream_operators::Counter, f: impl FnOnce() -> T) -> T {
-    cpu(|| {
-        let t0 = thread_cpu_ns();
-        let r = f();
-        counter.inc_by(thread_cpu_ns().saturating_sub(t0));
-        r
-    })
-}
-
-/// CPU time consumed by the calling thread, nanoseconds.
-pub(crate) fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is always valid.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc == 0 { ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 } else { 0 }
 }
 
 #[cfg(test)]

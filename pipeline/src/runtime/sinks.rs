@@ -6,10 +6,10 @@ use citystream_operators::{Message, Metrics};
 use tokio::sync::mpsc;
 
 use super::align::{Aligner, Next};
-use super::checkpoint::SinkAck;
 use super::{PipelineError, cpu_metered};
 use crate::config::{SinkConfig, SinkNode};
 use crate::sink::parquet::{ParquetWriter, TableStats};
+use crate::task::SinkAck;
 
 /// Files of an hour stay open this long after the watermark passes the hour's end, so that
 /// events within the out-of-orderness bound still land in the same file.
