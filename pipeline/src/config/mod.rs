@@ -73,7 +73,7 @@ pub struct RuntimeConfig {
     pub carbon_policy: Option<crate::energy::CarbonPolicyConfig>,
     /// Where stateful stages write their state at every checkpoint, so that a pipeline with a
     /// Kafka source resumes windows, deduplication, features and alert rules exactly where its
-    /// last checkpoint left them (see `runtime::state`); absent for none.
+    /// last checkpoint left them (see `task::state`); absent for none.
     pub state_dir: Option<EnvString>,
 }
 

@@ -192,7 +192,7 @@ pub struct ParquetWriter {
     run_id: String,
     tables: BTreeMap<String, Table>,
     /// `(lineage, epoch)` with operator state checkpoints: files without source positions are
-    /// named after the checkpoint epoch their rows belong to (see `runtime::state`).
+    /// named after the checkpoint epoch their rows belong to (see `task::state`).
     epochs: Option<(String, u64)>,
 }
 
