@@ -18,376 +18,41 @@
 //! times). Every assigned partition holds it back — also one that has not delivered anything
 //! yet — until it is caught up with its log end *and* silent for `idle_partition_timeout`. While
 //! catching up, a partition whose event time runs more than `max_drift` ahead of the slowest is
-//! paused, and resumed once the slowest is within half of that ([`Alignment`]).
+//! paused, and resumed once the slowest is within half of that ([`Alignment`]).//!
+//! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
+//! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
+//! takes a checkpoint and commits it; [`alignment`] decides which partitions to pause.
+mod alignment;
+mod commit;
+mod context;
+
+pub use alignment::{AlignInput, Alignment};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use citystream_operators::event_time::EventClock;
 use citystream_operators::{Barrier, Gauge, Message, Metrics};
 use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{KafkaSourceConfig, client_config};
 use crate::task::{CheckpointAcks, Outputs, PipelineError};
+
+use commit::{checkpoint, commit};
+use context::{CloseGuard, Ctx, Part, Shared, lock};
 
 /// A topic partition.
 type Tp = (String, i32);
 
 /// Next offset to read per (topic, partition).
 type Positions = BTreeMap<Tp, i64>;
-
-/// What the source knows of one assigned partition.
-#[derive(Debug, Clone)]
-struct Part {
-    /// The next offset to read (where it started, then after the last message read).
-    position: i64,
-    /// Whether a message was read since the assignment (only then is `position` committed).
-    read: bool,
-    /// The last message, or the assignment.
-    active_at: Instant,
-    /// Paused by watermark alignment.
-    paused: bool,
-    /// The log end asked of the broker (when librdkafka had none cached) and when.
-    queried_end: Option<(i64, Instant)>,
-}
-
-/// What the consumer loop and the rebalance callbacks share (one thread: never contended).
-struct Shared {
-    name: String,
-    /// Topic → output port.
-    ports: BTreeMap<String, usize>,
-    builders: Vec<RawBatchBuilder>,
-    parts: BTreeMap<Tp, Part>,
-    epoch: u64,
-    outputs: Arc<Outputs>,
-    acks: CheckpointAcks,
-    /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
-    sink_roots: Vec<PathBuf>,
-    lag: BTreeMap<Tp, Gauge>,
-    metrics: Metrics,
-    error: Option<String>,
-    /// Set once the final checkpoint is committed: the revocation on leaving needs no flush.
-    closing: bool,
-    /// When partitions were last assigned (idleness counts from there at the earliest).
-    assigned_at: Option<Instant>,
-    /// Bumped at every assignment: positions remembered before it may refer to files that the
-    /// assignment removed, so they are never committed after it.
-    generation: u64,
-    /// For blocking on the pipeline's async parts from this thread.
-    runtime: tokio::runtime::Handle,
-}
-
-impl Shared {
-    fn take_batches(&mut self) -> Vec<(usize, arrow::array::RecordBatch)> {
-        self.builders.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()).map(|(p, b)| (p, b.finish())).collect()
-    }
-
-    /// The next offset of every partition a message was read from.
-    fn positions(&self) -> Positions {
-        self.parts.iter().filter(|(_, p)| p.read).map(|(k, p)| (k.clone(), p.position)).collect()
-    }
-}
-
-struct Ctx {
-    shared: Arc<Mutex<Shared>>,
-    /// Offsets committed so far, shared with compaction.
-    commits: crate::sink::compact::CommitLog,
-    /// Operator state checkpoints: their manifest is written before offsets are committed.
-    state: Option<crate::task::StateStore>,
-}
-
-fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Ctx {
-    /// Records a fatal error from a callback; the source stops at its next step and no later
-    /// revocation flushes or commits anything.
-    fn fail(&self, message: String) {
-        let mut s = lock(&self.shared);
-        s.closing = true;
-        s.error.get_or_insert(message);
-    }
-
-    /// Before partitions are assigned: decides where each starts — its committed offset, or
-    /// the state manifest's when that is further (a crash between the manifest and the
-    /// commit) — sets it in the assignment, and removes the files written from there on.
-    fn assign(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
-        let committed = match consumer.committed_offsets(list.clone(), Duration::from_secs(30)) {
-            Ok(c) => c,
-            Err(e) => return self.fail(format!("reading committed offsets: {e}")),
-        };
-        // where each partition's committed data ends; with nothing committed (a new group, or
-        // a first run that died before its first commit) replay starts at the partition's low
-        // watermark, so only files from there on will be written again
-        let manifest = self.state.as_ref().map(|s| s.positions()).unwrap_or_default();
-        let mut starts = Vec::new();
-        for e in committed.elements() {
-            if let Err(err) = e.error() {
-                return self.fail(format!("reading the committed offset of {}/{}: {err}", e.topic(), e.partition()));
-            }
-            let from = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => match consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(30)) {
-                    Ok((low, _)) => low,
-                    Err(err) => {
-                        return self.fail(format!(
-                            "reading the low watermark of {}/{}: {err}",
-                            e.topic(),
-                            e.partition()
-                        ));
-                    }
-                },
-            };
-            let from = match manifest.get(&(e.topic().to_owned(), e.partition())) {
-                Some(&m) if m > from => {
-                    tracing::info!(
-                        topic = e.topic(),
-                        partition = e.partition(),
-                        committed = from,
-                        checkpoint = m,
-                        "resuming at the state checkpoint, past the committed offset"
-                    );
-                    m
-                }
-                Some(&m) if m < from => {
-                    // another consumer moved the partition on: our state has not seen those rows
-                    tracing::warn!(
-                        topic = e.topic(),
-                        partition = e.partition(),
-                        committed = from,
-                        checkpoint = m,
-                        "the committed offset is past the state checkpoint (another member of the group \
-                         consumed it): the operator state lacks those rows"
-                    );
-                    from
-                }
-                _ => from,
-            };
-            starts.push((e.topic().to_owned(), e.partition(), from));
-        }
-        for (topic, partition, from) in &starts {
-            if let Some(mut e) = list.find_partition(topic, *partition)
-                && let Err(err) = e.set_offset(Offset::Offset(*from))
-            {
-                return self.fail(format!("setting the start of {topic}/{partition}: {err}"));
-            }
-        }
-        let mut s = lock(&self.shared);
-        let now = Instant::now();
-        s.assigned_at = Some(now);
-        s.generation += 1;
-        for (topic, partition, from) in starts {
-            for root in s.sink_roots.clone() {
-                match crate::sink::parquet::remove_uncommitted(&root, &topic, partition, from) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(
-                        topic,
-                        partition,
-                        committed = from,
-                        removed = n,
-                        "removed files written after the last commit"
-                    ),
-                    Err(err) => {
-                        // consuming now would duplicate the rows of the files left behind
-                        s.closing = true;
-                        s.error.get_or_insert(format!(
-                            "cannot remove files written after the last commit of {topic}/{partition} under {}: {err}",
-                            root.display()
-                        ));
-                        return;
-                    }
-                }
-            }
-            s.parts.insert(
-                (topic, partition),
-                Part { position: from, read: false, active_at: now, paused: false, queried_end: None },
-            );
-        }
-        tracing::info!(source = s.name, partitions = list.count(), "assigned");
-    }
-}
-
-/// Marks the source as closing when it exits, however it exits: dropping the consumer after an
-/// error triggers a revocation, which must not flush and commit rows the error left unsettled.
-struct CloseGuard(Arc<Mutex<Shared>>);
-
-impl Drop for CloseGuard {
-    fn drop(&mut self) {
-        lock(&self.0).closing = true;
-    }
-}
-
-impl ClientContext for Ctx {
-    /// librdkafka's own log lines, into ours.
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", "{fac} {message}"),
-            L::Warning => tracing::warn!(target: "librdkafka", "{fac} {message}"),
-            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac} {message}"),
-            L::Debug => tracing::debug!(target: "librdkafka", "{fac} {message}"),
-        }
-    }
-
-    fn stats(&self, stats: Statistics) {
-        let mut s = lock(&self.shared);
-        for (topic, t) in &stats.topics {
-            for (p, part) in &t.partitions {
-                if *p < 0 || part.consumer_lag < 0 {
-                    continue;
-                }
-                let key = (topic.clone(), *p);
-                let metrics = s.metrics.clone();
-                let source = s.name.clone();
-                let g = s.lag.entry(key).or_insert_with(|| {
-                    metrics.gauge(
-                        "citystream_kafka_consumer_lag",
-                        "Messages between a partition's end and the committed offset.",
-                        &[
-                            ("source", source.as_str()),
-                            ("topic", topic.as_str()),
-                            ("partition", p.to_string().as_str()),
-                        ],
-                    )
-                });
-                g.set(part.consumer_lag as f64);
-            }
-        }
-    }
-}
-
-/// Hands on what was read, sends a barrier, waits until every sink made it durable, and
-/// returns the positions to commit. Blocks the calling (consumer) thread.
-fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, Positions)> {
-    let (batches, epoch, positions, outputs, mut acks, rt) = {
-        let mut s = lock(shared);
-        s.epoch += 1;
-        (s.take_batches(), s.epoch, s.positions(), s.outputs.clone(), s.acks.clone(), s.runtime.clone())
-    };
-    for (p, b) in batches {
-        outputs.blocking_send(p, Message::Batch(b)).ok()?;
-    }
-    outputs.blocking_broadcast(Message::Barrier(Barrier { epoch })).ok()?;
-    rt.block_on(acks.wait(epoch)).then_some((epoch, positions))
-}
-
-/// Why a checkpoint could not be committed.
-#[derive(Debug, thiserror::Error)]
-enum CommitError {
-    /// The state manifest could not be written: the operators' state in memory is ahead of
-    /// every durable record.
-    #[error("writing the state manifest: {0}")]
-    Manifest(String),
-    /// The broker did not take the offsets (the manifest, if any, is written).
-    #[error("{0}")]
-    Kafka(String),
-}
-
-/// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
-/// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
-/// owns).
-fn commit(
-    consumer: &BaseConsumer<Ctx>,
-    epoch: u64,
-    positions: &Positions,
-    owned: &TopicPartitionList,
-) -> Result<(), CommitError> {
-    let log = consumer.context().commits.clone();
-    if let Some(state) = &consumer.context().state {
-        state.commit(epoch, positions).map_err(CommitError::Manifest)?;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, p), next) in positions {
-        if owned.find_partition(topic, *p).is_some() {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
-                .map_err(|e| CommitError::Kafka(e.to_string()))?;
-        }
-    }
-    if tpl.count() > 0 {
-        consumer.commit(&tpl, CommitMode::Sync).map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
-    }
-    // what compaction may now merge
-    let mut l = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for e in tpl.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            l.offsets.insert((e.topic().to_owned(), e.partition()), o);
-        }
-    }
-    l.epoch = l.epoch.max(epoch);
-    Ok(())
-}
-
-impl ConsumerContext for Ctx {
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // a partition assigned again starts unpaused, whatever alignment did before it left
-        if let Rebalance::Assign(list) = rebalance
-            && list.count() > 0
-            && let Err(e) = consumer.resume(list)
-        {
-            tracing::warn!("resuming newly assigned partitions: {e}");
-        }
-    }
-
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(list) = rebalance {
-            self.assign(consumer, list);
-            return;
-        }
-        let Rebalance::Revoke(list) = rebalance else { return };
-        if list.count() == 0 || lock(&self.shared).closing {
-            return;
-        }
-        if consumer.assignment_lost() {
-            // the group moved on without us (session timeout): another member may already be
-            // writing these partitions, so flushing or committing now could duplicate rows.
-            // Stop; a restart rejoins and replays from the last commit.
-            return self.fail(
-                "the consumer group revoked our partitions after a session timeout (assignment lost); \
-                 stopping so the replay from the last commit stays exactly-once"
-                    .into(),
-            );
-        }
-        // Flush and commit what we own before the partitions go. This callback runs inside the
-        // consumer thread's poll: it waits here while the stages and sinks drain the barrier.
-        let done = checkpoint(&self.shared);
-        let mut s = lock(&self.shared);
-        match done {
-            Some((epoch, positions)) => {
-                match commit(consumer, epoch, &positions, list) {
-                    Ok(()) => {
-                        tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed")
-                    }
-                    // the broker is unreachable (the group may have expired): the next owner starts
-                    // from the last commit and removes what was written after it, so nothing is lost
-                    Err(e @ CommitError::Kafka(_)) => tracing::warn!(
-                        source = s.name,
-                        "revoked: flushed, but {e}; the next owner replays from the last commit"
-                    ),
-                    // the state in memory is ahead of every durable record: this process must
-                    // stop (a restart resumes from the last manifest) rather than go on with it
-                    Err(e @ CommitError::Manifest(_)) => {
-                        s.closing = true;
-                        s.error.get_or_insert(format!("at a revocation: {e}"));
-                    }
-                }
-            }
-            None => {
-                s.error.get_or_insert("a sink went away during a revocation checkpoint".into());
-            }
-        }
-        for e in list.elements() {
-            s.parts.remove(&(e.topic().to_owned(), e.partition()));
-        }
-    }
-}
 
 /// What the source shares with the sinks' files for exactly-once recovery.
 pub(crate) struct Recovery {
@@ -397,57 +62,6 @@ pub(crate) struct Recovery {
     pub(crate) sink_roots: Vec<PathBuf>,
     /// Offsets committed so far, shared with compaction.
     pub(crate) commits: crate::sink::compact::CommitLog,
-}
-
-/// One partition as watermark alignment sees it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AlignInput {
-    /// Its watermark on the event clock (`None`: no valid event seen yet).
-    pub watermark: Option<i64>,
-    /// Whether it holds the stream's watermark back (assigned, and not caught up and idle).
-    pub holding: bool,
-    /// Whether it has messages left to read (position below its log end).
-    pub backlog: bool,
-    /// Whether it is paused now.
-    pub paused: bool,
-}
-
-/// Watermark alignment (Flink's FLIP-182, on rdkafka's pause/resume): while partitions catch
-/// up, one whose event time runs more than `max_drift` ahead of the slowest partition that
-/// holds the watermark back is paused, so windows and deduplication do not fill with the
-/// events of the fast ones; it resumes once the slowest is within `max_drift / 2` of it. A
-/// partition with a backlog that has not spoken yet counts as the slowest of all. Only
-/// partitions with a backlog are paused: a caught-up one has nothing to read.
-#[derive(Debug, Clone, Copy)]
-pub struct Alignment {
-    /// The largest lead in event time, ms.
-    pub max_drift_ms: i64,
-}
-
-impl Alignment {
-    /// Which of `parts` to pause and which to resume (indices into `parts`).
-    pub fn decide(&self, parts: &[AlignInput]) -> (Vec<usize>, Vec<usize>) {
-        // a caught-up partition that has not spoken has nothing to read: waiting for it
-        // would not make it speak sooner
-        let slowest = parts
-            .iter()
-            .filter(|p| p.holding && (p.backlog || p.watermark.is_some()))
-            .map(|p| p.watermark.unwrap_or(i64::MIN))
-            .min();
-        let (mut pause, mut resume) = (Vec::new(), Vec::new());
-        for (i, p) in parts.iter().enumerate() {
-            let lead = match (slowest, p.watermark) {
-                (Some(s), Some(w)) => w.saturating_sub(s),
-                _ => 0,
-            };
-            if !p.paused && p.backlog && lead > self.max_drift_ms {
-                pause.push(i);
-            } else if p.paused && (!p.backlog || lead <= self.max_drift_ms / 2) {
-                resume.push(i);
-            }
-        }
-        (pause, resume)
-    }
 }
 
 /// The consumer thread's settings and handles.
@@ -852,53 +466,5 @@ impl Loop {
 
     fn owned(&self) -> Result<TopicPartitionList, PipelineError> {
         self.consumer.assignment().map_err(|e| self.err(format!("reading the assignment: {e}")))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const H: i64 = 3_600_000;
-
-    fn part(wm: Option<i64>, backlog: bool, paused: bool) -> AlignInput {
-        AlignInput { watermark: wm, holding: true, backlog, paused }
-    }
-
-    #[test]
-    fn a_partition_an_hour_ahead_is_paused_and_resumed_when_the_others_catch_up() {
-        let a = Alignment { max_drift_ms: 10 * 60_000 };
-        // partition 1 runs an hour ahead of partitions 0 and 2
-        let mut parts = vec![part(Some(0), true, false), part(Some(H), true, false), part(Some(60_000), true, false)];
-        let (pause, resume) = a.decide(&parts);
-        assert_eq!((pause, resume), (vec![1], vec![]));
-        parts[1].paused = true;
-        // the others move up, but not yet within half the drift
-        parts[0].watermark = Some(H - 6 * 60_000);
-        parts[2].watermark = Some(H - 5 * 60_000);
-        assert_eq!(a.decide(&parts), (vec![], vec![]), "still 6 minutes behind: stays paused");
-        parts[0].watermark = Some(H - 4 * 60_000);
-        assert_eq!(a.decide(&parts), (vec![], vec![1]), "within half the drift: resumed");
-    }
-
-    #[test]
-    fn a_silent_partition_holds_the_others_and_a_caught_up_one_is_never_paused() {
-        let a = Alignment { max_drift_ms: 60_000 };
-        // partition 0 has not spoken yet: the others wait for it
-        let parts = [part(None, true, false), part(Some(H), true, false), part(Some(2 * H), false, false)];
-        assert_eq!(a.decide(&parts), (vec![1], vec![]), "the one without a backlog has nothing to pause");
-        // an empty partition (caught up, silent) does not stop the others while it waits to be idle
-        let parts = [part(None, false, false), part(Some(H), true, false), part(Some(H + 1000), true, false)];
-        assert_eq!(a.decide(&parts), (vec![], vec![]));
-        // an idle partition does not hold anyone back
-        let parts = [
-            AlignInput { watermark: Some(0), holding: false, backlog: false, paused: false },
-            part(Some(H), true, false),
-            part(Some(H + 1000), true, false),
-        ];
-        assert_eq!(a.decide(&parts), (vec![], vec![]));
-        // a paused partition whose backlog is gone is resumed
-        let parts = [part(Some(0), true, false), part(Some(H), false, true)];
-        assert_eq!(a.decide(&parts), (vec![], vec![1]));
     }
 }

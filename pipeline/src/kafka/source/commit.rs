@@ -1,0 +1,73 @@
+//! Taking a checkpoint (hand on what was read, send a barrier, wait until every sink made it
+//! durable) and committing it (state manifest first, then the offsets).
+
+use std::sync::{Arc, Mutex};
+
+use citystream_operators::{Barrier, Message};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::Positions;
+use super::context::{Ctx, Shared, lock};
+
+/// Hands on what was read, sends a barrier, waits until every sink made it durable, and
+/// returns the positions to commit. Blocks the calling (consumer) thread.
+pub(super) fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, Positions)> {
+    let (batches, epoch, positions, outputs, mut acks, rt) = {
+        let mut s = lock(shared);
+        s.epoch += 1;
+        (s.take_batches(), s.epoch, s.positions(), s.outputs.clone(), s.acks.clone(), s.runtime.clone())
+    };
+    for (p, b) in batches {
+        outputs.blocking_send(p, Message::Batch(b)).ok()?;
+    }
+    outputs.blocking_broadcast(Message::Barrier(Barrier { epoch })).ok()?;
+    rt.block_on(acks.wait(epoch)).then_some((epoch, positions))
+}
+
+/// Why a checkpoint could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CommitError {
+    /// The state manifest could not be written: the operators' state in memory is ahead of
+    /// every durable record.
+    #[error("writing the state manifest: {0}")]
+    Manifest(String),
+    /// The broker did not take the offsets (the manifest, if any, is written).
+    #[error("{0}")]
+    Kafka(String),
+}
+
+/// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
+/// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
+/// owns).
+pub(super) fn commit(
+    consumer: &BaseConsumer<Ctx>,
+    epoch: u64,
+    positions: &Positions,
+    owned: &TopicPartitionList,
+) -> Result<(), CommitError> {
+    let log = consumer.context().commits.clone();
+    if let Some(state) = &consumer.context().state {
+        state.commit(epoch, positions).map_err(CommitError::Manifest)?;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, p), next) in positions {
+        if owned.find_partition(topic, *p).is_some() {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
+                .map_err(|e| CommitError::Kafka(e.to_string()))?;
+        }
+    }
+    if tpl.count() > 0 {
+        consumer.commit(&tpl, CommitMode::Sync).map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
+    }
+    // what compaction may now merge
+    let mut l = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for e in tpl.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            l.offsets.insert((e.topic().to_owned(), e.partition()), o);
+        }
+    }
+    l.epoch = l.epoch.max(epoch);
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! What the consumer thread shares with librdkafka's callbacks, which run inside its poll:
+//! the assigned partitions and their event time, logs and statistics, and the rebalance
+//! callbacks (on revocation: flush, make durable and commit what was read from the partitions
+//! that go; on assignment: remove files a dead run wrote beyond the committed offsets).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use citystream_operators::{Gauge, Metrics};
+
+use citystream_schemas::raw::RawBatchBuilder;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+
+use crate::task::{CheckpointAcks, Outputs};
+
+use super::commit::{CommitError, checkpoint, commit};
+use super::{Positions, Tp};
+
+/// What the source knows of one assigned partition.
+#[derive(Debug, Clone)]
+pub(super) struct Part {
+    /// The next offset to read (where it started, then after the last message read).
+    pub(super) position: i64,
+    /// Whether a message was read since the assignment (only then is `position` committed).
+    pub(super) read: bool,
+    /// The last message, or the assignment.
+    pub(super) active_at: Instant,
+    /// Paused by watermark alignment.
+    pub(super) paused: bool,
+    /// The log end asked of the broker (when librdkafka had none cached) and when.
+    pub(super) queried_end: Option<(i64, Instant)>,
+}
+
+/// What the consumer loop and the rebalance callbacks share (one thread: never contended).
+pub(super) struct Shared {
+    pub(super) name: String,
+    /// Topic → output port.
+    pub(super) ports: BTreeMap<String, usize>,
+    pub(super) builders: Vec<RawBatchBuilder>,
+    pub(super) parts: BTreeMap<Tp, Part>,
+    pub(super) epoch: u64,
+    pub(super) outputs: Arc<Outputs>,
+    pub(super) acks: CheckpointAcks,
+    /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
+    pub(super) sink_roots: Vec<PathBuf>,
+    pub(super) lag: BTreeMap<Tp, Gauge>,
+    pub(super) metrics: Metrics,
+    pub(super) error: Option<String>,
+    /// Set once the final checkpoint is committed: the revocation on leaving needs no flush.
+    pub(super) closing: bool,
+    /// When partitions were last assigned (idleness counts from there at the earliest).
+    pub(super) assigned_at: Option<Instant>,
+    /// Bumped at every assignment: positions remembered before it may refer to files that the
+    /// assignment removed, so they are never committed after it.
+    pub(super) generation: u64,
+    /// For blocking on the pipeline's async parts from this thread.
+    pub(super) runtime: tokio::runtime::Handle,
+}
+
+impl Shared {
+    pub(super) fn take_batches(&mut self) -> Vec<(usize, arrow::array::RecordBatch)> {
+        self.builders.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()).map(|(p, b)| (p, b.finish())).collect()
+    }
+
+    /// The next offset of every partition a message was read from.
+    pub(super) fn positions(&self) -> Positions {
+        self.parts.iter().filter(|(_, p)| p.read).map(|(k, p)| (k.clone(), p.position)).collect()
+    }
+}
+
+pub(super) struct Ctx {
+    pub(super) shared: Arc<Mutex<Shared>>,
+    /// Offsets committed so far, shared with compaction.
+    pub(super) commits: crate::sink::compact::CommitLog,
+    /// Operator state checkpoints: their manifest is written before offsets are committed.
+    pub(super) state: Option<crate::task::StateStore>,
+}
+
+pub(super) fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Ctx {
+    /// Records a fatal error from a callback; the source stops at its next step and no later
+    /// revocation flushes or commits anything.
+    pub(super) fn fail(&self, message: String) {
+        let mut s = lock(&self.shared);
+        s.closing = true;
+        s.error.get_or_insert(message);
+    }
+
+    /// Before partitions are assigned: decides where each starts — its committed offset, or
+    /// the state manifest's when that is further (a crash between the manifest and the
+    /// commit) — sets it in the assignment, and removes the files written from there on.
+    pub(super) fn assign(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
+        let committed = match consumer.committed_offsets(list.clone(), Duration::from_secs(30)) {
+            Ok(c) => c,
+            Err(e) => return self.fail(format!("reading committed offsets: {e}")),
+        };
+        // where each partition's committed data ends; with nothing committed (a new group, or
+        // a first run that died before its first commit) replay starts at the partition's low
+        // watermark, so only files from there on will be written again
+        let manifest = self.state.as_ref().map(|s| s.positions()).unwrap_or_default();
+        let mut starts = Vec::new();
+        for e in committed.elements() {
+            if let Err(err) = e.error() {
+                return self.fail(format!("reading the committed offset of {}/{}: {err}", e.topic(), e.partition()));
+            }
+            let from = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => match consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(30)) {
+                    Ok((low, _)) => low,
+                    Err(err) => {
+                        return self.fail(format!(
+                            "reading the low watermark of {}/{}: {err}",
+                            e.topic(),
+                            e.partition()
+                        ));
+                    }
+                },
+            };
+            let from = match manifest.get(&(e.topic().to_owned(), e.partition())) {
+                Some(&m) if m > from => {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        committed = from,
+                        checkpoint = m,
+                        "resuming at the state checkpoint, past the committed offset"
+                    );
+                    m
+                }
+                Some(&m) if m < from => {
+                    // another consumer moved the partition on: our state has not seen those rows
+                    tracing::warn!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        committed = from,
+                        checkpoint = m,
+                        "the committed offset is past the state checkpoint (another member of the group \
+                         consumed it): the operator state lacks those rows"
+                    );
+                    from
+                }
+                _ => from,
+            };
+            starts.push((e.topic().to_owned(), e.partition(), from));
+        }
+        for (topic, partition, from) in &starts {
+            if let Some(mut e) = list.find_partition(topic, *partition)
+                && let Err(err) = e.set_offset(Offset::Offset(*from))
+            {
+                return self.fail(format!("setting the start of {topic}/{partition}: {err}"));
+            }
+        }
+        let mut s = lock(&self.shared);
+        let now = Instant::now();
+        s.assigned_at = Some(now);
+        s.generation += 1;
+        for (topic, partition, from) in starts {
+            for root in s.sink_roots.clone() {
+                match crate::sink::parquet::remove_uncommitted(&root, &topic, partition, from) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        topic,
+                        partition,
+                        committed = from,
+                        removed = n,
+                        "removed files written after the last commit"
+                    ),
+                    Err(err) => {
+                        // consuming now would duplicate the rows of the files left behind
+                        s.closing = true;
+                        s.error.get_or_insert(format!(
+                            "cannot remove files written after the last commit of {topic}/{partition} under {}: {err}",
+                            root.display()
+                        ));
+                        return;
+                    }
+                }
+            }
+            s.parts.insert(
+                (topic, partition),
+                Part { position: from, read: false, active_at: now, paused: false, queried_end: None },
+            );
+        }
+        tracing::info!(source = s.name, partitions = list.count(), "assigned");
+    }
+}
+
+/// Marks the source as closing when it exits, however it exits: dropping the consumer after an
+/// error triggers a revocation, which must not flush and commit rows the error left unsettled.
+pub(super) struct CloseGuard(pub(super) Arc<Mutex<Shared>>);
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        lock(&self.0).closing = true;
+    }
+}
+
+impl ClientContext for Ctx {
+    /// librdkafka's own log lines, into ours.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", "{fac} {message}"),
+            L::Warning => tracing::warn!(target: "librdkafka", "{fac} {message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac} {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "{fac} {message}"),
+        }
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let mut s = lock(&self.shared);
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                let key = (topic.clone(), *p);
+                let metrics = s.metrics.clone();
+                let source = s.name.clone();
+                let g = s.lag.entry(key).or_insert_with(|| {
+                    metrics.gauge(
+                        "citystream_kafka_consumer_lag",
+                        "Messages between a partition's end and the committed offset.",
+                        &[
+                            ("source", source.as_str()),
+                            ("topic", topic.as_str()),
+                            ("partition", p.to_string().as_str()),
+                        ],
+                    )
+                });
+                g.set(part.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // a partition assigned again starts unpaused, whatever alignment did before it left
+        if let Rebalance::Assign(list) = rebalance
+            && list.count() > 0
+            && let Err(e) = consumer.resume(list)
+        {
+            tracing::warn!("resuming newly assigned partitions: {e}");
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            self.assign(consumer, list);
+            return;
+        }
+        let Rebalance::Revoke(list) = rebalance else { return };
+        if list.count() == 0 || lock(&self.shared).closing {
+            return;
+        }
+        if consumer.assignment_lost() {
+            // the group moved on without us (session timeout): another member may already be
+            // writing these partitions, so flushing or committing now could duplicate rows.
+            // Stop; a restart rejoins and replays from the last commit.
+            return self.fail(
+                "the consumer group revoked our partitions after a session timeout (assignment lost); \
+                 stopping so the replay from the last commit stays exactly-once"
+                    .into(),
+            );
+        }
+        // Flush and commit what we own before the partitions go. This callback runs inside the
+        // consumer thread's poll: it waits here while the stages and sinks drain the barrier.
+        let done = checkpoint(&self.shared);
+        let mut s = lock(&self.shared);
+        match done {
+            Some((epoch, positions)) => {
+                match commit(consumer, epoch, &positions, list) {
+                    Ok(()) => {
+                        tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed")
+                    }
+                    // the broker is unreachable (the group may have expired): the next owner starts
+                    // from the last commit and removes what was written after it, so nothing is lost
+                    Err(e @ CommitError::Kafka(_)) => tracing::warn!(
+                        source = s.name,
+                        "revoked: flushed, but {e}; the next owner replays from the last commit"
+                    ),
+                    // the state in memory is ahead of every durable record: this process must
+                    // stop (a restart resumes from the last manifest) rather than go on with it
+                    Err(e @ CommitError::Manifest(_)) => {
+                        s.closing = true;
+                        s.error.get_or_insert(format!("at a revocation: {e}"));
+                    }
+                }
+            }
+            None => {
+                s.error.get_or_insert("a sink went away during a revocation checkpoint".into());
+            }
+        }
+        for e in list.elements() {
+            s.parts.remove(&(e.topic().to_owned(), e.partition()));
+        }
+    }
+}
