@@ -1,19 +1,5 @@
-//! `window`: tumbling and sliding (hop) event-time windows per key, emitted when the watermark
-//! passes a window's end plus the allowed lateness.
-//!
-//! Each window is emitted once, complete: rows may arrive out of order up to `allowed_lateness`
-//! after the window's end. A row whose every window has already been emitted is late and goes
-//! to the `late_events` output (same schema as the input), counted — never dropped silently.
-//!
-//! Aggregates: `count`, `sum`, `mean`, `min`, `max`, `quantile` (exact, `q` in 0..=1, linear
-//! interpolation between order statistics as in numpy's default), `weighted_mean` (e.g.
-//! vehicle-weighted mean speed: `column: speed_kmh, weight: flow`), `rate_per_hour` (sum scaled
-//! to one hour: flow per hour) and `count_above` (`above: 15`: exceedances). Nulls are skipped
-//! by every aggregate; an aggregate over no values is null (`count` and `count_above` are 0).
-//!
-//! State: per open window, one accumulator slot per key; quantiles keep their values (4 bytes
-//! each). Windows close on watermark, so state is bounded by the keys active within
-//! `size + allowed_lateness` (plus out-of-orderness upstream).
+//! The `window` operator: open windows per start, groups per key, emission on the watermark,
+//! late rows, forgetting keys no open window holds, snapshot and restore.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,350 +10,41 @@ use arrow::array::{
 };
 use arrow::buffer::NullBuffer;
 use arrow::compute::take_record_batch;
-use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
 use arrow::row::OwnedRow;
-use serde::Deserialize;
 
-use crate::common::{KeyEncoder, as_f64, columns, numeric_column, time_column, times};
+use crate::common::{KeyEncoder, as_f64, times};
 use crate::exact_sum::ExactSum;
-use crate::{
-    BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
-};
+use crate::{Collector, Counter, Duration, Gauge, Operator, OperatorError, OutputSpec};
 
-/// An aggregate function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AggFn {
-    /// Rows (or non-null values of `column`).
-    Count,
-    /// Sum of `column`.
-    Sum,
-    /// Arithmetic mean of `column`.
-    Mean,
-    /// Minimum of `column`.
-    Min,
-    /// Maximum of `column`.
-    Max,
-    /// The `q` quantile of `column` (exact).
-    Quantile,
-    /// Mean of `column` weighted by `weight`.
-    WeightedMean,
-    /// Sum of `column` per hour of window.
-    RatePerHour,
-    /// Values of `column` strictly above `above`.
-    CountAbove,
-}
-
-/// One aggregate in YAML: `{fn: quantile, column: speed_kmh, q: 0.85, as: p85_speed_kmh}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AggregateConfig {
-    /// The function.
-    #[serde(rename = "fn")]
-    pub func: AggFn,
-    /// The input column (optional for `count`).
-    #[serde(default)]
-    pub column: Option<String>,
-    /// The output column name. Default `{fn}_{column}` (or `count`).
-    #[serde(default, rename = "as")]
-    pub name: Option<String>,
-    /// For `quantile`: the quantile in 0..=1.
-    #[serde(default)]
-    pub q: Option<f64>,
-    /// For `weighted_mean`: the weight column.
-    #[serde(default)]
-    pub weight: Option<String>,
-    /// For `count_above`: the threshold.
-    #[serde(default)]
-    pub above: Option<f64>,
-}
-
-impl AggregateConfig {
-    fn output_name(&self) -> String {
-        let f = serde_name(self.func);
-        match (&self.name, &self.column) {
-            (Some(n), _) => n.clone(),
-            (None, Some(c)) => format!("{f}_{c}"),
-            (None, None) => f.to_owned(),
-        }
-    }
-}
-
-fn serde_name(f: AggFn) -> &'static str {
-    match f {
-        AggFn::Count => "count",
-        AggFn::Sum => "sum",
-        AggFn::Mean => "mean",
-        AggFn::Min => "min",
-        AggFn::Max => "max",
-        AggFn::Quantile => "quantile",
-        AggFn::WeightedMean => "weighted_mean",
-        AggFn::RatePerHour => "rate_per_hour",
-        AggFn::CountAbove => "count_above",
-    }
-}
-
-fn d_time() -> String {
-    "ts".into()
-}
-
-/// YAML of a `window` stage.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WindowConfig {
-    /// Key columns (e.g. `[segment_id]`); empty for one city-wide series.
-    #[serde(default)]
-    pub key: Vec<String>,
-    /// Window length.
-    pub size: Duration,
-    /// Hop between window starts, for sliding windows (must divide `size`). Default: `size`
-    /// (tumbling).
-    #[serde(default)]
-    pub slide: Option<Duration>,
-    /// How long after a window's end rows are still accepted (it is emitted then). Live-tunable.
-    #[serde(default)]
-    pub allowed_lateness: Duration,
-    /// The event-time column. Default `ts`.
-    #[serde(default = "d_time")]
-    pub time_column: String,
-    /// The aggregates, in output order.
-    pub aggregates: Vec<AggregateConfig>,
-}
-
+use super::acc::{Acc, quantile};
+use super::config::{AggFn, Plan, WindowConfig};
+use super::snapshot::{SNAPSHOT_COLUMNS, SnapshotCells};
 #[derive(Debug, Clone)]
-struct Plan {
-    time: usize,
-    keys: Vec<usize>,
-    /// Per aggregate: (function, value column, weight column, q or threshold).
-    aggs: Vec<(AggFn, Option<usize>, Option<usize>, f64)>,
-    outputs: Vec<OutputSpec>,
-}
-
-impl WindowConfig {
-    fn check(&self, input: &SchemaRef) -> Result<Plan, Vec<PlanError>> {
-        let mut errs = Vec::new();
-        let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
-        if self.size.as_millis() == 0 {
-            errs.push(PlanError::new("size", "a window needs a positive size"));
-        }
-        if let Some(s) = self.slide
-            && (s.as_millis() == 0 || !self.size.as_millis().is_multiple_of(s.as_millis()))
-        {
-            errs.push(
-                PlanError::new("slide", format!("slide {s} must be positive and divide the window size {}", self.size))
-                    .with_help("e.g. size: 15m with slide: 5m"),
-            );
-        }
-        let keys = columns(input, &self.key, "key", &mut errs);
-        if self.aggregates.is_empty() {
-            errs.push(PlanError::new("aggregates", "a window needs at least one aggregate"));
-        }
-        let mut fields = vec![
-            Field::new("window_start", citystream_schemas::timestamp_type(), false),
-            Field::new("window_end", citystream_schemas::timestamp_type(), false),
-        ];
-        for &k in &keys {
-            fields.push(input.field(k).as_ref().clone());
-        }
-        let mut aggs = Vec::new();
-        let mut names: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
-        for (i, a) in self.aggregates.iter().enumerate() {
-            let key = |k: &str| format!("aggregates[{i}].{k}");
-            let col = match (&a.column, a.func) {
-                (None, AggFn::Count) => None,
-                (None, _) => {
-                    errs.push(PlanError::new(key("column"), format!("`{}` needs a `column`", serde_name(a.func))));
-                    None
-                }
-                (Some(c), _) => numeric_column(input, c, &key("column")).map_err(|e| errs.push(e)).ok(),
-            };
-            let weight = match (&a.weight, a.func) {
-                (Some(w), AggFn::WeightedMean) => {
-                    numeric_column(input, w, &key("weight")).map_err(|e| errs.push(e)).ok()
-                }
-                (None, AggFn::WeightedMean) => {
-                    errs.push(PlanError::new(key("weight"), "`weighted_mean` needs a `weight` column"));
-                    None
-                }
-                (Some(_), _) => {
-                    errs.push(PlanError::new(key("weight"), "only `weighted_mean` takes a `weight`"));
-                    None
-                }
-                (None, _) => None,
-            };
-            let param = match a.func {
-                AggFn::Quantile => match a.q {
-                    Some(q) if (0.0..=1.0).contains(&q) => q,
-                    Some(q) => {
-                        errs.push(PlanError::new(key("q"), format!("quantile {q} is outside 0..=1")));
-                        0.0
-                    }
-                    None => {
-                        errs.push(PlanError::new(key("q"), "`quantile` needs `q` (e.g. 0.85)"));
-                        0.0
-                    }
-                },
-                AggFn::CountAbove => a.above.unwrap_or_else(|| {
-                    errs.push(PlanError::new(key("above"), "`count_above` needs `above` (the threshold)"));
-                    0.0
-                }),
-                _ => 0.0,
-            };
-            if a.q.is_some() && a.func != AggFn::Quantile {
-                errs.push(PlanError::new(key("q"), "only `quantile` takes `q`"));
-            }
-            if a.above.is_some() && a.func != AggFn::CountAbove {
-                errs.push(PlanError::new(key("above"), "only `count_above` takes `above`"));
-            }
-            let name = a.output_name();
-            if names.contains(&name) {
-                errs.push(
-                    PlanError::new(key("as"), format!("output column `{name}` appears twice"))
-                        .with_help("give each aggregate its own name with `as`"),
-                );
-            }
-            names.push(name.clone());
-            let dt = match a.func {
-                AggFn::Count | AggFn::CountAbove => DataType::Int64,
-                _ => DataType::Float64,
-            };
-            let nullable = !matches!(a.func, AggFn::Count | AggFn::CountAbove);
-            fields.push(Field::new(name, dt, nullable));
-            aggs.push((a.func, col, weight, param));
-        }
-        let (Some(time), true) = (time, errs.is_empty()) else { return Err(errs) };
-        let outputs =
-            vec![OutputSpec::new("main", Arc::new(Schema::new(fields))), OutputSpec::new("late_events", input.clone())];
-        Ok(Plan { time, keys, aggs, outputs })
-    }
-}
-
-impl WindowConfig {
-    /// Whether the pipeline may switch from `self` to `new` without a restart: only
-    /// `allowed_lateness` can change live.
-    pub fn live_change(&self, new: &Self) -> Result<(), String> {
-        let mut masked = new.clone();
-        masked.allowed_lateness = self.allowed_lateness;
-        if &masked == self {
-            Ok(())
-        } else {
-            Err("only `allowed_lateness` of a window can change live; key, size, slide, time column and \
-                 aggregates shape its state and need a restart"
-                .into())
-        }
-    }
-}
-
-impl OperatorConfig for WindowConfig {
-    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
-        self.check(input).map(|p| p.outputs)
-    }
-
-    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
-        let plan = self.check(input)?;
-        let keys = KeyEncoder::new(input, plan.keys.clone()).map_err(|e| vec![PlanError::new("key", e.to_string())])?;
-        let l = [("stage", ctx.stage.as_str())];
-        Ok(Box::new(Window {
-            size: self.size.as_millis_i64(),
-            slide: self.slide.unwrap_or(self.size).as_millis_i64(),
-            lateness: self.allowed_lateness.as_millis_i64(),
-            keys,
-            group_of: HashMap::new(),
-            group_keys: Vec::new(),
-            windows: BTreeMap::new(),
-            watermark: i64::MIN,
-            late: ctx.metrics.counter(
-                "citystream_window_late_rows_total",
-                "Rows that arrived after their windows closed.",
-                &l,
-            ),
-            emitted: ctx.metrics.counter("citystream_window_rows_emitted_total", "Window rows emitted.", &l),
-            open: ctx.metrics.gauge("citystream_window_open_windows", "Windows held open.", &l),
-            state_bytes: ctx.metrics.gauge("citystream_window_state_bytes", "Bytes of window state held.", &l),
-            plan,
-        }))
-    }
-}
-
-/// Accumulators of one aggregate for every group of one window, column-wise.
-#[derive(Debug, Clone)]
-enum Acc {
-    /// count / count_above
-    Count(Vec<i64>),
-    /// sum, mean, rate_per_hour: (sum, n)
-    Sum(Vec<ExactSum>, Vec<u64>),
-    Min(Vec<f64>),
-    Max(Vec<f64>),
-    Values(Vec<Vec<f32>>),
-    /// (sum of w*v, sum of w)
-    Weighted(Vec<ExactSum>, Vec<ExactSum>),
-}
-
-impl Acc {
-    fn new(f: AggFn) -> Self {
-        match f {
-            AggFn::Count | AggFn::CountAbove => Acc::Count(Vec::new()),
-            AggFn::Sum | AggFn::Mean | AggFn::RatePerHour => Acc::Sum(Vec::new(), Vec::new()),
-            AggFn::Min => Acc::Min(Vec::new()),
-            AggFn::Max => Acc::Max(Vec::new()),
-            AggFn::Quantile => Acc::Values(Vec::new()),
-            AggFn::WeightedMean => Acc::Weighted(Vec::new(), Vec::new()),
-        }
-    }
-
-    fn push_slot(&mut self) {
-        match self {
-            Acc::Count(c) => c.push(0),
-            Acc::Sum(s, n) => {
-                s.push(ExactSum::default());
-                n.push(0);
-            }
-            Acc::Min(m) => m.push(f64::INFINITY),
-            Acc::Max(m) => m.push(f64::NEG_INFINITY),
-            Acc::Values(v) => v.push(Vec::new()),
-            Acc::Weighted(a, b) => {
-                a.push(ExactSum::default());
-                b.push(ExactSum::default());
-            }
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Acc::Count(c) => c.capacity() * 8,
-            Acc::Sum(s, n) => s.capacity() * 32 + n.capacity() * 8,
-            Acc::Min(m) | Acc::Max(m) => m.capacity() * 8,
-            Acc::Values(v) => v.iter().map(|x| x.capacity() * 4 + 24).sum(),
-            Acc::Weighted(a, b) => (a.capacity() + b.capacity()) * 32,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct WindowState {
+pub(super) struct WindowState {
     /// group id -> slot
-    slots: HashMap<u32, u32>,
+    pub(super) slots: HashMap<u32, u32>,
     /// slot -> group id, in arrival order
-    groups: Vec<u32>,
-    accs: Vec<Acc>,
+    pub(super) groups: Vec<u32>,
+    pub(super) accs: Vec<Acc>,
 }
 
 /// The `window` operator (see the module docs).
 pub struct Window {
-    plan: Plan,
-    size: i64,
-    slide: i64,
-    lateness: i64,
-    keys: KeyEncoder,
+    pub(super) plan: Plan,
+    pub(super) size: i64,
+    pub(super) slide: i64,
+    pub(super) lateness: i64,
+    pub(super) keys: KeyEncoder,
     /// encoded key bytes -> group id (looked up by borrowed bytes: no allocation per row)
-    group_of: HashMap<Box<[u8]>, u32>,
-    group_keys: Vec<OwnedRow>,
-    windows: BTreeMap<i64, WindowState>,
-    watermark: i64,
-    late: Counter,
-    emitted: Counter,
-    open: Gauge,
-    state_bytes: Gauge,
+    pub(super) group_of: HashMap<Box<[u8]>, u32>,
+    pub(super) group_keys: Vec<OwnedRow>,
+    pub(super) windows: BTreeMap<i64, WindowState>,
+    pub(super) watermark: i64,
+    pub(super) late: Counter,
+    pub(super) emitted: Counter,
+    pub(super) open: Gauge,
+    pub(super) state_bytes: Gauge,
 }
 
 impl std::fmt::Debug for Window {
@@ -383,7 +60,7 @@ impl Window {
     }
 
     /// The group id of an encoded key, registering a new group on first sight.
-    fn group_id(&mut self, row: arrow::row::Row<'_>) -> u32 {
+    pub(super) fn group_id(&mut self, row: arrow::row::Row<'_>) -> u32 {
         if let Some(g) = self.group_of.get(row.as_ref()) {
             return *g;
         }
@@ -394,7 +71,7 @@ impl Window {
     }
 
     /// Whether the window starting at `start` is still open at the current watermark.
-    fn is_open(&self, start: i64) -> bool {
+    pub(super) fn is_open(&self, start: i64) -> bool {
         self.watermark == i64::MIN || start.saturating_add(self.size + self.lateness) > self.watermark
     }
 
@@ -409,7 +86,7 @@ impl Window {
         keys + wins
     }
 
-    fn emit_until(&mut self, wm: i64, out: &mut Collector) -> Result<(), OperatorError> {
+    pub(super) fn emit_until(&mut self, wm: i64, out: &mut Collector) -> Result<(), OperatorError> {
         let closable: Vec<i64> =
             self.windows.keys().copied().take_while(|s| s.saturating_add(self.size + self.lateness) <= wm).collect();
         for start in closable {
@@ -428,7 +105,7 @@ impl Window {
     /// invented segment ids) cannot grow the key table without bound. Runs when at least half
     /// the keys (and 1024) are unused, so its cost is amortized over the rows that made them.
     /// Group ids are internal: output is in key order, and snapshots store the keys.
-    fn forget_unused_keys(&mut self) {
+    pub(super) fn forget_unused_keys(&mut self) {
         if self.group_keys.len() < 1024 {
             // (a window without key columns has one group and registers no key)
             return;
@@ -463,7 +140,7 @@ impl Window {
         }
     }
 
-    fn render(&self, start: i64, w: &WindowState) -> Result<RecordBatch, OperatorError> {
+    pub(super) fn render(&self, start: i64, w: &WindowState) -> Result<RecordBatch, OperatorError> {
         let n = w.groups.len();
         let schema = self.plan.outputs[0].schema.clone();
         let mut cols: Vec<ArrayRef> = vec![
@@ -507,21 +184,6 @@ impl Window {
         }
         Ok(RecordBatch::try_new(schema, cols)?)
     }
-}
-
-/// The `q` quantile of `values` with linear interpolation between order statistics (numpy's
-/// default, "type 7"); `None` for no values.
-pub fn quantile(values: &[f32], q: f64) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v: Vec<f32> = values.to_vec();
-    v.sort_unstable_by(f32::total_cmp);
-    let h = (v.len() - 1) as f64 * q;
-    let lo = h.floor() as usize;
-    let hi = h.ceil() as usize;
-    let (a, b) = (v[lo] as f64, v[hi] as f64);
-    Some(a + (h - lo as f64) * (b - a))
 }
 
 impl Operator for Window {
@@ -779,41 +441,5 @@ impl Operator for Window {
             }
         }
         Ok(())
-    }
-}
-
-/// Snapshot columns per aggregate: x, y, exact x, exact y, values.
-const SNAPSHOT_COLUMNS: usize = 5;
-
-/// One aggregate's snapshot columns being built.
-#[derive(Default)]
-struct SnapshotCells {
-    x: Vec<Option<f64>>,
-    y: Vec<Option<f64>>,
-    exact_x: Vec<Option<[u8; 16]>>,
-    exact_y: Vec<Option<[u8; 16]>>,
-    values: Vec<Option<Vec<Option<f32>>>>,
-}
-
-impl SnapshotCells {
-    fn push(&mut self, acc: &Acc, slot: usize) {
-        let (x, y, ex, ey, l) = match acc {
-            Acc::Count(c) => (Some(c[slot] as f64), None, None, None, None),
-            Acc::Sum(s, k) => {
-                let (fixed, float) = s[slot].to_parts();
-                (float, Some(k[slot] as f64), Some(fixed), None, None)
-            }
-            Acc::Min(m) | Acc::Max(m) => (Some(m[slot]), None, None, None, None),
-            Acc::Values(v) => (None, None, None, None, Some(v[slot].iter().map(|x| Some(*x)).collect())),
-            Acc::Weighted(p, q) => {
-                let ((fp, xp), (fq, xq)) = (p[slot].to_parts(), q[slot].to_parts());
-                (xp, xq, Some(fp), Some(fq), None)
-            }
-        };
-        self.x.push(x);
-        self.y.push(y);
-        self.exact_x.push(ex);
-        self.exact_y.push(ey);
-        self.values.push(l);
     }
 }
