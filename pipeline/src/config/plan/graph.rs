@@ -1,0 +1,217 @@
+//! The graph of a pipeline: names, sources, the order of stages (cycles are errors), and
+//! resolving stream references (`node` or `node.port`) to a port and its schema.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use arrow::datatypes::SchemaRef;
+use citystream_operators::did_you_mean;
+#[cfg(feature = "kafka")]
+use citystream_schemas::EventKind;
+use serde_saphyr::Location;
+
+#[cfg(feature = "kafka")]
+use super::super::SourceConfig;
+use super::{Planner, SourceNode, StreamRef, any_kafka, source_outputs, valid_name};
+
+impl<'a> Planner<'a> {
+    /// Every name valid and used once; at least one source and one sink.
+    pub(super) fn check_names(&mut self) {
+        let raw = self.raw;
+        let nowhere = Location::UNKNOWN;
+        let sections = [
+            ("sources", raw.sources.keys().collect::<Vec<_>>()),
+            ("stages", raw.stages.keys().collect()),
+            ("sinks", raw.sinks.keys().collect()),
+        ];
+        for (section, names) in &sections {
+            for name in names {
+                let at = raw.stages.get(*name).filter(|_| *section == "stages").map_or(nowhere, |s| s.location);
+                if !valid_name(name) {
+                    self.ck.error(
+                        at,
+                        format!("{section}.{name}"),
+                        format!("`{name}` is not a valid name"),
+                        Some("names use lower-case letters, digits and `_`, starting with a letter".into()),
+                    );
+                }
+                if let Some(prev) = self.owners.insert(name, section) {
+                    self.ck.error(
+                        at,
+                        format!("{section}.{name}"),
+                        format!("`{name}` is also defined in `{prev}`"),
+                        Some("every source, stage and sink needs its own name".into()),
+                    );
+                }
+            }
+        }
+        if raw.sources.is_empty() {
+            self.ck.error(nowhere, "sources", "at least one source is needed", None);
+        }
+        if raw.sinks.is_empty() {
+            self.ck.error(nowhere, "sinks", "at least one sink is needed", None);
+        }
+    }
+
+    /// The source nodes, their outputs registered as streams.
+    pub(super) fn sources(&mut self) -> Vec<SourceNode> {
+        let mut out = Vec::new();
+        for (name, config) in &self.raw.sources {
+            let outputs = source_outputs(config);
+            self.ports.insert(name.clone(), outputs.clone());
+            out.push(SourceNode { name: name.clone(), config: config.clone(), outputs });
+        }
+        out
+    }
+
+    /// The Kafka source's rules: the only source of its pipeline, reading the kinds its topics
+    /// name; state checkpoints need one.
+    pub(super) fn check_sources(&mut self, sources: &[SourceNode]) {
+        let raw = self.raw;
+        let nowhere = Location::UNKNOWN;
+        let has_kafka = any_kafka(sources);
+
+        // Checkpoints and offset commits are per pipeline: a Kafka source's barriers and sink
+        // acknowledgements would interleave with another source's, committing too early.
+        if sources.len() > 1 && has_kafka {
+            self.ck.error(
+                nowhere,
+                "sources",
+                format!("a pipeline with a kafka source must have exactly one source (it has {})", sources.len()),
+                Some("run one pipeline per source; a kafka source can read several topics".into()),
+            );
+        }
+
+        // a Kafka source reads exactly the kinds its `topics` names: reading another is a mistake
+        #[cfg(feature = "kafka")]
+        for (name, src) in &raw.sources {
+            let SourceConfig::Kafka(k) = src else { continue };
+            if EventKind::ALL.iter().all(|kind| k.topic(*kind).is_none()) {
+                self.ck.error(
+                    nowhere,
+                    format!("sources.{name}.topics"),
+                    "a kafka source needs at least one topic",
+                    None,
+                );
+            }
+            for (stage, st) in &raw.stages {
+                for r in &st.input.0 {
+                    let Some((node, port)) = r.value.split_once('.') else { continue };
+                    let kind = EventKind::ALL.iter().find(|k| k.as_str() == port);
+                    if node == name && kind.is_some_and(|kd| k.topic(*kd).is_none()) {
+                        self.ck.error(
+                            r.referenced,
+                            format!("stages.{stage}.input"),
+                            format!(
+                                "`{}` has no topic: source `{name}` reads only the kinds its `topics` names",
+                                r.value
+                            ),
+                            Some(format!("add `{port}: <topic>` to `sources.{name}.topics`")),
+                        );
+                    }
+                }
+            }
+        }
+
+        if raw.runtime.state_dir.is_some() && !has_kafka {
+            self.ck.error(
+                nowhere,
+                "runtime.state_dir",
+                "state checkpoints need a kafka source: only a kafka source can resume from a checkpoint",
+                Some("remove `state_dir`; a simulator run is all or nothing".into()),
+            );
+        }
+    }
+
+    /// The stages in topological order (Kahn); stages on a cycle are left out, with an error.
+    pub(super) fn stage_order(&mut self) -> Vec<&'a str> {
+        let raw = self.raw;
+        let stage_deps: BTreeMap<&str, BTreeSet<&str>> = raw
+            .stages
+            .iter()
+            .map(|(name, st)| {
+                let deps = st
+                    .input
+                    .0
+                    .iter()
+                    .filter_map(|i| {
+                        let node = i.value.split('.').next().unwrap_or("");
+                        raw.stages.get_key_value(node).map(|(k, _)| k.as_str())
+                    })
+                    .collect();
+                (name.as_str(), deps)
+            })
+            .collect();
+        let mut order: Vec<&str> = Vec::new();
+        let mut done: BTreeSet<&str> = BTreeSet::new();
+        loop {
+            let ready: Vec<&str> = stage_deps
+                .iter()
+                .filter(|(n, d)| !done.contains(*n) && d.iter().all(|x| done.contains(x)))
+                .map(|(n, _)| *n)
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            for n in ready {
+                done.insert(n);
+                order.push(n);
+            }
+        }
+        let cyclic: Vec<&str> = stage_deps.keys().filter(|n| !done.contains(*n)).copied().collect();
+        if !cyclic.is_empty() {
+            let at = raw.stages[cyclic[0]].location;
+            self.ck.error(
+                at,
+                format!("stages.{}", cyclic[0]),
+                format!("stages form a cycle: {}", cyclic.join(" -> ")),
+                Some("a stage cannot read, directly or not, its own output".into()),
+            );
+        }
+        order
+    }
+
+    /// The port and schema `text` (`node` or `node.port`) names, or an error at `at`/`path`.
+    pub(super) fn resolve(&mut self, text: &str, at: Location, path: &str) -> Option<(StreamRef, SchemaRef)> {
+        let raw = self.raw;
+        let (node, port_name) = match text.split_once('.') {
+            Some((n, p)) => (n, Some(p)),
+            None => (text, None),
+        };
+        let Some(outs) = self.ports.get(node) else {
+            let known =
+                self.owners.keys().copied().filter(|n| raw.sources.contains_key(*n) || raw.stages.contains_key(*n));
+            let help = did_you_mean(node, known).map(|s| format!("did you mean `{s}`?"));
+            if !raw.stages.contains_key(node) {
+                self.ck.error(at, path, format!("unknown stream `{text}`: no source or stage is named `{node}`"), help);
+            }
+            return None;
+        };
+        let port = match port_name {
+            None if raw.sources.contains_key(node) => {
+                let names: Vec<_> = outs.iter().map(|o| format!("`{node}.{}`", o.name)).collect();
+                self.ck.error(
+                    at,
+                    path,
+                    format!("source `{node}` has several outputs; name one"),
+                    Some(format!("one of {}", names.join(", "))),
+                );
+                return None;
+            }
+            None => 0,
+            Some(p) => match outs.iter().position(|o| o.name == p) {
+                Some(i) => i,
+                None => {
+                    let names: Vec<_> = outs.iter().map(|o| o.name.as_str()).collect();
+                    self.ck.error(
+                        at,
+                        path,
+                        format!("`{node}` has no output `{p}`"),
+                        Some(format!("its outputs are {}", names.join(", "))),
+                    );
+                    return None;
+                }
+            },
+        };
+        Some((StreamRef { node: node.to_owned(), port, port_name: outs[port].name.clone() }, outs[port].schema.clone()))
+    }
+}
