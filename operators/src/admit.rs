@@ -571,7 +571,8 @@ impl Operator for Admit {
                 detail: format!("unexpected state schema {:?}", state.schema()),
             });
         }
-        self.hasher = KeyHash::from_snapshot("admit", &state)?;
+        let Some(hasher) = KeyHash::from_snapshot("admit", &state)? else { return Ok(()) };
+        self.hasher = hasher;
         let Some((_, k)) = &mut self.keyed else { return Ok(()) };
         let bad = || OperatorError::State { operator: "admit", detail: "a cell is not 16 bytes".into() };
         let (keys, tats) = (state.column(0).as_fixed_size_binary(), state.column(1).as_fixed_size_binary());

@@ -32,7 +32,7 @@ pub fn columns(schema: &SchemaRef, names: &[String], key: &str, errs: &mut Vec<P
         .collect()
 }
 
-/// A hasher for keys that are already uniform hashes (the 128-bit keys from [`hash128`]):
+/// A hasher for keys that are already uniform hashes (the 128-bit keys of [`KeyHash`]):
 /// hash maps of them skip rehashing.
 #[derive(Default)]
 pub(crate) struct PassThrough(u64);
@@ -51,7 +51,7 @@ impl std::hash::Hasher for PassThrough {
     }
 }
 
-/// The hasher builder of maps keyed by [`hash128`] values.
+/// The hasher builder of maps keyed by [`KeyHash`] values.
 pub(crate) type HashedKeys = std::hash::BuildHasherDefault<PassThrough>;
 
 /// A numeric column (integers or floats) usable as a measurement.
@@ -169,16 +169,26 @@ impl KeyHash {
         (Self::METADATA.to_owned(), format!("{:016x}{:016x}", self.k0, self.k1))
     }
 
-    /// The hash key a snapshot was written with.
-    pub(crate) fn from_snapshot(operator: &'static str, state: &RecordBatch) -> Result<Self, crate::OperatorError> {
+    /// The hash key a snapshot was written with; `None` for a snapshot written before keys
+    /// were hashed under a key (its hashes cannot be compared with any new key's: the operator
+    /// starts that state empty, with a warning).
+    pub(crate) fn from_snapshot(
+        operator: &'static str,
+        state: &RecordBatch,
+    ) -> Result<Option<Self>, crate::OperatorError> {
         let bad = |detail: &str| crate::OperatorError::State { operator, detail: detail.to_owned() };
-        let hex =
-            state.schema_ref().metadata().get(Self::METADATA).ok_or_else(|| bad("the snapshot has no hash key"))?;
+        let Some(hex) = state.schema_ref().metadata().get(Self::METADATA) else {
+            tracing::warn!(
+                operator,
+                "operator state written before keyed hashing: its keys cannot be compared and start empty"
+            );
+            return Ok(None);
+        };
         if hex.len() != 32 || !hex.is_ascii() {
             return Err(bad("the snapshot's hash key is not 32 hex digits"));
         }
         let part =
             |s: &str| u64::from_str_radix(s, 16).map_err(|_| bad("the snapshot's hash key is not 32 hex digits"));
-        Ok(Self { k0: part(&hex[..16])?, k1: part(&hex[16..])? })
+        Ok(Some(Self { k0: part(&hex[..16])?, k1: part(&hex[16..])? }))
     }
 }

@@ -89,7 +89,9 @@ pub struct CompressConfig {
     pub key: Vec<String>,
     /// Fields and their tolerances. Tolerances are live-tunable.
     pub fields: std::collections::BTreeMap<String, FieldTolerance>,
-    /// Keep the row before a silence longer than this. Default `15m`.
+    /// Keep the row before a silence longer than this. Default `15m`. Live-tunable; a longer
+    /// gap applies to the series that spoke within the old one (a series already forgotten
+    /// starts afresh at its next row, as it would have under the old gap).
     #[serde(default = "d_gap")]
     pub max_gap: Duration,
     /// The event-time column. Default `ts`.
@@ -374,8 +376,11 @@ impl Compress {
 
     /// Forgets the series with nothing undecided or waiting whose last kept row is more than
     /// `max_gap` behind the watermark: every later row of theirs is more than `max_gap` after
-    /// it (rows reaching this stage are ahead of the watermark), and `step` treats such a row
-    /// exactly as the first row of a new series, so forgetting changes no output. Compacts
+    /// it, and `step` treats such a row exactly as the first row of a new series, so forgetting
+    /// changes no output. (That rows reaching this stage are ahead of the watermark is the
+    /// pipeline's guarantee: `decode` routes rows behind their partition's watermark to
+    /// `late_events`. Fed rows behind the watermark directly, a forgotten series would keep a
+    /// row an unforgotten one sends to `late_events`.) Compacts
     /// when at least a quarter of the series (and 1024) can go, so the cost is amortized.
     fn forget_silent(&mut self, wm: i64) {
         let mut waiting = vec![false; self.states.len()];

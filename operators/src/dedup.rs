@@ -404,9 +404,10 @@ impl Operator for Dedup {
         if names != ["mode", "key_hi", "key_lo", "ts"] {
             return Err(OperatorError::State { operator: "dedup", detail: "not a dedup snapshot".into() });
         }
-        self.hasher = KeyHash::from_snapshot("dedup", &state)?;
         self.watermark = state.schema().metadata().get("watermark").and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
         self.seen = [KeySet::default(), KeySet::default()];
+        let Some(hasher) = KeyHash::from_snapshot("dedup", &state)? else { return Ok(()) };
+        self.hasher = hasher;
         let mode = state.column(0).as_primitive::<UInt8Type>();
         let hi = state.column(1).as_primitive::<UInt64Type>();
         let lo = state.column(2).as_primitive::<UInt64Type>();

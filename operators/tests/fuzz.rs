@@ -284,7 +284,7 @@ fn corrupt(rng: &mut Rng, bytes: &mut Vec<u8>) {
         let i = rng.below(len);
         (!guarded.contains(&i)).then_some(i)
     };
-    match rng.below(6) {
+    match rng.below(8) {
         0 if !bytes.is_empty() => bytes.truncate(rng.below(bytes.len())),
         1 if !bytes.is_empty() => {
             if let Some(i) = spot(rng, bytes.len()) {
@@ -301,6 +301,9 @@ fn corrupt(rng: &mut Rng, bytes: &mut Vec<u8>) {
             bytes.push(b']');
         }
         4 => *bytes = rng.pick(&[&b""[..], b"null", b"{}", b"[]", b"{\"a\":"]).to_vec(),
+        // double-encoded (a producer that serialized twice), or sent as UTF-16
+        6 => *bytes = serde_json::to_vec(&String::from_utf8_lossy(bytes)).unwrap(),
+        7 => *bytes = String::from_utf8_lossy(bytes).encode_utf16().flat_map(u16::to_le_bytes).collect(),
         _ => bytes.extend_from_slice(b" trailing"),
     }
 }

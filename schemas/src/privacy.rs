@@ -151,17 +151,20 @@ fn is_personal(key: &str) -> bool {
 /// `payload` as a dead letter may keep it: the values of [`IDENTIFIER_KEYS`] and of
 /// `thumbnail` replaced by `"<redacted>"`, at any depth, whatever their case or escaping.
 ///
-/// JSON that mentions such a key (in any case) or has an escape is parsed and written again
-/// (keys sorted, spacing removed, a repeated key once); other JSON is kept as it came. A payload that is not JSON is scanned for quoted
-/// identifier keys: a string or scalar after one is redacted up to its end; a list or object
-/// after one, a backslash escape anywhere, or an identifier key in another spelling means the
-/// scan cannot be sure, and the payload is withheld ([`WITHHELD`]).
+/// A payload that is not UTF-8 or holds a NUL byte is withheld ([`WITHHELD`]): other decoders
+/// read UTF-16 and UTF-32 JSON, where no byte scan finds a key. JSON that mentions a personal
+/// key (in any case) or has an escape is parsed and written again (keys sorted, spacing
+/// removed, a repeated key once); a string in it that mentions one is parsed as JSON and
+/// redacted too (double-encoded payloads, envelopes), or replaced whole when it is not JSON.
+/// Other JSON is kept as it came. A payload that is not JSON is scanned for quoted personal
+/// keys: a string or scalar after one is redacted up to its end. Where the scan cannot be
+/// sure — a list or object after a key, a backslash anywhere, a key in another spelling, a
+/// value that does not end where a JSON value would — the payload is withheld.
 pub fn redact_identifiers(payload: &[u8]) -> Cow<'_, [u8]> {
-    // a payload that names no personal key in any case and has no escape cannot hold one
-    let lower = payload.to_ascii_lowercase();
-    let suspicious =
-        payload.contains(&b'\\') || PERSONAL_KEYS.iter().any(|k| lower.windows(k.len()).any(|w| w == k.as_bytes()));
-    if !suspicious {
+    if std::str::from_utf8(payload).is_err() || payload.contains(&0) {
+        return Cow::Borrowed(WITHHELD);
+    }
+    if !mentions_personal(payload) && !payload.contains(&b'\\') {
         return Cow::Borrowed(payload);
     }
     match serde_json::from_slice::<serde_json::Value>(payload) {
@@ -175,7 +178,13 @@ pub fn redact_identifiers(payload: &[u8]) -> Cow<'_, [u8]> {
     }
 }
 
-/// Redacts personal values in place, at any depth.
+/// Whether `bytes` name a personal key, in any case.
+fn mentions_personal(bytes: &[u8]) -> bool {
+    let lower = bytes.to_ascii_lowercase();
+    PERSONAL_KEYS.iter().any(|k| lower.windows(k.len()).any(|w| w == k.as_bytes()))
+}
+
+/// Redacts personal values in place, at any depth, and inside strings that hold JSON.
 fn redact_value(value: &mut serde_json::Value) {
     use serde_json::Value;
     match value {
@@ -189,6 +198,15 @@ fn redact_value(value: &mut serde_json::Value) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(redact_value),
+        Value::String(text) if mentions_personal(text.as_bytes()) => {
+            *text = match serde_json::from_str::<Value>(text) {
+                Ok(mut inner) => {
+                    redact_value(&mut inner);
+                    serde_json::to_string(&inner).unwrap_or_else(|_| REDACTED.into())
+                }
+                Err(_) => REDACTED.into(),
+            };
+        }
         _ => {}
     }
 }
@@ -258,6 +276,8 @@ fn redact_text(payload: &[u8]) -> Cow<'_, [u8]> {
                     _ => {
                         out.extend_from_slice(b"\"<redacted>\"");
                         match payload[j..].iter().position(|b| matches!(b, b',' | b'}' | b']' | b'"')) {
+                            // a bare value runs into a quote: not JSON's shape, no end to trust
+                            Some(e) if payload[j + e] == b'"' => return Cow::Borrowed(WITHHELD),
                             Some(e) => i = j + e,
                             None => break 'scan,
                         }
@@ -269,7 +289,43 @@ fn redact_text(payload: &[u8]) -> Cow<'_, [u8]> {
         out.push(payload[i]);
         i += 1;
     }
-    Cow::Owned(out)
+    if redacted_everywhere(&out) { Cow::Owned(out) } else { Cow::Borrowed(WITHHELD) }
+}
+
+/// Whether every personal key in a scanned payload is followed (after `:` and spaces) by
+/// `"<redacted>"` or `null` and then the end of a JSON value: a check on the scan's result, so
+/// a shape the scan misread (a string swallowing the next key's quote, `nullAB-12`, a comment
+/// before the value) withholds the payload instead of keeping a value.
+fn redacted_everywhere(out: &[u8]) -> bool {
+    let lower = out.to_ascii_lowercase();
+    for k in PERSONAL_KEYS {
+        for (at, _) in lower.windows(k.len()).enumerate().filter(|(_, w)| *w == k.as_bytes()) {
+            let mut j = at + k.len();
+            if out.get(j) != Some(&b'"') {
+                return false;
+            }
+            j += 1;
+            while j < out.len() && (out[j] == b':' || out[j] == b' ') {
+                j += 1;
+            }
+            let rest = &out[j..];
+            let value_len = if rest.starts_with(b"\"<redacted>\"") {
+                12
+            } else if rest.starts_with(b"\"<redacted>") && rest.len() == 11 {
+                11 // cut where the payload ended
+            } else if rest.starts_with(b"null") {
+                4
+            } else if rest.is_empty() {
+                0
+            } else {
+                return false;
+            };
+            if !matches!(rest.get(value_len), None | Some(b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -336,5 +392,21 @@ mod tests {
         assert_eq!(r(r#"{"plate":["AB","CD"]"#), withheld);
         assert_eq!(r(r#"{"PLATE":"AB""#), withheld);
         assert_eq!(r(r#"{plate:"AB""#), withheld);
+        // shapes a byte scan could misread
+        assert_eq!(r(r#"{"plate"/*c*/:"AB-12""#), withheld);
+        assert_eq!(r(r#"{"thumbnail":"abc,"plate":"AB-1"}"#), withheld);
+        assert_eq!(r(r#"{"plate":nullAB-12"#), withheld);
+        assert_eq!(r(r#"{"plate":x"AB-12""#), withheld);
+        // not UTF-8 (UTF-16 JSON), or a NUL byte: withheld whatever it says
+        let utf16: Vec<u8> = "{\"plate\":\"AB-1\"}".encode_utf16().flat_map(u16::to_le_bytes).collect();
+        assert_eq!(redact_identifiers(&utf16).as_ref(), WITHHELD);
+        assert_eq!(redact_identifiers(b"{\"x\":1}\0").as_ref(), WITHHELD);
+        // JSON inside a string: parsed and redacted, or replaced whole
+        assert_eq!(r(r#""{\"plate\":\"AB-12\"}""#), r#""{\"plate\":\"<redacted>\"}""#);
+        assert_eq!(
+            r(r#"{"payload":"{\"plate\":\"AB-12\",\"x\":1}"}"#),
+            r#"{"payload":"{\"plate\":\"<redacted>\",\"x\":1}"}"#
+        );
+        assert_eq!(r(r#"{"note":"plate AB-12 seen"}"#), r#"{"note":"<redacted>"}"#);
     }
 }

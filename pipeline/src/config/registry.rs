@@ -5,7 +5,7 @@
 //! of a stage), its `TYPES`, the `type` → config parsing of a stage map, the config behind the
 //! common [`OperatorConfig`] interface and the live-change rule. Adding an operator is its own
 //! file (in `operators/` or `models/`, implementing `OperatorConfig`, and `live_change` when
-//! it can be retuned) plus one line here; `tests::every_registered_type_parses_refuses_and_is_documented`
+//! it can be retuned) plus one line here; `tests::every_registered_type_is_recognised_refuses_unknown_keys_and_is_documented`
 //! checks each entry.
 
 use citystream_models::{California7Config, FeaturesConfig, InferConfig};

@@ -409,11 +409,11 @@ fn a_content_mode_of_the_wrong_form_names_the_accepted_forms() {
     assert!(err.contains("`sometimes` is not a content mode") && err.contains("use `auto`, `off`"), "{err}");
 }
 
-/// The operator registry's contract: every registered `type` is parsed (a stage of that type
+/// The operator registry's contract: every registered `type` is recognised (a stage of that type
 /// reaches its own config, which refuses a key it does not know, naming the stage) and has a
 /// row in the README's table of stage types.
 #[test]
-fn every_registered_type_parses_refuses_and_is_documented() {
+fn every_registered_type_is_recognised_refuses_unknown_keys_and_is_documented() {
     let readme = include_str!("../../../README.md");
     let mut seen = std::collections::BTreeSet::new();
     for (t, summary) in super::OperatorSpec::SUMMARIES {

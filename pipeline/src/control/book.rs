@@ -112,6 +112,12 @@ impl Book {
     /// Applies alert events (the `alert` stages' schema); returns the stream messages of the
     /// changes, in order.
     pub(crate) fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<String>, String> {
+        self.apply_events(batch, true)
+    }
+
+    /// [`apply`](Self::apply), evicting as it goes only when `evict` (a restore evicts once, at
+    /// the end, so the outcome does not depend on where eviction passes fell).
+    fn apply_events(&mut self, batch: &RecordBatch, evict: bool) -> Result<Vec<String>, String> {
         let s = |n: &str| batch.column_by_name(n).map(|c| c.as_string::<i32>()).ok_or(format!("no column `{n}`"));
         let t = |n: &str| {
             batch
@@ -174,7 +180,7 @@ impl Book {
             messages.push(serde_json::json!({"kind": "alert", "status": status, "alert": &*a}).to_string());
         }
         self.since_evict += batch.num_rows();
-        if self.since_evict >= 1024 || self.alerts.len() > self.max_alerts {
+        if evict && (self.since_evict >= 1024 || self.alerts.len() > self.max_alerts) {
             self.evict();
         }
         Ok(messages)
@@ -214,7 +220,8 @@ impl Book {
     /// decisions).
     ///
     /// Loads only what the retention keeps, in two passes. The first reads ids, times,
-    /// statuses and verdicts (no evidence, values or names), replays the lifecycle and finds
+    /// statuses and decisions' verdicts (evidence is read batch by batch and only a decision's
+    /// verdict kept; no values or names), replays the lifecycle and finds
     /// the alerts the retention would drop; the second reads the whole rows of the others
     /// only and replays them through [`apply`](Self::apply). Every partition is read: rule
     /// events are partitioned by event time and decisions by when they were made, so after a
@@ -222,7 +229,7 @@ impl Book {
     pub(crate) fn restore(&mut self, table: &std::path::Path) -> Result<(usize, usize), String> {
         let files: Vec<std::path::PathBuf> = crate::sink::parquet_files_by_dir(table).into_values().flatten().collect();
         // pass 1: per alert, the lifecycle only
-        let mut rows: Vec<(i64, i64, String, Option<String>, String)> = Vec::new(); // emitted, ts, id, verdict, status
+        let mut rows: Vec<LifeRow> = Vec::new();
         read_alert_rows(&files, Some(&["alert_id", "status", "ts", "emitted_at", "actor", "evidence"]), |b| {
             let (ids, status, actor, ev) = (
                 b.column(0).as_string::<i32>(),
@@ -235,19 +242,19 @@ impl Book {
                 b.column(3).as_primitive::<TimestampMillisecondType>(),
             );
             for i in 0..b.num_rows() {
+                // a decision's verdict; one whose evidence is not JSON is skipped, as in pass 2
                 let verdict = (actor.value(i) == "operator").then(|| {
                     serde_json::from_str::<serde_json::Value>(ev.value(i))
                         .ok()
-                        .and_then(|d| d["decision"].as_str().map(str::to_owned))
-                        .unwrap_or_default()
+                        .map(|d| d["decision"].as_str().unwrap_or_default().to_owned())
                 });
-                rows.push((
-                    emitted.value(i),
-                    ts.value(i),
-                    ids.value(i).to_owned(),
+                rows.push(LifeRow {
+                    emitted: emitted.value(i),
+                    ts: ts.value(i),
+                    id: ids.value(i).to_owned(),
                     verdict,
-                    status.value(i).to_owned(),
-                ));
+                    status: status.value(i).to_owned(),
+                });
             }
             Ok(())
         })?;
@@ -255,10 +262,10 @@ impl Book {
             return Ok((0, 0));
         }
         // (a stable sort: equal times keep the order the files were read in, as in pass 2)
-        rows.sort_by_key(|r| (r.0, r.1));
+        rows.sort_by_key(|r| (r.emitted, r.ts));
         let mut life: HashMap<String, (bool, String, i64)> = HashMap::new(); // active, state, updated_at
         let mut newest = i64::MIN;
-        for (_, ts, id, verdict, status) in rows {
+        for LifeRow { ts, id, verdict, status, .. } in rows {
             match verdict {
                 None => {
                     let l = life.entry(id).or_insert_with(|| (true, "open".into(), ts));
@@ -266,7 +273,8 @@ impl Book {
                     l.2 = ts;
                     newest = newest.max(ts);
                 }
-                Some(v) => {
+                Some(None) => {}
+                Some(Some(v)) => {
                     if let Some(l) = life.get_mut(&id) {
                         l.1 = v;
                     }
@@ -306,7 +314,7 @@ impl Book {
         let mut n = 0;
         for i in order {
             if actor.value(i) != "operator" {
-                self.apply(&all.slice(i, 1))?;
+                self.apply_events(&all.slice(i, 1), false)?;
                 continue;
             }
             let Ok(d) = serde_json::from_str::<serde_json::Value>(ev.value(i)) else { continue };
@@ -324,6 +332,16 @@ impl Book {
         self.evict();
         Ok((self.alerts.len(), n))
     }
+}
+
+/// One row of a restore's first pass.
+struct LifeRow {
+    emitted: i64,
+    ts: i64,
+    id: String,
+    /// For a decision, its verdict (`None` when its evidence is not JSON); `None` for a rule event.
+    verdict: Option<Option<String>>,
+    status: String,
 }
 
 /// Reads every file of an `alerts` table batch by batch, in the alert schema's column order
@@ -435,19 +453,33 @@ mod tests {
             &events(&[("a", "open", 0), ("a", "resolved", h), ("b", "open", 2 * h), ("d", "open", 2 * h)]),
         );
         write("2.parquet", &events(&[("d", "resolved", 3 * h), ("c", "open", 30 * h), ("d", "open", 31 * h)]));
-        let mut book = Book::new(24 * h, 100);
+        // more rows than an eviction pass: finished long ago (x…) and finished recently (y…)
+        let many: Vec<(String, &str, i64)> = (0..700)
+            .flat_map(|i| {
+                [
+                    (format!("x{i}"), "open", 4 * h),
+                    (format!("x{i}"), "resolved", 5 * h),
+                    (format!("y{i}"), "open", 20 * h),
+                    (format!("y{i}"), "resolved", 20 * h + i),
+                ]
+            })
+            .collect();
+        let many: Vec<(&str, &str, i64)> = many.iter().map(|(a, b, c)| (a.as_str(), *b, *c)).collect();
+        write("3.parquet", &events(&many));
+        let mut book = Book::new(24 * h, 10_000);
         let (alerts, _) = book.restore(&table).unwrap();
-        let mut ids: Vec<&str> = book.alerts.keys().map(String::as_str).collect();
+        let mut ids: Vec<&str> = book.alerts.keys().map(String::as_str).filter(|id| id.len() == 1).collect();
         ids.sort_unstable();
         assert_eq!(ids, ["b", "c", "d"], "a left with the retention");
-        assert_eq!(alerts, 3);
+        assert_eq!(alerts, 3 + 700, "the y… alerts stay, the x… alerts left");
         let d = &book.alerts["d"];
         assert!(d.active && d.state == "open" && d.opened_at == 31 * h, "{d:?}");
         // the same as replaying everything and evicting
-        let mut full = Book::new(24 * h, 100);
+        let mut full = Book::new(24 * h, 10_000);
         full.apply(&events(&[("a", "open", 0), ("a", "resolved", h), ("b", "open", 2 * h), ("d", "open", 2 * h)]))
             .unwrap();
         full.apply(&events(&[("d", "resolved", 3 * h), ("c", "open", 30 * h), ("d", "open", 31 * h)])).unwrap();
+        full.apply_events(&events(&many), false).unwrap();
         full.evict();
         let mut want: Vec<String> = full.alerts.values().map(|a| format!("{a:?}")).collect();
         let mut got: Vec<String> = book.alerts.values().map(|a| format!("{a:?}")).collect();
