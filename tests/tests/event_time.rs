@@ -21,7 +21,10 @@ use common::tables::{Compare, assert_same_tables, table_rows};
 use common::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-const HOURS: i64 = 26;
+/// Simulated hours (`CITYSTREAM_EVENT_TIME_HOURS`, default 26; the 2-day replay is 48).
+fn hours() -> i64 {
+    std::env::var("CITYSTREAM_EVENT_TIME_HOURS").ok().and_then(|h| h.parse().ok()).unwrap_or(26)
+}
 
 /// The simulated messages (in arrival order) and the simulator's account, generated once.
 struct Day {
@@ -54,8 +57,8 @@ fn day() -> &'static Day {
         };
         let now = chrono_now();
         let end = now - now.rem_euclid(3_600_000) - 2 * 3_600_000;
-        cfg.start = citystream_pipeline::simulator::StartTime(Some(end - HOURS * 3_600_000));
-        cfg.duration = citystream_operators::Duration::from_secs(HOURS as u64 * 3600);
+        cfg.start = citystream_pipeline::simulator::StartTime(Some(end - hours() * 3_600_000));
+        cfg.duration = citystream_operators::Duration::from_secs(hours() as u64 * 3600);
         cfg.ground_truth = None;
         let mut sim = Simulation::new(cfg, now);
         let mut messages = Vec::new();
