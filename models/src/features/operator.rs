@@ -1,18 +1,8 @@
-//! `features`: the model input rows, from one-minute traffic windows per segment and the road
-//! graph. The definition is `models/train/features.py` (the training code); this operator
-//! computes the same values in a stream, and `tests/tests/models.rs` compares the two on the
-//! same input. [`FEATURES`] is the column order of the model input.
-//!
-//! Per segment it keeps the last [`HISTORY_MINUTES`] minutes of speed, vehicles and occupancy.
-//! Rows wait until the watermark passes their minute, so every neighbour's row for that minute
-//! is there (the window stage emits a minute's rows before it forwards the watermark that
-//! closes it); then one feature row per (segment, minute) is emitted, as a
-//! `FixedSizeList<Float32, 20>` column whose values buffer is the row-major model input. A row
-//! for a (segment, minute) the stage has already emitted, or older than one, or for a segment
-//! missing from the road graph, goes to port `unmatched` instead.
+//! The `features` operator: per segment the last hour of minutes, rows held until the
+//! watermark passes their minute, one feature row per (segment, minute), snapshots.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::Path;
+use std::collections::{BTreeMap, VecDeque};
+
 use std::sync::Arc;
 
 use arrow::array::{
@@ -20,261 +10,36 @@ use arrow::array::{
 };
 use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
-use citystream_operators::common::{as_f64, column, numeric_column, time_column};
-use citystream_operators::{
-    BuildContext, Collector, Counter, EnvString, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
-};
-use serde::Deserialize;
+use citystream_operators::common::as_f64;
+use citystream_operators::{Collector, Counter, Gauge, Operator, OperatorError, OutputSpec};
 
-/// The features, in model-input order (see `models/train/features.py` for each definition).
-pub const FEATURES: [&str; 20] = [
-    "speed_1m",
-    "speed_5m",
-    "speed_15m",
-    "speed_lag15",
-    "speed_lag30",
-    "speed_60m",
-    "flow_5m_vph",
-    "occ_1m",
-    "occ_5m",
-    "up_speed_5m",
-    "down_speed_5m",
-    "up_occ_1m",
-    "down_occ_1m",
-    "occ_diff_1m",
-    "occ_rdiff_1m",
-    "speed_drop_5m",
-    "free_speed_kmh",
-    "tod_sin",
-    "tod_cos",
-    "weekend",
-];
-/// The longest look-back of any feature, minutes.
-pub const HISTORY_MINUTES: i64 = 60;
-const MINUTE_MS: i64 = 60_000;
-
-fn d_time() -> String {
-    "window_end".into()
-}
-fn d_segment() -> String {
-    "segment_id".into()
-}
-fn d_vehicles() -> String {
-    "vehicles".into()
-}
-fn d_speed() -> String {
-    "mean_speed_kmh".into()
-}
-fn d_occupancy() -> String {
-    "mean_occupancy".into()
-}
-fn d_output() -> String {
-    "features".into()
-}
-
-/// YAML of a `features` stage.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FeaturesConfig {
-    /// The road graph CSV (`segment_id,upstream,downstream,...,free_speed_kmh,...`), as the
-    /// simulator's ground truth writes it.
-    pub road_graph: EnvString,
-    /// The minute's end (millisecond timestamp). Default `window_end`.
-    #[serde(default = "d_time")]
-    pub time: String,
-    /// Default `segment_id`.
-    #[serde(default = "d_segment")]
-    pub segment: String,
-    /// Vehicles counted in the minute. Default `vehicles`.
-    #[serde(default = "d_vehicles")]
-    pub vehicles: String,
-    /// Mean speed, km/h (null when no vehicle passed). Default `mean_speed_kmh`.
-    #[serde(default = "d_speed")]
-    pub speed: String,
-    /// Mean occupancy, 0..1. Default `mean_occupancy`.
-    #[serde(default = "d_occupancy")]
-    pub occupancy: String,
-    /// Name of the output column. Default `features`.
-    #[serde(default = "d_output")]
-    pub output: String,
-}
-
-/// One segment of the road graph.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoadSegment {
-    /// Its id.
-    pub segment_id: String,
-    /// Index of the upstream segment in the graph.
-    pub upstream: Option<usize>,
-    /// Index of the downstream segment in the graph.
-    pub downstream: Option<usize>,
-    /// Free-flow speed, km/h.
-    pub free_speed_kmh: f64,
-    /// Latitude and longitude of the segment (for maps), where the file has them.
-    pub lat: Option<f64>,
-    /// See `lat`.
-    pub lon: Option<f64>,
-}
-
-/// The road graph: segments sorted by id, neighbours as indices.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct RoadGraph {
-    /// Segments, sorted by id.
-    pub segments: Vec<RoadSegment>,
-    /// Whether the file has `lat` and `lon` columns.
-    pub has_coordinates: bool,
-    index: HashMap<String, usize>,
-}
-
-impl RoadGraph {
-    /// Reads the CSV at `path` (header names the columns; `upstream`/`downstream` may be empty).
-    pub fn read(path: &Path) -> Result<RoadGraph, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let mut lines = text.lines();
-        let header: Vec<&str> =
-            lines.next().ok_or_else(|| format!("{} is empty", path.display()))?.split(',').collect();
-        let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| h.trim() == name)
-                .ok_or_else(|| format!("{} has no column `{name}`", path.display()))
-        };
-        let (ci, cu, cd, cf) = (col("segment_id")?, col("upstream")?, col("downstream")?, col("free_speed_kmh")?);
-        let (clat, clon) = (col("lat").ok(), col("lon").ok());
-        let mut raw = Vec::new();
-        for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let f: Vec<&str> = line.split(',').collect();
-            let get = |c: usize| {
-                f.get(c).map(|s| s.trim()).ok_or_else(|| format!("{}:{}: too few fields", path.display(), n + 2))
-            };
-            let free: f64 =
-                get(cf)?.parse().map_err(|e| format!("{}:{}: free_speed_kmh: {e}", path.display(), n + 2))?;
-            let coord = |c: Option<usize>| c.and_then(|c| f.get(c)).and_then(|v| v.trim().parse::<f64>().ok());
-            raw.push((get(ci)?.to_owned(), get(cu)?.to_owned(), get(cd)?.to_owned(), free, coord(clat), coord(clon)));
-        }
-        raw.sort_by(|a, b| a.0.cmp(&b.0));
-        let index: HashMap<String, usize> = raw.iter().enumerate().map(|(i, r)| (r.0.clone(), i)).collect();
-        if index.len() != raw.len() {
-            return Err(format!("{}: a segment_id appears twice", path.display()));
-        }
-        let segments = raw
-            .into_iter()
-            .map(|(id, up, down, free, lat, lon)| RoadSegment {
-                upstream: index.get(&up).copied(),
-                downstream: index.get(&down).copied(),
-                segment_id: id,
-                free_speed_kmh: free,
-                lat,
-                lon,
-            })
-            .collect();
-        Ok(RoadGraph { segments, has_coordinates: clat.is_some() && clon.is_some(), index })
-    }
-
-    /// The index of `segment_id`.
-    pub fn index_of(&self, segment_id: &str) -> Option<usize> {
-        self.index.get(segment_id).copied()
-    }
-}
-
-struct Cols {
-    time: usize,
-    segment: usize,
-    vehicles: usize,
-    speed: usize,
-    occupancy: usize,
-}
-
-impl FeaturesConfig {
-    fn check(&self, input: &SchemaRef) -> Result<(Cols, SchemaRef), Vec<PlanError>> {
-        let mut errs = Vec::new();
-        let mut ok = |r: Result<usize, PlanError>| r.map_err(|e| errs.push(e)).ok();
-        let time = ok(time_column(input, &self.time, "time"));
-        let segment = ok(column(input, &self.segment, "segment"));
-        let vehicles = ok(numeric_column(input, &self.vehicles, "vehicles"));
-        let speed = ok(numeric_column(input, &self.speed, "speed"));
-        let occupancy = ok(numeric_column(input, &self.occupancy, "occupancy"));
-        if let Some(s) = segment
-            && input.field(s).data_type() != &DataType::Utf8
-        {
-            errs.push(PlanError::new(
-                "segment",
-                format!("`{}` is {}, not a string", self.segment, input.field(s).data_type()),
-            ));
-        }
-        if !Path::new(self.road_graph.as_str()).is_file() {
-            errs.push(
-                PlanError::new("road_graph", format!("no road graph at `{}`", self.road_graph.as_str()))
-                    .with_help("`citystream simulate --out DIR` writes the simulated city's graph to DIR/ground_truth/road_graph.csv"),
-            );
-        }
-        let (Some(time), Some(segment), Some(vehicles), Some(speed), Some(occupancy), true) =
-            (time, segment, vehicles, speed, occupancy, errs.is_empty())
-        else {
-            return Err(errs);
-        };
-        Ok((Cols { time, segment, vehicles, speed, occupancy }, features_schema(input, segment, time, &self.output)))
-    }
-}
-
-/// The output schema: segment, time, and the feature list column (names in its metadata).
-pub fn features_schema(input: &SchemaRef, segment: usize, time: usize, output: &str) -> SchemaRef {
-    let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let list = Field::new(output, DataType::FixedSizeList(item, FEATURES.len() as i32), false)
-        .with_metadata([("features".to_string(), serde_json::to_string(&FEATURES).expect("names serialize"))].into());
-    Arc::new(Schema::new(vec![
-        input.field(segment).as_ref().clone().with_nullable(false),
-        input.field(time).as_ref().clone().with_nullable(false),
-        list,
-    ]))
-}
-
-impl OperatorConfig for FeaturesConfig {
-    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
-        let (_, schema) = self.check(input)?;
-        Ok(vec![OutputSpec::new("main", schema), OutputSpec::new("unmatched", input.clone())])
-    }
-
-    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
-        let (cols, schema) = self.check(input)?;
-        let graph =
-            RoadGraph::read(Path::new(self.road_graph.as_str())).map_err(|e| vec![PlanError::new("road_graph", e)])?;
-        let l = [("stage", ctx.stage.as_str())];
-        Ok(Box::new(FeatureBuilder::new(
-            graph,
-            cols,
-            vec![OutputSpec::new("main", schema), OutputSpec::new("unmatched", input.clone())],
-            ctx.metrics.counter("citystream_features_rows_total", "Feature rows emitted.", &l),
-            ctx.metrics.counter("citystream_features_unmatched_total", "Rows of segments not in the road graph.", &l),
-            ctx.metrics.gauge("citystream_features_pending_rows", "Rows waiting for the watermark.", &l),
-        )))
-    }
-}
-
+use super::config::Cols;
+use super::graph::RoadGraph;
+use super::{HISTORY_MINUTES, MINUTE_MS};
 #[derive(Debug, Clone, Copy)]
-struct Minute {
-    t: i64,
-    speed: f64,
-    veh: f64,
-    occ: f64,
+pub(super) struct Minute {
+    pub(super) t: i64,
+    pub(super) speed: f64,
+    pub(super) veh: f64,
+    pub(super) occ: f64,
 }
 
 /// The `features` operator.
 pub struct FeatureBuilder {
-    graph: RoadGraph,
-    cols: Cols,
-    outputs: Vec<OutputSpec>,
+    pub(super) graph: RoadGraph,
+    pub(super) cols: Cols,
+    pub(super) outputs: Vec<OutputSpec>,
     /// per segment: minutes in time order (at most one per minute)
-    history: Vec<VecDeque<Minute>>,
+    pub(super) history: Vec<VecDeque<Minute>>,
     /// minute -> segments with a row for it, not yet emitted
-    pending: BTreeMap<i64, Vec<usize>>,
-    pending_rows: usize,
+    pub(super) pending: BTreeMap<i64, Vec<usize>>,
+    pub(super) pending_rows: usize,
     /// per segment: the last minute emitted (rows of minutes up to the window's lateness behind
     /// the watermark still arrive, so this is per segment, not the watermark)
-    emitted: Vec<i64>,
-    rows: Counter,
-    unmatched: Counter,
-    pending_gauge: Gauge,
+    pub(super) emitted: Vec<i64>,
+    pub(super) rows: Counter,
+    pub(super) unmatched: Counter,
+    pub(super) pending_gauge: Gauge,
 }
 
 impl std::fmt::Debug for FeatureBuilder {
@@ -285,7 +50,13 @@ impl std::fmt::Debug for FeatureBuilder {
 
 /// Mean of the values of minutes `t-hi ..= t-lo` of `h` that are present and not NaN (as in
 /// the Python definition), or `None` when there is none.
-fn window_mean(h: &VecDeque<Minute>, t: i64, lo: i64, hi: i64, value: impl Fn(&Minute) -> f64) -> Option<f64> {
+pub(super) fn window_mean(
+    h: &VecDeque<Minute>,
+    t: i64,
+    lo: i64,
+    hi: i64,
+    value: impl Fn(&Minute) -> f64,
+) -> Option<f64> {
     let (from, to) = (t - hi * MINUTE_MS, t - lo * MINUTE_MS);
     let (mut sum, mut n) = (0.0, 0u32);
     for m in h.iter().filter(|m| m.t >= from && m.t <= to) {
@@ -298,12 +69,12 @@ fn window_mean(h: &VecDeque<Minute>, t: i64, lo: i64, hi: i64, value: impl Fn(&M
     (n > 0).then(|| sum / f64::from(n))
 }
 
-fn at(h: &VecDeque<Minute>, t: i64) -> Option<&Minute> {
+pub(super) fn at(h: &VecDeque<Minute>, t: i64) -> Option<&Minute> {
     h.iter().rev().find(|m| m.t == t)
 }
 
 impl FeatureBuilder {
-    fn new(
+    pub(super) fn new(
         graph: RoadGraph,
         cols: Cols,
         outputs: Vec<OutputSpec>,
@@ -327,7 +98,7 @@ impl FeatureBuilder {
     }
 
     /// The feature row of segment `s` at minute `t` (its own row for `t` is in the history).
-    fn row(&self, s: usize, t: i64, out: &mut Vec<f32>) {
+    pub(super) fn row(&self, s: usize, t: i64, out: &mut Vec<f32>) {
         let seg = &self.graph.segments[s];
         let h = &self.history[s];
         let own = at(h, t).copied().expect("a pending row is in the history");
@@ -380,7 +151,7 @@ impl FeatureBuilder {
         out.extend(values.iter().map(|&v| v as f32));
     }
 
-    fn emit_through(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+    pub(super) fn emit_through(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         let ready: Vec<i64> = self.pending.range(..=watermark).map(|(t, _)| *t).collect();
         if ready.is_empty() {
             return Ok(());
@@ -578,7 +349,7 @@ impl Operator for FeatureBuilder {
     }
 }
 
-fn state_schema() -> SchemaRef {
+pub(super) fn state_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("segment_id", DataType::Utf8, false),
         Field::new("kind", DataType::UInt8, false),
@@ -591,10 +362,12 @@ fn state_schema() -> SchemaRef {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{FEATURES, FeaturesConfig};
     use super::*;
     use arrow::array::Float64Array;
     use arrow::datatypes::TimeUnit;
     use citystream_operators::Metrics;
+    use citystream_operators::{BuildContext, OperatorConfig};
 
     fn input() -> SchemaRef {
         Arc::new(Schema::new(vec![
