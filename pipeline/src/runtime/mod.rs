@@ -13,12 +13,13 @@
 mod align;
 pub mod errors;
 pub mod reload;
+mod services;
 mod sinks;
 mod sources;
 mod stage;
 
-pub(crate) use crate::task::{AbortOnDrop, Edge, Outputs, cpu, cpu_metered, thread_cpu_ns};
 pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
+pub(crate) use crate::task::{Edge, Outputs, cpu, cpu_metered, thread_cpu_ns};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -369,76 +370,30 @@ pub async fn run_with_reload(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
-    // one grid intensity for the account and the policy (a Kafka topic updates both)
-    let intensity = match &plan.runtime.energy {
-        Some(e) => Some(
-            crate::energy::Intensity::from_config(e)
-                .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?,
-        ),
-        None => None,
-    };
-    let _intensity_reader: Option<AbortOnDrop> =
-        match (&intensity, plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref())) {
-            #[cfg(feature = "kafka")]
-            (Some(i), Some(t)) => Some(AbortOnDrop(
-                i.follow(t, &metrics)
-                    .map_err(|message| PipelineError::Build { stage: "runtime.energy".into(), message })?,
-            )),
-            #[cfg(not(feature = "kafka"))]
-            (Some(_), Some(_)) => {
-                return Err(PipelineError::Build {
-                    stage: "runtime.energy.carbon_topic".into(),
-                    message: "this build has no Kafka support (feature `kafka`)".into(),
-                });
-            }
-            _ => None,
-        };
-    let energy = plan.runtime.energy.clone().zip(intensity.clone()).map(|(cfg, intensity)| {
-        let mut tasks: Vec<(String, Vec<(String, String)>)> = Vec::new();
-        for s in &plan.sources {
-            let outs =
-                s.outputs.iter().map(|o| ("citystream_source_events_total".to_owned(), o.name.clone())).collect();
-            tasks.push((s.name.clone(), outs));
-        }
-        for st in &plan.stages {
-            let outs =
-                st.outputs.iter().map(|o| ("citystream_stage_rows_out_total".to_owned(), o.name.clone())).collect();
-            tasks.push((st.name.clone(), outs));
-        }
-        for sk in &plan.sinks {
-            tasks.push((sk.name.clone(), Vec::new()));
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (tx, tokio::spawn(crate::energy::run(cfg, intensity, metrics.clone(), tasks, rx)))
-    });
-    let policy = match (&plan.runtime.carbon_policy, &intensity) {
-        (Some(p), Some(intensity)) => {
-            let intensity = intensity.clone();
-            let positioned = if crate::config::plan::any_kafka(&plan.sources) {
-                crate::sink::compact::Positioned::Committed(commit_log.clone())
-            } else {
-                // the simulator has no commits: a run is all or nothing
-                crate::sink::compact::Positioned::All
-            };
-            Some(tokio::spawn(crate::energy::run_policy(
-                p.clone(),
-                intensity,
-                parquet_roots.clone(),
-                positioned,
-                metrics.clone(),
-            )))
-        }
-        (Some(_), None) => {
-            return Err(PipelineError::Build {
-                stage: "runtime.carbon_policy".into(),
-                message: "the carbon policy needs `runtime.energy` for the grid intensity".into(),
-            });
-        }
-        _ => None,
-    };
+    let services = services::Services::start(&plan, &metrics, &parquet_roots, &commit_log)?;
     let sources_of_tables = table_sources(&plan);
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
+    let (mut report, first_error) = collect(&mut tasks).await;
+    monitor.abort();
+    accountant.abort();
+    services.stop().await;
+    for ((sink, table), streams) in &sources_of_tables {
+        report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
+    }
+    if let Some(r) = reloader {
+        r.abort();
+    }
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// Waits for every task; the report of what finished, and the first error (its root cause,
+/// not the `Disconnected` errors it causes downstream), after which the others are aborted.
+async fn collect(tasks: &mut JoinSet<Result<Finished, PipelineError>>) -> (RunReport, Option<PipelineError>) {
     let mut report = RunReport::default();
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
@@ -467,31 +422,7 @@ pub async fn run_with_reload(
             }
         }
     }
-    monitor.abort();
-    accountant.abort();
-    if let Some(p) = policy {
-        p.abort();
-    }
-    if let Some((done, task)) = energy {
-        let _ = done.send(());
-        match tokio::time::timeout(std::time::Duration::from_secs(10), task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!("energy account: {e}"),
-            Ok(Err(e)) => tracing::error!("energy account task: {e}"),
-            Err(_) => tracing::error!("energy account: the last interval took longer than 10 s"),
-        }
-    }
-    for ((sink, table), streams) in &sources_of_tables {
-        report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
-    }
-    if let Some(r) = reloader {
-        r.abort();
-    }
-    report.elapsed_s = started.elapsed().as_secs_f64();
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    (report, first_error)
 }
 
 /// One event-time clock per source output that a `decode` stage reads (see
