@@ -217,7 +217,7 @@ pub async fn run_with_reload(
     let state = match &plan.runtime.state_dir {
         Some(dir) => Some(
             StateStore::open(std::path::Path::new(dir.as_str()))
-                .map_err(|message| PipelineError::State { stage: "runtime.state_dir".into(), message })?,
+                .map_err(|source| PipelineError::State { stage: "runtime.state_dir".into(), source })?,
         ),
         None => None,
     };
@@ -235,9 +235,13 @@ pub async fn run_with_reload(
         // derived tables' files of epochs after the restored one: the replay writes them again
         for root in &parquet_roots {
             let n = crate::sink::parquet::remove_after_epoch(root, state.lineage(), state.restored_epoch()).map_err(
-                |e| PipelineError::State {
+                |source| PipelineError::State {
                     stage: "runtime.state_dir".into(),
-                    message: format!("removing files written after checkpoint {}: {e}", state.restored_epoch()),
+                    source: crate::task::StateError::Io {
+                        action: "removing files written after the restored checkpoint under",
+                        path: root.clone(),
+                        source,
+                    },
                 },
             )?;
             if n > 0 {
@@ -284,7 +288,7 @@ pub async fn run_with_reload(
             && op.is_stateful()
             && let Some((batch, wm)) = state
                 .load(&st.name, op.kind())
-                .map_err(|message| PipelineError::State { stage: st.name.clone(), message })?
+                .map_err(|source| PipelineError::State { stage: st.name.clone(), source })?
         {
             let rows = batch.num_rows();
             op.restore(batch).map_err(|source| PipelineError::Operator { stage: st.name.clone(), source })?;

@@ -162,7 +162,7 @@ impl StageTask {
                 match op.snapshot().map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })? {
                     Some(b) => store
                         .save(epoch, &self.name, op.kind(), &b, watermark)
-                        .map_err(|message| PipelineError::State { stage: self.name.clone(), message }),
+                        .map_err(|source| PipelineError::State { stage: self.name.clone(), source }),
                     None => Ok(0),
                 }
             })?;
@@ -268,7 +268,7 @@ impl StageTask {
         );
         errors
             .record(&self.name, self.op.kind(), self.epoch, &rows, &what)
-            .map_err(|message| PipelineError::State { stage: self.name.clone(), message })
+            .map_err(|message| PipelineError::OperatorErrors { stage: self.name.clone(), message })
     }
 
     fn call(

@@ -56,9 +56,17 @@ pub enum PipelineError {
         message: String,
     },
     /// Operator state could not be written or restored.
-    #[error("state of `{stage}`: {message}")]
+    #[error("state of `{stage}`: {source}")]
     State {
         /// The stage (or `runtime.state_dir`).
+        stage: String,
+        /// Why.
+        source: super::state::StateError,
+    },
+    /// Rows a stage refused could not be written to the `operator_errors` table.
+    #[error("stage `{stage}`: writing `operator_errors`: {message}")]
+    OperatorErrors {
+        /// The stage.
         stage: String,
         /// Why.
         message: String,

@@ -14,4 +14,4 @@ pub(crate) use checkpoint::SinkAck;
 pub(crate) use cpu::{AbortOnDrop, cpu, cpu_metered, thread_cpu_ns};
 pub use error::PipelineError;
 pub(crate) use outputs::{Edge, Outputs};
-pub use state::StateStore;
+pub use state::{StateError, StateStore};

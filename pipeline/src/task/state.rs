@@ -58,8 +58,61 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct StateStore(Arc<Inner>);
 
-fn err(what: &str, p: &Path, e: impl std::fmt::Display) -> String {
-    format!("{what} {}: {e}", p.display())
+/// Why operator state could not be written or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The disk refused (full, permissions, gone): worth retrying once fixed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// What is on disk is not state this pipeline can use (damaged, or written for another
+    /// operator): the message says how to start from empty state.
+    #[error("{action} {}: {detail}", path.display())]
+    Unusable {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        detail: String,
+    },
+    /// State could not be encoded (a bug).
+    #[error("encoding the state for {}: {detail}", path.display())]
+    Encode {
+        /// The file or directory.
+        path: PathBuf,
+        /// The encoder's error.
+        detail: String,
+    },
+}
+
+impl StateError {
+    /// Who can fix it: the disk (external), or a bug (internal, encoding).
+    pub fn class(&self) -> citystream_operators::ErrorClass {
+        match self {
+            StateError::Io { .. } | StateError::Unusable { .. } => citystream_operators::ErrorClass::External,
+            StateError::Encode { .. } => citystream_operators::ErrorClass::Internal,
+        }
+    }
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+    move |source| StateError::Io { action, path: path.to_owned(), source }
+}
+
+fn unusable(action: &'static str, path: &Path, detail: impl std::fmt::Display) -> StateError {
+    StateError::Unusable { action, path: path.to_owned(), detail: detail.to_string() }
+}
+
+fn encode(path: &Path) -> impl FnOnce(arrow::error::ArrowError) -> StateError + '_ {
+    move |e| StateError::Encode { path: path.to_owned(), detail: e.to_string() }
 }
 
 /// A stage name as a file name (stage names are YAML keys: anything may be in them).
@@ -79,12 +132,12 @@ impl StateStore {
     /// Opens `dir` (created if missing). Without a manifest a new lineage starts at epoch 0,
     /// and its manifest is written at once, so that a crash before the first checkpoint still
     /// finds which derived files are its own.
-    pub fn open(dir: &Path) -> Result<Self, String> {
-        std::fs::create_dir_all(dir).map_err(|e| err("creating the state directory", dir, e))?;
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir).map_err(io("creating the state directory", dir))?;
         let path = dir.join(MANIFEST);
         let manifest = match std::fs::read(&path) {
             Ok(body) => serde_json::from_slice::<Manifest>(&body).map_err(|e| {
-                err(
+                unusable(
                     "reading the state manifest",
                     &path,
                     format!("{e} (remove the directory to start from empty state)"),
@@ -95,10 +148,10 @@ impl StateStore {
                 write_manifest(dir, &m)?;
                 m
             }
-            Err(e) => return Err(err("reading the state manifest", &path, e)),
+            Err(e) => return Err(io("reading the state manifest", &path)(e)),
         };
         if manifest.lineage.is_empty() || !manifest.lineage.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(err("reading the state manifest", &path, "the lineage is not a hex id"));
+            return Err(unusable("reading the state manifest", &path, "the lineage is not a hex id"));
         }
         Ok(Self(Arc::new(Inner {
             dir: dir.to_owned(),
@@ -136,7 +189,7 @@ impl StateStore {
     /// `stage`'s state as of the restored epoch, if it wrote one, with the stage's input
     /// watermark at that checkpoint. `kind` is the stage's operator now: state another kind of
     /// operator wrote (the config gave the name to another stage) is refused.
-    pub fn load(&self, stage: &str, kind: &str) -> Result<Option<(RecordBatch, i64)>, String> {
+    pub fn load(&self, stage: &str, kind: &str) -> Result<Option<(RecordBatch, i64)>, StateError> {
         if self.0.restored == 0 {
             return Ok(None);
         }
@@ -144,20 +197,20 @@ impl StateStore {
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(err("opening the state of", &path, e)),
+            Err(e) => return Err(io("opening the state of", &path)(e)),
         };
         let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)
-            .map_err(|e| err("reading the state of", &path, e))?;
+            .map_err(|e| unusable("reading the state of", &path, e))?;
         let schema = reader.schema();
         let watermark = reader
             .custom_metadata()
             .get(WATERMARK)
             .and_then(|w| w.parse::<i64>().ok())
-            .ok_or_else(|| err("reading the state of", &path, "no watermark in the file"))?;
+            .ok_or_else(|| unusable("reading the state of", &path, "no watermark in the file"))?;
         match reader.custom_metadata().get(KIND) {
             Some(k) if k == kind => {}
             k => {
-                return Err(err(
+                return Err(unusable(
                     "restoring",
                     &path,
                     format!(
@@ -168,9 +221,9 @@ impl StateStore {
                 ));
             }
         }
-        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| err("reading the state of", &path, e))?;
-        let batch =
-            arrow::compute::concat_batches(&schema, &batches).map_err(|e| err("reading the state of", &path, e))?;
+        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| unusable("reading the state of", &path, e))?;
+        let batch = arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| unusable("reading the state of", &path, e))?;
         Ok(Some((batch, watermark)))
     }
 
@@ -183,27 +236,26 @@ impl StateStore {
         kind: &str,
         state: &RecordBatch,
         watermark: i64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, StateError> {
         let dir = self.epoch_dir(epoch);
-        std::fs::create_dir_all(&dir).map_err(|e| err("creating", &dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
         let mut body = Vec::new();
         {
-            let mut w = arrow::ipc::writer::FileWriter::try_new(&mut body, &state.schema())
-                .map_err(|e| err("encoding the state for", &dir, e))?;
+            let mut w = arrow::ipc::writer::FileWriter::try_new(&mut body, &state.schema()).map_err(encode(&dir))?;
             w.write_metadata(WATERMARK, watermark.to_string());
             w.write_metadata(KIND, kind);
-            w.write(state).map_err(|e| err("encoding the state for", &dir, e))?;
-            w.finish().map_err(|e| err("encoding the state for", &dir, e))?;
+            w.write(state).map_err(encode(&dir))?;
+            w.finish().map_err(encode(&dir))?;
         }
         let path = dir.join(file_name(stage));
-        crate::sink::write_atomic(&path, &body).map_err(|e| err("writing", &path, e))?;
+        crate::sink::write_atomic(&path, &body).map_err(io("writing", &path))?;
         Ok(body.len() as u64)
     }
 
     /// Records `epoch` as durable with `positions` (merged into the known ones), then removes
     /// older epochs' state. Call only once every sink has acknowledged `epoch`, and before
     /// committing the offsets anywhere else.
-    pub fn commit(&self, epoch: u64, positions: &BTreeMap<(String, i32), i64>) -> Result<(), String> {
+    pub fn commit(&self, epoch: u64, positions: &BTreeMap<(String, i32), i64>) -> Result<(), StateError> {
         let mut m = self.0.manifest.lock().expect("manifest");
         if epoch <= m.epoch {
             return Ok(());
@@ -237,10 +289,11 @@ impl StateStore {
     }
 }
 
-fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), String> {
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StateError> {
     let path = dir.join(MANIFEST);
-    let body = serde_json::to_vec_pretty(m).map_err(|e| err("encoding", &path, e))?;
-    crate::sink::write_atomic(&path, &body).map_err(|e| err("writing", &path, e))
+    let body =
+        serde_json::to_vec_pretty(m).map_err(|e| StateError::Encode { path: path.clone(), detail: e.to_string() })?;
+    crate::sink::write_atomic(&path, &body).map_err(io("writing", &path))
 }
 
 fn new_lineage() -> String {
@@ -281,6 +334,7 @@ mod tests {
         assert_eq!(r.load("a/b c", "window").unwrap().unwrap(), (batch(&[1, 2]), 42));
         assert_eq!(r.load("other", "window").unwrap(), None);
         let e = r.load("a/b c", "dedup").unwrap_err();
+        let e = e.to_string();
         assert!(e.contains("written by a `window` operator") && e.contains("`dedup` now"), "{e}");
         assert_eq!(r.positions(), BTreeMap::from([(("t".into(), 0), 10)]));
         // positions merge: a partition not in this commit keeps its last position
@@ -300,6 +354,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(MANIFEST), b"{").unwrap();
         let e = StateStore::open(dir.path()).unwrap_err();
+        assert!(matches!(e, StateError::Unusable { .. }), "{e:?}");
+        assert_eq!(e.class(), citystream_operators::ErrorClass::External);
+        let e = e.to_string();
         assert!(e.contains("CHECKPOINT.json") && e.contains("remove the directory"), "{e}");
     }
 }

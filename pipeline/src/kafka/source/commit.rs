@@ -32,7 +32,7 @@ pub(super) enum CommitError {
     /// The state manifest could not be written: the operators' state in memory is ahead of
     /// every durable record.
     #[error("writing the state manifest: {0}")]
-    Manifest(String),
+    Manifest(crate::task::StateError),
     /// The broker did not take the offsets (the manifest, if any, is written).
     #[error("{0}")]
     Kafka(String),
