@@ -383,6 +383,10 @@ impl Compress {
     /// row an unforgotten one sends to `late_events`.) Compacts
     /// when at least a quarter of the series (and 1024) can go, so the cost is amortized.
     fn forget_silent(&mut self, wm: i64) {
+        if self.states.len() < 1024 {
+            // fewer series than the least that is ever compacted: nothing to count
+            return;
+        }
         let mut waiting = vec![false; self.states.len()];
         for (s, _) in &self.pending {
             waiting[*s] = true;

@@ -74,12 +74,17 @@ fn a_flood_of_new_keys_levels_off_in_every_stateful_operator() {
     );
     let compress_cfg: citystream_operators::compress::CompressConfig =
         yaml("{key: [sensor_id], fields: {speed_kmh: {abs: 5.0}}, max_gap: 10m}");
-    let mut ops: Vec<Box<dyn Operator>> = vec![
-        build("admit", &admit_cfg),
-        build("dedup", &dedup_cfg),
-        build("window", &window_cfg),
-        build("compress", &compress_cfg),
-    ];
+    let (mut admit, mut dedup) = (build("admit", &admit_cfg), build("dedup", &dedup_cfg));
+    let (mut window, mut compress) = (build("window", &window_cfg), build("compress", &compress_cfg));
+    // one operator's main output for `input`, with the watermark after it
+    let step = |op: &mut Box<dyn Operator>, input: Vec<RecordBatch>, wm: i64| -> Vec<RecordBatch> {
+        let mut c = Collector::new(op.outputs().len());
+        for b in input {
+            op.process_batch(b, &mut c).unwrap();
+        }
+        op.on_watermark(wm, &mut c).unwrap();
+        c.drain().filter(|(p, _)| *p == 0).map(|(_, b)| b).collect()
+    };
     let gauges = [
         ("citystream_admit_keys", "admit"),
         ("citystream_dedup_state_keys", "dedup"),
@@ -95,27 +100,12 @@ fn a_flood_of_new_keys_levels_off_in_every_stateful_operator() {
     let started = std::time::Instant::now();
     while first < events {
         let n = BATCH.min((events - first) as usize);
-        let mut rows = vec![batch(first, n)];
-        let mut unique = Vec::new();
         let wm = 1_772_409_600_000 + (first + n as i64) * 1000 / RATE_PER_S - lag_ms;
         // admit → dedup → (windows, compress)
-        for (k, op) in ops.iter_mut().enumerate() {
-            let mut c = Collector::new(op.outputs().len());
-            let input = if k == 3 { std::mem::take(&mut unique) } else { std::mem::take(&mut rows) };
-            for b in input {
-                op.process_batch(b, &mut c).unwrap();
-            }
-            op.on_watermark(wm, &mut c).unwrap();
-            let next: Vec<RecordBatch> = c.drain().filter(|(p, _)| *p == 0).map(|(_, b)| b).collect();
-            match k {
-                1 => {
-                    unique = next.clone();
-                    rows = next;
-                }
-                2 => windows_out += next.iter().map(RecordBatch::num_rows).sum::<usize>(),
-                _ => rows = next,
-            }
-        }
+        let admitted = step(&mut admit, vec![batch(first, n)], wm);
+        let unique = step(&mut dedup, admitted, wm);
+        windows_out += step(&mut window, unique.clone(), wm).iter().map(RecordBatch::num_rows).sum::<usize>();
+        step(&mut compress, unique, wm);
         let tenth = ((first * 10) / events) as usize;
         for (g, (name, stage)) in gauges.iter().enumerate() {
             peaks[tenth][g] = peaks[tenth][g].max(level(name, stage));

@@ -135,7 +135,7 @@ pub const IDENTIFIER_KEYS: [&str; 2] = ["plate", "track_id"];
 
 /// JSON keys whose values a dead letter never keeps: the identifiers, and camera images
 /// (which may show a face or a plate).
-const PERSONAL_KEYS: [&str; 3] = ["plate", "track_id", "thumbnail"];
+const PERSONAL_KEYS: [&str; 3] = [IDENTIFIER_KEYS[0], IDENTIFIER_KEYS[1], "thumbnail"];
 
 /// What replaces a personal value in a dead letter.
 const REDACTED: &str = "<redacted>";
@@ -213,27 +213,10 @@ fn redact_value(value: &mut serde_json::Value) {
 
 /// Redaction of a payload that is not JSON (see [`redact_identifiers`]).
 fn redact_text(payload: &[u8]) -> Cow<'_, [u8]> {
-    let lower = payload.to_ascii_lowercase();
-    let mentions = |k: &str| lower.windows(k.len()).filter(|w| *w == k.as_bytes()).count();
-    let quoted = |k: &str| {
-        payload
-            .windows(k.len() + 2)
-            .filter(|w| w[0] == b'"' && &w[1..=k.len()] == k.as_bytes() && w[k.len() + 1] == b'"')
-            .count()
-    };
-    let mut any = false;
-    for k in PERSONAL_KEYS {
-        let m = mentions(k);
-        if m != quoted(k) {
-            return Cow::Borrowed(WITHHELD);
-        }
-        any |= m > 0;
-    }
+    // an escape can spell a key no byte scan sees; a key in another case or spelling is caught
+    // by the check of the scan's result (`redacted_everywhere`)
     if payload.contains(&b'\\') {
         return Cow::Borrowed(WITHHELD);
-    }
-    if !any {
-        return Cow::Borrowed(payload);
     }
     let mut out = Vec::with_capacity(payload.len());
     let mut i = 0;
