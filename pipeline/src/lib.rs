@@ -7,6 +7,7 @@
 //! - [`simulator`]: the embedded, seeded city simulator (a source and `citystream simulate`);
 //! - [`sink`]: the zstd Parquet sink;
 //! - [`kafka`] (feature `kafka`): the Kafka source and sink;
+//! - [`files`]: the files source (JSON lines and Parquet archives, for backfills);
 //! - [`sql`] (feature `sql`): DataFusion SQL over the Parquet tables;
 //! - [`serve`]: the Prometheus endpoint and the status line;
 //! - [`energy`]: the energy and carbon account per task.
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod control;
 pub mod energy;
+pub mod files;
 pub mod gpu;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -112,7 +114,7 @@ mod layering {
             visit(m, &graph, &mut Vec::new(), &mut done);
         }
         assert!(graph["primitives"].is_empty(), "primitives is a leaf: {:?}", graph["primitives"]);
-        for connector in ["kafka", "sink", "simulator", "control", "energy"] {
+        for connector in ["kafka", "files", "sink", "simulator", "control", "energy"] {
             let deps = &graph[connector];
             assert!(!deps.contains("config") && !deps.contains("runtime"), "{connector} imports {deps:?}");
         }

@@ -28,6 +28,28 @@ enum Command {
         #[arg(long, short, default_value = "deploy/local.yaml", env = "CITYSTREAM_CONFIG")]
         config: PathBuf,
     },
+    /// Run a pipeline config over archived files instead of its source (a backfill, or a
+    /// re-run with another model): JSON lines (plain, .gz, .zst) or Parquet named
+    /// `traffic*`, `camera*`, `environment*` (or directories so named) under `--files`, as
+    /// `citystream simulate` writes them. A killed replay resumes where it was.
+    Replay {
+        /// The pipeline config whose stages and sinks run.
+        #[arg(long, short, default_value = "deploy/local.yaml")]
+        config: PathBuf,
+        /// The folder of archived files.
+        #[arg(long)]
+        files: PathBuf,
+        /// Write every Parquet table here instead of the config's lake (side by side with the
+        /// live tables).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Checkpoints (to resume). Default: `<lake>.replay-state`.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Lines per second at most (default: as fast as the pipeline takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// Check a config (syntax, references, schema flow) without running it; prints the plan.
     Validate {
         /// The pipeline config.
@@ -188,6 +210,9 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
+        Command::Replay { config, files, out, state, rate } => {
+            cli::replay::replay(cli::replay::Replay { config, files, out, state, rate }).await
+        }
         #[cfg(feature = "kafka")]
         Command::Topics { config: file, partitions, replication } => {
             let raw = config::load_file(&file)?;

@@ -99,11 +99,45 @@ pub enum SourceConfig {
     /// `type: kafka`: a consumer group on one topic per event kind.
     #[cfg(feature = "kafka")]
     Kafka(Box<crate::kafka::KafkaSourceConfig>),
+    /// `type: files`: JSON lines and Parquet files, one list per event kind.
+    Files(Box<crate::files::FilesSourceConfig>),
 }
 
 impl SourceConfig {
     /// Every `type` a source can have.
-    pub const TYPES: &'static [&'static str] = &["simulator", "kafka"];
+    pub const TYPES: &'static [&'static str] = &["simulator", "kafka", "files"];
+
+    /// The task that runs this source.
+    pub(crate) fn build(&self) -> Box<dyn crate::task::Source> {
+        match self {
+            SourceConfig::Simulator(c) => c.clone(),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => c.clone(),
+            SourceConfig::Files(c) => c.clone(),
+        }
+    }
+
+    /// How far behind the newest event of its partition an event may arrive and still be on
+    /// time (the lag of its streams' event clocks).
+    pub fn max_out_of_orderness(&self) -> citystream_operators::Duration {
+        match self {
+            SourceConfig::Simulator(c) => c.max_out_of_orderness,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => c.max_out_of_orderness,
+            SourceConfig::Files(c) => c.max_out_of_orderness,
+        }
+    }
+
+    /// Whether the source commits its positions at checkpoints (and so resumes after a crash:
+    /// derived files after its last commit are removed and written again).
+    pub(crate) fn commits_positions(&self) -> bool {
+        match self {
+            SourceConfig::Simulator(_) => false,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(_) => true,
+            SourceConfig::Files(_) => true,
+        }
+    }
 }
 
 /// A stage: `type` first, then `input` and the operator's own keys.

@@ -91,6 +91,7 @@ tagged!(SourceConfig, "source", |map, tag| match tag.value.as_str() {
     "simulator" => Ok(SourceConfig::Simulator(Box::new(rest(&mut map, None)?))),
     #[cfg(feature = "kafka")]
     "kafka" => Ok(SourceConfig::Kafka(Box::new(rest(&mut map, None)?))),
+    "files" => Ok(SourceConfig::Files(Box::new(rest(&mut map, None)?))),
     other => Err(de::Error::unknown_variant(other, SourceConfig::TYPES)),
 });
 

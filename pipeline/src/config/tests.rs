@@ -244,7 +244,10 @@ fn kafka_pipelines_have_one_source_and_file_rows_by_topic() {
     let kafka = "  bus:\n    type: kafka\n    brokers: x:1\n    group_id: g\n    topics: {traffic: t, camera: c}\n";
     let text = GOOD.replace("sources:\n", &format!("sources:\n{kafka}"));
     let e = error_of(&text);
-    assert!(e.contains("sources: a pipeline with a kafka source must have exactly one source (it has 2)"), "{e}");
+    assert!(
+        e.contains("sources: a pipeline with a kafka or files source must have exactly one source (it has 2)"),
+        "{e}"
+    );
 
     // a stage merging two topics cannot feed a table filed by topic and offset
     let text = GOOD
@@ -297,8 +300,41 @@ fn a_fixed_dp_noise_seed_is_refused_outside_tests() {
 fn state_checkpoints_need_a_kafka_source() {
     let text = format!("{GOOD}runtime:\n  state_dir: /tmp/state\n");
     let e = error_of(&text);
-    assert!(e.contains("runtime.state_dir: state checkpoints need a kafka source"), "{e}");
+    assert!(e.contains("runtime.state_dir: state checkpoints need a kafka or files source"), "{e}");
     assert!(e.contains("help: remove `state_dir`"), "{e}");
+}
+
+#[test]
+fn a_files_source_names_its_kinds_a_sane_rate_and_needs_a_state_dir() {
+    let text = "
+sources:
+  archive:
+    type: files
+    paths: {traffic: /archive/traffic}
+    rate: 0
+stages:
+  env:
+    type: decode
+    input: archive.environment
+    kind: environment
+sinks:
+  lake:
+    type: parquet
+    path: /tmp/lake
+    tables: {env: env, dead: env.dead_letters, late: env.late_events}
+";
+    let e = error_of(text);
+    assert!(e.contains("sources.archive.rate: `rate` must be a positive number of lines per second"), "{e}");
+    assert!(e.contains("sources.archive: a files source needs `runtime.state_dir`"), "{e}");
+    assert!(
+        e.contains("stages.env.input: `archive.environment` has no path: source `archive` reads only the kinds its `paths` names"),
+        "{e}"
+    );
+    assert!(e.contains("help: add `environment: <path>` to `sources.archive.paths`"), "{e}");
+    let fixed =
+        text.replace("rate: 0", "rate: 1000").replace("{traffic: /archive/traffic}", "{environment: /archive/env}")
+            + "runtime:\n  state_dir: /tmp/state\n";
+    plan(load_str(&fixed, "files.yaml").unwrap(), "files.yaml").unwrap();
 }
 
 /// A Kafka pipeline with a DP release that may be deferred.

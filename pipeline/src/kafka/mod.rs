@@ -14,7 +14,6 @@ use rdkafka::ClientConfig;
 use serde::Deserialize;
 
 pub use sink::{KafkaSinkConfig, KafkaWriter, TopicRoute};
-pub(crate) use source::{Recovery, run_kafka_source};
 
 use crate::primitives::EnvString;
 

@@ -15,7 +15,6 @@ pub mod errors;
 pub mod reload;
 mod services;
 mod sinks;
-mod sources;
 mod stage;
 
 pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
@@ -30,7 +29,7 @@ use citystream_operators::{BuildContext, Message, Metrics};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{PipelinePlan, SourceConfig};
+use crate::config::PipelinePlan;
 use crate::simulator::SimReport;
 use crate::sink::parquet::TableStats;
 
@@ -316,7 +315,7 @@ pub async fn run_with_reload(
         }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
-    if state.is_none() && crate::config::plan::any_kafka(&plan.sources) && !stateful.is_empty() {
+    if state.is_none() && plan.sources.iter().any(|s| s.config.commits_positions()) && !stateful.is_empty() {
         tracing::warn!(
             ?stateful,
             "no `runtime.state_dir`: after a crash these stages restart empty, and tables derived from them may miss \
@@ -337,38 +336,25 @@ pub async fn run_with_reload(
         let metrics = metrics.clone();
         let port_clocks: Vec<Option<EventClock>> =
             (0..src.outputs.len()).map(|p| clocks.get(&(src.name.clone(), p)).cloned()).collect();
-        match &src.config {
-            SourceConfig::Simulator(cfg) => {
-                let cfg = (**cfg).clone();
-                tasks.spawn(async move {
-                    let (messages, sim) =
-                        sources::run_simulator(&name, cfg, outputs, port_clocks, stop, &metrics).await?;
-                    Ok(Finished::Source { name, messages, sim: Some(sim) })
-                });
-            }
-            #[cfg(feature = "kafka")]
-            SourceConfig::Kafka(cfg) => {
-                let cfg = (**cfg).clone();
-                let acks = acks.clone();
-                let roots = parquet_roots.clone();
-                let commits = commit_log.clone();
-                let state = state.clone();
-                tasks.spawn(async move {
-                    let messages = crate::kafka::run_kafka_source(
-                        &name,
-                        cfg,
-                        outputs,
-                        acks,
-                        crate::kafka::Recovery { sink_roots: roots, commits, state },
-                        port_clocks,
-                        stop,
-                        &metrics,
-                    )
-                    .await?;
-                    Ok(Finished::Source { name, messages, sim: None })
-                });
-            }
-        }
+        let ctx = crate::task::SourceContext {
+            name: src.name.clone(),
+            outputs,
+            clocks: port_clocks,
+            stop,
+            metrics,
+            acks: acks.clone(),
+            recovery: crate::task::Recovery {
+                state: state.clone(),
+                sink_roots: parquet_roots.clone(),
+                commits: commit_log.clone(),
+            },
+        };
+        let source = src.config.build();
+        tasks.spawn(async move {
+            let r = source.run(ctx).await?;
+            let sim = r.account.and_then(|a| a.downcast::<SimReport>().ok()).map(|s| *s);
+            Ok(Finished::Source { name, messages: r.messages, sim })
+        });
     }
     debug_assert!(subscribers.is_empty(), "every edge has a producer");
     drop(acks);
@@ -436,11 +422,7 @@ fn event_clocks(plan: &PipelinePlan) -> BTreeMap<(String, usize), EventClock> {
     for st in &plan.stages {
         let (crate::config::OperatorSpec::Decode(_), [r]) = (&st.op, st.inputs.as_slice()) else { continue };
         let Some(src) = plan.sources.iter().find(|s| s.name == r.node) else { continue };
-        let lag = match &src.config {
-            SourceConfig::Simulator(c) => c.max_out_of_orderness,
-            #[cfg(feature = "kafka")]
-            SourceConfig::Kafka(c) => c.max_out_of_orderness,
-        };
+        let lag = src.config.max_out_of_orderness();
         clocks.entry((r.node.clone(), r.port)).or_insert_with(|| EventClock::new(lag.as_millis_i64()));
     }
     clocks

@@ -67,10 +67,10 @@ impl Services {
         let policy = match (&plan.runtime.carbon_policy, &intensity) {
             (Some(p), Some(intensity)) => {
                 let intensity = intensity.clone();
-                let positioned = if crate::config::plan::any_kafka(&plan.sources) {
+                let positioned = if plan.sources.iter().any(|s| s.config.commits_positions()) {
                     crate::sink::compact::Positioned::Committed(commit_log.clone())
                 } else {
-                    // the simulator has no commits: a run is all or nothing
+                    // a source without commits (the simulator): a run is all or nothing
                     crate::sink::compact::Positioned::All
                 };
                 Some(tokio::spawn(crate::energy::run_policy(

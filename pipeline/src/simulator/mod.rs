@@ -9,6 +9,7 @@
 
 mod city;
 mod emit;
+mod source;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};

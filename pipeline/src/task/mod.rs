@@ -7,6 +7,7 @@ mod checkpoint;
 mod cpu;
 mod error;
 mod outputs;
+mod source;
 mod state;
 
 pub use checkpoint::CheckpointAcks;
@@ -14,4 +15,5 @@ pub(crate) use checkpoint::SinkAck;
 pub(crate) use cpu::{AbortOnDrop, cpu, cpu_metered, thread_cpu_ns};
 pub use error::PipelineError;
 pub(crate) use outputs::{Edge, Outputs};
+pub(crate) use source::{Recovery, Source, SourceContext, SourceReport};
 pub use state::{StateError, StateStore};

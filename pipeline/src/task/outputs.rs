@@ -41,7 +41,6 @@ impl Outputs {
 
     /// [`send`](Self::send) from a thread outside the async runtime (a source's own thread):
     /// blocks while the channel is full.
-    #[cfg(feature = "kafka")]
     pub(crate) fn blocking_send(&self, port: usize, msg: Message) -> Result<(), PipelineError> {
         for e in &self.ports[port] {
             e.tx.blocking_send(msg.clone()).map_err(|_| PipelineError::Disconnected)?;
@@ -50,7 +49,6 @@ impl Outputs {
     }
 
     /// [`broadcast`](Self::broadcast) from a thread outside the async runtime.
-    #[cfg(feature = "kafka")]
     pub(crate) fn blocking_broadcast(&self, msg: Message) -> Result<(), PipelineError> {
         for p in 0..self.ports.len() {
             self.blocking_send(p, msg.clone())?;

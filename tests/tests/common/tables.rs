@@ -61,6 +61,14 @@ pub async fn table_rows(lake: &Path, c: &Compare<'_>) -> BTreeMap<String, Vec<St
 pub fn assert_same_tables(what: &str, got: &BTreeMap<String, Vec<String>>, expected: &BTreeMap<String, Vec<String>>) {
     let names = |m: &BTreeMap<String, Vec<String>>| m.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(got), names(expected), "{what}: the same tables");
+    let differ: Vec<String> = expected
+        .iter()
+        .filter(|(t, rows)| &got[*t] != *rows)
+        .map(|(t, rows)| format!("{t} ({} vs {})", got[t].len(), rows.len()))
+        .collect();
+    if !differ.is_empty() {
+        eprintln!("{what}: tables that differ (rows vs expected): {}", differ.join(", "));
+    }
     for (table, rows) in expected {
         let g = &got[table];
         if g != rows {

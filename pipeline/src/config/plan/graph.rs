@@ -5,13 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arrow::datatypes::SchemaRef;
 use citystream_operators::did_you_mean;
-#[cfg(feature = "kafka")]
 use citystream_schemas::EventKind;
 use serde_saphyr::Location;
 
-#[cfg(feature = "kafka")]
 use super::super::SourceConfig;
-use super::{Planner, SourceNode, StreamRef, any_kafka, source_outputs, valid_name};
+use super::{Planner, SourceNode, StreamRef, any_committing, source_outputs, valid_name};
 
 impl<'a> Planner<'a> {
     /// Every name valid and used once; at least one source and one sink.
@@ -63,22 +61,52 @@ impl<'a> Planner<'a> {
         out
     }
 
-    /// The Kafka source's rules: the only source of its pipeline, reading the kinds its topics
-    /// name; state checkpoints need one.
+    /// The rules of sources that commit positions (Kafka, files): the only source of their
+    /// pipeline, reading the kinds they name; state checkpoints need one, and a files source
+    /// needs state checkpoints.
     pub(super) fn check_sources(&mut self, sources: &[SourceNode]) {
         let raw = self.raw;
         let nowhere = Location::UNKNOWN;
-        let has_kafka = any_kafka(sources);
+        let committing = any_committing(sources);
 
-        // Checkpoints and offset commits are per pipeline: a Kafka source's barriers and sink
+        // Checkpoints and position commits are per pipeline: one source's barriers and sink
         // acknowledgements would interleave with another source's, committing too early.
-        if sources.len() > 1 && has_kafka {
+        if sources.len() > 1 && committing {
             self.ck.error(
                 nowhere,
                 "sources",
-                format!("a pipeline with a kafka source must have exactly one source (it has {})", sources.len()),
-                Some("run one pipeline per source; a kafka source can read several topics".into()),
+                format!(
+                    "a pipeline with a kafka or files source must have exactly one source (it has {})",
+                    sources.len()
+                ),
+                Some("run one pipeline per source; one source can read every event kind".into()),
             );
+        }
+
+        // a files source reads exactly the kinds its `paths` names, and records how far it read
+        for (name, src) in &raw.sources {
+            let SourceConfig::Files(f) = src else { continue };
+            if EventKind::ALL.iter().all(|kind| f.paths.get(*kind).is_none()) {
+                self.ck.error(nowhere, format!("sources.{name}.paths"), "a files source needs at least one path", None);
+            }
+            if f.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                self.ck.error(
+                    nowhere,
+                    format!("sources.{name}.rate"),
+                    "`rate` must be a positive number of lines per second",
+                    Some("leave it out to read as fast as the pipeline takes lines".into()),
+                );
+            }
+            if raw.runtime.state_dir.is_none() {
+                self.ck.error(
+                    nowhere,
+                    format!("sources.{name}"),
+                    "a files source needs `runtime.state_dir`: it records there how far it read, so a killed \
+                     backfill resumes without writing a row twice",
+                    Some("add `runtime: {state_dir: <a directory of its own>}`".into()),
+                );
+            }
+            self.check_source_kinds(name, |kind| f.paths.get(kind).is_some(), "paths");
         }
 
         // a Kafka source reads exactly the kinds its `topics` names: reading another is a mistake
@@ -93,32 +121,35 @@ impl<'a> Planner<'a> {
                     None,
                 );
             }
-            for (stage, st) in &raw.stages {
-                for r in &st.input.0 {
-                    let Some((node, port)) = r.value.split_once('.') else { continue };
-                    let kind = EventKind::ALL.iter().find(|k| k.as_str() == port);
-                    if node == name && kind.is_some_and(|kd| k.topic(*kd).is_none()) {
-                        self.ck.error(
-                            r.referenced,
-                            format!("stages.{stage}.input"),
-                            format!(
-                                "`{}` has no topic: source `{name}` reads only the kinds its `topics` names",
-                                r.value
-                            ),
-                            Some(format!("add `{port}: <topic>` to `sources.{name}.topics`")),
-                        );
-                    }
-                }
-            }
+            self.check_source_kinds(name, |kind| k.topic(kind).is_some(), "topics");
         }
 
-        if raw.runtime.state_dir.is_some() && !has_kafka {
+        if raw.runtime.state_dir.is_some() && !committing {
             self.ck.error(
                 nowhere,
                 "runtime.state_dir",
-                "state checkpoints need a kafka source: only a kafka source can resume from a checkpoint",
+                "state checkpoints need a kafka or files source: only they can resume from a checkpoint",
                 Some("remove `state_dir`; a simulator run is all or nothing".into()),
             );
+        }
+    }
+
+    /// Stages read only the kinds source `name` has (`reads`), named under its `key`.
+    fn check_source_kinds(&mut self, name: &str, reads: impl Fn(EventKind) -> bool, key: &str) {
+        for (stage, st) in &self.raw.stages {
+            for r in &st.input.0 {
+                let Some((node, port)) = r.value.split_once('.') else { continue };
+                let kind = EventKind::ALL.iter().find(|k| k.as_str() == port);
+                if node == name && kind.is_some_and(|kd| !reads(*kd)) {
+                    let what = if key == "topics" { "topic" } else { "path" };
+                    self.ck.error(
+                        r.referenced,
+                        format!("stages.{stage}.input"),
+                        format!("`{}` has no {what}: source `{name}` reads only the kinds its `{key}` names", r.value),
+                        Some(format!("add `{port}: <{what}>` to `sources.{name}.{key}`")),
+                    );
+                }
+            }
         }
     }
 

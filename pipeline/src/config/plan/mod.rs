@@ -152,9 +152,10 @@ impl PipelinePlan {
     }
 }
 
-/// Whether any of `sources` reads Kafka (offset commits, file cleanup on assignment).
-pub(crate) fn any_kafka(sources: &[SourceNode]) -> bool {
-    sources.iter().any(|s| source_type(&s.config) == "kafka")
+/// Whether any of `sources` commits its positions (Kafka, files): checkpoints, resuming, and
+/// files named after positions.
+pub(crate) fn any_committing(sources: &[SourceNode]) -> bool {
+    sources.iter().any(|s| s.config.commits_positions())
 }
 
 fn source_type(c: &SourceConfig) -> &'static str {
@@ -162,6 +163,7 @@ fn source_type(c: &SourceConfig) -> &'static str {
         SourceConfig::Simulator(_) => "simulator",
         #[cfg(feature = "kafka")]
         SourceConfig::Kafka(_) => "kafka",
+        SourceConfig::Files(_) => "files",
     }
 }
 
@@ -169,7 +171,7 @@ fn source_type(c: &SourceConfig) -> &'static str {
 pub fn origin_name(sources: &[SourceNode], node: &str, port: usize) -> Option<String> {
     let src = sources.iter().find(|s| s.name == node)?;
     match &src.config {
-        SourceConfig::Simulator(_) => Some(format!("{node}.{}", src.outputs[port].name)),
+        SourceConfig::Simulator(_) | SourceConfig::Files(_) => Some(format!("{node}.{}", src.outputs[port].name)),
         #[cfg(feature = "kafka")]
         SourceConfig::Kafka(k) => k.topic(EventKind::ALL[port]).map(str::to_owned),
     }
@@ -190,7 +192,7 @@ fn origin_of(sources: &[SourceNode], stages: &[StageNode], r: &StreamRef) -> Opt
 /// The output ports of a source.
 pub fn source_outputs(c: &SourceConfig) -> Vec<OutputSpec> {
     match c {
-        SourceConfig::Simulator(_) => {
+        SourceConfig::Simulator(_) | SourceConfig::Files(_) => {
             EventKind::ALL.iter().map(|k| OutputSpec::new(k.as_str(), raw::schema())).collect()
         }
         #[cfg(feature = "kafka")]

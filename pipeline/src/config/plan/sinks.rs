@@ -10,14 +10,14 @@ use citystream_schemas::EventKind;
 use serde_saphyr::Location;
 
 use super::super::SinkConfig;
-use super::{Planner, SinkNode, SourceNode, StageNode, any_kafka, origin_of, valid_name};
+use super::{Planner, SinkNode, SourceNode, StageNode, any_committing, origin_of, valid_name};
 
 impl Planner<'_> {
     /// Plans every sink.
     pub(super) fn plan_sinks(&mut self, sources: &[SourceNode], stages: &[StageNode]) -> Vec<SinkNode> {
         let raw = self.raw;
         let nowhere = Location::UNKNOWN;
-        let has_kafka = any_kafka(sources);
+        let committing = any_committing(sources);
         let mut sinks = Vec::new();
         let alerts_table = String::from("alerts");
         for (name, cfg) in &raw.sinks {
@@ -152,7 +152,7 @@ impl Planner<'_> {
             for (table, r) in &inputs {
                 let origin = origin_of(sources, stages, r);
                 let positioned = tables.get(table).is_some_and(|s: &SchemaRef| s.index_of("src_partition").is_ok());
-                if origin.is_none() && positioned && has_kafka {
+                if origin.is_none() && positioned && committing {
                     // files are named after the topic and offsets they hold, which is how a restart
                     // finds what was written after the last commit; merged streams have no one topic
                     self.ck.error(

@@ -29,7 +29,6 @@ mod context;
 pub use alignment::{AlignInput, Alignment};
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,7 @@ use rdkafka::message::Message as _;
 use tokio::sync::watch;
 
 use super::{KafkaSourceConfig, client_config};
-use crate::task::{CheckpointAcks, Outputs, PipelineError};
+use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
 use commit::{checkpoint, commit};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
@@ -53,16 +52,6 @@ type Tp = (String, i32);
 
 /// Next offset to read per (topic, partition).
 type Positions = BTreeMap<Tp, i64>;
-
-/// What the source shares with the sinks' files for exactly-once recovery.
-pub(crate) struct Recovery {
-    /// Operator state checkpoints, when configured.
-    pub(crate) state: Option<crate::task::StateStore>,
-    /// Roots of Parquet sinks whose uncommitted files are removed on assignment.
-    pub(crate) sink_roots: Vec<PathBuf>,
-    /// Offsets committed so far, shared with compaction.
-    pub(crate) commits: crate::sink::compact::CommitLog,
-}
 
 /// The consumer thread's settings and handles.
 struct Loop {
@@ -78,9 +67,22 @@ struct Loop {
     paused: Gauge,
 }
 
+impl Source for KafkaSourceConfig {
+    fn run(
+        self: Box<Self>,
+        ctx: SourceContext,
+    ) -> futures_util::future::BoxFuture<'static, Result<SourceReport, PipelineError>> {
+        Box::pin(async move {
+            let SourceContext { name, outputs, clocks, stop, metrics, acks, recovery } = ctx;
+            let messages = run_kafka_source(&name, *self, outputs, acks, recovery, clocks, stop, &metrics).await?;
+            Ok(SourceReport { messages, account: None })
+        })
+    }
+}
+
 /// Runs the Kafka source until stopped (or idle for `stop_when_idle`), on a thread of its own.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn run_kafka_source(
+async fn run_kafka_source(
     name: &str,
     cfg: KafkaSourceConfig,
     outputs: Outputs,

@@ -1,4 +1,4 @@
-//! Source tasks.
+//! The simulator as a source task.
 
 use std::time::{Duration, Instant};
 
@@ -8,8 +8,21 @@ use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
 use tokio::sync::watch;
 
-use super::{Outputs, PipelineError, cpu_metered};
-use crate::simulator::{SimMessage, SimReport, Simulation, SimulatorConfig, Speed};
+use super::{SimMessage, SimReport, Simulation, SimulatorConfig, Speed};
+use crate::task::{Outputs, PipelineError, Source, SourceContext, SourceReport, cpu_metered};
+
+impl Source for SimulatorConfig {
+    fn run(
+        self: Box<Self>,
+        ctx: SourceContext,
+    ) -> futures_util::future::BoxFuture<'static, Result<SourceReport, PipelineError>> {
+        Box::pin(async move {
+            let SourceContext { name, outputs, clocks, stop, metrics, .. } = ctx;
+            let (messages, sim) = run_simulator(&name, *self, outputs, clocks, stop, &metrics).await?;
+            Ok(SourceReport { messages, account: Some(Box::new(sim)) })
+        })
+    }
+}
 
 fn port(kind: EventKind) -> usize {
     EventKind::ALL.iter().position(|k| *k == kind).expect("every kind has a port")
@@ -31,7 +44,7 @@ async fn hand_on(builders: &mut [RawBatchBuilder], outputs: &Outputs, min_rows: 
 /// Runs the embedded simulator as a source: one raw stream per event kind (one partition, 0),
 /// in arrival order. Each stream's watermark is its partition's on the stream's event clock:
 /// the newest event time its `decode` stage has seen, minus `max_out_of_orderness`.
-pub(crate) async fn run_simulator(
+async fn run_simulator(
     name: &str,
     cfg: SimulatorConfig,
     outputs: Outputs,

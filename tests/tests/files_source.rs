@@ -1,0 +1,304 @@
+//! The files source (`type: files`): a simulated span written as archive files — traffic as
+//! hourly `.jsonl.zst`, camera as `.jsonl.gz`, environment as plain `.jsonl` — and replayed
+//! through the embedded default's stages (deploy/local.yaml) gives the same derived tables as
+//! the simulator source of the same seed; a backfill killed with SIGKILL at random moments and
+//! restarted gives them too, with no row twice.
+
+mod common;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use citystream_pipeline::simulator::{SimMessage, Simulation, SimulatorConfig};
+use citystream_schemas::EventKind;
+use common::tables::{Compare, assert_same_tables, table_rows};
+use common::*;
+
+/// Simulated hours (`CITYSTREAM_FILES_HOURS`, default 4).
+fn hours() -> i64 {
+    std::env::var("CITYSTREAM_FILES_HOURS").ok().and_then(|h| h.parse().ok()).unwrap_or(4)
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// The span, the archive written from it and the simulator run's tables, made once.
+struct Archive {
+    /// deploy/local.yaml's simulator, over the span.
+    simulator: SimulatorConfig,
+    /// One directory per kind.
+    files: PathBuf,
+    /// Where the runs' shared secrets (pseudonyms, DP noise) live.
+    secrets: PathBuf,
+    messages: usize,
+    _dir: tempfile::TempDir,
+}
+
+fn archive() -> &'static Archive {
+    static A: OnceLock<Archive> = OnceLock::new();
+    A.get_or_init(|| {
+        let raw = citystream_pipeline::config::load_str(&local_yaml(), "local.yaml").unwrap();
+        let mut cfg: SimulatorConfig = match raw.sources.into_values().next().unwrap() {
+            citystream_pipeline::config::SourceConfig::Simulator(s) => *s,
+            _ => panic!("local.yaml reads the simulator"),
+        };
+        // ending two hours ago: recent events, which decode's default bounds accept against
+        // the files' modification time
+        let now = now_ms();
+        let end = now - now.rem_euclid(3_600_000) - 2 * 3_600_000;
+        cfg.start = citystream_pipeline::simulator::StartTime(Some(end - hours() * 3_600_000));
+        cfg.duration = citystream_operators::Duration::from_secs(hours() as u64 * 3600);
+        cfg.ground_truth = None;
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("archive");
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        for (i, f) in ["pseudonym.key", "dp_noise.key"].into_iter().enumerate() {
+            std::fs::write(secrets.join(f), [23 + i as u8; 32]).unwrap();
+            std::fs::set_permissions(secrets.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
+        let mut sim = Simulation::new(cfg.clone(), now);
+        let mut messages: Vec<SimMessage> = Vec::new();
+        while sim.step(&mut messages) {}
+        write_archive(&files, &messages);
+        Archive { simulator: cfg, files, secrets, messages: messages.len(), _dir: dir }
+    })
+}
+
+/// Writes `messages` as an archive would hold them, in arrival order: traffic in hourly
+/// zstd files (by arrival hour), camera in one gzip file, environment in one plain file.
+fn write_archive(dir: &Path, messages: &[SimMessage]) {
+    for k in EventKind::ALL {
+        std::fs::create_dir_all(dir.join(k.as_str())).unwrap();
+    }
+    let mut traffic: std::collections::BTreeMap<i64, Vec<u8>> = Default::default();
+    let mut camera = Vec::new();
+    let mut environment = Vec::new();
+    for m in messages {
+        let out = match m.kind {
+            EventKind::Traffic => traffic.entry(m.arrival_ms.div_euclid(3_600_000)).or_default(),
+            EventKind::Camera => &mut camera,
+            EventKind::Environment => &mut environment,
+        };
+        out.extend_from_slice(&m.payload);
+        out.push(b'\n');
+    }
+    for (hour, lines) in traffic {
+        let name = format!("traffic/{hour:08}.jsonl.zst");
+        std::fs::write(dir.join(name), zstd::encode_all(lines.as_slice(), 3).unwrap()).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&camera).unwrap();
+    std::fs::write(dir.join("camera/all.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(dir.join("environment/all.jsonl"), environment).unwrap();
+}
+
+fn local_yaml() -> String {
+    std::fs::read_to_string(root().join("deploy/local.yaml")).unwrap()
+}
+
+/// deploy/local.yaml with `sources` replaced, its data under `data`, and the shared secrets.
+fn pipeline_yaml(sources: &str, data: &Path, state: bool) -> String {
+    let text = local_yaml();
+    let sources_at = text.find("\nsources:\n").unwrap();
+    let stages_at = text.find("\nstages:\n").unwrap();
+    let secrets = &archive().secrets;
+    let text = format!("{}\nsources:\n{sources}{}", &text[..sources_at], &text[stages_at..])
+        .replace("${CITYSTREAM_DATA:-data}/secrets/pseudonym.key", &secrets.join("pseudonym.key").display().to_string())
+        .replace("${CITYSTREAM_DATA:-data}/secrets/dp_noise.key", &secrets.join("dp_noise.key").display().to_string())
+        .replace("${CITYSTREAM_DATA:-data}", &data.display().to_string())
+        .replace("${CITYSTREAM_METRICS_ADDR:-127.0.0.1:9464}", "127.0.0.1:0")
+        .replace("${CITYSTREAM_CONTROL_ADDR:-127.0.0.1:8088}", "127.0.0.1:0")
+        .replace("road_graph: deploy/", &format!("road_graph: {}/deploy/", root().display()))
+        .replace("sites: deploy/", &format!("sites: {}/deploy/", root().display()))
+        .replace("models/onnx/", &format!("{}/models/onnx/", root().display()))
+        .replace("  status_interval: 5s\n", "  status_interval: null\n");
+    if state { format!("{text}  state_dir: {}/state\n", data.display()) } else { text }
+}
+
+/// The files source over the archive, named like the simulator source (`city`), so lineage
+/// columns (`source`, `src_offset`) match too.
+fn files_source(extra: &str) -> String {
+    let d = archive().files.display();
+    format!(
+        "  city:
+    type: files
+    paths:
+      traffic: {d}/traffic
+      camera: {d}/camera/*.jsonl.gz
+      environment: {d}/environment/all.jsonl
+    batch_rows: 2048
+    checkpoint_interval: 300ms
+    max_out_of_orderness: 2m
+{extra}"
+    )
+}
+
+fn simulator_source() -> String {
+    let c = &archive().simulator;
+    let start = chrono::DateTime::from_timestamp_millis(c.start.0.unwrap())
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let text = local_yaml();
+    let sim = &text[text.find("\nsources:\n").unwrap() + 10..text.find("\nstages:\n").unwrap()];
+    let start_line = sim.lines().find(|l| l.trim_start().starts_with("start:")).unwrap();
+    let duration_line = sim.lines().find(|l| l.trim_start().starts_with("duration:")).unwrap();
+    let gt_line = sim.lines().find(|l| l.trim_start().starts_with("ground_truth:")).unwrap();
+    format!("{sim}\n")
+        .replace(start_line, &format!("    start: {start}"))
+        .replace(duration_line, &format!("    duration: {}h", hours()))
+        .replace(&format!("{gt_line}\n"), "")
+}
+
+/// Every table of a lake up to an hour before the end of the span, `received_at` (the
+/// simulator's arrival time, the files' modification time), the `date` partition column (of
+/// `dead_letters`, by arrival; elsewhere a function of the compared event time) and
+/// wall-clock columns left out.
+/// With a state directory the end of the files is not the end of the stream: what is still
+/// open then (an alert not yet resolved) stays in the last checkpoint for the next files.
+async fn tables(data: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    let c = &archive().simulator;
+    let end_ms = c.start.0.unwrap() + c.duration.as_millis_i64();
+    table_rows(
+        &data.join("lake"),
+        &Compare {
+            skip_tables: &["energy"],
+            skip_columns: &["emitted_at", "received_at", "date"],
+            until_ms: Some(end_ms - 3_600_000),
+        },
+    )
+    .await
+}
+
+fn expected() -> &'static std::collections::BTreeMap<String, Vec<String>> {
+    static T: OnceLock<std::collections::BTreeMap<String, Vec<String>>> = OnceLock::new();
+    T.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async {
+                let data = archive()._dir.path().join("simulator-run");
+                let report = run_in_process(&pipeline_yaml(&simulator_source(), &data, false)).await;
+                assert_eq!(report.source_messages["city"] as usize, archive().messages);
+                tables(&data).await
+            })
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_replayed_from_files_gives_the_simulator_runs_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let report = run_in_process(&pipeline_yaml(&files_source(""), &data, true)).await;
+    assert_eq!(report.source_messages["city"] as usize, archive().messages, "every line read once");
+    let got = tables(&data).await;
+    let want = expected();
+    assert!(want["traffic"].len() > 5_000, "a real span: {} traffic rows", want["traffic"].len());
+    assert_same_tables("files vs simulator", &got, want);
+
+    // a second run over the same state directory finds everything read: no row twice
+    let again = run_in_process(&pipeline_yaml(&files_source(""), &data, true)).await;
+    assert_eq!(again.source_messages["city"], 0, "a finished backfill reads nothing again");
+    assert_same_tables("files, run again", &tables(&data).await, want);
+}
+
+#[test]
+fn a_backfill_killed_at_random_moments_resumes_without_a_row_twice() {
+    let want = expected();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // paced, so that kills land in the middle of the backfill
+    let config = dir.path().join("files.yaml");
+    std::fs::write(&config, pipeline_yaml(&files_source("    rate: 6000\n"), &data, true)).unwrap();
+    let log = dir.path().join("run.log");
+    let seed = now_ms() as u64;
+    let mut kills = Vec::new();
+    for i in 0..3u64 {
+        let mut child = spawn(&config, &log);
+        // after at least one checkpoint, at a moment that differs run to run
+        let wait = 1500 + (seed.rotate_left(i as u32 * 13) % 2500);
+        std::thread::sleep(Duration::from_millis(wait));
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "citystream failed: {status}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            break;
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.wait().unwrap();
+        kills.push(wait);
+    }
+    eprintln!("killed after {kills:?} ms");
+    let mut child = spawn(&config, &log);
+    wait_exit(&mut child, Duration::from_secs(600), &log);
+    assert!(!kills.is_empty(), "the backfill was killed at least once");
+    assert_same_tables("killed and resumed vs simulator", &rt_tables(&data), want);
+}
+
+fn rt_tables(data: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(tables(data))
+}
+
+#[test]
+fn a_files_source_without_a_state_dir_is_refused_with_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pipeline_yaml(&files_source(""), &dir.path().join("data"), false);
+    let raw = citystream_pipeline::config::load_str(&yaml, "files.yaml").unwrap();
+    let errs = citystream_pipeline::config::plan::plan(raw, "files.yaml").unwrap_err();
+    let text = errs.to_string();
+    assert!(text.contains("sources.city") && text.contains("runtime.state_dir"), "{text}");
+}
+
+/// `citystream simulate --out` then `citystream replay` as the README gives them: the backfill
+/// lands in its own lake, its dead letters are exactly the malformed messages the simulator
+/// wrote, and replaying again finds everything done.
+#[test]
+fn citystream_replay_backfills_what_simulate_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = dir.path().join("sim");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(citystream_bin())
+            .args(args)
+            .current_dir(root())
+            .env("CITYSTREAM_DATA", dir.path().join("data"))
+            .env("CITYSTREAM_CONTROL_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report: serde_json::Value =
+        serde_json::from_str(&run(&["simulate", "--duration", "3h", "--out", sim.to_str().unwrap()])).unwrap();
+    let malformed: u64 = report["kinds"].as_object().unwrap().values().map(|k| k["malformed"].as_u64().unwrap()).sum();
+    let lake = dir.path().join("backfill");
+    let args = ["replay", "--files", sim.to_str().unwrap(), "--out", lake.to_str().unwrap()];
+    let summary = run(&args);
+    assert!(summary.contains("lake/traffic:"), "{summary}");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let count = |table: &str| {
+        rt.block_on(async {
+            let (ctx, _) = citystream_pipeline::sql::context(&lake).await.unwrap();
+            let b = ctx.sql(&format!("SELECT count(*) FROM {table}")).await.unwrap().collect().await.unwrap();
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b[0].column(0)).value(0) as u64
+        })
+    };
+    assert_eq!(count("dead_letters"), malformed, "dead letters are the simulator's malformed messages");
+    let traffic = count("traffic_windows");
+    assert!(traffic > 0);
+    let again = run(&args);
+    assert!(again.contains(": 0 events in"), "a finished replay reads nothing again: {again}");
+    assert_eq!(count("traffic_windows"), traffic);
+}
