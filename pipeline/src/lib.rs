@@ -9,6 +9,7 @@
 //! - [`kafka`] (feature `kafka`): the Kafka source and sink;
 //! - [`files`]: the files source (JSON lines and Parquet archives, for backfills);
 //! - [`sql`] (feature `sql`): DataFusion SQL over the Parquet tables;
+//! - [`flight`] (feature `sql`): the Arrow Flight SQL endpoint over them (`citystream serve`);
 //! - [`serve`]: the Prometheus endpoint and the status line;
 //! - [`energy`]: the energy and carbon account per task.
 //!
@@ -20,6 +21,8 @@ pub mod config;
 pub mod control;
 pub mod energy;
 pub mod files;
+#[cfg(feature = "sql")]
+pub mod flight;
 pub mod gpu;
 #[cfg(feature = "kafka")]
 pub mod kafka;
