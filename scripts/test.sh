@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need, then runs them.
-#   1. Python tools (pyarrow, DuckDB) into .venv; Chromium (apt) and playwright-core (npm)
+#   1. Python tools (pyarrow, DuckDB, ADBC) into .venv; Chromium (apt) and playwright-core (npm);
+#      Java and Maven (apt), the Flight SQL JDBC driver (Maven Central)
 #   2. checks style (rustfmt, clippy -D warnings), then builds everything (one dev profile for
 #      tests, binaries and the demo)
 #   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB;
@@ -21,10 +22,14 @@ if ! command -v chromium >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
-# the Kafka broker runs on Java 17+ and is fetched with Maven (both come with the usual image)
-if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven
+# the Kafka broker runs on Java 17+ and is fetched with Maven (both come with the usual image);
+# the Flight SQL JDBC check runs a one-file Java program (`java X.java` needs the JDK's compiler)
+if ! command -v javac >/dev/null || ! command -v mvn >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless maven
 fi
+# the Arrow Flight SQL JDBC driver, from Maven Central
+CITYSTREAM_FLIGHT_JDBC_JAR="$(scripts/setup-jdbc.sh)"
+export CITYSTREAM_FLIGHT_JDBC_JAR
 
 echo "== style"
 cargo fmt --all -- --check

@@ -53,7 +53,17 @@ fn has_partition_dir(dir: &Path, prefix: &str) -> bool {
 
 /// A session with every table under `data` registered; returns it and the table names.
 pub async fn context(data: &Path) -> Result<(SessionContext, Vec<String>), SqlError> {
-    let ctx = SessionContext::new();
+    register(SessionContext::new(), data, true).await
+}
+
+/// [`context`] for clients of other engines (Flight SQL): text and binary columns come out
+/// as `Utf8`/`Binary`, not the view types DataFusion reads Parquet into, which some clients
+/// (the Flight SQL JDBC driver 18) cannot read.
+pub async fn context_for_clients(data: &Path) -> Result<(SessionContext, Vec<String>), SqlError> {
+    register(SessionContext::new(), data, false).await
+}
+
+async fn register(ctx: SessionContext, data: &Path, views: bool) -> Result<(SessionContext, Vec<String>), SqlError> {
     let mut names = Vec::new();
     let entries =
         std::fs::read_dir(data).map_err(|source| SqlError::Io { path: data.display().to_string(), source })?;
@@ -65,7 +75,8 @@ pub async fn context(data: &Path) -> Result<(SessionContext, Vec<String>), SqlEr
             continue;
         }
         let path = e.path();
-        let mut options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let mut options = ListingOptions::new(Arc::new(ParquetFormat::default().with_force_view_types(views)))
+            .with_file_extension(".parquet");
         if has_partition_dir(&path, "date=") {
             // daily tables (a Parquet sink's `daily`) have no `hour=` level
             let hourly = crate::sink::parquet::layout_on_disk(&path) == Some(false);

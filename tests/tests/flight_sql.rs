@@ -100,6 +100,9 @@ async fn adbc_runs_the_readme_queries_with_the_rows_citystream_sql_gives() {
     let plan_path = dir.path().join("plan.json");
     std::fs::write(&plan_path, plan.to_string()).unwrap();
     client(&uri, &viewer, &plan_path, &out);
+    // and one query through the Flight SQL JDBC driver (DBeaver and other JDBC tools)
+    let by_class = queries.iter().find(|q| q.contains("object_class")).expect("the README's objects-by-class query");
+    let jdbc_rows = jdbc(uri.trim_start_matches("grpc://"), &viewer, by_class);
     drop(server);
 
     let mut expected_sql: Vec<String> = queries.clone();
@@ -110,6 +113,9 @@ async fn adbc_runs_the_readme_queries_with_the_rows_citystream_sql_gives() {
         assert_eq!(rows(&got), rows(&want), "query {n}: {sql}");
         assert!(!rows(&want).is_empty(), "query {n} returns rows: {sql}");
     }
+    let mut want_jdbc = rows(&citystream_pipeline::sql::query(&lake, by_class).await.unwrap());
+    want_jdbc.sort();
+    assert_eq!(jdbc_rows, want_jdbc, "the JDBC driver gets the rows of citystream sql");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     eprintln!("{report:#}");
     let over = report["over_limit"].as_str().unwrap();
@@ -166,6 +172,26 @@ fn serve(lake: &Path, tokens: &Path, extra: &[&std::ffi::OsStr]) -> (Server, Str
     let server = Server(child);
     let uri = first.split_whitespace().find(|w| w.starts_with("grpc")).unwrap_or_else(|| panic!("{first}")).to_owned();
     (server, uri)
+}
+
+/// Runs `sql` through the Flight SQL JDBC driver (`CITYSTREAM_FLIGHT_JDBC_JAR`, which
+/// scripts/test.sh fetches with scripts/setup-jdbc.sh); its rows, sorted.
+fn jdbc(host_port: &str, token: &str, sql: &str) -> Vec<String> {
+    let jar = std::env::var("CITYSTREAM_FLIGHT_JDBC_JAR").unwrap_or_else(|_| {
+        let out = Command::new(root().join("scripts/setup-jdbc.sh")).output().expect("scripts/setup-jdbc.sh");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    });
+    let out = Command::new("java")
+        .arg("--add-opens=java.base/java.nio=ALL-UNNAMED")
+        .args(["-cp", &jar])
+        .arg(root().join("tests/jdbc/FlightJdbc.java"))
+        .args([host_port, token, sql])
+        .output()
+        .expect("java (scripts/test.sh installs a JDK)");
+    assert!(out.status.success(), "the JDBC client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
 }
 
 /// Runs the ADBC client with `plan`.

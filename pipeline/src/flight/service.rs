@@ -73,7 +73,9 @@ impl LakeService {
 
     /// The lake's tables, registered afresh (new tables, partitions and files are seen).
     async fn context(&self) -> Result<(SessionContext, Vec<String>), Status> {
-        crate::sql::context(&self.cfg.lake).await.map_err(|e| Status::internal(format!("reading the lake: {e}")))
+        crate::sql::context_for_clients(&self.cfg.lake)
+            .await
+            .map_err(|e| Status::internal(format!("reading the lake: {e}")))
     }
 
     /// Plans `sql` read-only, with `params` bound; cut one row past the limit, so a result over
