@@ -254,7 +254,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Replay { config, files, out, state, rate } => {
-            cli::replay::replay(cli::replay::Replay { config, files, out, state, rate }).await
+            cli::replay::replay(&config, config::backfill::Backfill { files, out, state, rate }).await
         }
         #[cfg(feature = "kafka")]
         Command::Topics { config: file, partitions, replication } => {

@@ -302,3 +302,49 @@ fn citystream_replay_backfills_what_simulate_wrote() {
     assert!(again.contains(": 0 events in"), "a finished replay reads nothing again: {again}");
     assert_eq!(count("traffic_windows"), traffic);
 }
+
+/// A truncated `.zst` among the traffic files: by default it is skipped (its readable lines
+/// delivered, the rest logged and counted) and the backfill goes on; with `on_bad_file: stop`
+/// the run ends with an error naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_file_is_skipped_or_stops_the_run_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let traffic = dir.path().join("traffic");
+    std::fs::create_dir_all(&traffic).unwrap();
+    let mut names: Vec<_> =
+        std::fs::read_dir(archive().files.join("traffic")).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    for (i, f) in names.iter().enumerate() {
+        let mut bytes = std::fs::read(f).unwrap();
+        if i == 1 {
+            bytes.truncate(bytes.len() / 2);
+        }
+        std::fs::write(traffic.join(f.file_name().unwrap()), bytes).unwrap();
+    }
+    let bad = traffic.join(names[1].file_name().unwrap());
+    let source = |extra: &str| {
+        format!(
+            "  city:\n    type: files\n    paths: {{traffic: {}, camera: {}/camera, environment: {}/environment}}\n{extra}",
+            traffic.display(),
+            archive().files.display(),
+            archive().files.display()
+        )
+    };
+    let run = |yaml: String| async move {
+        let p = citystream_pipeline::config::plan::plan(
+            citystream_pipeline::config::load_str(&yaml, "files.yaml").unwrap(),
+            "files.yaml",
+        )
+        .unwrap();
+        let (_stop, rx) = citystream_pipeline::StopHandle::new();
+        citystream_pipeline::runtime::run(p, citystream_operators::Metrics::new(), rx).await
+    };
+    let skipped = run(pipeline_yaml(&source(""), &dir.path().join("skip"), true)).await.expect("a bad file is skipped");
+    let read = skipped.source_messages["city"] as usize;
+    assert!(read < archive().messages && read > archive().messages / 2, "{read} of {} lines", archive().messages);
+    let err = run(pipeline_yaml(&source("    on_bad_file: stop\n"), &dir.path().join("stop"), true))
+        .await
+        .expect_err("on_bad_file: stop ends the run");
+    let text = err.to_string();
+    assert!(text.contains(&bad.display().to_string()) && text.contains("after line"), "{text}");
+}

@@ -7,6 +7,7 @@
 //!    moves, reporting every problem at once;
 //! 3. the runtime runs a [`PipelinePlan`].
 
+pub mod backfill;
 mod load;
 pub mod plan;
 mod registry;

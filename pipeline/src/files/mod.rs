@@ -69,6 +69,19 @@ pub enum ReceivedAt {
     Now,
 }
 
+/// What a files source does with a file it cannot open or read to its end (truncated,
+/// corrupt, unknown format).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadFile {
+    /// Log it (file and line), count it (`citystream_source_bad_files_total`) and go on with
+    /// the next file; the lines before the damage are delivered.
+    #[default]
+    Skip,
+    /// Stop the run with an error naming the file and line.
+    Stop,
+}
+
 /// YAML of a `files` source.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +118,10 @@ pub struct FilesSourceConfig {
     /// in memory). Default 1048576.
     #[serde(default = "d_max_line")]
     pub max_line_bytes: NonZeroUsize,
+    /// A file that cannot be opened or read to its end: `skip` (default: logged with file and
+    /// line, counted, the rest goes on) or `stop`.
+    #[serde(default)]
+    pub on_bad_file: OnBadFile,
 }
 
 impl FilesSourceConfig {
@@ -120,6 +137,7 @@ impl FilesSourceConfig {
             poll_interval: d_poll(),
             received_at: ReceivedAt::default(),
             max_line_bytes: d_max_line(),
+            on_bad_file: OnBadFile::default(),
         }
     }
 }

@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::lines::{LineReader, ReadError};
-use super::{FilesSourceConfig, ReceivedAt, list};
+use super::{FilesSourceConfig, OnBadFile, ReceivedAt, list};
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
 impl Source for FilesSourceConfig {
@@ -73,6 +73,8 @@ struct Reader {
     epoch: u64,
     runtime: tokio::runtime::Handle,
     files_read: Counter,
+    /// Files that could not be opened or read to their end (`on_bad_file: skip`).
+    bad_files: Counter,
     /// Bytes (as stored) of the files read to their end, and of every file listed: progress.
     bytes_read: Counter,
     listed: (citystream_operators::Gauge, citystream_operators::Gauge),
@@ -132,6 +134,11 @@ impl Reader {
         );
         let reader = Self {
             files_read: metrics.counter("citystream_source_files_total", "Files a files source read to their end.", &l),
+            bad_files: metrics.counter(
+                "citystream_source_bad_files_total",
+                "Files a files source could not open or read to their end (skipped).",
+                &l,
+            ),
             bytes_read: metrics.counter(
                 "citystream_source_file_bytes_total",
                 "Bytes (as stored) of the files a files source read to their end.",
@@ -232,6 +239,7 @@ impl Reader {
         let batch_rows = self.cfg.batch_rows.get();
         let max_line = self.cfg.max_line_bytes.get();
         let received_at = self.cfg.received_at;
+        let on_bad = self.cfg.on_bad_file;
         let name = self.name.clone();
         let s = &mut self.streams[i];
         let builder = &mut self.builders[s.port];
@@ -243,7 +251,14 @@ impl Reader {
                     break;
                 };
                 s.next_file += 1;
-                let reader = LineReader::open(path, max_line).map_err(|e| read_error(&name, e))?;
+                let reader = match LineReader::open(path, max_line) {
+                    Ok(r) => r,
+                    Err(e) if on_bad == OnBadFile::Skip => {
+                        skip_bad_file(&name, &e, &self.bad_files);
+                        continue;
+                    }
+                    Err(e) => return Err(read_error(&name, e)),
+                };
                 let now = chrono::Utc::now().timestamp_millis();
                 let arrived = match received_at {
                     ReceivedAt::Modified => std::fs::metadata(path)
@@ -256,7 +271,16 @@ impl Reader {
                 s.open = Some((reader, arrived));
             }
             let (reader, arrived) = s.open.as_mut().expect("opened above");
-            if !reader.next_line(buf).map_err(|e| read_error(&name, e))? {
+            let more = match reader.next_line(buf) {
+                Ok(more) => more,
+                Err(e) if on_bad == OnBadFile::Skip => {
+                    // the lines before the damage are delivered, the rest of the file cannot be read
+                    skip_bad_file(&name, &e, &self.bad_files);
+                    false
+                }
+                Err(e) => return Err(read_error(&name, e)),
+            };
+            if !more {
                 let size = std::fs::metadata(reader.path()).map(|m| m.len()).unwrap_or(0);
                 s.open = None;
                 self.files_read.inc();
@@ -362,6 +386,12 @@ impl Reader {
         self.count_listed();
         Ok(())
     }
+}
+
+/// Logs a file that cannot be (wholly) read, and counts it.
+fn skip_bad_file(source: &str, e: &ReadError, bad_files: &Counter) {
+    tracing::error!(source, "skipping the rest of a file: {e}");
+    bad_files.inc();
 }
 
 fn read_error(source: &str, e: ReadError) -> PipelineError {

@@ -386,7 +386,22 @@ pub async fn run_with_reload(
 async fn collect(tasks: &mut JoinSet<Result<Finished, PipelineError>>) -> (RunReport, Option<PipelineError>) {
     let mut report = RunReport::default();
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
+    // after a `Disconnected` (a consequence), the task that failed first gets a moment to
+    // report its cause before everything is aborted
+    let mut grace: Option<tokio::time::Instant> = None;
+    loop {
+        let joined = match grace {
+            Some(until) => match tokio::time::timeout_at(until, tasks.join_next()).await {
+                Ok(j) => j,
+                Err(_) => {
+                    grace = None;
+                    tasks.abort_all();
+                    continue;
+                }
+            },
+            None => tasks.join_next().await,
+        };
+        let Some(joined) = joined else { break };
         match joined {
             Ok(Ok(Finished::Source { name, messages, sim })) => {
                 report.source_messages.insert(name.clone(), messages);
@@ -398,16 +413,24 @@ async fn collect(tasks: &mut JoinSet<Result<Finished, PipelineError>>) -> (RunRe
             Ok(Ok(Finished::Sink { name, tables })) => {
                 report.tables.insert(name, tables);
             }
+            Ok(Err(PipelineError::Disconnected)) => {
+                if first_error.is_none() {
+                    first_error = Some(PipelineError::Disconnected);
+                    grace = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(2));
+                }
+            }
             Ok(Err(e)) => {
-                // keep the root cause, not the `Disconnected` errors it causes downstream
+                // keep the root cause, not the `Disconnected` errors it causes elsewhere
                 if first_error.is_none() || matches!(first_error, Some(PipelineError::Disconnected)) {
                     first_error = Some(e);
                 }
+                grace = None;
                 tasks.abort_all();
             }
             Err(e) if e.is_cancelled() => {}
             Err(e) => {
                 first_error.get_or_insert(PipelineError::Task(e.to_string()));
+                grace = None;
                 tasks.abort_all();
             }
         }
