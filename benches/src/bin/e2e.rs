@@ -16,6 +16,11 @@
 //! (Kafka → decode → Parquet) and, beside it, the ceiling: the same consumer settings only
 //! decoding, no sink.
 //! `cargo run --release -p citystream-benches --features kafka --bin e2e -- --kafka 127.0.0.1:9092`
+//!
+//! Files mode (a backfill): writes the simulated days once as zstd JSON lines, one file per
+//! kind, then per run reads them with the files source through the same decode → Parquet
+//! pipeline as Kafka mode, so the two compare:
+//! `cargo run --release -p citystream-benches --bin e2e -- --files`
 
 use std::time::Instant;
 
@@ -46,6 +51,9 @@ struct Args {
     /// Model variant in the pipeline: `fp32` (as configured), `int8` or `small`.
     #[arg(long, default_value = "fp32")]
     models: String,
+    /// Files mode: the same decode → Parquet pipeline as Kafka mode, reading zstd JSON lines.
+    #[arg(long)]
+    files: bool,
     /// Kafka mode: brokers to produce to and consume from.
     #[cfg(feature = "kafka")]
     #[arg(long)]
@@ -63,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     #[cfg(feature = "kafka")]
     if let Some(brokers) = &args.kafka {
         return kafka::run(&rt, brokers, args.days, args.repeat);
+    }
+    if args.files {
+        return files::run(&rt, args.days, args.repeat);
     }
     let mut rates = Vec::new();
     let mut cpu_per_m = Vec::new();
@@ -205,6 +216,103 @@ fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
     Ok(Some((all, infer)))
 }
 
+/// The decode → Parquet pipeline of Kafka and files modes, over `source` (a YAML map entry).
+fn decode_to_parquet(source_name: &str, source: &str, lake: &std::path::Path, extra_runtime: &str) -> String {
+    let decode = |kind: &str| {
+        format!(
+            "  {kind}: {{type: decode, input: {source_name}.{kind}, kind: {kind}, max_past: null, max_future: null}}\n"
+        )
+    };
+    format!(
+        "sources:\n{source}stages:\n{}{}{}sinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters], traffic_late: traffic.late_events, camera_late: camera.late_events, environment_late: environment.late_events}}\nruntime: {{status_interval: null{extra_runtime}}}\n",
+        decode("traffic"),
+        decode("camera"),
+        decode("environment"),
+        d = lake.display()
+    )
+}
+
+mod files {
+    use std::io::Write as _;
+    use std::time::Instant;
+
+    use citystream_benches::usage;
+    use citystream_operators::Metrics;
+    use citystream_pipeline::config::{self, plan::plan};
+    use citystream_pipeline::runtime::{self, StopHandle};
+    use citystream_pipeline::simulator::{Simulation, SimulatorConfig};
+    use citystream_schemas::EventKind;
+
+    pub fn run(rt: &tokio::runtime::Runtime, days: u64, repeat: usize) -> anyhow::Result<()> {
+        let archive = tempfile::tempdir()?;
+        let cfg = SimulatorConfig {
+            duration: citystream_operators::Duration::from_secs(days * 86_400),
+            ..SimulatorConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut writers = EventKind::ALL
+            .iter()
+            .map(|k| {
+                let f = std::fs::File::create(archive.path().join(format!("{k}.jsonl.zst")))?;
+                zstd::stream::write::Encoder::new(std::io::BufWriter::new(f), 3)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sim = Simulation::new(cfg, 0);
+        let (mut buf, mut written) = (Vec::new(), 0u64);
+        while sim.step(&mut buf) {
+            for m in buf.drain(..) {
+                let w = &mut writers[EventKind::ALL.iter().position(|k| *k == m.kind).expect("kind")];
+                w.write_all(&m.payload)?;
+                w.write_all(b"\n")?;
+                written += 1;
+            }
+        }
+        for w in writers {
+            w.finish()?.flush()?;
+        }
+        let bytes: u64 = std::fs::read_dir(archive.path())?
+            .map(|e| e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .sum::<Result<u64, _>>()?;
+        eprintln!(
+            "wrote {written} lines ({:.1} MiB of zstd) in {:.1} s",
+            bytes as f64 / 1048576.0,
+            t0.elapsed().as_secs_f64()
+        );
+        let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+        for run in 0..repeat {
+            let dir = tempfile::tempdir()?;
+            let a = archive.path().display();
+            let source = format!(
+                "  archive:\n    type: files\n    paths: {{traffic: {a}/traffic.jsonl.zst, camera: {a}/camera.jsonl.zst, environment: {a}/environment.jsonl.zst}}\n    checkpoint_interval: 5s\n"
+            );
+            let state = format!(", state_dir: {}", dir.path().join("state").display());
+            let yaml = super::decode_to_parquet("archive", &source, &dir.path().join("lake"), &state);
+            let p = plan(config::load_str(&yaml, "bench")?, "bench")?;
+            let before = usage();
+            let t0 = Instant::now();
+            let (_stop, rx) = StopHandle::new();
+            let report = rt.block_on(runtime::run(p, Metrics::new(), rx))?;
+            let secs = t0.elapsed().as_secs_f64();
+            let n: u64 = report.source_messages.values().sum();
+            let cpu = usage().cpu_s - before.cpu_s;
+            rates.push(n as f64 / secs);
+            cpus.push(cpu / n as f64 * 1e6);
+            eprintln!(
+                "run {run}: {n} events in {secs:.2} s, {:.0} events/s, {:.2} CPU-s per million events",
+                n as f64 / secs,
+                cpu / n as f64 * 1e6
+            );
+        }
+        println!(
+            "files pipeline (zstd JSON lines -> decode -> Parquet): median {:.0} events/s, {:.2} CPU-s per million events, peak RSS {:.0} MiB ({repeat} runs)",
+            super::median(rates),
+            super::median(cpus),
+            usage().peak_rss_mib
+        );
+        Ok(())
+    }
+}
+
 #[cfg(feature = "kafka")]
 mod kafka {
     use std::time::{Duration, Instant};
@@ -294,13 +402,13 @@ mod kafka {
         let (mut pipe_rate, mut pipe_cpu, mut ceil_rate, mut ceil_cpu) = (vec![], vec![], vec![], vec![]);
         for run in 0..repeat {
             let dir = tempfile::tempdir()?;
-            let yaml = format!(
-                "sources:\n  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\nstages:\n  traffic: {{type: decode, input: kafka.traffic, kind: traffic, max_past: null, max_future: null}}\n  camera: {{type: decode, input: kafka.camera, kind: camera, max_past: null, max_future: null}}\n  environment: {{type: decode, input: kafka.environment, kind: environment, max_past: null, max_future: null}}\nsinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters], traffic_late: traffic.late_events, camera_late: camera.late_events, environment_late: environment.late_events}}\nruntime: {{status_interval: null}}\n",
+            let source = format!(
+                "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\n",
                 t = topics.traffic.as_ref().unwrap(),
                 c = topics.camera.as_ref().unwrap(),
                 e = topics.environment.as_ref().unwrap(),
-                d = dir.path().display()
             );
+            let yaml = super::decode_to_parquet("kafka", &source, dir.path(), "");
             let p = plan(config::load_str(&yaml, "bench")?, "bench")?;
             let before = usage();
             let t0 = Instant::now();
