@@ -49,6 +49,12 @@ enum Command {
         /// Lines per second at most (default: as fast as the pipeline takes them).
         #[arg(long)]
         rate: Option<f64>,
+        /// Only events at or after this time (RFC 3339, e.g. 2026-03-02T00:00:00Z).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only events before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
     },
     /// Serve the lake over Arrow Flight SQL (ADBC, JDBC, BI tools): read-only, bearer tokens
     /// from the control center's tokens file, row and time limits per query.
@@ -253,8 +259,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Replay { config, files, out, state, rate } => {
-            cli::replay::replay(&config, config::backfill::Backfill { files, out, state, rate }).await
+        Command::Replay { config, files, out, state, rate, from, until } => {
+            let event_time = citystream_pipeline::files::EventTimeRange::parse(from.as_deref(), until.as_deref())
+                .map_err(|e| anyhow::anyhow!("--from/--until: {e}"))?;
+            cli::replay::replay(&config, config::backfill::Backfill { files, out, state, rate, event_time }).await
         }
         #[cfg(feature = "kafka")]
         Command::Topics { config: file, partitions, replication } => {

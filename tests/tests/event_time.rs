@@ -190,17 +190,8 @@ sources:
         c = topics.camera.as_deref().unwrap(),
         e = topics.environment.as_deref().unwrap(),
     );
-    let secrets = &day().secrets;
-    let text = format!("{}{kafka}{}", &text[..sources_at], &text[stages_at..])
-        .replace("${CITYSTREAM_DATA:-data}/secrets/pseudonym.key", &secrets.join("pseudonym.key").display().to_string())
-        .replace("${CITYSTREAM_DATA:-data}/secrets/dp_noise.key", &secrets.join("dp_noise.key").display().to_string())
-        .replace("${CITYSTREAM_DATA:-data}", &data.display().to_string())
-        .replace("${CITYSTREAM_METRICS_ADDR:-127.0.0.1:9464}", "127.0.0.1:0")
-        .replace("${CITYSTREAM_CONTROL_ADDR:-127.0.0.1:8088}", "127.0.0.1:0")
-        .replace("road_graph: deploy/", &format!("road_graph: {}/deploy/", root().display()))
-        .replace("sites: deploy/", &format!("sites: {}/deploy/", root().display()))
-        .replace("models/onnx/", &format!("{}/models/onnx/", root().display()))
-        .replace("  status_interval: 5s\n", "  status_interval: null\n");
+    let text =
+        local_yaml_in(&format!("{}{kafka}{}", &text[..sources_at], &text[stages_at..]), data, Some(&day().secrets));
     format!("{text}  state_dir: {}/state\n", data.display())
 }
 

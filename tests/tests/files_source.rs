@@ -109,17 +109,11 @@ fn pipeline_yaml(sources: &str, data: &Path, state: bool) -> String {
     let text = local_yaml();
     let sources_at = text.find("\nsources:\n").unwrap();
     let stages_at = text.find("\nstages:\n").unwrap();
-    let secrets = &archive().secrets;
-    let text = format!("{}\nsources:\n{sources}{}", &text[..sources_at], &text[stages_at..])
-        .replace("${CITYSTREAM_DATA:-data}/secrets/pseudonym.key", &secrets.join("pseudonym.key").display().to_string())
-        .replace("${CITYSTREAM_DATA:-data}/secrets/dp_noise.key", &secrets.join("dp_noise.key").display().to_string())
-        .replace("${CITYSTREAM_DATA:-data}", &data.display().to_string())
-        .replace("${CITYSTREAM_METRICS_ADDR:-127.0.0.1:9464}", "127.0.0.1:0")
-        .replace("${CITYSTREAM_CONTROL_ADDR:-127.0.0.1:8088}", "127.0.0.1:0")
-        .replace("road_graph: deploy/", &format!("road_graph: {}/deploy/", root().display()))
-        .replace("sites: deploy/", &format!("sites: {}/deploy/", root().display()))
-        .replace("models/onnx/", &format!("{}/models/onnx/", root().display()))
-        .replace("  status_interval: 5s\n", "  status_interval: null\n");
+    let text = local_yaml_in(
+        &format!("{}\nsources:\n{sources}{}", &text[..sources_at], &text[stages_at..]),
+        data,
+        Some(&archive().secrets),
+    );
     if state { format!("{text}  state_dir: {}/state\n", data.display()) } else { text }
 }
 
@@ -301,6 +295,31 @@ fn citystream_replay_backfills_what_simulate_wrote() {
     let again = run(&args);
     assert!(again.contains(": 0 events in"), "a finished replay reads nothing again: {again}");
     assert_eq!(count("traffic_windows"), traffic);
+
+    // one hour of the three, into a lake of its own: only windows of that hour
+    let hour = dir.path().join("hour");
+    let (from, until) = ("2026-03-02T01:00:00Z", "2026-03-02T02:00:00Z");
+    run(&[
+        "replay",
+        "--files",
+        sim.to_str().unwrap(),
+        "--out",
+        hour.to_str().unwrap(),
+        "--from",
+        from,
+        "--until",
+        until,
+    ]);
+    let span = rt.block_on(async {
+        let (ctx, _) = citystream_pipeline::sql::context(&hour).await.unwrap();
+        let q = "SELECT CAST(min(window_start) AS VARCHAR), CAST(max(window_end) AS VARCHAR), count(*) FROM traffic_windows";
+        let b = ctx.sql(q).await.unwrap().collect().await.unwrap();
+        let s = |i: usize| arrow::util::display::array_value_to_string(b[0].column(i), 0).unwrap();
+        (s(0), s(1), s(2))
+    });
+    assert!(span.0.starts_with("2026-03-02T01:00:00"), "{span:?}");
+    assert!(span.1.as_str() <= "2026-03-02T02:00:00Z", "{span:?}");
+    assert!(span.2.parse::<u64>().unwrap() > 0 && span.2.parse::<u64>().unwrap() < traffic, "{span:?}");
 }
 
 /// A truncated `.zst` among the traffic files: by default it is skipped (its readable lines

@@ -62,16 +62,9 @@ async fn adbc_runs_the_readme_queries_with_the_rows_citystream_sql_gives() {
     let data = dir.path().join("data");
     // ten simulated hours of the embedded default, from its start (the README's queries ask
     // for 2026-03-02 08:00)
-    let yaml = std::fs::read_to_string(root().join("deploy/local.yaml"))
-        .unwrap()
-        .replace("duration: 1d ", "duration: 10h ")
-        .replace("${CITYSTREAM_DATA:-data}", &data.display().to_string())
-        .replace("${CITYSTREAM_METRICS_ADDR:-127.0.0.1:9464}", "127.0.0.1:0")
-        .replace("${CITYSTREAM_CONTROL_ADDR:-127.0.0.1:8088}", "127.0.0.1:0")
-        .replace("road_graph: deploy/", &format!("road_graph: {}/deploy/", root().display()))
-        .replace("sites: deploy/", &format!("sites: {}/deploy/", root().display()))
-        .replace("models/onnx/", &format!("{}/models/onnx/", root().display()))
-        .replace("  status_interval: 5s\n", "  status_interval: null\n");
+    let text =
+        std::fs::read_to_string(root().join("deploy/local.yaml")).unwrap().replace("duration: 1d ", "duration: 10h ");
+    let yaml = local_yaml_in(&text, &data, None);
     run_in_process(&yaml).await;
     let lake = data.join("lake");
     let tokens = data.join("secrets/control_tokens");

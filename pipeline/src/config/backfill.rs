@@ -20,6 +20,8 @@ pub struct Backfill {
     pub state: Option<PathBuf>,
     /// Lines per second at most.
     pub rate: Option<f64>,
+    /// Only events in this range of event time.
+    pub event_time: crate::files::EventTimeRange,
 }
 
 /// Why a config cannot be turned into a backfill.
@@ -73,6 +75,7 @@ pub fn backfill(mut raw: RawPipeline, r: &Backfill) -> Result<RawPipeline, Backf
     let mut files = FilesSourceConfig::new(paths);
     files.max_out_of_orderness = old.max_out_of_orderness();
     files.rate = r.rate;
+    files.event_time = r.event_time;
     raw.sources.insert(name, SourceConfig::Files(Box::new(files)));
     // history: the files were written long after the events, so decode's bound on how far an
     // event may lie before its arrival (default 7 days) does not apply
@@ -138,7 +141,13 @@ mod tests {
             .replace("models/onnx/", &format!("{}/models/onnx/", root.display()));
         let raw = super::super::load_str(&text, "local.yaml").unwrap();
         let out = dir.path().join("backfill");
-        let r = Backfill { files: files.clone(), out: Some(out.clone()), state: None, rate: None };
+        let r = Backfill {
+            files: files.clone(),
+            out: Some(out.clone()),
+            state: None,
+            rate: None,
+            event_time: Default::default(),
+        };
         let raw = backfill(raw, &r).unwrap();
         let SourceConfig::Files(f) = &raw.sources["city"] else { panic!("a files source") };
         assert!(f.paths.traffic.as_ref().unwrap().as_str().ends_with("sim/traffic*"));
@@ -169,7 +178,8 @@ mod tests {
             "x.yaml",
         )
         .unwrap();
-        let r = Backfill { files: dir.path().into(), out: None, state: None, rate: None };
+        let r =
+            Backfill { files: dir.path().into(), out: None, state: None, rate: None, event_time: Default::default() };
         let err = backfill(raw, &r).unwrap_err().to_string();
         assert!(err.contains("no `traffic*`"), "{err}");
     }

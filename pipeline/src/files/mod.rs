@@ -15,6 +15,7 @@
 
 mod lines;
 mod listing;
+mod range;
 mod source;
 
 use std::num::NonZeroUsize;
@@ -28,6 +29,7 @@ use crate::primitives::EnvString;
 pub use lines::{Format, LineReader, ReadError};
 pub use listing::ListError;
 pub use listing::list;
+pub use range::{EventTimeRange, event_time};
 
 /// Files per event kind.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -122,6 +124,11 @@ pub struct FilesSourceConfig {
     /// line, counted, the rest goes on) or `stop`.
     #[serde(default)]
     pub on_bad_file: OnBadFile,
+    /// Only events whose `ts` lies in `{from, until}` (RFC 3339; `until` exclusive; either may
+    /// be left out) are read: a backfill of a date range. Lines without a readable `ts` are
+    /// read (and rejected by `decode` with their reason). Default: all.
+    #[serde(default)]
+    pub event_time: EventTimeRange,
 }
 
 impl FilesSourceConfig {
@@ -138,6 +145,7 @@ impl FilesSourceConfig {
             received_at: ReceivedAt::default(),
             max_line_bytes: d_max_line(),
             on_bad_file: OnBadFile::default(),
+            event_time: EventTimeRange::default(),
         }
     }
 }

@@ -240,6 +240,7 @@ impl Reader {
         let max_line = self.cfg.max_line_bytes.get();
         let received_at = self.cfg.received_at;
         let on_bad = self.cfg.on_bad_file;
+        let range = self.cfg.event_time;
         let name = self.name.clone();
         let s = &mut self.streams[i];
         let builder = &mut self.builders[s.port];
@@ -289,7 +290,7 @@ impl Reader {
             }
             let offset = s.line;
             s.line += 1;
-            if offset < s.resume_at || buf.iter().all(u8::is_ascii_whitespace) {
+            if offset < s.resume_at || buf.iter().all(u8::is_ascii_whitespace) || !range.admits(buf) {
                 continue;
             }
             let arrived = if received_at == ReceivedAt::Now { chrono::Utc::now().timestamp_millis() } else { *arrived };

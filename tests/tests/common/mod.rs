@@ -1,4 +1,4 @@
-//! Helpers shared by the Kafka integration tests.
+//! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
 pub mod tables;
@@ -229,4 +229,30 @@ pub fn broker_script(script: &str) {
     let status =
         Command::new(&path).args(["--dir", &dir]).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(status.success(), "{script} failed: {status}");
+}
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// deploy/local.yaml text made runnable from a test: its data under `data`, shared `secrets`
+/// (pseudonym and DP noise keys) when given, endpoints on free ports, repository paths
+/// absolute, no status line.
+pub fn local_yaml_in(text: &str, data: &Path, secrets: Option<&Path>) -> String {
+    let root = repo_root();
+    let mut text = text.to_owned();
+    if let Some(s) = secrets {
+        for key in ["pseudonym.key", "dp_noise.key"] {
+            text =
+                text.replace(&format!("${{CITYSTREAM_DATA:-data}}/secrets/{key}"), &s.join(key).display().to_string());
+        }
+    }
+    text.replace("${CITYSTREAM_DATA:-data}", &data.display().to_string())
+        .replace("${CITYSTREAM_METRICS_ADDR:-127.0.0.1:9464}", "127.0.0.1:0")
+        .replace("${CITYSTREAM_CONTROL_ADDR:-127.0.0.1:8088}", "127.0.0.1:0")
+        .replace("road_graph: deploy/", &format!("road_graph: {}/deploy/", root.display()))
+        .replace("sites: deploy/", &format!("sites: {}/deploy/", root.display()))
+        .replace("models/onnx/", &format!("{}/models/onnx/", root.display()))
+        .replace("  status_interval: 5s\n", "  status_interval: null\n")
 }
