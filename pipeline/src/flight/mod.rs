@@ -3,8 +3,8 @@
 //! DBeaver, Superset, Grafana).
 //!
 //! Every query runs on DataFusion over the same table registration as `citystream sql`
-//! ([`crate::sql::context`]), built afresh for each query, so new partitions and files are
-//! seen without a restart. The endpoint is read-only (no DDL, DML or `SET`), needs a bearer
+//! ([`crate::sql::context`]), renewed when it is more than a second old, so new partitions
+//! and files are seen without a restart. The endpoint is read-only (no DDL, DML or `SET`), needs a bearer
 //! token from the control center's tokens file (either role reads), cuts results at a row limit
 //! and queries at a time limit with clear errors, and serves TLS when given a certificate.
 //! Prepared statements are stateless: the handle carries the SQL and its bound parameters, so

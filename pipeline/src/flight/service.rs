@@ -41,6 +41,12 @@ use super::handle::Prepared;
 const CATALOG: &str = "datafusion";
 const SCHEMA: &str = "public";
 
+/// How long one registration of the lake's tables serves queries.
+const REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last registration of the lake's tables, and when it was made.
+type Registered = Option<(Instant, SessionContext, Vec<String>)>;
+
 type DataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 
 /// The Flight SQL service over one lake.
@@ -49,6 +55,7 @@ pub(super) struct LakeService {
     cfg: Arc<ServeConfig>,
     tokens: Tokens,
     info: Arc<SqlInfoData>,
+    lake: Arc<tokio::sync::Mutex<Registered>>,
 }
 
 impl LakeService {
@@ -68,14 +75,24 @@ impl LakeService {
         b.append(SqlInfo::SqlDdlSchema, false);
         b.append(SqlInfo::SqlDdlTable, false);
         let info = Arc::new(b.build().expect("static SQL info"));
-        Self { tokens: Tokens::new(cfg.tokens.clone()), cfg: Arc::new(cfg), info }
+        Self { tokens: Tokens::new(cfg.tokens.clone()), cfg: Arc::new(cfg), info, lake: Default::default() }
     }
 
-    /// The lake's tables, registered afresh (new tables, partitions and files are seen).
+    /// The lake's tables: registered afresh when the last registration is older than
+    /// [`REFRESH`] (so new tables, partitions and files are seen within it), else that one —
+    /// a statement's GetFlightInfo and DoGet, and a burst of queries, share one listing.
     async fn context(&self) -> Result<(SessionContext, Vec<String>), Status> {
-        crate::sql::context_for_clients(&self.cfg.lake)
+        let mut cached = self.lake.lock().await;
+        if let Some((at, ctx, names)) = cached.as_ref()
+            && at.elapsed() < REFRESH
+        {
+            return Ok((ctx.clone(), names.clone()));
+        }
+        let (ctx, names) = crate::sql::context_for_clients(&self.cfg.lake)
             .await
-            .map_err(|e| Status::internal(format!("reading the lake: {e}")))
+            .map_err(|e| Status::internal(format!("reading the lake: {e}")))?;
+        *cached = Some((Instant::now(), ctx.clone(), names.clone()));
+        Ok((ctx, names))
     }
 
     /// Plans `sql` read-only, with `params` bound; cut one row past the limit, so a result over
