@@ -47,7 +47,8 @@ struct Stream {
     files: Vec<PathBuf>,
     /// Index in `files` of the next file to open.
     next_file: usize,
-    open: Option<(LineReader, i64)>,
+    /// The open file, its arrival time (`received_at: modified`) and size as stored.
+    open: Option<(LineReader, i64, u64)>,
     /// The position (line number over all files) of the next line.
     line: i64,
     /// Lines before this position were delivered by an earlier run.
@@ -260,18 +261,16 @@ impl Reader {
                     }
                     Err(e) => return Err(read_error(&name, e)),
                 };
+                let meta = std::fs::metadata(path).ok();
                 let now = chrono::Utc::now().timestamp_millis();
-                let arrived = match received_at {
-                    ReceivedAt::Modified => std::fs::metadata(path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(now, |d| (d.as_millis() as i64).min(now)),
-                    ReceivedAt::Now => now,
-                };
-                s.open = Some((reader, arrived));
+                let modified = meta
+                    .as_ref()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(now, |d| (d.as_millis() as i64).min(now));
+                s.open = Some((reader, modified, meta.map_or(0, |m| m.len())));
             }
-            let (reader, arrived) = s.open.as_mut().expect("opened above");
+            let (reader, modified, size) = s.open.as_mut().expect("opened above");
             let more = match reader.next_line(buf) {
                 Ok(more) => more,
                 Err(e) if on_bad == OnBadFile::Skip => {
@@ -282,10 +281,9 @@ impl Reader {
                 Err(e) => return Err(read_error(&name, e)),
             };
             if !more {
-                let size = std::fs::metadata(reader.path()).map(|m| m.len()).unwrap_or(0);
-                s.open = None;
                 self.files_read.inc();
-                self.bytes_read.inc_by(size);
+                self.bytes_read.inc_by(*size);
+                s.open = None;
                 continue;
             }
             let offset = s.line;
@@ -293,7 +291,10 @@ impl Reader {
             if offset < s.resume_at || buf.iter().all(u8::is_ascii_whitespace) || !range.admits(buf) {
                 continue;
             }
-            let arrived = if received_at == ReceivedAt::Now { chrono::Utc::now().timestamp_millis() } else { *arrived };
+            let arrived = match received_at {
+                ReceivedAt::Modified => *modified,
+                ReceivedAt::Now => chrono::Utc::now().timestamp_millis(),
+            };
             builder.append(&s.topic, 0, offset, arrived, buf);
             s.events.inc();
             s.bytes.inc_by(buf.len() as u64);
@@ -348,8 +349,7 @@ impl Reader {
                 .map_err(|source| PipelineError::State { stage: self.name.clone(), source })?;
         }
         let mut log = self.recovery.commits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        log.offsets.extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
-        log.epoch = log.epoch.max(epoch);
+        log.record(epoch, positions.iter().map(|(k, v)| (k.clone(), *v)));
         Ok(())
     }
 

@@ -315,7 +315,7 @@ pub async fn run_with_reload(
         }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
-    if state.is_none() && plan.sources.iter().any(|s| s.config.commits_positions()) && !stateful.is_empty() {
+    if state.is_none() && crate::config::plan::any_committing(&plan.sources) && !stateful.is_empty() {
         tracing::warn!(
             ?stateful,
             "no `runtime.state_dir`: after a crash these stages restart empty, and tables derived from them may miss \

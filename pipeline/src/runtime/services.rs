@@ -67,7 +67,7 @@ impl Services {
         let policy = match (&plan.runtime.carbon_policy, &intensity) {
             (Some(p), Some(intensity)) => {
                 let intensity = intensity.clone();
-                let positioned = if plan.sources.iter().any(|s| s.config.commits_positions()) {
+                let positioned = if crate::config::plan::any_committing(&plan.sources) {
                     crate::sink::compact::Positioned::Committed(commit_log.clone())
                 } else {
                     // a source without commits (the simulator): a run is all or nothing

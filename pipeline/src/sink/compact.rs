@@ -43,6 +43,15 @@ pub struct Commits {
     pub epoch: u64,
 }
 
+impl Commits {
+    /// Records that checkpoint `epoch` committed `positions` (next offset per topic and
+    /// partition).
+    pub fn record(&mut self, epoch: u64, positions: impl IntoIterator<Item = ((String, i32), i64)>) {
+        self.offsets.extend(positions);
+        self.epoch = self.epoch.max(epoch);
+    }
+}
+
 /// Shared record of commits (the source writes, compaction reads).
 pub type CommitLog = std::sync::Arc<std::sync::Mutex<Commits>>;
 

@@ -106,7 +106,7 @@ impl<'a> Planner<'a> {
                     Some("add `runtime: {state_dir: <a directory of its own>}`".into()),
                 );
             }
-            self.check_source_kinds(name, |kind| f.paths.get(kind).is_some(), "paths");
+            self.check_source_kinds(name, |kind| f.paths.get(kind).is_some(), ("paths", "path"));
         }
 
         // a Kafka source reads exactly the kinds its `topics` names: reading another is a mistake
@@ -121,7 +121,7 @@ impl<'a> Planner<'a> {
                     None,
                 );
             }
-            self.check_source_kinds(name, |kind| k.topic(kind).is_some(), "topics");
+            self.check_source_kinds(name, |kind| k.topic(kind).is_some(), ("topics", "topic"));
         }
 
         if raw.runtime.state_dir.is_some() && !committing {
@@ -134,14 +134,14 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Stages read only the kinds source `name` has (`reads`), named under its `key`.
-    fn check_source_kinds(&mut self, name: &str, reads: impl Fn(EventKind) -> bool, key: &str) {
+    /// Stages read only the kinds source `name` has (`reads`), each named under its `key` by
+    /// one `what` (`("topics", "topic")`).
+    fn check_source_kinds(&mut self, name: &str, reads: impl Fn(EventKind) -> bool, (key, what): (&str, &str)) {
         for (stage, st) in &self.raw.stages {
             for r in &st.input.0 {
                 let Some((node, port)) = r.value.split_once('.') else { continue };
                 let kind = EventKind::ALL.iter().find(|k| k.as_str() == port);
                 if node == name && kind.is_some_and(|kd| !reads(*kd)) {
-                    let what = if key == "topics" { "topic" } else { "path" };
                     self.ck.error(
                         r.referenced,
                         format!("stages.{stage}.input"),

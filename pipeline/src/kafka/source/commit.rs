@@ -62,12 +62,10 @@ pub(super) fn commit(
         consumer.commit(&tpl, CommitMode::Sync).map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
     }
     // what compaction may now merge
-    let mut l = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for e in tpl.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            l.offsets.insert((e.topic().to_owned(), e.partition()), o);
-        }
-    }
-    l.epoch = l.epoch.max(epoch);
+    let committed = tpl.elements().into_iter().filter_map(|e| match e.offset() {
+        Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+        _ => None,
+    });
+    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(epoch, committed);
     Ok(())
 }
