@@ -27,6 +27,10 @@ fi
 if ! command -v javac >/dev/null || ! command -v mvn >/dev/null; then
   apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless maven
 fi
+# the Flight SQL test serves TLS with a certificate made by the openssl CLI
+if ! command -v openssl >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq openssl
+fi
 # the Arrow Flight SQL JDBC driver, from Maven Central
 CITYSTREAM_FLIGHT_JDBC_JAR="$(scripts/setup-jdbc.sh)"
 export CITYSTREAM_FLIGHT_JDBC_JAR
