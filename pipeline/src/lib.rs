@@ -17,6 +17,7 @@
 
 #![deny(missing_docs)]
 
+mod atomic_file;
 pub mod config;
 pub mod control;
 pub mod energy;

@@ -78,6 +78,18 @@ pub struct RuntimeConfig {
     pub state_dir: Option<EnvString>,
 }
 
+impl RuntimeConfig {
+    /// Starts the services these settings ask for (the energy account, the carbon policy).
+    pub(crate) fn services(
+        &self,
+        ctx: crate::task::ServiceContext<'_>,
+    ) -> Result<Vec<Box<dyn crate::task::Service>>, crate::task::PipelineError> {
+        Ok(crate::energy::services::start(self.energy.as_ref(), self.carbon_policy.as_ref(), ctx)?
+            .into_iter()
+            .collect())
+    }
+}
+
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
@@ -167,4 +179,28 @@ pub enum SinkConfig {
 impl SinkConfig {
     /// Every `type` a sink can have.
     pub const TYPES: &'static [&'static str] = &["parquet", "kafka", "control_center"];
+
+    /// The sink, ready to run.
+    pub(crate) fn build(
+        &self,
+        ctx: crate::task::SinkContext<'_>,
+    ) -> Result<Box<dyn crate::task::Sink>, crate::task::PipelineError> {
+        Ok(match self {
+            SinkConfig::Parquet(c) => Box::new(crate::sink::parquet::ParquetSink::try_new(c, ctx)?),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(c) => Box::new(crate::kafka::KafkaSink::try_new(c, ctx)?),
+            SinkConfig::ControlCenter(c) => Box::new(crate::control::ControlSink::try_new(c, ctx)?),
+        })
+    }
+
+    /// The directory of the sink's tables, if it writes files (Parquet): operator errors,
+    /// compaction and the sources' recovery look there.
+    pub(crate) fn files_root(&self) -> Option<std::path::PathBuf> {
+        match self {
+            SinkConfig::Parquet(c) => Some(std::path::PathBuf::from(c.path.as_str())),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(_) => None,
+            SinkConfig::ControlCenter(_) => None,
+        }
+    }
 }

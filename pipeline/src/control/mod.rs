@@ -21,7 +21,7 @@
 //!
 //! Modules: [`config`] (the YAML), [`auth`] (tokens, roles, rate limits), [`book`] (the alerts,
 //! bounded, rebuilt from the lake), [`decisions`] (their rows), [`outbox`] (Kafka), [`calibration`],
-//! [`routes`] (the HTTP surface and its headers).
+//! [`routes`] (the HTTP surface and its headers), [`sink`] (the book fed by a pipeline).
 
 pub mod auth;
 pub mod book;
@@ -30,6 +30,7 @@ pub mod config;
 pub mod decisions;
 mod outbox;
 mod routes;
+mod sink;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -47,6 +48,7 @@ pub use book::{AlertView, Decision};
 pub use calibration::{CalibrationChange, LevelChange};
 pub use config::{ControlConfig, ControlKafka};
 pub use decisions::feedback_schema;
+pub(crate) use sink::ControlSink;
 
 /// The running control center: apply alert batches to it; it serves them.
 pub struct ControlCenter {

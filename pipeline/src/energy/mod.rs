@@ -17,7 +17,8 @@
 //! One file per job: [`config`] (`runtime.energy` YAML), [`account`] (an interval's rows from
 //! counter samples, and the `energy` table), [`power`] (RAPL and `/proc/stat` readers),
 //! [`intensity`] (the grid's gCO2e/kWh), [`recorder`] (the task that samples, accounts and
-//! writes), [`policy`] (carbon-aware scheduling of deferrable work).
+//! writes), [`policy`] (carbon-aware scheduling of deferrable work), [`services`] (what a run starts of
+//! them, as `task::Service`).
 
 mod account;
 mod config;
@@ -25,6 +26,7 @@ mod intensity;
 mod policy;
 mod power;
 mod recorder;
+pub(crate) mod services;
 
 pub use account::{EnergyRow, Sample, account, schema};
 pub use config::{CarbonTopicConfig, EnergyConfig};

@@ -13,6 +13,7 @@ use citystream_schemas::EventKind;
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 
+pub(crate) use sink::KafkaSink;
 pub use sink::{KafkaSinkConfig, KafkaWriter, TopicRoute};
 
 use crate::primitives::EnvString;

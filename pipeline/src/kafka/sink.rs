@@ -8,11 +8,14 @@ use std::collections::BTreeMap;
 
 use arrow::array::{Array, RecordBatch};
 use citystream_operators::{Counter, Metrics};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Deserialize;
 
 use super::client_config;
 use crate::primitives::{EnvString, Inputs};
+use crate::task::{PipelineError, Sink, SinkContext, sink_error};
 
 /// Where one topic's rows come from.
 #[derive(Debug, Clone, Deserialize)]
@@ -169,5 +172,44 @@ impl KafkaWriter {
             }
         }
         Ok(())
+    }
+}
+
+/// The Kafka sink as the runtime runs it (`task::Sink`): every input is a topic; a barrier is
+/// acknowledged once the broker acknowledged every row before it.
+pub(crate) struct KafkaSink {
+    name: String,
+    writer: KafkaWriter,
+    /// Topic and key column of each input.
+    inputs: Vec<(String, Option<String>)>,
+}
+
+impl KafkaSink {
+    /// The sink `ctx.name` for `cfg`.
+    pub(crate) fn try_new(cfg: &KafkaSinkConfig, ctx: SinkContext<'_>) -> Result<Self, PipelineError> {
+        let writer = KafkaWriter::try_new(ctx.name, cfg, ctx.metrics).map_err(|e| ctx.error(e))?;
+        let inputs = ctx
+            .inputs
+            .into_iter()
+            .map(|topic| {
+                let key = cfg.topics.get(&topic).and_then(|r| r.key.clone());
+                (topic, key)
+            })
+            .collect();
+        Ok(Self { name: ctx.name.to_owned(), writer, inputs })
+    }
+}
+
+impl Sink for KafkaSink {
+    fn write<'a>(&'a mut self, input: usize, batch: &'a RecordBatch) -> BoxFuture<'a, Result<(), PipelineError>> {
+        async move {
+            let (topic, key) = &self.inputs[input];
+            self.writer.write(topic, key.as_deref(), batch).await.map_err(|e| sink_error(&self.name, e))
+        }
+        .boxed()
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, Result<(), PipelineError>> {
+        async move { self.writer.flush().await.map_err(|e| sink_error(&self.name, e)) }.boxed()
     }
 }

@@ -13,7 +13,6 @@
 mod align;
 pub mod errors;
 pub mod reload;
-mod services;
 mod sinks;
 mod stage;
 
@@ -31,7 +30,7 @@ use tokio::task::JoinSet;
 
 use crate::config::PipelinePlan;
 use crate::simulator::SimReport;
-use crate::sink::parquet::TableStats;
+use crate::task::{ServiceContext, SinkContext, TableStats};
 
 /// What a finished run did.
 #[derive(Debug, Clone, Default)]
@@ -220,43 +219,43 @@ pub async fn run_with_reload(
         ),
         None => None,
     };
-    let parquet_roots: Vec<std::path::PathBuf> = plan
-        .sinks
-        .iter()
-        .filter_map(|s| match &s.config {
-            crate::config::SinkConfig::Parquet(p) => Some(std::path::PathBuf::from(p.path.as_str())),
-            #[cfg(feature = "kafka")]
-            crate::config::SinkConfig::Kafka(_) => None,
-            crate::config::SinkConfig::ControlCenter(_) => None,
-        })
-        .collect();
-    if let Some(state) = &state {
-        // derived tables' files of epochs after the restored one: the replay writes them again
-        for root in &parquet_roots {
-            let n = crate::sink::parquet::remove_after_epoch(root, state.lineage(), state.restored_epoch()).map_err(
-                |source| PipelineError::State {
-                    stage: "runtime.state_dir".into(),
-                    source: crate::task::StateError::Io {
-                        action: "removing files written after the restored checkpoint under",
-                        path: root.clone(),
-                        source,
-                    },
-                },
-            )?;
-            if n > 0 {
-                tracing::info!(root = %root.display(), removed = n, epoch = state.restored_epoch(), "removed derived files written after the restored checkpoint");
-            }
-        }
+    let parquet_roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
+    let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
+    // live alert levels: the control center calibrates, the alert rules read
+    let thresholds = citystream_operators::alert::ThresholdBoard::default();
+    // sinks first: with a restored checkpoint, a Parquet sink removes the files written after
+    // it before anything runs
+    for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
+        let ctx = SinkContext {
+            name: &sk.name,
+            inputs: sk.inputs.iter().map(|(t, _)| t.clone()).collect(),
+            origins: &sk.origins,
+            tables: &sk.tables,
+            holding: sk
+                .inputs
+                .iter()
+                .filter(|(_, r)| holds_rows_upstream(&plan, &r.node))
+                .map(|(t, _)| t.clone())
+                .collect(),
+            metrics: &metrics,
+            thresholds: &thresholds,
+            state: state.as_ref(),
+            cpu_ns: metrics.counter(
+                "citystream_stage_cpu_nanoseconds_total",
+                "Thread CPU time spent in a stage's operator.",
+                &[("stage", sk.name.as_str())],
+            ),
+        };
+        let sink = sinks::SinkTask::new(&sk.name, sk.inputs.len(), sk.config.build(ctx)?, ack, &metrics);
+        let name = sk.name.clone();
+        tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }
     // offsets committed by a Kafka source: compaction merges only files wholly before them
     let commit_log: crate::sink::compact::CommitLog = Default::default();
     if let Some(state) = &state {
         commit_log.lock().expect("commit log").epoch = state.restored_epoch();
     }
-    let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     let mut retune_senders = BTreeMap::new();
-    // live alert levels: the control center calibrates, the alert rules read
-    let thresholds = citystream_operators::alert::ThresholdBoard::default();
     let clocks = event_clocks(&plan);
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
     let operator_errors = match parquet_roots.first() {
@@ -322,13 +321,6 @@ pub async fn run_with_reload(
              or repeat rows"
         );
     }
-    for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
-        let holding: Vec<String> =
-            sk.inputs.iter().filter(|(_, r)| holds_rows_upstream(&plan, &r.node)).map(|(t, _)| t.clone()).collect();
-        let sink = sinks::SinkTask::try_new(sk, ack, &metrics, &thresholds, state.as_ref(), &holding)?;
-        let name = sk.name.clone();
-        tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
-    }
     for src in &plan.sources {
         let outputs = outputs_of(&src.name, src.outputs.len(), &mut subscribers);
         let name = src.name.clone();
@@ -360,14 +352,21 @@ pub async fn run_with_reload(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
-    let services = services::Services::start(&plan, &metrics, &parquet_roots, &commit_log)?;
+    let services = plan.runtime.services(ServiceContext {
+        metrics: &metrics,
+        table_roots: &parquet_roots,
+        commits: crate::config::plan::any_committing(&plan.sources).then(|| commit_log.clone()),
+        tasks: task_outputs(&plan),
+    })?;
     let sources_of_tables = table_sources(&plan);
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
     let (mut report, first_error) = collect(&mut tasks).await;
     monitor.abort();
     accountant.abort();
-    services.stop().await;
+    for s in services {
+        s.stop().await;
+    }
     for ((sink, table), streams) in &sources_of_tables {
         report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
     }
@@ -436,6 +435,24 @@ async fn collect(tasks: &mut JoinSet<Result<Finished, PipelineError>>) -> (RunRe
         }
     }
     (report, first_error)
+}
+
+/// Every task of `plan` and the `(counter, output)` pairs that count the rows it hands on (for
+/// the energy account).
+fn task_outputs(plan: &PipelinePlan) -> Vec<(String, Vec<(String, String)>)> {
+    let mut tasks = Vec::new();
+    for s in &plan.sources {
+        let outs = s.outputs.iter().map(|o| ("citystream_source_events_total".to_owned(), o.name.clone())).collect();
+        tasks.push((s.name.clone(), outs));
+    }
+    for st in &plan.stages {
+        let outs = st.outputs.iter().map(|o| ("citystream_stage_rows_out_total".to_owned(), o.name.clone())).collect();
+        tasks.push((st.name.clone(), outs));
+    }
+    for sk in &plan.sinks {
+        tasks.push((sk.name.clone(), Vec::new()));
+    }
+    tasks
 }
 
 /// One event-time clock per source output that a `decode` stage reads (see

@@ -33,27 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::parquet::parse_position_name;
 
-/// What a Kafka source has committed so far.
-#[derive(Debug, Default)]
-pub struct Commits {
-    /// Per (topic, partition): the next offset to read, as last committed.
-    pub offsets: BTreeMap<(String, i32), i64>,
-    /// The newest committed checkpoint epoch: files of derived tables named after an epoch
-    /// (with operator state checkpoints) may be merged up to it.
-    pub epoch: u64,
-}
-
-impl Commits {
-    /// Records that checkpoint `epoch` committed `positions` (next offset per topic and
-    /// partition).
-    pub fn record(&mut self, epoch: u64, positions: impl IntoIterator<Item = ((String, i32), i64)>) {
-        self.offsets.extend(positions);
-        self.epoch = self.epoch.max(epoch);
-    }
-}
-
-/// Shared record of commits (the source writes, compaction reads).
-pub type CommitLog = std::sync::Arc<std::sync::Mutex<Commits>>;
+pub use crate::task::{CommitLog, Commits};
 
 /// Which files named after source positions may be merged. A merged file is named after the
 /// whole range, so merging a file beyond the committed offset with one before it would hide

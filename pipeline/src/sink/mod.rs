@@ -7,6 +7,8 @@ pub mod parquet;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub(crate) use crate::atomic_file::write_atomic;
+
 /// The Parquet files under `dir` grouped by the directory holding them (sorted), skipping
 /// hidden and `_`-prefixed names: temporary files, compaction staging, metadata.
 pub(crate) fn parquet_files_by_dir(dir: &Path) -> BTreeMap<PathBuf, Vec<PathBuf>> {
@@ -31,17 +33,4 @@ pub(crate) fn parquet_files_by_dir(dir: &Path) -> BTreeMap<PathBuf, Vec<PathBuf>
         files.sort();
     }
     out
-}
-
-/// Replaces `path` with `body` atomically and durably: a hidden temporary file beside it,
-/// fsync, rename, fsync of the directory.
-pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
 }

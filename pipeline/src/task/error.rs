@@ -2,8 +2,6 @@
 
 use citystream_operators::OperatorError;
 
-use crate::sink::parquet::ParquetSinkError;
-
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -23,29 +21,13 @@ pub enum PipelineError {
         /// Why.
         message: String,
     },
-    /// A Parquet sink failed.
+    /// A sink failed (Parquet, Kafka, the control center).
     #[error("sink `{sink}`: {source}")]
-    Parquet {
-        /// The sink.
-        sink: String,
-        /// The error.
-        source: ParquetSinkError,
-    },
-    /// The control center failed.
-    #[error("sink `{sink}`: {message}")]
-    ControlSink {
+    Sink {
         /// The sink.
         sink: String,
         /// Why.
-        message: String,
-    },
-    /// A Kafka sink failed.
-    #[error("sink `{sink}`: {message}")]
-    KafkaSink {
-        /// The sink.
-        sink: String,
-        /// Why.
-        message: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A source failed.
     #[error("source `{source_name}`: {message}")]

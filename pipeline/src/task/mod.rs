@@ -1,19 +1,28 @@
-//! What the runtime hands to the tasks it runs — sources, sinks and services (the Kafka
-//! source, the energy recorder): the output ports of a task, the checkpoint acknowledgements
-//! of the sinks, the operator-state store, CPU accounting and the error type. A leaf for them:
-//! it imports nothing of the runtime, so connectors use it without importing the runtime.
+//! The contracts between the runtime and the components it runs: the [`Source`], [`Sink`] and
+//! [`Service`] traits and what the runtime hands them — output ports, the sinks' checkpoint
+//! acknowledgements, the positions committed so far, the operator-state store, CPU accounting
+//! and the error type. It imports neither the runtime nor any component, so connectors (Kafka,
+//! files, the simulator, Parquet), the control center and the energy account implement these
+//! traits without importing the runtime, and the runtime runs them without naming them.
 
 mod checkpoint;
+mod commits;
 mod cpu;
 mod error;
 mod outputs;
+mod service;
+mod sink;
 mod source;
 mod state;
 
 pub use checkpoint::CheckpointAcks;
 pub(crate) use checkpoint::SinkAck;
+pub use commits::{CommitLog, Commits};
 pub(crate) use cpu::{AbortOnDrop, cpu, cpu_metered, thread_cpu_ns};
 pub use error::PipelineError;
 pub(crate) use outputs::{Edge, Outputs};
+pub(crate) use service::{Service, ServiceContext};
+pub use sink::TableStats;
+pub(crate) use sink::{Sink, SinkContext, sink_error};
 pub(crate) use source::{Recovery, Source, SourceContext, SourceReport};
 pub use state::{StateError, StateStore};

@@ -33,7 +33,7 @@ pub(crate) struct Recovery {
     /// Roots of Parquet sinks whose files are named after source positions.
     pub(crate) sink_roots: Vec<PathBuf>,
     /// Positions committed so far, shared with compaction.
-    pub(crate) commits: crate::sink::compact::CommitLog,
+    pub(crate) commits: super::CommitLog,
 }
 
 /// Everything the runtime hands a source task.

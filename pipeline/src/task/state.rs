@@ -248,7 +248,7 @@ impl StateStore {
             w.finish().map_err(encode(&dir))?;
         }
         let path = dir.join(file_name(stage));
-        crate::sink::write_atomic(&path, &body).map_err(io("writing", &path))?;
+        crate::atomic_file::write_atomic(&path, &body).map_err(io("writing", &path))?;
         Ok(body.len() as u64)
     }
 
@@ -293,7 +293,7 @@ fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), StateError> {
     let path = dir.join(MANIFEST);
     let body =
         serde_json::to_vec_pretty(m).map_err(|e| StateError::Encode { path: path.clone(), detail: e.to_string() })?;
-    crate::sink::write_atomic(&path, &body).map_err(io("writing", &path))
+    crate::atomic_file::write_atomic(&path, &body).map_err(io("writing", &path))
 }
 
 fn new_lineage() -> String {

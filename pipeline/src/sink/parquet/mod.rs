@@ -10,20 +10,24 @@
 //! `{origin}-p{partition}-o{first offset}-{last offset}.parquet`. Files are closed at every
 //! checkpoint barrier, so after a crash every file with offsets at or beyond a partition's
 //! committed offset is one the replay will write again: [`remove_uncommitted`] deletes those
-//! before the partition is consumed, and the output ends identical to an uninterrupted run.//!
+//! before the partition is consumed, and the output ends identical to an uninterrupted run.
+//!
 //! Files: [`config`] (the YAML and the errors), [`writer`] (tables, open files, rolling and
 //! naming them, the layout on disk), [`names`] (parsing file names, and removing what a
-//! replay writes again).
+//! replay writes again), [`task`] (the sink as the runtime runs it).
 
 mod config;
 mod names;
+mod task;
 #[cfg(test)]
 pub(crate) mod tests;
 mod writer;
 
+pub use crate::task::TableStats;
 pub use config::{Level, ParquetSinkConfig, ParquetSinkError};
 pub(crate) use names::{parse_epoch_name, parse_position_name};
 pub use names::{remove_after_epoch, remove_uncommitted};
+pub(crate) use task::ParquetSink;
+pub use writer::ParquetWriter;
 #[cfg(feature = "sql")]
 pub(crate) use writer::layout_on_disk;
-pub use writer::{ParquetWriter, TableStats};

@@ -16,6 +16,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use super::config::{DAY_MS, HOUR_MS, ParquetSinkConfig, ParquetSinkError, io};
+use crate::task::TableStats;
 
 /// Writers made by this process (part of each writer's file names).
 pub(super) static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -50,17 +51,6 @@ pub(super) struct Table {
     pub(super) rows: Counter,
     pub(super) files: Counter,
     pub(super) bytes: Counter,
-}
-
-/// What a table holds after the sink closed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableStats {
-    /// Rows written.
-    pub rows: u64,
-    /// Files written.
-    pub files: u64,
-    /// Bytes on disk.
-    pub bytes: u64,
 }
 
 /// The sink's writer (synchronous; the runtime calls it off the async threads).

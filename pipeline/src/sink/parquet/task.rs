@@ -1,0 +1,89 @@
+//! The Parquet sink as the runtime runs it (`task::Sink`): each input's rows go to its table,
+//! hours are closed as the watermark passes them, and everything is made durable at every
+//! checkpoint barrier.
+
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+
+use super::{ParquetSinkConfig, ParquetWriter, remove_after_epoch};
+use crate::task::{PipelineError, Sink, SinkContext, TableStats, cpu_metered, sink_error};
+
+/// Files of an hour stay open this long after the watermark passes the hour's end, so that
+/// events within the out-of-orderness bound still land in the same file.
+const HOUR_GRACE_MS: i64 = 10 * 60_000;
+
+/// A running Parquet sink.
+pub(crate) struct ParquetSink {
+    name: String,
+    writer: ParquetWriter,
+    /// Table and origin stream of each input.
+    inputs: Vec<(String, String)>,
+    cpu_ns: citystream_operators::Counter,
+}
+
+impl ParquetSink {
+    /// The sink `ctx.name` for `cfg`. With operator state checkpoints, files written after the
+    /// restored checkpoint are removed first: the replay writes them again.
+    pub(crate) fn try_new(cfg: &ParquetSinkConfig, ctx: SinkContext<'_>) -> Result<Self, PipelineError> {
+        let merged = ctx.tables.keys().filter(|t| ctx.inputs.iter().filter(|n| n == t).count() > 1).cloned();
+        let mut writer = ParquetWriter::try_new(ctx.name, cfg, ctx.tables, ctx.metrics)
+            .map_err(|e| ctx.error(e))?
+            .with_merged_tables(merged.collect::<Vec<_>>());
+        if let Some(state) = ctx.state {
+            let root = std::path::PathBuf::from(cfg.path.as_str());
+            let removed = remove_after_epoch(&root, state.lineage(), state.restored_epoch()).map_err(|source| {
+                PipelineError::State {
+                    stage: "runtime.state_dir".into(),
+                    source: crate::task::StateError::Io {
+                        action: "removing files written after the restored checkpoint under",
+                        path: root.clone(),
+                        source,
+                    },
+                }
+            })?;
+            if removed > 0 {
+                tracing::info!(root = %root.display(), removed, epoch = state.restored_epoch(), "removed derived files written after the restored checkpoint");
+            }
+            // rows before the first barrier belong to the epoch after the restored one
+            writer = writer.with_epochs(state.lineage(), state.restored_epoch() + 1);
+            // rows a stage held (compress) come out after newer rows: their offsets no longer
+            // say which checkpoint wrote them, so such tables are named by epoch
+            writer = writer.without_positions(ctx.holding.iter().cloned());
+        }
+        Ok(Self {
+            name: ctx.name.to_owned(),
+            writer,
+            inputs: ctx.inputs.into_iter().zip(ctx.origins.iter().cloned()).collect(),
+            cpu_ns: ctx.cpu_ns,
+        })
+    }
+}
+
+impl Sink for ParquetSink {
+    fn write<'a>(&'a mut self, input: usize, batch: &'a RecordBatch) -> BoxFuture<'a, Result<(), PipelineError>> {
+        let (table, origin) = &self.inputs[input];
+        let r = cpu_metered(&self.cpu_ns, || self.writer.write(table, origin, batch));
+        std::future::ready(r.map_err(|e| sink_error(&self.name, e))).boxed()
+    }
+
+    fn on_watermark(&mut self, watermark: i64) -> Result<(), PipelineError> {
+        cpu_metered(&self.cpu_ns, || self.writer.on_watermark(watermark, HOUR_GRACE_MS))
+            .map_err(|e| sink_error(&self.name, e))
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, Result<(), PipelineError>> {
+        let r = cpu_metered(&self.cpu_ns, || self.writer.flush());
+        std::future::ready(r.map_err(|e| sink_error(&self.name, e))).boxed()
+    }
+
+    fn on_checkpoint(&mut self, epoch: u64) {
+        self.writer.set_epoch(epoch + 1);
+    }
+
+    fn tables(&self) -> BTreeMap<String, TableStats> {
+        self.writer.stats()
+    }
+}
