@@ -15,6 +15,6 @@ pub mod infer;
 pub mod onnx;
 
 pub use california::California7Config;
-pub use features::{FEATURES, FeaturesConfig, RoadGraph};
+pub use features::{FEATURES, FeaturesConfig, GraphError, RoadGraph};
 pub use infer::InferConfig;
-pub use onnx::{Model, Provider};
+pub use onnx::{Model, ModelError, Provider};

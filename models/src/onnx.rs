@@ -64,11 +64,89 @@ fn version_key(p: &Path) -> Vec<u64> {
     name.trim_start_matches("libonnxruntime.so.").split('.').map(|v| v.parse().unwrap_or(0)).collect()
 }
 
+/// Why ONNX Runtime or a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// No ONNX Runtime library was found.
+    #[error(
+        "no ONNX Runtime library found (looked at {looked}); install it with `scripts/setup-python.sh` \
+         (the onnxruntime wheel in .venv), or set ORT_DYLIB_PATH to libonnxruntime.so"
+    )]
+    NoRuntime {
+        /// Where it looked.
+        looked: String,
+    },
+    /// The ONNX Runtime library failed to load or start.
+    #[error("{action} ONNX Runtime from {}: {source}", library.display())]
+    Runtime {
+        /// `loading` or `starting`.
+        action: &'static str,
+        /// The library.
+        library: PathBuf,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The model file cannot be read.
+    #[error("reading model {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// ONNX Runtime refused the model (on the CPU provider, which always exists).
+    #[error("model {}: {source}", path.display())]
+    Session {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: ort::Error,
+    },
+    /// None of the configured execution providers could load the model.
+    #[error("model {}: no configured execution provider works ({})", path.display(), failures.join("; "))]
+    NoProvider {
+        /// The file.
+        path: PathBuf,
+        /// `provider: why`, per provider tried.
+        failures: Vec<String>,
+    },
+    /// The model's inputs or outputs do not fit the stage, or a probe row gives non-finite
+    /// outputs.
+    #[error("model {}: {problem}", path.display())]
+    Contract {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        problem: String,
+    },
+    /// A run failed.
+    #[error("model {model}: {source}")]
+    Run {
+        /// The model's name.
+        model: String,
+        /// Why.
+        source: ort::Error,
+    },
+    /// The thread that watches the model file for hot swaps could not start.
+    #[error("starting the model file watcher: {0}")]
+    Watcher(std::io::Error),
+    /// An output came back with another shape than the model declares.
+    #[error("model {model}: output `{output}` came back with shape {shape:?}")]
+    OutputShape {
+        /// The model's name.
+        model: String,
+        /// The output.
+        output: String,
+        /// Its shape.
+        shape: Vec<i64>,
+    },
+}
+
 static LOADED_FROM: OnceLock<PathBuf> = OnceLock::new();
 
 /// The process's ONNX Runtime environment, loading the library on first use. Later calls
 /// reuse it (a different configured path is then ignored, with a warning).
-pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
+pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, ModelError> {
     if let Some(env) = ENV.get() {
         if let (Some(want), Some(have)) = (configured, LOADED_FROM.get())
             && want != have
@@ -83,22 +161,24 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, St
     }
     let candidates = library_candidates(configured);
     let Some(lib) = candidates.iter().find(|p| p.is_file()) else {
-        return Err(format!(
-            "no ONNX Runtime library found (looked at {}); install it with `scripts/setup-python.sh` \
-             (the onnxruntime wheel in .venv), or set ORT_DYLIB_PATH to libonnxruntime.so",
-            if candidates.is_empty() {
+        return Err(ModelError::NoRuntime {
+            looked: if candidates.is_empty() {
                 "ORT_DYLIB_PATH and .venv folders".to_string()
             } else {
                 candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            }
-        ));
+            },
+        });
     };
-    let builder = ort::init_from(lib).map_err(|e| format!("loading ONNX Runtime from {}: {e}", lib.display()))?;
-    let env = builder
-        .with_name("citystream")
-        .with_telemetry(false)
-        .build()
-        .map_err(|e| format!("starting ONNX Runtime from {}: {e}", lib.display()))?;
+    let builder = ort::init_from(lib).map_err(|source| ModelError::Runtime {
+        action: "loading",
+        library: lib.clone(),
+        source: source.into(),
+    })?;
+    let env = builder.with_name("citystream").with_telemetry(false).build().map_err(|source| ModelError::Runtime {
+        action: "starting",
+        library: lib.clone(),
+        source: source.into(),
+    })?;
     tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
     let _ = LOADED_FROM.set(lib.clone());
     Ok(ENV.get_or_init(|| env))
@@ -187,9 +267,9 @@ fn session(env: &Environment, bytes: &[u8], provider: Provider, threads: usize) 
 impl Model {
     /// Loads `path` with the first provider of `opts.providers` that works, logging each
     /// fallback, then checks its input and outputs against `opts` and runs one probe row.
-    pub fn load(path: &Path, name: Option<&str>, opts: &LoadOptions) -> Result<Model, String> {
+    pub fn load(path: &Path, name: Option<&str>, opts: &LoadOptions) -> Result<Model, ModelError> {
         let env = environment(opts.library.as_deref())?;
-        let bytes = std::fs::read(path).map_err(|e| format!("reading model {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Read { path: path.to_owned(), source })?;
         let sha256 = sha256_hex(&bytes);
         let name = name
             .map(str::to_owned)
@@ -202,10 +282,10 @@ impl Model {
                     chosen = Some((p, s));
                     break;
                 }
-                Err(e) => {
-                    let msg = e.to_string();
+                Err(source) => {
+                    let msg = source.to_string();
                     if p == Provider::Cpu {
-                        return Err(format!("model {}: {msg}", path.display()));
+                        return Err(ModelError::Session { path: path.to_owned(), source });
                     }
                     tracing::warn!(model = %name, provider = p.name(), error = %msg, "execution provider unavailable, trying the next one");
                     failures.push(format!("{}: {msg}", p.name()));
@@ -213,11 +293,7 @@ impl Model {
             }
         }
         let Some((provider, session)) = chosen else {
-            return Err(format!(
-                "model {}: no configured execution provider works ({})",
-                path.display(),
-                failures.join("; ")
-            ));
+            return Err(ModelError::NoProvider { path: path.to_owned(), failures });
         };
         if !failures.is_empty() {
             tracing::warn!(model = %name, provider = provider.name(), "model runs on a fallback provider");
@@ -235,39 +311,46 @@ impl Model {
         let probe = vec![0f32; opts.input_width];
         let out = model.run(&probe, 1)?;
         if out.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(format!("model {}: a probe row of zeros gives non-finite outputs", path.display()));
+            return Err(ModelError::Contract {
+                path: path.to_owned(),
+                problem: "a probe row of zeros gives non-finite outputs".into(),
+            });
         }
         Ok(model)
     }
 
-    fn check(&mut self, opts: &LoadOptions) -> Result<(), String> {
-        let p = self.path.display().to_string();
+    fn check(&mut self, opts: &LoadOptions) -> Result<(), ModelError> {
+        self.check_contract(opts).map_err(|problem| ModelError::Contract { path: self.path.clone(), problem })
+    }
+
+    /// What does not fit in the model's input and outputs.
+    fn check_contract(&mut self, opts: &LoadOptions) -> Result<(), String> {
         let inputs = self.session.inputs();
         if inputs.len() != 1 {
-            return Err(format!("model {p}: has {} inputs; a citystream model has exactly one", inputs.len()));
+            return Err(format!("has {} inputs; a citystream model has exactly one", inputs.len()));
         }
         let input = &inputs[0];
         match input.dtype() {
             ValueType::Tensor { ty, shape, .. } => {
                 if *ty != ort::value::TensorElementType::Float32 {
-                    return Err(format!("model {p}: input `{}` is {ty}, not float32", input.name()));
+                    return Err(format!("input `{}` is {ty}, not float32", input.name()));
                 }
                 let dims: Vec<i64> = shape.iter().copied().collect();
                 if dims.len() != 2 || dims[0] >= 0 || dims[1] != opts.input_width as i64 {
                     return Err(format!(
-                        "model {p}: input `{}` has shape {dims:?}; the stage feeds [batch, {}] (a dynamic batch dimension)",
+                        "input `{}` has shape {dims:?}; the stage feeds [batch, {}] (a dynamic batch dimension)",
                         input.name(),
                         opts.input_width
                     ));
                 }
             }
-            other => return Err(format!("model {p}: input `{}` is {other:?}, not a tensor", input.name())),
+            other => return Err(format!("input `{}` is {other:?}, not a tensor", input.name())),
         }
         self.input = input.name().to_owned();
         for (name, width) in &opts.outputs {
             let Some(o) = self.session.outputs().iter().find(|o| o.name() == name) else {
                 let have: Vec<&str> = self.session.outputs().iter().map(|o| o.name()).collect();
-                return Err(format!("model {p}: no output `{name}` (outputs: {})", have.join(", ")));
+                return Err(format!("no output `{name}` (outputs: {})", have.join(", ")));
             };
             match o.dtype() {
                 ValueType::Tensor { ty, shape, .. }
@@ -277,11 +360,11 @@ impl Model {
                         && (shape[1] == *width as i64 || shape[1] < 0) => {}
                 ValueType::Tensor { ty, shape, .. } => {
                     return Err(format!(
-                        "model {p}: output `{name}` is {ty} {:?}; the stage maps it to {width} float32 column(s)",
+                        "output `{name}` is {ty} {:?}; the stage maps it to {width} float32 column(s)",
                         shape.iter().collect::<Vec<_>>()
                     ));
                 }
-                other => return Err(format!("model {p}: output `{name}` is {other:?}, not a tensor")),
+                other => return Err(format!("output `{name}` is {other:?}, not a tensor")),
             }
         }
         self.outputs = opts.outputs.clone();
@@ -295,18 +378,20 @@ impl Model {
 
     /// Runs `rows` rows of row-major features (`rows * width` values, borrowed: no copy) and
     /// returns each configured output as row-major values.
-    pub fn run(&mut self, features: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, String> {
+    pub fn run(&mut self, features: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, ModelError> {
         let width = features.len().checked_div(rows).unwrap_or(0);
-        let tensor = TensorRef::from_array_view(([rows, width], features)).map_err(|e| e.to_string())?;
-        let outs = self
-            .session
-            .run(ort::inputs![self.input.as_str() => tensor])
-            .map_err(|e| format!("model {}: {e}", self.name))?;
+        let failed = |source| ModelError::Run { model: self.name.clone(), source };
+        let tensor = TensorRef::from_array_view(([rows, width], features)).map_err(failed)?;
+        let outs = self.session.run(ort::inputs![self.input.as_str() => tensor]).map_err(failed)?;
         let mut result = Vec::with_capacity(self.outputs.len());
         for (name, w) in &self.outputs {
-            let (shape, data) = outs[name.as_str()].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+            let (shape, data) = outs[name.as_str()].try_extract_tensor::<f32>().map_err(failed)?;
             if shape.len() != 2 || shape[0] != rows as i64 || shape[1] != *w as i64 {
-                return Err(format!("model {}: output `{name}` came back with shape {shape:?}", self.name));
+                return Err(ModelError::OutputShape {
+                    model: self.name.clone(),
+                    output: name.clone(),
+                    shape: shape.to_vec(),
+                });
             }
             result.push(data.to_vec());
         }

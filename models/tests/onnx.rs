@@ -12,7 +12,7 @@ use arrow::array::{
 };
 use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, TimeUnit};
-use citystream_models::onnx::{LoadOptions, Model, Provider, sha256_hex};
+use citystream_models::onnx::{LoadOptions, Model, ModelError, Provider, sha256_hex};
 use citystream_models::{FEATURES, InferConfig};
 use citystream_operators::{BuildContext, Collector, Metrics, Operator, OperatorConfig};
 
@@ -169,16 +169,22 @@ fn a_bad_model_file_is_a_clear_error() {
     let junk = dir.path().join("junk.onnx");
     std::fs::write(&junk, b"not a model").unwrap();
     let e = Model::load(&junk, None, &opts("speed_kmh", 3)).unwrap_err();
+    assert!(matches!(e, ModelError::Session { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("junk.onnx"), "{e}");
     let e = Model::load(&dir.path().join("missing.onnx"), None, &opts("speed_kmh", 3)).unwrap_err();
+    assert!(matches!(e, ModelError::Read { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("reading model"), "{e}");
     // a real model with the wrong mapping
     let good = models_dir().join("onnx/congestion_fp32.onnx");
     let e = Model::load(&good, None, &opts("speed", 3)).unwrap_err();
+    assert!(matches!(e, ModelError::Contract { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("no output `speed`") && e.contains("speed_kmh"), "{e}");
-    let e = Model::load(&good, None, &opts("speed_kmh", 2)).unwrap_err();
+    let e = Model::load(&good, None, &opts("speed_kmh", 2)).unwrap_err().to_string();
     assert!(e.contains("maps it to 2"), "{e}");
-    let e = Model::load(&good, None, &LoadOptions { input_width: 19, ..opts("speed_kmh", 3) }).unwrap_err();
+    let e = Model::load(&good, None, &LoadOptions { input_width: 19, ..opts("speed_kmh", 3) }).unwrap_err().to_string();
     assert!(e.contains("[batch, 19]"), "{e}");
 }
 
@@ -195,6 +201,8 @@ fn cuda_first_falls_back_to_cpu_with_the_reason_logged() {
     assert_eq!(m.provider, Provider::Cpu);
     let e =
         Model::load(&good, None, &LoadOptions { providers: vec![Provider::Cuda], ..opts("speed_kmh", 3) }).unwrap_err();
+    assert!(matches!(e, ModelError::NoProvider { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("no configured execution provider works") && e.contains("cuda"), "{e}");
 }
 

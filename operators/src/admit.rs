@@ -21,6 +21,7 @@
 //! The stream-wide limit sees every key, so its verdicts follow the arrival order. Per-key
 //! state: a 16-byte key and a 16-byte time per active key.
 
+use crate::LiveChangeError;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::str::FromStr;
@@ -173,7 +174,7 @@ fn d_payload() -> usize {
 
 impl AdmitConfig {
     /// Rates and bursts change live; the policy, clock and key columns do not.
-    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+    pub fn live_change(&self, new: &Self) -> Result<(), LiveChangeError> {
         let same_shape = new.policy == self.policy
             && new.clock == self.clock
             && new.time_column == self.time_column
@@ -182,9 +183,10 @@ impl AdmitConfig {
         if same_shape {
             Ok(())
         } else {
-            Err("rates and bursts of an admit stage change live; adding or removing a limit, its key, \
-                 the policy or the clock need a restart"
-                .into())
+            Err(LiveChangeError::NeedsRestart(
+                "rates and bursts of an admit stage change live; adding or removing a limit, its key, \
+                 the policy or the clock need a restart",
+            ))
         }
     }
 
@@ -527,8 +529,8 @@ impl Operator for Admit {
         Ok(())
     }
 
-    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
-        let new = new.downcast_ref::<AdmitConfig>().ok_or("not an admit config")?;
+    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let new = new.downcast_ref::<AdmitConfig>().ok_or(LiveChangeError::WrongConfig("admit"))?;
         // new limiters start full: a retune never punishes rows for the old limit's debt
         if let (Some((l, s)), Some(nl)) = (&mut self.stream, new.per_stream)
             && *l != nl

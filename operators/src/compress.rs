@@ -28,6 +28,7 @@
 //! and aggregate (counts, flows) from the uncompressed stream. A row at or before its series'
 //! last processed time (beyond the watermark) goes to `late_events`.
 
+use crate::LiveChangeError;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -108,11 +109,12 @@ type Checked = (usize, Vec<usize>, Vec<(usize, FieldTolerance)>);
 
 impl CompressConfig {
     /// Tolerances and `max_gap` change live; the key and the set of fields do not.
-    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+    pub fn live_change(&self, new: &Self) -> Result<(), LiveChangeError> {
         if new.key != self.key || new.time_column != self.time_column || !new.fields.keys().eq(self.fields.keys()) {
-            return Err("the key, time column and set of fields of a compress stage need a restart; \
-                        tolerances, methods and max_gap change live"
-                .into());
+            return Err(LiveChangeError::NeedsRestart(
+                "the key, time column and set of fields of a compress stage need a restart; \
+                        tolerances, methods and max_gap change live",
+            ));
         }
         Ok(())
     }
@@ -467,8 +469,8 @@ impl Operator for Compress {
         self.release(i64::MAX, true, out)
     }
 
-    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
-        let new = new.downcast_ref::<CompressConfig>().ok_or("not a compress config")?;
+    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let new = new.downcast_ref::<CompressConfig>().ok_or(LiveChangeError::WrongConfig("compress"))?;
         // fields are in the same (sorted) order: the set of names did not change
         for ((_, tol), (_, new_tol)) in self.fields.iter_mut().zip(&new.fields) {
             *tol = *new_tol;

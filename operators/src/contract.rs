@@ -81,6 +81,32 @@ impl Collector {
     }
 }
 
+/// Why a running stage cannot take a new configuration (the reloader then keeps the old one
+/// and says why; a restart applies it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LiveChangeError {
+    /// The stage's type changed.
+    #[error("the type changed from `{from}` to `{to}`")]
+    TypeChanged {
+        /// The running type.
+        from: &'static str,
+        /// The new type.
+        to: &'static str,
+    },
+    /// The stage's type has no parameters that can change while running.
+    #[error("a `{0}` stage has no parameters that can change while running")]
+    NotTunable(&'static str),
+    /// A parameter that shapes the stage's state or output changed; what can change live.
+    #[error("{0}")]
+    NeedsRestart(&'static str),
+    /// The operator was handed a configuration of another type (a bug in the caller).
+    #[error("not a `{0}` config")]
+    WrongConfig(&'static str),
+    /// The new values do not fit the stage's input.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// The class of an error, which decides what the runtime does with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -195,8 +221,8 @@ pub trait Operator: Send {
     /// Applies new values of live-tunable parameters, between two calls, keeping all state.
     /// `config` is the operator's own configuration type (the runtime checked beforehand that
     /// only tunable parameters changed). The default accepts nothing.
-    fn retune(&mut self, _config: &dyn std::any::Any) -> Result<(), String> {
-        Err(format!("`{}` has no parameters that can change while running", self.kind()))
+    fn retune(&mut self, _config: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        Err(LiveChangeError::NotTunable(self.kind()))
     }
 
     /// Whether the operator keeps state between batches. A stateful operator must implement

@@ -14,6 +14,7 @@
 //! goes to the `late_events` output instead of passing unchecked. State is about 16 bytes of
 //! key, 8 of event time and hash-table overhead per key per mode (see [`Dedup::state_bytes`]).
 
+use crate::LiveChangeError;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -99,13 +100,15 @@ type Checked = (usize, Option<usize>, Option<Vec<usize>>);
 
 impl DedupConfig {
     /// Only `horizon` can change live.
-    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+    pub fn live_change(&self, new: &Self) -> Result<(), LiveChangeError> {
         let mut masked = new.clone();
         masked.horizon = self.horizon;
         if &masked == self {
             Ok(())
         } else {
-            Err("only `horizon` of a dedup can change live; the key columns shape its state".into())
+            Err(LiveChangeError::NeedsRestart(
+                "only `horizon` of a dedup can change live; the key columns shape its state",
+            ))
         }
     }
 
@@ -357,8 +360,8 @@ impl Operator for Dedup {
         Ok(())
     }
 
-    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
-        let new = new.downcast_ref::<DedupConfig>().ok_or("not a dedup config")?;
+    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let new = new.downcast_ref::<DedupConfig>().ok_or(LiveChangeError::WrongConfig("dedup"))?;
         // a longer horizon applies to keys still held; a shorter one evicts at the next watermark
         self.horizon = new.horizon.as_millis_i64();
         Ok(())

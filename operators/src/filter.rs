@@ -1,6 +1,7 @@
 //! `filter`: keeps the rows that satisfy every condition of a conjunction, evaluated with Arrow
 //! comparison kernels. Rows where a compared value is null do not pass (SQL semantics).
 
+use crate::LiveChangeError;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, Datum, RecordBatch, Scalar, StringArray};
@@ -188,15 +189,16 @@ impl FilterConfig {
 
 impl FilterConfig {
     /// Values (thresholds) change live; the columns and comparisons do not.
-    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+    pub fn live_change(&self, new: &Self) -> Result<(), LiveChangeError> {
         let same_shape = self.conditions.len() == new.conditions.len()
             && self.conditions.iter().zip(&new.conditions).all(|(a, b)| a.column == b.column && a.op == b.op);
         if same_shape {
             Ok(())
         } else {
-            Err("the values of a filter's conditions change live; adding, removing or changing the column or \
-                 comparison of a condition needs a restart"
-                .into())
+            Err(LiveChangeError::NeedsRestart(
+                "the values of a filter's conditions change live; adding, removing or changing the column or \
+                 comparison of a condition needs a restart",
+            ))
         }
     }
 }
@@ -241,11 +243,13 @@ impl Operator for Filter {
         &self.outputs
     }
 
-    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
-        let new = config.downcast_ref::<FilterConfig>().ok_or("not a filter config")?;
-        self.conditions = new
-            .compile(&self.input)
-            .map_err(|errs| errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "))?;
+    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let new = config.downcast_ref::<FilterConfig>().ok_or(LiveChangeError::WrongConfig("filter"))?;
+        self.conditions = new.compile(&self.input).map_err(|errs| {
+            LiveChangeError::Invalid(
+                errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
+            )
+        })?;
         Ok(())
     }
 

@@ -47,8 +47,8 @@ pub mod zstd_column;
 
 pub use arrow::array::RecordBatch;
 pub use contract::{
-    Barrier, BuildContext, Collector, ErrorClass, Message, Operator, OperatorConfig, OperatorError, OutputSpec,
-    PlanError, did_you_mean,
+    Barrier, BuildContext, Collector, ErrorClass, LiveChangeError, Message, Operator, OperatorConfig, OperatorError,
+    OutputSpec, PlanError, did_you_mean,
 };
 pub use duration::Duration;
 pub use env::EnvString;

@@ -117,8 +117,8 @@ impl OperatorConfig for FeaturesConfig {
 
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
         let (cols, schema) = self.check(input)?;
-        let graph =
-            RoadGraph::read(Path::new(self.road_graph.as_str())).map_err(|e| vec![PlanError::new("road_graph", e)])?;
+        let graph = RoadGraph::read(Path::new(self.road_graph.as_str()))
+            .map_err(|e| vec![PlanError::new("road_graph", e.to_string())])?;
         let l = [("stage", ctx.stage.as_str())];
         Ok(Box::new(FeatureBuilder::new(
             graph,

@@ -1,7 +1,50 @@
 //! The road graph: segments, their neighbours up- and downstream, read from a CSV file.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why a road graph file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    /// The file cannot be read.
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file has no header line.
+    #[error("{} is empty", path.display())]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A column the graph needs is missing from the header.
+    #[error("{} has no column `{column}`", path.display())]
+    NoColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column.
+        column: &'static str,
+    },
+    /// A line cannot be read.
+    #[error("{}:{line}: {problem}", path.display())]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// Its line number (1-based).
+        line: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Two rows have the same `segment_id`.
+    #[error("{}: a segment_id appears twice", path.display())]
+    DuplicateSegment {
+        /// The file.
+        path: PathBuf,
+    },
+}
 
 /// One segment of the road graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,16 +75,16 @@ pub struct RoadGraph {
 
 impl RoadGraph {
     /// Reads the CSV at `path` (header names the columns; `upstream`/`downstream` may be empty).
-    pub fn read(path: &Path) -> Result<RoadGraph, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    pub fn read(path: &Path) -> Result<RoadGraph, GraphError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GraphError::Io { path: path.to_owned(), source })?;
         let mut lines = text.lines();
         let header: Vec<&str> =
-            lines.next().ok_or_else(|| format!("{} is empty", path.display()))?.split(',').collect();
-        let col = |name: &str| {
+            lines.next().ok_or_else(|| GraphError::Empty { path: path.to_owned() })?.split(',').collect();
+        let col = |name: &'static str| {
             header
                 .iter()
                 .position(|h| h.trim() == name)
-                .ok_or_else(|| format!("{} has no column `{name}`", path.display()))
+                .ok_or_else(|| GraphError::NoColumn { path: path.to_owned(), column: name })
         };
         let (ci, cu, cd, cf) = (col("segment_id")?, col("upstream")?, col("downstream")?, col("free_speed_kmh")?);
         let (clat, clon) = (col("lat").ok(), col("lon").ok());
@@ -49,17 +92,24 @@ impl RoadGraph {
         for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let f: Vec<&str> = line.split(',').collect();
             let get = |c: usize| {
-                f.get(c).map(|s| s.trim()).ok_or_else(|| format!("{}:{}: too few fields", path.display(), n + 2))
+                f.get(c).map(|s| s.trim()).ok_or_else(|| GraphError::Line {
+                    path: path.to_owned(),
+                    line: n + 2,
+                    problem: "too few fields".into(),
+                })
             };
-            let free: f64 =
-                get(cf)?.parse().map_err(|e| format!("{}:{}: free_speed_kmh: {e}", path.display(), n + 2))?;
+            let free: f64 = get(cf)?.parse().map_err(|e| GraphError::Line {
+                path: path.to_owned(),
+                line: n + 2,
+                problem: format!("free_speed_kmh: {e}"),
+            })?;
             let coord = |c: Option<usize>| c.and_then(|c| f.get(c)).and_then(|v| v.trim().parse::<f64>().ok());
             raw.push((get(ci)?.to_owned(), get(cu)?.to_owned(), get(cd)?.to_owned(), free, coord(clat), coord(clon)));
         }
         raw.sort_by(|a, b| a.0.cmp(&b.0));
         let index: HashMap<String, usize> = raw.iter().enumerate().map(|(i, r)| (r.0.clone(), i)).collect();
         if index.len() != raw.len() {
-            return Err(format!("{}: a segment_id appears twice", path.display()));
+            return Err(GraphError::DuplicateSegment { path: path.to_owned() });
         }
         let segments = raw
             .into_iter()

@@ -19,7 +19,7 @@ mod graph;
 mod operator;
 
 pub use config::{FeaturesConfig, features_schema};
-pub use graph::{RoadGraph, RoadSegment};
+pub use graph::{GraphError, RoadGraph, RoadSegment};
 pub use operator::FeatureBuilder;
 
 /// The features, in model-input order (see `models/train/features.py` for each definition).

@@ -1,6 +1,7 @@
 //! YAML of an `infer` stage (model, features, micro-batching, shadow, high-carbon mode) and
 //! its planning: the input resolved against the schema, the model checked, the outputs named.
 
+use citystream_operators::LiveChangeError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -358,12 +359,14 @@ impl InferConfig {
 
     /// Live tuning: micro-batch limits may change; the model, its mapping and providers may not
     /// (replace the model file to swap it).
-    pub fn live_change(&self, new: &InferConfig) -> Result<(), String> {
+    pub fn live_change(&self, new: &InferConfig) -> Result<(), LiveChangeError> {
         let strip = |c: &InferConfig| InferConfig { batch: BatchConfig::default(), ..c.clone() };
         if strip(self) == strip(new) {
             Ok(())
         } else {
-            Err("only `batch` can change while running; to swap the model, replace its file".into())
+            Err(LiveChangeError::NeedsRestart(
+                "only `batch` can change while running; to swap the model, replace its file",
+            ))
         }
     }
 }
@@ -392,7 +395,7 @@ impl OperatorConfig for InferConfig {
                 &ctx.stage,
                 role,
             )
-            .map_err(|e| vec![PlanError::new(key, e)])
+            .map_err(|e| vec![PlanError::new(key, e.to_string())])
         };
         let live = start(&self.model, &self.name, "live", "model")?;
         let shadow = self.shadow.as_ref().map(|s| start(&s.model, &s.name, "shadow", "shadow.model")).transpose()?;

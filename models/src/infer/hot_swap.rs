@@ -29,7 +29,7 @@ impl Slot {
         metrics: &Metrics,
         stage: &str,
         role: &'static str,
-    ) -> Result<Slot, String> {
+    ) -> Result<Slot, crate::ModelError> {
         let stamp = file_stamp(&path);
         let model = Model::load(&path, name.as_deref(), &opts)?;
         tracing::info!(stage, role, model = %model.name, sha256 = %model.sha256, provider = model.provider.name(), "model loaded");
@@ -47,7 +47,7 @@ impl Slot {
             std::thread::Builder::new()
                 .name(format!("model-watch-{stage}"))
                 .spawn(move || watch(path, name, opts, poll, stamp, weak, rejected, stage, role))
-                .map_err(|e| format!("starting the model file watcher: {e}"))?;
+                .map_err(crate::ModelError::Watcher)?;
         }
         let mut s =
             Slot { model, next, swaps: applied, info: None, metrics: metrics.clone(), stage: stage.to_owned(), role };

@@ -1,6 +1,7 @@
 //! The `infer` operator: micro-batches rows, runs the live (and shadow) model on runs of one
 //! event time, and stamps the outputs with the model's name and checksum.
 
+use citystream_operators::LiveChangeError;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +49,7 @@ impl std::fmt::Debug for Infer {
     }
 }
 
-pub(super) fn ext(e: String) -> OperatorError {
+pub(super) fn ext(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> OperatorError {
     OperatorError::Arrow(arrow::error::ArrowError::ExternalError(e.into()))
 }
 
@@ -87,11 +88,11 @@ pub(super) fn features<'a>(
     if r.list {
         let list: &FixedSizeListArray = batch.column(r.input[0]).as_fixed_size_list();
         if list.null_count() > 0 {
-            return Err(ext("a feature row is null".into()));
+            return Err(ext("a feature row is null"));
         }
         let values = list.values().as_primitive::<Float32Type>();
         if values.null_count() > 0 {
-            return Err(ext("a feature value is null".into()));
+            return Err(ext("a feature value is null"));
         }
         // arrow slices a FixedSizeList's values with it (offset() is 0); kept general
         let start = list.offset() * r.width;
@@ -337,8 +338,8 @@ impl Operator for Infer {
         Ok(())
     }
 
-    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
-        let c = config.downcast_ref::<InferConfig>().ok_or("not an infer config")?;
+    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let c = config.downcast_ref::<InferConfig>().ok_or(LiveChangeError::WrongConfig("infer"))?;
         self.batch = c.batch.clone();
         Ok(())
     }

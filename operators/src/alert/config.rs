@@ -1,5 +1,6 @@
 //! YAML of an `alert` stage, the `alerts` table schema, and planning a rule.
 
+use crate::LiveChangeError;
 use std::collections::{BTreeMap, HashMap};
 
 use std::sync::{Arc, LazyLock};
@@ -189,7 +190,7 @@ impl AlertConfig {
 
     /// Live tuning: levels, durations, the storm limit, active hours, per-location thresholds
     /// and severity may change; the columns and the rule's identity may not.
-    pub fn live_change(&self, new: &AlertConfig) -> Result<(), String> {
+    pub fn live_change(&self, new: &AlertConfig) -> Result<(), LiveChangeError> {
         let same = |c: &AlertConfig| {
             (
                 c.rule.clone(),
@@ -204,7 +205,9 @@ impl AlertConfig {
         if same(self) == same(new) {
             Ok(())
         } else {
-            Err("an alert rule's name, type, columns and direction cannot change while running".into())
+            Err(LiveChangeError::NeedsRestart(
+                "an alert rule's name, type, columns and direction cannot change while running",
+            ))
         }
     }
 

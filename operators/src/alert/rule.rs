@@ -1,6 +1,7 @@
 //! The alert rule: per location idle → pending → open → resolved, with hysteresis, minimum
 //! duration, suppression, cooldown, storm limit, active hours and staleness.
 
+use crate::LiveChangeError;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::sync::Arc;
@@ -486,8 +487,8 @@ impl Operator for AlertRule {
         Ok(())
     }
 
-    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), String> {
-        let c = config.downcast_ref::<AlertConfig>().ok_or("not an alert config")?;
+    fn retune(&mut self, config: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let c = config.downcast_ref::<AlertConfig>().ok_or(LiveChangeError::WrongConfig("alert"))?;
         self.cfg.live_change(c)?;
         self.cfg = c.clone();
         Ok(())

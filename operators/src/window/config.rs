@@ -1,5 +1,6 @@
 //! YAML of a `window` stage and its planning.
 
+use crate::LiveChangeError;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -224,15 +225,16 @@ impl WindowConfig {
 impl WindowConfig {
     /// Whether the pipeline may switch from `self` to `new` without a restart: only
     /// `allowed_lateness` can change live.
-    pub fn live_change(&self, new: &Self) -> Result<(), String> {
+    pub fn live_change(&self, new: &Self) -> Result<(), LiveChangeError> {
         let mut masked = new.clone();
         masked.allowed_lateness = self.allowed_lateness;
         if &masked == self {
             Ok(())
         } else {
-            Err("only `allowed_lateness` of a window can change live; key, size, slide, time column and \
-                 aggregates shape its state and need a restart"
-                .into())
+            Err(LiveChangeError::NeedsRestart(
+                "only `allowed_lateness` of a window can change live; key, size, slide, time column and \
+                 aggregates shape its state and need a restart",
+            ))
         }
     }
 }

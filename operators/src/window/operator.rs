@@ -1,6 +1,7 @@
 //! The `window` operator: open windows per start, groups per key, emission on the watermark,
 //! late rows, forgetting keys no open window holds, snapshot and restore.
 
+use crate::LiveChangeError;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -327,8 +328,8 @@ impl Operator for Window {
         input.saturating_sub(self.lateness)
     }
 
-    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), String> {
-        let new = new.downcast_ref::<WindowConfig>().ok_or("not a window config")?;
+    fn retune(&mut self, new: &dyn std::any::Any) -> Result<(), LiveChangeError> {
+        let new = new.downcast_ref::<WindowConfig>().ok_or(LiveChangeError::WrongConfig("window"))?;
         self.set_allowed_lateness(new.allowed_lateness);
         Ok(())
     }

@@ -9,6 +9,7 @@
 //! checks each entry.
 
 use citystream_models::{California7Config, FeaturesConfig, InferConfig};
+use citystream_operators::LiveChangeError;
 use citystream_operators::OperatorConfig;
 use citystream_operators::admit::AdmitConfig;
 use citystream_operators::alert::AlertConfig;
@@ -71,7 +72,7 @@ macro_rules! registry {
 
             /// For two configs of one type: `None` when the type has no live parameters, else
             /// whether `new` can replace `self` while running.
-            fn live_change_same_type(&self, new: &OperatorSpec) -> Option<Result<(), String>> {
+            fn live_change_same_type(&self, new: &OperatorSpec) -> Option<Result<(), LiveChangeError>> {
                 match (self, new) {
                     $((OperatorSpec::$variant(a), OperatorSpec::$variant(b)) => registry!(@live $live a b),)*
                     _ => None,
@@ -111,16 +112,16 @@ impl OperatorSpec {
     /// Whether a running stage configured as `self` can switch to `new` without a restart:
     /// `Ok(true)` if something changed and can be applied live, `Ok(false)` if nothing changed,
     /// and the reason otherwise.
-    pub fn live_change(&self, new: &OperatorSpec) -> Result<bool, String> {
+    pub fn live_change(&self, new: &OperatorSpec) -> Result<bool, LiveChangeError> {
         if self == new {
             return Ok(false);
         }
         if self.type_name() != new.type_name() {
-            return Err(format!("the type changed from `{}` to `{}`", self.type_name(), new.type_name()));
+            return Err(LiveChangeError::TypeChanged { from: self.type_name(), to: new.type_name() });
         }
         match self.live_change_same_type(new) {
             Some(r) => r.map(|()| true),
-            None => Err(format!("a `{}` stage has no parameters that can change while running", self.type_name())),
+            None => Err(LiveChangeError::NotTunable(self.type_name())),
         }
     }
 }
