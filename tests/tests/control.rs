@@ -9,7 +9,7 @@ use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMil
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use citystream_operators::alert::AlertConfig;
 use citystream_operators::{BuildContext, Collector, Metrics, OperatorConfig};
-use citystream_pipeline::control::{ControlCenter, ControlConfig};
+use citystream_pipeline::control::{ControlCenter, ControlConfig, ControlError, TokensError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -302,9 +302,11 @@ async fn requests_beyond_the_rate_limit_are_refused_and_tokens_never_come_from_y
     let mut cfg = config(dir.path(), "CC_TOKENS_C", 3);
     cfg.tokens_env = None;
     let e = ControlCenter::start("control", &cfg, &Metrics::new()).err().unwrap();
-    assert!(e.contains("never go in the YAML"), "{e}");
+    assert!(matches!(e, ControlError::Tokens(TokensError::NoSource)), "{e:?}");
+    assert!(e.to_string().contains("never go in the YAML"), "{e}");
     let e = citystream_pipeline::control::parse_tokens("admin short").unwrap_err();
-    assert!(e.contains("unknown role"), "{e}");
+    assert!(matches!(&e, TokensError::Role { entry: 1, role } if role == "admin"), "{e:?}");
+    assert!(e.to_string().contains("unknown role"), "{e}");
 }
 
 /// The named string columns of every Parquet file under `dir`, row by row.

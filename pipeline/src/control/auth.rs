@@ -18,6 +18,62 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use super::config::ControlConfig;
 use super::routes::error;
 
+/// Why the tokens cannot be loaded (the control center, or the Flight SQL server, does not
+/// start).
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    /// An entry is not `role name token`.
+    #[error("token entry {entry}: expected `role name token`")]
+    Shape {
+        /// The entry's number (1-based).
+        entry: usize,
+    },
+    /// An entry names a role that does not exist.
+    #[error("token entry {entry}: unknown role `{role}` (viewer or operator)")]
+    Role {
+        /// The entry's number (1-based).
+        entry: usize,
+        /// The role written.
+        role: String,
+    },
+    /// An entry's name has characters a decision record does not take.
+    #[error("token entry {entry}: name `{name}`: 1 to 64 characters of letters, digits and . _ @ -")]
+    Name {
+        /// The entry's number (1-based).
+        entry: usize,
+        /// The name written.
+        name: String,
+    },
+    /// A token is too short to be a secret.
+    #[error("token entry {entry}: tokens need at least 16 characters")]
+    Short {
+        /// The entry's number (1-based).
+        entry: usize,
+    },
+    /// There are no tokens at all.
+    #[error("no tokens: the control center would refuse every request")]
+    Empty,
+    /// The tokens file cannot be read, created or written.
+    #[error("{action} `{}`: {source}", path.display())]
+    Io {
+        /// What failed, e.g. `reading tokens_file`.
+        action: &'static str,
+        /// The file (or its directory).
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The tokens file is readable by others.
+    #[error("tokens_file: {0}")]
+    Permissions(String),
+    /// `tokens_env` names a variable that is not set.
+    #[error("tokens_env: the environment variable `{0}` is not set")]
+    NotSet(String),
+    /// Neither or both of `tokens_file` and `tokens_env` are set.
+    #[error("set exactly one of `tokens_file` and `tokens_env` (tokens never go in the YAML)")]
+    NoSource,
+}
+
 /// A role a token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -39,7 +95,7 @@ pub struct Identity {
 /// Parses `role name token` entries (one per line or `;`-separated; `#` starts a comment). An
 /// older `role token` entry is accepted, named after its role and its place in the list
 /// (`operator-2`).
-pub fn parse_tokens(text: &str) -> Result<HashMap<String, Identity>, String> {
+pub fn parse_tokens(text: &str) -> Result<HashMap<String, Identity>, TokensError> {
     let mut out = HashMap::new();
     for (n, entry) in text.split(['\n', ';']).enumerate() {
         let entry = entry.split('#').next().unwrap_or("").trim();
@@ -47,39 +103,39 @@ pub fn parse_tokens(text: &str) -> Result<HashMap<String, Identity>, String> {
             continue;
         }
         let parts: Vec<&str> = entry.split_whitespace().collect();
+        let entry = n + 1;
         let (role, name, token) = match parts.as_slice() {
             [role, name, token] => (*role, (*name).to_owned(), *token),
-            [role, token] => (*role, format!("{role}-{}", n + 1), *token),
-            _ => return Err(format!("token entry {}: expected `role name token`", n + 1)),
+            [role, token] => (*role, format!("{role}-{entry}"), *token),
+            _ => return Err(TokensError::Shape { entry }),
         };
         let role = match role {
             "viewer" => Role::Viewer,
             "operator" => Role::Operator,
-            other => return Err(format!("token entry {}: unknown role `{other}` (viewer or operator)", n + 1)),
+            other => return Err(TokensError::Role { entry, role: other.to_owned() }),
         };
-        check_name(&name).map_err(|e| format!("token entry {}: {e}", n + 1))?;
+        if !valid_name(&name) {
+            return Err(TokensError::Name { entry, name });
+        }
         if token.len() < 16 {
-            return Err(format!("token entry {}: tokens need at least 16 characters", n + 1));
+            return Err(TokensError::Short { entry });
         }
         out.insert(token.to_owned(), Identity { role, name });
     }
     if out.is_empty() {
-        return Err("no tokens: the control center would refuse every request".into());
+        return Err(TokensError::Empty);
     }
     Ok(out)
 }
 
 /// A name recorded with decisions: 1 to 64 letters, digits and `. _ @ -`.
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c)) {
-        return Err(format!("name `{name}`: 1 to 64 characters of letters, digits and . _ @ -"));
-    }
-    Ok(())
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c))
 }
 
 impl ControlConfig {
     /// Loads the tokens from the file or the environment.
-    pub fn tokens(&self) -> Result<HashMap<String, Identity>, String> {
+    pub fn tokens(&self) -> Result<HashMap<String, Identity>, TokensError> {
         match (&self.tokens_file, &self.tokens_env) {
             (Some(f), None) => {
                 let path = std::path::Path::new(f.as_str());
@@ -87,20 +143,17 @@ impl ControlConfig {
                     create_tokens_file(path)?;
                     tracing::info!(file = f.as_str(), "control center: created a viewer and an operator token");
                 }
-                citystream_operators::secret::check_permissions(path).map_err(|e| format!("tokens_file: {e}"))?;
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("reading tokens_file `{}`: {e}", f.as_str()))
-                    .and_then(|t| parse_tokens(&t))
+                citystream_operators::secret::check_permissions(path).map_err(TokensError::Permissions)?;
+                let io = |source| TokensError::Io { action: "reading tokens_file", path: path.to_owned(), source };
+                parse_tokens(&std::fs::read_to_string(path).map_err(io)?)
             }
-            (None, Some(v)) => std::env::var(v)
-                .map_err(|_| format!("tokens_env: the environment variable `{v}` is not set"))
-                .and_then(|t| parse_tokens(&t)),
-            _ => Err("set exactly one of `tokens_file` and `tokens_env` (tokens never go in the YAML)".into()),
+            (None, Some(v)) => parse_tokens(&std::env::var(v).map_err(|_| TokensError::NotSet(v.clone()))?),
+            _ => Err(TokensError::NoSource),
         }
     }
 }
 
-fn create_tokens_file(path: &std::path::Path) -> Result<(), String> {
+fn create_tokens_file(path: &std::path::Path) -> Result<(), TokensError> {
     use base64::Engine;
     use rand::Rng;
     use std::io::Write;
@@ -111,14 +164,14 @@ fn create_tokens_file(path: &std::path::Path) -> Result<(), String> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            .map_err(|source| TokensError::Io { action: "creating", path: dir.to_owned(), source })?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("creating tokens_file `{}`: {e}", path.display()))?;
+        .map_err(|source| TokensError::Io { action: "creating tokens_file", path: path.to_owned(), source })?;
     writeln!(
         f,
         "# citystream control-center tokens: `role name token` per line (roles viewer, operator)\nviewer viewer-1 {}\noperator operator-1 {}",
@@ -126,7 +179,7 @@ fn create_tokens_file(path: &std::path::Path) -> Result<(), String> {
         token()
     )
     .and_then(|()| f.sync_all())
-    .map_err(|e| format!("writing tokens_file `{}`: {e}", path.display()))
+    .map_err(|source| TokensError::Io { action: "writing tokens_file", path: path.to_owned(), source })
 }
 
 /// Tokens and rate limits.
@@ -190,9 +243,10 @@ mod tests {
         assert_eq!(t["abcdefghijklmnop0"], Identity { role: Role::Operator, name: "op.anna".into() });
         let legacy = parse_tokens("viewer 0123456789abcdef-one; operator 0123456789abcdef-two").unwrap();
         assert_eq!(legacy["0123456789abcdef-two"].name, "operator-2");
-        assert!(parse_tokens("operator a b c d").unwrap_err().contains("expected `role name token`"));
-        assert!(parse_tokens("operator bad!name 0123456789abcdefgh").unwrap_err().contains("name `bad!name`"));
-        assert!(parse_tokens("admin short").unwrap_err().contains("unknown role"));
+        assert!(parse_tokens("operator a b c d").unwrap_err().to_string().contains("expected `role name token`"));
+        let e = parse_tokens("operator bad!name 0123456789abcdefgh").unwrap_err();
+        assert!(matches!(&e, TokensError::Name { entry: 1, name } if name == "bad!name"), "{e:?}");
+        assert!(parse_tokens("admin short").unwrap_err().to_string().contains("unknown role"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and beyond `max_alerts` the oldest finished ones leave first. They stay in the lake's
 //! `alerts` and `feedback` tables.
 
+use super::ControlError;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -111,23 +112,17 @@ impl Book {
 
     /// Applies alert events (the `alert` stages' schema); returns the stream messages of the
     /// changes, in order.
-    pub(crate) fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<String>, String> {
+    pub(crate) fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<String>, ControlError> {
         self.apply_events(batch, true)
     }
 
     /// [`apply`](Self::apply), evicting as it goes only when `evict` (a restore evicts once, at
     /// the end, so the outcome does not depend on where eviction passes fell).
-    fn apply_events(&mut self, batch: &RecordBatch, evict: bool) -> Result<Vec<String>, String> {
-        let s = |n: &str| batch.column_by_name(n).map(|c| c.as_string::<i32>()).ok_or(format!("no column `{n}`"));
-        let t = |n: &str| {
-            batch
-                .column_by_name(n)
-                .map(|c| c.as_primitive::<TimestampMillisecondType>())
-                .ok_or(format!("no column `{n}`"))
-        };
-        let f = |n: &str| {
-            batch.column_by_name(n).map(|c| c.as_primitive::<Float64Type>()).ok_or(format!("no column `{n}`"))
-        };
+    fn apply_events(&mut self, batch: &RecordBatch, evict: bool) -> Result<Vec<String>, ControlError> {
+        let col = |n: &str| batch.column_by_name(n).ok_or_else(|| ControlError::MissingColumn(n.to_owned()));
+        let s = |n: &str| col(n).map(|c| c.as_string::<i32>());
+        let t = |n: &str| col(n).map(|c| c.as_primitive::<TimestampMillisecondType>());
+        let f = |n: &str| col(n).map(|c| c.as_primitive::<Float64Type>());
         let (id, rule, ty, sev, loc, status, ev) = (
             s("alert_id")?,
             s("rule")?,
@@ -139,8 +134,7 @@ impl Book {
         );
         let (ts, opened, emitted) = (t("ts")?, t("opened_at")?, t("emitted_at")?);
         let (value, thr, peak) = (f("value")?, f("threshold")?, f("peak")?);
-        let n_locs =
-            batch.column_by_name("locations").map(|c| c.as_primitive::<Int32Type>()).ok_or("no column `locations`")?;
+        let n_locs = col("locations")?.as_primitive::<Int32Type>();
         let opt = |a: &Float64Array, i: usize| a.is_valid(i).then(|| a.value(i));
         let mut messages = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
@@ -226,7 +220,7 @@ impl Book {
     /// only and replays them through [`apply`](Self::apply). Every partition is read: rule
     /// events are partitioned by event time and decisions by when they were made, so after a
     /// backlog a recent decision can refer to an old alert.
-    pub(crate) fn restore(&mut self, table: &std::path::Path) -> Result<(usize, usize), String> {
+    pub(crate) fn restore(&mut self, table: &std::path::Path) -> Result<(usize, usize), ControlError> {
         let files: Vec<std::path::PathBuf> = crate::sink::parquet_files_by_dir(table).into_values().flatten().collect();
         // pass 1: per alert, the lifecycle only
         let mut rows: Vec<LifeRow> = Vec::new();
@@ -291,7 +285,7 @@ impl Book {
             let ids = b.column_by_name("alert_id").expect("alert schema").as_string::<i32>();
             let mask: arrow::array::BooleanArray =
                 ids.iter().map(|id| Some(id.is_some_and(|id| keep.contains(id)))).collect();
-            let kept = arrow::compute::filter_record_batch(&b, &mask).map_err(|e| e.to_string())?;
+            let kept = arrow::compute::filter_record_batch(&b, &mask)?;
             if kept.num_rows() > 0 {
                 batches.push(kept);
             }
@@ -300,7 +294,7 @@ impl Book {
         if batches.is_empty() {
             return Ok((0, 0));
         }
-        let all = arrow::compute::concat_batches(&schema, &batches).map_err(|e| e.to_string())?;
+        let all = arrow::compute::concat_batches(&schema, &batches)?;
         let actor = all.column_by_name("actor").expect("alert schema").as_string::<i32>();
         let ev = all.column_by_name("evidence").expect("alert schema").as_string::<i32>();
         let ts = all.column_by_name("ts").expect("alert schema").as_primitive::<TimestampMillisecondType>();
@@ -350,8 +344,8 @@ struct LifeRow {
 fn read_alert_rows(
     files: &[std::path::PathBuf],
     columns: Option<&[&str]>,
-    mut each: impl FnMut(RecordBatch) -> Result<(), String>,
-) -> Result<(), String> {
+    mut each: impl FnMut(RecordBatch) -> Result<(), ControlError>,
+) -> Result<(), ControlError> {
     let schema = citystream_operators::alert::alert_schema();
     let names: Vec<&str> = match columns {
         Some(c) => c.to_vec(),
@@ -361,13 +355,14 @@ fn read_alert_rows(
         names.iter().map(|n| schema.field_with_name(n).expect("an alert column").clone()).collect::<Vec<_>>(),
     ));
     for f in files {
-        let file = std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| format!("{}: {e}", f.display()))?;
+        let lake = |e: Box<dyn std::error::Error + Send + Sync>| ControlError::Lake { path: f.clone(), source: e };
+        let file = std::fs::File::open(f).map_err(|e| lake(e.into()))?;
+        let builder =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| lake(e.into()))?;
         let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), names.iter().copied());
-        let reader = builder.with_projection(mask).build().map_err(|e| format!("{}: {e}", f.display()))?;
+        let reader = builder.with_projection(mask).build().map_err(|e| lake(e.into()))?;
         for b in reader {
-            let b = b.map_err(|e| format!("{}: {e}", f.display()))?;
+            let b = b.map_err(|e| lake(e.into()))?;
             let cols = names
                 .iter()
                 .map(|name| match b.column_by_name(name) {
@@ -376,10 +371,10 @@ fn read_alert_rows(
                         Ok(Arc::new(StringArray::from_iter_values(std::iter::repeat_n("rule", b.num_rows())))
                             as Arc<dyn Array>)
                     }
-                    None => Err(format!("{}: no column `{name}`", f.display())),
+                    None => Err(lake(format!("no column `{name}`").into())),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            each(RecordBatch::try_new(out_schema.clone(), cols).map_err(|e| e.to_string())?)?;
+            each(RecordBatch::try_new(out_schema.clone(), cols)?)?;
         }
     }
     Ok(())

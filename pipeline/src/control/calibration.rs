@@ -3,6 +3,7 @@
 //! numbered change, kept with its history in `calibration_file` (replayed at start) and
 //! revertible.
 
+use super::ControlError;
 use std::collections::BTreeMap;
 
 use citystream_operators::alert::{CalibrationSpec, Judged, Proposal, ThresholdBoard, calibrate};
@@ -56,12 +57,12 @@ pub(crate) struct Calibrations {
 
 impl Calibrations {
     /// Reads the history and replays it into `board`.
-    pub(crate) fn load(path: &std::path::Path, board: &ThresholdBoard) -> Result<Self, String> {
+    pub(crate) fn load(path: &std::path::Path, board: &ThresholdBoard) -> Result<Self, ControlError> {
+        let bad = |problem: String| ControlError::Config { key: "calibration_file", problem };
         let mut c = match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice::<Calibrations>(&b)
-                .map_err(|e| format!("calibration_file `{}`: {e}", path.display()))?,
+            Ok(b) => serde_json::from_slice::<Calibrations>(&b).map_err(|e| bad(format!("`{}`: {e}", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Calibrations::default(),
-            Err(e) => return Err(format!("calibration_file `{}`: {e}", path.display())),
+            Err(source) => return Err(ControlError::Calibrations { path: path.to_owned(), source }),
         };
         // replay applies and reverts in the order they happened: the live levels are what
         // they left (a revert may come long after later changes were applied and reverted)
@@ -87,10 +88,11 @@ impl Calibrations {
     }
 
     /// Writes the history (write, fsync, rename, fsync of the directory): blocking.
-    pub(crate) fn save(&self) -> Result<(), String> {
+    pub(crate) fn save(&self) -> Result<(), ControlError> {
         let Some(path) = &self.file else { return Ok(()) };
-        let body = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        crate::sink::write_atomic(path, &body).map_err(|e| format!("calibration_file `{}`: {e}", path.display()))
+        let body = serde_json::to_vec_pretty(self).expect("calibrations serialize");
+        crate::atomic_file::write_atomic(path, &body)
+            .map_err(|source| ControlError::Calibrations { path: path.clone(), source })
     }
 
     /// The change applying `proposals` would make, as change `id + 1` of the history.
@@ -163,9 +165,9 @@ pub(crate) struct CalibrationQuery {
 }
 
 impl CalibrationQuery {
-    pub(crate) fn spec(&self) -> Result<CalibrationSpec, String> {
+    pub(crate) fn spec(&self) -> Result<CalibrationSpec, &'static str> {
         if !(0.0..=1.0).contains(&self.target_precision) || self.max_step.is_some_and(|s| !(0.0..=0.5).contains(&s)) {
-            return Err("target_precision is in 0..1 and max_step in 0..0.5".into());
+            return Err("target_precision is in 0..1 and max_step in 0..0.5");
         }
         Ok(CalibrationSpec {
             target_precision: self.target_precision,

@@ -8,6 +8,7 @@ use arrow::array::{Array, Float64Array, RecordBatch, StringArray, TimestampMilli
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use citystream_operators::Metrics;
 
+use super::ControlError;
 use super::book::AlertView;
 use crate::sink::parquet::{ParquetSinkConfig, ParquetWriter};
 
@@ -33,7 +34,7 @@ pub fn feedback_schema() -> SchemaRef {
 /// workers and outside the book's lock).
 pub(crate) trait DecisionStore: Send + Sync {
     /// Writes and makes durable one decision's feedback row and lifecycle event.
-    fn store(&self, feedback: &RecordBatch, event: &RecordBatch) -> Result<(), String>;
+    fn store(&self, feedback: &RecordBatch, event: &RecordBatch) -> Result<(), ControlError>;
 }
 
 /// Where decisions are stored: a fresh writer per decision, so a failed one leaves no rows
@@ -48,29 +49,27 @@ pub(crate) struct DecisionLake {
 
 impl DecisionLake {
     /// The lake under `path`, checked now (a start error, not one at the first decision).
-    pub(crate) fn open(name: &str, path: &str, metrics: &Metrics) -> Result<Self, String> {
+    pub(crate) fn open(name: &str, path: &str, metrics: &Metrics) -> Result<Self, ControlError> {
         let cfg: ParquetSinkConfig = serde_saphyr::from_str(&format!(
             "path: {}\ntables: {{feedback: decisions, alerts: decisions}}\n",
-            serde_json::to_string(path).map_err(|e| e.to_string())?
+            serde_json::to_string(path).expect("a string serializes")
         ))
-        .map_err(|e| format!("feedback_path: {e}"))?;
+        .map_err(|e| ControlError::Config { key: "feedback_path", problem: e.to_string() })?;
         let tables = BTreeMap::from([
             ("feedback".to_owned(), feedback_schema()),
             ("alerts".to_owned(), citystream_operators::alert::alert_schema()),
         ]);
-        ParquetWriter::try_new(name, &cfg, &tables, metrics).map_err(|e| format!("feedback table: {e}"))?;
+        ParquetWriter::try_new(name, &cfg, &tables, metrics)?;
         Ok(Self { name: name.to_owned(), cfg, tables, metrics: metrics.clone() })
     }
 }
 
 impl DecisionStore for DecisionLake {
-    fn store(&self, feedback: &RecordBatch, event: &RecordBatch) -> Result<(), String> {
-        let mut w =
-            ParquetWriter::try_new(&self.name, &self.cfg, &self.tables, &self.metrics).map_err(|e| e.to_string())?;
-        w.write("feedback", "control_center", feedback)
-            .and_then(|()| w.write("alerts", "control_center", event))
-            .and_then(|()| w.flush())
-            .map_err(|e| e.to_string())
+    fn store(&self, feedback: &RecordBatch, event: &RecordBatch) -> Result<(), ControlError> {
+        let mut w = ParquetWriter::try_new(&self.name, &self.cfg, &self.tables, &self.metrics)?;
+        w.write("feedback", "control_center", feedback)?;
+        w.write("alerts", "control_center", event)?;
+        Ok(w.flush()?)
     }
 }
 

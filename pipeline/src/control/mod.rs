@@ -28,6 +28,7 @@ pub mod book;
 pub mod calibration;
 pub mod config;
 pub mod decisions;
+mod error;
 mod outbox;
 mod routes;
 mod sink;
@@ -43,11 +44,12 @@ use citystream_operators::Metrics;
 use citystream_operators::alert::ThresholdBoard;
 use tokio::sync::broadcast;
 
-pub use auth::{Identity, Role, parse_tokens};
+pub use auth::{Identity, Role, TokensError, parse_tokens};
 pub use book::{AlertView, Decision};
 pub use calibration::{CalibrationChange, LevelChange};
 pub use config::{ControlConfig, ControlKafka};
 pub use decisions::feedback_schema;
+pub use error::ControlError;
 pub(crate) use sink::ControlSink;
 
 /// The running control center: apply alert batches to it; it serves them.
@@ -69,23 +71,25 @@ impl Drop for ControlCenter {
 }
 
 /// `location,segment_id` rows: the segment a camera or station watches.
-fn read_sites(path: &str) -> Result<BTreeMap<String, String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("sites `{path}`: {e}"))?;
+fn read_sites(path: &str) -> Result<BTreeMap<String, String>, ControlError> {
+    let bad = |problem: String| ControlError::Config { key: "sites", problem };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("`{path}`: {e}")))?;
     let mut out = BTreeMap::new();
     for (i, line) in text.lines().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
         let (loc, seg) = line
             .split_once(',')
-            .ok_or_else(|| format!("sites `{path}` line {}: expected `location,segment_id`", i + 1))?;
+            .ok_or_else(|| bad(format!("`{path}` line {}: expected `location,segment_id`", i + 1)))?;
         out.insert(loc.trim().to_owned(), seg.trim().to_owned());
     }
     Ok(out)
 }
 
 /// The map the page draws: the road graph the `features` stage reads, with coordinates.
-fn read_map(path: &str) -> Result<serde_json::Value, String> {
-    let g = citystream_models::RoadGraph::read(std::path::Path::new(path)).map_err(|e| format!("road_graph: {e}"))?;
+fn read_map(path: &str) -> Result<serde_json::Value, ControlError> {
+    let bad = |problem: String| ControlError::Config { key: "road_graph", problem };
+    let g = citystream_models::RoadGraph::read(std::path::Path::new(path)).map_err(|e| bad(e.to_string()))?;
     if !g.has_coordinates {
-        return Err(format!("road_graph: `{path}` has no `lat` and `lon` columns for the map"));
+        return Err(bad(format!("`{path}` has no `lat` and `lon` columns for the map")));
     }
     let segs: Vec<serde_json::Value> = g
         .segments
@@ -105,7 +109,7 @@ fn read_map(path: &str) -> Result<serde_json::Value, String> {
 impl ControlCenter {
     /// Binds the address, loads tokens and the map, and starts serving (with a board of live
     /// thresholds of its own; a pipeline shares its board through [`start_with`](Self::start_with)).
-    pub fn start(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<ControlCenter, String> {
+    pub fn start(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<ControlCenter, ControlError> {
         Self::start_with(name, cfg, metrics, &ThresholdBoard::default())
     }
 
@@ -115,7 +119,7 @@ impl ControlCenter {
         cfg: &ControlConfig,
         metrics: &Metrics,
         board: &ThresholdBoard,
-    ) -> Result<ControlCenter, String> {
+    ) -> Result<ControlCenter, ControlError> {
         let tokens = cfg.tokens()?;
         let mut map = match &cfg.road_graph {
             Some(p) => read_map(p.as_str())?,
@@ -126,20 +130,24 @@ impl ControlCenter {
             let known: HashSet<&str> =
                 map["segments"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_str()).collect();
             if let Some((loc, seg)) = sites.iter().find(|(_, seg)| !known.contains(seg.as_str())) {
-                return Err(format!("sites: `{loc}` is on `{seg}`, which the road graph does not have"));
+                return Err(ControlError::Config {
+                    key: "sites",
+                    problem: format!("`{loc}` is on `{seg}`, which the road graph does not have"),
+                });
             }
-            map["sites"] = serde_json::to_value(sites).map_err(|e| e.to_string())?;
+            map["sites"] = serde_json::to_value(sites).expect("a map of strings serializes");
         }
         let lake: Option<Arc<dyn decisions::DecisionStore>> = match &cfg.feedback_path {
             Some(p) => Some(Arc::new(decisions::DecisionLake::open(name, p.as_str(), metrics)?)),
             None => None,
         };
-        let per_minute = NonZeroU32::new(cfg.requests_per_minute).ok_or("requests_per_minute must be at least 1")?;
-        let listener = std::net::TcpListener::bind(cfg.addr.as_str())
-            .map_err(|e| format!("control center: cannot listen on {}: {e}", cfg.addr.as_str()))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let per_minute = NonZeroU32::new(cfg.requests_per_minute)
+            .ok_or(ControlError::Config { key: "requests_per_minute", problem: "must be at least 1".into() })?;
+        let listen = |source| ControlError::Listen { addr: cfg.addr.as_str().to_owned(), source };
+        let listener = std::net::TcpListener::bind(cfg.addr.as_str()).map_err(listen)?;
+        listener.set_nonblocking(true).map_err(listen)?;
+        let addr = listener.local_addr().map_err(listen)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(listen)?;
         let calibrations = match &cfg.calibration_file {
             Some(p) => calibration::Calibrations::load(std::path::Path::new(p.as_str()), board)?,
             None => calibration::Calibrations::default(),
@@ -206,7 +214,7 @@ impl ControlCenter {
     }
 
     /// Applies alert events (the `alert` stages' schema) to the book and streams them.
-    pub fn apply(&self, batch: &RecordBatch) -> Result<(), String> {
+    pub fn apply(&self, batch: &RecordBatch) -> Result<(), ControlError> {
         let messages = self.book.lock().unwrap_or_else(|e| e.into_inner()).apply(batch)?;
         for m in messages {
             let _ = self.events.send(m);

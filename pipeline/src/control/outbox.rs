@@ -16,6 +16,7 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use citystream_operators::Metrics;
 
+use super::ControlError;
 use super::config::ControlConfig;
 
 /// The most decisions the outbox holds.
@@ -40,16 +41,17 @@ impl std::fmt::Debug for Outbox {
 
 impl Outbox {
     /// The outbox of `cfg.kafka`, if any.
-    pub(crate) fn open(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<Option<Arc<Self>>, String> {
+    pub(crate) fn open(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<Option<Arc<Self>>, ControlError> {
+        let bad = |problem: String| ControlError::Config { key: "kafka", problem };
         let Some(k) = &cfg.kafka else { return Ok(None) };
         if k.alerts_topic.is_none() && k.feedback_topic.is_none() {
-            return Err("kafka: set `alerts_topic`, `feedback_topic` or both".into());
+            return Err(bad("set `alerts_topic`, `feedback_topic` or both".into()));
         }
         #[cfg(feature = "kafka")]
         {
             let topics: Vec<&str> = k.alerts_topic.iter().chain(&k.feedback_topic).map(String::as_str).collect();
             let writer = crate::kafka::KafkaWriter::for_topics(name, &k.brokers, &k.properties, &topics, metrics)
-                .map_err(|e| format!("kafka: {e}"))?;
+                .map_err(|e| bad(e.to_string()))?;
             Ok(Some(Arc::new(Self {
                 writer: tokio::sync::Mutex::new((writer, VecDeque::new())),
                 pending: AtomicUsize::new(0),
@@ -61,7 +63,7 @@ impl Outbox {
         #[cfg(not(feature = "kafka"))]
         {
             let _ = (name, metrics);
-            Err("kafka: this build has no Kafka support (feature `kafka`)".into())
+            Err(bad("this build has no Kafka support (feature `kafka`)".into()))
         }
     }
 

@@ -22,6 +22,7 @@ use citystream_operators::alert::ThresholdBoard;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
+use super::ControlError;
 use super::auth::{Guard, Identity, Role};
 use super::book::{AlertView, Book, Decision};
 use super::calibration::{CalibrationChange, CalibrationQuery, Calibrations, proposals, undo};
@@ -244,7 +245,7 @@ async fn decide(
     if let Some(lake) = app.lake.clone() {
         let (r, e) = (row.clone(), event.clone());
         let stored = tokio::task::spawn_blocking(move || lake.store(&r, &e)).await;
-        if let Err(e) = stored.map_err(|e| e.to_string()).and_then(|r| r) {
+        if let Err(e) = stored.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             release();
             tracing::error!("feedback table: {e}");
             return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
@@ -425,8 +426,11 @@ fn calibration_changed(app: &App, kind: &str, change: &CalibrationChange) {
 }
 
 /// Writes `history` to the calibration file on a blocking thread.
-async fn save_history(history: Calibrations) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || history.save()).await.map_err(|e| e.to_string())?
+async fn save_history(history: Calibrations) -> Result<(), ControlError> {
+    let path = history.file.clone().unwrap_or_default();
+    tokio::task::spawn_blocking(move || history.save())
+        .await
+        .map_err(|e| ControlError::Calibrations { path, source: std::io::Error::other(e) })?
 }
 
 /// Applies the current proposals live, as one change that can be reverted: written to the
@@ -555,7 +559,7 @@ mod tests {
     }
 
     impl DecisionStore for SlowDisk {
-        fn store(&self, _: &RecordBatch, _: &RecordBatch) -> Result<(), String> {
+        fn store(&self, _: &RecordBatch, _: &RecordBatch) -> Result<(), ControlError> {
             std::thread::sleep(self.delay);
             self.stored.fetch_add(1, Ordering::Relaxed);
             Ok(())
