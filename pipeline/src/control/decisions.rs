@@ -50,11 +50,7 @@ pub(crate) struct DecisionLake {
 impl DecisionLake {
     /// The lake under `path`, checked now (a start error, not one at the first decision).
     pub(crate) fn open(name: &str, path: &str, metrics: &Metrics) -> Result<Self, ControlError> {
-        let cfg: ParquetSinkConfig = serde_saphyr::from_str(&format!(
-            "path: {}\ntables: {{feedback: decisions, alerts: decisions}}\n",
-            serde_json::to_string(path).expect("a string serializes")
-        ))
-        .map_err(|e| ControlError::Config { key: "feedback_path", problem: e.to_string() })?;
+        let cfg = ParquetSinkConfig::internal(std::path::Path::new(path));
         let tables = BTreeMap::from([
             ("feedback".to_owned(), feedback_schema()),
             ("alerts".to_owned(), citystream_operators::alert::alert_schema()),

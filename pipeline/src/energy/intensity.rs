@@ -34,19 +34,49 @@ fn forget_earliest(hourly: &mut BTreeMap<i64, f64>) {
     }
 }
 
+/// Why the grid intensity cannot be read, or a live message is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IntensityError {
+    /// The series file cannot be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A line of the series file is not `hour,g_per_kwh`.
+    #[error("{file}:{line}: {problem}")]
+    Line {
+        /// The file.
+        file: String,
+        /// The line (1-based).
+        line: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A live message is not `{"hour": RFC 3339, "g_per_kwh": n}` or `{"g_per_kwh": n}`.
+    #[error("{0}")]
+    Message(String),
+    /// The Kafka topic cannot be read.
+    #[error("carbon_topic: {0}")]
+    Topic(String),
+}
+
 impl Intensity {
     /// From the config (reads the series file).
-    pub fn from_config(cfg: &EnergyConfig) -> Result<Self, String> {
+    pub fn from_config(cfg: &EnergyConfig) -> Result<Self, IntensityError> {
         let mut hourly = BTreeMap::new();
         if let Some(f) = &cfg.carbon_file {
-            let text = std::fs::read_to_string(f.as_str()).map_err(|e| format!("{}: {e}", f.as_str()))?;
+            let file = || f.as_str().to_owned();
+            let text = std::fs::read_to_string(f.as_str()).map_err(|source| IntensityError::Read { file: file(), source })?;
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
-                let (t, v) =
-                    line.split_once(',').ok_or(format!("{}:{}: expected `hour,g_per_kwh`", f.as_str(), i + 1))?;
+                let bad = |problem: String| IntensityError::Line { file: file(), line: i + 1, problem };
+                let (t, v) = line.split_once(',').ok_or_else(|| bad("expected `hour,g_per_kwh`".into()))?;
                 let t = chrono::DateTime::parse_from_rfc3339(t.trim())
-                    .map_err(|e| format!("{}:{}: {e}", f.as_str(), i + 1))?
+                    .map_err(|e| bad(e.to_string()))?
                     .timestamp_millis();
-                let v: f64 = v.trim().parse().map_err(|e| format!("{}:{}: {e}", f.as_str(), i + 1))?;
+                let v: f64 = v.trim().parse().map_err(|e: std::num::ParseFloatError| bad(e.to_string()))?;
                 hourly.insert(t.div_euclid(3_600_000), v);
             }
             forget_earliest(&mut hourly);
@@ -70,7 +100,7 @@ impl Intensity {
 
     /// Applies one intensity message (JSON `{"hour": RFC 3339, "g_per_kwh": n}` or
     /// `{"g_per_kwh": n}`).
-    pub fn apply_message(&self, payload: &[u8]) -> Result<(), String> {
+    pub fn apply_message(&self, payload: &[u8]) -> Result<(), IntensityError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Msg {
@@ -78,13 +108,14 @@ impl Intensity {
             hour: Option<String>,
             g_per_kwh: f64,
         }
-        let m: Msg = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let m: Msg = serde_json::from_slice(payload).map_err(|e| IntensityError::Message(e.to_string()))?;
         if !m.g_per_kwh.is_finite() || m.g_per_kwh < 0.0 {
-            return Err(format!("g_per_kwh {} is not a non-negative number", m.g_per_kwh));
+            return Err(IntensityError::Message(format!("g_per_kwh {} is not a non-negative number", m.g_per_kwh)));
         }
         match m.hour {
             Some(h) => {
-                let t = chrono::DateTime::parse_from_rfc3339(&h).map_err(|e| format!("hour `{h}`: {e}"))?;
+                let t = chrono::DateTime::parse_from_rfc3339(&h)
+                    .map_err(|e| IntensityError::Message(format!("hour `{h}`: {e}")))?;
                 let mut hourly = self.hourly.write().unwrap_or_else(|e| e.into_inner());
                 hourly.insert(t.timestamp_millis().div_euclid(3_600_000), m.g_per_kwh);
                 forget_earliest(&mut hourly);
@@ -102,7 +133,11 @@ impl Intensity {
     /// Reads `cfg`'s topic from its start and then live into this intensity until the task is
     /// aborted; bad messages are logged and counted, never applied.
     #[cfg(feature = "kafka")]
-    pub fn follow(&self, cfg: &CarbonTopicConfig, metrics: &Metrics) -> Result<tokio::task::JoinHandle<()>, String> {
+    pub fn follow(
+        &self,
+        cfg: &CarbonTopicConfig,
+        metrics: &Metrics,
+    ) -> Result<tokio::task::JoinHandle<()>, IntensityError> {
         use rdkafka::Message;
         use rdkafka::consumer::{Consumer, StreamConsumer};
         let mut cc = crate::kafka::client_config(&cfg.brokers, &cfg.properties);
@@ -111,8 +146,8 @@ impl Intensity {
         cc.set("group.id", format!("citystream-carbon-{}-{nanos:x}", std::process::id()));
         cc.set("auto.offset.reset", "earliest");
         cc.set("enable.auto.commit", "false");
-        let consumer: StreamConsumer = cc.create().map_err(|e| format!("carbon_topic: {e}"))?;
-        consumer.subscribe(&[cfg.topic.as_str()]).map_err(|e| format!("carbon_topic: {e}"))?;
+        let consumer: StreamConsumer = cc.create().map_err(|e| IntensityError::Topic(e.to_string()))?;
+        consumer.subscribe(&[cfg.topic.as_str()]).map_err(|e| IntensityError::Topic(e.to_string()))?;
         let this = self.clone();
         let outcome = |o: &str| {
             metrics.counter("citystream_carbon_messages_total", "Grid intensity messages read.", &[("outcome", o)])
@@ -156,7 +191,9 @@ mod tests {
         assert_eq!(i.at(h8 + 3_600_000 + 5), 120.0);
         assert_eq!(i.at(h8 - 1), 300.0);
         std::fs::write(&f, "yesterday,12\n").unwrap();
-        assert!(Intensity::from_config(&cfg).unwrap_err().contains("grid.csv:1"));
+        let e = Intensity::from_config(&cfg).unwrap_err();
+        assert!(matches!(e, IntensityError::Line { line: 1, .. }), "{e:?}");
+        assert!(e.to_string().contains("grid.csv:1"), "{e}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub(crate) mod services;
 
 pub use account::{EnergyRow, Sample, account, schema};
 pub use config::{CarbonTopicConfig, EnergyConfig};
-pub use intensity::{Intensity, MAX_HOURS};
+pub use intensity::{Intensity, IntensityError, MAX_HOURS};
 pub(crate) use policy::run_policy;
 pub use policy::{
     CarbonPolicyConfig, CarbonScheduler, CompactionPolicyConfig, Decision, ExportPolicyConfig, d_alert_floor,

@@ -56,14 +56,11 @@ pub(crate) async fn run(
     metrics: Metrics,
     tasks: Vec<(String, Vec<(String, String)>)>,
     mut done: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(), String> {
+) -> Result<(), crate::sink::parquet::ParquetSinkError> {
     let root = PathBuf::from(cfg.path.as_str());
-    let sink_cfg: crate::sink::parquet::ParquetSinkConfig =
-        serde_saphyr::from_str(&format!("path: {}\ntables: {{energy: x}}\n", root.display()))
-            .map_err(|e| e.to_string())?;
+    let sink_cfg = crate::sink::parquet::ParquetSinkConfig::internal(&root);
     let tables = BTreeMap::from([("energy".to_owned(), schema())]);
-    let mut writer = crate::sink::parquet::ParquetWriter::try_new("energy", &sink_cfg, &tables, &metrics)
-        .map_err(|e| e.to_string())?;
+    let mut writer = crate::sink::parquet::ParquetWriter::try_new("energy", &sink_cfg, &tables, &metrics)?;
     let joules_total = |stage: &str, source: &str| {
         metrics.counter(
             "citystream_energy_millijoules_total",
@@ -132,8 +129,7 @@ pub(crate) async fn run(
         }
         if !rows.is_empty() {
             let batch = to_batch(&rows);
-            crate::task::cpu(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))
-                .map_err(|e| e.to_string())?;
+            crate::task::cpu(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))?;
         }
         before = after;
         rapl_before = rapl_after;

@@ -9,7 +9,8 @@ use crate::sink::compact::Positioned;
 use crate::task::{AbortOnDrop, PipelineError, Service, ServiceContext};
 
 /// The energy account: the signal that ends it, and its task.
-type AccountTask = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), String>>);
+type AccountTask =
+    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), crate::sink::parquet::ParquetSinkError>>);
 
 /// The running energy services.
 struct EnergyServices {
@@ -39,10 +40,10 @@ pub(crate) fn start(
         };
     };
     // one grid intensity for the account and the policy (a Kafka topic updates both)
-    let intensity = Intensity::from_config(energy).map_err(|m| build_error("runtime.energy", m))?;
+    let intensity = Intensity::from_config(energy).map_err(|e| build_error("runtime.energy", e.to_string()))?;
     let _intensity_reader = match &energy.carbon_topic {
         #[cfg(feature = "kafka")]
-        Some(t) => Some(AbortOnDrop(intensity.follow(t, ctx.metrics).map_err(|m| build_error("runtime.energy", m))?)),
+        Some(t) => Some(AbortOnDrop(intensity.follow(t, ctx.metrics).map_err(|e| build_error("runtime.energy", e.to_string()))?)),
         #[cfg(not(feature = "kafka"))]
         Some(_) => {
             return Err(build_error(

@@ -44,16 +44,16 @@ impl std::fmt::Debug for OperatorErrors {
 impl OperatorErrors {
     /// A writer of the `operator_errors` table under `root`; with operator state, files are
     /// named after epochs of `lineage`.
-    pub(crate) fn try_new(root: &Path, lineage: Option<&str>, metrics: &Metrics) -> Result<Self, String> {
-        let cfg: crate::sink::parquet::ParquetSinkConfig =
-            serde_saphyr::from_str(&format!("path: \"{}\"\ntables: {{{TABLE}: x}}\n", root.display()))
-                .map_err(|e| e.to_string())?;
+    pub(crate) fn try_new(
+        root: &Path,
+        lineage: Option<&str>,
+        metrics: &Metrics,
+    ) -> Result<Self, crate::sink::parquet::ParquetSinkError> {
+        let cfg = crate::sink::parquet::ParquetSinkConfig::internal(root);
         let tables = BTreeMap::from([(TABLE.to_owned(), dead_letter::schema())]);
         // rows of derived stages have no source position (-1): name files after the run, or
         // with operator state after the epoch (removed and rewritten by a replay)
-        let mut writer = ParquetWriter::try_new("runtime", &cfg, &tables, metrics)
-            .map_err(|e| e.to_string())?
-            .without_positions([TABLE.to_owned()]);
+        let mut writer = ParquetWriter::try_new("runtime", &cfg, &tables, metrics)?.without_positions([TABLE.to_owned()]);
         if let Some(l) = lineage {
             writer = writer.with_epochs(l, 0);
         }
@@ -69,7 +69,7 @@ impl OperatorErrors {
         epoch: u64,
         batch: &RecordBatch,
         what: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::sink::parquet::ParquetSinkError> {
         self.metrics
             .counter(
                 "citystream_operator_errors_total",
@@ -77,11 +77,11 @@ impl OperatorErrors {
                 &[("stage", stage)],
             )
             .inc_by(batch.num_rows() as u64);
-        let rows = dead_letters(stage, kind, batch, what).map_err(|e| e.to_string())?;
+        let rows = dead_letters(stage, kind, batch, what)?;
         let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         w.set_epoch(epoch);
-        w.write(TABLE, stage, &rows).map_err(|e| e.to_string())?;
-        w.flush().map_err(|e| e.to_string())
+        w.write(TABLE, stage, &rows)?;
+        w.flush()
     }
 }
 

@@ -261,7 +261,7 @@ pub async fn run_with_reload(
     let operator_errors = match parquet_roots.first() {
         Some(root) => Some(
             errors::OperatorErrors::try_new(root, state.as_ref().map(StateStore::lineage), &metrics)
-                .map_err(|message| PipelineError::Build { stage: errors::TABLE.into(), message })?,
+                .map_err(|e| crate::task::sink_error(errors::TABLE, e))?,
         ),
         None => None,
     };

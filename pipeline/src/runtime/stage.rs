@@ -268,7 +268,7 @@ impl StageTask {
         );
         errors
             .record(&self.name, self.op.kind(), self.epoch, &rows, &what)
-            .map_err(|message| PipelineError::OperatorErrors { stage: self.name.clone(), message })
+            .map_err(|e| PipelineError::OperatorErrors { stage: self.name.clone(), source: e.into() })
     }
 
     fn call(

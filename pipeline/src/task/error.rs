@@ -46,12 +46,12 @@ pub enum PipelineError {
         source: super::state::StateError,
     },
     /// Rows a stage refused could not be written to the `operator_errors` table.
-    #[error("stage `{stage}`: writing `operator_errors`: {message}")]
+    #[error("stage `{stage}`: writing `operator_errors`: {source}")]
     OperatorErrors {
         /// The stage.
         stage: String,
         /// Why.
-        message: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A downstream task ended early (after an error elsewhere).
     #[error("a downstream task ended early")]

@@ -64,6 +64,22 @@ pub struct ParquetSinkConfig {
     pub daily: Vec<String>,
 }
 
+impl ParquetSinkConfig {
+    /// The defaults, writing under `root`: for the tables the pipeline writes of its own
+    /// (operator errors, the energy account, decisions), which no YAML routes.
+    pub(crate) fn internal(root: &Path) -> Self {
+        Self {
+            path: EnvString::literal(root.to_string_lossy()),
+            compression_level: d_level(),
+            row_group_rows: d_row_group(),
+            target_file_mb: d_file_mb(),
+            max_open_files: d_open(),
+            tables: BTreeMap::new(),
+            daily: Vec::new(),
+        }
+    }
+}
+
 pub(super) const HOUR_MS: i64 = 3_600_000;
 pub(super) const DAY_MS: i64 = 24 * HOUR_MS;
 
