@@ -153,6 +153,22 @@ impl SourceConfig {
     }
 }
 
+impl PipelinePlan {
+    /// The table stages record the rows they cannot process in (`operator_errors`), beside the
+    /// first Parquet sink's tables; `None` without a Parquet sink. With operator state, its
+    /// files are named after epochs of `lineage`.
+    pub(crate) fn error_table(
+        &self,
+        lineage: Option<&str>,
+        metrics: &citystream_operators::Metrics,
+    ) -> Result<Option<std::sync::Arc<dyn crate::task::ErrorTable>>, crate::task::PipelineError> {
+        let Some(root) = self.sinks.iter().find_map(|s| s.config.files_root()) else { return Ok(None) };
+        let table = crate::sink::OperatorErrors::try_new(&root, lineage, metrics)
+            .map_err(|e| crate::task::sink_error(crate::sink::OPERATOR_ERRORS, e))?;
+        Ok(Some(std::sync::Arc::new(table)))
+    }
+}
+
 /// A stage: `type` first, then `input` and the operator's own keys.
 #[derive(Debug, Clone)]
 pub struct StageConfig {

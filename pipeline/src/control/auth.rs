@@ -160,11 +160,11 @@ fn create_tokens_file(path: &std::path::Path) -> Result<(), TokensError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let token = || base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::rng().random::<[u8; 24]>());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| TokensError::Io { action: "creating", path: dir.to_owned(), source })?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| TokensError::Io {
+            action: "creating",
+            path: dir.to_owned(),
+            source,
+        })?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)

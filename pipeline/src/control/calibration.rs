@@ -60,7 +60,9 @@ impl Calibrations {
     pub(crate) fn load(path: &std::path::Path, board: &ThresholdBoard) -> Result<Self, ControlError> {
         let bad = |problem: String| ControlError::Config { key: "calibration_file", problem };
         let mut c = match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice::<Calibrations>(&b).map_err(|e| bad(format!("`{}`: {e}", path.display())))?,
+            Ok(b) => {
+                serde_json::from_slice::<Calibrations>(&b).map_err(|e| bad(format!("`{}`: {e}", path.display())))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Calibrations::default(),
             Err(source) => return Err(ControlError::Calibrations { path: path.to_owned(), source }),
         };

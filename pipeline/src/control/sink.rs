@@ -18,8 +18,7 @@ pub(crate) struct ControlSink {
 impl ControlSink {
     /// Starts the control center `ctx.name` for `cfg`, calibrating the pipeline's alert levels.
     pub(crate) fn try_new(cfg: &ControlConfig, ctx: SinkContext<'_>) -> Result<Self, PipelineError> {
-        let center = ControlCenter::start_with(ctx.name, cfg, ctx.metrics, ctx.thresholds)
-            .map_err(|e| ctx.error(e))?;
+        let center = ControlCenter::start_with(ctx.name, cfg, ctx.metrics, ctx.thresholds).map_err(|e| ctx.error(e))?;
         Ok(Self { name: ctx.name.to_owned(), center, cpu_ns: ctx.cpu_ns })
     }
 }

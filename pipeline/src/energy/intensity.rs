@@ -69,13 +69,13 @@ impl Intensity {
         let mut hourly = BTreeMap::new();
         if let Some(f) = &cfg.carbon_file {
             let file = || f.as_str().to_owned();
-            let text = std::fs::read_to_string(f.as_str()).map_err(|source| IntensityError::Read { file: file(), source })?;
+            let text =
+                std::fs::read_to_string(f.as_str()).map_err(|source| IntensityError::Read { file: file(), source })?;
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
                 let bad = |problem: String| IntensityError::Line { file: file(), line: i + 1, problem };
                 let (t, v) = line.split_once(',').ok_or_else(|| bad("expected `hour,g_per_kwh`".into()))?;
-                let t = chrono::DateTime::parse_from_rfc3339(t.trim())
-                    .map_err(|e| bad(e.to_string()))?
-                    .timestamp_millis();
+                let t =
+                    chrono::DateTime::parse_from_rfc3339(t.trim()).map_err(|e| bad(e.to_string()))?.timestamp_millis();
                 let v: f64 = v.trim().parse().map_err(|e: std::num::ParseFloatError| bad(e.to_string()))?;
                 hourly.insert(t.div_euclid(3_600_000), v);
             }

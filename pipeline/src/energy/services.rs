@@ -43,7 +43,9 @@ pub(crate) fn start(
     let intensity = Intensity::from_config(energy).map_err(|e| build_error("runtime.energy", e.to_string()))?;
     let _intensity_reader = match &energy.carbon_topic {
         #[cfg(feature = "kafka")]
-        Some(t) => Some(AbortOnDrop(intensity.follow(t, ctx.metrics).map_err(|e| build_error("runtime.energy", e.to_string()))?)),
+        Some(t) => Some(AbortOnDrop(
+            intensity.follow(t, ctx.metrics).map_err(|e| build_error("runtime.energy", e.to_string()))?,
+        )),
         #[cfg(not(feature = "kafka"))]
         Some(_) => {
             return Err(build_error(

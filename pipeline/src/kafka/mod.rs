@@ -142,9 +142,38 @@ pub(crate) fn client_config(brokers: &EnvString, properties: &BTreeMap<String, E
 pub mod produce {
     use std::time::Duration as StdDuration;
 
+    use rdkafka::error::KafkaError;
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     use crate::simulator::{SimReport, Simulation, SimulatorConfig};
+
+    /// Why producing the simulation failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ProduceError {
+        /// The producer could not be created or flushed.
+        #[error("kafka producer: {0}")]
+        Producer(#[from] KafkaError),
+        /// A message could not be queued.
+        #[error("producing to {topic}: {source}")]
+        Queue {
+            /// The topic.
+            topic: String,
+            /// Why.
+            source: KafkaError,
+        },
+        /// The broker did not acknowledge a message (after librdkafka's retries).
+        #[error("delivery failed: {0}")]
+        Delivery(KafkaError),
+    }
+
+    /// Waits for the broker's acknowledgement of one message.
+    async fn delivered(f: rdkafka::producer::DeliveryFuture) -> Result<(), ProduceError> {
+        match f.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(ProduceError::Delivery(e)),
+            Err(_) => Err(ProduceError::Delivery(KafkaError::Canceled)),
+        }
+    }
 
     /// Runs the simulator into Kafka. `rate` paces messages per second (`None`: as fast as
     /// possible). Returns the simulator's account and the number of messages produced.
@@ -153,7 +182,7 @@ pub mod produce {
         cfg: SimulatorConfig,
         topics: &crate::kafka::KafkaTopics,
         rate: Option<std::num::NonZeroU32>,
-    ) -> anyhow::Result<(SimReport, u64)> {
+    ) -> Result<(SimReport, u64), ProduceError> {
         let producer: FutureProducer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
@@ -177,19 +206,20 @@ pub mod produce {
                 }
                 let ts = ts_of(&m.payload, m.arrival_ms);
                 let record = FutureRecord::to(topic).key(m.key.as_bytes()).payload(&m.payload).timestamp(ts);
-                let fut =
-                    producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+                let fut = producer
+                    .send_result(record)
+                    .map_err(|(source, _)| ProduceError::Queue { topic: topic.to_owned(), source })?;
                 inflight.push(fut);
                 produced += 1;
                 if inflight.len() >= 4096 {
                     for f in inflight.drain(..) {
-                        f.await?.map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+                        delivered(f).await?;
                     }
                 }
             }
         }
         for f in inflight.drain(..) {
-            f.await?.map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+            delivered(f).await?;
         }
         rdkafka::producer::Producer::flush(&producer, StdDuration::from_secs(60))?;
         Ok((sim.report(), produced))
@@ -213,6 +243,22 @@ pub mod produce {
     }
 }
 
+/// Why topics could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicsError {
+    /// The admin client failed, or the broker did not answer.
+    #[error("kafka admin: {0}")]
+    Admin(#[from] rdkafka::error::KafkaError),
+    /// The broker refused to create a topic.
+    #[error("creating topic {topic}: {code}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// The broker's answer.
+        code: rdkafka::types::RDKafkaErrorCode,
+    },
+}
+
 /// Creates those of `topics` that do not exist on `brokers` (`partitions` each, replication 1
 /// unless `replication` says otherwise). Returns (created, already there).
 pub async fn ensure_topics(
@@ -220,7 +266,7 @@ pub async fn ensure_topics(
     topics: &std::collections::BTreeSet<String>,
     partitions: i32,
     replication: i32,
-) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+) -> Result<(Vec<String>, Vec<String>), TopicsError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
@@ -237,7 +283,7 @@ pub async fn ensure_topics(
                 Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
                     tracing::info!(topic = %t, "created meanwhile by someone else");
                 }
-                Err((t, e)) => anyhow::bail!("creating topic {t}: {e}"),
+                Err((topic, code)) => return Err(TopicsError::Create { topic, code }),
             }
         }
     }

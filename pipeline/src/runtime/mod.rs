@@ -11,7 +11,6 @@
 //! runtime so CPU-heavy work never stalls the I/O tasks.
 
 mod align;
-pub mod errors;
 pub mod reload;
 mod sinks;
 mod stage;
@@ -251,20 +250,14 @@ pub async fn run_with_reload(
         tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }
     // offsets committed by a Kafka source: compaction merges only files wholly before them
-    let commit_log: crate::sink::compact::CommitLog = Default::default();
+    let commit_log: crate::task::CommitLog = Default::default();
     if let Some(state) = &state {
         commit_log.lock().expect("commit log").epoch = state.restored_epoch();
     }
     let mut retune_senders = BTreeMap::new();
     let clocks = event_clocks(&plan);
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
-    let operator_errors = match parquet_roots.first() {
-        Some(root) => Some(
-            errors::OperatorErrors::try_new(root, state.as_ref().map(StateStore::lineage), &metrics)
-                .map_err(|e| crate::task::sink_error(errors::TABLE, e))?,
-        ),
-        None => None,
-    };
+    let operator_errors = plan.error_table(state.as_ref().map(StateStore::lineage), &metrics)?;
     let mut stateful: Vec<&str> = Vec::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let event_clock = match (&st.op, st.inputs.as_slice()) {

@@ -42,7 +42,7 @@ pub(crate) struct StageTask {
     /// (in the last checkpoint) instead of emitting it.
     keep_state_at_end: bool,
     /// Where batches the operator fails on are recorded (none: a failure stops the pipeline).
-    errors: Option<super::errors::OperatorErrors>,
+    errors: Option<std::sync::Arc<dyn crate::task::ErrorTable>>,
     /// The checkpoint epoch the rows being processed belong to.
     epoch: u64,
 }
@@ -123,7 +123,7 @@ impl StageTask {
     }
 
     /// Records batches the operator fails on in `errors` and goes on (see [`super::errors`]).
-    pub(crate) fn with_errors(mut self, errors: super::errors::OperatorErrors) -> Self {
+    pub(crate) fn with_errors(mut self, errors: std::sync::Arc<dyn crate::task::ErrorTable>) -> Self {
         self.errors = Some(errors);
         self
     }
@@ -250,7 +250,7 @@ impl StageTask {
             }
             Ok(Err(e)) => return Err(failed(e)),
             Err(panic) => {
-                let message = super::errors::panic_message(panic.as_ref());
+                let message = panic_message(panic.as_ref());
                 out.clear();
                 if !self.op.recovers_from_panic() || self.errors.is_none() {
                     return Err(PipelineError::Task(format!("stage `{}` panicked: {message}", self.name)));
@@ -268,7 +268,7 @@ impl StageTask {
         );
         errors
             .record(&self.name, self.op.kind(), self.epoch, &rows, &what)
-            .map_err(|e| PipelineError::OperatorErrors { stage: self.name.clone(), source: e.into() })
+            .map_err(|source| PipelineError::OperatorErrors { stage: self.name.clone(), source })
     }
 
     fn call(
@@ -382,6 +382,15 @@ impl StageTask {
     }
 }
 
+/// A panic's message, as far as it can be told.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -421,15 +430,33 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
     }
 
+    /// Keeps what stages record, in memory.
+    #[derive(Debug, Default)]
+    struct Recorded(std::sync::Mutex<Vec<(String, String, Vec<i64>, String)>>);
+
+    impl crate::task::ErrorTable for Recorded {
+        fn record(
+            &self,
+            stage: &str,
+            kind: &str,
+            _epoch: u64,
+            batch: &RecordBatch,
+            what: &str,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            let values = batch.column(0).as_primitive::<Int64Type>().values().to_vec();
+            self.0.lock().unwrap().push((stage.into(), kind.into(), values, what.into()));
+            Ok(())
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_or_refused_rows_are_recorded_and_the_stage_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new();
-        let errors = super::super::errors::OperatorErrors::try_new(dir.path(), None, &metrics).unwrap();
+        let errors = Arc::new(Recorded::default());
         let op = Fragile(vec![OutputSpec::new("main", batch(&[]).schema())]);
         let (out_tx, mut out_rx) = mpsc::channel(16);
         let outputs = Outputs { ports: vec![vec![Edge { tx: out_tx }]] };
-        let task = StageTask::new("fragile".into(), Box::new(op), 1, outputs, &metrics).with_errors(errors);
+        let task = StageTask::new("fragile".into(), Box::new(op), 1, outputs, &metrics).with_errors(errors.clone());
         let (tx, rx) = mpsc::channel(16);
         for b in [batch(&[1, 2]), batch(&[3, 13, 4]), batch(&[5, 7, 6])] {
             tx.send(Message::Batch(b)).await.unwrap();
@@ -443,12 +470,11 @@ mod tests {
             }
         }
         assert_eq!(passed, [1, 2, 5, 6], "the panicking batch is out, the refused row too, the rest went on");
-        assert_eq!(metrics.value("citystream_operator_errors_total", &[("stage", "fragile")]), Some(4.0));
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("operator_errors"))
-            .unwrap()
-            .flatten()
-            .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten().collect::<Vec<_>>())
-            .collect();
-        assert!(!files.is_empty(), "the rows are on disk");
+        let recorded = errors.0.lock().unwrap();
+        let rows: Vec<(&str, &str, &[i64])> =
+            recorded.iter().map(|(s, k, v, _)| (s.as_str(), k.as_str(), v.as_slice())).collect();
+        assert_eq!(rows, [("fragile", "fragile", &[3, 13, 4][..]), ("fragile", "fragile", &[7][..])]);
+        assert!(recorded[0].3.contains("unlucky number"), "the panic's message: {}", recorded[0].3);
+        assert!(recorded[1].3.contains("seven"), "the refusal's detail: {}", recorded[1].3);
     }
 }

@@ -2,12 +2,14 @@
 
 pub mod compact;
 pub mod export;
+mod operator_errors;
 pub mod parquet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub(crate) use crate::atomic_file::write_atomic;
+pub(crate) use operator_errors::{OperatorErrors, TABLE as OPERATOR_ERRORS};
 
 /// The Parquet files under `dir` grouped by the directory holding them (sorted), skipping
 /// hidden and `_`-prefixed names: temporary files, compaction staging, metadata.

@@ -5,7 +5,8 @@
 //! next batch. Other errors (a disk or broker failure, a bug the operator reports) stop the
 //! pipeline, which restarts from its last checkpoint.
 //!
-//! The table lives beside the first Parquet sink's tables. Each record is written and made
+//! The table lives beside the first Parquet sink's tables (the planner picks it); stages reach it
+//! through `task::ErrorTable`. Each record is written and made
 //! durable (fsync, rename) before the stage goes on, so a checkpoint the stage passes later
 //! includes it; with operator state checkpoints its files are named after the epoch they
 //! belong to, so a restart that replays the batch writes it once.
@@ -20,7 +21,8 @@ use citystream_operators::Metrics;
 use citystream_schemas::dead_letter::{self, DeadLetterBuilder, Position};
 use citystream_schemas::{Reason, ReasonCode};
 
-use crate::sink::parquet::ParquetWriter;
+use super::parquet::{ParquetSinkConfig, ParquetSinkError, ParquetWriter};
+use crate::task::ErrorTable;
 
 /// The table operator errors go to.
 pub const TABLE: &str = "operator_errors";
@@ -29,7 +31,6 @@ pub const TABLE: &str = "operator_errors";
 const PAYLOAD_MAX: usize = 4096;
 
 /// Where operator errors are written (shared by every stage of a run).
-#[derive(Clone)]
 pub(crate) struct OperatorErrors {
     writer: Arc<Mutex<ParquetWriter>>,
     metrics: Metrics,
@@ -44,16 +45,13 @@ impl std::fmt::Debug for OperatorErrors {
 impl OperatorErrors {
     /// A writer of the `operator_errors` table under `root`; with operator state, files are
     /// named after epochs of `lineage`.
-    pub(crate) fn try_new(
-        root: &Path,
-        lineage: Option<&str>,
-        metrics: &Metrics,
-    ) -> Result<Self, crate::sink::parquet::ParquetSinkError> {
-        let cfg = crate::sink::parquet::ParquetSinkConfig::internal(root);
+    pub(crate) fn try_new(root: &Path, lineage: Option<&str>, metrics: &Metrics) -> Result<Self, ParquetSinkError> {
+        let cfg = ParquetSinkConfig::internal(root);
         let tables = BTreeMap::from([(TABLE.to_owned(), dead_letter::schema())]);
         // rows of derived stages have no source position (-1): name files after the run, or
         // with operator state after the epoch (removed and rewritten by a replay)
-        let mut writer = ParquetWriter::try_new("runtime", &cfg, &tables, metrics)?.without_positions([TABLE.to_owned()]);
+        let mut writer =
+            ParquetWriter::try_new("runtime", &cfg, &tables, metrics)?.without_positions([TABLE.to_owned()]);
         if let Some(l) = lineage {
             writer = writer.with_epochs(l, 0);
         }
@@ -62,14 +60,14 @@ impl OperatorErrors {
 
     /// Records the rows of `batch`, which stage `stage` (an operator of `kind`) could not
     /// process because of `what`, as belonging to checkpoint `epoch`; durable on return.
-    pub(crate) fn record(
+    pub(crate) fn write(
         &self,
         stage: &str,
         kind: &str,
         epoch: u64,
         batch: &RecordBatch,
         what: &str,
-    ) -> Result<(), crate::sink::parquet::ParquetSinkError> {
+    ) -> Result<(), ParquetSinkError> {
         self.metrics
             .counter(
                 "citystream_operator_errors_total",
@@ -82,6 +80,19 @@ impl OperatorErrors {
         w.set_epoch(epoch);
         w.write(TABLE, stage, &rows)?;
         w.flush()
+    }
+}
+
+impl ErrorTable for OperatorErrors {
+    fn record(
+        &self,
+        stage: &str,
+        kind: &str,
+        epoch: u64,
+        batch: &RecordBatch,
+        what: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.write(stage, kind, epoch, batch, what)?)
     }
 }
 
@@ -118,15 +129,6 @@ fn dead_letters(
     Ok(dl.finish())
 }
 
-/// A panic's message, as far as it can be told.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +139,7 @@ mod tests {
         let errors = OperatorErrors::try_new(dir.path(), Some("ab12"), &Metrics::new()).unwrap();
         let schema = citystream_schemas::EventKind::Traffic.schema();
         let batch = RecordBatch::new_empty(schema);
-        errors.record("windows", "window", 3, &batch, "nothing").unwrap();
+        errors.write("windows", "window", 3, &batch, "nothing").unwrap();
         let rows = dead_letters("windows", "window", &RecordBatch::new_empty(dead_letter::schema()), "x").unwrap();
         assert_eq!(rows.num_rows(), 0);
         let d = citystream_schemas::Decoder::new(citystream_schemas::EventKind::Traffic, Default::default());
@@ -153,7 +155,7 @@ mod tests {
         let decoded = d.decode(&raw.finish()).unwrap();
         assert_eq!(decoded.dead_letters.num_rows(), 0, "{:?}", decoded.dead_letters);
         let valid = decoded.valid;
-        errors.record("windows", "window", 3, &valid, "attempt to add with overflow").unwrap();
+        errors.write("windows", "window", 3, &valid, "attempt to add with overflow").unwrap();
         let files: Vec<_> = walk(dir.path());
         assert!(files.iter().any(|f| f.contains("part-ab12-e000000000003")), "named by epoch: {files:?}");
         let dl = dead_letters("windows", "window", &valid, "attempt to add with overflow").unwrap();
