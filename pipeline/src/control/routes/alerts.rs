@@ -1,0 +1,190 @@
+//! Alerts: the list, one alert, and the decisions operators make on them.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::control::auth::Role;
+use crate::control::book::{AlertView, Decision};
+use crate::control::decisions::{decision_event, feedback_row};
+
+use super::{App, check_operator, error};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    pub(super) state: Option<String>,
+    pub(super) alert_type: Option<String>,
+    pub(super) location: Option<String>,
+    pub(super) limit: Option<usize>,
+}
+
+pub(super) async fn list(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = app.guard.authorize(&headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "query parameters: state, alert_type, location, limit (a number)");
+    };
+    if let Some(s) = &q.state
+        && !["open", "acknowledged", "resolved", "false_alarm"].contains(&s.as_str())
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("state `{s}`: one of open, acknowledged, resolved, false_alarm"),
+        );
+    }
+    let limit = q.limit.unwrap_or(200).min(5000);
+    let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<&AlertView> = book
+        .alerts
+        .values()
+        .filter(|a| q.state.as_ref().is_none_or(|s| &a.state == s))
+        .filter(|a| q.alert_type.as_ref().is_none_or(|s| &a.alert_type == s))
+        .filter(|a| q.location.as_ref().is_none_or(|s| &a.location == s))
+        .collect();
+    v.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then_with(|| a.alert_id.cmp(&b.alert_id)));
+    v.truncate(limit);
+    axum::Json(serde_json::json!({ "alerts": v })).into_response()
+}
+
+pub(super) async fn one(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = app.guard.authorize(&headers, None, peer, Role::Viewer) {
+        return *r;
+    }
+    let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+    match book.alerts.get(&id) {
+        Some(a) => axum::Json(a).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no alert `{id}`")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DecisionBody {
+    /// Optional: decisions are recorded under the token's name; when given it must be that.
+    #[serde(default)]
+    pub(super) operator: Option<String>,
+    #[serde(default)]
+    pub(super) comment: String,
+}
+
+pub(super) async fn decide(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match app.guard.authorize(&headers, None, peer, Role::Operator) {
+        Ok(w) => w,
+        Err(r) => return *r,
+    };
+    let new_state = match action.as_str() {
+        "acknowledge" => "acknowledged",
+        "resolve" => "resolved",
+        "false_alarm" => "false_alarm",
+        other => {
+            return error(StatusCode::NOT_FOUND, format!("no action `{other}` (acknowledge, resolve, false_alarm)"));
+        }
+    };
+    let body: DecisionBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, format!("body: {e} (expected {{\"comment\": \"...\"}})"));
+        }
+    };
+    if let Err(r) = check_operator(body.operator.as_deref(), &who) {
+        return *r;
+    }
+    if body.comment.chars().count() > 1000 {
+        return error(StatusCode::BAD_REQUEST, "comment: at most 1000 characters");
+    }
+    // the broker is away: a decision that cannot be published is not made
+    if let Some(o) = &app.outbox
+        && o.pending() > 0
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Kafka is unreachable: {} decision(s) wait to be published; try again shortly", o.pending()),
+        );
+    }
+    // checked and reserved under the lock; stored without it
+    let (view, row, event) = {
+        let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(a) = book.alerts.get(&id) else {
+            return error(StatusCode::NOT_FOUND, format!("no alert `{id}`"));
+        };
+        let allowed = match new_state {
+            "acknowledged" => a.state == "open",
+            "resolved" => a.state == "open" || a.state == "acknowledged",
+            _ => a.state != "false_alarm",
+        };
+        if !allowed {
+            return error(StatusCode::CONFLICT, format!("alert `{id}` is {}: it cannot become {new_state}", a.state));
+        }
+        if !app.deciding.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone()) {
+            return error(StatusCode::CONFLICT, format!("another decision on `{id}` is being recorded"));
+        }
+        let ts = citystream_operators::common::wall_clock_ms();
+        let mut view = a.clone();
+        view.state = new_state.to_owned();
+        view.decisions.push(Decision {
+            ts,
+            decision: new_state.into(),
+            operator: who.name.clone(),
+            comment: body.comment.clone(),
+        });
+        let row = feedback_row(ts, &view, new_state, &who.name, &body.comment);
+        let event = decision_event(ts, &view, new_state, &who.name, &body.comment);
+        (view, row, event)
+    };
+    let release = || app.deciding.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    // stored first (fsync, off the async workers): a decision the lake does not hold is not made
+    if let Some(lake) = app.lake.clone() {
+        let (r, e) = (row.clone(), event.clone());
+        let stored = tokio::task::spawn_blocking(move || lake.store(&r, &e)).await;
+        if let Err(e) = stored.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            release();
+            tracing::error!("feedback table: {e}");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
+        }
+    }
+    {
+        let mut book = app.book.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = book.alerts.get_mut(&id) {
+            // the rule may have moved it on meanwhile (active, value): keep that, add the decision
+            a.state = view.state.clone();
+            a.decisions = view.decisions.clone();
+        }
+    }
+    release();
+    app.metrics
+        .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
+        .inc();
+    let _ = app.events.send(serde_json::json!({"kind": "decision", "alert": &view}).to_string());
+    if let Some(o) = &app.outbox
+        && let Err(waiting) = o.publish(&event, &row).await
+    {
+        app.metrics
+            .counter("citystream_control_publish_failures_total", "Decisions the broker did not take at once.", &[])
+            .inc();
+        tracing::warn!(alert = %view.alert_id, waiting, "decision stored, Kafka publish pending");
+        // recorded and shown; the outbox sends it when the broker is back
+        return ([("x-citystream-kafka", "pending")], axum::Json(view)).into_response();
+    }
+    axum::Json(view).into_response()
+}
