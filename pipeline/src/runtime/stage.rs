@@ -430,9 +430,12 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
     }
 
+    /// One record: stage, operator kind, the rows' values, what went wrong.
+    type Record = (String, String, Vec<i64>, String);
+
     /// Keeps what stages record, in memory.
     #[derive(Debug, Default)]
-    struct Recorded(std::sync::Mutex<Vec<(String, String, Vec<i64>, String)>>);
+    struct Recorded(std::sync::Mutex<Vec<Record>>);
 
     impl crate::task::ErrorTable for Recorded {
         fn record(
