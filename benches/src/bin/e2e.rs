@@ -65,6 +65,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Per task (source, stage, sink), the thread CPU-s per million events of the runs so far.
+#[derive(Default)]
+struct Profile {
+    per_task: std::collections::BTreeMap<String, Vec<f64>>,
+    files: Vec<f64>,
+}
+
+impl Profile {
+    /// Adds one run: its tasks' thread CPU and the Parquet files it wrote.
+    fn add(&mut self, metrics: &citystream_operators::Metrics, report: &citystream_pipeline::RunReport, events: u64) {
+        for (labels, ns) in metrics.series("citystream_stage_cpu_nanoseconds_total") {
+            self.per_task.entry(labels).or_default().push(ns / 1e9 / events as f64 * 1e6);
+        }
+        self.files.push(report.tables.values().flat_map(|t| t.values()).map(|t| t.files as f64).sum());
+    }
+
+    /// Prints the medians, largest first, and what is left of `cpu_per_m` (the process's CPU
+    /// per million events): the source threads (a Kafka consumer, librdkafka, a files reader)
+    /// and the runtime.
+    fn print(self, cpu_per_m: f64) {
+        if self.per_task.is_empty() {
+            return;
+        }
+        let mut rows: Vec<(String, f64)> = self.per_task.into_iter().map(|(k, v)| (k, median(v))).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        println!(
+            "thread CPU-s per million events by task (medians; {total:.2} of {cpu_per_m:.2}; Parquet files written: {:.0}):",
+            median(self.files)
+        );
+        for (k, v) in rows {
+            println!("  {k:<48} {v:>6.2}  {:>5.1}%", v / cpu_per_m * 100.0);
+        }
+        let rest = cpu_per_m - total;
+        println!("  {:<48} {rest:>6.2}  {:>5.1}%", "(sources' threads, librdkafka, runtime)", rest / cpu_per_m * 100.0);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -79,7 +117,7 @@ fn main() -> anyhow::Result<()> {
     let mut cpu_per_m = Vec::new();
     let mut events = 0u64;
     let mut joules_per_m = Vec::new();
-    let mut per_stage: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut profile = Profile::default();
     let mut infer_joules_per_m = Vec::new();
     for run in 0..args.repeat {
         let before = usage();
@@ -132,9 +170,7 @@ fn main() -> anyhow::Result<()> {
             let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
             events = report.source_messages.values().sum();
             // thread CPU per task (stages, sinks, the simulator), for the per-stage profile
-            for (labels, ns) in metrics.series("citystream_stage_cpu_nanoseconds_total") {
-                per_stage.entry(labels).or_default().push(ns / 1e9 / events as f64 * 1e6);
-            }
+            profile.add(&metrics, &report, events);
             if let Some((all, infer)) = energy_joules(&dir.path().join("lake/energy"))? {
                 joules_per_m.push(all / events as f64 * 1e6);
                 infer_joules_per_m.push(infer / events as f64 * 1e6);
@@ -153,10 +189,10 @@ fn main() -> anyhow::Result<()> {
     }
     let mode =
         if args.generate_only { "simulator only".to_owned() } else { format!("pipeline ({} models)", args.models) };
+    let cpu_per_m = median(cpu_per_m);
     println!(
-        "{mode}: {events} events/run, median {:.0} events/s, median {:.2} CPU-s per million events, peak RSS {:.0} MiB ({} runs)",
+        "{mode}: {events} events/run, median {:.0} events/s, median {cpu_per_m:.2} CPU-s per million events, peak RSS {:.0} MiB ({} runs)",
         median(rates),
-        median(cpu_per_m),
         usage().peak_rss_mib,
         args.repeat
     );
@@ -167,16 +203,8 @@ fn main() -> anyhow::Result<()> {
             median(infer_joules_per_m)
         );
     }
-    if args.per_stage && !per_stage.is_empty() {
-        let mut rows: Vec<(String, f64)> = per_stage.into_iter().map(|(k, v)| (k, median(v))).collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let total: f64 = rows.iter().map(|r| r.1).sum();
-        println!(
-            "thread CPU-s per million events by task (medians; {total:.2} in all, the rest is runtime and idle spinning):"
-        );
-        for (k, v) in rows {
-            println!("  {k:<48} {v:>6.2}  {:>5.1}%", v / total * 100.0);
-        }
+    if args.per_stage {
+        profile.print(cpu_per_m);
     }
     Ok(())
 }
@@ -217,6 +245,8 @@ fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
 }
 
 /// The decode → Parquet pipeline of Kafka and files modes, over `source` (a YAML map entry).
+/// Dead letters and late events are partitioned by day, as in `deploy/local.yaml`: small
+/// tables, whose hourly files would be most of the files written.
 fn decode_to_parquet(source_name: &str, source: &str, lake: &std::path::Path, extra_runtime: &str) -> String {
     let decode = |kind: &str| {
         format!(
@@ -224,7 +254,7 @@ fn decode_to_parquet(source_name: &str, source: &str, lake: &std::path::Path, ex
         )
     };
     format!(
-        "sources:\n{source}stages:\n{}{}{}sinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters], traffic_late: traffic.late_events, camera_late: camera.late_events, environment_late: environment.late_events}}\nruntime: {{status_interval: null{extra_runtime}}}\n",
+        "sources:\n{source}stages:\n{}{}{}sinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters], traffic_late: traffic.late_events, camera_late: camera.late_events, environment_late: environment.late_events}}\n    daily: [dead_letters, traffic_late, camera_late, environment_late]\nruntime: {{status_interval: null{extra_runtime}}}\n",
         decode("traffic"),
         decode("camera"),
         decode("environment"),
@@ -278,7 +308,7 @@ mod files {
             bytes as f64 / 1048576.0,
             t0.elapsed().as_secs_f64()
         );
-        let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+        let (mut rates, mut cpus, mut profile) = (Vec::new(), Vec::new(), super::Profile::default());
         for run in 0..repeat {
             let dir = tempfile::tempdir()?;
             let a = archive.path().display();
@@ -291,24 +321,27 @@ mod files {
             let before = usage();
             let t0 = Instant::now();
             let (_stop, rx) = StopHandle::new();
-            let report = rt.block_on(runtime::run(p, Metrics::new(), rx))?;
+            let metrics = Metrics::new();
+            let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
             let secs = t0.elapsed().as_secs_f64();
             let n: u64 = report.source_messages.values().sum();
             let cpu = usage().cpu_s - before.cpu_s;
             rates.push(n as f64 / secs);
             cpus.push(cpu / n as f64 * 1e6);
+            profile.add(&metrics, &report, n);
             eprintln!(
                 "run {run}: {n} events in {secs:.2} s, {:.0} events/s, {:.2} CPU-s per million events",
                 n as f64 / secs,
                 cpu / n as f64 * 1e6
             );
         }
+        let cpu_per_m = super::median(cpus);
         println!(
-            "files pipeline (zstd JSON lines -> decode -> Parquet): median {:.0} events/s, {:.2} CPU-s per million events, peak RSS {:.0} MiB ({repeat} runs)",
+            "files pipeline (zstd JSON lines -> decode -> Parquet): median {:.0} events/s, {cpu_per_m:.2} CPU-s per million events, peak RSS {:.0} MiB ({repeat} runs)",
             super::median(rates),
-            super::median(cpus),
             usage().peak_rss_mib
         );
+        profile.print(cpu_per_m);
         Ok(())
     }
 }
@@ -328,10 +361,7 @@ mod kafka {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
 
-    fn median(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }
+    use super::median;
 
     /// Consumes every topic to the end, decoding in batches of 8192: the ceiling.
     async fn ceiling(brokers: &str, topics: &KafkaTopics, group: &str, expected: u64) -> anyhow::Result<u64> {
@@ -400,6 +430,7 @@ mod kafka {
             rt.block_on(citystream_pipeline::kafka::produce::simulate_into(brokers, cfg, &topics, None))?;
         eprintln!("produced {produced} messages in {:.1} s", t0.elapsed().as_secs_f64());
         let (mut pipe_rate, mut pipe_cpu, mut ceil_rate, mut ceil_cpu) = (vec![], vec![], vec![], vec![]);
+        let mut profile = super::Profile::default();
         for run in 0..repeat {
             let dir = tempfile::tempdir()?;
             let source = format!(
@@ -413,13 +444,15 @@ mod kafka {
             let before = usage();
             let t0 = Instant::now();
             let (_stop, rx) = StopHandle::new();
-            let report = rt.block_on(runtime::run(p, Metrics::new(), rx))?;
+            let metrics = Metrics::new();
+            let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
             // the idle wait at the end is not work: take it off the wall time
             let secs = t0.elapsed().as_secs_f64() - 2.0;
             let n: u64 = report.source_messages.values().sum();
             let cpu = usage().cpu_s - before.cpu_s;
             pipe_rate.push(n as f64 / secs);
             pipe_cpu.push(cpu / n as f64 * 1e6);
+            profile.add(&metrics, &report, n);
             let before = usage();
             let t0 = Instant::now();
             let m = rt.block_on(ceiling(brokers, &topics, &format!("{prefix}-c{run}"), produced))?;
@@ -444,6 +477,7 @@ mod kafka {
             pc / cc,
             usage().peak_rss_mib
         );
+        profile.print(pc);
         Ok(())
     }
 }

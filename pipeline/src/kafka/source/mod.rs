@@ -216,20 +216,6 @@ impl Loop {
                     // time spent waiting on a busy pipeline is not idleness
                     last_message = Instant::now();
                 }
-                if let Some(idle) = self.cfg.stop_when_idle {
-                    let (assigned_at, paused) = {
-                        let s = lock(&self.shared);
-                        (s.assigned_at, s.parts.values().any(|p| p.paused))
-                    };
-                    // a paused partition still has messages to read: waiting is not idleness
-                    if paused {
-                        last_message = Instant::now();
-                    }
-                    if assigned_at.map(|a| a.max(last_message)).is_some_and(|q| q.elapsed() >= idle.to_std()) {
-                        tracing::info!(source = self.name, "no message for {idle}: ending");
-                        break;
-                    }
-                }
             }
             if now >= next_flush {
                 next_flush = now + batch_wait;
@@ -238,7 +224,13 @@ impl Loop {
                 }
             }
             let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
-            let Some(msg) = self.consumer.poll(wait.min(Duration::from_millis(100))) else { continue };
+            let Some(msg) = self.consumer.poll(wait.min(Duration::from_millis(100))) else {
+                // checked whenever a poll comes back empty: at most 100 ms past `stop_when_idle`
+                if self.idle_long_enough(&mut last_message) {
+                    break;
+                }
+                continue;
+            };
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
@@ -303,6 +295,24 @@ impl Loop {
         };
         outputs.blocking_broadcast(Message::End)?;
         Ok(total)
+    }
+
+    /// Whether `stop_when_idle` has passed since the assignment and `last_message` (a paused
+    /// partition still has messages to read: waiting on it is not idleness).
+    fn idle_long_enough(&self, last_message: &mut Instant) -> bool {
+        let Some(idle) = self.cfg.stop_when_idle else { return false };
+        let (assigned_at, paused) = {
+            let s = lock(&self.shared);
+            (s.assigned_at, s.parts.values().any(|p| p.paused))
+        };
+        if paused {
+            *last_message = Instant::now();
+        }
+        let ended = assigned_at.map(|a| a.max(*last_message)).is_some_and(|q| q.elapsed() >= idle.to_std());
+        if ended {
+            tracing::info!(source = self.name, "no message for {idle}: ending");
+        }
+        ended
     }
 
     /// Commits the previous checkpoint if every sink acknowledged it, then starts the next.
