@@ -57,17 +57,18 @@ impl OperatorErrors {
         }
         Ok(Self { writer: Arc::new(Mutex::new(writer)), metrics: metrics.clone() })
     }
+}
 
-    /// Records the rows of `batch`, which stage `stage` (an operator of `kind`) could not
-    /// process because of `what`, as belonging to checkpoint `epoch`; durable on return.
-    pub(crate) fn write(
+impl ErrorTable for OperatorErrors {
+    /// Writes the rows as dead letters and makes them durable (fsync, rename) before returning.
+    fn record(
         &self,
         stage: &str,
         kind: &str,
         epoch: u64,
         batch: &RecordBatch,
         what: &str,
-    ) -> Result<(), ParquetSinkError> {
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.metrics
             .counter(
                 "citystream_operator_errors_total",
@@ -79,20 +80,7 @@ impl OperatorErrors {
         let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         w.set_epoch(epoch);
         w.write(TABLE, stage, &rows)?;
-        w.flush()
-    }
-}
-
-impl ErrorTable for OperatorErrors {
-    fn record(
-        &self,
-        stage: &str,
-        kind: &str,
-        epoch: u64,
-        batch: &RecordBatch,
-        what: &str,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        Ok(self.write(stage, kind, epoch, batch, what)?)
+        Ok(w.flush()?)
     }
 }
 
@@ -139,7 +127,7 @@ mod tests {
         let errors = OperatorErrors::try_new(dir.path(), Some("ab12"), &Metrics::new()).unwrap();
         let schema = citystream_schemas::EventKind::Traffic.schema();
         let batch = RecordBatch::new_empty(schema);
-        errors.write("windows", "window", 3, &batch, "nothing").unwrap();
+        errors.record("windows", "window", 3, &batch, "nothing").unwrap();
         let rows = dead_letters("windows", "window", &RecordBatch::new_empty(dead_letter::schema()), "x").unwrap();
         assert_eq!(rows.num_rows(), 0);
         let d = citystream_schemas::Decoder::new(citystream_schemas::EventKind::Traffic, Default::default());
@@ -155,7 +143,7 @@ mod tests {
         let decoded = d.decode(&raw.finish()).unwrap();
         assert_eq!(decoded.dead_letters.num_rows(), 0, "{:?}", decoded.dead_letters);
         let valid = decoded.valid;
-        errors.write("windows", "window", 3, &valid, "attempt to add with overflow").unwrap();
+        errors.record("windows", "window", 3, &valid, "attempt to add with overflow").unwrap();
         let files: Vec<_> = walk(dir.path());
         assert!(files.iter().any(|f| f.contains("part-ab12-e000000000003")), "named by epoch: {files:?}");
         let dl = dead_letters("windows", "window", &valid, "attempt to add with overflow").unwrap();
