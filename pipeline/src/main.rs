@@ -78,6 +78,10 @@ enum Command {
         /// Queries running longer are stopped with an error.
         #[arg(long, default_value = "60s")]
         max_time: citystream_operators::Duration,
+        /// Memory all running queries may hold together (hash tables, sorts), MiB; a query that
+        /// needs more is stopped with an error (nothing spills to disk).
+        #[arg(long, default_value_t = 1024)]
+        max_memory_mb: u64,
         /// PEM certificate chain: serve TLS (with --tls-key).
         #[arg(long)]
         tls_cert: Option<PathBuf>,
@@ -246,7 +250,17 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
         #[cfg(feature = "sql")]
-        Command::Serve { data, addr, tokens_file, tokens_env, max_rows, max_time, tls_cert, tls_key } => {
+        Command::Serve {
+            data,
+            addr,
+            tokens_file,
+            tokens_env,
+            max_rows,
+            max_time,
+            max_memory_mb,
+            tls_cert,
+            tls_key,
+        } => {
             cli::serve::serve(cli::serve::Serve {
                 data,
                 addr,
@@ -254,6 +268,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 tokens_env,
                 max_rows,
                 max_time,
+                max_memory_mb,
                 tls_cert,
                 tls_key,
             })

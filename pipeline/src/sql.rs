@@ -59,8 +59,12 @@ pub async fn context(data: &Path) -> Result<(SessionContext, Vec<String>), SqlEr
 /// [`context`] for clients of other engines (Flight SQL): text and binary columns come out
 /// as `Utf8`/`Binary`, not the view types DataFusion reads Parquet into, which some clients
 /// (the Flight SQL JDBC driver 18) cannot read.
-pub async fn context_for_clients(data: &Path) -> Result<(SessionContext, Vec<String>), SqlError> {
-    register(SessionContext::new(), data, false).await
+/// Its queries run in `runtime` (the server's memory pool, shared by every query).
+pub async fn context_for_clients(
+    data: &Path,
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+) -> Result<(SessionContext, Vec<String>), SqlError> {
+    register(SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime), data, false).await
 }
 
 async fn register(ctx: SessionContext, data: &Path, views: bool) -> Result<(SessionContext, Vec<String>), SqlError> {

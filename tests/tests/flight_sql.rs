@@ -1,7 +1,8 @@
 //! `citystream serve` with a real Flight SQL client (ADBC's driver from PyPI, as a notebook
 //! uses it): the README's analyst queries give the rows `citystream sql` gives, a prepared
 //! statement binds parameters, a BI tool's catalog calls see every table, a wrong token is
-//! refused, and a result over the row limit is cut with a clear error.
+//! refused, a result over the row limit is cut with a clear error, and a query over the
+//! memory limit is refused while the server goes on.
 
 mod common;
 
@@ -146,6 +147,23 @@ async fn adbc_runs_the_readme_queries_with_the_rows_citystream_sql_gives() {
     drop(server);
     let want = citystream_pipeline::sql::query(&lake, &queries[0]).await.unwrap();
     assert_eq!(rows(&read_ipc(&tls_out.join("0.arrow"))), rows(&want), "the same rows over TLS");
+
+    // a query over the memory limit is refused with a clear error; the server goes on
+    let (server, uri) = serve(&lake, &tokens, &["--max-memory-mb".as_ref(), "1".as_ref()]);
+    let mem_out = dir.path().join("memory");
+    std::fs::create_dir_all(&mem_out).unwrap();
+    let mem_plan = dir.path().join("memory.json");
+    let light = "SELECT count(*) AS n FROM traffic";
+    let heavy = "SELECT event_id, count(*) AS n FROM traffic GROUP BY event_id ORDER BY n DESC LIMIT 5";
+    std::fs::write(&mem_plan, serde_json::json!({"heavy": heavy, "light": light}).to_string()).unwrap();
+    client(&uri, &viewer, &mem_plan, &mem_out);
+    drop(server);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mem_out.join("report.json")).unwrap()).unwrap();
+    let refused = report["heavy"].as_str().unwrap();
+    assert!(refused.contains("limit of 1 MiB"), "over the memory limit: {refused}");
+    let want = citystream_pipeline::sql::query(&lake, light).await.unwrap();
+    assert_eq!(rows(&read_ipc(&mem_out.join("0.arrow"))), rows(&want), "the next query is answered");
 }
 
 /// Starts `citystream serve` on a free port; the server (killed when dropped) and its URI.

@@ -15,6 +15,7 @@ pub(crate) struct Serve {
     pub(crate) tokens_env: Option<String>,
     pub(crate) max_rows: u64,
     pub(crate) max_time: citystream_operators::Duration,
+    pub(crate) max_memory_mb: u64,
     pub(crate) tls_cert: Option<PathBuf>,
     pub(crate) tls_key: Option<PathBuf>,
 }
@@ -41,6 +42,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     };
     anyhow::ensure!(s.data.is_dir(), "{} is not a lake folder", s.data.display());
     anyhow::ensure!(s.max_rows > 0, "--max-rows must be at least 1");
+    anyhow::ensure!(s.max_memory_mb > 0, "--max-memory-mb must be at least 1");
     let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
     let cfg = ServeConfig {
         lake: s.data.clone(),
@@ -48,6 +50,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         tokens: tokens(&s)?,
         max_rows: s.max_rows,
         max_time: s.max_time.to_std(),
+        max_memory: usize::try_from(s.max_memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
         tls,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -39,6 +39,9 @@ pub struct ServeConfig {
     pub max_rows: u64,
     /// Queries running longer are stopped with an error.
     pub max_time: Duration,
+    /// Bytes all running queries may hold together (hash tables, sorts: what DataFusion's
+    /// memory pool tracks); a query that needs more is stopped with an error, nothing spills.
+    pub max_memory: usize,
     /// A PEM certificate chain and key: serve TLS (`grpc+tls://`).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -46,6 +49,9 @@ pub struct ServeConfig {
 /// Why the endpoint could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The query engine could not be set up.
+    #[error("query engine: {0}")]
+    Engine(#[from] datafusion::error::DataFusionError),
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -81,7 +87,7 @@ pub async fn bind(
         let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
         server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    let service = FlightServiceServer::new(service::LakeService::new(cfg));
+    let service = FlightServiceServer::new(service::LakeService::new(cfg)?);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let fut = async move {
         server.add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::from)

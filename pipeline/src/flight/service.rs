@@ -56,10 +56,21 @@ pub(super) struct LakeService {
     tokens: Tokens,
     info: Arc<SqlInfoData>,
     lake: Arc<tokio::sync::Mutex<Registered>>,
+    /// Where every query runs: the memory pool they share.
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
 }
 
 impl LakeService {
-    pub(super) fn new(cfg: ServeConfig) -> Self {
+    pub(super) fn new(cfg: ServeConfig) -> Result<Self, super::ServeError> {
+        // one pool for every query: together they hold at most `max_memory`, and a query
+        // over it fails (no spilling: the disk is not a second, unbounded pool)
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(datafusion::execution::memory_pool::FairSpillPool::new(cfg.max_memory)))
+            .with_disk_manager_builder(
+                datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                    .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
+            )
+            .build_arc()?;
         let mut b = SqlInfoDataBuilder::new();
         b.append(SqlInfo::FlightSqlServerName, "citystream");
         b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
@@ -75,7 +86,13 @@ impl LakeService {
         b.append(SqlInfo::SqlDdlSchema, false);
         b.append(SqlInfo::SqlDdlTable, false);
         let info = Arc::new(b.build().expect("static SQL info"));
-        Self { tokens: Tokens::new(cfg.tokens.clone()), cfg: Arc::new(cfg), info, lake: Default::default() }
+        Ok(Self {
+            tokens: Tokens::new(cfg.tokens.clone()),
+            cfg: Arc::new(cfg),
+            info,
+            lake: Default::default(),
+            runtime,
+        })
     }
 
     /// The lake's tables: registered afresh when the last registration is older than
@@ -88,7 +105,7 @@ impl LakeService {
         {
             return Ok((ctx.clone(), names.clone()));
         }
-        let (ctx, names) = crate::sql::context_for_clients(&self.cfg.lake)
+        let (ctx, names) = crate::sql::context_for_clients(&self.cfg.lake, self.runtime.clone())
             .await
             .map_err(|e| Status::internal(format!("reading the lake: {e}")))?;
         *cached = Some((Instant::now(), ctx.clone(), names.clone()));
@@ -134,7 +151,16 @@ impl LakeService {
             _ => df.limit(0, Some(max_rows.saturating_add(1) as usize)).map_err(|e| Status::internal(e.to_string()))?,
         };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.execute_stream().await.map_err(|e| Status::internal(e.to_string()))?;
+        let max_memory = self.cfg.max_memory;
+        let failed = move |e: datafusion::error::DataFusionError| match e.find_root() {
+            datafusion::error::DataFusionError::ResourcesExhausted(_) => Status::resource_exhausted(format!(
+                "the query needs more memory than the server's limit of {} MiB; add a WHERE (date, hour) or \
+                 aggregate to fewer groups",
+                max_memory / (1024 * 1024)
+            )),
+            _ => Status::internal(e.to_string()),
+        };
+        let batches = df.execute_stream().await.map_err(failed)?;
         let deadline = tokio::time::Instant::now() + self.cfg.max_time;
         let too_slow = self.too_slow();
         let query = fingerprint(sql);
@@ -156,7 +182,11 @@ impl LakeService {
                         tracing::info!(who, query, rows, ms = started.elapsed().as_millis() as u64, "flight sql query");
                         None
                     }
-                    Some(Err(e)) => Some((Err(FlightError::ExternalError(Box::new(e))), (input, rows, true))),
+                    Some(Err(e)) => {
+                        // the error's text may quote the lake's values: not logged
+                        tracing::info!(who, query, rows, "flight sql query failed");
+                        Some((Err(FlightError::Tonic(Box::new(failed(e)))), (input, rows, true)))
+                    }
                     Some(Ok(b)) => {
                         let total = rows + b.num_rows() as u64;
                         if total > max_rows {
