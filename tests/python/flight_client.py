@@ -32,9 +32,9 @@ def write(table, path):
 def main():
     uri, token, plan_path, out = sys.argv[1:5]
     plan = json.load(open(plan_path))
-    if plan.get("tls_root"):
-        # over TLS: the queries only
-        with connect(uri, token, plan["tls_root"]) as conn, conn.cursor() as cur:
+    if plan.get("tls_root") or plan.get("queries_only"):
+        # the queries only (over TLS with `tls_root`)
+        with connect(uri, token, plan.get("tls_root")) as conn, conn.cursor() as cur:
             for n, q in enumerate(plan["queries"]):
                 cur.execute(q)
                 write(cur.fetch_arrow_table(), f"{out}/{n}.arrow")

@@ -157,7 +157,20 @@ async fn adbc_runs_the_readme_queries_with_the_rows_citystream_sql_gives() {
     let heavy = "SELECT event_id, count(*) AS n FROM traffic GROUP BY event_id ORDER BY n DESC LIMIT 5";
     std::fs::write(&mem_plan, serde_json::json!({"heavy": heavy, "light": light}).to_string()).unwrap();
     client(&uri, &viewer, &mem_plan, &mem_out);
+    // a table that appears while the server runs is served without a restart
+    let copy = lake.join("copied_windows");
+    let status = Command::new("cp").arg("-r").arg(lake.join("traffic_windows")).arg(&copy).status().unwrap();
+    assert!(status.success(), "copied a table");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let new_out = dir.path().join("new_table");
+    std::fs::create_dir_all(&new_out).unwrap();
+    let new_plan = dir.path().join("new_table.json");
+    let count = "SELECT count(*) AS n FROM copied_windows";
+    std::fs::write(&new_plan, serde_json::json!({"queries": [count], "queries_only": true}).to_string()).unwrap();
+    client(&uri, &viewer, &new_plan, &new_out);
     drop(server);
+    let want = citystream_pipeline::sql::query(&lake, "SELECT count(*) AS n FROM traffic_windows").await.unwrap();
+    assert_eq!(rows(&read_ipc(&new_out.join("0.arrow"))), rows(&want), "the new table, without a restart");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(mem_out.join("report.json")).unwrap()).unwrap();
     let refused = report["heavy"].as_str().unwrap();
