@@ -209,6 +209,23 @@ impl SinkConfig {
         })
     }
 
+    /// With operator state restored from `state`: removes what the sink wrote after the
+    /// restored checkpoint, which the replay writes again. Called for every sink before any is
+    /// built.
+    pub(crate) fn discard_after_restored(
+        &self,
+        state: &crate::task::StateStore,
+    ) -> Result<(), crate::task::PipelineError> {
+        match self {
+            SinkConfig::Parquet(c) => crate::sink::parquet::discard_after_restored(c, state),
+            // nothing they keep is named by epoch: Kafka cannot take back what it produced (the
+            // replay produces it again), the control center stores decisions per run
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(_) => Ok(()),
+            SinkConfig::ControlCenter(_) => Ok(()),
+        }
+    }
+
     /// The directory of the sink's tables, if it writes files (Parquet): operator errors,
     /// compaction and the sources' recovery look there.
     pub(crate) fn files_root(&self) -> Option<std::path::PathBuf> {

@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use citystream_operators::ErrorClass;
-
 use super::auth::TokensError;
 use crate::sink::parquet::ParquetSinkError;
 
@@ -55,23 +53,4 @@ pub enum ControlError {
     /// An Arrow kernel failed.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
-}
-
-impl ControlError {
-    /// How the pipeline should treat this error: settings and alert batches of another shape
-    /// are bugs to fix before a restart helps (`Internal`); files, addresses and tables are
-    /// dependencies a restart retries (`External`).
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            ControlError::Tokens(TokensError::Io { .. }) => ErrorClass::External,
-            ControlError::Tokens(_) | ControlError::Config { .. } | ControlError::MissingColumn(_) => {
-                ErrorClass::Internal
-            }
-            ControlError::Arrow(_) => ErrorClass::Internal,
-            ControlError::Listen { .. }
-            | ControlError::Lake { .. }
-            | ControlError::Decisions(_)
-            | ControlError::Calibrations { .. } => ErrorClass::External,
-        }
-    }
 }

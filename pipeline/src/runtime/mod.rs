@@ -222,8 +222,13 @@ pub async fn run_with_reload(
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
     // live alert levels: the control center calibrates, the alert rules read
     let thresholds = citystream_operators::alert::ThresholdBoard::default();
-    // sinks first: with a restored checkpoint, a Parquet sink removes the files written after
-    // it before anything runs
+    // with a restored checkpoint, what sinks wrote after it goes first: before any sink starts
+    // (the control center reads the lake when it starts) and before anything runs
+    if let Some(state) = &state {
+        for sk in &plan.sinks {
+            sk.config.discard_after_restored(state)?;
+        }
+    }
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
         let ctx = SinkContext {
             name: &sk.name,

@@ -122,7 +122,7 @@ impl StageTask {
         }
     }
 
-    /// Records batches the operator fails on in `errors` and goes on (see [`super::errors`]).
+    /// Records batches the operator fails on in `errors` and goes on (see [`crate::task::ErrorTable`]).
     pub(crate) fn with_errors(mut self, errors: std::sync::Arc<dyn crate::task::ErrorTable>) -> Self {
         self.errors = Some(errors);
         self
@@ -268,7 +268,7 @@ impl StageTask {
         );
         errors
             .record(&self.name, self.op.kind(), self.epoch, &rows, &what)
-            .map_err(|source| PipelineError::OperatorErrors { stage: self.name.clone(), source })
+            .map_err(|error| PipelineError::OperatorErrors { stage: self.name.clone(), error })
     }
 
     fn call(

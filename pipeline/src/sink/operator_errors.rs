@@ -124,7 +124,8 @@ mod tests {
     #[test]
     fn a_failed_batch_becomes_dead_letters_with_its_position_and_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let errors = OperatorErrors::try_new(dir.path(), Some("ab12"), &Metrics::new()).unwrap();
+        let metrics = Metrics::new();
+        let errors = OperatorErrors::try_new(dir.path(), Some("ab12"), &metrics).unwrap();
         let schema = citystream_schemas::EventKind::Traffic.schema();
         let batch = RecordBatch::new_empty(schema);
         errors.record("windows", "window", 3, &batch, "nothing").unwrap();
@@ -144,6 +145,7 @@ mod tests {
         assert_eq!(decoded.dead_letters.num_rows(), 0, "{:?}", decoded.dead_letters);
         let valid = decoded.valid;
         errors.record("windows", "window", 3, &valid, "attempt to add with overflow").unwrap();
+        assert_eq!(metrics.value("citystream_operator_errors_total", &[("stage", "windows")]), Some(1.0));
         let files: Vec<_> = walk(dir.path());
         assert!(files.iter().any(|f| f.contains("part-ab12-e000000000003")), "named by epoch: {files:?}");
         let dl = dead_letters("windows", "window", &valid, "attempt to add with overflow").unwrap();

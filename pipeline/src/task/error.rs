@@ -22,12 +22,12 @@ pub enum PipelineError {
         message: String,
     },
     /// A sink failed (Parquet, Kafka, the control center).
-    #[error("sink `{sink}`: {source}")]
+    #[error("sink `{sink}`: {}", chain(error.as_ref()))]
     Sink {
         /// The sink.
         sink: String,
-        /// Why.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Why (with its causes in the message, so it is not a `source` too).
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A source failed.
     #[error("source `{source_name}`: {message}")]
@@ -46,12 +46,12 @@ pub enum PipelineError {
         source: super::state::StateError,
     },
     /// Rows a stage refused could not be written to the `operator_errors` table.
-    #[error("stage `{stage}`: writing `operator_errors`: {source}")]
+    #[error("stage `{stage}`: writing `operator_errors`: {}", chain(error.as_ref()))]
     OperatorErrors {
         /// The stage.
         stage: String,
-        /// Why.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Why (with its causes in the message, so it is not a `source` too).
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A downstream task ended early (after an error elsewhere).
     #[error("a downstream task ended early")]
@@ -62,4 +62,36 @@ pub enum PipelineError {
     /// Draining took longer than `runtime.shutdown_timeout`.
     #[error("shutdown did not finish within {0}")]
     ShutdownTimeout(citystream_operators::Duration),
+}
+
+/// `error` and each of its causes, `: `-separated, leaving out a cause its parent's message
+/// already ends with.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sink_error_says_every_cause_once() {
+        let io = std::io::Error::other("no space left on device");
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot fsync /lake/x.parquet")]
+        struct Fsync(#[source] std::io::Error);
+        let e = PipelineError::Sink { sink: "lake".into(), error: Box::new(Fsync(io)) };
+        assert_eq!(e.to_string(), "sink `lake`: cannot fsync /lake/x.parquet: no space left on device");
+        assert!(std::error::Error::source(&e).is_none(), "the causes are in the message, not repeated as a source");
+    }
 }

@@ -62,7 +62,7 @@ impl SinkContext<'_> {
 
 /// The error of sink `sink`, for a failure `source`.
 pub(crate) fn sink_error(sink: &str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PipelineError {
-    PipelineError::Sink { sink: sink.to_owned(), source: source.into() }
+    PipelineError::Sink { sink: sink.to_owned(), error: source.into() }
 }
 
 /// A sink the runtime runs as one task.

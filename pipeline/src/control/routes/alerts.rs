@@ -159,7 +159,7 @@ pub(super) async fn decide(
         let stored = tokio::task::spawn_blocking(move || lake.store(&r, &e)).await;
         if let Err(e) = stored.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             release();
-            tracing::error!("feedback table: {e}");
+            tracing::error!("storing a decision: {e}");
             return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
         }
     }

@@ -27,7 +27,7 @@ pub use crate::task::TableStats;
 pub use config::{Level, ParquetSinkConfig, ParquetSinkError};
 pub(crate) use names::{parse_epoch_name, parse_position_name};
 pub use names::{remove_after_epoch, remove_uncommitted};
-pub(crate) use task::ParquetSink;
+pub(crate) use task::{ParquetSink, discard_after_restored};
 pub use writer::ParquetWriter;
 #[cfg(feature = "sql")]
 pub(crate) use writer::layout_on_disk;

@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::{ParquetSinkConfig, ParquetWriter, remove_after_epoch};
-use crate::task::{PipelineError, Sink, SinkContext, TableStats, cpu_metered, sink_error};
+use crate::task::{PipelineError, Sink, SinkContext, StateStore, TableStats, cpu_metered, sink_error};
 
 /// Files of an hour stay open this long after the watermark passes the hour's end, so that
 /// events within the out-of-orderness bound still land in the same file.
@@ -25,28 +25,13 @@ pub(crate) struct ParquetSink {
 }
 
 impl ParquetSink {
-    /// The sink `ctx.name` for `cfg`. With operator state checkpoints, files written after the
-    /// restored checkpoint are removed first: the replay writes them again.
+    /// The sink `ctx.name` for `cfg` (with operator state, [`discard_after_restored`] has run).
     pub(crate) fn try_new(cfg: &ParquetSinkConfig, ctx: SinkContext<'_>) -> Result<Self, PipelineError> {
         let merged = ctx.tables.keys().filter(|t| ctx.inputs.iter().filter(|n| n == t).count() > 1).cloned();
         let mut writer = ParquetWriter::try_new(ctx.name, cfg, ctx.tables, ctx.metrics)
             .map_err(|e| ctx.error(e))?
             .with_merged_tables(merged.collect::<Vec<_>>());
         if let Some(state) = ctx.state {
-            let root = std::path::PathBuf::from(cfg.path.as_str());
-            let removed = remove_after_epoch(&root, state.lineage(), state.restored_epoch()).map_err(|source| {
-                PipelineError::State {
-                    stage: "runtime.state_dir".into(),
-                    source: crate::task::StateError::Io {
-                        action: "removing files written after the restored checkpoint under",
-                        path: root.clone(),
-                        source,
-                    },
-                }
-            })?;
-            if removed > 0 {
-                tracing::info!(root = %root.display(), removed, epoch = state.restored_epoch(), "removed derived files written after the restored checkpoint");
-            }
             // rows before the first barrier belong to the epoch after the restored one
             writer = writer.with_epochs(state.lineage(), state.restored_epoch() + 1);
             // rows a stage held (compress) come out after newer rows: their offsets no longer
@@ -60,6 +45,27 @@ impl ParquetSink {
             cpu_ns: ctx.cpu_ns,
         })
     }
+}
+
+/// With operator state restored from `state`, removes the files under `cfg`'s root written
+/// after the restored checkpoint (named by a later epoch of its lineage): the replay writes
+/// them again. Runs for every Parquet sink before any sink is built, since a sink may read the
+/// lake when it starts (the control center restores its book from `alerts`).
+pub(crate) fn discard_after_restored(cfg: &ParquetSinkConfig, state: &StateStore) -> Result<(), PipelineError> {
+    let root = std::path::PathBuf::from(cfg.path.as_str());
+    let removed =
+        remove_after_epoch(&root, state.lineage(), state.restored_epoch()).map_err(|source| PipelineError::State {
+            stage: "runtime.state_dir".into(),
+            source: crate::task::StateError::Io {
+                action: "removing files written after the restored checkpoint under",
+                path: root.clone(),
+                source,
+            },
+        })?;
+    if removed > 0 {
+        tracing::info!(root = %root.display(), removed, epoch = state.restored_epoch(), "removed derived files written after the restored checkpoint");
+    }
+    Ok(())
 }
 
 impl Sink for ParquetSink {
