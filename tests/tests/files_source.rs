@@ -367,3 +367,98 @@ async fn a_corrupt_file_is_skipped_or_stops_the_run_as_configured() {
     let text = err.to_string();
     assert!(text.contains(&bad.display().to_string()) && text.contains("after line"), "{text}");
 }
+
+/// A resumed run removes the files an earlier run wrote past its last checkpoint before any
+/// sink starts: the control center, which rebuilds its book from the `alerts` table when it
+/// starts, never sees an alert that the replay is about to write again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_past_the_restored_checkpoint_are_gone_before_the_control_center_reads_the_lake() {
+    use arrow::array::{AsArray, RecordBatch, StringArray};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    run_in_process(&pipeline_yaml(&files_source(""), &data, true)).await;
+    let state = citystream_pipeline::task::StateStore::open(&data.join("state")).unwrap();
+    let (lineage, epoch) = (state.lineage().to_owned(), state.restored_epoch());
+    drop(state);
+    // what a run killed after that checkpoint left: alert rows in a file of the next epoch
+    let alerts = data.join("lake/alerts");
+    let mut files = Vec::new();
+    let mut stack = vec![alerts.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().starts_with(&format!("part-{lineage}-e")) {
+                files.push(e.path());
+            }
+        }
+    }
+    let source = files.first().expect("the run wrote alerts named by epoch");
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(source).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+    let batch = reader.map(Result::unwrap).next().expect("rows");
+    let id = batch.schema().index_of("alert_id").unwrap();
+    let mut columns = batch.columns().to_vec();
+    columns[id] = std::sync::Arc::new(StringArray::from_iter_values(
+        batch.column(id).as_string::<i32>().iter().map(|_| "planted-past-the-checkpoint"),
+    ));
+    let planted = RecordBatch::try_new(batch.schema(), columns).unwrap();
+    let name = format!("part-{lineage}-e{:012}-planted-000001.parquet", epoch + 1);
+    let path = source.parent().unwrap().join(name);
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), planted.schema(), None).unwrap();
+    w.write(&planted).unwrap();
+    w.close().unwrap();
+
+    // run again, polling for new files, with the control center on a known port
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let yaml = pipeline_yaml(&files_source("    stop_when_done: false\n"), &data, true)
+        .replace("    addr: 127.0.0.1:0", &format!("    addr: 127.0.0.1:{port}"));
+    let plan = citystream_pipeline::config::plan::plan(
+        citystream_pipeline::config::load_str(&yaml, "files.yaml").unwrap(),
+        "files.yaml",
+    )
+    .unwrap();
+    let (stop, rx) = citystream_pipeline::StopHandle::new();
+    let run = tokio::spawn(citystream_pipeline::runtime::run(plan, citystream_operators::Metrics::new(), rx));
+    let viewer = std::fs::read_to_string(data.join("secrets/control_tokens"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("viewer ").map(|r| r.split_whitespace().last().unwrap().to_owned()))
+        .expect("a viewer token");
+    let get = |path: &'static str| {
+        let viewer = viewer.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {viewer}\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.ok()?;
+            Some(out)
+        }
+    };
+    let mut listing = None;
+    for _ in 0..300 {
+        if let Some(r) = get("/api/alerts?limit=100000").await {
+            listing = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listing = listing.expect("the control center answered");
+    let planted = get("/api/alerts/planted-past-the-checkpoint").await.unwrap();
+    stop.stop();
+    run.await.unwrap().expect("the resumed run ended cleanly");
+    assert!(listing.starts_with("HTTP/1.1 200"), "{listing}");
+    assert!(listing.contains("\"alert_id\""), "the book holds the alerts of the first run: {listing:.300}");
+    assert!(!listing.contains("planted-past-the-checkpoint"), "the book read a file past the checkpoint");
+    assert!(planted.starts_with("HTTP/1.1 404"), "{planted:.300}");
+    assert!(!path.exists(), "the file past the checkpoint was removed");
+}
