@@ -1,32 +1,5 @@
-//! `compress`: lossy compression of numeric sensor series with a guaranteed error bound.
-//!
-//! Per series (the `key` columns, e.g. a station), rows are taken in event-time order (they are
-//! held until the watermark passes them) and a row is dropped only when **linear interpolation
-//! between the kept rows before and after it reconstructs every configured field within its
-//! tolerance**. The tolerance of a reading `v` is `max(abs, rel * |v|)`.
-//!
-//! Methods, per field:
-//! - `swinging_door`: keeps the set of slopes from the last kept point that pass within
-//!   tolerance of every dropped point (the "door"); the next kept point is chosen so its slope
-//!   lies in that set, so every dropped point is within tolerance of the line. This is the
-//!   swinging-door trending algorithm in its exact form (feasible-slope intersection).
-//! - `deadband`: a reading is dropped while it and the next one stay within half the tolerance
-//!   of the last kept value; any line between two such values is then within the tolerance of
-//!   every dropped reading.
-//!
-//! Fields are decided jointly: a row is dropped only if every field allows it, and every field
-//! restarts from the same kept row, so the bound holds for each field independently. A null in
-//! any configured field keeps the row (there is nothing to interpolate). A jump larger than the
-//! tolerance — an incident's sudden drop in speed — is therefore always kept, with the row
-//! before it. `max_gap` also keeps the rows on both sides of a silence longer than it, so
-//! outages are not bridged by a line: after such a silence a series starts again as if new,
-//! which lets the operator forget a series once the watermark is `max_gap` past its last row
-//! (its memory follows the series that spoke within `max_gap`, not every key ever seen;
-//! metric `citystream_compress_series`).
-//!
-//! Columns not listed in `fields` are carried on kept rows only: compress a copy for storage,
-//! and aggregate (counts, flows) from the uncompressed stream. A row at or before its series'
-//! last processed time (beyond the watermark) goes to `late_events`.
+//! The `compress` operator: per series, the kept anchor, the candidate and the door of feasible
+//! slopes; rows held until the watermark passes them.
 
 use crate::LiveChangeError;
 use std::collections::HashMap;
@@ -37,148 +10,11 @@ use arrow::array::{
 };
 use arrow::compute::interleave_record_batch;
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, UInt8Type};
-use serde::Deserialize;
 
-use crate::common::{KeyEncoder, as_f64, columns, numeric_column, time_column, times};
-use crate::{
-    BuildContext, Collector, Counter, Duration, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
-};
+use crate::common::{KeyEncoder, as_f64, times};
+use crate::{BuildContext, Collector, Counter, Operator, OperatorError, OutputSpec};
 
-/// A compression method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Swinging door trending.
-    SwingingDoor,
-    /// Deadband (half the tolerance around the last kept value).
-    Deadband,
-}
-
-/// The tolerance of one field.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FieldTolerance {
-    /// The method. Default `swinging_door`.
-    #[serde(default = "d_method")]
-    pub method: Method,
-    /// Absolute tolerance, in the field's unit.
-    #[serde(default)]
-    pub abs: f64,
-    /// Relative tolerance, a fraction of the reading's magnitude.
-    #[serde(default)]
-    pub rel: f64,
-}
-
-fn d_method() -> Method {
-    Method::SwingingDoor
-}
-fn d_time() -> String {
-    "ts".into()
-}
-
-impl FieldTolerance {
-    fn of(&self, v: f64) -> f64 {
-        self.abs.max(self.rel * v.abs())
-    }
-}
-
-/// YAML of a `compress` stage.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompressConfig {
-    /// The series key (e.g. `[station_id]`).
-    pub key: Vec<String>,
-    /// Fields and their tolerances. Tolerances are live-tunable.
-    pub fields: std::collections::BTreeMap<String, FieldTolerance>,
-    /// Keep the row before a silence longer than this. Default `15m`. Live-tunable; a longer
-    /// gap applies to the series that spoke within the old one (a series already forgotten
-    /// starts afresh at its next row, as it would have under the old gap).
-    #[serde(default = "d_gap")]
-    pub max_gap: Duration,
-    /// The event-time column. Default `ts`.
-    #[serde(default = "d_time")]
-    pub time_column: String,
-}
-
-fn d_gap() -> Duration {
-    Duration::from_secs(900)
-}
-
-/// (time column, key columns, (field column, tolerance))
-type Checked = (usize, Vec<usize>, Vec<(usize, FieldTolerance)>);
-
-impl CompressConfig {
-    /// Tolerances and `max_gap` change live; the key and the set of fields do not.
-    pub fn live_change(&self, new: &Self) -> Result<(), LiveChangeError> {
-        if new.key != self.key || new.time_column != self.time_column || !new.fields.keys().eq(self.fields.keys()) {
-            return Err(LiveChangeError::NeedsRestart(
-                "the key, time column and set of fields of a compress stage need a restart; \
-                        tolerances, methods and max_gap change live",
-            ));
-        }
-        Ok(())
-    }
-
-    fn check(&self, input: &SchemaRef) -> Result<Checked, Vec<PlanError>> {
-        let mut errs = Vec::new();
-        let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
-        let keys = columns(input, &self.key, "key", &mut errs);
-        if self.fields.is_empty() {
-            errs.push(PlanError::new("fields", "list at least one field with its tolerance"));
-        }
-        let mut fields = Vec::new();
-        for (name, tol) in &self.fields {
-            let key = format!("fields.{name}");
-            match numeric_column(input, name, &key) {
-                Ok(c) => fields.push((c, *tol)),
-                Err(e) => errs.push(e),
-            }
-            if !(tol.abs >= 0.0 && tol.rel >= 0.0 && tol.abs.is_finite() && tol.rel.is_finite()) {
-                errs.push(PlanError::new(&key, "tolerances must be finite and non-negative"));
-            }
-            if tol.abs == 0.0 && tol.rel == 0.0 {
-                errs.push(
-                    PlanError::new(&key, format!("`{name}` has no tolerance: every reading would be kept"))
-                        .with_help("set `abs` and/or `rel`"),
-                );
-            }
-        }
-        match (time, errs.is_empty()) {
-            (Some(t), true) => Ok((t, keys, fields)),
-            _ => Err(errs),
-        }
-    }
-}
-
-impl OperatorConfig for CompressConfig {
-    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
-        self.check(input)?;
-        Ok(vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())])
-    }
-
-    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
-        let (time, keys, fields) = self.check(input)?;
-        let keys = KeyEncoder::new(input, keys).map_err(|e| vec![PlanError::new("key", e.to_string())])?;
-        let l = [("stage", ctx.stage.as_str())];
-        Ok(Box::new(Compress {
-            outputs: vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())],
-            schema: input.clone(),
-            time,
-            keys,
-            fields,
-            max_gap: self.max_gap.as_millis_i64(),
-            watermark: i64::MIN,
-            arena: Vec::new(),
-            pending: Vec::new(),
-            series: HashMap::new(),
-            states: Vec::new(),
-            rows_in: ctx.metrics.counter("citystream_compress_rows_in_total", "Rows into a compress stage.", &l),
-            rows_kept: ctx.metrics.counter("citystream_compress_rows_kept_total", "Rows a compress stage kept.", &l),
-            late: ctx.metrics.counter("citystream_compress_late_rows_total", "Rows behind their series' time.", &l),
-            series_gauge: ctx.metrics.gauge("citystream_compress_series", "Series a compress stage holds.", &l),
-        }))
-    }
-}
+use super::config::{CompressConfig, FieldTolerance, Method};
 
 /// A row held by the operator: (arena batch, row).
 type RowRef = (usize, usize);
@@ -231,6 +67,36 @@ impl std::fmt::Debug for Compress {
 const OPEN: (f64, f64) = (f64::NEG_INFINITY, f64::INFINITY);
 
 impl Compress {
+    /// A compress stage over `input`: time column `time`, series keys `keys`, the `fields` it
+    /// compresses and their tolerances; a silence over `max_gap` ms is not bridged.
+    pub(super) fn new(
+        input: &SchemaRef,
+        time: usize,
+        keys: KeyEncoder,
+        fields: Vec<(usize, FieldTolerance)>,
+        max_gap: i64,
+        ctx: &BuildContext,
+    ) -> Self {
+        let l = [("stage", ctx.stage.as_str())];
+        Compress {
+            outputs: vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())],
+            schema: input.clone(),
+            time,
+            keys,
+            fields,
+            max_gap,
+            watermark: i64::MIN,
+            arena: Vec::new(),
+            pending: Vec::new(),
+            series: HashMap::new(),
+            states: Vec::new(),
+            rows_in: ctx.metrics.counter("citystream_compress_rows_in_total", "Rows into a compress stage.", &l),
+            rows_kept: ctx.metrics.counter("citystream_compress_rows_kept_total", "Rows a compress stage kept.", &l),
+            late: ctx.metrics.counter("citystream_compress_late_rows_total", "Rows behind their series' time.", &l),
+            series_gauge: ctx.metrics.gauge("citystream_compress_series", "Series a compress stage holds.", &l),
+        }
+    }
+
     fn snapshot_schema(&self) -> SchemaRef {
         let floats = |name: &str| Field::new_list(name, Field::new_list_field(DataType::Float64, true), true);
         Arc::new(Schema::new(vec![
