@@ -148,6 +148,11 @@ runtime: {{status_interval: null}}
         let row: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
         let station = row["station_id"].as_str().unwrap();
         assert_eq!(m.key(), Some(station.as_bytes()), "keyed by the station");
+        assert_eq!(
+            m.partition(),
+            citystream_pipeline::kafka::partition::partition_of(station.as_bytes(), 3),
+            "in the partition a Java producer would choose for the key"
+        );
         assert!(row["event_id"].is_string() && row["ts"].is_string(), "{row}");
         seen += 1;
     }
@@ -594,4 +599,31 @@ async fn poison_messages_are_dead_letters_once_across_a_sigkill_and_the_pipeline
     for marker in ["31415926", "QPLATE"] {
         assert!(!everything.contains(marker), "an identifier reached a dead letter or a log:\n{everything}");
     }
+}
+
+/// `citystream simulate --kafka` (and every producer here) puts a key in the partition a Java
+/// producer would choose (murmur2), so topics shared with Java services agree on keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_streams_are_partitioned_as_java_producers_partition() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let topics = create_topics(&unique("t-murmur"), 3).await;
+    produce(&topics, 1, 11).await;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("g-murmur"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topics.traffic.as_deref().unwrap()]).unwrap();
+    let (mut seen, mut per_partition) = (0u64, [0u64; 3]);
+    while let Ok(m) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+        let m = m.unwrap();
+        let key = m.key().expect("keyed by device");
+        assert_eq!(m.partition(), citystream_pipeline::kafka::partition::partition_of(key, 3));
+        per_partition[m.partition() as usize] += 1;
+        seen += 1;
+    }
+    assert!(seen > 1000, "an hour of traffic: {seen} messages");
+    assert!(per_partition.iter().all(|&n| n > 0), "every partition gets keys: {per_partition:?}");
 }

@@ -2,6 +2,7 @@
 //! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
 //! zstd producer, and the producer the simulator uses to feed topics.
 
+pub mod partition;
 mod sink;
 mod source;
 
@@ -187,6 +188,7 @@ pub mod produce {
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("compression.type", "zstd")
+            .set(super::partition::PARTITIONER.0, super::partition::PARTITIONER.1)
             .set("linger.ms", "20")
             .set("batch.size", "1000000")
             .set("message.timeout.ms", "120000")

@@ -37,7 +37,8 @@ pub struct KafkaSinkConfig {
     /// Topic name to its inputs and key column.
     pub topics: BTreeMap<String, TopicRoute>,
     /// Any librdkafka producer property; `${VAR}` for secrets. `enable.idempotence=true` and
-    /// `compression.type=zstd` are set unless given here.
+    /// `compression.type=zstd` are set unless given here, and `partitioner=murmur2_random` (a
+    /// key goes to the partition a Java producer would choose).
     #[serde(default)]
     pub properties: BTreeMap<String, EnvString>,
 }
@@ -92,7 +93,12 @@ impl KafkaWriter {
         metrics: &Metrics,
     ) -> Result<Self, KafkaSinkError> {
         let mut cc = client_config(brokers, properties);
-        for (k, v) in [("enable.idempotence", "true"), ("compression.type", "zstd"), ("linger.ms", "10")] {
+        for (k, v) in [
+            ("enable.idempotence", "true"),
+            ("compression.type", "zstd"),
+            ("linger.ms", "10"),
+            super::partition::PARTITIONER,
+        ] {
             if !properties.contains_key(k) {
                 cc.set(k, v);
             }
