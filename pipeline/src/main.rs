@@ -59,36 +59,7 @@ enum Command {
     /// Serve the lake over Arrow Flight SQL (ADBC, JDBC, BI tools): read-only, bearer tokens
     /// from the control center's tokens file, row and time limits per query.
     #[cfg(feature = "sql")]
-    Serve {
-        /// The lake (the Parquet sink's `path`).
-        #[arg(long, default_value = "data/lake")]
-        data: PathBuf,
-        /// Listen here (port 0: any free port; the first line printed says which).
-        #[arg(long, default_value = "127.0.0.1:8815")]
-        addr: String,
-        /// The tokens file (`role name token` lines, owner-only), as the control center's.
-        #[arg(long, default_value = "data/secrets/control_tokens")]
-        tokens_file: Option<PathBuf>,
-        /// Read the tokens from this environment variable instead.
-        #[arg(long)]
-        tokens_env: Option<String>,
-        /// Results with more rows are cut with an error.
-        #[arg(long, default_value_t = 1_000_000)]
-        max_rows: u64,
-        /// Queries running longer are stopped with an error.
-        #[arg(long, default_value = "60s")]
-        max_time: citystream_operators::Duration,
-        /// Memory all running queries may hold together (hash tables, sorts), MiB; a query that
-        /// needs more is stopped with an error (nothing spills to disk).
-        #[arg(long, default_value_t = 1024)]
-        max_memory_mb: u64,
-        /// PEM certificate chain: serve TLS (with --tls-key).
-        #[arg(long)]
-        tls_cert: Option<PathBuf>,
-        /// PEM private key of --tls-cert.
-        #[arg(long)]
-        tls_key: Option<PathBuf>,
-    },
+    Serve(cli::serve::Serve),
     /// Check a config (syntax, references, schema flow) without running it; prints the plan.
     Validate {
         /// The pipeline config.
@@ -250,30 +221,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
         #[cfg(feature = "sql")]
-        Command::Serve {
-            data,
-            addr,
-            tokens_file,
-            tokens_env,
-            max_rows,
-            max_time,
-            max_memory_mb,
-            tls_cert,
-            tls_key,
-        } => {
-            cli::serve::serve(cli::serve::Serve {
-                data,
-                addr,
-                tokens_file,
-                tokens_env,
-                max_rows,
-                max_time,
-                max_memory_mb,
-                tls_cert,
-                tls_key,
-            })
-            .await
-        }
+        Command::Serve(args) => cli::serve::serve(args).await,
         Command::Replay { config, files, out, state, rate, from, until } => {
             let event_time = citystream_pipeline::files::EventTimeRange::parse(from.as_deref(), until.as_deref())
                 .map_err(|e| anyhow::anyhow!("--from/--until: {e}"))?;

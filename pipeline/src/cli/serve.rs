@@ -8,16 +8,36 @@ use citystream_pipeline::control::{Identity, parse_tokens};
 use citystream_pipeline::flight::{ServeConfig, bind};
 
 /// What `citystream serve` was asked.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Serve {
-    pub(crate) data: PathBuf,
-    pub(crate) addr: String,
-    pub(crate) tokens_file: Option<PathBuf>,
-    pub(crate) tokens_env: Option<String>,
-    pub(crate) max_rows: u64,
-    pub(crate) max_time: citystream_operators::Duration,
-    pub(crate) max_memory_mb: u64,
-    pub(crate) tls_cert: Option<PathBuf>,
-    pub(crate) tls_key: Option<PathBuf>,
+    /// The lake (the Parquet sink's `path`).
+    #[arg(long, default_value = "data/lake")]
+    data: PathBuf,
+    /// Listen here (port 0: any free port; the first line printed says which).
+    #[arg(long, default_value = "127.0.0.1:8815")]
+    addr: String,
+    /// The tokens file (`role name token` lines, owner-only), as the control center's.
+    #[arg(long, default_value = "data/secrets/control_tokens")]
+    tokens_file: Option<PathBuf>,
+    /// Read the tokens from this environment variable instead.
+    #[arg(long)]
+    tokens_env: Option<String>,
+    /// Results with more rows are cut with an error.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_rows: u64,
+    /// Queries running longer are stopped with an error.
+    #[arg(long, default_value = "60s")]
+    max_time: citystream_operators::Duration,
+    /// Memory all running queries may hold together (hash tables, sorts), MiB; a query that
+    /// needs more is stopped with an error (nothing spills to disk).
+    #[arg(long, default_value_t = 1024)]
+    max_memory_mb: u64,
+    /// PEM certificate chain: serve TLS (with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 /// The tokens, from the control center's tokens file (owner-only, as it checks) or a variable.
