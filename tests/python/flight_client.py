@@ -29,6 +29,16 @@ def write(table, path):
         w.write_table(table)
 
 
+def error_of(cur, sql):
+    """The error `sql` fails with, or "no error"."""
+    try:
+        cur.execute(sql)
+        cur.fetch_arrow_table()
+        return "no error"
+    except Exception as e:  # noqa: BLE001 (the message is what is checked)
+        return str(e)
+
+
 def main():
     uri, token, plan_path, out = sys.argv[1:5]
     plan = json.load(open(plan_path))
@@ -43,12 +53,7 @@ def main():
     if plan.get("heavy"):
         # a query over the server's memory limit fails; the server answers the next one
         with connect(uri, token) as conn, conn.cursor() as cur:
-            try:
-                cur.execute(plan["heavy"])
-                cur.fetch_arrow_table()
-                report["heavy"] = "no error"
-            except Exception as e:  # noqa: BLE001 (the message is what is checked)
-                report["heavy"] = str(e)
+            report["heavy"] = error_of(cur, plan["heavy"])
             cur.execute(plan["light"])
             write(cur.fetch_arrow_table(), f"{out}/0.arrow")
         json.dump(report, open(f"{out}/report.json", "w"), indent=1, default=str)
@@ -65,12 +70,7 @@ def main():
                 cur.execute(q, parameters=tuple(values))
                 write(cur.fetch_arrow_table(), f"{out}/{n}.arrow")
                 n += 1
-            try:
-                cur.execute(plan["over_limit"])
-                cur.fetch_arrow_table()
-                report["over_limit"] = "no error"
-            except Exception as e:  # noqa: BLE001 (the message is what is checked)
-                report["over_limit"] = str(e)
+            report["over_limit"] = error_of(cur, plan["over_limit"])
             cur.execute("EXPLAIN " + plan["queries"][0])
             report["explain"] = cur.fetch_arrow_table().to_pylist()
         # what a BI tool browses

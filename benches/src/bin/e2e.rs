@@ -262,14 +262,28 @@ fn decode_to_parquet(source_name: &str, source: &str, lake: &std::path::Path, ex
     )
 }
 
+/// One run of the pipeline in `yaml`: the events its sources read, its wall seconds and the
+/// process's CPU seconds; its per-task CPU goes into `profile`.
+fn measured_run(rt: &tokio::runtime::Runtime, yaml: &str, profile: &mut Profile) -> anyhow::Result<(u64, f64, f64)> {
+    let p = plan(config::load_str(yaml, "bench")?, "bench")?;
+    let before = usage();
+    let t0 = Instant::now();
+    let (_stop, rx) = StopHandle::new();
+    let metrics = Metrics::new();
+    let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let n: u64 = report.source_messages.values().sum();
+    let cpu = usage().cpu_s - before.cpu_s;
+    profile.add(&metrics, &report, n);
+    Ok((n, secs, cpu))
+}
+
 mod files {
     use std::io::Write as _;
     use std::time::Instant;
 
     use citystream_benches::usage;
-    use citystream_operators::Metrics;
-    use citystream_pipeline::config::{self, plan::plan};
-    use citystream_pipeline::runtime::{self, StopHandle};
+
     use citystream_pipeline::simulator::{Simulation, SimulatorConfig};
     use citystream_schemas::EventKind;
 
@@ -317,18 +331,9 @@ mod files {
             );
             let state = format!(", state_dir: {}", dir.path().join("state").display());
             let yaml = super::decode_to_parquet("archive", &source, &dir.path().join("lake"), &state);
-            let p = plan(config::load_str(&yaml, "bench")?, "bench")?;
-            let before = usage();
-            let t0 = Instant::now();
-            let (_stop, rx) = StopHandle::new();
-            let metrics = Metrics::new();
-            let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
-            let secs = t0.elapsed().as_secs_f64();
-            let n: u64 = report.source_messages.values().sum();
-            let cpu = usage().cpu_s - before.cpu_s;
+            let (n, secs, cpu) = super::measured_run(rt, &yaml, &mut profile)?;
             rates.push(n as f64 / secs);
             cpus.push(cpu / n as f64 * 1e6);
-            profile.add(&metrics, &report, n);
             eprintln!(
                 "run {run}: {n} events in {secs:.2} s, {:.0} events/s, {:.2} CPU-s per million events",
                 n as f64 / secs,
@@ -351,10 +356,7 @@ mod kafka {
     use std::time::{Duration, Instant};
 
     use citystream_benches::usage;
-    use citystream_operators::Metrics;
-    use citystream_pipeline::config::{self, plan::plan};
     use citystream_pipeline::kafka::KafkaTopics;
-    use citystream_pipeline::runtime::{self, StopHandle};
     use citystream_pipeline::simulator::SimulatorConfig;
     use citystream_schemas::raw::RawBatchBuilder;
     use citystream_schemas::{DecodeOptions, Decoder, EventKind};
@@ -440,19 +442,11 @@ mod kafka {
                 e = topics.environment.as_ref().unwrap(),
             );
             let yaml = super::decode_to_parquet("kafka", &source, dir.path(), "");
-            let p = plan(config::load_str(&yaml, "bench")?, "bench")?;
-            let before = usage();
-            let t0 = Instant::now();
-            let (_stop, rx) = StopHandle::new();
-            let metrics = Metrics::new();
-            let report = rt.block_on(runtime::run(p, metrics.clone(), rx))?;
+            let (n, secs, cpu) = super::measured_run(rt, &yaml, &mut profile)?;
             // the idle wait at the end is not work: take it off the wall time
-            let secs = t0.elapsed().as_secs_f64() - 2.0;
-            let n: u64 = report.source_messages.values().sum();
-            let cpu = usage().cpu_s - before.cpu_s;
+            let secs = secs - 2.0;
             pipe_rate.push(n as f64 / secs);
             pipe_cpu.push(cpu / n as f64 * 1e6);
-            profile.add(&metrics, &report, n);
             let before = usage();
             let t0 = Instant::now();
             let m = rt.block_on(ceiling(brokers, &topics, &format!("{prefix}-c{run}"), produced))?;
