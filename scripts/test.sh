@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need, then runs them.
-#   1. Python tools (pyarrow, DuckDB, ADBC) into .venv; Chromium (apt) and playwright-core (npm);
+#   1. Python tools (pyarrow, DuckDB, ADBC, moto) into .venv; Chromium (apt) and playwright-core (npm);
 #      Java and Maven (apt), the Flight SQL JDBC driver (Maven Central)
 #   2. checks style (rustfmt, clippy -D warnings), then builds everything (one dev profile for
 #      tests, binaries and the demo)
@@ -8,7 +8,8 @@
 #      then the control-center page in headless Chromium (Debian's chromium, playwright-core)
 #   4. runs the README's Kafka quick start as written (scripts/test-quickstart.sh, own broker)
 #   5. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
-#      127.0.0.1:19092 and runs every Rust test (unit, property, integration, config, Kafka)
+#      127.0.0.1:19092 and an S3-compatible server (moto, PyPI) on 127.0.0.1:19555, and runs
+#      every Rust test (unit, property, integration, config, Kafka, S3)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -27,9 +28,10 @@ fi
 if ! command -v javac >/dev/null || ! command -v mvn >/dev/null; then
   apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless maven
 fi
-# the Flight SQL test serves TLS with a certificate made by the openssl CLI
-if ! command -v openssl >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq openssl
+# the Flight SQL test serves TLS with a certificate made by the openssl CLI; scripts/start-s3.sh
+# probes the S3 server with curl
+if ! command -v openssl >/dev/null || ! command -v curl >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq openssl curl
 fi
 # the Arrow Flight SQL JDBC driver, from Maven Central
 CITYSTREAM_FLIGHT_JDBC_JAR="$(scripts/setup-jdbc.sh)"
@@ -65,8 +67,11 @@ echo "== kafka broker"
 export KAFKA_PORT="${KAFKA_PORT:-19092}" KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
 export KAFKA_RUN_DIR="$data/kafka"
 export CITYSTREAM_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
-trap 'deploy/kafka/stop.sh --dir "$KAFKA_RUN_DIR" >/dev/null 2>&1 || true; rm -rf "$data"' EXIT
+trap 'deploy/kafka/stop.sh --dir "$KAFKA_RUN_DIR" >/dev/null 2>&1 || true; kill "$(cat "$data/s3/moto.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$data"' EXIT
 deploy/kafka/start.sh --fresh
+
+echo "== S3-compatible server (moto) for operator state on object storage"
+eval "$(scripts/start-s3.sh "$data/s3")"
 
 echo "== rust tests"
 # a hung test fails the run instead of stalling CI

@@ -328,13 +328,9 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
     let data = work.path().join("killed");
     let cfg = work.path().join("killed.yaml");
     std::fs::write(&cfg, pipeline_yaml(&topics, &unique("et3k"), &data)).unwrap();
-    let manifest = data.join("state/CHECKPOINT.json");
-    let progress = |m: &Path| -> i64 {
-        std::fs::read(m)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["positions"].as_array().map(|a| a.iter().filter_map(|p| p["next"].as_i64()).sum()))
-            .unwrap_or(0)
+    let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
+    let progress = |m: &citystream_pipeline::task::StateUrl| -> i64 {
+        citystream_pipeline::task::StateStore::inspect(m).ok().flatten().map_or(0, |c| c.positions.values().sum())
     };
     let total = day().messages.len() as i64;
     // a fixed seed per run of the suite would hide nothing: vary the moments

@@ -207,12 +207,29 @@ async fn an_archive_replayed_from_files_gives_the_simulator_runs_tables() {
 
 #[test]
 fn a_backfill_killed_at_random_moments_resumes_without_a_row_twice() {
+    killed_backfill(|data| format!("  state_dir: {}/state\n", data.display()));
+}
+
+#[test]
+fn a_backfill_with_its_state_on_s3_killed_at_random_moments_resumes_without_a_row_twice() {
+    let url = s3_state_url("files-killed");
+    killed_backfill(|_| format!("  state_url: {url}\n"));
+    // the state is where it was asked to be, and it covers every line of the archive
+    let state = citystream_pipeline::task::StateUrl::parse(&url).unwrap();
+    let c = citystream_pipeline::task::StateStore::inspect(&state).unwrap().expect("a manifest on S3");
+    assert_eq!(c.positions.values().sum::<i64>(), archive().messages as i64, "{c:?}");
+}
+
+/// The archive replayed paced, SIGKILLed a few times at random moments and run to the end, with
+/// the state where `state` (the `runtime:` line for a data directory) puts it.
+fn killed_backfill(state: impl Fn(&Path) -> String) {
     let want = expected();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // paced, so that kills land in the middle of the backfill
     let config = dir.path().join("files.yaml");
-    std::fs::write(&config, pipeline_yaml(&files_source("    rate: 6000\n"), &data, true)).unwrap();
+    let text = pipeline_yaml(&files_source("    rate: 6000\n"), &data, false) + &state(&data);
+    std::fs::write(&config, text).unwrap();
     let log = dir.path().join("run.log");
     let seed = now_ms() as u64;
     let mut kills = Vec::new();
@@ -379,9 +396,9 @@ async fn files_past_the_restored_checkpoint_are_gone_before_the_control_center_r
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     run_in_process(&pipeline_yaml(&files_source(""), &data, true)).await;
-    let state = citystream_pipeline::task::StateStore::open(&data.join("state")).unwrap();
-    let (lineage, epoch) = (state.lineage().to_owned(), state.restored_epoch());
-    drop(state);
+    use citystream_pipeline::task::{StateStore, StateUrl};
+    let state = StateStore::inspect(&StateUrl::Local(data.join("state"))).unwrap().expect("a checkpoint");
+    let (lineage, epoch) = (state.lineage, state.epoch);
     // what a run killed after that checkpoint left: alert rows in a file of the next epoch
     let alerts = data.join("lake/alerts");
     let mut files = Vec::new();

@@ -14,7 +14,7 @@ pub(crate) async fn replay(config_file: &Path, r: Backfill) -> anyhow::Result<()
     let raw = config::backfill::backfill(config::load_file(config_file)?, &r)
         .with_context(|| format!("backfilling with {}", config_file.display()))?;
     let plan = config::plan::plan(raw, &config_file.display().to_string())?;
-    let state = plan.runtime.state_dir.as_ref().map(|s| s.as_str().to_owned()).unwrap_or_default();
+    let state = plan.runtime.state().ok().flatten().map(|s| s.to_string()).unwrap_or_default();
     eprintln!("replaying {} through {} (state: {state})", r.files.display(), config_file.display());
     let metrics = Metrics::new();
     let (stop, stop_rx) = StopHandle::new();

@@ -114,7 +114,9 @@ pub fn backfill(mut raw: RawPipeline, r: &Backfill) -> Result<RawPipeline, Backf
         (None, Some(lake)) => PathBuf::from(format!("{}.replay-state", lake.display())),
         (None, None) => return Err(BackfillError::NoState),
     };
+    // a replay's state is its own, beside its lake: never the live pipeline's
     raw.runtime.state_dir = Some(EnvString::literal(state.display().to_string()));
+    raw.runtime.state_url = None;
     Ok(raw)
 }
 

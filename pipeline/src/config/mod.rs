@@ -74,8 +74,13 @@ pub struct RuntimeConfig {
     pub carbon_policy: Option<crate::energy::CarbonPolicyConfig>,
     /// Where stateful stages write their state at every checkpoint, so that a pipeline with a
     /// Kafka source resumes windows, deduplication, features and alert rules exactly where its
-    /// last checkpoint left them (see `task::state`); absent for none.
+    /// last checkpoint left them (see `task::state`); absent for none. A local directory;
+    /// `state_url` says the same as a URL, and also reaches object storage.
     pub state_dir: Option<EnvString>,
+    /// Where the state lives as a URL: `file:///absolute/dir` or `s3://bucket/prefix` (so a
+    /// replacement machine restores what a dead one wrote). At most one of `state_dir` and
+    /// `state_url`.
+    pub state_url: Option<EnvString>,
 }
 
 impl RuntimeConfig {
@@ -87,6 +92,21 @@ impl RuntimeConfig {
         Ok(crate::energy::services::start(self.energy.as_ref(), self.carbon_policy.as_ref(), ctx)?
             .into_iter()
             .collect())
+    }
+
+    /// Whether operator state is kept (`state_dir` or `state_url`).
+    pub fn has_state(&self) -> bool {
+        self.state_dir.is_some() || self.state_url.is_some()
+    }
+
+    /// Where operator state lives, if anywhere (the planner has checked the URL).
+    pub fn state(&self) -> Result<Option<crate::task::StateUrl>, String> {
+        match (&self.state_dir, &self.state_url) {
+            (Some(_), Some(_)) => Err("give `state_dir` or `state_url`, not both".into()),
+            (Some(dir), None) => Ok(Some(crate::task::StateUrl::Local(dir.as_str().into()))),
+            (None, Some(url)) => crate::task::StateUrl::parse(url.as_str()).map(Some),
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -100,6 +120,7 @@ impl Default for RuntimeConfig {
             energy: None,
             carbon_policy: None,
             state_dir: None,
+            state_url: None,
         }
     }
 }

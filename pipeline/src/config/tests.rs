@@ -335,6 +335,18 @@ sinks:
         text.replace("rate: 0", "rate: 1000").replace("{traffic: /archive/traffic}", "{environment: /archive/env}")
             + "runtime:\n  state_dir: /tmp/state\n";
     plan(load_str(&fixed, "files.yaml").unwrap(), "files.yaml").unwrap();
+    // the state may be given as a URL instead, local or on S3, but not both ways
+    let on_s3 = fixed.replace("state_dir: /tmp/state", "state_url: s3://city-state/north");
+    let p = plan(load_str(&on_s3, "files.yaml").unwrap(), "files.yaml").unwrap();
+    assert_eq!(
+        p.runtime.state().unwrap(),
+        Some(crate::task::StateUrl::S3 { bucket: "city-state".into(), prefix: "north".into() })
+    );
+    let e = error_of(&format!("{fixed}  state_url: file:///tmp/state\n"));
+    assert!(e.contains("runtime.state_url: give `state_dir` or `state_url`, not both"), "{e}");
+    let e = error_of(&fixed.replace("state_dir: /tmp/state", "state_url: gs://bucket/x"));
+    assert!(e.contains("runtime.state_url: `gs://bucket/x`: state URLs are `file:///absolute/dir` or `s3://"), "{e}");
+    assert!(e.contains("help: `state_url: s3://bucket/prefix`"), "{e}");
 }
 
 /// A Kafka pipeline with a DP release that may be deferred.

@@ -85,7 +85,10 @@ impl Reader {
     fn new(cfg: FilesSourceConfig, ctx: SourceContext, runtime: tokio::runtime::Handle) -> Result<Self, PipelineError> {
         let SourceContext { name, outputs, clocks, stop, metrics, acks, recovery } = ctx;
         let err = |message: String| PipelineError::Source { source_name: name.clone(), message };
-        let state = recovery.state.as_ref().ok_or_else(|| err("a files source needs `runtime.state_dir`".into()))?;
+        let state = recovery
+            .state
+            .as_ref()
+            .ok_or_else(|| err("a files source needs `runtime.state_dir` or `state_url`".into()))?;
         let resumed = state.positions();
         let mut streams = Vec::new();
         for (port, kind) in EventKind::ALL.iter().enumerate() {

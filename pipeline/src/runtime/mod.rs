@@ -211,11 +211,18 @@ pub async fn run_with_reload(
     };
 
     let (sink_acks, acks) = CheckpointAcks::new(plan.sinks.len());
-    let state = match &plan.runtime.state_dir {
-        Some(dir) => Some(
-            StateStore::open(std::path::Path::new(dir.as_str()))
-                .map_err(|source| PipelineError::State { stage: "runtime.state_dir".into(), source })?,
-        ),
+    let state = match plan.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))? {
+        Some(url) => {
+            let store =
+                StateStore::open(&url).map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
+            tracing::info!(
+                state = %url,
+                restored_epoch = store.restored_epoch(),
+                first_epoch = store.first_epoch(),
+                "took over the operator state"
+            );
+            Some(store)
+        }
         None => None,
     };
     let parquet_roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();

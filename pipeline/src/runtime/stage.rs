@@ -137,7 +137,7 @@ impl StageTask {
     /// Writes the operator's state to `store` at every checkpoint barrier.
     pub(crate) fn with_state(mut self, store: super::StateStore, metrics: &Metrics) -> Self {
         self.keep_state_at_end = true;
-        self.epoch = store.restored_epoch() + 1;
+        self.epoch = store.first_epoch();
         if self.op.is_stateful() {
             let g = metrics.gauge(
                 "citystream_state_bytes",

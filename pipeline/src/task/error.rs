@@ -40,7 +40,7 @@ pub enum PipelineError {
     /// Operator state could not be written or restored.
     #[error("state of `{stage}`: {source}")]
     State {
-        /// The stage (or `runtime.state_dir`).
+        /// The stage (or `runtime`: the state store itself).
         stage: String,
         /// Why.
         source: super::state::StateError,

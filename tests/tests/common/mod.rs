@@ -24,6 +24,17 @@ pub fn brokers() -> String {
     std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// A fresh `s3://` state URL on the test's S3-compatible server (`scripts/start-s3.sh`, which
+/// `scripts/test.sh` runs and whose `AWS_*` environment the pipeline reads).
+pub fn s3_state_url(name: &str) -> String {
+    assert!(
+        std::env::var_os("AWS_ENDPOINT_URL").is_some(),
+        "no S3 server: run `eval \"$(scripts/start-s3.sh /tmp/s3)\"` first (scripts/test.sh does)"
+    );
+    let bucket = std::env::var("CITYSTREAM_S3_BUCKET").unwrap_or_else(|_| "citystate".into());
+    format!("s3://{bucket}/{}", unique(name))
+}
+
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}-{:x}-{}", nanos % 0xffff_ffff, std::process::id())

@@ -97,12 +97,12 @@ impl<'a> Planner<'a> {
                     Some("leave it out to read as fast as the pipeline takes lines".into()),
                 );
             }
-            if raw.runtime.state_dir.is_none() {
+            if !raw.runtime.has_state() {
                 self.ck.error(
                     nowhere,
                     format!("sources.{name}"),
-                    "a files source needs `runtime.state_dir`: it records there how far it read, so a killed \
-                     backfill resumes without writing a row twice",
+                    "a files source needs `runtime.state_dir` (or `state_url`): it records there how far it read, \
+                     so a killed backfill resumes without writing a row twice",
                     Some("add `runtime: {state_dir: <a directory of its own>}`".into()),
                 );
             }
@@ -124,12 +124,23 @@ impl<'a> Planner<'a> {
             self.check_source_kinds(name, |kind| k.topic(kind).is_some(), ("topics", "topic"));
         }
 
-        if raw.runtime.state_dir.is_some() && !committing {
+        if raw.runtime.has_state() && !committing {
+            let key = if raw.runtime.state_dir.is_some() { "runtime.state_dir" } else { "runtime.state_url" };
+            let field = &key["runtime.".len()..];
             self.ck.error(
                 nowhere,
-                "runtime.state_dir",
+                key,
                 "state checkpoints need a kafka or files source: only they can resume from a checkpoint",
-                Some("remove `state_dir`; a simulator run is all or nothing".into()),
+                Some(format!("remove `{field}`; a simulator run is all or nothing")),
+            );
+        }
+        if let Err(e) = raw.runtime.state() {
+            let key = if raw.runtime.state_url.is_some() { "runtime.state_url" } else { "runtime.state_dir" };
+            self.ck.error(
+                nowhere,
+                key,
+                e,
+                Some("`state_url: s3://bucket/prefix` or `state_dir: <a directory>`".into()),
             );
         }
     }

@@ -38,9 +38,17 @@ pub(super) enum CommitError {
     Kafka(String),
 }
 
+impl CommitError {
+    /// Another process took the state over: this one must stop, not retry.
+    pub(super) fn is_fenced(&self) -> bool {
+        matches!(self, CommitError::Manifest(crate::task::StateError::Fenced { .. }))
+    }
+}
+
 /// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
 /// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
-/// owns).
+/// owns), each offset carrying `lineage:epoch` in its metadata (what wrote it, for operators
+/// and for a restore that finds Kafka ahead of the manifest).
 pub(super) fn commit(
     consumer: &BaseConsumer<Ctx>,
     epoch: u64,
@@ -48,14 +56,19 @@ pub(super) fn commit(
     owned: &TopicPartitionList,
 ) -> Result<(), CommitError> {
     let log = consumer.context().commits.clone();
-    if let Some(state) = &consumer.context().state {
-        state.commit(epoch, positions).map_err(CommitError::Manifest)?;
-    }
+    let metadata = match &consumer.context().state {
+        Some(state) => {
+            state.commit(epoch, positions).map_err(CommitError::Manifest)?;
+            format!("{}:{epoch}", state.lineage())
+        }
+        None => format!(":{epoch}"),
+    };
     let mut tpl = TopicPartitionList::new();
     for ((topic, p), next) in positions {
         if owned.find_partition(topic, *p).is_some() {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
-                .map_err(|e| CommitError::Kafka(e.to_string()))?;
+            let mut e = tpl.add_partition(topic, *p);
+            e.set_offset(Offset::Offset(*next)).map_err(|e| CommitError::Kafka(e.to_string()))?;
+            e.set_metadata(&metadata);
         }
     }
     if tpl.count() > 0 {

@@ -10,7 +10,7 @@
 //! commit by a run that then died — are removed before consumption starts, so the replay does
 //! not duplicate them. On revocation, everything read from the partitions that go is flushed,
 //! made durable and committed before the callback returns. With operator state checkpoints
-//! (`runtime.state_dir`) the state manifest is written before each commit, and a partition
+//! (`runtime.state_dir` or `state_url`) the state manifest is created before each commit, and a partition
 //! resumes at the manifest's offset when that is further than the committed one.
 //!
 //! Event time: each topic's watermark is the minimum, over the partitions that hold it back, of
@@ -275,17 +275,15 @@ impl Loop {
         // the data is durable; commit, retrying while the broker is unreachable (bounded)
         let mut attempt = 0;
         loop {
-            match self
-                .owned()
-                .and_then(|o| commit(&self.consumer, epoch, &positions, &o).map_err(|e| self.err(e.to_string())))
-            {
+            match self.commit_owned(epoch, &positions) {
                 Ok(()) => break,
-                Err(e) if attempt < 30 => {
+                Err(e) if e.0 => return Err(e.1),
+                Err((_, e)) if attempt < 30 => {
                     attempt += 1;
                     tracing::warn!(source = self.name, "final commit: {e}; retrying in 2 s ({attempt}/30)");
                     std::thread::sleep(Duration::from_secs(2));
                 }
-                Err(e) => return Err(e),
+                Err((_, e)) => return Err(e),
             }
         }
         let outputs = {
@@ -315,6 +313,13 @@ impl Loop {
         ended
     }
 
+    /// Commits checkpoint `epoch` for the partitions this member owns; on failure, whether
+    /// another process took the state over (stop: retrying cannot help) and the error.
+    fn commit_owned(&self, epoch: u64, positions: &Positions) -> Result<(), (bool, PipelineError)> {
+        let owned = self.owned().map_err(|e| (false, e))?;
+        commit(&self.consumer, epoch, positions, &owned).map_err(|e| (e.is_fenced(), self.err(e.to_string())))
+    }
+
     /// Commits the previous checkpoint if every sink acknowledged it, then starts the next.
     /// Returns whether it handed on data.
     fn periodic_checkpoint(&self, pending: &mut Option<(u64, u64, Positions)>) -> Result<bool, PipelineError> {
@@ -323,10 +328,10 @@ impl Loop {
             if gen_at != generation {
                 // a rebalance happened since: its own checkpoint covered these rows
             } else if self.acks.acked() >= epoch {
-                if let Err(e) = self
-                    .owned()
-                    .and_then(|o| commit(&self.consumer, epoch, &positions, &o).map_err(|e| self.err(e.to_string())))
-                {
+                if let Err((fenced, e)) = self.commit_owned(epoch, &positions) {
+                    if fenced {
+                        return Err(e);
+                    }
                     // an unreachable broker: keep the positions and try again next time
                     tracing::warn!(source = self.name, "{e}; retrying at the next checkpoint");
                     *pending = Some((epoch, gen_at, positions));

@@ -12,6 +12,11 @@
 //! committed offset is one the replay will write again: [`remove_uncommitted`] deletes those
 //! before the partition is consumed, and the output ends identical to an uninterrupted run.
 //!
+//! With operator state, closed files wait under a hidden pending name until the state manifest
+//! of their epoch exists, and are published after it ([`resolve_pending`] finishes the job
+//! after a crash): a process that lost its state to another never publishes (see
+//! `writer::Staging`).
+//!
 //! Files: [`config`] (the YAML and the errors), [`writer`] (tables, open files, rolling and
 //! naming them, the layout on disk), [`names`] (parsing file names, and removing what a
 //! replay writes again), [`task`] (the sink as the runtime runs it).
@@ -26,7 +31,7 @@ mod writer;
 pub use crate::task::TableStats;
 pub use config::{Level, ParquetSinkConfig, ParquetSinkError};
 pub(crate) use names::{parse_epoch_name, parse_position_name};
-pub use names::{remove_after_epoch, remove_uncommitted};
+pub use names::{remove_after_epoch, remove_uncommitted, resolve_pending};
 pub(crate) use task::{ParquetSink, discard_after_restored};
 pub use writer::ParquetWriter;
 #[cfg(feature = "sql")]

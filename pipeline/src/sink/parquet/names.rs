@@ -6,12 +6,12 @@ use std::fs::File;
 use std::path::Path;
 
 /// Parses `{origin}-p{partition}-o{first}-{last}.parquet` (or the temporary
-/// `.{origin}-p{partition}-o{first}.parquet.tmp`) into `(origin, partition, first)`.
+/// `.{origin}-p{partition}-o{first}.{run}.parquet.tmp`) into `(origin, partition, first)`.
 pub(crate) fn parse_position_name(name: &str) -> Option<(&str, i32, i64)> {
     let stem = name
         .strip_suffix(".parquet")
         .or_else(|| name.strip_prefix('.').and_then(|n| n.strip_suffix(".parquet.tmp")))?;
-    let (head, rest) = stem.rsplit_once("-o").map(|(h, r)| (h, r.split('-').next().unwrap_or(r)))?;
+    let (head, rest) = stem.rsplit_once("-o").map(|(h, r)| (h, r.split(['-', '.']).next().unwrap_or(r)))?;
     let (origin, partition) = head.rsplit_once("-p")?;
     Some((origin, partition.parse().ok()?, rest.parse().ok()?))
 }
@@ -29,10 +29,44 @@ pub(crate) fn parse_epoch_name(name: &str) -> Option<(&str, u64)> {
         .and_then(|()| Some((lineage, epoch.parse().ok()?)))
 }
 
-/// Removes every file under `root` whose name `remove` picks, and fsyncs each directory it
-/// removed something from. Errors are collected: every file is visited.
-pub(super) fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bool) -> std::io::Result<usize> {
-    let mut removed = 0;
+/// The hidden name of a closed file `name` waiting for epoch `epoch` of state `lineage` to be
+/// committed, written by state writer `writer`.
+pub(super) fn pending_name(name: &str, lineage: &str, writer: &str, epoch: u64) -> String {
+    format!(".{name}.{lineage}.{writer}.e{epoch:012}.pending")
+}
+
+/// Parses a [`pending_name`] into `(name, lineage, writer, epoch)`.
+pub(crate) fn parse_pending_name(name: &str) -> Option<(&str, &str, &str, u64)> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".pending")?;
+    let (rest, epoch) = rest.rsplit_once(".e")?;
+    let (rest, writer) = rest.rsplit_once('.')?;
+    let (file, lineage) = rest.rsplit_once('.')?;
+    Some((file, lineage, writer, epoch.parse().ok()?))
+}
+
+/// Renames pending file `pending` to `dest` (the caller fsyncs the directory). A pending file
+/// that is gone while `dest` exists was published by someone else (the next owner's recovery
+/// of a process that lost its state): fine.
+pub(super) fn publish_pending(pending: &Path, dest: &Path) -> Result<(), super::ParquetSinkError> {
+    if !pending.exists() && dest.exists() {
+        return Ok(());
+    }
+    if dest.exists() {
+        return Err(super::ParquetSinkError::Io {
+            action: "publish onto",
+            path: dest.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a published file has this name"),
+        });
+    }
+    match std::fs::rename(pending, dest) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dest.exists() => Ok(()),
+        r => r.map_err(super::config::io("publish", pending)),
+    }
+}
+
+/// Calls `visit(dir, name)` for every file under `root`; `visit` says whether it changed the
+/// directory, which is then fsynced. Errors are collected: every file is visited.
+fn for_each_file(root: &Path, mut visit: impl FnMut(&Path, &str) -> std::io::Result<bool>) -> std::io::Result<()> {
     let mut first_error: Option<std::io::Error> = None;
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
@@ -44,7 +78,7 @@ pub(super) fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bo
                 continue;
             }
         };
-        let mut removed_here = false;
+        let mut changed = false;
         for e in rd {
             let e = match e {
                 Ok(e) => e,
@@ -53,34 +87,66 @@ pub(super) fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bo
                     continue;
                 }
             };
-            let path = e.path();
             if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(path);
+                stack.push(e.path());
                 continue;
             }
-            if !remove(&e.file_name().to_string_lossy()) {
-                continue;
-            }
-            // keep going after a failure: remove everything we can, then report
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    removed += 1;
-                    removed_here = true;
-                }
+            // keep going after a failure: do everything we can, then report
+            match visit(&dir, &e.file_name().to_string_lossy()) {
+                Ok(c) => changed |= c,
                 Err(e) => {
-                    first_error.get_or_insert(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        // make the removals durable before the replay writes their rows again
-        if removed_here && let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+        // make the changes durable before the replay writes their rows again
+        if changed && let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
             first_error.get_or_insert(e);
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(removed),
-    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Removes every file under `root` whose name `remove` picks, and fsyncs each directory it
+/// removed something from. Errors are collected: every file is visited.
+pub(super) fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bool) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for_each_file(root, |dir, name| {
+        if !remove(name) {
+            return Ok(false);
+        }
+        let path = dir.join(name);
+        std::fs::remove_file(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        removed += 1;
+        Ok(true)
+    })?;
+    Ok(removed)
+}
+
+/// After a restart with operator state: publishes, under a sink's `root`, the pending files of
+/// state `lineage` that the restored manifest covers (`committed`: per state writer, the
+/// newest epoch of it that is committed) and removes the other pending files of the lineage
+/// (work of a run that crashed, or of a process that lost its state to another, which the
+/// replay writes again). Returns `(published, removed)`.
+pub fn resolve_pending(root: &Path, lineage: &str, committed: &[(String, u64)]) -> std::io::Result<(usize, usize)> {
+    let (mut published, mut removed) = (0, 0);
+    for_each_file(root, |dir, name| {
+        let Some((file, l, writer, epoch)) = parse_pending_name(name) else { return Ok(false) };
+        if l != lineage {
+            return Ok(false);
+        }
+        let path = dir.join(name);
+        if committed.iter().any(|(w, upto)| w == writer && epoch <= *upto) {
+            publish_pending(&path, &dir.join(file)).map_err(std::io::Error::other)?;
+            published += 1;
+        } else {
+            std::fs::remove_file(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            removed += 1;
+        }
+        Ok(true)
+    })?;
+    Ok((published, removed))
 }
 
 /// Deletes, under a sink's `root`, the files of state lineage `lineage` written for epochs after

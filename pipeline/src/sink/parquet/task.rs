@@ -1,6 +1,7 @@
 //! The Parquet sink as the runtime runs it (`task::Sink`): each input's rows go to its table,
 //! hours are closed as the watermark passes them, and everything is made durable at every
-//! checkpoint barrier.
+//! checkpoint barrier. With operator state, closed files stay hidden until the state manifest
+//! of their epoch exists, and are published when the sink next flushes.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,7 @@ use arrow::array::RecordBatch;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
-use super::{ParquetSinkConfig, ParquetWriter, remove_after_epoch};
+use super::{ParquetSinkConfig, ParquetWriter, remove_after_epoch, resolve_pending};
 use crate::task::{PipelineError, Sink, SinkContext, StateStore, TableStats, cpu_metered, sink_error};
 
 /// Files of an hour stay open this long after the watermark passes the hour's end, so that
@@ -22,6 +23,8 @@ pub(crate) struct ParquetSink {
     /// Table and origin stream of each input.
     inputs: Vec<(String, String)>,
     cpu_ns: citystream_operators::Counter,
+    /// With operator state: its newest committed epoch says which closed files to publish.
+    state: Option<StateStore>,
 }
 
 impl ParquetSink {
@@ -33,7 +36,7 @@ impl ParquetSink {
             .with_merged_tables(merged.collect::<Vec<_>>());
         if let Some(state) = ctx.state {
             // rows before the first barrier belong to the epoch after the restored one
-            writer = writer.with_epochs(state.lineage(), state.restored_epoch() + 1);
+            writer = writer.with_epochs(state.lineage(), state.first_epoch()).with_staging(state.writer());
             // rows a stage held (compress) come out after newer rows: their offsets no longer
             // say which checkpoint wrote them, so such tables are named by epoch
             writer = writer.without_positions(ctx.holding.iter().cloned());
@@ -43,6 +46,7 @@ impl ParquetSink {
             writer,
             inputs: ctx.inputs.into_iter().zip(ctx.origins.iter().cloned()).collect(),
             cpu_ns: ctx.cpu_ns,
+            state: ctx.state.cloned(),
         })
     }
 }
@@ -53,15 +57,22 @@ impl ParquetSink {
 /// lake when it starts (the control center restores its book from `alerts`).
 pub(crate) fn discard_after_restored(cfg: &ParquetSinkConfig, state: &StateStore) -> Result<(), PipelineError> {
     let root = std::path::PathBuf::from(cfg.path.as_str());
-    let removed =
-        remove_after_epoch(&root, state.lineage(), state.restored_epoch()).map_err(|source| PipelineError::State {
-            stage: "runtime.state_dir".into(),
-            source: crate::task::StateError::Io {
-                action: "removing files written after the restored checkpoint under",
-                path: root.clone(),
-                source,
-            },
-        })?;
+    let err = |action| {
+        let path = root.clone();
+        move |source| PipelineError::State {
+            stage: "runtime".into(),
+            source: crate::task::StateError::Io { action, path, source },
+        }
+    };
+    // files the restored manifest commits that their writer had no time to publish go out;
+    // any other pending file of this lineage is work the replay does again
+    let (published, unpublished) = resolve_pending(&root, state.lineage(), state.committed())
+        .map_err(err("publishing the files of the restored checkpoint under"))?;
+    if published + unpublished > 0 {
+        tracing::info!(root = %root.display(), published, removed = unpublished, epoch = state.restored_epoch(), "resolved pending files");
+    }
+    let removed = remove_after_epoch(&root, state.lineage(), state.restored_epoch())
+        .map_err(err("removing files written after the restored checkpoint under"))?;
     if removed > 0 {
         tracing::info!(root = %root.display(), removed, epoch = state.restored_epoch(), "removed derived files written after the restored checkpoint");
     }
@@ -81,7 +92,13 @@ impl Sink for ParquetSink {
     }
 
     fn flush(&mut self) -> BoxFuture<'_, Result<(), PipelineError>> {
-        let r = cpu_metered(&self.cpu_ns, || self.writer.flush());
+        // at a barrier the epochs before it are committed (or about to be: published at the
+        // next flush); at the end the last one is
+        let committed = self.state.as_ref().map(StateStore::epoch);
+        let r = cpu_metered(&self.cpu_ns, || {
+            self.writer.flush()?;
+            committed.map_or(Ok(0), |e| self.writer.publish(e)).map(drop)
+        });
         std::future::ready(r.map_err(|e| sink_error(&self.name, e))).boxed()
     }
 

@@ -157,10 +157,15 @@ fn files_are_named_by_partition_and_offsets_and_uncommitted_ones_removed() {
     w.flush().unwrap();
     w.write("t", "city.traffic", &positioned(&[h], &[0], &[14])).unwrap();
     let fs = files(dir.path());
+    // the open file's name carries the writer's run id: another process never touches it
+    let open = &fs[0];
+    assert!(
+        open.starts_with("t/date=2026-03-02/hour=00/.city.traffic-p0-o000000000014.") && open.ends_with(".parquet.tmp")
+    );
+    assert_eq!(parse_position_name(open.rsplit('/').next().unwrap()), Some(("city.traffic", 0, 14)));
     assert_eq!(
-        fs,
+        fs[1..],
         [
-            "t/date=2026-03-02/hour=00/.city.traffic-p0-o000000000014.parquet.tmp",
             "t/date=2026-03-02/hour=00/city.traffic-p0-o000000000010-000000000011.parquet",
             "t/date=2026-03-02/hour=00/city.traffic-p0-o000000000012-000000000013.parquet",
             "t/date=2026-03-02/hour=00/city.traffic-p1-o000000000020-000000000021.parquet",
@@ -251,6 +256,58 @@ fn files_without_positions_carry_their_epoch_and_later_epochs_are_removed() {
         .collect();
     assert_eq!(left, [("ab12".to_owned(), 3), ("cd34".to_owned(), 9)]);
     assert_eq!(parse_epoch_name("part-18c-1f-000001.parquet"), None, "files of runs without state");
+}
+
+#[test]
+fn with_staging_files_are_published_only_once_their_epoch_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: ParquetSinkConfig =
+        serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", dir.path().display())).unwrap();
+    let tables = BTreeMap::from([("t".to_owned(), schema())]);
+    let writer = |lineage: &str, epoch: u64, id: &str| {
+        ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new())
+            .unwrap()
+            .with_epochs(lineage, epoch)
+            .with_staging(id)
+    };
+    let visible = || files(dir.path()).into_iter().filter(|n| n.ends_with(".parquet")).count();
+    let pending = || files(dir.path()).into_iter().filter(|n| n.ends_with(".pending")).count();
+    let mut w = writer("ab12", 3, "w1");
+    w.write("t", "x", &batch(&[1_000])).unwrap();
+    w.flush().unwrap();
+    assert_eq!((visible(), pending()), (0, 1), "closed but not committed: hidden");
+    assert_eq!(w.publish(2).unwrap(), 0);
+    w.set_epoch(4);
+    w.write("t", "x", &batch(&[2_000])).unwrap();
+    w.flush().unwrap();
+    assert_eq!(w.publish(3).unwrap(), 1, "epoch 3 is committed");
+    assert_eq!((visible(), pending()), (1, 1));
+    // a crash now: epoch 4's file is pending; a process that lost the state wrote one too
+    let mut zombie = writer("ab12", 4, "w0");
+    zombie.write("t", "x", &batch(&[3_000])).unwrap();
+    zombie.flush().unwrap();
+    let mut other = writer("cd34", 9, "w9");
+    other.write("t", "x", &batch(&[4_000])).unwrap();
+    other.flush().unwrap();
+    let names = files(dir.path());
+    let parsed: Vec<_> = names
+        .iter()
+        .filter_map(|n| {
+            parse_pending_name(n.rsplit('/').next().unwrap()).map(|(_, l, w, e)| (l.to_owned(), w.to_owned(), e))
+        })
+        .collect();
+    assert_eq!(parsed.len(), 3, "{names:?}");
+    assert!(parsed.contains(&("ab12".into(), "w1".into(), 4)) && parsed.contains(&("ab12".into(), "w0".into(), 4)));
+    // the restored manifest commits w1's epoch 4: it is published; w0's is removed; another
+    // lineage's pending file is not this recovery's business
+    assert_eq!(resolve_pending(dir.path(), "ab12", &[("w1".into(), 4)]).unwrap(), (1, 1));
+    assert_eq!((visible(), pending()), (2, 1));
+    // a file published twice is an error, not a silent replacement
+    let mut again = writer("ab12", 4, "w1");
+    again.write("t", "x", &batch(&[5_000])).unwrap();
+    again.flush().unwrap();
+    assert_eq!(again.publish(4).unwrap(), 1);
+    assert_eq!(visible(), 3);
 }
 
 #[test]

@@ -31,6 +31,25 @@ pub(super) struct OpenFile {
     pub(super) writer: ArrowWriter<File>,
 }
 
+/// A closed file waiting, hidden, for the checkpoint its rows belong to (see [`Staging`]).
+pub(super) struct PendingFile {
+    pub(super) pending: PathBuf,
+    pub(super) dest: PathBuf,
+    pub(super) dir: PathBuf,
+    pub(super) epoch: u64,
+}
+
+/// Two-phase publishing, with operator state: a closed file is renamed to a hidden pending
+/// name `.{name}.{lineage}.{writer}.e{epoch}.pending` and published (renamed to its name) only
+/// once the state manifest of its epoch exists. A process that lost its state to another (a
+/// fenced zombie) therefore never publishes a file; after a crash, the next owner publishes
+/// the pending files the manifest covers and removes the rest (`names::resolve_pending`).
+pub(super) struct Staging {
+    /// The state writer id of this process (in pending names).
+    pub(super) writer: String,
+    pub(super) pending: Vec<PendingFile>,
+}
+
 /// Key of an open file: hour (or day, for daily tables), origin, source partition (`-1` for rows
 /// without a position).
 pub(super) type FileKey = (i64, String, i32);
@@ -64,6 +83,8 @@ pub struct ParquetWriter {
     /// `(lineage, epoch)` with operator state checkpoints: files without source positions are
     /// named after the checkpoint epoch their rows belong to (see `task::state`).
     pub(super) epochs: Option<(String, u64)>,
+    /// With operator state: closed files wait, hidden, for their epoch's commit.
+    pub(super) staging: Option<Staging>,
 }
 
 /// Whether the table at `dir` is laid out by day (`Some(true)`: Parquet files directly in
@@ -183,6 +204,7 @@ impl ParquetWriter {
             ),
             tables: out,
             epochs: None,
+            staging: None,
         })
     }
 
@@ -191,6 +213,33 @@ impl ParquetWriter {
     pub fn with_epochs(mut self, lineage: &str, epoch: u64) -> Self {
         self.epochs = Some((lineage.to_owned(), epoch));
         self
+    }
+
+    /// Publishes closed files only once their epoch is committed ([`publish`](Self::publish)),
+    /// naming the pending ones after state writer `writer` (with [`with_epochs`](Self::with_epochs)).
+    pub fn with_staging(mut self, writer: &str) -> Self {
+        self.staging = Some(Staging { writer: writer.to_owned(), pending: Vec::new() });
+        self
+    }
+
+    /// Publishes the pending files of epochs up to `committed`; returns how many.
+    pub fn publish(&mut self, committed: u64) -> Result<usize, ParquetSinkError> {
+        let Some(s) = self.staging.as_mut() else { return Ok(0) };
+        if s.pending.iter().all(|p| p.epoch > committed) {
+            return Ok(0);
+        }
+        let (ready, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut s.pending).into_iter().partition(|p| p.epoch <= committed);
+        s.pending = rest;
+        let mut dirs = std::collections::BTreeSet::new();
+        for p in &ready {
+            super::names::publish_pending(&p.pending, &p.dest)?;
+            dirs.insert(&p.dir);
+        }
+        for d in dirs {
+            File::open(d).and_then(|d| d.sync_all()).map_err(io("fsync", d))?;
+        }
+        Ok(ready.len())
     }
 
     /// Names the files of `tables` after their epoch even where the rows carry source
@@ -242,7 +291,7 @@ impl ParquetWriter {
             Self::write_part(&self.root, &self.props, &self.run_id, self.epochs.as_ref(), t, &k, &part)?;
             let f = t.open.get(&k).expect("just written");
             if f.writer.bytes_written() + f.writer.in_progress_size() >= self.target_bytes as usize {
-                Self::close(t, &k)?;
+                Self::close(t, &k, self.staging.as_mut().zip(self.epochs.as_ref()))?;
             }
         }
         self.enforce_open_limit()
@@ -271,7 +320,9 @@ impl ParquetWriter {
                 Some(o) => {
                     let first = arrow::compute::min(o).unwrap_or(0);
                     (
-                        dir.join(format!(".{origin}-p{partition}-o{first:012}.parquet.tmp")),
+                        // the run id keeps two processes writing one range apart (a zombie and
+                        // its replacement): neither touches the other's open file
+                        dir.join(format!(".{origin}-p{partition}-o{first:012}.{run_id}.parquet.tmp")),
                         Some((origin.clone(), *partition, first)),
                     )
                 }
@@ -294,7 +345,13 @@ impl ParquetWriter {
         Ok(())
     }
 
-    pub(super) fn close(t: &mut Table, key: &FileKey) -> Result<(), ParquetSinkError> {
+    /// Closes the file at `key`: published at once, or with `staging` (and the current epoch)
+    /// left pending until its epoch is committed.
+    pub(super) fn close(
+        t: &mut Table,
+        key: &FileKey,
+        staging: Option<(&mut Staging, &(String, u64))>,
+    ) -> Result<(), ParquetSinkError> {
         let Some(mut f) = t.open.remove(key) else { return Ok(()) };
         f.writer.finish()?;
         f.writer.inner().sync_all().map_err(io("fsync", &f.tmp))?;
@@ -311,22 +368,33 @@ impl ParquetWriter {
         // which the position parser ignores. Elsewhere two files claiming one offset range is
         // a bug upstream.
         let mut dest = dest;
+        let taken = |d: &Path, s: &Option<(&mut Staging, &(String, u64))>| {
+            d.exists() || s.as_ref().is_some_and(|(s, _)| s.pending.iter().any(|p| p.dest == d))
+        };
         if t.merged && f.position.is_some() {
             let stem = dest.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
             let mut k = 1;
-            while dest.exists() {
+            while taken(&dest, &staging) {
                 dest = f.dir.join(format!("{stem}-{k}.parquet"));
                 k += 1;
             }
         }
-        if dest.exists() {
+        if taken(&dest, &staging) {
             return Err(ParquetSinkError::Io {
                 action: "rename onto",
                 path: dest.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file with this offset range exists"),
             });
         }
-        std::fs::rename(&f.tmp, &dest).map_err(io("rename", &f.tmp))?;
+        match staging {
+            Some((s, (lineage, epoch))) => {
+                let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let pending = f.dir.join(super::names::pending_name(name, lineage, &s.writer, *epoch));
+                std::fs::rename(&f.tmp, &pending).map_err(io("rename", &f.tmp))?;
+                s.pending.push(PendingFile { pending, dest, dir: f.dir.clone(), epoch: *epoch });
+            }
+            None => std::fs::rename(&f.tmp, &dest).map_err(io("rename", &f.tmp))?,
+        }
         File::open(&f.dir).and_then(|d| d.sync_all()).map_err(io("fsync", &f.dir))?;
         t.files.inc();
         t.bytes.inc_by(bytes);
@@ -346,7 +414,8 @@ impl ParquetWriter {
                 .filter_map(|t| t.open.keys().next().map(|k| (k.0 * t.span_ms, k.clone(), t.name.clone())))
                 .min();
             let Some((_, key, table)) = oldest else { return Ok(()) };
-            Self::close(self.tables.get_mut(&table).expect("exists"), &key)?;
+            let staging = self.staging.as_mut().zip(self.epochs.as_ref());
+            Self::close(self.tables.get_mut(&table).expect("exists"), &key, staging)?;
         }
     }
 
@@ -357,7 +426,7 @@ impl ParquetWriter {
             let done: Vec<FileKey> =
                 t.open.keys().filter(|k| (k.0 + 1) * t.span_ms + grace_ms < watermark).cloned().collect();
             for k in done {
-                Self::close(t, &k)?;
+                Self::close(t, &k, self.staging.as_mut().zip(self.epochs.as_ref()))?;
             }
         }
         Ok(())
@@ -368,7 +437,7 @@ impl ParquetWriter {
         for t in self.tables.values_mut() {
             let keys: Vec<FileKey> = t.open.keys().cloned().collect();
             for k in keys {
-                Self::close(t, &k)?;
+                Self::close(t, &k, self.staging.as_mut().zip(self.epochs.as_ref()))?;
             }
         }
         Ok(())
