@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts an S3-compatible server for the tests (moto's server, from .venv; see
-# tests/python/requirements.txt) on 127.0.0.1:$S3_PORT (default 19555), creates the bucket
+# Starts an S3-compatible server for the tests (moto's, from .venv, serving one request at a
+# time: tests/python/s3_server.py says why) on 127.0.0.1:$S3_PORT (default 19555), creates the bucket
 # $S3_BUCKET (default citystate) and checks that the server refuses a second conditional create
 # (`If-None-Match: *`) with 412, which the state protocol's fencing relies on.
 #   scripts/start-s3.sh DIR   # pid and log in DIR; stop with: kill "$(cat DIR/moto.pid)"
@@ -11,7 +11,7 @@ dir="${1:?usage: start-s3.sh DIR}"
 port="${S3_PORT:-19555}"
 bucket="${S3_BUCKET:-citystate}"
 mkdir -p "$dir"
-"$root/.venv/bin/python" -m moto.server -H 127.0.0.1 -p "$port" >"$dir/moto.log" 2>&1 &
+"$root/.venv/bin/python" "$root/tests/python/s3_server.py" "$port" >"$dir/moto.log" 2>&1 &
 echo $! >"$dir/moto.pid"
 url="http://127.0.0.1:$port"
 for _ in $(seq 100); do

@@ -4,7 +4,8 @@
 #      Java and Maven (apt), the Flight SQL JDBC driver (Maven Central)
 #   2. checks style (rustfmt, clippy -D warnings), then builds everything (one dev profile for
 #      tests, binaries and the demo)
-#   3. runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB;
+#   3. renders the Helm chart with helm (built once from the Go module proxy) and validates it;
+#      runs the main job (deploy/local.yaml) and reads its output back with pyarrow and DuckDB;
 #      then the control-center page in headless Chromium (Debian's chromium, playwright-core)
 #   4. runs the README's Kafka quick start as written (scripts/test-quickstart.sh, own broker)
 #   5. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
@@ -45,6 +46,9 @@ echo "== build"
 cargo build --workspace --all-targets --locked
 # the release benches build the pipeline without Kafka and SQL: keep that combination compiling
 cargo check --locked -p citystream-pipeline --no-default-features
+
+echo "== Helm chart: rendered by helm (built from the Go module proxy), validated against the Kubernetes schemas"
+tests/helm/check.sh
 
 echo "== main job on the embedded default, read back with pyarrow and DuckDB"
 data="$(mktemp -d)"

@@ -167,7 +167,11 @@ runtime:
     // at its next commit, or before it if its replacement's recovery removed a file it had
     // open (a crashed run's temporary files go at start)
     let fenced = a_text.contains("another process owns the state");
-    assert!(fenced || a_text.contains(".parquet.tmp: No such file"), "{a_text}");
+    assert!(
+        fenced || a_text.contains(".parquet.tmp: No such file"),
+        "{a_text}\n--- the replacement:\n{}",
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
     eprintln!("the paused process stopped {}", if fenced { "fenced at its commit" } else { "on a removed file" });
     wait_exit(&mut b, Duration::from_secs(300), &b_log);
     // the replacement read everything, from where the paused process's last commit left it
