@@ -177,14 +177,14 @@ impl SourceConfig {
 impl PipelinePlan {
     /// The table stages record the rows they cannot process in (`operator_errors`), beside the
     /// first Parquet sink's tables; `None` without a Parquet sink. With operator state, its
-    /// files are named after epochs of `lineage`.
+    /// files are named after epochs and published once committed.
     pub(crate) fn error_table(
         &self,
-        lineage: Option<&str>,
+        state: Option<&crate::task::StateStore>,
         metrics: &citystream_operators::Metrics,
     ) -> Result<Option<std::sync::Arc<dyn crate::task::ErrorTable>>, crate::task::PipelineError> {
         let Some(root) = self.sinks.iter().find_map(|s| s.config.files_root()) else { return Ok(None) };
-        let table = crate::sink::OperatorErrors::try_new(&root, lineage, metrics)
+        let table = crate::sink::OperatorErrors::try_new(&root, state, metrics)
             .map_err(|e| crate::task::sink_error(crate::sink::OPERATOR_ERRORS, e))?;
         Ok(Some(std::sync::Arc::new(table)))
     }

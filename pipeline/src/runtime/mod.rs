@@ -269,7 +269,7 @@ pub async fn run_with_reload(
     let mut retune_senders = BTreeMap::new();
     let clocks = event_clocks(&plan);
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
-    let operator_errors = plan.error_table(state.as_ref().map(StateStore::lineage), &metrics)?;
+    let operator_errors = plan.error_table(state.as_ref(), &metrics)?;
     let mut stateful: Vec<&str> = Vec::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let event_clock = match (&st.op, st.inputs.as_slice()) {
@@ -366,7 +366,12 @@ pub async fn run_with_reload(
     let sources_of_tables = table_sources(&plan);
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
-    let (mut report, first_error) = collect(&mut tasks).await;
+    let (mut report, mut first_error) = collect(&mut tasks).await;
+    if let Some(e) = &operator_errors
+        && let Err(error) = e.publish_committed()
+    {
+        first_error.get_or_insert(PipelineError::OperatorErrors { stage: "runtime".into(), error });
+    }
     monitor.abort();
     accountant.abort();
     for s in services {

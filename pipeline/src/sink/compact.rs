@@ -297,6 +297,15 @@ fn compact_partition(
     for name in listed.iter().filter(|n| !merged.contains(n.as_str())) {
         std::fs::hard_link(dir.join(name), staging.join(name)).map_err(|e| io_err("link", &dir.join(name), e))?;
     }
+    // a sink's files in progress (open `.tmp`, or closed and waiting for their checkpoint as
+    // `.pending`) stay where the sink will look for them: linked (same inode) into the new
+    // directory; those a sink creates before the swap are moved over by `finish`
+    for name in hidden_files(dir)? {
+        match std::fs::hard_link(dir.join(&name), staging.join(&name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err("link", &dir.join(&name), e)),
+            _ => {}
+        }
+    }
     fsync_dir(&staging)?;
     let journal = Journal { dir: dir.to_owned(), staging: staging.clone(), listed, written };
     let jpath = work.join(format!("{}.journal", rel.display().to_string().replace('/', "~")));
@@ -312,14 +321,27 @@ fn compact_partition(
     Ok(())
 }
 
-/// After the swap: moves files committed during the compaction into the partition, then
-/// removes the staging directory (the old files) and the journal.
+/// A sink's hidden files in `dir`: open (`.tmp`) or waiting for their checkpoint (`.pending`).
+fn hidden_files(dir: &Path) -> std::io::Result<Vec<String>> {
+    Ok(std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".pending")))
+        .collect())
+}
+
+/// After the swap: moves files committed during the compaction into the partition, and a
+/// sink's hidden files the new directory lacks, then removes the staging directory (the old
+/// files) and the journal.
 fn finish(j: &Journal, jpath: &Path, exchanged: bool) -> std::io::Result<()> {
     if exchanged && j.staging.exists() {
         for e in std::fs::read_dir(&j.staging)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".parquet") && !name.starts_with('.') && !j.listed.contains(&name) {
-                // committed by a sink while we worked: it belongs to the partition
+            let committed = name.ends_with(".parquet") && !name.starts_with('.') && !j.listed.contains(&name);
+            let hidden = name.starts_with('.') && (name.ends_with(".tmp") || name.ends_with(".pending"));
+            if committed || (hidden && !j.dir.join(&name).exists()) {
+                // committed by a sink while we worked, or still the sink's: it belongs to the
+                // partition
                 std::fs::rename(e.path(), j.dir.join(&name))?;
             }
         }
@@ -409,6 +431,44 @@ mod tests {
         }
         let dir = root.join("t/date=2026-03-02/hour=00");
         (root, dir)
+    }
+
+    #[test]
+    fn a_sinks_open_and_pending_files_survive_a_compaction_of_their_partition() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, dir) = lake_of_small_files(tmp.path(), 5);
+        // a sink with operator state: one file closed and waiting for its checkpoint, one open
+        let cfg: ParquetSinkConfig =
+            serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", root.display())).unwrap();
+        let h = 1_772_409_600_000;
+        let tables = BTreeMap::from([("t".to_owned(), batch(h, 0..1).schema())]);
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new())
+            .unwrap()
+            .with_epochs("ab12", 7)
+            .with_staging("w1");
+        w.write("t", "city.traffic", &batch(h, 50..60)).unwrap();
+        w.flush().unwrap();
+        w.write("t", "city.traffic", &batch(h, 60..70)).unwrap();
+        let opts = CompactOptions {
+            target_bytes: 1 << 20,
+            min_age: Duration::ZERO,
+            zstd_level: 3,
+            positioned: Positioned::All,
+        };
+        let r = compact(&root, &opts).unwrap();
+        assert_eq!((r.files_in, r.files_out), (5, 1));
+        let hidden: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert_eq!(hidden.len(), 2, "{hidden:?}");
+        // the sink goes on as if nothing happened: its files end up published, no row lost
+        w.flush().unwrap();
+        assert_eq!(w.publish(7).unwrap(), 2);
+        let (files, offsets) = rows_and_offsets(&dir);
+        assert_eq!((files, offsets), (3, (0..70).collect::<Vec<_>>()));
     }
 
     #[test]

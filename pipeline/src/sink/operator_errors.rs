@@ -34,6 +34,8 @@ const PAYLOAD_MAX: usize = 4096;
 pub(crate) struct OperatorErrors {
     writer: Arc<Mutex<ParquetWriter>>,
     metrics: Metrics,
+    /// With operator state: files wait for their epoch's commit, like a Parquet sink's.
+    state: Option<crate::task::StateStore>,
 }
 
 impl std::fmt::Debug for OperatorErrors {
@@ -44,18 +46,22 @@ impl std::fmt::Debug for OperatorErrors {
 
 impl OperatorErrors {
     /// A writer of the `operator_errors` table under `root`; with operator state, files are
-    /// named after epochs of `lineage`.
-    pub(crate) fn try_new(root: &Path, lineage: Option<&str>, metrics: &Metrics) -> Result<Self, ParquetSinkError> {
+    /// named after epochs of its lineage and published once their epoch is committed.
+    pub(crate) fn try_new(
+        root: &Path,
+        state: Option<&crate::task::StateStore>,
+        metrics: &Metrics,
+    ) -> Result<Self, ParquetSinkError> {
         let cfg = ParquetSinkConfig::internal(root);
         let tables = BTreeMap::from([(TABLE.to_owned(), dead_letter::schema())]);
         // rows of derived stages have no source position (-1): name files after the run, or
         // with operator state after the epoch (removed and rewritten by a replay)
         let mut writer =
             ParquetWriter::try_new("runtime", &cfg, &tables, metrics)?.without_positions([TABLE.to_owned()]);
-        if let Some(l) = lineage {
-            writer = writer.with_epochs(l, 0);
+        if let Some(s) = state {
+            writer = writer.with_epochs(s.lineage(), 0).with_staging(s.writer());
         }
-        Ok(Self { writer: Arc::new(Mutex::new(writer)), metrics: metrics.clone() })
+        Ok(Self { writer: Arc::new(Mutex::new(writer)), metrics: metrics.clone(), state: state.cloned() })
     }
 }
 
@@ -80,7 +86,18 @@ impl ErrorTable for OperatorErrors {
         let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         w.set_epoch(epoch);
         w.write(TABLE, stage, &rows)?;
-        Ok(w.flush()?)
+        w.flush()?;
+        if let Some(s) = &self.state {
+            w.publish(s.committed_epoch())?;
+        }
+        Ok(())
+    }
+
+    fn publish_committed(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(s) = &self.state {
+            self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).publish(s.committed_epoch())?;
+        }
+        Ok(())
     }
 }
 
@@ -125,7 +142,9 @@ mod tests {
     fn a_failed_batch_becomes_dead_letters_with_its_position_and_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new();
-        let errors = OperatorErrors::try_new(dir.path(), Some("ab12"), &metrics).unwrap();
+        let state_dir = tempfile::tempdir().unwrap();
+        let state = crate::task::StateStore::open(&crate::task::StateUrl::Local(state_dir.path().into())).unwrap();
+        let errors = OperatorErrors::try_new(dir.path(), Some(&state), &metrics).unwrap();
         let schema = citystream_schemas::EventKind::Traffic.schema();
         let batch = RecordBatch::new_empty(schema);
         errors.record("windows", "window", 3, &batch, "nothing").unwrap();
@@ -146,8 +165,14 @@ mod tests {
         let valid = decoded.valid;
         errors.record("windows", "window", 3, &valid, "attempt to add with overflow").unwrap();
         assert_eq!(metrics.value("citystream_operator_errors_total", &[("stage", "windows")]), Some(1.0));
-        let files: Vec<_> = walk(dir.path());
-        assert!(files.iter().any(|f| f.contains("part-ab12-e000000000003")), "named by epoch: {files:?}");
+        // named by epoch, and hidden until the epoch is committed
+        let named = format!("part-{}-e000000000003", state.lineage());
+        let published =
+            || walk(dir.path()).into_iter().filter(|f| f.contains(&named) && f.ends_with(".parquet")).count();
+        assert_eq!(published(), 0, "{:?}", walk(dir.path()));
+        state.commit(3, &Default::default()).unwrap();
+        errors.publish_committed().unwrap();
+        assert_eq!(published(), 1, "{:?}", walk(dir.path()));
         let dl = dead_letters("windows", "window", &valid, "attempt to add with overflow").unwrap();
         assert_eq!(dl.num_rows(), 1);
         let s = |c: &str| dl.column_by_name(c).unwrap().as_string::<i32>().value(0).to_owned();

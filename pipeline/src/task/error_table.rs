@@ -17,4 +17,10 @@ pub(crate) trait ErrorTable: Send + Sync + std::fmt::Debug {
         batch: &RecordBatch,
         what: &str,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// With operator state: publishes what was recorded for epochs committed since (called at
+    /// the end of a run; a record publishes what is committed by then too).
+    fn publish_committed(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
 }

@@ -47,8 +47,8 @@ impl CommitError {
 
 /// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
 /// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
-/// owns), each offset carrying `lineage:epoch` in its metadata (what wrote it, for operators
-/// and for a restore that finds Kafka ahead of the manifest).
+/// owns), each offset carrying `lineage:epoch` in its metadata (which state and checkpoint
+/// committed it, for operators reading the group's offsets; the pipeline does not read it).
 pub(super) fn commit(
     consumer: &BaseConsumer<Ctx>,
     epoch: u64,

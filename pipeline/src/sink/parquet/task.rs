@@ -94,7 +94,7 @@ impl Sink for ParquetSink {
     fn flush(&mut self) -> BoxFuture<'_, Result<(), PipelineError>> {
         // at a barrier the epochs before it are committed (or about to be: published at the
         // next flush); at the end the last one is
-        let committed = self.state.as_ref().map(StateStore::epoch);
+        let committed = self.state.as_ref().map(StateStore::committed_epoch);
         let r = cpu_metered(&self.cpu_ns, || {
             self.writer.flush()?;
             committed.map_or(Ok(0), |e| self.writer.publish(e)).map(drop)

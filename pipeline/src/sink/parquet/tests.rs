@@ -302,7 +302,7 @@ fn with_staging_files_are_published_only_once_their_epoch_is_committed() {
     // lineage's pending file is not this recovery's business
     assert_eq!(resolve_pending(dir.path(), "ab12", &[("w1".into(), 4)]).unwrap(), (1, 1));
     assert_eq!((visible(), pending()), (2, 1));
-    // a file published twice is an error, not a silent replacement
+    // a later writer's file of the same epoch and table publishes beside it, under its own name
     let mut again = writer("ab12", 4, "w1");
     again.write("t", "x", &batch(&[5_000])).unwrap();
     again.flush().unwrap();

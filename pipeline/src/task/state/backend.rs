@@ -272,7 +272,8 @@ fn create_local(path: &Path, body: &[u8]) -> Result<bool, StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("x");
-    let tmp = dir.join(format!(".{name}.{}.create", std::process::id()));
+    // a random part: two containers sharing the directory may both be PID 1
+    let tmp = dir.join(format!(".{name}.{}.create", super::new_id()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(body)?;
     f.sync_all()?;

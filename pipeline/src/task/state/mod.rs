@@ -10,14 +10,17 @@
 //! partition at the manifest's offset (or Kafka's committed one, if that is further), and files
 //! that derived tables wrote after the epoch are removed, so the replay writes them again once.
 //!
-//! **One writer.** Manifests are created only if absent (a hard link locally, `If-None-Match`
-//! on S3), so of two processes on the same state exactly one wins an epoch. A process that
-//! restores state *takes it over* at once: it creates the next manifest (same positions, same
-//! snapshots) under its own writer id and numbers its epochs after it. A process that was
-//! presumed dead and comes back (a paused VM, a partitioned pod) then finds its next manifest
-//! taken, or a newer one listed, and stops with [`StateError::Fenced`] before it commits an
-//! offset. Its snapshots went under its own writer id, so they never replace the live ones.
-//! (Its Parquet files are not fenced this way: see `docs/ARCHITECTURE.md`.)
+//! **One writer.** Manifests are numbered in a chain (`manifests/{seq}.json`, the epoch
+//! inside), and a process only ever creates its last manifest's successor, only if absent (a
+//! hard link locally, `If-None-Match` on S3), listing the manifests before and after: of two
+//! processes on the same state exactly one wins a number. A process that restores state
+//! *takes it over* at once: it creates the next manifest (same positions, same snapshots)
+//! under its own writer id and numbers its epochs after it. A process that was presumed dead
+//! and comes back (a paused VM, a partitioned pod) then finds its next manifest taken, or a
+//! newer one listed, and stops with [`StateError::Fenced`] before it commits an offset. Its
+//! snapshots went under its own writer id, so they never replace the live ones, and with
+//! state the Parquet sinks publish a file only once its epoch's manifest exists
+//! (`sink::parquet`'s staging), so its files never show either.
 //!
 //! A state store belongs to one *lineage* (a random id written into the manifest and into the
 //! names of derived tables' files): files of another lineage — an earlier state store, a run
@@ -57,8 +60,16 @@ struct Position {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Manifest {
     lineage: String,
-    /// The newest epoch whose state and output are durable (0: none yet).
+    /// The manifest's place in the chain (its object's name): each writer creates its last
+    /// one's successor, so a writer that lost the state always finds its next one taken.
+    #[serde(default)]
+    seq: u64,
+    /// The newest epoch number used (sources number their barriers on from it).
     epoch: u64,
+    /// The epoch whose state and output this manifest holds (0: none yet); a takeover carries
+    /// the one it took over.
+    #[serde(default)]
+    base: u64,
     /// The process that created this manifest (random per start).
     #[serde(default)]
     writer: String,
@@ -93,6 +104,9 @@ struct Inner {
     restored_committed: Vec<(String, u64)>,
     /// The first epoch this process numbers (after its takeover manifest).
     first: u64,
+    /// The newest epoch whose output is committed (read by sinks without waiting for a commit
+    /// in progress).
+    committed_epoch: std::sync::atomic::AtomicU64,
     manifest: Mutex<Manifest>,
 }
 
@@ -139,15 +153,15 @@ pub enum StateError {
     },
     /// Another process took this state over: this one must stop without committing anything.
     #[error(
-        "another process owns the state at {location} now (it created manifest {taken} before this process \
-         could create {epoch}): this process stops without committing; its work is redone by the owner"
+        "another process owns the state at {location} now (its manifest {taken} is in the way of this process's \
+         {seq}): this process stops without committing; its work is redone by the owner"
     )]
     Fenced {
         /// The state store.
         location: String,
-        /// The epoch this process tried to commit.
-        epoch: u64,
-        /// The manifest that was found in its way.
+        /// The manifest this process tried to create.
+        seq: u64,
+        /// The manifest found in its way (the same one, or a newer).
         taken: u64,
     },
     /// State could not be encoded (a bug).
@@ -186,8 +200,8 @@ fn file_name(stage: &str) -> String {
     s + ".arrow"
 }
 
-fn manifest_key(epoch: u64) -> String {
-    format!("{MANIFESTS}/{epoch:012}.json")
+fn manifest_key(seq: u64) -> String {
+    format!("{MANIFESTS}/{seq:012}.json")
 }
 
 fn snapshots_key(epoch: u64, writer: &str) -> String {
@@ -204,13 +218,15 @@ fn epoch_of(name: &str) -> Option<u64> {
 pub struct CheckpointSummary {
     /// The lineage id.
     pub lineage: String,
-    /// The newest epoch (a takeover counts: it has the positions of the epoch before it).
+    /// The epoch whose state and positions the newest manifest holds.
     pub epoch: u64,
+    /// The newest manifest's number (a takeover counts).
+    pub seq: u64,
     /// The next offset of every partition.
     pub positions: BTreeMap<(String, i32), i64>,
 }
 
-/// The newest manifest's epoch in `backend`, if any.
+/// The newest manifest's number in `backend`, if any.
 fn newest_manifest(backend: &Backend) -> Result<Option<u64>, StateError> {
     let names = backend.list(MANIFESTS).map_err(|source| StateError::Store {
         action: "listing",
@@ -218,6 +234,56 @@ fn newest_manifest(backend: &Backend) -> Result<Option<u64>, StateError> {
         source,
     })?;
     Ok(names.iter().filter(|n| n.ends_with(".json")).filter_map(|n| epoch_of(n)).max())
+}
+
+/// The newest manifest in `backend` (or the single one of a store from before numbered
+/// manifests), if any. A manifest removed between the listing and the read (a newer one was
+/// just committed) is looked for again.
+fn newest(backend: &Backend) -> Result<Option<Manifest>, StateError> {
+    for _ in 0..5 {
+        match newest_manifest(backend)? {
+            Some(seq) => match read_manifest(backend, &manifest_key(seq))? {
+                (m, true) => return Ok(Some(Manifest { seq, ..m })),
+                (_, false) => continue,
+            },
+            None => {
+                return Ok(match read_manifest(backend, LEGACY_MANIFEST)? {
+                    (mut m, true) => {
+                        m.snapshots = format!("chk-{:012}", m.epoch);
+                        m.base = m.epoch;
+                        Some(m)
+                    }
+                    (_, false) => None,
+                });
+            }
+        }
+    }
+    Err(vanished(backend))
+}
+
+fn vanished(backend: &Backend) -> StateError {
+    StateError::Store {
+        action: "reading the newest manifest of",
+        location: backend.location(MANIFESTS),
+        source: StoreError::Io(std::io::Error::other("manifests keep changing: is another process committing?")),
+    }
+}
+
+/// Creates manifest `m` as the successor of this process's last one, or finds that another
+/// process owns the state: a newer manifest listed before, the same one created first, or a
+/// newer one listed after (the slot was free because its first owner had pruned it).
+fn claim(backend: &Backend, url: &StateUrl, m: &Manifest) -> Result<(), StateError> {
+    let fenced = |taken| StateError::Fenced { location: url.to_string(), seq: m.seq, taken };
+    if let Some(newer) = newest_manifest(backend)?.filter(|&s| s >= m.seq) {
+        return Err(fenced(newer));
+    }
+    if !create_manifest(backend, m)? {
+        return Err(fenced(m.seq));
+    }
+    match newest_manifest(backend)?.filter(|&s| s > m.seq) {
+        Some(newer) => Err(fenced(newer)),
+        None => Ok(()),
+    }
 }
 
 impl StateStore {
@@ -229,13 +295,11 @@ impl StateStore {
             location: url.to_string(),
             source,
         })?;
-        let (m, found) = match newest_manifest(&backend)? {
-            Some(e) => read_manifest(&backend, &manifest_key(e))?,
-            None => read_manifest(&backend, LEGACY_MANIFEST)?,
-        };
-        Ok(found.then(|| CheckpointSummary {
+        let Some(m) = newest(&backend)? else { return Ok(None) };
+        Ok(Some(CheckpointSummary {
             lineage: m.lineage,
-            epoch: m.epoch,
+            epoch: m.base,
+            seq: m.seq,
             positions: m.positions.into_iter().map(|p| ((p.topic, p.partition), p.next)).collect(),
         }))
     }
@@ -250,54 +314,43 @@ impl StateStore {
             source,
         })?;
         let writer = new_id();
-        let (manifest, own) = match newest_manifest(&backend)? {
-            Some(e) => (read_manifest(&backend, &manifest_key(e))?.0, false),
-            None => match read_manifest(&backend, LEGACY_MANIFEST) {
-                Ok((mut m, true)) => {
-                    m.snapshots = format!("chk-{:012}", m.epoch);
-                    (m, false)
+        let (manifest, own) = match newest(&backend)? {
+            Some(m) => (m, false),
+            None => {
+                let m = Manifest {
+                    lineage: new_id(),
+                    seq: 0,
+                    epoch: 0,
+                    base: 0,
+                    writer: writer.clone(),
+                    snapshots: String::new(),
+                    positions: Vec::new(),
+                    committed: Vec::new(),
+                };
+                match create_manifest(&backend, &m)? {
+                    true => (m, true),
+                    // another process started on the same empty store at the same moment
+                    false => (newest(&backend)?.ok_or_else(|| vanished(&backend))?, false),
                 }
-                Ok((_, false)) => {
-                    let m = Manifest {
-                        lineage: new_id(),
-                        epoch: 0,
-                        writer: writer.clone(),
-                        snapshots: String::new(),
-                        positions: Vec::new(),
-                        committed: Vec::new(),
-                    };
-                    if create_manifest(&backend, &m)? {
-                        (m, true)
-                    } else {
-                        // another process started on the same empty store at the same moment
-                        (read_manifest(&backend, &manifest_key(0))?.0, false)
-                    }
-                }
-                Err(e) => return Err(e),
-            },
+            }
         };
         if manifest.lineage.is_empty() || !manifest.lineage.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StateError::Unusable {
                 action: "reading the state manifest",
-                location: backend.location(&manifest_key(manifest.epoch)),
+                location: backend.location(&manifest_key(manifest.seq)),
                 detail: "the lineage is not a hex id".into(),
             });
         }
-        let restored = manifest.epoch;
+        let restored = manifest.base;
         let restored_snapshots = manifest.snapshots.clone();
         let restored_committed = manifest.committed.iter().map(|c| (c.writer.clone(), c.epoch)).collect();
         let current = if own {
             manifest
         } else {
             // take the state over: a process still writing to it finds this manifest in its way
-            let takeover = Manifest { epoch: restored + 1, writer: writer.clone(), ..manifest };
-            if !create_manifest(&backend, &takeover)? {
-                return Err(StateError::Fenced {
-                    location: url.to_string(),
-                    epoch: takeover.epoch,
-                    taken: takeover.epoch,
-                });
-            }
+            let takeover =
+                Manifest { seq: manifest.seq + 1, epoch: manifest.epoch + 1, writer: writer.clone(), ..manifest };
+            claim(&backend, url, &takeover)?;
             takeover
         };
         Ok(Self(Arc::new(Inner {
@@ -309,6 +362,7 @@ impl StateStore {
             restored_snapshots,
             restored_committed,
             first: current.epoch + 1,
+            committed_epoch: std::sync::atomic::AtomicU64::new(current.base),
             manifest: Mutex::new(current),
         })))
     }
@@ -344,9 +398,15 @@ impl StateStore {
         self.0.first
     }
 
-    /// The newest durable epoch (a source's barriers number on from it).
+    /// The newest epoch number used (a source's barriers number on from it).
     pub fn epoch(&self) -> u64 {
         self.0.manifest.lock().expect("manifest").epoch
+    }
+
+    /// The newest epoch whose state and output are committed (files of epochs up to it may be
+    /// published).
+    pub fn committed_epoch(&self) -> u64 {
+        self.0.committed_epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The next offset of every partition as of the newest durable epoch.
@@ -447,30 +507,26 @@ impl StateStore {
         all.extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         let next = Manifest {
             lineage: m.lineage.clone(),
+            seq: m.seq + 1,
             epoch,
+            base: epoch,
             writer: self.0.writer.clone(),
             snapshots: snapshots_key(epoch, &self.0.writer),
             positions: all.into_iter().map(|((topic, partition), next)| Position { topic, partition, next }).collect(),
             committed: vec![Committed { writer: self.0.writer.clone(), epoch }],
         };
-        let fenced = |taken| StateError::Fenced { location: self.0.url.to_string(), epoch, taken };
-        // a process that took the state over after our last commit created a newer manifest
-        if let Some(newer) = newest_manifest(&self.0.backend)?.filter(|&e| e > m.epoch) {
-            return Err(fenced(newer));
-        }
-        // ... or takes it over right now: then one of us creates this epoch's manifest
-        if !create_manifest(&self.0.backend, &next)? {
-            return Err(fenced(epoch));
-        }
+        claim(&self.0.backend, &self.0.url, &next)?;
+        let seq = next.seq;
         *m = next;
+        self.0.committed_epoch.store(epoch, std::sync::atomic::Ordering::Release);
         drop(m);
-        self.prune(epoch);
+        self.prune(seq, epoch);
         Ok(())
     }
 
-    /// Removes what the manifest of `epoch` no longer needs: older manifests and snapshots
+    /// Removes what manifest `seq` (of `epoch`) no longer needs: older manifests and snapshots
     /// (best effort: what is left is removed by a later commit).
-    fn prune(&self, epoch: u64) {
+    fn prune(&self, seq: u64, epoch: u64) {
         let b = &self.0.backend;
         let mut old = Vec::new();
         // stores from before numbered manifests are local directories
@@ -482,8 +538,9 @@ impl StateStore {
         };
         for &(dir, prefix) in places {
             let names = b.list(dir).unwrap_or_default();
+            let below = if dir == MANIFESTS { seq } else { epoch };
             for n in names.iter().filter_map(|n| n.strip_prefix(prefix).map(|e| (n, e))) {
-                if epoch_of(n.1).is_some_and(|e| e < epoch) {
+                if epoch_of(n.1).is_some_and(|e| e < below) {
                     old.push(if dir.is_empty() { n.0.clone() } else { format!("{dir}/{}", n.0) });
                 }
             }
@@ -513,7 +570,9 @@ fn read_manifest(backend: &Backend, key: &str) -> Result<(Manifest, bool), State
         Ok(None) => Ok((
             Manifest {
                 lineage: String::new(),
+                seq: 0,
                 epoch: 0,
+                base: 0,
                 writer: String::new(),
                 snapshots: String::new(),
                 positions: vec![],
@@ -525,9 +584,9 @@ fn read_manifest(backend: &Backend, key: &str) -> Result<(Manifest, bool), State
     }
 }
 
-/// Creates the manifest of `m.epoch`: `false` if another process created it first.
+/// Creates manifest `m.seq`: `false` if another process created it first.
 fn create_manifest(backend: &Backend, m: &Manifest) -> Result<bool, StateError> {
-    let key = manifest_key(m.epoch);
+    let key = manifest_key(m.seq);
     let body = serde_json::to_vec_pretty(m)
         .map_err(|e| StateError::Encode { location: backend.location(&key), detail: e.to_string() })?;
     backend.create(&key, body).map_err(|source| StateError::Store {
@@ -638,13 +697,36 @@ mod tests {
     }
 
     #[test]
+    fn a_process_that_lost_the_state_is_fenced_even_when_its_epochs_skip_or_its_slot_was_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateStore::open(&local(&dir)).unwrap();
+        a.commit(1, &BTreeMap::new()).unwrap();
+        let b = StateStore::open(&local(&dir)).unwrap();
+        // `a` commits epoch 5 next (a rebalance skipped some): its manifest is the successor of
+        // its last one, which `b`'s takeover took
+        assert!(matches!(a.commit(5, &BTreeMap::new()), Err(StateError::Fenced { seq: 2, .. })));
+        // `b` commits twice and prunes the slot `a` would want: `a` still finds a newer one
+        b.commit(3, &BTreeMap::new()).unwrap();
+        b.commit(4, &BTreeMap::new()).unwrap();
+        assert!(!dir.path().join(manifest_key(2)).exists(), "pruned");
+        assert!(matches!(a.commit(6, &BTreeMap::new()), Err(StateError::Fenced { seq: 2, taken: 4, .. })));
+        assert_eq!(StateStore::inspect(&local(&dir)).unwrap().unwrap().epoch, 4);
+        // what a takeover records as restored is the epoch whose state it carries
+        let c = StateStore::open(&local(&dir)).unwrap();
+        drop(c);
+        let d = StateStore::open(&local(&dir)).unwrap();
+        assert_eq!((d.restored_epoch(), d.first_epoch()), (4, 7), "two takeovers after epoch 4");
+        assert_eq!(d.committed(), [(b.writer().to_owned(), 4)]);
+    }
+
+    #[test]
     fn two_processes_starting_on_an_empty_store_agree_on_one_lineage() {
         let dir = tempfile::tempdir().unwrap();
         let a = StateStore::open(&local(&dir)).unwrap();
         // a second start that lost the race for the first manifest reads it and takes over
         let b = StateStore::open(&local(&dir)).unwrap();
         assert_eq!(a.lineage(), b.lineage());
-        assert!(matches!(a.commit(1, &BTreeMap::new()), Err(StateError::Fenced { epoch: 1, taken: 1, .. })));
+        assert!(matches!(a.commit(1, &BTreeMap::new()), Err(StateError::Fenced { seq: 1, taken: 1, .. })));
         b.commit(2, &BTreeMap::new()).unwrap();
     }
 
@@ -653,7 +735,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = Manifest {
             lineage: "00000000000000ab".into(),
+            seq: 0,
             epoch: 7,
+            base: 0,
             writer: String::new(),
             snapshots: String::new(),
             positions: vec![Position { topic: "t".into(), partition: 0, next: 70 }],
