@@ -412,6 +412,11 @@ mod tests {
         Some((files, offsets))
     }
 
+    /// Every small file merged, whatever its age, positioned ones too.
+    fn merge_everything() -> CompactOptions {
+        CompactOptions { target_bytes: 1 << 20, min_age: Duration::ZERO, zstd_level: 3, positioned: Positioned::All }
+    }
+
     fn rows_and_offsets(dir: &Path) -> (usize, Vec<i64>) {
         try_rows_and_offsets(dir).expect("no compaction running")
     }
@@ -449,12 +454,7 @@ mod tests {
         w.write("t", "city.traffic", &batch(h, 50..60)).unwrap();
         w.flush().unwrap();
         w.write("t", "city.traffic", &batch(h, 60..70)).unwrap();
-        let opts = CompactOptions {
-            target_bytes: 1 << 20,
-            min_age: Duration::ZERO,
-            zstd_level: 3,
-            positioned: Positioned::All,
-        };
+        let opts = merge_everything();
         let r = compact(&root, &opts).unwrap();
         assert_eq!((r.files_in, r.files_out), (5, 1));
         let hidden: Vec<String> = std::fs::read_dir(&dir)
@@ -486,12 +486,7 @@ mod tests {
         }
         let dir = root.join("t/date=2026-03-02");
         assert_eq!(files(&dir).len(), 5);
-        let opts = CompactOptions {
-            target_bytes: 1 << 20,
-            min_age: Duration::ZERO,
-            zstd_level: 3,
-            positioned: Positioned::All,
-        };
+        let opts = merge_everything();
         let r = compact(&root, &opts).unwrap();
         assert_eq!((r.partitions, r.files_in, r.files_out, r.rows), (1, 5, 1, 50));
         assert_eq!(files(&dir), ["city.traffic-p0-o000000000000-000000000049.parquet"]);
@@ -521,12 +516,7 @@ mod tests {
                 (reads, retries)
             })
         };
-        let opts = CompactOptions {
-            target_bytes: 1 << 20,
-            min_age: Duration::ZERO,
-            zstd_level: 3,
-            positioned: Positioned::All,
-        };
+        let opts = merge_everything();
         let report = compact(&root, &opts).unwrap();
         stop.store(true, Ordering::Relaxed);
         let (reads, retries) = reader.join().unwrap();
