@@ -161,7 +161,7 @@ runtime:
         std::thread::sleep(Duration::from_millis(20));
     }
     unsafe { libc::kill(a.id() as i32, libc::SIGCONT) };
-    let a_status = wait_for(&mut a, Duration::from_secs(60));
+    let a_status = wait_status(&mut a, Duration::from_secs(60), &a_log);
     let a_text = std::fs::read_to_string(&a_log).unwrap();
     assert!(!a_status.success(), "the paused process must stop with an error:\n{a_text}");
     // at its next commit, or before it if its replacement's recovery removed a file it had
@@ -185,20 +185,6 @@ runtime:
     let rows = want.get("traffic").map_or(0, Vec::len);
     assert!(rows > 1000, "{rows} traffic rows; tables: {:?}", want.keys().collect::<Vec<_>>());
     assert_same_tables("paused, replaced and resumed vs calm", &got, &want);
-}
-
-fn wait_for(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t0.elapsed() > limit {
-            child.kill().unwrap();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Lines of a JSON-lines file.

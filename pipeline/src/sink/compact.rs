@@ -321,12 +321,18 @@ fn compact_partition(
     Ok(())
 }
 
-/// A sink's hidden files in `dir`: open (`.tmp`) or waiting for their checkpoint (`.pending`).
+/// Whether `name` is a sink's hidden file: open (`.tmp`) or waiting for its checkpoint
+/// (`.pending`).
+fn is_sinks_hidden(name: &str) -> bool {
+    name.starts_with('.') && (name.ends_with(".tmp") || name.ends_with(".pending"))
+}
+
+/// A sink's hidden files in `dir` (see [`is_sinks_hidden`]).
 fn hidden_files(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".pending")))
+        .filter(|n| is_sinks_hidden(n))
         .collect())
 }
 
@@ -338,8 +344,7 @@ fn finish(j: &Journal, jpath: &Path, exchanged: bool) -> std::io::Result<()> {
         for e in std::fs::read_dir(&j.staging)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let committed = name.ends_with(".parquet") && !name.starts_with('.') && !j.listed.contains(&name);
-            let hidden = name.starts_with('.') && (name.ends_with(".tmp") || name.ends_with(".pending"));
-            if committed || (hidden && !j.dir.join(&name).exists()) {
+            if committed || (is_sinks_hidden(&name) && !j.dir.join(&name).exists()) {
                 // committed by a sink while we worked, or still the sink's: it belongs to the
                 // partition
                 std::fs::rename(e.path(), j.dir.join(&name))?;
@@ -457,12 +462,7 @@ mod tests {
         let opts = merge_everything();
         let r = compact(&root, &opts).unwrap();
         assert_eq!((r.files_in, r.files_out), (5, 1));
-        let hidden: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
+        let hidden = hidden_files(&dir).unwrap();
         assert_eq!(hidden.len(), 2, "{hidden:?}");
         // the sink goes on as if nothing happened: its files end up published, no row lost
         w.flush().unwrap();

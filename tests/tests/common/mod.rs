@@ -197,16 +197,12 @@ pub fn wait_for_rows(lake: &Path, at_least: usize, limit: Duration) {
     }
 }
 
-pub fn wait_exit(child: &mut Child, limit: Duration, log: &Path) {
+/// Waits for `child` to exit, within `limit` (killed and a failure after it, with its `log`).
+pub fn wait_status(child: &mut Child, limit: Duration, log: &Path) -> std::process::ExitStatus {
     let t0 = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "citystream failed: {status}\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            return;
+            return status;
         }
         if t0.elapsed() > limit {
             let _ = child.kill();
@@ -214,6 +210,11 @@ pub fn wait_exit(child: &mut Child, limit: Duration, log: &Path) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration, log: &Path) {
+    let status = wait_status(child, limit, log);
+    assert!(status.success(), "citystream failed: {status}\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
 pub fn walk(dir: &Path) -> Vec<String> {

@@ -125,20 +125,19 @@ impl<'a> Planner<'a> {
         }
 
         if raw.runtime.has_state() && !committing {
-            let key = if raw.runtime.state_dir.is_some() { "runtime.state_dir" } else { "runtime.state_url" };
-            let field = &key["runtime.".len()..];
+            let field = if raw.runtime.state_dir.is_some() { "state_dir" } else { "state_url" };
             self.ck.error(
                 nowhere,
-                key,
+                format!("runtime.{field}"),
                 "state checkpoints need a kafka or files source: only they can resume from a checkpoint",
                 Some(format!("remove `{field}`; a simulator run is all or nothing")),
             );
         }
+        // only a `state_url` can be wrong: bad, or given beside `state_dir`
         if let Err(e) = raw.runtime.state() {
-            let key = if raw.runtime.state_url.is_some() { "runtime.state_url" } else { "runtime.state_dir" };
             self.ck.error(
                 nowhere,
-                key,
+                "runtime.state_url",
                 e,
                 Some("`state_url: s3://bucket/prefix` or `state_dir: <a directory>`".into()),
             );

@@ -107,6 +107,11 @@ fn for_each_file(root: &Path, mut visit: impl FnMut(&Path, &str) -> std::io::Res
     first_error.map_or(Ok(()), Err)
 }
 
+/// Removes `path`, naming it in the error.
+fn remove_file(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
 /// Removes every file under `root` whose name `remove` picks, and fsyncs each directory it
 /// removed something from. Errors are collected: every file is visited.
 pub(super) fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bool) -> std::io::Result<usize> {
@@ -116,7 +121,7 @@ pub(super) fn remove_files_where(root: &Path, mut remove: impl FnMut(&str) -> bo
             return Ok(false);
         }
         let path = dir.join(name);
-        std::fs::remove_file(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        remove_file(&path)?;
         removed += 1;
         Ok(true)
     })?;
@@ -140,8 +145,7 @@ pub fn resolve_pending(root: &Path, lineage: &str, committed: &[(String, u64)]) 
             publish_pending(&path, &dir.join(file)).map_err(std::io::Error::other)?;
             published += 1;
         } else {
-            std::fs::remove_file(&path)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            remove_file(&path)?;
             removed += 1;
         }
         Ok(true)

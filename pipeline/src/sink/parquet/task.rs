@@ -35,7 +35,7 @@ impl ParquetSink {
             .map_err(|e| ctx.error(e))?
             .with_merged_tables(merged.collect::<Vec<_>>());
         if let Some(state) = ctx.state {
-            // rows before the first barrier belong to the epoch after the restored one
+            // rows before the first barrier belong to the first epoch this process numbers
             writer = writer.with_epochs(state.lineage(), state.first_epoch()).with_staging(state.writer());
             // rows a stage held (compress) come out after newer rows: their offsets no longer
             // say which checkpoint wrote them, so such tables are named by epoch

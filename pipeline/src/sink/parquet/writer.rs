@@ -35,7 +35,6 @@ pub(super) struct OpenFile {
 pub(super) struct PendingFile {
     pub(super) pending: PathBuf,
     pub(super) dest: PathBuf,
-    pub(super) dir: PathBuf,
     pub(super) epoch: u64,
 }
 
@@ -234,7 +233,7 @@ impl ParquetWriter {
         let mut dirs = std::collections::BTreeSet::new();
         for p in &ready {
             super::names::publish_pending(&p.pending, &p.dest)?;
-            dirs.insert(&p.dir);
+            dirs.extend(p.dest.parent());
         }
         for d in dirs {
             File::open(d).and_then(|d| d.sync_all()).map_err(io("fsync", d))?;
@@ -391,7 +390,7 @@ impl ParquetWriter {
                 let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or_default();
                 let pending = f.dir.join(super::names::pending_name(name, lineage, &s.writer, *epoch));
                 std::fs::rename(&f.tmp, &pending).map_err(io("rename", &f.tmp))?;
-                s.pending.push(PendingFile { pending, dest, dir: f.dir.clone(), epoch: *epoch });
+                s.pending.push(PendingFile { pending, dest, epoch: *epoch });
             }
             None => std::fs::rename(&f.tmp, &dest).map_err(io("rename", &f.tmp))?,
         }

@@ -144,12 +144,8 @@ impl Backend {
     pub(super) fn location(&self, key: &str) -> String {
         match self {
             Backend::Local(dir) => dir.join(key).display().to_string(),
-            Backend::Object { store, prefix, .. } => format!("{store}/{}", self.key(prefix, key)),
+            Backend::Object { store, prefix, .. } => format!("{store}/{}", object_key(prefix, key)),
         }
-    }
-
-    fn key(&self, prefix: &str, key: &str) -> Key {
-        if prefix.is_empty() { Key::from(key) } else { Key::from(format!("{prefix}/{key}")) }
     }
 
     /// The bytes at `key`, or `None` if there is nothing.
@@ -161,7 +157,7 @@ impl Backend {
                 Err(e) => Err(e.into()),
             },
             Backend::Object { store, prefix, io } => {
-                let (store, key) = (store.clone(), self.key(prefix, key));
+                let (store, key) = (store.clone(), object_key(prefix, key));
                 io.run(async move {
                     match store.get_opts(&key, Default::default()).await {
                         Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
@@ -184,7 +180,7 @@ impl Backend {
                 Ok(crate::atomic_file::write_atomic(&path, &body)?)
             }
             Backend::Object { store, prefix, io } => {
-                let (store, key) = (store.clone(), self.key(prefix, key));
+                let (store, key) = (store.clone(), object_key(prefix, key));
                 io.run(async move {
                     store.put_opts(&key, PutPayload::from(body), PutOptions::default()).await?;
                     Ok(())
@@ -199,7 +195,7 @@ impl Backend {
         match self {
             Backend::Local(dir) => create_local(&dir.join(key), &body),
             Backend::Object { store, prefix, io } => {
-                let (store, key) = (store.clone(), self.key(prefix, key));
+                let (store, key) = (store.clone(), object_key(prefix, key));
                 io.run(async move {
                     let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
                     match store.put_opts(&key, PutPayload::from(body), opts).await {
@@ -223,7 +219,7 @@ impl Backend {
                 Err(e) => return Err(e.into()),
             },
             Backend::Object { store, prefix, io } => {
-                let (store, key) = (store.clone(), self.key(prefix, dir));
+                let (store, key) = (store.clone(), object_key(prefix, dir));
                 io.run(async move {
                     let r = store.list_with_delimiter(Some(&key)).await?;
                     let objects = r.objects.into_iter().map(|o| o.location);
@@ -249,7 +245,7 @@ impl Backend {
                 }
             }
             Backend::Object { store, prefix, io } => {
-                let (store, key) = (store.clone(), self.key(prefix, key));
+                let (store, key) = (store.clone(), object_key(prefix, key));
                 io.run(async move {
                     let under = store.list(Some(&key)).map_ok(|m| m.location);
                     let exact = futures_util::stream::iter([Ok(key.clone())]);
@@ -263,6 +259,11 @@ impl Backend {
             }
         }
     }
+}
+
+/// `key` under the store's `prefix`.
+fn object_key(prefix: &str, key: &str) -> Key {
+    if prefix.is_empty() { Key::from(key) } else { Key::from(format!("{prefix}/{key}")) }
 }
 
 /// Creates `path` with `body` unless it exists: written and fsynced under a hidden name, then

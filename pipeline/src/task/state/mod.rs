@@ -3,8 +3,8 @@
 //! At every checkpoint barrier each stateful stage writes its [`snapshot`] as an Arrow IPC
 //! object `snapshots/{epoch}-{writer}/{stage}.arrow`, with its input watermark in the file's
 //! metadata, before it forwards the barrier, so once every sink has acknowledged an epoch,
-//! every stage's state for it is stored. The source then **creates** the manifest
-//! `manifests/{epoch}.json` (epoch, the next offset of every partition, and where the epoch's
+//! every stage's state for it is stored. The source then **creates** the next manifest
+//! `manifests/{seq}.json` (epoch, the next offset of every partition, and where the epoch's
 //! snapshots are) and only then commits the offsets to Kafka. The manifest is the truth: on
 //! start every stage restores the newest manifest's snapshots, the source resumes each
 //! partition at the manifest's offset (or Kafka's committed one, if that is further), and files
@@ -208,9 +208,34 @@ fn snapshots_key(epoch: u64, writer: &str) -> String {
     format!("{SNAPSHOTS}/{epoch:012}-{writer}")
 }
 
-/// The epoch a manifest's or snapshot directory's name starts with.
-fn epoch_of(name: &str) -> Option<u64> {
+/// The number a manifest's name (its seq) or a snapshot directory's name (its epoch) starts
+/// with.
+fn number_of(name: &str) -> Option<u64> {
     name.get(..12)?.parse().ok()
+}
+
+/// The error of `action` on `key` of `backend`, for the store's answer.
+fn store_err<'a>(
+    backend: &'a Backend,
+    action: &'static str,
+    key: &'a str,
+) -> impl FnOnce(StoreError) -> StateError + 'a {
+    move |source| StateError::Store { action, location: backend.location(key), source }
+}
+
+fn open_backend(url: &StateUrl) -> Result<Backend, StateError> {
+    Backend::open(url).map_err(|source| StateError::Store {
+        action: "opening the state store",
+        location: url.to_string(),
+        source,
+    })
+}
+
+impl Manifest {
+    /// The next offset of every partition.
+    fn position_map(&self) -> BTreeMap<(String, i32), i64> {
+        self.positions.iter().map(|p| ((p.topic.clone(), p.partition), p.next)).collect()
+    }
 }
 
 /// What the newest manifest of a state store records (see [`StateStore::inspect`]).
@@ -228,12 +253,8 @@ pub struct CheckpointSummary {
 
 /// The newest manifest's number in `backend`, if any.
 fn newest_manifest(backend: &Backend) -> Result<Option<u64>, StateError> {
-    let names = backend.list(MANIFESTS).map_err(|source| StateError::Store {
-        action: "listing",
-        location: backend.location(MANIFESTS),
-        source,
-    })?;
-    Ok(names.iter().filter(|n| n.ends_with(".json")).filter_map(|n| epoch_of(n)).max())
+    let names = backend.list(MANIFESTS).map_err(store_err(backend, "listing", MANIFESTS))?;
+    Ok(names.iter().filter(|n| n.ends_with(".json")).filter_map(|n| number_of(n)).max())
 }
 
 /// The newest manifest in `backend` (or the single one of a store from before numbered
@@ -243,18 +264,15 @@ fn newest(backend: &Backend) -> Result<Option<Manifest>, StateError> {
     for _ in 0..5 {
         match newest_manifest(backend)? {
             Some(seq) => match read_manifest(backend, &manifest_key(seq))? {
-                (m, true) => return Ok(Some(Manifest { seq, ..m })),
-                (_, false) => continue,
+                Some(m) => return Ok(Some(Manifest { seq, ..m })),
+                None => continue,
             },
             None => {
-                return Ok(match read_manifest(backend, LEGACY_MANIFEST)? {
-                    (mut m, true) => {
-                        m.snapshots = format!("chk-{:012}", m.epoch);
-                        m.base = m.epoch;
-                        Some(m)
-                    }
-                    (_, false) => None,
-                });
+                return Ok(read_manifest(backend, LEGACY_MANIFEST)?.map(|m| Manifest {
+                    snapshots: format!("chk-{:012}", m.epoch),
+                    base: m.epoch,
+                    ..m
+                }));
             }
         }
     }
@@ -290,29 +308,15 @@ impl StateStore {
     /// Reads the newest manifest at `url` without taking the state over (for tools and
     /// tests); `None` if there is no state.
     pub fn inspect(url: &StateUrl) -> Result<Option<CheckpointSummary>, StateError> {
-        let backend = Backend::open(url).map_err(|source| StateError::Store {
-            action: "opening the state store",
-            location: url.to_string(),
-            source,
-        })?;
-        let Some(m) = newest(&backend)? else { return Ok(None) };
-        Ok(Some(CheckpointSummary {
-            lineage: m.lineage,
-            epoch: m.base,
-            seq: m.seq,
-            positions: m.positions.into_iter().map(|p| ((p.topic, p.partition), p.next)).collect(),
-        }))
+        let Some(m) = newest(&open_backend(url)?)? else { return Ok(None) };
+        Ok(Some(CheckpointSummary { positions: m.position_map(), lineage: m.lineage, epoch: m.base, seq: m.seq }))
     }
 
     /// Opens the store at `url` (a directory is created if missing) and takes it over. Without
     /// a manifest a new lineage starts at epoch 0, and its manifest is created at once, so that
     /// a crash before the first checkpoint still finds which derived files are its own.
     pub fn open(url: &StateUrl) -> Result<Self, StateError> {
-        let backend = Backend::open(url).map_err(|source| StateError::Store {
-            action: "opening the state store",
-            location: url.to_string(),
-            source,
-        })?;
+        let backend = open_backend(url)?;
         let writer = new_id();
         let (manifest, own) = match newest(&backend)? {
             Some(m) => (m, false),
@@ -411,8 +415,7 @@ impl StateStore {
 
     /// The next offset of every partition as of the newest durable epoch.
     pub fn positions(&self) -> BTreeMap<(String, i32), i64> {
-        let m = self.0.manifest.lock().expect("manifest");
-        m.positions.iter().map(|p| ((p.topic.clone(), p.partition), p.next)).collect()
+        self.0.manifest.lock().expect("manifest").position_map()
     }
 
     /// `stage`'s state as of the restored epoch, if it wrote one, with the stage's input
@@ -426,11 +429,7 @@ impl StateStore {
         let location = || self.0.backend.location(&key);
         let unusable =
             |detail: String| StateError::Unusable { action: "reading the state of", location: location(), detail };
-        let Some(body) = self.0.backend.get(&key).map_err(|source| StateError::Store {
-            action: "reading the state of",
-            location: location(),
-            source,
-        })?
+        let Some(body) = self.0.backend.get(&key).map_err(store_err(&self.0.backend, "reading the state of", &key))?
         else {
             return Ok(None);
         };
@@ -485,11 +484,7 @@ impl StateStore {
             w.finish().map_err(encode)?;
         }
         let len = body.len() as u64;
-        self.0.backend.put(&key, body).map_err(|source| StateError::Store {
-            action: "writing",
-            location: self.0.backend.location(&key),
-            source,
-        })?;
+        self.0.backend.put(&key, body).map_err(store_err(&self.0.backend, "writing", &key))?;
         Ok(len)
     }
 
@@ -502,8 +497,7 @@ impl StateStore {
         if epoch <= m.epoch {
             return Ok(());
         }
-        let mut all: BTreeMap<(String, i32), i64> =
-            m.positions.iter().map(|p| ((p.topic.clone(), p.partition), p.next)).collect();
+        let mut all = m.position_map();
         all.extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         let next = Manifest {
             lineage: m.lineage.clone(),
@@ -540,7 +534,7 @@ impl StateStore {
             let names = b.list(dir).unwrap_or_default();
             let below = if dir == MANIFESTS { seq } else { epoch };
             for n in names.iter().filter_map(|n| n.strip_prefix(prefix).map(|e| (n, e))) {
-                if epoch_of(n.1).is_some_and(|e| e < below) {
+                if number_of(n.1).is_some_and(|e| e < below) {
                     old.push(if dir.is_empty() { n.0.clone() } else { format!("{dir}/{}", n.0) });
                 }
             }
@@ -556,32 +550,16 @@ impl StateStore {
     }
 }
 
-/// The manifest at `key`, and whether there was one (an empty default if not).
-fn read_manifest(backend: &Backend, key: &str) -> Result<(Manifest, bool), StateError> {
-    let location = || backend.location(key);
-    match backend.get(key) {
-        Ok(Some(body)) => {
-            serde_json::from_slice::<Manifest>(&body).map(|m| (m, true)).map_err(|e| StateError::Unusable {
-                action: "reading the state manifest",
-                location: location(),
-                detail: format!("{e} (remove the state to start from empty state)"),
-            })
-        }
-        Ok(None) => Ok((
-            Manifest {
-                lineage: String::new(),
-                seq: 0,
-                epoch: 0,
-                base: 0,
-                writer: String::new(),
-                snapshots: String::new(),
-                positions: vec![],
-                committed: vec![],
-            },
-            false,
-        )),
-        Err(source) => Err(StateError::Store { action: "reading the state manifest", location: location(), source }),
-    }
+/// The manifest at `key`, if there is one.
+fn read_manifest(backend: &Backend, key: &str) -> Result<Option<Manifest>, StateError> {
+    let Some(body) = backend.get(key).map_err(store_err(backend, "reading the state manifest", key))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice::<Manifest>(&body).map(Some).map_err(|e| StateError::Unusable {
+        action: "reading the state manifest",
+        location: backend.location(key),
+        detail: format!("{e} (remove the state to start from empty state)"),
+    })
 }
 
 /// Creates manifest `m.seq`: `false` if another process created it first.
@@ -589,11 +567,7 @@ fn create_manifest(backend: &Backend, m: &Manifest) -> Result<bool, StateError> 
     let key = manifest_key(m.seq);
     let body = serde_json::to_vec_pretty(m)
         .map_err(|e| StateError::Encode { location: backend.location(&key), detail: e.to_string() })?;
-    backend.create(&key, body).map_err(|source| StateError::Store {
-        action: "creating the state manifest",
-        location: backend.location(&key),
-        source,
-    })
+    backend.create(&key, body).map_err(store_err(backend, "creating the state manifest", &key))
 }
 
 /// A random 64-bit id in hex (lineages, writers).
