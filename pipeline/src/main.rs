@@ -60,6 +60,9 @@ enum Command {
     /// from the control center's tokens file, row and time limits per query.
     #[cfg(feature = "sql")]
     Serve(cli::serve::Serve),
+    /// Run a control center on its own, its book read from the alerts topic: several of them
+    /// behind one address serve one book, and a decision made on one is seen on all.
+    Control(cli::control::Control),
     /// Check a config (syntax, references, schema flow) without running it; prints the plan.
     Validate {
         /// The pipeline config.
@@ -220,6 +223,7 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
+        Command::Control(args) => cli::control::control(args).await,
         #[cfg(feature = "sql")]
         Command::Serve(args) => cli::serve::serve(args).await,
         Command::Replay { config, files, out, state, rate, from, until } => {

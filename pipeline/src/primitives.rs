@@ -8,7 +8,7 @@ use serde_saphyr::{Location, Spanned};
 pub use citystream_operators::{Duration, EnvString};
 
 /// One stream reference or a list of them, each with its location in the file.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inputs(pub Vec<Spanned<String>>);
 
 impl<'de> Deserialize<'de> for Inputs {

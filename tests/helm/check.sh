@@ -5,8 +5,9 @@
 #     (kubernetes-validate, strict: unknown fields are errors); the KEDA ScaledObject (a CRD,
 #     not in those schemas) is checked by tests/helm/check_manifests.py
 #   - rendering without the pseudonym and DP keys fails and says which value to set
-#   - the chart's pipeline is deploy/kafka.yaml but for state on object storage and static
-#     membership, and the rendered one plans (`citystream validate`) with the pods' environment
+#   - the chart's pipeline is deploy/kafka.yaml but for state on object storage, static
+#     membership and no control center of its own, and the rendered one plans (`citystream
+#     validate`) with the pods' environment; its control centers' file is deploy/control.yaml
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -15,7 +16,8 @@ chart=deploy/helm/citystream
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 key="$(head -c32 /dev/urandom | base64)"
-keys=(--set "secrets.pseudonymKey=$key" --set "secrets.dpNoiseKey=$key")
+keys=(--set "secrets.pseudonymKey=$key" --set "secrets.dpNoiseKey=$key"
+      --set "secrets.controlTokens=viewer vic viewer-token-0123456789")
 
 "$helm" lint --strict "$chart" "${keys[@]}"
 "$helm" template city "$chart" "${keys[@]}" >"$out/default.yaml"
@@ -28,11 +30,18 @@ if "$helm" template city "$chart" >/dev/null 2>"$out/err"; then
   exit 1
 fi
 grep -q "secrets.pseudonymKey (base64 of 32 random bytes) or secrets.existingSecret" "$out/err"
+if "$helm" template city "$chart" --set "secrets.pseudonymKey=$key" --set "secrets.dpNoiseKey=$key" >/dev/null 2>"$out/err"; then
+  echo "rendering without control-center tokens must fail" >&2
+  exit 1
+fi
+grep -q "secrets.controlTokens (viewer NAME TOKEN; operator NAME TOKEN) or secrets.existingSecret" "$out/err"
 
-# nothing but the state and static membership differs from deploy/kafka.yaml
-diff <(grep -v '^#' "$chart/files/pipeline.yaml" | grep -v 'group.instance.id: ${POD_NAME}' |
+# nothing but the state, static membership and the control sink differs from deploy/kafka.yaml
+diff <(grep -v '^#' "$chart/files/pipeline.yaml" | grep -v '^$' | grep -v 'group.instance.id: ${POD_NAME}' |
         sed 's|  state_url: ${CITYSTREAM_STATE_URL}.*|STATE|') \
-     <(grep -v '^#' deploy/kafka.yaml | sed 's|  state_dir: ${CITYSTREAM_DATA:-data}/state|STATE|')
+     <(grep -v '^#' deploy/kafka.yaml | grep -v '^$' | sed 's|  state_dir: ${CITYSTREAM_DATA:-data}/state|STATE|' |
+        sed '/^  control: /,/^runtime:/{/^runtime:/!d}')
+diff "$chart/files/control.yaml" deploy/control.yaml
 
 .venv/bin/python tests/helm/check_manifests.py "$out/default.yaml" "$out/scaled.yaml" "$out/pipeline.yaml"
 # the pipeline as a pod gets it: its environment from the rendered StatefulSet

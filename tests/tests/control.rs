@@ -2,58 +2,22 @@
 //! tokens and roles, input validation, the lifecycle with its conflicts, the feedback table, the
 //! live event stream, rate limits and the page.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use citystream_operators::alert::AlertConfig;
-use citystream_operators::{BuildContext, Collector, Metrics, OperatorConfig};
+use citystream_operators::Metrics;
 use citystream_pipeline::control::{ControlCenter, ControlConfig, ControlError, TokensError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use common::alerts::{alert_events, string_columns};
 
 const VIEWER: &str = "viewer-token-0123456789";
 /// op.anna's token
 const OPERATOR: &str = "operator-token-0123456789";
 /// op.ben's token
 const BEN: &str = "operator-token-ben-0123456789";
-
-fn scores_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("segment_id", DataType::Utf8, false),
-        Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
-        Field::new("incident_prob", DataType::Float64, false),
-        Field::new("model", DataType::Utf8, false),
-    ]))
-}
-
-/// Alert events from a real incident rule fed with scores.
-fn alert_events(rows: &[(&str, i64, f64)]) -> RecordBatch {
-    let cfg: AlertConfig = serde_saphyr::from_str(
-        "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: incident_prob\nraise: 0.9\nclear: 0.5\nevidence: [model]\n",
-    )
-    .unwrap();
-    let mut op = cfg
-        .build(&scores_schema(), &BuildContext { stage: "a".into(), metrics: Metrics::new(), ..Default::default() })
-        .unwrap();
-    let batch = RecordBatch::try_new(
-        scores_schema(),
-        vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(
-                TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1 * 60_000)).with_timezone("UTC"),
-            ),
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "incident_fp32"))),
-        ],
-    )
-    .unwrap();
-    let mut out = Collector::new(1);
-    op.process_batch(batch, &mut out).unwrap();
-    let b: Vec<RecordBatch> = out.drain().map(|(_, b)| b).collect();
-    arrow::compute::concat_batches(&b[0].schema(), &b).unwrap()
-}
 
 fn config(feedback: &std::path::Path, env: &str, rate: u32) -> ControlConfig {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -69,20 +33,7 @@ fn config(feedback: &std::path::Path, env: &str, rate: u32) -> ControlConfig {
 
 /// One HTTP/1.1 request; returns the status and the body.
 async fn http(c: &ControlCenter, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(c.addr).await.unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    common::alerts::http_at(c.addr, method, path, token, body).await
 }
 
 fn json(s: &str) -> serde_json::Value {
@@ -307,28 +258,6 @@ async fn requests_beyond_the_rate_limit_are_refused_and_tokens_never_come_from_y
     let e = citystream_pipeline::control::parse_tokens("admin short").unwrap_err();
     assert!(matches!(&e, TokensError::Role { entry: 1, role } if role == "admin"), "{e:?}");
     assert!(e.to_string().contains("unknown role"), "{e}");
-}
-
-/// The named string columns of every Parquet file under `dir`, row by row.
-fn string_columns(dir: &std::path::Path, names: &[&str]) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                let file = std::fs::File::open(&p).unwrap();
-                for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 64).unwrap() {
-                    let b = b.unwrap();
-                    let cols: Vec<_> = names.iter().map(|n| b.column_by_name(n).unwrap().as_string::<i32>()).collect();
-                    rows.extend((0..b.num_rows()).map(|i| cols.iter().map(|c| c.value(i).to_owned()).collect()));
-                }
-            }
-        }
-    }
-    rows
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,6 +97,11 @@ fn plain_message(e: &serde_saphyr::Error) -> String {
 
 /// Parses `text` (named `file` in errors) into a raw pipeline.
 pub fn load_str(text: &str, file: &str) -> Result<RawPipeline, ConfigErrors> {
+    parse_str(text, file)
+}
+
+/// Parses `text` (named `file` in errors) into any config type, with the same errors.
+pub fn parse_str<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigErrors> {
     let mut path = String::new();
     let result = serde_saphyr::with_deserializer_from_str(text, |de| {
         serde_path_to_error::deserialize(de).map_err(|e| {
@@ -114,6 +119,11 @@ pub fn load_str(text: &str, file: &str) -> Result<RawPipeline, ConfigErrors> {
 
 /// Reads and parses a config file.
 pub fn load_file(path: &Path) -> Result<RawPipeline, ConfigErrors> {
+    parse_file(path)
+}
+
+/// Reads and parses a file of any config type.
+pub fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -125,5 +135,5 @@ pub fn load_file(path: &Path) -> Result<RawPipeline, ConfigErrors> {
             help: None,
         }])
     })?;
-    load_str(&text, &file)
+    parse_str(&text, &file)
 }

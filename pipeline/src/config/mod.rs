@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_saphyr::Location;
 
 pub use crate::primitives::{EnvString, Inputs};
-pub use load::{ConfigError, ConfigErrors, load_file, load_str};
+pub use load::{ConfigError, ConfigErrors, load_file, load_str, parse_file, parse_str};
 pub use plan::{PipelinePlan, SinkNode, SourceNode, StageNode, StreamRef};
 pub use registry::OperatorSpec;
 

@@ -75,6 +75,28 @@ fn finished(active: bool, state: &str) -> bool {
     !active && (state == "resolved" || state == "false_alarm")
 }
 
+/// Whether an operator may move an alert in state `from` to `to` (`acknowledged`, `resolved`
+/// or `false_alarm`): open → acknowledged → resolved, and a false alarm from anything but
+/// itself.
+pub(crate) fn transition_allowed(from: &str, to: &str) -> bool {
+    match to {
+        "acknowledged" => from == "open",
+        "resolved" => from == "open" || from == "acknowledged",
+        "false_alarm" => from != "false_alarm",
+        _ => false,
+    }
+}
+
+/// One event of an alerts topic applied to a shared book (see [`Book::apply_log`]).
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// The stream message of the change; `None` for a decision the book refused.
+    pub(crate) message: Option<String>,
+    /// For an operator's decision that carries an id: the id, and the alert after it or why
+    /// it was refused (a decision made elsewhere came first).
+    pub(crate) decision: Option<(String, Result<AlertView, String>)>,
+}
+
 /// The lifecycle step of one rule event (shared by [`Book::apply`] and the first pass of
 /// [`Book::restore`]): `open` after the alert finished starts it again (returns true);
 /// `resolved` ends the rule's hold, and an open or acknowledged alert becomes resolved.
@@ -178,6 +200,54 @@ impl Book {
             self.evict();
         }
         Ok(messages)
+    }
+
+    /// Applies the events of an alerts topic in the topic's order: rule events as
+    /// [`apply`](Self::apply) does, and operators' decisions (`actor` `operator`, the verdict
+    /// in `evidence`) through the same transitions as a request, so every book fed by one topic
+    /// takes the same decisions and refuses the same ones, whichever control center made them.
+    pub(crate) fn apply_log(&mut self, batch: &RecordBatch) -> Result<Vec<Applied>, ControlError> {
+        let col = |n: &str| batch.column_by_name(n).ok_or_else(|| ControlError::MissingColumn(n.to_owned()));
+        let (actor, ids, ev) = (
+            col("actor")?.as_string::<i32>(),
+            col("alert_id")?.as_string::<i32>(),
+            col("evidence")?.as_string::<i32>(),
+        );
+        let ts = col("ts")?.as_primitive::<TimestampMillisecondType>();
+        let mut out = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            if actor.value(i) != "operator" {
+                let message = self.apply(&batch.slice(i, 1))?.pop();
+                out.push(Applied { message, decision: None });
+                continue;
+            }
+            let d: serde_json::Value = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
+            let decision_id = d["decision_id"].as_str().map(str::to_owned);
+            let result = self.decide(ids.value(i), ts.value(i), &d);
+            if let Err(why) = &result {
+                tracing::warn!(
+                    alert = ids.value(i),
+                    "control center: a decision on the alerts topic is refused: {why}"
+                );
+            }
+            let message = result.as_ref().ok().map(|a| serde_json::json!({"kind": "decision", "alert": a}).to_string());
+            out.push(Applied { message, decision: decision_id.map(|id| (id, result)) });
+        }
+        Ok(out)
+    }
+
+    /// Applies one decision (`d`: `decision`, `operator`, `comment`) made at `ts` if the
+    /// alert's state allows it; returns the alert after it, or why not.
+    fn decide(&mut self, id: &str, ts: i64, d: &serde_json::Value) -> Result<AlertView, String> {
+        let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+        let verdict = text("decision");
+        let a = self.alerts.get_mut(id).ok_or_else(|| format!("no alert `{id}` in the book"))?;
+        if !transition_allowed(&a.state, &verdict) {
+            return Err(format!("alert `{id}` is {}: it cannot become {verdict}", a.state));
+        }
+        a.state = verdict.clone();
+        a.decisions.push(Decision { ts, decision: verdict, operator: text("operator"), comment: text("comment") });
+        Ok(a.clone())
     }
 
     /// Drops finished alerts older than the retention, then the oldest finished ones beyond

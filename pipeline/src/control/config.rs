@@ -29,7 +29,9 @@ fn d_publish_timeout() -> Duration {
 pub struct ControlConfig {
     /// Listen address, e.g. `127.0.0.1:8088` (port 0: any free port, logged).
     pub addr: EnvString,
-    /// The alert streams (outputs of `alert` stages).
+    /// The alert streams (outputs of `alert` stages), in a pipeline. `citystream control`
+    /// reads `kafka.alerts_topic` instead and refuses this key.
+    #[serde(default)]
     pub alerts: Inputs,
     /// A file of `role name token` lines (roles `viewer`, `operator`; the name is who acts, as
     /// recorded with each decision). Mode `0600`, in a directory others cannot write.

@@ -79,10 +79,22 @@ fn one_str(v: &str) -> Arc<dyn Array> {
     Arc::new(StringArray::from(vec![v]))
 }
 
-/// A decision as a lifecycle event in the alert schema (status = the decision).
-pub(crate) fn decision_event(ts: i64, a: &AlertView, decision: &str, operator: &str, comment: &str) -> RecordBatch {
+/// A decision as a lifecycle event in the alert schema (status = the decision; `evidence`
+/// holds the verdict, who, why and the decision's id, by which the control center that made it
+/// finds it again on the alerts topic).
+pub(crate) fn decision_event(
+    ts: i64,
+    a: &AlertView,
+    decision: &str,
+    operator: &str,
+    comment: &str,
+    decision_id: &str,
+) -> RecordBatch {
     let (t, s) = (one_time, one_str);
-    let evidence = serde_json::json!({"decision": decision, "operator": operator, "comment": comment}).to_string();
+    let evidence = serde_json::json!({
+        "decision": decision, "operator": operator, "comment": comment, "decision_id": decision_id,
+    })
+    .to_string();
     RecordBatch::try_new(
         citystream_operators::alert::alert_schema(),
         vec![

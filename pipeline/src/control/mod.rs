@@ -19,6 +19,12 @@
 //!   table under `feedback_path`, and with `kafka:` a message on each of its topics
 //!   (`alerts_topic`, keyed by location, and `feedback_topic`); then an SSE event.
 //!
+//! - `GET /api/ready` (no token): 200 once the book can serve decisions (for probes).
+//!
+//! Inside a pipeline the book is fed by its `alert` stages ([`ControlCenter::start_with`]);
+//! `citystream control` feeds it from the alerts topic instead ([`ControlCenter::start_shared`],
+//! `replica`), so that several instances serve one book.
+//!
 //! Modules: [`config`] (the YAML), [`auth`] (tokens, roles, rate limits), [`book`] (the alerts,
 //! bounded, rebuilt from the lake), [`decisions`] (their rows), [`outbox`] (Kafka), [`calibration`],
 //! [`routes`] (the HTTP surface and its headers), [`sink`] (the book fed by a pipeline).
@@ -30,6 +36,7 @@ pub mod config;
 pub mod decisions;
 mod error;
 mod outbox;
+mod replica;
 mod routes;
 mod sink;
 
@@ -60,6 +67,7 @@ pub struct ControlCenter {
     /// Where it listens.
     pub addr: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    replica: Option<Arc<replica::Replica>>,
 }
 
 use book::Book;
@@ -67,7 +75,19 @@ use book::Book;
 impl Drop for ControlCenter {
     fn drop(&mut self) {
         self.tasks.iter().for_each(tokio::task::JoinHandle::abort);
+        if let Some(r) = &self.replica {
+            r.stop();
+        }
     }
+}
+
+/// Where a control center's book comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// The pipeline it is a sink of ([`ControlCenter::apply`]), restored from the lake at start.
+    Pipeline,
+    /// The alerts topic, read from its start, shared with every control center reading it.
+    AlertsTopic,
 }
 
 /// `location,segment_id` rows: the segment a camera or station watches.
@@ -120,6 +140,26 @@ impl ControlCenter {
         metrics: &Metrics,
         board: &ThresholdBoard,
     ) -> Result<ControlCenter, ControlError> {
+        Self::start_fed(name, cfg, metrics, board, Feed::Pipeline)
+    }
+
+    /// A control center whose book is the alerts topic (`kafka.alerts_topic`), so that several
+    /// serve the same book (`citystream control`): it reads the topic from its start, makes
+    /// decisions by producing them there and applies them when read back (see
+    /// `control::replica`). Its decisions are stored in `feedback_path` (if set) once made; the
+    /// book is not restored from the lake. Live calibration is refused: thresholds live in the
+    /// pipelines, which this process is not part of.
+    pub fn start_shared(name: &str, cfg: &ControlConfig, metrics: &Metrics) -> Result<ControlCenter, ControlError> {
+        Self::start_fed(name, cfg, metrics, &ThresholdBoard::default(), Feed::AlertsTopic)
+    }
+
+    fn start_fed(
+        name: &str,
+        cfg: &ControlConfig,
+        metrics: &Metrics,
+        board: &ThresholdBoard,
+        feed: Feed,
+    ) -> Result<ControlCenter, ControlError> {
         let tokens = cfg.tokens()?;
         let mut map = match &cfg.road_graph {
             Some(p) => read_map(p.as_str())?,
@@ -156,13 +196,28 @@ impl ControlCenter {
         let (events, _) = broadcast::channel(1024);
         let book = Arc::new(Mutex::new(Book::new(cfg.retention.as_millis_i64(), cfg.max_alerts)));
         // the book is restored before the first request is served
-        if let Some(p) = &cfg.feedback_path {
+        if let Some(p) = cfg.feedback_path.as_ref().filter(|_| feed == Feed::Pipeline) {
             let table = std::path::Path::new(p.as_str()).join("alerts");
             let (alerts, decisions) = book.lock().unwrap_or_else(|e| e.into_inner()).restore(&table)?;
             if alerts > 0 {
                 tracing::info!(alerts, decisions, "control center: alert book restored from the lake");
             }
         }
+        let replica = match (feed, &cfg.kafka) {
+            (Feed::Pipeline, _) => None,
+            (Feed::AlertsTopic, None) => {
+                return Err(ControlError::Config {
+                    key: "kafka",
+                    problem:
+                        "a shared book is read from the alerts topic: set `kafka.brokers` and `kafka.alerts_topic`"
+                            .into(),
+                });
+            }
+            (Feed::AlertsTopic, Some(k)) => {
+                let target = replica::Target { book: book.clone(), events: events.clone() };
+                Some(Arc::new(replica::Replica::start(name, k, target, metrics)?))
+            }
+        };
         let guard = auth::Guard::new(tokens, per_minute);
         let app = routes::App {
             book: book.clone(),
@@ -178,6 +233,7 @@ impl ControlCenter {
             streams: Arc::new(AtomicUsize::new(0)),
             max_streams: cfg.max_streams,
             deciding: Arc::default(),
+            replica: replica.clone(),
         };
         let router = routes::router(app);
         let mut tasks = vec![tokio::spawn(async move {
@@ -205,12 +261,18 @@ impl ControlCenter {
             }
         }));
         tracing::info!(%addr, "control center listening");
-        Ok(ControlCenter { book, events, board: board.clone(), addr, tasks })
+        Ok(ControlCenter { book, events, board: board.clone(), addr, tasks, replica })
     }
 
     /// The live thresholds it calibrates.
     pub fn thresholds(&self) -> &ThresholdBoard {
         &self.board
+    }
+
+    /// Whether the book is ready to serve decisions: always for a pipeline's; a shared book once
+    /// it has read the alerts topic up to where it ended at start.
+    pub fn ready(&self) -> bool {
+        self.replica.as_ref().is_none_or(|r| r.caught_up())
     }
 
     /// Applies alert events (the `alert` stages' schema) to the book and streams them.

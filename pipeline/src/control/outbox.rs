@@ -6,6 +6,10 @@
 //! seconds, and while anything waits new decisions are refused with 503 (the broker is away:
 //! a decision that cannot reach the other control rooms is not made). Delivery is at least
 //! once: a send that timed out may still arrive, and then arrives again with the retry.
+//!
+//! A control center serving a shared book sends a decision's event to the alerts topic first,
+//! and only that, with [`Outbox::send_event`] (the topic is where the decision is made); once
+//! the decision is applied, its feedback row goes through the outbox.
 
 #[cfg(feature = "kafka")]
 use std::collections::VecDeque;
@@ -23,10 +27,15 @@ use super::config::ControlConfig;
 #[cfg(feature = "kafka")]
 pub(crate) const MAX_PENDING: usize = 10_000;
 
+/// A decision waiting for the broker: its lifecycle event (none when it is already on the
+/// alerts topic) and its feedback row.
+#[cfg(feature = "kafka")]
+type Queued = (Option<RecordBatch>, RecordBatch);
+
 /// Publishes decisions (see the module docs).
 pub(crate) struct Outbox {
     #[cfg(feature = "kafka")]
-    writer: tokio::sync::Mutex<(crate::kafka::KafkaWriter, VecDeque<(RecordBatch, RecordBatch)>)>,
+    writer: tokio::sync::Mutex<(crate::kafka::KafkaWriter, VecDeque<Queued>)>,
     pending: AtomicUsize,
     timeout: Duration,
     alerts_topic: Option<String>,
@@ -67,6 +76,11 @@ impl Outbox {
         }
     }
 
+    /// How long a decision waits for the broker.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Decisions waiting for the broker.
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
@@ -74,14 +88,14 @@ impl Outbox {
 
     /// Queues a decision and publishes everything queued, waiting at most the timeout;
     /// `Err` says how many still wait.
-    pub(crate) async fn publish(&self, event: &RecordBatch, feedback: &RecordBatch) -> Result<(), usize> {
+    pub(crate) async fn publish(&self, event: Option<&RecordBatch>, feedback: &RecordBatch) -> Result<(), usize> {
         #[cfg(feature = "kafka")]
         {
             let mut guard = self.writer.lock().await;
             if guard.1.len() >= MAX_PENDING {
                 return Err(guard.1.len());
             }
-            guard.1.push_back((event.clone(), feedback.clone()));
+            guard.1.push_back((event.cloned(), feedback.clone()));
             self.pending.store(guard.1.len(), Ordering::Relaxed);
             self.drain(&mut guard).await
         }
@@ -93,14 +107,11 @@ impl Outbox {
     }
 
     #[cfg(feature = "kafka")]
-    async fn drain(
-        &self,
-        guard: &mut (crate::kafka::KafkaWriter, VecDeque<(RecordBatch, RecordBatch)>),
-    ) -> Result<(), usize> {
+    async fn drain(&self, guard: &mut (crate::kafka::KafkaWriter, VecDeque<Queued>)) -> Result<(), usize> {
         let (w, queue) = guard;
         while let Some((event, feedback)) = queue.front() {
             let sent = async {
-                if let Some(t) = &self.alerts_topic {
+                if let (Some(t), Some(event)) = (&self.alerts_topic, event) {
                     w.write(t, Some("location"), event).await?;
                 }
                 if let Some(t) = &self.feedback_topic {
@@ -124,6 +135,30 @@ impl Outbox {
             }
         }
         Ok(())
+    }
+
+    /// Sends a decision's lifecycle event to the alerts topic now, ahead of anything queued,
+    /// waiting at most the timeout for the broker's acknowledgement.
+    pub(crate) async fn send_event(&self, event: &RecordBatch) -> Result<(), String> {
+        let Some(t) = &self.alerts_topic else { return Err("no `alerts_topic`".into()) };
+        #[cfg(feature = "kafka")]
+        {
+            let mut guard = self.writer.lock().await;
+            let w = &mut guard.0;
+            let sent = async {
+                w.write(t, Some("location"), event).await?;
+                w.flush().await
+            };
+            match tokio::time::timeout(self.timeout, sent).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer from the broker within {:?}", self.timeout)),
+            }
+        }
+        #[cfg(not(feature = "kafka"))]
+        {
+            let _ = (t, event);
+            Err("this build has no Kafka support (feature `kafka`)".into())
+        }
     }
 
     /// Retries what waits every two seconds, until the task is dropped.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod alerts;
 pub mod tables;
 
 use std::collections::BTreeMap;

@@ -15,6 +15,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: worker
 {{- end -}}
 
+{{- define "citystream.controlSelector" -}}
+app.kubernetes.io/name: citystream
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: control
+{{- end -}}
+
 {{- define "citystream.secret" -}}
 {{- .Values.secrets.existingSecret | default (include "citystream.name" .) -}}
 {{- end -}}

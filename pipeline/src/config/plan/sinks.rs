@@ -75,7 +75,21 @@ impl Planner<'_> {
                     }
                     k.topics.iter().map(|(t, r)| (t, &r.input, r.key.as_deref())).collect()
                 }
-                SinkConfig::ControlCenter(c) => vec![(&alerts_table, &c.alerts, None)],
+                SinkConfig::ControlCenter(c) => {
+                    if c.alerts.0.is_empty() {
+                        self.ck.error(
+                            nowhere,
+                            format!("sinks.{name}.alerts"),
+                            "a control center in a pipeline needs the alert streams it shows",
+                            Some(
+                                "list `alert` stages, e.g. `alerts: [incident_alerts]`; a control center fed by \
+                                 the alerts topic runs alone: `citystream control --config FILE`"
+                                    .into(),
+                            ),
+                        );
+                    }
+                    vec![(&alerts_table, &c.alerts, None)]
+                }
             };
             let section = match cfg {
                 SinkConfig::Parquet(_) => "tables",

@@ -8,10 +8,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::control::auth::Role;
-use crate::control::book::{AlertView, Decision};
+use crate::control::book::{AlertView, Decision, transition_allowed};
 use crate::control::decisions::{decision_event, feedback_row};
 
 use super::{App, check_operator, error};
+use crate::control::replica::Replica;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,18 +123,18 @@ pub(super) async fn decide(
             format!("Kafka is unreachable: {} decision(s) wait to be published; try again shortly", o.pending()),
         );
     }
+    if let Some(r) = &app.replica
+        && !r.caught_up()
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the book is still reading the alerts topic; try again shortly");
+    }
     // checked and reserved under the lock; stored without it
-    let (view, row, event) = {
+    let (view, row, event, decision_id) = {
         let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
         let Some(a) = book.alerts.get(&id) else {
             return error(StatusCode::NOT_FOUND, format!("no alert `{id}`"));
         };
-        let allowed = match new_state {
-            "acknowledged" => a.state == "open",
-            "resolved" => a.state == "open" || a.state == "acknowledged",
-            _ => a.state != "false_alarm",
-        };
-        if !allowed {
+        if !transition_allowed(&a.state, new_state) {
             return error(StatusCode::CONFLICT, format!("alert `{id}` is {}: it cannot become {new_state}", a.state));
         }
         if !app.deciding.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone()) {
@@ -148,36 +149,115 @@ pub(super) async fn decide(
             operator: who.name.clone(),
             comment: body.comment.clone(),
         });
+        let decision_id = format!("{:032x}", rand::random::<u128>());
         let row = feedback_row(ts, &view, new_state, &who.name, &body.comment);
-        let event = decision_event(ts, &view, new_state, &who.name, &body.comment);
-        (view, row, event)
+        let event = decision_event(ts, &view, new_state, &who.name, &body.comment, &decision_id);
+        (view, row, event, decision_id)
     };
-    let release = || app.deciding.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-    // stored first (fsync, off the async workers): a decision the lake does not hold is not made
-    if let Some(lake) = app.lake.clone() {
-        let (r, e) = (row.clone(), event.clone());
-        let stored = tokio::task::spawn_blocking(move || lake.store(&r, &e)).await;
-        if let Err(e) = stored.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-            release();
-            tracing::error!("storing a decision: {e}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
-        }
+    let made = Made { view, row, event, decision_id };
+    let answer = match app.replica.clone() {
+        Some(r) => decide_shared(&app, &r, made).await,
+        None => decide_here(&app, made).await,
+    };
+    app.deciding.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    if answer.status() == StatusCode::OK {
+        app.metrics
+            .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
+            .inc();
+    }
+    answer
+}
+
+/// A decision checked against the book and reserved, not yet made.
+struct Made {
+    /// The alert after it.
+    view: AlertView,
+    /// Its `feedback` row.
+    row: arrow::array::RecordBatch,
+    /// Its lifecycle event.
+    event: arrow::array::RecordBatch,
+    decision_id: String,
+}
+
+/// Stores the decision in the lake (fsync, off the async workers; a decision the lake does
+/// not hold is not made), applies it to the book, streams it, then publishes it.
+async fn decide_here(app: &App, m: Made) -> Response {
+    let Made { view, row, event, .. } = m;
+    if let Err(e) = store(app, &row, &event).await {
+        tracing::error!("storing a decision: {e}");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
     }
     {
         let mut book = app.book.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = book.alerts.get_mut(&id) {
+        if let Some(a) = book.alerts.get_mut(&view.alert_id) {
             // the rule may have moved it on meanwhile (active, value): keep that, add the decision
             a.state = view.state.clone();
             a.decisions = view.decisions.clone();
         }
     }
-    release();
-    app.metrics
-        .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
-        .inc();
     let _ = app.events.send(serde_json::json!({"kind": "decision", "alert": &view}).to_string());
+    publish(app, Some(&event), &row, view).await
+}
+
+/// A shared book's decision: made on the alerts topic (produced, then read back and applied in
+/// the topic's order by every control center; refused if another came first), then stored in
+/// this instance's lake and its feedback row published.
+async fn decide_shared(app: &App, replica: &Replica, m: Made) -> Response {
+    let Made { row, event, decision_id, view } = m;
+    let outcome = replica.expect(&decision_id);
+    let timeout = app.outbox.as_ref().map_or(std::time::Duration::from_secs(5), |o| o.timeout());
+    let sent = match &app.outbox {
+        Some(o) => o.send_event(&event).await,
+        None => Err("no Kafka".into()),
+    };
+    if let Err(e) = sent {
+        replica.forget(&decision_id);
+        tracing::warn!(alert = %view.alert_id, "a decision not confirmed by Kafka: {e}");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "Kafka did not confirm the decision ({e}); it may still be applied: reload the alert before deciding again"
+            ),
+        );
+    }
+    let view = match tokio::time::timeout(timeout, outcome).await {
+        Ok(Ok(Ok(view))) => view,
+        Ok(Ok(Err(why))) => return error(StatusCode::CONFLICT, format!("another decision came first: {why}")),
+        Ok(Err(_)) | Err(_) => {
+            replica.forget(&decision_id);
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the decision is on the alerts topic but was not read back in time; reload the alert",
+            );
+        }
+    };
+    // the topic holds the decision: a lake that fails now loses the lake's copy, not the decision
+    if let Err(e) = store(app, &row, &event).await {
+        app.metrics
+            .counter("citystream_control_lake_failures_total", "Decisions made but not stored in the lake.", &[])
+            .inc();
+        tracing::error!(alert = %view.alert_id, "a decision made on the alerts topic could not be stored in the lake: {e}");
+    }
+    publish(app, None, &row, view).await
+}
+
+/// Writes a decision's rows to the lake, if the control center has one.
+async fn store(app: &App, row: &arrow::array::RecordBatch, event: &arrow::array::RecordBatch) -> Result<(), String> {
+    let Some(lake) = app.lake.clone() else { return Ok(()) };
+    let (r, e) = (row.clone(), event.clone());
+    let stored = tokio::task::spawn_blocking(move || lake.store(&r, &e)).await;
+    stored.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
+}
+
+/// Publishes what Kafka does not have yet of a made decision and answers with the alert.
+async fn publish(
+    app: &App,
+    event: Option<&arrow::array::RecordBatch>,
+    row: &arrow::array::RecordBatch,
+    view: AlertView,
+) -> Response {
     if let Some(o) = &app.outbox
-        && let Err(waiting) = o.publish(&event, &row).await
+        && let Err(waiting) = o.publish(event, row).await
     {
         app.metrics
             .counter("citystream_control_publish_failures_total", "Decisions the broker did not take at once.", &[])

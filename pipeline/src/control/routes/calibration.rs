@@ -94,6 +94,12 @@ pub(super) async fn calibration_apply(
         Ok(w) => w,
         Err(r) => return *r,
     };
+    if app.replica.is_some() {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "this control center serves a shared book outside the pipelines: their alert levels cannot be set from here",
+        );
+    }
     let b: ApplyBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -156,6 +162,12 @@ pub(super) async fn calibration_revert(
         Ok(w) => w,
         Err(r) => return *r,
     };
+    if app.replica.is_some() {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "this control center serves a shared book outside the pipelines: their alert levels cannot be set from here",
+        );
+    }
     let b: RevertBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e} (expected {{}})")),

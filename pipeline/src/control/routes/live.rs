@@ -58,6 +58,17 @@ pub(super) async fn health(
     .into_response()
 }
 
+/// For load balancers and probes, without a token: 200 once the book can serve decisions (a
+/// shared book has read the alerts topic up to where it ended at start), 503 before.
+pub(super) async fn ready(State(app): State<App>) -> Response {
+    match &app.replica {
+        Some(r) if !r.caught_up() => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "the book is still reading the alerts topic")
+        }
+        _ => axum::Json(serde_json::json!({"ready": true})).into_response(),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct StreamQuery {
     token: Option<String>,

@@ -31,6 +31,7 @@ use super::book::Book;
 use super::calibration::Calibrations;
 use super::decisions::DecisionStore;
 use super::outbox::Outbox;
+use super::replica::Replica;
 
 /// The page: one HTML file, no build step, no external resources.
 pub(crate) const PAGE: &str = include_str!("../page.html");
@@ -53,6 +54,8 @@ pub(crate) struct App {
     pub(crate) max_streams: usize,
     /// Alerts with a decision being stored: another decision on them is refused (409).
     pub(crate) deciding: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// A shared book's reader of the alerts topic (`None`: the book is fed by a pipeline).
+    pub(crate) replica: Option<Arc<Replica>>,
 }
 
 pub(crate) fn error(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -95,6 +98,7 @@ pub(crate) fn router(app: App) -> axum::Router {
         .route("/api/alerts/{id}/{action}", post(alerts::decide))
         .route("/api/map", get(live::map_route))
         .route("/api/health", get(live::health))
+        .route("/api/ready", get(live::ready))
         .route("/api/stream", get(live::stream))
         .route("/api/calibration", get(calibration::calibration))
         .route("/api/calibration/history", get(calibration::calibration_history))

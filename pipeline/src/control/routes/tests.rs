@@ -75,6 +75,7 @@ async fn a_slow_disk_holds_up_the_decision_but_not_the_alerts_or_other_requests(
         streams: Arc::default(),
         max_streams: 1,
         deciding: Arc::default(),
+        replica: None,
     };
     let mut headers = HeaderMap::new();
     headers.insert("authorization", HeaderValue::from_static("Bearer operator-token-0123456789"));
