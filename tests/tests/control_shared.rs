@@ -186,6 +186,12 @@ async fn two_control_centers_serve_one_book_and_losing_one_loses_no_decision() {
     let mut codes = [on_a.0, on_b.0];
     codes.sort_unstable();
     assert_eq!(codes, [200, 409], "a: {on_a:?}\nb: {on_b:?}");
+    // refused by the topic's order (both passed their own book's check) or by the loser's book
+    // (the winner's decision had already come back to it)
+    let loser = if on_a.0 == 409 { &on_a.1 } else { &on_b.1 };
+    let by_topic = loser.contains("another decision came first");
+    assert!(by_topic || loser.contains("cannot become acknowledged"), "{loser}");
+    eprintln!("the race was settled by {}", if by_topic { "the topic's order" } else { "the loser's book" });
     let winner = if on_a.0 == 200 { "op.anna" } else { "op.ben" };
     for i in [&a, &b] {
         let bk = i.until("the race settled", |bk| state_of(bk, a2) == "acknowledged").await;

@@ -58,6 +58,11 @@ struct Args {
     #[cfg(feature = "kafka")]
     #[arg(long)]
     kafka: Option<String>,
+    /// Kafka mode: a librdkafka consumer property (`key=value`, repeatable) for both the
+    /// pipeline's source and the ceiling's consumer, e.g. `max.partition.fetch.bytes=8388608`.
+    #[cfg(feature = "kafka")]
+    #[arg(long = "consumer-property")]
+    consumer_properties: Vec<String>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -108,7 +113,13 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     #[cfg(feature = "kafka")]
     if let Some(brokers) = &args.kafka {
-        return kafka::run(&rt, brokers, args.days, args.repeat);
+        let props = args
+            .consumer_properties
+            .iter()
+            .map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| anyhow::anyhow!("--consumer-property takes key=value"))?;
+        return kafka::run(&rt, brokers, args.days, args.repeat, &props);
     }
     if args.files {
         return files::run(&rt, args.days, args.repeat);
@@ -366,15 +377,26 @@ mod kafka {
     use super::median;
 
     /// Consumes every topic to the end, decoding in batches of 8192: the ceiling.
-    async fn ceiling(brokers: &str, topics: &KafkaTopics, group: &str, expected: u64) -> anyhow::Result<u64> {
-        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    async fn ceiling(
+        brokers: &str,
+        topics: &KafkaTopics,
+        group: &str,
+        expected: u64,
+        props: &[(String, String)],
+    ) -> anyhow::Result<(u64, f64)> {
+        let mut cc = rdkafka::ClientConfig::new();
+        cc.set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             // the same prefetch bound as the pipeline's source
-            .set("queued.max.messages.kbytes", "16384")
-            .create()?;
+            .set("queued.max.messages.kbytes", "16384");
+        for (k, v) in props {
+            cc.set(k, v);
+        }
+        let consumer: StreamConsumer = cc.create()?;
+        let t0 = Instant::now();
+        let mut first = None;
         let names: Vec<&str> =
             [&topics.traffic, &topics.camera, &topics.environment].iter().filter_map(|t| t.as_deref()).collect();
         consumer.subscribe(&names)?;
@@ -387,6 +409,7 @@ mod kafka {
         let mut n = 0u64;
         while n < expected {
             let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
+            first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
             let port = names.iter().position(|t| *t == m.topic()).unwrap_or(0);
             builders[port].append(m.topic(), m.partition(), m.offset(), 0, m.payload().unwrap_or_default());
             n += 1;
@@ -397,10 +420,16 @@ mod kafka {
         for (b, d) in builders.iter_mut().zip(&decoders) {
             d.decode(&b.finish())?;
         }
-        Ok(n)
+        Ok((n, first.unwrap_or_default()))
     }
 
-    pub fn run(rt: &tokio::runtime::Runtime, brokers: &str, days: u64, repeat: usize) -> anyhow::Result<()> {
+    pub fn run(
+        rt: &tokio::runtime::Runtime,
+        brokers: &str,
+        days: u64,
+        repeat: usize,
+        props: &[(String, String)],
+    ) -> anyhow::Result<()> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let prefix = format!("bench-{stamp}");
         let topics = KafkaTopics {
@@ -436,7 +465,8 @@ mod kafka {
         for run in 0..repeat {
             let dir = tempfile::tempdir()?;
             let source = format!(
-                "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\n",
+                "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\n    properties: {{{p}}}\n",
+                p = props.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect::<Vec<_>>().join(", "),
                 t = topics.traffic.as_ref().unwrap(),
                 c = topics.camera.as_ref().unwrap(),
                 e = topics.environment.as_ref().unwrap(),
@@ -449,13 +479,13 @@ mod kafka {
             pipe_cpu.push(cpu / n as f64 * 1e6);
             let before = usage();
             let t0 = Instant::now();
-            let m = rt.block_on(ceiling(brokers, &topics, &format!("{prefix}-c{run}"), produced))?;
+            let (m, first) = rt.block_on(ceiling(brokers, &topics, &format!("{prefix}-c{run}"), produced, props))?;
             let secs_c = t0.elapsed().as_secs_f64();
             let cpu_c = usage().cpu_s - before.cpu_s;
             ceil_rate.push(m as f64 / secs_c);
             ceil_cpu.push(cpu_c / m as f64 * 1e6);
             eprintln!(
-                "run {run}: pipeline {:.0} ev/s {:.2} CPU-s/M; ceiling {:.0} ev/s {:.2} CPU-s/M",
+                "run {run}: pipeline {:.0} ev/s {:.2} CPU-s/M; ceiling {:.0} ev/s {:.2} CPU-s/M (first message after {first:.2} s)",
                 n as f64 / secs,
                 cpu / n as f64 * 1e6,
                 m as f64 / secs_c,

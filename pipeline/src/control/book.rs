@@ -65,7 +65,7 @@ pub struct AlertView {
 }
 
 impl AlertView {
-    fn finished(&self) -> bool {
+    pub(crate) fn finished(&self) -> bool {
         finished(self.active, &self.state)
     }
 }
@@ -125,11 +125,26 @@ pub(crate) struct Book {
     newest: i64,
     /// Changes since the last eviction pass.
     since_evict: usize,
+    /// A shared book (fed by the alerts topic): decisions on finished alerts are refused, so
+    /// that whether one instance already evicted an alert never changes a decision's outcome.
+    shared: bool,
 }
 
 impl Book {
     pub(crate) fn new(retention_ms: i64, max_alerts: usize) -> Self {
-        Self { alerts: HashMap::new(), retention_ms, max_alerts: max_alerts.max(1), newest: i64::MIN, since_evict: 0 }
+        Self {
+            alerts: HashMap::new(),
+            retention_ms,
+            max_alerts: max_alerts.max(1),
+            newest: i64::MIN,
+            since_evict: 0,
+            shared: false,
+        }
+    }
+
+    /// A book that several control centers keep from one alerts topic (see [`Book::apply_log`]).
+    pub(crate) fn shared(retention_ms: i64, max_alerts: usize) -> Self {
+        Self { shared: true, ..Self::new(retention_ms, max_alerts) }
     }
 
     /// Applies alert events (the `alert` stages' schema); returns the stream messages of the
@@ -186,6 +201,14 @@ impl Book {
                 (a.opened_at, a.emitted_at) = (opened.value(i), emitted.value(i));
                 a.decisions.clear();
                 (a.value, a.peak) = (None, None);
+                // as a fresh entry would be (a book that had evicted the old one)
+                (a.rule, a.alert_type, a.severity, a.location) = (
+                    rule.value(i).to_owned(),
+                    ty.value(i).to_owned(),
+                    sev.value(i).to_owned(),
+                    loc.value(i).to_owned(),
+                );
+                a.threshold = thr.value(i);
             }
             a.updated_at = ts.value(i);
             a.value = opt(value, i).or(a.value);
@@ -242,6 +265,9 @@ impl Book {
         let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
         let verdict = text("decision");
         let a = self.alerts.get_mut(id).ok_or_else(|| format!("no alert `{id}` in the book"))?;
+        if self.shared && a.finished() {
+            return Err(format!("alert `{id}` is finished ({}, no longer held by its rule)", a.state));
+        }
         if !transition_allowed(&a.state, &verdict) {
             return Err(format!("alert `{id}` is {}: it cannot become {verdict}", a.state));
         }
@@ -481,6 +507,43 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    /// A decision event as a control center produces it to the alerts topic.
+    fn decision(id: &str, verdict: &str, who: &str, ts: i64) -> RecordBatch {
+        let mut b = events(&[(id, verdict, ts)]);
+        let ev = serde_json::json!({"decision": verdict, "operator": who, "comment": "", "decision_id": format!("{who}-{ts}")});
+        let mut cols = b.columns().to_vec();
+        cols[12] = Arc::new(StringArray::from(vec![ev.to_string()]));
+        cols[14] = Arc::new(StringArray::from(vec!["operator"]));
+        b = RecordBatch::try_new(b.schema(), cols).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_shared_book_applies_the_first_of_two_conflicting_decisions_and_refuses_decisions_on_finished_alerts() {
+        let mut book = Book::shared(86_400_000, 100);
+        book.apply_log(&events(&[("a", "open", 0), ("b", "open", 0)])).unwrap();
+        let first = book.apply_log(&decision("a", "acknowledged", "anna", 10)).unwrap();
+        let second = book.apply_log(&decision("a", "acknowledged", "ben", 11)).unwrap();
+        let (id, outcome) = first[0].decision.as_ref().unwrap();
+        assert_eq!((id.as_str(), outcome.as_ref().unwrap().state.as_str()), ("anna-10", "acknowledged"));
+        let (id, outcome) = second[0].decision.as_ref().unwrap();
+        assert_eq!(id, "ben-11");
+        assert!(outcome.as_ref().unwrap_err().contains("cannot become acknowledged"), "{outcome:?}");
+        assert!(second[0].message.is_none(), "a refused decision changes nothing to stream");
+        assert_eq!(book.alerts["a"].decisions.len(), 1);
+        // finished (resolved by its rule): refused, whether or not this book still holds it
+        book.apply_log(&events(&[("b", "resolved", 20)])).unwrap();
+        let late = book.apply_log(&decision("b", "false_alarm", "anna", 30)).unwrap();
+        assert!(late[0].decision.as_ref().unwrap().1.as_ref().unwrap_err().contains("finished"));
+        book.alerts.remove("b");
+        let gone = book.apply_log(&decision("b", "false_alarm", "anna", 31)).unwrap();
+        assert!(gone[0].decision.as_ref().unwrap().1.is_err());
+        // a book fed by a pipeline keeps allowing a false alarm after the rule resolved it
+        let mut own = Book::new(86_400_000, 100);
+        own.apply(&events(&[("b", "open", 0), ("b", "resolved", 20)])).unwrap();
+        assert!(own.decide("b", 30, &serde_json::json!({"decision": "false_alarm"})).is_ok());
     }
 
     #[test]

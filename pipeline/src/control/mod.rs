@@ -194,7 +194,11 @@ impl ControlCenter {
         };
         let outbox = outbox::Outbox::open(name, cfg, metrics)?;
         let (events, _) = broadcast::channel(1024);
-        let book = Arc::new(Mutex::new(Book::new(cfg.retention.as_millis_i64(), cfg.max_alerts)));
+        let (retention, max) = (cfg.retention.as_millis_i64(), cfg.max_alerts);
+        let book = Arc::new(Mutex::new(match feed {
+            Feed::Pipeline => Book::new(retention, max),
+            Feed::AlertsTopic => Book::shared(retention, max),
+        }));
         // the book is restored before the first request is served
         if let Some(p) = cfg.feedback_path.as_ref().filter(|_| feed == Feed::Pipeline) {
             let table = std::path::Path::new(p.as_str()).join("alerts");

@@ -59,7 +59,13 @@ impl Outbox {
         #[cfg(feature = "kafka")]
         {
             let topics: Vec<&str> = k.alerts_topic.iter().chain(&k.feedback_topic).map(String::as_str).collect();
-            let writer = crate::kafka::KafkaWriter::for_topics(name, &k.brokers, &k.properties, &topics, metrics)
+            // a message the broker did not take within the timeout is given up by librdkafka
+            // too (the outbox sends it again), so a refused decision does not arrive minutes later
+            let mut properties = k.properties.clone();
+            properties.entry("message.timeout.ms".into()).or_insert_with(|| {
+                crate::primitives::EnvString::literal(k.publish_timeout.to_std().as_millis().to_string())
+            });
+            let writer = crate::kafka::KafkaWriter::for_topics(name, &k.brokers, &properties, &topics, metrics)
                 .map_err(|e| bad(e.to_string()))?;
             Ok(Some(Arc::new(Self {
                 writer: tokio::sync::Mutex::new((writer, VecDeque::new())),

@@ -164,6 +164,15 @@ impl Drop for Replica {
     }
 }
 
+/// How often the alerts topic's partitions are listed again.
+#[cfg(feature = "kafka")]
+const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
+
+/// The largest message applied: an alert event is a few hundred bytes (evidence and a comment
+/// of at most 1000 characters); anything larger is not one, and is skipped.
+#[cfg(feature = "kafka")]
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 struct Counters {
     applied: Counter,
@@ -172,8 +181,8 @@ struct Counters {
 }
 
 #[cfg(feature = "kafka")]
-/// Assigns every partition of `topic` from its beginning; returns each partition's end then.
-fn assign_all(consumer: &BaseConsumer, topic: &str) -> Result<HashMap<i32, i64>, String> {
+/// The partitions of `topic`.
+fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let t = md.topics().first().ok_or("no metadata")?;
     if let Some(e) = t.error() {
@@ -182,17 +191,27 @@ fn assign_all(consumer: &BaseConsumer, topic: &str) -> Result<HashMap<i32, i64>,
     if t.partitions().is_empty() {
         return Err("the topic has no partitions".into());
     }
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
+}
+
+#[cfg(feature = "kafka")]
+/// Adds the partitions of `topic` not in `known` to the assignment, from their beginning;
+/// returns the end each had then (those with messages only).
+fn assign_new(consumer: &BaseConsumer, topic: &str, known: &mut Vec<i32>) -> Result<HashMap<i32, i64>, String> {
     let mut list = TopicPartitionList::new();
     let mut ends = HashMap::new();
-    for p in t.partitions() {
-        let (low, high) =
-            consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).map_err(|e| e.to_string())?;
-        list.add_partition_offset(topic, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
+    let fresh: Vec<i32> = partitions(consumer, topic)?.into_iter().filter(|p| !known.contains(p)).collect();
+    for &p in &fresh {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        list.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
         if high > low {
-            ends.insert(p.id(), high);
+            ends.insert(p, high);
         }
     }
-    consumer.assign(&list).map_err(|e| e.to_string())?;
+    if !fresh.is_empty() {
+        consumer.incremental_assign(&list).map_err(|e| e.to_string())?;
+        known.extend(fresh);
+    }
     Ok(ends)
 }
 
@@ -201,12 +220,13 @@ fn assign_all(consumer: &BaseConsumer, topic: &str) -> Result<HashMap<i32, i64>,
 fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target, counters: &Counters) {
     let stopped = || shared.stop.load(Ordering::Acquire);
     let mut warned = false;
+    let mut known = Vec::new();
     // partitions not yet read up to their end at start
     let mut behind = loop {
         if stopped() {
             return;
         }
-        match assign_all(consumer, topic) {
+        match assign_new(consumer, topic, &mut known) {
             Ok(ends) => break ends,
             Err(e) => {
                 if !warned {
@@ -225,7 +245,15 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
     };
     announce(&behind);
     let schema = citystream_operators::alert::alert_schema();
+    let mut looked = std::time::Instant::now();
     while !stopped() {
+        // partitions added to the topic are read from their beginning too
+        if looked.elapsed() > PARTITIONS_EVERY {
+            looked = std::time::Instant::now();
+            if let Err(e) = assign_new(consumer, topic, &mut known) {
+                tracing::warn!(topic, "control center: looking for new partitions of the alerts topic: {e}");
+            }
+        }
         let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = match m {
             Ok(m) => m,
@@ -243,7 +271,20 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
         if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
             behind.remove(&p);
         }
-        match decode(&schema, m.payload().unwrap_or_default()) {
+        let payload = m.payload().unwrap_or_default();
+        if payload.len() > MAX_EVENT_BYTES {
+            counters.bad.inc();
+            tracing::warn!(
+                topic,
+                partition = p,
+                offset,
+                bytes = payload.len(),
+                "control center: skipped an oversized message"
+            );
+            announce(&behind);
+            continue;
+        }
+        match decode(&schema, payload) {
             Ok(batch) => apply(&batch, shared, target, counters),
             Err(e) => {
                 counters.bad.inc();

@@ -1,6 +1,9 @@
 //! Alerts: the list, one alert, and the decisions operators make on them.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -129,7 +132,7 @@ pub(super) async fn decide(
         return error(StatusCode::SERVICE_UNAVAILABLE, "the book is still reading the alerts topic; try again shortly");
     }
     // checked and reserved under the lock; stored without it
-    let (view, row, event, decision_id) = {
+    let (view, row, event, decision_id, reserved) = {
         let book = app.book.lock().unwrap_or_else(|e| e.into_inner());
         let Some(a) = book.alerts.get(&id) else {
             return error(StatusCode::NOT_FOUND, format!("no alert `{id}`"));
@@ -137,9 +140,13 @@ pub(super) async fn decide(
         if !transition_allowed(&a.state, new_state) {
             return error(StatusCode::CONFLICT, format!("alert `{id}` is {}: it cannot become {new_state}", a.state));
         }
-        if !app.deciding.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone()) {
-            return error(StatusCode::CONFLICT, format!("another decision on `{id}` is being recorded"));
+        if app.replica.is_some() && a.finished() {
+            // as the shared book will refuse it (`Book::apply_log`)
+            return error(StatusCode::CONFLICT, format!("alert `{id}` is finished ({})", a.state));
         }
+        let Some(reserved) = Reservation::take(&app.deciding, &id) else {
+            return error(StatusCode::CONFLICT, format!("another decision on `{id}` is being recorded"));
+        };
         let ts = citystream_operators::common::wall_clock_ms();
         let mut view = a.clone();
         view.state = new_state.to_owned();
@@ -152,20 +159,39 @@ pub(super) async fn decide(
         let decision_id = format!("{:032x}", rand::random::<u128>());
         let row = feedback_row(ts, &view, new_state, &who.name, &body.comment);
         let event = decision_event(ts, &view, new_state, &who.name, &body.comment, &decision_id);
-        (view, row, event, decision_id)
+        (view, row, event, decision_id, reserved)
     };
-    let made = Made { view, row, event, decision_id };
+    let made = Made { view, row, event, decision_id, _reserved: reserved };
     let answer = match app.replica.clone() {
-        Some(r) => decide_shared(&app, &r, made).await,
+        Some(r) => decide_shared(&app, r, made).await,
         None => decide_here(&app, made).await,
     };
-    app.deciding.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     if answer.status() == StatusCode::OK {
         app.metrics
             .counter("citystream_control_decisions_total", "Operator decisions on alerts.", &[("decision", new_state)])
             .inc();
     }
     answer
+}
+
+/// An alert reserved for one decision at a time; released when dropped, also when the request
+/// is cancelled by its client.
+struct Reservation {
+    deciding: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Reservation {
+    fn take(deciding: &Arc<Mutex<HashSet<String>>>, id: &str) -> Option<Self> {
+        let fresh = deciding.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned());
+        fresh.then(|| Self { deciding: deciding.clone(), id: id.to_owned() })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.deciding.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
 }
 
 /// A decision checked against the book and reserved, not yet made.
@@ -177,12 +203,13 @@ struct Made {
     /// Its lifecycle event.
     event: arrow::array::RecordBatch,
     decision_id: String,
+    _reserved: Reservation,
 }
 
 /// Stores the decision in the lake (fsync, off the async workers; a decision the lake does
 /// not hold is not made), applies it to the book, streams it, then publishes it.
 async fn decide_here(app: &App, m: Made) -> Response {
-    let Made { view, row, event, .. } = m;
+    let Made { view, row, event, _reserved, .. } = m;
     if let Err(e) = store(app, &row, &event).await {
         tracing::error!("storing a decision: {e}");
         return error(StatusCode::INTERNAL_SERVER_ERROR, "the decision could not be stored");
@@ -202,43 +229,99 @@ async fn decide_here(app: &App, m: Made) -> Response {
 /// A shared book's decision: made on the alerts topic (produced, then read back and applied in
 /// the topic's order by every control center; refused if another came first), then stored in
 /// this instance's lake and its feedback row published.
-async fn decide_shared(app: &App, replica: &Replica, m: Made) -> Response {
-    let Made { row, event, decision_id, view } = m;
-    let outcome = replica.expect(&decision_id);
-    let timeout = app.outbox.as_ref().map_or(std::time::Duration::from_secs(5), |o| o.timeout());
+///
+/// The work runs as a task of its own, so that a decision the topic takes is stored and
+/// published even when the request gave up or its client went away; the request waits for
+/// the producer and the read-back, each at most `publish_timeout`.
+async fn decide_shared(app: &App, replica: Arc<Replica>, m: Made) -> Response {
+    let timeout = app.outbox.as_ref().map_or(Duration::from_secs(5), |o| o.timeout());
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(make_on_topic(app.clone(), replica, m, timeout, answer_tx));
+    match tokio::time::timeout(2 * timeout, answer_rx).await {
+        Ok(Ok(answer)) => answer,
+        _ => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the decision is on its way to the alerts topic but was not read back in time; reload the alert",
+        ),
+    }
+}
+
+/// How long a decision produced to the alerts topic is waited for, after its request was
+/// answered, to store it in the lake when it arrives (well beyond the producer's own message
+/// timeout, `publish_timeout`, after which librdkafka gives up on it).
+const READ_BACK_LIMIT: Duration = Duration::from_secs(60);
+
+async fn make_on_topic(
+    app: App,
+    replica: Arc<Replica>,
+    m: Made,
+    timeout: Duration,
+    answer: tokio::sync::oneshot::Sender<Response>,
+) {
+    let Made { row, event, decision_id, view, _reserved } = m;
+    let mut outcome = replica.expect(&decision_id);
     let sent = match &app.outbox {
         Some(o) => o.send_event(&event).await,
         None => Err("no Kafka".into()),
     };
+    let mut answer = Some(answer);
+    let reply = |answer: &mut Option<tokio::sync::oneshot::Sender<Response>>, r: Response| {
+        if let Some(a) = answer.take() {
+            let _ = a.send(r);
+        }
+    };
     if let Err(e) = sent {
-        replica.forget(&decision_id);
         tracing::warn!(alert = %view.alert_id, "a decision not confirmed by Kafka: {e}");
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "Kafka did not confirm the decision ({e}); it may still be applied: reload the alert before deciding again"
+        reply(
+            &mut answer,
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "Kafka did not confirm the decision ({e}); it may still be applied: reload the alert before deciding again"
+                ),
             ),
         );
     }
-    let view = match tokio::time::timeout(timeout, outcome).await {
-        Ok(Ok(Ok(view))) => view,
-        Ok(Ok(Err(why))) => return error(StatusCode::CONFLICT, format!("another decision came first: {why}")),
-        Ok(Err(_)) | Err(_) => {
+    // the request waits `timeout` for the read-back; the decision is still stored if it comes later
+    let read_back =
+        match tokio::time::timeout(if answer.is_some() { timeout } else { READ_BACK_LIMIT }, &mut outcome).await {
+            Ok(r) => Some(r),
+            Err(_) if answer.is_some() => {
+                reply(
+                    &mut answer,
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the decision is on the alerts topic but was not read back in time; reload the alert",
+                    ),
+                );
+                tokio::time::timeout(READ_BACK_LIMIT, &mut outcome).await.ok()
+            }
+            Err(_) => None,
+        };
+    let view = match read_back {
+        Some(Ok(Ok(view))) => view,
+        Some(Ok(Err(why))) => {
+            reply(&mut answer, error(StatusCode::CONFLICT, format!("another decision came first: {why}")));
+            return;
+        }
+        Some(Err(_)) | None => {
             replica.forget(&decision_id);
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the decision is on the alerts topic but was not read back in time; reload the alert",
+            reply(
+                &mut answer,
+                error(StatusCode::GATEWAY_TIMEOUT, "the decision was not read back from the alerts topic"),
             );
+            return;
         }
     };
     // the topic holds the decision: a lake that fails now loses the lake's copy, not the decision
-    if let Err(e) = store(app, &row, &event).await {
+    if let Err(e) = store(&app, &row, &event).await {
         app.metrics
             .counter("citystream_control_lake_failures_total", "Decisions made but not stored in the lake.", &[])
             .inc();
         tracing::error!(alert = %view.alert_id, "a decision made on the alerts topic could not be stored in the lake: {e}");
     }
-    publish(app, None, &row, view).await
+    let response = publish(&app, None, &row, view).await;
+    reply(&mut answer, response);
 }
 
 /// Writes a decision's rows to the lake, if the control center has one.

@@ -115,11 +115,26 @@ async fn a_slow_disk_holds_up_the_decision_but_not_the_alerts_or_other_requests(
     assert_eq!(done.status(), StatusCode::OK);
     assert!(t0.elapsed() >= Duration::from_secs(2), "the answer waited for the disk");
     assert_eq!(disk.stored.load(Ordering::Relaxed), 1);
-    let b = book.lock().unwrap();
-    assert_eq!(
-        (b.alerts["a1"].state.as_str(), b.alerts["a1"].decisions[0].operator.as_str()),
-        ("acknowledged", "op.anna")
-    );
+    {
+        let b = book.lock().unwrap();
+        assert_eq!(
+            (b.alerts["a1"].state.as_str(), b.alerts["a1"].decisions[0].operator.as_str()),
+            ("acknowledged", "op.anna")
+        );
+    }
+    // a request its client gave up on (the handler dropped while the disk writes) does not
+    // leave the alert reserved
+    let gone = tokio::spawn(decide(
+        State(app.clone()),
+        ConnectInfo(peer),
+        headers.clone(),
+        Path(("a2".into(), "acknowledge".into())),
+        axum::body::Bytes::from_static(b"{}"),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gone.abort();
+    let _ = gone.await;
+    assert!(app.deciding.lock().unwrap().is_empty(), "the reservation went with the request");
 }
 
 #[tokio::test]
