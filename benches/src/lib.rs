@@ -70,3 +70,50 @@ pub fn sample_batches(kind: EventKind, batches: usize, rows: usize) -> Vec<(arro
     }
     out
 }
+
+/// The decode → Parquet pipeline of Kafka and files modes, over `source` (a YAML map entry).
+/// Dead letters and late events are partitioned by day, as in `deploy/local.yaml`: small
+/// tables, whose hourly files would be most of the files written.
+pub fn decode_to_parquet(source_name: &str, source: &str, lake: &std::path::Path, extra_runtime: &str) -> String {
+    let decode = |kind: &str| {
+        format!(
+            "  {kind}: {{type: decode, input: {source_name}.{kind}, kind: {kind}, max_past: null, max_future: null}}\n"
+        )
+    };
+    format!(
+        "sources:\n{source}stages:\n{}{}{}sinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters], traffic_late: traffic.late_events, camera_late: camera.late_events, environment_late: environment.late_events}}\n    daily: [dead_letters, traffic_late, camera_late, environment_late]\nruntime: {{status_interval: null{extra_runtime}}}\n",
+        decode("traffic"),
+        decode("camera"),
+        decode("environment"),
+        d = lake.display()
+    )
+}
+
+/// Kafka helpers of the harnesses (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    use citystream_pipeline::kafka::KafkaTopics;
+
+    /// Creates `{prefix}.traffic`, `.camera` and `.environment` with `partitions` each and no
+    /// time retention (the simulated events carry old timestamps).
+    pub async fn create_topics(brokers: &str, prefix: &str, partitions: i32) -> anyhow::Result<KafkaTopics> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let topics = KafkaTopics {
+            traffic: Some(format!("{prefix}.traffic")),
+            camera: Some(format!("{prefix}.camera")),
+            environment: Some(format!("{prefix}.environment")),
+        };
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+        let names = [&topics.traffic, &topics.camera, &topics.environment];
+        let new: Vec<NewTopic> = names
+            .iter()
+            .filter_map(|n| n.as_deref())
+            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
+            .collect();
+        for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+        }
+        Ok(topics)
+    }
+}

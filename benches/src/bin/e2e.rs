@@ -255,24 +255,6 @@ fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
     Ok(Some((all, infer)))
 }
 
-/// The decode → Parquet pipeline of Kafka and files modes, over `source` (a YAML map entry).
-/// Dead letters and late events are partitioned by day, as in `deploy/local.yaml`: small
-/// tables, whose hourly files would be most of the files written.
-fn decode_to_parquet(source_name: &str, source: &str, lake: &std::path::Path, extra_runtime: &str) -> String {
-    let decode = |kind: &str| {
-        format!(
-            "  {kind}: {{type: decode, input: {source_name}.{kind}, kind: {kind}, max_past: null, max_future: null}}\n"
-        )
-    };
-    format!(
-        "sources:\n{source}stages:\n{}{}{}sinks:\n  lake:\n    type: parquet\n    path: {d}\n    tables: {{traffic: traffic, camera: camera, environment: environment, dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters], traffic_late: traffic.late_events, camera_late: camera.late_events, environment_late: environment.late_events}}\n    daily: [dead_letters, traffic_late, camera_late, environment_late]\nruntime: {{status_interval: null{extra_runtime}}}\n",
-        decode("traffic"),
-        decode("camera"),
-        decode("environment"),
-        d = lake.display()
-    )
-}
-
 /// One run of the pipeline in `yaml`: the events its sources read, its wall seconds and the
 /// process's CPU seconds; its per-task CPU goes into `profile`.
 fn measured_run(rt: &tokio::runtime::Runtime, yaml: &str, profile: &mut Profile) -> anyhow::Result<(u64, f64, f64)> {
@@ -341,7 +323,7 @@ mod files {
                 "  archive:\n    type: files\n    paths: {{traffic: {a}/traffic.jsonl.zst, camera: {a}/camera.jsonl.zst, environment: {a}/environment.jsonl.zst}}\n    checkpoint_interval: 5s\n"
             );
             let state = format!(", state_dir: {}", dir.path().join("state").display());
-            let yaml = super::decode_to_parquet("archive", &source, &dir.path().join("lake"), &state);
+            let yaml = citystream_benches::decode_to_parquet("archive", &source, &dir.path().join("lake"), &state);
             let (n, secs, cpu) = super::measured_run(rt, &yaml, &mut profile)?;
             rates.push(n as f64 / secs);
             cpus.push(cpu / n as f64 * 1e6);
@@ -432,26 +414,7 @@ mod kafka {
     ) -> anyhow::Result<()> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let prefix = format!("bench-{stamp}");
-        let topics = KafkaTopics {
-            traffic: Some(format!("{prefix}.traffic")),
-            camera: Some(format!("{prefix}.camera")),
-            environment: Some(format!("{prefix}.environment")),
-        };
-        rt.block_on(async {
-            use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-            let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-                rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
-            let names =
-                [topics.traffic.clone().unwrap(), topics.camera.clone().unwrap(), topics.environment.clone().unwrap()];
-            let new: Vec<NewTopic> = names
-                .iter()
-                .map(|n| NewTopic::new(n, 3, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
-                .collect();
-            for r in admin.create_topics(&new, &AdminOptions::new()).await? {
-                r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-            }
-            anyhow::Ok(())
-        })?;
+        let topics = rt.block_on(citystream_benches::kafka::create_topics(brokers, &prefix, 3))?;
         let cfg = SimulatorConfig {
             duration: citystream_operators::Duration::from_secs(days * 86_400),
             ..SimulatorConfig::default()
@@ -471,7 +434,7 @@ mod kafka {
                 c = topics.camera.as_ref().unwrap(),
                 e = topics.environment.as_ref().unwrap(),
             );
-            let yaml = super::decode_to_parquet("kafka", &source, dir.path(), "");
+            let yaml = citystream_benches::decode_to_parquet("kafka", &source, dir.path(), "");
             let (n, secs, cpu) = super::measured_run(rt, &yaml, &mut profile)?;
             // the idle wait at the end is not work: take it off the wall time
             let secs = secs - 2.0;

@@ -1,0 +1,279 @@
+//! Scale-out harness (feature `kafka`, a broker from `deploy/kafka/start.sh`): several
+//! `citystream run` processes in one consumer group on this machine.
+//!
+//! - **Throughput with 1, 2, 3… instances**: simulated days produced once into topics of
+//!   `--partitions` partitions; per run, N processes (Kafka → decode → Parquet, each its own
+//!   lake) drain the backlog; wall time from the first start to the last exit, less the idle
+//!   wait that ends them, and the children's CPU time.
+//! - **Handover**: two instances on a live stream (`--rate` events/s), static membership and the
+//!   session timeout of `deploy/kafka.yaml` (10 s); one is killed with SIGKILL. Measured: kill
+//!   to the first file of one of its partitions written by the survivor (no restart), and kill
+//!   to the first file written by a replacement started at once with the same
+//!   `group.instance.id` (a Kubernetes restart). Files are closed at every checkpoint (1 s
+//!   here), so each figure includes up to a second of it.
+//!
+//! `cargo run --release -p citystream-benches --features kafka --bin scale_out -- --brokers 127.0.0.1:9092 --citystream target/release/citystream`
+
+#[cfg(feature = "kafka")]
+fn main() -> anyhow::Result<()> {
+    harness::main()
+}
+
+#[cfg(not(feature = "kafka"))]
+fn main() {
+    eprintln!("build with `--features kafka`");
+    std::process::exit(2);
+}
+
+#[cfg(feature = "kafka")]
+mod harness {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant, SystemTime};
+
+    use anyhow::Context as _;
+    use citystream_pipeline::kafka::KafkaTopics;
+    use citystream_pipeline::simulator::SimulatorConfig;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Args {
+        /// Kafka brokers.
+        #[arg(long)]
+        brokers: String,
+        /// The `citystream` binary (a release build).
+        #[arg(long)]
+        citystream: PathBuf,
+        /// Partitions of each topic.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Simulated days in the backlog (about 290k events per day).
+        #[arg(long, default_value_t = 2)]
+        days: u64,
+        /// Instance counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        instances: Vec<usize>,
+        /// Runs per instance count; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Events per second of the live stream in the handover runs.
+        #[arg(long, default_value_t = 3000)]
+        rate: u32,
+        /// Handover runs per scenario.
+        #[arg(long, default_value_t = 3)]
+        handovers: usize,
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    /// CPU seconds of this process's waited-for children so far.
+    fn children_cpu() -> f64 {
+        // SAFETY: getrusage fills the zeroed struct we own.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_CHILDREN is valid and `ru` is a valid out-pointer.
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+
+    /// Kafka → decode → Parquet into `lake`, as group member `instance`.
+    fn config(brokers: &str, t: &KafkaTopics, group: &str, instance: &str, lake: &Path, checkpoint: &str) -> String {
+        let source = format!(
+            "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {group}\n    topics: {{traffic: {}, camera: {}, environment: {}}}\n    stop_when_idle: {IDLE_S}s\n    checkpoint_interval: {checkpoint}\n    properties: {{session.timeout.ms: \"10000\", group.instance.id: {instance}}}\n",
+            t.traffic.as_deref().unwrap_or_default(),
+            t.camera.as_deref().unwrap_or_default(),
+            t.environment.as_deref().unwrap_or_default(),
+        );
+        citystream_benches::decode_to_parquet("kafka", &source, lake, "")
+    }
+
+    /// The idle wait that ends a run (`stop_when_idle`).
+    const IDLE_S: u64 = 3;
+
+    fn spawn(bin: &Path, dir: &Path, name: &str, yaml: &str) -> anyhow::Result<Child> {
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, yaml)?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn,citystream_pipeline=info")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))
+    }
+
+    /// The events a finished run reports (`done in … s: N events in`).
+    fn events_read(log: &Path) -> u64 {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.split_once(" s: ").and_then(|(_, r)| r.split(' ').next()?.parse().ok()))
+            .unwrap_or(0)
+    }
+
+    /// Partitions of the traffic topic with a file in `lake`, and when the newest such file
+    /// appeared, per partition (file names: `{topic}-p{partition}-o{first}-{last}.parquet`).
+    fn files_by_partition(lake: &Path, after: SystemTime) -> Vec<i32> {
+        let mut out = Vec::new();
+        let mut stack = vec![lake.join("traffic")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with('.') || !name.ends_with(".parquet") {
+                    continue;
+                }
+                let fresh = e.metadata().and_then(|m| m.modified()).is_ok_and(|m| m > after);
+                let part = name.rsplit_once("-p").and_then(|(_, r)| r.split('-').next()?.parse::<i32>().ok());
+                if let (true, Some(p)) = (fresh, part)
+                    && !out.contains(&p)
+                {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    fn throughput(args: &Args, rt: &tokio::runtime::Runtime, prefix: &str) -> anyhow::Result<()> {
+        let topics = rt.block_on(citystream_benches::kafka::create_topics(&args.brokers, prefix, args.partitions))?;
+        let cfg = SimulatorConfig {
+            duration: citystream_operators::Duration::from_secs(args.days * 86_400),
+            ..SimulatorConfig::default()
+        };
+        let (_, produced) =
+            rt.block_on(citystream_pipeline::kafka::produce::simulate_into(&args.brokers, cfg, &topics, None))?;
+        eprintln!("produced {produced} messages into {} partitions per topic", args.partitions);
+        let mut rows = Vec::new();
+        for &n in &args.instances {
+            let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+            for run in 0..args.repeat {
+                let dir = tempfile::tempdir()?;
+                let group = format!("{prefix}-n{n}-r{run}");
+                let cpu0 = children_cpu();
+                let t0 = Instant::now();
+                let mut children = (0..n)
+                    .map(|i| {
+                        let yaml = config(
+                            &args.brokers,
+                            &topics,
+                            &group,
+                            &format!("w{i}"),
+                            &dir.path().join(format!("lake{i}")),
+                            "5s",
+                        );
+                        spawn(&args.citystream, dir.path(), &format!("w{i}"), &yaml)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                for (i, c) in children.iter_mut().enumerate() {
+                    if !c.wait()?.success() {
+                        let log = std::fs::read_to_string(dir.path().join(format!("w{i}.log"))).unwrap_or_default();
+                        anyhow::bail!("instance {i} failed:\n{}", &log[log.len().saturating_sub(3000)..]);
+                    }
+                }
+                let secs = t0.elapsed().as_secs_f64() - IDLE_S as f64;
+                let cpu = children_cpu() - cpu0;
+                let events: u64 = (0..n).map(|i| events_read(&dir.path().join(format!("w{i}.log")))).sum();
+                anyhow::ensure!(events >= produced, "{events} events read of {produced}");
+                eprintln!(
+                    "{n} instance(s), run {run}: {:.0} events/s, {:.2} CPU-s per million",
+                    events as f64 / secs,
+                    cpu / events as f64 * 1e6
+                );
+                rates.push(events as f64 / secs);
+                cpus.push(cpu / events as f64 * 1e6);
+            }
+            rows.push((n, median(rates), median(cpus)));
+        }
+        let base = rows.first().map_or(1.0, |r| r.1);
+        println!("| instances | events/s (median of {}) | vs 1 | CPU-s per million events |", args.repeat);
+        println!("|---|---|---|---|");
+        for (n, rate, cpu) in rows {
+            println!("| {n} | {rate:.0} | {:.2}x | {cpu:.2} |", rate / base);
+        }
+        Ok(())
+    }
+
+    /// Kill to the first new file of one of the killed instance's partitions, written by the
+    /// survivor (`restart: false`) or by a replacement with the same instance id.
+    fn handover(args: &Args, rt: &tokio::runtime::Runtime, prefix: &str, restart: bool) -> anyhow::Result<f64> {
+        let topics = rt.block_on(citystream_benches::kafka::create_topics(&args.brokers, prefix, args.partitions))?;
+        let cfg = SimulatorConfig {
+            duration: citystream_operators::Duration::from_secs(86_400),
+            ..SimulatorConfig::default()
+        };
+        let rate = std::num::NonZeroU32::new(args.rate);
+        let (b, t) = (args.brokers.clone(), topics.clone());
+        let feed = rt.spawn(async move { citystream_pipeline::kafka::produce::simulate_into(&b, cfg, &t, rate).await });
+        let dir = tempfile::tempdir()?;
+        let lake = |i: usize| dir.path().join(format!("lake{i}"));
+        let yaml = |i: usize| config(&args.brokers, &topics, prefix, &format!("w{i}"), &lake(i), "1s");
+        let mut a = spawn(&args.citystream, dir.path(), "w0", &yaml(0))?;
+        let mut b = spawn(&args.citystream, dir.path(), "w1", &yaml(1))?;
+        let started = SystemTime::now();
+        // both running and writing their own partitions
+        let t0 = Instant::now();
+        while files_by_partition(&lake(0), started).is_empty() || files_by_partition(&lake(1), started).is_empty() {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "the instances did not start writing");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let owned = files_by_partition(&lake(0), SystemTime::now() - Duration::from_secs(2));
+        let killed_at = SystemTime::now();
+        let t_kill = Instant::now();
+        a.kill()?;
+        a.wait()?;
+        let mut replacement = if restart { Some(spawn(&args.citystream, dir.path(), "w0b", &yaml(0))?) } else { None };
+        let watch = if restart { lake(0) } else { lake(1) };
+        let took = loop {
+            let fresh = files_by_partition(&watch, killed_at);
+            if fresh.iter().any(|p| owned.contains(p)) {
+                break t_kill.elapsed().as_secs_f64();
+            }
+            anyhow::ensure!(t_kill.elapsed() < Duration::from_secs(120), "no handover within 120 s");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for c in [Some(&mut b), replacement.as_mut()].into_iter().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        feed.abort();
+        Ok(took)
+    }
+
+    pub fn main() -> anyhow::Result<()> {
+        let args = Args::parse();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+        if !args.instances.is_empty() {
+            throughput(&args, &rt, &format!("scale-{stamp}"))?;
+        }
+        for restart in [false, true] {
+            let mut took = Vec::new();
+            for run in 0..args.handovers {
+                let s = handover(&args, &rt, &format!("handover-{stamp}-{restart}-{run}"), restart)?;
+                eprintln!("handover ({}), run {run}: {s:.2} s", if restart { "restarted" } else { "survivor" });
+                took.push(s);
+            }
+            if !took.is_empty() {
+                println!(
+                    "handover, kill to first file of a moved partition, {}: median {:.2} s (min {:.2}, max {:.2}, {} runs)",
+                    if restart { "replacement with the same group.instance.id" } else { "taken over by the survivor" },
+                    median(took.clone()),
+                    took.iter().copied().fold(f64::INFINITY, f64::min),
+                    took.iter().copied().fold(0.0, f64::max),
+                    took.len()
+                );
+            }
+        }
+        Ok(())
+    }
+}
