@@ -176,9 +176,12 @@ async fn two_control_centers_serve_one_book_and_losing_one_loses_no_decision() {
     assert_eq!(by_id(&book_a), by_id(&b.get("/api/alerts").await), "one book");
 
     // a decision on one is seen on the other
+    let t0 = Instant::now();
     let (code, body) = a.decide(a1, "acknowledge", ANNA).await;
+    let answered = t0.elapsed();
     assert_eq!(code, 200, "{body}");
     let seen = b.until("a's decision on b", |bk| state_of(bk, a1) == "acknowledged").await;
+    eprintln!("a decision: answered after {answered:?}, seen on the other instance after {:?}", t0.elapsed());
     assert_eq!(alert(&seen, a1).unwrap()["decisions"][0]["operator"], "op.anna");
 
     // two rooms acknowledge one alert at once: the topic orders them, one wins everywhere

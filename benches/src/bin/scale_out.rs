@@ -115,8 +115,8 @@ mod harness {
             .unwrap_or(0)
     }
 
-    /// Partitions of the traffic topic with a file in `lake`, and when the newest such file
-    /// appeared, per partition (file names: `{topic}-p{partition}-o{first}-{last}.parquet`).
+    /// Partitions of the traffic topic with a file in `lake` modified after `after` (file names:
+    /// `{topic}-p{partition}-o{first}-{last}.parquet`).
     fn files_by_partition(lake: &Path, after: SystemTime) -> Vec<i32> {
         let mut out = Vec::new();
         let mut stack = vec![lake.join("traffic")];
@@ -183,13 +183,13 @@ mod harness {
                 let cpu = children_cpu() - cpu0;
                 let events: u64 = (0..n).map(|i| events_read(&dir.path().join(format!("w{i}.log")))).sum();
                 anyhow::ensure!(events >= produced, "{events} events read of {produced}");
+                // the backlog's events (a re-read after a rebalance is work, not progress)
+                let (rate, per_m) = (produced as f64 / secs, cpu / produced as f64 * 1e6);
                 eprintln!(
-                    "{n} instance(s), run {run}: {:.0} events/s, {:.2} CPU-s per million",
-                    events as f64 / secs,
-                    cpu / events as f64 * 1e6
+                    "{n} instance(s), run {run}: {rate:.0} events/s, {per_m:.2} CPU-s per million ({events} read)"
                 );
-                rates.push(events as f64 / secs);
-                cpus.push(cpu / events as f64 * 1e6);
+                rates.push(rate);
+                cpus.push(per_m);
             }
             rows.push((n, median(rates), median(cpus)));
         }
@@ -227,10 +227,11 @@ mod harness {
         }
         std::thread::sleep(Duration::from_secs(3));
         let owned = files_by_partition(&lake(0), SystemTime::now() - Duration::from_secs(2));
-        let killed_at = SystemTime::now();
         let t_kill = Instant::now();
         a.kill()?;
         a.wait()?;
+        // files it closed before it died are older than this
+        let killed_at = SystemTime::now();
         let mut replacement = if restart { Some(spawn(&args.citystream, dir.path(), "w0b", &yaml(0))?) } else { None };
         let watch = if restart { lake(0) } else { lake(1) };
         let took = loop {

@@ -177,6 +177,12 @@ impl Book {
         for i in 0..batch.num_rows() {
             let key = id.value(i).to_owned();
             let status = status.value(i);
+            if self.shared && status != "open" && !self.alerts.contains_key(&key) {
+                // a later event of an alert this book never saw open, or evicted when it
+                // finished: a book that still holds it keeps it finished, so this one must not
+                // start it afresh
+                continue;
+            }
             let a = self.alerts.entry(key.clone()).or_insert_with(|| AlertView {
                 alert_id: key.clone(),
                 rule: rule.value(i).to_owned(),
@@ -540,6 +546,13 @@ mod tests {
         book.alerts.remove("b");
         let gone = book.apply_log(&decision("b", "false_alarm", "anna", 31)).unwrap();
         assert!(gone[0].decision.as_ref().unwrap().1.is_err());
+        // a late rule event of the evicted alert does not bring it back; its next `open` does,
+        // afresh, as on a book that never evicted it
+        book.apply_log(&events(&[("b", "resolved", 32)])).unwrap();
+        assert!(!book.alerts.contains_key("b"));
+        book.apply_log(&events(&[("a", "resolved", 40), ("a", "open", 50)])).unwrap();
+        let a = &book.alerts["a"];
+        assert!(a.active && a.state == "open" && a.decisions.is_empty() && a.opened_at == 50, "{a:?}");
         // a book fed by a pipeline keeps allowing a false alarm after the rule resolved it
         let mut own = Book::new(86_400_000, 100);
         own.apply(&events(&[("b", "open", 0), ("b", "resolved", 20)])).unwrap();

@@ -62,9 +62,11 @@ impl Outbox {
             // a message the broker did not take within the timeout is given up by librdkafka
             // too (the outbox sends it again), so a refused decision does not arrive minutes later
             let mut properties = k.properties.clone();
-            properties.entry("message.timeout.ms".into()).or_insert_with(|| {
-                crate::primitives::EnvString::literal(k.publish_timeout.to_std().as_millis().to_string())
-            });
+            if !properties.contains_key("message.timeout.ms") && !properties.contains_key("delivery.timeout.ms") {
+                // at least a second (librdkafka reads 0 as forever, and it must exceed linger.ms)
+                let ms = k.publish_timeout.to_std().as_millis().max(1000);
+                properties.insert("message.timeout.ms".into(), crate::primitives::EnvString::literal(ms.to_string()));
+            }
             let writer = crate::kafka::KafkaWriter::for_topics(name, &k.brokers, &properties, &topics, metrics)
                 .map_err(|e| bad(e.to_string()))?;
             Ok(Some(Arc::new(Self {

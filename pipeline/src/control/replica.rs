@@ -168,10 +168,11 @@ impl Drop for Replica {
 #[cfg(feature = "kafka")]
 const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
 
-/// The largest message applied: an alert event is a few hundred bytes (evidence and a comment
-/// of at most 1000 characters); anything larger is not one, and is skipped.
+/// The largest message applied (the broker's default `message.max.bytes`): an alert event is
+/// a few hundred bytes, a city-wide storm summary listing every location a few tens of KiB;
+/// anything larger is not one, and is skipped.
 #[cfg(feature = "kafka")]
-const MAX_EVENT_BYTES: usize = 64 * 1024;
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 struct Counters {
@@ -250,8 +251,17 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
         // partitions added to the topic are read from their beginning too
         if looked.elapsed() > PARTITIONS_EVERY {
             looked = std::time::Instant::now();
-            if let Err(e) = assign_new(consumer, topic, &mut known) {
-                tracing::warn!(topic, "control center: looking for new partitions of the alerts topic: {e}");
+            match assign_new(consumer, topic, &mut known) {
+                // still catching up: the new partitions' ends count too
+                Ok(ends) if !shared.caught_up.load(Ordering::Acquire) => behind.extend(ends),
+                Ok(ends) if !ends.is_empty() => tracing::warn!(
+                    topic,
+                    partitions = known.len(),
+                    "control center: the alerts topic has more partitions: a location's events may now be split \
+                     across two of them, in no agreed order; keep its partition count fixed"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(topic, "control center: looking for new partitions of the alerts topic: {e}"),
             }
         }
         let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };

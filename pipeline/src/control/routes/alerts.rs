@@ -117,8 +117,11 @@ pub(super) async fn decide(
     if body.comment.chars().count() > 1000 {
         return error(StatusCode::BAD_REQUEST, "comment: at most 1000 characters");
     }
-    // the broker is away: a decision that cannot be published is not made
+    // the broker is away: a decision that cannot be published is not made (a shared book's
+    // decision goes to the alerts topic first, which refuses it then; its outbox only holds
+    // feedback rows)
     if let Some(o) = &app.outbox
+        && app.replica.is_none()
         && o.pending() > 0
     {
         return error(
@@ -164,7 +167,18 @@ pub(super) async fn decide(
     let made = Made { view, row, event, decision_id, _reserved: reserved };
     let answer = match app.replica.clone() {
         Some(r) => decide_shared(&app, r, made).await,
-        None => decide_here(&app, made).await,
+        None => {
+            // a task of its own: a decision whose lake write started is applied and published
+            // even if the client goes away meanwhile (the lake must not hold what the book lacks)
+            let app = app.clone();
+            match tokio::spawn(async move { decide_here(&app, made).await }).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::error!("a decision's task failed: {e}");
+                    error(StatusCode::INTERNAL_SERVER_ERROR, "the decision failed")
+                }
+            }
+        }
     };
     if answer.status() == StatusCode::OK {
         app.metrics
@@ -237,7 +251,8 @@ async fn decide_shared(app: &App, replica: Arc<Replica>, m: Made) -> Response {
     let timeout = app.outbox.as_ref().map_or(Duration::from_secs(5), |o| o.timeout());
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(make_on_topic(app.clone(), replica, m, timeout, answer_tx));
-    match tokio::time::timeout(2 * timeout, answer_rx).await {
+    // the producer (with the outbox's lock) and the read-back, each at most `timeout`
+    match tokio::time::timeout(3 * timeout + Duration::from_secs(1), answer_rx).await {
         Ok(Ok(answer)) => answer,
         _ => error(
             StatusCode::GATEWAY_TIMEOUT,
@@ -259,6 +274,9 @@ async fn make_on_topic(
     answer: tokio::sync::oneshot::Sender<Response>,
 ) {
     let Made { row, event, decision_id, view, _reserved } = m;
+    // released as soon as the request is answered with a failure: the operator may try again
+    // (the topic's order refuses the second of two decisions anyway)
+    let mut reserved = Some(_reserved);
     let mut outcome = replica.expect(&decision_id);
     let sent = match &app.outbox {
         Some(o) => o.send_event(&event).await,
@@ -270,10 +288,17 @@ async fn make_on_topic(
             let _ = a.send(r);
         }
     };
+    let fail = |answer: &mut Option<tokio::sync::oneshot::Sender<Response>>,
+                reserved: &mut Option<Reservation>,
+                r: Response| {
+        reply(answer, r);
+        reserved.take();
+    };
     if let Err(e) = sent {
         tracing::warn!(alert = %view.alert_id, "a decision not confirmed by Kafka: {e}");
-        reply(
+        fail(
             &mut answer,
+            &mut reserved,
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -287,8 +312,9 @@ async fn make_on_topic(
         match tokio::time::timeout(if answer.is_some() { timeout } else { READ_BACK_LIMIT }, &mut outcome).await {
             Ok(r) => Some(r),
             Err(_) if answer.is_some() => {
-                reply(
+                fail(
                     &mut answer,
+                    &mut reserved,
                     error(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the decision is on the alerts topic but was not read back in time; reload the alert",
@@ -306,6 +332,18 @@ async fn make_on_topic(
         }
         Some(Err(_)) | None => {
             replica.forget(&decision_id);
+            app.metrics
+                .counter(
+                    "citystream_control_decisions_unconfirmed_total",
+                    "Decisions produced to the alerts topic and never read back here (no lake copy here).",
+                    &[],
+                )
+                .inc();
+            tracing::warn!(
+                alert = %view.alert_id,
+                "a decision was not read back from the alerts topic within {READ_BACK_LIMIT:?}: if it arrives \
+                 later, the books apply it but this lake has no copy"
+            );
             reply(
                 &mut answer,
                 error(StatusCode::GATEWAY_TIMEOUT, "the decision was not read back from the alerts topic"),
@@ -320,8 +358,10 @@ async fn make_on_topic(
             .inc();
         tracing::error!(alert = %view.alert_id, "a decision made on the alerts topic could not be stored in the lake: {e}");
     }
-    let response = publish(&app, None, &row, view).await;
-    reply(&mut answer, response);
+    // answered once in the topic and this lake; the feedback row follows (the outbox retries it)
+    reply(&mut answer, axum::Json(&view).into_response());
+    drop(reserved);
+    let _ = publish(&app, None, &row, view).await;
 }
 
 /// Writes a decision's rows to the lake, if the control center has one.
