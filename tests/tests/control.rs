@@ -343,16 +343,10 @@ async fn with_the_broker_away_a_decision_waits_a_bounded_time_and_the_next_is_re
     let c = ControlCenter::start("control", &cfg, &Metrics::new()).unwrap();
     c.apply(&alert_events(&[("seg-00-03", 10, 0.97), ("seg-01-02", 11, 0.95)])).unwrap();
     let t0 = std::time::Instant::now();
-    let mut s = TcpStream::connect(c.addr).await.unwrap();
-    let body = r#"{"comment": "x"}"#;
-    let req = format!(
-        "POST /api/alerts/incident_model:seg-00-03:600000/acknowledge HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_lowercase();
+    let path = "/api/alerts/incident_model:seg-00-03:600000/acknowledge";
+    let text = common::alerts::http_raw(c.addr, "POST", path, Some(OPERATOR), Some(r#"{"comment": "x"}"#))
+        .await
+        .to_lowercase();
     let waited = t0.elapsed();
     assert!(text.starts_with("http/1.1 200") && text.contains("x-citystream-kafka: pending"), "{text}");
     assert!(waited < Duration::from_secs(4), "the answer waited {waited:?}, not the broker's 60 s");

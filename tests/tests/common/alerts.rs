@@ -69,14 +69,9 @@ pub fn string_columns(dir: &std::path::Path, names: &[&str]) -> Vec<Vec<String>>
     rows
 }
 
-/// One HTTP/1.1 request to `addr`; returns the status and the body.
-pub async fn http_at(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, String) {
+/// One HTTP/1.1 request to `addr`; returns the whole response as text (status line, headers,
+/// body).
+pub async fn http_raw(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let body = body.unwrap_or("");
@@ -87,7 +82,18 @@ pub async fn http_at(
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+/// One HTTP/1.1 request to `addr`; returns the status and the body.
+pub async fn http_at(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let text = http_raw(addr, method, path, token, body).await;
     let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
