@@ -62,6 +62,24 @@ mod harness {
         /// Handover runs per scenario.
         #[arg(long, default_value_t = 3)]
         handovers: usize,
+        /// A librdkafka consumer property for every instance (`key=value`, repeatable), e.g.
+        /// `group.protocol=consumer` (KIP-848; its session timeout is the broker's
+        /// `group.consumer.session.timeout.ms`, so `session.timeout.ms` is then not set).
+        #[arg(long = "consumer-property")]
+        consumer_properties: Vec<String>,
+    }
+
+    /// The source's `properties` map as YAML: `session.timeout.ms` of `deploy/kafka.yaml`
+    /// (classic protocol only), the instance id, and `--consumer-property`.
+    fn properties(args: &Args, instance: &str) -> String {
+        let given: Vec<(&str, &str)> = args.consumer_properties.iter().filter_map(|p| p.split_once('=')).collect();
+        let kip848 = given.iter().any(|(k, v)| *k == "group.protocol" && *v == "consumer");
+        let mut all: Vec<String> = given.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect();
+        if !kip848 {
+            all.push("session.timeout.ms: \"10000\"".into());
+        }
+        all.push(format!("group.instance.id: {instance}"));
+        format!("{{{}}}", all.join(", "))
     }
 
     fn median(mut v: Vec<f64>) -> f64 {
@@ -80,9 +98,10 @@ mod harness {
     }
 
     /// Kafka → decode → Parquet into `lake`, as group member `instance`.
-    fn config(brokers: &str, t: &KafkaTopics, group: &str, instance: &str, lake: &Path, checkpoint: &str) -> String {
+    fn config(args: &Args, t: &KafkaTopics, group: &str, instance: &str, lake: &Path, checkpoint: &str) -> String {
+        let (brokers, props) = (&args.brokers, properties(args, instance));
         let source = format!(
-            "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {group}\n    topics: {{traffic: {}, camera: {}, environment: {}}}\n    stop_when_idle: {IDLE_S}s\n    checkpoint_interval: {checkpoint}\n    properties: {{session.timeout.ms: \"10000\", group.instance.id: {instance}}}\n",
+            "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {group}\n    topics: {{traffic: {}, camera: {}, environment: {}}}\n    stop_when_idle: {IDLE_S}s\n    checkpoint_interval: {checkpoint}\n    properties: {props}\n",
             t.traffic.as_deref().unwrap_or_default(),
             t.camera.as_deref().unwrap_or_default(),
             t.environment.as_deref().unwrap_or_default(),
@@ -162,14 +181,8 @@ mod harness {
                 let t0 = Instant::now();
                 let mut children = (0..n)
                     .map(|i| {
-                        let yaml = config(
-                            &args.brokers,
-                            &topics,
-                            &group,
-                            &format!("w{i}"),
-                            &dir.path().join(format!("lake{i}")),
-                            "5s",
-                        );
+                        let yaml =
+                            config(args, &topics, &group, &format!("w{i}"), &dir.path().join(format!("lake{i}")), "5s");
                         spawn(&args.citystream, dir.path(), &format!("w{i}"), &yaml)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
@@ -215,14 +228,23 @@ mod harness {
         let feed = rt.spawn(async move { citystream_pipeline::kafka::produce::simulate_into(&b, cfg, &t, rate).await });
         let dir = tempfile::tempdir()?;
         let lake = |i: usize| dir.path().join(format!("lake{i}"));
-        let yaml = |i: usize| config(&args.brokers, &topics, prefix, &format!("w{i}"), &lake(i), "1s");
+        let yaml = |i: usize| config(args, &topics, prefix, &format!("w{i}"), &lake(i), "1s");
         let mut a = spawn(&args.citystream, dir.path(), "w0", &yaml(0))?;
         let mut b = spawn(&args.citystream, dir.path(), "w1", &yaml(1))?;
         let started = SystemTime::now();
         // both running and writing their own partitions
         let t0 = Instant::now();
         while files_by_partition(&lake(0), started).is_empty() || files_by_partition(&lake(1), started).is_empty() {
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "the instances did not start writing");
+            if t0.elapsed() > Duration::from_secs(60) {
+                let logs: Vec<String> = ["w0", "w1"]
+                    .iter()
+                    .map(|n| {
+                        let l = std::fs::read_to_string(dir.path().join(format!("{n}.log"))).unwrap_or_default();
+                        format!("{n}:\n{}", &l[l.len().saturating_sub(2000)..])
+                    })
+                    .collect();
+                anyhow::bail!("the instances did not both start writing within 60 s:\n{}", logs.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_secs(3));
@@ -239,7 +261,14 @@ mod harness {
             if fresh.iter().any(|p| owned.contains(p)) {
                 break t_kill.elapsed().as_secs_f64();
             }
-            anyhow::ensure!(t_kill.elapsed() < Duration::from_secs(120), "no handover within 120 s");
+            if t_kill.elapsed() > Duration::from_secs(120) {
+                let name = if restart { "w0b" } else { "w1" };
+                let l = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
+                anyhow::bail!(
+                    "no handover within 120 s (partitions {owned:?}); {name}:\n{}",
+                    &l[l.len().saturating_sub(3000)..]
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         };
         for c in [Some(&mut b), replacement.as_mut()].into_iter().flatten() {
