@@ -629,3 +629,42 @@ async fn simulated_streams_are_partitioned_as_java_producers_partition() {
     assert!(seen > 1000, "an hour of traffic: {seen} messages");
     assert!(per_partition.iter().all(|&n| n > 0), "every partition gets keys: {per_partition:?}");
 }
+
+/// Under the KIP-848 group protocol the broker holds a static member's `group.instance.id`
+/// until that member's session expires, so a replacement started at once (a pod restarted
+/// after a crash) is refused with a fatal error. The source stops with the reason, so the pod
+/// is restarted, instead of polling a consumer that will never read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_refused_its_group_instance_id_stops_with_the_reason() {
+    let topics = create_topics(&unique("t848"), 2).await;
+    produce(&topics, 1, 848).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let text = yaml(&topics, &unique("g848"), &lake, "600s").replace(
+        "      session.timeout.ms: \"10000\"\n      heartbeat.interval.ms: \"1000\"\n",
+        "      group.protocol: consumer\n      group.instance.id: worker-0\n",
+    );
+    assert!(text.contains("group.protocol: consumer"));
+    let cfg = dir.path().join("kip848.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let (first_log, second_log) = (dir.path().join("first.log"), dir.path().join("second.log"));
+    let mut first = spawn(&cfg, &first_log);
+    tokio::task::spawn_blocking({
+        let lake = lake.clone();
+        move || wait_for_rows(&lake, 1, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = spawn(&cfg, &second_log);
+    let status = tokio::task::spawn_blocking({
+        let log = second_log.clone();
+        move || wait_status(&mut second, Duration::from_secs(40), &log)
+    })
+    .await
+    .unwrap();
+    let log = std::fs::read_to_string(&second_log).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("failed for good") && log.contains("instance"), "{log}");
+}

@@ -134,11 +134,13 @@ mod harness {
             .unwrap_or(0)
     }
 
-    /// Partitions of the traffic topic with a file in `lake` modified after `after` (file names:
-    /// `{topic}-p{partition}-o{first}-{last}.parquet`).
-    fn files_by_partition(lake: &Path, after: SystemTime) -> Vec<i32> {
+    /// The source partitions (`{topic}-p{partition}`, of any kind) with a file of the three
+    /// event tables in `lake` modified after `after` (file names:
+    /// `{topic}-p{partition}-o{first}-{last}.parquet`). A member may own no partition of some
+    /// topic: the assignor spreads partitions of all topics together.
+    fn files_by_partition(lake: &Path, after: SystemTime) -> Vec<String> {
         let mut out = Vec::new();
-        let mut stack = vec![lake.join("traffic")];
+        let mut stack: Vec<PathBuf> = ["traffic", "camera", "environment"].iter().map(|t| lake.join(t)).collect();
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 let p = e.path();
@@ -151,11 +153,11 @@ mod harness {
                     continue;
                 }
                 let fresh = e.metadata().and_then(|m| m.modified()).is_ok_and(|m| m > after);
-                let part = name.rsplit_once("-p").and_then(|(_, r)| r.split('-').next()?.parse::<i32>().ok());
-                if let (true, Some(p)) = (fresh, part)
-                    && !out.contains(&p)
+                let part = name.rsplit_once("-o").map(|(tp, _)| tp.to_owned());
+                if let (true, Some(tp)) = (fresh, part)
+                    && !out.contains(&tp)
                 {
-                    out.push(p);
+                    out.push(tp);
                 }
             }
         }

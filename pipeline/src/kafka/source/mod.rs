@@ -233,6 +233,15 @@ impl Loop {
             };
             let msg = match msg {
                 Ok(m) => m,
+                // a fatal error ends the consumer for good (e.g. KIP-848 refusing a
+                // `group.instance.id` the group still holds for a member that died): stop, so
+                // that a restart (a pod's) joins again instead of polling a dead consumer
+                Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                    return Err(self.err(format!(
+                        "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
+                         static membership, once the broker released the member that held this group.instance.id)"
+                    )));
+                }
                 Err(e) => {
                     // transient broker errors: librdkafka reconnects by itself
                     tracing::warn!(source = self.name, "kafka: {e}");
