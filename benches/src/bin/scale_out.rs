@@ -112,7 +112,17 @@ mod harness {
     /// The idle wait that ends a run (`stop_when_idle`).
     const IDLE_S: u64 = 3;
 
-    fn spawn(bin: &Path, dir: &Path, name: &str, yaml: &str) -> anyhow::Result<Child> {
+    /// A started instance, killed when dropped (an error path leaves no process behind).
+    struct Instance(Child);
+
+    impl Drop for Instance {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn spawn(bin: &Path, dir: &Path, name: &str, yaml: &str) -> anyhow::Result<Instance> {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml)?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
@@ -123,6 +133,7 @@ mod harness {
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
+            .map(Instance)
             .with_context(|| format!("starting {}", bin.display()))
     }
 
@@ -189,7 +200,7 @@ mod harness {
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 for (i, c) in children.iter_mut().enumerate() {
-                    if !c.wait()?.success() {
+                    if !c.0.wait()?.success() {
                         let log = std::fs::read_to_string(dir.path().join(format!("w{i}.log"))).unwrap_or_default();
                         anyhow::bail!("instance {i} failed:\n{}", &log[log.len().saturating_sub(3000)..]);
                     }
@@ -232,7 +243,7 @@ mod harness {
         let lake = |i: usize| dir.path().join(format!("lake{i}"));
         let yaml = |i: usize| config(args, &topics, prefix, &format!("w{i}"), &lake(i), "1s");
         let mut a = spawn(&args.citystream, dir.path(), "w0", &yaml(0))?;
-        let mut b = spawn(&args.citystream, dir.path(), "w1", &yaml(1))?;
+        let b = spawn(&args.citystream, dir.path(), "w1", &yaml(1))?;
         let started = SystemTime::now();
         // both running and writing their own partitions
         let t0 = Instant::now();
@@ -252,11 +263,11 @@ mod harness {
         std::thread::sleep(Duration::from_secs(3));
         let owned = files_by_partition(&lake(0), SystemTime::now() - Duration::from_secs(2));
         let t_kill = Instant::now();
-        a.kill()?;
-        a.wait()?;
+        a.0.kill()?;
+        a.0.wait()?;
         // files it closed before it died are older than this
         let killed_at = SystemTime::now();
-        let mut replacement = if restart { Some(spawn(&args.citystream, dir.path(), "w0b", &yaml(0))?) } else { None };
+        let replacement = if restart { Some(spawn(&args.citystream, dir.path(), "w0b", &yaml(0))?) } else { None };
         let watch = if restart { lake(0) } else { lake(1) };
         let took = loop {
             let fresh = files_by_partition(&watch, killed_at);
@@ -273,10 +284,7 @@ mod harness {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        for c in [Some(&mut b), replacement.as_mut()].into_iter().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        drop((b, replacement));
         feed.abort();
         Ok(took)
     }
