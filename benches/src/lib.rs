@@ -30,12 +30,22 @@ pub struct Usage {
     pub peak_rss_mib: f64,
 }
 
-/// Reads [`Usage`] with `getrusage`.
+/// Reads [`Usage`] of this process with `getrusage`.
 pub fn usage() -> Usage {
+    rusage(libc::RUSAGE_SELF)
+}
+
+/// [`Usage`] of this process's children that have been waited for (their CPU summed, the
+/// largest peak RSS among them).
+pub fn children_usage() -> Usage {
+    rusage(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage(who: libc::c_int) -> Usage {
     // SAFETY: getrusage fills the zeroed struct we own.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF is valid and `ru` is a valid out-pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    // SAFETY: `who` is RUSAGE_SELF or RUSAGE_CHILDREN and `ru` is a valid out-pointer.
+    unsafe { libc::getrusage(who, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Usage { cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime), peak_rss_mib: ru.ru_maxrss as f64 / 1024.0 }
 }

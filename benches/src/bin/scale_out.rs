@@ -87,16 +87,6 @@ mod harness {
         v[v.len() / 2]
     }
 
-    /// CPU seconds of this process's waited-for children so far.
-    fn children_cpu() -> f64 {
-        // SAFETY: getrusage fills the zeroed struct we own.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: RUSAGE_CHILDREN is valid and `ru` is a valid out-pointer.
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(ru.ru_utime) + tv(ru.ru_stime)
-    }
-
     /// Kafka → decode → Parquet into `lake`, as group member `instance`.
     fn config(args: &Args, t: &KafkaTopics, group: &str, instance: &str, lake: &Path, checkpoint: &str) -> String {
         let (brokers, props) = (&args.brokers, properties(args, instance));
@@ -190,7 +180,7 @@ mod harness {
             for run in 0..args.repeat {
                 let dir = tempfile::tempdir()?;
                 let group = format!("{prefix}-n{n}-r{run}");
-                let cpu0 = children_cpu();
+                let cpu0 = citystream_benches::children_usage().cpu_s;
                 let t0 = Instant::now();
                 let mut children = (0..n)
                     .map(|i| {
@@ -206,7 +196,7 @@ mod harness {
                     }
                 }
                 let secs = t0.elapsed().as_secs_f64() - IDLE_S as f64;
-                let cpu = children_cpu() - cpu0;
+                let cpu = citystream_benches::children_usage().cpu_s - cpu0;
                 let events: u64 = (0..n).map(|i| events_read(&dir.path().join(format!("w{i}.log")))).sum();
                 anyhow::ensure!(events >= produced, "{events} events read of {produced}");
                 // the backlog's events (a re-read after a rebalance is work, not progress)

@@ -39,22 +39,11 @@ pub(crate) async fn control(c: Control) -> anyhow::Result<()> {
         });
     }
     let center = ControlCenter::start_shared("control", &cfg, &metrics).map_err(anyhow::Error::msg)?;
+    let terminated = super::on_termination();
     // the first line says where (tests and scripts read it when the port was 0)
     println!("control center on http://{}", center.addr);
-    wait_for_signal().await;
+    terminated.await;
     tracing::info!("signal received: stopping the control center");
     drop(center);
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -73,23 +73,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         max_memory: usize::try_from(s.max_memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
         tls,
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = stop.send(());
-    });
-    #[cfg(unix)]
-    let stopped = async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = stopped => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-    };
-    let (local, server) = bind(cfg, async move {
-        let _ = stopped.await;
-    })
-    .await?;
+    let (local, server) = bind(cfg, super::on_termination()).await?;
     // the first line says where (tests and scripts read it when the port was 0)
     println!("serving Arrow Flight SQL on {scheme}://{local} over {}", s.data.display());
     server.await?;

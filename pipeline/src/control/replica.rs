@@ -171,7 +171,6 @@ const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
 /// The largest message applied (the broker's default `message.max.bytes`): an alert event is
 /// a few hundred bytes, a city-wide storm summary listing every location a few tens of KiB;
 /// anything larger is not one, and is skipped.
-#[cfg(feature = "kafka")]
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
@@ -281,20 +280,7 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
         if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
             behind.remove(&p);
         }
-        let payload = m.payload().unwrap_or_default();
-        if payload.len() > MAX_EVENT_BYTES {
-            counters.bad.inc();
-            tracing::warn!(
-                topic,
-                partition = p,
-                offset,
-                bytes = payload.len(),
-                "control center: skipped an oversized message"
-            );
-            announce(&behind);
-            continue;
-        }
-        match decode(&schema, payload) {
+        match decode(&schema, m.payload().unwrap_or_default()) {
             Ok(batch) => apply(&batch, shared, target, counters),
             Err(e) => {
                 counters.bad.inc();
@@ -313,6 +299,9 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 /// One message (a JSON object in the alert schema, as the Kafka sink writes it) as a batch.
 fn decode(schema: &arrow::datatypes::SchemaRef, payload: &[u8]) -> Result<arrow::array::RecordBatch, String> {
+    if payload.len() > MAX_EVENT_BYTES {
+        return Err(format!("{} bytes, over {MAX_EVENT_BYTES}", payload.len()));
+    }
     let mut d = arrow::json::ReaderBuilder::new(schema.clone()).build_decoder().map_err(|e| e.to_string())?;
     let used = d.decode(payload).map_err(|e| e.to_string())?;
     if used != payload.len() && payload[used..].iter().any(|b| !b.is_ascii_whitespace()) {
@@ -384,7 +373,15 @@ mod tests {
         let line = w.into_inner();
         let back = decode(&schema, line.trim_ascii_end()).unwrap();
         assert_eq!(back, event, "{}", String::from_utf8_lossy(&line));
-        for bad in [&b"{}"[..], b"not json", b"{\"alert_id\": 3}", b"", &[line.as_slice(), line.as_slice()].concat()] {
+        let oversized = [b" ".repeat(MAX_EVENT_BYTES), line.clone()].concat();
+        for bad in [
+            &b"{}"[..],
+            b"not json",
+            b"{\"alert_id\": 3}",
+            b"",
+            &[line.as_slice(), line.as_slice()].concat(),
+            &oversized,
+        ] {
             assert!(decode(&schema, bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }

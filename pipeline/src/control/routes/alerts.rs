@@ -266,6 +266,32 @@ async fn decide_shared(app: &App, replica: Arc<Replica>, m: Made) -> Response {
 /// timeout, `publish_timeout`, after which librdkafka gives up on it).
 const READ_BACK_LIMIT: Duration = Duration::from_secs(60);
 
+/// The request a shared decision answers, and the alert it holds until then.
+struct Requester {
+    answer: Option<tokio::sync::oneshot::Sender<Response>>,
+    reserved: Option<Reservation>,
+}
+
+impl Requester {
+    /// Answers (once; later answers are dropped).
+    fn reply(&mut self, r: Response) {
+        if let Some(a) = self.answer.take() {
+            let _ = a.send(r);
+        }
+    }
+
+    /// Answers with a failure and frees the alert at once: the operator may try again (the
+    /// topic's order refuses the second of two decisions anyway).
+    fn fail(&mut self, r: Response) {
+        self.reply(r);
+        self.reserved.take();
+    }
+
+    fn waiting(&self) -> bool {
+        self.answer.is_some()
+    }
+}
+
 async fn make_on_topic(
     app: App,
     replica: Arc<Replica>,
@@ -274,60 +300,36 @@ async fn make_on_topic(
     answer: tokio::sync::oneshot::Sender<Response>,
 ) {
     let Made { row, event, decision_id, view, _reserved } = m;
-    // released as soon as the request is answered with a failure: the operator may try again
-    // (the topic's order refuses the second of two decisions anyway)
-    let mut reserved = Some(_reserved);
+    let mut request = Requester { answer: Some(answer), reserved: Some(_reserved) };
     let mut outcome = replica.expect(&decision_id);
     let sent = match &app.outbox {
         Some(o) => o.send_event(&event).await,
         None => Err("no Kafka".into()),
     };
-    let mut answer = Some(answer);
-    let reply = |answer: &mut Option<tokio::sync::oneshot::Sender<Response>>, r: Response| {
-        if let Some(a) = answer.take() {
-            let _ = a.send(r);
-        }
-    };
-    let fail = |answer: &mut Option<tokio::sync::oneshot::Sender<Response>>,
-                reserved: &mut Option<Reservation>,
-                r: Response| {
-        reply(answer, r);
-        reserved.take();
-    };
     if let Err(e) = sent {
         tracing::warn!(alert = %view.alert_id, "a decision not confirmed by Kafka: {e}");
-        fail(
-            &mut answer,
-            &mut reserved,
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "Kafka did not confirm the decision ({e}); it may still be applied: reload the alert before deciding again"
-                ),
-            ),
-        );
+        request.fail(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Kafka did not confirm the decision ({e}); it may still be applied: reload the alert before deciding again"),
+        ));
     }
     // the request waits `timeout` for the read-back; the decision is still stored if it comes later
-    let read_back =
-        match tokio::time::timeout(if answer.is_some() { timeout } else { READ_BACK_LIMIT }, &mut outcome).await {
-            Ok(r) => Some(r),
-            Err(_) if answer.is_some() => {
-                fail(
-                    &mut answer,
-                    &mut reserved,
-                    error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the decision is on the alerts topic but was not read back in time; reload the alert",
-                    ),
-                );
-                tokio::time::timeout(READ_BACK_LIMIT, &mut outcome).await.ok()
-            }
-            Err(_) => None,
-        };
+    let first_wait = if request.waiting() { timeout } else { READ_BACK_LIMIT };
+    let read_back = match tokio::time::timeout(first_wait, &mut outcome).await {
+        Ok(r) => Some(r),
+        Err(_) if request.waiting() => {
+            request.fail(error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the decision is on the alerts topic but was not read back in time; reload the alert",
+            ));
+            tokio::time::timeout(READ_BACK_LIMIT, &mut outcome).await.ok()
+        }
+        Err(_) => None,
+    };
     let view = match read_back {
         Some(Ok(Ok(view))) => view,
         Some(Ok(Err(why))) => {
-            reply(&mut answer, error(StatusCode::CONFLICT, format!("another decision came first: {why}")));
+            request.reply(error(StatusCode::CONFLICT, format!("another decision came first: {why}")));
             return;
         }
         Some(Err(_)) | None => {
@@ -344,10 +346,7 @@ async fn make_on_topic(
                 "a decision was not read back from the alerts topic within {READ_BACK_LIMIT:?}: if it arrives \
                  later, the books apply it but this lake has no copy"
             );
-            reply(
-                &mut answer,
-                error(StatusCode::GATEWAY_TIMEOUT, "the decision was not read back from the alerts topic"),
-            );
+            request.reply(error(StatusCode::GATEWAY_TIMEOUT, "the decision was not read back from the alerts topic"));
             return;
         }
     };
@@ -359,8 +358,8 @@ async fn make_on_topic(
         tracing::error!(alert = %view.alert_id, "a decision made on the alerts topic could not be stored in the lake: {e}");
     }
     // answered once in the topic and this lake; the feedback row follows (the outbox retries it)
-    reply(&mut answer, axum::Json(&view).into_response());
-    drop(reserved);
+    request.reply(axum::Json(&view).into_response());
+    drop(request);
     let _ = publish(&app, None, &row, view).await;
 }
 
