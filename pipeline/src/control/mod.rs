@@ -273,12 +273,6 @@ impl ControlCenter {
         &self.board
     }
 
-    /// Whether the book is ready to serve decisions: always for a pipeline's; a shared book once
-    /// it has read the alerts topic up to where it ended at start.
-    pub fn ready(&self) -> bool {
-        self.replica.as_ref().is_none_or(|r| r.caught_up())
-    }
-
     /// Applies alert events (the `alert` stages' schema) to the book and streams them.
     pub fn apply(&self, batch: &RecordBatch) -> Result<(), ControlError> {
         let messages = self.book.lock().unwrap_or_else(|e| e.into_inner()).apply(batch)?;
