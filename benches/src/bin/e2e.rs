@@ -63,6 +63,11 @@ struct Args {
     #[cfg(feature = "kafka")]
     #[arg(long = "consumer-property")]
     consumer_properties: Vec<String>,
+    /// Kafka mode: a field of the pipeline's `kafka` source (`key: value` YAML, repeatable),
+    /// e.g. `max_drift: null`.
+    #[cfg(feature = "kafka")]
+    #[arg(long = "source-field")]
+    source_fields: Vec<String>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -119,7 +124,7 @@ fn main() -> anyhow::Result<()> {
             .map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| anyhow::anyhow!("--consumer-property takes key=value"))?;
-        return kafka::run(&rt, brokers, args.days, args.repeat, &props);
+        return kafka::run(&rt, brokers, args.days, args.repeat, &props, &args.source_fields);
     }
     if args.files {
         return files::run(&rt, args.days, args.repeat);
@@ -370,9 +375,11 @@ mod kafka {
         cc.set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            // the same prefetch bound as the pipeline's source
-            .set("queued.max.messages.kbytes", "16384");
+            .set("auto.offset.reset", "earliest");
+        // the pipeline's source's fetch settings
+        for (k, v) in citystream_pipeline::kafka::CONSUMER_DEFAULTS {
+            cc.set(*k, *v);
+        }
         for (k, v) in props {
             cc.set(k, v);
         }
@@ -411,6 +418,7 @@ mod kafka {
         days: u64,
         repeat: usize,
         props: &[(String, String)],
+        source_fields: &[String],
     ) -> anyhow::Result<()> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let prefix = format!("bench-{stamp}");
@@ -428,7 +436,8 @@ mod kafka {
         for run in 0..repeat {
             let dir = tempfile::tempdir()?;
             let source = format!(
-                "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\n    properties: {{{p}}}\n",
+                "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {prefix}-p{run}\n    topics: {{traffic: {t}, camera: {c}, environment: {e}}}\n    stop_when_idle: 2s\n    checkpoint_interval: 5s\n    properties: {{{p}}}\n{f}",
+                f = source_fields.iter().map(|f| format!("    {f}\n")).collect::<String>(),
                 p = props.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect::<Vec<_>>().join(", "),
                 t = topics.traffic.as_ref().unwrap(),
                 c = topics.camera.as_ref().unwrap(),

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 pub(crate) use sink::KafkaSink;
 pub use sink::{KafkaSinkConfig, KafkaWriter, TopicRoute};
+pub use source::CONSUMER_DEFAULTS;
 
 use crate::primitives::EnvString;
 

@@ -53,6 +53,20 @@ type Tp = (String, i32);
 /// Next offset to read per (topic, partition).
 type Positions = BTreeMap<Tp, i64>;
 
+/// librdkafka settings of the source's consumer, for a backlog caught up at CPU speed with
+/// bounded memory; the source's `properties` override them.
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    // librdkafka prefetches up to 64 MiB per partition by default: bound memory
+    ("queued.max.messages.kbytes", "16384"),
+    // once a partition's prefetch queue is full, librdkafka waits this long before fetching it
+    // again (default 1 s): a backlog drained the queue in a fraction of that and then sat idle,
+    // at less than half the rate (README, "Benchmarks")
+    ("fetch.queue.backoff.ms", "10"),
+    // a fetch that finds nothing new waits this long on the broker (default 500 ms); a
+    // partition resumed by watermark alignment is not fetched before that fetch comes back
+    ("fetch.wait.max.ms", "100"),
+];
+
 /// The consumer thread's settings and handles.
 struct Loop {
     name: String,
@@ -120,9 +134,10 @@ async fn run_kafka_source(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000")
-        // librdkafka prefetches up to 64 MiB per partition by default: bound memory
-        .set("queued.max.messages.kbytes", "16384");
+        .set("statistics.interval.ms", "1000");
+    for (k, v) in CONSUMER_DEFAULTS {
+        cc.set(*k, *v);
+    }
     for (k, v) in &cfg.properties {
         cc.set(k, v.as_str());
     }
@@ -202,34 +217,58 @@ impl Loop {
         // (epoch, generation, positions) of the newest checkpoint not yet committed
         let mut pending_commit: Option<(u64, u64, Positions)> = None;
         let mut total = 0u64;
+        // the partition of the message at hand, as a key of `parts` (reused: no allocation)
+        let mut key: Tp = (String::new(), 0);
+        // a wall-clock reading no later than now: read again only for a message stamped after it
+        let mut wall = chrono::Utc::now().timestamp_millis();
+        // the clock, the stop flag and the callbacks' errors are read after every wait and every
+        // CHECK_EVERY messages read without one (a backlog), not for each message
+        const CHECK_EVERY: u32 = 64;
+        let mut now = Instant::now();
+        let mut unchecked = CHECK_EVERY;
         loop {
-            if let Some(e) = lock(&self.shared).error.take() {
-                return Err(self.err(e));
-            }
-            if *self.stop.borrow() {
-                break;
-            }
-            let now = Instant::now();
-            if now >= next_checkpoint {
-                next_checkpoint = now + checkpoint_every;
-                if self.periodic_checkpoint(&mut pending_commit)? {
-                    // time spent waiting on a busy pipeline is not idleness
-                    last_message = Instant::now();
+            if unchecked >= CHECK_EVERY {
+                unchecked = 0;
+                if let Some(e) = lock(&self.shared).error.take() {
+                    return Err(self.err(e));
                 }
-            }
-            if now >= next_flush {
-                next_flush = now + batch_wait;
-                if self.flush(&mut last_wm)? {
-                    last_message = Instant::now();
-                }
-            }
-            let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
-            let Some(msg) = self.consumer.poll(wait.min(Duration::from_millis(100))) else {
-                // checked whenever a poll comes back empty: at most 100 ms past `stop_when_idle`
-                if self.idle_long_enough(&mut last_message) {
+                if *self.stop.borrow() {
                     break;
                 }
-                continue;
+                now = Instant::now();
+                if now >= next_checkpoint {
+                    next_checkpoint = now + checkpoint_every;
+                    if self.periodic_checkpoint(&mut pending_commit)? {
+                        // time spent waiting on a busy pipeline is not idleness
+                        now = Instant::now();
+                        last_message = now;
+                    }
+                }
+                if now >= next_flush {
+                    next_flush = now + batch_wait;
+                    if self.flush(&mut last_wm)? {
+                        now = Instant::now();
+                        last_message = now;
+                    }
+                }
+            }
+            unchecked += 1;
+            // a message librdkafka already holds is taken without a wait (or a clock reading)
+            let msg = match self.consumer.poll(Duration::ZERO) {
+                Some(m) => m,
+                None => {
+                    unchecked = CHECK_EVERY;
+                    let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
+                    let Some(m) = self.consumer.poll(wait.min(Duration::from_millis(100))) else {
+                        // checked whenever a poll comes back empty: at most 100 ms past `stop_when_idle`
+                        if self.idle_long_enough(&mut last_message) {
+                            break;
+                        }
+                        continue;
+                    };
+                    now = Instant::now();
+                    m
+                }
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -248,7 +287,7 @@ impl Loop {
                     continue;
                 }
             };
-            last_message = Instant::now();
+            last_message = now;
             let full = {
                 let mut s = lock(&self.shared);
                 if let Some(e) = s.error.take() {
@@ -261,13 +300,21 @@ impl Loop {
                 // when the message reached Kafka (its log time), unless that lies ahead of our
                 // clock: part of the topic's content, so the event-time bounds checked against
                 // it give the same verdict on every replay
-                let now = chrono::Utc::now().timestamp_millis();
-                let arrived = msg.timestamp().to_millis().map_or(now, |t| t.min(now));
+                let arrived = match msg.timestamp().to_millis() {
+                    Some(t) if t <= wall => t,
+                    t => {
+                        wall = chrono::Utc::now().timestamp_millis();
+                        t.map_or(wall, |t| t.min(wall))
+                    }
+                };
                 s.builders[port].append(topic, msg.partition(), msg.offset(), arrived, payload);
                 self.events[port].inc();
                 self.bytes[port].inc_by(payload.len() as u64);
                 total += 1;
-                if let Some(p) = s.parts.get_mut(&(topic.to_owned(), msg.partition())) {
+                key.0.clear();
+                key.0.push_str(topic);
+                key.1 = msg.partition();
+                if let Some(p) = s.parts.get_mut(&key) {
                     p.position = msg.offset() + 1;
                     p.read = true;
                     p.active_at = last_message;
@@ -276,7 +323,10 @@ impl Loop {
             };
             if let Some((port, b, outputs)) = full {
                 outputs.blocking_send(port, Message::Batch(b))?;
-                last_message = Instant::now();
+                // the pipeline may have held the send back: look at the timers next
+                now = Instant::now();
+                last_message = now;
+                unchecked = CHECK_EVERY;
             }
         }
         // final checkpoint: hand on the rest, wait until it is durable, commit, then end
