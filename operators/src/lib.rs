@@ -37,6 +37,7 @@ mod env;
 pub mod event_time;
 pub mod exact_sum;
 pub mod filter;
+pub mod health;
 mod metrics;
 pub mod project;
 pub mod secret;

@@ -18,6 +18,7 @@ use citystream_operators::decode::DecodeConfig;
 use citystream_operators::dedup::DedupConfig;
 use citystream_operators::dp::DpConfig;
 use citystream_operators::filter::FilterConfig;
+use citystream_operators::health::SensorHealthConfig;
 use citystream_operators::project::ProjectConfig;
 use citystream_operators::window::WindowConfig;
 use citystream_operators::zstd_column::ZstdConfig;
@@ -95,6 +96,7 @@ registry! {
     "window" => Window(WindowConfig), live: yes, "event-time windows and aggregates per key";
     "compress" => Compress(CompressConfig), live: yes, "swinging-door or deadband compression with an error bound";
     "admit" => Admit(AdmitConfig), live: yes, "rate limits per stream and per key";
+    "sensor_health" => SensorHealth(SensorHealthConfig), live: no, "stuck and silent devices: their readings withheld, their status as rows";
     "zstd" => Zstd(ZstdConfig), live: no, "zstd-compress a binary column";
     "dp_aggregate" => DpAggregate(DpConfig), live: no, "differentially private counts, sums and means per window";
     "features" => Features(FeaturesConfig), live: no, "model input rows from one-minute traffic windows and the road graph";

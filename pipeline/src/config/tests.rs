@@ -58,7 +58,7 @@ fn unknown_stage_type() {
     let text = GOOD.replace("type: decode", "type: decoder");
     assert_eq!(
         error_of(&text),
-        "bad.yaml:7:5: stages.traffic: unknown variant `decoder`, expected one of decode, filter, project, dedup, window, compress, admit, zstd, dp_aggregate, features, infer, california7, alert\n  help: did you mean `decode`?"
+        "bad.yaml:7:5: stages.traffic: unknown variant `decoder`, expected one of decode, filter, project, dedup, window, compress, admit, sensor_health, zstd, dp_aggregate, features, infer, california7, alert\n  help: did you mean `decode`?"
     );
 }
 

@@ -8,7 +8,7 @@
 //! spreads upstream at the backward wave speed `w`; speed, flow and occupancy stay consistent
 //! with the fundamental diagram by construction.
 
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -61,6 +61,33 @@ pub struct Incident {
     pub capacity_factor: f64,
 }
 
+/// How an injected detector fault shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectorFaultKind {
+    /// The detector repeats its first reading of the fault.
+    Stuck,
+    /// The detector sends nothing.
+    Silent,
+}
+
+/// An injected detector fault: ground truth for `sensor_health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectorFault {
+    /// The detector, `det-{segment}-{lane}`.
+    pub sensor_id: String,
+    /// Index of its segment.
+    pub segment: usize,
+    /// Its lane.
+    pub lane: u8,
+    /// Stuck or silent.
+    pub kind: DetectorFaultKind,
+    /// Start (UTC ms).
+    pub start_ms: i64,
+    /// End (UTC ms).
+    pub end_ms: i64,
+}
+
 /// Size and shape of the city.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +113,10 @@ pub struct CityConfig {
     /// Latitude, longitude of the city's centre. Default 52.52, 13.405.
     #[serde(default = "d_origin")]
     pub origin: [f64; 2],
+    /// Loop detectors per simulated day that fail for 20 to 90 minutes, half of them stuck
+    /// (repeating one reading), half silent. Default 0.
+    #[serde(default)]
+    pub detector_faults_per_day: f64,
 }
 
 fn d_segments() -> usize {
@@ -120,6 +151,7 @@ impl Default for CityConfig {
             stations: d_stations(),
             incidents_per_day: d_incidents(),
             origin: d_origin(),
+            detector_faults_per_day: 0.0,
         }
     }
 }
@@ -148,6 +180,8 @@ pub struct City {
     demand_noise: Vec<f64>,
     /// Incidents, sorted by start.
     pub incidents: Vec<Incident>,
+    /// Detector faults, sorted by start ([`City::plan_detector_faults`]).
+    pub detector_faults: Vec<DetectorFault>,
     /// Current weather.
     pub weather: Weather,
 }
@@ -227,8 +261,43 @@ impl City {
             demand_factor,
             demand_noise: vec![0.0; corridors],
             incidents,
+            detector_faults: Vec::new(),
             weather: Weather::default(),
         }
+    }
+
+    /// Plans `per_day` detector faults per day between `start_ms` and `end_ms` from `seed`, on
+    /// a generator of their own: the rest of the simulation is the same with or without them.
+    pub fn plan_detector_faults(&mut self, per_day: f64, seed: u64, start_ms: i64, end_ms: i64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x005e_750a_fa17);
+        let days = (end_ms - start_ms) as f64 / 86_400_000.0;
+        let n = (per_day * days).round() as usize;
+        let mut faults: Vec<DetectorFault> = (0..n)
+            .map(|k| {
+                let day = (rng.random::<f64>() * days.max(1e-9)).floor();
+                let hour = 6.0 + 15.0 * rng.random::<f64>();
+                let start = start_ms + ((day * 24.0 + hour) * 3_600_000.0) as i64;
+                let minutes = 20.0 + 70.0 * rng.random::<f64>();
+                let segment = rng.random_range(0..self.segments.len());
+                let lane = rng.random_range(1..=self.segments[segment].lanes.max(1));
+                DetectorFault {
+                    sensor_id: format!("det-{}-{lane}", self.segments[segment].segment_id),
+                    segment,
+                    lane,
+                    kind: if k % 2 == 0 { DetectorFaultKind::Stuck } else { DetectorFaultKind::Silent },
+                    start_ms: start,
+                    end_ms: start + (minutes * 60_000.0) as i64,
+                }
+            })
+            .filter(|f| f.start_ms < end_ms)
+            .collect();
+        faults.sort_by_key(|f| f.start_ms);
+        self.detector_faults = faults;
+    }
+
+    /// The fault of the detector on lane `lane` of segment `i` at `t_ms`, if any.
+    pub fn detector_fault_at(&self, i: usize, lane: u8, t_ms: i64) -> Option<&DetectorFault> {
+        self.detector_faults.iter().find(|f| f.segment == i && f.lane == lane && f.start_ms <= t_ms && t_ms < f.end_ms)
     }
 
     /// The incident active on segment `i` at `t_ms`, if any.

@@ -8,7 +8,7 @@ use citystream_schemas::EventKind;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::city::{City, EFFECTIVE_LENGTH_M, STEP_S};
+use super::city::{City, DetectorFaultKind, EFFECTIVE_LENGTH_M, STEP_S};
 use super::{SimulatorConfig, rfc3339};
 
 /// (kind, key, payload, event time ms) of a freshly generated reading.
@@ -29,6 +29,9 @@ struct Station {
     phase_s: i64,
 }
 
+/// A loop detector's reading: vehicles, occupancy, mean speed.
+type Loop = (u32, f64, Option<f64>);
+
 /// Where the devices are, and their counters.
 pub(super) struct Sites {
     cameras: Vec<Camera>,
@@ -36,6 +39,8 @@ pub(super) struct Sites {
     /// Registered vehicles whose plates cameras read (the same vehicle passes several cameras).
     plates: Vec<String>,
     seq: [u64; 3],
+    /// The reading a stuck detector repeats, per (segment, lane, fault start).
+    frozen: std::collections::HashMap<(usize, u8, i64), Loop>,
 }
 
 impl Sites {
@@ -68,7 +73,7 @@ impl Sites {
                 format!("{}{}-{}{}-{:04}", l(rng), l(rng), l(rng), l(rng), rng.random_range(1..10_000))
             })
             .collect();
-        Sites { cameras, stations, plates, seq: [0; 3] }
+        Sites { cameras, stations, plates, seq: [0; 3], frozen: Default::default() }
     }
 
     fn event_id(&mut self, kind: EventKind) -> String {
@@ -169,8 +174,15 @@ fn traffic(
                         + 2.0 * (lane as f64 - (lanes as f64 + 1.0) / 2.0);
                     v.clamp(1.0, 250.0)
                 });
-                let sensor_id = format!("det-{}-{lane}", seg.segment_id);
                 let event_id = sites.event_id(EventKind::Traffic);
+                // an injected detector fault (drawn like any reading first, so the others'
+                // readings are the same with or without faults)
+                let (flow, occupancy, speed) = match city.detector_fault_at(i, lane as u8, ts) {
+                    Some(f) if f.kind == DetectorFaultKind::Silent => continue,
+                    Some(f) => *sites.frozen.entry((i, f.lane, f.start_ms)).or_insert((flow, occupancy, speed)),
+                    None => (flow, occupancy, speed),
+                };
+                let sensor_id = format!("det-{}-{lane}", seg.segment_id);
                 let mut p = Vec::with_capacity(240);
                 let _ = write!(
                     p,

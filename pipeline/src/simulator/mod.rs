@@ -301,7 +301,8 @@ impl Simulation {
         let start_ms = cfg.start.0.unwrap_or(now_ms - now_ms.rem_euclid(60_000));
         let end_ms = start_ms + cfg.duration.as_millis_i64();
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let city = City::new(&cfg.city, &mut rng, start_ms, end_ms);
+        let mut city = City::new(&cfg.city, &mut rng, start_ms, end_ms);
+        city.plan_detector_faults(cfg.city.detector_faults_per_day, cfg.seed, start_ms, end_ms);
         let sites = emit::Sites::new(&cfg, &city, &mut rng);
         Self {
             cfg,
@@ -446,8 +447,8 @@ impl Simulation {
     }
 
     /// Writes what is known before the first event: `road_graph.csv`, `incidents.csv` (the
-    /// injected incidents), `cameras.csv` and `stations.csv` (so a live test can score alerts
-    /// while the simulation runs).
+    /// injected incidents), `detector_faults.csv`, `cameras.csv` and `stations.csv` (so a live
+    /// test can score alerts while the simulation runs).
     pub fn write_plan(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("road_graph.csv"))?);
@@ -473,6 +474,16 @@ impl Simulation {
             )?;
         }
         f.flush()?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("detector_faults.csv"))?);
+        writeln!(f, "sensor_id,kind,start,end")?;
+        for d in &self.city.detector_faults {
+            let kind = match d.kind {
+                city::DetectorFaultKind::Stuck => "stuck",
+                city::DetectorFaultKind::Silent => "silent",
+            };
+            writeln!(f, "{},{kind},{},{}", d.sensor_id, rfc3339(d.start_ms), rfc3339(d.end_ms))?;
+        }
+        f.flush()?;
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("incidents.csv"))?);
         writeln!(f, "incident_id,segment_id,start,end,capacity_factor")?;
         for i in &self.city.incidents {
@@ -491,16 +502,51 @@ impl Simulation {
     }
 }
 
-/// `ms` as RFC 3339 text with milliseconds, UTC.
+/// `ms` as RFC 3339 text with milliseconds, UTC (`2026-03-02T07:45:00.250Z`).
 pub fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-        .unwrap_or_else(|| ms.to_string())
+    use chrono::{Datelike, Timelike};
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else { return ms.to_string() };
+    let year = t.year();
+    let Ok(year @ 0..=9999) = u32::try_from(year) else {
+        return t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+    };
+    // digit by digit: chrono's formatter parses its pattern at every call, and the simulator
+    // writes a timestamp per traffic event
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 3, t.timestamp_subsec_millis());
+    b.iter().map(|&c| c as char).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_writes_what_chrono_writes() {
+        let chrono_text =
+            |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        // 2024-02-29 (a leap day), the epoch, before it, year 1 and year 9999, and random times
+        let mut cases = vec![1_709_164_800_123, 0, -1, -62_135_596_800_000, 253_402_300_799_999];
+        cases.extend((0..10_000).map(|_| rng.random_range(-62_135_596_800_000..253_402_300_799_999)));
+        for ms in cases {
+            assert_eq!(rfc3339(ms), chrono_text(ms), "{ms}");
+        }
+        // outside four-digit years chrono's text stands
+        assert_eq!(rfc3339(253_402_300_800_000), chrono_text(253_402_300_800_000));
+    }
     use citystream_schemas::raw::RawBatchBuilder;
     use citystream_schemas::{DecodeOptions, Decoder};
 

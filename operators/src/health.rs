@@ -1,0 +1,473 @@
+//! `sensor_health`: stuck and silent devices, found on event time, kept away from what reads
+//! the healthy output (the models) and reported as changes of status.
+//!
+//! - A device (the `key` columns, e.g. `[sensor_id]`) is **stuck** once it has sent
+//!   `stuck_after` readings in a row whose `values` are all equal (a null equals a null): a
+//!   loop that repeats its last counts, a frozen radar. A reading whose values are all zero or
+//!   null never counts (an empty road at night repeats itself legitimately). From the reading
+//!   that makes it stuck on, the device's rows go to the `stuck` output instead of the main one,
+//!   until a reading differs.
+//! - A device is **silent** once the watermark is `silent_after` past its last reading.
+//!
+//! Every change of status is a row on `health`: the device's `key` and `keep` columns (from its
+//! latest row), `ts` (the reading that made it stuck or brought it back, or the moment it went
+//! silent: its last reading plus `silent_after`), `status` (`stuck`, `silent` or `ok`),
+//! `faulty` (1 or 0, the value for an `alert` rule) and `readings` (the identical readings in a
+//! row, for `stuck`).
+//!
+//! Same input, same output: a device's readings are judged in the order they arrive, which is
+//! its partition's order (its messages share a key, hence a partition) whether the stream is
+//! live, a backlog or a replay. Silence is decided by whichever comes first: the watermark
+//! passing the moment (after which no earlier reading can follow: `decode` routes it to
+//! `late_events`), or the device's next reading arriving after the moment (a backlog read
+//! before any watermark moved). Either way the same rows come out, and a silent row is never
+//! behind the watermark the stage forwarded before it. A device silent for `forget_after`
+//! is forgotten, so retired devices do not hold state for ever (decided the same two ways); if
+//! it speaks again it starts as a new device, without an `ok` row: an `alert` rule on `health`
+//! should resolve with `stale_after` no longer than `silent_after` plus `forget_after`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, FixedSizeBinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray, UInt8Array, UInt32Array,
+};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use serde::Deserialize;
+
+use crate::common::{HashedKeys, KeyHash, columns, time_column, times};
+use crate::{
+    BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
+};
+
+fn d_stuck() -> u32 {
+    10
+}
+fn d_silent() -> Option<Duration> {
+    Some(Duration::from_secs(300))
+}
+fn d_forget() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn d_time() -> String {
+    "ts".into()
+}
+
+/// YAML of a `sensor_health` stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorHealthConfig {
+    /// The device's key columns, e.g. `[sensor_id]`.
+    pub key: Vec<String>,
+    /// The measurements that a stuck device repeats, e.g. `[flow, occupancy, speed_kmh]`.
+    pub values: Vec<String>,
+    /// Identical readings in a row that make a device stuck (at least 2). Default 10.
+    #[serde(default = "d_stuck")]
+    pub stuck_after: u32,
+    /// How long past its last reading (behind the watermark) a device is silent; `null` turns
+    /// silence off. Default `5m`.
+    #[serde(default = "d_silent")]
+    pub silent_after: Option<Duration>,
+    /// How long a silent device is remembered. Default `7d`.
+    #[serde(default = "d_forget")]
+    pub forget_after: Duration,
+    /// Columns of the device's latest row copied onto its `health` rows (e.g. `[segment_id]`).
+    #[serde(default)]
+    pub keep: Vec<String>,
+    /// The event-time column. Default `ts`.
+    #[serde(default = "d_time")]
+    pub time_column: String,
+}
+
+/// The columns a `health` row adds after the key and kept columns.
+const ADDED: [&str; 4] = ["ts", "status", "faulty", "readings"];
+
+/// The resolved plan: column indices and the output ports.
+struct Plan {
+    time: usize,
+    ident: Vec<usize>,
+    values: Vec<usize>,
+    outputs: Vec<OutputSpec>,
+}
+
+impl SensorHealthConfig {
+    fn check(&self, input: &SchemaRef) -> Result<Plan, Vec<PlanError>> {
+        let mut errs = Vec::new();
+        let time = time_column(input, &self.time_column, "time_column").map_err(|e| errs.push(e)).ok();
+        if self.key.is_empty() {
+            errs.push(PlanError::new("key", "name at least one key column (the device, e.g. `[sensor_id]`)"));
+        }
+        if self.values.is_empty() {
+            errs.push(PlanError::new("values", "name the measurements a stuck device repeats"));
+        }
+        if self.stuck_after < 2 {
+            errs.push(
+                PlanError::new("stuck_after", "a device is stuck after at least 2 identical readings in a row")
+                    .with_help("e.g. `stuck_after: 10` (five minutes of a loop reporting every 30 s)"),
+            );
+        }
+        if let Some(s) = self.silent_after
+            && s.as_millis_i64() <= 0
+        {
+            errs.push(PlanError::new("silent_after", "must be positive (or `null` to turn silence off)"));
+        }
+        let mut ident = columns(input, &self.key, "key", &mut errs);
+        ident.extend(columns(input, &self.keep, "keep", &mut errs));
+        let values = columns(input, &self.values, "values", &mut errs);
+        for (i, k) in self.keep.iter().enumerate() {
+            if self.key.contains(k) {
+                errs.push(PlanError::new(format!("keep[{i}]"), format!("`{k}` is a key column: it is on every row")));
+            }
+        }
+        for (i, name) in self.key.iter().chain(&self.keep).enumerate() {
+            if ADDED.contains(&name.as_str()) {
+                let key =
+                    if i < self.key.len() { format!("key[{i}]") } else { format!("keep[{}]", i - self.key.len()) };
+                errs.push(
+                    PlanError::new(key, format!("`{name}` is a column that `health` rows add"))
+                        .with_help(format!("health rows end with {}", ADDED.join(", "))),
+                );
+            }
+        }
+        let Some(time) = time.filter(|_| errs.is_empty()) else { return Err(errs) };
+        let mut fields: Vec<Field> = ident.iter().map(|&i| input.field(i).clone()).collect();
+        fields.extend([
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+            Field::new("status", DataType::Utf8, false),
+            Field::new("faulty", DataType::Float64, false),
+            Field::new("readings", DataType::UInt32, false),
+        ]);
+        let outputs = vec![
+            OutputSpec::new("main", input.clone()),
+            OutputSpec::new("stuck", input.clone()),
+            OutputSpec::new("health", Arc::new(Schema::new(fields))),
+        ];
+        Ok(Plan { time, ident, values, outputs })
+    }
+}
+
+impl OperatorConfig for SensorHealthConfig {
+    fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
+        self.check(input).map(|p| p.outputs)
+    }
+
+    fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
+        let Plan { time, ident, values, outputs } = self.check(input)?;
+        let converter = |cols: &[usize], key: &str| {
+            RowConverter::new(cols.iter().map(|&i| SortField::new(input.field(i).data_type().clone())).collect())
+                .map_err(|e| vec![PlanError::new(key, e.to_string())])
+        };
+        let m = &ctx.metrics;
+        let stage = [("stage", ctx.stage.as_str())];
+        let status = |s: &'static str| {
+            m.counter(
+                "citystream_sensor_health_changes_total",
+                "Devices that became stuck, silent or ok again.",
+                &[("stage", ctx.stage.as_str()), ("status", s)],
+            )
+        };
+        Ok(Box::new(SensorHealth {
+            outputs,
+            time,
+            keys: self.key.len(),
+            key_converter: converter(&ident[..self.key.len()], "key")?,
+            ident_converter: converter(&ident, "key")?,
+            values_converter: converter(&values, "values")?,
+            ident,
+            values,
+            stuck_after: self.stuck_after,
+            silent_after_ms: self.silent_after.map(|d| d.as_millis_i64()),
+            forget_after_ms: self.forget_after.as_millis_i64(),
+            hasher: KeyHash::random(),
+            devices: HashMap::default(),
+            changes: [status("stuck"), status("silent"), status("ok")],
+            withheld: m.counter(
+                "citystream_sensor_health_withheld_total",
+                "Readings of stuck devices withheld.",
+                &stage,
+            ),
+            held: m.gauge("citystream_sensor_health_devices", "Devices a sensor_health stage remembers.", &stage),
+        }))
+    }
+}
+
+/// What a device is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Status {
+    Ok = 0,
+    Stuck = 1,
+    Silent = 2,
+}
+
+impl Status {
+    fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Stuck => "stuck",
+            Status::Silent => "silent",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        [Status::Ok, Status::Stuck, Status::Silent].into_iter().find(|s| *s as u8 == v)
+    }
+}
+
+/// One device's state.
+#[derive(Debug, Clone)]
+struct Device {
+    /// Its key and kept columns, from its latest row.
+    ident: OwnedRow,
+    /// A hash of its latest reading's values (`None`: all zero or null, which never repeats
+    /// into a fault).
+    values: Option<u128>,
+    /// Readings in a row with those values.
+    run: u32,
+    status: Status,
+    /// Its latest reading's event time.
+    last_ts: i64,
+}
+
+/// A change of status, waiting to be written as a `health` row.
+struct Change {
+    ident: OwnedRow,
+    ts: i64,
+    status: Status,
+    run: u32,
+}
+
+/// The `sensor_health` operator.
+pub struct SensorHealth {
+    outputs: Vec<OutputSpec>,
+    time: usize,
+    keys: usize,
+    ident: Vec<usize>,
+    values: Vec<usize>,
+    key_converter: RowConverter,
+    ident_converter: RowConverter,
+    values_converter: RowConverter,
+    stuck_after: u32,
+    silent_after_ms: Option<i64>,
+    forget_after_ms: i64,
+    hasher: KeyHash,
+    devices: HashMap<u128, Device, HashedKeys>,
+    changes: [Counter; 3],
+    withheld: Counter,
+    held: Gauge,
+}
+
+impl Device {
+    /// Makes the device silent when a reading (or a watermark just before it) at `t` comes
+    /// more than `silent` after its last one; the change, at its last reading plus `silent`.
+    fn fall_silent(&mut self, silent: Option<i64>, t: i64) -> Option<Change> {
+        let at = self.last_ts.saturating_add(silent?);
+        if self.status == Status::Silent || at >= t {
+            return None;
+        }
+        self.status = Status::Silent;
+        // a device back from silence starts a new run
+        self.values = None;
+        self.run = 0;
+        Some(Change { ident: self.ident.clone(), ts: at, status: Status::Silent, run: 0 })
+    }
+}
+
+impl SensorHealth {
+    /// How long after its last reading a device is forgotten.
+    fn forget_after_ms(&self) -> i64 {
+        self.silent_after_ms.unwrap_or(0).saturating_add(self.forget_after_ms)
+    }
+
+    fn health_rows(&self, changes: Vec<Change>) -> Result<RecordBatch, OperatorError> {
+        let mut cols: Vec<ArrayRef> = self.ident_converter.convert_rows(changes.iter().map(|c| c.ident.row()))?;
+        cols.push(Arc::new(
+            TimestampMillisecondArray::from_iter_values(changes.iter().map(|c| c.ts)).with_timezone("UTC"),
+        ));
+        cols.push(Arc::new(StringArray::from_iter_values(changes.iter().map(|c| c.status.name()))));
+        cols.push(Arc::new(Float64Array::from_iter_values(
+            changes.iter().map(|c| if c.status == Status::Ok { 0.0 } else { 1.0 }),
+        )));
+        cols.push(Arc::new(UInt32Array::from_iter_values(changes.iter().map(|c| c.run))));
+        for c in &changes {
+            self.changes[c.status as usize].inc();
+        }
+        Ok(RecordBatch::try_new(self.outputs[2].schema.clone(), cols)?)
+    }
+
+    /// Whether a reading's values are all zero or null.
+    fn all_zero(values: &[ArrayRef], row: usize) -> bool {
+        values.iter().all(|a| {
+            a.is_null(row)
+                || match a.data_type() {
+                    DataType::Float64 => a.as_primitive::<arrow::datatypes::Float64Type>().value(row) == 0.0,
+                    DataType::Float32 => a.as_primitive::<arrow::datatypes::Float32Type>().value(row) == 0.0,
+                    DataType::Int64 => a.as_primitive::<arrow::datatypes::Int64Type>().value(row) == 0,
+                    DataType::Int32 => a.as_primitive::<arrow::datatypes::Int32Type>().value(row) == 0,
+                    DataType::UInt32 => a.as_primitive::<arrow::datatypes::UInt32Type>().value(row) == 0,
+                    DataType::UInt64 => a.as_primitive::<arrow::datatypes::UInt64Type>().value(row) == 0,
+                    _ => false,
+                }
+        })
+    }
+}
+
+impl Operator for SensorHealth {
+    fn kind(&self) -> &'static str {
+        "sensor_health"
+    }
+
+    fn outputs(&self) -> &[OutputSpec] {
+        &self.outputs
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+        let n = batch.num_rows();
+        let ts = times(&batch, self.time);
+        let ident_cols: Vec<ArrayRef> = self.ident.iter().map(|&i| batch.column(i).clone()).collect();
+        let value_cols: Vec<ArrayRef> = self.values.iter().map(|&i| batch.column(i).clone()).collect();
+        // the key alone decides the device; the kept columns ride along
+        let key_rows = self.key_converter.convert_columns(&ident_cols[..self.keys])?;
+        let idents = self.ident_converter.convert_columns(&ident_cols)?;
+        let (silent, forget) = (self.silent_after_ms, self.forget_after_ms());
+        let readings = self.values_converter.convert_columns(&value_cols)?;
+        let mut healthy = Vec::with_capacity(n);
+        let mut changes = Vec::new();
+        for (row, &t) in ts.iter().enumerate() {
+            let key = self.hasher.hash(key_rows.row(row).as_ref());
+            let values = (!Self::all_zero(&value_cols, row)).then(|| self.hasher.hash(readings.row(row).as_ref()));
+            if let Some(d) = self.devices.get_mut(&key) {
+                // silent or forgotten since its last reading, though no watermark said so yet
+                if let Some(change) = d.fall_silent(silent, t) {
+                    changes.push(change);
+                }
+                if d.last_ts.saturating_add(forget) < t {
+                    self.devices.remove(&key);
+                }
+            }
+            let d = self.devices.entry(key).or_insert_with(|| Device {
+                ident: idents.row(row).owned(),
+                values: None,
+                run: 0,
+                status: Status::Ok,
+                last_ts: t,
+            });
+            d.ident = idents.row(row).owned();
+            d.last_ts = d.last_ts.max(t);
+            d.run = if values.is_some() && values == d.values { d.run + 1 } else { 1 };
+            d.values = values;
+            let stuck = values.is_some() && d.run >= self.stuck_after;
+            let now = if stuck { Status::Stuck } else { Status::Ok };
+            if now != d.status {
+                d.status = now;
+                changes.push(Change { ident: d.ident.clone(), ts: t, status: now, run: d.run });
+            }
+            healthy.push(!stuck);
+        }
+        let keep = BooleanArray::from(healthy);
+        let withheld = keep.false_count();
+        if withheld == 0 {
+            out.emit(0, batch);
+        } else {
+            self.withheld.inc_by(withheld as u64);
+            out.emit(0, filter_record_batch(&batch, &keep)?);
+            out.emit(1, filter_record_batch(&batch, &arrow::compute::not(&keep)?)?);
+        }
+        if !changes.is_empty() {
+            out.emit(2, self.health_rows(changes)?);
+        }
+        self.held.set(self.devices.len() as f64);
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
+        // a reading after the watermark lies after it: silence up to it is final
+        let (silent, forget) = (self.silent_after_ms, self.forget_after_ms());
+        let mut changes: Vec<Change> =
+            self.devices.values_mut().filter_map(|d| d.fall_silent(silent, watermark.saturating_add(1))).collect();
+        self.devices.retain(|_, d| d.last_ts.saturating_add(forget) >= watermark);
+        if !changes.is_empty() {
+            // the same rows in the same order on every run, whatever the map's order
+            changes.sort_by(|a, b| (a.ts, a.ident.row()).cmp(&(b.ts, b.ident.row())));
+            out.emit(2, self.health_rows(changes)?);
+        }
+        self.held.set(self.devices.len() as f64);
+        Ok(())
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
+        let mut devices: Vec<(&u128, &Device)> = self.devices.iter().collect();
+        devices.sort_unstable_by_key(|(k, _)| **k);
+        let mut cols: Vec<ArrayRef> = self.ident_converter.convert_rows(devices.iter().map(|(_, d)| d.ident.row()))?;
+        let values = devices.iter().map(|(_, d)| d.values.unwrap_or(0).to_le_bytes());
+        cols.push(Arc::new(
+            FixedSizeBinaryArray::try_from_iter(values).unwrap_or_else(|_| FixedSizeBinaryArray::new_null(16, 0)),
+        ));
+        cols.push(Arc::new(BooleanArray::from_iter(devices.iter().map(|(_, d)| Some(d.values.is_some())))));
+        cols.push(Arc::new(UInt32Array::from_iter_values(devices.iter().map(|(_, d)| d.run))));
+        cols.push(Arc::new(UInt8Array::from_iter_values(devices.iter().map(|(_, d)| d.status as u8))));
+        cols.push(Arc::new(Int64Array::from_iter_values(devices.iter().map(|(_, d)| d.last_ts))));
+        let schema = self.state_schema().as_ref().clone().with_metadata([self.hasher.metadata()].into());
+        Ok(Some(RecordBatch::try_new(Arc::new(schema), cols)?))
+    }
+
+    fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
+        let bad = |detail: String| OperatorError::State { operator: "sensor_health", detail };
+        if state.schema_ref().fields() != self.state_schema().fields() {
+            return Err(bad(format!("unexpected state schema {:?}", state.schema())));
+        }
+        let Some(hasher) = KeyHash::from_snapshot("sensor_health", &state)? else { return Ok(()) };
+        self.hasher = hasher;
+        let k = self.ident.len();
+        let idents = self.ident_converter.convert_columns(&state.columns()[..k])?;
+        let key_rows = self.key_converter.convert_columns(&state.columns()[..self.keys])?;
+        let values = state.column(k).as_fixed_size_binary();
+        let has_values = state.column(k + 1).as_boolean();
+        let runs = state.column(k + 2).as_primitive::<arrow::datatypes::UInt32Type>();
+        let statuses = state.column(k + 3).as_primitive::<arrow::datatypes::UInt8Type>();
+        let last = state.column(k + 4).as_primitive::<arrow::datatypes::Int64Type>();
+        self.devices.clear();
+        for i in 0..state.num_rows() {
+            let v = u128::from_le_bytes(
+                values.value(i).try_into().map_err(|_| bad("a value hash is not 16 bytes".into()))?,
+            );
+            let status = Status::from_u8(statuses.value(i))
+                .ok_or_else(|| bad(format!("unknown status {}", statuses.value(i))))?;
+            self.devices.insert(
+                self.hasher.hash(key_rows.row(i).as_ref()),
+                Device {
+                    ident: idents.row(i).owned(),
+                    values: has_values.value(i).then_some(v),
+                    run: runs.value(i),
+                    status,
+                    last_ts: last.value(i),
+                },
+            );
+        }
+        self.held.set(self.devices.len() as f64);
+        Ok(())
+    }
+}
+
+impl SensorHealth {
+    /// The snapshot's schema: the key and kept columns, then the device's state.
+    fn state_schema(&self) -> SchemaRef {
+        let health = &self.outputs[2].schema;
+        let mut fields: Vec<Field> = health.fields()[..self.ident.len()].iter().map(|f| f.as_ref().clone()).collect();
+        fields.extend([
+            Field::new("values_hash", DataType::FixedSizeBinary(16), false),
+            Field::new("has_values", DataType::Boolean, false),
+            Field::new("run", DataType::UInt32, false),
+            Field::new("status", DataType::UInt8, false),
+            Field::new("last_ts", DataType::Int64, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+}
