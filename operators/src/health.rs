@@ -7,7 +7,10 @@
 //!   null never counts (an empty road at night repeats itself legitimately). From the reading
 //!   that makes it stuck on, the device's rows go to the `stuck` output instead of the main one,
 //!   until a reading differs.
-//! - A device is **silent** once the watermark is `silent_after` past its last reading.
+//! - A device is **silent** once the watermark is `silent_after` past its last reading, if it
+//!   has sent at least `min_readings` readings; one heard fewer times is forgotten then
+//!   without a row (a flood of invented ids holds state for `silent_after` only and raises no
+//!   alert per id).
 //!
 //! Every change of status is a row on `health`: the device's `key` and `keep` columns (from its
 //! latest row), `ts` (the reading that made it stuck or brought it back, or the moment it went
@@ -21,7 +24,8 @@
 //! passing the moment (after which no earlier reading can follow: `decode` routes it to
 //! `late_events`), or the device's next reading arriving after the moment (a backlog read
 //! before any watermark moved). Either way the same rows come out, and a silent row is never
-//! behind the watermark the stage forwarded before it. A device silent for `forget_after`
+//! behind the watermark the stage forwarded before it. A row at or before the watermark (which
+//! `decode` never lets through) passes on untouched. A device silent for `forget_after`
 //! is forgotten, so retired devices do not hold state for ever (decided the same two ways); if
 //! it speaks again it starts as a new device, without an `ok` row: an `alert` rule on `health`
 //! should resolve with `stale_after` no longer than `silent_after` plus `forget_after`.
@@ -38,7 +42,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::row::{OwnedRow, RowConverter, SortField};
 use serde::Deserialize;
 
-use crate::common::{HashedKeys, KeyHash, columns, time_column, times};
+use crate::common::{HashedKeys, KeyHash, as_f64, columns, time_column, times};
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -54,6 +58,9 @@ fn d_forget() -> Duration {
 }
 fn d_time() -> String {
     "ts".into()
+}
+fn d_min_readings() -> u32 {
+    3
 }
 
 /// YAML of a `sensor_health` stage.
@@ -74,6 +81,11 @@ pub struct SensorHealthConfig {
     /// How long a silent device is remembered. Default `7d`.
     #[serde(default = "d_forget")]
     pub forget_after: Duration,
+    /// Readings a device must have sent before its silence is reported. One heard fewer times
+    /// is forgotten `silent_after` after its last reading, without a row, so a flood of
+    /// invented ids neither holds state for long nor raises an alert per id. Default 3.
+    #[serde(default = "d_min_readings")]
+    pub min_readings: u32,
     /// Columns of the device's latest row copied onto its `health` rows (e.g. `[segment_id]`).
     #[serde(default)]
     pub keep: Vec<String>,
@@ -81,6 +93,9 @@ pub struct SensorHealthConfig {
     #[serde(default = "d_time")]
     pub time_column: String,
 }
+
+/// The snapshot metadata entry holding the last input watermark.
+const WATERMARK: &str = "watermark";
 
 /// The columns a `health` row adds after the key and kept columns.
 const ADDED: [&str; 4] = ["ts", "status", "faulty", "readings"];
@@ -114,6 +129,12 @@ impl SensorHealthConfig {
         {
             errs.push(PlanError::new("silent_after", "must be positive (or `null` to turn silence off)"));
         }
+        if self.forget_after.as_millis_i64() <= 0 {
+            errs.push(PlanError::new("forget_after", "must be positive"));
+        }
+        if self.min_readings == 0 {
+            errs.push(PlanError::new("min_readings", "must be at least 1"));
+        }
         let mut ident = columns(input, &self.key, "key", &mut errs);
         ident.extend(columns(input, &self.keep, "keep", &mut errs));
         let values = columns(input, &self.values, "values", &mut errs);
@@ -129,6 +150,16 @@ impl SensorHealthConfig {
                 errs.push(
                     PlanError::new(key, format!("`{name}` is a column that `health` rows add"))
                         .with_help(format!("health rows end with {}", ADDED.join(", "))),
+                );
+            }
+        }
+        for (i, &c) in ident.iter().enumerate() {
+            if matches!(input.field(c).data_type(), DataType::Dictionary(..)) {
+                let key =
+                    if i < self.key.len() { format!("key[{i}]") } else { format!("keep[{}]", i - self.key.len()) };
+                errs.push(
+                    PlanError::new(key, format!("`{}` is dictionary-encoded", input.field(c).name()))
+                        .with_help("cast it to its value type first (a `project` stage)"),
                 );
             }
         }
@@ -181,6 +212,8 @@ impl OperatorConfig for SensorHealthConfig {
             stuck_after: self.stuck_after,
             silent_after_ms: self.silent_after.map(|d| d.as_millis_i64()),
             forget_after_ms: self.forget_after.as_millis_i64(),
+            min_readings: self.min_readings,
+            last_wm: i64::MIN,
             hasher: KeyHash::random(),
             devices: HashMap::default(),
             changes: [status("stuck"), status("silent"), status("ok")],
@@ -227,6 +260,9 @@ struct Device {
     values: Option<u128>,
     /// Readings in a row with those values.
     run: u32,
+    /// Readings since it was first heard (or heard again after being forgotten), at most
+    /// `u32::MAX`.
+    count: u32,
     status: Status,
     /// Its latest reading's event time.
     last_ts: i64,
@@ -253,6 +289,10 @@ pub struct SensorHealth {
     stuck_after: u32,
     silent_after_ms: Option<i64>,
     forget_after_ms: i64,
+    min_readings: u32,
+    /// The last input watermark: a row at or before it (which `decode` never lets through)
+    /// passes on without touching any device.
+    last_wm: i64,
     hasher: KeyHash,
     devices: HashMap<u128, Device, HashedKeys>,
     changes: [Counter; 3],
@@ -260,12 +300,24 @@ pub struct SensorHealth {
     held: Gauge,
 }
 
+/// When devices fall silent and are forgotten.
+#[derive(Debug, Clone, Copy)]
+struct Horizons {
+    silent: Option<i64>,
+    /// After its last reading, a device that has sent `min_readings` is forgotten this late…
+    forget: i64,
+    /// …and one that has not, this late.
+    forget_unheard: i64,
+    min_readings: u32,
+}
+
 impl Device {
     /// Makes the device silent when a reading (or a watermark just before it) at `t` comes
     /// more than `silent` after its last one; the change, at its last reading plus `silent`.
-    fn fall_silent(&mut self, silent: Option<i64>, t: i64) -> Option<Change> {
-        let at = self.last_ts.saturating_add(silent?);
-        if self.status == Status::Silent || at >= t {
+    /// A device that has sent fewer than `min_readings` readings is never reported silent.
+    fn fall_silent(&mut self, h: Horizons, t: i64) -> Option<Change> {
+        let at = self.last_ts.saturating_add(h.silent?);
+        if self.status == Status::Silent || at >= t || self.count < h.min_readings {
             return None;
         }
         self.status = Status::Silent;
@@ -276,10 +328,23 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Whether the device is forgotten by time `t` (a reading's, or just past a watermark).
+    fn forgotten_by(&self, h: Horizons, t: i64) -> bool {
+        let after = if self.count < h.min_readings { h.forget_unheard } else { h.forget };
+        self.last_ts.saturating_add(after) < t
+    }
+}
+
 impl SensorHealth {
-    /// How long after its last reading a device is forgotten.
-    fn forget_after_ms(&self) -> i64 {
-        self.silent_after_ms.unwrap_or(0).saturating_add(self.forget_after_ms)
+    fn horizons(&self) -> Horizons {
+        let silent = self.silent_after_ms;
+        Horizons {
+            silent,
+            forget: silent.unwrap_or(0).saturating_add(self.forget_after_ms),
+            forget_unheard: silent.unwrap_or(self.forget_after_ms),
+            min_readings: self.min_readings,
+        }
     }
 
     fn health_rows(&self, changes: Vec<Change>) -> Result<RecordBatch, OperatorError> {
@@ -298,20 +363,17 @@ impl SensorHealth {
         Ok(RecordBatch::try_new(self.outputs[2].schema.clone(), cols)?)
     }
 
-    /// Whether a reading's values are all zero or null.
-    fn all_zero(values: &[ArrayRef], row: usize) -> bool {
-        values.iter().all(|a| {
-            a.is_null(row)
-                || match a.data_type() {
-                    DataType::Float64 => a.as_primitive::<arrow::datatypes::Float64Type>().value(row) == 0.0,
-                    DataType::Float32 => a.as_primitive::<arrow::datatypes::Float32Type>().value(row) == 0.0,
-                    DataType::Int64 => a.as_primitive::<arrow::datatypes::Int64Type>().value(row) == 0,
-                    DataType::Int32 => a.as_primitive::<arrow::datatypes::Int32Type>().value(row) == 0,
-                    DataType::UInt32 => a.as_primitive::<arrow::datatypes::UInt32Type>().value(row) == 0,
-                    DataType::UInt64 => a.as_primitive::<arrow::datatypes::UInt64Type>().value(row) == 0,
-                    _ => false,
-                }
-        })
+    /// Per row, whether its values are all zero or null (numbers cast once per batch; a
+    /// column of another type counts only its nulls).
+    fn all_zero(values: &[ArrayRef], rows: usize) -> Vec<bool> {
+        let mut zero = vec![true; rows];
+        for a in values {
+            let numbers = a.data_type().is_numeric().then(|| as_f64(a).ok()).flatten();
+            for (row, z) in zero.iter_mut().enumerate() {
+                *z &= a.is_null(row) || numbers.as_ref().is_some_and(|(v, _)| v[row] == 0.0);
+            }
+        }
+        zero
     }
 }
 
@@ -332,19 +394,25 @@ impl Operator for SensorHealth {
         // the key alone decides the device; the kept columns ride along
         let key_rows = self.key_converter.convert_columns(&ident_cols[..self.keys])?;
         let idents = self.ident_converter.convert_columns(&ident_cols)?;
-        let (silent, forget) = (self.silent_after_ms, self.forget_after_ms());
+        let h = self.horizons();
         let readings = self.values_converter.convert_columns(&value_cols)?;
+        let zero = Self::all_zero(&value_cols, n);
         let mut healthy = Vec::with_capacity(n);
         let mut changes = Vec::new();
         for (row, &t) in ts.iter().enumerate() {
+            if t <= self.last_wm {
+                // behind the watermark (or without a time): nothing to judge a device by
+                healthy.push(true);
+                continue;
+            }
             let key = self.hasher.hash(key_rows.row(row).as_ref());
-            let values = (!Self::all_zero(&value_cols, row)).then(|| self.hasher.hash(readings.row(row).as_ref()));
+            let values = (!zero[row]).then(|| self.hasher.hash(readings.row(row).as_ref()));
             if let Some(d) = self.devices.get_mut(&key) {
                 // silent or forgotten since its last reading, though no watermark said so yet
-                if let Some(change) = d.fall_silent(silent, t) {
+                if let Some(change) = d.fall_silent(h, t) {
                     changes.push(change);
                 }
-                if d.last_ts.saturating_add(forget) < t {
+                if d.forgotten_by(h, t) {
                     self.devices.remove(&key);
                 }
             }
@@ -352,12 +420,14 @@ impl Operator for SensorHealth {
                 ident: idents.row(row).owned(),
                 values: None,
                 run: 0,
+                count: 0,
                 status: Status::Ok,
                 last_ts: t,
             });
             d.ident = idents.row(row).owned();
             d.last_ts = d.last_ts.max(t);
-            d.run = if values.is_some() && values == d.values { d.run + 1 } else { 1 };
+            d.count = d.count.saturating_add(1);
+            d.run = if values.is_some() && values == d.values { d.run.saturating_add(1) } else { 1 };
             d.values = values;
             let stuck = values.is_some() && d.run >= self.stuck_after;
             let now = if stuck { Status::Stuck } else { Status::Ok };
@@ -385,10 +455,10 @@ impl Operator for SensorHealth {
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         // a reading after the watermark lies after it: silence up to it is final
-        let (silent, forget) = (self.silent_after_ms, self.forget_after_ms());
-        let mut changes: Vec<Change> =
-            self.devices.values_mut().filter_map(|d| d.fall_silent(silent, watermark.saturating_add(1))).collect();
-        self.devices.retain(|_, d| d.last_ts.saturating_add(forget) >= watermark);
+        self.last_wm = self.last_wm.max(watermark);
+        let (h, next) = (self.horizons(), watermark.saturating_add(1));
+        let mut changes: Vec<Change> = self.devices.values_mut().filter_map(|d| d.fall_silent(h, next)).collect();
+        self.devices.retain(|_, d| !d.forgotten_by(h, next));
         if !changes.is_empty() {
             // the same rows in the same order on every run, whatever the map's order
             changes.sort_by(|a, b| (a.ts, a.ident.row()).cmp(&(b.ts, b.ident.row())));
@@ -412,9 +482,11 @@ impl Operator for SensorHealth {
         ));
         cols.push(Arc::new(BooleanArray::from_iter(devices.iter().map(|(_, d)| Some(d.values.is_some())))));
         cols.push(Arc::new(UInt32Array::from_iter_values(devices.iter().map(|(_, d)| d.run))));
+        cols.push(Arc::new(UInt32Array::from_iter_values(devices.iter().map(|(_, d)| d.count))));
         cols.push(Arc::new(UInt8Array::from_iter_values(devices.iter().map(|(_, d)| d.status as u8))));
         cols.push(Arc::new(Int64Array::from_iter_values(devices.iter().map(|(_, d)| d.last_ts))));
-        let schema = self.state_schema().as_ref().clone().with_metadata([self.hasher.metadata()].into());
+        let metadata = [self.hasher.metadata(), (WATERMARK.to_owned(), self.last_wm.to_string())];
+        let schema = self.state_schema().as_ref().clone().with_metadata(metadata.into());
         Ok(Some(RecordBatch::try_new(Arc::new(schema), cols)?))
     }
 
@@ -425,14 +497,19 @@ impl Operator for SensorHealth {
         }
         let Some(hasher) = KeyHash::from_snapshot("sensor_health", &state)? else { return Ok(()) };
         self.hasher = hasher;
+        self.last_wm = match state.schema_ref().metadata().get(WATERMARK) {
+            Some(w) => w.parse().map_err(|_| bad(format!("watermark `{w}` is not a number")))?,
+            None => i64::MIN,
+        };
         let k = self.ident.len();
         let idents = self.ident_converter.convert_columns(&state.columns()[..k])?;
         let key_rows = self.key_converter.convert_columns(&state.columns()[..self.keys])?;
         let values = state.column(k).as_fixed_size_binary();
         let has_values = state.column(k + 1).as_boolean();
         let runs = state.column(k + 2).as_primitive::<arrow::datatypes::UInt32Type>();
-        let statuses = state.column(k + 3).as_primitive::<arrow::datatypes::UInt8Type>();
-        let last = state.column(k + 4).as_primitive::<arrow::datatypes::Int64Type>();
+        let counts = state.column(k + 3).as_primitive::<arrow::datatypes::UInt32Type>();
+        let statuses = state.column(k + 4).as_primitive::<arrow::datatypes::UInt8Type>();
+        let last = state.column(k + 5).as_primitive::<arrow::datatypes::Int64Type>();
         self.devices.clear();
         for i in 0..state.num_rows() {
             let v = u128::from_le_bytes(
@@ -446,6 +523,7 @@ impl Operator for SensorHealth {
                     ident: idents.row(i).owned(),
                     values: has_values.value(i).then_some(v),
                     run: runs.value(i),
+                    count: counts.value(i),
                     status,
                     last_ts: last.value(i),
                 },
@@ -465,6 +543,7 @@ impl SensorHealth {
             Field::new("values_hash", DataType::FixedSizeBinary(16), false),
             Field::new("has_values", DataType::Boolean, false),
             Field::new("run", DataType::UInt32, false),
+            Field::new("count", DataType::UInt32, false),
             Field::new("status", DataType::UInt8, false),
             Field::new("last_ts", DataType::Int64, false),
         ]);

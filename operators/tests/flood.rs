@@ -1,6 +1,6 @@
 //! A key flood: one hostile device sends a million events, each under a new event id, a new
 //! sensor id and a new segment, for hours of event time. Every stateful operator keyed by
-//! those columns (admit, dedup, windows, compress) must level off — hold what its horizon
+//! those columns (admit, dedup, windows, compress, sensor_health) must level off — hold what its horizon
 //! needs and forget the rest — instead of growing with the input.
 //!
 //! `CITYSTREAM_FLOOD_EVENTS` sets the number of events (default 1,000,000). Peak memory of
@@ -74,8 +74,11 @@ fn a_flood_of_new_keys_levels_off_in_every_stateful_operator() {
     );
     let compress_cfg: citystream_operators::compress::CompressConfig =
         yaml("{key: [sensor_id], fields: {speed_kmh: {abs: 5.0}}, max_gap: 10m}");
+    let health_cfg: citystream_operators::health::SensorHealthConfig =
+        yaml("{key: [sensor_id], values: [flow, occupancy, speed_kmh], keep: [segment_id], silent_after: 5m}");
     let (mut admit, mut dedup) = (build("admit", &admit_cfg), build("dedup", &dedup_cfg));
     let (mut window, mut compress) = (build("window", &window_cfg), build("compress", &compress_cfg));
+    let mut health = build("health", &health_cfg);
     // one operator's main output for `input`, with the watermark after it
     let step = |op: &mut Box<dyn Operator>, input: Vec<RecordBatch>, wm: i64| -> Vec<RecordBatch> {
         let mut c = Collector::new(op.outputs().len());
@@ -90,10 +93,11 @@ fn a_flood_of_new_keys_levels_off_in_every_stateful_operator() {
         ("citystream_dedup_state_keys", "dedup"),
         ("citystream_window_state_bytes", "window"),
         ("citystream_compress_series", "compress"),
+        ("citystream_sensor_health_devices", "health"),
     ];
     let level = |name: &str, stage: &str| metrics.value(name, &[("stage", stage)]).unwrap_or(0.0);
     // a gauge's highest value in each tenth of the run
-    let mut peaks = [[0f64; 4]; 10];
+    let mut peaks = [[0f64; 5]; 10];
     let mut windows_out = 0usize;
     let mut first = 0i64;
     let lag_ms = 30_000;
@@ -105,7 +109,8 @@ fn a_flood_of_new_keys_levels_off_in_every_stateful_operator() {
         let admitted = step(&mut admit, vec![batch(first, n)], wm);
         let unique = step(&mut dedup, admitted, wm);
         windows_out += step(&mut window, unique.clone(), wm).iter().map(RecordBatch::num_rows).sum::<usize>();
-        step(&mut compress, unique, wm);
+        step(&mut compress, unique.clone(), wm);
+        step(&mut health, unique, wm);
         let tenth = ((first * 10) / events) as usize;
         for (g, (name, stage)) in gauges.iter().enumerate() {
             peaks[tenth][g] = peaks[tenth][g].max(level(name, stage));
@@ -122,9 +127,10 @@ fn a_flood_of_new_keys_levels_off_in_every_stateful_operator() {
         // plus minute buckets and the lag
         per_min * (5.0 + 1.0 + 1.0) * 512.0, // windows: a segment's open 5-minute window, under 512 bytes
         per_min * 10.0 * 1.34 + 1024.0 + per_min, // compress: silent series go once a quarter is silent
+        per_min * (5.0 + 1.0),               // sensor_health: a device heard once goes after silent_after
     ];
     eprintln!(
-        "{events} events in {:.1} s; peaks per tenth of the run (admit, dedup, windows, compress): {:?}; \
+        "{events} events in {:.1} s; peaks per tenth of the run (admit, dedup, windows, compress, sensor_health): {:?}; \
          windows emitted {windows_out}; peak RSS {} MiB",
         elapsed.as_secs_f64(),
         peaks,

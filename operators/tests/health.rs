@@ -43,20 +43,21 @@ fn reading(sensor: &str, i: i64, value: f64, flow: i32) -> Reading {
     Reading { id: format!("{sensor}-{i}"), sensor: sensor.into(), ts: i * 30 * S, value: Some(value), flow }
 }
 
-/// Everything emitted when `rows` arrive in `cuts` batches, with the watermark (newest ts
-/// minus `lag`) moved after those batches for which `watermark_after` says so.
+/// Everything emitted when `rows` arrive in `cuts` batches, with the watermark moved after
+/// those batches for which `watermark_after` says so: as far as the contract allows, just
+/// before the oldest row still to come (at the end, to the newest row).
 fn feed(op: &mut dyn Operator, rows: &[Reading], cuts: &[usize], watermark_after: impl Fn(usize) -> bool) -> Out {
     let mut c = Collector::new(op.outputs().len());
-    let mut newest = i64::MIN;
     let mut from = 0;
     for (i, &to) in cuts.iter().chain([rows.len()].iter()).enumerate() {
         if to > from {
             op.process_batch(batch(&rows[from..to]), &mut c).unwrap();
-            newest = newest.max(rows[from..to].iter().map(|r| r.ts).max().unwrap());
             from = to;
         }
         if watermark_after(i) {
-            op.on_watermark(newest - 10 * S, &mut c).unwrap();
+            let newest = rows[..from].iter().map(|r| r.ts).max().unwrap_or(0);
+            let wm = rows[from..].iter().map(|r| r.ts - 1).min().unwrap_or(newest);
+            op.on_watermark(wm, &mut c).unwrap();
         }
     }
     let mut out = Out { ports: vec![Vec::new(); op.outputs().len()] };
@@ -212,6 +213,29 @@ fn the_same_readings_give_the_same_rows_live_as_a_backlog_and_across_a_restore()
 }
 
 #[test]
+fn a_device_heard_fewer_than_min_readings_times_is_forgotten_without_a_row() {
+    let mut op = build(&config("min_readings: 3\n"));
+    // `once` speaks once, `twice` twice, `often` three times; then the watermark moves an hour
+    let mut rows = vec![reading("once", 0, 1.0, 1), reading("twice", 0, 1.0, 1), reading("twice", 1, 2.0, 1)];
+    rows.extend((0..3).map(|i| reading("often", i, i as f64, 1)));
+    rows.sort_by_key(|r| r.ts);
+    let m = Metrics::new();
+    let mut op2 = build_with(&config("min_readings: 3\n"), &m);
+    for op in [&mut op, &mut op2] {
+        let mut out = feed(op.as_mut(), &rows, &[], |_| true);
+        assert_eq!(out.rows(2), 0);
+        let mut c = Collector::new(3);
+        op.on_watermark(2 * 30 * S + 60 * M, &mut c).unwrap();
+        out.ports[2].extend(c.drain().map(|(_, b)| b));
+        let silent: Vec<String> = health_rows(&out.ports[2]).into_iter().map(|h| h.0).collect();
+        assert_eq!(silent, ["often"]);
+    }
+    // all three are gone once their horizons passed: the unheard after silent_after (2m),
+    // `often` after silent_after + forget_after (7d)
+    assert_eq!(m.value("citystream_sensor_health_devices", &[("stage", "test")]), Some(1.0));
+}
+
+#[test]
 fn bad_configs_are_refused_with_help() {
     let refused = |extra: &str| {
         let cfg: SensorHealthConfig = yaml(&format!("key: [sensor_id]\nvalues: [value]\n{extra}"));
@@ -220,6 +244,8 @@ fn bad_configs_are_refused_with_help() {
     assert!(refused("stuck_after: 1").contains("at least 2 identical readings"));
     assert!(refused("keep: [sensor_id]").contains("is a key column"));
     assert!(refused("keep: [segment]").contains("no column `segment`"));
+    assert!(refused("forget_after: 0s").contains("forget_after"));
+    assert!(refused("min_readings: 0").contains("at least 1"));
     let cfg: SensorHealthConfig = yaml("key: [sensor_id]\nvalues: [valeu]\n");
     assert!(format!("{:?}", cfg.plan(&schema()).unwrap_err()).contains("did you mean `value`?"));
     let cfg: SensorHealthConfig = yaml("key: []\nvalues: []\n");

@@ -16,11 +16,18 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoReque
 from werkzeug.serving import run_simple
 
 
+class Handler(MotoRequestHandler):
+    # a client stopped in the middle of a request (the state tests SIGSTOP a process) must not
+    # hold this one-request-at-a-time server: a connection silent this long is dropped (seen:
+    # every other client timed out after 180 s)
+    timeout = 10
+
+
 def main():
     port = int(sys.argv[1])
     os.environ.setdefault("MOTO_PORT", str(port))
     app = DomainDispatcherApplication(create_backend_app)
-    run_simple("127.0.0.1", port, app, threaded=False, request_handler=MotoRequestHandler)
+    run_simple("127.0.0.1", port, app, threaded=False, request_handler=Handler)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use super::city::{City, DetectorFaultKind, EFFECTIVE_LENGTH_M, STEP_S};
 use super::{SimulatorConfig, rfc3339};
 
-/// (kind, key, payload, event time ms) of a freshly generated reading.
+/// (kind, key, payload, event time ms) of a freshly generated reading; an empty key: a reading
+/// a silent detector did not send (`Simulation::deliver` delivers nothing for it).
 pub(super) type Generated = (EventKind, String, Vec<u8>, i64);
 
 struct Camera {
@@ -177,11 +178,15 @@ fn traffic(
                 let event_id = sites.event_id(EventKind::Traffic);
                 // an injected detector fault (drawn like any reading first, so the others'
                 // readings are the same with or without faults)
-                let (flow, occupancy, speed) = match city.detector_fault_at(i, lane as u8, ts) {
-                    Some(f) if f.kind == DetectorFaultKind::Silent => continue,
-                    Some(f) => *sites.frozen.entry((i, f.lane, f.start_ms)).or_insert((flow, occupancy, speed)),
-                    None => (flow, occupancy, speed),
+                let fault = city.detector_fault_at(i, lane as u8, ts);
+                let (flow, occupancy, speed) = match fault {
+                    Some(f) if f.kind == DetectorFaultKind::Stuck => {
+                        *sites.frozen.entry((i, f.lane, f.start_ms)).or_insert((flow, occupancy, speed))
+                    }
+                    _ => (flow, occupancy, speed),
                 };
+                // a silent detector's reading is delivered to nobody (an empty key: `deliver`)
+                let silent = fault.is_some_and(|f| f.kind == DetectorFaultKind::Silent);
                 let sensor_id = format!("det-{}-{lane}", seg.segment_id);
                 let mut p = Vec::with_capacity(240);
                 let _ = write!(
@@ -196,7 +201,7 @@ fn traffic(
                     }
                     None => p.extend_from_slice(b"null}"),
                 }
-                out.push((EventKind::Traffic, sensor_id, p, ts));
+                out.push((EventKind::Traffic, if silent { String::new() } else { sensor_id }, p, ts));
             }
         }
     }

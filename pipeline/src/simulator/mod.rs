@@ -239,6 +239,18 @@ pub struct KindCounts {
     pub late: u64,
 }
 
+impl KindCounts {
+    fn add(&mut self, o: &KindCounts) {
+        self.generated += o.generated;
+        self.valid += o.valid;
+        self.malformed += o.malformed;
+        self.duplicates += o.duplicates;
+        self.resent += o.resent;
+        self.out_of_order += o.out_of_order;
+        self.late += o.late;
+    }
+}
+
 /// The simulator's account of a run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SimReport {
@@ -378,45 +390,57 @@ impl Simulation {
         self.pending.push(Reverse(Pending { arrival_ms, seq: self.seq, kind, key: key.to_owned(), payload }));
     }
 
+    /// Delivers a reading with the configured faults. An empty `key` is a reading a silent
+    /// detector did not send: it takes the same random draws as any reading, so every other
+    /// message is the same with or without detector faults, and nothing is delivered.
     fn deliver(&mut self, kind: EventKind, key: String, payload: Vec<u8>, ts: i64) {
         let f = self.cfg.faults.clone();
         let ki = kind_index(kind);
-        self.counts[ki].generated += 1;
+        let sent = !key.is_empty();
+        let mut counts = KindCounts::default();
+        counts.generated += 1;
         if let Some(plate) = emit::plate_in(&payload) {
             self.plates.insert(plate);
         }
+        let mut out = Vec::new();
         if self.rng.random::<f64>() < f.malformed_rate {
             let bad = emit::corrupt(&payload, &mut self.rng);
             let delay = self.rng.random_range(50..2000);
-            self.counts[ki].malformed += 1;
-            self.push(kind, &key, bad, ts + delay);
-            return;
-        }
-        let r = self.rng.random::<f64>();
-        let delay = if r < f.late_rate {
-            self.counts[ki].late += 1;
-            self.rng.random_range(600_000..2_400_000)
-        } else if r < f.late_rate + f.out_of_order_rate {
-            self.counts[ki].out_of_order += 1;
-            self.rng.random_range(5_000..90_000)
+            counts.malformed += 1;
+            out.push((bad, ts + delay));
         } else {
-            self.rng.random_range(50..2_000)
-        };
-        let arrival = ts + delay;
-        self.counts[ki].valid += 1;
-        if self.rng.random::<f64>() < f.duplicate_rate {
-            let again = arrival + self.rng.random_range(500..120_000);
-            self.counts[ki].valid += 1;
-            self.counts[ki].duplicates += 1;
-            self.push(kind, &key, payload.clone(), again);
+            let r = self.rng.random::<f64>();
+            let delay = if r < f.late_rate {
+                counts.late += 1;
+                self.rng.random_range(600_000..2_400_000)
+            } else if r < f.late_rate + f.out_of_order_rate {
+                counts.out_of_order += 1;
+                self.rng.random_range(5_000..90_000)
+            } else {
+                self.rng.random_range(50..2_000)
+            };
+            let arrival = ts + delay;
+            counts.valid += 1;
+            if self.rng.random::<f64>() < f.duplicate_rate {
+                let again = arrival + self.rng.random_range(500..120_000);
+                counts.valid += 1;
+                counts.duplicates += 1;
+                out.push((payload.clone(), again));
+            }
+            if self.rng.random::<f64>() < f.resend_rate {
+                let again = arrival + self.rng.random_range(1_000..60_000);
+                counts.valid += 1;
+                counts.resent += 1;
+                out.push((emit::with_new_event_id(&payload), again));
+            }
+            out.push((payload, arrival));
         }
-        if self.rng.random::<f64>() < f.resend_rate {
-            let again = arrival + self.rng.random_range(1_000..60_000);
-            self.counts[ki].valid += 1;
-            self.counts[ki].resent += 1;
-            self.push(kind, &key, emit::with_new_event_id(&payload), again);
+        if sent {
+            self.counts[ki].add(&counts);
+            for (payload, arrival) in out {
+                self.push(kind, &key, payload, arrival);
+            }
         }
-        self.push(kind, &key, payload, arrival);
     }
 
     /// The account of everything emitted so far.
@@ -564,6 +588,59 @@ mod tests {
         let mut all = Vec::new();
         while sim.step(&mut all) {}
         (all, sim.report())
+    }
+
+    #[test]
+    fn detector_faults_change_the_faulty_detectors_readings_and_nothing_else() {
+        let with_faults = |per_day: f64| {
+            let mut cfg = small(7, 24);
+            cfg.city.detector_faults_per_day = per_day;
+            let sim = Simulation::new(cfg.clone(), 0);
+            let faults = sim.city.detector_faults.clone();
+            (run(cfg).0, faults)
+        };
+        let (clean, none) = with_faults(0.0);
+        let (faulty, faults) = with_faults(8.0);
+        assert!(none.is_empty());
+        assert!(faults.iter().any(|f| f.kind == city::DetectorFaultKind::Stuck));
+        assert!(faults.iter().any(|f| f.kind == city::DetectorFaultKind::Silent));
+        let of = |m: &SimMessage| {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            faults.iter().find(|f| text.contains(&format!("\"sensor_id\":\"{}\"", f.sensor_id))).cloned()
+        };
+        let others = |msgs: &[SimMessage]| -> Vec<(EventKind, String, Vec<u8>, i64)> {
+            msgs.iter()
+                .filter(|m| of(m).is_none())
+                .map(|m| (m.kind, m.key.clone(), m.payload.clone(), m.arrival_ms))
+                .collect()
+        };
+        assert_eq!(others(&clean), others(&faulty), "the other devices' messages, byte for byte");
+        // a silent detector sends nothing during its fault; a stuck one repeats one reading
+        let ts_of = |m: &SimMessage| {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            let at = text.find("\"ts\":\"")? + 6;
+            chrono::DateTime::parse_from_rfc3339(&text[at..at + 24]).ok().map(|t| t.timestamp_millis())
+        };
+        let values = |m: &SimMessage| {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            text.find("\"flow\":").map(|at| text[at..].to_owned())
+        };
+        for f in &faults {
+            let during: Vec<&SimMessage> = faulty
+                .iter()
+                .filter(|m| of(m).is_some_and(|g| g.sensor_id == f.sensor_id))
+                .filter(|m| ts_of(m).is_some_and(|t| f.start_ms <= t && t < f.end_ms))
+                // a stuck detector's messages can still be corrupted on the way
+                .filter(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).is_ok())
+                .collect();
+            match f.kind {
+                city::DetectorFaultKind::Silent => assert!(during.is_empty(), "{f:?}"),
+                city::DetectorFaultKind::Stuck => {
+                    let distinct: std::collections::BTreeSet<_> = during.iter().filter_map(|m| values(m)).collect();
+                    assert!(during.len() > 10 && distinct.len() == 1, "{f:?}: {distinct:?}");
+                }
+            }
+        }
     }
 
     #[test]
