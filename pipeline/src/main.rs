@@ -237,9 +237,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             let plan = config::plan::plan(raw, &file.display().to_string())?;
             let all = plan.kafka_topics();
             anyhow::ensure!(!all.is_empty(), "{} uses no Kafka topic", file.display());
+            let keep = plan.kept_topics();
             for (brokers, topics) in all {
                 let (created, existing) =
-                    citystream_pipeline::kafka::ensure_topics(&brokers, &topics, partitions, replication).await?;
+                    citystream_pipeline::kafka::ensure_topics(&brokers, &topics, &keep, partitions, replication)
+                        .await?;
                 for t in &created {
                     println!("created {t} on {brokers} ({partitions} partitions)");
                 }

@@ -126,8 +126,9 @@ fn by_id(book: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
 
 async fn create_topic(name: &str, partitions: i32) {
     let topics = std::collections::BTreeSet::from([name.to_owned()]);
-    let (created, _) =
-        citystream_pipeline::kafka::ensure_topics(&common::brokers(), &topics, partitions, 1).await.expect("topic");
+    let (created, _) = citystream_pipeline::kafka::ensure_topics(&common::brokers(), &topics, &topics, partitions, 1)
+        .await
+        .expect("topic");
     assert_eq!(created, [name]);
 }
 

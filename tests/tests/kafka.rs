@@ -230,10 +230,32 @@ async fn the_topics_a_config_uses_are_created_once() {
         topics.iter().cloned().collect::<Vec<_>>(),
         [format!("{p}.dead"), format!("{p}.in"), format!("{p}.late"), format!("{p}.out")]
     );
-    let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, 2, 1).await.unwrap();
+    let none = Default::default();
+    let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, &none, 2, 1).await.unwrap();
     assert_eq!((created.len(), existing.len()), (4, 0));
-    let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, 2, 1).await.unwrap();
+    let (created, existing) = citystream_pipeline::kafka::ensure_topics(&brokers(), topics, &none, 2, 1).await.unwrap();
     assert_eq!((created.len(), existing.len()), (0, 4), "a second run changes nothing");
+    // a control center's alerts topic keeps every message: its book is rebuilt from it
+    let alerts = std::collections::BTreeSet::from([format!("{p}.alerts")]);
+    let (created, _) = citystream_pipeline::kafka::ensure_topics(&brokers(), &alerts, &alerts, 2, 1).await.unwrap();
+    assert_eq!(created.len(), 1);
+    // (retention.ms, retention.bytes), each with whether it is set on the topic itself
+    let retention = |topic: String| async move {
+        use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+        let r = admin.describe_configs(&[ResourceSpecifier::Topic(&topic)], &AdminOptions::new()).await.unwrap();
+        let r = r.into_iter().next().unwrap().unwrap();
+        let of = |name: &str| {
+            let e = r.get(name).unwrap();
+            (e.value.clone().unwrap(), e.source == rdkafka::admin::ConfigSource::DynamicTopic)
+        };
+        (of("retention.ms"), of("retention.bytes"))
+    };
+    let kept = ("-1".to_owned(), true);
+    assert_eq!(retention(format!("{p}.alerts")).await, (kept.clone(), kept));
+    let (ms, bytes) = retention(format!("{p}.out")).await;
+    assert!(!ms.1 && !bytes.1, "other topics keep the broker's retention");
 }
 
 /// A pipeline whose tables come from stateful stages: one-minute windows, features (an hour of

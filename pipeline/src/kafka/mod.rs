@@ -263,10 +263,14 @@ pub enum TopicsError {
 }
 
 /// Creates those of `topics` that do not exist on `brokers` (`partitions` each, replication 1
-/// unless `replication` says otherwise). Returns (created, already there).
+/// unless `replication` says otherwise); those also in `keep` keep every message
+/// (`retention.ms` and `retention.bytes` -1), and one of them that exists with a finite
+/// retention is warned about.
+/// Returns (created, already there).
 pub async fn ensure_topics(
     brokers: &str,
     topics: &std::collections::BTreeSet<String>,
+    keep: &std::collections::BTreeSet<String>,
     partitions: i32,
     replication: i32,
 ) -> Result<(Vec<String>, Vec<String>), TopicsError> {
@@ -276,8 +280,14 @@ pub async fn ensure_topics(
     let meta = admin.inner().fetch_metadata(None, std::time::Duration::from_secs(15))?;
     let existing: std::collections::BTreeSet<&str> = meta.topics().iter().map(|t| t.name()).collect();
     let (have, missing): (Vec<&String>, Vec<&String>) = topics.iter().partition(|t| existing.contains(t.as_str()));
-    let new: Vec<NewTopic> =
-        missing.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
+    let new: Vec<NewTopic> = missing
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(replication));
+            if keep.contains(*t) { topic.set("retention.ms", "-1").set("retention.bytes", "-1") } else { topic }
+        })
+        .collect();
+    warn_finite_retention(&admin, have.iter().filter(|t| keep.contains(**t)).map(|t| t.as_str())).await;
     let mut created = Vec::new();
     if !new.is_empty() {
         for r in admin.create_topics(&new, &AdminOptions::new()).await? {
@@ -291,4 +301,34 @@ pub async fn ensure_topics(
         }
     }
     Ok((created, have.into_iter().cloned().collect()))
+}
+
+/// Warns about each of `topics` whose messages expire (a control center's book, rebuilt from
+/// it, would lose what expired).
+async fn warn_finite_retention<'a>(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topics: impl Iterator<Item = &'a str>,
+) {
+    use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+    let specs: Vec<ResourceSpecifier> = topics.map(ResourceSpecifier::Topic).collect();
+    if specs.is_empty() {
+        return;
+    }
+    let Ok(results) = admin.describe_configs(&specs, &AdminOptions::new()).await else { return };
+    for r in results.into_iter().flatten() {
+        let value = |name: &str| r.get(name).and_then(|e| e.value.clone()).unwrap_or_default();
+        let (ms, bytes) = (value("retention.ms"), value("retention.bytes"));
+        if let rdkafka::admin::OwnedResourceSpecifier::Topic(t) = &r.specifier
+            && (ms != "-1" || bytes != "-1")
+        {
+            tracing::warn!(
+                topic = %t,
+                retention_ms = %ms,
+                retention_bytes = %bytes,
+                "a control center rebuilds its book from this topic, which drops old messages: keep them all \
+                 (kafka-configs.sh --alter --entity-type topics --entity-name {t} --add-config \
+                 retention.ms=-1,retention.bytes=-1)"
+            );
+        }
+    }
 }

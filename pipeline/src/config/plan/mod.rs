@@ -130,6 +130,18 @@ impl PipelinePlan {
         out
     }
 
+    /// The topics whose every message must be kept: a control center's alerts topic, from
+    /// which a `citystream control` instance rebuilds its book at every start.
+    pub fn kept_topics(&self) -> std::collections::BTreeSet<String> {
+        self.sinks
+            .iter()
+            .filter_map(|s| match &s.config {
+                SinkConfig::ControlCenter(c) => c.kafka.as_ref()?.alerts_topic.clone(),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The graph as text, one node per line (for `citystream validate` and snapshot tests).
     pub fn describe(&self) -> String {
         let mut s = format!("pipeline {}\n", self.name);
