@@ -56,11 +56,12 @@ type Positions = BTreeMap<Tp, i64>;
 /// librdkafka settings of the source's consumer, for a backlog caught up at CPU speed with
 /// bounded memory; the source's `properties` override them.
 pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
-    // librdkafka prefetches up to 64 MiB per partition by default: bound memory
+    // the prefetched messages librdkafka holds in the consumer's queue (all partitions
+    // together, plus at most one fetch response per broker): 64 MiB by default
     ("queued.max.messages.kbytes", "16384"),
-    // once a partition's prefetch queue is full, librdkafka waits this long before fetching it
-    // again (default 1 s): a backlog drained the queue in a fraction of that and then sat idle,
-    // at less than half the rate (README, "Benchmarks")
+    // once the prefetch queue is full, librdkafka waits this long before fetching again
+    // (default 1 s): a backlog drained the queue in a fraction of that and then sat idle, at
+    // less than half the rate (README, "Benchmarks")
     ("fetch.queue.backoff.ms", "10"),
     // a fetch that finds nothing new waits this long on the broker (default 500 ms); a
     // partition resumed by watermark alignment is not fetched before that fetch comes back
@@ -236,18 +237,24 @@ impl Loop {
                     break;
                 }
                 now = Instant::now();
+                // a message stamped before this reading still gets its own time, capped by it
+                wall = chrono::Utc::now().timestamp_millis();
                 if now >= next_checkpoint {
                     next_checkpoint = now + checkpoint_every;
-                    if self.periodic_checkpoint(&mut pending_commit)? {
+                    let handed_on = self.periodic_checkpoint(&mut pending_commit)?;
+                    // it may have waited (a commit, a busy pipeline): the messages read next
+                    // arrived after that
+                    now = Instant::now();
+                    if handed_on {
                         // time spent waiting on a busy pipeline is not idleness
-                        now = Instant::now();
                         last_message = now;
                     }
                 }
                 if now >= next_flush {
                     next_flush = now + batch_wait;
-                    if self.flush(&mut last_wm)? {
-                        now = Instant::now();
+                    let handed_on = self.flush(&mut last_wm)?;
+                    now = Instant::now();
+                    if handed_on {
                         last_message = now;
                     }
                 }
