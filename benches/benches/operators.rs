@@ -35,7 +35,8 @@ fn build<C: OperatorConfig + serde::de::DeserializeOwned>(
 
 fn operators(c: &mut Criterion) {
     use citystream_operators::{
-        admit::AdmitConfig, compress::CompressConfig, dedup::DedupConfig, window::WindowConfig,
+        admit::AdmitConfig, compress::CompressConfig, dedup::DedupConfig, health::SensorHealthConfig,
+        window::WindowConfig,
     };
     let traffic = sample_batches(EventKind::Traffic, 16, 8192);
     let env = sample_batches(EventKind::Environment, 4, 8192);
@@ -94,6 +95,16 @@ fn operators(c: &mut Criterion) {
             Box::new(|m| {
                 build::<CompressConfig>(
                     "key: [sensor_id]\nfields:\n  speed_kmh: {abs: 5.0}\n  occupancy: {abs: 0.02}\n",
+                    &traffic,
+                    m,
+                )
+            }),
+        ),
+        (
+            "sensor_health/traffic_per_sensor",
+            Box::new(|m| {
+                build::<SensorHealthConfig>(
+                    "key: [sensor_id]\nvalues: [flow, occupancy, speed_kmh]\nkeep: [segment_id]\n",
                     &traffic,
                     m,
                 )
