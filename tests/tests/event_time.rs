@@ -327,7 +327,15 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
 
     let data = work.path().join("killed");
     let cfg = work.path().join("killed.yaml");
-    std::fs::write(&cfg, pipeline_yaml(&topics, &unique("et3k"), &data)).unwrap();
+    // paced (a 4 MiB prefetch queue, and a second's pause whenever it is full: about 4 MiB/s):
+    // at the source's full speed the backlog would be caught up before five kills
+    let paced = pipeline_yaml(&topics, &unique("et3k"), &data).replace(
+        "      heartbeat.interval.ms: \"1000\"\n",
+        "      heartbeat.interval.ms: \"1000\"\n      fetch.queue.backoff.ms: \"1000\"\n      \
+         queued.max.messages.kbytes: \"4096\"\n",
+    );
+    assert!(paced.contains("fetch.queue.backoff.ms"));
+    std::fs::write(&cfg, paced).unwrap();
     let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
     let progress = |m: &citystream_pipeline::task::StateUrl| -> i64 {
         citystream_pipeline::task::StateStore::inspect(m).ok().flatten().map_or(0, |c| c.positions.values().sum())
@@ -347,7 +355,7 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
         let mut child = spawn(&cfg, &log);
         let before = progress(&manifest);
         let t0 = Instant::now();
-        // a checkpoint further than the last one, then a random moment up to 1.5 s later
+        // a checkpoint further than the last one, then a random moment up to 0.8 s later
         while progress(&manifest) <= before {
             assert!(
                 child.try_wait().unwrap().is_none(),
@@ -357,7 +365,7 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
             assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint within 2 minutes");
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(next() % 1500));
+        std::thread::sleep(Duration::from_millis(next() % 800));
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         let at = progress(&manifest);
