@@ -210,9 +210,7 @@ impl OperatorConfig for SensorHealthConfig {
             ident,
             values,
             stuck_after: self.stuck_after,
-            silent_after_ms: self.silent_after.map(|d| d.as_millis_i64()),
-            forget_after_ms: self.forget_after.as_millis_i64(),
-            min_readings: self.min_readings,
+            horizons: Horizons::new(self),
             last_wm: i64::MIN,
             hasher: KeyHash::random(),
             devices: HashMap::default(),
@@ -287,9 +285,7 @@ pub struct SensorHealth {
     ident_converter: RowConverter,
     values_converter: RowConverter,
     stuck_after: u32,
-    silent_after_ms: Option<i64>,
-    forget_after_ms: i64,
-    min_readings: u32,
+    horizons: Horizons,
     /// The last input watermark: a row at or before it (which `decode` never lets through)
     /// passes on without touching any device.
     last_wm: i64,
@@ -311,6 +307,19 @@ struct Horizons {
     min_readings: u32,
 }
 
+impl Horizons {
+    fn new(cfg: &SensorHealthConfig) -> Self {
+        let silent = cfg.silent_after.map(|d| d.as_millis_i64());
+        let forget_after = cfg.forget_after.as_millis_i64();
+        Horizons {
+            silent,
+            forget: silent.unwrap_or(0).saturating_add(forget_after),
+            forget_unheard: silent.unwrap_or(forget_after),
+            min_readings: cfg.min_readings,
+        }
+    }
+}
+
 impl Device {
     /// Makes the device silent when a reading (or a watermark just before it) at `t` comes
     /// more than `silent` after its last one; the change, at its last reading plus `silent`.
@@ -326,9 +335,7 @@ impl Device {
         self.run = 0;
         Some(Change { ident: self.ident.clone(), ts: at, status: Status::Silent, run: 0 })
     }
-}
 
-impl Device {
     /// Whether the device is forgotten by time `t` (a reading's, or just past a watermark).
     fn forgotten_by(&self, h: Horizons, t: i64) -> bool {
         let after = if self.count < h.min_readings { h.forget_unheard } else { h.forget };
@@ -337,16 +344,6 @@ impl Device {
 }
 
 impl SensorHealth {
-    fn horizons(&self) -> Horizons {
-        let silent = self.silent_after_ms;
-        Horizons {
-            silent,
-            forget: silent.unwrap_or(0).saturating_add(self.forget_after_ms),
-            forget_unheard: silent.unwrap_or(self.forget_after_ms),
-            min_readings: self.min_readings,
-        }
-    }
-
     fn health_rows(&self, changes: Vec<Change>) -> Result<RecordBatch, OperatorError> {
         let mut cols: Vec<ArrayRef> = self.ident_converter.convert_rows(changes.iter().map(|c| c.ident.row()))?;
         cols.push(Arc::new(
@@ -394,7 +391,7 @@ impl Operator for SensorHealth {
         // the key alone decides the device; the kept columns ride along
         let key_rows = self.key_converter.convert_columns(&ident_cols[..self.keys])?;
         let idents = self.ident_converter.convert_columns(&ident_cols)?;
-        let h = self.horizons();
+        let h = self.horizons;
         let readings = self.values_converter.convert_columns(&value_cols)?;
         let zero = Self::all_zero(&value_cols, n);
         let mut healthy = Vec::with_capacity(n);
@@ -424,7 +421,10 @@ impl Operator for SensorHealth {
                 status: Status::Ok,
                 last_ts: t,
             });
-            d.ident = idents.row(row).owned();
+            // the kept columns from the latest row (copied only when they changed)
+            if d.ident.row() != idents.row(row) {
+                d.ident = idents.row(row).owned();
+            }
             d.last_ts = d.last_ts.max(t);
             d.count = d.count.saturating_add(1);
             d.run = if values.is_some() && values == d.values { d.run.saturating_add(1) } else { 1 };
@@ -456,7 +456,7 @@ impl Operator for SensorHealth {
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         // a reading after the watermark lies after it: silence up to it is final
         self.last_wm = self.last_wm.max(watermark);
-        let (h, next) = (self.horizons(), watermark.saturating_add(1));
+        let (h, next) = (self.horizons, watermark.saturating_add(1));
         let mut changes: Vec<Change> = self.devices.values_mut().filter_map(|d| d.fall_silent(h, next)).collect();
         self.devices.retain(|_, d| !d.forgotten_by(h, next));
         if !changes.is_empty() {

@@ -186,6 +186,17 @@ pub struct City {
     pub weather: Weather,
 }
 
+/// A random stretch of the simulated `days` from `start_ms`: a day, a start `hours` at most
+/// after 06:00 of it, and a length of `minutes.0` plus up to `minutes.1` minutes; (start, end)
+/// in UTC ms.
+fn random_span(rng: &mut ChaCha8Rng, start_ms: i64, days: f64, hours: f64, minutes: (f64, f64)) -> (i64, i64) {
+    let day = (rng.random::<f64>() * days.max(1e-9)).floor();
+    let hour = 6.0 + hours * rng.random::<f64>();
+    let start = start_ms + ((day * 24.0 + hour) * 3_600_000.0) as i64;
+    let length = minutes.0 + minutes.1 * rng.random::<f64>();
+    (start, start + (length * 60_000.0) as i64)
+}
+
 /// Share of the daily peak demand at `hour` (0..24, fractional): night trough, morning and
 /// evening peaks, daytime plateau.
 pub fn daily_profile(hour: f64, weekend: bool) -> f64 {
@@ -235,15 +246,12 @@ impl City {
         let n_incidents = (cfg.incidents_per_day * days).round() as usize;
         let mut incidents: Vec<Incident> = (0..n_incidents)
             .map(|_| {
-                let day = (rng.random::<f64>() * days.max(1e-9)).floor();
-                let hour = 6.0 + 16.0 * rng.random::<f64>();
-                let start = start_ms + ((day * 24.0 + hour) * 3_600_000.0) as i64;
-                let minutes = 10.0 + 35.0 * rng.random::<f64>();
+                let (start, end) = random_span(rng, start_ms, days, 16.0, (10.0, 35.0));
                 Incident {
                     incident_id: String::new(),
                     segment_id: segments[rng.random_range(0..segments.len())].segment_id.clone(),
                     start_ms: start,
-                    end_ms: start + (minutes * 60_000.0) as i64,
+                    end_ms: end,
                     capacity_factor: 0.15 + 0.3 * rng.random::<f64>(),
                 }
             })
@@ -274,10 +282,7 @@ impl City {
         let n = (per_day * days).round() as usize;
         let mut faults: Vec<DetectorFault> = (0..n)
             .map(|k| {
-                let day = (rng.random::<f64>() * days.max(1e-9)).floor();
-                let hour = 6.0 + 15.0 * rng.random::<f64>();
-                let start = start_ms + ((day * 24.0 + hour) * 3_600_000.0) as i64;
-                let minutes = 20.0 + 70.0 * rng.random::<f64>();
+                let (start, end) = random_span(&mut rng, start_ms, days, 15.0, (20.0, 70.0));
                 let segment = rng.random_range(0..self.segments.len());
                 let lane = rng.random_range(1..=self.segments[segment].lanes.max(1));
                 DetectorFault {
@@ -286,7 +291,7 @@ impl City {
                     lane,
                     kind: if k % 2 == 0 { DetectorFaultKind::Stuck } else { DetectorFaultKind::Silent },
                     start_ms: start,
-                    end_ms: start + (minutes * 60_000.0) as i64,
+                    end_ms: end,
                 }
             })
             .filter(|f| f.start_ms < end_ms)
