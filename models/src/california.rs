@@ -103,6 +103,10 @@ impl California7Config {
 }
 
 impl OperatorConfig for California7Config {
+    fn state_scopes(&self) -> Vec<citystream_operators::partitioning::StateScope> {
+        vec![citystream_operators::partitioning::StateScope::Keys(vec![self.key.clone()])]
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         Ok(vec![OutputSpec::new("main", self.check(input)?.3)])
     }

@@ -278,6 +278,17 @@ impl KeyedGcra {
 }
 
 impl OperatorConfig for AdmitConfig {
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        let mut s = Vec::new();
+        if self.per_stream.is_some() {
+            s.push(crate::partitioning::StateScope::City("`per_stream` limits the whole stream's rate".into()));
+        }
+        if let Some(k) = &self.per_key {
+            s.push(crate::partitioning::StateScope::Keys(k.key.clone()));
+        }
+        s
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input).map(|(_, _, o)| o)
     }

@@ -277,6 +277,12 @@ pub trait OperatorConfig: std::any::Any {
 
     /// Builds the operator for `input` (call [`plan`](Self::plan) first).
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>>;
+
+    /// What each part of the stage's state spans (for scale-out: the planner checks it against
+    /// how the topics are keyed, see [`crate::partitioning`]). Default: nothing across rows.
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        Vec::new()
+    }
 }
 
 /// What an operator may use from its surroundings when it is built.
@@ -291,6 +297,9 @@ pub struct BuildContext {
     /// The event-time clock of the source stream the stage reads, when it reads one directly
     /// (a `decode` stage): see [`crate::event_time`].
     pub event_clock: Option<crate::event_time::EventClock>,
+    /// How the source stream is keyed, when a `decode` stage reads a keyed topic: rows on the
+    /// wrong partition are dead letters (see [`crate::partitioning`]).
+    pub routing: Option<crate::partitioning::Routing>,
 }
 
 /// The closest of `candidates` to `name`, when one is close enough to be a likely typo.

@@ -16,6 +16,7 @@ use citystream_schemas::{DecodeOptions, Decoder, EventKind, ReasonCode, dead_let
 use serde::Deserialize;
 
 use crate::event_time::{EventClock, PartitionTime};
+use crate::partitioning::Routing;
 use crate::{
     BuildContext, Collector, Counter, Duration, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -194,6 +195,8 @@ impl OperatorConfig for DecodeConfig {
         Ok(Box::new(Decode {
             decoder: Decoder::new(self.kind, self.options().map_err(|e| vec![e])?),
             clock: ctx.event_clock.clone(),
+            routing: ctx.routing.clone(),
+            payload_max: self.dead_letter_payload_max_bytes,
             time: PartitionTime::default(),
             watermark: i64::MIN,
             outputs,
@@ -214,6 +217,9 @@ pub struct Decode {
     decoder: Decoder,
     /// The event clock of the source stream read (absent: lateness only against the watermark).
     clock: Option<EventClock>,
+    /// How the source topic is keyed (absent: rows are not checked against their partition).
+    routing: Option<Routing>,
+    payload_max: usize,
     time: PartitionTime,
     /// The input watermark.
     watermark: i64,
@@ -229,6 +235,75 @@ impl Decode {
     pub fn set_options(&mut self, config: &DecodeConfig) -> Result<(), PlanError> {
         self.decoder.set_options(config.options()?);
         Ok(())
+    }
+
+    /// Takes the rows that arrived on a partition their key does not belong to out of `valid`,
+    /// as dead letters (`misrouted`) built from their raw messages in `raw`.
+    fn split_misrouted(
+        &self,
+        raw: &RecordBatch,
+        valid: RecordBatch,
+    ) -> Result<(RecordBatch, Option<RecordBatch>), OperatorError> {
+        let Some(routing) = &self.routing else { return Ok((valid, None)) };
+        let wrong = routing.misrouted(&valid);
+        if wrong.iter().all(Option::is_none) {
+            return Ok((valid, None));
+        }
+        let cols = |b: &RecordBatch, p: &str, o: &str| {
+            let part = b.column_by_name(p).and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int32Type>()).cloned();
+            let off = b.column_by_name(o).and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>()).cloned();
+            part.zip(off)
+                .ok_or_else(|| OperatorError::SchemaMismatch { operator: "decode", detail: format!("no {p}/{o}") })
+        };
+        let (vp, vo) =
+            cols(&valid, citystream_schemas::columns::SRC_PARTITION, citystream_schemas::columns::SRC_OFFSET)?;
+        let (rp, ro) = cols(raw, raw::PARTITION, raw::OFFSET)?;
+        let source = raw.column_by_name(raw::SOURCE).and_then(|c| c.as_string_opt::<i32>());
+        let payload = raw.column_by_name(raw::PAYLOAD).and_then(|c| c.as_binary_opt::<i32>());
+        let received = raw
+            .column_by_name(raw::RECEIVED_AT)
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampMillisecondType>());
+        let (Some(source), Some(payload), Some(received)) = (source, payload, received) else {
+            return Err(OperatorError::SchemaMismatch { operator: "decode", detail: "not a raw batch".into() });
+        };
+        let mut dead = dead_letter::DeadLetterBuilder::new(self.payload_max);
+        let n = routing.partitions();
+        // valid rows are a subsequence of the raw rows, in order
+        let mut j = 0;
+        for (i, w) in wrong.iter().enumerate() {
+            while j < raw.num_rows() && (rp.value(j), ro.value(j)) != (vp.value(i), vo.value(i)) {
+                j += 1;
+            }
+            let Some((_, want)) = w else { continue };
+            if j == raw.num_rows() {
+                return Err(OperatorError::SchemaMismatch {
+                    operator: "decode",
+                    detail: "a decoded row has no raw message".into(),
+                });
+            }
+            let reason = citystream_schemas::Reason::new(
+                ReasonCode::Misrouted,
+                format!(
+                    "its key ({}) belongs on partition {want} of {n}, and it arrived on partition {}",
+                    routing.key.describe(),
+                    rp.value(j)
+                ),
+            );
+            let pos = dead_letter::Position {
+                source: source.value(j),
+                partition: rp.value(j),
+                offset: ro.value(j),
+                received_at_ms: received.value(j),
+            };
+            dead.append(
+                pos,
+                self.decoder.kind().as_str(),
+                &reason,
+                &citystream_schemas::privacy::redact_identifiers(payload.value(j)),
+            );
+        }
+        let keep: arrow::array::BooleanArray = wrong.iter().map(|w| Some(w.is_none())).collect();
+        Ok((arrow::compute::filter_record_batch(&valid, &keep)?, Some(dead.finish())))
     }
 
     /// Splits decoded rows into those on time and those behind their partition's watermark,
@@ -292,7 +367,14 @@ impl Operator for Decode {
                 }
             }
         }
-        let (on_time, late) = self.split_late(decoded.valid)?;
+        // a misrouted row never moves its partition's event time
+        let (routed, misrouted) = self.split_misrouted(&batch, decoded.valid)?;
+        if let Some(m) = misrouted {
+            self.rejected[ReasonCode::ALL.iter().position(|c| *c == ReasonCode::Misrouted).expect("listed")]
+                .inc_by(m.num_rows() as u64);
+            out.emit(DEAD_LETTERS, m);
+        }
+        let (on_time, late) = self.split_late(routed)?;
         if let Some(late) = late {
             self.late.inc_by(late.num_rows() as u64);
             out.emit(LATE_EVENTS, late);
@@ -448,6 +530,77 @@ mod tests {
         let mut out2 = Collector::new(3);
         op2.process_batch(traffic(&[(0, 800)]), &mut out2).unwrap();
         assert_eq!(out2.port(LATE_EVENTS).iter().map(RecordBatch::num_rows).sum::<usize>(), 1, "still late");
+    }
+
+    /// A row on a partition its key does not belong to is a dead letter (`misrouted`) built
+    /// from its own message, between rejected and valid neighbours, and never moves the
+    /// partition's event time; until the source knows the partition count nothing is checked.
+    #[test]
+    fn rows_on_the_wrong_partition_are_dead_letters() {
+        use crate::partitioning::{Routing, TopicKey, partition_of};
+        let home = |seg: &str| partition_of(seg.as_bytes(), 4);
+        let away = |seg: &str| (home(seg) + 1) % 4;
+        let json = |i: usize, seg: &str, ts: i64| {
+            format!(
+                r#"{{"event_id":"e{i}","ts":{ts},"schema_version":1,"sensor_id":"d","segment_id":"{seg}","lane":1,"interval_s":30,"flow":1,"occupancy":0.1,"speed_kmh":50}}"#
+            )
+        };
+        let mut b = raw::RawBatchBuilder::with_capacity(4, 1024);
+        b.append("t", home("a"), 10, 1_000_000, json(0, "a", 1_000_000).as_bytes());
+        b.append("t", away("a"), 11, 1_000_000, b"{oops");
+        b.append("t", away("b"), 12, 9_000_000, json(2, "b", 9_000_000).as_bytes());
+        b.append("t", home("c"), 13, 1_000_000, json(3, "c", 1_000_000).as_bytes());
+        let batch = b.finish();
+        let routing = Routing::new(TopicKey { column: "segment_id".into(), group: None });
+        let clock = crate::event_time::EventClock::new(0);
+        let metrics = crate::Metrics::new();
+        let ctx = BuildContext {
+            stage: "d".into(),
+            metrics: metrics.clone(),
+            event_clock: Some(clock.clone()),
+            routing: Some(routing.clone()),
+            ..Default::default()
+        };
+        let cfg = DecodeConfig { max_past: None, max_future: None, ..DecodeConfig::new(EventKind::Traffic) };
+        let run = |batch: &RecordBatch| {
+            let mut op = cfg.build(&raw::schema(), &ctx).unwrap();
+            let mut out = Collector::new(3);
+            op.process_batch(batch.clone(), &mut out).unwrap();
+            out
+        };
+        // the partition count is not known yet: nothing is checked
+        let out = run(&batch);
+        assert_eq!(out.port(MAIN).iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+        routing.set_partitions(4);
+        let clock_before = clock.watermark(away("b"));
+        let out = run(&batch);
+        let ids: Vec<&str> =
+            out.port(MAIN).iter().flat_map(|b| b.column(0).as_string::<i32>().iter().flatten()).collect();
+        assert_eq!(ids, ["e0", "e3"]);
+        let dead = arrow::compute::concat_batches(&dead_letter::schema(), out.port(DEAD_LETTERS)).unwrap();
+        let col = |n: &str| dead.column_by_name(n).unwrap().clone();
+        let codes = col(dead_letter::REASON_CODE);
+        let mut sorted: Vec<&str> = codes.as_string::<i32>().iter().flatten().collect();
+        sorted.sort();
+        assert_eq!(sorted, ["bad_json", "misrouted"]);
+        let offsets = col("src_offset");
+        let (offsets, codes) = (offsets.as_primitive::<arrow::datatypes::Int64Type>(), codes.as_string::<i32>());
+        let at = (0..dead.num_rows()).find(|&i| codes.value(i) == "misrouted").unwrap();
+        assert_eq!(offsets.value(at), 12, "the misrouted message's own position");
+        let reason = col(dead_letter::REASON);
+        assert_eq!(
+            reason.as_string::<i32>().value(at),
+            format!(
+                "its key (`segment_id`) belongs on partition {} of 4, and it arrived on partition {}",
+                home("b"),
+                away("b")
+            )
+        );
+        let payload = col("payload");
+        assert!(std::str::from_utf8(payload.as_binary::<i32>().value(at)).unwrap().contains(r#""event_id":"e2""#));
+        assert_eq!(clock.watermark(away("b")), clock_before, "a misrouted row moves no event time");
+        let l = [("stage", "d"), ("kind", "traffic"), ("reason", "misrouted")];
+        assert_eq!(metrics.value("citystream_dead_letters_total", &l), Some(1.0));
     }
 
     #[test]

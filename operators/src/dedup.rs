@@ -24,6 +24,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt8Type,
 use serde::Deserialize;
 
 use crate::common::{HashedKeys, KeyEncoder, KeyHash, column, columns, time_column, times};
+use crate::partitioning::{AUTO, StateScope};
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -93,10 +94,16 @@ pub struct DedupConfig {
     /// The event-time column. Default `ts`.
     #[serde(default = "d_time")]
     pub time_column: String,
+    /// Exact deduplication matches ids only among rows with equal values of these columns
+    /// (e.g. `[segment_id]`: ids are unique per segment). Its state is then per these
+    /// columns, which lets the planner prove it splits with the topic's partitions (scale-out:
+    /// [`crate::partitioning`]). Default: none (ids match across the whole stream).
+    #[serde(default)]
+    pub within: Vec<String>,
 }
 
-/// (time column, id column, content columns)
-type Checked = (usize, Option<usize>, Option<Vec<usize>>);
+/// (time column, id column, content columns, `within` columns)
+type Checked = (usize, Option<usize>, Option<Vec<usize>>, Vec<usize>);
 
 impl DedupConfig {
     /// Only `horizon` can change live.
@@ -159,8 +166,15 @@ impl DedupConfig {
         if id.is_none() && content.is_none() && errs.is_empty() {
             errs.push(PlanError::new("content", "both exact (`id_column`) and content deduplication are off"));
         }
+        if !self.within.is_empty() && self.id_column.is_none() {
+            errs.push(PlanError::new(
+                "within",
+                "`within` scopes exact deduplication, which is off (`id_column: null`)",
+            ));
+        }
+        let within = columns(input, &self.within, "within", &mut errs);
         match (time, errs.is_empty()) {
-            (Some(t), true) => Ok((t, id, content)),
+            (Some(t), true) => Ok((t, id, content, within)),
             _ => Err(errs),
         }
     }
@@ -172,12 +186,30 @@ impl OperatorConfig for DedupConfig {
         Ok(vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())])
     }
 
+    fn state_scopes(&self) -> Vec<StateScope> {
+        let mut scopes = Vec::new();
+        if let Some(id) = &self.id_column {
+            scopes.push(StateScope::Keys(self.within.iter().cloned().chain([id.clone()]).collect()));
+        }
+        match &self.content {
+            ContentSpec::Columns(c) => scopes.push(StateScope::Keys(c.clone())),
+            // every column but the id and the position: any column that keys the topic
+            ContentSpec::Named(n) if n == "auto" => scopes.push(StateScope::Keys(vec![AUTO.into()])),
+            ContentSpec::Named(_) => {}
+        }
+        scopes
+    }
+
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
-        let (time, id, content) = self.check(input)?;
+        let (time, id, content, within) = self.check(input)?;
         let content = content
             .map(|c| KeyEncoder::new(input, c))
             .transpose()
             .map_err(|e| vec![PlanError::new("content", e.to_string())])?;
+        let within = (!within.is_empty())
+            .then(|| KeyEncoder::new(input, within))
+            .transpose()
+            .map_err(|e| vec![PlanError::new("within", e.to_string())])?;
         let l = |mode: &'static str| [("stage", ctx.stage.as_str()), ("mode", mode)];
         let m = &ctx.metrics;
         let st = [("stage", ctx.stage.as_str())];
@@ -186,6 +218,8 @@ impl OperatorConfig for DedupConfig {
             time,
             id,
             content,
+            within,
+            key_buf: Vec::new(),
             horizon: self.horizon.as_millis_i64(),
             watermark: i64::MIN,
             hasher: KeyHash::random(),
@@ -261,6 +295,9 @@ pub struct Dedup {
     time: usize,
     id: Option<usize>,
     content: Option<KeyEncoder>,
+    /// The `within` columns (their row bytes go before the id in its key).
+    within: Option<KeyEncoder>,
+    key_buf: Vec<u8>,
     horizon: i64,
     watermark: i64,
     hasher: KeyHash,
@@ -302,6 +339,7 @@ impl Operator for Dedup {
         let ts = times(&batch, self.time);
         let ids = self.id.map(|c| batch.column(c).as_string::<i32>().clone());
         let rows = self.content.as_ref().map(|e| e.encode(&batch)).transpose()?;
+        let scopes = self.within.as_ref().map(|e| e.encode(&batch)).transpose()?;
         let cutoff = self.cutoff();
         let mut keep = Vec::with_capacity(n);
         let mut late = Vec::with_capacity(n);
@@ -313,7 +351,16 @@ impl Operator for Dedup {
                 continue;
             }
             late.push(false);
-            let id = ids.as_ref().filter(|a| a.is_valid(i)).map(|a| self.hasher.hash(a.value(i).as_bytes()));
+            let id = ids.as_ref().filter(|a| a.is_valid(i)).map(|a| match &scopes {
+                // the row format is self-delimiting: scope bytes then id bytes are unambiguous
+                Some(s) => {
+                    self.key_buf.clear();
+                    self.key_buf.extend_from_slice(s.row(i).as_ref());
+                    self.key_buf.extend_from_slice(a.value(i).as_bytes());
+                    self.hasher.hash(&self.key_buf)
+                }
+                None => self.hasher.hash(a.value(i).as_bytes()),
+            });
             let content = rows.as_ref().map(|r| self.hasher.hash(r.row(i).as_ref()));
             if id.is_some_and(|k| self.seen[0].contains(k)) {
                 removed[0] += 1;

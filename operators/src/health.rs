@@ -181,6 +181,10 @@ impl SensorHealthConfig {
 }
 
 impl OperatorConfig for SensorHealthConfig {
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        vec![crate::partitioning::StateScope::Keys(self.key.clone())]
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input).map(|p| p.outputs)
     }

@@ -39,6 +39,7 @@ pub mod exact_sum;
 pub mod filter;
 pub mod health;
 mod metrics;
+pub mod partitioning;
 pub mod project;
 pub mod secret;
 #[cfg(test)]

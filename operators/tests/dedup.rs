@@ -1,7 +1,8 @@
 mod util;
 
 use citystream_operators::dedup::DedupConfig;
-use citystream_operators::{Collector, Metrics};
+use citystream_operators::partitioning::StateScope;
+use citystream_operators::{Collector, Metrics, OperatorConfig as _};
 use proptest::prelude::*;
 use util::*;
 
@@ -26,6 +27,37 @@ fn exact_and_content_duplicates_go_across_batches_and_out_of_order() {
     let ids: Vec<String> = out.readings(0).into_iter().map(|r| r.id).collect();
     assert_eq!(ids, ["a", "b", "c", "d"]);
     assert_eq!(out.rows(1), 0, "nothing was late");
+}
+
+/// `within: [sensor_id]` matches ids only per sensor (the state then splits by sensor: one
+/// instance per topic partition holds whole sensors); content duplicates are still caught.
+#[test]
+fn ids_match_within_the_scope_columns_only() {
+    let rows = [
+        vec![r("a", "s1", 60_000, 1.0), r("a", "s2", 60_000, 2.0)],
+        // a re-send of s1's `a`, and a gateway copy of s2's reading under a new id
+        vec![r("a", "s1", 60_000, 1.0), r("gw-a", "s2", 60_000, 2.0), r("gw-a", "s2", 60_000, 2.0)],
+    ];
+    let ids = |cfg: &DedupConfig| -> Vec<(String, String)> {
+        let mut op = build(cfg);
+        run(op.as_mut(), &rows, 120_000).readings(0).into_iter().map(|r| (r.id, r.sensor)).collect()
+    };
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    // one id across the stream: s2's reading is taken for s1's, so the gateway's copy is new
+    assert_eq!(ids(&cfg("10m")), [pair("a", "s1"), pair("gw-a", "s2")]);
+    let scoped: DedupConfig = yaml("horizon: 10m\nwithin: [sensor_id]\n");
+    assert_eq!(ids(&scoped), [pair("a", "s1"), pair("a", "s2")]);
+    assert_eq!(
+        scoped.state_scopes(),
+        [
+            StateScope::Keys(vec!["sensor_id".into(), "event_id".into()]),
+            StateScope::Keys(vec![citystream_operators::partitioning::AUTO.into()])
+        ]
+    );
+    let errs =
+        citystream_operators::OperatorConfig::plan(&yaml::<DedupConfig>("horizon: 1m\nwithin: [segment]\n"), &schema())
+            .unwrap_err();
+    assert_eq!(errs[0].key, "within[0]");
 }
 
 #[test]

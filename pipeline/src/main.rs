@@ -88,7 +88,8 @@ enum Command {
         #[arg(long, default_value = "data/sim")]
         out: PathBuf,
         /// Produce into Kafka at these brokers instead (topics `city.traffic`, `city.camera`,
-        /// `city.environment`, keyed by device id); the ground truth still goes to `--out`.
+        /// `city.environment`, keyed as `deploy/kafka.yaml`'s `keys` say: traffic by corridor,
+        /// cameras by zone, stations by id); the ground truth still goes to `--out`.
         #[cfg(feature = "kafka")]
         #[arg(long)]
         kafka: Option<String>,
@@ -249,12 +250,27 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                     println!("exists  {t} on {brokers}");
                 }
             }
+            // a topic keyed by a lookup's group spreads over at most as many partitions as groups
+            for (topic, key) in plan.keyed_topics() {
+                let Some(g) = key.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?.group else { continue };
+                let groups = g.map.values().collect::<std::collections::BTreeSet<_>>().len();
+                if (groups as i32) < partitions {
+                    println!(
+                        "note: {topic} is keyed by `{}` ({groups} values in {}): at most {groups} of its partitions hold \
+                         data, and at most {groups} instances share its work",
+                        g.group, g.name
+                    );
+                }
+            }
             Ok(())
         }
         Command::Validate { file } => {
             let raw = config::load_file(&file)?;
             let plan = config::plan::plan(raw, &file.display().to_string())?;
             print!("{}", plan.describe());
+            for (stage, what) in plan.city_wide_state() {
+                println!("note: stage {stage}: {what}; with several instances each applies it to its own partitions");
+            }
             println!("ok: {} is valid", file.display());
             Ok(())
         }

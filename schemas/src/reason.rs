@@ -30,11 +30,15 @@ pub enum ReasonCode {
     /// A stage failed on the batch this row was in (a panic, or a batch it refused); the row
     /// is kept in `operator_errors` and the pipeline went on.
     OperatorError,
+    /// The event arrived on a partition its topic's key does not put it on (a producer that
+    /// keyed it otherwise): kept out of the stages, whose state per key must stay on one
+    /// partition (scale-out).
+    Misrouted,
 }
 
 impl ReasonCode {
     /// Every code, in a stable order (used for metrics labels and docs).
-    pub const ALL: [ReasonCode; 12] = [
+    pub const ALL: [ReasonCode; 13] = [
         ReasonCode::BadJson,
         ReasonCode::MissingField,
         ReasonCode::WrongType,
@@ -47,6 +51,7 @@ impl ReasonCode {
         ReasonCode::BadBase64,
         ReasonCode::RateLimited,
         ReasonCode::OperatorError,
+        ReasonCode::Misrouted,
     ];
 
     /// The snake_case name stored in the `reason_code` column.
@@ -64,6 +69,7 @@ impl ReasonCode {
             ReasonCode::BadBase64 => "bad_base64",
             ReasonCode::RateLimited => "rate_limited",
             ReasonCode::OperatorError => "operator_error",
+            ReasonCode::Misrouted => "misrouted",
         }
     }
 }

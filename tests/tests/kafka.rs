@@ -626,7 +626,9 @@ async fn poison_messages_are_dead_letters_once_across_a_sigkill_and_the_pipeline
 }
 
 /// `citystream simulate --kafka` (and every producer here) puts a key in the partition a Java
-/// producer would choose (murmur2), so topics shared with Java services agree on keys.
+/// producer would choose (murmur2), so topics shared with Java services agree on keys; traffic
+/// is keyed by corridor (`deploy/kafka.yaml`'s `keys`), so a segment and its neighbours share a
+/// partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_streams_are_partitioned_as_java_producers_partition() {
     use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -640,16 +642,21 @@ async fn simulated_streams_are_partitioned_as_java_producers_partition() {
         .create()
         .unwrap();
     consumer.subscribe(&[topics.traffic.as_deref().unwrap()]).unwrap();
-    let (mut seen, mut per_partition) = (0u64, [0u64; 3]);
+    let mut per_key: std::collections::BTreeMap<String, u64> = Default::default();
     while let Ok(m) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
         let m = m.unwrap();
-        let key = m.key().expect("keyed by device");
+        let key = m.key().expect("keyed");
         assert_eq!(m.partition(), citystream_pipeline::kafka::partition::partition_of(key, 3));
-        per_partition[m.partition() as usize] += 1;
-        seen += 1;
+        let row: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap_or_default();
+        if let Some(seg) = row["segment_id"].as_str() {
+            // `seg-CC-II`: corridor CC, as in road_graph.csv's `corridor` column
+            let corridor: u32 = seg[4..6].parse().unwrap();
+            assert_eq!(std::str::from_utf8(key).unwrap(), corridor.to_string(), "keyed by the corridor of {seg}");
+        }
+        *per_key.entry(String::from_utf8_lossy(key).into_owned()).or_default() += 1;
     }
-    assert!(seen > 1000, "an hour of traffic: {seen} messages");
-    assert!(per_partition.iter().all(|&n| n > 0), "every partition gets keys: {per_partition:?}");
+    assert!(per_key.values().sum::<u64>() > 1000, "an hour of traffic: {per_key:?}");
+    assert_eq!(per_key.keys().collect::<Vec<_>>(), ["0", "1", "2"], "the three corridors");
 }
 
 /// Under the KIP-848 group protocol the broker holds a static member's `group.instance.id`

@@ -110,6 +110,25 @@ pub fn features_schema(input: &SchemaRef, segment: usize, time: usize, output: &
 }
 
 impl OperatorConfig for FeaturesConfig {
+    /// A segment's rows and its upstream and downstream neighbours' (from the road graph; an
+    /// unreadable graph is reported by `plan`).
+    fn state_scopes(&self) -> Vec<citystream_operators::partitioning::StateScope> {
+        let pairs = match RoadGraph::read(Path::new(self.road_graph.as_str())) {
+            Ok(g) => g
+                .segments
+                .iter()
+                .flat_map(|s| {
+                    [s.upstream, s.downstream]
+                        .into_iter()
+                        .flatten()
+                        .map(|n| (s.segment_id.clone(), g.segments[n].segment_id.clone()))
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        vec![citystream_operators::partitioning::StateScope::Neighbours { key: self.segment.clone(), pairs }]
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         let (_, schema) = self.check(input)?;
         Ok(vec![OutputSpec::new("main", schema), OutputSpec::new("unmatched", input.clone())])

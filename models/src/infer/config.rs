@@ -372,6 +372,13 @@ impl InferConfig {
 }
 
 impl OperatorConfig for InferConfig {
+    fn state_scopes(&self) -> Vec<citystream_operators::partitioning::StateScope> {
+        match self.carbon.as_ref().and_then(|c| c.calm.as_ref()) {
+            Some(calm) => vec![citystream_operators::partitioning::StateScope::Keys(vec![calm.key.clone()])],
+            None => Vec::new(),
+        }
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         let r = self.check(input)?;
         let mut outs = vec![OutputSpec::new("main", r.schema.clone())];

@@ -217,6 +217,14 @@ impl AlertConfig {
 }
 
 impl OperatorConfig for AlertConfig {
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        let mut s = vec![crate::partitioning::StateScope::Keys(vec![self.location.clone()])];
+        if self.storm.is_some() {
+            s.push(crate::partitioning::StateScope::City("`storm` limits the alerts open city-wide".into()));
+        }
+        s
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input)?;
         Ok(vec![OutputSpec::new("main", alert_schema())])

@@ -116,6 +116,10 @@ impl CompressConfig {
 }
 
 impl OperatorConfig for CompressConfig {
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        vec![crate::partitioning::StateScope::Keys(self.key.clone())]
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input)?;
         Ok(vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())])

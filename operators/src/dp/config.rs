@@ -273,6 +273,17 @@ impl DpConfig {
 }
 
 impl OperatorConfig for DpConfig {
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        vec![
+            crate::partitioning::StateScope::Keys(vec![self.partition.clone()]),
+            crate::partitioning::StateScope::City(format!(
+                "the contributions of a privacy unit (`{}`) are bounded over all its rows, and the budget is spent per \
+                 release",
+                self.privacy_unit
+            )),
+        ]
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input).map(|p| p.outputs)
     }

@@ -240,6 +240,10 @@ impl WindowConfig {
 }
 
 impl OperatorConfig for WindowConfig {
+    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+        vec![crate::partitioning::StateScope::Keys(self.key.clone())]
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input).map(|p| p.outputs)
     }

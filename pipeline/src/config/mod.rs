@@ -162,6 +162,17 @@ impl SourceConfig {
         }
     }
 
+    /// How the stream of output `port` is keyed, where the source declares it (a Kafka
+    /// source's `keys`): see [`citystream_operators::partitioning`].
+    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
+    pub fn topic_key(&self, port: usize) -> Option<&citystream_operators::partitioning::KeySpec> {
+        match self {
+            SourceConfig::Simulator(_) | SourceConfig::Files(_) => None,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => c.key(*citystream_schemas::EventKind::ALL.get(port)?),
+        }
+    }
+
     /// Whether the source commits its positions at checkpoints (and so resumes after a crash:
     /// derived files after its last commit are removed and written again).
     pub(crate) fn commits_positions(&self) -> bool {

@@ -483,3 +483,102 @@ fn every_registered_type_is_recognised_refuses_unknown_keys_and_is_documented() 
         assert!(readme.contains(&format!("| `{t}` |")), "`{t}` has no row in the README's table of stage types");
     }
 }
+
+/// A Kafka pipeline whose traffic topic is keyed by `keys` and whose stages (after `decode`)
+/// are `stages`, every output routed to the lake.
+#[cfg(feature = "kafka")]
+fn keyed(keys: &str, stages: &str, tables: &str) -> String {
+    format!(
+        "\
+sources:
+  k: {{type: kafka, brokers: 127.0.0.1:1, topics: {{traffic: t}}, keys: {{traffic: {keys}}}}}
+stages:
+  traffic: {{type: decode, input: k.traffic, kind: traffic}}
+{stages}sinks:
+  lake: {{type: parquet, path: /tmp/x, tables: {{t: traffic, d: traffic.dead_letters, tl: traffic.late_events{tables}}}}}
+"
+    )
+}
+
+#[cfg(feature = "kafka")]
+fn road_graph() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/road_graph.csv").display().to_string()
+}
+
+/// Co-partitioning: a keyed stage whose key does not determine the topic's key is refused with
+/// the columns that would; a key that does, a declared `determined_by`, and `dedup`'s `within`
+/// are accepted; a `project` that renames the key column loses the proof.
+#[cfg(feature = "kafka")]
+#[test]
+fn keyed_stages_must_keep_each_key_on_one_partition() {
+    let by_corridor = format!("{{column: segment_id, lookup: {}, group: corridor}}", road_graph());
+    let window = |key: &str| {
+        format!("  w: {{type: window, input: traffic, key: [{key}], size: 1m, aggregates: [{{fn: count, as: n}}]}}\n")
+    };
+    let tables = ", w: w, wl: w.late_events";
+    let e = error_of(&keyed(&by_corridor, &window("sensor_id"), tables));
+    assert!(e.contains("stages.w: `w` keeps state per [sensor_id], which does not determine its topic's key (`corridor` of `segment_id`"), "{e}");
+    assert!(e.contains("sources.k.keys.traffic"), "{e}");
+    assert!(e.contains("help: add one of `segment_id` to the stage's key"), "{e}");
+    for ok in [window("segment_id"), window("lane, segment_id")] {
+        plan(load_str(&keyed(&by_corridor, &ok, tables), "ok.yaml").unwrap(), "ok.yaml").unwrap();
+    }
+    // a detector lies on one segment: declared, a stage keyed by it is accepted
+    let declared = by_corridor.replace('}', ", determined_by: [sensor_id]}");
+    plan(load_str(&keyed(&declared, &window("sensor_id"), tables), "ok.yaml").unwrap(), "ok.yaml").unwrap();
+
+    // dedup: ids match across the stream unless scoped `within` a determining column
+    let dedup = |extra: &str| format!("  u: {{type: dedup, input: traffic, horizon: 10m{extra}}}\n");
+    let e = error_of(&keyed(&by_corridor, &dedup(""), ", u: u, ul: u.late_events"));
+    assert!(e.contains("`u` keeps state per [event_id]") && e.contains("`within: [segment_id]`"), "{e}");
+    let ok = keyed(&by_corridor, &dedup(", within: [segment_id]"), ", u: u, ul: u.late_events");
+    plan(load_str(&ok, "ok.yaml").unwrap(), "ok.yaml").unwrap();
+
+    // a rename hides which values the column holds
+    let renamed = "  p: {type: project, input: traffic, columns: [segment_id, ts, flow], rename: {segment_id: road}}\n  w: {type: window, input: p, key: [road], size: 1m, aggregates: [{fn: count, as: n}]}\n";
+    let e = error_of(&keyed(&by_corridor, renamed, ", w: w, wl: w.late_events"));
+    assert!(e.contains("`w` keeps state per [road]") && e.contains("no column that determines"), "{e}");
+}
+
+/// `features` reads a segment's neighbours: keying by segment splits neighbours, by corridor
+/// keeps them together; a road graph whose neighbours cross corridors is refused with the pairs.
+#[cfg(feature = "kafka")]
+#[test]
+fn a_stage_reading_neighbours_needs_them_under_one_key() {
+    let graph = road_graph();
+    let stages = format!(
+        "  m: {{type: window, input: traffic, key: [segment_id], size: 1m, aggregates: [{{fn: count, as: readings}}, {{fn: sum, column: flow, as: vehicles}}, {{fn: mean, column: speed_kmh, as: mean_speed_kmh}}, {{fn: mean, column: occupancy, as: mean_occupancy}}]}}\n  f: {{type: features, input: m, road_graph: {graph}}}\n"
+    );
+    let tables = ", m: m, ml: m.late_events, f: f, fu: f.unmatched";
+    let by_corridor = format!("{{column: segment_id, lookup: {graph}, group: corridor}}");
+    plan(load_str(&keyed(&by_corridor, &stages, tables), "ok.yaml").unwrap(), "ok.yaml").unwrap();
+    let e = error_of(&keyed("{column: segment_id}", &stages, tables));
+    assert!(e.contains("`f` reads each `segment_id` with its neighbours, and the topic's key (`segment_id`) puts 42 neighbour pair(s) on different keys: seg-00-00 (seg-00-00) next to seg-00-01 (seg-00-01)"), "{e}");
+    // zones group segments too, but each corridor spans two zones: the links between them split
+    let by_zone = format!("{{column: segment_id, lookup: {graph}, group: zone_id}}");
+    let e = error_of(&keyed(&by_zone, &stages, tables));
+    assert!(
+        e.contains("puts 6 neighbour pair(s) on different keys: seg-00-03 (zone-00) next to seg-00-04 (zone-01)"),
+        "{e}"
+    );
+    // a key that does not load names its place
+    let e = error_of(&keyed(&format!("{{column: segment_id, lookup: {graph}, group: district}}"), "", ""));
+    assert!(e.contains("sources.k.keys.traffic: ") && e.contains("has no column `district`"), "{e}");
+}
+
+/// City-wide state (a storm limit, a DP budget) reading a keyed topic is not refused: `validate`
+/// and the run's log name it, since each instance applies it to its own partitions.
+#[cfg(feature = "kafka")]
+#[test]
+fn city_wide_state_on_a_keyed_topic_is_named() {
+    let by_corridor = format!("{{column: segment_id, lookup: {}, group: corridor}}", road_graph());
+    let stages = "  a: {type: alert, input: traffic, rule: slow, alert_type: congestion, severity: warning, value: speed_kmh, location: segment_id, time: ts, raise: 10, below: true, storm: {max_open: 3}}\n";
+    let p = plan(load_str(&keyed(&by_corridor, stages, ", a: a"), "ok.yaml").unwrap(), "ok.yaml").unwrap();
+    assert_eq!(p.city_wide_state(), vec![("a".to_owned(), "`storm` limits the alerts open city-wide".to_owned())]);
+    let p = plan(
+        load_str(&keyed(&by_corridor, &stages.replace(", storm: {max_open: 3}", ""), ", a: a"), "ok.yaml").unwrap(),
+        "ok.yaml",
+    )
+    .unwrap();
+    assert!(p.city_wide_state().is_empty());
+}

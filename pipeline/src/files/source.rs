@@ -83,7 +83,7 @@ struct Reader {
 
 impl Reader {
     fn new(cfg: FilesSourceConfig, ctx: SourceContext, runtime: tokio::runtime::Handle) -> Result<Self, PipelineError> {
-        let SourceContext { name, outputs, clocks, stop, metrics, acks, recovery } = ctx;
+        let SourceContext { name, outputs, clocks, stop, metrics, acks, recovery, .. } = ctx;
         let err = |message: String| PipelineError::Source { source_name: name.clone(), message };
         let state = recovery
             .state

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 
 use citystream_operators::Duration;
+use citystream_operators::partitioning::KeySpec;
 use citystream_schemas::EventKind;
 use rdkafka::ClientConfig;
 use serde::Deserialize;
@@ -35,6 +36,22 @@ pub struct KafkaTopics {
     /// The environment topic.
     #[serde(default)]
     pub environment: Option<String>,
+}
+
+/// How producers key each topic (co-partitioning, for several instances in one group: see
+/// [`citystream_operators::partitioning`]); a topic without one is not checked.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaKeys {
+    /// The traffic topic's key (e.g. the corridor of `segment_id`).
+    #[serde(default)]
+    pub traffic: Option<KeySpec>,
+    /// The camera topic's key (e.g. `zone_id`).
+    #[serde(default)]
+    pub camera: Option<KeySpec>,
+    /// The environment topic's key (e.g. `station_id`).
+    #[serde(default)]
+    pub environment: Option<KeySpec>,
 }
 
 impl Default for KafkaTopics {
@@ -82,6 +99,11 @@ pub struct KafkaSourceConfig {
     /// Topic per event kind. Default: `city.traffic`, `city.camera`, `city.environment`.
     #[serde(default)]
     pub topics: KafkaTopics,
+    /// How producers key each topic: the planner proves every keyed stage's state stays on one
+    /// partition, and `decode` sends rows on the wrong partition to dead letters (`misrouted`).
+    /// Default: none (fine for one instance; several instances need it).
+    #[serde(default)]
+    pub keys: KafkaKeys,
     /// Largest raw batch handed on, rows. Default 8192.
     #[serde(default = "d_batch_rows")]
     pub batch_rows: NonZeroUsize,
@@ -119,6 +141,15 @@ pub struct KafkaSourceConfig {
 }
 
 impl KafkaSourceConfig {
+    /// How the topic of `kind` is keyed, if declared.
+    pub fn key(&self, kind: EventKind) -> Option<&KeySpec> {
+        match kind {
+            EventKind::Traffic => self.keys.traffic.as_ref(),
+            EventKind::Camera => self.keys.camera.as_ref(),
+            EventKind::Environment => self.keys.environment.as_ref(),
+        }
+    }
+
     /// The topic of `kind`, if consumed.
     pub fn topic(&self, kind: EventKind) -> Option<&str> {
         match kind {
@@ -139,7 +170,8 @@ pub(crate) fn client_config(brokers: &EnvString, properties: &BTreeMap<String, E
     c
 }
 
-/// Produces simulator messages into their kind's topic, keyed by device id, with the event
+/// Produces simulator messages into their kind's topic, keyed as `deploy/kafka.yaml`'s `keys`
+/// say (traffic by corridor, cameras by zone, stations by id: co-partitioning), with the event
 /// time as the message timestamp. Used by `citystream simulate --kafka` and the tests.
 pub mod produce {
     use std::time::Duration as StdDuration;

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use citystream_operators::event_time::EventClock;
+use citystream_operators::partitioning::Routing;
 use citystream_operators::{BuildContext, Message, Metrics};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -268,19 +269,24 @@ pub async fn run_with_reload(
     }
     let mut retune_senders = BTreeMap::new();
     let clocks = event_clocks(&plan);
+    let routings = routings(&plan)?;
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
     let operator_errors = plan.error_table(state.as_ref(), &metrics)?;
     let mut stateful: Vec<&str> = Vec::new();
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
-        let event_clock = match (&st.op, st.inputs.as_slice()) {
-            (crate::config::OperatorSpec::Decode(_), [r]) => clocks.get(&(r.node.clone(), r.port)).cloned(),
-            _ => None,
+        let (event_clock, routing) = match (&st.op, st.inputs.as_slice()) {
+            (crate::config::OperatorSpec::Decode(_), [r]) => {
+                let at = (r.node.clone(), r.port);
+                (clocks.get(&at).cloned(), routings.get(&at).cloned())
+            }
+            _ => (None, None),
         };
         let ctx = BuildContext {
             stage: st.name.clone(),
             metrics: metrics.clone(),
             thresholds: thresholds.clone(),
             event_clock,
+            routing,
         };
         let mut op = st.op.config().build(&st.input_schema, &ctx).map_err(|errs| PipelineError::Build {
             stage: st.name.clone(),
@@ -319,6 +325,13 @@ pub async fn run_with_reload(
         }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
+    for (stage, what) in plan.city_wide_state() {
+        tracing::warn!(
+            stage,
+            "{what}: with several instances in the group each applies this to the partitions it reads (no global \
+             stage yet)"
+        );
+    }
     if state.is_none() && crate::config::plan::any_committing(&plan.sources) && !stateful.is_empty() {
         tracing::warn!(
             ?stateful,
@@ -337,6 +350,7 @@ pub async fn run_with_reload(
             name: src.name.clone(),
             outputs,
             clocks: port_clocks,
+            routing: (0..src.outputs.len()).map(|p| routings.get(&(src.name.clone(), p)).cloned()).collect(),
             stop,
             metrics,
             acks: acks.clone(),
@@ -476,6 +490,22 @@ fn event_clocks(plan: &PipelinePlan) -> BTreeMap<(String, usize), EventClock> {
         clocks.entry((r.node.clone(), r.port)).or_insert_with(|| EventClock::new(lag.as_millis_i64()));
     }
     clocks
+}
+
+/// How each keyed source stream is keyed, keyed by (source, port): the source learns the
+/// topic's partition count, `decode` checks each row against it.
+fn routings(plan: &PipelinePlan) -> Result<BTreeMap<(String, usize), Routing>, PipelineError> {
+    let mut out = BTreeMap::new();
+    for src in &plan.sources {
+        for p in 0..src.outputs.len() {
+            let Some(spec) = src.config.topic_key(p) else { continue };
+            let key = spec
+                .load()
+                .map_err(|e| PipelineError::Task(format!("sources.{}.keys.{}: {e}", src.name, src.outputs[p].name)))?;
+            out.insert((src.name.clone(), p), Routing::new(key));
+        }
+    }
+    Ok(out)
 }
 
 /// Whether rows reaching `node` pass through a stage that holds rows and emits them after newer

@@ -11,7 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use super::city::{City, DetectorFaultKind, EFFECTIVE_LENGTH_M, STEP_S};
 use super::{SimulatorConfig, rfc3339};
 
-/// (kind, key, payload, event time ms) of a freshly generated reading; an empty key: a reading
+/// (kind, Kafka key, payload, event time ms) of a freshly generated reading (keys: see
+/// `SimMessage::key`); an empty key: a reading
 /// a silent detector did not send (`Simulation::deliver` delivers nothing for it).
 pub(super) type Generated = (EventKind, String, Vec<u8>, i64);
 
@@ -201,7 +202,8 @@ fn traffic(
                     }
                     None => p.extend_from_slice(b"null}"),
                 }
-                out.push((EventKind::Traffic, if silent { String::new() } else { sensor_id }, p, ts));
+                // keyed by corridor: a segment and its neighbours share a partition (co-partitioning)
+                out.push((EventKind::Traffic, if silent { String::new() } else { seg.corridor.to_string() }, p, ts));
             }
         }
     }
@@ -304,7 +306,7 @@ fn cameras(
                     conf,
                     thumb.as_deref(),
                 );
-                out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+                out.push((EventKind::Camera, sites.cameras[c].zone_id.clone(), p, ts));
             }
         }
         // line crossings every five minutes
@@ -313,7 +315,7 @@ fn cameras(
             let id = sites.event_id(EventKind::Camera);
             let mut p = Vec::with_capacity(300);
             camera_event(&mut p, &id, ts, &sites.cameras[c], "line_crossing", "car", count, None, None, 0.95, None);
-            out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+            out.push((EventKind::Camera, sites.cameras[c].zone_id.clone(), p, ts));
         }
         // plate reads of passing vehicles
         let reads = poisson(rng, veh_per_s * STEP_S as f64 * cfg.plate_read_rate);
@@ -340,7 +342,7 @@ fn cameras(
                 conf,
                 None,
             );
-            out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+            out.push((EventKind::Camera, sites.cameras[c].zone_id.clone(), p, ts));
         }
         // stalled vehicles: seen during incidents on the camera's segment, rarely a false one
         let incident = city.incident_at(seg, t_ms).is_some();
@@ -368,7 +370,7 @@ fn cameras(
                 conf,
                 Some(&thumb),
             );
-            out.push((EventKind::Camera, sites.cameras[c].id.clone(), p, ts));
+            out.push((EventKind::Camera, sites.cameras[c].zone_id.clone(), p, ts));
         }
     }
 }

@@ -212,7 +212,8 @@ impl Default for SimulatorConfig {
 pub struct SimMessage {
     /// Its event kind (the topic).
     pub kind: EventKind,
-    /// The device id (the Kafka key).
+    /// The Kafka key: what the topics are keyed by (`deploy/kafka.yaml`'s `keys`) — a traffic
+    /// reading's corridor (as in `road_graph.csv`), a camera's zone, a station's id.
     pub key: String,
     /// The JSON payload (or garbage, for malformed ones).
     pub payload: Vec<u8>,

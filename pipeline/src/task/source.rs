@@ -44,6 +44,10 @@ pub(crate) struct SourceContext {
     pub(crate) outputs: Outputs,
     /// The event clock of each output port a `decode` stage reads.
     pub(crate) clocks: Vec<Option<EventClock>>,
+    /// How each output port's stream is keyed, where declared: the source records the topic's
+    /// partition count in it.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) routing: Vec<Option<citystream_operators::partitioning::Routing>>,
     /// Becomes true when the run is asked to stop.
     pub(crate) stop: watch::Receiver<bool>,
     /// The run's metrics.

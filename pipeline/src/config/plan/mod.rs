@@ -9,6 +9,7 @@ use citystream_operators::OutputSpec;
 use citystream_schemas::{EventKind, raw};
 use serde_saphyr::Location;
 
+mod copartition;
 mod graph;
 mod rules;
 mod sinks;
@@ -94,6 +95,28 @@ pub struct PipelinePlan {
 }
 
 impl PipelinePlan {
+    /// The stages reading a keyed topic (a Kafka source's `keys`) that hold city-wide state,
+    /// with what it is: with several instances in one group, each applies it to the partitions
+    /// it reads (see [`copartition`]).
+    pub fn city_wide_state(&self) -> Vec<(String, String)> {
+        copartition::city_wide(self)
+    }
+
+    /// The topics a Kafka source declares `keys` for, with their keys (lookups read).
+    #[cfg(feature = "kafka")]
+    pub fn keyed_topics(&self) -> Vec<(String, Result<citystream_operators::partitioning::TopicKey, String>)> {
+        let mut out = Vec::new();
+        for src in &self.sources {
+            let SourceConfig::Kafka(k) = &src.config else { continue };
+            for kind in EventKind::ALL {
+                if let (Some(topic), Some(spec)) = (k.topic(kind), k.key(kind)) {
+                    out.push((topic.to_owned(), spec.load()));
+                }
+            }
+        }
+        out
+    }
+
     /// Every Kafka topic a pipeline reads or writes, per broker list: its sources' topics, its
     /// Kafka sinks' topics, the control center's decision topics and the grid-intensity topic.
     #[cfg(feature = "kafka")]
@@ -238,7 +261,8 @@ fn valid_name(name: &str) -> bool {
 
 /// Validates `raw` (parsed from `file`) into a plan, or reports every problem (sorted by
 /// place): names and sources ([`graph`]), then stages in topological order against their
-/// inputs' schemas ([`stages`]), sinks ([`sinks`]) and whole-plan rules ([`rules`]).
+/// inputs' schemas ([`stages`]), sinks ([`sinks`]) and whole-plan rules ([`rules`],
+/// [`copartition`]).
 pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> {
     let (sources, stages, sinks, mut errors) = {
         let mut p = Planner {
@@ -254,6 +278,7 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         let stages = p.plan_stages(&order);
         let sinks = p.plan_sinks(&sources, &stages);
         p.check_unread(&stages, &sinks);
+        p.check_copartitioning(&sources, &stages);
         p.check_carbon_floor(&stages);
         (sources, stages, sinks, p.ck.errors)
     };

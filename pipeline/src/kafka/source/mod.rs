@@ -88,8 +88,9 @@ impl Source for KafkaSourceConfig {
         ctx: SourceContext,
     ) -> futures_util::future::BoxFuture<'static, Result<SourceReport, PipelineError>> {
         Box::pin(async move {
-            let SourceContext { name, outputs, clocks, stop, metrics, acks, recovery } = ctx;
-            let messages = run_kafka_source(&name, *self, outputs, acks, recovery, clocks, stop, &metrics).await?;
+            let SourceContext { name, outputs, clocks, routing, stop, metrics, acks, recovery } = ctx;
+            let streams = Streams { clocks, routing };
+            let messages = run_kafka_source(&name, *self, outputs, acks, recovery, streams, stop, &metrics).await?;
             Ok(SourceReport { messages, account: None })
         })
     }
@@ -103,10 +104,11 @@ async fn run_kafka_source(
     outputs: Outputs,
     acks: CheckpointAcks,
     recovery: Recovery,
-    clocks: Vec<Option<EventClock>>,
+    streams: Streams,
     stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<u64, PipelineError> {
+    let Streams { clocks, routing } = streams;
     let err = |message: String| PipelineError::Source { source_name: name.to_owned(), message };
     let Recovery { sink_roots, commits, state } = recovery;
     let ports: BTreeMap<String, usize> =
@@ -147,6 +149,11 @@ async fn run_kafka_source(
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?;
+    for (topic, &port) in &ports {
+        if let Some(r) = &routing[port] {
+            r.set_partitions(partition_count(&consumer, topic).map_err(err)?);
+        }
+    }
     tracing::info!(source = name, ?topics, group = cfg.group_id.as_str(), "consuming");
     let counter = |metric: &str, help: &'static str, k: &EventKind| {
         metrics.counter(metric, help, &[("source", name), ("stream", k.as_str())])
@@ -181,6 +188,27 @@ async fn run_kafka_source(
         })
         .map_err(|e| err(format!("starting the consumer thread: {e}")))?;
     rx.await.map_err(|_| err("the consumer thread died".into()))?
+}
+
+/// What the runtime shares with the source per output port: the event clocks its `decode`
+/// stages publish to, and how each stream is keyed.
+struct Streams {
+    clocks: Vec<Option<EventClock>>,
+    routing: Vec<Option<citystream_operators::partitioning::Routing>>,
+}
+
+/// The partition count of `topic`, from the broker: `decode` checks keyed rows against it.
+/// A topic that does not exist yet is an error (create it first: `citystream topics`).
+fn partition_count(consumer: &BaseConsumer<Ctx>, topic: &str) -> Result<i32, String> {
+    let md = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(30))
+        .map_err(|e| format!("reading the partition count of {topic}: {e}"))?;
+    match md.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        _ => Err(format!(
+            "topic {topic} is keyed (`keys`) but has no partitions on the broker: create it first (`citystream topics`)"
+        )),
+    }
 }
 
 impl Loop {

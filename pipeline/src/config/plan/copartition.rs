@@ -1,0 +1,237 @@
+//! Co-partitioning: on a keyed topic (a Kafka source's `keys`), every stage whose state is per
+//! key must keep each key's rows on one partition, so that several instances in one group,
+//! each reading some partitions, hold whole keys and produce what one instance produces.
+//!
+//! The proof follows column names downstream: on a source stream, the key's column
+//! *determines* the partition (a lookup's group is a function of it), and so do the columns
+//! the source declares `determined_by` (a detector's id: it lies on one segment). A stage's output keeps
+//! that for the determining columns it still carries under the same name (`project` renames
+//! lose it); a stage reading several streams keeps only what every input has, and only if they
+//! all come from one topic (joining topics across instances is not supported). A stage state per `[k]` is then fine when `k` names a determining column;
+//! a stage reading neighbours (`features`) also needs every neighbour pair under one key; a
+//! city-wide part of a stage (a storm limit, a DP budget) is reported by [`city_wide`], not
+//! refused: each instance applies it to its own partitions until a global stage exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use citystream_operators::partitioning::{AUTO, StateScope, TopicKey};
+
+use super::super::OperatorSpec;
+use super::{PipelinePlan, Planner, SourceNode, StageNode};
+
+/// How a stream is keyed: the topic key (its description) and the columns that determine it.
+#[derive(Clone)]
+struct Keyed {
+    key: std::sync::Arc<TopicKey>,
+    /// Where it was declared, for errors: `sources.kafka.keys.traffic`.
+    declared: String,
+    determining: BTreeSet<String>,
+}
+
+/// A stream is unkeyed (`None`), keyed, or a merge of streams keyed differently.
+#[derive(Clone)]
+enum Keying {
+    Keyed(Keyed),
+    Mixed(Vec<String>),
+}
+
+type Streams = BTreeMap<(String, usize), Keying>;
+
+/// The keying of every source stream that declares a key; errors for keys that do not load.
+fn source_keys(sources: &[SourceNode]) -> (Streams, Vec<(String, String)>) {
+    let mut streams = Streams::new();
+    let mut errors = Vec::new();
+    for src in sources {
+        for (p, out) in src.outputs.iter().enumerate() {
+            let Some(spec) = src.config.topic_key(p) else { continue };
+            let declared = format!("sources.{}.keys.{}", src.name, out.name);
+            match spec.load() {
+                Ok(key) => {
+                    let determining = spec.determining().map(str::to_owned).collect();
+                    streams.insert(
+                        (src.name.clone(), p),
+                        Keying::Keyed(Keyed { key: std::sync::Arc::new(key), declared, determining }),
+                    );
+                }
+                Err(e) => errors.push((declared, e)),
+            }
+        }
+    }
+    (streams, errors)
+}
+
+/// The keying of a stage's input: `None` when no input is keyed.
+fn input_keying(st: &StageNode, streams: &Streams) -> Option<Keying> {
+    let ins: Vec<Option<&Keying>> = st.inputs.iter().map(|r| streams.get(&(r.node.clone(), r.port))).collect();
+    if ins.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut keyed: Vec<&Keyed> = Vec::new();
+    let mut describe = Vec::new();
+    for (r, k) in st.inputs.iter().zip(&ins) {
+        match k {
+            Some(Keying::Keyed(k)) => {
+                keyed.push(k);
+                describe.push(format!("`{r}` by {}", k.key.describe()));
+            }
+            Some(Keying::Mixed(d)) => describe.extend(d.iter().cloned()),
+            None => describe.push(format!("`{r}` by nothing declared")),
+        }
+    }
+    // two topics keyed alike still need equal partition counts and an assignor that gives one
+    // instance the same partitions of both: not supported, so only one topic's streams merge
+    let alike = keyed.len() == ins.len() && keyed.windows(2).all(|w| w[0].declared == w[1].declared);
+    if !alike {
+        return Some(Keying::Mixed(describe));
+    }
+    let mut out = keyed[0].clone();
+    for k in &keyed[1..] {
+        out.determining = out.determining.intersection(&k.determining).cloned().collect();
+    }
+    Some(Keying::Keyed(out))
+}
+
+/// Columns of the output that still determine the key.
+fn carried(st: &StageNode, port: usize, determining: &BTreeSet<String>) -> BTreeSet<String> {
+    let schema = &st.outputs[port].schema;
+    determining
+        .iter()
+        .filter(|c| schema.column_with_name(c).is_some())
+        .filter(|c| match &st.op {
+            // a renamed column holds other values under the name
+            OperatorSpec::Project(p) => !p.rename.contains_key(*c) && !p.rename.values().any(|v| v == *c),
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+impl Planner<'_> {
+    /// Refuses keyed stages whose key does not determine the topic's key (see the module docs).
+    pub(super) fn check_copartitioning(&mut self, sources: &[SourceNode], stages: &[StageNode]) {
+        let raw = self.raw;
+        let (mut streams, errors) = source_keys(sources);
+        for (at, e) in errors {
+            self.ck.error(serde_saphyr::Location::UNKNOWN, at, e, None);
+        }
+        for st in stages {
+            let Some(keying) = input_keying(st, &streams) else { continue };
+            let at = raw.stages[&st.name].location;
+            let scopes = st.op.config().state_scopes();
+            match &keying {
+                Keying::Mixed(how) => {
+                    if scopes.iter().any(|s| !matches!(s, StateScope::City(_))) {
+                        self.ck.error(
+                            at,
+                            format!("stages.{}.input", st.name),
+                            format!(
+                                "`{}` keeps state per key over streams of different topics ({}): one key's rows \
+                                 can sit on partitions that different instances read",
+                                st.name,
+                                how.join("; ")
+                            ),
+                            Some(
+                                "give the stage inputs from one topic: joining two topics across instances (same \
+                                 key, same partition count, partitions co-located by the assignor) is not supported"
+                                    .into(),
+                            ),
+                        );
+                    }
+                }
+                Keying::Keyed(k) => {
+                    for scope in &scopes {
+                        if let Some((message, help)) = refusal(&st.name, scope, k) {
+                            self.ck.error(at, format!("stages.{}", st.name), message, Some(help));
+                        }
+                    }
+                }
+            }
+            for p in 0..st.outputs.len() {
+                let out = match &keying {
+                    Keying::Keyed(k) => {
+                        Keying::Keyed(Keyed { determining: carried(st, p, &k.determining), ..k.clone() })
+                    }
+                    Keying::Mixed(d) => Keying::Mixed(d.clone()),
+                };
+                streams.insert((st.name.clone(), p), out);
+            }
+        }
+    }
+}
+
+/// Why `scope` of stage `stage` does not split with `k`'s partitions: (message, help).
+fn refusal(stage: &str, scope: &StateScope, k: &Keyed) -> Option<(String, String)> {
+    let cols = || k.determining.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+    let not_determined = |state: String| {
+        let message = format!(
+            "`{stage}` keeps state per {state}, which does not determine its topic's key ({}, `{}`): with several \
+             instances, one value's rows can sit on two partitions, and each instance would hold part of its state",
+            k.key.describe(),
+            k.declared
+        );
+        let help = if k.determining.is_empty() {
+            "no column that determines the topic's key reaches this stage under its name: keep one (a `project` \
+             that renames it loses it)"
+                .to_owned()
+        } else {
+            format!(
+                "add one of {} to the stage's key (a `dedup`: `within: [{}]`), or key the topic by a column of it",
+                cols(),
+                k.determining.iter().next().expect("not empty")
+            )
+        };
+        Some((message, help))
+    };
+    match scope {
+        StateScope::Keys(key) => {
+            let ok = key.iter().any(|c| k.determining.contains(c) || (c == AUTO && !k.determining.is_empty()));
+            if ok { None } else { not_determined(format!("[{}]", key.join(", "))) }
+        }
+        StateScope::Neighbours { key, pairs } => {
+            if !k.determining.contains(key) {
+                return not_determined(format!("[{key}] and its neighbours"));
+            }
+            let mut apart: Vec<String> = pairs
+                .iter()
+                .filter(|(a, b)| k.key.key_of(a) != k.key.key_of(b))
+                .map(|(a, b)| format!("{a} ({}) next to {b} ({})", k.key.key_of(a), k.key.key_of(b)))
+                .collect();
+            if apart.is_empty() {
+                return None;
+            }
+            let n = apart.len();
+            apart.truncate(3);
+            Some((
+                format!(
+                    "`{stage}` reads each `{key}` with its neighbours, and the topic's key ({}) puts {n} neighbour \
+                     pair(s) on different keys: {}",
+                    k.key.describe(),
+                    apart.join("; ")
+                ),
+                "key the topic by a group that holds every segment with its neighbours (`{column: segment_id, \
+                 lookup: <road graph>, group: corridor}`)"
+                    .to_owned(),
+            ))
+        }
+        StateScope::City(_) => None,
+    }
+}
+
+/// The stages reading a keyed stream that hold city-wide state, with what it is: with several
+/// instances each applies it to its own partitions.
+pub fn city_wide(plan: &PipelinePlan) -> Vec<(String, String)> {
+    let (mut streams, _) = source_keys(&plan.sources);
+    let mut out = Vec::new();
+    for st in &plan.stages {
+        let Some(keying) = input_keying(st, &streams) else { continue };
+        for s in st.op.config().state_scopes() {
+            if let StateScope::City(why) = s {
+                out.push((st.name.clone(), why));
+            }
+        }
+        for p in 0..st.outputs.len() {
+            streams.insert((st.name.clone(), p), keying.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,206 @@
+//! Co-partitioning on a real broker: topics keyed as `deploy/kafka.yaml` keys them (traffic by
+//! corridor, cameras by zone, stations by id), read by two instances in one consumer group,
+//! give exactly the tables one instance gives.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::tables::{Compare, assert_same_tables, table_rows};
+use common::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// The pipeline: every stateful stage keyed so that its state stays on one partition.
+fn keyed_yaml(topics: &citystream_pipeline::kafka::KafkaTopics, group: &str, lake: &Path, graph: &Path) -> String {
+    format!(
+        "\
+name: copartition
+sources:
+  kafka:
+    type: kafka
+    brokers: {brokers}
+    group_id: {group}
+    topics: {{traffic: {t}, camera: {c}, environment: {e}}}
+    keys:
+      traffic: {{column: segment_id, lookup: {graph}, group: corridor, determined_by: [sensor_id]}}
+      camera: {{column: zone_id}}
+      environment: {{column: station_id}}
+    batch_rows: 1024
+    checkpoint_interval: 1s
+    stop_when_idle: 15s
+    # no partition goes idle while the topics fill: which rows are late never depends on timing
+    idle_partition_timeout: 120s
+    properties:
+      session.timeout.ms: \"10000\"
+      heartbeat.interval.ms: \"1000\"
+stages:
+  traffic: {{type: decode, input: kafka.traffic, kind: traffic, max_past: null, max_future: null}}
+  camera: {{type: decode, input: kafka.camera, kind: camera, max_past: null, max_future: null}}
+  environment: {{type: decode, input: kafka.environment, kind: environment, max_past: null, max_future: null}}
+  traffic_unique: {{type: dedup, input: traffic, horizon: 10m, within: [segment_id]}}
+  traffic_health:
+    type: sensor_health
+    input: traffic_unique
+    key: [sensor_id]
+    values: [flow, occupancy, speed_kmh]
+    keep: [segment_id]
+    stuck_after: 10
+    silent_after: 5m
+  traffic_minutes:
+    type: window
+    input: traffic_health
+    key: [segment_id]
+    size: 1m
+    allowed_lateness: 1m
+    aggregates:
+      - {{fn: count, as: readings}}
+      - {{fn: sum, column: flow, as: vehicles}}
+      - {{fn: mean, column: speed_kmh, as: mean_speed_kmh}}
+      - {{fn: mean, column: occupancy, as: mean_occupancy}}
+  features: {{type: features, input: traffic_minutes, road_graph: {graph}}}
+  zone_objects: {{type: window, input: camera, key: [zone_id], size: 5m, aggregates: [{{fn: count, as: events}}]}}
+  station_hours: {{type: window, input: environment, key: [station_id], size: 1h, aggregates: [{{fn: mean, column: pm25, as: pm25}}]}}
+sinks:
+  lake:
+    type: parquet
+    path: {lake}
+    tables:
+      traffic: traffic
+      camera: camera
+      environment: environment
+      dead_letters: [traffic.dead_letters, camera.dead_letters, environment.dead_letters]
+      traffic_late: [traffic.late_events, traffic_unique.late_events, traffic_minutes.late_events]
+      camera_late: [camera.late_events, zone_objects.late_events]
+      environment_late: [environment.late_events, station_hours.late_events]
+      sensor_health: traffic_health.health
+      traffic_stuck: traffic_health.stuck
+      traffic_minutes: traffic_minutes
+      features: features
+      unmatched: features.unmatched
+      zone_objects: zone_objects
+      station_hours: station_hours
+runtime:
+  status_interval: null
+",
+        brokers = brokers(),
+        t = topics.traffic.as_ref().unwrap(),
+        c = topics.camera.as_ref().unwrap(),
+        e = topics.environment.as_ref().unwrap(),
+        graph = graph.display(),
+        lake = lake.display(),
+    )
+}
+
+/// The last partition count an instance's log says it was assigned.
+fn assigned(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let line = text.lines().rev().find(|l| l.contains(" assigned"))?;
+    line.split_whitespace().find(|w| w.starts_with("partitions=")).map(str::to_owned)
+}
+
+/// The segments of an instance's `traffic_minutes`.
+async fn segments(lake: &Path) -> std::collections::BTreeSet<String> {
+    let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
+    let b = ctx.sql("SELECT DISTINCT segment_id FROM traffic_minutes").await.unwrap().collect().await.unwrap();
+    b.iter()
+        .flat_map(|b| {
+            let a = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+            arrow::array::AsArray::as_string::<i32>(&a).iter().flatten().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Two instances in one group, each reading one of two partitions of every topic while the
+/// topics fill, write exactly the tables of one instance reading the whole backlog: windows
+/// per segment, features over each segment's neighbours, detector health, zone and station
+/// windows. Messages a producer put on the wrong partition are dead letters (`misrouted`) in
+/// both, and never reach a stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_keyed_topics_write_the_tables_of_one() {
+    let topics = create_topics(&unique("t-copart"), 2).await;
+    let mut cfg = citystream_pipeline::simulator::SimulatorConfig {
+        seed: 808,
+        duration: citystream_operators::Duration::from_secs(7 * 3600),
+        ..Default::default()
+    };
+    // faults start from 06:00 of the simulated day: a few in the seventh hour
+    cfg.city.detector_faults_per_day = 600.0;
+    let work = tempfile::tempdir().unwrap();
+    citystream_pipeline::simulator::Simulation::new(cfg.clone(), 0)
+        .write_ground_truth(&work.path().join("truth"))
+        .unwrap();
+    let graph = work.path().join("truth/road_graph.csv");
+
+    // two instances join before anything is produced: no partition moves while they read
+    let group = unique("g-copart");
+    let (lake_a, lake_b) = (work.path().join("a/lake"), work.path().join("b/lake"));
+    let (cfg_a, cfg_b) = (work.path().join("a.yaml"), work.path().join("b.yaml"));
+    std::fs::write(&cfg_a, keyed_yaml(&topics, &group, &lake_a, &graph)).unwrap();
+    std::fs::write(&cfg_b, keyed_yaml(&topics, &group, &lake_b, &graph)).unwrap();
+    let (log_a, log_b) = (work.path().join("a.log"), work.path().join("b.log"));
+    let mut a = spawn(&cfg_a, &log_a);
+    let mut b = spawn(&cfg_b, &log_b);
+    let t0 = Instant::now();
+    let half = Some("partitions=3".to_owned());
+    while !(assigned(&log_a) == half && assigned(&log_b) == half) {
+        let exited = a.try_wait().unwrap().is_some() || b.try_wait().unwrap().is_some();
+        if exited || t0.elapsed() > Duration::from_secs(60) {
+            let _ = (a.kill(), b.kill());
+            let log = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+            panic!("each instance got one partition of each topic within 60 s:\n{}\n---\n{}", log(&log_a), log(&log_b));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, None).await.expect("produce");
+
+    // three readings put on the partition of another corridor than their segment's
+    let traffic = topics.traffic.as_deref().unwrap();
+    let text = std::fs::read_to_string(&graph).unwrap();
+    let corridor_of = |seg: &str| {
+        text.lines().find(|l| l.starts_with(&format!("{seg},"))).unwrap().split(',').nth(1).unwrap().to_owned()
+    };
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let mut misrouted = 0;
+    for (i, seg) in ["seg-00-01", "seg-01-02", "seg-02-03"].iter().enumerate() {
+        let home = citystream_pipeline::kafka::partition::partition_of(corridor_of(seg).as_bytes(), 2);
+        let payload = format!(
+            r#"{{"event_id":"wrong-{i}","ts":"2026-03-02T01:00:00Z","schema_version":1,"sensor_id":"det-{seg}-9","segment_id":"{seg}","lane":9,"interval_s":30,"flow":3,"occupancy":0.1,"speed_kmh":50.0}}"#
+        );
+        let record = FutureRecord::to(traffic)
+            .partition(1 - home)
+            .key("elsewhere")
+            .payload(&payload)
+            .timestamp(1_772_413_200_000);
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+        misrouted += 1;
+    }
+    wait_exit(&mut a, Duration::from_secs(300), &log_a);
+    wait_exit(&mut b, Duration::from_secs(300), &log_b);
+
+    // the reference: one instance, the whole backlog
+    let lake_ref = work.path().join("ref/lake");
+    run_in_process(&keyed_yaml(&topics, &unique("g-copart-ref"), &lake_ref, &graph)).await;
+    let expected = table_rows(&lake_ref, &Compare::default()).await;
+    let mut got = table_rows(&lake_a, &Compare::default()).await;
+    for (table, rows) in table_rows(&lake_b, &Compare::default()).await {
+        let all = got.entry(table).or_default();
+        all.extend(rows);
+        all.sort_unstable();
+    }
+    assert_same_tables("two instances", &got, &expected);
+
+    // each instance held whole corridors, and both held some
+    let (sa, sb) = (segments(&lake_a).await, segments(&lake_b).await);
+    assert!(!sa.is_empty() && !sb.is_empty() && sa.is_disjoint(&sb), "{sa:?} / {sb:?}");
+    assert_eq!(sa.len() + sb.len(), 24);
+    for s in &sa {
+        assert!(!sb.iter().any(|t| corridor_of(t) == corridor_of(s)), "corridor of {s} read by both");
+    }
+    let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
+    let counts: Vec<(&String, usize)> = expected.iter().map(|(t, r)| (t, r.len())).collect();
+    assert!(rows("features") > 1000 && rows("sensor_health") > 2, "a real workload: {counts:?}");
+    let wrong = expected["dead_letters"].iter().filter(|r| r.contains("misrouted")).count();
+    assert_eq!(wrong, misrouted, "every misrouted message, and nothing else, is a `misrouted` dead letter");
+    assert!(!expected["traffic"].iter().any(|r| r.contains("wrong-")), "no misrouted row reached a stage");
+}
