@@ -315,3 +315,30 @@ fn bad_level_is_a_config_error() {
     let e = serde_saphyr::from_str::<ParquetSinkConfig>("path: x\ncompression_level: 30\ntables: {}\n").unwrap_err();
     assert!(e.to_string().contains("zstd compression level 30 is outside 1..=22"), "{e}");
 }
+
+/// Beyond `max_open_files` the least recently written file is closed: a day's file written all
+/// along stays one file while hourly files come and go (closing by partition start closed the
+/// day's file, which starts first, at every new hour: hundreds of small files a day).
+#[test]
+fn the_open_file_limit_closes_the_least_recently_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: ParquetSinkConfig = serde_saphyr::from_str(&format!(
+        "path: {}\nmax_open_files: 2\ndaily: [d]\ntables: {{h: hs, d: ds}}\n",
+        dir.path().display()
+    ))
+    .unwrap();
+    let tables = BTreeMap::from([("h".to_owned(), schema()), ("d".to_owned(), schema())]);
+    let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new()).unwrap();
+    let h = 1_772_409_600_000; // 2026-03-02T00:00Z
+    for hour in 0..6 {
+        let t = h + hour * 3_600_000;
+        w.write("h", "sim.x", &batch(&[t + 1])).unwrap();
+        w.write("d", "sim.y", &batch(&[t + 2])).unwrap();
+    }
+    w.flush().unwrap();
+    let all = files(dir.path());
+    let daily: Vec<&String> = all.iter().filter(|f| f.starts_with("d/")).collect();
+    let hourly: Vec<&String> = all.iter().filter(|f| f.starts_with("h/")).collect();
+    assert_eq!(daily.len(), 1, "{all:?}");
+    assert_eq!(hourly.len(), 6, "one file per hour: {all:?}");
+}

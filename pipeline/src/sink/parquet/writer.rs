@@ -29,6 +29,9 @@ pub(super) struct OpenFile {
     pub(super) last_offset: i64,
     pub(super) seq_name: String,
     pub(super) writer: ArrowWriter<File>,
+    /// When it was last written to (the writer's write count): beyond `max_open_files` the
+    /// least recently written file is closed.
+    pub(super) touched: u64,
 }
 
 /// A closed file waiting, hidden, for the checkpoint its rows belong to (see [`Staging`]).
@@ -84,6 +87,8 @@ pub struct ParquetWriter {
     pub(super) epochs: Option<(String, u64)>,
     /// With operator state: closed files wait, hidden, for their epoch's commit.
     pub(super) staging: Option<Staging>,
+    /// Writes so far (the clock of `OpenFile::touched`).
+    pub(super) writes: u64,
 }
 
 /// Whether the table at `dir` is laid out by day (`Some(true)`: Parquet files directly in
@@ -204,6 +209,7 @@ impl ParquetWriter {
             tables: out,
             epochs: None,
             staging: None,
+            writes: 0,
         })
     }
 
@@ -288,7 +294,9 @@ impl ParquetWriter {
         for ((hour, partition), part) in parts {
             let k: FileKey = (hour, origin.to_owned(), partition);
             Self::write_part(&self.root, &self.props, &self.run_id, self.epochs.as_ref(), t, &k, &part)?;
-            let f = t.open.get(&k).expect("just written");
+            self.writes += 1;
+            let f = t.open.get_mut(&k).expect("just written");
+            f.touched = self.writes;
             if f.writer.bytes_written() + f.writer.in_progress_size() >= self.target_bytes as usize {
                 Self::close(t, &k, self.staging.as_mut().zip(self.epochs.as_ref()))?;
             }
@@ -329,7 +337,8 @@ impl ParquetWriter {
             };
             let file = File::create(&tmp).map_err(io("create", &tmp))?;
             let writer = ArrowWriter::try_new(file, t.schema.clone(), Some(props.clone()))?;
-            t.open.insert(key.clone(), OpenFile { tmp, dir, position, last_offset: -1, seq_name, writer });
+            let touched = 0;
+            t.open.insert(key.clone(), OpenFile { tmp, dir, position, last_offset: -1, seq_name, writer, touched });
         }
         let f = t.open.get_mut(key).expect("inserted above");
         f.writer.write(part)?;
@@ -406,11 +415,12 @@ impl ParquetWriter {
             if open <= self.max_open {
                 return Ok(());
             }
-            // by the time a partition starts (days and hours compared as times)
+            // the least recently written: by the time a partition starts, a day's file (which
+            // starts before every hour of it) was closed and reopened at every new hour's file
             let oldest = self
                 .tables
                 .values()
-                .filter_map(|t| t.open.keys().next().map(|k| (k.0 * t.span_ms, k.clone(), t.name.clone())))
+                .flat_map(|t| t.open.iter().map(|(k, f)| (f.touched, k.clone(), t.name.clone())))
                 .min();
             let Some((_, key, table)) = oldest else { return Ok(()) };
             let staging = self.staging.as_mut().zip(self.epochs.as_ref());
