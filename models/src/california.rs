@@ -103,7 +103,11 @@ impl California7Config {
 }
 
 impl OperatorConfig for California7Config {
-    fn state_scopes(&self) -> Vec<citystream_operators::partitioning::StateScope> {
+    fn passes_through(&self, _input: &SchemaRef, _port: usize) -> Vec<String> {
+        vec![self.key.clone()]
+    }
+
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<citystream_operators::partitioning::StateScope> {
         vec![citystream_operators::partitioning::StateScope::Keys(vec![self.key.clone()])]
     }
 

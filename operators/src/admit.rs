@@ -278,7 +278,7 @@ impl KeyedGcra {
 }
 
 impl OperatorConfig for AdmitConfig {
-    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
         let mut s = Vec::new();
         if self.per_stream.is_some() {
             s.push(crate::partitioning::StateScope::City("`per_stream` limits the whole stream's rate".into()));

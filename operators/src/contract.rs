@@ -280,8 +280,16 @@ pub trait OperatorConfig: std::any::Any {
 
     /// What each part of the stage's state spans (for scale-out: the planner checks it against
     /// how the topics are keyed, see [`crate::partitioning`]). Default: nothing across rows.
-    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
         Vec::new()
+    }
+
+    /// The input columns output `port` carries unchanged, under the same name (for the
+    /// co-partitioning proof: a column that determines the topic's key still does downstream).
+    /// Default: every column when the port has the input's schema (a stage that passes or
+    /// drops rows), else none.
+    fn passes_through(&self, input: &SchemaRef, port: usize) -> Vec<String> {
+        crate::partitioning::unchanged_columns(self.plan(input), input, port)
     }
 }
 

@@ -24,7 +24,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt8Type,
 use serde::Deserialize;
 
 use crate::common::{HashedKeys, KeyEncoder, KeyHash, column, columns, time_column, times};
-use crate::partitioning::{AUTO, StateScope};
+use crate::partitioning::StateScope;
 use crate::{
     BuildContext, Collector, Counter, Duration, Gauge, Operator, OperatorConfig, OperatorError, OutputSpec, PlanError,
 };
@@ -186,15 +186,25 @@ impl OperatorConfig for DedupConfig {
         Ok(vec![OutputSpec::new("main", input.clone()), OutputSpec::new("late_events", input.clone())])
     }
 
-    fn state_scopes(&self) -> Vec<StateScope> {
+    fn state_scopes(&self, input: &SchemaRef) -> Vec<StateScope> {
         let mut scopes = Vec::new();
         if let Some(id) = &self.id_column {
             scopes.push(StateScope::Keys(self.within.iter().cloned().chain([id.clone()]).collect()));
         }
         match &self.content {
             ContentSpec::Columns(c) => scopes.push(StateScope::Keys(c.clone())),
-            // every column but the id and the position: any column that keys the topic
-            ContentSpec::Named(n) if n == "auto" => scopes.push(StateScope::Keys(vec![AUTO.into()])),
+            ContentSpec::Named(n) if n == "auto" => scopes.push(StateScope::Keys(
+                input
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .filter(|n| {
+                        Some(n) != self.id_column.as_ref()
+                            && n != citystream_schemas::columns::SRC_PARTITION
+                            && n != citystream_schemas::columns::SRC_OFFSET
+                    })
+                    .collect(),
+            )),
             ContentSpec::Named(_) => {}
         }
         scopes
@@ -219,6 +229,7 @@ impl OperatorConfig for DedupConfig {
             id,
             content,
             within,
+            within_names: self.within.join(","),
             key_buf: Vec::new(),
             horizon: self.horizon.as_millis_i64(),
             watermark: i64::MIN,
@@ -297,6 +308,8 @@ pub struct Dedup {
     content: Option<KeyEncoder>,
     /// The `within` columns (their row bytes go before the id in its key).
     within: Option<KeyEncoder>,
+    /// The `within` columns, in the snapshot: exact keys of another scope do not restore.
+    within_names: String,
     key_buf: Vec<u8>,
     horizon: i64,
     watermark: i64,
@@ -436,7 +449,12 @@ impl Operator for Dedup {
                 Field::new("key_lo", DataType::UInt64, false),
                 Field::new("ts", DataType::Int64, false),
             ],
-            [("watermark".to_owned(), self.watermark.to_string()), self.hasher.metadata()].into(),
+            [
+                ("watermark".to_owned(), self.watermark.to_string()),
+                ("within".to_owned(), self.within_names.clone()),
+                self.hasher.metadata(),
+            ]
+            .into(),
         ));
         Ok(Some(RecordBatch::try_new(
             schema,
@@ -462,8 +480,18 @@ impl Operator for Dedup {
         let hi = state.column(1).as_primitive::<UInt64Type>();
         let lo = state.column(2).as_primitive::<UInt64Type>();
         let ts = state.column(3).as_primitive::<Int64Type>();
+        // exact keys hash the `within` columns too: keys of another scope would never match
+        let same_scope = state.schema().metadata().get("within").map_or("", String::as_str) == self.within_names;
+        if !same_scope {
+            tracing::warn!(
+                "dedup: `within` changed since the snapshot: exact-id keys start empty, content keys restore"
+            );
+        }
         for i in 0..state.num_rows() {
             let k = (u128::from(hi.value(i)) << 64) | u128::from(lo.value(i));
+            if mode.value(i) == 0 && !same_scope {
+                continue;
+            }
             self.seen[usize::from(mode.value(i).min(1))].insert(k, ts.value(i));
         }
         Ok(())

@@ -181,8 +181,15 @@ impl SensorHealthConfig {
 }
 
 impl OperatorConfig for SensorHealthConfig {
-    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
         vec![crate::partitioning::StateScope::Keys(self.key.clone())]
+    }
+
+    fn passes_through(&self, input: &SchemaRef, port: usize) -> Vec<String> {
+        match port {
+            2 => self.key.iter().chain(&self.keep).cloned().collect(),
+            _ => crate::partitioning::unchanged_columns(self.plan(input), input, port),
+        }
     }
 
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {

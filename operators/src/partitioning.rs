@@ -54,10 +54,6 @@ pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
     (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
 }
 
-/// In a [`StateScope::Keys`]: every column of the input but an id and the source position
-/// (`dedup`'s content mode `auto`): any column that keys the topic is among them.
-pub const AUTO: &str = "*";
-
 /// What a stage's state spans, for scale-out (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateScope {
@@ -74,6 +70,21 @@ pub enum StateScope {
     /// State over every key of the stream (a city-wide limit): an instance that reads some
     /// partitions applies it to those only. The reason says which part.
     City(String),
+}
+
+/// Every input column when output `port` of `planned` has the input's schema (the default
+/// of [`OperatorConfig::passes_through`](crate::OperatorConfig::passes_through)), else none.
+pub fn unchanged_columns(
+    planned: Result<Vec<crate::OutputSpec>, Vec<crate::PlanError>>,
+    input: &arrow::datatypes::SchemaRef,
+    port: usize,
+) -> Vec<String> {
+    match planned {
+        Ok(outs) if outs.get(port).is_some_and(|o| o.schema.fields() == input.fields()) => {
+            input.fields().iter().map(|f| f.name().clone()).collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// How a topic is keyed: the message key of a row is a function of the row.

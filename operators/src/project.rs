@@ -68,6 +68,15 @@ impl ProjectConfig {
 }
 
 impl OperatorConfig for ProjectConfig {
+    /// The kept columns that are not renamed (a rename puts other values under a name).
+    fn passes_through(&self, _input: &SchemaRef, _port: usize) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter(|c| !self.rename.contains_key(*c) && !self.rename.values().any(|v| v == *c))
+            .cloned()
+            .collect()
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         let (_, schema) = self.compile(input)?;
         Ok(vec![OutputSpec::new("main", schema)])

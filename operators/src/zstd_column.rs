@@ -71,6 +71,11 @@ impl ZstdConfig {
 }
 
 impl OperatorConfig for ZstdConfig {
+    /// Every column but the compressed one.
+    fn passes_through(&self, input: &SchemaRef, _port: usize) -> Vec<String> {
+        input.fields().iter().map(|f| f.name().clone()).filter(|n| *n != self.column).collect()
+    }
+
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
         self.check(input).map(|(_, s)| vec![OutputSpec::new("main", s)])
     }

@@ -48,10 +48,10 @@ fn ids_match_within_the_scope_columns_only() {
     let scoped: DedupConfig = yaml("horizon: 10m\nwithin: [sensor_id]\n");
     assert_eq!(ids(&scoped), [pair("a", "s1"), pair("a", "s2")]);
     assert_eq!(
-        scoped.state_scopes(),
+        scoped.state_scopes(&schema()),
         [
             StateScope::Keys(vec!["sensor_id".into(), "event_id".into()]),
-            StateScope::Keys(vec![citystream_operators::partitioning::AUTO.into()])
+            StateScope::Keys(["ts", "sensor_id", "value", "flow"].map(String::from).to_vec())
         ]
     );
     let errs =
@@ -90,6 +90,27 @@ fn state_is_evicted_by_watermark() {
     assert_eq!(held(&m), 2000.0, "an id key and a content key per row");
     op.on_watermark(100_000 + 60_000 + 60_000, &mut c).unwrap();
     assert!(held(&m) < 2000.0 * 0.5, "old keys evicted: {}", held(&m));
+}
+
+/// Exact keys hash the `within` columns: a snapshot taken with another `within` restores its
+/// content keys only (its id keys could never match again).
+#[test]
+fn a_snapshot_of_another_scope_restores_content_keys_only() {
+    let mut op = build(&cfg("10m"));
+    let mut c = Collector::new(2);
+    op.process_batch(batch(&[r("a", "s1", 1000, 1.0)]), &mut c).unwrap();
+    let snap = op.snapshot().unwrap().unwrap();
+    let mut scoped = build(&yaml::<DedupConfig>("horizon: 10m\nwithin: [sensor_id]\n"));
+    scoped.restore(snap.clone()).unwrap();
+    // `a` again with other values: not an exact duplicate any more; a copy of the reading
+    // under a new id: still a content duplicate
+    let out = run(scoped.as_mut(), &[vec![r("a", "s1", 1000, 2.0), r("x", "s1", 1000, 1.0)]], 0);
+    assert_eq!(out.readings(0).iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a"]);
+    // the same scope restores both
+    let mut same = build(&cfg("10m"));
+    same.restore(snap).unwrap();
+    let out = run(same.as_mut(), &[vec![r("a", "s1", 1000, 2.0), r("x", "s1", 1000, 1.0)]], 0);
+    assert!(out.readings(0).is_empty());
 }
 
 #[test]

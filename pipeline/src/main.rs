@@ -250,15 +250,23 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                     println!("exists  {t} on {brokers}");
                 }
             }
-            // a topic keyed by a lookup's group spreads over at most as many partitions as groups
+            // a topic keyed by a lookup's group uses only the partitions its groups hash to
             for (topic, key) in plan.keyed_topics() {
                 let Some(g) = key.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?.group else { continue };
-                let groups = g.map.values().collect::<std::collections::BTreeSet<_>>().len();
-                if (groups as i32) < partitions {
+                let groups: std::collections::BTreeSet<&String> = g.map.values().collect();
+                let used: std::collections::BTreeSet<i32> = groups
+                    .iter()
+                    .map(|v| citystream_pipeline::kafka::partition::partition_of(v.as_bytes(), partitions))
+                    .collect();
+                if (used.len() as i32) < partitions {
                     println!(
-                        "note: {topic} is keyed by `{}` ({groups} values in {}): at most {groups} of its partitions hold \
-                         data, and at most {groups} instances share its work",
-                        g.group, g.name
+                        "note: {topic} is keyed by `{}` ({} values in {}): they hash to {} of its {partitions} \
+                         partitions, so at most {} instances share its work",
+                        g.group,
+                        groups.len(),
+                        g.name,
+                        used.len(),
+                        used.len()
                     );
                 }
             }
@@ -269,7 +277,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             let plan = config::plan::plan(raw, &file.display().to_string())?;
             print!("{}", plan.describe());
             for (stage, what) in plan.city_wide_state() {
-                println!("note: stage {stage}: {what}; with several instances each applies it to its own partitions");
+                println!(
+                    "note: stage {stage}: {what}: with several instances in one group, each does this on its own (no \
+                     global stage yet)"
+                );
             }
             println!("ok: {} is valid", file.display());
             Ok(())

@@ -112,7 +112,14 @@ pub fn features_schema(input: &SchemaRef, segment: usize, time: usize, output: &
 impl OperatorConfig for FeaturesConfig {
     /// A segment's rows and its upstream and downstream neighbours' (from the road graph; an
     /// unreadable graph is reported by `plan`).
-    fn state_scopes(&self) -> Vec<citystream_operators::partitioning::StateScope> {
+    fn passes_through(&self, input: &SchemaRef, port: usize) -> Vec<String> {
+        match port {
+            0 => vec![self.segment.clone()],
+            _ => citystream_operators::partitioning::unchanged_columns(self.plan(input), input, port),
+        }
+    }
+
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<citystream_operators::partitioning::StateScope> {
         let pairs = match RoadGraph::read(Path::new(self.road_graph.as_str())) {
             Ok(g) => g
                 .segments

@@ -372,7 +372,11 @@ impl InferConfig {
 }
 
 impl OperatorConfig for InferConfig {
-    fn state_scopes(&self) -> Vec<citystream_operators::partitioning::StateScope> {
+    fn passes_through(&self, _input: &SchemaRef, _port: usize) -> Vec<String> {
+        self.keep.clone()
+    }
+
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<citystream_operators::partitioning::StateScope> {
         match self.carbon.as_ref().and_then(|c| c.calm.as_ref()) {
             Some(calm) => vec![citystream_operators::partitioning::StateScope::Keys(vec![calm.key.clone()])],
             None => Vec::new(),

@@ -217,7 +217,7 @@ impl AlertConfig {
 }
 
 impl OperatorConfig for AlertConfig {
-    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
         let mut s = vec![crate::partitioning::StateScope::Keys(vec![self.location.clone()])];
         if self.storm.is_some() {
             s.push(crate::partitioning::StateScope::City("`storm` limits the alerts open city-wide".into()));

@@ -116,7 +116,7 @@ impl CompressConfig {
 }
 
 impl OperatorConfig for CompressConfig {
-    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
         vec![crate::partitioning::StateScope::Keys(self.key.clone())]
     }
 

@@ -273,15 +273,27 @@ impl DpConfig {
 }
 
 impl OperatorConfig for DpConfig {
-    fn state_scopes(&self) -> Vec<crate::partitioning::StateScope> {
-        vec![
+    fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
+        let mut s = vec![
             crate::partitioning::StateScope::Keys(vec![self.partition.clone()]),
-            crate::partitioning::StateScope::City(format!(
-                "the contributions of a privacy unit (`{}`) are bounded over all its rows, and the budget is spent per \
-                 release",
-                self.privacy_unit
-            )),
-        ]
+            // a unit's contributions are bounded over all its rows: several instances would
+            // each allow the bound, and spend the budget, for one unit
+            crate::partitioning::StateScope::Keys(vec![self.privacy_unit.clone()]),
+        ];
+        if self.partitions.public.is_some() {
+            s.push(crate::partitioning::StateScope::City(
+                "`partitions.public` releases every listed partition, also those whose rows another instance reads"
+                    .into(),
+            ));
+        }
+        s
+    }
+
+    fn passes_through(&self, input: &SchemaRef, port: usize) -> Vec<String> {
+        match port {
+            0 => vec![self.partition.clone()],
+            _ => crate::partitioning::unchanged_columns(self.plan(input), input, port),
+        }
     }
 
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {

@@ -534,6 +534,17 @@ fn keyed_stages_must_keep_each_key_on_one_partition() {
     let ok = keyed(&by_corridor, &dedup(", within: [segment_id]"), ", u: u, ul: u.late_events");
     plan(load_str(&ok, "ok.yaml").unwrap(), "ok.yaml").unwrap();
 
+    // a column a stage makes under a determining name holds other values
+    let counted = "  w: {type: window, input: traffic, key: [lane], size: 1m, aggregates: [{fn: count, as: segment_id}]}\n  w2: {type: window, input: w, key: [segment_id], size: 1m, time_column: window_end, aggregates: [{fn: count, as: n}]}\n";
+    let e = error_of(&keyed(&by_corridor, counted, ", w: w, wl: w.late_events, w2: w2, w2l: w2.late_events"));
+    assert!(e.contains("`w` keeps state per [lane]") && e.contains("`w2` keeps state per [segment_id]"), "{e}");
+
+    // the key is read from the decoded rows: a text column of the kind
+    let e = error_of(&keyed("{column: lane}", "", ""));
+    assert!(e.contains("sources.k.keys.traffic: `lane` of `traffic`'s rows is Int32, not text"), "{e}");
+    let e = error_of(&keyed("{column: plate}", "", ""));
+    assert!(e.contains("`plate` of `traffic`'s rows is not a column"), "{e}");
+
     // a rename hides which values the column holds
     let renamed = "  p: {type: project, input: traffic, columns: [segment_id, ts, flow], rename: {segment_id: road}}\n  w: {type: window, input: p, key: [road], size: 1m, aggregates: [{fn: count, as: n}]}\n";
     let e = error_of(&keyed(&by_corridor, renamed, ", w: w, wl: w.late_events"));
@@ -561,6 +572,13 @@ fn a_stage_reading_neighbours_needs_them_under_one_key() {
         e.contains("puts 6 neighbour pair(s) on different keys: seg-00-03 (zone-00) next to seg-00-04 (zone-01)"),
         "{e}"
     );
+    // keyed by another column, neighbours cannot be compared through the topic's key
+    let by_sensor = "{column: sensor_id, determined_by: [segment_id]}";
+    let e = error_of(&keyed(by_sensor, &stages, tables));
+    assert!(
+        e.contains("`f` reads each `segment_id` with its neighbours, and its topic is keyed by `sensor_id`"),
+        "{e}"
+    );
     // a key that does not load names its place
     let e = error_of(&keyed(&format!("{{column: segment_id, lookup: {graph}, group: district}}"), "", ""));
     assert!(e.contains("sources.k.keys.traffic: ") && e.contains("has no column `district`"), "{e}");
@@ -581,4 +599,18 @@ fn city_wide_state_on_a_keyed_topic_is_named() {
     )
     .unwrap();
     assert!(p.city_wide_state().is_empty());
+    // a DP release bounds each privacy unit over all its rows: the unit must keep to one
+    // partition too, and public partitions are released by every instance
+    let dp = |unit: &str, public: &str| {
+        format!(
+            "  s: {{type: dp_aggregate, input: traffic, release: s, privacy_unit: {unit}, partition: segment_id, aggregate: count, window: 1h, mechanism: laplace, epsilon: 1, budget: {{epsilon: 10, period: 1d}}, budget_dir: /tmp/b{public}}}\n"
+        )
+    };
+    let e =
+        error_of(&keyed(&by_corridor, &dp("sensor_id", ", partitions: {private: true}"), ", s: s, sl: s.late_events"));
+    assert!(e.contains("`s` keeps state per [sensor_id]"), "{e}");
+    let declared = by_corridor.replace('}', ", determined_by: [sensor_id]}");
+    let text = keyed(&declared, &dp("sensor_id", ", partitions: {public: [seg-00-00]}"), ", s: s, sl: s.late_events");
+    let p = plan(load_str(&text, "ok.yaml").unwrap(), "ok.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.city_wide_state().len(), 1, "{:?}", p.city_wide_state());
 }

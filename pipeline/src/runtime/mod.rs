@@ -328,8 +328,7 @@ pub async fn run_with_reload(
     for (stage, what) in plan.city_wide_state() {
         tracing::warn!(
             stage,
-            "{what}: with several instances in the group each applies this to the partitions it reads (no global \
-             stage yet)"
+            "{what}: with several instances in one group, each does this on its own (no global stage yet)"
         );
     }
     if state.is_none() && crate::config::plan::any_committing(&plan.sources) && !stateful.is_empty() {

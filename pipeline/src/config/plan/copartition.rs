@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use citystream_operators::partitioning::{AUTO, StateScope, TopicKey};
+use citystream_operators::partitioning::{StateScope, TopicKey};
 
 use super::super::OperatorSpec;
 use super::{PipelinePlan, Planner, SourceNode, StageNode};
@@ -91,19 +91,17 @@ fn input_keying(st: &StageNode, streams: &Streams) -> Option<Keying> {
     Some(Keying::Keyed(out))
 }
 
-/// Columns of the output that still determine the key.
+/// Columns of output `port` that still determine the key: those the stage passes through
+/// unchanged (`OperatorConfig::passes_through`; a column a stage makes under the same name, a
+/// window's `as: segment_id`, holds other values). `decode` reads the raw stream and writes the
+/// key's columns.
 fn carried(st: &StageNode, port: usize, determining: &BTreeSet<String>) -> BTreeSet<String> {
     let schema = &st.outputs[port].schema;
-    determining
-        .iter()
-        .filter(|c| schema.column_with_name(c).is_some())
-        .filter(|c| match &st.op {
-            // a renamed column holds other values under the name
-            OperatorSpec::Project(p) => !p.rename.contains_key(*c) && !p.rename.values().any(|v| v == *c),
-            _ => true,
-        })
-        .cloned()
-        .collect()
+    let through: BTreeSet<String> = match &st.op {
+        OperatorSpec::Decode(_) => schema.fields().iter().map(|f| f.name().clone()).collect(),
+        op => op.config().passes_through(&st.input_schema, port).into_iter().collect(),
+    };
+    determining.iter().filter(|c| through.contains(*c) && schema.column_with_name(c).is_some()).cloned().collect()
 }
 
 impl Planner<'_> {
@@ -117,7 +115,22 @@ impl Planner<'_> {
         for st in stages {
             let Some(keying) = input_keying(st, &streams) else { continue };
             let at = raw.stages[&st.name].location;
-            let scopes = st.op.config().state_scopes();
+            if let (OperatorSpec::Decode(_), Keying::Keyed(k)) = (&st.op, &keying) {
+                // the key is read from the decoded rows: a text column of the event kind
+                for c in &k.determining {
+                    let ty = st.outputs[0].schema.field_with_name(c).map(|f| f.data_type().clone());
+                    if !matches!(ty, Ok(arrow::datatypes::DataType::Utf8)) {
+                        let what = ty.map_or("not a column".to_owned(), |t| format!("{t}, not text"));
+                        self.ck.error(
+                            at,
+                            k.declared.clone(),
+                            format!("`{c}` of `{}`'s rows is {what}", st.name),
+                            Some(format!("name text columns of the rows `{}` decodes", st.name)),
+                        );
+                    }
+                }
+            }
+            let scopes = st.op.config().state_scopes(&st.input_schema);
             match &keying {
                 Keying::Mixed(how) => {
                     if scopes.iter().any(|s| !matches!(s, StateScope::City(_))) {
@@ -184,12 +197,23 @@ fn refusal(stage: &str, scope: &StateScope, k: &Keyed) -> Option<(String, String
     };
     match scope {
         StateScope::Keys(key) => {
-            let ok = key.iter().any(|c| k.determining.contains(c) || (c == AUTO && !k.determining.is_empty()));
+            let ok = key.iter().any(|c| k.determining.contains(c));
             if ok { None } else { not_determined(format!("[{}]", key.join(", "))) }
         }
         StateScope::Neighbours { key, pairs } => {
             if !k.determining.contains(key) {
                 return not_determined(format!("[{key}] and its neighbours"));
+            }
+            if *key != k.key.column {
+                // neighbours are compared through the topic's key: only its own column maps
+                return Some((
+                    format!(
+                        "`{stage}` reads each `{key}` with its neighbours, and its topic is keyed by {}: whether a \
+                         `{key}` and its neighbours share a key cannot be checked",
+                        k.key.describe()
+                    ),
+                    format!("key the topic by `{key}` or a lookup's group of it"),
+                ));
             }
             let mut apart: Vec<String> = pairs
                 .iter()
@@ -224,7 +248,7 @@ pub fn city_wide(plan: &PipelinePlan) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for st in &plan.stages {
         let Some(keying) = input_keying(st, &streams) else { continue };
-        for s in st.op.config().state_scopes() {
+        for s in st.op.config().state_scopes(&st.input_schema) {
             if let StateScope::City(why) = s {
                 out.push((st.name.clone(), why));
             }

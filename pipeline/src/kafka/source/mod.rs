@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use citystream_operators::event_time::EventClock;
+use citystream_operators::partitioning::Routing;
 use citystream_operators::{Barrier, Gauge, Message, Metrics};
 use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
@@ -75,6 +76,9 @@ struct Loop {
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
+    /// How each port's topic is keyed: its partition count is read from the broker at start
+    /// and after every assignment (partitions added to a topic move keys).
+    routing: Vec<(String, Routing)>,
     acks: CheckpointAcks,
     stop: watch::Receiver<bool>,
     events: Vec<citystream_operators::Counter>,
@@ -149,11 +153,8 @@ async fn run_kafka_source(
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?;
-    for (topic, &port) in &ports {
-        if let Some(r) = &routing[port] {
-            r.set_partitions(partition_count(&consumer, topic).map_err(err)?);
-        }
-    }
+    let routing: Vec<(String, Routing)> =
+        ports.iter().filter_map(|(topic, &port)| Some((topic.clone(), routing[port].clone()?))).collect();
     tracing::info!(source = name, ?topics, group = cfg.group_id.as_str(), "consuming");
     let counter = |metric: &str, help: &'static str, k: &EventKind| {
         metrics.counter(metric, help, &[("source", name), ("stream", k.as_str())])
@@ -177,6 +178,7 @@ async fn run_kafka_source(
         consumer,
         shared,
         clocks,
+        routing,
         acks,
         stop,
     };
@@ -194,21 +196,33 @@ async fn run_kafka_source(
 /// stages publish to, and how each stream is keyed.
 struct Streams {
     clocks: Vec<Option<EventClock>>,
-    routing: Vec<Option<citystream_operators::partitioning::Routing>>,
+    routing: Vec<Option<Routing>>,
 }
 
 /// The partition count of `topic`, from the broker: `decode` checks keyed rows against it.
-/// A topic that does not exist yet is an error (create it first: `citystream topics`).
+/// Retried for 10 s (a topic just created may have no leader yet); a topic that does not exist
+/// is an error (create it first: `citystream topics`).
 fn partition_count(consumer: &BaseConsumer<Ctx>, topic: &str) -> Result<i32, String> {
-    let md = consumer
-        .fetch_metadata(Some(topic), std::time::Duration::from_secs(30))
-        .map_err(|e| format!("reading the partition count of {topic}: {e}"))?;
-    match md.topics().iter().find(|t| t.name() == topic) {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
-        _ => Err(format!(
-            "topic {topic} is keyed (`keys`) but has no partitions on the broker: create it first (`citystream topics`)"
-        )),
+    let mut last = String::new();
+    for attempt in 0..10 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Err(e) => last = format!("reading the partition count of {topic}: {e}"),
+            Ok(md) => match md.topics().iter().find(|t| t.name() == topic) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => return Ok(t.partitions().len() as i32),
+                Some(t) => {
+                    last = match t.error() {
+                        Some(e) => format!("topic {topic}: {e:?}"),
+                        None => format!("topic {topic} has no partitions"),
+                    }
+                }
+                None => last = format!("the broker did not describe topic {topic}"),
+            },
+        }
     }
+    Err(format!("{last} (its rows are checked against its `keys`: create it first, `citystream topics`)"))
 }
 
 impl Loop {
@@ -235,7 +249,27 @@ impl Loop {
         result
     }
 
+    /// Reads the partition count of every keyed topic into its routing.
+    fn read_partition_counts(&self) -> Result<(), PipelineError> {
+        for (topic, r) in &self.routing {
+            let n = partition_count(&self.consumer, topic).map_err(|e| self.err(e))?;
+            if r.partitions() != 0 && r.partitions() != n {
+                tracing::warn!(
+                    source = self.name,
+                    topic,
+                    from = r.partitions(),
+                    to = n,
+                    "the topic's partition count changed: keys hash to other partitions now"
+                );
+            }
+            r.set_partitions(n);
+        }
+        Ok(())
+    }
+
     fn consume(&self) -> Result<u64, PipelineError> {
+        self.read_partition_counts()?;
+        let mut counted_generation = lock(&self.shared).generation;
         let batch_rows = self.cfg.batch_rows.get();
         let batch_wait = self.cfg.batch_wait.to_std().max(Duration::from_millis(1));
         let checkpoint_every = self.cfg.checkpoint_interval.to_std().max(Duration::from_millis(10));
@@ -258,8 +292,17 @@ impl Loop {
         loop {
             if unchecked >= CHECK_EVERY {
                 unchecked = 0;
-                if let Some(e) = lock(&self.shared).error.take() {
-                    return Err(self.err(e));
+                let generation = {
+                    let mut s = lock(&self.shared);
+                    if let Some(e) = s.error.take() {
+                        return Err(self.err(e));
+                    }
+                    s.generation
+                };
+                // a new assignment: partitions may have been added to a keyed topic
+                if generation != counted_generation && !self.routing.is_empty() {
+                    counted_generation = generation;
+                    self.read_partition_counts()?;
                 }
                 if *self.stop.borrow() {
                     break;
