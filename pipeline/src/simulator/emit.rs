@@ -188,17 +188,20 @@ fn traffic(
                 };
                 // a silent detector's reading is delivered to nobody (an empty key: `deliver`)
                 let silent = fault.is_some_and(|f| f.kind == DetectorFaultKind::Silent);
-                let sensor_id = format!("det-{}-{lane}", seg.segment_id);
                 let mut p = Vec::with_capacity(240);
                 let _ = write!(
                     p,
-                    r#"{{"event_id":"{event_id}","ts":"{}","schema_version":1,"sensor_id":"{sensor_id}","segment_id":"{}","lane":{lane},"interval_s":{interval_s},"flow":{flow},"occupancy":{occupancy:.4},"speed_kmh":"#,
+                    r#"{{"event_id":"{event_id}","ts":"{}","schema_version":1,"sensor_id":"det-{}-{lane}","segment_id":"{}","lane":{lane},"interval_s":{interval_s},"flow":{flow},"occupancy":"#,
                     rfc3339(ts),
+                    seg.segment_id,
                     seg.segment_id
                 );
+                push_fixed(&mut p, occupancy, 4);
+                p.extend_from_slice(br#","speed_kmh":"#);
                 match speed {
                     Some(v) => {
-                        let _ = write!(p, "{v:.1}}}");
+                        push_fixed(&mut p, v, 1);
+                        p.push(b'}');
                     }
                     None => p.extend_from_slice(b"null}"),
                 }
@@ -406,7 +409,8 @@ fn stations(city: &City, sites: &mut Sites, rng: &mut ChaCha8Rng, t_ms: i64, out
                 if k != 5 && rng.random::<f64>() < 0.01 {
                     let _ = write!(p, r#","{name}":null"#);
                 } else {
-                    let _ = write!(p, r#","{name}":{v:.2}"#);
+                    let _ = write!(p, r#","{name}":"#);
+                    push_fixed(&mut p, v, 2);
                 }
             }
             p.push(b'}');
@@ -421,6 +425,60 @@ pub(super) fn plate_in(payload: &[u8]) -> Option<String> {
     let start = text.find(r#""plate":""#)? + 9;
     let end = text[start..].find('"')? + start;
     Some(text[start..end].to_owned())
+}
+
+/// Appends `v` with `decimals` (at most 4) digits after the point, the text `{v:.N}` writes:
+/// rounding the scaled value gives the same digits except within a hair of a tie, where the
+/// formatter (exact, and several times slower) decides.
+fn push_fixed(out: &mut Vec<u8>, v: f64, decimals: usize) {
+    const SCALE: [f64; 5] = [1.0, 10.0, 100.0, 1_000.0, 10_000.0];
+    let scaled = v * SCALE[decimals];
+    let frac = (scaled - scaled.trunc()).abs();
+    if !scaled.is_finite() || scaled.abs() >= 1e15 || (frac - 0.5).abs() < 1e-6 {
+        let _ = write!(out, "{v:.decimals$}");
+        return;
+    }
+    let units = scaled.abs().round() as u64;
+    if v.is_sign_negative() {
+        out.push(b'-');
+    }
+    let scale = SCALE[decimals] as u64;
+    let mut digits = itoa_buf(units / scale);
+    out.extend_from_slice(digits.as_bytes());
+    if decimals > 0 {
+        out.push(b'.');
+        digits = itoa_buf(units % scale);
+        out.extend(std::iter::repeat_n(b'0', decimals - digits.len()));
+        out.extend_from_slice(digits.as_bytes());
+    }
+}
+
+/// `n` in decimal, without the formatter.
+fn itoa_buf(mut n: u64) -> Digits {
+    let mut d = Digits { buf: [0; 20], start: 20 };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
+
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn len(&self) -> usize {
+        20 - self.start
+    }
 }
 
 /// The same reading with a new event id, as a redundant gateway re-sends it.
@@ -455,5 +513,35 @@ pub(super) fn corrupt(payload: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
             .map(|_| rng.random::<u8>())
             .map(|b| if b == b'\n' { b' ' } else { b })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// `push_fixed` writes exactly what the formatter writes, for the simulator's magnitudes,
+    /// negative values, values that round to zero and exact ties.
+    #[test]
+    fn fixed_decimals_are_the_formatters() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut cases: Vec<f64> = vec![
+            0.0, -0.0, 0.5, 1.5, 2.5, 0.125, 0.375, 0.05, 0.35, -0.04, -0.05, 99.95, 1e-7, 123456.789, 0.00005, 0.00015,
+        ];
+        for _ in 0..300_000 {
+            let scale = [1.0, 10.0, 130.0, 1000.0][rng.random_range(0..4)];
+            cases.push((rng.random::<f64>() - 0.2) * scale);
+            // on and next to the ties of each precision
+            let d = rng.random_range(0..5);
+            let tie = (rng.random_range(0..100_000) as f64 + 0.5) / 10f64.powi(d);
+            cases.extend([tie, -tie, f64::from_bits(tie.to_bits() + 1), f64::from_bits(tie.to_bits() - 1)]);
+        }
+        for v in cases {
+            for decimals in 0..=4 {
+                let mut got = Vec::new();
+                super::push_fixed(&mut got, v, decimals);
+                assert_eq!(String::from_utf8(got).unwrap(), format!("{v:.decimals$}"), "{v:e} with {decimals}");
+            }
+        }
     }
 }
