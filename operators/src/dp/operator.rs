@@ -127,22 +127,23 @@ impl DpAggregateOp {
         let [lo, hi] = cfg.bounds.unwrap_or([0.0, 1.0]);
         let m = (lo.abs().max(hi.abs()) / g).ceil().max(1.0);
         // exact per-partition integer aggregates
-        let mut count: BTreeMap<String, i64> = BTreeMap::new();
-        let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+        let mut count: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut sum: BTreeMap<&str, i64> = BTreeMap::new();
         for (_, p, v) in &kept {
-            let c = count.entry(p.clone()).or_default();
+            let c = count.entry(p.as_str()).or_default();
             *c = c.saturating_add(1);
             let k = (v.clamp(lo, hi) / g).round() as i64;
-            let e = sum.entry(p.clone()).or_default();
+            let e = sum.entry(p.as_str()).or_default();
             *e = e.saturating_add(k);
         }
         let partitions: Vec<String> = match &cfg.partitions.public {
             Some(list) => {
-                let unlisted = count.iter().filter(|(p, _)| !list.contains(p)).map(|(_, c)| *c).sum::<i64>();
+                let unlisted =
+                    count.iter().filter(|(p, _)| !list.iter().any(|l| l == *p)).map(|(_, c)| *c).sum::<i64>();
                 self.unlisted.inc_by(unlisted as u64);
                 list.clone()
             }
-            None => count.keys().cloned().collect(),
+            None => count.keys().map(|p| (*p).to_owned()).collect(),
         };
         let (l0f, linff) = (l0 as f64, linf as f64);
         let (eps, delta) = match cfg.aggregate {
@@ -186,8 +187,8 @@ impl DpAggregateOp {
         let mut values = Vec::new();
         let mut bounds = Vec::new();
         for p in partitions {
-            let c = *count.get(&p).unwrap_or(&0);
-            let s = *sum.get(&p).unwrap_or(&0);
+            let c = *count.get(p.as_str()).unwrap_or(&0);
+            let s = *sum.get(p.as_str()).unwrap_or(&0);
             let noisy_c = c.saturating_add(count_noise.draw(&mut rng));
             let (value, bound) = match cfg.aggregate {
                 DpAggregate::Count => (noisy_c as f64, count_noise.bound95),
