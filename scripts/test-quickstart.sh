@@ -31,12 +31,21 @@ while IFS= read -r line; do
       # the simulator's account (JSON) on stdout
       eval "$line" > "$work/report.json" ;;
     *"citystream run "*)
-      # runs until Ctrl-C: in the background, stopped once it has caught up
+      # runs until Ctrl-C: in the background, stopped once it has caught up and the derived
+      # tables are out (more rows out than events in, and nothing moving): the watermark waits
+      # `idle_partition_timeout` (30 s) for a partition that has no data — keyed by corridor,
+      # the simulated city's three corridors fill two of the three partitions
       # (exec: the signal below reaches citystream itself, not a subshell around it)
       eval "exec $line" > "$work/run.log" 2>&1 &
       run_pid=$!
       t0=$SECONDS
-      until grep -q "kafka lag 0 " "$work/run.log" && grep -q "in 0 ev/s" <(tail -n 1 "$work/run.log"); do
+      settled() {
+        local last
+        last="$(grep '^\[citystream\]' "$work/run.log" | tail -n 1)"
+        [[ "$last" == *"kafka lag 0 "* && "$last" == *"in 0 ev/s, out 0 rows/s"* ]] || return 1
+        [[ "$last" =~ total\ in\ ([0-9]+)\ out\ ([0-9]+) ]] && (( BASH_REMATCH[2] > BASH_REMATCH[1] ))
+      }
+      until settled; do
         kill -0 "$run_pid" 2>/dev/null || { cat "$work/run.log"; echo "citystream run ended early" >&2; exit 1; }
         (( SECONDS - t0 < 600 )) || { tail -n 20 "$work/run.log"; echo "not caught up within 10 minutes" >&2; exit 1; }
         sleep 2
