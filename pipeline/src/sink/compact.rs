@@ -242,7 +242,8 @@ fn compact_partition(
     std::fs::create_dir_all(&staging).map_err(|e| io_err("create", &staging, e))?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(std::io::Error::other)?))
-        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_statistics_enabled(EnabledStatistics::Page);
+    let props = crate::sink::parquet::unique_columns(props)
         .set_created_by(format!("citystream {} (compaction)", env!("CARGO_PKG_VERSION")))
         .build();
     let merged: BTreeSet<&str> = merges.iter().flat_map(|(_, r)| r.iter().map(|m| m.0.as_str())).collect();

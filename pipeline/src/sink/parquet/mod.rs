@@ -36,3 +36,4 @@ pub(crate) use task::{ParquetSink, discard_after_restored};
 pub use writer::ParquetWriter;
 #[cfg(feature = "sql")]
 pub(crate) use writer::layout_on_disk;
+pub(crate) use writer::unique_columns;

