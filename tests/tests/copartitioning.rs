@@ -247,7 +247,10 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
             &graph,
             &format!("      group.instance.id: {group}-{name}\n"),
             &format!("  state_dir: {}\n", work.path().join(name).join("state").display()),
-        );
+        )
+        // a static member leaves the group only when its session expires: long enough that
+        // neither the restart nor the first member to finish moves a partition
+        .replace("session.timeout.ms: \"10000\"", "session.timeout.ms: \"60000\"");
         std::fs::write(&path, text).unwrap();
         path
     };
@@ -258,7 +261,10 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
     let t0 = Instant::now();
     let half = Some("partitions=3".to_owned());
     while !(assigned(&log_a) == half && assigned(&log_b) == half) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "each instance got one partition of each topic within 60 s");
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = (a.kill(), b.kill());
+            panic!("each instance got one partition of each topic within 60 s");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     // the topics fill over about ten seconds; `a` is killed half-way, right after a checkpoint
@@ -271,7 +277,10 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
     let published = || walk(&work.path().join("a/lake/traffic")).iter().filter(|p| p.ends_with(".parquet")).count();
     let t0 = Instant::now();
     while published() < 3 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "instance a published files within 60 s");
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = (a.kill(), b.kill());
+            panic!("instance a published files within 60 s");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     a.kill().unwrap();
@@ -283,7 +292,12 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
     wait_exit(&mut b, Duration::from_secs(300), &log_b);
     let restarted = std::fs::read_to_string(&log_a2).unwrap();
     assert!(restarted.contains("restored state"), "the restarted instance restored its operator state:\n{restarted}");
-    assert_eq!(assigned(&log_a2), half, "and got its partitions back");
+    let first_assignment = restarted
+        .lines()
+        .find(|l| l.contains(" assigned"))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("partitions=")))
+        .map(str::to_owned);
+    assert_eq!(first_assignment, half, "and got its partitions back");
     let b_log = std::fs::read_to_string(&log_b).unwrap();
     // b joined alone or beside a (one or two assignments), and a's restart moved nothing
     let b_assignments = b_log.matches(" assigned").count();

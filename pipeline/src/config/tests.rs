@@ -614,3 +614,20 @@ fn city_wide_state_on_a_keyed_topic_is_named() {
     let p = plan(load_str(&text, "ok.yaml").unwrap(), "ok.yaml").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.city_wide_state().len(), 1, "{:?}", p.city_wide_state());
 }
+
+/// `src_partition` and `src_offset` are a row's source position in every table (files are named
+/// and encoded by them): a stage's column under either name of another type is refused.
+#[test]
+fn position_columns_keep_their_types() {
+    let text = GOOD
+        .replace(
+            "    kind: traffic\n",
+            "    kind: traffic\n  w:\n    type: window\n    input: traffic\n    key: [segment_id]\n    size: 1m\n    aggregates: [{fn: mean, column: speed_kmh, as: src_offset}]\n",
+        )
+        .replace("      traffic: traffic\n", "      traffic: traffic\n      w: w\n      wl: w.late_events\n");
+    let e = error_of(&text);
+    assert!(
+        e.contains("sinks.lake.tables.w: `src_offset` names a row's source position (Int64), but in `w` it is Float64"),
+        "{e}"
+    );
+}

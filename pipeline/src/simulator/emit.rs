@@ -432,7 +432,11 @@ pub(super) fn plate_in(payload: &[u8]) -> Option<String> {
 /// formatter (exact, and several times slower) decides.
 fn push_fixed(out: &mut Vec<u8>, v: f64, decimals: usize) {
     const SCALE: [f64; 5] = [1.0, 10.0, 100.0, 1_000.0, 10_000.0];
-    let scaled = v * SCALE[decimals];
+    let Some(&factor) = SCALE.get(decimals) else {
+        let _ = write!(out, "{v:.decimals$}");
+        return;
+    };
+    let scaled = v * factor;
     let frac = (scaled - scaled.trunc()).abs();
     if !scaled.is_finite() || scaled.abs() >= 1e15 || (frac - 0.5).abs() < 1e-6 {
         let _ = write!(out, "{v:.decimals$}");
@@ -442,7 +446,7 @@ fn push_fixed(out: &mut Vec<u8>, v: f64, decimals: usize) {
     if v.is_sign_negative() {
         out.push(b'-');
     }
-    let scale = SCALE[decimals] as u64;
+    let scale = factor as u64;
     let mut digits = itoa_buf(units / scale);
     out.extend_from_slice(digits.as_bytes());
     if decimals > 0 {
@@ -537,7 +541,7 @@ mod tests {
             cases.extend([tie, -tie, f64::from_bits(tie.to_bits() + 1), f64::from_bits(tie.to_bits() - 1)]);
         }
         for v in cases {
-            for decimals in 0..=4 {
+            for decimals in 0..=5 {
                 let mut got = Vec::new();
                 super::push_fixed(&mut got, v, decimals);
                 assert_eq!(String::from_utf8(got).unwrap(), format!("{v:.decimals$}"), "{v:e} with {decimals}");

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use citystream_operators::did_you_mean;
 use citystream_schemas::EventKind;
 use serde_saphyr::Location;
@@ -159,6 +159,24 @@ impl Planner<'_> {
                             }
                         }
                         inputs.push((table.clone(), sref));
+                    }
+                }
+            }
+            // the sink files rows by these columns and encodes them as positions
+            for (table, schema) in &tables {
+                for (column, want) in [("src_partition", DataType::Int32), ("src_offset", DataType::Int64)] {
+                    if let Ok(f) = schema.field_with_name(column)
+                        && f.data_type() != &want
+                    {
+                        self.ck.error(
+                            nowhere,
+                            format!("sinks.{name}.tables.{table}"),
+                            format!(
+                                "`{column}` names a row's source position ({want}), but in `{table}` it is {}",
+                                f.data_type()
+                            ),
+                            Some("give the column another name (a `project` rename, or an aggregate's `as`)".into()),
+                        );
                     }
                 }
             }
