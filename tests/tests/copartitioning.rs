@@ -105,6 +105,23 @@ runtime:
     )
 }
 
+/// Seven simulated hours of the default city with detector faults (they start from 06:00 of
+/// the simulated day: a few in the seventh hour), a work folder, and the city's road graph.
+fn city(seed: u64) -> (citystream_pipeline::simulator::SimulatorConfig, tempfile::TempDir, std::path::PathBuf) {
+    let mut cfg = citystream_pipeline::simulator::SimulatorConfig {
+        seed,
+        duration: citystream_operators::Duration::from_secs(7 * 3600),
+        ..Default::default()
+    };
+    cfg.city.detector_faults_per_day = 600.0;
+    let work = tempfile::tempdir().unwrap();
+    citystream_pipeline::simulator::Simulation::new(cfg.clone(), 0)
+        .write_ground_truth(&work.path().join("truth"))
+        .unwrap();
+    let graph = work.path().join("truth/road_graph.csv");
+    (cfg, work, graph)
+}
+
 /// The last partition count an instance's log says it was assigned.
 fn assigned(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -132,18 +149,7 @@ async fn segments(lake: &Path) -> std::collections::BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_keyed_topics_write_the_tables_of_one() {
     let topics = create_topics(&unique("t-copart"), 2).await;
-    let mut cfg = citystream_pipeline::simulator::SimulatorConfig {
-        seed: 808,
-        duration: citystream_operators::Duration::from_secs(7 * 3600),
-        ..Default::default()
-    };
-    // faults start from 06:00 of the simulated day: a few in the seventh hour
-    cfg.city.detector_faults_per_day = 600.0;
-    let work = tempfile::tempdir().unwrap();
-    citystream_pipeline::simulator::Simulation::new(cfg.clone(), 0)
-        .write_ground_truth(&work.path().join("truth"))
-        .unwrap();
-    let graph = work.path().join("truth/road_graph.csv");
+    let (cfg, work, graph) = city(808);
 
     // two instances join before anything is produced: no partition moves while they read
     let group = unique("g-copart");
@@ -226,17 +232,7 @@ async fn two_instances_on_keyed_topics_write_the_tables_of_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_one_instance() {
     let topics = create_topics(&unique("t-static"), 2).await;
-    let mut cfg = citystream_pipeline::simulator::SimulatorConfig {
-        seed: 909,
-        duration: citystream_operators::Duration::from_secs(7 * 3600),
-        ..Default::default()
-    };
-    cfg.city.detector_faults_per_day = 600.0;
-    let work = tempfile::tempdir().unwrap();
-    citystream_pipeline::simulator::Simulation::new(cfg.clone(), 0)
-        .write_ground_truth(&work.path().join("truth"))
-        .unwrap();
-    let graph = work.path().join("truth/road_graph.csv");
+    let (cfg, work, graph) = city(909);
     let group = unique("g-static");
     let member = |name: &str| {
         let path = work.path().join(format!("{name}.yaml"));
