@@ -274,7 +274,7 @@ impl Decode {
             while j < raw.num_rows() && (rp.value(j), ro.value(j)) != (vp.value(i), vo.value(i)) {
                 j += 1;
             }
-            let Some((_, want)) = w else { continue };
+            let Some(want) = w else { continue };
             if j == raw.num_rows() {
                 return Err(OperatorError::SchemaMismatch {
                     operator: "decode",

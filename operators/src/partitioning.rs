@@ -222,10 +222,10 @@ impl Routing {
         self.partitions.load(Ordering::Relaxed)
     }
 
-    /// For each row of `batch` (which has the key column and `src_partition`): `Some((key,
-    /// partition it belongs to))` when it arrived on another partition, else `None`. Empty
-    /// when the partition count is not known yet.
-    pub fn misrouted(&self, batch: &RecordBatch) -> Vec<Option<(String, i32)>> {
+    /// For each row of `batch` (which has the key column and `src_partition`): `Some(the
+    /// partition it belongs to)` when it arrived on another one, else `None`. Empty when the
+    /// partition count is not known yet.
+    pub fn misrouted(&self, batch: &RecordBatch) -> Vec<Option<i32>> {
         let n = self.partitions();
         let (Some(values), Some(part)) = (
             batch.column_by_name(&self.key.column).and_then(|c| c.as_string_opt::<i32>()),
@@ -243,9 +243,8 @@ impl Routing {
                 if values.is_null(i) {
                     return None;
                 }
-                let key = self.key.key_of(values.value(i));
-                let want = partition_of(key.as_bytes(), n);
-                (want != part.value(i)).then(|| (key.to_owned(), want))
+                let want = partition_of(self.key.key_of(values.value(i)).as_bytes(), n);
+                (want != part.value(i)).then_some(want)
             })
             .collect()
     }

@@ -252,7 +252,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             }
             // a topic keyed by a lookup's group uses only the partitions its groups hash to
             for (topic, key) in plan.keyed_topics() {
-                let Some(g) = key.map_err(|e| anyhow::anyhow!("{topic}: {e}"))?.group else { continue };
+                let Some(g) = &key.group else { continue };
                 let groups: std::collections::BTreeSet<&String> = g.map.values().collect();
                 let used: std::collections::BTreeSet<i32> = groups
                     .iter()
@@ -276,7 +276,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             let raw = config::load_file(&file)?;
             let plan = config::plan::plan(raw, &file.display().to_string())?;
             print!("{}", plan.describe());
-            for (stage, what) in plan.city_wide_state() {
+            for (stage, what) in &plan.city_wide_state {
                 println!(
                     "note: stage {stage}: {what}: with several instances in one group, each does this on its own (no \
                      global stage yet)"

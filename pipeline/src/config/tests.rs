@@ -592,13 +592,13 @@ fn city_wide_state_on_a_keyed_topic_is_named() {
     let by_corridor = format!("{{column: segment_id, lookup: {}, group: corridor}}", road_graph());
     let stages = "  a: {type: alert, input: traffic, rule: slow, alert_type: congestion, severity: warning, value: speed_kmh, location: segment_id, time: ts, raise: 10, below: true, storm: {max_open: 3}}\n";
     let p = plan(load_str(&keyed(&by_corridor, stages, ", a: a"), "ok.yaml").unwrap(), "ok.yaml").unwrap();
-    assert_eq!(p.city_wide_state(), vec![("a".to_owned(), "`storm` limits the alerts open city-wide".to_owned())]);
+    assert_eq!(p.city_wide_state, vec![("a".to_owned(), "`storm` limits the alerts open city-wide".to_owned())]);
     let p = plan(
         load_str(&keyed(&by_corridor, &stages.replace(", storm: {max_open: 3}", ""), ", a: a"), "ok.yaml").unwrap(),
         "ok.yaml",
     )
     .unwrap();
-    assert!(p.city_wide_state().is_empty());
+    assert!(p.city_wide_state.is_empty());
     // a DP release bounds each privacy unit over all its rows: the unit must keep to one
     // partition too, and public partitions are released by every instance
     let dp = |unit: &str, public: &str| {
@@ -612,7 +612,7 @@ fn city_wide_state_on_a_keyed_topic_is_named() {
     let declared = by_corridor.replace('}', ", determined_by: [sensor_id]}");
     let text = keyed(&declared, &dp("sensor_id", ", partitions: {public: [seg-00-00]}"), ", s: s, sl: s.late_events");
     let p = plan(load_str(&text, "ok.yaml").unwrap(), "ok.yaml").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(p.city_wide_state().len(), 1, "{:?}", p.city_wide_state());
+    assert_eq!(p.city_wide_state.len(), 1, "{:?}", p.city_wide_state);
 }
 
 /// `src_partition` and `src_offset` are a row's source position in every table (files are named

@@ -269,7 +269,7 @@ pub async fn run_with_reload(
     }
     let mut retune_senders = BTreeMap::new();
     let clocks = event_clocks(&plan);
-    let routings = routings(&plan)?;
+    let routings = routings(&plan);
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
     let operator_errors = plan.error_table(state.as_ref(), &metrics)?;
     let mut stateful: Vec<&str> = Vec::new();
@@ -325,7 +325,7 @@ pub async fn run_with_reload(
         }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
     }
-    for (stage, what) in plan.city_wide_state() {
+    for (stage, what) in &plan.city_wide_state {
         tracing::warn!(
             stage,
             "{what}: with several instances in one group, each does this on its own (no global stage yet)"
@@ -493,18 +493,8 @@ fn event_clocks(plan: &PipelinePlan) -> BTreeMap<(String, usize), EventClock> {
 
 /// How each keyed source stream is keyed, keyed by (source, port): the source learns the
 /// topic's partition count, `decode` checks each row against it.
-fn routings(plan: &PipelinePlan) -> Result<BTreeMap<(String, usize), Routing>, PipelineError> {
-    let mut out = BTreeMap::new();
-    for src in &plan.sources {
-        for p in 0..src.outputs.len() {
-            let Some(spec) = src.config.topic_key(p) else { continue };
-            let key = spec
-                .load()
-                .map_err(|e| PipelineError::Task(format!("sources.{}.keys.{}: {e}", src.name, src.outputs[p].name)))?;
-            out.insert((src.name.clone(), p), Routing::new(key));
-        }
-    }
-    Ok(out)
+fn routings(plan: &PipelinePlan) -> BTreeMap<(String, usize), Routing> {
+    plan.topic_keys.iter().map(|(at, key)| (at.clone(), Routing::new(key.as_ref().clone()))).collect()
 }
 
 /// Whether rows reaching `node` pass through a stage that holds rows and emits them after newer

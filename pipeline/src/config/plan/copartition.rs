@@ -9,20 +9,21 @@
 //! lose it); a stage reading several streams keeps only what every input has, and only if they
 //! all come from one topic (joining topics across instances is not supported). A stage state per `[k]` is then fine when `k` names a determining column;
 //! a stage reading neighbours (`features`) also needs every neighbour pair under one key; a
-//! city-wide part of a stage (a storm limit, a DP budget) is reported by [`city_wide`], not
-//! refused: each instance applies it to its own partitions until a global stage exists.
+//! city-wide part of a stage (a storm limit, DP public partitions) is listed in the plan
+//! (`PipelinePlan::city_wide_state`), not refused: each instance applies it to its own partitions until a global stage exists.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use citystream_operators::partitioning::{StateScope, TopicKey};
 
 use super::super::OperatorSpec;
-use super::{PipelinePlan, Planner, SourceNode, StageNode};
+use super::{Planner, SourceNode, StageNode};
 
 /// How a stream is keyed: the topic key (its description) and the columns that determine it.
 #[derive(Clone)]
 struct Keyed {
-    key: std::sync::Arc<TopicKey>,
+    key: Arc<TopicKey>,
     /// Where it was declared, for errors: `sources.kafka.keys.traffic`.
     declared: String,
     determining: BTreeSet<String>,
@@ -50,7 +51,7 @@ fn source_keys(sources: &[SourceNode]) -> (Streams, Vec<(String, String)>) {
                     let determining = spec.determining().map(str::to_owned).collect();
                     streams.insert(
                         (src.name.clone(), p),
-                        Keying::Keyed(Keyed { key: std::sync::Arc::new(key), declared, determining }),
+                        Keying::Keyed(Keyed { key: Arc::new(key), declared, determining }),
                     );
                 }
                 Err(e) => errors.push((declared, e)),
@@ -104,14 +105,30 @@ fn carried(st: &StageNode, port: usize, determining: &BTreeSet<String>) -> BTree
     determining.iter().filter(|c| through.contains(*c) && schema.column_with_name(c).is_some()).cloned().collect()
 }
 
+/// What the check found, kept in the plan: how each keyed source stream is keyed (the runtime
+/// routes rows by it, `citystream topics` counts its partitions), and the city-wide state
+/// reading a keyed stream (named by `citystream validate` and at start).
+pub(super) struct Found {
+    pub(super) topic_keys: BTreeMap<(String, usize), Arc<TopicKey>>,
+    pub(super) city_wide_state: Vec<(String, String)>,
+}
+
 impl Planner<'_> {
     /// Refuses keyed stages whose key does not determine the topic's key (see the module docs).
-    pub(super) fn check_copartitioning(&mut self, sources: &[SourceNode], stages: &[StageNode]) {
+    pub(super) fn check_copartitioning(&mut self, sources: &[SourceNode], stages: &[StageNode]) -> Found {
         let raw = self.raw;
         let (mut streams, errors) = source_keys(sources);
         for (at, e) in errors {
             self.ck.error(serde_saphyr::Location::UNKNOWN, at, e, None);
         }
+        let topic_keys = streams
+            .iter()
+            .filter_map(|(at, k)| match k {
+                Keying::Keyed(k) => Some((at.clone(), k.key.clone())),
+                Keying::Mixed(_) => None,
+            })
+            .collect();
+        let mut city_wide_state = Vec::new();
         for st in stages {
             let Some(keying) = input_keying(st, &streams) else { continue };
             let at = raw.stages[&st.name].location;
@@ -131,6 +148,10 @@ impl Planner<'_> {
                 }
             }
             let scopes = st.op.config().state_scopes(&st.input_schema);
+            city_wide_state.extend(scopes.iter().filter_map(|s| match s {
+                StateScope::City(why) => Some((st.name.clone(), why.clone())),
+                _ => None,
+            }));
             match &keying {
                 Keying::Mixed(how) => {
                     if scopes.iter().any(|s| !matches!(s, StateScope::City(_))) {
@@ -169,6 +190,7 @@ impl Planner<'_> {
                 streams.insert((st.name.clone(), p), out);
             }
         }
+        Found { topic_keys, city_wide_state }
     }
 }
 
@@ -239,23 +261,4 @@ fn refusal(stage: &str, scope: &StateScope, k: &Keyed) -> Option<(String, String
         }
         StateScope::City(_) => None,
     }
-}
-
-/// The stages reading a keyed stream that hold city-wide state, with what it is: with several
-/// instances each applies it to its own partitions.
-pub fn city_wide(plan: &PipelinePlan) -> Vec<(String, String)> {
-    let (mut streams, _) = source_keys(&plan.sources);
-    let mut out = Vec::new();
-    for st in &plan.stages {
-        let Some(keying) = input_keying(st, &streams) else { continue };
-        for s in st.op.config().state_scopes(&st.input_schema) {
-            if let StateScope::City(why) = s {
-                out.push((st.name.clone(), why));
-            }
-        }
-        for p in 0..st.outputs.len() {
-            streams.insert((st.name.clone(), p), keying.clone());
-        }
-    }
-    out
 }

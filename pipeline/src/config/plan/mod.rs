@@ -6,6 +6,7 @@ use std::fmt;
 
 use arrow::datatypes::SchemaRef;
 use citystream_operators::OutputSpec;
+use citystream_operators::partitioning::TopicKey;
 use citystream_schemas::{EventKind, raw};
 use serde_saphyr::Location;
 
@@ -92,29 +93,22 @@ pub struct PipelinePlan {
     pub sinks: Vec<SinkNode>,
     /// Runtime settings.
     pub runtime: RuntimeConfig,
+    /// How each keyed source stream is keyed, by (source, port), lookups read (see
+    /// [`copartition`]).
+    pub topic_keys: BTreeMap<(String, usize), std::sync::Arc<TopicKey>>,
+    /// The stages reading a keyed topic that hold city-wide state, with what it is: with
+    /// several instances in one group, each applies it to the partitions it reads.
+    pub city_wide_state: Vec<(String, String)>,
 }
 
 impl PipelinePlan {
-    /// The stages reading a keyed topic (a Kafka source's `keys`) that hold city-wide state,
-    /// with what it is: with several instances in one group, each applies it to the partitions
-    /// it reads (see [`copartition`]).
-    pub fn city_wide_state(&self) -> Vec<(String, String)> {
-        copartition::city_wide(self)
-    }
-
-    /// The topics a Kafka source declares `keys` for, with their keys (lookups read).
+    /// The topics a Kafka source declares `keys` for, with their keys.
     #[cfg(feature = "kafka")]
-    pub fn keyed_topics(&self) -> Vec<(String, Result<citystream_operators::partitioning::TopicKey, String>)> {
-        let mut out = Vec::new();
-        for src in &self.sources {
-            let SourceConfig::Kafka(k) = &src.config else { continue };
-            for kind in EventKind::ALL {
-                if let (Some(topic), Some(spec)) = (k.topic(kind), k.key(kind)) {
-                    out.push((topic.to_owned(), spec.load()));
-                }
-            }
-        }
-        out
+    pub fn keyed_topics(&self) -> Vec<(String, std::sync::Arc<TopicKey>)> {
+        self.topic_keys
+            .iter()
+            .filter_map(|((source, port), key)| Some((origin_name(&self.sources, source, *port)?, key.clone())))
+            .collect()
     }
 
     /// Every Kafka topic a pipeline reads or writes, per broker list: its sources' topics, its
@@ -264,7 +258,7 @@ fn valid_name(name: &str) -> bool {
 /// inputs' schemas ([`stages`]), sinks ([`sinks`]) and whole-plan rules ([`rules`],
 /// [`copartition`]).
 pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> {
-    let (sources, stages, sinks, mut errors) = {
+    let (sources, stages, sinks, keyed, mut errors) = {
         let mut p = Planner {
             raw: &raw,
             ck: Checker { file, errors: Vec::new() },
@@ -278,12 +272,13 @@ pub fn plan(raw: RawPipeline, file: &str) -> Result<PipelinePlan, ConfigErrors> 
         let stages = p.plan_stages(&order);
         let sinks = p.plan_sinks(&sources, &stages);
         p.check_unread(&stages, &sinks);
-        p.check_copartitioning(&sources, &stages);
+        let keyed = p.check_copartitioning(&sources, &stages);
         p.check_carbon_floor(&stages);
-        (sources, stages, sinks, p.ck.errors)
+        (sources, stages, sinks, keyed, p.ck.errors)
     };
     if errors.is_empty() {
-        Ok(PipelinePlan { name: raw.name, sources, stages, sinks, runtime: raw.runtime })
+        let copartition::Found { topic_keys, city_wide_state } = keyed;
+        Ok(PipelinePlan { name: raw.name, sources, stages, sinks, runtime: raw.runtime, topic_keys, city_wide_state })
     } else {
         errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors))
