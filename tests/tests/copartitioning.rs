@@ -129,6 +129,29 @@ fn assigned(log: &Path) -> Option<String> {
     line.split_whitespace().find(|w| w.starts_with("partitions=")).map(str::to_owned)
 }
 
+/// What each of two instances is assigned of 2-partition topics: one partition of each.
+const HALF: &str = "partitions=3";
+
+/// Waits (60 s at most) until each of two instances has one partition of each topic; kills
+/// both and shows their logs if one exits or it takes longer.
+fn wait_for_halves(mut instances: [(&mut std::process::Child, &Path); 2]) {
+    let t0 = Instant::now();
+    while !instances.iter().all(|(_, log)| assigned(log).as_deref() == Some(HALF)) {
+        let exited = instances.iter_mut().any(|(child, _)| child.try_wait().unwrap().is_some());
+        if exited || t0.elapsed() > Duration::from_secs(60) {
+            let logs: Vec<String> = instances
+                .iter_mut()
+                .map(|(child, log)| {
+                    let _ = child.kill();
+                    std::fs::read_to_string(log).unwrap_or_default()
+                })
+                .collect();
+            panic!("each instance got one partition of each topic within 60 s:\n{}", logs.join("\n---\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The segments of an instance's `traffic_minutes`.
 async fn segments(lake: &Path) -> std::collections::BTreeSet<String> {
     let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
@@ -160,17 +183,7 @@ async fn two_instances_on_keyed_topics_write_the_tables_of_one() {
     let (log_a, log_b) = (work.path().join("a.log"), work.path().join("b.log"));
     let mut a = spawn(&cfg_a, &log_a);
     let mut b = spawn(&cfg_b, &log_b);
-    let t0 = Instant::now();
-    let half = Some("partitions=3".to_owned());
-    while !(assigned(&log_a) == half && assigned(&log_b) == half) {
-        let exited = a.try_wait().unwrap().is_some() || b.try_wait().unwrap().is_some();
-        if exited || t0.elapsed() > Duration::from_secs(60) {
-            let _ = (a.kill(), b.kill());
-            let log = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-            panic!("each instance got one partition of each topic within 60 s:\n{}\n---\n{}", log(&log_a), log(&log_b));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_halves([(&mut a, &log_a), (&mut b, &log_b)]);
     citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, None).await.expect("produce");
 
     // three readings put on the partition of another corridor than their segment's
@@ -254,15 +267,8 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
     let (log_a, log_b) = (work.path().join("a.log"), work.path().join("b.log"));
     let mut a = spawn(&cfg_a, &log_a);
     let mut b = spawn(&cfg_b, &log_b);
-    let t0 = Instant::now();
-    let half = Some("partitions=3".to_owned());
-    while !(assigned(&log_a) == half && assigned(&log_b) == half) {
-        if t0.elapsed() > Duration::from_secs(60) {
-            let _ = (a.kill(), b.kill());
-            panic!("each instance got one partition of each topic within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_halves([(&mut a, &log_a), (&mut b, &log_b)]);
+    let half = Some(HALF.to_owned());
     // the topics fill over about ten seconds; `a` is killed half-way, right after a checkpoint
     let producing = tokio::spawn({
         let topics = topics.clone();
