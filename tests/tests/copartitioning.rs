@@ -1,6 +1,7 @@
 //! Co-partitioning on a real broker: topics keyed as `deploy/kafka.yaml` keys them (traffic by
 //! corridor, cameras by zone, stations by id), read by two instances in one consumer group,
-//! give exactly the tables one instance gives.
+//! give exactly the tables one instance gives; and per-partition tasks (`runtime.tasks:
+//! partition`) whose state moves between instances through a kill, a joiner and a zombie.
 
 mod common;
 
@@ -330,4 +331,245 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
     assert_same_tables("a killed static member and its replacement", &got, &expected);
     let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
     assert!(rows("features") > 1000 && rows("sensor_health") > 2, "a real workload");
+}
+
+/// The tasks (`task=N`) an instance's log says it runs now: started, and not since revoked or
+/// ended.
+fn running_tasks(log: &Path) -> std::collections::BTreeSet<i32> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut running = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(task) = line.split_whitespace().find_map(|w| w.strip_prefix("task=")?.parse::<i32>().ok()) else {
+            continue;
+        };
+        if line.contains("task started") {
+            running.insert(task);
+        } else if line.contains("task revoked") || line.contains("task ended") {
+            running.remove(&task);
+        }
+    }
+    running
+}
+
+/// The UTC time at the start of a log line (tracing's format).
+fn logged_at(line: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// Per-partition tasks (`runtime.tasks: partition`): three instances in one group share one
+/// state directory and one lake. While the topics fill, the instance running a task with
+/// traffic is killed with SIGKILL and a fourth joins. The killed tasks restore their state in
+/// other processes (fencing the dead writer), the joiner takes tasks over from the others
+/// (each checkpointed and stopped before it moves), and the lake holds exactly the tables of
+/// one process running every task, with nothing left out: each task's watermark depends on its
+/// own partitions only, so even what the last checkpoint keeps open is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_tasks_move_with_their_state_and_write_the_tables_of_one_process() {
+    let topics = create_topics(&unique("t-tasks"), 6).await;
+    let (cfg, work, graph) = city(1010);
+    let tasks_yaml = |group: &str, root: &Path| {
+        member_yaml(
+            &topics,
+            group,
+            &root.join("lake"),
+            &graph,
+            "",
+            &format!("  tasks: partition\n  state_dir: {}\n", root.join("state").display()),
+        )
+    };
+    let shared = work.path().join("shared");
+    let config = work.path().join("tasks.yaml");
+    std::fs::write(&config, tasks_yaml(&unique("g-tasks"), &shared)).unwrap();
+    let logs: Vec<std::path::PathBuf> = (0..4).map(|i| work.path().join(format!("{i}.log"))).collect();
+    let mut procs: Vec<std::process::Child> = (0..3).map(|i| spawn(&config, &logs[i])).collect();
+    let t0 = Instant::now();
+    while (0..3).map(|i| running_tasks(&logs[i]).len()).sum::<usize>() < 6
+        || (0..3).any(|i| running_tasks(&logs[i]).is_empty())
+    {
+        if t0.elapsed() > Duration::from_secs(60) || procs.iter_mut().any(|p| p.try_wait().unwrap().is_some()) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            let text: Vec<String> = logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
+            panic!("three instances ran the six tasks within 60 s:\n{}", text.join("\n---\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // the tasks the traffic topic's keys (corridors) reach
+    let text = std::fs::read_to_string(&graph).unwrap();
+    let reached: std::collections::BTreeSet<i32> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1))
+        .map(|corridor| citystream_pipeline::kafka::partition::partition_of(corridor.as_bytes(), 6))
+        .collect();
+    let victim = (0..3).find(|i| !running_tasks(&logs[*i]).is_disjoint(&reached)).expect("an instance with traffic");
+    let moved: Vec<i32> = running_tasks(&logs[victim]).intersection(&reached).copied().collect();
+    let producing = tokio::spawn({
+        let topics = topics.clone();
+        let rate = std::num::NonZeroU32::new(9000);
+        async move { citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, rate).await }
+    });
+    // the victim has published files of its traffic partitions: it is mid-stream
+    let published = || {
+        walk(&shared.join("lake/traffic"))
+            .iter()
+            .filter(|p| p.ends_with(".parquet") && moved.iter().any(|t| p.contains(&format!("-p{t}-o"))))
+            .count()
+    };
+    let t0 = Instant::now();
+    while published() < 3 {
+        if t0.elapsed() > Duration::from_secs(60) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            panic!("the victim published files within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    procs[victim].kill().unwrap();
+    procs[victim].wait().unwrap();
+    let killed_at = chrono::Utc::now();
+    procs.push(spawn(&config, &logs[3]));
+    producing.await.unwrap().expect("produce");
+    for (i, p) in procs.iter_mut().enumerate().filter(|(i, _)| *i != victim) {
+        wait_exit(p, Duration::from_secs(300), &logs[i]);
+    }
+
+    // the victim's tasks were restored from its checkpoints by other processes
+    for task in &moved {
+        let restored = (0..4).filter(|i| *i != victim).find_map(|i| {
+            let text = std::fs::read_to_string(&logs[i]).unwrap();
+            text.lines()
+                .find(|l| {
+                    l.contains("took over the operator state")
+                        && l.contains(&format!("task-{task} "))
+                        && !l.contains("restored_epoch=0")
+                        && logged_at(l).is_some_and(|t| t > killed_at)
+                })
+                .map(|l| (i, logged_at(l).unwrap()))
+        });
+        let (by, at) = restored.unwrap_or_else(|| panic!("task {task} of the killed instance was restored elsewhere"));
+        eprintln!("task {task}: restored by instance {by} {} ms after the kill", (at - killed_at).num_milliseconds());
+    }
+    let joiner = std::fs::read_to_string(&logs[3]).unwrap();
+    assert!(joiner.contains("task started"), "the fourth instance took tasks over:\n{joiner}");
+
+    let lake_ref = work.path().join("ref/lake");
+    run_in_process(&tasks_yaml(&unique("g-tasks-ref"), &work.path().join("ref"))).await;
+    let expected = table_rows(&lake_ref, &Compare::default()).await;
+    let got = table_rows(&shared.join("lake"), &Compare::default()).await;
+    assert_same_tables("tasks moved by a kill and a join", &got, &expected);
+    let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
+    assert!(rows("features") > 1000 && rows("sensor_health") > 2, "a real workload");
+}
+
+/// A zombie under `runtime.tasks: partition`: an instance paused with SIGSTOP past its session
+/// timeout loses its tasks to the other instance, which restores them from the shared state
+/// directory (numbering past the paused writer's checkpoints). Resumed with SIGCONT, the
+/// paused instance finds itself out of the group or fenced at its next checkpoint, and stops
+/// with an error; what it wrote after losing its tasks never becomes visible, and the shared
+/// lake holds exactly the tables of one process running every task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of_one_process() {
+    let topics = create_topics(&unique("t-tasks-zombie"), 6).await;
+    let (cfg, work, graph) = city(1111);
+    let tasks_yaml = |group: &str, root: &Path| {
+        member_yaml(
+            &topics,
+            group,
+            &root.join("lake"),
+            &graph,
+            "",
+            &format!("  tasks: partition\n  state_dir: {}\n", root.join("state").display()),
+        )
+    };
+    let shared = work.path().join("shared");
+    let config = work.path().join("tasks.yaml");
+    std::fs::write(&config, tasks_yaml(&unique("g-tasks-zombie"), &shared)).unwrap();
+    let logs: Vec<std::path::PathBuf> = (0..2).map(|i| work.path().join(format!("{i}.log"))).collect();
+    let mut procs: Vec<std::process::Child> = (0..2).map(|i| spawn(&config, &logs[i])).collect();
+    let t0 = Instant::now();
+    while (0..2).map(|i| running_tasks(&logs[i]).len()).sum::<usize>() < 6
+        || (0..2).any(|i| running_tasks(&logs[i]).is_empty())
+    {
+        if t0.elapsed() > Duration::from_secs(60) || procs.iter_mut().any(|p| p.try_wait().unwrap().is_some()) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            let text: Vec<String> = logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
+            panic!("two instances ran the six tasks within 60 s:\n{}", text.join("\n---\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&graph).unwrap();
+    let reached: std::collections::BTreeSet<i32> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1))
+        .map(|corridor| citystream_pipeline::kafka::partition::partition_of(corridor.as_bytes(), 6))
+        .collect();
+    let zombie = (0..2).find(|i| !running_tasks(&logs[*i]).is_disjoint(&reached)).expect("an instance with traffic");
+    let other = 1 - zombie;
+    let moved: Vec<i32> = running_tasks(&logs[zombie]).intersection(&reached).copied().collect();
+    let producing = tokio::spawn({
+        let topics = topics.clone();
+        let rate = std::num::NonZeroU32::new(9000);
+        async move { citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, rate).await }
+    });
+    let published = || {
+        walk(&shared.join("lake/traffic"))
+            .iter()
+            .filter(|p| p.ends_with(".parquet") && moved.iter().any(|t| p.contains(&format!("-p{t}-o"))))
+            .count()
+    };
+    let t0 = Instant::now();
+    while published() < 3 {
+        if t0.elapsed() > Duration::from_secs(60) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            panic!("the instance to pause published files within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(procs[zombie].id() as i32, libc::SIGSTOP) };
+    let paused_at = chrono::Utc::now();
+    // the other instance took the paused one's tasks over, state and all
+    let t0 = Instant::now();
+    let took_over = || {
+        let text = std::fs::read_to_string(&logs[other]).unwrap_or_default();
+        moved.iter().all(|task| {
+            text.lines().any(|l| {
+                l.contains("took over the operator state")
+                    && l.contains(&format!("task-{task} "))
+                    && !l.contains("restored_epoch=0")
+                    && logged_at(l).is_some_and(|t| t > paused_at)
+            })
+        })
+    };
+    while !took_over() {
+        if t0.elapsed() > Duration::from_secs(90) {
+            unsafe { libc::kill(procs[zombie].id() as i32, libc::SIGCONT) };
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            panic!(
+                "the paused instance's tasks moved within 90 s:\n{}",
+                std::fs::read_to_string(&logs[other]).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(procs[zombie].id() as i32, libc::SIGCONT) };
+    let status = wait_status(&mut procs[zombie], Duration::from_secs(120), &logs[zombie]);
+    let zombie_text = std::fs::read_to_string(&logs[zombie]).unwrap();
+    assert!(!status.success(), "the paused instance must stop with an error:\n{zombie_text}");
+    assert!(
+        zombie_text.contains("assignment lost") || zombie_text.contains("another process owns the state"),
+        "it stopped because it lost its tasks:\n{zombie_text}"
+    );
+    let how = if zombie_text.contains("assignment lost") { "out of the group" } else { "fenced at a checkpoint" };
+    eprintln!("the paused instance stopped: {how}");
+    producing.await.unwrap().expect("produce");
+    wait_exit(&mut procs[other], Duration::from_secs(300), &logs[other]);
+
+    let lake_ref = work.path().join("ref/lake");
+    run_in_process(&tasks_yaml(&unique("g-tasks-zombie-ref"), &work.path().join("ref"))).await;
+    let expected = table_rows(&lake_ref, &Compare::default()).await;
+    let got = table_rows(&shared.join("lake"), &Compare::default()).await;
+    assert_same_tables("a paused instance, fenced", &got, &expected);
+    let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
+    assert!(rows("features") > 1000, "a real workload");
 }

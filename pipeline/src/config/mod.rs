@@ -81,6 +81,23 @@ pub struct RuntimeConfig {
     /// replacement machine restores what a dead one wrote). At most one of `state_dir` and
     /// `state_url`.
     pub state_url: Option<EnvString>,
+    /// How a Kafka pipeline's work is cut into tasks. Default `process`.
+    pub tasks: TaskMode,
+}
+
+/// `runtime.tasks`: what one unit of work (with its own watermark, checkpoints and state) is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskMode {
+    /// One stage graph over every partition this process is assigned, with one state store.
+    /// State stays with the process: a partition moved to another member of the group starts
+    /// its windows empty there.
+    #[default]
+    Process,
+    /// One stage graph per partition number (partition `p` of every topic), each with its
+    /// own watermark, checkpoints and state store at `{state}/task-{p}`: a task restores its
+    /// state wherever the consumer group assigns its partition (see `runtime::tasks`).
+    Partition,
 }
 
 impl RuntimeConfig {
@@ -121,6 +138,7 @@ impl Default for RuntimeConfig {
             carbon_policy: None,
             state_dir: None,
             state_url: None,
+            tasks: TaskMode::Process,
         }
     }
 }

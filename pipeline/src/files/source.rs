@@ -352,7 +352,8 @@ impl Reader {
                 .map_err(|source| PipelineError::State { stage: self.name.clone(), source })?;
         }
         let mut log = self.recovery.commits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        log.record(epoch, positions.iter().map(|(k, v)| (k.clone(), *v)));
+        let lineage = self.recovery.state.as_ref().map_or("", |s| s.lineage());
+        log.record(lineage, epoch, positions.iter().map(|(k, v)| (k.clone(), *v)));
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
 //! zstd producer, and the producer the simulator uses to feed topics.
 
+pub(crate) mod membership;
 pub mod partition;
 mod sink;
 mod source;
@@ -138,7 +139,26 @@ pub struct KafkaSourceConfig {
     /// `${VAR}` for secrets.
     #[serde(default)]
     pub properties: BTreeMap<String, EnvString>,
+    /// Set by the runtime for one task of `runtime.tasks: partition`: this copy of the source
+    /// reads partition `task` of every topic that has it, assigned by hand (the process's
+    /// member of the group decides which tasks it runs), and commits as a consumer outside
+    /// the group's membership.
+    #[serde(skip)]
+    pub(crate) task: Option<i32>,
 }
+
+/// Consumer properties about joining a group, which a task's consumer (assigned by hand, never
+/// a member) leaves to the process's member: `group.instance.id` there keeps the tasks with a
+/// restarted pod.
+pub(crate) const MEMBERSHIP_PROPERTIES: &[&str] = &[
+    "group.instance.id",
+    "group.protocol",
+    "group.remote.assignor",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+];
 
 impl KafkaSourceConfig {
     /// How the topic of `kind` is keyed, if declared.

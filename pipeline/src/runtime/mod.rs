@@ -14,6 +14,8 @@ mod align;
 pub mod reload;
 mod sinks;
 mod stage;
+#[cfg(feature = "kafka")]
+mod tasks;
 
 pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
 pub(crate) use crate::task::{Edge, Outputs, cpu, cpu_metered, thread_cpu_ns};
@@ -179,6 +181,16 @@ pub async fn run(
     run_with_reload(plan, metrics, stop, None).await
 }
 
+/// What every task of a process shares (one stage graph, or one per partition).
+#[derive(Clone, Default)]
+pub(crate) struct ProcessShared {
+    /// Live alert levels: the control center calibrates, the alert rules read.
+    thresholds: citystream_operators::alert::ThresholdBoard,
+    /// Offsets and epochs committed by the sources of every task: compaction merges only
+    /// files wholly before them.
+    commits: crate::task::CommitLog,
+}
+
 /// Like [`run`], and applies new configurations sent on `reload` live where they only change
 /// tunable parameters (see [`reload`]).
 pub async fn run_with_reload(
@@ -188,6 +200,45 @@ pub async fn run_with_reload(
     reload: Option<mpsc::Receiver<PipelinePlan>>,
 ) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
+    let process = ProcessShared::default();
+    let parquet_roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
+    let services = plan.runtime.services(ServiceContext {
+        metrics: &metrics,
+        table_roots: &parquet_roots,
+        commits: crate::config::plan::any_committing(&plan.sources).then(|| process.commits.clone()),
+        tasks: task_outputs(&plan),
+    })?;
+    let sources_of_tables = table_sources(&plan);
+    let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
+    let result = match plan.runtime.tasks {
+        crate::config::TaskMode::Process => run_graph(plan, metrics.clone(), stop, reload, process).await,
+        #[cfg(feature = "kafka")]
+        crate::config::TaskMode::Partition => tasks::run(plan, metrics.clone(), stop, reload, process).await,
+        #[cfg(not(feature = "kafka"))]
+        crate::config::TaskMode::Partition => {
+            Err(PipelineError::Task("`runtime.tasks: partition` needs a build with Kafka (feature `kafka`)".into()))
+        }
+    };
+    accountant.abort();
+    for s in services {
+        s.stop().await;
+    }
+    let mut report = result?;
+    for ((sink, table), streams) in &sources_of_tables {
+        report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
+    }
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Runs one stage graph of `plan` (the whole pipeline, or one task of it) to completion.
+pub(crate) async fn run_graph(
+    plan: PipelinePlan,
+    metrics: Metrics,
+    stop: watch::Receiver<bool>,
+    reload: Option<mpsc::Receiver<PipelinePlan>>,
+    process: ProcessShared,
+) -> Result<RunReport, PipelineError> {
     let cap = plan.runtime.channel_capacity.get();
     let mut subscribers: BTreeMap<(String, usize), Vec<Edge>> = BTreeMap::new();
     let mut queues: Vec<(String, Vec<mpsc::WeakSender<Message>>)> = Vec::new();
@@ -228,8 +279,7 @@ pub async fn run_with_reload(
     };
     let parquet_roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
     let mut tasks: JoinSet<Result<Finished, PipelineError>> = JoinSet::new();
-    // live alert levels: the control center calibrates, the alert rules read
-    let thresholds = citystream_operators::alert::ThresholdBoard::default();
+    let ProcessShared { thresholds, commits: commit_log } = process;
     // with a restored checkpoint, what sinks wrote after it goes first: before any sink starts
     // (the control center reads the lake when it starts) and before anything runs
     if let Some(state) = &state {
@@ -262,10 +312,8 @@ pub async fn run_with_reload(
         let name = sk.name.clone();
         tasks.spawn(async move { sink.run(rx).await.map(|tables| Finished::Sink { name, tables }) });
     }
-    // offsets committed by a Kafka source: compaction merges only files wholly before them
-    let commit_log: crate::task::CommitLog = Default::default();
     if let Some(state) = &state {
-        commit_log.lock().expect("commit log").epoch = state.restored_epoch();
+        commit_log.lock().expect("commit log").record(state.lineage(), state.restored_epoch(), []);
     }
     let mut retune_senders = BTreeMap::new();
     let clocks = event_clocks(&plan);
@@ -370,33 +418,17 @@ pub async fn run_with_reload(
     drop(acks);
 
     let monitor = tokio::spawn(monitor_queues(queues, metrics.clone()));
-    let services = plan.runtime.services(ServiceContext {
-        metrics: &metrics,
-        table_roots: &parquet_roots,
-        commits: crate::config::plan::any_committing(&plan.sources).then(|| commit_log.clone()),
-        tasks: task_outputs(&plan),
-    })?;
-    let sources_of_tables = table_sources(&plan);
-    let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let reloader = reload.map(|rx| tokio::spawn(reload::reloader(plan.clone(), rx, retune_senders, metrics.clone())));
-    let (mut report, mut first_error) = collect(&mut tasks).await;
+    let (report, mut first_error) = collect(&mut tasks).await;
     if let Some(e) = &operator_errors
         && let Err(error) = e.publish_committed()
     {
         first_error.get_or_insert(PipelineError::OperatorErrors { stage: "runtime".into(), error });
     }
     monitor.abort();
-    accountant.abort();
-    for s in services {
-        s.stop().await;
-    }
-    for ((sink, table), streams) in &sources_of_tables {
-        report.table_inputs.entry(sink.clone()).or_default().insert(table.clone(), stream_totals(&metrics, streams));
-    }
     if let Some(r) = reloader {
         r.abort();
     }
-    report.elapsed_s = started.elapsed().as_secs_f64();
     match first_error {
         Some(e) => Err(e),
         None => Ok(report),

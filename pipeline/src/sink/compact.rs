@@ -202,11 +202,11 @@ fn compact_partition(
         }
         // a derived table's file of a checkpoint not yet committed may be removed by a
         // recovery: never hide it in a merged file
-        if let Some((_, epoch)) = super::parquet::parse_epoch_name(&name) {
+        if let Some((lineage, epoch)) = super::parquet::parse_epoch_name(&name) {
             let allowed = match &opts.positioned {
                 Positioned::Skip => false,
                 Positioned::All => true,
-                Positioned::Committed(log) => epoch <= log.lock().expect("commit log").epoch,
+                Positioned::Committed(log) => epoch <= log.lock().expect("commit log").committed_epoch(lineage),
             };
             if !allowed {
                 continue;

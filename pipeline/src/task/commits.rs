@@ -4,22 +4,34 @@
 
 use std::collections::BTreeMap;
 
-/// What a Kafka source has committed so far.
+/// What committing sources have committed so far (one per pipeline, or one per task of
+/// `runtime.tasks: partition`, all recording here).
 #[derive(Debug, Default)]
 pub struct Commits {
     /// Per (topic, partition): the next offset to read, as last committed.
     pub offsets: BTreeMap<(String, i32), i64>,
-    /// The newest committed checkpoint epoch: files of derived tables named after an epoch
-    /// (with operator state checkpoints) may be merged up to it.
+    /// The newest committed checkpoint epoch of any state: files of derived tables named after
+    /// an epoch (with operator state checkpoints) may be merged up to it.
     pub epoch: u64,
+    /// The newest committed epoch per state lineage (each task has a state of its own, whose
+    /// epochs count on their own).
+    pub epochs: BTreeMap<String, u64>,
 }
 
 impl Commits {
-    /// Records that checkpoint `epoch` committed `positions` (next offset per topic and
-    /// partition).
-    pub fn record(&mut self, epoch: u64, positions: impl IntoIterator<Item = ((String, i32), i64)>) {
+    /// Records that checkpoint `epoch` of state `lineage` (empty without state) committed
+    /// `positions` (next offset per topic and partition).
+    pub fn record(&mut self, lineage: &str, epoch: u64, positions: impl IntoIterator<Item = ((String, i32), i64)>) {
         self.offsets.extend(positions);
         self.epoch = self.epoch.max(epoch);
+        let e = self.epochs.entry(lineage.to_owned()).or_default();
+        *e = (*e).max(epoch);
+    }
+
+    /// The newest committed epoch of state `lineage`; of any state, for a lineage no source
+    /// here committed.
+    pub fn committed_epoch(&self, lineage: &str) -> u64 {
+        self.epochs.get(lineage).copied().unwrap_or(self.epoch)
     }
 }
 

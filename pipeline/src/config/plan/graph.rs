@@ -142,6 +142,53 @@ impl<'a> Planner<'a> {
                 Some("`state_url: s3://bucket/prefix` or `state_dir: <a directory>`".into()),
             );
         }
+        self.check_partition_tasks();
+    }
+
+    /// `runtime.tasks: partition` cuts one Kafka source's partitions into tasks whose state
+    /// moves with them: it needs that source, a state store, and no process-wide sink.
+    fn check_partition_tasks(&mut self) {
+        let raw = self.raw;
+        let nowhere = Location::UNKNOWN;
+        if raw.runtime.tasks != super::super::TaskMode::Partition {
+            return;
+        }
+        #[cfg(feature = "kafka")]
+        let one_kafka = raw.sources.len() == 1 && matches!(raw.sources.values().next(), Some(SourceConfig::Kafka(_)));
+        #[cfg(not(feature = "kafka"))]
+        let one_kafka = false;
+        if !one_kafka {
+            self.ck.error(
+                nowhere,
+                "runtime.tasks",
+                "`tasks: partition` runs one task per partition of a Kafka source: it needs exactly one source, of \
+                 type kafka",
+                Some("use `tasks: process` (the default) for other sources".into()),
+            );
+        }
+        if !raw.runtime.has_state() {
+            self.ck.error(
+                nowhere,
+                "runtime.tasks",
+                "`tasks: partition` needs `runtime.state_url` (or `state_dir`): each task keeps its state there, \
+                 under `task-{partition}`, and restores it wherever the group assigns its partition",
+                Some("add `state_url: s3://bucket/prefix` (the same for every instance of the group)".into()),
+            );
+        }
+        for (name, sink) in &raw.sinks {
+            if matches!(sink, super::super::SinkConfig::ControlCenter(_)) {
+                self.ck.error(
+                    nowhere,
+                    format!("sinks.{name}"),
+                    "a control center serves one book per process, not one per task: with `runtime.tasks: \
+                     partition` it runs as a process of its own",
+                    Some(
+                        "remove this sink, publish the alerts to Kafka, and run `citystream control` on that topic"
+                            .into(),
+                    ),
+                );
+            }
+        }
     }
 
     /// Stages read only the kinds source `name` has (`reads`), each named under its `key` by

@@ -79,6 +79,7 @@ pub(super) fn commit(
         Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
         _ => None,
     });
-    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(epoch, committed);
+    let lineage = consumer.context().state.as_ref().map_or("", |s| s.lineage());
+    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(lineage, epoch, committed);
     Ok(())
 }

@@ -148,11 +148,19 @@ async fn run_kafka_source(
     for (k, v) in &cfg.properties {
         cc.set(k, v.as_str());
     }
+    if cfg.task.is_some() {
+        for k in super::MEMBERSHIP_PROPERTIES {
+            cc.remove(k);
+        }
+    }
     let consumer: BaseConsumer<Ctx> = cc
         .create_with_context(Ctx { shared: shared.clone(), commits, state })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
-    consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?;
+    match cfg.task {
+        None => consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?,
+        Some(partition) => assign_task(&consumer, &topics, partition).map_err(err)?,
+    }
     let routing: Vec<(String, Routing)> =
         ports.iter().filter_map(|(topic, &port)| Some((topic.clone(), routing[port].clone()?))).collect();
     tracing::info!(source = name, ?topics, group = cfg.group_id.as_str(), "consuming");
@@ -192,6 +200,22 @@ async fn run_kafka_source(
     rx.await.map_err(|_| err("the consumer thread died".into()))?
 }
 
+/// Assigns partition `partition` of every topic in `topics` that has it, starting where the
+/// task's checkpoint or commit left it (the same decision and cleanup as a group assignment).
+fn assign_task(consumer: &BaseConsumer<Ctx>, topics: &[&str], partition: i32) -> Result<(), String> {
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        if partition < partition_count(consumer, topic)? {
+            list.add_partition(topic, partition);
+        }
+    }
+    consumer.context().assign(consumer, &list);
+    if let Some(e) = lock(&consumer.context().shared).error.take() {
+        return Err(e);
+    }
+    consumer.assign(&list).map_err(|e| format!("assigning partition {partition} of {topics:?}: {e}"))
+}
+
 /// What the runtime shares with the source per output port: the event clocks its `decode`
 /// stages publish to, and how each stream is keyed.
 struct Streams {
@@ -202,7 +226,10 @@ struct Streams {
 /// The partition count of `topic`, from the broker: `decode` checks keyed rows against it.
 /// Retried for 10 s (a topic just created may have no leader yet); a topic that does not exist
 /// is an error (create it first: `citystream topics`).
-fn partition_count(consumer: &BaseConsumer<Ctx>, topic: &str) -> Result<i32, String> {
+pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<i32, String> {
     let mut last = String::new();
     for attempt in 0..10 {
         if attempt > 0 {

@@ -1,0 +1,323 @@
+//! `runtime.tasks: partition`: one task per partition number, whose state moves with it.
+//!
+//! A task is the whole stage graph of the plan over partition `p` of every topic: its own
+//! Kafka consumer (assigned by hand), watermark, barriers, epochs, sinks' files and state store
+//! at `{state}/task-{p}` — the unit Kafka Streams calls a task. The process's member of the
+//! consumer group ([`crate::kafka::membership`]) decides which tasks run here: an assigned
+//! partition of the lead topic starts its task, which restores the task's state from wherever
+//! the last owner checkpointed it (its manifest chain fences that owner, should it still run);
+//! a revoked one checkpoints, commits and stops before the member lets it go. One process
+//! running every task writes exactly what several processes sharing them write: the tasks are
+//! the same either way, only where they run differs.
+//!
+//! Shared by the tasks of a process: the alert thresholds board, the record of commits
+//! (compaction), the metrics (counters add up across tasks), the energy services.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use citystream_operators::Metrics;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::{ProcessShared, RunReport, StopHandle, run_graph};
+use crate::config::{PipelinePlan, SourceConfig, TaskMode};
+use crate::kafka::membership::{self, Assignments};
+use crate::primitives::EnvString;
+use crate::task::{PipelineError, StateUrl};
+
+/// Runs the tasks the group assigns this process until `stop` (then each checkpoints and
+/// stops), or — with `stop_when_idle` — until every task it ran ended idle.
+pub(super) async fn run(
+    plan: PipelinePlan,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+    mut reload: Option<mpsc::Receiver<PipelinePlan>>,
+    process: ProcessShared,
+) -> Result<RunReport, PipelineError> {
+    let cfg = kafka_config(&plan)?.clone();
+    let err = |message: String| PipelineError::Source { source_name: plan.sources[0].name.clone(), message };
+    let (lead, partitions) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || membership::lead_topic(&cfg))
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))?
+            .map_err(err)?
+    };
+    tracing::info!(lead, partitions, "one task per partition of the lead topic");
+    let set = Arc::new(TaskSet {
+        template: Mutex::new(plan.clone()),
+        metrics,
+        process,
+        runtime: tokio::runtime::Handle::current(),
+        running: Mutex::new(BTreeMap::new()),
+        ended: Mutex::new(Vec::new()),
+        error: Mutex::new(None),
+        started_any: Mutex::new(false),
+    });
+    let leave = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let member = {
+        let (cfg, set, leave, lead) = (cfg.clone(), set.clone(), leave.clone(), lead.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("kafka-member".into())
+            .spawn(move || {
+                let tasks: Arc<dyn Assignments> = set;
+                let _ = tx.send(membership::run_member(&cfg, &lead, tasks, || {
+                    leave.load(std::sync::atomic::Ordering::Relaxed)
+                }));
+            })
+            .map_err(|e| err(format!("starting the group member's thread: {e}")))?;
+        rx
+    };
+    let began = Instant::now();
+    let mut member = std::pin::pin!(member);
+    let mut member_result: Option<Result<(), String>> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            Some(new) = async { reload.as_mut()?.recv().await } => set.reload(new),
+            r = &mut member, if member_result.is_none() => {
+                member_result = Some(r.unwrap_or_else(|_| Err("the group member's thread died".into())));
+                break;
+            }
+        }
+        set.reap();
+        if set.lock_error().is_some() {
+            break;
+        }
+        if let Some(idle) = cfg.stop_when_idle
+            && set.lock_running().is_empty()
+            && (*set.started_any.lock().expect("started") || began.elapsed() >= idle.to_std())
+        {
+            tracing::info!("every task of this process ended idle: leaving the group");
+            break;
+        }
+    }
+    // the tasks checkpoint and stop first; then the member leaves (its revocations find
+    // nothing left to stop)
+    let failed = set.lock_error().is_some();
+    let running: Vec<i32> = set.lock_running().keys().copied().collect();
+    if failed {
+        set.abort(&running);
+    } else {
+        let set = set.clone();
+        tokio::task::spawn_blocking(move || set.revoked(&running))
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))?;
+    }
+    leave.store(true, std::sync::atomic::Ordering::Relaxed);
+    if member_result.is_none() {
+        member_result = Some(member.await.unwrap_or_else(|_| Err("the group member's thread died".into())));
+    }
+    set.reap();
+    if let Some(e) = set.error.lock().expect("error").take() {
+        return Err(e);
+    }
+    if let Some(Err(e)) = member_result {
+        return Err(err(e));
+    }
+    let mut report = RunReport::default();
+    for (_, r) in std::mem::take(&mut *set.ended.lock().expect("ended")) {
+        merge(&mut report, r);
+    }
+    Ok(report)
+}
+
+fn kafka_config(plan: &PipelinePlan) -> Result<&crate::kafka::KafkaSourceConfig, PipelineError> {
+    match plan.sources.as_slice() {
+        [src] => match &src.config {
+            SourceConfig::Kafka(k) => Ok(k),
+            _ => Err(PipelineError::Task("`runtime.tasks: partition` needs a kafka source".into())),
+        },
+        _ => Err(PipelineError::Task("`runtime.tasks: partition` needs exactly one source".into())),
+    }
+}
+
+/// The plan of task `partition`: the source reads that partition, the state lives under
+/// `task-{partition}`.
+fn task_plan(plan: &PipelinePlan, partition: i32) -> Result<PipelinePlan, PipelineError> {
+    let mut p = plan.clone();
+    p.runtime.tasks = TaskMode::Process;
+    let dir = format!("task-{partition}");
+    match p.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))? {
+        Some(StateUrl::Local(root)) => {
+            p.runtime.state_dir = Some(EnvString::literal(root.join(dir).display().to_string()));
+            p.runtime.state_url = None;
+        }
+        Some(StateUrl::S3 { bucket, prefix }) => {
+            let key = if prefix.is_empty() { dir } else { format!("{prefix}/{dir}") };
+            p.runtime.state_url = Some(EnvString::literal(format!("s3://{bucket}/{key}")));
+            p.runtime.state_dir = None;
+        }
+        None => return Err(PipelineError::Task("`runtime.tasks: partition` needs `runtime.state_url`".into())),
+    }
+    for src in &mut p.sources {
+        if let SourceConfig::Kafka(k) = &mut src.config {
+            k.task = Some(partition);
+        }
+    }
+    Ok(p)
+}
+
+/// Adds a task's report to the process's: messages are the task's own; a sink's table
+/// totals are the process's metrics counters (shared by its tasks), so the newest is the
+/// largest.
+fn merge(into: &mut RunReport, r: RunReport) {
+    for (source, n) in r.source_messages {
+        *into.source_messages.entry(source).or_default() += n;
+    }
+    for (sink, tables) in r.tables {
+        let to = into.tables.entry(sink).or_default();
+        for (table, t) in tables {
+            let e = to.entry(table).or_default();
+            e.rows = e.rows.max(t.rows);
+            e.files = e.files.max(t.files);
+            e.bytes = e.bytes.max(t.bytes);
+        }
+    }
+}
+
+struct Running {
+    stop: StopHandle,
+    reload: mpsc::Sender<PipelinePlan>,
+    join: JoinHandle<Result<RunReport, PipelineError>>,
+    started: Instant,
+}
+
+/// The tasks of this process, started and stopped by the group member's callbacks.
+struct TaskSet {
+    /// The plan tasks are made from (the newest reloaded one).
+    template: Mutex<PipelinePlan>,
+    metrics: Metrics,
+    process: ProcessShared,
+    runtime: tokio::runtime::Handle,
+    running: Mutex<BTreeMap<i32, Running>>,
+    /// Tasks that ended, and their reports.
+    ended: Mutex<Vec<(i32, RunReport)>>,
+    /// The first error of a task, or of the membership: the process stops.
+    error: Mutex<Option<PipelineError>>,
+    started_any: Mutex<bool>,
+}
+
+impl TaskSet {
+    fn lock_running(&self) -> MutexGuard<'_, BTreeMap<i32, Running>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_error(&self) -> MutexGuard<'_, Option<PipelineError>> {
+        self.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn fail(&self, e: PipelineError) {
+        self.lock_error().get_or_insert(e);
+    }
+
+    /// Records how a task ended.
+    fn ended(&self, partition: i32, result: Result<Result<RunReport, PipelineError>, tokio::task::JoinError>) {
+        match result {
+            Ok(Ok(report)) => self.ended.lock().expect("ended").push((partition, report)),
+            Ok(Err(e)) => {
+                tracing::error!(task = partition, "the task failed: {e}");
+                self.fail(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => self.fail(PipelineError::Task(format!("task {partition}: {e}"))),
+        }
+    }
+
+    /// Collects the tasks that ended by themselves (idle, or failed).
+    fn reap(&self) {
+        let done: Vec<(i32, Running)> = {
+            let mut running = self.lock_running();
+            let ps: Vec<i32> = running.iter().filter(|(_, r)| r.join.is_finished()).map(|(p, _)| *p).collect();
+            ps.into_iter().filter_map(|p| Some((p, running.remove(&p)?))).collect()
+        };
+        for (p, r) in done {
+            // finished: its output is ready, polling once does not wait
+            let Some(result) = futures_util::FutureExt::now_or_never(r.join) else { continue };
+            tracing::info!(task = p, ran_s = r.started.elapsed().as_secs_f64(), "task ended");
+            self.ended(p, result);
+        }
+    }
+
+    fn start(&self, partition: i32) -> Result<(), PipelineError> {
+        let plan = task_plan(&self.template.lock().expect("template"), partition)?;
+        let (stop, stop_rx) = StopHandle::new();
+        let (reload, reload_rx) = mpsc::channel(1);
+        let (metrics, process) = (self.metrics.clone(), self.process.clone());
+        let join = self.runtime.spawn(run_graph(plan, metrics, stop_rx, Some(reload_rx), process));
+        self.lock_running().insert(partition, Running { stop, reload, join, started: Instant::now() });
+        *self.started_any.lock().expect("started") = true;
+        tracing::info!(task = partition, "task started");
+        Ok(())
+    }
+
+    /// Sends a reloaded plan to every running task, and keeps it for tasks started later.
+    fn reload(&self, plan: PipelinePlan) {
+        for (p, r) in self.lock_running().iter() {
+            match task_plan(&plan, *p) {
+                Ok(tp) => {
+                    if r.reload.try_send(tp).is_err() {
+                        tracing::warn!(task = p, "a reload is still being applied: this one is skipped for the task");
+                    }
+                }
+                Err(e) => tracing::warn!(task = p, "reload: {e}"),
+            }
+        }
+        *self.template.lock().expect("template") = plan;
+    }
+
+    /// Stops tasks at once, without a checkpoint (their state and files stay as the last
+    /// commit left them: whoever runs them next replays from there).
+    fn abort(&self, partitions: &[i32]) {
+        let mut running = self.lock_running();
+        for p in partitions {
+            if let Some(r) = running.remove(p) {
+                r.join.abort();
+                tracing::warn!(task = p, "task stopped without a checkpoint");
+            }
+        }
+    }
+}
+
+impl Assignments for TaskSet {
+    fn assigned(&self, partitions: &[i32]) {
+        for &p in partitions {
+            if self.lock_running().contains_key(&p) {
+                continue;
+            }
+            if let Err(e) = self.start(p) {
+                self.fail(e);
+            }
+        }
+    }
+
+    fn revoked(&self, partitions: &[i32]) {
+        let stopping: Vec<(i32, Running)> = {
+            let mut running = self.lock_running();
+            partitions.iter().filter_map(|p| Some((*p, running.remove(p)?))).collect()
+        };
+        for (_, r) in &stopping {
+            r.stop.stop();
+        }
+        for (p, r) in stopping {
+            let at = Instant::now();
+            let result = self.runtime.block_on(r.join);
+            tracing::info!(task = p, stop_s = at.elapsed().as_secs_f64(), "task revoked: checkpointed and stopped");
+            self.ended(p, result);
+        }
+    }
+
+    fn lost(&self, partitions: &[i32]) {
+        self.abort(partitions);
+        self.fail(PipelineError::Task(
+            "the consumer group revoked our tasks after a session timeout (assignment lost): another process may \
+             already run them; stopping (their state is fenced by the next owner's checkpoint)"
+                .into(),
+        ));
+    }
+}
