@@ -5,8 +5,8 @@
 #     (kubernetes-validate, strict: unknown fields are errors); the KEDA ScaledObject (a CRD,
 #     not in those schemas) is checked by tests/helm/check_manifests.py
 #   - rendering without the pseudonym and DP keys fails and says which value to set
-#   - the chart's pipeline is deploy/kafka.yaml but for state on object storage, static
-#     membership and no control center of its own, and the rendered one plans (`citystream
+#   - the chart's pipeline is deploy/kafka.yaml but for per-partition tasks with their state on
+#     object storage, static membership and no control center of its own, and the rendered one plans (`citystream
 #     validate`) with the pods' environment; its control centers' file is deploy/control.yaml
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -36,9 +36,9 @@ if "$helm" template city "$chart" --set "secrets.pseudonymKey=$key" --set "secre
 fi
 grep -q "secrets.controlTokens (viewer NAME TOKEN; operator NAME TOKEN) or secrets.existingSecret" "$out/err"
 
-# nothing but the state, static membership and the control sink differs from deploy/kafka.yaml
+# nothing but the state and tasks, static membership and the control sink differs from deploy/kafka.yaml
 diff <(grep -v '^#' "$chart/files/pipeline.yaml" | grep -v '^$' | grep -v 'group.instance.id: ${POD_NAME}' |
-        sed 's|  state_url: ${CITYSTREAM_STATE_URL}.*|STATE|') \
+        grep -v '^  tasks: partition' | sed 's|  state_url: ${CITYSTREAM_STATE_URL}.*|STATE|') \
      <(grep -v '^#' deploy/kafka.yaml | grep -v '^$' | sed 's|  state_dir: ${CITYSTREAM_DATA:-data}/state|STATE|' |
         sed '/^  control: /,/^runtime:/{/^runtime:/!d}')
 diff "$chart/files/control.yaml" deploy/control.yaml
@@ -47,7 +47,7 @@ diff "$chart/files/control.yaml" deploy/control.yaml
 # the pipeline as a pod gets it: its environment from the rendered StatefulSet
 mkdir -p "$out/data"
 POD_NAME=city-citystream-0 KAFKA_BROKERS=kafka:9092 KAFKA_GROUP=citystream CITYSTREAM_DATA="$out/data" \
-  CITYSTREAM_STATE_URL=s3://citystream-state/workers/city-citystream-0 \
+  CITYSTREAM_STATE_URL=s3://citystream-state/workers \
   "${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}/debug/citystream" validate "$out/pipeline.yaml" >"$out/plan.txt"
 grep -q "source kafka (kafka) -> traffic, camera, environment" "$out/plan.txt"
 echo "helm chart: lint, schemas (2 renderings), required keys, config drift, manifests and plan checked"

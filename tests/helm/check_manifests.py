@@ -35,9 +35,9 @@ def main():
     pod = spec["template"]["spec"]
     (c,) = pod["containers"]
     e = env(c)
-    # static membership and per-worker state both come from the pod's name
+    # static membership comes from the pod's name; the state is shared (one folder per task)
     assert e["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert e["CITYSTREAM_STATE_URL"]["value"] == "s3://citystream-state/workers/$(POD_NAME)", e["CITYSTREAM_STATE_URL"]
+    assert e["CITYSTREAM_STATE_URL"]["value"] == "s3://citystream-state/workers", e["CITYSTREAM_STATE_URL"]
     assert "AWS_ENDPOINT_URL" not in e, "no endpoint unless one is given"
     assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "city-citystream"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -83,6 +83,7 @@ def main():
     assert props["group.instance.id"] == "${POD_NAME}", props
     assert parsed["runtime"]["state_url"] == "${CITYSTREAM_STATE_URL}"
     assert "state_dir" not in parsed["runtime"]
+    assert parsed["runtime"]["tasks"] == "partition", "the state of a partition moves with it"
     assert "control" not in parsed["sinks"], "the chart's control centers run apart"
     control = yaml.safe_load(d[("ConfigMap", "city-citystream")]["data"]["control.yaml"])
     assert control["kafka"]["alerts_topic"] == "city.alerts" and "alerts" not in control
@@ -96,7 +97,7 @@ def main():
     assert e["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
     assert e["AWS_ALLOW_HTTP"]["value"] == "true"
     assert e["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "citystream-keys"
-    assert e["CITYSTREAM_STATE_URL"]["value"] == "s3://city-state/north/$(POD_NAME)"
+    assert e["CITYSTREAM_STATE_URL"]["value"] == "s3://city-state/north"
     so = s[("ScaledObject", "city-citystream")]
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "city-citystream"}

@@ -448,6 +448,12 @@ async fn partition_tasks_move_with_their_state_and_write_the_tables_of_one_proce
         });
         let (by, at) = restored.unwrap_or_else(|| panic!("task {task} of the killed instance was restored elsewhere"));
         eprintln!("task {task}: restored by instance {by} {} ms after the kill", (at - killed_at).num_milliseconds());
+        let text = std::fs::read_to_string(&logs[by]).unwrap();
+        if let Some(l) =
+            text.lines().find(|l| l.contains("restored the operator state") && l.contains(&format!("task-{task} ")))
+        {
+            eprintln!("  {}", l.split_once("restored the operator state").map_or(l, |(_, r)| r).trim());
+        }
     }
     let joiner = std::fs::read_to_string(&logs[3]).unwrap();
     assert!(joiner.contains("task started"), "the fourth instance took tasks over:\n{joiner}");

@@ -12,6 +12,9 @@
 //!   `group.instance.id` (a Kubernetes restart). Files are closed at every checkpoint (1 s
 //!   here), so each figure includes up to a second of it.
 //!
+//! With `--tasks`, the instances run per-partition tasks (`runtime.tasks: partition`) on one
+//! shared state directory.
+//!
 //! `cargo run --release -p citystream-benches --features kafka --bin scale_out -- --brokers 127.0.0.1:9092 --citystream target/release/citystream`
 
 #[cfg(feature = "kafka")]
@@ -67,6 +70,10 @@ mod harness {
         /// `group.consumer.session.timeout.ms`, so `session.timeout.ms` is then not set).
         #[arg(long = "consumer-property")]
         consumer_properties: Vec<String>,
+        /// Run per-partition tasks (`runtime.tasks: partition`), the instances of a run sharing
+        /// one state directory: a moved partition restores its task's state where it lands.
+        #[arg(long)]
+        tasks: bool,
     }
 
     /// The source's `properties` map as YAML: `session.timeout.ms` of `deploy/kafka.yaml`
@@ -87,8 +94,15 @@ mod harness {
         v[v.len() / 2]
     }
 
-    /// Kafka → decode → Parquet into `lake`, as group member `instance`.
-    fn config(args: &Args, t: &KafkaTopics, group: &str, instance: &str, lake: &Path, checkpoint: &str) -> String {
+    /// Kafka → decode → Parquet into `lake`, as group member `instance`; with `--tasks`, one
+    /// task per partition with its state under `state`.
+    fn config(
+        args: &Args,
+        t: &KafkaTopics,
+        group: &str,
+        (instance, lake, state): (&str, &Path, &Path),
+        checkpoint: &str,
+    ) -> String {
         let (brokers, props) = (&args.brokers, properties(args, instance));
         let source = format!(
             "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {group}\n    topics: {{traffic: {}, camera: {}, environment: {}}}\n    stop_when_idle: {IDLE_S}s\n    checkpoint_interval: {checkpoint}\n    properties: {props}\n",
@@ -96,7 +110,9 @@ mod harness {
             t.camera.as_deref().unwrap_or_default(),
             t.environment.as_deref().unwrap_or_default(),
         );
-        citystream_benches::decode_to_parquet("kafka", &source, lake, "")
+        let runtime =
+            if args.tasks { format!(", tasks: partition, state_dir: {}", state.display()) } else { String::new() };
+        citystream_benches::decode_to_parquet("kafka", &source, lake, &runtime)
     }
 
     /// The idle wait that ends a run (`stop_when_idle`).
@@ -184,8 +200,8 @@ mod harness {
                 let t0 = Instant::now();
                 let mut children = (0..n)
                     .map(|i| {
-                        let yaml =
-                            config(args, &topics, &group, &format!("w{i}"), &dir.path().join(format!("lake{i}")), "5s");
+                        let (name, lake) = (format!("w{i}"), dir.path().join(format!("lake{i}")));
+                        let yaml = config(args, &topics, &group, (&name, &lake, &dir.path().join("state")), "5s");
                         spawn(&args.citystream, dir.path(), &format!("w{i}"), &yaml)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
@@ -231,7 +247,8 @@ mod harness {
         let feed = rt.spawn(async move { citystream_pipeline::kafka::produce::simulate_into(&b, cfg, &t, rate).await });
         let dir = tempfile::tempdir()?;
         let lake = |i: usize| dir.path().join(format!("lake{i}"));
-        let yaml = |i: usize| config(args, &topics, prefix, &format!("w{i}"), &lake(i), "1s");
+        let state = dir.path().join("state");
+        let yaml = |i: usize| config(args, &topics, prefix, (&format!("w{i}"), &lake(i), &state), "1s");
         let mut a = spawn(&args.citystream, dir.path(), "w0", &yaml(0))?;
         let b = spawn(&args.citystream, dir.path(), "w1", &yaml(1))?;
         let started = SystemTime::now();

@@ -191,6 +191,20 @@ impl SourceConfig {
         }
     }
 
+    /// The member of the group that shares this source's tasks between processes
+    /// (`runtime.tasks: partition`), and how long the source waits for a message before it
+    /// ends (`stop_when_idle`); `None` for a source without tasks.
+    pub(crate) fn membership(&self) -> Option<(Box<dyn crate::task::Membership>, Option<std::time::Duration>)> {
+        match self {
+            SourceConfig::Simulator(_) | SourceConfig::Files(_) => None,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => Some((
+                Box::new(crate::kafka::membership::GroupMember((**c).clone())),
+                c.stop_when_idle.map(|d| d.to_std()),
+            )),
+        }
+    }
+
     /// Whether the source commits its positions at checkpoints (and so resumes after a crash:
     /// derived files after its last commit are removed and written again).
     pub(crate) fn commits_positions(&self) -> bool {
@@ -204,6 +218,34 @@ impl SourceConfig {
 }
 
 impl PipelinePlan {
+    /// The plan of task `task` of `runtime.tasks: partition`: its source reads partition
+    /// `task` of every topic, and its state lives under `task-{task}` of the runtime's.
+    pub(crate) fn task_plan(&self, task: i32) -> Result<PipelinePlan, String> {
+        let mut p = self.clone();
+        p.runtime.tasks = TaskMode::Process;
+        let dir = format!("task-{task}");
+        match p.runtime.state()? {
+            Some(crate::task::StateUrl::Local(root)) => {
+                p.runtime.state_dir = Some(EnvString::literal(root.join(dir).display().to_string()));
+                p.runtime.state_url = None;
+            }
+            Some(crate::task::StateUrl::S3 { bucket, prefix }) => {
+                let key = if prefix.is_empty() { dir } else { format!("{prefix}/{dir}") };
+                p.runtime.state_url = Some(EnvString::literal(format!("s3://{bucket}/{key}")));
+                p.runtime.state_dir = None;
+            }
+            None => return Err("per-partition tasks need `runtime.state_url` (or `state_dir`)".into()),
+        }
+        for src in &mut p.sources {
+            match &mut src.config {
+                #[cfg(feature = "kafka")]
+                SourceConfig::Kafka(k) => k.task = Some(task),
+                _ => return Err(format!("source `{}` has no partitions to cut into tasks", src.name)),
+            }
+        }
+        Ok(p)
+    }
+
     /// The table stages record the rows they cannot process in (`operator_errors`), beside the
     /// first Parquet sink's tables; `None` without a Parquet sink. With operator state, its
     /// files are named after epochs and published once committed.

@@ -3,7 +3,7 @@
 //! It joins group `{group_id}.members` subscribed to one topic only, the *lead* topic (the
 //! source's topic with the most partitions): each partition of it the group assigns is a task,
 //! partition `p` of every topic. The member reads nothing (it pauses what it is assigned); its
-//! rebalance callbacks start and stop tasks through [`Assignments`]. Kafka's coordinator thus
+//! rebalance callbacks start and stop tasks through the runtime's [`Assignments`]. Kafka's coordinator thus
 //! decides which process runs which task, fences members that fell out of the group, and, with
 //! `group.instance.id`, gives a restarted pod its tasks back.
 //!
@@ -18,39 +18,39 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::{KafkaSourceConfig, client_config};
-
-/// What the member tells the process about its tasks (partition numbers of the lead topic).
-/// Called on the member's thread, inside its poll: a call returns once the work is done.
-pub(crate) trait Assignments: Send + Sync + 'static {
-    /// These partitions are now ours: start their tasks.
-    fn assigned(&self, partitions: &[i32]);
-    /// These partitions go to another member: checkpoint and stop their tasks, then return.
-    fn revoked(&self, partitions: &[i32]);
-    /// The group moved these on without us (a session timeout): another member may already
-    /// run them, so their tasks must stop without committing anything.
-    fn lost(&self, partitions: &[i32]);
-}
+use crate::task::{Assignments, Membership};
 
 /// The consumer group the members of `cfg`'s group join.
-pub(crate) fn members_group(cfg: &KafkaSourceConfig) -> String {
+fn members_group(cfg: &KafkaSourceConfig) -> String {
     format!("{}.members", cfg.group_id.as_str())
 }
 
-/// The topic whose partitions are the tasks: the one with the most partitions (the first in
-/// event-kind order among equals), and how many it has.
-pub(crate) fn lead_topic(cfg: &KafkaSourceConfig) -> Result<(String, i32), String> {
-    let probe: BaseConsumer = client_config(&cfg.brokers, &cfg.properties)
-        .create()
-        .map_err(|e| format!("creating a metadata client: {e}"))?;
-    let mut lead: Option<(String, i32)> = None;
-    for kind in citystream_schemas::EventKind::ALL {
-        let Some(topic) = cfg.topic(kind) else { continue };
-        let n = super::source::partition_count(&probe, topic)?;
-        if lead.as_ref().is_none_or(|(_, m)| n > *m) {
-            lead = Some((topic.to_owned(), n));
+/// The process's member of the group sharing the tasks of a Kafka source.
+pub(crate) struct GroupMember(pub(crate) KafkaSourceConfig);
+
+impl Membership for GroupMember {
+    /// The topic whose partitions are the tasks: the one with the most partitions (the first
+    /// in event-kind order among equals), and how many it has.
+    fn tasks(&self) -> Result<(String, i32), String> {
+        let cfg = &self.0;
+        let probe: BaseConsumer = client_config(&cfg.brokers, &cfg.properties)
+            .create()
+            .map_err(|e| format!("creating a metadata client: {e}"))?;
+        let mut lead: Option<(String, i32)> = None;
+        for kind in citystream_schemas::EventKind::ALL {
+            let Some(topic) = cfg.topic(kind) else { continue };
+            let n = super::source::partition_count(&probe, topic)?;
+            if lead.as_ref().is_none_or(|(_, m)| n > *m) {
+                lead = Some((topic.to_owned(), n));
+            }
         }
+        lead.ok_or_else(|| "the source reads no topic".into())
     }
-    lead.ok_or_else(|| "the source reads no topic".into())
+
+    fn run(self: Box<Self>, tasks: Arc<dyn Assignments>, leave: Box<dyn Fn() -> bool + Send>) -> Result<(), String> {
+        let (lead, _) = self.tasks()?;
+        run_member(&self.0, &lead, tasks, leave)
+    }
 }
 
 struct MemberCtx {
@@ -91,13 +91,12 @@ impl ConsumerContext for MemberCtx {
     }
 }
 
-/// Joins the group and serves its rebalances until `leave` says so, then leaves (the caller
-/// has stopped the tasks by then). Blocks: run it on a thread of its own.
-pub(crate) fn run_member(
+/// Joins the group on `lead` and serves its rebalances until `leave` says so, then leaves.
+fn run_member(
     cfg: &KafkaSourceConfig,
     lead: &str,
     tasks: Arc<dyn Assignments>,
-    leave: impl Fn() -> bool,
+    leave: Box<dyn Fn() -> bool + Send>,
 ) -> Result<(), String> {
     let mut cc = client_config(&cfg.brokers, &cfg.properties);
     let kip848 = cfg.properties.get("group.protocol").is_some_and(|p| p.as_str() == "consumer");

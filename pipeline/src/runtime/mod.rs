@@ -14,7 +14,6 @@ mod align;
 pub mod reload;
 mod sinks;
 mod stage;
-#[cfg(feature = "kafka")]
 mod tasks;
 
 pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
@@ -212,12 +211,7 @@ pub async fn run_with_reload(
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let result = match plan.runtime.tasks {
         crate::config::TaskMode::Process => run_graph(plan, metrics.clone(), stop, reload, process).await,
-        #[cfg(feature = "kafka")]
         crate::config::TaskMode::Partition => tasks::run(plan, metrics.clone(), stop, reload, process).await,
-        #[cfg(not(feature = "kafka"))]
-        crate::config::TaskMode::Partition => {
-            Err(PipelineError::Task("`runtime.tasks: partition` needs a build with Kafka (feature `kafka`)".into()))
-        }
     };
     accountant.abort();
     for s in services {
@@ -263,7 +257,8 @@ pub(crate) async fn run_graph(
     };
 
     let (sink_acks, acks) = CheckpointAcks::new(plan.sinks.len());
-    let state = match plan.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))? {
+    let state_url = plan.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))?;
+    let state = match state_url.clone() {
         Some(url) => {
             let store =
                 StateStore::open(&url).map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
@@ -321,6 +316,8 @@ pub(crate) async fn run_graph(
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
     let operator_errors = plan.error_table(state.as_ref(), &metrics)?;
     let mut stateful: Vec<&str> = Vec::new();
+    // the Arrow bytes of state restored, and the time reading and restoring them took
+    let mut restored = (0u64, std::time::Duration::ZERO);
     for (st, rx) in plan.stages.iter().zip(stage_rx) {
         let (event_clock, routing) = match (&st.op, st.inputs.as_slice()) {
             (crate::config::OperatorSpec::Decode(_), [r]) => {
@@ -341,6 +338,7 @@ pub(crate) async fn run_graph(
             message: errs.iter().map(|e| format!("{}: {}", e.key, e.message)).collect::<Vec<_>>().join("; "),
         })?;
         let mut restored_wm = None;
+        let loading = Instant::now();
         if let Some(state) = &state
             && op.is_stateful()
             && let Some((batch, wm)) = state
@@ -348,7 +346,9 @@ pub(crate) async fn run_graph(
                 .map_err(|source| PipelineError::State { stage: st.name.clone(), source })?
         {
             let rows = batch.num_rows();
+            restored.0 += batch_bytes(&batch);
             op.restore(batch).map_err(|source| PipelineError::Operator { stage: st.name.clone(), source })?;
+            restored.1 += loading.elapsed();
             tracing::info!(stage = st.name, rows, epoch = state.restored_epoch(), watermark = wm, "restored state");
             restored_wm = Some(wm);
         }
@@ -372,6 +372,19 @@ pub(crate) async fn run_graph(
             task = task.with_retune(rx);
         }
         tasks.spawn(async move { task.run(rx).await.map(|()| Finished::Stage) });
+    }
+    if let Some(state) = &state
+        && restored.0 > 0
+    {
+        let (bytes, took) = restored;
+        tracing::info!(
+            state = %state_url.as_ref().map(ToString::to_string).unwrap_or_default(),
+            epoch = state.restored_epoch(),
+            bytes,
+            seconds = took.as_secs_f64(),
+            mb_per_s = bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9),
+            "restored the operator state"
+        );
     }
     for (stage, what) in &plan.city_wide_state {
         tracing::warn!(

@@ -3,15 +3,19 @@
 //! A task is the whole stage graph of the plan over partition `p` of every topic: its own
 //! Kafka consumer (assigned by hand), watermark, barriers, epochs, sinks' files and state store
 //! at `{state}/task-{p}` — the unit Kafka Streams calls a task. The process's member of the
-//! consumer group ([`crate::kafka::membership`]) decides which tasks run here: an assigned
-//! partition of the lead topic starts its task, which restores the task's state from wherever
-//! the last owner checkpointed it (its manifest chain fences that owner, should it still run);
-//! a revoked one checkpoints, commits and stops before the member lets it go. One process
-//! running every task writes exactly what several processes sharing them write: the tasks are
-//! the same either way, only where they run differs.
+//! group (a [`crate::task::Membership`], built by the planner: Kafka's consumer group) decides
+//! which tasks run here: an assigned partition of the lead topic starts its task, which
+//! restores the task's state from wherever the last owner checkpointed it (its manifest chain
+//! fences that owner, should it still run); a revoked one checkpoints, commits and stops
+//! before the member lets it go. One process running every task writes exactly what several
+//! processes sharing them write: the tasks are the same either way, only where they run
+//! differs.
 //!
 //! Shared by the tasks of a process: the alert thresholds board, the record of commits
 //! (compaction), the metrics (counters add up across tasks), the energy services.
+
+// only a Kafka source has a group to share tasks through
+#![cfg_attr(not(feature = "kafka"), allow(dead_code))]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,10 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{ProcessShared, RunReport, StopHandle, run_graph};
-use crate::config::{PipelinePlan, SourceConfig, TaskMode};
-use crate::kafka::membership::{self, Assignments};
-use crate::primitives::EnvString;
-use crate::task::{PipelineError, StateUrl};
+use crate::config::PipelinePlan;
+use crate::task::{Assignments, PipelineError};
 
 /// Runs the tasks the group assigns this process until `stop` (then each checkpoints and
 /// stops), or — with `stop_when_idle` — until every task it ran ended idle.
@@ -36,16 +38,11 @@ pub(super) async fn run(
     mut reload: Option<mpsc::Receiver<PipelinePlan>>,
     process: ProcessShared,
 ) -> Result<RunReport, PipelineError> {
-    let cfg = kafka_config(&plan)?.clone();
-    let err = |message: String| PipelineError::Source { source_name: plan.sources[0].name.clone(), message };
-    let (lead, partitions) = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || membership::lead_topic(&cfg))
-            .await
-            .map_err(|e| PipelineError::Task(e.to_string()))?
-            .map_err(err)?
+    let source = plan.sources.first().map(|s| s.name.clone()).unwrap_or_default();
+    let err = |message: String| PipelineError::Source { source_name: source.clone(), message };
+    let Some((member, stop_when_idle)) = plan.sources.first().and_then(|s| s.config.membership()) else {
+        return Err(PipelineError::Task("`runtime.tasks: partition` needs a kafka source".into()));
     };
-    tracing::info!(lead, partitions, "one task per partition of the lead topic");
     let set = Arc::new(TaskSet {
         template: Mutex::new(plan.clone()),
         metrics,
@@ -58,15 +55,22 @@ pub(super) async fn run(
     });
     let leave = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let member = {
-        let (cfg, set, leave, lead) = (cfg.clone(), set.clone(), leave.clone(), lead.clone());
+        let (set, leave) = (set.clone(), leave.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
-            .name("kafka-member".into())
+            .name("group-member".into())
             .spawn(move || {
                 let tasks: Arc<dyn Assignments> = set;
-                let _ = tx.send(membership::run_member(&cfg, &lead, tasks, || {
-                    leave.load(std::sync::atomic::Ordering::Relaxed)
-                }));
+                let _ = tx.send(
+                    member
+                        .tasks()
+                        .inspect(|(lead, n)| {
+                            tracing::info!(lead, tasks = n, "one task per partition of the lead topic")
+                        })
+                        .and_then(|_| {
+                            member.run(tasks, Box::new(move || leave.load(std::sync::atomic::Ordering::Relaxed)))
+                        }),
+                );
             })
             .map_err(|e| err(format!("starting the group member's thread: {e}")))?;
         rx
@@ -89,9 +93,9 @@ pub(super) async fn run(
         if set.lock_error().is_some() {
             break;
         }
-        if let Some(idle) = cfg.stop_when_idle
+        if let Some(idle) = stop_when_idle
             && set.lock_running().is_empty()
-            && (*set.started_any.lock().expect("started") || began.elapsed() >= idle.to_std())
+            && (*set.started_any.lock().expect("started") || began.elapsed() >= idle)
         {
             tracing::info!("every task of this process ended idle: leaving the group");
             break;
@@ -125,42 +129,6 @@ pub(super) async fn run(
         merge(&mut report, r);
     }
     Ok(report)
-}
-
-fn kafka_config(plan: &PipelinePlan) -> Result<&crate::kafka::KafkaSourceConfig, PipelineError> {
-    match plan.sources.as_slice() {
-        [src] => match &src.config {
-            SourceConfig::Kafka(k) => Ok(k),
-            _ => Err(PipelineError::Task("`runtime.tasks: partition` needs a kafka source".into())),
-        },
-        _ => Err(PipelineError::Task("`runtime.tasks: partition` needs exactly one source".into())),
-    }
-}
-
-/// The plan of task `partition`: the source reads that partition, the state lives under
-/// `task-{partition}`.
-fn task_plan(plan: &PipelinePlan, partition: i32) -> Result<PipelinePlan, PipelineError> {
-    let mut p = plan.clone();
-    p.runtime.tasks = TaskMode::Process;
-    let dir = format!("task-{partition}");
-    match p.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))? {
-        Some(StateUrl::Local(root)) => {
-            p.runtime.state_dir = Some(EnvString::literal(root.join(dir).display().to_string()));
-            p.runtime.state_url = None;
-        }
-        Some(StateUrl::S3 { bucket, prefix }) => {
-            let key = if prefix.is_empty() { dir } else { format!("{prefix}/{dir}") };
-            p.runtime.state_url = Some(EnvString::literal(format!("s3://{bucket}/{key}")));
-            p.runtime.state_dir = None;
-        }
-        None => return Err(PipelineError::Task("`runtime.tasks: partition` needs `runtime.state_url`".into())),
-    }
-    for src in &mut p.sources {
-        if let SourceConfig::Kafka(k) = &mut src.config {
-            k.task = Some(partition);
-        }
-    }
-    Ok(p)
 }
 
 /// Adds a task's report to the process's: messages are the task's own; a sink's table
@@ -245,7 +213,7 @@ impl TaskSet {
     }
 
     fn start(&self, partition: i32) -> Result<(), PipelineError> {
-        let plan = task_plan(&self.template.lock().expect("template"), partition)?;
+        let plan = self.template.lock().expect("template").task_plan(partition).map_err(PipelineError::Task)?;
         let (stop, stop_rx) = StopHandle::new();
         let (reload, reload_rx) = mpsc::channel(1);
         let (metrics, process) = (self.metrics.clone(), self.process.clone());
@@ -259,7 +227,7 @@ impl TaskSet {
     /// Sends a reloaded plan to every running task, and keeps it for tasks started later.
     fn reload(&self, plan: PipelinePlan) {
         for (p, r) in self.lock_running().iter() {
-            match task_plan(&plan, *p) {
+            match plan.task_plan(*p) {
                 Ok(tp) => {
                     if r.reload.try_send(tp).is_err() {
                         tracing::warn!(task = p, "a reload is still being applied: this one is skipped for the task");

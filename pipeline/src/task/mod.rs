@@ -1,5 +1,5 @@
-//! The contracts between the runtime and the components it runs: the [`Source`], [`Sink`] and
-//! [`Service`] traits and what the runtime hands them — output ports, the sinks' checkpoint
+//! The contracts between the runtime and the components it runs: the [`Source`], [`Sink`],
+//! [`Service`] and [`Membership`] traits and what the runtime hands them — output ports, the sinks' checkpoint
 //! acknowledgements, the positions committed so far, the operator-state store, CPU accounting
 //! and the error type. It imports neither the runtime nor any component, so connectors (Kafka,
 //! files, the simulator, Parquet), the control center and the energy account implement these
@@ -10,6 +10,7 @@ mod commits;
 mod cpu;
 mod error;
 mod error_table;
+mod membership;
 mod outputs;
 mod service;
 mod sink;
@@ -22,6 +23,7 @@ pub use commits::{CommitLog, Commits};
 pub(crate) use cpu::{AbortOnDrop, cpu, cpu_metered, thread_cpu_ns};
 pub use error::PipelineError;
 pub(crate) use error_table::ErrorTable;
+pub(crate) use membership::{Assignments, Membership};
 pub(crate) use outputs::{Edge, Outputs};
 pub(crate) use service::{Service, ServiceContext};
 pub use sink::TableStats;
