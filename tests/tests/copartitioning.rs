@@ -374,7 +374,7 @@ async fn partition_tasks_move_with_their_state_and_write_the_tables_of_one_proce
             &root.join("lake"),
             &graph,
             "",
-            &format!("  tasks: partition\n  state_dir: {}\n", root.join("state").display()),
+            &format!("  tasks: partition\n  state_url: file://{}\n", root.join("state").display()),
         )
     };
     let shared = work.path().join("shared");
@@ -484,7 +484,7 @@ async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of
             &root.join("lake"),
             &graph,
             "",
-            &format!("  tasks: partition\n  state_dir: {}\n", root.join("state").display()),
+            &format!("  tasks: partition\n  state_url: file://{}\n", root.join("state").display()),
         )
     };
     let shared = work.path().join("shared");

@@ -110,8 +110,11 @@ mod harness {
             t.camera.as_deref().unwrap_or_default(),
             t.environment.as_deref().unwrap_or_default(),
         );
-        let runtime =
-            if args.tasks { format!(", tasks: partition, state_dir: {}", state.display()) } else { String::new() };
+        let runtime = if args.tasks {
+            format!(", tasks: partition, state_url: \"file://{}\"", state.display())
+        } else {
+            String::new()
+        };
         citystream_benches::decode_to_parquet("kafka", &source, lake, &runtime)
     }
 

@@ -243,6 +243,14 @@ impl PipelinePlan {
                 _ => return Err(format!("source `{}` has no partitions to cut into tasks", src.name)),
             }
         }
+        // a DP release's privacy units lie on one partition (the planner proves it), so each
+        // task spends its own budget on its own units (parallel composition), in a file of its own
+        for st in &mut p.stages {
+            if let OperatorSpec::DpAggregate(dp) = &mut st.op {
+                let dir = std::path::Path::new(dp.budget_dir.as_str()).join(format!("task-{task}"));
+                dp.budget_dir = EnvString::literal(dir.display().to_string());
+            }
+        }
         Ok(p)
     }
 

@@ -631,3 +631,42 @@ fn position_columns_keep_their_types() {
         "{e}"
     );
 }
+
+#[cfg(feature = "kafka")]
+#[test]
+fn partition_tasks_need_one_kafka_source_a_shared_state_url_and_no_control_center() {
+    let kafka = "\
+sources:
+  k: {type: kafka, brokers: 127.0.0.1:1, topics: {traffic: t}}
+stages:
+  traffic: {type: decode, input: k.traffic, kind: traffic}
+sinks:
+  lake: {type: parquet, path: /tmp/x, tables: {t: traffic, d: traffic.dead_letters, l: traffic.late_events}}
+runtime:
+  tasks: partition
+";
+    let good = format!("{kafka}  state_url: s3://city-state/north\n");
+    let p = plan(load_str(&good, "ok.yaml").unwrap(), "ok.yaml").unwrap();
+    assert_eq!(p.runtime.tasks, crate::config::TaskMode::Partition);
+    // task 3's plan: its partition, its state and its DP budgets of its own
+    let t = p.task_plan(3).unwrap();
+    assert_eq!(t.runtime.state_url.as_ref().unwrap().as_str(), "s3://city-state/north/task-3");
+    let crate::config::SourceConfig::Kafka(k) = &t.sources[0].config else { panic!("a kafka source") };
+    assert_eq!(k.task, Some(3));
+    assert_eq!(t.runtime.tasks, crate::config::TaskMode::Process);
+
+    let e = error_of(kafka);
+    assert!(e.contains("runtime.tasks: `tasks: partition` needs `runtime.state_url`, the same for every instance"), "{e}");
+    let e = error_of(&format!("{kafka}  state_dir: /tmp/state\n"));
+    assert!(e.contains("needs `runtime.state_url`"), "a state_dir of each machine's own is refused: {e}");
+    let e = error_of(&format!("{GOOD}runtime:\n  tasks: partition\n"));
+    assert!(e.contains("runtime.tasks: `tasks: partition` runs one task per partition of a Kafka source"), "{e}");
+    let control = good.replace(
+        "runtime:",
+        "  control: {type: control_center, addr: 127.0.0.1:0, alerts: [], tokens_env: T, feedback_path: /tmp/f}\nruntime:",
+    );
+    let e = error_of(&control);
+    assert!(e.contains("sinks.control: a control center serves one book per process"), "{e}");
+    let e = error_of(&format!("{good}  tasks: partitions\n").replace("  tasks: partition\n  state_url", "  state_url"));
+    assert!(e.contains("tasks"), "{e}");
+}

@@ -91,7 +91,8 @@ impl ConsumerContext for MemberCtx {
     }
 }
 
-/// Joins the group on `lead` and serves its rebalances until `leave` says so, then leaves.
+/// Joins the group on `lead` and serves its rebalances until `leave` says so, then gives its
+/// tasks back (revoked: checkpointed and stopped) and leaves.
 fn run_member(
     cfg: &KafkaSourceConfig,
     lead: &str,
@@ -131,10 +132,16 @@ fn run_member(
             Some(Err(_)) => {}
         }
     }
-    // leave promptly, bounded: librdkafka's destroy can hang (known race)
+    // give the tasks back through the revocation callback, served by this poll: each
+    // checkpoints and stops before the group may hand its partition to another process
+    consumer.unsubscribe();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    // then leave, bounded: librdkafka's destroy can hang (known race)
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        consumer.unsubscribe();
         drop(consumer);
         let _ = tx.send(());
     });

@@ -52,6 +52,7 @@ pub(super) async fn run(
         ended: Mutex::new(Vec::new()),
         error: Mutex::new(None),
         started_any: Mutex::new(false),
+        closing: std::sync::atomic::AtomicBool::new(false),
     });
     let leave = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let member = {
@@ -95,27 +96,32 @@ pub(super) async fn run(
         }
         if let Some(idle) = stop_when_idle
             && set.lock_running().is_empty()
-            && (*set.started_any.lock().expect("started") || began.elapsed() >= idle)
+            // with no task yet, joining the group may take a while: a minute at least
+            && (*set.started_any.lock().expect("started") || began.elapsed() >= idle.max(Duration::from_secs(60)))
         {
             tracing::info!("every task of this process ended idle: leaving the group");
             break;
         }
     }
-    // the tasks checkpoint and stop first; then the member leaves (its revocations find
-    // nothing left to stop)
-    let failed = set.lock_error().is_some();
-    let running: Vec<i32> = set.lock_running().keys().copied().collect();
-    if failed {
+    // no task starts from here on; after a failure the tasks stop at once, without a
+    // checkpoint; otherwise the member's leaving revokes them, so each checkpoints and stops
+    // before its partition can go to another process
+    set.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+    if set.lock_error().is_some() {
+        let running: Vec<i32> = set.lock_running().keys().copied().collect();
         set.abort(&running);
-    } else {
-        let set = set.clone();
-        tokio::task::spawn_blocking(move || set.revoked(&running))
-            .await
-            .map_err(|e| PipelineError::Task(e.to_string()))?;
     }
     leave.store(true, std::sync::atomic::Ordering::Relaxed);
     if member_result.is_none() {
         member_result = Some(member.await.unwrap_or_else(|_| Err("the group member's thread died".into())));
+    }
+    // what the member could not revoke (it failed, or leaving timed out) stops the same way
+    let running: Vec<i32> = set.lock_running().keys().copied().collect();
+    if !running.is_empty() {
+        let set = set.clone();
+        tokio::task::spawn_blocking(move || set.revoked(&running))
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))?;
     }
     set.reap();
     if let Some(e) = set.error.lock().expect("error").take() {
@@ -169,6 +175,8 @@ struct TaskSet {
     /// The first error of a task, or of the membership: the process stops.
     error: Mutex<Option<PipelineError>>,
     started_any: Mutex<bool>,
+    /// Set once the process is leaving: assignments start nothing.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl TaskSet {
@@ -224,8 +232,14 @@ impl TaskSet {
         Ok(())
     }
 
-    /// Sends a reloaded plan to every running task, and keeps it for tasks started later.
+    /// Sends a reloaded plan to every running task, and keeps it for tasks started later,
+    /// unless it cannot be applied live (then every task keeps the plan it runs).
     fn reload(&self, plan: PipelinePlan) {
+        let outcome = super::reload::compare(&self.template.lock().expect("template"), &plan);
+        if let super::reload::ReloadOutcome::Rejected(reasons) = outcome {
+            tracing::warn!(?reasons, "the new configuration cannot be applied live: the tasks keep theirs");
+            return;
+        }
         for (p, r) in self.lock_running().iter() {
             match plan.task_plan(*p) {
                 Ok(tp) => {
@@ -254,6 +268,10 @@ impl TaskSet {
 
 impl Assignments for TaskSet {
     fn assigned(&self, partitions: &[i32]) {
+        if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(?partitions, "assigned while leaving: not started");
+            return;
+        }
         for &p in partitions {
             if self.lock_running().contains_key(&p) {
                 continue;

@@ -28,10 +28,10 @@ impl Commits {
         *e = (*e).max(epoch);
     }
 
-    /// The newest committed epoch of state `lineage`; of any state, for a lineage no source
-    /// here committed.
+    /// The newest committed epoch of state `lineage`; 0 (none) for a lineage no source here
+    /// committed: another process's, whose files its own compaction merges.
     pub fn committed_epoch(&self, lineage: &str) -> u64 {
-        self.epochs.get(lineage).copied().unwrap_or(self.epoch)
+        self.epochs.get(lineage).copied().unwrap_or(0)
     }
 }
 

@@ -166,13 +166,15 @@ impl<'a> Planner<'a> {
                 Some("use `tasks: process` (the default) for other sources".into()),
             );
         }
-        if !raw.runtime.has_state() {
+        if raw.runtime.state_url.is_none() {
             self.ck.error(
                 nowhere,
                 "runtime.tasks",
-                "`tasks: partition` needs `runtime.state_url` (or `state_dir`): each task keeps its state there, \
-                 under `task-{partition}`, and restores it wherever the group assigns its partition",
-                Some("add `state_url: s3://bucket/prefix` (the same for every instance of the group)".into()),
+                "`tasks: partition` needs `runtime.state_url`, the same for every instance: each task keeps its \
+                 state there, under `task-{partition}`, where whichever instance runs it next restores it, and its \
+                 checkpoints fence the last owner (a `state_dir` of each machine's own would let two owners \
+                 publish)",
+                Some("`state_url: s3://bucket/prefix`, or `file:///dir` on a disk every instance shares".into()),
             );
         }
         for (name, sink) in &raw.sinks {

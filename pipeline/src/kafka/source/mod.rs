@@ -157,9 +157,10 @@ async fn run_kafka_source(
         .create_with_context(Ctx { shared: shared.clone(), commits, state })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
-    match cfg.task {
-        None => consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?,
-        Some(partition) => assign_task(&consumer, &topics, partition).map_err(err)?,
+    // a task's partitions are assigned on the consumer thread (`Loop::consume`): it waits on
+    // the broker and removes files
+    if cfg.task.is_none() {
+        consumer.subscribe(&topics).map_err(|e| err(format!("subscribing to {topics:?}: {e}")))?;
     }
     let routing: Vec<(String, Routing)> =
         ports.iter().filter_map(|(topic, &port)| Some((topic.clone(), routing[port].clone()?))).collect();
@@ -295,6 +296,11 @@ impl Loop {
     }
 
     fn consume(&self) -> Result<u64, PipelineError> {
+        if let Some(partition) = self.cfg.task {
+            let topics: Vec<String> = lock(&self.shared).ports.keys().cloned().collect();
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            assign_task(&self.consumer, &topics, partition).map_err(|e| self.err(e))?;
+        }
         self.read_partition_counts()?;
         let mut counted_generation = lock(&self.shared).generation;
         let batch_rows = self.cfg.batch_rows.get();
