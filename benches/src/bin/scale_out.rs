@@ -3,8 +3,10 @@
 //!
 //! - **Throughput with 1, 2, 3… instances**: simulated days produced once into topics of
 //!   `--partitions` partitions; per run, N processes (Kafka → decode → Parquet, each its own
-//!   lake) drain the backlog; wall time from the first start to the last exit, less the idle
-//!   wait that ends them, and the children's CPU time.
+//!   lake) drain the backlog; wall time from the first start until their metrics show every
+//!   event read, and until the last exit (less the idle wait that ends them: with tasks, a
+//!   process that leaves hands its idle tasks to the others, which wait again), and the
+//!   children's CPU time.
 //! - **Handover**: two instances on a live stream (`--rate` events/s), static membership and the
 //!   session timeout of `deploy/kafka.yaml` (10 s); one is killed with SIGKILL. Measured: kill
 //!   to the first file of one of its partitions written by the survivor (no restart), and kill
@@ -103,6 +105,9 @@ mod harness {
         (instance, lake, state): (&str, &Path, &Path),
         checkpoint: &str,
     ) -> String {
+        // instance `wN` serves its metrics on METRICS_PORT + N (the harness counts what it read)
+        let port =
+            METRICS_PORT + instance.trim_start_matches(|c: char| !c.is_ascii_digit()).parse::<u16>().unwrap_or(0);
         let (brokers, props) = (&args.brokers, properties(args, instance));
         let source = format!(
             "  kafka:\n    type: kafka\n    brokers: {brokers}\n    group_id: {group}\n    topics: {{traffic: {}, camera: {}, environment: {}}}\n    stop_when_idle: {IDLE_S}s\n    checkpoint_interval: {checkpoint}\n    properties: {props}\n",
@@ -110,16 +115,56 @@ mod harness {
             t.camera.as_deref().unwrap_or_default(),
             t.environment.as_deref().unwrap_or_default(),
         );
-        let runtime = if args.tasks {
-            format!(", tasks: partition, state_url: \"file://{}\"", state.display())
-        } else {
-            String::new()
-        };
+        let mut runtime = format!(", metrics_addr: \"127.0.0.1:{port}\"");
+        if args.tasks {
+            runtime += &format!(", tasks: partition, state_url: \"file://{}\"", state.display());
+        }
         citystream_benches::decode_to_parquet("kafka", &source, lake, &runtime)
     }
 
     /// The idle wait that ends a run (`stop_when_idle`).
     const IDLE_S: u64 = 3;
+
+    /// The metrics port of instance `w0`; `wN` has this plus N.
+    const METRICS_PORT: u16 = 19_640;
+
+    /// Messages the instance serving metrics on `port` has read so far
+    /// (`citystream_source_events_total`, all streams), if it answers.
+    fn events_counted(port: u16) -> Option<f64> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).ok()?;
+        let values = text
+            .lines()
+            .filter(|l| l.starts_with("citystream_source_events_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        Some(values.sum())
+    }
+
+    /// Watches `n` instances' metrics from now until they have read `events` together; the
+    /// seconds that took (each instance counted at the most it showed: one that left shows
+    /// nothing).
+    fn time_to_read(n: usize, events: u64) -> std::thread::JoinHandle<Option<f64>> {
+        let t0 = Instant::now();
+        std::thread::spawn(move || {
+            let mut seen = vec![0.0f64; n];
+            while t0.elapsed() < Duration::from_secs(600) {
+                for (i, s) in seen.iter_mut().enumerate() {
+                    if let Some(v) = events_counted(METRICS_PORT + i as u16) {
+                        *s = s.max(v);
+                    }
+                }
+                if seen.iter().sum::<f64>() >= events as f64 {
+                    return Some(t0.elapsed().as_secs_f64());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        })
+    }
 
     /// A started instance, killed when dropped (an error path leaves no process behind).
     struct Instance(Child);
@@ -195,12 +240,13 @@ mod harness {
         eprintln!("produced {produced} messages into {} partitions per topic", args.partitions);
         let mut rows = Vec::new();
         for &n in &args.instances {
-            let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+            let (mut rates, mut cpus, mut read_rates) = (Vec::new(), Vec::new(), Vec::new());
             for run in 0..args.repeat {
                 let dir = tempfile::tempdir()?;
                 let group = format!("{prefix}-n{n}-r{run}");
                 let cpu0 = citystream_benches::children_usage().cpu_s;
                 let t0 = Instant::now();
+                let reading = time_to_read(n, produced);
                 let mut children = (0..n)
                     .map(|i| {
                         let (name, lake) = (format!("w{i}"), dir.path().join(format!("lake{i}")));
@@ -220,19 +266,25 @@ mod harness {
                 anyhow::ensure!(events >= produced, "{events} events read of {produced}");
                 // the backlog's events (a re-read after a rebalance is work, not progress)
                 let (rate, per_m) = (produced as f64 / secs, cpu / produced as f64 * 1e6);
+                let read_rate = reading.join().ok().flatten().map_or(0.0, |s| produced as f64 / s);
                 eprintln!(
-                    "{n} instance(s), run {run}: {rate:.0} events/s, {per_m:.2} CPU-s per million ({events} read)"
+                    "{n} instance(s), run {run}: {read_rate:.0} events/s until all read, {rate:.0} until the last \
+                     exit, {per_m:.2} CPU-s per million ({events} read)"
                 );
                 rates.push(rate);
                 cpus.push(per_m);
+                read_rates.push(read_rate);
             }
-            rows.push((n, median(rates), median(cpus)));
+            rows.push((n, median(read_rates), median(rates), median(cpus)));
         }
         let base = rows.first().map_or(1.0, |r| r.1);
-        println!("| instances | events/s (median of {}) | vs 1 | CPU-s per million events |", args.repeat);
-        println!("|---|---|---|---|");
-        for (n, rate, cpu) in rows {
-            println!("| {n} | {rate:.0} | {:.2}x | {cpu:.2} |", rate / base);
+        println!(
+            "| instances | events/s until all read (median of {}) | vs 1 | events/s until the last exit | CPU-s per million events |",
+            args.repeat
+        );
+        println!("|---|---|---|---|---|");
+        for (n, read, rate, cpu) in rows {
+            println!("| {n} | {read:.0} | {:.2}x | {rate:.0} | {cpu:.2} |", read / base);
         }
         Ok(())
     }

@@ -656,7 +656,10 @@ runtime:
     assert_eq!(t.runtime.tasks, crate::config::TaskMode::Process);
 
     let e = error_of(kafka);
-    assert!(e.contains("runtime.tasks: `tasks: partition` needs `runtime.state_url`, the same for every instance"), "{e}");
+    assert!(
+        e.contains("runtime.tasks: `tasks: partition` needs `runtime.state_url`, the same for every instance"),
+        "{e}"
+    );
     let e = error_of(&format!("{kafka}  state_dir: /tmp/state\n"));
     assert!(e.contains("needs `runtime.state_url`"), "a state_dir of each machine's own is refused: {e}");
     let e = error_of(&format!("{GOOD}runtime:\n  tasks: partition\n"));

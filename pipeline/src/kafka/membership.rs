@@ -110,6 +110,11 @@ fn run_member(
         // a revocation stops only the tasks that move
         cc.set("partition.assignment.strategy", "cooperative-sticky");
     }
+    if !kip848 && !cfg.properties.contains_key("heartbeat.interval.ms") {
+        // a member learns of a rebalance at its next heartbeat, and a cooperative one takes
+        // two: librdkafka's 3 s default kept a joining process without tasks for about 6 s
+        cc.set("heartbeat.interval.ms", "500");
+    }
     let consumer: BaseConsumer<MemberCtx> =
         cc.create_with_context(MemberCtx { tasks }).map_err(|e| format!("creating the group member: {e}"))?;
     consumer.subscribe(&[lead]).map_err(|e| format!("subscribing the group member to {lead}: {e}"))?;

@@ -260,8 +260,10 @@ pub(crate) async fn run_graph(
     let state_url = plan.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))?;
     let state = match state_url.clone() {
         Some(url) => {
-            let store =
-                StateStore::open(&url).map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
+            // reading the store (a disk, object storage) must not stall the other tasks'
+            // stages on this worker thread
+            let store = cpu(|| StateStore::open(&url))
+                .map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
             tracing::info!(
                 state = %url,
                 restored_epoch = store.restored_epoch(),
@@ -279,7 +281,7 @@ pub(crate) async fn run_graph(
     // (the control center reads the lake when it starts) and before anything runs
     if let Some(state) = &state {
         for sk in &plan.sinks {
-            sk.config.discard_after_restored(state)?;
+            cpu(|| sk.config.discard_after_restored(state))?;
         }
     }
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
@@ -341,8 +343,7 @@ pub(crate) async fn run_graph(
         let loading = Instant::now();
         if let Some(state) = &state
             && op.is_stateful()
-            && let Some((batch, wm)) = state
-                .load(&st.name, op.kind())
+            && let Some((batch, wm)) = cpu(|| state.load(&st.name, op.kind()))
                 .map_err(|source| PipelineError::State { stage: st.name.clone(), source })?
         {
             let rows = batch.num_rows();
