@@ -37,3 +37,21 @@ impl Commits {
 
 /// Shared record of commits (the source writes, compaction reads).
 pub type CommitLog = std::sync::Arc<std::sync::Mutex<Commits>>;
+
+#[cfg(test)]
+mod tests {
+    use super::Commits;
+
+    #[test]
+    fn each_state_lineage_keeps_its_own_committed_epoch() {
+        let mut c = Commits::default();
+        c.record("aa", 5, [(("t".to_owned(), 0), 10)]);
+        c.record("bb", 9, []);
+        assert_eq!((c.committed_epoch("aa"), c.committed_epoch("bb")), (5, 9));
+        assert_eq!(c.committed_epoch("cc"), 0, "a lineage no source here committed: nothing of it");
+        c.record("aa", 3, [(("t".to_owned(), 1), 4)]);
+        assert_eq!(c.committed_epoch("aa"), 5, "an epoch never goes back");
+        assert_eq!(c.epoch, 9);
+        assert_eq!(c.offsets.len(), 2);
+    }
+}
