@@ -234,7 +234,7 @@ impl PipelinePlan {
                 p.runtime.state_url = Some(EnvString::literal(format!("s3://{bucket}/{key}")));
                 p.runtime.state_dir = None;
             }
-            None => return Err("per-partition tasks need `runtime.state_url` (or `state_dir`)".into()),
+            None => return Err("per-partition tasks need `runtime.state_url`".into()),
         }
         for src in &mut p.sources {
             match &mut src.config {

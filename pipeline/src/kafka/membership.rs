@@ -28,10 +28,10 @@ fn members_group(cfg: &KafkaSourceConfig) -> String {
 /// The process's member of the group sharing the tasks of a Kafka source.
 pub(crate) struct GroupMember(pub(crate) KafkaSourceConfig);
 
-impl Membership for GroupMember {
+impl GroupMember {
     /// The topic whose partitions are the tasks: the one with the most partitions (the first
     /// in event-kind order among equals), and how many it has.
-    fn tasks(&self) -> Result<(String, i32), String> {
+    fn lead_topic(&self) -> Result<(String, i32), String> {
         let cfg = &self.0;
         let probe: BaseConsumer = client_config(&cfg.brokers, &cfg.properties)
             .create()
@@ -46,9 +46,12 @@ impl Membership for GroupMember {
         }
         lead.ok_or_else(|| "the source reads no topic".into())
     }
+}
 
+impl Membership for GroupMember {
     fn run(self: Box<Self>, tasks: Arc<dyn Assignments>, leave: Box<dyn Fn() -> bool + Send>) -> Result<(), String> {
-        let (lead, _) = self.tasks()?;
+        let (lead, count) = self.lead_topic()?;
+        tracing::info!(lead, tasks = count, "one task per partition of the lead topic");
         run_member(&self.0, &lead, tasks, leave)
     }
 }

@@ -18,6 +18,7 @@
 #![cfg_attr(not(feature = "kafka"), allow(dead_code))]
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -49,12 +50,12 @@ pub(super) async fn run(
         process,
         runtime: tokio::runtime::Handle::current(),
         running: Mutex::new(BTreeMap::new()),
-        ended: Mutex::new(Vec::new()),
+        ended: Mutex::new(RunReport::default()),
         error: Mutex::new(None),
-        started_any: Mutex::new(false),
-        closing: std::sync::atomic::AtomicBool::new(false),
+        started_any: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
     });
-    let leave = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let leave = Arc::new(AtomicBool::new(false));
     let member = {
         let (set, leave) = (set.clone(), leave.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -62,16 +63,7 @@ pub(super) async fn run(
             .name("group-member".into())
             .spawn(move || {
                 let tasks: Arc<dyn Assignments> = set;
-                let _ = tx.send(
-                    member
-                        .tasks()
-                        .inspect(|(lead, n)| {
-                            tracing::info!(lead, tasks = n, "one task per partition of the lead topic")
-                        })
-                        .and_then(|_| {
-                            member.run(tasks, Box::new(move || leave.load(std::sync::atomic::Ordering::Relaxed)))
-                        }),
-                );
+                let _ = tx.send(member.run(tasks, Box::new(move || leave.load(Ordering::Relaxed))));
             })
             .map_err(|e| err(format!("starting the group member's thread: {e}")))?;
         rx
@@ -97,7 +89,7 @@ pub(super) async fn run(
         if let Some(idle) = stop_when_idle
             && set.lock_running().is_empty()
             // with no task yet, joining the group may take a while: a minute at least
-            && (*set.started_any.lock().expect("started") || began.elapsed() >= idle.max(Duration::from_secs(60)))
+            && (set.started_any.load(Ordering::Relaxed) || began.elapsed() >= idle.max(Duration::from_secs(60)))
         {
             tracing::info!("every task of this process ended idle: leaving the group");
             break;
@@ -106,12 +98,12 @@ pub(super) async fn run(
     // no task starts from here on; after a failure the tasks stop at once, without a
     // checkpoint; otherwise the member's leaving revokes them, so each checkpoints and stops
     // before its partition can go to another process
-    set.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+    set.closing.store(true, Ordering::Relaxed);
     if set.lock_error().is_some() {
         let running: Vec<i32> = set.lock_running().keys().copied().collect();
         set.abort(&running);
     }
-    leave.store(true, std::sync::atomic::Ordering::Relaxed);
+    leave.store(true, Ordering::Relaxed);
     if member_result.is_none() {
         member_result = Some(member.await.unwrap_or_else(|_| Err("the group member's thread died".into())));
     }
@@ -130,10 +122,7 @@ pub(super) async fn run(
     if let Some(Err(e)) = member_result {
         return Err(err(e));
     }
-    let mut report = RunReport::default();
-    for (_, r) in std::mem::take(&mut *set.ended.lock().expect("ended")) {
-        merge(&mut report, r);
-    }
+    let report = std::mem::take(&mut *set.ended.lock().expect("ended"));
     Ok(report)
 }
 
@@ -170,13 +159,14 @@ struct TaskSet {
     process: ProcessShared,
     runtime: tokio::runtime::Handle,
     running: Mutex<BTreeMap<i32, Running>>,
-    /// Tasks that ended, and their reports.
-    ended: Mutex<Vec<(i32, RunReport)>>,
+    /// The reports of the tasks that ended, merged.
+    ended: Mutex<RunReport>,
     /// The first error of a task, or of the membership: the process stops.
     error: Mutex<Option<PipelineError>>,
-    started_any: Mutex<bool>,
+    /// Whether any task started here yet.
+    started_any: AtomicBool,
     /// Set once the process is leaving: assignments start nothing.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
 }
 
 impl TaskSet {
@@ -195,7 +185,7 @@ impl TaskSet {
     /// Records how a task ended.
     fn ended(&self, partition: i32, result: Result<Result<RunReport, PipelineError>, tokio::task::JoinError>) {
         match result {
-            Ok(Ok(report)) => self.ended.lock().expect("ended").push((partition, report)),
+            Ok(Ok(report)) => merge(&mut self.ended.lock().expect("ended"), report),
             Ok(Err(e)) => {
                 tracing::error!(task = partition, "the task failed: {e}");
                 self.fail(e);
@@ -227,7 +217,7 @@ impl TaskSet {
         let (metrics, process) = (self.metrics.clone(), self.process.clone());
         let join = self.runtime.spawn(run_graph(plan, metrics, stop_rx, Some(reload_rx), process));
         self.lock_running().insert(partition, Running { stop, reload, join, started: Instant::now() });
-        *self.started_any.lock().expect("started") = true;
+        self.started_any.store(true, Ordering::Relaxed);
         tracing::info!(task = partition, "task started");
         Ok(())
     }
@@ -268,7 +258,7 @@ impl TaskSet {
 
 impl Assignments for TaskSet {
     fn assigned(&self, partitions: &[i32]) {
-        if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.closing.load(Ordering::Relaxed) {
             tracing::info!(?partitions, "assigned while leaving: not started");
             return;
         }

@@ -22,8 +22,6 @@ pub(crate) trait Assignments: Send + Sync + 'static {
 
 /// A member of the group that shares a source's tasks between processes.
 pub(crate) trait Membership: Send {
-    /// What names the tasks (the lead topic), and how many there are.
-    fn tasks(&self) -> Result<(String, i32), String>;
     /// Joins the group and serves its decisions until `leave` says so, then revokes every task
     /// it holds ([`Assignments::revoked`]) and leaves. Blocks: run it on a thread of its own.
     fn run(self: Box<Self>, tasks: Arc<dyn Assignments>, leave: Box<dyn Fn() -> bool + Send>) -> Result<(), String>;
