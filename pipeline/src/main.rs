@@ -276,11 +276,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             let raw = config::load_file(&file)?;
             let plan = config::plan::plan(raw, &file.display().to_string())?;
             print!("{}", plan.describe());
+            let global = plan.runtime.tasks == config::TaskMode::Partition && plan.runtime.global_task;
             for (stage, what) in &plan.city_wide_state {
-                println!(
-                    "note: stage {stage}: {what}: with several instances in one group, each does this on its own (no \
-                     global stage yet)"
-                );
+                if global {
+                    println!("note: stage {stage}: {what}: it runs in the global task, with the task of partition 0");
+                } else {
+                    println!(
+                        "note: stage {stage}: {what}: with several instances in one group, each does this on its own \
+                         partitions (`runtime.tasks: partition` with `global_task: true` does it once, in the global task)"
+                    );
+                }
             }
             println!("ok: {} is valid", file.display());
             Ok(())

@@ -43,6 +43,24 @@ impl Severity {
 pub struct StormConfig {
     /// Most alerts of this rule open at once; more locations join one summarized alert.
     pub max_open: usize,
+    /// In which order locations' rows are taken (which ones open alerts of their own and
+    /// which join the summary depends on it). Default `arrival`.
+    #[serde(default)]
+    pub order: StormOrder,
+}
+
+/// `storm.order`: the order the rule takes rows in when a storm limit joins locations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StormOrder {
+    /// As they arrive: at once, but across the partitions of a stream the order (and so the
+    /// summary's members) can differ between runs.
+    #[default]
+    Arrival,
+    /// By event time (then location) once the watermark passes them: the same events however
+    /// the input was read, at the cost of waiting for the watermark (the global task of
+    /// `runtime.tasks: partition` takes its storm-limited rules in this order).
+    EventTime,
 }
 
 fn d_update_every() -> Duration {
@@ -200,13 +218,14 @@ impl AlertConfig {
                 c.time.clone(),
                 c.evidence.clone(),
                 c.below,
+                c.storm.as_ref().map(|s| s.order),
             )
         };
         if same(self) == same(new) {
             Ok(())
         } else {
             Err(LiveChangeError::NeedsRestart(
-                "an alert rule's name, type, columns and direction cannot change while running",
+                "an alert rule's name, type, columns, direction and storm order cannot change while running",
             ))
         }
     }
@@ -243,6 +262,7 @@ impl OperatorConfig for AlertConfig {
             states: HashMap::new(),
             open: 0,
             storm: None,
+            held: Vec::new(),
             out: Events::default(),
             opened: events("open"),
             updated: events("update"),

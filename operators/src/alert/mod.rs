@@ -21,7 +21,9 @@
 //! Rows are taken per location in the order they arrive. For rows derived by windows (the
 //! model scores) that order is fixed by event time, so the events are the same however the
 //! input was read; the storm summary, which joins locations, sees locations in arrival order,
-//! which across the partitions of a raw event stream can differ between runs.
+//! which across the partitions of a raw event stream can differ between runs, unless
+//! `storm.order: event_time`: then rows are held until the watermark passes them and taken by
+//! event time, then location (held rows are part of the snapshot).
 //!
 //! A location's raise level is, first, the live level on the pipeline's [`ThresholdBoard`]
 //! (set by calibration in the control center, without a config edit), then its entry in
@@ -43,5 +45,5 @@ mod state;
 
 pub use board::ThresholdBoard;
 pub use calibration::{CalibrationSpec, Judged, Proposal, calibrate};
-pub use config::{AlertConfig, Severity, StormConfig, alert_schema};
+pub use config::{AlertConfig, Severity, StormConfig, StormOrder, alert_schema};
 pub use rule::AlertRule;

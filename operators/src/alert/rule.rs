@@ -39,6 +39,31 @@ pub(super) enum Phase {
     },
 }
 
+/// A row held until the watermark passes it (`storm.order: event_time`).
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    t: i64,
+    loc: String,
+    v: Option<f64>,
+    /// Its evidence as JSON, made when it is taken (or restored from a snapshot).
+    evidence: Evidence,
+}
+
+#[derive(Debug, Clone)]
+enum Evidence {
+    Row(Arc<RecordBatch>, usize, f64),
+    Json(String),
+}
+
+impl Evidence {
+    fn json(&self, cols: &[usize], v: Option<f64>) -> String {
+        match self {
+            Evidence::Row(b, i, raise) => evidence_json(b, cols, *i, v, *raise),
+            Evidence::Json(j) => j.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct LocState {
     pub(super) phase: Phase,
@@ -77,6 +102,8 @@ pub struct AlertRule {
     pub(super) states: HashMap<String, LocState>,
     pub(super) open: usize,
     pub(super) storm: Option<StormAlert>,
+    /// With `storm.order: event_time`, rows the watermark has not passed yet.
+    pub(super) held: Vec<Held>,
     pub(super) out: Events,
     pub(super) opened: Counter,
     pub(super) updated: Counter,
@@ -211,6 +238,26 @@ impl AlertRule {
     }
 
     /// One row: value `v` (None: no reading) at `t` for `loc`.
+    fn in_event_time_order(&self) -> bool {
+        self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
+    }
+
+    /// Takes the held rows at or before `watermark`, by event time, then location (rows of one
+    /// location and time keep their arrival order).
+    fn take_held(&mut self, watermark: i64) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (mut ready, rest): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| h.t <= watermark);
+        self.held = rest;
+        ready.sort_by(|a, b| (a.t, &a.loc).cmp(&(b.t, &b.loc)));
+        let cols = self.cols.evidence.clone();
+        for h in ready {
+            self.step(&h.loc, h.t, h.v, || h.evidence.json(&cols, h.v));
+        }
+    }
+
     fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
         let raise = self.raise_at(loc);
         // a location's own (calibrated) raise level may sit beyond the shared clear level
@@ -352,6 +399,8 @@ impl Operator for AlertRule {
         let locs = batch.column(self.cols.location).as_string::<i32>();
         let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
         let ev_cols = self.cols.evidence.clone();
+        let hold = self.in_event_time_order();
+        let shared = hold.then(|| Arc::new(batch.clone()));
         for (i, &value) in values.iter().enumerate() {
             if locs.is_null(i) || times.is_null(i) {
                 continue;
@@ -359,13 +408,24 @@ impl Operator for AlertRule {
             let v = nulls.as_ref().is_none_or(|n| n.is_valid(i)).then_some(value);
             let loc = locs.value(i);
             let raise = self.raise_at(loc);
-            self.step(loc, times.value(i), v, || evidence_json(&batch, &ev_cols, i, v, raise));
+            if let Some(b) = &shared {
+                let evidence = Evidence::Row(b.clone(), i, raise);
+                self.held.push(Held { t: times.value(i), loc: loc.to_owned(), v, evidence });
+            } else {
+                self.step(loc, times.value(i), v, || evidence_json(&batch, &ev_cols, i, v, raise));
+            }
         }
+        self.finish(out)
+    }
+
+    fn on_end(&mut self, out: &mut Collector) -> Result<(), OperatorError> {
+        self.take_held(i64::MAX);
         self.finish(out)
     }
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         self.refresh_levels();
+        self.take_held(watermark);
         let stale = self.cfg.stale_after.as_millis_i64();
         let mut gone: Vec<(i64, String)> = self
             .states
@@ -388,7 +448,8 @@ impl Operator for AlertRule {
     }
 
     /// One row per location (phase `0` idle in cooldown, `1` pending, `2` open, `3` in the
-    /// storm summary) and, while a storm summary is open, one row without a location (`9`).
+    /// storm summary), one per held row (`8`) and, while a storm summary is open, one row
+    /// without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
         let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
@@ -403,6 +464,11 @@ impl Operator for AlertRule {
                 Phase::Storm { peak } => (3, None, None, Some(*peak), None, None),
             };
             r.push(Some(loc.clone()), phase, st.quiet_until, st.last_t, id, since, peak, reported, last_emit);
+        }
+        // held rows: phase 8, their time in `last_t`, value in `peak`, evidence in `id`
+        let cols = &self.cols.evidence;
+        for h in &self.held {
+            r.push(Some(h.loc.clone()), 8, 0, h.t, Some(h.evidence.json(cols, h.v)), None, h.v, None, None);
         }
         if let Some(s) = &self.storm {
             r.push(
@@ -436,6 +502,7 @@ impl Operator for AlertRule {
         self.states.clear();
         self.storm = None;
         self.open = 0;
+        self.held.clear();
         let mut members = BTreeSet::new();
         for i in 0..state.num_rows() {
             let p = match phase.value(i) {
@@ -457,6 +524,17 @@ impl Operator for AlertRule {
                 3 => {
                     members.insert(loc.value(i).to_owned());
                     Phase::Storm { peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))? }
+                }
+                8 => {
+                    self.held.push(Held {
+                        t: last_t.value(i),
+                        loc: loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?,
+                        v: opt_f(&peak, i),
+                        evidence: Evidence::Json(
+                            id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("evidence", i))?,
+                        ),
+                    });
+                    continue;
                 }
                 9 => {
                     self.storm = Some(StormAlert {

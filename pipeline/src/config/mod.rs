@@ -12,6 +12,7 @@ mod load;
 pub mod plan;
 mod registry;
 mod tagged;
+mod tasks;
 #[cfg(test)]
 mod tests;
 
@@ -83,6 +84,11 @@ pub struct RuntimeConfig {
     pub state_url: Option<EnvString>,
     /// How a Kafka pipeline's work is cut into tasks. Default `process`.
     pub tasks: TaskMode,
+    /// With `tasks: partition`: run the stages holding city-wide state (storm limits,
+    /// per-stream rate limits, DP public partitions) and their readers once, in a global task
+    /// fed through the topic `{group_id}.global` (see `kafka::global`), instead of in every
+    /// task over its own partitions. Default `false` (new; see the README's limits).
+    pub global_task: bool,
 }
 
 /// `runtime.tasks`: what one unit of work (with its own watermark, checkpoints and state) is.
@@ -139,6 +145,7 @@ impl Default for RuntimeConfig {
             state_dir: None,
             state_url: None,
             tasks: TaskMode::Process,
+            global_task: false,
         }
     }
 }
@@ -153,6 +160,10 @@ pub enum SourceConfig {
     Kafka(Box<crate::kafka::KafkaSourceConfig>),
     /// `type: files`: JSON lines and Parquet files, one list per event kind.
     Files(Box<crate::files::FilesSourceConfig>),
+    /// The global task's source (`runtime.tasks: partition` with city-wide stages): the
+    /// tasks' committed epochs from the global topic. Made by the planner, not written in YAML.
+    #[cfg(feature = "kafka")]
+    Global(Box<crate::kafka::global::ReceiveConfig>),
 }
 
 impl SourceConfig {
@@ -166,6 +177,8 @@ impl SourceConfig {
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(c) => c.clone(),
             SourceConfig::Files(c) => c.clone(),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Global(c) => c.clone(),
         }
     }
 
@@ -177,6 +190,8 @@ impl SourceConfig {
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(c) => c.max_out_of_orderness,
             SourceConfig::Files(c) => c.max_out_of_orderness,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Global(c) => c.source.max_out_of_orderness,
         }
     }
 
@@ -188,6 +203,8 @@ impl SourceConfig {
             SourceConfig::Simulator(_) | SourceConfig::Files(_) => None,
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(c) => c.key(*citystream_schemas::EventKind::ALL.get(port)?),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Global(_) => None,
         }
     }
 
@@ -202,6 +219,8 @@ impl SourceConfig {
                 Box::new(crate::kafka::membership::GroupMember((**c).clone())),
                 c.stop_when_idle.map(|d| d.to_std()),
             )),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Global(_) => None,
         }
     }
 
@@ -213,47 +232,13 @@ impl SourceConfig {
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(_) => true,
             SourceConfig::Files(_) => true,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Global(_) => true,
         }
     }
 }
 
 impl PipelinePlan {
-    /// The plan of task `task` of `runtime.tasks: partition`: its source reads partition
-    /// `task` of every topic, and its state lives under `task-{task}` of the runtime's.
-    pub(crate) fn task_plan(&self, task: i32) -> Result<PipelinePlan, String> {
-        let mut p = self.clone();
-        p.runtime.tasks = TaskMode::Process;
-        let dir = format!("task-{task}");
-        match p.runtime.state()? {
-            Some(crate::task::StateUrl::Local(root)) => {
-                p.runtime.state_dir = Some(EnvString::literal(root.join(dir).display().to_string()));
-                p.runtime.state_url = None;
-            }
-            Some(crate::task::StateUrl::S3 { bucket, prefix }) => {
-                let key = if prefix.is_empty() { dir } else { format!("{prefix}/{dir}") };
-                p.runtime.state_url = Some(EnvString::literal(format!("s3://{bucket}/{key}")));
-                p.runtime.state_dir = None;
-            }
-            None => return Err("per-partition tasks need `runtime.state_url`".into()),
-        }
-        for src in &mut p.sources {
-            match &mut src.config {
-                #[cfg(feature = "kafka")]
-                SourceConfig::Kafka(k) => k.task = Some(task),
-                _ => return Err(format!("source `{}` has no partitions to cut into tasks", src.name)),
-            }
-        }
-        // a DP release's privacy units lie on one partition (the planner proves it), so each
-        // task spends its own budget on its own units (parallel composition), in a file of its own
-        for st in &mut p.stages {
-            if let OperatorSpec::DpAggregate(dp) = &mut st.op {
-                let dir = std::path::Path::new(dp.budget_dir.as_str()).join(format!("task-{task}"));
-                dp.budget_dir = EnvString::literal(dir.display().to_string());
-            }
-        }
-        Ok(p)
-    }
-
     /// The table stages record the rows they cannot process in (`operator_errors`), beside the
     /// first Parquet sink's tables; `None` without a Parquet sink. With operator state, its
     /// files are named after epochs and published once committed.
@@ -290,6 +275,10 @@ pub enum SinkConfig {
     Kafka(crate::kafka::KafkaSinkConfig),
     /// `type: control_center`: the alert book, served over HTTP to control centers.
     ControlCenter(Box<crate::control::ControlConfig>),
+    /// A task's publisher of the streams the global task reads (`runtime.tasks: partition`
+    /// with city-wide stages). Made by the planner, not written in YAML.
+    #[cfg(feature = "kafka")]
+    Global(crate::kafka::global::PublishConfig),
 }
 
 impl SinkConfig {
@@ -306,6 +295,8 @@ impl SinkConfig {
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(c) => Box::new(crate::kafka::KafkaSink::try_new(c, ctx)?),
             SinkConfig::ControlCenter(c) => Box::new(crate::control::ControlSink::try_new(c, ctx)?),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Global(c) => Box::new(crate::kafka::global::GlobalPublisher::try_new(c, ctx)?),
         })
     }
 
@@ -323,6 +314,9 @@ impl SinkConfig {
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(_) => Ok(()),
             SinkConfig::ControlCenter(_) => Ok(()),
+            // the global task skips the epochs it applied
+            #[cfg(feature = "kafka")]
+            SinkConfig::Global(_) => Ok(()),
         }
     }
 
@@ -334,6 +328,8 @@ impl SinkConfig {
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(_) => None,
             SinkConfig::ControlCenter(_) => None,
+            #[cfg(feature = "kafka")]
+            SinkConfig::Global(_) => None,
         }
     }
 }

@@ -673,3 +673,96 @@ runtime:
     let e = error_of(&format!("{good}  tasks: partitions\n").replace("  tasks: partition\n  state_url", "  state_url"));
     assert!(e.contains("tasks"), "{e}");
 }
+
+/// With per-partition tasks, stages holding city-wide state and what reads them form the
+/// global task: the tasks publish the streams it reads, its source hands them to its stages,
+/// and each sink gets the rows of its own part (a table fed by both gets files from each).
+#[cfg(feature = "kafka")]
+#[test]
+fn city_wide_stages_and_their_readers_form_the_global_task() {
+    let yaml = "\
+sources:
+  k: {type: kafka, brokers: 127.0.0.1:1, group_id: city, topics: {traffic: t}, keys: {traffic: {column: segment_id, determined_by: [sensor_id]}}}
+stages:
+  traffic: {type: decode, input: k.traffic, kind: traffic}
+  health: {type: sensor_health, input: traffic, key: [sensor_id], values: [flow], keep: [segment_id]}
+  alerts:
+    type: alert
+    input: health.health
+    rule: sensor_health
+    alert_type: sensor_health
+    severity: warning
+    value: faulty
+    location: sensor_id
+    time: ts
+    raise: 1
+    clear: 0.5
+    storm: {max_open: 2}
+  slow: {type: filter, input: alerts, where: [{column: severity, op: eq, value: warning}]}
+  dp:
+    type: dp_aggregate
+    input: traffic
+    release: speed
+    privacy_unit: event_id
+    partition: segment_id
+    aggregate: count
+    window: 1h
+    mechanism: laplace
+    epsilon: 1.0
+    budget: {epsilon: 30, period: 1d}
+    budget_dir: /tmp/privacy
+    partitions: {public: [a, b]}
+sinks:
+  lake:
+    type: parquet
+    path: /tmp/x
+    tables: {t: traffic, d: traffic.dead_letters, h: health.health, r: health, st: health.stuck, a: alerts, s: slow, p: dp, late: [traffic.late_events, dp.late_events]}
+runtime:
+  tasks: partition
+  global_task: true
+  state_url: s3://city-state/north
+";
+    let Ok(p) = plan(load_str(yaml, "g.yaml").unwrap(), "g.yaml") else {
+        panic!("{}", error_of(yaml));
+    };
+    let global: Vec<String> = p.global_stages().into_iter().collect();
+    assert_eq!(global, ["alerts", "dp", "slow"], "storm-limited alerts, public DP partitions, and what reads them");
+
+    let t = p.task_plan(2).unwrap();
+    let names = |v: &[crate::config::plan::StageNode]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&t.stages), ["traffic", "health"]);
+    let publish = t.sinks.iter().find(|s| s.name == "_global").expect("the tasks' publisher");
+    let crate::config::SinkConfig::Global(c) = &publish.config else { panic!("a publisher") };
+    assert_eq!((c.topic.as_str(), c.task), ("city.global", 2));
+    assert_eq!(publish.inputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["traffic", "health.health"]);
+    let lake = t.sinks.iter().find(|s| s.name == "lake").unwrap();
+    assert_eq!(lake.tables.keys().collect::<Vec<_>>(), ["d", "h", "late", "r", "st", "t"], "the tasks' tables");
+    assert!(t.city_wide_state.is_empty());
+
+    let g = p.global_plan().unwrap().expect("a global task");
+    assert_eq!(g.runtime.state_url.as_ref().unwrap().as_str(), "s3://city-state/north/global");
+    let mut stages = names(&g.stages);
+    stages.sort();
+    assert_eq!(stages, ["alerts", "dp", "slow"]);
+    let port_of =
+        |stage: &str| g.stages.iter().find(|s| s.name == stage).map(|s| (s.inputs[0].node.as_str(), s.inputs[0].port));
+    assert_eq!((port_of("dp"), port_of("alerts")), (Some(("_global", 0)), Some(("_global", 1))));
+    assert_eq!(g.sources.len(), 1);
+    assert!(matches!(g.sources[0].config, crate::config::SourceConfig::Global(_)));
+    assert_eq!(g.sources[0].outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["traffic", "health.health"]);
+    let health = p.stages.iter().find(|s| s.name == "health").unwrap();
+    let port = health.outputs.iter().find(|o| o.name == "health").unwrap();
+    assert_eq!(g.sources[0].outputs[1].schema, port.schema, "the global source's port has the stream's schema");
+    let lake = &g.sinks[0];
+    assert_eq!(lake.tables.keys().collect::<Vec<_>>(), ["a", "late", "p", "s"], "the global task's tables");
+    assert_eq!(lake.inputs.iter().filter(|(t, _)| t == "late").count(), 1);
+
+    // the global task reads every partition: its stages' keys need not follow the topic's
+    // (`dp`'s privacy unit `event_id` does not), as they must with one whole graph per process
+    let process = yaml.replace("  tasks: partition\n  global_task: true\n", "");
+    let e = error_of(&process);
+    assert!(e.contains("`dp` keeps state per [event_id], which does not determine its topic's key"), "{e}");
+    let p = plan(load_str(&process.replace("[sensor_id]}", "[sensor_id, event_id]}"), "p.yaml").unwrap(), "p.yaml")
+        .unwrap();
+    assert!(p.global_plan().unwrap().is_none(), "one task per process: no global task");
+}

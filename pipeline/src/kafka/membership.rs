@@ -28,29 +28,26 @@ fn members_group(cfg: &KafkaSourceConfig) -> String {
 /// The process's member of the group sharing the tasks of a Kafka source.
 pub(crate) struct GroupMember(pub(crate) KafkaSourceConfig);
 
-impl GroupMember {
-    /// The topic whose partitions are the tasks: the one with the most partitions (the first
-    /// in event-kind order among equals), and how many it has.
-    fn lead_topic(&self) -> Result<(String, i32), String> {
-        let cfg = &self.0;
-        let probe: BaseConsumer = client_config(&cfg.brokers, &cfg.properties)
-            .create()
-            .map_err(|e| format!("creating a metadata client: {e}"))?;
-        let mut lead: Option<(String, i32)> = None;
-        for kind in citystream_schemas::EventKind::ALL {
-            let Some(topic) = cfg.topic(kind) else { continue };
-            let n = super::source::partition_count(&probe, topic)?;
-            if lead.as_ref().is_none_or(|(_, m)| n > *m) {
-                lead = Some((topic.to_owned(), n));
-            }
+/// The topic whose partitions are the tasks of source `cfg`: the one with the most partitions
+/// (the first in event-kind order among equals), and how many it has.
+pub(crate) fn lead_topic(cfg: &KafkaSourceConfig) -> Result<(String, i32), String> {
+    let probe: BaseConsumer = client_config(&cfg.brokers, &cfg.properties)
+        .create()
+        .map_err(|e| format!("creating a metadata client: {e}"))?;
+    let mut lead: Option<(String, i32)> = None;
+    for kind in citystream_schemas::EventKind::ALL {
+        let Some(topic) = cfg.topic(kind) else { continue };
+        let n = super::source::partition_count(&probe, topic)?;
+        if lead.as_ref().is_none_or(|(_, m)| n > *m) {
+            lead = Some((topic.to_owned(), n));
         }
-        lead.ok_or_else(|| "the source reads no topic".into())
     }
+    lead.ok_or_else(|| "the source reads no topic".into())
 }
 
 impl Membership for GroupMember {
     fn run(self: Box<Self>, tasks: Arc<dyn Assignments>, leave: Box<dyn Fn() -> bool + Send>) -> Result<(), String> {
-        let (lead, count) = self.lead_topic()?;
+        let (lead, count) = lead_topic(&self.0)?;
         tracing::info!(lead, tasks = count, "one task per partition of the lead topic");
         run_member(&self.0, &lead, tasks, leave)
     }

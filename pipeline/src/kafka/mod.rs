@@ -2,6 +2,7 @@
 //! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
 //! zstd producer, and the producer the simulator uses to feed topics.
 
+pub mod global;
 pub(crate) mod membership;
 pub mod partition;
 mod sink;

@@ -390,7 +390,8 @@ pub(crate) async fn run_graph(
     for (stage, what) in &plan.city_wide_state {
         tracing::warn!(
             stage,
-            "{what}: with several instances in one group, each does this on its own (no global stage yet)"
+            "{what}: with several instances in one group, each does this on its own partitions (`runtime.tasks: \
+             partition` with `global_task: true` does it once, in the global task)"
         );
     }
     if state.is_none() && crate::config::plan::any_committing(&plan.sources) && !stateful.is_empty() {
@@ -546,7 +547,16 @@ fn routings(plan: &PipelinePlan) -> BTreeMap<(String, usize), Routing> {
 /// Whether rows reaching `node` pass through a stage that holds rows and emits them after newer
 /// ones (`compress`), so their source positions come out of order.
 fn holds_rows_upstream(plan: &PipelinePlan, node: &str) -> bool {
-    let Some(st) = plan.stages.iter().find(|s| s.name == node) else { return false };
+    let Some(st) = plan.stages.iter().find(|s| s.name == node) else {
+        // the global task's rows come in epochs of several tasks, not in source order
+        #[cfg(feature = "kafka")]
+        return plan
+            .sources
+            .iter()
+            .any(|s| s.name == node && matches!(s.config, crate::config::SourceConfig::Global(_)));
+        #[cfg(not(feature = "kafka"))]
+        return false;
+    };
     matches!(st.op, crate::config::OperatorSpec::Compress(_))
         || st.inputs.iter().any(|r| holds_rows_upstream(plan, &r.node))
 }

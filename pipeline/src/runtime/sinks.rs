@@ -52,7 +52,10 @@ impl SinkTask {
                 }
                 Next::Message(input, Message::Watermark(wm)) => {
                     let before = watermarks.iter().copied().min().unwrap_or(i64::MIN);
-                    watermarks[input] = watermarks[input].max(wm);
+                    if wm > watermarks[input] {
+                        watermarks[input] = wm;
+                        self.sink.on_input_watermark(input, wm);
+                    }
                     let after = watermarks.iter().copied().min().unwrap_or(i64::MIN);
                     if after > before {
                         self.sink.on_watermark(after)?;
@@ -67,6 +70,7 @@ impl SinkTask {
                     self.ack.ack(b.epoch);
                 }
                 Next::Ended => {
+                    self.sink.on_end();
                     self.sink.flush().await?;
                     return Ok(self.sink.tables());
                 }

@@ -11,6 +11,9 @@
 //! processes sharing them write: the tasks are the same either way, only where they run
 //! differs.
 //!
+//! Stages holding city-wide state run in the *global task* (`kafka::global`), with the task of
+//! partition 0: it starts, stops and moves with it (key [`GLOBAL_TASK`] here).
+//!
 //! Shared by the tasks of a process: the alert thresholds board, the record of commits
 //! (compaction), the metrics (counters add up across tasks), the energy services.
 
@@ -29,6 +32,18 @@ use tokio::task::JoinHandle;
 use super::{ProcessShared, RunReport, StopHandle, run_graph};
 use crate::config::PipelinePlan;
 use crate::task::{Assignments, PipelineError};
+
+/// The key of the global task among the running ones.
+const GLOBAL_TASK: i32 = -1;
+
+/// The tasks among `partitions` and, with partition 0, the global task.
+fn with_global(partitions: &[i32]) -> Vec<i32> {
+    let mut v = partitions.to_vec();
+    if partitions.contains(&0) {
+        v.push(GLOBAL_TASK);
+    }
+    v
+}
 
 /// Runs the tasks the group assigns this process until `stop` (then each checkpoints and
 /// stops), or — with `stop_when_idle` — until every task it ran ended idle.
@@ -210,8 +225,14 @@ impl TaskSet {
         }
     }
 
+    /// The plan of task `key` (the global task's for [`GLOBAL_TASK`]; `None`: there is none).
+    fn plan_of(template: &PipelinePlan, key: i32) -> Result<Option<PipelinePlan>, String> {
+        if key == GLOBAL_TASK { template.global_plan() } else { template.task_plan(key).map(Some) }
+    }
+
     fn start(&self, partition: i32) -> Result<(), PipelineError> {
-        let plan = self.template.lock().expect("template").task_plan(partition).map_err(PipelineError::Task)?;
+        let plan = Self::plan_of(&self.template.lock().expect("template"), partition).map_err(PipelineError::Task)?;
+        let Some(plan) = plan else { return Ok(()) };
         let (stop, stop_rx) = StopHandle::new();
         let (reload, reload_rx) = mpsc::channel(1);
         let (metrics, process) = (self.metrics.clone(), self.process.clone());
@@ -231,8 +252,9 @@ impl TaskSet {
             return;
         }
         for (p, r) in self.lock_running().iter() {
-            match plan.task_plan(*p) {
-                Ok(tp) => {
+            match Self::plan_of(&plan, *p) {
+                Ok(None) => {}
+                Ok(Some(tp)) => {
                     if r.reload.try_send(tp).is_err() {
                         tracing::warn!(task = p, "a reload is still being applied: this one is skipped for the task");
                     }
@@ -262,7 +284,7 @@ impl Assignments for TaskSet {
             tracing::info!(?partitions, "assigned while leaving: not started");
             return;
         }
-        for &p in partitions {
+        for p in with_global(partitions) {
             if self.lock_running().contains_key(&p) {
                 continue;
             }
@@ -273,6 +295,7 @@ impl Assignments for TaskSet {
     }
 
     fn revoked(&self, partitions: &[i32]) {
+        let partitions = with_global(partitions);
         let stopping: Vec<(i32, Running)> = {
             let mut running = self.lock_running();
             partitions.iter().filter_map(|p| Some((*p, running.remove(p)?))).collect()
@@ -289,7 +312,7 @@ impl Assignments for TaskSet {
     }
 
     fn lost(&self, partitions: &[i32]) {
-        self.abort(partitions);
+        self.abort(&with_global(partitions));
         self.fail(PipelineError::Task(
             "the consumer group revoked our tasks after a session timeout (assignment lost): another process may \
              already run them; stopping (their state is fenced by the next owner's checkpoint)"

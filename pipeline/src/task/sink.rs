@@ -75,6 +75,14 @@ pub(crate) trait Sink: Send {
         Ok(())
     }
 
+    /// The watermark of input `input` advanced to `watermark` (before
+    /// [`on_watermark`](Self::on_watermark) is told of their minimum).
+    fn on_input_watermark(&mut self, _input: usize, _watermark: i64) {}
+
+    /// Every input ended: the [`flush`](Self::flush) that follows is the last, after the
+    /// source's final checkpoint.
+    fn on_end(&mut self) {}
+
     /// Makes everything written so far durable (at an aligned barrier, and at the end).
     fn flush(&mut self) -> BoxFuture<'_, Result<(), PipelineError>>;
 

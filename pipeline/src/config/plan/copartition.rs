@@ -129,6 +129,10 @@ impl Planner<'_> {
             })
             .collect();
         let mut city_wide_state = Vec::new();
+        // with per-partition tasks, stages holding city-wide state and their readers run in the
+        // global task, which reads every partition: their keys need not follow the topics'
+        let tasks = raw.runtime.tasks == super::super::TaskMode::Partition && raw.runtime.global_task;
+        let mut global: BTreeSet<&str> = BTreeSet::new();
         for st in stages {
             let Some(keying) = input_keying(st, &streams) else { continue };
             let at = raw.stages[&st.name].location;
@@ -152,7 +156,14 @@ impl Planner<'_> {
                 StateScope::City(why) => Some((st.name.clone(), why.clone())),
                 _ => None,
             }));
+            if tasks
+                && (scopes.iter().any(|s| matches!(s, StateScope::City(_)))
+                    || st.inputs.iter().any(|r| global.contains(r.node.as_str())))
+            {
+                global.insert(&st.name);
+            }
             match &keying {
+                _ if global.contains(st.name.as_str()) => {}
                 Keying::Mixed(how) => {
                     if scopes.iter().any(|s| !matches!(s, StateScope::City(_))) {
                         self.ck.error(

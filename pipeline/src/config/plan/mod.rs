@@ -139,6 +139,7 @@ impl PipelinePlan {
                     }
                 }
                 SinkConfig::Parquet(_) => {}
+                SinkConfig::Global(c) => add(&c.brokers, &c.topic),
             }
         }
         if let Some(t) = plan.runtime.energy.as_ref().and_then(|e| e.carbon_topic.as_ref()) {
@@ -193,6 +194,8 @@ fn source_type(c: &SourceConfig) -> &'static str {
         #[cfg(feature = "kafka")]
         SourceConfig::Kafka(_) => "kafka",
         SourceConfig::Files(_) => "files",
+        #[cfg(feature = "kafka")]
+        SourceConfig::Global(_) => "global",
     }
 }
 
@@ -203,6 +206,8 @@ pub fn origin_name(sources: &[SourceNode], node: &str, port: usize) -> Option<St
         SourceConfig::Simulator(_) | SourceConfig::Files(_) => Some(format!("{node}.{}", src.outputs[port].name)),
         #[cfg(feature = "kafka")]
         SourceConfig::Kafka(k) => k.topic(EventKind::ALL[port]).map(str::to_owned),
+        #[cfg(feature = "kafka")]
+        SourceConfig::Global(_) => None,
     }
 }
 
@@ -226,6 +231,9 @@ pub fn source_outputs(c: &SourceConfig) -> Vec<OutputSpec> {
         }
         #[cfg(feature = "kafka")]
         SourceConfig::Kafka(_) => EventKind::ALL.iter().map(|k| OutputSpec::new(k.as_str(), raw::schema())).collect(),
+        // its ports are the global task's input streams (`PipelinePlan::global_plan`)
+        #[cfg(feature = "kafka")]
+        SourceConfig::Global(_) => Vec::new(),
     }
 }
 

@@ -90,12 +90,17 @@ impl Planner<'_> {
                     }
                     vec![(&alerts_table, &c.alerts, None)]
                 }
+                // made by the planner from a plan, never read from YAML
+                #[cfg(feature = "kafka")]
+                SinkConfig::Global(_) => Vec::new(),
             };
             let section = match cfg {
                 SinkConfig::Parquet(_) => "tables",
                 #[cfg(feature = "kafka")]
                 SinkConfig::Kafka(_) => "topics",
                 SinkConfig::ControlCenter(_) => "alerts",
+                #[cfg(feature = "kafka")]
+                SinkConfig::Global(_) => "streams",
             };
             let mut inputs = Vec::new();
             let mut tables = BTreeMap::new();

@@ -1,0 +1,76 @@
+//! The global task of `runtime.tasks: partition`: city-wide stages behind one Kafka topic.
+//!
+//! A stage whose state spans the city (alert storm limits, per-stream rate limits, DP public
+//! partitions: `StateScope::City`) cannot run per partition. With per-partition tasks the
+//! planner cuts the graph in two (`PipelinePlan::global_plan`): the city-wide stages and every
+//! stage after them form the *global task*; the streams they read from the per-partition tasks
+//! go through the topic `{group_id}.global` (partition 0).
+//!
+//! **Exactly once, by committed epochs.** A task's [`publish::GlobalPublisher`] (a sink) keeps
+//! the rows of each epoch; at the epoch's barrier it stores them, encoded, beside the task's
+//! operator state (`StateStore::save`), and only once the task's state manifest commits that
+//! epoch does it publish them: the epoch's row chunks, then a marker with the chunk count and
+//! each stream's watermark at the barrier. A task restored from epoch `e` publishes `e` again
+//! (its previous owner may have died while publishing it). So every epoch on the topic is a
+//! committed one and complete once its marker is there; a fenced process commits nothing, so it
+//! publishes nothing new. The global task's [`receive::GlobalReceiver`] (a source) applies an
+//! epoch of task `p` once all its chunks and its marker are read, and only if it is newer than
+//! the last epoch of `p` it applied (copies and replays are skipped); it keeps, per task, that
+//! epoch and the watermarks in its own state, and its manifest records the offset to read on
+//! from (the first chunk of an epoch not yet complete).
+//!
+//! **Event time.** A stream's watermark in the global task is the minimum of that stream's
+//! watermark over every task (the partitions of the source's lead topic): a task not heard
+//! from yet holds it, as a partition does in one process. So the global stages see the rows and
+//! watermarks one process would give them, in another interleaving, which event-time stages do
+//! not depend on.
+//!
+//! **Where it runs.** The process that runs task 0 runs the global task too, and hands it on
+//! with task 0 (`runtime/tasks.rs`): its state at `{state}/global` moves like a task's.
+
+mod publish;
+mod receive;
+mod wire;
+
+use std::collections::BTreeMap;
+
+use crate::primitives::EnvString;
+
+pub(crate) use publish::GlobalPublisher;
+
+/// The topic between the tasks and the global task of consumer group `group_id`.
+pub(crate) fn topic(group_id: &str) -> String {
+    format!("{group_id}.global")
+}
+
+/// What a task's publisher needs (built by the planner, never written in YAML).
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    /// `bootstrap.servers`.
+    pub brokers: EnvString,
+    /// The source's client properties that apply to a producer (`security.*`, `sasl.*`, `ssl.*`).
+    pub properties: BTreeMap<String, EnvString>,
+    /// The topic.
+    pub topic: String,
+    /// The task (partition number) publishing.
+    pub task: i32,
+}
+
+/// What the global task's receiver needs (built by the planner, never written in YAML).
+#[derive(Debug, Clone)]
+pub struct ReceiveConfig {
+    /// The tasks' Kafka source: its brokers, properties, topics (the lead topic's partition
+    /// count is the number of tasks), checkpoint interval and `stop_when_idle`.
+    pub source: crate::kafka::KafkaSourceConfig,
+    /// The topic.
+    pub topic: String,
+}
+
+/// The properties of a consumer config that also apply to a producer or an admin client.
+pub(crate) fn client_properties(properties: &BTreeMap<String, EnvString>) -> BTreeMap<String, EnvString> {
+    properties
+        .iter()
+        .filter(|(k, _)| ["security.", "sasl.", "ssl.", "client.dns", "socket."].iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}

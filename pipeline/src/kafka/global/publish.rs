@@ -1,0 +1,284 @@
+//! A task's side of the global topic: the sink that publishes each committed epoch of the
+//! streams the global task reads (see the module docs of [`super`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use arrow::array::{Array, BinaryArray, Int64Array, RecordBatch, UInt16Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use super::PublishConfig;
+use super::wire::{self, Epoch, Marker};
+use crate::task::{PipelineError, Sink, SinkContext, StateStore, cpu_metered, sink_error};
+
+/// The operator kind of the publisher's saved epochs in the state store.
+const KIND: &str = "global_publish";
+
+/// Publishes a task's epochs to the global topic once they are committed.
+pub(crate) struct GlobalPublisher {
+    name: String,
+    cfg: PublishConfig,
+    producer: FutureProducer,
+    state: StateStore,
+    cpu_ns: citystream_operators::Counter,
+    /// The epoch rows written now belong to.
+    epoch: u64,
+    /// This epoch's rows, per stream.
+    rows: Vec<Vec<RecordBatch>>,
+    /// Each stream's watermark.
+    watermarks: Vec<i64>,
+    /// Stored epochs whose manifest may not exist yet, oldest first.
+    unpublished: VecDeque<Epoch>,
+    /// The newest epoch published (its marker goes again, `ended`, at the end).
+    last: Option<Epoch>,
+    /// Every input ended: the next flush is the last.
+    ending: bool,
+    topic_ready: bool,
+    inflight: Vec<DeliveryFuture>,
+}
+
+impl GlobalPublisher {
+    /// The publisher `ctx.name` for `cfg`; with restored state, the restored epoch is published
+    /// again first.
+    pub(crate) fn try_new(cfg: &PublishConfig, ctx: SinkContext<'_>) -> Result<Self, PipelineError> {
+        let state = ctx.state.cloned().ok_or_else(|| ctx.error("the global topic needs operator state"))?;
+        let mut client = super::super::client_config(&cfg.brokers, &cfg.properties);
+        for (k, v) in [("enable.idempotence", "true"), ("compression.type", "zstd"), ("linger.ms", "5")] {
+            if !cfg.properties.contains_key(k) {
+                client.set(k, v);
+            }
+        }
+        let producer: FutureProducer = client.create().map_err(|e| ctx.error(e))?;
+        let streams = ctx.inputs.len();
+        let mut unpublished = VecDeque::new();
+        if state.restored_epoch() > 0 {
+            let loaded = state.load(ctx.name, KIND).map_err(|e| ctx.error(e))?;
+            if let Some((batch, _)) = loaded {
+                unpublished.push_back(from_batch(state.restored_epoch(), &batch, streams).map_err(|e| ctx.error(e))?);
+            }
+        }
+        Ok(Self {
+            name: ctx.name.to_owned(),
+            cfg: cfg.clone(),
+            producer,
+            epoch: state.first_epoch(),
+            state,
+            cpu_ns: ctx.cpu_ns,
+            rows: vec![Vec::new(); streams],
+            watermarks: vec![i64::MIN; streams],
+            unpublished,
+            last: None,
+            ending: false,
+            topic_ready: false,
+            inflight: Vec::new(),
+        })
+    }
+
+    fn err(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> PipelineError {
+        sink_error(&self.name, e)
+    }
+
+    /// Encodes this epoch's rows and stores them with the task's state of the epoch.
+    fn store_epoch(&mut self) -> Result<(), PipelineError> {
+        let mut e = Epoch { epoch: self.epoch, chunks: Vec::new(), watermarks: self.watermarks.clone() };
+        for (s, batches) in self.rows.iter_mut().enumerate() {
+            for b in batches.drain(..) {
+                wire::encode(s as u16, &b, &mut e.chunks).map_err(|m| sink_error(&self.name, m))?;
+            }
+        }
+        let batch = to_batch(&e).map_err(|m| self.err(m))?;
+        self.state.save(e.epoch, &self.name, KIND, &batch, i64::MIN).map_err(|m| self.err(m))?;
+        self.unpublished.push_back(e);
+        Ok(())
+    }
+
+    async fn send(&mut self, mut record: FutureRecord<'_, str, [u8]>) -> Result<(), PipelineError> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(f) => {
+                    self.inflight.push(f);
+                    return Ok(());
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    // a full local queue is backpressure: wait for the deliveries so far
+                    record = r;
+                    self.delivered().await?;
+                }
+                Err((e, _)) => return Err(self.err(e)),
+            }
+        }
+    }
+
+    /// Queues epoch `e`'s chunks and marker.
+    async fn queue(&mut self, e: &Epoch, ended: bool) -> Result<(), PipelineError> {
+        let task = self.cfg.task;
+        let topic = self.cfg.topic.clone();
+        let key = task.to_string();
+        for (i, (stream, body)) in e.chunks.iter().enumerate() {
+            let r = FutureRecord::to(&topic)
+                .partition(0)
+                .key(key.as_str())
+                .payload(body.as_slice())
+                .headers(wire::chunk_headers(task, e.epoch, i as u32, *stream));
+            self.send(r).await?;
+        }
+        let marker = Marker { chunks: e.chunks.len() as u32, watermarks: e.watermarks.clone(), ended };
+        let body = serde_json::to_vec(&marker).map_err(|m| self.err(m))?;
+        let r = FutureRecord::to(&topic)
+            .partition(0)
+            .key(key.as_str())
+            .payload(body.as_slice())
+            .headers(wire::marker_headers(task, e.epoch));
+        self.send(r).await
+    }
+
+    /// Waits until the broker has every message queued.
+    async fn delivered(&mut self) -> Result<(), PipelineError> {
+        for f in std::mem::take(&mut self.inflight) {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(sink_error(&self.name, format!("publishing to the global topic: {e}"))),
+                Err(_) => {
+                    return Err(sink_error(&self.name, "publishing to the global topic: the producer was dropped"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the stored epochs the state manifest commits (with the end: the last one
+    /// says the input ended) and waits until the broker has them all.
+    async fn publish(&mut self) -> Result<(), PipelineError> {
+        if !self.topic_ready {
+            let topics = std::iter::once(self.cfg.topic.clone()).collect();
+            crate::kafka::ensure_topics(self.cfg.brokers.as_str(), &topics, &Default::default(), 1, -1)
+                .await
+                .map_err(|e| self.err(e))?;
+            self.topic_ready = true;
+        }
+        let committed = self.state.committed_epoch();
+        let mut sent = false;
+        while self.unpublished.front().is_some_and(|e| e.epoch <= committed) {
+            let e = self.unpublished.pop_front().expect("front");
+            let last = self.ending && self.unpublished.front().is_none_or(|n| n.epoch > committed);
+            self.queue(&e, last).await?;
+            self.last = Some(e);
+            sent = true;
+        }
+        if self.ending && !sent {
+            // the input ended with nothing new to publish: say so on the newest epoch
+            let e = self.last.clone().unwrap_or(Epoch {
+                epoch: committed,
+                chunks: Vec::new(),
+                watermarks: self.watermarks.clone(),
+            });
+            self.queue(&e, true).await?;
+        }
+        self.delivered().await
+    }
+}
+
+impl Sink for GlobalPublisher {
+    fn write<'a>(&'a mut self, input: usize, batch: &'a RecordBatch) -> BoxFuture<'a, Result<(), PipelineError>> {
+        if batch.num_rows() > 0 {
+            self.rows[input].push(batch.clone());
+        }
+        std::future::ready(Ok(())).boxed()
+    }
+
+    fn on_input_watermark(&mut self, input: usize, watermark: i64) {
+        self.watermarks[input] = self.watermarks[input].max(watermark);
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, Result<(), PipelineError>> {
+        async move {
+            // at the end, rows after the final checkpoint are not committed: whoever runs the
+            // task next replays them
+            if !self.ending {
+                let cpu = self.cpu_ns.clone();
+                cpu_metered(&cpu, || self.store_epoch())?;
+            }
+            self.publish().await
+        }
+        .boxed()
+    }
+
+    fn on_checkpoint(&mut self, epoch: u64) {
+        self.epoch = epoch + 1;
+    }
+
+    fn on_end(&mut self) {
+        self.ending = true;
+    }
+}
+
+fn stored_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("stream", DataType::UInt16, false),
+        Field::new("watermark", DataType::Int64, false),
+        Field::new("chunk", DataType::Binary, true),
+    ]))
+}
+
+/// An epoch as stored: one row per stream with its watermark, then one per chunk.
+fn to_batch(e: &Epoch) -> Result<RecordBatch, String> {
+    let n = e.watermarks.len();
+    let streams = (0..n as u16).chain(e.chunks.iter().map(|(s, _)| *s));
+    let wms = e.watermarks.iter().copied().chain(e.chunks.iter().map(|(s, _)| e.watermarks[*s as usize]));
+    let chunks = std::iter::repeat_n(None, n).chain(e.chunks.iter().map(|(_, c)| Some(c.as_slice())));
+    RecordBatch::try_new(
+        stored_schema(),
+        vec![
+            Arc::new(UInt16Array::from_iter_values(streams)),
+            Arc::new(Int64Array::from_iter_values(wms)),
+            Arc::new(BinaryArray::from_iter(chunks)),
+        ],
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn from_batch(epoch: u64, b: &RecordBatch, streams: usize) -> Result<Epoch, String> {
+    let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("the stored epoch has no `{name}`"));
+    let (s, w, c) = (col("stream")?, col("watermark")?, col("chunk")?);
+    let (Some(s), Some(w), Some(c)) = (
+        s.as_any().downcast_ref::<UInt16Array>(),
+        w.as_any().downcast_ref::<Int64Array>(),
+        c.as_any().downcast_ref::<BinaryArray>(),
+    ) else {
+        return Err("the stored epoch's columns have other types".into());
+    };
+    let mut e = Epoch { epoch, chunks: Vec::new(), watermarks: vec![i64::MIN; streams] };
+    for i in 0..b.num_rows() {
+        let stream = s.value(i);
+        if stream as usize >= streams {
+            return Err(format!("the stored epoch has stream {stream}; the task publishes {streams}"));
+        }
+        e.watermarks[stream as usize] = e.watermarks[stream as usize].max(w.value(i));
+        if c.is_valid(i) {
+            e.chunks.push((stream, c.value(i).to_vec()));
+        }
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_epoch_reads_back_the_same() {
+        let e = Epoch {
+            epoch: 7,
+            chunks: vec![(1, vec![1, 2, 3]), (0, vec![4]), (1, vec![5, 6])],
+            watermarks: vec![100, i64::MIN, 300],
+        };
+        assert_eq!(from_batch(7, &to_batch(&e).unwrap(), 3).unwrap(), e);
+        assert!(from_batch(7, &to_batch(&e).unwrap(), 1).is_err(), "a stream the task no longer has is refused");
+    }
+}

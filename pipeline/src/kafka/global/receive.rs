@@ -1,0 +1,374 @@
+//! The global task's side of the global topic: the source that applies each task's committed
+//! epochs once, in order, and gives every stream the minimum watermark over the tasks (see
+//! the module docs of [`super`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, BooleanArray, Int32Array, Int64Array, RecordBatch, UInt16Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use citystream_operators::{Barrier, Message};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::ReceiveConfig;
+use super::wire::{self, Marker, Wire};
+use crate::task::{CheckpointAcks, Outputs, PipelineError, Source, SourceContext, SourceReport, StateStore};
+
+/// The operator kind of the receiver's state in the state store.
+const KIND: &str = "global_receive";
+
+impl Source for ReceiveConfig {
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<SourceReport, PipelineError>> {
+        async move {
+            let name = ctx.name.clone();
+            let err = |m: String| PipelineError::Source { source_name: name.clone(), message: m };
+            let state = ctx.recovery.state.clone().ok_or_else(|| err("the global task needs operator state".into()))?;
+            let topics = std::iter::once(self.topic.clone()).collect();
+            crate::kafka::ensure_topics(self.source.brokers.as_str(), &topics, &Default::default(), 1, -1)
+                .await
+                .map_err(|e| err(format!("creating the global topic: {e}")))?;
+            let rt = tokio::runtime::Handle::current();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cfg = *self;
+            std::thread::Builder::new()
+                .name("kafka-global".into())
+                .spawn(move || {
+                    let _ = tx.send(Receiver::open(cfg, ctx, state, rt).and_then(Receiver::run));
+                })
+                .map_err(|e| err(format!("starting the global task's thread: {e}")))?;
+            let messages = rx.await.map_err(|_| err("the global task's thread died".into()))??;
+            Ok(SourceReport { messages, account: None })
+        }
+        .boxed()
+    }
+}
+
+/// What the global task applied of one task.
+#[derive(Debug, Clone, PartialEq)]
+struct Applied {
+    /// The newest epoch applied.
+    epoch: Option<u64>,
+    /// Each stream's watermark as of that epoch.
+    watermarks: Vec<i64>,
+    /// Whether the task's input ended there.
+    ended: bool,
+}
+
+/// An epoch read in part.
+#[derive(Default)]
+struct Pending {
+    /// The offset of its first message read.
+    first: i64,
+    chunks: BTreeMap<u32, (u16, RecordBatch)>,
+    marker: Option<Marker>,
+}
+
+struct Receiver {
+    name: String,
+    cfg: ReceiveConfig,
+    consumer: BaseConsumer,
+    outputs: Outputs,
+    acks: CheckpointAcks,
+    stop: watch::Receiver<bool>,
+    state: StateStore,
+    rt: tokio::runtime::Handle,
+    streams: usize,
+    applied: Vec<Applied>,
+    pending: BTreeMap<(i32, u64), Pending>,
+    /// The watermark sent on each stream.
+    sent: Vec<i64>,
+    /// The next offset to read, and the one the last checkpoint resumes at.
+    next: i64,
+    checkpointed: i64,
+    epoch: u64,
+    messages: u64,
+    skipped: citystream_operators::Counter,
+}
+
+impl Receiver {
+    fn open(
+        cfg: ReceiveConfig,
+        ctx: SourceContext,
+        state: StateStore,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self, PipelineError> {
+        let name = ctx.name.clone();
+        let err = |m: String| PipelineError::Source { source_name: name.clone(), message: m };
+        let streams = ctx.outputs.ports.len();
+        let (_, tasks) = crate::kafka::membership::lead_topic(&cfg.source).map_err(err)?;
+        let mut applied =
+            vec![Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false }; tasks as usize];
+        if let Some((b, _)) = state.load(&name, KIND).map_err(|e| err(e.to_string()))? {
+            restore(&b, streams, &mut applied).map_err(|m| err(format!("restoring the global task: {m}")))?;
+        }
+        let resume = state.positions().get(&(cfg.topic.clone(), 0)).copied();
+        let consumer: BaseConsumer =
+            crate::kafka::client_config(&cfg.source.brokers, &super::client_properties(&cfg.source.properties))
+                .set("group.id", format!("{}.global", cfg.source.group_id.as_str()))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .map_err(|e| err(format!("creating the consumer: {e}")))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&cfg.topic, 0, resume.map_or(Offset::Beginning, Offset::Offset))
+            .map_err(|e| err(e.to_string()))?;
+        consumer.assign(&tpl).map_err(|e| err(format!("reading {}: {e}", cfg.topic)))?;
+        tracing::info!(source = name, topic = cfg.topic, tasks, resume, "global task reading the tasks' epochs");
+        Ok(Self {
+            skipped: ctx.metrics.counter(
+                "citystream_global_messages_skipped_total",
+                "Messages of the global topic that could not be read.",
+                &[("source", name.as_str())],
+            ),
+            name,
+            cfg,
+            consumer,
+            outputs: ctx.outputs,
+            acks: ctx.acks,
+            stop: ctx.stop,
+            epoch: state.epoch(),
+            state,
+            rt,
+            streams,
+            applied,
+            pending: BTreeMap::new(),
+            sent: vec![i64::MIN; streams],
+            next: resume.unwrap_or(0),
+            checkpointed: resume.unwrap_or(-1),
+            messages: 0,
+        })
+    }
+
+    fn err(&self, m: impl std::fmt::Display) -> PipelineError {
+        PipelineError::Source { source_name: self.name.clone(), message: m.to_string() }
+    }
+
+    fn run(mut self) -> Result<u64, PipelineError> {
+        let interval = self.cfg.source.checkpoint_interval.to_std();
+        let idle = self.cfg.source.stop_when_idle.map(|d| d.to_std());
+        let (mut last_checkpoint, mut last_message) = (Instant::now(), Instant::now());
+        // the restored watermarks hold until every task has spoken again
+        self.advance()?;
+        while !*self.stop.borrow() {
+            let read = self.consumer.poll(Duration::from_millis(100)).map(|r| r.map(|m| (m.offset(), wire::read(&m))));
+            match read {
+                Some(Ok((offset, parsed))) => {
+                    last_message = Instant::now();
+                    self.next = offset + 1;
+                    self.messages += 1;
+                    match parsed {
+                        Ok(w) => self.take(w, offset)?,
+                        Err(e) => {
+                            self.skipped.inc();
+                            tracing::warn!(source = self.name, offset, "skipping a message of the global topic: {e}");
+                        }
+                    }
+                }
+                Some(Err(e)) => tracing::warn!(source = self.name, "reading the global topic: {e}"),
+                None => {}
+            }
+            if last_checkpoint.elapsed() >= interval {
+                self.checkpoint()?;
+                last_checkpoint = Instant::now();
+            }
+            if let Some(idle) = idle
+                && self.applied.iter().all(|a| a.ended)
+                && self.pending.is_empty()
+                && last_message.elapsed() >= idle
+            {
+                tracing::info!(source = self.name, "every task's input ended: ending");
+                break;
+            }
+        }
+        self.checkpoint()?;
+        self.outputs.blocking_broadcast(Message::End)?;
+        Ok(self.messages)
+    }
+
+    fn applied(&mut self, task: i32) -> Result<&mut Applied, PipelineError> {
+        let t = usize::try_from(task).map_err(|_| self.err(format!("task {task} on the global topic")))?;
+        if t >= self.applied.len() {
+            tracing::warn!(source = self.name, task, "a task beyond the lead topic's partitions published");
+            let streams = self.streams;
+            self.applied.resize(t + 1, Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false });
+        }
+        Ok(&mut self.applied[t])
+    }
+
+    fn take(&mut self, w: Wire, offset: i64) -> Result<(), PipelineError> {
+        let (task, epoch) = match &w {
+            Wire::Chunk { task, epoch, .. } | Wire::Marker { task, epoch, .. } => (*task, *epoch),
+        };
+        let streams = self.streams;
+        let a = self.applied(task)?;
+        if a.epoch.is_some_and(|e| e > epoch) {
+            return Ok(());
+        }
+        if a.epoch == Some(epoch) {
+            // a copy of the newest applied epoch: the task was restored from it, or its input
+            // ended there
+            if let Wire::Marker { marker, .. } = &w {
+                a.ended = marker.ended;
+            }
+            return Ok(());
+        }
+        let p = self.pending.entry((task, epoch)).or_insert_with(|| Pending { first: offset, ..Default::default() });
+        p.first = p.first.min(offset);
+        match w {
+            Wire::Chunk { index, stream, batch, .. } if (stream as usize) < streams => {
+                p.chunks.insert(index, (stream, batch));
+            }
+            Wire::Marker { marker, .. } if marker.watermarks.len() == streams => p.marker = Some(marker),
+            _ => {
+                self.skipped.inc();
+                tracing::warn!(
+                    source = self.name,
+                    offset,
+                    task,
+                    epoch,
+                    "a message for other streams than this plan's: skipped"
+                );
+                return Ok(());
+            }
+        }
+        let complete = p.marker.as_ref().is_some_and(|m| m.chunks as usize == p.chunks.len());
+        if complete {
+            self.apply(task, epoch)?;
+        }
+        Ok(())
+    }
+
+    /// Hands on epoch `epoch` of `task`, complete, and moves the watermarks.
+    fn apply(&mut self, task: i32, epoch: u64) -> Result<(), PipelineError> {
+        let Some(p) = self.pending.remove(&(task, epoch)) else { return Ok(()) };
+        let marker = p.marker.expect("a complete epoch has its marker");
+        for (stream, batch) in p.chunks.into_values() {
+            let port = stream as usize;
+            if self.outputs.is_connected(port) {
+                self.outputs.blocking_send(port, Message::Batch(batch))?;
+            }
+        }
+        let a = self.applied(task)?;
+        a.epoch = Some(epoch);
+        for (w, m) in a.watermarks.iter_mut().zip(&marker.watermarks) {
+            *w = (*w).max(*m);
+        }
+        a.ended = marker.ended;
+        // older epochs of the task, read in part, were replaced by this one
+        self.pending.retain(|(t, e), _| *t != task || *e > epoch);
+        self.advance()
+    }
+
+    /// Sends each stream's watermark where the minimum over the tasks moved.
+    fn advance(&mut self) -> Result<(), PipelineError> {
+        for s in 0..self.streams {
+            let w = self.applied.iter().map(|a| if a.epoch.is_some() { a.watermarks[s] } else { i64::MIN }).min();
+            let w = w.unwrap_or(i64::MIN);
+            if w > self.sent[s] {
+                self.sent[s] = w;
+                self.outputs.blocking_send(s, Message::Watermark(w))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A barrier, every sink's acknowledgement, then the state and the offset to resume at.
+    fn checkpoint(&mut self) -> Result<(), PipelineError> {
+        let resume = self.pending.values().map(|p| p.first).min().unwrap_or(self.next);
+        if resume == self.checkpointed {
+            return Ok(());
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        self.outputs.blocking_broadcast(Message::Barrier(Barrier { epoch }))?;
+        let snapshot = snapshot(&self.applied).map_err(|m| self.err(m))?;
+        if !self.rt.block_on(self.acks.wait(epoch)) {
+            return Err(PipelineError::Disconnected);
+        }
+        let state_err = |source| PipelineError::State { stage: self.name.clone(), source };
+        self.state.save(epoch, &self.name, KIND, &snapshot, i64::MIN).map_err(state_err)?;
+        let positions = std::iter::once(((self.cfg.topic.clone(), 0), resume)).collect();
+        self.state.commit(epoch, &positions).map_err(state_err)?;
+        self.checkpointed = resume;
+        Ok(())
+    }
+}
+
+fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("task", DataType::Int32, false),
+        Field::new("epoch", DataType::UInt64, true),
+        Field::new("ended", DataType::Boolean, false),
+        Field::new("stream", DataType::UInt16, false),
+        Field::new("watermark", DataType::Int64, false),
+    ]))
+}
+
+/// What was applied of each task: a row per task and stream.
+fn snapshot(applied: &[Applied]) -> Result<RecordBatch, String> {
+    let rows =
+        applied.iter().enumerate().flat_map(|(t, a)| a.watermarks.iter().enumerate().map(move |(s, w)| (t, a, s, *w)));
+    let rows: Vec<_> = rows.collect();
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.0 as i32))),
+            Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.1.epoch))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.1.ended)))),
+            Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.2 as u16))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
+        ],
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn restore(b: &RecordBatch, streams: usize, applied: &mut Vec<Applied>) -> Result<(), String> {
+    let col = |i: usize| b.column(i).as_any();
+    let (Some(t), Some(e), Some(x), Some(s), Some(w)) = (
+        col(0).downcast_ref::<Int32Array>(),
+        col(1).downcast_ref::<UInt64Array>(),
+        col(2).downcast_ref::<BooleanArray>(),
+        col(3).downcast_ref::<UInt16Array>(),
+        col(4).downcast_ref::<Int64Array>(),
+    ) else {
+        return Err("its columns have other types".into());
+    };
+    for i in 0..b.num_rows() {
+        let (task, stream) = (t.value(i) as usize, s.value(i) as usize);
+        if stream >= streams {
+            return Err(format!("it has stream {stream}; the plan has {streams}: remove the state of the global task"));
+        }
+        if task >= applied.len() {
+            applied.resize(task + 1, Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false });
+        }
+        let a = &mut applied[task];
+        a.epoch = e.is_valid(i).then(|| e.value(i));
+        a.ended = x.value(i);
+        a.watermarks[stream] = w.value(i);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_was_applied_restores_the_same() {
+        let a = vec![
+            Applied { epoch: Some(4), watermarks: vec![10, 20], ended: false },
+            Applied { epoch: None, watermarks: vec![i64::MIN, i64::MIN], ended: false },
+            Applied { epoch: Some(9), watermarks: vec![30, 5], ended: true },
+        ];
+        let mut back = vec![Applied { epoch: None, watermarks: vec![i64::MIN; 2], ended: false }; 2];
+        restore(&snapshot(&a).unwrap(), 2, &mut back).unwrap();
+        assert_eq!(back, a);
+        assert!(restore(&snapshot(&a).unwrap(), 1, &mut back).is_err());
+    }
+}
