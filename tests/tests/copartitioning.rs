@@ -460,11 +460,14 @@ sinks:
     /// files of its traffic partitions: it is mid-stream.
     async fn start(name: &str, seed: u64, n: usize, global: bool) -> TaskRun {
         let topics = create_topics(&unique(&format!("t-{name}")), 6).await;
-        // seven corridors of three segments: traffic on all six partitions, so every task
-        // moves the global task's watermark (a task without traffic would hold it back)
+        // with the global task: seven corridors of three segments, traffic on all six
+        // partitions, so every task moves the global task's watermark (a task without traffic
+        // would hold it back)
         let (cfg, work, graph) = city_with(seed, |c| {
-            c.segments = 21;
-            c.segments_per_corridor = 3;
+            if global {
+                c.segments = 21;
+                c.segments_per_corridor = 3;
+            }
         });
         let config = work.path().join("tasks.yaml");
         let logs: Vec<std::path::PathBuf> = (0..=n).map(|i| work.path().join(format!("{i}.log"))).collect();
@@ -626,7 +629,7 @@ async fn partition_tasks_move_with_their_state_and_write_the_tables_of_one_proce
 /// lake holds exactly the tables of one process running every task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of_one_process() {
-    let mut run = TaskRun::start("tasks-zombie", 1111, 2, false).await;
+    let mut run = TaskRun::start("tasks-zombie", 1111, 2, true).await;
     let (zombie, other) = (run.picked, 1 - run.picked);
     unsafe { libc::kill(run.procs[zombie].id() as i32, libc::SIGSTOP) };
     let paused_at = chrono::Utc::now();

@@ -51,6 +51,12 @@ impl Membership for GroupMember {
         tracing::info!(lead, tasks = count, "one task per partition of the lead topic");
         run_member(&self.0, &lead, tasks, leave)
     }
+
+    fn session_timeout(&self) -> Duration {
+        let ms = self.0.properties.get("session.timeout.ms").and_then(|v| v.as_str().parse::<u64>().ok());
+        // librdkafka's default (the broker's with KIP-848)
+        Duration::from_millis(ms.unwrap_or(45_000))
+    }
 }
 
 struct MemberCtx {

@@ -299,6 +299,7 @@ pub(crate) async fn run_graph(
             metrics: &metrics,
             thresholds: &thresholds,
             state: state.as_ref(),
+            stop: stop.clone(),
             cpu_ns: metrics.counter(
                 "citystream_stage_cpu_nanoseconds_total",
                 "Thread CPU time spent in a stage's operator.",

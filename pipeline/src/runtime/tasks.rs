@@ -46,7 +46,8 @@ fn with_global(partitions: &[i32]) -> Vec<i32> {
 }
 
 /// Runs the tasks the group assigns this process until `stop` (then each checkpoints and
-/// stops), or — with `stop_when_idle` — until every task it ran ended idle.
+/// stops), or — with `stop_when_idle` — until every task it ran ended idle and no task came
+/// for a session timeout.
 pub(super) async fn run(
     plan: PipelinePlan,
     metrics: Metrics,
@@ -59,6 +60,10 @@ pub(super) async fn run(
     let Some((member, stop_when_idle)) = plan.sources.first().and_then(|s| s.config.membership()) else {
         return Err(PipelineError::Task("`runtime.tasks: partition` needs a kafka source".into()));
     };
+    // a bounded run leaves once its tasks ended idle and none came for a session timeout: the
+    // tasks of a member that died (or came back from a pause and failed) reach the survivors
+    // only after the group gave up on it, and leaving before would leave them unrun
+    let grace = member.session_timeout();
     let set = Arc::new(TaskSet {
         template: Mutex::new(plan.clone()),
         metrics,
@@ -84,6 +89,7 @@ pub(super) async fn run(
         rx
     };
     let began = Instant::now();
+    let mut idle_since: Option<Instant> = None;
     let mut member = std::pin::pin!(member);
     let mut member_result: Option<Result<(), String>> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -101,8 +107,10 @@ pub(super) async fn run(
         if set.lock_error().is_some() {
             break;
         }
+        let idle_now = set.lock_running().is_empty();
+        idle_since = if idle_now { idle_since.or(Some(Instant::now())) } else { None };
         if let Some(idle) = stop_when_idle
-            && set.lock_running().is_empty()
+            && idle_since.is_some_and(|t| t.elapsed() >= grace)
             // with no task yet, joining the group may take a while: a minute at least
             && (set.started_any.load(Ordering::Relaxed) || began.elapsed() >= idle.max(Duration::from_secs(60)))
         {
@@ -280,7 +288,9 @@ impl TaskSet {
 
 impl Assignments for TaskSet {
     fn assigned(&self, partitions: &[i32]) {
-        if self.closing.load(Ordering::Relaxed) {
+        // a process that failed (a lost assignment, a failed task) starts nothing more: its
+        // main loop is about to abort what runs and leave
+        if self.closing.load(Ordering::Relaxed) || self.lock_error().is_some() {
             tracing::info!(?partitions, "assigned while leaving: not started");
             return;
         }
@@ -312,6 +322,7 @@ impl Assignments for TaskSet {
     }
 
     fn lost(&self, partitions: &[i32]) {
+        self.closing.store(true, Ordering::Relaxed);
         self.abort(&with_global(partitions));
         self.fail(PipelineError::Task(
             "the consumer group revoked our tasks after a session timeout (assignment lost): another process may \

@@ -25,4 +25,8 @@ pub(crate) trait Membership: Send {
     /// Joins the group and serves its decisions until `leave` says so, then revokes every task
     /// it holds ([`Assignments::revoked`]) and leaves. Blocks: run it on a thread of its own.
     fn run(self: Box<Self>, tasks: Arc<dyn Assignments>, leave: Box<dyn Fn() -> bool + Send>) -> Result<(), String>;
+
+    /// How long the group waits for a member that stopped answering before it hands that
+    /// member's tasks on.
+    fn session_timeout(&self) -> std::time::Duration;
 }

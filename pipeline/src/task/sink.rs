@@ -48,6 +48,10 @@ pub(crate) struct SinkContext<'a> {
     pub(crate) thresholds: &'a ThresholdBoard,
     /// Operator state checkpoints, when configured.
     pub(crate) state: Option<&'a StateStore>,
+    /// Becomes true when the run is asked to stop (a revocation, a signal): an end that
+    /// follows is not the end of the input.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) stop: tokio::sync::watch::Receiver<bool>,
     /// Thread CPU time the sink spends (`citystream_stage_cpu_nanoseconds_total`): a sink
     /// meters its own synchronous work with [`cpu_metered`](super::cpu_metered).
     pub(crate) cpu_ns: Counter,

@@ -36,6 +36,10 @@ pub(crate) struct GlobalPublisher {
     last: Option<Epoch>,
     /// Every input ended: the next flush is the last.
     ending: bool,
+    /// The input ended by itself (`stop_when_idle`), not because the task was stopped (a
+    /// revocation moves it: whoever runs it next goes on).
+    input_ended: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
     topic_ready: bool,
     inflight: Vec<DeliveryFuture>,
 }
@@ -72,6 +76,8 @@ impl GlobalPublisher {
             unpublished,
             last: None,
             ending: false,
+            input_ended: false,
+            stop: ctx.stop,
             topic_ready: false,
             inflight: Vec::new(),
         })
@@ -166,12 +172,12 @@ impl GlobalPublisher {
         let mut sent = false;
         while self.unpublished.front().is_some_and(|e| e.epoch <= committed) {
             let e = self.unpublished.pop_front().expect("front");
-            let last = self.ending && self.unpublished.front().is_none_or(|n| n.epoch > committed);
+            let last = self.input_ended && self.unpublished.front().is_none_or(|n| n.epoch > committed);
             self.queue(&e, last).await?;
             self.last = Some(e);
             sent = true;
         }
-        if self.ending && !sent {
+        if self.input_ended && !sent {
             // the input ended with nothing new to publish: say so on the newest epoch
             let e = self.last.clone().unwrap_or(Epoch {
                 epoch: committed,
@@ -215,6 +221,7 @@ impl Sink for GlobalPublisher {
 
     fn on_end(&mut self) {
         self.ending = true;
+        self.input_ended = !*self.stop.borrow();
     }
 }
 
