@@ -237,7 +237,6 @@ impl AlertRule {
         }
     }
 
-    /// One row: value `v` (None: no reading) at `t` for `loc`.
     fn in_event_time_order(&self) -> bool {
         self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
     }
@@ -258,6 +257,7 @@ impl AlertRule {
         }
     }
 
+    /// One row: value `v` (None: no reading) at `t` for `loc`.
     fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
         let raise = self.raise_at(loc);
         // a location's own (calibrated) raise level may sit beyond the shared clear level

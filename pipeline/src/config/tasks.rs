@@ -150,14 +150,16 @@ impl PipelinePlan {
                 return Err("the global task needs a kafka source".into());
             };
             let inputs = self.global_inputs(&global);
-            let outputs =
+            let outputs: Vec<OutputSpec> =
                 inputs.iter().map(|r| self.output_spec(r).ok_or(format!("no stream {r}"))).collect::<Result<_, _>>()?;
+            let schemas = outputs.iter().map(|o| o.schema.clone()).collect();
             let topic = crate::kafka::global::topic(k.group_id.as_str());
             p.sources = vec![SourceNode {
                 name: GLOBAL.into(),
                 config: SourceConfig::Global(Box::new(crate::kafka::global::ReceiveConfig {
                     source: (**k).clone(),
                     topic,
+                    schemas,
                 })),
                 outputs,
             }];

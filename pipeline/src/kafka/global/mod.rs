@@ -64,6 +64,32 @@ pub struct ReceiveConfig {
     pub source: crate::kafka::KafkaSourceConfig,
     /// The topic.
     pub topic: String,
+    /// The schema of each stream (the source's ports), in port order: a chunk of another
+    /// schema is skipped.
+    pub schemas: Vec<arrow::datatypes::SchemaRef>,
+}
+
+/// Creates `topic` (one partition, the broker's default replication and retention) unless it
+/// exists, with the client `properties` (security) of the source.
+pub(crate) async fn ensure_topic(
+    brokers: &EnvString,
+    properties: &BTreeMap<String, EnvString>,
+    topic: &str,
+) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = crate::kafka::client_config(brokers, properties)
+        .create()
+        .map_err(|e| format!("creating an admin client: {e}"))?;
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
+    let results =
+        admin.create_topics(&[new], &AdminOptions::new()).await.map_err(|e| format!("creating {topic}: {e}"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(format!("creating {t}: {code}")),
+        }
+    }
+    Ok(())
 }
 
 /// The properties of a consumer config that also apply to a producer or an admin client.

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow::array::{Array, BinaryArray, Int64Array, RecordBatch, UInt16Array};
+use arrow::array::{Array, BinaryArray, Int64Array, RecordBatch, UInt16Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -32,8 +32,8 @@ pub(crate) struct GlobalPublisher {
     watermarks: Vec<i64>,
     /// Stored epochs whose manifest may not exist yet, oldest first.
     unpublished: VecDeque<Epoch>,
-    /// The newest epoch published (its marker goes again, `ended`, at the end).
-    last: Option<Epoch>,
+    /// The newest epoch published, and its marker (which goes again, `ended`, at the end).
+    last: Option<(u64, Marker)>,
     /// Every input ended: the next flush is the last.
     ending: bool,
     /// The input ended by itself (`stop_when_idle`), not because the task was stopped (a
@@ -61,7 +61,7 @@ impl GlobalPublisher {
         if state.restored_epoch() > 0 {
             let loaded = state.load(ctx.name, KIND).map_err(|e| ctx.error(e))?;
             if let Some((batch, _)) = loaded {
-                unpublished.push_back(from_batch(state.restored_epoch(), &batch, streams).map_err(|e| ctx.error(e))?);
+                unpublished.extend(from_batch(&batch, streams).map_err(|e| ctx.error(e))?);
             }
         }
         Ok(Self {
@@ -95,9 +95,14 @@ impl GlobalPublisher {
                 wire::encode(s as u16, &b, &mut e.chunks).map_err(|m| sink_error(&self.name, m))?;
             }
         }
-        let batch = to_batch(&e).map_err(|m| self.err(m))?;
-        self.state.save(e.epoch, &self.name, KIND, &batch, i64::MIN).map_err(|m| self.err(m))?;
+        let epoch = e.epoch;
         self.unpublished.push_back(e);
+        // every epoch not published yet goes into this epoch's state: a checkpoint whose
+        // manifest was never written (a stop takes its final checkpoint without committing the
+        // one in flight) is published only once a later one commits, and whoever restores
+        // that later one publishes them all
+        let batch = to_batch(self.unpublished.iter()).map_err(|m| self.err(m))?;
+        self.state.save(epoch, &self.name, KIND, &batch, i64::MIN).map_err(|m| self.err(m))?;
         Ok(())
     }
 
@@ -121,8 +126,8 @@ impl GlobalPublisher {
         }
     }
 
-    /// Queues epoch `e`'s chunks and marker.
-    async fn queue(&mut self, e: &Epoch, ended: bool) -> Result<(), PipelineError> {
+    /// Queues epoch `e`'s chunks and marker; returns the marker.
+    async fn queue(&mut self, e: &Epoch, ended: bool) -> Result<Marker, PipelineError> {
         let task = self.cfg.task;
         let topic = self.cfg.topic.clone();
         let key = task.to_string();
@@ -135,12 +140,19 @@ impl GlobalPublisher {
             self.send(r).await?;
         }
         let marker = Marker { chunks: e.chunks.len() as u32, watermarks: e.watermarks.clone(), ended };
-        let body = serde_json::to_vec(&marker).map_err(|m| self.err(m))?;
+        self.send_marker(e.epoch, &marker).await?;
+        Ok(marker)
+    }
+
+    async fn send_marker(&mut self, epoch: u64, marker: &Marker) -> Result<(), PipelineError> {
+        let body = serde_json::to_vec(marker).map_err(|m| self.err(m))?;
+        let key = self.cfg.task.to_string();
+        let topic = self.cfg.topic.clone();
         let r = FutureRecord::to(&topic)
             .partition(0)
             .key(key.as_str())
             .payload(body.as_slice())
-            .headers(wire::marker_headers(task, e.epoch));
+            .headers(wire::marker_headers(self.cfg.task, epoch));
         self.send(r).await
     }
 
@@ -162,8 +174,7 @@ impl GlobalPublisher {
     /// says the input ended) and waits until the broker has them all.
     async fn publish(&mut self) -> Result<(), PipelineError> {
         if !self.topic_ready {
-            let topics = std::iter::once(self.cfg.topic.clone()).collect();
-            crate::kafka::ensure_topics(self.cfg.brokers.as_str(), &topics, &Default::default(), 1, -1)
+            super::ensure_topic(&self.cfg.brokers, &self.cfg.properties, &self.cfg.topic)
                 .await
                 .map_err(|e| self.err(e))?;
             self.topic_ready = true;
@@ -173,18 +184,19 @@ impl GlobalPublisher {
         while self.unpublished.front().is_some_and(|e| e.epoch <= committed) {
             let e = self.unpublished.pop_front().expect("front");
             let last = self.input_ended && self.unpublished.front().is_none_or(|n| n.epoch > committed);
-            self.queue(&e, last).await?;
-            self.last = Some(e);
+            let marker = self.queue(&e, last).await?;
+            self.last = Some((e.epoch, marker));
             sent = true;
         }
         if self.input_ended && !sent {
-            // the input ended with nothing new to publish: say so on the newest epoch
-            let e = self.last.clone().unwrap_or(Epoch {
-                epoch: committed,
-                chunks: Vec::new(),
-                watermarks: self.watermarks.clone(),
-            });
-            self.queue(&e, true).await?;
+            // the input ended with nothing new to publish: say so in the newest epoch's marker
+            // (its chunks went before it)
+            let (epoch, mut marker) = self
+                .last
+                .clone()
+                .unwrap_or((committed, Marker { chunks: 0, watermarks: self.watermarks.clone(), ended: true }));
+            marker.ended = true;
+            self.send_marker(epoch, &marker).await?;
         }
         self.delivered().await
     }
@@ -227,51 +239,70 @@ impl Sink for GlobalPublisher {
 
 fn stored_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
+        Field::new("epoch", DataType::UInt64, false),
         Field::new("stream", DataType::UInt16, false),
         Field::new("watermark", DataType::Int64, false),
         Field::new("chunk", DataType::Binary, true),
     ]))
 }
 
-/// An epoch as stored: one row per stream with its watermark, then one per chunk.
-fn to_batch(e: &Epoch) -> Result<RecordBatch, String> {
-    let n = e.watermarks.len();
-    let streams = (0..n as u16).chain(e.chunks.iter().map(|(s, _)| *s));
-    let wms = e.watermarks.iter().copied().chain(e.chunks.iter().map(|(s, _)| e.watermarks[*s as usize]));
-    let chunks = std::iter::repeat_n(None, n).chain(e.chunks.iter().map(|(_, c)| Some(c.as_slice())));
+/// Epochs as stored: per epoch, one row per stream with its watermark, then one per chunk.
+fn to_batch<'a>(epochs: impl Iterator<Item = &'a Epoch>) -> Result<RecordBatch, String> {
+    let (mut ep, mut streams, mut wms, mut chunks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for e in epochs {
+        for (s, w) in e.watermarks.iter().enumerate() {
+            ep.push(e.epoch);
+            streams.push(s as u16);
+            wms.push(*w);
+            chunks.push(None);
+        }
+        for (s, c) in &e.chunks {
+            ep.push(e.epoch);
+            streams.push(*s);
+            wms.push(e.watermarks[*s as usize]);
+            chunks.push(Some(c.as_slice()));
+        }
+    }
     RecordBatch::try_new(
         stored_schema(),
         vec![
-            Arc::new(UInt16Array::from_iter_values(streams)),
-            Arc::new(Int64Array::from_iter_values(wms)),
+            Arc::new(UInt64Array::from(ep)),
+            Arc::new(UInt16Array::from(streams)),
+            Arc::new(Int64Array::from(wms)),
             Arc::new(BinaryArray::from_iter(chunks)),
         ],
     )
     .map_err(|e| e.to_string())
 }
 
-fn from_batch(epoch: u64, b: &RecordBatch, streams: usize) -> Result<Epoch, String> {
-    let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("the stored epoch has no `{name}`"));
-    let (s, w, c) = (col("stream")?, col("watermark")?, col("chunk")?);
-    let (Some(s), Some(w), Some(c)) = (
+/// The stored epochs, oldest first.
+fn from_batch(b: &RecordBatch, streams: usize) -> Result<Vec<Epoch>, String> {
+    let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("the stored epochs have no `{name}`"));
+    let (e, s, w, c) = (col("epoch")?, col("stream")?, col("watermark")?, col("chunk")?);
+    let (Some(e), Some(s), Some(w), Some(c)) = (
+        e.as_any().downcast_ref::<UInt64Array>(),
         s.as_any().downcast_ref::<UInt16Array>(),
         w.as_any().downcast_ref::<Int64Array>(),
         c.as_any().downcast_ref::<BinaryArray>(),
     ) else {
-        return Err("the stored epoch's columns have other types".into());
+        return Err("the stored epochs' columns have other types".into());
     };
-    let mut e = Epoch { epoch, chunks: Vec::new(), watermarks: vec![i64::MIN; streams] };
+    let mut out: Vec<Epoch> = Vec::new();
     for i in 0..b.num_rows() {
         let stream = s.value(i);
         if stream as usize >= streams {
-            return Err(format!("the stored epoch has stream {stream}; the task publishes {streams}"));
+            return Err(format!("a stored epoch has stream {stream}; the task publishes {streams}"));
         }
-        e.watermarks[stream as usize] = e.watermarks[stream as usize].max(w.value(i));
+        if out.last().is_none_or(|l| l.epoch != e.value(i)) {
+            out.push(Epoch { epoch: e.value(i), chunks: Vec::new(), watermarks: vec![i64::MIN; streams] });
+        }
+        let last = out.last_mut().expect("pushed");
+        last.watermarks[stream as usize] = last.watermarks[stream as usize].max(w.value(i));
         if c.is_valid(i) {
-            e.chunks.push((stream, c.value(i).to_vec()));
+            last.chunks.push((stream, c.value(i).to_vec()));
         }
     }
-    Ok(e)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -279,13 +310,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stored_epoch_reads_back_the_same() {
+    fn stored_epochs_read_back_the_same() {
         let e = Epoch {
             epoch: 7,
             chunks: vec![(1, vec![1, 2, 3]), (0, vec![4]), (1, vec![5, 6])],
             watermarks: vec![100, i64::MIN, 300],
         };
-        assert_eq!(from_batch(7, &to_batch(&e).unwrap(), 3).unwrap(), e);
-        assert!(from_batch(7, &to_batch(&e).unwrap(), 1).is_err(), "a stream the task no longer has is refused");
+        let f = Epoch { epoch: 8, chunks: vec![(2, vec![9])], watermarks: vec![110, 5, 310] };
+        let both = [e.clone(), f];
+        assert_eq!(from_batch(&to_batch(both.iter()).unwrap(), 3).unwrap(), both);
+        assert_eq!(from_batch(&to_batch([&e].into_iter()).unwrap(), 3).unwrap(), std::slice::from_ref(&e));
+        assert!(from_batch(&to_batch([&e].into_iter()).unwrap(), 1).is_err(), "a stream the task no longer has");
     }
 }

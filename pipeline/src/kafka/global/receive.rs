@@ -29,8 +29,8 @@ impl Source for ReceiveConfig {
             let name = ctx.name.clone();
             let err = |m: String| PipelineError::Source { source_name: name.clone(), message: m };
             let state = ctx.recovery.state.clone().ok_or_else(|| err("the global task needs operator state".into()))?;
-            let topics = std::iter::once(self.topic.clone()).collect();
-            crate::kafka::ensure_topics(self.source.brokers.as_str(), &topics, &Default::default(), 1, -1)
+            let props = super::client_properties(&self.source.properties);
+            super::ensure_topic(&self.source.brokers, &props, &self.topic)
                 .await
                 .map_err(|e| err(format!("creating the global topic: {e}")))?;
             let rt = tokio::runtime::Handle::current();
@@ -86,6 +86,8 @@ struct Receiver {
     /// The next offset to read, and the one the last checkpoint resumes at.
     next: i64,
     checkpointed: i64,
+    /// Whether an epoch was applied since the last checkpoint.
+    changed: bool,
     epoch: u64,
     messages: u64,
     skipped: citystream_operators::Counter,
@@ -141,6 +143,7 @@ impl Receiver {
             sent: vec![i64::MIN; streams],
             next: resume.unwrap_or(0),
             checkpointed: resume.unwrap_or(-1),
+            changed: false,
             messages: 0,
         })
     }
@@ -191,22 +194,31 @@ impl Receiver {
         Ok(self.messages)
     }
 
-    fn applied(&mut self, task: i32) -> Result<&mut Applied, PipelineError> {
-        let t = usize::try_from(task).map_err(|_| self.err(format!("task {task} on the global topic")))?;
-        if t >= self.applied.len() {
-            tracing::warn!(source = self.name, task, "a task beyond the lead topic's partitions published");
-            let streams = self.streams;
-            self.applied.resize(t + 1, Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false });
-        }
-        Ok(&mut self.applied[t])
+    fn skip(&self, offset: i64, why: impl std::fmt::Display) {
+        self.skipped.inc();
+        tracing::warn!(source = self.name, offset, "skipping a message of the global topic: {why}");
     }
 
     fn take(&mut self, w: Wire, offset: i64) -> Result<(), PipelineError> {
         let (task, epoch) = match &w {
             Wire::Chunk { task, epoch, .. } | Wire::Marker { task, epoch, .. } => (*task, *epoch),
         };
-        let streams = self.streams;
-        let a = self.applied(task)?;
+        // what does not fit this plan is skipped before it is kept anywhere
+        let Some(t) = usize::try_from(task).ok().filter(|t| *t < self.applied.len()) else {
+            self.skip(offset, format!("task {task}: the lead topic has {} partitions", self.applied.len()));
+            return Ok(());
+        };
+        let fits = match &w {
+            Wire::Chunk { stream, batch, .. } => {
+                self.cfg.schemas.get(*stream as usize).is_some_and(|s| s.fields() == batch.schema().fields())
+            }
+            Wire::Marker { marker, .. } => marker.watermarks.len() == self.streams,
+        };
+        if !fits {
+            self.skip(offset, format!("task {task}, epoch {epoch}: not of this plan's streams"));
+            return Ok(());
+        }
+        let a = &mut self.applied[t];
         if a.epoch.is_some_and(|e| e > epoch) {
             return Ok(());
         }
@@ -221,21 +233,10 @@ impl Receiver {
         let p = self.pending.entry((task, epoch)).or_insert_with(|| Pending { first: offset, ..Default::default() });
         p.first = p.first.min(offset);
         match w {
-            Wire::Chunk { index, stream, batch, .. } if (stream as usize) < streams => {
+            Wire::Chunk { index, stream, batch, .. } => {
                 p.chunks.insert(index, (stream, batch));
             }
-            Wire::Marker { marker, .. } if marker.watermarks.len() == streams => p.marker = Some(marker),
-            _ => {
-                self.skipped.inc();
-                tracing::warn!(
-                    source = self.name,
-                    offset,
-                    task,
-                    epoch,
-                    "a message for other streams than this plan's: skipped"
-                );
-                return Ok(());
-            }
+            Wire::Marker { marker, .. } => p.marker = Some(marker),
         }
         let complete = p.marker.as_ref().is_some_and(|m| m.chunks as usize == p.chunks.len());
         if complete {
@@ -254,7 +255,7 @@ impl Receiver {
                 self.outputs.blocking_send(port, Message::Batch(batch))?;
             }
         }
-        let a = self.applied(task)?;
+        let a = &mut self.applied[task as usize];
         a.epoch = Some(epoch);
         for (w, m) in a.watermarks.iter_mut().zip(&marker.watermarks) {
             *w = (*w).max(*m);
@@ -262,6 +263,7 @@ impl Receiver {
         a.ended = marker.ended;
         // older epochs of the task, read in part, were replaced by this one
         self.pending.retain(|(t, e), _| *t != task || *e > epoch);
+        self.changed = true;
         self.advance()
     }
 
@@ -281,9 +283,10 @@ impl Receiver {
     /// A barrier, every sink's acknowledgement, then the state and the offset to resume at.
     fn checkpoint(&mut self) -> Result<(), PipelineError> {
         let resume = self.pending.values().map(|p| p.first).min().unwrap_or(self.next);
-        if resume == self.checkpointed {
+        if resume == self.checkpointed && !self.changed {
             return Ok(());
         }
+        self.changed = false;
         self.epoch += 1;
         let epoch = self.epoch;
         self.outputs.blocking_broadcast(Message::Barrier(Barrier { epoch }))?;

@@ -57,7 +57,12 @@ pub(super) fn encode(stream: u16, batch: &RecordBatch, out: &mut Vec<(u16, Vec<u
     Ok(())
 }
 
+/// Decodes a chunk; a malformed one is an error, never a panic of the task.
 fn decode(body: &[u8]) -> Result<RecordBatch, String> {
+    std::panic::catch_unwind(|| decode_unchecked(body)).unwrap_or_else(|_| Err("decoding rows: malformed chunk".into()))
+}
+
+fn decode_unchecked(body: &[u8]) -> Result<RecordBatch, String> {
     let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
         .map_err(|e| format!("decoding rows: {e}"))?;
     match r.next() {
@@ -142,5 +147,9 @@ mod tests {
         let back: Vec<RecordBatch> = out.iter().map(|(_, body)| decode(body).unwrap()).collect();
         let back = arrow::compute::concat_batches(&b.schema(), &back).unwrap();
         assert_eq!(back, b);
+        // what is not a chunk is an error, not a panic
+        for junk in [&b""[..], b"\xff\xff\xff\xff\x10\x00\x00\x00garbage", &out[0].1[..out[0].1.len() / 2]] {
+            assert!(decode(junk).is_err());
+        }
     }
 }
