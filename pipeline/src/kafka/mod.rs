@@ -191,6 +191,21 @@ pub(crate) fn client_config(brokers: &EnvString, properties: &BTreeMap<String, E
     c
 }
 
+/// A producer's client config: `client_config` plus `enable.idempotence=true`,
+/// `compression.type=zstd`, `linger.ms=10` and the Java client's partitioner
+/// ([`partition::PARTITIONER`]), each unless `properties` sets it.
+pub(crate) fn producer_config(brokers: &EnvString, properties: &BTreeMap<String, EnvString>) -> ClientConfig {
+    let mut cc = client_config(brokers, properties);
+    for (k, v) in
+        [("enable.idempotence", "true"), ("compression.type", "zstd"), ("linger.ms", "10"), partition::PARTITIONER]
+    {
+        if !properties.contains_key(k) {
+            cc.set(k, v);
+        }
+    }
+    cc
+}
+
 /// Produces simulator messages into their kind's topic, keyed as `deploy/kafka.yaml`'s `keys`
 /// say (traffic by corridor, cameras by zone, stations by id: co-partitioning), with the event
 /// time as the message timestamp. Used by `citystream simulate --kafka` and the tests.

@@ -13,7 +13,6 @@ use futures_util::future::BoxFuture;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Deserialize;
 
-use super::client_config;
 use crate::primitives::{EnvString, Inputs};
 use crate::task::{PipelineError, Sink, SinkContext, sink_error};
 
@@ -92,17 +91,7 @@ impl KafkaWriter {
         topics: &[&str],
         metrics: &Metrics,
     ) -> Result<Self, KafkaSinkError> {
-        let mut cc = client_config(brokers, properties);
-        for (k, v) in [
-            ("enable.idempotence", "true"),
-            ("compression.type", "zstd"),
-            ("linger.ms", "10"),
-            super::partition::PARTITIONER,
-        ] {
-            if !properties.contains_key(k) {
-                cc.set(k, v);
-            }
-        }
+        let cc = super::producer_config(brokers, properties);
         let sent = topics
             .iter()
             .map(|&t| {

@@ -8,6 +8,7 @@ use arrow::array::{Array, BinaryArray, Int64Array, RecordBatch, UInt16Array, UIn
 use arrow::datatypes::{DataType, Field, Schema};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::PublishConfig;
@@ -49,13 +50,8 @@ impl GlobalPublisher {
     /// again first.
     pub(crate) fn try_new(cfg: &PublishConfig, ctx: SinkContext<'_>) -> Result<Self, PipelineError> {
         let state = ctx.state.cloned().ok_or_else(|| ctx.error("the global topic needs operator state"))?;
-        let mut client = super::super::client_config(&cfg.brokers, &cfg.properties);
-        for (k, v) in [("enable.idempotence", "true"), ("compression.type", "zstd"), ("linger.ms", "5")] {
-            if !cfg.properties.contains_key(k) {
-                client.set(k, v);
-            }
-        }
-        let producer: FutureProducer = client.create().map_err(|e| ctx.error(e))?;
+        let producer: FutureProducer =
+            crate::kafka::producer_config(&cfg.brokers, &cfg.properties).create().map_err(|e| ctx.error(e))?;
         let streams = ctx.inputs.len();
         let mut unpublished = VecDeque::new();
         if state.restored_epoch() > 0 {
@@ -106,7 +102,11 @@ impl GlobalPublisher {
         Ok(())
     }
 
-    async fn send(&mut self, mut record: FutureRecord<'_, str, [u8]>) -> Result<(), PipelineError> {
+    /// Queues one message of this task on the topic's partition 0.
+    async fn send(&mut self, payload: &[u8], headers: OwnedHeaders) -> Result<(), PipelineError> {
+        let key = self.cfg.task.to_string();
+        let topic = self.cfg.topic.clone();
+        let mut record = FutureRecord::to(&topic).partition(0).key(key.as_str()).payload(payload).headers(headers);
         loop {
             match self.producer.send_result(record) {
                 Ok(f) => {
@@ -128,16 +128,8 @@ impl GlobalPublisher {
 
     /// Queues epoch `e`'s chunks and marker; returns the marker.
     async fn queue(&mut self, e: &Epoch, ended: bool) -> Result<Marker, PipelineError> {
-        let task = self.cfg.task;
-        let topic = self.cfg.topic.clone();
-        let key = task.to_string();
         for (i, (stream, body)) in e.chunks.iter().enumerate() {
-            let r = FutureRecord::to(&topic)
-                .partition(0)
-                .key(key.as_str())
-                .payload(body.as_slice())
-                .headers(wire::chunk_headers(task, e.epoch, i as u32, *stream));
-            self.send(r).await?;
+            self.send(body, wire::chunk_headers(self.cfg.task, e.epoch, i as u32, *stream)).await?;
         }
         let marker = Marker { chunks: e.chunks.len() as u32, watermarks: e.watermarks.clone(), ended };
         self.send_marker(e.epoch, &marker).await?;
@@ -146,14 +138,7 @@ impl GlobalPublisher {
 
     async fn send_marker(&mut self, epoch: u64, marker: &Marker) -> Result<(), PipelineError> {
         let body = serde_json::to_vec(marker).map_err(|m| self.err(m))?;
-        let key = self.cfg.task.to_string();
-        let topic = self.cfg.topic.clone();
-        let r = FutureRecord::to(&topic)
-            .partition(0)
-            .key(key.as_str())
-            .payload(body.as_slice())
-            .headers(wire::marker_headers(self.cfg.task, epoch));
-        self.send(r).await
+        self.send(&body, wire::marker_headers(self.cfg.task, epoch)).await
     }
 
     /// Waits until the broker has every message queued.

@@ -60,6 +60,13 @@ struct Applied {
     ended: bool,
 }
 
+impl Applied {
+    /// Nothing applied yet, of `streams` streams.
+    fn new(streams: usize) -> Self {
+        Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false }
+    }
+}
+
 /// An epoch read in part.
 #[derive(Default)]
 struct Pending {
@@ -104,8 +111,7 @@ impl Receiver {
         let err = |m: String| PipelineError::Source { source_name: name.clone(), message: m };
         let streams = ctx.outputs.ports.len();
         let (_, tasks) = crate::kafka::membership::lead_topic(&cfg.source).map_err(err)?;
-        let mut applied =
-            vec![Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false }; tasks as usize];
+        let mut applied = vec![Applied::new(streams); tasks as usize];
         if let Some((b, _)) = state.load(&name, KIND).map_err(|e| err(e.to_string()))? {
             restore(&b, streams, &mut applied).map_err(|m| err(format!("restoring the global task: {m}")))?;
         }
@@ -167,10 +173,7 @@ impl Receiver {
                     self.messages += 1;
                     match parsed {
                         Ok(w) => self.take(w, offset)?,
-                        Err(e) => {
-                            self.skipped.inc();
-                            tracing::warn!(source = self.name, offset, "skipping a message of the global topic: {e}");
-                        }
+                        Err(e) => self.skip(offset, e),
                     }
                 }
                 Some(Err(e)) => tracing::warn!(source = self.name, "reading the global topic: {e}"),
@@ -348,7 +351,7 @@ fn restore(b: &RecordBatch, streams: usize, applied: &mut Vec<Applied>) -> Resul
             return Err(format!("it has stream {stream}; the plan has {streams}: remove the state of the global task"));
         }
         if task >= applied.len() {
-            applied.resize(task + 1, Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false });
+            applied.resize(task + 1, Applied::new(streams));
         }
         let a = &mut applied[task];
         a.epoch = e.is_valid(i).then(|| e.value(i));
@@ -369,7 +372,7 @@ mod tests {
             Applied { epoch: None, watermarks: vec![i64::MIN, i64::MIN], ended: false },
             Applied { epoch: Some(9), watermarks: vec![30, 5], ended: true },
         ];
-        let mut back = vec![Applied { epoch: None, watermarks: vec![i64::MIN; 2], ended: false }; 2];
+        let mut back = vec![Applied::new(2); 2];
         restore(&snapshot(&a).unwrap(), 2, &mut back).unwrap();
         assert_eq!(back, a);
         assert!(restore(&snapshot(&a).unwrap(), 1, &mut back).is_err());
