@@ -63,7 +63,41 @@ pub async fn create_topics(prefix: &str, partitions: i32) -> KafkaTopics {
     for r in res {
         r.expect("topic created");
     }
+    wait_for_metadata(&names, partitions).await;
     topics
+}
+
+/// Waits (30 s at most) until the broker's metadata shows every topic with all its partitions
+/// led. A created topic reaches the broker's metadata cache a moment after the controller
+/// acknowledged it: a consumer subscribing in between is told the topic does not exist and may
+/// be assigned only part of it for a while (seen on a loaded machine).
+async fn wait_for_metadata(names: &[String], partitions: i32) {
+    let names = names.to_vec();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        let client: rdkafka::consumer::BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("metadata client");
+        let t0 = Instant::now();
+        for name in &names {
+            loop {
+                let ready = client.fetch_metadata(Some(name), Duration::from_secs(5)).is_ok_and(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == name
+                            && t.error().is_none()
+                            && t.partitions().len() == partitions as usize
+                            && t.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                });
+                if ready {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(30), "topic {name} in the broker's metadata within 30 s");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    })
+    .await
+    .expect("metadata wait");
 }
 
 pub async fn produce(topics: &KafkaTopics, hours: u64, seed: u64) -> SimReport {
