@@ -250,6 +250,13 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                     println!("exists  {t} on {brokers}");
                 }
             }
+            // the global task's topic: one partition, whatever --partitions says
+            if let Some((brokers, topic, created)) =
+                citystream_pipeline::kafka::global::ensure_plan_topic(&plan).await.map_err(anyhow::Error::msg)?
+            {
+                let what = if created { "created" } else { "exists " };
+                println!("{what} {topic} on {brokers} (the global task's, 1 partition)");
+            }
             // a topic keyed by a lookup's group uses only the partitions its groups hash to
             for (topic, key) in plan.keyed_topics() {
                 let Some(g) = &key.group else { continue };

@@ -210,6 +210,42 @@ async fn grid_intensity_is_read_live_from_a_kafka_topic() {
     reader.abort();
 }
 
+/// `citystream topics` creates the global task's topic too: one partition, whatever the
+/// input topics have (the global task reads it in order), and only when the plan has a global
+/// task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_task_topic_is_created_with_one_partition() {
+    let p = unique("global-topic");
+    let yaml = |global: bool| {
+        format!(
+            "name: t\nsources:\n  k: {{type: kafka, brokers: {b}, group_id: {p}, topics: {{traffic: {p}.in, camera: null, environment: null}}, keys: {{traffic: {{column: segment_id, determined_by: [sensor_id]}}}}}}\n\
+             stages:\n  traffic: {{type: decode, input: k.traffic, kind: traffic}}\n\
+             \x20 alerts: {{type: alert, input: traffic, rule: r, alert_type: slow, severity: warning, value: speed_kmh, location: sensor_id, time: ts, raise: 1, storm: {{max_open: 2}}}}\n\
+             sinks:\n  lake: {{type: parquet, path: /tmp/{p}, tables: {{t: traffic, a: alerts, d: traffic.dead_letters, l: traffic.late_events}}}}\n\
+             runtime: {{tasks: partition, global_task: {global}, state_url: \"file:///tmp/{p}-state\"}}\n",
+            b = brokers()
+        )
+    };
+    let plan = |global| {
+        citystream_pipeline::config::plan::plan(
+            citystream_pipeline::config::load_str(&yaml(global), "t.yaml").unwrap(),
+            "t.yaml",
+        )
+        .unwrap()
+    };
+    let none = citystream_pipeline::kafka::global::ensure_plan_topic(&plan(false)).await.unwrap();
+    assert_eq!(none, None, "no global task, no global topic");
+    let first = citystream_pipeline::kafka::global::ensure_plan_topic(&plan(true)).await.unwrap();
+    assert_eq!(first, Some((brokers(), format!("{p}.global"), true)));
+    let again = citystream_pipeline::kafka::global::ensure_plan_topic(&plan(true)).await.unwrap();
+    assert_eq!(again, Some((brokers(), format!("{p}.global"), false)), "a second run changes nothing");
+    let consumer: rdkafka::consumer::BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let topic = format!("{p}.global");
+    let md = rdkafka::consumer::Consumer::fetch_metadata(&consumer, Some(&topic), Duration::from_secs(10)).unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_topics_a_config_uses_are_created_once() {
     let p = unique("topics");

@@ -70,12 +70,12 @@ pub struct ReceiveConfig {
 }
 
 /// Creates `topic` (one partition, the broker's default replication and retention) unless it
-/// exists, with the client `properties` (security) of the source.
+/// exists, with the client `properties` (security) of the source; true when it created it.
 pub(crate) async fn ensure_topic(
     brokers: &EnvString,
     properties: &BTreeMap<String, EnvString>,
     topic: &str,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = crate::kafka::client_config(brokers, properties)
         .create()
@@ -83,13 +83,28 @@ pub(crate) async fn ensure_topic(
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
     let results =
         admin.create_topics(&[new], &AdminOptions::new()).await.map_err(|e| format!("creating {topic}: {e}"))?;
+    let mut created = false;
     for r in results {
         match r {
-            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => created = true,
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => return Err(format!("creating {t}: {code}")),
         }
     }
-    Ok(())
+    Ok(created)
+}
+
+/// The global topic of `plan`, created unless it exists (for `citystream topics`): its brokers,
+/// its name and whether it was created; `None` when the plan has no global task.
+pub async fn ensure_plan_topic(
+    plan: &crate::config::plan::PipelinePlan,
+) -> Result<Option<(String, String, bool)>, String> {
+    let Some(global) = plan.global_plan()? else { return Ok(None) };
+    let Some(crate::config::SourceConfig::Global(r)) = global.sources.first().map(|s| &s.config) else {
+        return Ok(None);
+    };
+    let created = ensure_topic(&r.source.brokers, &client_properties(&r.source.properties), &r.topic).await?;
+    Ok(Some((r.source.brokers.as_str().to_owned(), r.topic.clone(), created)))
 }
 
 /// The properties of a consumer config that also apply to a producer or an admin client.
