@@ -10,17 +10,19 @@ capacity, rain and failing detectors. Written in the layout of a pipeline run
 A family is one road (`FAMILIES`): 8 detector segments of 500 m (segment ids `{family}-NN`),
 an entry and an exit edge, and, where it has ramps, an on-ramp joining at the start of segment
 3 and an off-ramp leaving at the end of segment 5. Scenario k of a family (seed from family and
-k) lasts 4 hours from 06:00 UTC (the demand peaks at 08:00) on its own day of May 2026 and has:
+k) lasts 4 hours from 06:00 UTC (the demand peaks at 08:00) on its own weekday of May 2026
+(SUMO's demand does not depend on the day, and the models read a weekend flag) and has:
 - demand scaled by a factor drawn from 0.45 (light) to 1.2 (over capacity at the peak);
 - 3 incidents on segments 1-6, 12-35 minutes each, each either a **breakdown** (a stopped
-  vehicle blocks one lane at a point) or a **closure** (1 to lanes-1 lanes closed from the
-  left over the segment; vehicles must merge past it);
+  vehicle blocks one lane 150 m past the segment's loop) or a **closure** (1 to lanes-1 lanes
+  closed from the left over the next segment; vehicles must merge before it): either way the
+  queue starts downstream of the incident segment's loop;
 - 1 **slowdown** without incident (a variable speed limit of 45-70% of the free speed over
   two segments for 10-25 minutes): a negative, as is the recurrent queue at an on-ramp;
 - rain with probability 0.3 (drivers at 80-90% of their speed, longer headways);
 - with probability 0.6 one failing loop: **silent** (no readings for 30-90 minutes),
-  **stuck** (repeats one reading: the pipeline's `sensor_health` stage passes 10 of them, then
-  keeps the loop out until it changes, so only the first 10 are written), or **noisy**
+  **stuck** (repeats one reading: the pipeline's `sensor_health` stage passes 9 of them, then
+  keeps the loop out until it changes, so only the first 9 are written), or **noisy**
   (speed and occupancy with 20% noise).
 
 Each lane of each segment has an induction loop at mid-segment reporting every 30 s (vehicle
@@ -50,7 +52,7 @@ HOURS = 4
 START_HOUR = 6
 ON_RAMP_SEGMENT = 3   # the on-ramp joins at this segment's start
 OFF_RAMP_SEGMENT = 5  # the off-ramp leaves at this segment's end
-STUCK_PASSED = 10     # readings of a stuck loop the sensor_health stage lets through
+STUCK_PASSED = 9      # readings of a stuck loop the sensor_health stage lets through (stuck_after 10)
 
 # road families: free speed (km/h), lanes, ramps, capacity per lane (veh/h), scenarios
 FAMILIES = {
@@ -78,7 +80,11 @@ def sumo_home():
 def write_network(d: pathlib.Path, family: str, spec: dict):
     free_ms = spec["free_kmh"] / 3.6
     xs = [-300.0] + [i * SEG_LEN for i in range(SEGMENTS + 1)] + [SEGMENTS * SEG_LEN + 300.0]
-    nodes = ['<nodes>'] + [f'  <node id="n{k}" x="{x}" y="0" type="priority"/>' for k, x in enumerate(xs)]
+    # the on-ramp's node merges in turn (zipper): as a minor link it let a tenth of the ramp's
+    # vehicles in, the rest waiting for gaps that a busy right lane never had
+    merge = ON_RAMP_SEGMENT + 1 if spec["ramps"] else -1
+    nodes = ['<nodes>'] + [f'  <node id="n{k}" x="{x}" y="0" type="{"zipper" if k == merge else "priority"}"/>'
+                           for k, x in enumerate(xs)]
     names = ["in"] + [seg_id(family, i) for i in range(SEGMENTS)] + ["out"]
     edges = ['<edges>'] + [f'  <edge id="{name}" from="n{k}" to="n{k + 1}" numLanes="{spec["lanes"]}" '
                            f'speed="{free_ms:.4f}" priority="2"/>' for k, name in enumerate(names)]
@@ -149,20 +155,24 @@ def write_scenario(d: pathlib.Path, family: str, spec: dict, rng: random.Random)
         kind = rng.choice(["breakdown", "closure"])
         closed = 1 if kind == "breakdown" else rng.randrange(1, lanes)
         incidents.append({"segment": seg, "start_s": start, "end_s": start + dur, "kind": kind, "lanes_closed": closed})
+        # an incident of segment k blocks the road downstream of k's loop (as the project's
+        # simulator cuts a segment's capacity at its end): the queue reaches k's loop first and
+        # k+1's loop sees the thinned flow, the signature California #7 looks for on k
         if kind == "closure":
-            # the leftmost lanes: the ramps join and leave the rightmost one, which stays open
-            lanes_xml = "".join(f'<closingLaneReroute id="{segs[seg]}_{ln}" disallow="all"/>'
+            # the next segment's leftmost lanes (the ramps join and leave the rightmost one,
+            # which stays open): vehicles merge before the end of segment k
+            lanes_xml = "".join(f'<closingLaneReroute id="{segs[seg + 1]}_{ln}" disallow="all"/>'
                                 for ln in range(lanes - closed, lanes))
-            add.append(f'  <rerouter id="inc{j}" edges="{segs[seg]}"><interval begin="{start}" end="{start + dur}">'
-                       f'{lanes_xml}</interval></rerouter>')
+            add.append(f'  <rerouter id="inc{j}" edges="{segs[seg + 1]}"><interval begin="{start}" '
+                       f'end="{start + dur}">{lanes_xml}</interval></rerouter>')
         else:
-            # a vehicle inserted standing on one lane, 145 m before the loop, stopped for the duration
-            # (its insertion waits for a gap: the stop starts a few seconds after `start`)
+            # a vehicle inserted standing on one lane 150 m past the loop, stopped for the
+            # duration (its insertion waits for a gap: the stop starts a few seconds after `start`)
             lane = rng.randrange(lanes)
             vehicles.append((start, f'  <vehicle id="breakdown{j}" type="broken" depart="{start}" departLane="{lane}" '
-                                    f'departPos="100" departSpeed="0">'
+                                    f'departPos="395" departSpeed="0">'
                                     f'<route edges="{" ".join(segs[seg:])} out"/>'
-                                    f'<stop lane="{segs[seg]}_{lane}" endPos="105" duration="{dur}"/></vehicle>'))
+                                    f'<stop lane="{segs[seg]}_{lane}" endPos="400" duration="{dur}"/></vehicle>'))
     for _ in range(100):
         seg = rng.randrange(1, SEGMENTS - 2)
         start = rng.randrange(900, HOURS * 3600 - 1800)
@@ -297,7 +307,7 @@ def main():
         for k in range(1, spec["scenarios"] + 1):
             seed = 1000 * (f_index + 1) + k
             rng = random.Random(seed)
-            day = day0 + dt.timedelta(days=k - 1)
+            day = day0 + dt.timedelta(days=(k - 1) // 5 * 7 + (k - 1) % 5)  # the k-th weekday from Monday
             t0_ms = int(day.timestamp() * 1000)
             meta = write_scenario(work, family, spec, rng)
             run_sumo(work, seed)
