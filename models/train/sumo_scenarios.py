@@ -117,6 +117,18 @@ def profile(hour):
     return 0.3 + 0.7 * math.exp(-((hour - 8.0) / 1.1) ** 2)
 
 
+def slot(rng: random.Random, busy, seg_end, start_end, durations):
+    """a segment in 1..seg_end-1, a start in 900..start_end-1 s and a duration in `durations`
+    (s) at least 15 minutes from every (start, end) in `busy` (after 100 draws, the last one)"""
+    for _ in range(100):
+        seg = rng.randrange(1, seg_end)
+        start = rng.randrange(900, start_end)
+        dur = rng.randrange(*durations)
+        if all(start > e + 900 or start + dur + 900 < s for s, e in busy):
+            break
+    return seg, start, dur
+
+
 def write_scenario(d: pathlib.Path, family: str, spec: dict, rng: random.Random):
     lanes, free_kmh = spec["lanes"], spec["free_kmh"]
     segs = [seg_id(family, i) for i in range(SEGMENTS)]
@@ -145,12 +157,7 @@ def write_scenario(d: pathlib.Path, family: str, spec: dict, rng: random.Random)
     incidents, slowdowns, add = [], [], ['<additional>']
     busy = []
     for j in range(3):
-        for _ in range(100):
-            seg = rng.randrange(1, SEGMENTS - 1)
-            start = rng.randrange(900, HOURS * 3600 - 2700)
-            dur = rng.randrange(720, 2100)
-            if all(start > e + 900 or start + dur + 900 < s for s, e in busy):
-                break
+        seg, start, dur = slot(rng, busy, SEGMENTS - 1, HOURS * 3600 - 2700, (720, 2100))
         busy.append((start, start + dur))
         kind = rng.choice(["breakdown", "closure"])
         closed = 1 if kind == "breakdown" else rng.randrange(1, lanes)
@@ -173,12 +180,7 @@ def write_scenario(d: pathlib.Path, family: str, spec: dict, rng: random.Random)
                                     f'departPos="395" departSpeed="0">'
                                     f'<route edges="{" ".join(segs[seg:])} out"/>'
                                     f'<stop lane="{segs[seg]}_{lane}" endPos="400" duration="{dur}"/></vehicle>'))
-    for _ in range(100):
-        seg = rng.randrange(1, SEGMENTS - 2)
-        start = rng.randrange(900, HOURS * 3600 - 1800)
-        dur = rng.randrange(600, 1500)
-        if all(start > e + 900 or start + dur + 900 < s for s, e in busy):
-            break
+    seg, start, dur = slot(rng, busy, SEGMENTS - 2, HOURS * 3600 - 1800, (600, 1500))
     limit = free_kmh * rng.uniform(0.45, 0.7) / 3.6
     slowdowns.append({"segments": [seg, seg + 1], "start_s": start, "end_s": start + dur, "limit_kmh": round(limit * 3.6, 1)})
     vss_lanes = " ".join(f"{segs[s]}_{ln}" for s in (seg, seg + 1) for ln in range(lanes))
