@@ -251,9 +251,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 }
             }
             // the global task's topic: one partition, whatever --partitions says
-            if let Some((brokers, topic, created)) =
-                citystream_pipeline::kafka::global::ensure_plan_topic(&plan).await.map_err(anyhow::Error::msg)?
-            {
+            if let Some((brokers, topic, created)) = plan.ensure_global_topic().await.map_err(anyhow::Error::msg)? {
                 let what = if created { "created" } else { "exists " };
                 println!("{what} {topic} on {brokers} (the global task's, 1 partition)");
             }

@@ -233,11 +233,11 @@ async fn the_global_task_topic_is_created_with_one_partition() {
         )
         .unwrap()
     };
-    let none = citystream_pipeline::kafka::global::ensure_plan_topic(&plan(false)).await.unwrap();
+    let none = plan(false).ensure_global_topic().await.unwrap();
     assert_eq!(none, None, "no global task, no global topic");
-    let first = citystream_pipeline::kafka::global::ensure_plan_topic(&plan(true)).await.unwrap();
+    let first = plan(true).ensure_global_topic().await.unwrap();
     assert_eq!(first, Some((brokers(), format!("{p}.global"), true)));
-    let again = citystream_pipeline::kafka::global::ensure_plan_topic(&plan(true)).await.unwrap();
+    let again = plan(true).ensure_global_topic().await.unwrap();
     assert_eq!(again, Some((brokers(), format!("{p}.global"), false)), "a second run changes nothing");
     let consumer: rdkafka::consumer::BaseConsumer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();

@@ -135,6 +135,19 @@ impl PipelinePlan {
         }
     }
 
+    /// The global topic of this plan, created unless it exists (for `citystream topics`): its
+    /// brokers, its name and whether it was created; `None` when the plan has no global task.
+    #[cfg(feature = "kafka")]
+    pub async fn ensure_global_topic(&self) -> Result<Option<(String, String, bool)>, String> {
+        let Some(global) = self.global_plan()? else { return Ok(None) };
+        let Some(SourceConfig::Global(r)) = global.sources.first().map(|s| &s.config) else {
+            return Ok(None);
+        };
+        let props = crate::kafka::global::client_properties(&r.source.properties);
+        let created = crate::kafka::global::ensure_topic(&r.source.brokers, &props, &r.topic).await?;
+        Ok(Some((r.source.brokers.as_str().to_owned(), r.topic.clone(), created)))
+    }
+
     /// The plan of the global task (`None` without city-wide stages or without tasks): its
     /// source reads the tasks' streams from the global topic, its stages are the global ones,
     /// its sinks get what those make, and its state lives under `global` of the runtime's.

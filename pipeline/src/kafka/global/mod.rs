@@ -94,19 +94,6 @@ pub(crate) async fn ensure_topic(
     Ok(created)
 }
 
-/// The global topic of `plan`, created unless it exists (for `citystream topics`): its brokers,
-/// its name and whether it was created; `None` when the plan has no global task.
-pub async fn ensure_plan_topic(
-    plan: &crate::config::plan::PipelinePlan,
-) -> Result<Option<(String, String, bool)>, String> {
-    let Some(global) = plan.global_plan()? else { return Ok(None) };
-    let Some(crate::config::SourceConfig::Global(r)) = global.sources.first().map(|s| &s.config) else {
-        return Ok(None);
-    };
-    let created = ensure_topic(&r.source.brokers, &client_properties(&r.source.properties), &r.topic).await?;
-    Ok(Some((r.source.brokers.as_str().to_owned(), r.topic.clone(), created)))
-}
-
 /// The properties of a consumer config that also apply to a producer or an admin client.
 pub(crate) fn client_properties(properties: &BTreeMap<String, EnvString>) -> BTreeMap<String, EnvString> {
     properties
