@@ -85,10 +85,11 @@ FEATURES_MD = "## Features (input `features`, float32 `[batch, 20]`, in this ord
     f"{i}. `{n}` ({FEATURE_DOC[n][0]}): {FEATURE_DOC[n][1]}" for i, n in enumerate(F.FEATURES)
 ) + "\n\nDefinition: `models/train/features.py`; the `features` stage (`models/src/features.rs`) computes the same rows in the stream (tested against the Python code).\n"
 
-def source(name, trained_on_family):
+def source(name, m):
+    """a held-out set's title; `m` the metrics, which name the SUMO families trained on"""
     if name == "simulator":
         return "the project's simulator, 7 held-out days (seed 2)"
-    if trained_on_family:
+    if name in m["trained_on"]["sumo_families"]:
         return f"SUMO `{name}`, held-out scenarios 5-6 (the family's scenarios 1-4 are in training)"
     return f"SUMO `{name}`, a family never seen in training"
 
@@ -127,7 +128,7 @@ def congestion(m):
     mae = lambda b, k: " / ".join(str(b[k][h]["mae"]) for h in ("+15m", "+30m", "+60m"))  # noqa: E731
     for src, h in c["held_out"].items():
         a, g = h["all"], h["congested"]
-        out.append(row([source(src, h["trained_on_family"]), mae(a, "baseline: persistence"), mae(a, "baseline: historical average"),
+        out.append(row([source(src, m), mae(a, "baseline: persistence"), mae(a, "baseline: historical average"),
                         mae(a, "congestion_fp32"), mae(a, "congestion_small"), mae(g, "baseline: historical average"),
                         mae(g, "congestion_fp32")]))
     out += ["", "The historical average of a SUMO family is the mean of the road's other scenarios (same segment, "
@@ -136,7 +137,7 @@ def congestion(m):
             "METR-LA-shaped: horizons 15, 30 and 60 minutes, each target the 5-minute mean speed ending there, and "
             "masked (a target with fewer than 3 of its 5 minutes present is left out, as METR-LA leaves out zeros).", ""]
     for src, h in c["held_out"].items():
-        out += [f"## Held-out metrics: {source(src, h['trained_on_family'])}", "", f"{h['rows']} segment-minutes with a target.", ""]
+        out += [f"## Held-out metrics: {source(src, m)}", "", f"{h['rows']} segment-minutes with a target.", ""]
         out += regression_table(h["all"])
         if h["congested_share"] > 0:
             out += ["", f"Congested minutes only ({h['congested_share'] * 100:.1f}%: below 70% of free speed now or at the horizon):", ""]
@@ -200,10 +201,8 @@ def incident(m):
             row(["held-out set", "detector", "incidents (detectable)", "detection rate (all)", "false alarms / corridor-hour",
                  "false alarm rate", "mean time to detect (min)"]), row(["---"] * 7)]
     for src, dets in c["held_out"].items():
-        label = source(src, dets["trained_on_family"])
+        label = source(src, m)
         for name, v in dets.items():
-            if name == "trained_on_family":
-                continue
             out.append(row([label, name, f"{v['incidents']} ({v['detectable']})", f"{v['detection_rate']} ({v['detection_rate_all']})",
                             v["false_alarms_per_corridor_hour"], v["false_alarm_rate"], v["mean_time_to_detect_min"]]))
     out.append("")

@@ -38,6 +38,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import math
 import os
 import pathlib
 import random
@@ -112,8 +113,6 @@ def write_network(d: pathlib.Path, family: str, spec: dict):
 
 def profile(hour):
     """share of capacity demanded at `hour` (morning peak around 08:00)"""
-    import math
-
     return 0.3 + 0.7 * math.exp(-((hour - 8.0) / 1.1) ** 2)
 
 

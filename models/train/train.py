@@ -51,6 +51,9 @@ RELATIVE = ["speed_1m", "speed_5m", "speed_15m", "speed_lag15", "speed_lag30", "
             "down_speed_5m", "speed_drop_5m"]
 DROPPED = ["flow_5m_vph", "free_speed_kmh"]
 KEPT = [f for f in F.FEATURES if f not in DROPPED]
+FREE_INDEX = F.FEATURES.index("free_speed_kmh")
+IS_RELATIVE = np.array([f in RELATIVE for f in F.FEATURES])
+KEPT_INDEX = [F.FEATURES.index(f) for f in KEPT]
 
 
 # ---------------------------------------------------------------- data
@@ -118,7 +121,6 @@ def combine(parts):
     out["graph"] = {k: v for p in parts for k, v in p["graph"].items()}
     out["days"] = sum(p["days"] for p in parts)
     out["bounds"] = np.cumsum([0] + [len(p["x"]) for p in parts])
-    out["family"] = parts[0]["family"] if len({p["family"] for p in parts}) == 1 else "mixed"
     return out
 
 
@@ -142,10 +144,8 @@ def transform(x):
     """what the networks see of a feature row: speeds as shares of the free speed, without the
     DROPPED columns (the same arithmetic as the head of the exported graphs)"""
     x = x.astype(np.float64)
-    free = np.maximum(x[:, [F.FEATURES.index("free_speed_kmh")]], 1.0)
-    rel = np.array([f in RELATIVE for f in F.FEATURES])
-    x = np.where(rel, x / free, x)
-    return x[:, [F.FEATURES.index(f) for f in KEPT]]
+    free = np.maximum(x[:, [FREE_INDEX]], 1.0)
+    return np.where(IS_RELATIVE, x / free, x)[:, KEPT_INDEX]
 
 
 def read_incidents(path):
@@ -240,10 +240,9 @@ def export(path, name, model, mu, sd, kind, out_scale=None, meta=None):
     column selection and the standardization are folded into the first layer's weights (zero
     rows for the DROPPED columns): the head costs 6 element-wise operations, no gather over
     columns (which cost as much as the network at batch 1024)."""
-    rel = np.array([f in RELATIVE for f in F.FEATURES], dtype=np.float32)
-    kept = [F.FEATURES.index(f) for f in KEPT]
+    rel = IS_RELATIVE.astype(np.float32)
     w_first = np.zeros((len(F.FEATURES), model.w[0].shape[1]))
-    w_first[kept] = model.w[0] / sd[:, None]
+    w_first[KEPT_INDEX] = model.w[0] / sd[:, None]
     b_first = model.b[0] - (mu / sd) @ model.w[0]
     weights, biases = [w_first, *model.w[1:]], [b_first, *model.b[1:]]
     if kind == "congestion":
@@ -251,7 +250,7 @@ def export(path, name, model, mu, sd, kind, out_scale=None, meta=None):
         r_mu, r_sd = out_scale
         weights[-1], biases[-1] = weights[-1] * r_sd, biases[-1] * r_sd + r_mu
     nf = len(F.FEATURES)
-    init = [numpy_helper.from_array(np.array([F.FEATURES.index("free_speed_kmh")], dtype=np.int64), "free_index"),
+    init = [numpy_helper.from_array(np.array([FREE_INDEX], dtype=np.int64), "free_index"),
             numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
             numpy_helper.from_array(rel, "relative"), numpy_helper.from_array(1.0 - rel, "absolute")]
     nodes = [helper.make_node("Gather", ["features", "free_index"], ["free_raw"], axis=1),
@@ -509,8 +508,7 @@ def main():
                               "sumo_scenarios": len(sumo_train), "sumo_repeat": repeat}}
 
     # ---- congestion
-    free_col = F.FEATURES.index("free_speed_kmh")
-    free_train = np.maximum(train["x"][:, free_col:free_col + 1].astype(np.float64), 1.0)
+    free_train = np.maximum(train["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
     change = (train["y"] - train["x"][:, 1:2].astype(np.float64)) / free_train  # NaN where no target
     ok = visit[~np.isnan(train["y"][visit]).any(axis=1)]
     r_mu, r_sd = change[ok].mean(axis=0), change[ok].std(axis=0)
@@ -536,13 +534,12 @@ def main():
                                    for r in sumo_tests[src]])
         persistence = np.repeat(d["x"][:, 1:2], len(HORIZONS), axis=1)
         # congested: the segment is below 70% of its free speed now or at the horizon
-        free = d["x"][:, free_col][:, None]
+        free = d["x"][:, [FREE_INDEX]]
         congested = d_ok & ((d["x"][:, 1:2] < 0.7 * free) | (d["y"] < 0.7 * free)).any(axis=1)
         preds = {"baseline: persistence": persistence, "baseline: historical average": hist,
                  **{n: run(session(onnx_dir / f"{n}.onnx"), d["x"]) for n in names}}
         results["congestion"]["held_out"][src] = {
             "rows": int(d_ok.sum()), "days": round(d["days"], 2), "congested_share": round(float(congested.sum() / d_ok.sum()), 4),
-            "trained_on_family": src == "simulator" or src in trained_on,
             "all": {k: regression_metrics(v[d_ok], d["y"][d_ok]) for k, v in preds.items()},
             "congested": {k: regression_metrics(v[congested], d["y"][congested]) for k, v in preds.items()}}
     for name in names:
@@ -578,8 +575,6 @@ def main():
                            "california7_thresholds": {"t1_occdf": t1, "t2_occrdf": t2, "t3_docc": t3},
                            "held_out": {src: {"California #7": detection_metrics(d, california7(d, t1, t2, t3))} for src, d in tests.items()},
                            "models": {}}
-    for src in tests:
-        results["incident"]["held_out"][src]["trained_on_family"] = src == "simulator" or src in trained_on
     for name in ("incident_fp32", "incident_int8"):
         path = onnx_dir / f"{name}.onnx"
         sess = session(path)
