@@ -15,6 +15,7 @@
 //! content of the partitions, not on how their reading interleaved.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The per-partition event-time watermarks of one source stream (see the module docs).
@@ -22,13 +23,26 @@ use std::sync::{Arc, Mutex};
 pub struct EventClock {
     lag_ms: i64,
     watermarks: Arc<Mutex<BTreeMap<i32, i64>>>,
+    idle: Arc<AtomicBool>,
 }
 
 impl EventClock {
     /// A clock for a stream whose events may arrive up to `max_out_of_orderness_ms` behind the
     /// newest event of their partition.
     pub fn new(max_out_of_orderness_ms: i64) -> Self {
-        Self { lag_ms: max_out_of_orderness_ms.max(0), watermarks: Arc::default() }
+        Self { lag_ms: max_out_of_orderness_ms.max(0), watermarks: Arc::default(), idle: Arc::default() }
+    }
+
+    /// Says whether no partition of the stream holds its watermark back any more (each is
+    /// caught up and silent, or the reader has none): the source sets it, a reader downstream
+    /// that combines several readers' watermarks (the global task) may then leave this one out.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
+    }
+
+    /// Whether the stream is idle (see [`set_idle`](Self::set_idle)); false until a source says.
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
     }
 
     /// The out-of-orderness bound of the stream, ms.

@@ -659,3 +659,72 @@ async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of
     run.finish(zombie).await;
     run.compare("a paused instance, fenced").await;
 }
+
+/// The global task's idle rule. The default city has three corridors, so its traffic reaches at
+/// most three of six partitions: the tasks of the others have no traffic to give the global
+/// task a watermark. Once their traffic partition is caught up and silent for
+/// `idle_partition_timeout`, their epochs' markers say the stream is idle there and the global
+/// task leaves them out of the stream's minimum, as one process leaves an idle partition out:
+/// from a backlog, its city-wide tables (storm-limited alerts, DP releases) are those of one
+/// process running every partition without tasks, up to an hour before the end (how far the
+/// watermark got at the end depends on when the partitions went idle, in both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_task_does_not_wait_for_tasks_without_traffic() {
+    let topics = create_topics(&unique("t-idle"), 6).await;
+    let (mut cfg, work, graph) = city(1212);
+    // nine hours: detector faults (from the sixth) raise alerts well before the end
+    cfg.duration = citystream_operators::Duration::from_secs(9 * 3600);
+    let text = std::fs::read_to_string(&graph).unwrap();
+    let reached: std::collections::BTreeSet<i32> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1))
+        .map(|corridor| citystream_pipeline::kafka::partition::partition_of(corridor.as_bytes(), 6))
+        .collect();
+    assert!(reached.len() < 6, "tasks without traffic: traffic reaches partitions {reached:?}");
+    let (report, _) =
+        citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, None).await.expect("produce");
+    let run = TaskRun {
+        global: true,
+        topics,
+        work,
+        graph,
+        config: std::path::PathBuf::new(),
+        logs: Vec::new(),
+        procs: Vec::new(),
+        picked: 0,
+        moved: Vec::new(),
+        producing: None,
+    };
+    // idle after 2 s; both take storm-limited alerts in event-time order (the global task
+    // always does)
+    let idle = |yaml: String| {
+        yaml.replace("idle_partition_timeout: 120s", "idle_partition_timeout: 2s")
+            .replace("storm: {max_open: 2}", "storm: {max_open: 2, order: event_time}")
+    };
+    let tasks = run.work.path().join("tasks");
+    let yaml = idle(run.yaml(&unique("g-idle-tasks"), &tasks));
+    assert!(yaml.contains("global_task: true") && yaml.contains("idle_partition_timeout: 2s"));
+    run_in_process(&yaml).await;
+    let one = run.work.path().join("one");
+    // one process, no tasks: its city-wide stages read every partition (unkeyed: the planner
+    // refuses city-wide state on keyed topics, which only several instances need)
+    let yaml = idle(run.yaml(&unique("g-idle-one"), &one)).replacen("  tasks: partition\n  global_task: true\n", "", 1);
+    let keys = ["    keys:", "      traffic: {column", "      camera: {column", "      environment: {column"];
+    let yaml: String =
+        yaml.lines().filter(|l| !keys.iter().any(|k| l.starts_with(k))).map(|l| format!("{l}\n")).collect();
+    assert!(!yaml.contains("tasks: partition") && !yaml.contains("keys:"));
+    run_in_process(&yaml).await;
+    let c = Compare { skip_columns: &["emitted_at"], until_ms: Some(report.end_ms - 3_600_000), ..Compare::default() };
+    let expected = table_rows(&one.join("lake"), &c).await;
+    let got = table_rows(&tasks.join("lake"), &c).await;
+    assert_same_tables("the global task with tasks without traffic", &got, &expected);
+    let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
+    let counts = ["features", "alerts"].map(|t| (t, rows(t)));
+    assert!(counts[0].1 > 1000 && counts[1].1 > 0, "a real workload: {counts:?}");
+    // every public partition released once per closed hour
+    let dp = &expected["dp_speed"];
+    let hours = |seg: &str| dp.iter().filter(|r| r.contains(&format!(" | {seg} | "))).count();
+    assert!(hours("seg-99-99") >= 5, "the global task's windows closed: {dp:#?}");
+    assert_eq!(dp.len(), 4 * hours("seg-99-99"), "one release per public partition and hour: {dp:#?}");
+}

@@ -284,6 +284,7 @@ pub(crate) async fn run_graph(
             cpu(|| sk.config.discard_after_restored(state))?;
         }
     }
+    let clocks = event_clocks(&plan);
     for ((sk, rx), ack) in plan.sinks.iter().zip(sink_rx).zip(sink_acks) {
         let ctx = SinkContext {
             name: &sk.name,
@@ -296,6 +297,7 @@ pub(crate) async fn run_graph(
                 .filter(|(_, r)| holds_rows_upstream(&plan, &r.node))
                 .map(|(t, _)| t.clone())
                 .collect(),
+            upstream_clocks: sk.inputs.iter().map(|(_, r)| upstream_clocks(&plan, r, &clocks)).collect(),
             metrics: &metrics,
             thresholds: &thresholds,
             state: state.as_ref(),
@@ -314,7 +316,6 @@ pub(crate) async fn run_graph(
         commit_log.lock().expect("commit log").record(state.lineage(), state.restored_epoch(), []);
     }
     let mut retune_senders = BTreeMap::new();
-    let clocks = event_clocks(&plan);
     let routings = routings(&plan);
     // batches an operator fails on go to `operator_errors` beside the first Parquet sink's tables
     let operator_errors = plan.error_table(state.as_ref(), &metrics)?;
@@ -537,6 +538,27 @@ fn event_clocks(plan: &PipelinePlan) -> BTreeMap<(String, usize), EventClock> {
         clocks.entry((r.node.clone(), r.port)).or_insert_with(|| EventClock::new(lag.as_millis_i64()));
     }
     clocks
+}
+
+/// The event clocks of the source streams whose rows reach `r`, each once.
+fn upstream_clocks(
+    plan: &PipelinePlan,
+    r: &crate::config::StreamRef,
+    clocks: &BTreeMap<(String, usize), EventClock>,
+) -> Vec<EventClock> {
+    let mut found = BTreeMap::new();
+    let mut todo = vec![r.clone()];
+    while let Some(r) = todo.pop() {
+        match plan.stages.iter().find(|s| s.name == r.node) {
+            Some(st) => todo.extend(st.inputs.iter().cloned()),
+            None => {
+                if let Some(c) = clocks.get(&(r.node.clone(), r.port)) {
+                    found.insert((r.node, r.port), c.clone());
+                }
+            }
+        }
+    }
+    found.into_values().collect()
 }
 
 /// How each keyed source stream is keyed, keyed by (source, port): the source learns the

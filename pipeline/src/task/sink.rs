@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use citystream_operators::alert::ThresholdBoard;
+use citystream_operators::event_time::EventClock;
 use citystream_operators::{Counter, Metrics};
 use futures_util::future::BoxFuture;
 
@@ -42,6 +43,10 @@ pub(crate) struct SinkContext<'a> {
     /// Tables whose rows a stage upstream held back (`compress`): they arrive after newer
     /// rows, so their source positions do not say which checkpoint wrote them.
     pub(crate) holding: Vec<String>,
+    /// The event clocks of the source streams each input's rows come from, in input order
+    /// (whether they went idle: the global topic's publisher says so).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) upstream_clocks: Vec<Vec<EventClock>>,
     /// The run's metrics.
     pub(crate) metrics: &'a Metrics,
     /// Live alert levels (the control center calibrates them).

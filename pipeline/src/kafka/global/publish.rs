@@ -4,8 +4,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow::array::{Array, BinaryArray, Int64Array, RecordBatch, UInt16Array, UInt64Array};
+use arrow::array::{Array, BinaryArray, BooleanArray, Int64Array, RecordBatch, UInt16Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
+use citystream_operators::event_time::EventClock;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use rdkafka::message::OwnedHeaders;
@@ -31,6 +32,8 @@ pub(crate) struct GlobalPublisher {
     rows: Vec<Vec<RecordBatch>>,
     /// Each stream's watermark.
     watermarks: Vec<i64>,
+    /// Per stream, the event clocks of the source streams it comes from: idle when all are.
+    clocks: Vec<Vec<EventClock>>,
     /// Stored epochs whose manifest may not exist yet, oldest first.
     unpublished: VecDeque<Epoch>,
     /// The newest epoch published, and its marker (which goes again, `ended`, at the end).
@@ -69,6 +72,7 @@ impl GlobalPublisher {
             cpu_ns: ctx.cpu_ns,
             rows: vec![Vec::new(); streams],
             watermarks: vec![i64::MIN; streams],
+            clocks: ctx.upstream_clocks,
             unpublished,
             last: None,
             ending: false,
@@ -85,7 +89,9 @@ impl GlobalPublisher {
 
     /// Encodes this epoch's rows and stores them with the task's state of the epoch.
     fn store_epoch(&mut self) -> Result<(), PipelineError> {
-        let mut e = Epoch { epoch: self.epoch, chunks: Vec::new(), watermarks: self.watermarks.clone() };
+        // a stream nothing upstream says of (no event clock) is never idle
+        let idle = self.clocks.iter().map(|c| !c.is_empty() && c.iter().all(EventClock::is_idle)).collect();
+        let mut e = Epoch { epoch: self.epoch, chunks: Vec::new(), watermarks: self.watermarks.clone(), idle };
         for (s, batches) in self.rows.iter_mut().enumerate() {
             for b in batches.drain(..) {
                 wire::encode(s as u16, &b, &mut e.chunks).map_err(|m| sink_error(&self.name, m))?;
@@ -131,7 +137,8 @@ impl GlobalPublisher {
         for (i, (stream, body)) in e.chunks.iter().enumerate() {
             self.send(body, wire::chunk_headers(self.cfg.task, e.epoch, i as u32, *stream)).await?;
         }
-        let marker = Marker { chunks: e.chunks.len() as u32, watermarks: e.watermarks.clone(), ended };
+        let marker =
+            Marker { chunks: e.chunks.len() as u32, watermarks: e.watermarks.clone(), idle: e.idle.clone(), ended };
         self.send_marker(e.epoch, &marker).await?;
         Ok(marker)
     }
@@ -176,10 +183,10 @@ impl GlobalPublisher {
         if self.input_ended && !sent {
             // the input ended with nothing new to publish: say so in the newest epoch's marker
             // (its chunks went before it)
-            let (epoch, mut marker) = self
-                .last
-                .clone()
-                .unwrap_or((committed, Marker { chunks: 0, watermarks: self.watermarks.clone(), ended: true }));
+            let (epoch, mut marker) = self.last.clone().unwrap_or((
+                committed,
+                Marker { chunks: 0, watermarks: self.watermarks.clone(), idle: Vec::new(), ended: true },
+            ));
             marker.ended = true;
             self.send_marker(epoch, &marker).await?;
         }
@@ -228,24 +235,29 @@ fn stored_schema() -> Arc<Schema> {
         Field::new("stream", DataType::UInt16, false),
         Field::new("watermark", DataType::Int64, false),
         Field::new("chunk", DataType::Binary, true),
+        Field::new("idle", DataType::Boolean, true),
     ]))
 }
 
-/// Epochs as stored: per epoch, one row per stream with its watermark, then one per chunk.
+/// Epochs as stored: per epoch, one row per stream with its watermark and idleness, then one
+/// per chunk.
 fn to_batch<'a>(epochs: impl Iterator<Item = &'a Epoch>) -> Result<RecordBatch, String> {
-    let (mut ep, mut streams, mut wms, mut chunks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ep, mut streams, mut wms, mut chunks, mut idle) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for e in epochs {
         for (s, w) in e.watermarks.iter().enumerate() {
             ep.push(e.epoch);
             streams.push(s as u16);
             wms.push(*w);
             chunks.push(None);
+            idle.push(Some(e.idle.get(s).copied().unwrap_or(false)));
         }
         for (s, c) in &e.chunks {
             ep.push(e.epoch);
             streams.push(*s);
             wms.push(e.watermarks[*s as usize]);
             chunks.push(Some(c.as_slice()));
+            idle.push(None);
         }
     }
     RecordBatch::try_new(
@@ -255,6 +267,7 @@ fn to_batch<'a>(epochs: impl Iterator<Item = &'a Epoch>) -> Result<RecordBatch, 
             Arc::new(UInt16Array::from(streams)),
             Arc::new(Int64Array::from(wms)),
             Arc::new(BinaryArray::from_iter(chunks)),
+            Arc::new(BooleanArray::from(idle)),
         ],
     )
     .map_err(|e| e.to_string())
@@ -272,6 +285,8 @@ fn from_batch(b: &RecordBatch, streams: usize) -> Result<Vec<Epoch>, String> {
     ) else {
         return Err("the stored epochs' columns have other types".into());
     };
+    // epochs stored before idleness was recorded have no `idle`: none idle
+    let idle = b.column_by_name("idle").and_then(|c| c.as_any().downcast_ref::<BooleanArray>());
     let mut out: Vec<Epoch> = Vec::new();
     for i in 0..b.num_rows() {
         let stream = s.value(i);
@@ -279,12 +294,19 @@ fn from_batch(b: &RecordBatch, streams: usize) -> Result<Vec<Epoch>, String> {
             return Err(format!("a stored epoch has stream {stream}; the task publishes {streams}"));
         }
         if out.last().is_none_or(|l| l.epoch != e.value(i)) {
-            out.push(Epoch { epoch: e.value(i), chunks: Vec::new(), watermarks: vec![i64::MIN; streams] });
+            out.push(Epoch {
+                epoch: e.value(i),
+                chunks: Vec::new(),
+                watermarks: vec![i64::MIN; streams],
+                idle: vec![false; streams],
+            });
         }
         let last = out.last_mut().expect("pushed");
         last.watermarks[stream as usize] = last.watermarks[stream as usize].max(w.value(i));
         if c.is_valid(i) {
             last.chunks.push((stream, c.value(i).to_vec()));
+        } else if let Some(idle) = idle.filter(|x| x.is_valid(i)) {
+            last.idle[stream as usize] = idle.value(i);
         }
     }
     Ok(out)
@@ -300,11 +322,16 @@ mod tests {
             epoch: 7,
             chunks: vec![(1, vec![1, 2, 3]), (0, vec![4]), (1, vec![5, 6])],
             watermarks: vec![100, i64::MIN, 300],
+            idle: vec![false, true, false],
         };
-        let f = Epoch { epoch: 8, chunks: vec![(2, vec![9])], watermarks: vec![110, 5, 310] };
+        let f = Epoch { epoch: 8, chunks: vec![(2, vec![9])], watermarks: vec![110, 5, 310], idle: vec![true; 3] };
         let both = [e.clone(), f];
         assert_eq!(from_batch(&to_batch(both.iter()).unwrap(), 3).unwrap(), both);
         assert_eq!(from_batch(&to_batch([&e].into_iter()).unwrap(), 3).unwrap(), std::slice::from_ref(&e));
         assert!(from_batch(&to_batch([&e].into_iter()).unwrap(), 1).is_err(), "a stream the task no longer has");
+        // stored before idleness was recorded: none idle
+        let old = to_batch([&e].into_iter()).unwrap();
+        let old = old.project(&[0, 1, 2, 3]).unwrap();
+        assert_eq!(from_batch(&old, 3).unwrap()[0].idle, vec![false; 3]);
     }
 }

@@ -56,6 +56,8 @@ struct Applied {
     epoch: Option<u64>,
     /// Each stream's watermark as of that epoch.
     watermarks: Vec<i64>,
+    /// Per stream, whether it was idle in the task then (it holds no watermark back).
+    idle: Vec<bool>,
     /// Whether the task's input ended there.
     ended: bool,
 }
@@ -63,7 +65,7 @@ struct Applied {
 impl Applied {
     /// Nothing applied yet, of `streams` streams.
     fn new(streams: usize) -> Self {
-        Applied { epoch: None, watermarks: vec![i64::MIN; streams], ended: false }
+        Applied { epoch: None, watermarks: vec![i64::MIN; streams], idle: vec![false; streams], ended: false }
     }
 }
 
@@ -215,7 +217,9 @@ impl Receiver {
             Wire::Chunk { stream, batch, .. } => {
                 self.cfg.schemas.get(*stream as usize).is_some_and(|s| s.fields() == batch.schema().fields())
             }
-            Wire::Marker { marker, .. } => marker.watermarks.len() == self.streams,
+            Wire::Marker { marker, .. } => {
+                marker.watermarks.len() == self.streams && (marker.idle.is_empty() || marker.idle.len() == self.streams)
+            }
         };
         if !fits {
             self.skip(offset, format!("task {task}, epoch {epoch}: not of this plan's streams"));
@@ -263,6 +267,7 @@ impl Receiver {
         for (w, m) in a.watermarks.iter_mut().zip(&marker.watermarks) {
             *w = (*w).max(*m);
         }
+        a.idle = if marker.idle.is_empty() { vec![false; self.streams] } else { marker.idle };
         a.ended = marker.ended;
         // older epochs of the task, read in part, were replaced by this one
         self.pending.retain(|(t, e), _| *t != task || *e > epoch);
@@ -273,8 +278,7 @@ impl Receiver {
     /// Sends each stream's watermark where the minimum over the tasks moved.
     fn advance(&mut self) -> Result<(), PipelineError> {
         for s in 0..self.streams {
-            let w = self.applied.iter().map(|a| if a.epoch.is_some() { a.watermarks[s] } else { i64::MIN }).min();
-            let w = w.unwrap_or(i64::MIN);
+            let Some(w) = stream_watermark(&self.applied, s) else { continue };
             if w > self.sent[s] {
                 self.sent[s] = w;
                 self.outputs.blocking_send(s, Message::Watermark(w))?;
@@ -306,6 +310,17 @@ impl Receiver {
     }
 }
 
+/// Stream `s`'s watermark over the tasks: the minimum over those not idle on it, a task not
+/// heard from holding it at its start; `None` while every task is idle on it (it stays where
+/// it is, as in one process whose partitions all went idle).
+fn stream_watermark(applied: &[Applied], s: usize) -> Option<i64> {
+    applied
+        .iter()
+        .filter(|a| a.epoch.is_none() || !a.idle[s])
+        .map(|a| if a.epoch.is_some() { a.watermarks[s] } else { i64::MIN })
+        .min()
+}
+
 fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("task", DataType::Int32, false),
@@ -313,6 +328,7 @@ fn schema() -> Arc<Schema> {
         Field::new("ended", DataType::Boolean, false),
         Field::new("stream", DataType::UInt16, false),
         Field::new("watermark", DataType::Int64, false),
+        Field::new("idle", DataType::Boolean, false),
     ]))
 }
 
@@ -329,6 +345,7 @@ fn snapshot(applied: &[Applied]) -> Result<RecordBatch, String> {
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.1.ended)))),
             Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.2 as u16))),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.1.idle[r.2])))),
         ],
     )
     .map_err(|e| e.to_string())
@@ -345,6 +362,8 @@ fn restore(b: &RecordBatch, streams: usize, applied: &mut Vec<Applied>) -> Resul
     ) else {
         return Err("its columns have other types".into());
     };
+    // saved before idleness was recorded: none idle
+    let idle = (b.num_columns() > 5).then(|| col(5).downcast_ref::<BooleanArray>()).flatten();
     for i in 0..b.num_rows() {
         let (task, stream) = (t.value(i) as usize, s.value(i) as usize);
         if stream >= streams {
@@ -357,6 +376,7 @@ fn restore(b: &RecordBatch, streams: usize, applied: &mut Vec<Applied>) -> Resul
         a.epoch = e.is_valid(i).then(|| e.value(i));
         a.ended = x.value(i);
         a.watermarks[stream] = w.value(i);
+        a.idle[stream] = idle.is_some_and(|x| x.value(i));
     }
     Ok(())
 }
@@ -368,13 +388,42 @@ mod tests {
     #[test]
     fn what_was_applied_restores_the_same() {
         let a = vec![
-            Applied { epoch: Some(4), watermarks: vec![10, 20], ended: false },
-            Applied { epoch: None, watermarks: vec![i64::MIN, i64::MIN], ended: false },
-            Applied { epoch: Some(9), watermarks: vec![30, 5], ended: true },
+            Applied { epoch: Some(4), watermarks: vec![10, 20], idle: vec![false, true], ended: false },
+            Applied { epoch: None, watermarks: vec![i64::MIN, i64::MIN], idle: vec![false; 2], ended: false },
+            Applied { epoch: Some(9), watermarks: vec![30, 5], idle: vec![true, false], ended: true },
         ];
         let mut back = vec![Applied::new(2); 2];
         restore(&snapshot(&a).unwrap(), 2, &mut back).unwrap();
         assert_eq!(back, a);
         assert!(restore(&snapshot(&a).unwrap(), 1, &mut back).is_err());
+        // saved before idleness was recorded: none idle
+        let mut back = vec![Applied::new(2); 3];
+        restore(&snapshot(&a).unwrap().project(&[0, 1, 2, 3, 4]).unwrap(), 2, &mut back).unwrap();
+        assert!(back.iter().all(|b| b.idle == [false, false]));
+    }
+
+    #[test]
+    fn a_stream_idle_in_a_task_does_not_wait_for_it() {
+        let task = |epoch, watermarks: [i64; 2], idle: [bool; 2]| Applied {
+            epoch,
+            watermarks: watermarks.to_vec(),
+            idle: idle.to_vec(),
+            ended: false,
+        };
+        // stream 1 has no partition in task 1 (idle there from its first epoch)
+        let mut a = vec![task(Some(3), [100, 200], [false, false]), task(Some(2), [90, i64::MIN], [false, true])];
+        assert_eq!(stream_watermark(&a, 0), Some(90));
+        assert_eq!(stream_watermark(&a, 1), Some(200), "task 1 does not hold stream 1");
+        // a task not heard from holds every stream, idle or not
+        a.push(task(None, [0, 0], [true, true]));
+        assert_eq!(stream_watermark(&a, 1), Some(i64::MIN));
+        a.pop();
+        // every task idle on a stream: it stays where it is
+        a[0].idle[1] = true;
+        assert_eq!(stream_watermark(&a, 1), None);
+        // a task whose stream speaks again holds it again (the minimum may go back: nothing
+        // sent goes back, `advance` sends only what passes the last one)
+        a[1].idle[1] = false;
+        assert_eq!(stream_watermark(&a, 1), Some(i64::MIN));
     }
 }

@@ -8,21 +8,25 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 /// limit is 1 MiB; the producer compresses with zstd).
 const CHUNK_BYTES: usize = 512 * 1024;
 
-/// One epoch of a task, encoded: its chunks `(stream, Arrow IPC)` in order, and each stream's
-/// watermark at the epoch's barrier.
+/// One epoch of a task, encoded: its chunks `(stream, Arrow IPC)` in order, each stream's
+/// watermark at the epoch's barrier, and whether the stream was idle in the task then.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Epoch {
     pub(super) epoch: u64,
     pub(super) chunks: Vec<(u16, Vec<u8>)>,
     pub(super) watermarks: Vec<i64>,
+    pub(super) idle: Vec<bool>,
 }
 
-/// An epoch's marker: how many chunks it has, each stream's watermark, and whether the task's
-/// input ended there.
+/// An epoch's marker: how many chunks it has, each stream's watermark, which streams were idle
+/// (none of the task's partitions holds them back: the global task does not wait for them;
+/// empty from a publisher that did not say, none idle), and whether the task's input ended there.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Marker {
     pub(super) chunks: u32,
     pub(super) watermarks: Vec<i64>,
+    #[serde(default)]
+    pub(super) idle: Vec<bool>,
     pub(super) ended: bool,
 }
 

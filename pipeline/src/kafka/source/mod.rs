@@ -551,15 +551,15 @@ impl Loop {
             })
             .collect();
         for (topic, &port) in &ports {
-            if self.clocks[port].is_none() {
-                continue;
-            }
+            let Some(clock) = &self.clocks[port] else { continue };
             let holding: Vec<(i32, Option<i64>)> = parts
                 .iter()
                 .zip(&view)
                 .filter(|((tp, _), v)| &tp.0 == topic && v.holding)
                 .map(|((tp, _), v)| (tp.1, v.watermark))
                 .collect();
+            // none holds it: the global task does not wait for this task's stream (see `kafka::global`)
+            clock.set_idle(holding.is_empty());
             // no watermark while a partition that holds it back has not spoken, or none holds it
             let silent: Vec<i32> = holding.iter().filter(|(_, w)| w.is_none()).map(|(p, _)| *p).collect();
             let wm = if silent.is_empty() { holding.iter().filter_map(|(_, w)| *w).min() } else { None };
