@@ -124,10 +124,12 @@ def main(data: str) -> int:
     check("minute windows", minutes >= 24 * 1430, f"{minutes} segment-minutes (24 segments x 1440)")
     cards = open(os.path.join(os.path.dirname(__file__), "..", "..", "models", "congestion.md")).read() + \
         open(os.path.join(os.path.dirname(__file__), "..", "..", "models", "incident.md")).read()
-    for table, model in [("predictions", "congestion_fp32"), ("predictions_shadow", "congestion_int8"),
+    for table, model in [("predictions", "congestion_small"), ("predictions_shadow", "congestion_fp32"),
                          ("incident_scores", "incident_fp32")]:
-        n, shas, names = q(f"SELECT count(*), count(DISTINCT model_sha256), min(model_sha256) FROM {src(table)}")
-        check(f"{table}", n == minutes and shas == 1 and names in cards, f"{n} rows, model checksum in its card: {names in cards}")
+        n, shas, sha, names = q(f"SELECT count(*), count(DISTINCT model_sha256), min(model_sha256), "
+                                f"string_agg(DISTINCT model, ',') FROM {src(table)}")
+        check(f"{table}", n == minutes and shas == 1 and sha in cards and names == model,
+              f"{n} rows of {names}, model checksum in its card: {sha in cards}")
     bad = q(f"SELECT count(*) FILTER (WHERE NOT (speed_15m_kmh BETWEEN 0 AND 150) OR isnan(speed_60m_kmh)) FROM {src('predictions')}")[0]
     check("predicted speeds plausible", bad == 0, f"{bad} outside 0..150 km/h")
     n = q(f"SELECT count(*) FROM {src('california7')}")[0]

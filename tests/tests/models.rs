@@ -56,12 +56,12 @@ stages:
   congestion:
     type: infer
     input: features
-    model: {r}/models/onnx/congestion_fp32.onnx
+    model: {r}/models/onnx/congestion_small.onnx
     features: features
     outputs: {{speed_kmh: [speed_15m_kmh, speed_30m_kmh, speed_60m_kmh]}}
     keep: [segment_id, window_end]
     providers: [cuda, cpu]
-    shadow: {{model: {r}/models/onnx/congestion_int8.onnx}}
+    shadow: {{model: {r}/models/onnx/congestion_fp32.onnx}}
   incidents:
     type: infer
     input: features
@@ -138,7 +138,7 @@ async fn stream_features_and_california7_match_the_python_training_code() {
     // predictions are plausible speeds, stamped with the model and its checksum
     let r = sql::query(
         &lake,
-        "SELECT MIN(speed_30m_kmh), MAX(speed_30m_kmh), COUNT(DISTINCT model_sha256), MIN(model) = 'congestion_fp32' AND MAX(model) = 'congestion_fp32' FROM predictions",
+        "SELECT MIN(speed_30m_kmh), MAX(speed_30m_kmh), COUNT(DISTINCT model_sha256), MIN(model) = 'congestion_small' AND MAX(model) = 'congestion_small' FROM predictions",
     )
     .await
     .unwrap();

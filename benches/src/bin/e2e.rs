@@ -5,8 +5,8 @@
 //!
 //! Run: `cargo run --release -p citystream-benches --bin e2e -- --days 1 --repeat 3`
 //!
-//! `--models int8` (or `small`) runs the pipeline with the int8 (or small) model variants in
-//! place of fp32 and prints, beside CPU-seconds, the joules per million events of the energy
+//! `--models fp32` (or `int8`) runs the pipeline with the fp32 (or int8) model variants in
+//! place of the configured ones (`congestion_small`, `incident_fp32`) and prints, beside CPU-seconds, the joules per million events of the energy
 //! account (table `energy`: RAPL when readable, else the configured watts-per-core model) and
 //! of the inference stages alone:
 //! `cargo run --release -p citystream-benches --bin e2e -- --days 1 --repeat 3 --models int8`
@@ -48,8 +48,9 @@ struct Args {
     /// Print thread CPU-seconds per million events for every task (median over runs).
     #[arg(long)]
     per_stage: bool,
-    /// Model variant in the pipeline: `fp32` (as configured), `int8` or `small`.
-    #[arg(long, default_value = "fp32")]
+    /// Model variant in the pipeline: `small` (as configured: congestion_small, incident_fp32),
+    /// `fp32` or `int8`.
+    #[arg(long, default_value = "small")]
     models: String,
     /// Files mode: the same decode → Parquet pipeline as Kafka mode, reading zstd JSON lines.
     #[arg(long)]
@@ -168,14 +169,14 @@ fn main() -> anyhow::Result<()> {
                 .map(|l| format!("{l}\n"))
                 .collect::<String>()
                 .replace(" predictions_shadow,", "");
+            // the config runs congestion_small and incident_fp32 (there is no small incident model)
             let text = match args.models.as_str() {
-                "fp32" => text,
+                "small" => text,
+                "fp32" => text.replace("congestion_small.onnx", "congestion_fp32.onnx"),
                 "int8" => text
-                    .replace("congestion_fp32.onnx", "congestion_int8.onnx")
+                    .replace("congestion_small.onnx", "congestion_int8.onnx")
                     .replace("incident_fp32.onnx", "incident_int8.onnx"),
-                // there is no small incident model: the incident detector stays fp32
-                "small" => text.replace("congestion_fp32.onnx", "congestion_small.onnx"),
-                other => anyhow::bail!("--models {other}: expected fp32, int8 or small"),
+                other => anyhow::bail!("--models {other}: expected small, fp32 or int8"),
             };
             let mut raw = config::load_str(&text, &args.config.display().to_string())?;
             raw.runtime.status_interval = None;
