@@ -229,7 +229,8 @@ pub struct Model {
     pub path: PathBuf,
     /// The provider that runs it.
     pub provider: Provider,
-    session: Session,
+    /// Shared with every model of the same bytes, provider and threads in the process.
+    session: crate::sessions::Shared,
     input: String,
     outputs: Vec<(String, usize)>,
 }
@@ -276,9 +277,14 @@ impl Model {
             .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_owned());
         let mut failures = Vec::new();
         let mut chosen = None;
+        let threads = opts.intra_threads.max(1);
         for &p in &opts.providers {
-            match session(env, &bytes, p, opts.intra_threads.max(1)) {
-                Ok(s) => {
+            let key = crate::sessions::Key { sha256: sha256.clone(), provider: p.name(), intra_threads: threads };
+            match crate::sessions::get_or_create(key, || session(env, &bytes, p, threads)) {
+                Ok((s, shared)) => {
+                    if shared {
+                        tracing::debug!(model = %name, provider = p.name(), "sharing the session of the same model file");
+                    }
                     chosen = Some((p, s));
                     break;
                 }
@@ -325,7 +331,8 @@ impl Model {
 
     /// What does not fit in the model's input and outputs.
     fn check_contract(&mut self, opts: &LoadOptions) -> Result<(), String> {
-        let inputs = self.session.inputs();
+        let session = crate::sessions::lock(&self.session);
+        let inputs = session.inputs();
         if inputs.len() != 1 {
             return Err(format!("has {} inputs; a citystream model has exactly one", inputs.len()));
         }
@@ -346,10 +353,10 @@ impl Model {
             }
             other => return Err(format!("input `{}` is {other:?}, not a tensor", input.name())),
         }
-        self.input = input.name().to_owned();
+        let input = input.name().to_owned();
         for (name, width) in &opts.outputs {
-            let Some(o) = self.session.outputs().iter().find(|o| o.name() == name) else {
-                let have: Vec<&str> = self.session.outputs().iter().map(|o| o.name()).collect();
+            let Some(o) = session.outputs().iter().find(|o| o.name() == name) else {
+                let have: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
                 return Err(format!("no output `{name}` (outputs: {})", have.join(", ")));
             };
             match o.dtype() {
@@ -367,8 +374,16 @@ impl Model {
                 other => return Err(format!("output `{name}` is {other:?}, not a tensor")),
             }
         }
+        drop(session);
+        self.input = input;
         self.outputs = opts.outputs.clone();
         Ok(())
+    }
+
+    /// Whether `self` and `other` run on one ONNX Runtime session (same bytes, provider and
+    /// threads, loaded in one process).
+    pub fn shares_session_with(&self, other: &Model) -> bool {
+        std::sync::Arc::ptr_eq(&self.session, &other.session)
     }
 
     /// The column count of each configured output.
@@ -382,7 +397,8 @@ impl Model {
         let width = features.len().checked_div(rows).unwrap_or(0);
         let failed = |source| ModelError::Run { model: self.name.clone(), source };
         let tensor = TensorRef::from_array_view(([rows, width], features)).map_err(failed)?;
-        let outs = self.session.run(ort::inputs![self.input.as_str() => tensor]).map_err(failed)?;
+        let mut session = crate::sessions::lock(&self.session);
+        let outs = session.run(ort::inputs![self.input.as_str() => tensor]).map_err(failed)?;
         let mut result = Vec::with_capacity(self.outputs.len());
         for (name, w) in &self.outputs {
             let (shape, data) = outs[name.as_str()].try_extract_tensor::<f32>().map_err(failed)?;

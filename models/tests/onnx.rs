@@ -188,6 +188,38 @@ fn a_bad_model_file_is_a_clear_error() {
     assert!(e.contains("[batch, 19]"), "{e}");
 }
 
+/// Models of one file share one ONNX Runtime session in a process (the per-partition tasks of
+/// one process load each model once per task), and take turns on it: threads running it at
+/// once get what one gets alone.
+#[test]
+fn models_of_one_file_share_one_session_and_take_turns() {
+    let small = models_dir().join("onnx/congestion_small.onnx");
+    let mut a = Model::load(&small, None, &opts("speed_kmh", 3)).unwrap();
+    let b = Model::load(&small, Some("another name"), &opts("speed_kmh", 3)).unwrap();
+    assert!(a.shares_session_with(&b), "the same file");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&small, dir.path().join("copy.onnx")).unwrap();
+    let copy = Model::load(&dir.path().join("copy.onnx"), None, &opts("speed_kmh", 3)).unwrap();
+    assert!(a.shares_session_with(&copy), "the same bytes elsewhere");
+    let fp32 = Model::load(&models_dir().join("onnx/congestion_fp32.onnx"), None, &opts("speed_kmh", 3)).unwrap();
+    assert!(!a.shares_session_with(&fp32), "other bytes");
+    let two = Model::load(&small, None, &LoadOptions { intra_threads: 2, ..opts("speed_kmh", 3) }).unwrap();
+    assert!(!a.shares_session_with(&two), "other threads");
+    let (inputs, _) = congestion_rows();
+    let (rows, flat) = (inputs.len(), inputs.concat());
+    let alone = a.run(&flat, rows).unwrap();
+    let runs: Vec<_> = [a, b, copy]
+        .map(|mut m| {
+            let flat = flat.clone();
+            std::thread::spawn(move || (0..200).map(|_| m.run(&flat, rows).unwrap()).collect::<Vec<_>>())
+        })
+        .into_iter()
+        .collect();
+    for r in runs {
+        assert!(r.join().unwrap().iter().all(|out| *out == alone), "a shared run gives what a run alone gives");
+    }
+}
+
 #[test]
 fn cuda_first_falls_back_to_cpu_with_the_reason_logged() {
     // no GPU here (and no `cuda` feature in the default build): the CPU provider serves
