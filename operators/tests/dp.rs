@@ -234,3 +234,73 @@ fn held_windows_go_out_at_a_checkpoint_once_the_grid_is_clean_even_without_a_new
     op.on_checkpoint(&mut out).unwrap();
     assert_eq!(out.port(0).iter().map(|b| b.num_rows()).sum::<usize>(), 1, "released at the checkpoint");
 }
+
+/// A task's state restored on another machine (another `budget_dir`, empty) brings the spent
+/// budget with it: a release replayed there is not charged again, and the budget stops
+/// releases where it would have on the first machine.
+#[test]
+fn the_budget_moves_with_the_state_to_another_budget_dir() {
+    const H: i64 = 3_600_000;
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = first.path().join("noise.key");
+    let extra = format!(
+        "partitions: {{public: [a]}}\nnoise_key: {{secret_file: {}, create_secret_file: true}}\n",
+        key.display()
+    );
+    let c = DpConfig { insecure_seed: None, ..cfg(first.path(), &extra) };
+    // the hours released by feeding `hours`, each followed by the watermark at its end
+    let feed = |op: &mut dyn citystream_operators::Operator, hours: std::ops::Range<i64>| -> Vec<i64> {
+        let mut out = Collector::new(op.outputs().len());
+        for h in hours {
+            let rows: Vec<_> = (0..20).map(|i| r("a", &format!("s{i}"), h * H + i, 1.0)).collect();
+            op.process_batch(util::batch(&rows), &mut out).unwrap();
+            op.on_watermark((h + 1) * H, &mut out).unwrap();
+        }
+        let mut starts = Vec::new();
+        for (p, b) in out.drain() {
+            if p == 0 {
+                let s = b.column_by_name("window_start").unwrap();
+                starts.extend(
+                    s.as_primitive::<arrow::datatypes::TimestampMillisecondType>().values().iter().map(|s| s / H),
+                );
+            }
+        }
+        starts
+    };
+    let mut op = build(&c);
+    // two releases of ε = 1 (budget 3), then a checkpoint
+    assert_eq!(feed(op.as_mut(), 0..2), [0, 1]);
+    let state = op.snapshot().unwrap().unwrap();
+    // elsewhere: an empty budget dir
+    let c2 = DpConfig {
+        budget_dir: citystream_operators::EnvString::literal(second.path().display().to_string()),
+        ..c.clone()
+    };
+    let spent = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("r.json")).unwrap()).unwrap()
+    };
+    let mut moved = build(&c2);
+    moved.restore(state).unwrap();
+    assert_eq!(spent(second.path())["releases"], 2, "the restored ledger is persisted where the task runs now");
+    // a replay of hour 1 gives the same release at no cost; hour 2 is the third release; hour 3
+    // would exceed the budget
+    assert_eq!(feed(moved.as_mut(), 1..4), [1, 2]);
+    assert_eq!(spent(second.path())["releases"], 3);
+    // an older ledger in the state does not lower a further one on disk
+    let mut back = build(&c2);
+    back.restore(op.snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(spent(second.path())["releases"], 3);
+    // without the ledger in the state (an empty budget dir, a snapshot of the windows only),
+    // the budget would start over: the test fails without the carried ledger
+    let third = tempfile::tempdir().unwrap();
+    let c3 = DpConfig {
+        budget_dir: citystream_operators::EnvString::literal(third.path().display().to_string()),
+        ..c.clone()
+    };
+    let snap = op.snapshot().unwrap().unwrap();
+    // the ledger is the last row
+    let windows_only = snap.slice(0, snap.num_rows() - 1).project(&[0, 1, 2, 3]).unwrap();
+    let mut fresh = build(&c3);
+    fresh.restore(windows_only).unwrap();
+    assert_eq!(feed(fresh.as_mut(), 2..5), [2, 3, 4], "an old snapshot (no ledger) restores, budget from the file");
+}

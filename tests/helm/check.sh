@@ -6,7 +6,7 @@
 #     not in those schemas) is checked by tests/helm/check_manifests.py
 #   - rendering without the pseudonym and DP keys fails and says which value to set
 #   - the chart's pipeline is deploy/kafka.yaml but for per-partition tasks with their state on
-#     object storage, static membership and no control center of its own, and the rendered one plans (`citystream
+#     object storage and a global task, static membership and no control center of its own, and the rendered one plans (`citystream
 #     validate`) with the pods' environment; its control centers' file is deploy/control.yaml
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -14,7 +14,7 @@ cd "$root"
 helm="$(scripts/setup-helm.sh)"
 chart=deploy/helm/citystream
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+trap 'cp "$out/plan.txt" /tmp/helm-plan.txt 2>/dev/null; rm -rf "$out"' EXIT
 key="$(head -c32 /dev/urandom | base64)"
 keys=(--set "secrets.pseudonymKey=$key" --set "secrets.dpNoiseKey=$key"
       --set "secrets.controlTokens=viewer vic viewer-token-0123456789")
@@ -37,9 +37,9 @@ fi
 grep -q "secrets.controlTokens (viewer NAME TOKEN; operator NAME TOKEN) or secrets.existingSecret" "$out/err"
 
 # nothing but the state and tasks, static membership and the control sink differs from deploy/kafka.yaml
-diff <(grep -v '^#' "$chart/files/pipeline.yaml" | grep -v '^$' | grep -v 'group.instance.id: ${POD_NAME}' |
-        grep -v '^  tasks: partition' | sed 's|  state_url: ${CITYSTREAM_STATE_URL}.*|STATE|') \
-     <(grep -v '^#' deploy/kafka.yaml | grep -v '^$' | sed 's|  state_dir: ${CITYSTREAM_DATA:-data}/state|STATE|' |
+diff <(grep -v '^ *#' "$chart/files/pipeline.yaml" | grep -v '^$' | grep -v 'group.instance.id: ${POD_NAME}' |
+        grep -v '^  tasks: partition' | grep -v '^  global_task: true' | sed 's|  state_url: ${CITYSTREAM_STATE_URL}.*|STATE|') \
+     <(grep -v '^ *#' deploy/kafka.yaml | grep -v '^$' | sed 's|  state_dir: ${CITYSTREAM_DATA:-data}/state|STATE|' |
         sed '/^  control: /,/^runtime:/{/^runtime:/!d}')
 diff "$chart/files/control.yaml" deploy/control.yaml
 

@@ -167,6 +167,26 @@ impl Accountant {
         Ok((next, true))
     }
 
+    /// The ledger as it stands: what the operator's state carries, so that the budget moves with
+    /// a task whose state is restored on another machine (another `budget_dir`).
+    pub fn ledger(&self) -> &Spent {
+        &self.spent
+    }
+
+    /// Takes `other` (a ledger restored from the operator's state) where it is further than
+    /// the file's: a later period, or more releases in the same one. Both are records of one
+    /// release history (releases are deterministic, and charged before they are emitted), so
+    /// the further one holds the other: the budget is never under-counted. Returns whether it
+    /// was taken (then persisted).
+    pub fn adopt(&mut self, other: Spent) -> Result<bool, BudgetError> {
+        if (other.period, other.releases) <= (self.spent.period, self.spent.releases) {
+            return Ok(false);
+        }
+        self.persist(&other)?;
+        self.spent = other;
+        Ok(true)
+    }
+
     fn persist(&self, s: &Spent) -> Result<(), BudgetError> {
         use std::io::Write;
         let io = |e: std::io::Error| BudgetError::Io { path: self.path.clone(), message: e.to_string() };

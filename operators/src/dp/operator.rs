@@ -366,22 +366,32 @@ impl Operator for DpAggregateOp {
         true
     }
 
+    /// The rows of open windows, and one more row (`budget`, JSON) with the accountant's
+    /// ledger: the budget moves with the state to wherever it is restored.
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut starts = Vec::new();
-        let (mut us, mut ps, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut us, mut ps, mut vs, mut bs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (s, rows) in &self.windows {
             for r in rows {
                 starts.push(*s);
                 us.push(r.unit.clone());
                 ps.push(r.partition.clone());
                 vs.push(r.value);
+                bs.push(None);
             }
         }
+        let ledger = serde_json::to_string(self.accountant.ledger()).expect("plain numbers and strings serialize");
+        starts.push(i64::MIN);
+        us.push(String::new());
+        ps.push(String::new());
+        vs.push(0.0);
+        bs.push(Some(ledger));
         let schema = Arc::new(Schema::new(vec![
             Field::new("window_start", DataType::Int64, false),
             Field::new("unit", DataType::Utf8, false),
             Field::new("partition", DataType::Utf8, false),
             Field::new("value", DataType::Float64, false),
+            Field::new("budget", DataType::Utf8, true),
         ]));
         Ok(Some(RecordBatch::try_new(
             schema,
@@ -390,30 +400,44 @@ impl Operator for DpAggregateOp {
                 Arc::new(StringArray::from(us)),
                 Arc::new(StringArray::from(ps)),
                 Arc::new(Float64Array::from(vs)),
+                Arc::new(StringArray::from(bs)),
             ],
         )?))
     }
 
     fn restore(&mut self, state: RecordBatch) -> Result<(), OperatorError> {
         let names: Vec<&str> = state.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
-        if names != ["window_start", "unit", "partition", "value"] {
+        // snapshots taken before the ledger was kept have no `budget`
+        if names[..names.len().min(4)] != ["window_start", "unit", "partition", "value"]
+            || !matches!(names.get(4..), Some([] | ["budget"]))
+        {
             return Err(OperatorError::State {
                 operator: "dp_aggregate",
                 detail: "not a dp_aggregate snapshot".into(),
             });
         }
+        let bad = |detail: String| OperatorError::State { operator: "dp_aggregate", detail };
         self.windows.clear();
         let s = state.column(0).as_primitive::<arrow::datatypes::Int64Type>();
         let u = state.column(1).as_string::<i32>();
         let p = state.column(2).as_string::<i32>();
         let v = state.column(3).as_primitive::<arrow::datatypes::Float64Type>();
+        let b = (state.num_columns() > 4).then(|| state.column(4).as_string::<i32>());
         for i in 0..state.num_rows() {
+            if let Some(ledger) = b.filter(|b| b.is_valid(i)).map(|b| b.value(i)) {
+                let spent = serde_json::from_str(ledger).map_err(|e| bad(format!("the budget ledger: {e}")))?;
+                if self.accountant.adopt(spent).map_err(|e| bad(e.to_string()))? {
+                    tracing::info!(release = %self.cfg.release, "privacy budget taken from the restored state");
+                }
+                continue;
+            }
             self.windows.entry(s.value(i)).or_default().push(Row {
                 unit: u.value(i).to_owned(),
                 partition: p.value(i).to_owned(),
                 value: v.value(i),
             });
         }
+        self.spent.set(self.accountant.ledger().epsilon_at(self.accountant.delta));
         Ok(())
     }
 }
