@@ -14,7 +14,7 @@ cd "$root"
 helm="$(scripts/setup-helm.sh)"
 chart=deploy/helm/citystream
 out="$(mktemp -d)"
-trap 'cp "$out/plan.txt" /tmp/helm-plan.txt 2>/dev/null; rm -rf "$out"' EXIT
+trap 'rm -rf "$out"' EXIT
 key="$(head -c32 /dev/urandom | base64)"
 keys=(--set "secrets.pseudonymKey=$key" --set "secrets.dpNoiseKey=$key"
       --set "secrets.controlTokens=viewer vic viewer-token-0123456789")
@@ -50,4 +50,7 @@ POD_NAME=city-citystream-0 KAFKA_BROKERS=kafka:9092 KAFKA_GROUP=citystream CITYS
   CITYSTREAM_STATE_URL=s3://citystream-state/workers \
   "${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}/debug/citystream" validate "$out/pipeline.yaml" >"$out/plan.txt"
 grep -q "source kafka (kafka) -> traffic, camera, environment" "$out/plan.txt"
+# the city-wide stages run once, in the global task
+grep -q "incident_alerts: .storm. limits the alerts open city-wide: it runs in the global task" "$out/plan.txt"
+grep -q "dp_segment_speed: .partitions.public. releases every listed partition.*it runs in the global task" "$out/plan.txt"
 echo "helm chart: lint, schemas (2 renderings), required keys, config drift, manifests and plan checked"
