@@ -173,6 +173,7 @@ impl PipelinePlan {
                     source: (**k).clone(),
                     topic,
                     schemas,
+                    names: inputs.iter().map(ToString::to_string).collect(),
                 })),
                 outputs,
             }];

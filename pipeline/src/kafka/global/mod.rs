@@ -72,6 +72,10 @@ pub struct ReceiveConfig {
     /// The schema of each stream (the source's ports), in port order: a chunk of another
     /// schema is skipped.
     pub schemas: Vec<arrow::datatypes::SchemaRef>,
+    /// The name of each stream (`stage.port`), in port order: chunks and markers name their
+    /// streams, so a config that adds, removes or reorders them never sends rows to another
+    /// stream's port.
+    pub names: Vec<String>,
 }
 
 /// Creates `topic` (one partition, the broker's default replication and retention) unless it

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow::array::{Array, BinaryArray, BooleanArray, Int64Array, RecordBatch, UInt16Array, UInt64Array};
+use arrow::array::{Array, BinaryArray, BooleanArray, Int64Array, RecordBatch, StringArray, UInt16Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use citystream_operators::event_time::EventClock;
 use futures_util::FutureExt;
@@ -30,6 +30,8 @@ pub(crate) struct GlobalPublisher {
     epoch: u64,
     /// This epoch's rows, per stream.
     rows: Vec<Vec<RecordBatch>>,
+    /// Each stream's name (`stage.port`), as chunks, markers and stored epochs name them.
+    names: Vec<String>,
     /// Each stream's watermark.
     watermarks: Vec<i64>,
     /// Per stream, the event clocks of the source streams it comes from: idle when all are.
@@ -56,11 +58,12 @@ impl GlobalPublisher {
         let producer: FutureProducer =
             crate::kafka::producer_config(&cfg.brokers, &cfg.properties).create().map_err(|e| ctx.error(e))?;
         let streams = ctx.inputs.len();
+        let names = ctx.inputs.clone();
         let mut unpublished = VecDeque::new();
         if state.restored_epoch() > 0 {
             let loaded = state.load(ctx.name, KIND).map_err(|e| ctx.error(e))?;
             if let Some((batch, _)) = loaded {
-                unpublished.extend(from_batch(&batch, streams).map_err(|e| ctx.error(e))?);
+                unpublished.extend(from_batch(&batch, &names).map_err(|e| ctx.error(e))?);
             }
         }
         Ok(Self {
@@ -71,6 +74,7 @@ impl GlobalPublisher {
             state,
             cpu_ns: ctx.cpu_ns,
             rows: vec![Vec::new(); streams],
+            names,
             watermarks: vec![i64::MIN; streams],
             clocks: ctx.upstream_clocks,
             unpublished,
@@ -103,7 +107,7 @@ impl GlobalPublisher {
         // manifest was never written (a stop takes its final checkpoint without committing the
         // one in flight) is published only once a later one commits, and whoever restores
         // that later one publishes them all
-        let batch = to_batch(self.unpublished.iter()).map_err(|m| self.err(m))?;
+        let batch = to_batch(self.unpublished.iter(), &self.names).map_err(|m| self.err(m))?;
         self.state.save(epoch, &self.name, KIND, &batch, i64::MIN).map_err(|m| self.err(m))?;
         Ok(())
     }
@@ -135,10 +139,16 @@ impl GlobalPublisher {
     /// Queues epoch `e`'s chunks and marker; returns the marker.
     async fn queue(&mut self, e: &Epoch, ended: bool) -> Result<Marker, PipelineError> {
         for (i, (stream, body)) in e.chunks.iter().enumerate() {
-            self.send(body, wire::chunk_headers(self.cfg.task, e.epoch, i as u32, *stream)).await?;
+            let headers = wire::chunk_headers(self.cfg.task, e.epoch, i as u32, *stream, &self.names[*stream as usize]);
+            self.send(body, headers).await?;
         }
-        let marker =
-            Marker { chunks: e.chunks.len() as u32, watermarks: e.watermarks.clone(), idle: e.idle.clone(), ended };
+        let marker = Marker {
+            chunks: e.chunks.len() as u32,
+            streams: self.names.clone(),
+            watermarks: e.watermarks.clone(),
+            idle: e.idle.clone(),
+            ended,
+        };
         self.send_marker(e.epoch, &marker).await?;
         Ok(marker)
     }
@@ -185,7 +195,13 @@ impl GlobalPublisher {
             // (its chunks went before it)
             let (epoch, mut marker) = self.last.clone().unwrap_or((
                 committed,
-                Marker { chunks: 0, watermarks: self.watermarks.clone(), idle: Vec::new(), ended: true },
+                Marker {
+                    chunks: 0,
+                    streams: self.names.clone(),
+                    watermarks: self.watermarks.clone(),
+                    idle: Vec::new(),
+                    ended: true,
+                },
             ));
             marker.ended = true;
             self.send_marker(epoch, &marker).await?;
@@ -236,12 +252,13 @@ fn stored_schema() -> Arc<Schema> {
         Field::new("watermark", DataType::Int64, false),
         Field::new("chunk", DataType::Binary, true),
         Field::new("idle", DataType::Boolean, true),
+        Field::new("name", DataType::Utf8, true),
     ]))
 }
 
 /// Epochs as stored: per epoch, one row per stream with its watermark and idleness, then one
-/// per chunk.
-fn to_batch<'a>(epochs: impl Iterator<Item = &'a Epoch>) -> Result<RecordBatch, String> {
+/// per chunk; every row names its stream (`names`, by position).
+fn to_batch<'a>(epochs: impl Iterator<Item = &'a Epoch>, names: &[String]) -> Result<RecordBatch, String> {
     let (mut ep, mut streams, mut wms, mut chunks, mut idle) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for e in epochs {
@@ -264,17 +281,20 @@ fn to_batch<'a>(epochs: impl Iterator<Item = &'a Epoch>) -> Result<RecordBatch, 
         stored_schema(),
         vec![
             Arc::new(UInt64Array::from(ep)),
-            Arc::new(UInt16Array::from(streams)),
+            Arc::new(UInt16Array::from(streams.clone())),
             Arc::new(Int64Array::from(wms)),
             Arc::new(BinaryArray::from_iter(chunks)),
             Arc::new(BooleanArray::from(idle)),
+            Arc::new(StringArray::from_iter_values(streams.iter().map(|s| names[*s as usize].as_str()))),
         ],
     )
     .map_err(|e| e.to_string())
 }
 
-/// The stored epochs, oldest first.
-fn from_batch(b: &RecordBatch, streams: usize) -> Result<Vec<Epoch>, String> {
+/// The stored epochs, oldest first, their streams placed by name among `names` (the task's
+/// streams now; epochs stored without names: by position).
+fn from_batch(b: &RecordBatch, names: &[String]) -> Result<Vec<Epoch>, String> {
+    let streams = names.len();
     let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("the stored epochs have no `{name}`"));
     let (e, s, w, c) = (col("epoch")?, col("stream")?, col("watermark")?, col("chunk")?);
     let (Some(e), Some(s), Some(w), Some(c)) = (
@@ -287,9 +307,23 @@ fn from_batch(b: &RecordBatch, streams: usize) -> Result<Vec<Epoch>, String> {
     };
     // epochs stored before idleness was recorded have no `idle`: none idle
     let idle = b.column_by_name("idle").and_then(|c| c.as_any().downcast_ref::<BooleanArray>());
+    let named = b.column_by_name("name").and_then(|c| c.as_any().downcast_ref::<StringArray>());
     let mut out: Vec<Epoch> = Vec::new();
     for i in 0..b.num_rows() {
-        let stream = s.value(i);
+        let stream = match named {
+            Some(n) => {
+                let name = n.value(i);
+                let at = names.iter().position(|x| x == name).ok_or_else(|| {
+                    format!(
+                        "a stored epoch has stream `{name}`, which the task no longer publishes ({}): remove the \
+                         tasks' state to change which streams reach the global task",
+                        names.join(", ")
+                    )
+                })?;
+                at as u16
+            }
+            None => s.value(i),
+        };
         if stream as usize >= streams {
             return Err(format!("a stored epoch has stream {stream}; the task publishes {streams}"));
         }
@@ -326,12 +360,21 @@ mod tests {
         };
         let f = Epoch { epoch: 8, chunks: vec![(2, vec![9])], watermarks: vec![110, 5, 310], idle: vec![true; 3] };
         let both = [e.clone(), f];
-        assert_eq!(from_batch(&to_batch(both.iter()).unwrap(), 3).unwrap(), both);
-        assert_eq!(from_batch(&to_batch([&e].into_iter()).unwrap(), 3).unwrap(), std::slice::from_ref(&e));
-        assert!(from_batch(&to_batch([&e].into_iter()).unwrap(), 1).is_err(), "a stream the task no longer has");
-        // stored before idleness was recorded: none idle
-        let old = to_batch([&e].into_iter()).unwrap();
-        let old = old.project(&[0, 1, 2, 3]).unwrap();
-        assert_eq!(from_batch(&old, 3).unwrap()[0].idle, vec![false; 3]);
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let stored = to_batch(both.iter(), &names).unwrap();
+        assert_eq!(from_batch(&stored, &names).unwrap(), both);
+        let one = to_batch([&e].into_iter(), &names).unwrap();
+        assert_eq!(from_batch(&one, &names).unwrap(), std::slice::from_ref(&e));
+        // streams are placed by name: a config that reorders them reads the same rows
+        let reordered: Vec<String> = ["c", "a", "b"].map(String::from).to_vec();
+        let back = from_batch(&one, &reordered).unwrap();
+        assert_eq!(back[0].watermarks, [300, 100, i64::MIN]);
+        assert_eq!(back[0].chunks, [(2, vec![1, 2, 3]), (1, vec![4]), (2, vec![5, 6])]);
+        let e2 = from_batch(&one, &names[..2]).unwrap_err();
+        assert!(e2.contains("`c`") && e2.contains("remove the tasks' state"), "a stream the task no longer has: {e2}");
+        // stored before names and idleness were recorded: by position, none idle
+        let old = one.project(&[0, 1, 2, 3]).unwrap();
+        assert_eq!(from_batch(&old, &names).unwrap()[0].idle, vec![false; 3]);
+        assert!(from_batch(&old, &names[..1]).is_err(), "a position the task no longer has");
     }
 }

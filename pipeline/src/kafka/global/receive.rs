@@ -115,7 +115,7 @@ impl Receiver {
         let (_, tasks) = crate::kafka::membership::lead_topic(&cfg.source).map_err(err)?;
         let mut applied = vec![Applied::new(streams); tasks as usize];
         if let Some((b, _)) = state.load(&name, KIND).map_err(|e| err(e.to_string()))? {
-            restore(&b, streams, &mut applied).map_err(|m| err(format!("restoring the global task: {m}")))?;
+            restore(&b, &cfg.names, &mut applied).map_err(|m| err(format!("restoring the global task: {m}")))?;
         }
         let resume = state.positions().get(&(cfg.topic.clone(), 0)).copied();
         let consumer: BaseConsumer =
@@ -208,6 +208,11 @@ impl Receiver {
         let (task, epoch) = match &w {
             Wire::Chunk { task, epoch, .. } | Wire::Marker { task, epoch, .. } => (*task, *epoch),
         };
+        // streams by name, in this plan's order (a task on another config names others)
+        let Some(w) = in_plan_order(w, &self.cfg.names) else {
+            self.skip(offset, format!("task {task}, epoch {epoch}: a stream this plan does not have"));
+            return Ok(());
+        };
         // what does not fit this plan is skipped before it is kept anywhere
         let Some(t) = usize::try_from(task).ok().filter(|t| *t < self.applied.len()) else {
             self.skip(offset, format!("task {task}: the lead topic has {} partitions", self.applied.len()));
@@ -297,7 +302,7 @@ impl Receiver {
         self.epoch += 1;
         let epoch = self.epoch;
         self.outputs.blocking_broadcast(Message::Barrier(Barrier { epoch }))?;
-        let snapshot = snapshot(&self.applied).map_err(|m| self.err(m))?;
+        let snapshot = snapshot(&self.applied, &self.cfg.names).map_err(|m| self.err(m))?;
         if !self.rt.block_on(self.acks.wait(epoch)) {
             return Err(PipelineError::Disconnected);
         }
@@ -307,6 +312,38 @@ impl Receiver {
         self.state.commit(epoch, &positions).map_err(state_err)?;
         self.checkpointed = resume;
         Ok(())
+    }
+}
+
+/// `w` with its streams placed by name among `names` (this plan's streams, in port order), or
+/// by position where the publisher did not name them; `None` when it names a stream `names`
+/// lacks, or a marker lacks one of `names`.
+fn in_plan_order(w: Wire, names: &[String]) -> Option<Wire> {
+    let at = |name: &str| names.iter().position(|n| n == name);
+    match w {
+        Wire::Chunk { task, epoch, index, stream, name, batch } => {
+            let stream = match &name {
+                Some(n) => u16::try_from(at(n)?).ok()?,
+                None => stream,
+            };
+            Some(Wire::Chunk { task, epoch, index, stream, name, batch })
+        }
+        Wire::Marker { task, epoch, mut marker } if !marker.streams.is_empty() => {
+            let from: Vec<usize> =
+                names.iter().map(|n| marker.streams.iter().position(|m| m == n)).collect::<Option<_>>()?;
+            if marker.watermarks.len() != marker.streams.len()
+                || !(marker.idle.is_empty() || marker.idle.len() == marker.streams.len())
+            {
+                return None;
+            }
+            marker.watermarks = from.iter().map(|&i| marker.watermarks[i]).collect();
+            if !marker.idle.is_empty() {
+                marker.idle = from.iter().map(|&i| marker.idle[i]).collect();
+            }
+            marker.streams = names.to_vec();
+            Some(Wire::Marker { task, epoch, marker })
+        }
+        w => Some(w),
     }
 }
 
@@ -329,11 +366,12 @@ fn schema() -> Arc<Schema> {
         Field::new("stream", DataType::UInt16, false),
         Field::new("watermark", DataType::Int64, false),
         Field::new("idle", DataType::Boolean, false),
+        Field::new("name", DataType::Utf8, false),
     ]))
 }
 
-/// What was applied of each task: a row per task and stream.
-fn snapshot(applied: &[Applied]) -> Result<RecordBatch, String> {
+/// What was applied of each task: a row per task and stream, the stream named (`names`).
+fn snapshot(applied: &[Applied], names: &[String]) -> Result<RecordBatch, String> {
     let rows =
         applied.iter().enumerate().flat_map(|(t, a)| a.watermarks.iter().enumerate().map(move |(s, w)| (t, a, s, *w)));
     let rows: Vec<_> = rows.collect();
@@ -346,12 +384,16 @@ fn snapshot(applied: &[Applied]) -> Result<RecordBatch, String> {
             Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.2 as u16))),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.1.idle[r.2])))),
+            Arc::new(arrow::array::StringArray::from_iter_values(rows.iter().map(|r| names[r.2].as_str()))),
         ],
     )
     .map_err(|e| e.to_string())
 }
 
-fn restore(b: &RecordBatch, streams: usize, applied: &mut Vec<Applied>) -> Result<(), String> {
+/// Restores what was applied, each stream placed by name among `names` (saved without names:
+/// by position); a stream the plan no longer has is dropped, one it gained starts unheard of.
+fn restore(b: &RecordBatch, names: &[String], applied: &mut Vec<Applied>) -> Result<(), String> {
+    let streams = names.len();
     let col = |i: usize| b.column(i).as_any();
     let (Some(t), Some(e), Some(x), Some(s), Some(w)) = (
         col(0).downcast_ref::<Int32Array>(),
@@ -364,8 +406,16 @@ fn restore(b: &RecordBatch, streams: usize, applied: &mut Vec<Applied>) -> Resul
     };
     // saved before idleness was recorded: none idle
     let idle = (b.num_columns() > 5).then(|| col(5).downcast_ref::<BooleanArray>()).flatten();
+    let named = (b.num_columns() > 6).then(|| col(6).downcast_ref::<arrow::array::StringArray>()).flatten();
     for i in 0..b.num_rows() {
-        let (task, stream) = (t.value(i) as usize, s.value(i) as usize);
+        let task = t.value(i) as usize;
+        let stream = match named {
+            Some(n) => match names.iter().position(|x| x == n.value(i)) {
+                Some(at) => at,
+                None => continue,
+            },
+            None => s.value(i) as usize,
+        };
         if stream >= streams {
             return Err(format!("it has stream {stream}; the plan has {streams}: remove the state of the global task"));
         }
@@ -392,14 +442,66 @@ mod tests {
             Applied { epoch: None, watermarks: vec![i64::MIN, i64::MIN], idle: vec![false; 2], ended: false },
             Applied { epoch: Some(9), watermarks: vec![30, 5], idle: vec![true, false], ended: true },
         ];
+        let names: Vec<String> = ["x", "y"].map(String::from).to_vec();
+        let saved = snapshot(&a, &names).unwrap();
         let mut back = vec![Applied::new(2); 2];
-        restore(&snapshot(&a).unwrap(), 2, &mut back).unwrap();
+        restore(&saved, &names, &mut back).unwrap();
         assert_eq!(back, a);
-        assert!(restore(&snapshot(&a).unwrap(), 1, &mut back).is_err());
-        // saved before idleness was recorded: none idle
+        // by name: a plan that reorders its streams, or dropped one and gained another
         let mut back = vec![Applied::new(2); 3];
-        restore(&snapshot(&a).unwrap().project(&[0, 1, 2, 3, 4]).unwrap(), 2, &mut back).unwrap();
+        restore(&saved, &["y".to_owned(), "x".to_owned()], &mut back).unwrap();
+        assert_eq!(back[0].watermarks, [20, 10]);
+        let mut back = vec![Applied::new(2); 3];
+        restore(&saved, &["new".to_owned(), "x".to_owned()], &mut back).unwrap();
+        assert_eq!(back[2].watermarks, [i64::MIN, 30], "the new stream is not heard of yet");
+        // saved before names and idleness were recorded: by position, none idle
+        let old = saved.project(&[0, 1, 2, 3, 4]).unwrap();
+        let mut back = vec![Applied::new(2); 3];
+        restore(&old, &names, &mut back).unwrap();
         assert!(back.iter().all(|b| b.idle == [false, false]));
+        assert!(restore(&old, &names[..1], &mut back).is_err(), "a position the plan no longer has");
+    }
+
+    #[test]
+    fn streams_are_placed_by_name_whatever_their_order_on_the_publisher() {
+        let names: Vec<String> = ["traffic", "alerts"].map(String::from).to_vec();
+        let marker = |streams: &[&str], watermarks: Vec<i64>, idle: Vec<bool>| Wire::Marker {
+            task: 1,
+            epoch: 3,
+            marker: Marker {
+                chunks: 0,
+                streams: streams.iter().map(|s| s.to_string()).collect(),
+                watermarks,
+                idle,
+                ended: false,
+            },
+        };
+        let Some(Wire::Marker { marker: m, .. }) =
+            in_plan_order(marker(&["alerts", "traffic", "other"], vec![1, 2, 3], vec![true, false, true]), &names)
+        else {
+            panic!("a marker naming every stream of the plan fits");
+        };
+        assert_eq!((m.watermarks, m.idle, m.streams), (vec![2, 1], vec![false, true], names.clone()));
+        assert!(in_plan_order(marker(&["traffic"], vec![1], vec![]), &names).is_none(), "a stream missing");
+        // unnamed (an older publisher): by position, as it came
+        assert!(in_plan_order(marker(&[], vec![1, 2], vec![]), &names).is_some());
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1]))]).unwrap();
+        let chunk = |stream: u16, name: Option<&str>| Wire::Chunk {
+            task: 0,
+            epoch: 1,
+            index: 0,
+            stream,
+            name: name.map(str::to_owned),
+            batch: batch.clone(),
+        };
+        let stream_of = |w: Option<Wire>| match w {
+            Some(Wire::Chunk { stream, .. }) => Some(stream),
+            _ => None,
+        };
+        assert_eq!(stream_of(in_plan_order(chunk(0, Some("alerts")), &names)), Some(1));
+        assert_eq!(stream_of(in_plan_order(chunk(1, None), &names)), Some(1));
+        assert_eq!(stream_of(in_plan_order(chunk(0, Some("gone")), &names)), None);
     }
 
     #[test]

@@ -18,12 +18,15 @@ pub(super) struct Epoch {
     pub(super) idle: Vec<bool>,
 }
 
-/// An epoch's marker: how many chunks it has, each stream's watermark, which streams were idle
-/// (none of the task's partitions holds them back: the global task does not wait for them;
-/// empty from a publisher that did not say, none idle), and whether the task's input ended there.
+/// An epoch's marker: how many chunks it has, the names of the streams (empty from a publisher
+/// that did not say: by position), each stream's watermark, which streams were idle (none of
+/// the task's partitions holds them back: the global task does not wait for them; empty from a
+/// publisher that did not say, none idle), and whether the task's input ended there.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Marker {
     pub(super) chunks: u32,
+    #[serde(default)]
+    pub(super) streams: Vec<String>,
     pub(super) watermarks: Vec<i64>,
     #[serde(default)]
     pub(super) idle: Vec<bool>,
@@ -33,8 +36,21 @@ pub(super) struct Marker {
 /// A message read from the global topic.
 #[derive(Debug)]
 pub(super) enum Wire {
-    Chunk { task: i32, epoch: u64, index: u32, stream: u16, batch: RecordBatch },
-    Marker { task: i32, epoch: u64, marker: Marker },
+    /// `name`: the stream's name, absent from a publisher that did not say (then `stream`, its
+    /// position, tells).
+    Chunk {
+        task: i32,
+        epoch: u64,
+        index: u32,
+        stream: u16,
+        name: Option<String>,
+        batch: RecordBatch,
+    },
+    Marker {
+        task: i32,
+        epoch: u64,
+        marker: Marker,
+    },
 }
 
 /// Appends `batch` of `stream` to `out` as chunks of at most about [`CHUNK_BYTES`].
@@ -75,11 +91,12 @@ fn decode_unchecked(body: &[u8]) -> Result<RecordBatch, String> {
     }
 }
 
-/// The headers of a chunk.
-pub(super) fn chunk_headers(task: i32, epoch: u64, index: u32, stream: u16) -> OwnedHeaders {
+/// The headers of a chunk of stream `stream` (its position), named `name`.
+pub(super) fn chunk_headers(task: i32, epoch: u64, index: u32, stream: u16, name: &str) -> OwnedHeaders {
     headers(task, epoch, "chunk")
         .insert(Header { key: "index", value: Some(&index.to_string()) })
         .insert(Header { key: "stream", value: Some(&stream.to_string()) })
+        .insert(Header { key: "name", value: Some(name) })
 }
 
 /// The headers of a marker.
@@ -114,6 +131,7 @@ pub(super) fn read(msg: &BorrowedMessage<'_>) -> Result<Wire, String> {
             epoch,
             index: u32::try_from(num("index")?).map_err(|_| "`index` is out of range".to_owned())?,
             stream: u16::try_from(num("stream")?).map_err(|_| "`stream` is out of range".to_owned())?,
+            name: get("name").ok().map(str::to_owned),
             batch: decode(body)?,
         }),
         "marker" => Ok(Wire::Marker {
