@@ -15,9 +15,10 @@
 //!   here), so each figure includes up to a second of it.
 //!
 //! With `--tasks`, the instances run per-partition tasks (`runtime.tasks: partition`) on one
-//! shared state directory.
+//! shared state directory; `--global` adds a city-wide DP release that runs in the global task.
 //!
 //! `cargo run --release -p citystream-benches --features kafka --bin scale_out -- --brokers 127.0.0.1:9092 --citystream target/release/citystream`
+//! (`--tasks --global --handovers 0` for the global task's cost)
 
 #[cfg(feature = "kafka")]
 fn main() -> anyhow::Result<()> {
@@ -76,6 +77,12 @@ mod harness {
         /// one state directory: a moved partition restores its task's state where it lands.
         #[arg(long)]
         tasks: bool,
+        /// With `--tasks`: a city-wide stage too (a DP mean speed per segment and hour over
+        /// public partitions, reading every traffic row), run once in the global task
+        /// (`runtime.global_task`): the tasks also publish their decoded traffic to the topic
+        /// `{group}.global`.
+        #[arg(long, requires = "tasks")]
+        global: bool,
     }
 
     /// The source's `properties` map as YAML: `session.timeout.ms` of `deploy/kafka.yaml`
@@ -119,7 +126,27 @@ mod harness {
         if args.tasks {
             runtime += &format!(", tasks: partition, state_url: \"file://{}\"", state.display());
         }
-        citystream_benches::decode_to_parquet("kafka", &source, lake, &runtime)
+        if args.global {
+            runtime += ", global_task: true";
+        }
+        let yaml = citystream_benches::decode_to_parquet("kafka", &source, lake, &runtime);
+        if !args.global {
+            return yaml;
+        }
+        // every instance of a run shares the state, the budgets and the noise key
+        let shared = state.parent().unwrap_or(state);
+        let public: Vec<String> = (0..3).flat_map(|c| (0..8).map(move |s| format!("seg-{c:02}-{s:02}"))).collect();
+        let dp = format!(
+            "  dp_speed:\n    type: dp_aggregate\n    input: traffic\n    release: segment_speed\n    privacy_unit: event_id\n    partition: segment_id\n    aggregate: mean\n    column: speed_kmh\n    bounds: [0, 130]\n    window: 1h\n    mechanism: gaussian\n    epsilon: 1.0\n    delta: 1.0e-7\n    budget: {{epsilon: 100, delta: 1.0e-6, period: 1d}}\n    budget_dir: {b}\n    noise_key: {{secret_file: {k}, create_secret_file: true}}\n    partitions: {{public: [{p}]}}\nsinks:\n",
+            b = shared.join("privacy").display(),
+            k = shared.join("dp_noise.key").display(),
+            p = public.join(", "),
+        );
+        yaml.replacen("sinks:\n", &dp, 1).replacen("tables: {", "tables: {dp_speed: dp_speed, ", 1).replacen(
+            "traffic_late: traffic.late_events",
+            "traffic_late: [traffic.late_events, dp_speed.late_events]",
+            1,
+        )
     }
 
     /// The idle wait that ends a run (`stop_when_idle`).
