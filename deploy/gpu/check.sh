@@ -55,6 +55,8 @@ fi
 [[ -x "$bench" ]] || { echo "gpu check: no bench binary (set BENCH_BIN)"; exit 1; }
 
 export ORT_DYLIB_PATH="$ort_lib"
+# the bench finds the models through it (a BENCH_BIN built elsewhere has another path compiled in)
+export CARGO_MANIFEST_DIR="$root/benches"
 out="$(mktemp -d)"
 cd "$root/benches"
 for p in cpu cuda; do

@@ -217,6 +217,11 @@ pub struct LoadOptions {
     pub outputs: Vec<(String, usize)>,
     /// The library path, if configured.
     pub library: Option<PathBuf>,
+    /// With the CUDA provider, runs of fewer rows than this go to a CPU session of the same
+    /// file: a CUDA run costs 80-175 µs of launches and copies whatever its size, more than
+    /// these models take on a CPU core below several hundred rows (`deploy/gpu/check.sh`).
+    /// 0 or 1: every run on CUDA.
+    pub cuda_min_rows: usize,
 }
 
 /// A loaded, checked model.
@@ -231,6 +236,8 @@ pub struct Model {
     pub provider: Provider,
     /// Shared with every model of the same bytes, provider and threads in the process.
     session: crate::sessions::Shared,
+    /// On CUDA, the CPU session that runs the runs of fewer rows than the first value.
+    small_runs: Option<(usize, crate::sessions::Shared)>,
     input: String,
     outputs: Vec<(String, usize)>,
 }
@@ -263,6 +270,14 @@ fn session(env: &Environment, bytes: &[u8], provider: Provider, threads: usize) 
         }
     }
     b.commit_from_memory(bytes)
+}
+
+/// Whether a run of `rows` rows of a model on `provider` goes to the CPU instead: on CUDA,
+/// below `cuda_min_rows` (0 and 1 send every run to CUDA). The split depends on the run's size
+/// alone, and the infer stage's runs are the rows of one event time, so a row is scored by the
+/// same provider live, in a backlog and after a restart.
+fn cpu_for_small_runs(provider: Provider, cuda_min_rows: usize, rows: usize) -> bool {
+    provider == Provider::Cuda && cuda_min_rows > 1 && rows < cuda_min_rows
 }
 
 impl Model {
@@ -304,23 +319,36 @@ impl Model {
         if !failures.is_empty() {
             tracing::warn!(model = %name, provider = provider.name(), "model runs on a fallback provider");
         }
+        let small_runs = if cpu_for_small_runs(provider, opts.cuda_min_rows, 1) {
+            let key =
+                crate::sessions::Key { sha256: sha256.clone(), provider: Provider::Cpu.name(), intra_threads: threads };
+            let (cpu, _) = crate::sessions::get_or_create(key, || self::session(env, &bytes, Provider::Cpu, threads))
+                .map_err(|source| ModelError::Session { path: path.to_owned(), source })?;
+            Some((opts.cuda_min_rows, cpu))
+        } else {
+            None
+        };
         let mut model = Model {
             name,
             sha256,
             path: path.to_path_buf(),
             provider,
             session,
+            small_runs,
             input: String::new(),
             outputs: Vec::new(),
         };
         model.check(opts)?;
+        // a probe row of zeros through the chosen provider's session and the small runs' one
         let probe = vec![0f32; opts.input_width];
-        let out = model.run(&probe, 1)?;
-        if out.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(ModelError::Contract {
-                path: path.to_owned(),
-                problem: "a probe row of zeros gives non-finite outputs".into(),
-            });
+        for shared in std::iter::once(&model.session).chain(model.small_runs.as_ref().map(|s| &s.1)) {
+            let out = model.run_on(shared, &probe, 1)?;
+            if out.iter().flatten().any(|v| !v.is_finite()) {
+                return Err(ModelError::Contract {
+                    path: path.to_owned(),
+                    problem: "a probe row of zeros gives non-finite outputs".into(),
+                });
+            }
         }
         Ok(model)
     }
@@ -391,13 +419,35 @@ impl Model {
         self.outputs.iter().map(|o| o.1).collect()
     }
 
+    /// The provider a run of `rows` rows goes to: `provider`, except the runs below
+    /// `cuda_min_rows` of a model on CUDA, which run on the CPU.
+    pub fn runs_on(&self, rows: usize) -> Provider {
+        match &self.small_runs {
+            Some((min, _)) if cpu_for_small_runs(self.provider, *min, rows) => Provider::Cpu,
+            _ => self.provider,
+        }
+    }
+
     /// Runs `rows` rows of row-major features (`rows * width` values, borrowed: no copy) and
     /// returns each configured output as row-major values.
     pub fn run(&mut self, features: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        let shared = match &self.small_runs {
+            Some((_, cpu)) if self.runs_on(rows) == Provider::Cpu => cpu,
+            _ => &self.session,
+        };
+        self.run_on(shared, features, rows)
+    }
+
+    fn run_on(
+        &self,
+        shared: &crate::sessions::Shared,
+        features: &[f32],
+        rows: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let width = features.len().checked_div(rows).unwrap_or(0);
         let failed = |source| ModelError::Run { model: self.name.clone(), source };
         let tensor = TensorRef::from_array_view(([rows, width], features)).map_err(failed)?;
-        let mut session = crate::sessions::lock(&self.session);
+        let mut session = crate::sessions::lock(shared);
         let outs = session.run(ort::inputs![self.input.as_str() => tensor]).map_err(failed)?;
         let mut result = Vec::with_capacity(self.outputs.len());
         for (name, w) in &self.outputs {
@@ -412,5 +462,20 @@ impl Model {
             result.push(data.to_vec());
         }
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_small_runs_of_a_cuda_model_go_to_the_cpu() {
+        assert!(cpu_for_small_runs(Provider::Cuda, 1024, 24));
+        assert!(cpu_for_small_runs(Provider::Cuda, 1024, 1023));
+        assert!(!cpu_for_small_runs(Provider::Cuda, 1024, 1024), "from cuda_min_rows on: CUDA");
+        assert!(!cpu_for_small_runs(Provider::Cuda, 0, 1), "0: every run on CUDA");
+        assert!(!cpu_for_small_runs(Provider::Cuda, 1, 1), "1: every run on CUDA");
+        assert!(!cpu_for_small_runs(Provider::Cpu, 1024, 24), "a CPU model has nothing to move");
     }
 }

@@ -27,6 +27,7 @@ fn opts(output: &str, width: usize) -> LoadOptions {
         input_width: FEATURES.len(),
         outputs: vec![(output.to_owned(), width)],
         library: None,
+        cuda_min_rows: 0,
     }
 }
 
@@ -236,6 +237,36 @@ fn cuda_first_falls_back_to_cpu_with_the_reason_logged() {
     assert!(matches!(e, ModelError::NoProvider { .. }), "{e:?}");
     let e = e.to_string();
     assert!(e.contains("no configured execution provider works") && e.contains("cuda"), "{e}");
+}
+
+#[test]
+fn a_stage_that_falls_back_to_the_cpu_counts_no_cuda_runs() {
+    // no GPU here: `providers: [cuda, cpu]` serves on the CPU, whatever `cuda_min_rows` says,
+    // and the GPU's busy time (shared by `citystream_infer_cuda_micros_total`) gets no share
+    let model = models_dir().join("onnx/congestion_fp32.onnx");
+    assert_eq!(infer_config(&model, "").cuda_min_rows, 1024, "the default: a full batch");
+    let cfg = infer_config(&model, "providers: [cuda, cpu]\ncuda_min_rows: 0\nreload_poll: 0s\n");
+    assert_eq!(cfg.cuda_min_rows, 0);
+    let metrics = Metrics::new();
+    let mut op = cfg
+        .build(&features_schema(), &BuildContext { stage: "c".into(), metrics: metrics.clone(), ..Default::default() })
+        .unwrap();
+    let (inputs, _) = congestion_rows();
+    let mut out = Collector::new(op.outputs().len());
+    op.process_batch(features_batch(&inputs[..20], 0), &mut out).unwrap();
+    op.on_watermark(1_000, &mut out).unwrap();
+    assert_eq!(out.port(0).iter().map(RecordBatch::num_rows).sum::<usize>(), 20);
+    let l = [("stage", "c")];
+    assert_eq!(metrics.value("citystream_infer_runs_total", &l), Some(1.0));
+    assert_eq!(metrics.value("citystream_infer_cuda_runs_total", &l), Some(0.0));
+    assert_eq!(metrics.value("citystream_infer_cuda_micros_total", &l), Some(0.0));
+    let m = Model::load(
+        &model,
+        None,
+        &LoadOptions { providers: vec![Provider::Cuda, Provider::Cpu], cuda_min_rows: 1024, ..opts("speed_kmh", 3) },
+    )
+    .unwrap();
+    assert_eq!((m.runs_on(1), m.runs_on(4096)), (Provider::Cpu, Provider::Cpu));
 }
 
 // ------------------------------------------------------------------ the infer stage

@@ -134,7 +134,8 @@ impl Nvml {
 }
 
 /// Per `infer` stage on the CUDA provider, its share of the GPU busy time: its inference time
-/// (`citystream_infer_micros_total`) over that of all CUDA stages. Empty when none runs on CUDA.
+/// on CUDA (`citystream_infer_cuda_micros_total`: its runs below `cuda_min_rows` run on the
+/// CPU and take none) over that of all CUDA stages. Empty when none runs on CUDA.
 pub fn cuda_shares(metrics: &Metrics) -> Vec<(String, f64)> {
     let label = |labels: &str, key: &str| {
         labels
@@ -151,7 +152,7 @@ pub fn cuda_shares(metrics: &Metrics) -> Vec<(String, f64)> {
     let micros: Vec<(String, f64)> = stages
         .into_iter()
         .map(|s| {
-            let m = metrics.value("citystream_infer_micros_total", &[("stage", s.as_str())]).unwrap_or(0.0);
+            let m = metrics.value("citystream_infer_cuda_micros_total", &[("stage", s.as_str())]).unwrap_or(0.0);
             (s, m)
         })
         .collect();
@@ -190,7 +191,7 @@ mod tests {
                 &[("stage", stage), ("role", "live"), ("model", "m"), ("sha256", "s"), ("provider", provider)],
             )
             .set(1.0);
-            m.counter("citystream_infer_micros_total", "x", &[("stage", stage)]).inc_by(micros as u64);
+            m.counter("citystream_infer_cuda_micros_total", "x", &[("stage", stage)]).inc_by(micros as u64);
         }
         assert_eq!(cuda_shares(&m), [("a".to_owned(), 0.75), ("b".to_owned(), 0.25)]);
     }

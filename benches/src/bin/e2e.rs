@@ -136,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     let mut joules_per_m = Vec::new();
     let mut profile = Profile::default();
     let mut infer_joules_per_m = Vec::new();
+    let mut gpu_s_per_m = Vec::new();
     for run in 0..args.repeat {
         let before = usage();
         let t0 = Instant::now();
@@ -188,9 +189,12 @@ fn main() -> anyhow::Result<()> {
             events = report.source_messages.values().sum();
             // thread CPU per task (stages, sinks, the simulator), for the per-stage profile
             profile.add(&metrics, &report, events);
-            if let Some((all, infer)) = energy_joules(&dir.path().join("lake/energy"))? {
-                joules_per_m.push(all / events as f64 * 1e6);
-                infer_joules_per_m.push(infer / events as f64 * 1e6);
+            if let Some(e) = energy_joules(&dir.path().join("lake/energy"))? {
+                joules_per_m.push(e.all / events as f64 * 1e6);
+                infer_joules_per_m.push(e.infer / events as f64 * 1e6);
+                if let Some(g) = e.gpu_s {
+                    gpu_s_per_m.push(g / events as f64 * 1e6);
+                }
             }
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -220,21 +224,36 @@ fn main() -> anyhow::Result<()> {
             median(infer_joules_per_m)
         );
     }
+    if !gpu_s_per_m.is_empty() {
+        println!(
+            "gpu: median {:.3} GPU-busy seconds per million events (NVML, shared among the stages on CUDA)",
+            median(gpu_s_per_m)
+        );
+    }
     if args.per_stage {
         profile.print(cpu_per_m);
     }
     Ok(())
 }
 
-/// Total joules in the `energy` table under `dir`, and those of the `infer` stages
-/// (`congestion`, `incident_scores`); `None` when the run wrote no energy table.
-fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
-    use arrow::array::AsArray;
+/// What one run's `energy` table adds up to.
+struct EnergyTotals {
+    /// Joules of every task.
+    all: f64,
+    /// Joules of the `infer` stages (`congestion`, `incident_scores`).
+    infer: f64,
+    /// GPU busy seconds (NVML), `None` where no row measured any.
+    gpu_s: Option<f64>,
+}
+
+/// The totals of the `energy` table under `dir`; `None` when the run wrote no energy table.
+fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<EnergyTotals>> {
+    use arrow::array::{Array, AsArray};
     use arrow::datatypes::Float64Type;
     if !dir.exists() {
         return Ok(None);
     }
-    let (mut all, mut infer) = (0.0, 0.0);
+    let (mut all, mut infer, mut gpu_s) = (0.0, 0.0, None::<f64>);
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(d)? {
@@ -248,7 +267,11 @@ fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
                     let b = b?;
                     let stage = b.column_by_name("stage").expect("energy has stage").as_string::<i32>();
                     let joules = b.column_by_name("joules").expect("energy has joules").as_primitive::<Float64Type>();
+                    let gpu = b.column_by_name("gpu_s").map(|c| c.as_primitive::<Float64Type>().clone());
                     for i in 0..b.num_rows() {
+                        if let Some(g) = gpu.as_ref().filter(|g| g.is_valid(i)) {
+                            *gpu_s.get_or_insert(0.0) += g.value(i);
+                        }
                         all += joules.value(i);
                         if matches!(stage.value(i), "congestion" | "incident_scores") {
                             infer += joules.value(i);
@@ -258,7 +281,7 @@ fn energy_joules(dir: &std::path::Path) -> anyhow::Result<Option<(f64, f64)>> {
             }
         }
     }
-    Ok(Some((all, infer)))
+    Ok(Some(EnergyTotals { all, infer, gpu_s }))
 }
 
 /// One run of the pipeline in `yaml`: the events its sources read, its wall seconds and the

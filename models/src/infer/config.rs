@@ -59,6 +59,9 @@ pub(super) fn d_max_delay() -> Duration {
 pub(super) fn d_providers() -> Vec<Provider> {
     vec![Provider::Cpu]
 }
+pub(super) fn d_cuda_min_rows() -> usize {
+    1024
+}
 pub(super) fn d_threads() -> usize {
     1
 }
@@ -177,6 +180,14 @@ pub struct InferConfig {
     /// Execution providers in order of preference (`cuda`, `cpu`). Default `[cpu]`.
     #[serde(default = "d_providers")]
     pub providers: Vec<Provider>,
+    /// On CUDA, runs of fewer rows go to the CPU (a session of the same file). Measured on an
+    /// H200 (`deploy/gpu/check.sh`, two series): a CUDA run costs 80-175 µs of launches and
+    /// copies whatever its size, so at 256 rows CUDA gave 0.2-0.66x the rows/s of one CPU core
+    /// and at 1024 rows 1.05-3x. A run holds one event time's rows (a task's segments in one
+    /// minute, at most `batch.max_rows`), so the split is the same live, in a backlog and after
+    /// a restart. 0: every run on CUDA. Default 1024.
+    #[serde(default = "d_cuda_min_rows")]
+    pub cuda_min_rows: usize,
     /// ONNX Runtime intra-op threads. Default 1 (the pipeline runs stages in parallel).
     #[serde(default = "d_threads")]
     pub intra_threads: usize,
@@ -354,6 +365,7 @@ impl InferConfig {
             input_width: width,
             outputs: self.outputs.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
             library: self.library.as_ref().map(|l| PathBuf::from(l.as_str())),
+            cuda_min_rows: self.cuda_min_rows,
         }
     }
 
@@ -452,6 +464,16 @@ impl OperatorConfig for InferConfig {
             micros: ctx.metrics.counter(
                 "citystream_infer_micros_total",
                 "Wall time inside the model runs, microseconds.",
+                &l,
+            ),
+            cuda_runs: ctx.metrics.counter(
+                "citystream_infer_cuda_runs_total",
+                "Model runs on the CUDA provider (runs below `cuda_min_rows` run on the CPU).",
+                &l,
+            ),
+            cuda_micros: ctx.metrics.counter(
+                "citystream_infer_cuda_micros_total",
+                "Wall time inside the model runs on the CUDA provider, microseconds.",
                 &l,
             ),
             shadow_errors: ctx.metrics.counter(

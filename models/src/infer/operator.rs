@@ -12,7 +12,7 @@ use arrow::datatypes::{DataType, Float32Type, SchemaRef};
 use citystream_operators::common::as_f64;
 use citystream_operators::{Collector, Counter, Gauge, Metrics, Operator, OperatorError, OutputSpec};
 
-use crate::onnx::Model;
+use crate::onnx::{Model, Provider};
 
 use super::calm::{Calm, calm_state_schema};
 use super::config::{BatchConfig, InferConfig, Resolved};
@@ -39,6 +39,10 @@ pub struct Infer {
     pub(super) rows: Counter,
     pub(super) runs: Counter,
     pub(super) micros: Counter,
+    /// The share of `runs` and `micros` on the CUDA provider (the GPU's busy time is shared
+    /// among stages by it).
+    pub(super) cuda_runs: Counter,
+    pub(super) cuda_micros: Counter,
     pub(super) shadow_errors: Counter,
     pub(super) last_batch: Gauge,
 }
@@ -231,8 +235,14 @@ impl Infer {
                 (Some(c), true) => &mut c.model,
                 _ => &mut self.live.model,
             };
+            let on = model.runs_on(len);
             let outs = model.run(feats, len).map_err(ext)?;
-            self.micros.inc_by(t0.elapsed().as_micros() as u64);
+            let micros = t0.elapsed().as_micros() as u64;
+            self.micros.inc_by(micros);
+            if on == Provider::Cuda {
+                self.cuda_runs.inc();
+                self.cuda_micros.inc_by(micros);
+            }
             self.rows.inc_by(len as u64);
             self.runs.inc();
             self.last_batch.set(len as f64);
