@@ -174,6 +174,17 @@ async fn segments(lake: &Path) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// The partitions of 6 that the traffic topic's keys (the corridors of the road graph) reach.
+fn partitions_with_traffic(graph: &std::path::Path) -> std::collections::BTreeSet<i32> {
+    std::fs::read_to_string(graph)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1))
+        .map(|corridor| citystream_pipeline::kafka::partition::partition_of(corridor.as_bytes(), 6))
+        .collect()
+}
+
 /// Two instances in one group, each reading one of two partitions of every topic while the
 /// topics fill, write exactly the tables of one instance reading the whole backlog: windows
 /// per segment, features over each segment's neighbours, detector health, zone and station
@@ -497,14 +508,7 @@ sinks:
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        // the tasks the traffic topic's keys (corridors) reach
-        let text = std::fs::read_to_string(&run.graph).unwrap();
-        let reached: std::collections::BTreeSet<i32> = text
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split(',').nth(1))
-            .map(|corridor| citystream_pipeline::kafka::partition::partition_of(corridor.as_bytes(), 6))
-            .collect();
+        let reached = partitions_with_traffic(&run.graph);
         run.picked =
             (0..n).find(|i| !running_tasks(&run.logs[*i]).is_disjoint(&reached)).expect("an instance with traffic");
         run.moved = running_tasks(&run.logs[run.picked]).intersection(&reached).copied().collect();
@@ -674,13 +678,7 @@ async fn the_global_task_does_not_wait_for_tasks_without_traffic() {
     let (mut cfg, work, graph) = city(1212);
     // nine hours: detector faults (from the sixth) raise alerts well before the end
     cfg.duration = citystream_operators::Duration::from_secs(9 * 3600);
-    let text = std::fs::read_to_string(&graph).unwrap();
-    let reached: std::collections::BTreeSet<i32> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split(',').nth(1))
-        .map(|corridor| citystream_pipeline::kafka::partition::partition_of(corridor.as_bytes(), 6))
-        .collect();
+    let reached = partitions_with_traffic(&graph);
     assert!(reached.len() < 6, "tasks without traffic: traffic reaches partitions {reached:?}");
     let (report, _) =
         citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, None).await.expect("produce");
