@@ -1,7 +1,8 @@
 //! Co-partitioning on a real broker: topics keyed as `deploy/kafka.yaml` keys them (traffic by
 //! corridor, cameras by zone, stations by id), read by two instances in one consumer group,
 //! give exactly the tables one instance gives; and per-partition tasks (`runtime.tasks:
-//! partition`) whose state moves between instances through a kill, a joiner and a zombie.
+//! partition`) whose state moves between instances through a kill, a joiner and a zombie
+//! (the zombie also with the state on the test's S3-compatible server).
 
 mod common;
 
@@ -381,6 +382,9 @@ fn logged_at(line: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 struct TaskRun {
     /// Whether city-wide stages run in the global task (`runtime.global_task`).
     global: bool,
+    /// The state on the test's S3-compatible server under this `s3://` prefix instead of a
+    /// shared directory (`runtime.state_url`).
+    s3: Option<String>,
     topics: citystream_pipeline::kafka::KafkaTopics,
     work: tempfile::TempDir,
     graph: std::path::PathBuf,
@@ -408,7 +412,7 @@ impl TaskRun {
             &root.join("lake"),
             &self.graph,
             "",
-            &format!("  tasks: partition\n  state_url: file://{}\n", root.join("state").display()),
+            &format!("  tasks: partition\n  state_url: {}\n", self.state_url(root)),
         );
         if !self.global {
             return keyed;
@@ -462,6 +466,15 @@ sinks:
             )
     }
 
+    /// Where the instances sharing `root` keep their state: `{root}/state`, or a prefix of
+    /// its own on S3.
+    fn state_url(&self, root: &Path) -> String {
+        match &self.s3 {
+            Some(prefix) => format!("{prefix}/{}", root.file_name().and_then(|n| n.to_str()).expect("a named root")),
+            None => format!("file://{}", root.join("state").display()),
+        }
+    }
+
     fn shared(&self) -> std::path::PathBuf {
         self.work.path().join("shared")
     }
@@ -469,7 +482,7 @@ sinks:
     /// Starts `n` instances, waits until they run the six tasks between them, picks one that
     /// runs a task with traffic, starts producing, and returns once that one has published
     /// files of its traffic partitions: it is mid-stream.
-    async fn start(name: &str, seed: u64, n: usize, global: bool) -> TaskRun {
+    async fn start(name: &str, seed: u64, n: usize, global: bool, s3: bool) -> TaskRun {
         let topics = create_topics(&unique(&format!("t-{name}")), 6).await;
         // with the global task: seven corridors of three segments, traffic on all six
         // partitions, so every task moves the global task's watermark (a task without traffic
@@ -484,6 +497,7 @@ sinks:
         let logs: Vec<std::path::PathBuf> = (0..=n).map(|i| work.path().join(format!("{i}.log"))).collect();
         let mut run = TaskRun {
             global,
+            s3: s3.then(|| s3_state_url(name)),
             topics,
             work,
             graph,
@@ -596,7 +610,7 @@ sinks:
 /// own partitions only, so even what the last checkpoint keeps open is the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_tasks_move_with_their_state_and_write_the_tables_of_one_process() {
-    let mut run = TaskRun::start("tasks", 1010, 3, true).await;
+    let mut run = TaskRun::start("tasks", 1010, 3, true, false).await;
     let victim = run.picked;
     run.procs[victim].kill().unwrap();
     run.procs[victim].wait().unwrap();
@@ -633,7 +647,19 @@ async fn partition_tasks_move_with_their_state_and_write_the_tables_of_one_proce
 /// lake holds exactly the tables of one process running every task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of_one_process() {
-    let mut run = TaskRun::start("tasks-zombie", 1111, 2, true).await;
+    paused_instance_is_fenced("tasks-zombie", 1111, false).await;
+}
+
+/// The same with the tasks' state on the test's S3-compatible server (`runtime.state_url:
+/// s3://…`): the tasks restore where they land from object storage, and a manifest's
+/// conditional create fences the paused writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_state_a_paused_instance_is_fenced_and_the_tables_are_those_of_one_process() {
+    paused_instance_is_fenced("tasks-zombie-s3", 1112, true).await;
+}
+
+async fn paused_instance_is_fenced(name: &str, seed: u64, s3: bool) {
+    let mut run = TaskRun::start(name, seed, 2, true, s3).await;
     let (zombie, other) = (run.picked, 1 - run.picked);
     unsafe { libc::kill(run.procs[zombie].id() as i32, libc::SIGSTOP) };
     let paused_at = chrono::Utc::now();
@@ -649,6 +675,14 @@ async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of
             );
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if s3 {
+        // restored from object storage: nothing of the state on the shared disk
+        for task in &run.moved {
+            let line = run.restored(other, *task, paused_at).unwrap();
+            assert!(line.contains("state=s3://"), "task {task} restored from S3: {line}");
+        }
+        assert!(!run.shared().join("state").exists(), "no state directory beside the lake");
     }
     unsafe { libc::kill(run.procs[zombie].id() as i32, libc::SIGCONT) };
     let status = wait_status(&mut run.procs[zombie], Duration::from_secs(120), &run.logs[zombie]);
@@ -684,6 +718,7 @@ async fn the_global_task_does_not_wait_for_tasks_without_traffic() {
         citystream_pipeline::kafka::produce::simulate_into(&brokers(), cfg, &topics, None).await.expect("produce");
     let run = TaskRun {
         global: true,
+        s3: None,
         topics,
         work,
         graph,
