@@ -42,9 +42,13 @@ fn provider() -> Provider {
 }
 
 fn load(name: &str) -> Model {
+    load_on(name, provider())
+}
+
+fn load_on(name: &str, provider: Provider) -> Model {
     let (output, width) = if name.starts_with("incident") { ("incident_prob", 1) } else { ("speed_kmh", 3) };
     let opts = LoadOptions {
-        providers: vec![provider()],
+        providers: vec![provider],
         intra_threads: 1,
         input_width: FEATURES.len(),
         outputs: vec![(output.into(), width)],
@@ -65,6 +69,21 @@ fn percentiles() {
     println!("nvml: {:?}", nvml.as_ref().map(|n| n.busy_percent()));
     for name in MODELS {
         let mut m = load(name);
+        if m.provider != Provider::Cpu {
+            // the same rows on the CPU: how far the provider's predictions are from the CPU's
+            let mut cpu = load_on(name, Provider::Cpu);
+            let x = rows(1024);
+            let (a, b) = (m.run(&x, 1024).unwrap(), cpu.run(&x, 1024).unwrap());
+            let (mut abs, mut rel) = (0f32, 0f32);
+            for (u, v) in a.iter().flatten().zip(b.iter().flatten()) {
+                abs = abs.max((u - v).abs());
+                rel = rel.max((u - v).abs() / v.abs().max(1e-3));
+            }
+            println!(
+                "parity {name} ({} vs cpu), 1024 rows: max |diff| {abs:.2e}, max relative {rel:.2e}",
+                m.provider.name()
+            );
+        }
         for n in BATCHES {
             let x = rows(n);
             let iters = (200_000 / n).clamp(200, 20_000);

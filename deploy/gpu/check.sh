@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: runs the inference bench (benches/benches/models.rs) with the CPU provider and
-# with the CUDA provider on the same machine and prints rows/s of each and the speedup.
+# with the CUDA provider on the same machine and prints rows/s of each, the speedup, and how far
+# the CUDA predictions are from the CPU's.
 #
 #   deploy/gpu/check.sh                 # on a machine with an NVIDIA GPU
 #
@@ -62,7 +63,7 @@ cd "$root/benches"
 for p in cpu cuda; do
   echo "== $p"
   # a filter that matches no criterion bench: only the fixed latency loop runs
-  CITYSTREAM_BENCH_PROVIDER=$p "$bench" --bench latency-only 2>&1 | tee "$out/$p.log" | grep -E '^(latency|nvml)' || true
+  CITYSTREAM_BENCH_PROVIDER=$p "$bench" --bench latency-only 2>&1 | tee "$out/$p.log" | grep -E '^(latency|nvml|parity)' || true
 done
 echo "== speedup of cuda over cpu (rows/s)"
 awk '/^latency/ { key = $2 " batch " $5; sub(":", "", key); rate = $(NF-1);

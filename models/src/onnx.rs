@@ -262,7 +262,9 @@ fn session(env: &Environment, bytes: &[u8], provider: Provider, threads: usize) 
     if provider == Provider::Cuda {
         #[cfg(feature = "cuda")]
         {
-            b = b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?;
+            // full fp32 as on the CPU, whatever the library's default (TF32 would round the
+            // matrix products to a 10-bit mantissa)
+            b = b.with_execution_providers([ort::ep::CUDA::default().with_tf32(false).build().error_on_failure()])?;
         }
         #[cfg(not(feature = "cuda"))]
         {
