@@ -153,7 +153,7 @@ impl LineReader {
                         source,
                     })?;
                 }
-                let end = json[*at..].iter().position(|b| *b == b'\n').map_or(json.len(), |i| *at + i);
+                let end = memchr::memchr(b'\n', &json[*at..]).map_or(json.len(), |i| *at + i);
                 buf.extend_from_slice(&json[*at..end.min(at.saturating_add(self.max_line))]);
                 *at = end + 1;
                 true
@@ -190,7 +190,7 @@ fn read_line_capped(r: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) -> std::
             return Ok(any);
         }
         any = true;
-        let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (i, true),
             None => (chunk.len(), false),
         };
