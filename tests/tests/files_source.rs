@@ -49,10 +49,15 @@ fn archive() -> &'static Archive {
             citystream_pipeline::config::SourceConfig::Simulator(s) => *s,
             _ => panic!("local.yaml reads the simulator"),
         };
-        // ending two hours ago: recent events, which decode's default bounds accept against
-        // the files' modification time
+        // ending at the latest 04:00 UTC at least two hours ago: the hours before it are night,
+        // when the night-noise rule raises alerts, so the tables hold alerts whatever the hour
+        // the tests run at (a window of morning hours has none, and the tests that look for
+        // alert files failed then); and recent, which decode's default bounds (7 days) accept
+        // against the files' modification time
         let now = now_ms();
-        let end = now - now.rem_euclid(3_600_000) - 2 * 3_600_000;
+        let (hour, day) = (3_600_000, 86_400_000);
+        let latest = now - 2 * hour;
+        let end = latest - (latest - 4 * hour).rem_euclid(day);
         cfg.start = citystream_pipeline::simulator::StartTime(Some(end - hours() * 3_600_000));
         cfg.duration = citystream_operators::Duration::from_secs(hours() as u64 * 3600);
         cfg.ground_truth = None;
