@@ -651,8 +651,9 @@ async fn a_paused_instance_loses_its_tasks_is_fenced_and_the_tables_are_those_of
 }
 
 /// The same with the tasks' state on the test's S3-compatible server (`runtime.state_url:
-/// s3://…`): the tasks restore where they land from object storage, and a manifest's
-/// conditional create fences the paused writer.
+/// s3://…`): the tasks restore where they land from object storage, and the paused writer,
+/// resumed, stops (out of the group, or fenced by a manifest's conditional create at its next
+/// checkpoint, whichever it meets first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_s3_state_a_paused_instance_is_fenced_and_the_tables_are_those_of_one_process() {
     paused_instance_is_fenced("tasks-zombie-s3", 1112, true).await;

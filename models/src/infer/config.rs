@@ -181,7 +181,7 @@ pub struct InferConfig {
     #[serde(default = "d_providers")]
     pub providers: Vec<Provider>,
     /// On CUDA, runs of fewer rows go to the CPU (a session of the same file). Measured on an
-    /// H200 (`deploy/gpu/check.sh`, two series): a CUDA run costs 80-175 µs of launches and
+    /// H200 (`deploy/gpu/check.sh`, three series): a CUDA run costs 80-175 µs of launches and
     /// copies whatever its size, so at 256 rows CUDA gave 0.2-0.66x the rows/s of one CPU core
     /// and at 1024 rows 1.05-3x. A run holds one event time's rows (a task's segments in one
     /// minute, at most `batch.max_rows`), so the split is the same live, in a backlog and after
