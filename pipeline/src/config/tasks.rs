@@ -66,9 +66,8 @@ impl PipelinePlan {
                 p.runtime.state_dir = Some(EnvString::literal(root.join(dir).display().to_string()));
                 p.runtime.state_url = None;
             }
-            Some(crate::task::StateUrl::S3 { bucket, prefix }) => {
-                let key = if prefix.is_empty() { dir.to_owned() } else { format!("{prefix}/{dir}") };
-                p.runtime.state_url = Some(EnvString::literal(format!("s3://{bucket}/{key}")));
+            Some(url @ crate::task::StateUrl::S3 { .. }) => {
+                p.runtime.state_url = Some(EnvString::literal(url.child(dir).to_string()));
                 p.runtime.state_dir = None;
             }
             None => return Err("per-partition tasks need `runtime.state_url`".into()),

@@ -60,6 +60,7 @@ pub(super) async fn run(
     let Some((member, stop_when_idle)) = plan.sources.first().and_then(|s| s.config.membership()) else {
         return Err(PipelineError::Task("`runtime.tasks: partition` needs a kafka source".into()));
     };
+    publish_stranded(&plan).await?;
     // a bounded run leaves once its tasks ended idle and none came for a session timeout: the
     // tasks of a member that died (or came back from a pause and failed) reach the survivors
     // only after the group gave up on it, and leaving before would leave them unrun
@@ -147,6 +148,25 @@ pub(super) async fn run(
     }
     let report = std::mem::take(&mut *set.ended.lock().expect("ended"));
     Ok(report)
+}
+
+/// Before this process runs any task: publishes the files that an earlier process on the same
+/// disk (this pod before it was killed) committed in a task's manifest and had no time to
+/// publish. A task's next owner publishes such files at its restore only where it sees them,
+/// and a pod's lake is on a volume of its own.
+async fn publish_stranded(plan: &PipelinePlan) -> Result<(), PipelineError> {
+    let Some(url) = plan.runtime.state().map_err(PipelineError::Task)? else { return Ok(()) };
+    let roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
+    tokio::task::spawn_blocking(move || {
+        if roots.iter().all(|r| !r.exists()) {
+            return Ok(());
+        }
+        let committed = crate::task::committed_under(&url)
+            .map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
+        roots.iter().try_for_each(|root| crate::sink::parquet::publish_stranded(root, &committed))
+    })
+    .await
+    .map_err(|e| PipelineError::Task(e.to_string()))?
 }
 
 /// Adds a task's report to the process's: messages are the task's own; a sink's table

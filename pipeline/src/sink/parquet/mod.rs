@@ -15,7 +15,9 @@
 //! With operator state, closed files wait under a hidden pending name until the state manifest
 //! of their epoch exists, and are published after it ([`resolve_pending`] finishes the job
 //! after a crash): a process that lost its state to another never publishes (see
-//! `writer::Staging`).
+//! `writer::Staging`). A process killed between the manifest and publishing leaves its
+//! committed files pending on its own disk; where that disk is no other process's (a pod's
+//! volume), the process publishes them when it starts again ([`publish_committed`]).
 //!
 //! Files: [`config`] (the YAML and the errors), [`writer`] (tables, open files, rolling and
 //! naming them, the layout on disk), [`names`] (parsing file names, and removing what a
@@ -31,8 +33,8 @@ mod writer;
 pub use crate::task::TableStats;
 pub use config::{Level, ParquetSinkConfig, ParquetSinkError};
 pub(crate) use names::{parse_epoch_name, parse_position_name};
-pub use names::{remove_after_epoch, remove_uncommitted, resolve_pending};
-pub(crate) use task::{ParquetSink, discard_after_restored};
+pub use names::{publish_committed, remove_after_epoch, remove_uncommitted, resolve_pending};
+pub(crate) use task::{ParquetSink, discard_after_restored, publish_stranded};
 pub use writer::ParquetWriter;
 #[cfg(feature = "sql")]
 pub(crate) use writer::layout_on_disk;

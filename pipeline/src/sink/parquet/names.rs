@@ -3,6 +3,7 @@
 
 use std::fs::File;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Parses `{origin}-p{partition}-o{first}-{last}.parquet` (or the temporary
@@ -151,6 +152,26 @@ pub fn resolve_pending(root: &Path, lineage: &str, committed: &[(String, u64)]) 
         Ok(true)
     })?;
     Ok((published, removed))
+}
+
+/// Publishes, under a sink's `root`, every pending file that `committed` (per state lineage,
+/// per writer, the newest committed epoch: `task::committed_under`) says is committed: files
+/// a process killed between its manifest and publishing left on its own disk, which the next
+/// owner of their state never saw. Nothing is removed: a pending file not yet committed may
+/// belong to a process still running on the same disk. Returns how many were published.
+pub fn publish_committed(root: &Path, committed: &BTreeMap<String, Vec<(String, u64)>>) -> std::io::Result<usize> {
+    let mut published = 0;
+    for_each_file(root, |dir, name| {
+        let Some((file, lineage, writer, epoch)) = parse_pending_name(name) else { return Ok(false) };
+        let Some(writers) = committed.get(lineage) else { return Ok(false) };
+        if !writers.iter().any(|(w, upto)| w == writer && epoch <= *upto) {
+            return Ok(false);
+        }
+        publish_pending(&dir.join(name), &dir.join(file)).map_err(std::io::Error::other)?;
+        published += 1;
+        Ok(true)
+    })?;
+    Ok(published)
 }
 
 /// Deletes, under a sink's `root`, the files of state lineage `lineage` written for epochs after

@@ -79,6 +79,27 @@ pub(crate) fn discard_after_restored(cfg: &ParquetSinkConfig, state: &StateStore
     Ok(())
 }
 
+/// Publishes the files under a Parquet sink's `root` that a killed process committed but had
+/// no time to publish (per lineage and writer, the committed epochs in `committed`): with a
+/// disk of each process's own, the next owner of their state could not.
+pub(crate) fn publish_stranded(
+    root: &std::path::Path,
+    committed: &BTreeMap<String, Vec<(String, u64)>>,
+) -> Result<(), PipelineError> {
+    let published = super::publish_committed(root, committed).map_err(|source| PipelineError::State {
+        stage: "runtime".into(),
+        source: crate::task::StateError::Io {
+            action: "publishing committed pending files under",
+            path: root.to_owned(),
+            source,
+        },
+    })?;
+    if published > 0 {
+        tracing::info!(root = %root.display(), published, "published stranded files: committed by an earlier process on this disk, not yet published");
+    }
+    Ok(())
+}
+
 impl Sink for ParquetSink {
     fn write<'a>(&'a mut self, input: usize, batch: &'a RecordBatch) -> BoxFuture<'a, Result<(), PipelineError>> {
         let (table, origin) = &self.inputs[input];

@@ -310,6 +310,40 @@ fn with_staging_files_are_published_only_once_their_epoch_is_committed() {
     assert_eq!(visible(), 3);
 }
 
+/// A process killed between its manifest and publishing leaves committed files pending on its
+/// own disk; started again there, it publishes the ones a task's manifest lists as committed
+/// (by any lineage it knows), and leaves every other pending file alone: it may be the work of
+/// a process still running on the same disk.
+#[test]
+fn committed_files_left_pending_by_a_killed_process_are_published_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: ParquetSinkConfig =
+        serde_saphyr::from_str(&format!("path: {}\ntables: {{t: x}}\n", dir.path().display())).unwrap();
+    let tables = BTreeMap::from([("t".to_owned(), schema())]);
+    let pending_of = |lineage: &str, epoch: u64, id: &str, ts: i64| {
+        let mut w = ParquetWriter::try_new("lake", &cfg, &tables, &Metrics::new())
+            .unwrap()
+            .with_epochs(lineage, epoch)
+            .with_staging(id);
+        w.write("t", "x", &batch(&[ts])).unwrap();
+        w.flush().unwrap();
+    };
+    pending_of("ab12", 3, "w1", 1_000); // committed (w1 up to 3), never published: the kill
+    pending_of("ab12", 4, "w1", 2_000); // not committed
+    pending_of("cd34", 7, "w5", 3_000); // committed in another task's lineage
+    pending_of("ef56", 1, "w6", 4_000); // a lineage no manifest names
+    let visible = || files(dir.path()).into_iter().filter(|n| n.ends_with(".parquet")).count();
+    let pending = || files(dir.path()).into_iter().filter(|n| n.ends_with(".pending")).count();
+    assert_eq!((visible(), pending()), (0, 4));
+    let committed = BTreeMap::from([
+        ("ab12".to_owned(), vec![("w2".to_owned(), 9), ("w1".to_owned(), 3)]),
+        ("cd34".to_owned(), vec![("w5".to_owned(), 7)]),
+    ]);
+    assert_eq!(publish_committed(dir.path(), &committed).unwrap(), 2);
+    assert_eq!((visible(), pending()), (2, 2));
+    assert_eq!(publish_committed(dir.path(), &committed).unwrap(), 0, "once");
+}
+
 #[test]
 fn bad_level_is_a_config_error() {
     let e = serde_saphyr::from_str::<ParquetSinkConfig>("path: x\ncompression_level: 30\ntables: {}\n").unwrap_err();

@@ -63,6 +63,21 @@ impl StateUrl {
     }
 }
 
+impl StateUrl {
+    /// The state under directory `dir` of this one (a task's: `task-3`).
+    pub fn child(&self, dir: &str) -> StateUrl {
+        match self {
+            StateUrl::Local(root) => StateUrl::Local(root.join(dir)),
+            StateUrl::S3 { bucket, prefix } if prefix.is_empty() => {
+                StateUrl::S3 { bucket: bucket.clone(), prefix: dir.to_owned() }
+            }
+            StateUrl::S3 { bucket, prefix } => {
+                StateUrl::S3 { bucket: bucket.clone(), prefix: format!("{prefix}/{dir}") }
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for StateUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -231,6 +231,42 @@ fn open_backend(url: &StateUrl) -> Result<Backend, StateError> {
     })
 }
 
+/// How many earlier state writers a manifest keeps the newest committed epoch of (see
+/// [`with_history`]).
+const COMMITTED_HISTORY: usize = 16;
+
+/// What a manifest of `writer` committing `epoch` records as committed: its own epoch, then
+/// the writers `before` names (its last manifest's list, carried from the state it took
+/// over), the [`COMMITTED_HISTORY`] newest. A writer killed between its manifest and publishing
+/// that epoch's files leaves them pending where it wrote them, which may be a disk the next
+/// owner never sees (a pod's own volume): kept in the list, they are still known committed
+/// when that disk's process starts again ([`committed_under`]), however many epochs later.
+fn with_history(writer: &str, epoch: u64, before: &[Committed]) -> Vec<Committed> {
+    let own = Committed { writer: writer.to_owned(), epoch };
+    std::iter::once(own).chain(before.iter().filter(|c| c.writer != writer).cloned()).take(COMMITTED_HISTORY).collect()
+}
+
+/// Per lineage, the committed epochs of each state writer (see [`with_history`]) in the newest
+/// manifest of every task's state under `url` (`task-{p}` and `global`: the layout of
+/// `runtime.tasks: partition`). A process publishes with them the files its killed
+/// predecessor on the same disk committed but did not publish
+/// (`sink::parquet::publish_committed`).
+pub fn committed_under(url: &StateUrl) -> Result<BTreeMap<String, Vec<(String, u64)>>, StateError> {
+    let root = open_backend(url)?;
+    let names = root.list("").map_err(store_err(&root, "listing", ""))?;
+    let tasks = names.iter().filter(|n| {
+        *n == "global"
+            || n.strip_prefix("task-").is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    });
+    let mut out = BTreeMap::new();
+    for name in tasks {
+        if let Some(m) = newest(&open_backend(&url.child(name))?)? {
+            out.insert(m.lineage, m.committed.into_iter().map(|c| (c.writer, c.epoch)).collect());
+        }
+    }
+    Ok(out)
+}
+
 impl Manifest {
     /// The next offset of every partition.
     fn position_map(&self) -> BTreeMap<(String, i32), i64> {
@@ -507,7 +543,7 @@ impl StateStore {
             writer: self.0.writer.clone(),
             snapshots: snapshots_key(epoch, &self.0.writer),
             positions: all.into_iter().map(|((topic, partition), next)| Position { topic, partition, next }).collect(),
-            committed: vec![Committed { writer: self.0.writer.clone(), epoch }],
+            committed: with_history(&self.0.writer, epoch, &m.committed),
         };
         claim(&self.0.backend, &self.0.url, &next)?;
         let seq = next.seq;
@@ -664,7 +700,9 @@ mod tests {
         b.commit(3, &BTreeMap::from([(("t".into(), 0), 20)])).unwrap();
         let c = StateStore::open(&local(&dir)).unwrap();
         assert_eq!(c.load("w", "window").unwrap().unwrap(), (batch(&[2]), 3));
-        assert_eq!(c.committed(), [(b.writer().to_owned(), 3)]);
+        // `b`'s epoch, and `a`'s before it: files `a` left pending where only its own process
+        // looks are still known committed
+        assert_eq!(c.committed(), [(b.writer().to_owned(), 3), (a.writer().to_owned(), 1)]);
         assert_eq!(c.positions(), BTreeMap::from([(("t".into(), 0), 20)]));
         // and `b`, in turn, lost it to `c`
         assert!(matches!(b.commit(5, &BTreeMap::new()), Err(StateError::Fenced { .. })));
@@ -690,7 +728,31 @@ mod tests {
         drop(c);
         let d = StateStore::open(&local(&dir)).unwrap();
         assert_eq!((d.restored_epoch(), d.first_epoch()), (4, 7), "two takeovers after epoch 4");
-        assert_eq!(d.committed(), [(b.writer().to_owned(), 4)]);
+        assert_eq!(d.committed(), [(b.writer().to_owned(), 4), (a.writer().to_owned(), 1)]);
+    }
+
+    /// The tasks' states under one URL (`task-{p}`, `global`): per lineage, what the newest
+    /// manifest commits, older writers' epochs included; other entries are not states.
+    #[test]
+    fn committed_under_reads_every_tasks_newest_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = local(&dir);
+        let a = StateStore::open(&root.child("task-0")).unwrap();
+        a.commit(2, &BTreeMap::new()).unwrap();
+        let b = StateStore::open(&root.child("task-0")).unwrap();
+        b.commit(5, &BTreeMap::new()).unwrap();
+        let g = StateStore::open(&root.child("global")).unwrap();
+        g.commit(1, &BTreeMap::new()).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a task").unwrap();
+        std::fs::create_dir(dir.path().join("task-x")).unwrap();
+        let got = committed_under(&root).unwrap();
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                (b.lineage().to_owned(), vec![(b.writer().to_owned(), 5), (a.writer().to_owned(), 2)]),
+                (g.lineage().to_owned(), vec![(g.writer().to_owned(), 1)]),
+            ])
+        );
     }
 
     #[test]
