@@ -593,6 +593,36 @@ fn in_the_high_mode_calm_segments_are_predicted_once_per_interval_and_risky_ones
     assert_eq!((action("high_carbon_mode"), action("normal_mode")), (Some(1.0), Some(1.0)));
 }
 
+/// A backlog hands the stage many minutes in one micro-batch: each minute is thinned after the
+/// predictions of the minutes before it, so the same rows are predicted as when the minutes
+/// came one by one (a calm segment is calm from its first prediction on, in both).
+#[test]
+fn in_the_high_mode_a_backlog_predicts_the_rows_minute_by_minute_does() {
+    let CalmFixture { inputs, cfg, all, risky, .. } = calm_fixture();
+    let run = |batched: bool| {
+        let metrics = Metrics::new();
+        metrics.gauge("citystream_carbon_high_mode", "mode", &[]).set(1.0);
+        let mut op =
+            cfg.build(&features_schema(), &BuildContext { stage: "c".into(), metrics, ..Default::default() }).unwrap();
+        let mut out = Collector::new(1);
+        for m in 0..12 {
+            op.process_batch(features_batch(&inputs, m * 60_000), &mut out).unwrap();
+            if !batched {
+                op.on_watermark(m * 60_000 + 1, &mut out).unwrap();
+            }
+        }
+        // the backlog's twelve minutes are one micro-batch (`max_rows: 1024`, `max_delay: 1h`)
+        op.on_watermark(12 * 60_000, &mut out).unwrap();
+        out.port(0).iter().flat_map(|b| strings(b, "segment_id")).collect::<Vec<_>>()
+    };
+    let (live, backlog) = (run(false), run(true));
+    assert!(12 * inputs.len() <= 1024, "one micro-batch");
+    // unseen at minute 0, then calm segments at minutes 5 and 10
+    let expected: Vec<String> = (0..12).flat_map(|m| if m % 5 == 0 { all.clone() } else { risky.clone() }).collect();
+    assert_eq!(live, expected);
+    assert_eq!(backlog, expected);
+}
+
 #[test]
 fn calm_clocks_survive_a_snapshot_and_restore() {
     let CalmFixture { inputs, cfg, all, risky, .. } = calm_fixture();

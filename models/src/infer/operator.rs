@@ -216,18 +216,22 @@ impl Infer {
             return Ok(());
         }
         let input = self.buffered[0].schema();
-        let mut all = concat_batches(&input, &std::mem::take(&mut self.buffered))?;
+        let all = concat_batches(&input, &std::mem::take(&mut self.buffered))?;
         self.buffered_rows = 0;
         self.first_at = None;
-        if high && let Some(calm) = &self.calm {
-            all = calm.thin(&all)?;
-            if all.num_rows() == 0 {
-                return Ok(());
-            }
-        }
         let widths: Vec<usize> = self.live.model.output_widths();
         for (start, len) in self.runs_of(&all) {
-            let chunk = all.slice(start, len);
+            let mut chunk = all.slice(start, len);
+            // calm keys are thinned one event time at a time, each after the predictions of the
+            // times before it: a key turns calm (or not) at the same minute whether the minutes
+            // came one per batch (live) or many in one (a backlog)
+            if high && let Some(calm) = &self.calm {
+                chunk = calm.thin(&chunk)?;
+                if chunk.num_rows() == 0 {
+                    continue;
+                }
+            }
+            let len = chunk.num_rows();
             let mut scratch = Vec::new();
             let t0 = Instant::now();
             let feats = features(&self.r, &chunk, &mut scratch)?;

@@ -186,6 +186,24 @@ impl CarbonScheduler {
     }
 }
 
+fn mode_gauge(metrics: &Metrics) -> citystream_operators::Gauge {
+    metrics.gauge(
+        "citystream_carbon_high_mode",
+        "1 while the grid is above the policy's threshold or the pipeline above its energy budget.",
+        &[],
+    )
+}
+
+/// Sets the policy's mode from the grid as it is now, before any stage reads it: stages that
+/// switch with the mode (`infer`'s `carbon`) then take the first rows in the mode the policy
+/// starts in, not in the normal mode until the policy's first check runs (a race a backlog
+/// loses: with a constant grid above the threshold, one run predicted every calm minute for
+/// its first seconds and another did not).
+pub(crate) fn set_initial_mode(cfg: &CarbonPolicyConfig, intensity: &Intensity, metrics: &Metrics) {
+    let g = intensity.at(chrono::Utc::now().timestamp_millis());
+    mode_gauge(metrics).set(if g > cfg.high_g_per_kwh { 1.0 } else { 0.0 });
+}
+
 /// Runs the carbon policy until the pipeline ends: compacts the Parquet roots when due and
 /// the grid allows, logging and counting every switch and action.
 pub(crate) async fn run_policy(
@@ -207,11 +225,7 @@ pub(crate) async fn run_policy(
             &[("policy", "compaction"), ("action", a)],
         )
     };
-    let mode = metrics.gauge(
-        "citystream_carbon_high_mode",
-        "1 while the grid is above the policy's threshold or the pipeline above its energy budget.",
-        &[],
-    );
+    let mode = mode_gauge(&metrics);
     let intensity_gauge = metrics.gauge("citystream_carbon_g_per_kwh", "The grid's carbon intensity now.", &[]);
     let switches = |to: &str| {
         metrics.counter("citystream_carbon_mode_switches_total", "Switches of the carbon policy's mode.", &[("to", to)])

@@ -58,6 +58,7 @@ pub(crate) fn start(
     let (done, ended) = tokio::sync::oneshot::channel();
     let account = tokio::spawn(super::run(energy.clone(), intensity.clone(), ctx.metrics.clone(), ctx.tasks, ended));
     let policy = policy.map(|p| {
+        super::policy::set_initial_mode(p, &intensity, ctx.metrics);
         let positioned = match ctx.commits {
             Some(log) => Positioned::Committed(log),
             // no source commits (the simulator): a run is all or nothing
