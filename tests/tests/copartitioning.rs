@@ -762,3 +762,208 @@ async fn the_global_task_does_not_wait_for_tasks_without_traffic() {
     assert!(hours("seg-99-99") >= 5, "the global task's windows closed: {dp:#?}");
     assert_eq!(dp.len(), 4 * hours("seg-99-99"), "one release per public partition and hour: {dp:#?}");
 }
+
+/// `text` with every `${NAME}` and `${NAME:-default}` of `vars` replaced by its value, as the
+/// pipeline expands its environment.
+fn expand(text: &str, vars: &[(&str, String)]) -> String {
+    let mut out = text.to_owned();
+    for (name, value) in vars {
+        for open in [format!("${{{name}}}"), format!("${{{name}:-")] {
+            while let Some(at) = out.find(&open) {
+                let end = at + out[at..].find('}').expect("a closed ${…}");
+                out.replace_range(at..=end, value);
+            }
+        }
+    }
+    assert!(!out.lines().any(|l| l.split('#').next().unwrap().contains("${")), "every variable set:\n{out}");
+    out
+}
+
+/// The Helm chart's own pipeline (`deploy/helm/citystream/files/pipeline.yaml`: the models,
+/// alert rules, DP release, Kafka outputs and carbon policy of `deploy/kafka.yaml`, with
+/// per-partition tasks, a global task, static membership and the state on object storage) as
+/// the chart's StatefulSet runs it: two pods, each with its own volume (`CITYSTREAM_DATA`: its
+/// lake and DP budgets), one `s3://` state URL (the test's S3-compatible server) and the keys
+/// of one Secret. While the topics fill, the pod running a task with traffic is killed with
+/// SIGKILL; once the other restored its tasks, it comes back under the same name on the same
+/// volume, as a rescheduled pod does. The union of the two pods' lakes holds exactly the
+/// tables of one process running the same file: the files a task's checkpoint committed
+/// but its killed writer had not yet published lie on the killed pod's volume, out of the new
+/// owner's reach, and the pod publishes them when it starts again.
+///
+/// What the test changes in the file: topic names (`city.` → its own prefix) and
+/// `stop_when_idle`, so that the pods end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process() {
+    let prefix = unique("chart");
+    let topics = citystream_pipeline::kafka::KafkaTopics {
+        traffic: Some(format!("{prefix}.traffic")),
+        camera: Some(format!("{prefix}.camera")),
+        environment: Some(format!("{prefix}.environment")),
+    };
+    // seven corridors of three segments: traffic on all six partitions, so every task moves the
+    // global task's watermark; the simulated hours end two hours ago (decode's `max_future`)
+    let (mut cfg, work, graph) = city_with(1313, |c| {
+        c.segments = 21;
+        c.segments_per_corridor = 3;
+    });
+    let now = chrono::Utc::now().timestamp_millis();
+    cfg.duration = citystream_operators::Duration::from_secs(6 * 3600);
+    let start = now - 8 * 3_600_000;
+    cfg.start = citystream_pipeline::simulator::StartTime(Some(start - start.rem_euclid(60_000)));
+    citystream_pipeline::simulator::Simulation::new(cfg.clone(), 0)
+        .write_ground_truth(&work.path().join("truth"))
+        .unwrap();
+    let chart = std::fs::read_to_string(repo_root().join("deploy/helm/citystream/files/pipeline.yaml")).unwrap();
+    let chart = chart.replace("city.", &format!("{prefix}.")).replacen(
+        "    max_out_of_orderness: 2m\n",
+        "    max_out_of_orderness: 2m\n    stop_when_idle: 15s\n",
+        1,
+    );
+    assert!(chart.contains("stop_when_idle: 15s") && chart.contains("global_task: true"));
+    // one Secret: the same DP noise key on every pod
+    let key: String = (0..64).map(|i| char::from(b"0123456789abcdef"[(i * 7 + 3) % 16])).collect();
+    let models = repo_root().join("models/onnx");
+    // a pod's config as the StatefulSet's environment expands it
+    let pod = |name: &str, data: &Path, state_url: &str, group: &str| {
+        let secrets = data.join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        let key_file = secrets.join("dp_noise.key");
+        std::fs::write(&key_file, &key).unwrap();
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        expand(
+            &chart,
+            &[
+                ("KAFKA_BROKERS", brokers()),
+                ("KAFKA_GROUP", group.to_owned()),
+                ("POD_NAME", name.to_owned()),
+                ("CITYSTREAM_DATA", data.display().to_string()),
+                ("CITYSTREAM_STATE_URL", state_url.to_owned()),
+                ("CITYSTREAM_METRICS_ADDR", "127.0.0.1:0".into()),
+                ("ROAD_GRAPH", graph.display().to_string()),
+                ("CONGESTION_MODEL", models.join("congestion_small.onnx").display().to_string()),
+                ("CONGESTION_SMALL_MODEL", models.join("congestion_small.onnx").display().to_string()),
+                ("INCIDENT_MODEL", models.join("incident_fp32.onnx").display().to_string()),
+            ],
+        )
+    };
+    let (group, state_url) = (unique("g-chart"), s3_state_url("chart"));
+    let pods: Vec<std::path::PathBuf> = (0..2).map(|i| work.path().join(format!("pod-{i}"))).collect();
+    let configs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| {
+            let config = work.path().join(format!("pod-{i}.yaml"));
+            std::fs::write(&config, pod(&format!("city-citystream-{i}"), &pods[i], &state_url, &group)).unwrap();
+            config
+        })
+        .collect();
+    // the topics it reads and writes, as the README has operators create them
+    let made = std::process::Command::new(citystream_bin())
+        .args(["topics", "--partitions", "6", "--config"])
+        .arg(&configs[0])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "citystream topics: {}", String::from_utf8_lossy(&made.stderr));
+    let logs: Vec<std::path::PathBuf> = (0..3).map(|i| work.path().join(format!("{i}.log"))).collect();
+    let mut procs: Vec<std::process::Child> = (0..2).map(|i| spawn(&configs[i], &logs[i])).collect();
+    let t0 = Instant::now();
+    while (0..2).map(|i| running_tasks(&logs[i]).len()).sum::<usize>() < 6
+        || (0..2).any(|i| running_tasks(&logs[i]).is_empty())
+    {
+        if t0.elapsed() > Duration::from_secs(60) || procs.iter_mut().any(|p| p.try_wait().unwrap().is_some()) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            let text: Vec<String> = logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
+            panic!("two pods ran the six tasks within 60 s:\n{}", text.join("\n---\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reached = partitions_with_traffic(&graph);
+    let victim = (0..2).find(|i| !running_tasks(&logs[*i]).is_disjoint(&reached)).expect("a pod with traffic");
+    let other = 1 - victim;
+    let moved: Vec<i32> = running_tasks(&logs[victim]).intersection(&reached).copied().collect();
+    let producing = tokio::spawn({
+        let topics = topics.clone();
+        let cfg = cfg.clone();
+        async move {
+            citystream_pipeline::kafka::produce::simulate_into(
+                &brokers(),
+                cfg,
+                &topics,
+                std::num::NonZeroU32::new(3000),
+            )
+            .await
+        }
+    });
+    // mid-stream: the victim published files of its tasks
+    let lake = pods[victim].join("lake/traffic");
+    let t0 = Instant::now();
+    while walk(&lake).iter().filter(|p| p.ends_with(".parquet")).count() < 3 {
+        if t0.elapsed() > Duration::from_secs(90) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            panic!("the pod published traffic files within 90 s:\n{}", std::fs::read_to_string(&logs[victim]).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    procs[victim].kill().unwrap();
+    procs[victim].wait().unwrap();
+    let killed_at = chrono::Utc::now();
+    let stranded = walk(&pods[victim].join("lake")).iter().filter(|p| p.ends_with(".pending")).count();
+    // the other pod restores the killed pod's tasks from S3
+    let restored = |task: i32| {
+        let text = std::fs::read_to_string(&logs[other]).unwrap_or_default();
+        text.lines().any(|l| {
+            l.contains("took over the operator state")
+                && l.contains(&format!("task-{task} "))
+                && logged_at(l).is_some_and(|t| t > killed_at)
+        })
+    };
+    let t0 = Instant::now();
+    while !moved.iter().all(|t| restored(*t)) {
+        if t0.elapsed() > Duration::from_secs(90) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            panic!("the killed pod's tasks moved within 90 s:\n{}", std::fs::read_to_string(&logs[other]).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // the pod is back, under its name, on its volume
+    procs[victim] = spawn(&configs[victim], &logs[2]);
+    producing.await.unwrap().expect("produce");
+    for (i, p) in procs.iter_mut().enumerate() {
+        let log = if i == victim { &logs[2] } else { &logs[i] };
+        wait_exit(p, Duration::from_secs(300), log);
+    }
+    let back = std::fs::read_to_string(&logs[2]).unwrap();
+    let published: Vec<&str> = back
+        .lines()
+        .filter(|l| l.contains("published stranded files") || l.contains("resolved pending files"))
+        .collect();
+    eprintln!("{stranded} pending files on the killed pod's volume; back, it published:\n{}", published.join("\n"));
+    // the union of the pods' lakes
+    let union = work.path().join("union/lake");
+    for pod in &pods {
+        let lake = pod.join("lake");
+        for file in walk(&lake) {
+            let rel = Path::new(&file).strip_prefix(&lake).unwrap();
+            if rel.file_name().unwrap().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let dest = union.join(rel);
+            assert!(!dest.exists(), "{} is on both pods' volumes", rel.display());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(&file, &dest).unwrap();
+        }
+    }
+    // one process running every task, on the same topics
+    let reference = work.path().join("ref");
+    run_in_process(&pod("city-citystream-ref", &reference, &s3_state_url("chart-ref"), &unique("g-chart-ref"))).await;
+    // an alert's `emitted_at` and the energy account are the wall clock
+    let c = Compare { skip_columns: &["emitted_at"], skip_tables: &["energy"], ..Compare::default() };
+    let expected = table_rows(&reference.join("lake"), &c).await;
+    let got = table_rows(&union, &c).await;
+    assert_same_tables("the chart's pipeline on two pods, one killed and back", &got, &expected);
+    let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
+    // with the grid above the policy's threshold (the file's 350 g/kWh) calm segments are
+    // predicted every 5 minutes, and the DP release's hours wait (`defer`) past these six
+    let counts = ["traffic", "predictions", "incident_scores"].map(|t| (t, rows(t)));
+    assert!(counts.iter().all(|(_, n)| *n > 1000), "a real workload: {counts:?}");
+    assert!(counts[1].1 < counts[2].1, "calm segments thinned: {counts:?}");
+}
