@@ -2,7 +2,8 @@
 //! corridor, cameras by zone, stations by id), read by two instances in one consumer group,
 //! give exactly the tables one instance gives; and per-partition tasks (`runtime.tasks:
 //! partition`) whose state moves between instances through a kill, a joiner and a zombie
-//! (the zombie also with the state on the test's S3-compatible server).
+//! (the zombie also with the state on the test's S3-compatible server), and the Helm chart's own
+//! pipeline as two pods.
 
 mod common;
 
@@ -808,8 +809,8 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
         c.segments_per_corridor = 3;
     });
     let now = chrono::Utc::now().timestamp_millis();
-    cfg.duration = citystream_operators::Duration::from_secs(6 * 3600);
-    let start = now - 8 * 3_600_000;
+    cfg.duration = citystream_operators::Duration::from_secs(9 * 3600);
+    let start = now - 11 * 3_600_000;
     cfg.start = citystream_pipeline::simulator::StartTime(Some(start - start.rem_euclid(60_000)));
     citystream_pipeline::simulator::Simulation::new(cfg.clone(), 0)
         .write_ground_truth(&work.path().join("truth"))
@@ -962,8 +963,9 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
     assert_same_tables("the chart's pipeline on two pods, one killed and back", &got, &expected);
     let rows = |t: &str| expected.get(t).map_or(0, Vec::len);
     // with the grid above the policy's threshold (the file's 350 g/kWh) calm segments are
-    // predicted every 5 minutes, and the DP release's hours wait (`defer`) past these six
-    let counts = ["traffic", "predictions", "incident_scores"].map(|t| (t, rows(t)));
-    assert!(counts.iter().all(|(_, n)| *n > 1000), "a real workload: {counts:?}");
+    // predicted every 5 minutes, and the DP release's hours wait (`defer`) up to six hours
+    let counts = ["traffic", "predictions", "incident_scores", "dp_segment_speed"].map(|t| (t, rows(t)));
+    assert!(counts[..3].iter().all(|(_, n)| *n > 1000), "a real workload: {counts:?}");
     assert!(counts[1].1 < counts[2].1, "calm segments thinned: {counts:?}");
+    assert!(counts[3].1 >= 24, "deferred DP releases came out: {counts:?}");
 }
