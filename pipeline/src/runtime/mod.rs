@@ -199,6 +199,7 @@ pub async fn run_with_reload(
     reload: Option<mpsc::Receiver<PipelinePlan>>,
 ) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
+    check_state_layout(&plan).await?;
     let process = ProcessShared::default();
     let parquet_roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
     let services = plan.runtime.services(ServiceContext {
@@ -223,6 +224,37 @@ pub async fn run_with_reload(
     }
     report.elapsed_s = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Refuses to run `runtime.tasks: partition` on the state of a whole process, or `process` on
+/// the tasks' states: every window would start empty (the state of the other mode is never
+/// read), so a switch is the operator's explicit choice of a new `state_url`.
+async fn check_state_layout(plan: &PipelinePlan) -> Result<(), PipelineError> {
+    let Some(url) = plan.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))? else {
+        return Ok(());
+    };
+    let mode = plan.runtime.tasks;
+    let layout = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || crate::task::layout(&url))
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))?
+            .map_err(|source| PipelineError::State { stage: "runtime".into(), source })?
+    };
+    let switch = "point `runtime.state_url` at a new place to switch (the group's committed offsets \
+                  are kept; windows, deduplication and alert state start empty), or go back";
+    match mode {
+        crate::config::TaskMode::Partition if layout.process => Err(PipelineError::Task(format!(
+            "`runtime.tasks: partition`, but {url} holds the state of a whole process (written with `tasks: \
+             process`), which no task would read: {switch} to `tasks: process`"
+        ))),
+        crate::config::TaskMode::Process if !layout.tasks.is_empty() => Err(PipelineError::Task(format!(
+            "`runtime.tasks: process`, but {url} holds the state of per-partition tasks ({}; written with \
+             `tasks: partition`), which a whole process would not read: {switch} to `tasks: partition`",
+            layout.tasks.join(", ")
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs one stage graph of `plan` (the whole pipeline, or one task of it) to completion.
@@ -623,5 +655,36 @@ mod tests {
         assert!(super::holds_rows_upstream(&plan, "traffic_stored"));
         assert!(!super::holds_rows_upstream(&plan, "traffic_unique"));
         assert!(!super::holds_rows_upstream(&plan, "city"), "a source holds nothing");
+    }
+
+    /// A process (`tasks: process`) on state that per-partition tasks wrote would start every
+    /// window empty: it stops before it reads anything, and says how to switch.
+    #[tokio::test]
+    async fn a_process_refuses_the_state_of_per_partition_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let input = dir.path().join("traffic.jsonl");
+        std::fs::write(&input, "{\"not\": \"a reading\"}\n").unwrap();
+        let text = format!(
+            "name: t\nsources:\n  city: {{type: files, paths: {{traffic: {}}}}}\nstages:\n  traffic: {{type: decode, \
+             input: city.traffic, kind: traffic}}\nsinks:\n  lake: {{type: parquet, path: {}, tables: {{traffic: \
+             traffic, dead: traffic.dead_letters, late: traffic.late_events}}}}\nruntime:\n  state_dir: {}\n  \
+             status_interval: null\n",
+            input.display(),
+            dir.path().join("lake").display(),
+            state.display()
+        );
+        let plan = || crate::config::plan::plan(crate::config::load_str(&text, "t.yaml").unwrap(), "t.yaml").unwrap();
+        let url = crate::task::StateUrl::Local(state.clone());
+        crate::task::StateStore::open(&url.child("task-2")).unwrap().commit(1, &Default::default()).unwrap();
+        let (_stop, rx) = super::StopHandle::new();
+        let e = super::run(plan(), citystream_operators::Metrics::new(), rx).await.unwrap_err().to_string();
+        assert!(e.contains("holds the state of per-partition tasks (task-2;") && e.contains("state_url"), "{e}");
+        assert!(!dir.path().join("lake").exists(), "nothing ran");
+        // on a state of its own it runs
+        std::fs::remove_dir_all(&state).unwrap();
+        let (_stop, rx) = super::StopHandle::new();
+        super::run(plan(), citystream_operators::Metrics::new(), rx).await.unwrap();
+        assert_eq!(crate::task::layout(&url).unwrap(), crate::task::StateLayout { process: true, tasks: vec![] });
     }
 }

@@ -246,6 +246,38 @@ fn with_history(writer: &str, epoch: u64, before: &[Committed]) -> Vec<Committed
     std::iter::once(own).chain(before.iter().filter(|c| c.writer != writer).cloned()).take(COMMITTED_HISTORY).collect()
 }
 
+/// What a state URL holds at its root: a whole process's state (`runtime.tasks: process`:
+/// manifests at the root) and the tasks' states (`tasks: partition`: `task-{p}` and `global`,
+/// each with a manifest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateLayout {
+    /// A whole process's state is there.
+    pub process: bool,
+    /// The tasks whose state is there (`task-0`, `global`, …).
+    pub tasks: Vec<String>,
+}
+
+/// The names under a state root that are tasks' states.
+fn is_task_dir(name: &str) -> bool {
+    name == "global"
+        || name.strip_prefix("task-").is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What `url` holds (see [`StateLayout`]): the runtime refuses to run one task mode on the
+/// state of the other, where every window would start empty.
+pub fn layout(url: &StateUrl) -> Result<StateLayout, StateError> {
+    let root = open_backend(url)?;
+    let names = root.list("").map_err(store_err(&root, "listing", ""))?;
+    let process = newest(&root)?.is_some();
+    let mut tasks = Vec::new();
+    for name in names.iter().filter(|n| is_task_dir(n)) {
+        if newest_manifest(&open_backend(&url.child(name))?)?.is_some() {
+            tasks.push(name.clone());
+        }
+    }
+    Ok(StateLayout { process, tasks })
+}
+
 /// Per lineage, the committed epochs of each state writer (see [`with_history`]) in the newest
 /// manifest of every task's state under `url` (`task-{p}` and `global`: the layout of
 /// `runtime.tasks: partition`). A process publishes with them the files its killed
@@ -254,12 +286,8 @@ fn with_history(writer: &str, epoch: u64, before: &[Committed]) -> Vec<Committed
 pub fn committed_under(url: &StateUrl) -> Result<BTreeMap<String, Vec<(String, u64)>>, StateError> {
     let root = open_backend(url)?;
     let names = root.list("").map_err(store_err(&root, "listing", ""))?;
-    let tasks = names.iter().filter(|n| {
-        *n == "global"
-            || n.strip_prefix("task-").is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-    });
     let mut out = BTreeMap::new();
-    for name in tasks {
+    for name in names.iter().filter(|n| is_task_dir(n)) {
         if let Some(m) = newest(&open_backend(&url.child(name))?)? {
             out.insert(m.lineage, m.committed.into_iter().map(|c| (c.writer, c.epoch)).collect());
         }
