@@ -53,9 +53,18 @@ struct Family {
 }
 
 /// The registry. Clone it freely: clones share the same series.
+///
+/// A handle may be scoped to a task ([`for_task`](Self::for_task)): the gauges made through
+/// it carry a `task` label, so the tasks of one process (`runtime.tasks: partition`) each show
+/// their own watermarks, queues and open alerts instead of whichever task set them last.
+/// Counters stay without it: they add up across tasks, as one process's totals. Process-wide
+/// signals (the carbon mode, the energy account) are made through the unscoped handle, and a
+/// task still reads them: [`value`](Self::value) falls back to the series without `task`.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     families: Arc<Mutex<BTreeMap<String, Family>>>,
+    /// The task whose gauges this handle makes (`task` label).
+    task: Option<Arc<str>>,
 }
 
 fn label_text(labels: &[(&str, &str)]) -> String {
@@ -74,6 +83,21 @@ impl Metrics {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A handle on the same registry whose gauges carry the label `task="{task}"` (see the
+    /// type's documentation).
+    pub fn for_task(&self, task: &str) -> Metrics {
+        Metrics { families: self.families.clone(), task: Some(task.into()) }
+    }
+
+    /// `labels`, with this handle's task label unless they name a task already.
+    fn scoped<'a>(&'a self, labels: &[(&'a str, &'a str)]) -> Option<Vec<(&'a str, &'a str)>> {
+        let task = self.task.as_deref()?;
+        if labels.iter().any(|(k, _)| *k == "task") {
+            return None;
+        }
+        Some(labels.iter().copied().chain([("task", task)]).collect())
     }
 
     fn handle(&self, name: &str, help: &'static str, labels: &[(&str, &str)], make: fn() -> Handle) -> Handle {
@@ -98,16 +122,21 @@ impl Metrics {
     /// # Panics
     /// If `name{labels}` was registered as a counter — a bug in the caller.
     pub fn gauge(&self, name: &str, help: &'static str, labels: &[(&str, &str)]) -> Gauge {
+        let scoped = self.scoped(labels);
+        let labels = scoped.as_deref().unwrap_or(labels);
         match self.handle(name, help, labels, || Handle::Gauge(Gauge::default())) {
             Handle::Gauge(g) => g,
             Handle::Counter(_) => panic!("metric {name} is a counter, not a gauge"),
         }
     }
 
-    /// The current value of `name{labels}`, if registered.
+    /// The current value of `name{labels}`, if registered: through a task's handle, its own
+    /// gauge's first, else the series without the task label (a counter, a process-wide gauge).
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let fams = self.families.lock().expect("metrics lock poisoned");
-        fams.get(name)?.series.get(&label_text(labels)).map(|h| match h {
+        let series = &fams.get(name)?.series;
+        let own = self.scoped(labels).and_then(|l| series.get(&label_text(&l)));
+        own.or_else(|| series.get(&label_text(labels))).map(|h| match h {
             Handle::Counter(c) => c.get() as f64,
             Handle::Gauge(g) => g.get(),
         })
@@ -193,5 +222,35 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("citystream_queue_depth 2.5\n"), "{text}");
+    }
+
+    /// Two tasks of one process: each its own gauge, one counter for both, and the process's
+    /// gauges still readable from a task.
+    #[test]
+    fn a_tasks_gauges_carry_its_label_and_its_counters_add_up() {
+        let m = Metrics::new();
+        let (t0, t3) = (m.for_task("0"), m.for_task("3"));
+        t0.gauge("citystream_watermark_ms", "W.", &[("stage", "w")]).set(10.0);
+        t3.gauge("citystream_watermark_ms", "W.", &[("stage", "w")]).set(30.0);
+        t0.counter("citystream_rows_total", "Rows.", &[("stage", "w")]).inc_by(2);
+        t3.counter("citystream_rows_total", "Rows.", &[("stage", "w")]).inc_by(5);
+        m.gauge("citystream_carbon_high_mode", "Mode.", &[]).set(1.0);
+        assert_eq!(t0.value("citystream_watermark_ms", &[("stage", "w")]), Some(10.0));
+        assert_eq!(t3.value("citystream_watermark_ms", &[("stage", "w")]), Some(30.0));
+        assert_eq!(m.value("citystream_watermark_ms", &[("stage", "w"), ("task", "3")]), Some(30.0));
+        assert_eq!(t3.value("citystream_rows_total", &[("stage", "w")]), Some(7.0));
+        assert_eq!(t3.value("citystream_carbon_high_mode", &[]), Some(1.0));
+        // a label named `task` already is kept as it is
+        t3.gauge("citystream_x", "X.", &[("task", "mine")]).set(1.0);
+        let text = m.render();
+        for line in [
+            "citystream_watermark_ms{stage=\"w\",task=\"0\"} 10\n",
+            "citystream_watermark_ms{stage=\"w\",task=\"3\"} 30\n",
+            "citystream_rows_total{stage=\"w\"} 7\n",
+            "citystream_carbon_high_mode 1\n",
+            "citystream_x{task=\"mine\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line}in\n{text}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The Prometheus endpoint and the periodic status line.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ pub async fn metrics_endpoint(addr: SocketAddr, metrics: Metrics) -> std::io::Re
         }),
     );
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // the bound address: with port 0 the system picks one
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     axum::serve(listener, app).await
 }
@@ -63,15 +66,24 @@ pub fn status_line(m: &Metrics, prev: &mut (Instant, f64, f64)) -> String {
     if !lag.is_empty() {
         let _ = write!(s, " | kafka lag {:.0}", lag.iter().map(|(_, v)| v).sum::<f64>());
     }
-    let queues = m.series("citystream_queue_depth");
+    // per stage, summed over the tasks running it
+    let mut queues: BTreeMap<String, f64> = BTreeMap::new();
+    for (labels, v) in m.series("citystream_queue_depth") {
+        *queues.entry(label_value(&labels, "stage").unwrap_or(&labels).to_owned()).or_default() += v;
+    }
     if !queues.is_empty() {
         s.push_str(" | queues");
-        for (labels, v) in queues {
-            let task = labels.trim_start_matches("task=\"").trim_end_matches('"');
-            let _ = write!(s, " {task}={v:.0}");
+        for (stage, v) in queues {
+            let _ = write!(s, " {stage}={v:.0}");
         }
     }
     s
+}
+
+/// The value of label `key` in rendered labels (`stage="traffic",task="3"`).
+fn label_value<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let at = labels.find(&format!("{key}=\""))? + key.len() + 2;
+    Some(&labels[at..at + labels[at..].find('"')?])
 }
 
 /// Prints a status line every `every` until the task is dropped.
@@ -97,7 +109,9 @@ mod tests {
         m.counter("citystream_dead_letters_total", "", &[("reason", "bad_json")]).inc_by(10);
         m.gauge("citystream_kafka_consumer_lag", "", &[("partition", "0")]).set(7.0);
         m.gauge("citystream_kafka_consumer_lag", "", &[("partition", "1")]).set(5.0);
-        m.gauge("citystream_queue_depth", "", &[("task", "traffic")]).set(3.0);
+        m.gauge("citystream_queue_depth", "", &[("stage", "traffic")]).set(3.0);
+        m.for_task("1").gauge("citystream_queue_depth", "", &[("stage", "camera")]).set(1.0);
+        m.for_task("2").gauge("citystream_queue_depth", "", &[("stage", "camera")]).set(4.0);
         m.counter("citystream_stage_rows_in_total", "", &[("stage", "traffic")]).inc_by(400);
         m.counter("citystream_late_events_total", "", &[("stage", "traffic")]).inc_by(3);
         m.counter("citystream_late_events_total", "", &[("stage", "windows")]);
@@ -105,7 +119,7 @@ mod tests {
         let line = status_line(&m, &mut prev);
         assert!(
             line.contains(
-                "| total in 100 out 90 dead letters 10 | late traffic=0.75% | kafka lag 12 | queues traffic=3"
+                "| total in 100 out 90 dead letters 10 | late traffic=0.75% | kafka lag 12 | queues camera=5 traffic=3"
             ),
             "{line}"
         );

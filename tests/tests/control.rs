@@ -266,14 +266,14 @@ async fn health_reports_queues_per_task_and_held_dp_releases() {
     // SAFETY: as above, a variable of this test only
     unsafe { std::env::set_var("CC_TOKENS_H", format!("viewer {VIEWER}")) };
     let m = Metrics::new();
-    m.gauge("citystream_queue_depth", "", &[("task", "traffic")]).set(3.0);
+    m.gauge("citystream_queue_depth", "", &[("stage", "traffic")]).set(3.0);
     m.gauge("citystream_dp_windows_held", "", &[("stage", "dp"), ("release", "r")]).set(2.0);
     m.gauge("citystream_carbon_high_mode", "", &[]).set(1.0);
     let c = ControlCenter::start("control", &config(dir.path(), "CC_TOKENS_H", 1000), &m).unwrap();
     let (code, body) = http(&c, "GET", "/api/health", Some(VIEWER), None).await;
     assert_eq!(code, 200, "{body}");
     let h = json(&body);
-    assert_eq!(h["queue_depth"], serde_json::json!([["task=\"traffic\"", 3.0]]), "{body}");
+    assert_eq!(h["queue_depth"], serde_json::json!([["stage=\"traffic\"", 3.0]]), "{body}");
     assert_eq!((h["dp_windows_held"].as_f64(), h["carbon_high_mode"].as_f64()), (Some(2.0), Some(1.0)), "{body}");
 }
 

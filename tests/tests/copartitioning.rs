@@ -925,6 +925,24 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // its metrics show each of its tasks apart: a task's gauges carry its label
+    let log = std::fs::read_to_string(&logs[other]).unwrap();
+    let addr: std::net::SocketAddr = log
+        .lines()
+        .find(|l| l.contains("serving Prometheus metrics"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+        .expect("the metrics address in the log")
+        .parse()
+        .unwrap();
+    let (code, metrics) = common::alerts::http_at(addr, "GET", "/metrics", None, None).await;
+    assert_eq!(code, 200);
+    for task in running_tasks(&logs[other]) {
+        let series = match task {
+            -1 => "citystream_queue_depth{stage=\"incident_alerts\",task=\"global\"}".to_owned(),
+            t => format!("citystream_queue_depth{{stage=\"traffic_minutes\",task=\"{t}\"}}"),
+        };
+        assert!(metrics.contains(&series), "{series} in\n{metrics}");
+    }
     // the pod is back, under its name, on its volume
     procs[victim] = spawn(&configs[victim], &logs[2]);
     producing.await.unwrap().expect("produce");

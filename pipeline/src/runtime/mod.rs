@@ -616,15 +616,15 @@ fn holds_rows_upstream(plan: &PipelinePlan, node: &str) -> bool {
         || st.inputs.iter().any(|r| holds_rows_upstream(plan, &r.node))
 }
 
-/// Publishes the depth of every task's input queue as a gauge, once a second.
+/// Publishes the depth of every stage's input queue as a gauge, twice a second.
 async fn monitor_queues(queues: Vec<(String, Vec<mpsc::WeakSender<Message>>)>, metrics: Metrics) {
     let gauges: Vec<_> = queues
         .iter()
         .map(|(name, _)| {
             metrics.gauge(
                 "citystream_queue_depth",
-                "Messages waiting in a task's input queue.",
-                &[("task", name.as_str())],
+                "Messages waiting in a stage's input queue.",
+                &[("stage", name.as_str())],
             )
         })
         .collect();

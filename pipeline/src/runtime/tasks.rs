@@ -15,7 +15,8 @@
 //! partition 0: it starts, stops and moves with it (key [`GLOBAL_TASK`] here).
 //!
 //! Shared by the tasks of a process: the alert thresholds board, the record of commits
-//! (compaction), the metrics (counters add up across tasks), the energy services.
+//! (compaction), the metrics (counters add up across tasks; gauges carry a `task` label), the energy
+//! services.
 
 // only a Kafka source has a group to share tasks through
 #![cfg_attr(not(feature = "kafka"), allow(dead_code))]
@@ -263,7 +264,9 @@ impl TaskSet {
         let Some(plan) = plan else { return Ok(()) };
         let (stop, stop_rx) = StopHandle::new();
         let (reload, reload_rx) = mpsc::channel(1);
-        let (metrics, process) = (self.metrics.clone(), self.process.clone());
+        // the task's gauges carry its label; its counters add up with the other tasks'
+        let task = if partition == GLOBAL_TASK { "global".to_owned() } else { partition.to_string() };
+        let (metrics, process) = (self.metrics.for_task(&task), self.process.clone());
         let join = self.runtime.spawn(run_graph(plan, metrics, stop_rx, Some(reload_rx), process));
         self.lock_running().insert(partition, Running { stop, reload, join, started: Instant::now() });
         self.started_any.store(true, Ordering::Relaxed);
