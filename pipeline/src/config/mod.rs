@@ -320,6 +320,21 @@ impl SinkConfig {
         }
     }
 
+    /// Publishes the files under the sink's tables that a killed process on this disk committed
+    /// but had not yet published (`committed`: per state lineage, each writer's newest committed
+    /// epoch). Only Parquet sinks keep such files.
+    pub(crate) fn publish_stranded(
+        &self,
+        committed: &std::collections::BTreeMap<String, Vec<(String, u64)>>,
+    ) -> Result<(), crate::task::PipelineError> {
+        match self {
+            SinkConfig::Parquet(c) => {
+                crate::sink::parquet::publish_stranded(std::path::Path::new(c.path.as_str()), committed)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The directory of the sink's tables, if it writes files (Parquet): operator errors,
     /// compaction and the sources' recovery look there.
     pub(crate) fn files_root(&self) -> Option<std::path::PathBuf> {

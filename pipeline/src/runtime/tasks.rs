@@ -157,14 +157,14 @@ pub(super) async fn run(
 /// and a pod's lake is on a volume of its own.
 async fn publish_stranded(plan: &PipelinePlan) -> Result<(), PipelineError> {
     let Some(url) = plan.runtime.state().map_err(PipelineError::Task)? else { return Ok(()) };
-    let roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
+    let sinks: Vec<crate::config::SinkConfig> = plan.sinks.iter().map(|s| s.config.clone()).collect();
     tokio::task::spawn_blocking(move || {
-        if roots.iter().all(|r| !r.exists()) {
+        if sinks.iter().filter_map(|s| s.files_root()).all(|r| !r.exists()) {
             return Ok(());
         }
         let committed = crate::task::committed_under(&url)
             .map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
-        roots.iter().try_for_each(|root| crate::sink::parquet::publish_stranded(root, &committed))
+        sinks.iter().try_for_each(|s| s.publish_stranded(&committed))
     })
     .await
     .map_err(|e| PipelineError::Task(e.to_string()))?
