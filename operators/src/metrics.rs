@@ -91,6 +91,17 @@ impl Metrics {
         Metrics { families: self.families.clone(), task: Some(task.into()) }
     }
 
+    /// Removes the gauges of task `task` (made through [`for_task`](Self::for_task)): a task
+    /// that stopped here, or moved to another process, no longer shows its last values.
+    pub fn forget_task(&self, task: &str) {
+        let label = label_text(&[("task", task)]);
+        let tail = format!(",{label}");
+        let mut fams = self.families.lock().expect("metrics lock poisoned");
+        for fam in fams.values_mut() {
+            fam.series.retain(|l, h| !(matches!(h, Handle::Gauge(_)) && (*l == label || l.ends_with(&tail))));
+        }
+    }
+
     /// `labels`, with this handle's task label unless they name a task already.
     fn scoped<'a>(&'a self, labels: &[(&'a str, &'a str)]) -> Option<Vec<(&'a str, &'a str)>> {
         let task = self.task.as_deref()?;
@@ -243,6 +254,11 @@ mod tests {
         // a label named `task` already is kept as it is
         t3.gauge("citystream_x", "X.", &[("task", "mine")]).set(1.0);
         let text = m.render();
+        // task 3 stops: its gauges go, task 0's and the counters stay
+        m.forget_task("3");
+        let left = m.render();
+        assert!(!left.contains("task=\"3\""), "{left}");
+        assert!(left.contains("citystream_rows_total{stage=\"w\"} 7\n") && left.contains("task=\"0\""), "{left}");
         for line in [
             "citystream_watermark_ms{stage=\"w\",task=\"0\"} 10\n",
             "citystream_watermark_ms{stage=\"w\",task=\"3\"} 30\n",

@@ -243,6 +243,12 @@ async fn check_state_layout(plan: &PipelinePlan) -> Result<(), PipelineError> {
     };
     let switch = "point `runtime.state_url` at a new place to switch (the group's committed offsets \
                   are kept; windows, deduplication and alert state start empty), or go back";
+    // both layouts: a deployment that switched on the same URL once (the Helm chart did) runs
+    // on the one of its mode; the other's manifests are left, unread
+    if layout.process && !layout.tasks.is_empty() {
+        tracing::warn!(state = %url, tasks = ?layout.tasks, "the state URL holds a whole process's state and tasks' states: this run reads only those of `tasks: {}`", if mode == crate::config::TaskMode::Partition { "partition" } else { "process" });
+        return Ok(());
+    }
     match mode {
         crate::config::TaskMode::Partition if layout.process => Err(PipelineError::Task(format!(
             "`runtime.tasks: partition`, but {url} holds the state of a whole process (written with `tasks: \
@@ -686,5 +692,9 @@ mod tests {
         let (_stop, rx) = super::StopHandle::new();
         super::run(plan(), citystream_operators::Metrics::new(), rx).await.unwrap();
         assert_eq!(crate::task::layout(&url).unwrap(), crate::task::StateLayout { process: true, tasks: vec![] });
+        // a URL holding both (switched once on the same place) runs in its mode's layout
+        crate::task::StateStore::open(&url.child("task-2")).unwrap().commit(1, &Default::default()).unwrap();
+        let (_stop, rx) = super::StopHandle::new();
+        super::run(plan(), citystream_operators::Metrics::new(), rx).await.unwrap();
     }
 }

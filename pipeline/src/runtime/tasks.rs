@@ -46,6 +46,11 @@ fn with_global(partitions: &[i32]) -> Vec<i32> {
     v
 }
 
+/// The `task` label of a task's gauges: its partition, or `global`.
+fn task_label(partition: i32) -> String {
+    if partition == GLOBAL_TASK { "global".to_owned() } else { partition.to_string() }
+}
+
 /// Runs the tasks the group assigns this process until `stop` (then each checkpoints and
 /// stops), or — with `stop_when_idle` — until every task it ran ended idle and no task came
 /// for a session timeout.
@@ -228,6 +233,10 @@ impl TaskSet {
 
     /// Records how a task ended.
     fn ended(&self, partition: i32, result: Result<Result<RunReport, PipelineError>, tokio::task::JoinError>) {
+        // its gauges go with it, unless it runs here again already
+        if !self.lock_running().contains_key(&partition) {
+            self.metrics.forget_task(&task_label(partition));
+        }
         match result {
             Ok(Ok(report)) => merge(&mut self.ended.lock().expect("ended"), report),
             Ok(Err(e)) => {
@@ -265,8 +274,7 @@ impl TaskSet {
         let (stop, stop_rx) = StopHandle::new();
         let (reload, reload_rx) = mpsc::channel(1);
         // the task's gauges carry its label; its counters add up with the other tasks'
-        let task = if partition == GLOBAL_TASK { "global".to_owned() } else { partition.to_string() };
-        let (metrics, process) = (self.metrics.for_task(&task), self.process.clone());
+        let (metrics, process) = (self.metrics.for_task(&task_label(partition)), self.process.clone());
         let join = self.runtime.spawn(run_graph(plan, metrics, stop_rx, Some(reload_rx), process));
         self.lock_running().insert(partition, Running { stop, reload, join, started: Instant::now() });
         self.started_any.store(true, Ordering::Relaxed);

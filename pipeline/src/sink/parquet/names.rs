@@ -47,9 +47,14 @@ pub(crate) fn parse_pending_name(name: &str) -> Option<(&str, &str, &str, u64)> 
 
 /// Renames pending file `pending` to `dest` (the caller fsyncs the directory). A pending file
 /// that is gone while `dest` exists was published by someone else (the next owner's recovery
-/// of a process that lost its state): fine.
+/// of a process that lost its state, or a process starting on the same disk: `publish_committed`),
+/// whenever it happened: fine.
 pub(super) fn publish_pending(pending: &Path, dest: &Path) -> Result<(), super::ParquetSinkError> {
     if !pending.exists() && dest.exists() {
+        return Ok(());
+    }
+    // published by someone else between the two looks
+    if dest.exists() && !pending.exists() {
         return Ok(());
     }
     if dest.exists() {

@@ -233,7 +233,7 @@ fn open_backend(url: &StateUrl) -> Result<Backend, StateError> {
 
 /// How many earlier state writers a manifest keeps the newest committed epoch of (see
 /// [`with_history`]).
-const COMMITTED_HISTORY: usize = 16;
+const COMMITTED_HISTORY: usize = 64;
 
 /// What a manifest of `writer` committing `epoch` records as committed: its own epoch, then
 /// the writers `before` names (its last manifest's list, carried from the state it took
@@ -243,7 +243,16 @@ const COMMITTED_HISTORY: usize = 16;
 /// when that disk's process starts again ([`committed_under`]), however many epochs later.
 fn with_history(writer: &str, epoch: u64, before: &[Committed]) -> Vec<Committed> {
     let own = Committed { writer: writer.to_owned(), epoch };
-    std::iter::once(own).chain(before.iter().filter(|c| c.writer != writer).cloned()).take(COMMITTED_HISTORY).collect()
+    let all: Vec<Committed> =
+        std::iter::once(own).chain(before.iter().filter(|c| c.writer != writer).cloned()).collect();
+    if all.len() > COMMITTED_HISTORY {
+        // files such a writer left pending on a disk of its own, unpublished, stay hidden
+        tracing::warn!(
+            dropped = ?all[COMMITTED_HISTORY..].iter().map(|c| c.writer.as_str()).collect::<Vec<_>>(),
+            "the state's manifest keeps the committed epochs of the {COMMITTED_HISTORY} newest writers only"
+        );
+    }
+    all.into_iter().take(COMMITTED_HISTORY).collect()
 }
 
 /// What a state URL holds at its root: a whole process's state (`runtime.tasks: process`:
