@@ -918,7 +918,7 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
     // at, and killed only then (else resumed, and looked at again)
     let url = citystream_pipeline::task::StateUrl::parse(&state_url).unwrap();
     let committed_pending = || {
-        let committed = citystream_pipeline::task::committed_under(&url).unwrap();
+        let committed = citystream_pipeline::task::layout(&url).unwrap().committed;
         walk(&pods[victim].join("lake"))
             .iter()
             .filter_map(|p| pending_name(p.rsplit('/').next().unwrap()))

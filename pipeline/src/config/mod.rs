@@ -327,11 +327,9 @@ impl SinkConfig {
         &self,
         committed: &std::collections::BTreeMap<String, Vec<(String, u64)>>,
     ) -> Result<(), crate::task::PipelineError> {
-        match self {
-            SinkConfig::Parquet(c) => {
-                crate::sink::parquet::publish_stranded(std::path::Path::new(c.path.as_str()), committed)
-            }
-            _ => Ok(()),
+        match self.files_root() {
+            Some(root) => crate::sink::parquet::publish_stranded(&root, committed),
+            None => Ok(()),
         }
     }
 

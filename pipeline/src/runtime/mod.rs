@@ -199,7 +199,7 @@ pub async fn run_with_reload(
     reload: Option<mpsc::Receiver<PipelinePlan>>,
 ) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
-    check_state_layout(&plan).await?;
+    let layout = check_state_layout(&plan).await?;
     let process = ProcessShared::default();
     let parquet_roots: Vec<std::path::PathBuf> = plan.sinks.iter().filter_map(|s| s.config.files_root()).collect();
     let services = plan.runtime.services(ServiceContext {
@@ -212,7 +212,10 @@ pub async fn run_with_reload(
     let accountant = tokio::spawn(account_tables(sources_of_tables.clone(), metrics.clone()));
     let result = match plan.runtime.tasks {
         crate::config::TaskMode::Process => run_graph(plan, metrics.clone(), stop, reload, process).await,
-        crate::config::TaskMode::Partition => tasks::run(plan, metrics.clone(), stop, reload, process).await,
+        crate::config::TaskMode::Partition => {
+            let committed = layout.map(|l| l.committed).unwrap_or_default();
+            tasks::run(plan, metrics.clone(), stop, reload, process, committed).await
+        }
     };
     accountant.abort();
     for s in services {
@@ -226,12 +229,13 @@ pub async fn run_with_reload(
     Ok(report)
 }
 
-/// Refuses to run `runtime.tasks: partition` on the state of a whole process, or `process` on
-/// the tasks' states: every window would start empty (the state of the other mode is never
-/// read), so a switch is the operator's explicit choice of a new `state_url`.
-async fn check_state_layout(plan: &PipelinePlan) -> Result<(), PipelineError> {
+/// What the state URL holds (`None`: no state), after refusing to run `runtime.tasks:
+/// partition` on the state of a whole process, or `process` on the tasks' states: every window
+/// would start empty (the state of the other mode is never read), so a switch is the
+/// operator's explicit choice of a new `state_url`.
+async fn check_state_layout(plan: &PipelinePlan) -> Result<Option<crate::task::StateLayout>, PipelineError> {
     let Some(url) = plan.runtime.state().map_err(|e| PipelineError::Task(format!("runtime state: {e}")))? else {
-        return Ok(());
+        return Ok(None);
     };
     let mode = plan.runtime.tasks;
     let layout = {
@@ -247,7 +251,7 @@ async fn check_state_layout(plan: &PipelinePlan) -> Result<(), PipelineError> {
     // on the one of its mode; the other's manifests are left, unread
     if layout.process && !layout.tasks.is_empty() {
         tracing::warn!(state = %url, tasks = ?layout.tasks, "the state URL holds a whole process's state and tasks' states: this run reads only those of `tasks: {}`", if mode == crate::config::TaskMode::Partition { "partition" } else { "process" });
-        return Ok(());
+        return Ok(Some(layout));
     }
     match mode {
         crate::config::TaskMode::Partition if layout.process => Err(PipelineError::Task(format!(
@@ -259,7 +263,7 @@ async fn check_state_layout(plan: &PipelinePlan) -> Result<(), PipelineError> {
              `tasks: partition`), which a whole process would not read: {switch} to `tasks: partition`",
             layout.tasks.join(", ")
         ))),
-        _ => Ok(()),
+        _ => Ok(Some(layout)),
     }
 }
 
@@ -691,7 +695,8 @@ mod tests {
         std::fs::remove_dir_all(&state).unwrap();
         let (_stop, rx) = super::StopHandle::new();
         super::run(plan(), citystream_operators::Metrics::new(), rx).await.unwrap();
-        assert_eq!(crate::task::layout(&url).unwrap(), crate::task::StateLayout { process: true, tasks: vec![] });
+        let layout = crate::task::layout(&url).unwrap();
+        assert!(layout.process && layout.tasks.is_empty(), "{layout:?}");
         // a URL holding both (switched once on the same place) runs in its mode's layout
         crate::task::StateStore::open(&url.child("task-2")).unwrap().commit(1, &Default::default()).unwrap();
         let (_stop, rx) = super::StopHandle::new();

@@ -60,13 +60,14 @@ pub(super) async fn run(
     mut stop: watch::Receiver<bool>,
     mut reload: Option<mpsc::Receiver<PipelinePlan>>,
     process: ProcessShared,
+    committed: Committed,
 ) -> Result<RunReport, PipelineError> {
     let source = plan.sources.first().map(|s| s.name.clone()).unwrap_or_default();
     let err = |message: String| PipelineError::Source { source_name: source.clone(), message };
     let Some((member, stop_when_idle)) = plan.sources.first().and_then(|s| s.config.membership()) else {
         return Err(PipelineError::Task("`runtime.tasks: partition` needs a kafka source".into()));
     };
-    publish_stranded(&plan).await?;
+    publish_stranded(&plan, committed).await?;
     // a bounded run leaves once its tasks ended idle and none came for a session timeout: the
     // tasks of a member that died (or came back from a pause and failed) reach the survivors
     // only after the group gave up on it, and leaving before would leave them unrun
@@ -160,20 +161,20 @@ pub(super) async fn run(
 /// disk (this pod before it was killed) committed in a task's manifest and had no time to
 /// publish. A task's next owner publishes such files at its restore only where it sees them,
 /// and a pod's lake is on a volume of its own.
-async fn publish_stranded(plan: &PipelinePlan) -> Result<(), PipelineError> {
-    let Some(url) = plan.runtime.state().map_err(PipelineError::Task)? else { return Ok(()) };
+/// `committed`: per lineage, what the tasks' newest manifests commit (`StateLayout::committed`,
+/// read at start).
+async fn publish_stranded(plan: &PipelinePlan, committed: Committed) -> Result<(), PipelineError> {
+    if committed.is_empty() {
+        return Ok(());
+    }
     let sinks: Vec<crate::config::SinkConfig> = plan.sinks.iter().map(|s| s.config.clone()).collect();
-    tokio::task::spawn_blocking(move || {
-        if sinks.iter().filter_map(|s| s.files_root()).all(|r| !r.exists()) {
-            return Ok(());
-        }
-        let committed = crate::task::committed_under(&url)
-            .map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
-        sinks.iter().try_for_each(|s| s.publish_stranded(&committed))
-    })
-    .await
-    .map_err(|e| PipelineError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(move || sinks.iter().try_for_each(|s| s.publish_stranded(&committed)))
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?
 }
+
+/// Per state lineage, each writer's newest committed epoch.
+type Committed = BTreeMap<String, Vec<(String, u64)>>;
 
 /// Adds a task's report to the process's: messages are the task's own; a sink's table
 /// totals are the process's metrics counters (shared by its tasks), so the newest is the

@@ -29,6 +29,4 @@ pub(crate) use service::{Service, ServiceContext};
 pub use sink::TableStats;
 pub(crate) use sink::{Sink, SinkContext, sink_error};
 pub(crate) use source::{Recovery, Source, SourceContext, SourceReport};
-pub use state::{
-    CheckpointSummary, StateError, StateLayout, StateStore, StateUrl, StoreError, committed_under, layout,
-};
+pub use state::{CheckpointSummary, StateError, StateLayout, StateStore, StateUrl, StoreError, layout};

@@ -50,14 +50,11 @@ pub(crate) fn parse_pending_name(name: &str) -> Option<(&str, &str, &str, u64)> 
 /// of a process that lost its state, or a process starting on the same disk: `publish_committed`),
 /// whenever it happened: fine.
 pub(super) fn publish_pending(pending: &Path, dest: &Path) -> Result<(), super::ParquetSinkError> {
-    if !pending.exists() && dest.exists() {
-        return Ok(());
-    }
-    // published by someone else between the two looks
-    if dest.exists() && !pending.exists() {
-        return Ok(());
-    }
     if dest.exists() {
+        // published by someone else, before this call or since (`dest` looked at first)
+        if !pending.exists() {
+            return Ok(());
+        }
         return Err(super::ParquetSinkError::Io {
             action: "publish onto",
             path: dest.to_owned(),
@@ -160,7 +157,7 @@ pub fn resolve_pending(root: &Path, lineage: &str, committed: &[(String, u64)]) 
 }
 
 /// Publishes, under a sink's `root`, every pending file that `committed` (per state lineage,
-/// per writer, the newest committed epoch: `task::committed_under`) says is committed: files
+/// per writer, the newest committed epoch: `task::StateLayout::committed`) says is committed: files
 /// a process killed between its manifest and publishing left on its own disk, which the next
 /// owner of their state never saw. Nothing is removed: a pending file not yet committed may
 /// belong to a process still running on the same disk. Returns how many were published.

@@ -240,7 +240,7 @@ const COMMITTED_HISTORY: usize = 64;
 /// over), the [`COMMITTED_HISTORY`] newest. A writer killed between its manifest and publishing
 /// that epoch's files leaves them pending where it wrote them, which may be a disk the next
 /// owner never sees (a pod's own volume): kept in the list, they are still known committed
-/// when that disk's process starts again ([`committed_under`]), however many epochs later.
+/// when that disk's process starts again ([`layout`]), however many epochs later.
 fn with_history(writer: &str, epoch: u64, before: &[Committed]) -> Vec<Committed> {
     let own = Committed { writer: writer.to_owned(), epoch };
     let all: Vec<Committed> =
@@ -264,6 +264,11 @@ pub struct StateLayout {
     pub process: bool,
     /// The tasks whose state is there (`task-0`, `global`, …).
     pub tasks: Vec<String>,
+    /// Per lineage of those tasks, the committed epochs of each state writer (see
+    /// [`with_history`]) in its newest manifest. A process publishes with them the files its
+    /// killed predecessor on the same disk committed but did not publish
+    /// (`sink::parquet::publish_committed`).
+    pub committed: BTreeMap<String, Vec<(String, u64)>>,
 }
 
 /// The names under a state root that are tasks' states.
@@ -272,36 +277,20 @@ fn is_task_dir(name: &str) -> bool {
         || name.strip_prefix("task-").is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// What `url` holds (see [`StateLayout`]): the runtime refuses to run one task mode on the
-/// state of the other, where every window would start empty.
+/// What `url` holds (see [`StateLayout`]), read once at start: the runtime refuses to run one
+/// task mode on the state of the other, where every window would start empty, and publishes
+/// what the tasks' manifests commit.
 pub fn layout(url: &StateUrl) -> Result<StateLayout, StateError> {
     let root = open_backend(url)?;
     let names = root.list("").map_err(store_err(&root, "listing", ""))?;
-    let process = newest(&root)?.is_some();
-    let mut tasks = Vec::new();
-    for name in names.iter().filter(|n| is_task_dir(n)) {
-        if newest_manifest(&open_backend(&url.child(name))?)?.is_some() {
-            tasks.push(name.clone());
-        }
-    }
-    Ok(StateLayout { process, tasks })
-}
-
-/// Per lineage, the committed epochs of each state writer (see [`with_history`]) in the newest
-/// manifest of every task's state under `url` (`task-{p}` and `global`: the layout of
-/// `runtime.tasks: partition`). A process publishes with them the files its killed
-/// predecessor on the same disk committed but did not publish
-/// (`sink::parquet::publish_committed`).
-pub fn committed_under(url: &StateUrl) -> Result<BTreeMap<String, Vec<(String, u64)>>, StateError> {
-    let root = open_backend(url)?;
-    let names = root.list("").map_err(store_err(&root, "listing", ""))?;
-    let mut out = BTreeMap::new();
+    let mut layout = StateLayout { process: newest(&root)?.is_some(), ..StateLayout::default() };
     for name in names.iter().filter(|n| is_task_dir(n)) {
         if let Some(m) = newest(&open_backend(&url.child(name))?)? {
-            out.insert(m.lineage, m.committed.into_iter().map(|c| (c.writer, c.epoch)).collect());
+            layout.tasks.push(name.clone());
+            layout.committed.insert(m.lineage, m.committed.into_iter().map(|c| (c.writer, c.epoch)).collect());
         }
     }
-    Ok(out)
+    Ok(layout)
 }
 
 impl Manifest {
@@ -771,7 +760,7 @@ mod tests {
     /// The tasks' states under one URL (`task-{p}`, `global`): per lineage, what the newest
     /// manifest commits, older writers' epochs included; other entries are not states.
     #[test]
-    fn committed_under_reads_every_tasks_newest_manifest() {
+    fn layout_reads_every_tasks_newest_manifest() {
         let dir = tempfile::tempdir().unwrap();
         let root = local(&dir);
         let a = StateStore::open(&root.child("task-0")).unwrap();
@@ -782,14 +771,15 @@ mod tests {
         g.commit(1, &BTreeMap::new()).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not a task").unwrap();
         std::fs::create_dir(dir.path().join("task-x")).unwrap();
-        let got = committed_under(&root).unwrap();
+        let got = layout(&root).unwrap();
         assert_eq!(
-            got,
+            got.committed,
             BTreeMap::from([
                 (b.lineage().to_owned(), vec![(b.writer().to_owned(), 5), (a.writer().to_owned(), 2)]),
                 (g.lineage().to_owned(), vec![(g.writer().to_owned(), 1)]),
             ])
         );
+        assert_eq!((got.process, got.tasks), (false, vec!["global".to_owned(), "task-0".to_owned()]));
     }
 
     #[test]
