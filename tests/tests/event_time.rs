@@ -94,6 +94,8 @@ struct Produce {
     /// message timestamp (a record timestamp ten years ahead would be refused by the broker
     /// itself: Kafka 4 rejects those more than `log.message.timestamp.after.max.ms`, 1 h, ahead).
     future_device: Option<(usize, usize)>,
+    /// Only the messages of this kind (`None`: every kind).
+    only: Option<citystream_schemas::EventKind>,
 }
 
 const TEN_YEARS_MS: i64 = 10 * 365 * 86_400_000;
@@ -139,6 +141,9 @@ async fn produce(topics: &KafkaTopics, p: Produce) {
                     .partition(1);
                 inflight.push(producer.send_result(rec).map_err(|(e, _)| e).unwrap());
             }
+        }
+        if p.only.is_some_and(|k| k != m.kind) {
+            continue;
         }
         let ts = citystream_pipeline::kafka::produce::event_time(&m.payload).unwrap_or(m.arrival_ms);
         // keyed by device, not by `deploy/kafka.yaml`'s corridor and zone keys: every partition
@@ -309,6 +314,71 @@ async fn three_partitions_paced_backlog_send_time_and_a_clock_ten_years_ahead_gi
         "with a clear reason: {:?}",
         dead.iter().find(|r| r.contains("timestamp_out_of_bounds"))
     );
+}
+
+/// A sparse stream read as a backlog (the day's environment readings alone): one fetch holds
+/// a partition's whole log, so its partitions are caught up at once and, with a short
+/// `idle_partition_timeout`, idle before `decode` may have published their event times. Its
+/// hourly windows still close up to what was read, as they do when no partition goes idle
+/// before the stop (a timeout longer than the run): they used to stay open, and with them
+/// every window of the stream, when the partitions won that race (the global task's test saw
+/// it under load: `station_hours` empty in one run of two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_stream_whose_partitions_go_idle_at_once_closes_its_windows() {
+    let topics = create_topics(&unique("et-sparse"), 3).await;
+    let only = Some(citystream_schemas::EventKind::Environment);
+    produce(&topics, Produce { only, ..Default::default() }).await;
+    let work = tempfile::tempdir().unwrap();
+    let run = |idle: &'static str| {
+        let data = work.path().join(format!("idle-{idle}"));
+        let yaml = format!(
+            "\
+name: sparse
+sources:
+  city:
+    type: kafka
+    brokers: {brokers}
+    group_id: {group}
+    topics: {{environment: {e}}}
+    checkpoint_interval: 500ms
+    idle_partition_timeout: {idle}
+    stop_when_idle: 8s
+stages:
+  environment: {{type: decode, input: city.environment, kind: environment}}
+  station_hours: {{type: window, input: environment, key: [station_id], size: 1h, aggregates: [{{fn: mean, column: pm25, as: pm25}}]}}
+sinks:
+  lake:
+    type: parquet
+    path: {lake}
+    tables:
+      station_hours: station_hours
+      dead_letters: environment.dead_letters
+      environment_late: [environment.late_events, station_hours.late_events]
+runtime:
+  # what is open at the stop stays open, in the last checkpoint
+  state_dir: {state}
+",
+            brokers = brokers(),
+            group = unique("et-sparse"),
+            e = topics.environment.as_deref().unwrap(),
+            lake = data.join("lake").display(),
+            state = data.join("state").display(),
+        );
+        async move {
+            run_in_process(&yaml).await;
+            // every window, to the end: both runs end with the same stream watermark, the
+            // slowest partition's newest event time less the out-of-orderness bound
+            table_rows(&data.join("lake"), &Compare { skip_columns: &["source"], ..Compare::default() }).await
+        }
+    };
+    let expected = run("10m").await;
+    let hours_closed = (hours() - 1) as usize;
+    assert!(
+        expected.get("station_hours").is_some_and(|r| r.len() >= hours_closed),
+        "the reference closed its hours: {:?}",
+        expected.get("station_hours").map(Vec::len)
+    );
+    assert_same_tables("partitions idle at once vs never idle", &run("1ms").await, &expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
