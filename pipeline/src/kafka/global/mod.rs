@@ -25,8 +25,9 @@
 //! were idle in the task at the barrier (none of its partitions holds them back: each caught
 //! up and silent for `idle_partition_timeout`, or the task has no partition of the topic; the
 //! source sets it on the stream's event clock): such a task is left out of that stream's
-//! minimum until a marker says otherwise, and a stream idle in every task stays where it is,
-//! as in one process whose partitions went idle. So the global stages see the rows and
+//! minimum until a marker says otherwise, and a stream idle in every task moves up to the
+//! slowest watermark among the tasks where it spoke, as in one process whose partitions all
+//! went idle. So the global stages see the rows and
 //! watermarks one process would give them, in another interleaving, which event-time stages do
 //! not depend on.
 //!

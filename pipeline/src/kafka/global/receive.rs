@@ -348,14 +348,16 @@ fn in_plan_order(w: Wire, names: &[String]) -> Option<Wire> {
 }
 
 /// Stream `s`'s watermark over the tasks: the minimum over those not idle on it, a task not
-/// heard from holding it at its start; `None` while every task is idle on it (it stays where
-/// it is, as in one process whose partitions all went idle).
+/// heard from holding it at its start. While every task is idle on it, the minimum over the
+/// tasks whose stream spoke (`None` if none did), as one process whose partitions all went
+/// idle moves up to the slowest of them (`kafka::source::stream_watermark`).
 fn stream_watermark(applied: &[Applied], s: usize) -> Option<i64> {
-    applied
+    let holding = applied
         .iter()
         .filter(|a| a.epoch.is_none() || !a.idle[s])
         .map(|a| if a.epoch.is_some() { a.watermarks[s] } else { i64::MIN })
-        .min()
+        .min();
+    holding.or_else(|| applied.iter().map(|a| a.watermarks[s]).filter(|&w| w > i64::MIN).min())
 }
 
 fn schema() -> Arc<Schema> {
@@ -520,9 +522,13 @@ mod tests {
         a.push(task(None, [0, 0], [true, true]));
         assert_eq!(stream_watermark(&a, 1), Some(i64::MIN));
         a.pop();
-        // every task idle on a stream: it stays where it is
+        // every task idle on a stream: the slowest task whose stream spoke (task 1 never
+        // did), as in one process whose partitions all went idle
         a[0].idle[1] = true;
-        assert_eq!(stream_watermark(&a, 1), None);
+        assert_eq!(stream_watermark(&a, 1), Some(200));
+        a[0].watermarks[1] = i64::MIN;
+        assert_eq!(stream_watermark(&a, 1), None, "no task's stream spoke");
+        a[0].watermarks[1] = 200;
         // a task whose stream speaks again holds it again (the minimum may go back: nothing
         // sent goes back, `advance` sends only what passes the last one)
         a[1].idle[1] = false;
