@@ -54,4 +54,4 @@ pub use contract::{
 };
 pub use duration::Duration;
 pub use env::EnvString;
-pub use metrics::{Counter, Gauge, Metrics};
+pub use metrics::{Counter, Gauge, Metrics, label_value};

@@ -79,6 +79,26 @@ fn label_text(labels: &[(&str, &str)]) -> String {
     s
 }
 
+/// The value of label `key` in a series' label text as [`Metrics::series`] gives it
+/// (`stage="traffic",task="3"`), still escaped as rendered; `None` if it has no such label.
+pub fn label_value<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let mut rest = labels;
+    loop {
+        let (k, after) = rest.split_once("=\"")?;
+        // the value ends at the first quote not escaped by a backslash
+        let mut escaped = false;
+        let end = after.char_indices().find_map(|(i, c)| {
+            let close = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            close.then_some(i)
+        })?;
+        if k == key {
+            return Some(&after[..end]);
+        }
+        rest = after[end + 1..].strip_prefix(',')?;
+    }
+}
+
 impl Metrics {
     /// An empty registry.
     pub fn new() -> Self {
@@ -233,6 +253,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("citystream_queue_depth 2.5\n"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_read_back_from_the_rendered_labels() {
+        let text = label_text(&[("stage", "a,b"), ("task", "3"), ("why", "say \"hi\"")]);
+        assert_eq!(label_value(&text, "stage"), Some("a,b"));
+        assert_eq!(label_value(&text, "task"), Some("3"));
+        assert_eq!(label_value(&text, "why"), Some("say \\\"hi\\\""), "escaped as rendered");
+        // a key is matched whole, not as the end of another
+        assert_eq!(label_value("substage=\"x\",stage=\"y\"", "stage"), Some("y"));
+        assert_eq!(label_value(&text, "provider"), None);
+        assert_eq!(label_value("", "stage"), None);
     }
 
     /// Two tasks of one process: each its own gauge, one counter for both, and the process's

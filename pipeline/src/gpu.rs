@@ -137,12 +137,7 @@ impl Nvml {
 /// on CUDA (`citystream_infer_cuda_micros_total`: its runs below `cuda_min_rows` run on the
 /// CPU and take none) over that of all CUDA stages. Empty when none runs on CUDA.
 pub fn cuda_shares(metrics: &Metrics) -> Vec<(String, f64)> {
-    let label = |labels: &str, key: &str| {
-        labels
-            .split(',')
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=\"")))
-            .map(|v| v.trim_end_matches('"').to_owned())
-    };
+    let label = |labels: &str, key: &str| citystream_operators::label_value(labels, key).map(str::to_owned);
     let stages: std::collections::BTreeSet<String> = metrics
         .series("citystream_model_info")
         .into_iter()

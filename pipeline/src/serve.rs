@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use citystream_operators::Metrics;
+use citystream_operators::{Metrics, label_value};
 
 /// Serves `GET /metrics` (Prometheus text format) on `addr` until the task is dropped.
 pub async fn metrics_endpoint(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
@@ -57,7 +57,7 @@ pub fn status_line(m: &Metrics, prev: &mut (Instant, f64, f64)) -> String {
     if !late.is_empty() {
         s.push_str(" | late");
         for (labels, v) in late {
-            let stage = labels.trim_start_matches("stage=\"").trim_end_matches('"');
+            let stage = label_value(&labels, "stage").unwrap_or(&labels);
             let rows = m.value("citystream_stage_rows_in_total", &[("stage", stage)]).unwrap_or(0.0).max(1.0);
             let _ = write!(s, " {stage}={:.2}%", 100.0 * v / rows);
         }
@@ -78,12 +78,6 @@ pub fn status_line(m: &Metrics, prev: &mut (Instant, f64, f64)) -> String {
         }
     }
     s
-}
-
-/// The value of label `key` in rendered labels (`stage="traffic",task="3"`).
-fn label_value<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
-    let at = labels.find(&format!("{key}=\""))? + key.len() + 2;
-    Some(&labels[at..at + labels[at..].find('"')?])
 }
 
 /// Prints a status line every `every` until the task is dropped.
