@@ -70,6 +70,31 @@ impl EventClock {
     }
 }
 
+/// A stream's watermark from its inputs' `(holding, watermark)` — a source's partitions, or the
+/// global task's tasks: the minimum over the inputs that hold it back, none while one of them
+/// has not spoken (`None`). When none holds it (each caught up and silent), the minimum over
+/// those that spoke: each one's own events already respect its watermark, so this makes
+/// nothing late, and a stream whose inputs all went idle closes its windows up to what was
+/// read, whatever the order they went idle in (a sparse topic read in one fetch goes idle
+/// before `decode` published its event times).
+pub fn stream_watermark(inputs: impl IntoIterator<Item = (bool, Option<i64>)>) -> Option<i64> {
+    let (mut holding, mut silent, mut held, mut idle) = (false, false, None::<i64>, None::<i64>);
+    for (holds, wm) in inputs {
+        holding |= holds;
+        match (holds, wm) {
+            (true, None) => silent = true,
+            (true, Some(w)) => held = Some(held.map_or(w, |m| m.min(w))),
+            (false, Some(w)) => idle = Some(idle.map_or(w, |m| m.min(w))),
+            (false, None) => {}
+        }
+    }
+    match (holding, silent) {
+        (true, true) => None,
+        (true, false) => held,
+        (false, _) => idle,
+    }
+}
+
 /// The newest event time per partition as one reader sees it, in each partition's own order:
 /// the basis of a deterministic lateness rule. An event is late when its time is at or before
 /// its partition's watermark (newest earlier event minus the lag), or at or before the
@@ -117,6 +142,24 @@ impl PartitionTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stream_waits_for_holding_inputs_and_leaves_idle_ones_out() {
+        // the minimum over the inputs that hold it back; an idle one behind them is left out
+        assert_eq!(stream_watermark([(true, Some(50)), (true, Some(40)), (false, Some(10))]), Some(40));
+        // one that holds it back and has not spoken: no watermark yet
+        assert_eq!(stream_watermark([(true, Some(50)), (true, None), (false, Some(90))]), None);
+        // no input at all
+        assert_eq!(stream_watermark([]), None);
+    }
+
+    #[test]
+    fn a_stream_whose_inputs_all_went_idle_moves_up_to_the_slowest_that_spoke() {
+        // a sparse topic read in one fetch: every partition caught up and silent before decode
+        // published its event times; once it has, the stream's windows close up to them
+        assert_eq!(stream_watermark([(false, None), (false, None)]), None);
+        assert_eq!(stream_watermark([(false, Some(70)), (false, None), (false, Some(30))]), Some(30));
+    }
 
     #[test]
     fn an_event_is_late_behind_its_own_partition_whatever_the_others_do() {

@@ -347,17 +347,17 @@ fn in_plan_order(w: Wire, names: &[String]) -> Option<Wire> {
     }
 }
 
-/// Stream `s`'s watermark over the tasks: the minimum over those not idle on it, a task not
-/// heard from holding it at its start. While every task is idle on it, the minimum over the
-/// tasks whose stream spoke (`None` if none did), as one process whose partitions all went
-/// idle moves up to the slowest of them (`kafka::source::stream_watermark`).
+/// Stream `s`'s watermark over the tasks, by the rule a source applies to its partitions
+/// (`event_time::stream_watermark`): the minimum over the tasks not idle on it, a task not
+/// heard from holding it at its start; while every task is idle on it, the minimum over the
+/// tasks whose stream spoke (`None` if none did).
 fn stream_watermark(applied: &[Applied], s: usize) -> Option<i64> {
-    let holding = applied
-        .iter()
-        .filter(|a| a.epoch.is_none() || !a.idle[s])
-        .map(|a| if a.epoch.is_some() { a.watermarks[s] } else { i64::MIN })
-        .min();
-    holding.or_else(|| applied.iter().map(|a| a.watermarks[s]).filter(|&w| w > i64::MIN).min())
+    citystream_operators::event_time::stream_watermark(applied.iter().map(|a| match a.epoch {
+        None => (true, Some(i64::MIN)),
+        Some(_) if !a.idle[s] => (true, Some(a.watermarks[s])),
+        // `i64::MIN`: the stream never spoke in that task
+        Some(_) => (false, Some(a.watermarks[s]).filter(|&w| w > i64::MIN)),
+    }))
 }
 
 fn schema() -> Arc<Schema> {

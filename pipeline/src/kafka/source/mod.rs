@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use citystream_operators::event_time::EventClock;
+use citystream_operators::event_time::{EventClock, stream_watermark};
 use citystream_operators::partitioning::Routing;
 use citystream_operators::{Barrier, Gauge, Message, Metrics};
 use citystream_schemas::EventKind;
@@ -68,33 +68,6 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // partition resumed by watermark alignment is not fetched before that fetch comes back
     ("fetch.wait.max.ms", "100"),
 ];
-
-/// A stream's watermark from its partitions' `(holding, watermark)`: the minimum over the
-/// partitions that hold it back, none while one of them has not spoken. When none holds it
-/// (every partition caught up and silent), the minimum over the partitions that spoke: each
-/// one's own events already respect its watermark, so this makes nothing late, and the windows
-/// of what was read close whether or not `decode` had published its event times before the
-/// partitions went idle (a sparse topic read in one fetch goes idle that way, and then closed
-/// its windows or not depending on the timing).
-pub(crate) fn stream_watermark(parts: impl IntoIterator<Item = (bool, Option<i64>)>) -> Option<i64> {
-    let (mut holding_min, mut any_holding, mut silent, mut idle_min) = (None::<i64>, false, false, None::<i64>);
-    for (holding, wm) in parts {
-        if holding {
-            any_holding = true;
-            match wm {
-                Some(w) => holding_min = Some(holding_min.map_or(w, |m| m.min(w))),
-                None => silent = true,
-            }
-        } else if let Some(w) = wm {
-            idle_min = Some(idle_min.map_or(w, |m| m.min(w)));
-        }
-    }
-    match (any_holding, silent) {
-        (true, true) => None,
-        (true, false) => holding_min,
-        (false, _) => idle_min,
-    }
-}
 
 /// The consumer thread's settings and handles.
 struct Loop {
@@ -674,28 +647,5 @@ impl Loop {
 
     fn owned(&self) -> Result<TopicPartitionList, PipelineError> {
         self.consumer.assignment().map_err(|e| self.err(format!("reading the assignment: {e}")))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stream_watermark;
-
-    #[test]
-    fn the_stream_waits_for_holding_partitions_and_leaves_idle_ones_out() {
-        // the minimum over the partitions that hold it back; an idle one behind them is left out
-        assert_eq!(stream_watermark([(true, Some(50)), (true, Some(40)), (false, Some(10))]), Some(40));
-        // one that holds it back and has not spoken: no watermark yet
-        assert_eq!(stream_watermark([(true, Some(50)), (true, None), (false, Some(90))]), None);
-        // no partition at all
-        assert_eq!(stream_watermark([]), None);
-    }
-
-    #[test]
-    fn a_stream_whose_partitions_all_went_idle_moves_up_to_the_slowest_that_spoke() {
-        // a sparse topic read in one fetch: every partition caught up and silent before decode
-        // published its event times; once it has, the stream's windows close up to them
-        assert_eq!(stream_watermark([(false, None), (false, None)]), None);
-        assert_eq!(stream_watermark([(false, Some(70)), (false, None), (false, Some(30))]), Some(30));
     }
 }
