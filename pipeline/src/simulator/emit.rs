@@ -9,7 +9,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::city::{City, DetectorFaultKind, EFFECTIVE_LENGTH_M, STEP_S};
-use super::{SimulatorConfig, rfc3339};
+use super::{SimulatorConfig, push_rfc3339};
 
 /// (kind, Kafka key, payload, event time ms) of a freshly generated reading (keys: see
 /// `SimMessage::key`); an empty key: a reading
@@ -78,14 +78,16 @@ impl Sites {
         Sites { cameras, stations, plates, seq: [0; 3], frozen: Default::default() }
     }
 
-    fn event_id(&mut self, kind: EventKind) -> String {
+    /// The next event id of `kind`: `tr-`, `cm-` or `ev-` and the kind's sequence number in
+    /// hexadecimal, at least 8 digits.
+    fn event_id(&mut self, kind: EventKind) -> EventId {
         let (i, prefix) = match kind {
-            EventKind::Traffic => (0, "tr"),
-            EventKind::Camera => (1, "cm"),
-            EventKind::Environment => (2, "ev"),
+            EventKind::Traffic => (0, b"tr-"),
+            EventKind::Camera => (1, b"cm-"),
+            EventKind::Environment => (2, b"ev-"),
         };
         self.seq[i] += 1;
-        format!("{prefix}-{:08x}", self.seq[i])
+        EventId::new(prefix, self.seq[i])
     }
 
     pub(super) fn write_csv(&self, dir: &Path) -> std::io::Result<()> {
@@ -188,14 +190,27 @@ fn traffic(
                 };
                 // a silent detector's reading is delivered to nobody (an empty key: `deliver`)
                 let silent = fault.is_some_and(|f| f.kind == DetectorFaultKind::Silent);
+                // {"event_id":"…","ts":"<RFC 3339>","schema_version":1,"sensor_id":"det-<segment>-<lane>",
+                // "segment_id":"…","lane":…,"interval_s":…,"flow":…,"occupancy":…,"speed_kmh":…},
+                // pushed piece by piece: the formatter cost as much as the city model
                 let mut p = Vec::with_capacity(240);
-                let _ = write!(
-                    p,
-                    r#"{{"event_id":"{event_id}","ts":"{}","schema_version":1,"sensor_id":"det-{}-{lane}","segment_id":"{}","lane":{lane},"interval_s":{interval_s},"flow":{flow},"occupancy":"#,
-                    rfc3339(ts),
-                    seg.segment_id,
-                    seg.segment_id
-                );
+                p.extend_from_slice(br#"{"event_id":""#);
+                p.extend_from_slice(event_id.as_bytes());
+                p.extend_from_slice(br#"","ts":""#);
+                push_rfc3339(&mut p, ts);
+                p.extend_from_slice(br#"","schema_version":1,"sensor_id":"det-"#);
+                p.extend_from_slice(seg.segment_id.as_bytes());
+                p.push(b'-');
+                push_u64(&mut p, lane as u64);
+                p.extend_from_slice(br#"","segment_id":""#);
+                p.extend_from_slice(seg.segment_id.as_bytes());
+                p.extend_from_slice(br#"","lane":"#);
+                push_u64(&mut p, lane as u64);
+                p.extend_from_slice(br#","interval_s":"#);
+                push_i64(&mut p, interval_s);
+                p.extend_from_slice(br#","flow":"#);
+                push_u64(&mut p, u64::from(flow));
+                p.extend_from_slice(br#","occupancy":"#);
                 push_fixed(&mut p, occupancy, 4);
                 p.extend_from_slice(br#","speed_kmh":"#);
                 match speed {
@@ -241,7 +256,7 @@ fn base64(bytes: &[u8]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn camera_event(
     p: &mut Vec<u8>,
-    event_id: &str,
+    event_id: &EventId,
     ts: i64,
     cam: &Camera,
     kind: &str,
@@ -252,16 +267,39 @@ fn camera_event(
     confidence: f64,
     thumb: Option<&str>,
 ) {
-    let opt = |v: Option<&str>| v.map_or("null".to_owned(), |s| format!("\"{s}\""));
-    let _ = write!(
-        p,
-        r#"{{"event_id":"{event_id}","ts":{ts},"schema_version":1,"camera_id":"{}","zone_id":"{}","kind":"{kind}","object_class":"{class}","count":{count},"track_id":{},"plate":{},"confidence":{confidence:.3},"thumbnail":{}}}"#,
-        cam.id,
-        cam.zone_id,
-        opt(track),
-        opt(plate),
-        opt(thumb)
-    );
+    // {"event_id":"…","ts":…,"schema_version":1,"camera_id":"…","zone_id":"…","kind":"…",
+    // "object_class":"…","count":…,"track_id":…,"plate":…,"confidence":…,"thumbnail":…}
+    let opt = |p: &mut Vec<u8>, v: Option<&str>| match v {
+        Some(s) => {
+            p.push(b'"');
+            p.extend_from_slice(s.as_bytes());
+            p.push(b'"');
+        }
+        None => p.extend_from_slice(b"null"),
+    };
+    p.extend_from_slice(br#"{"event_id":""#);
+    p.extend_from_slice(event_id.as_bytes());
+    p.extend_from_slice(br#"","ts":"#);
+    push_i64(p, ts);
+    p.extend_from_slice(br#","schema_version":1,"camera_id":""#);
+    p.extend_from_slice(cam.id.as_bytes());
+    p.extend_from_slice(br#"","zone_id":""#);
+    p.extend_from_slice(cam.zone_id.as_bytes());
+    p.extend_from_slice(br#"","kind":""#);
+    p.extend_from_slice(kind.as_bytes());
+    p.extend_from_slice(br#"","object_class":""#);
+    p.extend_from_slice(class.as_bytes());
+    p.extend_from_slice(br#"","count":"#);
+    push_u64(p, u64::from(count));
+    p.extend_from_slice(br#","track_id":"#);
+    opt(p, track);
+    p.extend_from_slice(br#","plate":"#);
+    opt(p, plate);
+    p.extend_from_slice(br#","confidence":"#);
+    push_fixed(p, confidence, 3);
+    p.extend_from_slice(br#","thumbnail":"#);
+    opt(p, thumb);
+    p.push(b'}');
 }
 
 fn cameras(
@@ -403,13 +441,21 @@ fn stations(city: &City, sites: &mut Sites, rng: &mut ChaCha8Rng, t_ms: i64, out
             let id = sites.event_id(EventKind::Environment);
             let station = sites.stations[s].id.clone();
             let mut p = Vec::with_capacity(260);
-            let _ = write!(p, r#"{{"event_id":"{id}","ts":{ts},"schema_version":1,"station_id":"{station}""#);
+            p.extend_from_slice(br#"{"event_id":""#);
+            p.extend_from_slice(id.as_bytes());
+            p.extend_from_slice(br#"","ts":"#);
+            push_i64(&mut p, ts);
+            p.extend_from_slice(br#","schema_version":1,"station_id":""#);
+            p.extend_from_slice(station.as_bytes());
+            p.push(b'"');
             // each sensor of a station drops out now and then; the thermometer never does
             for (k, (name, v)) in names.iter().zip(values).enumerate() {
+                p.extend_from_slice(b",\"");
+                p.extend_from_slice(name.as_bytes());
+                p.extend_from_slice(b"\":");
                 if k != 5 && rng.random::<f64>() < 0.01 {
-                    let _ = write!(p, r#","{name}":null"#);
+                    p.extend_from_slice(b"null");
                 } else {
-                    let _ = write!(p, r#","{name}":"#);
                     push_fixed(&mut p, v, 2);
                 }
             }
@@ -454,6 +500,47 @@ fn push_fixed(out: &mut Vec<u8>, v: f64, decimals: usize) {
         digits = itoa_buf(units % scale);
         out.extend(std::iter::repeat_n(b'0', decimals - digits.len()));
         out.extend_from_slice(digits.as_bytes());
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa_buf(n).as_bytes());
+}
+
+/// Appends `n` in decimal.
+fn push_i64(out: &mut Vec<u8>, n: i64) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    push_u64(out, n.unsigned_abs());
+}
+
+/// An event id on the stack: a three-byte prefix and a sequence number in lowercase
+/// hexadecimal, zero-padded to 8 digits (`{prefix}{seq:08x}`).
+struct EventId {
+    buf: [u8; 19],
+    len: usize,
+}
+
+impl EventId {
+    fn new(prefix: &[u8; 3], seq: u64) -> Self {
+        let mut hex = [b'0'; 16];
+        let (mut n, mut at) = (seq, 16);
+        while n > 0 {
+            at -= 1;
+            hex[at] = b"0123456789abcdef"[(n & 15) as usize];
+            n >>= 4;
+        }
+        let digits = &hex[at.min(8)..];
+        let mut buf = [0; 19];
+        buf[..3].copy_from_slice(prefix);
+        buf[3..3 + digits.len()].copy_from_slice(digits);
+        EventId { buf, len: 3 + digits.len() }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -523,6 +610,24 @@ pub(super) fn corrupt(payload: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
+
+    /// The pushed integers and event ids are the formatter's text.
+    #[test]
+    fn integers_and_event_ids_are_the_formatters() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut cases: Vec<u64> = vec![0, 1, 9, 10, 15, 16, 0xffff_ffff, 0x1_0000_0000, u64::MAX];
+        cases.extend((0..10_000).map(|_| rng.random::<u64>() >> rng.random_range(0..64)));
+        for n in cases {
+            let mut got = Vec::new();
+            super::push_u64(&mut got, n);
+            assert_eq!(got, n.to_string().into_bytes());
+            let i = n as i64;
+            got.clear();
+            super::push_i64(&mut got, i);
+            assert_eq!(got, i.to_string().into_bytes());
+            assert_eq!(super::EventId::new(b"tr-", n).as_bytes(), format!("tr-{n:08x}").as_bytes());
+        }
+    }
 
     /// `push_fixed` writes exactly what the formatter writes, for the simulator's magnitudes,
     /// negative values, values that round to zero and exact ties.

@@ -400,7 +400,10 @@ impl Simulation {
         let sent = !key.is_empty();
         let mut counts = KindCounts::default();
         counts.generated += 1;
-        if let Some(plate) = emit::plate_in(&payload) {
+        // only camera messages carry plates
+        if kind == EventKind::Camera
+            && let Some(plate) = emit::plate_in(&payload)
+        {
             self.plates.insert(plate);
         }
         let mut out = Vec::new();
@@ -529,11 +532,22 @@ impl Simulation {
 
 /// `ms` as RFC 3339 text with milliseconds, UTC (`2026-03-02T07:45:00.250Z`).
 pub fn rfc3339(ms: i64) -> String {
+    let mut out = Vec::with_capacity(24);
+    push_rfc3339(&mut out, ms);
+    out.iter().map(|&c| c as char).collect()
+}
+
+/// Appends [`rfc3339`]'s text.
+pub(crate) fn push_rfc3339(out: &mut Vec<u8>, ms: i64) {
     use chrono::{Datelike, Timelike};
-    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else { return ms.to_string() };
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
+        out.extend_from_slice(ms.to_string().as_bytes());
+        return;
+    };
     let year = t.year();
     let Ok(year @ 0..=9999) = u32::try_from(year) else {
-        return t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+        out.extend_from_slice(t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string().as_bytes());
+        return;
     };
     // digit by digit: chrono's formatter parses its pattern at every call, and the simulator
     // writes a timestamp per traffic event
@@ -551,7 +565,7 @@ pub fn rfc3339(ms: i64) -> String {
     put(14, 2, t.minute());
     put(17, 2, t.second());
     put(20, 3, t.timestamp_subsec_millis());
-    b.iter().map(|&c| c as char).collect()
+    out.extend_from_slice(&b);
 }
 
 #[cfg(test)]
