@@ -6,7 +6,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::{ControlCenter, ControlConfig};
-use crate::task::{PipelineError, Sink, SinkContext, cpu_metered, sink_error};
+use crate::task::{PipelineError, Sink, SinkContext, blocking_metered, sink_error};
 
 /// A running control center fed by a pipeline.
 pub(crate) struct ControlSink {
@@ -25,7 +25,7 @@ impl ControlSink {
 
 impl Sink for ControlSink {
     fn write<'a>(&'a mut self, _input: usize, batch: &'a RecordBatch) -> BoxFuture<'a, Result<(), PipelineError>> {
-        let r = cpu_metered(&self.cpu_ns, || self.center.apply(batch));
+        let r = blocking_metered(&self.cpu_ns, || self.center.apply(batch));
         std::future::ready(r.map_err(|e| sink_error(&self.name, e))).boxed()
     }
 

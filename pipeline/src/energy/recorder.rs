@@ -129,7 +129,7 @@ pub(crate) async fn run(
         }
         if !rows.is_empty() {
             let batch = to_batch(&rows);
-            crate::task::cpu(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))?;
+            crate::task::blocking(|| writer.write("energy", "energy", &batch).and_then(|()| writer.flush()))?;
         }
         before = after;
         rapl_before = rapl_after;

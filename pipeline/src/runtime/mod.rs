@@ -7,8 +7,9 @@
 //! memory). What sources, sinks and services are handed by the runtime lives in
 //! [`crate::task`].
 //!
-//! Operators are synchronous; their calls run through `block_in_place` on the multi-threaded
-//! runtime so CPU-heavy work never stalls the I/O tasks.
+//! Operators are synchronous; their calls run on the worker thread of their stage's task (a
+//! call is bounded by its batch), and what waits on a disk or the network (snapshots, file
+//! closes) goes through `block_in_place` ([`crate::task::blocking`]).
 
 mod align;
 pub mod reload;
@@ -17,7 +18,7 @@ mod stage;
 mod tasks;
 
 pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
-pub(crate) use crate::task::{Edge, Outputs, cpu, cpu_metered, thread_cpu_ns};
+pub(crate) use crate::task::{Edge, Outputs, blocking, blocking_metered, thread_cpu_ns};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -304,7 +305,7 @@ pub(crate) async fn run_graph(
         Some(url) => {
             // reading the store (a disk, object storage) must not stall the other tasks'
             // stages on this worker thread
-            let store = cpu(|| StateStore::open(&url))
+            let store = blocking(|| StateStore::open(&url))
                 .map_err(|source| PipelineError::State { stage: "runtime".into(), source })?;
             tracing::info!(
                 state = %url,
@@ -323,7 +324,7 @@ pub(crate) async fn run_graph(
     // (the control center reads the lake when it starts) and before anything runs
     if let Some(state) = &state {
         for sk in &plan.sinks {
-            cpu(|| sk.config.discard_after_restored(state))?;
+            blocking(|| sk.config.discard_after_restored(state))?;
         }
     }
     let clocks = event_clocks(&plan);
@@ -387,7 +388,7 @@ pub(crate) async fn run_graph(
         let loading = Instant::now();
         if let Some(state) = &state
             && op.is_stateful()
-            && let Some((batch, wm)) = cpu(|| state.load(&st.name, op.kind()))
+            && let Some((batch, wm)) = blocking(|| state.load(&st.name, op.kind()))
                 .map_err(|source| PipelineError::State { stage: st.name.clone(), source })?
         {
             let rows = batch.num_rows();

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::OperatorSpec;
 
 use super::align::{Aligner, Next};
-use super::{Outputs, PipelineError, cpu, thread_cpu_ns};
+use super::{Outputs, PipelineError, thread_cpu_ns};
 
 enum Either {
     Next(Next),
@@ -158,7 +158,7 @@ impl StageTask {
         if let Some((store, bytes)) = &self.state {
             let op = &self.op;
             // the snapshot is the stage's work too: it counts in its CPU time (and energy)
-            let written = super::cpu_metered(&self.cpu_ns, || -> Result<u64, PipelineError> {
+            let written = super::blocking_metered(&self.cpu_ns, || -> Result<u64, PipelineError> {
                 match op.snapshot().map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })? {
                     Some(b) => store
                         .save(epoch, &self.name, op.kind(), &b, watermark)
@@ -234,12 +234,10 @@ impl StageTask {
     fn process(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), PipelineError> {
         let op = &mut self.op;
         let input = batch.clone();
-        let (res, spent) = cpu(|| {
-            let t0 = thread_cpu_ns();
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.process_batch(batch, out)));
-            (r, thread_cpu_ns().saturating_sub(t0))
-        });
-        self.cpu_ns.inc_by(spent);
+        // on this worker thread: see crate::task::blocking
+        let t0 = thread_cpu_ns();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.process_batch(batch, out)));
+        self.cpu_ns.inc_by(thread_cpu_ns().saturating_sub(t0));
         let failed = |source| PipelineError::Operator { stage: self.name.clone(), source };
         let (rows, what) = match res {
             Ok(Ok(())) => return Ok(()),
@@ -277,12 +275,9 @@ impl StageTask {
         out: &mut Collector,
     ) -> Result<(), PipelineError> {
         let op = &mut self.op;
-        let (res, spent) = cpu(|| {
-            let t0 = thread_cpu_ns();
-            let r = f(op.as_mut(), out);
-            (r, thread_cpu_ns().saturating_sub(t0))
-        });
-        self.cpu_ns.inc_by(spent);
+        let t0 = thread_cpu_ns();
+        let res = f(op.as_mut(), out);
+        self.cpu_ns.inc_by(thread_cpu_ns().saturating_sub(t0));
         res.map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })
     }
 

@@ -10,22 +10,34 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs a synchronous, CPU-bound closure without stalling the async worker threads.
-pub(crate) fn cpu<T>(f: impl FnOnce() -> T) -> T {
+/// Runs a synchronous closure that waits on a disk or the network (a file closed with fsync, a
+/// snapshot saved, a state store opened) without stalling the async worker threads: on the
+/// multi-threaded runtime the worker hands its other tasks to another thread first
+/// (`block_in_place`).
+///
+/// Pure computation does not come here: an operator's call on a batch or a watermark runs on
+/// the worker itself (as DataFusion runs its operators), because handing the worker over costs
+/// a thread wake-up per call. Measured on the embedded default: 0.6 CPU-s per million events
+/// of 4.0, and 200 MiB of peak memory in the blocking threads' allocator arenas. A call is
+/// bounded by its batch (`batch_rows`), so the worker's other tasks wait at most one call.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
 }
 
-/// Like [`cpu`], and adds the thread CPU time `f` used to `counter`.
+/// Runs CPU-bound `f` on the calling thread and adds the thread CPU time it used to `counter`.
 pub(crate) fn cpu_metered<T>(counter: &citystream_operators::Counter, f: impl FnOnce() -> T) -> T {
-    cpu(|| {
-        let t0 = thread_cpu_ns();
-        let r = f();
-        counter.inc_by(thread_cpu_ns().saturating_sub(t0));
-        r
-    })
+    let t0 = thread_cpu_ns();
+    let r = f();
+    counter.inc_by(thread_cpu_ns().saturating_sub(t0));
+    r
+}
+
+/// [`blocking`], adding the thread CPU time `f` used to `counter`.
+pub(crate) fn blocking_metered<T>(counter: &citystream_operators::Counter, f: impl FnOnce() -> T) -> T {
+    blocking(|| cpu_metered(counter, f))
 }
 
 /// CPU time consumed by the calling thread, nanoseconds.

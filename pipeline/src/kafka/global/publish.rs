@@ -14,7 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::PublishConfig;
 use super::wire::{self, Epoch, Marker};
-use crate::task::{PipelineError, Sink, SinkContext, StateStore, cpu_metered, sink_error};
+use crate::task::{PipelineError, Sink, SinkContext, StateStore, blocking_metered, sink_error};
 
 /// The operator kind of the publisher's saved epochs in the state store.
 const KIND: &str = "global_publish";
@@ -228,7 +228,7 @@ impl Sink for GlobalPublisher {
             // task next replays them
             if !self.ending {
                 let cpu = self.cpu_ns.clone();
-                cpu_metered(&cpu, || self.store_epoch())?;
+                blocking_metered(&cpu, || self.store_epoch())?;
             }
             self.publish().await
         }

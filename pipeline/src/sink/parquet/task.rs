@@ -10,7 +10,9 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::{ParquetSinkConfig, ParquetWriter, remove_after_epoch, resolve_pending};
-use crate::task::{PipelineError, Sink, SinkContext, StateStore, TableStats, cpu_metered, sink_error};
+use crate::task::{
+    PipelineError, Sink, SinkContext, StateStore, TableStats, blocking_metered, cpu_metered, sink_error,
+};
 
 /// Files of an hour stay open this long after the watermark passes the hour's end, so that
 /// events within the out-of-orderness bound still land in the same file.
@@ -103,12 +105,18 @@ pub(crate) fn publish_stranded(
 impl Sink for ParquetSink {
     fn write<'a>(&'a mut self, input: usize, batch: &'a RecordBatch) -> BoxFuture<'a, Result<(), PipelineError>> {
         let (table, origin) = &self.inputs[input];
+        // encoding, on this worker; a file closed here (at its size target, or over the
+        // open-file limit) is fsynced on it too: rare, unlike the closes at the hour's end below
         let r = cpu_metered(&self.cpu_ns, || self.writer.write(table, origin, batch));
         std::future::ready(r.map_err(|e| sink_error(&self.name, e))).boxed()
     }
 
     fn on_watermark(&mut self, watermark: i64) -> Result<(), PipelineError> {
-        cpu_metered(&self.cpu_ns, || self.writer.on_watermark(watermark, HOUR_GRACE_MS))
+        // most watermarks close nothing: only a file's close (fsync) hands the worker over
+        if !self.writer.closes_at(watermark, HOUR_GRACE_MS) {
+            return Ok(());
+        }
+        blocking_metered(&self.cpu_ns, || self.writer.on_watermark(watermark, HOUR_GRACE_MS))
             .map_err(|e| sink_error(&self.name, e))
     }
 
@@ -116,7 +124,7 @@ impl Sink for ParquetSink {
         // at a barrier the epochs before it are committed (or about to be: published at the
         // next flush); at the end the last one is
         let committed = self.state.as_ref().map(StateStore::committed_epoch);
-        let r = cpu_metered(&self.cpu_ns, || {
+        let r = blocking_metered(&self.cpu_ns, || {
             self.writer.flush()?;
             committed.map_or(Ok(0), |e| self.writer.publish(e)).map(drop)
         });

@@ -441,12 +441,21 @@ impl ParquetWriter {
         }
     }
 
+    /// Whether [`on_watermark`](Self::on_watermark) has files to close at `watermark`.
+    pub fn closes_at(&self, watermark: i64, grace_ms: i64) -> bool {
+        self.tables.values().any(|t| t.open.keys().any(|k| Self::done(k, t.span_ms, grace_ms, watermark)))
+    }
+
+    fn done(key: &FileKey, span_ms: i64, grace_ms: i64, watermark: i64) -> bool {
+        (key.0 + 1) * span_ms + grace_ms < watermark
+    }
+
     /// Closes files of hours that ended more than `grace_ms` before `watermark`: no more rows
     /// are expected there, except late ones, which open a new file.
     pub fn on_watermark(&mut self, watermark: i64, grace_ms: i64) -> Result<(), ParquetSinkError> {
         for t in self.tables.values_mut() {
             let done: Vec<FileKey> =
-                t.open.keys().filter(|k| (k.0 + 1) * t.span_ms + grace_ms < watermark).cloned().collect();
+                t.open.keys().filter(|k| Self::done(k, t.span_ms, grace_ms, watermark)).cloned().collect();
             for k in done {
                 Self::close(t, &k, self.staging.as_mut().zip(self.epochs.as_ref()))?;
             }
