@@ -440,6 +440,11 @@ impl Admit {
 }
 
 impl Operator for Admit {
+    /// `delay` sleeps until the rate allows a row.
+    fn waits(&self) -> bool {
+        self.policy == Policy::Delay
+    }
+
     fn kind(&self) -> &'static str {
         "admit"
     }

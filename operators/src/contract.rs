@@ -171,8 +171,9 @@ impl OperatorError {
 /// A synchronous stream operator over Arrow batches.
 ///
 /// The runtime calls the hooks in stream order from one task, so an operator needs no
-/// locking. Operators never block on I/O; they transform what they are given and emit through
-/// the [`Collector`].
+/// locking. Operators transform what they are given and emit through the [`Collector`]; the
+/// runtime calls them on its async worker threads, so one that must wait (a rate limit's
+/// sleep, a ledger's fsync) says so with [`waits`](Operator::waits).
 pub trait Operator: Send {
     /// The operator's kind, e.g. `decode` (for logs, metrics and errors).
     fn kind(&self) -> &'static str;
@@ -211,6 +212,13 @@ pub trait Operator: Send {
     /// stops instead. Default: yes.
     fn recovers_from_panic(&self) -> bool {
         true
+    }
+
+    /// Whether a call may wait on a clock or a disk rather than compute: the runtime then
+    /// hands its worker thread's other tasks over before each call (`block_in_place`), which
+    /// costs a thread wake-up per call. Default: no.
+    fn waits(&self) -> bool {
+        false
     }
 
     /// The input ended: emit everything still held.

@@ -54,6 +54,10 @@ fn delay_needs_the_wall_clock() {
     assert!(format!("{e:?}").contains("use `clock: processing_time` with `delay`"), "{e:?}");
     let cfg: AdmitConfig = yaml("per_stream: {rate: 50/s, burst: 1}\npolicy: delay\nclock: processing_time\n");
     let mut op = build(&cfg);
+    // it sleeps in its calls: the runtime hands its worker thread over first
+    assert!(op.waits(), "delay waits");
+    let drop: AdmitConfig = yaml("per_stream: {rate: 50/s}\npolicy: drop\n");
+    assert!(!build(&drop).waits(), "drop only computes");
     let t0 = std::time::Instant::now();
     let rows: Vec<Reading> = (0..11).map(|i| r(&i.to_string(), "s", i, 1.0)).collect();
     let out = run(op.as_mut(), &[rows], 0);

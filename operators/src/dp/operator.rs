@@ -283,6 +283,11 @@ impl DpAggregateOp {
 }
 
 impl Operator for DpAggregateOp {
+    /// Each release is charged to the budget file, fsynced, before it is emitted.
+    fn waits(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &'static str {
         "dp_aggregate"
     }

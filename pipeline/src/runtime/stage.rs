@@ -234,9 +234,11 @@ impl StageTask {
     fn process(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), PipelineError> {
         let op = &mut self.op;
         let input = batch.clone();
-        // on this worker thread: see crate::task::blocking
         let t0 = thread_cpu_ns();
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.process_batch(batch, out)));
+        let waits = op.waits();
+        let res = on_worker(waits, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.process_batch(batch, out)))
+        });
         self.cpu_ns.inc_by(thread_cpu_ns().saturating_sub(t0));
         let failed = |source| PipelineError::Operator { stage: self.name.clone(), source };
         let (rows, what) = match res {
@@ -264,8 +266,8 @@ impl StageTask {
             rows = rows.num_rows(),
             "{what}: the rows go to `operator_errors`, the stage goes on"
         );
-        errors
-            .record(&self.name, self.op.kind(), self.epoch, &rows, &what)
+        // appended and fsynced
+        super::blocking(|| errors.record(&self.name, self.op.kind(), self.epoch, &rows, &what))
             .map_err(|error| PipelineError::OperatorErrors { stage: self.name.clone(), error })
     }
 
@@ -276,7 +278,8 @@ impl StageTask {
     ) -> Result<(), PipelineError> {
         let op = &mut self.op;
         let t0 = thread_cpu_ns();
-        let res = f(op.as_mut(), out);
+        let waits = op.waits();
+        let res = on_worker(waits, || f(op.as_mut(), out));
         self.cpu_ns.inc_by(thread_cpu_ns().saturating_sub(t0));
         res.map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })
     }
@@ -375,6 +378,12 @@ impl StageTask {
         }
         Ok(())
     }
+}
+
+/// Runs an operator's call on this worker thread (see [`super::blocking`]), or, for an
+/// operator that waits (`Operator::waits`), after handing the worker's other tasks over.
+fn on_worker<T>(waits: bool, f: impl FnOnce() -> T) -> T {
+    if waits { super::blocking(f) } else { f() }
 }
 
 /// A panic's message, as far as it can be told.

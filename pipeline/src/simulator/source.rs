@@ -103,9 +103,13 @@ async fn run_simulator(
         // generate until a batch is full (or, when paced, one step at a time)
         let more = cpu_metered(&cpu_ns, || {
             let mut more = true;
-            while more && builders.iter().all(|b| b.len() < batch_rows) {
+            // a call runs on the async worker: bounded even when only a sparse stream is
+            // read (its batch would take a day of the city to fill)
+            let mut generated = 0;
+            while more && generated < 4 * batch_rows && builders.iter().all(|b| b.len() < batch_rows) {
                 pending.clear();
                 more = sim.step(&mut pending);
+                generated += pending.len();
                 for m in pending.drain(..) {
                     let p = port(m.kind);
                     if !outputs.is_connected(p) {

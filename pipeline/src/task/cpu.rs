@@ -19,7 +19,9 @@ impl Drop for AbortOnDrop {
 /// the worker itself (as DataFusion runs its operators), because handing the worker over costs
 /// a thread wake-up per call. Measured on the embedded default: 0.6 CPU-s per million events
 /// of 4.0, and 200 MiB of peak memory in the blocking threads' allocator arenas. A call is
-/// bounded by its batch (`batch_rows`), so the worker's other tasks wait at most one call.
+/// bounded by its batch (`batch_rows`), so the worker's other tasks wait at most one call; an
+/// operator that may wait (`Operator::waits`: `admit`'s `delay` policy, the DP ledger's fsync)
+/// comes here for each call.
 pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
