@@ -349,6 +349,21 @@ impl Operator for FeatureBuilder {
                 }
             }
         }
+        // the means binary-search each history: in minute order, each minute once (this
+        // operator's snapshots are; a snapshot from elsewhere is put in that order, a later row
+        // for the same minute winning as in `process_batch`)
+        for h in &mut self.history {
+            if h.iter().zip(h.iter().skip(1)).any(|(a, b)| a.t >= b.t) {
+                let mut rows: Vec<Minute> = h.drain(..).collect();
+                rows.sort_by_key(|m| m.t);
+                for m in rows {
+                    match h.back_mut() {
+                        Some(last) if last.t == m.t => *last = m,
+                        _ => h.push_back(m),
+                    }
+                }
+            }
+        }
         self.pending_gauge.set(self.pending_rows as f64);
         Ok(())
     }
@@ -503,11 +518,29 @@ mod tests {
         run(&mut first, 1, 21, &mut got);
         let state = first.snapshot().unwrap().unwrap();
         assert!(state.num_rows() > 40, "history, pending minutes and emitted marks");
+        // the same snapshot with its rows in reverse order (not this operator's writing):
+        // restored into minute order, it gives the same output
+        let reversed = arrow::compute::take_record_batch(
+            &state,
+            &arrow::array::UInt32Array::from_iter_values((0..state.num_rows() as u32).rev()),
+        )
+        .unwrap();
+        let mut got_reversed = Collector::new(2);
+        for c in 0..2 {
+            for b in got.port(c) {
+                got_reversed.emit(c, b.clone());
+            }
+        }
         let mut second = build();
         second.restore(state).unwrap();
         run(&mut second, 21, 41, &mut got);
         second.on_end(&mut got).unwrap();
         let cat = |c: &Collector| arrow::compute::concat_batches(&c.port(0)[0].schema(), c.port(0)).unwrap();
         assert_eq!(cat(&got), cat(&expected));
+        let mut third = build();
+        third.restore(reversed).unwrap();
+        run(&mut third, 21, 41, &mut got_reversed);
+        third.on_end(&mut got_reversed).unwrap();
+        assert_eq!(cat(&got_reversed), cat(&expected), "a snapshot out of order");
     }
 }
