@@ -364,6 +364,21 @@ impl Operator for FeatureBuilder {
                 }
             }
         }
+        // a minute waiting to be emitted has its own row in the history (`row` relies on it)
+        if let Some((t, s)) = self
+            .pending
+            .iter()
+            .flat_map(|(t, ss)| ss.iter().map(move |s| (*t, *s)))
+            .find(|(t, s)| at(&self.history[*s], *t).is_none())
+        {
+            return Err(OperatorError::State {
+                operator: "features",
+                detail: format!(
+                    "minute {t} of segment {} waits to be emitted but is not in its history",
+                    self.graph.segments[s].segment_id
+                ),
+            });
+        }
         self.pending_gauge.set(self.pending_rows as f64);
         Ok(())
     }
@@ -525,6 +540,13 @@ mod tests {
             &arrow::array::UInt32Array::from_iter_values((0..state.num_rows() as u32).rev()),
         )
         .unwrap();
+        // without the history rows, the minutes still waiting are refused at restore
+        let kinds = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
+        let pending_only =
+            arrow::array::BooleanArray::from_iter((0..state.num_rows()).map(|i| Some(kinds.value(i) != 0)));
+        let broken = arrow::compute::filter_record_batch(&state, &pending_only).unwrap();
+        let e = build().restore(broken).unwrap_err();
+        assert!(e.to_string().contains("waits to be emitted but is not in its history"), "{e}");
         let mut got_reversed = Collector::new(2);
         for c in 0..2 {
             for b in got.port(c) {
