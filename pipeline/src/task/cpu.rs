@@ -18,10 +18,11 @@ impl Drop for AbortOnDrop {
 /// Pure computation does not come here: an operator's call on a batch or a watermark runs on
 /// the worker itself (as DataFusion runs its operators), because handing the worker over costs
 /// a thread wake-up per call. Measured on the embedded default: 0.6 CPU-s per million events
-/// of 4.0, and 200 MiB of peak memory in the blocking threads' allocator arenas. A call is
-/// bounded by its batch (`batch_rows`), so the worker's other tasks wait at most one call; an
-/// operator that may wait (`Operator::waits`: `admit`'s `delay` policy, the DP ledger's fsync)
-/// comes here for each call.
+/// of 4.2, and about 80 MiB of peak memory in the blocking threads' allocator arenas. The
+/// worker's other tasks wait for one call: a batch's is bounded by the batch (`batch_rows`), a
+/// watermark's or the end's by what the operator releases then (windows closing, a backlog's
+/// minutes). An operator that may wait (`Operator::waits`: `admit`'s `delay` policy, the DP
+/// ledger's fsync) comes here for each call.
 pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
