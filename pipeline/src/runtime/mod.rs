@@ -7,9 +7,9 @@
 //! memory). What sources, sinks and services are handed by the runtime lives in
 //! [`crate::task`].
 //!
-//! Operators are synchronous; their calls run on the worker thread of their stage's task (a
-//! call is bounded by its batch), and what waits on a disk or the network (snapshots, file
-//! closes) goes through `block_in_place` ([`crate::task::blocking`]).
+//! Operators are synchronous; their calls run on the worker thread of their stage's task, and
+//! what waits on a disk or the network (snapshots, file closes, operators whose `waits()` says
+//! so) goes through `block_in_place` ([`crate::task::blocking`]).
 
 mod align;
 pub mod reload;
@@ -18,7 +18,7 @@ mod stage;
 mod tasks;
 
 pub use crate::task::{CheckpointAcks, PipelineError, StateStore};
-pub(crate) use crate::task::{Edge, Outputs, blocking, blocking_metered, thread_cpu_ns};
+pub(crate) use crate::task::{Edge, Outputs, blocking, blocking_metered, cpu_metered};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

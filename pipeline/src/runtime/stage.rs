@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::OperatorSpec;
 
 use super::align::{Aligner, Next};
-use super::{Outputs, PipelineError, thread_cpu_ns};
+use super::{Outputs, PipelineError};
 
 enum Either {
     Next(Next),
@@ -234,12 +234,9 @@ impl StageTask {
     fn process(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), PipelineError> {
         let op = &mut self.op;
         let input = batch.clone();
-        let t0 = thread_cpu_ns();
-        let waits = op.waits();
-        let res = on_worker(waits, || {
+        let res = metered(&self.cpu_ns, op.waits(), || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.process_batch(batch, out)))
         });
-        self.cpu_ns.inc_by(thread_cpu_ns().saturating_sub(t0));
         let failed = |source| PipelineError::Operator { stage: self.name.clone(), source };
         let (rows, what) = match res {
             Ok(Ok(())) => return Ok(()),
@@ -277,10 +274,7 @@ impl StageTask {
         out: &mut Collector,
     ) -> Result<(), PipelineError> {
         let op = &mut self.op;
-        let t0 = thread_cpu_ns();
-        let waits = op.waits();
-        let res = on_worker(waits, || f(op.as_mut(), out));
-        self.cpu_ns.inc_by(thread_cpu_ns().saturating_sub(t0));
+        let res = metered(&self.cpu_ns, op.waits(), || f(op.as_mut(), out));
         res.map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })
     }
 
@@ -380,10 +374,11 @@ impl StageTask {
     }
 }
 
-/// Runs an operator's call on this worker thread (see [`super::blocking`]), or, for an
-/// operator that waits (`Operator::waits`), after handing the worker's other tasks over.
-fn on_worker<T>(waits: bool, f: impl FnOnce() -> T) -> T {
-    if waits { super::blocking(f) } else { f() }
+/// Runs an operator's call, adding its thread CPU time to `cpu_ns`: on this worker thread
+/// (see [`super::blocking`]), or, for an operator that waits (`Operator::waits`), after handing
+/// the worker's other tasks over.
+fn metered<T>(cpu_ns: &Counter, waits: bool, f: impl FnOnce() -> T) -> T {
+    if waits { super::blocking_metered(cpu_ns, f) } else { super::cpu_metered(cpu_ns, f) }
 }
 
 /// A panic's message, as far as it can be told.

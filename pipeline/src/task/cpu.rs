@@ -44,7 +44,7 @@ pub(crate) fn blocking_metered<T>(counter: &citystream_operators::Counter, f: im
 }
 
 /// CPU time consumed by the calling thread, nanoseconds.
-pub(crate) fn thread_cpu_ns() -> u64 {
+fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is always valid.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };

@@ -20,7 +20,7 @@ mod state;
 pub use checkpoint::CheckpointAcks;
 pub(crate) use checkpoint::SinkAck;
 pub use commits::{CommitLog, Commits};
-pub(crate) use cpu::{AbortOnDrop, blocking, blocking_metered, cpu_metered, thread_cpu_ns};
+pub(crate) use cpu::{AbortOnDrop, blocking, blocking_metered, cpu_metered};
 pub use error::PipelineError;
 pub(crate) use error_table::ErrorTable;
 pub(crate) use membership::{Assignments, Membership};
