@@ -183,6 +183,11 @@ fn device_key(payload: &[u8]) -> Option<&str> {
 /// deploy/local.yaml with a Kafka source on `topics` instead of the simulator, its data under
 /// `data`, state checkpoints on, and the secrets every run of a test shares.
 fn pipeline_yaml(topics: &KafkaTopics, group: &str, data: &Path) -> String {
+    pipeline_yaml_with(topics, group, data, "")
+}
+
+/// [`pipeline_yaml`] with `source_fields` (indented YAML lines) added to the Kafka source.
+fn pipeline_yaml_with(topics: &KafkaTopics, group: &str, data: &Path, source_fields: &str) -> String {
     let text = local_yaml();
     let sources_at = text.find("\nsources:\n").unwrap();
     let stages_at = text.find("\nstages:\n").unwrap();
@@ -199,7 +204,7 @@ sources:
     idle_partition_timeout: 3s
     stop_when_idle: 8s
     max_out_of_orderness: 2m
-    properties:
+{source_fields}    properties:
       session.timeout.ms: \"10000\"
       heartbeat.interval.ms: \"1000\"
 ",
@@ -381,6 +386,36 @@ runtime:
     assert_same_tables("partitions idle at once vs never idle", &run("1ms").await, &expected);
 }
 
+/// Watermark alignment pauses partitions that run ahead and holds what it reads from them:
+/// with a drift of one minute (paused at nearly every fetch), with a hold of 64 KiB (full at
+/// once: paused in librdkafka too, whose resume goes on after the held messages) and without
+/// alignment, a backlog gives the same tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alignment_holding_or_pausing_the_fetch_gives_the_tables_of_no_alignment() {
+    let topics = create_topics(&unique("et-align"), 2).await;
+    produce(&topics, Produce::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let run = |tag: &'static str, fields: &'static str| {
+        let data = work.path().join(tag);
+        let yaml = pipeline_yaml_with(&topics, &unique(tag), &data, fields);
+        async move {
+            let metrics = citystream_operators::Metrics::new();
+            run_in_process_with(&yaml, metrics.clone()).await;
+            let held = metrics.sum("citystream_kafka_alignment_held_messages_total");
+            let fetch_pauses = metrics.sum("citystream_kafka_alignment_fetch_pauses_total");
+            eprintln!("{tag}: {held} messages held, {fetch_pauses} partitions paused in librdkafka");
+            (tables(&data, &[]).await, held, fetch_pauses)
+        }
+    };
+    let (expected, ..) = run("no-alignment", "    max_drift: null\n").await;
+    let (held, n_held, _) = run("held", "    max_drift: 1m\n").await;
+    assert!(n_held > 0.0, "a one-minute drift pauses partitions of a backlog and holds their messages");
+    assert_same_tables("alignment holding vs none", &held, &expected);
+    let (fetch, n_held, n_fetch) = run("fetch-paused", "    max_drift: 1m\n    max_held_bytes: 65536\n").await;
+    assert!(n_held > 0.0 && n_fetch > 0.0, "a 64 KiB hold fills: partitions paused in librdkafka too");
+    assert_same_tables("alignment pausing the fetch vs none", &fetch, &expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_partitions_paced_and_backlog_give_the_same_tables() {
     let backlog_topics = create_topics(&unique("et6b"), 6).await;
@@ -410,9 +445,10 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
 
     let data = work.path().join("killed");
     let cfg = work.path().join("killed.yaml");
-    // paced (a 4 MiB prefetch queue, and a second's pause whenever it is full: about 4 MiB/s):
-    // at the source's full speed the backlog would be caught up before five kills
-    let paced = pipeline_yaml(&topics, &unique("et3k"), &data).replace(
+    // paced (a 4 MiB prefetch queue, and a second's pause whenever it is full: about 4 MiB/s;
+    // and watermark alignment's hold at 256 KiB, so kills also find messages held): at the
+    // source's full speed the backlog would be caught up before five kills
+    let paced = pipeline_yaml_with(&topics, &unique("et3k"), &data, "    max_held_bytes: 262144\n").replace(
         "      heartbeat.interval.ms: \"1000\"\n",
         "      heartbeat.interval.ms: \"1000\"\n      fetch.queue.backoff.ms: \"1000\"\n      \
          queued.max.messages.kbytes: \"4096\"\n",

@@ -88,6 +88,9 @@ fn d_ooo() -> Duration {
 fn d_drift() -> Option<Duration> {
     Some(Duration::from_secs(600))
 }
+fn d_max_held_bytes() -> usize {
+    16 << 20
+}
 
 /// YAML of a `kafka` source.
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +135,13 @@ pub struct KafkaSourceConfig {
     /// deduplication hold a bounded span of event time; `null` turns it off. Default `10m`.
     #[serde(default = "d_drift")]
     pub max_drift: Option<Duration>,
+    /// A partition paused by watermark alignment is still read: its messages are held, not
+    /// handed on (its offsets and its event time stay where they were), up to this many
+    /// payload bytes over all partitions, and handed on first when it resumes. Past that, it is
+    /// paused in librdkafka, which drops the messages it had prefetched for it and fetches them
+    /// again on resume. `0`: pause in librdkafka at once. Default 16 MiB (`16777216`).
+    #[serde(default = "d_max_held_bytes")]
+    pub max_held_bytes: usize,
     /// End the source after no message arrived for this long (bounded runs and tests);
     /// absent: run until stopped.
     #[serde(default)]

@@ -154,9 +154,14 @@ runtime:
 }
 
 pub async fn run_in_process(yaml: &str) -> citystream_pipeline::RunReport {
+    run_in_process_with(yaml, Metrics::new()).await
+}
+
+/// [`run_in_process`], its metrics recorded in `metrics`.
+pub async fn run_in_process_with(yaml: &str, metrics: Metrics) -> citystream_pipeline::RunReport {
     let p = plan(config::load_str(yaml, "kafka.yaml").unwrap(), "kafka.yaml").unwrap();
     let (_stop, rx) = StopHandle::new();
-    tokio::time::timeout(Duration::from_secs(600), runtime::run(p, Metrics::new(), rx))
+    tokio::time::timeout(Duration::from_secs(600), runtime::run(p, metrics, rx))
         .await
         .expect("the pipeline finished within 10 minutes")
         .expect("the pipeline ran without error")

@@ -17,6 +17,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use crate::task::{CheckpointAcks, Outputs};
 
 use super::commit::{CommitError, checkpoint, commit};
+use super::held::Held;
 use super::{Positions, Tp};
 
 /// What the source knows of one assigned partition.
@@ -28,7 +29,7 @@ pub(super) struct Part {
     pub(super) read: bool,
     /// The last message, or the assignment.
     pub(super) active_at: Instant,
-    /// Paused by watermark alignment.
+    /// Paused by watermark alignment: its messages are held (see [`Held`]).
     pub(super) paused: bool,
     /// The log end asked of the broker (when librdkafka had none cached) and when.
     pub(super) queried_end: Option<(i64, Instant)>,
@@ -41,6 +42,10 @@ pub(super) struct Shared {
     pub(super) ports: BTreeMap<String, usize>,
     pub(super) builders: Vec<RawBatchBuilder>,
     pub(super) parts: BTreeMap<Tp, Part>,
+    /// The messages read from paused partitions, not handed on yet.
+    pub(super) held: BTreeMap<Tp, Held>,
+    /// Their payload bytes, over all partitions.
+    pub(super) held_bytes: usize,
     pub(super) epoch: u64,
     pub(super) outputs: Arc<Outputs>,
     pub(super) acks: CheckpointAcks,
@@ -63,6 +68,14 @@ pub(super) struct Shared {
 impl Shared {
     pub(super) fn take_batches(&mut self) -> Vec<(usize, arrow::array::RecordBatch)> {
         self.builders.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()).map(|(p, b)| (p, b.finish())).collect()
+    }
+
+    /// Drops what is held for `tp` (it was revoked or assigned again: it is read again from
+    /// its committed position).
+    pub(super) fn drop_held(&mut self, tp: &Tp) {
+        if let Some(h) = self.held.remove(tp) {
+            self.held_bytes -= h.bytes;
+        }
     }
 
     /// The next offset of every partition a message was read from.
@@ -182,10 +195,9 @@ impl Ctx {
                     }
                 }
             }
-            s.parts.insert(
-                (topic, partition),
-                Part { position: from, read: false, active_at: now, paused: false, queried_end: None },
-            );
+            let tp = (topic, partition);
+            s.drop_held(&tp);
+            s.parts.insert(tp, Part { position: from, read: false, active_at: now, paused: false, queried_end: None });
         }
         tracing::info!(source = s.name, partitions = list.count(), "assigned");
     }
@@ -299,7 +311,9 @@ impl ConsumerContext for Ctx {
             }
         }
         for e in list.elements() {
-            s.parts.remove(&(e.topic().to_owned(), e.partition()));
+            let tp = (e.topic().to_owned(), e.partition());
+            s.parts.remove(&tp);
+            s.drop_held(&tp);
         }
     }
 }

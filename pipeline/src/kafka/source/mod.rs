@@ -18,13 +18,17 @@
 //! times). Every assigned partition holds it back — also one that has not delivered anything
 //! yet — until it is caught up with its log end *and* silent for `idle_partition_timeout`. While
 //! catching up, a partition whose event time runs more than `max_drift` ahead of the slowest is
-//! paused, and resumed once the slowest is within half of that ([`Alignment`]).//!
+//! paused, and resumed once the slowest is within half of that ([`Alignment`]); a paused
+//! partition's messages are still read, and held until it resumes ([`held`]).
+//!
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
-//! takes a checkpoint and commits it; [`alignment`] decides which partitions to pause.
+//! takes a checkpoint and commits it; [`alignment`] decides which partitions to pause, and
+//! [`held`] keeps what is read from them meanwhile.
 mod alignment;
 mod commit;
 mod context;
+mod held;
 
 pub use alignment::{AlignInput, Alignment};
 
@@ -47,6 +51,7 @@ use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, Sour
 
 use commit::{checkpoint, commit};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
+use held::Held;
 
 /// A topic partition.
 type Tp = (String, i32);
@@ -69,6 +74,14 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.wait.max.ms", "100"),
 ];
 
+/// What a message read did besides being appended.
+enum Step {
+    /// It filled its port's batch, to hand on.
+    Full(usize, arrow::array::RecordBatch, Arc<Outputs>),
+    /// It was held and filled the hold: its partition is to be paused in librdkafka too.
+    FetchPause,
+}
+
 /// The consumer thread's settings and handles.
 struct Loop {
     name: String,
@@ -84,6 +97,10 @@ struct Loop {
     events: Vec<citystream_operators::Counter>,
     bytes: Vec<citystream_operators::Counter>,
     paused: Gauge,
+    /// Messages read from paused partitions and held.
+    held: citystream_operators::Counter,
+    /// Partitions paused in librdkafka (their hold full).
+    fetch_pauses: citystream_operators::Counter,
 }
 
 impl Source for KafkaSourceConfig {
@@ -123,6 +140,8 @@ async fn run_kafka_source(
         ports: ports.clone(),
         builders: EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * 256)).collect(),
         parts: BTreeMap::new(),
+        held: BTreeMap::new(),
+        held_bytes: 0,
         // epochs go on from the restored checkpoint: derived files are named after them
         epoch: state.as_ref().map_or(0, |s| s.epoch()),
         outputs: Arc::new(outputs),
@@ -181,6 +200,16 @@ async fn run_kafka_source(
         paused: metrics.gauge(
             "citystream_kafka_partitions_paused",
             "Partitions paused by watermark alignment (running ahead in event time).",
+            &[("source", name)],
+        ),
+        held: metrics.counter(
+            "citystream_kafka_alignment_held_messages_total",
+            "Messages read from partitions paused by watermark alignment, held until they resume.",
+            &[("source", name)],
+        ),
+        fetch_pauses: metrics.counter(
+            "citystream_kafka_alignment_fetch_pauses_total",
+            "Partitions paused in librdkafka by watermark alignment (their held messages reached max_held_bytes).",
             &[("source", name)],
         ),
         cfg,
@@ -356,7 +385,8 @@ impl Loop {
                 }
                 if now >= next_flush {
                     next_flush = now + batch_wait;
-                    let handed_on = self.flush(&mut last_wm)?;
+                    let (handed_on, released) = self.flush(&mut last_wm)?;
+                    total += released;
                     now = Instant::now();
                     if handed_on {
                         last_message = now;
@@ -399,7 +429,7 @@ impl Loop {
                 }
             };
             last_message = now;
-            let full = {
+            let step = {
                 let mut s = lock(&self.shared);
                 if let Some(e) = s.error.take() {
                     // a callback inside this poll failed (e.g. cleanup on assignment)
@@ -418,22 +448,42 @@ impl Loop {
                         t.map_or(wall, |t| t.min(wall))
                     }
                 };
-                s.builders[port].append(topic, msg.partition(), msg.offset(), arrived, payload);
-                self.events[port].inc();
-                self.bytes[port].inc_by(payload.len() as u64);
-                total += 1;
                 key.0.clear();
                 key.0.push_str(topic);
                 key.1 = msg.partition();
-                if let Some(p) = s.parts.get_mut(&key) {
-                    p.position = msg.offset() + 1;
-                    p.read = true;
-                    p.active_at = last_message;
+                let paused = match s.parts.get_mut(&key) {
+                    Some(p) if p.paused => true,
+                    Some(p) => {
+                        p.position = msg.offset() + 1;
+                        p.read = true;
+                        p.active_at = last_message;
+                        false
+                    }
+                    None => false,
+                };
+                if paused {
+                    self.hold(&mut s, &key, port, &msg, arrived, batch_rows)
+                } else {
+                    s.builders[port].append(topic, msg.partition(), msg.offset(), arrived, payload);
+                    self.events[port].inc();
+                    self.bytes[port].inc_by(payload.len() as u64);
+                    total += 1;
+                    (s.builders[port].len() >= batch_rows)
+                        .then(|| Step::Full(port, s.builders[port].finish(), s.outputs.clone()))
                 }
-                (s.builders[port].len() >= batch_rows).then(|| (port, s.builders[port].finish(), s.outputs.clone()))
             };
-            if let Some((port, b, outputs)) = full {
+            if let Some(Step::FetchPause) = step {
+                // the hold is full: librdkafka goes on from the last message read at resume
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                self.consumer.pause(&tpl).map_err(|e| self.err(format!("pausing {}/{}: {e}", key.0, key.1)))?;
+                self.fetch_pauses.inc();
+            }
+            if let Some(Step::Full(port, b, outputs)) = step {
                 outputs.blocking_send(port, Message::Batch(b))?;
+                if let Some(drift) = self.cfg.max_drift {
+                    total += self.realign(drift.as_millis_i64())?;
+                }
                 // the pipeline may have held the send back: look at the timers next
                 now = Instant::now();
                 last_message = now;
@@ -527,10 +577,35 @@ impl Loop {
         Ok(had_data)
     }
 
+    /// Holds a message of a paused partition ([`held`]); past `max_held_bytes`, asks for the
+    /// partition to be paused in librdkafka as well.
+    fn hold(
+        &self,
+        s: &mut Shared,
+        key: &Tp,
+        port: usize,
+        msg: &rdkafka::message::BorrowedMessage<'_>,
+        arrived: i64,
+        batch_rows: usize,
+    ) -> Option<Step> {
+        let payload = msg.payload().unwrap_or_default();
+        if !s.held.contains_key(key) {
+            s.held.insert(key.clone(), Held::new(port));
+        }
+        let h = s.held.get_mut(key)?;
+        h.push(&key.0, key.1, msg.offset(), arrived, payload, batch_rows);
+        s.held_bytes += payload.len();
+        self.held.inc();
+        (s.held_bytes > self.cfg.max_held_bytes && !h.fetch_paused).then(|| {
+            h.fetch_paused = true;
+            Step::FetchPause
+        })
+    }
+
     /// Hands on partial batches, emits each topic's watermark where it moved, and pauses or
-    /// resumes partitions for alignment. Returns whether it handed on data.
-    fn flush(&self, last_wm: &mut [i64]) -> Result<bool, PipelineError> {
-        let idle_after = self.cfg.idle_partition_timeout.to_std();
+    /// resumes partitions for alignment. Returns whether it handed on data, and how many held
+    /// messages it handed on.
+    fn flush(&self, last_wm: &mut [i64]) -> Result<(bool, u64), PipelineError> {
         let (batches, outputs, parts, ports) = {
             let mut s = lock(&self.shared);
             let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
@@ -540,16 +615,7 @@ impl Loop {
         for (p, b) in batches {
             outputs.blocking_send(p, Message::Batch(b))?;
         }
-        // per partition: its watermark, whether it holds the stream back, its backlog
-        let view: Vec<AlignInput> = parts
-            .iter()
-            .map(|((topic, partition), p)| {
-                let backlog = self.log_end(topic, *partition, p).is_none_or(|end| p.position < end);
-                let watermark = ports.get(topic).and_then(|&port| self.clocks[port].as_ref()?.watermark(*partition));
-                let idle = !backlog && p.active_at.elapsed() >= idle_after;
-                AlignInput { watermark, holding: !idle, backlog, paused: p.paused }
-            })
-            .collect();
+        let view = self.view(&parts, &ports);
         for (topic, &port) in &ports {
             let Some(clock) = &self.clocks[port] else { continue };
             let of_topic: Vec<(i32, &AlignInput)> =
@@ -563,38 +629,105 @@ impl Loop {
                 outputs.blocking_send(port, Message::Watermark(wm))?;
             }
         }
-        if let Some(drift) = self.cfg.max_drift {
-            self.align(&parts, &view, Alignment { max_drift_ms: drift.as_millis_i64() })?;
-        }
-        Ok(had_data)
+        let released = match self.cfg.max_drift {
+            Some(drift) => self.align(&parts, &view, Alignment { max_drift_ms: drift.as_millis_i64() })?,
+            None => 0,
+        };
+        Ok((had_data || released > 0, released))
     }
 
-    fn align(&self, parts: &[(Tp, Part)], view: &[AlignInput], alignment: Alignment) -> Result<(), PipelineError> {
+    /// Watermark alignment between flushes (after a full batch): a backlog reads more in one
+    /// `batch_wait` than `max_drift` spans, so deciding only at flushes let a paused
+    /// partition's hold fill. Returns how many held messages it handed on.
+    fn realign(&self, max_drift_ms: i64) -> Result<u64, PipelineError> {
+        let (parts, ports) = {
+            let s = lock(&self.shared);
+            let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
+            (parts, s.ports.clone())
+        };
+        let view = self.view(&parts, &ports);
+        self.align(&parts, &view, Alignment { max_drift_ms })
+    }
+
+    /// Per partition: its watermark, whether it holds the stream back, its backlog.
+    fn view(&self, parts: &[(Tp, Part)], ports: &BTreeMap<String, usize>) -> Vec<AlignInput> {
+        let idle_after = self.cfg.idle_partition_timeout.to_std();
+        parts
+            .iter()
+            .map(|((topic, partition), p)| {
+                let backlog = self.log_end(topic, *partition, p).is_none_or(|end| p.position < end);
+                let watermark = ports.get(topic).and_then(|&port| self.clocks[port].as_ref()?.watermark(*partition));
+                let idle = !backlog && p.active_at.elapsed() >= idle_after;
+                AlignInput { watermark, holding: !idle, backlog, paused: p.paused }
+            })
+            .collect()
+    }
+
+    /// Pauses and resumes partitions as `alignment` decides. A paused partition is read on
+    /// into its hold (with `max_held_bytes: 0`, paused in librdkafka at once); a resumed one
+    /// hands its held messages on first. Returns how many held messages it handed on.
+    fn align(&self, parts: &[(Tp, Part)], view: &[AlignInput], alignment: Alignment) -> Result<u64, PipelineError> {
         let (pause, resume) = alignment.decide(view);
         if pause.is_empty() && resume.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let list = |idx: &[usize]| {
-            let mut tpl = TopicPartitionList::new();
-            for &i in idx {
-                tpl.add_partition(&parts[i].0.0, parts[i].0.1);
-            }
-            tpl
-        };
-        if !pause.is_empty() {
-            self.consumer.pause(&list(&pause)).map_err(|e| self.err(format!("pausing partitions: {e}")))?;
-        }
-        if !resume.is_empty() {
-            self.consumer.resume(&list(&resume)).map_err(|e| self.err(format!("resuming partitions: {e}")))?;
-        }
+        let mut fetch_pause = TopicPartitionList::new();
+        let mut fetch_resume = TopicPartitionList::new();
+        let mut released = Vec::new();
         let mut s = lock(&self.shared);
-        for (&i, paused) in pause.iter().map(|i| (i, true)).chain(resume.iter().map(|i| (i, false))) {
-            if let Some(p) = s.parts.get_mut(&parts[i].0) {
-                p.paused = paused;
+        let now = Instant::now();
+        for &i in &pause {
+            let tp = &parts[i].0;
+            if let Some(p) = s.parts.get_mut(tp) {
+                p.paused = true;
             }
+            if self.cfg.max_held_bytes == 0 {
+                let mut h = Held::new(s.ports.get(&tp.0).copied().unwrap_or_default());
+                h.fetch_paused = true;
+                s.held.insert(tp.clone(), h);
+                fetch_pause.add_partition(&tp.0, tp.1);
+            }
+        }
+        let mut handed = 0u64;
+        for &i in &resume {
+            let tp = &parts[i].0;
+            let held = s.held.remove(tp);
+            let Some(p) = s.parts.get_mut(tp) else { continue };
+            p.paused = false;
+            let Some(h) = held else { continue };
+            if h.fetch_paused {
+                fetch_resume.add_partition(&tp.0, tp.1);
+            }
+            if h.messages > 0 {
+                p.position = h.next;
+                p.read = true;
+                p.active_at = now;
+            }
+            s.held_bytes -= h.bytes;
+            // what its port read before the pause goes first (`realign` runs between flushes)
+            if h.messages > 0 && !s.builders[h.port].is_empty() {
+                released.push((h.port, s.builders[h.port].finish()));
+            }
+            handed += h.messages;
+            self.events[h.port].inc_by(h.messages);
+            self.bytes[h.port].inc_by(h.bytes as u64);
+            let port = h.port;
+            released.extend(h.into_batches().into_iter().map(|b| (port, b)));
         }
         let n = s.parts.values().filter(|p| p.paused).count();
+        let (held_bytes, outputs) = (s.held_bytes, s.outputs.clone());
         drop(s);
+        // before anything read after the resume: the held messages are the partition's next
+        for (port, b) in released {
+            outputs.blocking_send(port, Message::Batch(b))?;
+        }
+        if fetch_pause.count() > 0 {
+            self.consumer.pause(&fetch_pause).map_err(|e| self.err(format!("pausing partitions: {e}")))?;
+            self.fetch_pauses.inc_by(fetch_pause.count() as u64);
+        }
+        if fetch_resume.count() > 0 {
+            self.consumer.resume(&fetch_resume).map_err(|e| self.err(format!("resuming partitions: {e}")))?;
+        }
         self.paused.set(n as f64);
         let slowest = view.iter().filter(|v| v.holding).filter_map(|v| v.watermark).min();
         tracing::info!(
@@ -602,10 +735,12 @@ impl Loop {
             paused = pause.len(),
             resumed = resume.len(),
             now_paused = n,
+            released = handed,
+            held_bytes,
             slowest = slowest.map(crate::simulator::rfc3339),
             "watermark alignment"
         );
-        Ok(())
+        Ok(handed)
     }
 
     /// The partition's log end: as librdkafka last saw it, or — when it has none (a partition
