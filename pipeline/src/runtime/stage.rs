@@ -153,7 +153,7 @@ impl StageTask {
     /// first, then its state is written, all before the barrier is forwarded — so once the
     /// sinks acknowledge the epoch, the state is durable.
     async fn checkpoint(&mut self, epoch: u64, watermark: i64, out: &mut Collector) -> Result<(), PipelineError> {
-        self.call(|op, out| op.on_checkpoint(out), out)?;
+        self.call("on_checkpoint", |op, out| op.on_checkpoint(out), out)?;
         self.emit(out).await?;
         if let Some((store, bytes)) = &self.state {
             let op = &self.op;
@@ -268,14 +268,28 @@ impl StageTask {
             .map_err(|error| PipelineError::OperatorErrors { stage: self.name.clone(), error })
     }
 
+    /// Calls one of the operator's hooks (`hook` names it in errors). A panic there stops the
+    /// pipeline with an error naming the stage: no rows are at fault (unlike in
+    /// [`process`](Self::process)), and the operator's state may be half changed, so a restart
+    /// from the last checkpoint is the way on.
     fn call(
         &mut self,
+        hook: &'static str,
         f: impl FnOnce(&mut dyn Operator, &mut Collector) -> Result<(), citystream_operators::OperatorError>,
         out: &mut Collector,
     ) -> Result<(), PipelineError> {
         let op = &mut self.op;
-        let res = metered(&self.cpu_ns, op.waits(), || f(op.as_mut(), out));
-        res.map_err(|source| PipelineError::Operator { stage: self.name.clone(), source })
+        let res = metered(&self.cpu_ns, op.waits(), || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(op.as_mut(), out)))
+        });
+        match res {
+            Ok(r) => r.map_err(|source| PipelineError::Operator { stage: self.name.clone(), source }),
+            Err(panic) => Err(PipelineError::Task(format!(
+                "stage `{}` panicked in {hook}: {}",
+                self.name,
+                panic_message(panic.as_ref())
+            ))),
+        }
     }
 
     pub(crate) async fn run(mut self, inputs: Vec<mpsc::Receiver<Message>>) -> Result<(), PipelineError> {
@@ -287,7 +301,7 @@ impl StageTask {
             // the restored state was taken at this watermark: what it closes was emitted before
             // the checkpoint, and rows behind it are late, as they were before the crash
             current_wm = wm;
-            self.call(|op, out| op.on_watermark(wm, out), &mut out)?;
+            self.call("on_watermark", |op, out| op.on_watermark(wm, out), &mut out)?;
             self.emit(&mut out).await?;
             // downstream stages restored their own watermark: nothing to forward
             forwarded = self.op.output_watermark(wm);
@@ -333,7 +347,7 @@ impl StageTask {
                     return Ok(());
                 }
                 Next::Ended => {
-                    self.call(|op, out| op.on_end(out), &mut out)?;
+                    self.call("on_end", |op, out| op.on_end(out), &mut out)?;
                     self.emit(&mut out).await?;
                     self.outputs.broadcast(Message::End).await?;
                     return Ok(());
@@ -352,7 +366,7 @@ impl StageTask {
         let min = watermarks.iter().copied().min().unwrap_or(i64::MIN);
         if min > *current && min != i64::MAX {
             *current = min;
-            self.call(|op, out| op.on_watermark(min, out), out)?;
+            self.call("on_watermark", |op, out| op.on_watermark(min, out), out)?;
             self.emit(out).await?;
             self.forward_watermark(min, forwarded).await?;
         }
@@ -478,5 +492,44 @@ mod tests {
         assert_eq!(rows, [("fragile", "fragile", &[3, 13, 4][..]), ("fragile", "fragile", &[7][..])]);
         assert!(recorded[0].3.contains("unlucky number"), "the panic's message: {}", recorded[0].3);
         assert!(recorded[1].3.contains("seven"), "the refusal's detail: {}", recorded[1].3);
+    }
+
+    /// Panics when a watermark reaches it.
+    struct BrokenClock(Vec<OutputSpec>);
+
+    impl Operator for BrokenClock {
+        fn kind(&self) -> &'static str {
+            "broken_clock"
+        }
+        fn outputs(&self) -> &[OutputSpec] {
+            &self.0
+        }
+        fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<(), OperatorError> {
+            out.emit(0, batch);
+            Ok(())
+        }
+        fn on_watermark(&mut self, _wm: i64, _out: &mut Collector) -> Result<(), OperatorError> {
+            panic!("no time like the present");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_a_hook_stops_the_stage_with_an_error_naming_it() {
+        let metrics = Metrics::new();
+        let errors = Arc::new(Recorded::default());
+        let op = BrokenClock(vec![OutputSpec::new("main", batch(&[]).schema())]);
+        let (out_tx, _out_rx) = mpsc::channel(16);
+        let outputs = Outputs { ports: vec![vec![Edge { tx: out_tx }]] };
+        let task = StageTask::new("clock".into(), Box::new(op), 1, outputs, &metrics).with_errors(errors.clone());
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(Message::Batch(batch(&[1]))).await.unwrap();
+        tx.send(Message::Watermark(1_000)).await.unwrap();
+        let err = task.run(vec![rx]).await.expect_err("a hook's panic stops the stage");
+        let text = err.to_string();
+        assert!(
+            text.contains("`clock`") && text.contains("on_watermark") && text.contains("no time like the present"),
+            "{text}"
+        );
+        assert!(errors.0.lock().unwrap().is_empty(), "no rows are at fault");
     }
 }
