@@ -137,7 +137,8 @@ pub struct KafkaSourceConfig {
     pub max_drift: Option<Duration>,
     /// A partition paused by watermark alignment is still read: its messages are held, not
     /// handed on (its offsets and its event time stay where they were), up to this many
-    /// payload bytes over all partitions, and handed on first when it resumes. Past that, it is
+    /// payload bytes over all partitions (the message that passes the bound, one per paused
+    /// partition, is still held), and handed on first when it resumes. Past that, it is
     /// paused in librdkafka, which drops the messages it had prefetched for it and fetches them
     /// again on resume. `0`: pause in librdkafka at once. Default 16 MiB (`16777216`).
     #[serde(default = "d_max_held_bytes")]

@@ -31,8 +31,9 @@ pub(super) struct Part {
     pub(super) active_at: Instant,
     /// Paused by watermark alignment: its messages are held (see [`Held`]).
     pub(super) paused: bool,
-    /// The log end asked of the broker (when librdkafka had none cached) and when.
-    pub(super) queried_end: Option<(i64, Instant)>,
+    /// The log end asked of the broker (when librdkafka had none cached; `None`: the query
+    /// failed) and when.
+    pub(super) queried_end: Option<(Option<i64>, Instant)>,
 }
 
 /// What the consumer loop and the rebalance callbacks share (one thread: never contended).

@@ -101,6 +101,8 @@ struct Loop {
     held: citystream_operators::Counter,
     /// Partitions paused in librdkafka (their hold full).
     fetch_pauses: citystream_operators::Counter,
+    /// Payload bytes held now.
+    held_bytes: Gauge,
 }
 
 impl Source for KafkaSourceConfig {
@@ -210,6 +212,11 @@ async fn run_kafka_source(
         fetch_pauses: metrics.counter(
             "citystream_kafka_alignment_fetch_pauses_total",
             "Partitions paused in librdkafka by watermark alignment (their held messages reached max_held_bytes).",
+            &[("source", name)],
+        ),
+        held_bytes: metrics.gauge(
+            "citystream_kafka_alignment_held_bytes",
+            "Payload bytes read from partitions paused by watermark alignment and held (about max_held_bytes at most).",
             &[("source", name)],
         ),
         cfg,
@@ -609,13 +616,15 @@ impl Loop {
         let (batches, outputs, parts, ports) = {
             let mut s = lock(&self.shared);
             let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
+            self.held_bytes.set(s.held_bytes as f64);
             (s.take_batches(), s.outputs.clone(), parts, s.ports.clone())
         };
         let had_data = !batches.is_empty();
         for (p, b) in batches {
             outputs.blocking_send(p, Message::Batch(b))?;
         }
-        let view = self.view(&parts, &ports);
+        self.paused.set(parts.iter().filter(|(_, p)| p.paused).count() as f64);
+        let view = self.view(&parts, &ports, true);
         for (topic, &port) in &ports {
             let Some(clock) = &self.clocks[port] else { continue };
             let of_topic: Vec<(i32, &AlignInput)> =
@@ -645,17 +654,20 @@ impl Loop {
             let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
             (parts, s.ports.clone())
         };
-        let view = self.view(&parts, &ports);
+        // only log ends librdkafka or an earlier query knows: no broker request per batch
+        let view = self.view(&parts, &ports, false);
         self.align(&parts, &view, Alignment { max_drift_ms })
     }
 
     /// Per partition: its watermark, whether it holds the stream back, its backlog.
-    fn view(&self, parts: &[(Tp, Part)], ports: &BTreeMap<String, usize>) -> Vec<AlignInput> {
+    /// `ask`: ask the broker for a log end librdkafka does not know (at most once a second per
+    /// partition); otherwise such a partition counts as having a backlog.
+    fn view(&self, parts: &[(Tp, Part)], ports: &BTreeMap<String, usize>, ask: bool) -> Vec<AlignInput> {
         let idle_after = self.cfg.idle_partition_timeout.to_std();
         parts
             .iter()
             .map(|((topic, partition), p)| {
-                let backlog = self.log_end(topic, *partition, p).is_none_or(|end| p.position < end);
+                let backlog = self.log_end(topic, *partition, p, ask).is_none_or(|end| p.position < end);
                 let watermark = ports.get(topic).and_then(|&port| self.clocks[port].as_ref()?.watermark(*partition));
                 let idle = !backlog && p.active_at.elapsed() >= idle_after;
                 AlignInput { watermark, holding: !idle, backlog, paused: p.paused }
@@ -678,9 +690,8 @@ impl Loop {
         let now = Instant::now();
         for &i in &pause {
             let tp = &parts[i].0;
-            if let Some(p) = s.parts.get_mut(tp) {
-                p.paused = true;
-            }
+            let Some(p) = s.parts.get_mut(tp) else { continue };
+            p.paused = true;
             if self.cfg.max_held_bytes == 0 {
                 let mut h = Held::new(s.ports.get(&tp.0).copied().unwrap_or_default());
                 h.fetch_paused = true;
@@ -691,10 +702,17 @@ impl Loop {
         let mut handed = 0u64;
         for &i in &resume {
             let tp = &parts[i].0;
-            let held = s.held.remove(tp);
+            if !s.parts.contains_key(tp) {
+                continue;
+            }
+            let Some(h) = s.held.remove(tp) else {
+                if let Some(p) = s.parts.get_mut(tp) {
+                    p.paused = false;
+                }
+                continue;
+            };
             let Some(p) = s.parts.get_mut(tp) else { continue };
             p.paused = false;
-            let Some(h) = held else { continue };
             if h.fetch_paused {
                 fetch_resume.add_partition(&tp.0, tp.1);
             }
@@ -729,8 +747,10 @@ impl Loop {
             self.consumer.resume(&fetch_resume).map_err(|e| self.err(format!("resuming partitions: {e}")))?;
         }
         self.paused.set(n as f64);
+        self.held_bytes.set(held_bytes as f64);
         let slowest = view.iter().filter(|v| v.holding).filter_map(|v| v.watermark).min();
-        tracing::info!(
+        // a backlog pauses and resumes every few batches: the metrics count them
+        tracing::debug!(
             source = self.name,
             paused = pause.len(),
             resumed = resume.len(),
@@ -744,22 +764,26 @@ impl Loop {
     }
 
     /// The partition's log end: as librdkafka last saw it, or — when it has none (a partition
-    /// it has not fetched from yet) — asked of the broker, at most once a second.
-    fn log_end(&self, topic: &str, partition: i32, part: &Part) -> Option<i64> {
+    /// it has not fetched from yet) — asked of the broker when `ask`, at most once a second
+    /// (else the last answer, if any).
+    fn log_end(&self, topic: &str, partition: i32, part: &Part, ask: bool) -> Option<i64> {
         if let Some(end) = self.cached_log_end(topic, partition) {
             return Some(end);
         }
         if let Some((end, at)) = part.queried_end
-            && at.elapsed() < Duration::from_secs(1)
+            && (!ask || at.elapsed() < Duration::from_secs(1))
         {
-            return Some(end);
+            return end;
         }
-        let end =
-            self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).ok().map(|(_, high)| high)?;
+        if !ask {
+            return None;
+        }
+        // a failed query is remembered too: an unreachable leader costs one wait a second
+        let end = self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).ok().map(|(_, high)| high);
         if let Some(p) = lock(&self.shared).parts.get_mut(&(topic.to_owned(), partition)) {
             p.queried_end = Some((end, Instant::now()));
         }
-        Some(end)
+        end
     }
 
     /// The partition's log end as librdkafka last saw it (no request to the broker).
