@@ -12,7 +12,11 @@ deduplicates by `event_id`, aggregates 5-minute windows per segment (count, sum,
 - Polars: the same as a lazy query (`scan_ndjson` -> `unique` -> `group_by` -> `sink_parquet`);
 - with `--kafka BROKERS`, citystream also from a Kafka topic holding the same lines (a backlog:
   produced before the runs, keyed by sensor; the source's idle wait at the end is taken off
-  its wall time).
+  its wall time); with `--decode-only` as well, `citystream-kafka-decode`: the same backlog
+  consumed, decoded and written to Parquet row by row (no dedup or windows), the issue's
+  decode-only rate; with `--broker-pid PID` (the broker's JVM, e.g. `deploy/kafka/run/kafka.pid`),
+  how busy the two cores were during Kafka runs: citystream's CPU and the broker's over twice
+  the wall time.
 
 Each run is a fresh process; wall time, CPU (user + system, from `wait4`) and peak RSS are
 the child's. Medians of `--repeat` runs, interleaved engine by engine. The windows of the
@@ -23,6 +27,7 @@ does not pass unnoticed.
     .venv/bin/pip install -r benches/requirements.txt
     cargo build --release -p citystream-pipeline --bin citystream
     .venv/bin/python benches/peer_batch.py target/release/citystream --repeat 3 [--kafka 127.0.0.1:9092]
+        [--decode-only] [--broker-pid PID] [--events 3000000]
 """
 
 import argparse
@@ -122,6 +127,29 @@ CITYSTREAM_KAFKA_SOURCE = """
 KAFKA_IDLE_S = 1
 
 
+def decode_only(text):
+    """A citystream config that decodes and stores every row instead of deduplicating and
+    windowing (the tables are those of `CITYSTREAM` otherwise)."""
+    text = text[: text.index("  unique:")] + text[text.index("sinks:") :]
+    text = text.replace("      traffic_windows: windows\n", "      traffic: traffic\n")
+    return text.replace("[traffic.late_events, unique.late_events, windows.late_events]", "traffic.late_events")
+
+
+def stored(out):
+    """Rows of a decode-only run's lake: its `traffic` and `traffic_late` tables."""
+    import duckdb
+
+    glob = [f"{out}/{t}/**/*.parquet" for t in ("traffic", "traffic_late") if os.path.isdir(f"{out}/{t}")]
+    return duckdb.connect().execute(f"SELECT count(*) FROM read_parquet({glob})").fetchone()[0]
+
+
+def process_cpu(pid):
+    """CPU seconds (user + system) that process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def produce(brokers, topic, events, partitions):
     """Creates `topic` and produces the lines of `events` to it, keyed by sensor."""
     from confluent_kafka import Producer
@@ -215,6 +243,8 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--kafka", metavar="BROKERS", help="also run citystream from a Kafka topic on BROKERS")
     ap.add_argument("--partitions", type=int, default=2, help="partitions of that topic")
+    ap.add_argument("--decode-only", action="store_true", help="with --kafka: also decode -> Parquet alone")
+    ap.add_argument("--broker-pid", type=int, help="with --kafka: the broker's pid, for how busy the cores were")
     args = ap.parse_args()
     if args.generate:
         print(generate(args.generate, args.events, args.seed))
@@ -242,18 +272,23 @@ def main():
             subprocess.run(cmd, check=True)
             print(f"produced to {topic} ({args.partitions} partitions) in {time.perf_counter() - t0:.1f} s")
             results["citystream-kafka"] = []
+            if args.decode_only:
+                results["citystream-kafka-decode"] = []
+        busy = {}
         for r in range(args.repeat):
             for engine in results:
                 out = os.path.join(d, f"{engine}-{r}")
                 if engine.startswith("citystream"):
                     cfg = os.path.join(d, f"{engine}-{r}.yaml")
                     text = CITYSTREAM.format(events=events, out=out, state=os.path.join(d, f"state-{engine}-{r}"))
-                    if engine == "citystream-kafka":
+                    if engine.startswith("citystream-kafka"):
                         source = CITYSTREAM_KAFKA_SOURCE.format(
-                            brokers=args.kafka, group=f"{topic}-{r}", topic=topic, idle=KAFKA_IDLE_S
+                            brokers=args.kafka, group=f"{topic}-{engine}-{r}", topic=topic, idle=KAFKA_IDLE_S
                         )
                         start = text.index("  archive:")
                         text = text[:start] + source.lstrip("\n") + text[text.index("stages:"):]
+                    if engine == "citystream-kafka-decode":
+                        text = decode_only(text)
                     with open(cfg, "w") as f:
                         f.write(text)
                     cmd = [args.citystream, "run", "--config", cfg]
@@ -261,12 +296,21 @@ def main():
                 else:
                     cmd = [sys.executable, "-c", DUCKDB if engine == "duckdb" else POLARS, events, out + ".parquet"]
                     table = out + ".parquet"
+                broker0 = process_cpu(args.broker_pid) if args.broker_pid else None
                 wall, cpu, rss = run(cmd)
-                if engine == "citystream-kafka":
+                note = ""
+                if engine.startswith("citystream-kafka"):
                     wall -= KAFKA_IDLE_S
+                    if broker0 is not None:
+                        broker = process_cpu(args.broker_pid) - broker0
+                        busy.setdefault(engine, []).append((cpu + broker) / (2 * wall))
+                        note = f" (broker {broker:.2f} CPU-s; cores {busy[engine][-1] * 100:.0f}% busy)"
                 results[engine].append((wall, cpu, rss))
-                tables[engine] = table
-                print(f"run {r} {engine:<10} {wall:6.2f} s wall {cpu / n * 1e6:5.2f} CPU-s/M {rss:6.0f} MiB", flush=True)
+                if engine != "citystream-kafka-decode":
+                    tables[engine] = table
+                elif stored(out) != n:
+                    sys.exit(f"{engine} stored {stored(out)} of {n} rows")
+                print(f"run {r} {engine:<10} {wall:6.2f} s wall {cpu / n * 1e6:5.2f} CPU-s/M {rss:6.0f} MiB{note}", flush=True)
         # a stream keeps its newest windows open for the data that may follow (with a state
         # directory, the end of the files is not the end of the stream): compare the windows
         # citystream closed
@@ -277,8 +321,11 @@ def main():
             wall = statistics.median(r[0] for r in rs)
             cpu = statistics.median(r[1] for r in rs)
             rss = statistics.median(r[2] for r in rs)
-            w, readings = counts[engine]
-            print(f"{engine:<10} {n / wall:>10.0f} {wall:>8.2f} {cpu / n * 1e6:>8.2f} {rss:>9.0f} {w:>8} {readings:>9}")
+            w, readings = counts.get(engine, ("-", "-"))
+            line = f"{engine:<10} {n / wall:>10.0f} {wall:>8.2f} {cpu / n * 1e6:>8.2f} {rss:>9.0f} {w:>8} {readings:>9}"
+            if engine in busy:
+                line += f"  cores busy {statistics.median(busy[engine]) * 100:.0f}%"
+            print(line)
         if len({c for c in counts.values()}) != 1:
             sys.exit(f"the engines disagree on the windows: {counts}")
 
