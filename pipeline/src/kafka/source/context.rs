@@ -18,6 +18,7 @@ use crate::task::{CheckpointAcks, Outputs};
 
 use super::commit::{CommitError, checkpoint, commit};
 use super::held::Held;
+use super::queue::FetchQueue;
 use super::{Positions, Tp};
 
 /// What the source knows of one assigned partition.
@@ -47,6 +48,8 @@ pub(super) struct Shared {
     pub(super) held: BTreeMap<Tp, Held>,
     /// Their payload bytes, over all partitions.
     pub(super) held_bytes: usize,
+    /// The source's own queue, where assigned partitions' messages are forwarded.
+    pub(super) queue: Option<Arc<FetchQueue>>,
     pub(super) epoch: u64,
     pub(super) outputs: Arc<Outputs>,
     pub(super) acks: CheckpointAcks,
@@ -195,6 +198,15 @@ impl Ctx {
                         return;
                     }
                 }
+            }
+            if let Some(q) = &s.queue
+                && !q.forward(&topic, partition)
+            {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "could not forward the partition to the source's queue: polled instead"
+                );
             }
             let tp = (topic, partition);
             s.drop_held(&tp);

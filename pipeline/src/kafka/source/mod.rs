@@ -1,8 +1,10 @@
 //! The Kafka source.
 //!
-//! It runs on a thread of its own: a `BaseConsumer` polled in a loop appends messages to raw
-//! batches without a lock or an `await` per message, and the rebalance callbacks — which run
-//! inside that poll — may wait on the broker and the disk without blocking an async worker.
+//! It runs on a thread of its own: every assigned partition's messages are forwarded to a
+//! librdkafka queue of the source's own ([`queue`]) and taken from it a thousand at a time,
+//! appended to raw batches without an `await` per message; the `BaseConsumer` is polled in the
+//! same loop for rebalances and errors, and its rebalance callbacks — which run inside that
+//! poll — may wait on the broker and the disk without blocking an async worker.
 //!
 //! Delivery: offsets are committed only after every sink has made durable everything read
 //! before a checkpoint barrier. Sinks name files after the source positions they hold, and when
@@ -24,11 +26,12 @@
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
 //! takes a checkpoint and commits it; [`alignment`] decides which partitions to pause, and
-//! [`held`] keeps what is read from them meanwhile.
+//! [`held`] keeps what is read from them meanwhile; [`queue`] is the source's own fetch queue.
 mod alignment;
 mod commit;
 mod context;
 mod held;
+mod queue;
 
 pub use alignment::{AlignInput, Alignment};
 
@@ -52,6 +55,7 @@ use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, Sour
 use commit::{checkpoint, commit};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
 use held::Held;
+use queue::{FetchQueue, Taken};
 
 /// A topic partition.
 type Tp = (String, i32);
@@ -73,6 +77,16 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // partition resumed by watermark alignment is not fetched before that fetch comes back
     ("fetch.wait.max.ms", "100"),
 ];
+
+/// A message read, from the consumer's queue or from the source's own ([`queue`]).
+struct Read<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    /// The message's timestamp, ms.
+    timestamp: Option<i64>,
+    payload: &'a [u8],
+}
 
 /// What a message read did besides being appended.
 enum Step {
@@ -103,6 +117,9 @@ struct Loop {
     fetch_pauses: citystream_operators::Counter,
     /// Payload bytes held now.
     held_bytes: Gauge,
+    /// Where assigned partitions' messages are taken in batches (`None`: librdkafka could not
+    /// make one; every message then comes through `poll`).
+    queue: Option<Arc<FetchQueue>>,
 }
 
 impl Source for KafkaSourceConfig {
@@ -144,6 +161,7 @@ async fn run_kafka_source(
         parts: BTreeMap::new(),
         held: BTreeMap::new(),
         held_bytes: 0,
+        queue: None,
         // epochs go on from the restored checkpoint: derived files are named after them
         epoch: state.as_ref().map_or(0, |s| s.epoch()),
         outputs: Arc::new(outputs),
@@ -177,6 +195,12 @@ async fn run_kafka_source(
     let consumer: BaseConsumer<Ctx> = cc
         .create_with_context(Ctx { shared: shared.clone(), commits, state })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
+    // every assigned partition's messages go to a queue of the source's own, taken in batches
+    let queue = FetchQueue::new(consumer.client().native_ptr()).map(Arc::new);
+    if queue.is_none() {
+        tracing::warn!(source = name, "librdkafka made no queue for the source: messages are polled one by one");
+    }
+    lock(&shared).queue = queue.clone();
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
     // a task's partitions are assigned on the consumer thread (`Loop::consume`): it waits on
     // the broker and removes files
@@ -222,6 +246,7 @@ async fn run_kafka_source(
         cfg,
         consumer,
         shared,
+        queue,
         clocks,
         routing,
         acks,
@@ -299,6 +324,9 @@ impl Loop {
         let guard = CloseGuard(self.shared.clone());
         let result = self.consume();
         drop(guard);
+        // librdkafka's queues go before their client
+        lock(&self.shared).queue = None;
+        drop(self.queue);
         let consumer = self.consumer;
         // leave the group promptly, bounded: librdkafka's destroy can hang (known race)
         let (tx, rx) = std::sync::mpsc::channel();
@@ -339,7 +367,6 @@ impl Loop {
         }
         self.read_partition_counts()?;
         let mut counted_generation = lock(&self.shared).generation;
-        let batch_rows = self.cfg.batch_rows.get();
         let batch_wait = self.cfg.batch_wait.to_std().max(Duration::from_millis(1));
         let checkpoint_every = self.cfg.checkpoint_interval.to_std().max(Duration::from_millis(10));
         let mut next_flush = Instant::now() + batch_wait;
@@ -351,6 +378,8 @@ impl Loop {
         let mut total = 0u64;
         // the partition of the message at hand, as a key of `parts` (reused: no allocation)
         let mut key: Tp = (String::new(), 0);
+        // messages taken from the source's queue, destroyed at the next take
+        let mut taken = Taken::new();
         // a wall-clock reading no later than now: read again only for a message stamped after it
         let mut wall = chrono::Utc::now().timestamp_millis();
         // the clock, the stop flag and the callbacks' errors are read after every wait and every
@@ -400,101 +429,112 @@ impl Loop {
                     }
                 }
             }
-            unchecked += 1;
-            // a message librdkafka already holds is taken without a wait (or a clock reading)
-            let msg = match self.consumer.poll(Duration::ZERO) {
-                Some(m) => m,
-                None => {
-                    unchecked = CHECK_EVERY;
-                    let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
-                    let Some(m) = self.consumer.poll(wait.min(Duration::from_millis(100))) else {
-                        // checked whenever a poll comes back empty: at most 100 ms past `stop_when_idle`
-                        if self.idle_long_enough(&mut last_message) {
-                            break;
-                        }
-                        continue;
-                    };
-                    now = Instant::now();
-                    m
-                }
-            };
-            let msg = match msg {
-                Ok(m) => m,
+            // the consumer's queue: rebalances and errors (served inside the poll), and the
+            // messages of a partition not forwarded to the source's queue (none, normally)
+            let polled = match self.consumer.poll(Duration::ZERO) {
+                None => None,
+                Some(Ok(m)) => Some(m),
                 // a fatal error ends the consumer for good (e.g. KIP-848 refusing a
                 // `group.instance.id` the group still holds for a member that died): stop, so
                 // that a restart (a pod's) joins again instead of polling a dead consumer
-                Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
                     return Err(self.err(format!(
                         "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
                          static membership, once the broker released the member that held this group.instance.id)"
                     )));
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     // transient broker errors: librdkafka reconnects by itself
                     tracing::warn!(source = self.name, "kafka: {e}");
                     continue;
                 }
             };
-            last_message = now;
-            let step = {
-                let mut s = lock(&self.shared);
-                if let Some(e) = s.error.take() {
-                    // a callback inside this poll failed (e.g. cleanup on assignment)
-                    return Err(self.err(e));
-                }
-                let topic = msg.topic();
-                let Some(&port) = s.ports.get(topic) else { continue };
-                let payload = msg.payload().unwrap_or_default();
-                // when the message reached Kafka (its log time), unless that lies ahead of our
-                // clock: part of the topic's content, so the event-time bounds checked against
-                // it give the same verdict on every replay
-                let arrived = match msg.timestamp().to_millis() {
-                    Some(t) if t <= wall => t,
-                    t => {
-                        wall = chrono::Utc::now().timestamp_millis();
-                        t.map_or(wall, |t| t.min(wall))
-                    }
-                };
-                key.0.clear();
-                key.0.push_str(topic);
-                key.1 = msg.partition();
-                let paused = match s.parts.get_mut(&key) {
-                    Some(p) if p.paused => true,
-                    Some(p) => {
-                        p.position = msg.offset() + 1;
-                        p.read = true;
-                        p.active_at = last_message;
-                        false
-                    }
-                    None => false,
-                };
-                if paused {
-                    self.hold(&mut s, &key, port, &msg, arrived, batch_rows)
-                } else {
-                    s.builders[port].append(topic, msg.partition(), msg.offset(), arrived, payload);
-                    self.events[port].inc();
-                    self.bytes[port].inc_by(payload.len() as u64);
-                    total += 1;
-                    (s.builders[port].len() >= batch_rows)
-                        .then(|| Step::Full(port, s.builders[port].finish(), s.outputs.clone()))
-                }
-            };
-            if let Some(Step::FetchPause) = step {
-                // the hold is full: librdkafka goes on from the last message read at resume
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&key.0, key.1);
-                self.consumer.pause(&tpl).map_err(|e| self.err(format!("pausing {}/{}: {e}", key.0, key.1)))?;
-                self.fetch_pauses.inc();
-            }
-            if let Some(Step::Full(port, b, outputs)) = step {
-                outputs.blocking_send(port, Message::Batch(b))?;
-                if let Some(drift) = self.cfg.max_drift {
-                    total += self.realign(drift.as_millis_i64())?;
-                }
-                // the pipeline may have held the send back: look at the timers next
-                now = Instant::now();
+            if let Some(msg) = polled {
+                unchecked += 1;
                 last_message = now;
+                let read = Read {
+                    topic: msg.topic(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    timestamp: msg.timestamp().to_millis(),
+                    payload: msg.payload().unwrap_or_default(),
+                };
+                let step = {
+                    let mut s = lock(&self.shared);
+                    if let Some(e) = s.error.take() {
+                        // a callback inside this poll failed (e.g. cleanup on assignment)
+                        return Err(self.err(e));
+                    }
+                    self.accept(&mut s, &read, &mut key, &mut wall, last_message, &mut total)
+                };
+                if self.step(step, &key, &mut total)? {
+                    // the pipeline may have held the send back: look at the timers next
+                    now = Instant::now();
+                    last_message = now;
+                    unchecked = CHECK_EVERY;
+                }
+                continue;
+            }
+            let Some(queue) = &self.queue else {
+                // no queue of our own: wait on the consumer's
                 unchecked = CHECK_EVERY;
+                let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
+                if let Some(msg) = self.consumer.poll(wait.min(Duration::from_millis(100))) {
+                    self.serve_polled(msg, &mut key, &mut wall, &mut last_message, &mut total)?;
+                    now = Instant::now();
+                } else if self.idle_long_enough(&mut last_message) {
+                    break;
+                }
+                continue;
+            };
+            queue.take(Duration::ZERO, &mut taken);
+            if taken.len() == 0 {
+                unchecked = CHECK_EVERY;
+                // nothing anywhere: wait for messages (a rebalance waits as long, at most 100 ms)
+                let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
+                queue.take(wait.min(Duration::from_millis(100)), &mut taken);
+                if taken.len() == 0 {
+                    // checked whenever a wait comes back empty: at most 100 ms past `stop_when_idle`
+                    if self.idle_long_enough(&mut last_message) {
+                        break;
+                    }
+                    continue;
+                }
+                now = Instant::now();
+            }
+            unchecked += taken.len() as u32;
+            last_message = now;
+            let mut i = 0;
+            while i < taken.len() {
+                let mut step = None;
+                {
+                    let mut s = lock(&self.shared);
+                    while i < taken.len() && step.is_none() {
+                        let m = taken.get(i);
+                        i += 1;
+                        if let Some(e) = m.error() {
+                            // end of a partition (if asked for) or a fetch error librdkafka retries
+                            if e != rdkafka::types::RDKafkaErrorCode::PartitionEOF {
+                                tracing::warn!(source = self.name, "kafka: {e}");
+                            }
+                            continue;
+                        }
+                        let Some(topic) = m.topic() else { continue };
+                        let read = Read {
+                            topic,
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            timestamp: m.timestamp(),
+                            payload: m.payload(),
+                        };
+                        step = self.accept(&mut s, &read, &mut key, &mut wall, last_message, &mut total);
+                    }
+                }
+                if self.step(step, &key, &mut total)? {
+                    now = Instant::now();
+                    last_message = now;
+                    unchecked = CHECK_EVERY;
+                }
             }
         }
         // final checkpoint: hand on the rest, wait until it is durable, commit, then end
@@ -584,23 +624,130 @@ impl Loop {
         Ok(had_data)
     }
 
-    /// Holds a message of a paused partition ([`held`]); past `max_held_bytes`, asks for the
-    /// partition to be paused in librdkafka as well.
-    fn hold(
+    /// Serves a message `poll` returned after a wait (see [`Self::accept`]).
+    fn serve_polled(
+        &self,
+        msg: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+        key: &mut Tp,
+        wall: &mut i64,
+        last_message: &mut Instant,
+        total: &mut u64,
+    ) -> Result<(), PipelineError> {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                return Err(self.err(format!(
+                    "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
+                     static membership, once the broker released the member that held this group.instance.id)"
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(source = self.name, "kafka: {e}");
+                return Ok(());
+            }
+        };
+        *last_message = Instant::now();
+        let read = Read {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            timestamp: msg.timestamp().to_millis(),
+            payload: msg.payload().unwrap_or_default(),
+        };
+        let step = {
+            let mut s = lock(&self.shared);
+            if let Some(e) = s.error.take() {
+                return Err(self.err(e));
+            }
+            self.accept(&mut s, &read, key, wall, *last_message, total)
+        };
+        self.step(step, key, total).map(|_| ())
+    }
+
+    /// Appends message `m` to its port's batch, or holds it if its partition is paused; a
+    /// message of a partition not assigned (outdated: revoked) is dropped. `key` is set to its
+    /// partition.
+    fn accept(
         &self,
         s: &mut Shared,
-        key: &Tp,
-        port: usize,
-        msg: &rdkafka::message::BorrowedMessage<'_>,
-        arrived: i64,
-        batch_rows: usize,
+        m: &Read<'_>,
+        key: &mut Tp,
+        wall: &mut i64,
+        at: Instant,
+        total: &mut u64,
     ) -> Option<Step> {
-        let payload = msg.payload().unwrap_or_default();
+        let &port = s.ports.get(m.topic)?;
+        // when the message reached Kafka (its log time), unless that lies ahead of our
+        // clock: part of the topic's content, so the event-time bounds checked against
+        // it give the same verdict on every replay
+        let arrived = match m.timestamp {
+            Some(t) if t <= *wall => t,
+            t => {
+                *wall = chrono::Utc::now().timestamp_millis();
+                t.map_or(*wall, |t| t.min(*wall))
+            }
+        };
+        key.0.clear();
+        key.0.push_str(m.topic);
+        key.1 = m.partition;
+        let Some(p) = s.parts.get_mut(key) else {
+            // every assigned partition is in `parts` before it is fetched: this one was
+            // revoked, and its next owner reads it from the commit
+            tracing::debug!(
+                source = self.name,
+                topic = m.topic,
+                partition = m.partition,
+                "a revoked partition's message, dropped"
+            );
+            return None;
+        };
+        if p.paused {
+            return self.hold(s, key, port, m, arrived);
+        }
+        p.position = m.offset + 1;
+        p.read = true;
+        p.active_at = at;
+        s.builders[port].append(m.topic, m.partition, m.offset, arrived, m.payload);
+        self.events[port].inc();
+        self.bytes[port].inc_by(m.payload.len() as u64);
+        *total += 1;
+        (s.builders[port].len() >= self.cfg.batch_rows.get())
+            .then(|| Step::Full(port, s.builders[port].finish(), s.outputs.clone()))
+    }
+
+    /// Does what [`Self::accept`] asked for: pauses the partition of `key` in librdkafka, or
+    /// hands a full batch on (and then looks at alignment again). Returns whether it handed a
+    /// batch on (the pipeline may have held the send back).
+    fn step(&self, step: Option<Step>, key: &Tp, total: &mut u64) -> Result<bool, PipelineError> {
+        match step {
+            None => Ok(false),
+            Some(Step::FetchPause) => {
+                // the hold is full: librdkafka goes on after the last message read at resume
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                self.consumer.pause(&tpl).map_err(|e| self.err(format!("pausing {}/{}: {e}", key.0, key.1)))?;
+                self.fetch_pauses.inc();
+                Ok(false)
+            }
+            Some(Step::Full(port, b, outputs)) => {
+                outputs.blocking_send(port, Message::Batch(b))?;
+                if let Some(drift) = self.cfg.max_drift {
+                    *total += self.realign(drift.as_millis_i64())?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Holds a message of a paused partition ([`held`]); past `max_held_bytes`, asks for the
+    /// partition to be paused in librdkafka as well.
+    fn hold(&self, s: &mut Shared, key: &Tp, port: usize, m: &Read<'_>, arrived: i64) -> Option<Step> {
+        let payload = m.payload;
         if !s.held.contains_key(key) {
             s.held.insert(key.clone(), Held::new(port));
         }
         let h = s.held.get_mut(key)?;
-        h.push(&key.0, key.1, msg.offset(), arrived, payload, batch_rows);
+        h.push(&key.0, key.1, m.offset, arrived, payload, self.cfg.batch_rows.get());
         s.held_bytes += payload.len();
         self.held.inc();
         (s.held_bytes > self.cfg.max_held_bytes && !h.fetch_paused).then(|| {
@@ -617,6 +764,13 @@ impl Loop {
             let mut s = lock(&self.shared);
             let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
             self.held_bytes.set(s.held_bytes as f64);
+            // again: a revocation's fetch stop, on librdkafka's thread, may have cleared the
+            // forwarding an assignment of the same partition set after it (see `queue`)
+            if let Some(q) = &s.queue {
+                for ((topic, partition), _) in &parts {
+                    q.forward(topic, *partition);
+                }
+            }
             (s.take_batches(), s.outputs.clone(), parts, s.ports.clone())
         };
         let had_data = !batches.is_empty();

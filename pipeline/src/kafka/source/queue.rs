@@ -1,0 +1,188 @@
+//! The source's own fetch queue: every assigned partition's messages are forwarded to it and
+//! taken from it in batches.
+//!
+//! rdkafka's `BaseConsumer::poll` takes one message per call from the consumer's queue, which
+//! also carries rebalances and errors: per message, librdkafka locks the queue and reads the
+//! clock, and rdkafka reads it again (a third of the consumer thread's time on a backlog). A
+//! partition's fetch queue forwarded to a queue of our own (`rd_kafka_queue_forward`) leaves
+//! the consumer's queue to the events, and `rd_kafka_consume_batch_queue` takes up to a
+//! thousand messages per lock. librdkafka applies the same rules there as in a poll: a message
+//! from before a partition's last pause, seek or revocation (an outdated version) is dropped,
+//! and each message taken moves the partition's application position (where a pause resumes).
+//!
+//! librdkafka clears a partition's forwarding when it stops fetching it (at revocation) and
+//! does not forward it to the consumer's queue again once the application forwarded it, so
+//! every assignment forwards its partitions, and the consumer thread forwards all of them again
+//! at every flush (a revocation's stop runs on librdkafka's thread and can land after the next
+//! assignment's forward: at most a flush interval of delay, nothing lost).
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use rdkafka::bindings as rd;
+
+/// Messages taken per call.
+pub(super) const BATCH: usize = 1024;
+
+/// A librdkafka queue of our own. Destroy it before the consumer (see `Loop::run`).
+pub(super) struct FetchQueue {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    client: NonNull<rd::rd_kafka_t>,
+}
+
+// SAFETY: librdkafka's queues are thread-safe; the handle is used by the consumer thread and
+// by the rebalance callbacks, which run on that thread inside its polls.
+unsafe impl Send for FetchQueue {}
+unsafe impl Sync for FetchQueue {}
+
+impl FetchQueue {
+    /// A new queue of consumer `client` (`BaseConsumer::client().native_ptr()`).
+    pub(super) fn new(client: *mut rd::rd_kafka_t) -> Option<Self> {
+        let client = NonNull::new(client)?;
+        // SAFETY: a live client handle; the queue is destroyed in `drop`.
+        let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) })?;
+        Some(FetchQueue { queue, client })
+    }
+
+    /// Forwards the messages of `topic`/`partition` to this queue. False if librdkafka has no
+    /// such partition (it creates one it does not know yet, so only a bad name fails).
+    pub(super) fn forward(&self, topic: &str, partition: i32) -> bool {
+        let Ok(name) = CString::new(topic) else { return false };
+        // SAFETY: live handles; the partition queue handle is released at once (the forwarding
+        // holds its own reference to our queue).
+        unsafe {
+            let pq = rd::rd_kafka_queue_get_partition(self.client.as_ptr(), name.as_ptr(), partition);
+            if pq.is_null() {
+                return false;
+            }
+            rd::rd_kafka_queue_forward(pq, self.queue.as_ptr());
+            rd::rd_kafka_queue_destroy(pq);
+        }
+        true
+    }
+
+    /// Takes up to [`BATCH`] messages into `into` (emptied first), waiting up to `wait` for the
+    /// first.
+    pub(super) fn take(&self, wait: Duration, into: &mut Taken) {
+        into.clear();
+        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `into.messages` has room for BATCH pointers; librdkafka writes `n` of them,
+        // each a message we own until `rd_kafka_message_destroy` (in `Taken::clear`).
+        let n = unsafe { rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), ms, into.messages.as_mut_ptr(), BATCH) };
+        // SAFETY: librdkafka initialized the first `n` pointers (n <= BATCH; negative: an error,
+        // nothing taken)
+        unsafe { into.messages.set_len(n.clamp(0, BATCH as isize) as usize) };
+    }
+}
+
+impl Drop for FetchQueue {
+    fn drop(&mut self) {
+        // SAFETY: our handle, destroyed once, while the client lives
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+/// Messages taken from a [`FetchQueue`], destroyed when cleared or dropped.
+pub(super) struct Taken {
+    messages: Vec<*mut rd::rd_kafka_message_t>,
+}
+
+impl Taken {
+    pub(super) fn new() -> Self {
+        Taken { messages: Vec::with_capacity(BATCH) }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// The `i`th message.
+    pub(super) fn get(&self, i: usize) -> Taken1<'_> {
+        // SAFETY: a message librdkafka gave us, alive until `clear`
+        Taken1(unsafe { &*self.messages[i] })
+    }
+
+    fn clear(&mut self) {
+        for m in self.messages.drain(..) {
+            // SAFETY: each message is destroyed once
+            unsafe { rd::rd_kafka_message_destroy(m) };
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// One message of a [`Taken`] batch.
+pub(super) struct Taken1<'a>(&'a rd::rd_kafka_message_t);
+
+impl<'a> Taken1<'a> {
+    /// The error librdkafka reports in place of a message, if any.
+    pub(super) fn error(&self) -> Option<rdkafka::error::RDKafkaErrorCode> {
+        (self.0.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then(|| self.0.err.into())
+    }
+
+    /// The topic's name (`None` if it is not UTF-8, which librdkafka's topics always are).
+    pub(super) fn topic(&self) -> Option<&'a str> {
+        if self.0.rkt.is_null() {
+            return None;
+        }
+        // SAFETY: the topic handle outlives its messages; librdkafka's name is NUL-terminated
+        unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_topic_name(self.0.rkt)) }.to_str().ok()
+    }
+
+    pub(super) fn partition(&self) -> i32 {
+        self.0.partition
+    }
+
+    pub(super) fn offset(&self) -> i64 {
+        self.0.offset
+    }
+
+    pub(super) fn payload(&self) -> &'a [u8] {
+        if self.0.payload.is_null() {
+            return &[];
+        }
+        // SAFETY: `len` bytes at `payload`, alive with the message
+        unsafe { std::slice::from_raw_parts(self.0.payload as *const u8, self.0.len) }
+    }
+
+    /// The message's timestamp, ms (`None`: not available).
+    pub(super) fn timestamp(&self) -> Option<i64> {
+        let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+        // SAFETY: a live message
+        let t = unsafe { rd::rd_kafka_message_timestamp(self.0, &mut kind) };
+        (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE).then_some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    use super::*;
+
+    #[test]
+    fn a_queue_forwards_a_partition_not_fetched_yet_and_is_empty_without_a_broker() {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "queue-test")
+            .create()
+            .expect("a consumer (no connection is made yet)");
+        let queue = FetchQueue::new(consumer.client().native_ptr()).expect("a queue");
+        assert!(queue.forward("city.traffic", 3), "librdkafka creates the partition it does not know yet");
+        assert!(!queue.forward("bad\0name", 0), "a name C cannot carry");
+        let mut taken = Taken::new();
+        queue.take(Duration::from_millis(20), &mut taken);
+        assert_eq!(taken.len(), 0);
+        // messages, then the queue, then the consumer (as `Loop::run` does)
+        drop(taken);
+        drop(queue);
+        drop(consumer);
+    }
+}
