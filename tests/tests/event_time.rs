@@ -445,13 +445,14 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
 
     let data = work.path().join("killed");
     let cfg = work.path().join("killed.yaml");
-    // paced (a 4 MiB prefetch queue, and a second's pause whenever it is full: about 4 MiB/s;
-    // and watermark alignment's hold at 256 KiB, so kills also find messages held): at the
-    // source's full speed the backlog would be caught up before five kills
+    // paced (a 1 MiB prefetch queue, which one fetch fills, and a second's pause whenever it
+    // is full; and watermark alignment's hold at 256 KiB, so kills also find messages held): at
+    // the source's full speed the backlog would be caught up before five kills (a 4 MiB queue
+    // was no longer filled by one fetch once the source took messages in batches)
     let paced = pipeline_yaml_with(&topics, &unique("et3k"), &data, "    max_held_bytes: 262144\n").replace(
         "      heartbeat.interval.ms: \"1000\"\n",
         "      heartbeat.interval.ms: \"1000\"\n      fetch.queue.backoff.ms: \"1000\"\n      \
-         queued.max.messages.kbytes: \"4096\"\n",
+         queued.max.messages.kbytes: \"1024\"\n",
     );
     assert!(paced.contains("fetch.queue.backoff.ms"));
     std::fs::write(&cfg, paced).unwrap();

@@ -48,8 +48,9 @@ pub(super) struct Shared {
     pub(super) held: BTreeMap<Tp, Held>,
     /// Their payload bytes, over all partitions.
     pub(super) held_bytes: usize,
-    /// The source's own queue, where assigned partitions' messages are forwarded.
-    pub(super) queue: Option<Arc<FetchQueue>>,
+    /// The source's own queue, where assigned partitions' messages are forwarded (the loop
+    /// holds it: it must go before the consumer).
+    pub(super) queue: Option<std::sync::Weak<FetchQueue>>,
     pub(super) epoch: u64,
     pub(super) outputs: Arc<Outputs>,
     pub(super) acks: CheckpointAcks,
@@ -199,7 +200,7 @@ impl Ctx {
                     }
                 }
             }
-            if let Some(q) = &s.queue
+            if let Some(q) = s.queue.as_ref().and_then(std::sync::Weak::upgrade)
                 && !q.forward(&topic, partition)
             {
                 tracing::warn!(

@@ -100,6 +100,10 @@ enum Step {
 struct Loop {
     name: String,
     cfg: KafkaSourceConfig,
+    /// Where assigned partitions' messages are taken in batches (`None`: librdkafka could not
+    /// make one; every message then comes through `poll`). The one strong reference: declared
+    /// before `consumer`, so that it goes first however the loop ends (a panic too).
+    queue: Option<Arc<FetchQueue>>,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -117,9 +121,6 @@ struct Loop {
     fetch_pauses: citystream_operators::Counter,
     /// Payload bytes held now.
     held_bytes: Gauge,
-    /// Where assigned partitions' messages are taken in batches (`None`: librdkafka could not
-    /// make one; every message then comes through `poll`).
-    queue: Option<Arc<FetchQueue>>,
 }
 
 impl Source for KafkaSourceConfig {
@@ -187,6 +188,9 @@ async fn run_kafka_source(
     for (k, v) in &cfg.properties {
         cc.set(k, v.as_str());
     }
+    // an end-of-partition notice would move librdkafka's resume position like a message
+    // (`rd_kafka_consume_batch_queue`), past one it never handed over
+    cc.set("enable.partition.eof", "false");
     if cfg.task.is_some() {
         for k in super::MEMBERSHIP_PROPERTIES {
             cc.remove(k);
@@ -200,7 +204,7 @@ async fn run_kafka_source(
     if queue.is_none() {
         tracing::warn!(source = name, "librdkafka made no queue for the source: messages are polled one by one");
     }
-    lock(&shared).queue = queue.clone();
+    lock(&shared).queue = queue.as_ref().map(Arc::downgrade);
     let topics: Vec<&str> = ports.keys().map(String::as_str).collect();
     // a task's partitions are assigned on the consumer thread (`Loop::consume`): it waits on
     // the broker and removes files
@@ -325,7 +329,6 @@ impl Loop {
         let result = self.consume();
         drop(guard);
         // librdkafka's queues go before their client
-        lock(&self.shared).queue = None;
         drop(self.queue);
         let consumer = self.consumer;
         // leave the group promptly, bounded: librdkafka's destroy can hang (known race)
@@ -509,6 +512,10 @@ impl Loop {
                 let mut step = None;
                 {
                     let mut s = lock(&self.shared);
+                    if let Some(e) = s.error.take() {
+                        // a callback in the last poll failed (e.g. cleanup on assignment)
+                        return Err(self.err(e));
+                    }
                     while i < taken.len() && step.is_none() {
                         let m = taken.get(i);
                         i += 1;
@@ -766,7 +773,7 @@ impl Loop {
             self.held_bytes.set(s.held_bytes as f64);
             // again: a revocation's fetch stop, on librdkafka's thread, may have cleared the
             // forwarding an assignment of the same partition set after it (see `queue`)
-            if let Some(q) = &s.queue {
+            if let Some(q) = s.queue.as_ref().and_then(std::sync::Weak::upgrade) {
                 for ((topic, partition), _) in &parts {
                     q.forward(topic, *partition);
                 }
@@ -838,7 +845,7 @@ impl Loop {
             return Ok(0);
         }
         let mut fetch_pause = TopicPartitionList::new();
-        let mut fetch_resume = TopicPartitionList::new();
+        let mut fetch_resume: Vec<(Tp, i64)> = Vec::new();
         let mut released = Vec::new();
         let mut s = lock(&self.shared);
         let now = Instant::now();
@@ -868,7 +875,10 @@ impl Loop {
             let Some(p) = s.parts.get_mut(tp) else { continue };
             p.paused = false;
             if h.fetch_paused {
-                fetch_resume.add_partition(&tp.0, tp.1);
+                // from where this source goes on, not librdkafka's position: an error it
+                // passed on in a batch moved that as a message would
+                let next = if h.messages > 0 { h.next } else { p.position };
+                fetch_resume.push((tp.clone(), next));
             }
             if h.messages > 0 {
                 p.position = h.next;
@@ -897,8 +907,16 @@ impl Loop {
             self.consumer.pause(&fetch_pause).map_err(|e| self.err(format!("pausing partitions: {e}")))?;
             self.fetch_pauses.inc_by(fetch_pause.count() as u64);
         }
-        if fetch_resume.count() > 0 {
-            self.consumer.resume(&fetch_resume).map_err(|e| self.err(format!("resuming partitions: {e}")))?;
+        if !fetch_resume.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), next) in &fetch_resume {
+                // asynchronous (no wait): librdkafka applies it before the resume below
+                self.consumer
+                    .seek(topic, *partition, rdkafka::Offset::Offset(*next), Duration::ZERO)
+                    .map_err(|e| self.err(format!("seeking {topic}/{partition} to {next}: {e}")))?;
+                tpl.add_partition(topic, *partition);
+            }
+            self.consumer.resume(&tpl).map_err(|e| self.err(format!("resuming partitions: {e}")))?;
         }
         self.paused.set(n as f64);
         self.held_bytes.set(held_bytes as f64);

@@ -5,10 +5,13 @@
 //! also carries rebalances and errors: per message, librdkafka locks the queue and reads the
 //! clock, and rdkafka reads it again (a third of the consumer thread's time on a backlog). A
 //! partition's fetch queue forwarded to a queue of our own (`rd_kafka_queue_forward`) leaves
-//! the consumer's queue to the events, and `rd_kafka_consume_batch_queue` takes up to a
-//! thousand messages per lock. librdkafka applies the same rules there as in a poll: a message
-//! from before a partition's last pause, seek or revocation (an outdated version) is dropped,
-//! and each message taken moves the partition's application position (where a pause resumes).
+//! the consumer's queue to the events, and `rd_kafka_consume_batch_queue` takes up to 1024
+//! messages per call (librdkafka still locks the queue per message; what goes is rdkafka's and
+//! librdkafka's per-poll work, clock readings included). librdkafka applies the same rules
+//! there as in a poll: a message from before a partition's last pause, seek or revocation (an
+//! outdated version) is dropped, and each message taken moves the partition's application
+//! position (where a pause resumes) — an error it passes on in a batch too, so the source seeks
+//! to its own position when it resumes a partition it paused in librdkafka.
 //!
 //! librdkafka clears a partition's forwarding when it stops fetching it (at revocation) and
 //! does not forward it to the consumer's queue again once the application forwarded it, so
@@ -62,8 +65,9 @@ impl FetchQueue {
         true
     }
 
-    /// Takes up to [`BATCH`] messages into `into` (emptied first), waiting up to `wait` for the
-    /// first.
+    /// Takes up to [`BATCH`] messages into `into` (emptied first), waiting until the batch is
+    /// full or `wait` is over (a wait is bounded by the source's next flush, which hands on
+    /// what was read anyway).
     pub(super) fn take(&self, wait: Duration, into: &mut Taken) {
         into.clear();
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
@@ -156,7 +160,7 @@ impl<'a> Taken1<'a> {
         let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
         // SAFETY: a live message
         let t = unsafe { rd::rd_kafka_message_timestamp(self.0, &mut kind) };
-        (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE).then_some(t)
+        (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && t >= 0).then_some(t)
     }
 }
 
