@@ -434,43 +434,9 @@ impl Loop {
             }
             // the consumer's queue: rebalances and errors (served inside the poll), and the
             // messages of a partition not forwarded to the source's queue (none, normally)
-            let polled = match self.consumer.poll(Duration::ZERO) {
-                None => None,
-                Some(Ok(m)) => Some(m),
-                // a fatal error ends the consumer for good (e.g. KIP-848 refusing a
-                // `group.instance.id` the group still holds for a member that died): stop, so
-                // that a restart (a pod's) joins again instead of polling a dead consumer
-                Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
-                    return Err(self.err(format!(
-                        "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
-                         static membership, once the broker released the member that held this group.instance.id)"
-                    )));
-                }
-                Some(Err(e)) => {
-                    // transient broker errors: librdkafka reconnects by itself
-                    tracing::warn!(source = self.name, "kafka: {e}");
-                    continue;
-                }
-            };
-            if let Some(msg) = polled {
+            if let Some(polled) = self.consumer.poll(Duration::ZERO) {
                 unchecked += 1;
-                last_message = now;
-                let read = Read {
-                    topic: msg.topic(),
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    timestamp: msg.timestamp().to_millis(),
-                    payload: msg.payload().unwrap_or_default(),
-                };
-                let step = {
-                    let mut s = lock(&self.shared);
-                    if let Some(e) = s.error.take() {
-                        // a callback inside this poll failed (e.g. cleanup on assignment)
-                        return Err(self.err(e));
-                    }
-                    self.accept(&mut s, &read, &mut key, &mut wall, last_message, &mut total)
-                };
-                if self.step(step, &key, &mut total)? {
+                if self.serve_polled(polled, &mut key, &mut wall, &mut last_message, &mut total)? {
                     // the pipeline may have held the send back: look at the timers next
                     now = Instant::now();
                     last_message = now;
@@ -482,8 +448,8 @@ impl Loop {
                 // no queue of our own: wait on the consumer's
                 unchecked = CHECK_EVERY;
                 let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
-                if let Some(msg) = self.consumer.poll(wait.min(Duration::from_millis(100))) {
-                    self.serve_polled(msg, &mut key, &mut wall, &mut last_message, &mut total)?;
+                if let Some(polled) = self.consumer.poll(wait.min(Duration::from_millis(100))) {
+                    self.serve_polled(polled, &mut key, &mut wall, &mut last_message, &mut total)?;
                     now = Instant::now();
                 } else if self.idle_long_enough(&mut last_message) {
                     break;
@@ -631,7 +597,9 @@ impl Loop {
         Ok(had_data)
     }
 
-    /// Serves a message `poll` returned after a wait (see [`Self::accept`]).
+    /// Serves what `poll` returned: a message (see [`Self::accept`]), a transient error
+    /// (logged: librdkafka reconnects by itself) or a fatal one (the source stops). Returns
+    /// whether it handed a batch on.
     fn serve_polled(
         &self,
         msg: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
@@ -639,9 +607,12 @@ impl Loop {
         wall: &mut i64,
         last_message: &mut Instant,
         total: &mut u64,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<bool, PipelineError> {
         let msg = match msg {
             Ok(m) => m,
+            // a fatal error ends the consumer for good (e.g. KIP-848 refusing a
+            // `group.instance.id` the group still holds for a member that died): stop, so
+            // that a restart (a pod's) joins again instead of polling a dead consumer
             Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
                 return Err(self.err(format!(
                     "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
@@ -650,7 +621,7 @@ impl Loop {
             }
             Err(e) => {
                 tracing::warn!(source = self.name, "kafka: {e}");
-                return Ok(());
+                return Ok(false);
             }
         };
         *last_message = Instant::now();
@@ -664,11 +635,12 @@ impl Loop {
         let step = {
             let mut s = lock(&self.shared);
             if let Some(e) = s.error.take() {
+                // a callback inside this poll failed (e.g. cleanup on assignment)
                 return Err(self.err(e));
             }
             self.accept(&mut s, &read, key, wall, *last_message, total)
         };
-        self.step(step, key, total).map(|_| ())
+        self.step(step, key, total)
     }
 
     /// Appends message `m` to its port's batch, or holds it if its partition is paused; a
