@@ -539,14 +539,21 @@ sinks:
                 .filter(|p| p.ends_with(".parquet") && moved.iter().any(|t| p.contains(&format!("-p{t}-o"))))
                 .count()
         };
+        let each_published = || {
+            let files = walk(&lake);
+            moved.iter().all(|t| files.iter().any(|p| p.ends_with(".parquet") && p.contains(&format!("-p{t}-o"))))
+        };
         let t0 = Instant::now();
-        while published() < 3 {
+        while published() < 3 || !each_published() {
             if t0.elapsed() > Duration::from_secs(60) {
                 run.kill_all();
-                panic!("the picked instance published files within 60 s");
+                panic!("the picked instance published files of each of its tasks within 60 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // a published file's epoch is committed (state manifest, then offsets) at the source's
+        // next checkpoint (`checkpoint_interval: 1s`): every moved task then has state to restore
+        std::thread::sleep(Duration::from_secs(3));
         run
     }
 
