@@ -28,7 +28,7 @@ k) lasts 4 hours from 06:00 UTC (the demand peaks at 08:00) on its own weekday o
 Each lane of each segment has an induction loop at mid-segment reporting every 30 s (vehicle
 count, occupancy, mean speed), aggregated per segment and minute exactly as the pipeline's
 window stage does (count of readings, sum of vehicles, mean of the speeds that exist, mean
-occupancy). Families in `TRAIN_FAMILIES` give scenarios 1-4 to training and 5-6 to held-out
+occupancy). Families in `TRAIN_FAMILIES` give scenarios 1-8 to training and 9-12 to held-out
 evaluation; the other families are held out whole (never seen in training).
 """
 
@@ -57,15 +57,15 @@ STUCK_PASSED = 9      # readings of a stuck loop the sensor_health stage lets th
 
 # road families: free speed (km/h), lanes, ramps, capacity per lane (veh/h), scenarios
 FAMILIES = {
-    "arterial50": {"free_kmh": 50, "lanes": 2, "ramps": False, "capacity_vphpl": 1500, "scenarios": 4},
-    "urban70": {"free_kmh": 70, "lanes": 3, "ramps": False, "capacity_vphpl": 1800, "scenarios": 6},
-    "highway100": {"free_kmh": 100, "lanes": 3, "ramps": True, "capacity_vphpl": 1900, "scenarios": 6},
-    "freeway120": {"free_kmh": 120, "lanes": 4, "ramps": True, "capacity_vphpl": 2000, "scenarios": 4},
-    "motorway130": {"free_kmh": 130, "lanes": 2, "ramps": True, "capacity_vphpl": 2000, "scenarios": 6},
+    "arterial50": {"free_kmh": 50, "lanes": 2, "ramps": False, "capacity_vphpl": 1500, "scenarios": 12},
+    "urban70": {"free_kmh": 70, "lanes": 3, "ramps": False, "capacity_vphpl": 1800, "scenarios": 12},
+    "highway100": {"free_kmh": 100, "lanes": 3, "ramps": True, "capacity_vphpl": 1900, "scenarios": 12},
+    "freeway120": {"free_kmh": 120, "lanes": 4, "ramps": True, "capacity_vphpl": 2000, "scenarios": 12},
+    "motorway130": {"free_kmh": 130, "lanes": 2, "ramps": True, "capacity_vphpl": 2000, "scenarios": 12},
 }
-# families the models see in training (scenarios 1-4); the others are held out whole
+# families the models see in training (scenarios 1-TRAIN_SCENARIOS); the others are held out whole
 TRAIN_FAMILIES = ("urban70", "highway100", "motorway130")
-TRAIN_SCENARIOS = 4
+TRAIN_SCENARIOS = 8
 
 
 def seg_id(family, i):

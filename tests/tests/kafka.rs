@@ -336,7 +336,7 @@ stages:
     outputs: {{incident_prob: [incident_prob]}}
     keep: [segment_id, window_end]
     providers: [cpu]
-  california: {{type: california7, input: features, t1: 0.01, t2: 0.1, t3: 0.2}}
+  california: {{type: california7, input: features, t1: 0.01, t2: 0.1, t3: 0.1}}
   incident_alerts:
     type: alert
     input: incident_scores

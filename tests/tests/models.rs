@@ -22,7 +22,7 @@ fn python() -> PathBuf {
     p
 }
 
-const T: (f64, f64, f64) = (0.01, 0.1, 0.2); // models/incident.md
+const T: (f64, f64, f64) = (0.01, 0.1, 0.1); // models/incident.md
 
 fn yaml(data: &Path) -> String {
     let r = root();

@@ -1,7 +1,9 @@
 //! Detector faults through the embedded default (deploy/local.yaml, one simulated day with its
 //! injected stuck and silent loops): `sensor_health` reports exactly the injected faults, each
 //! opens and resolves a `sensor_health` alert, and no faulty loop raises an incident alert of
-//! its own — while the same day with the stuck readings fed to the models does raise one.
+//! its own — while the same day with the stuck readings fed to the models does raise one. The
+//! incident rule runs on a hair trigger in all three runs (see `run`): at its calibrated level the
+//! retrained detector raises nothing from these stuck loops either way.
 
 mod common;
 
@@ -11,9 +13,15 @@ use std::path::Path;
 use citystream_pipeline::sql;
 use common::*;
 
-/// Runs deploy/local.yaml (after `edit`) with its data under `data`.
+/// Runs deploy/local.yaml (after `edit`) with its data under `data`, the incident model's alert
+/// rule on a hair trigger (every minute at or above 0.5 opens an alert): the detector learned to
+/// pass over the simulator's stuck loops at its calibrated level, and the point here is what
+/// reaches the models, not how sure they are.
 fn run(data: &Path, edit: impl Fn(String) -> String) {
     let text = std::fs::read_to_string(repo_root().join("deploy/local.yaml")).unwrap();
+    let rule = "    value: incident_prob\n    raise: 0.88\n    clear: 0.5\n    min_duration: 1m";
+    assert!(text.contains(rule), "deploy/local.yaml's incident_alerts changed: update this test");
+    let text = text.replace(rule, "    value: incident_prob\n    raise: 0.5\n    clear: 0.5\n    min_duration: 0s");
     let config = data.join("pipeline.yaml");
     std::fs::create_dir_all(data).unwrap();
     std::fs::write(&config, local_yaml_in(&edit(text), data, None)).unwrap();
