@@ -83,6 +83,12 @@ impl Shared {
         }
     }
 
+    /// Every assigned partition's state, copied to be read outside the lock (flushes and
+    /// alignment decide on it).
+    pub(super) fn parts_snapshot(&self) -> Vec<(Tp, Part)> {
+        self.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect()
+    }
+
     /// The next offset of every partition a message was read from.
     pub(super) fn positions(&self) -> Positions {
         self.parts.iter().filter(|(_, p)| p.read).map(|(k, p)| (k.clone(), p.position)).collect()

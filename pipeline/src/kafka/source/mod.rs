@@ -741,7 +741,7 @@ impl Loop {
     fn flush(&self, last_wm: &mut [i64]) -> Result<(bool, u64), PipelineError> {
         let (batches, outputs, parts, ports) = {
             let mut s = lock(&self.shared);
-            let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
+            let parts = s.parts_snapshot();
             self.held_bytes.set(s.held_bytes as f64);
             // again: a revocation's fetch stop, on librdkafka's thread, may have cleared the
             // forwarding an assignment of the same partition set after it (see `queue`)
@@ -784,8 +784,7 @@ impl Loop {
     fn realign(&self, max_drift_ms: i64) -> Result<u64, PipelineError> {
         let (parts, ports) = {
             let s = lock(&self.shared);
-            let parts: Vec<(Tp, Part)> = s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
-            (parts, s.ports.clone())
+            (s.parts_snapshot(), s.ports.clone())
         };
         // only log ends librdkafka or an earlier query knows: no broker request per batch
         let view = self.view(&parts, &ports, false);
@@ -819,7 +818,9 @@ impl Loop {
         let mut fetch_pause = TopicPartitionList::new();
         let mut fetch_resume: Vec<(Tp, i64)> = Vec::new();
         let mut released = Vec::new();
-        let mut s = lock(&self.shared);
+        let mut guard = lock(&self.shared);
+        // the fields themselves, not through the guard: a partition and its hold at once
+        let s: &mut Shared = &mut guard;
         let now = Instant::now();
         for &i in &pause {
             let tp = &parts[i].0;
@@ -835,17 +836,9 @@ impl Loop {
         let mut handed = 0u64;
         for &i in &resume {
             let tp = &parts[i].0;
-            if !s.parts.contains_key(tp) {
-                continue;
-            }
-            let Some(h) = s.held.remove(tp) else {
-                if let Some(p) = s.parts.get_mut(tp) {
-                    p.paused = false;
-                }
-                continue;
-            };
             let Some(p) = s.parts.get_mut(tp) else { continue };
             p.paused = false;
+            let Some(h) = s.held.remove(tp) else { continue };
             if h.fetch_paused {
                 // from where this source goes on, not librdkafka's position: an error it
                 // passed on in a batch moved that as a message would
@@ -870,7 +863,7 @@ impl Loop {
         }
         let n = s.parts.values().filter(|p| p.paused).count();
         let (held_bytes, outputs) = (s.held_bytes, s.outputs.clone());
-        drop(s);
+        drop(guard);
         // before anything read after the resume: the held messages are the partition's next
         for (port, b) in released {
             outputs.blocking_send(port, Message::Batch(b))?;
