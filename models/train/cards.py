@@ -173,15 +173,17 @@ def incident(m):
     out = ["# Model card: incident detector", "",
            "Scores the probability that an incident (a stopped vehicle or closed lane) blocks a segment "
            "in the current minute. Output `incident_prob`, float32 `[batch, 1]`. A multilayer perceptron "
-           "(18-64-32-1 over 18 of the 20 features, sigmoid) trained with class-balanced cross-entropy (the minutes while an incident's queue clears weigh nothing); an alarm is `incident_prob >= "
+           f"(18-{'-'.join(str(h) for h in c['hidden'])}-1 over 18 of the 20 features, sigmoid) trained with class-balanced cross-entropy "
+           "(the minutes of incidents that leave no trace, and those while an incident's queue clears, weigh nothing); an alarm is `incident_prob >= "
            "threshold`, the threshold set on the training data for a false alarm rate of "
            f"{c['target_false_alarm_rate']} (share of incident-free segment-minutes). Speeds enter as shares "
            "of the free speed, occupancies times (free speed / 100 km/h) ^ 0.6 (see Data).", "",
-           "## Files", "", row(["file", "sha256", "bytes", "threshold", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
-           row(["---"] * 5)]
+           "## Files", "", row(["file", "sha256", "bytes", "threshold", "open_at_once", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
+           row(["---"] * 6)]
     for name, e in c["models"].items():
         lat = e["latency_us"]
-        out.append(row([f"`{e['file']}`", f"`{e['sha256']}`", e["bytes"], e["threshold"], f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
+        out.append(row([f"`{e['file']}`", f"`{e['sha256']}`", e["bytes"], e["threshold"], e["open_at_once"],
+                        f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
     t = c["california7_thresholds"]
     r = c["alert_rules"]["incident_alerts"]
     out += ["", DATA, FEATURES_MD,
@@ -200,8 +202,10 @@ def incident(m):
             "(`models/src/california.rs`) runs them. Rows without a suffix count every alarmed minute; the "
             "rows `, alert rule` count what a control center sees: the alerts the deployed rules open "
             "(`deploy/local.yaml`; train.py's `alert_rule` is the `alert` stage's state machine): "
-            "`incident_alerts` raises at the model's threshold once it held "
-            f"{r['min_duration_min'] + 1} minutes in a row above `clear: {r['clear']}`, "
+            "`incident_alerts` raises at the model's threshold and opens once the score stayed at or above "
+            f"`clear: {r['clear']}` for {r['min_duration_min']} more minute(s), or at once on a score at or above "
+            "`open_at_once` (the level with a false alarm rate of "
+            f"{c['open_at_once_far']} on the training data; the row `without open_at_once` always waits), "
             f"`california_alerts` at the first alarmed minute, both with {r['cooldown_min']} minutes of quiet "
             "after a resolve. The false alarms `near an incident` are those on another segment at most "
             f"{c['detectable']['reach_segments']} segments from an incident while it lasts or clears (its queue): "
@@ -229,6 +233,9 @@ def incident(m):
             "- A segment at the end of a corridor has no downstream neighbour, so its occupancy "
             "difference is 0 and California #7 never fires there.",
             "- Mild incidents at low demand leave no trace in the detectors: no detector here finds them.",
+            "- `incident_int8` quantizes its activations per call (dynamic quantization): a row's score "
+            "depends on the rows scored in the same call, so its rates above (each data set scored in one call) "
+            "are not exactly what the pipeline's micro-batches give.",
             "- Each SUMO held-out set has 12 to 36 incidents, of which fewer are detectable: its rates are coarse "
             "(see the counts in the table: one detectable incident is 100 / that count points of detection rate).",
             "- `detectable` is a speed drop near the incident; a slowdown from another cause at the same time "

@@ -45,6 +45,9 @@ SUMO_TRAIN_SHARE = 0.5
 # (raise at the model's threshold, clear below 0.5, two minutes in a row, 10 minutes of quiet
 # after a resolve) and `california_alerts` (raise at an alarm, no duration, the same quiet)
 MODEL_RULE = {"clear": 0.5, "min_duration_min": 1, "cooldown_min": 10}
+# `incident_alerts` also opens at once on a score this sure: the level whose false alarm rate on
+# the training data is this (a fortieth of TARGET_FAR), set in deploy/*.yaml as `open_at_once`
+OPEN_AT_ONCE_FAR = 0.00005
 CALIFORNIA_RULE = {"clear": 1.0, "min_duration_min": 0, "cooldown_min": 10}
 # the feature columns divided by the free speed before the networks see them (speeds become
 # shares of the free speed: what a queue looks like on a 50 km/h arterial and on a 120 km/h
@@ -252,7 +255,7 @@ def export(path, name, model, mu, sd, kind, out_scale=None, meta=None, occ_scale
     """features [N, 20] -> transform(occ_scale) -> standardize -> MLP -> speed_kmh [N, 3] (speed_5m plus a
     change predicted as a share of the free speed, at least 0) or incident_prob [N, 1]. The
     column selection and the standardization are folded into the first layer's weights (zero
-    rows for the DROPPED columns): the head costs 6 element-wise operations, no gather over
+    rows for the DROPPED columns): the head costs 6 element-wise operations (10 with occ_scale), no gather over
     columns (which cost as much as the network at batch 1024)."""
     rel = IS_RELATIVE.astype(np.float32)
     occ = (IS_OCCUPANCY if occ_scale else np.zeros_like(IS_OCCUPANCY)).astype(np.float32)
@@ -326,16 +329,17 @@ def quantize(src, dst, unsigned=False):
                      nodes_to_exclude=["layer0"])
 
 
-def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min):
+def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_at_once=None):
     """Whether each row's segment has an open alert after the row: the `alert` stage's state
     machine (operators/src/alert/rule.rs, without storms and staleness) over the rows of each
     segment in time order. A value at or above `raise_at` starts a pending alert; it opens once
-    it has held at or above `clear` for `min_duration_min` and the segment's quiet time is over;
-    an open alert resolves below `clear`, which starts `cooldown_min` of quiet."""
+    it has held at or above `clear` for `min_duration_min` (or at once on a value at or above
+    `open_at_once`) and the segment's quiet time is over; an open alert resolves below `clear`,
+    which starts `cooldown_min` of quiet. A missing (NaN) score changes nothing."""
     if "bounds" in d:  # a combined set: each run on its own
         b = d["bounds"]
         return np.concatenate([alert_rule({k: d[k][lo:hi] for k in ("seg", "t")}, score[lo:hi], raise_at, clear,
-                                          min_duration_min, cooldown_min) for lo, hi in zip(b[:-1], b[1:])])
+                                          min_duration_min, cooldown_min, open_at_once) for lo, hi in zip(b[:-1], b[1:])])
     clear = min(clear, raise_at)
     order = np.lexsort((d["t"], d["seg"]))
     seg, t, v = d["seg"][order], d["t"][order], score[order]
@@ -345,12 +349,16 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min):
     for i in range(len(v)):
         if i == 0 or seg[i] != seg[i - 1]:
             phase, quiet = "idle", None
+        if np.isnan(v[i]):
+            opened[i] = phase == "open"
+            continue
         if phase == "idle" and v[i] >= raise_at:
             phase, since = "pending", t[i]
         if phase == "pending":
+            sure = open_at_once is not None and v[i] >= open_at_once
             if v[i] < clear:
                 phase = "idle"
-            elif t[i] - since >= hold and (quiet is None or t[i] >= quiet):
+            elif (sure or t[i] - since >= hold) and (quiet is None or t[i] >= quiet):
                 phase = "open"
         elif phase == "open" and v[i] < clear:
             phase, quiet = "idle", t[i] + cool
@@ -506,10 +514,10 @@ def near_incident(d):
     return d["near_incident"]
 
 
-def calibrate_threshold(scores, d):
-    """lowest threshold whose false alarm rate on incident-free training minutes is <= TARGET_FAR"""
+def calibrate_threshold(scores, d, far=TARGET_FAR):
+    """lowest threshold whose false alarm rate on incident-free training minutes is <= far"""
     free = np.sort(scores[~d["grace"]])
-    return float(free[int(np.ceil(len(free) * (1 - TARGET_FAR)))])
+    return float(free[int(np.ceil(len(free) * (1 - far)))])
 
 
 def calibrate_california(d):
@@ -611,7 +619,8 @@ def main():
     label = train["label"][visit][:, None].astype(np.float64)
     pos = float(label.mean())
     weights = np.where(label[:, 0] > 0, 0.5 / pos, 0.5 / (1 - pos))
-    # the minutes while an incident's queue clears are no incident and no calm either: no weight
+    # the minutes of an incident that leaves no trace (not detectable: label 0) and those while an
+    # incident's queue clears are no incident and no calm either: no weight
     weights[train["grace"][visit] & (label[:, 0] == 0)] = 0.0
     del x_train
     # the detector's own view: occupancies scaled to the road's speed (OCC_SCALE), standardized
@@ -639,6 +648,7 @@ def main():
     results["incident"] = {"positives_share_train": round(pos, 4), "target_false_alarm_rate": TARGET_FAR,
                            "detectable": {"reach_segments": DETECTABLE_REACH, "speed_drop": DETECTABLE_DROP},
                            "california7_thresholds": {"t1_occdf": t1, "t2_occrdf": t2, "t3_docc": t3},
+                           "hidden": INCIDENT_HIDDEN, "open_at_once_far": OPEN_AT_ONCE_FAR,
                            "alert_rules": {"incident_alerts": MODEL_RULE, "california_alerts": CALIFORNIA_RULE},
                            "held_out": {src: {"California #7": detection_metrics(d, california7(d, t1, t2, t3)),
                                               "California #7, alert rule": detection_metrics(
@@ -649,16 +659,20 @@ def main():
     for name in ("incident_fp32", "incident_int8"):
         path = onnx_dir / f"{name}.onnx"
         sess = session(path)
-        thr = calibrate_threshold(run(sess, train["x"])[:, 0], train)
+        train_scores = run(sess, train["x"])[:, 0]
+        thr = calibrate_threshold(train_scores, train)
+        at_once = calibrate_threshold(train_scores, train, OPEN_AT_ONCE_FAR)
         for src, d in tests.items():
             score = run(sess, d["x"])[:, 0]
             results["incident"]["held_out"][src][name] = detection_metrics(d, score >= thr)
             if name == "incident_fp32":
                 results["incident"]["held_out"][src][f"{name}, alert rule"] = \
+                    detection_metrics(d, alert_rule(d, score, thr, **MODEL_RULE, open_at_once=round(at_once, 4)))
+                results["incident"]["held_out"][src][f"{name}, alert rule without open_at_once"] = \
                     detection_metrics(d, alert_rule(d, score, thr, **MODEL_RULE))
         results["incident"]["models"][name] = {
             "file": f"onnx/{name}.onnx", "sha256": sha256(path), "bytes": path.stat().st_size, "threshold": round(thr, 4),
-            "latency_us": latency(sess, test["x"])}
+            "open_at_once": round(at_once, 4), "latency_us": latency(sess, test["x"])}
 
     # ---- fixtures: fixed inputs with ONNX Runtime's outputs, and the small evaluation sample
     td = MODELS / "testdata"

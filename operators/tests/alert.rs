@@ -112,6 +112,23 @@ fn one_open_alert_per_location_with_throttled_updates_on_new_peaks() {
 }
 
 #[test]
+fn a_very_sure_value_opens_at_once_and_a_merely_high_one_waits_its_minimum_duration() {
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 3m\nopen_at_once: 0.99\ncooldown: 5m\n");
+    // 0.95 at 0 waits (pending); 0.995 at 1 opens at once; resolved at 2, quiet until 7: the
+    // 0.999 at 4 starts a pending alert that may not open in the quiet time, and opens at 7
+    let e = run(&mut op, &series("s1", &[0.95, 0.995, 0.2, 0.3, 0.999, 0.95, 0.95, 0.95, 0.1]));
+    assert_eq!(e, vec![ev("s1", "open", 1), ev("s1", "resolved", 2), ev("s1", "open", 7), ev("s1", "resolved", 8)]);
+    // without open_at_once the same values wait their three minutes: nothing opens before 7
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 3m\ncooldown: 5m\n");
+    let e = run(&mut op, &series("s1", &[0.95, 0.995, 0.2, 0.3, 0.999, 0.95, 0.95, 0.95, 0.1]));
+    assert_eq!(e, vec![ev("s1", "open", 7), ev("s1", "resolved", 8)]);
+    // below: a speed at or under the level opens at once
+    let (mut op, _) = rule("raise: 20\nclear: 30\nbelow: true\nmin_duration: 5m\nopen_at_once: 5\n");
+    let e = run(&mut op, &series("s1", &[40.0, 15.0, 4.0, 50.0]));
+    assert_eq!(e, vec![ev("s1", "open", 2), ev("s1", "resolved", 3)]);
+}
+
+#[test]
 fn cooldown_keeps_a_location_quiet_after_it_resolves() {
     let (mut op, _) = rule("raise: 0.9\nclear: 0.5\ncooldown: 5m\n");
     let e = run(&mut op, &series("s1", &[0.95, 0.1, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.1]));
@@ -254,6 +271,12 @@ fn plan_errors_name_the_key() {
     let errs = cfg.plan(&schema()).unwrap_err();
     assert!(errs.iter().any(|e| e.key == "value" && e.help.as_deref() == Some("did you mean `score`?")), "{errs:?}");
     assert!(errs.iter().any(|e| e.key == "clear"), "{errs:?}");
+    // a level that opens at once must have raised first
+    let cfg: AlertConfig =
+        serde_saphyr::from_str("rule: r\nalert_type: x\nseverity: info\nvalue: score\nraise: 0.9\nopen_at_once: 0.8\n")
+            .unwrap();
+    let errs = cfg.plan(&schema()).unwrap_err();
+    assert!(errs.iter().any(|e| e.key == "open_at_once" && e.message.contains("not beyond raise 0.9")), "{errs:?}");
 }
 
 #[test]

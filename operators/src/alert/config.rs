@@ -105,6 +105,11 @@ pub struct AlertConfig {
     /// How long the value must hold before the alert opens. Default `0s`.
     #[serde(default)]
     pub min_duration: Duration,
+    /// A value at or beyond this level opens a pending alert at once, without waiting for
+    /// `min_duration` (a persistence test that trusts a very sure value; `cooldown` still
+    /// applies). Beyond `raise`. Default: none.
+    #[serde(default)]
+    pub open_at_once: Option<f64>,
     /// After an alert resolves, how long its location stays quiet. Default `0s`.
     #[serde(default)]
     pub cooldown: Duration,
@@ -189,6 +194,18 @@ impl AlertConfig {
             errs.push(PlanError::new("clear", format!("clear {clear} is beyond raise {}", self.raise)).with_help(
                 if self.below { "with `below: true` clear must be >= raise" } else { "clear must be <= raise" },
             ));
+        }
+        if let Some(at_once) = self.open_at_once
+            && (!at_once.is_finite() || (!self.below && at_once < self.raise) || (self.below && at_once > self.raise))
+        {
+            errs.push(
+                PlanError::new("open_at_once", format!("open_at_once {at_once} is not beyond raise {}", self.raise))
+                    .with_help(if self.below {
+                        "with `below: true` it must be <= raise"
+                    } else {
+                        "it must be >= raise: a value that opens at once has raised"
+                    }),
+            );
         }
         if let Some(s) = &self.storm
             && s.max_open == 0

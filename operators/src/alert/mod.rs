@@ -5,7 +5,8 @@
 //!   `thresholds` when there is one) starts a pending alert; it stays pending (and later open)
 //!   while the value stays at or beyond `clear`; `below: true` flips the comparisons (a speed
 //!   below a limit);
-//! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time);
+//! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time),
+//!   or at once on a value at or beyond `open_at_once` (a very sure value needs no persistence);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every`), never a new alert;
 //! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;

@@ -288,7 +288,8 @@ impl AlertRule {
             Phase::Pending { .. } if !holds => Phase::Idle,
             Phase::Pending { since, peak } => {
                 let peak = better(peak, v);
-                if t - since >= self.cfg.min_duration.as_millis_i64() && t >= st.quiet_until {
+                let sure = self.cfg.open_at_once.is_some_and(|l| self.beyond(v, l));
+                if (sure || t - since >= self.cfg.min_duration.as_millis_i64()) && t >= st.quiet_until {
                     if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
                         self.storm_join(loc, t);
                         Phase::Storm { peak }
