@@ -179,8 +179,9 @@ impl Infer {
     /// The model runs of a micro-batch, as (first row, rows): at most `max_rows` each, and never
     /// rows of two event times (the input's first timestamp column) in one run. A model whose
     /// results depend on the batch (int8 with dynamic quantization takes its scale from the
-    /// batch's values) then scores a row the same whether the rows arrived live, minute by
-    /// minute, or as a backlog of many minutes at once.
+    /// batch's values; the committed int8 models are quantized statically and do not, but an
+    /// operator's own model may) then scores a row the same whether the rows arrived live,
+    /// minute by minute, or as a backlog of many minutes at once.
     pub(super) fn runs_of(&self, all: &RecordBatch) -> Vec<(usize, usize)> {
         let max_rows = self.max_rows().max(1);
         let n = all.num_rows();
