@@ -69,7 +69,9 @@ fn every_committed_model_scores_a_row_the_same_alone_and_among_others() {
     // a model whose output for a row depended on the other rows of its run (int8 with dynamic
     // quantization does: it scales by the run's values) would write different tables for a
     // backlog than for a calm run whenever the runs were cut differently
-    for f in fixtures() {
+    let fx = fixtures();
+    assert!(fx.len() >= 5, "the committed models' fixtures: {}", fx.len());
+    for f in fx {
         let width = f.outputs[0].len();
         let mut model = Model::load(&f.model, None, &opts(&f.output, width)).unwrap();
         let flat: Vec<f32> = f.inputs.iter().flatten().copied().collect();

@@ -122,6 +122,11 @@ fn a_very_sure_value_opens_at_once_and_a_merely_high_one_waits_its_minimum_durat
     let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 3m\ncooldown: 5m\n");
     let e = run(&mut op, &series("s1", &[0.95, 0.995, 0.2, 0.3, 0.999, 0.95, 0.95, 0.95, 0.1]));
     assert_eq!(e, vec![ev("s1", "open", 7), ev("s1", "resolved", 8)]);
+    // a location whose own raise level is at or past open_at_once waits its minimum duration
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 2m\nopen_at_once: 0.99\nthresholds: {s1: 0.995}\n");
+    let e =
+        run(&mut op, &[("s1", 0, Some(0.999)), ("s2", 0, Some(0.999)), ("s1", 1, Some(0.999)), ("s1", 2, Some(0.999))]);
+    assert_eq!(e, vec![ev("s2", "open", 0), ev("s1", "open", 2)]);
     // below: a speed at or under the level opens at once
     let (mut op, _) = rule("raise: 20\nclear: 30\nbelow: true\nmin_duration: 5m\nopen_at_once: 5\n");
     let e = run(&mut op, &series("s1", &[40.0, 15.0, 4.0, 50.0]));
@@ -277,6 +282,11 @@ fn plan_errors_name_the_key() {
             .unwrap();
     let errs = cfg.plan(&schema()).unwrap_err();
     assert!(errs.iter().any(|e| e.key == "open_at_once" && e.message.contains("not beyond raise 0.9")), "{errs:?}");
+    // at raise itself every alert would skip min_duration
+    let cfg: AlertConfig =
+        serde_saphyr::from_str("rule: r\nalert_type: x\nseverity: info\nvalue: score\nraise: 0.9\nopen_at_once: 0.9\n")
+            .unwrap();
+    assert!(cfg.plan(&schema()).unwrap_err().iter().any(|e| e.key == "open_at_once"));
 }
 
 #[test]

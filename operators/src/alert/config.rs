@@ -107,7 +107,8 @@ pub struct AlertConfig {
     pub min_duration: Duration,
     /// A value at or beyond this level opens a pending alert at once, without waiting for
     /// `min_duration` (a persistence test that trusts a very sure value; `cooldown` still
-    /// applies). Beyond `raise`. Default: none.
+    /// applies). Strictly beyond `raise`; a location whose own (calibrated) raise level is at or
+    /// beyond it always waits `min_duration`. Default: none.
     #[serde(default)]
     pub open_at_once: Option<f64>,
     /// After an alert resolves, how long its location stays quiet. Default `0s`.
@@ -196,14 +197,14 @@ impl AlertConfig {
             ));
         }
         if let Some(at_once) = self.open_at_once
-            && (!at_once.is_finite() || (!self.below && at_once < self.raise) || (self.below && at_once > self.raise))
+            && (!at_once.is_finite() || (!self.below && at_once <= self.raise) || (self.below && at_once >= self.raise))
         {
             errs.push(
                 PlanError::new("open_at_once", format!("open_at_once {at_once} is not beyond raise {}", self.raise))
                     .with_help(if self.below {
-                        "with `below: true` it must be <= raise"
+                        "with `below: true` it must be < raise"
                     } else {
-                        "it must be >= raise: a value that opens at once has raised"
+                        "it must be > raise: a value that opens at once has raised, and at raise every alert would skip min_duration"
                     }),
             );
         }

@@ -288,7 +288,11 @@ impl AlertRule {
             Phase::Pending { .. } if !holds => Phase::Idle,
             Phase::Pending { since, peak } => {
                 let peak = better(peak, v);
-                let sure = self.cfg.open_at_once.is_some_and(|l| self.beyond(v, l));
+                // only a level strictly beyond this location's own raise level (calibration may
+                // have moved it up to or past `open_at_once`): there every raising value would
+                // be "sure", and `min_duration` would never apply
+                let sure =
+                    self.cfg.open_at_once.is_some_and(|l| l != raise && self.beyond(l, raise) && self.beyond(v, l));
                 if (sure || t - since >= self.cfg.min_duration.as_millis_i64()) && t >= st.quiet_until {
                     if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
                         self.storm_join(loc, t);
