@@ -177,7 +177,7 @@ def incident(m):
            "(the minutes of incidents that leave no trace, and those while an incident's queue clears, weigh nothing); an alarm is `incident_prob >= "
            "threshold`, the threshold set on the training data for a false alarm rate of "
            f"{c['target_false_alarm_rate']} (share of incident-free segment-minutes). Speeds enter as shares "
-           "of the free speed, occupancies times (free speed / 100 km/h) ^ 0.6 (see Data).", "",
+           f"of the free speed, occupancies times (free speed / 100 km/h) ^ {c['occ_scale']} (see Data).", "",
            "## Files", "", row(["file", "sha256", "bytes", "threshold", "open_at_once", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
            row(["---"] * 6)]
     for name, e in c["models"].items():
@@ -211,7 +211,7 @@ def incident(m):
             f"{c['detectable']['reach_segments']} segments from an incident while it lasts or clears (its queue): "
             "counted as false alarms, and shown apart because they point at a real incident. "
             "`incident_int8` has unsigned 8-bit weights and 8-bit activations past its first layer, their scales "
-            "fixed at export (static quantization, calibrated on 20,000 training rows): a row's score does not "
+            f"fixed at export (static quantization, calibrated on {c['calibration_rows']:,} training rows): a row's score does not "
             "depend on the rows scored with it.", "",
             row(["held-out set", "detector", "incidents (detectable)", "detection rate (all)", "false alarms / corridor-hour",
                  "of them near an incident", "false alarm rate", "mean time to detect (min)"]), row(["---"] * 8)]
@@ -234,7 +234,6 @@ def incident(m):
             "- A segment at the end of a corridor has no downstream neighbour, so its occupancy "
             "difference is 0 and California #7 never fires there.",
             "- Mild incidents at low demand leave no trace in the detectors: no detector here finds them.",
-
             "- Each SUMO held-out set has 12 to 36 incidents, of which fewer are detectable: its rates are coarse "
             "(see the counts in the table: one detectable incident is 100 / that count points of detection rate).",
             "- `detectable` is a speed drop near the incident; a slowdown from another cause at the same time "
