@@ -134,6 +134,38 @@ fn a_very_sure_value_opens_at_once_and_a_merely_high_one_waits_its_minimum_durat
 }
 
 #[test]
+fn open_after_counts_raising_values_in_a_window_through_flicker() {
+    let cfg = "raise: 0.9\nclear: 0.5\nopen_after: {raises: 2, within: 3m}\ncooldown: 5m\n";
+    // a flickering score: raising at 0 and 2 with a dip below clear between; min_duration would
+    // have dropped the pending alert at 1, open_after opens at 2 (two raises within 3 minutes)
+    let (mut op, _) = rule(cfg);
+    let e = run(&mut op, &series("s1", &[0.95, 0.2, 0.97, 0.6, 0.1]));
+    assert_eq!(e, vec![ev("s1", "open", 2), ev("s1", "resolved", 4)]);
+    let (mut op, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 1m\ncooldown: 5m\n");
+    assert_eq!(
+        run(&mut op, &series("s1", &[0.95, 0.2, 0.97, 0.6, 0.1])),
+        vec![ev("s1", "open", 3), ev("s1", "resolved", 4)]
+    );
+    // raises 3 minutes apart are not within 3 minutes: the first lapsed; holding above clear
+    // without raising counts for nothing
+    let (mut op, _) = rule(cfg);
+    assert_eq!(run(&mut op, &series("s1", &[0.95, 0.8, 0.8, 0.95, 0.8, 0.8, 0.8, 0.2])), vec![]);
+    // one raising value alone never opens; a sure one does (open_at_once); the quiet time holds
+    // the count, which opens at its end
+    let (mut op, _) = rule(&format!("{cfg}open_at_once: 0.99\n"));
+    let e = run(&mut op, &series("s1", &[0.95, 0.2, 0.2, 0.995, 0.1, 0.95, 0.95, 0.95, 0.95, 0.95, 0.1]));
+    assert_eq!(e, vec![ev("s1", "open", 3), ev("s1", "resolved", 4), ev("s1", "open", 9), ev("s1", "resolved", 10)]);
+    // below: a speed at or under the level counts
+    let (mut op, _) = rule("raise: 20\nclear: 30\nbelow: true\nopen_after: {raises: 2, within: 3m}\n");
+    let e = run(&mut op, &series("s1", &[15.0, 40.0, 18.0, 50.0]));
+    assert_eq!(e, vec![ev("s1", "open", 2), ev("s1", "resolved", 3)]);
+    // missing values change nothing; rows of two locations count apart
+    let (mut op, _) = rule(cfg);
+    let e = run(&mut op, &[("s1", 0, Some(0.95)), ("s2", 0, Some(0.95)), ("s1", 1, None), ("s1", 2, Some(0.95))]);
+    assert_eq!(e, vec![ev("s1", "open", 2)]);
+}
+
+#[test]
 fn cooldown_keeps_a_location_quiet_after_it_resolves() {
     let (mut op, _) = rule("raise: 0.9\nclear: 0.5\ncooldown: 5m\n");
     let e = run(&mut op, &series("s1", &[0.95, 0.1, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.1]));
@@ -287,6 +319,23 @@ fn plan_errors_name_the_key() {
         serde_saphyr::from_str("rule: r\nalert_type: x\nseverity: info\nvalue: score\nraise: 0.9\nopen_at_once: 0.9\n")
             .unwrap();
     assert!(cfg.plan(&schema()).unwrap_err().iter().any(|e| e.key == "open_at_once"));
+    // open_after: two persistence tests at once, one raise, an empty window
+    let base = "rule: r\nalert_type: x\nseverity: info\nvalue: score\nraise: 0.9\n";
+    let plan = |extra: &str| {
+        let cfg: AlertConfig = serde_saphyr::from_str(&format!("{base}{extra}")).unwrap();
+        cfg.plan(&schema()).unwrap_err()
+    };
+    let errs = plan("min_duration: 1m\nopen_after: {raises: 2, within: 3m}\n");
+    assert!(
+        errs.iter().any(|e| e.key == "open_after" && e.help.as_deref().is_some_and(|h| h.contains("set one"))),
+        "{errs:?}"
+    );
+    let errs = plan("open_after: {raises: 1, within: 3m}\n");
+    assert!(errs.iter().any(|e| e.key == "open_after.raises"), "{errs:?}");
+    let errs = plan("open_after: {raises: 2, within: 0s}\n");
+    assert!(errs.iter().any(|e| e.key == "open_after.within"), "{errs:?}");
+    let typo: Result<AlertConfig, _> = serde_saphyr::from_str(&format!("{base}open_after: {{raise: 2, within: 3m}}\n"));
+    assert!(typo.is_err(), "an unknown open_after key is refused");
 }
 
 #[test]
@@ -354,8 +403,18 @@ fn a_live_level_on_the_threshold_board_overrides_the_configured_one_and_can_be_r
 
 #[test]
 fn a_rule_restored_from_its_snapshot_continues_as_if_never_stopped() {
-    // pending, open (with throttled updates), cooldown and a storm summary, across 6 locations
-    let cfg = "raise: 0.9\nclear: 0.5\nmin_duration: 1m\ncooldown: 3m\nupdate_every: 2m\nstorm: {max_open: 2}\n";
+    // pending, open (with throttled updates), cooldown and a storm summary, across 6 locations;
+    // with a minimum duration and with a persistence count (its raising times are state)
+    let common = "raise: 0.9\nclear: 0.5\ncooldown: 3m\nupdate_every: 2m\nstorm: {max_open: 2}\n";
+    assert_eq!(restored_runs_match(&format!("{common}min_duration: 1m\n")), 0);
+    let counting = restored_runs_match(&format!("{common}open_after: {{raises: 2, within: 3m}}\n"));
+    assert!(counting > 0, "some snapshot holds a pending alert's raising times");
+}
+
+/// Runs `cfg` whole and cut by a snapshot at several rows; returns how many of the snapshots
+/// held a pending alert's raising times.
+fn restored_runs_match(cfg: &str) -> usize {
+    let mut counting = 0;
     let mut rows = Vec::new();
     let mut x = 7u64;
     for minute in 0..60i64 {
@@ -378,17 +437,20 @@ fn a_rule_restored_from_its_snapshot_continues_as_if_never_stopped() {
             got.extend(run(&mut first, chunk));
         }
         let state = first.snapshot().unwrap().unwrap();
+        let (phase, id) = (state.column(1).as_primitive::<arrow::datatypes::UInt8Type>(), state.column(4));
+        counting += usize::from((0..state.num_rows()).any(|i| phase.value(i) == 1 && id.is_valid(i)));
         let (mut second, _) = rule(cfg);
         second.restore(state).unwrap();
         for chunk in rows[cut..].chunks(6) {
             got.extend(run(&mut second, chunk));
         }
-        assert_eq!(got, expected, "cut after row {cut}");
+        assert_eq!(got, expected, "{cfg}: cut after row {cut}");
     }
     // a snapshot of another shape is refused clearly
     let (mut op, _) = rule(cfg);
     let e = op.restore(batch(&[("s1", 0, Some(0.1))])).unwrap_err();
     assert!(e.to_string().contains("unexpected state schema"), "{e}");
+    counting
 }
 
 /// With `storm.order: event_time`, rows wait for the watermark and are taken by event time,

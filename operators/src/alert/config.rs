@@ -14,6 +14,16 @@ use crate::{BuildContext, Duration, Operator, OperatorConfig, OutputSpec, PlanEr
 
 use super::rule::{AlertRule, Events};
 
+/// `open_after`: how many raising values, within how long, open a pending alert.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAfter {
+    /// Raising values needed (2 or more).
+    pub raises: usize,
+    /// The window they must fall within (event time, the latest value's time included).
+    pub within: Duration,
+}
+
 /// How urgent an alert is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +121,12 @@ pub struct AlertConfig {
     /// beyond it always waits `min_duration`. Default: none.
     #[serde(default)]
     pub open_at_once: Option<f64>,
+    /// A persistence test that takes flicker: a pending alert opens once `raises` values at or
+    /// beyond the raise level fall within `within` (this one included); values below `clear`
+    /// between them do not cancel it, and it lapses when its latest raising value is `within`
+    /// old. Instead of `min_duration` (setting both is a plan error). Default: none.
+    #[serde(default)]
+    pub open_after: Option<OpenAfter>,
     /// After an alert resolves, how long its location stays quiet. Default `0s`.
     #[serde(default)]
     pub cooldown: Duration,
@@ -207,6 +223,23 @@ impl AlertConfig {
                         "it must be > raise: a value that opens at once has raised, and at raise every alert would skip min_duration"
                     }),
             );
+        }
+        if let Some(p) = &self.open_after {
+            if p.raises < 2 {
+                errs.push(
+                    PlanError::new("open_after.raises", format!("{} raising value is no persistence test", p.raises))
+                        .with_help("use 2 or more, or leave `open_after` out: a raising value starts an alert"),
+                );
+            }
+            if p.within.as_millis_i64() <= 0 {
+                errs.push(PlanError::new("open_after.within", "must be longer than 0s"));
+            }
+            if self.min_duration.as_millis_i64() > 0 {
+                errs.push(
+                    PlanError::new("open_after", "`open_after` and `min_duration` are two persistence tests")
+                        .with_help("set one: `min_duration` waits for the value to hold, `open_after` counts raising values in a window"),
+                );
+            }
         }
         if let Some(s) = &self.storm
             && s.max_open == 0

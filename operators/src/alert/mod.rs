@@ -7,6 +7,8 @@
 //!   below a limit);
 //! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time),
 //!   or at once on a value at or beyond `open_at_once` (a very sure value needs no persistence);
+//!   with `open_after: {raises, within}` instead, once that many raising values fall within
+//!   that window, values below `clear` between them notwithstanding (a flickering score);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every`), never a new alert;
 //! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;
@@ -46,5 +48,5 @@ mod state;
 
 pub use board::ThresholdBoard;
 pub use calibration::{CalibrationSpec, Judged, Proposal, calibrate};
-pub use config::{AlertConfig, Severity, StormConfig, StormOrder, alert_schema};
+pub use config::{AlertConfig, OpenAfter, Severity, StormConfig, StormOrder, alert_schema};
 pub use rule::AlertRule;

@@ -24,6 +24,8 @@ pub(super) enum Phase {
     Pending {
         since: i64,
         peak: f64,
+        /// With `open_after`: the times of its latest raising values (at most `raises`).
+        raised: Vec<i64>,
     },
     Open {
         id: String,
@@ -280,20 +282,38 @@ impl AlertRule {
         st.last_t = st.last_t.max(t);
         // a value that raises starts a pending alert, which may open on this very row
         let phase = match st.phase {
-            Phase::Idle if raises => Phase::Pending { since: t, peak: v },
+            Phase::Idle if raises => Phase::Pending { since: t, peak: v, raised: Vec::new() },
             p => p,
         };
+        let open_after = self.cfg.open_after;
         st.phase = match phase {
             Phase::Idle => Phase::Idle,
-            Phase::Pending { .. } if !holds => Phase::Idle,
-            Phase::Pending { since, peak } => {
+            Phase::Pending { .. } if !holds && open_after.is_none() => Phase::Idle,
+            Phase::Pending { since, peak, mut raised } => {
                 let peak = better(peak, v);
                 // only a level strictly beyond this location's own raise level (calibration may
                 // have moved it up to or past `open_at_once`): there every raising value would
                 // be "sure", and `min_duration` would never apply
                 let sure =
                     self.cfg.open_at_once.is_some_and(|l| l != raise && self.beyond(l, raise) && self.beyond(v, l));
-                if (sure || t - since >= self.cfg.min_duration.as_millis_i64()) && t >= st.quiet_until {
+                let persisted = match open_after {
+                    None => t - since >= self.cfg.min_duration.as_millis_i64(),
+                    Some(p) => {
+                        let from = t.saturating_sub(p.within.as_millis_i64());
+                        raised.retain(|&r| r > from);
+                        if raises {
+                            raised.push(t);
+                        }
+                        // the oldest beyond `raises` can no longer decide anything
+                        let extra = raised.len().saturating_sub(p.raises);
+                        raised.drain(..extra);
+                        raised.len() >= p.raises
+                    }
+                };
+                if open_after.is_some() && raised.is_empty() {
+                    // its latest raising value is `within` old: it lapsed
+                    Phase::Idle
+                } else if (sure || persisted) && t >= st.quiet_until {
                     if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
                         self.storm_join(loc, t);
                         Phase::Storm { peak }
@@ -304,7 +324,7 @@ impl AlertRule {
                         Phase::Open { id, opened_at: t, peak, reported: peak, last_emit: t }
                     }
                 } else {
-                    Phase::Pending { since, peak }
+                    Phase::Pending { since, peak, raised }
                 }
             }
             Phase::Open { id, opened_at, peak, .. } if !holds => {
@@ -452,8 +472,8 @@ impl Operator for AlertRule {
         true
     }
 
-    /// One row per location (phase `0` idle in cooldown, `1` pending, `2` open, `3` in the
-    /// storm summary), one per held row (`8`) and, while a storm summary is open, one row
+    /// One row per location (phase `0` idle in cooldown, `1` pending (with `open_after`, its
+    /// raising times in `id`), `2` open, `3` in the storm summary), one per held row (`8`) and, while a storm summary is open, one row
     /// without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
@@ -462,7 +482,11 @@ impl Operator for AlertRule {
         for (loc, st) in locs {
             let (phase, id, since, peak, reported, last_emit) = match &st.phase {
                 Phase::Idle => (0, None, None, None, None, None),
-                Phase::Pending { since, peak } => (1, None, Some(*since), Some(*peak), None, None),
+                // with `open_after`, its raising values' times as a JSON array in `id`
+                Phase::Pending { since, peak, raised } => {
+                    let raised = (!raised.is_empty()).then(|| serde_json::Value::from(raised.clone()).to_string());
+                    (1, raised, Some(*since), Some(*peak), None, None)
+                }
                 Phase::Open { id, opened_at, peak, reported, last_emit } => {
                     (2, Some(id.clone()), Some(*opened_at), Some(*peak), Some(*reported), Some(*last_emit))
                 }
@@ -515,6 +539,11 @@ impl Operator for AlertRule {
                 1 => Phase::Pending {
                     since: opt_i(&since, i).ok_or_else(|| missing("since", i))?,
                     peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
+                    raised: match id.is_valid(i) {
+                        true => serde_json::from_str(id.value(i))
+                            .map_err(|e| bad(format!("row {i}: raising times {:?}: {e}", id.value(i))))?,
+                        false => Vec::new(),
+                    },
                 },
                 2 => {
                     self.open += 1;
