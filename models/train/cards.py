@@ -75,7 +75,7 @@ they are half of what an epoch visits.
 **Transfer.** The networks see speeds as shares of the segment's free speed, and neither the
 free speed itself nor vehicles per hour (which depends on the lane count): a queue on a
 50 km/h arterial and on a 120 km/h freeway look alike. The incident detector also scales its
-occupancies by (free speed / 100 km/h) ^ 0.6: a slow road's critical occupancy is higher, and
+occupancies by (free speed / 100 km/h) ^ {occ_scale}: a slow road's critical occupancy is higher, and
 unscaled, the arterial's ordinary queues looked like incidents on faster roads. That arithmetic is the head of each ONNX
 graph, so the model input stays the 20 features below.
 
@@ -86,6 +86,11 @@ these cards from scratch (seeded).
 FEATURES_MD = "## Features (input `features`, float32 `[batch, 20]`, in this order)\n" + "\n".join(
     f"{i}. `{n}` ({FEATURE_DOC[n][0]}): {FEATURE_DOC[n][1]}" for i, n in enumerate(F.FEATURES)
 ) + "\n\nDefinition: `models/train/features.py`; the `features` stage (`models/src/features.rs`) computes the same rows in the stream (tested against the Python code).\n"
+
+def data_md(m):
+    """the Data section, with the incident detector's occupancy exponent from the metrics"""
+    return DATA.replace("{occ_scale}", str(m["incident"]["occ_scale"]))
+
 
 def source(name, m):
     """a held-out set's title; `m` the metrics, which name the SUMO families trained on"""
@@ -123,7 +128,7 @@ def congestion(m):
     for name, e in c["models"].items():
         lat = e["latency_us"]
         out.append(row([f"`{e['file']}`", f"`{e['sha256']}`", e["bytes"], layers[name], f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
-    out += ["", DATA, FEATURES_MD]
+    out += ["", data_md(m), FEATURES_MD]
     out += ["## Held-out summary: MAE (km/h) at +15 / +30 / +60 min", "",
             row(["held-out set", "persistence", "historical average", "congestion_fp32", "congestion_small",
                  "congested: historical average", "congested: congestion_fp32", "congested: congestion_small"]),
@@ -186,7 +191,7 @@ def incident(m):
                         f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
     t = c["california7_thresholds"]
     r = c["alert_rules"]["incident_alerts"]
-    out += ["", DATA, FEATURES_MD,
+    out += ["", data_md(m), FEATURES_MD,
             "## Held-out metrics", "",
             "An incident is **detectable** when, while it lasts, a detector at most "
             f"{c['detectable']['reach_segments']} segments from it has its 5-minute mean speed "
@@ -202,12 +207,14 @@ def incident(m):
             "(`models/src/california.rs`) runs them. Rows without a suffix count every alarmed minute; the "
             "rows `, alert rule` count what a control center sees: the alerts the deployed rules open "
             "(`deploy/local.yaml`; train.py's `alert_rule` is the `alert` stage's state machine): "
-            "`incident_alerts` raises at the model's threshold and opens once the score stayed at or above "
-            f"`clear: {r['clear']}` for {r['min_duration_min']} more minute(s), or at once on a score at or above "
-            "`open_at_once` (the level with a false alarm rate of "
-            f"{c['open_at_once_far']} on the training data; the row `without open_at_once` always waits), "
+            "`incident_alerts` raises at the model's threshold and opens once "
+            f"{r['open_after'][0]} scores at or above it fell within {r['open_after'][1]} minutes (`open_after`; "
+            f"scores below `clear: {r['clear']}` between them do not cancel it: a flickering score), or at once on "
+            "a score at or above `open_at_once` (the level with a false alarm rate of "
+            f"{c['open_at_once_far']} on the training data; the row `without open_at_once` always counts), "
             f"`california_alerts` at the first alarmed minute, both with {r['cooldown_min']} minutes of quiet "
-            "after a resolve. The false alarms `near an incident` are those on another segment at most "
+            "after a resolve; the row `with min_duration 1m` is the rule before `open_after` (open once the score "
+            "stayed at or above `clear` one more minute, with `open_at_once`). The false alarms `near an incident` are those on another segment at most "
             f"{c['detectable']['reach_segments']} segments from an incident while it lasts or clears (its queue): "
             "counted as false alarms, and shown apart because they point at a real incident. "
             "`incident_int8` has unsigned 8-bit weights and 8-bit activations past its first layer, their scales "
@@ -221,6 +228,17 @@ def incident(m):
             out.append(row([label, name, f"{v['incidents']} ({v['detectable']})", f"{v['detection_rate']} ({v['detection_rate_all']})",
                             v["false_alarms_per_corridor_hour"], v["near_incident_per_corridor_hour"], v["false_alarm_rate"],
                             v["mean_time_to_detect_min"]]))
+    spread = c["seed_spread"]
+    out += ["", "### How much the seed decides", "",
+            f"The same recipe trained with seeds {', '.join(map(str, spread['seeds']))} (the deployed file is "
+            f"seed {spread['seeds'][0]}), each calibrated on the training data, through the deployed rule: "
+            "lowest and highest over the seeds. A difference between two detectors smaller than this spread says "
+            "little; the detector's design (its hidden sizes, the occupancy exponent) was chosen on single seeds.", "",
+            row(["held-out set", "detection rate", "false alarms / corridor-hour", "mean time to detect (min)"]),
+            row(["---"] * 4)]
+    for src, v in spread["held_out"].items():
+        out.append(row([source(src, m), *(f"{lo} - {hi}" for lo, hi in (v["detection_rate"], v["false_alarms_per_corridor_hour"],
+                                                                          v["mean_time_to_detect_min"]))]))
     out.append("")
     out += ["## Evaluation sample", "",
             "`models/testdata/eval_sample.csv` (512 held-out simulator rows, 112 of them during incidents): log loss "

@@ -346,7 +346,7 @@ stages:
     value: incident_prob
     raise: 0.8
     clear: 0.5
-    min_duration: 1m
+    open_after: {{raises: 2, within: 3m}}
     cooldown: 10m
     evidence: [model]
 sinks:

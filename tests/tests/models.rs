@@ -5,8 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-use arrow::array::AsArray;
+use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit, TimestampMillisecondType};
 use citystream_operators::Metrics;
 use citystream_pipeline::config::{self, plan::plan};
 use citystream_pipeline::runtime::{self, StopHandle};
@@ -240,4 +242,79 @@ fn alerting_is_the_floor_a_stage_alerts_read_may_thin_calm_segments_only_down_to
     assert!(with("10m", Some("15m")).is_ok(), "a deliberately raised floor");
     let err = with("10m", Some("2m")).expect_err("refused").to_string();
     assert!(err.contains("alert floor (2m)"), "{err}");
+}
+
+/// The alerts `deploy/local.yaml`'s `incident_alerts` stage opens on one unseen road's scores
+/// (`models/testdata/incident_alerts.json`, written by train.py), against those train.py's
+/// `alert_rule` opened on them: the model card's `, alert rule` rows count what the deployed rule
+/// does. The run is one where the rule before `open_after` (min_duration 1m) opens other alerts,
+/// so the comparison tells the two apart.
+#[test]
+fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
+    use citystream_operators::alert::AlertConfig;
+    use citystream_operators::{BuildContext, Collector, OperatorConfig};
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("models/testdata/incident_alerts.json")).unwrap())
+            .unwrap();
+    let cfg = config::load_file(&root().join("deploy/local.yaml")).unwrap();
+    let deployed = cfg.stages["incident_alerts"].op.as_any().downcast_ref::<AlertConfig>().unwrap().clone();
+    assert_eq!(deployed.raise, fx["raise"].as_f64().unwrap(), "deploy/local.yaml's raise is the card's threshold");
+    assert_eq!(deployed.open_at_once, fx["open_at_once"].as_f64(), "and its open_at_once the card's");
+    let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new("window_end", ts(), false),
+        Field::new("incident_prob", DataType::Float64, true),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("model_sha256", DataType::Utf8, false),
+    ]));
+    let rows = fx["rows"].as_array().unwrap();
+    let opens = |rule: &AlertConfig| -> Vec<(String, i64)> {
+        let mut op = rule.build(&schema, &BuildContext::default()).unwrap();
+        let mut got = Vec::new();
+        // a batch per minute, as the infer stage hands on a minute's scores
+        for minute in rows.chunk_by(|a, b| a[1] == b[1]) {
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from_iter_values(minute.iter().map(|r| r[0].as_str().unwrap()))),
+                    Arc::new(
+                        TimestampMillisecondArray::from_iter_values(minute.iter().map(|r| r[1].as_i64().unwrap()))
+                            .with_timezone("UTC"),
+                    ),
+                    Arc::new(Float64Array::from_iter_values(minute.iter().map(|r| r[2].as_f64().unwrap()))),
+                    Arc::new(StringArray::from_iter_values(minute.iter().map(|_| "incident_fp32"))),
+                    Arc::new(StringArray::from_iter_values(minute.iter().map(|_| "sha"))),
+                ],
+            )
+            .unwrap();
+            let mut out = Collector::new(1);
+            op.process_batch(batch, &mut out).unwrap();
+            for (_, b) in out.drain() {
+                let loc = b.column_by_name("location").unwrap().as_string::<i32>();
+                let status = b.column_by_name("status").unwrap().as_string::<i32>();
+                let at = b.column_by_name("ts").unwrap().as_primitive::<TimestampMillisecondType>();
+                for i in (0..b.num_rows()).filter(|&i| status.value(i) == "open") {
+                    got.push((loc.value(i).to_owned(), at.value(i)));
+                }
+            }
+        }
+        got
+    };
+    let expected = |key: &str| -> Vec<(String, i64)> {
+        fx[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o[0].as_str().unwrap().to_owned(), o[1].as_i64().unwrap()))
+            .collect()
+    };
+    let now = opens(&deployed);
+    assert!(!now.is_empty(), "{}: the deployed rule opens alerts", fx["source"]);
+    assert_eq!(now, expected("opens"), "{}: the deployed rule against train.py's alert_rule", fx["source"]);
+    let mut before = deployed.clone();
+    before.open_after = None;
+    before.min_duration = citystream_operators::Duration::from_secs(60);
+    assert_eq!(opens(&before), expected("opens_with_min_duration_1m"), "the rule before open_after");
+    assert_ne!(expected("opens"), expected("opens_with_min_duration_1m"), "the run tells the two rules apart");
 }

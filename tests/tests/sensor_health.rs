@@ -19,7 +19,7 @@ use common::*;
 /// reaches the models, not how sure they are.
 fn run(data: &Path, edit: impl Fn(String) -> String) {
     let text = std::fs::read_to_string(repo_root().join("deploy/local.yaml")).unwrap();
-    let rule = "    value: incident_prob\n    raise: 0.88\n    clear: 0.5\n    min_duration: 1m";
+    let rule = "    value: incident_prob\n    raise: 0.8806\n    clear: 0.5\n    open_after: {raises: 2, within: 3m}";
     assert!(text.contains(rule), "deploy/local.yaml's incident_alerts changed: update this test");
     let text = text.replace(rule, "    value: incident_prob\n    raise: 0.5\n    clear: 0.5\n    min_duration: 0s");
     let config = data.join("pipeline.yaml");
