@@ -89,6 +89,12 @@ impl Shared {
         self.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect()
     }
 
+    /// The source's fetch queue while the source lives (it holds the queue; the shared state,
+    /// reached from librdkafka's threads, only a weak reference).
+    pub(super) fn fetch_queue(&self) -> Option<std::sync::Arc<FetchQueue>> {
+        self.queue.as_ref().and_then(std::sync::Weak::upgrade)
+    }
+
     /// The next offset of every partition a message was read from.
     pub(super) fn positions(&self) -> Positions {
         self.parts.iter().filter(|(_, p)| p.read).map(|(k, p)| (k.clone(), p.position)).collect()
@@ -206,7 +212,7 @@ impl Ctx {
                     }
                 }
             }
-            if let Some(q) = s.queue.as_ref().and_then(std::sync::Weak::upgrade)
+            if let Some(q) = s.fetch_queue()
                 && !q.forward(&topic, partition)
             {
                 tracing::warn!(

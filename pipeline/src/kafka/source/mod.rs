@@ -745,7 +745,7 @@ impl Loop {
             self.held_bytes.set(s.held_bytes as f64);
             // again: a revocation's fetch stop, on librdkafka's thread, may have cleared the
             // forwarding an assignment of the same partition set after it (see `queue`)
-            if let Some(q) = s.queue.as_ref().and_then(std::sync::Weak::upgrade) {
+            if let Some(q) = s.fetch_queue() {
                 for ((topic, partition), _) in &parts {
                     q.forward(topic, *partition);
                 }
