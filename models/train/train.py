@@ -363,8 +363,8 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     segment in time order. A value at or above `raise_at` starts a pending alert; it opens once
     it has held at or above `clear` for `min_duration_min` or, with `open_after` (raises,
     within_min) instead, once that many values at or above `raise_at` fell within the last within_min
-    minutes (dips below `clear` between them do not cancel it; it lapses when its latest raising
-    value is that old), or at once on a value at or above `open_at_once`, and the segment's
+    minutes (dips below `clear` between them do not cancel it, but never open it; it lapses when
+    its latest raising value is that old), or at once on a value at or above `open_at_once`, and the segment's
     quiet time is over; an open alert resolves below `clear`, which starts `cooldown_min` of
     quiet. A missing (NaN) score changes nothing."""
     if "bounds" in d:  # a combined set: each run on its own
@@ -399,7 +399,7 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
             sure = open_at_once is not None and v[i] >= open_at_once
             if not live:
                 phase = "idle"
-            elif (sure or persisted) and (quiet is None or t[i] >= quiet):
+            elif v[i] >= clear and (sure or persisted) and (quiet is None or t[i] >= quiet):
                 phase = "open"
         elif phase == "open" and v[i] < clear:
             phase, quiet = "idle", t[i] + cool

@@ -163,6 +163,66 @@ fn open_after_counts_raising_values_in_a_window_through_flicker() {
     let (mut op, _) = rule(cfg);
     let e = run(&mut op, &[("s1", 0, Some(0.95)), ("s2", 0, Some(0.95)), ("s1", 1, None), ("s1", 2, Some(0.95))]);
     assert_eq!(e, vec![ev("s1", "open", 2)]);
+    // the count reached in the quiet time opens on the first row after it that holds, not on a dip
+    let (mut op, _) = rule(&format!("{cfg}open_at_once: 0.99\n"));
+    let e = run(&mut op, &series("s1", &[0.995, 0.1, 0.95, 0.95, 0.95, 0.95, 0.1, 0.95]));
+    assert_eq!(e, vec![ev("s1", "open", 0), ev("s1", "resolved", 1), ev("s1", "open", 7)]);
+    // nor on a row outside the active hours (18:59 raises, 19:00 is outside [7, 19))
+    let (mut op, _) = rule(&format!("{cfg}open_at_once: 0.99\nactive_hours: [7, 19]\n"));
+    assert_eq!(run(&mut op, &[("s1", 1139, Some(0.95)), ("s1", 1140, Some(0.995))]), vec![]);
+    // a late row's raise counts with the raises around its own time only: 60 and (late) 0 are
+    // an hour apart; 61 is within 3 minutes of 60
+    let (mut op, _) = rule(cfg);
+    let e = run(&mut op, &[("s1", 60, Some(0.95)), ("s1", 0, Some(0.95)), ("s1", 61, Some(0.95))]);
+    assert_eq!(e, vec![ev("s1", "open", 61)]);
+    // raises that lapsed start the pending alert afresh: its peak is the new episode's
+    let (mut op, _) = rule(cfg);
+    let e = run(&mut op, &[("s1", 0, Some(0.98)), ("s1", 4, Some(0.91)), ("s1", 5, Some(0.92))]);
+    assert_eq!(e, vec![ev("s1", "open", 5)]);
+    let (mut op, _) = rule(cfg);
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&[("s1", 0, Some(0.98)), ("s1", 4, Some(0.91)), ("s1", 5, Some(0.92))]), &mut out).unwrap();
+    let b = out.drain().last().unwrap().1;
+    assert_eq!(b.column_by_name("peak").unwrap().as_primitive::<Float64Type>().value(0), 0.92);
+}
+
+#[test]
+fn a_pending_count_survives_a_restore_and_a_change_of_persistence_test_needs_a_restart() {
+    let counting = "raise: 0.9\nclear: 0.5\nopen_after: {raises: 2, within: 3m}\n";
+    // raise at 0, snapshot, restore, raise at 1: the restored rule remembers the first raise
+    let (mut first, _) = rule(counting);
+    assert_eq!(run(&mut first, &series("s1", &[0.95])), vec![]);
+    let (mut second, _) = rule(counting);
+    second.restore(first.snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(run(&mut second, &[("s1", 1, Some(0.95))]), vec![ev("s1", "open", 1)]);
+    // a snapshot of the rule with min_duration (or from before open_after): the raise that
+    // started the pending alert counts, and a dip after the restore does not drop it
+    let (mut first, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 5m\n");
+    assert_eq!(run(&mut first, &series("s1", &[0.95])), vec![]);
+    let (mut second, _) = rule(counting);
+    second.restore(first.snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(run(&mut second, &[("s1", 1, Some(0.2)), ("s1", 2, Some(0.95))]), vec![ev("s1", "open", 2)]);
+    // the other way: min_duration counts from the latest raise, not from before a dip
+    let (mut first, _) = rule(counting);
+    assert_eq!(
+        run(&mut first, &[("s1", 0, Some(0.95)), ("s1", 1, Some(0.2)), ("s1", 2, Some(0.95))]),
+        vec![ev("s1", "open", 2)]
+    );
+    let (mut first, _) = rule("raise: 0.9\nclear: 0.5\nopen_after: {raises: 3, within: 5m}\n");
+    assert_eq!(run(&mut first, &[("s1", 0, Some(0.95)), ("s1", 1, Some(0.2)), ("s1", 2, Some(0.95))]), vec![]);
+    let (mut second, _) = rule("raise: 0.9\nclear: 0.5\nmin_duration: 2m\n");
+    second.restore(first.snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(run(&mut second, &[("s1", 3, Some(0.6))]), vec![], "held 1 minute since the raise at 2");
+    assert_eq!(run(&mut second, &[("s1", 4, Some(0.6))]), vec![ev("s1", "open", 4)]);
+    // live, the switch is refused (a pending alert's state differs); the count may change
+    let parse = |extra: &str| -> AlertConfig {
+        serde_saphyr::from_str(&format!("rule: r\nalert_type: x\nseverity: info\nvalue: score\n{extra}")).unwrap()
+    };
+    let e = parse(counting).live_change(&parse("raise: 0.9\nclear: 0.5\nmin_duration: 1m\n")).unwrap_err();
+    assert!(e.to_string().contains("persistence test"), "{e}");
+    assert!(
+        parse(counting).live_change(&parse("raise: 0.9\nclear: 0.5\nopen_after: {raises: 3, within: 5m}\n")).is_ok()
+    );
 }
 
 #[test]
@@ -330,8 +390,10 @@ fn plan_errors_name_the_key() {
         errs.iter().any(|e| e.key == "open_after" && e.help.as_deref().is_some_and(|h| h.contains("set one"))),
         "{errs:?}"
     );
-    let errs = plan("open_after: {raises: 1, within: 3m}\n");
-    assert!(errs.iter().any(|e| e.key == "open_after.raises"), "{errs:?}");
+    for raises in [1, 101] {
+        let errs = plan(&format!("open_after: {{raises: {raises}, within: 3m}}\n"));
+        assert!(errs.iter().any(|e| e.key == "open_after.raises" && e.message.contains("2..=100")), "{errs:?}");
+    }
     let errs = plan("open_after: {raises: 2, within: 0s}\n");
     assert!(errs.iter().any(|e| e.key == "open_after.within"), "{errs:?}");
     let typo: Result<AlertConfig, _> = serde_saphyr::from_str(&format!("{base}open_after: {{raise: 2, within: 3m}}\n"));

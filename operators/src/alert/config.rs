@@ -14,6 +14,9 @@ use crate::{BuildContext, Duration, Operator, OperatorConfig, OutputSpec, PlanEr
 
 use super::rule::{AlertRule, Events};
 
+/// The most raising values `open_after` may count (a pending alert keeps their times).
+const MAX_RAISES: usize = 100;
+
 /// `open_after`: how many raising values, within how long, open a pending alert.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,7 +119,7 @@ pub struct AlertConfig {
     #[serde(default)]
     pub min_duration: Duration,
     /// A value at or beyond this level opens a pending alert at once, without waiting for
-    /// `min_duration` (a persistence test that trusts a very sure value; `cooldown` still
+    /// `min_duration` or the `open_after` count (a persistence test that trusts a very sure value; `cooldown` still
     /// applies). Strictly beyond `raise`; a location whose own (calibrated) raise level is at or
     /// beyond it always waits `min_duration`. Default: none.
     #[serde(default)]
@@ -124,7 +127,9 @@ pub struct AlertConfig {
     /// A persistence test that takes flicker: a pending alert opens once `raises` values at or
     /// beyond the raise level fall within `within` (this one included); values below `clear`
     /// between them do not cancel it, and it lapses when its latest raising value is `within`
-    /// old. Instead of `min_duration` (setting both is a plan error). Default: none.
+    /// old (found on the location's next row; a silent location is resolved by `stale_after`).
+    /// A row below `clear` or outside `active_hours` never opens it. Instead of `min_duration`
+    /// (setting both is a plan error). Default: none.
     #[serde(default)]
     pub open_after: Option<OpenAfter>,
     /// After an alert resolves, how long its location stays quiet. Default `0s`.
@@ -225,10 +230,13 @@ impl AlertConfig {
             );
         }
         if let Some(p) = &self.open_after {
-            if p.raises < 2 {
+            if !(2..=MAX_RAISES).contains(&p.raises) {
                 errs.push(
-                    PlanError::new("open_after.raises", format!("{} raising value is no persistence test", p.raises))
-                        .with_help("use 2 or more, or leave `open_after` out: a raising value starts an alert"),
+                    PlanError::new("open_after.raises", format!("`raises: {}` is not in 2..={MAX_RAISES}", p.raises))
+                        .with_help(
+                            "fewer than 2 is no persistence test (leave `open_after` out: a raising value starts an alert); \
+                             for more than that, `min_duration` asks a value to hold",
+                        ),
                 );
             }
             if p.within.as_millis_i64() <= 0 {
@@ -257,8 +265,9 @@ impl AlertConfig {
         Ok(Cols { value, location, time, evidence })
     }
 
-    /// Live tuning: levels, durations, the storm limit, active hours, per-location thresholds
-    /// and severity may change; the columns and the rule's identity may not.
+    /// Live tuning: levels, durations (`open_after`'s count and window too), the storm limit,
+    /// active hours, per-location thresholds and severity may change; the columns, the rule's
+    /// identity and which persistence test it uses (`min_duration` or `open_after`) may not.
     pub fn live_change(&self, new: &AlertConfig) -> Result<(), LiveChangeError> {
         let same = |c: &AlertConfig| {
             (
@@ -270,13 +279,15 @@ impl AlertConfig {
                 c.evidence.clone(),
                 c.below,
                 c.storm.as_ref().map(|s| s.order),
+                // a pending alert's state differs between the two persistence tests
+                c.open_after.is_some(),
             )
         };
         if same(self) == same(new) {
             Ok(())
         } else {
             Err(LiveChangeError::NeedsRestart(
-                "an alert rule's name, type, columns, direction and storm order cannot change while running",
+                "an alert rule's name, type, columns, direction, storm order and persistence test (min_duration or open_after) cannot change while running",
             ))
         }
     }

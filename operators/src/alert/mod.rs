@@ -3,12 +3,13 @@
 //! Per location a rule moves through idle → pending → open → resolved:
 //! - **hysteresis**: a value at or beyond `raise` (the location's own threshold from
 //!   `thresholds` when there is one) starts a pending alert; it stays pending (and later open)
-//!   while the value stays at or beyond `clear`; `below: true` flips the comparisons (a speed
-//!   below a limit);
+//!   while the value stays at or beyond `clear` (a pending alert with `open_after`: until its
+//!   raises lapse); `below: true` flips the comparisons (a speed below a limit);
 //! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time),
 //!   or at once on a value at or beyond `open_at_once` (a very sure value needs no persistence);
 //!   with `open_after: {raises, within}` instead, once that many raising values fall within
-//!   that window, values below `clear` between them notwithstanding (a flickering score);
+//!   that window (a pending alert then outlives values below `clear` between them: a
+//!   flickering score; it opens on a row at or beyond `clear` only);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every`), never a new alert;
 //! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;

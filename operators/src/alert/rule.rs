@@ -289,8 +289,8 @@ impl AlertRule {
         st.phase = match phase {
             Phase::Idle => Phase::Idle,
             Phase::Pending { .. } if !holds && open_after.is_none() => Phase::Idle,
-            Phase::Pending { since, peak, mut raised } => {
-                let peak = better(peak, v);
+            Phase::Pending { mut since, peak, mut raised } => {
+                let mut peak = better(peak, v);
                 // only a level strictly beyond this location's own raise level (calibration may
                 // have moved it up to or past `open_at_once`): there every raising value would
                 // be "sure", and `min_duration` would never apply
@@ -301,19 +301,28 @@ impl AlertRule {
                     Some(p) => {
                         let from = t.saturating_sub(p.within.as_millis_i64());
                         raised.retain(|&r| r > from);
+                        if raised.is_empty() && raises {
+                            // the earlier raises lapsed: this value starts the pending alert afresh
+                            (since, peak) = (t, v);
+                        }
                         if raises {
-                            raised.push(t);
+                            // in time order, whatever the arrival order
+                            let at = raised.partition_point(|&r| r <= t);
+                            raised.insert(at, t);
                         }
                         // the oldest beyond `raises` can no longer decide anything
                         let extra = raised.len().saturating_sub(p.raises);
                         raised.drain(..extra);
-                        raised.len() >= p.raises
+                        // raises in (t - within, t]: a later row's raise does not count for a late row
+                        raised.iter().filter(|&&r| r <= t).count() >= p.raises
                     }
                 };
                 if open_after.is_some() && raised.is_empty() {
                     // its latest raising value is `within` old: it lapsed
                     Phase::Idle
-                } else if (sure || persisted) && t >= st.quiet_until {
+                } else if holds && (sure || persisted) && t >= st.quiet_until {
+                    // (with `open_after` a pending alert outlives values below clear and rows
+                    // outside the active hours: such a row never opens it)
                     if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
                         self.storm_join(loc, t);
                         Phase::Storm { peak }
@@ -536,15 +545,28 @@ impl Operator for AlertRule {
         for i in 0..state.num_rows() {
             let p = match phase.value(i) {
                 0 => Phase::Idle,
-                1 => Phase::Pending {
-                    since: opt_i(&since, i).ok_or_else(|| missing("since", i))?,
-                    peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
-                    raised: match id.is_valid(i) {
+                1 => {
+                    let since = opt_i(&since, i).ok_or_else(|| missing("since", i))?;
+                    let mut raised: Vec<i64> = match id.is_valid(i) {
                         true => serde_json::from_str(id.value(i))
                             .map_err(|e| bad(format!("row {i}: raising times {:?}: {e}", id.value(i))))?,
                         false => Vec::new(),
-                    },
-                },
+                    };
+                    raised.sort_unstable();
+                    // a snapshot of the rule with the other persistence test (a config changed
+                    // across a restart): with `open_after` the raise that started the pending
+                    // alert is its one raising time; with `min_duration` it holds from its
+                    // latest raise (it may have outlived a dip before)
+                    let since = match self.cfg.open_after {
+                        Some(_) if raised.is_empty() => {
+                            raised.push(since);
+                            since
+                        }
+                        Some(_) => since,
+                        None => std::mem::take(&mut raised).last().copied().unwrap_or(since),
+                    };
+                    Phase::Pending { since, peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?, raised }
+                }
                 2 => {
                     self.open += 1;
                     Phase::Open {
