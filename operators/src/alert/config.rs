@@ -21,7 +21,7 @@ const MAX_RAISES: usize = 100;
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAfter {
-    /// Raising values needed (2 or more).
+    /// Raising values needed (2 to 100).
     pub raises: usize,
     /// The window they must fall within (event time, the latest value's time included).
     pub within: Duration,
@@ -119,9 +119,10 @@ pub struct AlertConfig {
     #[serde(default)]
     pub min_duration: Duration,
     /// A value at or beyond this level opens a pending alert at once, without waiting for
-    /// `min_duration` or the `open_after` count (a persistence test that trusts a very sure value; `cooldown` still
-    /// applies). Strictly beyond `raise`; a location whose own (calibrated) raise level is at or
-    /// beyond it always waits `min_duration`. Default: none.
+    /// `min_duration` or the `open_after` count (a persistence test that trusts a very sure
+    /// value; `cooldown` still applies). Strictly beyond `raise`; a location whose own
+    /// (calibrated) raise level is at or beyond it always waits (`min_duration` or the count).
+    /// Default: none.
     #[serde(default)]
     pub open_at_once: Option<f64>,
     /// A persistence test that takes flicker: a pending alert opens once `raises` values at or

@@ -310,11 +310,12 @@ impl AlertRule {
                             let at = raised.partition_point(|&r| r <= t);
                             raised.insert(at, t);
                         }
-                        // the oldest beyond `raises` can no longer decide anything
+                        // raises in (t - within, t]: a later row's raise does not count for a late row
+                        let counted = raised.iter().filter(|&&r| r <= t).count();
+                        // then the oldest beyond `raises` can no longer decide anything for rows in order
                         let extra = raised.len().saturating_sub(p.raises);
                         raised.drain(..extra);
-                        // raises in (t - within, t]: a later row's raise does not count for a late row
-                        raised.iter().filter(|&&r| r <= t).count() >= p.raises
+                        counted >= p.raises
                     }
                 };
                 if open_after.is_some() && raised.is_empty() {
