@@ -483,8 +483,8 @@ impl Operator for AlertRule {
     }
 
     /// One row per location (phase `0` idle in cooldown, `1` pending (with `open_after`, its
-    /// raising times in `id`), `2` open, `3` in the storm summary), one per held row (`8`) and, while a storm summary is open, one row
-    /// without a location (`9`).
+    /// raising times in `id`), `2` open, `3` in the storm summary), one per held row (`8`)
+    /// and, while a storm summary is open, one row without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
         let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
