@@ -240,7 +240,10 @@ fn parse<C: Contract>(kind: EventKind, payload: &[u8]) -> Result<C::Wire<'_>, Re
     // UTF-8 checked once for the whole payload, not string by string (serde_json's `from_str`
     // skips its own check); a payload that is not UTF-8 gets `from_slice`'s error
     match std::str::from_utf8(payload) {
-        Ok(text) => serde_json::from_str::<C::Wire<'_>>(text),
+        Ok(text) => match C::scan(text) {
+            Some(wire) => return Ok(wire),
+            None => serde_json::from_str::<C::Wire<'_>>(text),
+        },
         Err(_) => serde_json::from_slice::<C::Wire<'_>>(payload),
     }
     .map_err(|e| json_reason(kind, &e, payload))

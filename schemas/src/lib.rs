@@ -11,13 +11,15 @@
 //!   plus a [`dead_letter`] batch that carries, for every rejected event, its source position,
 //!   the (truncated) payload and a precise [`Reason`].
 //!
-//! Decoding deserializes each payload straight into a borrowed, typed wire struct (no
-//! `serde_json::Value` trees) and appends it to Arrow builders.
+//! Decoding reads each payload straight into a borrowed, typed wire struct (no
+//! `serde_json::Value` trees) and appends it to Arrow builders: a flat object of the contract's
+//! keys in one pass of its own (`flat`), anything else through serde_json.
 
 #![deny(missing_docs)]
 
 pub mod dead_letter;
 mod decode;
+mod flat;
 mod kind;
 pub mod privacy;
 pub mod raw;

@@ -11,6 +11,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
+use crate::flat;
 use crate::kind::{CAMERA_KINDS, OBJECT_CLASSES};
 use crate::reason::{Reason, ReasonCode};
 
@@ -49,7 +50,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for TsWire<'a> {
     }
 }
 
-impl TsWire<'_> {
+impl<'a> TsWire<'a> {
+    /// `ts` as the fast path read it: an integer or a string (`None`: anything else).
+    fn scanned(v: flat::Value<'a>) -> Option<Self> {
+        match v {
+            flat::Value::Str(s) => Some(TsWire::Text(Cow::Borrowed(s))),
+            v => v.int().map(TsWire::Millis),
+        }
+    }
+
     /// Epoch milliseconds, or why the value is not a timestamp.
     pub(crate) fn to_millis(&self) -> Result<i64, Reason> {
         match self {
@@ -79,6 +88,10 @@ pub(crate) struct Accept<'a> {
 
 pub(crate) trait Contract: Default {
     type Wire<'a>: Deserialize<'a>;
+    /// The event read by the fast path ([`crate::flat`]); `None` leaves it to serde_json.
+    fn scan(_text: &str) -> Option<Self::Wire<'_>> {
+        None
+    }
     fn common<'b>(w: &'b Self::Wire<'_>) -> Common<'b>;
     /// Validates the kind-specific fields, then appends them (never a partial row).
     fn accept(&mut self, w: &Self::Wire<'_>, ctx: &mut Accept<'_>) -> Result<(), Reason>;
@@ -112,6 +125,15 @@ pub(crate) fn check_id(field: &str, v: &str) -> Result<(), Reason> {
     Ok(())
 }
 
+/// An optional number as the fast path read it: missing or `null` is `None`, a number
+/// `Some`; the outer `None` means neither (left to serde_json).
+fn optional_float(v: Option<flat::Value<'_>>) -> Option<Option<f64>> {
+    match v {
+        None | Some(flat::Value::Null) => Some(None),
+        Some(v) => v.float().map(Some),
+    }
+}
+
 fn check_f(field: &str, v: f64, lo: f64, hi: f64) -> Result<f32, Reason> {
     if v.is_finite() && (lo..=hi).contains(&v) {
         Ok(v as f32)
@@ -142,6 +164,7 @@ fn one_of(field: &str, v: &str, allowed: &[&str]) -> Result<(), Reason> {
 // ---------------------------------------------------------------- traffic
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug))]
 pub(crate) struct TrafficWire<'a> {
     #[serde(borrow)]
     event_id: Cow<'a, str>,
@@ -159,6 +182,20 @@ pub(crate) struct TrafficWire<'a> {
     speed_kmh: Option<f64>,
 }
 
+/// The keys of a traffic event, in the order the fast path expects them first.
+const TRAFFIC_KEYS: [&str; 10] = [
+    "event_id",
+    "ts",
+    "schema_version",
+    "sensor_id",
+    "segment_id",
+    "lane",
+    "interval_s",
+    "flow",
+    "occupancy",
+    "speed_kmh",
+];
+
 /// Builders of the traffic-specific columns.
 #[derive(Default)]
 pub(crate) struct Traffic {
@@ -175,6 +212,22 @@ pub(crate) struct Traffic {
 /// occupancy 0..=1, speed 0..=250 km/h and null only when flow is 0.
 impl Contract for Traffic {
     type Wire<'a> = TrafficWire<'a>;
+    fn scan(text: &str) -> Option<TrafficWire<'_>> {
+        let [event_id, ts, schema_version, sensor_id, segment_id, lane, interval_s, flow, occupancy, speed_kmh] =
+            flat::scan(text, &TRAFFIC_KEYS)?;
+        Some(TrafficWire {
+            event_id: Cow::Borrowed(event_id?.str()?),
+            ts: TsWire::scanned(ts?)?,
+            schema_version: schema_version?.int()?,
+            sensor_id: Cow::Borrowed(sensor_id?.str()?),
+            segment_id: Cow::Borrowed(segment_id?.str()?),
+            lane: lane?.int()?,
+            interval_s: interval_s?.int()?,
+            flow: flow?.int()?,
+            occupancy: occupancy?.float()?,
+            speed_kmh: optional_float(speed_kmh)?,
+        })
+    }
     fn common<'b>(w: &'b TrafficWire<'_>) -> Common<'b> {
         Common { event_id: &w.event_id, ts: &w.ts, schema_version: w.schema_version }
     }
@@ -359,6 +412,7 @@ pub(crate) const ENVIRONMENT_MEASURES: [Measure; 8] = [
 ];
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug))]
 pub(crate) struct EnvironmentWire<'a> {
     #[serde(borrow)]
     event_id: Cow<'a, str>,
@@ -377,6 +431,22 @@ pub(crate) struct EnvironmentWire<'a> {
     rain_mm_h: Option<f64>,
 }
 
+/// The keys of an environment event, in the order the fast path expects them first.
+const ENVIRONMENT_KEYS: [&str; 12] = [
+    "event_id",
+    "ts",
+    "schema_version",
+    "station_id",
+    "pm25",
+    "pm10",
+    "no2",
+    "o3",
+    "noise_db",
+    "temp_c",
+    "humidity",
+    "rain_mm_h",
+];
+
 /// Builders of the environment-specific columns.
 #[derive(Default)]
 pub(crate) struct Environment {
@@ -388,6 +458,24 @@ pub(crate) struct Environment {
 /// physical range in [`ENVIRONMENT_MEASURES`].
 impl Contract for Environment {
     type Wire<'a> = EnvironmentWire<'a>;
+    fn scan(text: &str) -> Option<EnvironmentWire<'_>> {
+        let [event_id, ts, schema_version, station_id, pm25, pm10, no2, o3, noise_db, temp_c, humidity, rain_mm_h] =
+            flat::scan(text, &ENVIRONMENT_KEYS)?;
+        Some(EnvironmentWire {
+            event_id: Cow::Borrowed(event_id?.str()?),
+            ts: TsWire::scanned(ts?)?,
+            schema_version: schema_version?.int()?,
+            station_id: Cow::Borrowed(station_id?.str()?),
+            pm25: optional_float(pm25)?,
+            pm10: optional_float(pm10)?,
+            no2: optional_float(no2)?,
+            o3: optional_float(o3)?,
+            noise_db: optional_float(noise_db)?,
+            temp_c: optional_float(temp_c)?,
+            humidity: optional_float(humidity)?,
+            rain_mm_h: optional_float(rain_mm_h)?,
+        })
+    }
     fn common<'b>(w: &'b EnvironmentWire<'_>) -> Common<'b> {
         Common { event_id: &w.event_id, ts: &w.ts, schema_version: w.schema_version }
     }
