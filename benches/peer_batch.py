@@ -16,7 +16,8 @@ deduplicates by `event_id`, aggregates 5-minute windows per segment (count, sum,
   consumed, decoded and written to Parquet row by row (no dedup or windows), the issue's
   decode-only rate; with `--broker-pid PID` (the broker's JVM, e.g. `deploy/kafka/run/kafka.pid`),
   how busy the two cores were during Kafka runs: citystream's CPU and the broker's over twice
-  the wall time.
+  the wall time; `--compression` picks the producer's codec (zstd by default: the fewest bytes
+  on the wire and on the broker's disk, and the consumer decompresses them).
 
 Each run is a fresh process; wall time, CPU (user + system, from `wait4`) and peak RSS are
 the child's. Medians of `--repeat` runs, interleaved engine by engine. The windows of the
@@ -27,7 +28,7 @@ does not pass unnoticed.
     .venv/bin/pip install -r benches/requirements.txt
     cargo build --release -p citystream-pipeline --bin citystream
     .venv/bin/python benches/peer_batch.py target/release/citystream --repeat 3 [--kafka 127.0.0.1:9092]
-        [--decode-only] [--broker-pid PID] [--events 3000000]
+        [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4]
 """
 
 import argparse
@@ -150,15 +151,16 @@ def process_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def produce(brokers, topic, events, partitions):
-    """Creates `topic` and produces the lines of `events` to it, keyed by sensor."""
+def produce(brokers, topic, events, partitions, compression):
+    """Creates `topic` and produces the lines of `events` to it, keyed by sensor, compressed
+    with `compression`."""
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": brokers})
     for f in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
         f.result()
-    p = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "compression.type": "zstd",
+    p = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "compression.type": compression,
                   "enable.idempotence": True, "queue.buffering.max.messages": 500000})
     with open(events, "rb") as f:
         for line in f:
@@ -245,12 +247,14 @@ def main():
     ap.add_argument("--partitions", type=int, default=2, help="partitions of that topic")
     ap.add_argument("--decode-only", action="store_true", help="with --kafka: also decode -> Parquet alone")
     ap.add_argument("--broker-pid", type=int, help="with --kafka: the broker's pid, for how busy the cores were")
+    ap.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "snappy", "gzip", "none"],
+                    help="with --kafka: the producer's codec")
     args = ap.parse_args()
     if args.generate:
         print(generate(args.generate, args.events, args.seed))
         return
     if args.produce:
-        produce(args.kafka, args.produce[0], args.produce[1], args.partitions)
+        produce(args.kafka, args.produce[0], args.produce[1], args.partitions, args.compression)
         return
     with tempfile.TemporaryDirectory() as d:
         events = os.path.join(d, "traffic.jsonl")
@@ -268,9 +272,9 @@ def main():
             t0 = time.perf_counter()
             # in a process of its own too (the producer's buffers)
             cmd = [sys.executable, __file__, args.citystream, "--kafka", args.kafka]
-            cmd += ["--partitions", str(args.partitions), "--produce", topic, events]
+            cmd += ["--partitions", str(args.partitions), "--compression", args.compression, "--produce", topic, events]
             subprocess.run(cmd, check=True)
-            print(f"produced to {topic} ({args.partitions} partitions) in {time.perf_counter() - t0:.1f} s")
+            print(f"produced to {topic} ({args.partitions} partitions, {args.compression}) in {time.perf_counter() - t0:.1f} s")
             results["citystream-kafka"] = []
             if args.decode_only:
                 results["citystream-kafka-decode"] = []

@@ -401,6 +401,37 @@ mod tests {
     }
 
     #[test]
+    fn the_camera_fast_path_reads_what_serde_json_reads() {
+        let event = |r: &mut Rng| {
+            let plate_read = r.below(2) == 0;
+            let mut fields = vec![
+                ("event_id", format!("\"cam-{}\"", r.below(1 << 20))),
+                ("ts", format!("{}", 1_772_409_600_000u64 + r.below(1 << 30) as u64)),
+                ("schema_version", "1".into()),
+                ("camera_id", format!("\"cam-{:03}\"", r.below(200))),
+                ("zone_id", format!("\"zone-{}\"", r.below(50))),
+                ("kind", r.pick(&["\"plate_read\"", "\"line_crossing\"", "\"stalled_vehicle\""]).into()),
+                ("object_class", r.pick(&["\"car\"", "\"truck\"", "\"bus\""]).into()),
+                ("count", format!("{}", r.below(30))),
+                ("track_id", if plate_read { format!("\"trk-{}\"", r.below(1000)) } else { "null".into() }),
+                ("plate", if plate_read { format!("\"AB-{:04}\"", r.below(9999)) } else { "null".into() }),
+                ("confidence", format!("{}", 0.7 + 0.29 * r.below(1 << 20) as f64 / (1 << 20) as f64)),
+                (
+                    "thumbnail",
+                    if r.below(4) == 0 { format!("\"{}\"", "QUJD".repeat(r.below(300))) } else { "null".into() },
+                ),
+            ];
+            if r.below(3) == 0 {
+                // `plate` and `track_id` may be left out
+                fields.retain(|(k, v)| !(v == "null" && (*k == "plate" || *k == "track_id")));
+            }
+            fields
+        };
+        let (fast, slow) = same_as_serde::<crate::wire::Camera>(event);
+        assert!(fast > 20_000 && slow > 15_000, "fast {fast}, slow {slow}");
+    }
+
+    #[test]
     fn the_environment_fast_path_reads_what_serde_json_reads() {
         let event = |r: &mut Rng| {
             vec![
