@@ -255,6 +255,64 @@ mod tests {
         assert_eq!(Value::Null.float(), None);
     }
 
+    #[test]
+    fn the_word_test_finds_every_quote_backslash_and_control_byte() {
+        for filler in [b'a', b' ', 0x7f, 0x80, 0xa2, 0xc3, 0xe2, 0xff] {
+            for at in 0..8 {
+                for byte in 0..=255u8 {
+                    let mut word = [filler; 8];
+                    word[at] = byte;
+                    let expected = byte == b'"' || byte == b'\\' || byte < 0x20;
+                    assert_eq!(special(u64::from_le_bytes(word)), expected, "byte {byte:#x} at {at} among {filler:#x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_string_ends_at_its_quote_and_gives_up_at_an_escape_or_control_character_anywhere() {
+        for at in 0..20 {
+            let body: String = "é-abcdefghijklmnopqrstuvwxyz".chars().take(at).collect();
+            let text = format!("\"{body}\" tail");
+            assert_eq!(string(&text, 1), Some((body.as_str(), body.len() + 2)), "{text}");
+            for bad in ["\\n", "\u{1}", "\u{1f}", "\n", "\t"] {
+                let text = format!("\"{body}{bad}rest of a long string\"");
+                assert_eq!(string(&text, 1), None, "{text:?}");
+            }
+            assert_eq!(string(&format!("\"{body}"), 1), None, "unterminated");
+        }
+    }
+
+    #[test]
+    fn numbers_read_as_serde_json_reads_them() {
+        // signs, zeros, trailing zeros, 18 digits above 2^53, and a value whose last bit
+        // differs with serde_json's `float_roundtrip` (which must stay off for the paths to agree)
+        for text in [
+            "0",
+            "-0",
+            "-0.0",
+            "0.000",
+            "1.50",
+            "0.1",
+            "0.3",
+            "23.8",
+            "-12.25",
+            "9007199254740993",
+            "123456789012345678",
+            "12345678.9012345678",
+            "0.12345678901234567",
+            "61.8227913935318852",
+            "999999999999999999",
+        ] {
+            let by_serde: f64 = serde_json::from_str(text).unwrap();
+            assert_eq!(Value::Num(text).float().map(f64::to_bits), Some(by_serde.to_bits()), "{text}");
+            if let Some(v) = Value::Num(text).int() {
+                assert_eq!(Some(v), serde_json::from_str::<i64>(text).ok(), "{text}");
+            }
+        }
+        assert_eq!(Value::Num("61.8227913935318852").float(), Some(61.822791393531894));
+    }
+
     /// A small deterministic generator (xorshift), so a failure names its case.
     struct Rng(u64);
 
@@ -363,6 +421,16 @@ mod tests {
             } else {
                 payload(&mut r, fields)
             };
+            if case % 400 == 0 {
+                // every cut of a payload is refused by one path or read alike by both
+                for end in (0..text.len()).filter(|e| text.is_char_boundary(*e)) {
+                    let cut = &text[..end];
+                    if let Some(w) = C::scan(cut) {
+                        let by_serde = serde_json::from_str::<C::Wire<'_>>(cut).expect("serde reads the cut too");
+                        assert_eq!(format!("{w:?}"), format!("{by_serde:?}"), "{cut}");
+                    }
+                }
+            }
             match C::scan(&text) {
                 Some(w) => {
                     fast += 1;

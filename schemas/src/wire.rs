@@ -89,6 +89,8 @@ pub(crate) struct Accept<'a> {
 pub(crate) trait Contract: Default {
     type Wire<'a>: Deserialize<'a>;
     /// The event read by the fast path ([`crate::flat`]); `None` leaves it to serde_json.
+    /// Every field present must be read through `Value::str`, `int` or `float` (which check
+    /// its form: `flat::scan` does not), and any it refuses must give `None`.
     fn scan(_text: &str) -> Option<Self::Wire<'_>> {
         None
     }
@@ -301,14 +303,25 @@ pub(crate) struct CameraWire<'a> {
     #[serde(borrow)]
     object_class: Cow<'a, str>,
     count: i64,
-    #[serde(borrow)]
+    /// Personal data, like `plate`.
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     track_id: Option<Cow<'a, str>>,
-    /// Personal data: borrowed from the payload, hashed into a pseudonym, never copied.
-    #[serde(borrow, default)]
+    /// Personal data: borrowed from the payload (copied only where it has escapes), hashed
+    /// into a pseudonym, never stored.
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     plate: Option<Cow<'a, str>>,
     confidence: f64,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed_option")]
     thumbnail: Option<Cow<'a, str>>,
+}
+
+/// An optional string borrowed from the payload where it has no escapes: serde borrows a bare
+/// `Cow<str>` field marked `borrow` but copies one inside an `Option` (with `default`, a
+/// missing field is `None` as before).
+fn borrowed_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Option::<Borrowed<'de>>::deserialize(d).map(|o| o.map(|b| b.0))
 }
 
 /// The keys of a camera event, in the order the fast path expects them first.
@@ -560,5 +573,26 @@ impl Contract for Environment {
         let mut cols: Vec<ArrayRef> = vec![Arc::new(self.station_id.finish())];
         cols.extend(self.values.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
         cols
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_json_borrows_the_plate_and_track_id_too() {
+        // an escape in `zone_id` leaves this payload to serde_json
+        let text = r#"{"event_id":"c-1","ts":1772409600000,"schema_version":1,"camera_id":"cam-1","zone_id":"z\u0031",
+            "kind":"plate_read","object_class":"car","count":1,"track_id":"trk-1","plate":"AB-1234","confidence":0.9}"#;
+        assert!(Camera::scan(text).is_none());
+        let w: CameraWire<'_> = serde_json::from_str(text).unwrap();
+        assert!(matches!(w.plate, Some(Cow::Borrowed("AB-1234"))), "{:?}", w.plate);
+        assert!(matches!(w.track_id, Some(Cow::Borrowed("trk-1"))), "{:?}", w.track_id);
+        assert!(w.thumbnail.is_none());
+        // an escaped plate is unescaped into a copy, as it must be
+        let escaped = text.replace("AB-1234", r"AB\u002d1234");
+        let w: CameraWire<'_> = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(w.plate.as_deref(), Some("AB-1234"));
     }
 }
