@@ -1,10 +1,10 @@
 //! The fast path of decoding: one pass over a flat JSON object of known keys.
 //!
 //! Nearly every event a sensor sends is one flat object whose keys are the contract's own, whose
-//! strings carry no escapes and whose numbers are plain non-negative decimals. [`scan`] reads
-//! such an object without serde's per-field machinery. Anything else makes it give up (`None`)
-//! — an escape, a nested value, `true`/`false`, an unknown or repeated key, an exponent, a
-//! negative integer, a leading zero, more than 18 digits, text after the object — and the caller parses the
+//! strings carry no escapes and whose numbers are plain decimals. [`scan`] reads such an object
+//! without serde's per-field machinery. Anything else makes it give up (`None`) — an escape, a
+//! nested value, `true`/`false`, an unknown or repeated key, an exponent, a negative integer, a
+//! leading zero, more than 18 digits, text after the object — and the caller parses the
 //! payload with serde_json as before. So the fast path only answers where serde_json would have
 //! accepted the payload, and then with the same values: integers are exact, and a decimal is
 //! computed as serde_json computes it (its digits as one integer, divided by a power of ten
@@ -41,13 +41,15 @@ impl<'a> Value<'a> {
     /// The value of a plain non-negative integer (no leading zero, no `.`, no sign).
     pub(crate) fn int(self) -> Option<i64> {
         let Value::Num(s) = self else { return None };
+        // (a point is always followed by a digit: no digits after it means no point)
         let (v, frac) = digits(s)?;
-        (frac == 0 && !s.contains('.')).then_some(v as i64)
+        (frac == 0).then_some(v as i64)
     }
 
     /// The value of a plain decimal (a minus sign allowed), computed as serde_json computes
     /// it: all digits as one integer, converted, divided once by ten to the number of digits
-    /// after the point, then negated for a minus sign (`-0` is -0.0, as there).
+    /// after the point (by 1 for an integer: exact), then negated for a minus sign (`-0` is
+    /// -0.0, as there).
     pub(crate) fn float(self) -> Option<f64> {
         let Value::Num(s) = self else { return None };
         let (negative, s) = match s.strip_prefix('-') {
@@ -55,7 +57,7 @@ impl<'a> Value<'a> {
             None => (false, s),
         };
         let (v, frac) = digits(s)?;
-        let f = if frac == 0 { v as f64 } else { v as f64 / POW10[frac] };
+        let f = v as f64 / POW10[frac];
         Some(if negative { -f } else { f })
     }
 }

@@ -127,22 +127,23 @@ pub(crate) fn check_id(field: &str, v: &str) -> Result<(), Reason> {
     Ok(())
 }
 
-/// An optional number as the fast path read it: missing or `null` is `None`, a number
-/// `Some`; the outer `None` means neither (left to serde_json).
-fn optional_float(v: Option<flat::Value<'_>>) -> Option<Option<f64>> {
+/// An optional field as the fast path read it: missing or `null` is `None`, a value `read`
+/// takes `Some`; the outer `None` means neither (left to serde_json).
+fn optional<'a, T>(v: Option<flat::Value<'a>>, read: impl Fn(flat::Value<'a>) -> Option<T>) -> Option<Option<T>> {
     match v {
         None | Some(flat::Value::Null) => Some(None),
-        Some(v) => v.float().map(Some),
+        Some(v) => read(v).map(Some),
     }
 }
 
-/// An optional string as the fast path read it: missing or `null` is `None`, a string `Some`
-/// (borrowed from the payload); the outer `None` means neither (left to serde_json).
+/// An optional number as the fast path read it (see [`optional`]).
+fn optional_float(v: Option<flat::Value<'_>>) -> Option<Option<f64>> {
+    optional(v, flat::Value::float)
+}
+
+/// An optional string as the fast path read it, borrowed from the payload (see [`optional`]).
 fn optional_str(v: Option<flat::Value<'_>>) -> Option<Option<Cow<'_, str>>> {
-    match v {
-        None | Some(flat::Value::Null) => Some(None),
-        Some(v) => v.str().map(|s| Some(Cow::Borrowed(s))),
-    }
+    optional(v, |v| v.str().map(Cow::Borrowed))
 }
 
 fn check_f(field: &str, v: f64, lo: f64, hi: f64) -> Result<f32, Reason> {
