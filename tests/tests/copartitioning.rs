@@ -801,9 +801,9 @@ fn expand(text: &str, vars: &[(&str, String)]) -> String {
 /// per-partition tasks, a global task, static membership and the state on object storage) as
 /// the chart's StatefulSet runs it: two pods, each with its own volume (`CITYSTREAM_DATA`: its
 /// lake and DP budgets), one `s3://` state URL (the test's S3-compatible server) and the keys
-/// of one Secret. While the topics fill, the pod running a task with traffic is killed with
+/// of one Secret. While the topics fill, a pod running tasks with traffic is killed with
 /// SIGKILL at a moment when files its tasks' manifests commit still wait, hidden, to be
-/// published; once the other restored its tasks, it comes back under the same name on the same
+/// published (either pod, whichever is first seen in that state); once the other restored its tasks, it comes back under the same name on the same
 /// volume, as a rescheduled pod does, and publishes them before it joins the group. The union of the two pods' lakes holds exactly the
 /// tables of one process running the same file: the files a task's checkpoint committed
 /// but its killed writer had not yet published lie on the killed pod's volume, out of the new
@@ -895,9 +895,6 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
         std::thread::sleep(Duration::from_millis(100));
     }
     let reached = partitions_with_traffic(&graph);
-    let victim = (0..2).find(|i| !running_tasks(&logs[*i]).is_disjoint(&reached)).expect("a pod with traffic");
-    let other = 1 - victim;
-    let moved: Vec<i32> = running_tasks(&logs[victim]).intersection(&reached).copied().collect();
     let producing = tokio::spawn({
         let topics = topics.clone();
         let cfg = cfg.clone();
@@ -911,41 +908,67 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
             .await
         }
     });
-    // mid-stream: the victim published files of its tasks
-    let lake = pods[victim].join("lake/traffic");
+    // mid-stream: the pods published files of their tasks
     let t0 = Instant::now();
-    while walk(&lake).iter().filter(|p| p.ends_with(".parquet")).count() < 3 {
+    while pods.iter().flat_map(|pod| walk(&pod.join("lake/traffic"))).filter(|p| p.ends_with(".parquet")).count() < 3 {
         if t0.elapsed() > Duration::from_secs(90) {
             procs.iter_mut().for_each(|p| drop(p.kill()));
-            panic!("the pod published traffic files within 90 s:\n{}", std::fs::read_to_string(&logs[victim]).unwrap());
+            let text: Vec<String> = logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
+            panic!("the pods published traffic files within 90 s:\n{}", text.join("\n---\n"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // killed while files its tasks' manifests commit still wait to be published: paused, looked
-    // at, and killed only then (else resumed, and looked at again)
+    eprintln!("traffic files published {:?} after the producer started", t0.elapsed());
+    // killed while files its tasks' manifests commit still wait to be published: a pod running
+    // tasks with traffic is paused, looked at, and killed only then (else resumed, and the next
+    // one looked at)
     let url = citystream_pipeline::task::StateUrl::parse(&state_url).unwrap();
-    let committed_pending = || {
+    let pending = |pod: usize| {
         let committed = citystream_pipeline::task::layout(&url).unwrap().committed;
-        walk(&pods[victim].join("lake"))
+        let pending: Vec<_> =
+            walk(&pods[pod].join("lake")).iter().filter_map(|p| pending_name(p.rsplit('/').next().unwrap())).collect();
+        let n = pending
             .iter()
-            .filter_map(|p| pending_name(p.rsplit('/').next().unwrap()))
             .filter(|(lineage, writer, epoch)| {
                 committed.get(lineage).is_some_and(|ws| ws.iter().any(|(w, upto)| w == writer && epoch <= upto))
             })
-            .count()
+            .count();
+        (n, pending, committed)
     };
-    let pid = procs[victim].id() as i32;
     let t0 = Instant::now();
-    let stranded = loop {
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
-        let n = committed_pending();
-        if n > 0 {
-            break n;
+    let (victim, stranded) = 'caught: loop {
+        for pod in (0..2).filter(|i| !running_tasks(&logs[*i]).is_disjoint(&reached)) {
+            let pid = procs[pod].id() as i32;
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let n = pending(pod).0;
+            if n > 0 {
+                eprintln!("pod {pod}: {n} committed files pending after {:?}", t0.elapsed());
+                break 'caught (pod, n);
+            }
+            unsafe { libc::kill(pid, libc::SIGCONT) };
         }
-        unsafe { libc::kill(pid, libc::SIGCONT) };
-        assert!(t0.elapsed() < Duration::from_secs(60), "committed files pending on the pod within 60 s");
+        if t0.elapsed() > Duration::from_secs(120) {
+            procs.iter_mut().for_each(|p| drop(p.kill()));
+            let seen: Vec<String> = (0..2)
+                .map(|pod| {
+                    let (_, waiting, committed) = pending(pod);
+                    format!(
+                        "pod {pod} running {:?}, pending {waiting:?}, committed {committed:?}\n{}",
+                        running_tasks(&logs[pod]),
+                        std::fs::read_to_string(&logs[pod]).unwrap()
+                    )
+                })
+                .collect();
+            panic!(
+                "committed files pending on a pod within 120 s (the producer done: {}):\n{}",
+                producing.is_finished(),
+                seen.join("\n---\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(300));
     };
+    let other = 1 - victim;
+    let moved: Vec<i32> = running_tasks(&logs[victim]).intersection(&reached).copied().collect();
     procs[victim].kill().unwrap();
     procs[victim].wait().unwrap();
     let killed_at = chrono::Utc::now();
