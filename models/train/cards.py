@@ -228,6 +228,7 @@ def incident(m):
             out.append(row([label, name, f"{v['incidents']} ({v['detectable']})", f"{v['detection_rate']} ({v['detection_rate_all']})",
                             v["false_alarms_per_corridor_hour"], v["near_incident_per_corridor_hour"], v["false_alarm_rate"],
                             v["mean_time_to_detect_min"]]))
+    out += by_condition_md(c["by_condition"])
     spread = c["seed_spread"]
     out += ["", "### How much the seed decides", "",
             f"The same recipe trained with seeds {', '.join(map(str, spread['seeds']))} (the deployed file is "
@@ -257,6 +258,31 @@ def incident(m):
             "- `detectable` is a speed drop near the incident; a slowdown from another cause at the same time "
             "(the morning peak, a ramp queue) can make an incident count as detectable too.", ""]
     return "\n".join(out)
+
+
+def by_condition_md(rows):
+    """the held-out SUMO scenarios by condition (train.py's `by_condition`), both deployed rules
+    side by side"""
+    cal, model = "California #7, alert rule", "incident_fp32, alert rule"
+    out = ["", "### Held-out SUMO scenarios by condition", "",
+           "Every held-out SUMO scenario (the two unseen families and the held-out scenarios of the three "
+           "trained ones), grouped by what `sumo_scenarios.py` drew for it (`models/train/conditions.py`), through "
+           "the deployed rules (`, alert rule` above): where the detectors fail, whatever the road. A group pools "
+           "roads of different speeds, and the draws are not spread evenly over the families (see each group's "
+           "scenarios by family: a condition met mostly on an unseen road is confounded with that road); the "
+           "incident kinds share every scenario's minutes, so their false alarms are those of the whole set.", "",
+           row(["condition", "group", "scenarios (by family)", "incidents (detectable)", "detection rate: California #7 / incident_fp32",
+                "false alarms / corridor-hour: California #7 / incident_fp32",
+                "mean time to detect (min): California #7 / incident_fp32"]), row(["---"] * 7)]
+    dash = lambda v: "-" if v is None else v  # noqa: E731
+    for r in rows:
+        a, b = r[cal], r[model]
+        by_family = ", ".join(f"{f} {n}" for f, n in sorted(r["families"].items())) if r["families"] else "all"
+        out.append(row([r["condition"], r["group"], f"{r['scenarios']} ({by_family})", f"{b['incidents']} ({b['detectable']})",
+                        f"{dash(a['detection_rate'])} / {dash(b['detection_rate'])}",
+                        f"{dash(a['false_alarms_per_corridor_hour'])} / {dash(b['false_alarms_per_corridor_hour'])}",
+                        f"{dash(a['mean_time_to_detect_min'])} / {dash(b['mean_time_to_detect_min'])}"]))
+    return out
 
 
 def main():
