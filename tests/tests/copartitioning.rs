@@ -952,10 +952,24 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
             let seen: Vec<String> = (0..2)
                 .map(|pod| {
                     let (_, waiting, committed) = pending(pod);
+                    // its tasks' comings and goings, warnings and errors, and how its log ends
+                    let log = std::fs::read_to_string(&logs[pod]).unwrap();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let telling: Vec<&str> = lines
+                        .iter()
+                        .copied()
+                        .filter(|l| {
+                            [" WARN ", " ERROR ", "task started", "task revoked", "task ended", "ending", "leaving"]
+                                .iter()
+                                .any(|w| l.contains(w))
+                                && !l.contains("provider")
+                        })
+                        .collect();
                     format!(
-                        "pod {pod} running {:?}, pending {waiting:?}, committed {committed:?}\n{}",
+                        "pod {pod} running {:?}, pending {waiting:?}, committed {committed:?}\n{}\n[...]\n{}",
                         running_tasks(&logs[pod]),
-                        std::fs::read_to_string(&logs[pod]).unwrap()
+                        telling.join("\n"),
+                        lines[lines.len().saturating_sub(40)..].join("\n")
                     )
                 })
                 .collect();
