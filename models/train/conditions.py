@@ -53,12 +53,12 @@ def scenario_groups(runs):
 
 
 def incident_kinds(runs):
-    """{kind: the incident ids of that kind}: `breakdown` (a stopped vehicle in one lane) or
+    """{kind: the set of incident ids of that kind}: `breakdown` (a stopped vehicle in one lane) or
     `closure` (1 to lanes-1 lanes). incidents.csv lists a scenario's incidents in its report's
     order, with ids `{family}-{scenario:02}-{index}`."""
     kinds = {}
     for r in runs:
         listed = r["meta"]["incidents"]
         for inc in r["incidents"]:
-            kinds.setdefault(listed[int(inc["id"].rsplit("-", 1)[1])]["kind"], []).append(inc["id"])
+            kinds.setdefault(listed[int(inc["id"].rsplit("-", 1)[1])]["kind"], set()).add(inc["id"])
     return kinds

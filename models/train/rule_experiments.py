@@ -27,20 +27,22 @@ import train as T
 KEYS = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
 
 
-def joined_false_alarms(runs, alarms, reach):
+def joined_false_alarms(runs, alarm, bounds, reach):
     """False alarms per corridor-hour counting only the onsets with no alert of the rule open
-    within `reach` segments of theirs at that minute."""
+    within `reach` segments of theirs at that minute (`alarm`: the rule's over the runs
+    combined, run k's rows from bounds[k] to bounds[k + 1])."""
     onsets, hours = 0, 0.0
-    for r, alarm in zip(runs, alarms):
+    for r, lo, hi in zip(runs, bounds[:-1], bounds[1:]):
         free = ~r["grace"]
         hours += float(free.sum()) / (8 * 60)
-        is_open, was = {}, {}
+        is_open = {}  # per segment, whether its alert is open (as of its latest row)
         for i in np.lexsort((r["seg"], r["t"])):  # minute by minute, segments in a fixed order
             s = r["seg"][i]
-            if alarm[i] and not was.get(s, False) and free[i]:
+            a = bool(alarm[lo + i])
+            if a and not is_open.get(s, False) and free[i]:
                 near = T.neighbourhood(s, r["graph"], reach) - {s}
                 onsets += not any(is_open.get(n, False) for n in near)
-            was[s] = is_open[s] = bool(alarm[i])
+            is_open[s] = a
     return round(onsets / hours, 3)
 
 
@@ -66,15 +68,15 @@ def main():
     for name, runs in sets.items():
         d = T.combine(runs)
         score = T.run(sess, d["x"])[:, 0].astype(np.float64)
-        cells = {"deployed": T.detection_metrics(d, rule(d, score))}
+        deployed = rule(d, score)
+        cells = {"deployed": T.detection_metrics(d, deployed)}
         agreed = np.where(T.california7(d, *cal_t) & (score >= thr), 1.0, score)
         cells["+ California agreement"] = T.detection_metrics(d, rule(d, agreed))
         speed = np.minimum(d["x"][:, s1], d["x"][:, s5]) / np.maximum(d["x"][:, T.FREE_INDEX], 1.0)
         for gate in (0.9, 0.8, 0.7):
             cells[f"speed gate {gate}"] = T.detection_metrics(d, rule(d, np.where(speed < gate, score, 0.0)))
         line = [f"{k}: {' / '.join(str(v[key]) for key in KEYS)}" for k, v in cells.items()]
-        alarms = [rule(r, T.run(sess, r["x"])[:, 0].astype(np.float64)) for r in runs]
-        line += [f"joined within {n}: - / {joined_false_alarms(runs, alarms, n)} / -" for n in (1, 2)]
+        line += [f"joined within {n}: - / {joined_false_alarms(runs, deployed, d['bounds'], n)} / -" for n in (1, 2)]
         print(f"{name}\n  " + "\n  ".join(line))
 
 

@@ -12,6 +12,7 @@ Everything is seeded; the same data gives the same models byte for byte.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime as dt
 import hashlib
@@ -603,16 +604,13 @@ def by_condition(runs, score, thr, at_once, california):
     rows = []
     for condition, group, rs in C.scenario_groups(runs):
         d = combine(rs)
-        families = {}
-        for r in rs:
-            families[r["family"]] = families.get(r["family"], 0) + 1
+        families = dict(collections.Counter(r["family"] for r in rs))
         rows.append({"condition": condition, "group": group, "scenarios": len(rs), "families": families,
                      **{k: detection_metrics(d, a) for k, a in rules(d).items()}})
     d = combine(runs)
     alarms = rules(d)
     for kind, ids in sorted(C.incident_kinds(runs).items()):
-        of_kind = dict(d, incidents=[i for i in d["incidents"] if i["id"] in set(ids)])
-        of_kind.pop("near_incident", None)
+        of_kind = dict(d, incidents=[i for i in d["incidents"] if i["id"] in ids])
         rows.append({"condition": "incident kind", "group": kind, "scenarios": len(runs), "families": None,
                      **{k: {**detection_metrics(of_kind, a), "false_alarms_per_corridor_hour": None}
                         for k, a in alarms.items()}})
