@@ -803,9 +803,10 @@ fn expand(text: &str, vars: &[(&str, String)]) -> String {
 /// lake and DP budgets), one `s3://` state URL (the test's S3-compatible server) and the keys
 /// of one Secret. While the topics fill, a pod running tasks with traffic is killed with
 /// SIGKILL at a moment when files its tasks' manifests commit still wait, hidden, to be
-/// published (either pod, whichever is first seen in that state); once the other restored its tasks, it comes back under the same name on the same
-/// volume, as a rescheduled pod does, and publishes them before it joins the group. The union of the two pods' lakes holds exactly the
-/// tables of one process running the same file: the files a task's checkpoint committed
+/// published (either pod, whichever is first seen in that state); once the other restored its
+/// tasks, it comes back under the same name on the same volume, as a rescheduled pod does, and
+/// publishes them before it joins the group. The union of the two pods' lakes holds exactly
+/// the tables of one process running the same file: the files a task's checkpoint committed
 /// but its killed writer had not yet published lie on the killed pod's volume, out of the new
 /// owner's reach, and the pod publishes them when it starts again.
 ///
