@@ -41,6 +41,7 @@ pub mod health;
 mod metrics;
 pub mod partitioning;
 pub mod project;
+pub mod road_graph;
 pub mod secret;
 #[cfg(test)]
 mod test_util;

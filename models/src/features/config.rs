@@ -9,8 +9,8 @@ use citystream_operators::{BuildContext, EnvString, Operator, OperatorConfig, Ou
 use serde::Deserialize;
 
 use super::FEATURES;
-use super::graph::RoadGraph;
 use super::operator::FeatureBuilder;
+use citystream_operators::road_graph::RoadGraph;
 pub(super) fn d_time() -> String {
     "window_end".into()
 }

@@ -11,15 +11,15 @@
 //! for a (segment, minute) the stage has already emitted, or older than one, or for a segment
 //! missing from the road graph, goes to port `unmatched` instead.
 //!
-//! Files: [`config`] (the YAML, planning, the output schema), [`graph`] (the road graph and
-//! its CSV), [`operator`] (per-segment history, waiting rows, the feature rows, snapshots).
+//! Files: [`config`] (the YAML, planning, the output schema), [`operator`] (per-segment
+//! history, waiting rows, the feature rows, snapshots); the road graph and its CSV are
+//! [`citystream_operators::road_graph`] (the `alert` stage's `join` reads it too).
 
 mod config;
-mod graph;
 mod operator;
 
+pub use citystream_operators::road_graph::{GraphError, RoadGraph, RoadSegment};
 pub use config::{FeaturesConfig, features_schema};
-pub use graph::{GraphError, RoadGraph, RoadSegment};
 pub use operator::FeatureBuilder;
 
 /// The features, in model-input order (see `models/train/features.py` for each definition).

@@ -14,8 +14,8 @@ use citystream_operators::common::as_f64;
 use citystream_operators::{Collector, Counter, Gauge, Operator, OperatorError, OutputSpec};
 
 use super::config::Cols;
-use super::graph::RoadGraph;
 use super::{HISTORY_MINUTES, MINUTE_MS};
+use citystream_operators::road_graph::RoadGraph;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Minute {
     pub(super) t: i64,

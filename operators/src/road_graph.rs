@@ -1,4 +1,5 @@
-//! The road graph: segments, their neighbours up- and downstream, read from a CSV file.
+//! The road graph: segments, their neighbours up- and downstream, read from a CSV file (the
+//! `features` stage of the models crate and the `alert` stage's `join` read it).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ pub struct RoadGraph {
     pub segments: Vec<RoadSegment>,
     /// Whether the file has `lat` and `lon` columns.
     pub has_coordinates: bool,
-    pub(super) index: HashMap<String, usize>,
+    index: HashMap<String, usize>,
 }
 
 impl RoadGraph {
@@ -128,5 +129,27 @@ impl RoadGraph {
     /// The index of `segment_id`.
     pub fn index_of(&self, segment_id: &str) -> Option<usize> {
         self.index.get(segment_id).copied()
+    }
+
+    /// The segments at most `reach` segments upstream or downstream of the segment at `index`
+    /// (following one direction at a time, as `models/train/train.py`'s `neighbourhood`; a
+    /// loop in the graph is followed no further than the segment itself).
+    pub fn within(&self, index: usize, reach: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        for step in [|s: &RoadSegment| s.upstream, |s: &RoadSegment| s.downstream] {
+            let mut at = index;
+            for _ in 0..reach {
+                match step(&self.segments[at]) {
+                    Some(n) if n != index => {
+                        if !out.contains(&n) {
+                            out.push(n);
+                        }
+                        at = n;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        out
     }
 }
