@@ -570,3 +570,177 @@ fn a_storm_in_event_time_order_does_not_depend_on_arrival_order() {
     b.sort();
     assert_ne!(a, b, "arrival order decides the storm's members");
 }
+
+/// A road graph of one corridor, `s1` → `s2` → ... → `s9`, in a temporary file.
+fn corridor_graph() -> tempfile::NamedTempFile {
+    use std::io::Write;
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(f, "segment_id,upstream,downstream,free_speed_kmh").unwrap();
+    for i in 1..=9 {
+        let name = |j: i32| if (1..=9).contains(&j) { format!("s{j}") } else { String::new() };
+        writeln!(f, "s{i},{},{},70", name(i - 1), name(i + 1)).unwrap();
+    }
+    f
+}
+
+/// Feeds `rows` in batches of 4 with a watermark every third batch (none later than a row to
+/// come), snapshotting and restoring after batch `cut`; the events, and the evidence of each.
+fn fed(cfg: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> (Vec<Ev>, Vec<serde_json::Value>) {
+    let (mut op, _) = rule(cfg);
+    let mut out = Collector::new(1);
+    for (i, chunk) in rows.chunks(4).enumerate() {
+        op.process_batch(batch(chunk), &mut out).unwrap();
+        if cut == Some(i) {
+            let state = op.snapshot().unwrap().unwrap();
+            op = rule(cfg).0;
+            op.restore(state).unwrap();
+        }
+        if i % 3 == 2 {
+            let next = rows[(i + 1) * 4..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
+            op.on_watermark(next * MIN - 1, &mut out).unwrap();
+        }
+    }
+    op.on_end(&mut out).unwrap();
+    let mut evidence = Vec::new();
+    let mut evs = Vec::new();
+    for (_, b) in out.drain() {
+        let ev = b.column_by_name("evidence").unwrap().as_string::<i32>();
+        evidence.extend((0..b.num_rows()).map(|i| serde_json::from_str(ev.value(i)).unwrap()));
+        let mut one = Collector::new(1);
+        one.emit(0, b);
+        evs.extend(events(&mut one));
+    }
+    (evs, evidence)
+}
+
+/// With `join`, a location whose alert would open while one is open within reach joins it (an
+/// update of that alert, at its location, with the count), the alert resolves when its last
+/// location clears, and a location beyond reach opens its own.
+#[test]
+fn a_location_near_an_open_alert_joins_it_and_the_alert_resolves_with_its_last_location() {
+    let graph = corridor_graph();
+    let cfg = format!("raise: 0.9\nclear: 0.5\njoin: {{road_graph: {}, within: 2}}\n", graph.path().display());
+    // s3 opens at minute 1; s5 (2 down) joins at 2; s7 (2 below s5, 4 below s3) joins at 3 through
+    // s5; s9 is 2 below s7 but opens at 4 only after s7 cleared at 4 (in minute order s7 first);
+    // s1 (2 above s3) joins at 5; s3 clears at 6: the alert goes on at s3's name with s1 and s5
+    let mut rows = Vec::new();
+    let level = |loc: &str, m: i64| -> f64 {
+        let (from, to) = match loc {
+            "s3" => (1, 6),
+            "s5" => (2, 8),
+            "s7" => (3, 4),
+            "s9" => (4, 9),
+            "s1" => (5, 8),
+            _ => (99, 99),
+        };
+        if (from..to).contains(&m) { 0.95 } else { 0.1 }
+    };
+    for m in 0..10 {
+        for loc in ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"] {
+            rows.push((loc, m, Some(level(loc, m))));
+        }
+    }
+    let (e, evidence) = fed(&cfg, &rows, None);
+    let at = |loc: &str, status: &str, minute: i64, n: i32| (loc.to_owned(), status.to_owned(), minute, n);
+    assert_eq!(
+        e,
+        [
+            at("s3", "open", 1, 1),
+            at("s3", "update", 2, 2),
+            at("s3", "update", 3, 3),
+            at("s3", "update", 4, 2),
+            at("s9", "open", 4, 1),
+            at("s3", "update", 5, 3),
+            at("s3", "update", 6, 2),
+            at("s3", "update", 8, 1),
+            at("s3", "resolved", 8, 1),
+            at("s9", "resolved", 9, 1),
+        ]
+    );
+    // the evidence names the location whose row made the event and the alert's locations after it
+    assert_eq!(evidence[2]["location"], "s7");
+    assert_eq!(evidence[2]["members"], serde_json::json!(["s3", "s5", "s7"]));
+    assert_eq!(evidence[4]["members"], serde_json::json!(["s9"]), "beyond reach: an alert of its own");
+    assert_eq!(evidence[6]["members"], serde_json::json!(["s1", "s5"]), "s3 left, its alert goes on");
+    assert_eq!(evidence[8]["members"], serde_json::json!([]));
+    assert_eq!(evidence[0]["model"], "incident_fp32", "the evidence columns are still there");
+    // without `join` each location opens its own
+    let (plain, _) = fed("raise: 0.9\nclear: 0.5\n", &rows, None);
+    assert_eq!(plain.iter().filter(|e| e.1 == "open").count(), 5);
+}
+
+/// With `join`, which of two neighbours rising in the same minute opens the alert and which
+/// joins it follows event time, then location, never the arrival order; and a rule restored
+/// from a snapshot taken while locations share an alert continues as if never stopped.
+#[test]
+fn joined_alerts_do_not_depend_on_arrival_order_or_a_restore() {
+    let graph = corridor_graph();
+    let cfg = format!(
+        "raise: 0.9\nclear: 0.5\ncooldown: 2m\nupdate_every: 2m\nopen_after: {{raises: 2, within: 3m}}\n\
+         join: {{road_graph: {}, within: 2}}\n",
+        graph.path().display()
+    );
+    let names: Vec<String> = (1..=9).map(|i| format!("s{i}")).collect();
+    let mut x = 11u64;
+    let mut rows = Vec::new();
+    for m in 0..40i64 {
+        for (l, name) in names.iter().enumerate() {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let v = ((x >> 33) % 100) as f64 / 100.0;
+            // waves of high scores that move along the corridor
+            let high = (m + l as i64) % 12 < 5;
+            rows.push((name.as_str(), m, Some(if high { 0.6 + v * 0.4 } else { v * 0.6 })));
+        }
+    }
+    let by_minute = rows.clone();
+    let mut by_location = rows.clone();
+    by_location.sort_by_key(|r| (r.1 / 4, std::cmp::Reverse(r.0), r.1));
+    let (expected, _) = fed(&cfg, &by_minute, None);
+    assert!(expected.iter().any(|e| e.1 == "update" && e.3 > 1), "locations join alerts: {expected:?}");
+    assert!(expected.iter().filter(|e| e.1 == "open").count() > 1, "{expected:?}");
+    assert_eq!(fed(&cfg, &by_location, None).0, expected, "another arrival order");
+    let mut shared = 0;
+    for cut in [2, 7, 13, 20, 31, 44, 58, 71] {
+        assert_eq!(fed(&cfg, &by_location, Some(cut)).0, expected, "another arrival order, restored after batch {cut}");
+        assert_eq!(fed(&cfg, &by_minute, Some(cut)).0, expected, "restored after batch {cut}");
+        // whether the snapshot held an alert of several locations
+        let (mut op, _) = rule(&cfg);
+        let mut out = Collector::new(1);
+        for (i, chunk) in by_minute.chunks(4).enumerate().take(cut + 1) {
+            op.process_batch(batch(chunk), &mut out).unwrap();
+            if i % 3 == 2 {
+                op.on_watermark(by_minute[(i + 1) * 4].1 * MIN - 1, &mut out).unwrap();
+            }
+        }
+        let state = op.snapshot().unwrap().unwrap();
+        let (phase, id) =
+            (state.column(1).as_primitive::<arrow::datatypes::UInt8Type>(), state.column(4).as_string::<i32>());
+        let ids: Vec<&str> = (0..state.num_rows()).filter(|&i| phase.value(i) == 2).map(|i| id.value(i)).collect();
+        shared += usize::from(ids.iter().any(|a| ids.iter().filter(|b| *b == a).count() > 1));
+    }
+    assert!(shared > 0, "some snapshot holds an alert of several locations");
+}
+
+#[test]
+fn join_needs_a_road_graph_and_a_reach_and_cannot_change_live() {
+    let graph = corridor_graph();
+    let base = "rule: r\nalert_type: x\nseverity: info\nvalue: score\nraise: 0.9\n";
+    let parse = |extra: &str| -> AlertConfig { serde_saphyr::from_str(&format!("{base}{extra}")).unwrap() };
+    let errs = parse("join: {road_graph: /nonexistent/graph.csv, within: 2}\n").plan(&schema()).unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.key == "join.road_graph" && e.message.contains("/nonexistent/graph.csv")),
+        "{errs:?}"
+    );
+    let p = graph.path().display();
+    for within in [0, 11] {
+        let errs = parse(&format!("join: {{road_graph: {p}, within: {within}}}\n")).plan(&schema()).unwrap_err();
+        assert!(errs.iter().any(|e| e.key == "join.within" && e.message.contains("1..=10")), "{errs:?}");
+    }
+    let joined = parse(&format!("join: {{road_graph: {p}, within: 2}}\n"));
+    joined.plan(&schema()).unwrap();
+    assert!(parse("").live_change(&joined).is_err(), "adding a join needs a restart");
+    assert!(joined.live_change(&parse(&format!("join: {{road_graph: {p}, within: 1}}\n"))).is_err());
+    assert!(joined.live_change(&parse(&format!("join: {{road_graph: {p}, within: 2}}\ncooldown: 5m\n"))).is_ok());
+    let typo: Result<AlertConfig, _> = serde_saphyr::from_str(&format!("{base}join: {{graph: {p}, within: 2}}\n"));
+    assert!(typo.is_err(), "an unknown join key is refused");
+}

@@ -10,12 +10,29 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::Deserialize;
 
 use crate::common::{column, columns, time_column};
-use crate::{BuildContext, Duration, Operator, OperatorConfig, OutputSpec, PlanError};
+use crate::road_graph::RoadGraph;
+use crate::{BuildContext, Duration, EnvString, Operator, OperatorConfig, OutputSpec, PlanError};
 
 use super::rule::{AlertRule, Events};
 
 /// The most raising values `open_after` may count (a pending alert keeps their times).
 const MAX_RAISES: usize = 100;
+
+/// The farthest `join.within` may reach (segments up- or downstream).
+const MAX_JOIN_REACH: usize = 10;
+
+/// `join`: a location whose alert would open while an alert of the rule is open at most
+/// `within` segments up- or downstream of it joins that alert instead of opening its own (one
+/// alert for an incident and the queue it causes on its neighbours).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinConfig {
+    /// The road graph CSV (`segment_id,upstream,downstream,...,free_speed_kmh`): the rule's
+    /// locations are its segments (a location missing from it joins nothing).
+    pub road_graph: EnvString,
+    /// How many segments up- or downstream (1 to 10).
+    pub within: usize,
+}
 
 /// `open_after`: how many raising values, within how long, open a pending alert.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -154,6 +171,12 @@ pub struct AlertConfig {
     /// Columns copied into each event's evidence.
     #[serde(default)]
     pub evidence: Vec<String>,
+    /// Join an alert that would open near an open one to it (see [`JoinConfig`]). Rows are
+    /// then taken in event-time order, as with `storm.order: event_time`: which of two
+    /// neighbours rising in the same minute opens the alert and which joins it must not
+    /// depend on how the input was read. Default: none.
+    #[serde(default)]
+    pub join: Option<JoinConfig>,
 }
 
 /// The schema of alert events (every `alert` stage emits it, so they share one table).
@@ -250,6 +273,19 @@ impl AlertConfig {
                 );
             }
         }
+        if let Some(j) = &self.join {
+            if !(1..=MAX_JOIN_REACH).contains(&j.within) {
+                errs.push(PlanError::new(
+                    "join.within",
+                    format!("`within: {}` is not in 1..={MAX_JOIN_REACH}", j.within),
+                ));
+            }
+            if let Err(e) = RoadGraph::read(std::path::Path::new(j.road_graph.as_str())) {
+                errs.push(PlanError::new("join.road_graph", e.to_string()).with_help(
+                    "`citystream simulate --out DIR` writes the simulated city's graph to DIR/ground_truth/road_graph.csv",
+                ));
+            }
+        }
         if let Some(s) = &self.storm
             && s.max_open == 0
         {
@@ -282,13 +318,15 @@ impl AlertConfig {
                 c.storm.as_ref().map(|s| s.order),
                 // a pending alert's state differs between the two persistence tests
                 c.open_after.is_some(),
+                // the open alerts' members follow the graph they joined by
+                c.join.clone(),
             )
         };
         if same(self) == same(new) {
             Ok(())
         } else {
             Err(LiveChangeError::NeedsRestart(
-                "an alert rule's name, type, columns, direction, storm order and persistence test (min_duration or open_after) cannot change while running",
+                "an alert rule's name, type, columns, direction, storm order, persistence test (min_duration or open_after) and join cannot change while running",
             ))
         }
     }
@@ -299,8 +337,20 @@ impl AlertConfig {
 }
 
 impl OperatorConfig for AlertConfig {
+    /// Per location; with `join`, a location and its neighbours within reach (an unreadable
+    /// graph is reported by `plan`); with `storm`, city-wide.
     fn state_scopes(&self, _input: &SchemaRef) -> Vec<crate::partitioning::StateScope> {
-        let mut s = vec![crate::partitioning::StateScope::Keys(vec![self.location.clone()])];
+        use crate::partitioning::StateScope;
+        let mut s = match &self.join {
+            None => vec![StateScope::Keys(vec![self.location.clone()])],
+            Some(j) => {
+                let near = joinable(j).unwrap_or_default();
+                let mut pairs: Vec<(String, String)> =
+                    near.iter().flat_map(|(a, ns)| ns.iter().map(|b| (a.clone(), b.clone()))).collect();
+                pairs.sort_unstable();
+                vec![StateScope::Neighbours { key: self.location.clone(), pairs }]
+            }
+        };
         if self.storm.is_some() {
             s.push(crate::partitioning::StateScope::City("`storm` limits the alerts open city-wide".into()));
         }
@@ -314,6 +364,10 @@ impl OperatorConfig for AlertConfig {
 
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
         let cols = self.check(input)?;
+        let near = match &self.join {
+            Some(j) => joinable(j).map_err(|e| vec![PlanError::new("join.road_graph", e)])?,
+            None => HashMap::new(),
+        };
         let l =
             |status: &'static str| [("stage", ctx.stage.as_str()), ("rule", self.rule.as_str()), ("status", status)];
         let events =
@@ -326,6 +380,8 @@ impl OperatorConfig for AlertConfig {
             open: 0,
             storm: None,
             held: Vec::new(),
+            near,
+            alerts: HashMap::new(),
             out: Events::default(),
             opened: events("open"),
             updated: events("update"),
@@ -340,4 +396,17 @@ impl OperatorConfig for AlertConfig {
             live: BTreeMap::new(),
         }))
     }
+}
+
+/// Per segment of `join`'s road graph, the segments within its reach (in the graph's order).
+fn joinable(j: &JoinConfig) -> Result<HashMap<String, Vec<String>>, String> {
+    let g = RoadGraph::read(std::path::Path::new(j.road_graph.as_str())).map_err(|e| e.to_string())?;
+    Ok(g.segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let near = g.within(i, j.within).into_iter().map(|n| g.segments[n].segment_id.clone()).collect();
+            (s.segment_id.clone(), near)
+        })
+        .collect())
 }

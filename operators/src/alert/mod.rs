@@ -13,6 +13,11 @@
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every`), never a new alert;
 //! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;
+//! - **joining**: with `join: {road_graph, within}`, a location whose alert would open while
+//!   one of the rule is open at most `within` segments up- or downstream joins that alert (an
+//!   `update` with the alert's location and id, the count in `locations`, and `location` and
+//!   `members` in the evidence) instead of opening its own; the alert resolves when its last
+//!   location clears, and counts once towards the storm limit;
 //! - **storm limit**: with `storm.max_open`, once that many alerts are open, further locations
 //!   join one summarized alert (location `*`, with the count and the member list) instead of
 //!   opening their own; it resolves when its last member clears;
@@ -26,8 +31,8 @@
 //! model scores) that order is fixed by event time, so the events are the same however the
 //! input was read; the storm summary, which joins locations, sees locations in arrival order,
 //! which across the partitions of a raw event stream can differ between runs, unless
-//! `storm.order: event_time`: then rows are held until the watermark passes them and taken by
-//! event time, then location (held rows are part of the snapshot).
+//! `storm.order: event_time` (always with `join`): then rows are held until the watermark
+//! passes them and taken by event time, then location (held rows are part of the snapshot).
 //!
 //! A location's raise level is, first, the live level on the pipeline's [`ThresholdBoard`]
 //! (set by calibration in the control center, without a config edit), then its entry in
@@ -49,5 +54,5 @@ mod state;
 
 pub use board::ThresholdBoard;
 pub use calibration::{CalibrationSpec, Judged, Proposal, calibrate};
-pub use config::{AlertConfig, OpenAfter, Severity, StormConfig, StormOrder, alert_schema};
+pub use config::{AlertConfig, JoinConfig, OpenAfter, Severity, StormConfig, StormOrder, alert_schema};
 pub use rule::AlertRule;

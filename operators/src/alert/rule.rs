@@ -82,6 +82,16 @@ pub(super) struct StormAlert {
     pub(super) reported: usize,
 }
 
+/// An alert of a rule with `join`: where it opened and the locations in it now.
+#[derive(Debug)]
+pub(super) struct JoinedAlert {
+    /// The location it opened at: every event of the alert carries it (a topic keyed by
+    /// location keeps the alert's events in order).
+    pub(super) location: String,
+    pub(super) opened_at: i64,
+    pub(super) members: BTreeSet<String>,
+}
+
 #[derive(Default)]
 pub(super) struct Events {
     pub(super) ts: Vec<i64>,
@@ -106,6 +116,10 @@ pub struct AlertRule {
     pub(super) storm: Option<StormAlert>,
     /// With `storm.order: event_time`, rows the watermark has not passed yet.
     pub(super) held: Vec<Held>,
+    /// With `join`: per location, those within its reach on the road graph.
+    pub(super) near: HashMap<String, Vec<String>>,
+    /// With `join`: the open alerts by id.
+    pub(super) alerts: HashMap<String, JoinedAlert>,
     pub(super) out: Events,
     pub(super) opened: Counter,
     pub(super) updated: Counter,
@@ -230,9 +244,8 @@ impl AlertRule {
         let ev = serde_json::json!({"stale": true, "last_seen": last_t}).to_string();
         match phase {
             Phase::Open { id, opened_at, peak, .. } => {
-                self.open -= 1;
                 let raise = self.raise_at(loc);
-                self.emit(at, &id, loc, "resolved", opened_at, None, raise, Some(peak), 1, ev);
+                self.leave(&id, loc, at, opened_at, None, raise, Some(peak), ev);
             }
             Phase::Storm { .. } => self.storm_leave(loc, at),
             _ => {}
@@ -240,7 +253,73 @@ impl AlertRule {
     }
 
     fn in_event_time_order(&self) -> bool {
-        self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
+        self.cfg.join.is_some() || self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
+    }
+
+    /// With `join`: the alert `loc` joins, of those open at a location within its reach the
+    /// earliest opened (then the least id).
+    fn join_target(&self, loc: &str) -> Option<(String, i64)> {
+        let near = self.near.get(loc)?;
+        near.iter()
+            .filter_map(|n| match &self.states.get(n)?.phase {
+                Phase::Open { id, opened_at, .. } if self.alerts.contains_key(id) => Some((*opened_at, id)),
+                _ => None,
+            })
+            .min()
+            .map(|(at, id)| (id.clone(), at))
+    }
+
+    /// The location events of alert `id` carry and how many locations it has (without
+    /// `join`: `loc`'s own alert).
+    fn alert_of(&self, id: &str, loc: &str) -> (String, i32) {
+        match self.alerts.get(id) {
+            Some(a) => (a.location.clone(), a.members.len() as i32),
+            None => (loc.to_owned(), 1),
+        }
+    }
+
+    /// With `join`, `evidence` (a JSON object) with the location whose row made the event and
+    /// the alert's locations after it; without, `evidence` itself.
+    fn with_members(&self, id: &str, loc: &str, evidence: String) -> String {
+        if self.cfg.join.is_none() {
+            return evidence;
+        }
+        let mut m = match serde_json::from_str::<serde_json::Value>(&evidence) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let members: Vec<&String> = self.alerts.get(id).map(|a| a.members.iter().collect()).unwrap_or_default();
+        m.insert("location".into(), loc.into());
+        m.insert("members".into(), serde_json::json!(members));
+        serde_json::Value::Object(m).to_string()
+    }
+
+    /// `loc` leaves alert `id` at `t` (its value cleared, or it went stale): the alert resolves
+    /// with its last location, else it is updated with the locations it has left.
+    #[allow(clippy::too_many_arguments)]
+    fn leave(
+        &mut self,
+        id: &str,
+        loc: &str,
+        t: i64,
+        opened_at: i64,
+        value: Option<f64>,
+        raise: f64,
+        peak: Option<f64>,
+        evidence: String,
+    ) {
+        if let Some(a) = self.alerts.get_mut(id) {
+            a.members.remove(loc);
+        }
+        let (at, left) = self.alert_of(id, loc);
+        let evidence = self.with_members(id, loc, evidence);
+        if self.alerts.get(id).is_none_or(|a| a.members.is_empty()) {
+            self.alerts.remove(id);
+            self.open -= 1;
+            self.emit(t, id, &at, "resolved", opened_at, value, raise, peak, 1, evidence);
+        } else {
+            self.emit(t, id, &at, "update", opened_at, value, raise, peak, left, evidence);
+        }
     }
 
     /// Takes the held rows at or before `watermark`, by event time, then location (rows of one
@@ -324,13 +403,28 @@ impl AlertRule {
                 } else if holds && (sure || persisted) && t >= st.quiet_until {
                     // (with `open_after` a pending alert outlives values below clear and rows
                     // outside the active hours: such a row never opens it)
-                    if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
+                    if let Some((id, opened_at)) = self.join_target(loc) {
+                        // an alert open within reach: this location joins it
+                        if let Some(a) = self.alerts.get_mut(&id) {
+                            a.members.insert(loc.to_owned());
+                        }
+                        let (at, n) = self.alert_of(&id, loc);
+                        let ev = self.with_members(&id, loc, evidence());
+                        self.emit(t, &id, &at, "update", opened_at, Some(v), raise, Some(peak), n, ev);
+                        Phase::Open { id, opened_at, peak, reported: peak, last_emit: t }
+                    } else if self.cfg.storm.as_ref().is_some_and(|s| self.open >= s.max_open) {
                         self.storm_join(loc, t);
                         Phase::Storm { peak }
                     } else {
                         let id = format!("{}:{loc}:{t}", self.cfg.rule);
                         self.open += 1;
-                        self.emit(t, &id, loc, "open", t, Some(v), raise, Some(peak), 1, evidence());
+                        if self.cfg.join.is_some() {
+                            let members = BTreeSet::from([loc.to_owned()]);
+                            self.alerts
+                                .insert(id.clone(), JoinedAlert { location: loc.to_owned(), opened_at: t, members });
+                        }
+                        let ev = self.with_members(&id, loc, evidence());
+                        self.emit(t, &id, loc, "open", t, Some(v), raise, Some(peak), 1, ev);
                         Phase::Open { id, opened_at: t, peak, reported: peak, last_emit: t }
                     }
                 } else {
@@ -338,9 +432,8 @@ impl AlertRule {
                 }
             }
             Phase::Open { id, opened_at, peak, .. } if !holds => {
-                self.open -= 1;
                 st.quiet_until = t + self.cfg.cooldown.as_millis_i64();
-                self.emit(t, &id, loc, "resolved", opened_at, Some(v), raise, Some(peak), 1, evidence());
+                self.leave(&id, loc, t, opened_at, Some(v), raise, Some(peak), evidence());
                 Phase::Idle
             }
             Phase::Open { id, opened_at, peak, reported, last_emit } => {
@@ -348,7 +441,9 @@ impl AlertRule {
                 // throttle allows, even if the value has come down since
                 let peak = better(peak, v);
                 if peak != reported && t - last_emit >= self.cfg.update_every.as_millis_i64() {
-                    self.emit(t, &id, loc, "update", opened_at, Some(v), raise, Some(peak), 1, evidence());
+                    let (at, n) = self.alert_of(&id, loc);
+                    let ev = self.with_members(&id, loc, evidence());
+                    self.emit(t, &id, &at, "update", opened_at, Some(v), raise, Some(peak), n, ev);
                     Phase::Open { id, opened_at, peak, reported: peak, last_emit: t }
                 } else {
                     Phase::Open { id, opened_at, peak, reported, last_emit }
@@ -483,8 +578,9 @@ impl Operator for AlertRule {
     }
 
     /// One row per location (phase `0` idle in cooldown, `1` pending (with `open_after`, its
-    /// raising times in `id`), `2` open, `3` in the storm summary), one per held row (`8`)
-    /// and, while a storm summary is open, one row without a location (`9`).
+    /// raising times in `id`), `2` open, `3` in the storm summary), one per held row (`8`),
+    /// with `join` one per open alert (`10`: where it opened) and, while a storm summary is
+    /// open, one row without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
         let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
@@ -508,6 +604,12 @@ impl Operator for AlertRule {
         let cols = &self.cols.evidence;
         for h in &self.held {
             r.push(Some(h.loc.clone()), 8, 0, h.t, Some(h.evidence.json(cols, h.v)), None, h.v, None, None);
+        }
+        // with `join`, each open alert: where it opened (`location`), its id and opening time
+        let mut alerts: Vec<(&String, &JoinedAlert)> = self.alerts.iter().collect();
+        alerts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (id, a) in alerts {
+            r.push(Some(a.location.clone()), 10, 0, 0, Some(id.clone()), Some(a.opened_at), None, None, None);
         }
         if let Some(s) = &self.storm {
             r.push(
@@ -542,7 +644,9 @@ impl Operator for AlertRule {
         self.storm = None;
         self.open = 0;
         self.held.clear();
+        self.alerts.clear();
         let mut members = BTreeSet::new();
+        let mut opened_at_location = HashMap::new();
         for i in 0..state.num_rows() {
             let p = match phase.value(i) {
                 0 => Phase::Idle,
@@ -593,6 +697,12 @@ impl Operator for AlertRule {
                     });
                     continue;
                 }
+                10 => {
+                    let at = loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?;
+                    opened_at_location
+                        .insert(id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?, at);
+                    continue;
+                }
                 9 => {
                     self.storm = Some(StormAlert {
                         id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
@@ -612,6 +722,22 @@ impl Operator for AlertRule {
                 loc.value(i).to_owned(),
                 LocState { phase: p, quiet_until: quiet.value(i), last_t: last_t.value(i) },
             );
+        }
+        if self.cfg.join.is_some() {
+            // the open alerts from their locations (a snapshot from before `join` was set has
+            // one location per alert, where it opened)
+            for (loc, st) in &self.states {
+                if let Phase::Open { id, opened_at, .. } = &st.phase {
+                    let at = opened_at_location.get(id).unwrap_or(loc);
+                    let a = self.alerts.entry(id.clone()).or_insert_with(|| JoinedAlert {
+                        location: at.clone(),
+                        opened_at: *opened_at,
+                        members: BTreeSet::new(),
+                    });
+                    a.members.insert(loc.clone());
+                }
+            }
+            self.open = self.alerts.len();
         }
         match (&mut self.storm, members.is_empty()) {
             (Some(s), _) => s.members = members,
