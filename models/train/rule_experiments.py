@@ -6,11 +6,13 @@ data of generate.py and sumo_scenarios.py):
 
     cd models/train && ../../.venv/bin/python rule_experiments.py
 
+The deployed rule joins an alarm that starts at most `T.RULE_JOIN` segments from an alarmed
+one to that segment's alert (`join` in deploy/*.yaml); every variant below joins the same way.
+
+- `without join` and `joined within 1`: the deployed rule, each alarm an alert of its own, or
+  joined within 1 segment.
 - `+ California agreement`: a raise while California #7 alarms on the same segment and minute
   opens at once (as a score at `open_at_once` does).
-- `joined within N`: an alert that would open while one of the same rule is open at most N
-  segments up- or downstream does not count as an alert of its own (it would join that one; the
-  `alert` stage has no such option yet). Counts false alarms only.
 - `speed gate G`: a score counts only while the segment's speed (the lower of its 1- and
   5-minute means) is below G of its free speed.
 """
@@ -25,25 +27,6 @@ import numpy as np
 import train as T
 
 KEYS = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
-
-
-def joined_false_alarms(runs, alarm, bounds, reach):
-    """False alarms per corridor-hour counting only the onsets with no alert of the rule open
-    within `reach` segments of theirs at that minute (`alarm`: the rule's over the runs
-    combined, run k's rows from bounds[k] to bounds[k + 1])."""
-    onsets, hours = 0, 0.0
-    for r, lo, hi in zip(runs, bounds[:-1], bounds[1:]):
-        free = ~r["grace"]
-        hours += float(free.sum()) / (8 * 60)
-        is_open = {}  # per segment, whether its alert is open (as of its latest row)
-        for i in np.lexsort((r["seg"], r["t"])):  # minute by minute, segments in a fixed order
-            s = r["seg"][i]
-            a = bool(alarm[lo + i])
-            if a and not is_open.get(s, False) and free[i]:
-                near = T.neighbourhood(s, r["graph"], reach) - {s}
-                onsets += not any(is_open.get(n, False) for n in near)
-            is_open[s] = a
-    return round(onsets / hours, 3)
 
 
 def main():
@@ -69,14 +52,16 @@ def main():
         d = T.combine(runs)
         score = T.run(sess, d["x"])[:, 0].astype(np.float64)
         deployed = rule(d, score)
-        cells = {"deployed": T.detection_metrics(d, deployed)}
+        cells = {"deployed": T.detection_metrics(d, deployed, T.RULE_JOIN),
+                 "without join": T.detection_metrics(d, deployed),
+                 "joined within 1": T.detection_metrics(d, deployed, 1)}
         agreed = np.where(T.california7(d, *cal_t) & (score >= thr), 1.0, score)
-        cells["+ California agreement"] = T.detection_metrics(d, rule(d, agreed))
+        cells["+ California agreement"] = T.detection_metrics(d, rule(d, agreed), T.RULE_JOIN)
         speed = np.minimum(d["x"][:, s1], d["x"][:, s5]) / np.maximum(d["x"][:, T.FREE_INDEX], 1.0)
         for gate in (0.9, 0.8, 0.7):
-            cells[f"speed gate {gate}"] = T.detection_metrics(d, rule(d, np.where(speed < gate, score, 0.0)))
+            gated = rule(d, np.where(speed < gate, score, 0.0))
+            cells[f"speed gate {gate}"] = T.detection_metrics(d, gated, T.RULE_JOIN)
         line = [f"{k}: {' / '.join(str(v[key]) for key in KEYS)}" for k, v in cells.items()]
-        line += [f"joined within {n}: - / {joined_false_alarms(runs, deployed, d['bounds'], n)} / -" for n in (1, 2)]
         print(f"{name}\n  " + "\n  ".join(line))
 
 

@@ -295,7 +295,8 @@ async fn the_topics_a_config_uses_are_created_once() {
 }
 
 /// A pipeline whose tables come from stateful stages: one-minute windows, features (an hour of
-/// history per segment), the incident model, California #7 and an alert rule.
+/// history per segment), the incident model, California #7 and an alert rule on each that joins
+/// neighbours' alarms to an open alert.
 fn stateful_yaml(topic: &str, group: &str, data: &std::path::Path, graph: &std::path::Path) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     format!(
@@ -348,7 +349,18 @@ stages:
     clear: 0.5
     open_after: {{raises: 2, within: 3m}}
     cooldown: 10m
+    join: {{road_graph: {graph}, within: 2}}
     evidence: [model]
+  california_alerts:
+    type: alert
+    input: california
+    rule: california7
+    alert_type: incident
+    severity: warning
+    value: incident
+    raise: 1
+    cooldown: 10m
+    join: {{road_graph: {graph}, within: 2}}
 sinks:
   lake:
     type: parquet
@@ -361,7 +373,7 @@ sinks:
       unmatched: features.unmatched
       incident_scores: incident_scores
       california: california
-      alerts: incident_alerts
+      alerts: [incident_alerts, california_alerts]
 runtime:
   status_interval: null
   state_dir: {state}
@@ -438,6 +450,12 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
         .sum();
     assert!(held > 0, "the open windows are in the last checkpoint");
     assert!(expected["alerts"].lines().count() > 4, "the stream raises alerts:\n{}", expected["alerts"]);
+    // alarms near an open alert join it (their alerts' state is in the checkpoints too)
+    let joined = expected["alerts"].lines().any(|l| {
+        let cells: Vec<&str> = l.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        cells.get(3) == Some(&"update") && cells.last().and_then(|n| n.parse::<i32>().ok()).is_some_and(|n| n > 1)
+    });
+    assert!(joined, "an alarm joins a neighbour's alert:\n{}", expected["alerts"]);
     assert!(expected["california"].contains("incident"), "California #7 declares incidents");
     let late = &expected["traffic_late"];
     assert!(late.is_empty() || late.contains("| 0 "), "nothing is late:\n{late}");

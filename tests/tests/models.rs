@@ -246,20 +246,32 @@ fn alerting_is_the_floor_a_stage_alerts_read_may_thin_calm_segments_only_down_to
 
 /// The alerts `deploy/local.yaml`'s `incident_alerts` stage opens on one unseen road's scores
 /// (`models/testdata/incident_alerts.json`, written by train.py), against those train.py's
-/// `alert_rule` opened on them: the model card's `, alert rule` rows count what the deployed rule
-/// does. The run is one where the rule before `open_after` (min_duration 1m) opens other alerts,
-/// so the comparison tells the two apart.
+/// `alert_rule` opened on them (less the alarms `joined_onsets` adds to a neighbour's alert): the
+/// model card's `, alert rule` rows count what the deployed rule does. The run is one where the
+/// rule before `open_after` (min_duration 1m) opens other alerts, so the comparison tells the
+/// two apart.
 #[test]
 fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
-    use citystream_operators::alert::AlertConfig;
-    use citystream_operators::{BuildContext, Collector, OperatorConfig};
+    use citystream_operators::alert::{AlertConfig, JoinConfig};
+    use citystream_operators::{BuildContext, Collector, EnvString, OperatorConfig};
+    use std::io::Write;
     let fx: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("models/testdata/incident_alerts.json")).unwrap())
             .unwrap();
     let cfg = config::load_file(&root().join("deploy/local.yaml")).unwrap();
-    let deployed = cfg.stages["incident_alerts"].op.as_any().downcast_ref::<AlertConfig>().unwrap().clone();
+    let mut deployed = cfg.stages["incident_alerts"].op.as_any().downcast_ref::<AlertConfig>().unwrap().clone();
     assert_eq!(deployed.raise, fx["raise"].as_f64().unwrap(), "deploy/local.yaml's raise is the card's threshold");
     assert_eq!(deployed.open_at_once, fx["open_at_once"].as_f64(), "and its open_at_once the card's");
+    // the deployed reach on the scored road's graph
+    let within = deployed.join.as_ref().expect("the deployed rule joins neighbours' alarms").within;
+    assert_eq!(within as u64, fx["join_within"].as_u64().unwrap(), "deploy/local.yaml's join.within is the card's");
+    let mut graph = tempfile::NamedTempFile::new().unwrap();
+    writeln!(graph, "segment_id,upstream,downstream,free_speed_kmh").unwrap();
+    for g in fx["graph"].as_array().unwrap() {
+        let name = |i: usize| g[i].as_str().unwrap_or_default();
+        writeln!(graph, "{},{},{},0", name(0), name(1), name(2)).unwrap();
+    }
+    deployed.join = Some(JoinConfig { road_graph: EnvString::literal(graph.path().display().to_string()), within });
     let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
     let schema = Arc::new(Schema::new(vec![
         Field::new("segment_id", DataType::Utf8, false),
@@ -272,7 +284,19 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
     let opens = |rule: &AlertConfig| -> Vec<(String, i64)> {
         let mut op = rule.build(&schema, &BuildContext::default()).unwrap();
         let mut got = Vec::new();
-        // a batch per minute, as the infer stage hands on a minute's scores
+        let mut out = Collector::new(1);
+        let mut opened = |out: &mut Collector| {
+            for (_, b) in out.drain() {
+                let loc = b.column_by_name("location").unwrap().as_string::<i32>();
+                let status = b.column_by_name("status").unwrap().as_string::<i32>();
+                let at = b.column_by_name("ts").unwrap().as_primitive::<TimestampMillisecondType>();
+                for i in (0..b.num_rows()).filter(|&i| status.value(i) == "open") {
+                    got.push((loc.value(i).to_owned(), at.value(i)));
+                }
+            }
+        };
+        // a batch per minute, as the infer stage hands on a minute's scores, then the watermark
+        // that closed that minute (a rule that joins takes rows in event-time order)
         for minute in rows.chunk_by(|a, b| a[1] == b[1]) {
             let batch = RecordBatch::try_new(
                 schema.clone(),
@@ -288,17 +312,13 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
                 ],
             )
             .unwrap();
-            let mut out = Collector::new(1);
             op.process_batch(batch, &mut out).unwrap();
-            for (_, b) in out.drain() {
-                let loc = b.column_by_name("location").unwrap().as_string::<i32>();
-                let status = b.column_by_name("status").unwrap().as_string::<i32>();
-                let at = b.column_by_name("ts").unwrap().as_primitive::<TimestampMillisecondType>();
-                for i in (0..b.num_rows()).filter(|&i| status.value(i) == "open") {
-                    got.push((loc.value(i).to_owned(), at.value(i)));
-                }
-            }
+            opened(&mut out);
+            op.on_watermark(minute[0][1].as_i64().unwrap(), &mut out).unwrap();
+            opened(&mut out);
         }
+        op.on_end(&mut out).unwrap();
+        opened(&mut out);
         got
     };
     let expected = |key: &str| -> Vec<(String, i64)> {
@@ -312,6 +332,10 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
     let now = opens(&deployed);
     assert!(!now.is_empty(), "{}: the deployed rule opens alerts", fx["source"]);
     assert_eq!(now, expected("opens"), "{}: the deployed rule against train.py's alert_rule", fx["source"]);
+    let mut alone = deployed.clone();
+    alone.join = None;
+    assert_eq!(opens(&alone), expected("opens_without_join"), "the rule without join");
+    assert_ne!(expected("opens"), expected("opens_without_join"), "an alarm in the run joins a neighbour's alert");
     let mut before = deployed.clone();
     before.open_after = None;
     before.min_duration = citystream_operators::Duration::from_secs(60);
