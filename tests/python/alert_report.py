@@ -3,10 +3,12 @@
 usage: alert_report.py DATA_DIR [--json]   (DATA_DIR holds lake/ and ground_truth/)
 
 Per incident-type rule: incidents detected (an alert opened on the incident's segment, or for
-camera rules by a camera on it, between its start and its end + 10 min), mean and median time
-to detect (alert open minus incident start, minutes), and false alerts (opens that match no
-incident) per day. Alert events carry `emitted_at` (processing time): the report also prints
-the spread between an alert's event time and when it was emitted, for the record.
+camera rules by a camera on it, or the segment joined an open alert (a rule with `join`: an
+`update` whose evidence names the segment among the alert's members), between its start and its
+end + 10 min), mean and median time to detect (alert open or join minus incident start,
+minutes), and false alerts (opens that match no incident) per day. Alert events carry
+`emitted_at` (processing time): the report also prints the spread between an alert's event time
+and when it was emitted, for the record.
 """
 
 import csv
@@ -36,6 +38,16 @@ def main(data, as_json=False):
         f"SELECT rule, alert_type, location, epoch_ms(ts), locations FROM read_parquet('{data}/lake/alerts/**/*.parquet', hive_partitioning = true) "
         "WHERE status = 'open' ORDER BY ts"
     ).fetchall()
+    # (rule, alert, segment, time) of the events of a segment in an alert it joined (opened at
+    # another: evidence `location` among the alert's `members`)
+    joins = []
+    for rule, alert, at, ev, t in con.execute(
+        f"SELECT rule, alert_id, location, evidence, epoch_ms(ts) FROM read_parquet('{data}/lake/alerts/**/*.parquet', hive_partitioning = true) "
+        "WHERE status = 'update' AND evidence LIKE '%\"members\"%' AND actor = 'rule'"
+    ).fetchall():
+        e = json.loads(ev)
+        if e.get("location") != at and e.get("location") in e.get("members", []):
+            joins.append((rule, alert, e["location"], t))
     out = {}
     for rule in sorted({r[0] for r in rows if r[1] in ("incident", "stalled_vehicle")}):
         opens = [r for r in rows if r[0] == rule]
@@ -46,6 +58,9 @@ def main(data, as_json=False):
                 seg = camera_segment.get(loc, loc) if kind == "stalled_vehicle" else loc
                 if seg == inc["segment_id"] and inc["start"] <= t <= inc["end"] + GRACE_MS:
                     matched.add(i)
+                    first = t if first is None else min(first, t)
+            for r, _, seg, t in joins:
+                if r == rule and seg == inc["segment_id"] and inc["start"] <= t <= inc["end"] + GRACE_MS:
                     first = t if first is None else min(first, t)
             if first is not None:
                 detected += 1
@@ -59,6 +74,7 @@ def main(data, as_json=False):
             "mean_time_to_detect_min": round(sum(ttd) / len(ttd), 2) if ttd else None,
             "median_time_to_detect_min": round(ttd[len(ttd) // 2], 2) if ttd else None,
             "alerts": len(opens),
+            "joined": len({j[1:3] for j in joins if j[0] == rule}),
             "storm_summaries": sum(1 for o in opens if o[2] == "*"),
             "false_alerts_per_day": round(len(false) / days, 2),
         }
