@@ -451,7 +451,8 @@ def rule_fixture(d, family, sess, raise_at, at_once):
     _, k, part, score, now, alone, before = best
     order = np.lexsort((part["seg"], part["t"]))
     rows = [[str(part["seg"][i]), int(part["t"][i]), float(score[i])] for i in order]
-    graph = [[s, *d["graph"][s][:2]] for s in sorted({str(s) for s in part["seg"]})]
+    # every segment of the road: a walk to a neighbour may pass one without rows
+    graph = [[s, *d["graph"][s][:2]] for s in sorted(d["graph"])]
     fixture = {"source": f"held-out run {k + 1} of SUMO {family}, incident_fp32's scores",
                "raise": raise_at, "open_at_once": at_once, "rule": MODEL_RULE, "join_within": RULE_JOIN,
                "graph": graph, "rows": rows, "opens": now, "opens_without_join": alone,
@@ -562,7 +563,10 @@ def california7(d, t1, t2, t3):
 def joined_onsets(d, alarm, reach):
     """The rows where a segment's alarm starts while a segment at most `reach` up- or downstream
     is alarmed: those the `alert` stage's `join` adds to that segment's alert instead of opening
-    one (it takes rows by minute, then segment, as here; a combined set run by run)"""
+    one (it takes rows by minute, then segment, as here; a combined set run by run). Not
+    mirrored, as in `alert_rule`: the stage's staleness (a segment 15 minutes without a score is
+    resolved, and joined by nobody after that) and its storm limit (a segment in the storm
+    summary is joined by nobody)"""
     out = np.zeros(len(alarm), dtype=bool)
     bounds = d.get("bounds", [0, len(alarm)])
     near = {}

@@ -583,16 +583,24 @@ fn corridor_graph() -> tempfile::NamedTempFile {
     f
 }
 
+/// The events of `fed`: each with its alert id and opening minute, and its evidence.
+type Fed = (Vec<Ev>, Vec<serde_json::Value>, Vec<(String, i64)>);
+
 /// Feeds `rows` in batches of 4 with a watermark every third batch (none later than a row to
-/// come), snapshotting and restoring after batch `cut`; the events, and the evidence of each.
-fn fed(cfg: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> (Vec<Ev>, Vec<serde_json::Value>) {
+/// come), snapshotting and restoring after batch `cut`.
+fn fed(cfg: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> Fed {
+    fed_across(cfg, cfg, rows, cut)
+}
+
+/// As `fed`, restoring the snapshot after batch `cut` into a rule of `then`.
+fn fed_across(cfg: &str, then: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> Fed {
     let (mut op, _) = rule(cfg);
     let mut out = Collector::new(1);
     for (i, chunk) in rows.chunks(4).enumerate() {
         op.process_batch(batch(chunk), &mut out).unwrap();
         if cut == Some(i) {
             let state = op.snapshot().unwrap().unwrap();
-            op = rule(cfg).0;
+            op = rule(then).0;
             op.restore(state).unwrap();
         }
         if i % 3 == 2 {
@@ -601,16 +609,22 @@ fn fed(cfg: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> (Vec
         }
     }
     op.on_end(&mut out).unwrap();
-    let mut evidence = Vec::new();
-    let mut evs = Vec::new();
+    drained(&mut out)
+}
+
+fn drained(out: &mut Collector) -> Fed {
+    let (mut evs, mut evidence, mut ids) = (Vec::new(), Vec::new(), Vec::new());
     for (_, b) in out.drain() {
         let ev = b.column_by_name("evidence").unwrap().as_string::<i32>();
         evidence.extend((0..b.num_rows()).map(|i| serde_json::from_str(ev.value(i)).unwrap()));
+        let id = b.column_by_name("alert_id").unwrap().as_string::<i32>();
+        let at = b.column_by_name("opened_at").unwrap().as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        ids.extend((0..b.num_rows()).map(|i| (id.value(i).to_owned(), at.value(i) / MIN)));
         let mut one = Collector::new(1);
         one.emit(0, b);
         evs.extend(events(&mut one));
     }
-    (evs, evidence)
+    (evs, evidence, ids)
 }
 
 /// With `join`, a location whose alert would open while one is open within reach joins it (an
@@ -640,7 +654,7 @@ fn a_location_near_an_open_alert_joins_it_and_the_alert_resolves_with_its_last_l
             rows.push((loc, m, Some(level(loc, m))));
         }
     }
-    let (e, evidence) = fed(&cfg, &rows, None);
+    let (e, evidence, ids) = fed(&cfg, &rows, None);
     let at = |loc: &str, status: &str, minute: i64, n: i32| (loc.to_owned(), status.to_owned(), minute, n);
     assert_eq!(
         e,
@@ -664,8 +678,10 @@ fn a_location_near_an_open_alert_joins_it_and_the_alert_resolves_with_its_last_l
     assert_eq!(evidence[6]["members"], serde_json::json!(["s1", "s5"]), "s3 left, its alert goes on");
     assert_eq!(evidence[8]["members"], serde_json::json!([]));
     assert_eq!(evidence[0]["model"], "incident_fp32", "the evidence columns are still there");
+    let s3 = ("incident_model:s3:60000".to_owned(), 1);
+    assert!(ids.iter().enumerate().all(|(i, id)| (i == 4 || i == 9) == (id != &s3)), "{ids:?}");
     // without `join` each location opens its own
-    let (plain, _) = fed("raise: 0.9\nclear: 0.5\n", &rows, None);
+    let (plain, _, _) = fed("raise: 0.9\nclear: 0.5\n", &rows, None);
     assert_eq!(plain.iter().filter(|e| e.1 == "open").count(), 5);
 }
 
@@ -695,14 +711,18 @@ fn joined_alerts_do_not_depend_on_arrival_order_or_a_restore() {
     let by_minute = rows.clone();
     let mut by_location = rows.clone();
     by_location.sort_by_key(|r| (r.1 / 4, std::cmp::Reverse(r.0), r.1));
-    let (expected, _) = fed(&cfg, &by_minute, None);
+    let (expected, _, expected_ids) = fed(&cfg, &by_minute, None);
     assert!(expected.iter().any(|e| e.1 == "update" && e.3 > 1), "locations join alerts: {expected:?}");
     assert!(expected.iter().filter(|e| e.1 == "open").count() > 1, "{expected:?}");
-    assert_eq!(fed(&cfg, &by_location, None).0, expected, "another arrival order");
+    let same = |got: Fed, what: &str| {
+        assert_eq!(got.0, expected, "{what}");
+        assert_eq!(got.2, expected_ids, "{what}: the alerts' ids");
+    };
+    same(fed(&cfg, &by_location, None), "another arrival order");
     let mut shared = 0;
     for cut in [2, 7, 13, 20, 31, 44, 58, 71] {
-        assert_eq!(fed(&cfg, &by_location, Some(cut)).0, expected, "another arrival order, restored after batch {cut}");
-        assert_eq!(fed(&cfg, &by_minute, Some(cut)).0, expected, "restored after batch {cut}");
+        same(fed(&cfg, &by_location, Some(cut)), &format!("another arrival order, restored after batch {cut}"));
+        same(fed(&cfg, &by_minute, Some(cut)), &format!("restored after batch {cut}"));
         // whether the snapshot held an alert of several locations
         let (mut op, _) = rule(&cfg);
         let mut out = Collector::new(1);
@@ -743,4 +763,146 @@ fn join_needs_a_road_graph_and_a_reach_and_cannot_change_live() {
     assert!(joined.live_change(&parse(&format!("join: {{road_graph: {p}, within: 2}}\ncooldown: 5m\n"))).is_ok());
     let typo: Result<AlertConfig, _> = serde_saphyr::from_str(&format!("{base}join: {{graph: {p}, within: 2}}\n"));
     assert!(typo.is_err(), "an unknown join key is refused");
+}
+
+/// A neighbour silent for `stale_after` is resolved before a location near it opens, whether
+/// or not a watermark passed its stale time first: the location opens an alert of its own.
+#[test]
+fn a_stale_neighbours_alert_is_not_joined_whenever_the_watermark_comes() {
+    let graph = corridor_graph();
+    let cfg = format!("raise: 0.9\nclear: 0.5\njoin: {{road_graph: {}, within: 2}}\n", graph.path().display());
+    // s3 opens at minute 0 and falls silent after minute 1 (stale at 16); s4 raises at 17
+    let mut rows = vec![("s3", 0, Some(0.95)), ("s3", 1, Some(0.95))];
+    rows.extend((0..20).map(|m| ("s4", m, Some(if m == 17 { 0.95 } else { 0.1 }))));
+    rows.sort_by_key(|r| (r.1, r.0));
+    let feed = |every_minute: bool| {
+        let (mut op, _) = rule(&cfg);
+        let mut out = Collector::new(1);
+        for minute in rows.chunk_by(|a, b| a.1 == b.1) {
+            op.process_batch(batch(minute), &mut out).unwrap();
+            if every_minute {
+                op.on_watermark(minute[0].1 * MIN + 30_000, &mut out).unwrap();
+            }
+        }
+        op.on_end(&mut out).unwrap();
+        drained(&mut out)
+    };
+    let (e, _, ids) = feed(true);
+    let at = |loc: &str, status: &str, minute: i64| (loc.to_owned(), status.to_owned(), minute, 1);
+    assert_eq!(e, [at("s3", "open", 0), at("s3", "resolved", 16), at("s4", "open", 17), at("s4", "resolved", 18)]);
+    assert_eq!(ids[2].0, "incident_model:s4:1020000");
+    let (late, _, late_ids) = feed(false);
+    assert_eq!((late, late_ids), (e, ids), "with no watermark before the end");
+}
+
+/// A joined alert counts once towards the storm limit, and a neighbour in the storm summary is
+/// joined by nobody.
+#[test]
+fn a_joined_alert_counts_once_towards_the_storm_limit() {
+    let graph = corridor_graph();
+    let cfg = |max: usize| {
+        format!(
+            "raise: 0.9\nclear: 0.5\nupdate_every: 1m\nstorm: {{max_open: {max}}}\njoin: {{road_graph: {}, within: 2}}\n",
+            graph.path().display()
+        )
+    };
+    // s3 opens at 1, s4 joins at 2, s9 (beyond reach) rises at 3, s8 (next to s9) at 4
+    let level = |loc: &str, m: i64| match loc {
+        "s3" if m >= 1 => 0.95,
+        "s4" if m >= 2 => 0.95,
+        "s9" if m >= 3 => 0.95,
+        "s8" if m >= 4 => 0.95,
+        _ => 0.1,
+    };
+    let mut rows = Vec::new();
+    for m in 0..6 {
+        for loc in ["s3", "s4", "s8", "s9"] {
+            rows.push((loc, m, Some(level(loc, m))));
+        }
+    }
+    let at = |loc: &str, status: &str, minute: i64, n: i32| (loc.to_owned(), status.to_owned(), minute, n);
+    // the last watermark leaves every location stale at minute 20 (its last row plus
+    // `stale_after`): each leaves its alert, in location order
+    let (two, _, _) = fed(&cfg(2), &rows, None);
+    assert_eq!(
+        two,
+        [
+            at("s3", "open", 1, 1),
+            at("s3", "update", 2, 2),
+            at("s9", "open", 3, 1),
+            at("s9", "update", 4, 2),
+            at("s3", "update", 20, 1),
+            at("s3", "resolved", 20, 1),
+            at("s9", "update", 20, 1),
+            at("s9", "resolved", 20, 1),
+        ],
+        "two alerts open: s3's with s4, s9's with s8"
+    );
+    let (one, _, _) = fed(&cfg(1), &rows, None);
+    assert_eq!(
+        one,
+        [
+            at("s3", "open", 1, 1),
+            at("s3", "update", 2, 2),
+            at("*", "open", 3, 1),
+            at("*", "update", 4, 2),
+            at("s3", "update", 20, 1),
+            at("s3", "resolved", 20, 1),
+            at("*", "resolved", 20, 0),
+        ],
+        "at the limit s9 and then s8 join the storm summary, not each other"
+    );
+}
+
+/// A snapshot of a rule without `join` restored into one with it: its open alerts are joined
+/// like any (each where it opened); one with `join` restored without it: each alert still
+/// resolves once, with its last location.
+#[test]
+fn snapshots_restore_across_adding_or_removing_join() {
+    let graph = corridor_graph();
+    let plain = "raise: 0.9\nclear: 0.5\n";
+    let joining = format!("{plain}join: {{road_graph: {}, within: 2}}\n", graph.path().display());
+    // s1 opens at 0, s3 at 1 (2 from s1), s2 at 3 (next to both); all clear at 6
+    let level = |loc: &str, m: i64| match loc {
+        "s1" if m < 6 => 0.95,
+        "s3" if (1..6).contains(&m) => 0.95,
+        "s2" if (3..6).contains(&m) => 0.95,
+        _ => 0.1,
+    };
+    let mut rows = Vec::new();
+    for m in 0..8 {
+        for loc in ["s1", "s2", "s3"] {
+            rows.push((loc, m, Some(level(loc, m))));
+        }
+    }
+    let at = |loc: &str, status: &str, minute: i64, n: i32| (loc.to_owned(), status.to_owned(), minute, n);
+    // cut after minute 2 (batch 1 holds rows 4-7: minute 2 ends at row 8)
+    let (added, _, ids) = fed_across(plain, &joining, &rows, Some(1));
+    assert_eq!(
+        added,
+        [
+            at("s1", "open", 0, 1),
+            at("s3", "open", 1, 1),
+            at("s1", "update", 3, 2),
+            at("s1", "update", 6, 1),
+            at("s1", "resolved", 6, 1),
+            at("s3", "resolved", 6, 1),
+        ],
+        "s2 joins the earliest of its neighbours' alerts"
+    );
+    assert_eq!(ids[2].0, "incident_model:s1:0");
+    let (removed, _, ids) = fed_across(&joining, plain, &rows, Some(4));
+    assert_eq!(
+        removed,
+        [
+            at("s1", "open", 0, 1),
+            at("s1", "update", 1, 2),
+            at("s1", "update", 3, 3),
+            at("s1", "update", 6, 2),
+            at("s1", "update", 6, 1),
+            at("s1", "resolved", 6, 1),
+        ],
+        "the alert stays whole until its last location leaves"
+    );
+    assert!(ids.iter().all(|(id, _)| id == "incident_model:s1:0"), "{ids:?}");
 }

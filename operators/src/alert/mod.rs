@@ -11,21 +11,26 @@
 //!   that window (a pending alert then outlives values below `clear` between them: a
 //!   flickering score; it opens on a row at or beyond `clear` only);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
-//!   `update` of the same alert (at most one per `update_every`), never a new alert;
-//! - **cooldown**: after an alert resolves, the location cannot open another for `cooldown`;
+//!   `update` of the same alert (at most one per `update_every` and location), never a new
+//!   alert;
+//! - **cooldown**: after a location's alert resolves (or the location leaves a joined alert),
+//!   it cannot open another for `cooldown`;
 //! - **joining**: with `join: {road_graph, within}`, a location whose alert would open while
 //!   one of the rule is open at most `within` segments up- or downstream joins that alert (an
 //!   `update` with the alert's location and id, the count in `locations`, and `location` and
-//!   `members` in the evidence) instead of opening its own; the alert resolves when its last
-//!   location clears, and counts once towards the storm limit;
+//!   `members` in the evidence) instead of opening its own; a location leaving it (clear or
+//!   stale) is an `update` too, so an alert of several locations may change more often than
+//!   `update_every`, and each event's value and peak are those of the location that made it;
+//!   the alert resolves when its last location clears or goes stale, and counts once towards
+//!   the storm limit (a neighbour in the storm summary is joined by nobody);
 //! - **storm limit**: with `storm.max_open`, once that many alerts are open, further locations
 //!   join one summarized alert (location `*`, with the count and the member list) instead of
 //!   opening their own; it resolves when its last member clears;
 //! - **active hours**: with `active_hours: [from, to]` (UTC hours, may wrap midnight), rows
 //!   outside them count as clear (noise at night);
 //! - **staleness**: a location silent for `stale_after` is resolved, at its last row's time
-//!   plus `stale_after` (found when the watermark passes that time, or when the location's next
-//!   row comes first).
+//!   plus `stale_after` (found when the watermark passes that time, when the location's next
+//!   row comes first, or, with `join`, when a neighbour's alert would open).
 //!
 //! Rows are taken per location in the order they arrive. For rows derived by windows (the
 //! model scores) that order is fixed by event time, so the events are the same however the

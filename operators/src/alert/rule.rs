@@ -1,5 +1,6 @@
 //! The alert rule: per location idle → pending → open → resolved, with hysteresis, minimum
-//! duration, suppression, cooldown, storm limit, active hours and staleness.
+//! duration, suppression, cooldown, joining neighbours' alerts, storm limit, active hours and
+//! staleness.
 
 use crate::LiveChangeError;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -256,6 +257,25 @@ impl AlertRule {
         self.cfg.join.is_some() || self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
     }
 
+    /// With `join`: the locations within `loc`'s reach that are stale at `t` (silent for
+    /// `stale_after`) are resolved first, in the order they went stale, as a watermark past that
+    /// time would have: whether `loc` joins their alert must not depend on when watermarks came.
+    fn resolve_stale_neighbours(&mut self, loc: &str, t: i64) {
+        let Some(near) = self.near.get(loc) else { return };
+        let stale = self.cfg.stale_after.as_millis_i64();
+        let mut gone: Vec<(i64, String)> = near
+            .iter()
+            .filter_map(|n| {
+                let s = self.states.get(n)?;
+                (t.saturating_sub(s.last_t) > stale && !matches!(s.phase, Phase::Idle)).then(|| (s.last_t, n.clone()))
+            })
+            .collect();
+        gone.sort_unstable();
+        for (_, n) in gone {
+            self.resolve_stale(&n);
+        }
+    }
+
     /// With `join`: the alert `loc` joins, of those open at a location within its reach the
     /// earliest opened (then the least id).
     fn join_target(&self, loc: &str) -> Option<(String, i64)> {
@@ -403,6 +423,7 @@ impl AlertRule {
                 } else if holds && (sure || persisted) && t >= st.quiet_until {
                     // (with `open_after` a pending alert outlives values below clear and rows
                     // outside the active hours: such a row never opens it)
+                    self.resolve_stale_neighbours(loc, t);
                     if let Some((id, opened_at)) = self.join_target(loc) {
                         // an alert open within reach: this location joins it
                         if let Some(a) = self.alerts.get_mut(&id) {
@@ -530,6 +551,11 @@ impl Operator for AlertRule {
         let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
         let ev_cols = self.cols.evidence.clone();
         let hold = self.in_event_time_order();
+        if !hold && !self.held.is_empty() {
+            // rows a snapshot held (of this rule when it took rows in event-time order): they
+            // came before this batch
+            self.take_held(i64::MAX);
+        }
         let shared = hold.then(|| Arc::new(batch.clone()));
         for (i, &value) in values.iter().enumerate() {
             if locs.is_null(i) || times.is_null(i) {
@@ -723,10 +749,13 @@ impl Operator for AlertRule {
                 LocState { phase: p, quiet_until: quiet.value(i), last_t: last_t.value(i) },
             );
         }
-        if self.cfg.join.is_some() {
+        if self.cfg.join.is_some() || !opened_at_location.is_empty() {
             // the open alerts from their locations (a snapshot from before `join` was set has
-            // one location per alert, where it opened)
-            for (loc, st) in &self.states {
+            // one location per alert, where it opened; one of a rule with `join` restored without
+            // it keeps its alerts whole until their last location leaves)
+            let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
+            locs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (loc, st) in locs {
                 if let Phase::Open { id, opened_at, .. } = &st.phase {
                     let at = opened_at_location.get(id).unwrap_or(loc);
                     let a = self.alerts.entry(id.clone()).or_insert_with(|| JoinedAlert {
