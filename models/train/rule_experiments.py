@@ -14,7 +14,8 @@ one to that segment's alert (`join` in deploy/*.yaml); every variant below joins
 - `+ California agreement`: a raise while California #7 alarms on the same segment and minute
   opens at once (as a score at `open_at_once` does).
 - `speed gate G`: a score counts only while the segment's speed (the lower of its 1- and
-  5-minute means) is below G of its free speed.
+  5-minute means) is below G of its free speed; `..., open_at_once exempt`: a score at or above
+  `open_at_once` counts whatever the speed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main():
         for gate in (0.9, 0.8, 0.7):
             gated = rule(d, np.where(speed < gate, score, 0.0))
             cells[f"speed gate {gate}"] = T.detection_metrics(d, gated, T.RULE_JOIN)
+        for gate in (0.9, 0.85):
+            gated = rule(d, np.where((speed < gate) | (score >= at_once), score, 0.0))
+            cells[f"speed gate {gate}, open_at_once exempt"] = T.detection_metrics(d, gated, T.RULE_JOIN)
         line = [f"{k}: {' / '.join(str(v[key]) for key in KEYS)}" for k, v in cells.items()]
         print(f"{name}\n  " + "\n  ".join(line))
 
