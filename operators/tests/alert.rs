@@ -523,7 +523,6 @@ fn restored_runs_match(cfg: &str) -> usize {
 #[test]
 fn a_storm_in_event_time_order_does_not_depend_on_arrival_order() {
     let cfg = "raise: 0.9\nclear: 0.5\nstorm: {max_open: 2, order: event_time}\n";
-    let minute = 60_000;
     // six locations, each in its own order; together interleaved two ways
     let rows: Vec<(String, i64, Option<f64>)> = (0..6)
         .flat_map(|l| {
@@ -533,26 +532,9 @@ fn a_storm_in_event_time_order_does_not_depend_on_arrival_order() {
     let by_location: Vec<(&str, i64, Option<f64>)> = rows.iter().map(|(l, m, v)| (l.as_str(), *m, *v)).collect();
     let mut by_minute = by_location.clone();
     by_minute.sort_by_key(|r| (r.1, std::cmp::Reverse(r.0)));
-    let feed = |rows: &[(&str, i64, Option<f64>)], cut: Option<usize>| {
-        let (mut op, _) = rule(cfg);
-        let mut out = Collector::new(1);
-        for (i, chunk) in rows.chunks(4).enumerate() {
-            op.process_batch(batch(chunk), &mut out).unwrap();
-            if cut == Some(i) {
-                // restored from a snapshot with rows held
-                let state = op.snapshot().unwrap().unwrap();
-                op = rule(cfg).0;
-                op.restore(state).unwrap();
-            }
-            if i % 3 == 2 {
-                // a watermark no later row is behind: the rows at or before it are taken
-                let next = rows[(i + 1) * 4..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / minute);
-                op.on_watermark(next * minute - 1, &mut out).unwrap();
-            }
-        }
-        op.on_end(&mut out).unwrap();
-        events(&mut out)
-    };
+    // batches of 4, a watermark every third batch, restored from a snapshot (with rows held)
+    // after batch `cut`
+    let feed = |rows: &[(&str, i64, Option<f64>)], cut: Option<usize>| fed(cfg, rows, cut).0;
     let expected = feed(&by_minute, None);
     assert!(expected.iter().any(|e| e.0 == "*"), "the rows make a storm: {expected:?}");
     let (mut op, _) = rule(cfg);
