@@ -1,7 +1,8 @@
 //! Throughput of the stream operators on decoded simulator batches (with the default faults:
 //! duplicates, re-sends, out-of-order arrivals), in rows per second. Each iteration runs a
 //! fresh operator over 16 batches of 8192 rows with a watermark after each, then ends it.
-//! The dedup bench also prints its state: keys held and accounted bytes per key.
+//! The dedup bench also prints its state: keys held and accounted bytes per key; the alert
+//! benches how many events their rules emit.
 //!
 //! Run: `cargo bench -p citystream-benches --bench operators`
 
@@ -35,9 +36,16 @@ fn build<C: OperatorConfig + serde::de::DeserializeOwned>(
 
 fn operators(c: &mut Criterion) {
     use citystream_operators::{
-        admit::AdmitConfig, compress::CompressConfig, dedup::DedupConfig, health::SensorHealthConfig,
-        window::WindowConfig,
+        admit::AdmitConfig, alert::AlertConfig, compress::CompressConfig, dedup::DedupConfig,
+        health::SensorHealthConfig, window::WindowConfig,
     };
+    // an alert rule on raw readings (a slow reading per segment), each row in arrival order, or
+    // held for the watermark and joined to an open neighbour's alert (the road graph of the
+    // simulated city)
+    let slow = "rule: slow\nalert_type: congestion\nseverity: info\nvalue: speed_kmh\ntime: ts\nbelow: true\n\
+                raise: 20\nclear: 30\nopen_after: {raises: 2, within: 3m}\ncooldown: 5m\n";
+    let graph = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/road_graph.csv");
+    let joined = format!("{slow}join: {{road_graph: {graph}, within: 2}}\n");
     let traffic = sample_batches(EventKind::Traffic, 16, 8192);
     let env = sample_batches(EventKind::Environment, 4, 8192);
     let rows: usize = traffic.iter().map(|(b, _)| b.num_rows()).sum();
@@ -63,6 +71,10 @@ fn operators(c: &mut Criterion) {
     per_key.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (median, keys) = per_key[per_key.len() / 2];
     eprintln!("dedup state (horizon 10m, traffic): median {median:.1} bytes per key (accounted) at about {keys} keys");
+
+    // how much the alert benches emit (so that they measure rules that open, join and resolve)
+    let events = |yaml: &str| run(build::<AlertConfig>(yaml, &traffic, &Metrics::new()).as_mut(), &traffic);
+    eprintln!("alert events (slow readings per segment): {} each alone, {} joined", events(slow), events(&joined));
 
     let mut g = c.benchmark_group("operators");
     g.throughput(Throughput::Elements(rows as u64));
@@ -110,6 +122,8 @@ fn operators(c: &mut Criterion) {
                 )
             }),
         ),
+        ("alert/traffic_slow_segment", Box::new(|m| build::<AlertConfig>(slow, &traffic, m))),
+        ("alert/traffic_slow_segment_joined", Box::new(|m| build::<AlertConfig>(&joined, &traffic, m))),
         (
             "admit/traffic_per_sensor",
             Box::new(|m| {
