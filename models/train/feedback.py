@@ -7,6 +7,12 @@ last decision per alert is a label for the segment-minutes the alert covered:
 - `acknowledged` or `resolved`: an operator confirmed an incident -> label 1;
 - `false_alarm`: an operator rejected it -> label 0 (a hard negative the detector got wrong).
 
+An alert of a rule with `join` also covers the segments that joined it (the rule's events in
+the `alerts` table name them in their evidence). A rejection labels each of them 0 too, from
+the minute it joined; a confirmation labels only the segment the alert opened at (the verdict
+does not say which of its segments the incident was on, and a queue's segments are no
+incident).
+
 The feature rows come from the same lake's `traffic_minutes` table through `features.py` (THE
 feature definition the stream uses), so a label lands on exactly the rows the model scored.
 
@@ -16,6 +22,7 @@ feature definition the stream uses), so a label lands on exactly the rows the mo
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -47,6 +54,33 @@ def verdicts(lake):
     return last
 
 
+def joined(lake, alert_ids):
+    """alert_id -> [(segment_id, joined_at_ms)] for the segments that joined those alerts after
+    they opened (from their rule's events in the lake's `alerts` table: the members in each
+    event's evidence; a segment that left and joined again joined twice)."""
+    import pyarrow.dataset as ds
+
+    root = pathlib.Path(lake) / "alerts"
+    if not alert_ids or not root.exists():
+        return {}
+    t = ds.dataset(root, format="parquet", partitioning="hive").to_table(
+        columns=["ts", "alert_id", "location", "evidence", "actor"]
+    )
+    members, out = {}, {}
+    for r in sorted(t.to_pylist(), key=lambda r: (r["ts"], r["alert_id"])):
+        if r["alert_id"] not in alert_ids or r["actor"] != "rule":
+            continue
+        try:
+            now = set(json.loads(r["evidence"]).get("members", []))
+        except (ValueError, AttributeError):
+            continue
+        before = members.setdefault(r["alert_id"], {r["location"]})
+        at = int(r["ts"].timestamp() * 1000)
+        out.setdefault(r["alert_id"], []).extend((s, at) for s in sorted(now - before))
+        members[r["alert_id"]] = now
+    return out
+
+
 def operator_labels(lake, road_graph=None):
     """Feature rows and labels from the operators' verdicts in `lake` (a pipeline's lake dir).
 
@@ -66,7 +100,11 @@ def operator_labels(lake, road_graph=None):
     t = np.asarray(m["window_end_ms"], dtype=np.int64)
     seg = np.array(m["segment_id"], dtype=object)
     label = np.full(len(t), np.nan, dtype=np.float32)
-    for seg_id, opened, y in sorted(v.values(), key=lambda r: r[1]):
+    # a rejected alert's joined segments are rejected with it
+    covered = list(v.values())
+    for alert_id, segs in joined(lake, {a for a, r in v.items() if r[2] == 0.0}).items():
+        covered += [(s, at, 0.0) for s, at in segs]
+    for seg_id, opened, y in sorted(covered, key=lambda r: r[1]):
         label[(seg == seg_id) & (t >= opened) & (t < opened + COVER_MS)] = y
     keep = ~np.isnan(label)
     counts = {"confirmed": sum(1 for r in v.values() if r[2] == 1.0),

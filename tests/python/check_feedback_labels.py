@@ -1,12 +1,14 @@
 """Operator verdicts become incident labels for retraining (models/train/feedback.py), checked on
 a real pipeline run: the main job's traffic_minutes and ground truth, plus a feedback table with
-the control center's columns holding crafted decisions.
+the control center's columns holding crafted decisions, and the rule events of a rejected alert
+that two segments joined (`join`), one of them twice.
 
 usage: check_feedback_labels.py DATA_DIR   (DATA_DIR holds lake/ and ground_truth/)
 """
 
 import csv
 import datetime as dt
+import json
 import os
 import pathlib
 import sys
@@ -33,7 +35,8 @@ def main(data):
     assert incidents, "the main job injects incidents"
     inc = incidents[0]
     busy = {i["segment_id"] for i in incidents}
-    quiet = next(s for s in sorted(r["segment_id"] for r in csv.DictReader(open(data / "ground_truth" / "road_graph.csv"))) if s not in busy)
+    free = [s for s in sorted(r["segment_id"] for r in csv.DictReader(open(data / "ground_truth" / "road_graph.csv"))) if s not in busy]
+    quiet, joiner, rejoiner = free[:3]
     t_quiet = inc["start"] + 3 * 3_600_000  # an hour with no incident on that segment
     other = incidents[1] if len(incidents) > 1 else inc
     ts = lambda v: dt.datetime.fromtimestamp(v / 1000, dt.timezone.utc)  # noqa: E731
@@ -62,18 +65,38 @@ def main(data):
             "value": [0.97] * len(decisions), "threshold": [0.96] * len(decisions),
         })
         pq.write_table(table, lake / "feedback" / "part-0.parquet")
+        # the rule's events of the rejected alert A2 (opened at `quiet`): `joiner` joins at +2,
+        # `rejoiner` at +4, leaves at +6 and joins again at +20; and an event of another alert
+        events = [
+            (t_quiet, "incident_model:A2", quiet, "open", [quiet]),
+            (t_quiet + 2 * MIN, "incident_model:A2", quiet, "update", [quiet, joiner]),
+            (t_quiet + 4 * MIN, "incident_model:A2", quiet, "update", [quiet, joiner, rejoiner]),
+            (t_quiet + 6 * MIN, "incident_model:A2", quiet, "update", [quiet, joiner]),
+            (t_quiet + 20 * MIN, "incident_model:A2", quiet, "update", [quiet, joiner, rejoiner]),
+            (t_quiet + 2 * MIN, "incident_model:A9", free[3], "update", [free[3], free[4]]),
+        ]
+        (lake / "alerts").mkdir()
+        pq.write_table(pa.table({
+            "ts": pa.array([ts(e[0]) for e in events], ts_type), "alert_id": [e[1] for e in events],
+            "location": [e[2] for e in events], "status": [e[3] for e in events],
+            "evidence": [json.dumps({"location": e[4][-1], "members": e[4]}) for e in events],
+            "actor": ["rule"] * len(events),
+        }), lake / "alerts" / "part-0.parquet")
         got = FB.operator_labels(lake, data / "ground_truth" / "road_graph.csv")
 
     assert got["alerts"] == {"confirmed": 1, "false_alarm": 2}, got["alerts"]
     con = duckdb.connect()
     q = f"SELECT segment_id, epoch_ms(window_end) FROM read_parquet('{data}/lake/traffic_minutes/**/*.parquet', hive_partitioning = true) WHERE segment_id = ? AND epoch_ms(window_end) >= ? AND epoch_ms(window_end) < ?"
     expect = {}
-    for seg, opened, y in [(inc["segment_id"], inc["start"] + 2 * MIN, 1.0), (quiet, t_quiet, 0.0), (other["segment_id"], other["start"] + 20 * MIN, 0.0)]:
+    covered = [(inc["segment_id"], inc["start"] + 2 * MIN, 1.0), (quiet, t_quiet, 0.0), (joiner, t_quiet + 2 * MIN, 0.0),
+               (rejoiner, t_quiet + 4 * MIN, 0.0), (rejoiner, t_quiet + 20 * MIN, 0.0), (other["segment_id"], other["start"] + 20 * MIN, 0.0)]
+    for seg, opened, y in covered:
         for s, t in con.execute(q, [seg, opened, opened + FB.COVER_MS]).fetchall():
             expect[(s, t)] = y
     rows = {(s, int(t)): float(y) for s, t, y in zip(got["seg"], got["t"], got["label"])}
     assert rows == expect, f"labelled rows differ: {len(rows)} vs {len(expect)}"
-    assert 10 <= len(rows) <= 3 * 15, len(rows)
+    assert 10 <= len(rows) <= 6 * 15, len(rows)
+    assert any(s == rejoiner and t >= t_quiet + 20 * MIN for s, t in rows), "a segment that joined again is labelled again"
     assert got["x"].shape == (len(rows), 20)
     # the confirmed rows lie within the injected incident (the operator was right)
     pos = [t for (s, t), y in rows.items() if y == 1.0]
