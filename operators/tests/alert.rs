@@ -888,3 +888,38 @@ fn snapshots_restore_across_adding_or_removing_join() {
     );
     assert!(ids.iter().all(|(id, _)| id == "incident_model:s1:0"), "{ids:?}");
 }
+
+/// A member of a joined alert that goes stale leaves it at its stale time, before the rows
+/// after that time, whenever the watermark comes: the events are the same with a watermark
+/// every minute or none before the end.
+#[test]
+fn a_stale_member_leaves_its_alert_whenever_the_watermark_comes() {
+    let graph = corridor_graph();
+    let cfg = format!("raise: 0.9\nclear: 0.5\njoin: {{road_graph: {}, within: 2}}\n", graph.path().display());
+    // s3 opens at 0 and falls silent after minute 1 (stale at 16); s4 joins at 1, clears at 20
+    let mut rows = vec![("s3", 0, Some(0.95)), ("s3", 1, Some(0.95))];
+    rows.extend((0..25).map(|m| ("s4", m, Some(if (1..20).contains(&m) { 0.95 } else { 0.1 }))));
+    rows.sort_by_key(|r| (r.1, r.0));
+    let feed = |every_minute: bool| {
+        let (mut op, _) = rule(&cfg);
+        let mut out = Collector::new(1);
+        for minute in rows.chunk_by(|a, b| a.1 == b.1) {
+            op.process_batch(batch(minute), &mut out).unwrap();
+            if every_minute {
+                op.on_watermark(minute[0].1 * MIN + 30_000, &mut out).unwrap();
+            }
+        }
+        op.on_end(&mut out).unwrap();
+        drained(&mut out)
+    };
+    let (e, evidence, _) = feed(true);
+    let at = |loc: &str, status: &str, minute: i64, n: i32| (loc.to_owned(), status.to_owned(), minute, n);
+    assert_eq!(
+        e,
+        [at("s3", "open", 0, 1), at("s3", "update", 1, 2), at("s3", "update", 16, 1), at("s3", "resolved", 20, 1)]
+    );
+    assert_eq!(evidence[2]["location"], "s3", "s3 left, stale");
+    assert_eq!(evidence[2]["stale"], true);
+    let (late, late_evidence, _) = feed(false);
+    assert_eq!((late, late_evidence), (e, evidence), "with no watermark before the end");
+}

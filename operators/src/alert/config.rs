@@ -382,6 +382,7 @@ impl OperatorConfig for AlertConfig {
             held: Vec::new(),
             near,
             alerts: HashMap::new(),
+            stale_floor: i64::MAX,
             out: Events::default(),
             opened: events("open"),
             updated: events("update"),

@@ -29,8 +29,10 @@
 //! - **active hours**: with `active_hours: [from, to]` (UTC hours, may wrap midnight), rows
 //!   outside them count as clear (noise at night);
 //! - **staleness**: a location silent for `stale_after` is resolved, at its last row's time
-//!   plus `stale_after` (found when the watermark passes that time, when the location's next
-//!   row comes first, or, with `join`, when a neighbour's alert would open).
+//!   plus `stale_after` (found when the watermark passes that time or when the location's next
+//!   row comes first; taking rows in event-time order, before the first row of any location
+//!   after that time, so that joined alerts and the storm summary lose it between the same two
+//!   rows whenever watermarks come).
 //!
 //! Rows are taken per location in the order they arrive. For rows derived by windows (the
 //! model scores) that order is fixed by event time, so the events are the same however the

@@ -121,6 +121,8 @@ pub struct AlertRule {
     pub(super) near: HashMap<String, Vec<String>>,
     /// With `join`: the open alerts by id.
     pub(super) alerts: HashMap<String, JoinedAlert>,
+    /// At most the last row's time of every location not idle (`i64::MAX`: none).
+    pub(super) stale_floor: i64,
     pub(super) out: Events,
     pub(super) opened: Counter,
     pub(super) updated: Counter,
@@ -257,23 +259,35 @@ impl AlertRule {
         self.cfg.join.is_some() || self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
     }
 
-    /// With `join`: the locations within `loc`'s reach that are stale at `t` (silent for
-    /// `stale_after`) are resolved first, in the order they went stale, as a watermark past that
-    /// time would have: whether `loc` joins their alert must not depend on when watermarks came.
-    fn resolve_stale_neighbours(&mut self, loc: &str, t: i64) {
-        let Some(near) = self.near.get(loc) else { return };
+    /// Resolves the locations silent for `stale_after` before `t` (their last row plus
+    /// `stale_after` is before it), in the order they went stale. Called before each row taken
+    /// in event-time order and at each watermark, so that a location goes stale between the
+    /// same two rows whenever watermarks come: which alert a neighbour joins, when a joined
+    /// alert or the storm summary loses a location, and how many alerts count towards the
+    /// storm limit do not depend on it. `stale_floor` (a lower bound of the active locations'
+    /// last rows) skips the scan while none can be stale.
+    fn resolve_stale_before(&mut self, t: i64) {
         let stale = self.cfg.stale_after.as_millis_i64();
-        let mut gone: Vec<(i64, String)> = near
+        if t.saturating_sub(self.stale_floor) <= stale {
+            return;
+        }
+        let mut gone: Vec<(i64, String)> = self
+            .states
             .iter()
-            .filter_map(|n| {
-                let s = self.states.get(n)?;
-                (t.saturating_sub(s.last_t) > stale && !matches!(s.phase, Phase::Idle)).then(|| (s.last_t, n.clone()))
-            })
+            .filter(|(_, s)| t.saturating_sub(s.last_t) > stale && !matches!(s.phase, Phase::Idle))
+            .map(|(k, s)| (s.last_t, k.clone()))
             .collect();
         gone.sort_unstable();
-        for (_, n) in gone {
-            self.resolve_stale(&n);
+        for (_, loc) in gone {
+            self.resolve_stale(&loc);
         }
+        self.stale_floor = self
+            .states
+            .values()
+            .filter(|s| !matches!(s.phase, Phase::Idle))
+            .map(|s| s.last_t)
+            .min()
+            .unwrap_or(i64::MAX);
     }
 
     /// With `join`: the alert `loc` joins, of those open at a location within its reach the
@@ -354,6 +368,7 @@ impl AlertRule {
         ready.sort_by(|a, b| (a.t, &a.loc).cmp(&(b.t, &b.loc)));
         let cols = self.cols.evidence.clone();
         for h in ready {
+            self.resolve_stale_before(h.t);
             self.step(&h.loc, h.t, h.v, || h.evidence.json(&cols, h.v));
         }
     }
@@ -423,7 +438,6 @@ impl AlertRule {
                 } else if holds && (sure || persisted) && t >= st.quiet_until {
                     // (with `open_after` a pending alert outlives values below clear and rows
                     // outside the active hours: such a row never opens it)
-                    self.resolve_stale_neighbours(loc, t);
                     if let Some((id, opened_at)) = self.join_target(loc) {
                         // an alert open within reach: this location joins it
                         if let Some(a) = self.alerts.get_mut(&id) {
@@ -477,6 +491,9 @@ impl AlertRule {
             }
             Phase::Storm { peak } => Phase::Storm { peak: better(peak, v) },
         };
+        if !matches!(st.phase, Phase::Idle) {
+            self.stale_floor = self.stale_floor.min(st.last_t);
+        }
         self.states.insert(loc.to_owned(), st);
     }
 
@@ -582,18 +599,8 @@ impl Operator for AlertRule {
     fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
         self.refresh_levels();
         self.take_held(watermark);
-        let stale = self.cfg.stale_after.as_millis_i64();
-        let mut gone: Vec<(i64, String)> = self
-            .states
-            .iter()
-            .filter(|(_, s)| watermark.saturating_sub(s.last_t) > stale && !matches!(s.phase, Phase::Idle))
-            .map(|(k, s)| (s.last_t, k.clone()))
-            .collect();
         // in the order they went stale: the storm summary's membership follows it
-        gone.sort_unstable();
-        for (_, loc) in gone {
-            self.resolve_stale(&loc);
-        }
+        self.resolve_stale_before(watermark);
         // forget idle locations whose cooldown is over: the map holds active locations only
         self.states.retain(|_, s| !matches!(s.phase, Phase::Idle) || s.quiet_until > watermark);
         self.finish(out)
@@ -671,6 +678,8 @@ impl Operator for AlertRule {
         self.open = 0;
         self.held.clear();
         self.alerts.clear();
+        // the restored locations are scanned at the next row or watermark
+        self.stale_floor = i64::MIN;
         let mut members = BTreeSet::new();
         let mut opened_at_location = HashMap::new();
         for i in 0..state.num_rows() {
