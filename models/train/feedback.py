@@ -9,7 +9,7 @@ last decision per alert is a label for the segment-minutes the alert covered:
 
 An alert of a rule with `join` also covers the segments that joined it (the rule's events in
 the `alerts` table name them in their evidence). A rejection labels each of them 0 too, from
-the minute it joined; a confirmation labels only the segment the alert opened at (the verdict
+the minute it joined (a verdict on an alert the segment opened itself takes precedence); a confirmation labels only the segment the alert opened at (the verdict
 does not say which of its segments the incident was on, and a queue's segments are no
 incident).
 
@@ -54,10 +54,34 @@ def verdicts(lake):
     return last
 
 
+def joins(events):
+    """(alert_id, segment_id, ts) of each join in `events`, a rule's alert events as (ts,
+    alert_id, location, evidence) in time order: with `join`, every event names the segment
+    whose row made it (evidence `location`) and the alert's segments after it (`members`), so a
+    segment joins at an event it made that has it among the members while its own previous
+    event did not (the segment an alert opened at starts as a member). Each segment is judged
+    by its own events only: the order of other segments' events in the same minute does not
+    matter, and an alert whose first events are missing loses only those."""
+    member, out = {}, []
+    for ts, alert_id, location, evidence in events:
+        try:
+            e = json.loads(evidence)
+            seg, now = e.get("location"), e.get("members")
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if not isinstance(seg, str) or not isinstance(now, list):
+            continue
+        key = (alert_id, seg)
+        inside = seg in now
+        if inside and not member.get(key, seg == location):
+            out.append((alert_id, seg, ts))
+        member[key] = inside
+    return out
+
+
 def joined(lake, alert_ids):
-    """alert_id -> [(segment_id, joined_at_ms)] for the segments that joined those alerts after
-    they opened (from their rule's events in the lake's `alerts` table: the members in each
-    event's evidence; a segment that left and joined again joined twice)."""
+    """alert_id -> [(segment_id, joined_at_ms)] for the segments that joined those alerts (their
+    rule's events in the lake's `alerts` table, `joins`)."""
     import pyarrow.dataset as ds
 
     root = pathlib.Path(lake) / "alerts"
@@ -66,18 +90,11 @@ def joined(lake, alert_ids):
     t = ds.dataset(root, format="parquet", partitioning="hive").to_table(
         columns=["ts", "alert_id", "location", "evidence", "actor"]
     )
-    members, out = {}, {}
-    for r in sorted(t.to_pylist(), key=lambda r: (r["ts"], r["alert_id"])):
-        if r["alert_id"] not in alert_ids or r["actor"] != "rule":
-            continue
-        try:
-            now = set(json.loads(r["evidence"]).get("members", []))
-        except (ValueError, AttributeError):
-            continue
-        before = members.setdefault(r["alert_id"], {r["location"]})
-        at = int(r["ts"].timestamp() * 1000)
-        out.setdefault(r["alert_id"], []).extend((s, at) for s in sorted(now - before))
-        members[r["alert_id"]] = now
+    rows = sorted((int(r["ts"].timestamp() * 1000), r["alert_id"], r["location"], r["evidence"])
+                  for r in t.to_pylist() if r["alert_id"] in alert_ids and r["actor"] == "rule")
+    out = {}
+    for alert_id, seg, at in joins(rows):
+        out.setdefault(alert_id, []).append((seg, at))
     return out
 
 
@@ -100,12 +117,12 @@ def operator_labels(lake, road_graph=None):
     t = np.asarray(m["window_end_ms"], dtype=np.int64)
     seg = np.array(m["segment_id"], dtype=object)
     label = np.full(len(t), np.nan, dtype=np.float32)
-    # a rejected alert's joined segments are rejected with it
-    covered = list(v.values())
-    for alert_id, segs in joined(lake, {a for a, r in v.items() if r[2] == 0.0}).items():
-        covered += [(s, at, 0.0) for s, at in segs]
-    for seg_id, opened, y in sorted(covered, key=lambda r: r[1]):
-        label[(seg == seg_id) & (t >= opened) & (t < opened + COVER_MS)] = y
+    # a rejected alert's joined segments are rejected with it; a verdict on an alert a segment
+    # opened itself then takes precedence over one it only joined
+    by_join = [(s, at, 0.0) for segs in joined(lake, {a for a, r in v.items() if r[2] == 0.0}).values() for s, at in segs]
+    for covered in (by_join, list(v.values())):
+        for seg_id, opened, y in sorted(covered, key=lambda r: r[1]):
+            label[(seg == seg_id) & (t >= opened) & (t < opened + COVER_MS)] = y
     keep = ~np.isnan(label)
     counts = {"confirmed": sum(1 for r in v.values() if r[2] == 1.0),
               "false_alarm": sum(1 for r in v.values() if r[2] == 0.0)}

@@ -3,8 +3,8 @@
 usage: alert_report.py DATA_DIR [--json]   (DATA_DIR holds lake/ and ground_truth/)
 
 Per incident-type rule: incidents detected (an alert opened on the incident's segment, or for
-camera rules by a camera on it, or the segment joined an open alert (a rule with `join`: an
-`update` whose evidence names the segment among the alert's members), between its start and its
+camera rules by a camera on it, or the segment joined an open alert (a rule with `join`: the
+rule's events name each alert's members, models/train/feedback.py `joins`), between its start and its
 end + 10 min), mean and median time to detect (alert open or join minus incident start,
 minutes), and false alerts (opens that match no incident) per day. Alert events carry
 `emitted_at` (processing time): the report also prints the spread between an alert's event time
@@ -18,6 +18,9 @@ import os
 import sys
 
 import duckdb
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", "train"))
+import feedback as FB  # noqa: E402
 
 GRACE_MS = 10 * 60_000
 
@@ -38,16 +41,14 @@ def main(data, as_json=False):
         f"SELECT rule, alert_type, location, epoch_ms(ts), locations FROM read_parquet('{data}/lake/alerts/**/*.parquet', hive_partitioning = true) "
         "WHERE status = 'open' ORDER BY ts"
     ).fetchall()
-    # (rule, alert, segment, time) of the events of a segment in an alert it joined (opened at
-    # another: evidence `location` among the alert's `members`)
-    joins = []
-    for rule, alert, at, ev, t in con.execute(
-        f"SELECT rule, alert_id, location, evidence, epoch_ms(ts) FROM read_parquet('{data}/lake/alerts/**/*.parquet', hive_partitioning = true) "
-        "WHERE status = 'update' AND evidence LIKE '%\"members\"%' AND actor = 'rule'"
-    ).fetchall():
-        e = json.loads(ev)
-        if e.get("location") != at and e.get("location") in e.get("members", []):
-            joins.append((rule, alert, e["location"], t))
+    # (rule, segment, time) of each segment's joining an alert (a rule with `join`; feedback.py
+    # `joins` reads the members from the rule's events)
+    events = con.execute(
+        f"SELECT epoch_ms(ts), alert_id, location, evidence, rule FROM read_parquet('{data}/lake/alerts/**/*.parquet', hive_partitioning = true) "
+        "WHERE actor = 'rule' AND evidence LIKE '%\"members\"%' ORDER BY ts"
+    ).fetchall()
+    rule_of = {e[1]: e[4] for e in events}
+    joined = [(rule_of[a], seg, t) for a, seg, t in FB.joins([e[:4] for e in events])]
     out = {}
     for rule in sorted({r[0] for r in rows if r[1] in ("incident", "stalled_vehicle")}):
         opens = [r for r in rows if r[0] == rule]
@@ -59,7 +60,7 @@ def main(data, as_json=False):
                 if seg == inc["segment_id"] and inc["start"] <= t <= inc["end"] + GRACE_MS:
                     matched.add(i)
                     first = t if first is None else min(first, t)
-            for r, _, seg, t in joins:
+            for r, seg, t in joined:
                 if r == rule and seg == inc["segment_id"] and inc["start"] <= t <= inc["end"] + GRACE_MS:
                     first = t if first is None else min(first, t)
             if first is not None:
@@ -74,7 +75,7 @@ def main(data, as_json=False):
             "mean_time_to_detect_min": round(sum(ttd) / len(ttd), 2) if ttd else None,
             "median_time_to_detect_min": round(ttd[len(ttd) // 2], 2) if ttd else None,
             "alerts": len(opens),
-            "joined": len({j[1:3] for j in joins if j[0] == rule}),
+            "joined": sum(1 for j in joined if j[0] == rule),
             "storm_summaries": sum(1 for o in opens if o[2] == "*"),
             "false_alerts_per_day": round(len(false) / days, 2),
         }
