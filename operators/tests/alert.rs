@@ -747,6 +747,21 @@ fn join_needs_a_road_graph_and_a_reach_and_cannot_change_live() {
     assert!(typo.is_err(), "an unknown join key is refused");
 }
 
+/// Feeds `rows` (in time order) a batch per minute, with a watermark half a minute after each
+/// (`every_minute`) or none before the end.
+fn fed_by_minute(cfg: &str, rows: &[(&str, i64, Option<f64>)], every_minute: bool) -> Fed {
+    let (mut op, _) = rule(cfg);
+    let mut out = Collector::new(1);
+    for minute in rows.chunk_by(|a, b| a.1 == b.1) {
+        op.process_batch(batch(minute), &mut out).unwrap();
+        if every_minute {
+            op.on_watermark(minute[0].1 * MIN + 30_000, &mut out).unwrap();
+        }
+    }
+    op.on_end(&mut out).unwrap();
+    drained(&mut out)
+}
+
 /// A neighbour silent for `stale_after` is resolved before a location near it opens, whether
 /// or not a watermark passed its stale time first: the location opens an alert of its own.
 #[test]
@@ -757,18 +772,7 @@ fn a_stale_neighbours_alert_is_not_joined_whenever_the_watermark_comes() {
     let mut rows = vec![("s3", 0, Some(0.95)), ("s3", 1, Some(0.95))];
     rows.extend((0..20).map(|m| ("s4", m, Some(if m == 17 { 0.95 } else { 0.1 }))));
     rows.sort_by_key(|r| (r.1, r.0));
-    let feed = |every_minute: bool| {
-        let (mut op, _) = rule(&cfg);
-        let mut out = Collector::new(1);
-        for minute in rows.chunk_by(|a, b| a.1 == b.1) {
-            op.process_batch(batch(minute), &mut out).unwrap();
-            if every_minute {
-                op.on_watermark(minute[0].1 * MIN + 30_000, &mut out).unwrap();
-            }
-        }
-        op.on_end(&mut out).unwrap();
-        drained(&mut out)
-    };
+    let feed = |every_minute: bool| fed_by_minute(&cfg, &rows, every_minute);
     let (e, _, ids) = feed(true);
     let at = |loc: &str, status: &str, minute: i64| (loc.to_owned(), status.to_owned(), minute, 1);
     assert_eq!(e, [at("s3", "open", 0), at("s3", "resolved", 16), at("s4", "open", 17), at("s4", "resolved", 18)]);
@@ -900,18 +904,7 @@ fn a_stale_member_leaves_its_alert_whenever_the_watermark_comes() {
     let mut rows = vec![("s3", 0, Some(0.95)), ("s3", 1, Some(0.95))];
     rows.extend((0..25).map(|m| ("s4", m, Some(if (1..20).contains(&m) { 0.95 } else { 0.1 }))));
     rows.sort_by_key(|r| (r.1, r.0));
-    let feed = |every_minute: bool| {
-        let (mut op, _) = rule(&cfg);
-        let mut out = Collector::new(1);
-        for minute in rows.chunk_by(|a, b| a.1 == b.1) {
-            op.process_batch(batch(minute), &mut out).unwrap();
-            if every_minute {
-                op.on_watermark(minute[0].1 * MIN + 30_000, &mut out).unwrap();
-            }
-        }
-        op.on_end(&mut out).unwrap();
-        drained(&mut out)
-    };
+    let feed = |every_minute: bool| fed_by_minute(&cfg, &rows, every_minute);
     let (e, evidence, _) = feed(true);
     let at = |loc: &str, status: &str, minute: i64, n: i32| (loc.to_owned(), status.to_owned(), minute, n);
     assert_eq!(
