@@ -217,10 +217,16 @@ impl Book {
                 a.threshold = thr.value(i);
             }
             a.updated_at = ts.value(i);
-            a.value = opt(value, i).or(a.value);
-            a.peak = opt(peak, i).or(a.peak);
+            let evidence: serde_json::Value = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
+            // with `join`, an event another location made (evidence `location`) carries that
+            // location's value and peak: the alert's stay those of the location it opened at
+            // (what calibration judges it by)
+            if evidence.get("location").and_then(|l| l.as_str()).is_none_or(|l| l == a.location) {
+                a.value = opt(value, i).or(a.value);
+                a.peak = opt(peak, i).or(a.peak);
+            }
             a.locations = n_locs.value(i);
-            a.evidence = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
+            a.evidence = evidence;
             self.newest = self.newest.max(a.updated_at);
             messages.push(serde_json::json!({"kind": "alert", "status": status, "alert": &*a}).to_string());
         }
@@ -557,6 +563,32 @@ mod tests {
         let mut own = Book::new(86_400_000, 100);
         own.apply(&events(&[("b", "open", 0), ("b", "resolved", 20)])).unwrap();
         assert!(own.decide("b", 30, &serde_json::json!({"decision": "false_alarm"})).is_ok());
+    }
+
+    /// An alert other locations joined (`join`): their events update its count and evidence,
+    /// not the value and peak of the location it opened at.
+    #[test]
+    fn a_joined_locations_events_keep_the_alerts_own_value_and_peak() {
+        let mut book = Book::new(86_400_000, 100);
+        let b = events(&[("x", "open", 0), ("x", "update", 60_000), ("x", "update", 120_000)]);
+        let mut cols = b.columns().to_vec();
+        cols[8] = Arc::new(Float64Array::from(vec![Some(0.9), Some(0.6), Some(0.95)]));
+        cols[10] = Arc::new(Float64Array::from(vec![Some(0.9), Some(0.7), Some(0.97)]));
+        cols[11] = Arc::new(arrow::array::Int32Array::from(vec![1, 2, 2]));
+        cols[12] = Arc::new(StringArray::from(vec![
+            r#"{"location":"x","members":["x"]}"#,
+            r#"{"location":"m","members":["m","x"]}"#,
+            r#"{"location":"x","members":["m","x"]}"#,
+        ]));
+        book.apply(&RecordBatch::try_new(b.schema(), cols.clone()).unwrap()).unwrap();
+        let a = &book.alerts["x"];
+        assert_eq!((a.value, a.peak, a.locations), (Some(0.95), Some(0.97), 2), "{a:?}");
+        let mut book = Book::new(86_400_000, 100);
+        let two = RecordBatch::try_new(b.schema(), cols).unwrap().slice(0, 2);
+        book.apply(&two).unwrap();
+        let a = &book.alerts["x"];
+        assert_eq!((a.value, a.peak, a.locations), (Some(0.9), Some(0.9), 2), "m's event: {a:?}");
+        assert_eq!(a.evidence["location"], "m", "the evidence is the latest event's");
     }
 
     #[test]
