@@ -213,7 +213,8 @@ pub(super) struct Cols {
 }
 
 impl AlertConfig {
-    fn check(&self, input: &SchemaRef) -> Result<Cols, Vec<PlanError>> {
+    /// The columns, and with `join` each segment's neighbours within reach (`joinable`).
+    fn check(&self, input: &SchemaRef) -> Result<(Cols, Neighbourhood), Vec<PlanError>> {
         let mut errs = Vec::new();
         let value = column(input, &self.value, "value").map_err(|e| errs.push(e)).ok();
         if let Some(v) = value {
@@ -273,6 +274,7 @@ impl AlertConfig {
                 );
             }
         }
+        let mut near = HashMap::new();
         if let Some(j) = &self.join {
             if !(1..=MAX_JOIN_REACH).contains(&j.within) {
                 errs.push(PlanError::new(
@@ -280,10 +282,11 @@ impl AlertConfig {
                     format!("`within: {}` is not in 1..={MAX_JOIN_REACH}", j.within),
                 ));
             }
-            if let Err(e) = RoadGraph::read(std::path::Path::new(j.road_graph.as_str())) {
-                errs.push(PlanError::new("join.road_graph", e.to_string()).with_help(
+            match joinable(j) {
+                Ok(n) => near = n,
+                Err(e) => errs.push(PlanError::new("join.road_graph", e).with_help(
                     "`citystream simulate --out DIR` writes the simulated city's graph to DIR/ground_truth/road_graph.csv",
-                ));
+                )),
             }
         }
         if let Some(s) = &self.storm
@@ -299,7 +302,7 @@ impl AlertConfig {
         let (Some(value), Some(location), Some(time), true) = (value, location, time, errs.is_empty()) else {
             return Err(errs);
         };
-        Ok(Cols { value, location, time, evidence })
+        Ok((Cols { value, location, time, evidence }, near))
     }
 
     /// Live tuning: levels, durations (`open_after`'s count and window too), the storm limit,
@@ -363,11 +366,7 @@ impl OperatorConfig for AlertConfig {
     }
 
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
-        let cols = self.check(input)?;
-        let near = match &self.join {
-            Some(j) => joinable(j).map_err(|e| vec![PlanError::new("join.road_graph", e)])?,
-            None => HashMap::new(),
-        };
+        let (cols, near) = self.check(input)?;
         let l =
             |status: &'static str| [("stage", ctx.stage.as_str()), ("rule", self.rule.as_str()), ("status", status)];
         let events =
@@ -399,8 +398,11 @@ impl OperatorConfig for AlertConfig {
     }
 }
 
-/// Per segment of `join`'s road graph, the segments within its reach (in the graph's order).
-fn joinable(j: &JoinConfig) -> Result<HashMap<String, Vec<String>>, String> {
+/// Per segment of a road graph, the segments within `join`'s reach (in the graph's order).
+type Neighbourhood = HashMap<String, Vec<String>>;
+
+/// The neighbourhood of `join`'s road graph.
+fn joinable(j: &JoinConfig) -> Result<Neighbourhood, String> {
     let g = RoadGraph::read(std::path::Path::new(j.road_graph.as_str())).map_err(|e| e.to_string())?;
     Ok(g.segments
         .iter()
