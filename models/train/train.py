@@ -426,13 +426,8 @@ def rule_fixture(d, family, sess, raise_at, at_once):
     then the most of the first and the third. tests/tests/models.rs runs deploy/local.yaml's
     `incident_alerts` stage on the scores: it must open what the card counted."""
     def onsets(part, opened, join=RULE_JOIN):
-        seg, t = part["seg"], part["t"]
-        order = np.lexsort((t, seg))
-        s, tt, o = seg[order], t[order], opened[order]
-        first = o & ~np.concatenate([[False], o[:-1] & (s[1:] == s[:-1])])
-        if join:
-            first &= ~joined_onsets(part, opened, join)[order]
-        return [[str(a), int(b)] for a, b in sorted(zip(s[first], tt[first]), key=lambda r: (r[1], r[0]))]
+        first = alert_onsets(part, opened, join)
+        return [[str(a), int(b)] for a, b in sorted(zip(part["seg"][first], part["t"][first]), key=lambda r: (r[1], r[0]))]
 
     best = None
     b = d["bounds"]
@@ -583,6 +578,19 @@ def joined_onsets(d, alarm, reach):
     return out
 
 
+def alert_onsets(d, alarm, join=None):
+    """Whether each row opens an alert: its segment's alarm starts there (its previous row, in
+    time order, had none) and, with `join` (a reach in segments), it joins no alarmed
+    neighbour's alert (`joined_onsets`)."""
+    order = np.lexsort((d["t"], d["seg"]))
+    a, s = alarm[order], d["seg"][order]
+    out = np.zeros(len(alarm), dtype=bool)
+    out[order] = a & ~np.concatenate([[False], a[:-1] & (s[1:] == s[:-1])])
+    if join:
+        out &= ~joined_onsets(d, alarm, join)
+    return out
+
+
 def detection_metrics(d, alarm, join=None):
     """Over the detectable incidents (`detectable()`): detection rate and mean time to detect
     (minutes from the incident's start to the first alarm on its segment while it lasts); the
@@ -601,14 +609,10 @@ def detection_metrics(d, alarm, join=None):
                 ttd.append((d["t"][on].min() - inc["start_ms"]) / 60_000)
     free = ~d["grace"]
     far = float(alarm[free].mean())
-    order = np.lexsort((d["t"], d["seg"]))
-    a, s, fr = alarm[order], d["seg"][order], free[order]
-    onset = a & ~np.concatenate([[False], a[:-1] & (s[1:] == s[:-1])])
-    if join:
-        onset &= ~joined_onsets(d, alarm, join)[order]
-    false_alarms = float((onset & fr).sum())
+    onset = alert_onsets(d, alarm, join)
+    false_alarms = float((onset & free).sum())
     # of those, the onsets near an incident (the queue of an incident on a neighbour)
-    near_alarms = float((onset & fr & near_incident(d)[order]).sum())
+    near_alarms = float((onset & free & near_incident(d)).sum())
     n = len(d["incidents"])
     n_detectable = sum(1 for i in d["incidents"] if i["detectable"])
     corridor_hours = float(free.sum()) / (8 * 60)  # the minutes where a false alarm can be
