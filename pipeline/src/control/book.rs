@@ -7,7 +7,7 @@
 //! `alerts` and `feedback` tables.
 
 use super::ControlError;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray};
@@ -56,12 +56,25 @@ pub struct AlertView {
     pub threshold: f64,
     /// The peak.
     pub peak: Option<f64>,
-    /// Locations in a storm summary.
+    /// Locations in a storm summary or a joined alert.
     pub locations: i32,
+    /// With `join`: each location that joined the alert, with its own latest peak and raise
+    /// level (what calibration judges a rejected alert's members by).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub joined: BTreeMap<String, JoinedLocation>,
     /// What fired it.
     pub evidence: serde_json::Value,
     /// Operator decisions, oldest first.
     pub decisions: Vec<Decision>,
+}
+
+/// A location that joined another's alert, as its latest event in the alert left it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct JoinedLocation {
+    /// Its peak (the rule's `peak` column on its events).
+    pub peak: f64,
+    /// Its raise level.
+    pub threshold: f64,
 }
 
 impl AlertView {
@@ -198,6 +211,7 @@ impl Book {
                 threshold: thr.value(i),
                 peak: None,
                 locations: 1,
+                joined: BTreeMap::new(),
                 evidence: serde_json::Value::Null,
                 decisions: Vec::new(),
             });
@@ -207,6 +221,7 @@ impl Book {
                 (a.opened_at, a.emitted_at) = (opened.value(i), emitted.value(i));
                 a.decisions.clear();
                 (a.value, a.peak) = (None, None);
+                a.joined.clear();
                 // as a fresh entry would be (a book that had evicted the old one)
                 (a.rule, a.alert_type, a.severity, a.location) = (
                     rule.value(i).to_owned(),
@@ -220,10 +235,17 @@ impl Book {
             let evidence: serde_json::Value = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
             // with `join`, an event another location made (evidence `location`) carries that
             // location's value and peak: the alert's stay those of the location it opened at
-            // (what calibration judges it by)
-            if evidence.get("location").and_then(|l| l.as_str()).is_none_or(|l| l == a.location) {
-                a.value = opt(value, i).or(a.value);
-                a.peak = opt(peak, i).or(a.peak);
+            // (what calibration judges it by), the member's are kept apart
+            match evidence.get("location").and_then(|l| l.as_str()) {
+                Some(member) if member != a.location => {
+                    if let Some(p) = opt(peak, i).or(opt(value, i)) {
+                        a.joined.insert(member.to_owned(), JoinedLocation { peak: p, threshold: thr.value(i) });
+                    }
+                }
+                _ => {
+                    a.value = opt(value, i).or(a.value);
+                    a.peak = opt(peak, i).or(a.peak);
+                }
             }
             a.locations = n_locs.value(i);
             a.evidence = evidence;
@@ -489,10 +511,12 @@ fn read_alert_rows(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn events(rows: &[(&str, &str, i64)]) -> RecordBatch {
+    /// Rule events of rule `r` (alert id, status, time), each at the location named as its id,
+    /// with value and peak 1.0 against a level of 0.5.
+    pub(crate) fn events(rows: &[(&str, &str, i64)]) -> RecordBatch {
         let n = rows.len();
         let t = |v: Vec<i64>| -> Arc<dyn Array> {
             Arc::new(arrow::array::TimestampMillisecondArray::from(v).with_timezone("UTC"))

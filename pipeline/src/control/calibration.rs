@@ -195,15 +195,24 @@ pub(crate) fn proposals(
     let mut newest_verdict: BTreeMap<(String, String), i64> = BTreeMap::new();
     for a in book.alerts.values().filter(|a| a.location != "*") {
         let Some(last) = a.decisions.last() else { continue };
-        let v = newest_verdict.entry((a.rule.clone(), a.location.clone())).or_insert(i64::MIN);
-        *v = (*v).max(last.ts);
-        let Some(v) = a.peak.or(a.value) else { continue };
-        let g = groups.entry((a.rule.clone(), a.location.clone())).or_insert((i64::MIN, a.threshold, 0, Vec::new()));
-        if a.updated_at > g.0 {
-            (g.0, g.1) = (a.updated_at, a.threshold);
+        let true_alarm = last.decision != "false_alarm";
+        // a rejected alert judges every location that joined it (`join`) too, each by its own
+        // peak and level; a confirmed one only the location it opened at: the verdict does not
+        // say which location the incident was on, and a queue's locations are no incident
+        let members = a.joined.iter().filter(|_| !true_alarm).map(|(l, m)| (l, Some(m.peak), m.threshold));
+        for (location, value, threshold) in
+            std::iter::once((&a.location, a.peak.or(a.value), a.threshold)).chain(members)
+        {
+            let v = newest_verdict.entry((a.rule.clone(), location.clone())).or_insert(i64::MIN);
+            *v = (*v).max(last.ts);
+            let Some(v) = value else { continue };
+            let g = groups.entry((a.rule.clone(), location.clone())).or_insert((i64::MIN, threshold, 0, Vec::new()));
+            if a.updated_at > g.0 {
+                (g.0, g.1) = (a.updated_at, threshold);
+            }
+            g.2 += if v < threshold { 1 } else { -1 };
+            g.3.push(Judged { value: v, true_alarm });
         }
-        g.2 += if v < a.threshold { 1 } else { -1 };
-        g.3.push(Judged { value: v, true_alarm: last.decision != "false_alarm" });
     }
     // a level an applied change moved is proposed again only after new verdicts: without them
     // the same evidence would move it another step at every apply
@@ -229,6 +238,51 @@ pub(crate) fn proposals(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::{Float64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+
+    /// An alert `id` of rule `r` that opened at `at` (peak 0.9, level 0.5) and that `member`
+    /// joined with its own peak `member_peak` and level `member_level`.
+    fn joined_alert(id: &str, at: &str, member: &str, member_peak: f64, member_level: f64) -> RecordBatch {
+        let b = super::super::book::tests::events(&[(id, "open", 0), (id, "update", 60_000)]);
+        let mut cols = b.columns().to_vec();
+        cols[5] = Arc::new(StringArray::from(vec![at, at]));
+        cols[8] = Arc::new(Float64Array::from(vec![Some(0.9), Some(member_peak)]));
+        cols[9] = Arc::new(Float64Array::from(vec![0.5, member_level]));
+        cols[10] = Arc::new(Float64Array::from(vec![Some(0.9), Some(member_peak)]));
+        cols[11] = Arc::new(arrow::array::Int32Array::from(vec![1, 2]));
+        let first = serde_json::json!({"location": at, "members": [at]}).to_string();
+        let joined = serde_json::json!({"location": member, "members": [at, member]}).to_string();
+        cols[12] = Arc::new(StringArray::from(vec![first, joined]));
+        RecordBatch::try_new(b.schema(), cols).unwrap()
+    }
+
+    /// With `join`, a rejected alert is a false alarm of every location in it, each judged by
+    /// its own peak against its own level; a confirmed one judges only where it opened.
+    #[test]
+    fn a_rejected_joined_alert_judges_its_members_and_a_confirmed_one_only_where_it_opened() {
+        let mut book = Book::new(86_400_000, 100);
+        for (id, at, member_peak, verdict) in
+            [("a1", "x", 0.6, "false_alarm"), ("a2", "x", 0.62, "false_alarm"), ("a3", "y", 0.95, "resolved")]
+        {
+            book.apply(&joined_alert(id, at, "m", member_peak, 0.55)).unwrap();
+            let decision = super::super::decisions::decision_event(120_000, &book.alerts[id], verdict, "op", "", id);
+            book.apply_log(&decision).unwrap();
+            assert_eq!(book.alerts[id].state, verdict);
+        }
+        let a1 = &book.alerts["a1"];
+        assert_eq!((a1.peak, a1.joined["m"].peak, a1.joined["m"].threshold), (Some(0.9), 0.6, 0.55));
+        let spec = CalibrationSpec { target_precision: 0.8, max_step: 0.05, min_judged: 2, slack: 0.1 };
+        let props = proposals(&book, &Calibrations::default(), &ThresholdBoard::default(), &spec);
+        let of = |loc: &str| props.iter().find(|(r, l, _)| r == "r" && l == loc).map(|(_, _, p)| p);
+        // m: two rejections it joined (not a3's confirmation), from its own level 0.55 up a step
+        let m = of("m").expect("a proposal for the member");
+        assert_eq!((m.judged, m.precision, m.old), (2, 0.0, 0.55), "{props:?}");
+        assert!((m.new - 0.55 * 1.05).abs() < 1e-12, "{m:?}");
+        // x: its two rejected alerts, by their own peak; y: one verdict, too few
+        assert_eq!(of("x").map(|p| (p.judged, p.old)), Some((2, 0.5)));
+        assert!(of("y").is_none(), "{props:?}");
+    }
 
     #[test]
     fn calibration_history_replays_applies_and_reverts_in_the_order_they_happened() {

@@ -362,6 +362,7 @@ mod tests {
             threshold: 0.9,
             peak: Some(0.97),
             locations: 1,
+            joined: Default::default(),
             evidence: serde_json::Value::Null,
             decisions: vec![],
         };
