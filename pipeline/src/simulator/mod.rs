@@ -298,6 +298,8 @@ pub struct Simulation {
     seq: u64,
     counts: [KindCounts; 3],
     plates: std::collections::BTreeSet<String>,
+    /// The showers so far: (start, end, mm/h), the last one open (`end` i64::MAX) while it rains.
+    rain: Vec<(i64, i64, f64)>,
 }
 
 fn kind_index(kind: EventKind) -> usize {
@@ -327,6 +329,7 @@ impl Simulation {
             end_ms,
             pending: BinaryHeap::new(),
             seq: 0,
+            rain: Vec::new(),
             counts: Default::default(),
             plates: Default::default(),
         }
@@ -366,6 +369,7 @@ impl Simulation {
         }
         let horizon = if self.t_ms < self.end_ms {
             self.city.step(&mut self.rng, self.t_ms);
+            self.record_rain();
             let mut batch = Vec::new();
             emit::generate(&self.cfg, &self.city, &mut self.sites, &mut self.rng, self.t_ms, &mut batch);
             for (kind, key, payload, ts) in batch {
@@ -462,10 +466,37 @@ impl Simulation {
         }
     }
 
+    /// Notes a shower's start or end: the weather of the step just taken, from `t_ms`.
+    fn record_rain(&mut self) {
+        let raining = self.city.weather.rain_mm_h > 0.0;
+        match self.rain.last_mut() {
+            Some(last) if last.1 == i64::MAX => {
+                if !raining {
+                    last.1 = self.t_ms;
+                }
+            }
+            _ if raining => self.rain.push((self.t_ms, i64::MAX, self.city.weather.rain_mm_h)),
+            _ => {}
+        }
+    }
+
+    /// The showers so far, (start, end, mm/h) in UTC ms; one still falling ends at the
+    /// simulated span's end.
+    pub fn rain_spans(&self) -> Vec<(i64, i64, f64)> {
+        self.rain.iter().map(|&(start, end, mm)| (start, end.min(self.end_ms), mm)).collect()
+    }
+
     /// Writes the ground truth into `dir`: the plan ([`write_plan`](Self::write_plan)), then
-    /// `plates.txt` (raw plates: for privacy tests only) and `report.json`.
+    /// `weather.csv` (when it rained), `plates.txt` (raw plates: for privacy tests only) and
+    /// `report.json`.
     pub fn write_ground_truth(&self, dir: &Path) -> std::io::Result<()> {
         self.write_plan(dir)?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("weather.csv"))?);
+        writeln!(f, "start,end,rain_mm_h")?;
+        for (start, end, mm) in self.rain_spans() {
+            writeln!(f, "{},{},{mm:.2}", rfc3339(start), rfc3339(end))?;
+        }
+        f.flush()?;
         std::fs::write(dir.join("plates.txt"), self.plates.iter().map(|p| format!("{p}\n")).collect::<String>())?;
         std::fs::write(
             dir.join("report.json"),
@@ -656,6 +687,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn ground_truth_weather_lists_every_step_it_rained() {
+        let mut sim = Simulation::new(small(3, 96), 0);
+        let mut out = Vec::new();
+        let mut raining_steps = Vec::new();
+        while sim.t_ms < sim.end_ms {
+            let t = sim.t_ms;
+            sim.step(&mut out);
+            out.clear();
+            raining_steps.push((t, sim.city.weather.rain_mm_h > 0.0));
+        }
+        let spans = sim.rain_spans();
+        assert!(spans.len() >= 2, "four days with showers about every 17 hours: {spans:?}");
+        for (t, raining) in raining_steps {
+            let listed = spans.iter().any(|&(start, end, _)| start <= t && t < end);
+            assert_eq!(listed, raining, "step at {}", rfc3339(t));
+        }
+        assert!(spans.windows(2).all(|w| w[0].1 < w[1].0) && spans.iter().all(|s| s.0 < s.1 && s.1 <= sim.end_ms));
+        let dir = tempfile::tempdir().unwrap();
+        sim.write_ground_truth(dir.path()).unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("weather.csv")).unwrap();
+        let rows: Vec<&str> = csv.lines().skip(1).collect();
+        assert_eq!(rows.len(), spans.len());
+        assert!(rows[0].starts_with(&format!("{},{},", rfc3339(spans[0].0), rfc3339(spans[0].1))), "{csv}");
     }
 
     #[test]
