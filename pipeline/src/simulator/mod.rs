@@ -470,11 +470,8 @@ impl Simulation {
     fn record_rain(&mut self) {
         let raining = self.city.weather.rain_mm_h > 0.0;
         match self.rain.last_mut() {
-            Some(last) if last.1 == i64::MAX => {
-                if !raining {
-                    last.1 = self.t_ms;
-                }
-            }
+            Some(shower) if shower.1 == i64::MAX && !raining => shower.1 = self.t_ms,
+            Some(shower) if shower.1 == i64::MAX => {}
             _ if raining => self.rain.push((self.t_ms, i64::MAX, self.city.weather.rain_mm_h)),
             _ => {}
         }
