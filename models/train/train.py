@@ -84,6 +84,15 @@ CALIBRATION_ROWS = 20_000
 # the incident detector's recipe again with these seeds (its own is 13), to show how much of its
 # held-out numbers the seed decides (the held-out sets have 2 to 42 detectable incidents)
 SPREAD_SEEDS = (14, 15, 16, 17)
+# conditions held out of the incident detector's training in experiments of their own (the
+# deployed file trains on all of them): the row flags `load` sets, and the rows after a shower
+# that still count as rain (the features' lags reach 60 minutes back)
+HELD_OUT_CONDITIONS = {"rain": "rain (SUMO's 80-90% speed and longer headways; the simulator's showers)",
+                       "ramps": "on- and off-ramps (SUMO's highway100, freeway120 and motorway130)"}
+AFTER_RAIN_MS = 60 * 60_000
+# the shuffling seed of the held-out-condition experiments (the deployed file's recipe draws its
+# shuffles from the training run's own generator)
+CONDITION_SHUFFLE_SEED = 1013
 IS_OCCUPANCY = np.array([f in OCCUPANCY for f in F.FEATURES])
 KEPT = [f for f in F.FEATURES if f not in DROPPED]
 FREE_INDEX = F.FEATURES.index("free_speed_kmh")
@@ -99,11 +108,19 @@ def load(run_dir, family=None):
     x, g = F.features(m["window_end_ms"], m["segment_id"], m["vehicles"], m["speed"], m["occupancy"], graph)
     y = F.speed_targets(g, HORIZONS)
     incidents = read_incidents(run_dir / "ground_truth" / "incidents.csv")
+    report = json.loads((run_dir / "ground_truth" / "report.json").read_text())
     t = np.asarray(m["window_end_ms"], dtype=np.int64)
     seg = np.array(m["segment_id"])
     label = np.zeros(len(t), dtype=np.float32)
     grace = np.zeros(len(t), dtype=bool)  # incident or its clearing: neither a hit nor a false alarm
-    for inc in incidents:
+    # a SUMO closure shuts lanes of the next segment (sumo_scenarios.py): its detector sits in the
+    # closure, so an alarm there is at the incident and no false alarm. Training still counts
+    # those minutes calm: with no weight on them, the detector raised more false alarms on the
+    # unseen arterial with every seed (it learns there that thinned flow past a merge is no incident)
+    closure_site = np.zeros(len(t), dtype=bool)
+    for inc, closed in zip(incidents, closed_segments(incidents, report, graph)):
+        if closed is not None:
+            closure_site |= (seg == closed) & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"] + CLEARING_MS)
         on = seg == inc["segment_id"]
         active = on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
         inc["detectable"] = detectable(inc, x, t, seg, graph)
@@ -111,10 +128,40 @@ def load(run_dir, family=None):
         if inc["detectable"]:
             label[active] = 1.0
         grace |= on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"] + CLEARING_MS)
-    report = json.loads((run_dir / "ground_truth" / "report.json").read_text())
-    return {"x": x, "y": y, "label": label, "grace": grace, "t": t, "seg": seg, "incidents": incidents,
+    return {"x": x, "y": y, "label": label, "grace": grace, "closure_site": closure_site, "t": t, "seg": seg,
+            "incidents": incidents,
+            "rain": rain_rows(run_dir, t, report), "ramps": np.full(len(t), bool(report.get("ramps", False))),
             "graph": graph, "days": (report["end_ms"] - report["start_ms"]) / 86_400_000,
             "family": family or "simulator", "meta": report}
+
+
+def closed_segments(incidents, report, graph):
+    """For each incident, the segment whose lanes it closes besides its own when that is another:
+    a SUMO `closure` (its report lists the incidents in incidents.csv's order) closes lanes over
+    the segment downstream of the incident's, where vehicles must have merged. None for the
+    others: a breakdown, and the project's simulator's capacity cut at the segment's end."""
+    listed = report.get("incidents")  # the simulator's report counts its incidents
+    if not isinstance(listed, list) or len(listed) != len(incidents):
+        return [None] * len(incidents)
+    kinds = [i["kind"] for i in listed]
+    return [graph[inc["segment_id"]][1] if kind == "closure" else None for inc, kind in zip(incidents, kinds)]
+
+
+def rain_rows(run_dir, t, report):
+    """Whether each row's minute (the window ending at `t`) fell in rain or in the AFTER_RAIN_MS
+    after it (its lagged features still see the rain). A SUMO scenario is rainy or dry throughout
+    (its report's `rain_speed_factor`); the simulator lists its showers in `weather.csv`."""
+    if "rain_speed_factor" in report:
+        return np.full(len(t), report["rain_speed_factor"] < 1.0)
+    path = run_dir / "ground_truth" / "weather.csv"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: regenerate the simulator's data with a current build (generate.py)")
+    rain = np.zeros(len(t), dtype=bool)
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            start, end = iso_ms(r["start"]), iso_ms(r["end"])
+            rain |= (t > start) & (t - 60_000 < end + AFTER_RAIN_MS)
+    return rain
 
 
 def neighbourhood(segment, graph, reach=DETECTABLE_REACH):
@@ -149,9 +196,12 @@ def detectable(inc, x, t, seg, graph):
     return False
 
 
+ROW_KEYS = ("x", "y", "label", "grace", "closure_site", "t", "seg", "rain", "ramps")
+
+
 def combine(parts):
     """one data set from several runs (different days: their rows never overlap in time)"""
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "label", "grace", "t", "seg")}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ROW_KEYS}
     out["incidents"] = [i for p in parts for i in p["incidents"]]
     out["graph"] = {k: v for p in parts for k, v in p["graph"].items()}
     out["days"] = sum(p["days"] for p in parts)
@@ -185,13 +235,16 @@ def transform(x, occ_scale=0.0):
     return np.where(IS_RELATIVE, x / free, np.where(IS_OCCUPANCY, x * occ, x))[:, KEPT_INDEX]
 
 
+def iso_ms(text):
+    return int(dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
 def read_incidents(path):
     out = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            ms = lambda s: int(dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() * 1000)  # noqa: E731
-            out.append({"id": r["incident_id"], "segment_id": r["segment_id"], "start_ms": ms(r["start"]),
-                        "end_ms": ms(r["end"]), "capacity_factor": float(r["capacity_factor"])})
+            out.append({"id": r["incident_id"], "segment_id": r["segment_id"], "start_ms": iso_ms(r["start"]),
+                        "end_ms": iso_ms(r["end"]), "capacity_factor": float(r["capacity_factor"])})
     return out
 
 
@@ -595,7 +648,8 @@ def detection_metrics(d, alarm, join=None):
     """Over the detectable incidents (`detectable()`): detection rate and mean time to detect
     (minutes from the incident's start to the first alarm on its segment while it lasts); the
     detection rate over all incidents; the false alarm rate (alarmed share of incident-free
-    segment-minutes) and false alarms (alarm onsets there) per day and per corridor-hour (8
+    segment-minutes: neither an incident's or its clearing's (`grace`) nor those of the segment
+    a SUMO closure closes lanes of) and false alarms (alarm onsets there) per day and per corridor-hour (8
     segment-hours of those minutes). With `join` (a reach in segments), an onset that joins an
     alarmed neighbour's alert (`joined_onsets`) is no alert and so no false alarm of its own;
     the alarm still detects (the alert it joined names its segment)."""
@@ -607,7 +661,7 @@ def detection_metrics(d, alarm, join=None):
             if inc["detectable"]:
                 detected += 1
                 ttd.append((d["t"][on].min() - inc["start_ms"]) / 60_000)
-    free = ~d["grace"]
+    free = ~d["grace"] & ~d["closure_site"]
     far = float(alarm[free].mean())
     onset = alert_onsets(d, alarm, join)
     false_alarms = float((onset & free).sum())
@@ -663,6 +717,89 @@ def by_condition(runs, score, thr, at_once, california):
     return rows
 
 
+def epoch_rows(n_sim, n_sumo):
+    """The rows one epoch visits, of a training set of `n_sim` simulator rows followed by `n_sumo`
+    SUMO rows: the simulator's once, SUMO's repeated to about SUMO_TRAIN_SHARE; and the repeat."""
+    repeat = max(1, round(SUMO_TRAIN_SHARE / (1 - SUMO_TRAIN_SHARE) * n_sim / n_sumo))
+    return np.concatenate([np.arange(n_sim), np.tile(np.arange(n_sim, n_sim + n_sumo), repeat)]), repeat
+
+
+def incident_targets(train, visit):
+    """The incident detector's labels and class-balanced weights for the rows an epoch visits, and
+    the positive share. The minutes of an incident that leaves no trace (not detectable: label 0)
+    and those while an incident's queue clears are no incident and no calm either: no weight."""
+    label = train["label"][visit][:, None].astype(np.float64)
+    pos = float(label.mean())
+    weights = np.where(label[:, 0] > 0, 0.5 / pos, 0.5 / (1 - pos))
+    weights[train["grace"][visit] & (label[:, 0] == 0)] = 0.0
+    return label, weights, pos
+
+
+def incident_inputs(x):
+    """The incident detector's own view of feature rows: occupancies scaled to the road's speed
+    (OCC_SCALE), standardized over these rows; (inputs, mean, standard deviation)."""
+    seen = transform(x, OCC_SCALE)
+    mu, sd = seen.mean(axis=0), seen.std(axis=0)
+    sd[sd < 1e-6] = 1.0
+    return (seen - mu) / sd, mu, sd
+
+
+def probability(net, mu, sd, d):
+    """a numpy incident network's scores of a data set's rows (inputs standardized by mu, sd)"""
+    return 1.0 / (1.0 + np.exp(-net.forward((transform(d["x"], OCC_SCALE) - mu) / sd)[-1][:, 0]))
+
+
+def calibrated_rule(score, train):
+    """The deployed rule for a detector (`score(d)`: its scores of a data set), its levels
+    calibrated on the training set as the deployed file's are: (rule(d): the alerts it opens on
+    a data set, {threshold, open_at_once})."""
+    scores = score(train)
+    thr = round(calibrate_threshold(scores, train), 4)
+    at_once = round(calibrate_threshold(scores, train, OPEN_AT_ONCE_FAR), 4)
+    return (lambda d: alert_rule(d, score(d), thr, **MODEL_RULE, open_at_once=at_once)), \
+        {"threshold": thr, "open_at_once": at_once}
+
+
+def subset(d, keep):
+    """a data set of one run with only the rows where `keep`"""
+    return dict(d, **{k: d[k][keep] for k in ROW_KEYS})
+
+
+def held_out_conditions(sim_train, sumo_train, held_out_runs, deployed):
+    """Each of HELD_OUT_CONDITIONS held out of training: the incident detector's recipe (seed 13,
+    shuffled with CONDITION_SHUFFLE_SEED) trained on every training row (the control) and without
+    the rows in the condition (the simulator's rows flagged, SUMO's training scenarios with it),
+    each calibrated on its own training rows, through the deployed rule on the held-out SUMO
+    scenarios with the condition and those without, beside the `deployed` rules ({name: rule(d)}).
+    The control and the model trained without the condition differ only in the rows left out."""
+    def recipe(sim, sumo, what):
+        print(f"== incident detector, trained {what} (held-out conditions)", flush=True)
+        train = combine([sim, *sumo])
+        visit, repeat = epoch_rows(len(sim["x"]), len(train["x"]) - len(sim["x"]))
+        x_inc, mu, sd = incident_inputs(train["x"][visit])
+        label, weights, _ = incident_targets(train, visit)
+        net = MLP([len(KEPT), *INCIDENT_HIDDEN, 1], np.random.default_rng(13))
+        fit(net, x_inc, label, bce, np.random.default_rng(CONDITION_SHUFFLE_SEED), weights=weights)
+        del x_inc
+        rule, levels = calibrated_rule(lambda d: probability(net, mu, sd, d), train)
+        return rule, {**levels, "simulator_rows": len(sim["x"]), "sumo_scenarios": len(sumo), "sumo_repeat": repeat}
+
+    control, control_info = recipe(sim_train, sumo_train, "on everything")
+    out = {}
+    for cond, what in HELD_OUT_CONDITIONS.items():
+        without, info = recipe(subset(sim_train, ~sim_train[cond]), [r for r in sumo_train if not r[cond].any()],
+                               f"without {cond}")
+        rules = {**deployed, "recipe trained on everything": control, f"recipe trained without {cond}": without}
+        groups = {}
+        for group, rs in ((f"with {cond}", [r for r in held_out_runs if r[cond].any()]),
+                          (f"without {cond}", [r for r in held_out_runs if not r[cond].any()])):
+            d = combine(rs)
+            groups[group] = {"scenarios": len(rs), "families": dict(collections.Counter(r["family"] for r in rs)),
+                             "detectors": {k: detection_metrics(d, rule(d), RULE_JOIN) for k, rule in rules.items()}}
+        out[cond] = {"what": what, "trained_on_everything": control_info, "trained_without": info, "held_out": groups}
+    return out
+
+
 def calibrate_threshold(scores, d, far=TARGET_FAR):
     """lowest threshold whose false alarm rate on incident-free training minutes is <= far"""
     free = np.sort(scores[~d["grace"]])
@@ -701,10 +838,8 @@ def main():
     if not sumo_train or not sumo_tests:
         raise SystemExit("no SUMO scenarios in data/sumo: run sumo_scenarios.py first (requirements-sumo.txt)")
     train = combine([sim_train, *sumo_train])
-    # the rows one epoch visits: the simulator's once, SUMO's repeated to about SUMO_TRAIN_SHARE
     n_sim, n_sumo = len(sim_train["x"]), len(train["x"]) - len(sim_train["x"])
-    repeat = max(1, round(SUMO_TRAIN_SHARE / (1 - SUMO_TRAIN_SHARE) * n_sim / n_sumo))
-    visit = np.concatenate([np.arange(n_sim), np.tile(np.arange(n_sim, n_sim + n_sumo), repeat)])
+    visit, repeat = epoch_rows(n_sim, n_sumo)
     # held out, reported separately: the simulator's 7 days and each SUMO family
     tests = {"simulator": test, **{f: combine(runs) for f, runs in sumo_tests.items()}}
     trained_on = sorted({r["family"] for r in sumo_train})
@@ -767,19 +902,9 @@ def main():
 
     # ---- incidents
     print("== incident detector", flush=True)
-    label = train["label"][visit][:, None].astype(np.float64)
-    pos = float(label.mean())
-    weights = np.where(label[:, 0] > 0, 0.5 / pos, 0.5 / (1 - pos))
-    # the minutes of an incident that leaves no trace (not detectable: label 0) and those while an
-    # incident's queue clears are no incident and no calm either: no weight
-    weights[train["grace"][visit] & (label[:, 0] == 0)] = 0.0
+    label, weights, pos = incident_targets(train, visit)
     del x_train
-    # the detector's own view: occupancies scaled to the road's speed (OCC_SCALE), standardized
-    seen = transform(train["x"][visit], OCC_SCALE)
-    mu_i, sd_i = seen.mean(axis=0), seen.std(axis=0)
-    sd_i[sd_i < 1e-6] = 1.0
-    x_inc = (seen - mu_i) / sd_i
-    del seen
+    x_inc, mu_i, sd_i = incident_inputs(train["x"][visit])
     # operators' verdicts from running pipelines: confirmed incidents and rejected alarms
     fed = [FB.operator_labels(p) for p in args.feedback_lake]
     fed = [f for f in fed if len(f["label"])]
@@ -846,21 +971,23 @@ def main():
 
     # ---- the seed spread: the other seeds calibrated on the training data as the deployed file
     # is, through the deployed rule (their numpy scores)
-    def probability(net, d):
-        return 1.0 / (1.0 + np.exp(-net.forward((transform(d["x"], OCC_SCALE) - mu_i) / sd_i)[-1][:, 0]))
-
     for other in others:
-        train_scores = probability(other, train)
-        thr = round(calibrate_threshold(train_scores, train), 4)
-        at_once = round(calibrate_threshold(train_scores, train, OPEN_AT_ONCE_FAR), 4)
+        rule, _ = calibrated_rule(lambda d, net=other: probability(net, mu_i, sd_i, d), train)
         for src, d in tests.items():
-            per_seed[src].append(detection_metrics(
-                d, alert_rule(d, probability(other, d), thr, **MODEL_RULE, open_at_once=at_once), RULE_JOIN))
+            per_seed[src].append(detection_metrics(d, rule(d), RULE_JOIN))
     keys = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
     results["incident"]["seed_spread"] = {
         "seeds": [13, *SPREAD_SEEDS],
         "held_out": {src: {k: [min(r[k] for r in rs if r[k] is not None), max(r[k] for r in rs if r[k] is not None)]
                            for k in keys} for src, rs in per_seed.items()}}
+    fp32 = results["incident"]["models"]["incident_fp32"]
+    deployed_sess = session(onnx_dir / "incident_fp32.onnx")
+    results["incident"]["held_out_conditions"] = held_out_conditions(
+        sim_train, sumo_train, [r for runs in sumo_tests.values() for r in runs],
+        {"incident_fp32, alert rule": lambda d: alert_rule(d, run(deployed_sess, d["x"])[:, 0], fp32["threshold"],
+                                                           **MODEL_RULE, open_at_once=fp32["open_at_once"]),
+         "California #7, alert rule": lambda d: alert_rule(d, california7(d, t1, t2, t3).astype(np.float64), 1.0,
+                                                           **CALIFORNIA_RULE)})
 
     # ---- fixtures: fixed inputs with ONNX Runtime's outputs, and the small evaluation sample
     td = MODELS / "testdata"
