@@ -10,6 +10,9 @@ import java.util.Properties;
 
 public class FlightJdbc {
     public static void main(String[] args) throws Exception {
+        // load the driver by name: if its initialization fails, this says why (DriverManager's
+        // service lookup skips such a driver and reports only "No suitable driver")
+        Class.forName("org.apache.arrow.driver.jdbc.ArrowFlightJdbcDriver");
         Properties props = new Properties();
         props.setProperty("token", args[1]);
         props.setProperty("useEncryption", "false");
