@@ -83,6 +83,12 @@ impl AlertView {
     }
 }
 
+/// How far a peak lies beyond its raise level, whichever way the rule raises (a peak is at or
+/// beyond the level it raised at).
+fn beyond(peak: f64, level: f64) -> f64 {
+    (peak - level).abs()
+}
+
 /// Whether an alert is finished: no longer held by its rule, and resolved or a false alarm.
 fn finished(active: bool, state: &str) -> bool {
     !active && (state == "resolved" || state == "false_alarm")
@@ -236,15 +242,25 @@ impl Book {
             // with `join`, an event another location made (evidence `location`) carries that
             // location's value and peak: the alert's stay those of the location it opened at
             // (what calibration judges it by), the member's are kept apart
+            // (a location that leaves the alert and joins it again starts a new peak: each keeps
+            // the furthest beyond its level, whichever way the rule raises)
             match evidence.get("location").and_then(|l| l.as_str()) {
                 Some(member) if member != a.location => {
                     if let Some(p) = opt(peak, i).or(opt(value, i)) {
-                        a.joined.insert(member.to_owned(), JoinedLocation { peak: p, threshold: thr.value(i) });
+                        let now = JoinedLocation { peak: p, threshold: thr.value(i) };
+                        let kept = a.joined.entry(member.to_owned()).or_insert(now);
+                        if beyond(now.peak, now.threshold) >= beyond(kept.peak, kept.threshold) {
+                            *kept = now;
+                        }
                     }
                 }
                 _ => {
                     a.value = opt(value, i).or(a.value);
-                    a.peak = opt(peak, i).or(a.peak);
+                    if let Some(p) = opt(peak, i)
+                        && a.peak.is_none_or(|kept| beyond(p, a.threshold) >= beyond(kept, a.threshold))
+                    {
+                        a.peak = Some(p);
+                    }
                 }
             }
             a.locations = n_locs.value(i);
@@ -613,6 +629,31 @@ pub(crate) mod tests {
         let a = &book.alerts["x"];
         assert_eq!((a.value, a.peak, a.locations), (Some(0.9), Some(0.9), 2), "m's event: {a:?}");
         assert_eq!(a.evidence["location"], "m", "the evidence is the latest event's");
+    }
+
+    /// A location that leaves a joined alert and joins it again starts a new peak: the book
+    /// keeps its highest, for the opener and for a member alike.
+    #[test]
+    fn a_location_that_joins_again_keeps_its_highest_peak() {
+        let mut book = Book::new(86_400_000, 100);
+        let b =
+            events(&[("x", "open", 0), ("x", "update", 1), ("x", "update", 2), ("x", "update", 3), ("x", "update", 4)]);
+        let mut cols = b.columns().to_vec();
+        // x opens at 0.95; m joins at 0.8, leaves, joins again at 0.7; x leaves and joins again at 0.9
+        let peaks = vec![Some(0.95), Some(0.8), Some(0.8), Some(0.7), Some(0.9)];
+        cols[8] = Arc::new(Float64Array::from(peaks.clone()));
+        cols[10] = Arc::new(Float64Array::from(peaks));
+        cols[12] = Arc::new(StringArray::from(vec![
+            r#"{"location":"x","members":["x"]}"#,
+            r#"{"location":"m","members":["m","x"]}"#,
+            r#"{"location":"m","members":["x"]}"#,
+            r#"{"location":"m","members":["m","x"]}"#,
+            r#"{"location":"x","members":["m","x"]}"#,
+        ]));
+        book.apply(&RecordBatch::try_new(b.schema(), cols).unwrap()).unwrap();
+        let a = &book.alerts["x"];
+        assert_eq!((a.peak, a.joined["m"].peak), (Some(0.95), 0.8), "{a:?}");
+        assert_eq!(a.value, Some(0.9), "the value is the latest");
     }
 
     #[test]

@@ -484,8 +484,8 @@ impl Simulation {
     }
 
     /// Writes the ground truth into `dir`: the plan ([`write_plan`](Self::write_plan)), then
-    /// `weather.csv` (when it rained), `plates.txt` (raw plates: for privacy tests only) and
-    /// `report.json`.
+    /// `weather.csv` (the showers so far; only its header when it stayed dry), `plates.txt`
+    /// (raw plates: for privacy tests only) and `report.json`.
     pub fn write_ground_truth(&self, dir: &Path) -> std::io::Result<()> {
         self.write_plan(dir)?;
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("weather.csv"))?);
