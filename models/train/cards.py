@@ -296,18 +296,21 @@ def held_out_conditions_md(conditions):
     """train.py's `held_out_conditions`: the recipe trained without a condition against the same
     recipe trained on everything, on the held-out scenarios with and without the condition"""
     out = ["", "### Conditions held out of training", "",
-           "Rain and ramps are in every trained family's scenarios, so the families held out whole do not "
-           "test them. Here the detector's recipe is trained twice more for each: on every training row "
+           "Rain is drawn in every family and ramps are on two of the three trained ones, so the families held "
+           "out whole do not test them. Here the detector's recipe is trained twice more for each: on every training row "
            "(the control: the deployed recipe, seed 13, with its own shuffling seed) and without the rows "
            "in the condition (the SUMO training scenarios with it; for rain also the project's simulator's "
            "showers and the hour after each, from its `ground_truth/weather.csv`). Each is calibrated on its "
            "own training rows as the deployed file is and runs through the deployed rule on the held-out "
            "SUMO scenarios with the condition and without it, beside the deployed rules. The control and "
-           "the model trained without the condition differ only in the rows left out; compare their "
+           "the model trained without the condition differ in the rows left out; compare their "
            "difference with the seed spread below. Leaving the condition out also leaves less to learn from "
            "(rain: a third of the SUMO training scenarios and a fifth of the simulator's rows; ramps: two thirds "
            "of the SUMO scenarios): where the model trained without it also loses on the scenarios without the "
-           "condition, part of its loss is the smaller training set, not the condition.", "",
+           "condition, part of its loss is the smaller training set, not the condition. The rest of the recipe "
+           "adapts to what is left: SUMO's rows are repeated to half of what an epoch visits, the classes "
+           "balanced and the levels calibrated anew, so the models compared may sit at different false alarm "
+           "levels (read the rates together).", "",
            row(["held out", "trained without it", "held-out scenarios (by family)", "detector", "incidents (detectable)",
                 "detection rate (all)", "false alarms / corridor-hour", "mean time to detect (min)"]), row(["---"] * 8)]
     for cond, c in conditions.items():
