@@ -58,7 +58,7 @@ pub struct AlertView {
     pub peak: Option<f64>,
     /// Locations in a storm summary or a joined alert.
     pub locations: i32,
-    /// With `join`: each location that joined the alert, with its own latest peak and raise
+    /// With `join`: each location that joined the alert, with its own highest peak and raise
     /// level (what calibration judges a rejected alert's members by).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub joined: BTreeMap<String, JoinedLocation>,
@@ -68,7 +68,8 @@ pub struct AlertView {
     pub decisions: Vec<Decision>,
 }
 
-/// A location that joined another's alert, as its latest event in the alert left it.
+/// A location that joined another's alert: its peak furthest beyond its level over its events
+/// in the alert (a location that leaves and joins again starts a new peak), and that level.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct JoinedLocation {
     /// Its peak (the rule's `peak` column on its events).
@@ -241,9 +242,9 @@ impl Book {
             let evidence: serde_json::Value = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
             // with `join`, an event another location made (evidence `location`) carries that
             // location's value and peak: the alert's stay those of the location it opened at
-            // (what calibration judges it by), the member's are kept apart
-            // (a location that leaves the alert and joins it again starts a new peak: each keeps
-            // the furthest beyond its level, whichever way the rule raises)
+            // (what calibration judges it by), the member's are kept apart. A location that
+            // leaves the alert and joins it again starts a new peak: each keeps its furthest
+            // beyond its level, whichever way the rule raises
             match evidence.get("location").and_then(|l| l.as_str()) {
                 Some(member) if member != a.location => {
                     if let Some(p) = opt(peak, i).or(opt(value, i)) {
