@@ -749,13 +749,18 @@ def probability(net, mu, sd, d):
     return 1.0 / (1.0 + np.exp(-net.forward((transform(d["x"], OCC_SCALE) - mu) / sd)[-1][:, 0]))
 
 
+def rule_levels(scores, train):
+    """A detector's raise level and `open_at_once` level from its scores of the training set, as
+    deploy/*.yaml writes them (4 decimals), so that the card counts what runs"""
+    return (round(calibrate_threshold(scores, train), 4),
+            round(calibrate_threshold(scores, train, OPEN_AT_ONCE_FAR), 4))
+
+
 def calibrated_rule(score, train):
     """The deployed rule for a detector (`score(d)`: its scores of a data set), its levels
     calibrated on the training set as the deployed file's are: (rule(d): the alerts it opens on
     a data set, {threshold, open_at_once})."""
-    scores = score(train)
-    thr = round(calibrate_threshold(scores, train), 4)
-    at_once = round(calibrate_threshold(scores, train, OPEN_AT_ONCE_FAR), 4)
+    thr, at_once = rule_levels(score(train), train)
     return (lambda d: alert_rule(d, score(d), thr, **MODEL_RULE, open_at_once=at_once)), \
         {"threshold": thr, "open_at_once": at_once}
 
@@ -950,10 +955,7 @@ def main():
     for name in ("incident_fp32", "incident_int8"):
         path = onnx_dir / f"{name}.onnx"
         sess = session(path)
-        train_scores = run(sess, train["x"])[:, 0]
-        # the levels as deploy/*.yaml writes them (4 decimals), so that the card counts what runs
-        thr = round(calibrate_threshold(train_scores, train), 4)
-        at_once = round(calibrate_threshold(train_scores, train, OPEN_AT_ONCE_FAR), 4)
+        thr, at_once = rule_levels(run(sess, train["x"])[:, 0], train)
         for src, d in tests.items():
             score = run(sess, d["x"])[:, 0]
             results["incident"]["held_out"][src][name] = detection_metrics(d, score >= thr)
