@@ -297,10 +297,11 @@ def held_out_conditions_md(conditions):
     recipe trained on everything, on the held-out scenarios with and without the condition"""
     out = ["", "### Conditions held out of training", "",
            "Rain is drawn in every family and ramps are on two of the three trained ones, so the families held "
-           "out whole do not test them. Here the detector's recipe is trained twice more for each: on every training row "
-           "(the control: the deployed recipe, seed 13, with its own shuffling seed) and without the rows "
+           "out whole do not test them. Here the detector's recipe is trained three more times for each: on every training row "
+           "(the control: the deployed recipe, seed 13, with its own shuffling seed), without the rows "
            "in the condition (the SUMO training scenarios with it; for rain also the project's simulator's "
-           "showers and the hour after each, from its `ground_truth/weather.csv`). Each is calibrated on its "
+           "showers and the hour after each, from its `ground_truth/weather.csv`) and without as many rows chosen without regard to the condition "
+           "(described below). Each is calibrated on its "
            "own training rows as the deployed file is and runs through the deployed rule on the held-out "
            "SUMO scenarios with the condition and without it, beside the deployed rules. The control and "
            "the model trained without the condition differ in the rows left out; compare their "
@@ -310,7 +311,14 @@ def held_out_conditions_md(conditions):
            "condition, part of its loss is the smaller training set, not the condition. The rest of the recipe "
            "adapts to what is left: SUMO's rows are repeated to half of what an epoch visits, the classes "
            "balanced and the levels calibrated anew, so the models compared may sit at different false alarm "
-           "levels (read the rates together).", "",
+           "levels (read the rates together). The size-matched control (`recipe trained without as many rows, "
+           "at random`) tells the two apart: it leaves out as many SUMO training scenarios, drawn at random "
+           "from all of them, and as many of the simulator's rows, those of the condition's minutes moved 12 hours "
+           "later; it keeps some of the condition. One draw: its difference from the control is no more "
+           "certain than the seed spread below.", "",
+           *[f"- {cond}, size-matched control: {m['sumo_scenarios']} SUMO scenarios ({m['sumo_scenarios_with_condition'][cond]} "
+             f"with {cond}), {m['simulator_rows']:,} simulator rows ({m['simulator_rows_with_condition'][cond]:,} with {cond})"
+             for cond, m in ((cond, c["size_matched"]) for cond, c in conditions.items())], "",
            row(["held out", "trained without it", "held-out scenarios (by family)", "detector", "incidents (detectable)",
                 "detection rate (all)", "false alarms / corridor-hour", "mean time to detect (min)"]), row(["---"] * 8)]
     for cond, c in conditions.items():

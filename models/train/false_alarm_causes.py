@@ -52,12 +52,7 @@ def main():
     e = metrics["incident"]["models"]["incident_fp32"]
     t1, t2, t3 = (metrics["incident"]["california7_thresholds"][k] for k in ("t1_occdf", "t2_occrdf", "t3_docc"))
     sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
-    rules = {
-        "incident_fp32, alert rule": lambda r: T.alert_rule(r, T.run(sess, r["x"])[:, 0], e["threshold"], **T.MODEL_RULE,
-                                                            open_at_once=e["open_at_once"]),
-        "California #7, alert rule": lambda r: T.alert_rule(r, T.california7(r, t1, t2, t3).astype(np.float64), 1.0,
-                                                            **T.CALIFORNIA_RULE),
-    }
+    rules = T.deployed_rules(lambda r: T.run(sess, r["x"])[:, 0], e["threshold"], e["open_at_once"], (t1, t2, t3))
     _, tests, _ = T.sumo_runs(HERE / "data")
     for name, rule in rules.items():
         counts = collections.defaultdict(collections.Counter)

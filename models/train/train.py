@@ -93,6 +93,11 @@ AFTER_RAIN_MS = 60 * 60_000
 # the shuffling seed of the held-out-condition experiments (the deployed file's recipe draws its
 # shuffles from the training run's own generator)
 CONDITION_SHUFFLE_SEED = 1013
+# the draw of the SUMO scenarios the size-matched control of a held-out condition leaves out
+SIZE_MATCHED_SEED = 1014
+# the size-matched control leaves out the simulator's minutes of the condition moved this much
+# later (wrapping around its training days): as many rows, in spans as long, at other times
+SIZE_MATCHED_SHIFT_MS = 12 * 60 * 60_000
 IS_OCCUPANCY = np.array([f in OCCUPANCY for f in F.FEATURES])
 KEPT = [f for f in F.FEATURES if f not in DROPPED]
 FREE_INDEX = F.FEATURES.index("free_speed_kmh")
@@ -691,24 +696,27 @@ def near_incident(d):
     return d["near_incident"]
 
 
-def by_condition(runs, score, thr, at_once, california):
-    """The held-out SUMO runs grouped by the conditions they were generated with (conditions.py),
-    through the deployed rules: California #7's (`california`: its thresholds) and incident_fp32's
-    (`score(d)`: its scores, raised at `thr`, opened at once at `at_once`). A group of incidents
-    by kind shares every run's minutes: its false alarms are those of all runs (not repeated)."""
-    def rules(d):
-        cal = alert_rule(d, california7(d, *california).astype(np.float64), 1.0, **CALIFORNIA_RULE)
-        model = alert_rule(d, score(d), thr, **MODEL_RULE, open_at_once=at_once)
-        return {"California #7, alert rule": cal, "incident_fp32, alert rule": model}
+def deployed_rules(score, thr, at_once, california):
+    """The deployed alert rules, {name: rule(d)}, rule(d) being the alerts a rule opens on a data
+    set: incident_fp32's (`score(d)`: its scores, raised at `thr`, opened at once at `at_once`) and
+    California #7's (`california`: its thresholds t1, t2, t3)."""
+    return {"incident_fp32, alert rule": lambda d: alert_rule(d, score(d), thr, **MODEL_RULE, open_at_once=at_once),
+            "California #7, alert rule": lambda d: alert_rule(d, california7(d, *california).astype(np.float64), 1.0,
+                                                              **CALIFORNIA_RULE)}
 
+
+def by_condition(runs, rules):
+    """The held-out SUMO runs grouped by the conditions they were generated with (conditions.py),
+    through `rules` ({name: rule(d)}: the deployed rules, `deployed_rules`). A group of incidents
+    by kind shares every run's minutes: its false alarms are those of all runs (not repeated)."""
     rows = []
     for condition, group, rs in C.scenario_groups(runs):
         d = combine(rs)
         families = dict(collections.Counter(r["family"] for r in rs))
         rows.append({"condition": condition, "group": group, "scenarios": len(rs), "families": families,
-                     **{k: detection_metrics(d, a, RULE_JOIN) for k, a in rules(d).items()}})
+                     **{k: detection_metrics(d, rule(d), RULE_JOIN) for k, rule in rules.items()}})
     d = combine(runs)
-    alarms = rules(d)
+    alarms = {k: rule(d) for k, rule in rules.items()}
     for kind, ids in sorted(C.incident_kinds(runs).items()):
         of_kind = dict(d, incidents=[i for i in d["incidents"] if i["id"] in ids])
         rows.append({"condition": "incident kind", "group": kind, "scenarios": len(runs), "families": None,
@@ -771,14 +779,31 @@ def subset(d, keep):
     return {**{k: v for k, v in d.items() if k != "near_incident"}, **{k: d[k][keep] for k in ROW_KEYS}}
 
 
+def size_matched(sim, sumo, cond, rng):
+    """What a size-matched control of held-out condition `cond` trains on: the training set less
+    as many rows as leaving the condition out removes, chosen without regard to it. The SUMO
+    training scenarios: as many fewer as have the condition, drawn at random (`rng`) from all of
+    them. The simulator's rows: those of the condition's minutes moved SIZE_MATCHED_SHIFT_MS later
+    (wrapping around the training days) are left out, so as many rows in spans as long, at other
+    times (which may overlap the condition's). (simulator rows, SUMO scenarios)"""
+    t0 = int(sim["t"].min())
+    span = int(sim["t"].max()) - t0 + 60_000
+    flagged = np.unique(sim["t"][sim[cond]])
+    moved = t0 + (sim["t"] - t0 - SIZE_MATCHED_SHIFT_MS) % span
+    dropped = sum(bool(r[cond].any()) for r in sumo)
+    keep = np.sort(rng.choice(len(sumo), len(sumo) - dropped, replace=False))
+    return subset(sim, ~np.isin(moved, flagged)), [sumo[i] for i in keep]
+
+
 def held_out_conditions(sim_train, sumo_train, held_out_runs, deployed):
     """Each of HELD_OUT_CONDITIONS held out of training: the incident detector's recipe (seed 13,
-    shuffled with CONDITION_SHUFFLE_SEED) trained on every training row (the control) and without
-    the rows in the condition (the simulator's rows flagged, SUMO's training scenarios with it),
-    each calibrated on its own training rows, through the deployed rule on the held-out SUMO
-    scenarios with the condition and those without, beside the `deployed` rules ({name: rule(d)}).
-    The control and the model trained without the condition differ in the rows left out, and in what the recipe makes of
-    what is left (the SUMO repeat, the class weights and the calibrated levels)."""
+    shuffled with CONDITION_SHUFFLE_SEED) trained on every training row (the control), without the
+    rows in the condition (the simulator's rows flagged, SUMO's training scenarios with it) and
+    without as many rows chosen without regard to the condition (`size_matched`: the control of
+    the smaller training set), each calibrated on its own training rows, through the deployed rule
+    on the held-out SUMO scenarios with the condition and those without, beside the `deployed`
+    rules ({name: rule(d)}). The models differ in the rows left out, and in what the recipe makes
+    of what is left (the SUMO repeat, the class weights and the calibrated levels)."""
     def recipe(sim, sumo, what):
         print(f"== incident detector, trained {what} (held-out conditions)", flush=True)
         train = combine([sim, *sumo])
@@ -789,21 +814,27 @@ def held_out_conditions(sim_train, sumo_train, held_out_runs, deployed):
         fit(net, x_inc, label, bce, np.random.default_rng(CONDITION_SHUFFLE_SEED), weights=weights)
         del x_inc
         rule, levels = calibrated_rule(lambda d: probability(net, mu, sd, d), train)
-        return rule, {**levels, "simulator_rows": len(sim["x"]), "sumo_scenarios": len(sumo), "sumo_repeat": repeat}
+        return rule, {**levels, "simulator_rows": len(sim["x"]), "sumo_scenarios": len(sumo), "sumo_repeat": repeat,
+                      "sumo_scenarios_with_condition": {c: sum(bool(r[c].any()) for r in sumo) for c in HELD_OUT_CONDITIONS},
+                      "simulator_rows_with_condition": {c: int(sim[c].sum()) for c in HELD_OUT_CONDITIONS}}
 
     control, control_info = recipe(sim_train, sumo_train, "on everything")
     out = {}
     for cond, what in HELD_OUT_CONDITIONS.items():
         without, info = recipe(subset(sim_train, ~sim_train[cond]), [r for r in sumo_train if not r[cond].any()],
                                f"without {cond}")
-        rules = {**deployed, "recipe trained on everything": control, f"recipe trained without {cond}": without}
+        matched, matched_info = recipe(*size_matched(sim_train, sumo_train, cond, np.random.default_rng(SIZE_MATCHED_SEED)),
+                                       f"without as many rows as {cond} has, at random")
+        rules = {**deployed, "recipe trained on everything": control, f"recipe trained without {cond}": without,
+                 "recipe trained without as many rows, at random": matched}
         groups = {}
         for group, rs in ((f"with {cond}", [r for r in held_out_runs if r[cond].any()]),
                           (f"without {cond}", [r for r in held_out_runs if not r[cond].any()])):
             d = combine(rs)
             groups[group] = {"scenarios": len(rs), "families": dict(collections.Counter(r["family"] for r in rs)),
                              "detectors": {k: detection_metrics(d, rule(d), RULE_JOIN) for k, rule in rules.items()}}
-        out[cond] = {"what": what, "trained_on_everything": control_info, "trained_without": info, "held_out": groups}
+        out[cond] = {"what": what, "trained_on_everything": control_info, "trained_without": info,
+                     "size_matched": matched_info, "held_out": groups}
     return out
 
 
@@ -972,9 +1003,8 @@ def main():
             "open_at_once": at_once, "latency_us": latency(sess, test["x"])}
         if name == "incident_fp32":
             rule_fixture(tests["arterial50"], "arterial50", sess, thr, at_once)
-            held_out_runs = [r for runs in sumo_tests.values() for r in runs]
-            results["incident"]["by_condition"] = by_condition(
-                held_out_runs, lambda d: run(sess, d["x"])[:, 0], thr, at_once, (t1, t2, t3))
+            rules = deployed_rules(lambda d, s=sess: run(s, d["x"])[:, 0], thr, at_once, (t1, t2, t3))
+            results["incident"]["by_condition"] = by_condition([r for runs in sumo_tests.values() for r in runs], rules)
 
     # ---- the seed spread: the other seeds calibrated on the training data as the deployed file
     # is, through the deployed rule (their numpy scores)
@@ -987,14 +1017,8 @@ def main():
         "seeds": [13, *SPREAD_SEEDS],
         "held_out": {src: {k: [min(r[k] for r in rs if r[k] is not None), max(r[k] for r in rs if r[k] is not None)]
                            for k in keys} for src, rs in per_seed.items()}}
-    fp32 = results["incident"]["models"]["incident_fp32"]
-    deployed_sess = session(onnx_dir / "incident_fp32.onnx")
     results["incident"]["held_out_conditions"] = held_out_conditions(
-        sim_train, sumo_train, [r for runs in sumo_tests.values() for r in runs],
-        {"incident_fp32, alert rule": lambda d: alert_rule(d, run(deployed_sess, d["x"])[:, 0], fp32["threshold"],
-                                                           **MODEL_RULE, open_at_once=fp32["open_at_once"]),
-         "California #7, alert rule": lambda d: alert_rule(d, california7(d, t1, t2, t3).astype(np.float64), 1.0,
-                                                           **CALIFORNIA_RULE)})
+        sim_train, sumo_train, [r for runs in sumo_tests.values() for r in runs], rules)
 
     # ---- fixtures: fixed inputs with ONNX Runtime's outputs, and the small evaluation sample
     td = MODELS / "testdata"
