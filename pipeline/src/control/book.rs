@@ -4,7 +4,7 @@
 //! Bounded: a finished alert (resolved or a false alarm, no longer held by its rule) leaves
 //! the book `retention` after its last change (event time, against the newest change seen),
 //! and beyond `max_alerts` the oldest finished ones leave first. They stay in the lake's
-//! `alerts` and `feedback` tables.
+//! `alerts` and `feedback` tables. An alert keeps at most [`MAX_JOINED`] joined locations.
 
 use super::ControlError;
 use std::collections::{BTreeMap, HashMap};
@@ -13,6 +13,12 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, Int32Type, TimestampMillisecondType};
 use serde::Serialize;
+
+/// The most locations that joined one alert the book keeps apart (`AlertView::joined`): a
+/// queue spans a few segments, so this many come only from a writer to the alerts topic that
+/// is not a rule; the ones beyond it are left out of calibration, and the alert's memory stays
+/// bounded whatever that topic carries.
+pub(crate) const MAX_JOINED: usize = 256;
 
 /// One operator decision.
 #[derive(Debug, Clone, Serialize)]
@@ -249,9 +255,12 @@ impl Book {
                 Some(member) if member != a.location => {
                     if let Some(p) = opt(peak, i).or(opt(value, i)) {
                         let now = JoinedLocation { peak: p, threshold: thr.value(i) };
-                        let kept = a.joined.entry(member.to_owned()).or_insert(now);
-                        if beyond(now.peak, now.threshold) >= beyond(kept.peak, kept.threshold) {
-                            *kept = now;
+                        if let Some(kept) = a.joined.get_mut(member) {
+                            if beyond(now.peak, now.threshold) >= beyond(kept.peak, kept.threshold) {
+                                *kept = now;
+                            }
+                        } else if a.joined.len() < MAX_JOINED {
+                            a.joined.insert(member.to_owned(), now);
                         }
                     }
                 }
@@ -562,6 +571,35 @@ pub(crate) mod tests {
         .unwrap()
     }
 
+    /// One rule event of an alert other locations joined (`join`): the location whose event it
+    /// is, its value, peak and raise level, and the alert's members after it.
+    pub(crate) struct JoinedEvent<'a> {
+        pub location: &'a str,
+        pub value: f64,
+        pub peak: f64,
+        pub level: f64,
+        pub members: &'a [&'a str],
+    }
+
+    /// The rule events of alert `id` of rule `r`, opened at location `at`: an `open`, then
+    /// `update`s, `step` ms apart.
+    pub(crate) fn joined_events(id: &str, at: &str, step: i64, rows: &[JoinedEvent]) -> RecordBatch {
+        let ts: Vec<i64> = (0..rows.len() as i64).map(|i| i * step).collect();
+        let status: Vec<&str> = (0..rows.len()).map(|i| if i == 0 { "open" } else { "update" }).collect();
+        let head: Vec<(&str, &str, i64)> = ts.iter().zip(&status).map(|(t, s)| (id, *s, *t)).collect();
+        let b = events(&head);
+        let mut cols = b.columns().to_vec();
+        cols[5] = Arc::new(StringArray::from(vec![at; rows.len()]));
+        cols[8] = Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value)));
+        cols[9] = Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.level)));
+        cols[10] = Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.peak)));
+        cols[11] = Arc::new(arrow::array::Int32Array::from_iter_values(rows.iter().map(|r| r.members.len() as i32)));
+        cols[12] = Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| serde_json::json!({"location": r.location, "members": r.members}).to_string()),
+        ));
+        RecordBatch::try_new(b.schema(), cols).unwrap()
+    }
+
     /// A decision event as a control center produces it to the alerts topic.
     fn decision(id: &str, verdict: &str, who: &str, ts: i64) -> RecordBatch {
         let mut b = events(&[(id, verdict, ts)]);
@@ -611,22 +649,18 @@ pub(crate) mod tests {
     #[test]
     fn a_joined_locations_events_keep_the_alerts_own_value_and_peak() {
         let mut book = Book::new(86_400_000, 100);
-        let b = events(&[("x", "open", 0), ("x", "update", 60_000), ("x", "update", 120_000)]);
-        let mut cols = b.columns().to_vec();
-        cols[8] = Arc::new(Float64Array::from(vec![Some(0.9), Some(0.6), Some(0.95)]));
-        cols[10] = Arc::new(Float64Array::from(vec![Some(0.9), Some(0.7), Some(0.97)]));
-        cols[11] = Arc::new(arrow::array::Int32Array::from(vec![1, 2, 2]));
-        cols[12] = Arc::new(StringArray::from(vec![
-            r#"{"location":"x","members":["x"]}"#,
-            r#"{"location":"m","members":["m","x"]}"#,
-            r#"{"location":"x","members":["m","x"]}"#,
-        ]));
-        book.apply(&RecordBatch::try_new(b.schema(), cols.clone()).unwrap()).unwrap();
+        let ev = |location, value, peak, members| JoinedEvent { location, value, peak, level: 0.5, members };
+        let b = joined_events(
+            "x",
+            "x",
+            60_000,
+            &[ev("x", 0.9, 0.9, &["x"]), ev("m", 0.6, 0.7, &["m", "x"]), ev("x", 0.95, 0.97, &["m", "x"])],
+        );
+        book.apply(&b).unwrap();
         let a = &book.alerts["x"];
         assert_eq!((a.value, a.peak, a.locations), (Some(0.95), Some(0.97), 2), "{a:?}");
         let mut book = Book::new(86_400_000, 100);
-        let two = RecordBatch::try_new(b.schema(), cols).unwrap().slice(0, 2);
-        book.apply(&two).unwrap();
+        book.apply(&b.slice(0, 2)).unwrap();
         let a = &book.alerts["x"];
         assert_eq!((a.value, a.peak, a.locations), (Some(0.9), Some(0.9), 2), "m's event: {a:?}");
         assert_eq!(a.evidence["location"], "m", "the evidence is the latest event's");
@@ -637,24 +671,43 @@ pub(crate) mod tests {
     #[test]
     fn a_location_that_joins_again_keeps_its_highest_peak() {
         let mut book = Book::new(86_400_000, 100);
-        let b =
-            events(&[("x", "open", 0), ("x", "update", 1), ("x", "update", 2), ("x", "update", 3), ("x", "update", 4)]);
-        let mut cols = b.columns().to_vec();
         // x opens at 0.95; m joins at 0.8, leaves, joins again at 0.7; x leaves and joins again at 0.9
-        let peaks = vec![Some(0.95), Some(0.8), Some(0.8), Some(0.7), Some(0.9)];
-        cols[8] = Arc::new(Float64Array::from(peaks.clone()));
-        cols[10] = Arc::new(Float64Array::from(peaks));
-        cols[12] = Arc::new(StringArray::from(vec![
-            r#"{"location":"x","members":["x"]}"#,
-            r#"{"location":"m","members":["m","x"]}"#,
-            r#"{"location":"m","members":["x"]}"#,
-            r#"{"location":"m","members":["m","x"]}"#,
-            r#"{"location":"x","members":["m","x"]}"#,
-        ]));
-        book.apply(&RecordBatch::try_new(b.schema(), cols).unwrap()).unwrap();
+        let ev = |location, peak, members| JoinedEvent { location, value: peak, peak, level: 0.5, members };
+        let b = joined_events(
+            "x",
+            "x",
+            1,
+            &[
+                ev("x", 0.95, &["x"]),
+                ev("m", 0.8, &["m", "x"]),
+                ev("m", 0.8, &["x"]),
+                ev("m", 0.7, &["m", "x"]),
+                ev("x", 0.9, &["m", "x"]),
+            ],
+        );
+        book.apply(&b).unwrap();
         let a = &book.alerts["x"];
         assert_eq!((a.peak, a.joined["m"].peak), (Some(0.95), 0.8), "{a:?}");
         assert_eq!(a.value, Some(0.9), "the value is the latest");
+    }
+
+    /// However many locations an alerts topic says joined one alert, the book keeps at most
+    /// MAX_JOINED of them apart, and those it keeps still take their peaks.
+    #[test]
+    fn an_alert_keeps_at_most_max_joined_locations() {
+        fn ev(location: &str, peak: f64) -> JoinedEvent<'_> {
+            JoinedEvent { location, value: peak, peak, level: 0.5, members: &[] }
+        }
+        let names: Vec<String> = (0..MAX_JOINED + 50).map(|i| format!("m{i:04}")).collect();
+        let mut rows = vec![ev("x", 0.9)];
+        rows.extend(names.iter().map(|n| ev(n, 0.6)));
+        rows.push(ev(&names[0], 0.8));
+        let mut book = Book::new(86_400_000, 100);
+        book.apply(&joined_events("x", "x", 1, &rows)).unwrap();
+        let a = &book.alerts["x"];
+        assert_eq!(a.joined.len(), MAX_JOINED);
+        assert_eq!(a.joined[&names[0]].peak, 0.8, "a kept location still takes its peaks");
+        assert!(!a.joined.contains_key(&names[MAX_JOINED]), "beyond the cap: not kept");
     }
 
     #[test]

@@ -238,23 +238,14 @@ pub(crate) fn proposals(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Float64Array, RecordBatch, StringArray};
-    use std::sync::Arc;
+    use arrow::array::RecordBatch;
 
     /// An alert `id` of rule `r` that opened at `at` (peak 0.9, level 0.5) and that `member`
     /// joined with its own peak `member_peak` and level `member_level`.
     fn joined_alert(id: &str, at: &str, member: &str, member_peak: f64, member_level: f64) -> RecordBatch {
-        let b = super::super::book::tests::events(&[(id, "open", 0), (id, "update", 60_000)]);
-        let mut cols = b.columns().to_vec();
-        cols[5] = Arc::new(StringArray::from(vec![at, at]));
-        cols[8] = Arc::new(Float64Array::from(vec![Some(0.9), Some(member_peak)]));
-        cols[9] = Arc::new(Float64Array::from(vec![0.5, member_level]));
-        cols[10] = Arc::new(Float64Array::from(vec![Some(0.9), Some(member_peak)]));
-        cols[11] = Arc::new(arrow::array::Int32Array::from(vec![1, 2]));
-        let first = serde_json::json!({"location": at, "members": [at]}).to_string();
-        let joined = serde_json::json!({"location": member, "members": [at, member]}).to_string();
-        cols[12] = Arc::new(StringArray::from(vec![first, joined]));
-        RecordBatch::try_new(b.schema(), cols).unwrap()
+        use super::super::book::tests::{JoinedEvent, joined_events};
+        let ev = |location, peak, level, members| JoinedEvent { location, value: peak, peak, level, members };
+        joined_events(id, at, 60_000, &[ev(at, 0.9, 0.5, &[at]), ev(member, member_peak, member_level, &[at, member])])
     }
 
     /// With `join`, a rejected alert is a false alarm of every location in it, each judged by
