@@ -17,7 +17,9 @@ deduplicates by `event_id`, aggregates 5-minute windows per segment (count, sum,
   decode-only rate; with `--broker-pid PID` (the broker's JVM, e.g. `deploy/kafka/run/kafka.pid`),
   how busy the two cores were during Kafka runs: citystream's CPU and the broker's over twice
   the wall time; `--compression` picks the producer's codec (zstd by default: the fewest bytes
-  on the wire and on the broker's disk, and the consumer decompresses them).
+  on the wire and on the broker's disk, and the consumer decompresses them); `--baseline` runs a
+  second citystream binary on the same backlog, interleaved (a change measured against the build
+  before it, in the same run).
 
 Each run is a fresh process; wall time, CPU (user + system, from `wait4`) and peak RSS are
 the child's. Medians of `--repeat` runs, interleaved engine by engine. The windows of the
@@ -28,7 +30,7 @@ does not pass unnoticed.
     .venv/bin/pip install -r benches/requirements.txt
     cargo build --release -p citystream-pipeline --bin citystream
     .venv/bin/python benches/peer_batch.py target/release/citystream --repeat 3 [--kafka 127.0.0.1:9092]
-        [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4]
+        [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4] [--baseline OTHER_BINARY]
 """
 
 import argparse
@@ -249,6 +251,9 @@ def main():
     ap.add_argument("--broker-pid", type=int, help="with --kafka: the broker's pid, for how busy the cores were")
     ap.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "snappy", "gzip", "none"],
                     help="with --kafka: the producer's codec")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="with --kafka: another citystream binary (e.g. the build before a change) run on the "
+                         "same backlog, interleaved with the others (`citystream-kafka-baseline`)")
     args = ap.parse_args()
     if args.generate:
         print(generate(args.generate, args.events, args.seed))
@@ -278,6 +283,8 @@ def main():
             results["citystream-kafka"] = []
             if args.decode_only:
                 results["citystream-kafka-decode"] = []
+            if args.baseline:
+                results["citystream-kafka-baseline"] = []
         busy = {}
         for r in range(args.repeat):
             for engine in results:
@@ -295,7 +302,8 @@ def main():
                         text = decode_only(text)
                     with open(cfg, "w") as f:
                         f.write(text)
-                    cmd = [args.citystream, "run", "--config", cfg]
+                    binary = args.baseline if engine == "citystream-kafka-baseline" else args.citystream
+                    cmd = [binary, "run", "--config", cfg]
                     table = os.path.join(out, "traffic_windows")
                 else:
                     cmd = [sys.executable, "-c", DUCKDB if engine == "duckdb" else POLARS, events, out + ".parquet"]
