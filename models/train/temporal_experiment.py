@@ -1,0 +1,130 @@
+"""An experiment, not a deployed model: does the incident detector gain from seeing the last
+WINDOW minutes of its segment and of its neighbours, minute by minute, instead of the deployed
+features' 1-, 5- and 15-minute means and lags?
+
+The temporal detector's input is the deployed detector's (train.py's `transform`, occupancies
+scaled by OCC_SCALE) plus, for each of the last WINDOW minutes (this one included), the segment's
+speed as a share of its free speed and its scaled occupancy, and the same of its upstream and
+downstream neighbours (a neighbour missing or silent that minute: the segment's own; a minute
+without a window: free speed, no occupancy). With a receptive field of the whole window, a
+temporal convolution over these series is a network on this flattened input: here the deployed
+recipe's 64-32 network, trained as train.py trains the detector (the same epochs, class weights
+and SUMO repeat), its levels calibrated on its training rows as the deployed file's are, through
+the deployed alert rule. The deployed recipe is trained again beside it with the same seeds
+(SEEDS; the shuffles' seed 1000 more, as the held-out-condition experiments' are), so that the
+two differ only in their input.
+
+    cd models/train && ../../.venv/bin/python temporal_experiment.py [--window 15]   # after sumo_scenarios.py, about 5 minutes
+
+It prints each held-out set's detection rate, false alarms per corridor-hour and mean time to
+detect per seed and their medians, and writes them to data/temporal_experiment_<window>m.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import features as F
+import train as T
+
+WINDOW = 15  # minutes; --window
+SEEDS = (13, 14, 15)
+T.ROW_KEYS = (*T.ROW_KEYS, "xw")  # combine() and subset() carry the window rows too
+
+
+def window_rows(run_dir):
+    """The temporal input's window part of each row of a run (train.py's `load` order)."""
+    m = F.read_minutes(run_dir / "lake" / "traffic_minutes")
+    graph = F.read_graph(run_dir / "ground_truth" / "road_graph.csv")
+    g = F.Grid(m["window_end_ms"], m["segment_id"], m["vehicles"], m["speed"], m["occupancy"], graph)
+    share = g.speed / g.free[:, None]
+    occ = g.occ * (g.free[:, None] / 100.0) ** T.OCC_SCALE
+
+    def of(idx, own):  # a neighbour's series, the segment's own where it has none or it is silent
+        out = own.copy()
+        has = idx >= 0
+        theirs = own[np.where(has, idx, 0)]
+        ok = has[:, None] & ~np.isnan(theirs)
+        out[ok] = theirs[ok]
+        return out
+
+    series = [share, occ, of(g.up, share), of(g.up, occ), of(g.down, share), of(g.down, occ)]
+    fill = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    cols = []
+    for s, f in zip(series, fill):
+        for k in range(WINDOW):
+            c = g.cols - k
+            v = np.where(c >= 0, s[g.rows, np.maximum(c, 0)], np.nan)
+            cols.append(np.where(np.isnan(v), f, v))
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def load(run_dir, family=None):
+    d = T.load(run_dir, family)
+    d["xw"] = window_rows(run_dir)
+    assert len(d["xw"]) == len(d["x"])
+    return d
+
+
+def recipe(train, n_sim, inputs, seed, what):
+    """the detector's recipe on `inputs(d)` (rows of a data set), seeded: its rule(d) and levels"""
+    print(f"== {what}, seed {seed}", flush=True)
+    visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
+    x = inputs(train)[visit]
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd[sd < 1e-6] = 1.0
+    x = (x - mu) / sd
+    label, weights, _ = T.incident_targets(train, visit)
+    net = T.MLP([x.shape[1], *T.INCIDENT_HIDDEN, 1], np.random.default_rng(seed))
+    T.fit(net, x, label, T.bce, np.random.default_rng(seed + 1000), weights=weights)
+    del x
+
+    def score(d):
+        return 1.0 / (1.0 + np.exp(-net.forward((inputs(d) - mu) / sd)[-1][:, 0]))
+
+    rule, levels = T.calibrated_rule(score, train)
+    return rule, {**levels, "inputs": int(len(mu))}
+
+
+def main():
+    global WINDOW
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--window", type=int, default=WINDOW, help="minutes of each series the temporal detector sees")
+    WINDOW = ap.parse_args().window
+    data = T.HERE / "data"
+    sim_train, sim_test = load(data / "train"), load(data / "test")
+    sumo_train, tests = [], {"simulator": [sim_test]}
+    for report in sorted((data / "sumo").glob("*/s[0-9][0-9]/ground_truth/report.json")):
+        meta = json.loads(report.read_text())
+        run = load(report.parents[1], meta["family"])
+        (sumo_train if meta["split"] == "train" else tests.setdefault(meta["family"], [])).append(run)
+    train = T.combine([sim_train, *sumo_train])
+    n_sim = len(sim_train["x"])
+    deployed_inputs = lambda d: T.transform(d["x"], T.OCC_SCALE)  # noqa: E731
+    temporal_inputs = lambda d: np.concatenate([T.transform(d["x"], T.OCC_SCALE), d["xw"]], axis=1)  # noqa: E731
+    inputs = {"deployed recipe": deployed_inputs, f"temporal ({WINDOW} minutes)": temporal_inputs}
+    detectors = {(name, seed): recipe(train, n_sim, f, seed, name) for seed in SEEDS for name, f in inputs.items()}
+    results = {"window_min": WINDOW, "seeds": SEEDS,
+               "detectors": {f"{n}, seed {s}": v[1] for (n, s), v in detectors.items()}, "held_out": {}}
+    keys = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
+    print(f"\n{'held-out set':<12} {'detector':<22} " + "  ".join(f"{k:>28}" for k in ("detection", "FA/corridor-hour", "MTTD min")))
+    for family, runs in tests.items():
+        d = T.combine(runs)
+        out = results["held_out"][family] = {}
+        for (name, seed), (rule, _) in detectors.items():
+            out.setdefault(name, {})[seed] = T.detection_metrics(d, rule(d), T.RULE_JOIN)
+        for name, by_seed in out.items():
+            cells = []
+            for k in keys:
+                v = [m[k] for m in by_seed.values()]
+                ok = [x for x in v if x is not None]
+                cells.append(f"{' '.join(f'{x!s:>6}' for x in v)} (med {np.median(ok) if ok else None!s:>5.5})")
+            print(f"{family:<12} {name:<22} " + "  ".join(f"{c:>28}" for c in cells), flush=True)
+    print(json.dumps(results["detectors"], indent=2))
+    (T.HERE / "data" / f"temporal_experiment_{WINDOW}m.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+if __name__ == "__main__":
+    main()
