@@ -312,10 +312,12 @@ def held_out_conditions_md(conditions):
            "adapts to what is left: SUMO's rows are repeated to half of what an epoch visits, the classes "
            "balanced and the levels calibrated anew, so the models compared may sit at different false alarm "
            "levels (read the rates together). The size-matched control (`recipe trained without as many rows, "
-           "at random`) tells the two apart: it leaves out as many SUMO training scenarios, drawn at random "
-           "from all of them, and as many of the simulator's rows, those of the condition's minutes moved 12 hours "
-           "later; it keeps some of the condition. One draw: its difference from the control is no more "
-           "certain than the seed spread below.", "",
+           "at random`) separates the smaller training set from the condition as far as row counts go: it "
+           "leaves out as many SUMO training scenarios, drawn at random from all of them, and as many of the "
+           "simulator's rows, those of the condition's minutes moved 12 hours later. It matches neither the "
+           "incident minutes left out (the moved minutes may hold more or fewer) nor the operating point, and "
+           "it keeps some of the condition. One draw: its difference from the control is no more certain "
+           "than the seed spread below.", "",
            *[f"- {cond}, size-matched control: {m['sumo_scenarios']} SUMO scenarios ({m['sumo_scenarios_with_condition'][cond]} "
              f"with {cond}), {m['simulator_rows']:,} simulator rows ({m['simulator_rows_with_condition'][cond]:,} with {cond})"
              for cond, m in ((cond, c["size_matched"]) for cond, c in conditions.items())], "",

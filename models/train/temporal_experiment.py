@@ -6,10 +6,9 @@ The temporal detector's input is the deployed detector's (train.py's `transform`
 scaled by OCC_SCALE) plus, for each of the last WINDOW minutes (this one included), the segment's
 speed as a share of its free speed and its scaled occupancy, and the same of its upstream and
 downstream neighbours (a neighbour missing or silent that minute: the segment's own; a minute
-without a window: free speed, no occupancy). With a receptive field of the whole window, a
-temporal convolution over these series is a network on this flattened input: here the deployed
-recipe's 64-32 network, trained as train.py trains the detector (the same epochs, class weights
-and SUMO repeat), its levels calibrated on its training rows as the deployed file's are, through
+without a window: free speed, no occupancy), flattened into more inputs of the deployed recipe's
+64-32 network (no weights shared over time, as a temporal convolution's would be), trained as
+train.py trains the detector (`fit_detector`: the same epochs, class weights and SUMO repeat), its levels calibrated on its training rows as the deployed file's are, through
 the deployed alert rule. The deployed recipe is trained again beside it with the same seeds
 (SEEDS; the shuffles' seed 1000 more, as the held-out-condition experiments' are), so that the
 two differ only in their input.
@@ -32,14 +31,12 @@ import train as T
 
 WINDOW = 15  # minutes; --window
 SEEDS = (13, 14, 15)
-T.ROW_KEYS = (*T.ROW_KEYS, "xw")  # combine() and subset() carry the window rows too
+ROW_KEYS = (*T.ROW_KEYS, "xw")  # the window rows too
 
 
-def window_rows(run_dir):
-    """The temporal input's window part of each row of a run (train.py's `load` order)."""
-    m = F.read_minutes(run_dir / "lake" / "traffic_minutes")
-    graph = F.read_graph(run_dir / "ground_truth" / "road_graph.csv")
-    g = F.Grid(m["window_end_ms"], m["segment_id"], m["vehicles"], m["speed"], m["occupancy"], graph)
+def window_rows(g):
+    """The temporal input's window part of each row of a run, from the grid its features were
+    made of (`Grid`: rows in the run's order)."""
     share = g.speed / g.free[:, None]
     occ = g.occ * (g.free[:, None] / 100.0) ** T.OCC_SCALE
 
@@ -64,8 +61,10 @@ def window_rows(run_dir):
 
 def load(run_dir, family=None):
     d = T.load(run_dir, family)
-    d["xw"] = window_rows(run_dir)
-    assert len(d["xw"]) == len(d["x"])
+    d["xw"] = window_rows(d["grid"])
+    # the window's first column is this minute's speed share: the features' speed_1m / free speed
+    own = d["x"][:, F.FEATURES.index("speed_1m")] / d["x"][:, T.FREE_INDEX]
+    assert np.allclose(d["xw"][:, 0], own, rtol=1e-5), "window rows out of line with the feature rows"
     return d
 
 
@@ -73,20 +72,8 @@ def recipe(train, n_sim, inputs, seed, what):
     """the detector's recipe on `inputs(d)` (rows of a data set), seeded: its rule(d) and levels"""
     print(f"== {what}, seed {seed}", flush=True)
     visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
-    x = inputs(train)[visit]
-    mu, sd = x.mean(axis=0), x.std(axis=0)
-    sd[sd < 1e-6] = 1.0
-    x = (x - mu) / sd
-    label, weights, _ = T.incident_targets(train, visit)
-    net = T.MLP([x.shape[1], *T.INCIDENT_HIDDEN, 1], np.random.default_rng(seed))
-    T.fit(net, x, label, T.bce, np.random.default_rng(seed + 1000), weights=weights)
-    del x
-
-    def score(d):
-        return 1.0 / (1.0 + np.exp(-net.forward((inputs(d) - mu) / sd)[-1][:, 0]))
-
-    rule, levels = T.calibrated_rule(score, train)
-    return rule, {**levels, "inputs": int(len(mu))}
+    rule, levels = T.calibrated_rule(T.fit_detector(train, visit, inputs, seed, seed + 1000), train)
+    return rule, {**levels, "inputs": int(inputs({k: train[k][:1] for k in ("x", "xw")}).shape[1])}
 
 
 def main():
@@ -96,12 +83,9 @@ def main():
     WINDOW = ap.parse_args().window
     data = T.HERE / "data"
     sim_train, sim_test = load(data / "train"), load(data / "test")
-    sumo_train, tests = [], {"simulator": [sim_test]}
-    for report in sorted((data / "sumo").glob("*/s[0-9][0-9]/ground_truth/report.json")):
-        meta = json.loads(report.read_text())
-        run = load(report.parents[1], meta["family"])
-        (sumo_train if meta["split"] == "train" else tests.setdefault(meta["family"], [])).append(run)
-    train = T.combine([sim_train, *sumo_train])
+    sumo_train, tests, _ = T.sumo_runs(data, load)
+    tests = {"simulator": [sim_test], **tests}
+    train = T.combine([sim_train, *sumo_train], ROW_KEYS)
     n_sim = len(sim_train["x"])
     deployed_inputs = lambda d: T.transform(d["x"], T.OCC_SCALE)  # noqa: E731
     temporal_inputs = lambda d: np.concatenate([T.transform(d["x"], T.OCC_SCALE), d["xw"]], axis=1)  # noqa: E731
@@ -112,7 +96,7 @@ def main():
     keys = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
     print(f"\n{'held-out set':<12} {'detector':<22} " + "  ".join(f"{k:>28}" for k in ("detection", "FA/corridor-hour", "MTTD min")))
     for family, runs in tests.items():
-        d = T.combine(runs)
+        d = T.combine(runs, ROW_KEYS)
         out = results["held_out"][family] = {}
         for (name, seed), (rule, _) in detectors.items():
             out.setdefault(name, {})[seed] = T.detection_metrics(d, rule(d), T.RULE_JOIN)

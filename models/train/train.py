@@ -134,7 +134,7 @@ def load(run_dir, family=None):
             label[active] = 1.0
         grace |= on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"] + CLEARING_MS)
     return {"x": x, "y": y, "label": label, "grace": grace, "closure_site": closure_site, "t": t, "seg": seg,
-            "incidents": incidents,
+            "incidents": incidents, "grid": g,
             "rain": rain_rows(run_dir, t, report), "ramps": np.full(len(t), bool(report.get("ramps", False))),
             "graph": graph, "days": (report["end_ms"] - report["start_ms"]) / 86_400_000,
             "family": family or "simulator", "meta": report}
@@ -204,9 +204,10 @@ def detectable(inc, x, t, seg, graph):
 ROW_KEYS = ("x", "y", "label", "grace", "closure_site", "t", "seg", "rain", "ramps")
 
 
-def combine(parts):
-    """one data set from several runs (different days: their rows never overlap in time)"""
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ROW_KEYS}
+def combine(parts, keys=ROW_KEYS):
+    """one data set from several runs (different days: their rows never overlap in time), of
+    their row arrays `keys`"""
+    out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     out["incidents"] = [i for p in parts for i in p["incidents"]]
     out["graph"] = {k: v for p in parts for k, v in p["graph"].items()}
     out["days"] = sum(p["days"] for p in parts)
@@ -214,10 +215,11 @@ def combine(parts):
     return out
 
 
-def sumo_runs(data):
-    """SUMO road families (sumo_scenarios.py): the training scenarios, the held-out ones by family
-    (held-out scenarios of a training family, or a whole family never trained on), and every
-    scenario by family (a road's history, for the historical average)"""
+def sumo_runs(data, load=load):
+    """SUMO road families (sumo_scenarios.py), each scenario read by `load(run_dir, family)`: the
+    training scenarios, the held-out ones by family (held-out scenarios of a training family, or
+    a whole family never trained on), and every scenario by family (a road's history, for the
+    historical average)"""
     train, tests, roads = [], {}, {}
     for report in sorted((data / "sumo").glob("*/s[0-9][0-9]/ground_truth/report.json")):
         meta = json.loads(report.read_text())
@@ -757,6 +759,23 @@ def probability(net, mu, sd, d):
     return 1.0 / (1.0 + np.exp(-net.forward((transform(d["x"], OCC_SCALE) - mu) / sd)[-1][:, 0]))
 
 
+def fit_detector(train, visit, inputs=None, seed=13, shuffle_seed=CONDITION_SHUFFLE_SEED):
+    """The incident detector's recipe (INCIDENT_HIDDEN, class-balanced weights) fitted on the rows
+    `visit` of a training set as `inputs(d)` gives a data set's rows (the deployed detector's
+    view by default: `transform` with OCC_SCALE), standardized over the rows visited; `seed` draws
+    the weights, `shuffle_seed` the shuffles. Returns its scores of a data set, score(d)."""
+    inputs = inputs or (lambda d: transform(d["x"], OCC_SCALE))
+    x = inputs(train)[visit]
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd[sd < 1e-6] = 1.0
+    x = (x - mu) / sd
+    label, weights, _ = incident_targets(train, visit)
+    net = MLP([x.shape[1], *INCIDENT_HIDDEN, 1], np.random.default_rng(seed))
+    fit(net, x, label, bce, np.random.default_rng(shuffle_seed), weights=weights)
+    del x
+    return lambda d: 1.0 / (1.0 + np.exp(-net.forward((inputs(d) - mu) / sd)[-1][:, 0]))
+
+
 def rule_levels(scores, train):
     """A detector's raise level and `open_at_once` level from its scores of the training set, as
     deploy/*.yaml writes them (4 decimals), so that the card counts what runs"""
@@ -790,9 +809,14 @@ def size_matched(sim, sumo, cond, rng):
     span = int(sim["t"].max()) - t0 + 60_000
     flagged = np.unique(sim["t"][sim[cond]])
     moved = t0 + (sim["t"] - t0 - SIZE_MATCHED_SHIFT_MS) % span
+    left_out = np.isin(moved, flagged)
+    # as many rows as the condition's only where it flags whole minutes (the simulator's showers
+    # cover the city): moving a segment's minutes alone would need its own shift
+    if left_out.sum() != sim[cond].sum():
+        raise SystemExit(f"size_matched: {cond} does not flag whole minutes of the simulator's rows")
     dropped = sum(bool(r[cond].any()) for r in sumo)
     keep = np.sort(rng.choice(len(sumo), len(sumo) - dropped, replace=False))
-    return subset(sim, ~np.isin(moved, flagged)), [sumo[i] for i in keep]
+    return subset(sim, ~left_out), [sumo[i] for i in keep]
 
 
 def held_out_conditions(sim_train, sumo_train, held_out_runs, deployed):
@@ -808,12 +832,7 @@ def held_out_conditions(sim_train, sumo_train, held_out_runs, deployed):
         print(f"== incident detector, trained {what} (held-out conditions)", flush=True)
         train = combine([sim, *sumo])
         visit, repeat = epoch_rows(len(sim["x"]), len(train["x"]) - len(sim["x"]))
-        x_inc, mu, sd = incident_inputs(train["x"][visit])
-        label, weights, _ = incident_targets(train, visit)
-        net = MLP([len(KEPT), *INCIDENT_HIDDEN, 1], np.random.default_rng(13))
-        fit(net, x_inc, label, bce, np.random.default_rng(CONDITION_SHUFFLE_SEED), weights=weights)
-        del x_inc
-        rule, levels = calibrated_rule(lambda d: probability(net, mu, sd, d), train)
+        rule, levels = calibrated_rule(fit_detector(train, visit), train)
         return rule, {**levels, "simulator_rows": len(sim["x"]), "sumo_scenarios": len(sumo), "sumo_repeat": repeat,
                       "sumo_scenarios_with_condition": {c: sum(bool(r[c].any()) for r in sumo) for c in HELD_OUT_CONDITIONS},
                       "simulator_rows_with_condition": {c: int(sim[c].sum()) for c in HELD_OUT_CONDITIONS}}
@@ -1003,6 +1022,8 @@ def main():
             "open_at_once": at_once, "latency_us": latency(sess, test["x"])}
         if name == "incident_fp32":
             rule_fixture(tests["arterial50"], "arterial50", sess, thr, at_once)
+            # bound now (s=sess): after this loop `sess` is incident_int8's, and held_out_conditions
+            # runs these rules after it
             rules = deployed_rules(lambda d, s=sess: run(s, d["x"])[:, 0], thr, at_once, (t1, t2, t3))
             results["incident"]["by_condition"] = by_condition([r for runs in sumo_tests.values() for r in runs], rules)
 
