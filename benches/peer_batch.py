@@ -255,6 +255,8 @@ def main():
                     help="with --kafka: another citystream binary (e.g. the build before a change) run on the "
                          "same backlog, interleaved with the others (`citystream-kafka-baseline`)")
     args = ap.parse_args()
+    if args.baseline and not args.kafka:
+        ap.error("--baseline runs on the Kafka backlog: it needs --kafka")
     if args.generate:
         print(generate(args.generate, args.events, args.seed))
         return

@@ -64,8 +64,8 @@ pub struct AlertView {
     pub peak: Option<f64>,
     /// Locations in a storm summary or a joined alert.
     pub locations: i32,
-    /// With `join`: each location that joined the alert, with its own highest peak and raise
-    /// level (what calibration judges a rejected alert's members by).
+    /// With `join`: each location that joined the alert, with its own peak furthest beyond its
+    /// raise level, and that level (what calibration judges a rejected alert's members by).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub joined: BTreeMap<String, JoinedLocation>,
     /// What fired it.
@@ -74,8 +74,9 @@ pub struct AlertView {
     pub decisions: Vec<Decision>,
 }
 
-/// A location that joined another's alert: its peak furthest beyond its level over its events
-/// in the alert (a location that leaves and joins again starts a new peak), and that level.
+/// A location that joined another's alert: its peak furthest beyond its level over all its
+/// events in the alert (the rule starts a new peak when a location leaves and joins again; the
+/// book keeps the furthest of them), and that level.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct JoinedLocation {
     /// Its peak (the rule's `peak` column on its events).
@@ -248,9 +249,9 @@ impl Book {
             let evidence: serde_json::Value = serde_json::from_str(ev.value(i)).unwrap_or(serde_json::Value::Null);
             // with `join`, an event another location made (evidence `location`) carries that
             // location's value and peak: the alert's stay those of the location it opened at
-            // (what calibration judges it by), the member's are kept apart. A location that
-            // leaves the alert and joins it again starts a new peak: each keeps its furthest
-            // beyond its level, whichever way the rule raises
+            // (what calibration judges it by), the member's are kept apart. The rule starts a new
+            // peak when a location leaves the alert and joins it again: the book keeps each
+            // location's furthest beyond its level, whichever way the rule raises
             match evidence.get("location").and_then(|l| l.as_str()) {
                 Some(member) if member != a.location => {
                     if let Some(p) = opt(peak, i).or(opt(value, i)) {
@@ -666,8 +667,8 @@ pub(crate) mod tests {
         assert_eq!(a.evidence["location"], "m", "the evidence is the latest event's");
     }
 
-    /// A location that leaves a joined alert and joins it again starts a new peak: the book
-    /// keeps its highest, for the opener and for a member alike.
+    /// The rule starts a new peak when a location leaves a joined alert and joins it again: the
+    /// book keeps the furthest beyond the level, for the opener and for a member alike.
     #[test]
     fn a_location_that_joins_again_keeps_its_highest_peak() {
         let mut book = Book::new(86_400_000, 100);
