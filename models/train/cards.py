@@ -318,9 +318,11 @@ def held_out_conditions_md(conditions):
            "incident minutes left out (the moved minutes may hold more or fewer) nor the operating point, and "
            "it keeps some of the condition. One draw: its difference from the control is no more certain "
            "than the seed spread below.", "",
-           *[f"- {cond}, size-matched control: {m['sumo_scenarios']} SUMO scenarios ({m['sumo_scenarios_with_condition'][cond]} "
-             f"with {cond}), {m['simulator_rows']:,} simulator rows ({m['simulator_rows_with_condition'][cond]:,} with {cond})"
-             for cond, m in ((cond, c["size_matched"]) for cond, c in conditions.items())], "",
+           *[f"- {cond}, size-matched control: {c['size_matched']['sumo_scenarios']} SUMO scenarios "
+             f"({c['size_matched']['sumo_scenarios_with_condition'][cond]} with {cond}), "
+             f"{c['size_matched']['simulator_rows']:,} simulator rows "
+             f"({c['size_matched']['simulator_rows_with_condition'][cond]:,} with {cond})"
+             for cond, c in conditions.items()], "",
            row(["held out", "trained without it", "held-out scenarios (by family)", "detector", "incidents (detectable)",
                 "detection rate (all)", "false alarms / corridor-hour", "mean time to detect (min)"]), row(["---"] * 8)]
     for cond, c in conditions.items():

@@ -87,9 +87,8 @@ def main():
     tests = {"simulator": [sim_test], **tests}
     train = T.combine([sim_train, *sumo_train], ROW_KEYS)
     n_sim = len(sim_train["x"])
-    deployed_inputs = lambda d: T.transform(d["x"], T.OCC_SCALE)  # noqa: E731
-    temporal_inputs = lambda d: np.concatenate([T.transform(d["x"], T.OCC_SCALE), d["xw"]], axis=1)  # noqa: E731
-    inputs = {"deployed recipe": deployed_inputs, f"temporal ({WINDOW} minutes)": temporal_inputs}
+    temporal_inputs = lambda d: np.concatenate([T.detector_view(d), d["xw"]], axis=1)  # noqa: E731
+    inputs = {"deployed recipe": T.detector_view, f"temporal ({WINDOW} minutes)": temporal_inputs}
     detectors = {(name, seed): recipe(train, n_sim, f, seed, name) for seed in SEEDS for name, f in inputs.items()}
     results = {"window_min": WINDOW, "seeds": SEEDS,
                "detectors": {f"{n}, seed {s}": v[1] for (n, s), v in detectors.items()}, "held_out": {}}

@@ -745,35 +745,42 @@ def incident_targets(train, visit):
     return label, weights, pos
 
 
-def incident_inputs(x):
-    """The incident detector's own view of feature rows: occupancies scaled to the road's speed
-    (OCC_SCALE), standardized over these rows; (inputs, mean, standard deviation)."""
-    seen = transform(x, OCC_SCALE)
+def detector_view(d):
+    """The incident detector's own view of a data set's feature rows: occupancies scaled to the
+    road's speed (OCC_SCALE)."""
+    return transform(d["x"], OCC_SCALE)
+
+
+def standardized(seen):
+    """Rows standardized over themselves (a deviation below 1e-6 taken as 1); (inputs, mean,
+    standard deviation)."""
     mu, sd = seen.mean(axis=0), seen.std(axis=0)
     sd[sd < 1e-6] = 1.0
     return (seen - mu) / sd, mu, sd
 
 
-def probability(net, mu, sd, d):
-    """a numpy incident network's scores of a data set's rows (inputs standardized by mu, sd)"""
-    return 1.0 / (1.0 + np.exp(-net.forward((transform(d["x"], OCC_SCALE) - mu) / sd)[-1][:, 0]))
+def incident_inputs(x):
+    """The incident detector's view of feature rows `x`, standardized over these rows; (inputs,
+    mean, standard deviation)."""
+    return standardized(transform(x, OCC_SCALE))
 
 
-def fit_detector(train, visit, inputs=None, seed=13, shuffle_seed=CONDITION_SHUFFLE_SEED):
+def probability(net, mu, sd, d, inputs=detector_view):
+    """a numpy incident network's scores of a data set's rows (`inputs(d)`, standardized by mu, sd)"""
+    return 1.0 / (1.0 + np.exp(-net.forward((inputs(d) - mu) / sd)[-1][:, 0]))
+
+
+def fit_detector(train, visit, inputs=detector_view, seed=13, shuffle_seed=CONDITION_SHUFFLE_SEED):
     """The incident detector's recipe (INCIDENT_HIDDEN, class-balanced weights) fitted on the rows
     `visit` of a training set as `inputs(d)` gives a data set's rows (the deployed detector's
-    view by default: `transform` with OCC_SCALE), standardized over the rows visited; `seed` draws
-    the weights, `shuffle_seed` the shuffles. Returns its scores of a data set, score(d)."""
-    inputs = inputs or (lambda d: transform(d["x"], OCC_SCALE))
-    x = inputs(train)[visit]
-    mu, sd = x.mean(axis=0), x.std(axis=0)
-    sd[sd < 1e-6] = 1.0
-    x = (x - mu) / sd
+    view by default), standardized over the rows visited; `seed` draws the weights,
+    `shuffle_seed` the shuffles. Returns its scores of a data set, score(d)."""
+    x, mu, sd = standardized(inputs(train)[visit])
     label, weights, _ = incident_targets(train, visit)
     net = MLP([x.shape[1], *INCIDENT_HIDDEN, 1], np.random.default_rng(seed))
     fit(net, x, label, bce, np.random.default_rng(shuffle_seed), weights=weights)
     del x
-    return lambda d: 1.0 / (1.0 + np.exp(-net.forward((inputs(d) - mu) / sd)[-1][:, 0]))
+    return lambda d: probability(net, mu, sd, d, inputs)
 
 
 def rule_levels(scores, train):

@@ -585,9 +585,8 @@ pub(crate) mod tests {
     /// The rule events of alert `id` of rule `r`, opened at location `at`: an `open`, then
     /// `update`s, `step` ms apart.
     pub(crate) fn joined_events(id: &str, at: &str, step: i64, rows: &[JoinedEvent]) -> RecordBatch {
-        let ts: Vec<i64> = (0..rows.len() as i64).map(|i| i * step).collect();
-        let status: Vec<&str> = (0..rows.len()).map(|i| if i == 0 { "open" } else { "update" }).collect();
-        let head: Vec<(&str, &str, i64)> = ts.iter().zip(&status).map(|(t, s)| (id, *s, *t)).collect();
+        let head: Vec<(&str, &str, i64)> =
+            (0..rows.len()).map(|i| (id, if i == 0 { "open" } else { "update" }, i as i64 * step)).collect();
         let b = events(&head);
         let mut cols = b.columns().to_vec();
         cols[5] = Arc::new(StringArray::from(vec![at; rows.len()]));
