@@ -71,7 +71,7 @@ impl California7Config {
             let ok = matches!(field.data_type(), DataType::FixedSizeList(item, w)
                 if item.data_type() == &DataType::Float32 && *w as usize == FEATURES.len());
             let names = field.metadata().get("features");
-            if !ok || names.is_some_and(|n| *n != serde_json::to_string(&FEATURES).unwrap_or_default()) {
+            if !ok || names.is_some_and(|n| *n != serde_json::to_string(&FEATURES[..]).unwrap_or_default()) {
                 errs.push(PlanError::new(
                     "features",
                     format!("`{}` is not the `features` stage's output", self.features),

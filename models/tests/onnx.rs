@@ -148,9 +148,10 @@ fn eval_sample() -> (Vec<f32>, Vec<[f64; 3]>, Vec<f64>) {
     let (mut x, mut y, mut label) = (Vec::new(), Vec::new(), Vec::new());
     for l in lines {
         let v: Vec<f64> = l.split(',').map(|c| c.parse().unwrap()).collect();
-        x.extend(v[..FEATURES.len()].iter().map(|&a| a as f32));
-        y.push([v[20], v[21], v[22]]);
-        label.push(v[23]);
+        let (features, rest) = v.split_at(FEATURES.len());
+        x.extend(features.iter().map(|&a| a as f32));
+        y.push([rest[0], rest[1], rest[2]]);
+        label.push(rest[3]);
     }
     (x, y, label)
 }

@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+RECENT_MINUTES = 5  # minute t and the 4 before it, one by one
+
 FEATURES = [
     "speed_1m",          # km/h, this minute
     "speed_5m",          # mean(speed, 0..4)
@@ -45,6 +47,17 @@ FEATURES = [
     "tod_sin",           # sin(2 pi minute_of_day / 1440), minute of window_end, UTC
     "tod_cos",           # cos(...)
     "weekend",           # 1 on Saturday and Sunday (UTC), else 0
+    # the last minutes one by one (the incident detector's; temporal_experiment.py): `at(x, k)` is
+    # minute t-k's value; a minute without a window row has the free speed and occupancy 0, and a
+    # neighbour missing or without a row that minute has the segment's own value
+    *[f"speed_m{k}" for k in range(1, RECENT_MINUTES)],      # at(speed, k), else free_speed_kmh
+    *[f"occ_m{k}" for k in range(1, RECENT_MINUTES)],        # at(occ, k), else 0
+    "up_speed_1m",                                           # upstream at(speed, 0), else speed_1m
+    *[f"up_speed_m{k}" for k in range(1, RECENT_MINUTES)],   # upstream at(speed, k), else speed_m{k}
+    *[f"up_occ_m{k}" for k in range(1, RECENT_MINUTES)],     # upstream at(occ, k), else occ_m{k}
+    "down_speed_1m",                                         # downstream: the same
+    *[f"down_speed_m{k}" for k in range(1, RECENT_MINUTES)],
+    *[f"down_occ_m{k}" for k in range(1, RECENT_MINUTES)],
 ]
 MINUTE_MS = 60_000
 HISTORY_MINUTES = 60  # the longest look-back above
@@ -146,10 +159,28 @@ def features(window_end_ms, segment_id, vehicles, speed, occupancy, graph):
     angle = 2.0 * math.pi * minute_of_day / 1440.0
     weekday = ((t_ms // 86_400_000) + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
     weekend = (weekday >= 5).astype(np.float64)
+
+    def at(values, k):  # minute t-k of each row's segment, NaN where missing
+        return np.where(c >= k, values[r, np.maximum(c - k, 0)], np.nan)
+
+    def neighbour_at(idx, values, k, own):  # minute t-k of a neighbour, else `own`
+        has = (idx[r] >= 0) & (c >= k)
+        vals = np.where(has, values[np.where(idx[r] >= 0, idx[r], 0), np.maximum(c - k, 0)], np.nan)
+        return np.where(np.isnan(vals), own, vals)
+
+    recent = range(1, RECENT_MINUTES)
+    own_speed = {k: fb(at(g.speed, k), free) for k in recent}
+    own_occ = {k: fb(at(g.occ, k), 0.0) for k in recent}
+    near = []
+    for idx in (g.up, g.down):
+        near += [neighbour_at(idx, g.speed, 0, speed_1m)]
+        near += [neighbour_at(idx, g.speed, k, own_speed[k]) for k in recent]
+        near += [neighbour_at(idx, g.occ, k, own_occ[k]) for k in recent]
     cols = [
         speed_1m, speed_5m, speed_15m, lag15, lag30, speed_60m, flow, occ_1m, occ_5m,
         up_speed, down_speed, up_occ, down_occ, occ_diff, occ_rdiff, drop, free,
         np.sin(angle), np.cos(angle), weekend,
+        *[own_speed[k] for k in recent], *[own_occ[k] for k in recent], *near,
     ]
     return np.stack(cols, axis=1).astype(np.float32), g
 

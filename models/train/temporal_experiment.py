@@ -1,22 +1,23 @@
-"""An experiment, not a deployed model: does the incident detector gain from seeing the last
-WINDOW minutes of its segment and of its neighbours, minute by minute, instead of the deployed
-features' 1-, 5- and 15-minute means and lags?
+"""The experiment that made the deployed incident detector temporal: does it gain from seeing the
+last WINDOW minutes of its segment and of its neighbours, minute by minute, beside the features'
+1-, 5- and 15-minute means and lags? (It now does, with 5 minutes: features.py's `*_m{k}`.)
 
-The temporal detector's input is the deployed detector's (train.py's `transform`, occupancies
-scaled by OCC_SCALE) plus, for each of the last WINDOW minutes (this one included), the segment's
+The temporal detector's input is the former detector's (train.py's `transform` of the
+congestion forecaster's columns, occupancies scaled by OCC_SCALE) plus, for each of the last WINDOW minutes (this one included), the segment's
 speed as a share of its free speed and its scaled occupancy, and the same of its upstream and
 downstream neighbours (a neighbour missing or silent that minute: the segment's own; a minute
 without a window: free speed, no occupancy), flattened into more inputs of the deployed recipe's
 64-32 network (no weights shared over time, as a temporal convolution's would be), trained as
 train.py trains the detector (`fit_detector`: the same epochs, class weights and SUMO repeat), its levels calibrated on its training rows as the deployed file's are, through
-the deployed alert rule. The deployed recipe is trained again beside it with the same seeds
+the deployed alert rule. The former recipe is trained again beside it with the same seeds
 (SEEDS; the shuffles' seed 1000 more, as the held-out-condition experiments' are), so that the
 two differ only in their input.
 
     cd models/train && ../../.venv/bin/python temporal_experiment.py [--window 15]   # after sumo_scenarios.py, about 5 minutes
 
 It prints each held-out set's detection rate, false alarms per corridor-hour and mean time to
-detect per seed and their medians, and writes them to data/temporal_experiment_<window>m.json.
+detect per seed and their medians, and those of the mean of the seeds' scores (one detector,
+calibrated as one; the deployed detector is such a mean), and writes them to data/temporal_experiment_<window>m.json.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def recipe(train, n_sim, inputs, seed, what):
     """the detector's recipe on `inputs(d)` (rows of a data set), seeded: its rule(d) and levels"""
     print(f"== {what}, seed {seed}", flush=True)
     visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
-    rule, levels = T.calibrated_rule(T.fit_detector(train, visit, inputs, seed, seed + 1000), train)
-    return rule, {**levels, "inputs": int(inputs({k: train[k][:1] for k in ("x", "xw")}).shape[1])}
+    score = T.fit_detector(train, visit, inputs, seed, seed + 1000)
+    rule, levels = T.calibrated_rule(score, train)
+    return rule, {**levels, "inputs": int(inputs({k: train[k][:1] for k in ("x", "xw")}).shape[1])}, score
 
 
 def main():
@@ -87,9 +89,15 @@ def main():
     tests = {"simulator": [sim_test], **tests}
     train = T.combine([sim_train, *sumo_train], ROW_KEYS)
     n_sim = len(sim_train["x"])
-    temporal_inputs = lambda d: np.concatenate([T.detector_view(d), d["xw"]], axis=1)  # noqa: E731
-    inputs = {"deployed recipe": T.detector_view, f"temporal ({WINDOW} minutes)": temporal_inputs}
+    former = lambda d: T.transform(d["x"], T.OCC_SCALE)  # noqa: E731
+    temporal_inputs = lambda d: np.concatenate([former(d), d["xw"]], axis=1)  # noqa: E731
+    inputs = {"former inputs": former, f"temporal ({WINDOW} minutes)": temporal_inputs}
     detectors = {(name, seed): recipe(train, n_sim, f, seed, name) for seed in SEEDS for name, f in inputs.items()}
+    # each recipe's seeds as one detector: the mean of their scores, its levels calibrated as one
+    for name in inputs:
+        scores = [detectors[(name, seed)][2] for seed in SEEDS]
+        rule, levels = T.calibrated_rule(lambda d, scores=scores: np.mean([s(d) for s in scores], axis=0), train)
+        detectors[(name, "mean of seeds")] = (rule, levels, None)
     results = {"window_min": WINDOW, "seeds": SEEDS,
                "detectors": {f"{n}, seed {s}": v[1] for (n, s), v in detectors.items()}, "held_out": {}}
     keys = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
@@ -97,15 +105,17 @@ def main():
     for family, runs in tests.items():
         d = T.combine(runs, ROW_KEYS)
         out = results["held_out"][family] = {}
-        for (name, seed), (rule, _) in detectors.items():
+        for (name, seed), (rule, *_) in detectors.items():
             out.setdefault(name, {})[seed] = T.detection_metrics(d, rule(d), T.RULE_JOIN)
         for name, by_seed in out.items():
             cells = []
             for k in keys:
-                v = [m[k] for m in by_seed.values()]
+                v = [m[k] for s, m in by_seed.items() if s in SEEDS]
                 ok = [x for x in v if x is not None]
                 cells.append(f"{' '.join(f'{x!s:>6}' for x in v)} (med {np.median(ok) if ok else None!s:>5.5})")
             print(f"{family:<12} {name:<22} " + "  ".join(f"{c:>28}" for c in cells), flush=True)
+            mean = by_seed["mean of seeds"]
+            print(f"{family:<12} {name + ', mean of seeds':<22} " + "  ".join(f"{mean[k]!s:>28}" for k in keys), flush=True)
     print(json.dumps(results["detectors"], indent=2))
     (T.HERE / "data" / f"temporal_experiment_{WINDOW}m.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 

@@ -100,8 +100,9 @@ impl FeaturesConfig {
 /// The output schema: segment, time, and the feature list column (names in its metadata).
 pub fn features_schema(input: &SchemaRef, segment: usize, time: usize, output: &str) -> SchemaRef {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let list = Field::new(output, DataType::FixedSizeList(item, FEATURES.len() as i32), false)
-        .with_metadata([("features".to_string(), serde_json::to_string(&FEATURES).expect("names serialize"))].into());
+    let list = Field::new(output, DataType::FixedSizeList(item, FEATURES.len() as i32), false).with_metadata(
+        [("features".to_string(), serde_json::to_string(&FEATURES[..]).expect("names serialize"))].into(),
+    );
     Arc::new(Schema::new(vec![
         input.field(segment).as_ref().clone().with_nullable(false),
         input.field(time).as_ref().clone().with_nullable(false),

@@ -7,7 +7,7 @@
 //! Rows wait until the watermark passes their minute, so every neighbour's row for that minute
 //! is there (the window stage emits a minute's rows before it forwards the watermark that
 //! closes it); then one feature row per (segment, minute) is emitted, as a
-//! `FixedSizeList<Float32, 20>` column whose values buffer is the row-major model input. A row
+//! `FixedSizeList<Float32, 46>` column whose values buffer is the row-major model input. A row
 //! for a (segment, minute) the stage has already emitted, or older than one, or for a segment
 //! missing from the road graph, goes to port `unmatched` instead.
 //!
@@ -23,7 +23,7 @@ pub use config::{FeaturesConfig, features_schema};
 pub use operator::FeatureBuilder;
 
 /// The features, in model-input order (see `models/train/features.py` for each definition).
-pub const FEATURES: [&str; 20] = [
+pub const FEATURES: [&str; 46] = [
     "speed_1m",
     "speed_5m",
     "speed_15m",
@@ -44,7 +44,36 @@ pub const FEATURES: [&str; 20] = [
     "tod_sin",
     "tod_cos",
     "weekend",
+    // the last minutes one by one (the incident detector's): RECENT_MINUTES - 1 before this one
+    "speed_m1",
+    "speed_m2",
+    "speed_m3",
+    "speed_m4",
+    "occ_m1",
+    "occ_m2",
+    "occ_m3",
+    "occ_m4",
+    "up_speed_1m",
+    "up_speed_m1",
+    "up_speed_m2",
+    "up_speed_m3",
+    "up_speed_m4",
+    "up_occ_m1",
+    "up_occ_m2",
+    "up_occ_m3",
+    "up_occ_m4",
+    "down_speed_1m",
+    "down_speed_m1",
+    "down_speed_m2",
+    "down_speed_m3",
+    "down_speed_m4",
+    "down_occ_m1",
+    "down_occ_m2",
+    "down_occ_m3",
+    "down_occ_m4",
 ];
+/// Minute t and the minutes before it that the `*_m{k}` features give one by one.
+pub const RECENT_MINUTES: i64 = 5;
 /// The longest look-back of any feature, minutes.
 pub const HISTORY_MINUTES: i64 = 60;
 const MINUTE_MS: i64 = 60_000;

@@ -14,7 +14,7 @@ use citystream_operators::common::as_f64;
 use citystream_operators::{Collector, Counter, Gauge, Operator, OperatorError, OutputSpec};
 
 use super::config::Cols;
-use super::{HISTORY_MINUTES, MINUTE_MS};
+use super::{HISTORY_MINUTES, MINUTE_MS, RECENT_MINUTES};
 use citystream_operators::road_graph::RoadGraph;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Minute {
@@ -154,6 +154,29 @@ impl FeatureBuilder {
             weekend,
         ];
         out.extend(values.iter().map(|&v| v as f32));
+        self.recent(s, t, own.speed, out);
+    }
+
+    /// The `*_m{k}` and neighbours' `*_1m` features of segment `s` at minute `t` (`speed_1m` its
+    /// own speed), in FEATURES order: minute t-k's value, the free speed and occupancy 0 for a
+    /// minute without a row, the segment's own for a neighbour missing or without a row.
+    fn recent(&self, s: usize, t: i64, speed_1m: f64, out: &mut Vec<f32>) {
+        let seg = &self.graph.segments[s];
+        let minute = |h: &VecDeque<Minute>, k: i64| at(h, t - k * MINUTE_MS).copied();
+        let own = |k: i64| minute(&self.history[s], k);
+        let own_speed = |k: i64| own(k).map_or(seg.free_speed_kmh, |m| m.speed);
+        let own_occ = |k: i64| own(k).map(|m| m.occ).filter(|v| !v.is_nan()).unwrap_or(0.0);
+        let recent = 1..RECENT_MINUTES;
+        out.extend(recent.clone().map(|k| own_speed(k) as f32));
+        out.extend(recent.clone().map(|k| own_occ(k) as f32));
+        for n in [seg.upstream, seg.downstream] {
+            let theirs = |k: i64, value: fn(&Minute) -> f64| {
+                n.and_then(|n| minute(&self.history[n], k)).map(|m| value(&m)).filter(|v| !v.is_nan())
+            };
+            out.push(theirs(0, |m| m.speed).unwrap_or(speed_1m) as f32);
+            out.extend(recent.clone().map(|k| theirs(k, |m| m.speed).unwrap_or_else(|| own_speed(k)) as f32));
+            out.extend(recent.clone().map(|k| theirs(k, |m| m.occ).unwrap_or_else(|| own_occ(k)) as f32));
+        }
     }
 
     pub(super) fn emit_through(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
@@ -503,6 +526,60 @@ mod tests {
         assert_eq!(b.num_rows(), 1);
         let v = b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().value(0);
         assert_eq!(v, 50.0, "a NaN speed reads as the free speed");
+    }
+
+    #[test]
+    fn the_last_minutes_one_by_one_fall_back_to_the_free_speed_and_the_segments_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join("g.csv");
+        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
+        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
+        let mut op = cfg
+            .build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() })
+            .unwrap();
+        let mut out = Collector::new(2);
+        // b has no row for minute 2; neither has one before minute 1
+        op.process_batch(
+            rows(&[
+                (1, "a", 9.0, Some(60.0), 0.3),
+                (1, "b", 9.0, Some(40.0), 0.2),
+                (2, "a", 9.0, Some(55.0), 0.4),
+                (3, "a", 9.0, Some(30.0), 0.5),
+                (3, "b", 9.0, Some(45.0), 0.1),
+            ]),
+            &mut out,
+        )
+        .unwrap();
+        op.on_end(&mut out).unwrap();
+        let b = arrow::compute::concat_batches(&out.port(0)[0].schema(), out.port(0)).unwrap();
+        let f =
+            b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+        let segs = b.column(0).as_string::<i32>();
+        let times = b.column(1).as_primitive::<TimestampMillisecondType>();
+        let row = |s: &str, m: i64| (0..b.num_rows()).find(|&i| segs.value(i) == s && times.value(i) == m * MINUTE_MS);
+        let w = FEATURES.len();
+        let at = |s: &str, m: i64, name: &str| {
+            let r = row(s, m).unwrap_or_else(|| panic!("a row for {s} at minute {m}"));
+            f[r * w + FEATURES.iter().position(|n| *n == name).unwrap()]
+        };
+        // a at minute 3: its own minutes 2 and 1, then no row (the free speed, occupancy 0)
+        let own: Vec<f32> = ["speed_m1", "speed_m2", "speed_m3", "speed_m4"].iter().map(|n| at("a", 3, n)).collect();
+        assert_eq!(own, [55.0, 60.0, 70.0, 70.0]);
+        let occ: Vec<f32> = ["occ_m1", "occ_m2", "occ_m3"].iter().map(|n| at("a", 3, n)).collect();
+        assert_eq!(occ, [0.4, 0.3, 0.0]);
+        // its downstream b: this minute, its own where b has no row (minute 2), b's at minute 1
+        assert_eq!(at("a", 3, "down_speed_1m"), 45.0);
+        assert_eq!(
+            (at("a", 3, "down_speed_m1"), at("a", 3, "down_speed_m2"), at("a", 3, "down_speed_m3")),
+            (55.0, 40.0, 70.0)
+        );
+        assert_eq!((at("a", 3, "down_occ_m1"), at("a", 3, "down_occ_m2"), at("a", 3, "down_occ_m3")), (0.4, 0.2, 0.0));
+        // no upstream: the segment's own
+        assert_eq!((at("a", 3, "up_speed_1m"), at("a", 3, "up_speed_m1")), (30.0, 55.0));
+        // b at minute 3: no row of its own at minute 2 (its free speed), its upstream a's
+        assert_eq!((at("b", 3, "speed_m1"), at("b", 3, "occ_m1")), (50.0, 0.0));
+        assert_eq!((at("b", 3, "up_speed_1m"), at("b", 3, "up_speed_m1"), at("b", 3, "up_occ_m1")), (30.0, 55.0, 0.4));
+        assert!(row("b", 2).is_none(), "no feature row for a minute without a window row");
     }
 
     #[test]
