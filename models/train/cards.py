@@ -94,7 +94,7 @@ these cards from scratch (seeded).
 
 FEATURES_MD = f"## Features (input `features`, float32 `[batch, {len(F.FEATURES)}]`, in this order)\n" + "\n".join(
     f"{i}. `{n}` ({FEATURE_DOC[n][0]}): {FEATURE_DOC[n][1]}" for i, n in enumerate(F.FEATURES)
-) + "\n\nDefinition: `models/train/features.py`; the `features` stage (`models/src/features.rs`) computes the same rows in the stream (tested against the Python code).\n"
+) + "\n\nDefinition: `models/train/features.py`; the `features` stage (`models/src/features/`) computes the same rows in the stream (tested against the Python code).\n"
 
 def data_md(m):
     """the Data section, with the incident detector's occupancy exponent from the metrics"""
@@ -255,9 +255,9 @@ def incident(m):
     out += ["", "### How much the seed decides", "",
             f"The detector again with the seeds {'; '.join(', '.join(map(str, s)) for s in spread['seeds'])} (the deployed file's "
             f"are {', '.join(map(str, spread['seeds'][0]))}; each detector the mean of {len(spread['seeds'][0])} networks), each "
-            "calibrated on the training data, through the deployed rule: lowest and highest over the detectors. One network "
-            "alone moved more with its seed (five seeds of the former 18-input network: `arterial50` 0.55-1.02 false alarms "
-            "per corridor-hour, `highway100` 0.07-0.47). A difference between two detectors smaller than this spread says "
+            "calibrated on the training data, through the deployed rule: lowest and highest over the detectors. One network's "
+            "false alarms moved more with its seed (five seeds of the former 18-input network: `arterial50` 0.55-1.02 "
+            "per corridor-hour, `highway100` 0.07-0.47), its times to detect less (`motorway130` 2.04-3.41 minutes). A difference between two detectors smaller than this spread says "
             "little; the detector's design (its hidden sizes, the occupancy exponent) was chosen on single seeds.", "",
             row(["held-out set", "detection rate", "false alarms / corridor-hour", "mean time to detect (min)"]),
             row(["---"] * 4)]

@@ -1,6 +1,6 @@
 """The feature rows of the congestion and incident models, from one-minute traffic windows.
 
-This is the reference definition: the Rust `features` stage (models/src/features.rs) must emit
+This is the reference definition: the Rust `features` stage (models/src/features/) must emit
 the same rows, and tests/tests/models.rs compares the two on the same input. Keep them in step;
 the order of FEATURES is the order of the model input.
 

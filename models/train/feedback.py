@@ -101,7 +101,7 @@ def joined(lake, alert_ids):
 def operator_labels(lake, road_graph=None):
     """Feature rows and labels from the operators' verdicts in `lake` (a pipeline's lake dir).
 
-    Returns {"x": float32 [n, 20], "label": float32 [n], "seg": [n], "t": int64 [n],
+    Returns {"x": float32 [n, len(F.FEATURES)], "label": float32 [n], "seg": [n], "t": int64 [n],
     "alerts": {"confirmed": k, "false_alarm": m}}; rows a later verdict also covers take it.
     """
     lake = pathlib.Path(lake)

@@ -97,9 +97,9 @@ def main():
     for name in inputs:
         scores = [detectors[(name, seed)][2] for seed in SEEDS]
         rule, levels = T.calibrated_rule(lambda d, scores=scores: np.mean([s(d) for s in scores], axis=0), train)
-        detectors[(name, "mean of seeds")] = (rule, levels, None)
+        detectors[(name, "mean of seeds")] = (rule, {**levels, "inputs": detectors[(name, SEEDS[0])][1]["inputs"]}, None)
     results = {"window_min": WINDOW, "seeds": SEEDS,
-               "detectors": {f"{n}, seed {s}": v[1] for (n, s), v in detectors.items()}, "held_out": {}}
+               "detectors": {f"{n}, {s if isinstance(s, str) else f'seed {s}'}": v[1] for (n, s), v in detectors.items()}, "held_out": {}}
     keys = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect_min")
     print(f"\n{'held-out set':<12} {'detector':<22} " + "  ".join(f"{k:>28}" for k in ("detection", "FA/corridor-hour", "MTTD min")))
     for family, runs in tests.items():

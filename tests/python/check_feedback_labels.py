@@ -107,7 +107,7 @@ def main(data):
     assert 10 <= len(rows) <= 8 * 15, len(rows)
     assert any(s == rejoiner and t >= t_quiet + 20 * MIN for s, t in rows), "a segment that joined again is labelled again"
     assert any(s == joiner for s, _ in rows) and any(s == joiner5 for s, _ in rows), "joined segments are labelled"
-    assert got["x"].shape == (len(rows), 20)
+    assert got["x"].shape == (len(rows), len(FB.F.FEATURES))
     # the confirmed rows lie within the injected incident (the operator was right)
     pos = [t for (s, t), y in rows.items() if y == 1.0]
     assert pos and all(inc["start"] < t <= inc["end"] + 60_000 for t in pos), (inc, pos[:3])
