@@ -486,15 +486,23 @@ mod tests {
         .unwrap()
     }
 
+    /// A features operator over the road `a` (70 km/h) -> `b` (50 km/h), its graph file in `dir`.
+    fn two_segments(dir: &std::path::Path) -> Box<dyn Operator> {
+        let g = dir.join("g.csv");
+        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
+        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
+        cfg.build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() }).unwrap()
+    }
+
+    /// The feature values of a batch of feature rows, row-major.
+    fn values(b: &RecordBatch) -> Vec<f32> {
+        b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()
+    }
+
     #[test]
     fn a_minute_is_emitted_once_with_its_neighbours_and_later_rows_for_it_are_unmatched() {
         let dir = tempfile::tempdir().unwrap();
-        let g = dir.path().join("g.csv");
-        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
-        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
-        let mut op = cfg
-            .build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() })
-            .unwrap();
+        let mut op = two_segments(dir.path());
         let mut out = Collector::new(2);
         // b had no vehicle (null speed) and a NaN one: both read as the free speed
         op.process_batch(
@@ -507,8 +515,7 @@ mod tests {
         op.on_watermark(MINUTE_MS, &mut out).unwrap();
         let b = &out.port(0)[0];
         assert_eq!(b.num_rows(), 2);
-        let f =
-            b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+        let f = values(b);
         let w = FEATURES.len();
         let at = |row: usize, name: &str| f[row * w + FEATURES.iter().position(|n| *n == name).unwrap()];
         assert_eq!((at(0, "speed_1m"), at(1, "speed_1m")), (60.0, 50.0));
@@ -531,12 +538,7 @@ mod tests {
     #[test]
     fn the_last_minutes_one_by_one_fall_back_to_the_free_speed_and_the_segments_own() {
         let dir = tempfile::tempdir().unwrap();
-        let g = dir.path().join("g.csv");
-        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
-        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
-        let mut op = cfg
-            .build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() })
-            .unwrap();
+        let mut op = two_segments(dir.path());
         let mut out = Collector::new(2);
         // b has no row for minute 2; neither has one before minute 1
         op.process_batch(
@@ -552,8 +554,7 @@ mod tests {
         .unwrap();
         op.on_end(&mut out).unwrap();
         let b = arrow::compute::concat_batches(&out.port(0)[0].schema(), out.port(0)).unwrap();
-        let f =
-            b.column(2).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+        let f = values(&b);
         let segs = b.column(0).as_string::<i32>();
         let times = b.column(1).as_primitive::<TimestampMillisecondType>();
         let row = |s: &str, m: i64| (0..b.num_rows()).find(|&i| segs.value(i) == s && times.value(i) == m * MINUTE_MS);
@@ -585,13 +586,7 @@ mod tests {
     #[test]
     fn a_restored_snapshot_gives_the_uninterrupted_output() {
         let dir = tempfile::tempdir().unwrap();
-        let g = dir.path().join("g.csv");
-        std::fs::write(&g, "segment_id,upstream,downstream,free_speed_kmh\na,,b,70\nb,a,,50\n").unwrap();
-        let cfg: FeaturesConfig = serde_saphyr::from_str(&format!("road_graph: {}\n", g.display())).unwrap();
-        let build = || {
-            cfg.build(&input(), &BuildContext { stage: "f".into(), metrics: Metrics::new(), ..Default::default() })
-                .unwrap()
-        };
+        let build = || two_segments(dir.path());
         // 40 minutes of both segments; the watermark trails by two minutes
         let minute =
             |m: i64| rows(&[(m, "a", 5.0 + m as f64, Some(60.0 - m as f64), 0.3), (m, "b", 3.0, Some(40.0), 0.1)]);
