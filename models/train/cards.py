@@ -36,13 +36,13 @@ FEATURE_DOC = {
     "tod_sin": ("-1..1", "sin(2 pi minute_of_day / 1440), UTC"),
     "tod_cos": ("-1..1", "cos(2 pi minute_of_day / 1440), UTC"),
     "weekend": ("0/1", "Saturday or Sunday (UTC)"),
-    **{f"speed_m{k}": ("km/h", f"speed of minute t-{k}; the free speed without a window row") for k in range(1, 5)},
-    **{f"occ_m{k}": ("0..1", f"occupancy of minute t-{k}; 0 without a window row") for k in range(1, 5)},
+    **{f"speed_m{k}": ("km/h", f"speed of minute t-{k}; the free speed without a window row") for k in range(1, F.RECENT_MINUTES)},
+    **{f"occ_m{k}": ("0..1", f"occupancy of minute t-{k}; 0 without a window row") for k in range(1, F.RECENT_MINUTES)},
     **{f"{side}_speed_1m": ("km/h", f"{side}stream segment's speed this minute, else own") for side in ("up", "down")},
     **{f"{side}_speed_m{k}": ("km/h", f"{side}stream segment's speed of minute t-{k}, else own speed_m{k}")
-       for side in ("up", "down") for k in range(1, 5)},
+       for side in ("up", "down") for k in range(1, F.RECENT_MINUTES)},
     **{f"{side}_occ_m{k}": ("0..1", f"{side}stream segment's occupancy of minute t-{k}, else own occ_m{k}")
-       for side in ("up", "down") for k in range(1, 5)},
+       for side in ("up", "down") for k in range(1, F.RECENT_MINUTES)},
 }
 
 DATA = """## Data

@@ -18,6 +18,11 @@ import train as T
 SHUFFLE_SEED = 7  # train.py's generator's seed
 
 
+def maes(pred, d, rows):
+    """MAE (km/h) at each horizon over `rows` of held-out data `d`"""
+    return [m["mae"] for m in T.regression_metrics(pred[rows], d["y"][rows]).values()]
+
+
 def main():
     data = T.HERE / "data"
     sim_train, test = T.load(data / "train"), T.load(data / "test")
@@ -26,31 +31,21 @@ def main():
     n_sim = len(sim_train["x"])
     visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
     tests = {"simulator": test, **{f: T.combine(runs) for f, runs in sumo_tests.items()}}
-    free_train = np.maximum(train["x"][:, [T.FREE_INDEX]].astype(np.float64), 1.0)
-    change = (train["y"] - train["x"][:, 1:2].astype(np.float64)) / free_train
-    ok = visit[~np.isnan(train["y"][visit]).any(axis=1)]
-    r_mu, r_sd = change[ok].mean(axis=0), change[ok].std(axis=0)
-    hist = {}
-    for src, d in tests.items():
-        if src == "simulator":
-            hist[src] = T.historical_average(sim_train, d)
-        else:
-            hist[src] = np.concatenate([T.historical_average(T.combine([o for o in roads[src] if o is not r]), r, by_weekend=False) for r in sumo_tests[src]])
+    change, ok, r_mu, r_sd = T.congestion_targets(train, visit)
+    hist = {src: T.held_out_history(src, d, sim_train, sumo_tests, roads) for src, d in tests.items()}
     for label, kept in (("former 18", T.KEPT_INDEX), ("with recent", T.INCIDENT_KEPT_INDEX)):
-        seen = T.transform(train["x"][visit], 0.0, kept)
-        mu, sd = seen.mean(axis=0), seen.std(axis=0); sd[sd < 1e-6] = 1.0
+        mu, sd = T.moments(T.transform(train["x"][visit], 0.0, kept))
         x_train = (T.transform(train["x"], 0.0, kept) - mu) / sd
         for sizes in ([len(kept), 16, 3], [len(kept), 64, 64, 3]):
             net = T.MLP(sizes, np.random.default_rng(11))
             T.fit(net, x_train[ok], (change[ok] - r_mu) / r_sd, T.huber, np.random.default_rng(SHUFFLE_SEED), epochs=10)
             for src, d in tests.items():
-                d_ok = ~np.isnan(d["y"]).any(axis=1)
+                d_ok, congested = T.scored_rows(d)
                 free = np.maximum(d["x"][:, [T.FREE_INDEX]].astype(np.float64), 1.0)
                 out = net.forward((T.transform(d["x"], 0.0, kept) - mu) / sd)[-1] * r_sd + r_mu
                 pred = np.maximum(d["x"][:, 1:2] + out * free, 0.0)
-                congested = d_ok & ((d["x"][:, 1:2] < 0.7 * d["x"][:, [T.FREE_INDEX]]) | (d["y"] < 0.7 * d["x"][:, [T.FREE_INDEX]])).any(axis=1)
-                m = lambda p, mask: [round(float(np.abs(p[mask][:, k] - d["y"][mask][:, k]).mean()), 3) for k in range(3)]
-                print(f"{label:12} {str(sizes):16} {src:12} all {m(pred, d_ok)} cong {m(pred, congested)} | HA cong {m(hist[src], congested)} pers cong {m(np.repeat(d['x'][:, 1:2], 3, axis=1), congested)}", flush=True)
+                print(f"{label:12} {str(sizes):16} {src:12} all {maes(pred, d, d_ok)} cong {maes(pred, d, congested)} | "
+                      f"HA cong {maes(hist[src], d, congested)} pers cong {maes(T.persistence(d), d, congested)}", flush=True)
 
 
 if __name__ == "__main__":

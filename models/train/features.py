@@ -25,6 +25,19 @@ import math
 import numpy as np
 
 RECENT_MINUTES = 5  # minute t and the 4 before it, one by one
+# the last minutes one by one (the incident detector's; temporal_experiment.py): `at(x, k)` is
+# minute t-k's value; a minute without a window row has the free speed and occupancy 0, and a
+# neighbour missing or without a row that minute has the segment's own value
+RECENT_FEATURES = [
+    *[f"speed_m{k}" for k in range(1, RECENT_MINUTES)],      # at(speed, k), else free_speed_kmh
+    *[f"occ_m{k}" for k in range(1, RECENT_MINUTES)],        # at(occ, k), else 0
+    "up_speed_1m",                                           # upstream at(speed, 0), else speed_1m
+    *[f"up_speed_m{k}" for k in range(1, RECENT_MINUTES)],   # upstream at(speed, k), else speed_m{k}
+    *[f"up_occ_m{k}" for k in range(1, RECENT_MINUTES)],     # upstream at(occ, k), else occ_m{k}
+    "down_speed_1m",                                         # downstream: the same
+    *[f"down_speed_m{k}" for k in range(1, RECENT_MINUTES)],
+    *[f"down_occ_m{k}" for k in range(1, RECENT_MINUTES)],
+]
 
 FEATURES = [
     "speed_1m",          # km/h, this minute
@@ -47,17 +60,7 @@ FEATURES = [
     "tod_sin",           # sin(2 pi minute_of_day / 1440), minute of window_end, UTC
     "tod_cos",           # cos(...)
     "weekend",           # 1 on Saturday and Sunday (UTC), else 0
-    # the last minutes one by one (the incident detector's; temporal_experiment.py): `at(x, k)` is
-    # minute t-k's value; a minute without a window row has the free speed and occupancy 0, and a
-    # neighbour missing or without a row that minute has the segment's own value
-    *[f"speed_m{k}" for k in range(1, RECENT_MINUTES)],      # at(speed, k), else free_speed_kmh
-    *[f"occ_m{k}" for k in range(1, RECENT_MINUTES)],        # at(occ, k), else 0
-    "up_speed_1m",                                           # upstream at(speed, 0), else speed_1m
-    *[f"up_speed_m{k}" for k in range(1, RECENT_MINUTES)],   # upstream at(speed, k), else speed_m{k}
-    *[f"up_occ_m{k}" for k in range(1, RECENT_MINUTES)],     # upstream at(occ, k), else occ_m{k}
-    "down_speed_1m",                                         # downstream: the same
-    *[f"down_speed_m{k}" for k in range(1, RECENT_MINUTES)],
-    *[f"down_occ_m{k}" for k in range(1, RECENT_MINUTES)],
+    *RECENT_FEATURES,
 ]
 MINUTE_MS = 60_000
 HISTORY_MINUTES = 60  # the longest look-back above
@@ -138,18 +141,18 @@ def features(window_end_ms, segment_id, vehicles, speed, occupancy, graph):
     occ_1m = g.occ[r, c]
     occ_5m = wm(g.occ, 0, 4)[r, c]
 
-    def neighbour(idx, grid_values, own):
-        out = own.copy()
-        has = idx[r] >= 0
-        vals = grid_values[np.where(has, idx[r], 0), c]
-        ok = has & ~np.isnan(vals)
-        out[ok] = vals[ok]
-        return out
+    def at(values, k):  # minute t-k of each row's segment, NaN where missing
+        return np.where(c >= k, values[r, np.maximum(c - k, 0)], np.nan)
 
-    up_speed = neighbour(g.up, speed_5m_all, speed_5m)
-    down_speed = neighbour(g.down, speed_5m_all, speed_5m)
-    up_occ = neighbour(g.up, g.occ, occ_1m)
-    down_occ = neighbour(g.down, g.occ, occ_1m)
+    def neighbour_at(idx, values, k, own):  # minute t-k of a neighbour, else `own`
+        has = (idx[r] >= 0) & (c >= k)
+        vals = np.where(has, values[np.where(idx[r] >= 0, idx[r], 0), np.maximum(c - k, 0)], np.nan)
+        return np.where(np.isnan(vals), own, vals)
+
+    up_speed = neighbour_at(g.up, speed_5m_all, 0, speed_5m)
+    down_speed = neighbour_at(g.down, speed_5m_all, 0, speed_5m)
+    up_occ = neighbour_at(g.up, g.occ, 0, occ_1m)
+    down_occ = neighbour_at(g.down, g.occ, 0, occ_1m)
     occ_diff = occ_1m - down_occ
     occ_rdiff = occ_diff / np.maximum(occ_1m, 0.01)
     drop = fb(wm(g.speed, 5, 9)[r, c], speed_5m) - speed_5m
@@ -159,15 +162,6 @@ def features(window_end_ms, segment_id, vehicles, speed, occupancy, graph):
     angle = 2.0 * math.pi * minute_of_day / 1440.0
     weekday = ((t_ms // 86_400_000) + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
     weekend = (weekday >= 5).astype(np.float64)
-
-    def at(values, k):  # minute t-k of each row's segment, NaN where missing
-        return np.where(c >= k, values[r, np.maximum(c - k, 0)], np.nan)
-
-    def neighbour_at(idx, values, k, own):  # minute t-k of a neighbour, else `own`
-        has = (idx[r] >= 0) & (c >= k)
-        vals = np.where(has, values[np.where(idx[r] >= 0, idx[r], 0), np.maximum(c - k, 0)], np.nan)
-        return np.where(np.isnan(vals), own, vals)
-
     recent = range(1, RECENT_MINUTES)
     own_speed = {k: fb(at(g.speed, k), free) for k in recent}
     own_occ = {k: fb(at(g.occ, k), 0.0) for k in recent}

@@ -69,12 +69,12 @@ RULE_JOIN = 2
 # freeway), and those the networks never see (vehicles per hour depends on the lane count, and
 # the free speed itself would let them learn a road rather than traffic)
 RELATIVE = ["speed_1m", "speed_5m", "speed_15m", "speed_lag15", "speed_lag30", "speed_60m", "up_speed_5m",
-            "down_speed_5m", "speed_drop_5m", *[f for f in F.FEATURES if "speed_m" in f or f.endswith("speed_1m")]]
+            "down_speed_5m", "speed_drop_5m", *[f for f in F.RECENT_FEATURES if "speed" in f]]
 DROPPED = ["flow_5m_vph", "free_speed_kmh"]
 # the incident detector also sees its occupancies scaled by (free speed / 100 km/h) ** OCC_SCALE:
 # a queue's occupancy is higher on a slow road (its critical density is), and without this the
 # detector took a 50 km/h arterial's ordinary occupancies for queues it had seen on faster roads
-OCCUPANCY = ["occ_1m", "occ_5m", "up_occ_1m", "down_occ_1m", "occ_diff_1m", *[f for f in F.FEATURES if "occ_m" in f]]
+OCCUPANCY = ["occ_1m", "occ_5m", "up_occ_1m", "down_occ_1m", "occ_diff_1m", *[f for f in F.RECENT_FEATURES if "occ" in f]]
 OCC_SCALE = 0.6
 # the incident detector's hidden layers (32-16 before the SUMO families grew to 12 scenarios:
 # 64-32 had fewer false alarms on every held-out family there, at the same detection rate)
@@ -108,9 +108,8 @@ IS_OCCUPANCY = np.array([f in OCCUPANCY for f in F.FEATURES])
 # the last minutes one by one (features.py's `*_m{k}` and the neighbours' `*_1m`): the incident
 # detector's alone (temporal_experiment.py: with the last 5 minutes it detected faster on five of
 # the six held-out sets, as many incidents or more on each)
-RECENT = F.FEATURES[F.FEATURES.index("weekend") + 1:]
-KEPT = [f for f in F.FEATURES if f not in DROPPED and f not in RECENT]  # the congestion forecaster's
-INCIDENT_KEPT = [*KEPT, *RECENT]
+KEPT = [f for f in F.FEATURES if f not in DROPPED and f not in F.RECENT_FEATURES]  # the congestion forecaster's
+INCIDENT_KEPT = [*KEPT, *F.RECENT_FEATURES]
 FREE_INDEX = F.FEATURES.index("free_speed_kmh")
 IS_RELATIVE = np.array([f in RELATIVE for f in F.FEATURES])
 KEPT_INDEX = [F.FEATURES.index(f) for f in KEPT]
@@ -598,6 +597,39 @@ def regression_metrics(pred, y):
     return out
 
 
+def congestion_targets(train, visit):
+    """The forecasters' targets: each row's change of speed from speed_5m at the horizons as a
+    share of its free speed (NaN where it has no target), the rows `visit` that have every
+    target, and the changes' mean and standard deviation over those; (change, rows, mean, sd)."""
+    free = np.maximum(train["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
+    change = (train["y"] - train["x"][:, 1:2].astype(np.float64)) / free
+    ok = visit[~np.isnan(train["y"][visit]).any(axis=1)]
+    return change, ok, change[ok].mean(axis=0), change[ok].std(axis=0)
+
+
+def scored_rows(d):
+    """The rows of a held-out set the forecasters are scored on (every horizon has a target) and
+    those of them congested: the segment below 70% of its free speed now or at a horizon."""
+    ok = ~np.isnan(d["y"]).any(axis=1)
+    free = d["x"][:, [FREE_INDEX]]
+    return ok, ok & ((d["x"][:, 1:2] < 0.7 * free) | (d["y"] < 0.7 * free)).any(axis=1)
+
+
+def persistence(d):
+    """the persistence baseline: speed_5m now at every horizon"""
+    return np.repeat(d["x"][:, 1:2], len(HORIZONS), axis=1)
+
+
+def held_out_history(src, d, sim_train, sumo_tests, roads):
+    """The historical-average baseline of held-out set `src` (data `d`): the simulator's training
+    days for the simulator; for a SUMO family, each held-out scenario's road's other scenarios
+    (SUMO's demand does not depend on the weekday)."""
+    if src == "simulator":
+        return historical_average(sim_train, d)
+    return np.concatenate([historical_average(combine([o for o in roads[src] if o is not r]), r, by_weekend=False)
+                           for r in sumo_tests[src]])
+
+
 def historical_average(train, test, by_weekend=True):
     """mean target per segment, weekend flag (if `by_weekend`) and 15-minute slot of the target
     time, from the history in `train`"""
@@ -795,18 +827,18 @@ def incident_view(x):
     return transform(x, OCC_SCALE, INCIDENT_KEPT_INDEX)
 
 
-def standardized(seen):
-    """Rows standardized over themselves (a deviation below 1e-6 taken as 1); (inputs, mean,
-    standard deviation)."""
+def moments(seen):
+    """The mean and standard deviation of rows' columns that standardize them (a deviation below
+    1e-6 taken as 1)."""
     mu, sd = seen.mean(axis=0), seen.std(axis=0)
     sd[sd < 1e-6] = 1.0
+    return mu, sd
+
+
+def standardized(seen):
+    """Rows standardized over themselves (`moments`); (inputs, mean, standard deviation)."""
+    mu, sd = moments(seen)
     return (seen - mu) / sd, mu, sd
-
-
-def incident_inputs(x):
-    """The incident detector's view of feature rows `x`, standardized over these rows; (inputs,
-    mean, standard deviation)."""
-    return standardized(incident_view(x))
 
 
 def probability(nets, mu, sd, d, inputs=detector_view):
@@ -970,21 +1002,15 @@ def main():
     print(f"   SUMO training rows repeated {repeat}x: {n_sumo * repeat} of {len(visit)}", flush=True)
     onnx_dir = MODELS / "onnx"
     onnx_dir.mkdir(exist_ok=True)
-    seen = transform(train["x"][visit])
-    mu, sd = seen.mean(axis=0), seen.std(axis=0)
-    sd[sd < 1e-6] = 1.0
-    del seen
+    mu, sd = moments(transform(train["x"][visit]))
     xs = lambda d: (transform(d["x"]) - mu) / sd  # noqa: E731
     results = {"trained_on": {"simulator": "21 days (seed 1)", "sumo_families": trained_on,
                               "sumo_scenarios": len(sumo_train), "sumo_repeat": repeat}}
 
     # ---- congestion
-    free_train = np.maximum(train["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
-    change = (train["y"] - train["x"][:, 1:2].astype(np.float64)) / free_train  # NaN where no target
-    ok = visit[~np.isnan(train["y"][visit]).any(axis=1)]
-    r_mu, r_sd = change[ok].mean(axis=0), change[ok].std(axis=0)
+    change, ok, r_mu, r_sd = congestion_targets(train, visit)
     variants = {"congestion_fp32": [len(KEPT), 64, 64, 3], "congestion_small": [len(KEPT), 16, 3]}
-    test_ok = ~np.isnan(test["y"]).any(axis=1)
+    test_ok, _ = scored_rows(test)
     x_train = xs(train)
     for name, sizes in variants.items():
         print(f"== {name} {sizes}", flush=True)
@@ -998,18 +1024,9 @@ def main():
     results["congestion"] = {"inputs": len(KEPT), "held_out": {}, "models": {}}
     names = ("congestion_fp32", "congestion_int8", "congestion_small")
     for src, d in tests.items():
-        d_ok = ~np.isnan(d["y"]).any(axis=1)
-        if src == "simulator":
-            hist = historical_average(sim_train, d)
-        else:
-            # the road's history: its other scenarios (SUMO's demand does not depend on the weekday)
-            hist = np.concatenate([historical_average(combine([o for o in roads[src] if o is not r]), r, by_weekend=False)
-                                   for r in sumo_tests[src]])
-        persistence = np.repeat(d["x"][:, 1:2], len(HORIZONS), axis=1)
-        # congested: the segment is below 70% of its free speed now or at the horizon
-        free = d["x"][:, [FREE_INDEX]]
-        congested = d_ok & ((d["x"][:, 1:2] < 0.7 * free) | (d["y"] < 0.7 * free)).any(axis=1)
-        preds = {"baseline: persistence": persistence, "baseline: historical average": hist,
+        d_ok, congested = scored_rows(d)
+        preds = {"baseline: persistence": persistence(d),
+                 "baseline: historical average": held_out_history(src, d, sim_train, sumo_tests, roads),
                  **{n: run(session(onnx_dir / f"{n}.onnx"), d["x"]) for n in names}}
         results["congestion"]["held_out"][src] = {
             "rows": int(d_ok.sum()), "days": round(d["days"], 2), "congested_share": round(float(congested.sum() / d_ok.sum()), 4),
@@ -1025,7 +1042,7 @@ def main():
     print("== incident detector", flush=True)
     label, weights, pos = incident_targets(train, visit)
     del x_train
-    x_inc, mu_i, sd_i = incident_inputs(train["x"][visit])
+    x_inc, mu_i, sd_i = standardized(incident_view(train["x"][visit]))
     # operators' verdicts from running pipelines: confirmed incidents and rejected alarms
     fed = [FB.operator_labels(p) for p in args.feedback_lake]
     fed = [f for f in fed if len(f["label"])]

@@ -117,9 +117,7 @@ impl FeatureBuilder {
         let occ_5m = window_mean(h, t, 0, 4, |m| m.occ).unwrap_or(f64::NAN);
         let neighbour_speed =
             |n: Option<usize>| n.and_then(|n| window_mean(&self.history[n], t, 0, 4, speed)).unwrap_or(speed_5m);
-        let neighbour_occ = |n: Option<usize>| {
-            n.and_then(|n| at(&self.history[n], t)).map(|m| m.occ).filter(|v| !v.is_nan()).unwrap_or(own.occ)
-        };
+        let neighbour_occ = |n: Option<usize>| self.neighbour_at(n, t, |m| m.occ).unwrap_or(own.occ);
         let up_speed = neighbour_speed(seg.upstream);
         let down_speed = neighbour_speed(seg.downstream);
         let up_occ = neighbour_occ(seg.upstream);
@@ -162,21 +160,24 @@ impl FeatureBuilder {
     /// minute without a row, the segment's own for a neighbour missing or without a row.
     fn recent(&self, s: usize, t: i64, speed_1m: f64, out: &mut Vec<f32>) {
         let seg = &self.graph.segments[s];
-        let minute = |h: &VecDeque<Minute>, k: i64| at(h, t - k * MINUTE_MS).copied();
-        let own = |k: i64| minute(&self.history[s], k);
+        let own = |k: i64| at(&self.history[s], t - k * MINUTE_MS).copied();
         let own_speed = |k: i64| own(k).map_or(seg.free_speed_kmh, |m| m.speed);
         let own_occ = |k: i64| own(k).map(|m| m.occ).filter(|v| !v.is_nan()).unwrap_or(0.0);
         let recent = 1..RECENT_MINUTES;
         out.extend(recent.clone().map(|k| own_speed(k) as f32));
         out.extend(recent.clone().map(|k| own_occ(k) as f32));
         for n in [seg.upstream, seg.downstream] {
-            let theirs = |k: i64, value: fn(&Minute) -> f64| {
-                n.and_then(|n| minute(&self.history[n], k)).map(|m| value(&m)).filter(|v| !v.is_nan())
-            };
+            let theirs = |k: i64, value: fn(&Minute) -> f64| self.neighbour_at(n, t - k * MINUTE_MS, value);
             out.push(theirs(0, |m| m.speed).unwrap_or(speed_1m) as f32);
             out.extend(recent.clone().map(|k| theirs(k, |m| m.speed).unwrap_or_else(|| own_speed(k)) as f32));
             out.extend(recent.clone().map(|k| theirs(k, |m| m.occ).unwrap_or_else(|| own_occ(k)) as f32));
         }
+    }
+
+    /// Minute `t`'s value of neighbour `n` (`value` of its row), where it has a row for `t` and
+    /// the value is not NaN.
+    fn neighbour_at(&self, n: Option<usize>, t: i64, value: impl Fn(&Minute) -> f64) -> Option<f64> {
+        n.and_then(|n| at(&self.history[n], t)).map(value).filter(|v| !v.is_nan())
     }
 
     pub(super) fn emit_through(&mut self, watermark: i64, out: &mut Collector) -> Result<(), OperatorError> {
