@@ -259,6 +259,11 @@ struct KeySet {
 
 const BUCKET_MS: i64 = 60_000;
 
+/// An eviction that removes at least this share of the keys (1 / n) sweeps the table once
+/// instead of looking each key up: a sweep reads the slots in memory order, a lookup per key
+/// misses the cache. With a 10-minute horizon each minute's eviction removes about a tenth.
+const SWEEP_SHARE: usize = 16;
+
 impl KeySet {
     /// Inserts `key` unless present; true if it was new.
     fn insert(&mut self, key: u128, ts: i64) -> bool {
@@ -266,23 +271,37 @@ impl KeySet {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(ts);
-                self.buckets.entry(ts.div_euclid(BUCKET_MS)).or_default().push(key);
+                self.remember(key, ts);
                 true
             }
         }
     }
 
-    fn contains(&self, key: u128) -> bool {
-        self.map.contains_key(&key)
+    /// Lists `key` in the eviction bucket of `ts` (most keys go to the newest bucket: looked at
+    /// first, without a search).
+    fn remember(&mut self, key: u128, ts: i64) {
+        let bucket = ts.div_euclid(BUCKET_MS);
+        match self.buckets.last_entry() {
+            Some(mut last) if *last.key() == bucket => last.get_mut().push(key),
+            _ => self.buckets.entry(bucket).or_default().push(key),
+        }
     }
 
     /// Forgets keys whose event time is before `cutoff` (whole buckets only, so a key is kept
     /// up to one bucket longer than needed — never shorter).
     fn evict_before(&mut self, cutoff: i64) {
         let keep_from = cutoff.div_euclid(BUCKET_MS);
-        let old: Vec<i64> = self.buckets.range(..keep_from).map(|(b, _)| *b).collect();
-        for b in old {
-            for k in self.buckets.remove(&b).expect("listed") {
+        let kept = self.buckets.split_off(&keep_from);
+        let old = std::mem::replace(&mut self.buckets, kept);
+        let evicted: usize = old.values().map(Vec::len).sum();
+        if evicted == 0 {
+            return;
+        }
+        if evicted * SWEEP_SHARE >= self.map.len() {
+            // the same keys: those listed in the buckets before `keep_from`
+            self.map.retain(|_, ts| ts.div_euclid(BUCKET_MS) >= keep_from);
+        } else {
+            for k in old.into_values().flatten() {
                 self.map.remove(&k);
             }
         }
@@ -375,24 +394,17 @@ impl Operator for Dedup {
                 None => self.hasher.hash(a.value(i).as_bytes()),
             });
             let content = rows.as_ref().map(|r| self.hasher.hash(r.row(i).as_ref()));
-            if id.is_some_and(|k| self.seen[0].contains(k)) {
+            // one lookup per key: inserting answers whether it was there. A row whose id is
+            // new but whose content was seen leaves its id remembered too, so that the
+            // gateway's own exact re-sends are caught
+            if id.is_some_and(|k| !self.seen[0].insert(k, t)) {
                 removed[0] += 1;
                 keep.push(false);
-            } else if content.is_some_and(|k| self.seen[1].contains(k)) {
+            } else if content.is_some_and(|k| !self.seen[1].insert(k, t)) {
                 removed[1] += 1;
                 keep.push(false);
-                // remember the gateway's id too, so its own exact re-sends are caught
-                if let Some(k) = id {
-                    self.seen[0].insert(k, t);
-                }
             } else {
                 keep.push(true);
-                if let Some(k) = id {
-                    self.seen[0].insert(k, t);
-                }
-                if let Some(k) = content {
-                    self.seen[1].insert(k, t);
-                }
             }
         }
         self.removed[0].inc_by(removed[0]);
@@ -495,5 +507,43 @@ impl Operator for Dedup {
             self.seen[usize::from(mode.value(i).min(1))].insert(k, ts.value(i));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Eviction keeps exactly the keys whose bucket is not before the cutoff's, whether it
+    /// removes them one by one (a small share) or sweeps the table (a large one).
+    #[test]
+    fn eviction_by_lookup_and_by_sweep_keep_the_same_keys() {
+        let mut set = KeySet::default();
+        let mut model: HashMap<u128, i64> = HashMap::new();
+        let mut x = 11u64;
+        // 100 minutes of keys, in arrival order slightly shuffled across minutes
+        for i in 0..20_000i64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let ts = (i * 300 + (x >> 40) as i64 % 90_000 - 45_000).max(0);
+            let key = u128::from(x) << 7 | (i as u128 & 0x7f);
+            assert_eq!(set.insert(key, ts), model.insert(key, ts).is_none());
+        }
+        // a key inserted twice keeps its first time
+        let (&k, &t) = model.iter().next().unwrap();
+        assert!(!set.insert(k, t + 1));
+        // one minute at a time (about 1% of the keys: looked up), then half at once (swept)
+        for cutoff in [60_000, 120_000, 130_000, 3_000_000, 3_000_000, 6_100_000] {
+            set.evict_before(cutoff);
+            model.retain(|_, ts| ts.div_euclid(BUCKET_MS) >= cutoff.div_euclid(BUCKET_MS));
+            let mut got: Vec<(u128, i64)> = set.map.iter().map(|(k, t)| (*k, *t)).collect();
+            let mut want: Vec<(u128, i64)> = model.iter().map(|(k, t)| (*k, *t)).collect();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "after evicting before {cutoff}");
+            let listed: usize = set.buckets.values().map(Vec::len).sum();
+            assert_eq!(listed, set.map.len(), "every key kept is listed in one bucket");
+            assert!(set.buckets.keys().all(|b| *b >= cutoff.div_euclid(BUCKET_MS)));
+        }
+        assert!(set.map.is_empty());
     }
 }

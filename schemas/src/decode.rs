@@ -6,7 +6,7 @@ use arrow::array::{
     ArrayRef, AsArray, BinaryArray, Int32Array, Int32Builder, Int64Array, Int64Builder, RecordBatch, StringArray,
     StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
-use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
+use arrow::datatypes::{ArrowNativeType, Int32Type, Int64Type, TimestampMillisecondType};
 use serde::Deserialize;
 
 use crate::dead_letter::{DeadLetterBuilder, Position};
@@ -224,9 +224,10 @@ fn field_before(payload: &[u8], line: usize, column: usize) -> Option<String> {
         .then(|| name.to_owned())
 }
 
-/// Parses one payload. Only a JSON object is an event: serde would otherwise also accept an
-/// array, filling the fields by position.
-fn parse<C: Contract>(kind: EventKind, payload: &[u8]) -> Result<C::Wire<'_>, Reason> {
+/// Parses one payload (`text`: the same bytes as a `str`, where the caller already knows them
+/// to be UTF-8). Only a JSON object is an event: serde would otherwise also accept an array,
+/// filling the fields by position.
+fn parse<'a, C: Contract>(kind: EventKind, payload: &'a [u8], text: Option<&'a str>) -> Result<C::Wire<'a>, Reason> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
@@ -239,7 +240,7 @@ fn parse<C: Contract>(kind: EventKind, payload: &[u8]) -> Result<C::Wire<'_>, Re
     }
     // UTF-8 checked once for the whole payload, not string by string (serde_json's `from_str`
     // skips its own check); a payload that is not UTF-8 gets `from_slice`'s error
-    match std::str::from_utf8(payload) {
+    match text.map_or_else(|| std::str::from_utf8(payload), Ok) {
         Ok(text) => match C::scan(text) {
             Some(wire) => return Ok(wire),
             None => serde_json::from_str::<C::Wire<'_>>(text),
@@ -345,10 +346,15 @@ impl Decoder {
         };
         let mut dead = DeadLetterBuilder::new(self.options.dead_letter_payload_max_bytes);
         let mut privacy = self.options.privacy.clone();
+        // the payloads' bytes checked for UTF-8 in one call rather than one per payload; a
+        // payload whose ends fall on character boundaries of valid text is valid text
+        let (offsets, whole) =
+            (cols.payload.value_offsets(), std::str::from_utf8(cols.payload.values().as_slice()).ok());
         for i in 0..n {
             let payload = cols.payload.value(i);
+            let text = whole.and_then(|w| w.get(offsets[i].as_usize()..offsets[i + 1].as_usize()));
             let received_at = cols.received_at.value(i);
-            let outcome = match parse::<C>(self.kind, payload) {
+            let outcome = match parse::<C>(self.kind, payload, text) {
                 Err(reason) => Err(reason),
                 Ok(w) => {
                     let c = C::common(&w);

@@ -117,6 +117,29 @@ fn malformed_json_is_bad_json() {
 }
 
 #[test]
+fn a_payload_cut_inside_a_character_is_not_text_even_when_the_batch_is() {
+    // "é" (C3 A9) split between two payloads: the batch's bytes together are valid UTF-8,
+    // neither payload is; the valid payloads beside them, one with an "é" of its own, decode
+    let plain = traffic(r#"{"segment_id": "rue-é"}"#);
+    let split = traffic(r#"{"sensor_id": "S1é"}"#).into_bytes();
+    let at = split.iter().position(|&c| c == 0xc3).unwrap() + 1;
+    let mut b = RawBatchBuilder::with_capacity(4, 1024);
+    b.append("test", 2, 100, NOW, plain.as_bytes());
+    b.append("test", 2, 101, NOW, &split[..at]);
+    b.append("test", 2, 102, NOW, &split[at..]);
+    b.append("test", 2, 103, NOW, traffic("{}").as_bytes());
+    let batch = b.finish();
+    let values = batch.column(4).as_binary::<i32>().values().to_vec();
+    assert!(std::str::from_utf8(&values).is_ok(), "the batch's bytes are text");
+    let d = Decoder::new(EventKind::Traffic, DecodeOptions::default()).decode(&batch).unwrap();
+    assert_eq!(d.valid.num_rows(), 2);
+    let segments = d.valid.column_by_name("segment_id").unwrap().as_string::<i32>();
+    assert_eq!(segments.value(0), "rue-é");
+    let codes = d.dead_letters.column_by_name(dead_letter::REASON_CODE).unwrap().as_string::<i32>();
+    assert_eq!(codes.iter().flatten().collect::<Vec<_>>(), ["bad_json", "bad_json"]);
+}
+
+#[test]
 fn non_object_payload_is_wrong_type() {
     let (code, reason) = reject(EventKind::Camera, "[1, 2]");
     assert_eq!(code, "wrong_type");

@@ -31,11 +31,12 @@ pub(super) struct Held {
 }
 
 impl Held {
-    pub(super) fn new(port: usize) -> Self {
+    /// Nothing held yet, with room for `rows` messages of `bytes` in all.
+    pub(super) fn new(port: usize, rows: usize, bytes: usize) -> Self {
         Held {
             port,
             full: Vec::new(),
-            builder: RawBatchBuilder::with_capacity(0, 0),
+            builder: RawBatchBuilder::with_capacity(rows, bytes),
             bytes: 0,
             messages: 0,
             next: 0,
@@ -79,7 +80,7 @@ mod tests {
 
     #[test]
     fn held_messages_come_back_in_order_in_batches_of_at_most_batch_rows() {
-        let mut h = Held::new(2);
+        let mut h = Held::new(2, 2, 4);
         for o in 100..107 {
             h.push("t", 1, o, 5, b"abc", 3);
         }
@@ -93,6 +94,6 @@ mod tests {
 
     #[test]
     fn nothing_held_gives_no_batch() {
-        assert!(Held::new(0).into_batches().is_empty());
+        assert!(Held::new(0, 8, 64).into_batches().is_empty());
     }
 }

@@ -55,7 +55,7 @@ use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, Sour
 use commit::{checkpoint, commit};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
 use held::Held;
-use queue::{FetchQueue, Taken};
+use queue::{FetchQueue, Taken, TopicNames};
 
 /// A topic partition.
 type Tp = (String, i32);
@@ -114,6 +114,10 @@ struct Loop {
     stop: watch::Receiver<bool>,
     events: Vec<citystream_operators::Counter>,
     bytes: Vec<citystream_operators::Counter>,
+    /// Messages and payload bytes read per port, not yet added to `events` and `bytes`: two
+    /// atomic adds per message were over half of [`Loop::accept`]'s time on a backlog, so they
+    /// are added per batch of messages taken (see [`Loop::count`]).
+    tally: std::cell::RefCell<Tally>,
     paused: Gauge,
     /// Messages read from paused partitions and held.
     held: citystream_operators::Counter,
@@ -121,6 +125,23 @@ struct Loop {
     fetch_pauses: citystream_operators::Counter,
     /// Payload bytes held now.
     held_bytes: Gauge,
+}
+
+/// What the loop read since it last added to its counters.
+struct Tally {
+    /// Messages and payload bytes appended, per port.
+    read: Vec<(u64, u64)>,
+    /// Messages held (their partition paused).
+    held: u64,
+}
+
+/// Counts the loop's tally when dropped.
+struct CountOnDrop<'a>(&'a Loop);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.count();
+    }
 }
 
 impl Source for KafkaSourceConfig {
@@ -227,6 +248,7 @@ async fn run_kafka_source(
             .iter()
             .map(|k| counter("citystream_source_bytes_total", "Payload bytes read by a source.", k))
             .collect(),
+        tally: std::cell::RefCell::new(Tally { read: vec![(0, 0); EventKind::ALL.len()], held: 0 }),
         paused: metrics.gauge(
             "citystream_kafka_partitions_paused",
             "Partitions paused by watermark alignment (running ahead in event time).",
@@ -363,6 +385,8 @@ impl Loop {
     }
 
     fn consume(&self) -> Result<u64, PipelineError> {
+        // what was read is counted however the loop ends (an error included)
+        let _counted = CountOnDrop(self);
         if let Some(partition) = self.cfg.task {
             let topics: Vec<String> = lock(&self.shared).ports.keys().cloned().collect();
             let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -474,6 +498,7 @@ impl Loop {
             unchecked += taken.len() as u32;
             last_message = now;
             let mut i = 0;
+            let mut names = TopicNames::default();
             while i < taken.len() {
                 let mut step = None;
                 {
@@ -492,7 +517,7 @@ impl Loop {
                             }
                             continue;
                         }
-                        let Some(topic) = m.topic() else { continue };
+                        let Some(topic) = names.of(&m) else { continue };
                         let read = Read {
                             topic,
                             partition: m.partition(),
@@ -509,6 +534,7 @@ impl Loop {
                     unchecked = CHECK_EVERY;
                 }
             }
+            self.count();
         }
         // final checkpoint: hand on the rest, wait until it is durable, commit, then end
         let Some((epoch, positions)) = checkpoint(&self.shared) else { return Err(PipelineError::Disconnected) };
@@ -640,7 +666,20 @@ impl Loop {
             }
             self.accept(&mut s, &read, key, wall, *last_message, total)
         };
+        self.count();
         self.step(step, key, total)
+    }
+
+    /// Adds the messages and bytes tallied since the last call to the source's counters.
+    fn count(&self) {
+        let mut tally = self.tally.borrow_mut();
+        for (port, (messages, bytes)) in tally.read.iter_mut().enumerate() {
+            if *messages > 0 {
+                self.events[port].inc_by(std::mem::take(messages));
+                self.bytes[port].inc_by(std::mem::take(bytes));
+            }
+        }
+        self.held.inc_by(std::mem::take(&mut tally.held));
     }
 
     /// Appends message `m` to its port's batch, or holds it if its partition is paused; a
@@ -666,9 +705,12 @@ impl Loop {
                 t.map_or(*wall, |t| t.min(*wall))
             }
         };
-        key.0.clear();
-        key.0.push_str(m.topic);
-        key.1 = m.partition;
+        // most messages are of the same partition as the one before
+        if key.1 != m.partition || key.0 != m.topic {
+            key.0.clear();
+            key.0.push_str(m.topic);
+            key.1 = m.partition;
+        }
         let Some(p) = s.parts.get_mut(key) else {
             // every assigned partition is in `parts` before it is fetched: this one was
             // revoked, and its next owner reads it from the commit
@@ -687,8 +729,9 @@ impl Loop {
         p.read = true;
         p.active_at = at;
         s.builders[port].append(m.topic, m.partition, m.offset, arrived, m.payload);
-        self.events[port].inc();
-        self.bytes[port].inc_by(m.payload.len() as u64);
+        let mut tally = self.tally.borrow_mut();
+        tally.read[port].0 += 1;
+        tally.read[port].1 += m.payload.len() as u64;
         *total += 1;
         (s.builders[port].len() >= self.cfg.batch_rows.get())
             .then(|| Step::Full(port, s.builders[port].finish(), s.outputs.clone()))
@@ -723,12 +766,15 @@ impl Loop {
     fn hold(&self, s: &mut Shared, key: &Tp, port: usize, m: &Read<'_>, arrived: i64) -> Option<Step> {
         let payload = m.payload;
         if !s.held.contains_key(key) {
-            s.held.insert(key.clone(), Held::new(port));
+            // room for a batch, as the port's own builder starts with (grown from nothing,
+            // each pause's first batch was copied a dozen times)
+            let rows = self.cfg.batch_rows.get();
+            s.held.insert(key.clone(), Held::new(port, rows, (rows * 256).min(self.cfg.max_held_bytes)));
         }
         let h = s.held.get_mut(key)?;
         h.push(&key.0, key.1, m.offset, arrived, payload, self.cfg.batch_rows.get());
         s.held_bytes += payload.len();
-        self.held.inc();
+        self.tally.borrow_mut().held += 1;
         (s.held_bytes > self.cfg.max_held_bytes && !h.fetch_paused).then(|| {
             h.fetch_paused = true;
             Step::FetchPause
@@ -827,7 +873,7 @@ impl Loop {
             let Some(p) = s.parts.get_mut(tp) else { continue };
             p.paused = true;
             if self.cfg.max_held_bytes == 0 {
-                let mut h = Held::new(s.ports.get(&tp.0).copied().unwrap_or_default());
+                let mut h = Held::new(s.ports.get(&tp.0).copied().unwrap_or_default(), 0, 0);
                 h.fetch_paused = true;
                 s.held.insert(tp.clone(), h);
                 fetch_pause.add_partition(&tp.0, tp.1);

@@ -124,6 +124,28 @@ impl Drop for Taken {
 /// One message of a [`Taken`] batch.
 pub(super) struct Taken1<'a>(&'a rd::rd_kafka_message_t);
 
+/// The topic names of messages taken together, each read from librdkafka (a C string checked
+/// for UTF-8) once per run of messages of the same topic instead of once per message.
+#[derive(Default)]
+pub(super) struct TopicNames<'a> {
+    last: Option<(*mut rd::rd_kafka_topic_t, &'a str)>,
+}
+
+impl<'a> TopicNames<'a> {
+    /// The topic of `m` (`None` where it has none or a name that is not UTF-8).
+    pub(super) fn of(&mut self, m: &Taken1<'a>) -> Option<&'a str> {
+        match self.last {
+            // every message taken holds its topic handle: while they live, one handle is one topic
+            Some((handle, name)) if handle == m.topic_handle() => Some(name),
+            _ => {
+                let name = m.topic()?;
+                self.last = Some((m.topic_handle(), name));
+                Some(name)
+            }
+        }
+    }
+}
+
 impl<'a> Taken1<'a> {
     /// The error librdkafka reports in place of a message, if any.
     pub(super) fn error(&self) -> Option<rdkafka::error::RDKafkaErrorCode> {
@@ -137,6 +159,11 @@ impl<'a> Taken1<'a> {
         }
         // SAFETY: the topic handle outlives its messages; librdkafka's name is NUL-terminated
         unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_topic_name(self.0.rkt)) }.to_str().ok()
+    }
+
+    /// The message's topic handle (one per topic, alive while a message refers to it).
+    fn topic_handle(&self) -> *mut rd::rd_kafka_topic_t {
+        self.0.rkt
     }
 
     pub(super) fn partition(&self) -> i32 {
