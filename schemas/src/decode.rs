@@ -346,13 +346,15 @@ impl Decoder {
         };
         let mut dead = DeadLetterBuilder::new(self.options.dead_letter_payload_max_bytes);
         let mut privacy = self.options.privacy.clone();
-        // the payloads' bytes checked for UTF-8 in one call rather than one per payload; a
-        // payload whose ends fall on character boundaries of valid text is valid text
-        let (offsets, whole) =
-            (cols.payload.value_offsets(), std::str::from_utf8(cols.payload.values().as_slice()).ok());
+        // the payloads' bytes (this batch's: an array sliced from a larger one has others
+        // around them) checked for UTF-8 in one call rather than one per payload; a payload
+        // whose ends fall on character boundaries of valid text is valid text
+        let offsets = cols.payload.value_offsets();
+        let start = offsets[0].as_usize();
+        let whole = std::str::from_utf8(&cols.payload.values()[start..offsets[n].as_usize()]).ok();
         for i in 0..n {
             let payload = cols.payload.value(i);
-            let text = whole.and_then(|w| w.get(offsets[i].as_usize()..offsets[i + 1].as_usize()));
+            let text = whole.and_then(|w| w.get(offsets[i].as_usize() - start..offsets[i + 1].as_usize() - start));
             let received_at = cols.received_at.value(i);
             let outcome = match parse::<C>(self.kind, payload, text) {
                 Err(reason) => Err(reason),

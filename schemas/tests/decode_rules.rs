@@ -140,6 +140,26 @@ fn a_payload_cut_inside_a_character_is_not_text_even_when_the_batch_is() {
 }
 
 #[test]
+fn a_sliced_batch_decodes_its_own_rows_whatever_lies_around_them() {
+    // bytes that are not text before and after the slice
+    let mut b = RawBatchBuilder::with_capacity(4, 1024);
+    b.append("test", 2, 100, NOW, b"\xff\xfe");
+    b.append("test", 2, 101, NOW, traffic(r#"{"segment_id": "rue-é"}"#).as_bytes());
+    b.append("test", 2, 102, NOW, traffic("{}").as_bytes());
+    b.append("test", 2, 103, NOW, b"{\"event_id\": \"\xc3\"}");
+    let batch = b.finish();
+    let decoder = Decoder::new(EventKind::Traffic, DecodeOptions::default());
+    let d = decoder.decode(&batch.slice(1, 2)).unwrap();
+    assert_eq!((d.valid.num_rows(), d.dead_letters.num_rows()), (2, 0));
+    let offsets = d.valid.column_by_name("src_offset").unwrap().as_primitive::<Int64Type>();
+    assert_eq!(offsets.values(), &[101, 102]);
+    assert_eq!(d.valid.column_by_name("segment_id").unwrap().as_string::<i32>().value(0), "rue-é");
+    // the whole batch: the same two rows, the others dead letters
+    let all = decoder.decode(&batch).unwrap();
+    assert_eq!((all.valid.num_rows(), all.dead_letters.num_rows()), (2, 2));
+}
+
+#[test]
 fn non_object_payload_is_wrong_type() {
     let (code, reason) = reject(EventKind::Camera, "[1, 2]");
     assert_eq!(code, "wrong_type");

@@ -752,6 +752,9 @@ impl Loop {
                 Ok(false)
             }
             Some(Step::Full(port, b, outputs)) => {
+                // counted before they leave (the send may wait on a busy pipeline): the sinks
+                // never show more rows than the source read
+                self.count();
                 outputs.blocking_send(port, Message::Batch(b))?;
                 if let Some(drift) = self.cfg.max_drift {
                     *total += self.realign(drift.as_millis_i64())?;
@@ -767,7 +770,8 @@ impl Loop {
         let payload = m.payload;
         if !s.held.contains_key(key) {
             // room for a batch, as the port's own builder starts with (grown from nothing,
-            // each pause's first batch was copied a dozen times)
+            // each pause's first batch was copied a dozen times; pages not written to stay
+            // unused address space)
             let rows = self.cfg.batch_rows.get();
             s.held.insert(key.clone(), Held::new(port, rows, (rows * 256).min(self.cfg.max_held_bytes)));
         }
