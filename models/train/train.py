@@ -464,9 +464,10 @@ def quantize(src, dst, calibration, unsigned=False):
 
 def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_at_once=None, open_after=None):
     """Whether each row's segment has an open alert after the row: the `alert` stage's state
-    machine (operators/src/alert/rule.rs, without storms and staleness: every segment of the
-    evaluated runs has a row every minute, so the stage's `stale_after` of 15 minutes never
-    fires there) over the rows of each
+    machine (operators/src/alert/rule.rs, without storms and staleness, which never act on the
+    evaluated runs: every segment there has a row every minute, so the stage's `stale_after` of
+    15 minutes never fires, and at most 3 alerts of a rule are open at once in a run, the
+    simulator's city included, below the storm limit of 6) over the rows of each
     segment in time order. A value at or above `raise_at` starts a pending alert; it opens once
     it has held at or above `clear` for `min_duration_min` or, with `open_after` (raises,
     within_min) instead, once that many values at or above `raise_at` fell within the last within_min
@@ -692,9 +693,8 @@ def joined_onsets(d, alarm, reach):
     is alarmed: those the `alert` stage's `join` adds to that segment's alert instead of opening
     one (it takes rows by minute, then segment, as here; a combined set run by run). Not
     mirrored, as in `alert_rule`: the stage's staleness (a segment 15 minutes without a score is
-    resolved, and joined by nobody after that: never in the evaluated runs, where every segment
-    has a row every minute) and its storm limit (a segment in the storm summary is joined by
-    nobody)"""
+    resolved, and joined by nobody after that) and its storm limit (a segment in the storm
+    summary is joined by nobody): neither acts on the evaluated runs (see `alert_rule`)"""
     out = np.zeros(len(alarm), dtype=bool)
     bounds = d.get("bounds", [0, len(alarm)])
     near = {}
