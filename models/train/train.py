@@ -467,7 +467,7 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     machine (operators/src/alert/rule.rs, without storms and staleness, which never act on the
     evaluated runs: every segment there has a row every minute, so the stage's `stale_after` of
     15 minutes never fires, and at most 3 alerts of a rule are open at once in a run, the
-    simulator's city included, below the storm limit of 6) over the rows of each
+    simulator's city included, below the storm limit of 6: mirror_check.py) over the rows of each
     segment in time order. A value at or above `raise_at` starts a pending alert; it opens once
     it has held at or above `clear` for `min_duration_min` or, with `open_after` (raises,
     within_min) instead, once that many values at or above `raise_at` fell within the last within_min
