@@ -17,6 +17,17 @@ cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
+# the ports the suite's own servers take, checked before the long build: the README's quick
+# start runs as written on 9092/9093 (a development broker from deploy/kafka/start.sh holds
+# them), the Rust tests' broker and S3 server on the others
+for port in 9092 9093 "${KAFKA_PORT:-19092}" "${KAFKA_CONTROLLER_PORT:-19093}" "${S3_PORT:-19555}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "scripts/test.sh: 127.0.0.1:$port is in use; the suite starts its own servers there" >&2
+    echo "  (a development broker? deploy/kafka/stop.sh stops the one deploy/kafka/start.sh started)" >&2
+    exit 1
+  fi
+done
+
 echo "== tools"
 scripts/setup-python.sh
 # the control-center page is tested in Debian's Chromium, driven by playwright-core (npm)
