@@ -14,14 +14,12 @@ could act, as then the cards' `alert rule` rows would not count what the deploye
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 import numpy as np
 
 import train as T
 
-HERE = pathlib.Path(T.__file__).resolve().parent  # the data sits beside train.py
 STALE_AFTER_MIN = 15  # the alert stage's default `stale_after`
 STORM_MAX_OPEN = 6  # deploy/local.yaml's `storm.max_open` of the incident rules
 
@@ -65,8 +63,8 @@ def main():
     sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
     rules = T.deployed_rules(lambda r: T.run(sess, r["x"])[:, 0], e["threshold"], e["open_at_once"],
                              (c["t1_occdf"], c["t2_occrdf"], c["t3_docc"]))
-    _, tests, _ = T.sumo_runs(HERE / "data")
-    sets = {"simulator": [T.load(HERE / "data" / "test")], **tests}
+    _, tests, _ = T.sumo_runs(T.HERE / "data")
+    sets = {"simulator": [T.load(T.HERE / "data" / "test")], **tests}
     acts = False
     for family, runs in sets.items():
         gap = max(longest_gap_min(r) for r in runs)
