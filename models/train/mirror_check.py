@@ -1,7 +1,7 @@
 """Whether what train.py's `alert_rule` leaves out of the `alert` stage acts on the runs the cards
-evaluate: the stage's staleness (a location `stale_after` without a row is resolved; 15 minutes,
-the default, in deploy/local.yaml's incident rules) and its storm limit (`storm.max_open` alerts
-open at once; 6 there). For each held-out SUMO family and the simulator's test week, and each
+evaluate: the stage's staleness (a location `stale_after` without a row is resolved) and its storm
+limit (`storm.max_open` alerts open at once), both read from deploy/local.yaml's incident rules
+(`incident_alerts`, `california_alerts`; `stale_after` defaults to the stage's 15 minutes). For each held-out SUMO family and the simulator's test week, and each
 deployed rule (`train.deployed_rules`): the longest gap between a segment's rows, and the most
 alerts open at once in one run (alarms through `alert_rule`, joined as the stage joins them: rows
 by minute, then segment; an alarm starting at most `RULE_JOIN` segments from an alarmed segment
@@ -14,14 +14,38 @@ could act, as then the cards' `alert rule` rows would not count what the deploye
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
+import yaml
 
 import train as T
 
-STALE_AFTER_MIN = 15  # the alert stage's default `stale_after`
-STORM_MAX_OPEN = 6  # deploy/local.yaml's `storm.max_open` of the incident rules
+# train.deployed_rules' names of the rules, and the stages in deploy/local.yaml that run them
+STAGES = {"incident_fp32": "incident_alerts", "California #7": "california_alerts"}
+STALE_DEFAULT = "15m"  # the alert stage's default `stale_after` (operators/src/alert/config.rs)
+UNITS_MIN = {"ms": 1 / 60_000, "s": 1 / 60, "m": 1, "h": 60, "d": 24 * 60}
+PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def minutes(text):
+    """A config duration ("15m", "250ms", "1h30m", "7d") in minutes."""
+    parts = PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ValueError(f"a duration like 15m, 1h30m or 7d, not {text!r}")
+    return sum(float(n) * UNITS_MIN[u] for n, u in parts)
+
+
+def deployed_limits(path):
+    """{rule name: (stale_after in minutes, storm.max_open or None)} of the incident rules `path`
+    deploys."""
+    stages = yaml.safe_load(path.read_text())["stages"]
+    limits = {}
+    for name, stage in STAGES.items():
+        cfg = stages[stage]
+        limits[name] = (minutes(str(cfg.get("stale_after", STALE_DEFAULT))), (cfg.get("storm") or {}).get("max_open"))
+    return limits
 
 
 def longest_gap_min(r):
@@ -64,17 +88,21 @@ def main():
     rules = T.deployed_rules(lambda r: T.run(sess, r["x"])[:, 0], e["threshold"], e["open_at_once"],
                              (c["t1_occdf"], c["t2_occrdf"], c["t3_docc"]))
     _, tests, _ = T.sumo_runs(T.HERE / "data")
+    limits = deployed_limits(T.MODELS.parent / "deploy" / "local.yaml")
     sets = {"simulator": [T.load(T.HERE / "data" / "test")], **tests}
     acts = False
     for family, runs in sets.items():
         gap = max(longest_gap_min(r) for r in runs)
-        acts |= gap > STALE_AFTER_MIN
         most = {name.split(",")[0]: max(most_open(r, rule(r)) for r in runs) for name, rule in rules.items()}
-        # with max_open open, the next alarm that would open one joins the storm summary instead
-        acts |= max(most.values()) > STORM_MAX_OPEN
+        for name, n in most.items():
+            stale_after, max_open = limits[name]
+            acts |= gap > stale_after
+            # with max_open open, the next alarm that would open one joins the storm summary instead
+            acts |= max_open is not None and n > max_open
         cells = ", ".join(f"{name} {n}" for name, n in most.items())
         print(f"{family:12s} longest gap {gap:.1f} min; most alerts open at once: {cells}", flush=True)
-    print(f"staleness ({STALE_AFTER_MIN} min) and the storm limit ({STORM_MAX_OPEN}) "
+    cells = "; ".join(f"{name}: stale_after {s:g} min, max_open {m}" for name, (s, m) in limits.items())
+    print(f"deploy/local.yaml ({cells}): staleness and the storm limit "
           f"{'COULD ACT: the mirror is not exact' if acts else 'never act on these runs'}")
     sys.exit(1 if acts else 0)
 
