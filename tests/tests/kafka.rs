@@ -295,9 +295,16 @@ async fn the_topics_a_config_uses_are_created_once() {
 }
 
 /// A pipeline whose tables come from stateful stages: one-minute windows, features (an hour of
-/// history per segment), the incident model, California #7 and an alert rule on each that joins
-/// neighbours' alarms to an open alert.
-fn stateful_yaml(topic: &str, group: &str, data: &std::path::Path, graph: &std::path::Path) -> String {
+/// history per segment), the incident model, California #7, an alert rule on each that joins
+/// neighbours' alarms to an open alert, and a rule on the model whose `open_after` keeps
+/// alerts pending for many minutes. Checkpoints every `checkpoint_ms`.
+fn stateful_yaml(
+    topic: &str,
+    group: &str,
+    data: &std::path::Path,
+    graph: &std::path::Path,
+    checkpoint_ms: u32,
+) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     format!(
         "\
@@ -309,7 +316,7 @@ sources:
     group_id: {group}
     topics: {{traffic: {topic}, camera: null, environment: null}}
     batch_rows: 256
-    checkpoint_interval: 250ms
+    checkpoint_interval: {checkpoint_ms}ms
     stop_when_idle: 5s
     max_out_of_orderness: 2m
     properties:
@@ -351,6 +358,17 @@ stages:
     cooldown: 10m
     join: {{road_graph: {graph}, within: 2}}
     evidence: [model]
+  persistent_alerts:              # long pending states: opens on the tenth raise in 30 minutes
+    type: alert
+    input: incident_scores
+    rule: incident_persistent
+    alert_type: incident
+    severity: warning
+    value: incident_prob
+    raise: 0.05
+    clear: 0.01
+    open_after: {{raises: 10, within: 30m}}
+    cooldown: 10m
   california_alerts:
     type: alert
     input: california
@@ -373,7 +391,7 @@ sinks:
       unmatched: features.unmatched
       incident_scores: incident_scores
       california: california
-      alerts: [incident_alerts, california_alerts]
+      alerts: [incident_alerts, persistent_alerts, california_alerts]
 runtime:
   status_interval: null
   state_dir: {state}
@@ -399,7 +417,7 @@ async fn derived_tables(lake: &std::path::Path) -> std::collections::BTreeMap<&'
         ("california", "SELECT * FROM california ORDER BY segment_id, window_end"),
         (
             "alerts",
-            "SELECT ts, alert_id, location, status, opened_at, round(peak, 4) AS peak, locations FROM alerts ORDER BY ts, alert_id, status",
+            "SELECT ts, alert_id, location, status, opened_at, round(peak, 4) AS peak, locations FROM alerts ORDER BY ts, alert_id, status, locations, location, peak",
         ),
         ("traffic_late", "SELECT count(*) FROM traffic_late"),
         ("unmatched", "SELECT count(*) FROM unmatched"),
@@ -415,6 +433,50 @@ async fn derived_tables(lake: &std::path::Path) -> std::collections::BTreeMap<&'
         out.insert(table, text);
     }
     out
+}
+
+/// Where and when `rule` opened alerts in `lake` (location, opened_at in ms).
+async fn opened_alerts(lake: &std::path::Path, rule: &str) -> Vec<(String, i64)> {
+    let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
+    let q = format!(
+        "SELECT location, CAST(to_unixtime(opened_at) * 1000 AS BIGINT) AS t FROM alerts \
+         WHERE rule = '{rule}' AND status = 'open' ORDER BY t"
+    );
+    let batches = ctx.sql(&q).await.unwrap().collect().await.unwrap();
+    let mut out = Vec::new();
+    for b in &batches {
+        let loc = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let loc = arrow::array::cast::AsArray::as_string::<i32>(&loc);
+        let t = arrow::array::cast::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b.column(1));
+        out.extend((0..b.num_rows()).map(|i| (loc.value(i).to_string(), t.value(i))));
+    }
+    out
+}
+
+/// A pending `open_after` in an alert rule's snapshot (`phase` 1 with its raising times in
+/// `id`) at a location whose alert `opened` lists later than those raises: described, or
+/// `None`.
+fn pending_open_after(snapshot: &std::path::Path, opened: &[(String, i64)], within_ms: i64) -> Option<String> {
+    use arrow::array::{Array, cast::AsArray};
+    let f = std::fs::File::open(snapshot).ok()?;
+    for b in arrow::ipc::reader::FileReader::try_new(f, None).ok()? {
+        let b = b.ok()?;
+        let col = |name: &str| b.column(b.schema().index_of(name).unwrap()).clone();
+        let (loc, phase, raised) = (col("location"), col("phase"), col("id"));
+        let (loc, phase, raised) =
+            (loc.as_string::<i32>(), phase.as_primitive::<arrow::datatypes::UInt8Type>(), raised.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            if phase.value(i) != 1 || raised.is_null(i) || loc.is_null(i) {
+                continue;
+            }
+            let times: Vec<i64> = serde_json::from_str(raised.value(i)).ok()?;
+            let last = *times.iter().max()?;
+            if opened.iter().any(|(l, t)| l == loc.value(i) && *t > last && *t - last <= within_ms) {
+                return Some(format!("{} pending since a raise at {last} ms", loc.value(i)));
+            }
+        }
+    }
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,7 +498,7 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
 
     // the reference: an uninterrupted run
     let reference = work.path().join("reference");
-    run_in_process(&stateful_yaml(topic, &unique("g7ref"), &reference, &graph)).await;
+    run_in_process(&stateful_yaml(topic, &unique("g7ref"), &reference, &graph, 250)).await;
     let expected = derived_tables(&reference.join("lake")).await;
     // a stop keeps what the stages hold in the last checkpoint instead of flushing it
     // (the snapshots of the last checkpoint: older ones are gone)
@@ -460,39 +522,63 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
     let late = &expected["traffic_late"];
     assert!(late.is_empty() || late.contains("| 0 "), "nothing is late:\n{late}");
 
+    // the alerts the reference opened through `open_after` (a fourth raise within 30 minutes)
+    let opened = opened_alerts(&reference.join("lake"), "incident_persistent").await;
+    assert!(!opened.is_empty(), "the persistent rule opens alerts");
+    let produced = report_traffic_messages(&topics).await;
+
+    // the run to kill checkpoints as often as it can (which must not change its tables either)
     let data = work.path().join("killed");
     let cfg_path = work.path().join("killed.yaml");
-    std::fs::write(&cfg_path, stateful_yaml(topic, &unique("g7"), &data, &graph)).unwrap();
+    std::fs::write(&cfg_path, stateful_yaml(topic, &unique("g7"), &data, &graph, 10)).unwrap();
     let log = work.path().join("run1.log");
     let mut first = spawn(&cfg_path, &log);
-    // kill once a few checkpoints have put window rows on disk
+    let pid = first.id() as i32;
+    // Killed at the first checkpoint in the topic's first three quarters, with window files on
+    // disk, whose persistent rule holds a pending `open_after`: a location with raises whose
+    // alert the reference opened on a later raise. Each new checkpoint is looked at with the
+    // process stopped (SIGSTOP), so the newest checkpoint cannot change before the kill.
     let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
-    let t0 = std::time::Instant::now();
-    let resume_at = |m: &citystream_pipeline::task::StateUrl| {
-        citystream_pipeline::task::StateStore::inspect(m)
-            .ok()
-            .flatten()
-            .and_then(|c| c.positions.values().next().copied())
-            .unwrap_or(0)
-    };
-    loop {
-        let windows = walk(&data.join("lake/traffic_minutes")).iter().filter(|p| p.ends_with(".parquet")).count();
-        if resume_at(&manifest) > 0 && windows >= 1 {
-            break;
+    let newest =
+        |m: &citystream_pipeline::task::StateUrl| citystream_pipeline::task::StateStore::inspect(m).ok().flatten();
+    let resume_at =
+        |c: &citystream_pipeline::task::CheckpointSummary| c.positions.values().next().copied().unwrap_or(0);
+    let (mut seen, mut looked_at) = (0, 0);
+    let pending = loop {
+        if let Some(status) = first.try_wait().unwrap() {
+            panic!(
+                "the run ended ({status}) before a checkpoint held a pending open_after ({looked_at} checkpoints looked at)\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint with window files within 2 minutes");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        let windows = || walk(&data.join("lake/traffic_minutes")).iter().any(|p| p.ends_with(".parquet"));
+        if newest(&manifest).is_some_and(|c| c.seq > seen && !c.snapshots.is_empty()) && windows() {
+            // SAFETY: kill(2) on a child we spawned and have not waited for.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let c = newest(&manifest).unwrap();
+            seen = c.seq;
+            looked_at += 1;
+            let snapshot = data.join("state").join(&c.snapshots).join("persistent_alerts.arrow");
+            let pending = pending_open_after(&snapshot, &opened, 30 * 60_000);
+            if let Some(p) = pending.filter(|_| resume_at(&c) < produced * 3 / 4) {
+                break p;
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     first.kill().expect("SIGKILL");
     first.wait().unwrap();
+    eprintln!("killed at checkpoint {looked_at} looked at, with {pending}");
     let at_kill = derived_tables(&data.join("lake")).await;
     assert!(
         at_kill["traffic_minutes"].lines().count() < expected["traffic_minutes"].lines().count(),
         "killed mid-stream"
     );
     // the checkpoint it resumes from lies well inside the topic: the rest is replayed
-    let (resume_at, produced) = (resume_at(&manifest), report_traffic_messages(&topics).await);
-    assert!(resume_at < produced * 3 / 4, "resumes at offset {resume_at} of {produced}");
+    let resume_at = newest(&manifest).as_ref().map_or(0, resume_at);
+    assert!(resume_at > 0 && resume_at < produced * 3 / 4, "resumes at offset {resume_at} of {produced}");
     let log2 = work.path().join("run2.log");
     let mut second = spawn(&cfg_path, &log2);
     wait_exit(&mut second, Duration::from_secs(300), &log2);

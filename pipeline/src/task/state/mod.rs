@@ -311,6 +311,9 @@ pub struct CheckpointSummary {
     pub seq: u64,
     /// The next offset of every partition.
     pub positions: BTreeMap<(String, i32), i64>,
+    /// Where the epoch's snapshots are, relative to the store (`snapshots/{epoch}-{writer}`;
+    /// empty before the first checkpoint): one `{stage}.arrow` per stateful stage.
+    pub snapshots: String,
 }
 
 /// The newest manifest's number in `backend`, if any.
@@ -371,7 +374,13 @@ impl StateStore {
     /// tests); `None` if there is no state.
     pub fn inspect(url: &StateUrl) -> Result<Option<CheckpointSummary>, StateError> {
         let Some(m) = newest(&open_backend(url)?)? else { return Ok(None) };
-        Ok(Some(CheckpointSummary { positions: m.position_map(), lineage: m.lineage, epoch: m.base, seq: m.seq }))
+        Ok(Some(CheckpointSummary {
+            positions: m.position_map(),
+            lineage: m.lineage,
+            epoch: m.base,
+            seq: m.seq,
+            snapshots: m.snapshots,
+        }))
     }
 
     /// Opens the store at `url` (a directory is created if missing) and takes it over. Without
