@@ -435,11 +435,23 @@ async fn derived_tables(lake: &std::path::Path) -> std::collections::BTreeMap<&'
     out
 }
 
+/// A child process that is killed (SIGKILL, stopped or not) and reaped when dropped: a failed
+/// assertion does not leave it behind.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Where and when `rule` opened alerts in `lake` (location, opened_at in ms).
 async fn opened_alerts(lake: &std::path::Path, rule: &str) -> Vec<(String, i64)> {
     let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
+    // (`opened_at` is in milliseconds)
     let q = format!(
-        "SELECT location, CAST(to_unixtime(opened_at) * 1000 AS BIGINT) AS t FROM alerts \
+        "SELECT location, CAST(opened_at AS BIGINT) AS t FROM alerts \
          WHERE rule = '{rule}' AND status = 'open' ORDER BY t"
     );
     let batches = ctx.sql(&q).await.unwrap().collect().await.unwrap();
@@ -454,8 +466,9 @@ async fn opened_alerts(lake: &std::path::Path, rule: &str) -> Vec<(String, i64)>
 }
 
 /// A pending `open_after` in an alert rule's snapshot (`phase` 1 with its raising times in
-/// `id`) at a location whose alert `opened` lists later than those raises: described, or
-/// `None`.
+/// `id`) with at least two raises, at a location whose alert `opened` lists later, within
+/// `within_ms` of the oldest of them (so the alert opened with those raises counted: a restore
+/// that lost any of them would open it later): described, or `None`.
 fn pending_open_after(snapshot: &std::path::Path, opened: &[(String, i64)], within_ms: i64) -> Option<String> {
     use arrow::array::{Array, cast::AsArray};
     let f = std::fs::File::open(snapshot).ok()?;
@@ -469,10 +482,12 @@ fn pending_open_after(snapshot: &std::path::Path, opened: &[(String, i64)], with
             if phase.value(i) != 1 || raised.is_null(i) || loc.is_null(i) {
                 continue;
             }
-            let times: Vec<i64> = serde_json::from_str(raised.value(i)).ok()?;
-            let last = *times.iter().max()?;
-            if opened.iter().any(|(l, t)| l == loc.value(i) && *t > last && *t - last <= within_ms) {
-                return Some(format!("{} pending since a raise at {last} ms", loc.value(i)));
+            let Ok(times) = serde_json::from_str::<Vec<i64>>(raised.value(i)) else { continue };
+            let (Some(&first), Some(&last)) = (times.iter().min(), times.iter().max()) else { continue };
+            // the rule keeps raises in (t - within, t]
+            if times.len() >= 2 && opened.iter().any(|(l, t)| l == loc.value(i) && *t > last && *t - first < within_ms)
+            {
+                return Some(format!("{} pending with {} raises, {first}..{last} ms", loc.value(i), times.len()));
             }
         }
     }
@@ -522,7 +537,7 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
     let late = &expected["traffic_late"];
     assert!(late.is_empty() || late.contains("| 0 "), "nothing is late:\n{late}");
 
-    // the alerts the reference opened through `open_after` (a fourth raise within 30 minutes)
+    // the alerts the reference opened through `open_after` (a tenth raise within 30 minutes)
     let opened = opened_alerts(&reference.join("lake"), "incident_persistent").await;
     assert!(!opened.is_empty(), "the persistent rule opens alerts");
     let produced = report_traffic_messages(&topics).await;
@@ -532,20 +547,22 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
     let cfg_path = work.path().join("killed.yaml");
     std::fs::write(&cfg_path, stateful_yaml(topic, &unique("g7"), &data, &graph, 10)).unwrap();
     let log = work.path().join("run1.log");
-    let mut first = spawn(&cfg_path, &log);
-    let pid = first.id() as i32;
+    let mut first = KilledOnDrop(spawn(&cfg_path, &log));
+    let pid = first.0.id() as i32;
     // Killed at the first checkpoint in the topic's first three quarters, with window files on
     // disk, whose persistent rule holds a pending `open_after`: a location with raises whose
     // alert the reference opened on a later raise. Each new checkpoint is looked at with the
-    // process stopped (SIGSTOP), so the newest checkpoint cannot change before the kill.
+    // process stopped (SIGSTOP, waited for), so the newest checkpoint cannot change before the
+    // kill.
     let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
     let newest =
         |m: &citystream_pipeline::task::StateUrl| citystream_pipeline::task::StateStore::inspect(m).ok().flatten();
     let resume_at =
         |c: &citystream_pipeline::task::CheckpointSummary| c.positions.values().next().copied().unwrap_or(0);
-    let (mut seen, mut looked_at) = (0, 0);
+    let (mut seen, mut looked_at, t0) = (0, 0, std::time::Instant::now());
     let pending = loop {
-        if let Some(status) = first.try_wait().unwrap() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint to kill at within 5 minutes");
+        if let Some(status) = first.0.try_wait().unwrap() {
             panic!(
                 "the run ended ({status}) before a checkpoint held a pending open_after ({looked_at} checkpoints looked at)\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
@@ -553,8 +570,13 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
         }
         let windows = || walk(&data.join("lake/traffic_minutes")).iter().any(|p| p.ends_with(".parquet"));
         if newest(&manifest).is_some_and(|c| c.seq > seen && !c.snapshots.is_empty()) && windows() {
-            // SAFETY: kill(2) on a child we spawned and have not waited for.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let mut status = 0;
+            // SAFETY: kill(2) and waitpid(2) on a child we spawned and have not reaped;
+            // WUNTRACED returns once every thread of it has stopped
+            unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+                libc::waitpid(pid, &mut status, libc::WUNTRACED);
+            }
             let c = newest(&manifest).unwrap();
             seen = c.seq;
             looked_at += 1;
@@ -568,8 +590,8 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    first.kill().expect("SIGKILL");
-    first.wait().unwrap();
+    drop(first);
+    assert_eq!(newest(&manifest).unwrap().seq, seen, "the checkpoint looked at is the newest");
     eprintln!("killed at checkpoint {looked_at} looked at, with {pending}");
     let at_kill = derived_tables(&data.join("lake")).await;
     assert!(
