@@ -19,7 +19,9 @@ deduplicates by `event_id`, aggregates 5-minute windows per segment (count, sum,
   the wall time; `--compression` picks the producer's codec (zstd by default: the fewest bytes
   on the wire and on the broker's disk, and the consumer decompresses them); `--baseline` runs a
   second citystream binary on the same backlog, interleaved (a change measured against the build
-  before it, in the same run).
+  before it, in the same run); `--kcat` adds `kcat-consume`: Debian's `kcat` (`apt install kcat`,
+  with its own librdkafka) reading the same backlog to /dev/null, one character per message, the
+  Kafka client's own cost with no work on the events (a floor for any librdkafka consumer).
 
 Each run is a fresh process; wall time, CPU (user + system, from `wait4`) and peak RSS are
 the child's. Medians of `--repeat` runs, interleaved engine by engine. The windows of the
@@ -30,13 +32,14 @@ does not pass unnoticed.
     .venv/bin/pip install -r benches/requirements.txt
     cargo build --release -p citystream-pipeline --bin citystream
     .venv/bin/python benches/peer_batch.py target/release/citystream --repeat 3 [--kafka 127.0.0.1:9092]
-        [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4] [--baseline OTHER_BINARY]
+        [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4] [--baseline OTHER_BINARY] [--kcat]
 """
 
 import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -254,9 +257,13 @@ def main():
     ap.add_argument("--baseline", metavar="BINARY",
                     help="with --kafka: another citystream binary (e.g. the build before a change) run on the "
                          "same backlog, interleaved with the others (`citystream-kafka-baseline`)")
+    ap.add_argument("--kcat", action="store_true",
+                    help="with --kafka: also kcat reading the backlog to /dev/null (`kcat-consume`)")
     args = ap.parse_args()
     if args.baseline and not args.kafka:
         ap.error("--baseline runs on the Kafka backlog: it needs --kafka")
+    if args.kcat and not (args.kafka and shutil.which("kcat")):
+        ap.error("--kcat needs --kafka and kcat on the PATH (apt install kcat)")
     if args.generate:
         print(generate(args.generate, args.events, args.seed))
         return
@@ -287,6 +294,10 @@ def main():
                 results["citystream-kafka-decode"] = []
             if args.baseline:
                 results["citystream-kafka-baseline"] = []
+            if args.kcat:
+                results["kcat-consume"] = []
+                version = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout
+                print("kcat:", next((line.strip() for line in version.splitlines() if "librdkafka" in line), "?"))
         busy = {}
         for r in range(args.repeat):
             for engine in results:
@@ -307,6 +318,9 @@ def main():
                     binary = args.baseline if engine == "citystream-kafka-baseline" else args.citystream
                     cmd = [binary, "run", "--config", cfg]
                     table = os.path.join(out, "traffic_windows")
+                elif engine == "kcat-consume":
+                    cmd = ["kcat", "-C", "-b", args.kafka, "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%p"]
+                    table = None
                 else:
                     cmd = [sys.executable, "-c", DUCKDB if engine == "duckdb" else POLARS, events, out + ".parquet"]
                     table = out + ".parquet"
@@ -320,7 +334,9 @@ def main():
                         busy.setdefault(engine, []).append((cpu + broker) / (2 * wall))
                         note = f" (broker {broker:.2f} CPU-s; cores {busy[engine][-1] * 100:.0f}% busy)"
                 results[engine].append((wall, cpu, rss))
-                if engine != "citystream-kafka-decode":
+                if table is None:
+                    pass
+                elif engine != "citystream-kafka-decode":
                     tables[engine] = table
                 elif stored(out) != n:
                     sys.exit(f"{engine} stored {stored(out)} of {n} rows")
