@@ -76,6 +76,11 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // a fetch that finds nothing new waits this long on the broker (default 500 ms); a
     // partition resumed by watermark alignment is not fetched before that fetch comes back
     ("fetch.wait.max.ms", "100"),
+    // librdkafka opens no new broker connection within half of this after the last one
+    // (default 100 ms): at start, the connection to the broker the metadata names came 50 ms
+    // after the bootstrap's, and the group join waited for it. Reconnects after a failure
+    // still back off from here up to `reconnect.backoff.max.ms` (10 s)
+    ("reconnect.backoff.ms", "20"),
 ];
 
 /// A message read, from the consumer's queue or from the source's own ([`queue`]).
@@ -483,7 +488,12 @@ impl Loop {
             queue.take(Duration::ZERO, &mut taken);
             if taken.len() == 0 {
                 unchecked = CHECK_EVERY;
-                // nothing anywhere: wait for messages (a rebalance waits as long, at most 100 ms)
+                if queue.events_waiting() {
+                    // the consumer's queue first (an assignment may wait behind logs)
+                    continue;
+                }
+                // nothing anywhere: wait for messages, at most 100 ms (an event on the
+                // consumer's queue, such as an assignment, ends the wait: `FetchQueue`)
                 let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
                 queue.take(wait.min(Duration::from_millis(100)), &mut taken);
                 if taken.len() == 0 {

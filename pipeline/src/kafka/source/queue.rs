@@ -18,6 +18,12 @@
 //! every assignment forwards its partitions, and the consumer thread forwards all of them again
 //! at every flush (a revocation's stop runs on librdkafka's thread and can land after the next
 //! assignment's forward: at most a flush interval of delay, nothing lost).
+//!
+//! The consumer thread waits on this queue when it has nothing to read, so an event on the
+//! consumer's queue (an assignment, above all the first one) would wait for that wait to end.
+//! Anything put on the consumer's empty queue ends the wait at once instead
+//! (`rd_kafka_queue_cb_event_enable`, `rd_kafka_queue_yield`): a backlog starts as soon as the
+//! group has assigned its partitions, not up to 100 ms later.
 
 use std::ffi::CString;
 use std::ptr::NonNull;
@@ -32,6 +38,16 @@ pub(super) const BATCH: usize = 1024;
 pub(super) struct FetchQueue {
     queue: NonNull<rd::rd_kafka_queue_t>,
     client: NonNull<rd::rd_kafka_t>,
+    /// The consumer's queue (with a consumer group), whose events end a wait on `queue`.
+    events: Option<NonNull<rd::rd_kafka_queue_t>>,
+}
+
+/// Called by librdkafka, on its own thread with the consumer's queue locked, when an event
+/// lands on that queue while it is empty: ends a wait on our queue (`opaque`).
+unsafe extern "C" fn wake(_client: *mut rd::rd_kafka_t, opaque: *mut std::ffi::c_void) {
+    // SAFETY: `opaque` is our queue's handle, alive until `drop` has removed this callback
+    // (which takes the same lock the callback runs under)
+    unsafe { rd::rd_kafka_queue_yield(opaque.cast()) };
 }
 
 // SAFETY: librdkafka's queues are thread-safe; the handle is used by the consumer thread and
@@ -45,7 +61,13 @@ impl FetchQueue {
         let client = NonNull::new(client)?;
         // SAFETY: a live client handle; the queue is destroyed in `drop`.
         let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) })?;
-        Some(FetchQueue { queue, client })
+        // SAFETY: a live client; the consumer's queue handle is ours until `drop` (null
+        // without a consumer group), and `wake` gets our queue's handle, which outlives it
+        let events = NonNull::new(unsafe { rd::rd_kafka_queue_get_consumer(client.as_ptr()) });
+        if let Some(events) = events {
+            unsafe { rd::rd_kafka_queue_cb_event_enable(events.as_ptr(), Some(wake), queue.as_ptr().cast()) };
+        }
+        Some(FetchQueue { queue, client, events })
     }
 
     /// Forwards the messages of `topic`/`partition` to this queue. False if librdkafka has no
@@ -65,6 +87,14 @@ impl FetchQueue {
         true
     }
 
+    /// Whether events wait on the consumer's queue. A poll serves one of them at most, and
+    /// `wake` comes only for an event that finds that queue empty: the source serves them all
+    /// before it waits.
+    pub(super) fn events_waiting(&self) -> bool {
+        // SAFETY: a live handle (see `new`)
+        self.events.is_some_and(|e| unsafe { rd::rd_kafka_queue_length(e.as_ptr()) } > 0)
+    }
+
     /// Takes up to [`BATCH`] messages into `into` (emptied first), waiting until the batch is
     /// full or `wait` is over (a wait is bounded by the source's next flush, which hands on
     /// what was read anyway).
@@ -82,8 +112,15 @@ impl FetchQueue {
 
 impl Drop for FetchQueue {
     fn drop(&mut self) {
-        // SAFETY: our handle, destroyed once, while the client lives
-        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+        // SAFETY: our handles, destroyed once, while the client lives; the callback is removed
+        // (under the consumer queue's lock, so none is running) before our queue goes
+        unsafe {
+            if let Some(events) = self.events {
+                rd::rd_kafka_queue_cb_event_enable(events.as_ptr(), None, std::ptr::null_mut());
+                rd::rd_kafka_queue_destroy(events.as_ptr());
+            }
+            rd::rd_kafka_queue_destroy(self.queue.as_ptr());
+        }
     }
 }
 
