@@ -543,56 +543,69 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
     let produced = report_traffic_messages(&topics).await;
 
     // the run to kill checkpoints as often as it can (which must not change its tables either)
-    let data = work.path().join("killed");
-    let cfg_path = work.path().join("killed.yaml");
-    std::fs::write(&cfg_path, stateful_yaml(topic, &unique("g7"), &data, &graph, 10)).unwrap();
-    let log = work.path().join("run1.log");
-    let mut first = KilledOnDrop(spawn(&cfg_path, &log));
-    let pid = first.0.id() as i32;
     // Killed at the first checkpoint in the topic's first three quarters, with window files on
     // disk, whose persistent rule holds a pending `open_after`: a location with raises whose
     // alert the reference opened on a later raise. Each new checkpoint is looked at with the
     // process stopped (SIGSTOP, waited for), so the newest checkpoint cannot change before the
-    // kill.
-    let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
+    // kill. Which moments the checkpoints catch is the machine's: a run that ends before one
+    // held such a state is run again, on a state and a group of its own (4 runs at most).
     let newest =
         |m: &citystream_pipeline::task::StateUrl| citystream_pipeline::task::StateStore::inspect(m).ok().flatten();
     let resume_at =
         |c: &citystream_pipeline::task::CheckpointSummary| c.positions.values().next().copied().unwrap_or(0);
-    let (mut seen, mut looked_at, t0) = (0, 0, std::time::Instant::now());
-    let pending = loop {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint to kill at within 5 minutes");
-        if let Some(status) = first.0.try_wait().unwrap() {
-            panic!(
-                "the run ended ({status}) before a checkpoint held a pending open_after ({looked_at} checkpoints looked at)\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        let windows = || walk(&data.join("lake/traffic_minutes")).iter().any(|p| p.ends_with(".parquet"));
-        if newest(&manifest).is_some_and(|c| c.seq > seen && !c.snapshots.is_empty()) && windows() {
-            let mut status = 0;
-            // SAFETY: kill(2) and waitpid(2) on a child we spawned and have not reaped;
-            // WUNTRACED returns once every thread of it has stopped
-            unsafe {
-                libc::kill(pid, libc::SIGSTOP);
-                libc::waitpid(pid, &mut status, libc::WUNTRACED);
+    let mut looked_at_per_run = Vec::new();
+    let (data, cfg_path, manifest, seen, pending) = 'runs: loop {
+        let run = looked_at_per_run.len();
+        assert!(
+            run < 4,
+            "no run held a pending open_after at a checkpoint (checkpoints looked at: {looked_at_per_run:?})"
+        );
+        let data = work.path().join(format!("killed-{run}"));
+        let cfg_path = work.path().join(format!("killed-{run}.yaml"));
+        std::fs::write(&cfg_path, stateful_yaml(topic, &unique("g7"), &data, &graph, 10)).unwrap();
+        let log = work.path().join(format!("run1-{run}.log"));
+        let mut first = KilledOnDrop(spawn(&cfg_path, &log));
+        let pid = first.0.id() as i32;
+        let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
+        let (mut seen, mut looked_at, t0) = (0, 0, std::time::Instant::now());
+        loop {
+            assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint to kill at within 5 minutes");
+            if let Some(status) = first.0.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "the run to kill failed: {status}\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                eprintln!("run {run} ended before a checkpoint held a pending open_after ({looked_at} looked at)");
+                looked_at_per_run.push(looked_at);
+                continue 'runs;
             }
-            let c = newest(&manifest).unwrap();
-            seen = c.seq;
-            looked_at += 1;
-            let snapshot = data.join("state").join(&c.snapshots).join("persistent_alerts.arrow");
-            let pending = pending_open_after(&snapshot, &opened, 30 * 60_000);
-            if let Some(p) = pending.filter(|_| resume_at(&c) < produced * 3 / 4) {
-                break p;
+            let windows = || walk(&data.join("lake/traffic_minutes")).iter().any(|p| p.ends_with(".parquet"));
+            if newest(&manifest).is_some_and(|c| c.seq > seen && !c.snapshots.is_empty()) && windows() {
+                let mut status = 0;
+                // SAFETY: kill(2) and waitpid(2) on a child we spawned and have not reaped;
+                // WUNTRACED returns once every thread of it has stopped
+                unsafe {
+                    libc::kill(pid, libc::SIGSTOP);
+                    libc::waitpid(pid, &mut status, libc::WUNTRACED);
+                }
+                let c = newest(&manifest).unwrap();
+                seen = c.seq;
+                looked_at += 1;
+                let snapshot = data.join("state").join(&c.snapshots).join("persistent_alerts.arrow");
+                let pending = pending_open_after(&snapshot, &opened, 30 * 60_000);
+                if let Some(p) = pending.filter(|_| resume_at(&c) < produced * 3 / 4) {
+                    drop(first);
+                    eprintln!("run {run} killed at checkpoint {looked_at} looked at, with {p}");
+                    break 'runs (data, cfg_path, manifest, seen, p);
+                }
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
             }
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGCONT) };
+            std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(2));
     };
-    drop(first);
-    assert_eq!(newest(&manifest).unwrap().seq, seen, "the checkpoint looked at is the newest");
-    eprintln!("killed at checkpoint {looked_at} looked at, with {pending}");
+    assert_eq!(newest(&manifest).unwrap().seq, seen, "the checkpoint looked at is the newest ({pending})");
     let at_kill = derived_tables(&data.join("lake")).await;
     assert!(
         at_kill["traffic_minutes"].lines().count() < expected["traffic_minutes"].lines().count(),

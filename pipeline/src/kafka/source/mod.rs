@@ -76,10 +76,11 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // a fetch that finds nothing new waits this long on the broker (default 500 ms); a
     // partition resumed by watermark alignment is not fetched before that fetch comes back
     ("fetch.wait.max.ms", "100"),
-    // librdkafka opens no new broker connection within half of this after the last one
-    // (default 100 ms): at start, the connection to the broker the metadata names came 50 ms
-    // after the bootstrap's, and the group join waited for it. Reconnects after a failure
-    // still back off from here up to `reconnect.backoff.max.ms` (10 s)
+    // while no broker connection is up, librdkafka picks a broker to connect to at most every
+    // half of this (11 ms at least; default 100 ms): at start, the connection to the broker
+    // the metadata names came 50 ms after the bootstrap's, and the group join waited for it.
+    // A broker's reconnects after a failure back off from here (with jitter) up to
+    // `reconnect.backoff.max.ms` (10 s)
     ("reconnect.backoff.ms", "20"),
 ];
 

@@ -34,7 +34,8 @@ use rdkafka::bindings as rd;
 /// Messages taken per call.
 pub(super) const BATCH: usize = 1024;
 
-/// A librdkafka queue of our own. Destroy it before the consumer (see `Loop::run`).
+/// A librdkafka queue of our own. Destroy it before the consumer (see `Loop::run`). One per
+/// client: a second one would replace the first one's callback on the consumer's queue.
 pub(super) struct FetchQueue {
     queue: NonNull<rd::rd_kafka_queue_t>,
     client: NonNull<rd::rd_kafka_t>,
@@ -42,8 +43,9 @@ pub(super) struct FetchQueue {
     events: Option<NonNull<rd::rd_kafka_queue_t>>,
 }
 
-/// Called by librdkafka, on its own thread with the consumer's queue locked, when an event
-/// lands on that queue while it is empty: ends a wait on our queue (`opaque`).
+/// Called by librdkafka, on the thread that enqueues (one of its own, or the consumer thread
+/// for an event of its own calls) with the consumer's queue locked, when an event lands on
+/// that queue while it is empty: ends a wait on our queue (`opaque`).
 unsafe extern "C" fn wake(_client: *mut rd::rd_kafka_t, opaque: *mut std::ffi::c_void) {
     // SAFETY: `opaque` is our queue's handle, alive until `drop` has removed this callback
     // (which takes the same lock the callback runs under)
@@ -87,7 +89,7 @@ impl FetchQueue {
         true
     }
 
-    /// Whether events wait on the consumer's queue. A poll serves one of them at most, and
+    /// Whether events wait on the consumer's queue. A poll serves at most one event, and
     /// `wake` comes only for an event that finds that queue empty: the source serves them all
     /// before it waits.
     pub(super) fn events_waiting(&self) -> bool {
@@ -249,6 +251,36 @@ mod tests {
         queue.take(Duration::from_millis(20), &mut taken);
         assert_eq!(taken.len(), 0);
         // messages, then the queue, then the consumer (as `Loop::run` does)
+        drop(taken);
+        drop(queue);
+        drop(consumer);
+    }
+
+    #[test]
+    fn an_event_on_the_consumers_queue_ends_a_wait_on_ours() {
+        // librdkafka puts a statistics event on the consumer's queue every 100 ms
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "queue-wake-test")
+            .set("statistics.interval.ms", "100")
+            .create()
+            .expect("a consumer");
+        let queue = FetchQueue::new(consumer.client().native_ptr()).expect("a queue");
+        let mut taken = Taken::new();
+        for _ in 0..3 {
+            // the events waiting are served (a poll serves one), as the source does before it
+            // waits: the next event finds the queue empty and ends the wait
+            let mut polls = 0;
+            while queue.events_waiting() {
+                let _ = consumer.poll(Duration::ZERO);
+                polls += 1;
+                assert!(polls < 10_000, "the consumer's queue drains");
+            }
+            let t0 = std::time::Instant::now();
+            queue.take(Duration::from_secs(60), &mut taken);
+            assert_eq!(taken.len(), 0);
+            assert!(t0.elapsed() < Duration::from_secs(30), "an event ended the wait: {:?}", t0.elapsed());
+        }
         drop(taken);
         drop(queue);
         drop(consumer);
