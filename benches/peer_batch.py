@@ -334,12 +334,11 @@ def main():
                         busy.setdefault(engine, []).append((cpu + broker) / (2 * wall))
                         note = f" (broker {broker:.2f} CPU-s; cores {busy[engine][-1] * 100:.0f}% busy)"
                 results[engine].append((wall, cpu, rss))
-                if table is None:
-                    pass
-                elif engine != "citystream-kafka-decode":
+                if engine == "citystream-kafka-decode":
+                    if stored(out) != n:
+                        sys.exit(f"{engine} stored {stored(out)} of {n} rows")
+                elif table is not None:
                     tables[engine] = table
-                elif stored(out) != n:
-                    sys.exit(f"{engine} stored {stored(out)} of {n} rows")
                 print(f"run {r} {engine:<10} {wall:6.2f} s wall {cpu / n * 1e6:5.2f} CPU-s/M {rss:6.0f} MiB{note}", flush=True)
         # a stream keeps its newest windows open for the data that may follow (with a state
         # directory, the end of the files is not the end of the stream): compare the windows

@@ -294,6 +294,9 @@ async fn the_topics_a_config_uses_are_created_once() {
     assert!(!ms.1 && !bytes.1, "other topics keep the broker's retention");
 }
 
+/// The window of `persistent_alerts`' `open_after` (minutes): its raises count that long.
+const PERSISTENT_WITHIN_MIN: i64 = 30;
+
 /// A pipeline whose tables come from stateful stages: one-minute windows, features (an hour of
 /// history per segment), the incident model, California #7, an alert rule on each that joins
 /// neighbours' alarms to an open alert, and a rule on the model whose `open_after` keeps
@@ -367,7 +370,7 @@ stages:
     value: incident_prob
     raise: 0.05
     clear: 0.01
-    open_after: {{raises: 10, within: 30m}}
+    open_after: {{raises: 10, within: {persistent_within_min}m}}
     cooldown: 10m
   california_alerts:
     type: alert
@@ -401,6 +404,7 @@ runtime:
         root = root.display(),
         lake = data.join("lake").display(),
         state = data.join("state").display(),
+        persistent_within_min = PERSISTENT_WITHIN_MIN,
     )
 }
 
@@ -593,7 +597,7 @@ async fn sigkill_with_operator_state_gives_the_same_windows_scores_and_alerts() 
                 seen = c.seq;
                 looked_at += 1;
                 let snapshot = data.join("state").join(&c.snapshots).join("persistent_alerts.arrow");
-                let pending = pending_open_after(&snapshot, &opened, 30 * 60_000);
+                let pending = pending_open_after(&snapshot, &opened, PERSISTENT_WITHIN_MIN * 60_000);
                 if let Some(p) = pending.filter(|_| resume_at(&c) < produced * 3 / 4) {
                     drop(first);
                     eprintln!("run {run} killed at checkpoint {looked_at} looked at, with {p}");

@@ -84,6 +84,10 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("reconnect.backoff.ms", "20"),
 ];
 
+/// Payload bytes per message that a raw batch's builder (and a paused partition's hold) starts
+/// with room for.
+const PAYLOAD_BYTES_PER_ROW: usize = 256;
+
 /// A message read, from the consumer's queue or from the source's own ([`queue`]).
 struct Read<'a> {
     topic: &'a str,
@@ -185,7 +189,10 @@ async fn run_kafka_source(
     let shared = Arc::new(Mutex::new(Shared {
         name: name.to_owned(),
         ports: ports.clone(),
-        builders: EventKind::ALL.iter().map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * 256)).collect(),
+        builders: EventKind::ALL
+            .iter()
+            .map(|_| RawBatchBuilder::with_capacity(batch_rows, batch_rows * PAYLOAD_BYTES_PER_ROW))
+            .collect(),
         parts: BTreeMap::new(),
         held: BTreeMap::new(),
         held_bytes: 0,
@@ -784,7 +791,10 @@ impl Loop {
             // each pause's first batch was copied a dozen times; pages not written to stay
             // unused address space)
             let rows = self.cfg.batch_rows.get();
-            s.held.insert(key.clone(), Held::new(port, rows, (rows * 256).min(self.cfg.max_held_bytes)));
+            s.held.insert(
+                key.clone(),
+                Held::new(port, rows, (rows * PAYLOAD_BYTES_PER_ROW).min(self.cfg.max_held_bytes)),
+            );
         }
         let h = s.held.get_mut(key)?;
         h.push(&key.0, key.1, m.offset, arrived, payload, self.cfg.batch_rows.get());
