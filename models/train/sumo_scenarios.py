@@ -29,7 +29,9 @@ Each lane of each segment has an induction loop at mid-segment reporting every 3
 count, occupancy, mean speed), aggregated per segment and minute exactly as the pipeline's
 window stage does (count of readings, sum of vehicles, mean of the speeds that exist, mean
 occupancy). Families in `TRAIN_FAMILIES` give scenarios 1-8 to training and 9-12 to held-out
-evaluation; the other families are held out whole (never seen in training).
+evaluation; the other families (`arterial50`, `freeway120`) are held out whole (never seen in
+training). `arterial60` came last (2026-12-06): with `urban70` the slowest trained road, the
+unseen `arterial50` lay below every speed the models had seen.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ FAMILIES = {
     "highway100": {"free_kmh": 100, "lanes": 3, "ramps": True, "capacity_vphpl": 1900, "scenarios": 12},
     "freeway120": {"free_kmh": 120, "lanes": 4, "ramps": True, "capacity_vphpl": 2000, "scenarios": 12},
     "motorway130": {"free_kmh": 130, "lanes": 2, "ramps": True, "capacity_vphpl": 2000, "scenarios": 12},
+    # last, so that the families before it keep their seeds (1000 * (index + 1) + scenario)
+    "arterial60": {"free_kmh": 60, "lanes": 2, "ramps": False, "capacity_vphpl": 1600, "scenarios": 12},
 }
 # families the models see in training (scenarios 1-TRAIN_SCENARIOS); the others are held out whole
-TRAIN_FAMILIES = ("urban70", "highway100", "motorway130")
+TRAIN_FAMILIES = ("arterial60", "urban70", "highway100", "motorway130")
 TRAIN_SCENARIOS = 8
 
 
