@@ -21,7 +21,11 @@ deduplicates by `event_id`, aggregates 5-minute windows per segment (count, sum,
   second citystream binary on the same backlog, interleaved (a change measured against the build
   before it, in the same run); `--kcat` adds `kcat-consume`: Debian's `kcat` (`apt install kcat`,
   with its own librdkafka) reading the same backlog to /dev/null, one character per message, the
-  Kafka client's own cost with no work on the events (a floor for any librdkafka consumer).
+  Kafka client's own cost with no work on the events (a floor for any librdkafka consumer);
+  `--fetch-floor BINARY` adds `fetch-floor`: `benches/src/bin/fetch_floor.rs` reading the same
+  backlog with Kafka's Fetch requests of its own (no librdkafka) into the source's raw batches,
+  what a consumer without an op per message would cost (checked once, before the timed runs,
+  to read exactly the produced lines).
 
 Each run is a fresh process; wall time, CPU (user + system, from `wait4`) and peak RSS are
 the child's. Medians of `--repeat` runs, interleaved engine by engine. The windows of the
@@ -33,6 +37,7 @@ does not pass unnoticed.
     cargo build --release -p citystream-pipeline --bin citystream
     .venv/bin/python benches/peer_batch.py target/release/citystream --repeat 3 [--kafka 127.0.0.1:9092]
         [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4] [--baseline OTHER_BINARY] [--kcat]
+        [--fetch-floor target/release/fetch_floor]
 """
 
 import argparse
@@ -259,7 +264,12 @@ def main():
                          "same backlog, interleaved with the others (`citystream-kafka-baseline`)")
     ap.add_argument("--kcat", action="store_true",
                     help="with --kafka: also kcat reading the backlog to /dev/null (`kcat-consume`)")
+    ap.add_argument("--fetch-floor", metavar="BINARY",
+                    help="with --kafka: also fetch_floor (benches/src/bin/fetch_floor.rs) reading the backlog "
+                         "without librdkafka (`fetch-floor`; the first broker must lead every partition)")
     args = ap.parse_args()
+    if args.fetch_floor and not args.kafka:
+        ap.error("--fetch-floor reads the Kafka backlog: it needs --kafka")
     if args.baseline and not args.kafka:
         ap.error("--baseline runs on the Kafka backlog: it needs --kafka")
     if args.kcat and not (args.kafka and shutil.which("kcat")):
@@ -298,6 +308,12 @@ def main():
                 results["kcat-consume"] = []
                 version = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout
                 print("kcat:", next((line.strip() for line in version.splitlines() if "librdkafka" in line), "?"))
+            if args.fetch_floor:
+                floor = [args.fetch_floor, "--broker", args.kafka.split(",")[0], "--topic", topic,
+                         "--partitions", str(args.partitions)]
+                # once with the check of every value against the produced lines, untimed
+                subprocess.run(floor + ["--check", events], check=True, stdout=subprocess.DEVNULL)
+                results["fetch-floor"] = []
         busy = {}
         for r in range(args.repeat):
             for engine in results:
@@ -318,6 +334,9 @@ def main():
                     binary = args.baseline if engine == "citystream-kafka-baseline" else args.citystream
                     cmd = [binary, "run", "--config", cfg]
                     table = os.path.join(out, "traffic_windows")
+                elif engine == "fetch-floor":
+                    cmd = floor
+                    table = None
                 elif engine == "kcat-consume":
                     cmd = ["kcat", "-C", "-b", args.kafka, "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%p"]
                     table = None
