@@ -270,6 +270,8 @@ def main():
     args = ap.parse_args()
     if args.fetch_floor and not args.kafka:
         ap.error("--fetch-floor reads the Kafka backlog: it needs --kafka")
+    if args.fetch_floor and args.compression not in ("zstd", "none"):
+        ap.error("--fetch-floor reads zstd or uncompressed record batches only")
     if args.baseline and not args.kafka:
         ap.error("--baseline runs on the Kafka backlog: it needs --kafka")
     if args.kcat and not (args.kafka and shutil.which("kcat")):

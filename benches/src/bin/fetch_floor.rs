@@ -48,6 +48,11 @@ struct Args {
 const FETCH: i16 = 1;
 const FETCH_VERSION: i16 = 11;
 const ROWS: usize = 1024;
+/// Payload bytes per row a raw batch builder starts with room for (the Kafka source's
+/// `PAYLOAD_BYTES_PER_ROW`).
+const PAYLOAD_BYTES_PER_ROW: usize = 256;
+/// Fetches in a row that move no partition forward before the read gives up.
+const STALLED_FETCHES: u32 = 100;
 
 /// A cursor over a response; every read is bounds-checked.
 struct Cur<'a> {
@@ -153,6 +158,9 @@ impl Conn {
         let len = usize::try_from(i32::from_be_bytes(len))?;
         self.resp.resize(len, 0);
         self.s.read_exact(&mut self.resp)?;
+        if self.resp.len() < 4 {
+            bail!("a response of {} bytes", self.resp.len());
+        }
         let got = i32::from_be_bytes(self.resp[..4].try_into()?);
         if got != self.correlation {
             bail!("correlation id {got}, sent {}", self.correlation);
@@ -206,7 +214,7 @@ impl Reader {
             let attributes = b.i16()?;
             let last_delta = b.i32()?;
             let base_ts = b.i64()?;
-            let _max_ts = b.i64()?;
+            let max_ts = b.i64()?;
             let _producer = (b.i64()?, b.i16()?, b.i32()?);
             let count = b.i32()?;
             next = base + i64::from(last_delta) + 1;
@@ -238,7 +246,10 @@ impl Reader {
             for _ in 0..count {
                 let _len = r.varint()?;
                 let _attr = r.i8()?;
-                let ts = base_ts + r.varint()?;
+                // the record's time stands in for the arrival time the source records (same
+                // cost): its create time, or the broker's append time where the batch says so
+                let delta = r.varint()?;
+                let ts = if attributes & 0x8 != 0 { max_ts } else { base_ts + delta };
                 let offset = base + r.varint()?;
                 let _key = r.var_bytes()?;
                 let value = r.var_bytes()?;
@@ -275,7 +286,7 @@ fn read_topic(args: &Args) -> anyhow::Result<(Seen, f64, f64)> {
     s.set_nodelay(true)?;
     let mut conn = Conn { s, correlation: 0, req: Vec::new(), resp: Vec::new() };
     let mut reader = Reader {
-        builder: RawBatchBuilder::with_capacity(ROWS, ROWS * 256),
+        builder: RawBatchBuilder::with_capacity(ROWS, ROWS * PAYLOAD_BYTES_PER_ROW),
         zstd: zstd::bulk::Decompressor::new()?,
         plain: Vec::new(),
         digest: args.check.is_some(),
@@ -283,12 +294,14 @@ fn read_topic(args: &Args) -> anyhow::Result<(Seen, f64, f64)> {
     let mut offsets: Vec<(i32, i64)> = (0..args.partitions).map(|p| (p, 0)).collect();
     let mut end: Vec<Option<i64>> = vec![None; offsets.len()];
     let mut seen = Seen::default();
+    let mut stalled = 0;
     loop {
         let want: Vec<(i32, i64)> =
             offsets.iter().zip(&end).filter(|(o, e)| e.is_none_or(|e| o.1 < e)).map(|(o, _)| *o).collect();
         if want.is_empty() {
             break;
         }
+        let before: i64 = offsets.iter().map(|o| o.1).sum();
         let resp = conn.fetch(&args.topic, &want, args.partition_bytes)?;
         let mut c = Cur { b: resp, at: 0 };
         let _throttle = c.i32()?;
@@ -316,10 +329,21 @@ fn read_topic(args: &Args) -> anyhow::Result<(Seen, f64, f64)> {
                 if error != 0 {
                     bail!("partition {partition}: error {error} (6: this broker does not lead it)");
                 }
-                let k = usize::try_from(partition)?;
+                let k = usize::try_from(partition)
+                    .ok()
+                    .filter(|&k| k < offsets.len())
+                    .ok_or_else(|| anyhow!("partition {partition} was not asked for"))?;
                 end[k] = Some(high);
                 offsets[k].1 = reader.records(&topic, partition, set, offsets[k].1, &mut seen)?;
             }
+        }
+        if offsets.iter().map(|o| o.1).sum::<i64>() == before {
+            stalled += 1;
+            if stalled >= STALLED_FETCHES {
+                bail!("{STALLED_FETCHES} fetches in a row moved no partition forward: {offsets:?}, ends {end:?}");
+            }
+        } else {
+            stalled = 0;
         }
     }
     if !reader.builder.is_empty() {
