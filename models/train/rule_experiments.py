@@ -1,6 +1,6 @@
 """Variants of the `incident_alerts` rule, tried on the deployed incident_fp32's scores: none of
 them is deployed. Each is judged first on the training sets (the simulator's 21 days and the
-trained SUMO families' scenarios 1-8), where a variant has to pay its way, and shown on the
+trained SUMO families' training scenarios), where a variant has to pay its way, and shown on the
 held-out sets beside the deployed rule. After train.py (it reads models/metrics.json and the
 data of generate.py and sumo_scenarios.py):
 

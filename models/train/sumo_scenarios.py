@@ -28,10 +28,12 @@ k) lasts 4 hours from 06:00 UTC (the demand peaks at 08:00) on its own weekday o
 Each lane of each segment has an induction loop at mid-segment reporting every 30 s (vehicle
 count, occupancy, mean speed), aggregated per segment and minute exactly as the pipeline's
 window stage does (count of readings, sum of vehicles, mean of the speeds that exist, mean
-occupancy). Families in `TRAIN_FAMILIES` give scenarios 1-8 to training and 9-12 to held-out
-evaluation; the other families (`arterial50`, `freeway120`) are held out whole (never seen in
-training). `arterial60` came last (2026-12-06): with `urban70` the slowest trained road, the
-unseen `arterial50` lay below every speed the models had seen.
+occupancy). Families in `TRAIN_FAMILIES` have 24 scenarios: 9-12 are held out for evaluation,
+the other 20 train (1-8 did until 2026-12-06; 13-24 came then, with seeds of their own, so 1-12
+stayed the same runs); the other families (`arterial50`, `freeway120`) have 12, held out whole
+(never seen in training). `arterial60` came last (2026-12-06): with `urban70` the slowest
+trained road, the unseen `arterial50` lay below every speed the models had seen.
+`--first 13` adds scenarios to the families named without running the others again.
 """
 
 from __future__ import annotations
@@ -60,16 +62,16 @@ STUCK_PASSED = 9      # readings of a stuck loop the sensor_health stage lets th
 # road families: free speed (km/h), lanes, ramps, capacity per lane (veh/h), scenarios
 FAMILIES = {
     "arterial50": {"free_kmh": 50, "lanes": 2, "ramps": False, "capacity_vphpl": 1500, "scenarios": 12},
-    "urban70": {"free_kmh": 70, "lanes": 3, "ramps": False, "capacity_vphpl": 1800, "scenarios": 12},
-    "highway100": {"free_kmh": 100, "lanes": 3, "ramps": True, "capacity_vphpl": 1900, "scenarios": 12},
+    "urban70": {"free_kmh": 70, "lanes": 3, "ramps": False, "capacity_vphpl": 1800, "scenarios": 24},
+    "highway100": {"free_kmh": 100, "lanes": 3, "ramps": True, "capacity_vphpl": 1900, "scenarios": 24},
     "freeway120": {"free_kmh": 120, "lanes": 4, "ramps": True, "capacity_vphpl": 2000, "scenarios": 12},
-    "motorway130": {"free_kmh": 130, "lanes": 2, "ramps": True, "capacity_vphpl": 2000, "scenarios": 12},
+    "motorway130": {"free_kmh": 130, "lanes": 2, "ramps": True, "capacity_vphpl": 2000, "scenarios": 24},
     # last, so that the families before it keep their seeds (1000 * (index + 1) + scenario)
-    "arterial60": {"free_kmh": 60, "lanes": 2, "ramps": False, "capacity_vphpl": 1600, "scenarios": 12},
+    "arterial60": {"free_kmh": 60, "lanes": 2, "ramps": False, "capacity_vphpl": 1600, "scenarios": 24},
 }
-# families the models see in training (scenarios 1-TRAIN_SCENARIOS); the others are held out whole
+# families the models see in training (every scenario but HELD_OUT_SCENARIOS); the others are held out whole
 TRAIN_FAMILIES = ("arterial60", "urban70", "highway100", "motorway130")
-TRAIN_SCENARIOS = 8
+HELD_OUT_SCENARIOS = range(9, 13)
 
 
 def seg_id(family, i):
@@ -299,17 +301,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "data" / "sumo"))
     ap.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families (repeatable)")
+    ap.add_argument("--first", type=int, default=1,
+                    help="only scenarios from this one on, keeping the family's others (more scenarios for a family)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     day0 = dt.datetime(2026, 5, 4, START_HOUR, tzinfo=dt.timezone.utc)
     for f_index, (family, spec) in enumerate(FAMILIES.items()):
         if args.family and family not in args.family:
             continue
-        shutil.rmtree(out / family, ignore_errors=True)
+        if args.first == 1:
+            shutil.rmtree(out / family, ignore_errors=True)
         work = out / family / "_work"
+        shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         write_network(work, family, spec)
-        for k in range(1, spec["scenarios"] + 1):
+        for k in range(args.first, spec["scenarios"] + 1):
             seed = 1000 * (f_index + 1) + k
             rng = random.Random(seed)
             day = day0 + dt.timedelta(days=(k - 1) // 5 * 7 + (k - 1) % 5)  # the k-th weekday from Monday
@@ -317,7 +323,7 @@ def main():
             meta = write_scenario(work, family, spec, rng)
             run_sumo(work, seed)
             rows = minutes(readings(work, meta["detector_fault"], rng), family, t0_ms)
-            split = "train" if family in TRAIN_FAMILIES and k <= TRAIN_SCENARIOS else "test"
+            split = "train" if family in TRAIN_FAMILIES and k not in HELD_OUT_SCENARIOS else "test"
             meta = {"family": family, "scenario": k, "seed": seed, "split": split, "source": "eclipse-sumo",
                     **{key: spec[key] for key in ("free_kmh", "lanes", "ramps")}, **meta}
             write_outputs(out / family / f"s{k:02d}", rows, family, spec, t0_ms, meta)
