@@ -179,15 +179,15 @@ def congestion(m):
     for name, e in c["models"].items():
         out.append(f"- `{name}`: " + " / ".join(str(v) for v in e["eval_sample_mae"]))
     out += ["", "## Limits", "",
-            "- Trained on simulated traffic only (two simulators, four road types); a real city needs retraining on its own detectors.",
+            "- Trained on simulated traffic only (two simulators; the project's simulator's corridors and four SUMO road families); a real city needs retraining on its own detectors.",
             "- No weather input: rain lowers capacity in the project's simulator, but the features stage reads "
             "traffic only (a stage has one input schema), so rain shows only through speeds.",
             "- Segments of one road graph; a segment without neighbours uses its own values.",
             "- What a queue does half an hour ahead is mostly the daily profile: where the historical average "
             "knows the road, it is hard to beat in congested minutes at +30 and +60 min (see the summary).",
-            "- The 16-unit `congestion_small` transfers to unseen roads better than the 64-64 `congestion_fp32`, "
-            "which fits the project's simulator more closely (see the summary for where each wins): the pipeline "
-            "configs (`deploy/local.yaml`, `deploy/kafka.yaml`, the Helm chart) run the small one, and "
+            "- On the unseen roads neither the 16-unit `congestion_small` nor the 64-64 `congestion_fp32` wins "
+            "everywhere (see the summary for where each wins); the small one costs about half the time per batch: "
+            "the pipeline configs (`deploy/local.yaml`, `deploy/kafka.yaml`, the Helm chart) run it, and "
             "`deploy/local.yaml` runs fp32 beside it as the shadow candidate (`predictions_shadow`).", ""]
     return "\n".join(out)
 
