@@ -50,6 +50,12 @@ fn rusage(who: libc::c_int) -> Usage {
     Usage { cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime), peak_rss_mib: ru.ru_maxrss as f64 / 1024.0 }
 }
 
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Decoded typed batches of `kind` from a simulator run with the default faults (duplicates,
 /// re-sends, out-of-order), `rows` rows each, in arrival order, with the watermark each batch
 /// may be followed by (the newest simulated time minus two minutes).

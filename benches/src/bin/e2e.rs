@@ -24,7 +24,7 @@
 
 use std::time::Instant;
 
-use citystream_benches::usage;
+use citystream_benches::{median, usage};
 use citystream_operators::Metrics;
 use citystream_pipeline::config::{self, plan::plan};
 use citystream_pipeline::runtime::{self, StopHandle};
@@ -69,11 +69,6 @@ struct Args {
     #[cfg(feature = "kafka")]
     #[arg(long = "source-field")]
     source_fields: Vec<String>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Per task (source, stage, sink), the thread CPU-s per million events of the runs so far.

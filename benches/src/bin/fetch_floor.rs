@@ -19,7 +19,7 @@ use std::net::TcpStream;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
-use citystream_benches::usage;
+use citystream_benches::{median, usage};
 use citystream_schemas::raw::RawBatchBuilder;
 use clap::Parser;
 
@@ -351,11 +351,6 @@ fn read_topic(args: &Args) -> anyhow::Result<(Seen, f64, f64)> {
         seen.batches += 1;
     }
     Ok((seen, t0.elapsed().as_secs_f64(), usage().cpu_s - cpu0))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -38,6 +38,7 @@ mod harness {
     use std::time::{Duration, Instant, SystemTime};
 
     use anyhow::Context as _;
+    use citystream_benches::median;
     use citystream_pipeline::kafka::KafkaTopics;
     use citystream_pipeline::simulator::SimulatorConfig;
     use clap::Parser;
@@ -96,11 +97,6 @@ mod harness {
         }
         all.push(format!("group.instance.id: {instance}"));
         format!("{{{}}}", all.join(", "))
-    }
-
-    fn median(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
     }
 
     /// Kafka → decode → Parquet into `lake`, as group member `instance`; with `--tasks`, one

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray};
+use citystream_benches::median;
 use citystream_pipeline::task::{StateStore, StateUrl};
 use clap::Parser;
 
@@ -33,11 +34,6 @@ fn state(mb: usize) -> RecordBatch {
     let b = Int64Array::from_iter_values((0..rows as i64).map(|i| i ^ 0x5555));
     RecordBatch::try_from_iter([("key", Arc::new(keys) as _), ("count", Arc::new(a) as _), ("sum", Arc::new(b) as _)])
         .expect("batch")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {
