@@ -19,12 +19,14 @@ deduplicates by `event_id`, aggregates 5-minute windows per segment (count, sum,
   the wall time; `--compression` picks the producer's codec (zstd by default: the fewest bytes
   on the wire and on the broker's disk, and the consumer decompresses them); `--baseline` runs a
   second citystream binary on the same backlog, interleaved (a change measured against the build
-  before it, in the same run); `--kcat` adds `kcat-consume`: Debian's `kcat` (`apt install kcat`,
+  before it, in the same run); `--librdkafka` adds `citystream-kafka-librdkafka`: the same
+  binary with `fetch: librdkafka` (librdkafka's own fetch; `citystream-kafka` fetches natively,
+  the default on plaintext); `--kcat` adds `kcat-consume`: Debian's `kcat` (`apt install kcat`,
   with its own librdkafka) reading the same backlog to /dev/null, one character per message, the
   Kafka client's own cost with no work on the events (a floor for any librdkafka consumer);
   `--fetch-floor BINARY` adds `fetch-floor`: `benches/src/bin/fetch_floor.rs` reading the same
-  backlog with Kafka's Fetch requests of its own (no librdkafka) into the source's raw batches,
-  what a consumer without an op per message would cost (checked once, before the timed runs,
+  backlog with the native fetch's requests and reader alone (no group, commits or pipeline) into
+  the source's raw batches, the floor of the native path (checked once, before the timed runs,
   to read exactly the produced lines).
 
 Each run is a fresh process; wall time, CPU (user + system, from `wait4`) and peak RSS are
@@ -37,7 +39,8 @@ does not pass unnoticed.
     cargo build --release -p citystream-pipeline --bin citystream
     .venv/bin/python benches/peer_batch.py target/release/citystream --repeat 3 [--kafka 127.0.0.1:9092]
         [--decode-only] [--broker-pid PID] [--events 3000000] [--compression lz4] [--baseline OTHER_BINARY] [--kcat]
-        [--fetch-floor target/release/fetch_floor]
+        [--librdkafka] [--fetch-floor target/release/fetch_floor]
+    (fetch_floor: cargo build --release -p citystream-benches --features kafka --bin fetch_floor)
 """
 
 import argparse
@@ -262,6 +265,9 @@ def main():
     ap.add_argument("--baseline", metavar="BINARY",
                     help="with --kafka: another citystream binary (e.g. the build before a change) run on the "
                          "same backlog, interleaved with the others (`citystream-kafka-baseline`)")
+    ap.add_argument("--librdkafka", action="store_true",
+                    help="with --kafka: also the Kafka source with `fetch: librdkafka` (librdkafka fetches; "
+                         "the default, `auto`, fetches natively on plaintext: `citystream-kafka-librdkafka`)")
     ap.add_argument("--kcat", action="store_true",
                     help="with --kafka: also kcat reading the backlog to /dev/null (`kcat-consume`)")
     ap.add_argument("--fetch-floor", metavar="BINARY",
@@ -270,8 +276,8 @@ def main():
     args = ap.parse_args()
     if args.fetch_floor and not args.kafka:
         ap.error("--fetch-floor reads the Kafka backlog: it needs --kafka")
-    if args.fetch_floor and args.compression not in ("zstd", "none"):
-        ap.error("--fetch-floor reads zstd or uncompressed record batches only")
+    if args.librdkafka and not args.kafka:
+        ap.error("--librdkafka runs on the Kafka backlog: it needs --kafka")
     if args.baseline and not args.kafka:
         ap.error("--baseline runs on the Kafka backlog: it needs --kafka")
     if args.kcat and not (args.kafka and shutil.which("kcat")):
@@ -306,6 +312,8 @@ def main():
                 results["citystream-kafka-decode"] = []
             if args.baseline:
                 results["citystream-kafka-baseline"] = []
+            if args.librdkafka:
+                results["citystream-kafka-librdkafka"] = []
             if args.kcat:
                 results["kcat-consume"] = []
                 version = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout
@@ -327,6 +335,8 @@ def main():
                         source = CITYSTREAM_KAFKA_SOURCE.format(
                             brokers=args.kafka, group=f"{topic}-{engine}-{r}", topic=topic, idle=KAFKA_IDLE_S
                         )
+                        if engine == "citystream-kafka-librdkafka":
+                            source += "    fetch: librdkafka\n"
                         start = text.index("  archive:")
                         text = text[:start] + source.lstrip("\n") + text[text.index("stages:"):]
                     if engine == "citystream-kafka-decode":

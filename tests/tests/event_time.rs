@@ -387,9 +387,10 @@ runtime:
 }
 
 /// Watermark alignment pauses partitions that run ahead and holds what it reads from them:
-/// with a drift of one minute (paused at nearly every fetch), with a hold of 64 KiB (full at
-/// once: paused in librdkafka too, whose resume goes on after the held messages) and without
-/// alignment, a backlog gives the same tables.
+/// with a drift of one minute (paused at nearly every fetch; the native fetch stops fetching a
+/// paused partition and holds what the response at hand still had of it), with librdkafka's
+/// fetch and a hold of 64 KiB (full at once: paused in librdkafka too, whose resume goes on
+/// after the held messages) and without alignment, a backlog gives the same tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alignment_holding_or_pausing_the_fetch_gives_the_tables_of_no_alignment() {
     let topics = create_topics(&unique("et-align"), 2).await;
@@ -411,7 +412,8 @@ async fn alignment_holding_or_pausing_the_fetch_gives_the_tables_of_no_alignment
     let (held, n_held, _) = run("held", "    max_drift: 1m\n").await;
     assert!(n_held > 0.0, "a one-minute drift pauses partitions of a backlog and holds their messages");
     assert_same_tables("alignment holding vs none", &held, &expected);
-    let (fetch, n_held, n_fetch) = run("fetch-paused", "    max_drift: 1m\n    max_held_bytes: 65536\n").await;
+    let (fetch, n_held, n_fetch) =
+        run("fetch-paused", "    max_drift: 1m\n    max_held_bytes: 65536\n    fetch: librdkafka\n").await;
     assert!(n_held > 0.0 && n_fetch > 0.0, "a 64 KiB hold fills: partitions paused in librdkafka too");
     assert_same_tables("alignment pausing the fetch vs none", &fetch, &expected);
 }
@@ -445,22 +447,81 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
 
     let data = work.path().join("killed");
     let cfg = work.path().join("killed.yaml");
-    // paced (a 1 MiB prefetch queue, which one fetch fills, and a second's pause whenever it
+    // librdkafka's fetch (the native one is killed in the next test), paced (a 1 MiB
+    // prefetch queue, which one fetch fills, and a second's pause whenever it
     // is full; and watermark alignment's hold at 256 KiB, so kills also find messages held): at
     // the source's full speed the backlog would be caught up before five kills (a 4 MiB queue
     // was no longer filled by one fetch once the source took messages in batches)
-    let paced = pipeline_yaml_with(&topics, &unique("et3k"), &data, "    max_held_bytes: 262144\n").replace(
-        "      heartbeat.interval.ms: \"1000\"\n",
-        "      heartbeat.interval.ms: \"1000\"\n      fetch.queue.backoff.ms: \"1000\"\n      \
+    let paced =
+        pipeline_yaml_with(&topics, &unique("et3k"), &data, "    max_held_bytes: 262144\n    fetch: librdkafka\n")
+            .replace(
+                "      heartbeat.interval.ms: \"1000\"\n",
+                "      heartbeat.interval.ms: \"1000\"\n      fetch.queue.backoff.ms: \"1000\"\n      \
          queued.max.messages.kbytes: \"1024\"\n",
-    );
+            );
     assert!(paced.contains("fetch.queue.backoff.ms"));
     std::fs::write(&cfg, paced).unwrap();
+    let total = day().messages.len() as i64;
+    let kills = kill_at_random_moments(&cfg, &data, work.path(), 5, |at| {
+        assert!(at < total, "killed while catching up: checkpoint at {at} of {total} messages")
+    });
+    let log = work.path().join("last.log");
+    let mut last = spawn(&cfg, &log);
+    wait_exit(&mut last, Duration::from_secs(600), &log);
+    eprintln!("killed with SIGKILL at checkpoints {kills:?} of {total} messages, then ran to the end");
+    assert_same_tables("killed 5 times vs uninterrupted", &tables(&data, &[]).await, &expected);
+}
+
+/// The native fetch (the default) killed with SIGKILL at random moments while the day is still
+/// being produced, restarted each time (a new member: its partitions come after the dead one's
+/// session times out), then run to the end: the tables of an uninterrupted run on a backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_fetch_killed_at_random_moments_while_producing_gives_the_tables_of_a_backlog() {
+    let reference_topics = create_topics(&unique("et3nr"), 3).await;
+    produce(&reference_topics, Produce::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let reference = work.path().join("reference");
+    run(&reference_topics, "et3nr", &reference).await;
+    let expected = tables(&reference, &[]).await;
+
+    let topics = create_topics(&unique("et3nk"), 3).await;
+    let data = work.path().join("killed");
+    let cfg = work.path().join("killed.yaml");
+    // a hold of 256 KiB, so that kills also find messages held
+    std::fs::write(&cfg, pipeline_yaml_with(&topics, &unique("et3nk"), &data, "    max_held_bytes: 262144\n")).unwrap();
+    // about a minute of producing: three restarts, each waiting out a 10 s session, land in it
+    let producing = tokio::spawn({
+        let topics = topics.clone();
+        async move { produce(&topics, Produce { rate: Some(5_000), ..Default::default() }).await }
+    });
+    let total = day().messages.len() as i64;
+    let kills = kill_at_random_moments(&cfg, &data, work.path(), 3, |at| {
+        assert!(
+            !producing.is_finished() && at < total,
+            "killed while the day was produced: checkpoint at {at} of {total}"
+        )
+    });
+    producing.await.unwrap();
+    let log = work.path().join("last.log");
+    let mut last = spawn(&cfg, &log);
+    wait_exit(&mut last, Duration::from_secs(600), &log);
+    eprintln!("native fetch killed with SIGKILL at checkpoints {kills:?} of {total} messages, then ran to the end");
+    assert_same_tables(
+        "native fetch killed 3 times while producing vs a backlog",
+        &tables(&data, &[]).await,
+        &expected,
+    );
+}
+
+/// Runs the pipeline of `cfg` (its state under `data`, logs under `work`) `n` times, each
+/// killed with SIGKILL at a random moment up to 0.8 s after its first checkpoint further than
+/// the last one; `check` gets the checkpoint's progress (offsets summed) after each kill.
+/// Returns those progresses.
+fn kill_at_random_moments(cfg: &Path, data: &Path, work: &Path, n: usize, check: impl Fn(i64)) -> Vec<i64> {
     let manifest = citystream_pipeline::task::StateUrl::Local(data.join("state"));
     let progress = |m: &citystream_pipeline::task::StateUrl| -> i64 {
         citystream_pipeline::task::StateStore::inspect(m).ok().flatten().map_or(0, |c| c.positions.values().sum())
     };
-    let total = day().messages.len() as i64;
     // a fixed seed per run of the suite would hide nothing: vary the moments
     let mut rng = chrono_now() as u64 | 1;
     let mut next = move || {
@@ -470,12 +531,11 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
         rng
     };
     let mut kills = Vec::new();
-    while kills.len() < 5 {
-        let log = work.path().join(format!("run{}.log", kills.len()));
-        let mut child = spawn(&cfg, &log);
+    while kills.len() < n {
+        let log = work.join(format!("run{}.log", kills.len()));
+        let mut child = spawn(cfg, &log);
         let before = progress(&manifest);
         let t0 = Instant::now();
-        // a checkpoint further than the last one, then a random moment up to 0.8 s later
         while progress(&manifest) <= before {
             assert!(
                 child.try_wait().unwrap().is_none(),
@@ -489,12 +549,8 @@ async fn a_backlog_killed_at_random_moments_gives_the_tables_of_an_uninterrupted
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         let at = progress(&manifest);
-        assert!(at < total, "killed while catching up: checkpoint at {at} of {total} messages");
+        check(at);
         kills.push(at);
     }
-    let log = work.path().join("last.log");
-    let mut last = spawn(&cfg, &log);
-    wait_exit(&mut last, Duration::from_secs(600), &log);
-    eprintln!("killed with SIGKILL at checkpoints {kills:?} of {total} messages, then ran to the end");
-    assert_same_tables("killed 5 times vs uninterrupted", &tables(&data, &[]).await, &expected);
+    kills
 }

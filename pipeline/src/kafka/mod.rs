@@ -2,6 +2,7 @@
 //! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
 //! zstd producer, and the producer the simulator uses to feed topics.
 
+pub mod fetch;
 pub mod global;
 pub(crate) mod membership;
 pub mod partition;
@@ -143,6 +144,12 @@ pub struct KafkaSourceConfig {
     /// again on resume. `0`: pause in librdkafka at once. Default 16 MiB (`16777216`).
     #[serde(default = "d_max_held_bytes")]
     pub max_held_bytes: usize,
+    /// How partitions are fetched: `native`, Fetch requests of the source's own to each
+    /// partition leader (plaintext connections only), with librdkafka kept as the group's member
+    /// and committer ([`fetch`]); `librdkafka`, librdkafka's own fetch; `auto`, `native` unless
+    /// `properties` set a `security.protocol` other than `plaintext`. Default `auto`.
+    #[serde(default)]
+    pub fetch: KafkaFetch,
     /// End the source after no message arrived for this long (bounded runs and tests);
     /// absent: run until stopped.
     #[serde(default)]
@@ -157,6 +164,38 @@ pub struct KafkaSourceConfig {
     /// the group's membership.
     #[serde(skip)]
     pub(crate) task: Option<i32>,
+}
+
+/// How a Kafka source fetches (`fetch:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaFetch {
+    /// `native` where the connection is plaintext, else `librdkafka`.
+    #[default]
+    Auto,
+    /// The source's own Fetch requests.
+    Native,
+    /// librdkafka's fetch.
+    Librdkafka,
+}
+
+impl KafkaSourceConfig {
+    /// Whether this source fetches natively; an error for `fetch: native` on a connection it
+    /// cannot make (TLS or SASL).
+    pub fn native_fetch(&self) -> Result<bool, String> {
+        let protocol = self.properties.get("security.protocol").map(|v| v.as_str().to_ascii_lowercase());
+        let plaintext = protocol.as_deref().is_none_or(|p| p == "plaintext");
+        match self.fetch {
+            KafkaFetch::Librdkafka => Ok(false),
+            KafkaFetch::Auto => Ok(plaintext),
+            KafkaFetch::Native if plaintext => Ok(true),
+            KafkaFetch::Native => Err(format!(
+                "`fetch: native` makes plaintext connections only, and `security.protocol` is {}: \
+                 use `fetch: librdkafka` (or `auto`)",
+                protocol.unwrap_or_default()
+            )),
+        }
+    }
 }
 
 /// Consumer properties about joining a group, which a task's consumer (assigned by hand, never
@@ -409,5 +448,26 @@ async fn warn_finite_retention<'a>(
                  retention.ms=-1,retention.bytes=-1)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(extra: &str) -> KafkaSourceConfig {
+        serde_saphyr::from_str(&format!("brokers: 127.0.0.1:9092\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn auto_fetches_natively_on_plaintext_only_and_native_refuses_tls() {
+        assert_eq!(source("").fetch, KafkaFetch::Auto);
+        assert_eq!(source("").native_fetch(), Ok(true));
+        assert_eq!(source("properties: {security.protocol: PLAINTEXT}").native_fetch(), Ok(true));
+        assert_eq!(source("properties: {security.protocol: SASL_SSL}").native_fetch(), Ok(false));
+        assert_eq!(source("fetch: librdkafka").native_fetch(), Ok(false));
+        let e = source("fetch: native\nproperties: {security.protocol: ssl}").native_fetch().unwrap_err();
+        assert!(e.contains("plaintext") && e.contains("fetch: librdkafka"), "{e}");
+        assert!(serde_saphyr::from_str::<KafkaSourceConfig>("brokers: b\nfetch: fast\n").is_err());
     }
 }

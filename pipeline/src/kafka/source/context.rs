@@ -35,6 +35,12 @@ pub(super) struct Part {
     /// The log end asked of the broker (when librdkafka had none cached; `None`: the query
     /// failed) and when.
     pub(super) queried_end: Option<(Option<i64>, Instant)>,
+    /// With the native fetch: the next offset to fetch (past every record appended or held,
+    /// and past transaction markers and aborted records) …
+    pub(super) fetch_at: i64,
+    /// … and the log end the last fetch response gave (the last stable offset when reading
+    /// committed data).
+    pub(super) fetched_end: Option<i64>,
 }
 
 /// What the consumer loop and the rebalance callbacks share (one thread: never contended).
@@ -95,6 +101,18 @@ impl Shared {
         self.queue.as_ref().and_then(std::sync::Weak::upgrade)
     }
 
+    /// The consumer lag gauge of partition `tp`.
+    pub(super) fn lag_gauge(&mut self, tp: &Tp) -> &Gauge {
+        let (metrics, source) = (&self.metrics, &self.name);
+        self.lag.entry(tp.clone()).or_insert_with(|| {
+            metrics.gauge(
+                "citystream_kafka_consumer_lag",
+                "Messages between a partition's end and the committed offset (librdkafka's fetch) or the position read (the native fetch).",
+                &[("source", source.as_str()), ("topic", tp.0.as_str()), ("partition", tp.1.to_string().as_str())],
+            )
+        })
+    }
+
     /// The next offset of every partition a message was read from.
     pub(super) fn positions(&self) -> Positions {
         self.parts.iter().filter(|(_, p)| p.read).map(|(k, p)| (k.clone(), p.position)).collect()
@@ -107,6 +125,9 @@ pub(super) struct Ctx {
     pub(super) commits: crate::sink::compact::CommitLog,
     /// Operator state checkpoints: their manifest is written before offsets are committed.
     pub(super) state: Option<crate::task::StateStore>,
+    /// The source fetches natively ([`crate::kafka::fetch`]): librdkafka keeps every assigned
+    /// partition paused.
+    pub(super) native: bool,
 }
 
 pub(super) fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -223,7 +244,18 @@ impl Ctx {
             }
             let tp = (topic, partition);
             s.drop_held(&tp);
-            s.parts.insert(tp, Part { position: from, read: false, active_at: now, paused: false, queried_end: None });
+            s.parts.insert(
+                tp,
+                Part {
+                    position: from,
+                    read: false,
+                    active_at: now,
+                    paused: false,
+                    queried_end: None,
+                    fetch_at: from,
+                    fetched_end: None,
+                },
+            );
         }
         tracing::info!(source = s.name, partitions = list.count(), "assigned");
     }
@@ -252,27 +284,17 @@ impl ClientContext for Ctx {
     }
 
     fn stats(&self, stats: Statistics) {
+        if self.native {
+            // librdkafka fetches nothing: the source sets the lag from its own fetches
+            return;
+        }
         let mut s = lock(&self.shared);
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
                 if *p < 0 || part.consumer_lag < 0 {
                     continue;
                 }
-                let key = (topic.clone(), *p);
-                let metrics = s.metrics.clone();
-                let source = s.name.clone();
-                let g = s.lag.entry(key).or_insert_with(|| {
-                    metrics.gauge(
-                        "citystream_kafka_consumer_lag",
-                        "Messages between a partition's end and the committed offset.",
-                        &[
-                            ("source", source.as_str()),
-                            ("topic", topic.as_str()),
-                            ("partition", p.to_string().as_str()),
-                        ],
-                    )
-                });
-                g.set(part.consumer_lag as f64);
+                s.lag_gauge(&(topic.clone(), *p)).set(part.consumer_lag as f64);
             }
         }
     }
@@ -280,11 +302,18 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // a partition assigned again starts unpaused, whatever alignment did before it left
-        if let Rebalance::Assign(list) = rebalance
-            && list.count() > 0
-            && let Err(e) = consumer.resume(list)
-        {
+        let Rebalance::Assign(list) = rebalance else { return };
+        if list.count() == 0 {
+            return;
+        }
+        if self.native {
+            // the source fetches them itself: librdkafka fetches none (what it may have fetched
+            // before this pause is dropped by the consumer thread)
+            if let Err(e) = consumer.pause(list) {
+                self.fail(format!("pausing newly assigned partitions in librdkafka (the source fetches them): {e}"));
+            }
+        } else if let Err(e) = consumer.resume(list) {
+            // a partition assigned again starts unpaused, whatever alignment did before it left
             tracing::warn!("resuming newly assigned partitions: {e}");
         }
     }

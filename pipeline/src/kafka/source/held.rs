@@ -57,7 +57,7 @@ impl Held {
         self.builder.append(topic, partition, offset, arrived, payload);
         self.bytes += payload.len();
         self.messages += 1;
-        self.next = offset + 1;
+        self.next = offset.saturating_add(1);
         if self.builder.len() >= batch_rows {
             self.full.push(self.builder.finish());
         }

@@ -31,6 +31,7 @@ mod alignment;
 mod commit;
 mod context;
 mod held;
+mod native;
 mod queue;
 
 pub use alignment::{AlignInput, Alignment};
@@ -49,6 +50,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use tokio::sync::watch;
 
+use super::fetch::{Decoders, FetchLimits, Fetcher};
 use super::{KafkaSourceConfig, client_config};
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
@@ -135,6 +137,16 @@ struct Loop {
     fetch_pauses: citystream_operators::Counter,
     /// Payload bytes held now.
     held_bytes: Gauge,
+    /// The native fetch path (`None`: librdkafka fetches).
+    native: Option<std::cell::RefCell<Native>>,
+}
+
+/// The native fetch path's state ([`crate::kafka::fetch`]).
+struct Native {
+    fetcher: Fetcher,
+    decoders: Decoders,
+    /// Record batches it could not decompress, skipped.
+    skipped: citystream_operators::Counter,
 }
 
 /// What the loop read since it last added to its counters.
@@ -230,12 +242,32 @@ async fn run_kafka_source(
             cc.remove(k);
         }
     }
+    let native = cfg.native_fetch().map_err(err)?;
+    let native = match native {
+        true => Some(std::cell::RefCell::new(Native {
+            fetcher: Fetcher::new(
+                cfg.properties.get("client.id").map_or("citystream", |v| v.as_str()),
+                fetch_limits(&cc).map_err(err)?,
+            ),
+            decoders: Decoders::new().map_err(|e| err(format!("creating a zstd decoder: {e}")))?,
+            skipped: metrics.counter(
+                "citystream_kafka_skipped_batches_total",
+                "Record batches the native fetch could not decompress, skipped (logged with their offsets).",
+                &[("source", name)],
+            ),
+        })),
+        false => None,
+    };
     let consumer: BaseConsumer<Ctx> = cc
-        .create_with_context(Ctx { shared: shared.clone(), commits, state })
+        .create_with_context(Ctx { shared: shared.clone(), commits, state, native: native.is_some() })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     // every assigned partition's messages go to a queue of the source's own, taken in batches
-    let queue = FetchQueue::new(consumer.client().native_ptr()).map(Arc::new);
-    if queue.is_none() {
+    // (not with the native fetch: librdkafka fetches nothing then)
+    let queue = match native {
+        Some(_) => None,
+        None => FetchQueue::new(consumer.client().native_ptr()).map(Arc::new),
+    };
+    if queue.is_none() && native.is_none() {
         tracing::warn!(source = name, "librdkafka made no queue for the source: messages are polled one by one");
     }
     lock(&shared).queue = queue.as_ref().map(Arc::downgrade);
@@ -247,7 +279,13 @@ async fn run_kafka_source(
     }
     let routing: Vec<(String, Routing)> =
         ports.iter().filter_map(|(topic, &port)| Some((topic.clone(), routing[port].clone()?))).collect();
-    tracing::info!(source = name, ?topics, group = cfg.group_id.as_str(), "consuming");
+    tracing::info!(
+        source = name,
+        ?topics,
+        group = cfg.group_id.as_str(),
+        fetch = if native.is_some() { "native" } else { "librdkafka" },
+        "consuming"
+    );
     let counter = |metric: &str, help: &'static str, k: &EventKind| {
         metrics.counter(metric, help, &[("source", name), ("stream", k.as_str())])
     };
@@ -282,6 +320,7 @@ async fn run_kafka_source(
             "Payload bytes read from partitions paused by watermark alignment and held (about max_held_bytes at most).",
             &[("source", name)],
         ),
+        native,
         cfg,
         consumer,
         shared,
@@ -301,6 +340,27 @@ async fn run_kafka_source(
     rx.await.map_err(|_| err("the consumer thread died".into()))?
 }
 
+/// The native fetch's limits, from the consumer's properties (librdkafka's names and meaning;
+/// `fetch.max.bytes` 16 MiB unless set, the prefetch bound of [`CONSUMER_DEFAULTS`]).
+fn fetch_limits(cc: &rdkafka::ClientConfig) -> Result<FetchLimits, String> {
+    let int = |key: &str, default: i32| -> Result<i32, String> {
+        cc.get(key).map_or(Ok(default), |v| {
+            v.trim().parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| format!("`{key}`: {v:?} is not a count"))
+        })
+    };
+    let read_committed = match cc.get("isolation.level").unwrap_or("read_committed") {
+        "read_committed" => true,
+        "read_uncommitted" => false,
+        v => return Err(format!("`isolation.level`: {v:?} (read_committed or read_uncommitted)")),
+    };
+    Ok(FetchLimits {
+        max_wait_ms: int("fetch.wait.max.ms", 500)?,
+        max_bytes: int("fetch.max.bytes", 16 << 20)?.max(1),
+        partition_bytes: int("fetch.message.max.bytes", int("max.partition.fetch.bytes", 1 << 20)?)?.max(1),
+        read_committed,
+    })
+}
+
 /// Assigns partition `partition` of every topic in `topics` that has it, starting where the
 /// task's checkpoint or commit left it (the same decision and cleanup as a group assignment).
 fn assign_task(consumer: &BaseConsumer<Ctx>, topics: &[&str], partition: i32) -> Result<(), String> {
@@ -314,7 +374,12 @@ fn assign_task(consumer: &BaseConsumer<Ctx>, topics: &[&str], partition: i32) ->
     if let Some(e) = lock(&consumer.context().shared).error.take() {
         return Err(e);
     }
-    consumer.assign(&list).map_err(|e| format!("assigning partition {partition} of {topics:?}: {e}"))
+    consumer.assign(&list).map_err(|e| format!("assigning partition {partition} of {topics:?}: {e}"))?;
+    if consumer.context().native {
+        // no rebalance callback pauses a partition assigned by hand: the source fetches it
+        consumer.pause(&list).map_err(|e| format!("pausing partition {partition} of {topics:?} in librdkafka: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What the runtime shares with the source per output port: the event clocks its `decode`
@@ -478,6 +543,29 @@ impl Loop {
                     now = Instant::now();
                     last_message = now;
                     unchecked = CHECK_EVERY;
+                }
+                continue;
+            }
+            if let Some(native) = &self.native {
+                unchecked = CHECK_EVERY;
+                let (fetched, read) = self.fetch_round(native, &mut key, &mut wall, &mut total)?;
+                now = Instant::now();
+                if read > 0 {
+                    last_message = now;
+                    continue;
+                }
+                if fetched == 0 {
+                    // nothing to fetch (none assigned, all paused, no leader reachable): wait
+                    // for an event, at most 100 ms
+                    let wait = next_flush.min(next_checkpoint).saturating_duration_since(now);
+                    if let Some(polled) = self.consumer.poll(wait.min(Duration::from_millis(100))) {
+                        self.serve_polled(polled, &mut key, &mut wall, &mut last_message, &mut total)?;
+                    }
+                    now = Instant::now();
+                }
+                // a fetch that came back empty waited `fetch.wait.max.ms` on the broker
+                if self.idle_long_enough(&mut last_message) {
+                    break;
                 }
                 continue;
             }
@@ -668,6 +756,10 @@ impl Loop {
                 return Ok(false);
             }
         };
+        if self.native.is_some() {
+            // fetched by librdkafka before the assignment's pause: the source fetches it itself
+            return Ok(false);
+        }
         *last_message = Instant::now();
         let read = Read {
             topic: msg.topic(),
@@ -743,7 +835,7 @@ impl Loop {
         if p.paused {
             return self.hold(s, key, port, m, arrived);
         }
-        p.position = m.offset + 1;
+        p.position = m.offset.saturating_add(1);
         p.read = true;
         p.active_at = at;
         s.builders[port].append(m.topic, m.partition, m.offset, arrived, m.payload);
@@ -761,6 +853,8 @@ impl Loop {
     fn step(&self, step: Option<Step>, key: &Tp, total: &mut u64) -> Result<bool, PipelineError> {
         match step {
             None => Ok(false),
+            // the native fetch does not fetch a paused partition at all
+            Some(Step::FetchPause) if self.native.is_some() => Ok(false),
             Some(Step::FetchPause) => {
                 // the hold is full: librdkafka goes on after the last message read at resume
                 let mut tpl = TopicPartitionList::new();
@@ -870,7 +964,12 @@ impl Loop {
         parts
             .iter()
             .map(|((topic, partition), p)| {
-                let backlog = self.log_end(topic, *partition, p, ask).is_none_or(|end| p.position < end);
+                let backlog = match self.native {
+                    // past the records handed on, held, skipped as aborted and the markers; a
+                    // paused partition is not fetched, so counts as behind
+                    Some(_) => p.paused || p.fetched_end.is_none_or(|end| p.fetch_at < end),
+                    None => self.log_end(topic, *partition, p, ask).is_none_or(|end| p.position < end),
+                };
                 let watermark = ports.get(topic).and_then(|&port| self.clocks[port].as_ref()?.watermark(*partition));
                 let idle = !backlog && p.active_at.elapsed() >= idle_after;
                 AlignInput { watermark, holding: !idle, backlog, paused: p.paused }
@@ -938,6 +1037,12 @@ impl Loop {
         // before anything read after the resume: the held messages are the partition's next
         for (port, b) in released {
             outputs.blocking_send(port, Message::Batch(b))?;
+        }
+        if self.native.is_some() {
+            // a paused partition is left out of the fetches, and a resumed one fetched from
+            // past what it held
+            fetch_pause = TopicPartitionList::new();
+            fetch_resume.clear();
         }
         if fetch_pause.count() > 0 {
             self.consumer.pause(&fetch_pause).map_err(|e| self.err(format!("pausing partitions: {e}")))?;

@@ -1,0 +1,431 @@
+//! The Kafka source's own fetch path (`fetch: native`): Fetch requests to each partition
+//! leader on a connection of our own, record batches read straight into the source's raw
+//! batches — without librdkafka's op, queue lock and clock reading per message, which cost the
+//! source about half of its CPU on a backlog (README, "Benchmarks").
+//!
+//! librdkafka stays the consumer group's member: it joins, is assigned partitions (and has
+//! them revoked), and commits offsets; the source pauses every assigned partition there, so
+//! librdkafka fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders come from
+//! librdkafka's metadata, asked again when a partition has none or a broker answers that it no
+//! longer leads it; a broker that cannot be reached is tried again with a growing backoff (up to
+//! 10 s). Requests go to every leader before any response is read, so one round waits at most
+//! `fetch.wait.max.ms` whatever the number of brokers, and each leader's next request goes out
+//! as soon as its response is in, before the source reads it (one request in flight per broker:
+//! the broker reads the log while the source works). The source runs a round on its consumer
+//! thread, between polls of librdkafka — whose rebalance callbacks run inside those polls — so
+//! no fetched data crosses an assignment or a revocation.
+//!
+//! Plaintext connections only: with `security.protocol` other than `plaintext` the source keeps
+//! librdkafka's fetch. [`wire`] has the protocol.
+
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read as _, Write as _};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+
+pub use wire::{Decoders, FetchLimits, PartitionData, Record, RecordSet, WireError};
+
+/// A topic partition.
+pub type Tp = (String, i32);
+
+/// What one request asks of a broker: topic → [(partition, offset)].
+type Request<'a> = BTreeMap<&'a str, Vec<(i32, i64)>>;
+
+/// How long a connection waits for a response beyond the fetch's own wait, and for a write.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first wait before a broker that could not be reached is tried again; doubled up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Metadata is asked again at most this often.
+const METADATA_EVERY: Duration = Duration::from_millis(500);
+
+/// Error codes after which the partition's leader is looked up again.
+const LEADER_ERRORS: &[i16] = &[
+    3,   // UNKNOWN_TOPIC_OR_PARTITION
+    5,   // LEADER_NOT_AVAILABLE
+    6,   // NOT_LEADER_OR_FOLLOWER
+    9,   // REPLICA_NOT_AVAILABLE
+    56,  // KAFKA_STORAGE_ERROR
+    74,  // FENCED_LEADER_EPOCH
+    75,  // UNKNOWN_LEADER_EPOCH
+    100, // UNKNOWN_TOPIC_ID
+];
+/// OFFSET_OUT_OF_RANGE: the position is before the log start (retention) or past its end.
+pub const OFFSET_OUT_OF_RANGE: i16 = 1;
+
+/// One broker connection.
+struct Conn {
+    stream: TcpStream,
+    correlation: i32,
+    request: Vec<u8>,
+}
+
+/// A broker and how it may be reached now.
+#[derive(Default)]
+struct Broker {
+    address: String,
+    conn: Option<Conn>,
+    /// Not tried again before this (after a failure), and the next backoff.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// What the request in flight asked for: partition → offset.
+    in_flight: Option<HashMap<Tp, i64>>,
+}
+
+/// What a round of fetches did.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Partitions fetched (a request reached their leader).
+    pub fetched: usize,
+    /// Partitions whose position is out of the log's range, with the offset asked for: reset
+    /// them (`auto.offset.reset`) if they are still there.
+    pub out_of_range: Vec<(Tp, i64)>,
+}
+
+/// The connections and leaders of the native fetch path.
+pub struct Fetcher {
+    client_id: String,
+    limits: FetchLimits,
+    brokers: HashMap<i32, Broker>,
+    leaders: HashMap<Tp, i32>,
+    metadata_at: Option<Instant>,
+    /// Some partition has no known leader, or lost it.
+    stale: bool,
+    /// The buffer a response is read into (one at a time: handed on, then read into again).
+    spare: Vec<u8>,
+    /// Where the next request starts in its partition list.
+    rotation: usize,
+}
+
+impl Fetcher {
+    /// A fetcher with no connection yet, identifying itself as `client_id`.
+    pub fn new(client_id: &str, limits: FetchLimits) -> Self {
+        Fetcher {
+            client_id: client_id.to_owned(),
+            limits,
+            brokers: HashMap::new(),
+            leaders: HashMap::new(),
+            metadata_at: None,
+            stale: true,
+            spare: Vec::new(),
+            rotation: 0,
+        }
+    }
+
+    /// What its requests ask for.
+    pub fn limits(&self) -> FetchLimits {
+        self.limits
+    }
+
+    /// Asks librdkafka for the leaders of `topics` (and the brokers' addresses), when some
+    /// partition needs one and the last ask is [`METADATA_EVERY`] old.
+    fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, topics: &[&str]) {
+        if !self.stale || self.metadata_at.is_some_and(|at| at.elapsed() < METADATA_EVERY) {
+            return;
+        }
+        self.metadata_at = Some(Instant::now());
+        let mut complete = true;
+        for topic in topics {
+            let md = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(md) => md,
+                Err(e) => {
+                    tracing::warn!(topic, "native fetch: reading the partition leaders: {e}");
+                    complete = false;
+                    continue;
+                }
+            };
+            for b in md.brokers() {
+                let address = format!("{}:{}", b.host(), b.port());
+                let broker = self.brokers.entry(b.id()).or_default();
+                if broker.address != address {
+                    broker.address = address;
+                    broker.conn = None;
+                    broker.in_flight = None;
+                }
+            }
+            for t in md.topics().iter().filter(|t| t.name() == *topic) {
+                for p in t.partitions() {
+                    let tp = (t.name().to_owned(), p.id());
+                    if p.error().is_none() && p.leader() >= 0 {
+                        self.leaders.insert(tp, p.leader());
+                    } else {
+                        self.leaders.remove(&tp);
+                        complete = false;
+                    }
+                }
+            }
+        }
+        self.stale = !complete;
+    }
+
+    /// The connection to broker `id`, connected now if need be (`None` while it backs off).
+    fn conn(&mut self, id: i32) -> Option<&mut Conn> {
+        let broker = self.brokers.get_mut(&id)?;
+        if broker.conn.is_none() {
+            if broker.retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+            match connect(&broker.address, self.limits.max_wait_ms) {
+                Ok(stream) => {
+                    broker.conn = Some(Conn { stream, correlation: 0, request: Vec::new() });
+                    broker.retry_at = None;
+                    broker.backoff = Duration::ZERO;
+                }
+                Err(e) => {
+                    broker.backoff = (broker.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+                    broker.retry_at = Some(Instant::now() + broker.backoff);
+                    tracing::warn!(
+                        broker = id,
+                        address = broker.address,
+                        "native fetch: cannot connect: {e}; trying again in {:?}",
+                        broker.backoff
+                    );
+                    self.stale = true;
+                    return None;
+                }
+            }
+        }
+        broker.conn.as_mut()
+    }
+
+    /// Drops broker `id`'s connection after a failure; it is connected again at the next round
+    /// (after a backoff), and the leaders are asked again (the broker may have gone for good).
+    fn failed(&mut self, id: i32, what: &str) {
+        if let Some(broker) = self.brokers.get_mut(&id) {
+            broker.conn = None;
+            broker.in_flight = None;
+            broker.backoff = (broker.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+            broker.retry_at = Some(Instant::now() + broker.backoff);
+            tracing::warn!(broker = id, address = broker.address, "native fetch: {what}; reconnecting");
+        }
+        self.stale = true;
+    }
+
+    /// Sends a Fetch request for `partitions` (topic → [(partition, offset)]) to broker
+    /// `leader`; remembers what it asked (one request in flight per broker).
+    fn send(&mut self, leader: i32, partitions: &Request<'_>) {
+        let (limits, client_id) = (self.limits, self.client_id.clone());
+        // the broker fills a response in the request's order, up to its byte limits: each
+        // request starts one partition further on, so none waits behind the others for good
+        self.rotation = self.rotation.wrapping_add(1);
+        let mut request: Vec<(&str, Vec<(i32, i64)>)> = Vec::with_capacity(partitions.len());
+        let flat: Vec<(&str, (i32, i64))> =
+            partitions.iter().flat_map(|(t, ps)| ps.iter().map(move |p| (*t, *p))).collect();
+        if !flat.is_empty() {
+            let start = self.rotation % flat.len();
+            for (t, p) in flat[start..].iter().chain(&flat[..start]) {
+                match request.last_mut() {
+                    Some((last, ps)) if last == t => ps.push(*p),
+                    _ => request.push((t, vec![*p])),
+                }
+            }
+        }
+        let Some(conn) = self.conn(leader) else { return };
+        conn.correlation = conn.correlation.wrapping_add(1);
+        wire::encode_fetch(&mut conn.request, conn.correlation, &client_id, limits, &request);
+        if let Err(e) = conn.stream.write_all(&conn.request) {
+            self.failed(leader, &format!("sending a fetch: {e}"));
+            return;
+        }
+        let asked = partitions
+            .iter()
+            .flat_map(|(t, ps)| ps.iter().map(|&(p, o)| (((*t).to_owned(), p), o)))
+            .collect::<HashMap<Tp, i64>>();
+        if let Some(b) = self.brokers.get_mut(&leader) {
+            b.in_flight = Some(asked);
+        }
+    }
+
+    /// The brokers whose response has (begun to) come in, waiting up to the fetch's wait and
+    /// [`IO_TIMEOUT`] for the first: a caught-up broker's long poll holds no other broker's
+    /// response back. A broker none came from within that time is dropped (reconnected later).
+    fn ready(&mut self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        let waiting: Vec<(i32, i32)> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| b.in_flight.is_some())
+            .filter_map(|(id, b)| Some((*id, b.conn.as_ref()?.stream.as_raw_fd())))
+            .collect();
+        if waiting.is_empty() {
+            return Vec::new();
+        }
+        let mut fds: Vec<libc::pollfd> =
+            waiting.iter().map(|&(_, fd)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        let timeout = IO_TIMEOUT + Duration::from_millis(self.limits.max_wait_ms.max(0) as u64);
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call's duration
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int) };
+        if n == 0 {
+            for (id, _) in &waiting {
+                self.failed(*id, "no fetch response within the timeout");
+            }
+            return Vec::new();
+        }
+        if n < 0 {
+            // interrupted by a signal: the next round waits again
+            return Vec::new();
+        }
+        // an error or hang-up shows when reading
+        waiting.iter().zip(&fds).filter(|(_, f)| f.revents != 0).map(|((id, _), _)| *id).collect()
+    }
+
+    /// One round: a Fetch request to every leader of a partition in `wanted` (at its next
+    /// offset) that has none in flight, then each leader's response read and its partitions
+    /// handed to `on_data` with the offset they were fetched from (those without an error).
+    /// Before a response is handed on, the leader's next request is sent — from where the
+    /// response's whole batches end — so the broker reads while the source works (pipelining);
+    /// data fetched for a position a partition no longer has (paused, sought, revoked) is for
+    /// `on_data` to drop. Partitions whose leader is unknown or unreachable are left for a
+    /// later round.
+    pub fn round<C: ConsumerContext, E>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        wanted: &[(Tp, i64)],
+        mut on_data: impl FnMut(&PartitionData<'_>, i64) -> Result<(), E>,
+    ) -> Result<Round, E> {
+        let mut round = Round::default();
+        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
+            self.stale = true;
+        }
+        let topics: Vec<&str> = {
+            let mut t: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
+            t.sort_unstable();
+            t.dedup();
+            t
+        };
+        self.refresh(consumer, &topics);
+        // per leader: topic → [(partition, offset)]
+        let mut by_leader: BTreeMap<i32, Request<'_>> = BTreeMap::new();
+        for (tp, offset) in wanted {
+            if let Some(&leader) = self.leaders.get(tp) {
+                by_leader.entry(leader).or_default().entry(tp.0.as_str()).or_default().push((tp.1, *offset));
+            }
+        }
+        for (leader, partitions) in &by_leader {
+            if self.brokers.get(leader).is_some_and(|b| b.in_flight.is_none()) {
+                self.send(*leader, partitions);
+            }
+        }
+        for leader in self.ready() {
+            let Some(broker) = self.brokers.get_mut(&leader) else { continue };
+            let asked = broker.in_flight.take().unwrap_or_default();
+            let received = match broker.conn.as_mut() {
+                Some(conn) => receive(conn, &mut self.spare, self.limits.max_bytes),
+                None => continue,
+            };
+            if let Err(e) = received {
+                self.failed(leader, &format!("reading a fetch response: {e}"));
+                continue;
+            }
+            // out of `self` while it is handed on (the next request goes out meanwhile)
+            let response = std::mem::take(&mut self.spare);
+            let parsed = wire::parse_fetch_response(&response[4..]);
+            let (error, parts) = match parsed {
+                Ok(p) => p,
+                Err(e) => {
+                    self.spare = response;
+                    self.failed(leader, &format!("a malformed fetch response: {e}"));
+                    continue;
+                }
+            };
+            if error != 0 {
+                self.spare = response;
+                self.failed(leader, &format!("the fetch failed with error {error}"));
+                continue;
+            }
+            round.fetched += asked.len();
+            // the next request first: from past this response's whole batches
+            if let Some(next) = by_leader.get_mut(&leader) {
+                for p in parts.iter().filter(|p| p.error == 0) {
+                    let tp = (p.topic.to_owned(), p.partition);
+                    let Some(&from) = asked.get(&tp) else { continue };
+                    if let Some(slot) = next
+                        .get_mut(p.topic)
+                        .and_then(|ps| ps.iter_mut().find(|(id, o)| *id == p.partition && *o == from))
+                    {
+                        slot.1 = wire::next_offset(p.records, from);
+                    }
+                }
+                let next = std::mem::take(next);
+                self.send(leader, &next);
+            }
+            let mut lost = Vec::new();
+            let mut result = Ok(());
+            for p in &parts {
+                let tp = (p.topic.to_owned(), p.partition);
+                let Some(&from) = asked.get(&tp) else {
+                    tracing::warn!(topic = p.topic, partition = p.partition, "native fetch: a partition not asked for");
+                    continue;
+                };
+                match p.error {
+                    0 => {
+                        result = on_data(p, from);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    OFFSET_OUT_OF_RANGE => round.out_of_range.push((tp, from)),
+                    e => {
+                        if !LEADER_ERRORS.contains(&e) {
+                            tracing::warn!(topic = p.topic, partition = p.partition, "native fetch: error {e}");
+                        }
+                        lost.push(tp);
+                    }
+                }
+            }
+            drop(parts);
+            self.spare = response;
+            result?;
+            for tp in lost {
+                // unless a newer answer already names another leader
+                if self.leaders.get(&tp) == Some(&leader) {
+                    self.leaders.remove(&tp);
+                }
+                self.stale = true;
+            }
+        }
+        Ok(round)
+    }
+}
+
+/// A plaintext connection to `address`, with the timeouts of a fetch waiting `max_wait_ms`.
+fn connect(address: &str, max_wait_ms: i32) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::other(format!("{address} resolves to no address"));
+    for addr in address.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(IO_TIMEOUT + Duration::from_millis(max_wait_ms.max(0) as u64)))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Reads the response to the last request sent on `conn` into `into` (correlation id first,
+/// checked).
+fn receive(conn: &mut Conn, into: &mut Vec<u8>, max_bytes: i32) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    conn.stream.read_exact(&mut len)?;
+    let len = i32::from_be_bytes(len);
+    // a response holds at most the fetch's max_bytes, plus a first batch over the limits
+    let most = i64::from(max_bytes) + wire::MAX_DECOMPRESSED as i64;
+    if len < 4 || i64::from(len) > most {
+        return Err(std::io::Error::other(format!("a response of {len} bytes")));
+    }
+    into.resize(len as usize, 0);
+    conn.stream.read_exact(into)?;
+    let got = i32::from_be_bytes(into[..4].try_into().unwrap_or_default());
+    if got != conn.correlation {
+        return Err(std::io::Error::other(format!("correlation id {got}, sent {}", conn.correlation)));
+    }
+    Ok(())
+}
