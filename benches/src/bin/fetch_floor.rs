@@ -13,13 +13,13 @@
 //! `--repeat`); `--check FILE` also compares the count, the bytes and an order-free digest of
 //! the values with the file's lines (the produced events).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
 use citystream_benches::{median, usage};
-use citystream_pipeline::kafka::fetch::{Decoders, FetchLimits, RecordSet, wire};
+use citystream_pipeline::kafka::fetch::{self, Decoders, FetchLimits, RecordSet, wire};
 use citystream_schemas::raw::RawBatchBuilder;
 use clap::Parser;
 
@@ -65,18 +65,7 @@ impl Conn {
         let limits = FetchLimits { max_wait_ms: 100, max_bytes: 64 << 20, partition_bytes, read_committed: false };
         wire::encode_fetch(&mut self.req, self.correlation, "fetch_floor", limits, &[(topic, offsets.to_vec())]);
         self.s.write_all(&self.req)?;
-        let mut len = [0u8; 4];
-        self.s.read_exact(&mut len)?;
-        let len = usize::try_from(i32::from_be_bytes(len))?;
-        self.resp.resize(len, 0);
-        self.s.read_exact(&mut self.resp)?;
-        if self.resp.len() < 4 {
-            bail!("a response of {} bytes", self.resp.len());
-        }
-        let got = i32::from_be_bytes(self.resp[..4].try_into()?);
-        if got != self.correlation {
-            bail!("correlation id {got}, sent {}", self.correlation);
-        }
+        fetch::receive(&mut self.s, self.correlation, &mut self.resp, limits.max_bytes)?;
         Ok(&self.resp[4..])
     }
 }

@@ -32,11 +32,17 @@ pub use wire::{Decoders, FetchLimits, PartitionData, Record, RecordSet, WireErro
 /// A topic partition.
 pub type Tp = (String, i32);
 
-/// What one request asks of a broker: topic → [(partition, offset)].
-type Request<'a> = BTreeMap<&'a str, Vec<(i32, i64)>>;
+/// What one request asks of a broker: (topic, partition, offset), a topic's partitions
+/// together.
+type Request<'a> = Vec<(&'a str, i32, i64)>;
 
 /// How long a connection waits for a response beyond the fetch's own wait, and for a write.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a response to a fetch that may wait `max_wait_ms` on the broker may take.
+fn response_timeout(max_wait_ms: i32) -> Duration {
+    IO_TIMEOUT + Duration::from_millis(max_wait_ms.max(0) as u64)
+}
 /// The first wait before a broker that could not be reached is tried again; doubled up to
 /// [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -75,6 +81,14 @@ struct Broker {
     backoff: Duration,
     /// What the request in flight asked for: partition → offset.
     in_flight: Option<HashMap<Tp, i64>>,
+}
+
+impl Broker {
+    /// After a failure: not tried again before a backoff twice the last (200 ms to 10 s).
+    fn back_off(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+        self.retry_at = Some(Instant::now() + self.backoff);
+    }
 }
 
 /// What a round of fetches did.
@@ -122,13 +136,19 @@ impl Fetcher {
         self.limits
     }
 
-    /// Asks librdkafka for the leaders of `topics` (and the brokers' addresses), when some
-    /// partition needs one and the last ask is [`METADATA_EVERY`] old.
-    fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, topics: &[&str]) {
+    /// Asks librdkafka for the leaders of the topics of `wanted` (and the brokers' addresses),
+    /// when some partition needs one and the last ask is [`METADATA_EVERY`] old.
+    fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wanted: &[(Tp, i64)]) {
+        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
+            self.stale = true;
+        }
         if !self.stale || self.metadata_at.is_some_and(|at| at.elapsed() < METADATA_EVERY) {
             return;
         }
         self.metadata_at = Some(Instant::now());
+        let mut topics: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
         let mut complete = true;
         for topic in topics {
             let md = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
@@ -148,7 +168,7 @@ impl Fetcher {
                     broker.in_flight = None;
                 }
             }
-            for t in md.topics().iter().filter(|t| t.name() == *topic) {
+            for t in md.topics().iter().filter(|t| t.name() == topic) {
                 for p in t.partitions() {
                     let tp = (t.name().to_owned(), p.id());
                     if p.error().is_none() && p.leader() >= 0 {
@@ -177,8 +197,7 @@ impl Fetcher {
                     broker.backoff = Duration::ZERO;
                 }
                 Err(e) => {
-                    broker.backoff = (broker.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
-                    broker.retry_at = Some(Instant::now() + broker.backoff);
+                    broker.back_off();
                     tracing::warn!(
                         broker = id,
                         address = broker.address,
@@ -199,30 +218,25 @@ impl Fetcher {
         if let Some(broker) = self.brokers.get_mut(&id) {
             broker.conn = None;
             broker.in_flight = None;
-            broker.backoff = (broker.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
-            broker.retry_at = Some(Instant::now() + broker.backoff);
+            broker.back_off();
             tracing::warn!(broker = id, address = broker.address, "native fetch: {what}; reconnecting");
         }
         self.stale = true;
     }
 
-    /// Sends a Fetch request for `partitions` (topic → [(partition, offset)]) to broker
-    /// `leader`; remembers what it asked (one request in flight per broker).
+    /// Sends a Fetch request for `partitions` to broker `leader`; remembers what it asked (one
+    /// request in flight per broker).
     fn send(&mut self, leader: i32, partitions: &Request<'_>) {
         let (limits, client_id) = (self.limits, self.client_id.clone());
         // the broker fills a response in the request's order, up to its byte limits: each
         // request starts one partition further on, so none waits behind the others for good
         self.rotation = self.rotation.wrapping_add(1);
+        let start = self.rotation % partitions.len().max(1);
         let mut request: Vec<(&str, Vec<(i32, i64)>)> = Vec::with_capacity(partitions.len());
-        let flat: Vec<(&str, (i32, i64))> =
-            partitions.iter().flat_map(|(t, ps)| ps.iter().map(move |p| (*t, *p))).collect();
-        if !flat.is_empty() {
-            let start = self.rotation % flat.len();
-            for (t, p) in flat[start..].iter().chain(&flat[..start]) {
-                match request.last_mut() {
-                    Some((last, ps)) if last == t => ps.push(*p),
-                    _ => request.push((t, vec![*p])),
-                }
+        for &(t, p, offset) in partitions[start..].iter().chain(&partitions[..start]) {
+            match request.last_mut() {
+                Some((last, ps)) if *last == t => ps.push((p, offset)),
+                _ => request.push((t, vec![(p, offset)])),
             }
         }
         let Some(conn) = self.conn(leader) else { return };
@@ -232,10 +246,7 @@ impl Fetcher {
             self.failed(leader, &format!("sending a fetch: {e}"));
             return;
         }
-        let asked = partitions
-            .iter()
-            .flat_map(|(t, ps)| ps.iter().map(|&(p, o)| (((*t).to_owned(), p), o)))
-            .collect::<HashMap<Tp, i64>>();
+        let asked = partitions.iter().map(|&(t, p, o)| ((t.to_owned(), p), o)).collect::<HashMap<Tp, i64>>();
         if let Some(b) = self.brokers.get_mut(&leader) {
             b.in_flight = Some(asked);
         }
@@ -257,7 +268,7 @@ impl Fetcher {
         }
         let mut fds: Vec<libc::pollfd> =
             waiting.iter().map(|&(_, fd)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-        let timeout = IO_TIMEOUT + Duration::from_millis(self.limits.max_wait_ms.max(0) as u64);
+        let timeout = response_timeout(self.limits.max_wait_ms);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call's duration
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int) };
         if n == 0 {
@@ -289,21 +300,12 @@ impl Fetcher {
         mut on_data: impl FnMut(&PartitionData<'_>, i64) -> Result<(), E>,
     ) -> Result<Round, E> {
         let mut round = Round::default();
-        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
-            self.stale = true;
-        }
-        let topics: Vec<&str> = {
-            let mut t: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
-            t.sort_unstable();
-            t.dedup();
-            t
-        };
-        self.refresh(consumer, &topics);
-        // per leader: topic → [(partition, offset)]
+        self.refresh(consumer, wanted);
+        // per leader, in `wanted`'s order (a topic's partitions together)
         let mut by_leader: BTreeMap<i32, Request<'_>> = BTreeMap::new();
         for (tp, offset) in wanted {
             if let Some(&leader) = self.leaders.get(tp) {
-                by_leader.entry(leader).or_default().entry(tp.0.as_str()).or_default().push((tp.1, *offset));
+                by_leader.entry(leader).or_default().push((tp.0.as_str(), tp.1, *offset));
             }
         }
         for (leader, partitions) in &by_leader {
@@ -315,7 +317,7 @@ impl Fetcher {
             let Some(broker) = self.brokers.get_mut(&leader) else { continue };
             let asked = broker.in_flight.take().unwrap_or_default();
             let received = match broker.conn.as_mut() {
-                Some(conn) => receive(conn, &mut self.spare, self.limits.max_bytes),
+                Some(conn) => receive(&mut conn.stream, conn.correlation, &mut self.spare, self.limits.max_bytes),
                 None => continue,
             };
             if let Err(e) = received {
@@ -344,11 +346,10 @@ impl Fetcher {
                 for p in parts.iter().filter(|p| p.error == 0) {
                     let tp = (p.topic.to_owned(), p.partition);
                     let Some(&from) = asked.get(&tp) else { continue };
-                    if let Some(slot) = next
-                        .get_mut(p.topic)
-                        .and_then(|ps| ps.iter_mut().find(|(id, o)| *id == p.partition && *o == from))
+                    if let Some(slot) =
+                        next.iter_mut().find(|(t, id, o)| *t == p.topic && *id == p.partition && *o == from)
                     {
-                        slot.1 = wire::next_offset(p.records, from);
+                        slot.2 = wire::next_offset(p.records, from);
                     }
                 }
                 let next = std::mem::take(next);
@@ -400,7 +401,7 @@ fn connect(address: &str, max_wait_ms: i32) -> std::io::Result<TcpStream> {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
             Ok(s) => {
                 s.set_nodelay(true)?;
-                s.set_read_timeout(Some(IO_TIMEOUT + Duration::from_millis(max_wait_ms.max(0) as u64)))?;
+                s.set_read_timeout(Some(response_timeout(max_wait_ms)))?;
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
                 return Ok(s);
             }
@@ -410,11 +411,12 @@ fn connect(address: &str, max_wait_ms: i32) -> std::io::Result<TcpStream> {
     Err(last)
 }
 
-/// Reads the response to the last request sent on `conn` into `into` (correlation id first,
-/// checked).
-fn receive(conn: &mut Conn, into: &mut Vec<u8>, max_bytes: i32) -> std::io::Result<()> {
+/// Reads the response to the request sent on `stream` with `correlation` into `into`
+/// (correlation id first, checked; the body follows it): at most a fetch's `max_bytes` and a
+/// batch beyond them.
+pub fn receive(stream: &mut TcpStream, correlation: i32, into: &mut Vec<u8>, max_bytes: i32) -> std::io::Result<()> {
     let mut len = [0u8; 4];
-    conn.stream.read_exact(&mut len)?;
+    stream.read_exact(&mut len)?;
     let len = i32::from_be_bytes(len);
     // a response holds at most the fetch's max_bytes, plus a first batch over the limits
     let most = i64::from(max_bytes) + wire::MAX_DECOMPRESSED as i64;
@@ -422,10 +424,10 @@ fn receive(conn: &mut Conn, into: &mut Vec<u8>, max_bytes: i32) -> std::io::Resu
         return Err(std::io::Error::other(format!("a response of {len} bytes")));
     }
     into.resize(len as usize, 0);
-    conn.stream.read_exact(into)?;
+    stream.read_exact(into)?;
     let got = i32::from_be_bytes(into[..4].try_into().unwrap_or_default());
-    if got != conn.correlation {
-        return Err(std::io::Error::other(format!("correlation id {got}, sent {}", conn.correlation)));
+    if got != correlation {
+        return Err(std::io::Error::other(format!("correlation id {got}, sent {correlation}")));
     }
     Ok(())
 }

@@ -38,8 +38,7 @@ pub(super) struct Part {
     /// With the native fetch: the next offset to fetch (past every record appended or held,
     /// and past transaction markers and aborted records) …
     pub(super) fetch_at: i64,
-    /// … and the log end the last fetch response gave (the last stable offset when reading
-    /// committed data).
+    /// … and the log end (high watermark) the last fetch response gave.
     pub(super) fetched_end: Option<i64>,
 }
 
@@ -261,6 +260,24 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// After partitions are assigned (by the group or by hand): with the native fetch they are
+    /// paused in librdkafka, which then fetches none of them (what it fetched before is
+    /// dropped by the consumer thread); otherwise they start unpaused, whatever alignment did
+    /// before they last left.
+    pub(super) fn assigned(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) -> Result<(), String> {
+        if self.native {
+            return consumer
+                .pause(list)
+                .map_err(|e| format!("pausing assigned partitions in librdkafka (the source fetches them): {e}"));
+        }
+        if let Err(e) = consumer.resume(list) {
+            tracing::warn!("resuming newly assigned partitions: {e}");
+        }
+        Ok(())
+    }
+}
+
 /// Marks the source as closing when it exits, however it exits: dropping the consumer after an
 /// error triggers a revocation, which must not flush and commit rows the error left unsettled.
 pub(super) struct CloseGuard(pub(super) Arc<Mutex<Shared>>);
@@ -302,19 +319,11 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(list) = rebalance else { return };
-        if list.count() == 0 {
-            return;
-        }
-        if self.native {
-            // the source fetches them itself: librdkafka fetches none (what it may have fetched
-            // before this pause is dropped by the consumer thread)
-            if let Err(e) = consumer.pause(list) {
-                self.fail(format!("pausing newly assigned partitions in librdkafka (the source fetches them): {e}"));
-            }
-        } else if let Err(e) = consumer.resume(list) {
-            // a partition assigned again starts unpaused, whatever alignment did before it left
-            tracing::warn!("resuming newly assigned partitions: {e}");
+        if let Rebalance::Assign(list) = rebalance
+            && list.count() > 0
+            && let Err(e) = self.assigned(consumer, list)
+        {
+            self.fail(e);
         }
     }
 

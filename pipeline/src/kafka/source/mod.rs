@@ -145,7 +145,7 @@ struct Loop {
 struct Native {
     fetcher: Fetcher,
     decoders: Decoders,
-    /// Record batches it could not decompress, skipped.
+    /// Record batches (or their rest) it could not decompress or parse, skipped.
     skipped: citystream_operators::Counter,
 }
 
@@ -252,7 +252,7 @@ async fn run_kafka_source(
             decoders: Decoders::new().map_err(|e| err(format!("creating a zstd decoder: {e}")))?,
             skipped: metrics.counter(
                 "citystream_kafka_skipped_batches_total",
-                "Record batches the native fetch could not decompress, skipped (logged with their offsets).",
+                "Record batches the native fetch could not decompress, or whose records did not parse, skipped (logged with their offsets).",
                 &[("source", name)],
             ),
         })),
@@ -375,11 +375,8 @@ fn assign_task(consumer: &BaseConsumer<Ctx>, topics: &[&str], partition: i32) ->
         return Err(e);
     }
     consumer.assign(&list).map_err(|e| format!("assigning partition {partition} of {topics:?}: {e}"))?;
-    if consumer.context().native {
-        // no rebalance callback pauses a partition assigned by hand: the source fetches it
-        consumer.pause(&list).map_err(|e| format!("pausing partition {partition} of {topics:?} in librdkafka: {e}"))?;
-    }
-    Ok(())
+    // no rebalance callback runs for an assignment by hand
+    consumer.context().assigned(consumer, &list)
 }
 
 /// What the runtime shares with the source per output port: the event clocks its `decode`
@@ -853,8 +850,6 @@ impl Loop {
     fn step(&self, step: Option<Step>, key: &Tp, total: &mut u64) -> Result<bool, PipelineError> {
         match step {
             None => Ok(false),
-            // the native fetch does not fetch a paused partition at all
-            Some(Step::FetchPause) if self.native.is_some() => Ok(false),
             Some(Step::FetchPause) => {
                 // the hold is full: librdkafka goes on after the last message read at resume
                 let mut tpl = TopicPartitionList::new();
@@ -877,7 +872,8 @@ impl Loop {
     }
 
     /// Holds a message of a paused partition ([`held`]); past `max_held_bytes`, asks for the
-    /// partition to be paused in librdkafka as well.
+    /// partition to be paused in librdkafka as well (not with the native fetch, which no longer
+    /// asks for it).
     fn hold(&self, s: &mut Shared, key: &Tp, port: usize, m: &Read<'_>, arrived: i64) -> Option<Step> {
         let payload = m.payload;
         if !s.held.contains_key(key) {
@@ -894,7 +890,8 @@ impl Loop {
         h.push(&key.0, key.1, m.offset, arrived, payload, self.cfg.batch_rows.get());
         s.held_bytes += payload.len();
         self.tally.borrow_mut().held += 1;
-        (s.held_bytes > self.cfg.max_held_bytes && !h.fetch_paused).then(|| {
+        // the native fetch leaves a paused partition out of its requests: nothing to pause
+        (self.native.is_none() && s.held_bytes > self.cfg.max_held_bytes && !h.fetch_paused).then(|| {
             h.fetch_paused = true;
             Step::FetchPause
         })
@@ -978,7 +975,8 @@ impl Loop {
     }
 
     /// Pauses and resumes partitions as `alignment` decides. A paused partition is read on
-    /// into its hold (with `max_held_bytes: 0`, paused in librdkafka at once); a resumed one
+    /// into its hold (with `max_held_bytes: 0`, paused in librdkafka at once; with the native
+    /// fetch, left out of the requests, so only what was on its way is held); a resumed one
     /// hands its held messages on first. Returns how many held messages it handed on.
     fn align(&self, parts: &[(Tp, Part)], view: &[AlignInput], alignment: Alignment) -> Result<u64, PipelineError> {
         let (pause, resume) = alignment.decide(view);
@@ -996,7 +994,7 @@ impl Loop {
             let tp = &parts[i].0;
             let Some(p) = s.parts.get_mut(tp) else { continue };
             p.paused = true;
-            if self.cfg.max_held_bytes == 0 {
+            if self.cfg.max_held_bytes == 0 && self.native.is_none() {
                 let mut h = Held::new(s.ports.get(&tp.0).copied().unwrap_or_default(), 0, 0);
                 h.fetch_paused = true;
                 s.held.insert(tp.clone(), h);
@@ -1037,12 +1035,6 @@ impl Loop {
         // before anything read after the resume: the held messages are the partition's next
         for (port, b) in released {
             outputs.blocking_send(port, Message::Batch(b))?;
-        }
-        if self.native.is_some() {
-            // a paused partition is left out of the fetches, and a resumed one fetched from
-            // past what it held
-            fetch_pause = TopicPartitionList::new();
-            fetch_resume.clear();
         }
         if fetch_pause.count() > 0 {
             self.consumer.pause(&fetch_pause).map_err(|e| self.err(format!("pausing partitions: {e}")))?;
