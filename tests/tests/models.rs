@@ -262,6 +262,10 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
     let mut deployed = cfg.stages["incident_alerts"].op.as_any().downcast_ref::<AlertConfig>().unwrap().clone();
     assert_eq!(deployed.raise, fx["raise"].as_f64().unwrap(), "deploy/local.yaml's raise is the card's threshold");
     assert_eq!(deployed.open_at_once, fx["open_at_once"].as_f64(), "and its open_at_once the card's");
+    let open_after = deployed.open_after.map(|p| (p.raises as u64, p.within.as_millis()));
+    let card = &fx["rule"]["open_after"];
+    let card = card[0].as_u64().zip(card[1].as_u64()).map(|(raises, min)| (raises, min * 60_000));
+    assert_eq!(open_after, card, "deploy/local.yaml's open_after (raises, within) is the card's");
     // the deployed reach on the scored road's graph
     let within = deployed.join.as_ref().expect("the deployed rule joins neighbours' alarms").within;
     assert_eq!(within as u64, fx["join_within"].as_u64().unwrap(), "deploy/local.yaml's join.within is the card's");
