@@ -18,21 +18,8 @@ import train as T
 SHUFFLE_SEED = 7  # train.py's generator's seed
 
 
-def maes(pred, d, rows):
-    """MAE (km/h) at each horizon over `rows` of held-out data `d`"""
-    return [m["mae"] for m in T.regression_metrics(pred[rows], d["y"][rows]).values()]
-
-
 def main():
-    data = T.HERE / "data"
-    sim_train, test = T.load(data / "train"), T.load(data / "test")
-    sumo_train, sumo_tests, roads = T.sumo_runs(data)
-    train = T.combine([sim_train, *sumo_train])
-    n_sim = len(sim_train["x"])
-    visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
-    tests = {"simulator": test, **{f: T.combine(runs) for f, runs in sumo_tests.items()}}
-    change, ok, r_mu, r_sd = T.congestion_targets(train, visit)
-    hist = {src: T.held_out_history(src, d, sim_train, sumo_tests, roads) for src, d in tests.items()}
+    train, visit, (change, ok, r_mu, r_sd), tests, hist = T.congestion_experiment_data(T.HERE / "data")
     for label, kept in (("former 18", T.KEPT_INDEX), ("with recent", T.INCIDENT_KEPT_INDEX)):
         mu, sd = T.moments(T.transform(train["x"][visit], 0.0, kept))
         x_train = (T.transform(train["x"], 0.0, kept) - mu) / sd
@@ -41,11 +28,9 @@ def main():
             T.fit(net, x_train[ok], (change[ok] - r_mu) / r_sd, T.huber, np.random.default_rng(SHUFFLE_SEED), epochs=10)
             for src, d in tests.items():
                 d_ok, congested = T.scored_rows(d)
-                free = np.maximum(d["x"][:, [T.FREE_INDEX]].astype(np.float64), 1.0)
-                out = net.forward((T.transform(d["x"], 0.0, kept) - mu) / sd)[-1] * r_sd + r_mu
-                pred = np.maximum(d["x"][:, 1:2] + out * free, 0.0)
-                print(f"{label:12} {str(sizes):16} {src:12} all {maes(pred, d, d_ok)} cong {maes(pred, d, congested)} | "
-                      f"HA cong {maes(hist[src], d, congested)} pers cong {maes(T.persistence(d), d, congested)}", flush=True)
+                pred = T.forecast(net, d, mu, sd, r_mu, r_sd, kept)
+                print(f"{label:12} {str(sizes):16} {src:12} all {T.maes(pred, d, d_ok)} cong {T.maes(pred, d, congested)} | "
+                      f"HA cong {T.maes(hist[src], d, congested)} pers cong {T.maes(T.persistence(d), d, congested)}", flush=True)
 
 
 if __name__ == "__main__":

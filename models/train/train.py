@@ -628,6 +628,35 @@ def persistence(d):
     return np.repeat(d["x"][:, 1:2], len(HORIZONS), axis=1)
 
 
+def congestion_experiment_data(data):
+    """What the congestion experiments (congestion_*_experiment.py) train and score on, as
+    train.py builds it from `data`: the training set, the rows an epoch visits, the forecasters'
+    targets (`congestion_targets`: change, rows, mean, sd), the held-out sets by name and each
+    one's historical-average baseline; (train, visit, targets, tests, history)."""
+    sim_train, test = load(data / "train"), load(data / "test")
+    sumo_train, sumo_tests, roads = sumo_runs(data)
+    train = combine([sim_train, *sumo_train])
+    n_sim = len(sim_train["x"])
+    visit, _ = epoch_rows(n_sim, len(train["x"]) - n_sim)
+    tests = {"simulator": test, **{f: combine(runs) for f, runs in sumo_tests.items()}}
+    history = {src: held_out_history(src, d, sim_train, sumo_tests, roads) for src, d in tests.items()}
+    return train, visit, congestion_targets(train, visit), tests, history
+
+
+def forecast(net, d, mu, sd, r_mu, r_sd, kept=KEPT_INDEX):
+    """A numpy forecaster's speeds (km/h) at the horizons for data set `d`: its inputs (`kept`
+    columns) standardized by mu, sd, its output unstandardized by the targets' r_mu, r_sd (a
+    change from speed_5m as a share of the free speed, `congestion_targets`), at least 0"""
+    free = np.maximum(d["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
+    out = net.forward((transform(d["x"], 0.0, kept) - mu) / sd)[-1] * r_sd + r_mu
+    return np.maximum(d["x"][:, 1:2] + out * free, 0.0)
+
+
+def maes(pred, d, rows):
+    """MAE (km/h) of forecasts `pred` at each horizon over `rows` of held-out data `d`"""
+    return [m["mae"] for m in regression_metrics(pred[rows], d["y"][rows]).values()]
+
+
 def held_out_history(src, d, sim_train, sumo_tests, roads):
     """The historical-average baseline of held-out set `src` (data `d`): the simulator's training
     days for the simulator; for a SUMO family, each held-out scenario's road's other scenarios
