@@ -19,12 +19,12 @@ one to that segment's alert (`join` in deploy/*.yaml); every variant below joins
 
 Then the grid the deployed persistence test was chosen on (`GRID`): the raise level at a false
 alarm rate of 0.002-0.004 on the training data, `open_at_once` at 5e-05 or 2e-05, `open_after`
-2 within 3, 3 within 4, 3 within 5 or 4 within 5 minutes, each rule's levels calibrated on the training data. The
-choice (`chosen`) looks at the training sets only: of the rules whose false alarms per
-corridor-hour stay at or below MARGIN on every one of them, those within TIE of the fastest
-(mean time to detect over them), and of those the one that holds a pending alert least long
-(the shortest `open_after` window, then the fewest raises, then the stricter levels: the lower
-false alarm rates of the raise level, then of `open_at_once`). Detection rates play no part (on
+2 within 3, 3 within 4, 3 within 5 or 4 within 5 minutes, each rule's levels calibrated on the
+training data. The choice (`chosen`) looks at the training sets only: of the rules whose false
+alarms per corridor-hour stay at or below MARGIN on every one of them, those within TIE of the
+fastest (mean time to detect over them), and of those the one that holds a pending alert least
+long (the shortest `open_after` window, then the fewest raises, then the stricter levels: the
+lower false alarm rates of the raise level, then of `open_at_once`). Detection rates play no part (on
 the training sets every rule of the grid finds as many). The held-out sets are shown beside it.
 The tie-break came after a first pass that chose the fastest outright (3 within 5 minutes,
 0.01 minutes faster over the training sets; held out one false alert more on `freeway120`).
@@ -49,18 +49,24 @@ MARGIN = 0.05
 TIE = 0.05
 
 
-def main():
-    data = T.HERE / "data"
-    m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
-    thr, at_once = m["models"]["incident_fp32"]["threshold"], m["models"]["incident_fp32"]["open_at_once"]
-    t = m["california7_thresholds"]
-    cal_t = (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"])
+def evaluation_sets(data):
+    """{name: runs}: the training sets (the simulator's days, each trained SUMO family's training
+    scenarios), then the held-out ones (`train: ...`, `held out: ...`)"""
     sumo_train, sumo_tests, _ = T.sumo_runs(data)
     sets = {"train: simulator": [T.load(data / "train")]}
     for family in sorted({r["family"] for r in sumo_train}):
         sets[f"train: {family}"] = [r for r in sumo_train if r["family"] == family]
     sets["held out: simulator"] = [T.load(data / "test")]
     sets.update({f"held out: {f}": runs for f, runs in sumo_tests.items()})
+    return sets
+
+
+def main():
+    m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
+    thr, at_once = m["models"]["incident_fp32"]["threshold"], m["models"]["incident_fp32"]["open_at_once"]
+    t = m["california7_thresholds"]
+    cal_t = (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"])
+    sets = evaluation_sets(T.HERE / "data")
     sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
     s1, s5 = T.F.FEATURES.index("speed_1m"), T.F.FEATURES.index("speed_5m")
 
@@ -86,16 +92,18 @@ def main():
             cells[f"speed gate {gate}, open_at_once exempt"] = T.detection_metrics(d, gated, T.RULE_JOIN)
         line = [f"{k}: {' / '.join(str(v[key]) for key in KEYS)}" for k, v in cells.items()]
         print(f"{name}\n  " + "\n  ".join(line))
-    grid(sets, sess)
-
-
-def grid(sets, sess):
-    """The persistence grid (GRID) on every set, and the rule the training sets choose."""
-    train = T.combine([r for name, runs in sets.items() if name.startswith("train") for r in runs])
-    levels = T.run(sess, train["x"])[:, 0].astype(np.float64)
-    data = {name: T.combine(runs) for name, runs in sets.items()}
-    scores = {name: T.run(sess, d["x"])[:, 0].astype(np.float64) for name, d in data.items()}
     print("\npersistence grid: detection rate / false alarms per corridor-hour / minutes to detect")
+    grid(sets, lambda d: T.run(sess, d["x"])[:, 0].astype(np.float64))
+
+
+def grid(sets, score, show=print):
+    """The persistence grid (GRID) on every set (`sets` as `evaluation_sets` gives them) for a
+    detector's scores (`score(d)` of a data set), each rule's line passed to `show`; returns the
+    rule the training sets choose, (its line, its cells by set name), or None."""
+    train = T.combine([r for name, runs in sets.items() if name.startswith("train") for r in runs])
+    levels = score(train)
+    data = {name: T.combine(runs) for name, runs in sets.items()}
+    scores = {name: score(d) for name, d in data.items()}
     admitted = []
     for far in GRID["far"]:
         thr = round(T.calibrate_threshold(levels, train, far), 4)
@@ -109,17 +117,24 @@ def grid(sets, sess):
                 worst = max(c["false_alarms_per_corridor_hour"] for c in trained)
                 speed = float(np.mean([c["mean_time_to_detect_min"] for c in trained]))
                 head = f"raise {thr} (far {far}), open_at_once {at_once} ({at_once_far}), open_after {open_after}"
+                head = f"{head}: training sets at most {worst} false alarms, {speed:.3f} minutes on average"
                 if worst <= MARGIN:
-                    admitted.append((speed, (open_after[1], open_after[0], far, at_once_far), head))
-                print(f"{head}: training sets at most {worst} false alarms, {speed:.3f} minutes on average")
-                print("  " + " | ".join(f"{name.split(': ')[1]}{' (train)' if name.startswith('train') else ''} "
-                                        f"{' / '.join(str(c[k]) for k in KEYS)}" for name, c in cells.items()))
+                    admitted.append((speed, (open_after[1], open_after[0], far, at_once_far), head, cells))
+                show(f"{head}\n  {cells_line(cells)}")
     if not admitted:
-        print(f"chosen: none within {MARGIN} on every training set")
-        return
-    fastest = min(speed for speed, _, _ in admitted)
-    tied = [(order, head) for speed, order, head in admitted if speed - fastest < TIE]
-    print(f"chosen: {min(tied, key=lambda t: t[0])[1]} (within {TIE} minutes of the fastest: {len(tied)})")
+        show(f"chosen: none within {MARGIN} on every training set")
+        return None
+    fastest = min(a[0] for a in admitted)
+    tied = [a for a in admitted if a[0] - fastest < TIE]
+    _, _, head, cells = min(tied, key=lambda a: a[1])
+    show(f"chosen: {head} (within {TIE} minutes of the fastest: {len(tied)})")
+    return head, cells
+
+
+def cells_line(cells):
+    """one line of a rule's metrics (KEYS) on every set"""
+    return " | ".join(f"{name.split(': ')[1]}{' (train)' if name.startswith('train') else ''} "
+                      f"{' / '.join(str(c[k]) for k in KEYS)}" for name, c in cells.items())
 
 
 if __name__ == "__main__":
