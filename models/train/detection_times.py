@@ -31,16 +31,12 @@ FAR_APART_MIN = 3.0  # a difference worth listing
 
 
 def first_alerts(d, opened, starts_only):
-    """{incident id: minutes from its start to its first detecting row, or None}: a row of its
-    segment while it lasts with an open alert (`starts_only`: one whose alert opens there)"""
+    """{detectable incident's id: minutes from its start to its first detecting row, or None}: a
+    row of its segment while it lasts with an open alert (`starts_only`: one whose alert opens
+    there), as `T.first_alarm_minutes` counts the card's"""
     if starts_only:
         opened = T.alert_onsets(d, opened)
-    out = {}
-    for inc in d["incidents"]:
-        if inc["detectable"]:
-            on = (d["seg"] == inc["segment_id"]) & (d["t"] > inc["start_ms"]) & (d["t"] - 60_000 < inc["end_ms"]) & opened
-            out[inc["id"]] = float(d["t"][on].min() - inc["start_ms"]) / 60_000 if on.any() else None
-    return out
+    return {inc["id"]: m for inc, m in zip(d["incidents"], T.first_alarm_minutes(d, opened)) if inc["detectable"]}
 
 
 def main():

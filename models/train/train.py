@@ -55,8 +55,8 @@ SUMO_TRAIN_SHARE = 0.5
 # 5e-05, had 0.122 on arterial60's training scenarios. 3 within 5 was 0.01 minutes faster and a
 # first pass chose it; the tie-break (within 0.05 minutes the shorter window, which holds a
 # pending alert less long) came after that pass, with its held-out columns in view (they differ
-# there by one false alert on freeway120, 3 within 5's). Before 2 within 3 (2026-12-05) the rule opened once the score stayed
-# at or above clear one more minute (MODEL_RULE_BEFORE)
+# there by one false alert on freeway120, 3 within 5's). Before 2 within 3 (2026-12-05) the
+# rule opened once the score stayed at or above clear one more minute (MODEL_RULE_BEFORE)
 MODEL_RULE = {"clear": 0.5, "min_duration_min": 0, "cooldown_min": 10, "open_after": (3, 4)}
 MODEL_RULE_BEFORE = {"clear": 0.5, "min_duration_min": 1, "cooldown_min": 10}
 # `incident_alerts` also opens at once on a score this sure: the level whose false alarm rate on
@@ -758,6 +758,16 @@ def alert_onsets(d, alarm, join=None):
     return out
 
 
+def first_alarm_minutes(d, alarm):
+    """For each incident of a data set (`d["incidents"]`, in order): the minutes from its start to
+    the first alarmed row of its segment while it lasts, or None if there is none"""
+    out = []
+    for inc in d["incidents"]:
+        on = (d["seg"] == inc["segment_id"]) & (d["t"] > inc["start_ms"]) & (d["t"] - 60_000 < inc["end_ms"]) & alarm
+        out.append((d["t"][on].min() - inc["start_ms"]) / 60_000 if on.any() else None)
+    return out
+
+
 def detection_metrics(d, alarm, join=None):
     """Over the detectable incidents (`detectable()`): detection rate and mean time to detect
     (minutes from the incident's start to the first alarm on its segment while it lasts); the
@@ -767,14 +777,10 @@ def detection_metrics(d, alarm, join=None):
     segment-hours of those minutes). With `join` (a reach in segments), an onset that joins an
     alarmed neighbour's alert (`joined_onsets`) is no alert and so no false alarm of its own;
     the alarm still detects (the alert it joined names its segment)."""
-    ttd, detected, detected_all = [], 0, 0
-    for inc in d["incidents"]:
-        on = (d["seg"] == inc["segment_id"]) & (d["t"] > inc["start_ms"]) & (d["t"] - 60_000 < inc["end_ms"]) & alarm
-        if on.any():
-            detected_all += 1
-            if inc["detectable"]:
-                detected += 1
-                ttd.append((d["t"][on].min() - inc["start_ms"]) / 60_000)
+    first = first_alarm_minutes(d, alarm)
+    detected_all = sum(m is not None for m in first)
+    ttd = [m for inc, m in zip(d["incidents"], first) if inc["detectable"] and m is not None]
+    detected = len(ttd)
     free = ~d["grace"] & ~d["closure_site"]
     far = float(alarm[free].mean())
     onset = alert_onsets(d, alarm, join)
