@@ -1,9 +1,11 @@
-//! The broker goes away for 20 seconds in the middle of a stream: the pipeline waits, recovers
-//! and loses nothing. Its own test binary, so stopping the broker cannot disturb other tests
-//! (cargo runs test binaries one after another).
+//! The broker goes away for 20 seconds in the middle of a stream, or stops answering for 30:
+//! the pipeline waits, recovers and loses nothing. Its own test binary, so stopping the broker
+//! cannot disturb other tests (cargo runs test binaries one after another); its two tests take
+//! turns ([`BROKER`]).
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use citystream_operators::Metrics;
@@ -11,8 +13,12 @@ use citystream_pipeline::config::{self, plan::plan};
 use citystream_pipeline::runtime::{self, StopHandle};
 use common::*;
 
+/// Held by a test while it stops the broker or makes it stop answering.
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_of_20_seconds_loses_nothing() {
+    let _turn = BROKER.lock().await;
     let topics = create_topics(&unique("t4"), 3).await;
     let report = produce(&topics, 26, 404).await;
     let dir = tempfile::tempdir().unwrap();
@@ -24,23 +30,87 @@ async fn broker_outage_of_20_seconds_loses_nothing() {
     let text = yaml(&topics, &unique("g4"), &lake, "40s")
         .replace("batch_rows: 4096", "batch_rows: 256")
         .replace("session.timeout.ms: \"10000\"", "session.timeout.ms: \"45000\"");
-    let p = plan(config::load_str(&text, "outage.yaml").unwrap(), "outage.yaml").unwrap();
+    run_through(&text, &lake, &report, Metrics::new(), || {
+        broker_script("stop.sh");
+        std::thread::sleep(Duration::from_secs(20));
+        broker_script("start.sh");
+    })
+    .await;
+}
+
+/// The group coordinator stops answering for 30 seconds (the broker is SIGSTOPped: its
+/// connections stay open, nothing comes back) while offsets are being committed. A commit
+/// waited for its answer without bound: the consumer thread stood still, stopped polling,
+/// and librdkafka left the group once `max.poll.interval.ms` (12 s here) passed, so the
+/// source lost its assignment and stopped. Committing with a bounded wait, the thread goes on
+/// polling, keeps its partitions, and commits once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_stops_answering_does_not_stall_the_source() {
+    let _turn = BROKER.lock().await;
+    let topics = create_topics(&unique("t5"), 3).await;
+    let report = produce(&topics, 26, 405).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    // librdkafka's fetch (the native fetch waits up to 30 s on an unanswered Fetch, by design);
+    // the KIP-848 protocol, whose session (45 s, the broker's) outlives the stall and leaves
+    // max.poll.interval.ms free to be short
+    let text = yaml(&topics, &unique("g5"), &lake, "40s")
+        .replace("batch_rows: 4096", "batch_rows: 256\n    fetch: librdkafka\n    commit_timeout: 2s")
+        .replace(
+            "      session.timeout.ms: \"10000\"\n      heartbeat.interval.ms: \"1000\"\n",
+            "      group.protocol: consumer\n      max.poll.interval.ms: \"12000\"\n",
+        );
+    assert!(text.contains("group.protocol: consumer") && text.contains("commit_timeout: 2s"));
+    let metrics = Metrics::new();
+    run_through(&text, &lake, &report, metrics.clone(), || {
+        signal_broker("-STOP");
+        std::thread::sleep(Duration::from_secs(30));
+        signal_broker("-CONT");
+    })
+    .await;
+    let timeouts = metrics.value("citystream_kafka_commit_timeouts_total", &[("source", "kafka")]).unwrap_or(0.0);
+    assert!(timeouts >= 1.0, "a commit went unanswered during the stall ({timeouts} timed out)");
+}
+
+/// Runs `text`'s pipeline; once it has stored rows, does `disrupt` to the broker (blocking);
+/// then asserts that the run ended without error and stored every row of `report` once, and
+/// that the disruption began mid-stream.
+async fn run_through(
+    text: &str,
+    lake: &Path,
+    report: &citystream_pipeline::simulator::SimReport,
+    metrics: Metrics,
+    disrupt: impl FnOnce() + Send + 'static,
+) {
+    let p = plan(config::load_str(text, "outage.yaml").unwrap(), "outage.yaml").unwrap();
     let (_stop, rx) = StopHandle::new();
-    let run = tokio::spawn(runtime::run(p, Metrics::new(), rx));
+    let run = tokio::spawn(runtime::run(p, metrics, rx));
     tokio::task::spawn_blocking({
-        let lake = lake.clone();
+        let lake = lake.to_path_buf();
         move || wait_for_rows(&lake, 6, Duration::from_secs(60))
     })
     .await
     .unwrap();
-    let before: usize = positions(&lake).await.values().map(Vec::len).sum();
-    tokio::task::spawn_blocking(|| broker_script("stop.sh")).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    tokio::task::spawn_blocking(|| broker_script("start.sh")).await.unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(600), run).await.expect("finished after the outage").unwrap();
-    let report_run = result.expect("the pipeline survived the outage");
+    let before: usize = positions(lake).await.values().map(Vec::len).sum();
+    tokio::task::spawn_blocking(disrupt).await.unwrap();
+    let result =
+        tokio::time::timeout(Duration::from_secs(600), run).await.expect("finished after the disruption").unwrap();
+    let report_run = result.expect("the pipeline ran through the disruption");
     let total: u64 = report.kinds.values().map(|c| c.valid + c.malformed).sum();
-    assert!((before as u64) < total, "the outage began mid-stream ({before} of {total} rows stored before it)");
+    assert!((before as u64) < total, "the disruption began mid-stream ({before} of {total} rows stored before it)");
     assert!(report_run.source_messages["kafka"] >= total, "everything was read at least once");
-    assert_complete(&positions(&lake).await, &report);
+    assert_complete(&positions(lake).await, report);
+}
+
+/// The broker's process, from the pid file `deploy/kafka/start.sh` wrote in its run dir.
+fn broker_pid() -> String {
+    let dir = std::env::var("KAFKA_RUN_DIR")
+        .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it)");
+    std::fs::read_to_string(Path::new(&dir).join("kafka.pid")).expect("the broker's pid file").trim().to_owned()
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the broker's process.
+fn signal_broker(signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &broker_pid()]).status().unwrap();
+    assert!(status.success(), "kill {signal} the broker: {status}");
 }

@@ -89,6 +89,9 @@ fn d_ooo() -> Duration {
 fn d_drift() -> Option<Duration> {
     Some(Duration::from_secs(600))
 }
+fn d_commit_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn d_max_held_bytes() -> usize {
     16 << 20
 }
@@ -120,6 +123,12 @@ pub struct KafkaSourceConfig {
     /// the data before it durable. Default `5s`.
     #[serde(default = "d_checkpoint")]
     pub checkpoint_interval: Duration,
+    /// How long a checkpoint's offset commit waits for the group coordinator's answer. One
+    /// with no answer by then is retried at the next checkpoint, once it has answered (no
+    /// commit goes over an unanswered one), and the source reads on meanwhile. Keep it well
+    /// under `max.poll.interval.ms` (the consumer does not poll while it waits). Default `10s`.
+    #[serde(default = "d_commit_timeout")]
+    pub commit_timeout: Duration,
     /// How far behind the newest event of its partition an event may arrive and still be on
     /// time; a partition's watermark trails its newest event time (from the payload's `ts`,
     /// read by `decode`) by this much. Default `2m`.
@@ -194,6 +203,19 @@ impl KafkaSourceConfig {
                  use `fetch: librdkafka` (or `auto`)",
                 protocol.unwrap_or_default()
             )),
+        }
+    }
+}
+
+impl KafkaSourceConfig {
+    /// `commit_timeout`, which must be above zero.
+    pub fn commit_wait(&self) -> Result<std::time::Duration, String> {
+        let wait = self.commit_timeout.to_std();
+        match wait.is_zero() {
+            true => {
+                Err("`commit_timeout` must be above zero (a commit needs time for the coordinator's answer)".into())
+            }
+            false => Ok(wait),
         }
     }
 }
@@ -466,6 +488,9 @@ mod tests {
         assert_eq!(source("properties: {security.protocol: PLAINTEXT}").native_fetch(), Ok(true));
         assert_eq!(source("properties: {security.protocol: SASL_SSL}").native_fetch(), Ok(false));
         assert_eq!(source("fetch: librdkafka").native_fetch(), Ok(false));
+        assert_eq!(source("").commit_wait(), Ok(std::time::Duration::from_secs(10)));
+        assert_eq!(source("commit_timeout: 2s").commit_wait(), Ok(std::time::Duration::from_secs(2)));
+        assert!(source("commit_timeout: 0s").commit_wait().unwrap_err().contains("above zero"));
         let e = source("fetch: native\nproperties: {security.protocol: ssl}").native_fetch().unwrap_err();
         assert!(e.contains("plaintext") && e.contains("fetch: librdkafka"), "{e}");
         assert!(serde_saphyr::from_str::<KafkaSourceConfig>("brokers: b\nfetch: fast\n").is_err());

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use citystream_operators::{Barrier, Message};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Positions;
@@ -46,7 +46,8 @@ impl CommitError {
 }
 
 /// Commits checkpoint `epoch`: records it in the state manifest (all `positions`), then
-/// commits `positions` to Kafka, restricted to `owned` (never a partition another member now
+/// commits `positions` to Kafka (waiting for the answer up to `commit_timeout`,
+/// [`super::bounded_commit`]), restricted to `owned` (never a partition another member now
 /// owns), each offset carrying `lineage:epoch` in its metadata (which state and checkpoint
 /// committed it, for operators reading the group's offsets; the pipeline does not read it).
 pub(super) fn commit(
@@ -72,7 +73,12 @@ pub(super) fn commit(
         }
     }
     if tpl.count() > 0 {
-        consumer.commit(&tpl, CommitMode::Sync).map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
+        // bounded: a coordinator that does not answer must not hold the consumer thread
+        consumer
+            .context()
+            .unanswered
+            .commit(consumer.client().native_ptr(), &tpl, epoch)
+            .map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
     }
     // what compaction may now merge
     let committed = tpl.elements().into_iter().filter_map(|e| match e.offset() {

@@ -127,6 +127,8 @@ pub(super) struct Ctx {
     /// The source fetches natively ([`crate::kafka::fetch`]): librdkafka keeps every assigned
     /// partition paused.
     pub(super) native: bool,
+    /// Offset commits wait for their answer for a bounded time; the one with no answer yet.
+    pub(super) unanswered: Arc<super::bounded_commit::Unanswered>,
 }
 
 pub(super) fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {

@@ -11,7 +11,10 @@
 //! a partition is assigned, files at or beyond its committed offset — written after the last
 //! commit by a run that then died — are removed before consumption starts, so the replay does
 //! not duplicate them. On revocation, everything read from the partitions that go is flushed,
-//! made durable and committed before the callback returns. With operator state checkpoints
+//! made durable and committed before the callback returns. A commit waits for the group
+//! coordinator's answer for `commit_timeout` at most, and none starts while an earlier one has
+//! had no answer ([`bounded_commit`]): a coordinator that stops answering does not stop the
+//! source. With operator state checkpoints
 //! (`runtime.state_dir` or `state_url`) the state manifest is created before each commit, and a partition
 //! resumes at the manifest's offset when that is further than the committed one.
 //!
@@ -25,9 +28,10 @@
 //!
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
-//! takes a checkpoint and commits it; [`alignment`] decides which partitions to pause, and
+//! takes a checkpoint and commits it, through [`bounded_commit`]; [`alignment`] decides which partitions to pause, and
 //! [`held`] keeps what is read from them meanwhile; [`queue`] is the source's own fetch queue.
 mod alignment;
+mod bounded_commit;
 mod commit;
 mod context;
 mod held;
@@ -54,6 +58,7 @@ use super::fetch::{Decoders, FetchLimits, Fetcher};
 use super::{KafkaSourceConfig, client_config};
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
+use bounded_commit::{ForgetUnanswered, Unanswered};
 use commit::{checkpoint, commit};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
 use held::Held;
@@ -116,6 +121,8 @@ struct Loop {
     /// make one; every message then comes through `poll`). The one strong reference: declared
     /// before `consumer`, so that it goes first however the loop ends (a panic too).
     queue: Option<Arc<FetchQueue>>,
+    /// Likewise before `consumer`: the queue of a commit with no answer yet goes first.
+    unanswered: ForgetUnanswered,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -258,8 +265,22 @@ async fn run_kafka_source(
         })),
         false => None,
     };
+    let unanswered = Arc::new(Unanswered::new(
+        cfg.commit_wait().map_err(err)?,
+        metrics.counter(
+            "citystream_kafka_commit_timeouts_total",
+            "Offset commits with no answer from the group coordinator within commit_timeout (retried at a later checkpoint once answered).",
+            &[("source", name)],
+        ),
+    ));
     let consumer: BaseConsumer<Ctx> = cc
-        .create_with_context(Ctx { shared: shared.clone(), commits, state, native: native.is_some() })
+        .create_with_context(Ctx {
+            shared: shared.clone(),
+            commits,
+            state,
+            native: native.is_some(),
+            unanswered: unanswered.clone(),
+        })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     // every assigned partition's messages go to a queue of the source's own, taken in batches
     // (not with the native fetch: librdkafka fetches nothing then)
@@ -325,6 +346,7 @@ async fn run_kafka_source(
         consumer,
         shared,
         queue,
+        unanswered: ForgetUnanswered(unanswered),
         clocks,
         routing,
         acks,
@@ -427,6 +449,7 @@ impl Loop {
         drop(guard);
         // librdkafka's queues go before their client
         drop(self.queue);
+        drop(self.unanswered);
         let consumer = self.consumer;
         // leave the group promptly, bounded: librdkafka's destroy can hang (known race)
         let (tx, rx) = std::sync::mpsc::channel();

@@ -1,0 +1,202 @@
+//! Offset commits that wait for the group coordinator's answer for a bounded time.
+//!
+//! rdkafka's synchronous commit (`rd_kafka_commit`) waits for the answer without bound. With
+//! the coordinator not answering (its broker hung, or its `__consumer_offsets` partition
+//! without a leader) the consumer thread stood still: no fetch, no flush, no stop, and no
+//! poll, so librdkafka left the group once `max.poll.interval.ms` passed and the source lost
+//! its partitions. Here the commit's answer goes to a queue of our own
+//! (`rd_kafka_commit_queue`) and is waited for up to `commit_timeout`; a commit with no answer
+//! by then fails like an unreachable broker (the source retries it at its next checkpoint)
+//! and stays in flight in librdkafka. No other commit starts until that one has answered:
+//! a late answer must not move the group's offsets back behind a newer commit.
+
+use std::ffi::CStr;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use citystream_operators::Counter;
+use rdkafka::TopicPartitionList;
+use rdkafka::bindings as rd;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// A commit whose answer did not come in time: the queue it will land on.
+struct InFlight {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    epoch: u64,
+    since: Instant,
+}
+
+// SAFETY: librdkafka's queues are thread-safe; the handle is used by the consumer thread (and
+// the rebalance callbacks on it) and destroyed before the consumer ([`Unanswered::forget`]).
+unsafe impl Send for InFlight {}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // SAFETY: our handle, destroyed once, while the client lives; an answer landing later
+        // finds the queue disabled and is dropped
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+/// The source's commit with no answer yet, if any, and how long a commit may wait.
+pub(super) struct Unanswered {
+    slot: Mutex<Option<InFlight>>,
+    wait: Duration,
+    /// Commits that had no answer within `wait`.
+    timeouts: Counter,
+}
+
+impl Unanswered {
+    pub(super) fn new(wait: Duration, timeouts: Counter) -> Self {
+        Unanswered { slot: Mutex::new(None), wait, timeouts }
+    }
+
+    /// Drops a commit still in flight (its queue). Call before the consumer goes: librdkafka's
+    /// queues must be destroyed before their client.
+    pub(super) fn forget(&self) {
+        self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    }
+
+    /// Commits `offsets` (checkpoint `epoch`) on consumer `client`
+    /// (`BaseConsumer::client().native_ptr()`) and waits for the answer up to the configured
+    /// bound. An error if the commit failed, had no answer in time, or could not start because
+    /// an earlier one has had no answer yet.
+    pub(super) fn commit(
+        &self,
+        client: *mut rd::rd_kafka_t,
+        offsets: &TopicPartitionList,
+        epoch: u64,
+    ) -> Result<(), String> {
+        let mut slot = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(earlier) = slot.as_ref() {
+            // SAFETY: a live queue (see `InFlight`); an event taken is ours until destroyed
+            match NonNull::new(unsafe { rd::rd_kafka_queue_poll(earlier.queue.as_ptr(), 0) }) {
+                None => {
+                    return Err(format!(
+                        "the commit of checkpoint {} has had no answer for {:.0?}; no commit goes over it",
+                        earlier.epoch,
+                        earlier.since.elapsed()
+                    ));
+                }
+                Some(event) => {
+                    let outcome = answer(event);
+                    tracing::info!(
+                        epoch = earlier.epoch,
+                        after = ?earlier.since.elapsed(),
+                        outcome = outcome.as_ref().err().map_or("committed", String::as_str),
+                        "a late answer to an offset commit"
+                    );
+                    slot.take();
+                }
+            }
+        }
+        let client = NonNull::new(client).ok_or("no consumer handle")?;
+        // SAFETY: a live client; the queue is destroyed by `InFlight`'s drop or below
+        let queue =
+            NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) }).ok_or("no queue for the commit")?;
+        let in_flight = InFlight { queue, epoch, since: Instant::now() };
+        // SAFETY: live handles; librdkafka copies `offsets` and keeps its own reference to the
+        // queue until it has answered there
+        let err = unsafe {
+            rd::rd_kafka_commit_queue(client.as_ptr(), offsets.ptr(), queue.as_ptr(), None, std::ptr::null_mut())
+        };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(RDKafkaErrorCode::from(err).to_string());
+        }
+        let ms = self.wait.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: as above
+        match NonNull::new(unsafe { rd::rd_kafka_queue_poll(queue.as_ptr(), ms) }) {
+            Some(event) => answer(event),
+            None => {
+                self.timeouts.inc();
+                *slot = Some(in_flight);
+                Err(format!("no answer from the group coordinator within {:?}", self.wait))
+            }
+        }
+    }
+}
+
+/// The outcome an offset commit's answer carries (the request's error, else the first
+/// partition's); destroys the event.
+fn answer(event: NonNull<rd::rd_kafka_event_t>) -> Result<(), String> {
+    let event = event.as_ptr();
+    // SAFETY: an event we own, destroyed once at the end; the strings and the partition list
+    // it hands out live as long as it does and are copied before
+    unsafe {
+        let mut outcome = Ok(());
+        if rd::rd_kafka_event_type(event) != rd::RD_KAFKA_EVENT_OFFSET_COMMIT {
+            outcome = Err(format!(
+                "an unexpected answer to an offset commit (event type {})",
+                rd::rd_kafka_event_type(event)
+            ));
+        } else if rd::rd_kafka_event_error(event) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            let text = rd::rd_kafka_event_error_string(event);
+            outcome = Err(match text.is_null() {
+                true => RDKafkaErrorCode::from(rd::rd_kafka_event_error(event)).to_string(),
+                false => CStr::from_ptr(text).to_string_lossy().into_owned(),
+            });
+        } else if let Some(list) = NonNull::new(rd::rd_kafka_event_topic_partition_list(event))
+            && !list.as_ref().elems.is_null()
+        {
+            let list = list.as_ref();
+            let elems = std::slice::from_raw_parts(list.elems, list.cnt.max(0) as usize);
+            if let Some(e) = elems.iter().find(|e| e.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR) {
+                let topic = CStr::from_ptr(e.topic).to_string_lossy();
+                outcome = Err(format!("{topic}/{}: {}", e.partition, RDKafkaErrorCode::from(e.err)));
+            }
+        }
+        rd::rd_kafka_event_destroy(event);
+        outcome
+    }
+}
+
+/// Forgets the source's unanswered commit when dropped (a panic included): declared before
+/// the consumer, it goes first.
+pub(super) struct ForgetUnanswered(pub(super) Arc<Unanswered>);
+
+impl Drop for ForgetUnanswered {
+    fn drop(&mut self) {
+        self.0.forget();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::BaseConsumer;
+
+    /// A "broker" that takes connections and never answers: the commit cannot even find its
+    /// coordinator. The commit gives up after the bound, and the next one does not go over it.
+    #[test]
+    fn an_unanswered_commit_fails_after_the_bound_and_holds_back_the_next() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = silent.local_addr().unwrap().to_string();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &address)
+            .set("group.id", "bounded-commit-test")
+            .set("enable.auto.commit", "false")
+            // closing waits this long for commits that wait for a coordinator (default 45 s)
+            .set("session.timeout.ms", "1000")
+            .create()
+            .unwrap();
+        let metrics = citystream_operators::Metrics::new();
+        let timeouts = metrics.counter("timeouts", "test", &[]);
+        let unanswered = Unanswered::new(Duration::from_millis(300), timeouts.clone());
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("t", 0, rdkafka::Offset::Offset(7)).unwrap();
+        let client = rdkafka::consumer::Consumer::client(&consumer).native_ptr();
+        let t0 = Instant::now();
+        let first = unanswered.commit(client, &offsets, 1).unwrap_err();
+        assert!(first.contains("no answer from the group coordinator within 300ms"), "{first}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "bounded: {:?}", t0.elapsed());
+        assert_eq!(timeouts.get(), 1);
+        let second = unanswered.commit(client, &offsets, 2).unwrap_err();
+        assert!(second.contains("the commit of checkpoint 1 has had no answer"), "{second}");
+        assert_eq!(timeouts.get(), 1, "the second did not start");
+        unanswered.forget();
+        drop(consumer);
+        drop(silent);
+    }
+}
