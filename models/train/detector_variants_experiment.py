@@ -69,9 +69,7 @@ def main():
     sim_train = T.load(data / "train")
     sumo_train, _, _ = T.sumo_runs(data)
     runs = [sim_train, *sumo_train]
-    train = T.combine(runs)
-    n_sim = len(sim_train["x"])
-    visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
+    train, visit, _ = T.training_set(sim_train, sumo_train)
     x, mu, sd = T.standardized(T.incident_view(train["x"][visit]))
     sets = R.evaluation_sets(data)
     for name in variants:

@@ -69,10 +69,10 @@ def load(run_dir, family=None):
     return d
 
 
-def recipe(train, n_sim, inputs, seed, what):
-    """the detector's recipe on `inputs(d)` (rows of a data set), seeded: its rule(d) and levels"""
+def recipe(train, visit, inputs, seed, what):
+    """the detector's recipe on `inputs(d)` (rows of a data set; an epoch visits rows `visit`),
+    seeded: its rule(d) and levels"""
     print(f"== {what}, seed {seed}", flush=True)
-    visit, _ = T.epoch_rows(n_sim, len(train["x"]) - n_sim)
     score = T.fit_detector(train, visit, inputs, seed, seed + 1000)
     rule, levels = T.calibrated_rule(score, train)
     return rule, {**levels, "inputs": int(inputs({k: train[k][:1] for k in ("x", "xw")}).shape[1])}, score
@@ -87,12 +87,11 @@ def main():
     sim_train, sim_test = load(data / "train"), load(data / "test")
     sumo_train, tests, _ = T.sumo_runs(data, load)
     tests = {"simulator": [sim_test], **tests}
-    train = T.combine([sim_train, *sumo_train], ROW_KEYS)
-    n_sim = len(sim_train["x"])
+    train, visit, _ = T.training_set(sim_train, sumo_train, ROW_KEYS)
     former = lambda d: T.transform(d["x"], T.OCC_SCALE)  # noqa: E731
     temporal_inputs = lambda d: np.concatenate([former(d), d["xw"]], axis=1)  # noqa: E731
     inputs = {"former inputs": former, f"temporal ({WINDOW} minutes)": temporal_inputs}
-    detectors = {(name, seed): recipe(train, n_sim, f, seed, name) for seed in SEEDS for name, f in inputs.items()}
+    detectors = {(name, seed): recipe(train, visit, f, seed, name) for seed in SEEDS for name, f in inputs.items()}
     # each recipe's seeds as one detector: the mean of their scores, its levels calibrated as one
     for name in inputs:
         scores = [detectors[(name, seed)][2] for seed in SEEDS]

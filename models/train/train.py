@@ -628,27 +628,30 @@ def persistence(d):
     return np.repeat(d["x"][:, 1:2], len(HORIZONS), axis=1)
 
 
-def congestion_experiment_data(data):
+def congestion_experiment_data(data, with_runs=False):
     """What the congestion experiments (congestion_*_experiment.py) train and score on, as
     train.py builds it from `data`: the training set, the rows an epoch visits, the forecasters'
     targets (`congestion_targets`: change, rows, mean, sd), the held-out sets by name and each
-    one's historical-average baseline; (train, visit, targets, tests, history)."""
+    one's historical-average baseline; (train, visit, targets, tests, history), and with
+    `with_runs` the runs the training set combines, (simulator, SUMO scenarios), last."""
     sim_train, test = load(data / "train"), load(data / "test")
     sumo_train, sumo_tests, roads = sumo_runs(data)
-    train = combine([sim_train, *sumo_train])
-    n_sim = len(sim_train["x"])
-    visit, _ = epoch_rows(n_sim, len(train["x"]) - n_sim)
+    train, visit, _ = training_set(sim_train, sumo_train)
     tests = {"simulator": test, **{f: combine(runs) for f, runs in sumo_tests.items()}}
     history = {src: held_out_history(src, d, sim_train, sumo_tests, roads) for src, d in tests.items()}
-    return train, visit, congestion_targets(train, visit), tests, history
+    out = (train, visit, congestion_targets(train, visit), tests, history)
+    return (*out, (sim_train, sumo_train)) if with_runs else out
 
 
-def forecast(net, d, mu, sd, r_mu, r_sd, kept=KEPT_INDEX):
+def forecast(net, d, mu, sd, r_mu, r_sd, kept=KEPT_INDEX, extra=None):
     """A numpy forecaster's speeds (km/h) at the horizons for data set `d`: its inputs (`kept`
-    columns) standardized by mu, sd, its output unstandardized by the targets' r_mu, r_sd (a
-    change from speed_5m as a share of the free speed, `congestion_targets`), at least 0"""
+    columns, then the columns `extra` if given) standardized by mu, sd, its output
+    unstandardized by the targets' r_mu, r_sd (a change from speed_5m as a share of the free
+    speed, `congestion_targets`), at least 0"""
     free = np.maximum(d["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
-    out = net.forward((transform(d["x"], 0.0, kept) - mu) / sd)[-1] * r_sd + r_mu
+    x = transform(d["x"], 0.0, kept)
+    x = x if extra is None else np.hstack([x, extra])
+    out = net.forward((x - mu) / sd)[-1] * r_sd + r_mu
     return np.maximum(d["x"][:, 1:2] + out * free, 0.0)
 
 
@@ -840,6 +843,15 @@ def by_condition(runs, rules):
     return rows
 
 
+def training_set(sim, sumo, keys=ROW_KEYS):
+    """The training set of the simulator's run `sim` and SUMO scenarios `sumo` (`combine`, the
+    simulator's rows first), the rows an epoch visits and SUMO's repeat (`epoch_rows`);
+    (train, visit, repeat)."""
+    train = combine([sim, *sumo], keys)
+    visit, repeat = epoch_rows(len(sim["x"]), len(train["x"]) - len(sim["x"]))
+    return train, visit, repeat
+
+
 def epoch_rows(n_sim, n_sumo):
     """The rows one epoch visits, of a training set of `n_sim` simulator rows followed by `n_sumo`
     SUMO rows: the simulator's once, SUMO's repeated to about SUMO_TRAIN_SHARE; and the repeat."""
@@ -966,8 +978,7 @@ def held_out_conditions(sim_train, sumo_train, held_out_runs, deployed):
     of what is left (the SUMO repeat, the class weights and the calibrated levels)."""
     def recipe(sim, sumo, what):
         print(f"== incident detector, trained {what} (held-out conditions)", flush=True)
-        train = combine([sim, *sumo])
-        visit, repeat = epoch_rows(len(sim["x"]), len(train["x"]) - len(sim["x"]))
+        train, visit, repeat = training_set(sim, sumo)
         rule, levels = calibrated_rule(fit_detector(train, visit), train)
         return rule, {**levels, "simulator_rows": len(sim["x"]), "sumo_scenarios": len(sumo), "sumo_repeat": repeat,
                       "sumo_scenarios_with_condition": {c: sum(bool(r[c].any()) for r in sumo) for c in HELD_OUT_CONDITIONS},
@@ -1033,9 +1044,8 @@ def main():
     sumo_train, sumo_tests, roads = sumo_runs(data)
     if not sumo_train or not sumo_tests:
         raise SystemExit("no SUMO scenarios in data/sumo: run sumo_scenarios.py first (requirements-sumo.txt)")
-    train = combine([sim_train, *sumo_train])
+    train, visit, repeat = training_set(sim_train, sumo_train)
     n_sim, n_sumo = len(sim_train["x"]), len(train["x"]) - len(sim_train["x"])
-    visit, repeat = epoch_rows(n_sim, n_sumo)
     # held out, reported separately: the simulator's 7 days and each SUMO family
     tests = {"simulator": test, **{f: combine(runs) for f, runs in sumo_tests.items()}}
     trained_on = sorted({r["family"] for r in sumo_train})
