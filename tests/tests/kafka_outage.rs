@@ -63,9 +63,8 @@ async fn a_coordinator_that_stops_answering_does_not_stall_the_source() {
     assert!(text.contains("group.protocol: consumer") && text.contains("commit_timeout: 2s"));
     let metrics = Metrics::new();
     run_through(&text, &lake, &report, metrics.clone(), || {
-        signal_broker("-STOP");
+        let _resumed = Stopped::broker();
         std::thread::sleep(Duration::from_secs(30));
-        signal_broker("-CONT");
     })
     .await;
     let timeouts = metrics.value("citystream_kafka_commit_timeouts_total", &[("source", "kafka")]).unwrap_or(0.0);
@@ -102,15 +101,27 @@ async fn run_through(
     assert_complete(&positions(lake).await, report);
 }
 
-/// The broker's process, from the pid file `deploy/kafka/start.sh` wrote in its run dir.
-fn broker_pid() -> String {
-    let dir = std::env::var("KAFKA_RUN_DIR")
-        .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it)");
-    std::fs::read_to_string(Path::new(&dir).join("kafka.pid")).expect("the broker's pid file").trim().to_owned()
+/// The broker, stopped with SIGSTOP until this is dropped (SIGCONT, a panic included: the
+/// tests after must find it running).
+struct Stopped(String);
+
+impl Stopped {
+    fn broker() -> Self {
+        let dir = std::env::var("KAFKA_RUN_DIR")
+            .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it)");
+        let pid = std::fs::read_to_string(Path::new(&dir).join("kafka.pid")).expect("the broker's pid file");
+        let pid = pid.trim().to_owned();
+        let status = std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        assert!(status.success(), "kill -STOP the broker: {status}");
+        Stopped(pid)
+    }
 }
 
-/// Sends `signal` (`-STOP`, `-CONT`) to the broker's process.
-fn signal_broker(signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &broker_pid()]).status().unwrap();
-    assert!(status.success(), "kill {signal} the broker: {status}");
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let status = std::process::Command::new("kill").args(["-CONT", &self.0]).status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("kill -CONT {} failed: {status:?}", self.0);
+        }
+    }
 }

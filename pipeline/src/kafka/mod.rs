@@ -124,9 +124,12 @@ pub struct KafkaSourceConfig {
     #[serde(default = "d_checkpoint")]
     pub checkpoint_interval: Duration,
     /// How long a checkpoint's offset commit waits for the group coordinator's answer. One
-    /// with no answer by then is retried at the next checkpoint, once it has answered (no
-    /// commit goes over an unanswered one), and the source reads on meanwhile. Keep it well
-    /// under `max.poll.interval.ms` (the consumer does not poll while it waits). Default `10s`.
+    /// with no answer by then stays in flight: no commit goes over it, so later checkpoints
+    /// (and new barriers) wait until it has answered, while the source reads on and can stop (a
+    /// stop whose commit gets no answer within about a minute ends with an error, and the next
+    /// run replays from the last commit that landed). A revocation or the final commit waits
+    /// for an unanswered one first, up to this long again. Under half of
+    /// `max.poll.interval.ms` (the consumer does not poll while it waits). Default `10s`.
     #[serde(default = "d_commit_timeout")]
     pub commit_timeout: Duration,
     /// How far behind the newest event of its partition an event may arrive and still be on
@@ -205,18 +208,29 @@ impl KafkaSourceConfig {
             )),
         }
     }
-}
 
-impl KafkaSourceConfig {
-    /// `commit_timeout`, which must be above zero.
+    /// `commit_timeout`, which must be above zero and under half of `max.poll.interval.ms`
+    /// (a revocation may wait for an earlier commit and then its own, without polling).
     pub fn commit_wait(&self) -> Result<std::time::Duration, String> {
         let wait = self.commit_timeout.to_std();
-        match wait.is_zero() {
-            true => {
-                Err("`commit_timeout` must be above zero (a commit needs time for the coordinator's answer)".into())
-            }
-            false => Ok(wait),
+        let max_poll = match self.properties.get("max.poll.interval.ms") {
+            Some(v) => v.as_str().trim().parse::<u64>().map_err(|_| {
+                format!("`max.poll.interval.ms` must be a number of milliseconds, not {:?}", v.as_str())
+            })?,
+            None => 300_000,
+        };
+        if wait.is_zero() {
+            return Err("`commit_timeout` must be above zero (a commit needs time for the coordinator's answer)".into());
         }
+        if wait.as_millis() * 2 >= u128::from(max_poll) {
+            return Err(format!(
+                "`commit_timeout` ({}) must be under half of `max.poll.interval.ms` ({max_poll} ms): a revocation \
+                 may wait for an earlier commit and then its own without polling, and past max.poll.interval.ms \
+                 librdkafka leaves the group",
+                self.commit_timeout
+            ));
+        }
+        Ok(wait)
     }
 }
 
@@ -491,6 +505,12 @@ mod tests {
         assert_eq!(source("").commit_wait(), Ok(std::time::Duration::from_secs(10)));
         assert_eq!(source("commit_timeout: 2s").commit_wait(), Ok(std::time::Duration::from_secs(2)));
         assert!(source("commit_timeout: 0s").commit_wait().unwrap_err().contains("above zero"));
+        let e = source("commit_timeout: 10s\nproperties: {max.poll.interval.ms: \"12000\"}").commit_wait().unwrap_err();
+        assert!(e.contains("under half of `max.poll.interval.ms` (12000 ms)"), "{e}");
+        assert_eq!(
+            source("commit_timeout: 2s\nproperties: {max.poll.interval.ms: \"12000\"}").commit_wait(),
+            Ok(std::time::Duration::from_secs(2))
+        );
         let e = source("fetch: native\nproperties: {security.protocol: ssl}").native_fetch().unwrap_err();
         assert!(e.contains("plaintext") && e.contains("fetch: librdkafka"), "{e}");
         assert!(serde_saphyr::from_str::<KafkaSourceConfig>("brokers: b\nfetch: fast\n").is_err());

@@ -41,58 +41,85 @@ impl Drop for InFlight {
 
 /// The source's commit with no answer yet, if any, and how long a commit may wait.
 pub(super) struct Unanswered {
-    slot: Mutex<Option<InFlight>>,
+    slot: Mutex<Slot>,
     wait: Duration,
     /// Commits that had no answer within `wait`.
     timeouts: Counter,
 }
 
+#[derive(Default)]
+struct Slot {
+    in_flight: Option<InFlight>,
+    /// Set by [`Unanswered::forget`]: the consumer is going, no commit may start.
+    closed: bool,
+}
+
+/// Whether a commit waits for an earlier one's answer (up to the bound) or gives up at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Earlier {
+    /// The periodic checkpoint: the source reads on and tries again at a later one.
+    GiveUp,
+    /// A revocation or the final commit: the last chance to commit these partitions.
+    Wait,
+}
+
 impl Unanswered {
     pub(super) fn new(wait: Duration, timeouts: Counter) -> Self {
-        Unanswered { slot: Mutex::new(None), wait, timeouts }
+        Unanswered { slot: Mutex::new(Slot::default()), wait, timeouts }
     }
 
-    /// Drops a commit still in flight (its queue). Call before the consumer goes: librdkafka's
-    /// queues must be destroyed before their client.
+    /// Drops a commit still in flight (its queue) and refuses any later one. Call before the
+    /// consumer goes: librdkafka's queues must be destroyed before their client.
     pub(super) fn forget(&self) {
-        self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut slot = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.closed = true;
+        slot.in_flight.take();
     }
 
     /// Commits `offsets` (checkpoint `epoch`) on consumer `client`
     /// (`BaseConsumer::client().native_ptr()`) and waits for the answer up to the configured
-    /// bound. An error if the commit failed, had no answer in time, or could not start because
-    /// an earlier one has had no answer yet.
+    /// bound. An earlier commit that has had no answer yet is waited for first, as `earlier`
+    /// says: no commit goes over it. An error if the commit failed, had no answer in time, or
+    /// could not start.
     pub(super) fn commit(
         &self,
         client: *mut rd::rd_kafka_t,
         offsets: &TopicPartitionList,
         epoch: u64,
+        earlier: Earlier,
     ) -> Result<(), String> {
         let mut slot = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(earlier) = slot.as_ref() {
+        if slot.closed {
+            return Err("the consumer is closing".into());
+        }
+        if let Some(before) = slot.in_flight.as_ref() {
+            let ms = match earlier {
+                Earlier::GiveUp => 0,
+                Earlier::Wait => millis(self.wait),
+            };
             // SAFETY: a live queue (see `InFlight`); an event taken is ours until destroyed
-            match NonNull::new(unsafe { rd::rd_kafka_queue_poll(earlier.queue.as_ptr(), 0) }) {
+            match NonNull::new(unsafe { rd::rd_kafka_queue_poll(before.queue.as_ptr(), ms) }) {
                 None => {
                     return Err(format!(
                         "the commit of checkpoint {} has had no answer for {:.0?}; no commit goes over it",
-                        earlier.epoch,
-                        earlier.since.elapsed()
+                        before.epoch,
+                        before.since.elapsed()
                     ));
                 }
                 Some(event) => {
                     let outcome = answer(event);
                     tracing::info!(
-                        epoch = earlier.epoch,
-                        after = ?earlier.since.elapsed(),
+                        epoch = before.epoch,
+                        after = ?before.since.elapsed(),
                         outcome = outcome.as_ref().err().map_or("committed", String::as_str),
                         "a late answer to an offset commit"
                     );
-                    slot.take();
+                    slot.in_flight.take();
                 }
             }
         }
         let client = NonNull::new(client).ok_or("no consumer handle")?;
-        // SAFETY: a live client; the queue is destroyed by `InFlight`'s drop or below
+        // SAFETY: a live client; the queue is destroyed by `InFlight`'s drop
         let queue =
             NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) }).ok_or("no queue for the commit")?;
         let in_flight = InFlight { queue, epoch, since: Instant::now() };
@@ -104,17 +131,20 @@ impl Unanswered {
         if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
             return Err(RDKafkaErrorCode::from(err).to_string());
         }
-        let ms = self.wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: as above
-        match NonNull::new(unsafe { rd::rd_kafka_queue_poll(queue.as_ptr(), ms) }) {
+        match NonNull::new(unsafe { rd::rd_kafka_queue_poll(queue.as_ptr(), millis(self.wait)) }) {
             Some(event) => answer(event),
             None => {
                 self.timeouts.inc();
-                *slot = Some(in_flight);
+                slot.in_flight = Some(in_flight);
                 Err(format!("no answer from the group coordinator within {:?}", self.wait))
             }
         }
     }
+}
+
+fn millis(d: Duration) -> i32 {
+    d.as_millis().min(i32::MAX as u128) as i32
 }
 
 /// The outcome an offset commit's answer carries (the request's error, else the first
@@ -131,14 +161,12 @@ fn answer(event: NonNull<rd::rd_kafka_event_t>) -> Result<(), String> {
                 rd::rd_kafka_event_type(event)
             ));
         } else if rd::rd_kafka_event_error(event) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            let text = rd::rd_kafka_event_error_string(event);
-            outcome = Err(match text.is_null() {
-                true => RDKafkaErrorCode::from(rd::rd_kafka_event_error(event)).to_string(),
-                false => CStr::from_ptr(text).to_string_lossy().into_owned(),
-            });
+            outcome = Err(CStr::from_ptr(rd::rd_kafka_event_error_string(event)).to_string_lossy().into_owned());
         } else if let Some(list) = NonNull::new(rd::rd_kafka_event_topic_partition_list(event))
             && !list.as_ref().elems.is_null()
         {
+            // librdkafka sets the request's error when a partition failed (the error the
+            // synchronous commit returned); a partition's own is looked at all the same
             let list = list.as_ref();
             let elems = std::slice::from_raw_parts(list.elems, list.cnt.max(0) as usize);
             if let Some(e) = elems.iter().find(|e| e.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR) {
@@ -168,7 +196,9 @@ mod tests {
     use rdkafka::consumer::BaseConsumer;
 
     /// A "broker" that takes connections and never answers: the commit cannot even find its
-    /// coordinator. The commit gives up after the bound, and the next one does not go over it.
+    /// coordinator. It gives up after the bound, and the next one does not go over it; once
+    /// librdkafka has answered it (`__WAIT_COORD`, after `session.timeout.ms`), the next
+    /// takes that late answer and starts.
     #[test]
     fn an_unanswered_commit_fails_after_the_bound_and_holds_back_the_next() {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -177,8 +207,9 @@ mod tests {
             .set("bootstrap.servers", &address)
             .set("group.id", "bounded-commit-test")
             .set("enable.auto.commit", "false")
-            // closing waits this long for commits that wait for a coordinator (default 45 s)
-            .set("session.timeout.ms", "1000")
+            // a commit waiting for a coordinator is answered after this long (and closing waits
+            // for it): 3 s, well past the 300 ms bound below
+            .set("session.timeout.ms", "3000")
             .create()
             .unwrap();
         let metrics = citystream_operators::Metrics::new();
@@ -188,14 +219,30 @@ mod tests {
         offsets.add_partition_offset("t", 0, rdkafka::Offset::Offset(7)).unwrap();
         let client = rdkafka::consumer::Consumer::client(&consumer).native_ptr();
         let t0 = Instant::now();
-        let first = unanswered.commit(client, &offsets, 1).unwrap_err();
+        let first = unanswered.commit(client, &offsets, 1, Earlier::GiveUp).unwrap_err();
         assert!(first.contains("no answer from the group coordinator within 300ms"), "{first}");
-        assert!(t0.elapsed() < Duration::from_secs(5), "bounded: {:?}", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_secs(2), "bounded: {:?}", t0.elapsed());
         assert_eq!(timeouts.get(), 1);
-        let second = unanswered.commit(client, &offsets, 2).unwrap_err();
+        let second = unanswered.commit(client, &offsets, 2, Earlier::GiveUp).unwrap_err();
         assert!(second.contains("the commit of checkpoint 1 has had no answer"), "{second}");
         assert_eq!(timeouts.get(), 1, "the second did not start");
+        // a revocation's commit waits for the earlier answer, up to the bound
+        let t1 = Instant::now();
+        let third = unanswered.commit(client, &offsets, 3, Earlier::Wait).unwrap_err();
+        assert!(third.contains("the commit of checkpoint 1 has had no answer"), "{third}");
+        assert!(t1.elapsed() >= Duration::from_millis(250), "waited for the earlier answer: {:?}", t1.elapsed());
+        assert_eq!(timeouts.get(), 1, "the third did not start");
+        // librdkafka gives up on the first after session.timeout.ms: the next takes that answer
+        std::thread::sleep(Duration::from_secs(5));
+        let fourth = unanswered.commit(client, &offsets, 4, Earlier::GiveUp).unwrap_err();
+        assert!(
+            fourth.contains("no answer from the group coordinator"),
+            "took the late answer, then started: {fourth}"
+        );
+        assert_eq!(timeouts.get(), 2);
         unanswered.forget();
+        let closed = unanswered.commit(client, &offsets, 5, Earlier::Wait).unwrap_err();
+        assert!(closed.contains("closing"), "{closed}");
         drop(consumer);
         drop(silent);
     }

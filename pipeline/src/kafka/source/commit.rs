@@ -9,6 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Positions;
+use super::bounded_commit::Earlier;
 use super::context::{Ctx, Shared, lock};
 
 /// Hands on what was read, sends a barrier, waits until every sink made it durable, and
@@ -50,11 +51,13 @@ impl CommitError {
 /// [`super::bounded_commit`]), restricted to `owned` (never a partition another member now
 /// owns), each offset carrying `lineage:epoch` in its metadata (which state and checkpoint
 /// committed it, for operators reading the group's offsets; the pipeline does not read it).
+/// A commit still unanswered from before is waited for or not as `earlier` says.
 pub(super) fn commit(
     consumer: &BaseConsumer<Ctx>,
     epoch: u64,
     positions: &Positions,
     owned: &TopicPartitionList,
+    earlier: Earlier,
 ) -> Result<(), CommitError> {
     let log = consumer.context().commits.clone();
     let metadata = match &consumer.context().state {
@@ -77,7 +80,7 @@ pub(super) fn commit(
         consumer
             .context()
             .unanswered
-            .commit(consumer.client().native_ptr(), &tpl, epoch)
+            .commit(consumer.client().native_ptr(), &tpl, epoch, earlier)
             .map_err(|e| CommitError::Kafka(format!("committing offsets: {e}")))?;
     }
     // what compaction may now merge

@@ -16,6 +16,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use crate::task::{CheckpointAcks, Outputs};
 
+use super::bounded_commit::Earlier;
 use super::commit::{CommitError, checkpoint, commit};
 use super::held::Held;
 use super::queue::FetchQueue;
@@ -354,15 +355,16 @@ impl ConsumerContext for Ctx {
         let mut s = lock(&self.shared);
         match done {
             Some((epoch, positions)) => {
-                match commit(consumer, epoch, &positions, list) {
+                match commit(consumer, epoch, &positions, list, Earlier::Wait) {
                     Ok(()) => {
                         tracing::info!(source = s.name, partitions = list.count(), "revoked: flushed and committed")
                     }
-                    // the broker is unreachable (the group may have expired): the next owner starts
-                    // from the last commit and removes what was written after it, so nothing is lost
+                    // the broker is unreachable or does not answer (the group may have expired):
+                    // the next owner starts from the last commit that landed and removes what was
+                    // written after it, so nothing is lost
                     Err(e @ CommitError::Kafka(_)) => tracing::warn!(
                         source = s.name,
-                        "revoked: flushed, but {e}; the next owner replays from the last commit"
+                        "revoked: flushed, but {e}; the next owner replays from the last commit that landed"
                     ),
                     // the state in memory is ahead of every durable record: this process must
                     // stop (a restart resumes from the last manifest) rather than go on with it

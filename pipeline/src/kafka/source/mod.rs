@@ -58,7 +58,7 @@ use super::fetch::{Decoders, FetchLimits, Fetcher};
 use super::{KafkaSourceConfig, client_config};
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
-use bounded_commit::{ForgetUnanswered, Unanswered};
+use bounded_commit::{Earlier, ForgetUnanswered, Unanswered};
 use commit::{checkpoint, commit};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
 use held::Held;
@@ -667,7 +667,7 @@ impl Loop {
         // the data is durable; commit, retrying while the broker is unreachable (bounded)
         let mut attempt = 0;
         loop {
-            match self.commit_owned(epoch, &positions) {
+            match self.commit_owned(epoch, &positions, Earlier::Wait) {
                 Ok(()) => break,
                 Err(e) if e.0 => return Err(e.1),
                 Err((_, e)) if attempt < 30 => {
@@ -707,9 +707,9 @@ impl Loop {
 
     /// Commits checkpoint `epoch` for the partitions this member owns; on failure, whether
     /// another process took the state over (stop: retrying cannot help) and the error.
-    fn commit_owned(&self, epoch: u64, positions: &Positions) -> Result<(), (bool, PipelineError)> {
+    fn commit_owned(&self, epoch: u64, positions: &Positions, earlier: Earlier) -> Result<(), (bool, PipelineError)> {
         let owned = self.owned().map_err(|e| (false, e))?;
-        commit(&self.consumer, epoch, positions, &owned).map_err(|e| (e.is_fenced(), self.err(e.to_string())))
+        commit(&self.consumer, epoch, positions, &owned, earlier).map_err(|e| (e.is_fenced(), self.err(e.to_string())))
     }
 
     /// Commits the previous checkpoint if every sink acknowledged it, then starts the next.
@@ -720,7 +720,7 @@ impl Loop {
             if gen_at != generation {
                 // a rebalance happened since: its own checkpoint covered these rows
             } else if self.acks.acked() >= epoch {
-                if let Err((fenced, e)) = self.commit_owned(epoch, &positions) {
+                if let Err((fenced, e)) = self.commit_owned(epoch, &positions, Earlier::GiveUp) {
                     if fenced {
                         return Err(e);
                     }
