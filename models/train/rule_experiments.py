@@ -13,6 +13,11 @@ one to that segment's alert (`join` in deploy/*.yaml); every variant below joins
   joined within 1 segment.
 - `+ California agreement`: a raise while California #7 alarms on the same segment and minute
   opens at once (as a score at `open_at_once` does).
+- `neighbour at L opens`: a raise while a segment next to it (one up- or downstream) scores
+  at least L the same minute opens at once (L the raise level, 0.7 or 0.5). On 2026-12-06
+  each was faster on the training sets (by 0.1-0.8 minutes) and raised more false alarms
+  there than the margin allows (`arterial60`'s training scenarios: 0.081, 0.136, 0.271 per
+  corridor-hour against the deployed rule's 0.041).
 - `speed gate G`: a score counts only while the segment's speed (the lower of its 1- and
   5-minute means) is below G of its free speed; `..., open_at_once exempt`: a score at or above
   `open_at_once` counts whatever the speed.
@@ -83,6 +88,9 @@ def main():
                  "joined within 1": T.detection_metrics(d, deployed, 1)}
         agreed = np.where(T.california7(d, *cal_t) & (score >= thr), 1.0, score)
         cells["+ California agreement"] = T.detection_metrics(d, rule(d, agreed), T.RULE_JOIN)
+        for name_level, level in (("the raise level", thr), ("0.7", 0.7), ("0.5", 0.5)):
+            agreed = np.where(neighbour_raised(d, score, level) & (score >= thr), 1.0, score)
+            cells[f"neighbour at {name_level} opens"] = T.detection_metrics(d, rule(d, agreed), T.RULE_JOIN)
         speed = np.minimum(d["x"][:, s1], d["x"][:, s5]) / np.maximum(d["x"][:, T.FREE_INDEX], 1.0)
         for gate in (0.9, 0.8, 0.7):
             gated = rule(d, np.where(speed < gate, score, 0.0))
@@ -94,6 +102,18 @@ def main():
         print(f"{name}\n  " + "\n  ".join(line))
     print("\npersistence grid: detection rate / false alarms per corridor-hour / minutes to detect")
     grid(sets, lambda d: T.run(sess, d["x"])[:, 0].astype(np.float64))
+
+
+def neighbour_raised(d, score, level):
+    """Whether a segment next to each row's (one up- or downstream, `d`'s road graph) has a
+    score at or above `level` in the same minute (each run of a combined set on its own)."""
+    out = np.zeros(len(score), dtype=bool)
+    bounds = d.get("bounds", np.array([0, len(score)]))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        seg, t, high = d["seg"][lo:hi].tolist(), d["t"][lo:hi].tolist(), score[lo:hi] >= level
+        raised = {(s, m) for s, m, h in zip(seg, t, high) if h}
+        out[lo:hi] = [any((n, m) in raised for n in d["graph"].get(s, (None, None))[:2]) for s, m in zip(seg, t)]
+    return out
 
 
 def grid(sets, score, show=print):
