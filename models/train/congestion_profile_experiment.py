@@ -7,7 +7,8 @@ the shuffles from a fresh generator of train.py's seed) twice: on its 18 inputs 
 and on those plus the profile, three more: the historical average at each horizon's target
 time, as a change from speed_5m and a share of the free speed (as the targets are).
 
-The profile a row sees is never built from its own day or scenario, nor from held-out data:
+The profile a training row sees is never built from its own day or scenario, nor from
+held-out data; a held-out row's is the baseline's own table:
 - the simulator's training days: the historical average of the other training days (seven
   folds of three days; each day's from the other 18);
 - a SUMO training scenario: its road's other training scenarios;
@@ -18,14 +19,15 @@ MAE (km/h) at +15 / +30 / +60 minutes on each held-out set over all minutes and 
 ones (below 70% of the free speed now or at a horizon), beside the historical average and
 persistence.
 
-    cd models/train && ../../.venv/bin/python congestion_profile_experiment.py   # after sumo_scenarios.py, about 10 minutes
+    cd models/train && ../../.venv/bin/python congestion_profile_experiment.py   # after sumo_scenarios.py, about 4 minutes
 
 On 2026-12-06 (MAE in congested minutes, control -> with the profile; the historical average
 in brackets): `highway100` 17.76 / 20.51 / 20.72 -> 17.87 / 20.63 / 20.13 [19.83 / 20.20 /
 19.80], still behind the historical average at +30 and +60; the simulator at +60 18.11 -> 18.13
 [17.95]. It gains in congested minutes on `freeway120` (21.82 -> 21.58 at +60), `motorway130`
-and `urban70`, loses on both arterials, and over all minutes it is worse on `arterial50`,
-`arterial60` and `freeway120` at every horizon (`freeway120` +30: 10.15 -> 11.15). Knowing the
+and `urban70` (at +15 and +60), loses on both arterials, and over all minutes it is worse on
+`arterial50`, `arterial60` and `freeway120` at every horizon (`freeway120` +30: 10.15 -> 11.15)
+and on `motorway130` at +15 and +30. Knowing the
 profile does not make the forecaster match the historical average where it loses to it. Not
 deployed.
 

@@ -15,9 +15,10 @@ one to that segment's alert (`join` in deploy/*.yaml); every variant below joins
   opens at once (as a score at `open_at_once` does).
 - `neighbour at L opens`: a raise while a segment next to it (one up- or downstream) scores
   at least L the same minute opens at once (L the raise level, 0.7 or 0.5). On 2026-12-06
-  each was faster on the training sets (by 0.1-0.8 minutes) and raised more false alarms
-  there than the margin allows (`arterial60`'s training scenarios: 0.081, 0.136, 0.271 per
-  corridor-hour against the deployed rule's 0.041).
+  each was faster on some training sets (by up to 0.37, 0.46 and 0.75 minutes for the raise
+  level, 0.7 and 0.5) and raised more false alarms there than the margin allows
+  (`arterial60`'s training scenarios: 0.081, 0.136, 0.271 per corridor-hour against the
+  deployed rule's 0.041).
 - `speed gate G`: a score counts only while the segment's speed (the lower of its 1- and
   5-minute means) is below G of its free speed; `..., open_at_once exempt`: a score at or above
   `open_at_once` counts whatever the speed.

@@ -126,9 +126,9 @@ pub struct KafkaSourceConfig {
     /// How long a checkpoint's offset commit waits for the group coordinator's answer. One
     /// with no answer by then stays in flight: no commit goes over it, so later checkpoints
     /// (and new barriers) wait until it has answered, while the source reads on and can stop (a
-    /// stop whose commit gets no answer within about a minute ends with an error, and the next
-    /// run replays from the last commit that landed). A revocation or the final commit waits
-    /// for an unanswered one first, up to this long again. Under half of
+    /// stop whose final commit still has no answer after a minute of retries ends with an
+    /// error, and the next run replays from the last commit that landed). A revocation or the
+    /// final commit's first try waits for an unanswered one first, up to this long again. Under half of
     /// `max.poll.interval.ms` (the consumer does not poll while it waits). Default `10s`.
     #[serde(default = "d_commit_timeout")]
     pub commit_timeout: Duration,

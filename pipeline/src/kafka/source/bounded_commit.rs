@@ -1,8 +1,8 @@
 //! Offset commits that wait for the group coordinator's answer for a bounded time.
 //!
-//! rdkafka's synchronous commit (`rd_kafka_commit`) waits for the answer without bound. With
-//! the coordinator not answering (its broker hung, or its `__consumer_offsets` partition
-//! without a leader) the consumer thread stood still: no fetch, no flush, no stop, and no
+//! rdkafka's synchronous commit (`rd_kafka_commit`) waits for the answer with no bound of its
+//! own (11 minutes in a two-broker run whose coordinator's `__consumer_offsets` partition had
+//! lost its only replica). With the coordinator not answering, the consumer thread stood still: no fetch, no flush, no stop, and no
 //! poll, so librdkafka left the group once `max.poll.interval.ms` passed and the source lost
 //! its partitions. Here the commit's answer goes to a queue of our own
 //! (`rd_kafka_commit_queue`) and is waited for up to `commit_timeout`; a commit with no answer

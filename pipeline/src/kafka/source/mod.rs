@@ -95,6 +95,11 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// with room for.
 const PAYLOAD_BYTES_PER_ROW: usize = 256;
 
+/// How long the final commit is retried, every 2 s, while the broker is unreachable or does not
+/// answer; then the source ends with the error (the next run replays from the last commit that
+/// landed, as after a crash).
+const FINAL_COMMIT_RETRIES: Duration = Duration::from_secs(60);
+
 /// A message read, from the consumer's queue or from the source's own ([`queue`]).
 struct Read<'a> {
     topic: &'a str,
@@ -664,16 +669,20 @@ impl Loop {
         }
         // final checkpoint: hand on the rest, wait until it is durable, commit, then end
         let Some((epoch, positions)) = checkpoint(&self.shared) else { return Err(PipelineError::Disconnected) };
-        // the data is durable; commit, retrying while the broker is unreachable (bounded)
-        let mut attempt = 0;
+        // the data is durable; commit, retrying for FINAL_COMMIT_RETRIES while the broker is
+        // unreachable or silent. The first try waits for an unanswered earlier commit (up to
+        // commit_timeout, then up to as long for its own); the retries do not wait for one, so
+        // the whole stays bounded however long the coordinator says nothing.
+        let retry_until = Instant::now() + FINAL_COMMIT_RETRIES;
+        let mut earlier = Earlier::Wait;
         loop {
-            match self.commit_owned(epoch, &positions, Earlier::Wait) {
+            match self.commit_owned(epoch, &positions, earlier) {
                 Ok(()) => break,
                 Err(e) if e.0 => return Err(e.1),
-                Err((_, e)) if attempt < 30 => {
-                    attempt += 1;
-                    tracing::warn!(source = self.name, "final commit: {e}; retrying in 2 s ({attempt}/30)");
+                Err((_, e)) if Instant::now() < retry_until => {
+                    tracing::warn!(source = self.name, "final commit: {e}; retrying in 2 s");
                     std::thread::sleep(Duration::from_secs(2));
+                    earlier = Earlier::GiveUp;
                 }
                 Err((_, e)) => return Err(e),
             }
