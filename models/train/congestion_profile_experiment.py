@@ -47,9 +47,8 @@ FOLDS = 7
 
 def profile(d, history):
     """The profile inputs of data set `d` given its historical average `history` (km/h at each
-    horizon): the change from speed_5m as a share of the free speed."""
-    free = np.maximum(d["x"][:, [T.FREE_INDEX]].astype(np.float64), 1.0)
-    return (history - d["x"][:, 1:2].astype(np.float64)) / free
+    horizon), as the targets are (`speed_change`)."""
+    return T.speed_change(d, history)
 
 
 def simulator_history(sim):

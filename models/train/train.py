@@ -605,12 +605,18 @@ def regression_metrics(pred, y):
     return out
 
 
+def speed_change(d, speeds):
+    """Speeds (km/h, a column per horizon) of the rows of data set `d` as the forecasters' targets
+    are: the change from speed_5m as a share of the free speed"""
+    free = np.maximum(d["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
+    return (speeds - d["x"][:, 1:2].astype(np.float64)) / free
+
+
 def congestion_targets(train, visit):
     """The forecasters' targets: each row's change of speed from speed_5m at the horizons as a
     share of its free speed (NaN where it has no target), the rows `visit` that have every
     target, and the changes' mean and standard deviation over those; (change, rows, mean, sd)."""
-    free = np.maximum(train["x"][:, [FREE_INDEX]].astype(np.float64), 1.0)
-    change = (train["y"] - train["x"][:, 1:2].astype(np.float64)) / free
+    change = speed_change(train, train["y"])
     ok = visit[~np.isnan(train["y"][visit]).any(axis=1)]
     return change, ok, change[ok].mean(axis=0), change[ok].std(axis=0)
 

@@ -2,13 +2,14 @@
 //!
 //! rdkafka's synchronous commit (`rd_kafka_commit`) waits for the answer with no bound of its
 //! own (11 minutes in a two-broker run whose coordinator's `__consumer_offsets` partition had
-//! lost its only replica). With the coordinator not answering, the consumer thread stood still: no fetch, no flush, no stop, and no
-//! poll, so librdkafka left the group once `max.poll.interval.ms` passed and the source lost
-//! its partitions. Here the commit's answer goes to a queue of our own
-//! (`rd_kafka_commit_queue`) and is waited for up to `commit_timeout`; a commit with no answer
-//! by then fails like an unreachable broker (the source retries it at its next checkpoint)
-//! and stays in flight in librdkafka. No other commit starts until that one has answered:
-//! a late answer must not move the group's offsets back behind a newer commit.
+//! lost its only replica). With the coordinator not answering, the consumer thread stood
+//! still: no fetch, no flush, no stop, and no poll, so librdkafka left the group once
+//! `max.poll.interval.ms` passed and the source lost its partitions. Here the commit's answer
+//! goes to a queue of our own (`rd_kafka_commit_queue`) and is waited for up to
+//! `commit_timeout`; a commit with no answer by then fails like an unreachable broker and
+//! stays in flight in librdkafka. No other commit starts until that one has answered (the
+//! source tries again at a later checkpoint): a late answer must not move the group's
+//! offsets back behind a newer commit.
 
 use std::ffi::CStr;
 use std::ptr::NonNull;

@@ -28,8 +28,9 @@
 //!
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
-//! takes a checkpoint and commits it, through [`bounded_commit`]; [`alignment`] decides which partitions to pause, and
-//! [`held`] keeps what is read from them meanwhile; [`queue`] is the source's own fetch queue.
+//! takes a checkpoint and commits it, through [`bounded_commit`]; [`alignment`] decides which
+//! partitions to pause, and [`held`] keeps what is read from them meanwhile; [`queue`] is the
+//! source's own fetch queue.
 mod alignment;
 mod bounded_commit;
 mod commit;
