@@ -39,9 +39,10 @@ type Request<'a> = Vec<(&'a str, i32, i64)>;
 /// How long a connection waits for a response beyond the fetch's own wait, and for a write.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a response to a fetch that may wait `max_wait_ms` on the broker may take.
-fn response_timeout(max_wait_ms: i32) -> Duration {
-    IO_TIMEOUT + Duration::from_millis(max_wait_ms.max(0) as u64)
+/// How long a response to a fetch that may wait `max_wait_ms` on the broker may take, with
+/// `io_timeout` for the network.
+fn response_timeout(io_timeout: Duration, max_wait_ms: i32) -> Duration {
+    io_timeout + Duration::from_millis(max_wait_ms.max(0) as u64)
 }
 /// The first wait before a broker that could not be reached is tried again; doubled up to
 /// [`MAX_BACKOFF`].
@@ -81,6 +82,8 @@ struct Broker {
     backoff: Duration,
     /// What the request in flight asked for: partition → offset.
     in_flight: Option<HashMap<Tp, i64>>,
+    /// When the request in flight is given up on if no response has begun to come in.
+    deadline: Option<Instant>,
 }
 
 impl Broker {
@@ -114,6 +117,8 @@ pub struct Fetcher {
     spare: Vec<u8>,
     /// Where the next request starts in its partition list.
     rotation: usize,
+    /// [`IO_TIMEOUT`] (shorter in tests).
+    io_timeout: Duration,
 }
 
 impl Fetcher {
@@ -128,6 +133,7 @@ impl Fetcher {
             stale: true,
             spare: Vec::new(),
             rotation: 0,
+            io_timeout: IO_TIMEOUT,
         }
     }
 
@@ -190,7 +196,8 @@ impl Fetcher {
             if broker.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            match connect(&broker.address, self.limits.max_wait_ms) {
+            let read_timeout = response_timeout(self.io_timeout, self.limits.max_wait_ms);
+            match connect(&broker.address, read_timeout, self.io_timeout) {
                 Ok(stream) => {
                     broker.conn = Some(Conn { stream, correlation: 0, request: Vec::new() });
                     broker.retry_at = None;
@@ -218,6 +225,7 @@ impl Fetcher {
         if let Some(broker) = self.brokers.get_mut(&id) {
             broker.conn = None;
             broker.in_flight = None;
+            broker.deadline = None;
             broker.back_off();
             tracing::warn!(broker = id, address = broker.address, "native fetch: {what}; reconnecting");
         }
@@ -247,42 +255,58 @@ impl Fetcher {
             return;
         }
         let asked = partitions.iter().map(|&(t, p, o)| ((t.to_owned(), p), o)).collect::<HashMap<Tp, i64>>();
+        let deadline = Instant::now() + response_timeout(self.io_timeout, self.limits.max_wait_ms);
         if let Some(b) = self.brokers.get_mut(&leader) {
             b.in_flight = Some(asked);
+            b.deadline = Some(deadline);
         }
     }
 
-    /// The brokers whose response has (begun to) come in, waiting up to the fetch's wait and
-    /// [`IO_TIMEOUT`] for the first: a caught-up broker's long poll holds no other broker's
-    /// response back. A broker none came from within that time is dropped (reconnected later).
+    /// The brokers whose response has (begun to) come in, waiting for the first until the
+    /// earliest deadline of a request in flight (the fetch's wait and [`IO_TIMEOUT`] after it was
+    /// sent): a caught-up broker's long poll holds no other broker's response back. A broker
+    /// whose response has not begun by its request's deadline is dropped (reconnected later, its
+    /// leaders asked again) — while other brokers answer too, so that a hung broker's partitions
+    /// move on to their new leaders.
     fn ready(&mut self) -> Vec<i32> {
         use std::os::fd::AsRawFd;
-        let waiting: Vec<(i32, i32)> = self
+        let waiting: Vec<(i32, i32, Instant)> = self
             .brokers
             .iter()
-            .filter(|(_, b)| b.in_flight.is_some())
-            .filter_map(|(id, b)| Some((*id, b.conn.as_ref()?.stream.as_raw_fd())))
+            .filter_map(|(id, b)| {
+                Some((*id, b.conn.as_ref()?.stream.as_raw_fd(), b.in_flight.as_ref().and(b.deadline)?))
+            })
             .collect();
-        if waiting.is_empty() {
+        let Some(first) = waiting.iter().map(|w| w.2).min() else {
             return Vec::new();
-        }
+        };
         let mut fds: Vec<libc::pollfd> =
-            waiting.iter().map(|&(_, fd)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-        let timeout = response_timeout(self.limits.max_wait_ms);
+            waiting.iter().map(|&(_, fd, _)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        // rounded up: a poll that returns before the deadline only waits again
+        let timeout = first.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call's duration
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int) };
-        if n == 0 {
-            for (id, _) in &waiting {
-                self.failed(*id, "no fetch response within the timeout");
-            }
-            return Vec::new();
-        }
+        let n = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.min(libc::c_int::MAX as u128) as libc::c_int,
+            )
+        };
         if n < 0 {
             // interrupted by a signal: the next round waits again
             return Vec::new();
         }
-        // an error or hang-up shows when reading
-        waiting.iter().zip(&fds).filter(|(_, f)| f.revents != 0).map(|((id, _), _)| *id).collect()
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        for ((id, _, deadline), f) in waiting.iter().zip(&fds) {
+            if f.revents != 0 {
+                // an error or hang-up shows when reading
+                ready.push(*id);
+            } else if *deadline <= now {
+                self.failed(*id, "no fetch response within the timeout");
+            }
+        }
+        ready
     }
 
     /// One round: a Fetch request to every leader of a partition in `wanted` (at its next
@@ -394,15 +418,15 @@ impl Fetcher {
     }
 }
 
-/// A plaintext connection to `address`, with the timeouts of a fetch waiting `max_wait_ms`.
-fn connect(address: &str, max_wait_ms: i32) -> std::io::Result<TcpStream> {
+/// A plaintext connection to `address`, with timeouts for reading a response and for a write.
+fn connect(address: &str, read_timeout: Duration, write_timeout: Duration) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::other(format!("{address} resolves to no address"));
     for addr in address.to_socket_addrs()? {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
             Ok(s) => {
                 s.set_nodelay(true)?;
-                s.set_read_timeout(Some(response_timeout(max_wait_ms)))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                s.set_read_timeout(Some(read_timeout))?;
+                s.set_write_timeout(Some(write_timeout))?;
                 return Ok(s);
             }
             Err(e) => last = e,
@@ -430,4 +454,78 @@ pub fn receive(stream: &mut TcpStream, correlation: i32, into: &mut Vec<u8>, max
         return Err(std::io::Error::other(format!("correlation id {got}, sent {correlation}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A broker connection to a local listener, and the listener's side of it.
+    fn broker(f: &mut Fetcher, id: i32) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        f.brokers.insert(id, Broker { address, ..Broker::default() });
+        assert!(f.conn(id).is_some());
+        listener.accept().unwrap().0
+    }
+
+    fn limits(max_wait_ms: i32) -> FetchLimits {
+        FetchLimits { max_wait_ms, max_bytes: 1 << 20, partition_bytes: 1 << 20, read_committed: false }
+    }
+
+    /// A request in flight to broker `id`, sent now.
+    fn in_flight(f: &mut Fetcher, id: i32) {
+        let deadline = Instant::now() + response_timeout(f.io_timeout, f.limits.max_wait_ms);
+        let b = f.brokers.get_mut(&id).unwrap();
+        b.in_flight = Some(HashMap::new());
+        b.deadline = Some(deadline);
+    }
+
+    #[test]
+    fn a_broker_that_stops_answering_is_dropped_while_another_answers() {
+        let limits = limits(0);
+        let mut f = Fetcher::new("test", limits);
+        f.io_timeout = Duration::from_millis(300);
+        let mut answering = broker(&mut f, 1);
+        let _hung = broker(&mut f, 2); // accepts, never writes
+        f.stale = false;
+        in_flight(&mut f, 1);
+        in_flight(&mut f, 2);
+        let start = Instant::now();
+        // rounds as the source runs them: broker 1's response is in at once, its next
+        // request goes out; broker 2's never begins
+        while f.brokers[&2].conn.is_some() && start.elapsed() < Duration::from_secs(5) {
+            answering.write_all(&[0]).unwrap();
+            assert_eq!(f.ready(), vec![1]);
+            let mut byte = [0u8; 1];
+            f.brokers.get_mut(&1).unwrap().conn.as_mut().unwrap().stream.read_exact(&mut byte).unwrap();
+            in_flight(&mut f, 1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let waited = start.elapsed();
+        assert!(f.brokers[&2].conn.is_none(), "the hung broker is still connected after {waited:?}");
+        assert!(f.brokers[&2].in_flight.is_none() && f.brokers[&2].retry_at.is_some());
+        assert!(f.stale, "its partitions' leaders are asked again");
+        assert!(waited >= Duration::from_millis(300), "dropped before its deadline: {waited:?}");
+        assert!(f.brokers[&1].conn.is_some(), "the answering broker keeps its connection");
+    }
+
+    #[test]
+    fn a_round_with_only_a_hung_broker_waits_for_its_deadline_then_drops_it() {
+        let limits = limits(100);
+        let mut f = Fetcher::new("test", limits);
+        f.io_timeout = Duration::from_millis(200);
+        let _hung = broker(&mut f, 7);
+        in_flight(&mut f, 7);
+        let start = Instant::now();
+        let mut ready = f.ready();
+        // a poll may return early (a signal): it then only waits again
+        while f.brokers[&7].conn.is_some() && start.elapsed() < Duration::from_secs(5) {
+            ready = f.ready();
+        }
+        assert!(ready.is_empty());
+        assert!(f.brokers[&7].conn.is_none());
+        assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
+    }
 }
