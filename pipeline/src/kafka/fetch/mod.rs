@@ -172,6 +172,7 @@ impl Fetcher {
                     broker.address = address;
                     broker.conn = None;
                     broker.in_flight = None;
+                    broker.deadline = None;
                 }
             }
             for t in md.topics().iter().filter(|t| t.name() == topic) {
@@ -283,7 +284,7 @@ impl Fetcher {
         let mut fds: Vec<libc::pollfd> =
             waiting.iter().map(|&(_, fd, _)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
         // rounded up: a poll that returns before the deadline only waits again
-        let timeout = first.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
+        let timeout = first.saturating_duration_since(Instant::now()).as_nanos().div_ceil(1_000_000);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call's duration
         let n = unsafe {
             libc::poll(
@@ -517,8 +518,8 @@ mod tests {
         let mut f = Fetcher::new("test", limits);
         f.io_timeout = Duration::from_millis(200);
         let _hung = broker(&mut f, 7);
-        in_flight(&mut f, 7);
         let start = Instant::now();
+        in_flight(&mut f, 7);
         let mut ready = f.ready();
         // a poll may return early (a signal): it then only waits again
         while f.brokers[&7].conn.is_some() && start.elapsed() < Duration::from_secs(5) {
