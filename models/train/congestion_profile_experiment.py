@@ -65,15 +65,22 @@ def simulator_history(sim):
     return out
 
 
-def main():
-    train, visit, (change, ok, r_mu, r_sd), tests, hist, (sim_train, sumo_train) = \
-        T.congestion_experiment_data(T.HERE / "data", with_runs=True)
-    # the training set's profile, in combine()'s order: the simulator, then each SUMO scenario
+def training_history(sim_train, sumo_train):
+    """The historical average of every training row, in combine()'s order (the simulator, then
+    each SUMO scenario), never from the row's own day or scenario: the simulator's from the
+    other folds (`simulator_history`), a SUMO scenario's from its road's other training
+    scenarios."""
     parts = [simulator_history(sim_train)]
     for run in sumo_train:
         others = [o for o in sumo_train if o["family"] == run["family"] and o is not run]
         parts.append(T.historical_average(T.combine(others), run, by_weekend=False))
-    train_profile = profile(train, np.concatenate(parts))
+    return np.concatenate(parts)
+
+
+def main():
+    train, visit, (change, ok, r_mu, r_sd), tests, hist, (sim_train, sumo_train) = \
+        T.congestion_experiment_data(T.HERE / "data", with_runs=True)
+    train_profile = profile(train, training_history(sim_train, sumo_train))
     assert len(train_profile) == len(train["x"])
     for label, extra in (("control (18)", None), ("with profile (21)", train_profile)):
         inputs = T.transform(train["x"]) if extra is None else np.hstack([T.transform(train["x"]), extra])

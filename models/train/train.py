@@ -467,7 +467,8 @@ def quantize(src, dst, calibration, unsigned=False):
                     extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
 
 
-def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_at_once=None, open_after=None):
+def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_at_once=None, open_after=None,
+               sustain=None):
     """Whether each row's segment has an open alert after the row: the `alert` stage's state
     machine (operators/src/alert/rule.rs, without storms and staleness, which never act on the
     evaluated runs: every segment there has a row every minute, so the stage's `stale_after` of
@@ -479,11 +480,13 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     minutes (dips below `clear` between them do not cancel it, but never open it; it lapses when
     its latest raising value is that old), or at once on a value at or above `open_at_once`, and the segment's
     quiet time is over; an open alert resolves below `clear`, which starts `cooldown_min` of
-    quiet. A missing (NaN) score changes nothing."""
+    quiet. A missing (NaN) score changes nothing. With `sustain` (below `raise_at`; an experiment
+    of rule_experiments.py, not deployed), a pending alert's later values at or above `sustain`
+    count as raises too: only the first has to reach `raise_at`."""
     if "bounds" in d:  # a combined set: each run on its own
         b = d["bounds"]
         return np.concatenate([alert_rule({k: d[k][lo:hi] for k in ("seg", "t")}, score[lo:hi], raise_at, clear,
-                                          min_duration_min, cooldown_min, open_at_once, open_after)
+                                          min_duration_min, cooldown_min, open_at_once, open_after, sustain)
                                for lo, hi in zip(b[:-1], b[1:])])
     clear = min(clear, raise_at)
     order = np.lexsort((d["t"], d["seg"]))
@@ -505,7 +508,7 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
             else:  # it counts raising values in a window
                 raises, within_min = open_after
                 raised = [r for r in raised if r > t[i] - within_min * 60_000]
-                if v[i] >= raise_at:
+                if v[i] >= raise_at or (sustain is not None and raised and v[i] >= sustain):
                     raised.append(t[i])
                 raised = raised[-raises:]
                 live, persisted = bool(raised), len(raised) >= raises
