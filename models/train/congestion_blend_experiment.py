@@ -18,7 +18,7 @@ state, 0.9 at +30 and +60 for rows congested now: `highway100`'s congested MAE a
 went from 20.51 / 20.72 to 20.48 / 20.65, against the historical average's 20.20 / 19.80 (the
 simulator's +60: 18.11 -> 18.08 against 17.95). In hindsight, the best w on `highway100`'s
 congested minutes is 0.4-0.5 at +30 (20.12, just below the historical average's 20.20) and 0
-at +60: every blend there is worse than the historical average alone (19.84 at w = 0.1, 20.72
+at +60: every blend of the grid there is worse than the historical average alone (19.84 at w = 0.1, 20.72
 at 1). On the simulator's congested minutes the best is 0.3-0.4 at +60 (17.90 against 17.95).
 So a linear blend does not close the gap at +60: what the forecaster adds there makes the
 historical average worse. Not deployed (the stream has no historical-average table either:

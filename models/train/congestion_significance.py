@@ -4,7 +4,10 @@ deploy/*.yaml run) minus the historical average's,
 over all scored minutes and over congested ones (train.py's `scored_rows`), with a 95% interval
 from a paired block bootstrap. A block is one segment of one run (a SUMO scenario, or one day of
 the simulator's test week): minutes of a segment in a run are not independent (one incident's
-queue fills many), so whole blocks are drawn with replacement (2000 draws, seeded).
+queue fills many), so whole blocks are drawn with replacement (2000 draws, seeded). Neighbouring
+segments of a run share queues and demand too, so the intervals are if anything too narrow,
+and there are 84 of them, uncorrected for their number: "within the noise" is the firmer
+reading, "outside it" the weaker.
 
     cd models/train && ../../.venv/bin/python congestion_significance.py   # after sumo_scenarios.py, ~2 minutes
 
@@ -16,7 +19,7 @@ simulator +60 -0.00 [-0.38, +0.41]. The places where the card shows a forecaster
 historical average are within the noise of the held-out data: neither is shown to beat the
 other there. Some of the leads at +60 are within it too (`freeway120`, `motorway130`: both
 forecasters). Every other comparison, over all minutes and in congested ones, favours the
-forecasters outside the noise.
+forecasters with an interval below zero.
 """
 
 import numpy as np

@@ -482,7 +482,8 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     quiet time is over; an open alert resolves below `clear`, which starts `cooldown_min` of
     quiet. A missing (NaN) score changes nothing. With `sustain` (below `raise_at`; an experiment
     of rule_experiments.py, not deployed), a pending alert's later values at or above `sustain`
-    count as raises too: only the first has to reach `raise_at`."""
+    count as raises too: only the first has to reach `raise_at` (with `open_after` only; the
+    `min_duration` test ignores it)."""
     if "bounds" in d:  # a combined set: each run on its own
         b = d["bounds"]
         return np.concatenate([alert_rule({k: d[k][lo:hi] for k in ("seg", "t")}, score[lo:hi], raise_at, clear,
