@@ -33,7 +33,11 @@ the other 20 train (1-8 did until 2026-12-06; 13-24 came then, with seeds of the
 stayed the same runs); the other families (`arterial50`, `freeway120`) have 12, held out whole
 (never seen in training). `arterial60` came last (2026-12-06): with `urban70` the slowest
 trained road, the unseen `arterial50` lay below every speed the models had seen.
-`--first 13` adds scenarios to the families named without running the others again.
+`--first 13` adds scenarios to the families named without running the others again. `--last`
+past a family's count makes more scenarios of it, held out (`split` test, whatever the family),
+for `held_out_more.py`, which writes them to a directory of their own:
+
+    python models/train/sumo_scenarios.py --out models/train/data/more/sumo --first 25 --last 36
 """
 
 from __future__ import annotations
@@ -303,6 +307,8 @@ def main():
     ap.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families (repeatable)")
     ap.add_argument("--first", type=int, default=1,
                     help="only scenarios from this one on, keeping the family's others (more scenarios for a family)")
+    ap.add_argument("--last", type=int, default=None,
+                    help="up to this scenario (default: the family's count; past it, more held-out scenarios)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     day0 = dt.datetime(2026, 5, 4, START_HOUR, tzinfo=dt.timezone.utc)
@@ -315,7 +321,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         write_network(work, family, spec)
-        for k in range(args.first, spec["scenarios"] + 1):
+        for k in range(args.first, (args.last or spec["scenarios"]) + 1):
             seed = 1000 * (f_index + 1) + k
             rng = random.Random(seed)
             day = day0 + dt.timedelta(days=(k - 1) // 5 * 7 + (k - 1) % 5)  # the k-th weekday from Monday
@@ -323,7 +329,8 @@ def main():
             meta = write_scenario(work, family, spec, rng)
             run_sumo(work, seed)
             rows = minutes(readings(work, meta["detector_fault"], rng), family, t0_ms)
-            split = "train" if family in TRAIN_FAMILIES and k not in HELD_OUT_SCENARIOS else "test"
+            trained = family in TRAIN_FAMILIES and k not in HELD_OUT_SCENARIOS and k <= spec["scenarios"]
+            split = "train" if trained else "test"
             meta = {"family": family, "scenario": k, "seed": seed, "split": split, "source": "eclipse-sumo",
                     **{key: spec[key] for key in ("free_kmh", "lanes", "ramps")}, **meta}
             write_outputs(out / family / f"s{k:02d}", rows, family, spec, t0_ms, meta)
