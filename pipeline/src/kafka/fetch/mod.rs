@@ -39,11 +39,6 @@ type Request<'a> = Vec<(&'a str, i32, i64)>;
 /// How long a connection waits for a response beyond the fetch's own wait, and for a write.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a response to a fetch that may wait `max_wait_ms` on the broker may take, with
-/// `io_timeout` for the network.
-fn response_timeout(io_timeout: Duration, max_wait_ms: i32) -> Duration {
-    io_timeout + Duration::from_millis(max_wait_ms.max(0) as u64)
-}
 /// The first wait before a broker that could not be reached is tried again; doubled up to
 /// [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -80,10 +75,15 @@ struct Broker {
     /// Not tried again before this (after a failure), and the next backoff.
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// What the request in flight asked for: partition → offset.
-    in_flight: Option<HashMap<Tp, i64>>,
-    /// When the request in flight is given up on if no response has begun to come in.
-    deadline: Option<Instant>,
+    in_flight: Option<InFlight>,
+}
+
+/// A broker's request in flight (one at a time).
+struct InFlight {
+    /// What it asked for: partition → offset.
+    asked: HashMap<Tp, i64>,
+    /// When it is given up on if no response has begun to come in.
+    deadline: Instant,
 }
 
 impl Broker {
@@ -172,7 +172,6 @@ impl Fetcher {
                     broker.address = address;
                     broker.conn = None;
                     broker.in_flight = None;
-                    broker.deadline = None;
                 }
             }
             for t in md.topics().iter().filter(|t| t.name() == topic) {
@@ -190,15 +189,20 @@ impl Fetcher {
         self.stale = !complete;
     }
 
+    /// How long a response may take: the fetch's wait on the broker, and the I/O timeout.
+    fn response_timeout(&self) -> Duration {
+        self.io_timeout + Duration::from_millis(self.limits.max_wait_ms.max(0) as u64)
+    }
+
     /// The connection to broker `id`, connected now if need be (`None` while it backs off).
     fn conn(&mut self, id: i32) -> Option<&mut Conn> {
+        let (read_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
         let broker = self.brokers.get_mut(&id)?;
         if broker.conn.is_none() {
             if broker.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            let read_timeout = response_timeout(self.io_timeout, self.limits.max_wait_ms);
-            match connect(&broker.address, read_timeout, self.io_timeout) {
+            match connect(&broker.address, read_timeout, io_timeout) {
                 Ok(stream) => {
                     broker.conn = Some(Conn { stream, correlation: 0, request: Vec::new() });
                     broker.retry_at = None;
@@ -226,7 +230,6 @@ impl Fetcher {
         if let Some(broker) = self.brokers.get_mut(&id) {
             broker.conn = None;
             broker.in_flight = None;
-            broker.deadline = None;
             broker.back_off();
             tracing::warn!(broker = id, address = broker.address, "native fetch: {what}; reconnecting");
         }
@@ -256,10 +259,9 @@ impl Fetcher {
             return;
         }
         let asked = partitions.iter().map(|&(t, p, o)| ((t.to_owned(), p), o)).collect::<HashMap<Tp, i64>>();
-        let deadline = Instant::now() + response_timeout(self.io_timeout, self.limits.max_wait_ms);
+        let deadline = Instant::now() + self.response_timeout();
         if let Some(b) = self.brokers.get_mut(&leader) {
-            b.in_flight = Some(asked);
-            b.deadline = Some(deadline);
+            b.in_flight = Some(InFlight { asked, deadline });
         }
     }
 
@@ -274,9 +276,7 @@ impl Fetcher {
         let waiting: Vec<(i32, i32, Instant)> = self
             .brokers
             .iter()
-            .filter_map(|(id, b)| {
-                Some((*id, b.conn.as_ref()?.stream.as_raw_fd(), b.in_flight.as_ref().and(b.deadline)?))
-            })
+            .filter_map(|(id, b)| Some((*id, b.conn.as_ref()?.stream.as_raw_fd(), b.in_flight.as_ref()?.deadline)))
             .collect();
         let Some(first) = waiting.iter().map(|w| w.2).min() else {
             return Vec::new();
@@ -340,7 +340,7 @@ impl Fetcher {
         }
         for leader in self.ready() {
             let Some(broker) = self.brokers.get_mut(&leader) else { continue };
-            let asked = broker.in_flight.take().unwrap_or_default();
+            let asked = broker.in_flight.take().map(|f| f.asked).unwrap_or_default();
             let received = match broker.conn.as_mut() {
                 Some(conn) => receive(&mut conn.stream, conn.correlation, &mut self.spare, self.limits.max_bytes),
                 None => continue,
@@ -477,10 +477,8 @@ mod tests {
 
     /// A request in flight to broker `id`, sent now.
     fn in_flight(f: &mut Fetcher, id: i32) {
-        let deadline = Instant::now() + response_timeout(f.io_timeout, f.limits.max_wait_ms);
-        let b = f.brokers.get_mut(&id).unwrap();
-        b.in_flight = Some(HashMap::new());
-        b.deadline = Some(deadline);
+        let deadline = Instant::now() + f.response_timeout();
+        f.brokers.get_mut(&id).unwrap().in_flight = Some(InFlight { asked: HashMap::new(), deadline });
     }
 
     #[test]
