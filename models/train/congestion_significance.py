@@ -49,6 +49,13 @@ def interval(diff, block, rng):
     return float(diff.mean()), float(lo), float(hi), len(sums)
 
 
+def differences(pred, hist, d, rows, block, rng):
+    """per horizon, (horizon, mean, lo, hi, blocks): forecasts `pred`'s absolute error minus the
+    historical average `hist`'s over `rows` of data set `d`, with its interval (`interval`)"""
+    return [(h, *interval(np.abs(pred[rows, k] - d["y"][rows, k]) - np.abs(hist[rows, k] - d["y"][rows, k]),
+                          block[rows], rng)) for k, h in enumerate(T.HORIZONS)]
+
+
 def main():
     _, _, _, tests, hist = T.congestion_experiment_data(T.HERE / "data")
     for name in ("congestion_fp32", "congestion_small"):
@@ -65,9 +72,7 @@ def report(name, tests, hist):
         block = blocks(d)
         for minutes, rows in (("all", scored), ("congested", congested)):
             cells = []
-            for k, h in enumerate(T.HORIZONS):
-                diff = np.abs(model[rows, k] - d["y"][rows, k]) - np.abs(hist[src][rows, k] - d["y"][rows, k])
-                mean, lo, hi, n = interval(diff, block[rows], rng)
+            for h, mean, lo, hi, n in differences(model, hist[src], d, rows, block, rng):
                 verdict = "model better" if hi < 0 else "historical better" if lo > 0 else "not resolved"
                 cells.append(f"+{h} {mean:+.2f} [{lo:+.2f}, {hi:+.2f}] {verdict}")
             print(f"{src:12} {minutes:9} ({n} segment-runs): " + " | ".join(cells), flush=True)

@@ -59,26 +59,39 @@ def first_alerts(d, opened, starts_only):
     return {inc["id"]: m for inc, m in zip(d["incidents"], T.first_alarm_minutes(d, opened)) if inc["detectable"]}
 
 
-def main():
+def deployed():
+    """the deployed rules (`T.deployed_rules`: the incident detector's, then California #7's) at
+    the levels of models/metrics.json"""
     m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
-    e = m["models"]["incident_fp32"]
-    t = m["california7_thresholds"]
+    e, t = m["models"]["incident_fp32"], m["california7_thresholds"]
     sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
-    rules = T.deployed_rules(lambda r: T.run(sess, r["x"])[:, 0], e["threshold"], e["open_at_once"],
-                             (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"]))
-    (model_name, model_rule), (cal_name, cal_rule) = rules.items()
+    return T.deployed_rules(lambda r: T.run(sess, r["x"])[:, 0], e["threshold"], e["open_at_once"],
+                            (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"]))
+
+
+def paired(d, model, california, starts_only, rng):
+    """The detectable incidents' first detections by the model's alerts `model` and California
+    #7's `california` (`first_alerts`), the incidents both detect, and the paired difference in
+    minutes there, model minus California #7, with its interval (`paired_interval`; None if
+    both detect none); (a, b, both, interval)."""
+    a, b = first_alerts(d, model, starts_only), first_alerts(d, california, starts_only)
+    both = [k for k in a if a[k] is not None and b[k] is not None]
+    return a, b, both, paired_interval([a[k] - b[k] for k in both], rng) if both else None
+
+
+def main():
+    (model_name, model_rule), (cal_name, cal_rule) = deployed().items()
     _, sumo_tests, _ = T.sumo_runs(T.HERE / "data")
     tests = {"simulator": T.load(T.HERE / "data" / "test"), **{f: T.combine(runs) for f, runs in sumo_tests.items()}}
     print(f"model: {model_name}; California #7: {cal_name}")
     rng = np.random.default_rng(0)
     for name, d in tests.items():
-        opened = {"model": model_rule(d), "California #7": cal_rule(d)}
+        model, california = model_rule(d), cal_rule(d)
         for how, starts_only in (("card", False), ("alert starts", True)):
-            a, b = (first_alerts(d, o, starts_only) for o in opened.values())
-            both = [k for k in a if a[k] is not None and b[k] is not None]
+            a, b, both, difference = paired(d, model, california, starts_only, rng)
             line = (f"{name} ({how}): {len(a)} detectable; both detect {len(both)}")
-            if both:
-                diff, lo, hi = paired_interval([a[k] - b[k] for k in both], rng)
+            if difference:
+                diff, lo, hi = difference
                 line += (f", mean minutes there model {np.mean([a[k] for k in both]):.2f} / California #7 "
                          f"{np.mean([b[k] for k in both]):.2f}, model minus California #7 {diff:+.2f} "
                          f"[95%: {lo:+.2f}, {hi:+.2f}], model sooner on {sum(a[k] < b[k] for k in both)}, "

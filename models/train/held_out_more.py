@@ -7,9 +7,9 @@ models and rules are compared with the baselines on the card's held-out scenario
 together. An experiment: the card, metrics.json and train.py stay on the card's held-out sets.
 
     .venv/bin/python models/train/sumo_scenarios.py --out models/train/data/more/sumo --first 25 --last 36 \\
-        --family arterial60 --family urban70 --family highway100 --family motorway130   # ~8 minutes
+        --family arterial60 --family urban70 --family highway100 --family motorway130   # ~11 minutes
     .venv/bin/python models/train/sumo_scenarios.py --out models/train/data/more/sumo --first 13 --last 24 \\
-        --family arterial50 --family freeway120                                          # ~4 minutes
+        --family arterial50 --family freeway120                                          # ~6 minutes
     cd models/train && ../../.venv/bin/python held_out_more.py                                  # ~2 minutes
 
 A held-out scenario's historical average is its road's other scenarios (train.py's
@@ -48,8 +48,6 @@ detect, model minus California #7; congested-minute MAE minus the historical ave
   difference is outside the noise.
 """
 
-import json
-
 import numpy as np
 
 import congestion_significance as S
@@ -60,27 +58,23 @@ KEYS = ("detection_rate", "false_alarms_per_corridor_hour", "mean_time_to_detect
 
 
 def history(family, card, more, roads):
-    """the historical average of `card`'s runs then `more`'s, as combine() orders them"""
-    road = roads[family]
-    return np.concatenate(
-        [T.historical_average(T.combine([o for o in road if o is not r]), r, by_weekend=False) for r in card]
-        + [T.historical_average(T.combine(road), r, by_weekend=False) for r in more])
+    """the historical average of `card`'s runs (the card's: `T.held_out_history`) then `more`'s
+    (the road's scenarios of the card, all of them), as combine() orders them"""
+    return np.concatenate([T.held_out_history(family, None, None, {family: card}, roads)]
+                          + [T.historical_average(T.combine(roads[family]), r, by_weekend=False) for r in more])
 
 
 def main():
     data = T.HERE / "data"
     _, card_tests, roads = T.sumo_runs(data)
     _, more_tests, _ = T.sumo_runs(data / "more")
-    m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
-    e, t = m["models"]["incident_fp32"], m["california7_thresholds"]
-    incident = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
-    rules = T.deployed_rules(lambda r: T.run(incident, r["x"])[:, 0], e["threshold"], e["open_at_once"],
-                             (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"]))
+    rules = D.deployed()
     forecasters = {n: T.session(T.MODELS / "onnx" / f"{n}.onnx") for n in ("congestion_fp32", "congestion_small")}
     rng = np.random.default_rng(0)
     for family in sorted(more_tests):
         card, more = card_tests[family], more_tests[family]
-        for label, runs in (("card's held-out", card), ("with 12 more", card + more)):
+        for label, extra in (("card's held-out", []), ("with 12 more", more)):
+            runs = card + extra
             d = T.combine(runs)
             n_inc = sum(i["detectable"] for i in d["incidents"])
             print(f"== {family}, {label}: {len(runs)} scenarios, {n_inc} detectable incidents", flush=True)
@@ -88,22 +82,19 @@ def main():
             for name, o in opened.items():
                 c = T.detection_metrics(d, o, T.RULE_JOIN)
                 print(f"  {name}: {' / '.join(str(c[k]) for k in KEYS)}")
-            a, b = (D.first_alerts(d, o, False) for o in opened.values())
-            both = [k for k in a if a[k] is not None and b[k] is not None]
-            if both:
-                diff, lo, hi = D.paired_interval([a[k] - b[k] for k in both], rng)
+            _, _, both, difference = D.paired(d, *opened.values(), False, rng)
+            if difference:
+                diff, lo, hi = difference
                 print(f"  minutes to detect, model minus California #7 over the {len(both)} both find: "
                       f"{diff:+.2f} [95%: {lo:+.2f}, {hi:+.2f}]")
-            hist = history(family, card, more if label != "card's held-out" else [], roads)
+            hist = history(family, card, extra, roads)
             _, congested = T.scored_rows(d)
             block = S.blocks(d)
             for name, sess in forecasters.items():
                 pred = T.run(sess, d["x"]).astype(np.float64)
-                cells = []
-                for k, h in enumerate(T.HORIZONS):
-                    err = np.abs(pred[congested, k] - d["y"][congested, k]) - np.abs(hist[congested, k] - d["y"][congested, k])
-                    mean, lo, hi, n = S.interval(err, block[congested], rng)
-                    cells.append(f"+{h} {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+                diffs = S.differences(pred, hist, d, congested, block, rng)
+                cells = [f"+{h} {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]" for h, mean, lo, hi, _ in diffs]
+                n = diffs[0][4]
                 print(f"  {name} minus historical average, congested minutes ({n} segment-runs): {' | '.join(cells)}",
                       flush=True)
 

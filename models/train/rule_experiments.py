@@ -84,13 +84,27 @@ def evaluation_sets(data):
     return sets
 
 
-def main():
+def deployed_model():
+    """the incident card's metrics (models/metrics.json), the deployed incident_fp32's raise level
+    and `open_at_once`, and a session of it; (metrics, raise level, open_at_once, session)"""
     m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
-    thr, at_once = m["models"]["incident_fp32"]["threshold"], m["models"]["incident_fp32"]["open_at_once"]
+    e = m["models"]["incident_fp32"]
+    return m, e["threshold"], e["open_at_once"], T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
+
+
+def training_summary(cells):
+    """a rule's most false alarms per corridor-hour on a training set, and its mean time to
+    detect (minutes) over the training sets; `cells` its metrics by set name"""
+    trained = [c for name, c in cells.items() if name.startswith("train")]
+    return (max(c["false_alarms_per_corridor_hour"] for c in trained),
+            float(np.mean([c["mean_time_to_detect_min"] for c in trained])))
+
+
+def main():
+    m, thr, at_once, sess = deployed_model()
     t = m["california7_thresholds"]
     cal_t = (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"])
     sets = evaluation_sets(T.HERE / "data")
-    sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
     s1, s5 = T.F.FEATURES.index("speed_1m"), T.F.FEATURES.index("speed_5m")
 
     def rule(d, score, sustain=None):
@@ -153,9 +167,7 @@ def grid(sets, score, show=print):
                 rule = {**T.MODEL_RULE, "open_after": open_after}
                 cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], thr, **rule, open_at_once=at_once),
                                                    T.RULE_JOIN) for name, d in data.items()}
-                trained = [c for name, c in cells.items() if name.startswith("train")]
-                worst = max(c["false_alarms_per_corridor_hour"] for c in trained)
-                speed = float(np.mean([c["mean_time_to_detect_min"] for c in trained]))
+                worst, speed = training_summary(cells)
                 head = f"raise {thr} (far {far}), open_at_once {at_once} ({at_once_far}), open_after {open_after}"
                 head = f"{head}: training sets at most {worst} false alarms, {speed:.3f} minutes on average"
                 if worst <= MARGIN:
@@ -180,9 +192,7 @@ def cells_line(cells):
 def sustain_grid():
     """`--sustain`: the deployed rule (`sustain` None) and each SUSTAIN_GRID level, with each
     SUSTAIN_OPEN_AFTER window, at the deployed raise and `open_at_once` levels, on every set"""
-    m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
-    thr, at_once = m["models"]["incident_fp32"]["threshold"], m["models"]["incident_fp32"]["open_at_once"]
-    sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
+    _, thr, at_once, sess = deployed_model()
     data = {name: T.combine(runs) for name, runs in evaluation_sets(T.HERE / "data").items()}
     scores = {name: T.run(sess, d["x"])[:, 0].astype(np.float64) for name, d in data.items()}
     for level in (None, *SUSTAIN_GRID):
@@ -190,9 +200,7 @@ def sustain_grid():
             rule = {**T.MODEL_RULE, "open_after": open_after}
             cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], thr, **rule, open_at_once=at_once,
                                                                sustain=level), T.RULE_JOIN) for name, d in data.items()}
-            trained = [c for name, c in cells.items() if name.startswith("train")]
-            worst = max(c["false_alarms_per_corridor_hour"] for c in trained)
-            speed = float(np.mean([c["mean_time_to_detect_min"] for c in trained]))
+            worst, speed = training_summary(cells)
             print(f"sustain {level}, open_after {open_after}: training sets at most {worst} false alarms "
                   f"({'admitted' if worst <= MARGIN else 'over the margin'}), {speed:.3f} minutes on average\n"
                   f"  {cells_line(cells)}", flush=True)
