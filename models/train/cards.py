@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import features as F
+import sumo_scenarios as S
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODELS = HERE.parent
@@ -53,14 +54,7 @@ train on both together and each held-out set is reported on its own.
 microscopic simulations of six roads unlike each other, each 8 segments of 500 m with one
 induction loop per lane and segment (30 s periods):
 
-| family | free speed | lanes | ramps | scenarios | in training |
-| --- | --- | --- | --- | --- | --- |
-| `arterial50` | 50 km/h | 2 | no | 24 | no: held out whole |
-| `urban70` | 70 km/h | 3 | no | 36 | all but 9-12 and 25-36 |
-| `highway100` | 100 km/h | 3 | on- and off-ramp | 36 | all but 9-12 and 25-36 |
-| `freeway120` | 120 km/h | 4 | on- and off-ramp | 24 | no: held out whole |
-| `motorway130` | 130 km/h | 2 | on- and off-ramp | 36 | all but 9-12 and 25-36 |
-| `arterial60` | 60 km/h | 2 | no | 36 | all but 9-12 and 25-36 (since 2026-12-06) |
+{families}
 
 `arterial60` is the newest: before it trained, the slowest trained road was `urban70`, and the
 unseen `arterial50` lay below every speed the models had seen (the README gives the incident
@@ -107,9 +101,37 @@ FEATURES_MD = f"## Features (input `features`, float32 `[batch, {len(F.FEATURES)
     f"{i}. `{n}` ({FEATURE_DOC[n][0]}): {FEATURE_DOC[n][1]}" for i, n in enumerate(F.FEATURES)
 ) + "\n\nDefinition: `models/train/features.py`; the `features` stage (`models/src/features/`) computes the same rows in the stream (tested against the Python code).\n"
 
+
+def spans(numbers):
+    """sorted scenario numbers as runs: [9, 10, 11, 12, 25, 26] -> `9-12 and 25-26`"""
+    runs = []
+    for k in sorted(numbers):
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return " and ".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
+
+
+def held_out_scenarios(family):
+    """a trained family's held-out scenario numbers (sumo_scenarios.py)"""
+    return [k for k in S.HELD_OUT_SCENARIOS if k <= S.FAMILIES[family]["scenarios"]]
+
+
+def families_md():
+    """the Data section's table of SUMO road families (sumo_scenarios.py)"""
+    out = [row(["family", "free speed", "lanes", "ramps", "scenarios", "in training"]), row(["---"] * 6)]
+    for name, spec in S.FAMILIES.items():
+        trained = (f"all but {spans(held_out_scenarios(name))}" if name in S.TRAIN_FAMILIES
+                   else "no: held out whole")
+        out.append(row([f"`{name}`", f"{spec['free_kmh']} km/h", spec["lanes"],
+                        "on- and off-ramp" if spec["ramps"] else "no", spec["scenarios"], trained]))
+    return "\n".join(out)
+
+
 def data_md(m):
     """the Data section, with the incident detector's occupancy exponent from the metrics"""
-    return (DATA.replace("{occ_scale}", str(m["incident"]["occ_scale"])).replace("{n_features}", str(len(F.FEATURES)))
+    return (DATA.replace("{families}", families_md()).replace("{occ_scale}", str(m["incident"]["occ_scale"])).replace("{n_features}", str(len(F.FEATURES)))
             .replace("{congestion_inputs}", str(m["congestion"]["inputs"])).replace("{incident_inputs}", str(m["incident"]["inputs"])))
 
 
@@ -118,7 +140,9 @@ def source(name, m):
     if name == "simulator":
         return "the project's simulator, 7 held-out days (seed 2)"
     if name in m["trained_on"]["sumo_families"]:
-        return f"SUMO `{name}`, 16 held-out scenarios: 9-12 and 25-36 (the family's other 20 are in training)"
+        held = held_out_scenarios(name)
+        return (f"SUMO `{name}`, {len(held)} held-out scenarios: {spans(held)} "
+                f"(the family's other {S.FAMILIES[name]['scenarios'] - len(held)} are in training)")
     return f"SUMO `{name}`, a family never seen in training"
 
 

@@ -15,7 +15,7 @@ On 2026-12-06, in congested minutes (model minus historical average, km/h, [95% 
 `congestion_fp32`: `highway100` +15 -2.08 [-3.50, -0.60], +30 +0.31 [-0.91, +1.40], +60 +0.92
 [-1.19, +2.65] (congested minutes in 19 segment-runs); the simulator +60 +0.16 [-0.21, +0.55]
 (84). `congestion_small`: `highway100` +30 +1.03 [-0.26, +2.00], +60 +1.26 [-0.98, +2.99]; the
-simulator +60 -0.00 [-0.38, +0.41]. The places where the card shows a forecaster behind the
+simulator +60 -0.00 [-0.38, +0.41]. The places where the card then showed a forecaster behind the
 historical average are within the noise of the held-out data: neither is shown to beat the
 other there. Some of the leads at +60 are within it too (`freeway120`, `motorway130`: both
 forecasters). Every other comparison, over all minutes and in congested ones, favours the

@@ -65,14 +65,22 @@ def first_alerts(d, opened, starts_only):
     return {inc["id"]: m for inc, m in zip(d["incidents"], T.first_alarm_minutes(d, opened)) if inc["detectable"]}
 
 
-def deployed():
-    """the deployed rules (`T.deployed_rules`: the incident detector's, then California #7's) at
-    the levels of models/metrics.json"""
+def deployed_levels():
+    """the deployed rules' levels in models/metrics.json: incident_fp32's raise level and
+    `open_at_once`, and California #7's thresholds (t1, t2, t3)"""
     m = json.loads((T.MODELS / "metrics.json").read_text())["incident"]
     e, t = m["models"]["incident_fp32"], m["california7_thresholds"]
-    sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
-    return T.deployed_rules(lambda r: T.run(sess, r["x"])[:, 0], e["threshold"], e["open_at_once"],
-                            (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"]))
+    return e["threshold"], e["open_at_once"], (t["t1_occdf"], t["t2_occrdf"], t["t3_docc"])
+
+
+def deployed(score=None):
+    """the deployed rules (`T.deployed_rules`: the incident detector's, then California #7's) at
+    the levels of models/metrics.json; `score(d)` the detector's scores of a data set (default:
+    incident_fp32.onnx run on it)"""
+    if score is None:
+        sess = T.session(T.MODELS / "onnx" / "incident_fp32.onnx")
+        score = lambda d: T.run(sess, d["x"])[:, 0]  # noqa: E731
+    return T.deployed_rules(score, *deployed_levels())
 
 
 def paired(d, model, california, starts_only, rng):

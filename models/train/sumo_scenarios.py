@@ -36,8 +36,9 @@ runs. The held-out sets grew on 2026-12-06 too (25-36 of a trained road, 13-24 o
 new seeds): 4 scenarios of a trained road had 2-8 detectable incidents, too few to tell a minute
 to detect or 1-2 km/h apart on one road. `arterial60` came last (2026-12-06): with `urban70` the
 slowest trained road, the unseen `arterial50` lay below every speed the models had seen.
-`--first 25` adds scenarios to the families named without running the others again; `--last`
-stops early (or, past a family's count, makes more held-out scenarios of it).
+`--first N` makes scenarios N and on of the families named, keeping their others (more
+scenarios for a family without running the others again); `--last` stops early (or, past a
+family's count, makes more held-out scenarios of it).
 """
 
 from __future__ import annotations
