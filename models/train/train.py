@@ -468,7 +468,7 @@ def quantize(src, dst, calibration, unsigned=False):
 
 
 def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_at_once=None, open_after=None,
-               sustain=None):
+               sustain=None, confirm=None):
     """Whether each row's segment has an open alert after the row: the `alert` stage's state
     machine (operators/src/alert/rule.rs, without storms and staleness, which never act on the
     evaluated runs: every segment there has a row every minute, so the stage's `stale_after` of
@@ -483,15 +483,19 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     quiet. A missing (NaN) score changes nothing. With `sustain` (below `raise_at`; an experiment
     of rule_experiments.py, not deployed), a pending alert's later values at or above `sustain`
     count as raises too: only the first has to reach `raise_at` (with `open_after` only; the
-    `min_duration` test ignores it)."""
+    `min_duration` test ignores it). With `confirm` (a bool per row; an experiment of
+    rule_experiments.py `--confirm`, not deployed), a pending alert's later rows where it is true
+    count as raises too and may open the alert whatever their score (with `open_after` only)."""
     if "bounds" in d:  # a combined set: each run on its own
         b = d["bounds"]
         return np.concatenate([alert_rule({k: d[k][lo:hi] for k in ("seg", "t")}, score[lo:hi], raise_at, clear,
-                                          min_duration_min, cooldown_min, open_at_once, open_after, sustain)
+                                          min_duration_min, cooldown_min, open_at_once, open_after, sustain,
+                                          None if confirm is None else confirm[lo:hi])
                                for lo, hi in zip(b[:-1], b[1:])])
     clear = min(clear, raise_at)
     order = np.lexsort((d["t"], d["seg"]))
     seg, t, v = d["seg"][order], d["t"][order], score[order]
+    confirmed = np.zeros(len(v), dtype=bool) if confirm is None else np.asarray(confirm, dtype=bool)[order]
     opened = np.zeros(len(v), dtype=bool)
     hold, cool = min_duration_min * 60_000, cooldown_min * 60_000
     phase, since, quiet, raised = "idle", 0, None, []
@@ -504,19 +508,21 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
         if phase == "idle" and v[i] >= raise_at:
             phase, since, raised = "pending", t[i], []
         if phase == "pending":
+            confirms = False
             if open_after is None:  # it holds at or above clear for min_duration
                 live, persisted = v[i] >= clear, t[i] - since >= hold
             else:  # it counts raising values in a window
                 raises, within_min = open_after
                 raised = [r for r in raised if r > t[i] - within_min * 60_000]
-                if v[i] >= raise_at or (sustain is not None and raised and v[i] >= sustain):
+                confirms = bool(raised) and confirmed[i]
+                if v[i] >= raise_at or (sustain is not None and raised and v[i] >= sustain) or confirms:
                     raised.append(t[i])
                 raised = raised[-raises:]
                 live, persisted = bool(raised), len(raised) >= raises
             sure = open_at_once is not None and v[i] >= open_at_once
             if not live:
                 phase = "idle"
-            elif v[i] >= clear and (sure or persisted) and (quiet is None or t[i] >= quiet):
+            elif (v[i] >= clear or confirms) and (sure or persisted) and (quiet is None or t[i] >= quiet):
                 phase = "open"
         elif phase == "open" and v[i] < clear:
             phase, quiet = "idle", t[i] + cool
