@@ -6,8 +6,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup-python.sh
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
 # the very build scripts/test.sh makes (same target dir, same command, same features): running
 # one after the other never rebuilds
+source scripts/target-dir.sh
 cargo build --workspace --all-targets --locked
 exec "$CARGO_TARGET_DIR/debug/citystream" run --config deploy/local.yaml "$@"

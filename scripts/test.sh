@@ -14,7 +14,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/citystream/target}"
+source scripts/target-dir.sh  # CARGO_TARGET_DIR, shared with scripts/run-local.sh
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # the ports the suite's own servers take, checked before the long build: the README's quick
