@@ -130,7 +130,12 @@ def families_md():
 
 
 def data_md(m):
-    """the Data section, with the incident detector's occupancy exponent from the metrics"""
+    """the Data section, with the incident detector's occupancy exponent from the metrics; the
+    family table comes from sumo_scenarios.py, which must describe the data `m` was trained on"""
+    trained = sum(S.FAMILIES[f]["scenarios"] - len(held_out_scenarios(f)) for f in S.TRAIN_FAMILIES)
+    if m["trained_on"]["sumo_scenarios"] != trained:
+        raise SystemExit(f"models/metrics.json was trained on {m['trained_on']['sumo_scenarios']} SUMO scenarios, "
+                         f"sumo_scenarios.py describes {trained}: run train.py on its data (or restore its counts)")
     return (DATA.replace("{families}", families_md()).replace("{occ_scale}", str(m["incident"]["occ_scale"])).replace("{n_features}", str(len(F.FEATURES)))
             .replace("{congestion_inputs}", str(m["congestion"]["inputs"])).replace("{incident_inputs}", str(m["incident"]["inputs"])))
 

@@ -485,7 +485,9 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     count as raises too: only the first has to reach `raise_at` (with `open_after` only; the
     `min_duration` test ignores it). With `confirm` (a bool per row; an experiment of
     rule_experiments.py `--confirm`, not deployed), a pending alert's later rows where it is true
-    count as raises too and may open the alert whatever their score (with `open_after` only)."""
+    count as raises too and may open the alert whatever their score (with `open_after` only),
+    and an open alert does not resolve on such a row; a row without a score still changes
+    nothing."""
     if "bounds" in d:  # a combined set: each run on its own
         b = d["bounds"]
         return np.concatenate([alert_rule({k: d[k][lo:hi] for k in ("seg", "t")}, score[lo:hi], raise_at, clear,
@@ -524,7 +526,7 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
                 phase = "idle"
             elif (v[i] >= clear or confirms) and (sure or persisted) and (quiet is None or t[i] >= quiet):
                 phase = "open"
-        elif phase == "open" and v[i] < clear:
+        elif phase == "open" and v[i] < clear and not confirmed[i]:
             phase, quiet = "idle", t[i] + cool
         opened[i] = phase == "open"
     out = np.zeros(len(v), dtype=bool)
