@@ -115,7 +115,7 @@ def spans(numbers):
 
 def held_out_scenarios(family):
     """a trained family's held-out scenario numbers (sumo_scenarios.py)"""
-    return [k for k in S.HELD_OUT_SCENARIOS if k <= S.FAMILIES[family]["scenarios"]]
+    return [k for k in range(1, S.FAMILIES[family]["scenarios"] + 1) if not S.in_training(family, k)]
 
 
 def families_md():
@@ -132,7 +132,7 @@ def families_md():
 def data_md(m):
     """the Data section, with the incident detector's occupancy exponent from the metrics; the
     family table comes from sumo_scenarios.py, which must describe the data `m` was trained on"""
-    trained = sum(S.FAMILIES[f]["scenarios"] - len(held_out_scenarios(f)) for f in S.TRAIN_FAMILIES)
+    trained = sum(S.in_training(f, k) for f, spec in S.FAMILIES.items() for k in range(1, spec["scenarios"] + 1))
     if m["trained_on"]["sumo_scenarios"] != trained:
         raise SystemExit(f"models/metrics.json was trained on {m['trained_on']['sumo_scenarios']} SUMO scenarios, "
                          f"sumo_scenarios.py describes {trained}: run train.py on its data (or restore its counts)")

@@ -204,44 +204,41 @@ def cells_line(cells):
                       f"{' / '.join(str(c[k]) for k in KEYS)}" for name, c in cells.items())
 
 
-def sustain_grid():
-    """`--sustain`: the deployed rule (`sustain` None) and each SUSTAIN_GRID level, with each
-    SUSTAIN_OPEN_AFTER window, at the deployed raise and `open_at_once` levels, on every set"""
+def window_grid(label, levels, variant):
+    """At the deployed raise and `open_at_once` levels, with each SUSTAIN_OPEN_AFTER window, the
+    rule without a variant (level None) and with it at each of `levels`, on every set;
+    `variant(d, level)` gives `T.alert_rule`'s arguments for it on data set `d`"""
     _, thr, at_once, sess = deployed_model()
     data = {name: T.combine(runs) for name, runs in evaluation_sets(T.HERE / "data").items()}
     scores = {name: T.run(sess, d["x"])[:, 0].astype(np.float64) for name, d in data.items()}
-    for level in (None, *SUSTAIN_GRID):
+    for level in (None, *levels):
         for open_after in SUSTAIN_OPEN_AFTER:
             rule = {**T.MODEL_RULE, "open_after": open_after}
             cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], thr, **rule, open_at_once=at_once,
-                                                               sustain=level), T.RULE_JOIN) for name, d in data.items()}
+                                                               **variant(d, level)), T.RULE_JOIN)
+                     for name, d in data.items()}
             worst, speed = training_summary(cells)
-            print(f"sustain {level}, open_after {open_after}: training sets at most {worst} false alarms "
+            print(f"{label} {level}, open_after {open_after}: training sets at most {worst} false alarms "
                   f"({'admitted' if worst <= MARGIN else 'over the margin'}), {speed:.3f} minutes on average\n"
                   f"  {cells_line(cells)}", flush=True)
+
+
+def sustain_grid():
+    """`--sustain`: `window_grid` over the SUSTAIN_GRID levels (a pending alert's later values at
+    or above the level count as raises)"""
+    window_grid("sustain", SUSTAIN_GRID, lambda d, level: {"sustain": level})
 
 
 def confirm_grid():
-    """`--confirm`: at the deployed levels, with each SUSTAIN_OPEN_AFTER window, the rule without
-    confirmation (the deployed one at 3 within 4) and with each CONFIRM_SPEED share: once an
-    alert is pending, a minute whose segment speed (the minute's mean) is below that share of the
-    free speed counts as a raise and may open it, and an open alert does not resolve on one; on
-    every set"""
-    _, thr, at_once, sess = deployed_model()
-    data = {name: T.combine(runs) for name, runs in evaluation_sets(T.HERE / "data").items()}
-    scores = {name: T.run(sess, d["x"])[:, 0].astype(np.float64) for name, d in data.items()}
+    """`--confirm`: `window_grid` over the CONFIRM_SPEED shares: once an alert is pending, a minute
+    whose segment speed (the minute's mean) is below that share of the free speed counts as a
+    raise and may open it, and an open alert does not resolve on one"""
     s1 = T.F.FEATURES.index("speed_1m")
-    shares = {name: d["x"][:, s1] / np.maximum(d["x"][:, T.FREE_INDEX], 1.0) for name, d in data.items()}
-    for level in (None, *CONFIRM_SPEED):
-        for open_after in SUSTAIN_OPEN_AFTER:
-            rule = {**T.MODEL_RULE, "open_after": open_after}
-            cells = {name: T.detection_metrics(d, T.alert_rule(
-                d, scores[name], thr, **rule, open_at_once=at_once,
-                confirm=None if level is None else shares[name] < level), T.RULE_JOIN) for name, d in data.items()}
-            worst, speed = training_summary(cells)
-            print(f"confirm below {level}, open_after {open_after}: training sets at most {worst} false alarms "
-                  f"({'admitted' if worst <= MARGIN else 'over the margin'}), {speed:.3f} minutes on average\n"
-                  f"  {cells_line(cells)}", flush=True)
+
+    def below(d, level):
+        return {"confirm": None if level is None else d["x"][:, s1] / np.maximum(d["x"][:, T.FREE_INDEX], 1.0) < level}
+
+    window_grid("confirm below", CONFIRM_SPEED, below)
 
 
 if __name__ == "__main__":
