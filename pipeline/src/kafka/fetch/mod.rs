@@ -9,7 +9,9 @@
 //! librdkafka's metadata, asked again when a partition has none or a broker answers that it no
 //! longer leads it; a broker that cannot be reached is tried again with a growing backoff (up to
 //! 10 s). Requests go to every leader before any response is read, so one round waits at most
-//! `fetch.wait.max.ms` whatever the number of brokers, and each leader's next request goes out
+//! `fetch.wait.max.ms` whatever the number of brokers; a response is read as its bytes come in
+//! ([`Incoming`]), so a broker that stops halfway through one holds no other broker's back (it
+//! is dropped at its request's deadline). Each leader's next request goes out
 //! as soon as its response is in, before the source reads it (one request in flight per broker:
 //! the broker reads the log while the source works). The source runs a round on its consumer
 //! thread, between polls of librdkafka — whose rebalance callbacks run inside those polls — so
@@ -65,6 +67,92 @@ struct Conn {
     stream: TcpStream,
     correlation: i32,
     request: Vec<u8>,
+    /// The response to the request in flight, as far as it has come in.
+    incoming: Incoming,
+}
+
+/// A response as far as it has come in: its 4-byte length, then its body (the correlation id
+/// first). Read without waiting, whatever the socket has, so a broker that stops halfway
+/// through a response holds up no other broker's (it is dropped at its request's deadline).
+#[derive(Default)]
+struct Incoming {
+    length: [u8; 4],
+    length_read: usize,
+    body: Vec<u8>,
+    body_read: usize,
+}
+
+impl Incoming {
+    /// Whether some of a response has come in.
+    fn begun(&self) -> bool {
+        self.length_read > 0
+    }
+
+    /// Reads what `stream` holds now, without waiting: `true` once the whole response is in.
+    /// A response longer than a fetch's `max_bytes` and a batch beyond them is an error.
+    fn read_available(&mut self, stream: &TcpStream, max_bytes: i32) -> std::io::Result<bool> {
+        use std::io::ErrorKind;
+        loop {
+            let into = if self.length_read < 4 {
+                &mut self.length[self.length_read..]
+            } else if self.body_read < self.body.len() {
+                &mut self.body[self.body_read..]
+            } else {
+                return Ok(true);
+            };
+            let n = match recv_now(stream, into) {
+                Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "the broker closed the connection")),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if self.length_read < 4 {
+                self.length_read += n;
+                if self.length_read == 4 {
+                    let len = checked_length(i32::from_be_bytes(self.length), max_bytes)?;
+                    self.body.resize(len, 0);
+                    self.body_read = 0;
+                }
+            } else {
+                self.body_read += n;
+            }
+        }
+    }
+
+    /// The whole response's body, taken: the next response starts afresh (give the buffer
+    /// back with [`Incoming::reuse`]).
+    fn take(&mut self) -> Vec<u8> {
+        self.length_read = 0;
+        self.body_read = 0;
+        std::mem::take(&mut self.body)
+    }
+
+    /// A taken body's buffer, to read the next response into.
+    fn reuse(&mut self, buffer: Vec<u8>) {
+        if !self.begun() {
+            self.body = buffer;
+        }
+    }
+}
+
+/// Reads into `into` what `stream` holds now (`MSG_DONTWAIT`: the socket stays blocking for
+/// writes); `WouldBlock` when it holds nothing.
+fn recv_now(stream: &TcpStream, into: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `into` is valid for writes of `into.len()` bytes for the call's duration
+    let n = unsafe { libc::recv(stream.as_raw_fd(), into.as_mut_ptr().cast(), into.len(), libc::MSG_DONTWAIT) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// A response's length prefix, checked: at least the correlation id, at most a fetch's
+/// `max_bytes` plus a first batch over the limits.
+fn checked_length(len: i32, max_bytes: i32) -> std::io::Result<usize> {
+    let most = i64::from(max_bytes) + wire::MAX_DECOMPRESSED as i64;
+    if len < 4 || i64::from(len) > most {
+        return Err(std::io::Error::other(format!("a response of {len} bytes")));
+    }
+    Ok(len as usize)
 }
 
 /// A broker and how it may be reached now.
@@ -113,8 +201,6 @@ pub struct Fetcher {
     metadata_at: Option<Instant>,
     /// Some partition has no known leader, or lost it.
     stale: bool,
-    /// The buffer a response is read into (one at a time: handed on, then read into again).
-    spare: Vec<u8>,
     /// Where the next request starts in its partition list.
     rotation: usize,
     /// [`IO_TIMEOUT`] (shorter in tests).
@@ -131,7 +217,6 @@ impl Fetcher {
             leaders: HashMap::new(),
             metadata_at: None,
             stale: true,
-            spare: Vec::new(),
             rotation: 0,
             io_timeout: IO_TIMEOUT,
         }
@@ -204,7 +289,8 @@ impl Fetcher {
             }
             match connect(&broker.address, read_timeout, io_timeout) {
                 Ok(stream) => {
-                    broker.conn = Some(Conn { stream, correlation: 0, request: Vec::new() });
+                    broker.conn =
+                        Some(Conn { stream, correlation: 0, request: Vec::new(), incoming: Incoming::default() });
                     broker.retry_at = None;
                     broker.backoff = Duration::ZERO;
                 }
@@ -310,6 +396,64 @@ impl Fetcher {
         ready
     }
 
+    /// The responses that have come in whole, each with its broker and what its request asked:
+    /// what has come of each response is read ([`Fetcher::ready`], then [`Incoming`]) until one
+    /// is whole or none is on its way (each whole, dropped, or not begun when `ready` stopped
+    /// waiting). A broker whose response is not whole by its request's deadline is dropped, so
+    /// one that stops halfway through a response holds the others up no longer than one that
+    /// never answers.
+    fn responses(&mut self) -> Vec<(i32, HashMap<Tp, i64>, Vec<u8>)> {
+        let max_bytes = self.limits.max_bytes;
+        let mut whole = Vec::new();
+        loop {
+            for leader in self.ready() {
+                let step = {
+                    let Some(broker) = self.brokers.get_mut(&leader) else { continue };
+                    let Some(conn) = broker.conn.as_mut() else { continue };
+                    match conn.incoming.read_available(&conn.stream, max_bytes) {
+                        Ok(true) => {
+                            let body = conn.incoming.take();
+                            let got = i32::from_be_bytes(body[..4].try_into().unwrap_or_default());
+                            if got == conn.correlation {
+                                Ok(Some((broker.in_flight.take().map(|f| f.asked).unwrap_or_default(), body)))
+                            } else {
+                                Err(format!(
+                                    "reading a fetch response: correlation id {got}, sent {}",
+                                    conn.correlation
+                                ))
+                            }
+                        }
+                        Ok(false) if broker.in_flight.as_ref().is_some_and(|f| f.deadline <= Instant::now()) => {
+                            Err("a fetch response not whole within the timeout".to_owned())
+                        }
+                        Ok(false) => Ok(None),
+                        Err(e) => Err(format!("reading a fetch response: {e}")),
+                    }
+                };
+                match step {
+                    Ok(Some((asked, body))) => whole.push((leader, asked, body)),
+                    Ok(None) => {}
+                    Err(what) => self.failed(leader, &what),
+                }
+            }
+            let coming = self
+                .brokers
+                .values()
+                .any(|b| b.in_flight.is_some() && b.conn.as_ref().is_some_and(|c| c.incoming.begun()));
+            if !whole.is_empty() || !coming {
+                return whole;
+            }
+        }
+    }
+
+    /// A handed-on response's buffer back to broker `leader`'s connection, to read its next
+    /// response into (one buffer per connection: a response allocates only when it is larger).
+    fn reuse(&mut self, leader: i32, buffer: Vec<u8>) {
+        if let Some(conn) = self.brokers.get_mut(&leader).and_then(|b| b.conn.as_mut()) {
+            conn.incoming.reuse(buffer);
+        }
+    }
+
     /// One round: a Fetch request to every leader of a partition in `wanted` (at its next
     /// offset) that has none in flight, then each leader's response read and its partitions
     /// handed to `on_data` with the offset they were fetched from (those without an error).
@@ -338,30 +482,18 @@ impl Fetcher {
                 self.send(*leader, partitions);
             }
         }
-        for leader in self.ready() {
-            let Some(broker) = self.brokers.get_mut(&leader) else { continue };
-            let asked = broker.in_flight.take().map(|f| f.asked).unwrap_or_default();
-            let received = match broker.conn.as_mut() {
-                Some(conn) => receive(&mut conn.stream, conn.correlation, &mut self.spare, self.limits.max_bytes),
-                None => continue,
-            };
-            if let Err(e) = received {
-                self.failed(leader, &format!("reading a fetch response: {e}"));
-                continue;
-            }
-            // out of `self` while it is handed on (the next request goes out meanwhile)
-            let response = std::mem::take(&mut self.spare);
+        for (leader, asked, response) in self.responses() {
             let parsed = wire::parse_fetch_response(&response[4..]);
             let (error, parts) = match parsed {
                 Ok(p) => p,
                 Err(e) => {
-                    self.spare = response;
                     self.failed(leader, &format!("a malformed fetch response: {e}"));
                     continue;
                 }
             };
             if error != 0 {
-                self.spare = response;
+                drop(parts);
+                self.reuse(leader, response);
                 self.failed(leader, &format!("the fetch failed with error {error}"));
                 continue;
             }
@@ -405,7 +537,7 @@ impl Fetcher {
                 }
             }
             drop(parts);
-            self.spare = response;
+            self.reuse(leader, response);
             result?;
             for tp in lost {
                 // unless a newer answer already names another leader
@@ -438,17 +570,12 @@ fn connect(address: &str, read_timeout: Duration, write_timeout: Duration) -> st
 
 /// Reads the response to the request sent on `stream` with `correlation` into `into`
 /// (correlation id first, checked; the body follows it): at most a fetch's `max_bytes` and a
-/// batch beyond them.
+/// batch beyond them. It waits for the whole response (the `fetch_floor` benchmark's reader;
+/// the [`Fetcher`] reads what has come, [`Incoming`], and waits on all its brokers at once).
 pub fn receive(stream: &mut TcpStream, correlation: i32, into: &mut Vec<u8>, max_bytes: i32) -> std::io::Result<()> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
-    let len = i32::from_be_bytes(len);
-    // a response holds at most the fetch's max_bytes, plus a first batch over the limits
-    let most = i64::from(max_bytes) + wire::MAX_DECOMPRESSED as i64;
-    if len < 4 || i64::from(len) > most {
-        return Err(std::io::Error::other(format!("a response of {len} bytes")));
-    }
-    into.resize(len as usize, 0);
+    into.resize(checked_length(i32::from_be_bytes(len), max_bytes)?, 0);
     stream.read_exact(into)?;
     let got = i32::from_be_bytes(into[..4].try_into().unwrap_or_default());
     if got != correlation {
@@ -508,6 +635,90 @@ mod tests {
         assert!(f.stale, "its partitions' leaders are asked again");
         assert!(waited >= Duration::from_millis(300), "dropped before its deadline: {waited:?}");
         assert!(f.brokers[&1].conn.is_some(), "the answering broker keeps its connection");
+    }
+
+    /// A response to the request with `correlation`: its length, the correlation id, `body`.
+    fn response(correlation: i32, body: &[u8]) -> Vec<u8> {
+        let mut out = (4 + body.len() as i32).to_be_bytes().to_vec();
+        out.extend_from_slice(&correlation.to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn a_broker_that_stops_halfway_through_a_response_holds_no_other_back() {
+        let mut f = Fetcher::new("test", limits(0));
+        f.io_timeout = Duration::from_millis(1500);
+        let mut answering = broker(&mut f, 1);
+        let mut halfway = broker(&mut f, 2);
+        f.stale = false;
+        in_flight(&mut f, 1);
+        in_flight(&mut f, 2);
+        // broker 2 sends its response's length and 10 bytes of its 100, then nothing
+        halfway.write_all(&response(0, &[7; 96])[..14]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        answering.write_all(&response(0, b"whole")).unwrap();
+        let start = Instant::now();
+        let got = f.responses();
+        assert_eq!(got.len(), 1, "one whole response");
+        assert_eq!((got[0].0, &got[0].2[4..]), (1, &b"whole"[..]));
+        // returned before broker 2's deadline: it is still connected, its response on its way
+        assert!(f.brokers[&2].conn.is_some() && f.brokers[&2].in_flight.is_some(), "after {:?}", start.elapsed());
+        assert!(f.brokers[&2].conn.as_ref().unwrap().incoming.begun());
+        while f.brokers[&2].conn.is_some() && start.elapsed() < Duration::from_secs(10) {
+            assert!(f.responses().is_empty());
+        }
+        assert!(f.brokers[&2].conn.is_none(), "dropped at its deadline");
+        assert!(f.brokers[&2].retry_at.is_some() && f.stale);
+        assert!(f.brokers[&1].conn.is_some(), "the answering broker keeps its connection");
+    }
+
+    #[test]
+    fn a_response_that_comes_in_pieces_is_read_whole_and_its_buffer_reused() {
+        let mut f = Fetcher::new("test", limits(0));
+        f.io_timeout = Duration::from_secs(5);
+        let mut peer = broker(&mut f, 1);
+        f.stale = false;
+        in_flight(&mut f, 1);
+        let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let bytes = response(0, &body);
+        peer.write_all(&bytes[..3]).unwrap();
+        let rest = bytes[3..].to_vec();
+        let writer = std::thread::spawn(move || {
+            for piece in rest.chunks(9_000) {
+                std::thread::sleep(Duration::from_millis(20));
+                peer.write_all(piece).unwrap();
+            }
+            peer
+        });
+        let got = f.responses();
+        let mut peer = writer.join().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].2[4..], &body[..]);
+        assert!(f.brokers[&1].in_flight.is_none() && !f.brokers[&1].conn.as_ref().unwrap().incoming.begun());
+        let (_, _, buffer) = got.into_iter().next().unwrap();
+        let capacity = buffer.capacity();
+        f.reuse(1, buffer);
+        // the next response is read into the same buffer
+        in_flight(&mut f, 1);
+        peer.write_all(&response(0, b"next")).unwrap();
+        let got = f.responses();
+        assert_eq!(&got[0].2[4..], b"next");
+        assert_eq!(got[0].2.capacity(), capacity);
+    }
+
+    #[test]
+    fn a_response_to_another_request_or_of_a_wrong_length_drops_the_broker() {
+        for bytes in [response(5, b"late"), (-1i32).to_be_bytes().to_vec(), i32::MAX.to_be_bytes().to_vec()] {
+            let mut f = Fetcher::new("test", limits(0));
+            f.io_timeout = Duration::from_secs(5);
+            let mut peer = broker(&mut f, 1);
+            f.stale = false;
+            in_flight(&mut f, 1);
+            peer.write_all(&bytes).unwrap();
+            assert!(f.responses().is_empty());
+            assert!(f.brokers[&1].conn.is_none() && f.stale);
+        }
     }
 
     #[test]
