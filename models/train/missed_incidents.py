@@ -8,15 +8,18 @@ failing loop), the segment's speed as a share of the free speed before it and it
 it lasts, the model's highest score, the minutes its score reached the raise level, its first 20
 scores, and California #7's time to detect. Then, for each segment within 2 of it, the first
 minute while it lasted that each rule had an alert open there: a SUMO closure closes lanes of
-the next segment downstream, where the card counts an alert as neither a false alarm nor a
-detection.
+the next segment downstream, where an alert detects it too (`T.first_alarm_minutes`).
 
-On 2026-12-06 (the 16- and 24-scenario held-out sets): 8 misses, all lane closures (3
-`freeway120`, 2 `arterial50`, 2 `highway100`, 1 `motorway130`). In 5 the score reached the raise
-level once (0.93-0.997, in the second to fifth minute) and fell away; on `motorway130` its three
-raises (minutes 16, 28 and 30) never made three within four minutes; two never reached it
-(0.58, 0.78). California #7 missed 6 of the 8; on 6 of the 8 it had an alert open on the closed
-segment 2-4 minutes in, the model on 5, 4-15 minutes in.
+On 2026-12-06 (the 16- and 24-scenario held-out sets), when the card counted only alerts on the
+incident's own segment: 8 misses, all lane closures (3 `freeway120`, 2 `arterial50`, 2
+`highway100`, 1 `motorway130`). In 5 the score reached the raise level once (0.93-0.997, in the
+second to fifth minute) and fell away; on `motorway130` its three raises (minutes 16, 28 and 30)
+never made three within four minutes; two never reached it (0.58, 0.78). California #7 missed 6
+of the 8; on 6 of the 8 it had an alert open on the closed segment 2-4 minutes in, the model on
+5, 4-15 minutes in. Since the card counts an alert on the closed segment as a detection (later
+on 2026-12-06), 3 misses remain: the two `highway100` closures, where the model never opens an
+alert within 2 segments and California #7 detects them 2.5-3 minutes in, and the `motorway130`
+one, which both miss.
 """
 
 from __future__ import annotations

@@ -135,11 +135,14 @@ def load(run_dir, family=None):
     label = np.zeros(len(t), dtype=np.float32)
     grace = np.zeros(len(t), dtype=bool)  # incident or its clearing: neither a hit nor a false alarm
     # a SUMO closure shuts lanes of the next segment (sumo_scenarios.py): its detector sits in the
-    # closure, so an alarm there is at the incident and no false alarm. Training still counts
+    # closure, so an alarm there is at the incident: no false alarm, and it detects the incident
+    # (`first_alarm_minutes`; labelling those minutes as incident trained detectors that were
+    # slower on the training sets: detector_variants_experiment.py's `closed`). Training still counts
     # those minutes calm: with no weight on them, the detector raised more false alarms on the
     # unseen arterial with every seed (it learns there that thinned flow past a merge is no incident)
     closure_site = np.zeros(len(t), dtype=bool)
     for inc, closed in zip(incidents, closed_segments(incidents, report, graph)):
+        inc["closed_segment"] = closed
         if closed is not None:
             closure_site |= (seg == closed) & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"] + CLEARING_MS)
         on = seg == inc["segment_id"]
@@ -781,17 +784,21 @@ def alert_onsets(d, alarm, join=None):
 
 def first_alarm_minutes(d, alarm):
     """For each incident of a data set (`d["incidents"]`, in order): the minutes from its start to
-    the first alarmed row of its segment while it lasts, or None if there is none"""
+    the first alarmed row while it lasts of its segment or, for a SUMO closure, of the segment
+    whose lanes it closes (`closed_segments`: that segment's detector is in the closure, so an
+    alarm there is at the incident), or None if there is none"""
     out = []
     for inc in d["incidents"]:
-        on = (d["seg"] == inc["segment_id"]) & (d["t"] > inc["start_ms"]) & (d["t"] - 60_000 < inc["end_ms"]) & alarm
+        at = [inc["segment_id"], *([inc["closed_segment"]] if inc.get("closed_segment") else [])]
+        on = np.isin(d["seg"], at) & (d["t"] > inc["start_ms"]) & (d["t"] - 60_000 < inc["end_ms"]) & alarm
         out.append((d["t"][on].min() - inc["start_ms"]) / 60_000 if on.any() else None)
     return out
 
 
 def detection_metrics(d, alarm, join=None):
     """Over the detectable incidents (`detectable()`): detection rate and mean time to detect
-    (minutes from the incident's start to the first alarm on its segment while it lasts); the
+    (minutes from the incident's start to the first alarm at it while it lasts,
+    `first_alarm_minutes`); the
     detection rate over all incidents; the false alarm rate (alarmed share of incident-free
     segment-minutes: neither an incident's or its clearing's (`grace`) nor those of the segment
     a SUMO closure closes lanes of) and false alarms (alarm onsets there) per day and per corridor-hour (8
