@@ -5,10 +5,11 @@ incidents make the difference. After train.py (it reads models/metrics.json):
     cd models/train && ../../.venv/bin/python detection_times.py   # about a minute
 
 Two ways to count a detection, both printed:
-- `card`: the first minute the incident's segment has an open alert while the incident lasts
+- `card`: the first minute the incident's segment (or, for a SUMO closure, the segment whose
+  lanes it closes: `T.first_alarm_minutes`) has an open alert while the incident lasts
   (train.py's `detection_metrics`, the cards' and the README's numbers). An alert that opened
   before the incident and is still open when it starts detects it at its first minute.
-- `alert starts`: only an alarm that starts on the incident's segment while the incident lasts
+- `alert starts`: only an alarm that starts on those segments while the incident lasts
   detects it, so an alarm that was on before the incident (a queue at a ramp's merge, say)
   detects nothing; a detector whose alert stays open through the incident, or is in its quiet
   time after one, misses it. An alarm that starts then and joins a neighbour's open alert counts,
@@ -34,6 +35,13 @@ one; the card's count): `arterial50` +0.18 [-0.64, +1.11] over 28, `urban70` +0.
 +0.56] over 18, `motorway130` -0.15 [-1.24, +1.06] over 34, `arterial60` -0.22 [-1.26, +0.61]
 over 23, `freeway120` -0.71 [-1.83, +0.49] over 41, `highway100` -0.86 [-2.27, +0.00] over 22.
 Still only the simulator's lead is outside the noise.
+
+Both paragraphs above count only the incident's own segment. Later still that day, with an
+alert on a closure's closed segment detecting it: `highway100` -0.67 [-2.08, +0.33] over 24,
+`freeway120` -0.05 [-1.23, +1.34] over 44, `motorway130` +0.03 [-1.15, +1.32] over 34,
+`arterial50` +0.19 [-0.58, +1.06] over 31, `urban70` +0.22 [-0.11, +0.56] over 18, `arterial60`
++0.26 [-1.26, +1.83] over 23; the simulator unchanged (it has no closures). California #7
+often alarms on the closed segment first, so the model's leads of the count before shrink.
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ def paired_interval(diffs, rng):
 
 def first_alerts(d, opened, starts_only):
     """{detectable incident's id: minutes from its start to its first detecting row, or None}: a
-    row of its segment while it lasts with an open alert (`starts_only`: one whose alert opens
-    there), as `T.first_alarm_minutes` counts the card's"""
+    row of its segment (or a closure's closed segment) while it lasts with an open alert
+    (`starts_only`: one whose alert opens there), as `T.first_alarm_minutes` counts the card's"""
     if starts_only:
         opened = T.alert_onsets(d, opened)
     return {inc["id"]: m for inc, m in zip(d["incidents"], T.first_alarm_minutes(d, opened)) if inc["detectable"]}

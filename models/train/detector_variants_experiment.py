@@ -12,9 +12,10 @@ sets) and its detection rate / false alarms per corridor-hour / minutes to detec
   `detectable` measures a slowdown) carry no label and no weight, instead of counting as
   incident: minutes that look calm no longer teach the networks to call calm an incident.
 - `closed`: each detectable SUMO closure's minutes on the segment whose lanes it closes, where
-  an alarm detects it (`T.first_alarm_minutes`), labelled incident, and that segment's clearing
-  minutes without weight; `closed_slowed`: the same from that segment's first slowed minute
-  (as `onset`), with no weight before it.
+  an alarm detects it (`T.first_alarm_minutes`), labelled incident, and every closure's closed
+  segment's other minutes (a closure that is not detectable, the clearing) without weight, as
+  an incident's own segment has none then; `closed_slowed`: the same from that segment's first
+  slowed minute (as `onset`), with no weight before it.
 - `memory`: three inputs more, the largest 5-minute speed drop (as a share of the free speed)
   over the last 30 minutes at the segment, its upstream and its downstream neighbour
   (`drop_memory`): an incident's queue keeps the abrupt drop it began with after it settles,
@@ -22,7 +23,7 @@ sets) and its detection rate / false alarms per corridor-hour / minutes to detec
   queue's onset and falls (`missed_incidents.py`). Not in features.py or the Rust `features`
   stage: it would have to be added to both, with the parity test, to deploy.
 
-    cd models/train && ../../.venv/bin/python detector_variants_experiment.py [epochs12 five onset | memory]   # about 5 minutes each
+    cd models/train && ../../.venv/bin/python detector_variants_experiment.py [epochs12 five onset closed closed_slowed | memory]   # about 5 minutes each
 
 On 2026-12-06, against the deployed recipe's chosen rule (3 within 4 minutes; worst training
 set 0.041 false alarms per corridor-hour, 2.83 minutes over the training sets): `epochs12`

@@ -11,7 +11,7 @@
 //! 10 s). Requests go to every leader before any response is read, so one round waits at most
 //! `fetch.wait.max.ms` whatever the number of brokers; a response is read as its bytes come in
 //! ([`Incoming`]), so a broker that stops halfway through one holds no other broker's back (it
-//! is dropped at its request's deadline). Each leader's next request goes out
+//! is dropped once no byte has come for [`IO_TIMEOUT`]). Each leader's next request goes out
 //! as soon as its response is in, before the source reads it (one request in flight per broker:
 //! the broker reads the log while the source works). The source runs a round on its consumer
 //! thread, between polls of librdkafka — whose rebalance callbacks run inside those polls — so
@@ -73,13 +73,17 @@ struct Conn {
 
 /// A response as far as it has come in: its 4-byte length, then its body (the correlation id
 /// first). Read without waiting, whatever the socket has, so a broker that stops halfway
-/// through a response holds up no other broker's (it is dropped at its request's deadline).
+/// through a response holds up no other broker's (it is dropped once no byte has come for
+/// [`IO_TIMEOUT`]: time since its last byte, so neither a slow link nor the source's own busy
+/// time between rounds, with the broker waiting on a full socket buffer, counts against it).
 #[derive(Default)]
 struct Incoming {
     length: [u8; 4],
     length_read: usize,
     body: Vec<u8>,
     body_read: usize,
+    /// When its last bytes came in; `None` before its first.
+    progress_at: Option<Instant>,
 }
 
 impl Incoming {
@@ -107,6 +111,7 @@ impl Incoming {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            self.progress_at = Some(Instant::now());
             if self.length_read < 4 {
                 self.length_read += n;
                 if self.length_read == 4 {
@@ -125,6 +130,7 @@ impl Incoming {
     fn take(&mut self) -> Vec<u8> {
         self.length_read = 0;
         self.body_read = 0;
+        self.progress_at = None;
         std::mem::take(&mut self.body)
     }
 
@@ -170,11 +176,22 @@ struct Broker {
 struct InFlight {
     /// What it asked for: partition → offset.
     asked: HashMap<Tp, i64>,
-    /// When it is given up on if no response has begun to come in.
+    /// When it is given up on if no response has begun to come in by then (one that has begun
+    /// is given up on after [`IO_TIMEOUT`] without a byte: [`Broker::give_up_at`]).
     deadline: Instant,
 }
 
 impl Broker {
+    /// When its request in flight is given up on: at the request's deadline while no response
+    /// has begun, `io_timeout` after the last byte of one that has. `None` with none in flight.
+    fn give_up_at(&self, io_timeout: Duration) -> Option<Instant> {
+        let deadline = self.in_flight.as_ref()?.deadline;
+        Some(match self.conn.as_ref()?.incoming.progress_at {
+            Some(at) => at + io_timeout,
+            None => deadline,
+        })
+    }
+
     /// After a failure: not tried again before a backoff twice the last (200 ms to 10 s).
     fn back_off(&mut self) {
         self.backoff = (self.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
@@ -362,7 +379,7 @@ impl Fetcher {
         let waiting: Vec<(i32, i32, Instant)> = self
             .brokers
             .iter()
-            .filter_map(|(id, b)| Some((*id, b.conn.as_ref()?.stream.as_raw_fd(), b.in_flight.as_ref()?.deadline)))
+            .filter_map(|(id, b)| Some((*id, b.conn.as_ref()?.stream.as_raw_fd(), b.give_up_at(self.io_timeout)?)))
             .collect();
         let Some(first) = waiting.iter().map(|w| w.2).min() else {
             return Vec::new();
@@ -380,7 +397,14 @@ impl Fetcher {
             )
         };
         if n < 0 {
-            // interrupted by a signal: the next round waits again
+            let e = std::io::Error::last_os_error();
+            // interrupted by a signal: the next round waits again; anything else would fail
+            // again at once, so the brokers waited on are dropped (tried again after a backoff)
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                for (id, _, _) in &waiting {
+                    self.failed(*id, &format!("waiting for fetch responses: {e}"));
+                }
+            }
             return Vec::new();
         }
         let now = Instant::now();
@@ -390,7 +414,11 @@ impl Fetcher {
                 // an error or hang-up shows when reading
                 ready.push(*id);
             } else if *deadline <= now {
-                self.failed(*id, "no fetch response within the timeout");
+                let begun = self.brokers[id].conn.as_ref().is_some_and(|c| c.incoming.begun());
+                self.failed(
+                    *id,
+                    if begun { "a fetch response stalled" } else { "no fetch response within the timeout" },
+                );
             }
         }
         ready
@@ -399,11 +427,12 @@ impl Fetcher {
     /// The responses that have come in whole, each with its broker and what its request asked:
     /// what has come of each response is read ([`Fetcher::ready`], then [`Incoming`]) until one
     /// is whole or none is on its way (each whole, dropped, or not begun when `ready` stopped
-    /// waiting). A broker whose response is not whole by its request's deadline is dropped, so
-    /// one that stops halfway through a response holds the others up no longer than one that
-    /// never answers.
+    /// waiting). A broker whose response has not begun by its request's deadline, or has had no
+    /// byte for [`IO_TIMEOUT`] since it began, is dropped ([`Broker::give_up_at`]), so one that
+    /// stops halfway through a response holds the others up no longer than one that never
+    /// answers.
     fn responses(&mut self) -> Vec<(i32, HashMap<Tp, i64>, Vec<u8>)> {
-        let max_bytes = self.limits.max_bytes;
+        let (max_bytes, io_timeout) = (self.limits.max_bytes, self.io_timeout);
         let mut whole = Vec::new();
         loop {
             for leader in self.ready() {
@@ -423,8 +452,8 @@ impl Fetcher {
                                 ))
                             }
                         }
-                        Ok(false) if broker.in_flight.as_ref().is_some_and(|f| f.deadline <= Instant::now()) => {
-                            Err("a fetch response not whole within the timeout".to_owned())
+                        Ok(false) if broker.give_up_at(io_timeout).is_some_and(|at| at <= Instant::now()) => {
+                            Err("a fetch response stalled".to_owned())
                         }
                         Ok(false) => Ok(None),
                         Err(e) => Err(format!("reading a fetch response: {e}")),
@@ -447,8 +476,14 @@ impl Fetcher {
     }
 
     /// A handed-on response's buffer back to broker `leader`'s connection, to read its next
-    /// response into (one buffer per connection: a response allocates only when it is larger).
-    fn reuse(&mut self, leader: i32, buffer: Vec<u8>) {
+    /// response into (one buffer per connection: a response allocates only when it is larger),
+    /// cut to a fetch's `max_bytes` after a larger one (a first batch over the limits).
+    fn reuse(&mut self, leader: i32, mut buffer: Vec<u8>) {
+        let most = usize::try_from(self.limits.max_bytes).unwrap_or(0);
+        if buffer.capacity() > most {
+            buffer.truncate(most);
+            buffer.shrink_to(most);
+        }
         if let Some(conn) = self.brokers.get_mut(&leader).and_then(|b| b.conn.as_mut()) {
             conn.incoming.reuse(buffer);
         }
@@ -492,8 +527,6 @@ impl Fetcher {
                 }
             };
             if error != 0 {
-                drop(parts);
-                self.reuse(leader, response);
                 self.failed(leader, &format!("the fetch failed with error {error}"));
                 continue;
             }
@@ -705,6 +738,50 @@ mod tests {
         let got = f.responses();
         assert_eq!(&got[0].2[4..], b"next");
         assert_eq!(got[0].2.capacity(), capacity);
+    }
+
+    #[test]
+    fn a_response_that_keeps_coming_past_its_requests_deadline_is_read_whole() {
+        let mut f = Fetcher::new("test", limits(0));
+        f.io_timeout = Duration::from_secs(1);
+        let mut peer = broker(&mut f, 1);
+        f.stale = false;
+        in_flight(&mut f, 1);
+        // 32 bytes, one every 100 ms: the last comes 2.2 s after the request's deadline
+        let bytes = response(0, &[3; 24]);
+        let writer = std::thread::spawn(move || {
+            for b in bytes.chunks(1) {
+                std::thread::sleep(Duration::from_millis(100));
+                peer.write_all(b).unwrap();
+            }
+            peer
+        });
+        let start = Instant::now();
+        let mut got = Vec::new();
+        while got.is_empty() && f.brokers[&1].conn.is_some() && start.elapsed() < Duration::from_secs(20) {
+            got = f.responses();
+        }
+        let _peer = writer.join().unwrap();
+        assert_eq!(got.len(), 1, "dropped after {:?}", start.elapsed());
+        assert_eq!(&got[0].2[4..], &[3; 24]);
+        assert!(start.elapsed() > Duration::from_secs(1), "read before the request's deadline");
+    }
+
+    #[test]
+    fn a_response_that_stalls_halfway_is_given_up_on_after_the_io_timeout_without_a_byte() {
+        let mut f = Fetcher::new("test", limits(0));
+        f.io_timeout = Duration::from_millis(400);
+        let mut peer = broker(&mut f, 1);
+        f.stale = false;
+        in_flight(&mut f, 1);
+        // half a response at once, then nothing: given up on 400 ms after its last byte
+        peer.write_all(&response(0, &[9; 40])[..20]).unwrap();
+        let start = Instant::now();
+        while f.brokers[&1].conn.is_some() && start.elapsed() < Duration::from_secs(10) {
+            assert!(f.responses().is_empty());
+        }
+        assert!(f.brokers[&1].conn.is_none() && f.stale);
+        assert!(start.elapsed() >= Duration::from_millis(400), "{:?}", start.elapsed());
     }
 
     #[test]
