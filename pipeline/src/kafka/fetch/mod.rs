@@ -442,14 +442,11 @@ impl Fetcher {
                     match conn.incoming.read_available(&conn.stream, max_bytes) {
                         Ok(true) => {
                             let body = conn.incoming.take();
-                            let got = i32::from_be_bytes(body[..4].try_into().unwrap_or_default());
-                            if got == conn.correlation {
-                                Ok(Some((broker.in_flight.take().map(|f| f.asked).unwrap_or_default(), body)))
-                            } else {
-                                Err(format!(
-                                    "reading a fetch response: correlation id {got}, sent {}",
-                                    conn.correlation
-                                ))
+                            match check_correlation(&body, conn.correlation) {
+                                Ok(()) => {
+                                    Ok(Some((broker.in_flight.take().map(|f| f.asked).unwrap_or_default(), body)))
+                                }
+                                Err(e) => Err(format!("reading a fetch response: {e}")),
                             }
                         }
                         Ok(false) if broker.give_up_at(io_timeout).is_some_and(|at| at <= Instant::now()) => {
@@ -610,7 +607,13 @@ pub fn receive(stream: &mut TcpStream, correlation: i32, into: &mut Vec<u8>, max
     stream.read_exact(&mut len)?;
     into.resize(checked_length(i32::from_be_bytes(len), max_bytes)?, 0);
     stream.read_exact(into)?;
-    let got = i32::from_be_bytes(into[..4].try_into().unwrap_or_default());
+    check_correlation(into, correlation)
+}
+
+/// Whether a response's body (`checked_length`: 4 bytes at least) answers the request sent with
+/// `correlation`.
+fn check_correlation(body: &[u8], correlation: i32) -> std::io::Result<()> {
+    let got = i32::from_be_bytes(body[..4].try_into().unwrap_or_default());
     if got != correlation {
         return Err(std::io::Error::other(format!("correlation id {got}, sent {correlation}")));
     }
@@ -670,6 +673,17 @@ mod tests {
         assert!(f.brokers[&1].conn.is_some(), "the answering broker keeps its connection");
     }
 
+    /// A fetcher with one broker (1) connected and a request in flight to it, and the broker's
+    /// side of the connection.
+    fn one_broker(io_timeout: Duration) -> (Fetcher, TcpStream) {
+        let mut f = Fetcher::new("test", limits(0));
+        f.io_timeout = io_timeout;
+        let peer = broker(&mut f, 1);
+        f.stale = false;
+        in_flight(&mut f, 1);
+        (f, peer)
+    }
+
     /// A response to the request with `correlation`: its length, the correlation id, `body`.
     fn response(correlation: i32, body: &[u8]) -> Vec<u8> {
         let mut out = (4 + body.len() as i32).to_be_bytes().to_vec();
@@ -708,11 +722,7 @@ mod tests {
 
     #[test]
     fn a_response_that_comes_in_pieces_is_read_whole_and_its_buffer_reused() {
-        let mut f = Fetcher::new("test", limits(0));
-        f.io_timeout = Duration::from_secs(5);
-        let mut peer = broker(&mut f, 1);
-        f.stale = false;
-        in_flight(&mut f, 1);
+        let (mut f, mut peer) = one_broker(Duration::from_secs(5));
         let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
         let bytes = response(0, &body);
         peer.write_all(&bytes[..3]).unwrap();
@@ -742,11 +752,7 @@ mod tests {
 
     #[test]
     fn a_response_that_keeps_coming_past_its_requests_deadline_is_read_whole() {
-        let mut f = Fetcher::new("test", limits(0));
-        f.io_timeout = Duration::from_secs(1);
-        let mut peer = broker(&mut f, 1);
-        f.stale = false;
-        in_flight(&mut f, 1);
+        let (mut f, mut peer) = one_broker(Duration::from_secs(1));
         // 32 bytes, one every 100 ms: the last comes 2.2 s after the request's deadline
         let bytes = response(0, &[3; 24]);
         let writer = std::thread::spawn(move || {
@@ -769,11 +775,7 @@ mod tests {
 
     #[test]
     fn a_response_that_stalls_halfway_is_given_up_on_after_the_io_timeout_without_a_byte() {
-        let mut f = Fetcher::new("test", limits(0));
-        f.io_timeout = Duration::from_millis(400);
-        let mut peer = broker(&mut f, 1);
-        f.stale = false;
-        in_flight(&mut f, 1);
+        let (mut f, mut peer) = one_broker(Duration::from_millis(400));
         // half a response at once, then nothing: given up on 400 ms after its last byte
         peer.write_all(&response(0, &[9; 40])[..20]).unwrap();
         let start = Instant::now();
@@ -787,11 +789,7 @@ mod tests {
     #[test]
     fn a_response_to_another_request_or_of_a_wrong_length_drops_the_broker() {
         for bytes in [response(5, b"late"), (-1i32).to_be_bytes().to_vec(), i32::MAX.to_be_bytes().to_vec()] {
-            let mut f = Fetcher::new("test", limits(0));
-            f.io_timeout = Duration::from_secs(5);
-            let mut peer = broker(&mut f, 1);
-            f.stale = false;
-            in_flight(&mut f, 1);
+            let (mut f, mut peer) = one_broker(Duration::from_secs(5));
             peer.write_all(&bytes).unwrap();
             assert!(f.responses().is_empty());
             assert!(f.brokers[&1].conn.is_none() && f.stale);
