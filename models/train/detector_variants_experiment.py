@@ -63,26 +63,34 @@ from features import Grid
 EPOCHS = 8  # train.fit's default, the deployed recipe's
 
 
+def first_slowed(r, inc, segment):
+    """the first minute (its window's end) while incident `inc` lasts that `segment`'s speed is
+    20% and 5 km/h below its mean of the 15 minutes before the incident (`T.DETECTABLE_DROP`, as
+    `detectable` measures a slowdown), or None (never slowed, or no minute before to compare)"""
+    x, t, seg = r["x"], r["t"], r["seg"]
+    s1 = T.F.FEATURES.index("speed_1m")
+    on = seg == segment
+    base = x[on & (t > inc["start_ms"] - 15 * 60_000) & (t <= inc["start_ms"]), s1]
+    if not len(base):
+        return None
+    ref = float(base.mean())
+    slowed = (on & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
+              & (x[:, s1] <= ref * (1 - T.DETECTABLE_DROP)) & (x[:, s1] <= ref - 5))
+    return t[slowed].min() if slowed.any() else None
+
+
 def onset_labels(r, reach=1):
     """a run's labels with each detectable incident's minutes before its first slowed minute at 0
     (no weight then: incident_targets weighs nothing in `grace` with label 0)"""
     label = r["label"].copy()
-    x, t, seg = r["x"], r["t"], r["seg"]
-    s1 = T.F.FEATURES.index("speed_1m")
+    t, seg = r["t"], r["seg"]
     for inc in r["incidents"]:
         if not inc["detectable"]:
             continue
         near = np.isin(seg, list(T.neighbourhood(inc["segment_id"], r["graph"], reach)))
         during = near & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
-        before = near & (t > inc["start_ms"] - 15 * 60_000) & (t <= inc["start_ms"])
-        first = None
-        for s in np.unique(seg[during]):
-            base = x[before & (seg == s), s1]
-            if len(base):
-                ref = float(base.mean())
-                slowed = during & (seg == s) & (x[:, s1] <= ref * (1 - T.DETECTABLE_DROP)) & (x[:, s1] <= ref - 5)
-                if slowed.any():
-                    first = min(first, t[slowed].min()) if first is not None else t[slowed].min()
+        slowed = [m for s in np.unique(seg[during]) if (m := first_slowed(r, inc, s)) is not None]
+        first = min(slowed) if slowed else None
         on = (seg == inc["segment_id"]) & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
         label[on & ((t < first) if first is not None else True)] = 0.0
     return label
@@ -126,25 +134,19 @@ def closed_labels(r, slowed_only=False):
     """a run's labels with the minutes of each detectable SUMO closure on the segment whose lanes
     it closes (`closed_segment`) at 1, and whether each row is an incident's or its clearing's
     minutes there too (`grace`, no weight while not labelled). `slowed_only`: from the closed
-    segment's first slowed minute on (its speed 20% and 5 km/h below its mean of the 15 minutes
-    before, as `onset_labels`), none before it"""
+    segment's first slowed minute on (`first_slowed`, as `onset_labels`), none before it"""
     label, grace = r["label"].copy(), r["grace"] | r["closure_site"]
-    x, t, seg = r["x"], r["t"], r["seg"]
-    s1 = T.F.FEATURES.index("speed_1m")
+    t, seg = r["t"], r["seg"]
     for inc in r["incidents"]:
         closed = inc.get("closed_segment")
         if not (inc["detectable"] and closed):
             continue
         during = (seg == closed) & (t > inc["start_ms"]) & (t - 60_000 < inc["end_ms"])
         if slowed_only:
-            base = x[(seg == closed) & (t > inc["start_ms"] - 15 * 60_000) & (t <= inc["start_ms"]), s1]
-            if not len(base):
+            first = first_slowed(r, inc, closed)
+            if first is None:
                 continue
-            ref = float(base.mean())
-            slowed = during & (x[:, s1] <= ref * (1 - T.DETECTABLE_DROP)) & (x[:, s1] <= ref - 5)
-            if not slowed.any():
-                continue
-            during &= t >= t[slowed].min()
+            during &= t >= first
         label[during] = 1.0
     return label, grace
 

@@ -798,8 +798,7 @@ def first_alarm_minutes(d, alarm):
 def detection_metrics(d, alarm, join=None):
     """Over the detectable incidents (`detectable()`): detection rate and mean time to detect
     (minutes from the incident's start to the first alarm at it while it lasts,
-    `first_alarm_minutes`); the
-    detection rate over all incidents; the false alarm rate (alarmed share of incident-free
+    `first_alarm_minutes`); the detection rate over all incidents; the false alarm rate (alarmed share of incident-free
     segment-minutes: neither an incident's or its clearing's (`grace`) nor those of the segment
     a SUMO closure closes lanes of) and false alarms (alarm onsets there) per day and per corridor-hour (8
     segment-hours of those minutes). With `join` (a reach in segments), an onset that joins an
