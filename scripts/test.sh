@@ -19,8 +19,9 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # the ports the suite's own servers take, checked before the long build: the README's quick
 # start runs as written on 9092/9093 (a development broker from deploy/kafka/start.sh holds
-# them), the Rust tests' broker and S3 server on the others
-for port in 9092 9093 "${KAFKA_PORT:-19092}" "${KAFKA_CONTROLLER_PORT:-19093}" "${S3_PORT:-19555}"; do
+# them), the Rust tests' broker and S3 server on the others, and the two-broker cluster of
+# tests/tests/kafka_brokers.rs on 19094-19096
+for port in 9092 9093 "${KAFKA_PORT:-19092}" "${KAFKA_CONTROLLER_PORT:-19093}" "${S3_PORT:-19555}" 19094 19095 19096; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "scripts/test.sh: 127.0.0.1:$port is in use; the suite starts its own servers there" >&2
     echo "  (a development broker? deploy/kafka/stop.sh stops the one deploy/kafka/start.sh started)" >&2

@@ -3,8 +3,12 @@
 # development and tests, in the background, and waits until it is ready.
 #
 # Usage: start.sh [--port N] [--controller-port M] [--dir DIR] [--fresh] [--timeout S] [--set KEY=VALUE]...
+#                 [--join DIR1 --node-id K]
 #   --port N             client (PLAINTEXT) port, default 9092            (env KAFKA_PORT)
 #   --controller-port M  KRaft controller port, default 9093             (env KAFKA_CONTROLLER_PORT)
+#   --join DIR1          a broker only (no controller) that joins the cluster of the broker
+#                        started from DIR1 (its controller, its cluster id); needs --node-id
+#   --node-id K          this node's id with --join, 2 or more (the first node is 1)
 #   --dir DIR            run dir: config, data, logs, pid; default deploy/kafka/run (env KAFKA_RUN_DIR)
 #   --fresh              stop the broker of DIR if running and wipe DIR first (all topics lost)
 #   --timeout S          seconds to wait for readiness, default 60        (env KAFKA_START_TIMEOUT)
@@ -22,10 +26,12 @@ cport="${KAFKA_CONTROLLER_PORT:-9093}"
 dir="${KAFKA_RUN_DIR:-$here/run}"
 timeout="${KAFKA_START_TIMEOUT:-60}"
 fresh=0
+join=""
+node_id=1
 extra_props=()
 
 die() { echo "kafka/start.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -39,15 +45,28 @@ while [[ $# -gt 0 ]]; do
         --timeout=*) timeout="${1#*=}"; shift ;;
         --set) [[ $# -ge 2 && "$2" == *=* ]] || die "--set needs KEY=VALUE"; extra_props+=("$2"); shift 2 ;;
         --fresh) fresh=1; shift ;;
+        --join) [[ $# -ge 2 ]] || die "--join needs a dir"; join="$2"; shift 2 ;;
+        --join=*) join="${1#*=}"; shift ;;
+        --node-id) [[ $# -ge 2 ]] || die "--node-id needs a value"; node_id="$2"; shift 2 ;;
+        --node-id=*) node_id="${1#*=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
 
-for n in "$port" "$cport" "$timeout"; do
+for n in "$port" "$cport" "$timeout" "$node_id"; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
 done
 [[ "$port" != "$cport" ]] || die "--port and --controller-port must differ"
+if [[ -n "$join" ]]; then
+    # a broker-only node: the controller and the cluster id are the first node's
+    ((node_id >= 2)) || die "--join needs --node-id 2 or more (the node of the dir joined is 1)"
+    [[ -s "$join/cluster.id" && -s "$join/kafka.controller-port" ]] \
+        || die "--join $join: no broker was started from there (no cluster.id or kafka.controller-port)"
+    cport="$(cat "$join/kafka.controller-port")"
+else
+    ((node_id == 1)) || die "--node-id is for a node that joins (--join); the first node is 1"
+fi
 
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
@@ -101,27 +120,39 @@ if [[ -n "$pid" ]]; then
 else
     rm -f "$pidfile"
     port_open "$port" && die "127.0.0.1:$port is already in use by another process (not a broker started from $dir)"
-    port_open "$cport" && die "controller port 127.0.0.1:$cport is already in use by another process"
+    if [[ -z "$join" ]]; then
+        port_open "$cport" && die "controller port 127.0.0.1:$cport is already in use by another process"
+    fi
 
     "$here/fetch.sh"
     lib="${KAFKA_LIB_DIR:-$here/lib}"
 
     mkdir -p "$conf" "$data" "$logs"
 
-    cat >"$conf/server.properties" <<EOF
-# Written by deploy/kafka/start.sh at each start; edits here are overwritten (use --set KEY=VALUE).
-# Single-node KRaft: this JVM is both broker and controller.
+    if [[ -n "$join" ]]; then
+        roles="# A broker joining the cluster of $join, whose node 1 is its controller.
+process.roles=broker
+node.id=$node_id
+controller.quorum.voters=1@127.0.0.1:$cport
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:$port"
+    else
+        roles="# KRaft: this JVM is both broker and controller (node 1); others may join it (--join).
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+    fi
+    cat >"$conf/server.properties" <<EOF
+# Written by deploy/kafka/start.sh at each start; edits here are overwritten (use --set KEY=VALUE).
+$roles
 advertised.listeners=PLAINTEXT://127.0.0.1:$port
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$data
 
-# One broker: every internal topic has one replica.
+# Every internal topic has one replica (on one broker, or spread over the nodes that joined).
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=4
 transaction.state.log.replication.factor=1
@@ -193,7 +224,9 @@ EOF
         kafka.tools.StorageTool
     )
     if [[ ! -f "$data/meta.properties" ]]; then
-        if [[ ! -s "$dir/cluster.id" ]]; then
+        if [[ -n "$join" ]]; then
+            cp "$join/cluster.id" "$dir/cluster.id"
+        elif [[ ! -s "$dir/cluster.id" ]]; then
             "${storage_tool[@]}" random-uuid 2>>"$logs/format.log" | tail -n1 | tr -d '[:space:]' >"$dir/cluster.id.tmp" \
                 || { cat "$logs/format.log" >&2; die "StorageTool random-uuid failed"; }
             [[ -s "$dir/cluster.id.tmp" ]] || { cat "$logs/format.log" >&2; die "StorageTool random-uuid printed nothing"; }
@@ -221,6 +254,7 @@ EOF
     pid=$!
     echo "$pid" >"$pidfile"
     echo "$port" >"$portfile"
+    [[ -n "$join" ]] || echo "$cport" >"$dir/kafka.controller-port"
     echo "kafka/start.sh: started broker pid $pid (127.0.0.1:$port, controller 127.0.0.1:$cport, dir $dir)" >&2
 fi
 

@@ -63,7 +63,7 @@ async fn a_coordinator_that_stops_answering_does_not_stall_the_source() {
     assert!(text.contains("group.protocol: consumer") && text.contains("commit_timeout: 2s"));
     let metrics = Metrics::new();
     run_through(&text, &lake, &report, metrics.clone(), || {
-        let _resumed = Stopped::broker();
+        let _resumed = Stopped::broker(&test_broker_dir());
         std::thread::sleep(Duration::from_secs(30));
     })
     .await;
@@ -99,29 +99,4 @@ async fn run_through(
     assert!((before as u64) < total, "the disruption began mid-stream ({before} of {total} rows stored before it)");
     assert!(report_run.source_messages["kafka"] >= total, "everything was read at least once");
     assert_complete(&positions(lake).await, report);
-}
-
-/// The broker, stopped with SIGSTOP until this is dropped (SIGCONT, a panic included: the
-/// tests after must find it running).
-struct Stopped(String);
-
-impl Stopped {
-    fn broker() -> Self {
-        let dir = std::env::var("KAFKA_RUN_DIR")
-            .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it)");
-        let pid = std::fs::read_to_string(Path::new(&dir).join("kafka.pid")).expect("the broker's pid file");
-        let pid = pid.trim().to_owned();
-        let status = std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-        assert!(status.success(), "kill -STOP the broker: {status}");
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let status = std::process::Command::new("kill").args(["-CONT", &self.0]).status();
-        if !status.as_ref().is_ok_and(|s| s.success()) {
-            eprintln!("kill -CONT {} failed: {status:?}", self.0);
-        }
-    }
 }

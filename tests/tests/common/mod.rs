@@ -21,6 +21,14 @@ use citystream_pipeline::sql;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
+/// The pipeline's log on stderr, filtered by `RUST_LOG`, when that is set (a failing test run
+/// with `RUST_LOG=info cargo test ... -- --nocapture`); nothing otherwise.
+pub fn log_when_asked() {
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
+}
+
 pub fn brokers() -> String {
     std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -43,13 +51,18 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates the three topics of a test with `partitions` each.
 pub async fn create_topics(prefix: &str, partitions: i32) -> KafkaTopics {
+    create_topics_on(&brokers(), prefix, partitions).await
+}
+
+/// [`create_topics`] on the cluster of `brokers`.
+pub async fn create_topics_on(brokers: &str, prefix: &str, partitions: i32) -> KafkaTopics {
     let topics = KafkaTopics {
         traffic: Some(format!("{prefix}.traffic")),
         camera: Some(format!("{prefix}.camera")),
         environment: Some(format!("{prefix}.environment")),
     };
     let admin: AdminClient<DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
     let names = [topics.traffic.clone().unwrap(), topics.camera.clone().unwrap(), topics.environment.clone().unwrap()];
     // messages carry simulated event times as timestamps: never let time retention delete them
     let new: Vec<NewTopic> = names
@@ -58,12 +71,12 @@ pub async fn create_topics(prefix: &str, partitions: i32) -> KafkaTopics {
         .collect();
     let res = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&new, &AdminOptions::new()))
         .await
-        .unwrap_or_else(|_| panic!("no Kafka broker answered at {} within 30 s: start one with deploy/kafka/start.sh (scripts/test.sh does)", brokers()))
+        .unwrap_or_else(|_| panic!("no Kafka broker answered at {brokers} within 30 s: start one with deploy/kafka/start.sh (scripts/test.sh does)"))
         .expect("create topics");
     for r in res {
         r.expect("topic created");
     }
-    wait_for_metadata(&names, partitions).await;
+    wait_for_metadata(brokers, &names, partitions).await;
     topics
 }
 
@@ -71,12 +84,13 @@ pub async fn create_topics(prefix: &str, partitions: i32) -> KafkaTopics {
 /// led. A created topic reaches the broker's metadata cache a moment after the controller
 /// acknowledged it: a consumer subscribing in between is told the topic does not exist and may
 /// be assigned only part of it for a while (seen on a loaded machine).
-async fn wait_for_metadata(names: &[String], partitions: i32) {
+async fn wait_for_metadata(brokers: &str, names: &[String], partitions: i32) {
     let names = names.to_vec();
+    let brokers = brokers.to_owned();
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::Consumer;
         let client: rdkafka::consumer::BaseConsumer =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("metadata client");
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("metadata client");
         let t0 = Instant::now();
         for name in &names {
             loop {
@@ -101,16 +115,26 @@ async fn wait_for_metadata(names: &[String], partitions: i32) {
 }
 
 pub async fn produce(topics: &KafkaTopics, hours: u64, seed: u64) -> SimReport {
+    produce_to(&brokers(), topics, hours, seed).await
+}
+
+/// [`produce`] to the cluster of `brokers`.
+pub async fn produce_to(brokers: &str, topics: &KafkaTopics, hours: u64, seed: u64) -> SimReport {
     let cfg = SimulatorConfig {
         seed,
         duration: citystream_operators::Duration::from_secs(hours * 3600),
         ..SimulatorConfig::default()
     };
-    let (report, _) = simulate_into(&brokers(), cfg, topics, None).await.expect("produce");
+    let (report, _) = simulate_into(brokers, cfg, topics, None).await.expect("produce");
     report
 }
 
 pub fn yaml(topics: &KafkaTopics, group: &str, data: &Path, idle: &str) -> String {
+    yaml_on(&brokers(), topics, group, data, idle)
+}
+
+/// [`yaml`] reading from the cluster of `brokers`.
+pub fn yaml_on(brokers: &str, topics: &KafkaTopics, group: &str, data: &Path, idle: &str) -> String {
     format!(
         "\
 name: kafka-test
@@ -145,7 +169,6 @@ sinks:
 runtime:
   status_interval: null
 ",
-        brokers = brokers(),
         t = topics.traffic.as_ref().unwrap(),
         c = topics.camera.as_ref().unwrap(),
         e = topics.environment.as_ref().unwrap(),
@@ -275,12 +298,42 @@ pub fn walk(dir: &Path) -> Vec<String> {
 /// Runs a broker control script of `deploy/kafka/` on the broker `scripts/test.sh` started
 /// (`KAFKA_RUN_DIR`, `KAFKA_PORT`, `KAFKA_CONTROLLER_PORT` from the environment).
 pub fn broker_script(script: &str) {
-    let dir = std::env::var("KAFKA_RUN_DIR")
-        .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it); this test stops and restarts that broker");
+    let dir = test_broker_dir();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kafka").join(script);
     let status =
-        Command::new(&path).args(["--dir", &dir]).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Command::new(&path).arg("--dir").arg(&dir).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(status.success(), "{script} failed: {status}");
+}
+
+/// The run dir of the broker `scripts/test.sh` started (`KAFKA_RUN_DIR`).
+pub fn test_broker_dir() -> PathBuf {
+    std::env::var("KAFKA_RUN_DIR")
+        .expect("KAFKA_RUN_DIR names the test broker's run dir (scripts/test.sh sets it)")
+        .into()
+}
+
+/// A broker, stopped with SIGSTOP until this is dropped (SIGCONT, a panic included: the
+/// tests after must find it running). Its connections stay open and nothing comes back.
+pub struct Stopped(String);
+
+impl Stopped {
+    /// Stops the broker started from run dir `dir` (`deploy/kafka/start.sh --dir`).
+    pub fn broker(dir: &Path) -> Self {
+        let pid = std::fs::read_to_string(dir.join("kafka.pid")).expect("the broker's pid file");
+        let pid = pid.trim().to_owned();
+        let status = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        assert!(status.success(), "kill -STOP the broker: {status}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let status = Command::new("kill").args(["-CONT", &self.0]).status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("kill -CONT {} failed: {status:?}", self.0);
+        }
+    }
 }
 
 /// The repository's root.
