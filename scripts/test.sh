@@ -83,7 +83,18 @@ echo "== kafka broker"
 export KAFKA_PORT="${KAFKA_PORT:-19092}" KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
 export KAFKA_RUN_DIR="$data/kafka"
 export CITYSTREAM_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
-trap 'deploy/kafka/stop.sh --dir "$KAFKA_RUN_DIR" >/dev/null 2>&1 || true; kill "$(cat "$data/s3/moto.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$data"' EXIT
+# the two-broker cluster of tests/tests/kafka_brokers.rs runs from here
+export KAFKA_CLUSTER_DIR="$data/kafka-cluster"
+stop_servers() {
+  deploy/kafka/stop.sh --dir "$KAFKA_RUN_DIR" >/dev/null 2>&1 || true
+  # a killed cluster test may leave its nodes running, node 2 perhaps stopped with SIGSTOP
+  for node in node2 node1; do
+    kill -CONT "$(cat "$KAFKA_CLUSTER_DIR/$node/kafka.pid" 2>/dev/null)" 2>/dev/null || true
+    deploy/kafka/stop.sh --dir "$KAFKA_CLUSTER_DIR/$node" --timeout 10 >/dev/null 2>&1 || true
+  done
+  kill "$(cat "$data/s3/moto.pid" 2>/dev/null)" 2>/dev/null || true
+}
+trap 'stop_servers; rm -rf "$data"' EXIT
 deploy/kafka/start.sh --fresh
 
 echo "== S3-compatible server (moto) for operator state on object storage"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Starts a single-node Apache Kafka broker (KRaft, broker+controller in one JVM) on 127.0.0.1 for
-# development and tests, in the background, and waits until it is ready.
+# Starts an Apache Kafka broker (KRaft; broker and controller in one JVM, or with --join a broker
+# only, joining another's cluster) on 127.0.0.1 for development and tests, in the background,
+# and waits until it is ready.
 #
 # Usage: start.sh [--port N] [--controller-port M] [--dir DIR] [--fresh] [--timeout S] [--set KEY=VALUE]...
 #                 [--join DIR1 --node-id K]
 #   --port N             client (PLAINTEXT) port, default 9092            (env KAFKA_PORT)
 #   --controller-port M  KRaft controller port, default 9093             (env KAFKA_CONTROLLER_PORT)
 #   --join DIR1          a broker only (no controller) that joins the cluster of the broker
-#                        started from DIR1 (its controller, its cluster id); needs --node-id
+#                        started from DIR1, which must be running (its controller, its cluster
+#                        id); needs --node-id; no --controller-port
 #   --node-id K          this node's id with --join, 2 or more (the first node is 1)
 #   --dir DIR            run dir: config, data, logs, pid; default deploy/kafka/run (env KAFKA_RUN_DIR)
 #   --fresh              stop the broker of DIR if running and wipe DIR first (all topics lost)
@@ -28,17 +30,18 @@ timeout="${KAFKA_START_TIMEOUT:-60}"
 fresh=0
 join=""
 node_id=1
+cport_given=0
 extra_props=()
 
 die() { echo "kafka/start.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --port) [[ $# -ge 2 ]] || die "--port needs a value"; port="$2"; shift 2 ;;
         --port=*) port="${1#*=}"; shift ;;
-        --controller-port) [[ $# -ge 2 ]] || die "--controller-port needs a value"; cport="$2"; shift 2 ;;
-        --controller-port=*) cport="${1#*=}"; shift ;;
+        --controller-port) [[ $# -ge 2 ]] || die "--controller-port needs a value"; cport="$2"; cport_given=1; shift 2 ;;
+        --controller-port=*) cport="${1#*=}"; cport_given=1; shift ;;
         --dir) [[ $# -ge 2 ]] || die "--dir needs a value"; dir="$2"; shift 2 ;;
         --dir=*) dir="${1#*=}"; shift ;;
         --timeout) [[ $# -ge 2 ]] || die "--timeout needs a value"; timeout="$2"; shift 2 ;;
@@ -54,22 +57,28 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-for n in "$port" "$cport" "$timeout" "$node_id"; do
-    [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
-done
-[[ "$port" != "$cport" ]] || die "--port and --controller-port must differ"
+[[ "$node_id" =~ ^[0-9]+$ ]] || die "not a number: $node_id"
+node_id=$((10#$node_id))
 if [[ -n "$join" ]]; then
     # a broker-only node: the controller and the cluster id are the first node's
     ((node_id >= 2)) || die "--join needs --node-id 2 or more (the node of the dir joined is 1)"
+    ((cport_given == 0)) || die "--controller-port with --join: the controller is the joined node's"
+    [[ -d "$join" ]] || die "--join $join: no such dir"
+    join="$(cd "$join" && pwd)"
     [[ -s "$join/cluster.id" && -s "$join/kafka.controller-port" ]] \
         || die "--join $join: no broker was started from there (no cluster.id or kafka.controller-port)"
     cport="$(cat "$join/kafka.controller-port")"
 else
     ((node_id == 1)) || die "--node-id is for a node that joins (--join); the first node is 1"
 fi
+for n in "$port" "$cport" "$timeout"; do
+    [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
+done
+[[ "$port" != "$cport" ]] || die "--port and the controller port ($cport) must differ"
 
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
+[[ "$dir" != "$join" ]] || die "--join names this node's own dir"
 conf="$dir/config"
 data="$dir/data"
 logs="$dir/logs"
@@ -122,6 +131,13 @@ else
     port_open "$port" && die "127.0.0.1:$port is already in use by another process (not a broker started from $dir)"
     if [[ -z "$join" ]]; then
         port_open "$cport" && die "controller port 127.0.0.1:$cport is already in use by another process"
+    else
+        port_open "$cport" || die "--join $join: its controller (127.0.0.1:$cport) does not answer; start that node first"
+        # a node formatted for a cluster that has since been made again (its node 1 --fresh)
+        # could never register: say so rather than wait for it
+        if [[ -f "$data/meta.properties" && "$(cat "$dir/cluster.id" 2>/dev/null)" != "$(cat "$join/cluster.id")" ]]; then
+            die "$dir belongs to an earlier cluster than $join's (node 1 was made again): start this node with --fresh"
+        fi
     fi
 
     "$here/fetch.sh"

@@ -21,10 +21,10 @@ use citystream_pipeline::sql;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
-/// The pipeline's log on stderr, filtered by `RUST_LOG`, when that is set (a failing test run
-/// with `RUST_LOG=info cargo test ... -- --nocapture`); nothing otherwise.
+/// The pipeline's log on stderr, filtered by `CITYSTREAM_TEST_RUST_LOG`, when that is set
+/// (`CITYSTREAM_TEST_RUST_LOG=info cargo test ...`, to see why a test fails); nothing otherwise.
 pub fn log_when_asked() {
-    if let Ok(filter) = std::env::var("RUST_LOG") {
+    if let Ok(filter) = std::env::var("CITYSTREAM_TEST_RUST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     }
 }
@@ -321,6 +321,12 @@ impl Stopped {
     pub fn broker(dir: &Path) -> Self {
         let pid = std::fs::read_to_string(dir.join("kafka.pid")).expect("the broker's pid file");
         let pid = pid.trim().to_owned();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains("kafka.Kafka"),
+            "pid {pid} of {} is a running broker",
+            dir.display()
+        );
         let status = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
         assert!(status.success(), "kill -STOP the broker: {status}");
         Stopped(pid)
