@@ -196,8 +196,11 @@ async fn stall_node2(cluster: &Cluster, alignment: Alignment, prefix: &str, grou
 /// A partition of a test topic: its table, leader and number of messages.
 #[derive(Debug)]
 struct Part {
-    /// The event kind's table (`traffic`, `camera`, `environment`).
+    /// The event kind's table (`traffic`, `camera`, `environment`) …
     table: &'static str,
+    /// … and its index in that list (dead letters carry the partition plus 1000 times it:
+    /// `positions`).
+    kind: i32,
     partition: i32,
     leader: i32,
     /// Messages in it: its log end (the topics are new, the producer idempotent, not
@@ -216,13 +219,13 @@ fn partitions(brokers: &str, topics: &KafkaTopics) -> Vec<Part> {
     let client: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let named = [("traffic", &topics.traffic), ("camera", &topics.camera), ("environment", &topics.environment)];
     let mut out = Vec::new();
-    for (table, topic) in named {
+    for (kind, (table, topic)) in (0..).zip(named) {
         let topic = topic.as_deref().unwrap();
         let meta = client.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
         for p in meta.topics()[0].partitions() {
             let (low, high) = client.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
             assert_eq!(low, 0, "{topic} {}: a new topic's log starts at 0", p.id());
-            out.push(Part { table, partition: p.id(), leader: p.leader(), end: high as usize });
+            out.push(Part { table, kind, partition: p.id(), leader: p.leader(), end: high as usize });
         }
     }
     out
@@ -234,10 +237,8 @@ async fn stored(lake: &Path, parts: &[Part]) -> BTreeMap<(&'static str, i32), us
     parts
         .iter()
         .map(|p| {
-            // dead letters carry the partition plus 1000 times the kind's index (`positions`)
-            let k = ["traffic", "camera", "environment"].iter().position(|t| *t == p.table).unwrap() as i32;
             let rows = pos[p.table].iter().filter(|(q, _)| *q == p.partition).count();
-            let dead = pos["dead_letters"].iter().filter(|(q, _)| *q == p.partition + 1000 * k).count();
+            let dead = pos["dead_letters"].iter().filter(|(q, _)| *q == p.partition + 1000 * p.kind).count();
             (p.key(), rows + dead)
         })
         .collect()
@@ -283,7 +284,7 @@ impl Cluster {
         // what a killed run left: its nodes stopped (node 2 perhaps still SIGSTOPped), then
         // wiped by `--fresh`
         cluster.stop_nodes();
-        cluster.script(
+        kafka_script(
             "start.sh",
             &[
                 "--fresh",
@@ -313,7 +314,7 @@ impl Cluster {
             "__consumer_offsets made on node 1 alone: {:?}",
             offsets.iter().map(|p| p.leader()).collect::<Vec<_>>()
         );
-        cluster.script(
+        kafka_script(
             "start.sh",
             &[
                 "--fresh",
@@ -351,17 +352,12 @@ impl Cluster {
             if let Ok(pid) = std::fs::read_to_string(dir.join("kafka.pid")) {
                 let _ = Command::new("kill").args(["-CONT", pid.trim()]).status();
             }
-            let path = repo_root().join("deploy/kafka/stop.sh");
+            // not asserted: it runs when dropped, perhaps while a failed test unwinds
+            let path = kafka_script_path("stop.sh");
             if let Err(e) = Command::new(&path).arg("--dir").arg(&dir).args(["--timeout", "10"]).status() {
                 eprintln!("{} --dir {}: {e}", path.display(), dir.display());
             }
         }
-    }
-
-    fn script(&self, script: &str, args: &[&str]) {
-        let path = repo_root().join("deploy/kafka").join(script);
-        let status = Command::new(&path).args(args).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(status.success(), "{script} {args:?} failed: {status}");
     }
 }
 

@@ -298,11 +298,19 @@ pub fn walk(dir: &Path) -> Vec<String> {
 /// Runs a broker control script of `deploy/kafka/` on the broker `scripts/test.sh` started
 /// (`KAFKA_RUN_DIR`, `KAFKA_PORT`, `KAFKA_CONTROLLER_PORT` from the environment).
 pub fn broker_script(script: &str) {
-    let dir = test_broker_dir();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kafka").join(script);
-    let status =
-        Command::new(&path).arg("--dir").arg(&dir).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(status.success(), "{script} failed: {status}");
+    kafka_script(script, &["--dir", &test_broker_dir().display().to_string()]);
+}
+
+/// A broker control script of `deploy/kafka/` (`start.sh`, `stop.sh`).
+pub fn kafka_script_path(script: &str) -> PathBuf {
+    repo_root().join("deploy/kafka").join(script)
+}
+
+/// Runs `deploy/kafka/SCRIPT` with `args` and asserts it succeeded.
+pub fn kafka_script(script: &str, args: &[&str]) {
+    let path = kafka_script_path(script);
+    let status = Command::new(&path).args(args).status().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(status.success(), "{script} {args:?} failed: {status}");
 }
 
 /// The run dir of the broker `scripts/test.sh` started (`KAFKA_RUN_DIR`).
