@@ -1,6 +1,6 @@
 //! The broker goes away for 20 seconds in the middle of a stream, or stops answering for 30:
 //! the pipeline waits, recovers and loses nothing. Its own test binary, so stopping the broker
-//! cannot disturb other tests (cargo runs test binaries one after another); its two tests take
+//! cannot disturb other tests (cargo runs test binaries one after another); its tests take
 //! turns ([`BROKER`]).
 
 mod common;
@@ -46,21 +46,37 @@ async fn broker_outage_of_20_seconds_loses_nothing() {
 /// polling, keeps its partitions, and commits once the broker answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_stops_answering_does_not_stall_the_source() {
+    stall_for_30_seconds("librdkafka", "t5", 405).await;
+}
+
+/// As above with the native fetch (the default), whose unanswered Fetch waited up to its 30 s
+/// I/O timeout inside a round: the consumer thread stopped polling as with the unbounded
+/// commit. A round now waits no longer than the source's next timer (at most 100 ms), the
+/// request staying in flight across rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_does_not_stall_the_native_fetch() {
+    stall_for_30_seconds("native", "t6", 406).await;
+}
+
+/// A stream read with `fetch`, its broker SIGSTOPped for 30 s mid-stream (KIP-848 protocol,
+/// `max.poll.interval.ms` 12 s, `commit_timeout` 2 s): everything stored once, and a commit
+/// went unanswered during the stall.
+async fn stall_for_30_seconds(fetch: &str, prefix: &str, seed: u64) {
     let _turn = BROKER.lock().await;
-    let topics = create_topics(&unique("t5"), 3).await;
-    let report = produce(&topics, 26, 405).await;
+    let topics = create_topics(&unique(prefix), 3).await;
+    let report = produce(&topics, 26, seed).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    // librdkafka's fetch (the native fetch waits up to 30 s on an unanswered Fetch, by design);
     // the KIP-848 protocol, whose session (45 s, the broker's) outlives the stall and leaves
     // max.poll.interval.ms free to be short
-    let text = yaml(&topics, &unique("g5"), &lake, "40s")
-        .replace("batch_rows: 4096", "batch_rows: 256\n    fetch: librdkafka\n    commit_timeout: 2s")
+    let text = yaml(&topics, &unique(&format!("g-{prefix}")), &lake, "40s")
+        .replace("batch_rows: 4096", &format!("batch_rows: 256\n    fetch: {fetch}\n    commit_timeout: 2s"))
         .replace(
             "      session.timeout.ms: \"10000\"\n      heartbeat.interval.ms: \"1000\"\n",
             "      group.protocol: consumer\n      max.poll.interval.ms: \"12000\"\n",
         );
     assert!(text.contains("group.protocol: consumer") && text.contains("commit_timeout: 2s"));
+    assert!(text.contains(&format!("fetch: {fetch}")));
     let metrics = Metrics::new();
     run_through(&text, &lake, &report, metrics.clone(), || {
         let _resumed = Stopped::broker(&test_broker_dir());

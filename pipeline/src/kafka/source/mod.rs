@@ -574,13 +574,18 @@ impl Loop {
             }
             if let Some(native) = &self.native {
                 unchecked = CHECK_EVERY;
-                let (fetched, read) = self.fetch_round(native, &mut key, &mut wall, &mut total)?;
+                // the round waits for its brokers no later than the next timer, at most 100 ms
+                // (a broker that does not answer for 30 s holds no checkpoint, flush, stop or
+                // poll of the group: librdkafka leaves the group after max.poll.interval.ms
+                // without one), its requests staying in flight for the next round
+                let until = next_flush.min(next_checkpoint).min(now + Duration::from_millis(100));
+                let (fetched, read, waiting) = self.fetch_round(native, until, &mut key, &mut wall, &mut total)?;
                 now = Instant::now();
                 if read > 0 {
                     last_message = now;
                     continue;
                 }
-                if fetched == 0 {
+                if fetched == 0 && !waiting {
                     // nothing to fetch (none assigned, all paused, no leader reachable): wait
                     // for an event, at most 100 ms
                     let wait = next_flush.min(next_checkpoint).saturating_duration_since(now);

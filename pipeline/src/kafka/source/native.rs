@@ -14,15 +14,17 @@ use crate::kafka::fetch::{Decoders, PartitionData, RecordSet};
 use crate::task::PipelineError;
 
 impl Loop {
-    /// Fetches once from every partition to read. Returns how many partitions were fetched
-    /// and how many records were read (appended or held).
+    /// Fetches once from every partition to read, waiting for responses no later than `until`.
+    /// Returns how many partitions were fetched, how many records were read (appended or held),
+    /// and whether a request is still in flight (its broker has not answered yet).
     pub(super) fn fetch_round(
         &self,
         native: &RefCell<Native>,
+        until: Instant,
         key: &mut Tp,
         wall: &mut i64,
         total: &mut u64,
-    ) -> Result<(usize, u64), PipelineError> {
+    ) -> Result<(usize, u64, bool), PipelineError> {
         let wanted: Vec<(Tp, i64)> = lock(&self.shared)
             .parts
             .iter()
@@ -30,14 +32,14 @@ impl Loop {
             .map(|(tp, p)| (tp.clone(), p.fetch_at))
             .collect();
         if wanted.is_empty() {
-            return Ok((0, 0));
+            return Ok((0, 0, false));
         }
         let mut read = 0u64;
         let round = {
             let mut n = native.borrow_mut();
             let Native { fetcher, decoders, skipped } = &mut *n;
             let read_committed = fetcher.limits().read_committed;
-            fetcher.round(&self.consumer, &wanted, |data, from| {
+            fetcher.round(&self.consumer, &wanted, until, |data, from| {
                 let (records, bad) = self.fetched(data, from, read_committed, decoders, key, wall, total)?;
                 read += records;
                 skipped.inc_by(bad);
@@ -47,7 +49,7 @@ impl Loop {
         for (tp, asked) in &round.out_of_range {
             self.reset_offset(tp, *asked)?;
         }
-        Ok((round.fetched, read))
+        Ok((round.fetched, read, round.waiting))
     }
 
     /// Appends (or holds) the records of one partition's fetched data from `from` on, and
