@@ -101,7 +101,8 @@ async fn stall_node2(cluster: &Cluster, alignment: Alignment, prefix: &str, grou
     assert!(text.contains("max.partition.fetch.bytes"));
     let p = plan(config::load_str(&text, "brokers.yaml").unwrap(), "brokers.yaml").unwrap();
     let (stop, rx) = StopHandle::new();
-    let run = tokio::spawn(runtime::run(p, Metrics::new(), rx));
+    let metrics = Metrics::new();
+    let run = tokio::spawn(runtime::run(p, metrics.clone(), rx));
     tokio::task::spawn_blocking({
         let lake = lake.clone();
         move || wait_for_rows(&lake, 6, Duration::from_secs(60))
@@ -155,6 +156,7 @@ async fn stall_node2(cluster: &Cluster, alignment: Alignment, prefix: &str, grou
         "the stall held node 2's partitions back (else it began too late to show anything): {}",
         progress(&parts, &at_stop, &at_resume)
     );
+    let mut stalled = None;
     if alignment == Alignment::Default {
         // paused, not slow: not whole, and not a row more in the stall's second half
         assert!(
@@ -163,6 +165,13 @@ async fn stall_node2(cluster: &Cluster, alignment: Alignment, prefix: &str, grou
              from the stall's first half on: {}\nhalfway: {}",
             progress(&parts, &at_stop, &at_resume),
             progress(&parts, &at_stop, &halfway)
+        );
+        // and says so: the paused partitions have waited on one that has not moved since at
+        // least halfway through the stall
+        stalled = metrics.value("citystream_kafka_alignment_stalled_seconds", &[("source", "kafka")]);
+        assert!(
+            stalled.is_some_and(|s| s >= (stall / 2).as_secs_f64() - 1.0),
+            "the alignment gauge counted the wait on node 2's partitions: {stalled:?} s after a {stall:?} stall"
         );
     }
     drop(stopped);
@@ -188,7 +197,8 @@ async fn stall_node2(cluster: &Cluster, alignment: Alignment, prefix: &str, grou
     assert_complete(&positions(&lake).await, &report);
     eprintln!(
         "{alignment:?}: watched {node1_whole:?} of node 2's {stall:?} stall (without alignment: until node 1's \
-         partitions were whole; with it: the first half); everything whole {all_whole:?} after the stall\n\
+         partitions were whole; with it: the first half, the alignment gauge at {stalled:?} s when node 2 \
+         resumed); everything whole {all_whole:?} after the stall\n\
          (seconds, rows of node 1's partitions, of node 2's): {timeline:?}"
     );
 }

@@ -45,8 +45,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// Metadata is asked again at most this often.
+/// Metadata is asked again at most this often (after the last ask ended).
 const METADATA_EVERY: Duration = Duration::from_millis(500);
+/// How long a metadata ask waits for its answer.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Error codes after which the partition's leader is looked up again.
 const LEADER_ERRORS: &[i16] = &[
@@ -207,8 +209,9 @@ pub struct Round {
     /// Partitions whose position is out of the log's range, with the offset asked for: reset
     /// them (`auto.offset.reset`) if they are still there.
     pub out_of_range: Vec<(Tp, i64)>,
-    /// Some request is still in flight: the round ended at its `until` before every response
-    /// was in (the next round reads on, without asking again).
+    /// Some request is in flight as the round ends: one not answered by its `until`, or the
+    /// next one, sent as a response came in (the next round waits for it, without asking
+    /// again).
     pub waiting: bool,
 }
 
@@ -218,7 +221,10 @@ pub struct Fetcher {
     limits: FetchLimits,
     brokers: HashMap<i32, Broker>,
     leaders: HashMap<Tp, i32>,
+    /// When the last metadata ask ended, and how long until the next may start:
+    /// [`METADATA_EVERY`], doubled (up to [`MAX_BACKOFF`]) after each ask that had no answer.
     metadata_at: Option<Instant>,
+    metadata_backoff: Duration,
     /// Some partition has no known leader, or lost it.
     stale: bool,
     /// Where the next request starts in its partition list.
@@ -236,6 +242,7 @@ impl Fetcher {
             brokers: HashMap::new(),
             leaders: HashMap::new(),
             metadata_at: None,
+            metadata_backoff: METADATA_EVERY,
             stale: true,
             rotation: 0,
             io_timeout: IO_TIMEOUT,
@@ -248,27 +255,32 @@ impl Fetcher {
     }
 
     /// Asks librdkafka for the leaders of the topics of `wanted` (and the brokers' addresses),
-    /// when some partition needs one and the last ask is [`METADATA_EVERY`] old.
+    /// when some partition needs one and the last ask ended [`METADATA_EVERY`] ago (longer
+    /// after asks without an answer). Topics with a partition that has no leader go first; an
+    /// ask without an answer ends the refresh, so a broker that does not answer holds the
+    /// consumer thread for one metadata timeout at a time, not one per topic.
     fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wanted: &[(Tp, i64)]) {
-        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
+        let mut leaderless: Vec<&str> =
+            wanted.iter().filter(|(tp, _)| !self.leaders.contains_key(tp)).map(|(tp, _)| tp.0.as_str()).collect();
+        if !leaderless.is_empty() {
             self.stale = true;
         }
-        if !self.stale || self.metadata_at.is_some_and(|at| at.elapsed() < METADATA_EVERY) {
+        if !self.stale || self.metadata_at.is_some_and(|at| at.elapsed() < self.metadata_backoff) {
             return;
         }
-        self.metadata_at = Some(Instant::now());
+        leaderless.sort_unstable();
+        leaderless.dedup();
         let mut topics: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
-        topics.sort_unstable();
+        topics.sort_unstable_by_key(|t| (leaderless.binary_search(t).is_err(), *t));
         topics.dedup();
         let mut complete = true;
+        let mut answered = true;
         for topic in topics {
-            let md = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            let md = match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
                 Ok(md) => md,
                 Err(e) => {
-                    // the other topics are asked at the next refresh: a broker that does not
-                    // answer holds the consumer thread one timeout per refresh, not one per topic
                     tracing::warn!(topic, "native fetch: reading the partition leaders: {e}");
-                    complete = false;
+                    (complete, answered) = (false, false);
                     break;
                 }
             };
@@ -294,6 +306,9 @@ impl Fetcher {
             }
         }
         self.stale = !complete;
+        self.metadata_at = Some(Instant::now());
+        self.metadata_backoff =
+            if answered { METADATA_EVERY } else { (self.metadata_backoff * 2).clamp(METADATA_EVERY, MAX_BACKOFF) };
     }
 
     /// How long a response may take: the fetch's wait on the broker, and the I/O timeout.
@@ -436,10 +451,10 @@ impl Fetcher {
     /// The responses that have come in whole, each with its broker and what its request asked:
     /// what has come of each response is read ([`Fetcher::ready`], then [`Incoming`]) until one
     /// is whole, none is on its way (each whole, dropped, or not begun when `ready` stopped
-    /// waiting), or `until` has passed (a response begun is read on at the next call). A broker whose response has not begun by its request's deadline, or has had no
-    /// byte for [`IO_TIMEOUT`] since it began, is dropped ([`Broker::give_up_at`]), so one that
-    /// stops halfway through a response holds the others up no longer than one that never
-    /// answers.
+    /// waiting), or `until` has passed (a response begun is read on at the next call). A
+    /// broker whose response has not begun by its request's deadline, or has had no byte for
+    /// [`IO_TIMEOUT`] since it began, is dropped ([`Broker::give_up_at`]), so one that stops
+    /// halfway through a response holds the others up no longer than one that never answers.
     fn responses(&mut self, until: Instant) -> Vec<(i32, HashMap<Tp, i64>, Vec<u8>)> {
         let (max_bytes, io_timeout) = (self.limits.max_bytes, self.io_timeout);
         let mut whole = Vec::new();
@@ -819,8 +834,8 @@ mod tests {
         let mut f = Fetcher::new("test", limits(100));
         f.io_timeout = Duration::from_secs(2);
         let _hung = broker(&mut f, 7);
-        in_flight(&mut f, 7); // given up on 2.1 s from now
         let start = Instant::now();
+        in_flight(&mut f, 7); // given up on 2.1 s from now
         let mut waits = Vec::new();
         while f.brokers[&7].conn.is_some() && start.elapsed() < Duration::from_secs(10) {
             let call = Instant::now();

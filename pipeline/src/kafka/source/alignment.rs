@@ -1,5 +1,7 @@
 //! Watermark alignment: which partitions to pause while catching up.
 
+use std::time::{Duration, Instant};
+
 /// One partition as watermark alignment sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AlignInput {
@@ -26,15 +28,21 @@ pub struct Alignment {
 }
 
 impl Alignment {
+    /// The partition the others are aligned to (an index into `parts`): the slowest that holds
+    /// the watermark back. A caught-up partition that has not spoken has nothing to read:
+    /// waiting for it would not make it speak sooner.
+    pub fn slowest(parts: &[AlignInput]) -> Option<usize> {
+        parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.holding && (p.backlog || p.watermark.is_some()))
+            .min_by_key(|(_, p)| p.watermark.unwrap_or(i64::MIN))
+            .map(|(i, _)| i)
+    }
+
     /// Which of `parts` to pause and which to resume (indices into `parts`).
     pub fn decide(&self, parts: &[AlignInput]) -> (Vec<usize>, Vec<usize>) {
-        // a caught-up partition that has not spoken has nothing to read: waiting for it
-        // would not make it speak sooner
-        let slowest = parts
-            .iter()
-            .filter(|p| p.holding && (p.backlog || p.watermark.is_some()))
-            .map(|p| p.watermark.unwrap_or(i64::MIN))
-            .min();
+        let slowest = Self::slowest(parts).map(|i| parts[i].watermark.unwrap_or(i64::MIN));
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
         for (i, p) in parts.iter().enumerate() {
             let lead = match (slowest, p.watermark) {
@@ -48,6 +56,52 @@ impl Alignment {
             }
         }
         (pause, resume)
+    }
+}
+
+/// How long watermark alignment has waited on a partition that does not move: partitions are
+/// paused for the slowest one, and it has neither been read on nor had its watermark move
+/// since. Alignment is meant to wait for a partition that is behind and reading; one that does
+/// not move (its broker stalled, its leader gone) holds every paused partition until it does,
+/// and this is what makes that visible (`citystream_kafka_alignment_stalled_seconds`, and a
+/// warning naming the partition).
+#[derive(Debug)]
+pub struct AlignmentWait<K, P> {
+    /// The partition waited on, how far it had come (its watermark and position), since when
+    /// it has stood there, and when it was last looked at.
+    on: Option<(K, P, Instant, Instant)>,
+    /// Whether the current wait has been warned about.
+    pub warned: bool,
+}
+
+impl<K, P> Default for AlignmentWait<K, P> {
+    fn default() -> Self {
+        AlignmentWait { on: None, warned: false }
+    }
+}
+
+impl<K: PartialEq, P: PartialEq> AlignmentWait<K, P> {
+    /// After a flush: the partition the paused ones wait on and how far it has come (`None`
+    /// when none is paused). Returns how long it has stood still with partitions paused for
+    /// it. A look more than `max_gap` after the last starts the wait afresh: the source itself
+    /// stood still in between (a full pipeline), not only the partition.
+    pub fn observe(&mut self, waited_on: Option<(K, P)>, now: Instant, max_gap: Duration) -> Duration {
+        let Some((key, progress)) = waited_on else {
+            self.on = None;
+            self.warned = false;
+            return Duration::ZERO;
+        };
+        if let Some((k, p, since, seen)) = &mut self.on
+            && *k == key
+            && *p == progress
+            && now.saturating_duration_since(*seen) <= max_gap
+        {
+            *seen = now;
+            return now.saturating_duration_since(*since);
+        }
+        self.on = Some((key, progress, now, now));
+        self.warned = false;
+        Duration::ZERO
     }
 }
 
@@ -96,5 +150,36 @@ mod tests {
         // a paused partition whose backlog is gone is resumed
         let parts = [part(Some(0), true, false), part(Some(H), false, true)];
         assert_eq!(a.decide(&parts), (vec![], vec![1]));
+    }
+
+    #[test]
+    fn a_wait_counts_while_the_partition_waited_on_stands_still() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let gap = s(5);
+        let mut w = AlignmentWait::default();
+        assert_eq!(w.observe(None, t0, gap), s(0), "nothing paused: no wait");
+        assert_eq!(w.observe(Some((2, (Some(10), 100))), t0, gap), s(0));
+        assert_eq!(w.observe(Some((2, (Some(10), 100))), t0 + s(4), gap), s(4));
+        assert_eq!(w.observe(Some((2, (Some(10), 100))), t0 + s(7), gap), s(7), "standing still for 7 s");
+        w.warned = true;
+        assert_eq!(w.observe(Some((2, (Some(10), 101))), t0 + s(8), gap), s(0), "read on: the wait starts again");
+        assert!(!w.warned, "a new wait is warned about afresh");
+        assert_eq!(w.observe(Some((2, (Some(11), 101))), t0 + s(9), gap), s(0), "its watermark moved");
+        assert_eq!(w.observe(Some((2, (Some(11), 101))), t0 + s(10), gap), s(1));
+        assert_eq!(w.observe(Some((3, (Some(11), 101))), t0 + s(12), gap), s(0), "another is the slowest now");
+        assert_eq!(w.observe(Some((3, (Some(11), 101))), t0 + s(18), gap), s(0), "6 s unlooked at: afresh");
+        assert_eq!(w.observe(None, t0 + s(19), gap), s(0), "resumed");
+        assert_eq!(w.observe(Some((3, (Some(11), 101))), t0 + s(20), gap), s(0), "paused again: a new wait");
+    }
+
+    #[test]
+    fn the_slowest_is_the_partition_decide_aligns_to() {
+        let parts = [part(Some(5), true, false), part(None, false, false), part(Some(3), true, false)];
+        assert_eq!(Alignment::slowest(&parts), Some(2), "the silent caught-up one is not waited on");
+        let parts = [part(Some(5), true, false), part(None, true, false)];
+        assert_eq!(Alignment::slowest(&parts), Some(1), "a silent one with a backlog is the slowest of all");
+        let idle = AlignInput { watermark: Some(0), holding: false, backlog: false, paused: false };
+        assert_eq!(Alignment::slowest(&[idle]), None);
     }
 }

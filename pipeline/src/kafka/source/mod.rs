@@ -39,7 +39,7 @@ mod held;
 mod native;
 mod queue;
 
-pub use alignment::{AlignInput, Alignment};
+pub use alignment::{AlignInput, Alignment, AlignmentWait};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -150,6 +150,9 @@ struct Loop {
     fetch_pauses: citystream_operators::Counter,
     /// Payload bytes held now.
     held_bytes: Gauge,
+    /// How long alignment has waited on a partition that does not move, and its gauge.
+    alignment_wait: std::cell::RefCell<AlignmentWait<Tp, (Option<i64>, i64)>>,
+    alignment_stalled: Gauge,
     /// The native fetch path (`None`: librdkafka fetches).
     native: Option<std::cell::RefCell<Native>>,
 }
@@ -345,6 +348,12 @@ async fn run_kafka_source(
         held_bytes: metrics.gauge(
             "citystream_kafka_alignment_held_bytes",
             "Payload bytes read from partitions paused by watermark alignment and held (about max_held_bytes at most).",
+            &[("source", name)],
+        ),
+        alignment_wait: std::cell::RefCell::new(AlignmentWait::default()),
+        alignment_stalled: metrics.gauge(
+            "citystream_kafka_alignment_stalled_seconds",
+            "How long partitions paused by watermark alignment have waited on a slowest partition whose watermark has not moved (0 while none is paused or it moves).",
             &[("source", name)],
         ),
         native,
@@ -594,7 +603,7 @@ impl Loop {
                     }
                     now = Instant::now();
                 }
-                // a fetch that came back empty waited `fetch.wait.max.ms` on the broker
+                // a round that read nothing waited for its responses (up to `until`)
                 if self.idle_long_enough(&mut last_message) {
                     break;
                 }
@@ -972,10 +981,50 @@ impl Loop {
             }
         }
         let released = match self.cfg.max_drift {
-            Some(drift) => self.align(&parts, &view, Alignment { max_drift_ms: drift.as_millis_i64() })?,
+            Some(drift) => {
+                let released = self.align(&parts, &view, Alignment { max_drift_ms: drift.as_millis_i64() })?;
+                self.watch_alignment(&parts, &view);
+                released
+            }
             None => 0,
         };
         Ok((had_data || released > 0, released))
+    }
+
+    /// After alignment decided, at a flush: how long the paused partitions have waited on a
+    /// slowest partition that does not move (neither read on nor its watermark moving:
+    /// `citystream_kafka_alignment_stalled_seconds`), with a warning naming it once that is
+    /// longer than a quiet partition holds the watermark (twice `idle_partition_timeout`, 10 s
+    /// at least): its broker stalled or its leader gone, every paused partition waits for it.
+    fn watch_alignment(&self, parts: &[(Tp, Part)], view: &[AlignInput]) {
+        let paused = lock(&self.shared).parts.values().filter(|p| p.paused).count();
+        let waited_on = (paused > 0)
+            .then(|| Alignment::slowest(view))
+            .flatten()
+            .map(|i| (parts[i].0.clone(), (view[i].watermark, parts[i].1.position)));
+        let slowest = waited_on.as_ref().map(|(tp, _)| tp.clone());
+        let warn_after = (self.cfg.idle_partition_timeout.to_std() * 2).max(Duration::from_secs(10));
+        let mut wait = self.alignment_wait.borrow_mut();
+        let was_warned = wait.warned;
+        let stood = wait.observe(waited_on, Instant::now(), warn_after / 2);
+        self.alignment_stalled.set(stood.as_secs_f64());
+        if stood >= warn_after && !wait.warned {
+            wait.warned = true;
+            if let Some((topic, partition)) = &slowest {
+                tracing::warn!(
+                    source = self.name,
+                    topic,
+                    partition,
+                    paused,
+                    "watermark alignment has waited {}s on a partition that is not read on and whose watermark \
+                     does not move (its broker stalled, or its leader gone?): the partitions paused for it go on \
+                     once it moves; `max_drift: null` reads them on meanwhile",
+                    stood.as_secs()
+                );
+            }
+        } else if was_warned && !wait.warned {
+            tracing::info!(source = self.name, "watermark alignment: the wait on a partition that did not move ended");
+        }
     }
 
     /// Watermark alignment between flushes (after a full batch): a backlog reads more in one
