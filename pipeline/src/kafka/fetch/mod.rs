@@ -40,6 +40,8 @@ type Request<'a> = Vec<(&'a str, i32, i64)>;
 
 /// How long a connection waits for a response beyond the fetch's own wait, and for a write.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first wait before a broker that could not be reached is tried again; doubled up to
 /// [`MAX_BACKOFF`].
@@ -67,6 +69,11 @@ pub const OFFSET_OUT_OF_RANGE: i16 = 1;
 /// One broker connection.
 struct Conn {
     stream: TcpStream,
+    /// Its connect is under way (non-blocking: a broker host that drops packets holds no
+    /// round); nothing has been written yet.
+    connecting: bool,
+    /// `request` holds a request that goes out once connected.
+    pending: bool,
     correlation: i32,
     request: Vec<u8>,
     /// The response to the request in flight, as far as it has come in.
@@ -172,6 +179,8 @@ struct Broker {
     retry_at: Option<Instant>,
     backoff: Duration,
     in_flight: Option<InFlight>,
+    /// Connects that failed so far: which of its address's resolved addresses the next tries.
+    connect_failures: usize,
 }
 
 /// A broker's request in flight (one at a time).
@@ -229,8 +238,9 @@ pub struct Fetcher {
     stale: bool,
     /// Where the next request starts in its partition list.
     rotation: usize,
-    /// [`IO_TIMEOUT`] (shorter in tests).
+    /// [`IO_TIMEOUT`] and [`CONNECT_TIMEOUT`] (shorter in tests).
     io_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl Fetcher {
@@ -246,6 +256,7 @@ impl Fetcher {
             stale: true,
             rotation: 0,
             io_timeout: IO_TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
         }
     }
 
@@ -316,7 +327,8 @@ impl Fetcher {
         self.io_timeout + Duration::from_millis(self.limits.max_wait_ms.max(0) as u64)
     }
 
-    /// The connection to broker `id`, connected now if need be (`None` while it backs off).
+    /// The connection to broker `id`, its connect begun now if need be (`None` while it backs
+    /// off). A connect that does not complete at once is finished by [`Fetcher::ready`].
     fn conn(&mut self, id: i32) -> Option<&mut Conn> {
         let (read_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
         let broker = self.brokers.get_mut(&id)?;
@@ -324,14 +336,29 @@ impl Fetcher {
             if broker.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            match connect(&broker.address, read_timeout, io_timeout) {
-                Ok(stream) => {
-                    broker.conn =
-                        Some(Conn { stream, correlation: 0, request: Vec::new(), incoming: Incoming::default() });
+            let begun = start_connect(&broker.address, broker.connect_failures).and_then(|(stream, connected)| {
+                if connected {
+                    ready_for_io(&stream, read_timeout, io_timeout)?;
+                }
+                Ok((stream, connected))
+            });
+            match begun {
+                Ok((stream, connected)) => {
+                    broker.conn = Some(Conn {
+                        stream,
+                        connecting: !connected,
+                        pending: false,
+                        correlation: 0,
+                        request: Vec::new(),
+                        incoming: Incoming::default(),
+                    });
                     broker.retry_at = None;
-                    broker.backoff = Duration::ZERO;
+                    if connected {
+                        broker.backoff = Duration::ZERO;
+                    }
                 }
                 Err(e) => {
+                    broker.connect_failures = broker.connect_failures.wrapping_add(1);
                     broker.back_off();
                     tracing::warn!(
                         broker = id,
@@ -345,6 +372,41 @@ impl Fetcher {
             }
         }
         broker.conn.as_mut()
+    }
+
+    /// Broker `id`'s connect, done: its error if it failed; else the socket is made ready for
+    /// I/O and the request that waited for it sent, with the response's deadline from now.
+    fn finish_connect(&mut self, id: i32) -> std::io::Result<()> {
+        let (read_timeout, io_timeout, response_timeout) =
+            (self.response_timeout(), self.io_timeout, self.response_timeout());
+        let Some(broker) = self.brokers.get_mut(&id) else { return Ok(()) };
+        let Some(conn) = broker.conn.as_mut() else { return Ok(()) };
+        if let Some(e) = conn.stream.take_error()? {
+            return Err(e);
+        }
+        // writable without an error but not connected: woken early, still connecting
+        if let Err(e) = conn.stream.peer_addr() {
+            return if e.kind() == std::io::ErrorKind::NotConnected { Ok(()) } else { Err(e) };
+        }
+        ready_for_io(&conn.stream, read_timeout, io_timeout)?;
+        conn.connecting = false;
+        broker.backoff = Duration::ZERO;
+        if std::mem::take(&mut conn.pending) {
+            conn.stream.write_all(&conn.request)?;
+            if let Some(f) = broker.in_flight.as_mut() {
+                f.deadline = Instant::now() + response_timeout;
+            }
+        }
+        Ok(())
+    }
+
+    /// A connect to broker `id` that failed: as [`Fetcher::failed`], and the next connect tries
+    /// the next of its addresses.
+    fn connect_failed(&mut self, id: i32, what: &str) {
+        if let Some(broker) = self.brokers.get_mut(&id) {
+            broker.connect_failures = broker.connect_failures.wrapping_add(1);
+        }
+        self.failed(id, what);
     }
 
     /// Drops broker `id`'s connection after a failure; it is connected again at the next round
@@ -374,15 +436,20 @@ impl Fetcher {
                 _ => request.push((t, vec![(p, offset)])),
             }
         }
+        let (response_timeout, connect_timeout) = (self.response_timeout(), self.connect_timeout);
         let Some(conn) = self.conn(leader) else { return };
         conn.correlation = conn.correlation.wrapping_add(1);
         wire::encode_fetch(&mut conn.request, conn.correlation, &client_id, limits, &request);
-        if let Err(e) = conn.stream.write_all(&conn.request) {
+        // while connecting, the request waits (sent once connected: `finish_connect`), and the
+        // connect has its own deadline
+        let connecting = conn.connecting;
+        conn.pending = connecting;
+        if !connecting && let Err(e) = conn.stream.write_all(&conn.request) {
             self.failed(leader, &format!("sending a fetch: {e}"));
             return;
         }
         let asked = partitions.iter().map(|&(t, p, o)| ((t.to_owned(), p), o)).collect::<HashMap<Tp, i64>>();
-        let deadline = Instant::now() + self.response_timeout();
+        let deadline = Instant::now() + if connecting { connect_timeout } else { response_timeout };
         if let Some(b) = self.brokers.get_mut(&leader) {
             b.in_flight = Some(InFlight { asked, deadline });
         }
@@ -407,8 +474,18 @@ impl Fetcher {
             return Vec::new();
         };
         let first = first.min(until);
-        let mut fds: Vec<libc::pollfd> =
-            waiting.iter().map(|&(_, fd, _)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        // a connect under way is done (or failed) once its socket is writable
+        let connecting: Vec<bool> =
+            waiting.iter().map(|(id, _, _)| self.brokers[id].conn.as_ref().is_some_and(|c| c.connecting)).collect();
+        let mut fds: Vec<libc::pollfd> = waiting
+            .iter()
+            .zip(&connecting)
+            .map(|(&(_, fd, _), &c)| libc::pollfd {
+                fd,
+                events: if c { libc::POLLOUT } else { libc::POLLIN },
+                revents: 0,
+            })
+            .collect();
         // rounded up: a poll that returns before the deadline only waits again (past `until`,
         // it does not wait: what has come in is read)
         let timeout = first.saturating_duration_since(Instant::now()).as_nanos().div_ceil(1_000_000);
@@ -433,10 +510,16 @@ impl Fetcher {
         }
         let now = Instant::now();
         let mut ready = Vec::new();
-        for ((id, _, deadline), f) in waiting.iter().zip(&fds) {
-            if f.revents != 0 {
+        for (((id, _, deadline), f), &connecting) in waiting.iter().zip(&fds).zip(&connecting) {
+            if f.revents != 0 && connecting {
+                if let Err(e) = self.finish_connect(*id) {
+                    self.connect_failed(*id, &format!("cannot connect: {e}"));
+                }
+            } else if f.revents != 0 {
                 // an error or hang-up shows when reading
                 ready.push(*id);
+            } else if *deadline <= now && connecting {
+                self.connect_failed(*id, "cannot connect within the timeout");
             } else if *deadline <= now {
                 let begun = self.brokers[id].conn.as_ref().is_some_and(|c| c.incoming.begun());
                 self.failed(
@@ -609,21 +692,32 @@ impl Fetcher {
     }
 }
 
-/// A plaintext connection to `address`, with timeouts for reading a response and for a write.
-fn connect(address: &str, read_timeout: Duration, write_timeout: Duration) -> std::io::Result<TcpStream> {
-    let mut last = std::io::Error::other(format!("{address} resolves to no address"));
-    for addr in address.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-            Ok(s) => {
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(read_timeout))?;
-                s.set_write_timeout(Some(write_timeout))?;
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+/// Begins a plaintext connection to `address` without waiting for it: to the `attempt`-th of
+/// its resolved addresses (round robin, so that one that refuses does not hide the others).
+/// Returns the socket and whether it is connected already.
+fn start_connect(address: &str, attempt: usize) -> std::io::Result<(TcpStream, bool)> {
+    use socket2::{Domain, Socket, Type};
+    let addrs: Vec<std::net::SocketAddr> = address.to_socket_addrs()?.collect();
+    let Some(addr) = addrs.get(attempt % addrs.len().max(1)) else {
+        return Err(std::io::Error::other(format!("{address} resolves to no address")));
+    };
+    let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    let connected = match socket.connect(&(*addr).into()) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
+        Err(e) => return Err(e),
+    };
+    Ok((socket.into(), connected))
+}
+
+/// A connected socket made ready for the fetch: no Nagle delay, blocking writes (a request is
+/// written whole) with a timeout, reads with one (the fetch reads without waiting, `recv_now`).
+fn ready_for_io(stream: &TcpStream, read_timeout: Duration, write_timeout: Duration) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(read_timeout))?;
+    stream.set_write_timeout(Some(write_timeout))
 }
 
 /// Reads the response to the request sent on `stream` with `correlation` into `into`
@@ -659,7 +753,11 @@ mod tests {
         let address = listener.local_addr().unwrap().to_string();
         f.brokers.insert(id, Broker { address, ..Broker::default() });
         assert!(f.conn(id).is_some());
-        listener.accept().unwrap().0
+        let peer = listener.accept().unwrap().0;
+        // accepted: the connect is done
+        f.finish_connect(id).unwrap();
+        assert!(!f.brokers[&id].conn.as_ref().unwrap().connecting);
+        peer
     }
 
     fn limits(max_wait_ms: i32) -> FetchLimits {
@@ -864,5 +962,61 @@ mod tests {
         let got = f.responses(far());
         assert_eq!(got.len(), 1);
         assert_eq!(&got[0].2[4..], &[5; 60]);
+    }
+
+    #[test]
+    fn a_connect_that_does_not_complete_holds_no_call_and_is_given_up_on_at_its_timeout() {
+        use socket2::{Domain, Socket, Type};
+        // a listener whose accept queue is full: the kernel drops further SYNs, so a connect to
+        // it neither completes nor fails, as to a host that drops packets
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        listener.listen(0).unwrap();
+        let address = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        while let Ok(s) = TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+            queued.push(s);
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        let mut f = Fetcher::new("test", limits(0));
+        f.connect_timeout = Duration::from_millis(1500);
+        f.brokers.insert(3, Broker { address: address.to_string(), ..Broker::default() });
+        f.stale = false;
+        let start = Instant::now();
+        f.send(3, &vec![("t", 0, 0)]);
+        assert!(start.elapsed() < Duration::from_secs(1), "the connect was waited for: {:?}", start.elapsed());
+        assert!(f.brokers[&3].conn.as_ref().is_some_and(|c| c.connecting && c.pending), "the request waits");
+        let mut waits = Vec::new();
+        while f.brokers[&3].conn.is_some() && start.elapsed() < Duration::from_secs(10) {
+            let call = Instant::now();
+            assert!(f.responses(call + Duration::from_millis(50)).is_empty());
+            waits.push(call.elapsed());
+        }
+        assert!(f.brokers[&3].conn.is_none() && f.brokers[&3].retry_at.is_some() && f.stale, "given up on");
+        assert!(start.elapsed() >= Duration::from_millis(1500), "before its timeout: {:?}", start.elapsed());
+        assert!(waits.len() >= 3 && waits.iter().all(|w| *w < Duration::from_secs(1)), "{waits:?}");
+    }
+
+    #[test]
+    fn a_request_made_while_connecting_goes_out_once_connected() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = Fetcher::new("test", limits(0));
+        f.brokers.insert(4, Broker { address: listener.local_addr().unwrap().to_string(), ..Broker::default() });
+        f.stale = false;
+        f.send(4, &vec![("t", 0, 7)]);
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        while f.brokers[&4].conn.as_ref().is_some_and(|c| c.connecting) && start.elapsed() < Duration::from_secs(5) {
+            assert!(f.responses(Instant::now() + Duration::from_millis(50)).is_empty());
+        }
+        assert!(f.brokers[&4].conn.as_ref().is_some_and(|c| !c.connecting && !c.pending), "connected, sent");
+        // the broker reads one whole Fetch request (api key 1): its length, then its bytes
+        let mut len = [0u8; 4];
+        peer.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; i32::from_be_bytes(len) as usize];
+        peer.read_exact(&mut body).unwrap();
+        assert_eq!(&body[..2], &1i16.to_be_bytes());
+        assert!(f.brokers[&4].in_flight.is_some(), "waiting for its response");
     }
 }
