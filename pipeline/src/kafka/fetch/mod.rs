@@ -8,10 +8,12 @@
 //! librdkafka fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders come from
 //! librdkafka's metadata, asked again when a partition has none or a broker answers that it no
 //! longer leads it; a broker that cannot be reached is tried again with a growing backoff (up to
-//! 10 s). Requests go to every leader before any response is read, so one round waits at most
-//! `fetch.wait.max.ms` whatever the number of brokers; a response is read as its bytes come in
-//! ([`Incoming`]), so a broker that stops halfway through one holds no other broker's back (it
-//! is dropped once no byte has come for [`IO_TIMEOUT`]). Each leader's next request goes out
+//! 10 s). A connect is begun without waiting and finished while responses are awaited (each of
+//! the host's addresses in turn, [`CONNECT_TIMEOUT`] each), so a host that drops packets holds
+//! nothing else. Requests go to every leader before any response is read, and a round waits no
+//! later than its caller's `until`, whatever the number of brokers; a response is read as its
+//! bytes come in ([`Incoming`]), so a broker that stops halfway through one holds no other
+//! broker's back (it is dropped once no byte has come for [`IO_TIMEOUT`]). Each leader's next request goes out
 //! as soon as its response is in, before the source reads it (one request in flight per broker:
 //! the broker reads the log while the source works). The source runs a round on its consumer
 //! thread, between polls of librdkafka — whose rebalance callbacks run inside those polls — so
@@ -24,7 +26,7 @@ pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read as _, Write as _};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -72,6 +74,9 @@ struct Conn {
     /// Its connect is under way (non-blocking: a broker host that drops packets holds no
     /// round); nothing has been written yet.
     connecting: bool,
+    /// The host's addresses not tried yet in this connect, next last: one that fails is
+    /// followed at once by the next, as a blocking connect would try them.
+    untried: Vec<SocketAddr>,
     /// `request` holds a request that goes out once connected.
     pending: bool,
     correlation: i32,
@@ -179,8 +184,6 @@ struct Broker {
     retry_at: Option<Instant>,
     backoff: Duration,
     in_flight: Option<InFlight>,
-    /// Connects that failed so far: which of its address's resolved addresses the next tries.
-    connect_failures: usize,
 }
 
 /// A broker's request in flight (one at a time).
@@ -188,7 +191,8 @@ struct InFlight {
     /// What it asked for: partition → offset.
     asked: HashMap<Tp, i64>,
     /// When it is given up on if no response has begun to come in by then (one that has begun
-    /// is given up on after [`IO_TIMEOUT`] without a byte: [`Broker::give_up_at`]).
+    /// is given up on after [`IO_TIMEOUT`] without a byte: [`Broker::give_up_at`]); while its
+    /// connection is being made, when that connect is given up on ([`CONNECT_TIMEOUT`]).
     deadline: Instant,
 }
 
@@ -218,9 +222,9 @@ pub struct Round {
     /// Partitions whose position is out of the log's range, with the offset asked for: reset
     /// them (`auto.offset.reset`) if they are still there.
     pub out_of_range: Vec<(Tp, i64)>,
-    /// Some request is in flight as the round ends: one not answered by its `until`, or the
-    /// next one, sent as a response came in (the next round waits for it, without asking
-    /// again).
+    /// Some request is in flight as the round ends: one not answered by its `until`, one
+    /// waiting for its connection, or the next one, sent as a response came in (the next round
+    /// waits for it, without asking again).
     pub waiting: bool,
 }
 
@@ -328,7 +332,9 @@ impl Fetcher {
     }
 
     /// The connection to broker `id`, its connect begun now if need be (`None` while it backs
-    /// off). A connect that does not complete at once is finished by [`Fetcher::ready`].
+    /// off). A connect that does not complete at once is finished by [`Fetcher::ready`]; the
+    /// one request made meanwhile waits for it (connections are only made by [`Fetcher::send`],
+    /// which puts that request in flight: its deadline is the connect's).
     fn conn(&mut self, id: i32) -> Option<&mut Conn> {
         let (read_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
         let broker = self.brokers.get_mut(&id)?;
@@ -336,17 +342,19 @@ impl Fetcher {
             if broker.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            let begun = start_connect(&broker.address, broker.connect_failures).and_then(|(stream, connected)| {
+            let begun = resolve(&broker.address).and_then(|mut untried| {
+                let (stream, connected) = connect_next(&mut untried)?;
                 if connected {
                     ready_for_io(&stream, read_timeout, io_timeout)?;
                 }
-                Ok((stream, connected))
+                Ok((stream, connected, untried))
             });
             match begun {
-                Ok((stream, connected)) => {
+                Ok((stream, connected, untried)) => {
                     broker.conn = Some(Conn {
                         stream,
                         connecting: !connected,
+                        untried,
                         pending: false,
                         correlation: 0,
                         request: Vec::new(),
@@ -358,7 +366,6 @@ impl Fetcher {
                     }
                 }
                 Err(e) => {
-                    broker.connect_failures = broker.connect_failures.wrapping_add(1);
                     broker.back_off();
                     tracing::warn!(
                         broker = id,
@@ -374,39 +381,81 @@ impl Fetcher {
         broker.conn.as_mut()
     }
 
-    /// Broker `id`'s connect, done: its error if it failed; else the socket is made ready for
-    /// I/O and the request that waited for it sent, with the response's deadline from now.
-    fn finish_connect(&mut self, id: i32) -> std::io::Result<()> {
-        let (read_timeout, io_timeout, response_timeout) =
-            (self.response_timeout(), self.io_timeout, self.response_timeout());
-        let Some(broker) = self.brokers.get_mut(&id) else { return Ok(()) };
-        let Some(conn) = broker.conn.as_mut() else { return Ok(()) };
-        if let Some(e) = conn.stream.take_error()? {
-            return Err(e);
+    /// Broker `id`'s connect, its socket writable (or in error: `revents`): done, or failed.
+    /// Done, the socket is made ready for I/O and the request that waited for it sent, with the
+    /// response's deadline from now; a connect that failed goes on to the host's next address
+    /// ([`Fetcher::connect_failed`]); a send that failed drops the broker.
+    fn finish_connect(&mut self, id: i32, revents: libc::c_short) {
+        let (read_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
+        let Some(conn) = self.brokers.get_mut(&id).and_then(|b| b.conn.as_mut()) else { return };
+        let outcome = match conn.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match conn.stream.peer_addr() {
+                Ok(_) => Ok(()),
+                // an error or hang-up without a socket error: it will not connect
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                    if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                        Err(std::io::Error::other("the socket closed while connecting"))
+                    } else {
+                        // woken early: still connecting
+                        return;
+                    }
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = outcome {
+            self.connect_failed(id, &e.to_string());
+            return;
         }
-        // writable without an error but not connected: woken early, still connecting
-        if let Err(e) = conn.stream.peer_addr() {
-            return if e.kind() == std::io::ErrorKind::NotConnected { Ok(()) } else { Err(e) };
+        if let Err(e) = ready_for_io(&conn.stream, read_timeout, io_timeout) {
+            self.failed(id, &format!("setting up a connection: {e}"));
+            return;
         }
-        ready_for_io(&conn.stream, read_timeout, io_timeout)?;
         conn.connecting = false;
+        conn.untried.clear();
+        let pending = std::mem::take(&mut conn.pending);
+        let sent = if pending { conn.stream.write_all(&conn.request) } else { Ok(()) };
+        let response_timeout = self.response_timeout();
+        let Some(broker) = self.brokers.get_mut(&id) else { return };
         broker.backoff = Duration::ZERO;
-        if std::mem::take(&mut conn.pending) {
-            conn.stream.write_all(&conn.request)?;
-            if let Some(f) = broker.in_flight.as_mut() {
-                f.deadline = Instant::now() + response_timeout;
+        match sent {
+            Ok(()) if pending => {
+                if let Some(f) = broker.in_flight.as_mut() {
+                    f.deadline = Instant::now() + response_timeout;
+                }
             }
+            Ok(()) => {}
+            Err(e) => self.failed(id, &format!("sending a fetch: {e}")),
         }
-        Ok(())
     }
 
-    /// A connect to broker `id` that failed: as [`Fetcher::failed`], and the next connect tries
-    /// the next of its addresses.
+    /// A connect to broker `id` that failed (`what`) or did not complete in time: the host's
+    /// next address is tried at once, with a deadline of its own, the request still waiting;
+    /// after the last, the broker is dropped as after any failure ([`Fetcher::failed`]).
     fn connect_failed(&mut self, id: i32, what: &str) {
-        if let Some(broker) = self.brokers.get_mut(&id) {
-            broker.connect_failures = broker.connect_failures.wrapping_add(1);
+        let connect_timeout = self.connect_timeout;
+        let Some(broker) = self.brokers.get_mut(&id) else { return };
+        let next = match broker.conn.as_mut() {
+            Some(conn) if !conn.untried.is_empty() => connect_next(&mut conn.untried).map(|(stream, connected)| {
+                conn.stream = stream;
+                connected
+            }),
+            _ => Err(std::io::Error::other(what.to_owned())),
+        };
+        match next {
+            Ok(connected) => {
+                tracing::debug!(broker = id, address = broker.address, "native fetch: {what}; trying its next address");
+                if let Some(f) = broker.in_flight.as_mut() {
+                    f.deadline = Instant::now() + connect_timeout;
+                }
+                if connected {
+                    // connected at once (not on Linux): finished as a connect that completed
+                    self.finish_connect(id, 0);
+                }
+            }
+            Err(e) => self.failed(id, &format!("cannot connect: {e}")),
         }
-        self.failed(id, what);
     }
 
     /// Drops broker `id`'s connection after a failure; it is connected again at the next round
@@ -421,8 +470,9 @@ impl Fetcher {
         self.stale = true;
     }
 
-    /// Sends a Fetch request for `partitions` to broker `leader`; remembers what it asked (one
-    /// request in flight per broker).
+    /// Sends a Fetch request for `partitions` to broker `leader` (once connected, when its
+    /// connection is still being made); remembers what it asked (one request in flight per
+    /// broker).
     fn send(&mut self, leader: i32, partitions: &Request<'_>) {
         let (limits, client_id) = (self.limits, self.client_id.clone());
         // the broker fills a response in the request's order, up to its byte limits: each
@@ -462,7 +512,9 @@ impl Fetcher {
     /// `until` (its request stays in flight, waited for again at the next call). A broker whose
     /// response has not begun by its request's deadline is dropped (reconnected later, its
     /// leaders asked again) — while other brokers answer too, so that a hung broker's partitions
-    /// move on to their new leaders.
+    /// move on to their new leaders. A connect under way is finished here once its socket is
+    /// writable ([`Fetcher::finish_connect`]: its request goes out), or given up on at its
+    /// deadline; such a broker is not among those returned.
     fn ready(&mut self, until: Instant) -> Vec<i32> {
         use std::os::fd::AsRawFd;
         let waiting: Vec<(i32, i32, Instant)> = self
@@ -512,14 +564,12 @@ impl Fetcher {
         let mut ready = Vec::new();
         for (((id, _, deadline), f), &connecting) in waiting.iter().zip(&fds).zip(&connecting) {
             if f.revents != 0 && connecting {
-                if let Err(e) = self.finish_connect(*id) {
-                    self.connect_failed(*id, &format!("cannot connect: {e}"));
-                }
+                self.finish_connect(*id, f.revents);
             } else if f.revents != 0 {
                 // an error or hang-up shows when reading
                 ready.push(*id);
             } else if *deadline <= now && connecting {
-                self.connect_failed(*id, "cannot connect within the timeout");
+                self.connect_failed(*id, "no connection within the timeout");
             } else if *deadline <= now {
                 let begun = self.brokers[id].conn.as_ref().is_some_and(|c| c.incoming.begun());
                 self.failed(
@@ -692,23 +742,38 @@ impl Fetcher {
     }
 }
 
-/// Begins a plaintext connection to `address` without waiting for it: to the `attempt`-th of
-/// its resolved addresses (round robin, so that one that refuses does not hide the others).
-/// Returns the socket and whether it is connected already.
-fn start_connect(address: &str, attempt: usize) -> std::io::Result<(TcpStream, bool)> {
-    use socket2::{Domain, Socket, Type};
-    let addrs: Vec<std::net::SocketAddr> = address.to_socket_addrs()?.collect();
-    let Some(addr) = addrs.get(attempt % addrs.len().max(1)) else {
+/// The addresses `address` resolves to, the first last (for [`connect_next`]). The one wait
+/// left on the consumer thread when connecting: the system resolver's.
+fn resolve(address: &str) -> std::io::Result<Vec<SocketAddr>> {
+    let mut addrs: Vec<SocketAddr> = address.to_socket_addrs()?.collect();
+    if addrs.is_empty() {
         return Err(std::io::Error::other(format!("{address} resolves to no address")));
-    };
-    let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    let connected = match socket.connect(&(*addr).into()) {
-        Ok(()) => true,
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
-        Err(e) => return Err(e),
-    };
-    Ok((socket.into(), connected))
+    }
+    addrs.reverse();
+    Ok(addrs)
+}
+
+/// Begins a plaintext connection, without waiting for it, to the next of `untried` that takes
+/// one (taken off it; one that fails at once is followed by the next). Returns the socket and
+/// whether it is connected already; the last address's error when none takes one.
+fn connect_next(untried: &mut Vec<SocketAddr>) -> std::io::Result<(TcpStream, bool)> {
+    use socket2::{Domain, Socket, Type};
+    let mut last = std::io::Error::other("no address left to try");
+    while let Some(addr) = untried.pop() {
+        let begun = Socket::new(Domain::for_address(addr), Type::STREAM, None).and_then(|socket| {
+            socket.set_nonblocking(true)?;
+            match socket.connect(&addr.into()) {
+                Ok(()) => Ok((socket.into(), true)),
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((socket.into(), false)),
+                Err(e) => Err(e),
+            }
+        });
+        match begun {
+            Ok(begun) => return Ok(begun),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A connected socket made ready for the fetch: no Nagle delay, blocking writes (a request is
@@ -755,7 +820,7 @@ mod tests {
         assert!(f.conn(id).is_some());
         let peer = listener.accept().unwrap().0;
         // accepted: the connect is done
-        f.finish_connect(id).unwrap();
+        f.finish_connect(id, 0);
         assert!(!f.brokers[&id].conn.as_ref().unwrap().connecting);
         peer
     }
@@ -964,6 +1029,8 @@ mod tests {
         assert_eq!(&got[0].2[4..], &[5; 60]);
     }
 
+    /// Linux drops a SYN to a listener whose accept queue is full
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_connect_that_does_not_complete_holds_no_call_and_is_given_up_on_at_its_timeout() {
         use socket2::{Domain, Socket, Type};
@@ -1004,6 +1071,8 @@ mod tests {
         f.brokers.insert(4, Broker { address: listener.local_addr().unwrap().to_string(), ..Broker::default() });
         f.stale = false;
         f.send(4, &vec![("t", 0, 7)]);
+        // (a non-blocking connect on Linux is under way, even on loopback)
+        assert!(f.brokers[&4].conn.as_ref().is_some_and(|c| c.connecting && c.pending), "the request waits");
         let (mut peer, _) = listener.accept().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let start = Instant::now();
@@ -1017,6 +1086,46 @@ mod tests {
         let mut body = vec![0u8; i32::from_be_bytes(len) as usize];
         peer.read_exact(&mut body).unwrap();
         assert_eq!(&body[..2], &1i16.to_be_bytes());
+        assert_eq!(&body[4..8], &1i32.to_be_bytes(), "the correlation id it was made with");
+        // once: nothing more came
+        peer.set_nonblocking(true).unwrap();
+        assert_eq!(peer.read(&mut [0u8; 1]).map_err(|e| e.kind()), Err(std::io::ErrorKind::WouldBlock));
         assert!(f.brokers[&4].in_flight.is_some(), "waiting for its response");
+    }
+
+    #[test]
+    fn a_refused_connect_goes_on_to_the_hosts_next_address_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // a port nothing listens on any more: refused
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut f = Fetcher::new("test", limits(0));
+        f.stale = false;
+        f.brokers.insert(5, Broker { address: "a host with two addresses".into(), ..Broker::default() });
+        // the refused address first (next last)
+        let mut untried = vec![listener.local_addr().unwrap(), closed];
+        let (stream, connected) = connect_next(&mut untried).unwrap();
+        let broker = f.brokers.get_mut(&5).unwrap();
+        broker.conn = Some(Conn {
+            stream,
+            connecting: !connected,
+            untried,
+            pending: true,
+            correlation: 1,
+            request: response(1, b"a request"),
+            incoming: Incoming::default(),
+        });
+        in_flight(&mut f, 5);
+        let start = Instant::now();
+        while f.brokers[&5].conn.as_ref().is_some_and(|c| c.connecting) && start.elapsed() < Duration::from_secs(5) {
+            assert!(f.responses(Instant::now() + Duration::from_millis(50)).is_empty());
+        }
+        let b = &f.brokers[&5];
+        assert!(b.conn.as_ref().is_some_and(|c| !c.pending), "connected to the second address, the request sent");
+        assert!(b.retry_at.is_none() && !f.stale, "no backoff, no metadata ask");
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = vec![0u8; response(1, b"a request").len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, response(1, b"a request"));
     }
 }
