@@ -56,6 +56,19 @@ pub async fn create_topics(prefix: &str, partitions: i32) -> KafkaTopics {
 
 /// [`create_topics`] on the cluster of `brokers`.
 pub async fn create_topics_on(brokers: &str, prefix: &str, partitions: i32) -> KafkaTopics {
+    create_topics_led_by(brokers, prefix, &vec![None; partitions as usize]).await
+}
+
+/// [`create_topics_on`] with one partition per entry of `leaders`: `Some(node)` places it on
+/// that broker (one replica), `None` leaves the placement to the cluster.
+pub async fn create_topics_led_by(brokers: &str, prefix: &str, leaders: &[Option<i32>]) -> KafkaTopics {
+    let partitions = leaders.len() as i32;
+    let placed: Option<Vec<[i32; 1]>> = leaders.iter().map(|l| l.map(|node| [node])).collect();
+    let assignment: Option<Vec<&[i32]>> = placed.as_ref().map(|p| p.iter().map(|r| &r[..]).collect());
+    let replication = || match &assignment {
+        Some(a) => TopicReplication::Variable(a),
+        None => TopicReplication::Fixed(1),
+    };
     let topics = KafkaTopics {
         traffic: Some(format!("{prefix}.traffic")),
         camera: Some(format!("{prefix}.camera")),
@@ -65,10 +78,8 @@ pub async fn create_topics_on(brokers: &str, prefix: &str, partitions: i32) -> K
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
     let names = [topics.traffic.clone().unwrap(), topics.camera.clone().unwrap(), topics.environment.clone().unwrap()];
     // messages carry simulated event times as timestamps: never let time retention delete them
-    let new: Vec<NewTopic> = names
-        .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
-        .collect();
+    let new: Vec<NewTopic> =
+        names.iter().map(|n| NewTopic::new(n, partitions, replication()).set("retention.ms", "-1")).collect();
     let res = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&new, &AdminOptions::new()))
         .await
         .unwrap_or_else(|_| panic!("no Kafka broker answered at {brokers} within 30 s: start one with deploy/kafka/start.sh (scripts/test.sh does)"))
