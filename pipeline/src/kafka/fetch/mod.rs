@@ -332,28 +332,22 @@ impl Fetcher {
     }
 
     /// The connection to broker `id`, its connect begun now if need be (`None` while it backs
-    /// off). A connect that does not complete at once is finished by [`Fetcher::ready`]; the
+    /// off). The connect is finished by [`Fetcher::ready`] (even one that completed at once:
+    /// its socket is writable at the next poll); the
     /// one request made meanwhile waits for it (connections are only made by [`Fetcher::send`],
     /// which puts that request in flight: its deadline is the connect's).
     fn conn(&mut self, id: i32) -> Option<&mut Conn> {
-        let (read_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
         let broker = self.brokers.get_mut(&id)?;
         if broker.conn.is_none() {
             if broker.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            let begun = resolve(&broker.address).and_then(|mut untried| {
-                let (stream, connected) = connect_next(&mut untried)?;
-                if connected {
-                    ready_for_io(&stream, read_timeout, io_timeout)?;
-                }
-                Ok((stream, connected, untried))
-            });
+            let begun = resolve(&broker.address).and_then(|mut untried| Ok((connect_next(&mut untried)?, untried)));
             match begun {
-                Ok((stream, connected, untried)) => {
+                Ok((stream, untried)) => {
                     broker.conn = Some(Conn {
                         stream,
-                        connecting: !connected,
+                        connecting: true,
                         untried,
                         pending: false,
                         correlation: 0,
@@ -361,9 +355,6 @@ impl Fetcher {
                         incoming: Incoming::default(),
                     });
                     broker.retry_at = None;
-                    if connected {
-                        broker.backoff = Duration::ZERO;
-                    }
                 }
                 Err(e) => {
                     broker.back_off();
@@ -386,7 +377,8 @@ impl Fetcher {
     /// response's deadline from now; a connect that failed goes on to the host's next address
     /// ([`Fetcher::connect_failed`]); a send that failed drops the broker.
     fn finish_connect(&mut self, id: i32, revents: libc::c_short) {
-        let (read_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
+        // a response's timeout is also the socket's read timeout
+        let (response_timeout, io_timeout) = (self.response_timeout(), self.io_timeout);
         let Some(conn) = self.brokers.get_mut(&id).and_then(|b| b.conn.as_mut()) else { return };
         let outcome = match conn.stream.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
@@ -408,7 +400,7 @@ impl Fetcher {
             self.connect_failed(id, &e.to_string());
             return;
         }
-        if let Err(e) = ready_for_io(&conn.stream, read_timeout, io_timeout) {
+        if let Err(e) = ready_for_io(&conn.stream, response_timeout, io_timeout) {
             self.failed(id, &format!("setting up a connection: {e}"));
             return;
         }
@@ -416,7 +408,6 @@ impl Fetcher {
         conn.untried.clear();
         let pending = std::mem::take(&mut conn.pending);
         let sent = if pending { conn.stream.write_all(&conn.request) } else { Ok(()) };
-        let response_timeout = self.response_timeout();
         let Some(broker) = self.brokers.get_mut(&id) else { return };
         broker.backoff = Duration::ZERO;
         match sent {
@@ -437,21 +428,16 @@ impl Fetcher {
         let connect_timeout = self.connect_timeout;
         let Some(broker) = self.brokers.get_mut(&id) else { return };
         let next = match broker.conn.as_mut() {
-            Some(conn) if !conn.untried.is_empty() => connect_next(&mut conn.untried).map(|(stream, connected)| {
-                conn.stream = stream;
-                connected
-            }),
+            Some(conn) if !conn.untried.is_empty() => {
+                connect_next(&mut conn.untried).map(|stream| conn.stream = stream)
+            }
             _ => Err(std::io::Error::other(what.to_owned())),
         };
         match next {
-            Ok(connected) => {
+            Ok(()) => {
                 tracing::debug!(broker = id, address = broker.address, "native fetch: {what}; trying its next address");
                 if let Some(f) = broker.in_flight.as_mut() {
                     f.deadline = Instant::now() + connect_timeout;
-                }
-                if connected {
-                    // connected at once (not on Linux): finished as a connect that completed
-                    self.finish_connect(id, 0);
                 }
             }
             Err(e) => self.failed(id, &format!("cannot connect: {e}")),
@@ -517,24 +503,25 @@ impl Fetcher {
     /// deadline; such a broker is not among those returned.
     fn ready(&mut self, until: Instant) -> Vec<i32> {
         use std::os::fd::AsRawFd;
-        let waiting: Vec<(i32, i32, Instant)> = self
+        // (broker, socket, when given up on, whether connecting)
+        let waiting: Vec<(i32, i32, Instant, bool)> = self
             .brokers
             .iter()
-            .filter_map(|(id, b)| Some((*id, b.conn.as_ref()?.stream.as_raw_fd(), b.give_up_at(self.io_timeout)?)))
+            .filter_map(|(id, b)| {
+                let conn = b.conn.as_ref()?;
+                Some((*id, conn.stream.as_raw_fd(), b.give_up_at(self.io_timeout)?, conn.connecting))
+            })
             .collect();
         let Some(first) = waiting.iter().map(|w| w.2).min() else {
             return Vec::new();
         };
         let first = first.min(until);
         // a connect under way is done (or failed) once its socket is writable
-        let connecting: Vec<bool> =
-            waiting.iter().map(|(id, _, _)| self.brokers[id].conn.as_ref().is_some_and(|c| c.connecting)).collect();
         let mut fds: Vec<libc::pollfd> = waiting
             .iter()
-            .zip(&connecting)
-            .map(|(&(_, fd, _), &c)| libc::pollfd {
+            .map(|&(_, fd, _, connecting)| libc::pollfd {
                 fd,
-                events: if c { libc::POLLOUT } else { libc::POLLIN },
+                events: if connecting { libc::POLLOUT } else { libc::POLLIN },
                 revents: 0,
             })
             .collect();
@@ -554,26 +541,26 @@ impl Fetcher {
             // interrupted by a signal: the next round waits again; anything else would fail
             // again at once, so the brokers waited on are dropped (tried again after a backoff)
             if e.kind() != std::io::ErrorKind::Interrupted {
-                for (id, _, _) in &waiting {
-                    self.failed(*id, &format!("waiting for fetch responses: {e}"));
+                for &(id, ..) in &waiting {
+                    self.failed(id, &format!("waiting for fetch responses: {e}"));
                 }
             }
             return Vec::new();
         }
         let now = Instant::now();
         let mut ready = Vec::new();
-        for (((id, _, deadline), f), &connecting) in waiting.iter().zip(&fds).zip(&connecting) {
+        for (&(id, _, deadline, connecting), f) in waiting.iter().zip(&fds) {
             if f.revents != 0 && connecting {
-                self.finish_connect(*id, f.revents);
+                self.finish_connect(id, f.revents);
             } else if f.revents != 0 {
                 // an error or hang-up shows when reading
-                ready.push(*id);
-            } else if *deadline <= now && connecting {
-                self.connect_failed(*id, "no connection within the timeout");
-            } else if *deadline <= now {
-                let begun = self.brokers[id].conn.as_ref().is_some_and(|c| c.incoming.begun());
+                ready.push(id);
+            } else if deadline <= now && connecting {
+                self.connect_failed(id, "no connection within the timeout");
+            } else if deadline <= now {
+                let begun = self.brokers[&id].conn.as_ref().is_some_and(|c| c.incoming.begun());
                 self.failed(
-                    *id,
+                    id,
                     if begun { "a fetch response stalled" } else { "no fetch response within the timeout" },
                 );
             }
@@ -754,17 +741,18 @@ fn resolve(address: &str) -> std::io::Result<Vec<SocketAddr>> {
 }
 
 /// Begins a plaintext connection, without waiting for it, to the next of `untried` that takes
-/// one (taken off it; one that fails at once is followed by the next). Returns the socket and
-/// whether it is connected already; the last address's error when none takes one.
-fn connect_next(untried: &mut Vec<SocketAddr>) -> std::io::Result<(TcpStream, bool)> {
+/// one (taken off it; one that fails at once is followed by the next). Returns the socket, to
+/// be finished once writable ([`Fetcher::finish_connect`]), or the last address's error when
+/// none takes one.
+fn connect_next(untried: &mut Vec<SocketAddr>) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let mut last = std::io::Error::other("no address left to try");
     while let Some(addr) = untried.pop() {
         let begun = Socket::new(Domain::for_address(addr), Type::STREAM, None).and_then(|socket| {
             socket.set_nonblocking(true)?;
             match socket.connect(&addr.into()) {
-                Ok(()) => Ok((socket.into(), true)),
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((socket.into(), false)),
+                Ok(()) => Ok(socket.into()),
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket.into()),
                 Err(e) => Err(e),
             }
         });
@@ -1103,11 +1091,11 @@ mod tests {
         f.brokers.insert(5, Broker { address: "a host with two addresses".into(), ..Broker::default() });
         // the refused address first (next last)
         let mut untried = vec![listener.local_addr().unwrap(), closed];
-        let (stream, connected) = connect_next(&mut untried).unwrap();
+        let stream = connect_next(&mut untried).unwrap();
         let broker = f.brokers.get_mut(&5).unwrap();
         broker.conn = Some(Conn {
             stream,
-            connecting: !connected,
+            connecting: true,
             untried,
             pending: true,
             correlation: 1,

@@ -998,11 +998,8 @@ impl Loop {
     /// at least): its broker stalled or its leader gone, every paused partition waits for it.
     fn watch_alignment(&self, parts: &[(Tp, Part)], view: &[AlignInput]) {
         let paused = lock(&self.shared).parts.values().filter(|p| p.paused).count();
-        let waited_on = (paused > 0)
-            .then(|| Alignment::slowest(view))
-            .flatten()
-            .map(|i| (parts[i].0.clone(), (view[i].watermark, parts[i].1.position)));
-        let slowest = waited_on.as_ref().map(|(tp, _)| tp.clone());
+        let slowest = (paused > 0).then(|| Alignment::slowest(view)).flatten();
+        let waited_on = slowest.map(|i| (parts[i].0.clone(), (view[i].watermark, parts[i].1.position)));
         let warn_after = (self.cfg.idle_partition_timeout.to_std() * 2).max(Duration::from_secs(10));
         let mut wait = self.alignment_wait.borrow_mut();
         let was_warned = wait.warned;
@@ -1010,7 +1007,7 @@ impl Loop {
         self.alignment_stalled.set(stood.as_secs_f64());
         if stood >= warn_after && !wait.warned {
             wait.warned = true;
-            if let Some((topic, partition)) = &slowest {
+            if let Some((topic, partition)) = slowest.map(|i| &parts[i].0) {
                 tracing::warn!(
                     source = self.name,
                     topic,
