@@ -8,9 +8,10 @@
 //! librdkafka fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders come from
 //! librdkafka's metadata, asked again when a partition has none or a broker answers that it no
 //! longer leads it; a broker that cannot be reached is tried again with a growing backoff (up to
-//! 10 s). A connect is begun without waiting and finished while responses are awaited (each of
-//! the host's addresses in turn, [`CONNECT_TIMEOUT`] each), so a host that drops packets holds
-//! nothing else. Requests go to every leader before any response is read, and a round waits no
+//! 10 s). A broker's host name is resolved on a thread of its own, and a connect is begun
+//! without waiting and finished while responses are awaited (each of the host's addresses in
+//! turn, [`CONNECT_TIMEOUT`] each: [`connect`]), so neither a DNS server nor a host that drops
+//! packets holds anything else. Requests go to every leader before any response is read, and a round waits no
 //! later than its caller's `until`, whatever the number of brokers; a response is read as its
 //! bytes come in ([`Incoming`]), so a broker that stops halfway through one holds no other
 //! broker's back (it is dropped once no byte has come for [`IO_TIMEOUT`]). Each leader's next request goes out
@@ -22,14 +23,17 @@
 //! Plaintext connections only: with `security.protocol` other than `plaintext` the source keeps
 //! librdkafka's fetch. [`wire`] has the protocol.
 
+mod connect;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+
+use connect::{Resolution, Resolver, connect_next, ready_for_io};
 
 pub use wire::{Decoders, FetchLimits, PartitionData, Record, RecordSet, WireError};
 
@@ -180,6 +184,8 @@ fn checked_length(len: i32, max_bytes: i32) -> std::io::Result<usize> {
 struct Broker {
     address: String,
     conn: Option<Conn>,
+    /// Its host name being resolved, on a thread of its own ([`connect::addresses`]).
+    resolving: Option<Resolution>,
     /// Not tried again before this (after a failure), and the next backoff.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -245,6 +251,8 @@ pub struct Fetcher {
     /// [`IO_TIMEOUT`] and [`CONNECT_TIMEOUT`] (shorter in tests).
     io_timeout: Duration,
     connect_timeout: Duration,
+    /// Resolves brokers' host names: the system's resolver (a stand-in in tests).
+    resolver: Resolver,
 }
 
 impl Fetcher {
@@ -261,6 +269,7 @@ impl Fetcher {
             rotation: 0,
             io_timeout: IO_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
+            resolver: connect::system_resolver,
         }
     }
 
@@ -305,6 +314,7 @@ impl Fetcher {
                 if broker.address != address {
                     broker.address = address;
                     broker.conn = None;
+                    broker.resolving = None;
                     broker.in_flight = None;
                 }
             }
@@ -332,17 +342,21 @@ impl Fetcher {
     }
 
     /// The connection to broker `id`, its connect begun now if need be (`None` while it backs
-    /// off). The connect is finished by [`Fetcher::ready`] (even one that completed at once:
-    /// its socket is writable at the next poll); the
-    /// one request made meanwhile waits for it (connections are only made by [`Fetcher::send`],
-    /// which puts that request in flight: its deadline is the connect's).
+    /// off, and while its host name is being resolved, on a thread of its own: the connect
+    /// begins at the first call after the answer). The connect is finished by
+    /// [`Fetcher::ready`] (even one that completed at once: its socket is writable at the next
+    /// poll); the one request made meanwhile waits for it (connections are only made by
+    /// [`Fetcher::send`], which puts that request in flight: its deadline is the connect's).
     fn conn(&mut self, id: i32) -> Option<&mut Conn> {
+        let (resolver, connect_timeout) = (self.resolver, self.connect_timeout);
         let broker = self.brokers.get_mut(&id)?;
         if broker.conn.is_none() {
             if broker.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            let begun = resolve(&broker.address).and_then(|mut untried| Ok((connect_next(&mut untried)?, untried)));
+            // a resolution takes as long as a connect may
+            let addresses = connect::addresses(&broker.address, &mut broker.resolving, resolver, connect_timeout)?;
+            let begun = addresses.and_then(|mut untried| Ok((connect_next(&mut untried)?, untried)));
             match begun {
                 Ok((stream, untried)) => {
                     broker.conn = Some(Conn {
@@ -729,50 +743,6 @@ impl Fetcher {
     }
 }
 
-/// The addresses `address` resolves to, the first last (for [`connect_next`]). The one wait
-/// left on the consumer thread when connecting: the system resolver's.
-fn resolve(address: &str) -> std::io::Result<Vec<SocketAddr>> {
-    let mut addrs: Vec<SocketAddr> = address.to_socket_addrs()?.collect();
-    if addrs.is_empty() {
-        return Err(std::io::Error::other(format!("{address} resolves to no address")));
-    }
-    addrs.reverse();
-    Ok(addrs)
-}
-
-/// Begins a plaintext connection, without waiting for it, to the next of `untried` that takes
-/// one (taken off it; one that fails at once is followed by the next). Returns the socket, to
-/// be finished once writable ([`Fetcher::finish_connect`]), or the last address's error when
-/// none takes one.
-fn connect_next(untried: &mut Vec<SocketAddr>) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    let mut last = std::io::Error::other("no address left to try");
-    while let Some(addr) = untried.pop() {
-        let begun = Socket::new(Domain::for_address(addr), Type::STREAM, None).and_then(|socket| {
-            socket.set_nonblocking(true)?;
-            match socket.connect(&addr.into()) {
-                Ok(()) => Ok(socket.into()),
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket.into()),
-                Err(e) => Err(e),
-            }
-        });
-        match begun {
-            Ok(begun) => return Ok(begun),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-/// A connected socket made ready for the fetch: no Nagle delay, blocking writes (a request is
-/// written whole) with a timeout, reads with one (the fetch reads without waiting, `recv_now`).
-fn ready_for_io(stream: &TcpStream, read_timeout: Duration, write_timeout: Duration) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(read_timeout))?;
-    stream.set_write_timeout(Some(write_timeout))
-}
-
 /// Reads the response to the request sent on `stream` with `correlation` into `into`
 /// (correlation id first, checked; the body follows it): at most a fetch's `max_bytes` and a
 /// batch beyond them. It waits for the whole response (the `fetch_floor` benchmark's reader;
@@ -1061,23 +1031,7 @@ mod tests {
         f.send(4, &vec![("t", 0, 7)]);
         // (a non-blocking connect on Linux is under way, even on loopback)
         assert!(f.brokers[&4].conn.as_ref().is_some_and(|c| c.connecting && c.pending), "the request waits");
-        let (mut peer, _) = listener.accept().unwrap();
-        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let start = Instant::now();
-        while f.brokers[&4].conn.as_ref().is_some_and(|c| c.connecting) && start.elapsed() < Duration::from_secs(5) {
-            assert!(f.responses(Instant::now() + Duration::from_millis(50)).is_empty());
-        }
-        assert!(f.brokers[&4].conn.as_ref().is_some_and(|c| !c.connecting && !c.pending), "connected, sent");
-        // the broker reads one whole Fetch request (api key 1): its length, then its bytes
-        let mut len = [0u8; 4];
-        peer.read_exact(&mut len).unwrap();
-        let mut body = vec![0u8; i32::from_be_bytes(len) as usize];
-        peer.read_exact(&mut body).unwrap();
-        assert_eq!(&body[..2], &1i16.to_be_bytes());
-        assert_eq!(&body[4..8], &1i32.to_be_bytes(), "the correlation id it was made with");
-        // once: nothing more came
-        peer.set_nonblocking(true).unwrap();
-        assert_eq!(peer.read(&mut [0u8; 1]).map_err(|e| e.kind()), Err(std::io::ErrorKind::WouldBlock));
+        first_request(&mut f, 4, &listener);
         assert!(f.brokers[&4].in_flight.is_some(), "waiting for its response");
     }
 
@@ -1115,5 +1069,113 @@ mod tests {
         let mut got = vec![0u8; response(1, b"a request").len()];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(got, response(1, b"a request"));
+    }
+
+    /// `slow.test:PORT` is 127.0.0.1:PORT, after a second (a DNS server that is slow to answer);
+    /// each test has a resolver of its own, which counts its resolutions.
+    fn resolve_slowly(address: &str, count: &std::sync::atomic::AtomicUsize) -> std::io::Result<Vec<SocketAddr>> {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(1));
+        let port =
+            address.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).ok_or(std::io::ErrorKind::InvalidInput)?;
+        Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+    }
+
+    /// The broker's side of the connection `f` makes to broker `id` (its connect begun), and the
+    /// request it reads there: one whole Fetch request (api key 1) with correlation id 1, and
+    /// nothing more.
+    fn first_request(f: &mut Fetcher, id: i32, listener: &TcpListener) {
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        while f.brokers[&id].conn.as_ref().is_some_and(|c| c.connecting) && start.elapsed() < Duration::from_secs(5) {
+            assert!(f.responses(Instant::now() + Duration::from_millis(50)).is_empty());
+        }
+        assert!(f.brokers[&id].conn.as_ref().is_some_and(|c| !c.connecting && !c.pending), "connected, sent");
+        let mut len = [0u8; 4];
+        peer.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; i32::from_be_bytes(len) as usize];
+        peer.read_exact(&mut body).unwrap();
+        assert_eq!(&body[..2], &1i16.to_be_bytes());
+        assert_eq!(&body[4..8], &1i32.to_be_bytes(), "the correlation id it was made with");
+        peer.set_nonblocking(true).unwrap();
+        assert_eq!(peer.read(&mut [0u8; 1]).map_err(|e| e.kind()), Err(std::io::ErrorKind::WouldBlock));
+    }
+
+    #[test]
+    fn a_host_name_is_resolved_on_a_thread_of_its_own_and_then_connected() {
+        static RESOLUTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = Fetcher::new("test", limits(0));
+        f.resolver = |address| resolve_slowly(address, &RESOLUTIONS);
+        f.stale = false;
+        let address = format!("slow.test:{}", listener.local_addr().unwrap().port());
+        f.brokers.insert(6, Broker { address, ..Broker::default() });
+        // rounds as the source runs them: a request to the broker, then a wait for responses
+        let start = Instant::now();
+        let mut calls = Vec::new();
+        while f.brokers[&6].conn.is_none() && start.elapsed() < Duration::from_secs(5) {
+            let call = Instant::now();
+            f.send(6, &vec![("t", 0, 7)]);
+            assert!(f.responses(Instant::now() + Duration::from_millis(50)).is_empty());
+            calls.push(call.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let waited = start.elapsed();
+        assert!(f.brokers[&6].conn.is_some(), "never connected");
+        assert!(waited >= Duration::from_secs(1), "connected before the resolver answered: {waited:?}");
+        assert!(calls.len() >= 5 && calls.iter().all(|c| *c < Duration::from_millis(500)), "{calls:?}");
+        assert_eq!(RESOLUTIONS.load(std::sync::atomic::Ordering::SeqCst), 1, "one resolution at a time");
+        assert!(f.brokers[&6].retry_at.is_none() && !f.stale, "no backoff, no metadata ask");
+        // the request made once resolved goes out once connected, once
+        first_request(&mut f, 6, &listener);
+    }
+
+    #[test]
+    fn a_resolution_without_an_answer_in_time_backs_off_and_its_answer_serves_the_next_try() {
+        static RESOLUTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = Fetcher::new("test", limits(0));
+        f.resolver = |address| resolve_slowly(address, &RESOLUTIONS);
+        f.connect_timeout = Duration::from_millis(300);
+        f.stale = false;
+        let address = format!("slow.test:{}", listener.local_addr().unwrap().port());
+        f.brokers.insert(7, Broker { address, ..Broker::default() });
+        let start = Instant::now();
+        f.send(7, &vec![("t", 0, 7)]);
+        assert!(f.brokers[&7].resolving.is_some() && f.brokers[&7].conn.is_none());
+        std::thread::sleep(Duration::from_millis(400));
+        f.send(7, &vec![("t", 0, 7)]);
+        let b = &f.brokers[&7];
+        assert!(b.conn.is_none() && b.in_flight.is_none(), "no connection while unresolved");
+        assert!(b.retry_at.is_some() && f.stale, "backed off as after a failed connect");
+        assert!(b.resolving.is_some(), "the resolution goes on");
+        // its answer, once in, is the next try's
+        while f.brokers[&7].conn.is_none() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+            f.send(7, &vec![("t", 0, 7)]);
+        }
+        assert!(start.elapsed() >= Duration::from_secs(1), "{:?}", start.elapsed());
+        assert_eq!(RESOLUTIONS.load(std::sync::atomic::Ordering::SeqCst), 1, "the first resolution's answer");
+        assert!(f.brokers[&7].resolving.is_none());
+        first_request(&mut f, 7, &listener);
+    }
+
+    #[test]
+    fn the_systems_resolver_runs_off_the_calling_thread_too() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = Fetcher::new("test", limits(0));
+        f.stale = false;
+        let address = format!("localhost:{}", listener.local_addr().unwrap().port());
+        f.brokers.insert(8, Broker { address, ..Broker::default() });
+        f.send(8, &vec![("t", 0, 7)]);
+        assert!(f.brokers[&8].resolving.is_some() && f.brokers[&8].conn.is_none(), "resolving");
+        let start = Instant::now();
+        // (localhost may resolve to ::1 first, which nothing listens on: refused, the next tried)
+        while f.brokers[&8].conn.is_none() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+            f.send(8, &vec![("t", 0, 7)]);
+        }
+        first_request(&mut f, 8, &listener);
     }
 }
