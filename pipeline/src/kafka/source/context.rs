@@ -33,9 +33,6 @@ pub(super) struct Part {
     pub(super) active_at: Instant,
     /// Paused by watermark alignment: its messages are held (see [`Held`]).
     pub(super) paused: bool,
-    /// The log end asked of the broker (when librdkafka had none cached; `None`: the query
-    /// failed) and when.
-    pub(super) queried_end: Option<(Option<i64>, Instant)>,
     /// With the native fetch: the next offset to fetch (past every record appended or held,
     /// and past transaction markers and aborted records) …
     pub(super) fetch_at: i64,
@@ -248,15 +245,7 @@ impl Ctx {
             s.drop_held(&tp);
             s.parts.insert(
                 tp,
-                Part {
-                    position: from,
-                    read: false,
-                    active_at: now,
-                    paused: false,
-                    queried_end: None,
-                    fetch_at: from,
-                    fetched_end: None,
-                },
+                Part { position: from, read: false, active_at: now, paused: false, fetch_at: from, fetched_end: None },
             );
         }
         tracing::info!(source = s.name, partitions = list.count(), "assigned");

@@ -29,17 +29,19 @@
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
 //! takes a checkpoint and commits it, through [`bounded_commit`]; [`alignment`] decides which
-//! partitions to pause, and [`held`] keeps what is read from them meanwhile; [`queue`] is the
-//! source's own fetch queue.
+//! partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log ends
+//! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue.
 mod alignment;
 mod bounded_commit;
 mod commit;
 mod context;
 mod held;
+mod log_ends;
 mod native;
 mod queue;
 
 pub use alignment::{AlignInput, Alignment, AlignmentWait};
+use log_ends::LogEnds;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -129,6 +131,9 @@ struct Loop {
     queue: Option<Arc<FetchQueue>>,
     /// Likewise before `consumer`: the queue of a commit with no answer yet goes first.
     unanswered: ForgetUnanswered,
+    /// Likewise before `consumer`: the log ends asked of the brokers, and the queue of an ask
+    /// with no answer yet (the librdkafka fetch path).
+    log_ends: std::cell::RefCell<LogEnds>,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -362,6 +367,7 @@ async fn run_kafka_source(
         shared,
         queue,
         unanswered: ForgetUnanswered(unanswered),
+        log_ends: std::cell::RefCell::new(LogEnds::new(cc.get("isolation.level") != Some("read_uncommitted"))),
         clocks,
         routing,
         acks,
@@ -1038,20 +1044,35 @@ impl Loop {
     }
 
     /// Per partition: its watermark, whether it holds the stream back, its backlog.
-    /// `ask`: ask the broker for a log end librdkafka does not know (at most once a second per
-    /// partition); otherwise such a partition counts as having a backlog.
+    /// `ask`: ask the brokers for the log ends librdkafka does not know, without waiting
+    /// ([`LogEnds`]: at most once a second per partition, the answer used once it has come);
+    /// a partition whose end neither knows counts as having a backlog.
     fn view(&self, parts: &[(Tp, Part)], ports: &BTreeMap<String, usize>, ask: bool) -> Vec<AlignInput> {
         let idle_after = self.cfg.idle_partition_timeout.to_std();
+        // the librdkafka fetch path: log ends librdkafka has, else those asked for
+        let cached: Vec<Option<i64>> = match self.native {
+            Some(_) => Vec::new(),
+            None => parts.iter().map(|((topic, partition), _)| self.cached_log_end(topic, *partition)).collect(),
+        };
+        if ask && self.native.is_none() {
+            let unknown: Vec<Tp> =
+                parts.iter().zip(&cached).filter(|(_, end)| end.is_none()).map(|((tp, _), _)| tp.clone()).collect();
+            let mut log_ends = self.log_ends.borrow_mut();
+            log_ends.retain(|tp| parts.binary_search_by(|(t, _)| t.cmp(tp)).is_ok());
+            log_ends.refresh(self.consumer.client().native_ptr(), &unknown);
+        }
+        let log_ends = self.log_ends.borrow();
         parts
             .iter()
-            .map(|((topic, partition), p)| {
+            .enumerate()
+            .map(|(i, (tp, p))| {
                 let backlog = match self.native {
                     // past the records handed on, held, skipped as aborted and the markers; a
                     // paused partition is not fetched, so counts as behind
                     Some(_) => p.paused || p.fetched_end.is_none_or(|end| p.fetch_at < end),
-                    None => self.log_end(topic, *partition, p, ask).is_none_or(|end| p.position < end),
+                    None => cached[i].or_else(|| log_ends.known(tp)).is_none_or(|end| p.position < end),
                 };
-                let watermark = ports.get(topic).and_then(|&port| self.clocks[port].as_ref()?.watermark(*partition));
+                let watermark = ports.get(&tp.0).and_then(|&port| self.clocks[port].as_ref()?.watermark(tp.1));
                 let idle = !backlog && p.active_at.elapsed() >= idle_after;
                 AlignInput { watermark, holding: !idle, backlog, paused: p.paused }
             })
@@ -1150,29 +1171,6 @@ impl Loop {
             "watermark alignment"
         );
         Ok(handed)
-    }
-
-    /// The partition's log end: as librdkafka last saw it, or — when it has none (a partition
-    /// it has not fetched from yet) — asked of the broker when `ask`, at most once a second
-    /// (else the last answer, if any).
-    fn log_end(&self, topic: &str, partition: i32, part: &Part, ask: bool) -> Option<i64> {
-        if let Some(end) = self.cached_log_end(topic, partition) {
-            return Some(end);
-        }
-        if let Some((end, at)) = part.queried_end
-            && (!ask || at.elapsed() < Duration::from_secs(1))
-        {
-            return end;
-        }
-        if !ask {
-            return None;
-        }
-        // a failed query is remembered too: an unreachable leader costs one wait a second
-        let end = self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).ok().map(|(_, high)| high);
-        if let Some(p) = lock(&self.shared).parts.get_mut(&(topic.to_owned(), partition)) {
-            p.queried_end = Some((end, Instant::now()));
-        }
-        end
     }
 
     /// The partition's log end as librdkafka last saw it (no request to the broker).

@@ -1,0 +1,304 @@
+//! Log ends asked of the brokers without waiting (the librdkafka fetch path).
+//!
+//! Watermark alignment tells a partition with a backlog from one that is caught up by its log
+//! end. librdkafka knows the end of a partition it has fetched from; for one it has not (paused
+//! from the start, or whose leader has not answered yet) the source asks the broker. That ask
+//! used to wait (`fetch_watermarks`, up to 5 s each, once a second per partition) on the
+//! consumer thread, so a broker that did not answer held every flush, checkpoint and poll of the
+//! group for 5 s per such partition. Here one ListOffsets request (librdkafka's admin API, on
+//! the consumer's own client) asks for all of them, and its answer lands on a queue of our own
+//! that the source looks at without waiting; until an answer comes the partition counts as
+//! having a backlog, as before its first answer.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use rdkafka::bindings as rd;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::Tp;
+
+/// How long the brokers have to answer an ask (librdkafka answers with an error after it).
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A partition's end is asked again once its last answer is this old.
+const ASK_EVERY: Duration = Duration::from_secs(1);
+/// An ask with no answer at all after this long is dropped, so that another may start (an
+/// answer landing later finds its queue gone).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(15);
+
+/// The ask in flight: the queue its answer lands on, and what it asked for.
+struct Ask {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    since: Instant,
+    asked: Vec<Tp>,
+}
+
+// SAFETY: librdkafka's queues are thread-safe; the handle is used on the consumer thread only
+// and destroyed before the consumer (the [`LogEnds`] is declared before it in the loop).
+unsafe impl Send for Ask {}
+
+impl Drop for Ask {
+    fn drop(&mut self) {
+        // SAFETY: our handle, destroyed once, while the client lives; an answer landing later
+        // finds the queue disabled and is dropped
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+/// The log ends the source has asked for, and the ask in flight. Drop it before the consumer:
+/// librdkafka's queues must be destroyed before their client.
+pub(super) struct LogEnds {
+    /// Ask with the consumer's `isolation.level` (read_committed: the last stable offset).
+    read_committed: bool,
+    in_flight: Option<Ask>,
+    /// Per partition: the end its last answer gave (`None`: the ask failed for it), and when.
+    answers: HashMap<Tp, (Option<i64>, Instant)>,
+}
+
+impl LogEnds {
+    pub(super) fn new(read_committed: bool) -> Self {
+        LogEnds { read_committed, in_flight: None, answers: HashMap::new() }
+    }
+
+    /// The end the last answer for `tp` gave, if any (none yet, or the ask failed: `None`).
+    pub(super) fn known(&self, tp: &Tp) -> Option<i64> {
+        self.answers.get(tp).and_then(|(end, _)| *end)
+    }
+
+    /// Takes the answer of the ask in flight, if it has come (without waiting), then — when no
+    /// ask is in flight — asks consumer `client` (`BaseConsumer::client().native_ptr()`) for the
+    /// ends of those of `wanted` with no answer, or one [`ASK_EVERY`] old. An ask that could not
+    /// start is logged and tried again at the next call.
+    pub(super) fn refresh(&mut self, client: *mut rd::rd_kafka_t, wanted: &[Tp]) {
+        self.take_answer();
+        if self.in_flight.is_some() {
+            return;
+        }
+        let due: Vec<Tp> = wanted
+            .iter()
+            .filter(|tp| self.answers.get(*tp).is_none_or(|(_, at)| at.elapsed() >= ASK_EVERY))
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        match ask(client, &due, self.read_committed) {
+            Ok(queue) => self.in_flight = Some(Ask { queue, since: Instant::now(), asked: due }),
+            Err(e) => tracing::warn!("asking the brokers for log ends: {e}"),
+        }
+    }
+
+    /// Forgets the partitions not in `assigned` (revoked).
+    pub(super) fn retain(&mut self, assigned: impl Fn(&Tp) -> bool) {
+        self.answers.retain(|tp, _| assigned(tp));
+    }
+
+    /// The answer of the ask in flight, if it has come: each partition asked for gets the end
+    /// it gave, or `None` (an error, for it or for the whole ask: asked again in a second).
+    fn take_answer(&mut self) {
+        let Some(in_flight) = self.in_flight.as_ref() else { return };
+        // SAFETY: a live queue (see `Ask`); an event taken is ours until destroyed
+        let ends = match NonNull::new(unsafe { rd::rd_kafka_queue_poll(in_flight.queue.as_ptr(), 0) }) {
+            Some(event) => answer(event).unwrap_or_else(|e| {
+                tracing::debug!("asking the brokers for log ends: {e}");
+                Vec::new()
+            }),
+            None if in_flight.since.elapsed() >= GIVE_UP_AFTER => {
+                tracing::warn!("an ask for log ends had no answer in {GIVE_UP_AFTER:?}; asking again");
+                Vec::new()
+            }
+            None => return,
+        };
+        let now = Instant::now();
+        let Some(in_flight) = self.in_flight.take() else { return };
+        for tp in &in_flight.asked {
+            self.answers.insert(tp.clone(), (None, now));
+        }
+        for (tp, end) in ends {
+            if let Some(known) = self.answers.get_mut(&tp) {
+                known.0 = end;
+            }
+        }
+    }
+}
+
+/// Sends one ListOffsets request for the latest offset of each of `partitions`, its answer to
+/// a new queue (returned).
+fn ask(
+    client: *mut rd::rd_kafka_t,
+    partitions: &[Tp],
+    read_committed: bool,
+) -> Result<NonNull<rd::rd_kafka_queue_t>, String> {
+    let client = NonNull::new(client).ok_or("no consumer handle")?;
+    let mut list = TopicPartitionList::with_capacity(partitions.len());
+    for (topic, partition) in partitions {
+        list.add_partition_offset(topic, *partition, Offset::End).map_err(|e| e.to_string())?;
+    }
+    let isolation = if read_committed {
+        rd::rd_kafka_IsolationLevel_t::RD_KAFKA_ISOLATION_LEVEL_READ_COMMITTED
+    } else {
+        rd::rd_kafka_IsolationLevel_t::RD_KAFKA_ISOLATION_LEVEL_READ_UNCOMMITTED
+    };
+    // SAFETY: a live client; the options are ours and destroyed here (librdkafka copies them
+    // and the list); the queue is returned to be destroyed by `Ask`'s drop
+    unsafe {
+        let queue = NonNull::new(rd::rd_kafka_queue_new(client.as_ptr())).ok_or("no queue for the ask")?;
+        let options =
+            rd::rd_kafka_AdminOptions_new(client.as_ptr(), rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTOFFSETS);
+        if options.is_null() {
+            rd::rd_kafka_queue_destroy(queue.as_ptr());
+            return Err("no admin options for the ask".into());
+        }
+        let mut errstr = [0 as std::ffi::c_char; 256];
+        let timeout = ASK_TIMEOUT.as_millis() as i32;
+        let set = rd::rd_kafka_AdminOptions_set_request_timeout(options, timeout, errstr.as_mut_ptr(), errstr.len());
+        let error = rd::rd_kafka_AdminOptions_set_isolation_level(options, isolation);
+        if !error.is_null() {
+            rd::rd_kafka_error_destroy(error);
+        }
+        if set != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            rd::rd_kafka_AdminOptions_destroy(options);
+            rd::rd_kafka_queue_destroy(queue.as_ptr());
+            return Err(CStr::from_ptr(errstr.as_ptr()).to_string_lossy().into_owned());
+        }
+        rd::rd_kafka_ListOffsets(client.as_ptr(), list.ptr(), options, queue.as_ptr());
+        rd::rd_kafka_AdminOptions_destroy(options);
+        Ok(queue)
+    }
+}
+
+/// The ends a ListOffsets answer carries, per partition (`None` for a partition with an error
+/// of its own); or the request's error. Destroys the event.
+fn answer(event: NonNull<rd::rd_kafka_event_t>) -> Result<Vec<(Tp, Option<i64>)>, String> {
+    let event = event.as_ptr();
+    // SAFETY: an event we own, destroyed once at the end; the result, its infos and their
+    // partitions live as long as the event and are copied before
+    unsafe {
+        let outcome = if rd::rd_kafka_event_type(event) != rd::RD_KAFKA_EVENT_LISTOFFSETS_RESULT {
+            Err(format!("an unexpected answer (event type {})", rd::rd_kafka_event_type(event)))
+        } else if rd::rd_kafka_event_error(event) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            Err(CStr::from_ptr(rd::rd_kafka_event_error_string(event)).to_string_lossy().into_owned())
+        } else {
+            let result = rd::rd_kafka_event_ListOffsets_result(event);
+            let mut count = 0usize;
+            let infos = if result.is_null() {
+                std::ptr::null()
+            } else {
+                rd::rd_kafka_ListOffsets_result_infos(result, &mut count)
+            };
+            let infos = if infos.is_null() { &[][..] } else { std::slice::from_raw_parts(infos, count) };
+            Ok(infos
+                .iter()
+                .filter_map(|&info| {
+                    let p = rd::rd_kafka_ListOffsetsResultInfo_topic_partition(info).as_ref()?;
+                    let topic = CStr::from_ptr(p.topic).to_string_lossy().into_owned();
+                    let ok = p.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && p.offset >= 0;
+                    if !ok {
+                        tracing::debug!(topic, partition = p.partition, "log end: {}", RDKafkaErrorCode::from(p.err));
+                    }
+                    Some(((topic, p.partition), ok.then_some(p.offset)))
+                })
+                .collect())
+        };
+        rd::rd_kafka_event_destroy(event);
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    fn consumer(brokers: &str) -> BaseConsumer {
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap()
+    }
+
+    /// A "broker" that takes connections and never answers: each call returns at once, the
+    /// ask stays in flight until librdkafka answers it with an error (after its timeout), the
+    /// partitions then count as unknown, and are asked again a second later.
+    #[test]
+    fn an_ask_nobody_answers_holds_no_call() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let consumer = consumer(&silent.local_addr().unwrap().to_string());
+        let client = consumer.client().native_ptr();
+        let mut ends = LogEnds::new(true);
+        let wanted = vec![("t".to_owned(), 0), ("t".to_owned(), 1)];
+        let start = Instant::now();
+        let mut calls = Vec::new();
+        while (calls.is_empty() || ends.in_flight.is_some()) && start.elapsed() < Duration::from_secs(20) {
+            let call = Instant::now();
+            ends.refresh(client, &wanted);
+            calls.push(call.elapsed());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let answered = start.elapsed();
+        assert!(ends.in_flight.is_none(), "no answer in {answered:?}");
+        assert!(answered >= ASK_TIMEOUT - Duration::from_millis(500), "answered before its timeout: {answered:?}");
+        assert!(calls.iter().all(|c| *c < Duration::from_millis(500)), "a call waited: {calls:?}");
+        assert!(wanted.iter().all(|tp| ends.answers.contains_key(tp) && ends.known(tp).is_none()));
+        // asked again once the failure is a second old, not before
+        ends.refresh(client, &wanted);
+        assert!(ends.in_flight.is_none(), "asked again at once");
+        std::thread::sleep(ASK_EVERY);
+        ends.refresh(client, &wanted);
+        assert!(ends.in_flight.as_ref().is_some_and(|a| a.asked == wanted), "not asked again");
+        drop(ends);
+        drop(consumer);
+    }
+
+    /// Against the suite's broker (`CITYSTREAM_KAFKA_BROKERS`, as the Kafka tests): the ends
+    /// a ListOffsets answer gives are the partitions' log ends, and a partition that does not
+    /// exist is unknown.
+    #[test]
+    fn an_answer_gives_each_partitions_log_end() {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let brokers = std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let topic = format!(
+            "log-ends-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        );
+        let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let created = runtime
+            .block_on(admin.create_topics(
+                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            ))
+            .unwrap_or_else(|e| panic!("needs a Kafka broker at {brokers} (CITYSTREAM_KAFKA_BROKERS): {e}"));
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+        let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        for (partition, n) in [(0, 7), (1, 3)] {
+            for i in 0..n {
+                let key = format!("{i}");
+                producer.send(BaseRecord::to(&topic).partition(partition).key(&key).payload("x")).unwrap();
+            }
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let consumer = consumer(&brokers);
+        let client = consumer.client().native_ptr();
+        let mut ends = LogEnds::new(true);
+        let wanted = vec![(topic.clone(), 0), (topic.clone(), 1), (topic.clone(), 5)];
+        let start = Instant::now();
+        ends.refresh(client, &wanted);
+        while ends.in_flight.is_some() && start.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(20));
+            ends.refresh(client, &wanted);
+        }
+        assert_eq!(ends.known(&wanted[0]), Some(7));
+        assert_eq!(ends.known(&wanted[1]), Some(3));
+        assert!(ends.answers.contains_key(&wanted[2]) && ends.known(&wanted[2]).is_none(), "no such partition");
+        // revoked partitions are forgotten
+        ends.retain(|tp| tp.1 == 0);
+        assert_eq!(ends.answers.len(), 1);
+        drop(ends);
+        drop(consumer);
+        runtime.block_on(admin.delete_topics(&[&topic], &AdminOptions::new())).unwrap();
+    }
+}
