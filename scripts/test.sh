@@ -9,8 +9,9 @@
 #      then the control-center page in headless Chromium (Debian's chromium, playwright-core)
 #   4. runs the README's Kafka quick start as written (scripts/test-quickstart.sh, own broker)
 #   5. starts a real Apache Kafka broker (jars from Maven Central, deploy/kafka/) on
-#      127.0.0.1:19092 and an S3-compatible server (moto, PyPI) on 127.0.0.1:19555, and runs
-#      every Rust test (unit, property, integration, config, Kafka, S3)
+#      127.0.0.1:19092 (and one of their own for the outage tests) and an S3-compatible server
+#      (moto, PyPI) on 127.0.0.1:19555, and runs every Rust test (unit, property, integration,
+#      config, Kafka, S3), the long broker tests beside the rest
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -19,9 +20,12 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # the ports the suite's own servers take, checked before the long build: the README's quick
 # start runs as written on 9092/9093 (a development broker from deploy/kafka/start.sh holds
-# them), the Rust tests' broker and S3 server on the others, and the two-broker cluster of
-# tests/tests/kafka_brokers.rs on 19094-19096
-for port in 9092 9093 "${KAFKA_PORT:-19092}" "${KAFKA_CONTROLLER_PORT:-19093}" "${S3_PORT:-19555}" 19094 19095 19096; do
+# them), the Rust tests' broker and S3 server on the others, the two-broker cluster of
+# tests/tests/kafka_brokers.rs on 19094-19096, and the broker of tests/tests/kafka_outage.rs
+# on 19097/19098
+outage_port=19097 outage_controller_port=19098
+for port in 9092 9093 "${KAFKA_PORT:-19092}" "${KAFKA_CONTROLLER_PORT:-19093}" "${S3_PORT:-19555}" 19094 19095 19096 \
+  "$outage_port" "$outage_controller_port"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "scripts/test.sh: 127.0.0.1:$port is in use; the suite starts its own servers there" >&2
     echo "  (a development broker? deploy/kafka/stop.sh stops the one deploy/kafka/start.sh started)" >&2
@@ -87,6 +91,9 @@ export CITYSTREAM_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
 export KAFKA_CLUSTER_DIR="$data/kafka-cluster"
 stop_servers() {
   deploy/kafka/stop.sh --dir "$KAFKA_RUN_DIR" >/dev/null 2>&1 || true
+  # the outage tests' broker, perhaps stopped with SIGSTOP by a killed test
+  kill -CONT "$(cat "$data/kafka-outage/kafka.pid" 2>/dev/null)" 2>/dev/null || true
+  deploy/kafka/stop.sh --dir "$data/kafka-outage" --timeout 10 >/dev/null 2>&1 || true
   # a killed cluster test may leave its nodes running, node 2 perhaps stopped with SIGSTOP
   for node in node2 node1; do
     kill -CONT "$(cat "$KAFKA_CLUSTER_DIR/$node/kafka.pid" 2>/dev/null)" 2>/dev/null || true
@@ -96,15 +103,47 @@ stop_servers() {
 }
 trap 'stop_servers; rm -rf "$data"' EXIT
 deploy/kafka/start.sh --fresh
+# tests/tests/kafka_outage.rs stops and restarts its broker: it has one of its own, so that it
+# runs beside the other broker tests (below)
+KAFKA_RUN_DIR="$data/kafka-outage" KAFKA_PORT="$outage_port" KAFKA_CONTROLLER_PORT="$outage_controller_port" \
+  deploy/kafka/start.sh --fresh
 
 echo "== S3-compatible server (moto) for operator state on object storage"
 eval "$(scripts/start-s3.sh "$data/s3")"
 
 echo "== rust tests"
+# Test binaries run one after another within a `cargo test`; the long broker tests that share
+# nothing with the others run beside them, in `cargo test`s of their own (most of their time is
+# spent waiting on brokers and sessions): the broker outages (their own broker) then the
+# two-broker cluster (its own), and the co-partitioning runs (topics of their own on the
+# shared broker). Every test target of the workspace runs once: the rest are listed from the
+# crates' tests/ folders.
+side=(kafka_outage kafka_brokers copartitioning)
+rest=()
+for file in */tests/*.rs; do
+  name="$(basename "$file" .rs)"
+  [[ " ${side[*]} " == *" $name "* ]] || rest+=(--test "$name")
+done
 # a hung test fails the run instead of stalling CI
 log="$data/cargo-test.log"
 status=0
-timeout 2400 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-run 2>&1 | tail -1
+(
+  export KAFKA_RUN_DIR="$data/kafka-outage" KAFKA_PORT="$outage_port" KAFKA_CONTROLLER_PORT="$outage_controller_port"
+  export CITYSTREAM_KAFKA_BROKERS="127.0.0.1:$outage_port"
+  timeout 2400 cargo test --workspace --locked --no-fail-fast --test kafka_outage --test kafka_brokers
+) >"$data/cargo-test-outages.log" 2>&1 &
+outages=$!
+timeout 2400 cargo test --workspace --locked --no-fail-fast --test copartitioning >"$data/cargo-test-copartitioning.log" 2>&1 &
+copartitioning=$!
+timeout 2400 cargo test --workspace --locked --no-fail-fast --lib --bins "${rest[@]}" 2>&1 | tee "$log" || status=$?
+wait "$outages" || status=$?
+wait "$copartitioning" || status=$?
+for side_log in "$data/cargo-test-outages.log" "$data/cargo-test-copartitioning.log"; do
+  echo "== rust tests run beside the others: $side_log"
+  cat "$side_log"
+  cat "$side_log" >>"$log"
+done
 # one closing line for the whole suite
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
