@@ -28,15 +28,18 @@ pub(super) struct Resolution {
 /// [`connect_next`]). An IP address is taken as it is. A host name is resolved by `resolver` on
 /// a thread of its own, kept in `resolving`: `None` while it runs, so a resolver that waits holds
 /// no round (the connect begins at the first call after its answer). A resolution with no answer
-/// within `timeout` counts as a failure at each call until it answers; its thread is not
-/// abandoned, and its answer serves the next try (one resolution per broker at a time).
+/// within `timeout` counts as a failure at each call until it answers (the broker backs off,
+/// up to 10 s, so a late answer may wait that long to be used); its thread is not abandoned,
+/// and its answer serves the next try: no second resolution starts for the address meanwhile.
+/// (A thread whose broker moved to another address, or whose fetcher went, ends with the
+/// system resolver's own timeouts, its answer dropped.)
 pub(super) fn addresses(
     address: &str,
     resolving: &mut Option<Resolution>,
     resolver: Resolver,
     timeout: Duration,
 ) -> Option<std::io::Result<Vec<SocketAddr>>> {
-    if let Ok(addr) = address.parse::<SocketAddr>() {
+    if let Some(addr) = ip_address(address) {
         return Some(Ok(vec![addr]));
     }
     let Some(resolution) = resolving else {
@@ -75,6 +78,17 @@ pub(super) fn addresses(
     }))
 }
 
+/// `address` as an IP address and port: `1.2.3.4:9092`, and IPv6 with or without brackets
+/// (`[::1]:9092`, or `::1:9092` as a broker's host and port are joined).
+fn ip_address(address: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = address.parse() {
+        return Some(addr);
+    }
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    Some(SocketAddr::new(host.parse().ok()?, port.parse().ok()?))
+}
+
 /// Begins a plaintext connection, without waiting for it, to the next of `untried` that takes
 /// one (taken off it; one that fails at once is followed by the next). Returns the socket, to
 /// be finished once writable ([`super::Fetcher::ready`]), or the last address's error when
@@ -106,4 +120,21 @@ pub(super) fn ready_for_io(stream: &TcpStream, read_timeout: Duration, write_tim
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(read_timeout))?;
     stream.set_write_timeout(Some(write_timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_addresses_are_taken_as_they_are_and_host_names_are_not() {
+        let v4: SocketAddr = "10.0.0.7:9092".parse().unwrap();
+        let v6: SocketAddr = "[::1]:9092".parse().unwrap();
+        assert_eq!(ip_address("10.0.0.7:9092"), Some(v4));
+        assert_eq!(ip_address("[::1]:9092"), Some(v6));
+        assert_eq!(ip_address("::1:9092"), Some(v6));
+        assert_eq!(ip_address("kafka-0.kafka-headless:9092"), None);
+        assert_eq!(ip_address("localhost:9092"), None);
+        assert_eq!(ip_address("10.0.0.7"), None);
+    }
 }

@@ -1071,11 +1071,15 @@ mod tests {
         assert_eq!(got, response(1, b"a request"));
     }
 
-    /// `slow.test:PORT` is 127.0.0.1:PORT, after a second (a DNS server that is slow to answer);
+    /// `slow.test:PORT` is 127.0.0.1:PORT, after `delay` (a DNS server that is slow to answer);
     /// each test has a resolver of its own, which counts its resolutions.
-    fn resolve_slowly(address: &str, count: &std::sync::atomic::AtomicUsize) -> std::io::Result<Vec<SocketAddr>> {
+    fn resolve_slowly(
+        address: &str,
+        count: &std::sync::atomic::AtomicUsize,
+        delay: Duration,
+    ) -> std::io::Result<Vec<SocketAddr>> {
         count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(delay);
         let port =
             address.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).ok_or(std::io::ErrorKind::InvalidInput)?;
         Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
@@ -1085,9 +1089,22 @@ mod tests {
     /// request it reads there: one whole Fetch request (api key 1) with correlation id 1, and
     /// nothing more.
     fn first_request(f: &mut Fetcher, id: i32, listener: &TcpListener) {
-        let (mut peer, _) = listener.accept().unwrap();
-        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // accepted while the fetcher goes on connecting: a first address refused (`::1` for
+        // localhost, say) is followed by the next inside `responses`
+        listener.set_nonblocking(true).unwrap();
         let start = Instant::now();
+        let mut peer = loop {
+            match listener.accept() {
+                Ok((peer, _)) => break peer,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(start.elapsed() < Duration::from_secs(5), "no connection came");
+                    assert!(f.responses(Instant::now() + Duration::from_millis(20)).is_empty());
+                }
+                Err(e) => panic!("accepting: {e}"),
+            }
+        };
+        peer.set_nonblocking(false).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         while f.brokers[&id].conn.as_ref().is_some_and(|c| c.connecting) && start.elapsed() < Duration::from_secs(5) {
             assert!(f.responses(Instant::now() + Duration::from_millis(50)).is_empty());
         }
@@ -1107,7 +1124,7 @@ mod tests {
         static RESOLUTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut f = Fetcher::new("test", limits(0));
-        f.resolver = |address| resolve_slowly(address, &RESOLUTIONS);
+        f.resolver = |address| resolve_slowly(address, &RESOLUTIONS, Duration::from_secs(1));
         f.stale = false;
         let address = format!("slow.test:{}", listener.local_addr().unwrap().port());
         f.brokers.insert(6, Broker { address, ..Broker::default() });
@@ -1136,7 +1153,7 @@ mod tests {
         static RESOLUTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut f = Fetcher::new("test", limits(0));
-        f.resolver = |address| resolve_slowly(address, &RESOLUTIONS);
+        f.resolver = |address| resolve_slowly(address, &RESOLUTIONS, Duration::from_secs(2));
         f.connect_timeout = Duration::from_millis(300);
         f.stale = false;
         let address = format!("slow.test:{}", listener.local_addr().unwrap().port());
@@ -1155,7 +1172,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             f.send(7, &vec![("t", 0, 7)]);
         }
-        assert!(start.elapsed() >= Duration::from_secs(1), "{:?}", start.elapsed());
+        assert!(start.elapsed() >= Duration::from_secs(2), "{:?}", start.elapsed());
         assert_eq!(RESOLUTIONS.load(std::sync::atomic::Ordering::SeqCst), 1, "the first resolution's answer");
         assert!(f.brokers[&7].resolving.is_none());
         first_request(&mut f, 7, &listener);
@@ -1171,7 +1188,8 @@ mod tests {
         f.send(8, &vec![("t", 0, 7)]);
         assert!(f.brokers[&8].resolving.is_some() && f.brokers[&8].conn.is_none(), "resolving");
         let start = Instant::now();
-        // (localhost may resolve to ::1 first, which nothing listens on: refused, the next tried)
+        // (localhost may resolve to ::1 first, which nothing listens on: refused, and the next
+        // tried, while `first_request` waits for the connection)
         while f.brokers[&8].conn.is_none() && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(10));
             f.send(8, &vec![("t", 0, 7)]);

@@ -7,8 +7,13 @@
 //! consumer thread, so a broker that did not answer held every flush, checkpoint and poll of the
 //! group for 5 s per such partition. Here one ListOffsets request (librdkafka's admin API, on
 //! the consumer's own client) asks for all of them, and its answer lands on a queue of our own
-//! that the source looks at without waiting; until an answer comes the partition counts as
-//! having a backlog, as before its first answer.
+//! that the source looks at without waiting. A partition without an answer of the last
+//! [`ANSWER_LASTS`] counts as having a backlog, as one whose ask failed did before.
+//!
+//! The ask is for the high watermark (read_uncommitted), whatever the consumer's
+//! `isolation.level`: the end librdkafka keeps from its fetches and the native fetch's. With
+//! read_committed, a partition stopped at an open transaction is then behind, not caught up,
+//! until the transaction ends (the old ask gave the last stable offset there).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -25,6 +30,8 @@ use super::Tp;
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A partition's end is asked again once its last answer is this old.
 const ASK_EVERY: Duration = Duration::from_secs(1);
+/// An answer older than this is not used: the ask after it has had no answer in its time.
+const ANSWER_LASTS: Duration = Duration::from_secs(6);
 /// An ask with no answer at all after this long is dropped, so that another may start (an
 /// answer landing later finds its queue gone).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(15);
@@ -50,22 +57,18 @@ impl Drop for Ask {
 
 /// The log ends the source has asked for, and the ask in flight. Drop it before the consumer:
 /// librdkafka's queues must be destroyed before their client.
+#[derive(Default)]
 pub(super) struct LogEnds {
-    /// Ask with the consumer's `isolation.level` (read_committed: the last stable offset).
-    read_committed: bool,
     in_flight: Option<Ask>,
     /// Per partition: the end its last answer gave (`None`: the ask failed for it), and when.
     answers: HashMap<Tp, (Option<i64>, Instant)>,
 }
 
 impl LogEnds {
-    pub(super) fn new(read_committed: bool) -> Self {
-        LogEnds { read_committed, in_flight: None, answers: HashMap::new() }
-    }
-
-    /// The end the last answer for `tp` gave, if any (none yet, or the ask failed: `None`).
+    /// The end the last answer for `tp` gave, unless it is older than [`ANSWER_LASTS`] (none
+    /// yet, or the ask failed: `None`).
     pub(super) fn known(&self, tp: &Tp) -> Option<i64> {
-        self.answers.get(tp).and_then(|(end, _)| *end)
+        self.answers.get(tp).filter(|(_, at)| at.elapsed() < ANSWER_LASTS).and_then(|(end, _)| *end)
     }
 
     /// Takes the answer of the ask in flight, if it has come (without waiting), then — when no
@@ -85,13 +88,14 @@ impl LogEnds {
         if due.is_empty() {
             return;
         }
-        match ask(client, &due, self.read_committed) {
+        match ask(client, &due) {
             Ok(queue) => self.in_flight = Some(Ask { queue, since: Instant::now(), asked: due }),
             Err(e) => tracing::warn!("asking the brokers for log ends: {e}"),
         }
     }
 
-    /// Forgets the partitions not in `assigned` (revoked).
+    /// Forgets the partitions not in `assigned` (revoked; call after [`LogEnds::refresh`],
+    /// which may take an answer for them).
     pub(super) fn retain(&mut self, assigned: impl Fn(&Tp) -> bool) {
         self.answers.retain(|tp, _| assigned(tp));
     }
@@ -125,23 +129,14 @@ impl LogEnds {
     }
 }
 
-/// Sends one ListOffsets request for the latest offset of each of `partitions`, its answer to
-/// a new queue (returned).
-fn ask(
-    client: *mut rd::rd_kafka_t,
-    partitions: &[Tp],
-    read_committed: bool,
-) -> Result<NonNull<rd::rd_kafka_queue_t>, String> {
+/// Sends one ListOffsets request for the latest offset (high watermark) of each of
+/// `partitions`, its answer to a new queue (returned).
+fn ask(client: *mut rd::rd_kafka_t, partitions: &[Tp]) -> Result<NonNull<rd::rd_kafka_queue_t>, String> {
     let client = NonNull::new(client).ok_or("no consumer handle")?;
     let mut list = TopicPartitionList::with_capacity(partitions.len());
     for (topic, partition) in partitions {
         list.add_partition_offset(topic, *partition, Offset::End).map_err(|e| e.to_string())?;
     }
-    let isolation = if read_committed {
-        rd::rd_kafka_IsolationLevel_t::RD_KAFKA_ISOLATION_LEVEL_READ_COMMITTED
-    } else {
-        rd::rd_kafka_IsolationLevel_t::RD_KAFKA_ISOLATION_LEVEL_READ_UNCOMMITTED
-    };
     // SAFETY: a live client; the options are ours and destroyed here (librdkafka copies them
     // and the list); the queue is returned to be destroyed by `Ask`'s drop
     unsafe {
@@ -154,11 +149,8 @@ fn ask(
         }
         let mut errstr = [0 as std::ffi::c_char; 256];
         let timeout = ASK_TIMEOUT.as_millis() as i32;
+        // (the options' isolation level is read_uncommitted unless set)
         let set = rd::rd_kafka_AdminOptions_set_request_timeout(options, timeout, errstr.as_mut_ptr(), errstr.len());
-        let error = rd::rd_kafka_AdminOptions_set_isolation_level(options, isolation);
-        if !error.is_null() {
-            rd::rd_kafka_error_destroy(error);
-        }
         if set != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
             rd::rd_kafka_AdminOptions_destroy(options);
             rd::rd_kafka_queue_destroy(queue.as_ptr());
@@ -226,7 +218,7 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let consumer = consumer(&silent.local_addr().unwrap().to_string());
         let client = consumer.client().native_ptr();
-        let mut ends = LogEnds::new(true);
+        let mut ends = LogEnds::default();
         let wanted = vec![("t".to_owned(), 0), ("t".to_owned(), 1)];
         let start = Instant::now();
         let mut calls = Vec::new();
@@ -239,6 +231,7 @@ mod tests {
         let answered = start.elapsed();
         assert!(ends.in_flight.is_none(), "no answer in {answered:?}");
         assert!(answered >= ASK_TIMEOUT - Duration::from_millis(500), "answered before its timeout: {answered:?}");
+        assert!(answered < GIVE_UP_AFTER, "librdkafka's answer, not our giving up: {answered:?}");
         assert!(calls.iter().all(|c| *c < Duration::from_millis(500)), "a call waited: {calls:?}");
         assert!(wanted.iter().all(|tp| ends.answers.contains_key(tp) && ends.known(tp).is_none()));
         // asked again once the failure is a second old, not before
@@ -259,6 +252,11 @@ mod tests {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let brokers = std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let reachable = brokers
+            .split(',')
+            .filter_map(|b| std::net::ToSocketAddrs::to_socket_addrs(b).ok()?.next())
+            .any(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+        assert!(reachable, "needs a Kafka broker at {brokers} (CITYSTREAM_KAFKA_BROKERS; scripts/test.sh starts one)");
         let topic = format!(
             "log-ends-{}-{}",
             std::process::id(),
@@ -273,6 +271,14 @@ mod tests {
             ))
             .unwrap_or_else(|e| panic!("needs a Kafka broker at {brokers} (CITYSTREAM_KAFKA_BROKERS): {e}"));
         assert!(created.iter().all(Result::is_ok), "{created:?}");
+        // deleted however the test ends
+        struct Delete<'a>(&'a AdminClient<rdkafka::client::DefaultClientContext>, &'a str, &'a tokio::runtime::Runtime);
+        impl Drop for Delete<'_> {
+            fn drop(&mut self) {
+                let _ = self.2.block_on(self.0.delete_topics(&[self.1], &AdminOptions::new()));
+            }
+        }
+        let _delete = Delete(&admin, &topic, &runtime);
         let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
         for (partition, n) in [(0, 7), (1, 3)] {
             for i in 0..n {
@@ -283,7 +289,7 @@ mod tests {
         producer.flush(Duration::from_secs(10)).unwrap();
         let consumer = consumer(&brokers);
         let client = consumer.client().native_ptr();
-        let mut ends = LogEnds::new(true);
+        let mut ends = LogEnds::default();
         let wanted = vec![(topic.clone(), 0), (topic.clone(), 1), (topic.clone(), 5)];
         let start = Instant::now();
         ends.refresh(client, &wanted);
@@ -299,6 +305,5 @@ mod tests {
         assert_eq!(ends.answers.len(), 1);
         drop(ends);
         drop(consumer);
-        runtime.block_on(admin.delete_topics(&[&topic], &AdminOptions::new())).unwrap();
     }
 }

@@ -367,7 +367,7 @@ async fn run_kafka_source(
         shared,
         queue,
         unanswered: ForgetUnanswered(unanswered),
-        log_ends: std::cell::RefCell::new(LogEnds::new(cc.get("isolation.level") != Some("read_uncommitted"))),
+        log_ends: std::cell::RefCell::new(LogEnds::default()),
         clocks,
         routing,
         acks,
@@ -1058,8 +1058,8 @@ impl Loop {
             let unknown: Vec<Tp> =
                 parts.iter().zip(&cached).filter(|(_, end)| end.is_none()).map(|((tp, _), _)| tp.clone()).collect();
             let mut log_ends = self.log_ends.borrow_mut();
-            log_ends.retain(|tp| parts.binary_search_by(|(t, _)| t.cmp(tp)).is_ok());
             log_ends.refresh(self.consumer.client().native_ptr(), &unknown);
+            log_ends.retain(|tp| parts.binary_search_by(|(t, _)| t.cmp(tp)).is_ok());
         }
         let log_ends = self.log_ends.borrow();
         parts
