@@ -33,7 +33,6 @@ struct Day {
     end_ms: i64,
     /// Where the run's shared secrets (pseudonyms, DP noise) live.
     secrets: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 fn root() -> PathBuf {
@@ -64,8 +63,7 @@ fn day() -> &'static Day {
         let mut messages = Vec::new();
         while sim.step(&mut messages) {}
         // the secrets every run shares (pseudonyms and DP noise must agree to compare tables)
-        let dir = tempfile::tempdir().unwrap();
-        let secrets = dir.path().join("secrets");
+        let secrets = shared_scratch("event_time-day").join("secrets");
         std::fs::create_dir_all(&secrets).unwrap();
         for (i, f) in ["pseudonym.key", "dp_noise.key"].into_iter().enumerate() {
             use std::os::unix::fs::OpenOptionsExt;
@@ -73,7 +71,7 @@ fn day() -> &'static Day {
                 std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(secrets.join(f)).unwrap();
             std::io::Write::write_all(&mut file, &[17 + i as u8; 32]).unwrap();
         }
-        Day { messages, report: sim.report(), end_ms: end, secrets, _dir: dir }
+        Day { messages, report: sim.report(), end_ms: end, secrets }
     })
 }
 

@@ -38,7 +38,8 @@ struct Archive {
     /// Where the runs' shared secrets (pseudonyms, DP noise) live.
     secrets: PathBuf,
     messages: usize,
-    _dir: tempfile::TempDir,
+    /// Where it all lives ([`shared_scratch`]).
+    dir: PathBuf,
 }
 
 fn archive() -> &'static Archive {
@@ -61,9 +62,9 @@ fn archive() -> &'static Archive {
         cfg.start = citystream_pipeline::simulator::StartTime(Some(end - hours() * 3_600_000));
         cfg.duration = citystream_operators::Duration::from_secs(hours() as u64 * 3600);
         cfg.ground_truth = None;
-        let dir = tempfile::tempdir().unwrap();
-        let files = dir.path().join("archive");
-        let secrets = dir.path().join("secrets");
+        let dir = shared_scratch("files_source-archive");
+        let files = dir.join("archive");
+        let secrets = dir.join("secrets");
         std::fs::create_dir_all(&secrets).unwrap();
         for (i, f) in ["pseudonym.key", "dp_noise.key"].into_iter().enumerate() {
             std::fs::write(secrets.join(f), [23 + i as u8; 32]).unwrap();
@@ -73,7 +74,7 @@ fn archive() -> &'static Archive {
         let mut messages: Vec<SimMessage> = Vec::new();
         while sim.step(&mut messages) {}
         write_archive(&files, &messages);
-        Archive { simulator: cfg, files, secrets, messages: messages.len(), _dir: dir }
+        Archive { simulator: cfg, files, secrets, messages: messages.len(), dir }
     })
 }
 
@@ -182,7 +183,7 @@ fn expected() -> &'static std::collections::BTreeMap<String, Vec<String>> {
         std::thread::spawn(|| {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async {
-                let data = archive()._dir.path().join("simulator-run");
+                let data = archive().dir.join("simulator-run");
                 let report = run_in_process(&pipeline_yaml(&simulator_source(), &data, false)).await;
                 assert_eq!(report.source_messages["city"] as usize, archive().messages);
                 tables(&data).await

@@ -306,6 +306,20 @@ pub fn walk(dir: &Path) -> Vec<String> {
     out
 }
 
+/// A folder for what a test binary makes once and its tests share (held by a `static`, which
+/// is never dropped: a temporary folder there was left behind in /tmp at every run, keys and
+/// all): `name` under cargo's scratch folder for integration tests (`target/tmp`), emptied
+/// when first asked for in a run. One run of the binary at a time.
+pub fn shared_scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("emptying {}: {e}", dir.display()),
+        _ => {}
+    }
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
 /// Runs a broker control script of `deploy/kafka/` on the broker `scripts/test.sh` started
 /// (`KAFKA_RUN_DIR`, `KAFKA_PORT`, `KAFKA_CONTROLLER_PORT` from the environment).
 pub fn broker_script(script: &str) {
