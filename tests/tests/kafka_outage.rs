@@ -97,6 +97,7 @@ async fn run_through(
     metrics: Metrics,
     disrupt: impl FnOnce() + Send + 'static,
 ) {
+    log_when_asked();
     let p = plan(config::load_str(text, "outage.yaml").unwrap(), "outage.yaml").unwrap();
     let (_stop, rx) = StopHandle::new();
     let run = tokio::spawn(runtime::run(p, metrics, rx));

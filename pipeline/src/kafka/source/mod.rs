@@ -30,7 +30,9 @@
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
 //! takes a checkpoint and commits it, through [`bounded_commit`]; [`alignment`] decides which
 //! partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log ends
-//! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue.
+//! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
+//! [`rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every
+//! broker.
 mod alignment;
 mod bounded_commit;
 mod commit;
@@ -39,9 +41,11 @@ mod held;
 mod log_ends;
 mod native;
 mod queue;
+mod rebootstrap;
 
 pub use alignment::{AlignInput, Alignment, AlignmentWait};
 use log_ends::LogEnds;
+use rebootstrap::Rebootstrap;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -134,6 +138,8 @@ struct Loop {
     /// Likewise before `consumer`: the log ends asked of the brokers, and the queue of an ask
     /// with no answer yet (the librdkafka fetch path).
     log_ends: std::cell::RefCell<LogEnds>,
+    /// Watches librdkafka's learned brokers (`None`: `bootstrap.servers` has a NUL byte).
+    rebootstrap: std::cell::RefCell<Option<Rebootstrap>>,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -324,6 +330,8 @@ async fn run_kafka_source(
     let counter = |metric: &str, help: &'static str, k: &EventKind| {
         metrics.counter(metric, help, &[("source", name), ("stream", k.as_str())])
     };
+    // (before `cfg` moves into the loop)
+    let rebootstrap = Rebootstrap::new(cfg.brokers.as_str());
     let l = Loop {
         name: name.to_owned(),
         events: EventKind::ALL
@@ -368,6 +376,7 @@ async fn run_kafka_source(
         queue,
         unanswered: ForgetUnanswered(unanswered),
         log_ends: std::cell::RefCell::new(LogEnds::default()),
+        rebootstrap: std::cell::RefCell::new(rebootstrap),
         clocks,
         routing,
         acks,
@@ -517,6 +526,7 @@ impl Loop {
         let checkpoint_every = self.cfg.checkpoint_interval.to_std().max(Duration::from_millis(10));
         let mut next_flush = Instant::now() + batch_wait;
         let mut next_checkpoint = Instant::now() + checkpoint_every;
+        let mut next_broker_check = Instant::now() + Duration::from_secs(1);
         let mut last_message = Instant::now();
         let mut last_wm: Vec<i64> = vec![i64::MIN; self.clocks.len()];
         // (epoch, generation, positions) of the newest checkpoint not yet committed
@@ -564,6 +574,10 @@ impl Loop {
                         // time spent waiting on a busy pipeline is not idleness
                         last_message = now;
                     }
+                }
+                if now >= next_broker_check {
+                    next_broker_check = now + Duration::from_secs(1);
+                    self.keep_brokers_known();
                 }
                 if now >= next_flush {
                     next_flush = now + batch_wait;
@@ -1027,6 +1041,19 @@ impl Loop {
             }
         } else if was_warned && !wait.warned {
             tracing::info!(source = self.name, "watermark alignment: the wait on a partition that did not move ended");
+        }
+    }
+
+    /// Gives librdkafka its bootstrap servers again once it has known no broker for a while
+    /// ([`rebootstrap`]: after a KRaft broker was fenced, its group's commits wait otherwise).
+    fn keep_brokers_known(&self) {
+        let client = self.consumer.client().native_ptr();
+        if self.rebootstrap.borrow_mut().as_mut().is_some_and(|w| w.check(client)) {
+            tracing::warn!(
+                source = self.name,
+                "librdkafka knew no broker (a metadata answer named none, as a KRaft cluster does while a \
+                 broker is fenced): its bootstrap servers were added again"
+            );
         }
     }
 
