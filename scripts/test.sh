@@ -113,12 +113,13 @@ eval "$(scripts/start-s3.sh "$data/s3")"
 
 echo "== rust tests"
 # Test binaries run one after another within a `cargo test`; the long broker tests that share
-# nothing with the others run beside them, in `cargo test`s of their own (most of their time is
-# spent waiting on brokers and sessions): the broker outages (their own broker) then the
-# two-broker cluster (its own), and the co-partitioning runs (topics of their own on the
-# shared broker). Every test target of the workspace runs once: the rest are listed from the
-# crates' tests/ folders.
-side=(kafka_outage kafka_brokers copartitioning)
+# no broker with the others run beside them, in a `cargo test` of their own (most of their time
+# is spent waiting on stopped brokers): the broker outages (their own broker) then the
+# two-broker cluster (its own). Every test target of the workspace runs once: the rest are
+# listed from the crates' tests/ folders. (The co-partitioning runs beside them too took the
+# suite from 1352 s to about 900 s, but alert_latency then once had no alert within 120 s:
+# they run with the rest, as before.)
+side=(kafka_outage kafka_brokers)
 rest=()
 for file in */tests/*.rs; do
   name="$(basename "$file" .rs)"
@@ -134,16 +135,11 @@ cargo test --workspace --locked --no-run 2>&1 | tail -1
   timeout 2400 cargo test --workspace --locked --no-fail-fast --test kafka_outage --test kafka_brokers
 ) >"$data/cargo-test-outages.log" 2>&1 &
 outages=$!
-timeout 2400 cargo test --workspace --locked --no-fail-fast --test copartitioning >"$data/cargo-test-copartitioning.log" 2>&1 &
-copartitioning=$!
 timeout 2400 cargo test --workspace --locked --no-fail-fast --lib --bins "${rest[@]}" 2>&1 | tee "$log" || status=$?
 wait "$outages" || status=$?
-wait "$copartitioning" || status=$?
-for side_log in "$data/cargo-test-outages.log" "$data/cargo-test-copartitioning.log"; do
-  echo "== rust tests run beside the others: $side_log"
-  cat "$side_log"
-  cat "$side_log" >>"$log"
-done
+echo "== rust tests run beside the others: the broker outages and the two-broker cluster"
+cat "$data/cargo-test-outages.log"
+cat "$data/cargo-test-outages.log" >>"$log"
 # one closing line for the whole suite
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
