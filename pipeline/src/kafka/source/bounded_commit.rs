@@ -21,23 +21,14 @@ use rdkafka::TopicPartitionList;
 use rdkafka::bindings as rd;
 use rdkafka::types::RDKafkaErrorCode;
 
-/// A commit whose answer did not come in time: the queue it will land on.
+use super::reply_queue::ReplyQueue;
+
+/// A commit whose answer did not come in time: the queue it will land on (destroyed before
+/// the consumer: [`Unanswered::forget`]).
 struct InFlight {
-    queue: NonNull<rd::rd_kafka_queue_t>,
+    queue: ReplyQueue,
     epoch: u64,
     since: Instant,
-}
-
-// SAFETY: librdkafka's queues are thread-safe; the handle is used by the consumer thread (and
-// the rebalance callbacks on it) and destroyed before the consumer ([`Unanswered::forget`]).
-unsafe impl Send for InFlight {}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        // SAFETY: our handle, destroyed once, while the client lives; an answer landing later
-        // finds the queue disabled and is dropped
-        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
-    }
 }
 
 /// The source's commit with no answer yet, if any, and how long a commit may wait.
@@ -94,12 +85,11 @@ impl Unanswered {
             return Err("the consumer is closing".into());
         }
         if let Some(before) = slot.in_flight.as_ref() {
-            let ms = match earlier {
-                Earlier::GiveUp => 0,
-                Earlier::Wait => millis(self.wait),
+            let wait = match earlier {
+                Earlier::GiveUp => Duration::ZERO,
+                Earlier::Wait => self.wait,
             };
-            // SAFETY: a live queue (see `InFlight`); an event taken is ours until destroyed
-            match NonNull::new(unsafe { rd::rd_kafka_queue_poll(before.queue.as_ptr(), ms) }) {
+            match before.queue.poll(wait) {
                 None => {
                     return Err(format!(
                         "the commit of checkpoint {} has had no answer for {:.0?}; no commit goes over it",
@@ -120,10 +110,7 @@ impl Unanswered {
             }
         }
         let client = NonNull::new(client).ok_or("no consumer handle")?;
-        // SAFETY: a live client; the queue is destroyed by `InFlight`'s drop
-        let queue =
-            NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) }).ok_or("no queue for the commit")?;
-        let in_flight = InFlight { queue, epoch, since: Instant::now() };
+        let queue = ReplyQueue::new(client).ok_or("no queue for the commit")?;
         // SAFETY: live handles; librdkafka copies `offsets` and keeps its own reference to the
         // queue until it has answered there
         let err = unsafe {
@@ -132,8 +119,8 @@ impl Unanswered {
         if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
             return Err(RDKafkaErrorCode::from(err).to_string());
         }
-        // SAFETY: as above
-        match NonNull::new(unsafe { rd::rd_kafka_queue_poll(queue.as_ptr(), millis(self.wait)) }) {
+        let in_flight = InFlight { queue, epoch, since: Instant::now() };
+        match in_flight.queue.poll(self.wait) {
             Some(event) => answer(event),
             None => {
                 self.timeouts.inc();
@@ -142,10 +129,6 @@ impl Unanswered {
             }
         }
     }
-}
-
-fn millis(d: Duration) -> i32 {
-    d.as_millis().min(i32::MAX as u128) as i32
 }
 
 /// The outcome an offset commit's answer carries (the request's error, else the first

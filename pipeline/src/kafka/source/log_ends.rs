@@ -25,6 +25,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Tp;
+use super::reply_queue::ReplyQueue;
 
 /// How long the brokers have to answer an ask (librdkafka answers with an error after it).
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,21 +39,9 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(15);
 
 /// The ask in flight: the queue its answer lands on, and what it asked for.
 struct Ask {
-    queue: NonNull<rd::rd_kafka_queue_t>,
+    queue: ReplyQueue,
     since: Instant,
     asked: Vec<Tp>,
-}
-
-// SAFETY: librdkafka's queues are thread-safe; the handle is used on the consumer thread only
-// and destroyed before the consumer (the [`LogEnds`] is declared before it in the loop).
-unsafe impl Send for Ask {}
-
-impl Drop for Ask {
-    fn drop(&mut self) {
-        // SAFETY: our handle, destroyed once, while the client lives; an answer landing later
-        // finds the queue disabled and is dropped
-        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
-    }
 }
 
 /// The log ends the source has asked for, and the ask in flight. Drop it before the consumer:
@@ -104,8 +93,7 @@ impl LogEnds {
     /// it gave, or `None` (an error, for it or for the whole ask: asked again in a second).
     fn take_answer(&mut self) {
         let Some(in_flight) = self.in_flight.as_ref() else { return };
-        // SAFETY: a live queue (see `Ask`); an event taken is ours until destroyed
-        let ends = match NonNull::new(unsafe { rd::rd_kafka_queue_poll(in_flight.queue.as_ptr(), 0) }) {
+        let ends = match in_flight.queue.poll(Duration::ZERO) {
             Some(event) => answer(event).unwrap_or_else(|e| {
                 tracing::debug!("asking the brokers for log ends: {e}");
                 Vec::new()
@@ -131,20 +119,19 @@ impl LogEnds {
 
 /// Sends one ListOffsets request for the latest offset (high watermark) of each of
 /// `partitions`, its answer to a new queue (returned).
-fn ask(client: *mut rd::rd_kafka_t, partitions: &[Tp]) -> Result<NonNull<rd::rd_kafka_queue_t>, String> {
+fn ask(client: *mut rd::rd_kafka_t, partitions: &[Tp]) -> Result<ReplyQueue, String> {
     let client = NonNull::new(client).ok_or("no consumer handle")?;
     let mut list = TopicPartitionList::with_capacity(partitions.len());
     for (topic, partition) in partitions {
         list.add_partition_offset(topic, *partition, Offset::End).map_err(|e| e.to_string())?;
     }
-    // SAFETY: a live client; the options are ours and destroyed here (librdkafka copies them
-    // and the list); the queue is returned to be destroyed by `Ask`'s drop
+    let queue = ReplyQueue::new(client).ok_or("no queue for the ask")?;
+    // SAFETY: a live client and queue; the options are ours and destroyed here (librdkafka
+    // copies them and the list)
     unsafe {
-        let queue = NonNull::new(rd::rd_kafka_queue_new(client.as_ptr())).ok_or("no queue for the ask")?;
         let options =
             rd::rd_kafka_AdminOptions_new(client.as_ptr(), rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTOFFSETS);
         if options.is_null() {
-            rd::rd_kafka_queue_destroy(queue.as_ptr());
             return Err("no admin options for the ask".into());
         }
         let mut errstr = [0 as std::ffi::c_char; 256];
@@ -153,7 +140,6 @@ fn ask(client: *mut rd::rd_kafka_t, partitions: &[Tp]) -> Result<NonNull<rd::rd_
         let set = rd::rd_kafka_AdminOptions_set_request_timeout(options, timeout, errstr.as_mut_ptr(), errstr.len());
         if set != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
             rd::rd_kafka_AdminOptions_destroy(options);
-            rd::rd_kafka_queue_destroy(queue.as_ptr());
             return Err(CStr::from_ptr(errstr.as_ptr()).to_string_lossy().into_owned());
         }
         rd::rd_kafka_ListOffsets(client.as_ptr(), list.ptr(), options, queue.as_ptr());

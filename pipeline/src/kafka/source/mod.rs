@@ -28,7 +28,8 @@
 //!
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
-//! takes a checkpoint and commits it, through [`bounded_commit`]; [`alignment`] decides which
+//! takes a checkpoint and commits it, through [`bounded_commit`] (its answer on a
+//! [`reply_queue`], as [`log_ends`]'s); [`alignment`] decides which
 //! partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log ends
 //! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
 //! [`rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every
@@ -42,6 +43,7 @@ mod log_ends;
 mod native;
 mod queue;
 mod rebootstrap;
+mod reply_queue;
 
 pub use alignment::{AlignInput, Alignment, AlignmentWait};
 use log_ends::LogEnds;
@@ -138,8 +140,8 @@ struct Loop {
     /// Likewise before `consumer`: the log ends asked of the brokers, and the queue of an ask
     /// with no answer yet (the librdkafka fetch path).
     log_ends: std::cell::RefCell<LogEnds>,
-    /// Watches librdkafka's learned brokers (`None`: `bootstrap.servers` has a NUL byte).
-    rebootstrap: std::cell::RefCell<Option<Rebootstrap>>,
+    /// Watches librdkafka's learned brokers.
+    rebootstrap: std::cell::RefCell<Rebootstrap>,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -1048,7 +1050,7 @@ impl Loop {
     /// ([`rebootstrap`]: after a KRaft broker was fenced, its group's commits wait otherwise).
     fn keep_brokers_known(&self) {
         let client = self.consumer.client().native_ptr();
-        if self.rebootstrap.borrow_mut().as_mut().is_some_and(|w| w.check(client)) {
+        if self.rebootstrap.borrow_mut().check(client) {
             tracing::warn!(
                 source = self.name,
                 "librdkafka knew no broker (a metadata answer named none, as a KRaft cluster does while a \

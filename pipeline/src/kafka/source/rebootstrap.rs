@@ -35,14 +35,10 @@ pub(super) struct Rebootstrap {
 }
 
 impl Rebootstrap {
-    /// `None` if `servers` cannot be handed to librdkafka (a NUL byte).
-    pub(super) fn new(servers: &str) -> Option<Self> {
-        Some(Rebootstrap {
-            servers: CString::new(servers).ok()?,
-            learned_once: false,
-            without_since: None,
-            added_at: None,
-        })
+    /// Watches for `servers` (`bootstrap.servers`, which librdkafka took: no NUL byte).
+    pub(super) fn new(servers: &str) -> Self {
+        let servers = CString::new(servers).unwrap_or_default();
+        Rebootstrap { servers, learned_once: false, without_since: None, added_at: None }
     }
 
     /// Looks at the brokers consumer `client` (`BaseConsumer::client().native_ptr()`) has
@@ -98,7 +94,7 @@ mod tests {
         let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &address).create().unwrap();
         let client = consumer.client().native_ptr();
         assert_eq!(learned_brokers(client), 0);
-        let mut watch = Rebootstrap::new(&address).unwrap();
+        let mut watch = Rebootstrap::new(&address);
         assert!(!watch.check(client));
         watch.without_since = Some(Instant::now() - AFTER);
         assert!(!watch.check(client), "bootstrapping: nothing to do");
