@@ -123,11 +123,15 @@ impl Replica {
                 &[("control", name)],
             ),
         };
+        let mut watch = crate::kafka::rebootstrap::Rebootstrap::new(
+            format!("the control center `{name}`'s replica"),
+            k.brokers.as_str(),
+        );
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{name}-replica"))
-            .spawn(move || follow(&consumer, &topic, &s, &target, &counters))
+            .spawn(move || follow(&consumer, &mut watch, &topic, &s, &target, &counters))
             .map_err(|e| bad(format!("starting the thread that reads the alerts topic: {e}")))?;
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
@@ -216,8 +220,16 @@ fn assign_new(consumer: &BaseConsumer, topic: &str, known: &mut Vec<i32>) -> Res
 }
 
 #[cfg(feature = "kafka")]
-/// The thread's loop: assign, then apply every message until stopped.
-fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target, counters: &Counters) {
+/// The thread's loop: assign, then apply every message until stopped; `watch` keeps a broker
+/// known to the consumer.
+fn follow(
+    consumer: &BaseConsumer,
+    watch: &mut crate::kafka::rebootstrap::Rebootstrap,
+    topic: &str,
+    shared: &Shared,
+    target: &Target,
+    counters: &Counters,
+) {
     let stopped = || shared.stop.load(Ordering::Acquire);
     let mut warned = false;
     let mut known = Vec::new();
@@ -226,6 +238,7 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
         if stopped() {
             return;
         }
+        watch.keep_known(consumer.client().native_ptr());
         match assign_new(consumer, topic, &mut known) {
             Ok(ends) => break ends,
             Err(e) => {
@@ -263,6 +276,7 @@ fn follow(consumer: &BaseConsumer, topic: &str, shared: &Shared, target: &Target
                 Err(e) => tracing::warn!(topic, "control center: looking for new partitions of the alerts topic: {e}"),
             }
         }
+        watch.keep_known(consumer.client().native_ptr());
         let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = match m {
             Ok(m) => m,

@@ -148,6 +148,15 @@ impl Intensity {
         cc.set("enable.auto.commit", "false");
         let consumer: StreamConsumer = cc.create().map_err(|e| IntensityError::Topic(e.to_string()))?;
         consumer.subscribe(&[cfg.topic.as_str()]).map_err(|e| IntensityError::Topic(e.to_string()))?;
+        // the loop below waits on the consumer's stream: its broker watch runs on a thread
+        let consumer = Arc::new(consumer);
+        let rebootstrap = crate::kafka::rebootstrap::RebootstrapThread::start(
+            "the carbon intensity reader",
+            cfg.brokers.as_str(),
+            consumer.clone(),
+            |c| c.client().native_ptr(),
+        )
+        .map_err(|e| IntensityError::Topic(format!("starting its broker watch: {e}")))?;
         let this = self.clone();
         let outcome = |o: &str| {
             metrics.counter("citystream_carbon_messages_total", "Grid intensity messages read.", &[("outcome", o)])
@@ -155,6 +164,8 @@ impl Intensity {
         let (ok, bad) = (outcome("applied"), outcome("invalid"));
         let topic = cfg.topic.clone();
         Ok(tokio::spawn(async move {
+            // stopped and joined when the task is aborted
+            let _rebootstrap = rebootstrap;
             loop {
                 match consumer.recv().await {
                     Ok(m) => match this.apply_message(m.payload().unwrap_or_default()) {

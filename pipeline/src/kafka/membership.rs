@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};
 
+use super::rebootstrap::Rebootstrap;
 use super::{KafkaSourceConfig, client_config};
 use crate::task::{Assignments, Membership};
 
@@ -130,7 +131,10 @@ fn run_member(
         "joined the group: its partitions of the lead topic are our tasks"
     );
     let mut last_warning = Instant::now() - Duration::from_secs(60);
+    // after a KRaft broker was fenced, the member would miss its heartbeats for good otherwise
+    let mut watch = Rebootstrap::new("the group member", cfg.brokers.as_str());
     while !leave() {
+        watch.keep_known(consumer.client().native_ptr());
         match consumer.poll(Duration::from_millis(100)) {
             None | Some(Ok(_)) => {}
             Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {

@@ -2,10 +2,13 @@
 //! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
 //! zstd producer, and the producer the simulator uses to feed topics.
 
+#[cfg(test)]
+mod fenced_broker;
 pub mod fetch;
 pub mod global;
 pub(crate) mod membership;
 pub mod partition;
+pub(crate) mod rebootstrap;
 mod sink;
 mod source;
 

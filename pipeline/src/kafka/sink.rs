@@ -10,9 +10,10 @@ use arrow::array::{Array, RecordBatch};
 use citystream_operators::{Counter, Metrics};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use serde::Deserialize;
 
+use super::rebootstrap::RebootstrapThread;
 use crate::primitives::{EnvString, Inputs};
 use crate::task::{PipelineError, Sink, SinkContext, sink_error};
 
@@ -48,6 +49,9 @@ pub enum KafkaSinkError {
     /// The producer could not be created or a message not queued.
     #[error("kafka producer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The producer's broker watch could not be started.
+    #[error("starting the producer's broker watch: {0}")]
+    Watch(#[from] std::io::Error),
     /// The broker did not acknowledge a message (after librdkafka's retries).
     #[error("delivery to {topic} failed: {reason}")]
     Delivery {
@@ -71,6 +75,8 @@ pub enum KafkaSinkError {
 
 /// Produces rows to topics and tracks their deliveries.
 pub struct KafkaWriter {
+    /// Dropped before the producer (see [`RebootstrapThread`]).
+    _rebootstrap: RebootstrapThread,
     producer: FutureProducer,
     inflight: Vec<(String, DeliveryFuture)>,
     sent: BTreeMap<String, Counter>,
@@ -105,7 +111,12 @@ impl KafkaWriter {
                 )
             })
             .collect();
-        Ok(Self { producer: cc.create()?, inflight: Vec::new(), sent })
+        let producer: FutureProducer = cc.create()?;
+        let rebootstrap =
+            RebootstrapThread::start(format!("the Kafka sink `{sink}`"), brokers.as_str(), producer.clone(), |p| {
+                p.client().native_ptr()
+            })?;
+        Ok(Self { _rebootstrap: rebootstrap, producer, inflight: Vec::new(), sent })
     }
 
     /// Queues every row of `batch` to `topic`, keyed by `key`.

@@ -10,10 +10,11 @@ use citystream_operators::event_time::EventClock;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 
 use super::PublishConfig;
 use super::wire::{self, Epoch, Marker};
+use crate::kafka::rebootstrap::RebootstrapThread;
 use crate::task::{PipelineError, Sink, SinkContext, StateStore, blocking_metered, sink_error};
 
 /// The operator kind of the publisher's saved epochs in the state store.
@@ -23,6 +24,8 @@ const KIND: &str = "global_publish";
 pub(crate) struct GlobalPublisher {
     name: String,
     cfg: PublishConfig,
+    /// Dropped before the producer (see [`RebootstrapThread`]).
+    _rebootstrap: RebootstrapThread,
     producer: FutureProducer,
     state: StateStore,
     cpu_ns: citystream_operators::Counter,
@@ -57,6 +60,13 @@ impl GlobalPublisher {
         let state = ctx.state.cloned().ok_or_else(|| ctx.error("the global topic needs operator state"))?;
         let producer: FutureProducer =
             crate::kafka::producer_config(&cfg.brokers, &cfg.properties).create().map_err(|e| ctx.error(e))?;
+        let rebootstrap = RebootstrapThread::start(
+            format!("the global publisher `{}`", ctx.name),
+            cfg.brokers.as_str(),
+            producer.clone(),
+            |p| p.client().native_ptr(),
+        )
+        .map_err(|e| ctx.error(e))?;
         let streams = ctx.inputs.len();
         let names = ctx.inputs.clone();
         let mut unpublished = VecDeque::new();
@@ -69,6 +79,7 @@ impl GlobalPublisher {
         Ok(Self {
             name: ctx.name.to_owned(),
             cfg: cfg.clone(),
+            _rebootstrap: rebootstrap,
             producer,
             epoch: state.first_epoch(),
             state,

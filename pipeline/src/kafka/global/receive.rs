@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use super::ReceiveConfig;
 use super::wire::{self, Marker, Wire};
+use crate::kafka::rebootstrap::Rebootstrap;
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Source, SourceContext, SourceReport, StateStore};
 
 /// The operator kind of the receiver's state in the state store.
@@ -100,6 +101,8 @@ struct Receiver {
     epoch: u64,
     messages: u64,
     skipped: citystream_operators::Counter,
+    /// Keeps a broker known to the consumer.
+    rebootstrap: Rebootstrap,
 }
 
 impl Receiver {
@@ -130,6 +133,7 @@ impl Receiver {
             .map_err(|e| err(e.to_string()))?;
         consumer.assign(&tpl).map_err(|e| err(format!("reading {}: {e}", cfg.topic)))?;
         tracing::info!(source = name, topic = cfg.topic, tasks, resume, "global task reading the tasks' epochs");
+        let rebootstrap = Rebootstrap::new(format!("the global task `{name}`"), cfg.source.brokers.as_str());
         Ok(Self {
             skipped: ctx.metrics.counter(
                 "citystream_global_messages_skipped_total",
@@ -153,6 +157,7 @@ impl Receiver {
             checkpointed: resume.unwrap_or(-1),
             changed: false,
             messages: 0,
+            rebootstrap,
         })
     }
 
@@ -167,6 +172,7 @@ impl Receiver {
         // the restored watermarks hold until every task has spoken again
         self.advance()?;
         while !*self.stop.borrow() {
+            self.rebootstrap.keep_known(self.consumer.client().native_ptr());
             let read = self.consumer.poll(Duration::from_millis(100)).map(|r| r.map(|m| (m.offset(), wire::read(&m))));
             match read {
                 Some(Ok((offset, parsed))) => {

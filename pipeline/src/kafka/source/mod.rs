@@ -32,7 +32,7 @@
 //! [`reply_queue`], as [`log_ends`]'s); [`alignment`] decides which
 //! partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log ends
 //! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
-//! [`rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every
+//! [`Rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every
 //! broker.
 mod alignment;
 mod bounded_commit;
@@ -42,12 +42,10 @@ mod held;
 mod log_ends;
 mod native;
 mod queue;
-mod rebootstrap;
 mod reply_queue;
 
 pub use alignment::{AlignInput, Alignment, AlignmentWait};
 use log_ends::LogEnds;
-use rebootstrap::Rebootstrap;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -64,6 +62,7 @@ use rdkafka::message::Message as _;
 use tokio::sync::watch;
 
 use super::fetch::{Decoders, FetchLimits, Fetcher};
+use super::rebootstrap::Rebootstrap;
 use super::{KafkaSourceConfig, client_config};
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
@@ -333,7 +332,7 @@ async fn run_kafka_source(
         metrics.counter(metric, help, &[("source", name), ("stream", k.as_str())])
     };
     // (before `cfg` moves into the loop)
-    let rebootstrap = Rebootstrap::new(cfg.brokers.as_str());
+    let rebootstrap = Rebootstrap::new(format!("the source `{name}`"), cfg.brokers.as_str());
     let l = Loop {
         name: name.to_owned(),
         events: EventKind::ALL
@@ -528,7 +527,6 @@ impl Loop {
         let checkpoint_every = self.cfg.checkpoint_interval.to_std().max(Duration::from_millis(10));
         let mut next_flush = Instant::now() + batch_wait;
         let mut next_checkpoint = Instant::now() + checkpoint_every;
-        let mut next_broker_check = Instant::now() + Duration::from_secs(1);
         let mut last_message = Instant::now();
         let mut last_wm: Vec<i64> = vec![i64::MIN; self.clocks.len()];
         // (epoch, generation, positions) of the newest checkpoint not yet committed
@@ -577,10 +575,8 @@ impl Loop {
                         last_message = now;
                     }
                 }
-                if now >= next_broker_check {
-                    next_broker_check = now + Duration::from_secs(1);
-                    self.keep_brokers_known();
-                }
+                // after a KRaft broker was fenced, the group's commits would wait otherwise
+                self.rebootstrap.borrow_mut().keep_known(self.consumer.client().native_ptr());
                 if now >= next_flush {
                     next_flush = now + batch_wait;
                     let (handed_on, released) = self.flush(&mut last_wm)?;
@@ -1043,19 +1039,6 @@ impl Loop {
             }
         } else if was_warned && !wait.warned {
             tracing::info!(source = self.name, "watermark alignment: the wait on a partition that did not move ended");
-        }
-    }
-
-    /// Gives librdkafka its bootstrap servers again once it has known no broker for a while
-    /// ([`rebootstrap`]: after a KRaft broker was fenced, its group's commits wait otherwise).
-    fn keep_brokers_known(&self) {
-        let client = self.consumer.client().native_ptr();
-        if self.rebootstrap.borrow_mut().check(client) {
-            tracing::warn!(
-                source = self.name,
-                "librdkafka knew no broker (a metadata answer named none, as a KRaft cluster does while a \
-                 broker is fenced): its bootstrap servers were added again"
-            );
         }
     }
 
