@@ -9,6 +9,7 @@ pub mod global;
 pub(crate) mod membership;
 pub mod partition;
 pub(crate) mod rebootstrap;
+pub(crate) mod reply_queue;
 mod sink;
 mod source;
 

@@ -5,10 +5,10 @@
 //!
 //! librdkafka stays the consumer group's member: it joins, is assigned partitions (and has
 //! them revoked), and commits offsets; the source pauses every assigned partition there, so
-//! librdkafka fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders come from
-//! librdkafka's metadata, asked again when a partition has none or a broker answers that it no
-//! longer leads it; a broker that cannot be reached is tried again with a growing backoff (up to
-//! 10 s). A broker's host name is resolved on a thread of its own, and a connect is begun
+//! librdkafka fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders are asked of
+//! the brokers through librdkafka without waiting ([`leaders`]), again when a partition has none
+//! or a broker answers that it no longer leads it; a broker that cannot be reached is tried again
+//! with a growing backoff (up to 10 s). A broker's host name is resolved on a thread of its own, and a connect is begun
 //! without waiting and finished while responses are awaited (each of the host's addresses in
 //! turn, [`CONNECT_TIMEOUT`] each: [`connect`]), so neither a DNS server nor a host that drops
 //! packets holds anything else. Requests go to every leader before any response is read, and a
@@ -24,6 +24,7 @@
 //! librdkafka's fetch. [`wire`] has the protocol.
 
 mod connect;
+mod leaders;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 
 use connect::{Resolution, Resolver, connect_next, ready_for_io};
+use leaders::LeaderAsk;
 
 pub use wire::{Decoders, FetchLimits, PartitionData, Record, RecordSet, WireError};
 
@@ -55,8 +57,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Metadata is asked again at most this often (after the last ask ended).
 const METADATA_EVERY: Duration = Duration::from_millis(500);
-/// How long a metadata ask waits for its answer.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Error codes after which the partition's leader is looked up again.
 const LEADER_ERRORS: &[i16] = &[
@@ -234,7 +234,8 @@ pub struct Round {
     pub waiting: bool,
 }
 
-/// The connections and leaders of the native fetch path.
+/// The connections and leaders of the native fetch path. Drop it before the consumer it asks
+/// for leaders on: its ask's librdkafka queue must go before the client.
 pub struct Fetcher {
     client_id: String,
     limits: FetchLimits,
@@ -246,6 +247,8 @@ pub struct Fetcher {
     metadata_backoff: Duration,
     /// Some partition has no known leader, or lost it.
     stale: bool,
+    /// The leader ask in flight.
+    leader_ask: Option<LeaderAsk>,
     /// Where the next request starts in its partition list.
     rotation: usize,
     /// [`IO_TIMEOUT`] and [`CONNECT_TIMEOUT`] (shorter in tests).
@@ -266,6 +269,7 @@ impl Fetcher {
             metadata_at: None,
             metadata_backoff: METADATA_EVERY,
             stale: true,
+            leader_ask: None,
             rotation: 0,
             io_timeout: IO_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
@@ -278,54 +282,65 @@ impl Fetcher {
         self.limits
     }
 
-    /// Asks librdkafka for the leaders of the topics of `wanted` (and the brokers' addresses),
-    /// when some partition needs one and the last ask ended [`METADATA_EVERY`] ago (longer
-    /// after asks without an answer). Topics with a partition that has no leader go first; an
-    /// ask without an answer ends the refresh, so a broker that does not answer holds the
-    /// consumer thread for one metadata timeout at a time, not one per topic.
+    /// Takes the answer of the leader ask in flight, if it has come (without waiting); then,
+    /// when some partition of `wanted` needs a leader and the last ask ended [`METADATA_EVERY`]
+    /// ago (longer after asks without an answer), asks the brokers for the leaders of every
+    /// topic of `wanted` and their addresses ([`leaders`]: nothing here waits for a broker).
     fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wanted: &[(Tp, i64)]) {
-        let mut leaderless: Vec<&str> =
-            wanted.iter().filter(|(tp, _)| !self.leaders.contains_key(tp)).map(|(tp, _)| tp.0.as_str()).collect();
-        if !leaderless.is_empty() {
+        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
             self.stale = true;
+        }
+        if let Some(ask) = &self.leader_ask {
+            let Some(answer) = ask.answer() else { return };
+            self.leader_ask = None;
+            self.take_leaders(answer);
         }
         if !self.stale || self.metadata_at.is_some_and(|at| at.elapsed() < self.metadata_backoff) {
             return;
         }
-        leaderless.sort_unstable();
-        leaderless.dedup();
         let mut topics: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
-        topics.sort_unstable_by_key(|t| (leaderless.binary_search(t).is_err(), *t));
+        topics.sort_unstable();
         topics.dedup();
-        let mut complete = true;
-        let mut answered = true;
-        for topic in topics {
-            let md = match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
-                Ok(md) => md,
-                Err(e) => {
-                    tracing::warn!(topic, "native fetch: reading the partition leaders: {e}");
-                    (complete, answered) = (false, false);
-                    break;
-                }
-            };
-            for b in md.brokers() {
-                let address = format!("{}:{}", b.host(), b.port());
-                let broker = self.brokers.entry(b.id()).or_default();
-                if broker.address != address {
-                    broker.address = address;
-                    broker.conn = None;
-                    broker.resolving = None;
-                    broker.in_flight = None;
-                }
-            }
-            for t in md.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    let tp = (t.name().to_owned(), p.id());
-                    if p.error().is_none() && p.leader() >= 0 {
-                        self.leaders.insert(tp, p.leader());
-                    } else {
-                        self.leaders.remove(&tp);
-                        complete = false;
+        match LeaderAsk::send(consumer.client().native_ptr(), &topics) {
+            Ok(ask) => self.leader_ask = Some(ask),
+            Err(e) => self.take_leaders(Err(e)),
+        }
+    }
+
+    /// What a leader ask found: each partition's leader (and its address, a changed one
+    /// dropping the broker's connection), or none. The next ask waits [`METADATA_EVERY`], or
+    /// twice the last wait after an ask without an answer (up to [`MAX_BACKOFF`]); partitions
+    /// still without a leader are asked for again then.
+    fn take_leaders(&mut self, answer: Result<Vec<leaders::TopicLeaders>, String>) {
+        let answered = answer.is_ok();
+        let mut complete = answered;
+        match answer {
+            Err(e) => tracing::warn!("native fetch: reading the partition leaders: {e}"),
+            Ok(topics) => {
+                for (topic, partitions) in topics {
+                    let partitions = match partitions {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(topic, "native fetch: reading the partition leaders: {e}");
+                            complete = false;
+                            continue;
+                        }
+                    };
+                    for (partition, leader) in partitions {
+                        let tp = (topic.clone(), partition);
+                        let Some((id, address)) = leader else {
+                            self.leaders.remove(&tp);
+                            complete = false;
+                            continue;
+                        };
+                        let broker = self.brokers.entry(id).or_default();
+                        if broker.address != address {
+                            broker.address = address;
+                            broker.conn = None;
+                            broker.resolving = None;
+                            broker.in_flight = None;
+                        }
+                        self.leaders.insert(tp, id);
                     }
                 }
             }

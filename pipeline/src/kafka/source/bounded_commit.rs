@@ -21,7 +21,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::bindings as rd;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::reply_queue::ReplyQueue;
+use crate::kafka::reply_queue::ReplyQueue;
 
 /// A commit whose answer did not come in time: the queue it will land on (destroyed before
 /// the consumer: [`Unanswered::forget`]).

@@ -25,7 +25,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Tp;
-use super::reply_queue::ReplyQueue;
+use crate::kafka::reply_queue::ReplyQueue;
 
 /// How long the brokers have to answer an ask (librdkafka answers with an error after it).
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);

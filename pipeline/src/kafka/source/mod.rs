@@ -29,7 +29,7 @@
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
 //! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
 //! takes a checkpoint and commits it, through [`bounded_commit`] (its answer on a
-//! [`reply_queue`], as [`log_ends`]'s); [`alignment`] decides which
+//! [`ReplyQueue`](crate::kafka::reply_queue::ReplyQueue), as [`log_ends`]'s); [`alignment`] decides which
 //! partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log ends
 //! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
 //! [`Rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every
@@ -42,7 +42,6 @@ mod held;
 mod log_ends;
 mod native;
 mod queue;
-mod reply_queue;
 
 pub use alignment::{AlignInput, Alignment, AlignmentWait};
 use log_ends::LogEnds;
@@ -141,6 +140,9 @@ struct Loop {
     log_ends: std::cell::RefCell<LogEnds>,
     /// Watches librdkafka's learned brokers.
     rebootstrap: std::cell::RefCell<Rebootstrap>,
+    /// The native fetch path (`None`: librdkafka fetches). Likewise before `consumer`: the
+    /// queue of its leader ask goes first.
+    native: Option<std::cell::RefCell<Native>>,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -165,8 +167,6 @@ struct Loop {
     /// How long alignment has waited on a partition that does not move, and its gauge.
     alignment_wait: std::cell::RefCell<AlignmentWait<Tp, (Option<i64>, i64)>>,
     alignment_stalled: Gauge,
-    /// The native fetch path (`None`: librdkafka fetches).
-    native: Option<std::cell::RefCell<Native>>,
 }
 
 /// The native fetch path's state ([`crate::kafka::fetch`]).

@@ -1,15 +1,15 @@
-//! A librdkafka queue of the source's own, where the answer to one asynchronous request lands
-//! (an offset commit, a ListOffsets ask): the source looks at it when it chooses, waiting as
-//! long as it chooses, and destroys it once answered or given up on (an answer landing later
-//! finds the queue disabled and is dropped). Every such queue must go before its client: its
-//! owner is declared before the consumer in the loop.
+//! A librdkafka queue of our own, where the answer to one asynchronous request lands (the
+//! source's offset commit and log-end ask, the native fetch's leader ask): its owner looks at it
+//! when it chooses, waiting as long as it chooses, and destroys it once answered or given up on
+//! (an answer landing later finds the queue disabled and is dropped). Every such queue must go
+//! before its client: its owner is declared before the consumer in the source's loop.
 
 use std::ptr::NonNull;
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
 
-pub(super) struct ReplyQueue(NonNull<rd::rd_kafka_queue_t>);
+pub(crate) struct ReplyQueue(NonNull<rd::rd_kafka_queue_t>);
 
 // SAFETY: librdkafka's queues are thread-safe; the handle is used by the consumer thread (and
 // the rebalance callbacks on it) and destroyed before the consumer (see the module's doc).
@@ -17,20 +17,20 @@ unsafe impl Send for ReplyQueue {}
 
 impl ReplyQueue {
     /// A new queue on `client`; `None` if librdkafka made none.
-    pub(super) fn new(client: NonNull<rd::rd_kafka_t>) -> Option<Self> {
+    pub(crate) fn new(client: NonNull<rd::rd_kafka_t>) -> Option<Self> {
         // SAFETY: a live client; the queue is destroyed by the drop
         NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) }).map(ReplyQueue)
     }
 
     /// The handle, for the request to answer on (librdkafka keeps its own reference to the
     /// queue until it has answered).
-    pub(super) fn as_ptr(&self) -> *mut rd::rd_kafka_queue_t {
+    pub(crate) fn as_ptr(&self) -> *mut rd::rd_kafka_queue_t {
         self.0.as_ptr()
     }
 
     /// The answer, if it comes within `wait` (zero: only one already there). An event taken
     /// is the caller's, to destroy.
-    pub(super) fn poll(&self, wait: Duration) -> Option<NonNull<rd::rd_kafka_event_t>> {
+    pub(crate) fn poll(&self, wait: Duration) -> Option<NonNull<rd::rd_kafka_event_t>> {
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: a live queue
         NonNull::new(unsafe { rd::rd_kafka_queue_poll(self.0.as_ptr(), ms) })
