@@ -123,10 +123,7 @@ impl Replica {
                 &[("control", name)],
             ),
         };
-        let mut watch = crate::kafka::rebootstrap::Rebootstrap::new(
-            format!("the control center `{name}`'s replica"),
-            k.brokers.as_str(),
-        );
+        let mut watch = crate::kafka::rebootstrap::Rebootstrap::new(format!("the control center `{name}`'s replica"));
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
         let thread = std::thread::Builder::new()

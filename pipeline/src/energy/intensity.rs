@@ -150,13 +150,11 @@ impl Intensity {
         consumer.subscribe(&[cfg.topic.as_str()]).map_err(|e| IntensityError::Topic(e.to_string()))?;
         // the loop below waits on the consumer's stream: its broker watch runs on a thread
         let consumer = Arc::new(consumer);
-        let rebootstrap = crate::kafka::rebootstrap::RebootstrapThread::start(
-            "the carbon intensity reader",
-            cfg.brokers.as_str(),
-            consumer.clone(),
-            |c| c.client().native_ptr(),
-        )
-        .map_err(|e| IntensityError::Topic(format!("starting its broker watch: {e}")))?;
+        let rebootstrap =
+            crate::kafka::rebootstrap::RebootstrapThread::start("the carbon intensity reader", consumer.clone(), |c| {
+                c.client().native_ptr()
+            })
+            .map_err(|e| IntensityError::Topic(format!("starting its broker watch: {e}")))?;
         let this = self.clone();
         let outcome = |o: &str| {
             metrics.counter("citystream_carbon_messages_total", "Grid intensity messages read.", &[("outcome", o)])

@@ -132,7 +132,7 @@ fn run_member(
     );
     let mut last_warning = Instant::now() - Duration::from_secs(60);
     // after a KRaft broker was fenced, the member would miss its heartbeats for good otherwise
-    let mut watch = Rebootstrap::new("the group member", cfg.brokers.as_str());
+    let mut watch = Rebootstrap::new("the group member");
     while !leave() {
         watch.keep_known(consumer.client().native_ptr());
         match consumer.poll(Duration::from_millis(100)) {

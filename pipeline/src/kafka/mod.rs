@@ -2,6 +2,7 @@
 //! every sink made the data before a checkpoint barrier durable, a JSON sink on an idempotent
 //! zstd producer, and the producer the simulator uses to feed topics.
 
+pub(crate) mod admin_ask;
 #[cfg(test)]
 mod fenced_broker;
 pub mod fetch;
@@ -325,6 +326,9 @@ pub mod produce {
         /// The broker did not acknowledge a message (after librdkafka's retries).
         #[error("delivery failed: {0}")]
         Delivery(KafkaError),
+        /// The producer's broker watch could not be started.
+        #[error("starting the producer's broker watch: {0}")]
+        Watch(#[from] std::io::Error),
     }
 
     /// Waits for the broker's acknowledgement of one message.
@@ -353,6 +357,11 @@ pub mod produce {
             .set("batch.size", "1000000")
             .set("message.timeout.ms", "120000")
             .create()?;
+        // it may run for days, paced (see `rebootstrap`)
+        let _rebootstrap =
+            super::rebootstrap::RebootstrapThread::start("the simulator's producer", producer.clone(), |p| {
+                rdkafka::producer::Producer::client(p).native_ptr()
+            })?;
         let limiter = rate.map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r)));
         let mut sim = Simulation::new(cfg, chrono::Utc::now().timestamp_millis());
         let mut step = Vec::new();

@@ -112,10 +112,9 @@ impl KafkaWriter {
             })
             .collect();
         let producer: FutureProducer = cc.create()?;
-        let rebootstrap =
-            RebootstrapThread::start(format!("the Kafka sink `{sink}`"), brokers.as_str(), producer.clone(), |p| {
-                p.client().native_ptr()
-            })?;
+        let rebootstrap = RebootstrapThread::start(format!("the Kafka sink `{sink}`"), producer.clone(), |p| {
+            p.client().native_ptr()
+        })?;
         Ok(Self { _rebootstrap: rebootstrap, producer, inflight: Vec::new(), sent })
     }
 

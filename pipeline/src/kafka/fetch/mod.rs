@@ -247,8 +247,9 @@ pub struct Fetcher {
     metadata_backoff: Duration,
     /// Some partition has no known leader, or lost it.
     stale: bool,
-    /// The leader ask in flight.
+    /// The leader ask in flight, and how many asks in a row had no answer.
     leader_ask: Option<LeaderAsk>,
+    asks_unanswered: usize,
     /// Where the next request starts in its partition list.
     rotation: usize,
     /// [`IO_TIMEOUT`] and [`CONNECT_TIMEOUT`] (shorter in tests).
@@ -270,6 +271,7 @@ impl Fetcher {
             metadata_backoff: METADATA_EVERY,
             stale: true,
             leader_ask: None,
+            asks_unanswered: 0,
             rotation: 0,
             io_timeout: IO_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
@@ -286,14 +288,15 @@ impl Fetcher {
     /// when some partition of `wanted` needs a leader and the last ask ended [`METADATA_EVERY`]
     /// ago (longer after asks without an answer), asks the brokers for the leaders of every
     /// topic of `wanted` and their addresses ([`leaders`]: nothing here waits for a broker).
+    /// A leader lost while an ask is in flight is asked for again after its answer.
     fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wanted: &[(Tp, i64)]) {
-        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
-            self.stale = true;
-        }
         if let Some(ask) = &self.leader_ask {
             let Some(answer) = ask.answer() else { return };
             self.leader_ask = None;
             self.take_leaders(answer);
+        }
+        if wanted.iter().any(|(tp, _)| !self.leaders.contains_key(tp)) {
+            self.stale = true;
         }
         if !self.stale || self.metadata_at.is_some_and(|at| at.elapsed() < self.metadata_backoff) {
             return;
@@ -301,10 +304,29 @@ impl Fetcher {
         let mut topics: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
         topics.sort_unstable();
         topics.dedup();
-        match LeaderAsk::send(consumer.client().native_ptr(), &topics) {
-            Ok(ask) => self.leader_ask = Some(ask),
+        match LeaderAsk::send(consumer.client().native_ptr(), &topics, self.whom_to_ask()) {
+            Ok(ask) => {
+                // from here on, a lost leader is one the answer may not know of
+                self.stale = false;
+                self.leader_ask = Some(ask);
+            }
             Err(e) => self.take_leaders(Err(e)),
         }
+    }
+
+    /// The broker to ask for leaders: one the fetcher is connected to and not backing off,
+    /// the next of them after each ask without an answer; `None` (librdkafka's choice: the
+    /// controller its metadata names) while there is none.
+    fn whom_to_ask(&self) -> Option<i32> {
+        let now = Instant::now();
+        let mut ids: Vec<i32> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| b.conn.is_some() && b.retry_at.is_none_or(|at| now >= at))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        (!ids.is_empty()).then(|| ids[self.asks_unanswered % ids.len()])
     }
 
     /// What a leader ask found: each partition's leader (and its address, a changed one
@@ -345,10 +367,11 @@ impl Fetcher {
                 }
             }
         }
-        self.stale = !complete;
+        self.stale |= !complete;
         self.metadata_at = Some(Instant::now());
         self.metadata_backoff =
             if answered { METADATA_EVERY } else { (self.metadata_backoff * 2).clamp(METADATA_EVERY, MAX_BACKOFF) };
+        self.asks_unanswered = if answered { 0 } else { self.asks_unanswered + 1 };
     }
 
     /// How long a response may take: the fetch's wait on the broker, and the I/O timeout.
@@ -1210,5 +1233,66 @@ mod tests {
             f.send(8, &vec![("t", 0, 7)]);
         }
         first_request(&mut f, 8, &listener);
+    }
+
+    /// One topic `t`'s answer: each partition with its leader's id and address, or none.
+    fn leaders_of(partitions: &[(i32, Option<(i32, &str)>)]) -> Result<Vec<leaders::TopicLeaders>, String> {
+        let partitions = partitions.iter().map(|(p, l)| (*p, l.map(|(id, a)| (id, a.to_owned())))).collect();
+        Ok(vec![("t".to_owned(), Ok(partitions))])
+    }
+
+    /// An answer gives each partition its leader; a broker whose address it changes loses its
+    /// connection, one whose address it keeps does not; nothing is asked again.
+    #[test]
+    fn a_leader_answer_places_partitions_and_a_moved_broker_is_reconnected() {
+        let mut f = Fetcher::new("test", limits(0));
+        let _peer = broker(&mut f, 1);
+        let address = f.brokers[&1].address.clone();
+        f.stale = false; // as `refresh` leaves it once the ask is sent
+        f.take_leaders(leaders_of(&[(0, Some((1, &address))), (1, Some((2, "127.0.0.1:1")))]));
+        assert_eq!((f.leaders[&("t".to_owned(), 0)], f.leaders[&("t".to_owned(), 1)]), (1, 2));
+        assert!(f.brokers[&1].conn.is_some(), "the same address keeps its connection");
+        assert_eq!(f.brokers[&2].address, "127.0.0.1:1");
+        assert!(!f.stale && f.asks_unanswered == 0 && f.metadata_backoff == METADATA_EVERY);
+        f.take_leaders(leaders_of(&[(0, Some((1, "127.0.0.1:2")))]));
+        assert!(f.brokers[&1].conn.is_none() && f.brokers[&1].address == "127.0.0.1:2", "moved: reconnected");
+    }
+
+    /// A partition the answer gives no leader loses the one it had, a topic's error leaves its
+    /// leaders as they were, and either is asked for again; an ask without an answer backs the
+    /// next off and goes to the next broker.
+    #[test]
+    fn what_an_answer_leaves_open_is_asked_again() {
+        let mut f = Fetcher::new("test", limits(0));
+        let (_p1, _p2) = (broker(&mut f, 1), broker(&mut f, 2));
+        f.take_leaders(leaders_of(&[(0, Some((1, "127.0.0.1:3")))]));
+        f.take_leaders(leaders_of(&[(0, None)]));
+        assert!(!f.leaders.contains_key(&("t".to_owned(), 0)) && f.stale);
+        f.stale = false;
+        f.leaders.insert(("t".to_owned(), 1), 2);
+        f.take_leaders(Ok(vec![("t".to_owned(), Err("UNKNOWN_TOPIC_OR_PARTITION".to_owned()))]));
+        assert!(f.stale && f.leaders[&("t".to_owned(), 1)] == 2);
+        assert_eq!(f.whom_to_ask(), Some(2), "broker 1 moved (reconnecting): broker 2");
+        let _p1 = broker(&mut f, 1);
+        assert_eq!(f.whom_to_ask(), Some(1));
+        f.take_leaders(Err("Local: Timed out".to_owned()));
+        assert_eq!((f.asks_unanswered, f.metadata_backoff), (1, METADATA_EVERY * 2));
+        assert_eq!(f.whom_to_ask(), Some(2), "the next broker after an ask without an answer");
+        f.brokers.get_mut(&2).unwrap().back_off();
+        assert_eq!(f.whom_to_ask(), Some(1), "not one backing off");
+        f.take_leaders(leaders_of(&[]));
+        assert_eq!((f.asks_unanswered, f.metadata_backoff), (0, METADATA_EVERY));
+    }
+
+    /// A broker that fails while an ask is in flight (the ask sent, the flag cleared) is asked
+    /// about again after the answer, even a complete one: the answer may predate the failure.
+    #[test]
+    fn a_leader_lost_while_an_ask_is_in_flight_is_asked_for_again() {
+        let mut f = Fetcher::new("test", limits(0));
+        let _peer = broker(&mut f, 1);
+        f.stale = false; // as `refresh` leaves it once the ask is sent
+        f.failed(1, "the fetch failed with error 6");
+        f.take_leaders(leaders_of(&[(0, Some((1, "127.0.0.1:3")))]));
+        assert!(f.stale, "asked again");
     }
 }

@@ -60,13 +60,11 @@ impl GlobalPublisher {
         let state = ctx.state.cloned().ok_or_else(|| ctx.error("the global topic needs operator state"))?;
         let producer: FutureProducer =
             crate::kafka::producer_config(&cfg.brokers, &cfg.properties).create().map_err(|e| ctx.error(e))?;
-        let rebootstrap = RebootstrapThread::start(
-            format!("the global publisher `{}`", ctx.name),
-            cfg.brokers.as_str(),
-            producer.clone(),
-            |p| p.client().native_ptr(),
-        )
-        .map_err(|e| ctx.error(e))?;
+        let rebootstrap =
+            RebootstrapThread::start(format!("the global publisher `{}`", ctx.name), producer.clone(), |p| {
+                p.client().native_ptr()
+            })
+            .map_err(|e| ctx.error(e))?;
         let streams = ctx.inputs.len();
         let names = ctx.inputs.clone();
         let mut unpublished = VecDeque::new();

@@ -133,7 +133,7 @@ impl Receiver {
             .map_err(|e| err(e.to_string()))?;
         consumer.assign(&tpl).map_err(|e| err(format!("reading {}: {e}", cfg.topic)))?;
         tracing::info!(source = name, topic = cfg.topic, tasks, resume, "global task reading the tasks' epochs");
-        let rebootstrap = Rebootstrap::new(format!("the global task `{name}`"), cfg.source.brokers.as_str());
+        let rebootstrap = Rebootstrap::new(format!("the global task `{name}`"));
         Ok(Self {
             skipped: ctx.metrics.counter(
                 "citystream_global_messages_skipped_total",

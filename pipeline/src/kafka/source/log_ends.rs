@@ -16,8 +16,6 @@
 //! until the transaction ends (the old ask gave the last stable offset there).
 
 use std::collections::HashMap;
-use std::ffi::CStr;
-use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use rdkafka::bindings as rd;
@@ -25,7 +23,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Tp;
-use crate::kafka::reply_queue::ReplyQueue;
+use crate::kafka::admin_ask::{AdminAsk, text};
 
 /// How long the brokers have to answer an ask (librdkafka answers with an error after it).
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,10 +35,9 @@ const ANSWER_LASTS: Duration = Duration::from_secs(6);
 /// answer landing later finds its queue gone).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(15);
 
-/// The ask in flight: the queue its answer lands on, and what it asked for.
+/// The ask in flight, and what it asked for.
 struct Ask {
-    queue: ReplyQueue,
-    since: Instant,
+    ask: AdminAsk,
     asked: Vec<Tp>,
 }
 
@@ -78,7 +75,7 @@ impl LogEnds {
             return;
         }
         match ask(client, &due) {
-            Ok(queue) => self.in_flight = Some(Ask { queue, since: Instant::now(), asked: due }),
+            Ok(ask) => self.in_flight = Some(Ask { ask, asked: due }),
             Err(e) => tracing::warn!("asking the brokers for log ends: {e}"),
         }
     }
@@ -93,13 +90,10 @@ impl LogEnds {
     /// it gave, or `None` (an error, for it or for the whole ask: asked again in a second).
     fn take_answer(&mut self) {
         let Some(in_flight) = self.in_flight.as_ref() else { return };
-        let ends = match in_flight.queue.poll(Duration::ZERO) {
-            Some(event) => answer(event).unwrap_or_else(|e| {
+        let ends = match in_flight.ask.answer(rd::RD_KAFKA_EVENT_LISTOFFSETS_RESULT, GIVE_UP_AFTER, read) {
+            Some(Ok(ends)) => ends,
+            Some(Err(e)) => {
                 tracing::debug!("asking the brokers for log ends: {e}");
-                Vec::new()
-            }),
-            None if in_flight.since.elapsed() >= GIVE_UP_AFTER => {
-                tracing::warn!("an ask for log ends had no answer in {GIVE_UP_AFTER:?}; asking again");
                 Vec::new()
             }
             None => return,
@@ -118,71 +112,43 @@ impl LogEnds {
 }
 
 /// Sends one ListOffsets request for the latest offset (high watermark) of each of
-/// `partitions`, its answer to a new queue (returned).
-fn ask(client: *mut rd::rd_kafka_t, partitions: &[Tp]) -> Result<ReplyQueue, String> {
-    let client = NonNull::new(client).ok_or("no consumer handle")?;
+/// `partitions` (librdkafka sends each to its leader).
+fn ask(client: *mut rd::rd_kafka_t, partitions: &[Tp]) -> Result<AdminAsk, String> {
     let mut list = TopicPartitionList::with_capacity(partitions.len());
     for (topic, partition) in partitions {
         list.add_partition_offset(topic, *partition, Offset::End).map_err(|e| e.to_string())?;
     }
-    let queue = ReplyQueue::new(client).ok_or("no queue for the ask")?;
-    // SAFETY: a live client and queue; the options are ours and destroyed here (librdkafka
-    // copies them and the list)
-    unsafe {
-        let options =
-            rd::rd_kafka_AdminOptions_new(client.as_ptr(), rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTOFFSETS);
-        if options.is_null() {
-            return Err("no admin options for the ask".into());
-        }
-        let mut errstr = [0 as std::ffi::c_char; 256];
-        let timeout = ASK_TIMEOUT.as_millis() as i32;
-        // (the options' isolation level is read_uncommitted unless set)
-        let set = rd::rd_kafka_AdminOptions_set_request_timeout(options, timeout, errstr.as_mut_ptr(), errstr.len());
-        if set != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            rd::rd_kafka_AdminOptions_destroy(options);
-            return Err(CStr::from_ptr(errstr.as_ptr()).to_string_lossy().into_owned());
-        }
-        rd::rd_kafka_ListOffsets(client.as_ptr(), list.ptr(), options, queue.as_ptr());
-        rd::rd_kafka_AdminOptions_destroy(options);
-        Ok(queue)
-    }
+    let op = rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTOFFSETS;
+    // (the options' isolation level is read_uncommitted unless set)
+    AdminAsk::send(client, op, ASK_TIMEOUT, None, |client, options, queue| {
+        // SAFETY: a live client, options and queue; librdkafka copies the list
+        unsafe { rd::rd_kafka_ListOffsets(client, list.ptr(), options, queue) }
+    })
 }
 
 /// The ends a ListOffsets answer carries, per partition (`None` for a partition with an error
-/// of its own); or the request's error. Destroys the event.
-fn answer(event: NonNull<rd::rd_kafka_event_t>) -> Result<Vec<(Tp, Option<i64>)>, String> {
-    let event = event.as_ptr();
-    // SAFETY: an event we own, destroyed once at the end; the result, its infos and their
-    // partitions live as long as the event and are copied before
+/// of its own).
+fn read(event: *mut rd::rd_kafka_event_t) -> Vec<(Tp, Option<i64>)> {
+    // SAFETY: a live answer event of this kind; its infos and their partitions live as long as
+    // it and are copied here
     unsafe {
-        let outcome = if rd::rd_kafka_event_type(event) != rd::RD_KAFKA_EVENT_LISTOFFSETS_RESULT {
-            Err(format!("an unexpected answer (event type {})", rd::rd_kafka_event_type(event)))
-        } else if rd::rd_kafka_event_error(event) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            Err(CStr::from_ptr(rd::rd_kafka_event_error_string(event)).to_string_lossy().into_owned())
-        } else {
-            let result = rd::rd_kafka_event_ListOffsets_result(event);
-            let mut count = 0usize;
-            let infos = if result.is_null() {
-                std::ptr::null()
-            } else {
-                rd::rd_kafka_ListOffsets_result_infos(result, &mut count)
-            };
-            let infos = if infos.is_null() { &[][..] } else { std::slice::from_raw_parts(infos, count) };
-            Ok(infos
-                .iter()
-                .filter_map(|&info| {
-                    let p = rd::rd_kafka_ListOffsetsResultInfo_topic_partition(info).as_ref()?;
-                    let topic = CStr::from_ptr(p.topic).to_string_lossy().into_owned();
-                    let ok = p.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && p.offset >= 0;
-                    if !ok {
-                        tracing::debug!(topic, partition = p.partition, "log end: {}", RDKafkaErrorCode::from(p.err));
-                    }
-                    Some(((topic, p.partition), ok.then_some(p.offset)))
-                })
-                .collect())
-        };
-        rd::rd_kafka_event_destroy(event);
-        outcome
+        let result = rd::rd_kafka_event_ListOffsets_result(event);
+        let mut count = 0usize;
+        let infos =
+            if result.is_null() { std::ptr::null() } else { rd::rd_kafka_ListOffsets_result_infos(result, &mut count) };
+        let infos = if infos.is_null() { &[][..] } else { std::slice::from_raw_parts(infos, count) };
+        infos
+            .iter()
+            .filter_map(|&info| {
+                let p = rd::rd_kafka_ListOffsetsResultInfo_topic_partition(info).as_ref()?;
+                let topic = text(p.topic);
+                let ok = p.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && p.offset >= 0;
+                if !ok {
+                    tracing::debug!(topic, partition = p.partition, "log end: {}", RDKafkaErrorCode::from(p.err));
+                }
+                Some(((topic, p.partition), ok.then_some(p.offset)))
+            })
+            .collect()
     }
 }
 

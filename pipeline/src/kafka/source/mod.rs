@@ -332,7 +332,7 @@ async fn run_kafka_source(
         metrics.counter(metric, help, &[("source", name), ("stream", k.as_str())])
     };
     // (before `cfg` moves into the loop)
-    let rebootstrap = Rebootstrap::new(format!("the source `{name}`"), cfg.brokers.as_str());
+    let rebootstrap = Rebootstrap::new(format!("the source `{name}`"));
     let l = Loop {
         name: name.to_owned(),
         events: EventKind::ALL
