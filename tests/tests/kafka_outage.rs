@@ -58,10 +58,43 @@ async fn a_broker_that_stops_answering_does_not_stall_the_native_fetch() {
     stall_for_30_seconds("native", "t6", 406).await;
 }
 
+/// A Kafka sink writing to the broker that stalls: its producer's deliveries wait out the
+/// stall (and a stall can leave it knowing no broker: `kafka/rebootstrap.rs`), then every
+/// traffic row stored reaches its topic, once (the producer is idempotent). The pipeline waits on the sink meanwhile, and
+/// the source's consumer thread with it, which does not poll the group while a full pipeline
+/// holds it: `max.poll.interval.ms` keeps its default (5 minutes) here; at 12 s the group
+/// takes the partitions back and the run stops (README, "Kafka").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_on_a_broker_that_stops_answering_delivers_every_row() {
+    let out = create_topics(&unique("t7-out"), 3).await.traffic.unwrap();
+    let sink = format!(
+        "  out:\n    type: kafka\n    brokers: {}\n    topics:\n      {out}: {{input: traffic, key: segment_id}}\nruntime:\n",
+        brokers()
+    );
+    let (lake, _dir, _) = stall_for_30_seconds_with("native", "t7", 407, |text| {
+        text.replace("      max.poll.interval.ms: \"12000\"\n", "").replace("runtime:\n", &sink)
+    })
+    .await;
+    assert_delivered(&out, &lake).await;
+}
+
 /// A stream read with `fetch`, its broker SIGSTOPped for 30 s mid-stream (KIP-848 protocol,
 /// `max.poll.interval.ms` 12 s, `commit_timeout` 2 s): everything stored once, and a commit
 /// went unanswered during the stall.
 async fn stall_for_30_seconds(fetch: &str, prefix: &str, seed: u64) {
+    let (_, _dir, metrics) = stall_for_30_seconds_with(fetch, prefix, seed, |text| text.to_owned()).await;
+    let timeouts = metrics.value("citystream_kafka_commit_timeouts_total", &[("source", "kafka")]).unwrap_or(0.0);
+    assert!(timeouts >= 1.0, "a commit went unanswered during the stall ({timeouts} timed out)");
+}
+
+/// [`stall_for_30_seconds`]'s run, its pipeline's YAML changed by `change`; returns the lake
+/// (in the folder returned), and the run's metrics.
+async fn stall_for_30_seconds_with(
+    fetch: &str,
+    prefix: &str,
+    seed: u64,
+    change: impl FnOnce(&str) -> String,
+) -> (std::path::PathBuf, tempfile::TempDir, Metrics) {
     let _turn = BROKER.lock().await;
     let topics = create_topics(&unique(prefix), 3).await;
     let report = produce(&topics, 26, seed).await;
@@ -77,14 +110,58 @@ async fn stall_for_30_seconds(fetch: &str, prefix: &str, seed: u64) {
         );
     assert!(text.contains("group.protocol: consumer") && text.contains("commit_timeout: 2s"));
     assert!(text.contains(&format!("fetch: {fetch}")));
+    let changed = change(&text);
     let metrics = Metrics::new();
-    run_through(&text, &lake, &report, metrics.clone(), || {
+    run_through(&changed, &lake, &report, metrics.clone(), || {
         let _resumed = Stopped::broker(&test_broker_dir());
         std::thread::sleep(Duration::from_secs(30));
     })
     .await;
-    let timeouts = metrics.value("citystream_kafka_commit_timeouts_total", &[("source", "kafka")]).unwrap_or(0.0);
-    assert!(timeouts >= 1.0, "a commit went unanswered during the stall ({timeouts} timed out)");
+    (lake, dir, metrics)
+}
+
+/// Every traffic row of `lake` is on topic `out`, once (the simulator sends some readings
+/// twice, and the raw table keeps both: so does the topic).
+async fn assert_delivered(out: &str, lake: &Path) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
+    let batches = ctx.sql("SELECT event_id FROM traffic").await.unwrap().collect().await.unwrap();
+    let mut stored: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+            arrow::array::AsArray::as_string::<i32>(&ids).iter().flatten().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    stored.sort_unstable();
+    assert!(!stored.is_empty());
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("outage-out"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[out]).unwrap();
+    let mut delivered = Vec::with_capacity(stored.len());
+    // until no message for 5 s once as many as stored have come (60 s before)
+    loop {
+        let wait = if delivered.len() >= stored.len() { 5 } else { 60 };
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(wait), consumer.recv()).await else { break };
+        let row: serde_json::Value = serde_json::from_slice(m.unwrap().payload().unwrap()).unwrap();
+        delivered.push(row["event_id"].as_str().unwrap().to_owned());
+    }
+    delivered.sort_unstable();
+    if delivered != stored {
+        let distinct = |v: &[String]| v.iter().collect::<std::collections::BTreeSet<_>>().len();
+        panic!(
+            "{} rows stored ({} event ids), {} messages delivered ({} event ids)",
+            stored.len(),
+            distinct(&stored),
+            delivered.len(),
+            distinct(&delivered)
+        );
+    }
 }
 
 /// Runs `text`'s pipeline; once it has stored rows, does `disrupt` to the broker (blocking);
