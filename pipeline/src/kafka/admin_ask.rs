@@ -70,19 +70,33 @@ impl AdminAsk {
         let Some(event) = self.queue.poll(Duration::ZERO) else {
             return (self.since.elapsed() >= give_up_after).then(|| Err(format!("no answer in {give_up_after:?}")));
         };
-        let event = event.as_ptr();
-        // SAFETY: an event we own, destroyed once, after `read`
+        // destroyed once, after `read` (and if `read` panics)
+        let event = Event(event.as_ptr());
+        // SAFETY: a live event of ours
         unsafe {
-            let outcome = if rd::rd_kafka_event_type(event) != expected {
-                Err(format!("an unexpected answer (event type {})", rd::rd_kafka_event_type(event)))
-            } else if rd::rd_kafka_event_error(event) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                Err(text(rd::rd_kafka_event_error_string(event)))
+            Some(if rd::rd_kafka_event_type(event.0) != expected {
+                Err(format!("an unexpected answer (event type {})", rd::rd_kafka_event_type(event.0)))
+            } else if rd::rd_kafka_event_error(event.0) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                Err(text(rd::rd_kafka_event_error_string(event.0)))
             } else {
-                Ok(read(event))
-            };
-            rd::rd_kafka_event_destroy(event);
-            Some(outcome)
+                Ok(read(event.0))
+            })
         }
+    }
+
+    /// How long since the ask was sent.
+    pub(crate) fn waited(&self) -> Duration {
+        self.since.elapsed()
+    }
+}
+
+/// An answer's event, destroyed when dropped.
+struct Event(*mut rd::rd_kafka_event_t);
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: our event, destroyed once
+        unsafe { rd::rd_kafka_event_destroy(self.0) };
     }
 }
 

@@ -9,8 +9,8 @@
 //! deliveries wait. Its own re-bootstrap (KIP-899, librdkafka 2.12.1) starts at once only when
 //! the forgotten broker's going down is counted as every broker down, which races with the
 //! broker's removal (the tests below reproduce the state with a stand-in broker); otherwise its
-//! timer (`metadata.recovery.rebootstrap.trigger.ms`, 5 minutes) starts with a metadata request
-//! that fails, and with no broker none is sent. In `tests/tests/kafka_outage.rs`'s stall on a
+//! timer (`metadata.recovery.rebootstrap.trigger.ms`, 5 minutes) starts when a metadata request
+//! is sent with none answered since, and with no broker none is sent. In `tests/tests/kafka_outage.rs`'s stall on a
 //! broker with some history, a commit stayed unanswered for over 100 s after the broker came
 //! back, until the run ended. Every long-lived client of the pipeline is
 //! watched: once a second, how many brokers librdkafka has learned is looked at, and once it has

@@ -247,8 +247,10 @@ pub struct Fetcher {
     metadata_backoff: Duration,
     /// Some partition has no known leader, or lost it.
     stale: bool,
-    /// The leader ask in flight, and how many asks in a row had no answer.
-    leader_ask: Option<LeaderAsk>,
+    /// The leader ask in flight and the broker it went to, the broker that answered the last
+    /// ask, and how many asks in a row had no answer.
+    leader_ask: Option<(LeaderAsk, Option<i32>)>,
+    answered_by: Option<i32>,
     asks_unanswered: usize,
     /// Where the next request starts in its partition list.
     rotation: usize,
@@ -271,6 +273,7 @@ impl Fetcher {
             metadata_backoff: METADATA_EVERY,
             stale: true,
             leader_ask: None,
+            answered_by: None,
             asks_unanswered: 0,
             rotation: 0,
             io_timeout: IO_TIMEOUT,
@@ -290,8 +293,11 @@ impl Fetcher {
     /// topic of `wanted` and their addresses ([`leaders`]: nothing here waits for a broker).
     /// A leader lost while an ask is in flight is asked for again after its answer.
     fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wanted: &[(Tp, i64)]) {
-        if let Some(ask) = &self.leader_ask {
+        if let Some((ask, asked)) = &self.leader_ask {
             let Some(answer) = ask.answer() else { return };
+            if answer.is_ok() {
+                self.answered_by = *asked;
+            }
             self.leader_ask = None;
             self.take_leaders(answer);
         }
@@ -304,29 +310,36 @@ impl Fetcher {
         let mut topics: Vec<&str> = wanted.iter().map(|(tp, _)| tp.0.as_str()).collect();
         topics.sort_unstable();
         topics.dedup();
-        match LeaderAsk::send(consumer.client().native_ptr(), &topics, self.whom_to_ask()) {
+        let whom = self.whom_to_ask();
+        match LeaderAsk::send(consumer.client().native_ptr(), &topics, whom) {
             Ok(ask) => {
                 // from here on, a lost leader is one the answer may not know of
                 self.stale = false;
-                self.leader_ask = Some(ask);
+                self.leader_ask = Some((ask, whom));
             }
             Err(e) => self.take_leaders(Err(e)),
         }
     }
 
-    /// The broker to ask for leaders: one the fetcher is connected to and not backing off,
-    /// the next of them after each ask without an answer; `None` (librdkafka's choice: the
-    /// controller its metadata names) while there is none.
+    /// The broker to ask for leaders: among those that lead a partition, are connected and
+    /// are not backing off, the one that answered the last ask, or after an ask without an
+    /// answer the next of them; `None` (librdkafka's choice: the controller its metadata names)
+    /// while there is none.
     fn whom_to_ask(&self) -> Option<i32> {
         let now = Instant::now();
         let mut ids: Vec<i32> = self
             .brokers
             .iter()
-            .filter(|(_, b)| b.conn.is_some() && b.retry_at.is_none_or(|at| now >= at))
+            .filter(|(id, b)| {
+                b.conn.is_some() && b.retry_at.is_none_or(|at| now >= at) && self.leaders.values().any(|l| l == *id)
+            })
             .map(|(id, _)| *id)
             .collect();
         ids.sort_unstable();
-        (!ids.is_empty()).then(|| ids[self.asks_unanswered % ids.len()])
+        match self.answered_by {
+            Some(id) if self.asks_unanswered == 0 && ids.contains(&id) => Some(id),
+            _ => (!ids.is_empty()).then(|| ids[self.asks_unanswered % ids.len()]),
+        }
     }
 
     /// What a leader ask found: each partition's leader (and its address, a changed one
@@ -1272,16 +1285,65 @@ mod tests {
         f.leaders.insert(("t".to_owned(), 1), 2);
         f.take_leaders(Ok(vec![("t".to_owned(), Err("UNKNOWN_TOPIC_OR_PARTITION".to_owned()))]));
         assert!(f.stale && f.leaders[&("t".to_owned(), 1)] == 2);
-        assert_eq!(f.whom_to_ask(), Some(2), "broker 1 moved (reconnecting): broker 2");
+        assert_eq!(f.whom_to_ask(), Some(2), "broker 1 leads nothing (and moved: reconnecting)");
         let _p1 = broker(&mut f, 1);
-        assert_eq!(f.whom_to_ask(), Some(1));
+        f.leaders.insert(("t".to_owned(), 2), 1);
+        assert_eq!(f.whom_to_ask(), Some(1), "the lowest id, with no answer yet");
+        f.answered_by = Some(2);
+        assert_eq!(f.whom_to_ask(), Some(2), "the broker that answered the last ask");
         f.take_leaders(Err("Local: Timed out".to_owned()));
         assert_eq!((f.asks_unanswered, f.metadata_backoff), (1, METADATA_EVERY * 2));
         assert_eq!(f.whom_to_ask(), Some(2), "the next broker after an ask without an answer");
-        f.brokers.get_mut(&2).unwrap().back_off();
-        assert_eq!(f.whom_to_ask(), Some(1), "not one backing off");
+        f.take_leaders(Err("Local: Timed out".to_owned()));
+        assert_eq!(f.whom_to_ask(), Some(1), "and the next");
+        f.brokers.get_mut(&1).unwrap().back_off();
+        assert_eq!(f.whom_to_ask(), Some(2), "not one backing off");
         f.take_leaders(leaders_of(&[]));
         assert_eq!((f.asks_unanswered, f.metadata_backoff), (0, METADATA_EVERY));
+    }
+
+    /// Against the stand-in broker: the fetcher asks for the leaders of the partitions it
+    /// wants, without waiting, takes the answer at a later call, and asks nothing more until a
+    /// leader is lost; one lost is asked for again and, while the broker is fenced, answered
+    /// none.
+    #[test]
+    fn the_fetcher_asks_for_leaders_once_and_again_when_one_is_lost() {
+        use crate::kafka::fenced_broker::{FencedBroker, NODE_ID, TOPIC};
+        let broker = FencedBroker::start();
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.address())
+            .set("group.id", "fetch-test")
+            .create()
+            .unwrap();
+        let mut f = Fetcher::new("test", limits(0));
+        let tp = (TOPIC.to_owned(), 0);
+        let wanted = vec![(tp.clone(), 0)];
+        let answered = |f: &mut Fetcher| {
+            let t0 = Instant::now();
+            while f.leader_ask.is_some() && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+                f.refresh(&consumer, &wanted);
+            }
+            f.leader_ask.is_none()
+        };
+        let call = Instant::now();
+        f.refresh(&consumer, &wanted);
+        assert!(call.elapsed() < Duration::from_millis(500), "no wait");
+        assert!(f.leader_ask.is_some() && !f.stale, "asked");
+        assert!(answered(&mut f));
+        assert_eq!(f.leaders.get(&tp), Some(&NODE_ID));
+        assert_eq!(f.brokers[&NODE_ID].address, broker.address());
+        assert!(!f.stale, "a complete answer: nothing to ask again");
+        std::thread::sleep(METADATA_EVERY);
+        f.refresh(&consumer, &wanted);
+        assert!(f.leader_ask.is_none(), "asked again with every leader known");
+        // the leader lost (as after a NOT_LEADER answer), the broker fenced meanwhile
+        broker.set_fenced(true);
+        f.leaders.remove(&tp);
+        f.refresh(&consumer, &wanted);
+        assert!(f.leader_ask.is_some(), "a partition without a leader is asked for");
+        assert!(answered(&mut f));
+        assert!(!f.leaders.contains_key(&tp) && f.stale, "no leader while fenced: asked again later");
     }
 
     /// A broker that fails while an ask is in flight (the ask sent, the flag cleared) is asked

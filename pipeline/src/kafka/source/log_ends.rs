@@ -92,6 +92,10 @@ impl LogEnds {
         let Some(in_flight) = self.in_flight.as_ref() else { return };
         let ends = match in_flight.ask.answer(rd::RD_KAFKA_EVENT_LISTOFFSETS_RESULT, GIVE_UP_AFTER, read) {
             Some(Ok(ends)) => ends,
+            Some(Err(e)) if in_flight.ask.waited() >= GIVE_UP_AFTER => {
+                tracing::warn!("asking the brokers for log ends: {e}; asking again");
+                Vec::new()
+            }
             Some(Err(e)) => {
                 tracing::debug!("asking the brokers for log ends: {e}");
                 Vec::new()
