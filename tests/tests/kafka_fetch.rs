@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::tables::{Compare, assert_same_tables, table_rows};
+use common::tables::{Compare, assert_same_tables, event_ids, table_rows};
 use common::*;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -88,24 +88,6 @@ runtime:
         brokers = brokers(),
         lake = lake.display(),
     )
-}
-
-/// The `event_id`s of a lake's traffic table, sorted.
-async fn event_ids(lake: &std::path::Path) -> Vec<String> {
-    let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
-    let batches = ctx.sql("SELECT event_id FROM traffic").await.unwrap().collect().await.unwrap();
-    let mut ids: Vec<String> = batches
-        .iter()
-        .flat_map(|b| {
-            let a = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
-            arrow::array::AsArray::as_string::<i32>(&a)
-                .iter()
-                .map(|v| v.unwrap_or_default().to_owned())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    ids.sort_unstable();
-    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,10 +60,10 @@ async fn a_broker_that_stops_answering_does_not_stall_the_native_fetch() {
 
 /// A Kafka sink writing to the broker that stalls: its producer's deliveries wait out the
 /// stall (and a stall can leave it knowing no broker: `kafka/rebootstrap.rs`), then every
-/// traffic row stored reaches its topic, once (the producer is idempotent). The pipeline waits on the sink meanwhile, and
-/// the source's consumer thread with it, which does not poll the group while a full pipeline
-/// holds it: `max.poll.interval.ms` keeps its default (5 minutes) here; at 12 s the group
-/// takes the partitions back and the run stops (README, "Kafka").
+/// traffic row stored reaches its topic, once (the producer is idempotent). The pipeline waits
+/// on the sink meanwhile, and the source's consumer thread with it, which does not poll the
+/// group while a full pipeline holds it: `max.poll.interval.ms` keeps its default (5 minutes)
+/// here; at 12 s the group takes the partitions back and the run stops (README, "Kafka").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_sink_on_a_broker_that_stops_answering_delivers_every_row() {
     // the broker is ours from the output topic's making to its reading
@@ -127,16 +127,7 @@ async fn stall_for_30_seconds_with(
 async fn assert_delivered(out: &str, lake: &Path) {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
-    let (ctx, _) = citystream_pipeline::sql::context(lake).await.unwrap();
-    let batches = ctx.sql("SELECT event_id FROM traffic").await.unwrap().collect().await.unwrap();
-    let mut stored: Vec<String> = batches
-        .iter()
-        .flat_map(|b| {
-            let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
-            arrow::array::AsArray::as_string::<i32>(&ids).iter().flatten().map(str::to_owned).collect::<Vec<_>>()
-        })
-        .collect();
-    stored.sort_unstable();
+    let stored = common::tables::event_ids(lake).await;
     assert!(!stored.is_empty());
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())

@@ -85,3 +85,21 @@ pub fn assert_same_tables(what: &str, got: &BTreeMap<String, Vec<String>>, expec
         }
     }
 }
+
+/// The `event_id`s of `lake`'s traffic table, one per row, sorted.
+pub async fn event_ids(lake: &Path) -> Vec<String> {
+    let (ctx, _) = sql::context(lake).await.unwrap();
+    let batches = ctx.sql("SELECT event_id FROM traffic").await.unwrap().collect().await.unwrap();
+    let mut ids: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let a = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+            arrow::array::AsArray::as_string::<i32>(&a)
+                .iter()
+                .map(|v| v.unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
