@@ -3,13 +3,12 @@
 //! (ListOffsets) and the native fetch's leader ask (DescribeTopics). Drop an ask before the
 //! client it was sent on: librdkafka's queues must be destroyed before their client.
 
-use std::ffi::CStr;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use rdkafka::bindings as rd;
 
-use super::reply_queue::ReplyQueue;
+use super::reply_queue::{ReplyQueue, text};
 
 /// An ask in flight.
 pub(crate) struct AdminAsk {
@@ -49,7 +48,7 @@ impl AdminAsk {
             }
             if set != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
                 rd::rd_kafka_AdminOptions_destroy(options);
-                return Err(CStr::from_ptr(errstr.as_ptr()).to_string_lossy().into_owned());
+                return Err(text(errstr.as_ptr()));
             }
             request(client.as_ptr(), options, queue.as_ptr());
             rd::rd_kafka_AdminOptions_destroy(options);
@@ -58,56 +57,23 @@ impl AdminAsk {
     }
 
     /// The answer, if it has come (without waiting): `read` of the answer's event when it is of
-    /// type `expected` (an `RD_KAFKA_EVENT_*_RESULT`) and carries no error (the event lives
-    /// while `read` runs); the error otherwise; an error too once the ask has had no answer
-    /// for `give_up_after` (an answer landing later is dropped with the queue).
+    /// type `expected` (an `RD_KAFKA_EVENT_*_RESULT`) and carries no error (the event lives while
+    /// `read` runs, and is destroyed after it); the error otherwise; an error too once the ask has
+    /// had no answer for `give_up_after` (an answer landing later is dropped with the queue).
     pub(crate) fn answer<T>(
         &self,
         expected: i32,
         give_up_after: Duration,
         read: impl FnOnce(*mut rd::rd_kafka_event_t) -> T,
     ) -> Option<Result<T, String>> {
-        let Some(event) = self.queue.poll(Duration::ZERO) else {
+        let Some(answer) = self.queue.poll(Duration::ZERO) else {
             return (self.since.elapsed() >= give_up_after).then(|| Err(format!("no answer in {give_up_after:?}")));
         };
-        // destroyed once, after `read` (and if `read` panics)
-        let event = Event(event.as_ptr());
-        // SAFETY: a live event of ours
-        unsafe {
-            Some(if rd::rd_kafka_event_type(event.0) != expected {
-                Err(format!("an unexpected answer (event type {})", rd::rd_kafka_event_type(event.0)))
-            } else if rd::rd_kafka_event_error(event.0) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                Err(text(rd::rd_kafka_event_error_string(event.0)))
-            } else {
-                Ok(read(event.0))
-            })
-        }
+        Some(answer.check(expected).map(|()| read(answer.as_ptr())))
     }
 
     /// How long since the ask was sent.
     pub(crate) fn waited(&self) -> Duration {
         self.since.elapsed()
     }
-}
-
-/// An answer's event, destroyed when dropped.
-struct Event(*mut rd::rd_kafka_event_t);
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        // SAFETY: our event, destroyed once
-        unsafe { rd::rd_kafka_event_destroy(self.0) };
-    }
-}
-
-/// A NUL-terminated string of librdkafka's, copied (empty for a null pointer).
-///
-/// # Safety
-/// `p` is null or a NUL-terminated string that lives through the call.
-pub(crate) unsafe fn text(p: *const std::ffi::c_char) -> String {
-    if p.is_null() {
-        return String::new();
-    }
-    // SAFETY: see the function's
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }

@@ -10,12 +10,12 @@
 //! the forgotten broker's going down is counted as every broker down, which races with the
 //! broker's removal (the tests below reproduce the state with a stand-in broker); otherwise its
 //! timer (`metadata.recovery.rebootstrap.trigger.ms`, 5 minutes) starts when a metadata request
-//! is sent with none answered since, and with no broker none is sent. In `tests/tests/kafka_outage.rs`'s stall on a
-//! broker with some history, a commit stayed unanswered for over 100 s after the broker came
-//! back, until the run ended. Every long-lived client of the pipeline is
-//! watched: once a second, how many brokers librdkafka has learned is looked at, and once it has
-//! known none for [`AFTER`], the bootstrap servers are added again (`rd_kafka_brokers_add`):
-//! librdkafka connects to one, and learns the cluster from it.
+//! is sent with none answered since, and with no broker none is sent. In
+//! `tests/tests/kafka_outage.rs`'s stall on a broker with some history, a commit stayed
+//! unanswered for over 100 s after the broker came back, until the run ended. Every long-lived
+//! client of the pipeline is watched: once a second, how many brokers librdkafka has learned is
+//! looked at, and once it has known none for [`AFTER`], the bootstrap servers are added again
+//! (`rd_kafka_brokers_add`): librdkafka connects to one, and learns the cluster from it.
 //!
 //! A client served by a loop of ours (a consumer's poll) calls [`Rebootstrap::keep_known`] in
 //! it; one that is not (a producer, whose deliveries librdkafka's own thread serves) is watched by

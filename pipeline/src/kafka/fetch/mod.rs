@@ -3,22 +3,22 @@
 //! batches — without librdkafka's op, queue lock and clock reading per message, which cost the
 //! source about half of its CPU on a backlog (README, "Benchmarks").
 //!
-//! librdkafka stays the consumer group's member: it joins, is assigned partitions (and has
-//! them revoked), and commits offsets; the source pauses every assigned partition there, so
-//! librdkafka fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders are asked of
-//! the brokers through librdkafka without waiting ([`leaders`]), again when a partition has none
-//! or a broker answers that it no longer leads it; a broker that cannot be reached is tried again
-//! with a growing backoff (up to 10 s). A broker's host name is resolved on a thread of its own, and a connect is begun
-//! without waiting and finished while responses are awaited (each of the host's addresses in
-//! turn, [`CONNECT_TIMEOUT`] each: [`connect`]), so neither a DNS server nor a host that drops
-//! packets holds anything else. Requests go to every leader before any response is read, and a
-//! round waits no later than its caller's `until`, whatever the number of brokers; a response is
-//! read as its bytes come in ([`Incoming`]), so a broker that stops halfway through one holds no
-//! other broker's back (it is dropped once no byte has come for [`IO_TIMEOUT`]). Each leader's
-//! next request goes out as soon as its response is in, before the source reads it (one request
-//! in flight per broker: the broker reads the log while the source works). The source runs a round on its consumer
-//! thread, between polls of librdkafka — whose rebalance callbacks run inside those polls — so
-//! no fetched data crosses an assignment or a revocation.
+//! librdkafka stays the consumer group's member: it joins, is assigned partitions (and has them
+//! revoked), and commits offsets; the source pauses every assigned partition there, so librdkafka
+//! fetches nothing, and fetches them here instead ([`Fetcher`]). Leaders are asked of the brokers
+//! through librdkafka without waiting ([`leaders`]), again when a partition has none or a broker
+//! answers that it no longer leads it; a broker that cannot be reached is tried again with a
+//! growing backoff (up to 10 s). A broker's host name is resolved on a thread of its own, and a
+//! connect is begun without waiting and finished while responses are awaited (each of the host's
+//! addresses in turn, [`CONNECT_TIMEOUT`] each: [`connect`]), so neither a DNS server nor a host
+//! that drops packets holds anything else. Requests go to every leader before any response is read,
+//! and a round waits no later than its caller's `until`, whatever the number of brokers; a response
+//! is read as its bytes come in ([`Incoming`]), so a broker that stops halfway through one holds no
+//! other broker's back (it is dropped once no byte has come for [`IO_TIMEOUT`]). Each leader's next
+//! request goes out as soon as its response is in, before the source reads it (one request in
+//! flight per broker: the broker reads the log while the source works). The source runs a round on
+//! its consumer thread, between polls of librdkafka — whose rebalance callbacks run inside those
+//! polls — so no fetched data crosses an assignment or a revocation.
 //!
 //! Plaintext connections only: with `security.protocol` other than `plaintext` the source keeps
 //! librdkafka's fetch. [`wire`] has the protocol.

@@ -11,7 +11,6 @@
 //! source tries again at a later checkpoint): a late answer must not move the group's
 //! offsets back behind a newer commit.
 
-use std::ffi::CStr;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::bindings as rd;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::kafka::reply_queue::ReplyQueue;
+use crate::kafka::reply_queue::{Answer, ReplyQueue, text};
 
 /// A commit whose answer did not come in time: the queue it will land on (destroyed before
 /// the consumer: [`Unanswered::forget`]).
@@ -132,21 +131,13 @@ impl Unanswered {
 }
 
 /// The outcome an offset commit's answer carries (the request's error, else the first
-/// partition's); destroys the event.
-fn answer(event: NonNull<rd::rd_kafka_event_t>) -> Result<(), String> {
-    let event = event.as_ptr();
-    // SAFETY: an event we own, destroyed once at the end; the strings and the partition list
-    // it hands out live as long as it does and are copied before
+/// partition's).
+fn answer(answer: Answer) -> Result<(), String> {
+    answer.check(rd::RD_KAFKA_EVENT_OFFSET_COMMIT)?;
+    // SAFETY: a live event of ours; the partition list it hands out lives as long as it and is
+    // copied here
     unsafe {
-        let mut outcome = Ok(());
-        if rd::rd_kafka_event_type(event) != rd::RD_KAFKA_EVENT_OFFSET_COMMIT {
-            outcome = Err(format!(
-                "an unexpected answer to an offset commit (event type {})",
-                rd::rd_kafka_event_type(event)
-            ));
-        } else if rd::rd_kafka_event_error(event) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            outcome = Err(CStr::from_ptr(rd::rd_kafka_event_error_string(event)).to_string_lossy().into_owned());
-        } else if let Some(list) = NonNull::new(rd::rd_kafka_event_topic_partition_list(event))
+        if let Some(list) = NonNull::new(rd::rd_kafka_event_topic_partition_list(answer.as_ptr()))
             && !list.as_ref().elems.is_null()
         {
             // librdkafka sets the request's error when a partition failed (the error the
@@ -154,13 +145,11 @@ fn answer(event: NonNull<rd::rd_kafka_event_t>) -> Result<(), String> {
             let list = list.as_ref();
             let elems = std::slice::from_raw_parts(list.elems, list.cnt.max(0) as usize);
             if let Some(e) = elems.iter().find(|e| e.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR) {
-                let topic = CStr::from_ptr(e.topic).to_string_lossy();
-                outcome = Err(format!("{topic}/{}: {}", e.partition, RDKafkaErrorCode::from(e.err)));
+                return Err(format!("{}/{}: {}", text(e.topic), e.partition, RDKafkaErrorCode::from(e.err)));
             }
         }
-        rd::rd_kafka_event_destroy(event);
-        outcome
     }
+    Ok(())
 }
 
 /// Forgets the source's unanswered commit when dropped (a panic included): declared before

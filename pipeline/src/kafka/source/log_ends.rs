@@ -23,7 +23,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Tp;
-use crate::kafka::admin_ask::{AdminAsk, text};
+use crate::kafka::admin_ask::AdminAsk;
+use crate::kafka::reply_queue::text;
 
 /// How long the brokers have to answer an ask (librdkafka answers with an error after it).
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -27,13 +27,12 @@
 //! partition's messages are still read, and held until it resumes ([`held`]).
 //!
 //! Files: this one runs the consumer thread ([`run_kafka_source`]); [`context`] holds what it
-//! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`]
-//! takes a checkpoint and commits it, through [`bounded_commit`] (its answer on a
-//! [`ReplyQueue`](crate::kafka::reply_queue::ReplyQueue), as [`log_ends`]'s); [`alignment`] decides which
-//! partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log ends
-//! of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
-//! [`Rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every
-//! broker.
+//! shares with librdkafka's callbacks (partitions, logs, statistics, rebalances); [`commit`] takes
+//! a checkpoint and commits it, through [`bounded_commit`] (its answer on a
+//! [`ReplyQueue`](crate::kafka::reply_queue::ReplyQueue), as [`log_ends`]'s); [`alignment`] decides
+//! which partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log
+//! ends of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
+//! [`Rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every broker.
 mod alignment;
 mod bounded_commit;
 mod commit;
