@@ -61,9 +61,10 @@ async fn a_broker_that_stops_answering_does_not_stall_the_native_fetch() {
 /// A Kafka sink writing to the broker that stalls: its producer's deliveries wait out the
 /// stall (and a stall can leave it knowing no broker: `kafka/rebootstrap.rs`), then every
 /// traffic row stored reaches its topic, once (the producer is idempotent). The pipeline waits
-/// on the sink meanwhile, and the source's consumer thread with it, which does not poll the
-/// group while a full pipeline holds it: `max.poll.interval.ms` keeps its default (5 minutes)
-/// here; at 12 s the group takes the partitions back and the run stops (README, "Kafka").
+/// on the sink meanwhile, and the source with it, 30 s against a `max.poll.interval.ms` of
+/// 12 s: its sends into the full pipeline poll the group while they wait
+/// (`kafka/source/handoff.rs`). When they did not, the group took the partitions back and the
+/// run stopped ("assignment lost").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_sink_on_a_broker_that_stops_answering_delivers_every_row() {
     // the broker is ours from the output topic's making to its reading
@@ -73,11 +74,14 @@ async fn a_kafka_sink_on_a_broker_that_stops_answering_delivers_every_row() {
         "  out:\n    type: kafka\n    brokers: {}\n    topics:\n      {out}: {{input: traffic, key: segment_id}}\nruntime:\n",
         brokers()
     );
-    let (lake, _dir, _) = stall_for_30_seconds_with("native", "t7", 407, |text| {
-        text.replace("      max.poll.interval.ms: \"12000\"\n", "").replace("runtime:\n", &sink)
-    })
-    .await;
+    let (lake, _dir, metrics) =
+        stall_for_30_seconds_with("native", "t7", 407, |text| text.replace("runtime:\n", &sink)).await;
     assert_delivered(&out, &lake).await;
+    let waited = metrics.value("citystream_kafka_backpressure_milliseconds_total", &[("source", "kafka")]);
+    assert!(
+        waited.is_some_and(|ms| ms >= 12_000.0),
+        "the source waited on the sink longer than max.poll.interval.ms: {waited:?} ms"
+    );
 }
 
 /// A stream read with `fetch`, its broker SIGSTOPped for 30 s mid-stream (KIP-848 protocol,

@@ -11,10 +11,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::Positions;
 use super::bounded_commit::Earlier;
 use super::context::{Ctx, Shared, lock};
+use super::handoff::send_parked;
 
 /// Hands on what was read, sends a barrier, waits until every sink made it durable, and
 /// returns the positions to commit. Blocks the calling (consumer) thread.
 pub(super) fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, Positions)> {
+    // what the consumer thread was handing on when the rebalance came was read before
+    send_parked(shared).ok()?;
     let (batches, epoch, positions, outputs, mut acks, rt) = {
         let mut s = lock(shared);
         s.epoch += 1;

@@ -38,6 +38,9 @@ pub(super) struct Part {
     pub(super) fetch_at: i64,
     /// … and the log end (high watermark) the last fetch response gave.
     pub(super) fetched_end: Option<i64>,
+    /// The assignment it came with ([`Shared::generation`]): a message fetched before it
+    /// belongs to an earlier assignment.
+    pub(super) since: u64,
 }
 
 /// What the consumer loop and the rebalance callbacks share (one thread: never contended).
@@ -71,6 +74,9 @@ pub(super) struct Shared {
     pub(super) generation: u64,
     /// For blocking on the pipeline's async parts from this thread.
     pub(super) runtime: tokio::runtime::Handle,
+    /// What the consumer thread is handing on and has not sent to every subscriber yet: a
+    /// rebalance callback sends it before its checkpoint ([`super::handoff`]).
+    pub(super) unsent: std::collections::VecDeque<super::handoff::Unsent>,
 }
 
 impl Shared {
@@ -210,6 +216,7 @@ impl Ctx {
         let now = Instant::now();
         s.assigned_at = Some(now);
         s.generation += 1;
+        let since = s.generation;
         for (topic, partition, from) in starts {
             for root in s.sink_roots.clone() {
                 match crate::sink::parquet::remove_uncommitted(&root, &topic, partition, from) {
@@ -245,7 +252,15 @@ impl Ctx {
             s.drop_held(&tp);
             s.parts.insert(
                 tp,
-                Part { position: from, read: false, active_at: now, paused: false, fetch_at: from, fetched_end: None },
+                Part {
+                    position: from,
+                    read: false,
+                    active_at: now,
+                    paused: false,
+                    fetch_at: from,
+                    fetched_end: None,
+                    since,
+                },
             );
         }
         tracing::info!(source = s.name, partitions = list.count(), "assigned");

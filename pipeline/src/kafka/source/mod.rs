@@ -37,6 +37,9 @@ mod alignment;
 mod bounded_commit;
 mod commit;
 mod context;
+#[cfg(test)]
+mod full_pipeline_tests;
+mod handoff;
 mod held;
 mod log_ends;
 mod native;
@@ -56,7 +59,6 @@ use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message as _;
 use tokio::sync::watch;
 
 use super::fetch::{Decoders, FetchLimits, Fetcher};
@@ -114,12 +116,14 @@ struct Read<'a> {
     /// The message's timestamp, ms.
     timestamp: Option<i64>,
     payload: &'a [u8],
+    /// The assignment it was fetched under ([`Shared::generation`] when it was taken).
+    generation: u64,
 }
 
 /// What a message read did besides being appended.
 enum Step {
     /// It filled its port's batch, to hand on.
-    Full(usize, arrow::array::RecordBatch, Arc<Outputs>),
+    Full(usize, arrow::array::RecordBatch),
     /// It was held and filled the hold: its partition is to be paused in librdkafka too.
     FetchPause,
 }
@@ -142,6 +146,9 @@ struct Loop {
     /// The native fetch path (`None`: librdkafka fetches). Likewise before `consumer`: the
     /// queue of its leader ask goes first.
     native: Option<std::cell::RefCell<Native>>,
+    /// Messages polled while a send waited for room, to read once it is done ([`handoff`]),
+    /// with the assignment they were fetched under.
+    kept: std::cell::RefCell<std::collections::VecDeque<(rdkafka::message::OwnedMessage, u64)>>,
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
     clocks: Vec<Option<EventClock>>,
@@ -166,6 +173,8 @@ struct Loop {
     /// How long alignment has waited on a partition that does not move, and its gauge.
     alignment_wait: std::cell::RefCell<AlignmentWait<Tp, (Option<i64>, i64)>>,
     alignment_stalled: Gauge,
+    /// How long hand-offs waited for room in a full pipeline ([`handoff`]).
+    backpressure_ms: citystream_operators::Counter,
 }
 
 /// The native fetch path's state ([`crate::kafka::fetch`]).
@@ -248,6 +257,7 @@ async fn run_kafka_source(
         assigned_at: None,
         generation: 0,
         runtime: tokio::runtime::Handle::current(),
+        unsent: std::collections::VecDeque::new(),
     }));
     let mut cc = client_config(&cfg.brokers, &cfg.properties);
     cc.set("group.id", cfg.group_id.as_str())
@@ -369,8 +379,14 @@ async fn run_kafka_source(
             "How long partitions paused by watermark alignment have waited on a slowest partition whose watermark has not moved (0 while none is paused or it moves).",
             &[("source", name)],
         ),
+        backpressure_ms: metrics.counter(
+            "citystream_kafka_backpressure_milliseconds_total",
+            "Time the Kafka source waited for room in a full pipeline (a stage or sink slower than the stream), ms; it polls its consumer group meanwhile.",
+            &[("source", name)],
+        ),
         native,
         cfg,
+        kept: std::cell::RefCell::default(),
         consumer,
         shared,
         queue,
@@ -586,6 +602,16 @@ impl Loop {
                     }
                 }
             }
+            // messages polled while a send waited, first: they were fetched before any taken now
+            if let Some(served) = self.read_kept(&mut key, &mut wall, &mut last_message, &mut total) {
+                unchecked += 1;
+                if served? {
+                    now = Instant::now();
+                    last_message = now;
+                    unchecked = CHECK_EVERY;
+                }
+                continue;
+            }
             // the consumer's queue: rebalances and errors (served inside the poll), and the
             // messages of a partition not forwarded to the source's queue (none, normally)
             if let Some(polled) = self.consumer.poll(Duration::ZERO) {
@@ -662,6 +688,8 @@ impl Loop {
             last_message = now;
             let mut i = 0;
             let mut names = TopicNames::default();
+            // taken under this assignment (a send below may serve a rebalance)
+            let generation = lock(&self.shared).generation;
             while i < taken.len() {
                 let mut step = None;
                 {
@@ -687,6 +715,7 @@ impl Loop {
                             offset: m.offset(),
                             timestamp: m.timestamp(),
                             payload: m.payload(),
+                            generation,
                         };
                         step = self.accept(&mut s, &read, &mut key, &mut wall, last_message, &mut total);
                     }
@@ -719,12 +748,8 @@ impl Loop {
                 Err((_, e)) => return Err(e),
             }
         }
-        let outputs = {
-            let mut s = lock(&self.shared);
-            s.closing = true;
-            s.outputs.clone()
-        };
-        outputs.blocking_broadcast(Message::End)?;
+        lock(&self.shared).closing = true;
+        self.hand_on_all(Message::End)?;
         Ok(total)
     }
 
@@ -776,16 +801,16 @@ impl Loop {
         if pending.is_some() {
             return Ok(false);
         }
-        let (batches, epoch, positions, generation, outputs) = {
+        let (batches, epoch, positions, generation, ports) = {
             let mut s = lock(&self.shared);
             s.epoch += 1;
-            (s.take_batches(), s.epoch, s.positions(), s.generation, s.outputs.clone())
+            (s.take_batches(), s.epoch, s.positions(), s.generation, s.outputs.ports.len())
         };
         let had_data = !batches.is_empty();
-        for (p, b) in batches {
-            outputs.blocking_send(p, Message::Batch(b))?;
-        }
-        outputs.blocking_broadcast(Message::Barrier(Barrier { epoch }))?;
+        let barrier = Message::Barrier(Barrier { epoch });
+        self.hand_on(
+            batches.into_iter().map(|(p, b)| (p, Message::Batch(b))).chain((0..ports).map(|p| (p, barrier.clone()))),
+        )?;
         *pending = Some((epoch, generation, positions));
         Ok(had_data)
     }
@@ -803,38 +828,60 @@ impl Loop {
     ) -> Result<bool, PipelineError> {
         let msg = match msg {
             Ok(m) => m,
-            // a fatal error ends the consumer for good (e.g. KIP-848 refusing a
-            // `group.instance.id` the group still holds for a member that died): stop, so
-            // that a restart (a pod's) joins again instead of polling a dead consumer
-            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
-                return Err(self.err(format!(
-                    "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
-                     static membership, once the broker released the member that held this group.instance.id)"
-                )));
-            }
-            Err(e) => {
-                tracing::warn!(source = self.name, "kafka: {e}");
-                return Ok(false);
-            }
+            Err(e) => return self.polled_error(e).map(|()| false),
         };
         if self.native.is_some() {
             // fetched by librdkafka before the assignment's pause: the source fetches it itself
             return Ok(false);
         }
+        self.serve_message(&msg, None, key, wall, last_message, total)
+    }
+
+    /// An error `poll` returned: a fatal one stops the source, another is logged (librdkafka
+    /// reconnects by itself).
+    fn polled_error(&self, e: rdkafka::error::KafkaError) -> Result<(), PipelineError> {
+        match e {
+            // a fatal error ends the consumer for good (e.g. KIP-848 refusing a
+            // `group.instance.id` the group still holds for a member that died): stop, so
+            // that a restart (a pod's) joins again instead of polling a dead consumer
+            e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_) => Err(self.err(format!(
+                "the Kafka consumer failed for good: {e}; a restart joins the group again (with \
+                 static membership, once the broker released the member that held this group.instance.id)"
+            ))),
+            e => {
+                tracing::warn!(source = self.name, "kafka: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Serves a message librdkafka fetched (see [`Self::accept`]) under assignment
+    /// `generation` (`None`: the current one, it was just polled). Returns whether it handed a
+    /// batch on.
+    fn serve_message(
+        &self,
+        msg: &impl rdkafka::message::Message,
+        generation: Option<u64>,
+        key: &mut Tp,
+        wall: &mut i64,
+        last_message: &mut Instant,
+        total: &mut u64,
+    ) -> Result<bool, PipelineError> {
         *last_message = Instant::now();
-        let read = Read {
-            topic: msg.topic(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-            timestamp: msg.timestamp().to_millis(),
-            payload: msg.payload().unwrap_or_default(),
-        };
         let step = {
             let mut s = lock(&self.shared);
             if let Some(e) = s.error.take() {
                 // a callback inside this poll failed (e.g. cleanup on assignment)
                 return Err(self.err(e));
             }
+            let read = Read {
+                topic: msg.topic(),
+                partition: msg.partition(),
+                offset: msg.offset(),
+                timestamp: msg.timestamp().to_millis(),
+                payload: msg.payload().unwrap_or_default(),
+                generation: generation.unwrap_or(s.generation),
+            };
             self.accept(&mut s, &read, key, wall, *last_message, total)
         };
         self.count();
@@ -893,6 +940,18 @@ impl Loop {
             );
             return None;
         };
+        if p.since > m.generation {
+            // fetched for an earlier assignment of the partition, before a revocation and an
+            // assignment inside a send that waited ([`handoff`]): read again from its start
+            tracing::debug!(
+                source = self.name,
+                topic = m.topic,
+                partition = m.partition,
+                offset = m.offset,
+                "a message fetched before the partition's assignment, dropped"
+            );
+            return None;
+        }
         if p.paused {
             return self.hold(s, key, port, m, arrived);
         }
@@ -904,8 +963,7 @@ impl Loop {
         tally.read[port].0 += 1;
         tally.read[port].1 += m.payload.len() as u64;
         *total += 1;
-        (s.builders[port].len() >= self.cfg.batch_rows.get())
-            .then(|| Step::Full(port, s.builders[port].finish(), s.outputs.clone()))
+        (s.builders[port].len() >= self.cfg.batch_rows.get()).then(|| Step::Full(port, s.builders[port].finish()))
     }
 
     /// Does what [`Self::accept`] asked for: pauses the partition of `key` in librdkafka, or
@@ -922,11 +980,11 @@ impl Loop {
                 self.fetch_pauses.inc();
                 Ok(false)
             }
-            Some(Step::Full(port, b, outputs)) => {
+            Some(Step::Full(port, b)) => {
                 // counted before they leave (the send may wait on a busy pipeline): the sinks
                 // never show more rows than the source read
                 self.count();
-                outputs.blocking_send(port, Message::Batch(b))?;
+                self.hand_on([(port, Message::Batch(b))])?;
                 if let Some(drift) = self.cfg.max_drift {
                     *total += self.realign(drift.as_millis_i64())?;
                 }
@@ -965,25 +1023,28 @@ impl Loop {
     /// resumes partitions for alignment. Returns whether it handed on data, and how many held
     /// messages it handed on.
     fn flush(&self, last_wm: &mut [i64]) -> Result<(bool, u64), PipelineError> {
-        let (batches, outputs, parts, ports) = {
+        let batches = {
             let mut s = lock(&self.shared);
-            let parts = s.parts_snapshot();
-            self.held_bytes.set(s.held_bytes as f64);
             // again: a revocation's fetch stop, on librdkafka's thread, may have cleared the
             // forwarding an assignment of the same partition set after it (see `queue`)
             if let Some(q) = s.fetch_queue() {
-                for ((topic, partition), _) in &parts {
+                for (topic, partition) in s.parts.keys() {
                     q.forward(topic, *partition);
                 }
             }
-            (s.take_batches(), s.outputs.clone(), parts, s.ports.clone())
+            s.take_batches()
         };
         let had_data = !batches.is_empty();
-        for (p, b) in batches {
-            outputs.blocking_send(p, Message::Batch(b))?;
-        }
+        self.hand_on(batches.into_iter().map(|(p, b)| (p, Message::Batch(b))))?;
+        // after the hand-off, which may have served a rebalance
+        let (parts, ports) = {
+            let s = lock(&self.shared);
+            self.held_bytes.set(s.held_bytes as f64);
+            (s.parts_snapshot(), s.ports.clone())
+        };
         self.paused.set(parts.iter().filter(|(_, p)| p.paused).count() as f64);
         let view = self.view(&parts, &ports, true);
+        let mut watermarks = Vec::new();
         for (topic, &port) in &ports {
             let Some(clock) = &self.clocks[port] else { continue };
             let of_topic: Vec<(i32, &AlignInput)> =
@@ -994,9 +1055,11 @@ impl Loop {
             tracing::trace!(source = self.name, topic, ?of_topic, ?wm, "watermark");
             if let Some(wm) = wm.filter(|w| *w > last_wm[port]) {
                 last_wm[port] = wm;
-                outputs.blocking_send(port, Message::Watermark(wm))?;
+                watermarks.push((port, Message::Watermark(wm)));
             }
         }
+        // all decided on the same view, then handed on
+        self.hand_on(watermarks)?;
         let released = match self.cfg.max_drift {
             Some(drift) => {
                 let released = self.align(&parts, &view, Alignment { max_drift_ms: drift.as_millis_i64() })?;
@@ -1146,12 +1209,12 @@ impl Loop {
             released.extend(h.into_batches().into_iter().map(|b| (port, b)));
         }
         let n = s.parts.values().filter(|p| p.paused).count();
-        let (held_bytes, outputs) = (s.held_bytes, s.outputs.clone());
+        let held_bytes = s.held_bytes;
         drop(guard);
-        // before anything read after the resume: the held messages are the partition's next
-        for (port, b) in released {
-            outputs.blocking_send(port, Message::Batch(b))?;
-        }
+        // librdkafka is told before the held messages are sent: a send into a full pipeline
+        // polls the consumer, and a revocation inside that poll may take these partitions
+        // away (nothing is read meanwhile: what librdkafka fetches after the resume is read
+        // after the held messages, which are the partitions' next)
         if fetch_pause.count() > 0 {
             self.consumer.pause(&fetch_pause).map_err(|e| self.err(format!("pausing partitions: {e}")))?;
             self.fetch_pauses.inc_by(fetch_pause.count() as u64);
@@ -1167,6 +1230,7 @@ impl Loop {
             }
             self.consumer.resume(&tpl).map_err(|e| self.err(format!("resuming partitions: {e}")))?;
         }
+        self.hand_on(released.into_iter().map(|(port, b)| (port, Message::Batch(b))))?;
         self.paused.set(n as f64);
         self.held_bytes.set(held_bytes as f64);
         let slowest = view.iter().filter(|v| v.holding).filter_map(|v| v.watermark).min();

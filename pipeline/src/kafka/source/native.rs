@@ -66,12 +66,14 @@ impl Loop {
         total: &mut u64,
     ) -> Result<(u64, u64), PipelineError> {
         let tp = (data.topic.to_owned(), data.partition);
-        {
+        // the assignment the records are read under (a send below may serve a rebalance)
+        let generation = {
             let mut s = lock(&self.shared);
             // fetched (by a request sent ahead) for a position it no longer has: fetched again
             // from `fetch_at`; revoked: its next owner reads it from the commit. A partition
             // paused since the request went out holds what came (one response's worth: it is
             // left out of the requests from now on)
+            let generation = s.generation;
             let Some(p) = s.parts.get_mut(&tp).filter(|p| p.fetch_at == from) else { return Ok((0, 0)) };
             // the high watermark, also when reading committed data: a partition whose open
             // transaction ends at the last stable offset is not caught up (the transaction's
@@ -82,7 +84,8 @@ impl Loop {
             if end >= 0 {
                 s.lag_gauge(&tp).set(behind as f64);
             }
-        }
+            generation
+        };
         let aborted: &[(i64, i64)] = if read_committed { &data.aborted } else { &[] };
         let mut set = RecordSet::new(data.records, from, aborted, decoders);
         let at = Instant::now();
@@ -102,6 +105,7 @@ impl Loop {
                                 offset: r.offset,
                                 timestamp: r.timestamp,
                                 payload: r.value,
+                                generation,
                             };
                             step = self.accept(&mut s, &m, key, wall, at, total);
                         }
@@ -136,7 +140,8 @@ impl Loop {
         }
         let next = set.next_offset();
         let bad = set.skipped.len() as u64;
-        if let Some(p) = lock(&self.shared).parts.get_mut(&tp) {
+        // not past what an assignment made since dropped (`accept`): fetched again from its start
+        if let Some(p) = lock(&self.shared).parts.get_mut(&tp).filter(|p| p.since <= generation) {
             p.fetch_at = p.fetch_at.max(next);
         }
         self.count();
