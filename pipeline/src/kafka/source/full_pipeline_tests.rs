@@ -1,5 +1,5 @@
 //! The Kafka source against the suite's broker (`CITYSTREAM_KAFKA_BROKERS`, as the Kafka
-//! tests), handing on to a pipeline played by the test that stops taking anything for 12 s,
+//! tests), handing on to a pipeline played by the test that stops taking anything for 16 s,
 //! twice `max.poll.interval.ms`: the source keeps its group meanwhile ([`super::handoff`]), and
 //! a second member that joins during the stall takes a partition over exactly where the source
 //! committed it. Both fetch paths.
@@ -23,10 +23,10 @@ use crate::task::{CheckpointAcks, Edge, Outputs, Recovery, Source, SourceContext
 /// Messages per partition (two partitions).
 const PER_PARTITION: i64 = 1500;
 /// How long the pipeline takes nothing, once it has taken [`ROWS_BEFORE_STALL`] rows.
-const STALL: Duration = Duration::from_secs(12);
+const STALL: Duration = Duration::from_secs(16);
 const ROWS_BEFORE_STALL: usize = 400;
 /// When, into the stall, the second member joins.
-const JOIN_AFTER: Duration = Duration::from_millis(7500);
+const JOIN_AFTER: Duration = Duration::from_secs(11);
 
 /// (partition, offset) of every message someone read.
 type Offsets = Vec<(i32, i64)>;
@@ -92,7 +92,7 @@ async fn stalled_pipeline(fetch: &str) {
         "brokers: {brokers}\ngroup_id: {group}\ntopics: {{traffic: {topic}, camera: null, environment: null}}\n\
          batch_rows: 50\nbatch_wait: 20ms\ncheckpoint_interval: 200ms\ncommit_timeout: 2s\nstop_when_idle: 6s\n\
          max_drift: null\nfetch: {fetch}\nproperties:\n  session.timeout.ms: \"6000\"\n  \
-         heartbeat.interval.ms: \"500\"\n  max.poll.interval.ms: \"6000\"\n  partition.assignment.strategy: range\n  \
+         heartbeat.interval.ms: \"500\"\n  max.poll.interval.ms: \"8000\"\n  partition.assignment.strategy: range\n  \
          max.partition.fetch.bytes: \"2048\"\n"
     );
     let cfg: KafkaSourceConfig = serde_saphyr::from_str(&yaml).unwrap();

@@ -1,19 +1,23 @@
 //! Handing what the consumer thread read on to the pipeline without leaving the group.
 //!
-//! A send into a full channel (a sink holds the pipeline: backpressure) waits for room at most
-//! [`KEEP_GROUP_EVERY`] at a time, and polls the consumer between waits: librdkafka leaves the
-//! group once `max.poll.interval.ms` passes without a poll, and a rebalance waits for one.
+//! A send into a full channel (a sink holds the pipeline: backpressure) waits for room, and
+//! polls the consumer whenever [`KEEP_GROUP_EVERY`] has passed since its last poll: librdkafka
+//! leaves the group once `max.poll.interval.ms` passes without a poll, and a rebalance waits
+//! for one.
 //!
 //! A rebalance callback inside that poll takes a checkpoint (`commit::checkpoint`), and what
 //! the loop was handing on when it began to wait was read before that checkpoint: it must
 //! reach the sinks before the checkpoint's barrier. So the loop parks every hand-off in the
 //! shared state ([`Unsent`]) until it is sent, and the callback sends whatever is parked first
-//! ([`send_parked`]). A revocation inside the poll can also start a partition over (assigned
-//! again at its committed offset) while the loop still has messages of it in hand: the loop
-//! drops any message before a partition's position (`Loop::accept`).
+//! ([`send_parked`]). A revocation and an assignment inside the poll can also start a partition
+//! over (at its committed offset) while the loop still has messages of it in hand: each
+//! partition remembers the assignment it came with, each message the one it was fetched under,
+//! and `Loop::accept` drops a message fetched before its partition's assignment.
 //!
 //! The messages such a poll returns (a partition not forwarded to the source's queue: none,
-//! normally) are kept and read once the send is done ([`Loop::read_kept`]).
+//! normally) are kept and read once the send is done ([`Loop::read_kept`]); past
+//! `max_held_bytes` of them it polls no more (the group may then take the partitions back, and
+//! the run stops, as before).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -22,14 +26,15 @@ use std::time::{Duration, Instant};
 
 use citystream_operators::Message;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message as _, OwnedMessage};
 use tokio::sync::mpsc::{Sender, error::TrySendError};
 
 use super::context::{Shared, lock};
 use super::{Loop, Tp};
 use crate::task::{Outputs, PipelineError};
 
-/// How long a send into a full channel waits for room before it polls the consumer again.
+/// How long a send into a full channel waits for room after the consumer's last poll before
+/// it polls again.
 pub(super) const KEEP_GROUP_EVERY: Duration = Duration::from_millis(100);
 
 /// At most this many events are taken from the consumer's queue per poll between waits: its
@@ -77,18 +82,18 @@ impl Wake for Unpark {
     }
 }
 
-/// Waits up to `wait` for room in `tx`'s channel, on this thread (no async runtime): whether
-/// there is room now (it may be taken by another sender before ours), an error if the
-/// receiver went away.
-fn wait_for_room(tx: &Sender<Message>, wait: Duration) -> Result<bool, PipelineError> {
+/// Sends `msg` into `tx`'s channel once it has room, waiting up to `wait` on this thread (no
+/// async runtime): whether it was sent (if not, it is dropped: the caller has it parked), an
+/// error if the receiver went away.
+fn send_within(tx: &Sender<Message>, msg: Message, wait: Duration) -> Result<bool, PipelineError> {
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut reserve = std::pin::pin!(tx.reserve());
     let until = Instant::now() + wait;
     loop {
         if let Poll::Ready(permit) = reserve.as_mut().poll(&mut cx) {
-            // the permit goes here, its slot with it: the send tries again
-            return permit.map(|_| true).map_err(|_| PipelineError::Disconnected);
+            permit.map_err(|_| PipelineError::Disconnected)?.send(msg);
+            return Ok(true);
         }
         let now = Instant::now();
         if now >= until {
@@ -108,17 +113,10 @@ impl Loop {
             s.unsent.extend(msgs.into_iter().map(|(port, msg)| Unsent { port, edge: 0, msg }));
             s.outputs.clone()
         };
-        // since when the pipeline has had no room
-        let mut blocked: Option<Instant> = None;
         loop {
             let (port, edge, msg) = {
                 let mut s = lock(&self.shared);
-                let Some(u) = s.unsent.front() else {
-                    if let Some(since) = blocked {
-                        self.backpressure_ms.inc_by(since.elapsed().as_millis() as u64);
-                    }
-                    return Ok(());
-                };
+                let Some(u) = s.unsent.front() else { return Ok(()) };
                 if u.edge >= outputs.ports[u.port].len() {
                     s.unsent.pop_front();
                     continue;
@@ -126,46 +124,75 @@ impl Loop {
                 (u.port, u.edge, u.msg.clone())
             };
             let tx = &outputs.ports[port][edge].tx;
-            match tx.try_send(msg) {
-                Ok(()) => {
-                    // nothing ran in between: the front is the message just sent
-                    if let Some(u) = lock(&self.shared).unsent.front_mut() {
-                        u.edge += 1;
-                    }
-                }
+            let sent = match tx.try_send(msg) {
+                Ok(()) => true,
                 Err(TrySendError::Closed(_)) => return Err(PipelineError::Disconnected),
-                Err(TrySendError::Full(_)) => {
-                    blocked.get_or_insert_with(Instant::now);
-                    if !wait_for_room(tx, KEEP_GROUP_EVERY)? {
+                Err(TrySendError::Full(msg)) => {
+                    if self.last_polled.get().elapsed() >= KEEP_GROUP_EVERY {
                         self.keep_group()?;
+                        // a rebalance callback may have sent it
+                        continue;
                     }
+                    let start = Instant::now();
+                    let due = self.last_polled.get() + KEEP_GROUP_EVERY;
+                    let sent = send_within(tx, msg, due.saturating_duration_since(start));
+                    self.count_backpressure(start.elapsed());
+                    sent?
+                }
+            };
+            if sent {
+                // nothing ran in between: the front is the message just sent
+                if let Some(u) = lock(&self.shared).unsent.front_mut() {
+                    u.edge += 1;
                 }
             }
         }
     }
 
-    /// Hands `msg` on on every port (see [`Self::hand_on`]).
-    pub(super) fn hand_on_all(&self, msg: Message) -> Result<(), PipelineError> {
-        let ports = lock(&self.shared).outputs.ports.len();
-        self.hand_on((0..ports).map(|p| (p, msg.clone())))
+    /// Adds `waited` to `citystream_kafka_backpressure_milliseconds_total` (what is under a
+    /// millisecond is carried over to the next wait).
+    fn count_backpressure(&self, waited: Duration) {
+        let total = self.backpressure_rest.get() + waited;
+        let ms = total.as_millis() as u64;
+        self.backpressure_ms.inc_by(ms);
+        self.backpressure_rest.set(total - Duration::from_millis(ms));
+    }
+
+    /// Polls the consumer (see [`Self::keep_group`]), noting when.
+    pub(super) fn poll(
+        &self,
+        wait: Duration,
+    ) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+        let polled = self.consumer.poll(wait);
+        self.last_polled.set(Instant::now());
+        polled
     }
 
     /// Polls the consumer while the pipeline has no room: rebalances and errors are served,
     /// messages kept for later, and librdkafka sees the application poll.
     fn keep_group(&self) -> Result<(), PipelineError> {
         self.rebootstrap.borrow_mut().keep_known(self.consumer.client().native_ptr());
+        // bounded memory: past `max_held_bytes` kept, no more polls (see the module's docs)
+        if self.kept_bytes.get() > self.cfg.max_held_bytes {
+            self.last_polled.set(Instant::now());
+            return Ok(());
+        }
         for _ in 0..POLLS_PER_WAIT {
-            let Some(polled) = self.consumer.poll(Duration::ZERO) else { break };
+            let Some(polled) = self.poll(Duration::ZERO) else { break };
             match polled {
                 // with the native fetch: fetched by librdkafka before the assignment's pause
                 Ok(_) if self.native.is_some() => {}
                 Ok(m) => {
                     let generation = lock(&self.shared).generation;
-                    self.kept.borrow_mut().push_back((m.detach(), generation));
+                    let m = m.detach();
+                    self.kept_bytes.set(self.kept_bytes.get() + m.payload().map_or(0, <[u8]>::len));
+                    self.kept.borrow_mut().push_back((m, generation));
                 }
                 Err(e) => self.polled_error(e)?,
             }
         }
+        // no event waiting
+        self.last_polled.set(Instant::now());
         match lock(&self.shared).error.take() {
             // a callback inside the poll failed (the assignment lost, a cleanup on assignment)
             Some(e) => Err(self.err(e)),
@@ -184,6 +211,7 @@ impl Loop {
     ) -> Option<Result<bool, PipelineError>> {
         // taken out first: serving it may hand a batch on, which may keep more
         let (m, generation): (OwnedMessage, u64) = self.kept.borrow_mut().pop_front()?;
+        self.kept_bytes.set(self.kept_bytes.get() - m.payload().map_or(0, <[u8]>::len));
         Some(self.serve_message(&m, Some(generation), key, wall, last_message, total))
     }
 }
@@ -210,23 +238,25 @@ mod tests {
     }
 
     #[test]
-    fn a_wait_for_room_ends_when_the_reader_takes_a_message_or_leaves() {
+    fn a_send_into_a_full_channel_waits_for_the_reader_or_the_time_given() {
         let (tx, mut rx) = mpsc::channel(1);
         tx.try_send(wm(1)).unwrap();
         let start = Instant::now();
-        assert!(!wait_for_room(&tx, Duration::from_millis(50)).unwrap(), "full: no room");
+        assert!(!send_within(&tx, wm(2), Duration::from_millis(50)).unwrap(), "full: not sent");
         assert!(start.elapsed() >= Duration::from_millis(50));
         let reader = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            assert!(matches!(rx.blocking_recv(), Some(Message::Watermark(1))));
-            rx
+            let mut seen = vec![rx.blocking_recv()];
+            seen.push(rx.blocking_recv());
+            (rx, seen)
         });
         let start = Instant::now();
-        assert!(wait_for_room(&tx, Duration::from_secs(30)).unwrap(), "room once the reader took one");
+        assert!(send_within(&tx, wm(3), Duration::from_secs(30)).unwrap(), "sent once the reader took one");
         assert!(start.elapsed() < Duration::from_secs(10), "woken by the reader, not the time limit");
-        tx.try_send(wm(2)).unwrap();
-        drop(reader.join().unwrap());
-        assert!(matches!(wait_for_room(&tx, Duration::from_secs(30)), Err(PipelineError::Disconnected)));
+        let (rx, seen) = reader.join().unwrap();
+        assert!(matches!(seen[..], [Some(Message::Watermark(1)), Some(Message::Watermark(3))]), "{seen:?}");
+        drop(rx);
+        assert!(matches!(send_within(&tx, wm(4), Duration::from_secs(30)), Err(PipelineError::Disconnected)));
     }
 
     #[test]

@@ -32,7 +32,8 @@
 //! [`ReplyQueue`](crate::kafka::reply_queue::ReplyQueue), as [`log_ends`]'s); [`alignment`] decides
 //! which partitions to pause, and [`held`] keeps what is read from them meanwhile, with the log
 //! ends of [`log_ends`] (the librdkafka fetch path); [`queue`] is the source's own fetch queue;
-//! [`Rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every broker.
+//! [`Rebootstrap`] gives librdkafka its bootstrap servers again when it has forgotten every broker;
+//! [`handoff`] hands what is read on to the pipeline, polling the group while it has no room.
 mod alignment;
 mod bounded_commit;
 mod commit;
@@ -173,8 +174,15 @@ struct Loop {
     /// How long alignment has waited on a partition that does not move, and its gauge.
     alignment_wait: std::cell::RefCell<AlignmentWait<Tp, (Option<i64>, i64)>>,
     alignment_stalled: Gauge,
-    /// How long hand-offs waited for room in a full pipeline ([`handoff`]).
+    /// How long hand-offs waited for room in a full pipeline ([`handoff`]), and what is under
+    /// a millisecond not counted yet.
     backpressure_ms: citystream_operators::Counter,
+    backpressure_rest: std::cell::Cell<Duration>,
+    /// When the consumer was last polled (a hand-off that waits polls it again after
+    /// [`handoff::KEEP_GROUP_EVERY`]).
+    last_polled: std::cell::Cell<Instant>,
+    /// Payload bytes in `kept`.
+    kept_bytes: std::cell::Cell<usize>,
 }
 
 /// The native fetch path's state ([`crate::kafka::fetch`]).
@@ -384,6 +392,9 @@ async fn run_kafka_source(
             "Time the Kafka source waited for room in a full pipeline (a stage or sink slower than the stream), ms; it polls its consumer group meanwhile.",
             &[("source", name)],
         ),
+        backpressure_rest: std::cell::Cell::default(),
+        last_polled: std::cell::Cell::new(Instant::now()),
+        kept_bytes: std::cell::Cell::default(),
         native,
         cfg,
         kept: std::cell::RefCell::default(),
@@ -614,7 +625,7 @@ impl Loop {
             }
             // the consumer's queue: rebalances and errors (served inside the poll), and the
             // messages of a partition not forwarded to the source's queue (none, normally)
-            if let Some(polled) = self.consumer.poll(Duration::ZERO) {
+            if let Some(polled) = self.poll(Duration::ZERO) {
                 unchecked += 1;
                 if self.serve_polled(polled, &mut key, &mut wall, &mut last_message, &mut total)? {
                     // the pipeline may have held the send back: look at the timers next
@@ -641,7 +652,7 @@ impl Loop {
                     // nothing to fetch (none assigned, all paused, no leader reachable): wait
                     // for an event, at most 100 ms
                     let wait = next_flush.min(next_checkpoint).saturating_duration_since(now);
-                    if let Some(polled) = self.consumer.poll(wait.min(Duration::from_millis(100))) {
+                    if let Some(polled) = self.poll(wait.min(Duration::from_millis(100))) {
                         self.serve_polled(polled, &mut key, &mut wall, &mut last_message, &mut total)?;
                     }
                     now = Instant::now();
@@ -656,7 +667,7 @@ impl Loop {
                 // no queue of our own: wait on the consumer's
                 unchecked = CHECK_EVERY;
                 let wait = next_flush.min(next_checkpoint).saturating_duration_since(Instant::now());
-                if let Some(polled) = self.consumer.poll(wait.min(Duration::from_millis(100))) {
+                if let Some(polled) = self.poll(wait.min(Duration::from_millis(100))) {
                     self.serve_polled(polled, &mut key, &mut wall, &mut last_message, &mut total)?;
                     now = Instant::now();
                 } else if self.idle_long_enough(&mut last_message) {
@@ -748,8 +759,13 @@ impl Loop {
                 Err((_, e)) => return Err(e),
             }
         }
-        lock(&self.shared).closing = true;
-        self.hand_on_all(Message::End)?;
+        // (not a hand-off: with everything committed, the group no longer matters)
+        let outputs = {
+            let mut s = lock(&self.shared);
+            s.closing = true;
+            s.outputs.clone()
+        };
+        outputs.blocking_broadcast(Message::End)?;
         Ok(total)
     }
 
@@ -1037,10 +1053,10 @@ impl Loop {
         let had_data = !batches.is_empty();
         self.hand_on(batches.into_iter().map(|(p, b)| (p, Message::Batch(b))))?;
         // after the hand-off, which may have served a rebalance
-        let (parts, ports) = {
+        let (parts, ports, generation) = {
             let s = lock(&self.shared);
             self.held_bytes.set(s.held_bytes as f64);
-            (s.parts_snapshot(), s.ports.clone())
+            (s.parts_snapshot(), s.ports.clone(), s.generation)
         };
         self.paused.set(parts.iter().filter(|(_, p)| p.paused).count() as f64);
         let view = self.view(&parts, &ports, true);
@@ -1060,7 +1076,11 @@ impl Loop {
         }
         // all decided on the same view, then handed on
         self.hand_on(watermarks)?;
+        // alignment decides on the view too: not if an assignment came during the hand-off
+        // (the next flush decides on a new one)
+        let assigned = lock(&self.shared).generation != generation;
         let released = match self.cfg.max_drift {
+            Some(_) if assigned => 0,
             Some(drift) => {
                 let released = self.align(&parts, &view, Alignment { max_drift_ms: drift.as_millis_i64() })?;
                 self.watch_alignment(&parts, &view);
