@@ -68,7 +68,7 @@ async fn stalled_pipeline(fetch: &str) {
     let created = crate::kafka::ensure_topics(&brokers, &[topic.clone()].into(), &Default::default(), 2, 1)
         .await
         .unwrap_or_else(|e| panic!("needs a Kafka broker at {brokers} (CITYSTREAM_KAFKA_BROKERS): {e}"));
-    assert_eq!(created.0, [topic.clone()]);
+    assert_eq!(created.0, std::slice::from_ref(&topic));
     // record batches of 20 messages, fetched a few at a time (`max.partition.fetch.bytes`
     // below): the source reads both partitions on together
     let producer: BaseProducer =
