@@ -16,8 +16,8 @@
 //!
 //! The messages such a poll returns (a partition not forwarded to the source's queue: none,
 //! normally) are kept and read once the send is done ([`Loop::read_kept`]); past
-//! `max_held_bytes` of them it polls no more (the group may then take the partitions back, and
-//! the run stops, as before).
+//! [`MAX_KEPT_BYTES`] of them it polls no more (the group may then take the partitions back,
+//! and the run stops, as before).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,10 @@ pub(super) const KEEP_GROUP_EVERY: Duration = Duration::from_millis(100);
 /// At most this many events are taken from the consumer's queue per poll between waits: its
 /// messages are kept in memory until the send is done.
 const POLLS_PER_WAIT: usize = 64;
+
+/// Payload bytes of kept messages past which a wait polls no more: what librdkafka's prefetch
+/// holds by default (`queued.max.messages.kbytes`, `CONSUMER_DEFAULTS`).
+const MAX_KEPT_BYTES: usize = 16 << 20;
 
 /// A message the consumer thread is handing on to `port`, sent to the port's subscribers
 /// before `edge` already.
@@ -172,8 +176,8 @@ impl Loop {
     /// messages kept for later, and librdkafka sees the application poll.
     fn keep_group(&self) -> Result<(), PipelineError> {
         self.rebootstrap.borrow_mut().keep_known(self.consumer.client().native_ptr());
-        // bounded memory: past `max_held_bytes` kept, no more polls (see the module's docs)
-        if self.kept_bytes.get() > self.cfg.max_held_bytes {
+        // bounded memory: past MAX_KEPT_BYTES kept, no more polls (see the module's docs)
+        if self.kept_bytes.get() > MAX_KEPT_BYTES {
             self.last_polled.set(Instant::now());
             return Ok(());
         }
