@@ -11,22 +11,33 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::Positions;
 use super::bounded_commit::Earlier;
 use super::context::{Ctx, Shared, lock};
-use super::handoff::send_parked;
+use super::handoff::{park, send_parked};
 
-/// Hands on what was read, sends a barrier, waits until every sink made it durable, and
-/// returns the positions to commit. Blocks the calling (consumer) thread.
+/// Starts a checkpoint: parks what was read, then a barrier on every port, to be handed on
+/// after what is parked already ([`super::handoff`]). Returns its epoch, the positions it
+/// covers, and whether it parked data.
+pub(super) fn park_checkpoint(s: &mut Shared) -> (u64, Positions, bool) {
+    s.epoch += 1;
+    let epoch = s.epoch;
+    let batches = s.take_batches();
+    let had_data = !batches.is_empty();
+    let barrier = Message::Barrier(Barrier { epoch });
+    let barriers = (0..s.outputs.ports.len()).map(|p| (p, barrier.clone()));
+    park(s, batches.into_iter().map(|(p, b)| (p, Message::Batch(b))).chain(barriers));
+    (epoch, s.positions(), had_data)
+}
+
+/// Hands on what was read and a barrier, waits until every sink made it durable, and returns
+/// the positions to commit. Blocks the calling (consumer) thread: a rebalance callback, or the
+/// final checkpoint.
 pub(super) fn checkpoint(shared: &Arc<Mutex<Shared>>) -> Option<(u64, Positions)> {
-    // what the consumer thread was handing on when the rebalance came was read before
-    send_parked(shared).ok()?;
-    let (batches, epoch, positions, outputs, mut acks, rt) = {
+    let (epoch, positions, mut acks, rt) = {
         let mut s = lock(shared);
-        s.epoch += 1;
-        (s.take_batches(), s.epoch, s.positions(), s.outputs.clone(), s.acks.clone(), s.runtime.clone())
+        let (epoch, positions, _) = park_checkpoint(&mut s);
+        (epoch, positions, s.acks.clone(), s.runtime.clone())
     };
-    for (p, b) in batches {
-        outputs.blocking_send(p, Message::Batch(b)).ok()?;
-    }
-    outputs.blocking_broadcast(Message::Barrier(Barrier { epoch })).ok()?;
+    // after what the consumer thread was handing on when the rebalance came: read before
+    send_parked(shared).ok()?;
     rt.block_on(acks.wait(epoch)).then_some((epoch, positions))
 }
 

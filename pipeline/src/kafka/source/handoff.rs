@@ -64,6 +64,12 @@ pub(super) fn send_parked(shared: &Mutex<Shared>) -> Result<(), PipelineError> {
     send_blocking(parked, &outputs)
 }
 
+/// Parks `msgs` to be handed on after what is parked already ([`Loop::hand_on_parked`], or
+/// [`send_parked`] in a rebalance callback).
+pub(super) fn park(s: &mut Shared, msgs: impl IntoIterator<Item = (usize, Message)>) {
+    s.unsent.extend(msgs.into_iter().map(|(port, msg)| Unsent { port, edge: 0, msg }));
+}
+
 fn send_blocking(parked: VecDeque<Unsent>, outputs: &Outputs) -> Result<(), PipelineError> {
     for u in parked {
         for e in &outputs.ports[u.port][u.edge..] {
@@ -112,11 +118,13 @@ impl Loop {
     /// module's documentation). A message a rebalance callback sent meanwhile is not sent
     /// again.
     pub(super) fn hand_on(&self, msgs: impl IntoIterator<Item = (usize, Message)>) -> Result<(), PipelineError> {
-        let outputs = {
-            let mut s = lock(&self.shared);
-            s.unsent.extend(msgs.into_iter().map(|(port, msg)| Unsent { port, edge: 0, msg }));
-            s.outputs.clone()
-        };
+        park(&mut lock(&self.shared), msgs);
+        self.hand_on_parked()
+    }
+
+    /// Hands on what is parked (see [`Self::hand_on`]).
+    pub(super) fn hand_on_parked(&self) -> Result<(), PipelineError> {
+        let outputs = lock(&self.shared).outputs.clone();
         loop {
             let (port, edge, msg) = {
                 let mut s = lock(&self.shared);

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use citystream_operators::event_time::{EventClock, stream_watermark};
 use citystream_operators::partitioning::Routing;
-use citystream_operators::{Barrier, Gauge, Message, Metrics};
+use citystream_operators::{Gauge, Message, Metrics};
 use citystream_schemas::EventKind;
 use citystream_schemas::raw::RawBatchBuilder;
 use rdkafka::TopicPartitionList;
@@ -68,7 +68,7 @@ use super::{KafkaSourceConfig, client_config};
 use crate::task::{CheckpointAcks, Outputs, PipelineError, Recovery, Source, SourceContext, SourceReport};
 
 use bounded_commit::{Earlier, ForgetUnanswered, Unanswered};
-use commit::{checkpoint, commit};
+use commit::{checkpoint, commit, park_checkpoint};
 use context::{CloseGuard, Ctx, Part, Shared, lock};
 use held::Held;
 use queue::{FetchQueue, Taken, TopicNames};
@@ -817,16 +817,12 @@ impl Loop {
         if pending.is_some() {
             return Ok(false);
         }
-        let (batches, epoch, positions, generation, ports) = {
+        let (epoch, positions, had_data, generation) = {
             let mut s = lock(&self.shared);
-            s.epoch += 1;
-            (s.take_batches(), s.epoch, s.positions(), s.generation, s.outputs.ports.len())
+            let (epoch, positions, had_data) = park_checkpoint(&mut s);
+            (epoch, positions, had_data, s.generation)
         };
-        let had_data = !batches.is_empty();
-        let barrier = Message::Barrier(Barrier { epoch });
-        self.hand_on(
-            batches.into_iter().map(|(p, b)| (p, Message::Batch(b))).chain((0..ports).map(|p| (p, barrier.clone()))),
-        )?;
+        self.hand_on_parked()?;
         *pending = Some((epoch, generation, positions));
         Ok(had_data)
     }
