@@ -20,7 +20,6 @@ use common::*;
 use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -146,13 +145,7 @@ runtime:
         seen
     });
     // observer 2: the alerts topic
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("{prefix}-observer"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[alerts.as_str()]).unwrap();
+    let consumer = read_from_start(&alerts, &format!("{prefix}-observer"));
     let kafka = tokio::spawn(async move {
         let mut seen: HashMap<String, (i64, String)> = HashMap::new();
         let mut opens = 0;

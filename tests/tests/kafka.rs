@@ -103,7 +103,6 @@ async fn two_instances_split_partitions_and_one_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_sink_delivers_every_row_as_keyed_json() {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
     let prefix = unique("t5");
     let topics = create_topics(&prefix, 3).await;
@@ -134,13 +133,7 @@ runtime: {{status_interval: null}}
     let report = run_in_process(&text).await;
     let late = report.tables["lake"].get("late").map_or(0, |t| t.rows);
     let expected = report.simulations["city"].counts(citystream_schemas::EventKind::Environment).valid - late;
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("g5"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[out_topic.as_str()]).unwrap();
+    let consumer = read_from_start(&out_topic, &unique("g5"));
     let mut seen = 0u64;
     while seen < expected {
         let m =
@@ -826,17 +819,10 @@ async fn poison_messages_are_dead_letters_once_across_a_sigkill_and_the_pipeline
 /// partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_streams_are_partitioned_as_java_producers_partition() {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
     let topics = create_topics(&unique("t-murmur"), 3).await;
     produce(&topics, 1, 11).await;
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("g-murmur"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topics.traffic.as_deref().unwrap()]).unwrap();
+    let consumer = read_from_start(topics.traffic.as_deref().unwrap(), &unique("g-murmur"));
     let mut per_key: std::collections::BTreeMap<String, u64> = Default::default();
     while let Ok(m) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
         let m = m.unwrap();

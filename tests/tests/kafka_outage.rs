@@ -129,17 +129,10 @@ async fn stall_for_30_seconds_with(
 /// Every traffic row of `lake` is on topic `out`, once (the simulator sends some readings
 /// twice, and the raw table keeps both: so does the topic).
 async fn assert_delivered(out: &str, lake: &Path) {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
     let stored = common::tables::event_ids(lake).await;
     assert!(!stored.is_empty());
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("outage-out"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[out]).unwrap();
+    let consumer = read_from_start(out, &unique("outage-out"));
     let mut delivered = Vec::with_capacity(stored.len());
     // until no message for 5 s once as many as stored have come (60 s before); a consumer
     // error (logged by librdkafka) is read past, within 5 minutes in all

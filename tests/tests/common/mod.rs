@@ -33,6 +33,19 @@ pub fn brokers() -> String {
     std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// A consumer of `topic` on the test broker, from its first message, in group `group`.
+pub fn read_from_start(topic: &str, group: &str) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
 /// A fresh `s3://` state URL on the test's S3-compatible server (`scripts/start-s3.sh`, which
 /// `scripts/test.sh` runs and whose `AWS_*` environment the pipeline reads).
 pub fn s3_state_url(name: &str) -> String {
