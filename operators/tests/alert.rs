@@ -916,3 +916,82 @@ fn a_stale_member_leaves_its_alert_whenever_the_watermark_comes() {
     let (late, late_evidence, _) = feed(false);
     assert_eq!((late, late_evidence), (e, evidence), "with no watermark before the end");
 }
+
+/// `open_on_evidence` (log-odds over the raise level, summed; never below 0): a very sure value
+/// opens at once, middling ones open once their sum is enough, one below the raise level takes
+/// evidence back and a pending alert lapses where its sum reaches 0. Rows are taken in
+/// event-time order, so another arrival order and a restore in the middle give the same events.
+#[test]
+fn open_on_evidence_sums_how_sure_the_values_are() {
+    // ln(0.9 / 0.1) = 2.197: 0.95 adds 0.747, 0.97 adds 1.279, 0.99 adds 2.398, 0.999 adds 4.71
+    let cfg = "raise: 0.9\nclear: 0.5\nopen_on_evidence: 2.5\nstorm: {max_open: 10, order: event_time}\n";
+    let at = series;
+    let mut rows = Vec::new();
+    // one sure value opens at once
+    rows.extend(at("sure", &[0.1, 0.999, 0.2]));
+    // 0.95 + 0.97: 2.03, not yet; + 0.95: 2.77 opens at 3
+    rows.extend(at("sum", &[0.1, 0.95, 0.97, 0.95, 0.96, 0.1]));
+    // 0.97 (1.279), 0.6 below the raise level (-1.792): lapses to 0; 0.97, 0.97: 2.56 opens at 4
+    rows.extend(at("lapse", &[0.1, 0.97, 0.6, 0.97, 0.97, 0.2]));
+    // 0.99 (2.398), then 0.4 (-2.602) lapses it; 0.95 (0.747) alone is not enough: never opens
+    rows.extend(at("dip", &[0.99, 0.4, 0.95, 0.1]));
+    // 0.99 (2.398), 0.89 (-0.106): still pending at 2.29; 0.92 (+0.245): 2.54 opens at 2
+    rows.extend(at("hold", &[0.99, 0.89, 0.92, 0.3]));
+    rows.extend([("nan", 0, Some(0.99)), ("nan", 1, None), ("nan", 2, Some(0.91))]);
+    let mut by_minute = rows.clone();
+    by_minute.sort_by_key(|r| (r.1, r.0));
+    let (events, _, _) = fed(cfg, &by_minute, None);
+    let opens: Vec<(String, i64)> = events.iter().filter(|e| e.1 == "open").map(|e| (e.0.clone(), e.2)).collect();
+    let expected: Vec<(String, i64)> = [("sure", 1), ("hold", 2), ("nan", 2), ("sum", 3), ("lapse", 4)]
+        .iter()
+        .map(|(l, m)| (l.to_string(), *m))
+        .collect();
+    assert_eq!(opens, expected, "{events:?}");
+    // a row without a value changes nothing: "nan" opened on 2.398 + 0.122 at 2
+    for cut in 0..by_minute.len() / 4 {
+        assert_eq!(fed(cfg, &rows, Some(cut)).0, events, "by location, restored after batch {cut}");
+        assert_eq!(fed(cfg, &by_minute, Some(cut)).0, events, "restored after batch {cut}");
+    }
+    // the snapshot holds a pending alert's evidence (`reported` of phase 1)
+    let (mut op, _) = rule(cfg);
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&at("sum", &[0.95, 0.97])), &mut out).unwrap();
+    op.on_watermark(2 * MIN, &mut out).unwrap();
+    let state = op.snapshot().unwrap().unwrap();
+    let phase = state.column(1).as_primitive::<arrow::datatypes::UInt8Type>();
+    let pending: Vec<f64> = (0..state.num_rows())
+        .filter(|&i| phase.value(i) == 1)
+        .map(|i| state.column(7).as_primitive::<Float64Type>().value(i))
+        .collect();
+    assert_eq!(pending.len(), 1);
+    assert!((pending[0] - 2.026).abs() < 0.001, "{pending:?}");
+}
+
+#[test]
+fn open_on_evidence_needs_probabilities_in_event_time_order_and_no_other_test() {
+    let base = "rule: r\nalert_type: x\nseverity: info\nvalue: score\nstorm: {max_open: 3, order: event_time}\n";
+    let parse = |extra: &str| -> AlertConfig { serde_saphyr::from_str(&format!("{base}{extra}")).unwrap() };
+    let errs = |extra: &str| parse(extra).plan(&schema()).err().unwrap_or_default();
+    parse("raise: 0.9\nopen_on_evidence: 3\n").plan(&schema()).unwrap();
+    let has = |errs: Vec<citystream_operators::PlanError>, part: &str| {
+        assert!(errs.iter().any(|e| e.key == "open_on_evidence" && e.message.contains(part)), "{part}: {errs:?}");
+    };
+    has(errs("raise: 0.9\nopen_on_evidence: 0\n"), "above 0");
+    has(errs("raise: 20\nopen_on_evidence: 3\n"), "probabilities");
+    has(errs("raise: 0.2\nbelow: true\nopen_on_evidence: 3\n"), "probabilities");
+    has(errs("raise: 0.9\nthresholds: {s1: 1.5}\nopen_on_evidence: 3\n"), "probabilities");
+    has(errs("raise: 0.9\nopen_on_evidence: 3\nopen_at_once: 0.99\n"), "`open_at_once` are two");
+    has(errs("raise: 0.9\nopen_on_evidence: 3\nopen_after: {raises: 2, within: 3m}\n"), "`open_after` are two");
+    has(errs("raise: 0.9\nopen_on_evidence: 3\nmin_duration: 1m\n"), "`min_duration` are two");
+    let cfg: AlertConfig = serde_saphyr::from_str(
+        "rule: r\nalert_type: x\nseverity: info\nvalue: score\nraise: 0.9\nopen_on_evidence: 3\n",
+    )
+    .unwrap();
+    let e = cfg.plan(&schema()).unwrap_err();
+    assert!(e.iter().any(|e| e.key == "open_on_evidence" && e.message.contains("event-time order")), "{e:?}");
+    // live: the level may change, the test may not
+    let evidence = parse("raise: 0.9\nopen_on_evidence: 3\n");
+    assert!(evidence.live_change(&parse("raise: 0.8\nopen_on_evidence: 4\n")).is_ok());
+    let e = evidence.live_change(&parse("raise: 0.9\nopen_after: {raises: 2, within: 3m}\n")).unwrap_err();
+    assert!(e.to_string().contains("open_on_evidence"), "{e}");
+}

@@ -150,6 +150,17 @@ pub struct AlertConfig {
     /// (setting both is a plan error). Default: none.
     #[serde(default)]
     pub open_after: Option<OpenAfter>,
+    /// A persistence test that weighs how sure each value is (Page's CUSUM on log-odds), for a
+    /// value that is a probability (a score in (0, 1), not `below`): a pending alert gathers
+    /// `ln(v / (1 - v)) - ln(r / (1 - r))` per row (`r` the location's raise level; the sum
+    /// never below 0, where the pending alert lapses) and opens once the sum reaches this. One
+    /// very sure value can open at once, middling ones in a row open later, and a value below
+    /// the raise level takes evidence back. A row below `clear` or outside `active_hours`
+    /// never opens it (outside them a row adds nothing). The sum depends on the rows' order,
+    /// so the rule takes rows in event-time order: it needs `join` or `storm.order:
+    /// event_time`. Instead of `min_duration`, `open_after` and `open_at_once`. Default: none.
+    #[serde(default)]
+    pub open_on_evidence: Option<f64>,
     /// After an alert resolves, how long its location stays quiet. Default `0s`.
     #[serde(default)]
     pub cooldown: Duration,
@@ -274,6 +285,9 @@ impl AlertConfig {
                 );
             }
         }
+        if let Some(h) = self.open_on_evidence {
+            self.check_evidence(h, &mut errs);
+        }
         let mut near = HashMap::new();
         if let Some(j) = &self.join {
             if !(1..=MAX_JOIN_REACH).contains(&j.within) {
@@ -305,9 +319,46 @@ impl AlertConfig {
         Ok((Cols { value, location, time, evidence }, near))
     }
 
+    /// `open_on_evidence: h`: a level above 0, on probabilities, in event-time order, as the
+    /// only persistence test.
+    fn check_evidence(&self, h: f64, errs: &mut Vec<PlanError>) {
+        if !h.is_finite() || h <= 0.0 {
+            errs.push(PlanError::new("open_on_evidence", format!("{h} is not a log-odds sum above 0")));
+        }
+        let probability = |r: f64| r > 0.0 && r < 1.0;
+        if self.below || !probability(self.raise) || !self.thresholds.values().all(|&r| probability(r)) {
+            errs.push(
+                PlanError::new("open_on_evidence", "weighs probabilities: raise levels in (0, 1), not `below`")
+                    .with_help("for other values, `open_after` counts raising values in a window"),
+            );
+        }
+        let ordered = self.join.is_some() || self.storm.as_ref().is_some_and(|s| s.order == StormOrder::EventTime);
+        if !ordered {
+            errs.push(
+                PlanError::new("open_on_evidence", "needs rows in event-time order: the sum depends on their order")
+                    .with_help("set `join` or `storm: {order: event_time, ...}`"),
+            );
+        }
+        let others = [
+            (self.min_duration.as_millis_i64() > 0, "min_duration"),
+            (self.open_after.is_some(), "open_after"),
+            (self.open_at_once.is_some(), "open_at_once"),
+        ];
+        for (_, name) in others.iter().filter(|(set, _)| *set) {
+            errs.push(
+                PlanError::new(
+                    "open_on_evidence",
+                    format!("`open_on_evidence` and `{name}` are two persistence tests"),
+                )
+                .with_help("the sum opens at once on a very sure value: leave the other out"),
+            );
+        }
+    }
+
     /// Live tuning: levels, durations (`open_after`'s count and window too), the storm limit,
     /// active hours, per-location thresholds and severity may change; the columns, the rule's
-    /// identity and which persistence test it uses (`min_duration` or `open_after`) may not.
+    /// identity and which persistence test it uses (`min_duration`, `open_after` or
+    /// `open_on_evidence`) may not.
     pub fn live_change(&self, new: &AlertConfig) -> Result<(), LiveChangeError> {
         let same = |c: &AlertConfig| {
             (
@@ -321,6 +372,7 @@ impl AlertConfig {
                 c.storm.as_ref().map(|s| s.order),
                 // a pending alert's state differs between the two persistence tests
                 c.open_after.is_some(),
+                c.open_on_evidence.is_some(),
                 // the open alerts' members follow the graph they joined by
                 c.join.clone(),
             )
@@ -329,7 +381,7 @@ impl AlertConfig {
             Ok(())
         } else {
             Err(LiveChangeError::NeedsRestart(
-                "an alert rule's name, type, columns, direction, storm order, persistence test (min_duration or open_after) and join cannot change while running",
+                "an alert rule's name, type, columns, direction, storm order, persistence test (min_duration, open_after or open_on_evidence) and join cannot change while running",
             ))
         }
     }

@@ -4,12 +4,17 @@
 //! - **hysteresis**: a value at or beyond `raise` (the location's own threshold from
 //!   `thresholds` when there is one) starts a pending alert; it stays pending (and later open)
 //!   while the value stays at or beyond `clear` (a pending alert with `open_after`: until its
-//!   raises lapse); `below: true` flips the comparisons (a speed below a limit);
+//!   raises lapse; with `open_on_evidence`: until its evidence is spent); `below: true` flips
+//!   the comparisons (a speed below a limit);
 //! - **minimum duration**: a pending alert opens once it has lasted `min_duration` (event time),
 //!   or at once on a value at or beyond `open_at_once` (a very sure value needs no persistence);
 //!   with `open_after: {raises, within}` instead, once that many raising values fall within
 //!   that window (a pending alert then outlives values below `clear` between them: a
-//!   flickering score; it opens on a row at or beyond `clear` only);
+//!   flickering score; it opens on a row at or beyond `clear` only); or, for a probability,
+//!   with `open_on_evidence: h` instead, once the log-odds of its values over the raise level
+//!   sum to `h` (Page's CUSUM: per row `ln(v / (1 - v)) - ln(r / (1 - r))`, the sum never
+//!   below 0, where the pending alert lapses; one very sure value opens at once, middling ones
+//!   in a row open later; rows are taken in event-time order, which the rule needs);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every` and location), never a new
 //!   alert;

@@ -27,6 +27,8 @@ pub(super) enum Phase {
         peak: f64,
         /// With `open_after`: the times of its latest raising values (at most `raises`).
         raised: Vec<i64>,
+        /// With `open_on_evidence`: the log-odds it has gathered over the raise level.
+        gathered: f64,
     },
     Open {
         id: String,
@@ -138,6 +140,13 @@ impl std::fmt::Debug for AlertRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlertRule").field("rule", &self.cfg.rule).field("open", &self.open).finish_non_exhaustive()
     }
+}
+
+/// The log-odds of probability `p`, held within [1e-7, 1 - 1e-7] (a score of exactly 0 or 1
+/// counts as that sure, not infinitely).
+fn log_odds(p: f64) -> f64 {
+    let p = p.clamp(1e-7, 1.0 - 1e-7);
+    (p / (1.0 - p)).ln()
 }
 
 /// Whether hour-of-day `h` (UTC) lies in `[from, to)`, wrapping midnight.
@@ -396,23 +405,31 @@ impl AlertRule {
         st.last_t = st.last_t.max(t);
         // a value that raises starts a pending alert, which may open on this very row
         let phase = match st.phase {
-            Phase::Idle if raises => Phase::Pending { since: t, peak: v, raised: Vec::new() },
+            Phase::Idle if raises => Phase::Pending { since: t, peak: v, raised: Vec::new(), gathered: 0.0 },
             p => p,
         };
-        let open_after = self.cfg.open_after;
+        let (open_after, on_evidence) = (self.cfg.open_after, self.cfg.open_on_evidence);
+        // the tests that count raises or gather evidence keep a pending alert through a dip
+        let keeps_pending = open_after.is_some() || on_evidence.is_some();
         st.phase = match phase {
             Phase::Idle => Phase::Idle,
-            Phase::Pending { .. } if !holds && open_after.is_none() => Phase::Idle,
-            Phase::Pending { mut since, peak, mut raised } => {
+            Phase::Pending { .. } if !holds && !keeps_pending => Phase::Idle,
+            Phase::Pending { mut since, peak, mut raised, mut gathered } => {
                 let mut peak = better(peak, v);
                 // only a level strictly beyond this location's own raise level (calibration may
                 // have moved it up to or past `open_at_once`): there every raising value would
                 // be "sure", and `min_duration` would never apply
                 let sure =
                     self.cfg.open_at_once.is_some_and(|l| l != raise && self.beyond(l, raise) && self.beyond(v, l));
-                let persisted = match open_after {
-                    None => t - since >= self.cfg.min_duration.as_millis_i64(),
-                    Some(p) => {
+                let persisted = match (open_after, on_evidence) {
+                    (_, Some(enough)) => {
+                        if hours_ok {
+                            gathered = (gathered + log_odds(v) - log_odds(raise)).max(0.0);
+                        }
+                        gathered >= enough
+                    }
+                    (None, None) => t - since >= self.cfg.min_duration.as_millis_i64(),
+                    (Some(p), None) => {
                         let from = t.saturating_sub(p.within.as_millis_i64());
                         raised.retain(|&r| r > from);
                         if raised.is_empty() && raises {
@@ -432,8 +449,8 @@ impl AlertRule {
                         counted >= p.raises
                     }
                 };
-                if open_after.is_some() && raised.is_empty() {
-                    // its latest raising value is `within` old: it lapsed
+                if (open_after.is_some() && raised.is_empty()) || (on_evidence.is_some() && gathered <= 0.0) {
+                    // its latest raising value is `within` old, or its evidence is spent: it lapsed
                     Phase::Idle
                 } else if holds && (sure || persisted) && t >= st.quiet_until {
                     // (with `open_after` a pending alert outlives values below clear and rows
@@ -463,7 +480,7 @@ impl AlertRule {
                         Phase::Open { id, opened_at: t, peak, reported: peak, last_emit: t }
                     }
                 } else {
-                    Phase::Pending { since, peak, raised }
+                    Phase::Pending { since, peak, raised, gathered }
                 }
             }
             Phase::Open { id, opened_at, peak, .. } if !holds => {
@@ -611,7 +628,7 @@ impl Operator for AlertRule {
     }
 
     /// One row per location (phase `0` idle in cooldown, `1` pending (with `open_after`, its
-    /// raising times in `id`), `2` open, `3` in the storm summary), one per held row (`8`),
+    /// raising times in `id`; with `open_on_evidence`, its evidence in `reported`), `2` open, `3` in the storm summary), one per held row (`8`),
     /// with `join` one per open alert (`10`: where it opened) and, while a storm summary is
     /// open, one row without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
@@ -621,10 +638,12 @@ impl Operator for AlertRule {
         for (loc, st) in locs {
             let (phase, id, since, peak, reported, last_emit) = match &st.phase {
                 Phase::Idle => (0, None, None, None, None, None),
-                // with `open_after`, its raising values' times as a JSON array in `id`
-                Phase::Pending { since, peak, raised } => {
+                // with `open_after`, its raising values' times as a JSON array in `id`; with
+                // `open_on_evidence`, its evidence in `reported`
+                Phase::Pending { since, peak, raised, gathered } => {
                     let raised = (!raised.is_empty()).then(|| serde_json::Value::from(raised.clone()).to_string());
-                    (1, raised, Some(*since), Some(*peak), None, None)
+                    let gathered = self.cfg.open_on_evidence.map(|_| *gathered);
+                    (1, raised, Some(*since), Some(*peak), gathered, None)
                 }
                 Phase::Open { id, opened_at, peak, reported, last_emit } => {
                     (2, Some(id.clone()), Some(*opened_at), Some(*peak), Some(*reported), Some(*last_emit))
@@ -705,7 +724,11 @@ impl Operator for AlertRule {
                         Some(_) => since,
                         None => std::mem::take(&mut raised).last().copied().unwrap_or(since),
                     };
-                    Phase::Pending { since, peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?, raised }
+                    // evidence: none in a snapshot of a rule without `open_on_evidence` (it starts
+                    // from nothing: the next row below the raise level lapses it)
+                    let gathered = opt_f(&reported, i).filter(|e| e.is_finite()).unwrap_or(0.0).max(0.0);
+                    let peak = opt_f(&peak, i).ok_or_else(|| missing("peak", i))?;
+                    Phase::Pending { since, peak, raised, gathered }
                 }
                 2 => {
                     self.open += 1;
