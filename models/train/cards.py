@@ -240,14 +240,14 @@ def incident(m):
            "threshold`, the threshold set on the training data for a false alarm rate of "
            f"{c['target_false_alarm_rate']} (share of incident-free segment-minutes). Speeds enter as shares "
            f"of the free speed, occupancies times (free speed / 100 km/h) ^ {c['occ_scale']} (see Data).", "",
-           "## Files", "", row(["file", "sha256", "bytes", "threshold", "open_at_once", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
+           "## Files", "", row(["file", "sha256", "bytes", "threshold", "open_at_once (the rule before)", "latency µs (batch 1 / 64 / 1024, Python ORT, 1 thread)"]),
            row(["---"] * 6)]
     for name, e in c["models"].items():
         lat = e["latency_us"]
         out.append(row([f"`{e['file']}`", f"`{e['sha256']}`", e["bytes"], e["threshold"], e["open_at_once"],
                         f"{lat['1']} / {lat['64']} / {lat['1024']}"]))
     t = c["california7_thresholds"]
-    r = c["alert_rules"]["incident_alerts"]
+    r, b = c["alert_rules"]["incident_alerts"], c["alert_rules"]["incident_alerts_before"]
     out += ["", data_md(m), FEATURES_MD,
             "## Held-out metrics", "",
             "An incident is **detectable** when, while it lasts, a detector at most "
@@ -268,17 +268,19 @@ def incident(m):
             "(`models/src/california.rs`) runs them. Rows without a suffix count every alarmed minute; the "
             "rows `, alert rule` count what a control center sees: the alerts the deployed rules open "
             "(`deploy/local.yaml`; train.py's `alert_rule` is the `alert` stage's state machine): "
-            "`incident_alerts` raises at the model's threshold and opens once "
-            f"{r['open_after'][0]} scores at or above it fell within {r['open_after'][1]} minutes (`open_after`; "
-            f"scores below `clear: {r['clear']}` between them do not cancel it: a flickering score), or at once on "
-            "a score at or above `open_at_once` (the level with a false alarm rate of "
-            f"{c['open_at_once_far']} on the training data; the row `without open_at_once` always counts), "
+            "`incident_alerts` raises at the model's threshold; a pending alert gathers the log-odds of its "
+            "scores over that level (ln(p / (1 - p)) minus the threshold's, per minute, the sum never below 0, "
+            f"where it lapses) and opens once they sum to {r['open_on_evidence']} (`open_on_evidence`: one very "
+            "sure minute opens at once, middling ones in a row later; a score below "
+            f"`clear: {r['clear']}` never opens it, and ends an open alert), "
             f"`california_alerts` at the first alarmed minute, both with {r['cooldown_min']} minutes of quiet "
             "after a resolve, and both joining: an alarm that starts while a segment at most "
             f"{c['alert_rules']['join_within']} segments up- or downstream is alarmed joins that segment's alert "
             "(`join`), so it is no alert and no false alarm of its own, and the alert it joined detects its "
-            "incident; the row `with min_duration 1m` is the rule before `open_after` (open once the score "
-            "stayed at or above `clear` one more minute, with `open_at_once`). The false alarms `near an incident` are those on another segment at most "
+            "incident; the row `before (3 within 4 minutes)` is the rule deployed before `open_on_evidence` "
+            f"(until 2026-12-07): it opened once {b['open_after'][0]} scores at or above the threshold fell within "
+            f"{b['open_after'][1]} minutes, or at once on a score at or above `open_at_once` (the level with a false "
+            f"alarm rate of {c['open_at_once_far']} on the training data). The false alarms `near an incident` are those on another segment at most "
             f"{c['detectable']['reach_segments']} segments from an incident while it lasts or clears (its queue): "
             "counted as false alarms, and shown apart because they point at a real incident. "
             "`incident_int8` has unsigned 8-bit weights and 8-bit activations past its first layer, their scales "

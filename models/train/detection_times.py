@@ -42,6 +42,13 @@ alert on a closure's closed segment detecting it: `highway100` -0.67 [-2.08, +0.
 `arterial50` +0.19 [-0.58, +1.06] over 31, `urban70` +0.22 [-0.11, +0.56] over 18, `arterial60`
 +0.26 [-1.26, +1.83] over 23; the simulator unchanged (it has no closures). California #7
 often alarms on the closed segment first, so the model's leads of the count before shrink.
+
+On 2026-12-07, with the deployed rule gathering evidence (`open_on_evidence`; the paragraphs
+above had 3 raises within 4 minutes or one at `open_at_once`): the simulator -0.81 [-1.08,
+-0.53] over 36 and `urban70` -0.44 [-0.67, -0.22] over 18 are sooner outside the noise;
+`highway100` -0.83 [-2.42, +0.29] over 24, `freeway120` -0.52 [-1.64, +0.59] over 44,
+`arterial60` -0.35 [-1.83, +1.09] over 23, `motorway130` -0.32 [-1.29, +0.76] over 34 and
+`arterial50` +0.03 [-0.61, +0.77] over 31 are not.
 """
 
 from __future__ import annotations

@@ -19,7 +19,11 @@ ROOT = HERE.parents[1]
 RUNS = {
     "train": {"SIM_SEED": "1", "SIM_START": "2026-03-02T00:00:00Z", "SIM_DURATION": "21d"},
     "test": {"SIM_SEED": "2", "SIM_START": "2026-04-06T00:00:00Z", "SIM_DURATION": "7d"},
+    # congestion_days_experiment.py's extra training days (the 8 weeks before "train"); only
+    # with --only more
+    "more": {"SIM_SEED": "3", "SIM_START": "2026-01-05T00:00:00Z", "SIM_DURATION": "56d"},
 }
+OPTIONAL = {"more"}
 INCIDENTS_PER_DAY = "12"
 
 
@@ -36,7 +40,7 @@ def main():
     args = ap.parse_args()
     template = (HERE / "sim.yaml").read_text()
     for name, values in RUNS.items():
-        if args.only and name != args.only:
+        if (args.only and name != args.only) or (not args.only and name in OPTIONAL):
             continue
         out = pathlib.Path(args.out) / name
         shutil.rmtree(out, ignore_errors=True)

@@ -27,7 +27,9 @@ fn run(data: &Path, edit: impl Fn(String) -> String) {
     let head = "    value: incident_prob\n    raise: ";
     let level = text.split_once(head).and_then(|(_, rest)| rest.lines().next()).map(|l| l.split_whitespace().next());
     let level = level.flatten().expect("deploy/local.yaml's incident_alerts has a raise level");
-    let rule = format!("{head}{level}\n    clear: 0.5\n    open_after: {{raises: 3, within: 4m}}");
+    let evidence = text.lines().find(|l| l.trim_start().starts_with("open_on_evidence:"));
+    let evidence = evidence.expect("deploy/local.yaml's incident_alerts gathers evidence");
+    let rule = format!("{head}{level}\n    clear: 0.5\n{evidence}");
     assert!(text.contains(&rule), "deploy/local.yaml's incident_alerts changed: update this test");
     let text = text.replace(
         &rule,
