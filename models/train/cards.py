@@ -326,7 +326,8 @@ def incident(m):
             "(one detectable incident is 100 / that count points of detection rate), and a minute to detect on "
             "one road is within the noise (`models/train/detection_times.py` gives the paired intervals).",
             "- It misses lane closures whose score peaks once at the queue's onset and falls as the queue settles "
-            "(`models/train/missed_incidents.py`): the persistence test needs three raises within four minutes.",
+            "(`models/train/missed_incidents.py`): one minute short of the sure level gathers less than the alert "
+            "rule's sum needs, and the minutes after take it back.",
             "- `detectable` is a speed drop near the incident; a slowdown from another cause at the same time "
             "(the morning peak, a ramp queue) can make an incident count as detectable too.", ""]
     return "\n".join(out)

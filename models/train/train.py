@@ -554,8 +554,8 @@ def log_odds(p):
 def rule_fixture(d, family, sess, raise_at, at_once):
     """models/testdata/incident_alerts.json: the fp32 scores of the held-out run of `d` that best
     tells the deployed rule apart, and the alerts alert_rule opens with each rule. Best: the run
-    showing the most of three differences (an alert opened after a score below `clear` the minute
-    before, which only a rule that keeps a pending alert through a dip opens; an alarm that joins a
+    showing the most of three differences (an alert opened on the minute after a score below
+    `clear`: one very sure minute, or a pending alert kept through a dip; an alarm that joins a
     neighbour's alert; alerts that differ from the rule before, `open_after` 3 within 4 minutes
     with `open_at_once`), then the most of the first and the third. tests/tests/models.rs runs deploy/local.yaml's
     `incident_alerts` stage on the scores: it must open what the card counted."""

@@ -935,6 +935,9 @@ fn open_on_evidence_sums_how_sure_the_values_are() {
     rows.extend(at("lapse", &[0.1, 0.97, 0.6, 0.97, 0.97, 0.2]));
     // 0.99 (2.398), then 0.4 (-2.602) lapses it; 0.95 (0.747) alone is not enough: never opens
     rows.extend(at("dip", &[0.99, 0.4, 0.95, 0.1]));
+    // 0.99 (2.398), 0.48 below clear (-2.277): 0.121 left, still pending (it cannot open on a
+    // row below clear); 0.99: 2.519 opens at 2 (a rule that dropped it at the dip would not)
+    rows.extend(at("survive", &[0.99, 0.48, 0.99, 0.1]));
     // 0.99 (2.398), 0.89 (-0.106): still pending at 2.29; 0.92 (+0.245): 2.54 opens at 2
     rows.extend(at("hold", &[0.99, 0.89, 0.92, 0.3]));
     rows.extend([("nan", 0, Some(0.99)), ("nan", 1, None), ("nan", 2, Some(0.91))]);
@@ -942,12 +945,13 @@ fn open_on_evidence_sums_how_sure_the_values_are() {
     by_minute.sort_by_key(|r| (r.1, r.0));
     let (events, _, _) = fed(cfg, &by_minute, None);
     let opens: Vec<(String, i64)> = events.iter().filter(|e| e.1 == "open").map(|e| (e.0.clone(), e.2)).collect();
-    let expected: Vec<(String, i64)> = [("sure", 1), ("hold", 2), ("nan", 2), ("sum", 3), ("lapse", 4)]
+    let expected: Vec<(String, i64)> = [("sure", 1), ("hold", 2), ("nan", 2), ("survive", 2), ("sum", 3), ("lapse", 4)]
         .iter()
         .map(|(l, m)| (l.to_string(), *m))
         .collect();
     assert_eq!(opens, expected, "{events:?}");
-    // a row without a value changes nothing: "nan" opened on 2.398 + 0.122 at 2
+    // a row without a value changes nothing: "nan" opened on 2.398 + 0.116 at 2. Restored
+    // after each batch but the last
     for cut in 0..by_minute.len() / 4 {
         assert_eq!(fed(cfg, &rows, Some(cut)).0, events, "by location, restored after batch {cut}");
         assert_eq!(fed(cfg, &by_minute, Some(cut)).0, events, "restored after batch {cut}");
@@ -992,6 +996,6 @@ fn open_on_evidence_needs_probabilities_in_event_time_order_and_no_other_test() 
     // live: the level may change, the test may not
     let evidence = parse("raise: 0.9\nopen_on_evidence: 3\n");
     assert!(evidence.live_change(&parse("raise: 0.8\nopen_on_evidence: 4\n")).is_ok());
-    let e = evidence.live_change(&parse("raise: 0.9\nopen_after: {raises: 2, within: 3m}\n")).unwrap_err();
+    let e = evidence.live_change(&parse("raise: 0.9\nmin_duration: 1m\n")).unwrap_err();
     assert!(e.to_string().contains("open_on_evidence"), "{e}");
 }

@@ -424,7 +424,8 @@ impl AlertRule {
                 let persisted = match (open_after, on_evidence) {
                     (_, Some(enough)) => {
                         if hours_ok {
-                            gathered = (gathered + log_odds(v) - log_odds(raise)).max(0.0);
+                            // the step first, as train.py's alert_rule adds it (the same sums)
+                            gathered = (gathered + (log_odds(v) - log_odds(raise))).max(0.0);
                         }
                         gathered >= enough
                     }
@@ -628,9 +629,9 @@ impl Operator for AlertRule {
     }
 
     /// One row per location (phase `0` idle in cooldown, `1` pending (with `open_after`, its
-    /// raising times in `id`; with `open_on_evidence`, its evidence in `reported`), `2` open, `3` in the storm summary), one per held row (`8`),
-    /// with `join` one per open alert (`10`: where it opened) and, while a storm summary is
-    /// open, one row without a location (`9`).
+    /// raising times in `id`; with `open_on_evidence`, its sum in `reported`), `2` open, `3` in
+    /// the storm summary), one per held row (`8`), with `join` one per open alert (`10`: where
+    /// it opened) and, while a storm summary is open, one row without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
         let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
