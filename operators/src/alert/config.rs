@@ -332,8 +332,7 @@ impl AlertConfig {
                     .with_help("for other values, `open_after` counts raising values in a window"),
             );
         }
-        let ordered = self.join.is_some() || self.storm.as_ref().is_some_and(|s| s.order == StormOrder::EventTime);
-        if !ordered {
+        if !self.in_event_time_order() {
             errs.push(
                 PlanError::new("open_on_evidence", "needs rows in event-time order: the sum depends on their order")
                     .with_help("set `join` or `storm: {order: event_time, ...}`"),
@@ -353,6 +352,12 @@ impl AlertConfig {
                 .with_help("the sum opens at once on a very sure value: leave the other out"),
             );
         }
+    }
+
+    /// Whether the rule takes rows in event-time order (held until the watermark passes them):
+    /// with `join` or `storm.order: event_time`.
+    pub(super) fn in_event_time_order(&self) -> bool {
+        self.join.is_some() || self.storm.as_ref().is_some_and(|s| s.order == StormOrder::EventTime)
     }
 
     /// Live tuning: levels, durations (`open_after`'s count and window too), the storm limit,

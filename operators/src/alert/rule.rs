@@ -264,10 +264,6 @@ impl AlertRule {
         }
     }
 
-    fn in_event_time_order(&self) -> bool {
-        self.cfg.join.is_some() || self.cfg.storm.as_ref().is_some_and(|s| s.order == super::StormOrder::EventTime)
-    }
-
     /// Resolves the locations silent for `stale_after` before `t` (their last row plus
     /// `stale_after` is before it), in the order they went stale. Called before each row taken
     /// in event-time order and at each watermark, so that a location goes stale between the
@@ -585,7 +581,7 @@ impl Operator for AlertRule {
         let locs = batch.column(self.cols.location).as_string::<i32>();
         let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
         let ev_cols = self.cols.evidence.clone();
-        let hold = self.in_event_time_order();
+        let hold = self.cfg.in_event_time_order();
         if !hold && !self.held.is_empty() {
             // rows a snapshot held (of this rule when it took rows in event-time order): they
             // came before this batch
