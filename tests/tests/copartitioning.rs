@@ -355,6 +355,13 @@ async fn a_killed_static_member_restores_its_keys_and_the_tables_are_those_of_on
     assert!(rows("features") > 1000 && rows("sensor_health") > 2, "a real workload");
 }
 
+/// How long a test waits for a failed instance's tasks to restore on another: the group's
+/// session timeout (10 s) and a rebalance take about 10 s here, but restoring reads object
+/// storage, whose client retries a request for up to 3 minutes (`object_store`'s default
+/// `retry_timeout`) before it gives up; the test does not give up first. (90 s ran out once
+/// in CI, the cause not in the excerpt CI keeps: the failure now shows what the log tells.)
+const MOVE_WITHIN: Duration = Duration::from_secs(180);
+
 /// The tasks (`task=N`) an instance's log says it runs now: started, and not since revoked or
 /// ended.
 fn running_tasks(log: &Path) -> std::collections::BTreeSet<i32> {
@@ -371,6 +378,24 @@ fn running_tasks(log: &Path) -> std::collections::BTreeSet<i32> {
         }
     }
     running
+}
+
+/// What an instance's log tells when a test gives up on it: its tasks' comings and goings, its
+/// warnings and errors, then how the log ends (CI shows only an excerpt of a whole log).
+fn telling(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let telling: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            [" WARN ", " ERROR ", "task started", "task revoked", "task ended", "ending", "leaving", "took over"]
+                .iter()
+                .any(|w| l.contains(w))
+                && !l.contains("provider")
+        })
+        .collect();
+    format!("{}\n[...]\n{}", telling.join("\n"), lines[lines.len().saturating_sub(40)..].join("\n"))
 }
 
 /// The UTC time at the start of a log line (tracing's format).
@@ -675,13 +700,10 @@ async fn paused_instance_is_fenced(name: &str, seed: u64, s3: bool) {
     // the other instance took the paused one's tasks over, state and all
     let t0 = Instant::now();
     while !run.moved.iter().all(|task| run.restored(other, *task, paused_at).is_some()) {
-        if t0.elapsed() > Duration::from_secs(90) {
+        if t0.elapsed() > MOVE_WITHIN {
             unsafe { libc::kill(run.procs[zombie].id() as i32, libc::SIGCONT) };
             run.kill_all();
-            panic!(
-                "the paused instance's tasks moved within 90 s:\n{}",
-                std::fs::read_to_string(&run.logs[other]).unwrap()
-            );
+            panic!("the paused instance's tasks moved within {MOVE_WITHIN:?}:\n{}", telling(&run.logs[other]));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -959,24 +981,10 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
                 .map(|pod| {
                     let committed = committed_now();
                     let (_, waiting) = pending(pod, &committed);
-                    // its tasks' comings and goings, warnings and errors, and how its log ends
-                    let log = std::fs::read_to_string(&logs[pod]).unwrap();
-                    let lines: Vec<&str> = log.lines().collect();
-                    let telling: Vec<&str> = lines
-                        .iter()
-                        .copied()
-                        .filter(|l| {
-                            [" WARN ", " ERROR ", "task started", "task revoked", "task ended", "ending", "leaving"]
-                                .iter()
-                                .any(|w| l.contains(w))
-                                && !l.contains("provider")
-                        })
-                        .collect();
                     format!(
-                        "pod {pod} running {:?}, pending {waiting:?}, committed {committed:?}\n{}\n[...]\n{}",
+                        "pod {pod} running {:?}, pending {waiting:?}, committed {committed:?}\n{}",
                         running_tasks(&logs[pod]),
-                        telling.join("\n"),
-                        lines[lines.len().saturating_sub(40)..].join("\n")
+                        telling(&logs[pod])
                     )
                 })
                 .collect();
@@ -1004,12 +1012,19 @@ async fn the_helm_charts_pipeline_on_two_pods_writes_the_tables_of_one_process()
     };
     let t0 = Instant::now();
     while !moved.iter().all(|t| restored(*t)) {
-        if t0.elapsed() > Duration::from_secs(90) {
+        let ended = procs[other].try_wait().unwrap();
+        if ended.is_some() || t0.elapsed() > MOVE_WITHIN {
             procs.iter_mut().for_each(|p| drop(p.kill()));
-            panic!("the killed pod's tasks moved within 90 s:\n{}", std::fs::read_to_string(&logs[other]).unwrap());
+            let done: Vec<i32> = moved.iter().copied().filter(|t| restored(*t)).collect();
+            panic!(
+                "the killed pod's tasks {moved:?} moved within {MOVE_WITHIN:?} (killed at {killed_at}; restored {done:?}; \
+                 the other pod ended: {ended:?}):\n{}",
+                telling(&logs[other])
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("the killed pod's tasks {moved:?} restored on the other pod after {:?}", t0.elapsed());
     // its metrics show each of its tasks apart: a task's gauges carry its label
     let log = std::fs::read_to_string(&logs[other]).unwrap();
     let addr: std::net::SocketAddr = log
