@@ -45,8 +45,8 @@ DETECTABLE_DROP = 0.2
 SUMO_TRAIN_SHARE = 0.5
 # the alert rules of deploy/local.yaml, as the operators see the detectors: `incident_alerts`
 # (raise at the model's threshold; a pending alert gathers the log-odds of its scores over that
-# level, log_odds(score) - log_odds(threshold) per minute, never below 0, and opens once they
-# sum to 3.98 (`open_on_evidence`); a dip below clear 0.5 does not end it, only a sum spent
+# level, log_odds(score) - log_odds(threshold) per minute, never below 0 nor above 3.98, and
+# opens once they sum to 3.98 (`open_on_evidence`); a dip below clear 0.5 does not end it, only a sum spent
 # does; 10 minutes of quiet after a resolve) and `california_alerts` (raise at an alarm, no
 # duration, the same quiet). `open_on_evidence` was chosen on the training sets on 2026-12-07
 # (rule_experiments.py --evidence: the raise level at a false alarm rate of 0.002-0.02, the sum
@@ -492,7 +492,9 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
     and an open alert does not resolve on such a row; a row without a score still changes
     nothing. With `open_on_evidence` (instead of `min_duration_min`, `open_after` and
     `open_at_once`), a pending alert gathers log_odds(value) - log_odds(raise_at) per row, never
-    below 0 (where it lapses), and opens once the sum reaches `open_on_evidence`."""
+    below 0 (where it lapses) nor above `open_on_evidence`, and opens once the sum reaches it
+    (held there through a cooldown, it opens when the cooldown ends on a value at about
+    `raise_at`, not on any value at or above `clear`)."""
     if open_on_evidence is not None and (open_after is not None or open_at_once is not None or min_duration_min):
         raise ValueError("open_on_evidence is a persistence test of its own (as the alert stage plans it)")
     if "bounds" in d:  # a combined set: each run on its own
@@ -520,7 +522,7 @@ def alert_rule(d, score, raise_at, clear, min_duration_min, cooldown_min, open_a
         if phase == "pending":
             confirms = False
             if open_on_evidence is not None:  # it gathers log-odds over the raise level
-                gathered = max(0.0, gathered + step[i])
+                gathered = min(open_on_evidence, max(0.0, gathered + step[i]))
                 live, persisted = gathered > 0.0, gathered >= open_on_evidence
             elif open_after is None:  # it holds at or above clear for min_duration
                 live, persisted = v[i] >= clear, t[i] - since >= hold

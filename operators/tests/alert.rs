@@ -972,6 +972,29 @@ fn open_on_evidence_sums_how_sure_the_values_are() {
 }
 
 #[test]
+fn open_on_evidence_gathered_in_a_cooldown_opens_no_weaker_value_after_it() {
+    // ln(0.9 / 0.1) = 2.197: 0.999 adds 4.71, 0.92 adds 0.245, 0.95 0.747, 0.97 1.279, 0.6 -1.792
+    let cfg = "raise: 0.9\nclear: 0.5\nopen_on_evidence: 2.5\ncooldown: 3m\nstorm: {max_open: 10, order: event_time}\n";
+    let at = series;
+    let mut rows = Vec::new();
+    // opens at 0, resolves at 1 (quiet until 4); 0.999 twice in the cooldown would sum to 9.4,
+    // but the sum stays at 2.5; 0.6 at 4 takes it to 0.708: no alert on a value at 0.6; then
+    // 0.95 and 0.97 reach 2.734 and open at 6
+    rows.extend(at("weak", &[0.999, 0.3, 0.999, 0.999, 0.6, 0.95, 0.97, 0.2]));
+    // the same cooldown; at 4 a value above the raise level keeps the sum at 2.5: it opens
+    rows.extend(at("held", &[0.999, 0.3, 0.999, 0.999, 0.92, 0.2]));
+    rows.sort_by_key(|r| (r.1, r.0));
+    let (events, _, _) = fed(cfg, &rows, None);
+    let opens: Vec<(String, i64)> = events.iter().filter(|e| e.1 == "open").map(|e| (e.0.clone(), e.2)).collect();
+    let expected: Vec<(String, i64)> =
+        [("held", 0), ("weak", 0), ("held", 4), ("weak", 6)].iter().map(|(l, m)| (l.to_string(), *m)).collect();
+    assert_eq!(opens, expected, "{events:?}");
+    for cut in 0..rows.len() / 4 {
+        assert_eq!(fed(cfg, &rows, Some(cut)).0, events, "restored after batch {cut}");
+    }
+}
+
+#[test]
 fn open_on_evidence_needs_probabilities_in_event_time_order_and_no_other_test() {
     let base = "rule: r\nalert_type: x\nseverity: info\nvalue: score\nstorm: {max_open: 3, order: event_time}\n";
     let parse = |extra: &str| -> AlertConfig { serde_saphyr::from_str(&format!("{base}{extra}")).unwrap() };

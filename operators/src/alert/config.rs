@@ -151,11 +151,13 @@ pub struct AlertConfig {
     #[serde(default)]
     pub open_after: Option<OpenAfter>,
     /// A persistence test that weighs how sure each value is (Page's CUSUM on log-odds), for a
-    /// value that is a probability (a score in (0, 1), not `below`): a pending alert gathers
+    /// value that is a probability (a float score in (0, 1), not `below`): a pending alert gathers
     /// `ln(v / (1 - v)) - ln(r / (1 - r))` per row (`r` the location's raise level; the sum
-    /// never below 0, where the pending alert lapses) and opens once the sum reaches this. One
-    /// very sure value can open at once, middling ones in a row open later, and a value below
-    /// the raise level takes evidence back. A row below `clear` or outside `active_hours`
+    /// never below 0, where the pending alert lapses, and never above this) and opens once the
+    /// sum reaches this. One very sure value can open at once, middling ones in a row open
+    /// later, and a value below the raise level takes evidence back; held at this level during
+    /// a cooldown, the sum opens the alert when the cooldown ends on a value at about the raise
+    /// level, not on any value above `clear`. A row below `clear` or outside `active_hours`
     /// never opens it (outside them a row adds nothing). The sum depends on the rows' order,
     /// so the rule takes rows in event-time order: it needs `join` or `storm.order:
     /// event_time`. Instead of `min_duration`, `open_after` and `open_at_once`. Default: none.

@@ -13,8 +13,9 @@
 //!   flickering score; it opens on a row at or beyond `clear` only); or, for a probability,
 //!   with `open_on_evidence: h` instead, once the log-odds of its values over the raise level
 //!   sum to `h` (Page's CUSUM: per row `ln(v / (1 - v)) - ln(r / (1 - r))`, the sum never
-//!   below 0, where the pending alert lapses; one very sure value opens at once, middling ones
-//!   in a row open later; rows are taken in event-time order, which the rule needs);
+//!   below 0, where the pending alert lapses, nor above `h`; one very sure value opens at
+//!   once, middling ones in a row open later; rows are taken in event-time order, which the
+//!   rule needs);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every` and location), never a new
 //!   alert;

@@ -27,7 +27,8 @@ pub(super) enum Phase {
         peak: f64,
         /// With `open_after`: the times of its latest raising values (at most `raises`).
         raised: Vec<i64>,
-        /// With `open_on_evidence`: the log-odds it has gathered over the raise level.
+        /// With `open_on_evidence`: the log-odds it has gathered over the raise level (at most
+        /// the level that opens it).
         gathered: f64,
     },
     Open {
@@ -420,8 +421,10 @@ impl AlertRule {
                 let persisted = match (open_after, on_evidence) {
                     (_, Some(enough)) => {
                         if hours_ok {
-                            // the step first, as train.py's alert_rule adds it (the same sums)
-                            gathered = (gathered + (log_odds(v) - log_odds(raise))).max(0.0);
+                            // the step first, as train.py's alert_rule adds it (the same sums);
+                            // never past `enough`: evidence gathered while the alert may not
+                            // open (the cooldown) does not open it later on a weaker value
+                            gathered = (gathered + (log_odds(v) - log_odds(raise))).max(0.0).min(enough);
                         }
                         gathered >= enough
                     }
