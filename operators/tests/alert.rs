@@ -1007,6 +1007,22 @@ fn open_on_evidence_needs_probabilities_in_event_time_order_and_no_other_test() 
     has(errs("raise: 20\nopen_on_evidence: 3\n"), "probabilities");
     has(errs("raise: 0.2\nbelow: true\nopen_on_evidence: 3\n"), "probabilities");
     has(errs("raise: 0.9\nthresholds: {s1: 1.5}\nopen_on_evidence: 3\n"), "probabilities");
+    // a flag is no probability: `true` would open at once
+    let flag = "rule: r\nalert_type: x\nseverity: info\nvalue: stalled\nraise: 0.5\nopen_on_evidence: 3\n";
+    let flag: AlertConfig =
+        serde_saphyr::from_str(&format!("{flag}storm: {{max_open: 3, order: event_time}}\n")).unwrap();
+    let with_flag: SchemaRef = Arc::new(Schema::new(
+        schema()
+            .fields()
+            .iter()
+            .cloned()
+            .chain([Arc::new(Field::new("stalled", DataType::Boolean, true))])
+            .collect::<Vec<_>>(),
+    ));
+    has(flag.plan(&with_flag).err().unwrap_or_default(), "`stalled` is Boolean, not a float");
+    let score = flag.clone();
+    let score = AlertConfig { value: "score".into(), ..score };
+    score.plan(&with_flag).unwrap();
     has(errs("raise: 0.9\nopen_on_evidence: 3\nopen_at_once: 0.99\n"), "`open_at_once` are two");
     has(errs("raise: 0.9\nopen_on_evidence: 3\nopen_after: {raises: 2, within: 3m}\n"), "`open_after` are two");
     has(errs("raise: 0.9\nopen_on_evidence: 3\nmin_duration: 1m\n"), "`min_duration` are two");

@@ -288,7 +288,7 @@ impl AlertConfig {
             }
         }
         if let Some(h) = self.open_on_evidence {
-            self.check_evidence(h, &mut errs);
+            self.check_evidence(h, value.map(|v| input.field(v).data_type()), &mut errs);
         }
         let mut near = HashMap::new();
         if let Some(j) = &self.join {
@@ -321,11 +321,21 @@ impl AlertConfig {
         Ok((Cols { value, location, time, evidence }, near))
     }
 
-    /// `open_on_evidence: h`: a level above 0, on probabilities, in event-time order, as the
-    /// only persistence test.
-    fn check_evidence(&self, h: f64, errs: &mut Vec<PlanError>) {
+    /// `open_on_evidence: h`: a level above 0, on probabilities (a floating-point `value` of
+    /// type `value_type`), in event-time order, as the only persistence test.
+    fn check_evidence(&self, h: f64, value_type: Option<&DataType>, errs: &mut Vec<PlanError>) {
         if !h.is_finite() || h <= 0.0 {
             errs.push(PlanError::new("open_on_evidence", format!("{h} is not a log-odds sum above 0")));
+        }
+        // a boolean or an integer is 0 or 1: its log-odds would open at once or never
+        if let Some(t) = value_type.filter(|t| !t.is_floating()) {
+            errs.push(
+                PlanError::new(
+                    "open_on_evidence",
+                    format!("weighs probabilities: `{}` is {t}, not a float", self.value),
+                )
+                .with_help("for a flag, leave out the persistence test or use `min_duration`"),
+            );
         }
         let probability = |r: f64| r > 0.0 && r < 1.0;
         if self.below || !probability(self.raise) || !self.thresholds.values().all(|&r| probability(r)) {
