@@ -979,7 +979,7 @@ fn open_on_evidence_gathered_in_a_cooldown_opens_no_weaker_value_after_it() {
     let mut rows = Vec::new();
     // opens at 0, resolves at 1 (quiet until 4); 0.999 twice in the cooldown would sum to 9.4,
     // but the sum stays at 2.5; 0.6 at 4 takes it to 0.708: no alert on a value at 0.6; then
-    // 0.95 and 0.97 reach 2.734 and open at 6
+    // 0.95 (1.455) and 0.97 (2.734, held at 2.5) open it at 6
     rows.extend(at("weak", &[0.999, 0.3, 0.999, 0.999, 0.6, 0.95, 0.97, 0.2]));
     // the same cooldown; at 4 a value above the raise level keeps the sum at 2.5: it opens
     rows.extend(at("held", &[0.999, 0.3, 0.999, 0.999, 0.92, 0.2]));
@@ -991,6 +991,42 @@ fn open_on_evidence_gathered_in_a_cooldown_opens_no_weaker_value_after_it() {
     assert_eq!(opens, expected, "{events:?}");
     for cut in 0..rows.len() / 4 {
         assert_eq!(fed(cfg, &rows, Some(cut)).0, events, "restored after batch {cut}");
+    }
+}
+
+/// A sum held at a higher level (a snapshot of another level, or a level lowered live) is cut
+/// to the rule's level: the cooldown's end then opens no alert on a weak score either.
+#[test]
+fn open_on_evidence_held_above_the_level_is_cut_to_it_on_restore_and_retune() {
+    let at = |h: &str| {
+        format!(
+            "raise: 0.9\nclear: 0.5\nopen_on_evidence: {h}\ncooldown: 3m\nstorm: {{max_open: 10, order: event_time}}\n"
+        )
+    };
+    let (high, low) = (at("4.5"), at("2.5"));
+    // 0.999 (4.71) opens at 0, 0.3 resolves at 1 (quiet until 4); two 0.999 in the cooldown hold
+    // the sum at 4.5; cut to 2.5, 0.6 at 4 (-1.792) leaves 0.708, and 0.95, 0.97 open it at 6
+    // (kept at 4.5, it would leave 2.708 and open at 4 on 0.6)
+    let rows = series("weak", &[0.999, 0.3, 0.999, 0.999, 0.6, 0.95, 0.97, 0.2]);
+    for how in ["restored", "retuned"] {
+        let (mut op, _) = rule(&high);
+        let mut out = Collector::new(1);
+        op.process_batch(batch(&rows[..4]), &mut out).unwrap();
+        op.on_watermark(3 * MIN + 30_000, &mut out).unwrap();
+        if how == "restored" {
+            let state = op.snapshot().unwrap().unwrap();
+            op = rule(&low).0;
+            op.restore(state).unwrap();
+        } else {
+            let yaml = format!(
+                "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: score\nevidence: [model]\n{low}"
+            );
+            op.retune(&serde_saphyr::from_str::<AlertConfig>(&yaml).unwrap()).unwrap();
+        }
+        op.process_batch(batch(&rows[4..]), &mut out).unwrap();
+        op.on_end(&mut out).unwrap();
+        let opens: Vec<i64> = drained(&mut out).0.iter().filter(|e| e.1 == "open").map(|e| e.2).collect();
+        assert_eq!(opens, vec![0, 6], "{how}");
     }
 }
 

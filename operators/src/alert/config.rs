@@ -327,7 +327,8 @@ impl AlertConfig {
         if !h.is_finite() || h <= 0.0 {
             errs.push(PlanError::new("open_on_evidence", format!("{h} is not a log-odds sum above 0")));
         }
-        // a boolean or an integer is 0 or 1: its log-odds would open at once or never
+        // a boolean is 0 or 1, an integer at most 0 or at least 1: their log-odds (about -16
+        // or 16) would open at once or never
         if let Some(t) = value_type.filter(|t| !t.is_floating()) {
             errs.push(
                 PlanError::new(

@@ -726,7 +726,13 @@ impl Operator for AlertRule {
                     };
                     // evidence: none in a snapshot of a rule without `open_on_evidence` (it starts
                     // from nothing: the next row below the raise level lapses it)
-                    let gathered = opt_f(&reported, i).filter(|e| e.is_finite()).unwrap_or(0.0).max(0.0);
+                    // never above this rule's level (a snapshot of a higher level, or of a
+                    // version that did not cap the sum, may hold more)
+                    let gathered = opt_f(&reported, i)
+                        .filter(|e| e.is_finite())
+                        .unwrap_or(0.0)
+                        .max(0.0)
+                        .min(self.cfg.open_on_evidence.unwrap_or(f64::INFINITY));
                     let peak = opt_f(&peak, i).ok_or_else(|| missing("peak", i))?;
                     Phase::Pending { since, peak, raised, gathered }
                 }
@@ -813,6 +819,14 @@ impl Operator for AlertRule {
         let c = config.downcast_ref::<AlertConfig>().ok_or(LiveChangeError::WrongConfig("alert"))?;
         self.cfg.live_change(c)?;
         self.cfg = c.clone();
+        // a lower level caps the evidence pending alerts hold, as their next rows would
+        if let Some(h) = self.cfg.open_on_evidence {
+            for st in self.states.values_mut() {
+                if let Phase::Pending { gathered, .. } = &mut st.phase {
+                    *gathered = gathered.min(h);
+                }
+            }
+        }
         Ok(())
     }
 }
