@@ -270,7 +270,7 @@ def incident(m):
             "(`deploy/local.yaml`; train.py's `alert_rule` is the `alert` stage's state machine): "
             "`incident_alerts` raises at the model's threshold; a pending alert gathers the log-odds of its "
             "scores over that level (ln(p / (1 - p)) minus the threshold's, per minute, the sum never below 0, "
-            f"where it lapses, nor above the level) and opens once they sum to {r['open_on_evidence']} (`open_on_evidence`: one very "
+            f"where it lapses, nor above the sum that opens it) and opens once they sum to {r['open_on_evidence']} (`open_on_evidence`: one very "
             "sure minute opens at once, middling ones in a row later; a score below "
             f"`clear: {r['clear']}` never opens it, and ends an open alert), "
             f"`california_alerts` at the first alarmed minute, both with {r['cooldown_min']} minutes of quiet "

@@ -285,7 +285,7 @@ def evidence_grid():
     held-out set, and more false alarms on four of them. The sum at half the span (2.654) was
     faster still (2.522 minutes) and raised 0.095 on `arterial60`'s training scenarios.
 
-    Again after the sum was capped at the level (a pending alert no longer carries evidence
+    Again after the sum was capped at the sum that opens (a pending alert no longer carries evidence
     gathered in a cooldown past it, so the cooldown's end opens no alert on a weak score): the
     same choice, every cell of it unchanged, and three other cells with fewer false alarms on
     held-out `arterial60` (0.154-0.069 against 0.172-0.086); nothing else moved."""
