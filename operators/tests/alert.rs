@@ -1007,15 +1007,17 @@ fn open_on_evidence_held_above_the_level_is_cut_to_it_on_restore_and_retune() {
     // 0.999 (4.71) opens at 0, 0.3 resolves at 1 (quiet until 4); two 0.999 in the cooldown hold
     // the sum at 4.5; cut to 2.5, 0.6 at 4 (-1.792) leaves 0.708, and 0.95, 0.97 open it at 6
     // (kept at 4.5, it would leave 2.708 and open at 4 on 0.6)
+    // Restored into the same level, the sum held at 4.5 goes on: 0.6 leaves 2.708, 0.95 3.455,
+    // 0.97 4.734 (held at 4.5) opens at 6 too (from nothing, 0.95 and 0.97 would not open it)
     let rows = series("weak", &[0.999, 0.3, 0.999, 0.999, 0.6, 0.95, 0.97, 0.2]);
-    for how in ["restored", "retuned"] {
+    for how in ["restored", "retuned", "restored at the same level"] {
         let (mut op, _) = rule(&high);
         let mut out = Collector::new(1);
         op.process_batch(batch(&rows[..4]), &mut out).unwrap();
         op.on_watermark(3 * MIN + 30_000, &mut out).unwrap();
-        if how == "restored" {
+        if how.starts_with("restored") {
             let state = op.snapshot().unwrap().unwrap();
-            op = rule(&low).0;
+            op = rule(if how == "restored" { &low } else { &high }).0;
             op.restore(state).unwrap();
         } else {
             let yaml = format!(
