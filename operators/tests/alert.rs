@@ -32,11 +32,16 @@ fn batch(rows: &[(&str, i64, Option<f64>)]) -> RecordBatch {
     .unwrap()
 }
 
-fn rule(extra: &str) -> (Box<dyn Operator>, Metrics) {
+/// The test rule's config with `extra` settings.
+fn config(extra: &str) -> AlertConfig {
     let yaml = format!(
         "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: score\nevidence: [model]\n{extra}"
     );
-    let cfg: AlertConfig = serde_saphyr::from_str(&yaml).unwrap();
+    serde_saphyr::from_str(&yaml).unwrap()
+}
+
+fn rule(extra: &str) -> (Box<dyn Operator>, Metrics) {
+    let cfg = config(extra);
     let m = Metrics::new();
     (cfg.build(&schema(), &BuildContext { stage: "a".into(), metrics: m.clone(), ..Default::default() }).unwrap(), m)
 }
@@ -1020,10 +1025,7 @@ fn open_on_evidence_held_above_the_level_is_cut_to_it_on_restore_and_retune() {
             op = rule(if how == "restored" { &low } else { &high }).0;
             op.restore(state).unwrap();
         } else {
-            let yaml = format!(
-                "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: score\nevidence: [model]\n{low}"
-            );
-            op.retune(&serde_saphyr::from_str::<AlertConfig>(&yaml).unwrap()).unwrap();
+            op.retune(&config(&low)).unwrap();
         }
         op.process_batch(batch(&rows[4..]), &mut out).unwrap();
         op.on_end(&mut out).unwrap();
@@ -1058,9 +1060,7 @@ fn open_on_evidence_needs_probabilities_in_event_time_order_and_no_other_test() 
             .collect::<Vec<_>>(),
     ));
     has(flag.plan(&with_flag).err().unwrap_or_default(), "`stalled` is Boolean, not a float");
-    let score = flag.clone();
-    let score = AlertConfig { value: "score".into(), ..score };
-    score.plan(&with_flag).unwrap();
+    AlertConfig { value: "score".into(), ..flag.clone() }.plan(&with_flag).unwrap();
     has(errs("raise: 0.9\nopen_on_evidence: 3\nopen_at_once: 0.99\n"), "`open_at_once` are two");
     has(errs("raise: 0.9\nopen_on_evidence: 3\nopen_after: {raises: 2, within: 3m}\n"), "`open_after` are two");
     has(errs("raise: 0.9\nopen_on_evidence: 3\nmin_duration: 1m\n"), "`min_duration` are two");

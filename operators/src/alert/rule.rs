@@ -265,6 +265,17 @@ impl AlertRule {
         }
     }
 
+    /// Holds every pending alert's evidence at or below `open_on_evidence`, as each row does
+    /// (after a restore or a live change of the level).
+    fn cap_evidence(&mut self) {
+        let Some(h) = self.cfg.open_on_evidence else { return };
+        for st in self.states.values_mut() {
+            if let Phase::Pending { gathered, .. } = &mut st.phase {
+                *gathered = gathered.min(h);
+            }
+        }
+    }
+
     /// Resolves the locations silent for `stale_after` before `t` (their last row plus
     /// `stale_after` is before it), in the order they went stale. Called before each row taken
     /// in event-time order and at each watermark, so that a location goes stale between the
@@ -725,14 +736,8 @@ impl Operator for AlertRule {
                         None => std::mem::take(&mut raised).last().copied().unwrap_or(since),
                     };
                     // evidence: none in a snapshot of a rule without `open_on_evidence` (it starts
-                    // from nothing: the next row below the raise level lapses it)
-                    // never above this rule's level (a snapshot of a higher level, or of a
-                    // version that did not cap the sum, may hold more)
-                    let gathered = opt_f(&reported, i)
-                        .filter(|e| e.is_finite())
-                        .unwrap_or(0.0)
-                        .max(0.0)
-                        .min(self.cfg.open_on_evidence.unwrap_or(f64::INFINITY));
+                    // from nothing: the next row below the raise level lapses it); capped below
+                    let gathered = opt_f(&reported, i).filter(|e| e.is_finite()).unwrap_or(0.0).max(0.0);
                     let peak = opt_f(&peak, i).ok_or_else(|| missing("peak", i))?;
                     Phase::Pending { since, peak, raised, gathered }
                 }
@@ -811,6 +816,8 @@ impl Operator for AlertRule {
             (None, false) => return Err(bad("locations in a storm summary, but no summary".into())),
             (None, true) => {}
         }
+        // a snapshot of a higher level, or of a version that did not cap the sum, may hold more
+        self.cap_evidence();
         self.open_gauge.set((self.open + usize::from(self.storm.is_some())) as f64);
         Ok(())
     }
@@ -819,14 +826,8 @@ impl Operator for AlertRule {
         let c = config.downcast_ref::<AlertConfig>().ok_or(LiveChangeError::WrongConfig("alert"))?;
         self.cfg.live_change(c)?;
         self.cfg = c.clone();
-        // a lower level caps the evidence pending alerts hold, as their next rows would
-        if let Some(h) = self.cfg.open_on_evidence {
-            for st in self.states.values_mut() {
-                if let Phase::Pending { gathered, .. } = &mut st.phase {
-                    *gathered = gathered.min(h);
-                }
-            }
-        }
+        // a lower level caps the evidence pending alerts hold
+        self.cap_evidence();
         Ok(())
     }
 }
