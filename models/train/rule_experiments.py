@@ -190,8 +190,7 @@ def grid(sets, score, show=print):
             at_once = round(T.calibrate_threshold(levels, train, at_once_far), 4)
             for open_after in GRID["open_after"]:
                 rule = {**T.MODEL_RULE_BEFORE, "open_after": open_after}
-                cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], thr, **rule, open_at_once=at_once),
-                                                   T.RULE_JOIN) for name, d in data.items()}
+                cells = rule_cells(data, scores, thr, **rule, open_at_once=at_once)
                 worst, speed = training_summary(cells)
                 head = f"raise {thr} (far {far}), open_at_once {at_once} ({at_once_far}), open_after {open_after}"
                 head = f"{head}: training sets at most {worst} false alarms, {speed:.3f} minutes on average"
@@ -214,6 +213,13 @@ def cells_line(cells):
                       f"{' / '.join(str(c[k]) for k in KEYS)}" for name, c in cells.items())
 
 
+def rule_cells(data, scores, raise_at, per_set=lambda d: {}, **rule):
+    """{set name: detection metrics} of `T.alert_rule` raising at `raise_at` with `rule` (and
+    `per_set(d)`'s arguments for data set `d`) on each set's `scores`, joined as deployed"""
+    return {name: T.detection_metrics(d, T.alert_rule(d, scores[name], raise_at, **rule, **per_set(d)), T.RULE_JOIN)
+            for name, d in data.items()}
+
+
 def scored_sets():
     """The deployed model's threshold, `open_at_once` level and session, the evaluation sets
     (their runs), each set's runs combined, and the model's scores on each"""
@@ -232,9 +238,7 @@ def window_grid(label, levels, variant):
     for level in (None, *levels):
         for open_after in SUSTAIN_OPEN_AFTER:
             rule = {**T.MODEL_RULE_BEFORE, "open_after": open_after}
-            cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], thr, **rule, open_at_once=at_once,
-                                                               **variant(d, level)), T.RULE_JOIN)
-                     for name, d in data.items()}
+            cells = rule_cells(data, scores, thr, lambda d: variant(d, level), **rule, open_at_once=at_once)
             worst, speed = training_summary(cells)
             print(f"{label} {level}, open_after {open_after}: training sets at most {worst} false alarms "
                   f"({'admitted' if worst <= MARGIN else 'over the margin'}), {speed:.3f} minutes on average\n"
@@ -293,8 +297,7 @@ def evidence_grid():
     thr, at_once, sess, sets, data, scores = scored_sets()
     train = T.combine([r for name, runs in sets.items() if name.startswith("train") for r in runs])
     levels = T.run(sess, train["x"])[:, 0].astype(np.float64)
-    cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], thr, **T.MODEL_RULE_BEFORE,
-                                                         open_at_once=at_once), T.RULE_JOIN) for name, d in data.items()}
+    cells = rule_cells(data, scores, thr, **T.MODEL_RULE_BEFORE, open_at_once=at_once)
     worst, speed = training_summary(cells)
     print(f"the rule before (3 within 4 minutes, open_at_once): training sets at most {worst} false alarms, {speed:.3f} minutes\n  {cells_line(cells)}",
           flush=True)
@@ -305,8 +308,7 @@ def evidence_grid():
         for share in EVIDENCE_OPENS_AT:
             h = round(span * share, 3)
             rule = {**T.MODEL_RULE, "open_on_evidence": h}
-            cells = {name: T.detection_metrics(d, T.alert_rule(d, scores[name], ref, **rule), T.RULE_JOIN)
-                     for name, d in data.items()}
+            cells = rule_cells(data, scores, ref, **rule)
             worst, speed = training_summary(cells)
             ok = worst <= MARGIN
             head = (f"reference {ref} (far {far}), opens at {h} ({share} of {span:.3f}): training sets at most "

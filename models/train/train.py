@@ -46,9 +46,9 @@ SUMO_TRAIN_SHARE = 0.5
 # the alert rules of deploy/local.yaml, as the operators see the detectors: `incident_alerts`
 # (raise at the model's threshold; a pending alert gathers the log-odds of its scores over that
 # level, log_odds(score) - log_odds(threshold) per minute, never below 0 nor above 3.98, and
-# opens once they sum to 3.98 (`open_on_evidence`); a dip below clear 0.5 does not end it, only a sum spent
-# does; 10 minutes of quiet after a resolve) and `california_alerts` (raise at an alarm, no
-# duration, the same quiet). `open_on_evidence` was chosen on the training sets on 2026-12-07
+# opens once they sum to 3.98 (`open_on_evidence`); a dip below clear 0.5 does not end it, only
+# a sum spent does; 10 minutes of quiet after a resolve) and `california_alerts` (raise at an
+# alarm, no duration, the same quiet). `open_on_evidence` was chosen on the training sets on 2026-12-07
 # (rule_experiments.py --evidence: the raise level at a false alarm rate of 0.002-0.02, the sum
 # at 0.5-2 times what one minute at the former `open_at_once` gathers): the fastest (mean time
 # to detect over the training sets) whose false alarms stay at or below half of 0.1 per
