@@ -13,6 +13,7 @@ pub(crate) mod rebootstrap;
 pub(crate) mod reply_queue;
 mod sink;
 mod source;
+pub(crate) mod watermarks;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;

@@ -167,7 +167,12 @@ impl Ctx {
             }
             let from = match e.offset() {
                 Offset::Offset(o) => o,
-                _ => match consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(30)) {
+                _ => match crate::kafka::watermarks::watermarks(
+                    consumer,
+                    e.topic(),
+                    e.partition(),
+                    Duration::from_secs(30),
+                ) {
                     Ok((low, _)) => low,
                     Err(err) => {
                         return self.fail(format!(
