@@ -390,7 +390,7 @@ fn telling(log: &Path) -> String {
         .iter()
         .copied()
         .filter(|l| {
-            [" WARN ", " ERROR ", "task started", "task revoked", "task ended", "ending", "leaving", "took over"]
+            [" WARN ", " ERROR ", "task started", "task revoked", "task ended", ": ending", "leaving", "took over"]
                 .iter()
                 .any(|w| l.contains(w))
                 && !l.contains("provider")
