@@ -4,7 +4,7 @@ training scenarios), where a variant has to pay its way, and shown on the held-o
 the rule it varies. After train.py (it reads models/metrics.json and the data of generate.py
 and sumo_scenarios.py):
 
-    cd models/train && ../../.venv/bin/python rule_experiments.py [--sustain | --confirm | --evidence]
+    cd models/train && ../../.venv/bin/python rule_experiments.py [--sustain | --confirm | --evidence | --california]
 
 `--evidence` (2026-12-07) chose the deployed rule, `open_on_evidence` (its docstring,
 `evidence_grid`). Every other variant below, and the grid, varies the rule before it (3 raises
@@ -54,6 +54,10 @@ one to that segment's alert (`join` in deploy/*.yaml); every variant below joins
   `freeway120` (93.3% for 4 within 5 without it) and 96.2% on `highway100` (92.3%), at 0.068
   and 0 false alarms per corridor-hour there, but 0.171 on `arterial50` (0.137), which stays at
   94.1%, and 0.103 on `arterial60` (0.051). Higher S raise as many false alarms or more.
+- `--california` (2026-12-07, the deployed `open_on_evidence` rule): California #7's alarm on a
+  segment whose score reached a level within the last minutes opens at once (`california_grid`).
+  Chosen on the training sets, it meets the detection and time targets on all seven held-out
+  sets, and raises more false alarms on `arterial60` than the target allows; not deployed.
 - `speed gate G`: a score counts only while the segment's speed (the lower of its 1- and
   5-minute means) is below G of its free speed; `..., open_at_once exempt`: a score at or above
   `open_at_once` counts whatever the speed.
@@ -263,6 +267,92 @@ def confirm_grid():
     window_grid("confirm below", CONFIRM_SPEED, below)
 
 
+# `--california`: the deployed rule, and California #7's alarm opening at once where the segment's
+# score reached AGREE_AFTER within the last AGREE_WITHIN minutes (this one included), at the
+# deployed raise level, with the sum that opens at AGREE_OPENS
+AGREE_AFTER = (0.95, 0.97, 0.99, 0.995)
+AGREE_WITHIN = (2, 3, 5)
+AGREE_OPENS = (3.98, 4.5, 5.3)
+
+
+def recently_reached(d, score, level, within_min):
+    """Whether each row's segment scored at or above `level` in this minute or one of the
+    `within_min - 1` minutes before it (rows of the same run and segment, a minute apart)."""
+    out = np.zeros(len(score), dtype=bool)
+    bounds = d.get("bounds", np.array([0, len(score)]))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        seg, t, high = d["seg"][lo:hi], d["t"][lo:hi], score[lo:hi] >= level
+        order = np.lexsort((t, seg))
+        s, tt, h = seg[order], t[order], high[order]
+        reached = h.copy()
+        for back in range(1, within_min):
+            same = (s[back:] == s[:-back]) & (tt[back:] - tt[:-back] == back * 60_000)
+            reached[back:] |= same & h[:-back]
+        part = np.empty_like(reached)
+        part[order] = reached
+        out[lo:hi] = part
+    return out
+
+
+def california_grid():
+    """`--california`: once California #7 alarms on a segment whose score reached `after` within
+    the last `within` minutes, the minute counts as a sure one (a score of 1: the sum reaches
+    the level that opens at once), for AGREE_AFTER, AGREE_WITHIN and AGREE_OPENS at the deployed
+    raise level, each admitted or not as `grid` admits, and the choice as `grid` makes it
+    (fastest admitted over the training sets, within TIE: the higher `after`, then the shorter
+    window, then the higher sum). It targets what the deployed rule misses: `highway100`'s two
+    lane closures, whose score peaks once (0.997 and 0.972) in the second minute and falls
+    away the next, while California #7 alarms 2.5-3 minutes in (`missed_incidents.py`).
+    Deploying it needs the alert stage to read California #7's alarm beside the score: not
+    done (about 7 minutes).
+
+    On 2026-12-07 (detection rate / false alarms per corridor-hour / minutes to detect; the
+    deployed rule: 2.794 minutes over the training sets, at most 0.041 false alarms on one):
+    with the sum at 3.98, `after` 0.95 and 0.97 with every window were admitted at 2.726
+    minutes (at most 0.041); 0.99 and 0.995 at 2.776 and 2.782, a tie with the deployed rule.
+    Chosen: 0.97 within 2 minutes. Held out, against the deployed rule: simulator 0.976 /
+    0.008 / 1.81 (0.976 / 0.008 / 1.86), `arterial50` 1.0 / 0.216 / 4.64 (1.0 / 0.205 / 4.96),
+    `arterial60` 1.0 / 0.12 / 3.63 (1.0 / 0.086 / 3.72), `freeway120` 1.0 / 0.034 / 3.67 (1.0 /
+    0.057 / 3.92), `highway100` 0.962 / 0.017 / 3.0 (0.923 / 0.017 / 3.02), `motorway130`
+    0.971 / 0.051 / 3.1 (0.971 / 0.067 / 3.13), `urban70` unchanged. Against issue 21's
+    targets: detection at least 95% on all seven (`highway100` 96.2%), sooner than California
+    #7 on all seven (`arterial50` 4.64 against 4.90), but at most 0.1 false alarms per
+    corridor-hour on five (`arterial60` 0.12, two false alarms more there; `arterial50`
+    0.216), against six of seven for each target with the deployed rule. A higher sum trades
+    them back and is slower on the training sets (not chosen): at 5.3 with 0.97, 2.918
+    minutes, `arterial60` 0.103 and `arterial50` 0.171 at 4.70-4.78 minutes, `highway100` still
+    96.2%; with `after` 0.99 or more `highway100` stays at 92.3% whatever the sum. No cell
+    meets the false alarm target on `arterial50` (0.148 at best)."""
+    thr, _, _, _, data, scores = scored_sets()
+    m, _, _, _ = deployed_model()
+    t = m["california7_thresholds"]
+    alarms = {name: T.california7(d, t["t1_occdf"], t["t2_occrdf"], t["t3_docc"]) for name, d in data.items()}
+    cells = rule_cells(data, scores, thr, **T.MODEL_RULE)
+    worst, speed = training_summary(cells)
+    print(f"the deployed rule: training sets at most {worst} false alarms, {speed:.3f} minutes\n  {cells_line(cells)}",
+          flush=True)
+    admitted = []
+    for h in AGREE_OPENS:
+        for after in AGREE_AFTER:
+            for within in AGREE_WITHIN:
+                agreed = {name: np.where(alarms[name] & recently_reached(d, scores[name], after, within), 1.0,
+                                         scores[name]) for name, d in data.items()}
+                cells = rule_cells(data, agreed, thr, **{**T.MODEL_RULE, "open_on_evidence": h})
+                worst, speed = training_summary(cells)
+                ok = worst <= MARGIN
+                head = (f"opens at {h}, California #7 within {within} minutes of a score at {after}: training sets "
+                        f"at most {worst} false alarms ({'admitted' if ok else 'over the margin'}), {speed:.3f} minutes")
+                if ok:
+                    admitted.append((speed, (-after, within, -h), head))
+                print(f"{head}\n  {cells_line(cells)}", flush=True)
+    if admitted:
+        fastest = min(a[0] for a in admitted)
+        tied = [a for a in admitted if a[0] - fastest < TIE]
+        print(f"chosen: {min(tied, key=lambda a: a[1])[2]} (within {TIE} minutes of the fastest: {len(tied)})")
+    else:
+        print(f"chosen: none within {MARGIN} on every training set")
+
+
 # `--evidence`: the raise level at these training false alarm rates, and the evidence that opens
 # as shares of log_odds(open_at_once) - log_odds(raise level) (1: one minute at open_at_once opens)
 EVIDENCE_FAR = (0.002, 0.004, 0.01, 0.02)
@@ -328,5 +418,7 @@ if __name__ == "__main__":
         sustain_grid()
     elif "--confirm" in sys.argv[1:]:
         confirm_grid()
+    elif "--california" in sys.argv[1:]:
+        california_grid()
     else:
         main()
