@@ -431,6 +431,19 @@ pub enum TopicsError {
     },
 }
 
+/// The suite's broker for the tests that need one (`CITYSTREAM_KAFKA_BROKERS`, as the Kafka
+/// tests; `127.0.0.1:9092` without it); panics, saying so, when none answers there.
+#[cfg(test)]
+pub(crate) fn test_brokers() -> String {
+    let brokers = std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let reachable = brokers
+        .split(',')
+        .filter_map(|b| std::net::ToSocketAddrs::to_socket_addrs(b).ok()?.next())
+        .any(|addr| std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).is_ok());
+    assert!(reachable, "needs a Kafka broker at {brokers} (CITYSTREAM_KAFKA_BROKERS; scripts/test.sh starts one)");
+    brokers
+}
+
 /// Creates those of `topics` that do not exist on `brokers` (`partitions` each, replication 1
 /// unless `replication` says otherwise); those also in `keep` keep every message
 /// (`retention.ms` and `retention.bytes` -1), and one of them that exists with a finite

@@ -208,12 +208,7 @@ mod tests {
     fn an_answer_gives_each_partitions_log_end() {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let brokers = std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-        let reachable = brokers
-            .split(',')
-            .filter_map(|b| std::net::ToSocketAddrs::to_socket_addrs(b).ok()?.next())
-            .any(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
-        assert!(reachable, "needs a Kafka broker at {brokers} (CITYSTREAM_KAFKA_BROKERS; scripts/test.sh starts one)");
+        let brokers = crate::kafka::test_brokers();
         let topic = format!(
             "log-ends-{}-{}",
             std::process::id(),
