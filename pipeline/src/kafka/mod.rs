@@ -134,9 +134,10 @@ pub struct KafkaSourceConfig {
     /// (and new barriers) wait until it has answered, while the source reads on and can stop (a
     /// stop whose final commit still has no answer after a minute of retries ends with an
     /// error, and the next run replays from the last commit that landed). A revocation or the
-    /// final commit's first try waits for an unanswered one first, up to this long again.
-    /// Under half of `max.poll.interval.ms` (the consumer does not poll while it waits).
-    /// Default `10s`.
+    /// final commit's first try waits for an unanswered one first, up to this long again. An
+    /// assignment asks the low watermark of partitions without a committed offset again for up
+    /// to this long while the cluster settles (a leader just elected). Under half of
+    /// `max.poll.interval.ms` (the consumer does not poll while it waits). Default `10s`.
     #[serde(default = "d_commit_timeout")]
     pub commit_timeout: Duration,
     /// How far behind the newest event of its partition an event may arrive and still be on
