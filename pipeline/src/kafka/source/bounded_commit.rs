@@ -59,6 +59,13 @@ impl Unanswered {
         Unanswered { slot: Mutex::new(Slot::default()), wait, timeouts }
     }
 
+    /// How long a commit may wait for its answer (`commit_timeout`, under half of
+    /// `max.poll.interval.ms`): also how long an assignment, which does not poll either, asks
+    /// its fresh partitions' low watermarks again while the cluster settles.
+    pub(super) fn wait(&self) -> Duration {
+        self.wait
+    }
+
     /// Drops a commit still in flight (its queue) and refuses any later one. Call before the
     /// consumer goes: librdkafka's queues must be destroyed before their client.
     pub(super) fn forget(&self) {

@@ -133,10 +133,6 @@ pub(super) struct Ctx {
     pub(super) native: bool,
     /// Offset commits wait for their answer for a bounded time; the one with no answer yet.
     pub(super) unanswered: Arc<super::bounded_commit::Unanswered>,
-    /// How long an assignment asks the low watermarks of its fresh partitions again while the
-    /// cluster settles (all of them together): `commit_timeout`, under half of
-    /// `max.poll.interval.ms`, since the callback runs without polling.
-    pub(super) settle_within: Duration,
 }
 
 pub(super) fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -164,7 +160,8 @@ impl Ctx {
         // a first run that died before its first commit) replay starts at the partition's low
         // watermark, so only files from there on will be written again
         let manifest = self.state.as_ref().map(|s| s.positions()).unwrap_or_default();
-        let settled_by = Instant::now() + self.settle_within;
+        // one deadline for all its asks: the callback does not poll (`Unanswered::wait`)
+        let settled_by = Instant::now() + self.unanswered.wait();
         let mut starts = Vec::new();
         for e in committed.elements() {
             if let Err(err) = e.error() {

@@ -61,7 +61,7 @@ async fn stalled_pipeline(fetch: &str) {
     if let Ok(filter) = std::env::var("CITYSTREAM_TEST_RUST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     }
-    let brokers = std::env::var("CITYSTREAM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = crate::kafka::test_brokers();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let topic = format!("handoff-{fetch}-{}-{stamp}", std::process::id());
     let group = format!("{topic}-group");

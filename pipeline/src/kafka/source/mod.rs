@@ -303,9 +303,8 @@ async fn run_kafka_source(
         })),
         false => None,
     };
-    let commit_wait = cfg.commit_wait().map_err(err)?;
     let unanswered = Arc::new(Unanswered::new(
-        commit_wait,
+        cfg.commit_wait().map_err(err)?,
         metrics.counter(
             "citystream_kafka_commit_timeouts_total",
             "Offset commits with no answer from the group coordinator within commit_timeout (retried at a later checkpoint once answered).",
@@ -319,7 +318,6 @@ async fn run_kafka_source(
             state,
             native: native.is_some(),
             unanswered: unanswered.clone(),
-            settle_within: commit_wait,
         })
         .map_err(|e| err(format!("creating the consumer: {e}")))?;
     // every assigned partition's messages go to a queue of the source's own, taken in batches
