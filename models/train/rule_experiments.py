@@ -201,14 +201,22 @@ def grid(sets, score, show=print):
                 if worst <= MARGIN:
                     admitted.append((speed, (open_after[1], open_after[0], far, at_once_far), head, cells))
                 show(f"{head}\n  {cells_line(cells)}")
+    picked = choose(admitted, show)
+    return None if picked is None else picked[2:]
+
+
+def choose(admitted, show=print):
+    """Of the admitted rules, each (mean minutes over the training sets, tie-break key, its line,
+    ...), the fastest within TIE, the least key among those tied, and its line passed to `show`
+    (or that none was admitted); the rule's tuple, or None"""
     if not admitted:
         show(f"chosen: none within {MARGIN} on every training set")
         return None
     fastest = min(a[0] for a in admitted)
     tied = [a for a in admitted if a[0] - fastest < TIE]
-    _, _, head, cells = min(tied, key=lambda a: a[1])
-    show(f"chosen: {head} (within {TIE} minutes of the fastest: {len(tied)})")
-    return head, cells
+    picked = min(tied, key=lambda a: a[1])
+    show(f"chosen: {picked[2]} (within {TIE} minutes of the fastest: {len(tied)})")
+    return picked
 
 
 def cells_line(cells):
@@ -345,12 +353,7 @@ def california_grid():
                 if ok:
                     admitted.append((speed, (-after, within, -h), head))
                 print(f"{head}\n  {cells_line(cells)}", flush=True)
-    if admitted:
-        fastest = min(a[0] for a in admitted)
-        tied = [a for a in admitted if a[0] - fastest < TIE]
-        print(f"chosen: {min(tied, key=lambda a: a[1])[2]} (within {TIE} minutes of the fastest: {len(tied)})")
-    else:
-        print(f"chosen: none within {MARGIN} on every training set")
+    choose(admitted)
 
 
 # `--evidence`: the raise level at these training false alarm rates, and the evidence that opens
