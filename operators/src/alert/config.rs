@@ -44,6 +44,19 @@ pub struct OpenAfter {
     pub within: Duration,
 }
 
+/// `confirm`: a second detector's alarm makes a minute sure (for `open_on_evidence`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmConfig {
+    /// A boolean column of the input: the second detector's alarm on the row's location and
+    /// minute (the `california7` stage's `incident`, kept beside the score).
+    pub column: String,
+    /// The level the location's value must have reached, a probability in (0, 1) ...
+    pub after: f64,
+    /// ... less than this long before the row, or in it (event time).
+    pub within: Duration,
+}
+
 /// How urgent an alert is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -190,6 +203,16 @@ pub struct AlertConfig {
     /// depend on how the input was read. Default: none.
     #[serde(default)]
     pub join: Option<JoinConfig>,
+    /// With `open_on_evidence`: a row on which `confirm.column` is true (a second detector
+    /// alarms) while the location's value reached `confirm.after` less than `confirm.within`
+    /// before it, or on it, counts as a sure value (a probability of 1: it opens the pending
+    /// alert at once, cooldown permitting, and keeps an open one open); its event carries the
+    /// row's own value, and `confirmed_by` in the evidence. It catches an incident whose score
+    /// peaks once and falls away before the sum is gathered, which the second detector then
+    /// confirms from its queue. The latest time each location reached the level is part of the
+    /// snapshot. Default: none.
+    #[serde(default)]
+    pub confirm: Option<ConfirmConfig>,
 }
 
 /// The schema of alert events (every `alert` stage emits it, so they share one table).
@@ -223,6 +246,8 @@ pub(super) struct Cols {
     pub(super) location: usize,
     pub(super) time: usize,
     pub(super) evidence: Vec<usize>,
+    /// `confirm.column`
+    pub(super) confirm: Option<usize>,
 }
 
 impl AlertConfig {
@@ -290,6 +315,7 @@ impl AlertConfig {
         if let Some(h) = self.open_on_evidence {
             self.check_evidence(h, value.map(|v| input.field(v).data_type()), &mut errs);
         }
+        let confirm = self.confirm.as_ref().and_then(|c| self.check_confirm(c, input, &mut errs));
         let mut near = HashMap::new();
         if let Some(j) = &self.join {
             if !(1..=MAX_JOIN_REACH).contains(&j.within) {
@@ -318,7 +344,33 @@ impl AlertConfig {
         let (Some(value), Some(location), Some(time), true) = (value, location, time, errs.is_empty()) else {
             return Err(errs);
         };
-        Ok((Cols { value, location, time, evidence }, near))
+        Ok((Cols { value, location, time, evidence, confirm }, near))
+    }
+
+    /// `confirm`: a boolean column, a level in (0, 1), a window longer than 0s, with
+    /// `open_on_evidence` (which weighs probabilities in event-time order). The column's index.
+    fn check_confirm(&self, c: &ConfirmConfig, input: &SchemaRef, errs: &mut Vec<PlanError>) -> Option<usize> {
+        if self.open_on_evidence.is_none() {
+            errs.push(
+                PlanError::new("confirm", "makes a minute sure for `open_on_evidence`, which this rule does not use")
+                    .with_help("set `open_on_evidence`, or leave `confirm` out"),
+            );
+        }
+        if !(c.after.is_finite() && c.after > 0.0 && c.after < 1.0) {
+            errs.push(PlanError::new("confirm.after", format!("{} is not a probability in (0, 1)", c.after)));
+        }
+        if c.within.as_millis_i64() <= 0 {
+            errs.push(PlanError::new("confirm.within", "must be longer than 0s"));
+        }
+        let col = column(input, &c.column, "confirm.column").map_err(|e| errs.push(e)).ok()?;
+        let t = input.field(col).data_type();
+        if t != &DataType::Boolean {
+            errs.push(
+                PlanError::new("confirm.column", format!("`{}` is {t}, not a boolean", c.column))
+                    .with_help("the second detector's alarm, such as the `california7` stage's `incident`"),
+            );
+        }
+        Some(col)
     }
 
     /// `open_on_evidence: h`: a level above 0, on probabilities (a floating-point `value` of
@@ -373,8 +425,9 @@ impl AlertConfig {
         self.join.is_some() || self.storm.as_ref().is_some_and(|s| s.order == StormOrder::EventTime)
     }
 
-    /// Live tuning: levels, durations (`open_after`'s count and window too), the storm limit,
-    /// active hours, per-location thresholds and severity may change; the columns, the rule's
+    /// Live tuning: levels, durations (`open_after`'s count and window too, `confirm`'s level
+    /// and window), the storm limit, active hours, per-location thresholds and severity may
+    /// change; the columns (`confirm`'s, or having one, too), the rule's
     /// identity and which persistence test it uses (`min_duration`, `open_after` or
     /// `open_on_evidence`) may not.
     pub fn live_change(&self, new: &AlertConfig) -> Result<(), LiveChangeError> {
@@ -393,13 +446,14 @@ impl AlertConfig {
                 c.open_on_evidence.is_some(),
                 // the open alerts' members follow the graph they joined by
                 c.join.clone(),
+                c.confirm.as_ref().map(|c| c.column.clone()),
             )
         };
         if same(self) == same(new) {
             Ok(())
         } else {
             Err(LiveChangeError::NeedsRestart(
-                "an alert rule's name, type, columns, direction, storm order, persistence test (min_duration, open_after or open_on_evidence) and join cannot change while running",
+                "an alert rule's name, type, columns (confirm's too), direction, storm order, persistence test (min_duration, open_after or open_on_evidence) and join cannot change while running",
             ))
         }
     }
@@ -464,6 +518,7 @@ impl OperatorConfig for AlertConfig {
             board: ctx.thresholds.clone(),
             board_version: u64::MAX,
             live: BTreeMap::new(),
+            reached: HashMap::new(),
         }))
     }
 }

@@ -15,7 +15,9 @@
 //!   sum to `h` (Page's CUSUM: per row `ln(v / (1 - v)) - ln(r / (1 - r))`, the sum never
 //!   below 0, where the pending alert lapses, nor above `h`; one very sure value opens at
 //!   once, middling ones in a row open later; rows are taken in event-time order, which the
-//!   rule needs);
+//!   rule needs); with `confirm` too, a row on which a second detector alarms (a boolean
+//!   column) counts as a sure value while the location's value reached `confirm.after` within
+//!   `confirm.within` (this row included);
 //! - **suppression**: one open alert per location and rule; while open, a new peak is an
 //!   `update` of the same alert (at most one per `update_every` and location), never a new
 //!   alert;
@@ -67,5 +69,5 @@ mod state;
 
 pub use board::ThresholdBoard;
 pub use calibration::{CalibrationSpec, Judged, Proposal, calibrate};
-pub use config::{AlertConfig, JoinConfig, OpenAfter, Severity, StormConfig, StormOrder, alert_schema};
+pub use config::{AlertConfig, ConfirmConfig, JoinConfig, OpenAfter, Severity, StormConfig, StormOrder, alert_schema};
 pub use rule::AlertRule;

@@ -51,6 +51,8 @@ pub(super) struct Held {
     t: i64,
     loc: String,
     v: Option<f64>,
+    /// Whether `confirm.column` was true on it.
+    confirm: bool,
     /// Its evidence as JSON, made when it is taken (or restored from a snapshot).
     evidence: Evidence,
 }
@@ -135,6 +137,9 @@ pub struct AlertRule {
     pub(super) board_version: u64,
     /// This rule's live levels from the board, copied when its version moves.
     pub(super) live: BTreeMap<String, f64>,
+    /// With `confirm`: per location, the latest time its value reached `confirm.after` (those
+    /// older than `confirm.within` behind the watermark are forgotten).
+    pub(super) reached: HashMap<String, i64>,
 }
 
 impl std::fmt::Debug for AlertRule {
@@ -386,12 +391,29 @@ impl AlertRule {
         let cols = self.cols.evidence.clone();
         for h in ready {
             self.resolve_stale_before(h.t);
-            self.step(&h.loc, h.t, h.v, || h.evidence.json(&cols, h.v));
+            self.step(&h.loc, h.t, h.v, h.confirm, || h.evidence.json(&cols, h.v));
         }
     }
 
-    /// One row: value `v` (None: no reading) at `t` for `loc`.
-    fn step(&mut self, loc: &str, t: i64, v: Option<f64>, evidence: impl Fn() -> String) {
+    /// With `confirm`: notes that `loc` reached `confirm.after` at `t` if value `v` does, then
+    /// whether row (`loc`, `t`) is confirmed: `alarm` (its `confirm.column`) and the value
+    /// reached the level less than `confirm.within` before it, or on it.
+    fn confirmed(&mut self, loc: &str, t: i64, v: f64, alarm: bool) -> bool {
+        let Some(c) = &self.cfg.confirm else { return false };
+        let within = c.within.as_millis_i64();
+        if v >= c.after {
+            match self.reached.get_mut(loc) {
+                Some(r) => *r = (*r).max(t),
+                None => {
+                    self.reached.insert(loc.to_owned(), t);
+                }
+            }
+        }
+        alarm && self.reached.get(loc).is_some_and(|&r| r <= t && t - r < within)
+    }
+
+    /// One row: value `v` (None: no reading) at `t` for `loc`; `alarm`: its `confirm.column`.
+    fn step(&mut self, loc: &str, t: i64, v: Option<f64>, alarm: bool, evidence: impl Fn() -> String) {
         let raise = self.raise_at(loc);
         // a location's own (calibrated) raise level may sit beyond the shared clear level
         let clear = self.cfg.clear.unwrap_or(raise);
@@ -399,14 +421,22 @@ impl AlertRule {
         let hours_ok =
             self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
         let Some(v) = v.filter(|v| !v.is_nan()) else { return };
+        // a confirmed row weighs as a sure value; its events still carry its own value
+        let confirmed = self.confirmed(loc, t, v, alarm);
+        let weighed = if confirmed { 1.0 } else { v };
+        let confirmed_by = confirmed.then(|| self.cfg.confirm.as_ref().map(|c| c.column.clone())).flatten();
+        let evidence = move || match &confirmed_by {
+            Some(column) => with_key(evidence(), "confirmed_by", column),
+            None => evidence(),
+        };
         // a row after a silence longer than `stale_after`: the location went stale first
         if self.states.get(loc).is_some_and(|s| {
             t.saturating_sub(s.last_t) > self.cfg.stale_after.as_millis_i64() && !matches!(s.phase, Phase::Idle)
         }) {
             self.resolve_stale(loc);
         }
-        let holds = hours_ok && self.beyond(v, clear);
-        let raises = hours_ok && self.beyond(v, raise);
+        let holds = hours_ok && self.beyond(weighed, clear);
+        let raises = hours_ok && self.beyond(weighed, raise);
         let better = |a: f64, b: f64| if self.cfg.below { a.min(b) } else { a.max(b) };
         let mut st =
             self.states.remove(loc).unwrap_or(LocState { phase: Phase::Idle, quiet_until: i64::MIN, last_t: t });
@@ -435,7 +465,7 @@ impl AlertRule {
                             // the step first, as train.py's alert_rule adds it (the same sums);
                             // never past `enough`: evidence gathered while the alert may not
                             // open (the cooldown) does not open it later on a weaker value
-                            gathered = (gathered + (log_odds(v) - log_odds(raise))).max(0.0).min(enough);
+                            gathered = (gathered + (log_odds(weighed) - log_odds(raise))).max(0.0).min(enough);
                         }
                         gathered >= enough
                     }
@@ -557,6 +587,16 @@ impl AlertRule {
     }
 }
 
+/// `json` (an object) with `key` set to `value`.
+fn with_key(json: String, key: &str, value: &str) -> String {
+    let mut m = match serde_json::from_str::<serde_json::Value>(&json) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    m.insert(key.into(), value.into());
+    serde_json::Value::Object(m).to_string()
+}
+
 /// JSON of the evidence columns of row `i` (values as displayed by Arrow), plus the value.
 pub(super) fn evidence_json(batch: &RecordBatch, cols: &[usize], i: usize, value: Option<f64>, raise: f64) -> String {
     let mut m = serde_json::Map::new();
@@ -595,6 +635,7 @@ impl Operator for AlertRule {
         let locs = batch.column(self.cols.location).as_string::<i32>();
         let times = batch.column(self.cols.time).as_primitive::<TimestampMillisecondType>();
         let ev_cols = self.cols.evidence.clone();
+        let alarms = self.cols.confirm.map(|c| batch.column(c).as_boolean().clone());
         let hold = self.cfg.in_event_time_order();
         if !hold && !self.held.is_empty() {
             // rows a snapshot held (of this rule when it took rows in event-time order): they
@@ -609,11 +650,12 @@ impl Operator for AlertRule {
             let v = nulls.as_ref().is_none_or(|n| n.is_valid(i)).then_some(value);
             let loc = locs.value(i);
             let raise = self.raise_at(loc);
+            let confirm = alarms.as_ref().is_some_and(|a| a.is_valid(i) && a.value(i));
             if let Some(b) = &shared {
                 let evidence = Evidence::Row(b.clone(), i, raise);
-                self.held.push(Held { t: times.value(i), loc: loc.to_owned(), v, evidence });
+                self.held.push(Held { t: times.value(i), loc: loc.to_owned(), v, confirm, evidence });
             } else {
-                self.step(loc, times.value(i), v, || evidence_json(&batch, &ev_cols, i, v, raise));
+                self.step(loc, times.value(i), v, confirm, || evidence_json(&batch, &ev_cols, i, v, raise));
             }
         }
         self.finish(out)
@@ -631,6 +673,11 @@ impl Operator for AlertRule {
         self.resolve_stale_before(watermark);
         // forget idle locations whose cooldown is over: the map holds active locations only
         self.states.retain(|_, s| !matches!(s.phase, Phase::Idle) || s.quiet_until > watermark);
+        // and levels reached too long ago to confirm a row after the watermark
+        if let Some(c) = &self.cfg.confirm {
+            let within = c.within.as_millis_i64();
+            self.reached.retain(|_, r| watermark.saturating_sub(*r) < within);
+        }
         self.finish(out)
     }
 
@@ -640,8 +687,10 @@ impl Operator for AlertRule {
 
     /// One row per location (phase `0` idle in cooldown, `1` pending (with `open_after`, its
     /// raising times in `id`; with `open_on_evidence`, its sum in `reported`), `2` open, `3` in
-    /// the storm summary), one per held row (`8`), with `join` one per open alert (`10`: where
-    /// it opened) and, while a storm summary is open, one row without a location (`9`).
+    /// the storm summary), one per held row (`8`; `reported` 1 where `confirm.column` was
+    /// true), with `join` one per open alert (`10`: where it opened), with `confirm` one per
+    /// location that reached its level lately (`11`: the time in `last_t`) and, while a storm
+    /// summary is open, one row without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
         let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
@@ -666,7 +715,13 @@ impl Operator for AlertRule {
         // held rows: phase 8, their time in `last_t`, value in `peak`, evidence in `id`
         let cols = &self.cols.evidence;
         for h in &self.held {
-            r.push(Some(h.loc.clone()), 8, 0, h.t, Some(h.evidence.json(cols, h.v)), None, h.v, None, None);
+            let confirm = h.confirm.then_some(1.0);
+            r.push(Some(h.loc.clone()), 8, 0, h.t, Some(h.evidence.json(cols, h.v)), None, h.v, confirm, None);
+        }
+        let mut reached: Vec<(&String, &i64)> = self.reached.iter().collect();
+        reached.sort_unstable();
+        for (loc, &t) in reached {
+            r.push(Some(loc.clone()), 11, 0, t, None, None, None, None, None);
         }
         // with `join`, each open alert: where it opened (`location`), its id and opening time
         let mut alerts: Vec<(&String, &JoinedAlert)> = self.alerts.iter().collect();
@@ -708,6 +763,7 @@ impl Operator for AlertRule {
         self.open = 0;
         self.held.clear();
         self.alerts.clear();
+        self.reached.clear();
         // the restored locations are scanned at the next row or watermark
         self.stale_floor = i64::MIN;
         let mut members = BTreeSet::new();
@@ -760,10 +816,19 @@ impl Operator for AlertRule {
                         t: last_t.value(i),
                         loc: loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?,
                         v: opt_f(&peak, i),
+                        confirm: opt_f(&reported, i).is_some_and(|c| c > 0.0),
                         evidence: Evidence::Json(
                             id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("evidence", i))?,
                         ),
                     });
+                    continue;
+                }
+                11 => {
+                    let at = loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?;
+                    // (a rule restored without `confirm` has no use for them)
+                    if self.cfg.confirm.is_some() {
+                        self.reached.insert(at, last_t.value(i));
+                    }
                     continue;
                 }
                 10 => {
