@@ -8,7 +8,9 @@
 //! - tentative → incident when `OCCRDF ≥ t2` holds the next minute (persistence), else free;
 //! - incident continues while `OCCRDF ≥ t2`, else free.
 //!
-//! A gap in a segment's minutes starts it over in the free state. `models/train/train.py`
+//! A gap in a segment's minutes starts it over in the free state. `keep` hands on input columns
+//! beside the alarm (the features, for the incident model after it: its alert rule reads the
+//! score and the alarm on one row, `confirm`). `models/train/train.py`
 //! has the same state machine (used to calibrate the thresholds, reported in the incident
 //! model card) and the tests compare the two.
 
@@ -54,18 +56,42 @@ pub struct California7Config {
     /// Default `window_end`.
     #[serde(default = "d_time")]
     pub time: String,
+    /// Input columns handed on after the detector's own, unchanged (zero-copy): the
+    /// `features` for a model stage after it, or a score for an alert rule that reads both.
+    /// Default: none.
+    #[serde(default)]
+    pub keep: Vec<String>,
 }
+
+/// A planned stage: its input's feature, key and time columns, `keep`'s, and its output.
+struct Planned {
+    cols: (usize, usize, usize),
+    kept: Vec<usize>,
+    schema: SchemaRef,
+}
+
+/// The detector's own output columns, after the key and the time.
+const OWN: [&str; 5] = ["occdf", "occrdf", "docc", "state", "incident"];
 
 const OCC: usize = 7;
 const DOWN_OCC: usize = 12;
 
 impl California7Config {
-    fn check(&self, input: &SchemaRef) -> Result<(usize, usize, usize, SchemaRef), Vec<PlanError>> {
+    fn check(&self, input: &SchemaRef) -> Result<Planned, Vec<PlanError>> {
         debug_assert_eq!((FEATURES[OCC], FEATURES[DOWN_OCC]), ("occ_1m", "down_occ_1m"));
         let mut errs = Vec::new();
         let f = column(input, &self.features, "features").map_err(|e| errs.push(e)).ok();
         let k = column(input, &self.key, "key").map_err(|e| errs.push(e)).ok();
         let t = time_column(input, &self.time, "time").map_err(|e| errs.push(e)).ok();
+        let kept = citystream_operators::common::columns(input, &self.keep, "keep", &mut errs);
+        for name in &self.keep {
+            if [&self.key, &self.time].contains(&name) || OWN.contains(&name.as_str()) {
+                errs.push(PlanError::new(
+                    "keep",
+                    format!("`{name}` is a column of the detector's own output: keep it out of `keep`"),
+                ));
+            }
+        }
         if let Some(f) = f {
             let field = input.field(f);
             let ok = matches!(field.data_type(), DataType::FixedSizeList(item, w)
@@ -89,22 +115,23 @@ impl California7Config {
             }
         }
         let (Some(f), Some(k), Some(t), true) = (f, k, t, errs.is_empty()) else { return Err(errs) };
-        let schema = Arc::new(Schema::new(vec![
+        let mut fields = vec![
             input.field(k).as_ref().clone(),
             input.field(t).as_ref().clone(),
-            Field::new("occdf", DataType::Float32, false),
-            Field::new("occrdf", DataType::Float32, false),
-            Field::new("docc", DataType::Float32, false),
-            Field::new("state", DataType::Utf8, false),
-            Field::new("incident", DataType::Boolean, false),
-        ]));
-        Ok((f, k, t, schema))
+            Field::new(OWN[0], DataType::Float32, false),
+            Field::new(OWN[1], DataType::Float32, false),
+            Field::new(OWN[2], DataType::Float32, false),
+            Field::new(OWN[3], DataType::Utf8, false),
+            Field::new(OWN[4], DataType::Boolean, false),
+        ];
+        fields.extend(kept.iter().map(|&c| input.field(c).as_ref().clone()));
+        Ok(Planned { cols: (f, k, t), kept, schema: Arc::new(Schema::new(fields)) })
     }
 }
 
 impl OperatorConfig for California7Config {
     fn passes_through(&self, _input: &SchemaRef, _port: usize) -> Vec<String> {
-        vec![self.key.clone()]
+        [&self.key].into_iter().chain(&self.keep).cloned().collect()
     }
 
     fn state_scopes(&self, _input: &SchemaRef) -> Vec<citystream_operators::partitioning::StateScope> {
@@ -112,15 +139,16 @@ impl OperatorConfig for California7Config {
     }
 
     fn plan(&self, input: &SchemaRef) -> Result<Vec<OutputSpec>, Vec<PlanError>> {
-        Ok(vec![OutputSpec::new("main", self.check(input)?.3)])
+        Ok(vec![OutputSpec::new("main", self.check(input)?.schema)])
     }
 
     fn build(&self, input: &SchemaRef, ctx: &BuildContext) -> Result<Box<dyn Operator>, Vec<PlanError>> {
-        let (features, key, time, schema) = self.check(input)?;
+        let Planned { cols, kept, schema } = self.check(input)?;
         let l = [("stage", ctx.stage.as_str())];
         Ok(Box::new(California7 {
             cfg: self.clone(),
-            cols: (features, key, time),
+            cols,
+            kept,
             outputs: vec![OutputSpec::new("main", schema)],
             states: HashMap::new(),
             alarms: ctx.metrics.counter(
@@ -171,6 +199,8 @@ pub fn step(state: State, occ: f64, down_occ: f64, t1: f64, t2: f64, t3: f64) ->
 pub struct California7 {
     cfg: California7Config,
     cols: (usize, usize, usize),
+    /// `keep`'s columns
+    kept: Vec<usize>,
     outputs: Vec<OutputSpec>,
     /// segment -> (state, minute of its last row)
     states: HashMap<String, (State, i64)>,
@@ -230,7 +260,7 @@ impl Operator for California7 {
         let alarms = alarm.iter().filter(|a| **a).count();
         self.alarms.inc_by(alarms as u64);
         self.open.set(self.states.values().filter(|s| s.0 == State::Incident).count() as f64);
-        let cols: Vec<ArrayRef> = vec![
+        let mut cols: Vec<ArrayRef> = vec![
             batch.column(kc).clone(),
             batch.column(tc).clone(),
             Arc::new(Float32Array::from(occdfs)),
@@ -239,6 +269,7 @@ impl Operator for California7 {
             Arc::new(StringArray::from(names)),
             Arc::new(BooleanArray::from(alarm)),
         ];
+        cols.extend(self.kept.iter().map(|&c| batch.column(c).clone()));
         out.emit(0, RecordBatch::try_new(self.outputs[0].schema.clone(), cols)?);
         Ok(())
     }
@@ -323,6 +354,56 @@ mod tests {
     fn a_compression_wave_with_heavy_downstream_occupancy_does_not_start_one() {
         // upstream heavier than downstream by enough, but downstream itself is congested (>= t3)
         assert_eq!(run(&[(0.6, 0.3), (0.6, 0.3), (0.6, 0.3)]), vec![State::Free; 3]);
+    }
+
+    /// `keep` hands on input columns after the detector's own, the same arrays; a column of its
+    /// own output is refused.
+    #[test]
+    fn kept_columns_follow_the_detectors_own_unchanged() {
+        use arrow::array::{FixedSizeListArray, Float64Array, TimestampMillisecondArray};
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let list = DataType::FixedSizeList(item.clone(), FEATURES.len() as i32);
+        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()));
+        let input = Arc::new(Schema::new(vec![
+            Field::new("segment_id", DataType::Utf8, false),
+            Field::new("window_end", ts, false),
+            Field::new("features", list, false),
+            Field::new("score", DataType::Float64, true),
+        ]));
+        let cfg = |keep: &str| -> California7Config {
+            serde_saphyr::from_str(&format!("t1: 0.05\nt2: 0.3\nt3: 0.2\nkeep: [{keep}]\n")).unwrap()
+        };
+        let mut values = vec![0f32; 2 * FEATURES.len()];
+        (values[OCC], values[DOWN_OCC]) = (0.35, 0.08);
+        let features = FixedSizeListArray::new(item, FEATURES.len() as i32, Arc::new(Float32Array::from(values)), None);
+        let batch = RecordBatch::try_new(
+            input.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["s1", "s2"])),
+                Arc::new(TimestampMillisecondArray::from(vec![60_000, 60_000]).with_timezone("UTC")),
+                Arc::new(features),
+                Arc::new(Float64Array::from(vec![Some(0.9), None])),
+            ],
+        )
+        .unwrap();
+        let mut op = cfg("score, features").build(&input, &BuildContext::default()).unwrap();
+        let mut out = Collector::new(1);
+        op.process_batch(batch.clone(), &mut out).unwrap();
+        let (_, got) = out.drain().next().unwrap();
+        let names: Vec<String> = got.schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(
+            names,
+            ["segment_id", "window_end", "occdf", "occrdf", "docc", "state", "incident", "score", "features"]
+        );
+        assert_eq!(got.column(7), batch.column(3));
+        assert_eq!(got.column(8), batch.column(2));
+        assert_eq!(got.column(5).as_string::<i32>().value(0), "tentative");
+        for own in ["incident", "segment_id"] {
+            let errs = cfg(own).plan(&input).unwrap_err();
+            assert!(errs.iter().any(|e| e.key == "keep" && e.message.contains(own)), "{errs:?}");
+        }
+        let errs = cfg("scores").plan(&input).unwrap_err();
+        assert!(errs.iter().any(|e| e.key == "keep[0]"), "{errs:?}");
     }
 
     #[test]
