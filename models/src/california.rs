@@ -84,12 +84,14 @@ impl California7Config {
         let k = column(input, &self.key, "key").map_err(|e| errs.push(e)).ok();
         let t = time_column(input, &self.time, "time").map_err(|e| errs.push(e)).ok();
         let kept = citystream_operators::common::columns(input, &self.keep, "keep", &mut errs);
-        for name in &self.keep {
+        for (i, name) in self.keep.iter().enumerate() {
             if [&self.key, &self.time].contains(&name) || OWN.contains(&name.as_str()) {
                 errs.push(PlanError::new(
                     "keep",
                     format!("`{name}` is a column of the detector's own output: keep it out of `keep`"),
                 ));
+            } else if self.keep[..i].contains(name) {
+                errs.push(PlanError::new(format!("keep[{i}]"), format!("`{name}` appears twice")));
             }
         }
         if let Some(f) = f {
@@ -367,7 +369,8 @@ mod tests {
         let input = Arc::new(Schema::new(vec![
             Field::new("segment_id", DataType::Utf8, false),
             Field::new("window_end", ts, false),
-            Field::new("features", list, false),
+            Field::new("features", list, false)
+                .with_metadata([("features".to_owned(), serde_json::to_string(&FEATURES[..]).unwrap())].into()),
             Field::new("score", DataType::Float64, true),
         ]));
         let cfg = |keep: &str| -> California7Config {
@@ -395,8 +398,10 @@ mod tests {
             names,
             ["segment_id", "window_end", "occdf", "occrdf", "docc", "state", "incident", "score", "features"]
         );
-        assert_eq!(got.column(7), batch.column(3));
-        assert_eq!(got.column(8), batch.column(2));
+        // the same arrays, not copies, with the features' metadata (the model stage reads it)
+        assert!(Arc::ptr_eq(got.column(7), batch.column(3)) && Arc::ptr_eq(got.column(8), batch.column(2)));
+        assert_eq!(got.schema().field(8), input.field(2));
+        assert_eq!(cfg("score, features").passes_through(&input, 0), ["segment_id", "score", "features"]);
         assert_eq!(got.column(5).as_string::<i32>().value(0), "tentative");
         for own in ["incident", "segment_id"] {
             let errs = cfg(own).plan(&input).unwrap_err();
@@ -404,6 +409,8 @@ mod tests {
         }
         let errs = cfg("scores").plan(&input).unwrap_err();
         assert!(errs.iter().any(|e| e.key == "keep[0]"), "{errs:?}");
+        let errs = cfg("score, score").plan(&input).unwrap_err();
+        assert!(errs.iter().any(|e| e.key == "keep[1]" && e.message.contains("twice")), "{errs:?}");
     }
 
     #[test]

@@ -210,7 +210,8 @@ pub struct AlertConfig {
     /// row's own value, and `confirmed_by` in the evidence. It catches an incident whose score
     /// peaks once and falls away before the sum is gathered, which the second detector then
     /// confirms from its queue. The latest time each location reached the level is part of the
-    /// snapshot. Default: none.
+    /// snapshot (a row the watermark had passed before it came is confirmed by that latest time
+    /// only; widened live, the window confirms with the reaches it still holds). Default: none.
     #[serde(default)]
     pub confirm: Option<ConfirmConfig>,
 }

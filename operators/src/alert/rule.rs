@@ -422,7 +422,8 @@ impl AlertRule {
             self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
         let Some(v) = v.filter(|v| !v.is_nan()) else { return };
         // a confirmed row weighs as a sure value; its events still carry its own value
-        let confirmed = self.confirmed(loc, t, v, alarm);
+        // (outside the active hours a row counts as clear, confirmed or not)
+        let confirmed = self.confirmed(loc, t, v, alarm) && hours_ok;
         let weighed = if confirmed { 1.0 } else { v };
         let confirmed_by = confirmed.then(|| self.cfg.confirm.as_ref().map(|c| c.column.clone())).flatten();
         let evidence = move || match &confirmed_by {
