@@ -272,12 +272,15 @@ def incident(m):
             "scores over that level (ln(p / (1 - p)) minus the threshold's, per minute, the sum never below 0, "
             f"where it lapses, nor above the sum that opens it) and opens once they sum to {r['open_on_evidence']} (`open_on_evidence`: one very "
             "sure minute opens at once, middling ones in a row later; a score below "
-            f"`clear: {r['clear']}` never opens it, and ends an open alert), "
+            f"`clear: {r['clear']}` never opens it, and ends an open alert; a minute in which California #7 alarms on "
+            f"a segment whose score reached {r['confirm']['after']} within the last {r['confirm']['within_min']} minutes, "
+            "that one included, counts as a sure one, a score of 1, which opens at once: `confirm`, since 2026-12-07), "
             f"`california_alerts` at the first alarmed minute, both with {r['cooldown_min']} minutes of quiet "
             "after a resolve, and both joining: an alarm that starts while a segment at most "
             f"{c['alert_rules']['join_within']} segments up- or downstream is alarmed joins that segment's alert "
             "(`join`), so it is no alert and no false alarm of its own, and the alert it joined detects its "
-            "incident; the row `before (3 within 4 minutes)` is the rule deployed before `open_on_evidence` "
+            "incident; the row `without California #7's confirmation` is the incident rule without `confirm` "
+            "(deployed until 2026-12-07); the row `before (3 within 4 minutes)` is the rule deployed before `open_on_evidence` "
             f"(until 2026-12-07): it opened once {b['open_after'][0]} scores at or above the threshold fell within "
             f"{b['open_after'][1]} minutes, or at once on a score at or above `open_at_once` (the level with a false "
             f"alarm rate of {c['open_at_once_far']} on the training data). The false alarms `near an incident` are those on another segment at most "
@@ -325,9 +328,11 @@ def incident(m):
             "- Each SUMO held-out set has 48 to 72 incidents, of which 18 to 45 are detectable: its rates are coarse "
             "(one detectable incident is 100 / that count points of detection rate), and a minute to detect on "
             "one road is within the noise (`models/train/detection_times.py` gives the paired intervals).",
-            "- It misses lane closures whose score peaks once at the queue's onset and falls as the queue settles "
-            "(`models/train/missed_incidents.py`): one minute short of the sure level gathers less than the alert "
-            "rule's sum needs, and the minutes after take it back.",
+            "- Without California #7's confirmation it misses lane closures whose score peaks once at the queue's onset "
+            "and falls as the queue settles (`models/train/missed_incidents.py`): one minute short of the sure level "
+            "gathers less than the alert rule's sum needs, and the minutes after take it back. The confirmation "
+            "catches those that California #7 alarms on within minutes of the peak; it also opens one or two false "
+            "alarms more on some roads, where California #7 alarms near a sure minute without an incident.",
             "- `detectable` is a speed drop near the incident; a slowdown from another cause at the same time "
             "(the morning peak, a ramp queue) can make an incident count as detectable too.", ""]
     return "\n".join(out)

@@ -7,7 +7,9 @@ and sumo_scenarios.py):
     cd models/train && ../../.venv/bin/python rule_experiments.py [--sustain | --confirm | --evidence | --california]
 
 `--evidence` (2026-12-07) chose the deployed rule, `open_on_evidence` (its docstring,
-`evidence_grid`). Every other variant below, and the grid, varies the rule before it (3 raises
+`evidence_grid`), and `--california` (the same day) the confirmation by California #7 deployed
+with it (`T.MODEL_CONFIRM`, `confirm` in deploy/*.yaml; `california_grid`). The grids vary
+`T.MODEL_RULE` on the scores alone, without that confirmation, except `--california`'s. Every other variant below, and the grid, varies the rule before it (3 raises
 within 4 minutes or a score at `open_at_once`: `T.MODEL_RULE_BEFORE`), which was deployed when
 they were tried ("the deployed rule" below); none of them was deployed.
 
@@ -283,25 +285,6 @@ AGREE_WITHIN = (2, 3, 5)
 AGREE_OPENS = (3.98, 4.5, 5.3)
 
 
-def recently_reached(d, score, level, within_min):
-    """Whether each row's segment scored at or above `level` less than `within_min` minutes
-    before it, or in it (rows of the same run and segment; a missing minute counts as a minute)."""
-    out = np.zeros(len(score), dtype=bool)
-    bounds = d.get("bounds", np.array([0, len(score)]))
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        seg, t, high = d["seg"][lo:hi], d["t"][lo:hi], score[lo:hi] >= level
-        order = np.lexsort((t, seg))
-        s, tt, h = seg[order], t[order], high[order]
-        reached = h.copy()
-        for back in range(1, within_min):
-            same = (s[back:] == s[:-back]) & (tt[back:] - tt[:-back] < within_min * 60_000)
-            reached[back:] |= same & h[:-back]
-        part = np.empty_like(reached)
-        part[order] = reached
-        out[lo:hi] = part
-    return out
-
-
 def california_grid():
     """`--california`: once California #7 alarms on a segment whose score reached `after` within
     the last `within` minutes, the minute counts as a sure one (a score of 1: the sum reaches
@@ -311,8 +294,8 @@ def california_grid():
     window, then the higher sum). It targets what the deployed rule misses: `highway100`'s two
     lane closures, whose score peaks once (0.997 and 0.972) in the second minute and falls
     away the next, while California #7 alarms 2.5-3 minutes in (`missed_incidents.py`).
-    Deploying it needs the alert stage to read California #7's alarm beside the score: not
-    done (about 9 minutes).
+    Deployed since 2026-12-07 (`T.MODEL_CONFIRM`; the alert stage's `confirm`, reading the
+    `california7` stage's `incident` column beside the score). About 9 minutes.
 
     On 2026-12-07 (detection rate / false alarms per corridor-hour / minutes to detect; the
     deployed rule: 2.794 minutes over the training sets, at most 0.041 false alarms on one):
@@ -343,7 +326,7 @@ def california_grid():
     for h in AGREE_OPENS:
         for after in AGREE_AFTER:
             for within in AGREE_WITHIN:
-                agreed = {name: np.where(alarms[name] & recently_reached(d, scores[name], after, within), 1.0,
+                agreed = {name: np.where(alarms[name] & T.recently_reached(d, scores[name], after, within), 1.0,
                                          scores[name]) for name, d in data.items()}
                 cells = rule_cells(data, agreed, thr, **{**T.MODEL_RULE, "open_on_evidence": h})
                 worst, speed = training_summary(cells)

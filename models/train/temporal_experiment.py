@@ -69,12 +69,19 @@ def load(run_dir, family=None):
     return d
 
 
+def deployed_california():
+    """California #7's thresholds in models/metrics.json (t1, t2, t3): they confirm the scores
+    in the deployed rule (`T.incident_rule`)"""
+    t = json.loads((T.MODELS / "metrics.json").read_text())["incident"]["california7_thresholds"]
+    return t["t1_occdf"], t["t2_occrdf"], t["t3_docc"]
+
+
 def recipe(train, visit, inputs, seed, what):
     """the detector's recipe on `inputs(d)` (rows of a data set; an epoch visits rows `visit`),
     seeded: its rule(d) and levels"""
     print(f"== {what}, seed {seed}", flush=True)
     score = T.fit_detector(train, visit, inputs, seed, seed + 1000)
-    rule, levels = T.calibrated_rule(score, train)
+    rule, levels = T.calibrated_rule(score, train, deployed_california())
     return rule, {**levels, "inputs": int(inputs({k: train[k][:1] for k in ("x", "xw")}).shape[1])}, score
 
 
@@ -95,7 +102,8 @@ def main():
     # each recipe's seeds as one detector: the mean of their scores, its levels calibrated as one
     for name in inputs:
         scores = [detectors[(name, seed)][2] for seed in SEEDS]
-        rule, levels = T.calibrated_rule(lambda d, scores=scores: np.mean([s(d) for s in scores], axis=0), train)
+        rule, levels = T.calibrated_rule(lambda d, scores=scores: np.mean([s(d) for s in scores], axis=0), train,
+                                         deployed_california())
         detectors[(name, "mean of seeds")] = (rule, {**levels, "inputs": detectors[(name, SEEDS[0])][1]["inputs"]}, None)
     results = {"window_min": WINDOW, "seeds": SEEDS,
                "detectors": {f"{n}, {s if isinstance(s, str) else f'seed {s}'}": v[1] for (n, s), v in detectors.items()}, "held_out": {}}

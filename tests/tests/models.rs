@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{AsArray, BooleanArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit, TimestampMillisecondType};
 use citystream_operators::Metrics;
 use citystream_pipeline::config::{self, plan::plan};
@@ -247,9 +247,10 @@ fn alerting_is_the_floor_a_stage_alerts_read_may_thin_calm_segments_only_down_to
 /// The alerts `deploy/local.yaml`'s `incident_alerts` stage opens on one unseen road's scores
 /// (`models/testdata/incident_alerts.json`, written by train.py), against those train.py's
 /// `alert_rule` opened on them (less the alarms `joined_onsets` adds to a neighbour's alert): the
-/// model card's `, alert rule` rows count what the deployed rule does. The run is one where the
-/// rule before `open_on_evidence` (`open_after` 3 within 4 minutes, `open_at_once`) opens other
-/// alerts, so the comparison tells the two apart.
+/// model card's `, alert rule` rows count what the deployed rule does, California #7's alarms
+/// (`confirm`) included. The run is one where the rule without that confirmation and the rule
+/// before `open_on_evidence` (`open_after` 3 within 4 minutes, `open_at_once`) open other
+/// alerts, so the comparison tells them apart.
 #[test]
 fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
     use citystream_operators::alert::{AlertConfig, JoinConfig, StormOrder};
@@ -265,6 +266,9 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
     assert_eq!(deployed.clear, fx["rule"]["clear"].as_f64(), "and its clear level");
     assert_eq!(deployed.cooldown.as_millis(), fx["rule"]["cooldown_min"].as_u64().unwrap() * 60_000, "and cooldown");
     assert!(deployed.open_after.is_none() && deployed.open_at_once.is_none(), "one persistence test");
+    let confirm = deployed.confirm.as_ref().expect("California #7 confirms the deployed rule's scores");
+    assert_eq!(confirm.after, fx["confirm"]["after"].as_f64().unwrap(), "and the level it confirms after");
+    assert_eq!(confirm.within.as_millis(), fx["confirm"]["within_min"].as_u64().unwrap() * 60_000, "and within");
     // the deployed reach on the scored road's graph
     let within = deployed.join.as_ref().expect("the deployed rule joins neighbours' alarms").within;
     assert_eq!(within as u64, fx["join_within"].as_u64().unwrap(), "deploy/local.yaml's join.within is the card's");
@@ -280,6 +284,7 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
         Field::new("segment_id", DataType::Utf8, false),
         Field::new("window_end", ts(), false),
         Field::new("incident_prob", DataType::Float64, true),
+        Field::new(&confirm.column, DataType::Boolean, false),
         Field::new("model", DataType::Utf8, false),
         Field::new("model_sha256", DataType::Utf8, false),
     ]));
@@ -310,6 +315,7 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
                             .with_timezone("UTC"),
                     ),
                     Arc::new(Float64Array::from_iter_values(minute.iter().map(|r| r[2].as_f64().unwrap()))),
+                    Arc::new(BooleanArray::from(minute.iter().map(|r| r[3].as_bool().unwrap()).collect::<Vec<_>>())),
                     Arc::new(StringArray::from_iter_values(minute.iter().map(|_| "incident_fp32"))),
                     Arc::new(StringArray::from_iter_values(minute.iter().map(|_| "sha"))),
                 ],
@@ -342,7 +348,11 @@ fn the_deployed_incident_rule_opens_what_the_model_card_counted() {
     alone.storm.as_mut().expect("the deployed rule has a storm limit").order = StormOrder::EventTime;
     assert_eq!(opens(&alone), expected("opens_without_join"), "the rule without join");
     assert_ne!(expected("opens"), expected("opens_without_join"), "an alarm in the run joins a neighbour's alert");
-    let mut before = deployed.clone();
+    let mut unconfirmed = deployed.clone();
+    unconfirmed.confirm = None;
+    assert_eq!(opens(&unconfirmed), expected("opens_without_confirm"), "the rule without California #7's confirmation");
+    assert_ne!(expected("opens"), expected("opens_without_confirm"), "California #7 confirms a score in the run");
+    let mut before = unconfirmed.clone();
     let card = &fx["rule_before"];
     before.open_on_evidence = None;
     before.open_after = Some(citystream_operators::alert::OpenAfter {
