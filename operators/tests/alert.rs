@@ -469,6 +469,42 @@ fn a_live_level_on_the_threshold_board_overrides_the_configured_one_and_can_be_r
     );
 }
 
+/// A probability's calibrated level stays below 1, and a rule that weighs probabilities takes
+/// no live level outside (0, 1) (a calibration file of before): the configured one stays there.
+#[test]
+fn a_probability_rules_live_level_stays_a_probability() {
+    use citystream_operators::alert::{CalibrationSpec, Judged, calibrate};
+    let spec: CalibrationSpec = serde_saphyr::from_str("target_precision: 0.8\n").unwrap();
+    // every alert a false alarm at sure scores: each calibration moves up, never to 1 (5% of
+    // 0.95 would be 0.9975, then 1.047)
+    let sure: Vec<Judged> = (0..10).map(|i| Judged { value: 0.99 + 0.001 * f64::from(i), true_alarm: false }).collect();
+    let mut t = 0.95;
+    for _ in 0..30 {
+        let p = calibrate(t, false, &sure, &spec).unwrap();
+        assert!(p.new > t && p.new < 1.0, "{p:?}");
+        t = p.new;
+    }
+    // a level that is no probability moves by max_step as before
+    let counts: Vec<Judged> = (0..10).map(|i| Judged { value: 30.0 + f64::from(i), true_alarm: false }).collect();
+    assert_eq!(calibrate(20.0, false, &counts, &spec).unwrap().new, 21.0);
+    // the rule: 1.05 at s1 is left out (0.999 opens it under the configured 0.9; under 1.05 no
+    // score could), 0.5 at s2 applies (0.99 gathers 4.6 over it: it opens; over 0.9, 2.4 would not)
+    let cfg: AlertConfig = serde_saphyr::from_str(
+        "rule: incident_model\nalert_type: incident\nseverity: critical\nvalue: score\nraise: 0.9\nclear: 0.5\n\
+         open_on_evidence: 2.5\nstorm: {max_open: 10, order: event_time}\n",
+    )
+    .unwrap();
+    let board = citystream_operators::alert::ThresholdBoard::default();
+    board.set("incident_model", "s1", Some(1.05));
+    board.set("incident_model", "s2", Some(0.5));
+    let ctx = BuildContext { thresholds: board.clone(), ..Default::default() };
+    let mut op = cfg.build(&schema(), &ctx).unwrap();
+    let mut out = Collector::new(1);
+    op.process_batch(batch(&[("s1", 0, Some(0.999)), ("s2", 0, Some(0.99))]), &mut out).unwrap();
+    op.on_watermark(MIN, &mut out).unwrap();
+    assert_eq!(events(&mut out), [ev("s1", "open", 0), ev("s2", "open", 0)]);
+}
+
 #[test]
 fn a_rule_restored_from_its_snapshot_continues_as_if_never_stopped() {
     // pending, open (with throttled updates), cooldown and a storm summary, across 6 locations;

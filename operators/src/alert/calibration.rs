@@ -56,7 +56,10 @@ pub struct Proposal {
 /// Moves a location's raise level toward the precision target from operator verdicts: when too
 /// many alerts are false alarms, up to the least level at which the judged alerts beyond it reach
 /// the target (at most `max_step`); when nearly all are confirmed, down half a step. `below`
-/// rules move the other way. `None` when there is too little feedback or nothing to change.
+/// rules move the other way. A probability's level (one in (0, 1), every judged value in
+/// [0, 1]) stays below 1: it moves up at most half its distance to 1, since at 1 or above a
+/// rule would never raise there (and `open_on_evidence` could weigh nothing). `None` when there
+/// is too little feedback or nothing to change.
 pub fn calibrate(current: f64, below: bool, judged: &[Judged], spec: &CalibrationSpec) -> Option<Proposal> {
     if judged.len() < spec.min_judged.max(1) {
         return None;
@@ -75,7 +78,10 @@ pub fn calibrate(current: f64, below: bool, judged: &[Judged], spec: &Calibratio
             rest.iter().filter(|v| v.1).count() as f64 / rest.len() as f64 >= spec.target_precision
         });
         let level = reach.map_or(cur + step, |i| vals[i].0.max(cur));
-        level.min(cur + step)
+        let probability =
+            !below && current > 0.0 && current < 1.0 && judged.iter().all(|j| (0.0..=1.0).contains(&j.value));
+        let most = if probability { step.min((1.0 - cur) / 2.0) } else { step };
+        level.min(cur + most)
     } else if precision >= spec.target_precision + spec.slack {
         cur - step / 2.0
     } else {

@@ -166,11 +166,27 @@ impl AlertRule {
         self.live.get(location).copied().unwrap_or_else(|| self.cfg.configured_raise(location))
     }
 
+    /// Copies this rule's live levels when the board changed. A rule that weighs probabilities
+    /// (`open_on_evidence`) takes no live level outside (0, 1), which would silence the
+    /// location (a calibration file from before calibration held them below 1): the configured
+    /// level stays there, and a warning says so.
     fn refresh_levels(&mut self) {
         let v = self.board.version();
         if v != self.board_version {
             self.board_version = v;
             self.live = self.board.rule(&self.cfg.rule);
+            if self.cfg.open_on_evidence.is_some() {
+                self.live.retain(|location, level| {
+                    let usable = *level > 0.0 && *level < 1.0;
+                    if !usable {
+                        tracing::warn!(
+                            rule = %self.cfg.rule, %location, level = *level,
+                            "a live raise level outside (0, 1) is no probability's: the configured level stays"
+                        );
+                    }
+                    usable
+                });
+            }
         }
     }
 
