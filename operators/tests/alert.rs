@@ -1,35 +1,23 @@
 //! Alert rules on crafted streams: hysteresis, minimum duration, one alert per location with
 //! updates, cooldown, the storm limit, active hours, staleness and live retuning.
 
+mod util;
+
 use std::sync::Arc;
 
-use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Schema, SchemaRef, TimeUnit};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Schema, SchemaRef};
 use citystream_operators::alert::AlertConfig;
 use citystream_operators::{BuildContext, Collector, Metrics, Operator, OperatorConfig};
 
 const MIN: i64 = 60_000;
 
 fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("segment_id", DataType::Utf8, false),
-        Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
-        Field::new("score", DataType::Float64, true),
-        Field::new("model", DataType::Utf8, false),
-    ]))
+    Arc::new(Schema::new(util::score_fields()))
 }
 
 fn batch(rows: &[(&str, i64, Option<f64>)]) -> RecordBatch {
-    RecordBatch::try_new(
-        schema(),
-        vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1 * MIN)).with_timezone("UTC")),
-            Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "incident_fp32"))),
-        ],
-    )
-    .unwrap()
+    RecordBatch::try_new(schema(), util::score_columns(rows)).unwrap()
 }
 
 /// The test rule's config with `extra` settings.
@@ -617,22 +605,16 @@ fn fed(cfg: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> Fed 
 
 /// As `fed`, restoring the snapshot after batch `cut` into a rule of `then`.
 fn fed_across(cfg: &str, then: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> Fed {
-    let (mut op, _) = rule(cfg);
-    let mut out = Collector::new(1);
-    for (i, chunk) in rows.chunks(4).enumerate() {
-        op.process_batch(batch(chunk), &mut out).unwrap();
-        if cut == Some(i) {
-            let state = op.snapshot().unwrap().unwrap();
-            op = rule(then).0;
-            op.restore(state).unwrap();
-        }
-        if i % 3 == 2 {
-            let next = rows[(i + 1) * 4..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
-            op.on_watermark(next * MIN - 1, &mut out).unwrap();
-        }
-    }
-    op.on_end(&mut out).unwrap();
-    drained(&mut out)
+    // batches of 4, a watermark just before the next batch's earliest minute after every third
+    let batches = rows
+        .chunks(4)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let next = rows[((i + 1) * 4).min(rows.len())..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
+            (batch(chunk), next * MIN - 1)
+        })
+        .collect();
+    drained(&mut util::fed_in_batches(rule(cfg).0, || rule(then).0, batches, 3, cut))
 }
 
 fn drained(out: &mut Collector) -> Fed {

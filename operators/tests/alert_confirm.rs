@@ -2,10 +2,12 @@
 //! makes a minute sure while the location's score reached the level lately. Crafted streams,
 //! taken in event-time order, across arrival orders and snapshots.
 
+mod util;
+
 use std::sync::Arc;
 
-use arrow::array::{AsArray, BooleanArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimestampMillisecondType};
 use citystream_operators::alert::AlertConfig;
 use citystream_operators::{BuildContext, Collector, Operator, OperatorConfig, PlanError};
 
@@ -22,27 +24,15 @@ const CONFIRM: &str = "confirm: {column: alarm, after: 0.97, within: 2m}\n";
 type Row = (&'static str, i64, Option<f64>, bool);
 
 fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("segment_id", DataType::Utf8, false),
-        Field::new("window_end", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
-        Field::new("score", DataType::Float64, true),
-        Field::new("alarm", DataType::Boolean, true),
-        Field::new("model", DataType::Utf8, false),
-    ]))
+    let alarm = Field::new("alarm", DataType::Boolean, true);
+    Arc::new(Schema::new([util::score_fields(), vec![alarm]].concat()))
 }
 
 fn batch(rows: &[Row]) -> RecordBatch {
-    RecordBatch::try_new(
-        schema(),
-        vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1 * MIN)).with_timezone("UTC")),
-            Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
-            Arc::new(BooleanArray::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "incident_fp32"))),
-        ],
-    )
-    .unwrap()
+    let scores: Vec<(&str, i64, Option<f64>)> = rows.iter().map(|r| (r.0, r.1, r.2)).collect();
+    let mut columns = util::score_columns(&scores);
+    columns.push(Arc::new(BooleanArray::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())));
+    RecordBatch::try_new(schema(), columns).unwrap()
 }
 
 fn config(extra: &str) -> AlertConfig {
@@ -75,22 +65,15 @@ fn drained(out: &mut Collector) -> Vec<Event> {
 /// `rows` in batches of 3, a watermark after every other batch; with `cut`, the snapshot after
 /// that batch restored into a new rule.
 fn fed(extra: &str, rows: &[Row], cut: Option<usize>) -> Vec<Event> {
-    let mut op = rule(extra);
-    let mut out = Collector::new(1);
-    for (i, chunk) in rows.chunks(3).enumerate() {
-        op.process_batch(batch(chunk), &mut out).unwrap();
-        if cut == Some(i) {
-            let state = op.snapshot().unwrap().unwrap();
-            op = rule(extra);
-            op.restore(state).unwrap();
-        }
-        if i % 2 == 1 {
-            let next = rows[(i + 1) * 3..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
-            op.on_watermark(next * MIN - 1, &mut out).unwrap();
-        }
-    }
-    op.on_end(&mut out).unwrap();
-    drained(&mut out)
+    let batches = rows
+        .chunks(3)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let next = rows[((i + 1) * 3).min(rows.len())..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
+            (batch(chunk), next * MIN - 1)
+        })
+        .collect();
+    drained(&mut util::fed_in_batches(rule(extra), || rule(extra), batches, 2, cut))
 }
 
 fn series(loc: &'static str, values: &[(f64, bool)]) -> Vec<Row> {

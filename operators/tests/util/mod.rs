@@ -123,3 +123,53 @@ pub fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
 pub fn r(id: &str, sensor: &str, ts: i64, value: f64) -> Reading {
     Reading { id: id.into(), sensor: sensor.into(), ts, value: Some(value), flow: 1 }
 }
+
+/// Feeds `batches` to `op`, each with the watermark that follows it when one is due (after
+/// every `every`th batch), restoring the snapshot after batch `cut` into `then()`, then ends
+/// the stream: the collector holds everything emitted.
+pub fn fed_in_batches(
+    mut op: Box<dyn Operator>,
+    then: impl Fn() -> Box<dyn Operator>,
+    batches: Vec<(RecordBatch, i64)>,
+    every: usize,
+    cut: Option<usize>,
+) -> Collector {
+    let mut out = Collector::new(1);
+    for (i, (batch, watermark)) in batches.into_iter().enumerate() {
+        op.process_batch(batch, &mut out).unwrap();
+        if cut == Some(i) {
+            let state = op.snapshot().unwrap().unwrap();
+            op = then();
+            op.restore(state).unwrap();
+        }
+        if (i + 1) % every == 0 {
+            op.on_watermark(watermark, &mut out).unwrap();
+        }
+    }
+    op.on_end(&mut out).unwrap();
+    out
+}
+
+/// The input of the alert tests: `segment_id`, `window_end`, `score` and `model`.
+pub fn score_fields() -> Vec<Field> {
+    vec![
+        Field::new("segment_id", DataType::Utf8, false),
+        Field::new(
+            "window_end",
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("score", DataType::Float64, true),
+        Field::new("model", DataType::Utf8, false),
+    ]
+}
+
+/// [`score_fields`]' columns of (location, minute, score) rows (the model `incident_fp32`).
+pub fn score_columns(rows: &[(&str, i64, Option<f64>)]) -> Vec<arrow::array::ArrayRef> {
+    vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1 * 60_000)).with_timezone("UTC")),
+        Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "incident_fp32"))),
+    ]
+}
