@@ -331,8 +331,10 @@ def incident(m):
             "- Without California #7's confirmation it misses lane closures whose score peaks once at the queue's onset "
             "and falls as the queue settles (`models/train/missed_incidents.py`): one minute short of the sure level "
             "gathers less than the alert rule's sum needs, and the minutes after take it back. The confirmation "
-            "catches those that California #7 alarms on within minutes of the peak; it also opens one or two false "
-            "alarms more on some roads, where California #7 alarms near a sure minute without an incident.",
+            f"catches those that California #7 alarms on within {r['confirm']['within_min']} minutes of the peak (one of "
+            "the two on `highway100`; the other it alarms on 3 minutes in), not the `motorway130` closure that both "
+            "miss; it also opens one or two false alarms more on some roads, where California #7 alarms near a sure "
+            "minute without an incident.",
             "- `detectable` is a speed drop near the incident; a slowdown from another cause at the same time "
             "(the morning peak, a ramp queue) can make an incident count as detectable too.", ""]
     return "\n".join(out)

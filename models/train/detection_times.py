@@ -49,6 +49,13 @@ above had 3 raises within 4 minutes or one at `open_at_once`): the simulator -0.
 `highway100` -0.83 [-2.42, +0.29] over 24, `freeway120` -0.52 [-1.64, +0.59] over 44,
 `arterial60` -0.35 [-1.83, +1.09] over 23, `motorway130` -0.32 [-1.29, +0.76] over 34 and
 `arterial50` +0.03 [-0.61, +0.77] over 31 are not.
+
+Later on 2026-12-07, with California #7 confirming the scores (`T.MODEL_CONFIRM`): the
+simulator -0.86 [-1.11, -0.64] over 36 and `urban70` -0.44 [-0.67, -0.22] over 18 are sooner
+outside the noise; `highway100` -0.80 [-2.28, +0.28] over 25, `freeway120` -0.77 [-1.80,
++0.25] over 44, `arterial60` -0.43 [-1.87, +0.96] over 23, `motorway130` -0.35 [-1.38, +0.71]
+over 34 and `arterial50` -0.32 [-0.77, +0.13] over 31 are not (counting alert starts,
+`motorway130` -0.76 [-1.52, -0.09] over 33).
 """
 
 from __future__ import annotations

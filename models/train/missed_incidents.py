@@ -20,6 +20,11 @@ of the 8; on 6 of the 8 it had an alert open on the closed segment 2-4 minutes i
 on 2026-12-06), 3 misses remain: the two `highway100` closures, where the model never opens an
 alert within 2 segments and California #7 detects them 2.5-3 minutes in, and the `motorway130`
 one, which both miss.
+
+Since California #7 confirms the scores (2026-12-07, `T.MODEL_CONFIRM`), 2 misses remain: the
+`highway100` closure whose score peaks at 0.997 in the first minute, where California #7 alarms
+3.03 minutes in (past the 2-minute window), and the `motorway130` one (scores at the raise level
+in minutes 16, 28 and 30 only, at most 0.969), which California #7 misses too.
 """
 
 from __future__ import annotations

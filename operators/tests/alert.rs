@@ -463,15 +463,16 @@ fn a_live_level_on_the_threshold_board_overrides_the_configured_one_and_can_be_r
 fn a_probability_rules_live_level_stays_a_probability() {
     use citystream_operators::alert::{CalibrationSpec, Judged, calibrate};
     let spec: CalibrationSpec = serde_saphyr::from_str("target_precision: 0.8\n").unwrap();
-    // every alert a false alarm at sure scores: each calibration moves up, never to 1 (5% of
-    // 0.95 would be 0.9975, then 1.047)
+    // every alert a false alarm at sure scores: each calibration moves up, half the way to 1
+    // at most (5% of 0.95 would be 0.9975, then 1.047), and stops at 0.9999
     let sure: Vec<Judged> = (0..10).map(|i| Judged { value: 0.99 + 0.001 * f64::from(i), true_alarm: false }).collect();
-    let mut t = 0.95;
-    for _ in 0..30 {
-        let p = calibrate(t, false, &sure, &spec).unwrap();
-        assert!(p.new > t && p.new < 1.0, "{p:?}");
-        t = p.new;
+    let (mut t, mut moves) = (0.95, 0);
+    while let Some(p) = calibrate(t, false, &sure, &spec) {
+        assert!(p.new > t && p.new - t <= (1.0 - t) / 2.0 + 1e-12, "{p:?}");
+        (t, moves) = (p.new, moves + 1);
+        assert!(moves < 100, "{p:?}");
     }
+    assert_eq!((t, moves), (0.9999, 9));
     // a level that is no probability moves by max_step as before
     let counts: Vec<Judged> = (0..10).map(|i| Judged { value: 30.0 + f64::from(i), true_alarm: false }).collect();
     assert_eq!(calibrate(20.0, false, &counts, &spec).unwrap().new, 21.0);

@@ -43,8 +43,8 @@ fn rule(extra: &str) -> Box<dyn Operator> {
     config(extra).build(&schema(), &BuildContext::default()).unwrap()
 }
 
-/// (location, status, minute, value, evidence) of every event, in order.
-type Event = (String, String, i64, f64, serde_json::Value);
+/// (location, status, minute, value, evidence, peak) of every event, in order.
+type Event = (String, String, i64, f64, serde_json::Value, f64);
 
 fn drained(out: &mut Collector) -> Vec<Event> {
     let mut v = Vec::new();
@@ -54,9 +54,11 @@ fn drained(out: &mut Collector) -> Vec<Event> {
         let ts = b.column_by_name("ts").unwrap().as_primitive::<TimestampMillisecondType>();
         let value = b.column_by_name("value").unwrap().as_primitive::<Float64Type>();
         let ev = b.column_by_name("evidence").unwrap().as_string::<i32>();
+        let peak = b.column_by_name("peak").unwrap().as_primitive::<Float64Type>();
         for i in 0..b.num_rows() {
             let e = serde_json::from_str(ev.value(i)).unwrap();
-            v.push((loc.value(i).to_owned(), status.value(i).to_owned(), ts.value(i) / MIN, value.value(i), e));
+            let (l, s) = (loc.value(i).to_owned(), status.value(i).to_owned());
+            v.push((l, s, ts.value(i) / MIN, value.value(i), e, peak.value(i)));
         }
     }
     v
@@ -117,9 +119,10 @@ fn an_alarm_soon_after_a_sure_score_opens_at_once_and_keeps_an_alert_open() {
         at("peak resolved", 3),
     ];
     assert_eq!(lifecycle(&events), expected, "{events:?}");
-    // the event carries the row's own score and which column confirmed it
+    // the event carries the row's own score, which column confirmed it, and as its peak the
+    // score it was confirmed by (calibration judges an alert by its peak)
     let peak = events.iter().find(|e| e.0 == "peak" && e.1 == "open").unwrap();
-    assert_eq!((peak.3, &peak.4["confirmed_by"]), (0.3, &serde_json::json!("alarm")));
+    assert_eq!((peak.3, &peak.4["confirmed_by"], peak.5), (0.3, &serde_json::json!("alarm"), 0.98));
     assert!(events.iter().filter(|e| e.0 != "peak" && e.0 != "same").all(|e| e.4.get("confirmed_by").is_none()));
     // without `confirm` the scores alone open only `kept` (and `same` does not open on 0.97)
     let alone = fed("", &by_minute, None);
@@ -129,6 +132,18 @@ fn an_alarm_soon_after_a_sure_score_opens_at_once_and_keeps_an_alert_open() {
         assert_eq!(fed(CONFIRM, &rows(), Some(cut)), events, "by location, restored after batch {cut}");
         assert_eq!(fed(CONFIRM, &by_minute, Some(cut)), events, "restored after batch {cut}");
     }
+}
+
+/// A confirmed alert's peak is at least its raise level (it raised against it), even when the
+/// score it was confirmed by and its own row's are below it: calibration judges an alert by its
+/// peak, and one below the level would count as a `below` rule's.
+#[test]
+fn a_confirmed_alerts_peak_is_at_least_its_level() {
+    let low = "confirm: {column: alarm, after: 0.85, within: 2m}\n";
+    // 0.87 reaches 0.85 (below the raise level, 0.9: no pending alert), the alarm confirms 0.3
+    let events = fed(low, &series("a", &[(0.87, false), (0.3, true), (0.2, false)]), None);
+    let open = events.iter().find(|e| e.1 == "open").expect("confirmed");
+    assert_eq!((open.2, open.3, open.5), (1, 0.3, 0.9), "{events:?}");
 }
 
 /// The time a location reached the level is in the snapshot (phase 11) while it can still
@@ -157,7 +172,8 @@ fn the_latest_sure_minute_is_kept_in_the_snapshot_until_the_window_passes() {
     restored.restore(op.snapshot().unwrap().unwrap()).unwrap();
     restored.process_batch(batch(&[("a", 1, Some(0.3), true)]), &mut out).unwrap();
     restored.on_end(&mut out).unwrap();
-    assert!(drained(&mut out).iter().any(|e| e.0 == "a" && e.1 == "open"));
+    // (its peak the restored reach's score)
+    assert!(drained(&mut out).iter().any(|e| e.0 == "a" && e.1 == "open" && e.5 == 0.98));
     op.on_watermark(2 * MIN, &mut out).unwrap();
     assert_eq!(reached(op.as_ref()), vec![], "two minutes behind the watermark");
     // a rule without `confirm` keeps none from a snapshot that has them

@@ -3,6 +3,10 @@
 
 use serde::Deserialize;
 
+/// The highest level calibration sets for a probability: a level nearer 1 would open nothing
+/// but the surest scores (and `open_on_evidence` takes log-odds within [1e-7, 1 - 1e-7]).
+const SUREST_LEVEL: f64 = 0.9999;
+
 /// One alert an operator judged: the value that raised it (its peak) and the verdict.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judged {
@@ -57,9 +61,9 @@ pub struct Proposal {
 /// many alerts are false alarms, up to the least level at which the judged alerts beyond it reach
 /// the target (at most `max_step`); when nearly all are confirmed, down half a step. `below`
 /// rules move the other way. A probability's level (one in (0, 1), every judged value in
-/// [0, 1]) stays below 1: it moves up at most half its distance to 1, since at 1 or above a
-/// rule would never raise there (and `open_on_evidence` could weigh nothing). `None` when there
-/// is too little feedback or nothing to change.
+/// [0, 1]) stays below 1: it moves up at most half its distance to 1, and to 0.9999 at most,
+/// since at 1 or above a rule would never raise there (and `open_on_evidence` could weigh
+/// nothing). `None` when there is too little feedback or nothing to change.
 pub fn calibrate(current: f64, below: bool, judged: &[Judged], spec: &CalibrationSpec) -> Option<Proposal> {
     if judged.len() < spec.min_judged.max(1) {
         return None;
@@ -80,8 +84,11 @@ pub fn calibrate(current: f64, below: bool, judged: &[Judged], spec: &Calibratio
         let level = reach.map_or(cur + step, |i| vals[i].0.max(cur));
         let probability =
             !below && current > 0.0 && current < 1.0 && judged.iter().all(|j| (0.0..=1.0).contains(&j.value));
-        let most = if probability { step.min((1.0 - cur) / 2.0) } else { step };
-        level.min(cur + most)
+        if probability {
+            level.min(cur + step.min((1.0 - cur) / 2.0)).min(SUREST_LEVEL.max(cur))
+        } else {
+            level.min(cur + step)
+        }
     } else if precision >= spec.target_precision + spec.slack {
         cur - step / 2.0
     } else {

@@ -207,7 +207,8 @@ pub struct AlertConfig {
     /// alarms) while the location's value reached `confirm.after` less than `confirm.within`
     /// before it, or on it, counts as a sure value (a probability of 1: it opens the pending
     /// alert at once, cooldown permitting, and keeps an open one open); its event carries the
-    /// row's own value, and `confirmed_by` in the evidence. It catches an incident whose score
+    /// row's own value, as its peak at least the value it was confirmed by and the raise level,
+    /// and `confirmed_by` in the evidence. It catches an incident whose score
     /// peaks once and falls away before the sum is gathered, which the second detector then
     /// confirms from its queue. The latest time each location reached the level is part of the
     /// snapshot (a row the watermark had passed before it came is confirmed by that latest time

@@ -137,9 +137,9 @@ pub struct AlertRule {
     pub(super) board_version: u64,
     /// This rule's live levels from the board, copied when its version moves.
     pub(super) live: BTreeMap<String, f64>,
-    /// With `confirm`: per location, the latest time its value reached `confirm.after` (those
-    /// older than `confirm.within` behind the watermark are forgotten).
-    pub(super) reached: HashMap<String, i64>,
+    /// With `confirm`: per location, the latest time its value reached `confirm.after` and that
+    /// value (those older than `confirm.within` behind the watermark are forgotten).
+    pub(super) reached: HashMap<String, (i64, f64)>,
 }
 
 impl std::fmt::Debug for AlertRule {
@@ -177,7 +177,8 @@ impl AlertRule {
             self.live = self.board.rule(&self.cfg.rule);
             if self.cfg.open_on_evidence.is_some() {
                 self.live.retain(|location, level| {
-                    let usable = *level > 0.0 && *level < 1.0;
+                    // (log-odds are taken within [1e-7, 1 - 1e-7]: beyond, a level weighs nothing)
+                    let usable = *level > 1e-7 && *level < 1.0 - 1e-7;
                     if !usable {
                         tracing::warn!(
                             rule = %self.cfg.rule, %location, level = *level,
@@ -413,19 +414,21 @@ impl AlertRule {
 
     /// With `confirm`: notes that `loc` reached `confirm.after` at `t` if value `v` does, then
     /// whether row (`loc`, `t`) is confirmed: `alarm` (its `confirm.column`) and the value
-    /// reached the level less than `confirm.within` before it, or on it.
-    fn confirmed(&mut self, loc: &str, t: i64, v: f64, alarm: bool) -> bool {
-        let Some(c) = &self.cfg.confirm else { return false };
+    /// reached the level less than `confirm.within` before it, or on it. The value it reached.
+    fn confirmed(&mut self, loc: &str, t: i64, v: f64, alarm: bool) -> Option<f64> {
+        let c = self.cfg.confirm.as_ref()?;
         let within = c.within.as_millis_i64();
         if v >= c.after {
             match self.reached.get_mut(loc) {
-                Some(r) => *r = (*r).max(t),
+                Some(r) if r.0 > t => {}
+                Some(r) => *r = (t, v),
                 None => {
-                    self.reached.insert(loc.to_owned(), t);
+                    self.reached.insert(loc.to_owned(), (t, v));
                 }
             }
         }
-        alarm && self.reached.get(loc).is_some_and(|&r| r <= t && t - r < within)
+        let &(r, reached) = self.reached.get(loc)?;
+        (alarm && r <= t && t - r < within).then_some(reached)
     }
 
     /// One row: value `v` (None: no reading) at `t` for `loc`; `alarm`: its `confirm.column`.
@@ -437,10 +440,15 @@ impl AlertRule {
         let hours_ok =
             self.cfg.active_hours.is_none_or(|h| in_hours(((t.div_euclid(3_600_000)).rem_euclid(24)) as u8, h));
         let Some(v) = v.filter(|v| !v.is_nan()) else { return };
-        // a confirmed row weighs as a sure value; its events still carry its own value
+        // a confirmed row weighs as a sure value; its events still carry its own value, and the
+        // peak is at least the value it was confirmed by and the raise level, which it raised
+        // against (calibration judges an alert by its peak: a row's own low score, or a reach
+        // below a level calibrated past `confirm.after`, would look like a `below` rule's)
         // (outside the active hours a row counts as clear, confirmed or not)
-        let confirmed = self.confirmed(loc, t, v, alarm) && hours_ok;
+        let by = self.confirmed(loc, t, v, alarm).filter(|_| hours_ok);
+        let confirmed = by.is_some();
         let weighed = if confirmed { 1.0 } else { v };
+        let peak_v = by.map_or(v, |r| r.max(v).max(raise));
         let confirmed_by = confirmed.then(|| self.cfg.confirm.as_ref().map(|c| c.column.clone())).flatten();
         let evidence = move || match &confirmed_by {
             Some(column) => with_key(evidence(), "confirmed_by", column),
@@ -460,7 +468,7 @@ impl AlertRule {
         st.last_t = st.last_t.max(t);
         // a value that raises starts a pending alert, which may open on this very row
         let phase = match st.phase {
-            Phase::Idle if raises => Phase::Pending { since: t, peak: v, raised: Vec::new(), gathered: 0.0 },
+            Phase::Idle if raises => Phase::Pending { since: t, peak: peak_v, raised: Vec::new(), gathered: 0.0 },
             p => p,
         };
         let (open_after, on_evidence) = (self.cfg.open_after, self.cfg.open_on_evidence);
@@ -470,7 +478,7 @@ impl AlertRule {
             Phase::Idle => Phase::Idle,
             Phase::Pending { .. } if !holds && !keeps_pending => Phase::Idle,
             Phase::Pending { mut since, peak, mut raised, mut gathered } => {
-                let mut peak = better(peak, v);
+                let mut peak = better(peak, peak_v);
                 // only a level strictly beyond this location's own raise level (calibration may
                 // have moved it up to or past `open_at_once`): there every raising value would
                 // be "sure", and `min_duration` would never apply
@@ -549,7 +557,7 @@ impl AlertRule {
             Phase::Open { id, opened_at, peak, reported, last_emit } => {
                 // a peak reached within `update_every` of the last event is reported once the
                 // throttle allows, even if the value has come down since
-                let peak = better(peak, v);
+                let peak = better(peak, peak_v);
                 if peak != reported && t - last_emit >= self.cfg.update_every.as_millis_i64() {
                     let (at, n) = self.alert_of(&id, loc);
                     let ev = self.with_members(&id, loc, evidence());
@@ -564,7 +572,7 @@ impl AlertRule {
                 self.storm_leave(loc, t);
                 Phase::Idle
             }
-            Phase::Storm { peak } => Phase::Storm { peak: better(peak, v) },
+            Phase::Storm { peak } => Phase::Storm { peak: better(peak, peak_v) },
         };
         if !matches!(st.phase, Phase::Idle) {
             self.stale_floor = self.stale_floor.min(st.last_t);
@@ -693,7 +701,7 @@ impl Operator for AlertRule {
         // and levels reached too long ago to confirm a row after the watermark
         if let Some(c) = &self.cfg.confirm {
             let within = c.within.as_millis_i64();
-            self.reached.retain(|_, r| watermark.saturating_sub(*r) < within);
+            self.reached.retain(|_, r| watermark.saturating_sub(r.0) < within);
         }
         self.finish(out)
     }
@@ -706,8 +714,8 @@ impl Operator for AlertRule {
     /// raising times in `id`; with `open_on_evidence`, its sum in `reported`), `2` open, `3` in
     /// the storm summary), one per held row (`8`; `reported` 1 where `confirm.column` was
     /// true), with `join` one per open alert (`10`: where it opened), with `confirm` one per
-    /// location that reached its level lately (`11`: the time in `last_t`) and, while a storm
-    /// summary is open, one row without a location (`9`).
+    /// location that reached its level lately (`11`: the time in `last_t`, the score in
+    /// `peak`) and, while a storm summary is open, one row without a location (`9`).
     fn snapshot(&self) -> Result<Option<RecordBatch>, OperatorError> {
         let mut r = StateRows::default();
         let mut locs: Vec<(&String, &LocState)> = self.states.iter().collect();
@@ -735,10 +743,10 @@ impl Operator for AlertRule {
             let confirm = h.confirm.then_some(1.0);
             r.push(Some(h.loc.clone()), 8, 0, h.t, Some(h.evidence.json(cols, h.v)), None, h.v, confirm, None);
         }
-        let mut reached: Vec<(&String, &i64)> = self.reached.iter().collect();
-        reached.sort_unstable();
-        for (loc, &t) in reached {
-            r.push(Some(loc.clone()), 11, 0, t, None, None, None, None, None);
+        let mut reached: Vec<(&String, &(i64, f64))> = self.reached.iter().collect();
+        reached.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (loc, &(t, v)) in reached {
+            r.push(Some(loc.clone()), 11, 0, t, None, None, Some(v), None, None);
         }
         // with `join`, each open alert: where it opened (`location`), its id and opening time
         let mut alerts: Vec<(&String, &JoinedAlert)> = self.alerts.iter().collect();
@@ -843,8 +851,8 @@ impl Operator for AlertRule {
                 11 => {
                     let at = loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?;
                     // (a rule restored without `confirm` has no use for them)
-                    if self.cfg.confirm.is_some() {
-                        self.reached.insert(at, last_t.value(i));
+                    if let Some(c) = &self.cfg.confirm {
+                        self.reached.insert(at, (last_t.value(i), opt_f(&peak, i).unwrap_or(c.after)));
                     }
                     continue;
                 }

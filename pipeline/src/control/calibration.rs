@@ -229,7 +229,10 @@ pub(crate) fn proposals(
             moved.get(&(rule.as_str(), loc.as_str())).is_none_or(|m| newest_verdict[&(rule.clone(), loc.clone())] > *m)
         })
         .filter_map(|((rule, loc), (_, latest, below, judged))| {
-            let current = board.get(&rule, &loc).unwrap_or(latest);
+            // a live level that a probability's rule leaves out (at 1 or above: an older
+            // calibration file) is not the one in use: the alerts' own level is
+            let usable = |l: &f64| !(latest > 0.0 && latest < 1.0) || (*l > 0.0 && *l < 1.0);
+            let current = board.get(&rule, &loc).filter(usable).unwrap_or(latest);
             calibrate(current, below > 0, &judged, spec).map(|p| (rule, loc, p))
         })
         .collect()
@@ -273,6 +276,15 @@ mod tests {
         // x: its two rejected alerts, by their own peak; y: one verdict, too few
         assert_eq!(of("x").map(|p| (p.judged, p.old)), Some((2, 0.5)));
         assert!(of("y").is_none(), "{props:?}");
+        // a live level a probability's rule leaves out (1.05, from an older file) is not the
+        // current one; one it takes (0.52) is
+        let board = ThresholdBoard::default();
+        for (level, current) in [(1.05, 0.5), (0.52, 0.52)] {
+            board.set("r", "x", Some(level));
+            let props = proposals(&book, &Calibrations::default(), &board, &spec);
+            let x = props.iter().find(|(_, l, _)| l == "x").map(|(_, _, p)| p.old);
+            assert_eq!(x, Some(current), "{props:?}");
+        }
     }
 
     #[test]
