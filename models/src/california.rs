@@ -83,17 +83,8 @@ impl California7Config {
         let f = column(input, &self.features, "features").map_err(|e| errs.push(e)).ok();
         let k = column(input, &self.key, "key").map_err(|e| errs.push(e)).ok();
         let t = time_column(input, &self.time, "time").map_err(|e| errs.push(e)).ok();
-        let kept = citystream_operators::common::columns(input, &self.keep, "keep", &mut errs);
-        for (i, name) in self.keep.iter().enumerate() {
-            if [&self.key, &self.time].contains(&name) || OWN.contains(&name.as_str()) {
-                errs.push(PlanError::new(
-                    "keep",
-                    format!("`{name}` is a column of the detector's own output: keep it out of `keep`"),
-                ));
-            } else if self.keep[..i].contains(name) {
-                errs.push(PlanError::new(format!("keep[{i}]"), format!("`{name}` appears twice")));
-            }
-        }
+        let own: Vec<&str> = [self.key.as_str(), self.time.as_str()].into_iter().chain(OWN).collect();
+        let kept = citystream_operators::common::kept_columns(input, &self.keep, &own, &mut errs);
         if let Some(f) = f {
             let field = input.field(f);
             let ok = matches!(field.data_type(), DataType::FixedSizeList(item, w)
@@ -405,7 +396,7 @@ mod tests {
         assert_eq!(got.column(5).as_string::<i32>().value(0), "tentative");
         for own in ["incident", "segment_id"] {
             let errs = cfg(own).plan(&input).unwrap_err();
-            assert!(errs.iter().any(|e| e.key == "keep" && e.message.contains(own)), "{errs:?}");
+            assert!(errs.iter().any(|e| e.key == "keep[0]" && e.message.contains(own)), "{errs:?}");
         }
         let errs = cfg("scores").plan(&input).unwrap_err();
         assert!(errs.iter().any(|e| e.key == "keep[0]"), "{errs:?}");

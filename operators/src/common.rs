@@ -32,6 +32,18 @@ pub fn columns(schema: &SchemaRef, names: &[String], key: &str, errs: &mut Vec<P
         .collect()
 }
 
+/// The input columns a stage hands on unchanged (`keep`), in order: each must exist, appear
+/// once, and not be one the stage writes itself (`own`): the output would hold it twice.
+pub fn kept_columns(schema: &SchemaRef, names: &[String], own: &[&str], errs: &mut Vec<PlanError>) -> Vec<usize> {
+    let idx = columns(schema, names, "keep", errs);
+    for (k, name) in names.iter().enumerate() {
+        if own.contains(&name.as_str()) || names[..k].contains(name) {
+            errs.push(PlanError::new(format!("keep[{k}]"), format!("column `{name}` appears twice in the output")));
+        }
+    }
+    idx
+}
+
 /// A hasher for keys that are already uniform hashes (the 128-bit keys of [`KeyHash`]):
 /// hash maps of them skip rehashing.
 #[derive(Default)]

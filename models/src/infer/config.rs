@@ -256,12 +256,7 @@ impl InferConfig {
                 (idx, false, w)
             }
         };
-        let keep = citystream_operators::common::columns(input, &self.keep, "keep", &mut errs);
-        for (k, name) in self.keep.iter().enumerate() {
-            if name == "model" || name == "model_sha256" || self.keep[..k].contains(name) {
-                errs.push(PlanError::new(format!("keep[{k}]"), format!("column `{name}` appears twice in the output")));
-            }
-        }
+        let keep = citystream_operators::common::kept_columns(input, &self.keep, &["model", "model_sha256"], &mut errs);
         if self.outputs.is_empty() {
             errs.push(PlanError::new(
                 "outputs",

@@ -70,4 +70,4 @@ mod state;
 pub use board::ThresholdBoard;
 pub use calibration::{CalibrationSpec, Judged, Proposal, calibrate};
 pub use config::{AlertConfig, ConfirmConfig, JoinConfig, OpenAfter, Severity, StormConfig, StormOrder, alert_schema};
-pub use rule::AlertRule;
+pub use rule::{AlertRule, weighable_level};

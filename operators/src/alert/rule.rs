@@ -151,8 +151,18 @@ impl std::fmt::Debug for AlertRule {
 /// The log-odds of probability `p`, held within [1e-7, 1 - 1e-7] (a score of exactly 0 or 1
 /// counts as that sure, not infinitely).
 fn log_odds(p: f64) -> f64 {
-    let p = p.clamp(1e-7, 1.0 - 1e-7);
+    let p = p.clamp(LOG_ODDS_EDGE, 1.0 - LOG_ODDS_EDGE);
     (p / (1.0 - p)).ln()
+}
+
+/// How near 0 or 1 [`log_odds`] takes a probability.
+const LOG_ODDS_EDGE: f64 = 1e-7;
+
+/// Whether a rule that weighs probabilities (`open_on_evidence`) can use `level` as a raise
+/// level: within the probabilities [`log_odds`] tells apart (beyond, a level weighs nothing
+/// and silences its location).
+pub fn weighable_level(level: f64) -> bool {
+    level > LOG_ODDS_EDGE && level < 1.0 - LOG_ODDS_EDGE
 }
 
 /// Whether hour-of-day `h` (UTC) lies in `[from, to)`, wrapping midnight.
@@ -177,8 +187,7 @@ impl AlertRule {
             self.live = self.board.rule(&self.cfg.rule);
             if self.cfg.open_on_evidence.is_some() {
                 self.live.retain(|location, level| {
-                    // (log-odds are taken within [1e-7, 1 - 1e-7]: beyond, a level weighs nothing)
-                    let usable = *level > 1e-7 && *level < 1.0 - 1e-7;
+                    let usable = weighable_level(*level);
                     if !usable {
                         tracing::warn!(
                             rule = %self.cfg.rule, %location, level = *level,
@@ -357,14 +366,8 @@ impl AlertRule {
         if self.cfg.join.is_none() {
             return evidence;
         }
-        let mut m = match serde_json::from_str::<serde_json::Value>(&evidence) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
         let members: Vec<&String> = self.alerts.get(id).map(|a| a.members.iter().collect()).unwrap_or_default();
-        m.insert("location".into(), loc.into());
-        m.insert("members".into(), serde_json::json!(members));
-        serde_json::Value::Object(m).to_string()
+        with_keys(evidence, [("location", loc.into()), ("members", serde_json::json!(members))])
     }
 
     /// `loc` leaves alert `id` at `t` (its value cleared, or it went stale): the alert resolves
@@ -446,12 +449,11 @@ impl AlertRule {
         // below a level calibrated past `confirm.after`, would look like a `below` rule's)
         // (outside the active hours a row counts as clear, confirmed or not)
         let by = self.confirmed(loc, t, v, alarm).filter(|_| hours_ok);
-        let confirmed = by.is_some();
-        let weighed = if confirmed { 1.0 } else { v };
+        let weighed = if by.is_some() { 1.0 } else { v };
         let peak_v = by.map_or(v, |r| r.max(v).max(raise));
-        let confirmed_by = confirmed.then(|| self.cfg.confirm.as_ref().map(|c| c.column.clone())).flatten();
+        let confirmed_by = by.and(self.cfg.confirm.as_ref()).map(|c| c.column.clone());
         let evidence = move || match &confirmed_by {
-            Some(column) => with_key(evidence(), "confirmed_by", column),
+            Some(column) => with_keys(evidence(), [("confirmed_by", column.as_str().into())]),
             None => evidence(),
         };
         // a row after a silence longer than `stale_after`: the location went stale first
@@ -612,13 +614,13 @@ impl AlertRule {
     }
 }
 
-/// `json` (an object) with `key` set to `value`.
-fn with_key(json: String, key: &str, value: &str) -> String {
+/// Evidence `json` (an object; anything else counts as an empty one) with `keys` set.
+fn with_keys<'a>(json: String, keys: impl IntoIterator<Item = (&'a str, serde_json::Value)>) -> String {
     let mut m = match serde_json::from_str::<serde_json::Value>(&json) {
         Ok(serde_json::Value::Object(m)) => m,
         _ => serde_json::Map::new(),
     };
-    m.insert(key.into(), value.into());
+    m.extend(keys.into_iter().map(|(k, v)| (k.to_owned(), v)));
     serde_json::Value::Object(m).to_string()
 }
 
@@ -783,6 +785,10 @@ impl Operator for AlertRule {
         let opt_i = |a: &arrow::array::Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
         let opt_f = |a: &Float64Array, i: usize| a.is_valid(i).then(|| a.value(i));
         let missing = |what: &str, i: usize| bad(format!("row {i}: phase {} without {what}", phase.value(i)));
+        // a string of row `i` that its phase needs
+        let text = |a: &arrow::array::StringArray, i: usize, what: &str| {
+            a.is_valid(i).then(|| a.value(i).to_owned()).ok_or_else(|| missing(what, i))
+        };
         self.states.clear();
         self.storm = None;
         self.open = 0;
@@ -825,7 +831,7 @@ impl Operator for AlertRule {
                 2 => {
                     self.open += 1;
                     Phase::Open {
-                        id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
+                        id: text(id, i, "id")?,
                         opened_at: opt_i(&since, i).ok_or_else(|| missing("opened_at", i))?,
                         peak: opt_f(&peak, i).ok_or_else(|| missing("peak", i))?,
                         reported: opt_f(&reported, i).ok_or_else(|| missing("reported", i))?,
@@ -839,17 +845,15 @@ impl Operator for AlertRule {
                 8 => {
                     self.held.push(Held {
                         t: last_t.value(i),
-                        loc: loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?,
+                        loc: text(loc, i, "location")?,
                         v: opt_f(&peak, i),
                         confirm: opt_f(&reported, i).is_some_and(|c| c > 0.0),
-                        evidence: Evidence::Json(
-                            id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("evidence", i))?,
-                        ),
+                        evidence: Evidence::Json(text(id, i, "evidence")?),
                     });
                     continue;
                 }
                 11 => {
-                    let at = loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?;
+                    let at = text(loc, i, "location")?;
                     // (a rule restored without `confirm` has no use for them)
                     if let Some(c) = &self.cfg.confirm {
                         self.reached.insert(at, (last_t.value(i), opt_f(&peak, i).unwrap_or(c.after)));
@@ -857,14 +861,13 @@ impl Operator for AlertRule {
                     continue;
                 }
                 10 => {
-                    let at = loc.is_valid(i).then(|| loc.value(i).to_owned()).ok_or_else(|| missing("location", i))?;
-                    opened_at_location
-                        .insert(id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?, at);
+                    let at = text(loc, i, "location")?;
+                    opened_at_location.insert(text(id, i, "id")?, at);
                     continue;
                 }
                 9 => {
                     self.storm = Some(StormAlert {
-                        id: id.is_valid(i).then(|| id.value(i).to_owned()).ok_or_else(|| missing("id", i))?,
+                        id: text(id, i, "id")?,
                         opened_at: opt_i(&since, i).ok_or_else(|| missing("opened_at", i))?,
                         members: BTreeSet::new(),
                         last_emit: opt_i(&last_emit, i).ok_or_else(|| missing("last_emit", i))?,

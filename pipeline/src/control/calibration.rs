@@ -6,7 +6,7 @@
 use super::ControlError;
 use std::collections::BTreeMap;
 
-use citystream_operators::alert::{CalibrationSpec, Judged, Proposal, ThresholdBoard, calibrate};
+use citystream_operators::alert::{CalibrationSpec, Judged, Proposal, ThresholdBoard, calibrate, weighable_level};
 use serde::{Deserialize, Serialize};
 
 use super::book::Book;
@@ -231,7 +231,7 @@ pub(crate) fn proposals(
         .filter_map(|((rule, loc), (_, latest, below, judged))| {
             // a live level that a probability's rule leaves out (at 1 or above: an older
             // calibration file) is not the one in use: the alerts' own level is
-            let usable = |l: &f64| !(latest > 0.0 && latest < 1.0) || (*l > 0.0 && *l < 1.0);
+            let usable = |l: &f64| !weighable_level(latest) || weighable_level(*l);
             let current = board.get(&rule, &loc).filter(usable).unwrap_or(latest);
             calibrate(current, below > 0, &judged, spec).map(|p| (rule, loc, p))
         })
