@@ -607,14 +607,7 @@ fn fed(cfg: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> Fed 
 /// As `fed`, restoring the snapshot after batch `cut` into a rule of `then`.
 fn fed_across(cfg: &str, then: &str, rows: &[(&str, i64, Option<f64>)], cut: Option<usize>) -> Fed {
     // batches of 4, a watermark just before the next batch's earliest minute after every third
-    let batches = rows
-        .chunks(4)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let next = rows[((i + 1) * 4).min(rows.len())..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
-            (batch(chunk), next * MIN - 1)
-        })
-        .collect();
+    let batches = util::in_batches(rows, 4, |r| r.1, batch);
     drained(&mut util::fed_in_batches(rule(cfg).0, || rule(then).0, batches, 3, cut))
 }
 

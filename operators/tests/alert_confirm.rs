@@ -67,14 +67,7 @@ fn drained(out: &mut Collector) -> Vec<Event> {
 /// `rows` in batches of 3, a watermark after every other batch; with `cut`, the snapshot after
 /// that batch restored into a new rule.
 fn fed(extra: &str, rows: &[Row], cut: Option<usize>) -> Vec<Event> {
-    let batches = rows
-        .chunks(3)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let next = rows[((i + 1) * 3).min(rows.len())..].iter().map(|r| r.1).min().unwrap_or(i64::MAX / MIN);
-            (batch(chunk), next * MIN - 1)
-        })
-        .collect();
+    let batches = util::in_batches(rows, 3, |r| r.1, batch);
     drained(&mut util::fed_in_batches(rule(extra), || rule(extra), batches, 2, cut))
 }
 

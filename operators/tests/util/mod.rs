@@ -124,6 +124,18 @@ pub fn r(id: &str, sensor: &str, ts: i64, value: f64) -> Reading {
     Reading { id: id.into(), sensor: sensor.into(), ts, value: Some(value), flow: 1 }
 }
 
+/// `rows` in batches of `per` (`batch` makes one), each with the watermark just before the
+/// earliest minute (`minute`) of the rows after it, for [`fed_in_batches`].
+pub fn in_batches<R>(
+    rows: &[R],
+    per: usize,
+    minute: impl Fn(&R) -> i64,
+    batch: impl Fn(&[R]) -> RecordBatch,
+) -> Vec<(RecordBatch, i64)> {
+    let watermark = |from: usize| rows[from.min(rows.len())..].iter().map(&minute).min().unwrap_or(i64::MAX / 60_000);
+    rows.chunks(per).enumerate().map(|(i, chunk)| (batch(chunk), watermark((i + 1) * per) * 60_000 - 1)).collect()
+}
+
 /// Feeds `batches` to `op`, each with the watermark that follows it when one is due (after
 /// every `every`th batch), restoring the snapshot after batch `cut` into `then()`, then ends
 /// the stream: the collector holds everything emitted.
